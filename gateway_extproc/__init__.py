@@ -1,0 +1,1 @@
+"""gateway-extproc: an AI gateway built from Envoy and a Python ext_proc."""

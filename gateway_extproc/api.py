@@ -1,0 +1,90 @@
+"""The client-facing endpoints: which paths exist, and how each request body is checked.
+
+One `Endpoint` per API keeps body validation and prompt counting together, so adding an
+endpoint is one entry here rather than a copy of the processor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from . import tokens
+from .errors import GatewayError
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str  # also the `api` value in logs and metadata
+    suffix: str  # path below the provider's base URL
+    validate: Callable[[dict[str, Any]], None]
+    prompt_tokens: Callable[[dict[str, Any], tokens.TokenCount], int]
+    can_stream: bool
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GatewayError("invalid_encoding", "Request body is not valid UTF-8.") from None
+        raise GatewayError("invalid_json", "Request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise GatewayError("invalid_request", "Request body must be a JSON object.")
+    return body
+
+
+def _require(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise GatewayError("invalid_request", message, param)
+
+
+def _check_common(body: dict[str, Any]) -> None:
+    _require(isinstance(body.get("model"), str) and body["model"] != "", "model",
+             "`model` is required and must be a string.")
+
+
+def _positive_int(body: dict[str, Any], name: str) -> None:
+    value = body.get(name)
+    _require(value is None or (type(value) is int and value > 0), name, f"`{name}` must be a positive integer.")
+
+
+def _validate_chat(body: dict[str, Any]) -> None:
+    _check_common(body)
+    messages = body.get("messages")
+    _require(isinstance(messages, list) and len(messages) > 0, "messages",
+             "`messages` is required and must be a non-empty array.")
+    for i, m in enumerate(messages):
+        _require(isinstance(m, dict) and isinstance(m.get("role"), str), f"messages[{i}]",
+                 f"`messages[{i}]` must be an object with a string `role`.")
+        content = m.get("content")
+        _require(content is None or isinstance(content, (str, list)), f"messages[{i}].content",
+                 f"`messages[{i}].content` must be a string or an array of parts.")
+    _require(isinstance(body.get("stream", False), bool), "stream", "`stream` must be a boolean.")
+    _require(isinstance(body.get("stream_options") or {}, dict), "stream_options", "`stream_options` must be an object.")
+    _positive_int(body, "max_tokens")
+    _positive_int(body, "max_completion_tokens")
+
+
+def _validate_embeddings(body: dict[str, Any]) -> None:
+    _check_common(body)
+    value = body.get("input")
+    ok = isinstance(value, str) or (
+        isinstance(value, list) and len(value) > 0
+        and all(isinstance(x, (str, int, list)) and not isinstance(x, bool) for x in value))
+    _require(ok, "input", "`input` is required: a string, an array of strings, or token arrays.")
+
+
+CHAT = Endpoint("chat", "/chat/completions", _validate_chat, tokens.chat_prompt_tokens, can_stream=True)
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", _validate_embeddings, tokens.embedding_input_tokens,
+                      can_stream=False)
+
+# Client path -> endpoint forwarded to a provider. `/v1/models` is answered by the gateway.
+FORWARDED: dict[str, Endpoint] = {"/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS}
+MODELS_PATH = "/v1/models"
+BY_NAME = {e.name: e for e in FORWARDED.values()}

@@ -1,0 +1,61 @@
+"""Client-facing errors: one exception type, rendered in the OpenAI error shape.
+
+Every `code` here is explained in docs/runbooks.md; tests check that the two agree, so a
+client that sees a code can always find what it means and what to do.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+# OpenAI's error `type` for each HTTP status we answer with.
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+# code -> HTTP status. The single list of codes the ext_proc itself can answer with.
+CODES: dict[str, int] = {
+    "invalid_json": 400,
+    "invalid_encoding": 400,
+    "invalid_request": 400,
+    "missing_api_key": 401,
+    "invalid_api_key": 401,
+    "expired_api_key": 401,
+    "model_not_allowed": 403,
+    "model_not_found": 404,
+    "unknown_endpoint": 404,
+    "method_not_allowed": 405,
+    "request_too_large": 413,
+    "unsupported_media_type": 415,
+    "provider_credential_missing": 500,
+    "gateway_internal_error": 500,
+}
+
+
+class GatewayError(Exception):
+    """A request the gateway refuses; carries everything the error response needs."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = CODES[code]
+        self.message = message
+        self.param = param
+
+    @property
+    def type(self) -> str:
+        return _TYPE_BY_STATUS.get(self.status, "server_error")
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "code": code, "param": param}})

@@ -1,0 +1,36 @@
+"""Virtual API keys: format, hashing, verification.
+
+A key reads `gwk_<id>_<secret>`. The id is not secret: it finds the config entry in O(1)
+and is what logs show. Only the SHA-256 of the whole key is stored, and the presented
+key's hash is compared in constant time, so neither the store nor timing leaks a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+PREFIX = "gwk_"
+# Compared against when the id is unknown, so unknown ids cost the same as wrong secrets.
+_DUMMY = hashlib.sha256(b"gateway-extproc-dummy").hexdigest()
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_id(key: str) -> str | None:
+    """The id part of a well-formed key, else None."""
+    if not key.startswith(PREFIX):
+        return None
+    id_, sep, secret = key[len(PREFIX):].partition("_")
+    return id_ if sep and id_ and secret else None
+
+
+def matches(key: str, stored_sha256: str | None) -> bool:
+    return hmac.compare_digest(digest(key), stored_sha256 or _DUMMY) and stored_sha256 is not None
+
+
+def generate(id_: str) -> str:
+    return f"{PREFIX}{id_}_{secrets.token_urlsafe(32)}"

@@ -1,0 +1,44 @@
+"""structlog set-up: one JSON object per line on stdout, with secrets masked.
+
+Nothing in the gateway passes a key to the logger; the masking processor is the second
+line of defence, so a future mistake prints `[REDACTED]` instead of a credential.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import orjson
+import structlog
+
+# Gateway keys, OpenAI/Anthropic-style keys and bearer tokens.
+_SECRET = re.compile(r"gwk_[A-Za-z0-9-]+_[A-Za-z0-9_-]+|sk-[A-Za-z0-9_-]{8,}|(?i:bearer)\s+\S+")
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SECRET.sub("[REDACTED]", value)
+    return value
+
+
+def redact_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    return {k: _mask(v) for k, v in event.items()}
+
+
+def configure(level: str = "info") -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode()),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )

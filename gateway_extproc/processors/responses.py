@@ -1,0 +1,83 @@
+"""Builders for ext_proc ProcessingResponse messages, so processors speak in intent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from ..errors import GatewayError
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_JSON = (("content-type", "application/json"),)
+STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+
+
+def header_map(msg: ep.HttpHeaders) -> dict[str, str]:
+    """Envoy's header list as a dict (names arrive lower-cased; values in raw_value)."""
+    return {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+            for h in msg.headers.headers}
+
+
+def mutation(set_: Mapping[str, str] | None = None, remove: Iterable[str] = ()) -> ep.HeaderMutation:
+    return ep.HeaderMutation(
+        set_headers=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
+                                                append_action=_OVERWRITE)
+                     for k, v in (set_ or {}).items()],
+        remove_headers=list(remove))
+
+
+def common(headers: ep.HeaderMutation | None = None, body: bytes | None = None,
+           clear_route_cache: bool = False) -> ep.CommonResponse:
+    return ep.CommonResponse(
+        header_mutation=headers,
+        body_mutation=ep.BodyMutation(body=body) if body is not None else None,
+        clear_route_cache=clear_route_cache)
+
+
+def request_headers(c: ep.CommonResponse | None = None) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=c))
+
+
+def request_body(c: ep.CommonResponse | None = None, metadata: dict[str, Any] | None = None) -> ep.ProcessingResponse:
+    resp = ep.ProcessingResponse(request_body=ep.BodyResponse(response=c))
+    if metadata:
+        resp.dynamic_metadata.update(metadata)
+    return resp
+
+
+def response_headers(c: ep.CommonResponse | None = None, stream_body: bool = False) -> ep.ProcessingResponse:
+    resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=c))
+    if stream_body:
+        resp.mode_override.response_body_mode = STREAMED
+    return resp
+
+
+def response_body(c: ep.CommonResponse | None = None) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(response_body=ep.BodyResponse(response=c))
+
+
+def immediate(status: int, body: bytes, details: str,
+              headers: Iterable[tuple[str, str]] = _JSON) -> ep.ProcessingResponse:
+    """A response Envoy sends itself. `details` starts with gw_ so Envoy's local-reply
+    mapper (which rewrites Envoy's own errors into the OpenAI shape) leaves it alone."""
+    return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status),
+        headers=mutation(dict(headers)),
+        body=body,
+        details=details))
+
+
+def error(err: GatewayError) -> ep.ProcessingResponse:
+    return immediate(err.status, err.body(), f"gw_{err.code}")
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(value)
+    return s

@@ -1,0 +1,239 @@
+"""Router-level processor: one per client request, on one gRPC stream for all four phases.
+
+Identity, request checks, prompt counting, the route header and the body as the backend
+must see it happen here once; per-attempt work (credentials, per-backend renames for
+models with fallback) belongs to the upstream processor, because Envoy retries never
+re-run router-level filters. Per-request state lives on this object only for this stream;
+anything another stream needs goes out as dynamic metadata in namespace `gw`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+import orjson
+import structlog
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from .. import api, identity, tokens
+from ..config import Model, VirtualKey
+from ..errors import GatewayError
+from ..runtime import Runtime
+from ..usage import SseUsageTap, Usage, usage_from_json
+from . import responses as r
+
+access_log = structlog.get_logger("gateway_extproc.access")
+
+# Caller credentials and gateway-owned headers never travel past the router filter.
+CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+GATEWAY_HEADER_PREFIX = "x-gateway-"
+ROUTE_HEADER = "x-gateway-model"
+# Bodies above this are tokenized off the event loop.
+OFFLOAD_TOKENIZE_BYTES = 64 * 1024
+
+
+class RouterProcessor:
+    __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
+                 "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
+                 "first_byte", "error_code", "logged")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.started = time.monotonic()
+        self.request_id = self.method = self.path = ""
+        self.key: VirtualKey | None = None
+        self.endpoint: api.Endpoint | None = None
+        self.model: Model | None = None
+        self.stream = self.drop_usage = self.logged = False
+        self.prompt_tokens: int | None = None
+        self.status = 0
+        self.backend: str | None = None
+        self.usage: Usage | None = None
+        self.tap: SseUsageTap | None = None
+        self.first_byte: float | None = None
+        self.error_code: str | None = None
+
+    async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                return self.request_headers(req.request_headers)
+            if kind == "request_body":
+                return await self.request_body(req.request_body)
+        except GatewayError as err:
+            return self.reject(err)
+        if kind == "response_headers":
+            return self.response_headers(req.response_headers)
+        if kind == "response_body":
+            return self.response_body(req.response_body)
+        raise ValueError(f"unexpected ext_proc message {kind}")
+
+    # -- request -------------------------------------------------------------------------
+
+    def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        h = r.header_map(msg)
+        self.request_id = h.get("x-request-id", "")
+        self.method = h.get(":method", "")
+        self.path = h.get(":path", "").partition("?")[0]
+        endpoint = _endpoint_for(self.method, self.path)
+        cfg = self.runtime.config
+        self.key = identity.authenticate(h, cfg, datetime.now(timezone.utc))
+        if endpoint is None:
+            return self.answer(200, _models_body(cfg.models, self.key))
+        self.endpoint = endpoint
+        content_type = h.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise GatewayError("unsupported_media_type", "Send the body as `Content-Type: application/json`.")
+        length = h.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_request_bytes:
+            raise _too_large(cfg.max_request_bytes)
+        if msg.end_of_stream:
+            raise GatewayError("invalid_request", "This endpoint needs a JSON request body.")
+        strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)]
+        return r.request_headers(r.common(r.mutation(remove=strip)))
+
+    async def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        cfg = self.runtime.config
+        assert self.endpoint is not None and self.key is not None
+        raw = msg.body
+        if len(raw) > cfg.max_request_bytes:
+            raise _too_large(cfg.max_request_bytes)
+        body = api.parse_json(raw)
+        self.endpoint.validate(body)
+        model = cfg.models.get(body["model"])
+        if model is None:
+            raise GatewayError("model_not_found", f"The model {body['model']!r} does not exist on this gateway; "
+                               "GET /v1/models lists the models your key may use.", "model")
+        if not self.key.allows(model.name):
+            raise GatewayError("model_not_allowed", f"Your key may not use the model {model.name!r}.", "model")
+        self.model = model
+        self.stream = self.endpoint.can_stream and body.get("stream") is True
+        count = tokens.counter(model.tokenizer)
+        if len(raw) > OFFLOAD_TOKENIZE_BYTES:
+            self.prompt_tokens = await asyncio.to_thread(self.endpoint.prompt_tokens, body, count)
+        else:
+            self.prompt_tokens = self.endpoint.prompt_tokens(body, count)
+        return self.forward(body)
+
+    def forward(self, body: dict) -> ep.ProcessingResponse:
+        """Shape the body for the backend, set the route header, hand off to upstream filters."""
+        assert self.model is not None and self.endpoint is not None
+        changed = False
+        set_headers = {ROUTE_HEADER: self.model.name}
+        backend = self.model.single_backend
+        if backend is not None:
+            # Every attempt goes to this backend, so the router can prepare it once.
+            if body["model"] != backend.model:
+                body["model"] = backend.model
+                changed = True
+            path = backend.provider.base_path + self.endpoint.suffix
+            if path != self.path:
+                set_headers[":path"] = path
+        if self.stream:
+            options = body.get("stream_options") or {}
+            if options.get("include_usage") is not True:
+                body["stream_options"] = {**options, "include_usage": True}
+                self.drop_usage = changed = True
+        new_body = orjson.dumps(body) if changed else None
+        if new_body is not None:
+            set_headers["content-length"] = str(len(new_body))
+        metadata = {"gw": {"model": self.model.name, "api": self.endpoint.name, "request_id": self.request_id}}
+        return r.request_body(r.common(r.mutation(set_headers), new_body, clear_route_cache=True), metadata)
+
+    # -- response ------------------------------------------------------------------------
+
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        h = r.header_map(msg)
+        self.status = int(h.get(":status", "0") or 0)
+        self.backend = h.get("x-gateway-backend")
+        if msg.end_of_stream:
+            self.log()
+            return r.response_headers()
+        if h.get("content-type", "").startswith("text/event-stream"):
+            self.tap = SseUsageTap(self.drop_usage)
+            prompt = {} if self.prompt_tokens is None else {"x-gateway-prompt-tokens": str(self.prompt_tokens)}
+            return r.response_headers(r.common(r.mutation(prompt)), stream_body=True)
+        return r.response_headers()
+
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+        if self.tap is not None:
+            out = self.tap.feed(msg.body, msg.end_of_stream)
+            if msg.end_of_stream:
+                self.usage = self.tap.usage
+                self.log()
+            return r.response_body(r.common(body=out) if out is not None else None)
+        if 200 <= self.status < 300:
+            self.usage = usage_from_json(msg.body)
+        self.log()
+        return r.response_body(r.common(r.mutation(self.token_headers())))
+
+    def token_headers(self) -> dict[str, str]:
+        usage = self.usage or Usage()
+        prompt = usage.prompt_tokens if usage.prompt_tokens is not None else self.prompt_tokens
+        out = {}
+        if prompt is not None:
+            out["x-gateway-prompt-tokens"] = str(prompt)
+        if usage.completion_tokens is not None:
+            out["x-gateway-completion-tokens"] = str(usage.completion_tokens)
+        return out
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def reject(self, err: GatewayError) -> ep.ProcessingResponse:
+        self.status, self.error_code = err.status, err.code
+        self.log()
+        return r.error(err)
+
+    def answer(self, status: int, body: bytes) -> ep.ProcessingResponse:
+        self.status = status
+        self.log()
+        return r.immediate(status, body, "gw_answered")
+
+    def log(self, outcome: str = "complete") -> None:
+        """The one access-log line of this request (never a key, never content)."""
+        if self.logged:
+            return
+        self.logged = True
+        now = time.monotonic()
+        usage = self.usage or Usage()
+        access_log.info(
+            "access", outcome=outcome, request_id=self.request_id, method=self.method, path=self.path,
+            key_id=self.key.id if self.key else None, team=self.key.team if self.key else None,
+            model=self.model.name if self.model else None, backend=self.backend, status=self.status,
+            error_code=self.error_code, stream=self.stream,
+            prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else self.prompt_tokens,
+            prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
+            duration_ms=round((now - self.started) * 1000, 2),
+            ttft_ms=round((self.first_byte - self.started) * 1000, 2) if self.stream and self.first_byte else None)
+
+    def close(self) -> None:
+        """The stream ended; if the response never completed, say so in the log."""
+        self.log(outcome="incomplete")
+
+
+def _endpoint_for(method: str, path: str) -> api.Endpoint | None:
+    """The endpoint for a request line; None for the gateway-answered model list."""
+    if path == api.MODELS_PATH:
+        if method != "GET":
+            raise GatewayError("method_not_allowed", f"{path} supports GET.")
+        return None
+    endpoint = api.FORWARDED.get(path)
+    if endpoint is None:
+        raise GatewayError("unknown_endpoint", f"Unknown endpoint {method} {path[:200]}.")
+    if method != "POST":
+        raise GatewayError("method_not_allowed", f"{path} supports POST.")
+    return endpoint
+
+
+def _models_body(models: dict[str, Model], key: VirtualKey) -> bytes:
+    return orjson.dumps({"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "gateway"}
+        for name in models if key.allows(name)]})
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError("request_too_large", f"Request body exceeds the gateway limit of {limit} bytes.")

@@ -1,0 +1,135 @@
+"""The ext_proc gRPC server: picks a processor per stream and relays messages; no policy.
+
+`serve` runs one process per listen address (the chart renders one Unix socket per
+process, each an endpoint of Envoy's `gateway_extproc` cluster), because one Python
+process is bound to one core. Nothing a stream needs lives in another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import structlog
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .errors import GatewayError
+from .processors import responses
+from .processors.router import RouterProcessor
+from .processors.upstream import UpstreamProcessor, is_upstream
+from .runtime import Runtime
+
+log = structlog.get_logger("gateway_extproc.server")
+
+# Streams in flight get this long to finish after SIGTERM (LLM streams are long).
+DRAIN_SECONDS = 30.0
+_REQUEST_PHASES = ("request_headers", "request_body")
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[ep.ProcessingResponse]:
+        processor: RouterProcessor | UpstreamProcessor | None = None
+        try:
+            async for req in request_iterator:
+                if processor is None:
+                    processor = (UpstreamProcessor if is_upstream(req) else RouterProcessor)(self.runtime)
+                try:
+                    yield await processor.handle(req)
+                except Exception:
+                    log.exception("processing_failed", phase=req.WhichOneof("request"))
+                    yield _fallback(req)
+        finally:
+            if processor is not None:
+                processor.close()
+
+
+def _fallback(req: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    """After a bug: refuse a request not yet sent; let an already-flowing response pass."""
+    kind = req.WhichOneof("request")
+    if kind in _REQUEST_PHASES:
+        return responses.error(GatewayError("gateway_internal_error", "The gateway failed to process the request."))
+    return ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body") else ep.HeadersResponse()})
+
+
+async def serve_one(runtime: Runtime, address: str) -> None:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(runtime), server)
+    health = health_async.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if address.startswith("unix://"):
+        sock = Path(address[len("unix://"):])
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)
+    server.add_insecure_port(address)
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("extproc_listening", address=address, pid=os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Envoy's health checks see NOT_SERVING and stop opening streams here; open ones drain.
+    await health.enter_graceful_shutdown()
+    log.info("extproc_draining", address=address, grace_s=DRAIN_SECONDS)
+    await server.stop(DRAIN_SECONDS)
+    log.info("extproc_stopped", address=address)
+
+
+def run_one(config_path: str, index: int) -> None:
+    runtime = Runtime.load(config_path)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve_one(runtime, runtime.config.listen[index]))
+    else:
+        uvloop.run(serve_one(runtime, runtime.config.listen[index]))
+
+
+def serve(config_path: str) -> int:
+    """Start one worker process per listen address; forward SIGTERM/SIGINT; exit when they do.
+
+    If a worker dies on its own the others are stopped and serve exits non-zero, so the
+    supervisor (Kubernetes, make run) restarts the set rather than running degraded.
+    """
+    runtime = Runtime.load(config_path)  # validate before forking
+    workers = [subprocess.Popen([sys.executable, "-m", "gateway_extproc", "serve-one", config_path, str(i)])
+               for i in range(len(runtime.config.listen))]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    while any(w.poll() is None for w in workers):
+        for w in workers:
+            rc = w.poll()
+            if rc is not None and not stopping:
+                log.error("extproc_worker_exited", pid=w.pid, returncode=rc)
+                code = rc or 1
+                forward(signal.SIGTERM, None)
+        try:
+            workers[0].wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+    return code

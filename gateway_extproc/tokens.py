@@ -1,0 +1,85 @@
+"""Prompt token counts, computed locally before a request leaves.
+
+`tokenizer` in a model's config is one of:
+- an OpenAI encoding bundled with bpe-openai (`o200k_base`, `cl100k_base`, ...): exact;
+- a path to a Hugging Face `tokenizer.json` (loaded with `tokenizers`, never downloaded);
+- `estimate`: ceil(UTF-8 bytes / 4), OpenAI's rule of thumb, for models we cannot tokenize.
+Chat messages add OpenAI's per-message framing (3 tokens each, 3 to prime the reply);
+each image part counts as 85 tokens (low-detail price). Counts for non-OpenAI tokenizers
+and images are estimates; provider-reported usage is what accounting finally uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+TokenCount = Callable[[str], int]
+IMAGE_TOKENS = 85
+
+
+@lru_cache(maxsize=None)
+def counter(spec: str) -> TokenCount:
+    """A text -> token count function for a tokenizer spec (cached; loaded once per process)."""
+    if spec == "estimate":
+        return lambda text: -(-len(text.encode("utf-8")) // 4)
+    if spec.endswith(".json"):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(spec)
+        return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+    import bpe_openai
+
+    enc = bpe_openai.get_encoding(spec)
+    return lambda text: len(enc.encode_ordinary(text))
+
+
+def chat_prompt_tokens(body: dict[str, Any], count: TokenCount) -> int:
+    total = 3
+    for message in body["messages"]:
+        total += 3
+        for key, value in message.items():
+            if key == "content":
+                total += _content_tokens(value, count)
+            elif key == "name":
+                total += count(value) + 1 if isinstance(value, str) else 0
+            elif key == "role" and isinstance(value, str):
+                total += count(value)
+            elif key == "tool_calls":
+                total += count(orjson.dumps(value).decode())
+    if body.get("tools"):
+        total += count(orjson.dumps(body["tools"]).decode())
+    return total
+
+
+def embedding_input_tokens(body: dict[str, Any], count: TokenCount) -> int:
+    value = body["input"]
+    if isinstance(value, str):
+        return count(value)
+    total = 0
+    for item in value:
+        if isinstance(item, str):
+            total += count(item)
+        elif isinstance(item, int):
+            total += 1
+        elif isinstance(item, list):
+            total += len(item)
+    return total
+
+
+def _content_tokens(content: Any, count: TokenCount) -> int:
+    if isinstance(content, str):
+        return count(content)
+    total = 0
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str):
+                total += count(part["text"])
+            elif part.get("type") in ("image_url", "input_image", "image"):
+                total += IMAGE_TOKENS
+    return total

@@ -1,0 +1,101 @@
+"""Provider-reported token usage, read from JSON bodies and from SSE streams as they flow.
+
+For streams the gateway asks the provider for a final usage chunk
+(`stream_options.include_usage`); when the client did not ask for it, `SseUsageTap`
+removes that chunk so the client sees exactly the stream it requested.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# A stream whose events never end would otherwise grow the tail without bound.
+MAX_PENDING_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
+def usage_from_object(obj: Any) -> Usage | None:
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), _int(cached))
+
+
+def usage_from_json(raw: bytes) -> Usage | None:
+    try:
+        return usage_from_object(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+class SseUsageTap:
+    """Reads usage from an OpenAI SSE stream chunk by chunk; optionally drops usage-only chunks.
+
+    `feed` returns the bytes to forward instead of the chunk, or None to forward it as is.
+    When dropping, an event split across chunks is held back until it is complete, so a
+    client never sees half of an event that is later removed.
+    """
+
+    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events")
+
+    def __init__(self, drop_usage_chunk: bool) -> None:
+        self.drop_usage_chunk = drop_usage_chunk
+        self.usage: Usage | None = None
+        self.events = 0
+        self._pending = b""
+
+    def feed(self, chunk: bytes, end: bool) -> bytes | None:
+        had_pending = bool(self._pending)
+        data = self._pending + chunk if had_pending else chunk
+        out: list[bytes] = []
+        start = 0
+        dropped = False
+        for match in _EVENT_END.finditer(data):
+            event = data[start:match.end()]
+            start = match.end()
+            self.events += 1
+            if b'"usage"' in event and self._take_usage(event) and self.drop_usage_chunk:
+                dropped = True
+            else:
+                out.append(event)
+        tail = data[start:]
+        if end or len(tail) > MAX_PENDING_BYTES:
+            out.append(tail)
+            tail = b""
+        self._pending = tail
+        if not self.drop_usage_chunk or not (dropped or tail or had_pending):
+            return None
+        return b"".join(out)
+
+    def _take_usage(self, event: bytes) -> bool:
+        """Records usage from a usage-bearing event; True when it is a usage-only chunk."""
+        for line in event.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            try:
+                obj = orjson.loads(line[5:].strip())
+            except orjson.JSONDecodeError:
+                return False
+            usage = usage_from_object(obj)
+            if usage is None:
+                return False
+            self.usage = usage
+            return obj.get("choices") == []
+        return False

@@ -1,0 +1,214 @@
+{{/*
+envoy.yaml. One cluster per logical model, its backends as endpoints at priorities
+(endpoint metadata gw.backend names the backend), per-attempt work in the cluster's
+upstream http_filters. See docs/architecture.md for why each piece is where it is.
+*/}}
+{{- define "gateway-extproc.envoyConfig" -}}
+{{- $v := .Values -}}
+{{- $bufferLimit := add $v.envoy.maxRequestBytes 1048576 -}}
+node:
+  id: gateway-extproc
+  cluster: gateway-extproc
+admin:
+  address:
+    socket_address: {address: {{ $v.envoy.admin.address }}, port_value: {{ $v.envoy.admin.port }}}
+static_resources:
+  listeners:
+  - name: gateway_http
+    address:
+      socket_address: {address: {{ $v.envoy.listener.address }}, port_value: {{ $v.envoy.listener.port }}}
+    per_connection_buffer_limit_bytes: {{ $bufferLimit }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: gateway
+          use_remote_address: true
+          always_set_request_id_in_response: true
+          request_timeout: 0s
+          stream_idle_timeout: {{ $v.envoy.upstreamTimeout }}
+          local_reply_config:
+            mappers:
+            {{- range $m := list
+                (list 413 "request_too_large" "invalid_request_error" "Request body exceeds the gateway limit.")
+                (list 500 "gateway_unavailable" "server_error" "The gateway's policy service is unavailable; the request was not sent.")
+                (list 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
+                (list 504 "upstream_timeout" "server_error" "The provider did not answer in time.")
+                (list 404 "unknown_endpoint" "not_found_error" "Unknown endpoint.") }}
+            - filter:
+                extension_filter:
+                  name: envoy.access_loggers.extension_filters.cel
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
+                    expression: "response.code == {{ index $m 0 }} && !response.code_details.startsWith('gw_')"
+              {{- if eq (index $m 0) 500 }}
+              status_code: 503
+              {{- end }}
+              body_format_override:
+                json_format:
+                  error: {message: {{ index $m 3 | quote }}, type: {{ index $m 2 }}, code: {{ index $m 1 }}, param: null}
+            {{- end }}
+          route_config:
+            name: models
+            virtual_hosts:
+            - name: gateway
+              domains: ["*"]
+              routes:
+              {{- range $model := $v.models }}
+              - match:
+                  prefix: /
+                  headers:
+                  - name: x-gateway-model
+                    string_match: {exact: {{ $model.name | quote }}}
+                route:
+                  cluster: {{ printf "model.%s" $model.name | quote }}
+                  timeout: {{ $v.envoy.upstreamTimeout }}
+                  auto_host_rewrite: true
+                  {{- if gt (len $model.backends) 1 }}
+                  retry_policy:
+                    retry_on: 5xx,reset,connect-failure,retriable-status-codes
+                    retriable_status_codes: [429]
+                    num_retries: {{ sub (len $model.backends) 1 }}
+                    retry_priority:
+                      name: envoy.retry_priorities.previous_priorities
+                      typed_config:
+                        "@type": type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
+                        update_frequency: 1
+                  {{- end }}
+              {{- end }}
+              - match: {prefix: /}
+                direct_response: {status: 404}
+          http_filters:
+          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: {cluster_name: gateway_extproc}
+                timeout: {{ $v.extproc.messageTimeout }}
+              failure_mode_allow: false
+              message_timeout: {{ $v.extproc.messageTimeout }}
+              processing_mode:
+                request_header_mode: SEND
+                request_body_mode: BUFFERED
+                response_header_mode: SEND
+                response_body_mode: BUFFERED
+                request_trailer_mode: SKIP
+                response_trailer_mode: SKIP
+              allow_mode_override: true
+              metadata_options:
+                receiving_namespaces: {untyped: [gw]}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: gateway_extproc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    health_checks:
+    - timeout: 1s
+      interval: 2s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      no_traffic_interval: 2s
+      grpc_health_check: {}
+    load_assignment:
+      cluster_name: gateway_extproc
+      endpoints:
+      - lb_endpoints:
+        {{- range $i := until (int $v.extproc.processes) }}
+        - endpoint:
+            address:
+              pipe: {path: {{ include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i) }}}
+        {{- end }}
+  {{- range $model := $v.models }}
+  {{- $multi := gt (len $model.backends) 1 }}
+  {{- $first := fromJson (include "gateway-extproc.provider" (dict "root" $ "name" (index $model.backends 0).provider)) }}
+  {{- $native := and (not $multi) (hasKey $first.credential "env") }}
+  - name: {{ printf "model.%s" $model.name | quote }}
+    type: STRICT_DNS
+    dns_lookup_family: V4_PREFERRED
+    connect_timeout: 5s
+    per_connection_buffer_limit_bytes: {{ $bufferLimit }}
+    load_assignment:
+      cluster_name: {{ printf "model.%s" $model.name | quote }}
+      endpoints:
+      {{- range $b := $model.backends }}
+      {{- $p := fromJson (include "gateway-extproc.provider" (dict "root" $ "name" $b.provider)) }}
+      {{- $u := urlParse $p.baseURL }}
+      {{- $tls := eq $u.scheme "https" }}
+      {{- $hostParts := splitList ":" $u.host }}
+      {{- $port := ternary 443 80 $tls }}
+      {{- if gt (len $hostParts) 1 }}{{ $port = index $hostParts 1 | int }}{{ end }}
+      - priority: {{ $b.priority | default 0 }}
+        lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {address: {{ index $hostParts 0 | quote }}, port_value: {{ $port }}}
+            hostname: {{ $u.host | quote }}
+          load_balancing_weight: {{ $b.weight | default 1 }}
+          metadata:
+            filter_metadata:
+              gw: {backend: {{ printf "%s/%s" $b.provider $b.model | quote }}}
+              envoy.transport_socket_match: {tls: {{ $tls }}}
+      {{- end }}
+    transport_socket_matches:
+    - name: tls
+      match: {tls: true}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          common_tls_context:
+            validation_context:
+              trusted_ca: {filename: /etc/ssl/certs/ca-certificates.crt}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http_protocol_options: {}}
+        upstream_http_protocol_options: {auto_sni: true, auto_san_validation: true}
+        http_filters:
+        - name: envoy.filters.http.header_mutation
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+            mutations:
+              {{- if $native }}
+              request_mutations:
+              - append:
+                  header: {key: authorization, value: {{ printf "Bearer %%ENVIRONMENT(%s)%%" $first.credential.env | quote }}}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              {{- end }}
+              response_mutations:
+              - append:
+                  header: {key: x-gateway-backend, value: "%UPSTREAM_METADATA(gw:backend)%"}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+        {{- if not $native }}
+        - name: envoy.filters.http.ext_proc
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+            grpc_service:
+              envoy_grpc: {cluster_name: gateway_extproc}
+              timeout: {{ $v.extproc.messageTimeout }}
+            failure_mode_allow: false
+            message_timeout: {{ $v.extproc.messageTimeout }}
+            processing_mode:
+              request_header_mode: SEND
+              request_body_mode: {{ ternary "BUFFERED" "NONE" $multi }}
+              response_header_mode: SKIP
+              response_body_mode: NONE
+              request_trailer_mode: SKIP
+              response_trailer_mode: SKIP
+            request_attributes:
+            - "xds.upstream_host_metadata.filter_metadata['gw']['backend']"
+            metadata_options:
+              forwarding_namespaces: {untyped: [gw]}
+        {{- end }}
+        - name: envoy.filters.http.upstream_codec
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec
+  {{- end }}
+{{- end -}}

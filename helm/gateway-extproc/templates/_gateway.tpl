@@ -1,0 +1,18 @@
+{{/* gateway.yaml: the ext_proc's config, from the same values as envoy.yaml. */}}
+{{- define "gateway-extproc.gatewayConfig" -}}
+{{- $v := .Values -}}
+version: 1
+listen:
+{{- range $i := until (int $v.extproc.processes) }}
+- {{ printf "unix://%s" (include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i)) }}
+{{- end }}
+maxRequestBytes: {{ $v.envoy.maxRequestBytes | int64 }}
+providers:
+{{- toYaml $v.providers | nindent 2 }}
+models:
+{{- toYaml $v.models | nindent 2 }}
+teams:
+{{- toYaml $v.teams | nindent 2 }}
+keys:
+{{- toYaml $v.keys | nindent 2 }}
+{{- end -}}
