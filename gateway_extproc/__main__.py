@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--port", type=int, default=8081)
     m.add_argument("--api-key", help="require this provider key (default: accept any)")
 
+    lc = sub.add_parser("local", help="run the mock provider, the ext_proc and Envoy here (`make run`); "
+                        "the mock plays every provider in the values")
+    lc.add_argument("--values", action="append", type=Path, default=[], help="values file (repeatable)")
+    lc.add_argument("--workdir", type=Path, default=Path("run"))
+    lc.add_argument("--mock-port", type=int, default=8081)
+
     args = p.parse_args(argv)
     logs.configure()
     if args.cmd == "serve":
@@ -67,11 +73,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.file}: OK ({len(cfg.models)} models, {len(cfg.providers)} providers, "
               f"{len(cfg.keys)} keys, {len(cfg.listen)} ext_proc processes)")
         return 0
+    if args.cmd == "local":
+        return _local(args)
     if args.cmd == "mock-provider":
         from .mock_provider import run
         run(args.host, args.port, args.api_key)
         return 0
     return 2
+
+
+def _local(args: argparse.Namespace) -> int:
+    import secrets
+    import signal
+    import time
+
+    from .localstack import LocalStack
+    from .render import chart_values
+
+    values = chart_values(args.values)
+    provider_key = secrets.token_urlsafe(24)  # the mock's key, handed to Envoy and the ext_proc
+    env = {}
+    for provider in values["providers"]:
+        cred = provider.get("credential", {})
+        if "env" in cred:
+            env[cred["env"]] = provider_key
+        if "file" in cred:
+            Path(cred["file"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(cred["file"]).write_text(provider_key)
+    stack = LocalStack(values, args.workdir, env, {args.mock_port: provider_key}, quiet=False)
+    stopped = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopped
+        stopped = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        stack.start()
+        print(f"\ngateway-extproc is up on {stack.url} (Envoy admin {stack.admin_url}). Ctrl-C stops all three.\n",
+              flush=True)
+        while not stopped and all(p.poll() is None for p in stack.procs.values()):
+            time.sleep(0.5)
+    finally:
+        stack.stop()
+    return 0
 
 
 def _keys_create(args: argparse.Namespace) -> int:

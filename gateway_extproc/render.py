@@ -50,6 +50,11 @@ def load_values(paths: list[Path]) -> dict[str, Any]:
     return values
 
 
+def chart_values(paths: list[Path], chart: Path = CHART) -> dict[str, Any]:
+    """The chart's defaults with these values files merged over them, as Helm would."""
+    return merge(yaml.safe_load((chart / "values.yaml").read_text(encoding="utf-8")), load_values(paths))
+
+
 def render(values_files: list[Path], out: Path, chart: Path = CHART) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 
 from . import config as config_mod
+from . import tokens
 from .config import GatewayConfig, Provider
 
 log = structlog.get_logger("gateway_extproc.runtime")
@@ -28,6 +29,8 @@ class Runtime:
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig) -> "Runtime":
+        for model in cfg.models.values():
+            tokens.counter(model.tokenizer)("warm up")  # load encodings now, not on a request
         return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()})
 
 

@@ -12,6 +12,12 @@ node:
 admin:
   address:
     socket_address: {address: {{ $v.envoy.admin.address }}, port_value: {{ $v.envoy.admin.port }}}
+overload_manager:
+  resource_monitors:
+  - name: envoy.resource_monitors.global_downstream_max_connections
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+      max_active_downstream_connections: {{ $v.envoy.maxConnections | int64 }}
 static_resources:
   listeners:
   - name: gateway_http
@@ -61,6 +67,8 @@ static_resources:
                   headers:
                   - name: x-gateway-model
                     string_match: {exact: {{ $model.name | quote }}}
+                # The route header is the gateway's own; providers never see it.
+                request_headers_to_remove: [x-gateway-model]
                 route:
                   cluster: {{ printf "model.%s" $model.name | quote }}
                   timeout: {{ $v.envoy.upstreamTimeout }}

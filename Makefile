@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_KEY := gwk_demo_local-only-demo-key-not-for-production
+
+.PHONY: run test render envoy-config bench clean
+
+$(BIN)/gateway-extproc: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[render]'
+	touch $@
+
+$(VENV)/.test-deps: $(BIN)/gateway-extproc
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+## Start mock provider + ext_proc + Envoy on http://localhost:8080 (Ctrl-C stops all three).
+run: $(BIN)/gateway-extproc
+	@echo "Demo API key (local use only): $(DEMO_KEY)"
+	@echo 'First call: see README.md ("The first call").'
+	$(BIN)/gateway-extproc local --values helm/values-local.yaml --workdir run
+
+## Install test needs and run every test (pytest exit 5, "no tests", fails the target).
+test: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -q tests
+
+## Render envoy.yaml + gateway.yaml for the local values into run/.
+render: $(BIN)/gateway-extproc
+	$(BIN)/gateway-extproc render --values helm/values-local.yaml --out run
+
+## Refresh envoy/ (the render of the chart defaults, for Envoy outside Kubernetes).
+envoy-config: $(BIN)/gateway-extproc
+	$(BIN)/gateway-extproc render --out envoy
+
+## Plain Envoy vs the gateway path, same run (needs wrk and nginx: see bench/README.md).
+bench: $(VENV)/.test-deps
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf run build *.egg-info

@@ -1,0 +1,528 @@
+"""Tests for the bundled mock LLM provider (gateway_extproc.mock_provider).
+
+The provider runs in a subprocess exactly as `make run` starts it and is driven with
+httpx, raw sockets and the real openai / anthropic SDKs.  All tests are synchronous so
+they work with or without pytest-asyncio's auto mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import bpe_openai
+import h11
+import httpx
+import openai
+import orjson
+import pytest
+
+from gateway_extproc.mock_provider import start
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "sk-mock"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+ENC = bpe_openai.get_encoding("o200k_base")
+
+
+def n_tokens(text: str) -> int:
+    return len(ENC.encode_ordinary(text))
+
+
+def spawn(api_key: str | None = API_KEY) -> tuple[subprocess.Popen[str], str]:
+    code = f"from gateway_extproc.mock_provider import run; run('127.0.0.1', 0, {api_key!r})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("mock-provider listening on http://127.0.0.1:"):
+        proc.kill()
+        pytest.fail(f"mock provider did not start: {line!r} {proc.communicate()[1]}")
+    return proc, line.split()[-1]
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    proc, url = spawn()
+    yield url
+    proc.terminate()
+    proc.communicate(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def reset(base_url: str) -> None:
+    httpx.post(f"{base_url}/_mock/reset").raise_for_status()
+
+
+@pytest.fixture
+def http(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, headers=AUTH, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def oai(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
+
+
+@pytest.fixture
+def claude(base_url: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(api_key=API_KEY, base_url=base_url, max_retries=0)
+
+
+def chat_body(text: str = "Hello, mock!", **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def mock_reply(model: str, prompt: str) -> str:
+    return f"This is a mock reply from {model} to: {prompt}."
+
+
+def sse_data(text: str) -> list[Any]:
+    """The `data:` payloads of an SSE body ([DONE] kept as a string)."""
+    payloads = [line.removeprefix("data: ") for line in text.split("\n") if line.startswith("data: ")]
+    return [p if p == "[DONE]" else orjson.loads(p) for p in payloads]
+
+
+def sse_events(text: str) -> list[tuple[str, Any]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        name_line, data_line = block.split("\n")
+        events.append((name_line.removeprefix("event: "), orjson.loads(data_line.removeprefix("data: "))))
+    return events
+
+
+# --------------------------------------------------------------------------- OpenAI chat
+
+
+def test_chat_completion_with_openai_sdk(oai: openai.OpenAI) -> None:
+    messages: Any = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello, mock!", "name": "ann"},
+    ]
+    reply = oai.chat.completions.create(model="gpt-4o-mini", messages=messages)
+
+    text = "This is a mock reply from gpt-4o-mini to: Hello, mock!."
+    assert reply.choices[0].message.content == text
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.object == "chat.completion"
+    assert reply.model == "gpt-4o-mini"
+    assert reply.id.startswith("chatcmpl-mock-")
+    prompt = 3 + (3 + n_tokens("system") + n_tokens("Be brief.")) + (3 + n_tokens("user") + n_tokens("Hello, mock!"))
+    prompt += n_tokens("ann") + 1
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt, n_tokens(text))
+    assert reply.usage.total_tokens == prompt + n_tokens(text)
+
+
+def test_reply_quotes_first_60_chars_of_last_user_message_parts(http: httpx.Client) -> None:
+    long_text = "x" * 70
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "earlier question"},
+            {"role": "assistant", "content": "earlier answer"},
+            {"role": "user", "content": [{"type": "text", "text": long_text}]},
+        ],
+    }
+    reply = http.post("/v1/chat/completions", json=body).json()
+    assert reply["choices"][0]["message"]["content"] == f"This is a mock reply from m to: {'x' * 60}."
+    parts_prompt = 3 + sum(3 + n_tokens(m["role"]) for m in body["messages"])
+    parts_prompt += n_tokens("earlier question") + n_tokens("earlier answer") + n_tokens(long_text)
+    assert reply["usage"]["prompt_tokens"] == parts_prompt
+
+
+@pytest.mark.parametrize("limit_field", ["max_tokens", "max_completion_tokens"])
+def test_token_limit_truncates_with_finish_reason_length(http: httpx.Client, limit_field: str) -> None:
+    full = http.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]["message"]["content"]
+    reply = http.post("/v1/chat/completions", json=chat_body(**{limit_field: 3})).json()
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["choices"][0]["message"]["content"] == ENC.decode(ENC.encode_ordinary(full)[:3])
+    assert reply["usage"]["completion_tokens"] == 3
+
+
+def test_stream_concatenation_equals_non_stream(oai: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "Tell me something,   please"}]
+    plain = oai.chat.completions.create(model="gpt-4o", messages=messages)
+    chunks = list(oai.chat.completions.create(model="gpt-4o", messages=messages, stream=True))
+
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    assert all(c.usage is None for c in chunks)
+    assert len(chunks) == 2 + len(plain.choices[0].message.content.split())  # role + words + finish
+
+
+def test_stream_wire_format_without_usage(http: httpx.Client) -> None:
+    response = http.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert response.headers["content-type"] == "text/event-stream"
+    assert response.headers["transfer-encoding"] == "chunked"
+    events = sse_data(response.text)
+    *chunks, done = events
+    assert done == "[DONE]"
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[1]["choices"][0]["delta"] == {"content": "This"}
+    assert chunks[2]["choices"][0]["delta"] == {"content": " is"}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_stream_include_usage(http: httpx.Client, oai: openai.OpenAI) -> None:
+    plain = http.post("/v1/chat/completions", json=chat_body(max_tokens=4)).json()
+    body = chat_body(max_tokens=4, stream=True, stream_options={"include_usage": True})
+    *chunks, usage_chunk, done = sse_data(http.post("/v1/chat/completions", json=body).text)
+
+    assert done == "[DONE]"
+    assert all("usage" in c and c["usage"] is None for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert usage_chunk["object"] == "chat.completion.chunk"
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"] == plain["usage"]
+
+    sdk_chunks = list(
+        oai.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Hello, mock!"}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert sdk_chunks[-1].usage is not None
+    assert sdk_chunks[-1].usage.completion_tokens == 4
+    assert "".join(c.choices[0].delta.content or "" for c in sdk_chunks if c.choices) == (
+        plain["choices"][0]["message"]["content"]
+    )
+
+
+def test_each_sse_event_is_its_own_http_chunk(base_url: str) -> None:
+    port = int(base_url.rsplit(":", 1)[1])
+    conn = h11.Connection(h11.CLIENT)
+    body = orjson.dumps(chat_body(stream=True))
+    headers = [("host", "mock"), ("content-length", str(len(body))), *AUTH.items()]
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(conn.send(h11.Request(method="POST", target="/v1/chat/completions", headers=headers)))
+        sock.sendall(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        raw = b""
+        while not raw.endswith(b"0\r\n\r\n"):
+            raw += sock.recv(65536)
+    chunks = []
+    rest = raw.split(b"\r\n\r\n", 1)[1]
+    while True:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        chunks.append(rest[:size])
+        rest = rest[size + 2 :]
+    assert all(c.startswith(b"data: ") and c.endswith(b"\n\n") and c.count(b"data: ") == 1 for c in chunks)
+    assert chunks[-1] == b"data: [DONE]\n\n"
+
+
+# --------------------------------------------------------------------------- embeddings and models
+
+
+def test_embeddings_with_openai_sdk(oai: openai.OpenAI) -> None:
+    first = oai.embeddings.create(model="text-embedding-3-small", input=["alpha", "beta"])  # base64 on the wire
+    again = oai.embeddings.create(model="text-embedding-3-small", input="alpha")
+
+    vectors = [d.embedding for d in first.data]
+    assert [len(v) for v in vectors] == [8, 8]
+    assert vectors[0] != vectors[1]
+    assert again.data[0].embedding == vectors[0]
+    assert math.isclose(sum(x * x for x in vectors[0]), 1.0, rel_tol=1e-5)
+    assert first.usage.prompt_tokens == first.usage.total_tokens == n_tokens("alpha") + n_tokens("beta")
+    assert len(oai.embeddings.create(model="e", input="alpha", dimensions=32).data[0].embedding) == 32
+
+
+def test_embeddings_float_and_token_inputs(http: httpx.Client) -> None:
+    floats = http.post("/v1/embeddings", json={"model": "e", "input": "alpha", "encoding_format": "float"}).json()
+    packed = http.post("/v1/embeddings", json={"model": "e", "input": "alpha", "encoding_format": "base64"}).json()
+    decoded = struct.unpack("<8f", base64.b64decode(packed["data"][0]["embedding"]))
+    assert floats["data"][0]["embedding"] == pytest.approx(decoded, rel=1e-6)
+    assert floats["object"] == "list" and floats["model"] == "e"
+
+    tokens = http.post("/v1/embeddings", json={"model": "e", "input": [[1, 2, 3], [4, 5]]}).json()
+    assert [d["index"] for d in tokens["data"]] == [0, 1]
+    assert tokens["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
+    single = http.post("/v1/embeddings", json={"model": "e", "input": [1, 2, 3]}).json()
+    assert single["data"][0]["embedding"] == tokens["data"][0]["embedding"]
+    assert http.post("/v1/embeddings", json={"model": "e", "input": []}).status_code == 400
+
+
+def test_models(oai: openai.OpenAI) -> None:
+    ids = [model.id for model in oai.models.list()]
+    assert "gpt-4o-mini" in ids and "text-embedding-3-small" in ids
+
+
+# --------------------------------------------------------------------------- Anthropic
+
+
+def test_anthropic_messages_with_sdk(claude: anthropic.Anthropic) -> None:
+    message = claude.messages.create(
+        model="claude-test",
+        max_tokens=100,
+        system=[{"type": "text", "text": "Be brief."}],
+        messages=[{"role": "user", "content": "Hi Claude"}],
+    )
+    text = mock_reply("claude-test", "Hi Claude")
+    assert message.id.startswith("msg_mock_")
+    assert (message.type, message.role, message.model) == ("message", "assistant", "claude-test")
+    assert message.content[0].type == "text" and message.content[0].text == text
+    assert (message.stop_reason, message.stop_sequence) == ("end_turn", None)
+    assert message.usage.input_tokens == n_tokens("Be brief.") + n_tokens("Hi Claude")
+    assert message.usage.output_tokens == n_tokens(text)
+    assert (message.usage.cache_creation_input_tokens, message.usage.cache_read_input_tokens) == (0, 0)
+
+
+def test_anthropic_max_tokens_stop_reason(claude: anthropic.Anthropic) -> None:
+    message = claude.messages.create(model="c", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == 2
+
+
+def test_anthropic_stream_with_sdk(claude: anthropic.Anthropic) -> None:
+    kwargs: Any = {"model": "claude-test", "max_tokens": 100, "system": "Be brief.", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi Claude"}]}
+    ]}
+    plain = claude.messages.create(**kwargs)
+    with claude.messages.stream(**kwargs) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == plain.content[0].text == mock_reply("claude-test", "Hi Claude")
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == plain.usage.output_tokens
+    assert final.usage.input_tokens == plain.usage.input_tokens
+
+
+def test_anthropic_stream_wire_format(http: httpx.Client) -> None:
+    body = {"model": "c", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    response = http.post("/v1/messages", json=body, headers={"x-api-key": API_KEY})
+    assert response.headers["content-type"] == "text/event-stream"
+    events = sse_events(response.text)
+    names = [name for name, _ in events]
+    deltas = names.count("content_block_delta")
+    assert names == [
+        "message_start", "content_block_start", "ping", *["content_block_delta"] * deltas,
+        "content_block_stop", "message_delta", "message_stop",
+    ]  # fmt: skip
+    assert all(data["type"] == name for name, data in events)
+    start_message = events[0][1]["message"]
+    assert start_message["content"] == [] and start_message["stop_reason"] is None
+    assert events[1][1] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    assert events[3][1]["delta"] == {"type": "text_delta", "text": "This"}
+    assert events[-2][1] == {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": n_tokens(mock_reply("c", "Hi"))},
+    }
+
+
+# --------------------------------------------------------------------------- auth and errors
+
+
+def test_openai_bad_key_is_401_without_echoing_key(base_url: str) -> None:
+    client = openai.OpenAI(api_key="sk-wrong-secret", base_url=f"{base_url}/v1", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    wrong = {"authorization": "Bearer sk-wrong-secret"}
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(), headers=wrong)
+    assert response.status_code == 401
+    assert "sk-wrong-secret" not in response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("authentication_error", "invalid_api_key", None)
+    assert httpx.get(f"{base_url}/v1/models").status_code == 401
+
+
+def test_anthropic_auth(base_url: str, claude: anthropic.Anthropic) -> None:
+    body = {"model": "c", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
+    wrong = httpx.post(f"{base_url}/v1/messages", json=body, headers={"x-api-key": "sk-wrong-secret"})
+    assert wrong.status_code == 401
+    assert wrong.json()["type"] == "error" and wrong.json()["error"]["type"] == "authentication_error"
+    assert "sk-wrong-secret" not in wrong.text
+    assert httpx.post(f"{base_url}/v1/messages", json=body, headers=AUTH).status_code == 200
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(api_key="nope", base_url=base_url, max_retries=0).messages.create(**body)
+
+
+def test_x_mock_status(http: httpx.Client, oai: openai.OpenAI, claude: anthropic.Anthropic) -> None:
+    failed = http.post("/v1/chat/completions", json=chat_body(), headers={"x-mock-status": "503"})
+    assert failed.status_code == 503
+    assert failed.json()["error"]["type"] == "server_error"
+    with pytest.raises(openai.RateLimitError):
+        oai.models.list(extra_headers={"x-mock-status": "429"})
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        claude.messages.create(
+            model="c", max_tokens=5, messages=[{"role": "user", "content": "x"}], extra_headers={"x-mock-status": "529"}
+        )
+    assert isinstance(caught.value.body, dict) and caught.value.body["type"] == "error"
+    assert caught.value.body["error"]["type"] == "overloaded_error"
+    assert http.post("/v1/chat/completions", json=chat_body(), headers={"x-mock-status": "201"}).status_code == 200
+    assert http.get("/v1/models", headers={"x-mock-status": "abc"}).status_code == 400
+
+
+def test_unknown_path_is_404_and_malformed_json_is_400(http: httpx.Client) -> None:
+    missing = http.post("/v1/nope", json={})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "invalid_request_error"
+    assert http.get("/v1/chat/completions").status_code == 404
+    malformed = http.post("/v1/chat/completions", content=b"{not json")
+    assert malformed.status_code == 400
+    assert set(malformed.json()["error"]) == {"message", "type", "code", "param"}
+    assert http.post("/v1/messages", content=b"[1,", headers={"x-api-key": API_KEY}).json()["type"] == "error"
+
+
+# --------------------------------------------------------------------------- test controls
+
+
+def test_behaviour_applies_given_number_of_times(http: httpx.Client, base_url: str) -> None:
+    behaviour = {"model": "flaky", "status": 500, "times": 2}
+    assert httpx.post(f"{base_url}/_mock/behaviour", json=behaviour).json() == behaviour | {"latency_ms": 0}
+
+    statuses = [http.post("/v1/chat/completions", json={**chat_body(), "model": "flaky"}).status_code for _ in range(3)]
+    assert statuses == [500, 500, 200]
+    assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
+
+
+def test_behaviour_without_times_lasts_until_reset(http: httpx.Client, base_url: str) -> None:
+    httpx.post(f"{base_url}/_mock/behaviour", json={"model": "down", "status": 429}).raise_for_status()
+    body = {"model": "down", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    assert [http.post("/v1/messages", json=body).status_code for _ in range(3)] == [429] * 3
+    assert http.post("/v1/messages", json=body).json()["error"]["type"] == "rate_limit_error"
+    httpx.post(f"{base_url}/_mock/reset").raise_for_status()
+    assert http.post("/v1/messages", json=body).status_code == 200
+
+
+def test_behaviour_latency_and_validation(http: httpx.Client, base_url: str) -> None:
+    httpx.post(f"{base_url}/_mock/behaviour", json={"model": "slow", "latency_ms": 300, "times": 1}).raise_for_status()
+    started = time.monotonic()
+    assert http.post("/v1/chat/completions", json={**chat_body(), "model": "slow"}).status_code == 200
+    assert time.monotonic() - started >= 0.3
+    for bad in ({"status": 500}, {"model": "m", "status": 99}, {"model": "m", "times": 0}, [1]):
+        assert httpx.post(f"{base_url}/_mock/behaviour", json=bad).status_code == 400
+
+
+def test_latency_and_chunk_delay_headers(http: httpx.Client) -> None:
+    started = time.monotonic()
+    http.get("/v1/models", headers={"x-mock-latency-ms": "300"}).raise_for_status()
+    assert time.monotonic() - started >= 0.3
+
+    started = time.monotonic()
+    response = http.post("/v1/chat/completions", json=chat_body(stream=True), headers={"x-mock-chunk-delay-ms": "50"})
+    events = sse_data(response.text)
+    assert time.monotonic() - started >= 0.05 * (len(events) - 1)
+
+
+def test_drop_after_chunks(http: httpx.Client, oai: openai.OpenAI) -> None:
+    received = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        with http.stream(
+            "POST", "/v1/chat/completions", json=chat_body(stream=True), headers={"x-mock-drop-after-chunks": "2"}
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    received.append(line)
+    assert len(received) == 2
+
+    with pytest.raises((httpx.TransportError, openai.APIError)):
+        stream = oai.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers={"x-mock-drop-after-chunks": "3"},
+        )
+        list(stream)
+
+
+def test_requests_are_recorded_before_controls(http: httpx.Client, base_url: str) -> None:
+    http.post("/v1/chat/completions", json=chat_body(), headers={"x-trace": "abc"})
+    httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(), headers={"x-mock-status": "500"})  # no auth
+    http.post("/v1/embeddings", content=b"{oops")
+    httpx.get(f"{base_url}/_mock/requests")  # control calls are not recorded
+
+    records = httpx.get(f"{base_url}/_mock/requests").json()
+    assert [(r["method"], r["path"]) for r in records] == [
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/embeddings"),
+    ]
+    first = records[0]
+    assert first["headers"]["x-trace"] == "abc"
+    assert first["headers"]["authorization"] == f"Bearer {API_KEY}"
+    assert first["body"] == chat_body()
+    assert first["raw_body_len"] == int(first["headers"]["content-length"])
+    assert "authorization" not in records[1]["headers"]
+    assert records[2]["body"] is None and records[2]["raw_body_len"] == 5
+
+    httpx.delete(f"{base_url}/_mock/requests").raise_for_status()
+    assert httpx.get(f"{base_url}/_mock/requests").json() == []
+
+
+# --------------------------------------------------------------------------- HTTP plumbing and lifecycle
+
+
+def test_chunked_request_body_and_keep_alive(base_url: str) -> None:
+    port = int(base_url.rsplit(":", 1)[1])
+    conn = h11.Connection(h11.CLIENT)
+    body = orjson.dumps(chat_body("chunked"))
+    requests = [
+        [("transfer-encoding", "chunked")],
+        [("content-length", str(len(body)))],
+    ]
+    replies = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for framing in requests:
+            headers = [("host", "m"), *AUTH.items(), *framing]
+            sock.sendall(conn.send(h11.Request(method="POST", target="/v1/chat/completions", headers=headers)))
+            if framing[0][0] == "transfer-encoding":
+                sock.sendall(conn.send(h11.Data(data=body[:10])) + conn.send(h11.Data(data=body[10:])))
+            else:
+                sock.sendall(conn.send(h11.Data(data=body)))
+            sock.sendall(conn.send(h11.EndOfMessage()))
+            payload = b""
+            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    conn.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Data):
+                    payload += event.data
+            replies.append(orjson.loads(payload))
+            conn.start_next_cycle()
+    assert [r["choices"][0]["message"]["content"] for r in replies] == [mock_reply("gpt-4o-mini", "chunked")] * 2
+
+
+def test_sigterm_exits_cleanly() -> None:
+    proc, url = spawn()
+    assert httpx.get(f"{url}/v1/models", headers=AUTH).status_code == 200
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert stderr == ""
+
+
+def test_start_in_process_without_api_key() -> None:
+    async def scenario() -> tuple[int, int]:
+        provider = await start("127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{provider.port}") as client:
+                chat = await client.post("/v1/chat/completions", json=chat_body())
+                models = await client.get("/v1/models")
+            return chat.status_code, models.status_code
+        finally:
+            await provider.close()
+
+    assert asyncio.run(scenario()) == (200, 200)
