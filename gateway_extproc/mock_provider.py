@@ -435,9 +435,13 @@ def _header_int(headers: dict[str, str], name: str) -> int | None:
     value = headers.get(name)
     if value is None:
         return None
-    if not value.strip().isdigit():
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
         raise HTTPError(400, f"{name} must be a non-negative integer")
-    return int(value)
+    return number
 
 
 def _check_status(value: Any, name: str) -> int:
@@ -623,17 +627,23 @@ async def _send_reply(
     if reply.latency_s:
         await asyncio.sleep(reply.latency_s)
     if reply.events is None:
-        payload = orjson.dumps(reply.body)
-        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
-        await _send(writer, conn, _response(reply.status, headers))
-        if request.method != "HEAD":
-            await _send(writer, conn, h11.Data(data=payload))
-        await _send(writer, conn, h11.EndOfMessage())
+        await _send_json(conn, writer, reply, head_only=request.method == "HEAD")
         return True
+    return await _send_stream(conn, writer, reply, reply.events)
+
+
+async def _send_json(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, *, head_only: bool) -> None:
+    payload = orjson.dumps(reply.body)
+    headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+    body = [] if head_only else [h11.Data(data=payload)]
+    await _send(writer, conn, _response(reply.status, headers), *body, h11.EndOfMessage())
+
+
+async def _send_stream(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, events: list[bytes]) -> bool:
+    """One HTTP chunk per SSE event, flushed; abort the connection mid-body when asked to drop."""
     headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
     await _send(writer, conn, _response(reply.status, headers))
-    events = reply.events if reply.drop_after is None else reply.events[: reply.drop_after]
-    for index, event in enumerate(events):
+    for index, event in enumerate(events if reply.drop_after is None else events[: reply.drop_after]):
         if index and reply.chunk_delay_s:
             await asyncio.sleep(reply.chunk_delay_s)
         await _send(writer, conn, h11.Data(data=event))

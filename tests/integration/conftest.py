@@ -1,0 +1,93 @@
+"""A real gateway for integration tests: the Helm chart rendered with helm-python-sdk,
+real Envoy, real ext_proc processes, and two mock providers with different keys."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway_extproc import keys
+from gateway_extproc.localstack import LocalStack, free_port
+from gateway_extproc.render import chart_values
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_KEY = "gwk_demo_local-only-demo-key-not-for-production"
+
+
+@dataclass
+class Gateway:
+    stack: LocalStack
+    key: str  # demo key: every model
+    restricted_key: str  # may use default-chat only
+    expired_key: str
+    primary: str  # mock provider URL (provider "mock", key from env)
+    backup: str  # mock provider URL (provider "mock-backup", key from a file)
+    primary_key: str
+    backup_key: str
+
+    @property
+    def url(self) -> str:
+        return self.stack.url
+
+    def received(self, mock: str) -> list[dict[str, Any]]:
+        return httpx.get(f"{mock}/_mock/requests").json()
+
+    def reset(self) -> None:
+        for mock in (self.primary, self.backup):
+            httpx.post(f"{mock}/_mock/reset").raise_for_status()
+
+    def logs(self) -> str:
+        return "".join(self.stack.log_path(n).read_text(errors="replace") for n in ("extproc", "envoy"))
+
+
+def build_gateway(workdir: Path) -> Gateway:
+    primary_port, backup_port = free_port(), free_port()
+    primary_key, backup_key = "sk-primary-" + keys.generate("p")[-20:], "sk-backup-" + keys.generate("b")[-20:]
+    restricted, expired = keys.generate("restricted"), keys.generate("expired")
+    values = copy.deepcopy(chart_values([REPO / "helm" / "values-local.yaml"]))
+    values["envoy"]["listener"]["port"] = free_port()
+    values["envoy"]["admin"]["port"] = free_port()
+    values["extproc"]["socketDir"] = str(workdir / "sock")
+    cred_file = workdir / "backup.key"
+    cred_file.write_text(backup_key)
+    for p in values["providers"]:
+        if p["name"] == "mock":
+            p["baseURL"] = f"http://127.0.0.1:{primary_port}/v1"
+        else:
+            p["baseURL"] = f"http://127.0.0.1:{backup_port}/v1"
+            p["credential"] = {"file": str(cred_file)}
+    past = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()
+    values["keys"] += [
+        {"id": "restricted", "sha256": keys.digest(restricted), "team": "demo", "models": ["default-chat"]},
+        {"id": "expired", "sha256": keys.digest(expired), "team": "demo", "expiresAt": past},
+    ]
+    stack = LocalStack(values, workdir, {"MOCK_PROVIDER_API_KEY": primary_key},
+                       {primary_port: primary_key, backup_port: backup_key})
+    stack.start()
+    return Gateway(stack, DEMO_KEY, restricted, expired, f"http://127.0.0.1:{primary_port}",
+                   f"http://127.0.0.1:{backup_port}", primary_key, backup_key)
+
+
+@pytest.fixture(scope="session")
+def gateway() -> Iterator[Gateway]:
+    with tempfile.TemporaryDirectory(prefix="gw-it-") as tmp:
+        gw = build_gateway(Path(tmp))
+        try:
+            yield gw
+        finally:
+            gw.stack.stop()
+
+
+@pytest.fixture
+def gw(gateway: Gateway) -> Gateway:
+    """The shared gateway with the mock providers' records and behaviours cleared."""
+    gateway.reset()
+    return gateway
