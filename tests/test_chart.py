@@ -1,0 +1,101 @@
+"""The Helm chart is the single source of Envoy config: render it with the real Helm engine
+(helm-python-sdk), lint it, validate every render with real Envoy, and keep envoy/ current."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+
+from gateway_extproc import config
+from gateway_extproc.localstack import envoy_binary
+from gateway_extproc.render import CHART, chart_values, render_values
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL = REPO / "helm" / "values-local.yaml"
+
+
+def envoy_validate(envoy_yaml: str, tmp_path: Path) -> None:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(envoy_yaml)
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def cluster(envoy: dict[str, Any], name: str) -> dict[str, Any]:
+    [c] = [c for c in envoy["static_resources"]["clusters"] if c["name"] == name]
+    return c
+
+
+def upstream_filters(c: dict[str, Any]) -> list[str]:
+    opts = c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    return [f["name"] for f in opts["http_filters"]]
+
+
+@pytest.mark.parametrize("values_files", [[], [LOCAL]], ids=["defaults", "local"])
+def test_chart_lints_clean(values_files: list[Path]) -> None:
+    report = helm_python.lint(str(CHART), chart_values(values_files), strict=True)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values_files", [[], [LOCAL]], ids=["defaults", "local"])
+def test_every_render_passes_envoy_validate_and_config_check(values_files: list[Path], tmp_path: Path) -> None:
+    rendered = render_values(chart_values(values_files))
+    envoy_validate(rendered["envoy.yaml"], tmp_path)
+    cfg = config.parse(yaml.safe_load(rendered["gateway.yaml"]), "gateway.yaml")
+    envoy = yaml.safe_load(rendered["envoy.yaml"])
+    for model in cfg.models.values():
+        c = cluster(envoy, f"model.{model.name}")
+        metadata = [e["metadata"]["filter_metadata"]["gw"]["backend"]
+                    for group in c["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
+        assert metadata == [b.id for b in model.backends]
+    sockets = [e["endpoint"]["address"]["pipe"]["path"]
+               for e in cluster(envoy, "gateway_extproc")["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert [f"unix://{s}" for s in sockets] == list(cfg.listen)
+
+
+def test_envoy_dir_is_the_current_render_of_the_defaults() -> None:
+    rendered = render_values(chart_values([]))
+    for name, text in rendered.items():
+        assert (REPO / "envoy" / name).read_text() == text, f"envoy/{name} is stale: run `make envoy-config`"
+
+
+def test_credentials_are_injected_natively_unless_an_attempt_needs_body_work() -> None:
+    envoy = yaml.safe_load(render_values(chart_values([LOCAL]))["envoy.yaml"])
+    single = cluster(envoy, "model.default-chat")
+    assert upstream_filters(single) == ["envoy.filters.http.header_mutation", "envoy.filters.http.upstream_codec"]
+    assert "%ENVIRONMENT(MOCK_PROVIDER_API_KEY)%" in yaml.safe_dump(single)
+    fallback = cluster(envoy, "model.fallback-chat")
+    assert upstream_filters(fallback) == ["envoy.filters.http.header_mutation", "envoy.filters.http.ext_proc",
+                                          "envoy.filters.http.upstream_codec"]
+    assert [g["priority"] for g in fallback["load_assignment"]["endpoints"]] == [0, 1]
+    assert "ENVIRONMENT" not in yaml.safe_dump(fallback)
+
+
+def test_file_credential_on_a_single_backend_uses_a_headers_only_upstream_ext_proc() -> None:
+    values = copy.deepcopy(chart_values([LOCAL]))
+    values["models"] = [{"name": "m", "backends": [{"provider": "mock-backup", "model": "x"}]}]
+    envoy = yaml.safe_load(render_values(values)["envoy.yaml"])
+    opts = cluster(envoy, "model.m")["typed_extension_protocol_options"]
+    [ext] = [f for f in opts["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+             if f["name"] == "envoy.filters.http.ext_proc"]
+    assert ext["typed_config"]["processing_mode"]["request_body_mode"] == "NONE"
+
+
+def test_no_credential_value_is_ever_rendered(tmp_path: Path) -> None:
+    values = copy.deepcopy(chart_values([LOCAL]))
+    rendered = "".join(render_values(values).values())
+    assert "sk-" not in rendered and "gwk_" not in rendered
+
+
+def test_unknown_provider_fails_the_render_with_a_fix() -> None:
+    values = copy.deepcopy(chart_values([LOCAL]))
+    values["models"][0]["backends"][0]["provider"] = "nope"
+    with pytest.raises(helm_python.HelmError, match="not in providers"):
+        render_values(values)
