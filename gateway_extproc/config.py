@@ -80,6 +80,8 @@ class GatewayConfig:
     teams: frozenset[str]
     keys: dict[str, VirtualKey]
     backends: dict[str, Backend] = field(default_factory=dict)
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = 0  # 0: no /metrics endpoint
 
 
 def load(path: str | os.PathLike[str]) -> GatewayConfig:
@@ -125,7 +127,12 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
     if not isinstance(max_bytes, int) or max_bytes <= 0:
         r.fail("maxRequestBytes", "must be a positive integer (bytes)")
     backends = {b.id: b for m in models.values() for b in m.backends}
-    return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends)
+    metrics = r.mapping(doc.get("metrics") or {}, "metrics")
+    port = metrics.get("port", 0)
+    if not isinstance(port, int) or not 0 <= port < 65536:
+        r.fail("metrics.port", "must be a port number (0 disables /metrics)")
+    address = r.string(metrics.get("address", "0.0.0.0"), "metrics.address")
+    return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port)
 
 
 class _Reader:

@@ -53,6 +53,10 @@ class LocalStack:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.values['envoy']['admin']['port']}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.values['extproc']['metrics']['port']}/metrics"
+
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 

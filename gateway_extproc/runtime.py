@@ -14,6 +14,7 @@ import structlog
 from . import config as config_mod
 from . import tokens
 from .config import GatewayConfig, Provider
+from .telemetry.metrics import Labels
 
 log = structlog.get_logger("gateway_extproc.runtime")
 
@@ -22,6 +23,7 @@ log = structlog.get_logger("gateway_extproc.runtime")
 class Runtime:
     config: GatewayConfig
     credentials: dict[str, str | None]  # provider name -> key; None when the source was empty
+    labels: Labels
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Runtime":
@@ -31,7 +33,8 @@ class Runtime:
     def from_config(cls, cfg: GatewayConfig) -> "Runtime":
         for model in cfg.models.values():
             tokens.counter(model.tokenizer)("warm up")  # load encodings now, not on a request
-        return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()})
+        labels = Labels(cfg.teams, cfg.models, cfg.providers, cfg.backends)
+        return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels)
 
 
 def _read_credential(p: Provider) -> str | None:

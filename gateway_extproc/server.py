@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -21,12 +25,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from .errors import GatewayError
 from .processors import responses
 from .processors.router import RouterProcessor
 from .processors.upstream import UpstreamProcessor, is_upstream
 from .runtime import Runtime
+from .telemetry.metrics import PHASE_LATENCY
 
 log = structlog.get_logger("gateway_extproc.server")
 
@@ -46,11 +52,14 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             async for req in request_iterator:
                 if processor is None:
                     processor = (UpstreamProcessor if is_upstream(req) else RouterProcessor)(self.runtime)
+                started = time.perf_counter()
                 try:
-                    yield await processor.handle(req)
+                    resp = await processor.handle(req)
                 except Exception:
                     log.exception("processing_failed", phase=req.WhichOneof("request"))
-                    yield _fallback(req)
+                    resp = _fallback(req)
+                PHASE_LATENCY.labels(req.WhichOneof("request")).observe(time.perf_counter() - started)
+                yield resp
         finally:
             if processor is not None:
                 processor.close()
@@ -107,8 +116,15 @@ def serve(config_path: str) -> int:
     supervisor (Kubernetes, make run) restarts the set rather than running degraded.
     """
     runtime = Runtime.load(config_path)  # validate before forking
-    workers = [subprocess.Popen([sys.executable, "-m", "gateway_extproc", "serve-one", config_path, str(i)])
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-extproc-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    workers = [subprocess.Popen([sys.executable, "-m", "gateway_extproc", "serve-one", config_path, str(i)], env=env)
                for i in range(len(runtime.config.listen))]
+    if runtime.config.metrics_port:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+        start_http_server(runtime.config.metrics_port, runtime.config.metrics_address, registry)
+        log.info("metrics_listening", address=runtime.config.metrics_address, port=runtime.config.metrics_port)
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -121,10 +137,19 @@ def serve(config_path: str) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     code = 0
+    try:
+        code = _supervise(workers, forward, lambda: stopping)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return code
+
+
+def _supervise(workers: list[subprocess.Popen[bytes]], forward: Any, stopping: Any) -> int:
+    code = 0
     while any(w.poll() is None for w in workers):
         for w in workers:
             rc = w.poll()
-            if rc is not None and not stopping:
+            if rc is not None and not stopping():
                 log.error("extproc_worker_exited", pid=w.pid, returncode=rc)
                 code = rc or 1
                 forward(signal.SIGTERM, None)

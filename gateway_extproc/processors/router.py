@@ -21,6 +21,7 @@ from .. import api, identity, tokens
 from ..config import Model, VirtualKey
 from ..errors import GatewayError
 from ..runtime import Runtime
+from ..telemetry import metrics
 from ..usage import SseUsageTap, Usage, usage_from_json
 from . import responses as r
 
@@ -200,6 +201,15 @@ class RouterProcessor:
         self.logged = True
         now = time.monotonic()
         usage = self.usage or Usage()
+        backend = self.runtime.config.backends.get(self.backend or "")
+        duration = now - self.started
+        ttft = self.first_byte - self.started if self.stream and self.first_byte else None
+        metrics.record_request(
+            self.runtime.labels, team=self.key.team if self.key else None,
+            model=self.model.name if self.model else None, provider=backend.provider.name if backend else None,
+            status=self.status or 499, prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None
+            else self.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
+            duration_s=duration, ttft_s=ttft)
         access_log.info(
             "access", outcome=outcome, request_id=self.request_id, method=self.method, path=self.path,
             key_id=self.key.id if self.key else None, team=self.key.team if self.key else None,
@@ -207,8 +217,7 @@ class RouterProcessor:
             error_code=self.error_code, stream=self.stream,
             prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else self.prompt_tokens,
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
-            duration_ms=round((now - self.started) * 1000, 2),
-            ttft_ms=round((self.first_byte - self.started) * 1000, 2) if self.stream and self.first_byte else None)
+            duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None)
 
     def close(self) -> None:
         """The stream ended; if the response never completed, say so in the log."""

@@ -56,6 +56,7 @@ def build_gateway(workdir: Path) -> Gateway:
     values["envoy"]["listener"]["port"] = free_port()
     values["envoy"]["admin"]["port"] = free_port()
     values["extproc"]["socketDir"] = str(workdir / "sock")
+    values["extproc"]["metrics"]["port"] = free_port()
     cred_file = workdir / "backup.key"
     cred_file.write_text(backup_key)
     for p in values["providers"]:

@@ -6,6 +6,9 @@ listen:
 {{- range $i := until (int $v.extproc.processes) }}
 - {{ printf "unix://%s" (include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i)) }}
 {{- end }}
+metrics:
+  address: {{ $v.extproc.metrics.address }}
+  port: {{ $v.extproc.metrics.port | int }}
 maxRequestBytes: {{ $v.envoy.maxRequestBytes | int64 }}
 providers:
 {{- toYaml $v.providers | nindent 2 }}

@@ -1,0 +1,719 @@
+"""Plain Envoy vs the gateway path, in one run, in front of the same fast fake upstream.
+
+    .venv/bin/python bench/run.py [--duration 10] [--quick] [--processes 2,1] [--keep]
+
+Starts nginx (the fake provider), a minimal plain Envoy and the rendered gateway stack
+(LocalStack: ext_proc + Envoy from helm/values-local.yaml), drives each with wrk at 1 and
+32 connections, times streamed first bytes with httpx, and prints a markdown table plus
+PASS/MISS against the targets. Raw numbers go to bench/results/latest.json. Absolute
+numbers depend on the machine; compare the ratios (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway_extproc.localstack import LocalStack, envoy_binary, free_port  # noqa: E402
+from gateway_extproc.render import chart_values  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+VALUES_LOCAL = ROOT / "helm" / "values-local.yaml"
+DEMO_KEY = "gwk_demo_local-only-demo-key-not-for-production"  # hash is in values-local.yaml
+PROVIDER_KEY = "sk-bench-dummy-provider-key-0000000000"  # what nginx expects Envoy/ext_proc to inject
+# Exactly the flags LocalStack starts the gateway's Envoy with (no --concurrency: one worker
+# per core, as in production). Plain Envoy gets the same, so only the filter chain differs.
+ENVOY_FLAGS = ["--log-level", "warn", "--disable-hot-restart"]
+WRK_THREADS = 1  # one wrk thread generates >40k req/s here; a second would only steal a core
+TTFB_SAMPLES, TTFB_WARMUP = 200, 20
+MAX_ERROR_FRACTION = 0.01
+
+TARGET_RATIO_32 = 0.09  # gateway req/s @32 >= 0.09 x plain Envoy
+TARGET_ADDED_P50_MS = 2.5  # gateway p50 @1 - plain Envoy p50 @1
+TARGET_TTFB_ADDED_MS = 3.0  # streamed median TTFB, gateway - plain Envoy
+
+CHAT_BODY = {
+    "model": "default-chat",
+    "messages": [
+        {"role": "system", "content": (
+            "You are a concise assistant for an internal engineering help desk. Answer in plain "
+            "English, cite the relevant runbook section when you know it, and say so when you do not "
+            "know. Never include credentials, customer data or internal hostnames in an answer.")},
+        {"role": "user", "content": (
+            "Our nightly batch job that exports invoices to the data warehouse started failing after "
+            "last week's deploy. The logs show 'connection reset by peer' roughly forty minutes into "
+            "the run, always while writing the largest partition. Retries succeed about half of the "
+            "time. What are the three most likely causes, and what should I check first for each? "
+            "Please keep the answer under two hundred words and list the checks in order.")},
+    ],
+    "temperature": 0.2,
+    "max_tokens": 300,
+    "user": "bench-user-0001",
+}
+
+UPSTREAM_COMPLETION = {
+    "id": "chatcmpl-BENCH0000000000000000000001",
+    "object": "chat.completion",
+    "created": 1763900000,
+    "model": "gpt-4o-mini-2024-07-18",
+    "choices": [{
+        "index": 0,
+        "message": {"role": "assistant", "refusal": None, "annotations": [], "content": (
+            "Most likely causes, in order: 1) an idle or total timeout on a load balancer or NAT "
+            "between the job and the warehouse - check its timeout against the forty-minute mark; "
+            "2) the new deploy raised the batch size, so the largest partition now exceeds a server "
+            "limit - compare the write size before and after; 3) connection pool recycling closes "
+            "long-lived connections - check max lifetime settings.")},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }],
+    "usage": {"prompt_tokens": 187, "completion_tokens": 96, "total_tokens": 283,
+              "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+              "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}},
+    "service_tier": "default",
+    "system_fingerprint": "fp_bench00001",
+}
+
+
+def sse_body() -> str:
+    """A short OpenAI chat stream: role, three content deltas, stop, usage chunk, [DONE]."""
+    base = {"id": "chatcmpl-BENCHSTREAM0000000000001", "object": "chat.completion.chunk",
+            "created": 1763900000, "model": "gpt-4o-mini-2024-07-18", "system_fingerprint": "fp_bench00001"}
+    deltas = [{"role": "assistant", "content": ""}, {"content": "Check the"}, {"content": " load balancer"},
+              {"content": " idle timeout first."}]
+    chunks = [{**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]}
+              for d in deltas]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+    chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 187, "completion_tokens": 9,
+                                                    "total_tokens": 196}})
+    return "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """One wrk run."""
+    connections: int
+    seconds: float
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+    cpu_s: dict[str, float] = field(default_factory=dict)  # component -> CPU seconds during the run
+
+
+@dataclass
+class PathResult:
+    name: str
+    kind: str  # "direct", "plain", "gateway"
+    model: str | None
+    extproc_processes: int | None
+    at1: Load
+    at32: Load
+    ttfb_ms: float  # median time to the first body bytes of a streamed request
+    extproc_cpu_ms_per_req: float | None = None
+    envoy_cpu_ms_per_req: float | None = None
+
+    def ratio(self, plain: "PathResult") -> float:
+        return self.at32.rps / plain.at32.rps
+
+    def added_p50(self, plain: "PathResult") -> float:
+        return self.at1.p50_ms - plain.at1.p50_ms
+
+    def ttfb_added(self, plain: "PathResult") -> float:
+        return self.ttfb_ms - plain.ttfb_ms
+
+
+# -- tools ---------------------------------------------------------------------------------
+
+
+def require_tools() -> None:
+    missing = [t for t in ("wrk", "nginx") if shutil.which(t) is None]
+    if missing:
+        print(f"bench: {' and '.join(missing)} not found. Install them (Debian/Ubuntu, as root):\n"
+              "    apt-get update && apt-get install -y wrk nginx\n"
+              "(the nginx package's service need not run; the bench starts its own nginx)", file=sys.stderr)
+        sys.exit(2)
+
+
+def tool_versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        out = subprocess.run(argv, capture_output=True, text=True)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    return {"envoy": first_line([envoy_binary(), "--version"]).split("version:")[-1].strip(),
+            "nginx": first_line(["nginx", "-v"]), "wrk": first_line(["wrk", "--version"])}
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_until(check: Callable[[], bool], what: str, log: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise RuntimeError(f"{what} did not become ready in {timeout}s; {log}:\n{tail}")
+
+
+def nginx_string(text: str) -> str:
+    """`text` as a single-quoted nginx string (nginx unescapes \\n, \\', \\\\)."""
+    assert "$" not in text, "nginx would read $ as a variable"
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def nginx_conf(tmp: Path, port: int) -> str:
+    temp = "\n".join(f"    {d}_temp_path {tmp}/nginx-{d};" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    completion = json.dumps(UPSTREAM_COMPLETION, separators=(",", ":"))
+    sse = nginx_string(sse_body())
+    return f"""daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+{temp}
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    # Tells the bench whether the provider credential arrived (and the caller's key did not).
+    map $http_authorization $bench_upstream_auth {{ "Bearer {PROVIDER_KEY}" ok; default other; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /v1/chat/completions {{
+            # Same path as a real provider; the bench asks for a stream with a header because
+            # nginx cannot look into the body ("stream": true).
+            if ($http_x_bench_stream = content-length) {{ rewrite ^ /v1/stream-with-length last; }}
+            if ($http_x_bench_stream) {{ rewrite ^ /v1/stream last; }}
+            default_type application/json;
+            add_header x-bench-upstream-auth $bench_upstream_auth always;
+            return 200 {nginx_string(completion)};
+        }}
+        location = /v1/stream {{
+            # Chunked, like real providers' streams: sub_filter drops Content-Length (it
+            # never matches, so the bytes are unchanged).
+            sub_filter_types text/event-stream;
+            sub_filter '<never-in-the-body>' '';
+            default_type text/event-stream;
+            add_header cache-control no-cache always;
+            add_header x-bench-upstream-auth $bench_upstream_auth always;
+            return 200 {sse};
+        }}
+        location = /v1/stream-with-length {{
+            # The same stream with a Content-Length (for the probe in known_issues()).
+            default_type text/event-stream;
+            add_header x-bench-upstream-auth $bench_upstream_auth always;
+            return 200 {sse};
+        }}
+        location / {{ return 404; }}
+    }}
+}}
+"""
+
+
+@contextmanager
+def nginx(tmp: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(nginx_conf(tmp, port))
+    log = tmp / "nginx.out"
+    check = subprocess.run(["nginx", "-t", "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)],
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx rejected {conf}:\n{check.stderr}")
+    proc = spawn(["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)], log)
+    try:
+        wait_until(lambda: httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=b"{}",
+                                      timeout=1).status_code == 200, "nginx", tmp / "nginx-error.log")
+        yield port, proc
+    finally:
+        stop(proc)
+
+
+def plain_envoy_yaml(port: int, admin_port: int, upstream_port: int, buffer_limit: int) -> str:
+    return f"""admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+static_resources:
+  listeners:
+  - name: plain
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    per_connection_buffer_limit_bytes: {buffer_limit}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: plain
+          request_timeout: 0s
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: upstream, timeout: 300s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 5s
+    per_connection_buffer_limit_bytes: {buffer_limit}
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
+"""
+
+
+@contextmanager
+def plain_envoy(tmp: Path, upstream_port: int, buffer_limit: int) -> Iterator[tuple[str, int]]:
+    port, admin = free_port(), free_port()
+    conf = tmp / "plain-envoy.yaml"
+    conf.write_text(plain_envoy_yaml(port, admin, upstream_port, buffer_limit))
+    log = tmp / "plain-envoy.log"
+    proc = spawn([envoy_binary(), "-c", str(conf), *ENVOY_FLAGS], log)
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=1).status_code == 200,
+                   "plain Envoy", log, timeout=30)
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        stop(proc)
+
+
+def gateway_values(nginx_port: int, tmp: Path, processes: int) -> dict:
+    """values-local.yaml over the chart defaults, pointed at nginx, on free ports, in tmp."""
+    values = chart_values([VALUES_LOCAL])
+    values["envoy"]["listener"] = {"address": "127.0.0.1", "port": free_port()}
+    values["envoy"]["admin"] = {"address": "127.0.0.1", "port": free_port()}
+    values["extproc"]["processes"] = processes
+    values["extproc"]["socketDir"] = str(tmp / f"sock-{processes}")
+    for provider in values["providers"]:
+        provider["baseURL"] = f"http://127.0.0.1:{nginx_port}/v1"
+        if "file" in provider["credential"]:
+            key_file = tmp / f"{provider['name']}.key"
+            key_file.write_text(PROVIDER_KEY)
+            provider["credential"] = {"file": str(key_file)}
+    return values
+
+
+@contextmanager
+def gateway(tmp: Path, nginx_port: int, processes: int) -> Iterator[LocalStack]:
+    stack = LocalStack(gateway_values(nginx_port, tmp, processes), tmp / f"gateway-{processes}",
+                       env={"MOCK_PROVIDER_API_KEY": PROVIDER_KEY}, mocks={})
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+# -- CPU accounting from /proc ----------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2:].split()  # fields from 3 (state) on; comm may hold spaces
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid (task/*/children when the kernel has it, else a /proc scan)."""
+    tasks = list(Path(f"/proc/{pid}/task").glob("*/children"))
+    if tasks:
+        return sorted({int(c) for t in tasks for c in t.read_text().split()})
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat_fields(int(entry.name))[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return sorted(found)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime (+ reaped children's) of these processes, in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            f = _stat_fields(pid)
+        except OSError:
+            continue
+        total += sum(int(x) for x in f[11:15])  # utime stime cutime cstime (fields 14-17)
+    return total / _TICK
+
+
+# -- load ----------------------------------------------------------------------------------
+
+
+def wrk_script(tmp: Path, model: str, stream: bool = False) -> Path:
+    body = tmp / f"body-{model}.json"
+    body.write_bytes(json.dumps({**CHAT_BODY, "model": model}).encode())
+    script = tmp / f"wrk-{model}.lua"
+    script.write_text(f"""local f = assert(io.open("{body}", "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {DEMO_KEY}"
+""")
+    return script
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
+    if not m:
+        raise ValueError(f"unexpected wrk latency {value!r}")
+    return float(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def parse_wrk(text: str, connections: int) -> Load:
+    def find(pattern: str) -> re.Match[str]:
+        m = re.search(pattern, text)
+        if m is None:
+            raise RuntimeError(f"wrk output without {pattern!r}:\n{text}")
+        return m
+    done = find(r"(\d+) requests in ([\d.]+)(us|ms|s|m)")
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return Load(connections=connections, seconds=_ms(done.group(2) + done.group(3)) / 1000,
+                requests=int(done.group(1)), rps=float(find(r"Requests/sec:\s+([\d.]+)").group(1)),
+                p50_ms=_ms(find(r"\s50%\s+(\S+)").group(1)), p99_ms=_ms(find(r"\s99%\s+(\S+)").group(1)),
+                non_2xx=int(non2xx.group(1)) if non2xx else 0,
+                socket_errors=sum(int(x) for x in sock.groups()) if sock else 0)
+
+
+def run_wrk(url: str, script: Path, connections: int, seconds: float,
+            cpu_of: dict[str, Callable[[], list[int]]] | None = None, check: bool = True) -> Load:
+    cpu_of = cpu_of or {}
+    argv = ["wrk", f"-t{min(WRK_THREADS, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+            "-s", str(script), f"{url}/v1/chat/completions"]
+    pids = {name: f() for name, f in cpu_of.items()}
+    before = {name: cpu_seconds(p) for name, p in pids.items()}
+    wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(argv, capture_output=True, text=True)
+    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {name: cpu_seconds(p) - before[name] for name, p in pids.items()}
+    cpu["wrk"] = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr}\n{out.stdout}")
+    load = parse_wrk(out.stdout, connections)
+    load.cpu_s = {k: round(v, 3) for k, v in cpu.items()}
+    errors = load.non_2xx + load.socket_errors
+    if check and (load.requests == 0 or errors > MAX_ERROR_FRACTION * load.requests):
+        raise RuntimeError(f"{url}: {errors} errors (non-2xx {load.non_2xx}, socket {load.socket_errors}) "
+                           f"in {load.requests} requests at {connections} connections:\n{out.stdout}")
+    return load
+
+
+# -- single requests -----------------------------------------------------------------------
+
+
+def headers(stream: bool = False) -> dict[str, str]:
+    h = {"content-type": "application/json", "authorization": f"Bearer {DEMO_KEY}"}
+    if stream:
+        h["x-bench-stream"] = "1"
+    return h
+
+
+def preflight(url: str, model: str, kind: str) -> None:
+    """One plain and one streamed request, checked, before any load: a fast error is not a result."""
+    body = json.dumps({**CHAT_BODY, "model": model}).encode()
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers(), timeout=10)
+    problems = []
+    if r.status_code != 200 or b'"chat.completion"' not in r.content:
+        problems.append(f"status {r.status_code}, body {r.content[:300]!r}")
+    if kind == "gateway":
+        if r.headers.get("x-bench-upstream-auth") != "ok":
+            problems.append("nginx did not see the provider credential in place of the caller's key")
+        if r.headers.get("x-gateway-prompt-tokens") is None:
+            problems.append("no x-gateway-prompt-tokens header: the ext_proc response path did not run")
+    s = httpx.post(f"{url}/v1/chat/completions", content=json.dumps({**CHAT_BODY, "model": model, "stream": True}),
+                   headers=headers(stream=True), timeout=10)
+    if s.status_code != 200 or not s.headers.get("content-type", "").startswith("text/event-stream") \
+            or b"data: [DONE]" not in s.content:
+        problems.append(f"stream: status {s.status_code}, {s.headers.get('content-type')}, {s.content[:300]!r}")
+    if problems:
+        raise RuntimeError(f"preflight {url} model {model}: " + "; ".join(problems))
+
+
+def median_ttfb_ms(url: str, model: str, samples: int = TTFB_SAMPLES, warmup: int = TTFB_WARMUP) -> float:
+    """Sequential streamed requests on one keep-alive connection; time from send to first body bytes."""
+    body = json.dumps({**CHAT_BODY, "model": model, "stream": True}).encode()
+    times = []
+    with httpx.Client(timeout=10) as client:
+        for i in range(warmup + samples):
+            t0 = time.perf_counter()
+            with client.stream("POST", f"{url}/v1/chat/completions", content=body, headers=headers(True)) as r:
+                chunks = r.iter_raw()
+                first = next(chunks, b"")
+                t1 = time.perf_counter()
+                rest = b"".join(chunks)
+            if r.status_code != 200 or not first or b"[DONE]" not in first + rest:
+                raise RuntimeError(f"{url}: streamed request failed: {r.status_code} {(first + rest)[:200]!r}")
+            if i >= warmup:
+                times.append(t1 - t0)
+    return statistics.median(times) * 1000
+
+
+def probe_stream_with_length(url: str) -> dict[str, object]:
+    """A stream whose provider sends Content-Length, client not asking for usage (the gateway
+    then removes the usage chunk). Not part of the figures; reported so a regression is seen."""
+    body = json.dumps({**CHAT_BODY, "stream": True})
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=10,
+                   headers={**headers(True), "x-bench-stream": "content-length"})
+    return {"probe": "stream from a provider that sends Content-Length, usage chunk removed",
+            "status": r.status_code, "ok": r.status_code == 200 and b"data: [DONE]" in r.content,
+            "body": r.text[:200]}
+
+
+# -- measurement ---------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    kind: str
+    url: str
+    model: str
+    cpu_of: dict[str, Callable[[], list[int]]]
+    extproc_processes: int | None = None
+
+
+def measure(t: Target, tmp: Path, seconds: float, warmup: float) -> PathResult:
+    preflight(t.url, t.model, t.kind)
+    script = wrk_script(tmp, t.model)
+    print(f"  {t.name}: warm-up {warmup:g}s, then {seconds:g}s at 1 and 32 connections", flush=True)
+    run_wrk(t.url, script, 32, warmup)
+    at1 = run_wrk(t.url, script, 1, seconds, t.cpu_of)
+    at32 = run_wrk(t.url, script, 32, seconds, t.cpu_of)
+    ttfb = median_ttfb_ms(t.url, t.model)
+    result = PathResult(t.name, t.kind, t.model if t.kind == "gateway" else None, t.extproc_processes,
+                        at1, at32, ttfb)
+    if "extproc" in at32.cpu_s:
+        result.extproc_cpu_ms_per_req = at32.cpu_s["extproc"] * 1000 / at32.requests
+    if "envoy" in at32.cpu_s:
+        result.envoy_cpu_ms_per_req = at32.cpu_s["envoy"] * 1000 / at32.requests
+    print(f"    {at1.rps:,.0f} req/s @1 (p50 {at1.p50_ms:.2f} ms), {at32.rps:,.0f} req/s @32 "
+          f"(p99 {at32.p99_ms:.2f} ms), stream TTFB {ttfb:.2f} ms, CPU s @32 {at32.cpu_s}", flush=True)
+    return result
+
+
+def gateway_targets(stack: LocalStack, processes: int, nginx_pids: Callable[[], list[int]]) -> list[Target]:
+    serve_pid, envoy_pid = stack.procs["extproc"].pid, stack.procs["envoy"].pid
+    cpu_of = {"extproc": lambda: children(serve_pid), "envoy": lambda: [envoy_pid], "nginx": nginx_pids}
+    return [
+        Target(f"gateway default-chat, {processes} ext_proc proc", "gateway", stack.url, "default-chat",
+               cpu_of, processes),
+        Target(f"gateway fallback-chat, {processes} ext_proc proc", "gateway", stack.url, "fallback-chat",
+               cpu_of, processes),
+    ]
+
+
+def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
+            probes: list[dict[str, object]]) -> list[PathResult]:
+    results: list[PathResult] = []
+    with nginx(tmp) as (nginx_port, nginx_proc):
+        nginx_pids = lambda: [nginx_proc.pid, *children(nginx_proc.pid)]  # noqa: E731
+        direct = f"http://127.0.0.1:{nginx_port}"
+        results.append(measure(Target("direct nginx (reference)", "direct", direct, "default-chat",
+                                      {"nginx": nginx_pids}), tmp, seconds, warmup))
+        values = chart_values([VALUES_LOCAL])
+        buffer_limit = values["envoy"]["maxRequestBytes"] + 1048576  # as _envoy.tpl computes it
+        with plain_envoy(tmp, nginx_port, buffer_limit) as (url, envoy_pid):
+            results.append(measure(Target("plain Envoy", "plain", url, "default-chat",
+                                          {"envoy": lambda: [envoy_pid], "nginx": nginx_pids}),
+                                   tmp, seconds, warmup))
+        for n in process_counts:
+            print(f"  starting the gateway with extproc.processes={n}", flush=True)
+            with gateway(tmp, nginx_port, n) as stack:
+                if not probes:
+                    probes.append(probe_stream_with_length(stack.url))
+                for t in gateway_targets(stack, n, nginx_pids):
+                    results.append(measure(t, tmp, seconds, warmup))
+    return results
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def table(results: list[PathResult], plain: PathResult) -> str:
+    lines = ["| path | req/s @1 | req/s @32 | ÷ plain Envoy @32 | p50 @1 (ms) | p99 @32 (ms) | added p50 @1 (ms) "
+             "| ext_proc CPU-ms/req | streamed TTFB added (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.at1.rps:,.0f} | {r.at32.rps:,.0f} | {r.ratio(plain):.3f} | {r.at1.p50_ms:.2f} "
+            f"| {r.at32.p99_ms:.2f} | {r.added_p50(plain):+.2f} | {_f(r.extproc_cpu_ms_per_req, '.3f')} "
+            f"| {r.ttfb_added(plain):+.2f} |")
+    return "\n".join(lines)
+
+
+def cpu_table(results: list[PathResult]) -> str:
+    """Where the CPU went during each 32-connection run (cores busy = CPU seconds / wall seconds)."""
+    names = ["wrk", "nginx", "envoy", "extproc"]
+    lines = ["| path @32 | " + " | ".join(f"{n} cores" for n in names) + " | envoy CPU-ms/req |",
+             "|---|" + "---:|" * (len(names) + 1)]
+    for r in results:
+        cells = [_f(r.at32.cpu_s[n] / r.at32.seconds if n in r.at32.cpu_s else None, ".2f") for n in names]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {_f(r.envoy_cpu_ms_per_req, '.3f')} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Check:
+    path: str
+    target: str
+    value: float
+    limit: float
+    passed: bool
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'MISS'}  {self.path}: {self.target} = {self.value:.3f} (target {self.limit:g})"
+
+
+def checks(results: list[PathResult], plain: PathResult) -> list[Check]:
+    out = []
+    for r in results:
+        if r.kind != "gateway":
+            continue
+        ratio, added, ttfb = r.ratio(plain), r.added_p50(plain), r.ttfb_added(plain)
+        out += [Check(r.name, "req/s @32 ÷ plain Envoy", ratio, TARGET_RATIO_32, ratio >= TARGET_RATIO_32),
+                Check(r.name, "added p50 @1 (ms)", added, TARGET_ADDED_P50_MS, added <= TARGET_ADDED_P50_MS),
+                Check(r.name, "streamed TTFB added (ms)", ttfb, TARGET_TTFB_ADDED_MS, ttfb <= TARGET_TTFB_ADDED_MS)]
+    return out
+
+
+def write_json(results: list[PathResult], plain: PathResult, found: list[Check], probes: list[dict[str, object]],
+               args: argparse.Namespace) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "tools": tool_versions(),
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "wrk_threads": WRK_THREADS,
+                     "envoy_flags": ENVOY_FLAGS, "ttfb_samples": TTFB_SAMPLES,
+                     "request_body_bytes": len(json.dumps(CHAT_BODY).encode())},
+        "targets": {"ratio_32": TARGET_RATIO_32, "added_p50_ms": TARGET_ADDED_P50_MS,
+                    "ttfb_added_ms": TARGET_TTFB_ADDED_MS},
+        "paths": [{**asdict(r), "ratio_32": r.ratio(plain), "added_p50_ms": r.added_p50(plain),
+                   "ttfb_added_ms": r.ttfb_added(plain)} for r in results],
+        "checks": [asdict(c) for c in found],
+        "probes": probes,
+    }
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=10, help="seconds per wrk run (default 10)")
+    p.add_argument("--quick", action="store_true", help="3 s runs (overrides --duration)")
+    p.add_argument("--processes", default="2,1", help="extproc.processes values to measure (default 2,1)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) afterwards")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration = 3
+    args.warmup = 1 if args.quick else 2
+    args.process_counts = [int(x) for x in args.processes.split(",") if x.strip()]
+    return args
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    require_tools()
+    signal.signal(signal.SIGTERM, _terminate)  # tear down on SIGTERM as on Ctrl-C
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    ok = False
+    try:
+        print(f"bench: {os.cpu_count()} cores, {args.duration:g}s per run, work dir {tmp}", flush=True)
+        probes: list[dict[str, object]] = []
+        results = run_all(tmp, args.duration, args.warmup, args.process_counts, probes)
+        plain = next(r for r in results if r.kind == "plain")
+        found = checks(results, plain)
+        print("\n" + table(results, plain) + "\n\nCPU during the 32-connection runs:\n\n" + cpu_table(results) + "\n")
+        for c in found:
+            print(c.line())
+        for p in probes:
+            if not p["ok"]:
+                print(f"WARNING  {p['probe']}: HTTP {p['status']} {p['body']!r}")
+        write_json(results, plain, found, probes, args)
+        print(f"\nraw numbers: {RESULTS.relative_to(ROOT)}")
+        ok = True
+        return 1 if args.strict and not all(c.passed for c in found) else 0
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        if ok and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"bench: configs and logs kept in {tmp}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Metrics, traces and logs: what finance, developers, security and on-call read."""

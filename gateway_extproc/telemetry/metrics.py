@@ -1,0 +1,90 @@
+"""Every Prometheus metric the gateway exports, with its fixed label set.
+
+Label values come only from config (teams, models, providers, backends, rules); anything
+else collapses to `other`, so the number of series is bounded by the size of the config,
+never by traffic. Per-tenant detail beyond that belongs in logs and traces.
+
+Several ext_proc processes write to one multiprocess directory (prometheus-client's
+multiprocess mode, PROMETHEUS_MULTIPROC_DIR set by `serve` before the workers start) and
+the `serve` parent aggregates them on one `/metrics` endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram
+
+OTHER = "other"
+_LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+_TTFT = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+_TPOT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+REQUESTS = Counter("genai_requests", "Requests by outcome.", ["team", "model", "provider", "status_class"])
+TOKENS = Counter("genai_tokens", "Tokens by type (input, output, cached).", ["team", "model", "type"])
+COST = Counter("genai_request_cost_dollars", "Dollar cost of requests at configured prices.", ["team", "model"])
+TEAM_DAILY_BUDGET = Gauge("genai_team_daily_budget_dollars", "A team's configured daily budget.", ["team"],
+                          multiprocess_mode="max")
+TEAM_DAILY_REMAINING = Gauge("genai_team_daily_budget_remaining_dollars",
+                             "A team's remaining daily budget as last seen by the gateway.", ["team"],
+                             multiprocess_mode="mostrecent")
+TTFT = Histogram("genai_time_to_first_token_seconds", "Time from request to first response byte (streams).",
+                 ["model"], buckets=_TTFT)
+TPOT = Histogram("genai_time_per_output_token_seconds", "Generation time per output token after the first.",
+                 ["model"], buckets=_TPOT)
+DURATION = Histogram("genai_request_duration_seconds", "Whole-request duration.", ["model", "status_class"],
+                     buckets=_LATENCY)
+GUARDRAIL_TRIGGERS = Counter("genai_guardrail_triggers", "Policy rule matches by action taken.",
+                             ["rule", "action"])
+CACHE_REQUESTS = Counter("genai_cache_requests", "Cache lookups by result.", ["result"])
+UPSTREAM_ATTEMPTS = Counter("genai_upstream_attempts", "Provider attempts by backend and outcome.",
+                            ["backend", "outcome"])
+REDIS_LATENCY = Histogram("genai_gateway_redis_latency_seconds", "Budget store round trips.", ["op"],
+                          buckets=_FAST)
+PHASE_LATENCY = Histogram("genai_gateway_extproc_phase_seconds", "ext_proc time per processing phase.",
+                          ["phase"], buckets=_FAST)
+
+
+class Bounded:
+    """Maps a label value to itself when config knows it, else to `other`."""
+
+    __slots__ = ("_known",)
+
+    def __init__(self, known: Iterable[str]) -> None:
+        self._known = frozenset(known)
+
+    def __call__(self, value: str | None) -> str:
+        return value if value in self._known else OTHER
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else OTHER
+
+
+class Labels:
+    """Bounded label mappers built once from config."""
+
+    __slots__ = ("team", "model", "provider", "backend")
+
+    def __init__(self, teams: Iterable[str], models: Iterable[str], providers: Iterable[str],
+                 backends: Iterable[str]) -> None:
+        self.team, self.model = Bounded(teams), Bounded(models)
+        self.provider, self.backend = Bounded(providers), Bounded(backends)
+
+
+def record_request(labels: Labels, *, team: str | None, model: str | None, provider: str | None, status: int,
+                   prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None,
+                   duration_s: float, ttft_s: float | None) -> None:
+    """One finished request, as the access log line saw it."""
+    t, m = labels.team(team), labels.model(model)
+    sc = status_class(status)
+    REQUESTS.labels(t, m, labels.provider(provider), sc).inc()
+    for kind, value in (("input", prompt_tokens), ("output", completion_tokens), ("cached", cached_tokens)):
+        if value:
+            TOKENS.labels(t, m, kind).inc(value)
+    DURATION.labels(m, sc).observe(duration_s)
+    if ttft_s is not None:
+        TTFT.labels(m).observe(ttft_s)
+        if completion_tokens and completion_tokens > 1:
+            TPOT.labels(m).observe(max(duration_s - ttft_s, 0.0) / (completion_tokens - 1))

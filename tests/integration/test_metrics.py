@@ -1,0 +1,59 @@
+"""Metrics scraped from the ext_proc's /metrics after real traffic through Envoy."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import openai
+
+from .conftest import Gateway
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series, 0 when absent."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name):line.index("}") + 1]))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def scrape(gw: Gateway) -> str:
+    return httpx.get(gw.stack.metrics_url, timeout=5).text
+
+
+def test_requests_tokens_and_latency_are_counted_across_processes(gw: Gateway) -> None:
+    before = scrape(gw)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    usage_in = usage_out = 0
+    for _ in range(6):  # Envoy spreads these over both ext_proc processes
+        r = client.chat.completions.create(model="default-chat", messages=HELLO)
+        usage_in += r.usage.prompt_tokens
+        usage_out += r.usage.completion_tokens
+    list(client.chat.completions.create(model="default-chat", messages=HELLO, stream=True))
+    after = scrape(gw)
+    labels = {"team": "demo", "model": "default-chat", "provider": "mock", "status_class": "2xx"}
+    assert sample(after, "genai_requests_total", **labels) - sample(before, "genai_requests_total", **labels) == 7
+    delta_in = sample(after, "genai_tokens_total", team="demo", model="default-chat", type="input") - \
+        sample(before, "genai_tokens_total", team="demo", model="default-chat", type="input")
+    assert delta_in >= usage_in
+    ttft = sample(after, "genai_time_to_first_token_seconds_count", model="default-chat") - \
+        sample(before, "genai_time_to_first_token_seconds_count", model="default-chat")
+    assert ttft == 1
+    assert sample(after, "genai_gateway_extproc_phase_seconds_count", phase="request_body") > 0
+
+
+def test_unknown_values_collapse_to_other(gw: Gateway) -> None:
+    for i in range(50):
+        httpx.post(f"{gw.url}/v1/chat/completions", json={"model": f"no-such-model-{i}", "messages": HELLO},
+                   headers={"authorization": f"Bearer {gw.key}"})
+    text = scrape(gw)
+    assert "no-such-model" not in text
+    series = [l for l in text.splitlines() if l.startswith("genai_requests_total{") and 'status_class="4xx"' in l]
+    assert len(series) <= 2  # model="other" (+ the 401 series from other tests)

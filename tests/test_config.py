@@ -1,0 +1,451 @@
+"""Unit tests for gateway_extproc.config: parsing into frozen objects and every validation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway_extproc import config
+from gateway_extproc.config import ConfigError
+
+SOURCE = "deploy/gateway.yaml"
+DIGEST = "a7baa7e5f53345537bc5793fb8307925150db658ff1cb2781f9208ed483e1a8a"
+
+
+def valid() -> dict[str, Any]:
+    """A complete, valid gateway.yaml document (fresh copy per call)."""
+    return copy.deepcopy({
+        "version": 1,
+        "listen": ["unix:///tmp/gw/extproc-0.sock", "127.0.0.1:9001"],
+        "maxRequestBytes": 4096,
+        "providers": [
+            {"name": "openai", "kind": "openai", "baseURL": "https://api.openai.com/v1/",
+             "credential": {"env": "OPENAI_API_KEY"}},
+            {"name": "azure", "kind": "openai", "baseURL": "http://azure.example:8443/openai/v1",
+             "credential": {"file": "/run/secrets/azure"}},
+            {"name": "bare", "kind": "openai", "baseURL": "http://bare.example",
+             "credential": {"env": "BARE_KEY"}},
+        ],
+        "models": [
+            {"name": "default-chat", "tokenizer": "o200k_base",
+             "backends": [{"provider": "openai", "model": "gpt-4o-mini"}]},
+            {"name": "fallback-chat",
+             "backends": [
+                 {"provider": "openai", "model": "gpt-4o", "priority": 0, "weight": 3},
+                 {"provider": "azure", "model": "gpt-4o-azure", "priority": 1},
+             ]},
+        ],
+        "teams": [{"name": "search"}, {"name": "ads"}],
+        "keys": [
+            {"id": "search-prod", "sha256": DIGEST, "team": "search"},
+            {"id": "ads-1", "sha256": "0" * 64, "team": "ads", "models": ["default-chat"],
+             "expiresAt": "2027-01-31T00:00:00Z"},
+        ],
+    })
+
+
+# -- valid config ------------------------------------------------------------------------
+
+
+def test_valid_config_parses_into_frozen_objects() -> None:
+    cfg = config.parse(valid(), SOURCE)
+
+    assert cfg.source == SOURCE
+    assert cfg.listen == ("unix:///tmp/gw/extproc-0.sock", "127.0.0.1:9001")
+    assert cfg.max_request_bytes == 4096
+    assert cfg.teams == frozenset({"search", "ads"})
+    assert list(cfg.providers) == ["openai", "azure", "bare"]
+    assert list(cfg.models) == ["default-chat", "fallback-chat"]
+    assert list(cfg.keys) == ["search-prod", "ads-1"]
+
+    for obj, attr in ((cfg, "source"), (cfg.providers["openai"], "base_url"), (cfg.models["default-chat"], "name"),
+                      (cfg.models["default-chat"].backends[0], "model"), (cfg.keys["ads-1"], "team")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, attr, "changed")
+
+
+@pytest.mark.parametrize(("name", "base_path", "env", "file"), [
+    ("openai", "/v1", "OPENAI_API_KEY", None),  # trailing slash stripped
+    ("azure", "/openai/v1", None, "/run/secrets/azure"),
+    ("bare", "", "BARE_KEY", None),  # no path at all
+])
+def test_provider_fields(name: str, base_path: str, env: str | None, file: str | None) -> None:
+    p = config.parse(valid(), SOURCE).providers[name]
+    assert (p.name, p.kind, p.base_path, p.credential_env, p.credential_file) == (name, "openai", base_path, env, file)
+
+
+def test_models_backends_and_defaults() -> None:
+    cfg = config.parse(valid(), SOURCE)
+    chat, fallback = cfg.models["default-chat"], cfg.models["fallback-chat"]
+
+    assert chat.tokenizer == "o200k_base"
+    assert fallback.tokenizer == "estimate"  # default
+
+    (only,) = chat.backends
+    assert only.id == "openai/gpt-4o-mini"
+    assert only.provider is cfg.providers["openai"]
+    assert (only.model, only.priority, only.weight) == ("gpt-4o-mini", 0, 1)  # defaults
+    assert chat.single_backend is only
+
+    assert [b.id for b in fallback.backends] == ["openai/gpt-4o", "azure/gpt-4o-azure"]
+    assert [(b.priority, b.weight) for b in fallback.backends] == [(0, 3), (1, 1)]
+    assert fallback.single_backend is None
+
+    # Every backend of every model, by id: what Envoy's endpoint metadata names.
+    assert set(cfg.backends) == {"openai/gpt-4o-mini", "openai/gpt-4o", "azure/gpt-4o-azure"}
+    assert cfg.backends["azure/gpt-4o-azure"] is fallback.backends[1]
+
+
+def test_key_allows() -> None:
+    cfg = config.parse(valid(), SOURCE)
+    everything, limited = cfg.keys["search-prod"], cfg.keys["ads-1"]
+
+    assert everything.models is None  # default ["*"]
+    assert everything.team == "search" and everything.sha256 == DIGEST
+    assert everything.allows("default-chat") and everything.allows("fallback-chat")
+    assert everything.allows("anything-at-all")
+
+    assert limited.models == frozenset({"default-chat"})
+    assert limited.allows("default-chat")
+    assert not limited.allows("fallback-chat")
+
+
+def test_key_star_among_names_means_every_model() -> None:
+    doc = valid()
+    doc["keys"][1]["models"] = ["default-chat", "*"]
+    assert config.parse(doc, SOURCE).keys["ads-1"].models is None
+
+
+def test_key_with_empty_model_list_allows_nothing() -> None:
+    doc = valid()
+    doc["keys"][1]["models"] = []
+    key = config.parse(doc, SOURCE).keys["ads-1"]
+    assert key.models == frozenset()
+    assert not key.allows("default-chat")
+
+
+UTC = timezone.utc
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("2027-01-31T00:00:00Z", datetime(2027, 1, 31, tzinfo=UTC)),
+    ("2027-01-31T00:00:00+00:00", datetime(2027, 1, 31, tzinfo=UTC)),
+    ("2027-01-31T02:00:00+02:00", datetime(2027, 1, 31, tzinfo=UTC)),  # same instant
+    ("2027-01-31T00:00:00", datetime(2027, 1, 31, tzinfo=UTC)),  # naive string -> UTC
+    ("2027-01-31", datetime(2027, 1, 31, tzinfo=UTC)),  # date-only string -> midnight UTC
+    (datetime(2027, 1, 31, 12, 30), datetime(2027, 1, 31, 12, 30, tzinfo=UTC)),  # naive (YAML) -> UTC
+    (datetime(2027, 1, 31, tzinfo=timezone(timedelta(hours=-5))),
+     datetime(2027, 1, 31, 5, 0, tzinfo=UTC)),
+    (None, None),
+])
+def test_expires_at(raw: Any, expected: datetime | None) -> None:
+    doc = valid()
+    doc["keys"][0]["expiresAt"] = raw
+    expires = config.parse(doc, SOURCE).keys["search-prod"].expires_at
+    assert expires == expected
+    if expires is not None:
+        assert expires.tzinfo is not None  # always comparable with an aware "now"
+
+
+def test_expires_at_absent_is_none() -> None:
+    assert config.parse(valid(), SOURCE).keys["search-prod"].expires_at is None
+
+
+def test_max_request_bytes_default() -> None:
+    doc = valid()
+    del doc["maxRequestBytes"]
+    assert config.parse(doc, SOURCE).max_request_bytes == 10 * 1024 * 1024
+
+
+def test_empty_teams_and_keys_are_allowed() -> None:
+    doc = valid()
+    doc["teams"], doc["keys"] = [], None
+    cfg = config.parse(doc, SOURCE)
+    assert cfg.teams == frozenset() and cfg.keys == {}
+
+
+def test_default_source_name() -> None:
+    doc = valid()
+    doc["version"] = 2
+    with pytest.raises(ConfigError, match=r"^<config>: version must be 1$"):
+        config.parse(doc)
+
+
+# -- validation errors -------------------------------------------------------------------
+
+Mutate = Callable[[dict[str, Any]], Any]  # edits a valid document, returns the document to parse
+
+
+def _set(path: str, value: Any) -> Mutate:
+    """A mutation that sets doc[a][b]... (ints index lists) to value."""
+    parts = [int(p) if p.isdigit() else p for p in path.split(".")]
+
+    def apply(doc: dict[str, Any]) -> None:
+        target: Any = doc
+        for p in parts[:-1]:
+            target = target[p]
+        target[parts[-1]] = value
+        return doc
+    return apply
+
+
+def _del(path: str) -> Mutate:
+    parts = [int(p) if p.isdigit() else p for p in path.split(".")]
+
+    def apply(doc: dict[str, Any]) -> None:
+        target: Any = doc
+        for p in parts[:-1]:
+            target = target[p]
+        del target[parts[-1]]
+        return doc
+    return apply
+
+
+def _append(path: str, value: Any) -> Mutate:
+    def apply(doc: dict[str, Any]) -> dict[str, Any]:
+        doc[path].append(copy.deepcopy(value))
+        return doc
+    return apply
+
+
+def _replace_doc(value: Any) -> Mutate:
+    return lambda doc: value
+
+
+# (case id, mutation, key path named in the message, words of the problem/fix)
+ERRORS: list[tuple[str, Mutate, str, str]] = [
+    # parse()
+    ("top-level-not-mapping", _replace_doc(["version", 1]), "<top level>", "must be a mapping"),
+    ("empty-file", _replace_doc(None), "<top level>", "must be a mapping"),
+    ("version-missing", _del("version"), "version", "must be 1"),
+    ("version-wrong", _set("version", 2), "version", "must be 1"),
+    ("version-string", _set("version", "1"), "version", "must be 1"),
+    ("providers-not-list", _set("providers", {"name": "openai"}), "providers", "must be a list"),
+    ("provider-duplicate", _append("providers", valid()["providers"][0]), "providers[3].name",
+     "duplicates 'openai'; provider names must be unique"),
+    ("models-not-list", _set("models", "default-chat"), "models", "must be a list"),
+    ("model-duplicate", _append("models", valid()["models"][0]), "models[2].name",
+     "duplicates 'default-chat'; model names must be unique"),
+    ("teams-not-list", _set("teams", "search"), "teams", "must be a list"),
+    ("team-not-mapping", _set("teams.0", "search"), "teams[0]", "must be a mapping"),
+    ("team-name-missing", _set("teams.1", {}), "teams[1].name", "must be a non-empty string"),
+    ("team-name-empty", _set("teams.0.name", ""), "teams[0].name", "must be a non-empty string"),
+    ("keys-not-list", _set("keys", {"id": "x"}), "keys", "must be a list"),
+    ("key-duplicate", _append("keys", valid()["keys"][0]), "keys[2].id",
+     "duplicates 'search-prod'; key ids must be unique"),
+    ("listen-not-list", _set("listen", "unix:///x.sock"), "listen", "must be a list"),
+    ("listen-missing", _del("listen"), "listen", "is empty; list at least one unix:///path or host:port"),
+    ("listen-empty", _set("listen", []), "listen", "is empty; list at least one unix:///path or host:port"),
+    ("listen-item-not-string", _set("listen.1", 9001), "listen[1]", "must be a non-empty string"),
+    ("max-bytes-zero", _set("maxRequestBytes", 0), "maxRequestBytes", "must be a positive integer (bytes)"),
+    ("max-bytes-negative", _set("maxRequestBytes", -1), "maxRequestBytes", "must be a positive integer (bytes)"),
+    ("max-bytes-string", _set("maxRequestBytes", "10MiB"), "maxRequestBytes",
+     "must be a positive integer (bytes)"),
+    ("max-bytes-float", _set("maxRequestBytes", 1.5), "maxRequestBytes", "must be a positive integer (bytes)"),
+    # _provider()
+    ("provider-not-mapping", _set("providers.0", "openai"), "providers[0]", "must be a mapping"),
+    ("provider-name-missing", _del("providers.1.name"), "providers[1].name", "must be a non-empty string"),
+    ("provider-kind-missing", _del("providers.0.kind"), "providers[0].kind", "must be a non-empty string"),
+    ("provider-kind-unsupported", _set("providers.0.kind", "anthropic"), "providers[0].kind",
+     "is 'anthropic'; supported kinds: openai"),
+    ("provider-baseurl-missing", _del("providers.0.baseURL"), "providers[0].baseURL", "must be a non-empty string"),
+    ("provider-baseurl-scheme", _set("providers.0.baseURL", "ftp://api.openai.com/v1"), "providers[0].baseURL",
+     "is 'ftp://api.openai.com/v1'; use http(s)://host[:port][/path]"),
+    ("provider-baseurl-no-host", _set("providers.2.baseURL", "api.openai.com/v1"), "providers[2].baseURL",
+     "is 'api.openai.com/v1'; use http(s)://host[:port][/path]"),
+    ("provider-credential-missing", _del("providers.0.credential"), "providers[0].credential", "must be a mapping"),
+    ("provider-credential-not-mapping", _set("providers.0.credential", "OPENAI_API_KEY"),
+     "providers[0].credential", "must be a mapping"),
+    ("provider-credential-neither", _set("providers.0.credential", {}), "providers[0].credential",
+     "must have exactly one of env: VAR or file: /path"),
+    ("provider-credential-both", _set("providers.1.credential", {"env": "A", "file": "/b"}),
+     "providers[1].credential", "must have exactly one of env: VAR or file: /path"),
+    # _model()
+    ("model-not-mapping", _set("models.0", "default-chat"), "models[0]", "must be a mapping"),
+    ("model-name-missing", _del("models.1.name"), "models[1].name", "must be a non-empty string"),
+    ("model-tokenizer-not-string", _set("models.0.tokenizer", 200), "models[0].tokenizer",
+     "must be a non-empty string"),
+    ("model-tokenizer-empty", _set("models.0.tokenizer", ""), "models[0].tokenizer", "must be a non-empty string"),
+    ("model-backends-missing", _del("models.0.backends"), "models[0].backends",
+     "is empty; list at least one {provider, model}"),
+    ("model-backends-empty", _set("models.1.backends", []), "models[1].backends",
+     "is empty; list at least one {provider, model}"),
+    ("backend-not-mapping", _set("models.1.backends.1", "azure/gpt-4o"), "models[1].backends[1]",
+     "must be a mapping"),
+    ("backend-provider-missing", _del("models.1.backends.1.provider"), "models[1].backends[1].provider",
+     "must be a non-empty string"),
+    ("backend-provider-unknown", _set("models.1.backends.1.provider", "azuer"), "models[1].backends[1].provider",
+     "is 'azuer', not in providers; add it or fix the name"),
+    ("backend-model-missing", _del("models.0.backends.0.model"), "models[0].backends[0].model",
+     "must be a non-empty string"),
+    ("backend-priority-negative", _set("models.1.backends.0.priority", -1), "models[1].backends[0].priority",
+     "must be an integer >= 0"),
+    ("backend-priority-string", _set("models.1.backends.0.priority", "high"), "models[1].backends[0].priority",
+     "must be an integer >= 0"),
+    ("backend-weight-zero", _set("models.1.backends.0.weight", 0), "models[1].backends[0].weight",
+     "must be an integer >= 1"),
+    ("backend-weight-float", _set("models.1.backends.0.weight", 0.5), "models[1].backends[0].weight",
+     "must be an integer >= 1"),
+    # _key()
+    ("key-not-mapping", _set("keys.0", "search-prod"), "keys[0]", "must be a mapping"),
+    ("key-id-missing", _del("keys.0.id"), "keys[0].id", "must be a non-empty string"),
+    ("key-id-uppercase", _set("keys.1.id", "Ads-1"), "keys[1].id",
+     "must be lowercase letters, digits and '-' (max 63)"),
+    ("key-id-underscore", _set("keys.1.id", "ads_1"), "keys[1].id",
+     "must be lowercase letters, digits and '-' (max 63)"),
+    ("key-id-leading-dash", _set("keys.1.id", "-ads"), "keys[1].id",
+     "must be lowercase letters, digits and '-' (max 63)"),
+    ("key-id-too-long", _set("keys.1.id", "a" * 64), "keys[1].id",
+     "must be lowercase letters, digits and '-' (max 63)"),
+    ("key-sha256-missing", _del("keys.0.sha256"), "keys[0].sha256", "must be a non-empty string"),
+    ("key-sha256-short", _set("keys.0.sha256", DIGEST[:-1]), "keys[0].sha256",
+     "must be 64 lowercase hex digits; use `gateway-extproc keys create`"),
+    ("key-sha256-uppercase", _set("keys.0.sha256", DIGEST.upper()), "keys[0].sha256",
+     "must be 64 lowercase hex digits; use `gateway-extproc keys create`"),
+    ("key-sha256-raw-key", _set("keys.0.sha256", "gwk_demo_secret"), "keys[0].sha256",
+     "must be 64 lowercase hex digits; use `gateway-extproc keys create`"),
+    ("key-team-missing", _del("keys.0.team"), "keys[0].team", "must be a non-empty string"),
+    ("key-team-unknown", _set("keys.0.team", "serach"), "keys[0].team",
+     "is 'serach', not in teams; add it to teams or fix the name"),
+    ("key-models-not-list", _set("keys.1.models", "default-chat"), "keys[1].models",
+     'must be a list of model names, or ["*"] for all'),
+    ("key-models-null", _set("keys.1.models", None), "keys[1].models",
+     'must be a list of model names, or ["*"] for all'),
+    ("key-models-non-string", _set("keys.1.models", ["default-chat", 7]), "keys[1].models",
+     'must be a list of model names, or ["*"] for all'),
+    ("key-models-unknown", _set("keys.1.models", ["default-chat", "gpt-5"]), "keys[1].models",
+     "names 'gpt-5', which is not in models"),
+    ("key-expires-bad-string", _set("keys.1.expiresAt", "next tuesday"), "keys[1].expiresAt",
+     "must be an ISO 8601 timestamp, e.g. 2027-01-31T00:00:00Z"),
+    ("key-expires-number", _set("keys.1.expiresAt", 1800000000), "keys[1].expiresAt",
+     "must be an ISO 8601 timestamp, e.g. 2027-01-31T00:00:00Z"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "key", "fix"), [pytest.param(m, k, f, id=i) for i, m, k, f in ERRORS])
+def test_validation_error_names_file_key_and_fix(mutate: Mutate, key: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse(mutate(valid()), SOURCE)
+    assert str(info.value) == f"{SOURCE}: {key} {fix}"
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.xfail(reason="BUG: _model reads backends with r.list(m, 'backends'), so the error names "
+                          "'backends' instead of the key path 'models[0].backends'", strict=True)
+def test_backends_not_a_list_names_full_key_path() -> None:
+    doc = valid()
+    doc["models"][0]["backends"] = {"provider": "openai", "model": "gpt-4o-mini"}
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, SOURCE)
+    assert str(info.value) == f"{SOURCE}: models[0].backends must be a list"
+
+
+@pytest.mark.xfail(reason="BUG: isinstance(x, int) accepts YAML booleans, so `maxRequestBytes: true` "
+                          "becomes a 1-byte limit and `weight: true` / `priority: false` pass", strict=True)
+@pytest.mark.parametrize("mutate", [
+    _set("maxRequestBytes", True),
+    _set("models.1.backends.0.weight", True),
+    _set("models.1.backends.0.priority", False),
+], ids=["maxRequestBytes", "weight", "priority"])
+def test_booleans_are_not_integers(mutate: Mutate) -> None:
+    with pytest.raises(ConfigError):
+        config.parse(mutate(valid()), SOURCE)
+
+
+@pytest.mark.xfail(reason="BUG: credential.env/file are not checked to be non-empty strings; "
+                          "`env: 123` passes parse() and Runtime.from_config then crashes with "
+                          "TypeError('str expected, not int') naming neither file nor key", strict=True)
+def test_credential_source_must_be_a_string() -> None:
+    doc = valid()
+    doc["providers"][0]["credential"] = {"env": 123}
+    with pytest.raises(ConfigError, match=r"providers\[0\]\.credential"):
+        config.parse(doc, SOURCE)
+
+
+# -- load() ------------------------------------------------------------------------------
+
+
+def test_load_valid_file_uses_path_as_source(tmp_path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        """
+version: 1
+listen: [unix:///tmp/gw.sock]
+providers:
+  - {name: openai, kind: openai, baseURL: "https://api.openai.com/v1", credential: {env: OPENAI_API_KEY}}
+models:
+  - name: default-chat
+    backends: [{provider: openai, model: gpt-4o-mini}]
+teams: [{name: t}]
+keys:
+  - id: k
+    sha256: %s
+    team: t
+    expiresAt: 2027-01-31T00:00:00Z
+  - id: naive
+    sha256: %s
+    team: t
+    expiresAt: 2027-01-31 08:00:00
+""" % (DIGEST, DIGEST), encoding="utf-8")
+    cfg = config.load(path)
+    assert cfg.source == str(path)
+    assert cfg.backends["openai/gpt-4o-mini"].model == "gpt-4o-mini"
+    # YAML's own timestamps: aware stays aware, naive is taken as UTC.
+    assert cfg.keys["k"].expires_at == datetime(2027, 1, 31, tzinfo=UTC)
+    assert cfg.keys["naive"].expires_at == datetime(2027, 1, 31, 8, tzinfo=UTC)
+
+
+def test_load_error_names_the_file(tmp_path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("version: 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: version must be 1"
+
+
+def test_load_missing_file(tmp_path) -> None:
+    path = tmp_path / "nope" / "gateway.yaml"
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: file not found; render it with `gateway-extproc render`"
+
+
+@pytest.mark.parametrize("text", [
+    "version: 1\nlisten: [unix:///x\n",  # unclosed flow sequence
+    "version: 1\n  providers: [\n",  # bad indentation
+    "a: 'unterminated\n",
+])
+def test_load_invalid_yaml(tmp_path, text: str) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not valid YAML (")
+    assert message.endswith("); fix the syntax")
+
+
+def test_load_empty_file(tmp_path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: <top level> must be a mapping"
+
+
+@pytest.mark.parametrize("rendered", ["envoy/gateway.yaml", "run/gateway.yaml"])
+def test_checked_in_renders_are_valid(rendered: str) -> None:
+    path = Path(__file__).resolve().parents[1] / rendered
+    if not path.exists():
+        pytest.skip(f"{rendered} is not rendered in this checkout")
+    cfg = config.load(path)
+    assert cfg.models and cfg.providers and cfg.backends

@@ -1,0 +1,179 @@
+"""Unit tests for gateway_extproc.keys (key format, hashing) and gateway_extproc.identity."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from gateway_extproc import config, identity, keys
+from gateway_extproc.errors import GatewayError
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+# -- keys --------------------------------------------------------------------------------
+
+
+def test_generate_format_and_uniqueness() -> None:
+    a, b = keys.generate("team-a"), keys.generate("team-a")
+    assert a != b
+    for key in (a, b):
+        assert key.startswith("gwk_team-a_")
+        secret = key[len("gwk_team-a_"):]
+        assert len(secret) >= 43  # 32 random bytes, url-safe base64
+        assert keys.key_id(key) == "team-a"
+
+
+def test_digest_is_sha256_hex_of_whole_key() -> None:
+    key = "gwk_demo_local-only-demo-key-not-for-production"
+    assert keys.digest(key) == hashlib.sha256(key.encode()).hexdigest()
+    # The checked-in demo key's digest (helm/values-local.yaml).
+    assert keys.digest(key) == "a7baa7e5f53345537bc5793fb8307925150db658ff1cb2781f9208ed483e1a8a"
+    assert config.SHA256_HEX.match(keys.digest(keys.generate("x")))
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("gwk_demo_secret", "demo"),
+    ("gwk_demo_sec_ret", "demo"),  # secrets may contain '_' (token_urlsafe)
+    ("gwk_a-b-1_-x", "a-b-1"),
+    ("gwk_demo_", None),  # no secret
+    ("gwk_demo", None),  # no separator
+    ("gwk__secret", None),  # no id
+    ("gwk_", None),
+    ("GWK_demo_secret", None),
+    ("sk-proj-abcdef", None),
+    ("demo_secret", None),
+    ("", None),
+])
+def test_key_id(key: str, expected: str | None) -> None:
+    assert keys.key_id(key) == expected
+
+
+def test_matches() -> None:
+    key = keys.generate("demo")
+    assert keys.matches(key, keys.digest(key))
+    assert not keys.matches(key, keys.digest(key + "x"))
+    assert not keys.matches(key, None)
+    assert not keys.matches(key, "")
+    assert not keys.matches(key, keys.digest(key).upper())  # stored digests are lowercase hex
+
+
+# -- identity ----------------------------------------------------------------------------
+
+GOOD = keys.generate("good")
+LIMITED = keys.generate("limited")
+EXPIRED = keys.generate("expired")
+FUTURE = keys.generate("future")
+
+
+@pytest.fixture(scope="module")
+def cfg() -> config.GatewayConfig:
+    return config.parse({
+        "version": 1,
+        "listen": ["unix:///tmp/gw.sock"],
+        "providers": [{"name": "openai", "kind": "openai", "baseURL": "https://api.openai.com/v1",
+                       "credential": {"env": "OPENAI_API_KEY"}}],
+        "models": [{"name": "chat", "backends": [{"provider": "openai", "model": "gpt-4o-mini"}]}],
+        "teams": [{"name": "search"}, {"name": "ads"}],
+        "keys": [
+            {"id": "good", "sha256": keys.digest(GOOD), "team": "search"},
+            {"id": "limited", "sha256": keys.digest(LIMITED), "team": "ads", "models": ["chat"]},
+            {"id": "expired", "sha256": keys.digest(EXPIRED), "team": "ads",
+             "expiresAt": (NOW - timedelta(seconds=1)).isoformat()},
+            {"id": "future", "sha256": keys.digest(FUTURE), "team": "ads",
+             "expiresAt": (NOW + timedelta(days=1)).isoformat()},
+        ],
+    }, "test.yaml")
+
+
+@pytest.mark.parametrize(("headers", "expected_id"), [
+    ({"authorization": f"Bearer {GOOD}"}, "good"),
+    ({"authorization": f"bearer {GOOD}"}, "good"),  # scheme is case-insensitive
+    ({"authorization": f"BEARER   {GOOD}  "}, "good"),  # surrounding whitespace ignored
+    ({"x-api-key": GOOD}, "good"),  # Anthropic SDK style
+    ({"authorization": "Basic dXNlcjpwYXNz", "x-api-key": LIMITED}, "limited"),  # non-bearer -> x-api-key
+    ({"authorization": "Bearer ", "x-api-key": LIMITED}, "limited"),  # empty bearer -> x-api-key
+    ({"authorization": f"Bearer {GOOD}", "x-api-key": LIMITED}, "good"),  # bearer wins
+    ({"authorization": f"Bearer {FUTURE}"}, "future"),  # not yet expired
+])
+def test_authenticate_ok(cfg: config.GatewayConfig, headers: dict[str, str], expected_id: str) -> None:
+    entry = identity.authenticate(headers, cfg, NOW)
+    assert entry is cfg.keys[expected_id]
+
+
+def test_authenticated_entry_carries_team_and_models(cfg: config.GatewayConfig) -> None:
+    entry = identity.authenticate({"x-api-key": LIMITED}, cfg, NOW)
+    assert entry.team == "ads" and entry.allows("chat") and not entry.allows("other")
+
+
+def _wrong_secret(key: str) -> str:
+    """Same id, different secret."""
+    return key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+
+
+@pytest.mark.parametrize(("headers", "code"), [
+    ({}, "missing_api_key"),
+    ({"authorization": "Bearer "}, "missing_api_key"),
+    ({"authorization": "Bearer"}, "missing_api_key"),
+    ({"authorization": f"Basic {GOOD}"}, "missing_api_key"),  # only Bearer is read from authorization
+    ({"x-api-key": ""}, "missing_api_key"),
+    ({"authorization": "Bearer not-a-gateway-key"}, "invalid_api_key"),  # malformed
+    ({"authorization": "Bearer sk-proj-0123456789abcdef"}, "invalid_api_key"),  # provider key
+    ({"authorization": "Bearer gwk_good"}, "invalid_api_key"),  # malformed: no secret
+    ({"authorization": "Bearer gwk_good_"}, "invalid_api_key"),
+    ({"x-api-key": "gwk_nobody_" + GOOD.split("_", 2)[2]}, "invalid_api_key"),  # unknown id
+    ({"authorization": f"Bearer {_wrong_secret(GOOD)}"}, "invalid_api_key"),  # right id, wrong secret
+    ({"authorization": f"Bearer {LIMITED.replace('gwk_limited_', 'gwk_good_')}"}, "invalid_api_key"),  # swapped id
+    ({"authorization": f"Bearer {GOOD}x"}, "invalid_api_key"),
+    ({"authorization": f"Bearer {EXPIRED}"}, "expired_api_key"),
+])
+def test_authenticate_rejects(cfg: config.GatewayConfig, headers: dict[str, str], code: str) -> None:
+    with pytest.raises(GatewayError) as info:
+        identity.authenticate(headers, cfg, NOW)
+    err = info.value
+    assert err.code == code
+    assert err.status == 401
+    assert err.type == "authentication_error"
+    presented = identity.presented_key(headers)
+    if presented:
+        # The presented key (or its secret part) never appears in what the client or logs see.
+        secret = presented.rsplit("_", 1)[-1]
+        for text in (err.message, str(err), err.body().decode()):
+            assert presented not in text
+            if len(secret) > 8:
+                assert secret not in text
+
+
+def test_expired_message_names_the_key_id_only(cfg: config.GatewayConfig) -> None:
+    with pytest.raises(GatewayError) as info:
+        identity.authenticate({"authorization": f"Bearer {EXPIRED}"}, cfg, NOW)
+    assert "'expired'" in info.value.message
+    assert "expired" in info.value.message and EXPIRED not in info.value.message
+
+
+def test_key_expires_exactly_at_expires_at(cfg: config.GatewayConfig) -> None:
+    expires_at = cfg.keys["future"].expires_at
+    assert expires_at is not None
+    identity.authenticate({"x-api-key": FUTURE}, cfg, expires_at - timedelta(microseconds=1))
+    with pytest.raises(GatewayError) as info:
+        identity.authenticate({"x-api-key": FUTURE}, cfg, expires_at)
+    assert info.value.code == "expired_api_key"
+
+
+def test_wrong_secret_on_expired_key_is_invalid_not_expired(cfg: config.GatewayConfig) -> None:
+    """Expiry is only revealed to someone who holds the key."""
+    with pytest.raises(GatewayError) as info:
+        identity.authenticate({"x-api-key": _wrong_secret(EXPIRED)}, cfg, NOW)
+    assert info.value.code == "invalid_api_key"
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"authorization": "Bearer abc"}, "abc"),
+    ({"authorization": "Token abc"}, None),
+    ({"authorization": "Token abc", "x-api-key": "k"}, "k"),
+    ({"x-api-key": "k"}, "k"),
+    ({}, None),
+])
+def test_presented_key(headers: dict[str, str], expected: str | None) -> None:
+    assert identity.presented_key(headers) == expected

@@ -1,0 +1,191 @@
+"""Unit tests for gateway_extproc.tokens: tokenizer specs and prompt-count formulas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import bpe_openai
+import orjson
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from gateway_extproc import tokens
+
+# -- counter(): bundled OpenAI encodings --------------------------------------------------
+
+# Known values, independent of the library under test.
+KNOWN = [
+    ("o200k_base", "hello world", 2),
+    ("cl100k_base", "hello world", 2),
+    ("o200k_base", "The quick brown fox jumps over the lazy dog.", 10),
+    ("cl100k_base", "The quick brown fox jumps over the lazy dog.", 10),
+    ("o200k_base", "", 0),
+    ("cl100k_base", "", 0),
+]
+
+
+@pytest.mark.parametrize(("spec", "text", "expected"), KNOWN)
+def test_known_counts(spec: str, text: str, expected: int) -> None:
+    assert tokens.counter(spec)(text) == expected
+
+
+@pytest.mark.parametrize("spec", ["o200k_base", "cl100k_base"])
+@pytest.mark.parametrize("text", [
+    "Hello, how are you?",
+    "h\u00e9llo w\u00f6rld \U0001f916",
+    "def f(x):\n    return x ** 2\n",
+    "<|endoftext|> is treated as text, not a special token",
+    "\u4f60\u597d\uff0c\u4e16\u754c",
+    " " * 17,
+])
+def test_counts_match_bpe_openai(spec: str, text: str) -> None:
+    enc = bpe_openai.get_encoding(spec)
+    assert tokens.counter(spec)(text) == len(enc.encode_ordinary(text))
+
+
+def test_encodings_differ_where_expected() -> None:
+    """o200k and cl100k really are different encodings (not one cached counter)."""
+    text = "h\u00e9llo w\u00f6rld \U0001f916"
+    assert tokens.counter("o200k_base")(text) != tokens.counter("cl100k_base")(text)
+
+
+def test_counter_is_cached() -> None:
+    assert tokens.counter("o200k_base") is tokens.counter("o200k_base")
+    assert tokens.counter("estimate") is tokens.counter("estimate")
+
+
+def test_unknown_encoding_fails_at_load() -> None:
+    with pytest.raises(Exception, match="not supported"):
+        tokens.counter("o300k_base")
+
+
+# -- counter(): estimate ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", 0),
+    ("a", 1),
+    ("abcd", 1),
+    ("abcde", 2),
+    ("abcdefgh", 2),
+    ("\u00e9", 1),  # 2 UTF-8 bytes
+    ("\u00e9\u00e9\u00e9", 2),  # 6 bytes
+    ("\U0001f916", 1),  # 4 bytes
+    ("\U0001f916a", 2),  # 5 bytes
+    ("x" * 1001, 251),
+])
+def test_estimate_is_ceil_utf8_bytes_over_4(text: str, expected: int) -> None:
+    assert tokens.counter("estimate")(text) == expected
+
+
+# -- counter(): tokenizer.json ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def word_level_json(tmp_path_factory: pytest.TempPathFactory) -> str:
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, ",": 3, "user": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("hello world", 2),
+    ("hello, world!", 4),  # hello , world ! (unknown words still count as one token)
+    ("hello    world  hello", 3),
+    ("completely unknown words here", 4),
+    ("", 0),
+])
+def test_tokenizer_json_counts(word_level_json: str, text: str, expected: int) -> None:
+    assert tokens.counter(word_level_json)(text) == expected
+
+
+def test_tokenizer_json_in_chat_formula(word_level_json: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hello, world"}]}
+    # 3 priming + 3 framing + "user" (1) + "hello , world" (3)
+    assert tokens.chat_prompt_tokens(body, tokens.counter(word_level_json)) == 10
+
+
+def test_tokenizer_json_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="No such file"):
+        tokens.counter(str(tmp_path / "missing" / "tokenizer.json"))
+
+
+# -- chat_prompt_tokens -------------------------------------------------------------------
+
+# A transparent counter so the formula is visible: one token per character.
+by_chars = len
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    # 3 to prime the reply + per message (3 + role + content)
+    ({"messages": [{"role": "user", "content": "hello"}]}, 3 + 3 + 4 + 5),
+    ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]},
+     3 + (3 + 6 + 8) + (3 + 4 + 2)),
+    # name adds its tokens + 1
+    ({"messages": [{"role": "user", "name": "bob", "content": "hi"}]}, 3 + 3 + 4 + (3 + 1) + 2),
+    ({"messages": [{"role": "user", "name": 7, "content": "hi"}]}, 3 + 3 + 4 + 2),  # non-string name: 0
+    # list content: text parts by text, image parts 85 each, others 0
+    ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "abc"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "input_image", "image_url": "data:..."},
+        {"type": "image", "source": {}},
+        {"type": "input_audio", "input_audio": {"data": "..."}},
+        "not a part",
+    ]}]}, 3 + 3 + 4 + 3 + 3 * tokens.IMAGE_TOKENS),
+    ({"messages": [{"role": "user", "content": [{"type": "input_text", "text": "abcd"}]}]}, 3 + 3 + 4 + 4),
+    ({"messages": [{"role": "user", "content": []}]}, 3 + 3 + 4),
+    # no / null content (e.g. an assistant tool call)
+    ({"messages": [{"role": "assistant", "content": None}]}, 3 + 3 + 9),
+    ({"messages": [{"role": "assistant"}]}, 3 + 3 + 9),
+    # a non-string role is not counted; unknown keys are not counted
+    ({"messages": [{"role": 5, "content": "x", "refusal": "nope"}]}, 3 + 3 + 1),
+])
+def test_chat_prompt_tokens_formula(body: dict[str, Any], expected: int) -> None:
+    assert tokens.chat_prompt_tokens(body, by_chars) == expected
+
+
+def test_chat_prompt_tokens_counts_tool_calls_and_tools() -> None:
+    tool_calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "assistant", "content": None, "tool_calls": tool_calls}], "tools": tools}
+    expected = 3 + 3 + 9 + len(orjson.dumps(tool_calls)) + len(orjson.dumps(tools))
+    assert tokens.chat_prompt_tokens(body, by_chars) == expected
+    assert tokens.chat_prompt_tokens({**body, "tools": []}, by_chars) == expected - len(orjson.dumps(tools))
+
+
+def test_chat_prompt_tokens_with_o200k() -> None:
+    body = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                         {"role": "user", "content": "hello world"}]}
+    enc = bpe_openai.get_encoding("o200k_base")
+    n = lambda s: len(enc.encode_ordinary(s))  # noqa: E731
+    expected = 3 + (3 + n("system") + n("You are a helpful assistant.")) + (3 + n("user") + n("hello world"))
+    assert tokens.chat_prompt_tokens(body, tokens.counter("o200k_base")) == expected
+    # hello world alone: 3 + 3 + "user"(1) + 2 = 9
+    assert tokens.chat_prompt_tokens({"messages": [{"role": "user", "content": "hello world"}]},
+                                     tokens.counter("o200k_base")) == 9
+
+
+# -- embedding_input_tokens ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("hello", 5),
+    ("", 0),
+    (["hello", "abc"], 8),
+    ([1, 2, 3, 4], 4),  # one token array: each int is one token
+    ([[1, 2, 3], [4, 5], []], 5),  # several token arrays
+    (["ab", [1, 2], 7], 5),  # mixed (validated elsewhere; counted sensibly)
+])
+def test_embedding_input_tokens(value: Any, expected: int) -> None:
+    assert tokens.embedding_input_tokens({"input": value}, by_chars) == expected
+
+
+def test_embedding_input_tokens_with_cl100k() -> None:
+    count = tokens.counter("cl100k_base")
+    assert tokens.embedding_input_tokens({"input": "hello world"}, count) == 2
+    assert tokens.embedding_input_tokens({"input": ["hello world", "hello world"]}, count) == 4

@@ -1,0 +1,277 @@
+"""Unit tests for gateway_extproc.usage: usage from JSON bodies and from SSE streams."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway_extproc import usage as usage_mod
+from gateway_extproc.usage import SseUsageTap, Usage, usage_from_json
+
+# -- usage_from_json ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b'{"id":"x","usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}', Usage(10, 5, None)),
+    (b'{"usage":{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}}',
+     Usage(10, 5, 4)),
+    (b'{"usage":{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":null}}', Usage(10, 5, None)),
+    (b'{"usage":{"prompt_tokens":10,"prompt_tokens_details":{"audio_tokens":0}}}', Usage(10, None, None)),
+    # embeddings: no completion tokens
+    (b'{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}', Usage(8, None, None)),
+    # non-integer counts are ignored, not trusted
+    (b'{"usage":{"prompt_tokens":"10","completion_tokens":true,"prompt_tokens_details":{"cached_tokens":1.0}}}',
+     Usage(None, None, None)),
+    (b'{"usage":{}}', Usage(None, None, None)),
+    # no usage at all
+    (b'{"id":"x","choices":[]}', None),
+    (b'{"usage":null}', None),
+    (b'{"usage":[1,2]}', None),
+    (b'{"usage":"10"}', None),
+    (b'[{"usage":{"prompt_tokens":1}}]', None),
+    (b'"usage"', None),
+    (b'null', None),
+    # not JSON
+    (b'', None),
+    (b'upstream connect error or disconnect/reset before headers', None),
+    (b'{"usage":{"prompt_tokens":1}', None),
+    (b'\xff\xfe{"usage":{}}', None),
+])
+def test_usage_from_json(raw: bytes, expected: Usage | None) -> None:
+    assert usage_from_json(raw) == expected
+
+
+# -- a realistic OpenAI chat stream ------------------------------------------------------
+
+USAGE = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
+         "prompt_tokens_details": {"cached_tokens": 4, "audio_tokens": 0},
+         "completion_tokens_details": {"reasoning_tokens": 0}}
+EXPECTED_USAGE = Usage(12, 3, 4)
+
+
+def _chunk(choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-abc123", "object": "chat.completion.chunk", "created": 1_700_000_000,
+            "model": "gpt-4o-mini-2024-07-18", "system_fingerprint": "fp_0ba0d124f1",
+            "choices": choices, "usage": usage}
+
+
+def _event(obj: Any, sep: bytes = b"\n\n") -> bytes:
+    data = obj if isinstance(obj, bytes) else orjson.dumps(obj)
+    return b"data: " + data + sep
+
+
+def openai_stream(sep: bytes = b"\n\n") -> tuple[bytes, bytes]:
+    """(the whole stream as a provider sends it with include_usage, the usage event alone)."""
+    delta = lambda d, finish=None: [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]  # noqa: E731
+    events = [
+        _event(_chunk(delta({"role": "assistant", "content": "", "refusal": None})), sep),
+        _event(_chunk(delta({"content": "Hello"})), sep),
+        _event(_chunk(delta({"content": ", the \"usage\" word"})), sep),  # quoted usage in content
+        _event(_chunk(delta({"content": " w\u00f6rld \U0001f916"})), sep),  # multi-byte UTF-8
+        _event(_chunk(delta({}, "stop")), sep),
+    ]
+    usage_event = _event(_chunk([], USAGE), sep)
+    done = _event(b"[DONE]", sep)
+    return b"".join(events) + usage_event + done, usage_event
+
+
+def forward(tap: SseUsageTap, chunks: list[bytes]) -> bytes:
+    """What the client receives: each chunk, or what `feed` returns instead of it."""
+    out = []
+    for i, chunk in enumerate(chunks):
+        replaced = tap.feed(chunk, end=i == len(chunks) - 1)
+        out.append(chunk if replaced is None else replaced)
+    return b"".join(out)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(cuts), len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+SEPARATORS = [pytest.param(b"\n\n", id="LF"), pytest.param(b"\r\n\r\n", id="CRLF"), pytest.param(b"\r\r", id="CR")]
+
+
+# -- observe mode ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+def test_observe_mode_whole_stream(sep: bytes) -> None:
+    stream, _ = openai_stream(sep)
+    tap = SseUsageTap(drop_usage_chunk=False)
+    assert tap.feed(stream, end=True) is None
+    assert tap.usage == EXPECTED_USAGE
+    assert tap.events == 7
+
+
+def test_observe_mode_never_replaces_and_finds_split_usage() -> None:
+    stream, usage_event = openai_stream()
+    start = stream.index(usage_event)
+    # Cut the usage event into four pieces, plus a cut before and after it.
+    cuts = [start - 3, start + 2, start + 30, start + len(usage_event) - 1, start + len(usage_event) + 4]
+    tap = SseUsageTap(drop_usage_chunk=False)
+    chunks = split_at(stream, cuts)
+    results = [tap.feed(c, end=i == len(chunks) - 1) for i, c in enumerate(chunks)]
+    assert results == [None] * len(chunks)
+    assert tap.usage == EXPECTED_USAGE
+
+
+def test_observe_mode_without_usage_event() -> None:
+    stream, usage_event = openai_stream()
+    tap = SseUsageTap(drop_usage_chunk=False)
+    assert tap.feed(stream.replace(usage_event, b""), end=True) is None
+    assert tap.usage is None  # "usage": null chunks are not usage
+
+
+# -- drop mode ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+def test_drop_mode_whole_stream_in_one_chunk(sep: bytes) -> None:
+    stream, usage_event = openai_stream(sep)
+    tap = SseUsageTap(drop_usage_chunk=True)
+    out = tap.feed(stream, end=True)
+    assert out == stream.replace(usage_event, b"")
+    assert tap.usage == EXPECTED_USAGE
+
+
+def test_drop_mode_removes_usage_only_chunk_and_keeps_the_rest() -> None:
+    tap = SseUsageTap(drop_usage_chunk=True)
+    content = _event(_chunk([{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]))
+    usage = _event(_chunk([], USAGE))
+    done = b"data: [DONE]\n\n"
+    assert tap.feed(content, end=False) is None  # untouched -> None, forwarded as is
+    assert tap.feed(usage, end=False) == b""  # dropped entirely
+    assert tap.feed(done, end=True) is None
+    assert tap.usage == EXPECTED_USAGE
+
+
+def test_drop_mode_keeps_usage_chunk_that_has_choices() -> None:
+    """Usage on a chunk that also carries choices is recorded but never removed."""
+    tap = SseUsageTap(drop_usage_chunk=True)
+    event = _event(_chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}], USAGE))
+    assert tap.feed(event, end=False) is None
+    assert tap.usage == EXPECTED_USAGE
+
+
+@pytest.mark.parametrize("event", [
+    _event(_chunk([{"index": 0, "delta": {"content": "x"}, "finish_reason": None}], None)),  # usage: null
+    _event({"choices": [], "usage": "n/a"}),  # usage not an object
+    b'data: {"choices": [], "usage": \n\n',  # not JSON
+    b'event: ping\ndata: "usage"\n\n',  # a JSON string, not an object
+    b': comment mentioning "usage"\n\n',  # no data line
+], ids=["usage-null", "usage-not-object", "bad-json", "json-string", "comment"])
+def test_drop_mode_keeps_events_that_are_not_usage_chunks(event: bytes) -> None:
+    tap = SseUsageTap(drop_usage_chunk=True)
+    assert tap.feed(event, end=False) is None
+    assert tap.usage is None
+
+
+def test_drop_mode_holds_back_partial_event_until_complete() -> None:
+    tap = SseUsageTap(drop_usage_chunk=True)
+    first = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[{"del'
+    assert tap.feed(first, end=False) == b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    assert tap.feed(b'ta":{"content":"b"}}]}', end=False) == b""  # still incomplete: nothing forwarded
+    assert tap.feed(b"\n\ndata: [DONE]\n\n", end=False) == (
+        b'data: {"choices":[{"delta":{"content":"b"}}]}\n\ndata: [DONE]\n\n')
+    assert tap.feed(b"", end=True) is None
+
+
+def test_drop_mode_partial_usage_event_never_leaks() -> None:
+    stream, usage_event = openai_stream()
+    tap = SseUsageTap(drop_usage_chunk=True)
+    half = len(usage_event) // 2
+    before = stream[: stream.index(usage_event)]
+    out1 = tap.feed(before + usage_event[:half], end=False)
+    assert out1 == before  # the half usage event is held back
+    out2 = tap.feed(usage_event[half:], end=False)
+    assert out2 == b""  # completed and dropped
+    assert tap.usage == EXPECTED_USAGE
+
+
+def test_drop_mode_crlf_separator_split_between_cr_and_lf() -> None:
+    tap = SseUsageTap(drop_usage_chunk=True)
+    usage = _event(_chunk([], USAGE), b"\r\n\r\n")
+    assert tap.feed(usage[:-3], end=False) == b""
+    assert tap.feed(usage[-3:-1], end=False) == b""
+    assert tap.feed(usage[-1:] + b"data: [DONE]\r\n\r\n", end=True) == b"data: [DONE]\r\n\r\n"
+    assert tap.usage == EXPECTED_USAGE
+
+
+def test_drop_mode_multiline_event_with_crlf() -> None:
+    event = b"event: message\r\nid: 7\r\ndata: " + orjson.dumps(_chunk([], USAGE)) + b"\r\n\r\n"
+    tap = SseUsageTap(drop_usage_chunk=True)
+    assert tap.feed(event + b"data: [DONE]\r\n\r\n", end=True) == b"data: [DONE]\r\n\r\n"
+    assert tap.usage == EXPECTED_USAGE
+
+
+def test_drop_mode_flushes_tail_at_end() -> None:
+    tap = SseUsageTap(drop_usage_chunk=True)
+    assert tap.feed(b'data: {"a":1}\n\ndata: [DO', end=False) == b'data: {"a":1}\n\n'
+    assert tap.feed(b"NE]", end=True) == b"data: [DONE]"  # unterminated last event still delivered
+
+
+def test_drop_mode_unterminated_single_chunk_at_end_is_untouched() -> None:
+    tap = SseUsageTap(drop_usage_chunk=True)
+    assert tap.feed(b"data: [DONE]", end=True) is None
+
+
+def test_drop_mode_empty_final_chunk_flushes_pending() -> None:
+    tap = SseUsageTap(drop_usage_chunk=True)
+    assert tap.feed(b"data: [DONE]", end=False) == b""
+    assert tap.feed(b"", end=True) == b"data: [DONE]"
+
+
+def test_pending_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(usage_mod, "MAX_PENDING_BYTES", 16)
+    tap = SseUsageTap(drop_usage_chunk=True)
+    assert tap.feed(b"data: 0123456789abcdef", end=False) is None  # too long to hold: forwarded
+    assert tap.feed(b"\n\n", end=False) is None
+
+
+def test_events_counter() -> None:
+    stream, _ = openai_stream()
+    tap = SseUsageTap(drop_usage_chunk=True)
+    forward(tap, split_at(stream, [5, 100, 101, 400]))
+    assert tap.events == 7
+
+
+# -- property: every split gives the same bytes ------------------------------------------
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+@pytest.mark.parametrize("drop", [True, False], ids=["drop", "observe"])
+def test_every_two_chunk_split(sep: bytes, drop: bool) -> None:
+    stream, usage_event = openai_stream(sep)
+    assert stream.count(usage_event) == 1
+    expected = stream.replace(usage_event, b"") if drop else stream
+    for cut in range(len(stream) + 1):
+        tap = SseUsageTap(drop_usage_chunk=drop)
+        assert forward(tap, split_at(stream, [cut])) == expected, f"cut at {cut}"
+        assert tap.usage == EXPECTED_USAGE, f"cut at {cut}"
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+@pytest.mark.parametrize("drop", [True, False], ids=["drop", "observe"])
+def test_random_multi_chunk_splits(sep: bytes, drop: bool) -> None:
+    stream, usage_event = openai_stream(sep)
+    expected = stream.replace(usage_event, b"") if drop else stream
+    rng = random.Random(20240601)
+    for trial in range(300):
+        cuts = [rng.randint(0, len(stream)) for _ in range(rng.randint(2, 40))]
+        chunks = split_at(stream, cuts)
+        if trial % 3 == 0:
+            chunks.append(b"")  # Envoy may end the stream with an empty chunk
+        tap = SseUsageTap(drop_usage_chunk=drop)
+        assert forward(tap, chunks) == expected, f"trial {trial}: cuts {sorted(cuts)}"
+        assert tap.usage == EXPECTED_USAGE, f"trial {trial}"
+
+
+def test_byte_at_a_time() -> None:
+    stream, usage_event = openai_stream(b"\r\n\r\n")
+    tap = SseUsageTap(drop_usage_chunk=True)
+    assert forward(tap, [stream[i:i + 1] for i in range(len(stream))]) == stream.replace(usage_event, b"")
+    assert tap.usage == EXPECTED_USAGE
