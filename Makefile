@@ -4,16 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_KEY := gwk_demo_local-only-demo-key-not-for-production
 
+# xds-protos bundles an old copy of opentelemetry/proto/*_pb2.py that overwrites
+# opentelemetry-proto's files when it installs later; put the real ones back (a superset
+# of what Envoy's protos import).
+FIX_OTEL_PROTO = $(BIN)/pip install -q --force-reinstall --no-deps \
+	"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+
 .PHONY: run test render envoy-config bench clean
 
 $(BIN)/gateway-extproc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[render]'
+	$(FIX_OTEL_PROTO)
 	touch $@
 
 $(VENV)/.test-deps: $(BIN)/gateway-extproc
 	$(BIN)/pip install -q -e '.[test]'
+	$(FIX_OTEL_PROTO)
 	touch $@
 
 ## Start mock provider + ext_proc + Envoy on http://localhost:8080 (Ctrl-C stops all three).

@@ -32,6 +32,7 @@ from .processors import responses
 from .processors.router import RouterProcessor
 from .processors.upstream import UpstreamProcessor, is_upstream
 from .runtime import Runtime
+from .telemetry import tracing
 from .telemetry.metrics import PHASE_LATENCY
 
 log = structlog.get_logger("gateway_extproc.server")
@@ -101,12 +102,15 @@ async def serve_one(runtime: Runtime, address: str) -> None:
 
 def run_one(config_path: str, index: int) -> None:
     runtime = Runtime.load(config_path)
+    tracing.setup()
     try:
         import uvloop
     except ImportError:
         asyncio.run(serve_one(runtime, runtime.config.listen[index]))
     else:
         uvloop.run(serve_one(runtime, runtime.config.listen[index]))
+    finally:
+        tracing.shutdown()
 
 
 def serve(config_path: str) -> int:

@@ -23,6 +23,7 @@ class Usage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    response_model: str | None = None
 
 
 def usage_from_object(obj: Any) -> Usage | None:
@@ -31,7 +32,9 @@ def usage_from_object(obj: Any) -> Usage | None:
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), _int(cached))
+    model = obj.get("model")
+    return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), _int(cached),
+                 model if isinstance(model, str) else None)
 
 
 def usage_from_json(raw: bytes) -> Usage | None:

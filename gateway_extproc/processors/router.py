@@ -21,7 +21,7 @@ from .. import api, identity, tokens
 from ..config import Model, VirtualKey
 from ..errors import GatewayError
 from ..runtime import Runtime
-from ..telemetry import metrics
+from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_json
 from . import responses as r
 
@@ -38,7 +38,7 @@ OFFLOAD_TOKENIZE_BYTES = 64 * 1024
 class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
-                 "first_byte", "error_code", "logged")
+                 "first_byte", "error_code", "logged", "trace")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -55,6 +55,7 @@ class RouterProcessor:
         self.tap: SseUsageTap | None = None
         self.first_byte: float | None = None
         self.error_code: str | None = None
+        self.trace: tracing.RequestTrace | None = None
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -78,6 +79,7 @@ class RouterProcessor:
         self.request_id = h.get("x-request-id", "")
         self.method = h.get(":method", "")
         self.path = h.get(":path", "").partition("?")[0]
+        self.trace = tracing.start(h, self.method, self.path)
         endpoint = _endpoint_for(self.method, self.path)
         cfg = self.runtime.config
         self.key = identity.authenticate(h, cfg, datetime.now(timezone.utc))
@@ -111,6 +113,10 @@ class RouterProcessor:
             raise GatewayError("model_not_allowed", f"Your key may not use the model {model.name!r}.", "model")
         self.model = model
         self.stream = self.endpoint.can_stream and body.get("stream") is True
+        if self.trace is not None:
+            backend = model.single_backend
+            self.trace.request(model.name, backend.provider.kind if backend else None,
+                               body.get("max_tokens", body.get("max_completion_tokens")), self.stream)
         count = tokens.counter(model.tokenizer)
         if len(raw) > OFFLOAD_TOKENIZE_BYTES:
             self.prompt_tokens = await asyncio.to_thread(self.endpoint.prompt_tokens, body, count)
@@ -137,6 +143,8 @@ class RouterProcessor:
             if options.get("include_usage") is not True:
                 body["stream_options"] = {**options, "include_usage": True}
                 self.drop_usage = changed = True
+        if self.trace is not None:
+            set_headers.update(self.trace.outgoing_headers())
         new_body = orjson.dumps(body) if changed else None
         if new_body is not None:
             set_headers["content-length"] = str(len(new_body))
@@ -186,6 +194,8 @@ class RouterProcessor:
 
     def reject(self, err: GatewayError) -> ep.ProcessingResponse:
         self.status, self.error_code = err.status, err.code
+        if self.trace is not None:
+            self.trace.event("gateway.rejected", code=err.code, status=err.status)
         self.log()
         return r.error(err)
 
@@ -210,6 +220,12 @@ class RouterProcessor:
             status=self.status or 499, prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None
             else self.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
             duration_s=duration, ttft_s=ttft)
+        if self.trace is not None:
+            self.trace.finish(
+                status=self.status, error_code=self.error_code, provider=backend.provider.kind if backend else None,
+                backend=self.backend, response_model=usage.response_model, input_tokens=usage.prompt_tokens,
+                output_tokens=usage.completion_tokens, duration_s=duration, ttft_s=ttft,
+                request_model=self.model.name if self.model else None)
         access_log.info(
             "access", outcome=outcome, request_id=self.request_id, method=self.method, path=self.path,
             key_id=self.key.id if self.key else None, team=self.key.team if self.key else None,

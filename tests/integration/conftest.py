@@ -48,7 +48,7 @@ class Gateway:
         return "".join(self.stack.log_path(n).read_text(errors="replace") for n in ("extproc", "envoy"))
 
 
-def build_gateway(workdir: Path) -> Gateway:
+def build_gateway(workdir: Path, env: dict[str, str] | None = None) -> Gateway:
     primary_port, backup_port = free_port(), free_port()
     primary_key, backup_key = "sk-primary-" + keys.generate("p")[-20:], "sk-backup-" + keys.generate("b")[-20:]
     restricted, expired = keys.generate("restricted"), keys.generate("expired")
@@ -70,7 +70,7 @@ def build_gateway(workdir: Path) -> Gateway:
         {"id": "restricted", "sha256": keys.digest(restricted), "team": "demo", "models": ["default-chat"]},
         {"id": "expired", "sha256": keys.digest(expired), "team": "demo", "expiresAt": past},
     ]
-    stack = LocalStack(values, workdir, {"MOCK_PROVIDER_API_KEY": primary_key},
+    stack = LocalStack(values, workdir, {"MOCK_PROVIDER_API_KEY": primary_key, **(env or {})},
                        {primary_port: primary_key, backup_port: backup_key})
     stack.start()
     return Gateway(stack, DEMO_KEY, restricted, expired, f"http://127.0.0.1:{primary_port}",

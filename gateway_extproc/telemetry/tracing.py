@@ -1,0 +1,132 @@
+"""OpenTelemetry: one span per request with GenAI semantic-convention attributes, plus the
+GenAI semconv metrics, exported over OTLP.
+
+Off unless the standard variables say where to send (`OTEL_EXPORTER_OTLP_ENDPOINT` or
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); then the SDK reads the rest of `OTEL_*` itself
+(headers, protocol, sampler, batch delays). When off, no span objects are created at all.
+Spans never carry prompt or response text: only metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_state: dict[str, Any] = {}
+
+
+def enabled() -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def setup(service_name: str = "gateway-extproc") -> None:
+    """Install OTLP exporters for traces and metrics in this process, if configured."""
+    if not enabled():
+        return
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    meter_provider = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+    meter = meter_provider.get_meter("gateway_extproc")
+    _state.update(
+        tracer=tracer_provider.get_tracer("gateway_extproc"), tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        token_usage=meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
+                                           description="Tokens used per request, by gen_ai.token.type."),
+        duration=meter.create_histogram("gen_ai.server.request.duration", unit="s",
+                                        description="Request duration as seen by the gateway."),
+        ttft=meter.create_histogram("gen_ai.server.time_to_first_token", unit="s",
+                                    description="Time to the first response byte of a stream."),
+        tpot=meter.create_histogram("gen_ai.server.time_per_output_token", unit="s",
+                                    description="Time per output token after the first."),
+    )
+
+
+def shutdown() -> None:
+    for name in ("tracer_provider", "meter_provider"):
+        provider = _state.get(name)
+        if provider is not None:
+            provider.shutdown()
+
+
+class RequestTrace:
+    """The span of one request, started at request headers and ended with the access log."""
+
+    __slots__ = ("span", "operation")
+
+    def __init__(self, headers: Mapping[str, str], method: str, path: str) -> None:
+        parent = _PROPAGATOR.extract(carrier=headers)
+        self.operation = "chat" if path.endswith("/chat/completions") else path.rsplit("/", 1)[-1]
+        self.span = _state["tracer"].start_span(
+            f"{self.operation}", context=parent, kind=SpanKind.CLIENT,
+            attributes={"http.request.method": method, "url.path": path, "gen_ai.operation.name": self.operation})
+        session = headers.get("x-session-id")
+        if session:
+            self.span.set_attribute("session.id", session[:128])
+
+    def outgoing_headers(self) -> dict[str, str]:
+        """`traceparent` (and `tracestate`) for the request the provider receives."""
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(self.span))
+        return carrier
+
+    def request(self, model: str, provider: str | None, max_tokens: Any, stream: bool) -> None:
+        self.span.update_name(f"{self.operation} {model}")
+        attrs: dict[str, Any] = {"gen_ai.request.model": model, "gen_ai.request.stream": stream}
+        if provider:
+            attrs["gen_ai.provider.name"] = provider
+        if type(max_tokens) is int:
+            attrs["gen_ai.request.max_tokens"] = max_tokens
+        self.span.set_attributes(attrs)
+
+    def event(self, name: str, **attributes: Any) -> None:
+        self.span.add_event(name, {k: v for k, v in attributes.items() if v is not None})
+
+    def finish(self, *, status: int, error_code: str | None, provider: str | None, backend: str | None,
+               response_model: str | None, input_tokens: int | None, output_tokens: int | None,
+               duration_s: float, ttft_s: float | None, request_model: str | None) -> None:
+        attrs: dict[str, Any] = {"http.response.status_code": status}
+        for key, value in (("gen_ai.provider.name", provider), ("gateway.backend", backend),
+                           ("gen_ai.response.model", response_model), ("gen_ai.usage.input_tokens", input_tokens),
+                           ("gen_ai.usage.output_tokens", output_tokens)):
+            if value is not None:
+                attrs[key] = value
+        if error_code or status >= 500 or status == 0:
+            attrs["error.type"] = error_code or str(status or "incomplete")
+            if status >= 500 or status == 0:
+                self.span.set_status(Status(StatusCode.ERROR))
+        self.span.set_attributes(attrs)
+        self.span.end()
+        metric_attrs = {"gen_ai.operation.name": self.operation}
+        if provider:
+            metric_attrs["gen_ai.provider.name"] = provider
+        if request_model:
+            metric_attrs["gen_ai.request.model"] = request_model
+        _state["duration"].record(duration_s, metric_attrs)
+        for kind, value in (("input", input_tokens), ("output", output_tokens)):
+            if value:
+                _state["token_usage"].record(value, {**metric_attrs, "gen_ai.token.type": kind})
+        if ttft_s is not None:
+            _state["ttft"].record(ttft_s, metric_attrs)
+            if output_tokens and output_tokens > 1:
+                _state["tpot"].record(max(duration_s - ttft_s, 0.0) / (output_tokens - 1), metric_attrs)
+
+
+def start(headers: Mapping[str, str], method: str, path: str) -> RequestTrace | None:
+    return RequestTrace(headers, method, path) if "tracer" in _state else None
+
+

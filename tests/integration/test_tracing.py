@@ -1,0 +1,118 @@
+"""Traces and GenAI metrics over OTLP, received by an in-test OTLP gRPC collector."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from .conftest import Gateway, build_gateway
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+PROMPT = "Summarize this quarter's earnings report."
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self) -> None:
+        self.spans: list = []
+        self.metrics: list = []
+
+    def Export(self, request, context):  # noqa: N802 (gRPC name); both services share the method name
+        if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
+            self.spans += [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+            return trace_service_pb2.ExportTraceServiceResponse()
+        self.metrics += [m for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+@pytest.fixture(scope="module")
+def traced() -> Iterator[tuple[Gateway, Collector]]:
+    collector = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "300"}
+    with tempfile.TemporaryDirectory(prefix="gw-otel-") as tmp:
+        gw = build_gateway(Path(tmp), env)
+        try:
+            yield gw, collector
+        finally:
+            gw.stack.stop()
+            server.stop(0)
+
+
+def attrs(span) -> dict:
+    out = {}
+    for kv in span.attributes:
+        v = kv.value
+        out[kv.key] = v.string_value or v.int_value or v.bool_value or v.double_value
+    return out
+
+
+def wait_for(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError("not received in time")
+
+
+def test_request_span_continues_the_client_trace_and_reaches_the_provider(traced) -> None:
+    gw, collector = traced
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
+        "model": "default-chat", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 50},
+        headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
+                 "x-session-id": "sess-42"})
+    assert resp.status_code == 200
+    span = wait_for(lambda: next((s for s in collector.spans if s.trace_id.hex() == TRACE_ID), None))
+    assert span.parent_span_id.hex() == PARENT_ID and span.name == "chat default-chat"
+    a = attrs(span)
+    usage = resp.json()["usage"]
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "default-chat"
+    assert a["gen_ai.provider.name"] == "openai" and a["gen_ai.response.model"] == "mock-gpt-4o-mini"
+    assert a["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert a["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert a["gen_ai.request.max_tokens"] == 50 and a["session.id"] == "sess-42"
+    assert PROMPT not in str(span)  # no content in spans
+    [sent] = httpx.get(f"{gw.primary}/_mock/requests").json()
+    assert sent["headers"]["traceparent"] == f"00-{TRACE_ID}-{span.span_id.hex()}-01"
+
+
+def test_rejections_are_span_events(traced) -> None:
+    gw, collector = traced
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4736"
+    httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "nope", "messages": []},
+               headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01"})
+    span = wait_for(lambda: next((s for s in collector.spans if s.trace_id.hex() == trace_id), None))
+    [event] = [e for e in span.events if e.name == "gateway.rejected"]
+    assert {kv.key: kv.value.string_value or kv.value.int_value for kv in event.attributes} == {
+        "code": "invalid_request", "status": 400}
+
+
+def test_genai_semconv_metrics_are_exported(traced) -> None:
+    gw, collector = traced
+    httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
+        "model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        headers={"authorization": f"Bearer {gw.key}"}).raise_for_status()
+    names = wait_for(lambda: (lambda n: n if {"gen_ai.client.token.usage", "gen_ai.server.request.duration",
+                                              "gen_ai.server.time_to_first_token"} <= n else None)(
+        {m.name for m in collector.metrics}))
+    assert "gen_ai.server.time_per_output_token" in names
+    usage = [m for m in collector.metrics if m.name == "gen_ai.client.token.usage"]
+    token_types = {kv.value.string_value for m in usage for p in m.histogram.data_points for kv in p.attributes
+                   if kv.key == "gen_ai.token.type"}
+    assert token_types == {"input", "output"}

@@ -1,0 +1,581 @@
+"""Unit tests for the router-level ext_proc processor, driven message by message.
+
+No gRPC server and no Envoy: each test builds the ProcessingRequest messages Envoy would
+send on one stream and checks the ProcessingResponse the processor answers with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+import structlog
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import json_format
+
+from gateway_extproc import config, keys
+from gateway_extproc.processors import router
+from gateway_extproc.processors.router import RouterProcessor
+from gateway_extproc.runtime import Runtime
+
+ALL = keys.generate("all-models")
+LIMITED = keys.generate("limited")
+EXPIRED = keys.generate("expired")
+MAX_BYTES = 4096
+CHAT_PATH = "/v1/chat/completions"
+EMB_PATH = "/v1/embeddings"
+
+
+def gateway_doc(max_bytes: int = MAX_BYTES) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "listen": ["unix:///tmp/gw-test.sock"],
+        "maxRequestBytes": max_bytes,
+        "providers": [
+            # A base path that differs from the client's /v1, so the router must set :path.
+            {"name": "openai", "kind": "openai", "baseURL": "https://api.example.com/openai/v1",
+             "credential": {"env": "GW_TEST_ROUTER_OPENAI_KEY"}},
+            {"name": "backup", "kind": "openai", "baseURL": "http://backup.example:8081/v1",
+             "credential": {"env": "GW_TEST_ROUTER_BACKUP_KEY"}},
+        ],
+        "models": [
+            {"name": "default-chat", "tokenizer": "o200k_base",
+             "backends": [{"provider": "openai", "model": "gpt-4o-mini"}]},
+            # Same name upstream and same /v1 base path: nothing to rewrite.
+            {"name": "passthrough-chat", "tokenizer": "o200k_base",
+             "backends": [{"provider": "backup", "model": "passthrough-chat"}]},
+            {"name": "fallback-chat", "tokenizer": "o200k_base",
+             "backends": [{"provider": "openai", "model": "gpt-4o", "priority": 0},
+                          {"provider": "backup", "model": "gpt-4o-backup", "priority": 1}]},
+            {"name": "default-embedding", "tokenizer": "cl100k_base",
+             "backends": [{"provider": "openai", "model": "text-embedding-3-small"}]},
+            {"name": "secret-chat", "tokenizer": "estimate",
+             "backends": [{"provider": "openai", "model": "o1"}]},
+        ],
+        "teams": [{"name": "search"}, {"name": "ads"}],
+        "keys": [
+            {"id": "all-models", "sha256": keys.digest(ALL), "team": "search"},
+            {"id": "limited", "sha256": keys.digest(LIMITED), "team": "ads",
+             "models": ["default-chat", "passthrough-chat", "fallback-chat", "default-embedding"]},
+            {"id": "expired", "sha256": keys.digest(EXPIRED), "team": "ads", "expiresAt": "2020-01-01T00:00:00Z"},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Runtime:
+    return Runtime.from_config(config.parse(gateway_doc(), "test-gateway.yaml"))
+
+
+@pytest.fixture
+def proc(runtime: Runtime) -> RouterProcessor:
+    return RouterProcessor(runtime)
+
+
+# -- message builders --------------------------------------------------------------------
+
+
+def header_map(headers: dict[str, str]) -> HeaderMap:
+    return HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()])
+
+
+def req_headers(method: str = "POST", path: str = CHAT_PATH, key: str | None = ALL,
+                content_type: str | None = "application/json", end: bool = False,
+                **extra: str) -> ep.ProcessingRequest:
+    h = {":method": method, ":path": path, ":authority": "gateway.local", ":scheme": "http",
+         "x-request-id": "req-123", "user-agent": "OpenAI/Python 1.50.0"}
+    if key is not None:
+        h["authorization"] = f"Bearer {key}"
+    if content_type is not None:
+        h["content-type"] = content_type
+    h.update({k.replace("_", "-"): v for k, v in extra.items()})
+    return ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=header_map(h), end_of_stream=end))
+
+
+def req_body(body: dict[str, Any] | bytes) -> ep.ProcessingRequest:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True))
+
+
+def resp_headers(status: int = 200, content_type: str = "application/json", backend: str | None = None,
+                 end: bool = False) -> ep.ProcessingRequest:
+    h = {":status": str(status), "content-type": content_type}
+    if backend:
+        h["x-gateway-backend"] = backend
+    return ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=header_map(h), end_of_stream=end))
+
+
+def resp_body(data: bytes, end: bool = True) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(response_body=ep.HttpBody(body=data, end_of_stream=end))
+
+
+# -- response readers --------------------------------------------------------------------
+
+
+def set_headers(common: ep.CommonResponse) -> dict[str, str]:
+    out = {}
+    for opt in common.header_mutation.set_headers:
+        assert opt.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        out[opt.header.key] = opt.header.raw_value.decode()
+    return out
+
+
+def immediate(resp: ep.ProcessingResponse) -> tuple[int, dict[str, Any], str]:
+    assert resp.WhichOneof("response") == "immediate_response"
+    imm = resp.immediate_response
+    headers = {o.header.key: o.header.raw_value.decode() for o in imm.headers.set_headers}
+    assert headers == {"content-type": "application/json"}
+    assert imm.details.startswith("gw_")
+    return imm.status.code, orjson.loads(imm.body), imm.details
+
+
+def assert_error(resp: ep.ProcessingResponse, status: int, code: str, param: str | None = None) -> None:
+    got_status, body, details = immediate(resp)
+    assert got_status == status
+    assert details == f"gw_{code}"
+    assert body["error"]["code"] == code
+    assert body["error"]["param"] == param
+    assert set(body["error"]) == {"message", "type", "code", "param"}
+
+
+def sent_body(resp: ep.ProcessingResponse) -> dict[str, Any] | None:
+    common = resp.request_body.response
+    return orjson.loads(common.body_mutation.body) if common.HasField("body_mutation") else None
+
+
+def metadata(resp: ep.ProcessingResponse) -> dict[str, Any]:
+    return json_format.MessageToDict(resp.dynamic_metadata)
+
+
+CHAT = {"model": "default-chat", "messages": [{"role": "user", "content": "hello world"}]}
+CHAT_PROMPT_TOKENS = 9  # 3 priming + 3 framing + "user" (1) + "hello world" (2), o200k_base
+EMB = {"model": "default-embedding", "input": "hello world"}
+EMB_PROMPT_TOKENS = 2  # cl100k_base
+
+
+async def send_request(proc: RouterProcessor, body: dict[str, Any] | bytes, path: str = CHAT_PATH,
+                       key: str = ALL) -> ep.ProcessingResponse:
+    first = await proc.handle(req_headers(path=path, key=key))
+    assert first.WhichOneof("response") == "request_headers"
+    return await proc.handle(req_body(body))
+
+
+# -- GET /v1/models ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    (ALL, ["default-chat", "passthrough-chat", "fallback-chat", "default-embedding", "secret-chat"]),
+    (LIMITED, ["default-chat", "passthrough-chat", "fallback-chat", "default-embedding"]),
+], ids=["all-models-key", "limited-key"])
+async def test_models_list_shows_only_allowed_models(proc: RouterProcessor, key: str, expected: list[str]) -> None:
+    resp = await proc.handle(req_headers("GET", "/v1/models?limit=10", key=key, content_type=None, end=True))
+    status, body, details = immediate(resp)
+    assert (status, details) == (200, "gw_answered")
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == expected
+    assert all(m == {"id": m["id"], "object": "model", "created": 0, "owned_by": "gateway"} for m in body["data"])
+
+
+# -- request header checks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("message", "status", "code"), [
+    (req_headers("GET", "/v1/nope"), 404, "unknown_endpoint"),
+    (req_headers("POST", "/v1/completions"), 404, "unknown_endpoint"),
+    (req_headers("POST", "/v1/chat/completions/"), 404, "unknown_endpoint"),
+    (req_headers("POST", "/v1/nope", key=None), 404, "unknown_endpoint"),  # before auth
+    (req_headers("GET", CHAT_PATH), 405, "method_not_allowed"),
+    (req_headers("PUT", EMB_PATH), 405, "method_not_allowed"),
+    (req_headers("POST", "/v1/models"), 405, "method_not_allowed"),
+    (req_headers(key=None), 401, "missing_api_key"),
+    (req_headers("GET", "/v1/models", key=None), 401, "missing_api_key"),
+    (req_headers(key="gwk_all-models_wrong-secret"), 401, "invalid_api_key"),
+    (req_headers(key="sk-proj-providerkey0123456789"), 401, "invalid_api_key"),
+    (req_headers(key=EXPIRED), 401, "expired_api_key"),
+    (req_headers(content_type="text/plain"), 415, "unsupported_media_type"),
+    (req_headers(content_type="application/x-www-form-urlencoded"), 415, "unsupported_media_type"),
+    (req_headers(content_type=None), 415, "unsupported_media_type"),
+    (req_headers(content_length=str(MAX_BYTES + 1)), 413, "request_too_large"),
+    (req_headers(end=True), 400, "invalid_request"),  # POST without a body
+], ids=["unknown-path", "legacy-completions", "trailing-slash", "unknown-path-no-key", "chat-get", "embeddings-put",
+        "models-post", "no-key", "models-no-key", "wrong-secret", "provider-key", "expired", "text-plain", "form",
+        "no-content-type", "too-large", "no-body"])
+async def test_request_headers_rejections(proc: RouterProcessor, message: ep.ProcessingRequest, status: int,
+                                          code: str) -> None:
+    assert_error(await proc.handle(message), status, code)
+
+
+async def test_unknown_endpoint_message_names_method_and_path(proc: RouterProcessor) -> None:
+    _, body, _ = immediate(await proc.handle(req_headers("DELETE", "/v1/files/abc")))
+    assert body["error"]["message"] == "Unknown endpoint DELETE /v1/files/abc."
+    assert body["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("message", [
+    req_headers(content_type="application/json; charset=utf-8"),
+    req_headers(content_type="Application/JSON"),
+    req_headers(content_length=str(MAX_BYTES)),
+    req_headers(path=CHAT_PATH + "?api-version=2024-10-01"),
+    req_headers(path=EMB_PATH),
+    req_headers(key=None, x_api_key=LIMITED),
+], ids=["charset", "case", "at-limit", "query-string", "embeddings", "x-api-key"])
+async def test_request_headers_accepted(proc: RouterProcessor, message: ep.ProcessingRequest) -> None:
+    resp = await proc.handle(message)
+    assert resp.WhichOneof("response") == "request_headers"
+
+
+async def test_request_headers_strip_caller_credentials_and_gateway_headers(proc: RouterProcessor) -> None:
+    resp = await proc.handle(req_headers(
+        key=ALL, x_api_key="also-a-secret", x_gateway_model="secret-chat", x_gateway_backend="openai/o1",
+        x_gateway_prompt_tokens="1", x_gatewayish="kept", x_custom="kept"))
+    common = resp.request_headers.response
+    assert set(common.header_mutation.remove_headers) == {
+        "authorization", "x-api-key", "x-gateway-model", "x-gateway-backend", "x-gateway-prompt-tokens"}
+    assert not common.header_mutation.set_headers
+    assert not common.HasField("body_mutation")
+
+
+# -- request body: shaping for the backend -----------------------------------------------
+
+
+async def test_single_backend_body_renamed_path_set_and_metadata(proc: RouterProcessor) -> None:
+    body = {**CHAT, "temperature": 0.2, "max_tokens": 50, "user": "u-1"}
+    resp = await send_request(proc, body)
+
+    assert resp.WhichOneof("response") == "request_body"
+    common = resp.request_body.response
+    new_raw = common.body_mutation.body
+    assert orjson.loads(new_raw) == {**body, "model": "gpt-4o-mini"}  # only the model changes
+    assert "stream_options" not in orjson.loads(new_raw)
+    assert set_headers(common) == {
+        "x-gateway-model": "default-chat",
+        ":path": "/openai/v1/chat/completions",
+        "content-length": str(len(new_raw)),
+    }
+    assert common.clear_route_cache is True
+    assert metadata(resp) == {"gw": {"model": "default-chat", "api": "chat", "request_id": "req-123"}}
+
+
+async def test_path_with_query_string_gets_provider_path(proc: RouterProcessor) -> None:
+    await proc.handle(req_headers(path=CHAT_PATH + "?x=1"))
+    resp = await proc.handle(req_body(CHAT))
+    assert set_headers(resp.request_body.response)[":path"] == "/openai/v1/chat/completions"
+
+
+@pytest.mark.parametrize(("stream_options", "expected_options"), [
+    (None, {"include_usage": True}),
+    ({}, {"include_usage": True}),
+    ({"include_usage": False}, {"include_usage": True}),
+    ({"include_obfuscation": False}, {"include_obfuscation": False, "include_usage": True}),
+], ids=["absent", "empty", "false", "other-option"])
+async def test_streaming_asks_provider_for_usage(proc: RouterProcessor, stream_options: dict | None,
+                                                 expected_options: dict) -> None:
+    body = {**CHAT, "stream": True}
+    if stream_options is not None:
+        body["stream_options"] = stream_options
+    resp = await send_request(proc, body)
+    common = resp.request_body.response
+    sent = orjson.loads(common.body_mutation.body)
+    assert sent == {**body, "model": "gpt-4o-mini", "stream_options": expected_options}
+    assert set_headers(common)["content-length"] == str(len(common.body_mutation.body))
+    assert proc.drop_usage is True and proc.stream is True
+
+
+async def test_streaming_client_already_asked_for_usage(proc: RouterProcessor) -> None:
+    body = {**CHAT, "model": "passthrough-chat", "stream": True, "stream_options": {"include_usage": True}}
+    resp = await send_request(proc, body)
+    common = resp.request_body.response
+    assert not common.HasField("body_mutation")  # nothing to change at all
+    assert set_headers(common) == {"x-gateway-model": "passthrough-chat"}
+    assert proc.drop_usage is False and proc.stream is True
+
+
+async def test_nothing_to_rewrite_sends_no_body_and_no_path(proc: RouterProcessor) -> None:
+    resp = await send_request(proc, {**CHAT, "model": "passthrough-chat"})
+    common = resp.request_body.response
+    assert not common.HasField("body_mutation")
+    assert set_headers(common) == {"x-gateway-model": "passthrough-chat"}  # /v1 + suffix == client path
+    assert common.clear_route_cache is True
+    assert metadata(resp)["gw"]["model"] == "passthrough-chat"
+
+
+async def test_multi_backend_keeps_logical_model_name(proc: RouterProcessor) -> None:
+    resp = await send_request(proc, {**CHAT, "model": "fallback-chat"})
+    common = resp.request_body.response
+    assert not common.HasField("body_mutation")  # the upstream processor renames per attempt
+    assert set_headers(common) == {"x-gateway-model": "fallback-chat"}  # and sets :path per attempt
+    assert metadata(resp) == {"gw": {"model": "fallback-chat", "api": "chat", "request_id": "req-123"}}
+
+
+async def test_multi_backend_streaming_adds_usage_but_keeps_name(proc: RouterProcessor) -> None:
+    resp = await send_request(proc, {**CHAT, "model": "fallback-chat", "stream": True})
+    common = resp.request_body.response
+    sent = orjson.loads(common.body_mutation.body)
+    assert sent["model"] == "fallback-chat"
+    assert sent["stream_options"] == {"include_usage": True}
+    assert set_headers(common) == {"x-gateway-model": "fallback-chat",
+                                   "content-length": str(len(common.body_mutation.body))}
+
+
+async def test_embeddings_body(proc: RouterProcessor) -> None:
+    # `stream` means nothing for embeddings: no stream_options are added.
+    resp = await send_request(proc, {**EMB, "stream": True}, path=EMB_PATH)
+    common = resp.request_body.response
+    sent = orjson.loads(common.body_mutation.body)
+    assert sent == {"model": "text-embedding-3-small", "input": "hello world", "stream": True}
+    assert set_headers(common) == {"x-gateway-model": "default-embedding", ":path": "/openai/v1/embeddings",
+                                   "content-length": str(len(common.body_mutation.body))}
+    assert metadata(resp)["gw"]["api"] == "embeddings"
+    assert proc.stream is False and proc.prompt_tokens == EMB_PROMPT_TOKENS
+
+
+@pytest.mark.parametrize(("body", "key", "status", "code", "param"), [
+    ({**CHAT, "model": "gpt-5"}, ALL, 404, "model_not_found", "model"),
+    ({**CHAT, "model": "secret-chat"}, LIMITED, 403, "model_not_allowed", "model"),
+    (b'{"model": "default-chat", "messages": [', ALL, 400, "invalid_json", None),
+    (b'{"model": "\xff"}', ALL, 400, "invalid_encoding", None),
+    (b"[]", ALL, 400, "invalid_request", None),
+    ({"model": "default-chat", "messages": []}, ALL, 400, "invalid_request", "messages"),
+    ({**CHAT, "max_tokens": 0}, ALL, 400, "invalid_request", "max_tokens"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x" * MAX_BYTES}]}, ALL, 413, "request_too_large", None),
+], ids=["unknown-model", "not-allowed", "bad-json", "bad-utf8", "array", "no-messages", "max-tokens", "too-large"])
+async def test_request_body_rejections(proc: RouterProcessor, body: Any, key: str, status: int, code: str,
+                                       param: str | None) -> None:
+    assert_error(await send_request(proc, body, key=key), status, code, param)
+
+
+async def test_model_not_found_message_points_to_models_list(proc: RouterProcessor) -> None:
+    _, body, _ = immediate(await send_request(proc, {**CHAT, "model": "gpt-5"}))
+    assert "'gpt-5'" in body["error"]["message"] and "GET /v1/models" in body["error"]["message"]
+
+
+async def test_large_body_is_tokenized_off_loop() -> None:
+    """Bodies above OFFLOAD_TOKENIZE_BYTES take the to_thread path and count the same."""
+    runtime = Runtime.from_config(config.parse(gateway_doc(max_bytes=1 << 20), "big.yaml"))
+    proc = RouterProcessor(runtime)
+    text = "hello world " * (router.OFFLOAD_TOKENIZE_BYTES // 12 + 10)
+    body = {"model": "default-chat", "messages": [{"role": "user", "content": text}]}
+    assert len(orjson.dumps(body)) > router.OFFLOAD_TOKENIZE_BYTES
+    await send_request(proc, body)
+    import bpe_openai
+
+    enc = bpe_openai.get_encoding("o200k_base")
+    assert proc.prompt_tokens == 3 + 3 + 1 + len(enc.encode_ordinary(text))
+
+
+# -- responses ---------------------------------------------------------------------------
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + (obj if isinstance(obj, bytes) else orjson.dumps(obj)) + b"\n\n"
+
+
+def chunk(choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+            "choices": choices, "usage": usage}
+
+
+STREAM_USAGE = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
+STREAM_EVENTS = [
+    sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])),
+    sse(chunk([{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}])),
+    sse(chunk([{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}])),
+]
+USAGE_EVENT = sse(chunk([], STREAM_USAGE))
+DONE = sse(b"[DONE]")
+
+
+async def test_sse_response_headers_switch_to_streamed(proc: RouterProcessor) -> None:
+    await send_request(proc, {**CHAT, "stream": True})
+    resp = await proc.handle(resp_headers(content_type="text/event-stream; charset=utf-8", backend="openai/gpt-4o-mini"))
+    assert resp.WhichOneof("response") == "response_headers"
+    assert resp.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.STREAMED
+    assert set_headers(resp.response_headers.response) == {"x-gateway-prompt-tokens": str(CHAT_PROMPT_TOKENS)}
+
+
+async def test_json_response_headers_stay_buffered(proc: RouterProcessor) -> None:
+    await send_request(proc, CHAT)
+    resp = await proc.handle(resp_headers())
+    assert resp.WhichOneof("response") == "response_headers"
+    assert not resp.HasField("mode_override")
+    assert not resp.response_headers.HasField("response")
+
+
+def forwarded(resp: ep.ProcessingResponse, original: bytes) -> bytes:
+    assert resp.WhichOneof("response") == "response_body"
+    if not resp.response_body.HasField("response"):
+        return original
+    common = resp.response_body.response
+    assert not common.header_mutation.set_headers
+    return common.body_mutation.body
+
+
+async def test_stream_drops_usage_chunk_client_did_not_ask_for(proc: RouterProcessor) -> None:
+    await send_request(proc, {**CHAT, "stream": True})
+    await proc.handle(resp_headers(content_type="text/event-stream"))
+    chunks = [*STREAM_EVENTS, USAGE_EVENT, DONE]
+    out = [forwarded(await proc.handle(resp_body(c, end=i == len(chunks) - 1)), c) for i, c in enumerate(chunks)]
+    assert out == [*STREAM_EVENTS, b"", DONE]
+    assert proc.usage is not None and (proc.usage.prompt_tokens, proc.usage.completion_tokens) == (11, 2)
+
+
+async def test_stream_drops_usage_chunk_split_across_messages(proc: RouterProcessor) -> None:
+    await send_request(proc, {**CHAT, "stream": True})
+    await proc.handle(resp_headers(content_type="text/event-stream"))
+    whole = b"".join([*STREAM_EVENTS, USAGE_EVENT, DONE])
+    cut = len(b"".join(STREAM_EVENTS)) + 20  # inside the usage event
+    parts = [whole[:cut], whole[cut:cut + 7], whole[cut + 7:]]
+    out = b"".join([forwarded(await proc.handle(resp_body(p, end=i == 2)), p) for i, p in enumerate(parts)])
+    assert out == b"".join([*STREAM_EVENTS, DONE])
+
+
+async def test_stream_keeps_usage_chunk_client_asked_for(proc: RouterProcessor) -> None:
+    await send_request(proc, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    await proc.handle(resp_headers(content_type="text/event-stream"))
+    chunks = [*STREAM_EVENTS, USAGE_EVENT, DONE]
+    responses = [await proc.handle(resp_body(c, end=i == len(chunks) - 1)) for i, c in enumerate(chunks)]
+    assert all(not r.response_body.HasField("response") for r in responses)  # everything forwarded as is
+    assert proc.usage is not None and proc.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize(("body", "path", "response", "expected"), [
+    (CHAT, CHAT_PATH,
+     {"id": "chatcmpl-1", "object": "chat.completion", "choices": [],
+      "usage": {"prompt_tokens": 14, "completion_tokens": 7, "total_tokens": 21,
+                "prompt_tokens_details": {"cached_tokens": 0}}},
+     {"x-gateway-prompt-tokens": "14", "x-gateway-completion-tokens": "7"}),  # provider's count wins
+    (EMB, EMB_PATH,
+     {"object": "list", "data": [], "usage": {"prompt_tokens": 3, "total_tokens": 3}},
+     {"x-gateway-prompt-tokens": "3"}),
+    (CHAT, CHAT_PATH, {"id": "chatcmpl-1", "choices": []},  # no usage: the local count
+     {"x-gateway-prompt-tokens": str(CHAT_PROMPT_TOKENS)}),
+], ids=["chat", "embeddings", "no-usage"])
+async def test_buffered_response_token_headers(proc: RouterProcessor, body: dict, path: str, response: dict,
+                                               expected: dict[str, str]) -> None:
+    await send_request(proc, body, path=path)
+    await proc.handle(resp_headers())
+    resp = await proc.handle(resp_body(orjson.dumps(response)))
+    assert resp.WhichOneof("response") == "response_body"
+    common = resp.response_body.response
+    assert set_headers(common) == expected
+    assert not common.HasField("body_mutation")  # the body itself is never touched
+
+
+async def test_error_response_usage_is_not_trusted(proc: RouterProcessor) -> None:
+    await send_request(proc, CHAT)
+    await proc.handle(resp_headers(status=500))
+    resp = await proc.handle(resp_body(b'{"error": {"message": "boom"}, "usage": {"prompt_tokens": 999}}'))
+    assert set_headers(resp.response_body.response) == {"x-gateway-prompt-tokens": str(CHAT_PROMPT_TOKENS)}
+
+
+async def test_unexpected_message_kind(proc: RouterProcessor) -> None:
+    with pytest.raises(ValueError, match="request_trailers"):
+        await proc.handle(ep.ProcessingRequest(request_trailers=ep.HttpTrailers()))
+
+
+# -- access log --------------------------------------------------------------------------
+
+
+def access_events(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "access"]
+
+
+def assert_no_key_in_logs(logs: list[dict[str, Any]], *secrets: str) -> None:
+    text = repr(logs)
+    for secret in secrets:
+        assert secret not in text
+        assert secret.rsplit("_", 1)[-1] not in text
+
+
+async def test_access_log_complete_buffered_request(proc: RouterProcessor) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await send_request(proc, CHAT)
+        await proc.handle(resp_headers(backend="openai/gpt-4o-mini"))
+        await proc.handle(resp_body(orjson.dumps({"usage": {"prompt_tokens": 14, "completion_tokens": 7}})))
+        proc.close()  # the stream ends: must not log a second line
+    (event,) = access_events(logs)
+    duration = event.pop("duration_ms")
+    assert isinstance(duration, float) and duration >= 0
+    assert event == {
+        "event": "access", "log_level": "info", "outcome": "complete", "request_id": "req-123",
+        "method": "POST", "path": CHAT_PATH, "key_id": "all-models", "team": "search",
+        "model": "default-chat", "backend": "openai/gpt-4o-mini", "status": 200, "error_code": None,
+        "stream": False, "prompt_tokens": 14, "prompt_tokens_local": CHAT_PROMPT_TOKENS,
+        "completion_tokens": 7, "ttft_ms": None,
+    }
+    assert_no_key_in_logs(logs, ALL)
+
+
+async def test_access_log_streamed_request(proc: RouterProcessor) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await send_request(proc, {**CHAT, "stream": True}, key=LIMITED)
+        await proc.handle(resp_headers(content_type="text/event-stream", backend="openai/gpt-4o-mini"))
+        chunks = [*STREAM_EVENTS, USAGE_EVENT, DONE]
+        for i, c in enumerate(chunks):
+            await proc.handle(resp_body(c, end=i == len(chunks) - 1))
+        proc.close()
+    (event,) = access_events(logs)
+    assert event["outcome"] == "complete"
+    assert (event["key_id"], event["team"], event["model"], event["stream"]) == ("limited", "ads", "default-chat", True)
+    assert (event["prompt_tokens"], event["prompt_tokens_local"], event["completion_tokens"]) == (
+        11, CHAT_PROMPT_TOKENS, 2)
+    assert event["ttft_ms"] is not None and event["ttft_ms"] >= 0
+    assert_no_key_in_logs(logs, LIMITED)
+
+
+@pytest.mark.parametrize(("messages", "status", "code", "key_id", "model", "secret"), [
+    ([req_headers(key="gwk_all-models_thisIsTheWrongSecretValue")], 401, "invalid_api_key", None, None,
+     "gwk_all-models_thisIsTheWrongSecretValue"),
+    ([req_headers(key=None, x_api_key="sk-live-providerSecret123456")], 401, "invalid_api_key", None, None,
+     "sk-live-providerSecret123456"),
+    ([req_headers(key=EXPIRED)], 401, "expired_api_key", None, None, EXPIRED),
+    ([req_headers(content_type="text/plain")], 415, "unsupported_media_type", "all-models", None, ALL),
+    ([req_headers(), req_body({**CHAT, "model": "nope"})], 404, "model_not_found", "all-models", None, ALL),
+    ([req_headers(key=LIMITED), req_body({**CHAT, "model": "secret-chat"})], 403, "model_not_allowed",
+     "limited", None, LIMITED),
+], ids=["wrong-secret", "provider-key", "expired", "media-type", "unknown-model", "not-allowed"])
+async def test_access_log_rejections(proc: RouterProcessor, messages: list[ep.ProcessingRequest], status: int,
+                                     code: str, key_id: str | None, model: str | None, secret: str) -> None:
+    with structlog.testing.capture_logs() as logs:
+        for m in messages:
+            await proc.handle(m)
+        proc.close()
+    (event,) = access_events(logs)
+    assert (event["outcome"], event["status"], event["error_code"]) == ("complete", status, code)
+    assert (event["key_id"], event["model"]) == (key_id, model)
+    assert event["prompt_tokens"] is None and event["completion_tokens"] is None
+    assert_no_key_in_logs(logs, secret)
+
+
+async def test_access_log_models_list(proc: RouterProcessor) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await proc.handle(req_headers("GET", "/v1/models", key=LIMITED, content_type=None, end=True))
+        proc.close()
+    (event,) = access_events(logs)
+    assert (event["status"], event["path"], event["key_id"], event["error_code"]) == (200, "/v1/models", "limited",
+                                                                                     None)
+    assert_no_key_in_logs(logs, LIMITED)
+
+
+async def test_access_log_incomplete_when_stream_closes_early(proc: RouterProcessor) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await send_request(proc, CHAT)
+        proc.close()
+        proc.close()
+    (event,) = access_events(logs)
+    assert event["outcome"] == "incomplete"
+    assert event["status"] == 0 and event["model"] == "default-chat"
+    assert event["prompt_tokens"] == CHAT_PROMPT_TOKENS
+
+
+async def test_access_log_headers_only_response(proc: RouterProcessor) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await send_request(proc, CHAT)
+        resp = await proc.handle(resp_headers(status=503, end=True))
+        proc.close()
+    assert resp.WhichOneof("response") == "response_headers"
+    (event,) = access_events(logs)
+    assert (event["outcome"], event["status"]) == ("complete", 503)
