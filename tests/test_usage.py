@@ -11,6 +11,11 @@ import pytest
 from gateway_extproc import usage as usage_mod
 from gateway_extproc.usage import SseUsageTap, Usage, usage_from_json
 
+
+def counts(usage: Usage | None) -> tuple[int | None, int | None, int | None] | None:
+    """The token counts of a Usage (other fields, e.g. the model name, are not this file's concern)."""
+    return None if usage is None else (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+
 # -- usage_from_json ---------------------------------------------------------------------
 
 
@@ -41,7 +46,7 @@ from gateway_extproc.usage import SseUsageTap, Usage, usage_from_json
     (b'\xff\xfe{"usage":{}}', None),
 ])
 def test_usage_from_json(raw: bytes, expected: Usage | None) -> None:
-    assert usage_from_json(raw) == expected
+    assert counts(usage_from_json(raw)) == counts(expected)
 
 
 # -- a realistic OpenAI chat stream ------------------------------------------------------
@@ -49,7 +54,7 @@ def test_usage_from_json(raw: bytes, expected: Usage | None) -> None:
 USAGE = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
          "prompt_tokens_details": {"cached_tokens": 4, "audio_tokens": 0},
          "completion_tokens_details": {"reasoning_tokens": 0}}
-EXPECTED_USAGE = Usage(12, 3, 4)
+EXPECTED_USAGE = (12, 3, 4)  # prompt, completion, cached
 
 
 def _chunk(choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
@@ -103,7 +108,7 @@ def test_observe_mode_whole_stream(sep: bytes) -> None:
     stream, _ = openai_stream(sep)
     tap = SseUsageTap(drop_usage_chunk=False)
     assert tap.feed(stream, end=True) is None
-    assert tap.usage == EXPECTED_USAGE
+    assert counts(tap.usage) == EXPECTED_USAGE
     assert tap.events == 7
 
 
@@ -116,7 +121,7 @@ def test_observe_mode_never_replaces_and_finds_split_usage() -> None:
     chunks = split_at(stream, cuts)
     results = [tap.feed(c, end=i == len(chunks) - 1) for i, c in enumerate(chunks)]
     assert results == [None] * len(chunks)
-    assert tap.usage == EXPECTED_USAGE
+    assert counts(tap.usage) == EXPECTED_USAGE
 
 
 def test_observe_mode_without_usage_event() -> None:
@@ -135,7 +140,7 @@ def test_drop_mode_whole_stream_in_one_chunk(sep: bytes) -> None:
     tap = SseUsageTap(drop_usage_chunk=True)
     out = tap.feed(stream, end=True)
     assert out == stream.replace(usage_event, b"")
-    assert tap.usage == EXPECTED_USAGE
+    assert counts(tap.usage) == EXPECTED_USAGE
 
 
 def test_drop_mode_removes_usage_only_chunk_and_keeps_the_rest() -> None:
@@ -146,7 +151,7 @@ def test_drop_mode_removes_usage_only_chunk_and_keeps_the_rest() -> None:
     assert tap.feed(content, end=False) is None  # untouched -> None, forwarded as is
     assert tap.feed(usage, end=False) == b""  # dropped entirely
     assert tap.feed(done, end=True) is None
-    assert tap.usage == EXPECTED_USAGE
+    assert counts(tap.usage) == EXPECTED_USAGE
 
 
 def test_drop_mode_keeps_usage_chunk_that_has_choices() -> None:
@@ -154,7 +159,7 @@ def test_drop_mode_keeps_usage_chunk_that_has_choices() -> None:
     tap = SseUsageTap(drop_usage_chunk=True)
     event = _event(_chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}], USAGE))
     assert tap.feed(event, end=False) is None
-    assert tap.usage == EXPECTED_USAGE
+    assert counts(tap.usage) == EXPECTED_USAGE
 
 
 @pytest.mark.parametrize("event", [
@@ -189,7 +194,7 @@ def test_drop_mode_partial_usage_event_never_leaks() -> None:
     assert out1 == before  # the half usage event is held back
     out2 = tap.feed(usage_event[half:], end=False)
     assert out2 == b""  # completed and dropped
-    assert tap.usage == EXPECTED_USAGE
+    assert counts(tap.usage) == EXPECTED_USAGE
 
 
 def test_drop_mode_crlf_separator_split_between_cr_and_lf() -> None:
@@ -198,14 +203,14 @@ def test_drop_mode_crlf_separator_split_between_cr_and_lf() -> None:
     assert tap.feed(usage[:-3], end=False) == b""
     assert tap.feed(usage[-3:-1], end=False) == b""
     assert tap.feed(usage[-1:] + b"data: [DONE]\r\n\r\n", end=True) == b"data: [DONE]\r\n\r\n"
-    assert tap.usage == EXPECTED_USAGE
+    assert counts(tap.usage) == EXPECTED_USAGE
 
 
 def test_drop_mode_multiline_event_with_crlf() -> None:
     event = b"event: message\r\nid: 7\r\ndata: " + orjson.dumps(_chunk([], USAGE)) + b"\r\n\r\n"
     tap = SseUsageTap(drop_usage_chunk=True)
     assert tap.feed(event + b"data: [DONE]\r\n\r\n", end=True) == b"data: [DONE]\r\n\r\n"
-    assert tap.usage == EXPECTED_USAGE
+    assert counts(tap.usage) == EXPECTED_USAGE
 
 
 def test_drop_mode_flushes_tail_at_end() -> None:
@@ -251,7 +256,7 @@ def test_every_two_chunk_split(sep: bytes, drop: bool) -> None:
     for cut in range(len(stream) + 1):
         tap = SseUsageTap(drop_usage_chunk=drop)
         assert forward(tap, split_at(stream, [cut])) == expected, f"cut at {cut}"
-        assert tap.usage == EXPECTED_USAGE, f"cut at {cut}"
+        assert counts(tap.usage) == EXPECTED_USAGE, f"cut at {cut}"
 
 
 @pytest.mark.parametrize("sep", SEPARATORS)
@@ -267,11 +272,11 @@ def test_random_multi_chunk_splits(sep: bytes, drop: bool) -> None:
             chunks.append(b"")  # Envoy may end the stream with an empty chunk
         tap = SseUsageTap(drop_usage_chunk=drop)
         assert forward(tap, chunks) == expected, f"trial {trial}: cuts {sorted(cuts)}"
-        assert tap.usage == EXPECTED_USAGE, f"trial {trial}"
+        assert counts(tap.usage) == EXPECTED_USAGE, f"trial {trial}"
 
 
 def test_byte_at_a_time() -> None:
     stream, usage_event = openai_stream(b"\r\n\r\n")
     tap = SseUsageTap(drop_usage_chunk=True)
     assert forward(tap, [stream[i:i + 1] for i in range(len(stream))]) == stream.replace(usage_event, b"")
-    assert tap.usage == EXPECTED_USAGE
+    assert counts(tap.usage) == EXPECTED_USAGE
