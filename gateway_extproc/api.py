@@ -66,7 +66,8 @@ def _validate_chat(body: dict[str, Any]) -> None:
         _require(content is None or isinstance(content, (str, list)), f"messages[{i}].content",
                  f"`messages[{i}].content` must be a string or an array of parts.")
     _require(isinstance(body.get("stream", False), bool), "stream", "`stream` must be a boolean.")
-    _require(isinstance(body.get("stream_options") or {}, dict), "stream_options", "`stream_options` must be an object.")
+    options = body.get("stream_options")
+    _require(options is None or isinstance(options, dict), "stream_options", "`stream_options` must be an object.")
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
 

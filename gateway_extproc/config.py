@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,15 +125,27 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
     if not listen:
         r.fail("listen", "is empty; list at least one unix:///path or host:port")
     max_bytes = doc.get("maxRequestBytes", 10 * 1024 * 1024)
-    if not isinstance(max_bytes, int) or max_bytes <= 0:
+    if not _is_int(max_bytes) or max_bytes <= 0:
         r.fail("maxRequestBytes", "must be a positive integer (bytes)")
     backends = {b.id: b for m in models.values() for b in m.backends}
     metrics = r.mapping(doc.get("metrics") or {}, "metrics")
     port = metrics.get("port", 0)
-    if not isinstance(port, int) or not 0 <= port < 65536:
+    if not _is_int(port) or not 0 <= port < 65536:
         r.fail("metrics.port", "must be a port number (0 disables /metrics)")
     address = r.string(metrics.get("address", "0.0.0.0"), "metrics.address")
     return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port)
+
+
+def _is_int(value: Any) -> bool:
+    """YAML booleans are ints to Python; a config number never is a boolean."""
+    return type(value) is int
+
+
+@cache
+def _openai_encodings() -> tuple[str, ...]:
+    import bpe_openai
+
+    return tuple(sorted(bpe_openai.list_encoding_names()))
 
 
 class _Reader:
@@ -147,10 +160,10 @@ class _Reader:
             self.fail(key, "must be a mapping")
         return value
 
-    def list(self, doc: dict[str, Any], key: str) -> list[Any]:
+    def list(self, doc: dict[str, Any], key: str, at: str = "") -> list[Any]:
         value = doc.get(key) or []
         if not isinstance(value, list):
-            self.fail(key, "must be a list")
+            self.fail(f"{at}.{key}" if at else key, "must be a list")
         return value
 
     def string(self, value: Any, key: str) -> str:
@@ -174,6 +187,10 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     env, file = cred.get("env"), cred.get("file")
     if (env is None) == (file is None):
         r.fail(f"{at}.credential", "must have exactly one of env: VAR or file: /path")
+    if env is not None:
+        r.string(env, f"{at}.credential.env")
+    if file is not None:
+        r.string(file, f"{at}.credential.file")
     return Provider(name, kind, base_url, parts.path.rstrip("/"), env, file)
 
 
@@ -181,10 +198,15 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider]) -> Mode
     at = f"models[{i}]"
     m = r.mapping(raw, at)
     name = r.string(m.get("name"), f"{at}.name")
-    tokenizer = m.get("tokenizer", "estimate")
-    r.string(tokenizer, f"{at}.tokenizer")
+    tokenizer = r.string(m.get("tokenizer", "estimate"), f"{at}.tokenizer")
+    if tokenizer.endswith(".json"):
+        if not Path(tokenizer).is_file():
+            r.fail(f"{at}.tokenizer", f"is {tokenizer!r}, which is not a readable file; give a local tokenizer.json")
+    elif tokenizer != "estimate" and tokenizer not in _openai_encodings():
+        r.fail(f"{at}.tokenizer", f"is {tokenizer!r}; use one of {', '.join(_openai_encodings())}, "
+               "a path to a tokenizer.json, or estimate")
     backends = []
-    for j, b in enumerate(r.list(m, "backends")):
+    for j, b in enumerate(r.list(m, "backends", at)):
         bat = f"{at}.backends[{j}]"
         b = r.mapping(b, bat)
         pname = r.string(b.get("provider"), f"{bat}.provider")
@@ -192,9 +214,9 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider]) -> Mode
             r.fail(f"{bat}.provider", f"is {pname!r}, not in providers; add it or fix the name")
         pmodel = r.string(b.get("model"), f"{bat}.model")
         priority, weight = b.get("priority", 0), b.get("weight", 1)
-        if not isinstance(priority, int) or priority < 0:
+        if not _is_int(priority) or priority < 0:
             r.fail(f"{bat}.priority", "must be an integer >= 0")
-        if not isinstance(weight, int) or weight < 1:
+        if not _is_int(weight) or weight < 1:
             r.fail(f"{bat}.weight", "must be an integer >= 1")
         backends.append(Backend(f"{pname}/{pmodel}", providers[pname], pmodel, priority, weight))
     if not backends:
@@ -221,6 +243,8 @@ def _key(r: _Reader, i: int, raw: Any, teams: frozenset[str], models: dict[str, 
         if name != "*" and name not in models:
             r.fail(f"{at}.models", f"names {name!r}, which is not in models")
     expires = k.get("expiresAt")
+    if isinstance(expires, date) and not isinstance(expires, datetime):
+        expires = datetime(expires.year, expires.month, expires.day, tzinfo=timezone.utc)
     if isinstance(expires, str):
         try:
             expires = datetime.fromisoformat(expires)
