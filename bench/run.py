@@ -48,6 +48,7 @@ ENVOY_FLAGS = ["--log-level", "warn", "--disable-hot-restart"]
 WRK_THREADS = 1  # one wrk thread generates >40k req/s here; a second would only steal a core
 TTFB_SAMPLES, TTFB_WARMUP = 200, 20
 MAX_ERROR_FRACTION = 0.01
+DISTURBED_CORES = 0.2  # CPU used by processes outside the bench during a run; above this, say so
 
 TARGET_RATIO_32 = 0.09  # gateway req/s @32 >= 0.09 x plain Envoy
 TARGET_ADDED_P50_MS = 2.5  # gateway p50 @1 - plain Envoy p50 @1
@@ -389,12 +390,12 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = f[3] + f[4]  # idle + iowait
-    steal = f[7] if len(f) > 7 else 0
-    return (sum(f[:8]) - idle - steal) / _TICK, steal / _TICK
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds of the whole machine since boot, from /proc/stat: processes (user, nice,
+    system), interrupts (irq, softirq: loopback TCP is mostly here) and steal."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = f + [0] * (8 - len(f))
+    return {"processes": (user + nice + system) / _TICK, "irq": (irq + softirq) / _TICK, "steal": steal / _TICK}
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -460,16 +461,16 @@ def run_wrk(url: str, script: Path, connections: int, seconds: float,
     pids = {name: f() for name, f in cpu_of.items()}
     before = {name: cpu_seconds(p) for name, p in pids.items()}
     wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy_before, steal_before = machine_cpu()
+    machine_before = machine_cpu()
     out = subprocess.run(argv, capture_output=True, text=True)
-    busy_after, steal_after = machine_cpu()
+    machine = {k: v - machine_before[k] for k, v in machine_cpu().items()}
     wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = {name: cpu_seconds(p) - before[name] for name, p in pids.items()}
     cpu["wrk"] = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
-    # Everything else this machine ran meanwhile (this script, other users' jobs): a large
-    # value means the run was disturbed. Steal is time the hypervisor gave to other guests.
-    cpu["other"] = max(0.0, (busy_after - busy_before) - sum(cpu.values()))
-    cpu["steal"] = steal_after - steal_before
+    # Processes outside the bench (other users' jobs) used the rest: a large value means the
+    # run was disturbed. Steal is time the hypervisor gave to other guests.
+    cpu["other"] = max(0.0, machine["processes"] - sum(cpu.values()))
+    cpu["irq"], cpu["steal"] = machine["irq"], machine["steal"]
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr}\n{out.stdout}")
     load = parse_wrk(out.stdout, connections)
@@ -658,7 +659,7 @@ def table(results: list[PathResult], plain: PathResult) -> str:
 
 def cpu_table(results: list[PathResult]) -> str:
     """Where the CPU went during each 32-connection run (cores busy = CPU seconds / wall seconds)."""
-    names = ["wrk", "nginx", "envoy", "extproc", "other", "steal"]
+    names = ["wrk", "nginx", "envoy", "extproc", "irq", "other", "steal"]
     lines = ["| path @32 | " + " | ".join(f"{n} cores" for n in names) + " | envoy CPU-ms/req |",
              "|---|" + "---:|" * (len(names) + 1)]
     for r in results:
@@ -704,6 +705,17 @@ def checks(results: list[PathResult], plain: PathResult) -> list[Check]:
     return out
 
 
+def disturbances(results: list[PathResult]) -> list[str]:
+    """Runs during which other processes on this machine used noticeable CPU."""
+    out = []
+    for r in results:
+        for load in [x for p in (r.rounds or [r]) for x in (p.at1, p.at32)]:
+            cores = load.cpu_s.get("other", 0.0) / load.seconds
+            if cores > DISTURBED_CORES:
+                out.append(f"{r.name} @{load.connections}: {cores:.2f} cores used by other processes")
+    return out
+
+
 def source_version() -> dict[str, object]:
     """Which gateway code was measured (read-only git queries)."""
     def git(*a: str) -> str:
@@ -729,6 +741,7 @@ def write_json(results: list[PathResult], plain: PathResult, found: list[Check],
         "paths": [{**asdict(r), "ratio_32": r.ratio(plain), "added_p50_ms": r.added_p50(plain),
                    "ttfb_added_ms": r.ttfb_added(plain)} for r in results],
         "checks": [asdict(c) for c in found],
+        "disturbed_runs": disturbances(results),
         "probes": probes,
     }
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
@@ -771,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nCPU during the 32-connection runs:\n\n" + cpu_table(results) + "\n")
         for c in found:
             print(c.line())
+        for d in disturbances(results):
+            print(f"DISTURBED  {d}; repeat on a quiet machine for numbers to quote")
         for p in probes:
             if not p["ok"]:
                 print(f"WARNING  {p['probe']}: HTTP {p['status']} {p['body']!r}")

@@ -88,4 +88,5 @@ EMBEDDINGS = Endpoint("embeddings", "/embeddings", _validate_embeddings, tokens.
 # Client path -> endpoint forwarded to a provider. `/v1/models` is answered by the gateway.
 FORWARDED: dict[str, Endpoint] = {"/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS}
 MODELS_PATH = "/v1/models"
+USAGE_PATH = "/v1/usage"
 BY_NAME = {e.name: e for e in FORWARDED.values()}

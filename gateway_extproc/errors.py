@@ -34,6 +34,9 @@ CODES: dict[str, int] = {
     "method_not_allowed": 405,
     "request_too_large": 413,
     "unsupported_media_type": 415,
+    "budget_exceeded": 429,
+    "rate_limited": 429,
+    "budget_store_unavailable": 503,
     "provider_credential_missing": 500,
     "gateway_internal_error": 500,
 }
@@ -42,12 +45,14 @@ CODES: dict[str, int] = {
 class GatewayError(Exception):
     """A request the gateway refuses; carries everything the error response needs."""
 
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.status = CODES[code]
         self.message = message
         self.param = param
+        self.headers = headers or {}
 
     @property
     def type(self) -> str:

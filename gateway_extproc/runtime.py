@@ -14,7 +14,9 @@ import structlog
 from . import config as config_mod
 from . import tokens
 from .config import GatewayConfig, Provider
-from .telemetry.metrics import Labels
+from .budgets.gate import BudgetGate
+from .budgets.store import BudgetStore, MemoryBudgetStore
+from .telemetry.metrics import TEAM_DAILY_BUDGET, Labels
 
 log = structlog.get_logger("gateway_extproc.runtime")
 
@@ -24,6 +26,7 @@ class Runtime:
     config: GatewayConfig
     credentials: dict[str, str | None]  # provider name -> key; None when the source was empty
     labels: Labels
+    budget: BudgetGate | None = None  # None: no budgets or rate limits configured
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Runtime":
@@ -34,7 +37,24 @@ class Runtime:
         for model in cfg.models.values():
             tokens.counter(model.tokenizer)("warm up")  # load encodings now, not on a request
         labels = Labels(cfg.teams, cfg.models, cfg.providers, cfg.backends)
-        return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels)
+        gate = BudgetGate(cfg, _budget_store(cfg)) if cfg.budgets and cfg.budgets.enabled else None
+        for team, limits in cfg.teams.items():
+            if limits.budget and limits.budget.daily_nano is not None:
+                TEAM_DAILY_BUDGET.labels(team).set(limits.budget.daily_nano / 1e9)
+        return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels, gate)
+
+
+def _budget_store(cfg: GatewayConfig) -> BudgetStore:
+    b = cfg.budgets
+    assert b is not None
+    if b.store == "memory":
+        return MemoryBudgetStore()
+    from .budgets.redis_store import RedisBudgetStore, connect
+
+    client = connect(b.redis_url or "")
+    if b.redis_password_env:
+        client.connection_pool.connection_kwargs["password"] = os.environ.get(b.redis_password_env)
+    return RedisBudgetStore(client, f"gw:{{{b.org}}}:")
 
 
 def _read_credential(p: Provider) -> str | None:

@@ -56,12 +56,15 @@ class SseUsageTap:
     client never sees half of an event that is later removed.
     """
 
-    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events")
+    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events")
 
     def __init__(self, drop_usage_chunk: bool) -> None:
         self.drop_usage_chunk = drop_usage_chunk
         self.usage: Usage | None = None
         self.events = 0
+        # Events carrying generated text: about one token each, the running output estimate
+        # used before (or without) the provider's usage chunk.
+        self.content_events = 0
         self._pending = b""
 
     def feed(self, chunk: bytes, end: bool) -> bytes | None:
@@ -74,6 +77,8 @@ class SseUsageTap:
             event = data[start:match.end()]
             start = match.end()
             self.events += 1
+            if b'"content":"' in event and b'"content":""' not in event:
+                self.content_events += 1
             if b'"usage"' in event and self._take_usage(event) and self.drop_usage_chunk:
                 dropped = True
             else:

@@ -9,7 +9,6 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
 from ..errors import GatewayError
 
@@ -74,10 +73,6 @@ def immediate(status: int, body: bytes, details: str,
 
 
 def error(err: GatewayError) -> ep.ProcessingResponse:
-    return immediate(err.status, err.body(), f"gw_{err.code}")
+    return immediate(err.status, err.body(), f"gw_{err.code}", (*_JSON, *err.headers.items()))
 
 
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(value)
-    return s

@@ -18,7 +18,10 @@ import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from .. import api, identity, tokens
-from ..config import Model, VirtualKey
+from ..budgets.gate import Admission
+from ..budgets.pricing import cost_nano
+from ..budgets.store import MAX_NANO
+from ..config import Backend, Model, VirtualKey
 from ..errors import GatewayError
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
@@ -31,6 +34,10 @@ access_log = structlog.get_logger("gateway_extproc.access")
 CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
+# Marks /v1/usage in endpoint dispatch (answered by the gateway, not forwarded).
+USAGE = api.Endpoint("usage", "", lambda body: None, lambda body, count: 0, can_stream=False)
+# Settlements in flight; held so the event loop does not drop them.
+_SETTLING: set[asyncio.Task[None]] = set()
 # Bodies above this are tokenized off the event loop.
 OFFLOAD_TOKENIZE_BYTES = 64 * 1024
 
@@ -38,7 +45,7 @@ OFFLOAD_TOKENIZE_BYTES = 64 * 1024
 class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
-                 "first_byte", "error_code", "logged", "trace")
+                 "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -56,12 +63,16 @@ class RouterProcessor:
         self.first_byte: float | None = None
         self.error_code: str | None = None
         self.trace: tracing.RequestTrace | None = None
+        self.admission: Admission | None = None
+        self.clamped: int | None = None  # max_tokens the budget allowed, when below the request's
+        self.cut_after: int | None = None  # output tokens after which an uncapped stream is ended
+        self.cut = False
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
         try:
             if kind == "request_headers":
-                return self.request_headers(req.request_headers)
+                return await self.request_headers(req.request_headers)
             if kind == "request_body":
                 return await self.request_body(req.request_body)
         except GatewayError as err:
@@ -74,7 +85,7 @@ class RouterProcessor:
 
     # -- request -------------------------------------------------------------------------
 
-    def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+    async def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         h = r.header_map(msg)
         self.request_id = h.get("x-request-id", "")
         self.method = h.get(":method", "")
@@ -85,6 +96,12 @@ class RouterProcessor:
         self.key = identity.authenticate(h, cfg, datetime.now(timezone.utc))
         if endpoint is None:
             return self.answer(200, _models_body(cfg.models, self.key))
+        if endpoint is USAGE:
+            gate = self.runtime.budget
+            if gate is None:
+                return self.answer(200, orjson.dumps({"object": "usage", "key_id": self.key.id, "team": self.key.team,
+                                                      "budgets": [], "rate_limits": []}))
+            return self.answer(200, orjson.dumps(await gate.report(self.key)))
         self.endpoint = endpoint
         content_type = h.get("content-type", "").partition(";")[0].strip().lower()
         if content_type != "application/json":
@@ -122,12 +139,35 @@ class RouterProcessor:
             self.prompt_tokens = await asyncio.to_thread(self.endpoint.prompt_tokens, body, count)
         else:
             self.prompt_tokens = self.endpoint.prompt_tokens(body, count)
+        if self.runtime.budget is not None:
+            await self.reserve(body)
         return self.forward(body)
+
+    async def reserve(self, body: dict) -> None:
+        """Reserve the worst case at every level; clamp max_tokens to what the budget affords."""
+        gate, model = self.runtime.budget, self.model
+        assert gate is not None and model is not None and self.key is not None and self.prompt_tokens is not None
+        field = next((f for f in ("max_completion_tokens", "max_tokens") if f in body), None)
+        if self.endpoint is not api.CHAT:
+            wanted, cap = 0, None
+        else:
+            cap = body[field] if field else model.max_output_tokens
+            wanted = cap or gate.settings.default_output_tokens
+        self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, wanted))
+        granted = self.admission.result.output_tokens
+        if self.endpoint is api.CHAT and granted < wanted:
+            body[field or "max_tokens"] = granted
+            self.clamped = granted
+        elif self.endpoint is api.CHAT and cap is None:
+            # No cap anywhere: the stream is ended if it outgrows the reservation plus headroom.
+            price = self.admission.plan.price
+            headroom = min(self.admission.result.remaining_nano.values(), default=0)
+            self.cut_after = granted + (headroom // max(1, int(price.output)) if price.output else 10**9)
 
     def forward(self, body: dict) -> ep.ProcessingResponse:
         """Shape the body for the backend, set the route header, hand off to upstream filters."""
         assert self.model is not None and self.endpoint is not None
-        changed = False
+        changed = self.clamped is not None
         set_headers = {ROUTE_HEADER: self.model.name}
         backend = self.model.single_backend
         if backend is not None:
@@ -157,14 +197,24 @@ class RouterProcessor:
         h = r.header_map(msg)
         self.status = int(h.get(":status", "0") or 0)
         self.backend = h.get("x-gateway-backend")
+        added = self.budget_headers()
         if msg.end_of_stream:
             self.log()
-            return r.response_headers()
+            return r.response_headers(r.common(r.mutation(added)))
         if h.get("content-type", "").startswith("text/event-stream"):
             self.tap = SseUsageTap(self.drop_usage)
-            prompt = {} if self.prompt_tokens is None else {"x-gateway-prompt-tokens": str(self.prompt_tokens)}
-            return r.response_headers(r.common(r.mutation(prompt)), stream_body=True)
-        return r.response_headers()
+            if self.prompt_tokens is not None:
+                added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
+            return r.response_headers(r.common(r.mutation(added)), stream_body=True)
+        return r.response_headers(r.common(r.mutation(added)) if added else None)
+
+    def budget_headers(self) -> dict[str, str]:
+        if self.admission is None or self.runtime.budget is None:
+            return {}
+        headers = self.runtime.budget.response_headers(self.admission)
+        if self.clamped is not None:
+            headers["x-gateway-max-tokens-clamped"] = str(self.clamped)
+        return headers
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         if self.first_byte is None:
@@ -174,6 +224,12 @@ class RouterProcessor:
             if msg.end_of_stream:
                 self.usage = self.tap.usage
                 self.log()
+            if self.cut:
+                out = b""  # the client's stream already ended; keep reading usage only
+            elif self.cut_after is not None and self.tap.content_events > self.cut_after:
+                self.cut = True
+                out = (msg.body if out is None else out) + _cut_events(self.tap.content_events)
+                log_budget_cut(self)
             return r.response_body(r.common(body=out) if out is not None else None)
         if 200 <= self.status < 300:
             self.usage = usage_from_json(msg.body)
@@ -220,6 +276,8 @@ class RouterProcessor:
             status=self.status or 499, prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None
             else self.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
             duration_s=duration, ttft_s=ttft)
+        if self.admission is not None:
+            self.settle(backend)
         if self.trace is not None:
             self.trace.finish(
                 status=self.status, error_code=self.error_code, provider=backend.provider.kind if backend else None,
@@ -235,23 +293,68 @@ class RouterProcessor:
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
             duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None)
 
+    def settle(self, backend: Backend | None) -> None:
+        """Charge what was consumed: provider usage when known, else the local prompt count
+        plus the streamed output so far (client gone, stream cut); nothing for a provider error."""
+        assert self.admission is not None and self.runtime.budget is not None
+        usage = self.usage or Usage()
+        price = backend.price if backend and backend.price else self.admission.plan.price
+        prompt = usage.prompt_tokens if usage.prompt_tokens is not None else (self.prompt_tokens or 0)
+        if usage.completion_tokens is not None:
+            completion = usage.completion_tokens
+        elif self.tap is not None:
+            completion = self.tap.content_events
+        else:
+            completion = 0
+        charged = self.status == 0 or 200 <= self.status < 300 or usage.completion_tokens is not None
+        cost = cost_nano(price, prompt, completion, usage.cached_tokens or 0) if charged else 0
+        tokens_used = prompt + completion if charged else 0
+        team, model = self.runtime.labels.team(self.key.team if self.key else None), self.runtime.labels.model(
+            self.model.name if self.model else None)
+        if cost:
+            metrics.COST.labels(team, model).inc(cost / 1e9)
+        daily_team = next((lv for lv in self.admission.plan.levels if lv.name.startswith("team:")
+                           and lv.window.kind == "daily" and lv.limit.limit_nano < MAX_NANO), None)
+        if daily_team is not None:
+            remaining = self.admission.result.remaining_nano.get(daily_team.limit.key, 0)
+            metrics.TEAM_DAILY_REMAINING.labels(team).set(max(0, remaining - (cost - self.admission.result.reserved_nano)) / 1e9)
+        task = asyncio.get_running_loop().create_task(self.runtime.budget.settle(self.admission, cost, tokens_used))
+        _SETTLING.add(task)
+        task.add_done_callback(_SETTLING.discard)
+
     def close(self) -> None:
         """The stream ended; if the response never completed, say so in the log."""
         self.log(outcome="incomplete")
 
 
 def _endpoint_for(method: str, path: str) -> api.Endpoint | None:
-    """The endpoint for a request line; None for the gateway-answered model list."""
-    if path == api.MODELS_PATH:
+    """The endpoint for a request line; None for the model list, USAGE for /v1/usage
+    (both answered by the gateway itself)."""
+    if path in (api.MODELS_PATH, api.USAGE_PATH):
         if method != "GET":
             raise GatewayError("method_not_allowed", f"{path} supports GET.")
-        return None
+        return None if path == api.MODELS_PATH else USAGE
     endpoint = api.FORWARDED.get(path)
     if endpoint is None:
         raise GatewayError("unknown_endpoint", f"Unknown endpoint {method} {path[:200]}.")
     if method != "POST":
         raise GatewayError("method_not_allowed", f"{path} supports POST.")
     return endpoint
+
+
+def _cut_events(output_tokens: int) -> bytes:
+    """How a stream that crossed its hard budget ends: a `finish_reason: "length"` chunk, an
+    OpenAI-shaped error event (the openai SDK raises it as APIError), then [DONE]."""
+    finish = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+    error = {"error": {"message": f"Budget exhausted after about {output_tokens} output tokens; the stream was "
+                                  "ended by the gateway.", "type": "rate_limit_error", "code": "budget_exceeded",
+                       "param": None}}
+    return b"data: " + orjson.dumps(finish) + b"\n\ndata: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n"
+
+
+def log_budget_cut(p: RouterProcessor) -> None:
+    access_log.warning("stream_cut_at_budget", request_id=p.request_id, key_id=p.key.id if p.key else None,
+                       output_tokens=p.tap.content_events if p.tap else None)
 
 
 def _models_body(models: dict[str, Model], key: VirtualKey) -> bytes:

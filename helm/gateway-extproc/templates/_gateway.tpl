@@ -16,6 +16,10 @@ models:
 {{- toYaml $v.models | nindent 2 }}
 teams:
 {{- toYaml $v.teams | nindent 2 }}
+users:
+{{- toYaml $v.users | nindent 2 }}
 keys:
 {{- toYaml $v.keys | nindent 2 }}
+budgets:
+{{- toYaml $v.budgets | nindent 2 }}
 {{- end -}}

@@ -1,0 +1,221 @@
+"""Admission by reservation: config -> one reservation per request -> the store -> a decision.
+
+Every level that applies (org, team, user, key; daily and monthly) and every rate-limit
+bucket (key and team, optionally per model) goes into ONE `ReserveRequest`, so admission is
+one store round trip whatever the number of levels. The worst-case cost is priced at the
+most expensive backend of the model, since Envoy may fall back to any of them; settlement
+uses the backend that actually answered.
+
+When the shared store is unreachable, a request whose checks are all `onStoreError: open`
+is admitted against this process's own `MemoryBudgetStore` (each replica then enforces the
+full limits on its own traffic only); any `closed` check makes it a 503.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import structlog
+
+from ..config import BudgetSpec, Budgets, GatewayConfig, Limits, Model, RateSpec, VirtualKey
+from ..errors import GatewayError
+from .pricing import Price, cost_nano, worst
+from .store import (MAX_NANO, Bucket, BudgetStore, BudgetStoreUnavailable, Limit, MemoryBudgetStore,
+                    ReserveRequest, ReserveResult)
+from .windows import Window, current_windows
+
+log = structlog.get_logger("gateway_extproc.budgets")
+NANO = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    name: str  # "team:demo"
+    window: Window
+    limit: Limit
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    request: ReserveRequest
+    levels: tuple[Level, ...]
+    price: Price  # worst-case price the reservation used
+    fail_open: bool  # every check may fall back to the local limiter
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    plan: Plan
+    result: ReserveResult
+    store: BudgetStore
+
+
+def usd(nano: int) -> str:
+    return f"{nano / NANO:.6f}".rstrip("0").rstrip(".") if nano else "0"
+
+
+class BudgetGate:
+    def __init__(self, cfg: GatewayConfig, store: BudgetStore, clock: Callable[[], float] = time.time) -> None:
+        assert cfg.budgets is not None
+        self.cfg = cfg
+        self.settings: Budgets = cfg.budgets
+        self.store = store
+        self.local = MemoryBudgetStore()
+        self.clock = clock
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), timezone.utc)
+
+    # -- planning (pure) -----------------------------------------------------------------
+
+    def principals(self, key: VirtualKey) -> list[tuple[str, Limits | None, BudgetSpec | None]]:
+        s = self.settings
+        team = self.cfg.teams.get(key.team)
+        user = self.cfg.users.get(key.user) if key.user else None
+        return [
+            (f"org:{s.org}", None, s.org_budget),
+            (f"team:{key.team}", team, team.budget if team else None),
+            (f"user:{key.user}", user, user.budget if user else None),
+            # Key spend is always tracked (an unlimited level) so /v1/usage can report it.
+            (f"key:{key.id}", key.limits, key.limits.budget or BudgetSpec(None, None, None, True)),
+        ]
+
+    def levels(self, key: VirtualKey, now: datetime) -> list[tuple[Level, bool]]:
+        out = []
+        for window in current_windows(now, self.settings.timezone):
+            for name, _, spec in self.principals(key):
+                if spec is None:
+                    continue
+                amount = spec.daily_nano if window.kind == "daily" else spec.monthly_nano
+                if amount is None and not name.startswith("key:"):
+                    continue
+                limit_nano = MAX_NANO if amount is None else amount
+                soft = int(limit_nano * spec.soft) if spec.soft and amount is not None else None
+                limit = Limit(f"{name}:{window.kind}:{window.id}", limit_nano, soft, window.ttl_s(now))
+                out.append((Level(name, window, limit), spec.fail_open))
+        return out
+
+    def buckets(self, key: VirtualKey, model: Model) -> tuple[list[Bucket], list[Bucket], bool]:
+        tokens, requests, fail_open = [], [], True
+        for prefix, limits in ((f"key:{key.id}", key.limits), (f"team:{key.team}", self.cfg.teams.get(key.team))):
+            if limits is None:
+                continue
+            for scope, spec in ((prefix, limits.rate), (f"{prefix}:model:{model.name}", limits.model_rates.get(model.name))):
+                if spec is None:
+                    continue
+                fail_open &= spec.fail_open
+                if spec.tokens_per_minute:
+                    tokens.append(Bucket.per_minute(f"{scope}:tpm", spec.tokens_per_minute))
+                if spec.requests_per_minute:
+                    requests.append(Bucket.per_minute(f"{scope}:rpm", spec.requests_per_minute))
+        return tokens, requests, fail_open
+
+    def plan(self, key: VirtualKey, model: Model, prompt_tokens: int, wanted_output: int) -> Plan:
+        now = self.now()
+        levels = self.levels(key, now)
+        tokens, requests, buckets_open = self.buckets(key, model)
+        price = worst(b.price for b in model.backends if b.price is not None).for_prompt(prompt_tokens)
+        request = ReserveRequest(
+            reservation_id=uuid.uuid4().hex, limits=tuple(lv.limit for lv, _ in levels),
+            token_buckets=tuple(tokens), request_buckets=tuple(requests), prompt_tokens=prompt_tokens,
+            prompt_cost_nano=cost_nano(price, prompt_tokens, 0), output_price_nano=math.ceil(price.output),
+            output_tokens_wanted=wanted_output, min_output_tokens=min(self.settings.min_output_tokens, wanted_output),
+            reservation_ttl_s=self.settings.reservation_ttl_s, now_ms=int(now.timestamp() * 1000))
+        fail_open = buckets_open and all(open_ for _, open_ in levels)
+        return Plan(request, tuple(lv for lv, _ in levels), price, fail_open)
+
+    # -- store ---------------------------------------------------------------------------
+
+    async def admit(self, plan: Plan) -> Admission:
+        store: BudgetStore = self.store
+        try:
+            result = await store.reserve(plan.request)
+        except BudgetStoreUnavailable:
+            if not plan.fail_open:
+                log.warning("budget_store_unavailable", fallback="closed")
+                raise GatewayError("budget_store_unavailable",
+                                   "The budget store is unreachable and this key's budgets fail closed; "
+                                   "retry shortly.") from None
+            log.warning("budget_store_unavailable", fallback="local")
+            store = self.local
+            result = await store.reserve(plan.request)
+        if not result.admitted:
+            raise self.refusal(plan, result)
+        return Admission(plan, result, store)
+
+    async def settle(self, admission: Admission, cost: int, tokens: int) -> None:
+        try:
+            await admission.store.settle(admission.plan.request, cost, tokens, int(self.clock() * 1000))
+        except BudgetStoreUnavailable:
+            # The reservation's TTL releases it; the actual cost is lost for this request.
+            log.error("budget_settle_failed", reservation=admission.plan.request.reservation_id, cost_nano=cost)
+
+    def refusal(self, plan: Plan, result: ReserveResult) -> GatewayError:
+        headers = rate_headers(plan.request, result)
+        level = next((lv for lv in plan.levels if lv.limit.key == result.refused_by), None)
+        if level is not None:
+            now = self.now()
+            headers["retry-after"] = str(math.ceil(level.window.seconds_until_reset(now)))
+            headers["x-gateway-budget-remaining-usd"] = usd(result.remaining_nano.get(level.limit.key, 0))
+            return GatewayError(
+                "budget_exceeded",
+                f"The {level.window.kind} budget of {level.name} (${usd(level.limit.limit_nano)}) cannot cover "
+                f"this request; it resets at {level.window.ends_at.isoformat()}.", headers=headers)
+        unit = "tokens" if (result.refused_by or "").endswith(":tpm") else "requests"
+        if result.retry_after_s is not None:
+            headers["retry-after"] = str(max(1, math.ceil(result.retry_after_s)))
+        return GatewayError("rate_limited", f"Rate limit reached: {unit} per minute for "
+                            f"{(result.refused_by or '').rsplit(':', 1)[0]}.", headers=headers)
+
+    def response_headers(self, admission: Admission) -> dict[str, str]:
+        """Remaining budget (the tightest level) and soft-threshold warnings for a 2xx."""
+        r = admission.result
+        headers = rate_headers(admission.plan.request, r)
+        limited = [lv for lv in admission.plan.levels if lv.limit.limit_nano < MAX_NANO]
+        if limited:
+            tight = min(limited, key=lambda lv: r.remaining_nano.get(lv.limit.key, 0))
+            headers["x-gateway-budget-remaining-usd"] = usd(r.remaining_nano.get(tight.limit.key, 0))
+        if r.soft_exceeded:
+            names = [lv for lv in admission.plan.levels if lv.limit.key in r.soft_exceeded]
+            headers["x-gateway-budget-warning"] = ", ".join(f"{lv.name} {lv.window.kind}" for lv in names)
+        return headers
+
+    async def report(self, key: VirtualKey) -> dict:
+        """The caller's own spend and remaining budget per level and window (`GET /v1/usage`)."""
+        now = self.now()
+        levels = [lv for lv, _ in self.levels(key, now)]
+        buckets = []
+        for model in self.cfg.models.values():
+            tokens, requests, _ = self.buckets(key, model)
+            buckets += [b for b in tokens + requests if b not in buckets]
+        try:
+            usage = await self.store.usage([lv.limit for lv in levels], buckets, int(now.timestamp() * 1000))
+        except BudgetStoreUnavailable:
+            raise GatewayError("budget_store_unavailable", "The budget store is unreachable; retry shortly.") from None
+        return {
+            "object": "usage", "key_id": key.id, "team": key.team, "user": key.user,
+            "budgets": [{
+                "level": lv.name, "window": lv.window.kind, "period": lv.window.id,
+                "limit_usd": None if lv.limit.limit_nano >= MAX_NANO else lv.limit.limit_nano / NANO,
+                "spent_usd": usage.used_nano[lv.limit.key] / NANO,
+                "remaining_usd": None if lv.limit.limit_nano >= MAX_NANO else usage.remaining_nano[lv.limit.key] / NANO,
+                "resets_at": lv.window.ends_at.isoformat()} for lv in levels],
+            "rate_limits": [{"bucket": b.key, "limit_per_minute": b.capacity, "remaining": usage.tokens_remaining[b.key]}
+                            for b in buckets],
+        }
+
+
+def rate_headers(request: ReserveRequest, result: ReserveResult) -> dict[str, str]:
+    """OpenAI-style `x-ratelimit-*-tokens` headers for the tightest token bucket."""
+    if not request.token_buckets:
+        return {}
+    tight = min(request.token_buckets, key=lambda b: result.tokens_remaining.get(b.key, b.capacity))
+    remaining = result.tokens_remaining.get(tight.key, tight.capacity)
+    return {"x-ratelimit-limit-tokens": str(tight.capacity), "x-ratelimit-remaining-tokens": str(max(0, remaining)),
+            "x-ratelimit-reset-tokens": f"{math.ceil((tight.capacity - max(0, remaining)) / tight.refill_per_s)}s"}
+

@@ -1,0 +1,809 @@
+"""Data classification and guardrail scanning: one combined regex pass, pure functions.
+
+`Scanner.compile(rules, custom_rules, injection_config)` joins every enabled detector into
+ONE compiled pattern (`Scanner.pattern`):
+
+    [^A-Za-z0-9_](?: <private_key>(?P<d_private_key>) | <jwt>(?P<d_jwt>) | … | <phrase trie> | …)
+
+Every alternative ends in an empty named group (a marker), so `match.lastindex` says which
+detector (or which keyword/phrase) matched without wrapping alternatives in groups, which
+would disable the regex engine's first-character skipping. The leading boundary character
+gives every detector the same "starts a token" rule and lets the engine skip to the next
+non-word character between attempts. Keywords and injection phrases share one character
+trie, so their cost does not grow with their number. Validators (Luhn, mod-97, …) run only
+on candidates.
+
+Overlaps are resolved deterministically, like a lexer: the leftmost candidate wins; at the
+same start the longest valid candidate wins, then the earlier detector in priority order
+(secrets, then IBAN, email, card, SSN, IPv6, IPv4, phone, then custom regexes in config
+order, then keywords/injection phrases, then injection patterns). Findings never overlap.
+If a candidate fails validation, the other detectors are tried at the same start before
+the scan moves on by one character.
+
+`decide()` turns findings into what to do (block / redact / monitor, tiers, allowlist);
+`redact()` replaces findings with typed placeholders; `walk_strings()` / `map_strings()`
+reach the string values of a parsed JSON body iteratively, with depth and size guards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .detectors import (
+    BOUNDARY,
+    BUILTIN_DETECTORS,
+    DEFAULT_INJECTION_PATTERNS,
+    DEFAULT_INJECTION_PHRASES,
+    PROMPT_INJECTION,
+    Validator,
+    normalize_phrase,
+    phrase_trie_pattern,
+)
+
+ACTIONS = ("monitor", "redact", "block")
+MODES = ("monitor", "soft", "enforce")
+DEFAULT_TIERS: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What to do when `detector` finds something. `critical` rules block even in `soft` mode.
+
+    `min_tier`: the lowest data tier a model must be approved for to receive this data.
+    """
+
+    name: str
+    detector: str
+    action: str = "monitor"
+    min_tier: str | None = None
+    critical: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("rule without a name")
+        if self.action not in ACTIONS:
+            raise ValueError(f"rule {self.name!r}: action must be one of {ACTIONS}, not {self.action!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CustomRule:
+    """A rule with its own detector: a user `regex`, or `keywords` (case-insensitive, whole-word).
+
+    A custom regex matches at token starts only (start of text, or after a character that is
+    not an ASCII letter/digit/underscore), like the built-in detectors. Backreferences are
+    not supported (the pattern is joined with others); named groups are allowed (ignored).
+    """
+
+    name: str
+    kind: str  # "regex" | "keywords"
+    pattern: str | None = None
+    keywords: tuple[str, ...] = ()
+    action: str = "monitor"
+    min_tier: str | None = None
+    critical: bool = False
+    ignore_case: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keywords", tuple(self.keywords))
+        if self.kind == "regex":
+            if not self.pattern:
+                raise ValueError(f"custom rule {self.name!r}: a regex rule needs a pattern")
+        elif self.kind == "keywords":
+            if not self.keywords:
+                raise ValueError(f"custom rule {self.name!r}: a keywords rule needs keywords")
+        else:
+            raise ValueError(f"custom rule {self.name!r}: kind must be 'regex' or 'keywords'")
+        self.rule()  # validates name and action
+
+    def rule(self) -> Rule:
+        return Rule(self.name, self.name, self.action, self.min_tier, self.critical)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> CustomRule:
+        kind = m.get("kind", m.get("type"))
+        if kind is None:
+            kind = "regex" if "pattern" in m or "regex" in m else "keywords"
+        return cls(
+            name=str(m["name"]),
+            kind=str(kind),
+            pattern=m.get("pattern", m.get("regex")),
+            keywords=tuple(m.get("keywords", ())),
+            action=str(m.get("action", "monitor")),
+            min_tier=m.get("min_tier"),
+            critical=bool(m.get("critical", False)),
+            ignore_case=bool(m.get("ignore_case", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InjectionConfig:
+    """Prompt-injection guard: phrases (case-insensitive, whole-word, any whitespace between
+    words) and regex patterns (case-insensitive), each with a weight. A text's score is the
+    sum of the weights of the *distinct* phrases/patterns found (over all strings of one
+    `scan_strings` call); the detector triggers when score >= threshold."""
+
+    phrases: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_INJECTION_PHRASES))
+    patterns: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_INJECTION_PATTERNS))
+    threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.threshold > 0:
+            raise ValueError("injection threshold must be > 0")
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> InjectionConfig:
+        """`{phrases: {text: weight}, patterns: {regex: weight}, threshold, include_defaults}`."""
+        defaults = bool(m.get("include_defaults", True))
+        phrases = dict(DEFAULT_INJECTION_PHRASES) if defaults else {}
+        patterns = dict(DEFAULT_INJECTION_PATTERNS) if defaults else {}
+        phrases.update({str(k): float(v) for k, v in (m.get("phrases") or {}).items()})
+        patterns.update({str(k): float(v) for k, v in (m.get("patterns") or {}).items()})
+        return cls(phrases, patterns, float(m.get("threshold", 1.0)))
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    # Credentials: never leave, whatever the model.
+    Rule("private_key", "private_key", "block", "restricted", critical=True),
+    Rule("jwt", "jwt", "block", "restricted", critical=True),
+    Rule("anthropic_key", "anthropic_key", "block", "restricted", critical=True),
+    Rule("openai_key", "openai_key", "block", "restricted", critical=True),
+    Rule("github_token", "github_token", "block", "restricted", critical=True),
+    Rule("aws_access_key", "aws_access_key", "block", "restricted", critical=True),
+    # Financial / government identifiers: replaced by placeholders.
+    Rule("credit_card", "credit_card", "redact", "restricted"),
+    Rule("us_ssn", "us_ssn", "redact", "restricted"),
+    Rule("iban", "iban", "redact", "confidential"),
+    # Contact data.
+    Rule("email", "email", "redact", "confidential"),
+    Rule("phone", "phone", "redact", "confidential"),
+    # Infrastructure: logged only.
+    Rule("ipv4", "ipv4", "monitor", "internal"),
+    Rule("ipv6", "ipv6", "monitor", "internal"),
+    # Guardrail: heuristic, so not critical (soft mode logs it).
+    Rule("prompt_injection", PROMPT_INJECTION, "block", None),
+)
+
+
+# -- findings and decisions ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """`text[start:end]` of string `index` matched `detector` for `rule`.
+
+    `value` is kept out of repr so a logged finding never shows the data. `score` is set on
+    prompt-injection findings (the total score that triggered them).
+    """
+
+    rule: str
+    detector: str
+    start: int
+    end: int
+    value: str = field(default="", repr=False)
+    index: int = 0
+    score: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllowEntry:
+    """Exempts matching findings. Exactly one of `value` (exact) or `pattern` (regex, full
+    match); `reason` is mandatory. `rules`: rule or detector names it applies to (all if empty)."""
+
+    reason: str
+    value: str | None = None
+    pattern: str | None = None
+    rules: tuple[str, ...] = ()
+    _regex: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise ValueError("allowlist entry without a reason")
+        if (self.value is None) == (self.pattern is None):
+            raise ValueError("allowlist entry needs exactly one of value or pattern")
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if self.pattern is not None:
+            try:
+                object.__setattr__(self, "_regex", re.compile(self.pattern))
+            except re.error as exc:
+                raise ValueError(f"allowlist pattern {self.pattern!r}: {exc}") from None
+
+    def matches(self, finding: Finding) -> bool:
+        if self.rules and finding.rule not in self.rules and finding.detector not in self.rules:
+            return False
+        if self._regex is not None:
+            return self._regex.fullmatch(finding.value) is not None
+        return finding.value == self.value
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> AllowEntry:
+        return cls(
+            reason=m.get("reason", ""), value=m.get("value"), pattern=m.get("pattern"),
+            rules=tuple(m.get("rules", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionParams:
+    """`mode`: monitor = log only; soft = only critical rules block (redactions apply, other
+    blocks are logged); enforce = every action applies. `model_tier`: the tier the target
+    model is approved for; data above it blocks (enforce; soft: if a critical rule's)."""
+
+    mode: str = "enforce"
+    allowlist: tuple[AllowEntry, ...] = ()
+    tiers: tuple[str, ...] = DEFAULT_TIERS
+    model_tier: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        object.__setattr__(self, "allowlist", tuple(self.allowlist))
+        object.__setattr__(self, "tiers", tuple(self.tiers))
+        if self.model_tier is not None and self.model_tier not in self.tiers:
+            raise ValueError(f"unknown tier {self.model_tier!r} (tiers: {self.tiers})")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    block: bool
+    blocked_rules: tuple[str, ...]  # rules whose findings block (incl. tier violations that block)
+    blocking: tuple[Finding, ...]
+    redact: tuple[Finding, ...]
+    monitor: tuple[Finding, ...]  # log-only events (monitor rules, and actions the mode suspends)
+    allowlisted: tuple[tuple[Finding, AllowEntry], ...]
+    detected_tier: str | None  # highest min_tier over all non-allowlisted findings
+    outgoing_tier: str | None  # same, over what leaves as is (not redacted)
+    tier_violations: tuple[Finding, ...]  # outgoing findings above DecisionParams.model_tier
+    tier_block: bool
+
+    @property
+    def allowlist_applied(self) -> tuple[AllowEntry, ...]:
+        seen: dict[int, AllowEntry] = {}
+        for _, entry in self.allowlisted:
+            seen.setdefault(id(entry), entry)
+        return tuple(seen.values())
+
+
+def decide(
+    findings: Iterable[Finding], rules: Mapping[str, Rule], params: DecisionParams | None = None,
+) -> Decision:
+    """What to do with `findings` (pure; `rules` by name, e.g. `Scanner.rules`)."""
+    params = params or DecisionParams()
+    mode = params.mode
+    rank = {t: i for i, t in enumerate(params.tiers)}
+    blocking: list[Finding] = []
+    redact_: list[Finding] = []
+    monitor: list[Finding] = []
+    allowlisted: list[tuple[Finding, AllowEntry]] = []
+    considered: list[tuple[Finding, Rule]] = []
+    for f in findings:
+        rule = rules.get(f.rule)
+        if rule is None:
+            raise ValueError(f"finding for unknown rule {f.rule!r}")
+        entry = next((e for e in params.allowlist if e.matches(f)), None)
+        if entry is not None:
+            allowlisted.append((f, entry))
+            continue
+        considered.append((f, rule))
+        if mode == "monitor":
+            monitor.append(f)
+        elif rule.action == "block" and (mode == "enforce" or rule.critical):
+            blocking.append(f)
+        elif rule.action == "redact":
+            redact_.append(f)
+        else:
+            monitor.append(f)
+
+    def tier_rank(rule: Rule) -> int:
+        if rule.min_tier is None:
+            return -1
+        if rule.min_tier not in rank:
+            raise ValueError(f"rule {rule.name!r}: unknown tier {rule.min_tier!r}")
+        return rank[rule.min_tier]
+
+    redacted = {id(f) for f in redact_}
+    detected = max((tier_rank(r) for _, r in considered), default=-1)
+    outgoing_pairs = [(f, r) for f, r in considered if id(f) not in redacted]
+    outgoing = max((tier_rank(r) for _, r in outgoing_pairs), default=-1)
+    violations: list[tuple[Finding, Rule]] = []
+    if params.model_tier is not None:
+        limit = rank[params.model_tier]
+        violations = [(f, r) for f, r in outgoing_pairs if tier_rank(r) > limit]
+    tier_block = bool(violations) and (
+        mode == "enforce" or (mode == "soft" and any(r.critical for _, r in violations)))
+    blocked_rules = dict.fromkeys(f.rule for f in blocking)
+    if tier_block:
+        blocked_rules.update(dict.fromkeys(f.rule for f, _ in violations))
+    return Decision(
+        block=bool(blocking) or tier_block,
+        blocked_rules=tuple(blocked_rules),
+        blocking=tuple(blocking),
+        redact=tuple(redact_),
+        monitor=tuple(monitor),
+        allowlisted=tuple(allowlisted),
+        detected_tier=params.tiers[detected] if detected >= 0 else None,
+        outgoing_tier=params.tiers[outgoing] if outgoing >= 0 else None,
+        tier_violations=tuple(f for f, _ in violations),
+        tier_block=tier_block,
+    )
+
+
+# -- the scanner -----------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Region:
+    """One top-level alternative of the combined pattern."""
+
+    priority: int
+    kind: str  # builtin | regex | phrases | injection
+    solo: re.Pattern[str]  # the alternative alone, boundary character included
+    group_base: int  # its groups' offset in the combined pattern
+    validator: Validator | None
+    later_all: tuple[_Region, ...] = ()
+    later_overlap: tuple[_Region, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    rule: str | None  # None: a prompt-injection hit (rules resolved when the score triggers)
+    detector: str
+    key: str | None = None  # injection phrase/pattern (for distinct counting)
+
+
+Hit = tuple[int, int, int]  # (start, end, marker group) in the scanned string
+
+
+_LEADING_FLAGS = re.compile(r"\(\?([aiLmsux]+)\)")
+_NAMED_GROUP = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
+_BACKREF = re.compile(r"\(\?P=|\\[1-9]|\\g<")
+
+
+def _user_regex(source: str, what: str) -> str:
+    if _BACKREF.search(source):
+        raise ValueError(f"{what}: backreferences are not supported")
+    m = _LEADING_FLAGS.match(source)
+    if m:  # global flags are only allowed at the very start: scope them instead
+        source = f"(?{m.group(1)}:{source[m.end():]})"
+    source = _NAMED_GROUP.sub("(", source)
+    try:
+        compiled = re.compile(source)
+    except re.error as exc:
+        raise ValueError(f"{what}: invalid regex: {exc}") from None
+    if compiled.match("") is not None:
+        raise ValueError(f"{what}: the regex matches the empty string")
+    return source
+
+
+def _label(detector: str) -> str:
+    d = BUILTIN_DETECTORS.get(detector)
+    if d is not None and d.label:
+        return d.label
+    return re.sub(r"[^A-Za-z0-9]+", "_", detector).strip("_").upper() or "REDACTED"
+
+
+class Scanner:
+    """Compiled rules; immutable and safe to share between threads and requests."""
+
+    __slots__ = ("pattern", "rules", "tiers", "injection", "_search", "_region_at",
+                 "_targets_at", "_injection_rules", "_regions", "_weights")
+
+    pattern: re.Pattern[str]
+    rules: dict[str, Rule]
+
+    @classmethod
+    def compile(
+        cls,
+        rules: Iterable[Rule] | None = None,
+        custom_rules: Iterable[CustomRule | Mapping[str, Any]] = (),
+        injection_config: InjectionConfig | Mapping[str, Any] | None = None,
+        *,
+        tiers: Sequence[str] = DEFAULT_TIERS,
+    ) -> Scanner:
+        """`rules=None` means `DEFAULT_RULES`. Only detectors some rule uses are compiled in."""
+        base_rules = list(DEFAULT_RULES if rules is None else rules)
+        customs = [c if isinstance(c, CustomRule) else CustomRule.from_mapping(c) for c in custom_rules]
+        if isinstance(injection_config, Mapping):
+            injection_config = InjectionConfig.from_mapping(injection_config)
+        all_rules = base_rules + [c.rule() for c in customs]
+        by_name: dict[str, Rule] = {}
+        for r in all_rules:
+            if r.name in by_name:
+                raise ValueError(f"duplicate rule name {r.name!r}")
+            if r.min_tier is not None and r.min_tier not in tiers:
+                raise ValueError(f"rule {r.name!r}: unknown tier {r.min_tier!r} (tiers: {tuple(tiers)})")
+            by_name[r.name] = r
+        custom_names = {c.name for c in customs}
+        for c in customs:
+            if c.name in BUILTIN_DETECTORS or c.name == PROMPT_INJECTION:
+                raise ValueError(f"custom rule {c.name!r}: the name of a built-in detector")
+        for r in base_rules:
+            if r.detector not in BUILTIN_DETECTORS and r.detector != PROMPT_INJECTION \
+                    and r.detector not in custom_names:
+                raise ValueError(f"rule {r.name!r}: unknown detector {r.detector!r}")
+
+        def targets_for(detector: str) -> list[_Target]:
+            return [_Target(r.name, detector) for r in all_rules if r.detector == detector]
+
+        # (kind, source, validator, {marker: targets}) in priority order
+        specs: list[tuple[str, str, Validator | None, dict[str, list[_Target]]]] = []
+        for name, det in BUILTIN_DETECTORS.items():
+            targets = targets_for(name)
+            if targets:
+                marker = f"d_{name}"
+                specs.append(("builtin", f"(?:{det.pattern})(?P<{marker}>)", det.validator, {marker: targets}))
+        for i, c in enumerate(c for c in customs if c.kind == "regex"):
+            source = _user_regex(c.pattern or "", f"custom rule {c.name!r}")
+            if c.ignore_case:
+                source = f"(?i:{source})"
+            specs.append(("regex", f"(?:{source})(?P<c{i}>)", None, {f"c{i}": targets_for(c.name)}))
+
+        injection = None
+        if any(r.detector == PROMPT_INJECTION for r in all_rules):
+            injection = injection_config if injection_config is not None else InjectionConfig()
+        phrases: dict[str, list[_Target]] = {}
+        for c in customs:
+            if c.kind == "keywords":
+                for kw in c.keywords:
+                    targets = phrases.setdefault(normalize_phrase(kw), [])
+                    new = targets_for(c.name)
+                    targets.extend(t for t in new if t not in targets)
+        if injection is not None:
+            for phrase in injection.phrases:
+                norm = normalize_phrase(phrase)
+                phrases.setdefault(norm, []).append(_Target(None, PROMPT_INJECTION, "phrase:" + norm))
+        if phrases:
+            markers = {f"k{j}": (p, t) for j, (p, t) in enumerate(phrases.items())}
+            source = phrase_trie_pattern((p, m) for m, (p, _) in markers.items())
+            specs.append(("phrases", source, None, {m: t for m, (_, t) in markers.items()}))
+        if injection is not None:
+            for j, pat in enumerate(injection.patterns):
+                source = _user_regex(pat, f"injection pattern {pat!r}")
+                specs.append(("injection", f"(?i:{source})(?P<j{j}>)", None,
+                              {f"j{j}": [_Target(None, PROMPT_INJECTION, "pattern:" + pat)]}))
+
+        self = cls.__new__(cls)
+        combined = f"{BOUNDARY}(?:{'|'.join(s for _, s, _, _ in specs)})" if specs else f"{BOUNDARY}(?!)"
+        self.pattern = re.compile(combined)
+        self.rules = by_name
+        self.tiers = tuple(tiers)
+        self.injection = injection
+        self._search = self.pattern.search
+        self._region_at = [None] * (self.pattern.groups + 1)
+        self._targets_at = [()] * (self.pattern.groups + 1)
+        regions: list[_Region] = []
+        base = 0
+        for prio, (kind, source, validator, marker_targets) in enumerate(specs):
+            solo = re.compile(f"{BOUNDARY}(?:{source})")
+            region = _Region(prio, kind, solo, base, validator)
+            regions.append(region)
+            for g in range(base + 1, base + solo.groups + 1):
+                self._region_at[g] = region
+            for marker, targets in marker_targets.items():
+                g = self.pattern.groupindex[marker]
+                assert g == base + solo.groupindex[marker]
+                self._targets_at[g] = tuple(targets)
+            base += solo.groups
+        for i, region in enumerate(regions):
+            region.later_all = tuple(regions[i + 1:])
+            region.later_overlap = tuple(r for r in regions[i + 1:] if r.kind != "builtin")
+        self._regions = tuple(regions)
+        self._injection_rules = tuple(r.name for r in all_rules if r.detector == PROMPT_INJECTION)
+        self._weights = {}
+        if injection is not None:
+            for phrase, w in injection.phrases.items():
+                key = "phrase:" + normalize_phrase(phrase)
+                self._weights[key] = max(float(w), self._weights.get(key, float("-inf")))
+            for pat, w in injection.patterns.items():
+                self._weights["pattern:" + pat] = float(w)
+        return self
+
+    # -- scanning ----------------------------------------------------------------------
+
+    def scan(self, text: str) -> list[Finding]:
+        """Findings in `text`, ordered by position (one regex pass)."""
+        return self.scan_strings((text,))
+
+    def scan_strings(self, strings: Iterable[str]) -> list[Finding]:
+        """Findings over many strings (e.g. every string of a request body), `Finding.index`
+        = position in `strings`. The injection score counts over all of them."""
+        findings: list[Finding] = []
+        injection_hits: list[tuple[int, int, str, int, str]] = []
+        for i, s in enumerate(strings):
+            if not s or not isinstance(s, str):
+                continue
+            v = "\n" + s  # the virtual boundary character before the text
+            hits, _ = self._hits(v, 0, len(v))
+            self._collect(v, hits, i, -1, findings, injection_hits)
+        if injection_hits:
+            extra = self._injection_findings(injection_hits, {k for *_, k in injection_hits})
+            if extra:
+                findings.extend(extra)
+                findings.sort(key=lambda f: (f.index, f.start))
+        return findings
+
+    def decide(self, findings: Iterable[Finding], params: DecisionParams | None = None) -> Decision:
+        return decide(findings, self.rules, params)
+
+    def _hits(self, v: str, pos: int, limit: int) -> tuple[list[Hit], int]:
+        """Accepted candidates whose boundary character is before `limit`, and the position
+        to resume from. `v[pos]` must be a boundary or context character, never a value's."""
+        search = self._search
+        hits: list[Hit] = []
+        n = len(v)
+        while pos < n:
+            m = search(v, pos)
+            if m is None:
+                break
+            p = m.start()
+            if p >= limit:
+                break
+            best = self._resolve(v, p, m)
+            if best is None:
+                pos = p + 1
+                continue
+            hits.append((p + 1, best[0], best[1]))
+            pos = best[0]
+        return hits, max(pos, limit)
+
+    def _resolve(self, v: str, p: int, m: re.Match[str]) -> tuple[int, int] | None:
+        """The winning (end, marker group) at boundary `p`: longest valid, then priority."""
+        gi = m.lastindex or 0
+        region = self._region_at[gi]
+        best_end, best_gi = m.end(), gi
+        if region.validator is not None:
+            k = region.validator(v[p + 1:best_end])
+            best_end = p + 1 + k if k else 0
+        later = region.later_overlap if best_end else region.later_all
+        for r in later:
+            mm = r.solo.match(v, p)
+            if mm is None:
+                continue
+            e = mm.end()
+            if e <= best_end:
+                continue
+            if r.validator is not None:
+                k = r.validator(v[p + 1:e])
+                if not k:
+                    continue
+                e = p + 1 + k
+                if e <= best_end:
+                    continue
+            best_end, best_gi = e, r.group_base + (mm.lastindex or 0)
+        return (best_end, best_gi) if best_end else None
+
+    def _collect(self, v: str, hits: Iterable[Hit], index: int, shift: int,
+                 findings: list[Finding], injection_hits: list[tuple[int, int, str, int, str]]) -> None:
+        targets_at = self._targets_at
+        for s, e, gi in hits:
+            value = v[s:e]
+            for t in targets_at[gi]:
+                if t.key is not None:
+                    injection_hits.append((s + shift, e + shift, value, index, t.key))
+                elif t.rule is not None:
+                    findings.append(Finding(t.rule, t.detector, s + shift, e + shift, value, index))
+
+    def _injection_score(self, keys: Iterable[str]) -> float:
+        weights = self._weights
+        return sum(weights.get(k, 0.0) for k in set(keys))
+
+    def _injection_findings(self, hits: Sequence[tuple[int, int, str, int, str]],
+                            keys: set[str]) -> list[Finding]:
+        inj = self.injection
+        if inj is None:
+            return []
+        score = self._injection_score(keys)
+        if score < inj.threshold:
+            return []
+        return [Finding(rule, PROMPT_INJECTION, s, e, value, index, score)
+                for s, e, value, index, _ in hits for rule in self._injection_rules]
+
+    def injection_score(self, text: str) -> float:
+        """The prompt-injection score of `text` (whether or not it reaches the threshold)."""
+        v = "\n" + text
+        hits, _ = self._hits(v, 0, len(v))
+        keys = {t.key for _, _, gi in hits for t in self._targets_at[gi] if t.key is not None}
+        return self._injection_score(keys)
+
+
+# -- redaction ---------------------------------------------------------------------------
+
+
+class PlaceholderMap(dict):
+    """placeholder -> original value. Placeholders are numbered per type in order of first
+    appearance (`[EMAIL_1]`, `[EMAIL_2]`, `[CREDIT_CARD_1]`); the same value of the same type
+    gets the same placeholder. Pass the same map to every `redact` call of one request."""
+
+    __slots__ = ("_by_value", "_counts")
+
+    _PLACEHOLDER = re.compile(r"\[([A-Z0-9_]+)_([0-9]+)\]")
+
+    def __init__(self, initial: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._by_value: dict[tuple[str, str], str] = {}
+        self._counts: dict[str, int] = {}
+        for ph, value in (initial or {}).items():
+            m = self._PLACEHOLDER.fullmatch(ph)
+            if m is None:
+                raise ValueError(f"not a placeholder: {ph!r}")
+            label, n = m.group(1), int(m.group(2))
+            self[ph] = value
+            self._by_value[(label, value)] = ph
+            self._counts[label] = max(self._counts.get(label, 0), n)
+
+    def placeholder(self, label: str, value: str) -> str:
+        key = (label, value)
+        ph = self._by_value.get(key)
+        if ph is None:
+            n = self._counts.get(label, 0) + 1
+            self._counts[label] = n
+            ph = f"[{label}_{n}]"
+            self._by_value[key] = ph
+            self[ph] = value
+        return ph
+
+    def _extend(self, ph: str, label: str, old: str, new: str) -> None:
+        """A value first seen cut short (stream) turned out longer."""
+        if self._by_value.get((label, old)) == ph:
+            del self._by_value[(label, old)]
+        self._by_value.setdefault((label, new), ph)
+        self[ph] = new
+
+
+def _as_map(mapping: Mapping[str, str] | None) -> PlaceholderMap:
+    if isinstance(mapping, PlaceholderMap):
+        return mapping
+    return PlaceholderMap(mapping)
+
+
+def redact(text: str, findings: Iterable[Finding],
+           mapping: Mapping[str, str] | None = None) -> tuple[str, PlaceholderMap]:
+    """Replace each finding's span in `text` with its typed placeholder.
+
+    Findings should come from one string (same `index`); overlapping spans are merged (the
+    first one's type names the placeholder). Returns the new text and the (updated) map.
+    """
+    mapping = _as_map(mapping)
+    spans = sorted({(f.start, f.end): f.detector for f in findings}.items())
+    out: list[str] = []
+    pos = 0
+    i = 0
+    while i < len(spans):
+        (start, end), detector = spans[i]
+        i += 1
+        while i < len(spans) and spans[i][0][0] < end:
+            end = max(end, spans[i][0][1])
+            i += 1
+        start = max(start, pos)
+        if start >= end:
+            continue
+        out.append(text[pos:start])
+        out.append(mapping.placeholder(_label(detector), text[start:end]))
+        pos = end
+    if not out:
+        return text, mapping
+    out.append(text[pos:])
+    return "".join(out), mapping
+
+
+def redact_strings(strings: Sequence[str], findings: Iterable[Finding],
+                   mapping: Mapping[str, str] | None = None) -> tuple[list[str], PlaceholderMap]:
+    """`redact` for the strings of one `scan_strings` call (findings grouped by index)."""
+    mapping = _as_map(mapping)
+    by_index: dict[int, list[Finding]] = {}
+    for f in findings:
+        by_index.setdefault(f.index, []).append(f)
+    out = list(strings)
+    for i in sorted(by_index):
+        out[i], _ = redact(out[i], by_index[i], mapping)
+    return out, mapping
+
+
+# -- JSON bodies -------------------------------------------------------------------------
+
+MAX_DEPTH = 128
+MAX_NODES = 1_000_000
+# Values under these keys are binary payloads (base64), not text: not scanned, not changed.
+BINARY_KEYS: frozenset[str] = frozenset({"image_url", "input_audio", "file_data", "b64_json"})
+
+
+@dataclass(frozen=True, slots=True)
+class LimitExceeded:
+    """Returned instead of a result when a JSON body is absurdly deep or large."""
+
+    reason: str
+
+
+def _is_binary(s: str) -> bool:
+    return s.startswith("data:") and ";base64," in s[:256]
+
+
+def _items(c: Any) -> Iterator[tuple[Any, Any]]:
+    return iter(c.items()) if isinstance(c, dict) else zip(itertools.repeat(None), c)
+
+
+def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth: int = MAX_DEPTH,
+                 max_nodes: int = MAX_NODES) -> list[str] | LimitExceeded:
+    """Every string value in a parsed JSON value, in document order (dict keys are not
+    included; values under `skip_keys` and base64 data URIs are skipped). Iterative."""
+    if isinstance(obj, str):
+        return [] if _is_binary(obj) else [obj]
+    if not isinstance(obj, (dict, list, tuple)):
+        return []
+    out: list[str] = []
+    nodes = 1
+    stack = [_items(obj)]
+    while stack:
+        for key, value in stack[-1]:
+            if type(value) is str or isinstance(value, str):
+                if key is not None and key in skip_keys or _is_binary(value):
+                    continue
+                out.append(value)
+                nodes += 1
+            elif isinstance(value, (dict, list, tuple)):
+                if key is not None and key in skip_keys:
+                    continue
+                nodes += 1
+                if len(stack) >= max_depth:
+                    return LimitExceeded(f"JSON nested deeper than {max_depth}")
+                stack.append(_items(value))
+                break
+            else:
+                continue
+            if nodes > max_nodes:
+                return LimitExceeded(f"JSON with more than {max_nodes} strings/containers")
+        else:
+            stack.pop()
+    if nodes > max_nodes:
+        return LimitExceeded(f"JSON with more than {max_nodes} strings/containers")
+    return out
+
+
+def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str] = BINARY_KEYS,
+                max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> Any:
+    """A copy of `obj` with `fn` applied to every string `walk_strings` would return, called
+    in the same order (so `fn` may consume an iterator of replacements). Returns
+    `LimitExceeded` under the same conditions as `walk_strings`. Iterative."""
+    if isinstance(obj, str):
+        return obj if _is_binary(obj) else fn(obj)
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+
+    def new_container(c: Any) -> Any:
+        return {} if isinstance(c, dict) else []
+
+    root = new_container(obj)
+    nodes = 1
+    stack: list[tuple[Iterator[tuple[Any, Any]], Any]] = [(_items(obj), root)]
+    while stack:
+        it, target = stack[-1]
+        for key, value in it:
+            descend = None
+            if isinstance(value, str):
+                if not (key is not None and key in skip_keys or _is_binary(value)):
+                    value = fn(value)
+                    nodes += 1
+            elif isinstance(value, (dict, list, tuple)) and not (key is not None and key in skip_keys):
+                nodes += 1
+                if len(stack) >= max_depth:
+                    return LimitExceeded(f"JSON nested deeper than {max_depth}")
+                descend = value
+                value = new_container(value)
+            if nodes > max_nodes:
+                return LimitExceeded(f"JSON with more than {max_nodes} strings/containers")
+            if key is None:
+                target.append(value)
+            else:
+                target[key] = value
+            if descend is not None:
+                stack.append((_items(descend), value))
+                break
+        else:
+            stack.pop()
+    return root

@@ -1,0 +1,171 @@
+"""Redaction of a streamed response, delta by delta (e.g. `delta.content` of SSE chunks).
+
+`StreamRedactor.feed(delta)` returns the text that is safe to emit now and holds back at
+most `holdback_chars` trailing characters, so a value split across chunks is still seen
+whole. It runs the scanner's own procedure (same regex, same overlap rules) over the held
+text plus the new delta, and finalizes only candidates that start at least `holdback_chars`
+before the end of what has arrived. Hence, when every finding is shorter than the hold-back
+window (minus two characters of look-ahead), the concatenated output equals
+`redact(text, scanner.decide(scanner.scan(text)).redact)` for the whole text.
+
+Longer secrets (sk-proj keys, JWTs, PEM blocks) still never leak: their detectors match a
+value cut off by the end of the available text, and a redacted finding that reaches the end
+stays *open*: later deltas that continue it are swallowed into the same placeholder.
+
+A blocking finding (per `DecisionParams`) stops the stream: `blocked` becomes True, the
+decision is in `block_decision`, and `feed`/`flush` return "" from then on (the caller ends
+the stream with an error). Per-delta cost is O(len(delta) + holdback).
+"""
+
+from __future__ import annotations
+
+from .scanner import (
+    Decision,
+    DecisionParams,
+    Finding,
+    PlaceholderMap,
+    Scanner,
+    _as_map,
+    _label,
+)
+
+GUARD_MARGIN = 2  # characters of look-ahead a detector's end guard may need
+CONTEXT = 16  # already-emitted characters kept for look-behinds
+MAX_OPEN = 64 * 1024  # an open (still growing) redacted value is closed beyond this
+
+
+class StreamRedactor:
+    __slots__ = ("scanner", "params", "holdback", "mapping", "findings", "decisions", "blocked",
+                 "block_decision", "_buf", "_base", "_emit", "_resume", "_open", "_inj_hits",
+                 "_inj_reported", "_done")
+
+    def __init__(self, scanner: Scanner, decision_params: DecisionParams | None = None,
+                 holdback_chars: int = 64, *, mapping: PlaceholderMap | None = None) -> None:
+        self.scanner = scanner
+        self.params = decision_params or DecisionParams()
+        self.holdback = max(0, int(holdback_chars))
+        self.mapping = _as_map(mapping)
+        self.findings: list[Finding] = []  # every accepted finding, offsets in the whole text
+        self.decisions: list[Decision] = []  # one per batch of findings (for logging)
+        self.blocked = False
+        self.block_decision: Decision | None = None
+        # Positions are in the virtual text "\n" + streamed text.
+        self._buf = "\n"  # virtual text from _base on
+        self._base = 0
+        self._emit = 1  # everything before has been returned
+        self._resume = 0  # where the scan procedure continues
+        self._open: tuple[int, int, int, str, str] | None = None  # (start, end, group, placeholder, label)
+        self._inj_hits: list[tuple[int, int, str, int, str]] = []
+        self._inj_reported = 0
+        self._done = False
+
+    def feed(self, delta: str) -> str:
+        if self._done:
+            raise RuntimeError("feed() after flush()")
+        if self.blocked or not delta:
+            return ""
+        self._buf += delta
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """The rest of the text, at the end of the stream."""
+        if self._done:
+            return ""
+        self._done = True
+        if self.blocked:
+            return ""
+        return self._advance(final=True)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _advance(self, final: bool) -> str:
+        scanner = self.scanner
+        buf, base = self._buf, self._base
+        n = base + len(buf)
+        if self._open is not None and not self._continue(n, final):
+            self._trim()
+            return ""
+        limit = n if final else n - self.holdback
+        rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
+        resume += base
+
+        batch: list[Finding] = []
+        inj_new: list[tuple[int, int, str, int, str]] = []
+        scanner._collect(buf, rel_hits, 0, base - 1, batch, inj_new)
+        if inj_new or (self._inj_hits and self._inj_reported < len(self._inj_hits)):
+            self._inj_hits.extend(inj_new)
+            keys = {k for *_, k in self._inj_hits}
+            extra = scanner._injection_findings(self._inj_hits[self._inj_reported:], keys)
+            if extra:
+                self._inj_reported = len(self._inj_hits)
+                batch.extend(extra)
+                batch.sort(key=lambda f: f.start)
+
+        redact_spans: dict[tuple[int, int], str] = {}
+        if batch:
+            decision = scanner.decide(batch, self.params)
+            self.decisions.append(decision)
+            self.findings.extend(batch)
+            if decision.block:
+                self.blocked = True
+                self.block_decision = decision
+                self._buf, self._base = "", n
+                return ""
+            for f in decision.redact:
+                redact_spans.setdefault((f.start, f.end), f.detector)
+
+        out: list[str] = []
+        emit = self._emit
+        opened = None
+        for s, e, gi in rel_hits:
+            detector = redact_spans.get((s + base - 1, e + base - 1))
+            if detector is None:
+                continue
+            out.append(buf[emit - base:s])
+            label = _label(detector)
+            placeholder = self.mapping.placeholder(label, buf[s:e])
+            out.append(placeholder)
+            emit = e + base
+            if not final and emit >= n - GUARD_MARGIN:
+                opened = (s + base, emit, gi, placeholder, label)
+        if opened is not None:
+            self._open = opened
+            self._emit = self._resume = emit
+        else:
+            cut = max(resume, emit)
+            out.append(buf[emit - base:cut - base])
+            self._emit = cut
+            self._resume = resume
+        self._trim()
+        return "".join(out)
+
+    def _continue(self, n: int, final: bool) -> bool:
+        """Extend the open finding with what arrived; True once it is closed."""
+        assert self._open is not None
+        start, end, gi, placeholder, label = self._open
+        buf, base = self._buf, self._base
+        region = self.scanner._region_at[gi]
+        m = region.solo.match(buf, start - 1 - base) if region is not None else None
+        new_end = max(end, m.end() + base) if m is not None else end
+        if new_end > end:
+            old, new = buf[start - base:end - base], buf[start - base:new_end - base]
+            self.mapping._extend(placeholder, label, old, new)
+            for i in range(len(self.findings) - 1, -1, -1):
+                f = self.findings[i]
+                if f.start == start - 1 and f.end == end - 1:
+                    self.findings[i] = Finding(f.rule, f.detector, f.start, new_end - 1, new, f.index, f.score)
+        self._emit = self._resume = new_end
+        if not final and new_end >= n - GUARD_MARGIN and new_end - start < MAX_OPEN:
+            self._open = (start, new_end, gi, placeholder, label)
+            return False
+        self._open = None
+        return True
+
+    def _trim(self) -> None:
+        keep = min(self._emit, self._resume)
+        if self._open is not None:
+            keep = min(keep, self._open[0] - 1)
+        keep -= CONTEXT
+        if keep > self._base:
+            self._buf = self._buf[keep - self._base:]
+            self._base = keep
