@@ -381,6 +381,117 @@ def _user_regex(source: str, what: str) -> str:
     return source
 
 
+try:  # the stdlib's regex parser, to learn which characters can start a pattern
+    from re import _parser as _sre_parse  # Python >= 3.11
+except ImportError:  # pragma: no cover
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+_C = _sre_parse
+_CATEGORY_ESCAPES = {
+    _C.CATEGORY_DIGIT: r"\d", _C.CATEGORY_NOT_DIGIT: r"\D", _C.CATEGORY_SPACE: r"\s",
+    _C.CATEGORY_NOT_SPACE: r"\S", _C.CATEGORY_WORD: r"\w", _C.CATEGORY_NOT_WORD: r"\W",
+}
+# Characters the engine folds together under IGNORECASE beyond lower()/upper().
+_CASE_EXTRAS = {"i": "\u0130\u0131", "k": "\u212a", "s": "\u017f", "\u00b5": "\u03bc", "\u00e5": "\u212b",
+                "\u00df": "\u1e9e", "\u03c9": "\u2126"}
+
+
+def _class_char(code: int) -> str:
+    ch = chr(code)
+    return "\\" + ch if ch in "\\]^-[" else ch
+
+
+def _case_variants(code: int) -> list[str]:
+    ch = chr(code)
+    low = ch.lower()
+    variants = {ch, low, ch.upper(), ch.title(), *_CASE_EXTRAS.get(low, "")}
+    for k, extra in _CASE_EXTRAS.items():
+        if ch in extra:
+            variants.add(k)
+            variants.update(extra)
+    return [_class_char(ord(v)) for v in sorted(variants) if len(v) == 1]
+
+
+def _first_items(data: Any, icase: bool) -> tuple[list[str] | None, bool]:
+    """Character-class items covering every first character the parsed pattern can match
+    (None when unknown; a superset is always fine), and whether it can match empty."""
+    items: list[str] = []
+    for op, av in data:
+        if op in (_C.AT, _C.ASSERT, _C.ASSERT_NOT):
+            continue  # zero-width: the first character comes later
+        sub, empty = _first_of_op(op, av, icase)
+        if sub is None:
+            return None, False
+        items += sub
+        if not empty:
+            return items, False
+    return items, True
+
+
+def _first_of_op(op: Any, av: Any, icase: bool) -> tuple[list[str] | None, bool]:
+    if op is _C.LITERAL:
+        return (_case_variants(av) if icase else [_class_char(av)]), False
+    if op is _C.IN:
+        items: list[str] = []
+        for iop, iav in av:
+            if iop is _C.LITERAL:
+                items += _case_variants(iav) if icase else [_class_char(iav)]
+            elif iop is _C.RANGE:
+                lo, hi = iav
+                items.append(f"{_class_char(lo)}-{_class_char(hi)}")
+                if icase:
+                    if hi - lo > 1024:
+                        return None, False
+                    for code in range(lo, hi + 1):
+                        items += _case_variants(code)
+            elif iop is _C.CATEGORY and iav in _CATEGORY_ESCAPES:
+                items.append(_CATEGORY_ESCAPES[iav])
+            else:
+                return None, False
+        return items, False
+    if op is _C.BRANCH:
+        items, any_empty = [], False
+        for alt in av[1]:
+            sub, empty = _first_items(alt.data, icase)
+            if sub is None:
+                return None, False
+            items += sub
+            any_empty = any_empty or empty
+        return items, any_empty
+    if op is _C.SUBPATTERN:
+        _, add, remove, sub_pattern = av
+        flag = _C.SRE_FLAG_IGNORECASE
+        return _first_items(sub_pattern.data, (icase or bool(add & flag)) and not remove & flag)
+    if op in (_C.MAX_REPEAT, _C.MIN_REPEAT, getattr(_C, "POSSESSIVE_REPEAT", None)):
+        lo, _, sub_pattern = av
+        sub, empty = _first_items(sub_pattern.data, icase)
+        return sub, empty or lo == 0
+    if op is getattr(_C, "ATOMIC_GROUP", None):
+        return _first_items(av.data, icase)
+    return None, False
+
+
+def _gated(source: str) -> str:
+    """`source` behind a one-character gate the engine can test without entering it.
+
+    The regex engine skips an alternative cheaply only when it starts with a literal or a
+    character class. Other alternatives (groups, alternations, look-arounds, (?i:...)) are
+    rewritten as `[first](?<=(?=source)[first])`: one class test per attempt; on a hit the
+    look-behind steps back one character and the look-ahead matches `source` in place, its
+    end marker recording where the value ends (the match itself ends one character in)."""
+    try:
+        data = _sre_parse.parse(source).data
+    except Exception:  # pragma: no cover - the source compiled already
+        return source
+    if data and data[0][0] in (_C.LITERAL, _C.IN):
+        return source
+    items, empty = _first_items(data, False)
+    if not items or empty:
+        return source
+    gate = "[" + "".join(dict.fromkeys(items)) + "]"
+    return f"{gate}(?<=(?={source}){gate})"
+
+
 def _label(detector: str) -> str:
     d = BUILTIN_DETECTORS.get(detector)
     if d is not None and d.label:
@@ -468,6 +579,7 @@ class Scanner:
                 specs.append(("injection", f"(?i:{source})(?P<j{j}>)", None,
                               {f"j{j}": [_Target(None, PROMPT_INJECTION, "pattern:" + pat)]}))
 
+        specs = [(kind, _gated(source), v, mt) for kind, source, v, mt in specs]
         self = cls.__new__(cls)
         combined = f"{BOUNDARY}(?:{'|'.join(s for _, s, _, _ in specs)})" if specs else f"{BOUNDARY}(?!)"
         self.pattern = re.compile(combined)
@@ -556,7 +668,7 @@ class Scanner:
         """The winning (end, marker group) at boundary `p`: longest valid, then priority."""
         gi = m.lastindex or 0
         region = self._region_at[gi]
-        best_end, best_gi = m.end(), gi
+        best_end, best_gi = m.end(gi), gi  # the marker's position: the value's end
         if region.validator is not None:
             k = region.validator(v[p + 1:best_end])
             best_end = p + 1 + k if k else 0
@@ -565,7 +677,7 @@ class Scanner:
             mm = r.solo.match(v, p)
             if mm is None:
                 continue
-            e = mm.end()
+            e = mm.end(mm.lastindex or 0)
             if e <= best_end:
                 continue
             if r.validator is not None:

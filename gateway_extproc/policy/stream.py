@@ -146,7 +146,7 @@ class StreamRedactor:
         buf, base = self._buf, self._base
         region = self.scanner._region_at[gi]
         m = region.solo.match(buf, start - 1 - base) if region is not None else None
-        new_end = max(end, m.end() + base) if m is not None else end
+        new_end = max(end, m.end(m.lastindex or 0) + base) if m is not None else end
         if new_end > end:
             old, new = buf[start - base:end - base], buf[start - base:new_end - base]
             self.mapping._extend(placeholder, label, old, new)

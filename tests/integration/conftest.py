@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -48,15 +48,23 @@ class Gateway:
         return "".join(self.stack.log_path(n).read_text(errors="replace") for n in ("extproc", "envoy"))
 
 
-def build_gateway(workdir: Path, env: dict[str, str] | None = None) -> Gateway:
-    primary_port, backup_port = free_port(), free_port()
-    primary_key, backup_key = "sk-primary-" + keys.generate("p")[-20:], "sk-backup-" + keys.generate("b")[-20:]
+def build_gateway(workdir: Path, env: dict[str, str] | None = None,
+                  customize: Callable[[dict[str, Any]], None] | None = None, share_mocks: Gateway | None = None) -> Gateway:
+    """A started stack. `customize` edits the values before rendering; `share_mocks` reuses
+    another gateway's mock providers (a second replica in front of the same providers)."""
+    if share_mocks is not None:
+        primary_port, backup_port = (int(u.rsplit(":", 1)[1]) for u in (share_mocks.primary, share_mocks.backup))
+        primary_key, backup_key = share_mocks.primary_key, share_mocks.backup_key
+    else:
+        primary_port, backup_port = free_port(), free_port()
+        primary_key, backup_key = "sk-primary-" + keys.generate("p")[-20:], "sk-backup-" + keys.generate("b")[-20:]
     restricted, expired = keys.generate("restricted"), keys.generate("expired")
     values = copy.deepcopy(chart_values([REPO / "helm" / "values-local.yaml"]))
     values["envoy"]["listener"]["port"] = free_port()
     values["envoy"]["admin"]["port"] = free_port()
     values["extproc"]["socketDir"] = str(workdir / "sock")
     values["extproc"]["metrics"]["port"] = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
     cred_file = workdir / "backup.key"
     cred_file.write_text(backup_key)
     for p in values["providers"]:
@@ -70,8 +78,10 @@ def build_gateway(workdir: Path, env: dict[str, str] | None = None) -> Gateway:
         {"id": "restricted", "sha256": keys.digest(restricted), "team": "demo", "models": ["default-chat"]},
         {"id": "expired", "sha256": keys.digest(expired), "team": "demo", "expiresAt": past},
     ]
-    stack = LocalStack(values, workdir, {"MOCK_PROVIDER_API_KEY": primary_key, **(env or {})},
-                       {primary_port: primary_key, backup_port: backup_key})
+    if customize is not None:
+        customize(values)
+    mocks = {} if share_mocks is not None else {primary_port: primary_key, backup_port: backup_key}
+    stack = LocalStack(values, workdir, {"MOCK_PROVIDER_API_KEY": primary_key, **(env or {})}, mocks)
     stack.start()
     return Gateway(stack, DEMO_KEY, restricted, expired, f"http://127.0.0.1:{primary_port}",
                    f"http://127.0.0.1:{backup_port}", primary_key, backup_key)

@@ -1,0 +1,106 @@
+"""BudgetGate with an injected clock: calendar rollover, time zones, soft threshold, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+
+import pytest
+
+from gateway_extproc import config, keys
+from gateway_extproc.budgets.gate import BudgetGate
+from gateway_extproc.budgets.store import MemoryBudgetStore
+from gateway_extproc.errors import GatewayError
+
+KEY = keys.generate("k")
+
+
+def cfg(tz: str = "UTC", key_budget: dict | None = None) -> config.GatewayConfig:
+    return config.parse({
+        "version": 1, "listen": ["unix:///tmp/x.sock"],
+        "providers": [{"name": "p", "kind": "openai", "baseURL": "http://127.0.0.1:1/v1", "credential": {"env": "X"}}],
+        "models": [{"name": "m", "tokenizer": "estimate", "maxOutputTokens": 100,
+                    "backends": [{"provider": "p", "model": "pm", "pricing": {"input": 1000, "output": 1000}}]}],
+        "budgets": {"timezone": tz},
+        "teams": [{"name": "t", "budget": {"daily": 1, "monthly": 3, "soft": 0.5}}],
+        "keys": [{"id": "k", "sha256": keys.digest(KEY), "team": "t", **({"budget": key_budget} if key_budget else {})}],
+    })
+
+
+class Clock:
+    def __init__(self, iso: str) -> None:
+        self.now = datetime.fromisoformat(iso).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def set(self, iso: str) -> None:
+        self.now = datetime.fromisoformat(iso).timestamp()
+
+
+def spend(gate: BudgetGate, c: config.GatewayConfig, prompt: int = 100, output: int = 400) -> int:
+    """Admit and settle one request that costs exactly (prompt + output) * $0.001; return status."""
+    async def go() -> int:
+        try:
+            admission = await gate.admit(gate.plan(c.keys["k"], c.models["m"], prompt, output))
+        except GatewayError as err:
+            return err.status
+        await gate.settle(admission, (prompt + output) * 1_000_000, prompt + output)
+        return 200
+    return asyncio.run(go())
+
+
+def test_daily_budget_rolls_over_at_midnight_and_monthly_at_month_end() -> None:
+    c = cfg()
+    clock = Clock("2026-11-30T10:00:00+00:00")
+    gate = BudgetGate(c, MemoryBudgetStore(), clock)
+    assert [spend(gate, c) for _ in range(3)] == [200, 200, 429]  # $0.5 each, $1/day
+    clock.set("2026-11-30T23:59:59+00:00")
+    assert spend(gate, c) == 429
+    clock.set("2026-12-01T00:00:01+00:00")  # new day and new month
+    assert [spend(gate, c) for _ in range(3)] == [200, 200, 429]
+    clock.set("2026-12-02T09:00:00+00:00")
+    assert [spend(gate, c) for _ in range(3)] == [200, 200, 429]  # monthly: $2 of $3 used
+    clock.set("2026-12-03T09:00:00+00:00")
+    assert [spend(gate, c) for _ in range(3)] == [200, 200, 429]  # monthly: $3 of $3 used
+    clock.set("2026-12-04T09:00:00+00:00")
+    assert spend(gate, c) == 429  # a fresh day, but the month is spent
+
+
+def test_windows_follow_the_configured_time_zone() -> None:
+    c = cfg("America/New_York")
+    clock = Clock("2026-11-24T04:30:00+00:00")  # 23:30 on the 23rd in New York
+    gate = BudgetGate(c, MemoryBudgetStore(), clock)
+    assert [spend(gate, c) for _ in range(3)] == [200, 200, 429]
+    clock.set("2026-11-24T05:00:01+00:00")  # 00:00:01 on the 24th in New York
+    assert spend(gate, c) == 200
+
+
+def test_refusal_names_the_level_with_retry_after_until_reset() -> None:
+    c = cfg(key_budget={"daily": 0.6})
+    clock = Clock("2026-11-30T23:00:00+00:00")
+    gate = BudgetGate(c, MemoryBudgetStore(), clock)
+    assert spend(gate, c) == 200
+
+    async def refused() -> GatewayError:
+        with pytest.raises(GatewayError) as exc:
+            await gate.admit(gate.plan(c.keys["k"], c.models["m"], 100, 400))
+        return exc.value
+    err = asyncio.run(refused())
+    assert err.code == "budget_exceeded" and "key:k" in err.message
+    assert err.headers["retry-after"] == "3600"
+    assert err.headers["x-gateway-budget-remaining-usd"] == "0.1"
+
+
+def test_soft_threshold_and_clamp_are_reported() -> None:
+    c = cfg()
+    gate = BudgetGate(c, MemoryBudgetStore(), Clock("2026-11-30T10:00:00+00:00"))
+    assert spend(gate, c, 100, 500) == 200  # $0.6 of $1: above the 0.5 soft threshold
+
+    async def admit():
+        return await gate.admit(gate.plan(c.keys["k"], c.models["m"], 100, 1000))
+    admission = asyncio.run(admit())
+    assert admission.result.output_tokens == 300  # clamped: $0.4 left, $0.1 of it for the prompt
+    headers = gate.response_headers(admission)
+    assert headers["x-gateway-budget-warning"] == "team:t daily"
+    assert headers["x-gateway-budget-remaining-usd"] == "0"
