@@ -471,18 +471,92 @@ def _first_of_op(op: Any, av: Any, icase: bool) -> tuple[list[str] | None, bool]
     return None, False
 
 
+_ZERO_WIDTH = (_C.AT, _C.ASSERT, _C.ASSERT_NOT)
+_REPEATS = tuple(op for op in (_C.MAX_REPEAT, _C.MIN_REPEAT, getattr(_C, "POSSESSIVE_REPEAT", None)) if op)
+
+
+def _seq(data: Any, icase: bool) -> list[tuple[Any, Any, bool]]:
+    return [(op, av, icase) for op, av in data]
+
+
+def _first_of_seq(seq: list[tuple[Any, Any, bool]]) -> tuple[list[str] | None, bool]:
+    items: list[str] = []
+    for op, av, icase in seq:
+        if op in _ZERO_WIDTH:
+            continue
+        sub, empty = _first_of_op(op, av, icase)
+        if sub is None:
+            return None, False
+        items += sub
+        if not empty:
+            return items, False
+    return items, True
+
+
+def _first_two(seq: list[tuple[Any, Any, bool]]) -> tuple[list[str], list[str]] | None:
+    """Class items for the first and the second character of every match, or None."""
+    for i, (op, av, icase) in enumerate(seq):
+        if op not in _ZERO_WIDTH:
+            break
+    else:
+        return None
+    rest = seq[i + 1:]
+    if op in (_C.LITERAL, _C.IN):
+        first, _ = _first_of_op(op, av, icase)
+        second, empty = _first_of_seq(rest)
+        return (first, second) if first and second and not empty else None
+    if op is _C.BRANCH:
+        firsts: list[str] = []
+        seconds: list[str] = []
+        for alt in av[1]:
+            pair = _first_two(_seq(alt.data, icase) + rest)
+            if pair is None:
+                return None
+            firsts += pair[0]
+            seconds += pair[1]
+        return firsts, seconds
+    if op is _C.SUBPATTERN:
+        _, add, remove, sub_pattern = av
+        flag = _C.SRE_FLAG_IGNORECASE
+        return _first_two(_seq(sub_pattern.data, (icase or bool(add & flag)) and not remove & flag) + rest)
+    if op is getattr(_C, "ATOMIC_GROUP", None):
+        return _first_two(_seq(av.data, icase) + rest)
+    if op in _REPEATS:
+        lo, hi, sub_pattern = av
+        sub = list(sub_pattern.data)
+        if len(sub) != 1 or sub[0][0] not in (_C.LITERAL, _C.IN) or lo < 1:
+            return None
+        first, _ = _first_of_op(sub[0][0], sub[0][1], icase)
+        if not first:
+            return None
+        if lo >= 2:
+            return first, first
+        if hi < 2:
+            return _first_two([(sub[0][0], sub[0][1], icase)] + rest)
+        after, empty = _first_of_seq(rest)
+        return (first, first + after) if after is not None and not empty else None
+    return None
+
+
 def _gated(source: str) -> str:
-    """`source` behind a one-character gate the engine can test without entering it.
+    """`source` behind a one- or two-character gate the engine tests without entering it.
 
     The regex engine skips an alternative cheaply only when it starts with a literal or a
-    character class. Other alternatives (groups, alternations, look-arounds, (?i:...)) are
-    rewritten as `[first](?<=(?=source)[first])`: one class test per attempt; on a hit the
-    look-behind steps back one character and the look-ahead matches `source` in place, its
-    end marker recording where the value ends (the match itself ends one character in)."""
+    character class, and entering an alternative costs far more than testing a class.
+    Alternatives are rewritten as `[a][b](?<=(?=source)[a][b])`: two class tests per
+    attempt; on a hit the look-behind steps back and the look-ahead matches `source` in
+    place, its end marker recording where the value ends (the match itself ends at the
+    gate). The classes come from the parsed pattern and are a superset, so nothing is lost.
+    """
     try:
         data = _sre_parse.parse(source).data
     except Exception:  # pragma: no cover - the source compiled already
         return source
+    pair = _first_two(_seq(data, False))
+    if pair is not None:
+        a = "[" + "".join(dict.fromkeys(pair[0])) + "]"
+        b = "[" + "".join(dict.fromkeys(pair[1])) + "]"
+        return f"{a}{b}(?<=(?={source}){a}{b})"
     if data and data[0][0] in (_C.LITERAL, _C.IN):
         return source
     items, empty = _first_items(data, False)

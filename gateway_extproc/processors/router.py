@@ -153,7 +153,8 @@ class RouterProcessor:
         else:
             cap = body[field] if field else model.max_output_tokens
             wanted = cap or gate.settings.default_output_tokens
-        self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, wanted))
+        self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, wanted),
+                                          self.runtime.labels.team(self.key.team))
         granted = self.admission.result.output_tokens
         if self.endpoint is api.CHAT and granted < wanted:
             body[field or "max_tokens"] = granted
@@ -353,6 +354,7 @@ def _cut_events(output_tokens: int) -> bytes:
 
 
 def log_budget_cut(p: RouterProcessor) -> None:
+    metrics.BUDGET_EVENTS.labels(p.runtime.labels.team(p.key.team if p.key else None), "stream_cut").inc()
     access_log.warning("stream_cut_at_budget", request_id=p.request_id, key_id=p.key.id if p.key else None,
                        output_tokens=p.tap.content_events if p.tap else None)
 

@@ -35,6 +35,9 @@ TPOT = Histogram("genai_time_per_output_token_seconds", "Generation time per out
                  ["model"], buckets=_TPOT)
 DURATION = Histogram("genai_request_duration_seconds", "Whole-request duration.", ["model", "status_class"],
                      buckets=_LATENCY)
+BUDGET_EVENTS = Counter("genai_budget_events", "Budget and rate-limit decisions other than a plain admit: "
+                        "soft_threshold, clamped, budget_exceeded, rate_limited, store_unavailable_open, "
+                        "store_unavailable_closed, stream_cut.", ["team", "event"])
 GUARDRAIL_TRIGGERS = Counter("genai_guardrail_triggers", "Policy rule matches by action taken.",
                              ["rule", "action"])
 CACHE_REQUESTS = Counter("genai_cache_requests", "Cache lookups by result.", ["result"])
