@@ -191,6 +191,9 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
         r.fail("metrics.port", "must be a port number (0 disables /metrics)")
     address = r.string(metrics.get("address", "0.0.0.0"), "metrics.address")
     budgets = _budgets(r, doc, fail_open_default, teams, users, keys)
+    if budgets.enabled and budgets.store == "memory" and len(listen) > 1:
+        r.fail("budgets.store", f"is memory, which one process holds, but listen has {len(listen)} ext_proc "
+               "processes; use store: redis, or extproc.processes: 1")
     if budgets.enabled:
         for i, m in enumerate(models.values()):
             for j, b in enumerate(m.backends):

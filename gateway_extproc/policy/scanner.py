@@ -40,9 +40,26 @@ from .detectors import (
     DEFAULT_INJECTION_PHRASES,
     PROMPT_INJECTION,
     Validator,
+    expand_phrase,
     normalize_phrase,
+    phrase_start_ok,
     phrase_trie_pattern,
 )
+
+# A region's check on a candidate v[start:end]: the accepted end, or 0 to reject.
+Check = Callable[[str, int, int], int]
+
+
+def _validator_check(validator: Validator) -> Check:
+    def check(v: str, start: int, end: int) -> int:
+        k = validator(v[start:end])
+        return start + k if k else 0
+    return check
+
+
+def _phrase_check(v: str, start: int, end: int) -> int:
+    return end if phrase_start_ok(v[start - 1], v[start]) else 0
+
 
 ACTIONS = ("monitor", "redact", "block")
 MODES = ("monitor", "soft", "enforce")
@@ -125,9 +142,10 @@ class CustomRule:
 @dataclass(frozen=True, slots=True)
 class InjectionConfig:
     """Prompt-injection guard: phrases (case-insensitive, whole-word, any whitespace between
-    words) and regex patterns (case-insensitive), each with a weight. A text's score is the
-    sum of the weights of the *distinct* phrases/patterns found (over all strings of one
-    `scan_strings` call); the detector triggers when score >= threshold."""
+    words; `{a|b|}` alternatives, see `detectors.expand_phrase`) and regex patterns
+    (case-insensitive), each with a weight. A text's score is the sum of the weights of the
+    *distinct* phrase templates/patterns found (over all strings of one `scan_strings`
+    call); the detector triggers when score >= threshold."""
 
     phrases: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_INJECTION_PHRASES))
     patterns: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_INJECTION_PATTERNS))
@@ -345,7 +363,7 @@ class _Region:
     kind: str  # builtin | regex | phrases | injection
     solo: re.Pattern[str]  # the alternative alone, boundary character included
     group_base: int  # its groups' offset in the combined pattern
-    validator: Validator | None
+    check: Check | None
     later_all: tuple[_Region, ...] = ()
     later_overlap: tuple[_Region, ...] = ()
 
@@ -552,13 +570,13 @@ def _gated(source: str) -> str:
         data = _sre_parse.parse(source).data
     except Exception:  # pragma: no cover - the source compiled already
         return source
+    if data and data[0][0] in (_C.LITERAL, _C.IN):
+        return source  # the engine tests the first character itself
     pair = _first_two(_seq(data, False))
     if pair is not None:
         a = "[" + "".join(dict.fromkeys(pair[0])) + "]"
         b = "[" + "".join(dict.fromkeys(pair[1])) + "]"
         return f"{a}{b}(?<=(?={source}){a}{b})"
-    if data and data[0][0] in (_C.LITERAL, _C.IN):
-        return source
     items, empty = _first_items(data, False)
     if not items or empty:
         return source
@@ -616,13 +634,14 @@ class Scanner:
         def targets_for(detector: str) -> list[_Target]:
             return [_Target(r.name, detector) for r in all_rules if r.detector == detector]
 
-        # (kind, source, validator, {marker: targets}) in priority order
-        specs: list[tuple[str, str, Validator | None, dict[str, list[_Target]]]] = []
+        # (kind, source, check, {marker: targets}) in priority order
+        specs: list[tuple[str, str, Check | None, dict[str, list[_Target]]]] = []
         for name, det in BUILTIN_DETECTORS.items():
             targets = targets_for(name)
             if targets:
                 marker = f"d_{name}"
-                specs.append(("builtin", f"(?:{det.pattern})(?P<{marker}>)", det.validator, {marker: targets}))
+                check = _validator_check(det.validator) if det.validator else None
+                specs.append(("builtin", f"(?:{det.pattern})(?P<{marker}>)", check, {marker: targets}))
         for i, c in enumerate(c for c in customs if c.kind == "regex"):
             source = _user_regex(c.pattern or "", f"custom rule {c.name!r}")
             if c.ignore_case:
@@ -640,13 +659,16 @@ class Scanner:
                     new = targets_for(c.name)
                     targets.extend(t for t in new if t not in targets)
         if injection is not None:
-            for phrase in injection.phrases:
-                norm = normalize_phrase(phrase)
-                phrases.setdefault(norm, []).append(_Target(None, PROMPT_INJECTION, "phrase:" + norm))
+            for template in injection.phrases:
+                target = _Target(None, PROMPT_INJECTION, "phrase:" + template)
+                for norm in expand_phrase(template):
+                    targets = phrases.setdefault(norm, [])
+                    if target not in targets:
+                        targets.append(target)
         if phrases:
             markers = {f"k{j}": (p, t) for j, (p, t) in enumerate(phrases.items())}
             source = phrase_trie_pattern((p, m) for m, (p, _) in markers.items())
-            specs.append(("phrases", source, None, {m: t for m, (_, t) in markers.items()}))
+            specs.append(("phrases", source, _phrase_check, {m: t for m, (_, t) in markers.items()}))
         if injection is not None:
             for j, pat in enumerate(injection.patterns):
                 source = _user_regex(pat, f"injection pattern {pat!r}")
@@ -665,9 +687,9 @@ class Scanner:
         self._targets_at = [()] * (self.pattern.groups + 1)
         regions: list[_Region] = []
         base = 0
-        for prio, (kind, source, validator, marker_targets) in enumerate(specs):
+        for prio, (kind, source, check, marker_targets) in enumerate(specs):
             solo = re.compile(f"{BOUNDARY}(?:{source})")
-            region = _Region(prio, kind, solo, base, validator)
+            region = _Region(prio, kind, solo, base, check)
             regions.append(region)
             for g in range(base + 1, base + solo.groups + 1):
                 self._region_at[g] = region
@@ -683,9 +705,8 @@ class Scanner:
         self._injection_rules = tuple(r.name for r in all_rules if r.detector == PROMPT_INJECTION)
         self._weights = {}
         if injection is not None:
-            for phrase, w in injection.phrases.items():
-                key = "phrase:" + normalize_phrase(phrase)
-                self._weights[key] = max(float(w), self._weights.get(key, float("-inf")))
+            for template, w in injection.phrases.items():
+                self._weights["phrase:" + template] = float(w)
             for pat, w in injection.patterns.items():
                 self._weights["pattern:" + pat] = float(w)
         return self
@@ -743,9 +764,8 @@ class Scanner:
         gi = m.lastindex or 0
         region = self._region_at[gi]
         best_end, best_gi = m.end(gi), gi  # the marker's position: the value's end
-        if region.validator is not None:
-            k = region.validator(v[p + 1:best_end])
-            best_end = p + 1 + k if k else 0
+        if region.check is not None:
+            best_end = region.check(v, p + 1, best_end)
         later = region.later_overlap if best_end else region.later_all
         for r in later:
             mm = r.solo.match(v, p)
@@ -754,11 +774,8 @@ class Scanner:
             e = mm.end(mm.lastindex or 0)
             if e <= best_end:
                 continue
-            if r.validator is not None:
-                k = r.validator(v[p + 1:e])
-                if not k:
-                    continue
-                e = p + 1 + k
+            if r.check is not None:
+                e = r.check(v, p + 1, e)
                 if e <= best_end:
                     continue
             best_end, best_gi = e, r.group_base + (mm.lastindex or 0)

@@ -27,6 +27,7 @@ KEYS = {name: keys.generate(name) for name in ("conc", "clamp", "settle", "cut",
 
 def budget_keys(values: dict[str, Any], redis_url: str) -> None:
     values["budgets"].update(store="redis", redis={"url": redis_url}, defaultOutputTokens=4)
+    values["extproc"]["processes"] = 2
     values["budgets"]["orgLimit"] = {"daily": 50, "onStoreError": "open"}
     values["teams"].append({"name": "ops"})
     specs = {
@@ -111,6 +112,11 @@ def test_two_replicas_never_overspend_and_admit_what_the_budget_affords(replicas
     total = spent(first, "conc")
     assert total == len(admitted) * cost <= budget
     assert spent(second, "conc") == total  # both replicas read the same shared state
+    # Each replica's /metrics aggregates its two ext_proc processes.
+    from .test_metrics import sample
+    counted = sum(sample(httpx.get(g.stack.metrics_url).text, "genai_requests_total", team="demo",
+                         model="default-chat") for g in (first, second))
+    assert counted >= 201
 
 
 def test_a_large_max_tokens_is_clamped_to_what_the_budget_affords(gw: Gateway) -> None:

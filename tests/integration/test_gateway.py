@@ -218,3 +218,21 @@ def test_extproc_down_fails_closed_and_recovers_without_restarting_envoy() -> No
             assert gw.stack.procs["envoy"].pid == envoy_pid and gw.stack.procs["envoy"].poll() is None
         finally:
             gw.stack.stop()
+
+
+def test_readme_tiny_budget_key_is_refused_by_its_third_call(gw: Gateway) -> None:
+    tiny = client(gw, "gwk_tiny_local-only-tiny-budget-key")
+    outcomes = []
+    for _ in range(3):
+        try:
+            raw = tiny.chat.completions.with_raw_response.create(
+                model="default-chat", messages=[{"role": "user", "content": "Hi"}])
+            outcomes.append(("ok", raw.headers.get("x-gateway-max-tokens-clamped")))
+        except openai.RateLimitError as err:
+            outcomes.append(("429", err.body["code"]))
+        time.sleep(0.2)  # let the settlement land, as a person typing would
+    assert outcomes[0][0] == "ok" and outcomes[0][1] is not None  # admitted, clamped
+    assert ("429", "budget_exceeded") in outcomes[1:]
+    usage = httpx.get(f"{gw.url}/v1/usage", headers={"authorization": "Bearer gwk_tiny_local-only-tiny-budget-key"})
+    [daily] = [b for b in usage.json()["budgets"] if b["level"] == "key:tiny" and b["window"] == "daily"]
+    assert daily["limit_usd"] == 0.001 and 0 < daily["spent_usd"] <= 0.001
