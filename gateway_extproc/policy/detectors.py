@@ -59,6 +59,9 @@ class Detector:
     validator: Validator | None = None
     label: str = ""  # placeholder type: [LABEL_1]
     description: str = ""
+    # Extra start condition on the text before the value: start_ok(text, start). Kept out
+    # of the regex so the pattern starts with a plain character class (see scanner._gated).
+    start_ok: Callable[[str, int], bool] | None = None
 
     def compile(self) -> re.Pattern[str]:
         """The detector alone, as the scanner matches it (boundary character included)."""
@@ -183,6 +186,22 @@ def validate_phone(value: str) -> int:
     return _whole(ok, value)
 
 
+def validate_ipv4(value: str) -> int:
+    for octet in value.split("."):
+        if int(octet) > 255 or (len(octet) > 1 and octet[0] == "0"):
+            return 0
+    return len(value)
+
+
+def ipv4_start_ok(text: str, start: int) -> bool:
+    """Not the tail of a longer dotted number (`1.2.3.4.5`)."""
+    return not (start >= 2 and text[start - 1] == "." and "0" <= text[start - 2] <= "9")
+
+
+def ipv6_start_ok(text: str, start: int) -> bool:
+    return start < 1 or text[start - 1] != ":"
+
+
 def validate_ipv6(value: str) -> int:
     try:
         ipaddress.IPv6Address(value)
@@ -223,7 +242,6 @@ def validate_jwt(value: str) -> int:
 
 # -- patterns --------------------------------------------------------------------------
 
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 
 
 def _iban_pattern() -> str:
@@ -279,24 +297,24 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
         Detector(
             "credit_card",
-            r"(?:[0-9]{4}[ \-][0-9]{4}[ \-][0-9]{4}[ \-][0-9]{4}(?:[ \-][0-9]{3})?"
-            r"|[0-9]{4}[ \-][0-9]{6}[ \-][0-9]{4,5}"
-            r"|[0-9]{13,19}+)(?![A-Za-z0-9_]|-[0-9])",
+            r"[0-9][0-9][0-9][0-9](?:[ \-][0-9]{4}[ \-][0-9]{4}[ \-][0-9]{4}(?:[ \-][0-9]{3})?"
+            r"|[ \-][0-9]{6}[ \-][0-9]{4,5}"
+            r"|[0-9]{9,15}+)(?![A-Za-z0-9_]|-[0-9])",
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)",
         ),
         Detector(
-            "us_ssn", r"[0-9]{3}-[0-9]{2}-[0-9]{4}(?![A-Za-z0-9_]|-[0-9])", validate_ssn,
+            "us_ssn", r"[0-9][0-9][0-9]-[0-9]{2}-[0-9]{4}(?![A-Za-z0-9_]|-[0-9])", validate_ssn,
             "US_SSN", "US social security number",
         ),
         Detector(
             "ipv6",
-            r"(?<!:)(?=[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:)[0-9A-Fa-f:]{3,39}+(?:\.[0-9]{1,3}){0,3}+"
+            r"[0-9A-Fa-f:][0-9A-Fa-f]{0,3}+:[0-9A-Fa-f:]{1,37}+(?:\.[0-9]{1,3}){0,3}+"
             r"(?![A-Za-z0-9_:]|\.[0-9])",
-            validate_ipv6, "IPV6", "IPv6 address",
+            validate_ipv6, "IPV6", "IPv6 address", ipv6_start_ok,
         ),
         Detector(
-            "ipv4", rf"(?<![0-9]\.){_OCTET}(?:\.{_OCTET}){{3}}(?![A-Za-z0-9_]|\.[0-9])", None,
-            "IPV4", "IPv4 address",
+            "ipv4", r"[0-9][0-9]{0,2}+\.[0-9]{1,3}+\.[0-9]{1,3}+\.[0-9]{1,3}+(?![A-Za-z0-9_]|\.[0-9])",
+            validate_ipv4, "IPV4", "IPv4 address", ipv4_start_ok,
         ),
         Detector(
             "phone",

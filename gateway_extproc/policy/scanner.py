@@ -50,8 +50,16 @@ from .detectors import (
 Check = Callable[[str, int, int], int]
 
 
-def _validator_check(validator: Validator) -> Check:
+def _detector_check(validator: Validator | None,
+                    start_ok: Callable[[str, int], bool] | None) -> Check | None:
+    if validator is None and start_ok is None:
+        return None
+
     def check(v: str, start: int, end: int) -> int:
+        if start_ok is not None and not start_ok(v, start):
+            return 0
+        if validator is None:
+            return end
         k = validator(v[start:end])
         return start + k if k else 0
     return check
@@ -640,7 +648,7 @@ class Scanner:
             targets = targets_for(name)
             if targets:
                 marker = f"d_{name}"
-                check = _validator_check(det.validator) if det.validator else None
+                check = _detector_check(det.validator, det.start_ok)
                 specs.append(("builtin", f"(?:{det.pattern})(?P<{marker}>)", check, {marker: targets}))
         for i, c in enumerate(c for c in customs if c.kind == "regex"):
             source = _user_regex(c.pattern or "", f"custom rule {c.name!r}")

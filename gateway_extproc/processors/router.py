@@ -199,15 +199,22 @@ class RouterProcessor:
         self.status = int(h.get(":status", "0") or 0)
         self.backend = h.get("x-gateway-backend")
         added = self.budget_headers()
+        attempts = h.get("x-envoy-attempt-count")
+        if attempts:
+            added["x-gateway-attempts"] = attempts
+        if self.backend:
+            metrics.UPSTREAM_ATTEMPTS.labels(self.runtime.labels.backend(self.backend),
+                                             "success" if self.status < 500 else "error").inc()
+        remove = ("x-envoy-attempt-count",) if attempts else ()
         if msg.end_of_stream:
             self.log()
-            return r.response_headers(r.common(r.mutation(added)))
+            return r.response_headers(r.common(r.mutation(added, remove)))
         if h.get("content-type", "").startswith("text/event-stream"):
             self.tap = SseUsageTap(self.drop_usage)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
-            return r.response_headers(r.common(r.mutation(added)), stream_body=True)
-        return r.response_headers(r.common(r.mutation(added)) if added else None)
+            return r.response_headers(r.common(r.mutation(added, remove)), stream_body=True)
+        return r.response_headers(r.common(r.mutation(added, remove)) if added or remove else None)
 
     def budget_headers(self) -> dict[str, str]:
         if self.admission is None or self.runtime.budget is None:
@@ -277,8 +284,7 @@ class RouterProcessor:
             status=self.status or 499, prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None
             else self.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
             duration_s=duration, ttft_s=ttft)
-        if self.admission is not None:
-            self.settle(backend)
+        self.account(backend)
         if self.trace is not None:
             self.trace.finish(
                 status=self.status, error_code=self.error_code, provider=backend.provider.kind if backend else None,
@@ -294,31 +300,39 @@ class RouterProcessor:
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
             duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None)
 
-    def settle(self, backend: Backend | None) -> None:
-        """Charge what was consumed: provider usage when known, else the local prompt count
-        plus the streamed output so far (client gone, stream cut); nothing for a provider error."""
-        assert self.admission is not None and self.runtime.budget is not None
+    def consumed(self, backend: Backend | None) -> tuple[int, int]:
+        """(cost in nano$, tokens) of what was consumed: provider usage when known, else the
+        local prompt count plus the output streamed so far (client gone, stream cut); nothing
+        for a provider error. Priced at the backend that answered, else the model's worst."""
         usage = self.usage or Usage()
-        price = backend.price if backend and backend.price else self.admission.plan.price
+        price = backend.price if backend and backend.price else (
+            self.admission.plan.price if self.admission else None)
         prompt = usage.prompt_tokens if usage.prompt_tokens is not None else (self.prompt_tokens or 0)
         if usage.completion_tokens is not None:
             completion = usage.completion_tokens
-        elif self.tap is not None:
-            completion = self.tap.content_events
         else:
-            completion = 0
-        charged = self.status == 0 or 200 <= self.status < 300 or usage.completion_tokens is not None
-        cost = cost_nano(price, prompt, completion, usage.cached_tokens or 0) if charged else 0
-        tokens_used = prompt + completion if charged else 0
-        team, model = self.runtime.labels.team(self.key.team if self.key else None), self.runtime.labels.model(
-            self.model.name if self.model else None)
+            completion = self.tap.content_events if self.tap is not None else 0
+        if not (self.status == 0 or 200 <= self.status < 300 or usage.completion_tokens is not None):
+            return 0, 0
+        cost = cost_nano(price, prompt, completion, usage.cached_tokens or 0) if price is not None else 0
+        return cost, prompt + completion
+
+    def account(self, backend: Backend | None) -> None:
+        """Cost metrics for every priced request; budget settlement when one was reserved."""
+        if self.model is None:
+            return
+        cost, tokens_used = self.consumed(backend)
+        team = self.runtime.labels.team(self.key.team if self.key else None)
         if cost:
-            metrics.COST.labels(team, model).inc(cost / 1e9)
+            metrics.COST.labels(team, self.runtime.labels.model(self.model.name)).inc(cost / 1e9)
+        if self.admission is None or self.runtime.budget is None:
+            return
         daily_team = next((lv for lv in self.admission.plan.levels if lv.name.startswith("team:")
                            and lv.window.kind == "daily" and lv.limit.limit_nano < MAX_NANO), None)
         if daily_team is not None:
-            remaining = self.admission.result.remaining_nano.get(daily_team.limit.key, 0)
-            metrics.TEAM_DAILY_REMAINING.labels(team).set(max(0, remaining - (cost - self.admission.result.reserved_nano)) / 1e9)
+            left = self.admission.result.remaining_nano.get(daily_team.limit.key, 0)
+            metrics.TEAM_DAILY_REMAINING.labels(team).set(
+                max(0, left - (cost - self.admission.result.reserved_nano)) / 1e9)
         task = asyncio.get_running_loop().create_task(self.runtime.budget.settle(self.admission, cost, tokens_used))
         _SETTLING.add(task)
         task.add_done_callback(_SETTLING.discard)

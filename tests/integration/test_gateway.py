@@ -157,6 +157,7 @@ def test_fallback_attempt_gets_the_secondarys_model_and_key(gw: Gateway) -> None
     httpx.post(f"{gw.primary}/_mock/behaviour", json={"model": "mock-primary", "status": 500}).raise_for_status()
     raw = client(gw).chat.completions.with_raw_response.create(model="fallback-chat", messages=HELLO)
     assert raw.status_code == 200 and raw.headers["x-gateway-backend"] == "mock-backup/mock-secondary"
+    assert raw.headers["x-gateway-attempts"] == "2" and "x-envoy-attempt-count" not in raw.headers
     assert [r["body"]["model"] for r in gw.received(gw.primary)] == ["mock-primary"]
     [second] = gw.received(gw.backup)
     assert second["body"]["model"] == "mock-secondary"

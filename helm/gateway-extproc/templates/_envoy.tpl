@@ -60,6 +60,8 @@ static_resources:
             virtual_hosts:
             - name: gateway
               domains: ["*"]
+              # x-envoy-attempt-count on responses; the ext_proc renames it x-gateway-attempts.
+              include_attempt_count_in_response: true
               routes:
               {{- range $model := $v.models }}
               - match:
@@ -104,6 +106,8 @@ static_resources:
                 request_trailer_mode: SKIP
                 response_trailer_mode: SKIP
               allow_mode_override: true
+              # lets the ext_proc replace x-envoy-attempt-count with x-gateway-attempts
+              mutation_rules: {allow_envoy: true}
               metadata_options:
                 receiving_namespaces: {untyped: [gw]}
           - name: envoy.filters.http.router
