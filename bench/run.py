@@ -50,6 +50,7 @@ WRK_THREADS = 1  # one wrk thread drives >100k req/s here (direct nginx); a seco
 TTFB_SAMPLES, TTFB_WARMUP = 200, 20
 MAX_ERROR_FRACTION = 0.01
 DISTURBED_CORES = 0.2  # CPU used by processes outside the bench during a run; above this, say so
+DISTURBED_RETRIES, QUIET_WAIT_S = 2, 60  # a disturbed run is repeated after waiting for quiet
 
 TARGET_RATIO_32 = 0.09  # gateway req/s @32 >= 0.09 x plain Envoy
 TARGET_ADDED_P50_MS = 2.5  # gateway p50 @1 - plain Envoy p50 @1
@@ -552,6 +553,29 @@ def run_wrk(url: str, script: Path, connections: int, seconds: float,
     return load
 
 
+def other_cores(load: Load) -> float:
+    return load.cpu_s.get("other", 0.0) / load.seconds
+
+
+def run_undisturbed(url: str, script: Path, connections: int, seconds: float,
+                    cpu_of: dict[str, Callable[[], list[int]]]) -> Load:
+    """run_wrk, repeated (after waiting for quiet) while other processes on a shared machine
+    took CPU during it; the last attempt counts either way and stays flagged in the report."""
+    for attempt in range(DISTURBED_RETRIES + 1):
+        wait_for_quiet()
+        load = run_wrk(url, script, connections, seconds, cpu_of)
+        if other_cores(load) <= DISTURBED_CORES or attempt == DISTURBED_RETRIES:
+            return load
+        print(f"    @{connections}: other processes took {other_cores(load):.2f} cores; measuring again", flush=True)
+    raise AssertionError("unreachable")
+
+
+def wait_for_quiet(limit_s: float = QUIET_WAIT_S) -> None:
+    deadline = time.monotonic() + limit_s
+    while machine_busy(1.0) > DISTURBED_CORES and time.monotonic() < deadline:
+        pass
+
+
 # -- single requests -----------------------------------------------------------------------
 
 
@@ -631,8 +655,8 @@ def measure(t: Target, tmp: Path, seconds: float, warmup: float) -> PathResult:
     script = wrk_script(tmp, t.model)
     print(f"  {t.name}: warm-up {warmup:g}s, then {seconds:g}s at 1 and 32 connections", flush=True)
     run_wrk(t.url, script, 32, warmup)
-    at1 = run_wrk(t.url, script, 1, seconds, t.cpu_of)
-    at32 = run_wrk(t.url, script, 32, seconds, t.cpu_of)
+    at1 = run_undisturbed(t.url, script, 1, seconds, t.cpu_of)
+    at32 = run_undisturbed(t.url, script, 32, seconds, t.cpu_of)
     ttfb = median_ttfb_ms(t.url, t.model)
     result = PathResult(t.name, t.kind, t.model if t.kind == "gateway" else None, t.extproc_processes,
                         at1, at32, ttfb)
@@ -799,7 +823,7 @@ def disturbances(results: list[PathResult]) -> list[str]:
     out = []
     for r in results:
         for load in [x for p in (r.rounds or [r]) for x in (p.at1, p.at32)]:
-            cores = load.cpu_s.get("other", 0.0) / load.seconds
+            cores = other_cores(load)
             if cores > DISTURBED_CORES:
                 out.append(f"{r.name} @{load.connections}: {cores:.2f} cores used by other processes")
     return out

@@ -39,6 +39,7 @@ import base64
 import binascii
 import ipaddress
 import re
+import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -75,15 +76,14 @@ def _whole(ok: bool, value: str) -> int:
 # -- validators ------------------------------------------------------------------------
 
 
+_LUHN_DOUBLE = str.maketrans("0123456789", "0246813579")  # 2d, minus 9 when > 9
+
+
 def luhn_valid(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i & 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
+    rev = digits[::-1]
+    odd = rev[0::2]
+    even = rev[1::2].translate(_LUHN_DOUBLE)
+    total = sum(map(int, odd)) + sum(map(int, even))
     return total % 10 == 0
 
 
@@ -143,10 +143,12 @@ IBAN_LENGTHS: dict[str, int] = {
 }
 
 
+_IBAN_DIGITS = {ord(c): str(i) for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")}
+
+
 def iban_mod97(iban: str) -> int:
     """The ISO 7064 mod-97 remainder of an IBAN (1 for a valid one); no spaces."""
-    rearranged = iban[4:] + iban[:4]
-    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97
+    return int((iban[4:] + iban[:4]).translate(_IBAN_DIGITS)) % 97
 
 
 def validate_iban(value: str) -> int:
@@ -162,6 +164,14 @@ def validate_iban(value: str) -> int:
     return _whole(iban_mod97(compact) == 1, value)
 
 
+def email_start_ok(text: str, start: int) -> bool:
+    """Not the rest of a rejected local part (`john..doe@x.com` must not yield `doe@x.com`)."""
+    return not (start >= 2 and text[start - 1] in ".%+-" and text[start - 2] in _LOCAL_CHARS)
+
+
+_LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
+
+
 def validate_email(value: str) -> int:
     local, _, domain = value.rpartition("@")
     if len(value) > 254 or local.startswith(".") or local.endswith(".") or ".." in local:
@@ -172,11 +182,17 @@ def validate_email(value: str) -> int:
     return len(value)
 
 
+_NOT_DIGITS = str.maketrans("", "", "0123456789")
 _DATE_LIKE = re.compile(r"0[1-9]([./-])[01]?[0-9]\1(?:19|20)?[0-9]{2}(?![0-9])")
 
 
+def phone_start_ok(text: str, start: int) -> bool:
+    """Not the tail of a longer grouped number (`DE89 3704 0044 0532 0130 01`, `12 020 7946 0958`)."""
+    return not (start >= 2 and text[start - 1] in " -./" and "0" <= text[start - 2] <= "9")
+
+
 def validate_phone(value: str) -> int:
-    digits = sum(1 for ch in value if "0" <= ch <= "9")
+    digits = len(value) - len(value.translate(_NOT_DIGITS))
     if value[0] == "+":
         ok = 8 <= digits <= 15 and value.count("(") == value.count(")")
     elif value[0] == "0":
@@ -255,7 +271,9 @@ def _iban_pattern() -> str:
 _PRIVATE_KEY = (
     r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
     r"(?:[\s\S]{0,16384}?-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
-    r"|(?:\r?\n[A-Za-z0-9+/=]{1,100}+)*+[\r\n]?\Z"  # cut off before END (end of text)
+    # cut off before END, at the end of the text: base64, armor header and partial END lines
+    r"|(?:\r?\n(?:[A-Za-z0-9+/=]{0,100}+|[A-Za-z][A-Za-z0-9\-]{0,30}: [ -~]{0,100}+|-[A-Z \-]{0,45}+)"
+    r"(?=[\r\n]|\Z))*+\r?\Z"
     r"|(?:\r?\n[A-Za-z0-9+/=]{1,100}+)++)"  # no END at all: the base64 lines that follow
 )
 
@@ -293,7 +311,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "email",
             r"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{0,63}+@(?:[A-Za-z0-9\-]{1,63}+\.)+[A-Za-z]{2,63}+"
             r"(?![A-Za-z0-9_\-])",
-            validate_email, "EMAIL", "e-mail address",
+            validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(
             "credit_card",
@@ -323,7 +341,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             r"|(?:1[ .\-])?[2-9][0-9]{2}[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}"
             r"|0[1-9][0-9]{0,4}+(?:[ /.\-][0-9]{2,8}+){1,4}+)"
             r"(?![A-Za-z0-9_]|[.\-/][0-9])",
-            validate_phone, "PHONE", "phone number (E.164, NANP, European national)",
+            validate_phone, "PHONE", "phone number (E.164, NANP, European national)", phone_start_ok,
         ),
     )
 }

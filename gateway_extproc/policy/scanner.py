@@ -274,6 +274,17 @@ class DecisionParams:
         if self.model_tier is not None and self.model_tier not in self.tiers:
             raise ValueError(f"unknown tier {self.model_tier!r} (tiers: {self.tiers})")
 
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> DecisionParams:
+        """`{mode, allowlist: [{value|pattern, reason, rules}], tiers, model_tier}`."""
+        return cls(
+            mode=str(m.get("mode", "enforce")),
+            allowlist=tuple(e if isinstance(e, AllowEntry) else AllowEntry.from_mapping(e)
+                            for e in m.get("allowlist") or ()),
+            tiers=tuple(m.get("tiers") or DEFAULT_TIERS),
+            model_tier=m.get("model_tier"),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -372,6 +383,7 @@ class _Region:
     solo: re.Pattern[str]  # the alternative alone, boundary character included
     group_base: int  # its groups' offset in the combined pattern
     check: Check | None
+    first: frozenset[str] | None = None  # every possible first character, when known
     later_all: tuple[_Region, ...] = ()
     later_overlap: tuple[_Region, ...] = ()
 
@@ -424,7 +436,7 @@ _CASE_EXTRAS = {"i": "\u0130\u0131", "k": "\u212a", "s": "\u017f", "\u00b5": "\u
 
 def _class_char(code: int) -> str:
     ch = chr(code)
-    return "\\" + ch if ch in "\\]^-[" else ch
+    return "\\" + ch if ch in "\\]^-[&~|" else ch
 
 
 def _case_variants(code: int) -> list[str]:
@@ -564,6 +576,41 @@ def _first_two(seq: list[tuple[Any, Any, bool]]) -> tuple[list[str], list[str]] 
     return None
 
 
+def _first_chars(source: str) -> frozenset[str] | None:
+    """The characters a match of `source` can start with, if a small explicit set."""
+    try:
+        items, empty = _first_items(_sre_parse.parse(source).data, False)
+    except Exception:  # pragma: no cover
+        return None
+    if not items or empty:
+        return None
+    chars: set[str] = set()
+    for item in items:
+        if item.startswith("\\"):
+            if len(item) != 2 or item[1].isalnum():
+                return None  # a category (\d, \w, ...)
+            item = item[1]
+        if len(item) == 1:
+            chars.add(item)
+        elif len(item) >= 3 and "-" in item[1:]:
+            lo, hi = _range_ends(item)
+            if hi - lo > 512:
+                return None
+            chars.update(chr(c) for c in range(lo, hi + 1))
+        else:
+            return None
+    return frozenset(chars)
+
+
+def _range_ends(item: str) -> tuple[int, int]:
+    if item.startswith("\\"):
+        lo, rest = item[1], item[3:]
+    else:
+        lo, rest = item[0], item[2:]
+    hi = rest[1] if rest.startswith("\\") else rest[0]
+    return ord(lo), ord(hi)
+
+
 def _gated(source: str) -> str:
     """`source` behind a one- or two-character gate the engine tests without entering it.
 
@@ -697,7 +744,7 @@ class Scanner:
         base = 0
         for prio, (kind, source, check, marker_targets) in enumerate(specs):
             solo = re.compile(f"{BOUNDARY}(?:{source})")
-            region = _Region(prio, kind, solo, base, check)
+            region = _Region(prio, kind, solo, base, check, _first_chars(source))
             regions.append(region)
             for g in range(base + 1, base + solo.groups + 1):
                 self._region_at[g] = region
@@ -775,7 +822,10 @@ class Scanner:
         if region.check is not None:
             best_end = region.check(v, p + 1, best_end)
         later = region.later_overlap if best_end else region.later_all
+        c = v[p + 1] if p + 1 < len(v) else ""
         for r in later:
+            if r.first is not None and c not in r.first:
+                continue
             mm = r.solo.match(v, p)
             if mm is None:
                 continue
@@ -952,7 +1002,7 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
     stack = [_items(obj)]
     while stack:
         for key, value in stack[-1]:
-            if type(value) is str or isinstance(value, str):
+            if isinstance(value, str):
                 if key is not None and key in skip_keys or _is_binary(value):
                     continue
                 out.append(value)

@@ -92,7 +92,7 @@ class StreamRedactor:
         batch: list[Finding] = []
         inj_new: list[tuple[int, int, str, int, str]] = []
         scanner._collect(buf, rel_hits, 0, base - 1, batch, inj_new)
-        if inj_new or (self._inj_hits and self._inj_reported < len(self._inj_hits)):
+        if inj_new:
             self._inj_hits.extend(inj_new)
             keys = {k for *_, k in self._inj_hits}
             extra = scanner._injection_findings(self._inj_hits[self._inj_reported:], keys)
