@@ -1,10 +1,11 @@
 """Plain Envoy vs the gateway path, in one run, in front of the same fast fake upstream.
 
-    .venv/bin/python bench/run.py [--duration 10] [--quick] [--processes 1,2] [--keep] [--strict]
+    .venv/bin/python bench/run.py [--duration 10] [--quick] [--processes 1,2] [--no-floor] [--keep] [--strict]
 
-Starts nginx (the fake provider), a minimal plain Envoy and the rendered gateway stack
-(LocalStack: ext_proc + Envoy from helm/values-local.yaml), drives each with wrk at 1 and
-32 connections, times streamed first bytes with httpx, and prints a markdown table plus
+Starts nginx (the fake provider), a minimal plain Envoy, the "floor" (the gateway's Envoy
+config with the no-op bench/floor_extproc.py) and the rendered gateway stack (LocalStack:
+ext_proc + Envoy from helm/values-local.yaml), drives each with wrk at 1 and 32
+connections, times streamed first bytes with httpx, and prints a markdown table plus
 PASS/MISS against the targets. Raw numbers go to bench/results/latest.json. Absolute
 numbers depend on the machine; compare the ratios (see bench/README.md).
 """
@@ -37,9 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway_extproc.localstack import LocalStack, envoy_binary, free_port  # noqa: E402
-from gateway_extproc.render import chart_values  # noqa: E402
+from gateway_extproc.render import chart_values, render_values  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+FLOOR_EXTPROC = ROOT / "bench" / "floor_extproc.py"
 VALUES_LOCAL = ROOT / "helm" / "values-local.yaml"
 DEMO_KEY = "gwk_demo_local-only-demo-key-not-for-production"  # hash is in values-local.yaml
 PROVIDER_KEY = "sk-bench-dummy-provider-key-0000000000"  # what nginx expects Envoy/ext_proc to inject
@@ -136,7 +138,7 @@ class Load:
 @dataclass
 class PathResult:
     name: str
-    kind: str  # "direct", "plain", "gateway"
+    kind: str  # "direct", "plain", "floor", "gateway"
     model: str | None
     extproc_processes: int | None
     at1: Load
@@ -179,9 +181,10 @@ def tool_versions() -> dict[str, str]:
 # -- processes -----------------------------------------------------------------------------
 
 
-def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
 
 
 def stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -432,6 +435,34 @@ def gateway(tmp: Path, nginx_port: int, processes: int, redis_url: str | None) -
         yield stack
     finally:
         stack.stop()
+
+
+@contextmanager
+def floor_stack(tmp: Path, nginx_port: int) -> Iterator[tuple[str, int, int]]:
+    """The gateway's rendered envoy.yaml (one ext_proc endpoint) with bench/floor_extproc.py
+    as the ext_proc: (url, ext_proc pid, Envoy pid)."""
+    values = gateway_values(nginx_port, tmp, 1, None)
+    values["extproc"]["socketDir"] = str(tmp / "sock-floor")
+    work = tmp / "floor"
+    work.mkdir(exist_ok=True)
+    conf = work / "envoy.yaml"
+    conf.write_text(render_values(values)["envoy.yaml"])
+    sock = Path(values["extproc"]["socketDir"]) / "extproc-0.sock"  # the chart's socket name
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    env = {"MOCK_PROVIDER_API_KEY": PROVIDER_KEY}
+    url = f"http://127.0.0.1:{values['envoy']['listener']['port']}"
+    ext = spawn([sys.executable, str(FLOOR_EXTPROC), f"unix://{sock}"], work / "extproc.log", env)
+    envoy: subprocess.Popen[bytes] | None = None
+    try:
+        wait_until(sock.exists, "floor ext_proc socket", work / "extproc.log")
+        envoy = spawn([envoy_binary(), "-c", str(conf), *ENVOY_FLAGS], work / "envoy.log", env)
+        # 404 (no model route) means the ext_proc answered; 503 means Envoy has not seen it healthy yet.
+        wait_until(lambda: httpx.get(f"{url}/v1/models", timeout=2).status_code == 404, "floor Envoy",
+                   work / "envoy.log", timeout=30)
+        yield url, ext.pid, envoy.pid
+    finally:
+        stop(envoy)
+        stop(ext)
 
 
 # -- CPU accounting from /proc ----------------------------------------------------------------
@@ -706,6 +737,16 @@ def gateway_targets(stack: LocalStack, processes: int, store: str, nginx_pids: C
             for model in ("default-chat", "fallback-chat")]
 
 
+def measure_floor(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], seconds: float,
+                  warmup: float) -> list[PathResult]:
+    print("  starting the floor: the gateway's Envoy config with a no-op ext_proc (bench/floor_extproc.py)",
+          flush=True)
+    with floor_stack(tmp, nginx_port) as (url, ext_pid, envoy_pid):
+        cpu_of = {"extproc": lambda: [ext_pid], "envoy": lambda: [envoy_pid], "nginx": nginx_pids}
+        return [measure(Target(f"floor {model}, no-op ext_proc", "floor", url, model, cpu_of, 1), tmp, seconds, warmup)
+                for model in ("default-chat", "fallback-chat")]
+
+
 def measure_gateway(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], processes: int,
                     seconds: float, warmup: float, probes: list[dict[str, object]]) -> list[PathResult]:
     """One gateway stack (both models). The chart refuses in-memory budgets with several
@@ -723,7 +764,7 @@ def measure_gateway(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[in
                 for t in gateway_targets(stack, processes, store, nginx_pids, redis_pid)]
 
 
-def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
+def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int], floor: bool,
             probes: list[dict[str, object]]) -> list[PathResult]:
     results: list[PathResult] = []
     with nginx(tmp) as (nginx_port, nginx_proc):
@@ -736,6 +777,8 @@ def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
         # Plain Envoy is measured before and after the gateway, each time a fresh instance;
         # the ratios use the mean (one instance alone varied 19k-31k req/s @32 here).
         plain_rounds = [plain_round(tmp, nginx_port, nginx_pids, buffer_limit, seconds, warmup)]
+        if floor:
+            results += measure_floor(tmp, nginx_port, nginx_pids, seconds, warmup)
         for n in process_counts:
             results += measure_gateway(tmp, nginx_port, nginx_pids, n, seconds, warmup, probes)
         plain_rounds.append(plain_round(tmp, nginx_port, nginx_pids, buffer_limit, seconds, warmup))
@@ -866,6 +909,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 s runs (overrides --duration)")
     p.add_argument("--processes", default="1,2",
                    help="extproc.processes values to measure (default 1,2; above 1 with budgets in Redis)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the floor rows (the gateway's Envoy config with a no-op ext_proc)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) afterwards")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
@@ -894,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: WARNING other processes keep {busy:.2f} cores busy; the figures will be "
                   "disturbed (see the 'other cores' column)", flush=True)
         probes: list[dict[str, object]] = []
-        results = run_all(tmp, args.duration, args.warmup, args.process_counts, probes)
+        results = run_all(tmp, args.duration, args.warmup, args.process_counts, args.floor, probes)
         plain = next(r for r in results if r.kind == "plain")
         found = checks(results, plain)
         print("\n" + table(results, plain) + "\n")

@@ -24,6 +24,7 @@ import yaml
 from .budgets.pricing import Price
 
 PROVIDER_KINDS = ("openai",)
+MODES = ("monitor", "soft", "enforce")
 KEY_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -50,6 +51,7 @@ class Backend:
     priority: int
     weight: int
     price: Price | None = None  # the price table: the only place prices live
+    max_tier: str | None = None  # highest data classification tier this backend is approved for
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +72,38 @@ class RateSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PrincipalPolicy:
+    """A team's or key's classification defaults."""
+
+    default_tier: str | None = None
+    mode: str | None = None  # overrides classification.mode
+    may_declare: bool = False  # may raise its tier with the x-data-classification header
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """What one principal (team, user, key) is held to."""
 
     budget: BudgetSpec | None = None
     rate: RateSpec | None = None
     model_rates: dict[str, RateSpec] = field(default_factory=dict)
+    policy: PrincipalPolicy = field(default_factory=PrincipalPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """Data classification and guardrails (docs/classification.md)."""
+
+    tiers: tuple[str, ...]
+    mode: str  # monitor | soft | enforce
+    default_tier: str
+    rules: dict[str, dict[str, Any]]  # overrides of built-in rules by name: action, minTier, critical
+    custom: tuple[dict[str, Any], ...]  # custom regex / keyword rules
+    injection: dict[str, Any] | None
+    allowlist: tuple[dict[str, Any], ...]
+    output_scanning: bool
+    holdback_chars: int
+    content_log_max_tier: str | None  # None: never log content
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +161,7 @@ class GatewayConfig:
     metrics_port: int = 0  # 0: no /metrics endpoint
     users: dict[str, Limits] = field(default_factory=dict)
     budgets: Budgets | None = None
+    classification: Classification | None = None
 
 
 def load(path: str | os.PathLike[str]) -> GatewayConfig:
@@ -157,9 +186,11 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
         if provider.name in providers:
             r.fail(f"providers[{i}].name", f"duplicates {provider.name!r}; provider names must be unique")
         providers[provider.name] = provider
+    classification = _classification(r, doc)
+    tiers = classification.tiers if classification else ()
     models: dict[str, Model] = {}
     for i, m in enumerate(r.list(doc, "models")):
-        model = _model(r, i, m, providers)
+        model = _model(r, i, m, providers, tiers)
         if model.name in models:
             r.fail(f"models[{i}].name", f"duplicates {model.name!r}; model names must be unique")
         models[model.name] = model
@@ -167,14 +198,15 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
     teams: dict[str, Limits] = {}
     for i, t in enumerate(r.list(doc, "teams")):
         t = r.mapping(t, f"teams[{i}]")
-        teams[r.string(t.get("name"), f"teams[{i}].name")] = _limits(r, t, f"teams[{i}]", fail_open_default, models)
+        teams[r.string(t.get("name"), f"teams[{i}].name")] = _limits(r, t, f"teams[{i}]", fail_open_default, models,
+                                                                     tiers)
     users: dict[str, Limits] = {}
     for i, u in enumerate(r.list(doc, "users")):
         u = r.mapping(u, f"users[{i}]")
         users[r.string(u.get("name"), f"users[{i}].name")] = _limits(r, u, f"users[{i}]", fail_open_default, models)
     keys: dict[str, VirtualKey] = {}
     for i, k in enumerate(r.list(doc, "keys")):
-        key = _key(r, i, k, teams, models, users, fail_open_default)
+        key = _key(r, i, k, teams, models, users, fail_open_default, tiers)
         if key.id in keys:
             r.fail(f"keys[{i}].id", f"duplicates {key.id!r}; key ids must be unique")
         keys[key.id] = key
@@ -201,7 +233,7 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
                     r.fail(f"models[{i}].backends[{j}].pricing", "is required when budgets are configured: "
                            "add {input, output} in USD per 1M tokens")
     return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port,
-                         users, budgets)
+                         users, budgets, classification)
 
 
 def _is_number(value: Any) -> bool:
@@ -266,7 +298,7 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     return Provider(name, kind, base_url, parts.path.rstrip("/"), env, file)
 
 
-def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider]) -> Model:
+def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: tuple[str, ...]) -> Model:
     at = f"models[{i}]"
     m = r.mapping(raw, at)
     name = r.string(m.get("name"), f"{at}.name")
@@ -291,7 +323,11 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider]) -> Mode
         if not _is_int(weight) or weight < 1:
             r.fail(f"{bat}.weight", "must be an integer >= 1")
         price = _price(r, b.get("pricing"), f"{bat}.pricing") if b.get("pricing") is not None else None
-        backends.append(Backend(f"{pname}/{pmodel}", providers[pname], pmodel, priority, weight, price))
+        max_tier = b.get("maxTier")
+        if tiers and max_tier not in tiers:
+            r.fail(f"{bat}.maxTier", f"is {max_tier!r}; with classification on, every backend names the highest "
+                   f"tier it is approved for: one of {', '.join(tiers)}")
+        backends.append(Backend(f"{pname}/{pmodel}", providers[pname], pmodel, priority, weight, price, max_tier))
     if not backends:
         r.fail(f"{at}.backends", "is empty; list at least one {provider, model}")
     max_out = m.get("maxOutputTokens")
@@ -352,7 +388,8 @@ def _rate(r: _Reader, raw: Any, at: str, fail_open: bool) -> RateSpec:
     return RateSpec(values["tokensPerMinute"], values["requestsPerMinute"], _store_error(r, x, at, fail_open))
 
 
-def _limits(r: _Reader, raw: dict[str, Any], at: str, fail_open: bool, models: dict[str, Model]) -> Limits:
+def _limits(r: _Reader, raw: dict[str, Any], at: str, fail_open: bool, models: dict[str, Model],
+            tiers: tuple[str, ...] = ()) -> Limits:
     budget = _budget(r, raw["budget"], f"{at}.budget", fail_open) if raw.get("budget") is not None else None
     rate = None
     model_rates = {}
@@ -363,7 +400,60 @@ def _limits(r: _Reader, raw: dict[str, Any], at: str, fail_open: bool, models: d
             if name not in models:
                 r.fail(f"{at}.rateLimits.models", f"names {name!r}, which is not in models")
             model_rates[name] = _rate(r, spec, f"{at}.rateLimits.models.{name}", rate.fail_open)
-    return Limits(budget, rate, model_rates)
+    policy = PrincipalPolicy()
+    if raw.get("classification") is not None:
+        c = r.mapping(raw["classification"], f"{at}.classification")
+        if not tiers:
+            r.fail(f"{at}.classification", "needs the top-level classification section")
+        tier, mode = c.get("defaultTier"), c.get("mode")
+        if tier is not None and tier not in tiers:
+            r.fail(f"{at}.classification.defaultTier", f"is {tier!r}; use one of {', '.join(tiers)}")
+        if mode is not None and mode not in MODES:
+            r.fail(f"{at}.classification.mode", f"is {mode!r}; use one of {', '.join(MODES)}")
+        if not isinstance(c.get("mayDeclare", False), bool):
+            r.fail(f"{at}.classification.mayDeclare", "must be true or false")
+        policy = PrincipalPolicy(tier, mode, c.get("mayDeclare", False))
+    return Limits(budget, rate, model_rates, policy)
+
+
+def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
+    if doc.get("classification") is None:
+        return None
+    c = r.mapping(doc["classification"], "classification")
+    tiers = tuple(c.get("tiers") or ("public", "internal", "confidential", "restricted"))
+    if len(set(tiers)) != len(tiers) or not all(isinstance(t, str) and t for t in tiers):
+        r.fail("classification.tiers", "must be a list of distinct names, lowest first")
+    mode = c.get("mode", "enforce")
+    if mode not in MODES:
+        r.fail("classification.mode", f"is {mode!r}; use one of {', '.join(MODES)}")
+    default_tier = c.get("defaultTier", tiers[0])
+    if default_tier not in tiers:
+        r.fail("classification.defaultTier", f"is {default_tier!r}; use one of {', '.join(tiers)}")
+    rules = r.mapping(c.get("rules") or {}, "classification.rules")
+    for name, spec in rules.items():
+        spec = r.mapping(spec, f"classification.rules.{name}")
+        if spec.get("action") is not None and spec["action"] not in ("monitor", "redact", "block"):
+            r.fail(f"classification.rules.{name}.action", "must be monitor, redact or block")
+        if spec.get("minTier") is not None and spec["minTier"] not in tiers:
+            r.fail(f"classification.rules.{name}.minTier", f"must be one of {', '.join(tiers)}")
+    custom = tuple(r.mapping(x, f"classification.custom[{i}]") for i, x in enumerate(r.list(c, "custom", "classification")))
+    allowlist = tuple(r.mapping(x, f"classification.allowlist[{i}]")
+                      for i, x in enumerate(r.list(c, "allowlist", "classification")))
+    for i, entry in enumerate(allowlist):
+        if not isinstance(entry.get("reason"), str) or not entry["reason"].strip():
+            r.fail(f"classification.allowlist[{i}].reason", "is required: say why this exception exists")
+    output = r.mapping(c.get("outputScanning") or {}, "classification.outputScanning")
+    holdback = output.get("holdbackChars", 64)
+    if not _is_int(holdback) or holdback < 0:
+        r.fail("classification.outputScanning.holdbackChars", "must be an integer >= 0")
+    log_tier = r.mapping(c.get("contentLogging") or {}, "classification.contentLogging").get("maxTier", "internal")
+    if log_tier not in (*tiers, "none"):
+        r.fail("classification.contentLogging.maxTier", f"must be one of {', '.join(tiers)} or none")
+    injection = c.get("injection")
+    return Classification(tiers, mode, default_tier, rules, custom,
+                          r.mapping(injection, "classification.injection") if injection is not None else None,
+                          allowlist, output.get("enabled", True) is True, holdback,
+                          None if log_tier == "none" else log_tier)
 
 
 def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, Limits], users: dict[str, Limits],
@@ -397,7 +487,7 @@ def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, 
 
 
 def _key(r: _Reader, i: int, raw: Any, teams: dict[str, Limits], models: dict[str, Model], users: dict[str, Limits],
-         fail_open: bool) -> VirtualKey:
+         fail_open: bool, tiers: tuple[str, ...] = ()) -> VirtualKey:
     at = f"keys[{i}]"
     k = r.mapping(raw, at)
     key_id = r.string(k.get("id"), f"{at}.id")
@@ -432,4 +522,4 @@ def _key(r: _Reader, i: int, raw: Any, teams: dict[str, Limits], models: dict[st
     if user is not None:
         r.string(user, f"{at}.user")
     return VirtualKey(key_id, digest, team, None if "*" in allowed else frozenset(allowed), expires, user,
-                      _limits(r, k, at, fail_open, models))
+                      _limits(r, k, at, fail_open, models, tiers))

@@ -29,6 +29,8 @@ CODES: dict[str, int] = {
     "invalid_api_key": 401,
     "expired_api_key": 401,
     "model_not_allowed": 403,
+    "classification_violation": 403,
+    "content_blocked": 403,
     "model_not_found": 404,
     "unknown_endpoint": 404,
     "method_not_allowed": 405,

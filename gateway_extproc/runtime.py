@@ -16,6 +16,7 @@ from . import tokens
 from .config import GatewayConfig, Provider
 from .budgets.gate import BudgetGate
 from .budgets.store import BudgetStore, MemoryBudgetStore
+from .policy.classification import Policy
 from .telemetry.metrics import TEAM_DAILY_BUDGET, Labels
 
 log = structlog.get_logger("gateway_extproc.runtime")
@@ -27,6 +28,7 @@ class Runtime:
     credentials: dict[str, str | None]  # provider name -> key; None when the source was empty
     labels: Labels
     budget: BudgetGate | None = None  # None: no budgets or rate limits configured
+    policy: Policy | None = None  # None: no classification section
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Runtime":
@@ -41,7 +43,8 @@ class Runtime:
         for team, limits in cfg.teams.items():
             if limits.budget and limits.budget.daily_nano is not None:
                 TEAM_DAILY_BUDGET.labels(team).set(limits.budget.daily_nano / 1e9)
-        return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels, gate)
+        policy = Policy(cfg.classification) if cfg.classification else None
+        return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels, gate, policy)
 
 
 def _budget_store(cfg: GatewayConfig) -> BudgetStore:

@@ -8,6 +8,7 @@ removes that chunk so the client sees exactly the stream it requested.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +57,13 @@ class SseUsageTap:
     client never sees half of an event that is later removed.
     """
 
-    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events")
+    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events", "rewrite")
 
-    def __init__(self, drop_usage_chunk: bool) -> None:
+    def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None) -> None:
         self.drop_usage_chunk = drop_usage_chunk
+        # Applied to every complete event forwarded (output scanning); implies holding
+        # partial events back, like dropping does.
+        self.rewrite = rewrite
         self.usage: Usage | None = None
         self.events = 0
         # Events carrying generated text: about one token each, the running output estimate
@@ -82,13 +86,14 @@ class SseUsageTap:
             if b'"usage"' in event and self._take_usage(event) and self.drop_usage_chunk:
                 dropped = True
             else:
-                out.append(event)
+                out.append(self.rewrite(event) if self.rewrite is not None else event)
         tail = data[start:]
         if end or len(tail) > MAX_PENDING_BYTES:
-            out.append(tail)
+            out.append(self.rewrite(tail) if self.rewrite is not None and tail else tail)
             tail = b""
         self._pending = tail
-        if not self.drop_usage_chunk or not (dropped or tail or had_pending):
+        holds = self.drop_usage_chunk or self.rewrite is not None
+        if not holds or not (dropped or tail or had_pending or self.rewrite is not None):
             return None
         return b"".join(out)
 

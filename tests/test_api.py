@@ -195,7 +195,7 @@ EXPECTED_STATUS = {
     "missing_api_key": 401, "invalid_api_key": 401, "expired_api_key": 401,
     "model_not_allowed": 403, "model_not_found": 404, "unknown_endpoint": 404,
     "method_not_allowed": 405, "request_too_large": 413, "unsupported_media_type": 415,
-    "budget_exceeded": 429, "rate_limited": 429, "budget_store_unavailable": 503,
+    "classification_violation": 403, "content_blocked": 403, "budget_exceeded": 429, "rate_limited": 429, "budget_store_unavailable": 503,
     "provider_credential_missing": 500, "gateway_internal_error": 500,
 }
 

@@ -23,6 +23,7 @@ from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
 from ..config import Backend, Model, VirtualKey
 from ..errors import GatewayError
+from ..policy.classification import CONTENT_LOG_CHARS, ResponseGuard, content_for_log
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_json
@@ -34,6 +35,7 @@ access_log = structlog.get_logger("gateway_extproc.access")
 CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
+CLASSIFICATION_HEADER = "x-data-classification"
 # Marks /v1/usage in endpoint dispatch (answered by the gateway, not forwarded).
 USAGE = api.Endpoint("usage", "", lambda body: None, lambda body, count: 0, can_stream=False)
 # Settlements in flight; held so the event loop does not drop them.
@@ -45,7 +47,8 @@ OFFLOAD_TOKENIZE_BYTES = 64 * 1024
 class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
-                 "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut")
+                 "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut",
+                 "declared", "tier", "eligible", "guard", "redacted", "content")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -67,6 +70,12 @@ class RouterProcessor:
         self.clamped: int | None = None  # max_tokens the budget allowed, when below the request's
         self.cut_after: int | None = None  # output tokens after which an uncapped stream is ended
         self.cut = False
+        self.declared: str | None = None  # x-data-classification sent by the client
+        self.tier: str | None = None
+        self.eligible: tuple[Backend, ...] = ()
+        self.guard: ResponseGuard | None = None
+        self.redacted = False
+        self.content: str | None = None  # prompt text, only when the tier allows logging it
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -91,6 +100,7 @@ class RouterProcessor:
         self.method = h.get(":method", "")
         self.path = h.get(":path", "").partition("?")[0]
         self.trace = tracing.start(h, self.method, self.path)
+        self.declared = h.get(CLASSIFICATION_HEADER)
         endpoint = _endpoint_for(self.method, self.path)
         cfg = self.runtime.config
         self.key = identity.authenticate(h, cfg, datetime.now(timezone.utc))
@@ -111,7 +121,8 @@ class RouterProcessor:
             raise _too_large(cfg.max_request_bytes)
         if msg.end_of_stream:
             raise GatewayError("invalid_request", "This endpoint needs a JSON request body.")
-        strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)]
+        strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
+                 or k == CLASSIFICATION_HEADER]
         return r.request_headers(r.common(r.mutation(remove=strip)))
 
     async def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
@@ -129,7 +140,19 @@ class RouterProcessor:
         if not self.key.allows(model.name):
             raise GatewayError("model_not_allowed", f"Your key may not use the model {model.name!r}.", "model")
         self.model = model
+        self.eligible = model.backends
         self.stream = self.endpoint.can_stream and body.get("stream") is True
+        policy = self.runtime.policy
+        if policy is not None:
+            team = self.runtime.labels.team(self.key.team)
+            verdict = policy.check_request(body, self.key, cfg.teams.get(self.key.team), self.declared, model, team)
+            self.tier, self.eligible = verdict.tier, verdict.eligible
+            if verdict.body is not None:
+                body, self.redacted = verdict.body, True
+            if policy.cfg.output_scanning and self.endpoint is api.CHAT:
+                self.guard = ResponseGuard(policy, verdict.params, team)
+            if policy.may_log_content(verdict.tier):
+                self.content = content_for_log(body)
         if self.trace is not None:
             backend = model.single_backend
             self.trace.request(model.name, backend.provider.kind if backend else None,
@@ -168,9 +191,11 @@ class RouterProcessor:
     def forward(self, body: dict) -> ep.ProcessingResponse:
         """Shape the body for the backend, set the route header, hand off to upstream filters."""
         assert self.model is not None and self.endpoint is not None
-        changed = self.clamped is not None
-        set_headers = {ROUTE_HEADER: self.model.name}
-        backend = self.model.single_backend
+        changed = self.clamped is not None or self.redacted
+        subset = len(self.eligible) < len(self.model.backends)
+        # Only the backends approved for the request's tier: a cluster the chart renders per tier.
+        set_headers = {ROUTE_HEADER: f"{self.model.name}@{self.tier}" if subset else self.model.name}
+        backend = self.eligible[0] if len(self.eligible) == 1 else None
         if backend is not None:
             # Every attempt goes to this backend, so the router can prepare it once.
             if body["model"] != backend.model:
@@ -210,7 +235,7 @@ class RouterProcessor:
             self.log()
             return r.response_headers(r.common(r.mutation(added, remove)))
         if h.get("content-type", "").startswith("text/event-stream"):
-            self.tap = SseUsageTap(self.drop_usage)
+            self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
             return r.response_headers(r.common(r.mutation(added, remove)), stream_body=True)
@@ -236,13 +261,20 @@ class RouterProcessor:
                 out = b""  # the client's stream already ended; keep reading usage only
             elif self.cut_after is not None and self.tap.content_events > self.cut_after:
                 self.cut = True
-                out = (msg.body if out is None else out) + _cut_events(self.tap.content_events)
+                held = self.guard.flush() if self.guard is not None else b""
+                out = (msg.body if out is None else out) + held + _cut_events(self.tap.content_events)
                 log_budget_cut(self)
             return r.response_body(r.common(body=out) if out is not None else None)
+        new_body = None
         if 200 <= self.status < 300:
             self.usage = usage_from_json(msg.body)
+            if self.guard is not None:
+                new_body = self.guard.json_body(msg.body)
         self.log()
-        return r.response_body(r.common(r.mutation(self.token_headers())))
+        headers = self.token_headers()
+        if new_body is not None:
+            headers["content-length"] = str(len(new_body))
+        return r.response_body(r.common(r.mutation(headers), new_body))
 
     def token_headers(self) -> dict[str, str]:
         usage = self.usage or Usage()
@@ -298,7 +330,17 @@ class RouterProcessor:
             error_code=self.error_code, stream=self.stream,
             prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else self.prompt_tokens,
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
-            duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None)
+            duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
+            tier=self.tier, **self.logged_content())
+
+    def logged_content(self) -> dict[str, str]:
+        """Prompt and response text, only for requests whose tier the content-logging policy allows."""
+        if self.content is None:
+            return {}
+        out = {"prompt": self.content}
+        if self.guard is not None and self.guard.response_text:
+            out["response"] = "\n".join(self.guard.response_text)[:CONTENT_LOG_CHARS]
+        return out
 
     def consumed(self, backend: Backend | None) -> tuple[int, int]:
         """(cost in nano$, tokens) of what was consumed: provider usage when known, else the

@@ -39,7 +39,7 @@ BUDGET_EVENTS = Counter("genai_budget_events", "Budget and rate-limit decisions 
                         "soft_threshold, clamped, budget_exceeded, rate_limited, store_unavailable_open, "
                         "store_unavailable_closed, stream_cut.", ["team", "event"])
 GUARDRAIL_TRIGGERS = Counter("genai_guardrail_triggers", "Policy rule matches by action taken.",
-                             ["rule", "action"])
+                             ["rule", "action", "team", "mode"])
 CACHE_REQUESTS = Counter("genai_cache_requests", "Cache lookups by result.", ["result"])
 UPSTREAM_ATTEMPTS = Counter("genai_upstream_attempts", "Provider attempts by backend and outcome.",
                             ["backend", "outcome"])

@@ -88,7 +88,8 @@ def test_the_readme_first_call_verbatim(gw: Gateway) -> None:
 def test_embeddings_and_models(gw: Gateway) -> None:
     emb = client(gw).embeddings.create(model="default-embedding", input=["alpha", "beta"])
     assert len(emb.data) == 2 and emb.usage.prompt_tokens > 0
-    assert {m.id for m in client(gw).models.list()} == {"default-chat", "fallback-chat", "default-embedding"}
+    assert {m.id for m in client(gw).models.list()} == {"default-chat", "fallback-chat", "private-chat",
+                                                        "default-embedding"}
     assert [m.id for m in client(gw, gw.restricted_key).models.list()] == ["default-chat"]
     assert [r["path"] for r in gw.received(gw.primary)] == ["/v1/embeddings"]  # /v1/models never left
 

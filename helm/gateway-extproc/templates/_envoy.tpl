@@ -3,6 +3,34 @@ envoy.yaml. One cluster per logical model, its backends as endpoints at prioriti
 (endpoint metadata gw.backend names the backend), per-attempt work in the cluster's
 upstream http_filters. See docs/architecture.md for why each piece is where it is.
 */}}
+{{/*
+Routing targets as JSON: each model once ({route: name, backends}), plus, when
+classification is on, one target per tier whose approved backends are a strict subset
+({route: "name@tier"}). The ext_proc routes a request to "name@tier" when not every
+backend is approved for its tier, so Envoy's fallback never leaves the approved set.
+*/}}
+{{- define "gateway-extproc.targets" -}}
+{{- $v := .Values -}}
+{{- $tiers := list -}}
+{{- if $v.classification }}{{ $tiers = $v.classification.tiers | default (list "public" "internal" "confidential" "restricted") }}{{ end -}}
+{{- $out := list -}}
+{{- range $m := $v.models -}}
+{{- $out = append $out (dict "route" $m.name "backends" $m.backends) -}}
+{{- range $ti, $t := $tiers -}}
+{{- $eligible := list -}}
+{{- range $b := $m.backends -}}
+{{- $bi := 0 -}}
+{{- range $j, $x := $tiers }}{{ if eq $x ($b.maxTier | default (last $tiers)) }}{{ $bi = $j }}{{ end }}{{ end -}}
+{{- if ge $bi $ti }}{{ $eligible = append $eligible $b }}{{ end -}}
+{{- end -}}
+{{- if and (gt (len $eligible) 0) (lt (len $eligible) (len $m.backends)) -}}
+{{- $out = append $out (dict "route" (printf "%s@%s" $m.name $t) "backends" $eligible) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
 {{- define "gateway-extproc.envoyConfig" -}}
 {{- $v := .Values -}}
 {{- $bufferLimit := add $v.envoy.maxRequestBytes 1048576 -}}
@@ -63,16 +91,16 @@ static_resources:
               # x-envoy-attempt-count on responses; the ext_proc renames it x-gateway-attempts.
               include_attempt_count_in_response: true
               routes:
-              {{- range $model := $v.models }}
+              {{- range $model := fromJsonArray (include "gateway-extproc.targets" $) }}
               - match:
                   prefix: /
                   headers:
                   - name: x-gateway-model
-                    string_match: {exact: {{ $model.name | quote }}}
+                    string_match: {exact: {{ $model.route | quote }}}
                 # The route header is the gateway's own; providers never see it.
                 request_headers_to_remove: [x-gateway-model]
                 route:
-                  cluster: {{ printf "model.%s" $model.name | quote }}
+                  cluster: {{ printf "model.%s" $model.route | quote }}
                   timeout: {{ $v.envoy.upstreamTimeout }}
                   auto_host_rewrite: true
                   {{- if gt (len $model.backends) 1 }}
@@ -137,17 +165,17 @@ static_resources:
             address:
               pipe: {path: {{ include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i) }}}
         {{- end }}
-  {{- range $model := $v.models }}
+  {{- range $model := fromJsonArray (include "gateway-extproc.targets" $) }}
   {{- $multi := gt (len $model.backends) 1 }}
   {{- $first := fromJson (include "gateway-extproc.provider" (dict "root" $ "name" (index $model.backends 0).provider)) }}
   {{- $native := and (not $multi) (hasKey $first.credential "env") }}
-  - name: {{ printf "model.%s" $model.name | quote }}
+  - name: {{ printf "model.%s" $model.route | quote }}
     type: STRICT_DNS
     dns_lookup_family: V4_PREFERRED
     connect_timeout: 5s
     per_connection_buffer_limit_bytes: {{ $bufferLimit }}
     load_assignment:
-      cluster_name: {{ printf "model.%s" $model.name | quote }}
+      cluster_name: {{ printf "model.%s" $model.route | quote }}
       endpoints:
       {{- range $b := $model.backends }}
       {{- $p := fromJson (include "gateway-extproc.provider" (dict "root" $ "name" $b.provider)) }}

@@ -22,4 +22,8 @@ keys:
 {{- toYaml $v.keys | nindent 2 }}
 budgets:
 {{- toYaml $v.budgets | nindent 2 }}
+{{- with $v.classification }}
+classification:
+{{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
