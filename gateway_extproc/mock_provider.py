@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import functools
 import hashlib
 import hmac
@@ -202,9 +203,13 @@ class Completion:
     truncated: bool
 
 
+# The reply text a request asked for with `x-mock-reply` (tests of output scanning).
+_REPLY_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("mock_reply", default=None)
+
+
 def _complete(model: str, messages: list[JSON], limit: int | None) -> Completion:
     prompt = _last_user_text(messages)[:REPLY_PROMPT_CHARS]
-    text = f"This is a mock reply from {model} to: {prompt}."
+    text = _REPLY_OVERRIDE.get() or f"This is a mock reply from {model} to: {prompt}."
     tokens = _tokens(text)
     if limit is not None and limit < len(tokens):
         return Completion(_encoding().decode(tokens[:limit]), limit, True)
@@ -557,6 +562,7 @@ class MockApp:
             controls.latency_ms += behaviour.latency_ms
             if behaviour.status >= 300:
                 raise HTTPError(behaviour.status, f"Mock error configured for model {behaviour.model!r}.")
+        _REPLY_OVERRIDE.set(request.headers.get("x-mock-reply"))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):

@@ -166,7 +166,9 @@ class ResponseGuard:
         if not choices or not isinstance(choices[0], dict):
             return event
         choice = choices[0]
-        delta = choice.get("delta") or {}
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = choice["delta"] = {}
         text = delta.get("content")
         out = self.redactor.feed(text) if isinstance(text, str) and text else ""
         if choice.get("finish_reason") is not None:
