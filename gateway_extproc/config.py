@@ -338,11 +338,9 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
 
 def _price(r: _Reader, raw: Any, at: str) -> Price:
     p = r.mapping(raw, at)
-    nums = {k: p.get(k) for k in ("input", "output", "cachedInput")}
-    for k, v in nums.items():
-        if v is not None and (not _is_number(v) or v < 0):
-            r.fail(f"{at}.{k}", "must be a number >= 0 (USD per 1M tokens)")
-    if nums["input"] is None or nums["output"] is None:
+    input_, output, cached = _optional(r, p, at, ("input", "output", "cachedInput"),
+                                       lambda v: _is_number(v) and v >= 0, "must be a number >= 0 (USD per 1M tokens)")
+    if input_ is None or output is None:
         r.fail(at, "needs input and output (USD per 1M tokens)")
     tier = None
     if p.get("longContext") is not None:
@@ -351,7 +349,7 @@ def _price(r: _Reader, raw: Any, at: str) -> Price:
         if not _is_int(above) or above < 0:
             r.fail(f"{at}.longContext.above", "must be a prompt-token count >= 0")
         tier = (above, _price(r, {k: v for k, v in lc.items() if k != "above"}, f"{at}.longContext"))
-    return Price.from_usd_per_million(nums["input"], nums["output"], nums["cachedInput"], tier)
+    return Price.from_usd_per_million(input_, output, cached, tier)
 
 
 def _store_error(r: _Reader, raw: dict[str, Any], at: str, default: bool) -> bool:
@@ -363,29 +361,30 @@ def _store_error(r: _Reader, raw: dict[str, Any], at: str, default: bool) -> boo
     return value == "open"
 
 
+def _optional(r: _Reader, raw: dict[str, Any], at: str, names: tuple[str, ...], ok: Any, need: str) -> list[Any]:
+    """The values of optional fields, each checked with `ok` (the error says `need`)."""
+    values = [raw.get(k) for k in names]
+    for k, v in zip(names, values):
+        if v is not None and not ok(v):
+            r.fail(f"{at}.{k}", need)
+    return values
+
+
 def _budget(r: _Reader, raw: Any, at: str, fail_open: bool) -> BudgetSpec:
     b = r.mapping(raw, at)
-    amounts = {}
-    for k in ("daily", "monthly"):
-        v = b.get(k)
-        if v is not None and (not _is_number(v) or v < 0):
-            r.fail(f"{at}.{k}", "must be a dollar amount >= 0")
-        amounts[k] = None if v is None else int(Decimal(str(v)) * 1_000_000_000)
+    daily, monthly = (None if v is None else int(Decimal(str(v)) * 1_000_000_000) for v in _optional(
+        r, b, at, ("daily", "monthly"), lambda v: _is_number(v) and v >= 0, "must be a dollar amount >= 0"))
     soft = b.get("soft")
     if soft is not None and (not _is_number(soft) or not 0 < soft < 1):
         r.fail(f"{at}.soft", "must be a fraction between 0 and 1, e.g. 0.8")
-    return BudgetSpec(amounts["daily"], amounts["monthly"], soft, _store_error(r, b, at, fail_open))
+    return BudgetSpec(daily, monthly, soft, _store_error(r, b, at, fail_open))
 
 
 def _rate(r: _Reader, raw: Any, at: str, fail_open: bool) -> RateSpec:
     x = r.mapping(raw, at)
-    values = {}
-    for k in ("tokensPerMinute", "requestsPerMinute"):
-        v = x.get(k)
-        if v is not None and (not _is_int(v) or v < 1):
-            r.fail(f"{at}.{k}", "must be a positive integer")
-        values[k] = v
-    return RateSpec(values["tokensPerMinute"], values["requestsPerMinute"], _store_error(r, x, at, fail_open))
+    tpm, rpm = _optional(r, x, at, ("tokensPerMinute", "requestsPerMinute"), lambda v: _is_int(v) and v >= 1,
+                         "must be a positive integer")
+    return RateSpec(tpm, rpm, _store_error(r, x, at, fail_open))
 
 
 def _limits(r: _Reader, raw: dict[str, Any], at: str, fail_open: bool, models: dict[str, Model],

@@ -453,17 +453,7 @@ def _case_variants(code: int) -> list[str]:
 def _first_items(data: Any, icase: bool) -> tuple[list[str] | None, bool]:
     """Character-class items covering every first character the parsed pattern can match
     (None when unknown; a superset is always fine), and whether it can match empty."""
-    items: list[str] = []
-    for op, av in data:
-        if op in (_C.AT, _C.ASSERT, _C.ASSERT_NOT):
-            continue  # zero-width: the first character comes later
-        sub, empty = _first_of_op(op, av, icase)
-        if sub is None:
-            return None, False
-        items += sub
-        if not empty:
-            return items, False
-    return items, True
+    return _first_of_seq([(op, av, icase) for op, av in data])
 
 
 def _first_of_op(op: Any, av: Any, icase: bool) -> tuple[list[str] | None, bool]:
@@ -521,7 +511,7 @@ def _first_of_seq(seq: list[tuple[Any, Any, bool]]) -> tuple[list[str] | None, b
     items: list[str] = []
     for op, av, icase in seq:
         if op in _ZERO_WIDTH:
-            continue
+            continue  # zero-width: the first character comes later
         sub, empty = _first_of_op(op, av, icase)
         if sub is None:
             return None, False
