@@ -105,9 +105,15 @@ static_resources:
                   auto_host_rewrite: true
                   {{- if gt (len $model.backends) 1 }}
                   retry_policy:
-                    retry_on: 5xx,reset,connect-failure,retriable-status-codes
-                    retriable_status_codes: [429]
+                    retry_on: {{ $v.envoy.retry.retryOn }}
+                    retriable_status_codes: {{ toJson $v.envoy.retry.retriableStatusCodes }}
                     num_retries: {{ sub (len $model.backends) 1 }}
+                    {{- with $v.envoy.retry.perTryTimeout }}
+                    per_try_timeout: {{ . }}
+                    {{- end }}
+                    {{- with $v.envoy.retry.perTryIdleTimeout }}
+                    per_try_idle_timeout: {{ . }}
+                    {{- end }}
                     retry_priority:
                       name: envoy.retry_priorities.previous_priorities
                       typed_config:
@@ -174,6 +180,15 @@ static_resources:
     dns_lookup_family: V4_PREFERRED
     connect_timeout: 5s
     per_connection_buffer_limit_bytes: {{ $bufferLimit }}
+    {{- if $multi }}
+    # A backend failing repeatedly is skipped for a while instead of paying its timeout.
+    outlier_detection:
+      consecutive_5xx: {{ $v.envoy.outlierDetection.consecutive5xx }}
+      consecutive_gateway_failure: {{ $v.envoy.outlierDetection.consecutive5xx }}
+      interval: {{ $v.envoy.outlierDetection.interval }}
+      base_ejection_time: {{ $v.envoy.outlierDetection.baseEjectionTime }}
+      max_ejection_percent: {{ $v.envoy.outlierDetection.maxEjectionPercent }}
+    {{- end }}
     load_assignment:
       cluster_name: {{ printf "model.%s" $model.route | quote }}
       endpoints:
