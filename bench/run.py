@@ -499,6 +499,13 @@ def machine_cpu() -> dict[str, float]:
     return {"processes": (user + nice + system) / _TICK, "irq": (irq + softirq) / _TICK, "steal": steal / _TICK}
 
 
+def machine_busy(seconds: float = 2.0) -> float:
+    """Cores other processes keep busy right now (all processes, the bench's idle ones included)."""
+    before = machine_cpu()
+    time.sleep(seconds)
+    return (machine_cpu()["processes"] - before["processes"]) / seconds
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime (+ reaped children's) of these processes, in seconds."""
     total = 0
@@ -852,13 +859,6 @@ def checks(results: list[PathResult], plain: PathResult) -> list[Check]:
                 Check(r.name, "streamed TTFB added (ms)", ttfb, TARGET_TTFB_ADDED_MS, ttfb <= TARGET_TTFB_ADDED_MS,
                       *spread(r.ttfb_added))]
     return out
-
-
-def machine_busy(seconds: float = 2.0) -> float:
-    """Cores other processes keep busy right now (before the bench starts anything)."""
-    before = machine_cpu()
-    time.sleep(seconds)
-    return (machine_cpu()["processes"] - before["processes"]) / seconds
 
 
 def disturbances(results: list[PathResult]) -> list[str]:

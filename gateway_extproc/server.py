@@ -40,6 +40,8 @@ log = structlog.get_logger("gateway_extproc.server")
 # Streams in flight get this long to finish after SIGTERM (LLM streams are long).
 DRAIN_SECONDS = 30.0
 _REQUEST_PHASES = ("request_headers", "request_body")
+_PHASES = {phase: PHASE_LATENCY.labels(phase) for phase in (
+    "request_headers", "request_body", "response_headers", "response_body", "request_trailers", "response_trailers")}
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
@@ -59,7 +61,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 except Exception:
                     log.exception("processing_failed", phase=req.WhichOneof("request"))
                     resp = _fallback(req)
-                PHASE_LATENCY.labels(req.WhichOneof("request")).observe(time.perf_counter() - started)
+                _PHASES[req.WhichOneof("request")].observe(time.perf_counter() - started)
                 yield resp
         finally:
             if processor is not None:

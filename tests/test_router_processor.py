@@ -580,3 +580,12 @@ async def test_access_log_headers_only_response(proc: RouterProcessor) -> None:
     assert resp.WhichOneof("response") == "response_headers"
     (event,) = access_events(logs)
     assert (event["outcome"], event["status"]) == ("complete", 503)
+
+
+async def test_sse_response_loses_content_length_because_the_gateway_may_change_its_length(
+        proc: RouterProcessor) -> None:
+    await send_request(proc, {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    msg = resp_headers(content_type="text/event-stream")
+    msg.response_headers.headers.headers.append(HeaderValue(key="content-length", raw_value=b"1234"))
+    resp = await proc.handle(msg)
+    assert "content-length" in resp.response_headers.response.header_mutation.remove_headers

@@ -50,6 +50,16 @@ class Plan:
 
 
 @dataclass(frozen=True, slots=True)
+class _Shape:
+    levels: tuple[Level, ...]
+    limits: tuple[Limit, ...]
+    token_buckets: tuple[Bucket, ...]
+    request_buckets: tuple[Bucket, ...]
+    price: Price
+    fail_open: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     plan: Plan
     result: ReserveResult
@@ -68,6 +78,7 @@ class BudgetGate:
         self.store = store
         self.local = MemoryBudgetStore()
         self.clock = clock
+        self._shapes: dict[tuple[str, str], tuple[str, _Shape]] = {}
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), timezone.utc)
@@ -118,17 +129,31 @@ class BudgetGate:
 
     def plan(self, key: VirtualKey, model: Model, prompt_tokens: int, wanted_output: int) -> Plan:
         now = self.now()
-        levels = self.levels(key, now)
-        tokens, requests, buckets_open = self.buckets(key, model)
-        price = worst(b.price for b in model.backends if b.price is not None).for_prompt(prompt_tokens)
+        shape = self.shape(key, model, now)
+        price = shape.price.for_prompt(prompt_tokens)
         request = ReserveRequest(
-            reservation_id=uuid.uuid4().hex, limits=tuple(lv.limit for lv, _ in levels),
-            token_buckets=tuple(tokens), request_buckets=tuple(requests), prompt_tokens=prompt_tokens,
+            reservation_id=uuid.uuid4().hex, limits=shape.limits, token_buckets=shape.token_buckets,
+            request_buckets=shape.request_buckets, prompt_tokens=prompt_tokens,
             prompt_cost_nano=cost_nano(price, prompt_tokens, 0), output_price_nano=math.ceil(price.output),
             output_tokens_wanted=wanted_output, min_output_tokens=min(self.settings.min_output_tokens, wanted_output),
             reservation_ttl_s=self.settings.reservation_ttl_s, now_ms=int(now.timestamp() * 1000))
-        fail_open = buckets_open and all(open_ for _, open_ in levels)
-        return Plan(request, tuple(lv for lv, _ in levels), price, fail_open)
+        return Plan(request, shape.levels, price, shape.fail_open)
+
+    def shape(self, key: VirtualKey, model: Model, now: datetime) -> _Shape:
+        """Levels, buckets and worst price of (key, model) in the current windows; built once
+        per day per pair, since only the calendar changes it. (Counter TTLs computed at the
+        first request of a window run at most a day long, which is harmless.)"""
+        day = current_windows(now, self.settings.timezone)[0].id
+        cached = self._shapes.get((key.id, model.name))
+        if cached is not None and cached[0] == day:
+            return cached[1]
+        levels = self.levels(key, now)
+        tokens, requests, buckets_open = self.buckets(key, model)
+        shape = _Shape(tuple(lv for lv, _ in levels), tuple(lv.limit for lv, _ in levels), tuple(tokens),
+                       tuple(requests), worst(b.price for b in model.backends if b.price is not None),
+                       buckets_open and all(open_ for _, open_ in levels))
+        self._shapes[(key.id, model.name)] = (day, shape)
+        return shape
 
     # -- store ---------------------------------------------------------------------------
 

@@ -238,6 +238,8 @@ class RouterProcessor:
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
+            # The stream may change length (usage chunk dropped, redaction, budget cut): chunked.
+            remove = (*remove, "content-length")
             return r.response_headers(r.common(r.mutation(added, remove)), stream_body=True)
         return r.response_headers(r.common(r.mutation(added, remove)) if added or remove else None)
 
