@@ -36,8 +36,6 @@ CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
 CLASSIFICATION_HEADER = "x-data-classification"
-# Marks /v1/usage in endpoint dispatch (answered by the gateway, not forwarded).
-USAGE = api.Endpoint("usage", "", lambda body: None, lambda body, count: 0, can_stream=False)
 # Settlements in flight; held so the event loop does not drop them.
 _SETTLING: set[asyncio.Task[None]] = set()
 # Bodies above this are tokenized off the event loop.
@@ -104,14 +102,15 @@ class RouterProcessor:
         endpoint = _endpoint_for(self.method, self.path)
         cfg = self.runtime.config
         self.key = identity.authenticate(h, cfg, datetime.now(timezone.utc))
-        if endpoint is None:
+        if endpoint == api.MODELS_PATH:
             return self.answer(200, _models_body(cfg.models, self.key))
-        if endpoint is USAGE:
+        if endpoint == api.USAGE_PATH:
             gate = self.runtime.budget
             if gate is None:
                 return self.answer(200, orjson.dumps({"object": "usage", "key_id": self.key.id, "team": self.key.team,
                                                       "budgets": [], "rate_limits": []}))
             return self.answer(200, orjson.dumps(await gate.report(self.key)))
+        assert isinstance(endpoint, api.Endpoint)
         self.endpoint = endpoint
         content_type = h.get("content-type", "").partition(";")[0].strip().lower()
         if content_type != "application/json":
@@ -386,13 +385,13 @@ class RouterProcessor:
         self.log(outcome="incomplete")
 
 
-def _endpoint_for(method: str, path: str) -> api.Endpoint | None:
-    """The endpoint for a request line; None for the model list, USAGE for /v1/usage
-    (both answered by the gateway itself)."""
+def _endpoint_for(method: str, path: str) -> api.Endpoint | str:
+    """The forwarded endpoint for a request line, or the path of one the gateway answers
+    itself (`/v1/models`, `/v1/usage`)."""
     if path in (api.MODELS_PATH, api.USAGE_PATH):
         if method != "GET":
             raise GatewayError("method_not_allowed", f"{path} supports GET.")
-        return None if path == api.MODELS_PATH else USAGE
+        return path
     endpoint = api.FORWARDED.get(path)
     if endpoint is None:
         raise GatewayError("unknown_endpoint", f"Unknown endpoint {method} {path[:200]}.")
