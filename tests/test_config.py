@@ -435,10 +435,6 @@ def test_load_empty_file(tmp_path) -> None:
     assert str(info.value) == f"{path}: <top level> must be a mapping"
 
 
-@pytest.mark.parametrize("rendered", ["envoy/gateway.yaml", "run/gateway.yaml"])
-def test_checked_in_renders_are_valid(rendered: str) -> None:
-    path = Path(__file__).resolve().parents[1] / rendered
-    if not path.exists():
-        pytest.skip(f"{rendered} is not rendered in this checkout")
-    cfg = config.load(path)
+def test_checked_in_render_is_valid() -> None:
+    cfg = config.load(Path(__file__).resolve().parents[1] / "envoy" / "gateway.yaml")
     assert cfg.models and cfg.providers and cfg.backends
