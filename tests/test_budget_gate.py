@@ -104,3 +104,15 @@ def test_soft_threshold_and_clamp_are_reported() -> None:
     headers = gate.response_headers(admission)
     assert headers["x-gateway-budget-warning"] == "team:t daily"
     assert headers["x-gateway-budget-remaining-usd"] == "0"
+
+
+def test_tokens_used_per_window_are_tallied_for_usage_reports() -> None:
+    c = cfg()
+    clock = Clock("2026-11-30T10:00:00+00:00")
+    gate = BudgetGate(c, MemoryBudgetStore(), clock)
+    assert spend(gate, c, 100, 400) == 200
+    assert spend(gate, c, 50, 50) == 200
+    report = asyncio.run(gate.report(c.keys["k"]))
+    assert report["tokens_used"] == {"daily": 600, "monthly": 600}
+    clock.set("2026-12-01T00:00:01+00:00")
+    assert asyncio.run(gate.report(c.keys["k"]))["tokens_used"] == {"daily": 0, "monthly": 0}

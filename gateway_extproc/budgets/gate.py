@@ -57,6 +57,7 @@ class _Shape:
     request_buckets: tuple[Bucket, ...]
     price: Price
     fail_open: bool
+    tallies: tuple[Limit, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +137,14 @@ class BudgetGate:
             request_buckets=shape.request_buckets, prompt_tokens=prompt_tokens,
             prompt_cost_nano=cost_nano(price, prompt_tokens, 0), output_price_nano=math.ceil(price.output),
             output_tokens_wanted=wanted_output, min_output_tokens=min(self.settings.min_output_tokens, wanted_output),
-            reservation_ttl_s=self.settings.reservation_ttl_s, now_ms=int(now.timestamp() * 1000))
+            reservation_ttl_s=self.settings.reservation_ttl_s, now_ms=int(now.timestamp() * 1000),
+            tallies=shape.tallies)
         return Plan(request, shape.levels, price, shape.fail_open)
+
+    def tallies(self, key: VirtualKey, now: datetime) -> tuple[Limit, ...]:
+        """The key's tokens-used counters, one per window."""
+        return tuple(Limit(f"tokens:key:{key.id}:{w.kind}:{w.id}", MAX_NANO, None, w.ttl_s(now))
+                     for w in current_windows(now, self.settings.timezone))
 
     def shape(self, key: VirtualKey, model: Model, now: datetime) -> _Shape:
         """Levels, buckets and worst price of (key, model) in the current windows; built once
@@ -151,7 +158,7 @@ class BudgetGate:
         tokens, requests, buckets_open = self.buckets(key, model)
         shape = _Shape(tuple(lv for lv, _ in levels), tuple(lv.limit for lv, _ in levels), tuple(tokens),
                        tuple(requests), worst(b.price for b in model.backends if b.price is not None),
-                       buckets_open and all(open_ for _, open_ in levels))
+                       buckets_open and all(open_ for _, open_ in levels), self.tallies(key, now))
         self._shapes[(key.id, model.name)] = (day, shape)
         return shape
 
@@ -232,9 +239,11 @@ class BudgetGate:
         for model in self.cfg.models.values():
             tokens, requests, _ = self.buckets(key, model)
             buckets += [b for b in tokens + requests if b not in buckets]
+        tallies = self.tallies(key, now)
         try:
             with REDIS_LATENCY.labels("usage").time():
-                usage = await self.store.usage([lv.limit for lv in levels], buckets, int(now.timestamp() * 1000))
+                usage = await self.store.usage([*(lv.limit for lv in levels), *tallies], buckets,
+                                               int(now.timestamp() * 1000))
         except BudgetStoreUnavailable:
             raise GatewayError("budget_store_unavailable", "The budget store is unreachable; retry shortly.") from None
         return {
@@ -245,6 +254,7 @@ class BudgetGate:
                 "spent_usd": usage.used_nano[lv.limit.key] / NANO,
                 "remaining_usd": None if lv.limit.limit_nano >= MAX_NANO else usage.remaining_nano[lv.limit.key] / NANO,
                 "resets_at": lv.window.ends_at.isoformat()} for lv in levels],
+            "tokens_used": {t.key.split(":")[3]: usage.used_nano[t.key] for t in tallies},
             "rate_limits": [{"bucket": b.key, "limit_per_minute": b.capacity, "remaining": usage.tokens_remaining[b.key]}
                             for b in buckets],
         }

@@ -121,11 +121,14 @@ class RedisBudgetStore:
 
     async def settle(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> None:
         r = request
-        args: list[int | float | str] = [r.reservation_id, actual_cost_nano, actual_tokens, now_ms, len(r.limits)]
+        args: list[int | float | str] = [r.reservation_id, actual_cost_nano, actual_tokens, now_ms, len(r.limits),
+                                         len(r.token_buckets)]
         args += [lim.ttl_s for lim in r.limits]
         for b in r.token_buckets:
             args += [b.capacity, repr(b.refill_per_s)]
-        await _SETTLE(self._client, self._keys(r.limits, r.token_buckets), args)
+        args += [t.ttl_s for t in r.tallies]
+        keys = self._keys(r.limits, r.token_buckets) + [f"{self._prefix}budget:{t.key}" for t in r.tallies]
+        await _SETTLE(self._client, keys, args)
 
     async def usage(self, limits: Sequence[Limit], buckets: Sequence[Bucket], now_ms: int) -> Usage:
         args: list[int | float | str] = [now_ms, RELEASE_BATCH, RELEASED_KEEP_MS, len(limits)]

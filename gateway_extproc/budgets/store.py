@@ -91,6 +91,9 @@ class ReserveRequest:
     min_output_tokens: int
     reservation_ttl_s: int
     now_ms: int
+    # Counters that settle adds the actual tokens to (tokens used per key and window, for
+    # /v1/usage); read back with `usage` like limits. Never checked against a limit.
+    tallies: tuple[Limit, ...] = ()
 
     def __post_init__(self) -> None:
         if min(self.prompt_tokens, self.prompt_cost_nano, self.output_price_nano, self.min_output_tokens) < 0:
@@ -278,6 +281,8 @@ class MemoryBudgetStore:
         if refund:
             for b in request.token_buckets:
                 self._put_bucket(b, max(0.0, self._level(b, now_ms) + refund), now_ms)
+        for tally in request.tallies:
+            self._charge(tally, actual_tokens, now_ms)
 
     async def usage(self, limits: Sequence[Limit], buckets: Sequence[Bucket], now_ms: int) -> Usage:
         self._release_expired(now_ms)

@@ -201,6 +201,8 @@ def test_usage_endpoint_reports_every_level_and_window(gw: Gateway) -> None:
     levels = {(b["level"], b["window"]) for b in report["budgets"]}
     assert {("org:local", "daily"), ("team:demo", "daily"), ("team:demo", "monthly"), ("key:settle", "daily"),
             ("key:settle", "monthly")} <= levels
+    assert report["tokens_used"]["daily"] > 0
+    assert report["tokens_used"]["monthly"] >= report["tokens_used"]["daily"]
     team = next(b for b in report["budgets"] if b["level"] == "team:demo" and b["window"] == "daily")
     assert team["limit_usd"] == 5 and team["remaining_usd"] == pytest.approx(5 - team["spent_usd"])
     assert gw.received(gw.primary) == []  # answered by the gateway
