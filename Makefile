@@ -27,7 +27,9 @@ $(VENV)/.test-deps: $(BIN)/gateway-extproc
 ## Start mock provider + ext_proc + Envoy on http://localhost:8080 (Ctrl-C stops all three).
 run: $(BIN)/gateway-extproc
 	@echo "Demo API key (local use only): $(DEMO_KEY)"
-	@echo 'First call: see README.md ("The first call").'
+	@echo "First call, from another terminal once the gateway is up:"
+	@echo "  .venv/bin/python -c 'from openai import OpenAI; c = OpenAI(base_url=\"http://localhost:8080/v1\", api_key=\"$(DEMO_KEY)\"); print(c.chat.completions.create(model=\"default-chat\", messages=[{\"role\": \"user\", \"content\": \"Hello\"}]).choices[0].message.content)'"
+	@echo '  (the streamed httpx version is in README.md, "The first call")'
 	$(BIN)/gateway-extproc local --values helm/values-local.yaml --workdir run
 
 ## Install test needs and run every test (pytest exit 5, "no tests", fails the target).
