@@ -200,25 +200,43 @@ def test_access_log_line_has_the_request_facts(gw: Gateway) -> None:
 
 
 def test_extproc_down_fails_closed_and_recovers_without_restarting_envoy() -> None:
+    import threading
+
     with tempfile.TemporaryDirectory(prefix="gw-kill-") as tmp:
         gw = build_gateway(Path(tmp))
+        outcomes: list[tuple[int, str | None, float]] = []
+        stop = threading.Event()
+
+        def traffic() -> None:  # a client sending requests back to back, during the kill
+            with httpx.Client(timeout=10) as http:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    resp = http.post(gw.url + CHAT, json={"model": "default-chat", "messages": HELLO},
+                                     headers={"authorization": f"Bearer {gw.key}"})
+                    code = resp.json().get("error", {}).get("code") if resp.status_code != 200 else None
+                    outcomes.append((resp.status_code, code, time.monotonic() - started))
         try:
             envoy_pid = gw.stack.procs["envoy"].pid
-            assert post(gw, {"model": "default-chat", "messages": HELLO}).status_code == 200
+            worker = threading.Thread(target=traffic)
+            worker.start()
+            time.sleep(0.5)
             gw.stack.kill_extproc()
-            started = time.monotonic()
-            resp = post(gw, {"model": "default-chat", "messages": HELLO})
-            assert time.monotonic() - started < 2.0
-            assert resp.status_code >= 500 and resp.json()["error"]["code"] == "gateway_unavailable"
-            assert gw.received(gw.primary) == [] or all(
-                r["path"] != CHAT for r in gw.received(gw.primary)[1:])
+            time.sleep(1.0)
+            during = len(outcomes)
             gw.stack.start_extproc()
             deadline = time.monotonic() + 10
-            while post(gw, {"model": "default-chat", "messages": HELLO}).status_code != 200:
+            while not any(s == 200 for s, _, _ in outcomes[during:]):
                 assert time.monotonic() < deadline, "traffic did not recover after the ext_proc restarted"
-                time.sleep(0.2)
+                time.sleep(0.1)
+            stop.set()
+            worker.join()
+            failed = [(s, c, t) for s, c, t in outcomes if s != 200]
+            assert failed, "killing the ext_proc should have failed some requests"
+            assert all(s == 503 and c == "gateway_unavailable" and t < 2.0 for s, c, t in failed), failed[:5]
+            assert outcomes[-1][0] == 200
             assert gw.stack.procs["envoy"].pid == envoy_pid and gw.stack.procs["envoy"].poll() is None
         finally:
+            stop.set()
             gw.stack.stop()
 
 
