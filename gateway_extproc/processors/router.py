@@ -227,7 +227,7 @@ class RouterProcessor:
         if attempts:
             added["x-gateway-attempts"] = attempts
         if self.backend:
-            metrics.UPSTREAM_ATTEMPTS.labels(self.runtime.labels.backend(self.backend),
+            metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
                                              "success" if self.status < 500 else "error").inc()
         remove = ("x-envoy-attempt-count",) if attempts else ()
         if msg.end_of_stream:
@@ -367,14 +367,14 @@ class RouterProcessor:
         cost, tokens_used = self.consumed(backend)
         team = self.runtime.labels.team(self.key.team if self.key else None)
         if cost:
-            metrics.COST.labels(team, self.runtime.labels.model(self.model.name)).inc(cost / 1e9)
+            metrics.child(metrics.COST, team, self.runtime.labels.model(self.model.name)).inc(cost / 1e9)
         if self.admission is None or self.runtime.budget is None:
             return
         daily_team = next((lv for lv in self.admission.plan.levels if lv.name.startswith("team:")
                            and lv.window.kind == "daily" and lv.limit.limit_nano < MAX_NANO), None)
         if daily_team is not None:
             left = self.admission.result.remaining_nano.get(daily_team.limit.key, 0)
-            metrics.TEAM_DAILY_REMAINING.labels(team).set(
+            metrics.child(metrics.TEAM_DAILY_REMAINING, team).set(
                 max(0, left - (cost - self.admission.result.reserved_nano)) / 1e9)
         task = asyncio.get_running_loop().create_task(self.runtime.budget.settle(self.admission, cost, tokens_used))
         _SETTLING.add(task)
@@ -411,7 +411,7 @@ def _cut_events(output_tokens: int) -> bytes:
 
 
 def log_budget_cut(p: RouterProcessor) -> None:
-    metrics.BUDGET_EVENTS.labels(p.runtime.labels.team(p.key.team if p.key else None), "stream_cut").inc()
+    metrics.child(metrics.BUDGET_EVENTS, p.runtime.labels.team(p.key.team if p.key else None), "stream_cut").inc()
     access_log.warning("stream_cut_at_budget", request_id=p.request_id, key_id=p.key.id if p.key else None,
                        output_tokens=p.tap.content_events if p.tap else None)
 

@@ -12,6 +12,8 @@ the `serve` parent aggregates them on one `/metrics` endpoint.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -49,6 +51,13 @@ PHASE_LATENCY = Histogram("genai_gateway_extproc_phase_seconds", "ext_proc time 
                           ["phase"], buckets=_FAST)
 
 
+@lru_cache(maxsize=8192)
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, cached: label values are bounded by config, and the lookup
+    runs several times per request."""
+    return metric.labels(*values)
+
+
 class Bounded:
     """Maps a label value to itself when config knows it, else to `other`."""
 
@@ -82,12 +91,12 @@ def record_request(labels: Labels, *, team: str | None, model: str | None, provi
     """One finished request, as the access log line saw it."""
     t, m = labels.team(team), labels.model(model)
     sc = status_class(status)
-    REQUESTS.labels(t, m, labels.provider(provider), sc).inc()
+    child(REQUESTS, t, m, labels.provider(provider), sc).inc()
     for kind, value in (("input", prompt_tokens), ("output", completion_tokens), ("cached", cached_tokens)):
         if value:
-            TOKENS.labels(t, m, kind).inc(value)
-    DURATION.labels(m, sc).observe(duration_s)
+            child(TOKENS, t, m, kind).inc(value)
+    child(DURATION, m, sc).observe(duration_s)
     if ttft_s is not None:
-        TTFT.labels(m).observe(ttft_s)
+        child(TTFT, m).observe(ttft_s)
         if completion_tokens and completion_tokens > 1:
-            TPOT.labels(m).observe(max(duration_s - ttft_s, 0.0) / (completion_tokens - 1))
+            child(TPOT, m).observe(max(duration_s - ttft_s, 0.0) / (completion_tokens - 1))
