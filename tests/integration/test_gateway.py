@@ -256,3 +256,32 @@ def test_readme_tiny_budget_key_is_refused_by_its_third_call(gw: Gateway) -> Non
     usage = httpx.get(f"{gw.url}/v1/usage", headers={"authorization": "Bearer gwk_tiny_local-only-tiny-budget-key"})
     [daily] = [b for b in usage.json()["budgets"] if b["level"] == "key:tiny" and b["window"] == "daily"]
     assert daily["limit_usd"] == 0.001 and 0 < daily["spent_usd"] <= 0.001
+
+
+def test_sigterm_drains_open_streams_then_exits() -> None:
+    import signal
+    import threading
+
+    with tempfile.TemporaryDirectory(prefix="gw-drain-") as tmp:
+        gw = build_gateway(Path(tmp))
+        try:
+            lines: list[str] = []
+
+            def slow_stream() -> None:
+                with httpx.stream("POST", gw.url + CHAT, timeout=30, json={
+                        "model": "default-chat", "messages": HELLO, "stream": True},
+                        headers={"authorization": f"Bearer {gw.key}", "x-mock-chunk-delay-ms": "100"}) as resp:
+                    lines.extend(line for line in resp.iter_lines() if line)
+
+            worker = threading.Thread(target=slow_stream)
+            worker.start()
+            time.sleep(0.5)  # the stream is flowing through the ext_proc
+            serve = gw.stack.procs["extproc"]
+            serve.send_signal(signal.SIGTERM)
+            worker.join(timeout=20)
+            assert lines and lines[-1] == "data: [DONE]"  # the open stream finished
+            assert serve.wait(timeout=20) == 0  # then the processes exited cleanly
+            log = gw.stack.log_path("extproc").read_text()
+            assert '"event":"extproc_draining"' in log and '"event":"extproc_stopped"' in log
+        finally:
+            gw.stack.stop()
