@@ -13,7 +13,6 @@ from typing import Any
 import yaml
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "gateway-extproc"
-CONFIG_FILES = ("envoy.yaml", "gateway.yaml")
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -28,7 +27,8 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_values(values: dict[str, Any], chart: Path = CHART) -> dict[str, str]:
-    """Rendered file name -> content for envoy.yaml and gateway.yaml."""
+    """Rendered file name -> content: envoy.yaml, gateway.yaml and, with TLS on, the SDS
+    files Envoy reads certificate paths from."""
     from helm_python import Chart
 
     c = Chart.load(str(chart))
@@ -36,10 +36,12 @@ def render_values(values: dict[str, Any], chart: Path = CHART) -> dict[str, str]
         manifests = c.render(values, name="gateway", namespace="default")
     finally:
         c.close()
-    for text in manifests.values():
+    for path, text in manifests.items():
+        if not path.endswith((".yaml", ".yml")):
+            continue  # NOTES.txt is the install message, not a manifest
         for doc in yaml.safe_load_all(text):
             if doc and doc.get("kind") == "ConfigMap" and "envoy.yaml" in doc.get("data", {}):
-                return {name: doc["data"][name] for name in CONFIG_FILES}
+                return dict(doc["data"])
     raise RuntimeError(f"{chart}: no ConfigMap with envoy.yaml in the rendered chart")
 
 

@@ -53,7 +53,13 @@ static_resources:
       socket_address: {address: {{ $v.envoy.listener.address }}, port_value: {{ $v.envoy.listener.port }}}
     per_connection_buffer_limit_bytes: {{ $bufferLimit }}
     filter_chains:
+    {{- if $v.envoy.tls.enabled }}
+    - transport_socket:
+        {{- include "gateway-extproc.downstreamTls" . | nindent 8 }}
+      filters:
+    {{- else }}
     - filters:
+    {{- end }}
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
@@ -266,4 +272,58 @@ static_resources:
           typed_config:
             "@type": type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec
   {{- end }}
+{{- end -}}
+
+
+{{/*
+TLS on the client listener (envoy.tls). Certificate, key and client CA come through SDS
+files (rendered next to envoy.yaml in configDir) that name files in directories Envoy
+watches: a Kubernetes Secret update (atomic symlink swap) or a file moved into place is
+picked up without a restart. clientCA.enabled turns it into mTLS.
+*/}}
+{{- define "gateway-extproc.downstreamTls" -}}
+{{- $tls := .Values.envoy.tls -}}
+name: envoy.transport_sockets.tls
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+  {{- if $tls.clientCA.enabled }}
+  require_client_certificate: true
+  {{- end }}
+  common_tls_context:
+    alpn_protocols: [h2, http/1.1]
+    tls_certificate_sds_secret_configs:
+    - name: listener_certificate
+      sds_config:
+        path_config_source: {path: {{ printf "%s/sds-certificate.yaml" .Values.configDir | quote }}}
+        resource_api_version: V3
+    {{- if $tls.clientCA.enabled }}
+    validation_context_sds_secret_config:
+      name: client_ca
+      sds_config:
+        path_config_source: {path: {{ printf "%s/sds-client-ca.yaml" .Values.configDir | quote }}}
+        resource_api_version: V3
+    {{- end }}
+{{- end -}}
+
+{{/* SDS file of the listener certificate: paths only, never key material. */}}
+{{- define "gateway-extproc.sdsCertificate" -}}
+{{- $c := .Values.envoy.tls.certificate -}}
+resources:
+- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+  name: listener_certificate
+  tls_certificate:
+    certificate_chain: {filename: {{ printf "%s/tls.crt" $c.dir | quote }}}
+    private_key: {filename: {{ printf "%s/tls.key" $c.dir | quote }}}
+    watched_directory: {path: {{ $c.dir | quote }}}
+{{- end -}}
+
+{{/* SDS file of the CA bundle client certificates must chain to (mTLS). */}}
+{{- define "gateway-extproc.sdsClientCA" -}}
+{{- $c := .Values.envoy.tls.clientCA -}}
+resources:
+- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+  name: client_ca
+  validation_context:
+    trusted_ca: {filename: {{ printf "%s/%s" $c.dir $c.key | quote }}}
+    watched_directory: {path: {{ $c.dir | quote }}}
 {{- end -}}

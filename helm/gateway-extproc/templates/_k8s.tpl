@@ -1,0 +1,207 @@
+{{/*
+Helpers for the Kubernetes objects (Deployment and neighbours). envoy.yaml and gateway.yaml
+come from _envoy.tpl and _gateway.tpl; nothing here changes them.
+*/}}
+
+{{- define "gateway-extproc.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end -}}
+
+{{/* Labels of the gateway's objects: the standard ones plus the component. */}}
+{{- define "gateway-extproc.gatewayLabels" -}}
+{{ include "gateway-extproc.labels" . }}
+app.kubernetes.io/component: gateway
+{{- end -}}
+
+{{- define "gateway-extproc.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "gateway-extproc.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "gateway-extproc.redisDevName" -}}
+{{- printf "%s-redis" (include "gateway-extproc.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* "true" when any budget or rate limit is configured (config.py: Budgets.enabled). */}}
+{{- define "gateway-extproc.budgetsEnabled" -}}
+{{- $on := false -}}
+{{- if not (kindIs "invalid" .Values.budgets.orgLimit) }}{{ $on = true }}{{ end -}}
+{{- range $p := concat (.Values.teams | default list) (.Values.users | default list) (.Values.keys | default list) -}}
+{{- if or (not (kindIs "invalid" $p.budget)) (not (kindIs "invalid" $p.rateLimits)) }}{{ $on = true }}{{ end -}}
+{{- end -}}
+{{- if $on }}true{{ end -}}
+{{- end -}}
+
+{{/* Most replicas the Deployment can run. */}}
+{{- define "gateway-extproc.maxReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ .Values.autoscaling.maxReplicas | int }}{{ else }}{{ .Values.deployment.replicas | int }}{{ end -}}
+{{- end -}}
+
+{{/*
+Rules the schema cannot express, checked when deployment.yaml renders; each failure says
+what to change. They run for every render, `gateway-extproc render` and the local stack
+included, so only rules that hold outside Kubernetes too belong here (Kubernetes-only
+advice goes to NOTES.txt).
+*/}}
+{{- define "gateway-extproc.validate" -}}
+{{- $v := .Values -}}
+{{- $max := include "gateway-extproc.maxReplicas" . | int -}}
+{{- if and (gt $max 1) (eq $v.budgets.store "memory") (include "gateway-extproc.budgetsEnabled" .) -}}
+{{- fail (printf "values: budgets.store is memory but up to %d replicas run (deployment.replicas / autoscaling.maxReplicas): each replica would count its own spend and rate limits, so every budget would be multiplied. Set budgets.store: redis with budgets.redis.url (redis.dev.enabled for a trial), or run one replica without autoscaling" $max) -}}
+{{- end -}}
+{{- range $i, $p := $v.providers -}}
+{{- if and (hasKey ($p.credential | default dict) "env") (hasKey ($p.credential | default dict) "file") -}}
+{{- fail (printf "values: providers[%d].credential (%s) has both env and file; keep exactly one" $i $p.name) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (gt ($v.extproc.processes | int) 1) (eq $v.budgets.store "memory") (include "gateway-extproc.budgetsEnabled" .) -}}
+{{- fail (printf "values: budgets.store is memory, which one process holds, but extproc.processes is %d; set budgets.store: redis, or extproc.processes: 1" ($v.extproc.processes | int)) -}}
+{{- end -}}
+{{- if and (eq $v.budgets.store "redis") (not $v.budgets.redis.url) -}}
+{{- if $v.redis.dev.enabled -}}
+{{- fail (printf "values: budgets.store is redis but budgets.redis.url is empty; for the dev Redis set budgets.redis.url: redis://%s:6379/0" (include "gateway-extproc.redisDevName" .)) -}}
+{{- else -}}
+{{- fail "values: budgets.store is redis but budgets.redis.url is empty; set it to your Redis (redis://host:6379/0 or rediss://...)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (dig "passwordSecret" "name" "" $v.budgets.redis) (not $v.budgets.redis.passwordEnv) -}}
+{{- fail "values: budgets.redis.passwordSecret is set but budgets.redis.passwordEnv is empty; name the variable the ext_proc reads the password from, e.g. REDIS_PASSWORD" -}}
+{{- end -}}
+{{- $drain := $v.deployment.envoy.drainSeconds | int -}}
+{{- if lt ($v.deployment.terminationGracePeriodSeconds | int) (add $drain 35) -}}
+{{- fail (printf "values: deployment.terminationGracePeriodSeconds (%d) must be at least deployment.envoy.drainSeconds + 35 (%d): Envoy drains for %ds, the ext_proc stops 5s later and gets 30s for open streams" ($v.deployment.terminationGracePeriodSeconds | int) (add $drain 35) $drain) -}}
+{{- end -}}
+{{- if $v.monitoring.serviceMonitor.enabled -}}
+{{- if not ($v.extproc.metrics.port | int) -}}
+{{- fail "values: monitoring.serviceMonitor.enabled needs extproc.metrics.port (0 turns /metrics off)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.autoscaling.enabled (gt ($v.autoscaling.minReplicas | int) ($v.autoscaling.maxReplicas | int)) -}}
+{{- fail "values: autoscaling.minReplicas is greater than autoscaling.maxReplicas" -}}
+{{- end -}}
+{{- $config := clean $v.configDir -}}
+{{- range $m := fromJsonArray (include "gateway-extproc.secretMounts" .) -}}
+{{- if or (eq (clean $m.dir) $config) (hasPrefix (printf "%s/" $config) (clean $m.dir)) -}}
+{{- fail (printf "values: %s mounts a Secret at %s, inside configDir %s (a read-only ConfigMap volume); put it elsewhere, e.g. /etc/gateway-credentials/..." $m.from $m.dir $config) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Environment variables filled from Secrets, as JSON: [{name, secret, key, envoy}]. Provider
+credentials {env, secret} go to both containers (Envoy injects them natively with
+%ENVIRONMENT%, the upstream ext_proc when an attempt needs body work); the Redis password
+only to the ext_proc.
+*/}}
+{{- define "gateway-extproc.secretEnv" -}}
+{{- $out := dict -}}
+{{- range $i, $p := .Values.providers -}}
+{{- $c := $p.credential | default dict -}}
+{{- if and $c.env $c.secret -}}
+{{- $prev := get $out $c.env -}}
+{{- if and $prev (or (ne $prev.secret $c.secret.name) (ne $prev.key $c.secret.key)) -}}
+{{- fail (printf "values: providers %q and %q read %s from different Secrets; give each its own variable" $prev.provider $p.name $c.env) -}}
+{{- end -}}
+{{- $_ := set $out $c.env (dict "name" $c.env "secret" $c.secret.name "key" $c.secret.key "envoy" true "provider" $p.name) -}}
+{{- end -}}
+{{- end -}}
+{{- $r := .Values.budgets.redis -}}
+{{- if and $r.passwordEnv (dig "passwordSecret" "name" "" $r) -}}
+{{- $_ := set $out $r.passwordEnv (dict "name" $r.passwordEnv "secret" $r.passwordSecret.name "key" $r.passwordSecret.key "envoy" false "provider" "") -}}
+{{- end -}}
+{{- $list := list -}}
+{{- range $k := keys $out | sortAlpha }}{{ $list = append $list (get $out $k) }}{{ end -}}
+{{- toJson $list -}}
+{{- end -}}
+
+{{/*
+Secret volumes as JSON: [{name, dir, container, from, sources: [{secret, items}]}]. File
+credentials are grouped by directory into one projected volume each (read-only, ext_proc
+only); TLS material is mounted into Envoy.
+*/}}
+{{- define "gateway-extproc.secretMounts" -}}
+{{- $v := .Values -}}
+{{- $dirs := dict -}}
+{{- $files := dict -}}
+{{- range $p := $v.providers -}}
+{{- $c := $p.credential | default dict -}}
+{{- if and $c.file $c.secret -}}
+{{- $dir := dir $c.file -}}
+{{- if hasKey $files $c.file -}}
+{{- fail (printf "values: providers %q and %q both mount credential.file %s; give each provider its own file" (get $files $c.file) $p.name $c.file) -}}
+{{- end -}}
+{{- $_ := set $files $c.file $p.name -}}
+{{- $sources := get $dirs $dir | default list -}}
+{{- $_ := set $dirs $dir (append $sources (dict "secret" (dict "name" $c.secret.name "items" (list (dict "key" $c.secret.key "path" (base $c.file)))))) -}}
+{{- end -}}
+{{- end -}}
+{{- $out := list -}}
+{{- range $i, $dir := keys $dirs | sortAlpha -}}
+{{- $out = append $out (dict "name" (printf "credentials-%d" $i) "dir" $dir "container" "extproc" "from" "providers[].credential.file" "sources" (get $dirs $dir)) -}}
+{{- end -}}
+{{- $tls := $v.envoy.tls -}}
+{{- if and $tls.enabled $tls.certificate.secretName -}}
+{{- $out = append $out (dict "name" "tls-certificate" "dir" $tls.certificate.dir "container" "envoy" "from" "envoy.tls.certificate" "sources" (list (dict "secret" (dict "name" $tls.certificate.secretName "items" (list (dict "key" "tls.crt" "path" "tls.crt") (dict "key" "tls.key" "path" "tls.key")))))) -}}
+{{- end -}}
+{{- if and $tls.enabled $tls.clientCA.enabled $tls.clientCA.secretName -}}
+{{- $out = append $out (dict "name" "tls-client-ca" "dir" $tls.clientCA.dir "container" "envoy" "from" "envoy.tls.clientCA" "sources" (list (dict "secret" (dict "name" $tls.clientCA.secretName "items" (list (dict "key" $tls.clientCA.key "path" $tls.clientCA.key)))))) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* Ports the configured providers listen on (from baseURL), as JSON. */}}
+{{- define "gateway-extproc.providerPorts" -}}
+{{- $ports := dict -}}
+{{- range $p := .Values.providers -}}
+{{- $u := urlParse $p.baseURL -}}
+{{- $parts := splitList ":" $u.host -}}
+{{- $port := ternary 443 80 (eq $u.scheme "https") -}}
+{{- if gt (len $parts) 1 }}{{ $port = index $parts 1 | int }}{{ end -}}
+{{- $_ := set $ports (toString $port) $port -}}
+{{- end -}}
+{{- $list := list -}}
+{{- range $k := keys $ports | sortAlpha }}{{ $list = append $list (get $ports $k) }}{{ end -}}
+{{- toJson $list -}}
+{{- end -}}
+
+{{/* Port of budgets.redis.url (6379 unless it names one). */}}
+{{- define "gateway-extproc.redisPort" -}}
+{{- $port := 6379 -}}
+{{- with .Values.budgets.redis.url -}}
+{{- $parts := splitList ":" (urlParse .).host -}}
+{{- if gt (len $parts) 1 }}{{ $port = index $parts 1 | int }}{{ end -}}
+{{- end -}}
+{{- $port -}}
+{{- end -}}
+
+{{/* Envoy admin from inside the pod (loopback when it binds every address). */}}
+{{- define "gateway-extproc.adminHost" -}}
+{{- $a := .Values.envoy.admin.address -}}
+{{- if has $a (list "0.0.0.0" "::" "") }}127.0.0.1{{ else }}{{ $a }}{{ end -}}
+{{- end -}}
+
+{{/*
+One admin request from the Envoy container. The Envoy image has no curl, and admin stays on
+loopback (it can stop Envoy), so bash's /dev/tcp speaks HTTP/1.1; exit 0 on a 200.
+*/}}
+{{- define "gateway-extproc.adminRequest" -}}
+exec 3<>/dev/tcp/{{ include "gateway-extproc.adminHost" .root }}/{{ .root.Values.envoy.admin.port }} || exit 1
+printf '{{ .method }} {{ .path }} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n' >&3
+read -r -t 3 status <&3 || exit 1
+[[ $status == "HTTP/1.1 200"* ]]
+{{- end -}}
+
+{{/* ext_proc health: every worker's gRPC health service over its Unix socket says SERVING. */}}
+{{- define "gateway-extproc.extprocProbe" -}}
+- python3
+- -c
+- "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; sys.exit(any(g.HealthStub(grpc.insecure_channel(a)).Check(h.HealthCheckRequest(), timeout=3).status != h.HealthCheckResponse.SERVING for a in sys.argv[1:]))"
+{{- range $i := until (int .Values.extproc.processes) }}
+- {{ printf "unix://%s" (include "gateway-extproc.socket" (dict "dir" $.Values.extproc.socketDir "i" $i)) }}
+{{- end }}
+{{- end -}}
