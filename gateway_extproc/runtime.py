@@ -31,20 +31,31 @@ class Runtime:
     policy: Policy | None = None  # None: no classification section
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Runtime":
-        return cls.from_config(config_mod.load(path))
+    def load(cls, path: str | os.PathLike[str], previous: "Runtime | None" = None) -> "Runtime":
+        return cls.from_config(config_mod.load(path), previous)
 
     @classmethod
-    def from_config(cls, cfg: GatewayConfig) -> "Runtime":
+    def from_config(cls, cfg: GatewayConfig, previous: "Runtime | None" = None) -> "Runtime":
+        """`previous`: the runtime being replaced by a reload; its budget store is kept when
+        the store settings did not change, so in-memory balances survive a reload."""
         for model in cfg.models.values():
             tokens.counter(model.tokenizer)("warm up")  # load encodings now, not on a request
         labels = Labels(cfg.teams, cfg.models, cfg.providers, cfg.backends)
-        gate = BudgetGate(cfg, _budget_store(cfg)) if cfg.budgets and cfg.budgets.enabled else None
+        gate = None
+        if cfg.budgets and cfg.budgets.enabled:
+            old = previous.budget if previous else None
+            same = old is not None and _store_settings(old.cfg) == _store_settings(cfg)
+            gate = BudgetGate(cfg, old.store if same and old else _budget_store(cfg))
         for team, limits in cfg.teams.items():
             if limits.budget and limits.budget.daily_nano is not None:
                 TEAM_DAILY_BUDGET.labels(team).set(limits.budget.daily_nano / 1e9)
         policy = Policy(cfg.classification) if cfg.classification else None
         return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels, gate, policy)
+
+
+def _store_settings(cfg: GatewayConfig) -> tuple[object, ...]:
+    b = cfg.budgets
+    return (b.store, b.redis_url, b.redis_password_env, b.org) if b else ()
 
 
 def _budget_store(cfg: GatewayConfig) -> BudgetStore:

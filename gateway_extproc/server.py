@@ -31,6 +31,7 @@ from .errors import GatewayError
 from .processors import responses
 from .processors.router import RouterProcessor
 from .processors.upstream import UpstreamProcessor, is_upstream
+from .reload import RuntimeRef
 from .runtime import Runtime
 from .telemetry import tracing
 from .telemetry.metrics import PHASE_LATENCY
@@ -45,7 +46,7 @@ _PHASES = {phase: PHASE_LATENCY.labels(phase) for phase in (
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: RuntimeRef) -> None:
         self.runtime = runtime
 
     async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],
@@ -54,7 +55,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         try:
             async for req in request_iterator:
                 if processor is None:
-                    processor = (UpstreamProcessor if is_upstream(req) else RouterProcessor)(self.runtime)
+                    # One config snapshot per stream, even if a reload swaps it meanwhile.
+                    processor = (UpstreamProcessor if is_upstream(req) else RouterProcessor)(self.runtime.current)
                 started = time.perf_counter()
                 try:
                     resp = await processor.handle(req)
@@ -76,10 +78,11 @@ def _fallback(req: ep.ProcessingRequest) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body") else ep.HeadersResponse()})
 
 
-async def serve_one(runtime: Runtime, address: str) -> None:
+async def serve_one(runtime: RuntimeRef, address: str) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
     ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(runtime), server)
+    watcher = asyncio.get_running_loop().create_task(runtime.watch())
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if address.startswith("unix://"):
@@ -95,6 +98,7 @@ async def serve_one(runtime: Runtime, address: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    watcher.cancel()
     # Envoy's health checks see NOT_SERVING and stop opening streams here; open ones drain.
     await health.enter_graceful_shutdown()
     log.info("extproc_draining", address=address, grace_s=DRAIN_SECONDS)
@@ -103,14 +107,15 @@ async def serve_one(runtime: Runtime, address: str) -> None:
 
 
 def run_one(config_path: str, index: int) -> None:
-    runtime = Runtime.load(config_path)
+    runtime = RuntimeRef(Runtime.load(config_path), config_path)
+    address = runtime.current.config.listen[index]
     tracing.setup()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve_one(runtime, runtime.config.listen[index]))
+        asyncio.run(serve_one(runtime, address))
     else:
-        uvloop.run(serve_one(runtime, runtime.config.listen[index]))
+        uvloop.run(serve_one(runtime, address))
     finally:
         tracing.shutdown()
 

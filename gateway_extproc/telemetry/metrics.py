@@ -47,6 +47,8 @@ UPSTREAM_ATTEMPTS = Counter("genai_upstream_attempts", "Provider attempts by bac
                             ["backend", "outcome"])
 REDIS_LATENCY = Histogram("genai_gateway_redis_latency_seconds", "Budget store round trips.", ["op"],
                           buckets=_FAST)
+CONFIG_RELOADS = Counter("genai_gateway_config_reloads", "gateway.yaml reloads by result (applied, rejected).",
+                         ["result"])
 PHASE_LATENCY = Histogram("genai_gateway_extproc_phase_seconds", "ext_proc time per processing phase.",
                           ["phase"], buckets=_FAST)
 
