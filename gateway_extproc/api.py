@@ -23,6 +23,8 @@ class Endpoint:
     validate: Callable[[dict[str, Any]], None]
     prompt_tokens: Callable[[dict[str, Any], tokens.TokenCount], int]
     can_stream: bool
+    # Body fields that cap output, the first one used when the gateway sets a cap itself.
+    output_caps: tuple[str, ...] = ()
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -72,6 +74,17 @@ def _validate_chat(body: dict[str, Any]) -> None:
     _positive_int(body, "max_completion_tokens")
 
 
+def _validate_responses(body: dict[str, Any]) -> None:
+    _check_common(body)
+    value = body.get("input")
+    _require(isinstance(value, str) or (isinstance(value, list) and len(value) > 0), "input",
+             "`input` is required: a string or a non-empty array of input items.")
+    _require(body.get("instructions") is None or isinstance(body["instructions"], str), "instructions",
+             "`instructions` must be a string.")
+    _require(isinstance(body.get("stream", False), bool), "stream", "`stream` must be a boolean.")
+    _positive_int(body, "max_output_tokens")
+
+
 def _validate_embeddings(body: dict[str, Any]) -> None:
     _check_common(body)
     value = body.get("input")
@@ -81,12 +94,16 @@ def _validate_embeddings(body: dict[str, Any]) -> None:
     _require(ok, "input", "`input` is required: a string, an array of strings, or token arrays.")
 
 
-CHAT = Endpoint("chat", "/chat/completions", _validate_chat, tokens.chat_prompt_tokens, can_stream=True)
+CHAT = Endpoint("chat", "/chat/completions", _validate_chat, tokens.chat_prompt_tokens, can_stream=True,
+                output_caps=("max_completion_tokens", "max_tokens"))
+RESPONSES = Endpoint("responses", "/responses", _validate_responses, tokens.responses_input_tokens, can_stream=True,
+                     output_caps=("max_output_tokens",))
 EMBEDDINGS = Endpoint("embeddings", "/embeddings", _validate_embeddings, tokens.embedding_input_tokens,
                       can_stream=False)
 
 # Client path -> endpoint forwarded to a provider. `/v1/models` is answered by the gateway.
-FORWARDED: dict[str, Endpoint] = {"/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS}
+FORWARDED: dict[str, Endpoint] = {"/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS,
+                                   "/v1/responses": RESPONSES}
 MODELS_PATH = "/v1/models"
 USAGE_PATH = "/v1/usage"
 BY_NAME = {e.name: e for e in FORWARDED.values()}

@@ -405,6 +405,54 @@ def _anthropic_events(message: JSON, text: str) -> list[bytes]:
     return [_sse(event, event["type"]) for event in events]
 
 
+def _response_input(body: JSON) -> list[JSON]:
+    """The Responses API `input` (a string or a list of items) as chat-like messages."""
+    value = body.get("input")
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value:
+        items = [item for item in value if isinstance(item, dict) and "role" in item]
+        if items:
+            return [{"role": item["role"], "content": [
+                {"type": "text", "text": part.get("text", "")} for part in item["content"] if isinstance(part, dict)]
+                if isinstance(item.get("content"), list) else item.get("content", "")} for item in items]
+    raise HTTPError(400, "input: must be a string or a non-empty list of input items")
+
+
+def responses_api(body: JSON, serial: int) -> Reply:
+    """OpenAI Responses API (`POST /v1/responses`), JSON and SSE."""
+    model = _model(body)
+    messages = _response_input(body)
+    completion = _complete(model, messages, _optional_int(body, "max_output_tokens"))
+    input_tokens = _count(_texts(body.get("instructions"))) + sum(_count(_texts(m["content"])) for m in messages)
+    usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": completion.tokens, "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": input_tokens + completion.tokens}
+    item_id = f"msg_mock_{serial}"
+    text_part = {"type": "output_text", "text": completion.text, "annotations": []}
+    item = {"type": "message", "id": item_id, "status": "completed", "role": "assistant", "content": [text_part]}
+    done = {"id": f"resp_mock_{serial}", "object": "response", "created_at": int(time.time()), "model": model,
+            "status": "incomplete" if completion.truncated else "completed", "output": [item], "usage": usage,
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens")}
+    if body.get("stream") is not True:
+        return Reply(body=done)
+    started = {**done, "status": "in_progress", "output": [], "usage": None}
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    events: list[JSON] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.output_item.added", "output_index": 0, "item": {**item, "status": "in_progress",
+                                                                          "content": []}},
+        {"type": "response.content_part.added", **where, "part": {**text_part, "text": ""}},
+        *({"type": "response.output_text.delta", **where, "delta": word} for word in _words(completion.text)),
+        {"type": "response.output_text.done", **where, "text": completion.text},
+        {"type": "response.content_part.done", **where, "part": text_part},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": done},
+    ]
+    return Reply(events=[_sse({**e, "sequence_number": i}, e["type"]) for i, e in enumerate(events)])
+
+
 # --------------------------------------------------------------------------- routing and controls
 
 
@@ -418,6 +466,7 @@ class Route:
 ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/v1/chat/completions"): Route(chat_completions),
     ("POST", "/v1/embeddings"): Route(embeddings),
+    ("POST", "/v1/responses"): Route(responses_api),
     ("GET", "/v1/models"): Route(models, takes_body=False),
     ("POST", "/v1/messages"): Route(anthropic_messages, flavor="anthropic"),
 }

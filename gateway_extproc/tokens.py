@@ -55,6 +55,18 @@ def chat_prompt_tokens(body: dict[str, Any], count: TokenCount) -> int:
     return total
 
 
+def responses_input_tokens(body: dict[str, Any], count: TokenCount) -> int:
+    """Responses API: `instructions` plus `input` (a string, or items with chat-like content)."""
+    total = count(body["instructions"]) if isinstance(body.get("instructions"), str) else 0
+    value = body["input"]
+    if isinstance(value, str):
+        return total + count(value)
+    for item in value:
+        if isinstance(item, dict):
+            total += _content_tokens(item.get("content"), count)
+    return total
+
+
 def embedding_input_tokens(body: dict[str, Any], count: TokenCount) -> int:
     value = body["input"]
     if isinstance(value, str):

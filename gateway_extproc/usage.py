@@ -28,13 +28,18 @@ class Usage:
 
 
 def usage_from_object(obj: Any) -> Usage | None:
+    """Chat/embeddings usage (`prompt_tokens`, `completion_tokens`), or Responses API usage
+    (`input_tokens`, `output_tokens`; in streams inside `response.completed`)."""
+    if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
+        obj = obj["response"]
     usage = obj.get("usage") if isinstance(obj, dict) else None
     if not isinstance(usage, dict):
         return None
-    details = usage.get("prompt_tokens_details")
+    details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     model = obj.get("model")
-    return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), _int(cached),
+    return Usage(_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
+                 _int(usage.get("completion_tokens", usage.get("output_tokens"))), _int(cached),
                  model if isinstance(model, str) else None)
 
 

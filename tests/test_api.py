@@ -167,11 +167,12 @@ def test_embeddings_invalid(body: dict[str, Any], param: str) -> None:
 
 
 def test_endpoint_table() -> None:
-    assert api.FORWARDED == {"/v1/chat/completions": api.CHAT, "/v1/embeddings": api.EMBEDDINGS}
+    assert api.FORWARDED == {"/v1/chat/completions": api.CHAT, "/v1/embeddings": api.EMBEDDINGS,
+                             "/v1/responses": api.RESPONSES}
     assert (api.CHAT.name, api.CHAT.suffix, api.CHAT.can_stream) == ("chat", "/chat/completions", True)
     assert (api.EMBEDDINGS.name, api.EMBEDDINGS.suffix, api.EMBEDDINGS.can_stream) == ("embeddings", "/embeddings",
                                                                                        False)
-    assert api.BY_NAME == {"chat": api.CHAT, "embeddings": api.EMBEDDINGS}
+    assert api.BY_NAME == {"chat": api.CHAT, "embeddings": api.EMBEDDINGS, "responses": api.RESPONSES}
     assert api.MODELS_PATH == "/v1/models"
 
 

@@ -169,8 +169,9 @@ class RouterProcessor:
         """Reserve the worst case at every level; clamp max_tokens to what the budget affords."""
         gate, model = self.runtime.budget, self.model
         assert gate is not None and model is not None and self.key is not None and self.prompt_tokens is not None
-        field = next((f for f in ("max_completion_tokens", "max_tokens") if f in body), None)
-        if self.endpoint is not api.CHAT:
+        caps = self.endpoint.output_caps
+        field = next((f for f in caps if f in body), None)
+        if not caps:
             wanted, cap = 0, None
         else:
             cap = body[field] if field else model.max_output_tokens
@@ -178,8 +179,8 @@ class RouterProcessor:
         self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, wanted),
                                           self.runtime.labels.team(self.key.team))
         granted = self.admission.result.output_tokens
-        if self.endpoint is api.CHAT and granted < wanted:
-            body[field or "max_tokens"] = granted
+        if caps and granted < wanted:
+            body[field or caps[-1]] = granted
             self.clamped = granted
         elif self.endpoint is api.CHAT and cap is None:
             # No cap anywhere: the stream is ended if it outgrows the reservation plus headroom.
@@ -203,7 +204,7 @@ class RouterProcessor:
             path = backend.provider.base_path + self.endpoint.suffix
             if path != self.path:
                 set_headers[":path"] = path
-        if self.stream:
+        if self.stream and self.endpoint is api.CHAT:  # Responses streams end with usage anyway
             options = body.get("stream_options") or {}
             if options.get("include_usage") is not True:
                 body["stream_options"] = {**options, "include_usage": True}

@@ -1,0 +1,58 @@
+"""OpenAI Responses API (`POST /v1/responses`) through the gateway: same identity, token
+accounting, budgets and fallback as chat, JSON and SSE, with the openai SDK."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+
+from .conftest import Gateway
+
+
+def client(gw: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+
+
+def test_responses_json_with_accounting_headers(gw: Gateway) -> None:
+    raw = client(gw).responses.with_raw_response.create(model="default-chat", input="Summarize the quarter.",
+                                                        instructions="Be brief.")
+    response = raw.parse()
+    assert response.output_text.startswith("This is a mock reply from mock-gpt-4o-mini")
+    assert int(raw.headers["x-gateway-prompt-tokens"]) == response.usage.input_tokens
+    assert int(raw.headers["x-gateway-completion-tokens"]) == response.usage.output_tokens
+    assert raw.headers["x-gateway-backend"] == "mock/mock-gpt-4o-mini"
+    [sent] = gw.received(gw.primary)
+    assert sent["path"] == "/v1/responses" and sent["body"]["model"] == "mock-gpt-4o-mini"
+    assert sent["headers"]["authorization"] == f"Bearer {gw.primary_key}"
+    assert "stream_options" not in sent["body"]
+
+
+def test_responses_stream_is_accounted_and_untouched(gw: Gateway) -> None:
+    with client(gw).responses.stream(model="default-chat", input="Stream a short answer.") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text and final.usage.output_tokens > 0
+    time.sleep(0.2)
+    log = [line for line in gw.stack.log_path("extproc").read_text().splitlines()
+           if '"path":"/v1/responses"' in line and '"stream":true' in line]
+    assert log and f'"completion_tokens":{final.usage.output_tokens}' in log[-1]
+
+
+def test_responses_fall_back_like_chat(gw: Gateway) -> None:
+    httpx.post(f"{gw.primary}/_mock/behaviour", json={"model": "mock-primary", "status": 503}).raise_for_status()
+    raw = client(gw).responses.with_raw_response.create(model="fallback-chat", input="hello")
+    assert raw.headers["x-gateway-backend"] == "mock-backup/mock-secondary"
+    [second] = gw.received(gw.backup)
+    assert second["path"] == "/v1/responses" and second["body"]["model"] == "mock-secondary"
+
+
+def test_responses_validation_and_budget_clamp(gw: Gateway) -> None:
+    bad = httpx.post(f"{gw.url}/v1/responses", json={"model": "default-chat"},
+                     headers={"authorization": f"Bearer {gw.key}"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+    # $20 of output at most: more than the demo team's $5 a day, so the gateway clamps it.
+    raw = client(gw).responses.with_raw_response.create(model="default-chat", input="hi", max_output_tokens=10**6)
+    clamped = int(raw.headers["x-gateway-max-tokens-clamped"])
+    assert 0 < clamped < 10**6 and gw.received(gw.primary)[-1]["body"]["max_output_tokens"] == clamped
