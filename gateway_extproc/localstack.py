@@ -88,14 +88,7 @@ class LocalStack:
 
     def stop(self) -> None:
         for name in ("envoy", "extproc", *[n for n in self.procs if n.startswith("mock-")]):
-            proc = self.procs.pop(name, None)
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            terminate(self.procs.pop(name, None))
         for f in self._logs:
             f.close()
         self._logs.clear()
@@ -115,6 +108,18 @@ class LocalStack:
                     and httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 401)
         except httpx.HTTPError:
             return False
+
+
+def terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a process group started with start_new_session; SIGKILL it after 10 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _listen(gateway_yaml: Path) -> list[str]:

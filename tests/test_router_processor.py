@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 import structlog
-from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOption
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
@@ -20,6 +20,7 @@ from gateway_extproc import config, keys
 from gateway_extproc.processors import router
 from gateway_extproc.processors.router import RouterProcessor
 from gateway_extproc.runtime import Runtime
+from tests.extproc_messages import set_headers
 
 ALL = keys.generate("all-models")
 LIMITED = keys.generate("limited")
@@ -113,14 +114,6 @@ def resp_body(data: bytes, end: bool = True) -> ep.ProcessingRequest:
 
 
 # -- response readers --------------------------------------------------------------------
-
-
-def set_headers(common: ep.CommonResponse) -> dict[str, str]:
-    out = {}
-    for opt in common.header_mutation.set_headers:
-        assert opt.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-        out[opt.header.key] = opt.header.raw_value.decode()
-    return out
 
 
 def immediate(resp: ep.ProcessingResponse) -> tuple[int, dict[str, Any], str]:

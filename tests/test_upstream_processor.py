@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 import structlog
-from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOption, Metadata
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
@@ -16,6 +16,7 @@ from gateway_extproc import config
 from gateway_extproc.processors import upstream
 from gateway_extproc.processors.upstream import UpstreamProcessor, is_upstream
 from gateway_extproc.runtime import Runtime
+from tests.extproc_messages import set_headers
 
 OPENAI_KEY = "sk-test-openai-credential-0123456789"
 BACKUP_KEY = "sk-test-backup-credential-9876543210"
@@ -80,14 +81,6 @@ def attempt_headers(backend: str | None = "openai/gpt-4o", api: str | None = "ch
 
 def attempt_body(body: dict[str, Any]) -> ep.ProcessingRequest:
     return ep.ProcessingRequest(request_body=ep.HttpBody(body=orjson.dumps(body), end_of_stream=True))
-
-
-def set_headers(common: ep.CommonResponse) -> dict[str, str]:
-    out = {}
-    for opt in common.header_mutation.set_headers:
-        assert opt.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-        out[opt.header.key] = opt.header.raw_value.decode()
-    return out
 
 
 def assert_immediate_error(resp: ep.ProcessingResponse, status: int, code: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import structlog
 
-from ..config import BudgetSpec, Budgets, GatewayConfig, Limits, Model, RateSpec, VirtualKey
+from ..config import BudgetSpec, Budgets, GatewayConfig, Limits, Model, VirtualKey
 from ..errors import GatewayError
 from .pricing import Price, cost_nano, worst
 from .store import (MAX_NANO, Bucket, BudgetStore, BudgetStoreUnavailable, Limit, MemoryBudgetStore,
