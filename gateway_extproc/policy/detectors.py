@@ -326,7 +326,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
         Detector(
             "ipv6",
-            r"[0-9A-Fa-f:][0-9A-Fa-f]{0,3}+:[0-9A-Fa-f:]{1,37}+(?:\.[0-9]{1,3}){0,3}+"
+            # Two colons at least (every IPv6 address has them), so times like 12:30 are not candidates.
+            r"[0-9A-Fa-f:][0-9A-Fa-f]{0,3}+:[0-9A-Fa-f]{0,4}+:[0-9A-Fa-f:]{0,35}+(?:\.[0-9]{1,3}){0,3}+"
             r"(?![A-Za-z0-9_:]|\.[0-9])",
             validate_ipv6, "IPV6", "IPv6 address", ipv6_start_ok,
         ),

@@ -38,7 +38,7 @@ ROUTE_HEADER = "x-gateway-model"
 CLASSIFICATION_HEADER = "x-data-classification"
 # Settlements in flight; held so the event loop does not drop them.
 _SETTLING: set[asyncio.Task[None]] = set()
-# Bodies above this are tokenized off the event loop.
+# Bodies above this are scanned and tokenized off the event loop.
 OFFLOAD_TOKENIZE_BYTES = 64 * 1024
 
 
@@ -144,7 +144,10 @@ class RouterProcessor:
         policy = self.runtime.policy
         if policy is not None:
             team = self.runtime.labels.team(self.key.team)
-            verdict = policy.check_request(body, self.key, cfg.teams.get(self.key.team), self.declared, model, team)
+            args = (body, self.key, cfg.teams.get(self.key.team), self.declared, model, team)
+            # Large bodies are scanned off the event loop, like tokenizing: other streams keep moving.
+            verdict = (await asyncio.to_thread(policy.check_request, *args) if len(raw) > OFFLOAD_TOKENIZE_BYTES
+                       else policy.check_request(*args))
             self.tier, self.eligible = verdict.tier, verdict.eligible
             if verdict.body is not None:
                 body, self.redacted = verdict.body, True
