@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 
 from gateway_extproc import config  # noqa: E402
 from gateway_extproc.policy.classification import Policy  # noqa: E402
-from gateway_extproc.policy.scanner import walk_strings  # noqa: E402
 from gateway_extproc.render import chart_values, render_values  # noqa: E402
 
 VALUES_LOCAL = ROOT / "helm" / "values-local.yaml"
