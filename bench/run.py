@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import scan_cost  # noqa: E402  (bench/scan_cost.py: in-process classification cost)
 from gateway_extproc import config as gw_config  # noqa: E402
-from gateway_extproc.localstack import LocalStack, envoy_binary, free_port, terminate  # noqa: E402
+from gateway_extproc.localstack import LocalStack, connects, envoy_binary, free_port, terminate  # noqa: E402
 from gateway_extproc.render import chart_values, render_values  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
@@ -970,18 +970,10 @@ def mock_provider(tmp: Path) -> Iterator[int]:
     proc = spawn([str(Path(sys.executable).parent / "gateway-extproc"), "mock-provider", "--port", str(port),
                   "--api-key", PROVIDER_KEY], log)
     try:
-        wait_until(lambda: _connects(port), "mock provider", log)
+        wait_until(lambda: connects(port), "mock provider", log)
         yield port
     finally:
         stop(proc)
-
-
-def _connects(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def measure_paced(tmp: Path, quick: bool) -> dict[str, dict[str, float]]:

@@ -67,7 +67,7 @@ class LocalStack:
         for port, key in self.mocks.items():
             self._spawn(f"mock-{port}", [str(_BIN / "gateway-extproc"), "mock-provider", "--port", str(port),
                                          "--api-key", key])
-            _wait(lambda p=port: _connects(p), f"mock provider on {port}", self.log_path(f"mock-{port}"))
+            _wait(lambda p=port: connects(p), f"mock provider on {port}", self.log_path(f"mock-{port}"))
         self.start_extproc()
         self._spawn("envoy", [envoy_binary(), "-c", str(self.workdir / "envoy.yaml"), "--log-level", "warn",
                               "--disable-hot-restart"])
@@ -128,7 +128,8 @@ def _listen(gateway_yaml: Path) -> list[str]:
     return yaml.safe_load(gateway_yaml.read_text())["listen"]
 
 
-def _connects(port: int) -> bool:
+def connects(port: int) -> bool:
+    """Something accepts TCP connections on this loopback port."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
