@@ -4,6 +4,7 @@ real Envoy, real ext_proc processes, and two mock providers with different keys.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -87,14 +88,21 @@ def build_gateway(workdir: Path, env: dict[str, str] | None = None,
                    f"http://127.0.0.1:{backup_port}", primary_key, backup_key)
 
 
-@pytest.fixture(scope="session")
-def gateway() -> Iterator[Gateway]:
-    with tempfile.TemporaryDirectory(prefix="gw-it-") as tmp:
-        gw = build_gateway(Path(tmp))
+@contextmanager
+def running_gateway(prefix: str, **kwargs: Any) -> Iterator[Gateway]:
+    """A gateway of its own (fresh state) in a temp dir, stopped afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        gw = build_gateway(Path(tmp), **kwargs)
         try:
             yield gw
         finally:
             gw.stack.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway() -> Iterator[Gateway]:
+    with running_gateway("gw-it-") as gw:
+        yield gw
 
 
 @pytest.fixture

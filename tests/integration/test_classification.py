@@ -3,10 +3,8 @@ must not leave, keep fallback inside the approved tier, scan what comes back."""
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +13,7 @@ import pytest
 
 from gateway_extproc import keys
 
-from .conftest import Gateway, build_gateway
+from .conftest import Gateway, running_gateway
 
 CARD = "4111 1111 1111 1111"  # a valid (Luhn) test Visa number: restricted
 EMAIL = "jane.doe@example.com"  # internal, redacted before it leaves
@@ -137,12 +135,8 @@ def modes() -> Iterator[Gateway]:
         for mode, key in MODE_KEYS.items():
             values["keys"].append({"id": mode, "sha256": keys.digest(key), "team": "demo",
                                    "classification": {"mode": mode}})
-    with tempfile.TemporaryDirectory(prefix="gw-modes-") as tmp:
-        gw = build_gateway(Path(tmp), customize=customize)
-        try:
-            yield gw
-        finally:
-            gw.stack.stop()
+    with running_gateway("gw-modes-", customize=customize) as gw:
+        yield gw
 
 
 def test_modes_monitor_logs_soft_passes_non_critical_enforce_blocks(modes: Gateway) -> None:

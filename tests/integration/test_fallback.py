@@ -3,15 +3,13 @@ latency threshold, outlier ejection, and every backend down."""
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import Gateway, build_gateway
+from .conftest import Gateway, running_gateway
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -20,12 +18,8 @@ HELLO = [{"role": "user", "content": "hello"}]
 def fb() -> Iterator[Gateway]:
     def customize(values: dict) -> None:
         values["envoy"]["retry"]["perTryTimeout"] = "0.5s"
-    with tempfile.TemporaryDirectory(prefix="gw-fallback-") as tmp:
-        gw = build_gateway(Path(tmp), customize=customize)
-        try:
-            yield gw
-        finally:
-            gw.stack.stop()
+    with running_gateway("gw-fallback-", customize=customize) as gw:
+        yield gw
 
 
 @pytest.fixture
@@ -60,29 +54,21 @@ def test_a_primary_slower_than_the_threshold_is_abandoned(gw: Gateway) -> None:
 
 
 def test_a_failing_primary_is_ejected_and_skipped() -> None:
-    with tempfile.TemporaryDirectory(prefix="gw-eject-") as tmp:  # a fresh, healthy outlier state
-        gw = build_gateway(Path(tmp))
-        try:
-            behave(gw, status=500)
-            statuses = [ask(gw).status_code for _ in range(8)]
-            assert statuses == [200] * 8
-            assert len(gw.received(gw.primary)) == 3  # consecutive5xx: then skipped without a try
-            assert len(gw.received(gw.backup)) == 8
-        finally:
-            gw.stack.stop()
+    with running_gateway("gw-eject-") as gw:  # a fresh, healthy outlier state
+        behave(gw, status=500)
+        statuses = [ask(gw).status_code for _ in range(8)]
+        assert statuses == [200] * 8
+        assert len(gw.received(gw.primary)) == 3  # consecutive5xx: then skipped without a try
+        assert len(gw.received(gw.backup)) == 8
 
 
 def test_every_backend_down_is_a_fast_503_in_openai_shape() -> None:
-    with tempfile.TemporaryDirectory(prefix="gw-down-") as tmp:
-        gw = build_gateway(Path(tmp))
-        try:
-            for name in [n for n in gw.stack.procs if n.startswith("mock-")]:
-                gw.stack.procs[name].terminate()
-                gw.stack.procs[name].wait()
-            started = time.monotonic()
-            resp = ask(gw)
-            assert time.monotonic() - started < 2.0
-            assert resp.status_code == 503
-            assert resp.json()["error"]["code"] == "upstream_unavailable"
-        finally:
-            gw.stack.stop()
+    with running_gateway("gw-down-") as gw:
+        for name in [n for n in gw.stack.procs if n.startswith("mock-")]:
+            gw.stack.procs[name].terminate()
+            gw.stack.procs[name].wait()
+        started = time.monotonic()
+        resp = ask(gw)
+        assert time.monotonic() - started < 2.0
+        assert resp.status_code == 503
+        assert resp.json()["error"]["code"] == "upstream_unavailable"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import httpx
@@ -14,7 +12,7 @@ import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from .conftest import Gateway, build_gateway
+from .conftest import Gateway, running_gateway
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -44,13 +42,11 @@ def traced() -> Iterator[tuple[Gateway, Collector]]:
     server.start()
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
            "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "300"}
-    with tempfile.TemporaryDirectory(prefix="gw-otel-") as tmp:
-        gw = build_gateway(Path(tmp), env)
-        try:
+    try:
+        with running_gateway("gw-otel-", env=env) as gw:
             yield gw, collector
-        finally:
-            gw.stack.stop()
-            server.stop(0)
+    finally:
+        server.stop(0)
 
 
 def attrs(span) -> dict:
