@@ -127,11 +127,6 @@ class Model:
     backends: tuple[Backend, ...]
     max_output_tokens: int | None = None  # the output cap reserved when a request names none
 
-    @property
-    def single_backend(self) -> Backend | None:
-        """The backend every attempt goes to, when there is only one."""
-        return self.backends[0] if len(self.backends) == 1 else None
-
 
 @dataclass(frozen=True, slots=True)
 class VirtualKey:

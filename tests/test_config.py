@@ -91,11 +91,9 @@ def test_models_backends_and_defaults() -> None:
     assert only.id == "openai/gpt-4o-mini"
     assert only.provider is cfg.providers["openai"]
     assert (only.model, only.priority, only.weight) == ("gpt-4o-mini", 0, 1)  # defaults
-    assert chat.single_backend is only
 
     assert [b.id for b in fallback.backends] == ["openai/gpt-4o", "azure/gpt-4o-azure"]
     assert [(b.priority, b.weight) for b in fallback.backends] == [(0, 3), (1, 1)]
-    assert fallback.single_backend is None
 
     # Every backend of every model, by id: what Envoy's endpoint metadata names.
     assert set(cfg.backends) == {"openai/gpt-4o-mini", "openai/gpt-4o", "azure/gpt-4o-azure"}

@@ -156,9 +156,9 @@ class RouterProcessor:
             if policy.may_log_content(verdict.tier):
                 self.content = content_for_log(body)
         if self.trace is not None:
-            backend = model.single_backend
-            self.trace.request(model.name, backend.provider.kind if backend else None,
-                               body.get("max_tokens", body.get("max_completion_tokens")), self.stream)
+            backend = self.only_backend()
+            cap = next((body[f] for f in self.endpoint.output_caps if f in body), None)
+            self.trace.request(model.name, backend.provider.kind if backend else None, cap, self.stream)
         count = tokens.counter(model.tokenizer)
         if len(raw) > OFFLOAD_TOKENIZE_BYTES:
             self.prompt_tokens = await asyncio.to_thread(self.endpoint.prompt_tokens, body, count)
@@ -191,6 +191,11 @@ class RouterProcessor:
             headroom = min(self.admission.result.remaining_nano.values(), default=0)
             self.cut_after = granted + (headroom // max(1, int(price.output)) if price.output else 10**9)
 
+    def only_backend(self) -> Backend | None:
+        """The backend every attempt goes to, when just one is eligible (the router can then
+        prepare the request for it once)."""
+        return self.eligible[0] if len(self.eligible) == 1 else None
+
     def forward(self, body: dict) -> ep.ProcessingResponse:
         """Shape the body for the backend, set the route header, hand off to upstream filters."""
         assert self.model is not None and self.endpoint is not None
@@ -198,7 +203,7 @@ class RouterProcessor:
         subset = len(self.eligible) < len(self.model.backends)
         # Only the backends approved for the request's tier: a cluster the chart renders per tier.
         set_headers = {ROUTE_HEADER: f"{self.model.name}@{self.tier}" if subset else self.model.name}
-        backend = self.eligible[0] if len(self.eligible) == 1 else None
+        backend = self.only_backend()
         if backend is not None:
             # Every attempt goes to this backend, so the router can prepare it once.
             if body["model"] != backend.model:
