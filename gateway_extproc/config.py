@@ -23,7 +23,16 @@ import yaml
 
 from .budgets.pricing import Price
 
-PROVIDER_KINDS = ("openai",)
+PROVIDER_KINDS = ("openai", "azure", "anthropic", "bedrock", "gemini")
+# Kind-specific provider settings: (key, required, allowed values or None).
+_PROVIDER_OPTIONS: dict[str, tuple[tuple[str, bool, tuple[str, ...] | None], ...]] = {
+    "openai": (),
+    "azure": (("apiVersion", True, None),),
+    "anthropic": (("anthropicVersion", False, None),),
+    "bedrock": (("region", True, None),),
+    "gemini": (("auth", False, ("apiKey", "bearer")),),
+}
+_ALL_PROVIDER_OPTIONS = {o[0] for opts in _PROVIDER_OPTIONS.values() for o in opts}
 MODES = ("monitor", "soft", "enforce")
 KEY_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -41,6 +50,8 @@ class Provider:
     base_path: str  # path prefix of base_url, e.g. "/v1"
     credential_env: str | None
     credential_file: str | None
+    host: str = ""  # host[:port] of base_url: the :authority Envoy sends (and SigV4 signs)
+    options: dict[str, str] = field(default_factory=dict)  # kind-specific: apiVersion, region, ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +301,20 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
         r.string(env, f"{at}.credential.env")
     if file is not None:
         r.string(file, f"{at}.credential.file")
-    return Provider(name, kind, base_url, parts.path.rstrip("/"), env, file)
+    options = {}
+    for key, required, allowed in _PROVIDER_OPTIONS[kind]:
+        if key not in p:
+            if required:
+                r.fail(f"{at}.{key}", f"is required for kind {kind}")
+            continue
+        options[key] = r.string(p[key], f"{at}.{key}")
+        if allowed is not None and options[key] not in allowed:
+            r.fail(f"{at}.{key}", f"is {options[key]!r}; use one of {', '.join(allowed)}")
+    known = {o[0] for o in _PROVIDER_OPTIONS[kind]}
+    for key in _ALL_PROVIDER_OPTIONS - known:
+        if key in p:
+            r.fail(f"{at}.{key}", f"does not apply to kind {kind}; remove it")
+    return Provider(name, kind, base_url, parts.path.rstrip("/"), env, file, parts.netloc, options)
 
 
 def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: tuple[str, ...]) -> Model:
