@@ -42,11 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--port", type=int, default=8081)
     m.add_argument("--api-key", help="require this provider key (default: accept any)")
 
-    lc = sub.add_parser("local", help="run the mock provider, the ext_proc and Envoy here (`make run`); "
-                        "the mock plays every provider in the values")
+    lc = sub.add_parser("local", help="run the mock providers, the ext_proc and Envoy here (`make run`); "
+                        "one mock instance per loopback port in the values plays every provider there")
     lc.add_argument("--values", action="append", type=Path, default=[], help="values file (repeatable)")
     lc.add_argument("--workdir", type=Path, default=Path("run"))
-    lc.add_argument("--mock-port", type=int, default=8081)
 
     args = p.parse_args(argv)
     logs.configure()
@@ -87,20 +86,23 @@ def _local(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from .localstack import LocalStack
+    from .localstack import LocalStack, mock_ports
     from .render import chart_values
 
     values = chart_values(args.values)
-    provider_key = secrets.token_urlsafe(24)  # the mock's key, handed to Envoy and the ext_proc
+    provider_key = secrets.token_urlsafe(24)  # the mocks' key, handed to Envoy and the ext_proc
     env = {}
     for provider in values["providers"]:
         cred = provider.get("credential", {})
+        # Bedrock signs with an access key pair; the mock checks the signature's shape only.
+        value = f"AKIDLOCALMOCK:{provider_key}" if provider["kind"] == "bedrock" else provider_key
         if "env" in cred:
-            env[cred["env"]] = provider_key
+            env[cred["env"]] = value
         if "file" in cred:
             Path(cred["file"]).parent.mkdir(parents=True, exist_ok=True)
-            Path(cred["file"]).write_text(provider_key)
-    stack = LocalStack(values, args.workdir, env, {args.mock_port: provider_key}, quiet=False)
+            Path(cred["file"]).write_text(value)
+    mocks = {port: provider_key for port in mock_ports(values)}
+    stack = LocalStack(values, args.workdir, env, mocks, quiet=False)
     stopped = False
 
     def stop(*_: object) -> None:

@@ -102,8 +102,10 @@ EMBEDDINGS = Endpoint("embeddings", "/embeddings", _validate_embeddings, tokens.
                       can_stream=False)
 
 # Client path -> endpoint forwarded to a provider. `/v1/models` is answered by the gateway.
+# Anthropic-style clients: translated to chat at the router (messages.py), answered in kind.
+MESSAGES_PATH = "/v1/messages"
 FORWARDED: dict[str, Endpoint] = {"/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS,
-                                   "/v1/responses": RESPONSES}
+                                   "/v1/responses": RESPONSES, MESSAGES_PATH: CHAT}
 MODELS_PATH = "/v1/models"
 USAGE_PATH = "/v1/usage"
 BY_NAME = {e.name: e for e in FORWARDED.values()}

@@ -33,6 +33,7 @@ CODES: dict[str, int] = {
     "content_blocked": 403,
     "model_not_found": 404,
     "unknown_endpoint": 404,
+    "unsupported_endpoint": 400,
     "method_not_allowed": 405,
     "request_too_large": 413,
     "unsupported_media_type": 415,
@@ -41,6 +42,7 @@ CODES: dict[str, int] = {
     "budget_store_unavailable": 503,
     "provider_credential_missing": 500,
     "gateway_internal_error": 500,
+    "upstream_stream_interrupted": 502,  # only ever sent as a stream's last event
 }
 
 

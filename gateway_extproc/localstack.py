@@ -16,12 +16,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from .render import render_values
 
 _BIN = Path(sys.executable).parent
+
+
+def mock_ports(values: dict[str, Any]) -> list[int]:
+    """The loopback ports the providers in these values point at: one mock instance each."""
+    ports = set()
+    for provider in values["providers"]:
+        url = urlsplit(provider["baseURL"])
+        if url.hostname in ("127.0.0.1", "localhost"):
+            ports.add(url.port or 80)
+    return sorted(ports)
 
 
 def free_port() -> int:

@@ -62,7 +62,7 @@ class SseUsageTap:
     client never sees half of an event that is later removed.
     """
 
-    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events", "rewrite")
+    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events", "rewrite", "done")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None) -> None:
         self.drop_usage_chunk = drop_usage_chunk
@@ -74,6 +74,7 @@ class SseUsageTap:
         # Events carrying generated text: about one token each, the running output estimate
         # used before (or without) the provider's usage chunk.
         self.content_events = 0
+        self.done = False  # the stream's `data: [DONE]` went by: the provider finished it
         self._pending = b""
 
     def feed(self, chunk: bytes, end: bool) -> bytes | None:
@@ -88,6 +89,8 @@ class SseUsageTap:
             self.events += 1
             if b'"content":"' in event and b'"content":""' not in event:
                 self.content_events += 1
+            elif event.startswith(b"data: [DONE]"):
+                self.done = True
             if b'"usage"' in event and self._take_usage(event) and self.drop_usage_chunk:
                 dropped = True
             else:

@@ -15,6 +15,8 @@ from ..errors import GatewayError
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = (("content-type", "application/json"),)
 STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+SEND = processing_mode_pb2.ProcessingMode.SEND
 
 
 def header_map(msg: ep.HttpHeaders) -> dict[str, str]:
@@ -50,10 +52,15 @@ def request_body(c: ep.CommonResponse | None = None, metadata: dict[str, Any] | 
     return resp
 
 
-def response_headers(c: ep.CommonResponse | None = None, stream_body: bool = False) -> ep.ProcessingResponse:
+def response_headers(c: ep.CommonResponse | None = None, stream_body: bool = False,
+                     buffer_body: bool = False) -> ep.ProcessingResponse:
+    """`stream_body` / `buffer_body` override the filter's response body mode for this
+    response (needs `allow_mode_override` in the filter config)."""
     resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=c))
     if stream_body:
         resp.mode_override.response_body_mode = STREAMED
+    elif buffer_body:
+        resp.mode_override.response_body_mode = BUFFERED
     return resp
 
 

@@ -17,12 +17,13 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from .. import api, identity, tokens
+from .. import api, identity, messages, tokens
 from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
 from ..config import Backend, Model, VirtualKey
 from ..errors import GatewayError
+from ..providers import SERVES
 from ..policy.classification import CONTENT_LOG_CHARS, ResponseGuard, content_for_log
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
@@ -46,7 +47,7 @@ class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
                  "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut",
-                 "declared", "tier", "eligible", "guard", "redacted", "content")
+                 "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -74,6 +75,10 @@ class RouterProcessor:
         self.guard: ResponseGuard | None = None
         self.redacted = False
         self.content: str | None = None  # prompt text, only when the tier allows logging it
+        # "anthropic" for POST /v1/messages: translated to the OpenAI pivot on the way in,
+        # and back (JSON, or stream through `to_client`) on the way out.
+        self.client: str | None = None
+        self.to_client: messages.ToMessagesStream | None = None
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -100,6 +105,8 @@ class RouterProcessor:
         self.trace = tracing.start(h, self.method, self.path)
         self.declared = h.get(CLASSIFICATION_HEADER)
         endpoint = _endpoint_for(self.method, self.path)
+        if self.path == api.MESSAGES_PATH:
+            self.client = "anthropic"
         cfg = self.runtime.config
         self.key = identity.authenticate(h, cfg, datetime.now(timezone.utc))
         if endpoint == api.MODELS_PATH:
@@ -131,6 +138,8 @@ class RouterProcessor:
         if len(raw) > cfg.max_request_bytes:
             raise _too_large(cfg.max_request_bytes)
         body = api.parse_json(raw)
+        if self.client == "anthropic":
+            body = messages.to_chat(body)
         self.endpoint.validate(body)
         model = cfg.models.get(body["model"])
         if model is None:
@@ -138,6 +147,10 @@ class RouterProcessor:
                                "GET /v1/models lists the models your key may use.", "model")
         if not self.key.allows(model.name):
             raise GatewayError("model_not_allowed", f"Your key may not use the model {model.name!r}.", "model")
+        unserved = next((b for b in model.backends if self.endpoint.name not in SERVES[b.provider.kind]), None)
+        if unserved is not None:
+            raise GatewayError("unsupported_endpoint", f"The model {model.name!r} is served by a "
+                               f"{unserved.provider.kind} backend, which does not offer {self.path}.", "model")
         self.model = model
         self.eligible = model.backends
         self.stream = self.endpoint.can_stream and body.get("stream") is True
@@ -199,7 +212,7 @@ class RouterProcessor:
     def forward(self, body: dict) -> ep.ProcessingResponse:
         """Shape the body for the backend, set the route header, hand off to upstream filters."""
         assert self.model is not None and self.endpoint is not None
-        changed = self.clamped is not None or self.redacted
+        changed = self.clamped is not None or self.redacted or self.client is not None
         subset = len(self.eligible) < len(self.model.backends)
         # Only the backends approved for the request's tier: a cluster the chart renders per tier.
         set_headers = {ROUTE_HEADER: f"{self.model.name}@{self.tier}" if subset else self.model.name}
@@ -216,7 +229,9 @@ class RouterProcessor:
             options = body.get("stream_options") or {}
             if options.get("include_usage") is not True:
                 body["stream_options"] = {**options, "include_usage": True}
-                self.drop_usage = changed = True
+                changed = True
+                # Anthropic clients get usage in message_delta: their translator reads the chunk.
+                self.drop_usage = self.client is None
         if self.trace is not None:
             set_headers.update(self.trace.outgoing_headers())
         new_body = orjson.dumps(body) if changed else None
@@ -248,6 +263,8 @@ class RouterProcessor:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
             # The stream may change length (usage chunk dropped, redaction, budget cut): chunked.
             remove = (*remove, "content-length")
+            if self.client == "anthropic" and 200 <= self.status < 300:
+                self.to_client = messages.ToMessagesStream()
             return r.response_headers(r.common(r.mutation(added, remove)), stream_body=True)
         return r.response_headers(r.common(r.mutation(added, remove)) if added or remove else None)
 
@@ -274,12 +291,18 @@ class RouterProcessor:
                 held = self.guard.flush() if self.guard is not None else b""
                 out = (msg.body if out is None else out) + held + _cut_events(self.tap.content_events)
                 log_budget_cut(self)
+            elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
+                out = (msg.body if out is None else out) + _interrupted_event(self)
+            if self.to_client is not None:
+                out = self.to_client.feed(msg.body if out is None else out, msg.end_of_stream)
             return r.response_body(r.common(body=out) if out is not None else None)
         new_body = None
         if 200 <= self.status < 300:
             self.usage = usage_from_json(msg.body)
             if self.guard is not None:
                 new_body = self.guard.json_body(msg.body)
+            if self.client == "anthropic" and self.endpoint is api.CHAT:
+                new_body = messages.from_chat(msg.body if new_body is None else new_body)
         self.log()
         headers = self.token_headers()
         if new_body is not None:
@@ -417,6 +440,19 @@ def _cut_events(output_tokens: int) -> bytes:
                                   "ended by the gateway.", "type": "rate_limit_error", "code": "budget_exceeded",
                        "param": None}}
     return b"data: " + orjson.dumps(finish) + b"\n\ndata: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n"
+
+
+def _interrupted_event(p: RouterProcessor) -> bytes:
+    """How a stream the provider ended without finishing (no [DONE]) ends for the client:
+    an OpenAI-shaped error event, so SDKs raise instead of returning half an answer as if
+    it were whole. Nothing is retried after the first byte, so nothing is repeated."""
+    p.error_code = "upstream_stream_interrupted"
+    access_log.warning("stream_interrupted", request_id=p.request_id, backend=p.backend,
+                       events=p.tap.events if p.tap else None)
+    error = {"error": {"message": "The provider ended the stream before it finished; the answer above is "
+                                  "incomplete.", "type": "server_error", "code": "upstream_stream_interrupted",
+                       "param": None}}
+    return b"data: " + orjson.dumps(error) + b"\n\n"
 
 
 def log_budget_cut(p: RouterProcessor) -> None:

@@ -2,10 +2,13 @@
 per attempt, on its own gRPC stream.
 
 Envoy tells it which backend this attempt goes to through endpoint metadata
-(`request_attributes`), never through a client header. It sets that backend's path and
-credential and, for models with fallback, renames the model in the body. The chart only
-puts it on clusters that need it (several backends, or a file-sourced credential Envoy
-cannot inject natively); other clusters get the credential from Envoy's header_mutation.
+(`request_attributes`), never through a client header. It turns the OpenAI-schema body the
+router forwarded into that backend's request (path, credential, model name, translation,
+SigV4 signature) and, for providers that speak another schema, turns their answer (JSON or
+stream) back into the OpenAI schema before the router-level filters see it. The chart only
+puts it on clusters that need it (several backends, a non-OpenAI provider, or a
+file-sourced credential Envoy cannot inject natively); other clusters get the credential
+from Envoy's header_mutation.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from .. import api
 from ..config import Backend
 from ..errors import GatewayError
+from ..providers import TRANSLATORS
+from ..providers.base import StreamTranslator, Target, Translator
 from ..runtime import Runtime
 from . import responses as r
 
@@ -24,6 +29,8 @@ log = structlog.get_logger("gateway_extproc.upstream")
 
 BACKEND_ATTRIBUTE = "xds.upstream_host_metadata.filter_metadata['gw']['backend']"
 _FILTER = "envoy.filters.http.ext_proc"
+# Provider stream content types the translators read (SSE, Bedrock's AWS event-stream).
+_STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
 
 
 def is_upstream(req: ep.ProcessingRequest) -> bool:
@@ -32,11 +39,16 @@ def is_upstream(req: ep.ProcessingRequest) -> bool:
 
 
 class UpstreamProcessor:
-    __slots__ = ("runtime", "backend")
+    __slots__ = ("runtime", "backend", "endpoint", "target", "translator", "status", "stream")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.backend: Backend | None = None
+        self.endpoint: api.Endpoint | None = None
+        self.target: Target | None = None
+        self.translator: Translator | None = None
+        self.status = 0
+        self.stream: StreamTranslator | None = None
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -47,6 +59,10 @@ class UpstreamProcessor:
                 return self.request_body(req.request_body)
         except GatewayError as err:
             return r.error(err)
+        if kind == "response_headers":
+            return self.response_headers(req.response_headers)
+        if kind == "response_body":
+            return self.response_body(req.response_body)
         raise ValueError(f"unexpected ext_proc message {kind}")
 
     def request_headers(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
@@ -59,23 +75,51 @@ class UpstreamProcessor:
             log.error("upstream_config_mismatch", backend=backend_id, request_id=request_id)
             raise GatewayError("gateway_internal_error", "The gateway's Envoy and ext_proc configs disagree; "
                                "re-render both from the same values.")
-        credential = self.runtime.credentials.get(backend.provider.name)
+        provider = backend.provider
+        credential = self.runtime.credentials.get(provider.name)
         if credential is None:
             raise GatewayError("provider_credential_missing",
-                               f"No credential is configured for provider {backend.provider.name!r}.")
-        self.backend = backend
+                               f"No credential is configured for provider {provider.name!r}.")
+        self.backend, self.endpoint = backend, endpoint
+        self.translator = TRANSLATORS[provider.kind]
+        self.target = Target(backend.model, provider.base_url, provider.base_path, provider.host, credential,
+                             provider.options)
         log.info("upstream_attempt", request_id=request_id, backend=backend.id)
-        headers = {":path": backend.provider.base_path + endpoint.suffix, "authorization": f"Bearer {credential}"}
-        return r.request_headers(r.common(r.mutation(headers)))
+        resp = r.request_headers()
+        if self.translator.TRANSLATES_RESPONSE:
+            resp.mode_override.response_header_mode = r.SEND
+        return resp
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
-        """Rename the model for this attempt's backend (idempotent: each attempt starts
-        from the body the router forwarded)."""
-        assert self.backend is not None
+        """This attempt's request, built from the body the router forwarded (each attempt
+        starts from that same body, so this is idempotent across retries)."""
+        assert self.translator is not None and self.target is not None and self.endpoint is not None
         body = orjson.loads(msg.body)
-        body["model"] = self.backend.model
-        new = orjson.dumps(body)
-        return r.request_body(r.common(r.mutation({"content-length": str(len(new))}), new))
+        out = self.translator.request(self.target, self.endpoint.suffix, body, body.get("stream") is True)
+        headers = {":path": out.path, **out.headers, "content-length": str(len(out.body))}
+        return r.request_body(r.common(r.mutation(headers, out.remove), out.body))
+
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        """Only for translated providers: stream bodies chunk by chunk, buffer JSON ones."""
+        assert self.translator is not None and self.backend is not None
+        h = r.header_map(msg)
+        self.status = int(h.get(":status", "0") or 0)
+        if msg.end_of_stream:
+            return r.response_headers()
+        content_type = h.get("content-type", "").partition(";")[0].strip().lower()
+        if 200 <= self.status < 300 and content_type in _STREAM_TYPES:
+            self.stream = self.translator.stream(self.backend.model)
+            return r.response_headers(r.common(r.mutation({"content-type": "text/event-stream"}, ("content-length",))),
+                                      stream_body=True)
+        return r.response_headers(buffer_body=True)
+
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        assert self.translator is not None and self.backend is not None
+        if self.stream is not None:
+            return r.response_body(r.common(body=self.stream.feed(msg.body, msg.end_of_stream)))
+        new = self.translator.response(self.status, msg.body, self.backend.model)
+        headers = {"content-type": "application/json", "content-length": str(len(new))}
+        return r.response_body(r.common(r.mutation(headers), new))
 
     def close(self) -> None:
-        """Nothing to settle per attempt yet."""
+        """Nothing to settle per attempt: the router accounts for the request."""

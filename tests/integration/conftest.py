@@ -21,6 +21,7 @@ from gateway_extproc.render import chart_values
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_KEY = "gwk_demo_local-only-demo-key-not-for-production"
+BEDROCK_KEY_ID = "AKIDGATEWAYTEST"  # the Bedrock provider signs with BEDROCK_KEY_ID and the backup key
 
 
 @dataclass
@@ -66,13 +67,15 @@ def build_gateway(workdir: Path, env: dict[str, str] | None = None,
     values["extproc"]["socketDir"] = str(workdir / "sock")
     values["extproc"]["metrics"]["port"] = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    cred_file = workdir / "backup.key"
-    cred_file.write_text(backup_key)
+    # values-local points providers at mock instances on :8081 (key from env) and :8082
+    # (key from a file); here they get free ports and keys of their own.
+    ports = {"8081": primary_port, "8082": backup_port}
     for p in values["providers"]:
-        if p["name"] == "mock":
-            p["baseURL"] = f"http://127.0.0.1:{primary_port}/v1"
-        else:
-            p["baseURL"] = f"http://127.0.0.1:{backup_port}/v1"
+        host, port = p["baseURL"].split("//", 1)[1].split("/", 1)[0].split(":")
+        p["baseURL"] = p["baseURL"].replace(f"{host}:{port}", f"127.0.0.1:{ports[port]}", 1)
+        if "file" in p["credential"]:
+            cred_file = workdir / f"{p['name']}.key"
+            cred_file.write_text(f"{BEDROCK_KEY_ID}:{backup_key}" if p["kind"] == "bedrock" else backup_key)
             p["credential"] = {"file": str(cred_file)}
     past = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()
     values["keys"] += [

@@ -153,6 +153,23 @@ static_resources:
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              # One JSON line per upstream attempt (retries and fallbacks included), joined to
+              # the ext_proc's access line by request_id: which backend, what it answered.
+              upstream_log:
+              - name: envoy.access_loggers.stdout
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+                  log_format:
+                    json_format:
+                      event: upstream_attempt
+                      request_id: "%REQ(X-REQUEST-ID)%"
+                      attempt: "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"
+                      backend: "%UPSTREAM_METADATA(gw:backend)%"
+                      status: "%RESPONSE_CODE%"
+                      flags: "%RESPONSE_FLAGS%"
+                      failure: "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
+                      upstream_host: "%UPSTREAM_HOST%"
+                      duration_ms: "%DURATION%"
   clusters:
   - name: gateway_extproc
     type: STATIC
@@ -180,7 +197,7 @@ static_resources:
   {{- range $model := fromJsonArray (include "gateway-extproc.targets" $) }}
   {{- $multi := gt (len $model.backends) 1 }}
   {{- $first := fromJson (include "gateway-extproc.provider" (dict "root" $ "name" (index $model.backends 0).provider)) }}
-  {{- $native := and (not $multi) (hasKey $first.credential "env") }}
+  {{- $native := and (not $multi) (eq $first.kind "openai") (hasKey $first.credential "env") }}
   - name: {{ printf "model.%s" $model.route | quote }}
     type: STRICT_DNS
     dns_lookup_family: V4_PREFERRED
@@ -258,11 +275,13 @@ static_resources:
             message_timeout: {{ $v.extproc.messageTimeout }}
             processing_mode:
               request_header_mode: SEND
-              request_body_mode: {{ ternary "BUFFERED" "NONE" $multi }}
+              request_body_mode: BUFFERED
+              # Turned on per attempt for providers whose answers need translating.
               response_header_mode: SKIP
               response_body_mode: NONE
               request_trailer_mode: SKIP
               response_trailer_mode: SKIP
+            allow_mode_override: true
             request_attributes:
             - "xds.upstream_host_metadata.filter_metadata['gw']['backend']"
             metadata_options:
