@@ -1,0 +1,314 @@
+"""Anthropic-style clients (`POST /v1/messages`) on top of the OpenAI pivot: the request is
+validated and rewritten as an OpenAI chat request, so routing, budgets, policy and every
+backend work unchanged; the chat completion (or its SSE stream) is rewritten back as an
+Anthropic message. Gateway errors keep the OpenAI shape and are not translated here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway_extproc.errors import GatewayError
+from gateway_extproc.providers.anthropic import SseReader
+
+JSON = dict[str, Any]
+
+_STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                "function_call": "tool_use", "content_filter": "refusal"}
+_TOOL_CHOICE = {"auto": "auto", "any": "required", "none": "none"}
+# OpenAI error types Anthropic also has; the rest become api_error / overloaded_error.
+_SHARED_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
+                       "not_found_error", "rate_limit_error"}
+
+
+def _invalid(message: str, param: str) -> GatewayError:
+    return GatewayError("invalid_request", message, param)
+
+
+def to_chat(body: JSON) -> JSON:
+    """A validated Anthropic Messages request as the equivalent OpenAI chat request."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _invalid("model: a model name (string) is required", "model")
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+        raise _invalid("max_tokens: a positive integer is required", "max_tokens")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages: a non-empty list is required", "messages")
+    if not isinstance(body.get("stream", False), bool):
+        raise _invalid("stream: must be a boolean", "stream")
+    chat: list[JSON] = []
+    if body.get("system"):
+        chat.append({"role": "system", "content": _system(body["system"])})
+    for i, message in enumerate(messages):
+        chat.extend(_message(message, f"messages.{i}"))
+    out: JSON = {"model": model, "messages": chat, "max_tokens": max_tokens}
+    if body.get("stop_sequences"):
+        out["stop"] = list(body["stop_sequences"])
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    if body.get("tools"):
+        out["tools"] = [_tool(tool) for tool in body["tools"]]
+    _apply_tool_choice(body.get("tool_choice"), out)
+    user = (body.get("metadata") or {}).get("user_id")
+    if user:
+        out["user"] = user
+    if body.get("stream"):
+        # message_delta must carry output usage, which OpenAI streams only when asked.
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def _system(system: Any) -> str | list[JSON]:
+    if isinstance(system, str):
+        return system
+    if not isinstance(system, list) or not all(
+            isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in system):
+        raise _invalid("system: a string or a list of text blocks is required", "system")
+    return _content([{"type": "text", "text": b["text"]} for b in system])
+
+
+def _content(parts: list[JSON]) -> str | list[JSON]:
+    """A lone text part as a plain string, the form every OpenAI backend accepts."""
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return str(parts[0]["text"])
+    return parts
+
+
+def _message(message: Any, param: str) -> list[JSON]:
+    """One Anthropic message as one or more OpenAI messages: a user's tool_result blocks
+    become `tool` messages, placed first because they answer the previous assistant turn."""
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+        raise _invalid(f"{param}.role: must be 'user' or 'assistant'", f"{param}.role")
+    role, content = message["role"], message.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise _invalid(f"{param}.content: a string or a list of content blocks is required", f"{param}.content")
+    parts: list[JSON] = []
+    tool_calls: list[JSON] = []
+    tool_results: list[JSON] = []
+    for j, block in enumerate(content):
+        where = f"{param}.content.{j}"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), where)}})
+        elif kind == "tool_use" and role == "assistant":
+            tool_calls.append({"id": block.get("id", ""), "type": "function",
+                               "function": {"name": block.get("name", ""),
+                                            "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+        elif kind == "tool_result" and role == "user":
+            tool_results.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
+                                 "content": _tool_result_text(block.get("content"), where)})
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            continue  # the model's own reasoning: OpenAI requests have no place for it
+        else:
+            raise _invalid(f"{where}: content block type {kind!r} is not supported in a {role} message", where)
+    out = tool_results
+    if role == "assistant":
+        reply: JSON = {"role": "assistant", "content": _content(parts) if parts else None}
+        if tool_calls:
+            reply["tool_calls"] = tool_calls
+        out.append(reply)
+    elif parts or not tool_results:
+        out.append({"role": "user", "content": _content(parts) if parts else ""})
+    return out
+
+
+def _image_url(source: Any, where: str) -> str:
+    if isinstance(source, dict) and source.get("type") == "base64":
+        return f"data:{source.get('media_type', '')};base64,{source.get('data', '')}"
+    if isinstance(source, dict) and source.get("type") == "url":
+        return str(source.get("url", ""))
+    raise _invalid(f"{where}.source: a base64 or url image source is required", f"{where}.source")
+
+
+def _tool_result_text(content: Any, where: str) -> str:
+    """OpenAI tool messages carry text only, so a tool result with an image is refused
+    rather than silently shortened."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content):
+        return "\n".join(str(b.get("text", "")) for b in content)
+    raise _invalid(f"{where}.content: tool results may only contain text", f"{where}.content")
+
+
+def _tool(tool: Any) -> JSON:
+    if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or "input_schema" not in tool:
+        raise _invalid("tools: only custom tools with a name and an input_schema are supported", "tools")
+    function: JSON = {"name": tool["name"], "parameters": tool["input_schema"]}
+    if tool.get("description"):
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
+
+
+def _apply_tool_choice(choice: Any, out: JSON) -> None:
+    if not isinstance(choice, dict):
+        return
+    if choice.get("type") == "tool":
+        out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name", "")}}
+    elif choice.get("type") in _TOOL_CHOICE:
+        out["tool_choice"] = _TOOL_CHOICE[choice["type"]]
+    else:
+        raise _invalid("tool_choice.type: must be auto, any, tool or none", "tool_choice")
+    if choice.get("disable_parallel_tool_use"):
+        out["parallel_tool_calls"] = False
+
+
+def from_chat(raw: bytes) -> bytes:
+    """An OpenAI chat.completion as an Anthropic message (first choice only)."""
+    body = orjson.loads(raw)
+    choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content: list[JSON] = []
+    if isinstance(message.get("content"), str) and message["content"]:
+        content.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""),
+                        "input": _arguments(function.get("arguments"))})
+    return orjson.dumps({
+        "id": body.get("id", ""), "type": "message", "role": "assistant", "model": body.get("model", ""),
+        "content": content, "stop_reason": _STOP_REASON.get(choice.get("finish_reason"), "end_turn"),
+        "stop_sequence": None, "usage": _usage(body.get("usage"))})
+
+
+def _arguments(arguments: Any) -> JSON:
+    """Models sometimes stream invalid JSON arguments; Anthropic's input must be an object."""
+    try:
+        value = orjson.loads(arguments or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _usage(usage: Any) -> JSON:
+    """OpenAI's prompt_tokens includes cached tokens; Anthropic's input_tokens does not.
+    `cache_creation_tokens` is what the Anthropic translator reports, so a Claude backend's
+    cache writes survive the round trip."""
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details") or {}
+    read = details.get("cached_tokens") or 0
+    created = details.get("cache_creation_tokens") or 0
+    return {"input_tokens": max((usage.get("prompt_tokens") or 0) - read - created, 0),
+            "output_tokens": usage.get("completion_tokens") or 0,
+            "cache_read_input_tokens": read, "cache_creation_input_tokens": created}
+
+
+def _event(kind: str, obj: JSON) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **obj}) + b"\n\n"
+
+
+class ToMessagesStream:
+    """OpenAI chat.completion.chunk SSE in, Anthropic message stream events out.
+
+    The finish_reason is held until `[DONE]` because OpenAI sends the usage chunk after it,
+    and Anthropic's message_delta carries both."""
+
+    def __init__(self) -> None:
+        self._reader = SseReader()
+        self._started = False
+        self._open_kind: str | None = None  # "text" or "tool" while a content block is open
+        self._blocks = 0  # content blocks started so far; the open one is the last of them
+        self._tools: dict[int, int] = {}  # OpenAI tool call index -> Anthropic block index
+        self._finish: str | None = None
+        self._usage: Any = None
+        self._done = False
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        out: list[bytes] = []
+        for data in self._reader.feed(chunk, end):
+            if self._done:
+                break
+            if data.strip() == b"[DONE]":
+                out.extend(self._stop())
+                continue
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                out.extend(self._chunk(obj))
+        if end and not self._done and self._finish is not None:
+            out.extend(self._stop())  # the backend finished but its stream lost the [DONE]
+        return b"".join(out)
+
+    def _chunk(self, obj: JSON) -> list[bytes]:
+        if isinstance(obj.get("error"), dict):
+            self._done = True
+            return [_event("error", {"error": _error(obj["error"])})]
+        out = self._start(obj)
+        if obj.get("usage"):
+            self._usage = obj["usage"]
+        for choice in obj.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if self._open_kind != "text":
+                    out.extend(self._open("text", {"type": "text", "text": ""}))
+                out.append(_event("content_block_delta", {
+                    "index": self._blocks - 1, "delta": {"type": "text_delta", "text": delta["content"]}}))
+            for call in delta.get("tool_calls") or []:
+                out.extend(self._tool_call(call))
+            if choice.get("finish_reason"):
+                self._finish = choice["finish_reason"]
+        return out
+
+    def _tool_call(self, call: JSON) -> list[bytes]:
+        out: list[bytes] = []
+        function = call.get("function") or {}
+        k = call.get("index", 0)
+        if call.get("id") or k not in self._tools:
+            out.extend(self._open("tool", {"type": "tool_use", "id": call.get("id", ""),
+                                           "name": function.get("name", ""), "input": {}}))
+            self._tools[k] = self._blocks - 1
+        if function.get("arguments"):
+            out.append(_event("content_block_delta", {
+                "index": self._tools[k], "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}}))
+        return out
+
+    def _start(self, obj: JSON) -> list[bytes]:
+        if self._started:
+            return []
+        self._started = True
+        return [_event("message_start", {"message": {
+            "id": obj.get("id", ""), "type": "message", "role": "assistant", "model": obj.get("model", ""),
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}})]
+
+    def _open(self, kind: str, block: JSON) -> list[bytes]:
+        out = self._close()
+        self._open_kind = kind
+        self._blocks += 1
+        out.append(_event("content_block_start", {"index": self._blocks - 1, "content_block": block}))
+        return out
+
+    def _close(self) -> list[bytes]:
+        if self._open_kind is None:
+            return []
+        self._open_kind = None
+        return [_event("content_block_stop", {"index": self._blocks - 1})]
+
+    def _stop(self) -> list[bytes]:
+        self._done = True
+        out = self._start({}) + self._close()
+        usage = _usage(self._usage) if self._usage else {"output_tokens": 0}
+        out.append(_event("message_delta", {
+            "delta": {"stop_reason": _STOP_REASON.get(self._finish or "stop", "end_turn"), "stop_sequence": None},
+            "usage": usage}))
+        out.append(_event("message_stop", {}))
+        return out
+
+
+def _error(error: JSON) -> JSON:
+    kind = str(error.get("type") or "")
+    if kind not in _SHARED_ERROR_TYPES:
+        kind = "overloaded_error" if "overload" in f"{kind} {error.get('code')}" else "api_error"
+    return {"type": kind, "message": str(error.get("message") or "upstream error")}

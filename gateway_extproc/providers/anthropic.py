@@ -1,0 +1,312 @@
+"""Anthropic Messages API backends: the OpenAI chat request (the gateway's pivot) as a
+`POST {base}/messages` request, and Anthropic's message / SSE events back as OpenAI
+chat completions / `chat.completion.chunk` events, so every client sees one schema."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from gateway_extproc.errors import GatewayError
+from gateway_extproc.providers.base import JSON, Outbound, Target, openai_error
+
+TRANSLATES_RESPONSE = True
+
+# Anthropic stop_reason -> OpenAI finish_reason; anything unknown ends normally ("stop").
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+           "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
+
+# Anthropic error type -> the HTTP status Anthropic answers it with; picks the OpenAI type
+# of an error that arrives inside a 200 stream.
+_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
+                 "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429,
+                 "api_error": 500, "overloaded_error": 529}
+
+
+def request(target: Target, suffix: str, body: JSON, stream: bool) -> Outbound:
+    """Anthropic only has a chat-shaped endpoint; embeddings and responses are refused."""
+    if suffix != "/chat/completions":
+        raise GatewayError("unsupported_endpoint",
+                           f"Anthropic backends serve /v1/chat/completions only, not /v1{suffix}", None)
+    if body.get("n") not in (None, 1):
+        raise GatewayError("invalid_request", "Anthropic backends return a single choice: n must be 1", "n")
+    system, messages = _messages(body.get("messages") or [])
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    out: JSON = {"model": target.model, "messages": messages,
+                 "max_tokens": max_tokens if max_tokens is not None
+                 else int(target.options.get("defaultMaxTokens", 4096))}
+    if system:
+        out["system"] = system
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("user"):
+        out["metadata"] = {"user_id": body["user"]}
+    tools = body.get("tools")
+    if tools:
+        out["tools"] = [_tool(tool) for tool in tools]
+        choice = _tool_choice(body.get("tool_choice"))
+        if body.get("parallel_tool_calls") is False and (choice or {}).get("type") != "none":
+            choice = (choice or {"type": "auto"}) | {"disable_parallel_tool_use": True}
+        if choice is not None:
+            out["tool_choice"] = choice
+    if stream:
+        out["stream"] = True
+    headers = {"x-api-key": target.credential,
+               "anthropic-version": target.options.get("anthropicVersion", "2023-06-01"),
+               "content-type": "application/json"}
+    return Outbound(path=target.base_path + "/messages", headers=headers, body=orjson.dumps(out),
+                    remove=("authorization",))
+
+
+def _text(content: Any) -> str:
+    """A string or an array of text parts as one string (system and tool messages)."""
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
+
+
+def _messages(messages: list[JSON]) -> tuple[str, list[JSON]]:
+    """System/developer messages become the top-level `system`; the rest become content
+    blocks, merged per role because Anthropic requires user/assistant alternation."""
+    system: list[str] = []
+    out: list[JSON] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_text(message.get("content")))
+            continue
+        if role == "tool":
+            role, blocks = "user", [{"type": "tool_result", "tool_use_id": message.get("tool_call_id", ""),
+                                     "content": _text(message.get("content"))}]
+        elif role in ("user", "assistant"):
+            blocks = _blocks(message.get("content"))
+            blocks += [_tool_use(call) for call in message.get("tool_calls") or []]
+        else:
+            raise GatewayError("invalid_request", f"message role {role!r} is not supported", "messages")
+        if not blocks:  # Anthropic rejects empty content; an empty turn carries nothing
+            continue
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+    return "\n\n".join(system), out
+
+
+def _blocks(content: Any) -> list[JSON]:
+    """OpenAI content (string or parts) as Anthropic blocks; empty text is dropped because
+    Anthropic rejects empty text blocks (an assistant turn with only tool calls has "")."""
+    if content is None or isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks: list[JSON] = []
+    for part in content:
+        kind = part.get("type")
+        if kind in ("text", "refusal"):
+            text = part.get(kind)
+            if text:
+                blocks.append({"type": "text", "text": text})
+        elif kind == "image_url":
+            blocks.append(_image(part.get("image_url") or {}))
+        else:
+            raise GatewayError("invalid_request",
+                               f"content part type {kind!r} is not supported by Anthropic backends", "messages")
+    return blocks
+
+
+def _image(image_url: JSON) -> JSON:
+    url = image_url.get("url", "")
+    if url.startswith("data:"):
+        header, _, data = url[5:].partition(",")
+        media_type, _, encoding = header.partition(";")
+        if encoding != "base64":
+            raise GatewayError("invalid_request", "image data URLs must be base64-encoded", "messages")
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    if url.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise GatewayError("invalid_request", "image_url must be an http(s) or base64 data URL", "messages")
+
+
+def _tool_use(call: JSON) -> JSON:
+    """Anthropic wants the parsed object; arguments that are not a JSON object become {}
+    rather than failing a whole conversation over one malformed historical call."""
+    function = call.get("function") or {}
+    try:
+        arguments = orjson.loads(function.get("arguments") or "{}")
+    except orjson.JSONDecodeError:
+        arguments = {}
+    return {"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""),
+            "input": arguments if isinstance(arguments, dict) else {}}
+
+
+def _tool(tool: JSON) -> JSON:
+    if tool.get("type") != "function":
+        raise GatewayError("invalid_request",
+                           f"tool type {tool.get('type')!r} is not supported by Anthropic backends", "tools")
+    function = tool.get("function") or {}
+    out: JSON = {"name": function.get("name", ""),
+                 "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
+    if function.get("description"):
+        out["description"] = function["description"]
+    return out
+
+
+def _tool_choice(choice: Any) -> JSON | None:
+    if isinstance(choice, dict):
+        return {"type": "tool", "name": (choice.get("function") or {}).get("name", "")}
+    return {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(choice or "")
+
+
+def response(status: int, raw: bytes, model: str) -> bytes:
+    """A message as a chat.completion; an error (or a body that is not a message) as the
+    OpenAI error shape carrying the provider's own message."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        text = raw.decode("utf-8", "replace")[:500] or f"provider answered HTTP {status}"
+        return openai_error(status if status >= 300 else 502, text)
+    if not 200 <= status < 300 or body.get("type") == "error":
+        error = body.get("error")
+        text = error.get("message") if isinstance(error, dict) else None
+        return openai_error(status if status >= 300 else 502, text or raw.decode("utf-8", "replace")[:500])
+    texts = [block.get("text", "") for block in body.get("content") or [] if block.get("type") == "text"]
+    calls = [{"id": block.get("id", ""), "type": "function",
+              "function": {"name": block.get("name", ""), "arguments": orjson.dumps(block.get("input", {})).decode()}}
+             for block in body.get("content") or [] if block.get("type") == "tool_use"]
+    message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if calls:
+        message["tool_calls"] = calls
+    return orjson.dumps({
+        "id": body.get("id", ""), "object": "chat.completion", "created": int(time.time()),
+        "model": body.get("model") or model,
+        "choices": [{"index": 0, "message": message, "finish_reason": _finish(body.get("stop_reason")),
+                     "logprobs": None}],
+        "usage": _usage(body.get("usage") or {})})
+
+
+def _finish(stop_reason: Any) -> str:
+    return _FINISH.get(stop_reason, "stop")
+
+
+def _usage(usage: JSON) -> JSON:
+    """Anthropic counts cached prompt tokens apart from input_tokens; OpenAI's
+    prompt_tokens includes them, with the cached share in prompt_tokens_details."""
+    read = usage.get("cache_read_input_tokens") or 0
+    created = usage.get("cache_creation_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + read + created
+    completion = usage.get("output_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": created}}
+
+
+class SseReader:
+    """Reassembles SSE events across arbitrary chunk boundaries (LF, CRLF or CR line ends)
+    and yields each event's `data` payload; event names and comments are not needed
+    because both Anthropic and OpenAI payloads say what they are."""
+
+    __slots__ = ("_carry", "_text")
+
+    def __init__(self) -> None:
+        self._carry = b""  # a trailing b"\r" that may be the first half of b"\r\n"
+        self._text = b""  # normalised (LF-only) bytes of the incomplete event
+
+    def feed(self, chunk: bytes, end: bool) -> list[bytes]:
+        raw = self._carry + chunk
+        cut = len(raw) - 1 if raw.endswith(b"\r") and not end else len(raw)
+        self._carry = raw[cut:]
+        self._text += raw[:cut].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *events, self._text = self._text.split(b"\n\n")
+        if end:
+            events.append(self._text)
+            self._text = b""
+        out: list[bytes] = []
+        for event in events:
+            data = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+            if data:
+                out.append(b"\n".join(data))
+        return out
+
+
+class AnthropicStream:
+    """Anthropic SSE in, OpenAI chat.completion.chunk SSE out, one `feed` at a time."""
+
+    def __init__(self, model: str) -> None:
+        self._reader = SseReader()
+        self._id = ""
+        self._model = model
+        self._created = int(time.time())
+        self._usage: JSON = {}
+        self._tools: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool call index
+        self._done = False  # after message_stop or an error nothing more is forwarded
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        out: list[bytes] = []
+        for data in self._reader.feed(chunk, end):
+            if self._done:
+                break
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                out.extend(self._event(event))
+        return b"".join(out)
+
+    def _event(self, event: JSON) -> list[bytes]:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message") or {}
+            self._id = message.get("id", self._id)
+            self._model = message.get("model") or self._model
+            self._usage.update(message.get("usage") or {})
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                k = self._tools[event.get("index", -1)] = len(self._tools)
+                return [self._chunk({"tool_calls": [{"index": k, "id": block.get("id", ""), "type": "function",
+                                                     "function": {"name": block.get("name", ""), "arguments": ""}}]})]
+            if block.get("type") == "text" and block.get("text"):
+                return [self._chunk({"content": block["text"]})]
+            return []
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [self._chunk({"content": delta.get("text", "")})]
+            k = self._tools.get(event.get("index", -1))
+            if delta.get("type") == "input_json_delta" and k is not None:
+                return [self._chunk({"tool_calls": [{"index": k,
+                                                     "function": {"arguments": delta.get("partial_json", "")}}]})]
+            return []
+        if kind == "message_delta":
+            self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            return [self._chunk({}, _finish((event.get("delta") or {}).get("stop_reason")))]
+        if kind == "message_stop":
+            self._done = True
+            usage = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
+                     "model": self._model, "choices": [], "usage": _usage(self._usage)}
+            return [_sse(usage), b"data: [DONE]\n\n"]
+        if kind == "error":
+            self._done = True
+            error = event.get("error") or {}
+            status = _ERROR_STATUS.get(error.get("type", ""), 500)
+            return [b"data: " + openai_error(status, error.get("message") or "provider stream error") + b"\n\n"]
+        return []  # ping, content_block_stop, thinking/signature deltas
+
+    def _chunk(self, delta: JSON, finish: str | None = None) -> bytes:
+        return _sse({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
+                     "model": self._model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+def _sse(obj: JSON) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def stream(model: str) -> AnthropicStream:
+    return AnthropicStream(model)
