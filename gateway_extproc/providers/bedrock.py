@@ -1,0 +1,336 @@
+"""Amazon Bedrock behind the OpenAI Chat schema, through the Converse / ConverseStream API:
+one request shape for every Bedrock model family, SigV4-signed, with the model id in the
+path. Streams come back as AWS event-stream frames and leave as OpenAI SSE chunks."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from gateway_extproc.errors import GatewayError
+from gateway_extproc.providers import eventstream, sigv4
+from gateway_extproc.providers.base import JSON, Outbound, StreamTranslator, Target, openai_error
+
+TRANSLATES_RESPONSE = True
+
+_IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
+                  "image/gif": "gif", "image/webp": "webp"}
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+           "model_context_window_exceeded": "length", "tool_use": "tool_calls",
+           "guardrail_intervened": "content_filter", "content_filtered": "content_filter"}
+_EVENTSTREAM = "application/vnd.amazon.eventstream"
+
+
+def _texts(content: Any, param: str) -> list[str]:
+    """The text parts of an OpenAI message `content` (a string or a list of text parts)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return [str(p.get("text", "")) for p in content]
+    raise GatewayError("invalid_request", "only text content is supported here", param)
+
+
+def _image(url: str, param: str) -> JSON:
+    """Converse only takes inline bytes (or S3), so only data: URLs can be forwarded."""
+    header, sep, data = url.partition(",")
+    if not (url.startswith("data:") and sep and header.endswith(";base64")):
+        raise GatewayError("invalid_request", "images must be data: URLs for this backend", param)
+    fmt = _IMAGE_FORMATS.get(header[5:-7].lower())
+    if fmt is None:
+        raise GatewayError("invalid_request", "images must be png, jpeg, gif or webp for this backend", param)
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise GatewayError("invalid_request", "image data is not valid base64", param) from None
+    # The Converse JSON protocol carries blobs as base64 strings, so the data goes as is.
+    return {"image": {"format": fmt, "source": {"bytes": data}}}
+
+
+def _user_blocks(content: Any, param: str) -> list[JSON]:
+    if not isinstance(content, list):
+        return [{"text": t} for t in _texts(content, param) if t]
+    blocks: list[JSON] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            blocks.append({"text": str(part.get("text", ""))})
+        elif kind == "image_url":
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            blocks.append(_image(str(url or ""), param))
+        else:
+            raise GatewayError("invalid_request", f"unsupported content part type {kind!r}", param)
+    return blocks
+
+
+def _assistant_blocks(message: JSON, param: str) -> list[JSON]:
+    blocks: list[JSON] = [{"text": t} for t in _texts(message.get("content"), param) if t]
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        try:
+            arguments = orjson.loads(function.get("arguments") or "{}")
+        except orjson.JSONDecodeError:
+            raise GatewayError("invalid_request", "tool call arguments must be JSON", param) from None
+        blocks.append({"toolUse": {"toolUseId": call.get("id"), "name": function.get("name"),
+                                   "input": arguments}})
+    return blocks
+
+
+def _conversation(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
+    """OpenAI messages as Converse (system, messages). Converse wants strictly alternating
+    user/assistant turns, so consecutive same-role messages (e.g. several tool results)
+    are merged into one message."""
+    system: list[JSON] = []
+    turns: list[JSON] = []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.extend({"text": t} for t in _texts(message.get("content"), param) if t)
+            continue
+        if role == "user":
+            blocks = _user_blocks(message.get("content"), param)
+        elif role == "assistant":
+            blocks = _assistant_blocks(message, param)
+        elif role == "tool":
+            role = "user"
+            texts = _texts(message.get("content"), param)
+            blocks = [{"toolResult": {"toolUseId": message.get("tool_call_id"),
+                                      "content": [{"text": "".join(texts)}]}}]
+        else:
+            raise GatewayError("invalid_request", f"unsupported message role {role!r}", param)
+        if not blocks:
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+    return system, turns
+
+
+def _tool_config(body: JSON, turns: list[JSON]) -> JSON | None:
+    """OpenAI tools as Converse `toolConfig`. Converse has no "none" choice: the tools are
+    then left out so the model cannot call one, unless the history holds toolUse /
+    toolResult blocks, which Bedrock rejects without a toolConfig; then the tools go
+    without a toolChoice (the model's default, like "auto")."""
+    tools: list[JSON] = []
+    for tool in body.get("tools") or []:
+        function = tool.get("function") or {}
+        spec: JSON = {"name": function.get("name")}
+        if function.get("description") is not None:
+            spec["description"] = function["description"]
+        # Converse requires a schema; OpenAI lets a function without parameters omit it.
+        spec["inputSchema"] = {"json": function.get("parameters") or {"type": "object", "properties": {}}}
+        tools.append({"toolSpec": spec})
+    if not tools:
+        return None
+    choice = body.get("tool_choice")
+    if choice == "none":
+        uses_tools = any("toolUse" in b or "toolResult" in b for m in turns for b in m["content"])
+        return {"tools": tools} if uses_tools else None
+    config: JSON = {"tools": tools}
+    if choice == "auto":
+        config["toolChoice"] = {"auto": {}}
+    elif choice == "required":
+        config["toolChoice"] = {"any": {}}
+    elif isinstance(choice, dict):
+        config["toolChoice"] = {"tool": {"name": (choice.get("function") or {}).get("name")}}
+    return config
+
+
+def _body(body: JSON) -> JSON:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise GatewayError("invalid_request", "messages must be a non-empty list", "messages")
+    system, turns = _conversation(messages)
+    out: JSON = {"messages": turns}
+    if system:
+        out["system"] = system
+    stop = body.get("stop")
+    inference = {key: value for key, value in (
+        ("maxTokens", body.get("max_completion_tokens", body.get("max_tokens"))),
+        ("temperature", body.get("temperature")),
+        ("topP", body.get("top_p")),
+        ("stopSequences", [stop] if isinstance(stop, str) else stop),
+    ) if value is not None}
+    if inference:
+        out["inferenceConfig"] = inference
+    tool_config = _tool_config(body, turns)
+    if tool_config:
+        out["toolConfig"] = tool_config
+    return out
+
+
+def _credentials(credential: str) -> tuple[str, str, str | None]:
+    """"ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]"; the message never echoes it."""
+    parts = credential.split(":", 2)
+    if len(parts) < 2 or not all(parts):
+        raise GatewayError("provider_credential_missing",
+                           "Bedrock credential must be ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+def request(target: Target, suffix: str, body: JSON, stream: bool, now: datetime | None = None) -> Outbound:
+    """The signed Converse (or ConverseStream) request; `now` is the signing time."""
+    if suffix != "/chat/completions":
+        raise GatewayError("unsupported_endpoint", f"Bedrock backends do not serve {suffix}")
+    access_key, secret_key, token = _credentials(target.credential)
+    region = target.options.get("region")
+    if not region:
+        raise GatewayError("provider_credential_missing", "Bedrock backend has no region configured")
+    path = f"{target.base_path}/model/{quote(target.model, safe='')}/" + ("converse-stream" if stream else "converse")
+    payload = orjson.dumps(_body(body))
+    headers = {"content-type": "application/json"}
+    headers.update(sigv4.sign("POST", target.host, path, "", headers, payload,
+                              access_key=access_key, secret_key=secret_key, session_token=token,
+                              region=region, service="bedrock", now=now or datetime.now(timezone.utc)))
+    headers["accept"] = _EVENTSTREAM if stream else "application/json"
+    return Outbound(path=path, headers=headers, body=payload, remove=("x-api-key",))
+
+
+def _usage(usage: JSON) -> JSON:
+    """Converse counts cached prompt tokens apart from `inputTokens`; OpenAI's
+    prompt_tokens includes them, with the cache reads repeated as cached_tokens."""
+    cache_read = int(usage.get("cacheReadInputTokens") or 0)
+    prompt = int(usage.get("inputTokens") or 0) + cache_read + int(usage.get("cacheWriteInputTokens") or 0)
+    completion = int(usage.get("outputTokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cache_read}}
+
+
+def _error_message(raw: bytes, fallback: str) -> str:
+    """Bedrock's JSON errors say `message` (REST) or `Message` (some gateways)."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        message = parsed.get("message") or parsed.get("Message")
+        if isinstance(message, str):
+            return message
+    return fallback
+
+
+def response(status: int, raw: bytes, model: str) -> bytes:
+    """A Converse response (or Bedrock error) as an OpenAI chat completion (or error)."""
+    if not 200 <= status < 300:
+        return openai_error(status, _error_message(raw, f"Bedrock returned HTTP {status}"))
+    try:
+        parsed = orjson.loads(raw)
+        blocks = parsed["output"]["message"]["content"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return openai_error(502, "Bedrock returned a malformed Converse response")
+    texts = [b["text"] for b in blocks if "text" in b]
+    tool_calls = [{"id": b["toolUse"]["toolUseId"], "type": "function",
+                   "function": {"name": b["toolUse"]["name"],
+                                "arguments": orjson.dumps(b["toolUse"].get("input", {})).decode()}}
+                  for b in blocks if "toolUse" in b]
+    message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return orjson.dumps({
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message,
+                     "finish_reason": _FINISH.get(parsed.get("stopReason", ""), "stop")}],
+        "usage": _usage(parsed.get("usage") or {}),
+    })
+
+
+class _Stream:
+    """ConverseStream events in, OpenAI chunks out. Converse numbers content blocks across
+    text and tool use; OpenAI numbers tool calls alone, hence `_tool_index`."""
+
+    __slots__ = ("_decoder", "_model", "_id", "_created", "_tool_index", "_stopped", "_done")
+
+    def __init__(self, model: str) -> None:
+        self._decoder = eventstream.Decoder()
+        self._model = model
+        self._id = f"chatcmpl-{uuid.uuid4().hex}"
+        self._created = int(time.time())
+        self._tool_index: dict[int, int] = {}
+        self._stopped = False  # messageStop seen
+        self._done = False  # [DONE] or an error event sent; nothing more goes out
+
+    def _chunk(self, delta: JSON, finish_reason: str | None = None) -> bytes:
+        return self._sse({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
+                          "model": self._model,
+                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+
+    @staticmethod
+    def _sse(data: JSON) -> bytes:
+        return b"data: " + orjson.dumps(data) + b"\n\n"
+
+    def _error(self, message: str, throttled: bool = False) -> bytes:
+        self._done = True
+        return self._sse({"error": {"message": message,
+                                    "type": "rate_limit_error" if throttled else "server_error",
+                                    "code": "provider_error", "param": None}})
+
+    def _event(self, kind: str, event: JSON) -> bytes:
+        if kind == "messageStart":
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "contentBlockStart":
+            tool = (event.get("start") or {}).get("toolUse")
+            if not tool:
+                return b""
+            index = self._tool_index[event.get("contentBlockIndex", 0)] = len(self._tool_index)
+            return self._chunk({"tool_calls": [{"index": index, "id": tool.get("toolUseId"), "type": "function",
+                                                "function": {"name": tool.get("name"), "arguments": ""}}]})
+        if kind == "contentBlockDelta":
+            delta = event.get("delta") or {}
+            if "text" in delta:
+                return self._chunk({"content": delta["text"]})
+            index = self._tool_index.get(event.get("contentBlockIndex", 0))
+            if "toolUse" in delta and index is not None:
+                return self._chunk({"tool_calls": [{"index": index,
+                                                    "function": {"arguments": delta["toolUse"].get("input", "")}}]})
+            return b""  # reasoningContent, citations: no OpenAI chat equivalent
+        if kind == "messageStop":
+            self._stopped = True
+            return self._chunk({}, _FINISH.get(event.get("stopReason", ""), "stop"))
+        if kind == "metadata":
+            self._done = True
+            usage = self._sse({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
+                               "model": self._model, "choices": [], "usage": _usage(event.get("usage") or {})})
+            return usage + b"data: [DONE]\n\n"
+        return b""  # contentBlockStop and events added later
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        if self._done:
+            return b""
+        out = bytearray()
+        try:
+            for headers, payload in self._decoder.feed(chunk):
+                message_type = headers.get(":message-type", "event")
+                if message_type == "exception":
+                    kind = headers.get(":exception-type", "exception")
+                    out += self._error(_error_message(payload, kind), kind == "throttlingException")
+                elif message_type == "error":
+                    out += self._error(headers.get(":error-message") or headers.get(":error-code", "error"))
+                else:
+                    event = orjson.loads(payload) if payload else {}
+                    out += self._event(headers.get(":event-type", ""), event if isinstance(event, dict) else {})
+                if self._done:
+                    return bytes(out)
+        except (eventstream.EventStreamError, orjson.JSONDecodeError, UnicodeDecodeError):
+            return bytes(out + self._error("Bedrock sent a malformed event stream"))
+        if end:
+            if self._decoder.pending or not self._stopped:
+                return bytes(out + self._error("Bedrock stream ended before the message was complete"))
+            self._done = True
+            out += b"data: [DONE]\n\n"
+        return bytes(out)
+
+
+def stream(model: str) -> StreamTranslator:
+    return _Stream(model)
