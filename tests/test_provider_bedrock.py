@@ -225,8 +225,9 @@ def test_request_unsupported_endpoint() -> None:
     ({"role": "assistant", "tool_calls": [{"id": "t", "type": "function",
                                            "function": {"name": "f", "arguments": "{oops"}}]}, "JSON"),
     ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "input_audio"),
+    ("just a string", "object"),
 ])
-def test_request_rejects_what_converse_cannot_take(message: dict[str, Any], fragment: str) -> None:
+def test_request_rejects_what_converse_cannot_take(message: Any, fragment: str) -> None:
     with pytest.raises(GatewayError) as err:
         bedrock.request(target(), "/chat/completions", {"messages": [message]}, False, now=NOW)
     assert err.value.code == "invalid_request" and fragment in err.value.message
@@ -402,6 +403,14 @@ def test_stream_corrupt_framing_is_an_error_event() -> None:
     assert sse(out)[1] == {"error": {"message": "Bedrock sent a malformed event stream", "type": "server_error",
                                      "code": "provider_error", "param": None}}
     assert translator.feed(b"".join(TOOL_STREAM[2:]), True) == b""  # nothing after the error
+
+
+def test_stream_protocol_error_message_is_an_error_event() -> None:
+    """`:message-type: error` is event-stream's own error frame (codes in headers, no payload)."""
+    raw = TOOL_STREAM[0] + eventstream.encode(
+        {":message-type": "error", ":error-code": "InternalFailure", ":error-message": "stream broke"}, b"")
+    assert sse(bedrock.stream("claude").feed(raw, True))[1:] == [
+        {"error": {"message": "stream broke", "type": "server_error", "code": "provider_error", "param": None}}]
 
 
 @pytest.mark.parametrize("raw", [b"".join(TOOL_STREAM[:7]), b"".join(TOOL_STREAM)[:-3]])

@@ -93,6 +93,8 @@ def _conversation(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
     turns: list[JSON] = []
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise GatewayError("invalid_request", "each message must be an object", param)
         role = message.get("role")
         if role in ("system", "developer"):
             system.extend({"text": t} for t in _texts(message.get("content"), param) if t)
@@ -208,7 +210,7 @@ def _usage(usage: JSON) -> JSON:
 
 
 def _error_message(raw: bytes, fallback: str) -> str:
-    """Bedrock's JSON errors say `message` (REST) or `Message` (some gateways)."""
+    """Bedrock's JSON errors carry `message`; some AWS error bodies spell it `Message`."""
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
