@@ -57,9 +57,7 @@ def to_chat(body: JSON) -> JSON:
     if user:
         out["user"] = user
     if body.get("stream"):
-        # message_delta must carry output usage, which OpenAI streams only when asked.
-        out["stream"] = True
-        out["stream_options"] = {"include_usage": True}
+        out["stream"] = True  # the router asks the backend for the usage chunk message_delta needs
     return out
 
 
