@@ -17,6 +17,7 @@ _TYPE_BY_STATUS = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -43,6 +44,7 @@ CODES: dict[str, int] = {
     "provider_credential_missing": 500,
     "gateway_internal_error": 500,
     "upstream_stream_interrupted": 502,  # only ever sent as a stream's last event
+    "provider_error": 502,  # a translated provider's error; clients get the provider's own status
 }
 
 
@@ -60,10 +62,15 @@ class GatewayError(Exception):
 
     @property
     def type(self) -> str:
-        return _TYPE_BY_STATUS.get(self.status, "server_error")
+        return error_type(self.status)
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status (the gateway's or a provider's)."""
+    return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:

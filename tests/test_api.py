@@ -168,7 +168,7 @@ def test_embeddings_invalid(body: dict[str, Any], param: str) -> None:
 
 def test_endpoint_table() -> None:
     assert api.FORWARDED == {"/v1/chat/completions": api.CHAT, "/v1/embeddings": api.EMBEDDINGS,
-                             "/v1/responses": api.RESPONSES}
+                             "/v1/responses": api.RESPONSES, "/v1/messages": api.CHAT}
     assert (api.CHAT.name, api.CHAT.suffix, api.CHAT.can_stream) == ("chat", "/chat/completions", True)
     assert (api.EMBEDDINGS.name, api.EMBEDDINGS.suffix, api.EMBEDDINGS.can_stream) == ("embeddings", "/embeddings",
                                                                                        False)
@@ -188,6 +188,7 @@ EXPECTED_TYPE = {
     415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    502: "server_error",
     503: "server_error",
 }
 
@@ -197,7 +198,8 @@ EXPECTED_STATUS = {
     "model_not_allowed": 403, "model_not_found": 404, "unknown_endpoint": 404,
     "method_not_allowed": 405, "request_too_large": 413, "unsupported_media_type": 415,
     "classification_violation": 403, "content_blocked": 403, "budget_exceeded": 429, "rate_limited": 429, "budget_store_unavailable": 503,
-    "provider_credential_missing": 500, "gateway_internal_error": 500,
+    "provider_credential_missing": 500, "gateway_internal_error": 500, "unsupported_endpoint": 400,
+    "upstream_stream_interrupted": 502, "provider_error": 502,
 }
 
 

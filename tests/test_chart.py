@@ -68,24 +68,41 @@ def test_envoy_dir_is_the_current_render_of_the_defaults() -> None:
 
 def test_credentials_are_injected_natively_unless_an_attempt_needs_body_work() -> None:
     envoy = yaml.safe_load(render_values(chart_values([LOCAL]))["envoy.yaml"])
-    single = cluster(envoy, "model.default-chat")
+    single = cluster(envoy, "model.private-chat")
     assert upstream_filters(single) == ["envoy.filters.http.header_mutation", "envoy.filters.http.upstream_codec"]
     assert "%ENVIRONMENT(MOCK_PROVIDER_API_KEY)%" in yaml.safe_dump(single)
-    fallback = cluster(envoy, "model.fallback-chat")
-    assert upstream_filters(fallback) == ["envoy.filters.http.header_mutation", "envoy.filters.http.ext_proc",
-                                          "envoy.filters.http.upstream_codec"]
-    assert [g["priority"] for g in fallback["load_assignment"]["endpoints"]] == [0, 1]
-    assert "ENVIRONMENT" not in yaml.safe_dump(fallback)
+    for name in ("model.default-chat", "model.fallback-chat", "model.claude-chat"):
+        fallback = cluster(envoy, name)
+        assert upstream_filters(fallback) == ["envoy.filters.http.header_mutation", "envoy.filters.http.ext_proc",
+                                              "envoy.filters.http.upstream_codec"]
+        assert [g["priority"] for g in fallback["load_assignment"]["endpoints"]] == [0, 1]
+        assert "ENVIRONMENT" not in yaml.safe_dump(fallback)
 
 
-def test_file_credential_on_a_single_backend_uses_a_headers_only_upstream_ext_proc() -> None:
+@pytest.mark.parametrize("model", ["m-file-credential", "gemini-chat", "azure-chat"])
+def test_single_backends_needing_the_upstream_ext_proc_get_it(model: str) -> None:
+    """A file credential, or a provider kind that is not OpenAI (translation, signing):
+    the attempt is built from the body, and translated answers are read per attempt."""
     values = copy.deepcopy(chart_values([LOCAL]))
-    values["models"] = [{"name": "m", "backends": [{"provider": "mock-backup", "model": "x"}]}]
+    values["models"].append({"name": "m-file-credential", "backends": [{"provider": "mock-backup", "model": "x",
+                                                                        "maxTier": "internal"}]})
     envoy = yaml.safe_load(render_values(values)["envoy.yaml"])
-    opts = cluster(envoy, "model.m")["typed_extension_protocol_options"]
+    opts = cluster(envoy, f"model.{model}")["typed_extension_protocol_options"]
     [ext] = [f for f in opts["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
              if f["name"] == "envoy.filters.http.ext_proc"]
-    assert ext["typed_config"]["processing_mode"]["request_body_mode"] == "NONE"
+    cfg = ext["typed_config"]
+    assert cfg["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert cfg["processing_mode"]["response_header_mode"] == "SKIP"  # switched on per attempt
+    assert cfg["allow_mode_override"] is True
+
+
+def test_every_attempt_is_logged_by_envoy() -> None:
+    envoy = yaml.safe_load(render_values(chart_values([LOCAL]))["envoy.yaml"])
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [router] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+    fmt = router["typed_config"]["upstream_log"][0]["typed_config"]["log_format"]["json_format"]
+    assert fmt["event"] == "upstream_attempt"
+    assert {"request_id", "attempt", "backend", "status", "flags"} <= set(fmt)
 
 
 def test_no_credential_value_is_ever_rendered(tmp_path: Path) -> None:

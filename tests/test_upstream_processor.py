@@ -114,14 +114,18 @@ def test_is_upstream() -> None:
     ("backup/gpt-4o-backup", "chat", "/v1/chat/completions", BACKUP_KEY),  # file credential
     ("backup/embed-small", "embeddings", "/v1/embeddings", BACKUP_KEY),
 ])
-async def test_headers_set_path_and_credential(proc: UpstreamProcessor, backend: str, api: str, path: str,
-                                               credential: str) -> None:
+async def test_attempt_sets_path_and_credential(proc: UpstreamProcessor, backend: str, api: str, path: str,
+                                                credential: str) -> None:
     resp = await proc.handle(attempt_headers(backend=backend, api=api))
     assert resp.WhichOneof("response") == "request_headers"
-    common = resp.request_headers.response
-    assert set_headers(common) == {":path": path, "authorization": f"Bearer {credential}"}
-    assert not common.header_mutation.remove_headers
+    # OpenAI-schema backends: the response passes through untouched (no response phases).
+    assert not resp.HasField("mode_override")
     assert proc.backend is not None and proc.backend.id == backend
+    common = (await proc.handle(attempt_body({"model": "m", "input": "x"}))).request_body.response
+    new = common.body_mutation.body
+    assert set_headers(common) == {":path": path, "authorization": f"Bearer {credential}",
+                                   "content-length": str(len(new))}
+    assert not common.header_mutation.remove_headers
 
 
 async def test_headers_do_not_log_the_credential(proc: UpstreamProcessor) -> None:
@@ -198,7 +202,7 @@ async def test_body_renames_model_for_this_attempt(proc: UpstreamProcessor, back
     common = resp.request_body.response
     new = common.body_mutation.body
     assert orjson.loads(new) == {**forwarded, "model": model}  # everything else is kept
-    assert set_headers(common) == {"content-length": str(len(new))}
+    assert set_headers(common)["content-length"] == str(len(new))
     assert not resp.HasField("dynamic_metadata")
 
 
@@ -211,8 +215,8 @@ async def test_body_rename_is_idempotent(proc: UpstreamProcessor) -> None:
 
 
 async def test_unexpected_message_kind(proc: UpstreamProcessor) -> None:
-    with pytest.raises(ValueError, match="response_headers"):
-        await proc.handle(ep.ProcessingRequest(response_headers=ep.HttpHeaders()))
+    with pytest.raises(ValueError, match="request_trailers"):
+        await proc.handle(ep.ProcessingRequest(request_trailers=ep.HttpTrailers()))
 
 
 def test_close_is_a_no_op(proc: UpstreamProcessor) -> None:

@@ -21,7 +21,7 @@ from .. import api
 from ..config import Backend
 from ..errors import GatewayError
 from ..providers import TRANSLATORS
-from ..providers.base import StreamTranslator, Target, Translator
+from ..providers.base import StreamTranslator, Target, Translator, openai_error
 from ..runtime import Runtime
 from . import responses as r
 
@@ -114,12 +114,31 @@ class UpstreamProcessor:
         return r.response_headers(buffer_body=True)
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        """A body the translator cannot read (a provider bug or a protocol change) becomes
+        a `provider_error` in the OpenAI shape, not a broken stream or a 200 with junk."""
         assert self.translator is not None and self.backend is not None
         if self.stream is not None:
-            return r.response_body(r.common(body=self.stream.feed(msg.body, msg.end_of_stream)))
-        new = self.translator.response(self.status, msg.body, self.backend.model)
+            try:
+                out = self.stream.feed(msg.body, msg.end_of_stream)
+            except ValueError:
+                log.warning("provider_stream_unreadable", backend=self.backend.id)
+                self.stream = _Ended()
+                out = b"data: " + openai_error(502, "The provider sent a stream the gateway could not read.") + b"\n\n"
+            return r.response_body(r.common(body=out))
+        try:
+            new = self.translator.response(self.status, msg.body, self.backend.model)
+        except ValueError:
+            log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status)
+            new = openai_error(502, f"The provider answered HTTP {self.status} with a body the gateway could not read.")
         headers = {"content-type": "application/json", "content-length": str(len(new))}
         return r.response_body(r.common(r.mutation(headers), new))
 
     def close(self) -> None:
         """Nothing to settle per attempt: the router accounts for the request."""
+
+
+class _Ended:
+    """A stream already ended with an error event: the rest of the provider's bytes are dropped."""
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        return b""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
+from ..errors import error_body, error_type
 
 JSON = dict[str, Any]
 
@@ -62,15 +62,8 @@ class Translator(Protocol):
     def stream(self, model: str) -> StreamTranslator: ...
 
 
-# Provider error type (any provider's vocabulary, lower-cased) -> OpenAI error type.
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
-                429: "rate_limit_error"}
-
-
 def openai_error(status: int, message: str) -> bytes:
     """A provider's error as the OpenAI error shape every client of the gateway gets.
     `code` is always "provider_error" (docs/runbooks.md); the provider's own words stay
     in `message`."""
-    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": "provider_error", "param": None}})
+    return error_body(message, error_type(status), "provider_error")
