@@ -1,16 +1,18 @@
-"""Deterministic mock LLM provider speaking the OpenAI and Anthropic HTTP APIs.
+"""Deterministic mock LLM provider speaking the OpenAI, Azure OpenAI, Anthropic, AWS
+Bedrock (Converse) and Google Gemini HTTP APIs.
 
 Why it exists: ``make run`` and the integration tests need an upstream behind
-Envoy that behaves like OpenAI (chat completions, streaming, embeddings,
-models) and Anthropic (messages, streaming) without network access, API
-spend or nondeterminism.  Replies are derived only from the request, token
-usage is counted with the real o200k_base BPE, and tests can inject failures
-(error statuses, latency, slow or truncated streams) and inspect every request
-the gateway forwarded.  See ``docs/mock-provider.md`` for the full contract.
+Envoy that behaves like each provider the gateway can route to (chat, streaming,
+embeddings, models) without network access, API spend or nondeterminism.
+Replies are derived only from the request, token usage is counted with the real
+o200k_base BPE, and tests can inject failures (error statuses, latency, slow or
+truncated streams) and inspect every request the gateway forwarded.  See
+``docs/mock-provider.md`` for the full contract.
 
 It is a small asyncio + h11 HTTP/1.1 server rather than a web framework so it
 starts fast, has no extra dependencies, and gives exact control over the wire
-(one HTTP chunk per SSE event, abrupt connection drops mid-body).
+(one HTTP chunk per SSE event or event-stream message, abrupt connection drops
+mid-body).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from http.client import responses
-from typing import Any, Literal
+from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import h11
 import orjson
 from bpe_openai import Encoding, get_encoding
+
+from gateway_extproc.providers import eventstream
 
 try:
     from uvloop import run as _run_event_loop
@@ -45,7 +50,6 @@ except ImportError:  # pragma: no cover - uvloop is optional
 
 __all__ = ["MockProvider", "start", "run"]
 
-Flavor = Literal["openai", "anthropic"]
 JSON = dict[str, Any]
 
 CONTROL_PREFIX = "/_mock/"
@@ -54,6 +58,9 @@ DEFAULT_EMBEDDING_DIMENSIONS = 8
 REPLY_PROMPT_CHARS = 60
 MODEL_CREATED = 1_700_000_000
 MODELS = ("gpt-4o", "gpt-4o-mini", "text-embedding-3-small", "claude-sonnet-4-5")
+# The behaviour `model` that matches every request (one line makes a whole instance fail).
+WILDCARD = "*"
+EVENTSTREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
 
 _OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _ANTHROPIC_ERROR_TYPES = {
@@ -63,6 +70,25 @@ _ANTHROPIC_ERROR_TYPES = {
     413: "request_too_large",
     429: "rate_limit_error",
     529: "overloaded_error",
+}
+_BEDROCK_ERROR_TYPES = {
+    400: "ValidationException",
+    401: "UnrecognizedClientException",
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    408: "ModelTimeoutException",
+    424: "ModelErrorException",
+    429: "ThrottlingException",
+    503: "ServiceUnavailableException",
+}
+_GOOGLE_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 _WORD_RE = re.compile(r"\s*\S+|\s+")
 
@@ -87,14 +113,36 @@ def _openai_error_body(error: HTTPError) -> JSON:
     return {"error": {"message": error.message, "type": kind, "code": error.code, "param": None}}
 
 
-def _anthropic_error_body(error: HTTPError) -> JSON:
+def _openai_error(error: HTTPError) -> Reply:
+    return Reply(status=error.status, body=_openai_error_body(error))
+
+
+def _azure_error(error: HTTPError) -> Reply:
+    """Azure keeps OpenAI's error object but always fills ``code`` (its own code, else the status)."""
+    body = _openai_error_body(error)
+    body["error"]["code"] = error.code or str(error.status)
+    return Reply(status=error.status, body=body)
+
+
+def _anthropic_error(error: HTTPError) -> Reply:
     default = "api_error" if error.status >= 500 else "invalid_request_error"
     kind = error.type or _ANTHROPIC_ERROR_TYPES.get(error.status, default)
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+    return Reply(status=error.status, body={"type": "error", "error": {"type": kind, "message": error.message}})
 
 
-def _error_reply(flavor: Flavor, error: HTTPError) -> Reply:
-    body = _anthropic_error_body(error) if flavor == "anthropic" else _openai_error_body(error)
+def _bedrock_error(error: HTTPError) -> Reply:
+    """AWS REST-JSON: the body only has ``message``; the error name travels in ``x-amzn-errortype``,
+    which is where botocore (and the gateway) read it from."""
+    default = "InternalServerException" if error.status >= 500 else "ValidationException"
+    kind = error.type or _BEDROCK_ERROR_TYPES.get(error.status, default)
+    return Reply(status=error.status, body={"message": error.message}, headers=[("x-amzn-errortype", kind)])
+
+
+def _gemini_error(error: HTTPError) -> Reply:
+    """Google's ``{"error": {code, message, status}}`` with the canonical status name for the HTTP code."""
+    default = "INTERNAL" if error.status >= 500 else "INVALID_ARGUMENT"
+    status = error.type or _GOOGLE_STATUSES.get(error.status, default)
+    body = {"error": {"code": error.status, "message": error.message, "status": status}}
     return Reply(status=error.status, body=body)
 
 
@@ -128,31 +176,42 @@ class Request:
     def path(self) -> str:
         return self.target.partition("?")[0]
 
+    @property
+    def query(self) -> dict[str, str]:
+        """Percent-decoded query parameters; the last value wins for a repeated name."""
+        return dict(parse_qsl(self.target.partition("?")[2], keep_blank_values=True))
+
     def record(self) -> JSON:
+        """What ``GET /_mock/requests`` shows; the exact body bytes let tests check request signatures."""
         return {
             "method": self.method,
             "path": self.target,
             "headers": self.headers,
             "body": self.json,
             "raw_body_len": len(self.raw_body),
+            "raw_body_base64": base64.b64encode(self.raw_body).decode("ascii"),
         }
 
 
 @dataclass
 class Reply:
-    """A JSON response (``body``) or an SSE stream (``events``), plus wire-level controls."""
+    """A JSON response (``body``) or a stream (``events``, one HTTP chunk each), plus wire-level controls."""
 
     status: int = 200
     body: Any = None
     events: list[bytes] | None = None
+    # None: application/json for a body, text/event-stream for events (what most routes send).
+    content_type: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
     latency_s: float = 0.0
     chunk_delay_s: float = 0.0
     drop_after: int | None = None
 
 
-def _sse(data: Any, event: str | None = None) -> bytes:
+def _sse(data: Any, event: str | None = None, *, end: bytes = b"\n\n") -> bytes:
+    """One SSE event; Gemini ends its events with ``\\r\\n\\r\\n`` where the others use ``\\n\\n``."""
     prefix = f"event: {event}\n".encode() if event else b""
-    return prefix + b"data: " + orjson.dumps(data) + b"\n\n"
+    return prefix + b"data: " + orjson.dumps(data) + end
 
 
 # --------------------------------------------------------------------------- text and tokens
@@ -182,6 +241,18 @@ def _texts(content: Any) -> list[str]:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
         ]
     return []
+
+
+def _text_parts(blocks: list[JSON]) -> list[JSON]:
+    """Bedrock content blocks and Gemini parts (untyped ``{"text": ...}``) as the parts ``_texts`` reads;
+    other blocks (images, tool use) carry no text the mock answers to."""
+    return [{"type": "text", "text": block["text"]} for block in blocks if isinstance(block.get("text"), str)]
+
+
+def _input_tokens(system: Any, messages: list[JSON]) -> int:
+    """Prompt tokens as Anthropic, Bedrock, Gemini and the Responses API count them here:
+    the system text plus every message's text, with no per-message framing."""
+    return _count(_texts(system)) + sum(_count(_texts(message.get("content"))) for message in messages)
 
 
 def _last_user_text(messages: list[JSON]) -> str:
@@ -237,13 +308,38 @@ def _messages(body: JSON) -> list[JSON]:
     return messages
 
 
-def _optional_int(body: JSON, key: str) -> int | None:
+def _optional_int(body: JSON, key: str, minimum: int = 0) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if not _is_int(value) or value < 0:
-        raise HTTPError(400, f"'{key}' must be a non-negative integer")
+    if not _is_int(value) or value < minimum:
+        raise HTTPError(400, f"'{key}' must be an integer >= {minimum}")
     return value
+
+
+def _is_block_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(block, dict) for block in value)
+
+
+def _optional_object(body: JSON, key: str) -> JSON:
+    """A nested config object such as Bedrock's ``inferenceConfig``; absent means empty."""
+    value = body.get(key, {})
+    if not isinstance(value, dict):
+        raise HTTPError(400, f"'{key}' must be an object")
+    return value
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API request as a handler sees it."""
+
+    body: JSON  # the JSON object body ({} for routes without one)
+    serial: int  # unique per reply, for ids
+    params: dict[str, str]  # percent-decoded path parameters, e.g. {"model": <Bedrock model id>}
+    query: dict[str, str]
+
+
+Handler = Callable[[Call], Reply]
 
 
 # --------------------------------------------------------------------------- OpenAI endpoints
@@ -260,7 +356,8 @@ def _chat_prompt_tokens(messages: list[JSON]) -> int:
     return total
 
 
-def chat_completions(body: JSON, serial: int) -> Reply:
+def chat_completions(call: Call) -> Reply:
+    body, serial = call.body, call.serial
     model = _model(body)
     messages = _messages(body)
     limit = _optional_int(body, "max_completion_tokens")
@@ -327,7 +424,8 @@ def _embedding_vector(item: str | list[int], dimensions: int) -> list[float]:
     return [v / norm for v in vector]
 
 
-def embeddings(body: JSON, serial: int) -> Reply:
+def embeddings(call: Call) -> Reply:
+    body = call.body
     model = _model(body)
     inputs = _embedding_inputs(body.get("input"))
     dimensions = _optional_int(body, "dimensions") or DEFAULT_EMBEDDING_DIMENSIONS
@@ -345,7 +443,7 @@ def embeddings(body: JSON, serial: int) -> Reply:
     return Reply(body={"object": "list", "data": data, "model": model, "usage": usage})
 
 
-def models(body: JSON, serial: int) -> Reply:
+def models(call: Call) -> Reply:
     data = [{"id": name, "object": "model", "created": MODEL_CREATED, "owned_by": "mock-provider"} for name in MODELS]
     return Reply(body={"object": "list", "data": data})
 
@@ -353,14 +451,15 @@ def models(body: JSON, serial: int) -> Reply:
 # --------------------------------------------------------------------------- Anthropic endpoint
 
 
-def anthropic_messages(body: JSON, serial: int) -> Reply:
+def anthropic_messages(call: Call) -> Reply:
+    body, serial = call.body, call.serial
     model = _model(body)
     messages = _messages(body)
     max_tokens = _optional_int(body, "max_tokens")
     if max_tokens is None:
         raise HTTPError(400, "max_tokens: Field required")
     completion = _complete(model, messages, max_tokens)
-    input_tokens = _count(_texts(body.get("system"))) + sum(_count(_texts(m.get("content"))) for m in messages)
+    input_tokens = _input_tokens(body.get("system"), messages)
     message = {
         "id": f"msg_mock_{serial}",
         "type": "message",
@@ -419,12 +518,13 @@ def _response_input(body: JSON) -> list[JSON]:
     raise HTTPError(400, "input: must be a string or a non-empty list of input items")
 
 
-def responses_api(body: JSON, serial: int) -> Reply:
+def responses_api(call: Call) -> Reply:
     """OpenAI Responses API (`POST /v1/responses`), JSON and SSE."""
+    body, serial = call.body, call.serial
     model = _model(body)
     messages = _response_input(body)
     completion = _complete(model, messages, _optional_int(body, "max_output_tokens"))
-    input_tokens = _count(_texts(body.get("instructions"))) + sum(_count(_texts(m["content"])) for m in messages)
+    input_tokens = _input_tokens(body.get("instructions"), messages)
     usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
              "output_tokens": completion.tokens, "output_tokens_details": {"reasoning_tokens": 0},
              "total_tokens": input_tokens + completion.tokens}
@@ -453,13 +553,209 @@ def responses_api(body: JSON, serial: int) -> Reply:
     return Reply(events=[_sse({**e, "sequence_number": i}, e["type"]) for i, e in enumerate(events)])
 
 
+# --------------------------------------------------------------------------- Azure OpenAI endpoints
+
+
+def _on_deployment(handler: Handler) -> Handler:
+    """Azure answers like OpenAI for the deployment named in the path, ignoring the body's ``model``."""
+
+    def answer(call: Call) -> Reply:
+        return handler(replace(call, body={**call.body, "model": call.params["model"]}))
+
+    return answer
+
+
+# --------------------------------------------------------------------------- AWS Bedrock Converse endpoints
+
+
+def _bedrock_messages(body: JSON) -> list[JSON]:
+    """Converse ``messages`` as chat-like messages; 400 unless each is ``{role, content: [blocks]}``."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and m.get("role") in ("user", "assistant") and _is_block_list(m.get("content"))
+        for m in messages
+    ):
+        raise HTTPError(400, "messages: must be a non-empty list of {role: user|assistant, content: [blocks]}")
+    return [{"role": m["role"], "content": _text_parts(m["content"])} for m in messages]
+
+
+def bedrock_converse(call: Call, *, stream: bool) -> Reply:
+    """``/model/{id}/converse`` (JSON) and ``/converse-stream`` (AWS event-stream), for the path's model id."""
+    model, body = call.params["model"], call.body
+    messages = _bedrock_messages(body)
+    system = body.get("system", [])
+    if not _is_block_list(system):
+        raise HTTPError(400, "system: must be a list of {text} blocks")
+    completion = _complete(model, messages, _optional_int(_optional_object(body, "inferenceConfig"), "maxTokens", 1))
+    input_tokens = _input_tokens(_text_parts(system), messages)
+    usage = {"inputTokens": input_tokens, "outputTokens": completion.tokens,
+             "totalTokens": input_tokens + completion.tokens}
+    stop_reason = "max_tokens" if completion.truncated else "end_turn"
+    metrics = {"latencyMs": 0}  # the mock does no work; injected latency is not the model's
+    if not stream:
+        message = {"role": "assistant", "content": [{"text": completion.text}]}
+        return Reply(body={"output": {"message": message}, "stopReason": stop_reason, "usage": usage,
+                           "metrics": metrics})
+    events: list[tuple[str, JSON]] = [
+        ("messageStart", {"role": "assistant"}),
+        *(("contentBlockDelta", {"delta": {"text": word}, "contentBlockIndex": 0}) for word in _words(completion.text)),
+        ("contentBlockStop", {"contentBlockIndex": 0}),
+        ("messageStop", {"stopReason": stop_reason}),
+        ("metadata", {"usage": usage, "metrics": metrics}),
+    ]
+    messages_out = [
+        eventstream.encode(
+            {":event-type": name, ":content-type": "application/json", ":message-type": "event"},
+            orjson.dumps(payload),
+        )
+        for name, payload in events
+    ]
+    return Reply(events=messages_out, content_type=EVENTSTREAM_CONTENT_TYPE)
+
+
+# --------------------------------------------------------------------------- Google Gemini endpoints
+
+
+def _gemini_contents(body: JSON) -> list[JSON]:
+    """``contents`` as chat-like messages (role ``model`` is the assistant; a missing role is the user)."""
+    contents = body.get("contents")
+    if not isinstance(contents, list) or not contents or not all(
+        isinstance(c, dict) and c.get("role", "user") in ("user", "model") and _is_block_list(c.get("parts"))
+        for c in contents
+    ):
+        raise HTTPError(400, "contents: must be a non-empty list of {role: user|model, parts: [...]}")
+    return [
+        {"role": "assistant" if c.get("role") == "model" else "user", "content": _text_parts(c["parts"])}
+        for c in contents
+    ]
+
+
+def _gemini_system(body: JSON) -> list[JSON]:
+    system = body.get("systemInstruction")
+    if system is None:
+        return []
+    if not isinstance(system, dict) or not _is_block_list(system.get("parts")):
+        raise HTTPError(400, "systemInstruction: must be a Content object with parts")
+    return _text_parts(system["parts"])
+
+
+def gemini_generate(call: Call, *, stream: bool) -> Reply:
+    """``models/{model}:generateContent`` and ``:streamGenerateContent`` (SSE with ``alt=sse``,
+    otherwise a JSON array streamed one element per chunk, as Google does)."""
+    model, body = call.params["model"], call.body
+    messages = _gemini_contents(body)
+    system = _gemini_system(body)
+    limit = _optional_int(_optional_object(body, "generationConfig"), "maxOutputTokens", 1)
+    completion = _complete(model, messages, limit)
+    prompt_tokens = _input_tokens(system, messages)
+    usage = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": completion.tokens,
+             "totalTokenCount": prompt_tokens + completion.tokens}
+    finish_reason = "MAX_TOKENS" if completion.truncated else "STOP"
+
+    def response(text: str, finish: str | None) -> JSON:
+        candidate: JSON = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+        if finish is not None:
+            candidate["finishReason"] = finish
+        return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model,
+                "responseId": f"mock-{call.serial}"}
+
+    if not stream:
+        return Reply(body=response(completion.text, finish_reason))
+    words = _words(completion.text)
+    chunks = [response(word, finish_reason if i == len(words) - 1 else None) for i, word in enumerate(words)]
+    if call.query.get("alt") == "sse":
+        return Reply(events=[_sse(chunk, end=b"\r\n\r\n") for chunk in chunks])
+    array = [(b"," if i else b"[") + orjson.dumps(chunk) for i, chunk in enumerate(chunks)]
+    array[-1] += b"]"
+    return Reply(events=array, content_type="application/json")
+
+
 # --------------------------------------------------------------------------- routing and controls
+
+
+def _key_accepted(presented: list[str], api_key: str | None) -> bool:
+    """Constant-time comparison of every presented key; no key configured admits everyone."""
+    return api_key is None or any(hmac.compare_digest(key.encode(), api_key.encode()) for key in presented)
+
+
+def _bearer(headers: dict[str, str]) -> list[str]:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return [token.strip()] if scheme.lower() == "bearer" else []
+
+
+def _header(headers: dict[str, str], name: str) -> list[str]:
+    return [headers[name]] if name in headers else []
+
+
+def _require_key(presented: list[str], api_key: str | None) -> None:
+    """OpenAI's (and Anthropic's) 401; the presented key is never echoed."""
+    if not _key_accepted(presented, api_key):
+        message = "Incorrect API key provided." if presented else "No API key provided."
+        raise HTTPError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+def _admit_openai(request: Request, api_key: str | None) -> None:
+    _require_key(_bearer(request.headers), api_key)
+
+
+def _admit_anthropic(request: Request, api_key: str | None) -> None:
+    _require_key(_bearer(request.headers) + _header(request.headers, "x-api-key"), api_key)
+
+
+def _admit_azure(request: Request, api_key: str | None) -> None:
+    """Azure rejects a request without ``?api-version=`` before looking at the ``api-key`` header."""
+    if not request.query.get("api-version"):
+        raise HTTPError(400, "The api-version query parameter (?api-version=) is required for all requests.",
+                        code="MissingApiVersionParameter")
+    if not _key_accepted(_header(request.headers, "api-key"), api_key):
+        raise HTTPError(401, "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
+                        "provide a valid key for an active subscription and use a correct regional API endpoint "
+                        "for your resource.", code="401")
+
+
+def _admit_bedrock(request: Request, api_key: str | None) -> None:
+    """Only the SigV4 shape is checked (the mock has no AWS secret); tests verify the signature itself
+    from the recorded headers and raw body."""
+    if api_key is None:
+        return
+    if "x-amz-date" not in request.headers:
+        raise HTTPError(403, "Missing Authentication Token", type="MissingAuthenticationTokenException")
+    if not request.headers.get("authorization", "").startswith("AWS4-HMAC-SHA256 Credential="):
+        raise HTTPError(403, "Authorization header requires 'Credential' parameter.",
+                        type="IncompleteSignatureException")
+
+
+def _admit_gemini(request: Request, api_key: str | None) -> None:
+    """Google answers a wrong key with UNAUTHENTICATED and a missing one with PERMISSION_DENIED."""
+    presented = _header(request.headers, "x-goog-api-key") + _bearer(request.headers)
+    if _key_accepted(presented, api_key):
+        return
+    if presented:
+        raise HTTPError(401, "API key not valid. Please pass a valid API key.")
+    raise HTTPError(403, "Method doesn't allow unregistered callers (callers without established identity). "
+                    "Please use API Key or other form of API consumer identity to call this API.")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """A provider's conventions the app applies around every handler of its routes: who is admitted
+    (credentials, mandatory parameters) and what its errors look like on the wire."""
+
+    admit: Callable[[Request, str | None], None]
+    error: Callable[[HTTPError], Reply]
+
+
+OPENAI = Dialect(_admit_openai, _openai_error)
+AZURE = Dialect(_admit_azure, _azure_error)
+ANTHROPIC = Dialect(_admit_anthropic, _anthropic_error)
+BEDROCK = Dialect(_admit_bedrock, _bedrock_error)
+GEMINI = Dialect(_admit_gemini, _gemini_error)
 
 
 @dataclass(frozen=True)
 class Route:
-    handler: Callable[[JSON, int], Reply]
-    flavor: Flavor = "openai"
+    handler: Handler
+    dialect: Dialect = OPENAI
     takes_body: bool = True
 
 
@@ -468,21 +764,50 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/v1/embeddings"): Route(embeddings),
     ("POST", "/v1/responses"): Route(responses_api),
     ("GET", "/v1/models"): Route(models, takes_body=False),
-    ("POST", "/v1/messages"): Route(anthropic_messages, flavor="anthropic"),
+    ("POST", "/v1/messages"): Route(anthropic_messages, ANTHROPIC),
 }
 
 
-def _authenticate(flavor: Flavor, headers: dict[str, str], api_key: str | None) -> None:
-    if api_key is None:
-        return
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    presented = [token.strip()] if scheme.lower() == "bearer" else []
-    if flavor == "anthropic" and "x-api-key" in headers:
-        presented.append(headers["x-api-key"])
-    if any(hmac.compare_digest(key.encode(), api_key.encode()) for key in presented):
-        return
-    message = "Incorrect API key provided." if presented else "No API key provided."
-    raise HTTPError(401, message, type="authentication_error", code="invalid_api_key")
+def _pattern(template: str) -> re.Pattern[str]:
+    """``{name}`` matches one non-empty path segment (still percent-encoded); the rest is literal."""
+    pieces = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(f"(?P<{p}>[^/]+)" if i % 2 else re.escape(p) for i, p in enumerate(pieces)))
+
+
+# Tried in order after the exact ROUTES lookup misses, so the common routes stay a dict hit.
+PATTERN_ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
+    ("POST", _pattern("/openai/deployments/{model}/chat/completions"), Route(_on_deployment(chat_completions), AZURE)),
+    ("POST", _pattern("/openai/deployments/{model}/embeddings"), Route(_on_deployment(embeddings), AZURE)),
+    ("POST", _pattern("/model/{model}/converse"), Route(functools.partial(bedrock_converse, stream=False), BEDROCK)),
+    ("POST", _pattern("/model/{model}/converse-stream"),
+     Route(functools.partial(bedrock_converse, stream=True), BEDROCK)),
+    *(
+        ("POST", _pattern(f"/{version}/models/{{model}}:{method}"),
+         Route(functools.partial(gemini_generate, stream=stream), GEMINI))
+        for version in ("v1beta", "v1")
+        for method, stream in (("generateContent", False), ("streamGenerateContent", True))
+    ),
+]
+
+
+def _match(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+    """The route for a request and its percent-decoded path parameters."""
+    route = ROUTES.get((method, path))
+    if route is not None:
+        return route, {}
+    for verb, pattern, route in PATTERN_ROUTES:
+        if verb == method and (found := pattern.fullmatch(path)):
+            return route, {name: unquote(value) for name, value in found.groupdict().items()}
+    return None
+
+
+def _request_model(params: dict[str, str], body: Any) -> str | None:
+    """The model a behaviour is looked up by: the path's (Azure deployment, Bedrock model id, Gemini
+    model) when the route has one, else the JSON body's ``model``."""
+    if "model" in params:
+        return params["model"]
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _header_int(headers: dict[str, str], name: str) -> int | None:
@@ -532,9 +857,10 @@ class Controls:
 
 @dataclass
 class Behaviour:
-    """A scripted answer for requests whose body ``model`` matches; ``times=None`` means until reset."""
+    """A scripted answer for requests to ``model`` (see ``_request_model``), or to every model when it is
+    ``WILDCARD``; ``times=None`` means until reset."""
 
-    model: str
+    model: str = WILDCARD
     status: int = 200
     times: int | None = None
     latency_ms: int = 0
@@ -544,8 +870,10 @@ class Behaviour:
         if not isinstance(body, dict):
             raise HTTPError(400, "behaviour must be a JSON object")
         model, times, latency = body.get("model"), body.get("times"), body.get("latency_ms", 0)
+        if model is None:
+            model = WILDCARD
         if not isinstance(model, str) or not model:
-            raise HTTPError(400, "'model' must be a non-empty string")
+            raise HTTPError(400, "'model' must be a non-empty string (or omitted for every model)")
         if times is not None and (not _is_int(times) or times < 1):
             raise HTTPError(400, "'times' must be a positive integer or null")
         if not _is_int(latency) or latency < 0:
@@ -560,9 +888,11 @@ class MockState:
     records: list[JSON] = field(default_factory=list)
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
 
-    def take_behaviour(self, body: Any) -> Behaviour | None:
-        model = body.get("model") if isinstance(body, dict) else None
-        behaviour = self.behaviours.get(model) if isinstance(model, str) else None
+    def take_behaviour(self, model: str | None) -> Behaviour | None:
+        """The model's own behaviour, else the wildcard's; a use counts against its ``times``."""
+        behaviour = self.behaviours.get(model) if model is not None else None
+        if behaviour is None:
+            behaviour = self.behaviours.get(WILDCARD)
         if behaviour is not None and behaviour.times is not None:
             behaviour.times -= 1
             if behaviour.times == 0:
@@ -586,38 +916,40 @@ class MockApp:
             return self._api(request)
         except Exception:  # pragma: no cover - a bug in the mock itself
             traceback.print_exc(file=sys.stderr)
-            return _error_reply("openai", HTTPError(500, "mock provider internal error"))
+            return _openai_error(HTTPError(500, "mock provider internal error"))
 
     def _api(self, request: Request) -> Reply:
-        route = ROUTES.get((request.method, request.path))
-        if route is None:
-            return _error_reply("openai", HTTPError(404, f"Invalid URL ({request.method} {request.path})"))
+        matched = _match(request.method, request.path)
+        if matched is None:
+            return _openai_error(HTTPError(404, f"Invalid URL ({request.method} {request.path})"))
+        route, params = matched
         try:
             controls = Controls.from_headers(request.headers)
         except HTTPError as error:
-            return _error_reply(route.flavor, error)
+            return route.dialect.error(error)
         try:
-            reply = self._answer(route, request, controls)
+            reply = self._answer(route, params, request, controls)
         except HTTPError as error:
-            reply = _error_reply(route.flavor, error)
+            reply = route.dialect.error(error)
         return controls.apply(reply)
 
-    def _answer(self, route: Route, request: Request, controls: Controls) -> Reply:
-        _authenticate(route.flavor, request.headers, self.api_key)
+    def _answer(self, route: Route, params: dict[str, str], request: Request, controls: Controls) -> Reply:
+        route.dialect.admit(request, self.api_key)
         if controls.status is not None and controls.status >= 300:
             raise HTTPError(controls.status, "Mock error requested via x-mock-status.")
-        behaviour = self.state.take_behaviour(request.json)
+        behaviour = self.state.take_behaviour(_request_model(params, request.json))
         if behaviour is not None:
             controls.latency_ms += behaviour.latency_ms
             if behaviour.status >= 300:
-                raise HTTPError(behaviour.status, f"Mock error configured for model {behaviour.model!r}.")
+                target = "every model" if behaviour.model == WILDCARD else f"model {behaviour.model!r}"
+                raise HTTPError(behaviour.status, f"Mock error configured for {target}.")
         _REPLY_OVERRIDE.set(request.headers.get("x-mock-reply"))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):
                 raise HTTPError(400, "We could not parse the JSON body of your request.")
             body = request.json
-        return route.handler(body, next(self._serials))
+        return route.handler(Call(body, next(self._serials), params, request.query))
 
     def _control(self, request: Request) -> Reply:
         action = request.method, request.path.removeprefix(CONTROL_PREFIX)
@@ -636,7 +968,7 @@ class MockApp:
                 return Reply(body={"ok": True})
             raise HTTPError(404, f"Unknown control endpoint ({request.method} {request.path})")
         except HTTPError as error:
-            return _error_reply("openai", error)
+            return _openai_error(error)
 
 
 # --------------------------------------------------------------------------- HTTP/1.1 (h11)
@@ -689,14 +1021,17 @@ async def _send_reply(
 
 async def _send_json(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, *, head_only: bool) -> None:
     payload = orjson.dumps(reply.body)
-    headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+    headers = [("content-type", reply.content_type or "application/json"), ("content-length", str(len(payload))),
+               *reply.headers]
     body = [] if head_only else [h11.Data(data=payload)]
     await _send(writer, conn, _response(reply.status, headers), *body, h11.EndOfMessage())
 
 
 async def _send_stream(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, events: list[bytes]) -> bool:
-    """One HTTP chunk per SSE event, flushed; abort the connection mid-body when asked to drop."""
-    headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+    """One HTTP chunk per event (SSE event, event-stream message or JSON array element), flushed;
+    abort the connection mid-body when asked to drop."""
+    headers = [("content-type", reply.content_type or "text/event-stream"), ("cache-control", "no-cache"),
+               *reply.headers]
     await _send(writer, conn, _response(reply.status, headers))
     for index, event in enumerate(events if reply.drop_after is None else events[: reply.drop_after]):
         if index and reply.chunk_delay_s:

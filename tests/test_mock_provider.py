@@ -413,7 +413,7 @@ def test_behaviour_latency_and_validation(http: httpx.Client, base_url: str) -> 
     started = time.monotonic()
     assert http.post("/v1/chat/completions", json={**chat_body(), "model": "slow"}).status_code == 200
     assert time.monotonic() - started >= 0.3
-    for bad in ({"status": 500}, {"model": "m", "status": 99}, {"model": "m", "times": 0}, [1]):
+    for bad in ({"model": ""}, {"model": 5}, {"model": "m", "status": 99}, {"model": "m", "times": 0}, [1]):
         assert httpx.post(f"{base_url}/_mock/behaviour", json=bad).status_code == 400
 
 
@@ -466,6 +466,7 @@ def test_requests_are_recorded_before_controls(http: httpx.Client, base_url: str
     assert first["headers"]["authorization"] == f"Bearer {API_KEY}"
     assert first["body"] == chat_body()
     assert first["raw_body_len"] == int(first["headers"]["content-length"])
+    assert orjson.loads(base64.b64decode(first["raw_body_base64"])) == chat_body()
     assert "authorization" not in records[1]["headers"]
     assert records[2]["body"] is None and records[2]["raw_body_len"] == 5
 
@@ -526,3 +527,89 @@ def test_start_in_process_without_api_key() -> None:
             await provider.close()
 
     assert asyncio.run(scenario()) == (200, 200)
+
+
+# --------------------------------------------------------------------------- Azure OpenAI
+
+AZURE_VERSION = "2024-06-01"
+AZURE_AUTH = {"api-key": API_KEY}
+
+
+def azure_path(deployment: str, operation: str = "chat/completions", version: str | None = AZURE_VERSION) -> str:
+    query = f"?api-version={version}" if version is not None else ""
+    return f"/openai/deployments/{deployment}/{operation}{query}"
+
+
+@pytest.fixture
+def azure(base_url: str) -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(api_key=API_KEY, azure_endpoint=base_url, api_version=AZURE_VERSION, max_retries=0)
+
+
+def test_azure_chat_and_embeddings_with_sdk(azure: openai.AzureOpenAI, base_url: str) -> None:
+    messages: Any = [{"role": "user", "content": "Hello, Azure!"}]
+    reply = azure.chat.completions.create(model="my-deployment", messages=messages)
+    chunks = list(azure.chat.completions.create(model="my-deployment", messages=messages, stream=True))
+    vectors = azure.embeddings.create(model="embed-deployment", input="alpha")
+
+    assert reply.model == "my-deployment"
+    assert reply.choices[0].message.content == mock_reply("my-deployment", "Hello, Azure!")
+    assert reply.usage is not None and reply.usage.completion_tokens == n_tokens(reply.choices[0].message.content)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert vectors.model == "embed-deployment" and len(vectors.data[0].embedding) == 8
+    records = httpx.get(f"{base_url}/_mock/requests").json()
+    assert [r["path"] for r in records] == [
+        azure_path("my-deployment"), azure_path("my-deployment"), azure_path("embed-deployment", "embeddings"),
+    ]  # fmt: skip
+    assert all(r["headers"]["api-key"] == API_KEY for r in records)
+
+
+def test_azure_answers_for_the_deployment_not_the_body_model(base_url: str) -> None:
+    openai_reply = httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(), headers=AUTH).json()
+    azure_reply = httpx.post(f"{base_url}{azure_path('prod-gpt')}", json=chat_body(), headers=AZURE_AUTH).json()
+    assert azure_reply["model"] == "prod-gpt"
+    assert azure_reply["choices"][0]["message"]["content"] == mock_reply("prod-gpt", "Hello, mock!")
+    assert azure_reply["usage"]["prompt_tokens"] == openai_reply["usage"]["prompt_tokens"]
+    no_model = {"input": "alpha"}  # Azure needs no body model: the path names the deployment
+    embedded = httpx.post(f"{base_url}{azure_path('emb', 'embeddings')}", json=no_model, headers=AZURE_AUTH).json()
+    assert embedded["model"] == "emb"
+    encoded = httpx.post(f"{base_url}{azure_path('a%20b')}", json=chat_body(), headers=AZURE_AUTH).json()
+    assert encoded["model"] == "a b"
+
+
+def test_azure_requires_api_version_then_api_key(base_url: str) -> None:
+    unversioned = httpx.post(f"{base_url}{azure_path('d', version=None)}", json=chat_body(), headers=AZURE_AUTH)
+    assert unversioned.status_code == 400
+    assert unversioned.json()["error"]["code"] == "MissingApiVersionParameter"
+    assert "api-version" in unversioned.json()["error"]["message"]
+    empty = httpx.post(f"{base_url}{azure_path('d', version='')}", json=chat_body(), headers=AZURE_AUTH)
+    assert empty.status_code == 400
+
+    for headers in ({"api-key": "sk-wrong-secret"}, AUTH, {}):  # a Bearer token is not Azure's api-key
+        denied = httpx.post(f"{base_url}{azure_path('d')}", json=chat_body(), headers=headers)
+        assert denied.status_code == 401
+        assert denied.json()["error"]["code"] == "401"
+        assert denied.json()["error"]["type"] == "authentication_error"
+        assert "sk-wrong-secret" not in denied.text
+    with pytest.raises(openai.AuthenticationError):
+        openai.AzureOpenAI(
+            api_key="nope", azure_endpoint=base_url, api_version=AZURE_VERSION, max_retries=0
+        ).chat.completions.create(model="d", messages=[{"role": "user", "content": "x"}])
+
+
+def test_azure_errors_and_malformed_body(base_url: str, azure: openai.AzureOpenAI) -> None:
+    throttled = httpx.post(
+        f"{base_url}{azure_path('d')}", json=chat_body(), headers={**AZURE_AUTH, "x-mock-status": "429"}
+    )
+    assert throttled.status_code == 429
+    assert throttled.json()["error"] | {"message": ""} == {
+        "message": "", "type": "rate_limit_error", "code": "429", "param": None,
+    }  # fmt: skip
+    with pytest.raises(openai.InternalServerError):
+        azure.chat.completions.create(
+            model="d", messages=[{"role": "user", "content": "x"}], extra_headers={"x-mock-status": "503"}
+        )
+    malformed = httpx.post(f"{base_url}{azure_path('d')}", content=b"{oops", headers=AZURE_AUTH)
+    assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
+    no_messages = httpx.post(f"{base_url}{azure_path('d')}", json={"model": "x"}, headers=AZURE_AUTH)
+    assert no_messages.status_code == 400
+    assert httpx.get(f"{base_url}{azure_path('d')}", headers=AZURE_AUTH).status_code == 404
