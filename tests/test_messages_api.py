@@ -1,0 +1,373 @@
+"""Golden tests for Anthropic-style clients on the OpenAI pivot (gateway_extproc.messages).
+
+Requests are Anthropic's documented examples (Messages API "Hello, world", vision with a
+base64 image, the tool use guide's `get_weather` conversation); answers are OpenAI's
+documented Chat Completions examples (`chatcmpl-123`, the `get_current_weather` tool call,
+the streaming and streamed function-call examples). Every translated answer must be
+accepted by the anthropic SDK itself: `Message.model_validate` for JSON, and a real
+`client.messages.stream(...)` over a mock transport for SSE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import orjson
+import pytest
+
+try:  # recent anthropic SDKs run on httpx2 and refuse httpx objects
+    import httpx2 as http
+except ImportError:
+    import httpx as http  # type: ignore[no-redef]
+
+from gateway_extproc.errors import GatewayError
+from gateway_extproc.messages import ToMessagesStream, from_chat, to_chat
+
+MODEL = "claude-sonnet-4-5"
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"}},
+    "required": ["location"]}
+TOOL_ID = "toolu_01A09q90qw90lq917835lq9"
+
+
+# --- to_chat -----------------------------------------------------------------------------
+
+def test_hello_world_from_messages_api_docs() -> None:
+    body = {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": "Hello, world"}]}
+    assert to_chat(body) == {"model": MODEL, "max_tokens": 1024,
+                             "messages": [{"role": "user", "content": "Hello, world"}]}
+
+
+def test_system_parameters_and_dropped_fields() -> None:
+    body = {"model": MODEL, "max_tokens": 256, "system": "You are a seasoned data scientist.",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Analyze this dataset."}]}],
+            "stop_sequences": ["\n\nHuman:"], "temperature": 0.5, "top_p": 0.9, "top_k": 40,
+            "metadata": {"user_id": "13803d75-b4b5-4c3e-b2a2-6f21399b021b"}, "stream": True,
+            "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    assert to_chat(body) == {
+        "model": MODEL, "max_tokens": 256,
+        "messages": [{"role": "system", "content": "You are a seasoned data scientist."},
+                     {"role": "user", "content": "Analyze this dataset."}],
+        "stop": ["\n\nHuman:"], "temperature": 0.5, "top_p": 0.9,
+        "user": "13803d75-b4b5-4c3e-b2a2-6f21399b021b", "stream": True}
+    blocks = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+              "system": [{"type": "text", "text": "Be brief."},
+                         {"type": "text", "text": "<docs>...</docs>", "cache_control": {"type": "ephemeral"}}]}
+    assert to_chat(blocks)["messages"][0] == {"role": "system", "content": [
+        {"type": "text", "text": "Be brief."}, {"type": "text", "text": "<docs>...</docs>"}]}
+
+
+def test_vision_example_multi_part_content() -> None:
+    """Vision docs: a base64 image then a question; a URL image source too."""
+    body = {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQSkZJRg=="}},
+        {"type": "image", "source": {"type": "url",
+                                     "url": "https://upload.wikimedia.org/wikipedia/commons/a/a7/Camponotus_flavomarginatus_ant.jpg"}},
+        {"type": "text", "text": "Describe these images."}]}]}
+    assert to_chat(body)["messages"] == [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQSkZJRg=="}},
+        {"type": "image_url", "image_url": {
+            "url": "https://upload.wikimedia.org/wikipedia/commons/a/a7/Camponotus_flavomarginatus_ant.jpg"}},
+        {"type": "text", "text": "Describe these images."}]}]
+
+
+def test_tool_use_conversation_from_tool_use_docs() -> None:
+    """The get_weather conversation: assistant tool_use -> tool_calls, the user's
+    tool_result -> a tool message placed before the rest of that user turn."""
+    body = {
+        "model": MODEL, "max_tokens": 1024,
+        "tools": [{"name": "get_weather", "description": "Get the current weather in a given location",
+                   "input_schema": WEATHER_SCHEMA}],
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+        "messages": [
+            {"role": "user", "content": "What's the weather like in San Francisco?"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "I should call get_weather.", "signature": "sig"},
+                {"type": "text", "text": "I'll check the current weather in San Francisco for you."},
+                {"type": "tool_use", "id": TOOL_ID, "name": "get_weather",
+                 "input": {"location": "San Francisco, CA", "unit": "celsius"}}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Also, is that warm?"},
+                {"type": "tool_result", "tool_use_id": TOOL_ID, "content": "15 degrees"}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_2", "name": "get_weather",
+                                               "input": {"location": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2",
+                                          "content": [{"type": "text", "text": "18"}, {"type": "text", "text": "sunny"}],
+                                          "is_error": False}]}]}
+    assert to_chat(body) == {
+        "model": MODEL, "max_tokens": 1024,
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather", "description": "Get the current weather in a given location",
+            "parameters": WEATHER_SCHEMA}}],
+        "tool_choice": "auto", "parallel_tool_calls": False,
+        "messages": [
+            {"role": "user", "content": "What's the weather like in San Francisco?"},
+            {"role": "assistant", "content": "I'll check the current weather in San Francisco for you.",
+             "tool_calls": [{"id": TOOL_ID, "type": "function", "function": {
+                 "name": "get_weather", "arguments": '{"location":"San Francisco, CA","unit":"celsius"}'}}]},
+            {"role": "tool", "tool_call_id": TOOL_ID, "content": "15 degrees"},
+            {"role": "user", "content": "Also, is that warm?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "toolu_2", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"location":"Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "toolu_2", "content": "18\nsunny"}]}
+
+
+@pytest.mark.parametrize(("choice", "expected"), [
+    ({"type": "auto"}, {"tool_choice": "auto"}),
+    ({"type": "any"}, {"tool_choice": "required"}),
+    ({"type": "none"}, {"tool_choice": "none"}),
+    ({"type": "tool", "name": "get_weather"}, {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+    ({"type": "any", "disable_parallel_tool_use": True}, {"tool_choice": "required", "parallel_tool_calls": False}),
+])
+def test_tool_choice(choice: dict[str, Any], expected: dict[str, Any]) -> None:
+    body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"name": "get_weather", "input_schema": WEATHER_SCHEMA}], "tool_choice": choice}
+    out = to_chat(body)
+    assert out["tools"] == [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}]
+    assert {k: out[k] for k in ("tool_choice", "parallel_tool_calls") if k in out} == expected
+
+
+VALID: dict[str, Any] = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize(("change", "param", "words"), [
+    ({"model": None}, "model", "model"),
+    ({"model": 3}, "model", "string"),
+    ({"max_tokens": None}, "max_tokens", "positive integer"),
+    ({"max_tokens": 0}, "max_tokens", "positive integer"),
+    ({"max_tokens": True}, "max_tokens", "positive integer"),
+    ({"max_tokens": "10"}, "max_tokens", "positive integer"),
+    ({"messages": []}, "messages", "non-empty list"),
+    ({"messages": "hi"}, "messages", "non-empty list"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role", "'user' or 'assistant'"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "string or a list"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "tool_use"}]}]},
+     "messages.1.content.0", "'tool_use' is not supported in a user message"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+     "messages.0.content.0", "'document'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
+     "messages.0.content.0.source", "base64 or url"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]}]},
+     "messages.0.content.0.content", "only contain text"),
+    ({"system": [{"type": "image"}]}, "system", "text blocks"),
+    ({"system": 5}, "system", "text blocks"),
+    ({"stream": "yes"}, "stream", "boolean"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools", "input_schema"),
+    ({"tool_choice": {"type": "sometimes"}}, "tool_choice", "auto, any, tool or none"),
+])
+def test_validation_errors(change: dict[str, Any], param: str, words: str) -> None:
+    with pytest.raises(GatewayError) as info:
+        to_chat({**VALID, **change})
+    assert (info.value.code, info.value.status, info.value.param) == ("invalid_request", 400, param)
+    assert words in info.value.message
+
+
+# --- from_chat ---------------------------------------------------------------------------
+
+def message(out: bytes) -> dict[str, Any]:
+    anthropic.types.Message.model_validate(orjson.loads(out))
+    return orjson.loads(out)
+
+
+def test_chat_completion_example_from_openai_docs() -> None:
+    raw = {"id": "chatcmpl-123", "object": "chat.completion", "created": 1677652288, "model": "gpt-4o-mini",
+           "system_fingerprint": "fp_44709d6fcb",
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": "\n\nHello there, how may I assist you today?"},
+                        "logprobs": None, "finish_reason": "stop"}],
+           "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21,
+                     "completion_tokens_details": {"reasoning_tokens": 0, "accepted_prediction_tokens": 0,
+                                                   "rejected_prediction_tokens": 0}}}
+    assert message(from_chat(orjson.dumps(raw))) == {
+        "id": "chatcmpl-123", "type": "message", "role": "assistant", "model": "gpt-4o-mini",
+        "content": [{"type": "text", "text": "\n\nHello there, how may I assist you today?"}],
+        "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 9, "output_tokens": 12, "cache_read_input_tokens": 0,
+                  "cache_creation_input_tokens": 0}}
+
+
+def test_tool_call_example_from_openai_docs_with_cached_tokens() -> None:
+    raw = {"id": "chatcmpl-abc123", "object": "chat.completion", "created": 1699896916, "model": "gpt-4o-mini",
+           "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": None, "message": {
+               "role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_abc123", "type": "function", "function": {
+                       "name": "get_current_weather", "arguments": "{\n\"location\": \"Boston, MA\"\n}"}},
+                   {"id": "call_bad", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}}],
+           "usage": {"prompt_tokens": 2006, "completion_tokens": 17, "total_tokens": 2023,
+                     "prompt_tokens_details": {"cached_tokens": 1920}}}
+    assert message(from_chat(orjson.dumps(raw))) == {
+        "id": "chatcmpl-abc123", "type": "message", "role": "assistant", "model": "gpt-4o-mini",
+        "content": [{"type": "tool_use", "id": "call_abc123", "name": "get_current_weather",
+                     "input": {"location": "Boston, MA"}},
+                    {"type": "tool_use", "id": "call_bad", "name": "f", "input": {}}],
+        "stop_reason": "tool_use", "stop_sequence": None,
+        "usage": {"input_tokens": 86, "output_tokens": 17, "cache_read_input_tokens": 1920,
+                  "cache_creation_input_tokens": 0}}
+
+
+def test_anthropic_backend_cache_writes_survive_the_round_trip() -> None:
+    """The Anthropic translator reports cache writes as prompt_tokens_details.cache_creation_tokens."""
+    raw = {"id": "msg_1", "model": "claude", "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+           "usage": {"prompt_tokens": 188110, "completion_tokens": 393,
+                     "prompt_tokens_details": {"cached_tokens": 3, "cache_creation_tokens": 188086}}}
+    assert message(from_chat(orjson.dumps(raw)))["usage"] == {
+        "input_tokens": 21, "output_tokens": 393, "cache_read_input_tokens": 3,
+        "cache_creation_input_tokens": 188086}
+
+
+@pytest.mark.parametrize(("finish", "stop_reason"), [
+    ("stop", "end_turn"), ("length", "max_tokens"), ("tool_calls", "tool_use"), ("content_filter", "refusal")])
+def test_stop_reasons(finish: str, stop_reason: str) -> None:
+    raw = {"id": "c", "model": "m", "choices": [{"message": {"content": "x"}, "finish_reason": finish}]}
+    assert message(from_chat(orjson.dumps(raw)))["stop_reason"] == stop_reason
+
+
+# --- ToMessagesStream --------------------------------------------------------------------
+
+def data(*objs: Any) -> bytes:
+    return b"".join(b"data: " + (o if isinstance(o, bytes) else orjson.dumps(o)) + b"\n\n" for o in objs)
+
+
+def delta(d: dict[str, Any], finish: str | None = None, id_: str = "chatcmpl-123") -> dict[str, Any]:
+    return {"id": id_, "object": "chat.completion.chunk", "created": 1694268190, "model": "gpt-4o-mini",
+            "system_fingerprint": "fp_44709d6fcb", "choices": [{"index": 0, "delta": d, "logprobs": None,
+                                                               "finish_reason": finish}]}
+
+
+USAGE = {"id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1694268190, "model": "gpt-4o-mini",
+         "choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49,
+                                  "prompt_tokens_details": {"cached_tokens": 32}}}
+# OpenAI docs, chat completion chunk streaming example, with the include_usage chunk.
+TEXT_STREAM = data(delta({"role": "assistant", "content": ""}), delta({"content": "Hello"}),
+                   delta({"content": " there!"}), delta({}, "stop"), USAGE, b"[DONE]")
+# OpenAI docs, function calling with streaming: arguments arrive in pieces.
+TOOL_ARGS = ['{"', "location", '":"', "Paris", ",", " France", '"}']
+TOOL_STREAM = data(
+    delta({"role": "assistant", "content": "Let me check."}),
+    delta({"tool_calls": [{"index": 0, "id": "call_DdmO9pD3xa9XTPNJ32zg2hcA", "type": "function",
+                           "function": {"name": "get_weather", "arguments": ""}}]}),
+    *(delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}) for piece in TOOL_ARGS),
+    delta({"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
+                           "function": {"name": "get_time", "arguments": "{}"}}]}),
+    delta({}, "tool_calls"), USAGE, b"[DONE]")
+
+
+def events(out: bytes) -> list[tuple[str, dict[str, Any]]]:
+    parsed = []
+    for event in out.split(b"\n\n")[:-1]:
+        name, payload = event.split(b"\n")
+        assert name.startswith(b"event: ") and payload.startswith(b"data: ")
+        obj = orjson.loads(payload[6:])
+        assert obj["type"] == name[7:].decode()
+        parsed.append((obj.pop("type"), obj))
+    return parsed
+
+
+def sdk_final_message(out: bytes) -> anthropic.types.Message:
+    """What a real anthropic SDK client makes of the translated stream."""
+    transport = http.MockTransport(lambda request: http.Response(
+        200, headers={"content-type": "text/event-stream"}, content=out))
+    client = anthropic.Anthropic(api_key="test", base_url="http://gateway.test",
+                                 http_client=http.Client(transport=transport), max_retries=0)
+    with client.messages.stream(model="claude", max_tokens=100, messages=[{"role": "user", "content": "x"}]) as stream:
+        return stream.get_final_message()
+
+
+START = ("message_start", {"message": {"id": "chatcmpl-123", "type": "message", "role": "assistant",
+                                       "model": "gpt-4o-mini", "content": [], "stop_reason": None,
+                                       "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
+END_USAGE = {"input_tokens": 8, "output_tokens": 9, "cache_read_input_tokens": 32, "cache_creation_input_tokens": 0}
+
+
+def test_text_stream() -> None:
+    out = ToMessagesStream().feed(TEXT_STREAM, True)
+    assert events(out) == [
+        START,
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Hello"}}),
+        ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": " there!"}}),
+        ("content_block_stop", {"index": 0}),
+        ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": END_USAGE}),
+        ("message_stop", {})]
+    final = sdk_final_message(out)
+    assert final.content[0].type == "text" and final.content[0].text == "Hello there!"
+    assert (final.stop_reason, final.usage.output_tokens, final.usage.cache_read_input_tokens) == ("end_turn", 9, 32)
+
+
+def test_tool_call_stream() -> None:
+    out = ToMessagesStream().feed(TOOL_STREAM, True)
+    json_delta = [("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": p}})
+                  for p in TOOL_ARGS]
+    assert events(out) == [
+        START,
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Let me check."}}),
+        ("content_block_stop", {"index": 0}),
+        ("content_block_start", {"index": 1, "content_block": {
+            "type": "tool_use", "id": "call_DdmO9pD3xa9XTPNJ32zg2hcA", "name": "get_weather", "input": {}}}),
+        *json_delta,
+        ("content_block_stop", {"index": 1}),
+        ("content_block_start", {"index": 2, "content_block": {
+            "type": "tool_use", "id": "call_2", "name": "get_time", "input": {}}}),
+        ("content_block_delta", {"index": 2, "delta": {"type": "input_json_delta", "partial_json": "{}"}}),
+        ("content_block_stop", {"index": 2}),
+        ("message_delta", {"delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": END_USAGE}),
+        ("message_stop", {})]
+    final = sdk_final_message(out)
+    assert [(b.type, getattr(b, "input", None)) for b in final.content] == [
+        ("text", None), ("tool_use", {"location": "Paris, France"}), ("tool_use", {})]
+    assert final.stop_reason == "tool_use"
+
+
+def test_finish_is_held_until_done_so_usage_is_included() -> None:
+    stream = ToMessagesStream()
+    head, tail = TEXT_STREAM.split(b"data: " + orjson.dumps(USAGE))
+    assert [name for name, _ in events(stream.feed(head, False))][-1] == "content_block_delta"
+    rest = events(stream.feed(b"data: " + orjson.dumps(USAGE) + tail, True))
+    assert [name for name, _ in rest] == ["content_block_stop", "message_delta", "message_stop"]
+    assert rest[1][1]["usage"] == END_USAGE
+
+
+def test_error_event() -> None:
+    """A gateway or provider error mid-stream: the SDK raises it instead of returning half an answer."""
+    error = {"error": {"message": "The server had an error", "type": "server_error", "code": "provider_error",
+                       "param": None}}
+    out = ToMessagesStream().feed(data(delta({"content": "Hi"}), error, b"[DONE]"), True)
+    assert events(out)[-1] == ("error", {"error": {"type": "api_error", "message": "The server had an error"}})
+    assert b"message_stop" not in out
+    with pytest.raises(anthropic.APIStatusError, match="The server had an error"):
+        sdk_final_message(out)
+
+
+@pytest.mark.parametrize(("error", "kind"), [
+    ({"message": "slow down", "type": "rate_limit_error", "code": "rate_limited"}, "rate_limit_error"),
+    ({"message": "busy", "type": "server_error", "code": "overloaded"}, "overloaded_error"),
+    ({"message": "bad", "type": "invalid_request_error", "code": "provider_error"}, "invalid_request_error"),
+])
+def test_error_types(error: dict[str, Any], kind: str) -> None:
+    out = ToMessagesStream().feed(data({"error": error}), True)
+    assert events(out) == [("error", {"error": {"type": kind, "message": error["message"]}})]
+
+
+def test_end_without_done() -> None:
+    """A finished backend stream missing only [DONE] still ends cleanly; one cut before its
+    finish_reason ends with nothing made up (the router reports the interruption)."""
+    finished = ToMessagesStream().feed(TEXT_STREAM.replace(b"data: [DONE]\n\n", b""), True)
+    assert finished == ToMessagesStream().feed(TEXT_STREAM, True)
+    cut = ToMessagesStream().feed(data(delta({"content": "Hel"})), True)
+    assert [name for name, _ in events(cut)] == ["message_start", "content_block_start", "content_block_delta"]
+
+
+def feed_in_pieces(raw: bytes, size: int) -> bytes:
+    stream = ToMessagesStream()
+    pieces = [raw[i:i + size] for i in range(0, len(raw), size)]
+    return b"".join(stream.feed(p, i == len(pieces) - 1) for i, p in enumerate(pieces))
+
+
+@pytest.mark.parametrize("raw", [TEXT_STREAM, TOOL_STREAM])
+def test_chunk_boundaries_do_not_change_the_output(raw: bytes) -> None:
+    whole = ToMessagesStream().feed(raw, True)
+    for size in (1, 3, 50):
+        assert feed_in_pieces(raw, size) == whole
+        assert feed_in_pieces(raw.replace(b"\n", b"\r\n"), size) == whole
