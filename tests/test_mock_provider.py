@@ -1,7 +1,8 @@
 """Tests for the bundled mock LLM provider (gateway_extproc.mock_provider).
 
 The provider runs in a subprocess exactly as `make run` starts it and is driven with
-httpx, raw sockets and the real openai / anthropic SDKs.  All tests are synchronous so
+httpx, raw sockets, the real openai / anthropic SDKs and botocore (Bedrock: SigV4 signing,
+Converse parsing, event-stream decoding).  All tests are synchronous so
 they work with or without pytest-asyncio's auto mode.
 """
 
@@ -19,16 +20,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anthropic
+import botocore.session
 import bpe_openai
 import h11
 import httpx
 import openai
 import orjson
 import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+from botocore.eventstream import EventStreamBuffer
+from botocore.exceptions import ClientError
 
 from gateway_extproc.mock_provider import start
+from gateway_extproc.providers import eventstream
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sk-mock"
@@ -613,3 +623,411 @@ def test_azure_errors_and_malformed_body(base_url: str, azure: openai.AzureOpenA
     no_messages = httpx.post(f"{base_url}{azure_path('d')}", json={"model": "x"}, headers=AZURE_AUTH)
     assert no_messages.status_code == 400
     assert httpx.get(f"{base_url}{azure_path('d')}", headers=AZURE_AUTH).status_code == 404
+
+
+# --------------------------------------------------------------------------- AWS Bedrock Converse
+
+BEDROCK_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
+AWS_CREDENTIALS = Credentials("AKIDMOCKEXAMPLE", "mock-secret-access-key")
+AWS_REGION = "us-east-1"
+
+
+def bedrock_path(model: str = BEDROCK_MODEL, *, stream: bool = False) -> str:
+    return f"/model/{quote(model, safe='')}/" + ("converse-stream" if stream else "converse")
+
+
+def bedrock_body(text: str = "Hi Bedrock", **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [{"text": text}]}], **extra}
+
+
+def sigv4_headers(url: str, payload: bytes) -> dict[str, str]:
+    """A JSON POST's headers signed with SigV4 exactly as botocore signs them."""
+    request = AWSRequest(method="POST", url=url, data=payload, headers={"content-type": "application/json"})
+    SigV4Auth(AWS_CREDENTIALS, "bedrock", AWS_REGION).add_auth(request)
+    return dict(request.headers.items())
+
+
+def post_bedrock(base_url: str, body: Any, *, stream: bool = False, headers: dict[str, str] | None = None,
+                 model: str = BEDROCK_MODEL) -> httpx.Response:
+    """A signed Converse call; ``headers`` (the ``x-mock-*`` controls) are added unsigned."""
+    url = base_url + bedrock_path(model, stream=stream)
+    payload = body if isinstance(body, bytes) else orjson.dumps(body)
+    return httpx.post(url, content=payload, headers={**sigv4_headers(url, payload), **(headers or {})})
+
+
+def assert_sigv4_valid(base_url: str, record: dict[str, Any]) -> None:
+    """Recompute the request's SigV4 signature from what the mock recorded (headers + raw body)."""
+    headers = record["headers"]
+    signed = headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    request = AWSRequest(
+        method=record["method"],
+        url=base_url + record["path"],
+        data=base64.b64decode(record["raw_body_base64"]),
+        headers={name: headers[name] for name in signed},
+    )
+    request.context["timestamp"] = headers["x-amz-date"]
+    auth = SigV4Auth(AWS_CREDENTIALS, "bedrock", AWS_REGION)
+    signature = auth.signature(auth.string_to_sign(request, auth.canonical_request(request)), request)
+    assert headers["authorization"].endswith(f"Signature={signature}")
+
+
+def decode_eventstream(raw: bytes) -> list[tuple[dict[str, str], Any]]:
+    """Complete messages decoded by the gateway's decoder, checked against botocore's."""
+    ours = [(headers, orjson.loads(payload)) for headers, payload in eventstream.Decoder().feed(raw)]
+    buffer = EventStreamBuffer()
+    buffer.add_data(raw)
+    theirs = [(dict(message.headers), orjson.loads(message.payload)) for message in buffer]
+    assert ours == theirs
+    return ours
+
+
+def dropped_body(method: str, url: str, **kwargs: Any) -> bytes:
+    """The bytes received before the mock aborted the connection mid-body."""
+    received = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream(method, url, **kwargs) as response:
+            for chunk in response.iter_raw():
+                received += chunk
+    return bytes(received)
+
+
+@pytest.fixture
+def bedrock(base_url: str) -> Any:
+    return botocore.session.get_session().create_client(
+        "bedrock-runtime",
+        region_name=AWS_REGION,
+        endpoint_url=base_url,
+        aws_access_key_id=AWS_CREDENTIALS.access_key,
+        aws_secret_access_key=AWS_CREDENTIALS.secret_key,
+        config=Config(retries={"total_max_attempts": 1}),
+    )
+
+
+def test_bedrock_converse_with_botocore(bedrock: Any, base_url: str) -> None:
+    reply = bedrock.converse(
+        modelId=BEDROCK_MODEL,
+        system=[{"text": "Be brief."}],
+        messages=[{"role": "user", "content": [{"text": "Hi Bedrock"}]}],
+        inferenceConfig={"maxTokens": 100},
+    )
+    text = mock_reply(BEDROCK_MODEL, "Hi Bedrock")
+    assert reply["output"]["message"] == {"role": "assistant", "content": [{"text": text}]}
+    assert reply["stopReason"] == "end_turn"
+    input_tokens = n_tokens("Be brief.") + n_tokens("Hi Bedrock")
+    assert reply["usage"] == {
+        "inputTokens": input_tokens, "outputTokens": n_tokens(text), "totalTokens": input_tokens + n_tokens(text),
+    }  # fmt: skip
+    assert reply["metrics"] == {"latencyMs": 0}
+
+    [record] = httpx.get(f"{base_url}/_mock/requests").json()
+    assert record["path"] == "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"
+    assert record["headers"]["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDMOCKEXAMPLE/")
+    assert_sigv4_valid(base_url, record)
+
+
+def test_bedrock_max_tokens_and_non_text_blocks(base_url: str) -> None:
+    body = bedrock_body(inferenceConfig={"maxTokens": 2})
+    body["messages"][0]["content"].insert(0, {"image": {"format": "png", "source": {"bytes": "AAAA"}}})
+    reply = post_bedrock(base_url, body).json()
+    assert reply["stopReason"] == "max_tokens"
+    assert reply["usage"]["outputTokens"] == 2 and reply["usage"]["inputTokens"] == n_tokens("Hi Bedrock")
+    assert reply["output"]["message"]["content"][0]["text"] == ENC.decode(
+        ENC.encode_ordinary(mock_reply(BEDROCK_MODEL, "Hi Bedrock"))[:2]
+    )
+
+
+def test_bedrock_converse_stream_with_botocore(bedrock: Any) -> None:
+    kwargs: Any = {"modelId": BEDROCK_MODEL, "messages": [{"role": "user", "content": [{"text": "Hi Bedrock"}]}]}
+    plain = bedrock.converse(**kwargs)
+    events = list(bedrock.converse_stream(**kwargs)["stream"])
+
+    kinds = [next(iter(event)) for event in events]
+    deltas = kinds.count("contentBlockDelta")
+    assert kinds == ["messageStart", *["contentBlockDelta"] * deltas, "contentBlockStop", "messageStop", "metadata"]
+    assert events[0]["messageStart"] == {"role": "assistant"}
+    streamed = "".join(e["contentBlockDelta"]["delta"]["text"] for e in events if "contentBlockDelta" in e)
+    assert streamed == plain["output"]["message"]["content"][0]["text"]
+    assert events[-2]["messageStop"]["stopReason"] == "end_turn"
+    assert events[-1]["metadata"]["usage"] == plain["usage"]
+
+
+def test_bedrock_stream_wire_format(base_url: str) -> None:
+    response = post_bedrock(base_url, bedrock_body(), stream=True)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/vnd.amazon.eventstream"
+    messages = decode_eventstream(response.content)
+    assert all(
+        {k: v for k, v in headers.items() if k != ":event-type"} == {
+            ":content-type": "application/json", ":message-type": "event",
+        }
+        for headers, _ in messages
+    )  # fmt: skip
+    names = [headers[":event-type"] for headers, _ in messages]
+    words = mock_reply(BEDROCK_MODEL, "Hi Bedrock").split(" ")
+    assert names == ["messageStart", *["contentBlockDelta"] * len(words), "contentBlockStop", "messageStop", "metadata"]
+    assert messages[1][1] == {"delta": {"text": "This"}, "contentBlockIndex": 0}
+    assert messages[2][1] == {"delta": {"text": " is"}, "contentBlockIndex": 0}
+    assert messages[-3][1] == {"contentBlockIndex": 0}
+    assert messages[-1][1]["metrics"] == {"latencyMs": 0}
+
+
+def test_bedrock_auth(base_url: str) -> None:
+    url = base_url + bedrock_path()
+    unsigned = httpx.post(url, json=bedrock_body())
+    assert unsigned.status_code == 403
+    assert unsigned.headers["x-amzn-errortype"] == "MissingAuthenticationTokenException"
+    assert set(unsigned.json()) == {"message"}
+    bearer = httpx.post(url, json=bedrock_body(), headers={**AUTH, "x-amz-date": "20240101T000000Z"})
+    assert bearer.status_code == 403
+    assert bearer.headers["x-amzn-errortype"] == "IncompleteSignatureException"
+    assert post_bedrock(base_url, bedrock_body()).status_code == 200
+
+
+@pytest.mark.parametrize("body", [
+    b"{oops",
+    {"messages": []},
+    {"messages": [{"role": "system", "content": [{"text": "x"}]}]},
+    {"messages": [{"role": "user", "content": "plain string"}]},
+    bedrock_body(system="Be brief."),
+    bedrock_body(inferenceConfig={"maxTokens": 0}),
+    bedrock_body(inferenceConfig=[]),
+])  # fmt: skip
+def test_bedrock_malformed_body_is_validation_exception(base_url: str, body: Any) -> None:
+    response = post_bedrock(base_url, body)
+    assert response.status_code == 400
+    assert response.headers["x-amzn-errortype"] == "ValidationException"
+    assert set(response.json()) == {"message"}
+
+
+@pytest.mark.parametrize(("status", "error_type"), [
+    (400, "ValidationException"),
+    (403, "AccessDeniedException"),
+    (429, "ThrottlingException"),
+    (500, "InternalServerException"),
+    (503, "ServiceUnavailableException"),
+    (529, "InternalServerException"),
+])  # fmt: skip
+def test_bedrock_x_mock_status(base_url: str, status: int, error_type: str) -> None:
+    for stream in (False, True):
+        response = post_bedrock(base_url, bedrock_body(), stream=stream, headers={"x-mock-status": str(status)})
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["x-amzn-errortype"] == error_type
+        assert response.json() == {"message": "Mock error requested via x-mock-status."}
+
+
+def test_bedrock_errors_parse_with_botocore(bedrock: Any) -> None:
+    def add_status(request: AWSRequest, **_: Any) -> None:
+        request.headers["x-mock-status"] = "429"
+
+    bedrock.meta.events.register("before-sign.bedrock-runtime.Converse", add_status)
+    with pytest.raises(ClientError) as caught:
+        bedrock.converse(modelId=BEDROCK_MODEL, messages=[{"role": "user", "content": [{"text": "x"}]}])
+    assert caught.value.response["Error"]["Code"] == "ThrottlingException"
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
+
+
+def test_bedrock_stream_drop_after_and_chunk_delay(base_url: str) -> None:
+    url = base_url + bedrock_path(stream=True)
+    payload = orjson.dumps(bedrock_body())
+    headers = sigv4_headers(url, payload)
+
+    raw = dropped_body("POST", url, content=payload, headers={**headers, "x-mock-drop-after-chunks": "3"})
+    messages = decode_eventstream(raw)
+    assert [h[":event-type"] for h, _ in messages] == ["messageStart", "contentBlockDelta", "contentBlockDelta"]
+    assert len(raw) == sum(len(eventstream.encode(h, orjson.dumps(p))) for h, p in messages)  # whole messages
+
+    started = time.monotonic()
+    response = httpx.post(url, content=payload, headers={**headers, "x-mock-chunk-delay-ms": "40"})
+    count = len(decode_eventstream(response.content))
+    assert time.monotonic() - started >= 0.04 * (count - 1)
+
+
+# --------------------------------------------------------------------------- Google Gemini
+
+GEMINI_MODEL = "gemini-2.0-flash"
+GEMINI_AUTH = {"x-goog-api-key": API_KEY}
+
+
+def gemini_path(method: str = "generateContent", model: str = GEMINI_MODEL, version: str = "v1beta") -> str:
+    return f"/{version}/models/{model}:{method}"
+
+
+def gemini_body(text: str = "Hi Gemini", **extra: Any) -> dict[str, Any]:
+    return {"contents": [{"role": "user", "parts": [{"text": text}]}], **extra}
+
+
+def gemini_sse(text: str) -> list[Any]:
+    """Gemini's SSE: every event is `data: {...}\\r\\n\\r\\n`."""
+    *events, tail = text.split("\r\n\r\n")
+    assert tail == "" and all(event.startswith("data: ") and "\n" not in event for event in events)
+    return [orjson.loads(event.removeprefix("data: ")) for event in events]
+
+
+def test_gemini_generate_content(base_url: str) -> None:
+    body = gemini_body(
+        systemInstruction={"parts": [{"text": "Be brief."}]},
+        generationConfig={"maxOutputTokens": 100, "temperature": 0.2},
+    )
+    body["contents"] = [
+        {"role": "user", "parts": [{"text": "earlier"}]},
+        {"role": "model", "parts": [{"text": "answer"}]},
+        {"parts": [{"text": "Hi Gemini"}, {"inlineData": {"mimeType": "image/png", "data": "AAAA"}}]},
+    ]
+    response = httpx.post(f"{base_url}{gemini_path()}", json=body, headers=GEMINI_AUTH)
+    assert response.status_code == 200
+    text = mock_reply(GEMINI_MODEL, "Hi Gemini")
+    prompt = sum(n_tokens(t) for t in ("Be brief.", "earlier", "answer", "Hi Gemini"))
+    reply = response.json()
+    assert reply["candidates"] == [
+        {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}
+    ]
+    assert reply["usageMetadata"] == {
+        "promptTokenCount": prompt, "candidatesTokenCount": n_tokens(text), "totalTokenCount": prompt + n_tokens(text),
+    }  # fmt: skip
+    assert reply["modelVersion"] == GEMINI_MODEL
+    assert reply["responseId"].startswith("mock-")
+
+    v1 = httpx.post(f"{base_url}{gemini_path(version='v1')}", json=gemini_body(), headers=AUTH)  # Bearer works too
+    assert v1.json()["candidates"][0]["content"]["parts"][0]["text"] == text
+
+
+def test_gemini_max_output_tokens(base_url: str) -> None:
+    body = gemini_body(generationConfig={"maxOutputTokens": 3})
+    reply = httpx.post(f"{base_url}{gemini_path()}", json=body, headers=GEMINI_AUTH).json()
+    assert reply["candidates"][0]["finishReason"] == "MAX_TOKENS"
+    assert reply["usageMetadata"]["candidatesTokenCount"] == 3
+
+
+def test_gemini_stream_sse(base_url: str) -> None:
+    body = gemini_body(generationConfig={"maxOutputTokens": 5})
+    plain = httpx.post(f"{base_url}{gemini_path()}", json=body, headers=GEMINI_AUTH).json()
+    url = f"{base_url}{gemini_path('streamGenerateContent')}?alt=sse"
+    response = httpx.post(url, json=body, headers=GEMINI_AUTH)
+    assert response.headers["content-type"] == "text/event-stream"
+    events = gemini_sse(response.text)
+
+    text = plain["candidates"][0]["content"]["parts"][0]["text"]
+    assert [e["candidates"][0]["content"]["parts"][0]["text"] for e in events] == text.split(" ")[:1] + [
+        f" {word}" for word in text.split(" ")[1:]
+    ]
+    assert all(e["usageMetadata"] == plain["usageMetadata"] for e in events)
+    assert [e["candidates"][0].get("finishReason") for e in events] == [None] * (len(events) - 1) + ["MAX_TOKENS"]
+    assert all(e["candidates"][0]["content"]["role"] == "model" and e["modelVersion"] == GEMINI_MODEL for e in events)
+    assert len({e["responseId"] for e in events}) == 1
+
+
+def test_gemini_stream_without_alt_is_a_json_array(base_url: str) -> None:
+    url = f"{base_url}{gemini_path('streamGenerateContent')}"
+    response = httpx.post(url, json=gemini_body(), headers=GEMINI_AUTH)
+    assert response.headers["content-type"] == "application/json"
+    sse = gemini_sse(httpx.post(f"{url}?alt=sse", json=gemini_body(), headers=GEMINI_AUTH).text)
+    array = orjson.loads(response.content)
+    assert [{**item, "responseId": ""} for item in array] == [{**item, "responseId": ""} for item in sse]
+
+
+def test_gemini_auth(base_url: str) -> None:
+    url = f"{base_url}{gemini_path()}"
+    missing = httpx.post(url, json=gemini_body())
+    assert missing.status_code == 403
+    assert missing.json()["error"]["status"] == "PERMISSION_DENIED" and missing.json()["error"]["code"] == 403
+    for headers in ({"x-goog-api-key": "sk-wrong-secret"}, {"authorization": "Bearer sk-wrong-secret"}):
+        wrong = httpx.post(url, json=gemini_body(), headers=headers)
+        assert wrong.status_code == 401
+        assert wrong.json()["error"]["status"] == "UNAUTHENTICATED"
+        assert "sk-wrong-secret" not in wrong.text
+
+
+@pytest.mark.parametrize("body", [
+    b"{oops",
+    {"contents": []},
+    {"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]},
+    {"contents": [{"role": "user", "parts": "x"}]},
+    gemini_body(systemInstruction="Be brief."),
+    gemini_body(generationConfig={"maxOutputTokens": -1}),
+])  # fmt: skip
+def test_gemini_malformed_body_is_invalid_argument(base_url: str, body: Any) -> None:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    response = httpx.post(f"{base_url}{gemini_path()}", content=content, headers=GEMINI_AUTH)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (set(error), error["code"], error["status"]) == ({"code", "message", "status"}, 400, "INVALID_ARGUMENT")
+
+
+@pytest.mark.parametrize(("status", "google_status"), [
+    (404, "NOT_FOUND"), (429, "RESOURCE_EXHAUSTED"), (500, "INTERNAL"), (503, "UNAVAILABLE"), (504, "DEADLINE_EXCEEDED"),
+])  # fmt: skip
+def test_gemini_x_mock_status(base_url: str, status: int, google_status: str) -> None:
+    for method in ("generateContent", "streamGenerateContent?alt=sse"):
+        headers = {**GEMINI_AUTH, "x-mock-status": str(status)}
+        response = httpx.post(f"{base_url}{gemini_path(method)}", json=gemini_body(), headers=headers)
+        assert response.status_code == status
+        assert response.json() == {
+            "error": {"code": status, "message": "Mock error requested via x-mock-status.", "status": google_status}
+        }
+
+
+def test_gemini_stream_drop_after_and_chunk_delay(base_url: str) -> None:
+    url = f"{base_url}{gemini_path('streamGenerateContent')}?alt=sse"
+    headers = {**GEMINI_AUTH, "x-mock-drop-after-chunks": "2"}
+    raw = dropped_body("POST", url, json=gemini_body(), headers=headers)
+    events = gemini_sse(raw.decode())
+    assert [e["candidates"][0]["content"]["parts"][0]["text"] for e in events] == ["This", " is"]
+
+    started = time.monotonic()
+    response = httpx.post(url, json=gemini_body(), headers={**GEMINI_AUTH, "x-mock-chunk-delay-ms": "40"})
+    assert time.monotonic() - started >= 0.04 * (len(gemini_sse(response.text)) - 1)
+
+
+# --------------------------------------------------------------------------- behaviours across providers
+
+
+def every_api_status(base_url: str) -> dict[str, int]:
+    """One request to each API of the mock (all for model ``m``), by name -> HTTP status."""
+    anthropic_body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    return {
+        "openai": httpx.post(f"{base_url}/v1/chat/completions", json={**chat_body(), "model": "m"},
+                             headers=AUTH).status_code,
+        "models": httpx.get(f"{base_url}/v1/models", headers=AUTH).status_code,
+        "anthropic": httpx.post(f"{base_url}/v1/messages", json=anthropic_body, headers=AUTH).status_code,
+        "azure": httpx.post(f"{base_url}{azure_path('m')}", json=chat_body(), headers=AZURE_AUTH).status_code,
+        "bedrock": post_bedrock(base_url, bedrock_body(), model="m").status_code,
+        "gemini": httpx.post(f"{base_url}{gemini_path(model='m')}", json=gemini_body(),
+                             headers=GEMINI_AUTH).status_code,
+    }
+
+
+def test_behaviour_without_model_fails_the_whole_instance(base_url: str) -> None:
+    created = httpx.post(f"{base_url}/_mock/behaviour", json={"status": 500})
+    assert created.json() == {"model": "*", "status": 500, "times": None, "latency_ms": 0}
+    assert set(every_api_status(base_url).values()) == {500}
+    bedrock = post_bedrock(base_url, bedrock_body())
+    assert bedrock.headers["x-amzn-errortype"] == "InternalServerException"
+    assert bedrock.json() == {"message": "Mock error configured for every model."}
+    gemini = httpx.post(f"{base_url}{gemini_path()}", json=gemini_body(), headers=GEMINI_AUTH)
+    assert gemini.json()["error"]["status"] == "INTERNAL"
+
+    httpx.post(f"{base_url}/_mock/reset").raise_for_status()
+    assert set(every_api_status(base_url).values()) == {200}
+
+
+def test_model_behaviour_wins_over_wildcard(base_url: str) -> None:
+    httpx.post(f"{base_url}/_mock/behaviour", json={"model": "*", "status": 503, "times": 2}).raise_for_status()
+    httpx.post(f"{base_url}/_mock/behaviour", json={"model": "m", "status": 200}).raise_for_status()
+    statuses = every_api_status(base_url)
+    assert statuses.pop("models") == 503  # no model: only the wildcard matches (and uses one of its times)
+    assert set(statuses.values()) == {200}  # model "m" has its own behaviour, which wins
+    chat = [httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(), headers=AUTH) for _ in range(2)]
+    assert [r.status_code for r in chat] == [503, 200]
+
+
+def test_behaviour_model_is_the_path_model(base_url: str) -> None:
+    for model in (BEDROCK_MODEL, "prod-deployment", GEMINI_MODEL):
+        httpx.post(f"{base_url}/_mock/behaviour", json={"model": model, "status": 429}).raise_for_status()
+    throttled = post_bedrock(base_url, bedrock_body())
+    assert (throttled.status_code, throttled.headers["x-amzn-errortype"]) == (429, "ThrottlingException")
+    azure = httpx.post(f"{base_url}{azure_path('prod-deployment')}", json=chat_body(), headers=AZURE_AUTH)
+    assert azure.status_code == 429  # the body's model (gpt-4o-mini) plays no part on Azure
+    assert httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(), headers=AUTH).status_code == 200
+    gemini = httpx.post(f"{base_url}{gemini_path()}", json=gemini_body(), headers=GEMINI_AUTH)
+    assert gemini.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
