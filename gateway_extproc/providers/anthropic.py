@@ -33,7 +33,7 @@ def request(target: Target, suffix: str, body: JSON, stream: bool) -> Outbound:
     if body.get("n") not in (None, 1):
         raise GatewayError("invalid_request", "Anthropic backends return a single choice: n must be 1", "n")
     system, messages = _messages(body.get("messages") or [])
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     out: JSON = {"model": target.model, "messages": messages,
                  "max_tokens": max_tokens if max_tokens is not None
                  else int(target.options.get("defaultMaxTokens", 4096))}
