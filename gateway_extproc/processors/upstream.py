@@ -87,6 +87,8 @@ class UpstreamProcessor:
         log.info("upstream_attempt", request_id=request_id, backend=backend.id)
         resp = r.request_headers()
         if self.translator.TRANSLATES_RESPONSE:
+            # An override replaces the whole mode: keep the request body buffered too.
+            resp.mode_override.request_body_mode = r.BUFFERED
             resp.mode_override.response_header_mode = r.SEND
         return resp
 
@@ -111,7 +113,9 @@ class UpstreamProcessor:
             self.stream = self.translator.stream(self.backend.model)
             return r.response_headers(r.common(r.mutation({"content-type": "text/event-stream"}, ("content-length",))),
                                       stream_body=True)
-        return r.response_headers(buffer_body=True)
+        # The translated body has another length: drop the provider's content-length now
+        # (Envoy refuses a body mutation that disagrees with it).
+        return r.response_headers(r.common(r.mutation(remove=("content-length",))), buffer_body=True)
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         """A body the translator cannot read (a provider bug or a protocol change) becomes
@@ -130,8 +134,7 @@ class UpstreamProcessor:
         except ValueError:
             log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status)
             new = openai_error(502, f"The provider answered HTTP {self.status} with a body the gateway could not read.")
-        headers = {"content-type": "application/json", "content-length": str(len(new))}
-        return r.response_body(r.common(r.mutation(headers), new))
+        return r.response_body(r.common(r.mutation({"content-type": "application/json"}), new))
 
     def close(self) -> None:
         """Nothing to settle per attempt: the router accounts for the request."""

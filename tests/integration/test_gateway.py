@@ -87,7 +87,8 @@ def test_embeddings_and_models(gw: Gateway) -> None:
     emb = client(gw).embeddings.create(model="default-embedding", input=["alpha", "beta"])
     assert len(emb.data) == 2 and emb.usage.prompt_tokens > 0
     assert {m.id for m in client(gw).models.list()} == {"default-chat", "fallback-chat", "private-chat",
-                                                        "default-embedding"}
+                                                        "default-embedding", "claude-chat", "gemini-chat",
+                                                        "azure-chat"}
     assert [m.id for m in client(gw, gw.restricted_key).models.list()] == ["default-chat"]
     assert [r["path"] for r in gw.received(gw.primary)] == ["/v1/embeddings"]  # /v1/models never left
 
