@@ -955,7 +955,8 @@ def test_gemini_malformed_body_is_invalid_argument(base_url: str, body: Any) -> 
 
 
 @pytest.mark.parametrize(("status", "google_status"), [
-    (404, "NOT_FOUND"), (429, "RESOURCE_EXHAUSTED"), (500, "INTERNAL"), (503, "UNAVAILABLE"), (504, "DEADLINE_EXCEEDED"),
+    (404, "NOT_FOUND"), (429, "RESOURCE_EXHAUSTED"), (500, "INTERNAL"), (503, "UNAVAILABLE"),
+    (504, "DEADLINE_EXCEEDED"), (529, "INTERNAL"),
 ])  # fmt: skip
 def test_gemini_x_mock_status(base_url: str, status: int, google_status: str) -> None:
     for method in ("generateContent", "streamGenerateContent?alt=sse"):
