@@ -65,11 +65,11 @@ def test_request_headers_and_path() -> None:
                            "content-type": "application/json"}
     custom = Target(model="m", base_url="https://proxy.example/anthropic/v1", base_path="/anthropic/v1",
                     host="proxy.example", credential="k",
-                    options={"anthropicVersion": "2024-01-01", "defaultMaxTokens": "1000"})
+                    options={"anthropicVersion": "2024-01-01"})
     out = anthropic.request(custom, "/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}, True)
     assert out.path == "/anthropic/v1/messages"
     assert out.headers["anthropic-version"] == "2024-01-01"
-    assert orjson.loads(out.body) == {"model": "m", "max_tokens": 1000, "stream": True,
+    assert orjson.loads(out.body) == {"model": "m", "max_tokens": anthropic.DEFAULT_MAX_TOKENS, "stream": True,
                                       "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
 
 

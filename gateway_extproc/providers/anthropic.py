@@ -25,6 +25,10 @@ _ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "per
                  "api_error": 500, "overloaded_error": 529}
 
 
+# Anthropic requires max_tokens; OpenAI clients often send none (the model's maxOutputTokens
+# or a budget clamp usually sets one before this).
+DEFAULT_MAX_TOKENS = 4096
+
 def request(target: Target, suffix: str, body: JSON, stream: bool) -> Outbound:
     """Anthropic only has a chat-shaped endpoint; embeddings and responses are refused."""
     if suffix != "/chat/completions":
@@ -35,8 +39,7 @@ def request(target: Target, suffix: str, body: JSON, stream: bool) -> Outbound:
     system, messages = _messages(body.get("messages") or [])
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     out: JSON = {"model": target.model, "messages": messages,
-                 "max_tokens": max_tokens if max_tokens is not None
-                 else int(target.options.get("defaultMaxTokens", 4096))}
+                 "max_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS}
     if system:
         out["system"] = system
     for key in ("temperature", "top_p"):
