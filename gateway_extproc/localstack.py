@@ -81,7 +81,7 @@ class LocalStack:
             _wait(lambda p=port: connects(p), f"mock provider on {port}", self.log_path(f"mock-{port}"))
         self.start_extproc()
         self._spawn("envoy", [envoy_binary(), "-c", str(self.workdir / "envoy.yaml"), "--log-level", "warn",
-                              "--disable-hot-restart"])
+                              "--disable-hot-restart", "--file-flush-interval-msec", "200"])
         _wait(self._ready, "Envoy", self.log_path("envoy"), timeout=30)
         return self
 

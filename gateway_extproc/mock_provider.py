@@ -206,6 +206,8 @@ class Reply:
     latency_s: float = 0.0
     chunk_delay_s: float = 0.0
     drop_after: int | None = None
+    # Like drop_after, but the HTTP body ends cleanly: a provider that stops mid-answer.
+    end_after: int | None = None
 
 
 def _sse(data: Any, event: str | None = None, *, end: bytes = b"\n\n") -> bytes:
@@ -837,6 +839,7 @@ class Controls:
     latency_ms: int = 0
     chunk_delay_ms: int = 0
     drop_after: int | None = None
+    end_after: int | None = None
 
     @classmethod
     def from_headers(cls, headers: dict[str, str]) -> Controls:
@@ -846,12 +849,14 @@ class Controls:
             latency_ms=_header_int(headers, "x-mock-latency-ms") or 0,
             chunk_delay_ms=_header_int(headers, "x-mock-chunk-delay-ms") or 0,
             drop_after=_header_int(headers, "x-mock-drop-after-chunks"),
+            end_after=_header_int(headers, "x-mock-end-after-chunks"),
         )
 
     def apply(self, reply: Reply) -> Reply:
         reply.latency_s = self.latency_ms / 1000
         reply.chunk_delay_s = self.chunk_delay_ms / 1000
         reply.drop_after = self.drop_after
+        reply.end_after = self.end_after
         return reply
 
 
@@ -1029,11 +1034,12 @@ async def _send_json(conn: h11.Connection, writer: asyncio.StreamWriter, reply: 
 
 async def _send_stream(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, events: list[bytes]) -> bool:
     """One HTTP chunk per event (SSE event, event-stream message or JSON array element), flushed;
-    abort the connection mid-body when asked to drop."""
+    abort the connection mid-body when asked to drop, or end the body early when asked to end."""
     headers = [("content-type", reply.content_type or "text/event-stream"), ("cache-control", "no-cache"),
                *reply.headers]
     await _send(writer, conn, _response(reply.status, headers))
-    for index, event in enumerate(events if reply.drop_after is None else events[: reply.drop_after]):
+    cut = reply.drop_after if reply.drop_after is not None else reply.end_after
+    for index, event in enumerate(events if cut is None else events[:cut]):
         if index and reply.chunk_delay_s:
             await asyncio.sleep(reply.chunk_delay_s)
         await _send(writer, conn, h11.Data(data=event))

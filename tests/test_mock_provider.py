@@ -459,6 +459,12 @@ def test_drop_after_chunks(http: httpx.Client, oai: openai.OpenAI) -> None:
         list(stream)
 
 
+def test_end_after_chunks_ends_the_body_cleanly(http: httpx.Client) -> None:
+    resp = http.post("/v1/chat/completions", json=chat_body(stream=True), headers={"x-mock-end-after-chunks": "2"})
+    events = [line for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert resp.status_code == 200 and len(events) == 2 and "data: [DONE]" not in events
+
+
 def test_requests_are_recorded_before_controls(http: httpx.Client, base_url: str) -> None:
     http.post("/v1/chat/completions", json=chat_body(), headers={"x-trace": "abc"})
     httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(), headers={"x-mock-status": "500"})  # no auth

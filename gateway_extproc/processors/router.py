@@ -281,9 +281,6 @@ class RouterProcessor:
             self.first_byte = time.monotonic()
         if self.tap is not None:
             out = self.tap.feed(msg.body, msg.end_of_stream)
-            if msg.end_of_stream:
-                self.usage = self.tap.usage
-                self.log()
             if self.cut:
                 out = b""  # the client's stream already ended; keep reading usage only
             elif self.cut_after is not None and self.tap.content_events > self.cut_after:
@@ -293,6 +290,9 @@ class RouterProcessor:
                 log_budget_cut(self)
             elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
                 out = (msg.body if out is None else out) + _interrupted_event(self)
+            if msg.end_of_stream:
+                self.usage = self.tap.usage
+                self.log()
             if self.to_client is not None:
                 out = self.to_client.feed(msg.body if out is None else out, msg.end_of_stream)
             return r.response_body(r.common(body=out) if out is not None else None)

@@ -3,10 +3,13 @@ latency threshold, outlier ejection, and every backend down."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
+import anthropic
 import httpx
+import openai
 import pytest
 
 from .conftest import Gateway, running_gateway
@@ -72,3 +75,99 @@ def test_every_backend_down_is_a_fast_503_in_openai_shape() -> None:
         assert time.monotonic() - started < 2.0
         assert resp.status_code == 503
         assert resp.json()["error"]["code"] == "upstream_unavailable"
+
+
+@pytest.fixture
+def fresh() -> Iterator[Gateway]:
+    """A gateway whose outlier detection has not seen the other tests' failures."""
+    with running_gateway("gw-fallback-fresh-") as gw:
+        yield gw
+
+
+def test_primary_500_is_answered_by_the_secondary_with_its_own_name_and_key(fresh: Gateway) -> None:
+    gw = fresh
+    behave(gw, status=500, times=1)
+    resp = ask(gw)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"].startswith(
+        "This is a mock reply from mock-secondary")
+    assert (resp.headers["x-gateway-backend"], resp.headers["x-gateway-attempts"]) == ("mock-backup/mock-secondary",
+                                                                                      "2")
+    [failed] = gw.received(gw.primary)
+    [answered] = gw.received(gw.backup)
+    assert failed["body"]["model"] == "mock-primary"
+    assert failed["headers"]["authorization"] == f"Bearer {gw.primary_key}"
+    assert answered["body"]["model"] == "mock-secondary"
+    assert answered["headers"]["authorization"] == f"Bearer {gw.backup_key}"
+    # Envoy's log has one line per attempt, joined to the request by its id.
+    attempts = upstream_attempts(gw, resp.headers["x-request-id"])
+    assert [(a["backend"], a["status"]) for a in attempts] == [("mock/mock-primary", 500),
+                                                               ("mock-backup/mock-secondary", 200)]
+
+
+def upstream_attempts(gw: Gateway, request_id: str) -> list[dict]:
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(line) for line in gw.stack.log_path("envoy").read_text().splitlines()
+                 if '"upstream_attempt"' in line and request_id in line]
+        if len(lines) >= 2 or time.monotonic() > deadline:
+            return sorted(lines, key=lambda a: a["attempt"])
+        time.sleep(0.05)
+
+
+def stream(gw: Gateway, **headers: str) -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/chat/completions",
+                      json={"model": "fallback-chat", "messages": HELLO, "stream": True},
+                      headers={"authorization": f"Bearer {gw.key}", **headers}, timeout=30)
+
+
+def test_a_stream_failing_before_its_first_byte_comes_from_the_secondary(fresh: Gateway) -> None:
+    gw = fresh
+    behave(gw, status=503, times=1)
+    resp = stream(gw)
+    assert resp.status_code == 200 and resp.headers["x-gateway-backend"] == "mock-backup/mock-secondary"
+    assert resp.headers["x-gateway-attempts"] == "2"
+    events = [line for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    assert text.startswith("This is a mock reply from mock-secondary")
+
+
+def test_a_stream_reset_after_its_first_byte_is_not_repeated(fresh: Gateway) -> None:
+    """Envoy never retries once bytes reached the client: the client's stream breaks (a
+    reset cannot carry an event), and the secondary is never asked, so nothing repeats."""
+    gw = fresh
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    received = []
+    long_reply = " ".join(f"word{i}" for i in range(60))  # past the output scanner's holdback
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for chunk in client.chat.completions.create(model="fallback-chat", messages=HELLO, stream=True, extra_headers={
+                "x-mock-drop-after-chunks": "30", "x-mock-reply": long_reply, "x-mock-chunk-delay-ms": "10"}):
+            received.append(chunk)
+    text = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
+    assert text and long_reply.startswith(text)  # a prefix of the primary's answer, once
+    assert gw.received(gw.backup) == []
+
+
+@pytest.mark.parametrize("model", ["fallback-chat", "claude-chat", "gemini-chat"])
+def test_a_stream_the_provider_ends_unfinished_ends_with_an_error_event(gw: Gateway, model: str) -> None:
+    """No [DONE] (or message_stop, finishReason): the client is told, not handed half an answer."""
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    long_reply = " ".join(f"word{i}" for i in range(60))
+    received = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in client.chat.completions.create(model=model, messages=HELLO, stream=True, extra_headers={
+                "x-mock-end-after-chunks": "30", "x-mock-reply": long_reply}):
+            received.append(chunk)
+    assert "ended the stream before it finished" in info.value.message
+    text = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
+    assert long_reply.startswith(text)
+    assert len(gw.received(gw.primary)) + len(gw.received(gw.backup)) == 1  # asked once, not retried
+    assert '"error_code":"upstream_stream_interrupted"' in gw.logs()
+
+
+def test_an_anthropic_client_gets_an_error_event_for_an_unfinished_stream(gw: Gateway) -> None:
+    client = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
+    with pytest.raises(anthropic.APIError):
+        with client.messages.stream(model="default-chat", max_tokens=200, messages=HELLO,
+                                    extra_headers={"x-mock-end-after-chunks": "5"}) as s:
+            "".join(s.text_stream)
