@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from gateway_extproc.errors import GatewayError
-from gateway_extproc.providers.anthropic import SseReader
+from gateway_extproc.providers.base import SseReader
 
 JSON = dict[str, Any]
 

@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 
 from gateway_extproc.errors import GatewayError
-from gateway_extproc.providers.base import JSON, Outbound, Target, openai_error
+from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, Target, completion_chunk, delta_choice,
+                                             error_event, openai_error)
 
 TRANSLATES_RESPONSE = True
 
@@ -208,34 +209,6 @@ def _usage(usage: JSON) -> JSON:
             "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": created}}
 
 
-class SseReader:
-    """Reassembles SSE events across arbitrary chunk boundaries (LF, CRLF or CR line ends)
-    and yields each event's `data` payload; event names and comments are not needed
-    because both Anthropic and OpenAI payloads say what they are."""
-
-    __slots__ = ("_carry", "_text")
-
-    def __init__(self) -> None:
-        self._carry = b""  # a trailing b"\r" that may be the first half of b"\r\n"
-        self._text = b""  # normalised (LF-only) bytes of the incomplete event
-
-    def feed(self, chunk: bytes, end: bool) -> list[bytes]:
-        raw = self._carry + chunk
-        cut = len(raw) - 1 if raw.endswith(b"\r") and not end else len(raw)
-        self._carry = raw[cut:]
-        self._text += raw[:cut].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *events, self._text = self._text.split(b"\n\n")
-        if end:
-            events.append(self._text)
-            self._text = b""
-        out: list[bytes] = []
-        for event in events:
-            data = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-            if data:
-                out.append(b"\n".join(data))
-        return out
-
-
 class AnthropicStream:
     """Anthropic SSE in, OpenAI chat.completion.chunk SSE out, one `feed` at a time."""
 
@@ -292,23 +265,16 @@ class AnthropicStream:
             return [self._chunk({}, _finish((event.get("delta") or {}).get("stop_reason")))]
         if kind == "message_stop":
             self._done = True
-            usage = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-                     "model": self._model, "choices": [], "usage": _usage(self._usage)}
-            return [_sse(usage), b"data: [DONE]\n\n"]
+            return [completion_chunk(self._id, self._created, self._model, [], _usage(self._usage)), DONE]
         if kind == "error":
             self._done = True
             error = event.get("error") or {}
             status = _ERROR_STATUS.get(error.get("type", ""), 500)
-            return [b"data: " + openai_error(status, error.get("message") or "provider stream error") + b"\n\n"]
+            return [error_event(status, error.get("message") or "provider stream error")]
         return []  # ping, content_block_stop, thinking/signature deltas
 
     def _chunk(self, delta: JSON, finish: str | None = None) -> bytes:
-        return _sse({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-                     "model": self._model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-
-
-def _sse(obj: JSON) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+        return completion_chunk(self._id, self._created, self._model, [delta_choice(delta, finish)])
 
 
 def stream(model: str) -> AnthropicStream:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from ..errors import error_body, error_type
 
 JSON = dict[str, Any]
@@ -67,3 +69,68 @@ def openai_error(status: int, message: str) -> bytes:
     `code` is always "provider_error" (docs/runbooks.md); the provider's own words stay
     in `message`."""
     return error_body(message, error_type(status), "provider_error")
+
+
+# --- the OpenAI stream every translating StreamTranslator writes -------------------------
+
+# The last event of a stream the provider finished cleanly; clients stop reading at it.
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: bytes) -> bytes:
+    """One SSE event carrying `payload` (JSON bytes) as its single data line; OpenAI
+    clients read nothing but data lines, so no event name or id is sent."""
+    return b"data: " + payload + b"\n\n"
+
+
+def delta_choice(delta: JSON, finish_reason: str | None = None, index: int = 0) -> JSON:
+    """One entry of a chunk's `choices`; translators of single-choice providers leave
+    `index` at 0."""
+    return {"index": index, "delta": delta, "finish_reason": finish_reason}
+
+
+def completion_chunk(id_: str, created: int, model: str, choices: list[JSON], usage: JSON | None = None) -> bytes:
+    """One `chat.completion.chunk` SSE event. The usage chunk OpenAI ends a stream with is
+    the one with `choices=[]` and `usage`; other chunks carry no `usage` key at all."""
+    out: JSON = {"id": id_, "object": "chat.completion.chunk", "created": created,
+                 "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return sse(orjson.dumps(out))
+
+
+def error_event(status: int, message: str) -> bytes:
+    """A provider error that arrives after the 200 headers went out: the status can no
+    longer change, so the OpenAI error shape travels as the stream's last data event,
+    typed by the HTTP status the provider would have answered with."""
+    return sse(openai_error(status, message))
+
+
+class SseReader:
+    """Reassembles SSE events across arbitrary chunk boundaries (LF, CRLF or CR line ends)
+    and yields each event's `data` payload; event names and comments are not needed
+    because the Anthropic, Gemini and OpenAI payloads all say what they are."""
+
+    __slots__ = ("_carry", "_text")
+
+    def __init__(self) -> None:
+        self._carry = b""  # a trailing b"\r" that may be the first half of b"\r\n"
+        self._text = b""  # normalised (LF-only) bytes of the incomplete event
+
+    def feed(self, chunk: bytes, end: bool) -> list[bytes]:
+        """The data of every event completed by `chunk`; at `end` also of the unterminated
+        last event, which a caller that must tell it apart reads with `feed(b"", True)`."""
+        raw = self._carry + chunk
+        cut = len(raw) - 1 if raw.endswith(b"\r") and not end else len(raw)
+        self._carry = raw[cut:]
+        self._text += raw[:cut].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *events, self._text = self._text.split(b"\n\n")
+        if end:
+            events.append(self._text)
+            self._text = b""
+        out: list[bytes] = []
+        for event in events:
+            data = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+            if data:
+                out.append(b"\n".join(data))
+        return out

@@ -16,7 +16,8 @@ import orjson
 
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.providers import eventstream, sigv4
-from gateway_extproc.providers.base import JSON, Outbound, StreamTranslator, Target, openai_error
+from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamTranslator, Target, completion_chunk,
+                                             delta_choice, error_event, openai_error)
 
 TRANSLATES_RESPONSE = True
 
@@ -264,19 +265,13 @@ class _Stream:
         self._done = False  # [DONE] or an error event sent; nothing more goes out
 
     def _chunk(self, delta: JSON, finish_reason: str | None = None) -> bytes:
-        return self._sse({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-                          "model": self._model,
-                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
-
-    @staticmethod
-    def _sse(data: JSON) -> bytes:
-        return b"data: " + orjson.dumps(data) + b"\n\n"
+        return completion_chunk(self._id, self._created, self._model, [delta_choice(delta, finish_reason)])
 
     def _error(self, message: str, throttled: bool = False) -> bytes:
+        """Throttling keeps its 429 type so clients back off; anything else is the
+        provider's failure (502, "server_error")."""
         self._done = True
-        return self._sse({"error": {"message": message,
-                                    "type": "rate_limit_error" if throttled else "server_error",
-                                    "code": "provider_error", "param": None}})
+        return error_event(429 if throttled else 502, message)
 
     def _event(self, kind: str, event: JSON) -> bytes:
         if kind == "messageStart":
@@ -302,9 +297,7 @@ class _Stream:
             return self._chunk({}, _FINISH.get(event.get("stopReason", ""), "stop"))
         if kind == "metadata":
             self._done = True
-            usage = self._sse({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-                               "model": self._model, "choices": [], "usage": _usage(event.get("usage") or {})})
-            return usage + b"data: [DONE]\n\n"
+            return completion_chunk(self._id, self._created, self._model, [], _usage(event.get("usage") or {})) + DONE
         return b""  # contentBlockStop and events added later
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
@@ -330,7 +323,7 @@ class _Stream:
             if self._decoder.pending or not self._stopped:
                 return bytes(out + self._error("Bedrock stream ended before the message was complete"))
             self._done = True
-            out += b"data: [DONE]\n\n"
+            out += DONE
         return bytes(out)
 
 

@@ -12,11 +12,10 @@ from urllib.parse import urlsplit
 import orjson
 
 from ..errors import GatewayError
-from .base import JSON, Outbound, Target, openai_error
+from .base import (DONE, JSON, Outbound, SseReader, Target, completion_chunk, delta_choice, error_event,
+                   openai_error)
 
 TRANSLATES_RESPONSE = True
-
-DONE = b"data: [DONE]\n\n"
 
 # Gemini finishReason -> OpenAI finish_reason; anything else (OTHER, LANGUAGE,
 # MALFORMED_FUNCTION_CALL, ...) ends the turn without a better OpenAI word, so "stop".
@@ -299,29 +298,15 @@ def usage(meta: JSON) -> JSON:
 
 # --- stream ------------------------------------------------------------------------------
 
-def sse(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
-
-
-def completion_chunk(id_: str, created: int, model: str, choices: list[JSON],
-                     usage: JSON | None = None) -> bytes:
-    """One OpenAI `chat.completion.chunk` SSE event."""
-    chunk: JSON = {"id": id_, "object": "chat.completion.chunk", "created": created,
-                   "model": model, "choices": choices}
-    if usage is not None:
-        chunk["usage"] = usage
-    return sse(orjson.dumps(chunk))
-
-
 class GeminiStream:
     """streamGenerateContent?alt=sse events in, OpenAI chunks out. Each Gemini event is a
     whole GenerateContentResponse holding only the new parts; usageMetadata is cumulative,
     so the last one seen is the stream's usage."""
 
-    __slots__ = ("_buf", "_model", "_id", "_created", "_started", "_calls", "_finished", "_usage")
+    __slots__ = ("_reader", "_model", "_id", "_created", "_started", "_calls", "_finished", "_usage")
 
     def __init__(self, model: str) -> None:
-        self._buf = b""
+        self._reader = SseReader()
         self._model = model
         self._id = ""
         self._created = int(time.time())
@@ -331,36 +316,29 @@ class GeminiStream:
         self._usage: JSON | None = None
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
-        # CRLF (what Google sends) normalised here, where a CR split from its LF by a chunk
-        # boundary is rejoined with it.
-        *events, self._buf = (self._buf + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
-        out = [self._event(event) for event in events]
+        out = [self._event(data) for data in self._reader.feed(chunk, False)]
         if end:
-            if self._buf.strip():
-                out.append(self._tail())
-            self._buf = b""
+            out.extend(self._tail(data) for data in self._reader.feed(b"", True))
             if self._finished:
                 if self._usage is not None:
                     out.append(completion_chunk(self._id, self._created, self._model, [], usage(self._usage)))
                 out.append(DONE)
         return b"".join(out)
 
-    def _tail(self) -> bytes:
+    def _tail(self, data: bytes) -> bytes:
         """A last event without its blank line: complete if it parses, else cut off."""
         try:
-            return self._event(self._buf)
+            return self._event(data)
         except orjson.JSONDecodeError:
             return b""
 
-    def _event(self, event: bytes) -> bytes:
-        data = b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n")
-                          if line.startswith(b"data:"))
-        if not data:
-            return b""
+    def _event(self, data: bytes) -> bytes:
+        """A complete event's data. JSON that does not parse raises: the upstream processor
+        then ends the stream with an error event rather than forwarding junk."""
         doc = orjson.loads(data)
         if "error" in doc:
             error = doc["error"]
-            return sse(openai_error(error.get("code", 500), error.get("message", "Gemini stream error")))
+            return error_event(error.get("code", 500), error.get("message", "Gemini stream error"))
         if not self._id:
             self._id = _completion_id(doc)
             self._model = doc.get("modelVersion") or self._model
@@ -392,8 +370,7 @@ class GeminiStream:
         if index not in self._started:  # the role rides on a choice's first chunk
             self._started.add(index)
             delta = {"role": "assistant", **delta}
-        return completion_chunk(self._id, self._created, self._model,
-                                [{"index": index, "delta": delta, "finish_reason": finish_reason}])
+        return completion_chunk(self._id, self._created, self._model, [delta_choice(delta, finish_reason, index)])
 
 
 def stream(model: str) -> GeminiStream:
