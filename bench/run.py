@@ -8,7 +8,7 @@ Starts nginx (the fake provider), a minimal plain Envoy, the "floor" (the gatewa
 config with the no-op bench/floor_extproc.py) and the rendered gateway stack (LocalStack:
 ext_proc + Envoy from helm/values-local.yaml), drives each with wrk at 1 and 32
 connections, times streamed first bytes and first content with httpx, and prints markdown
-tables plus PASS/MISS against the targets. Then, on default-chat with one ext_proc process,
+tables plus PASS/MISS against the targets. Then, on private-chat with one ext_proc process,
 the variants: no budgets, budgets in memory, budgets in Redis (a loopback valkey-server),
 output scanning off, measured in alternating rounds; a paced stream through the repo's
 mock provider (how long output scanning's hold-back keeps text back); and, before any
@@ -68,13 +68,13 @@ DISTURBED_RETRIES, QUIET_WAIT_S = 2, 60  # a disturbed run is repeated after wai
 TARGET_RATIO_32 = 0.09  # gateway req/s @32 >= 0.09 x plain Envoy
 TARGET_ADDED_P50_MS = 2.5  # gateway p50 @1 - plain Envoy p50 @1
 TARGET_TTFB_ADDED_MS = 3.0  # streamed median TTFB, gateway - plain Envoy
-# Variants of default-chat on one ext_proc process (issues "budgets" and "classification"):
+# Variants of private-chat on one ext_proc process (issues "budgets" and "classification"):
 TARGET_BUDGET_ADDED_P50_MS = 0.3  # budgets in Redis on loopback, p50 @1 - the same without budgets
 TARGET_BUDGET_RATIO_32 = 0.85  # budgets in Redis, req/s @32 >= 0.85 x the same without budgets
 TARGET_SCAN_TTFB_ADDED_MS = 2.0  # output scanning on, streamed median TTFB - the same with it off
 
 CHAT_BODY = {
-    "model": "default-chat",
+    "model": "private-chat",
     "messages": [
         {"role": "system", "content": (
             "You are a concise assistant for an internal engineering help desk. Answer in plain "
@@ -807,7 +807,7 @@ def plain_round(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]],
                 seconds: float, warmup: float) -> PathResult:
     """A fresh plain Envoy, measured once (its throughput varies between instances and over time)."""
     with plain_envoy(tmp, nginx_port, buffer_limit) as (url, envoy_pid):
-        return measure(Target("plain Envoy", "plain", url, "default-chat",
+        return measure(Target("plain Envoy", "plain", url, "private-chat",
                               {"envoy": lambda: [envoy_pid], "nginx": nginx_pids}), tmp, seconds, warmup)
 
 
@@ -819,7 +819,7 @@ def gateway_targets(stack: LocalStack, processes: int, store: str, nginx_pids: C
         cpu_of["redis"] = lambda: [redis_pid]
     where = f"{processes} ext_proc proc{'s' if processes > 1 else ''}, {store} budgets"
     return [Target(f"gateway {model}, {where}", "gateway", stack.url, model, cpu_of, processes)
-            for model in ("default-chat", "fallback-chat")]
+            for model in ("private-chat", "fallback-chat")]
 
 
 def measure_floor(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], seconds: float,
@@ -829,7 +829,7 @@ def measure_floor(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]
     with floor_stack(tmp, nginx_port) as (url, ext_pid, envoy_pid):
         cpu_of = {"extproc": lambda: [ext_pid], "envoy": lambda: [envoy_pid], "nginx": nginx_pids}
         return [measure(Target(f"floor {model}, no-op ext_proc", "floor", url, model, cpu_of, 1), tmp, seconds, warmup)
-                for model in ("default-chat", "fallback-chat")]
+                for model in ("private-chat", "fallback-chat")]
 
 
 def measure_gateway(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], processes: int,
@@ -854,7 +854,7 @@ def measure_gateway(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[in
 
 @dataclass(frozen=True)
 class Variant:
-    """default-chat on one ext_proc process, values-local with one thing changed."""
+    """private-chat on one ext_proc process, values-local with one thing changed."""
     tag: str
     label: str
     budgets: bool = True  # False: every budget and rate limit removed (no reservation at all)
@@ -875,7 +875,7 @@ VARIANTS = (
     Variant("redis", "budgets in Redis on loopback", redis=True),
     Variant("scan-off", "budgets in memory, output scanning off", output_scanning=False),
 )
-VARIANT_MODEL = "default-chat"
+VARIANT_MODEL = "private-chat"
 
 
 def stack_pids(stack: LocalStack) -> list[int]:
@@ -977,7 +977,7 @@ def mock_provider(tmp: Path) -> Iterator[int]:
 
 
 def measure_paced(tmp: Path, quick: bool) -> dict[str, dict[str, float]]:
-    """TTFB and first content of a paced stream through default-chat (1 ext_proc process),
+    """TTFB and first content of a paced stream through private-chat (1 ext_proc process),
     output scanning on (values-local) and off: how long the hold-back window keeps text back."""
     samples = 4 if quick else PACED_SAMPLES
     hdrs = {"x-mock-reply": PACED_REPLY, "x-mock-chunk-delay-ms": str(PACED_DELAY_MS)}
@@ -1044,7 +1044,7 @@ def scan_checks(costs: list[scan_cost.ScanCost]) -> list[Check]:
 
 def variant_table(var: dict[str, PathResult], plain: PathResult) -> str:
     base = var["none"]
-    lines = ["| default-chat, 1 ext_proc proc | req/s @1 | req/s @32 | ÷ no budgets @32 | ÷ plain Envoy @32 "
+    lines = ["| private-chat, 1 ext_proc proc | req/s @1 | req/s @32 | ÷ no budgets @32 | ÷ plain Envoy @32 "
              "| p50 @1 (ms) | added p50 @1 vs no budgets (ms) | p99 @32 (ms) | ext_proc CPU-ms/req "
              "| Redis CPU-ms/req | Envoy CPU-ms/req |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -1059,7 +1059,7 @@ def variant_table(var: dict[str, PathResult], plain: PathResult) -> str:
 
 def stream_table(var: dict[str, PathResult], plain: PathResult) -> str:
     off = var["scan-off"]
-    lines = ["| default-chat, 1 ext_proc proc, streamed | TTFB (ms) | first content (ms) | first content − TTFB (ms) "
+    lines = ["| private-chat, 1 ext_proc proc, streamed | TTFB (ms) | first content (ms) | first content − TTFB (ms) "
              "| TTFB vs scanning off (ms) | first content vs scanning off (ms) | TTFB vs plain Envoy (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for v in VARIANTS:
@@ -1087,7 +1087,7 @@ def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
     with nginx(tmp) as (nginx_port, nginx_proc):
         nginx_pids = lambda: [nginx_proc.pid, *children(nginx_proc.pid)]  # noqa: E731
         direct = f"http://127.0.0.1:{nginx_port}"
-        results.append(measure(Target("direct nginx (reference)", "direct", direct, "default-chat",
+        results.append(measure(Target("direct nginx (reference)", "direct", direct, "private-chat",
                                       {"nginx": nginx_pids}), tmp, seconds, warmup))
         values = chart_values([VALUES_LOCAL])
         buffer_limit = values["envoy"]["maxRequestBytes"] + 1048576  # as _envoy.tpl computes it
@@ -1222,7 +1222,7 @@ def write_json(results: list[PathResult], plain: PathResult, found: list[Check],
                     "scan_cost_ms": scan_cost.TARGET_MS},
         "paths": [{**asdict(r), "ratio_32": r.ratio(plain), "added_p50_ms": r.added_p50(plain),
                    "ttfb_added_ms": r.ttfb_added(plain)} for r in results],
-        # default-chat, 1 ext_proc process, values-local with one thing changed; mean of the rounds.
+        # private-chat, 1 ext_proc process, values-local with one thing changed; mean of the rounds.
         "variants": {tag: {**asdict(r), "ratio_32": r.ratio(plain), "ttfb_added_ms": r.ttfb_added(plain),
                            "ratio_32_vs_no_budgets": r.at32.rps / variants["none"].at32.rps,
                            "added_p50_ms_vs_no_budgets": r.at1.p50_ms - variants["none"].at1.p50_ms,
@@ -1252,7 +1252,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the floor rows (the gateway's Envoy config with a no-op ext_proc)")
     p.add_argument("--no-variants", dest="variants", action="store_false",
-                   help="skip the budget and output-scanning variants of default-chat (1 ext_proc process)")
+                   help="skip the budget and output-scanning variants of private-chat (1 ext_proc process)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the variants, in alternating order (default 2)")
     p.add_argument("--no-classification", dest="classification", action="store_false",
                    help="skip the in-process classification scan cost")

@@ -371,6 +371,7 @@ def chat_completions(call: Call) -> Reply:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion.tokens,
         "total_tokens": prompt_tokens + completion.tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},  # as OpenAI reports it (the mock caches nothing)
     }
     finish_reason = "length" if completion.truncated else "stop"
     base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()), "model": model}

@@ -21,7 +21,7 @@ from .. import api
 from ..config import Backend
 from ..errors import GatewayError
 from ..providers import TRANSLATORS
-from ..providers.base import StreamTranslator, Target, Translator, openai_error
+from ..providers.base import StreamTranslator, Target, Translator, error_event, openai_error
 from ..runtime import Runtime
 from . import responses as r
 
@@ -127,7 +127,7 @@ class UpstreamProcessor:
             except ValueError:
                 log.warning("provider_stream_unreadable", backend=self.backend.id)
                 self.stream = _Ended()
-                out = b"data: " + openai_error(502, "The provider sent a stream the gateway could not read.") + b"\n\n"
+                out = error_event(502, "The provider sent a stream the gateway could not read.")
             return r.response_body(r.common(body=out))
         try:
             new = self.translator.response(self.status, msg.body, self.backend.model)

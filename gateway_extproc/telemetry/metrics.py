@@ -42,7 +42,9 @@ BUDGET_EVENTS = Counter("genai_budget_events", "Budget and rate-limit decisions 
                         "store_unavailable_closed, stream_cut.", ["team", "event"])
 GUARDRAIL_TRIGGERS = Counter("genai_guardrail_triggers", "Policy rule matches by action taken.",
                              ["rule", "action", "team", "mode"])
-CACHE_REQUESTS = Counter("genai_cache_requests", "Cache lookups by result.", ["result"])
+# The provider's prompt cache, as its usage reports it: one lookup per successful request
+# whose usage says how many input tokens were cached (hit: some were).
+CACHE_REQUESTS = Counter("genai_cache_requests", "Provider prompt-cache lookups by result.", ["result"])
 UPSTREAM_ATTEMPTS = Counter("genai_upstream_attempts", "Provider attempts by backend and outcome.",
                             ["backend", "outcome"])
 REDIS_LATENCY = Histogram("genai_gateway_redis_latency_seconds", "Budget store round trips.", ["op"],
@@ -97,6 +99,8 @@ def record_request(labels: Labels, *, team: str | None, model: str | None, provi
     for kind, value in (("input", prompt_tokens), ("output", completion_tokens), ("cached", cached_tokens)):
         if value:
             child(TOKENS, t, m, kind).inc(value)
+    if cached_tokens is not None and sc == "2xx":
+        child(CACHE_REQUESTS, "hit" if cached_tokens else "miss").inc()
     child(DURATION, m, sc).observe(duration_s)
     if ttft_s is not None:
         child(TTFT, m).observe(ttft_s)

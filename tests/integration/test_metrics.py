@@ -47,6 +47,11 @@ def test_requests_tokens_and_latency_are_counted(gw: Gateway) -> None:
         sample(before, "genai_time_to_first_token_seconds_count", model="default-chat")
     assert ttft == 1
     assert sample(after, "genai_gateway_extproc_phase_seconds_count", phase="request_body") > 0
+    # The mock reports cached_tokens 0: seven prompt-cache misses, no hit.
+    assert sample(after, "genai_cache_requests_total", result="miss") - \
+        sample(before, "genai_cache_requests_total", result="miss") == 7
+    assert sample(after, "genai_cache_requests_total", result="hit") == sample(before, "genai_cache_requests_total",
+                                                                                result="hit")
     cost = sample(after, "genai_request_cost_dollars_total", team="demo", model="default-chat") - \
         sample(before, "genai_request_cost_dollars_total", team="demo", model="default-chat")
     expected = (usage_in * 5.0 + usage_out * 20.0) / 1e6  # values-local prices, USD per 1M tokens
