@@ -74,7 +74,8 @@ class SseUsageTap:
         # Events carrying generated text: about one token each, the running output estimate
         # used before (or without) the provider's usage chunk.
         self.content_events = 0
-        self.done = False  # the stream's `data: [DONE]` went by: the provider finished it
+        # `data: [DONE]` or an error event went by: the stream ended itself (not cut off).
+        self.done = False
         self._pending = b""
 
     def feed(self, chunk: bytes, end: bool) -> bytes | None:
@@ -89,7 +90,7 @@ class SseUsageTap:
             self.events += 1
             if b'"content":"' in event and b'"content":""' not in event:
                 self.content_events += 1
-            elif event.startswith(b"data: [DONE]"):
+            elif event.startswith((b"data: [DONE]", b'data: {"error"')):
                 self.done = True
             if b'"usage"' in event and self._take_usage(event) and self.drop_usage_chunk:
                 dropped = True

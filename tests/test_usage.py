@@ -280,3 +280,15 @@ def test_byte_at_a_time() -> None:
     tap = SseUsageTap(drop_usage_chunk=True)
     assert forward(tap, [stream[i:i + 1] for i in range(len(stream))]) == stream.replace(usage_event, b"")
     assert counts(tap.usage) == EXPECTED_USAGE
+
+
+@pytest.mark.parametrize(("stream", "done"), [
+    (b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: [DONE]\n\n', True),
+    (b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"error": {"message": "overloaded"}}\n\n', True),
+    (b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n', False),  # the provider stopped mid-answer
+])
+def test_tap_knows_whether_the_stream_ended_itself(stream: bytes, done: bool) -> None:
+    tap = SseUsageTap(drop_usage_chunk=False)
+    for i in range(len(stream)):
+        tap.feed(stream[i:i + 1], end=i == len(stream) - 1)
+    assert tap.done is done
