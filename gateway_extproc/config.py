@@ -65,6 +65,14 @@ class Backend:
     max_tier: str | None = None  # highest data classification tier this backend is approved for
 
 
+def served_natively(backends: tuple[Backend, ...]) -> bool:
+    """Whether Envoy serves a cluster of these backends without the upstream ext_proc (one
+    OpenAI-schema backend whose key Envoy injects from its environment). The chart's
+    `$native` in _envoy.tpl is the same rule; the router then counts the attempt itself."""
+    return (len(backends) == 1 and backends[0].provider.kind == "openai"
+            and backends[0].provider.credential_env is not None)
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetSpec:
     """Dollar limits of one level (org, team, user or key), in nano-dollars."""

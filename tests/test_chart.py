@@ -92,7 +92,8 @@ def test_single_backends_needing_the_upstream_ext_proc_get_it(model: str) -> Non
              if f["name"] == "envoy.filters.http.ext_proc"]
     cfg = ext["typed_config"]
     assert cfg["processing_mode"]["request_body_mode"] == "BUFFERED"
-    assert cfg["processing_mode"]["response_header_mode"] == "SKIP"  # switched on per attempt
+    assert cfg["processing_mode"]["response_header_mode"] == "SEND"  # each attempt's status
+    assert cfg["processing_mode"]["response_body_mode"] == "NONE"  # switched on per response
     assert cfg["allow_mode_override"] is True
 
 

@@ -11,8 +11,10 @@ import structlog
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
+from prometheus_client import REGISTRY
 
 from gateway_extproc import config
+from gateway_extproc.processors import responses as r
 from gateway_extproc.processors import upstream
 from gateway_extproc.processors.upstream import UpstreamProcessor, is_upstream
 from gateway_extproc.runtime import Runtime
@@ -35,12 +37,16 @@ def gateway_doc(backup_file: Path) -> dict[str, Any]:
              "credential": {"file": str(backup_file)}},
             {"name": "nokey", "kind": "openai", "baseURL": "http://nokey.example",
              "credential": {"env": MISSING_ENV}},
+            {"name": "claude", "kind": "anthropic", "baseURL": "https://api.anthropic.example/v1",
+             "credential": {"env": OPENAI_ENV}},
         ],
         "models": [
             {"name": "fallback-chat", "tokenizer": "estimate",
              "backends": [{"provider": "openai", "model": "gpt-4o", "priority": 0},
                           {"provider": "backup", "model": "gpt-4o-backup", "priority": 1},
                           {"provider": "nokey", "model": "last-resort", "priority": 2}]},
+            {"name": "claude-chat", "tokenizer": "estimate",
+             "backends": [{"provider": "claude", "model": "claude-x"}]},
             {"name": "default-embedding", "tokenizer": "estimate",
              "backends": [{"provider": "backup", "model": "embed-small"}]},
         ],
@@ -175,7 +181,7 @@ async def test_empty_credential_file_is_missing(tmp_path: Path, monkeypatch: pyt
     empty = tmp_path / "empty.key"
     empty.write_text("\n", encoding="utf-8")
     runtime = Runtime.from_config(config.parse(gateway_doc(empty), "t.yaml"))
-    assert runtime.credentials == {"openai": OPENAI_KEY, "backup": None, "nokey": None}
+    assert runtime.credentials == {"openai": OPENAI_KEY, "backup": None, "nokey": None, "claude": OPENAI_KEY}
     resp = await UpstreamProcessor(runtime).handle(attempt_headers(backend="backup/gpt-4o-backup"))
     assert_immediate_error(resp, 500, "provider_credential_missing")
 
@@ -219,5 +225,81 @@ async def test_unexpected_message_kind(proc: UpstreamProcessor) -> None:
         await proc.handle(ep.ProcessingRequest(request_trailers=ep.HttpTrailers()))
 
 
-def test_close_is_a_no_op(proc: UpstreamProcessor) -> None:
+def test_close_before_any_backend_counts_nothing(proc: UpstreamProcessor) -> None:
     proc.close()
+
+
+# -- responses: translation and per-attempt counts -------------------------------------------
+
+
+def response_headers(status: int, content_type: str = "application/json",
+                     end: bool = False) -> ep.ProcessingRequest:
+    headers = HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in {
+        ":status": str(status), "content-type": content_type, "content-length": "10"}.items()])
+    return ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=headers, end_of_stream=end))
+
+
+def response_body(body: bytes, end: bool = True) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=end))
+
+
+def attempts(backend: str, outcome: str) -> float:
+    return REGISTRY.get_sample_value("genai_upstream_attempts_total", {"backend": backend, "outcome": outcome}) or 0
+
+
+async def test_openai_schema_answers_pass_untouched(proc: UpstreamProcessor) -> None:
+    await proc.handle(attempt_headers())
+    resp = await proc.handle(response_headers(200))
+    assert resp.WhichOneof("response") == "response_headers"
+    assert not resp.HasField("mode_override") and not resp.response_headers.HasField("response")
+
+
+async def test_anthropic_answer_is_translated_back_to_openai(proc: UpstreamProcessor) -> None:
+    await proc.handle(attempt_headers(backend="claude/claude-x"))
+    sent = (await proc.handle(attempt_body({"model": "claude-chat", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}))).request_body.response
+    headers = set_headers(sent)
+    assert headers[":path"] == "/v1/messages" and headers["x-api-key"] == OPENAI_KEY
+    assert list(sent.header_mutation.remove_headers) == ["authorization"]
+    assert orjson.loads(sent.body_mutation.body)["system"] == "Be brief."
+    resp = await proc.handle(response_headers(200))
+    assert resp.mode_override.response_body_mode == r.BUFFERED
+    assert list(resp.response_headers.response.header_mutation.remove_headers) == ["content-length"]
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+               "content": [{"type": "text", "text": "Hello!"}], "stop_reason": "end_turn",
+               "usage": {"input_tokens": 5, "output_tokens": 2}}
+    out = (await proc.handle(response_body(orjson.dumps(message)))).response_body.response
+    done = orjson.loads(out.body_mutation.body)
+    assert done["choices"][0]["message"]["content"] == "Hello!"
+    assert done["usage"]["prompt_tokens"] == 5 and done["usage"]["completion_tokens"] == 2
+
+
+async def test_anthropic_stream_is_translated_chunk_by_chunk(proc: UpstreamProcessor) -> None:
+    await proc.handle(attempt_headers(backend="claude/claude-x"))
+    resp = await proc.handle(response_headers(200, "text/event-stream"))
+    assert resp.mode_override.response_body_mode == r.STREAMED
+    assert set_headers(resp.response_headers.response) == {"content-type": "text/event-stream"}
+    start = b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"claude-x",' \
+            b'"usage":{"input_tokens":5,"output_tokens":1}}}\n\n'
+    out = (await proc.handle(response_body(start, end=False))).response_body.response.body_mutation.body
+    assert orjson.loads(out.removeprefix(b"data: "))["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+async def test_unreadable_provider_answers_become_provider_errors(proc: UpstreamProcessor) -> None:
+    await proc.handle(attempt_headers(backend="claude/claude-x"))
+    await proc.handle(response_headers(200))
+    out = (await proc.handle(response_body(b"<html>oops</html>"))).response_body.response.body_mutation.body
+    assert orjson.loads(out)["error"]["code"] == "provider_error"
+
+
+@pytest.mark.parametrize(("status", "outcome"), [(200, "success"), (429, "throttled"), (400, "rejected"),
+                                                 (503, "error"), (None, "error")])
+async def test_each_attempt_is_counted_by_outcome(runtime: Runtime, status: int | None, outcome: str) -> None:
+    """`None`: the attempt never got response headers (reset, per-try timeout)."""
+    proc = UpstreamProcessor(runtime)
+    before = attempts("openai/gpt-4o", outcome)
+    await proc.handle(attempt_headers())
+    if status is not None:
+        await proc.handle(response_headers(status, end=True))
+    proc.close()
+    assert attempts("openai/gpt-4o", outcome) == before + 1

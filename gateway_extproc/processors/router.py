@@ -21,7 +21,7 @@ from .. import api, identity, messages, tokens
 from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
-from ..config import Backend, Model, VirtualKey
+from ..config import Backend, Model, VirtualKey, served_natively
 from ..errors import GatewayError
 from ..providers import SERVES
 from ..policy.classification import CONTENT_LOG_CHARS, ResponseGuard, content_for_log
@@ -250,9 +250,9 @@ class RouterProcessor:
         attempts = h.get("x-envoy-attempt-count")
         if attempts:
             added["x-gateway-attempts"] = attempts
-        if self.backend:
+        if self.backend and served_natively(self.eligible):  # else the upstream processor counts each attempt
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
-                                             "success" if self.status < 500 else "error").inc()
+                          metrics.attempt_outcome(self.status)).inc()
         remove = ("x-envoy-attempt-count",) if attempts else ()
         if msg.end_of_stream:
             self.log()

@@ -23,6 +23,7 @@ from ..errors import GatewayError
 from ..providers import TRANSLATORS
 from ..providers.base import StreamTranslator, Target, Translator, error_event, openai_error
 from ..runtime import Runtime
+from ..telemetry import metrics
 from . import responses as r
 
 log = structlog.get_logger("gateway_extproc.upstream")
@@ -85,12 +86,7 @@ class UpstreamProcessor:
         self.target = Target(backend.model, provider.base_url, provider.base_path, provider.host, credential,
                              provider.options)
         log.info("upstream_attempt", request_id=request_id, backend=backend.id)
-        resp = r.request_headers()
-        if self.translator.TRANSLATES_RESPONSE:
-            # An override replaces the whole mode: keep the request body buffered too.
-            resp.mode_override.request_body_mode = r.BUFFERED
-            resp.mode_override.response_header_mode = r.SEND
-        return resp
+        return r.request_headers()
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         """This attempt's request, built from the body the router forwarded (each attempt
@@ -102,11 +98,12 @@ class UpstreamProcessor:
         return r.request_body(r.common(r.mutation(headers, out.remove), out.body))
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
-        """Only for translated providers: stream bodies chunk by chunk, buffer JSON ones."""
+        """Records the attempt's status; for translated providers, streams bodies chunk by
+        chunk and buffers JSON ones (others' bodies never come here)."""
         assert self.translator is not None and self.backend is not None
         h = r.header_map(msg)
         self.status = int(h.get(":status", "0") or 0)
-        if msg.end_of_stream:
+        if msg.end_of_stream or not self.translator.TRANSLATES_RESPONSE:
             return r.response_headers()
         content_type = h.get("content-type", "").partition(";")[0].strip().lower()
         if 200 <= self.status < 300 and content_type in _STREAM_TYPES:
@@ -137,7 +134,11 @@ class UpstreamProcessor:
         return r.response_body(r.common(r.mutation({"content-type": "application/json"}), new))
 
     def close(self) -> None:
-        """Nothing to settle per attempt: the router accounts for the request."""
+        """One count per attempt, by backend and outcome: retries and fallbacks show as
+        extra attempts, resets and per-try timeouts (no response headers) as errors."""
+        if self.backend is not None:
+            metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend.id),
+                          metrics.attempt_outcome(self.status)).inc()
 
 
 class _Ended:

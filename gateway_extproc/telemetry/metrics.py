@@ -56,6 +56,18 @@ PHASE_LATENCY = Histogram("genai_gateway_extproc_phase_seconds", "ext_proc time 
 
 
 @lru_cache(maxsize=8192)
+def attempt_outcome(status: int) -> str:
+    """An attempt's outcome for genai_upstream_attempts_total: what the backend did, not
+    what the client ended up seeing (0: no answer at all, a reset or a per-try timeout)."""
+    if 0 < status < 400:
+        return "success"
+    if status == 429:
+        return "throttled"
+    if 400 <= status < 500:
+        return "rejected"
+    return "error"
+
+
 def child(metric: Any, *values: str) -> Any:
     """`metric.labels(*values)`, cached: label values are bounded by config, and the lookup
     runs several times per request."""

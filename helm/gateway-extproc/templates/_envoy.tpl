@@ -276,8 +276,9 @@ static_resources:
             processing_mode:
               request_header_mode: SEND
               request_body_mode: BUFFERED
-              # Turned on per attempt for providers whose answers need translating.
-              response_header_mode: SKIP
+              # Headers: each attempt's status (metrics). Bodies: turned on per response
+              # for providers whose answers need translating.
+              response_header_mode: SEND
               response_body_mode: NONE
               request_trailer_mode: SKIP
               response_trailer_mode: SKIP
