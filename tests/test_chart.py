@@ -103,7 +103,7 @@ def test_every_attempt_is_logged_by_envoy() -> None:
     [router] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
     fmt = router["typed_config"]["upstream_log"][0]["typed_config"]["log_format"]["json_format"]
     assert fmt["event"] == "upstream_attempt"
-    assert {"request_id", "attempt", "backend", "status", "flags"} <= set(fmt)
+    assert {"request_id", "start_time", "backend", "status", "flags"} <= set(fmt)
 
 
 def test_no_credential_value_is_ever_rendered(tmp_path: Path) -> None:

@@ -163,7 +163,7 @@ static_resources:
                     json_format:
                       event: upstream_attempt
                       request_id: "%REQ(X-REQUEST-ID)%"
-                      attempt: "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"
+                      start_time: "%START_TIME%"
                       backend: "%UPSTREAM_METADATA(gw:backend)%"
                       status: "%RESPONSE_CODE%"
                       flags: "%RESPONSE_FLAGS%"
