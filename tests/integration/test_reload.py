@@ -73,3 +73,38 @@ def test_keys_reload_without_dropping_traffic_and_bad_files_are_rejected() -> No
         finally:
             stop.set()
             gw.stack.stop()
+
+
+def test_a_backend_model_change_reloads_under_traffic() -> None:
+    """The ext_proc side of a model change: new requests get the new backend model name,
+    requests in flight finish with the old config, none fails."""
+    with tempfile.TemporaryDirectory(prefix="gw-reload-model-") as tmp:
+        gw = build_gateway(Path(tmp))
+        gateway_yaml = Path(tmp) / "gateway.yaml"
+        stop = threading.Event()
+        results: list[int] = []
+
+        def traffic() -> None:
+            while not stop.is_set():
+                results.append(httpx.post(f"{gw.url}/v1/chat/completions", timeout=10,
+                                          json={"model": "private-chat", "messages": HELLO},
+                                          headers={"authorization": f"Bearer {gw.key}"}).status_code)
+
+        worker = threading.Thread(target=traffic)
+        try:
+            worker.start()
+            values = copy.deepcopy(gw.stack.values)
+            [model] = [m for m in values["models"] if m["name"] == "private-chat"]
+            model["backends"][0]["model"] = "mock-private-llama-v2"
+            write_atomically(gateway_yaml, render_values(values)["gateway.yaml"])
+
+            def sent_new_name() -> bool:
+                return any(r["body"]["model"] == "mock-private-llama-v2" for r in gw.received(gw.primary))
+            wait_for(sent_new_name)
+            stop.set()
+            worker.join()
+            assert results and set(results) == {200}
+            assert '"event":"config_reloaded"' in gw.stack.log_path("extproc").read_text()
+        finally:
+            stop.set()
+            gw.stack.stop()
