@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=8081)
     m.add_argument("--api-key", help="require this provider key (default: accept any)")
+    m.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate chain (PEM)")
+    m.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
 
     lc = sub.add_parser("local", help="run the mock providers, the ext_proc and Envoy here (`make run`); "
                         "one mock instance per loopback port in the values plays every provider there")
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return _local(args)
     if args.cmd == "mock-provider":
         from .mock_provider import run
-        run(args.host, args.port, args.api_key)
+        if (args.tls_cert is None) != (args.tls_key is None):
+            p.error("--tls-cert and --tls-key go together")
+        run(args.host, args.port, args.api_key, (args.tls_cert, args.tls_key) if args.tls_cert else None)
         return 0
     return 2
 

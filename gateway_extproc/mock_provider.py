@@ -27,6 +27,7 @@ import itertools
 import math
 import re
 import signal
+import ssl
 import struct
 import sys
 import time
@@ -34,6 +35,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from http.client import responses
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -1074,8 +1076,8 @@ class MockProvider:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
 
-    async def listen(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve_connection, host, port)
+    async def listen(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._serve_connection, host, port, ssl=tls)
 
     async def close(self) -> None:
         if self._server is None:
@@ -1105,18 +1107,19 @@ class MockProvider:
             writer.close()
 
 
-async def start(host: str, port: int, api_key: str | None = None) -> MockProvider:
-    """Start serving on ``host:port`` (0 picks a free port, see ``.port``)."""
+async def start(host: str, port: int, api_key: str | None = None,
+                tls: ssl.SSLContext | None = None) -> MockProvider:
+    """Start serving on ``host:port`` (0 picks a free port, see ``.port``); HTTPS with ``tls``."""
     _encoding()  # load the BPE ranks now rather than on the first request
     provider = MockProvider(api_key)
-    await provider.listen(host, port)
+    await provider.listen(host, port, tls)
     return provider
 
 
-async def _serve_until_signalled(host: str, port: int, api_key: str | None) -> None:
-    provider = await start(host, port, api_key)
+async def _serve_until_signalled(host: str, port: int, api_key: str | None, tls: ssl.SSLContext | None) -> None:
+    provider = await start(host, port, api_key, tls)
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"mock-provider listening on http://{shown_host}:{provider.port}", flush=True)
+    print(f"mock-provider listening on {'https' if tls else 'http'}://{shown_host}:{provider.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1127,6 +1130,12 @@ async def _serve_until_signalled(host: str, port: int, api_key: str | None) -> N
         await provider.close()
 
 
-def run(host: str, port: int, api_key: str | None) -> None:
-    """Serve until SIGTERM/SIGINT (entry point of ``gateway-extproc mock-provider``)."""
-    _run_event_loop(_serve_until_signalled(host, port, api_key))
+def run(host: str, port: int, api_key: str | None, tls_files: tuple[Path, Path] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (entry point of ``gateway-extproc mock-provider``).
+    ``tls_files`` (certificate chain, key): serve HTTPS, as hosted providers do, so
+    Envoy's upstream TLS (CA, SNI, SAN checks) can be exercised locally."""
+    tls = None
+    if tls_files is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(*tls_files)
+    _run_event_loop(_serve_until_signalled(host, port, api_key, tls))

@@ -243,7 +243,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
           common_tls_context:
             validation_context:
-              trusted_ca: {filename: /etc/ssl/certs/ca-certificates.crt}
+              trusted_ca: {filename: {{ ternary (printf "%s/%s" $v.envoy.upstreamCA.dir $v.envoy.upstreamCA.key) "/etc/ssl/certs/ca-certificates.crt" (ne $v.envoy.upstreamCA.dir "") | quote }}}
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions

@@ -148,6 +148,13 @@ only); TLS material is mounted into Envoy.
 {{- if and $tls.enabled $tls.certificate.secretName -}}
 {{- $out = append $out (dict "name" "tls-certificate" "dir" $tls.certificate.dir "container" "envoy" "from" "envoy.tls.certificate" "sources" (list (dict "secret" (dict "name" $tls.certificate.secretName "items" (list (dict "key" "tls.crt" "path" "tls.crt") (dict "key" "tls.key" "path" "tls.key")))))) -}}
 {{- end -}}
+{{- $up := $v.envoy.upstreamCA -}}
+{{- if $up.secretName -}}
+{{- if not $up.dir -}}
+{{- fail "values: envoy.upstreamCA.secretName is set but envoy.upstreamCA.dir is empty; give the directory to mount it at" -}}
+{{- end -}}
+{{- $out = append $out (dict "name" "upstream-ca" "dir" $up.dir "container" "envoy" "from" "envoy.upstreamCA" "sources" (list (dict "secret" (dict "name" $up.secretName "items" (list (dict "key" $up.key "path" $up.key)))))) -}}
+{{- end -}}
 {{- if and $tls.enabled $tls.clientCA.enabled $tls.clientCA.secretName -}}
 {{- $out = append $out (dict "name" "tls-client-ca" "dir" $tls.clientCA.dir "container" "envoy" "from" "envoy.tls.clientCA" "sources" (list (dict "secret" (dict "name" $tls.clientCA.secretName "items" (list (dict "key" $tls.clientCA.key "path" $tls.clientCA.key)))))) -}}
 {{- end -}}
