@@ -463,3 +463,19 @@ def test_schema_accepts_sections_owned_elsewhere(chart: helm_python.Chart) -> No
     """classification is validated by the ext_proc; the schema only asks for an object."""
     values = merge(chart_values([REPO / "helm" / "values-local.yaml"]), {"classification": {"anythingNew": {"x": 1}}})
     render(chart, values)
+
+
+def test_an_internal_provider_ca_is_mounted_into_envoy_and_trusted(chart: helm_python.Chart) -> None:
+    values = chart_values([])
+    values["envoy"]["upstreamCA"] = {"secretName": "provider-ca", "key": "bundle.pem", "dir": "/etc/envoy/provider-ca"}
+    docs = manifests(render(chart, values))
+    envoy = yaml.safe_load(config_map(docs)["envoy.yaml"])
+    trusted = {c["transport_socket_matches"][0]["transport_socket"]["typed_config"]["common_tls_context"]
+               ["validation_context"]["trusted_ca"]["filename"] for c in envoy["static_resources"]["clusters"]
+               if c["name"].startswith("model.")}
+    assert trusted == {"/etc/envoy/provider-ca/bundle.pem"}
+    assert {"name": "upstream-ca", "mountPath": "/etc/envoy/provider-ca", "readOnly": True} in \
+        container(docs, "envoy")["volumeMounts"]
+    values["envoy"]["upstreamCA"]["dir"] = ""
+    with pytest.raises(helm_python.HelmError, match="envoy.upstreamCA.dir is empty"):
+        render(chart, values)
