@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from gateway_extproc.errors import GatewayError
-from gateway_extproc.providers.base import SseReader
+from gateway_extproc.providers.base import SseReader, arguments_object
 
 JSON = dict[str, Any]
 
@@ -179,11 +179,7 @@ def from_chat(raw: bytes) -> bytes:
 
 def _arguments(arguments: Any) -> JSON:
     """Models sometimes stream invalid JSON arguments; Anthropic's input must be an object."""
-    try:
-        value = orjson.loads(arguments or "{}")
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    return arguments_object(arguments) or {}
 
 
 def _usage(usage: Any) -> JSON:

@@ -22,8 +22,9 @@ from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
 from ..config import Backend, Model, VirtualKey, served_natively
-from ..errors import GatewayError
+from ..errors import GatewayError, error_body
 from ..providers import SERVES
+from ..providers.base import sse
 from ..policy.classification import CONTENT_LOG_CHARS, ResponseGuard, content_for_log
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
@@ -449,10 +450,8 @@ def _interrupted_event(p: RouterProcessor) -> bytes:
     p.error_code = "upstream_stream_interrupted"
     access_log.warning("stream_interrupted", request_id=p.request_id, backend=p.backend,
                        events=p.tap.events if p.tap else None)
-    error = {"error": {"message": "The provider ended the stream before it finished; the answer above is "
-                                  "incomplete.", "type": "server_error", "code": "upstream_stream_interrupted",
-                       "param": None}}
-    return b"data: " + orjson.dumps(error) + b"\n\n"
+    return sse(error_body("The provider ended the stream before it finished; the answer above is incomplete.",
+                          "server_error", "upstream_stream_interrupted"))
 
 
 def log_budget_cut(p: RouterProcessor) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 
 from gateway_extproc.errors import GatewayError
-from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, Target, completion_chunk, delta_choice,
-                                             error_event, openai_error)
+from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, Target, append_turn, arguments_object,
+                                            completion_chunk, delta_choice, error_event, openai_error)
 
 TRANSLATES_RESPONSE = True
 
@@ -95,10 +95,7 @@ def _messages(messages: list[JSON]) -> tuple[str, list[JSON]]:
             raise GatewayError("invalid_request", f"message role {role!r} is not supported", "messages")
         if not blocks:  # Anthropic rejects empty content; an empty turn carries nothing
             continue
-        if out and out[-1]["role"] == role:
-            out[-1]["content"].extend(blocks)
-        else:
-            out.append({"role": role, "content": blocks})
+        append_turn(out, role, "content", blocks)
     return "\n\n".join(system), out
 
 
@@ -139,12 +136,8 @@ def _tool_use(call: JSON) -> JSON:
     """Anthropic wants the parsed object; arguments that are not a JSON object become {}
     rather than failing a whole conversation over one malformed historical call."""
     function = call.get("function") or {}
-    try:
-        arguments = orjson.loads(function.get("arguments") or "{}")
-    except orjson.JSONDecodeError:
-        arguments = {}
     return {"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""),
-            "input": arguments if isinstance(arguments, dict) else {}}
+            "input": arguments_object(function.get("arguments")) or {}}
 
 
 def _tool(tool: JSON) -> JSON:

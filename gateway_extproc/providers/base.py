@@ -134,3 +134,23 @@ class SseReader:
             if data:
                 out.append(b"\n".join(data))
         return out
+
+
+def append_turn(turns: list[JSON], role: str, field: str, items: list[JSON]) -> None:
+    """Adds a message's blocks as a turn, merged into the previous turn of the same role:
+    Anthropic, Converse and Gemini want user and assistant turns to alternate, while OpenAI
+    histories often hold several messages of one role in a row (e.g. tool results)."""
+    if turns and turns[-1]["role"] == role:
+        turns[-1][field].extend(items)
+    else:
+        turns.append({"role": role, field: items})
+
+
+def arguments_object(raw: Any) -> JSON | None:
+    """A tool call's `arguments` (a JSON string in OpenAI's schema) as the object other
+    schemas want; None when it is not valid JSON or not an object."""
+    try:
+        value = orjson.loads(raw or "{}")
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None

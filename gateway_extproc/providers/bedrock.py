@@ -16,7 +16,7 @@ import orjson
 
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.providers import eventstream, sigv4
-from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamTranslator, Target, completion_chunk,
+from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamTranslator, Target, append_turn, completion_chunk,
                                              delta_choice, error_event, openai_error)
 
 TRANSLATES_RESPONSE = True
@@ -113,10 +113,7 @@ def _conversation(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
             raise GatewayError("invalid_request", f"unsupported message role {role!r}", param)
         if not blocks:
             continue
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": blocks})
+        append_turn(turns, role, "content", blocks)
     return system, turns
 
 

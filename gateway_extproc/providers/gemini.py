@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from ..errors import GatewayError
-from .base import (DONE, JSON, Outbound, SseReader, Target, completion_chunk, delta_choice, error_event,
-                   openai_error)
+from .base import (DONE, JSON, Outbound, SseReader, Target, append_turn, arguments_object, completion_chunk,
+                   delta_choice, error_event, openai_error)
 
 TRANSLATES_RESPONSE = True
 
@@ -104,10 +104,7 @@ def _contents(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
             raise _invalid(f"message role {role!r} is not supported by Gemini backends")
         if not parts:
             continue
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
+        append_turn(contents, role, "parts", parts)
     return system, contents
 
 
@@ -150,12 +147,9 @@ def _image(url: str) -> JSON:
 
 
 def _arguments(raw: Any) -> JSON:
-    """OpenAI sends arguments as a JSON string; Gemini wants the object."""
-    try:
-        args = orjson.loads(raw or "{}")
-    except orjson.JSONDecodeError:
-        raise _invalid("tool_calls arguments must be a JSON object") from None
-    if not isinstance(args, dict):
+    """Gemini wants the object: a call whose arguments are not one is refused."""
+    args = arguments_object(raw)
+    if args is None:
         raise _invalid("tool_calls arguments must be a JSON object")
     return args
 
