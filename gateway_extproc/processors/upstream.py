@@ -21,7 +21,7 @@ from .. import api
 from ..config import Backend
 from ..errors import GatewayError
 from ..providers import TRANSLATORS
-from ..providers.base import StreamTranslator, Target, Translator, error_event, openai_error
+from ..providers.base import GuardedStream, Target, Translator, guarded_response
 from ..runtime import Runtime
 from ..telemetry import metrics
 from . import responses as r
@@ -40,7 +40,7 @@ def is_upstream(req: ep.ProcessingRequest) -> bool:
 
 
 class UpstreamProcessor:
-    __slots__ = ("runtime", "backend", "endpoint", "target", "translator", "status", "stream")
+    __slots__ = ("runtime", "backend", "endpoint", "target", "translator", "status", "stream", "logged")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -49,7 +49,8 @@ class UpstreamProcessor:
         self.target: Target | None = None
         self.translator: Translator | None = None
         self.status = 0
-        self.stream: StreamTranslator | None = None
+        self.stream: GuardedStream | None = None
+        self.logged = False  # the stream's failure was logged
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -107,7 +108,7 @@ class UpstreamProcessor:
             return r.response_headers()
         content_type = h.get("content-type", "").partition(";")[0].strip().lower()
         if 200 <= self.status < 300 and content_type in _STREAM_TYPES:
-            self.stream = self.translator.stream(self.backend.model)
+            self.stream = GuardedStream(self.translator.stream(self.backend.model))
             return r.response_headers(r.common(r.mutation({"content-type": "text/event-stream"}, ("content-length",))),
                                       stream_body=True)
         # The translated body has another length: drop the provider's content-length now
@@ -115,22 +116,21 @@ class UpstreamProcessor:
         return r.response_headers(r.common(r.mutation(remove=("content-length",))), buffer_body=True)
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
-        """A body the translator cannot read (a provider bug or a protocol change) becomes
-        a `provider_error` in the OpenAI shape, not a broken stream or a 200 with junk."""
+        """A body the translator cannot read (a provider bug, garbage, a protocol change)
+        becomes a `provider_error` in the OpenAI shape, not a broken stream or a 200 with
+        junk (base.GuardedStream, base.guarded_response)."""
         assert self.translator is not None and self.backend is not None
         if self.stream is not None:
-            try:
-                out = self.stream.feed(msg.body, msg.end_of_stream)
-            except ValueError:
-                log.warning("provider_stream_unreadable", backend=self.backend.id)
-                self.stream = _Ended()
-                out = error_event(502, "The provider sent a stream the gateway could not read.")
+            out = self.stream.feed(msg.body, msg.end_of_stream)
+            if self.stream.failure is not None and not self.logged:
+                self.logged = True
+                log.warning("provider_stream_unreadable", backend=self.backend.id,
+                            error=type(self.stream.failure).__name__)
             return r.response_body(r.common(body=out))
-        try:
-            new = self.translator.response(self.status, msg.body, self.backend.model)
-        except ValueError:
-            log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status)
-            new = openai_error(502, f"The provider answered HTTP {self.status} with a body the gateway could not read.")
+        new, failure = guarded_response(self.translator, self.status, msg.body, self.backend.model)
+        if failure is not None:
+            log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status,
+                        error=type(failure).__name__)
         return r.response_body(r.common(r.mutation({"content-type": "application/json"}), new))
 
     def close(self) -> None:
@@ -139,10 +139,3 @@ class UpstreamProcessor:
         if self.backend is not None:
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend.id),
                           metrics.attempt_outcome(self.status)).inc()
-
-
-class _Ended:
-    """A stream already ended with an error event: the rest of the provider's bytes are dropped."""
-
-    def feed(self, chunk: bytes, end: bool) -> bytes:
-        return b""
