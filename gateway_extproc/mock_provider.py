@@ -260,9 +260,10 @@ def _input_tokens(system: Any, messages: list[JSON]) -> int:
 
 
 def _last_user_text(messages: list[JSON]) -> str:
+    """The last user message with text (a turn of tool results only has none)."""
     for message in reversed(messages):
-        if message.get("role") == "user":
-            return " ".join(_texts(message.get("content")))
+        if message.get("role") == "user" and (texts := _texts(message.get("content"))):
+            return " ".join(texts)
     return ""
 
 
