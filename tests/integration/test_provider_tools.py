@@ -189,3 +189,37 @@ def test_garbage_mid_stream_reaches_anthropic_clients_as_an_error_event(gw: Gate
                                         extra_headers={"x-mock-garbage-after-chunks": "2"}) as events:
             for _ in events:
                 pass
+
+
+# -- LangChain, as its users point it at the gateway ------------------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_langchain_bind_tools(gw: Gateway, model: str) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str, unit: str) -> str:
+        """Weather now in a city, in celsius or fahrenheit."""
+        return "21"
+
+    chat = ChatOpenAI(model=model, base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)  # type: ignore[arg-type]
+    answer = chat.bind_tools([get_weather]).invoke("weather in Paris?")
+    [call] = answer.tool_calls
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city", "unit"}
+    streamed = None
+    for piece in chat.bind_tools([get_weather]).stream("weather in Paris?"):
+        streamed = piece if streamed is None else streamed + piece
+    assert streamed is not None and [c["name"] for c in streamed.tool_calls] == ["get_weather"]
+
+
+@pytest.mark.parametrize("model", ["default-chat", "azure-chat", "gemini-chat"])
+def test_langchain_json_mode(gw: Gateway, model: str) -> None:
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(model=model, base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)  # type: ignore[arg-type]
+    schema = {"title": "Answer", "type": "object", "properties": {"answer": {"type": "string"}},
+              "required": ["answer"]}
+    assert isinstance(chat.with_structured_output(schema, method="json_mode").invoke("reply in JSON"), dict)
+    assert chat.with_structured_output(schema, method="json_schema").invoke("weather?") == {"answer": "mock"}
