@@ -222,18 +222,21 @@ def _declaration(tool: JSON) -> JSON:
         schema = gemini_schema(parameters)
         # Gemini refuses an OBJECT with no properties: a function without parameters
         # is declared without `parameters`.
-        if schema.get("properties") or schema.get("type") != "object":
+        if schema.get("properties") or schema.get("type") not in (None, "object"):
             out["parameters"] = schema
     return out
 
 
-# The OpenAPI-3.0 subset Gemini's `Schema` accepts (FunctionDeclaration.parameters); any
-# other keyword (additionalProperties, strict, $schema, $defs, examples, ...) is a 400
-# "Unknown name" there. Values are checked further in `gemini_schema`.
-_SCHEMA_KEYS = frozenset({"type", "format", "title", "description", "nullable", "enum", "maxItems", "minItems",
-                          "properties", "required", "minProperties", "maxProperties", "minLength", "maxLength",
-                          "pattern", "example", "anyOf", "propertyOrdering", "default", "items", "minimum",
-                          "maximum"})
+# The OpenAPI-3.0 subset Gemini's `Schema` accepts (FunctionDeclaration.parameters), by
+# the JSON type each keyword's value must have; any other keyword (additionalProperties,
+# strict, $schema, $defs, examples, ...) is a 400 "Unknown name" there. `type`,
+# `properties`, `items`, `anyOf`, `enum`, `format` and `required` are handled apart.
+_SCHEMA_VALUES: dict[str, type | tuple[type, ...]] = {
+    "title": str, "description": str, "pattern": str, "nullable": bool,
+    "minimum": (int, float), "maximum": (int, float), "minItems": int, "maxItems": int, "minLength": int,
+    "maxLength": int, "minProperties": int, "maxProperties": int, "example": object, "default": object,
+    "propertyOrdering": list}
+_SCHEMA_KEYS = frozenset(_SCHEMA_VALUES) | {"type", "format", "enum", "properties", "required", "anyOf", "items"}
 _SCHEMA_TYPES = frozenset({"string", "number", "integer", "boolean", "array", "object"})
 # Gemini documents these formats only (and 400s on others such as "uri" or "email").
 _FORMATS = {"string": {"enum", "date-time"}, "number": {"float", "double"}, "integer": {"int32", "int64"}}
@@ -244,9 +247,12 @@ def gemini_schema(schema: JSON) -> JSON:
     """A JSON Schema (what OpenAI clients send, strict mode included) as the Schema subset
     Gemini accepts: `$ref`s inlined from `$defs`/`definitions` (a recursive one ends as a
     plain object), `type: [T, "null"]` as `nullable`, `const` as a one-value `enum`,
-    `oneOf` as `anyOf`, a one-entry `allOf` merged, unknown keywords and formats dropped,
-    `required` limited to declared properties."""
-    defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    `oneOf` as `anyOf`, a one-entry `allOf` merged, unknown keywords, formats and values
+    of the wrong type dropped, `required` limited to declared properties."""
+    defs: JSON = {}
+    for key in ("definitions", "$defs"):
+        if isinstance(schema.get(key), dict):
+            defs.update({k: v for k, v in schema[key].items() if isinstance(v, dict)})
     return _schema(schema, defs, frozenset(), 0)
 
 
@@ -262,52 +268,44 @@ def _schema(node: Any, defs: JSON, seen: frozenset[str], depth: int) -> JSON:
         return _schema(merged, defs, seen | {name}, depth + 1)
     all_of = node.get("allOf")
     if isinstance(all_of, list) and len(all_of) == 1 and isinstance(all_of[0], dict):
-        node = {**{k: v for k, v in node.items() if k != "allOf"}, **all_of[0]}
-        return _schema(node, defs, seen, depth + 1)
+        return _schema({**{k: v for k, v in node.items() if k != "allOf"}, **all_of[0]}, defs, seen, depth + 1)
     out: JSON = {}
-    kind = node.get("type")
-    if isinstance(kind, list):
-        kinds = [k for k in kind if k != "null"]
-        if len(kinds) < len(kind):
-            out["nullable"] = True
-        if len(kinds) == 1:
-            kind = kinds[0]
-        elif kinds:
-            out["anyOf"] = [_schema({**node, "type": k}, defs, seen, depth + 1) for k in kinds]
-            kind = None
-        else:
-            kind = None
-    if kind == "null":
+    kinds = node.get("type")
+    kinds = [k for k in (kinds if isinstance(kinds, list) else [kinds]) if isinstance(k, str)]
+    if "null" in kinds:
         out["nullable"] = True
-    elif kind in _SCHEMA_TYPES:
-        out["type"] = kind
-    if "const" in node and "enum" not in node:
-        node = {**node, "enum": [node["const"]]}
-    for key, value in node.items():
-        if key not in _SCHEMA_KEYS or key in ("type", "anyOf"):
-            continue
-        if key == "properties" and isinstance(value, dict):
-            out[key] = {name: _schema(sub, defs, seen, depth + 1) for name, sub in value.items()}
-        elif key == "items":
-            out[key] = _schema(value, defs, seen, depth + 1)
-        elif key == "enum":
-            if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-                out[key] = value  # Gemini's enums are strings; others are left to the description
-        elif key == "format":
-            if value in _FORMATS.get(out.get("type", ""), ()):
-                out[key] = value
-        else:
+    known = [k for k in kinds if k in _SCHEMA_TYPES]
+    if len(known) == 1:
+        out["type"] = known[0]
+    elif known:
+        out["anyOf"] = [_schema({**node, "type": k}, defs, seen, depth + 1) for k in known]
+    for key, wanted in _SCHEMA_VALUES.items():
+        value = node.get(key)
+        if key in node and isinstance(value, wanted) and not (wanted is int and isinstance(value, bool)):
             out[key] = value
+    if isinstance(out.get("propertyOrdering"), list):
+        out["propertyOrdering"] = [p for p in out["propertyOrdering"] if isinstance(p, str)]
+    enum = [node["const"]] if "const" in node else node.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        out["enum"] = enum  # Gemini's enums are strings; others are dropped
+        out.setdefault("type", "string")
+    if node.get("format") in _FORMATS.get(out.get("type", ""), ()):
+        out["format"] = node["format"]
+    if isinstance(node.get("properties"), dict):
+        out["properties"] = {str(name): _schema(sub, defs, seen, depth + 1)
+                             for name, sub in node["properties"].items()}
+    if isinstance(node.get("items"), dict):
+        out["items"] = _schema(node["items"], defs, seen, depth + 1)
     alternatives = node.get("anyOf", node.get("oneOf"))
     if isinstance(alternatives, list) and "anyOf" not in out:
-        out["anyOf"] = [_schema(sub, defs, seen, depth + 1) for sub in alternatives]
-    if "enum" in out and "type" not in out:
-        out["type"] = "string"
-    if isinstance(out.get("required"), list):
-        declared = out.get("properties") or {}
-        out["required"] = [name for name in out["required"] if name in declared]
-        if not out["required"]:
-            del out["required"]
+        subs = [_schema(sub, defs, seen, depth + 1) for sub in alternatives if isinstance(sub, dict)]
+        if subs:
+            out["anyOf"] = subs
+    required = node.get("required")
+    if isinstance(required, list):
+        names = [n for n in required if isinstance(n, str) and n in (out.get("properties") or {})]
+        if names:
+            out["required"] = names
     return out
 
 

@@ -1,0 +1,106 @@
+"""Properties of the translators under hostile input (hypothesis): tool-call ids carry
+Gemini thought signatures losslessly, Gemini schemas keep to Gemini's subset whatever
+JSON Schema comes in, and no byte sequence from a provider makes a guarded stream raise,
+emit anything but whole SSE events, or emit anything after its end."""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway_extproc.providers import TRANSLATORS, gemini
+from gateway_extproc.providers.base import GuardedStream, call_id, split_call_id
+
+from .test_provider_corpus import check_invariants, summarise_stream
+
+ID_CHARS = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:", min_size=1, max_size=40)
+
+
+@given(ID_CHARS.filter(lambda s: "__thought__" not in s), st.binary(min_size=1, max_size=300))
+def test_signature_round_trips_through_the_tool_call_id(base: str, raw: bytes) -> None:
+    signature = base64.b64encode(raw).decode()
+    encoded = call_id(base, signature)
+    assert split_call_id(encoded) == (base, signature)
+    assert re.fullmatch(r"[A-Za-z0-9_\-]*", encoded[len(base):])
+
+
+@given(ID_CHARS.filter(lambda s: "__thought__" not in s), st.one_of(st.none(), st.just(""), st.text(max_size=20)))
+def test_ids_without_a_usable_signature_stay_as_they_are(base: str, signature: str | None) -> None:
+    if signature:
+        try:
+            usable = base64.b64encode(base64.b64decode(signature, validate=True)).decode() == signature
+        except ValueError:
+            usable = False
+        if usable:
+            return
+    assert call_id(base, signature) == base and split_call_id(base) == (base, None)
+
+
+SCHEMA_KEYS = ["type", "properties", "items", "required", "enum", "const", "anyOf", "oneOf", "allOf", "$ref",
+               "$defs", "additionalProperties", "strict", "format", "description", "minimum", "nullable", "title",
+               "default", "examples", "$schema", "pattern", "maxItems"]
+LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8),
+                   st.sampled_from(["object", "string", "integer", "array", "null", "#/$defs/a", "date-time"]))
+JSONISH = st.recursive(LEAVES, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(SCHEMA_KEYS + ["a", "b"]), inner, max_size=5)),
+    max_leaves=30)
+ALLOWED = gemini._SCHEMA_KEYS | {"nullable"}
+
+
+def assert_gemini_subset(node: Any) -> None:
+    assert isinstance(node, dict)
+    assert set(node) <= ALLOWED, set(node) - ALLOWED
+    if "type" in node:
+        assert node["type"] in gemini._SCHEMA_TYPES
+    for sub in (node.get("properties") or {}).values():
+        assert_gemini_subset(sub)
+    for sub in node.get("anyOf") or []:
+        assert_gemini_subset(sub)
+    if "items" in node:
+        assert_gemini_subset(node["items"])
+    if "required" in node:
+        assert set(node["required"]) <= set(node.get("properties") or {})
+    if "enum" in node:
+        assert all(isinstance(v, str) for v in node["enum"])
+    for key, wanted in gemini._SCHEMA_VALUES.items():
+        if key in node:
+            assert isinstance(node[key], wanted) and not (wanted is int and isinstance(node[key], bool)), key
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.sampled_from(SCHEMA_KEYS), JSONISH, max_size=6))
+def test_gemini_schema_keeps_to_gemini_subset(schema: dict[str, Any]) -> None:
+    assert_gemini_subset(gemini.gemini_schema(schema))
+
+
+def provider_bytes(kind: str) -> st.SearchStrategy[list[bytes]]:
+    """Chunks that look like a provider's stream part of the time: framing pieces mixed
+    with JSON fragments of its events and arbitrary bytes."""
+    if kind == "bedrock":
+        pieces = st.sampled_from([b"\x00\x00\x00", b":event-type", b"messageStop", b'{"delta":{"text":"x"}}'])
+    else:
+        pieces = st.sampled_from([b"data: ", b"event: message_start\n", b"\n\n", b"\r\n\r\n", b"{", b"}",
+                                  b'{"type":"message_stop"}', b'{"type":"content_block_start","index":0,',
+                                  b'"content_block":{"type":"tool_use","id":"t","name":"f","input":{}}}',
+                                  b'{"candidates":[{"content":{"parts":[{"functionCall":{"name":"f"}}]},',
+                                  b'"finishReason":"STOP"}]}', b'{"error":{"code":503}}', b"[DONE]"])
+    return st.lists(st.one_of(pieces, st.binary(max_size=12)), max_size=25)
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(["anthropic", "gemini", "bedrock"]), st.data())
+def test_no_provider_bytes_break_a_guarded_stream(kind: str, data: st.DataObject) -> None:
+    chunks = data.draw(provider_bytes(kind))
+    stream = GuardedStream(TRANSLATORS[kind].stream("m"))
+    out = b"".join(stream.feed(chunk, False) for chunk in chunks) + stream.feed(b"", True)
+    summary = summarise_stream(out)  # whole events only, nothing after [DONE] or an error
+    if summary["error"] is None and summary["done"]:
+        check_invariants(summary)
+    for event in out.split(b"\n\n")[:-1]:
+        payload = event[6:]
+        assert payload == b"[DONE]" or isinstance(orjson.loads(payload), dict)
