@@ -210,6 +210,8 @@ class Reply:
     drop_after: int | None = None
     # Like drop_after, but the HTTP body ends cleanly: a provider that stops mid-answer.
     end_after: int | None = None
+    # Bytes sent instead of ``body`` (x-mock-garbage on a JSON reply).
+    raw: bytes | None = None
 
 
 def _sse(data: Any, event: str | None = None, *, end: bytes = b"\n\n") -> bytes:
@@ -1121,6 +1123,9 @@ class Controls:
             # The broken event goes in as its own chunk and the stream then carries on,
             # as a provider (or a proxy in front of it) that recovers would.
             reply.events.insert(self.garbage_after, dialect.garbage(self.garbage))
+        elif self.garbage_after is not None and 200 <= reply.status < 300:
+            whole = orjson.dumps(reply.body)
+            reply.raw = {"json": whole[:len(whole) // 2], "shape": b'["oops"]'}.get(self.garbage, _JUNK_BYTES)
         return reply
 
 
@@ -1289,7 +1294,7 @@ async def _send_reply(
 
 
 async def _send_json(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, *, head_only: bool) -> None:
-    payload = orjson.dumps(reply.body)
+    payload = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
     headers = [("content-type", reply.content_type or "application/json"), ("content-length", str(len(payload))),
                *reply.headers]
     body = [] if head_only else [h11.Data(data=payload)]

@@ -188,9 +188,10 @@ def test_corpus_answer(path: Path) -> None:
     provider, expect = case["provider"], case["expect"]
     assert case.get("source"), "every corpus entry says what it is modelled on"
     if case["mode"] == "json":
-        out, _ = guarded_response(TRANSLATORS[provider], case.get("status", 200), orjson.dumps(case["body"]),
-                                  "requested-model")
+        out, status, _ = guarded_response(TRANSLATORS[provider], case.get("status", 200), orjson.dumps(case["body"]),
+                                          "requested-model")
         summary = summarise_json(out)
+        assert (status >= 400) == (summary["error"] is not None), "errors never go out as 2xx"
         check_invariants(summary)
         check_expected(summary, expect)
         return

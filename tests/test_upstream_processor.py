@@ -288,8 +288,25 @@ async def test_anthropic_stream_is_translated_chunk_by_chunk(proc: UpstreamProce
 async def test_unreadable_provider_answers_become_provider_errors(proc: UpstreamProcessor) -> None:
     await proc.handle(attempt_headers(backend="claude/claude-x"))
     await proc.handle(response_headers(200))
-    out = (await proc.handle(response_body(b"<html>oops</html>"))).response_body.response.body_mutation.body
-    assert orjson.loads(out)["error"]["code"] == "provider_error"
+    sent = (await proc.handle(response_body(b"<html>oops</html>"))).response_body.response
+    assert orjson.loads(sent.body_mutation.body)["error"]["code"] == "provider_error"
+    assert set_headers(sent)[":status"] == "502"  # never an error body under a 200
+
+
+async def test_a_translator_exception_of_any_type_becomes_one_error_event(proc: UpstreamProcessor) -> None:
+    """An Anthropic event of a shape the translator does not expect (delta is a string)
+    raises AttributeError inside it: the client gets what came before, one provider_error
+    event, then nothing."""
+    await proc.handle(attempt_headers(backend="claude/claude-x"))
+    await proc.handle(response_headers(200, "text/event-stream"))
+    good = b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+    bad = b'data: {"type":"content_block_delta","index":0,"delta":"oops"}\n\n'
+    out = (await proc.handle(response_body(good + bad, end=False))).response_body.response.body_mutation.body
+    first, error = out.split(b"\n\n")[:2]
+    assert orjson.loads(first[6:])["choices"][0]["delta"]["content"] == "Hi"
+    assert orjson.loads(error[6:])["error"]["code"] == "provider_error"
+    rest = (await proc.handle(response_body(good, end=True))).response_body.response.body_mutation.body
+    assert rest == b""
 
 
 @pytest.mark.parametrize(("status", "outcome"), [(200, "success"), (429, "throttled"), (400, "rejected"),

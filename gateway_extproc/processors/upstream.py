@@ -127,11 +127,14 @@ class UpstreamProcessor:
                 log.warning("provider_stream_unreadable", backend=self.backend.id,
                             error=type(self.stream.failure).__name__)
             return r.response_body(r.common(body=out))
-        new, failure = guarded_response(self.translator, self.status, msg.body, self.backend.model)
+        new, status, failure = guarded_response(self.translator, self.status, msg.body, self.backend.model)
+        headers = {"content-type": "application/json"}
         if failure is not None:
             log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status,
                         error=type(failure).__name__)
-        return r.response_body(r.common(r.mutation({"content-type": "application/json"}), new))
+        if status != self.status:  # the headers are still held while the body is buffered
+            headers[":status"] = str(status)
+        return r.response_body(r.common(r.mutation(headers), new))
 
     def close(self) -> None:
         """One count per attempt, by backend and outcome: retries and fallbacks show as

@@ -147,13 +147,19 @@ class GuardedStream:
             return error_event(502, UNREADABLE_STREAM)
 
 
-def guarded_response(translator: Translator, status: int, raw: bytes, model: str) -> tuple[bytes, Exception | None]:
-    """`translator.response` that never raises: an unreadable body (of any exception
-    type) becomes a 502 `provider_error`; the exception comes back for the log line."""
+def guarded_response(translator: Translator, status: int, raw: bytes,
+                     model: str) -> tuple[bytes, int, Exception | None]:
+    """`translator.response` that never raises, as (body, status for the client,
+    exception for the log line). An unreadable body (of any exception type) becomes a
+    `provider_error`; an error answered under a 2xx status (a body that is no answer)
+    goes out as 502, so clients do not take an error body for a completion."""
     try:
-        return translator.response(status, raw, model), None
+        out, failure = translator.response(status, raw, model), None
     except Exception as err:
-        return openai_error(502, f"The provider answered HTTP {status} with a body the gateway could not read."), err
+        out, failure = openai_error(502, f"The provider answered HTTP {status} with a body the gateway could not read."), err
+    if 200 <= status < 300 and out.startswith(b'{"error":'):
+        status = 502
+    return out, status, failure
 
 
 class SseReader:

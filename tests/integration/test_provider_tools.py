@@ -223,3 +223,12 @@ def test_langchain_json_mode(gw: Gateway, model: str) -> None:
               "required": ["answer"]}
     assert isinstance(chat.with_structured_output(schema, method="json_mode").invoke("reply in JSON"), dict)
     assert chat.with_structured_output(schema, method="json_schema").invoke("weather?") == {"answer": "mock"}
+
+
+@pytest.mark.parametrize("kind", ["json", "shape", "bytes"])
+@pytest.mark.parametrize("model", TRANSLATED)
+def test_unreadable_json_answer_is_a_provider_error(gw: Gateway, model: str, kind: str) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        oai(gw).chat.completions.create(model=model, messages=QUESTION, extra_headers={
+            "x-mock-garbage-after-chunks": "0", "x-mock-garbage": kind})
+    assert info.value.status_code == 502 and info.value.body["code"] == "provider_error"
