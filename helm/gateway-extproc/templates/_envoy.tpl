@@ -171,9 +171,18 @@ static_resources:
                       upstream_host: "%UPSTREAM_HOST%"
                       duration_ms: "%DURATION%"
   clusters:
-  - name: gateway_extproc
+  {{- /* Router-level and per-attempt ext_proc streams reach the same processes through two
+  clusters. Envoy 1.40 segfaults when the gRPC stream of an ext_proc running as an upstream
+  (cluster) filter goes over its cluster's buffer limit (docs/architecture.md), so the
+  per-attempt cluster's limit is the largest Envoy takes: those streams carry one request
+  body each (at most envoy.maxRequestBytes), never a response body. */}}
+  {{- range $name := list "gateway_extproc" "gateway_extproc_upstream" }}
+  - name: {{ $name }}
     type: STATIC
     connect_timeout: 1s
+    {{- if eq $name "gateway_extproc_upstream" }}
+    per_connection_buffer_limit_bytes: 4294967295
+    {{- end }}
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -186,7 +195,7 @@ static_resources:
       no_traffic_interval: 2s
       grpc_health_check: {}
     load_assignment:
-      cluster_name: gateway_extproc
+      cluster_name: {{ $name }}
       endpoints:
       - lb_endpoints:
         {{- range $i := until (int $v.extproc.processes) }}
@@ -194,6 +203,7 @@ static_resources:
             address:
               pipe: {path: {{ include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i) }}}
         {{- end }}
+  {{- end }}
   {{- range $model := fromJsonArray (include "gateway-extproc.targets" $) }}
   {{- $multi := gt (len $model.backends) 1 }}
   {{- $first := fromJson (include "gateway-extproc.provider" (dict "root" $ "name" (index $model.backends 0).provider)) }}
@@ -269,20 +279,20 @@ static_resources:
           typed_config:
             "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
             grpc_service:
-              envoy_grpc: {cluster_name: gateway_extproc}
+              envoy_grpc: {cluster_name: gateway_extproc_upstream}
               timeout: {{ $v.extproc.messageTimeout }}
             failure_mode_allow: false
             message_timeout: {{ $v.extproc.messageTimeout }}
+            # Request headers and body: this attempt's request. Response headers: its status
+            # (metrics). Never a response body, and no mode override (answers are translated
+            # by the router-level filter: docs/architecture.md).
             processing_mode:
               request_header_mode: SEND
               request_body_mode: BUFFERED
-              # Headers: each attempt's status (metrics). Bodies: turned on per response
-              # for providers whose answers need translating.
               response_header_mode: SEND
               response_body_mode: NONE
               request_trailer_mode: SKIP
               response_trailer_mode: SKIP
-            allow_mode_override: true
             request_attributes:
             - "xds.upstream_host_metadata.filter_metadata['gw']['backend']"
             metadata_options:
