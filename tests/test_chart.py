@@ -82,9 +82,9 @@ def test_credentials_are_injected_natively_unless_an_attempt_needs_body_work() -
 @pytest.mark.parametrize("model", ["m-file-credential", "gemini-chat", "azure-chat"])
 def test_single_backends_needing_the_upstream_ext_proc_get_it(model: str) -> None:
     """A file credential, or a provider kind that is not OpenAI (translation, signing):
-    the attempt is built from the body. Its gRPC stream never carries a response body and
-    goes through a cluster whose buffer limit it cannot reach (Envoy 1.40 crashes when an
-    upstream-filter ext_proc stream passes it: docs/architecture.md)."""
+    the attempt is built from the body. Its gRPC stream never carries a response body, and
+    the ext_proc connection never pushes back (Envoy 1.40 crashes when it does while an
+    upstream-filter ext_proc exists: docs/architecture.md)."""
     values = copy.deepcopy(chart_values([LOCAL]))
     values["models"].append({"name": "m-file-credential", "backends": [{"provider": "mock-backup", "model": "x",
                                                                         "maxTier": "internal"}]})
@@ -97,8 +97,8 @@ def test_single_backends_needing_the_upstream_ext_proc_get_it(model: str) -> Non
     assert cfg["processing_mode"]["response_header_mode"] == "SEND"  # each attempt's status
     assert cfg["processing_mode"]["response_body_mode"] == "NONE"
     assert "allow_mode_override" not in cfg  # answers are translated by the router-level filter
-    assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "gateway_extproc_upstream"
-    assert cluster(envoy, "gateway_extproc_upstream")["per_connection_buffer_limit_bytes"] == 2**32 - 1
+    assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "gateway_extproc"
+    assert cluster(envoy, "gateway_extproc")["per_connection_buffer_limit_bytes"] == 2**32 - 1
 
 
 def test_every_attempt_is_logged_by_envoy() -> None:

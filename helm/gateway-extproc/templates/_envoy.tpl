@@ -171,18 +171,14 @@ static_resources:
                       upstream_host: "%UPSTREAM_HOST%"
                       duration_ms: "%DURATION%"
   clusters:
-  {{- /* Router-level and per-attempt ext_proc streams reach the same processes through two
-  clusters. Envoy 1.40 segfaults when the gRPC stream of an ext_proc running as an upstream
-  (cluster) filter goes over its cluster's buffer limit (docs/architecture.md), so the
-  per-attempt cluster's limit is the largest Envoy takes: those streams carry one request
-  body each (at most envoy.maxRequestBytes), never a response body. */}}
-  {{- range $name := list "gateway_extproc" "gateway_extproc_upstream" }}
-  - name: {{ $name }}
+  # Envoy 1.40 segfaults when this connection's buffered data goes over its high watermark
+  # while an ext_proc runs as an upstream (cluster) filter anywhere on the same worker
+  # (docs/architecture.md, "Why Envoy never pushes back on the ext_proc connection"), so its
+  # limit is the largest Envoy takes. Each stream's own body limits still bound what Envoy holds.
+  - name: gateway_extproc
     type: STATIC
     connect_timeout: 1s
-    {{- if eq $name "gateway_extproc_upstream" }}
     per_connection_buffer_limit_bytes: 4294967295
-    {{- end }}
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -195,7 +191,7 @@ static_resources:
       no_traffic_interval: 2s
       grpc_health_check: {}
     load_assignment:
-      cluster_name: {{ $name }}
+      cluster_name: gateway_extproc
       endpoints:
       - lb_endpoints:
         {{- range $i := until (int $v.extproc.processes) }}
@@ -203,7 +199,6 @@ static_resources:
             address:
               pipe: {path: {{ include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i) }}}
         {{- end }}
-  {{- end }}
   {{- range $model := fromJsonArray (include "gateway-extproc.targets" $) }}
   {{- $multi := gt (len $model.backends) 1 }}
   {{- $first := fromJson (include "gateway-extproc.provider" (dict "root" $ "name" (index $model.backends 0).provider)) }}
@@ -279,7 +274,7 @@ static_resources:
           typed_config:
             "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
             grpc_service:
-              envoy_grpc: {cluster_name: gateway_extproc_upstream}
+              envoy_grpc: {cluster_name: gateway_extproc}
               timeout: {{ $v.extproc.messageTimeout }}
             failure_mode_allow: false
             message_timeout: {{ $v.extproc.messageTimeout }}
