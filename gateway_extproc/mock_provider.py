@@ -212,6 +212,9 @@ class Reply:
     end_after: int | None = None
     # Bytes sent instead of ``body`` (x-mock-garbage on a JSON reply).
     raw: bytes | None = None
+    # Re-slice the stream into HTTP chunks of this many bytes (tiny: events split anywhere;
+    # huge: many events per chunk) instead of one chunk per event.
+    chunk_bytes: int | None = None
 
 
 def _sse(data: Any, event: str | None = None, *, end: bytes = b"\n\n") -> bytes:
@@ -1097,6 +1100,7 @@ class Controls:
     end_after: int | None = None
     garbage_after: int | None = None
     garbage: str = "json"
+    chunk_bytes: int | None = None
 
     @classmethod
     def from_headers(cls, headers: dict[str, str]) -> Controls:
@@ -1112,6 +1116,7 @@ class Controls:
             end_after=_header_int(headers, "x-mock-end-after-chunks"),
             garbage_after=_header_int(headers, "x-mock-garbage-after-chunks"),
             garbage=garbage,
+            chunk_bytes=_header_int(headers, "x-mock-chunk-bytes") or None,
         )
 
     def apply(self, reply: Reply, dialect: Dialect) -> Reply:
@@ -1126,6 +1131,7 @@ class Controls:
         elif self.garbage_after is not None and 200 <= reply.status < 300:
             whole = orjson.dumps(reply.body)
             reply.raw = {"json": whole[:len(whole) // 2], "shape": b'["oops"]'}.get(self.garbage, _JUNK_BYTES)
+        reply.chunk_bytes = self.chunk_bytes
         return reply
 
 
@@ -1308,7 +1314,11 @@ async def _send_stream(conn: h11.Connection, writer: asyncio.StreamWriter, reply
                *reply.headers]
     await _send(writer, conn, _response(reply.status, headers))
     cut = reply.drop_after if reply.drop_after is not None else reply.end_after
-    for index, event in enumerate(events if cut is None else events[:cut]):
+    chunks = events if cut is None else events[:cut]
+    if reply.chunk_bytes:
+        data, size = b"".join(chunks), reply.chunk_bytes
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    for index, event in enumerate(chunks):
         if index and reply.chunk_delay_s:
             await asyncio.sleep(reply.chunk_delay_s)
         await _send(writer, conn, h11.Data(data=event))
