@@ -289,7 +289,7 @@ def _schema(node: Any, defs: JSON, seen: frozenset[str], depth: int) -> JSON:
     if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
         out["enum"] = enum  # Gemini's enums are strings; others are dropped
         out.setdefault("type", "string")
-    if node.get("format") in _FORMATS.get(out.get("type", ""), ()):
+    if isinstance(node.get("format"), str) and node["format"] in _FORMATS.get(out.get("type", ""), ()):
         out["format"] = node["format"]
     if isinstance(node.get("properties"), dict):
         out["properties"] = {str(name): _schema(sub, defs, seen, depth + 1)
