@@ -9,7 +9,8 @@ a start block, in `message_start`, none at all, Vertex `partialArgs`), parallel 
 calls, refusals, safety blocks, errors and garbage mid-stream. One JSON file per answer:
 `mode` (json/stream), `status`, `body` or `events`, `source` (what it is modelled on),
 `expect` (what the client must get). Besides `expect`, every output must parse with the
-openai SDK's types and hold the invariants in `check_invariants`."""
+openai SDK's types and hold the invariants in `check_invariants`, and what an Anthropic
+client gets from it (gateway_extproc.messages) must parse with the anthropic SDK's types."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ from typing import Any
 
 import orjson
 import pytest
+from anthropic.types import Message, RawMessageStreamEvent
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import TypeAdapter
 
+from gateway_extproc import messages
 from gateway_extproc.errors import error_type
 from gateway_extproc.providers import TRANSLATORS, eventstream
 from gateway_extproc.providers.base import GuardedStream, guarded_response, split_call_id
@@ -177,6 +181,42 @@ def check_expected(summary: dict[str, Any], expect: dict[str, Any]) -> None:
             assert error["message"] == expect["error"]["message"]
 
 
+ANTHROPIC_EVENT: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
+_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
+
+
+def check_anthropic_client(summary: dict[str, Any], chat: bytes, stream: bool) -> None:
+    """What an Anthropic client (`POST /v1/messages`) gets from the same answer: every
+    event or message parses with the anthropic SDK's types and says the same thing."""
+    if summary.get("error") is not None:
+        return
+    if not stream:
+        message = Message.model_validate_json(messages.from_chat(chat))
+        uses = [b for b in message.content if b.type == "tool_use"]
+        assert [(u.name, u.input) for u in uses] == [(c["name"], orjson.loads(c["arguments"]))
+                                                   for c in summary["tool_calls"]]
+        assert message.stop_reason == _STOP[summary["finish_reason"]]
+        return
+    out = messages.ToMessagesStream().feed(chat, True)
+    inputs: dict[int, str] = {}
+    names: dict[int, str] = {}
+    stop = None
+    for block in out.decode().split("\n\n")[:-1]:
+        kind, data = block.split("\n")
+        event = ANTHROPIC_EVENT.validate_json(data.removeprefix("data: "))
+        assert kind == f"event: {event.type}"
+        if event.type == "content_block_start" and event.content_block.type == "tool_use":
+            names[event.index], inputs[event.index] = event.content_block.name, ""
+        elif event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+            inputs[event.index] += event.delta.partial_json
+        elif event.type == "message_delta":
+            stop = event.delta.stop_reason
+    if summary["finish_reason"] != "length":
+        assert [(names[i], orjson.loads(inputs[i] or "{}")) for i in sorted(names)] == [
+            (c["name"], orjson.loads(c["arguments"])) for c in summary["tool_calls"]]
+    assert stop == _STOP[summary["finish_reason"]]
+
+
 def without_ids(summary: dict[str, Any]) -> dict[str, Any]:
     """Generated ids (Gemini calls without one, Bedrock completion ids) differ per run."""
     return {**summary, "tool_calls": [{**c, "id": None} for c in summary.get("tool_calls") or []]}
@@ -194,11 +234,15 @@ def test_corpus_answer(path: Path) -> None:
         assert (status >= 400) == (summary["error"] is not None), "errors never go out as 2xx"
         check_invariants(summary)
         check_expected(summary, expect)
+        check_anthropic_client(summary, out, stream=False)
         return
     raw = stream_bytes(case)
-    whole = summarise_stream(run_stream(provider, raw, []))
+    chat = run_stream(provider, raw, [])
+    whole = summarise_stream(chat)
     check_invariants(whole)
     check_expected(whole, expect)
+    if whole["done"]:
+        check_anthropic_client(whole, chat, stream=True)
     rng = random.Random(path.stem)
     cuttings = [list(range(1, len(raw)))] + [
         sorted(rng.sample(range(1, len(raw)), rng.randint(1, min(40, len(raw) - 1)))) for _ in range(SLICINGS)]
