@@ -232,3 +232,36 @@ def test_unreadable_json_answer_is_a_provider_error(gw: Gateway, model: str, kin
         oai(gw).chat.completions.create(model=model, messages=QUESTION, extra_headers={
             "x-mock-garbage-after-chunks": "0", "x-mock-garbage": kind})
     assert info.value.status_code == 502 and info.value.body["code"] == "provider_error"
+
+
+async def test_burst_of_tool_streams_with_broken_ones_mixed_in(gw: Gateway) -> None:
+    """120 concurrent streamed tool calls over every translated kind, every third one with
+    garbage mid-stream: each clean one yields exactly its tool call and [DONE], each broken
+    one exactly one provider_error event; none leaks into another."""
+    import asyncio
+
+    async def one(client: httpx.AsyncClient, n: int) -> None:
+        model = TRANSLATED[n % len(TRANSLATED)]
+        broken = n % 3 == 0
+        headers = {"authorization": f"Bearer {gw.key}"}
+        if broken:
+            headers.update({"x-mock-garbage-after-chunks": "2", "x-mock-garbage": ("json", "shape")[n % 2]})
+        response = await client.post("/v1/chat/completions", headers=headers, json={
+            "model": model, "messages": [{"role": "user", "content": f"weather #{n}?"}], "tools": TOOLS,
+            "stream": True})
+        assert response.status_code == 200
+        events = [orjson.loads(e[6:]) if e != b"data: [DONE]" else "[DONE]"
+                  for e in response.content.split(b"\n\n")[:-1]]
+        if broken:
+            assert [e for e in events if e != "[DONE]" and "error" in e] == [events[-1]]
+            assert events[-1]["error"]["code"] == "provider_error" and "[DONE]" not in events
+            return
+        assert events[-1] == "[DONE]"
+        calls = [c for e in events[:-1] for ch in e["choices"] for c in ch["delta"].get("tool_calls") or []]
+        arguments = "".join(c["function"].get("arguments") or "" for c in calls)
+        assert [c["function"]["name"] for c in calls if c.get("id")] == ["get_weather"]
+        assert orjson.loads(arguments) == ARGS
+
+    async with httpx.AsyncClient(base_url=gw.url, timeout=60,
+                                 limits=httpx.Limits(max_connections=120)) as client:
+        await asyncio.gather(*(one(client, n) for n in range(120)))
