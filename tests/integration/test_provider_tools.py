@@ -196,6 +196,7 @@ def test_garbage_mid_stream_reaches_anthropic_clients_as_an_error_event(gw: Gate
 
 @pytest.mark.parametrize("model", MODELS)
 def test_langchain_bind_tools(gw: Gateway, model: str) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
 
@@ -205,9 +206,13 @@ def test_langchain_bind_tools(gw: Gateway, model: str) -> None:
         return "21"
 
     chat = ChatOpenAI(model=model, base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)  # type: ignore[arg-type]
-    answer = chat.bind_tools([get_weather]).invoke("weather in Paris?")
+    question = HumanMessage("weather in Paris?")
+    answer = chat.bind_tools([get_weather]).invoke([question])
     [call] = answer.tool_calls
     assert call["name"] == "get_weather" and set(call["args"]) == {"city", "unit"}
+    result = ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])
+    final = chat.bind_tools([get_weather]).invoke([question, answer, result])  # Gemini 3: signature sent back
+    assert final.tool_calls == [] and "weather in Paris?" in str(final.content)
     streamed = None
     for piece in chat.bind_tools([get_weather]).stream("weather in Paris?"):
         streamed = piece if streamed is None else streamed + piece
