@@ -6,6 +6,7 @@ signatures must survive the OpenAI pivot, and providers that send garbage mid-st
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,9 @@ import httpx
 import openai
 import orjson
 import pytest
+from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
 
 from .conftest import Gateway, running_gateway
 
@@ -196,10 +200,6 @@ def test_garbage_mid_stream_reaches_anthropic_clients_as_an_error_event(gw: Gate
 
 @pytest.mark.parametrize("model", MODELS)
 def test_langchain_bind_tools(gw: Gateway, model: str) -> None:
-    from langchain_core.messages import HumanMessage, ToolMessage
-    from langchain_core.tools import tool
-    from langchain_openai import ChatOpenAI
-
     @tool
     def get_weather(city: str, unit: str) -> str:
         """Weather now in a city, in celsius or fahrenheit."""
@@ -221,8 +221,6 @@ def test_langchain_bind_tools(gw: Gateway, model: str) -> None:
 
 @pytest.mark.parametrize("model", ["default-chat", "azure-chat", "gemini-chat"])
 def test_langchain_json_mode(gw: Gateway, model: str) -> None:
-    from langchain_openai import ChatOpenAI
-
     chat = ChatOpenAI(model=model, base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)  # type: ignore[arg-type]
     schema = {"title": "Answer", "type": "object", "properties": {"answer": {"type": "string"}},
               "required": ["answer"]}
@@ -243,7 +241,6 @@ async def test_burst_of_tool_streams_with_broken_ones_mixed_in(gw: Gateway) -> N
     """120 concurrent streamed tool calls over every translated kind, every third one with
     garbage mid-stream: each clean one yields exactly its tool call and [DONE], each broken
     one exactly one provider_error event; none leaks into another."""
-    import asyncio
 
     async def one(client: httpx.AsyncClient, n: int) -> None:
         model = TRANSLATED[n % len(TRANSLATED)]
