@@ -104,3 +104,89 @@ def test_no_provider_bytes_break_a_guarded_stream(kind: str, data: st.DataObject
     for event in out.split(b"\n\n")[:-1]:
         payload = event[6:]
         assert payload == b"[DONE]" or isinstance(orjson.loads(payload), dict)
+
+
+# --- a provider's answer streamed in any documented form says what its JSON form says ----
+
+KEYS = st.text(alphabet="abcdefghij", min_size=1, max_size=4)
+SCALARS = st.one_of(st.text(max_size=12), st.integers(-5, 10**6), st.booleans(), st.none())
+ARGS = st.dictionaries(KEYS, st.one_of(SCALARS, st.dictionaries(KEYS, SCALARS, min_size=1, max_size=2),
+                                       st.lists(SCALARS, min_size=1, max_size=2)), max_size=3)
+TEXT = st.text(min_size=1, max_size=12)
+
+
+def cut(data: st.DataObject, text: str) -> list[str]:
+    """`text` in 1-4 pieces, cut anywhere."""
+    points = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=3))) if len(text) > 1 else []
+    bounds = [0, *points, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if text[a:b]]
+
+
+def feed_sliced(kind: str, raw: bytes, data: st.DataObject) -> bytes:
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(raw) - 1)), max_size=8)))
+    stream = GuardedStream(TRANSLATORS[kind].stream("m"))
+    bounds = [0, *cuts, len(raw)]
+    return b"".join(stream.feed(raw[a:b], False) for a, b in zip(bounds, bounds[1:])) + stream.feed(b"", True)
+
+
+def same_answer(streamed: dict[str, Any], whole: dict[str, Any]) -> None:
+    assert streamed["done"] and streamed["error"] is None
+    check_invariants(streamed)
+    assert streamed["content"] == whole["content"]
+    assert streamed["finish_reason"] == whole["finish_reason"]
+    assert [(c["id"], c["name"], orjson.loads(c["arguments"])) for c in streamed["tool_calls"]] == [
+        (c["id"], c["name"], orjson.loads(c["arguments"])) for c in whole["tool_calls"]]
+
+
+ANTHROPIC_BLOCK = st.one_of(
+    st.builds(lambda t: {"type": "text", "text": t}, TEXT),
+    st.builds(lambda n, a: {"type": "tool_use", "name": n, "input": a}, KEYS, ARGS),
+    st.builds(lambda a: {"type": "server_tool_use", "name": "web_search", "input": a}, ARGS),
+    st.just({"type": "thinking", "thinking": "hmm", "signature": "c2ln"}))
+
+
+def sse_events(events: list[dict[str, Any]]) -> bytes:
+    return b"".join(b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events)
+
+
+@settings(max_examples=150)
+@given(st.lists(ANTHROPIC_BLOCK, max_size=4),
+       st.sampled_from(["end_turn", "tool_use", "stop_sequence", "pause_turn", "refusal"]),
+       st.sampled_from(["deltas", "whole_in_start", "in_message_start"]), st.data())
+def test_anthropic_stream_forms_agree_with_the_message(blocks: list[dict[str, Any]], stop: str, form: str,
+                                                       data: st.DataObject) -> None:
+    for n, block in enumerate(blocks):
+        if "input" in block:
+            block["id"] = f"toolu_{n}"
+    usage = {"input_tokens": 10, "output_tokens": 5}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": blocks,
+               "stop_reason": stop, "usage": usage}
+    whole = summarise_json_answer("anthropic", message)
+    start = {**message, "content": [], "stop_reason": None}
+    if form == "in_message_start":
+        events = [{"type": "message_start", "message": message}, {"type": "message_stop"}]
+    else:
+        events = [{"type": "message_start", "message": start}]
+        for i, block in enumerate(blocks):
+            if "input" in block and form == "deltas":
+                events.append({"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}})
+                events += [{"type": "content_block_delta", "index": i,
+                            "delta": {"type": "input_json_delta", "partial_json": piece}}
+                           for piece in cut(data, orjson.dumps(block["input"]).decode()) if block["input"]]
+            elif block["type"] == "text":
+                events.append({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}})
+                events += [{"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": p}}
+                           for p in cut(data, block["text"])]
+            else:
+                events.append({"type": "content_block_start", "index": i, "content_block": block})
+            events.append({"type": "content_block_stop", "index": i})
+        events += [{"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 5}},
+                   {"type": "message_stop"}]
+    same_answer(summarise_stream(feed_sliced("anthropic", sse_events(events), data)), whole)
+
+
+def summarise_json_answer(kind: str, doc: dict[str, Any]) -> dict[str, Any]:
+    from .test_provider_corpus import summarise_json
+    summary = summarise_json(TRANSLATORS[kind].response(200, orjson.dumps(doc), "m"))
+    check_invariants(summary)
+    return summary

@@ -259,6 +259,10 @@ def plain_call_id(value: Any) -> str:
 
 
 def finish_with_calls(finish: str, called: bool) -> str:
-    """An answer that holds client tool calls ends with "tool_calls" (OpenAI clients run
-    tools only then), unless it was cut short (`length`, `content_filter`)."""
-    return "tool_calls" if called and finish == "stop" else finish
+    """`finish_reason` is "tool_calls" exactly when the answer holds client tool calls
+    (OpenAI clients run tools on it, and expect some), unless it was cut short
+    (`length`, `content_filter`): a provider stop reason saying otherwise (a tool_use
+    stop after server tools only, an end_turn after a tool_use block) is overruled."""
+    if called:
+        return "tool_calls" if finish == "stop" else finish
+    return "stop" if finish == "tool_calls" else finish
