@@ -246,7 +246,7 @@ def test_response_thinking_skipped_tool_only_content_is_null_and_cache_usage() -
 
 @pytest.mark.parametrize(("stop_reason", "finish"), [
     ("end_turn", "stop"), ("stop_sequence", "stop"), ("pause_turn", "stop"), ("max_tokens", "length"),
-    ("tool_use", "tool_calls"), ("refusal", "content_filter")])
+    ("tool_use", "stop"), ("refusal", "content_filter")])  # tool_use without a tool call: base.finish_with_calls
 def test_finish_reasons(stop_reason: str, finish: str) -> None:
     raw = {"id": "m", "type": "message", "role": "assistant", "model": MODEL, "content": [{"type": "text", "text": "x"}],
            "stop_reason": stop_reason, "usage": {"input_tokens": 1, "output_tokens": 1}}

@@ -272,7 +272,8 @@ def test_response_documented_final_answer_with_cache_usage() -> None:
 
 
 @pytest.mark.parametrize(("stop_reason", "finish"), [
-    ("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"), ("tool_use", "tool_calls"),
+    ("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
+    ("tool_use", "stop"),  # without a toolUse block: base.finish_with_calls
     ("guardrail_intervened", "content_filter"), ("content_filtered", "content_filter")])
 def test_response_finish_reasons(stop_reason: str, finish: str) -> None:
     raw = orjson.dumps({"output": {"message": {"role": "assistant", "content": [{"text": "x"}]}},
