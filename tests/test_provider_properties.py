@@ -190,3 +190,113 @@ def summarise_json_answer(kind: str, doc: dict[str, Any]) -> dict[str, Any]:
     summary = summarise_json(TRANSLATORS[kind].response(200, orjson.dumps(doc), "m"))
     check_invariants(summary)
     return summary
+
+
+def leaves(value: Any, path: str = "$") -> list[tuple[str, Any]]:
+    """(JSON path, scalar) pairs that rebuild `value` (no empty containers in ARGS)."""
+    if isinstance(value, dict):
+        return [leaf for key, sub in value.items() for leaf in leaves(sub, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [leaf for i, sub in enumerate(value) for leaf in leaves(sub, f"{path}[{i}]")]
+    return [(path, value)]
+
+
+def partial_args(path: str, value: Any, data: st.DataObject) -> list[dict[str, Any]]:
+    if isinstance(value, str) and value:
+        pieces = cut(data, value)
+        return [{"jsonPath": path, "stringValue": p, **({"willContinue": True} if i < len(pieces) - 1 else {})}
+                for i, p in enumerate(pieces)]
+    if isinstance(value, str):
+        return [{"jsonPath": path, "stringValue": ""}]
+    if isinstance(value, bool):
+        return [{"jsonPath": path, "boolValue": value}]
+    if value is None:
+        return [{"jsonPath": path, "nullValue": "NULL_VALUE"}]
+    return [{"jsonPath": path, "numberValue": value}]
+
+
+GEMINI_PART = st.one_of(
+    st.builds(lambda t: {"text": t}, TEXT),
+    st.builds(lambda n, a, i: {"functionCall": {"name": n, "args": a, **({"id": i} if i else {})}},
+              KEYS, ARGS, st.one_of(st.none(), st.just("fc"))),  # made unique below
+    st.just({"text": "thinking", "thought": True}))
+
+
+@settings(max_examples=150)
+@given(st.lists(GEMINI_PART, max_size=4), st.sampled_from(["STOP", "MAX_TOKENS", "SAFETY"]),
+       st.sampled_from(["whole", "split", "vertex_partial_args"]), st.binary(min_size=1, max_size=20), st.data())
+def test_gemini_stream_forms_agree_with_the_response(parts: list[dict[str, Any]], finish: str, form: str,
+                                                     signature: bytes, data: st.DataObject) -> None:
+    calls = [p for p in parts if "functionCall" in p]
+    for n, call in enumerate(calls):
+        if "id" in call["functionCall"]:
+            call["functionCall"]["id"] = f"fc-{n}"
+    if calls:  # Gemini 3: the first call of a response carries the signature
+        calls[0]["thoughtSignature"] = base64.b64encode(signature).decode()
+    ids = iter(range(100))
+    gemini_new = gemini._new_call_id
+    gemini._new_call_id = lambda: f"call_{next(ids)}"  # generated ids numbered for comparison
+    try:
+        doc = {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": finish}],
+               "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4, "totalTokenCount": 7}}
+        whole = summarise_json_answer("gemini", doc)
+        ids = iter(range(100))
+
+        def event(chunk_parts: list[dict[str, Any]], last: bool) -> dict[str, Any]:
+            candidate: dict[str, Any] = {"content": {"role": "model", "parts": chunk_parts}}
+            if last:
+                candidate["finishReason"] = finish
+            return {"candidates": [candidate], "usageMetadata": doc["usageMetadata"]}
+
+        if form == "whole":
+            events = [event(parts, True)]
+        else:
+            groups: list[list[dict[str, Any]]] = []
+            for part in parts:
+                call = part.get("functionCall")
+                if form == "vertex_partial_args" and call:
+                    opening = {k: v for k, v in call.items() if k != "args"}
+                    groups.append([{**{k: v for k, v in part.items() if k != "functionCall"},
+                                    "functionCall": {**opening, "willContinue": True}}])
+                    groups += [[{"functionCall": {"partialArgs": partial_args(path, value, data), "willContinue": True}}]
+                               for path, value in leaves(call["args"])]
+                    groups.append([{"functionCall": {}}])
+                else:
+                    groups.append([part])
+            events = [event(g, i == len(groups) - 1) for i, g in enumerate(groups)] or [event([], True)]
+        raw = b"".join(b"data: " + orjson.dumps(e) + b"\r\n\r\n" for e in events)
+        same_answer(summarise_stream(feed_sliced("gemini", raw, data)), whole)
+    finally:
+        gemini._new_call_id = gemini_new
+
+
+BEDROCK_BLOCK = st.one_of(st.builds(lambda t: {"text": t}, TEXT),
+                          st.builds(lambda n, a: {"toolUse": {"name": n, "input": a}}, KEYS, ARGS))
+
+
+@settings(max_examples=100)
+@given(st.lists(BEDROCK_BLOCK, max_size=4), st.sampled_from(["end_turn", "tool_use", "max_tokens"]), st.data())
+def test_bedrock_stream_agrees_with_converse(blocks: list[dict[str, Any]], stop: str, data: st.DataObject) -> None:
+    from gateway_extproc.providers import eventstream
+
+    for n, block in enumerate(blocks):
+        if "toolUse" in block:
+            block["toolUse"]["toolUseId"] = f"tooluse_{n}"
+    usage = {"inputTokens": 3, "outputTokens": 4, "totalTokens": 7}
+    whole = summarise_json_answer("bedrock", {"output": {"message": {"role": "assistant", "content": blocks}},
+                                              "stopReason": stop, "usage": usage})
+    events: list[tuple[str, dict[str, Any]]] = [("messageStart", {"role": "assistant"})]
+    for i, block in enumerate(blocks):
+        if "toolUse" in block:
+            tool = block["toolUse"]
+            events.append(("contentBlockStart", {"start": {"toolUse": {"toolUseId": tool["toolUseId"],
+                                                                       "name": tool["name"]}}, "contentBlockIndex": i}))
+            events += [("contentBlockDelta", {"delta": {"toolUse": {"input": p}}, "contentBlockIndex": i})
+                       for p in cut(data, orjson.dumps(tool["input"]).decode()) if tool["input"]]
+        else:
+            events += [("contentBlockDelta", {"delta": {"text": p}, "contentBlockIndex": i}) for p in cut(data, block["text"])]
+        events.append(("contentBlockStop", {"contentBlockIndex": i}))
+    events += [("messageStop", {"stopReason": stop}), ("metadata", {"usage": usage})]
+    raw = b"".join(eventstream.encode({":event-type": k, ":content-type": "application/json", ":message-type": "event"},
+                                      orjson.dumps(v)) for k, v in events)
+    same_answer(summarise_stream(feed_sliced("bedrock", raw, data)), whole)

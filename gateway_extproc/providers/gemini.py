@@ -14,7 +14,7 @@ import orjson
 
 from ..errors import GatewayError
 from .base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn, arguments_object, call_id,
-                   completion_chunk, delta_choice, error_event, openai_error, split_call_id)
+                   completion_chunk, delta_choice, error_event, finish_with_calls, openai_error, split_call_id)
 
 TRANSLATES_RESPONSE = True
 
@@ -488,7 +488,7 @@ def _visible_parts(candidate: JSON, calls: _Calls) -> tuple[str | None, list[JSO
 
 
 def _finish(reason: str, called: bool) -> str:
-    return "tool_calls" if called else _FINISH.get(reason, "stop")
+    return finish_with_calls(_FINISH.get(reason, "stop"), called)
 
 
 def _choice(candidate: JSON, index: int) -> JSON:
