@@ -1,7 +1,10 @@
-"""Properties of the translators under hostile input (hypothesis): tool-call ids carry
-Gemini thought signatures losslessly, Gemini schemas keep to Gemini's subset whatever
-JSON Schema comes in, and no byte sequence from a provider makes a guarded stream raise,
-emit anything but whole SSE events, or emit anything after its end."""
+"""Properties of the translators (hypothesis): tool-call ids carry Gemini thought
+signatures losslessly, Gemini schemas keep to Gemini's subset whatever JSON Schema comes
+in, no byte sequence from a provider makes a guarded stream raise, emit anything but
+whole SSE events, or emit anything after its end, and an answer streamed in any form the
+provider documents (Anthropic deltas, inputs whole in a start block or in message_start;
+Gemini whole, split or as Vertex partialArgs; Bedrock deltas), cut anywhere, says what
+the same answer says as JSON."""
 
 from __future__ import annotations
 
