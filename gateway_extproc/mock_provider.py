@@ -741,8 +741,8 @@ def _bedrock_messages(body: JSON) -> list[JSON]:
 
 def _bedrock_tool_call(body: JSON) -> ToolCall | None:
     config = _optional_object(body, "toolConfig")
-    tools = [((t.get("toolSpec") or {}).get("name", ""), ((t.get("toolSpec") or {}).get("inputSchema") or {}).get("json"))
-             for t in config.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("toolSpec"), dict)]
+    specs = [t["toolSpec"] for t in config.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("toolSpec"), dict)]
+    tools = [(spec.get("name", ""), (spec.get("inputSchema") or {}).get("json")) for spec in specs]
     choice = config.get("toolChoice") if isinstance(config.get("toolChoice"), dict) else {}
     named = (choice.get("tool") or {}).get("name") if isinstance(choice.get("tool"), dict) else None
     last = body["messages"][-1]["content"]

@@ -11,8 +11,8 @@ import orjson
 
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn,
-                                            arguments_object, completion_chunk, delta_choice, error_event,
-                                            finish_with_calls, openai_error, plain_call_id)
+                                            arguments_object, arguments_text, completion_chunk, delta_choice,
+                                            error_event, finish_with_calls, openai_error, plain_call_id)
 
 TRANSLATES_RESPONSE = True
 
@@ -192,12 +192,7 @@ def _call(block: JSON) -> JSON:
     (programmatic calls from code execution too: Anthropic waits for their tool_result);
     `server_tool_use` / `mcp_tool_use` and their results ran at Anthropic and are not."""
     return {"id": block.get("id", ""), "type": "function",
-            "function": {"name": block.get("name", ""), "arguments": _arguments_text(block.get("input"))}}
-
-
-def _arguments_text(value: Any) -> str:
-    """A tool input object as OpenAI's JSON-string arguments; never "" (clients json.loads it)."""
-    return orjson.dumps(value if isinstance(value, dict) else {}).decode()
+            "function": {"name": block.get("name", ""), "arguments": arguments_text(block.get("input"))}}
 
 
 def _finish(stop_reason: Any, called: bool = False) -> str:
@@ -249,7 +244,7 @@ class AnthropicStream:
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
         """An event that is not a JSON object, or not of the shape Anthropic documents,
-        raises StreamBroken: the upstream processor then ends the stream with a
+        raises StreamBroken: base.GuardedStream then ends the stream with a
         provider_error event instead of guessing."""
         out: list[bytes] = []
         for data in self._reader.feed(chunk, end):
@@ -319,7 +314,7 @@ class AnthropicStream:
         if tool is None or tool.sent:
             return []
         tool.sent = True
-        return [self._arguments(tool, _arguments_text(tool.start_input))]
+        return [self._arguments(tool, arguments_text(tool.start_input))]
 
     def _end(self) -> list[bytes]:
         """Arguments still owed (a block never stopped), then the one finish_reason chunk."""

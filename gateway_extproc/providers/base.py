@@ -156,7 +156,8 @@ def guarded_response(translator: Translator, status: int, raw: bytes,
     try:
         out, failure = translator.response(status, raw, model), None
     except Exception as err:
-        out, failure = openai_error(502, f"The provider answered HTTP {status} with a body the gateway could not read."), err
+        out, failure = openai_error(502, f"The provider answered HTTP {status} with a body the gateway "
+                                         "could not read."), err
     if 200 <= status < 300 and out.startswith(b'{"error":'):
         status = 502
     return out, status, failure
@@ -200,6 +201,12 @@ def append_turn(turns: list[JSON], role: str, field: str, items: list[JSON]) -> 
         turns[-1][field].extend(items)
     else:
         turns.append({"role": role, field: items})
+
+
+def arguments_text(value: Any) -> str:
+    """A provider's tool input object as OpenAI's JSON-string arguments: never "" (clients
+    json.loads it), and {} for anything that is not an object."""
+    return orjson.dumps(value if isinstance(value, dict) else {}).decode()
 
 
 def arguments_object(raw: Any) -> JSON | None:

@@ -17,8 +17,8 @@ import orjson
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.providers import eventstream, sigv4
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamBroken, StreamTranslator, Target, append_turn,
-                                             completion_chunk, delta_choice, error_event, finish_with_calls,
-                                             openai_error, plain_call_id)
+                                             arguments_text, completion_chunk, delta_choice, error_event,
+                                             finish_with_calls, openai_error, plain_call_id)
 
 TRANSLATES_RESPONSE = True
 
@@ -232,7 +232,7 @@ def response(status: int, raw: bytes, model: str) -> bytes:
         return openai_error(502, "Bedrock returned a malformed Converse response")
     texts = [b["text"] for b in blocks if "text" in b]
     tool_calls = [{"id": b["toolUse"]["toolUseId"], "type": "function",
-                   "function": {"name": b["toolUse"]["name"], "arguments": _arguments_text(b["toolUse"].get("input"))}}
+                   "function": {"name": b["toolUse"]["name"], "arguments": arguments_text(b["toolUse"].get("input"))}}
                   for b in blocks if "toolUse" in b and _is_client_tool(b["toolUse"])]
     message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None}
     if tool_calls:
@@ -250,11 +250,6 @@ def _is_client_tool(tool: JSON) -> bool:
     """Converse marks tools Bedrock ran itself (system tools) `server_tool_use`; only the
     others are the client's to run."""
     return tool.get("type") != "server_tool_use"
-
-
-def _arguments_text(value: Any) -> str:
-    """A toolUse input as OpenAI's JSON-string arguments; never "" (clients json.loads it)."""
-    return orjson.dumps(value if isinstance(value, dict) else {}).decode()
 
 
 def _finish(stop_reason: Any, called: bool) -> str:

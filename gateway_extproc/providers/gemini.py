@@ -541,7 +541,7 @@ class GeminiStream:
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
         """An event that does not parse, or not of the documented shape, raises
-        StreamBroken: the upstream processor then ends the stream with an error event
+        StreamBroken: base.GuardedStream then ends the stream with an error event
         rather than forwarding junk."""
         out: list[bytes] = []
         try:
