@@ -596,8 +596,10 @@ def _anthropic_tool_call(body: JSON, messages: list[JSON]) -> ToolCall | None:
 
 
 def _anthropic_json_mode(body: JSON) -> JsonMode:
-    """Structured outputs: ``output_format: {"type": "json_schema", "schema": ...}``."""
-    fmt = body.get("output_format")
+    """Structured outputs: ``output_config.format`` (or the beta's ``output_format``),
+    ``{"type": "json_schema", "schema": ...}``."""
+    config = body.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else body.get("output_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         return fmt.get("schema") if isinstance(fmt.get("schema"), dict) else True
     return False

@@ -1100,6 +1100,10 @@ def test_anthropic_tool_use_with_sdk(claude: anthropic.Anthropic) -> None:
         *messages, {"role": "assistant", "content": [msg.content[0].model_dump()]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": msg.content[0].id, "content": "sunny"}]}])
     assert answered.stop_reason == "end_turn" and answered.content[0].type == "text"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    structured = claude.messages.create(model="claude-x", max_tokens=100, messages=messages, extra_body={
+        "output_config": {"format": {"type": "json_schema", "schema": schema}}})
+    assert structured.content[0].type == "text" and orjson.loads(structured.content[0].text) == {"ok": True}
 
 
 def test_bedrock_tool_use_with_botocore(bedrock: Any) -> None:
