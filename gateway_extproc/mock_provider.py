@@ -1341,6 +1341,9 @@ def _write_protocol_error(conn: h11.Connection, writer: asyncio.StreamWriter, er
         writer.write(conn.send(event) or b"")
 
 
+MAX_HEADER_BYTES = 128 * 1024
+
+
 class MockProvider:
     """A listening mock provider; create it with :func:`start`."""
 
@@ -1368,7 +1371,9 @@ class MockProvider:
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         writer.transport.set_write_buffer_limits(high=0)  # drain() then means "flushed to the socket"
-        conn = h11.Connection(h11.SERVER)
+        # Headers as large as Envoy forwards (tests send 60 KB x-mock-reply values), even when
+        # they arrive over several reads; h11's default gives up past 16 KiB.
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         try:
             while (request := await _read_request(conn, reader, writer)) is not None:
                 if not await _send_reply(conn, writer, request, self.app.handle(request)):
