@@ -99,8 +99,7 @@ def chargeback(root: Path, month: str) -> dict[str, Any]:
         t = teams[name]
         budget = _monthly_budget(configs.get(t.config), name)
         row = {"team": name, **t.totals.row(), "monthly_budget_usd": budget,
-               "share_used": (round(float(Decimal(t.totals.cost_nano) / Decimal(10**9) / Decimal(budget)), 6)
-                              if budget else None),
+               "share_used": float(Decimal(t.totals.cost_nano) / Decimal(10**9) / Decimal(budget)) if budget else None,
                "config": t.config}
         for dim, values in t.by.items():
             row[f"by_{dim}"] = [{dim: v, **values[v].row()} for v in sorted(values)]

@@ -155,6 +155,10 @@ only); TLS material is mounted into Envoy.
 {{- end -}}
 {{- $out = append $out (dict "name" "upstream-ca" "dir" $up.dir "container" "envoy" "from" "envoy.upstreamCA" "sources" (list (dict "secret" (dict "name" $up.secretName "items" (list (dict "key" $up.key "path" $up.key)))))) -}}
 {{- end -}}
+{{- $audit := $v.audit -}}
+{{- if and $audit.enabled $audit.signingKey.secret.name -}}
+{{- $out = append $out (dict "name" "audit-signing-key" "dir" (dir $audit.signingKey.file) "container" "extproc" "from" "audit.signingKey" "sources" (list (dict "secret" (dict "name" $audit.signingKey.secret.name "items" (list (dict "key" $audit.signingKey.secret.key "path" (base $audit.signingKey.file))))))) -}}
+{{- end -}}
 {{- if and $tls.enabled $tls.clientCA.enabled $tls.clientCA.secretName -}}
 {{- $out = append $out (dict "name" "tls-client-ca" "dir" $tls.clientCA.dir "container" "envoy" "from" "envoy.tls.clientCA" "sources" (list (dict "secret" (dict "name" $tls.clientCA.secretName "items" (list (dict "key" $tls.clientCA.key "path" $tls.clientCA.key)))))) -}}
 {{- end -}}
