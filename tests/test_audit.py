@@ -298,3 +298,29 @@ def test_export_bundle_verifies_offline(tmp_path: Path, keys) -> None:
     assert manifest["chains"]["host-w0/gateway"]["first_seq"] == r.first_seq
     shutil.rmtree(tmp_path / "bundle" / "host-w0" / "gateway")
     assert verify_dir(tmp_path / "bundle", public) == []
+
+
+def test_parallel_verify_links_segments_and_names_a_cut_at_a_boundary(tmp_path: Path, keys, monkeypatch) -> None:
+    from gateway_extproc.audit import verify as verify_mod
+
+    signer, public, _ = keys
+    write_chain(tmp_path, signer, 400, segment_bytes=8192)
+    monkeypatch.setattr(verify_mod, "PARALLEL_BYTES", 0)
+    (r,) = verify_mod.verify_dir(tmp_path / "audit", public, workers=2)
+    assert r.status == "ok" and r.records == r.last_seq + 1
+    segs = chain_mod.segments(tmp_path / "audit" / "host-w0" / "gateway")
+    gone = segs[3]
+    first, last = chain_mod.seq_of(lines_of(gone)[0])[0], chain_mod.seq_of(lines_of(gone)[-1])[0]
+    gone.unlink()  # a whole segment in the middle
+    (r,) = verify_mod.verify_dir(tmp_path / "audit", public, workers=2)
+    assert r.status == "bad" and f"seq {first}..{last} deleted: {segs[4].name}:1" in r.problem, r.problem
+    # The last record before a boundary edited: named, though the proof is in the next file.
+    rewrite(segs[1], lambda ls: ls.__setitem__(-1, ls[-1].replace(b'"team":"a"', b'"team":"b"')))
+    (r,) = verify_mod.verify_dir(tmp_path / "audit", public, workers=2)
+    assert r.status == "bad" and f"at the end of {segs[1].name} was modified" in r.problem, r.problem
+
+
+def test_days_per_stream() -> None:
+    s = settings_for(Path("/x"), retention_days=90, tier_retention_days={"public": 30, "restricted": 2555})
+    assert (s.days_for("public"), s.days_for("internal"), s.days_for("restricted"), s.days_for("gateway")) == (
+        30, 90, 2555, 2555)
