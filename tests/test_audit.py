@@ -324,3 +324,32 @@ def test_days_per_stream() -> None:
     s = settings_for(Path("/x"), retention_days=90, tier_retention_days={"public": 30, "restricted": 2555})
     assert (s.days_for("public"), s.days_for("internal"), s.days_for("restricted"), s.days_for("gateway")) == (
         30, 90, 2555, 2555)
+
+
+def test_a_disk_error_loses_only_the_batch_and_the_chain_says_so(tmp_path: Path, keys, monkeypatch) -> None:
+    signer, public, _ = keys
+    clock = Clock()
+    sink = AuditSink(settings_for(tmp_path), signer, "h-w0", now=clock)
+    for i in range(5):
+        sink.put(event(clock, i))
+    assert sink.safe_cycle() is True
+    real = chain_mod.os.write
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(chain_mod.os, "write", full)
+    for i in range(3):
+        sink.put(event(clock, 5 + i))
+    assert sink.safe_cycle() is None  # the batch of 3 is lost, the writer carries on
+    monkeypatch.setattr(chain_mod.os, "write", real)
+    for i in range(2):
+        sink.put(event(clock, 8 + i))
+    assert sink.safe_cycle() is True
+    sink._close_all()
+    (r,) = verify_dir(tmp_path / "audit", public)
+    assert r.status == "ok", r.line()
+    recs = [orjson.loads(x) for s in chain_mod.segments(tmp_path / "audit" / "h-w0" / "gateway") for x in lines_of(s)]
+    assert [x["request_id"] for x in recs if x["type"] == "request"] == ["r0", "r1", "r2", "r3", "r4", "r8", "r9"]
+    assert [x["count"] for x in recs if x["type"] == "events_dropped"] == [3]
+    assert [x["reason"] for x in recs if x["type"] == "checkpoint"] == ["genesis", "resume", "shutdown"]

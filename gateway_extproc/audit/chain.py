@@ -154,13 +154,14 @@ class Chain:
 
     def flush(self, sync: bool) -> list[bytes]:
         """Write what is pending in one write; returns the lines written."""
-        lines, self.pending = self.pending, []
+        lines = self.pending
         if lines and self.fd is not None:
             data = b"\n".join(lines) + b"\n"
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view):]
             self.segment_bytes += len(data)
+        self.pending = []  # only once written: a failed write leaves them to be counted as lost
         if sync and self.fd is not None:
             os.fsync(self.fd)
         return lines

@@ -52,7 +52,8 @@ def export(root: Path, out: Path, start: str, end: str) -> dict:
             cut = _after_last_checkpoint(data)
             (target / last.name).write_bytes(data[:cut])
         copied = sorted(target.glob("*.jsonl"))
-        first_line = copied[0].open("rb").readline()
+        with copied[0].open("rb") as f:
+            first_line = f.readline()
         last_line, _ = tail(copied[-1])
         manifest["chains"][name] = {"first_seq": seq_of(first_line)[0] if first_line else None,
                                     "last_seq": seq_of(last_line)[0] if last_line else None}

@@ -49,7 +49,8 @@ class AuditSink:
         self.now = now
         self.queue: deque[dict[str, Any]] = deque()
         self.max = settings.queue_size
-        self.dropped = 0
+        self.dropped = 0  # by the request path (queue full); only that thread writes it
+        self._lost = 0  # by the writer (disk errors)
         self._recorded_drops = 0
         self.chains: dict[str, Chain] = {}
         self._stop = threading.Event()
@@ -96,27 +97,32 @@ class AuditSink:
     def _run(self) -> None:
         while True:
             stopping = self._stop.is_set()
-            try:
-                busy = self.cycle()
-                if stopping and not self.queue:
-                    self._close_all()
-                    return
-            except OSError as exc:
-                # Disk full or gone: what was pending is lost; the chains reopen from what is on
-                # disk (the resume checkpoint names any partial line), and the loss is recorded.
-                lost = sum(len(c.pending) for c in self.chains.values())
-                self.dropped += lost
-                _DROPPED.inc(lost)
-                log.error("audit_write_failed", error=str(exc), lost=lost)
-                for c in self.chains.values():
-                    c.close_fd()
-                self.chains.clear()
+            busy = self.safe_cycle()
+            if busy is None:
                 if stopping:
                     return
                 self._stop.wait(1.0)
-                continue
-            if not busy and not stopping:
+            elif stopping and not self.queue:
+                self._close_all()
+                return
+            elif not busy and not stopping:
                 self._stop.wait(POLL_SECONDS)
+
+    def safe_cycle(self) -> bool | None:
+        """`cycle`, surviving any failure (None). Disk full or gone, or a bug: what was pending
+        is lost and counted, the chains reopen from what is on disk (their resume checkpoint
+        names any partial line), and the loss goes on the record once writing works again."""
+        try:
+            return self.cycle()
+        except Exception as exc:  # noqa: BLE001 - the writer must outlive any one failure
+            lost = sum(len(c.pending) for c in self.chains.values())
+            self._lost += lost
+            _DROPPED.inc(lost)
+            log.error("audit_write_failed", error=str(exc), lost=lost, exc_info=not isinstance(exc, OSError))
+            for c in self.chains.values():
+                c.close_fd()
+            self.chains.clear()
+            return None
 
     def cycle(self) -> bool:
         """One round of the writer thread; public for tests. True when it wrote events."""
@@ -127,8 +133,9 @@ class AuditSink:
             ev = q.popleft()
             n += 1
             self._append(ev)
-        if self.dropped > self._recorded_drops:
-            delta, self._recorded_drops = self.dropped - self._recorded_drops, self.dropped
+        gone = self.dropped + self._lost
+        if gone > self._recorded_drops:
+            delta, self._recorded_drops = gone - self._recorded_drops, gone
             self.chain(GATEWAY_STREAM).append({"type": "events_dropped", "ts": iso(now), "count": delta})
         if now - self._last_checkpoint >= self.settings.checkpoint_seconds:
             self._last_checkpoint = now
