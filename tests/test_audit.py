@@ -353,3 +353,54 @@ def test_a_disk_error_loses_only_the_batch_and_the_chain_says_so(tmp_path: Path,
     assert [x["request_id"] for x in recs if x["type"] == "request"] == ["r0", "r1", "r2", "r3", "r4", "r8", "r9"]
     assert [x["count"] for x in recs if x["type"] == "events_dropped"] == [3]
     assert [x["reason"] for x in recs if x["type"] == "checkpoint"] == ["genesis", "resume", "shutdown"]
+
+
+def test_every_line_is_shipped_to_a_redis_stream_and_an_outage_only_counts(tmp_path: Path, keys) -> None:
+    import redis
+
+    from gateway_extproc.audit.settings import RedisStream
+    from gateway_extproc.telemetry.metrics import AUDIT_EVENTS
+    from tests.redis_server import RedisServer
+
+    signer, public, _ = keys
+    with RedisServer() as server:
+        clock = Clock()
+        s = settings_for(tmp_path, redis=RedisStream(server.url, "gw:audit", 1000, None))
+        sink = AuditSink(s, signer, "h-w0", now=clock)
+        from gateway_extproc.audit.writer import _redis_client
+        sink._redis = _redis_client(s)
+        for i in range(20):
+            sink.put(event(clock, i))
+        sink.cycle()
+        shipped = redis.Redis.from_url(server.url).xrange("gw:audit")
+        written = lines_of(chain_mod.segments(tmp_path / "audit" / "h-w0" / "gateway")[0])
+        assert [f[b"record"] for _, f in shipped] == written
+        assert {f[b"chain"] for _, f in shipped} == {b"h-w0/gateway"}
+        failed = AUDIT_EVENTS.labels("ship_failed")._value.get()
+        server.stop()
+        for i in range(5):
+            sink.put(event(clock, 20 + i))
+        sink.cycle()  # Redis is down: the files still get every record
+        assert AUDIT_EVENTS.labels("ship_failed")._value.get() == failed + 5
+        sink._close_all()
+    (r,) = verify_dir(tmp_path / "audit", public)
+    assert r.status == "ok" and r.records == 1 + 25 + 1
+
+
+def test_no_readable_signing_key_no_worker(tmp_path: Path) -> None:
+    """Fail closed: a worker whose audit trail cannot be signed does not start."""
+    from dataclasses import replace
+
+    from gateway_extproc import audit
+    from gateway_extproc.audit.signing import SigningKeyError
+    from gateway_extproc.config import parse
+
+    from .test_config import valid
+
+    cfg = replace(parse(valid(), "x"), audit=settings_for(tmp_path, signing_key_file=str(tmp_path / "missing.key")))
+    with pytest.raises(SigningKeyError, match="missing.key: cannot read it .* audit keygen"):
+        audit.start(cfg, 0)
+    (tmp_path / "bad.key").write_text("not a key")
+    cfg = replace(cfg, audit=settings_for(tmp_path, signing_key_file=str(tmp_path / "bad.key")))
+    with pytest.raises(SigningKeyError, match="not an unencrypted PEM private key"):
+        audit.start(cfg, 0)

@@ -35,6 +35,7 @@ log = structlog.get_logger("gateway_extproc.audit")
 POLL_SECONDS = 0.05
 BATCH = 512  # events per write; the GIL is given back between batches
 PRUNE_SECONDS = 600.0
+SHIP_BACKOFF_SECONDS = 5.0
 CONFIGS = "configs"
 _WRITTEN, _DROPPED, _SHIP_FAILED = (AUDIT_EVENTS.labels(r) for r in ("written", "dropped", "ship_failed"))
 
@@ -59,6 +60,7 @@ class AuditSink:
         self._last_fsync = self._last_prune = 0.0
         self._last_checkpoint = now()
         self._redis: Any = None
+        self._ship_retry_at = 0.0
 
     # -- request path ------------------------------------------------------------------
 
@@ -228,6 +230,9 @@ class AuditSink:
             return
         r = self.settings.redis
         assert r is not None
+        if self.now() < self._ship_retry_at:  # Redis failed recently: do not stall the writer on it
+            _SHIP_FAILED.inc(len(lines))
+            return
         try:
             pipe = self._redis.pipeline(transaction=False)
             for line in lines:
@@ -235,6 +240,7 @@ class AuditSink:
             pipe.execute()
         except Exception as exc:  # noqa: BLE001 - any Redis failure: the files stay the record
             _SHIP_FAILED.inc(len(lines))
+            self._ship_retry_at = self.now() + SHIP_BACKOFF_SECONDS
             log.warning("audit_ship_failed", error=str(exc), lines=len(lines))
 
 
