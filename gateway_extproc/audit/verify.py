@@ -49,8 +49,9 @@ class ChainResult:
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        span = f"seq {self.first_seq}..{self.last_seq}" if self.first_seq is not None else "empty"
-        head = f"{self.status.upper():9} {self.name}: {self.records} records ({span}), {self.checkpoints} checkpoints"
+        span = f"seq {self.first_seq}..{self.last_seq}" if self.last_seq is not None else "empty"
+        head = (f"{self.status.upper():9} {self.name}" if self.status == "bad" else
+                f"{self.status.upper():9} {self.name}: {self.records} records ({span}), {self.checkpoints} checkpoints")
         return "\n".join([head, *(f"          {n}" for n in ([self.problem] if self.problem else []) + self.notes)])
 
 
