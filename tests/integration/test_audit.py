@@ -138,6 +138,18 @@ def test_decisions_reloads_verify_and_chargeback(tmp_path: Path) -> None:
     gemini = [r for r in inventory["rows"] if r["team"] == "demo" and r["model"] == "gemini-chat"]
     assert gemini and gemini[0]["refused"] == 1
 
+    # An export of today verifies offline, and carries both config versions.
+    today = datetime.now(timezone.utc).date().isoformat()
+    bundle = tmp_path / "bundle"
+    out = cli("audit", "export", "--dir", str(audit), "--from", today, "--to", today, "--out", str(bundle))
+    assert out.returncode == 0, out.stderr
+    assert {p.stem for p in (bundle / "configs").glob("*.yaml")} == {old_digest, new_digest}
+    out = cli("audit", "verify", "--dir", str(bundle), "--public-key", str(pub), "--strict")
+    assert out.returncode == 0 and "BAD" not in out.stdout, out.stdout
+    exported = orjson.loads(cli("report", "chargeback", "--dir", str(bundle), "--month", month, "--format",
+                                "json").stdout)
+    assert exported["teams"] == report["teams"]
+
     # Change one byte of one request record: verify fails and names it.
     seg = next(s for s in sorted(audit.rglob("*.jsonl")) if b'"decision":"admitted"' in s.read_bytes())
     lines = seg.read_bytes().split(b"\n")
@@ -148,3 +160,29 @@ def test_decisions_reloads_verify_and_chargeback(tmp_path: Path) -> None:
     out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub))
     assert out.returncode == 1
     assert re.search(rf"BAD .*\n.*record seq {seq} \({seg.name}:{i + 1}\) was modified", out.stdout), out.stdout
+
+
+def test_a_killed_extproc_resumes_its_chain_and_verify_accepts_it(tmp_path: Path) -> None:
+    gw = build_gateway(tmp_path / "gw")
+    audit = gw.stack.workdir / "audit"
+    pub = gw.stack.workdir / "audit-signing.key.pub"
+    try:
+        assert set(asyncio.run(burst(gw, 50))) == {200}
+        time.sleep(0.5)  # written (the writer runs every ~50 ms), not necessarily sealed
+        gw.stack.kill_extproc()  # SIGKILL: no shutdown checkpoint
+        crashed = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub))
+        assert crashed.returncode == 0 and "BAD" not in crashed.stdout, crashed.stdout
+        gw.stack.start_extproc()
+        deadline = time.monotonic() + 20
+        while chat(gw, "after the crash").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert set(asyncio.run(burst(gw, 20))) == {200}
+    finally:
+        gw.stack.stop()
+    out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub), "--strict")
+    assert out.returncode == 0, out.stdout
+    recs = records(audit)
+    assert sum(r["type"] == "request" and r["path"] == "/v1/chat/completions" for r in recs) >= 71
+    reasons = [r["reason"] for r in recs if r["type"] == "checkpoint"]
+    assert "resume" in reasons and reasons.count("genesis") == len({r["chain"] for r in recs if r["type"] == "checkpoint"})
