@@ -146,3 +146,37 @@ def processor(**kw) -> SimpleNamespace:
 def test_decisions(kw: dict, decision: str, reasons: list[str]) -> None:
     p = processor(**kw)
     assert (events.decision(p), events.reasons(p)) == (decision, reasons)
+
+
+async def test_reloads_and_rejected_files_are_audited(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    import yaml
+
+    from gateway_extproc import audit
+    from gateway_extproc.reload import RuntimeRef
+    from gateway_extproc.runtime import Runtime
+
+    key, _ = generate(tmp_path / "k")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(valid()))
+    ref = RuntimeRef(Runtime.load(path), str(path))
+    sink = AuditSink(settings_for(tmp_path), Signer.from_file(key), "h-w0")
+    audit._sink = sink
+    try:
+        doc = valid()
+        doc["maxRequestBytes"] = 8192
+        path.write_text(yaml.safe_dump(doc))
+        os.utime(path, (1, 1))
+        await ref.check()
+        applied = hashlib.sha256(path.read_bytes()).hexdigest()
+        path.write_text("version: 2\n")
+        os.utime(path, (2, 2))
+        await ref.check()
+    finally:
+        audit._sink = None
+    reloaded, rejected = sink.queue
+    assert (reloaded["action"], reloaded["config_sha256"], reloaded["path"]) == ("reloaded", applied, str(path))
+    assert rejected["action"] == "rejected" and "version must be 1" in rejected["error"]
+    assert ref.current.config.digest == applied  # the rejected file changed nothing

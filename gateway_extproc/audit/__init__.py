@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
+import structlog
+
 from . import events
 from .settings import AuditSettings
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from ..processors.router import RouterProcessor
     from .writer import AuditSink
 
+log = structlog.get_logger("gateway_extproc.audit")
 _sink: "AuditSink | None" = None
 
 
@@ -54,9 +57,7 @@ def config_applied(cfg: "GatewayConfig") -> None:
     if _sink is not None:
         _sink.put(events.config_event(cfg, "reloaded"))
         if cfg.audit != _sink.settings:
-            import structlog
-
-            structlog.get_logger("gateway_extproc.audit").warning(
+            log.warning(
                 "audit_settings_changed", note="audit settings apply at process start; restart the ext_proc")
 
 

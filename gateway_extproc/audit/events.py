@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 BLOCKING_CODES = frozenset({"content_blocked", "classification_violation"})
 # Set by the router for a stream the provider broke off; the request was admitted.
 NOT_A_REFUSAL = frozenset({"upstream_stream_interrupted"})
-DECISIONS = ("admitted", "redacted", "refused", "blocked", "cut")
 
 
 def decision(p: "RouterProcessor") -> str:

@@ -278,7 +278,7 @@ def _diagnose(seg: Path, lines: list[bytes], i: int, want_seq: int, want_prev: b
             return (f"records out of order at {where}: seq {seq} comes before seq {want_seq} "
                     f"({seg.name}:{i + 1 + later}); swapped or moved")
         if prev == want_prev:
-            return f"seq {want_seq}..{seq - 1} renumbered at {where}"
+            return f"{where} says seq {seq} where {want_seq} was due, though it follows {before}: its seq was changed"
         return f"record(s) seq {want_seq}..{seq - 1} deleted: {where} (seq {seq}) follows {before}"
     if seq is not None and seq < want_seq:
         if seq == want_seq - 1:
