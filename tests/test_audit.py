@@ -404,3 +404,37 @@ def test_no_readable_signing_key_no_worker(tmp_path: Path) -> None:
     cfg = replace(cfg, audit=settings_for(tmp_path, signing_key_file=str(tmp_path / "bad.key")))
     with pytest.raises(SigningKeyError, match="not an unencrypted PEM private key"):
         audit.start(cfg, 0)
+
+
+def test_the_writer_thread_drains_everything_on_stop(tmp_path: Path, keys) -> None:
+    signer, public, _ = keys
+    sink = AuditSink(settings_for(tmp_path, checkpoint_seconds=0.05, segment_bytes=1 << 20), signer, "h-w0").start()
+    for i in range(30_000):
+        sink.put(event(Clock(), i, tier=("public", "internal", None)[i % 3]))
+    sink.stop()
+    results = verify_dir(tmp_path / "audit", public)
+    assert {r.status for r in results} == {"ok"}, [r.line() for r in results]
+    total = sum(1 for r in results for s in chain_mod.segments(tmp_path / "audit" / r.name) for x in lines_of(s)
+                if b'"type":"request"' in x)
+    assert total == 30_000 and sink.dropped == 0
+
+
+def test_hostile_content_cannot_forge_structure(tmp_path: Path, keys) -> None:
+    signer, public, _ = keys
+    clock = Clock()
+    sink = AuditSink(settings_for(tmp_path), signer, "h-w0", now=clock)
+    nasty = ['\n{"prev":"' + "0" * 64 + '","seq":1,"type":"checkpoint"}\n', ',"sig":"' + "A" * 88 + '"}',
+             "\u2028\u2029\x00\r\n", '"type":"retention_pruned","through_seq":99', "é" * 5000]
+    for i, text in enumerate(nasty):
+        sink.put(event(clock, i, prompt=text, request_id=text))
+    sink.cycle()
+    sink._close_all()
+    (r,) = verify_dir(tmp_path / "audit", public)
+    assert (r.status, r.records, r.checkpoints) == ("ok", len(nasty) + 2, 2), r.line()
+    recs = [orjson.loads(x) for x in lines_of(only_segment_of(tmp_path, "h-w0"))]
+    assert [x["prompt"] for x in recs if x["type"] == "request"] == nasty
+
+
+def only_segment_of(tmp: Path, instance: str) -> Path:
+    (seg,) = chain_mod.segments(tmp / "audit" / instance / "gateway")
+    return seg
