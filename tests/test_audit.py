@@ -438,3 +438,13 @@ def test_hostile_content_cannot_forge_structure(tmp_path: Path, keys) -> None:
 def only_segment_of(tmp: Path, instance: str) -> Path:
     (seg,) = chain_mod.segments(tmp / "audit" / instance / "gateway")
     return seg
+
+
+def test_a_rotated_key_verifies_with_both_published_keys(tmp_path: Path, keys) -> None:
+    signer, public, other = keys
+    write_chain(tmp_path, signer, 30)
+    write_chain(tmp_path, other, 30)  # restarted with a new key: the chain resumes under it
+    st_, msg = status(tmp_path, public)
+    assert st_ == "bad" and f"signed by key {other.key_id}, not the published key {signer.key_id}" in msg
+    (r,) = verify_dir(tmp_path / "audit", [public, other.public])
+    assert r.status == "ok" and r.records == 1 + 30 + 1 + 1 + 30 + 1

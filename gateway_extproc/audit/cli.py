@@ -25,7 +25,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     kg.set_defaults(audit_run=_keygen)
     v = asub.add_parser("verify", help="check every chain; name the first bad record")
     v.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="audit directory or export bundle")
-    v.add_argument("--public-key", type=Path, required=True, help="the published public key (PEM)")
+    v.add_argument("--public-key", type=Path, action="append", required=True,
+                   help="a published public key (PEM); repeat it for every key used over the period")
     v.add_argument("--strict", action="store_true", help="also fail on open or truncated chain ends")
     v.add_argument("--format", choices=("text", "json"), default="text")
     v.set_defaults(audit_run=_verify)
@@ -70,7 +71,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_dir
 
     try:
-        public = load_public(args.public_key)
+        public = [load_public(p) for p in args.public_key]
     except SigningKeyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -81,7 +82,7 @@ def _verify(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(orjson.dumps([r.__dict__ for r in results], option=orjson.OPT_INDENT_2).decode())
     else:
-        print(f"public key {key_id(public)}; {len(results)} chains in {args.dir}")
+        print(f"public key {', '.join(key_id(k) for k in public)}; {len(results)} chains in {args.dir}")
         for r in results:
             print(r.line())
     bad = any(r.status == "bad" for r in results) or not results

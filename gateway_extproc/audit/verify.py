@@ -66,13 +66,15 @@ def chain_dirs(root: Path) -> Iterator[Path]:
             yield d
 
 
-def verify_dir(root: Path, public: Ed25519PublicKey, workers: int | None = None) -> list[ChainResult]:
+def verify_dir(root: Path, public: Ed25519PublicKey | list[Ed25519PublicKey],
+               workers: int | None = None) -> list[ChainResult]:
     """Segments are scanned in parallel (each on its own: hashes, seq, signatures), then each
     chain's segments are linked in order; hashing dominates, so this scales with cores."""
     bundle = (root / MANIFEST).exists()
     chains = [(d, d.relative_to(root).as_posix(), segments(d)) for d in chain_dirs(root)]
     jobs = [(seg, name) for _, name, segs in chains for seg in segs]
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    keys = _keys(public)
+    raw = [k.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) for k in keys.values()]
     size = sum(seg.stat().st_size for seg, _ in jobs)
     workers = workers or min(os.cpu_count() or 1, len(jobs))
     if workers > 1 and size > PARALLEL_BYTES:
@@ -80,13 +82,14 @@ def verify_dir(root: Path, public: Ed25519PublicKey, workers: int | None = None)
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             scans = list(pool.map(_scan_job, [(seg, name, raw) for seg, name in jobs], chunksize=1))
     else:
-        scans = [scan_segment(seg, name, public) for seg, name in jobs]
+        scans = [scan_segment(seg, name, keys) for seg, name in jobs]
     by_path = {seg: scan for (seg, _), scan in zip(jobs, scans)}
     return [link(name, [by_path[s] for s in segs], bundle) for _, name, segs in chains]
 
 
-def verify_chain(chain_dir: Path, name: str, public: Ed25519PublicKey, bundle: bool = False) -> ChainResult:
-    return link(name, [scan_segment(seg, name, public) for seg in segments(chain_dir)], bundle)
+def _keys(public: Ed25519PublicKey | list[Ed25519PublicKey]) -> dict[str, Ed25519PublicKey]:
+    """Published keys by id: several after a key rotation (each checkpoint names its key)."""
+    return {signing.key_id(k): k for k in (public if isinstance(public, list) else [public])}
 
 
 @dataclass
@@ -106,13 +109,12 @@ class SegmentScan:
     problem: str | None = None
 
 
-def _scan_job(job: tuple[Path, str, bytes]) -> SegmentScan:
+def _scan_job(job: tuple[Path, str, list[bytes]]) -> SegmentScan:
     seg, name, raw = job
-    return scan_segment(seg, name, Ed25519PublicKey.from_public_bytes(raw))
+    return scan_segment(seg, name, _keys([Ed25519PublicKey.from_public_bytes(r) for r in raw]))
 
 
-def scan_segment(seg: Path, name: str, public: Ed25519PublicKey) -> SegmentScan:
-    key_id = signing.key_id(public)
+def scan_segment(seg: Path, name: str, keys: dict[str, Ed25519PublicKey]) -> SegmentScan:
     scan = SegmentScan(seg.name)
     lines = seg.read_bytes().split(b"\n")
     scan.partial = len(lines.pop())
@@ -137,7 +139,7 @@ def scan_segment(seg: Path, name: str, public: Ed25519PublicKey) -> SegmentScan:
             return scan
         if is_cp:
             try:
-                _check_signature(line, seg, i, name, public, key_id)
+                _check_signature(line, seg, i, name, keys)
             except _Bad as exc:
                 scan.problem = str(exc)
                 return scan
@@ -230,15 +232,16 @@ def _link(scans: list[SegmentScan], bundle: bool, res: ChainResult) -> None:
                          "(a live writer, or a crash within the checkpoint interval; or a cut tail)")
 
 
-def _check_signature(line: bytes, seg: Path, i: int, name: str, public: Ed25519PublicKey, key_id: str) -> None:
+def _check_signature(line: bytes, seg: Path, i: int, name: str, keys: dict[str, Ed25519PublicKey]) -> None:
     parts = unsigned_part(line)
     where = f"{seg.name}:{i + 1}"
     if parts is None:
         raise _Bad(f"{where}: checkpoint without a signature (modified)")
     body = _json(line)
-    if body.get("key") != key_id:
-        raise _Bad(f"{where}: checkpoint signed by key {body.get('key')}, not the published key {key_id} "
-                   "(re-signed, or verify was given the wrong public key)")
+    public = keys.get(str(body.get("key")))
+    if public is None:
+        raise _Bad(f"{where}: checkpoint signed by key {body.get('key')}, not the published key "
+                   f"{' or '.join(keys)} (re-signed, or verify was not given every published key)")
     if not signing.verify(public, parts[1], parts[0]):
         raise _Bad(f"{where}: checkpoint signature does not verify (the checkpoint or the records before it "
                    "were modified and re-hashed)")
