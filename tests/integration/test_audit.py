@@ -186,3 +186,29 @@ def test_a_killed_extproc_resumes_its_chain_and_verify_accepts_it(tmp_path: Path
     assert sum(r["type"] == "request" and r["path"] == "/v1/chat/completions" for r in recs) >= 71
     reasons = [r["reason"] for r in recs if r["type"] == "checkpoint"]
     assert "resume" in reasons and reasons.count("genesis") == len({r["chain"] for r in recs if r["type"] == "checkpoint"})
+
+
+def test_each_worker_process_writes_its_own_chains(tmp_path: Path) -> None:
+    from ..redis_server import RedisServer
+
+    with RedisServer() as server:
+        def two_workers(values: dict) -> None:
+            values["extproc"]["processes"] = 2
+            values["budgets"].update(store="redis", redis={"url": server.url})
+
+        gw = build_gateway(tmp_path / "gw", customize=two_workers)
+        try:
+            assert set(asyncio.run(burst(gw, 150))) == {200}
+        finally:
+            gw.stack.stop()
+    audit = gw.stack.workdir / "audit"
+    out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(gw.stack.workdir / "audit-signing.key.pub"),
+              "--strict")
+    assert out.returncode == 0, out.stdout
+    per_worker: dict[str, int] = {}
+    for seg in audit.rglob("*.jsonl"):
+        worker = seg.relative_to(audit).parts[0].rsplit("-", 1)[1]
+        n = sum(1 for x in seg.read_bytes().split(b"\n") if b'"path":"/v1/chat/completions"' in x)
+        per_worker[worker] = per_worker.get(worker, 0) + n
+    assert set(per_worker) == {"w0", "w1"} and sum(per_worker.values()) == 150
+    assert min(per_worker.values()) > 0, per_worker  # Envoy spreads streams over both sockets
