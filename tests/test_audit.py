@@ -448,3 +448,19 @@ def test_a_rotated_key_verifies_with_both_published_keys(tmp_path: Path, keys) -
     assert st_ == "bad" and f"signed by key {other.key_id}, not the published key {signer.key_id}" in msg
     (r,) = verify_dir(tmp_path / "audit", [public, other.public])
     assert r.status == "ok" and r.records == 1 + 30 + 1 + 1 + 30 + 1
+
+
+def test_segments_rotate_by_age_but_an_idle_chain_does_not_churn(tmp_path: Path, keys) -> None:
+    signer, public, _ = keys
+    clock = Clock()
+    sink = AuditSink(settings_for(tmp_path, segment_seconds=3600), signer, "h-w0", now=clock)
+    sink.put(event(clock, 0))
+    sink.cycle()
+    clock.t += 3601
+    sink.cycle()  # the segment is an hour old and holds a record: a new one opens
+    clock.t += 3601
+    sink.cycle()  # the new one holds only its opening checkpoint: no churn
+    sink._close_all()
+    segs = chain_mod.segments(tmp_path / "audit" / "h-w0" / "gateway")
+    assert [orjson.loads(lines_of(s)[0])["reason"] for s in segs] == ["genesis", "rotate"]
+    assert status(tmp_path, public)[0] == "ok"
