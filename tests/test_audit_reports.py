@@ -63,6 +63,13 @@ def trail(tmp_path: Path) -> Path:
 
 def test_month_range_covers_exactly_the_month() -> None:
     assert month_range("2026-12") == ("2026-12-01T00:00:00.000000Z", "2027-01-01T00:00:00.000000Z")
+    assert month_range("2026-11", "Europe/Berlin") == ("2026-10-31T23:00:00.000000Z", "2026-11-30T23:00:00.000000Z")
+
+
+def test_the_month_can_be_the_budgets_time_zone(trail: Path) -> None:
+    # 2026-11-30T23:59:59Z is already December in Berlin; 2026-10-31T23:59:59Z is November there.
+    berlin = {t["team"]: t for t in chargeback(trail, "2026-11", "Europe/Berlin")["teams"]}
+    assert berlin["search"]["requests"] == 3 and berlin["search"]["input_tokens"] == 999 + 100 + 200
 
 
 def test_chargeback_matches_the_hand_computed_totals(trail: Path) -> None:

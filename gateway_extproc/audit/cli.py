@@ -10,6 +10,7 @@ import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
@@ -41,7 +42,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     rsub = r.add_subparsers(dest="report_cmd", required=True)
     cb = rsub.add_parser("chargeback", help="per team (and key, user, model, provider) for one month")
     cb.add_argument("--dir", type=Path, default=DEFAULT_DIR)
-    cb.add_argument("--month", required=True, help="YYYY-MM (UTC)")
+    cb.add_argument("--month", required=True, help="YYYY-MM")
+    cb.add_argument("--timezone", default="UTC", help="IANA zone the month is in; use budgets.timezone (default UTC)")
     cb.add_argument("--format", choices=("csv", "json"), default="csv")
     cb.set_defaults(audit_run=_chargeback)
     inv = rsub.add_parser("inventory", help="which team uses which model and provider; refused attempts")
@@ -108,7 +110,12 @@ def _chargeback(args: argparse.Namespace) -> int:
     from .reports import chargeback, chargeback_csv
 
     try:
-        report = chargeback(args.dir, args.month)
+        ZoneInfo(args.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        print(f"error: --timezone {args.timezone!r} is not an IANA time zone (e.g. Europe/Berlin)", file=sys.stderr)
+        return 1
+    try:
+        report = chargeback(args.dir, args.month, args.timezone)
     except ValueError:
         print(f"error: --month {args.month!r} must be YYYY-MM", file=sys.stderr)
         return 1

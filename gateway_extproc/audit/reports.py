@@ -13,10 +13,11 @@ import csv
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import yaml
 
@@ -26,12 +27,14 @@ from .writer import CONFIGS
 REFUSED = frozenset({"refused", "blocked"})
 
 
-def month_range(month: str) -> tuple[str, str]:
-    """`YYYY-MM` -> [start, end) as ISO strings in the trail's format (UTC)."""
+def month_range(month: str, tz: str = "UTC") -> tuple[str, str]:
+    """`YYYY-MM` in time zone `tz` (use budgets.timezone, so the month is the budget's) ->
+    [start, end) as ISO strings in the trail's format (UTC)."""
     y, m = (int(x) for x in month.split("-"))
-    start = date(y, m, 1)
-    end = date(y + (m == 12), m % 12 + 1, 1)
-    return f"{start.isoformat()}T00:00:00.000000Z", f"{end.isoformat()}T00:00:00.000000Z"
+    zone = ZoneInfo(tz)
+    start = datetime(y, m, 1, tzinfo=zone)
+    end = datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=zone)
+    return tuple(t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for t in (start, end))  # type: ignore[return-value]
 
 
 @dataclass
@@ -81,8 +84,8 @@ def _requests(root: Path, start: str, end: str) -> Iterable[dict[str, Any]]:
             yield rec
 
 
-def chargeback(root: Path, month: str) -> dict[str, Any]:
-    start, end = month_range(month)
+def chargeback(root: Path, month: str, tz: str = "UTC") -> dict[str, Any]:
+    start, end = month_range(month, tz)
     teams: dict[str, TeamReport] = {}
     for rec in _requests(root, start, end):
         t = teams.setdefault(rec["team"], TeamReport())
@@ -104,7 +107,7 @@ def chargeback(root: Path, month: str) -> dict[str, Any]:
         for dim, values in t.by.items():
             row[f"by_{dim}"] = [{dim: v, **values[v].row()} for v in sorted(values)]
         out.append(row)
-    return {"month": month, "from": start, "to": end, "teams": out}
+    return {"month": month, "timezone": tz, "from": start, "to": end, "teams": out}
 
 
 def inventory(root: Path, start: str = "", end: str = "~") -> dict[str, Any]:
