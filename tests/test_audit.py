@@ -464,3 +464,41 @@ def test_segments_rotate_by_age_but_an_idle_chain_does_not_churn(tmp_path: Path,
     segs = chain_mod.segments(tmp_path / "audit" / "h-w0" / "gateway")
     assert [orjson.loads(lines_of(s)[0])["reason"] for s in segs] == ["genesis", "rotate"]
     assert status(tmp_path, public)[0] == "ok"
+
+
+def test_random_deletes_inserts_swaps_and_duplicates_are_all_detected(tmp_path: Path, keys) -> None:
+    """Invariant: any structural change to a sealed chain fails verification (seeded, 300 trials),
+    except cutting its final checkpoint, which leaves an unsealed tail that verify reports as
+    open (and `--strict` fails): the documented limit of a chain's live end."""
+    import random
+
+    signer, public, _ = keys
+    write_chain(tmp_path, signer, 60, every=9, segment_bytes=6000)
+    segs = chain_mod.segments(tmp_path / "audit" / "host-w0" / "gateway")
+    originals = {s: s.read_bytes() for s in segs}
+    rng = random.Random(18)
+    for trial in range(300):
+        for s, data in originals.items():
+            s.write_bytes(data)
+        seg = rng.choice(segs)
+        ls = lines_of(seg)
+        op = rng.choice(["delete", "insert", "swap", "duplicate", "move"])
+        i = rng.randrange(len(ls))
+        if op == "delete":
+            ls.pop(i)
+        elif op == "insert":
+            ls.insert(i, chain_mod.encode(ls[i][chain_mod.PREV], chain_mod.seq_of(ls[i])[0], {"type": "request"}))
+        elif op == "swap" and len(ls) > 1:
+            j = rng.randrange(len(ls) - 1)
+            ls[j], ls[j + 1] = ls[j + 1], ls[j]
+        elif op == "duplicate":
+            ls.insert(i, ls[i])
+        else:
+            other = rng.choice([x for x in segs if x != seg])
+            ls.insert(i, rng.choice(lines_of(other)))
+        seg.write_bytes(b"".join(x + b"\n" for x in ls))
+        if seg.read_bytes() == originals[seg]:
+            continue
+        (r,) = verify_dir(tmp_path / "audit", public)
+        cut_tail = op == "delete" and seg == segs[-1] and i == len(lines_of(seg))
+        assert r.status == ("open" if cut_tail else "bad"), (trial, op, seg.name, i, r.line())
