@@ -67,3 +67,18 @@ def test_schema_rejects_an_unknown_fsync_policy(chart) -> None:
     values["audit"]["fsync"] = "sometimes"
     with pytest.raises(Exception, match="fsync"):
         render(chart, values)
+
+
+def test_redis_stream_password_comes_from_a_secret_into_the_extproc_only(chart) -> None:
+    values = copy.deepcopy(chart_values([EXAMPLE]))
+    values["audit"]["redisStream"] = {"url": "redis://audit-redis:6379/0", "key": "gw:audit", "maxLen": 1000,
+                                      "passwordEnv": "AUDIT_REDIS_PASSWORD",
+                                      "passwordSecret": {"name": "audit-redis", "key": "password"}}
+    docs = manifests(render(chart, values))
+    gateway = yaml.safe_load(config_map(docs)["gateway.yaml"])
+    assert gateway["audit"]["redisStream"] == {"url": "redis://audit-redis:6379/0", "key": "gw:audit", "maxLen": 1000,
+                                               "passwordEnv": "AUDIT_REDIS_PASSWORD"}
+    assert config.parse(gateway, "gateway.yaml").audit.redis.password_env == "AUDIT_REDIS_PASSWORD"
+    env = {e["name"]: e for e in container(docs, "extproc").get("env", [])}
+    assert env["AUDIT_REDIS_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "audit-redis", "key": "password"}}
+    assert "AUDIT_REDIS_PASSWORD" not in {e["name"] for e in container(docs, "envoy").get("env", [])}

@@ -41,7 +41,7 @@ audit:
     {{- toYaml .retention | nindent 4 }}
   {{- if .redisStream.url }}
   redisStream:
-    {{- toYaml .redisStream | nindent 4 }}
+    {{- toYaml (omit .redisStream "passwordSecret") | nindent 4 }}
   {{- end }}
 {{- end }}{{ end }}
 {{- end -}}

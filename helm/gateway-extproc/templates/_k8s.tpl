@@ -114,6 +114,10 @@ only to the ext_proc.
 {{- if and $r.passwordEnv (dig "passwordSecret" "name" "" $r) -}}
 {{- $_ := set $out $r.passwordEnv (dict "name" $r.passwordEnv "secret" $r.passwordSecret.name "key" $r.passwordSecret.key "envoy" false "provider" "") -}}
 {{- end -}}
+{{- $a := .Values.audit.redisStream -}}
+{{- if and .Values.audit.enabled $a.url $a.passwordEnv (dig "passwordSecret" "name" "" $a) -}}
+{{- $_ := set $out $a.passwordEnv (dict "name" $a.passwordEnv "secret" $a.passwordSecret.name "key" $a.passwordSecret.key "envoy" false "provider" "") -}}
+{{- end -}}
 {{- $list := list -}}
 {{- range $k := keys $out | sortAlpha }}{{ $list = append $list (get $out $k) }}{{ end -}}
 {{- toJson $list -}}
