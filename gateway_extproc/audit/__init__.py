@@ -36,7 +36,11 @@ def start(cfg: "GatewayConfig", worker: int) -> "AuditSink | None":
     from .writer import AuditSink
 
     instance = f"{settings.instance or socket.gethostname()}-w{worker}"
-    _sink = AuditSink(settings, Signer.from_file(settings.signing_key_file), instance).start()
+    try:
+        _sink = AuditSink(settings, Signer.from_file(settings.signing_key_file), instance).start()
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.error("audit_start_failed", error=str(exc))
+        raise
     _sink.put(events.config_event(cfg, "loaded"))
     return _sink
 
