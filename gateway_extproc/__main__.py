@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from . import config, keys, logs
+from .audit import cli as audit_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     lc.add_argument("--values", action="append", type=Path, default=[], help="values file (repeatable)")
     lc.add_argument("--workdir", type=Path, default=Path("run"))
 
+    audit_cli.register(sub)
+
     args = p.parse_args(argv)
     logs.configure()
+    if getattr(args, "audit_run", None):
+        return args.audit_run(args)
     if args.cmd == "serve":
         from .server import serve
         return serve(args.config)

@@ -8,13 +8,14 @@ the hot path only does dictionary lookups on the frozen result.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from decimal import Decimal
@@ -22,6 +23,9 @@ from decimal import Decimal
 import yaml
 
 from .budgets.pricing import Price
+
+if TYPE_CHECKING:
+    from .audit.settings import AuditSettings
 
 PROVIDER_KINDS = ("openai", "azure", "anthropic", "bedrock", "gemini")
 # Kind-specific provider settings: (key, required, allowed values or None).
@@ -176,17 +180,20 @@ class GatewayConfig:
     users: dict[str, Limits] = field(default_factory=dict)
     budgets: Budgets | None = None
     classification: Classification | None = None
+    audit: "AuditSettings | None" = None
+    digest: str = ""  # sha256 of the gateway.yaml bytes: the config version audit events name
 
 
 def load(path: str | os.PathLike[str]) -> GatewayConfig:
     source = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_bytes()
+        raw = yaml.safe_load(text.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found; render it with `gateway-extproc render`") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({exc}); fix the syntax") from None
-    return parse(raw, source)
+    return replace(parse(raw, source), digest=hashlib.sha256(text).hexdigest())
 
 
 def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
@@ -246,8 +253,11 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
                 if b.price is None:
                     r.fail(f"models[{i}].backends[{j}].pricing", "is required when budgets are configured: "
                            "add {input, output} in USD per 1M tokens")
+    from .audit.settings import parse as parse_audit
+
+    audit = parse_audit(doc.get("audit"), r.fail, tiers)
     return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port,
-                         users, budgets, classification)
+                         users, budgets, classification, audit)
 
 
 def _is_number(value: Any) -> bool:

@@ -73,6 +73,11 @@ class LocalStack:
 
     def start(self) -> "LocalStack":
         self.workdir.mkdir(parents=True, exist_ok=True)
+        audit = self.values.get("audit") or {}
+        if audit.get("enabled") and not Path(audit["signingKey"]["file"]).exists():
+            from .audit.signing import generate
+
+            generate(Path(audit["signingKey"]["file"]))  # local only: a deployment mounts its own key
         for name, text in render_values(self.values).items():
             (self.workdir / name).write_text(text, encoding="utf-8")
         for port, key in self.mocks.items():

@@ -27,6 +27,7 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+from . import audit
 from .errors import GatewayError
 from .processors import responses
 from .processors.router import RouterProcessor
@@ -110,6 +111,7 @@ def run_one(config_path: str, index: int) -> None:
     runtime = RuntimeRef(Runtime.load(config_path), config_path)
     address = runtime.current.config.listen[index]
     tracing.setup()
+    audit.start(runtime.current.config, index)
     try:
         import uvloop
     except ImportError:
@@ -117,6 +119,7 @@ def run_one(config_path: str, index: int) -> None:
     else:
         uvloop.run(serve_one(runtime, address))
     finally:
+        audit.stop()
         tracing.shutdown()
 
 
