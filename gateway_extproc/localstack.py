@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
-
-import httpx
+from urllib.request import urlopen
 
 from .render import render_values
 
@@ -114,11 +114,7 @@ class LocalStack:
                                             env={**os.environ, **self.env}, start_new_session=True)
 
     def _ready(self) -> bool:
-        try:
-            return (httpx.get(f"{self.admin_url}/ready", timeout=1).status_code == 200
-                    and httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 401)
-        except httpx.HTTPError:
-            return False
+        return _status(f"{self.admin_url}/ready", 1) == 200 and _status(f"{self.url}/v1/models", 2) == 401
 
 
 def terminate(proc: subprocess.Popen[bytes] | None) -> None:
@@ -131,6 +127,18 @@ def terminate(proc: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _status(url: str, timeout: float) -> int | None:
+    """HTTP status of a GET, None when nothing answers. The standard library, not httpx:
+    `local` must run with only the runtime dependencies and the render extra."""
+    try:
+        with urlopen(url, timeout=timeout) as resp:
+            return resp.status
+    except HTTPError as exc:
+        return exc.code
+    except (URLError, OSError):
+        return None
 
 
 def _listen(gateway_yaml: Path) -> list[str]:
