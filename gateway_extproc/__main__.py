@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.config)
     if args.cmd == "serve-one":
         from .server import run_one
-        run_one(args.config, args.index)
-        return 0
+        return run_one(args.config, args.index)
     if args.cmd == "render":
         from .render import render
         for path in render(args.values, args.out):
@@ -90,7 +89,7 @@ def _local(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from .localstack import LocalStack, mock_ports
+    from .localstack import LocalStack, StartError, mock_ports
     from .render import chart_values
 
     values = chart_values(args.values)
@@ -117,10 +116,18 @@ def _local(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         stack.start()
-        print(f"\ngateway-extproc is up on {stack.url} (Envoy admin {stack.admin_url}). Ctrl-C stops all three.\n",
-              flush=True)
-        while not stopped and all(p.poll() is None for p in stack.procs.values()):
-            time.sleep(0.5)
+        print(f"\ngateway-extproc is up on {stack.url} (Envoy admin {stack.admin_url}); logs in "
+              f"{args.workdir}/*.log. Ctrl-C stops it.\n", flush=True)
+        while not stopped:
+            if (gone := stack.exited()) is not None:
+                # A part died on its own: the rest would serve errors, so stop and say why.
+                print(f"error: {stack.describe_exit(*gone)}\nerror: stopping the gateway", file=sys.stderr,
+                      flush=True)
+                return 1
+            time.sleep(0.2)
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         stack.stop()
     return 0

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
 from urllib.request import urlopen
 
+from . import config, sockets
+from .procs import exit_reason, log_tail, with_parent_death
 from .render import render_values
 
 _BIN = Path(sys.executable).parent
@@ -46,15 +49,21 @@ def envoy_binary() -> str:
     return str(found) if found.exists() else (shutil.which("envoy") or "envoy")
 
 
+class StartError(RuntimeError):
+    """The stack could not start or a part of it died: one line with the cause, then the
+    last lines of that part's log."""
+
+
 @dataclass
 class LocalStack:
     values: dict[str, Any]
     workdir: Path
     env: dict[str, str]  # provider credentials for Envoy (native injection) and the ext_proc
     mocks: dict[int, str]  # port -> API key each mock provider requires
-    quiet: bool = True
+    quiet: bool = True  # False: children's output also goes to this terminal (`make run`)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
+    _tees: list[threading.Thread] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -69,27 +78,60 @@ class LocalStack:
         return f"http://127.0.0.1:{self.values['extproc']['metrics']['port']}/metrics"
 
     def log_path(self, name: str) -> Path:
+        """Every child's output is in workdir/<name>.log, whether or not it is also shown."""
         return self.workdir / f"{name}.log"
 
     def start(self) -> "LocalStack":
+        """Start mocks, ext_proc and Envoy; raise StartError within ~2 s of any of them
+        failing (a busy port, a bad config, a child exiting), naming its log."""
+        self.check_free()
         self.workdir.mkdir(parents=True, exist_ok=True)
         for name, text in render_values(self.values).items():
             (self.workdir / name).write_text(text, encoding="utf-8")
-        for port, key in self.mocks.items():
-            self._spawn(f"mock-{port}", [str(_BIN / "gateway-extproc"), "mock-provider", "--port", str(port),
-                                         "--api-key", key])
-            _wait(lambda p=port: connects(p), f"mock provider on {port}", self.log_path(f"mock-{port}"))
-        self.start_extproc()
-        self._spawn("envoy", [envoy_binary(), "-c", str(self.workdir / "envoy.yaml"), "--log-level", "warn",
-                              "--disable-hot-restart", "--file-flush-interval-msec", "200"])
-        _wait(self._ready, "Envoy", self.log_path("envoy"), timeout=30)
+        try:
+            config.load(self.workdir / "gateway.yaml")
+        except config.ConfigError as exc:
+            raise StartError(f"{exc} (gateway.yaml is rendered from the values: fix it there)") from None
+        for old in self.workdir.glob("*.log"):  # this run's logs only: error messages quote them
+            old.unlink()
+        try:
+            for port, key in self.mocks.items():
+                self._spawn(f"mock-{port}", [str(_BIN / "gateway-extproc"), "mock-provider", "--port", str(port),
+                                             "--api-key", key])
+                self._wait(f"mock-{port}", lambda p=port: connects(p), f"mock provider on {port}")
+            self.start_extproc()
+            self._spawn("envoy", [envoy_binary(), "-c", str(self.workdir / "envoy.yaml"), "--log-level", "warn",
+                                  "--disable-hot-restart", "--file-flush-interval-msec", "200"])
+            self._wait("envoy", self._ready, "Envoy", timeout=30)
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def check_free(self) -> None:
+        """Fail before starting anything if a port or ext_proc socket is taken: two stacks
+        on one machine would otherwise half-start and talk to each other's processes."""
+        v = self.values
+        ports = [(v["envoy"]["listener"]["port"], "envoy.listener.port"),
+                 (v["envoy"]["admin"]["port"], "envoy.admin.port"),
+                 *[(port, f"the mock provider for a providers[].baseURL on port {port}") for port in self.mocks]]
+        if v["extproc"]["metrics"]["port"]:
+            ports.append((v["extproc"]["metrics"]["port"], "extproc.metrics.port"))
+        for port, key in ports:
+            if connects(int(port)) or not _bindable(int(port)):
+                raise StartError(f"port {port} ({key}) is in use: another gateway (`make run`?) or another "
+                                 f"program holds it; stop it, or change the port in a values file")
+        for i in range(int(v["extproc"]["processes"])):
+            try:
+                sockets.check_free(Path(v["extproc"]["socketDir"]) / f"extproc-{i}.sock")
+            except sockets.SocketInUse as exc:
+                raise StartError(str(exc)) from None
 
     def start_extproc(self) -> None:
         self._spawn("extproc", [str(_BIN / "gateway-extproc"), "serve", "--config",
                                 str(self.workdir / "gateway.yaml")])
-        sockets = [Path(a[len("unix://"):]) for a in _listen(self.workdir / "gateway.yaml")]
-        _wait(lambda: all(s.exists() for s in sockets), "ext_proc sockets", self.log_path("extproc"))
+        addresses = _listen(self.workdir / "gateway.yaml")
+        self._wait("extproc", lambda: all(sockets.listening(a) for a in addresses), "ext_proc sockets")
 
     def kill_extproc(self) -> None:
         """SIGKILL every ext_proc process, as a crash would."""
@@ -97,24 +139,73 @@ class LocalStack:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
+    def exited(self) -> tuple[str, int] | None:
+        """(name, return code) of a child that has exited, if any."""
+        for name, proc in self.procs.items():
+            if (rc := proc.poll()) is not None:
+                return name, rc
+        return None
+
+    def describe_exit(self, name: str, returncode: int) -> str:
+        log = self.log_path(name)
+        return f"{name} (pid {self.procs[name].pid}) {exit_reason(returncode)}; last lines of {log}:\n{log_tail(log)}"
+
     def stop(self) -> None:
         for name in ("envoy", "extproc", *[n for n in self.procs if n.startswith("mock-")]):
             terminate(self.procs.pop(name, None))
+        for t in self._tees:
+            t.join(timeout=2)
+        self._tees.clear()
         for f in self._logs:
             f.close()
         self._logs.clear()
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        if self.quiet:
-            out: IO[bytes] | None = open(self.log_path(name), "ab")
-            self._logs.append(out)
-        else:
-            out = None
-        self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                            env={**os.environ, **self.env}, start_new_session=True)
+        out = open(self.log_path(name), "ab")
+        self._logs.append(out)
+        # Own process group (Ctrl-C reaches `local` only, which stops children in order);
+        # the parent-death signal stops them if `local` itself is killed.
+        proc = subprocess.Popen(with_parent_death(argv), stdout=out if self.quiet else subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True)
+        self.procs[name] = proc
+        if not self.quiet:
+            tee = threading.Thread(target=_tee, args=(proc.stdout, out, f"{name:>10} | "), daemon=True)
+            tee.start()
+            self._tees.append(tee)
+
+    def _wait(self, name: str, check: Any, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            if (gone := self.exited()) is not None:
+                raise StartError(self.describe_exit(*gone))
+            time.sleep(0.05)
+        log = self.log_path(name)
+        raise StartError(f"{what} did not become ready in {timeout:.0f}s; last lines of {log}:\n{log_tail(log)}")
 
     def _ready(self) -> bool:
         return _status(f"{self.admin_url}/ready", 1) == 200 and _status(f"{self.url}/v1/models", 2) == 401
+
+
+def _tee(pipe: IO[bytes], log: IO[bytes], prefix: str) -> None:
+    """Copy a child's output to its log file and, prefixed with its name, to this terminal."""
+    for line in iter(pipe.readline, b""):
+        log.write(line)
+        log.flush()
+        sys.stdout.write(prefix + line.decode("utf-8", errors="replace"))
+        sys.stdout.flush()
+    pipe.close()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
 
 
 def terminate(proc: subprocess.Popen[bytes] | None) -> None:
@@ -154,13 +245,3 @@ def connects(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _wait(check: Any, what: str, log: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise RuntimeError(f"{what} did not become ready in {timeout}s; log {log}:\n{tail}")
