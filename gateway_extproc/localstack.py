@@ -31,8 +31,8 @@ _BIN = Path(sys.executable).parent
 def mock_ports(values: dict[str, Any]) -> list[int]:
     """The loopback ports the providers in these values point at: one mock instance each."""
     ports = set()
-    for provider in values["providers"]:
-        url = urlsplit(provider["baseURL"])
+    for provider in values.get("providers") or []:
+        url = urlsplit(str(provider.get("baseURL", "")) if isinstance(provider, dict) else "")
         if url.hostname in ("127.0.0.1", "localhost"):
             ports.add(url.port or 80)
     return sorted(ports)
@@ -61,6 +61,7 @@ class LocalStack:
     env: dict[str, str]  # provider credentials for Envoy (native injection) and the ext_proc
     mocks: dict[int, str]  # port -> API key each mock provider requires
     quiet: bool = True  # False: children's output also goes to this terminal (`make run`)
+    source: str = "values"  # the values files, as errors name them
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
     _tees: list[threading.Thread] = field(default_factory=list)
@@ -86,12 +87,12 @@ class LocalStack:
         failing (a busy port, a bad config, a child exiting), naming its log."""
         self.check_free()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for name, text in render_values(self.values).items():
+        for name, text in render_values(self.values, source=self.source).items():
             (self.workdir / name).write_text(text, encoding="utf-8")
         try:
             config.load(self.workdir / "gateway.yaml")
         except config.ConfigError as exc:
-            raise StartError(f"{exc} (gateway.yaml is rendered from the values: fix it there)") from None
+            raise StartError(f"{exc} (rendered from {self.source}: fix it there)") from None
         for old in self.workdir.glob("*.log"):  # this run's logs only: error messages quote them
             old.unlink()
         try:
