@@ -155,7 +155,7 @@ def _local(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from .localstack import LocalStack, StartError, mock_ports
+    from .localstack import ENVOY_RESTARTS, LocalStack, StartError, mock_ports
     from .render import chart_values, describe
 
     values = chart_values(args.values)
@@ -188,9 +188,18 @@ def _local(args: argparse.Namespace) -> int:
               f"{args.workdir}/*.log. Ctrl-C stops it.\n", flush=True)
         while not stopped:
             if (gone := stack.exited()) is not None:
-                # A part died on its own: the rest would serve errors, so stop and say why.
-                print(f"error: {stack.describe_exit(*gone)}\nerror: stopping the gateway", file=sys.stderr,
-                      flush=True)
+                name, returncode = gone
+                if name == "envoy":  # Envoy crashing must not end the session: start it again
+                    print(f"warning: {stack.describe_exit(name, returncode)}\nwarning: restarting envoy",
+                          file=sys.stderr, flush=True)
+                    if stack.restart_envoy():
+                        print("envoy is up again", file=sys.stderr, flush=True)
+                        continue
+                    raise UserError(f"envoy died {ENVOY_RESTARTS + 1} times within a minute; stopping the gateway "
+                                    f"(see {stack.log_path('envoy')})")
+                # Any other part died on its own: the rest would serve errors, so stop and say why.
+                print(f"error: {stack.describe_exit(name, returncode)}\nerror: stopping the gateway",
+                      file=sys.stderr, flush=True)
                 return 1
             time.sleep(0.2)
     except StartError as exc:

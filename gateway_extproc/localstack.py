@@ -49,6 +49,9 @@ def envoy_binary() -> str:
     return str(found) if found.exists() else (shutil.which("envoy") or "envoy")
 
 
+ENVOY_RESTARTS = 5  # per minute, before `local` gives up on a crash-looping Envoy
+
+
 class StartError(RuntimeError):
     """The stack could not start or a part of it died: one line with the cause, then the
     last lines of that part's log."""
@@ -65,6 +68,7 @@ class LocalStack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
     _tees: list[threading.Thread] = field(default_factory=list)
+    _envoy_deaths: list[float] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -101,13 +105,27 @@ class LocalStack:
                                              "--api-key", key])
                 self._wait(f"mock-{port}", lambda p=port: connects(p), f"mock provider on {port}")
             self.start_extproc()
-            self._spawn("envoy", [envoy_binary(), "-c", str(self.workdir / "envoy.yaml"), "--log-level", "warn",
-                                  "--disable-hot-restart", "--file-flush-interval-msec", "200"])
-            self._wait("envoy", self._ready, "Envoy", timeout=30)
+            self.start_envoy()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_envoy(self) -> None:
+        self._spawn("envoy", [envoy_binary(), "-c", str(self.workdir / "envoy.yaml"), "--log-level", "warn",
+                              "--disable-hot-restart", "--file-flush-interval-msec", "200"])
+        self._wait("envoy", self._ready, "Envoy", timeout=30)
+
+    def restart_envoy(self) -> bool:
+        """Start Envoy again after it died (a crash must not end a developer's session);
+        False when it has died ENVOY_RESTARTS times within a minute (a crash loop)."""
+        now = time.monotonic()
+        self._envoy_deaths = [t for t in self._envoy_deaths if now - t < 60] + [now]
+        if len(self._envoy_deaths) > ENVOY_RESTARTS:
+            return False
+        self.procs.pop("envoy", None)
+        self.start_envoy()
+        return True
 
     def check_free(self) -> None:
         """Fail before starting anything if a port or ext_proc socket is taken: two stacks

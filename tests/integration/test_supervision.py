@@ -182,3 +182,23 @@ def test_envoy_exiting_at_start_is_reported_with_its_log(tmp_path: Path) -> None
     assert reported_after < 2, reported_after
     assert "error: envoy (pid" in err and "exited with code" in err and "run/envoy.log" in err, err
     assert "192.0.2.1" in err, err
+
+
+def test_envoy_crashing_under_local_is_restarted_with_the_reason(tmp_path: Path) -> None:
+    ports = free_ports_values(tmp_path)
+    local = start_local(BIN, [ports], tmp_path / "run")
+    try:
+        envoy = local.child("/envoy -c")
+        os.kill(envoy, signal.SIGSEGV)  # what issue 11's crash looks like
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _chat(local.url, "gwk_demo_local-only-demo-key-not-for-production") == 200 and local.child("/envoy -c") != envoy:
+                break
+            time.sleep(0.2)
+        served = _chat(local.url, "gwk_demo_local-only-demo-key-not-for-production")
+    finally:
+        rc, err = local.stop()
+    assert served == 200, err
+    assert f"warning: envoy (pid {envoy}) was killed by SIGSEGV; last lines of" in err, err
+    assert "warning: restarting envoy" in err and "envoy is up again" in err
+    assert rc == 0, err
