@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     except RenderError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # an output directory or file the user named
+        if exc.filename is None:
+            raise UserError(f"{exc.strerror or exc}") from None
         raise UserError(f"{exc.filename}: {exc.strerror}; check the path and its permissions") from None
     raise AssertionError(args.command)
 
@@ -146,7 +148,11 @@ def _mock_provider(args: argparse.Namespace) -> int:
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise UserError(f"{path}: file not found; give a PEM file")
-    run_mock(args.host, args.port, args.api_key, (args.tls_cert, args.tls_key) if args.tls_cert else None)
+    try:
+        run_mock(args.host, args.port, args.api_key, (args.tls_cert, args.tls_key) if args.tls_cert else None)
+    except OSError as exc:
+        raise UserError(f"--host {args.host} --port {args.port}: {exc.strerror or exc}; "
+                        "choose another --port (0 picks a free one)") from None
     return 0
 
 

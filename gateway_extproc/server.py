@@ -168,6 +168,20 @@ def serve(config_path: str) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     metrics_dir = tempfile.mkdtemp(prefix="gateway-extproc-metrics-")
+    registry = CollectorRegistry()
+    restarts = Counter("genai_gateway_extproc_worker_restarts", "ext_proc worker processes restarted after "
+                       "dying (crash, OOM kill).", registry=registry)
+    if runtime.config.metrics_port:
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+        try:  # before any worker starts: a busy port is a start-up error, not a crash
+            start_http_server(runtime.config.metrics_port, runtime.config.metrics_address, registry)
+        except OSError as exc:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            print(f"error: {config_path}: metrics.port {runtime.config.metrics_port} on "
+                  f"{runtime.config.metrics_address}: {exc.strerror}; stop what holds it, or set "
+                  "extproc.metrics.port in the values (0 turns /metrics off)", file=sys.stderr, flush=True)
+            return 1
+        log.info("metrics_listening", address=runtime.config.metrics_address, port=runtime.config.metrics_port)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, _SUPERVISOR_ENV: str(os.getpid())}
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
@@ -175,13 +189,6 @@ def serve(config_path: str) -> int:
                                 env=env)
 
     workers = [_Worker(i, a, spawn(i), time.monotonic()) for i, a in enumerate(runtime.config.listen)]
-    registry = CollectorRegistry()
-    restarts = Counter("genai_gateway_extproc_worker_restarts", "ext_proc worker processes restarted after "
-                       "dying (crash, OOM kill).", registry=registry)
-    if runtime.config.metrics_port:
-        multiprocess.MultiProcessCollector(registry, path=metrics_dir)
-        start_http_server(runtime.config.metrics_port, runtime.config.metrics_address, registry)
-        log.info("metrics_listening", address=runtime.config.metrics_address, port=runtime.config.metrics_port)
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -218,3 +219,31 @@ def test_default_key_id_comes_from_the_team_name(tmp_path: Path, capsys: pytest.
     path = _write(tmp_path, "v.yaml", yaml.safe_dump(values))
     assert cli.main(["keys", "create", "--values", path, "--team", "Data Science_EU"]) == 0
     assert "gwk_data-science-eu-" in capsys.readouterr().out
+
+
+def _busy_port() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def test_mock_provider_on_a_busy_port(capsys: pytest.CaptureFixture[str]) -> None:
+    with _busy_port() as s:
+        port = s.getsockname()[1]
+        assert cli.main(["mock-provider", "--port", str(port)]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: --host 127.0.0.1 --port {port}: ") and "address already in use" in line
+
+
+def test_serve_with_its_metrics_port_busy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with _busy_port() as s:
+        port = s.getsockname()[1]
+        def edit(doc: dict) -> None:
+            doc["metrics"] = {"address": "127.0.0.1", "port": port}
+            doc["listen"] = [f"unix://{tmp_path}/extproc-0.sock"]
+        gateway_yaml = _rendered(tmp_path, edit)
+        capsys.readouterr()
+        assert cli.main(["serve", "--config", gateway_yaml]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {gateway_yaml}: metrics.port {port} on 127.0.0.1: ") and "extproc.metrics.port" in line
