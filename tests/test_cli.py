@@ -18,6 +18,13 @@ from gateway_extproc.render import load_values
 from .integration.local_cli import VALUES_LOCAL, free_ports_values
 
 LOCAL = str(VALUES_LOCAL)
+
+
+@pytest.fixture(autouse=True)
+def _logging_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() points structlog at this test's captured stdout, which closes after it; the
+    loggers would cache it and fail in later tests. The tests here read error lines only."""
+    monkeypatch.setattr(cli.logs, "configure", lambda *a, **k: None)
 Case = Callable[[Path], list[str]]
 
 
