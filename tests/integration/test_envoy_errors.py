@@ -55,6 +55,8 @@ class ResettingProvider:
 
 def _with_resetting_models(rst_port: int, fin_port: int) -> Any:
     def customize(values: dict[str, Any]) -> None:
+        values["envoy"]["upstreamTimeout"] = "3s"  # the timeout test waits this long
+        values["envoy"]["maxRequestBytes"] = 65536  # Envoy's buffers: 64 KiB + 1 MiB
         for name, port in (("rst", rst_port), ("fin", fin_port)):
             values["providers"].append({"name": f"{name}-provider", "kind": "openai",
                                         "baseURL": f"http://127.0.0.1:{port}/v1",
@@ -145,3 +147,27 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def test_a_provider_slower_than_the_timeout_is_upstream_timeout(gw: Gateway) -> None:
+    httpx.post(f"{gw.primary}/_mock/behaviour", json={"model": "mock-private-llama", "latency_ms": 5000,
+                                                      "times": 1}).raise_for_status()
+    try:
+        resp = _chat(gw, "private-chat")
+    finally:
+        gw.reset()
+    assert resp.status_code == 504, resp.text
+    assert resp.json()["error"]["code"] == "upstream_timeout"
+    [envoy] = _log_lines(gw, resp.headers["x-request-id"], "envoy_error")
+    assert envoy["error_code"] == "upstream_timeout" and envoy["flags"] == "UT"
+
+
+def test_a_provider_response_larger_than_the_buffer_is_upstream_response_too_large(gw: Gateway) -> None:
+    # 40 vectors of 3072 floats: about 2.4 MB of JSON, over Envoy's 1.06 MiB buffer here.
+    resp = httpx.post(f"{gw.url}/v1/embeddings", headers={"Authorization": f"Bearer {gw.key}"},
+                      json={"model": "default-embedding", "input": [f"text {i}" for i in range(40)],
+                            "dimensions": 3072}, timeout=30)
+    assert resp.status_code == 502, resp.text[:300]
+    assert resp.json()["error"]["code"] == "upstream_response_too_large"
+    [envoy] = _log_lines(gw, resp.headers["x-request-id"], "envoy_error")
+    assert envoy["details"] == "response_payload_too_large"
