@@ -101,8 +101,9 @@ class LocalStack:
             old.unlink()
         try:
             for port, key in self.mocks.items():
+                # --api-key=KEY, not two arguments: a random key may start with "-".
                 self._spawn(f"mock-{port}", [str(_BIN / "gateway-extproc"), "mock-provider", "--port", str(port),
-                                             "--api-key", key])
+                                             f"--api-key={key}"])
                 self._wait(f"mock-{port}", lambda p=port: connects(p), f"mock provider on {port}")
             self.start_extproc()
             self.start_envoy()

@@ -119,7 +119,8 @@ def run_one(config_path: str, index: int) -> int:
         runtime = RuntimeRef(Runtime.load(config_path), config_path)
         address = runtime.current.config.listen[index]
         path = sockets.unix_path(address)
-        lock = sockets.claim(path) if path else None  # held (open) until this process exits
+        if path is not None:
+            sockets.claim(path)  # the lock fd stays open, so held, until this process exits
     except (ConfigError, sockets.SocketInUse) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
@@ -132,7 +133,6 @@ def run_one(config_path: str, index: int) -> int:
         uvloop.run(serve_one(runtime, address))
     finally:
         tracing.shutdown()
-    del lock
     return 0
 
 
