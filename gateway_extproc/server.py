@@ -105,7 +105,9 @@ async def serve_one(runtime: RuntimeRef, address: str) -> None:
 
 
 # A worker exits with this when it cannot start (bad config, socket owned by another
-# gateway): `serve` reports it instead of restarting it (sysexits.h EX_CONFIG).
+# gateway), after printing the `error:` line (sysexits.h EX_CONFIG). On its first start
+# `serve` then stops with that error; a restarted worker is retried with backoff, since
+# the file may be fixed meanwhile.
 EXIT_CONFIG = 78
 _SUPERVISOR_ENV = "GATEWAY_EXTPROC_SUPERVISOR"
 
