@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 import socket
 import struct
 import threading
@@ -20,6 +22,7 @@ import yaml
 from gateway_extproc.render import render_values
 
 from .conftest import Gateway, running_gateway
+from .local_cli import children
 
 
 class ResettingProvider:
@@ -57,6 +60,7 @@ def _with_resetting_models(rst_port: int, fin_port: int) -> Any:
     def customize(values: dict[str, Any]) -> None:
         values["envoy"]["upstreamTimeout"] = "3s"  # the timeout test waits this long
         values["envoy"]["maxRequestBytes"] = 65536  # Envoy's buffers: 64 KiB + 1 MiB
+        values["extproc"]["messageTimeout"] = "1s"
         for name, port in (("rst", rst_port), ("fin", fin_port)):
             values["providers"].append({"name": f"{name}-provider", "kind": "openai",
                                         "baseURL": f"http://127.0.0.1:{port}/v1",
@@ -171,3 +175,19 @@ def test_a_provider_response_larger_than_the_buffer_is_upstream_response_too_lar
     assert resp.json()["error"]["code"] == "upstream_response_too_large"
     [envoy] = _log_lines(gw, resp.headers["x-request-id"], "envoy_error")
     assert envoy["details"] == "response_payload_too_large"
+
+
+def test_an_ext_proc_that_does_not_answer_in_time_is_gateway_unavailable(gw: Gateway) -> None:
+    """Envoy's own 504 for an ext_proc message timeout is the gateway's fault, not the provider's."""
+    workers = children(gw.stack.procs["extproc"].pid)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        resp = _chat(gw, "private-chat")
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "gateway_unavailable"
+    [envoy] = _log_lines(gw, resp.headers["x-request-id"], "envoy_error")
+    assert envoy["error_code"] == "gateway_unavailable" and envoy["details"].startswith("ext_proc_error")
