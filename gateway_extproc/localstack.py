@@ -89,14 +89,14 @@ class LocalStack:
     def start(self) -> "LocalStack":
         """Start mocks, ext_proc and Envoy; raise StartError within ~2 s of any of them
         failing (a busy port, a bad config, a child exiting), naming its log."""
-        self.check_free()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for name, text in render_values(self.values, source=self.source).items():
+        for name, text in render_values(self.values, source=self.source).items():  # checks the values
             (self.workdir / name).write_text(text, encoding="utf-8")
         try:
             config.load(self.workdir / "gateway.yaml")
         except config.ConfigError as exc:
             raise StartError(f"{exc} (rendered from {self.source}: fix it there)") from None
+        self.check_free()
         for old in self.workdir.glob("*.log"):  # this run's logs only: error messages quote them
             old.unlink()
         try:
