@@ -192,13 +192,25 @@ def load(path: str | os.PathLike[str]) -> GatewayConfig:
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found; render it with `gateway-extproc render`") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc}); fix the syntax") from None
+        raise ConfigError(f"{source}: not valid YAML ({yaml_problem(exc)}); fix the syntax") from None
     return replace(parse(raw, source), digest=hashlib.sha256(text).hexdigest())
 
 
-def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> GatewayConfig:
+    """`local_files=False` skips checks of files that exist only where the gateway runs
+    (tokenizer.json paths): `render` validates config for another machine."""
     r = _Reader(source)
     doc = r.mapping(raw, "")
+    if "version" not in doc and ("envoy" in doc or "extproc" in doc):
+        r.fail("version", "is missing: this looks like Helm values, not a gateway.yaml; render it with "
+               f"`gateway-extproc render --values {source} --out DIR` and check DIR/gateway.yaml")
     if doc.get("version") != 1:
         r.fail("version", "must be 1")
     providers: dict[str, Provider] = {}
@@ -211,7 +223,7 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
     tiers = classification.tiers if classification else ()
     models: dict[str, Model] = {}
     for i, m in enumerate(r.list(doc, "models")):
-        model = _model(r, i, m, providers, tiers)
+        model = _model(r, i, m, providers, tiers, local_files)
         if model.name in models:
             r.fail(f"models[{i}].name", f"duplicates {model.name!r}; model names must be unique")
         models[model.name] = model
@@ -335,13 +347,14 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     return Provider(name, kind, base_url, parts.path.rstrip("/"), env, file, parts.netloc, options)
 
 
-def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: tuple[str, ...]) -> Model:
+def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: tuple[str, ...],
+           local_files: bool = True) -> Model:
     at = f"models[{i}]"
     m = r.mapping(raw, at)
     name = r.string(m.get("name"), f"{at}.name")
     tokenizer = r.string(m.get("tokenizer", "estimate"), f"{at}.tokenizer")
     if tokenizer.endswith(".json"):
-        if not Path(tokenizer).is_file():
+        if local_files and not Path(tokenizer).is_file():
             r.fail(f"{at}.tokenizer", f"is {tokenizer!r}, which is not a readable file; give a local tokenizer.json")
     elif tokenizer != "estimate" and tokenizer not in _openai_encodings():
         r.fail(f"{at}.tokenizer", f"is {tokenizer!r}; use one of {', '.join(_openai_encodings())}, "

@@ -253,6 +253,8 @@ class RouterProcessor:
         h = r.header_map(msg)
         self.status = int(h.get(":status", "0") or 0)
         self.backend = h.get("x-gateway-backend")
+        if self.status >= 400 and (code := h.get("x-gateway-error-code")):
+            self.error_code = code  # a reply Envoy made itself (the chart's local_reply_config)
         added = self.budget_headers()
         attempts = h.get("x-envoy-attempt-count")
         if attempts:
