@@ -70,10 +70,17 @@ def attempt_outcome(status: int) -> str:
     return "error"
 
 
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
 def child(metric: Any, *values: str) -> Any:
     """`metric.labels(*values)`, cached: label values are bounded by config, and the lookup
-    runs several times per request."""
-    return metric.labels(*values)
+    (a lock and a dict of tuples inside prometheus-client) runs several times per request."""
+    key = (id(metric), values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*values)
+    return found
 
 
 class Bounded:
