@@ -4,24 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_KEY := gwk_demo_local-only-demo-key-not-for-production
 
-# xds-protos bundles an old copy of opentelemetry/proto/*_pb2.py that overwrites
-# opentelemetry-proto's files when it installs later; put the real ones back (a superset
-# of what Envoy's protos import).
-FIX_OTEL_PROTO = $(BIN)/pip install -q --force-reinstall --no-deps \
-	"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
-
-.PHONY: run test render envoy-config bench clean
+.PHONY: run test render envoy-config envoy-protos bench clean
 
 $(BIN)/gateway-extproc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[render]'
-	$(FIX_OTEL_PROTO)
 	touch $@
 
 $(VENV)/.test-deps: $(BIN)/gateway-extproc
 	$(BIN)/pip install -q -e '.[test]'
-	$(FIX_OTEL_PROTO)
 	touch $@
 
 ## Start mock provider + ext_proc + Envoy on http://localhost:8080 (Ctrl-C stops all three).
@@ -43,6 +35,10 @@ render: $(BIN)/gateway-extproc
 ## Refresh envoy/ (the render of the chart defaults, for Envoy outside Kubernetes).
 envoy-config: $(BIN)/gateway-extproc
 	$(BIN)/gateway-extproc render --out envoy
+
+## Refresh gateway_extproc/_proto (Envoy's ext_proc messages, copied from the xds-protos wheel).
+envoy-protos: $(BIN)/gateway-extproc
+	$(BIN)/python proto/vendor_envoy.py
 
 ## Plain Envoy vs the gateway path, same run (needs wrk and nginx: see bench/README.md).
 bench: $(VENV)/.test-deps

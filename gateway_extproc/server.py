@@ -21,8 +21,8 @@ from typing import Any
 
 import grpc
 import structlog
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 import orjson
 import structlog
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from .. import api, identity, messages, tokens
 from ..budgets.gate import Admission
