@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_KEY := gwk_demo_local-only-demo-key-not-for-production
 
-.PHONY: run test render envoy-config envoy-protos bench clean
+# make image [IMAGE=registry.example.com/gateway-extproc:0.1.0] [BASE=python-image@sha256:...]
+IMAGE ?= gateway-extproc:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+CONTAINER_CLI ?= $(shell command -v docker || command -v podman)
+
+.PHONY: run test render envoy-config envoy-protos image bench clean
 
 $(BIN)/gateway-extproc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +43,11 @@ envoy-config: $(BIN)/gateway-extproc
 ## Refresh gateway_extproc/_proto (Envoy's ext_proc messages, copied from the xds-protos wheel).
 envoy-protos: $(BIN)/gateway-extproc
 	$(BIN)/python proto/vendor_envoy.py
+
+## Build the ext_proc image (Containerfile) with docker or podman.
+image:
+	@test -n "$(CONTAINER_CLI)" || { echo "make image needs docker or podman" >&2; exit 1; }
+	$(CONTAINER_CLI) build -f Containerfile $(if $(BASE),--build-arg BASE=$(BASE)) -t $(IMAGE) .
 
 ## Plain Envoy vs the gateway path, same run (needs wrk and nginx: see bench/README.md).
 bench: $(VENV)/.test-deps
