@@ -124,7 +124,10 @@ def test_every_manifest_validates_against_kubernetes_schemas(chart: helm_python.
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert {"app.kubernetes.io/version", "helm.sh/chart", "app.kubernetes.io/component"} <= labels.keys() or \
             doc["kind"] == "ConfigMap"
-    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "NetworkPolicy"} <= kinds
+    values = chart_values(CASES[case])
+    always = values["autoscaling"]["minReplicas"] if values["autoscaling"]["enabled"] else values["deployment"]["replicas"]
+    assert ("PodDisruptionBudget" in kinds) == (always > 1)
 
 
 @pytest.mark.parametrize("case", CASES)
