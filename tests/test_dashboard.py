@@ -89,7 +89,7 @@ def test_every_metric_the_dashboard_queries_exists() -> None:
 def test_dashboard_covers_what_each_audience_asks() -> None:
     queried = {ref for e in exprs() for ref in METRIC_REF.findall(e)}
     assert {
-        "genai_request_cost_dollars_total", "genai_team_daily_budget_dollars",
+        "genai_request_cost_dollars_total", "genai_gateway_team_daily_budget_dollars",
         "genai_team_daily_budget_remaining_dollars", "genai_tokens_total", "genai_requests_total",
         "genai_time_to_first_token_seconds_bucket", "genai_time_per_output_token_seconds_bucket",
         "genai_guardrail_triggers_total", "genai_cache_requests_total", "genai_upstream_attempts_total",
