@@ -191,3 +191,41 @@ def test_urls_without_credentials_still_render(chart: helm_python.Chart) -> None
         "providers": [{"name": "openai", "kind": "azure", "credential": {"env": "K", "secret": {"name": "k", "key": "k"}},
                        "baseURL": "https://x.openai.azure.com/openai?api-version=2024-10-21"}]}))
     assert "REDIS_PASSWORD" in [e["name"] for e in container(docs, "extproc")["env"]]
+
+
+def test_service_monitor_takes_namespace_selector_honor_labels_and_relabelings(chart: helm_python.Chart) -> None:
+    relabel = {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
+    drop = {"sourceLabels": ["__name__"], "regex": "genai_gateway_redis_.*", "action": "drop"}
+    docs = render(chart, merge(chart_values([]), {"monitoring": {"serviceMonitor": {
+        "enabled": True, "namespaceSelector": {"matchNames": ["ai-platform"]}, "honorLabels": True,
+        "relabelings": [relabel], "metricRelabelings": [drop]}}}))
+    spec = one(docs, "ServiceMonitor")["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["ai-platform"]}
+    # The alert rules select job="gateway-extproc": the job comes from the chart name, not the release.
+    assert spec["jobLabel"] == "app.kubernetes.io/name"
+    assert one(docs, "Service", "-metrics")["metadata"]["labels"]["app.kubernetes.io/name"] == "gateway-extproc"
+    [endpoint] = spec["endpoints"]
+    assert endpoint["honorLabels"] is True
+    assert endpoint["relabelings"] == [relabel] and endpoint["metricRelabelings"] == [drop]
+    defaults = one(render(chart, merge(chart_values([]), {"monitoring": {"serviceMonitor": {"enabled": True}}})),
+                   "ServiceMonitor")["spec"]
+    assert "namespaceSelector" not in defaults and defaults["endpoints"][0]["honorLabels"] is False
+
+
+def test_helm_test_pod_is_a_hook_the_network_policy_lets_in(chart: helm_python.Chart) -> None:
+    docs = render(chart, merge(chart_values([]), {"networkPolicy": {"ingress": {"namespaces": ["apps"]}}}))
+    [pod] = objects(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["containers"][0]["image"] == container(docs, "extproc")["image"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    [api] = [r for r in one(docs, "NetworkPolicy", "gw-gateway-extproc")["spec"]["ingress"]
+             if r["ports"][0]["port"] == "http"]
+    test_peer = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway-extproc",
+                                                 "app.kubernetes.io/instance": "gw",
+                                                 "app.kubernetes.io/component": "test"}}}
+    assert test_peer in api["from"]
+    assert test_peer["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # mTLS: the test pod has no client certificate, so there is no test pod.
+    mtls = {"envoy": {"tls": {"enabled": True, "certificate": {"secretName": "tls"},
+                              "clientCA": {"enabled": True, "secretName": "ca"}}}}
+    assert objects(render(chart, merge(chart_values([]), mtls)), "Pod") == []
