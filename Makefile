@@ -8,7 +8,7 @@ DEMO_KEY := gwk_demo_local-only-demo-key-not-for-production
 IMAGE ?= gateway-extproc:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 CONTAINER_CLI ?= $(shell command -v docker || command -v podman)
 
-.PHONY: run test render envoy-config envoy-protos image bench clean
+.PHONY: run test render envoy-config envoy-protos chart-readme image bench clean
 
 $(BIN)/gateway-extproc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ envoy-config: $(BIN)/gateway-extproc
 ## Refresh gateway_extproc/_proto (Envoy's ext_proc messages, copied from the xds-protos wheel).
 envoy-protos: $(BIN)/gateway-extproc
 	$(BIN)/python proto/vendor_envoy.py
+
+## Refresh helm/gateway-extproc/README.md (the values reference, from values.yaml's comments).
+chart-readme: $(BIN)/gateway-extproc
+	$(BIN)/python helm/chart_readme.py
 
 ## Build the ext_proc image (Containerfile) with docker or podman.
 image:
