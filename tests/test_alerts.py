@@ -30,6 +30,10 @@ METRIC_REF = re.compile(r"genai_[a-z_]+")
 KUBE_STATE_REF = re.compile(r"kube_pod_container_status_restarts_total")
 # Prometheus' own per-target series: a dead process exports nothing, its absence is the signal.
 UP_REF = re.compile(r"\bup\{job=")
+# Envoy's own stats (the stats listener, job gateway-extproc-envoy); the names are checked
+# against a real Envoy's /stats/prometheus by tests/integration/test_envoy_stats.py.
+ENVOY_REF = re.compile(r"\benvoy_[a-z_]+\b(?!\s*=)")  # series, not label names
+ENVOY_SERIES = {"envoy_cluster_membership_total", "envoy_cluster_membership_healthy", "envoy_http_downstream_rq_xx"}
 # What prometheus-client exposes per metric type (multiprocess mode writes no `_created`).
 SUFFIXES = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count"),
             "Summary": ("_sum", "_count")}
@@ -118,7 +122,8 @@ def test_every_metric_the_rules_query_exists() -> None:
     texts = [r["expr"] for r in rules] + [v for r in rules for v in r.get("annotations", {}).values()]
     # Container restarts are kube-state-metrics' to count: a crashed process exports nothing.
     assert all(METRIC_REF.search(r["expr"]) or KUBE_STATE_REF.search(r["expr"]) or UP_REF.search(r["expr"])
-               for r in rules), "a rule that queries no genai_* metric"
+               or ENVOY_REF.search(r["expr"]) for r in rules), "a rule that queries no genai_* metric"
+    assert {ref for r in rules for ref in ENVOY_REF.findall(r["expr"])} <= ENVOY_SERIES
     assert unknown_metric_refs(texts) - set(recorded()) == set(), \
         "neither exported by gateway_extproc/telemetry/metrics.py nor recorded by a rule"
     # Recording rules read only what the pods export (no rule feeds on another's output).
@@ -135,7 +140,8 @@ def test_article_rule_is_carried_verbatim() -> None:
 def test_every_alert_says_who_gets_it_and_why() -> None:
     expected = {"TeamDailyCostOverrun", "TeamDailyBudgetAt80Percent", "GenAIErrorRateHigh", "GenAITTFTp95Regression",
                 "GuardrailTriggerSpike", "GuardrailTriggersDroppedToZero", "GatewayRedisSlow", "ExtProcPhaseSlow",
-                "GatewayEnvoyRestarted", "GatewayExtProcDown", "GatewayExtProcTargetMissing"}
+                "GatewayEnvoyRestarted", "GatewayExtProcDown", "GatewayExtProcTargetMissing",
+                "GatewayExtProcWorkerUnhealthy", "GatewayEnvoy5xxHigh"}
     found = alerts()
     assert set(found) == expected
     for name, rule in found.items():

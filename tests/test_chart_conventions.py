@@ -204,9 +204,13 @@ def test_service_monitor_takes_namespace_selector_honor_labels_and_relabelings(c
     # The alert rules select job="gateway-extproc": the job comes from the chart name, not the release.
     assert spec["jobLabel"] == "app.kubernetes.io/name"
     assert one(docs, "Service", "-metrics")["metadata"]["labels"]["app.kubernetes.io/name"] == "gateway-extproc"
-    [endpoint] = spec["endpoints"]
-    assert endpoint["honorLabels"] is True
-    assert endpoint["relabelings"] == [relabel] and endpoint["metricRelabelings"] == [drop]
+    extproc, envoy = spec["endpoints"]
+    assert (extproc["port"], extproc["path"]) == ("metrics", "/metrics")
+    assert extproc["honorLabels"] is True
+    assert extproc["relabelings"] == [relabel] and extproc["metricRelabelings"] == [drop]
+    # Envoy's stats under a job of their own: up{job="gateway-extproc"} stays the ext_proc's.
+    assert (envoy["port"], envoy["path"]) == ("envoy-metrics", "/stats/prometheus")
+    assert envoy["relabelings"] == [{"targetLabel": "job", "replacement": "gateway-extproc-envoy"}, relabel]
     defaults = one(render(chart, merge(chart_values([]), {"monitoring": {"serviceMonitor": {"enabled": True}}})),
                    "ServiceMonitor")["spec"]
     assert "namespaceSelector" not in defaults and defaults["endpoints"][0]["honorLabels"] is False

@@ -170,7 +170,9 @@ static_resources:
                       failure: "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
                       upstream_host: "%UPSTREAM_HOST%"
                       duration_ms: "%DURATION%"
+  {{- include "gateway-extproc.envoyStatsListener" . | nindent 2 }}
   clusters:
+  {{- include "gateway-extproc.envoyStatsCluster" . | nindent 2 }}
   # Envoy 1.40 segfaults when this connection's buffered data goes over its high watermark
   # while an ext_proc runs as an upstream (cluster) filter anywhere on the same worker
   # (docs/architecture.md, "Why Envoy never pushes back on the ext_proc connection"), so its

@@ -102,8 +102,8 @@ advice goes to NOTES.txt).
 {{- fail (printf "values: deployment.terminationGracePeriodSeconds (%d) must be at least deployment.envoy.drainSeconds + 35 (%d): Envoy drains for %ds, the ext_proc stops 5s later and gets 30s for open streams" ($v.deployment.terminationGracePeriodSeconds | int) (add $drain 35) $drain) -}}
 {{- end -}}
 {{- if $v.monitoring.serviceMonitor.enabled -}}
-{{- if not ($v.extproc.metrics.port | int) -}}
-{{- fail "values: monitoring.serviceMonitor.enabled needs extproc.metrics.port (0 turns /metrics off)" -}}
+{{- if not (or ($v.extproc.metrics.port | int) ($v.envoy.metrics.port | int)) -}}
+{{- fail "values: monitoring.serviceMonitor.enabled needs extproc.metrics.port or envoy.metrics.port (0 turns them off)" -}}
 {{- end -}}
 {{- end -}}
 {{- if and $v.autoscaling.enabled (gt ($v.autoscaling.minReplicas | int) ($v.autoscaling.maxReplicas | int)) -}}
