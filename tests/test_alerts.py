@@ -229,7 +229,8 @@ def test_unit_tests_run_the_cost_alerts_over_one_and_three_pods() -> None:
     groups = yaml.safe_load(RULES_TEST.read_text())["tests"]
     pods = set()
     for group in groups:
-        budget = [s["series"] for s in group["input_series"] if s["series"].startswith("genai_gateway_team_daily_budget")]
+        budget = [s["series"] for s in group["input_series"]
+                  if s["series"].startswith("genai_gateway_team_daily_budget")]
         fired = {c["alertname"] for c in group.get("alert_rule_test", []) if c.get("exp_alerts")}
         if "TeamDailyCostOverrun" in fired:
             pods.add(len({re.search(r'instance="([^"]+)"', b).group(1) for b in budget}))

@@ -32,7 +32,8 @@ def render(chart: helm_python.Chart, values: dict[str, Any], name: str = "gw") -
 
 
 def gateway(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    [found] = [d for d in objects(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    [found] = [d for d in objects(docs, "Deployment")
+               if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
     return found
 
 
@@ -128,7 +129,8 @@ def test_extra_env_env_from_and_volumes_go_to_the_container_named(chart: helm_py
 
 
 def test_extra_env_cannot_shadow_a_secret_the_chart_fills(chart: helm_python.Chart) -> None:
-    values = merge(chart_values([]), {"deployment": {"envoy": {"extraEnv": [{"name": "OPENAI_API_KEY", "value": "x"}]}}})
+    shadow = {"extraEnv": [{"name": "OPENAI_API_KEY", "value": "x"}]}
+    values = merge(chart_values([]), {"deployment": {"envoy": shadow}})
     with pytest.raises(helm_python.HelmError, match="deployment.envoy.extraEnv sets OPENAI_API_KEY, which the chart "
                                                     "already fills from Secret openai-api-key"):
         render(chart, values)
@@ -188,7 +190,8 @@ def test_urls_without_credentials_still_render(chart: helm_python.Chart) -> None
     docs = render(chart, merge(chart_values([]), {
         "budgets": {"store": "redis", "redis": {"url": "rediss://app@redis:6380/0", "passwordEnv": "REDIS_PASSWORD",
                                                  "passwordSecret": {"name": "redis-auth", "key": "password"}}},
-        "providers": [{"name": "openai", "kind": "azure", "credential": {"env": "K", "secret": {"name": "k", "key": "k"}},
+        "providers": [{"name": "openai", "kind": "azure",
+                       "credential": {"env": "K", "secret": {"name": "k", "key": "k"}},
                        "baseURL": "https://x.openai.azure.com/openai?api-version=2024-10-21"}]}))
     assert "REDIS_PASSWORD" in [e["name"] for e in container(docs, "extproc")["env"]]
 

@@ -139,8 +139,8 @@ def test_serve_with_otlp_answers_grpc_health_as_uid_65532(rootfs: tuple[Path, di
     # Nothing listens there: the exporter must import and start, export failures are only logged.
     env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}", "OPENAI_API_KEY": "sk-test"}
     user = config["User"]
-    proc = subprocess.Popen([shutil.which("chroot") or "chroot", f"--userspec={user}", str(root), *config["Entrypoint"], *config["Cmd"]],
-                            env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [shutil.which("chroot") or "chroot", f"--userspec={user}", str(root), *config["Entrypoint"], *config["Cmd"]]
+    proc = subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # Overlay paths exceed a Unix socket address (108 bytes): connect through a short link.
         link = Path(tempfile.mkdtemp(prefix="gwimg")) / "r"
