@@ -80,6 +80,9 @@ def test_request_span_continues_the_client_trace_and_reaches_the_provider(traced
     usage = resp.json()["usage"]
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "default-chat"
     assert a["gen_ai.provider.name"] == "openai" and a["gen_ai.response.model"] == "mock-gpt-4o-mini"
+    assert a["gateway.team"] == "demo"
+    assert (a["server.address"], a["server.port"]) == ("127.0.0.1", int(gw.primary.rsplit(":", 1)[1]))
+    assert span.status.code == span.status.STATUS_CODE_UNSET
     assert a["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert a["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
     assert a["gen_ai.request.max_tokens"] == 50 and a["session.id"] == "sess-42"
@@ -97,6 +100,9 @@ def test_rejections_are_span_events(traced) -> None:
     [event] = [e for e in span.events if e.name == "gateway.rejected"]
     assert {kv.key: kv.value.string_value or kv.value.int_value for kv in event.attributes} == {
         "code": "invalid_request", "status": 400}
+    # A refusal is a failed operation: error.type and an ERROR status, as the conventions ask.
+    assert attrs(span)["error.type"] == "invalid_request"
+    assert span.status.code == span.status.STATUS_CODE_ERROR and span.status.message == "invalid_request"
 
 
 def test_genai_semconv_metrics_are_exported(traced) -> None:
@@ -112,3 +118,16 @@ def test_genai_semconv_metrics_are_exported(traced) -> None:
     token_types = {kv.value.string_value for m in usage for p in m.histogram.data_points for kv in p.attributes
                    if kv.key == "gen_ai.token.type"}
     assert token_types == {"input", "output"}
+
+
+@pytest.mark.parametrize(("model", "provider"), [("gemini-chat", "gcp.gemini"), ("azure-chat", "azure.ai.openai")])
+def test_provider_names_are_spelt_as_the_conventions_spell_them(traced, model: str, provider: str) -> None:
+    gw, collector = traced
+    trace_id = ("6" if model.startswith("gemini") else "7") + TRACE_ID[1:]
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
+        headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01"})
+    assert resp.status_code == 200, resp.text
+    span = wait_for(lambda: next((s for s in collector.spans if s.trace_id.hex() == trace_id), None))
+    assert attrs(span)["gen_ai.provider.name"] == provider
+    assert attrs(span)["gateway.team"] == "demo"
