@@ -34,7 +34,7 @@ from .processors.upstream import UpstreamProcessor, is_upstream
 from .reload import RuntimeRef
 from .runtime import Runtime
 from .telemetry import tracing
-from .telemetry.metrics import PHASE_LATENCY
+from .telemetry.metrics import EXTPROC_ERRORS, PHASE_LATENCY
 
 log = structlog.get_logger("gateway_extproc.server")
 
@@ -43,6 +43,7 @@ DRAIN_SECONDS = 30.0
 _REQUEST_PHASES = ("request_headers", "request_body")
 _PHASES = {phase: PHASE_LATENCY.labels(phase) for phase in (
     "request_headers", "request_body", "response_headers", "response_body", "request_trailers", "response_trailers")}
+_ERRORS = {phase: EXTPROC_ERRORS.labels(phase) for phase in _PHASES}
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
@@ -62,6 +63,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     resp = await processor.handle(req)
                 except Exception:
                     log.exception("processing_failed", phase=req.WhichOneof("request"))
+                    _ERRORS[req.WhichOneof("request")].inc()
                     resp = _fallback(req)
                 _PHASES[req.WhichOneof("request")].observe(time.perf_counter() - started)
                 yield resp

@@ -141,7 +141,7 @@ def test_every_alert_says_who_gets_it_and_why() -> None:
     expected = {"TeamDailyCostOverrun", "TeamDailyBudgetAt80Percent", "GenAIErrorRateHigh", "GenAITTFTp95Regression",
                 "GuardrailTriggerSpike", "GuardrailTriggersDroppedToZero", "GatewayRedisSlow", "ExtProcPhaseSlow",
                 "GatewayEnvoyRestarted", "GatewayExtProcDown", "GatewayExtProcTargetMissing",
-                "GatewayExtProcWorkerUnhealthy", "GatewayEnvoy5xxHigh"}
+                "GatewayExtProcWorkerUnhealthy", "GatewayEnvoy5xxHigh", "GatewayExtProcErrors"}
     found = alerts()
     assert set(found) == expected
     for name, rule in found.items():

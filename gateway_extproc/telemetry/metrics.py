@@ -56,6 +56,10 @@ CONFIG_RELOADS = Counter("genai_gateway_config_reloads", "gateway.yaml reloads b
                          ["result"])
 PHASE_LATENCY = Histogram("genai_gateway_extproc_phase_seconds", "ext_proc time per processing phase.",
                           ["phase"], buckets=_FAST)
+# Bugs caught by the stream loop (server.py): the request was refused or passed through
+# unprocessed. Nothing else counts them: the access line may never be written.
+EXTPROC_ERRORS = Counter("genai_gateway_extproc_errors", "Unexpected ext_proc exceptions by processing phase.",
+                         ["phase"])
 
 
 @lru_cache(maxsize=8192)
