@@ -373,7 +373,8 @@ class RouterProcessor:
                 backend=self.backend, response_model=usage.response_model, input_tokens=usage.prompt_tokens,
                 output_tokens=usage.completion_tokens, duration_s=duration, ttft_s=ttft,
                 request_model=self.model.name if self.model else None, team=self.key.team if self.key else None,
-                server=backend.provider.base_url if backend else None)
+                server=backend.provider.base_url if backend else None, response_id=usage.response_id,
+                finish_reasons=usage.finish_reasons)
         access_log.info(
             "access", outcome=outcome, request_id=self.request_id, method=self.method, path=self.path,
             key_id=self.key.id if self.key else None, team=self.key.team if self.key else None,

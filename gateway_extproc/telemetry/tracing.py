@@ -107,7 +107,8 @@ class RequestTrace:
     def finish(self, *, status: int, error_code: str | None, provider: str | None, backend: str | None,
                response_model: str | None, input_tokens: int | None, output_tokens: int | None,
                duration_s: float, ttft_s: float | None, request_model: str | None, team: str | None = None,
-               server: str | None = None) -> None:
+               server: str | None = None, response_id: str | None = None,
+               finish_reasons: tuple[str, ...] = ()) -> None:
         """`provider` is the chart kind; `server` the backend provider's base URL."""
         provider = provider_name(provider)
         url = urlsplit(server) if server else None
@@ -115,7 +116,9 @@ class RequestTrace:
         for key, value in (("gen_ai.provider.name", provider), ("gateway.backend", backend),
                            ("gateway.team", team), ("server.address", url.hostname if url else None),
                            ("server.port", (url.port or (443 if url.scheme == "https" else 80)) if url else None),
-                           ("gen_ai.response.model", response_model), ("gen_ai.usage.input_tokens", input_tokens),
+                           ("gen_ai.response.model", response_model), ("gen_ai.response.id", response_id),
+                           ("gen_ai.response.finish_reasons", list(finish_reasons) or None),
+                           ("gen_ai.usage.input_tokens", input_tokens),
                            ("gen_ai.usage.output_tokens", output_tokens)):
             if value is not None:
                 attrs[key] = value

@@ -8,6 +8,7 @@ from concurrent import futures
 
 import grpc
 import httpx
+import orjson
 import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -81,6 +82,8 @@ def test_request_span_continues_the_client_trace_and_reaches_the_provider(traced
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "default-chat"
     assert a["gen_ai.provider.name"] == "openai" and a["gen_ai.response.model"] == "mock-gpt-4o-mini"
     assert a["gateway.team"] == "demo"
+    assert a["gen_ai.response.id"] == resp.json()["id"]
+    assert finish_reasons(span) == [resp.json()["choices"][0]["finish_reason"]]
     assert (a["server.address"], a["server.port"]) == ("127.0.0.1", int(gw.primary.rsplit(":", 1)[1]))
     assert span.status.code == span.status.STATUS_CODE_UNSET
     assert a["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
@@ -131,3 +134,22 @@ def test_provider_names_are_spelt_as_the_conventions_spell_them(traced, model: s
     span = wait_for(lambda: next((s for s in collector.spans if s.trace_id.hex() == trace_id), None))
     assert attrs(span)["gen_ai.provider.name"] == provider
     assert attrs(span)["gateway.team"] == "demo"
+
+
+def finish_reasons(span) -> list[str]:
+    [kv] = [kv for kv in span.attributes if kv.key == "gen_ai.response.finish_reasons"]
+    return [v.string_value for v in kv.value.array_value.values]
+
+
+def test_streamed_response_id_and_finish_reasons_reach_the_span(traced) -> None:
+    gw, collector = traced
+    trace_id = "8" + TRACE_ID[1:]
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30, json={
+            "model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+            headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01"}) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith("data: {")]
+    chunks = [orjson.loads(line[6:]) for line in lines]
+    reasons = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")]
+    span = wait_for(lambda: next((s for s in collector.spans if s.trace_id.hex() == trace_id), None))
+    assert attrs(span)["gen_ai.response.id"] == chunks[0]["id"]
+    assert finish_reasons(span) == reasons and reasons
