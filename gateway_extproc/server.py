@@ -58,6 +58,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 if processor is None:
                     # One config snapshot per stream, even if a reload swaps it meanwhile.
                     processor = (UpstreamProcessor if is_upstream(req) else RouterProcessor)(self.runtime.current)
+                    if isinstance(processor, RouterProcessor) and context is not None:
+                        processor.trace_parent = _trace_context(context)
                 started = time.perf_counter()
                 try:
                     resp = await processor.handle(req)
@@ -70,6 +72,12 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         finally:
             if processor is not None:
                 processor.close()
+
+
+def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """`traceparent`/`tracestate` Envoy's tracer put in this stream's metadata, if any."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")
+            and isinstance(v, str)}
 
 
 def _fallback(req: ep.ProcessingRequest) -> ep.ProcessingResponse:

@@ -10,6 +10,7 @@ from typing import Any
 import helm_python
 import kubernetes_validate
 import pytest
+import yaml
 
 from gateway_extproc.render import CHART, chart_values, merge
 
@@ -236,3 +237,27 @@ def test_helm_test_pod_is_a_hook_the_network_policy_lets_in(chart: helm_python.C
     mtls = {"envoy": {"tls": {"enabled": True, "certificate": {"secretName": "tls"},
                               "clientCA": {"enabled": True, "secretName": "ca"}}}}
     assert objects(render(chart, merge(chart_values([]), mtls)), "Pod") == []
+
+
+def test_tracing_turns_on_envoys_tracer_and_points_the_extproc_at_the_same_collector(chart: helm_python.Chart) -> None:
+    values = merge(chart_values([]), {"tracing": {"otlp": {"address": "otel.observability.svc", "port": 4317},
+                                                  "samplingPercent": 10}})
+    docs = render(chart, values)
+    envoy = yaml.safe_load(one(docs, "ConfigMap", "-config")["data"]["envoy.yaml"])
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["tracing"]["spawn_upstream_span"] is True and hcm["tracing"]["random_sampling"] == {"value": 10}
+    [collector] = [c for c in envoy["static_resources"]["clusters"] if c["name"] == "otlp_collector"]
+    address = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert address == {"address": "otel.observability.svc", "port_value": 4317}
+    assert {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel.observability.svc:4317"} in \
+        container(docs, "extproc")["env"]
+    egress = one(docs, "NetworkPolicy", "gw-gateway-extproc")["spec"]["egress"]
+    assert {"ports": [{"port": 4317, "protocol": "TCP"}]} in egress
+    # Off by default: no tracer, no collector, no variable.
+    docs = render(chart, chart_values([]))
+    envoy = yaml.safe_load(one(docs, "ConfigMap", "-config")["data"]["envoy.yaml"])
+    assert "tracing" not in envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in {e["name"] for e in container(docs, "extproc").get("env", [])}
+    with pytest.raises(helm_python.HelmError, match="OTEL_EXPORTER_OTLP_ENDPOINT, which tracing.otlp already sets"):
+        render(chart, merge(values, {"deployment": {"extproc": {"extraEnv": [
+            {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://other:4317"}]}}}))

@@ -48,7 +48,8 @@ OFFLOAD_TOKENIZE_BYTES = 64 * 1024
 class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
-                 "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut",
+                 "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
+                 "cut_after", "cut",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider")
 
     def __init__(self, runtime: Runtime) -> None:
@@ -67,6 +68,8 @@ class RouterProcessor:
         self.first_byte: float | None = None
         self.error_code: str | None = None
         self.trace: tracing.RequestTrace | None = None
+        # W3C trace context of the ext_proc stream itself (gRPC metadata), set by Envoy's tracer.
+        self.trace_parent: dict[str, str] = {}
         self.admission: Admission | None = None
         self.clamped: int | None = None  # max_tokens the budget allowed, when below the request's
         self.cut_after: int | None = None  # output tokens after which an uncapped stream is ended
@@ -106,7 +109,7 @@ class RouterProcessor:
         self.request_id = h.get("x-request-id", "")
         self.method = h.get(":method", "")
         self.path = h.get(":path", "").partition("?")[0]
-        self.trace = tracing.start(h, self.method, self.path)
+        self.trace = tracing.start(h, self.method, self.path, self.trace_parent)
         self.declared = h.get(CLASSIFICATION_HEADER)
         endpoint = _endpoint_for(self.method, self.path)
         if self.path == api.MESSAGES_PATH:

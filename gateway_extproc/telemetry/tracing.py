@@ -76,8 +76,11 @@ class RequestTrace:
 
     __slots__ = ("span", "operation")
 
-    def __init__(self, headers: Mapping[str, str], method: str, path: str) -> None:
-        parent = _PROPAGATOR.extract(carrier=headers)
+    def __init__(self, headers: Mapping[str, str], method: str, path: str,
+                 stream_context: Mapping[str, str] | None = None) -> None:
+        # With Envoy's tracer on, the parent is Envoy's span of this ext_proc stream (itself a
+        # child of the client's); without it, the client's traceparent header.
+        parent = _PROPAGATOR.extract(carrier=stream_context if stream_context else headers)
         self.operation = "chat" if path.endswith("/chat/completions") else path.rsplit("/", 1)[-1]
         self.span = _state["tracer"].start_span(
             f"{self.operation}", context=parent, kind=SpanKind.CLIENT,
@@ -144,7 +147,8 @@ class RequestTrace:
                 _state["tpot"].record(max(duration_s - ttft_s, 0.0) / (output_tokens - 1), metric_attrs)
 
 
-def start(headers: Mapping[str, str], method: str, path: str) -> RequestTrace | None:
-    return RequestTrace(headers, method, path) if "tracer" in _state else None
+def start(headers: Mapping[str, str], method: str, path: str,
+          stream_context: Mapping[str, str] | None = None) -> RequestTrace | None:
+    return RequestTrace(headers, method, path, stream_context) if "tracer" in _state else None
 
 

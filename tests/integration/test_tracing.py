@@ -24,10 +24,15 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2
     def __init__(self) -> None:
         self.spans: list = []
         self.metrics: list = []
+        self.service: dict[bytes, str] = {}  # span_id -> the exporting resource's service.name
 
     def Export(self, request, context):  # noqa: N802 (gRPC name); both services share the method name
         if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
-            self.spans += [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+            for rs in request.resource_spans:
+                service = next((kv.value.string_value for kv in rs.resource.attributes if kv.key == "service.name"), "")
+                for ss in rs.scope_spans:
+                    self.spans += ss.spans
+                    self.service.update({s.span_id: service for s in ss.spans})
             return trace_service_pb2.ExportTraceServiceResponse()
         self.metrics += [m for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
         return metrics_service_pb2.ExportMetricsServiceResponse()
@@ -153,3 +158,53 @@ def test_streamed_response_id_and_finish_reasons_reach_the_span(traced) -> None:
     span = wait_for(lambda: next((s for s in collector.spans if s.trace_id.hex() == trace_id), None))
     assert attrs(span)["gen_ai.response.id"] == chunks[0]["id"]
     assert finish_reasons(span) == reasons and reasons
+
+
+@pytest.fixture(scope="module")
+def envoy_traced() -> Iterator[tuple[Gateway, Collector]]:
+    """Envoy's tracer on (tracing.otlp) and the ext_proc exporting to the same collector."""
+    collector = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+    def customize(values: dict) -> None:
+        values["tracing"]["otlp"] = {"address": "127.0.0.1", "port": port}
+    try:
+        with running_gateway("gw-envoy-otel-", env=env, customize=customize) as gw:
+            yield gw, collector
+    finally:
+        server.stop(0)
+
+
+def test_envoy_and_extproc_spans_form_one_trace(envoy_traced) -> None:
+    gw, collector = envoy_traced
+    trace_id = "9" + TRACE_ID[1:]
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
+        "model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
+        headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01"})
+    assert resp.status_code == 200, resp.text
+
+    def complete() -> tuple | None:
+        spans = [s for s in collector.spans if s.trace_id.hex() == trace_id]
+        mine = [s for s in spans if collector.service[s.span_id] == "gateway-extproc"]
+        envoy = {s.span_id: s for s in spans if collector.service[s.span_id] == "gateway-envoy"}
+        attempts = [s for s in envoy.values() if s.name == "router model.default-chat egress"]
+        if mine and attempts and mine[0].parent_span_id in envoy:
+            return mine[0], envoy, attempts
+        return None
+    gateway_span, envoy, attempts = wait_for(complete, 20)
+    [root] = [s for s in envoy.values() if s.parent_span_id.hex() == PARENT_ID]  # the client's trace continues
+    # The ext_proc's span hangs under Envoy's span of the ext_proc stream, inside the request's.
+    stream_span = envoy[gateway_span.parent_span_id]
+    assert stream_span.name == "async envoy.service.ext_proc.v3.ExternalProcessor.Process egress"
+    assert stream_span.parent_span_id == root.span_id
+    # One span per upstream attempt, under the request's, naming the backend that answered.
+    [attempt] = attempts
+    assert attempt.parent_span_id == root.span_id
+    assert attrs(attempt)["upstream_address"] == gw.primary.removeprefix("http://")
+    assert attrs(attempt)["http.status_code"] == "200"

@@ -88,6 +88,13 @@ advice goes to NOTES.txt).
 {{- end -}}
 {{- end -}}
 {{- $secretEnv := fromJsonArray (include "gateway-extproc.secretEnv" .) -}}
+{{- if $v.tracing.otlp.address -}}
+{{- range $e := $v.deployment.extproc.extraEnv | default list -}}
+{{- if eq $e.name "OTEL_EXPORTER_OTLP_ENDPOINT" -}}
+{{- fail "values: deployment.extproc.extraEnv sets OTEL_EXPORTER_OTLP_ENDPOINT, which tracing.otlp already sets; keep one" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- range $c := list "envoy" "extproc" -}}
 {{- range $e := (get $v.deployment $c).extraEnv | default list -}}
 {{- range $s := $secretEnv -}}
