@@ -76,7 +76,7 @@ def test_scan_is_one_regex_pass() -> None:
 
 def test_only_used_detectors_are_compiled() -> None:
     scanner = Scanner.compile([Rule("email", "email", "redact")])
-    assert set(scanner.pattern.groupindex) == {"d_email"}
+    assert set(scanner.pattern.groupindex) == {"d_email", "e_encoded"}  # encoded runs: decoded, scanned
     assert [f.detector for f in scanner.scan(PROMPT)] == ["email", "email", "email"]
     empty = Scanner.compile([])
     assert empty.scan(PROMPT) == []

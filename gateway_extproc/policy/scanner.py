@@ -27,41 +27,56 @@ reach the string values of a parsed JSON body iteratively, with depth and size g
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .detectors import (
     BOUNDARY,
+    BRIDGE,
     BUILTIN_DETECTORS,
+    ENCODED_PATTERN,
+    MAX_DECODE_DEPTH,
     DEFAULT_INJECTION_PATTERNS,
     DEFAULT_INJECTION_PHRASES,
     PROMPT_INJECTION,
     Validator,
+    decode_payload,
+    encoded_start_ok,
     expand_phrase,
     normalize_phrase,
     phrase_start_ok,
     phrase_trie_pattern,
 )
 
+from .normalize import Normalized, normalize
+
 # A region's check on a candidate v[start:end]: the accepted end, or 0 to reject.
 Check = Callable[[str, int, int], int]
 
 
 def _detector_check(validator: Validator | None,
-                    start_ok: Callable[[str, int], bool] | None) -> Check | None:
-    if validator is None and start_ok is None:
+                    start_ok: Callable[[str, int], bool] | None,
+                    context_ok: Callable[[str, int, int], bool] | None = None) -> Check | None:
+    if validator is None and start_ok is None and context_ok is None:
         return None
 
     def check(v: str, start: int, end: int) -> int:
         if start_ok is not None and not start_ok(v, start):
             return 0
-        if validator is None:
-            return end
-        k = validator(v[start:end])
-        return start + k if k else 0
+        if validator is not None:
+            k = validator(v[start:end])
+            if not k:
+                return 0
+            end = start + k
+        if context_ok is not None and not context_ok(v, start, end):
+            return 0
+        return end
     return check
 
 
@@ -636,11 +651,47 @@ def _label(detector: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", detector).strip("_").upper() or "REDACTED"
 
 
+_ENCODED = "e_encoded"
+
+
+class _Depth(threading.local):
+    value = 0
+
+
+_DEPTH = _Depth()  # decoding depth of the scan running on this thread
+
+
+def _pieces(f: Finding, v: str, segs: Sequence[tuple[int, int, int, Normalized, str]],
+            starts: Sequence[int]) -> Iterator[Finding]:
+    """A finding over the joined normalized text `v`, as findings in the original strings: one
+    per string it covers (structural strings it bridged over, such as a role, are left out).
+    The value is the original text, or the decoded value for a finding inside an encoded run."""
+    decoded = f.value != v[f.start:f.end]
+    k = max(0, bisect.bisect_right(starts, f.start) - 1)
+    pieces: list[tuple[int, int, int, str]] = []  # (index, orig start, orig end, original string)
+    for j in range(k, len(segs)):
+        index, vs, ve, nz, orig = segs[j]
+        if vs >= f.end and j > k:
+            break
+        ps, pe = max(f.start, vs), min(f.end, ve)
+        if ps >= pe:
+            continue
+        if vs > f.start and ve < f.end and _STRUCTURAL_SEG.fullmatch(nz.text):
+            continue
+        pieces.append((index, nz.start(ps - vs), nz.end(pe - vs), orig))
+    value = f.value if decoded else "".join(orig[os_:oe] for _, os_, oe, orig in pieces)
+    for index, os_, oe, _ in pieces:
+        yield Finding(f.rule, f.detector, os_, oe, value, index, f.score)
+
+
+_STRUCTURAL_SEG = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+
+
 class Scanner:
     """Compiled rules; immutable and safe to share between threads and requests."""
 
     __slots__ = ("pattern", "rules", "tiers", "injection", "_search", "_region_at",
-                 "_targets_at", "_injection_rules", "_regions", "_weights")
+                 "_targets_at", "_injection_rules", "_regions", "_weights", "_encoded_gi", "_decoded")
 
     pattern: re.Pattern[str]
     rules: dict[str, Rule]
@@ -685,8 +736,11 @@ class Scanner:
             targets = targets_for(name)
             if targets:
                 marker = f"d_{name}"
-                check = _detector_check(det.validator, det.start_ok)
+                check = _detector_check(det.validator, det.start_ok, det.context_ok)
                 specs.append(("builtin", f"(?:{det.pattern})(?P<{marker}>)", check, {marker: targets}))
+        # Encoded payloads: decoded and scanned when some rule could find something in them.
+        if specs:
+            specs.append(("encoded", f"(?:{ENCODED_PATTERN})(?P<{_ENCODED}>)", None, {_ENCODED: []}))
         for i, c in enumerate(c for c in customs if c.kind == "regex"):
             source = _user_regex(c.pattern or "", f"custom rule {c.name!r}")
             if c.ignore_case:
@@ -732,8 +786,13 @@ class Scanner:
         self._targets_at = [()] * (self.pattern.groups + 1)
         regions: list[_Region] = []
         base = 0
+        self._encoded_gi = -1
+        self._decoded = functools.lru_cache(maxsize=256)(self._decode_and_scan)
         for prio, (kind, source, check, marker_targets) in enumerate(specs):
             solo = re.compile(f"{BOUNDARY}(?:{source})")
+            if kind == "encoded":
+                check = self._encoded_check
+                self._encoded_gi = base + solo.groupindex[_ENCODED]
             region = _Region(prio, kind, solo, base, check, _first_chars(source))
             regions.append(region)
             for g in range(base + 1, base + solo.groups + 1):
@@ -764,21 +823,59 @@ class Scanner:
 
     def scan_strings(self, strings: Iterable[str]) -> list[Finding]:
         """Findings over many strings (e.g. every string of a request body), `Finding.index`
-        = position in `strings`. The injection score counts over all of them."""
-        findings: list[Finding] = []
-        injection_hits: list[tuple[int, int, str, int, str]] = []
+        = position in `strings`, offsets in the original strings.
+
+        The strings are normalized (see `normalize`) and scanned as ONE text, joined by
+        U+001F: numeric detectors may bridge that boundary (a card split over two messages
+        or content parts), so a finding may cover pieces of several strings; it is reported
+        once per piece (same rule, the whole value). The injection score counts over all."""
+        segs: list[tuple[int, int, int, Normalized, str]] = []  # (index, start, end, normalized, original)
+        parts = ["\n"]  # the virtual boundary character before the text
+        pos = 1
         for i, s in enumerate(strings):
             if not s or not isinstance(s, str):
                 continue
-            v = "\n" + s  # the virtual boundary character before the text
-            hits, _ = self._hits(v, 0, len(v))
-            self._collect(v, hits, i, -1, findings, injection_hits)
+            if segs:
+                parts.append(BRIDGE)
+                pos += 1
+            nz = normalize(s)
+            parts.append(nz.text)
+            segs.append((i, pos, pos + len(nz.text), nz, s))
+            pos += len(nz.text)
+        if not segs:
+            return []
+        v = "".join(parts)
+        hits, _ = self._hits(v, 0, len(v))
+        raw: list[Finding] = []
+        injection_hits: list[tuple[int, int, str, int, str]] = []
+        self._collect(v, hits, 0, 0, raw, injection_hits)
         if injection_hits:
-            extra = self._injection_findings(injection_hits, {k for *_, k in injection_hits})
-            if extra:
-                findings.extend(extra)
-                findings.sort(key=lambda f: (f.index, f.start))
+            raw.extend(self._injection_findings(injection_hits, {k for *_, k in injection_hits}))
+        if not raw:
+            return []
+        starts = [seg[1] for seg in segs]
+        findings = [piece for f in raw for piece in _pieces(f, v, segs, starts)]
+        findings.sort(key=lambda f: (f.index, f.start))
         return findings
+
+    # -- encoded payloads ----------------------------------------------------------------
+
+    def _encoded_check(self, v: str, start: int, end: int) -> int:
+        if _DEPTH.value >= MAX_DECODE_DEPTH or not encoded_start_ok(v, start):
+            return 0
+        return end if self._decoded(v[start:end], _DEPTH.value) else 0
+
+    def _decode_and_scan(self, run: str, depth: int) -> tuple[Finding, ...]:
+        """What the decoded text of an encoded run holds (cached: the check and the
+        collection of one candidate ask twice)."""
+        text = decode_payload(run)
+        if text is None:
+            return ()
+        _DEPTH.value = depth + 1
+        try:
+            return tuple(self.scan(text))
+        finally:
+            _DEPTH.value = depth
 
     def decide(self, findings: Iterable[Finding], params: DecisionParams | None = None) -> Decision:
         return decide(findings, self.rules, params)
@@ -834,6 +931,10 @@ class Scanner:
         targets_at = self._targets_at
         for s, e, gi in hits:
             value = v[s:e]
+            if gi == self._encoded_gi:  # what the decoded run holds, over the whole run
+                for f in self._decoded(value, _DEPTH.value):
+                    findings.append(Finding(f.rule, f.detector, s + shift, e + shift, f.value, index, f.score))
+                continue
             for t in targets_at[gi]:
                 if t.key is not None:
                     injection_hits.append((s + shift, e + shift, value, index, t.key))
