@@ -154,26 +154,33 @@ def digits_start_ok(text: str, start: int) -> bool:
 
 
 _STRUCTURAL = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
-# Card layouts a sub-run of a longer separated number may have (groups of digits).
-_CARD_LAYOUTS = {(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4), (4, 4, 4, 4, 2), (4, 4, 4, 1)}
+# Printed card layouts (digits per group) a card may have inside a longer separated number.
+_CARD_LAYOUTS = {(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4)}
+
+
+def _card_layout(sizes: tuple[int, ...]) -> bool:
+    return sizes in _CARD_LAYOUTS or (len(sizes) == 1 and 13 <= sizes[0] <= 19)
 
 
 def validate_credit_card(value: str) -> int:
-    """Whole digit run valid (any separators), or a sub-run in a card layout (a card with a
-    CVV, an expiry or a prefix around it): the whole run is the finding then."""
+    """The whole digit run is a valid card (separators anywhere, but no group over six digits
+    unless the run bridges two strings: `302-2533872-5612675` is an order number), or it
+    starts with a card in a printed layout (a CVV or expiry follows), or ends with one after
+    at most four other digits (`ref 1234 4111 1111 1111 1111`). The finding is the whole run."""
     groups = digit_groups(value)
     digits = "".join(groups)
-    if 13 <= len(digits) <= 19 and _card_ok(digits):
+    sizes = tuple(len(g) for g in groups)
+    if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or BRIDGE in value) \
+            and _card_ok(digits):
         return len(value)
-    sizes = [len(g) for g in groups]
-    for i in range(len(groups)):
-        for j in range(len(groups), i, -1):
-            if (j - i == len(groups)) or (tuple(sizes[i:j]) not in _CARD_LAYOUTS and not (
-                    j - i == 1 and 13 <= sizes[i] <= 19)):
-                continue
-            sub = "".join(groups[i:j])
-            if _card_ok(sub):
-                return len(value)
+    for j in range(len(groups) - 1, 0, -1):
+        if _card_layout(sizes[:j]) and _card_ok("".join(groups[:j])):
+            return len(value)
+    for i in range(1, len(groups)):
+        if sum(sizes[:i]) > 4:
+            break
+        if _card_layout(sizes[i:]) and _card_ok("".join(groups[i:])):
+            return len(value)
     return 0
 
 
@@ -191,10 +198,17 @@ _SSN_CONTEXT = re.compile(r"(?i)(?:\bssn|\bss#|\bsocial[ \-]*security|\bsoc\.?[ 
 
 
 def ssn_context_ok(text: str, start: int, end: int) -> bool:
-    """A bare 9-digit run is an SSN only with a context word before it (within 48 chars)."""
-    if end - start != 9:
+    """Nine digits in the AAA-GG-SSSS layout (any separators) are an SSN; without separators
+    (possibly split over two strings) only after a context word (within 48 characters)."""
+    value = text[start:end]
+    if tuple(map(len, digit_groups(value))) == (3, 2, 4):
         return True
-    return _SSN_CONTEXT.search(text, max(0, start - 48), start) is not None
+    if not _GAP_RE.sub(lambda m: "" if BRIDGE in m.group() else m.group(), value).isdigit():
+        return False  # separators only where two strings meet
+    return _SSN_CONTEXT.search(text, max(0, start - SSN_CONTEXT_CHARS), start) is not None
+
+
+SSN_CONTEXT_CHARS = 48
 
 
 # IBAN length per country (ISO 13616 registry, the commonly seen countries).
@@ -219,7 +233,7 @@ def iban_mod97(iban: str) -> int:
     return int((iban[4:] + iban[:4]).translate(_IBAN_DIGITS)) % 97
 
 
-_IBAN_SEPS = str.maketrans("", "", " .-/")
+_IBAN_SEPS = str.maketrans("", "", " .-/_")
 
 
 def validate_iban(value: str) -> int:
@@ -361,7 +375,7 @@ def _iban_pattern() -> str:
     by_len: dict[int, list[str]] = {}
     for cc, n in sorted(IBAN_LENGTHS.items()):
         by_len.setdefault(n - 4, []).append(cc)
-    alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?:[ .\\-/]?[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
+    alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?:[ .\\-/_]{{0,3}}+[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
     return f"(?i:{'|'.join(alts)}){_END}"
 
 
@@ -417,7 +431,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(
-            "us_ssn", rf"{_NUM_START}[0-9]{{3}}(?:{_GAP}[0-9]{{2}}{_GAP}[0-9]{{4}}|[0-9]{{6}}){_NUM_END}", validate_ssn,
+            "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}{_NUM_END}", validate_ssn,
             "US_SSN", "US social security number", digits_start_ok, ssn_context_ok,
         ),
         Detector(
@@ -451,7 +465,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
 # The look-behind keeps the scan linear: a run is tried from its start only, never again from
 # each `/`, `+`, `-` or `%` inside it.
 ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-=%.~])"
-                   r"(?:[A-Za-z0-9._~+\-]{0,256}+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]{0,256}+){2,4096}+"
+                   r"(?:[A-Za-z0-9._~+\-]{0,256}+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]{0,256}+){1,4096}+"
                    r"|[A-Za-z0-9+/_\-]{12,65536}+={0,2}+)")
 MAX_DECODE_DEPTH = 2
 _B64 = frozenset(string.ascii_letters + string.digits + "+/_-%")

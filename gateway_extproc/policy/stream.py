@@ -39,7 +39,7 @@ from .scanner import (
 )
 
 GUARD_MARGIN = 2  # characters of look-ahead a detector's end guard may need
-CONTEXT = 16  # already-emitted characters kept for look-behinds
+CONTEXT = 64  # already-emitted characters kept for look-behinds (context words: 48)
 MAX_OPEN = 64 * 1024  # an open (still growing) redacted value is closed beyond this
 
 
