@@ -5,10 +5,10 @@ prints the same figures per detector."""
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-import zlib
 
 import pytest
 import yaml

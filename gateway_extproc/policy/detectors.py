@@ -256,8 +256,9 @@ _LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
 
 
 # Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", and the same for dot.
-_AT_WORD = r"(?:\s*+[(\[{<]\s*+[Aa][Tt]\s*+[)\]}>]\s*+|\s++[Aa][Tt]\s++)"
-_DOT_WORD = r"(?:\s*+[(\[{<]\s*+[Dd][Oo][Tt]\s*+[)\]}>]\s*+|\s++[Dd][Oo][Tt]\s++)"
+# (Whitespace runs up to 16 characters: the prefilter's triggers are bounded the same way.)
+_AT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+[Aa][Tt]\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+)"
+_DOT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+[Dd][Oo][Tt]\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+)"
 _AT_RE = re.compile(_AT_WORD)
 _DOT_RE = re.compile(_DOT_WORD)
 
@@ -492,7 +493,10 @@ def decode_payload(run: str) -> str | None:
     """The text a base64 / hex / URL-encoded run stands for, or None when it is none of these
     (or decodes to binary)."""
     if "%" in run:
-        decoded = urllib.parse.unquote_plus(run, errors="strict") if run.isascii() else run
+        try:
+            decoded = urllib.parse.unquote_plus(run, errors="strict")
+        except UnicodeDecodeError:
+            return None
         return decoded if decoded != run else None
     body = run.rstrip("=")
     if len(body) >= 16 and len(body) % 2 == 0 and all(c in _HEX for c in body):

@@ -55,6 +55,11 @@ from .detectors import (
 )
 
 from .normalize import Normalized, normalize
+from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, Trigger, phrase_trigger, regex_trigger,
+                        template_trigger)
+from .prefilter import build as build_prefilter
+
+PREFILTER_MIN_CHARS = 256  # below, the regex alone is as fast
 
 # A region's check on a candidate v[start:end]: the accepted end, or 0 to reject.
 Check = Callable[[str, int, int], int]
@@ -691,7 +696,8 @@ class Scanner:
     """Compiled rules; immutable and safe to share between threads and requests."""
 
     __slots__ = ("pattern", "rules", "tiers", "injection", "_search", "_region_at",
-                 "_targets_at", "_injection_rules", "_regions", "_weights", "_encoded_gi", "_decoded")
+                 "_targets_at", "_injection_rules", "_regions", "_weights", "_encoded_gi", "_decoded",
+                 "_prefilter", "_triggers")
 
     pattern: re.Pattern[str]
     rules: dict[str, Rule]
@@ -774,8 +780,25 @@ class Scanner:
                 specs.append(("injection", f"(?i:{source})(?P<j{j}>)", None,
                               {f"j{j}": [_Target(None, PROMPT_INJECTION, "pattern:" + pat)]}))
 
+        triggers: list[Trigger] = []
+        ascii_only = False
+        for kind, source, _, marker_targets in specs:
+            if kind == "builtin":
+                triggers += BUILTIN_TRIGGERS[next(iter(marker_targets))[2:]]
+            elif kind == "encoded":
+                triggers += ENCODED_TRIGGERS
+            elif kind == "phrases":
+                keywords = {normalize_phrase(kw) for c in customs if c.kind == "keywords" for kw in c.keywords}
+                triggers += [phrase_trigger(p) for p in sorted(keywords)]
+                triggers += [template_trigger(t) for t in (injection.phrases if injection is not None else ())]
+                ascii_only = ascii_only or not all(p.isascii() for p in phrases)
+            else:
+                triggers.append(regex_trigger(source, BOUNDARY))
+                ascii_only = ascii_only or not source.isascii()
         specs = [(kind, _gated(source), v, mt) for kind, source, v, mt in specs]
         self = cls.__new__(cls)
+        self._prefilter = None
+        self._triggers = (tuple(triggers), ascii_only)
         combined = f"{BOUNDARY}(?:{'|'.join(s for _, s, _, _ in specs)})" if specs else f"{BOUNDARY}(?!)"
         self.pattern = re.compile(combined)
         self.rules = by_name
@@ -845,7 +868,7 @@ class Scanner:
         if not segs:
             return []
         v = "".join(parts)
-        hits, _ = self._hits(v, 0, len(v))
+        hits = self._all_hits(v)
         raw: list[Finding] = []
         injection_hits: list[tuple[int, int, str, int, str]] = []
         self._collect(v, hits, 0, 0, raw, injection_hits)
@@ -859,6 +882,16 @@ class Scanner:
         return findings
 
     # -- encoded payloads ----------------------------------------------------------------
+
+    def _worth_decoding(self, v: str, start: int, end: int) -> bool:
+        """Whether a run the prefilter found (v[start:end]) holds something once decoded: only
+        then does the regex look at it (the encoded region would reject it anyway)."""
+        if _DEPTH.value >= MAX_DECODE_DEPTH:
+            return False
+        tail = v[end:end + 2]
+        end += len(tail) - len(tail.lstrip("="))  # padding is part of the run
+        run = v[start:min(end, start + 65536)]
+        return any(self._decoded(r, _DEPTH.value) for r in {run, run.lstrip("+/-_")} if len(r) >= 12)
 
     def _encoded_check(self, v: str, start: int, end: int) -> int:
         if _DEPTH.value >= MAX_DECODE_DEPTH or not encoded_start_ok(v, start):
@@ -880,14 +913,40 @@ class Scanner:
     def decide(self, findings: Iterable[Finding], params: DecisionParams | None = None) -> Decision:
         return decide(findings, self.rules, params)
 
-    def _hits(self, v: str, pos: int, limit: int) -> tuple[list[Hit], int]:
+    def _all_hits(self, v: str) -> list[Hit]:
+        """Every accepted candidate in `v`: the regex over the windows the prefilter points at
+        (the same hits as over the whole text), or over the whole text."""
+        if len(v) < PREFILTER_MIN_CHARS:
+            return self._hits(v, 0, len(v))[0]
+        pf = self._prefilter
+        if pf is None and self._triggers[0]:
+            pf = self._prefilter = build_prefilter(*self._triggers)  # built on first use, cached
+        if pf is None or not pf.usable(v):
+            return self._hits(v, 0, len(v))[0]
+        hits: list[Hit] = []
+        pos = 0
+        n = len(v)
+        for ws, limit, endpos in pf.windows(v, self._worth_decoding):
+            start = max(ws, pos)
+            if start >= limit:
+                continue
+            found, _ = self._hits(v, start, limit, endpos)
+            if found and endpos < n and found[-1][1] >= endpos - 2:
+                found, _ = self._hits(v, start, limit)  # cut by the bound: read it whole
+            hits += found
+            if found:
+                pos = max(pos, found[-1][1])
+        return hits
+
+    def _hits(self, v: str, pos: int, limit: int, endpos: int | None = None) -> tuple[list[Hit], int]:
         """Accepted candidates whose boundary character is before `limit`, and the position
-        to resume from. `v[pos]` must be a boundary or context character, never a value's."""
+        to resume from. `v[pos]` must be a boundary or context character, never a value's.
+        `endpos`: search no further (the candidates the caller wants end well before it)."""
         search = self._search
         hits: list[Hit] = []
-        n = len(v)
+        n = len(v) if endpos is None else endpos
         while pos < n:
-            m = search(v, pos)
+            m = search(v, pos, n)
             if m is None:
                 break
             p = m.start()
