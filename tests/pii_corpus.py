@@ -360,19 +360,31 @@ def decoded_forms(text: str) -> list[str]:
     return out
 
 
-def leaks(text: str, canonical: str) -> bool:
-    """Whether `text` still holds the value: as written, digits only, folded, or decoded."""
-    target = canonical.lower()
-    digits_target = re.sub(r"\D", "", canonical)
+def forms(text: str) -> list[str]:
+    """Every form a seeded value could hide in within `text`: folded, without separators,
+    digits only, with written-out `at`/`dot` resolved; of the text and of what it decodes to."""
+    out = []
     for form in decoded_forms(text):
         f = fold(form)
-        if target in f or target in re.sub(r"[\s.\-/_]", "", f):
-            return True
-        if len(digits_target) >= 9 and digits_target in re.sub(r"\D", "", f):
-            return True
-        if "@" in target:
-            words = re.sub(r"\s*[(\[{<]\s*(at|dot)\s*[)\]}>]\s*", lambda m: "@" if m.group(1) == "at" else ".", f)
-            words = re.sub(r"\s+at\s+", "@", re.sub(r"\s+dot\s+", ".", words))
-            if target in words:
+        words = re.sub(r"\s*[(\[{<]\s*(at|dot)\s*[)\]}>]\s*", lambda m: "@" if m.group(1) == "at" else ".", f)
+        words = re.sub(r"\s+at\s+", "@", re.sub(r"\s+dot\s+", ".", words))
+        out += [f, re.sub(r"[\s.\-/_]", "", f), words, "\x00" + re.sub(r"\D", "", f)]
+    return out
+
+
+def leaks_in(found: list[str], canonical: str) -> bool:
+    """`leaks` over the `forms` of a text computed once (many values against one text)."""
+    target = canonical.lower()
+    digits = re.sub(r"\D", "", canonical)
+    for f in found:
+        if f.startswith("\x00"):  # digits-only forms
+            if len(digits) >= 9 and digits in f:
                 return True
+        elif target in f:
+            return True
     return False
+
+
+def leaks(text: str, canonical: str) -> bool:
+    """Whether `text` still holds the value: as written, digits only, folded, or decoded."""
+    return leaks_in(forms(text), canonical)
