@@ -52,7 +52,8 @@ _NAMED = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
 class Trigger:
     expression: str
     som: bool  # reports the match start (else only its end)
-    reach: int | None  # a value may start this many characters before the reported offset; None: anywhere
+    reach: int | None  # a value may start this many characters before the reported offset; None: anywhere;
+    # -1: the trigger ends a run of base64 characters, which starts where the run does
     caseless: bool = False
     tail: int = 256  # how far past the trigger's end the regex reads (longer values: read again, whole)
     verify: bool = False  # ask the scanner first whether the matched run (start..end-1) is worth a window
@@ -110,7 +111,8 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
 }
 
 ENCODED_TRIGGERS = (
-    Trigger(r"[A-Za-z0-9+/_\-]{12}[A-Za-z0-9+/_\-]*[^A-Za-z0-9+/_\-]", som=True, reach=1, tail=4, verify=True),
+    # the end of every run of 12 or more: its start is found by walking back (`verify` runs)
+    Trigger(r"[A-Za-z0-9+/_\-]{12}[^A-Za-z0-9+/_\-]", som=False, reach=-1, tail=4, verify=True),
     Trigger(r"%[0-9A-Fa-f]{2}", som=False, reach=261, tail=260),
 )
 
@@ -173,6 +175,9 @@ class Prefilter:
         spans = []
         for i, frm, to in events:
             som, reach, tail, check = params[i]
+            if reach == -1:  # a run ending at to - 1: walk back to its start
+                frm = _run_start(text, to - 1)
+                som, reach = True, 1
             if check and verify is not None and not verify(text, frm, to - 1):
                 continue
             at = frm if som else to
@@ -191,6 +196,17 @@ class Prefilter:
                 cs, cl, ce = s, li, e
         out.append((cs, cl, ce))
         return out
+
+
+_RUN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-")
+
+
+def _run_start(text: str, end: int) -> int:
+    i = end - 1
+    stop = max(0, end - 65600)
+    while i >= stop and text[i] in _RUN:
+        i -= 1
+    return i + 1
 
 
 def _collect(i: int, frm: int, to: int, _flags: int, events: list[tuple[int, int, int]]) -> None:
