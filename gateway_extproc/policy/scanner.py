@@ -1078,24 +1078,29 @@ def redact(text: str, findings: Iterable[Finding],
     """Replace each finding's span in `text` with its typed placeholder.
 
     Findings should come from one string (same `index`); overlapping spans are merged (the
-    first one's type names the placeholder). Returns the new text and the (updated) map.
+    first one's type names the placeholder). A placeholder stands for the finding's value.
+    Returns the new text and the (updated) map.
     """
     mapping = _as_map(mapping)
-    spans = sorted({(f.start, f.end): f.detector for f in findings}.items())
+    spans = sorted({(f.start, f.end): (f.detector, f.value) for f in findings}.items())
     out: list[str] = []
     pos = 0
     i = 0
     while i < len(spans):
-        (start, end), detector = spans[i]
+        (start, end), (detector, value) = spans[i]
         i += 1
+        merged = False
         while i < len(spans) and spans[i][0][0] < end:
             end = max(end, spans[i][0][1])
+            merged = True
             i += 1
         start = max(start, pos)
         if start >= end:
             continue
         out.append(text[pos:start])
-        out.append(mapping.placeholder(_label(detector), text[start:end]))
+        # The finding's value names the placeholder: the same for every piece of a value split
+        # over strings, and the decoded value for an encoded run.
+        out.append(mapping.placeholder(_label(detector), text[start:end] if merged or not value else value))
         pos = end
     if not out:
         return text, mapping
