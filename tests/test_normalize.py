@@ -139,3 +139,13 @@ def test_streamed_evasions_equal_the_whole_text_redaction(step: int) -> None:
     assert out == whole
     assert "1111" not in out and "\u0661" not in out and "jane" not in out and "6789" not in out
     assert out.endswith(" done")
+
+
+@pytest.mark.parametrize("value", ["5 5 9 2 3 2 7 9 1 6 8 7 1 2 7 0", "4111111111111111", "123-45-6789", "123 45 6789"])
+def test_the_same_value_in_two_strings_is_found_in_both(value: str) -> None:
+    """A value pasted in the system prompt and again in the message makes one digit run over
+    the seam; it must not hide both (found through the Messages API end to end)."""
+    findings = SCANNER.scan_strings([f"Context: {value}", "user", value])
+    assert {f.index for f in findings} == {0, 2}
+    out, _ = redact_strings([f"Context: {value}", "user", value], findings, PlaceholderMap())
+    assert not any(value in o for o in out)

@@ -153,6 +153,15 @@ def digits_start_ok(text: str, start: int) -> bool:
     return i < 0 or i < stop or not ("0" <= text[i] <= "9")
 
 
+def ssn_start_ok(text: str, start: int) -> bool:
+    """Not the tail of a longer number in the same string (an SSN is exactly nine digits; one
+    repeated in the next message is another SSN, not the tail of an 18-digit number)."""
+    i = start - 1
+    while i >= max(0, start - 4) and text[i] in SEP_CHARS:
+        i -= 1
+    return i < 0 or not ("0" <= text[i] <= "9")
+
+
 _STRUCTURAL = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 # Printed card layouts (digits per group) a card may have inside a longer separated number.
 _CARD_LAYOUTS = {(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4)}
@@ -163,6 +172,27 @@ def _card_layout(sizes: tuple[int, ...]) -> bool:
 
 
 def validate_credit_card(value: str) -> int:
+    """A card in the run (`_card_run`), or, for a run over several strings, in the part from
+    one string or a few adjacent ones (the same card pasted in two messages makes one run of
+    32 digits): the finding is the whole run."""
+    if _card_run(value):
+        return len(value)
+    if BRIDGE not in value:
+        return 0
+    parts, pos = [], 0
+    for m in _GAP_RE.finditer(value):
+        if BRIDGE in m.group():
+            parts.append(value[pos:m.start()])
+            pos = m.end()
+    parts.append(value[pos:])
+    for i in range(len(parts)):
+        for j in range(i + 1, min(len(parts), i + 4) + 1):
+            if j - i < len(parts) and _card_run(BRIDGE.join(parts[i:j])):
+                return len(value)
+    return 0
+
+
+def _card_run(value: str) -> bool:
     """The whole digit run is a valid card (separators anywhere, but no group over six digits
     unless the run bridges two strings: `302-2533872-5612675` is an order number), or it
     starts with a card in a printed layout (a CVV or expiry follows), or ends with one after
@@ -172,16 +202,16 @@ def validate_credit_card(value: str) -> int:
     sizes = tuple(len(g) for g in groups)
     if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or BRIDGE in value) \
             and _card_ok(digits):
-        return len(value)
+        return True
     for j in range(len(groups) - 1, 0, -1):
         if _card_layout(sizes[:j]) and _card_ok("".join(groups[:j])):
-            return len(value)
+            return True
     for i in range(1, len(groups)):
         if sum(sizes[:i]) > 4:
             break
         if _card_layout(sizes[i:]) and _card_ok("".join(groups[i:])):
-            return len(value)
-    return 0
+            return True
+    return False
 
 
 def validate_ssn(value: str) -> int:
@@ -432,8 +462,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(
-            "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}{_NUM_END}", validate_ssn,
-            "US_SSN", "US social security number", digits_start_ok, ssn_context_ok,
+            "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])", validate_ssn,
+            "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
         ),
         Detector(
             "ipv6",

@@ -12,8 +12,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
+import anthropic
 import grpc
 import httpx
+import openai
 import orjson
 import pytest
 from concurrent import futures
@@ -140,6 +142,37 @@ def test_replies_reach_the_client_redacted_streamed(pii) -> None:
                 missed.append((case.detector, case.evasion))
             assert text.endswith("-- anything else?")
     assert missed == []
+
+
+OTHER_API_CASES = [c for c in CASES if len(c.strings) == 1][1::7]
+
+
+def test_messages_responses_and_embeddings_leave_nothing_either(pii) -> None:
+    """The same evasions through the Anthropic Messages API, the Responses API and embeddings
+    (models approved up to `internal`: e-mails leave redacted, cards and SSNs are refused)."""
+    gw, _ = pii
+    gw.reset()
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
+    oai = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    outcomes: Counter[str] = Counter()
+    for case in OTHER_API_CASES:
+        text = case.strings[0]
+        calls = (
+            lambda: claude.messages.create(model="claude-chat", max_tokens=50, system=f"Context: {text}",
+                                           messages=[{"role": "user", "content": [{"type": "text", "text": text}]}]),
+            lambda: oai.responses.create(model="default-chat", input=text, instructions="Be brief."),
+            lambda: oai.embeddings.create(model="default-embedding", input=[text, "other"]),
+        )
+        for call in calls:
+            try:
+                call()
+                outcomes["served"] += 1
+            except (anthropic.PermissionDeniedError, openai.PermissionDeniedError):
+                outcomes["refused"] += 1
+    assert outcomes["served"] > 0 and outcomes["refused"] > 0
+    sent = recorded_texts(gw)
+    assert len(sent) == outcomes["served"]
+    assert leaked(sent, OTHER_API_CASES) == []
 
 
 def test_no_log_line_and_no_span_holds_a_seeded_value(pii) -> None:
