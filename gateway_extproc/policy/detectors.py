@@ -125,8 +125,8 @@ def _card_ok(digits: str) -> bool:
 SEP_CHARS = " .-/_"
 _SEPC = r"[ .\-/_]"
 BRIDGE = "\x1f"
-_GAP = (rf"(?:{_SEPC}{{1,3}}+(?:\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+\x1f)*+{_SEPC}{{0,3}}+)?"
-        rf"|\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+\x1f)*+{_SEPC}{{0,3}}+)")
+_GAP = (rf"(?:{_SEPC}{{1,3}}+(?:\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+\x1f){{0,4}}+{_SEPC}{{0,3}}+)?"
+        rf"|\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+\x1f){{0,4}}+{_SEPC}{{0,3}}+)")
 _GAP_RE = re.compile(_GAP)
 _NUM_END = rf"(?![A-Za-z0-9_]|{_GAP}[0-9])"  # not followed by a letter, or by more digits
 # Not right after a digit and one separator: cheap in the regex, keeps long digit runs linear
@@ -146,7 +146,7 @@ def digits_start_ok(text: str, start: int) -> bool:
     while i >= stop and (text[i] in SEP_CHARS or text[i] == BRIDGE):
         if text[i] == BRIDGE:  # skip structural strings between two bridged strings
             j = text.rfind(BRIDGE, stop, i)
-            if j >= 0 and _STRUCTURAL.fullmatch(text, j + 1, i):
+            if j >= 0 and STRUCTURAL.fullmatch(text, j + 1, i):
                 i = j
                 continue
         i -= 1
@@ -162,7 +162,8 @@ def ssn_start_ok(text: str, start: int) -> bool:
     return i < 0 or not ("0" <= text[i] <= "9")
 
 
-_STRUCTURAL = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+# A string a number may be bridged over: a role, a part type, a tool name or call id.
+STRUCTURAL = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 # Printed card layouts (digits per group) a card may have inside a longer separated number.
 _CARD_LAYOUTS = {(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4)}
 

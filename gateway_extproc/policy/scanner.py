@@ -1,7 +1,13 @@
-"""Data classification and guardrail scanning: one combined regex pass, pure functions.
+"""Data classification and guardrail scanning: normalize, one pass, pure functions.
 
-`Scanner.compile(rules, custom_rules, injection_config)` joins every enabled detector into
-ONE compiled pattern (`Scanner.pattern`):
+`Scanner.scan_strings(strings)` normalizes every string (`normalize`: NFKC, format characters
+removed, Unicode digits to ASCII…), joins them with U+001F into ONE text (numeric detectors may
+bridge that boundary, so a value split over messages, parts or tool results is one value) and
+scans it once:
+
+1. a Hyperscan pass over the whole text (`prefilter`) reports where a detector could match;
+2. the combined regex (`Scanner.pattern`) runs only in those windows (or over the whole text
+   for short texts and when Hyperscan is not available: same results):
 
     [^A-Za-z0-9_](?: <private_key>(?P<d_private_key>) | <jwt>(?P<d_jwt>) | … | <phrase trie> | …)
 
@@ -11,14 +17,18 @@ would disable the regex engine's first-character skipping. The leading boundary 
 gives every detector the same "starts a token" rule and lets the engine skip to the next
 non-word character between attempts. Keywords and injection phrases share one character
 trie, so their cost does not grow with their number. Validators (Luhn, mod-97, …) run only
-on candidates.
+on candidates. Runs that may be base64, hex or URL-encoded are decoded and their text scanned
+the same way (two levels deep); what is found inside counts over the whole run.
+
+Findings are mapped back to the original strings (offsets and values in original characters;
+one finding per string a split value covers).
 
 Overlaps are resolved deterministically, like a lexer: the leftmost candidate wins; at the
 same start the longest valid candidate wins, then the earlier detector in priority order
-(secrets, then IBAN, email, card, SSN, IPv6, IPv4, phone, then custom regexes in config
-order, then keywords/injection phrases, then injection patterns). Findings never overlap.
-If a candidate fails validation, the other detectors are tried at the same start before
-the scan moves on by one character.
+(secrets, then IBAN, email, card, SSN, IPv6, IPv4, phone, encoded runs, then custom regexes in
+config order, then keywords/injection phrases, then injection patterns). Findings never
+overlap. If a candidate fails validation, the other detectors are tried at the same start
+before the scan moves on by one character.
 
 `decide()` turns findings into what to do (block / redact / monitor, tiers, allowlist);
 `redact()` replaces findings with typed placeholders; `walk_strings()` / `map_strings()`
@@ -42,6 +52,7 @@ from .detectors import (
     BUILTIN_DETECTORS,
     ENCODED_PATTERN,
     MAX_DECODE_DEPTH,
+    STRUCTURAL,
     DEFAULT_INJECTION_PATTERNS,
     DEFAULT_INJECTION_PHRASES,
     PROMPT_INJECTION,
@@ -681,15 +692,12 @@ def _pieces(f: Finding, v: str, segs: Sequence[tuple[int, int, int, Normalized, 
         ps, pe = max(f.start, vs), min(f.end, ve)
         if ps >= pe:
             continue
-        if vs > f.start and ve < f.end and _STRUCTURAL_SEG.fullmatch(nz.text):
+        if vs > f.start and ve < f.end and STRUCTURAL.fullmatch(nz.text):
             continue
         pieces.append((index, nz.start(ps - vs), nz.end(pe - vs), orig))
     value = f.value if decoded else "".join(orig[os_:oe] for _, os_, oe, orig in pieces)
     for index, os_, oe, _ in pieces:
         yield Finding(f.rule, f.detector, os_, oe, value, index, f.score)
-
-
-_STRUCTURAL_SEG = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 
 
 class Scanner:
