@@ -953,7 +953,7 @@ class Scanner:
         search = self._search
         hits: list[Hit] = []
         n = len(v) if endpos is None else endpos
-        while pos < n:
+        while pos < n and pos < limit:  # a match found from `pos` starts at or after it
             m = search(v, pos, n)
             if m is None:
                 break
