@@ -183,7 +183,9 @@ class Prefilter:
                 continue
             at = frm if som else to
             start = 0 if reach is None else max(0, at - reach - 1)
-            spans.append((start, min(at + 1, n), min(to + tail, n)))
+            # A value's boundary character comes before the value, which starts at or before the
+            # trigger: before its start + 1 (reported start) or its end - 1 (end only).
+            spans.append((start, min(frm + 1 if som else to - 1, n), min(to + tail, n)))
         if not spans:
             return []
         spans.sort()
