@@ -64,3 +64,14 @@ def test_random_text_same_hits(text: str) -> None:
     scanner = SCANNERS["default"]
     v = "\n" + text
     assert scanner._all_hits(v) == full(scanner, v)
+
+
+@pytest.mark.parametrize("text", ["1" * 20000, "1 " * 10000, "a@" * 10000, "4111 1111 1111 1111\n" * 1000])
+def test_dense_candidates_fall_back_to_the_whole_text(text: str) -> None:
+    """A megabyte of digits would be a million Hyperscan events (seconds of callbacks): past one
+    candidate per 16 characters the prefilter gives up and the regex scans the whole text."""
+    scanner = SCANNERS["default"]
+    v = "\n" + text
+    scanner.scan("x " * 200)
+    assert scanner._prefilter.windows(v) is None
+    assert scanner._all_hits(v) == full(scanner, v)

@@ -159,16 +159,22 @@ class Prefilter:
     def usable(self, text: str) -> bool:
         return text.isascii() or not self.ascii_only
 
-    def windows(self, text: str, verify: Callable[[str, int, int], bool] | None = None) -> list[tuple[int, int, int]]:
+    def windows(self, text: str, verify: Callable[[str, int, int], bool] | None = None,
+                ) -> list[tuple[int, int, int]] | None:
         """Sorted (start, limit, end) windows: every match of the scanner's regex has its
         boundary character at some `p` with start <= p < limit of a window, and the regex
-        needs to read no further than `end` to find it (or reads again when a hit reaches it)."""
+        needs to read no further than `end` to find it (or reads again when a hit reaches it).
+        None: candidates are so dense (over one per 16 characters) that the caller should scan
+        the whole text instead."""
         data = (text if text.isascii() else text.translate(_FOLD)).encode("latin-1", "replace") + b"\n"
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             scratch = self._local.scratch = hyperscan.Scratch(self._db)
         events: list[tuple[int, int, int]] = []
-        self._db.scan(data, match_event_handler=_collect, context=events, scratch=scratch)
+        try:
+            self._db.scan(data, match_event_handler=_collect, context=events, scratch=scratch)
+        except hyperscan.ScanTerminated:
+            return None  # more candidates than text: the regex over the whole text is cheaper
         if not events:
             return []
         params = self._params
@@ -212,8 +218,12 @@ def _run_start(text: str, end: int) -> int:
     return i + 1
 
 
-def _collect(i: int, frm: int, to: int, _flags: int, events: list[tuple[int, int, int]]) -> None:
+MAX_EVENTS_PER_CHAR = 1 / 16  # hostile or degenerate text (a megabyte of digits): stop counting
+
+
+def _collect(i: int, frm: int, to: int, _flags: int, events: list[tuple[int, int, int]]) -> bool:
     events.append((i, frm, to))
+    return len(events) > 64 and len(events) > to * MAX_EVENTS_PER_CHAR
 
 
 @functools.lru_cache(maxsize=32)

@@ -934,7 +934,10 @@ class Scanner:
         hits: list[Hit] = []
         pos = 0
         n = len(v)
-        for ws, limit, endpos in pf.windows(v, self._worth_decoding):
+        windows = pf.windows(v, self._worth_decoding)
+        if windows is None:
+            return self._hits(v, 0, n)[0]
+        for ws, limit, endpos in windows:
             start = max(ws, pos)
             if start >= limit:
                 continue
