@@ -54,7 +54,7 @@ class Policy:
         injection = InjectionConfig.from_mapping({
             "phrases": inj.get("phrases"), "patterns": inj.get("patterns"), "threshold": inj.get("threshold", 1.0),
             "include_defaults": inj.get("includeDefaults", True)})
-        self.scanner = Scanner.compile(rules, custom, injection, tiers=cfg.tiers)
+        self.scanner = Scanner.compile(rules, custom, injection, tiers=cfg.tiers).prepare()  # at config load
         self.allowlist = tuple(AllowEntry.from_mapping(e) for e in cfg.allowlist)
 
     def top(self, *tiers: str | None) -> str:
