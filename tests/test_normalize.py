@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway_extproc.policy import DecisionParams, PlaceholderMap, Scanner, StreamRedactor, redact, redact_strings
-from gateway_extproc.policy.normalize import normalize
+from gateway_extproc.policy.normalize import normalize, normalize_json
 
 SCANNER = Scanner.compile()
 CARD = "4111111111111111"
@@ -79,6 +79,22 @@ def test_split_into_content_parts_and_tool_results() -> None:
     assert {f.index for f in SCANNER.scan_strings(parts)} == {1, 3, 5, 7}
     tool = ["tool", "call_1", "411111111", "tool", "call_2", "1111111"]
     assert {f.index for f in SCANNER.scan_strings(tool)} == {2, 5}
+
+
+def test_split_over_tool_call_arguments_keeps_the_json_valid() -> None:
+    strings = ["assistant", "call_1", "function", "lookup", '{"n": "4111 1111"}',
+               "call_2", "function", "lookup", '{"type": "card", "n": "1111 1111", "cvv": 123}']
+    findings = SCANNER.scan_strings(strings)
+    assert {f.index for f in findings} == {4, 8}
+    out, _ = redact_strings(strings, findings, PlaceholderMap())
+    assert out[4] == '{"n": "[CREDIT_CARD_1]"}' and out[8] == '{"type": "card", "n": "[CREDIT_CARD_1]", "cvv": 123}'
+
+
+def test_json_strings_are_scanned_as_their_values() -> None:
+    nz = normalize_json('{"a": "x, y", "b": [1, 2.5, true], "c": {"d": "e"}}')
+    assert nz is not None and nz.text == "a\x1ex, y\x1eb\x1e1\x1e2.5\x1etrue\x1ec\x1ed\x1ee"
+    assert [(f.rule, f.value) for f in SCANNER.scan('{"ssn": "123456789", "mail": "a.b@example.com"}')] == [
+        ("us_ssn", "123456789"), ("email", "a.b@example.com")]
 
 
 def test_strings_are_not_bridged_for_other_detectors_or_without_digits_at_the_seam() -> None:

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 import yaml
 
@@ -33,12 +34,18 @@ def test_corpus_size_and_coverage() -> None:
 
 
 def body_for(case: Case, model: str) -> dict:
-    """The strings of a case as a chat request: one message each, or content parts / a tool
-    result for the split cases (every shape a value may be split over)."""
+    """The strings of a case as a chat request: one message each, or content parts, tool
+    results or tool-call arguments for the split cases (every shape a value may be split over)."""
     strings = case.strings
     if len(strings) == 1:
         return {"model": model, "messages": [{"role": "user", "content": strings[0]}]}
-    shape = zlib.crc32((case.evasion + strings[0]).encode()) % 3
+    shape = zlib.crc32((case.evasion + strings[0]).encode()) % 4
+    if shape == 3:  # one tool call per string: the value split over their JSON arguments
+        calls = [{"id": f"call_{i}", "type": "function",
+                  "function": {"name": "lookup", "arguments": orjson.dumps({"text": s}).decode()}}
+                 for i, s in enumerate(strings)]
+        return {"model": model, "messages": [{"role": "user", "content": "look these up"},
+                                             {"role": "assistant", "content": None, "tool_calls": calls}]}
     if shape == 0:
         messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": s} for i, s in enumerate(strings)]
     elif shape == 1:

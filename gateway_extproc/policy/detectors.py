@@ -120,13 +120,13 @@ def _card_ok(digits: str) -> bool:
 
 # Separators numeric detectors accept between digits (on normalized text): up to three of
 # space, dot, dash, slash, underscore (not tabs or newlines: columns of numbers are common); or the boundary between two strings of
-# one request (U+001F, see scanner), possibly skipping short structural strings between them
+# one request (U+001F, see scanner), possibly skipping up to six short structural strings between them
 # ("user", "text", a tool name), so a number split over messages or parts is still one value.
 SEP_CHARS = " .-/_"
 _SEPC = r"[ .\-/_]"
 BRIDGE = "\x1f"
-_GAP = (rf"(?:{_SEPC}{{1,3}}+(?:\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+\x1f){{0,4}}+{_SEPC}{{0,3}}+)?"
-        rf"|\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+\x1f){{0,4}}+{_SEPC}{{0,3}}+)")
+_GAP = (rf"(?:{_SEPC}{{1,3}}+(?:\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,6}}+{_SEPC}{{0,3}}+)?"
+        rf"|\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,6}}+{_SEPC}{{0,3}}+)")
 _GAP_RE = re.compile(_GAP)
 _NUM_END = rf"(?![A-Za-z0-9_]|{_GAP}[0-9])"  # not followed by a letter, or by more digits
 # Not right after a digit and one separator: cheap in the regex, keeps long digit runs linear
@@ -146,7 +146,7 @@ def digits_start_ok(text: str, start: int) -> bool:
     while i >= stop and (text[i] in SEP_CHARS or text[i] == BRIDGE):
         if text[i] == BRIDGE:  # skip structural strings between two bridged strings
             j = text.rfind(BRIDGE, stop, i)
-            if j >= 0 and STRUCTURAL.fullmatch(text, j + 1, i):
+            if j >= 0 and STRUCTURAL.fullmatch(text, j + 1, i):  # noqa: SIM102
                 i = j
                 continue
         i -= 1

@@ -30,6 +30,8 @@ import unicodedata
 from bisect import bisect_right
 from dataclasses import dataclass
 
+import orjson
+
 # Invisible characters outside Cf that are used to split values: combining grapheme joiner,
 # Hangul fillers, Mongolian and standard variation selectors, tag-like ideographic ones.
 _EXTRA_IGNORABLE = {0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
@@ -171,3 +173,45 @@ def normalize(text: str) -> Normalized:
         shift += len(rep) - 1
     # Deleted characters give empty spans; consecutive ones keep distinct original ends.
     return Normalized(norm, len(text), tuple(s[0] for s in spans), tuple(s[2] for s in spans), tuple(spans))
+
+
+# -- JSON inside a string (tool-call arguments) ---------------------------------------------
+
+_JSON_TOKEN = re.compile(r'("(?:[^"\\\n]|\\.)*")|([{}\[\]:,\s]+)|([^"{}\[\]:,\s]+|")')
+MAX_JSON_TEXT = 1 << 20
+
+
+def normalize_json(text: str) -> Normalized | None:
+    """A string holding JSON (tool-call `arguments`), seen as its values: quotes dropped, each
+    run of syntax between values (`", "`, `": "`, `{`) one U+001E. Numeric detectors bridge the
+    boundary between strings (U+001F) and then the keys that open the next string (words each
+    followed by U+001E or U+001F), so a number split over the arguments of two tool calls is
+    one value, while two values inside one string are never joined. Valid ASCII JSON only
+    (else None: the caller normalizes the string as text)."""
+    if not text.isascii() or len(text) > MAX_JSON_TEXT:
+        return None
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None  # JSON-like text (code, a PEM in braces): scanned as text
+    out: list[str] = []
+    spans: list[tuple[int, int, int, int]] = []
+    n = 0  # normalized length so far
+    for m in _JSON_TOKEN.finditer(text):
+        o, oe = m.start(), m.end()
+        if m.group(1) is not None:  # a string: its content, without the quotes
+            spans.append((n, n, o, o + 1))
+            content = text[o + 1:oe - 1]
+            out.append(content)
+            n += len(content)
+            spans.append((n, n, oe - 1, oe))
+        elif m.group(2) is not None:  # syntax between values: one boundary (none at the edges)
+            rep = "" if o == 0 or oe == len(text) else "\x1e"
+            out.append(rep)
+            spans.append((n, n + len(rep), o, oe))
+            n += len(rep)
+        else:  # numbers, literals: as they are
+            out.append(m.group())
+            n += oe - o
+    return Normalized("".join(out), len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),
+                      tuple(spans))

@@ -65,7 +65,7 @@ from .detectors import (
     phrase_trie_pattern,
 )
 
-from .normalize import Normalized, normalize, tables
+from .normalize import Normalized, normalize, normalize_json, tables
 from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, Trigger, phrase_trigger, regex_trigger,
                         template_trigger)
 from .prefilter import build as build_prefilter
@@ -677,6 +677,11 @@ class _Depth(threading.local):
 _DEPTH = _Depth()  # decoding depth of the scan running on this thread
 
 
+# What may precede the rest of a split number at the start of a string: keys of JSON arguments
+# (structural words, each followed by the boundary), separators.
+_CONTINUATION = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_\-]{0,63}[\x1e\x1f])*[ .\-/_]*")
+
+
 def _pieces(f: Finding, v: str, segs: Sequence[tuple[int, int, int, Normalized, str]],
             starts: Sequence[int]) -> Iterator[Finding]:
     """A finding over the joined normalized text `v`, as findings in the original strings: one
@@ -694,6 +699,10 @@ def _pieces(f: Finding, v: str, segs: Sequence[tuple[int, int, int, Normalized, 
             continue
         if vs > f.start and ve < f.end and STRUCTURAL.fullmatch(nz.text):
             continue
+        if ps == vs and j > k:  # a continuation: not the keys before it (tool-call arguments)
+            ps += _CONTINUATION.match(nz.text, 0).end()
+            if ps >= pe:
+                continue
         pieces.append((index, nz.start(ps - vs), nz.end(pe - vs), orig))
     value = f.value if decoded else "".join(orig[os_:oe] for _, os_, oe, orig in pieces)
     for index, os_, oe, _ in pieces:
@@ -856,10 +865,12 @@ class Scanner:
         """Findings over many strings (e.g. every string of a request body), `Finding.index`
         = position in `strings`, offsets in the original strings.
 
-        The strings are normalized (see `normalize`) and scanned as ONE text, joined by
-        U+001F: numeric detectors may bridge that boundary (a card split over two messages
-        or content parts), so a finding may cover pieces of several strings; it is reported
-        once per piece (same rule, the whole value). The injection score counts over all."""
+        The strings are normalized (see `normalize`; a string holding JSON, such as tool-call
+        arguments, is seen as its values: `normalize_json`) and scanned as ONE text, joined by
+        U+001F: numeric detectors may bridge that boundary (a card split over two messages,
+        content parts or tool calls), so a finding may cover pieces of several strings; it is
+        reported once per piece (same rule, the whole value). The injection score counts over
+        all."""
         segs: list[tuple[int, int, int, Normalized, str]] = []  # (index, start, end, normalized, original)
         parts = ["\n"]  # the virtual boundary character before the text
         pos = 1
@@ -869,7 +880,7 @@ class Scanner:
             if segs:
                 parts.append(BRIDGE)
                 pos += 1
-            nz = normalize(s)
+            nz = (normalize_json(s) if s[:1] in "{[" and s[-1:] in "}]" else None) or normalize(s)
             parts.append(nz.text)
             segs.append((i, pos, pos + len(nz.text), nz, s))
             pos += len(nz.text)
