@@ -17,7 +17,7 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from .. import api, identity, messages, tokens
+from .. import api, audit, identity, messages, tokens
 from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
@@ -30,6 +30,7 @@ from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_json
 from . import responses as r
+from .provider_response import ProviderResponse
 
 access_log = structlog.get_logger("gateway_extproc.access")
 
@@ -48,7 +49,8 @@ class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
                  "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut",
-                 "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client")
+                 "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
+                 "requested")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -80,6 +82,9 @@ class RouterProcessor:
         # and back (JSON, or stream through `to_client`) on the way out.
         self.client: str | None = None
         self.to_client: messages.ToMessagesStream | None = None
+        # Set when the answering backend's provider does not speak the OpenAI schema.
+        self.provider: ProviderResponse | None = None
+        self.requested: str | None = None  # the model the body asked for, kept for the audit trail
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -142,6 +147,7 @@ class RouterProcessor:
         if self.client == "anthropic":
             body = messages.to_chat(body)
         self.endpoint.validate(body)
+        self.requested = str(body["model"])[:200]
         model = cfg.models.get(body["model"])
         if model is None:
             raise GatewayError("model_not_found", f"The model {body['model']!r} does not exist on this gateway; "
@@ -247,6 +253,8 @@ class RouterProcessor:
         h = r.header_map(msg)
         self.status = int(h.get(":status", "0") or 0)
         self.backend = h.get("x-gateway-backend")
+        if self.status >= 400 and (code := h.get("x-gateway-error-code")):
+            self.error_code = code  # a reply Envoy made itself (the chart's local_reply_config)
         added = self.budget_headers()
         attempts = h.get("x-envoy-attempt-count")
         if attempts:
@@ -254,15 +262,22 @@ class RouterProcessor:
         if self.backend and served_natively(self.eligible):  # else the upstream processor counts each attempt
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
                           metrics.attempt_outcome(self.status)).inc()
-        remove = ("x-envoy-attempt-count",) if attempts else ()
+        remove: tuple[str, ...] = ("x-envoy-attempt-count",) if attempts else ()
         if msg.end_of_stream:
             self.log()
             return r.response_headers(r.common(r.mutation(added, remove)))
-        if h.get("content-type", "").startswith("text/event-stream"):
+        content_type = h.get("content-type", "").partition(";")[0].strip().lower()
+        backend = self.runtime.config.backends.get(self.backend or "")
+        if ProviderResponse.needed(backend):
+            assert backend is not None
+            self.provider = ProviderResponse(backend, self.status, content_type)
+            content_type = "text/event-stream" if self.provider.stream is not None else "application/json"
+            added["content-type"] = content_type
+        if content_type == "text/event-stream":
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
-            # The stream may change length (usage chunk dropped, redaction, budget cut): chunked.
+            # The stream may change length (translation, usage chunk dropped, redaction, budget cut): chunked.
             remove = (*remove, "content-length")
             if self.client == "anthropic" and 200 <= self.status < 300:
                 self.to_client = messages.ToMessagesStream()
@@ -281,31 +296,42 @@ class RouterProcessor:
         if self.first_byte is None:
             self.first_byte = time.monotonic()
         if self.tap is not None:
-            out = self.tap.feed(msg.body, msg.end_of_stream)
+            data = msg.body
+            if self.provider is not None:
+                data = self.provider.feed(data, msg.end_of_stream)
+            out = self.tap.feed(data, msg.end_of_stream)
             if self.cut:
                 out = b""  # the client's stream already ended; keep reading usage only
             elif self.cut_after is not None and self.tap.content_events > self.cut_after:
                 self.cut = True
                 held = self.guard.flush() if self.guard is not None else b""
-                out = (msg.body if out is None else out) + held + _cut_events(self.tap.content_events)
+                out = (data if out is None else out) + held + _cut_events(self.tap.content_events)
                 log_budget_cut(self)
             elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
-                out = (msg.body if out is None else out) + _interrupted_event(self)
+                out = (data if out is None else out) + _interrupted_event(self)
             if msg.end_of_stream:
                 self.usage = self.tap.usage
                 self.log()
             if self.to_client is not None:
-                out = self.to_client.feed(msg.body if out is None else out, msg.end_of_stream)
+                out = self.to_client.feed(data if out is None else out, msg.end_of_stream)
+            if out is None and self.provider is not None:
+                out = data
             return r.response_body(r.common(body=out) if out is not None else None)
-        new_body = None
+        raw = msg.body if self.provider is None else self.provider.body(msg.body)
+        new_body = None if self.provider is None else raw
+        # An unreadable provider answer under a 2xx goes out as 502 (provider_response.py).
+        status = self.status if self.provider is None else self.provider.status
+        status_changed, self.status = status != self.status, status
         if 200 <= self.status < 300:
-            self.usage = usage_from_json(msg.body)
+            self.usage = usage_from_json(raw)
             if self.guard is not None:
-                new_body = self.guard.json_body(msg.body)
+                new_body = self.guard.json_body(raw) or new_body
             if self.client == "anthropic" and self.endpoint is api.CHAT:
-                new_body = messages.from_chat(msg.body if new_body is None else new_body)
+                new_body = messages.from_chat(raw if new_body is None else new_body)
         self.log()
         headers = self.token_headers()
+        if status_changed:
+            headers[":status"] = str(self.status)
         if new_body is not None:
             headers["content-length"] = str(len(new_body))
         return r.response_body(r.common(r.mutation(headers), new_body))
@@ -366,6 +392,7 @@ class RouterProcessor:
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
             duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
             tier=self.tier, **self.logged_content())
+        audit.request(self, backend, outcome)
 
     def logged_content(self) -> dict[str, str]:
         """Prompt and response text, only for requests whose tier the content-logging policy allows."""
