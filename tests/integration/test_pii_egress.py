@@ -3,7 +3,7 @@ evasion of cards, SSNs, IBANs, e-mails and phones, split over messages, content 
 results, encoded): what the provider received holds no seeded value in any form (as written,
 digits only, NFKC-folded, decoded base64/hex/URL), for JSON and streamed requests; replies that
 carry seeded values reach the client redacted (JSON and stream); and afterwards no log line
-(extproc and Envoy) and no span attribute holds a seeded value."""
+(extproc and Envoy), no audit record and no span holds a seeded value."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import base64
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import anthropic
 import grpc
@@ -175,8 +176,9 @@ def test_messages_responses_and_embeddings_leave_nothing_either(pii) -> None:
     assert leaked(sent, OTHER_API_CASES) == []
 
 
-def test_no_log_line_and_no_span_holds_a_seeded_value(pii) -> None:
-    """Runs after the others in this module: every request above has been logged and traced."""
+def test_no_log_line_audit_record_or_span_holds_a_seeded_value(pii) -> None:
+    """Runs after the others in this module: every request above has been logged, audited
+    and traced."""
     gw, collector = pii
     time.sleep(1.0)  # the batch span processor exports every 100 ms
     lines = [line for line in gw.logs().splitlines() if line.strip()]
@@ -184,6 +186,11 @@ def test_no_log_line_and_no_span_holds_a_seeded_value(pii) -> None:
     responses = [orjson.loads(line).get("response") for line in lines if '"response"' in line and line.startswith("{")]
     assert any(r and "[" in r for r in responses)  # content logging is on, and holds placeholders
     assert leaked(lines, CASES) == []
+    audit_dir = Path(gw.stack.values["audit"]["dir"])
+    audit = [line for f in sorted(audit_dir.rglob("*")) if f.is_file()
+             for line in f.read_text(errors="replace").splitlines()]
+    assert sum('"type":"request"' in line or '"type": "request"' in line for line in audit) >= len(CASES)
+    assert leaked(audit, CASES) == []
     spans = [str(span) for span in collector.spans]
     assert len(spans) >= len(CASES)
     assert leaked(spans, CASES) == []
