@@ -282,7 +282,28 @@ class Completion:
 _REPLY_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("mock_reply", default=None)
 
 
+@dataclass(frozen=True)
+class Quirks:
+    """A misbehaving provider, per request: `x-mock-reply-words: N` replies with N one-token
+    words (long replies without a long header), `x-mock-ignore-max-tokens: 1` ignores the
+    output cap, `x-mock-usage-completion-tokens: N` reports N completion tokens in a chat
+    usage block whatever was produced."""
+
+    reply_words: int | None = None
+    ignore_cap: bool = False
+    completion_tokens: int | None = None
+
+
+_QUIRKS: contextvars.ContextVar[Quirks] = contextvars.ContextVar("mock_quirks", default=Quirks())
+
+
 def _complete(model: str, messages: list[JSON], limit: int | None) -> Completion:
+    quirks = _QUIRKS.get()
+    if quirks.ignore_cap:
+        limit = None
+    if quirks.reply_words:  # " the" is one o200k token: no need to tokenize megabytes
+        n = quirks.reply_words if limit is None else min(limit, quirks.reply_words)
+        return Completion("the" + " the" * (n - 1), n, n < quirks.reply_words)
     prompt = _last_user_text(messages)[:REPLY_PROMPT_CHARS]
     text = _REPLY_OVERRIDE.get() or f"This is a mock reply from {model} to: {prompt}."
     tokens = _tokens(text)
@@ -373,6 +394,7 @@ def chat_completions(call: Call) -> Reply:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion.tokens,
         "total_tokens": prompt_tokens + completion.tokens,
+        **({} if (lie := _QUIRKS.get().completion_tokens) is None else {"completion_tokens": lie}),
         "prompt_tokens_details": {"cached_tokens": 0},  # as OpenAI reports it (the mock caches nothing)
     }
     finish_reason = "length" if completion.truncated else "stop"
@@ -952,6 +974,9 @@ class MockApp:
                 target = "every model" if behaviour.model == WILDCARD else f"model {behaviour.model!r}"
                 raise HTTPError(behaviour.status, f"Mock error configured for {target}.")
         _REPLY_OVERRIDE.set(request.headers.get("x-mock-reply"))
+        h = request.headers
+        _QUIRKS.set(Quirks(_header_int(h, "x-mock-reply-words"), _header_int(h, "x-mock-ignore-max-tokens") == 1,
+                           _header_int(h, "x-mock-usage-completion-tokens")))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):

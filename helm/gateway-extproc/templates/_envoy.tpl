@@ -70,6 +70,18 @@ static_resources:
           stream_idle_timeout: {{ $v.envoy.upstreamTimeout }}
           local_reply_config:
             mappers:
+            # A provider answer larger than the buffer limit: the provider was called (and
+            # processed the request), so this must not read as "not sent" (docs/runbooks.md).
+            - filter:
+                extension_filter:
+                  name: envoy.access_loggers.extension_filters.cel
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
+                    expression: "response.code == 500 && response.code_details == 'response_payload_too_large'"
+              status_code: 502
+              body_format_override:
+                json_format:
+                  error: {message: "The provider's answer exceeded the gateway's response size limit and was discarded; the provider did process (and bill) the request.", type: server_error, code: upstream_response_too_large, param: null}
             {{- range $m := list
                 (list 413 "request_too_large" "invalid_request_error" "Request body exceeds the gateway limit.")
                 (list 500 "gateway_unavailable" "server_error" "The gateway's policy service is unavailable; the request was not sent.")
