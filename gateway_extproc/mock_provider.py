@@ -210,6 +210,9 @@ class Reply:
     drop_after: int | None = None
     # Like drop_after, but the HTTP body ends cleanly: a provider that stops mid-answer.
     end_after: int | None = None
+    # Re-slice the stream into HTTP chunks of this many bytes (tiny: events split anywhere;
+    # huge: many events per chunk) instead of one chunk per event.
+    chunk_bytes: int | None = None
 
 
 def _sse(data: Any, event: str | None = None, *, end: bytes = b"\n\n") -> bytes:
@@ -865,6 +868,7 @@ class Controls:
     chunk_delay_ms: int = 0
     drop_after: int | None = None
     end_after: int | None = None
+    chunk_bytes: int | None = None
 
     @classmethod
     def from_headers(cls, headers: dict[str, str]) -> Controls:
@@ -875,6 +879,7 @@ class Controls:
             chunk_delay_ms=_header_int(headers, "x-mock-chunk-delay-ms") or 0,
             drop_after=_header_int(headers, "x-mock-drop-after-chunks"),
             end_after=_header_int(headers, "x-mock-end-after-chunks"),
+            chunk_bytes=_header_int(headers, "x-mock-chunk-bytes") or None,
         )
 
     def apply(self, reply: Reply) -> Reply:
@@ -882,6 +887,7 @@ class Controls:
         reply.chunk_delay_s = self.chunk_delay_ms / 1000
         reply.drop_after = self.drop_after
         reply.end_after = self.end_after
+        reply.chunk_bytes = self.chunk_bytes
         return reply
 
 
@@ -1067,7 +1073,11 @@ async def _send_stream(conn: h11.Connection, writer: asyncio.StreamWriter, reply
                *reply.headers]
     await _send(writer, conn, _response(reply.status, headers))
     cut = reply.drop_after if reply.drop_after is not None else reply.end_after
-    for index, event in enumerate(events if cut is None else events[:cut]):
+    chunks = events if cut is None else events[:cut]
+    if reply.chunk_bytes:
+        data, size = b"".join(chunks), reply.chunk_bytes
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    for index, event in enumerate(chunks):
         if index and reply.chunk_delay_s:
             await asyncio.sleep(reply.chunk_delay_s)
         await _send(writer, conn, h11.Data(data=event))

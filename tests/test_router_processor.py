@@ -41,6 +41,8 @@ def gateway_doc(max_bytes: int = MAX_BYTES) -> dict[str, Any]:
              "credential": {"env": "GW_TEST_ROUTER_OPENAI_KEY"}},
             {"name": "backup", "kind": "openai", "baseURL": "http://backup.example:8081/v1",
              "credential": {"env": "GW_TEST_ROUTER_BACKUP_KEY"}},
+            {"name": "claude", "kind": "anthropic", "baseURL": "https://api.anthropic.example/v1",
+             "credential": {"env": "GW_TEST_ROUTER_BACKUP_KEY"}},
         ],
         "models": [
             {"name": "default-chat", "tokenizer": "o200k_base",
@@ -53,6 +55,10 @@ def gateway_doc(max_bytes: int = MAX_BYTES) -> dict[str, Any]:
                           {"provider": "backup", "model": "gpt-4o-backup", "priority": 1}]},
             {"name": "default-embedding", "tokenizer": "cl100k_base",
              "backends": [{"provider": "openai", "model": "text-embedding-3-small"}]},
+            # Falls back from Anthropic to OpenAI: the router learns per response which answered.
+            {"name": "claude-chat", "tokenizer": "estimate",
+             "backends": [{"provider": "claude", "model": "claude-x", "priority": 0},
+                          {"provider": "backup", "model": "gpt-4o-backup", "priority": 1}]},
             {"name": "secret-chat", "tokenizer": "estimate",
              "backends": [{"provider": "openai", "model": "o1"}]},
         ],
@@ -160,7 +166,7 @@ async def send_request(proc: RouterProcessor, body: dict[str, Any] | bytes, path
 
 
 @pytest.mark.parametrize(("key", "expected"), [
-    (ALL, ["default-chat", "passthrough-chat", "fallback-chat", "default-embedding", "secret-chat"]),
+    (ALL, ["default-chat", "passthrough-chat", "fallback-chat", "default-embedding", "claude-chat", "secret-chat"]),
     (LIMITED, ["default-chat", "passthrough-chat", "fallback-chat", "default-embedding"]),
 ], ids=["all-models-key", "limited-key"])
 async def test_models_list_shows_only_allowed_models(proc: RouterProcessor, key: str, expected: list[str]) -> None:
@@ -582,3 +588,56 @@ async def test_sse_response_loses_content_length_because_the_gateway_may_change_
     msg.response_headers.headers.headers.append(HeaderValue(key="content-length", raw_value=b"1234"))
     resp = await proc.handle(msg)
     assert "content-length" in resp.response_headers.response.header_mutation.remove_headers
+
+
+# -- answers from providers that do not speak OpenAI (translated here, not per attempt) ----
+
+CLAUDE = {"model": "claude-chat", "messages": [{"role": "user", "content": "hello world"}]}
+CLAUDE_MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                  "content": [{"type": "text", "text": "Hello!"}], "stop_reason": "end_turn",
+                  "usage": {"input_tokens": 5, "output_tokens": 2}}
+
+
+async def test_anthropic_json_answer_is_translated_at_the_router(proc: RouterProcessor) -> None:
+    await send_request(proc, CLAUDE)
+    head = await proc.handle(resp_headers(200, backend="claude/claude-x"))
+    assert not head.HasField("mode_override")  # the router's own BUFFERED mode
+    assert set_headers(head.response_headers.response)["content-type"] == "application/json"
+    out = (await proc.handle(resp_body(orjson.dumps(CLAUDE_MESSAGE)))).response_body.response
+    done = orjson.loads(out.body_mutation.body)
+    assert done["choices"][0]["message"]["content"] == "Hello!"
+    assert {k: done["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")} == {
+        "prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    headers = set_headers(out)
+    assert headers["content-length"] == str(len(out.body_mutation.body))
+    assert headers["x-gateway-completion-tokens"] == "2"  # usage read from the translated answer
+
+
+async def test_openai_backend_of_the_same_model_is_not_translated(proc: RouterProcessor) -> None:
+    await send_request(proc, CLAUDE)
+    await proc.handle(resp_headers(200, backend="backup/gpt-4o-backup"))
+    body = orjson.dumps({"choices": [{"message": {"role": "assistant", "content": "hi"}}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+    out = (await proc.handle(resp_body(body))).response_body.response
+    assert not out.HasField("body_mutation")
+
+
+async def test_anthropic_stream_is_translated_chunk_by_chunk_at_the_router(proc: RouterProcessor) -> None:
+    await send_request(proc, {**CLAUDE, "stream": True})
+    head = await proc.handle(resp_headers(200, "text/event-stream", backend="claude/claude-x"))
+    assert head.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.STREAMED
+    assert "content-length" in head.response_headers.response.header_mutation.remove_headers
+    start = b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"claude-x",' \
+            b'"usage":{"input_tokens":5,"output_tokens":1}}}\n\n'
+    out = (await proc.handle(resp_body(start, end=False))).response_body.response.body_mutation.body
+    assert orjson.loads(out.removeprefix(b"data: "))["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    # A provider event split across chunks yields nothing until it is whole.
+    assert (await proc.handle(resp_body(b"event: content_block_delta\ndata: {", end=False))
+            ).response_body.response.body_mutation.body == b""
+
+
+async def test_unreadable_provider_answers_become_provider_errors(proc: RouterProcessor) -> None:
+    await send_request(proc, CLAUDE)
+    await proc.handle(resp_headers(200, backend="claude/claude-x"))
+    out = (await proc.handle(resp_body(b"<html>oops</html>"))).response_body.response.body_mutation.body
+    assert orjson.loads(out)["error"]["code"] == "provider_error"

@@ -254,7 +254,9 @@ async def test_openai_schema_answers_pass_untouched(proc: UpstreamProcessor) -> 
     assert not resp.HasField("mode_override") and not resp.response_headers.HasField("response")
 
 
-async def test_anthropic_answer_is_translated_back_to_openai(proc: UpstreamProcessor) -> None:
+async def test_anthropic_attempt_is_translated_and_its_answer_left_to_the_router(proc: UpstreamProcessor) -> None:
+    """The attempt's request is built here; its answer is translated by the router-level
+    processor, because an upstream-filter stream carrying a response body crashes Envoy 1.40."""
     await proc.handle(attempt_headers(backend="claude/claude-x"))
     sent = (await proc.handle(attempt_body({"model": "claude-chat", "messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}))).request_body.response
@@ -262,34 +264,9 @@ async def test_anthropic_answer_is_translated_back_to_openai(proc: UpstreamProce
     assert headers[":path"] == "/v1/messages" and headers["x-api-key"] == OPENAI_KEY
     assert list(sent.header_mutation.remove_headers) == ["authorization"]
     assert orjson.loads(sent.body_mutation.body)["system"] == "Be brief."
-    resp = await proc.handle(response_headers(200))
-    assert resp.mode_override.response_body_mode == r.BUFFERED
-    assert list(resp.response_headers.response.header_mutation.remove_headers) == ["content-length"]
-    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
-               "content": [{"type": "text", "text": "Hello!"}], "stop_reason": "end_turn",
-               "usage": {"input_tokens": 5, "output_tokens": 2}}
-    out = (await proc.handle(response_body(orjson.dumps(message)))).response_body.response
-    done = orjson.loads(out.body_mutation.body)
-    assert done["choices"][0]["message"]["content"] == "Hello!"
-    assert done["usage"]["prompt_tokens"] == 5 and done["usage"]["completion_tokens"] == 2
-
-
-async def test_anthropic_stream_is_translated_chunk_by_chunk(proc: UpstreamProcessor) -> None:
-    await proc.handle(attempt_headers(backend="claude/claude-x"))
-    resp = await proc.handle(response_headers(200, "text/event-stream"))
-    assert resp.mode_override.response_body_mode == r.STREAMED
-    assert set_headers(resp.response_headers.response) == {"content-type": "text/event-stream"}
-    start = b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"claude-x",' \
-            b'"usage":{"input_tokens":5,"output_tokens":1}}}\n\n'
-    out = (await proc.handle(response_body(start, end=False))).response_body.response.body_mutation.body
-    assert orjson.loads(out.removeprefix(b"data: "))["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-
-
-async def test_unreadable_provider_answers_become_provider_errors(proc: UpstreamProcessor) -> None:
-    await proc.handle(attempt_headers(backend="claude/claude-x"))
-    await proc.handle(response_headers(200))
-    out = (await proc.handle(response_body(b"<html>oops</html>"))).response_body.response.body_mutation.body
-    assert orjson.loads(out)["error"]["code"] == "provider_error"
+    for content_type in ("application/json", "text/event-stream"):
+        resp = await proc.handle(response_headers(200, content_type))
+        assert not resp.HasField("mode_override") and not resp.response_headers.HasField("response")
 
 
 @pytest.mark.parametrize(("status", "outcome"), [(200, "success"), (429, "throttled"), (400, "rejected"),

@@ -32,6 +32,7 @@ from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_json
 from . import responses as r
+from .provider_response import ProviderResponse
 
 access_log = structlog.get_logger("gateway_extproc.access")
 
@@ -55,7 +56,7 @@ class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
                  "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut", "body_changed",
-                 "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client")
+                 "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -87,6 +88,8 @@ class RouterProcessor:
         # and back (JSON, or stream through `to_client`) on the way out.
         self.client: str | None = None
         self.to_client: messages.ToMessagesStream | None = None
+        # Set when the answering backend's provider does not speak the OpenAI schema.
+        self.provider: ProviderResponse | None = None
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -258,16 +261,23 @@ class RouterProcessor:
         if self.backend and served_natively(self.eligible):  # else the upstream processor counts each attempt
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
                           metrics.attempt_outcome(self.status)).inc()
-        remove = ("x-envoy-attempt-count",) if attempts else ()
+        remove: tuple[str, ...] = ("x-envoy-attempt-count",) if attempts else ()
         if msg.end_of_stream:
             self.log()
             return r.response_headers(r.common(r.mutation(added, remove)))
-        if h.get("content-type", "").startswith("text/event-stream"):
+        content_type = h.get("content-type", "").partition(";")[0].strip().lower()
+        backend = self.runtime.config.backends.get(self.backend or "")
+        if ProviderResponse.needed(backend):
+            assert backend is not None
+            self.provider = ProviderResponse(backend, self.status, content_type)
+            content_type = "text/event-stream" if self.provider.stream is not None else "application/json"
+            added["content-type"] = content_type
+        if content_type == "text/event-stream":
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None,
                                    self.cut_after)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
-            # The stream may change length (usage chunk dropped, redaction, budget cut): chunked.
+            # The stream may change length (translation, usage chunk dropped, redaction, budget cut): chunked.
             remove = (*remove, "content-length")
             if self.client == "anthropic" and 200 <= self.status < 300:
                 self.to_client = messages.ToMessagesStream()
@@ -286,7 +296,10 @@ class RouterProcessor:
         if self.first_byte is None:
             self.first_byte = time.monotonic()
         if self.tap is not None:
-            out = self.tap.feed(msg.body, msg.end_of_stream)
+            data = msg.body
+            if self.provider is not None:
+                data = self.provider.feed(data, msg.end_of_stream)
+            out = self.tap.feed(data, msg.end_of_stream)
             if self.cut:
                 out = b""  # the client's stream already ended; keep reading usage only
             elif self.tap.over:
@@ -295,20 +308,23 @@ class RouterProcessor:
                 out = (out or b"") + held + _cut_events(self.cut_after or 0)
                 log_budget_cut(self)
             elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
-                out = (msg.body if out is None else out) + _interrupted_event(self)
+                out = (data if out is None else out) + _interrupted_event(self)
             if msg.end_of_stream:
                 self.usage = self.tap.usage
                 self.log()
             if self.to_client is not None:
-                out = self.to_client.feed(msg.body if out is None else out, msg.end_of_stream)
+                out = self.to_client.feed(data if out is None else out, msg.end_of_stream)
+            if out is None and self.provider is not None:
+                out = data
             return r.response_body(r.common(body=out) if out is not None else None)
-        new_body = None
+        raw = msg.body if self.provider is None else self.provider.body(msg.body)
+        new_body = None if self.provider is None else raw
         if 200 <= self.status < 300:
-            self.usage = usage_from_json(msg.body)
+            self.usage = usage_from_json(raw)
             if self.guard is not None:
-                new_body = self.guard.json_body(msg.body)
+                new_body = self.guard.json_body(raw) or new_body
             if self.client == "anthropic" and self.endpoint is api.CHAT:
-                new_body = messages.from_chat(msg.body if new_body is None else new_body)
+                new_body = messages.from_chat(raw if new_body is None else new_body)
         self.log()
         headers = self.token_headers()
         if new_body is not None:

@@ -4,11 +4,12 @@ per attempt, on its own gRPC stream.
 Envoy tells it which backend this attempt goes to through endpoint metadata
 (`request_attributes`), never through a client header. It turns the OpenAI-schema body the
 router forwarded into that backend's request (path, credential, model name, translation,
-SigV4 signature) and, for providers that speak another schema, turns their answer (JSON or
-stream) back into the OpenAI schema before the router-level filters see it. The chart only
-puts it on clusters that need it (several backends, a non-OpenAI provider, or a
-file-sourced credential Envoy cannot inject natively); other clusters get the credential
-from Envoy's header_mutation.
+SigV4 signature), and counts the attempt by the status it got. It never sees a response
+body: an upstream-filter ext_proc whose gRPC stream carries more than the ext_proc
+cluster's buffer limit crashes Envoy 1.40, so answers are translated at the router
+(provider_response.py; docs/architecture.md). The chart only puts it on clusters that need
+it (several backends, a non-OpenAI provider, or a file-sourced credential Envoy cannot
+inject natively); other clusters get the credential from Envoy's header_mutation.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .. import api
 from ..config import Backend
 from ..errors import GatewayError
 from ..providers import TRANSLATORS
-from ..providers.base import StreamTranslator, Target, Translator, error_event, openai_error
+from ..providers.base import Target, Translator
 from ..runtime import Runtime
 from ..telemetry import metrics
 from . import responses as r
@@ -30,8 +31,6 @@ log = structlog.get_logger("gateway_extproc.upstream")
 
 BACKEND_ATTRIBUTE = "xds.upstream_host_metadata.filter_metadata['gw']['backend']"
 _FILTER = "envoy.filters.http.ext_proc"
-# Provider stream content types the translators read (SSE, Bedrock's AWS event-stream).
-_STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
 
 
 def is_upstream(req: ep.ProcessingRequest) -> bool:
@@ -40,7 +39,7 @@ def is_upstream(req: ep.ProcessingRequest) -> bool:
 
 
 class UpstreamProcessor:
-    __slots__ = ("runtime", "backend", "endpoint", "target", "translator", "status", "stream")
+    __slots__ = ("runtime", "backend", "endpoint", "target", "translator", "status")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -49,7 +48,6 @@ class UpstreamProcessor:
         self.target: Target | None = None
         self.translator: Translator | None = None
         self.status = 0
-        self.stream: StreamTranslator | None = None
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -62,8 +60,6 @@ class UpstreamProcessor:
             return r.error(err)
         if kind == "response_headers":
             return self.response_headers(req.response_headers)
-        if kind == "response_body":
-            return self.response_body(req.response_body)
         raise ValueError(f"unexpected ext_proc message {kind}")
 
     def request_headers(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
@@ -98,40 +94,10 @@ class UpstreamProcessor:
         return r.request_body(r.common(r.mutation(headers, out.remove), out.body))
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
-        """Records the attempt's status; for translated providers, streams bodies chunk by
-        chunk and buffers JSON ones (others' bodies never come here)."""
-        assert self.translator is not None and self.backend is not None
-        h = r.header_map(msg)
-        self.status = int(h.get(":status", "0") or 0)
-        if msg.end_of_stream or not self.translator.TRANSLATES_RESPONSE:
-            return r.response_headers()
-        content_type = h.get("content-type", "").partition(";")[0].strip().lower()
-        if 200 <= self.status < 300 and content_type in _STREAM_TYPES:
-            self.stream = self.translator.stream(self.backend.model)
-            return r.response_headers(r.common(r.mutation({"content-type": "text/event-stream"}, ("content-length",))),
-                                      stream_body=True)
-        # The translated body has another length: drop the provider's content-length now
-        # (Envoy refuses a body mutation that disagrees with it).
-        return r.response_headers(r.common(r.mutation(remove=("content-length",))), buffer_body=True)
-
-    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
-        """A body the translator cannot read (a provider bug or a protocol change) becomes
-        a `provider_error` in the OpenAI shape, not a broken stream or a 200 with junk."""
-        assert self.translator is not None and self.backend is not None
-        if self.stream is not None:
-            try:
-                out = self.stream.feed(msg.body, msg.end_of_stream)
-            except ValueError:
-                log.warning("provider_stream_unreadable", backend=self.backend.id)
-                self.stream = _Ended()
-                out = error_event(502, "The provider sent a stream the gateway could not read.")
-            return r.response_body(r.common(body=out))
-        try:
-            new = self.translator.response(self.status, msg.body, self.backend.model)
-        except ValueError:
-            log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status)
-            new = openai_error(502, f"The provider answered HTTP {self.status} with a body the gateway could not read.")
-        return r.response_body(r.common(r.mutation({"content-type": "application/json"}), new))
+        """Records the attempt's status (for the per-attempt count). Bodies never come
+        here: the router-level processor translates answers (provider_response.py)."""
+        self.status = int(r.header_map(msg).get(":status", "0") or 0)
+        return r.response_headers()
 
     def close(self) -> None:
         """One count per attempt, by backend and outcome: retries and fallbacks show as
@@ -140,9 +106,3 @@ class UpstreamProcessor:
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend.id),
                           metrics.attempt_outcome(self.status)).inc()
 
-
-class _Ended:
-    """A stream already ended with an error event: the rest of the provider's bytes are dropped."""
-
-    def feed(self, chunk: bytes, end: bool) -> bytes:
-        return b""

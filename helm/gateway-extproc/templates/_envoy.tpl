@@ -183,9 +183,14 @@ static_resources:
                       upstream_host: "%UPSTREAM_HOST%"
                       duration_ms: "%DURATION%"
   clusters:
+  # Envoy 1.40 segfaults when this connection's buffered data goes over its high watermark
+  # while an ext_proc runs as an upstream (cluster) filter anywhere on the same worker
+  # (docs/architecture.md, "Why Envoy never pushes back on the ext_proc connection"), so its
+  # limit is the largest Envoy takes. Each stream's own body limits still bound what Envoy holds.
   - name: gateway_extproc
     type: STATIC
     connect_timeout: 1s
+    per_connection_buffer_limit_bytes: 4294967295
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -285,16 +290,16 @@ static_resources:
               timeout: {{ $v.extproc.messageTimeout }}
             failure_mode_allow: false
             message_timeout: {{ $v.extproc.messageTimeout }}
+            # Request headers and body: this attempt's request. Response headers: its status
+            # (metrics). Never a response body, and no mode override (answers are translated
+            # by the router-level filter: docs/architecture.md).
             processing_mode:
               request_header_mode: SEND
               request_body_mode: BUFFERED
-              # Headers: each attempt's status (metrics). Bodies: turned on per response
-              # for providers whose answers need translating.
               response_header_mode: SEND
               response_body_mode: NONE
               request_trailer_mode: SKIP
               response_trailer_mode: SKIP
-            allow_mode_override: true
             request_attributes:
             - "xds.upstream_host_metadata.filter_metadata['gw']['backend']"
             metadata_options:

@@ -1,0 +1,69 @@
+"""A provider's answer in the OpenAI schema, translated where the router-level filter sees it.
+
+Why here and not in the upstream (per-attempt) filter: Envoy 1.40 segfaults when an
+ext_proc running as an upstream filter has its gRPC side stream go over the ext_proc
+cluster's buffer limit, which a streamed response body does after ~1 MiB
+(docs/architecture.md, "Why responses are translated at the router"). The router-level
+filter survives the same pressure, and it knows which backend answered from the
+`x-gateway-backend` response header that Envoy's header_mutation writes from endpoint
+metadata (overwriting any such header from the provider).
+
+A translator that fails on a provider's bytes never breaks the client's stream: the
+answer becomes a `provider_error` (JSON) or ends with one error event (stream).
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from ..config import Backend
+from ..providers import TRANSLATORS
+from ..providers.base import StreamTranslator, error_event, openai_error
+
+log = structlog.get_logger("gateway_extproc.provider_response")
+
+# Provider stream content types the translators read (SSE, Bedrock's AWS event-stream).
+STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
+
+
+class ProviderResponse:
+    """Translation of one response from a backend whose provider does not speak OpenAI."""
+
+    __slots__ = ("backend", "status", "stream")
+
+    def __init__(self, backend: Backend, status: int, content_type: str) -> None:
+        self.backend = backend
+        self.status = status
+        self.stream: StreamTranslator | None = None
+        if 200 <= status < 300 and content_type in STREAM_TYPES:
+            self.stream = TRANSLATORS[backend.provider.kind].stream(backend.model)
+
+    @staticmethod
+    def needed(backend: Backend | None) -> bool:
+        return backend is not None and TRANSLATORS[backend.provider.kind].TRANSLATES_RESPONSE
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        """Provider stream bytes in, OpenAI SSE out; after unreadable bytes, one error event
+        and nothing more."""
+        assert self.stream is not None
+        try:
+            return self.stream.feed(chunk, end)
+        except Exception:  # a translator bug or a protocol change must not reach Envoy
+            log.warning("provider_stream_unreadable", backend=self.backend.id, exc_info=True)
+            self.stream = _Ended()
+            return error_event(502, "The provider sent a stream the gateway could not read.")
+
+    def body(self, raw: bytes) -> bytes:
+        """A provider JSON body (success or error) as an OpenAI completion or error."""
+        try:
+            return TRANSLATORS[self.backend.provider.kind].response(self.status, raw, self.backend.model)
+        except Exception:
+            log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status, exc_info=True)
+            return openai_error(502, f"The provider answered HTTP {self.status} with a body the gateway could not read.")
+
+
+class _Ended:
+    """A stream already ended with an error event: the rest of the provider's bytes are dropped."""
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        return b""
