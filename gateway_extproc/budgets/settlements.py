@@ -51,11 +51,13 @@ class Settlements:
 
     def __init__(self) -> None:
         self._pending: deque[Settlement] = deque()
+        self._retrying = 0  # taken from _pending for the retry round in flight
         self._draining = False
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Settlements the store has not confirmed since their first attempt failed."""
+        return len(self._pending) + self._retrying
 
     def submit(self, settlement: Settlement) -> None:
         _spawn(self._first(settlement))
@@ -88,9 +90,11 @@ class Settlements:
             while self._pending:
                 await asyncio.sleep(RETRY_DELAYS_S[min(failures, len(RETRY_DELAYS_S) - 1)])
                 batch = [self._pending.popleft() for _ in range(min(DRAIN_BATCH, len(self._pending)))]
+                self._retrying = len(batch)
                 results = await asyncio.gather(*(s.send() for s in batch), return_exceptions=True)
                 retry = [s for s, r in zip(batch, results) if isinstance(r, BudgetStoreUnavailable)]
                 self._pending.extendleft(reversed(retry))
+                self._retrying = 0
                 BUDGET_SETTLEMENTS_PENDING.dec(len(batch) - len(retry))
                 failures = failures + 1 if retry else 0
                 for s, r in zip(batch, results):
