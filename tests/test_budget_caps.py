@@ -33,6 +33,11 @@ def test_choices_multiply_what_is_reserved_and_divide_what_is_granted() -> None:
     assert clamped(cap, 300) is None
 
 
+def test_a_gateway_set_cap_below_the_models_limit_is_reported_as_clamped() -> None:
+    cap = output_cap({}, CHAT, 1024, 4096)
+    assert clamped(cap, 500) == 500 and clamped(cap, 1024) is None
+
+
 def test_the_granted_cap_is_written_to_every_field_the_client_sent() -> None:
     body = {"max_completion_tokens": 500, "max_tokens": 700}
     cap = output_cap(body, CHAT, None, 4096)

@@ -74,6 +74,8 @@ def apply_cap(body: dict[str, Any], fields: Sequence[str], cap: OutputCap, grant
 
 
 def clamped(cap: OutputCap, granted_total: int) -> int | None:
-    """The cap sent when it is below the client's own (`x-gateway-max-tokens-clamped`)."""
+    """The cap sent when it is below what the request asked for: the client's own cap, or
+    when it sent none the model's limit (`x-gateway-max-tokens-clamped`)."""
     per_choice = granted_total // cap.choices
-    return per_choice if cap.client is not None and per_choice < cap.client else None
+    asked = cap.client if cap.client is not None else cap.per_choice
+    return per_choice if per_choice < asked else None
