@@ -147,7 +147,8 @@ class BudgetGate:
             reservation_id=uuid.uuid4().hex, limits=shape.limits, token_buckets=shape.token_buckets,
             request_buckets=shape.request_buckets, prompt_tokens=prompt_tokens,
             prompt_cost_nano=cost_nano(price, prompt_tokens, 0), output_price_nano=math.ceil(price.output),
-            output_tokens_wanted=wanted_output, min_output_tokens=min(self.settings.min_output_tokens * choices, wanted_output),
+            output_tokens_wanted=wanted_output,
+            min_output_tokens=min(self.settings.min_output_tokens * choices, wanted_output),
             reservation_ttl_s=self.settings.reservation_ttl_s, now_ms=int(now.timestamp() * 1000),
             tallies=shape.tallies)
         return Plan(request, shape.levels, price, shape.fail_open)

@@ -55,8 +55,9 @@ class Consumed(NamedTuple):
 class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
-                 "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut", "body_changed",
-                 "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider")
+                 "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut",
+                 "body_changed", "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client",
+                 "provider")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -75,7 +76,7 @@ class RouterProcessor:
         self.error_code: str | None = None
         self.trace: tracing.RequestTrace | None = None
         self.admission: Admission | None = None
-        self.clamped: int | None = None  # the output cap sent, when below the client's own
+        self.clamped: int | None = None  # the output cap sent, when below what the request asked for
         self.cut_after: int | None = None  # output tokens after which a stream is ended (backstop)
         self.cut = False
         self.declared: str | None = None  # x-data-classification sent by the client
