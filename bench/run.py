@@ -616,7 +616,7 @@ def parse_wrk(text: str, connections: int) -> Load:
 def run_wrk(url: str, script: Path, connections: int, seconds: float,
             cpu_of: dict[str, Callable[[], list[int]]] | None = None, check: bool = True) -> Load:
     cpu_of = cpu_of or {}
-    argv = ["wrk", f"-t{min(WRK_THREADS, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+    argv = ["wrk", f"-t{min(WRK_THREADS, connections)}", f"-c{connections}", f"-d{seconds:g}s", "--latency",
             "-s", str(script), f"{url}/v1/chat/completions"]
     pids = {name: f() for name, f in cpu_of.items()}
     before = {name: cpu_seconds(p) for name, p in pids.items()}
