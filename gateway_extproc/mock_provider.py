@@ -210,6 +210,8 @@ class Reply:
     drop_after: int | None = None
     # Like drop_after, but the HTTP body ends cleanly: a provider that stops mid-answer.
     end_after: int | None = None
+    # Bytes sent instead of ``body`` (x-mock-garbage on a JSON reply).
+    raw: bytes | None = None
     # Re-slice the stream into HTTP chunks of this many bytes (tiny: events split anywhere;
     # huge: many events per chunk) instead of one chunk per event.
     chunk_bytes: int | None = None
@@ -263,9 +265,10 @@ def _input_tokens(system: Any, messages: list[JSON]) -> int:
 
 
 def _last_user_text(messages: list[JSON]) -> str:
+    """The last user message with text (a turn of tool results only has none)."""
     for message in reversed(messages):
-        if message.get("role") == "user":
-            return " ".join(_texts(message.get("content")))
+        if message.get("role") == "user" and (texts := _texts(message.get("content"))):
+            return " ".join(texts)
     return ""
 
 
@@ -300,7 +303,11 @@ class Quirks:
 _QUIRKS: contextvars.ContextVar[Quirks] = contextvars.ContextVar("mock_quirks", default=Quirks())
 
 
-def _complete(model: str, messages: list[JSON], limit: int | None) -> Completion:
+# JSON mode asked for: True (any JSON object) or the schema the reply must fit.
+JsonMode = bool | JSON
+
+
+def _complete(model: str, messages: list[JSON], limit: int | None, json_mode: JsonMode = False) -> Completion:
     quirks = _QUIRKS.get()
     if quirks.ignore_cap:
         limit = None
@@ -309,10 +316,99 @@ def _complete(model: str, messages: list[JSON], limit: int | None) -> Completion
         return Completion("the" + " the" * (n - 1), n, n < quirks.reply_words)
     prompt = _last_user_text(messages)[:REPLY_PROMPT_CHARS]
     text = _REPLY_OVERRIDE.get() or f"This is a mock reply from {model} to: {prompt}."
+    if json_mode is not False:
+        text = _json_text(json_mode, text)
     tokens = _tokens(text)
     if limit is not None and limit < len(tokens):
         return Completion(_encoding().decode(tokens[:limit]), limit, True)
     return Completion(text, len(tokens), False)
+
+
+# --------------------------------------------------------------------------- tool calls and JSON mode
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """The call the mock makes: the chosen tool and arguments that fit its schema."""
+
+    name: str
+    arguments: JSON
+
+    @property
+    def text(self) -> str:
+        return orjson.dumps(self.arguments).decode()
+
+    @property
+    def tokens(self) -> int:
+        return len(_tokens(self.name)) + len(_tokens(self.text))
+
+    def pieces(self) -> list[str]:
+        """The arguments text cut in three, as providers stream them."""
+        text = self.text
+        cuts = [0, len(text) // 3, 2 * len(text) // 3, len(text)]
+        return [text[a:b] for a, b in zip(cuts, cuts[1:]) if text[a:b]]
+
+
+def _schema_value(schema: Any, defs: JSON | None = None, depth: int = 0) -> Any:
+    """A value that fits a JSON Schema (the subset tool parameters and response formats use):
+    the first enum value or const, the minimum of numbers, "mock" strings, one-item arrays
+    (or minItems), objects with their required properties (every property when none is
+    required), the first of anyOf/oneOf; `$ref`s into `$defs`/`definitions` are followed."""
+    if not isinstance(schema, dict) or depth > 8:
+        return None
+    if defs is None:
+        defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    if isinstance(schema.get("$ref"), str):
+        return _schema_value(defs.get(schema["$ref"].rpartition("/")[2]), defs, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return _schema_value(schema[key][0], defs, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    kind = kind.lower() if isinstance(kind, str) else ("object" if "properties" in schema else "string")
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        names = [n for n in schema.get("required") or [] if n in properties] or list(properties)
+        return {name: _schema_value(properties[name], defs, depth + 1) for name in names}
+    if kind == "array":
+        return [_schema_value(schema.get("items"), defs, depth + 1)
+                for _ in range(max(1, _as_int(schema.get("minItems"), 1)))]
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum", 1))
+        value = low if isinstance(low, (int, float)) and not isinstance(low, bool) else 1
+        return int(value) if kind == "integer" else float(value)
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return "mock" * max(1, -(-_as_int(schema.get("minLength"), 1) // 4))
+
+
+def _as_int(value: Any, default: int) -> int:
+    return value if _is_int(value) else default
+
+
+def _tool_call(tools: list[tuple[str, Any]], choice: str | None, answered: bool) -> ToolCall | None:
+    """The call to make, if any: when tools are offered, the last turn is not a tool result
+    (`answered`) and `choice` is not "none" (a tool name forces that tool), the first tool
+    is called with arguments fitting its schema. Deterministic, so tests can predict it."""
+    if not tools or answered or choice == "none":
+        return None
+    by_name = dict(tools)
+    name = choice if choice in by_name else tools[0][0]
+    return ToolCall(name, _schema_value(by_name[name] or {"type": "object"}) or {})
+
+
+def _json_text(schema: Any, text: str) -> str:
+    """The reply in JSON mode: a value fitting the requested schema, or {"reply": text}."""
+    if isinstance(schema, dict):
+        return orjson.dumps(_schema_value(schema)).decode()
+    return orjson.dumps({"reply": text}).decode()
 
 
 # --------------------------------------------------------------------------- request validation
@@ -384,6 +480,25 @@ def _chat_prompt_tokens(messages: list[JSON]) -> int:
     return total
 
 
+def _openai_tool_call(body: JSON, messages: list[JSON]) -> ToolCall | None:
+    tools = [(t["function"].get("name", ""), t["function"].get("parameters"))
+             for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        choice = (choice.get("function") or {}).get("name")
+    answered = bool(messages) and messages[-1].get("role") == "tool"
+    return _tool_call(tools, choice if isinstance(choice, str) else None, answered)
+
+
+def _openai_json_mode(body: JSON) -> JsonMode:
+    fmt = body.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else True
+    return kind == "json_object"
+
+
 def chat_completions(call: Call) -> Reply:
     body, serial = call.body, call.serial
     model = _model(body)
@@ -391,40 +506,51 @@ def chat_completions(call: Call) -> Reply:
     limit = _optional_int(body, "max_completion_tokens")
     if limit is None:
         limit = _optional_int(body, "max_tokens")
-    completion = _complete(model, messages, limit)
+    completion = _complete(model, messages, limit, _openai_json_mode(body))
+    tool = _openai_tool_call(body, messages)
+    output_tokens = tool.tokens if tool else completion.tokens
     prompt_tokens = _chat_prompt_tokens(messages)
     usage = {
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion.tokens,
-        "total_tokens": prompt_tokens + completion.tokens,
+        "completion_tokens": output_tokens,
+        "total_tokens": prompt_tokens + output_tokens,
         **({} if (lie := _QUIRKS.get().completion_tokens) is None else {"completion_tokens": lie}),
         "prompt_tokens_details": {"cached_tokens": 0},  # as OpenAI reports it (the mock caches nothing)
     }
-    finish_reason = "length" if completion.truncated else "stop"
+    finish_reason = "tool_calls" if tool else "length" if completion.truncated else "stop"
     base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()), "model": model}
+    tool_id = f"call_mock_{serial}"
     if body.get("stream") is True:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return Reply(events=_chat_chunks(base, completion.text, finish_reason, usage if include_usage else None))
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": completion.text, "refusal": None},
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
+        return Reply(events=_chat_chunks(base, completion.text, finish_reason, usage if include_usage else None,
+                                         (tool_id, tool) if tool else None))
+    message: JSON = {"role": "assistant", "content": completion.text, "refusal": None}
+    if tool:
+        message.update(content=None, tool_calls=[{"id": tool_id, "type": "function",
+                                                  "function": {"name": tool.name, "arguments": tool.text}}])
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
     return Reply(body={**base, "choices": [choice], "usage": usage})
 
 
-def _chat_chunks(base: JSON, text: str, finish_reason: str, usage: JSON | None) -> list[bytes]:
-    """OpenAI stream events; ``usage`` is given only when stream_options.include_usage is set."""
+def _chat_chunks(base: JSON, text: str, finish_reason: str, usage: JSON | None,
+                 tool: tuple[str, ToolCall] | None = None) -> list[bytes]:
+    """OpenAI stream events; ``usage`` is given only when stream_options.include_usage is set.
+    A tool call streams as OpenAI does: id and name with empty arguments, then argument pieces."""
     base = {**base, "object": "chat.completion.chunk"}
 
     def chunk(delta: JSON, finish: str | None = None) -> JSON:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {**base, "choices": [choice], **({"usage": None} if usage else {})}
 
-    chunks = [chunk({"role": "assistant", "content": ""})]
-    chunks += [chunk({"content": word}) for word in _words(text)]
+    if tool:
+        tool_id, call = tool
+        chunks = [chunk({"role": "assistant", "content": None, "tool_calls": [{
+            "index": 0, "id": tool_id, "type": "function", "function": {"name": call.name, "arguments": ""}}]})]
+        chunks += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}) for piece in call.pieces()]
+    else:
+        chunks = [chunk({"role": "assistant", "content": ""})]
+        chunks += [chunk({"content": word}) for word in _words(text)]
     chunks.append(chunk({}, finish_reason))
     if usage:
         chunks.append({**base, "choices": [], "usage": usage})
@@ -481,6 +607,26 @@ def models(call: Call) -> Reply:
 # --------------------------------------------------------------------------- Anthropic endpoint
 
 
+def _anthropic_tool_call(body: JSON, messages: list[JSON]) -> ToolCall | None:
+    tools = [(t.get("name", ""), t.get("input_schema")) for t in body.get("tools") or []
+             if isinstance(t, dict) and "input_schema" in t]  # server tools (web_search, ...) are not called
+    choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+    named = choice.get("name") if choice.get("type") == "tool" else "none" if choice.get("type") == "none" else None
+    last = messages[-1].get("content") if messages else None
+    answered = isinstance(last, list) and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in last)
+    return _tool_call(tools, named, answered)
+
+
+def _anthropic_json_mode(body: JSON) -> JsonMode:
+    """Structured outputs: ``output_config.format`` (or the beta's ``output_format``),
+    ``{"type": "json_schema", "schema": ...}``."""
+    config = body.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else body.get("output_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return fmt.get("schema") if isinstance(fmt.get("schema"), dict) else True
+    return False
+
+
 def anthropic_messages(call: Call) -> Reply:
     body, serial = call.body, call.serial
     model = _model(body)
@@ -488,40 +634,48 @@ def anthropic_messages(call: Call) -> Reply:
     max_tokens = _optional_int(body, "max_tokens")
     if max_tokens is None:
         raise HTTPError(400, "max_tokens: Field required")
-    completion = _complete(model, messages, max_tokens)
+    completion = _complete(model, messages, max_tokens, _anthropic_json_mode(body))
+    tool = _anthropic_tool_call(body, messages)
     input_tokens = _input_tokens(body.get("system"), messages)
+    content: list[JSON] = [{"type": "text", "text": completion.text}]
+    if tool:
+        content = [{"type": "tool_use", "id": f"toolu_mock_{serial}", "name": tool.name, "input": tool.arguments}]
     message = {
         "id": f"msg_mock_{serial}",
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": completion.text}],
-        "stop_reason": "max_tokens" if completion.truncated else "end_turn",
+        "content": content,
+        "stop_reason": "tool_use" if tool else "max_tokens" if completion.truncated else "end_turn",
         "stop_sequence": None,
         "usage": {
             "input_tokens": input_tokens,
-            "output_tokens": completion.tokens,
+            "output_tokens": tool.tokens if tool else completion.tokens,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
         },
     }
     if body.get("stream") is True:
-        return Reply(events=_anthropic_events(message, completion.text))
+        return Reply(events=_anthropic_events(message, completion.text, tool))
     return Reply(body=message)
 
 
-def _anthropic_events(message: JSON, text: str) -> list[bytes]:
+def _anthropic_events(message: JSON, text: str, tool: ToolCall | None = None) -> list[bytes]:
     usage = message["usage"]
     start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
-    events: list[JSON] = [
-        {"type": "message_start", "message": start},
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        {"type": "ping"},
-    ]
-    events += [
-        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}
-        for word in _words(text)
-    ]
+    events: list[JSON] = [{"type": "message_start", "message": start}]
+    if tool:
+        block = {**message["content"][0], "input": {}}
+        events += [{"type": "content_block_start", "index": 0, "content_block": block}, {"type": "ping"}]
+        events += [{"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": p}}
+                   for p in tool.pieces()]
+    else:
+        events += [{"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                   {"type": "ping"}]
+        events += [
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}
+            for word in _words(text)
+        ]
     events += [
         {"type": "content_block_stop", "index": 0},
         {
@@ -609,26 +763,48 @@ def _bedrock_messages(body: JSON) -> list[JSON]:
     return [{"role": m["role"], "content": _text_parts(m["content"])} for m in messages]
 
 
+def _bedrock_tool_call(body: JSON) -> ToolCall | None:
+    config = _optional_object(body, "toolConfig")
+    specs = [t["toolSpec"] for t in config.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("toolSpec"), dict)]
+    tools = [(spec.get("name", ""), (spec.get("inputSchema") or {}).get("json")) for spec in specs]
+    choice = config.get("toolChoice") if isinstance(config.get("toolChoice"), dict) else {}
+    named = (choice.get("tool") or {}).get("name") if isinstance(choice.get("tool"), dict) else None
+    last = body["messages"][-1]["content"]
+    answered = any(isinstance(block, dict) and "toolResult" in block for block in last)
+    return _tool_call(tools, named, answered)
+
+
 def bedrock_converse(call: Call, *, stream: bool) -> Reply:
-    """``/model/{id}/converse`` (JSON) and ``/converse-stream`` (AWS event-stream), for the path's model id."""
+    """``/model/{id}/converse`` (JSON) and ``/converse-stream`` (AWS event-stream), for the path's model id.
+    Converse has no JSON mode field; with ``toolConfig`` the first tool is called (see _tool_call)."""
     model, body = call.params["model"], call.body
     messages = _bedrock_messages(body)
     system = body.get("system", [])
     if not _is_block_list(system):
         raise HTTPError(400, "system: must be a list of {text} blocks")
     completion = _complete(model, messages, _optional_int(_optional_object(body, "inferenceConfig"), "maxTokens", 1))
+    tool = _bedrock_tool_call(body)
     input_tokens = _input_tokens(_text_parts(system), messages)
-    usage = {"inputTokens": input_tokens, "outputTokens": completion.tokens,
-             "totalTokens": input_tokens + completion.tokens}
-    stop_reason = "max_tokens" if completion.truncated else "end_turn"
+    output_tokens = tool.tokens if tool else completion.tokens
+    usage = {"inputTokens": input_tokens, "outputTokens": output_tokens, "totalTokens": input_tokens + output_tokens}
+    stop_reason = "tool_use" if tool else "max_tokens" if completion.truncated else "end_turn"
     metrics = {"latencyMs": 0}  # the mock does no work; injected latency is not the model's
+    tool_id = f"tooluse_mock_{call.serial}"
     if not stream:
-        message = {"role": "assistant", "content": [{"text": completion.text}]}
-        return Reply(body={"output": {"message": message}, "stopReason": stop_reason, "usage": usage,
-                           "metrics": metrics})
-    events: list[tuple[str, JSON]] = [
-        ("messageStart", {"role": "assistant"}),
-        *(("contentBlockDelta", {"delta": {"text": word}, "contentBlockIndex": 0}) for word in _words(completion.text)),
+        content = ([{"toolUse": {"toolUseId": tool_id, "name": tool.name, "input": tool.arguments}}] if tool
+                   else [{"text": completion.text}])
+        return Reply(body={"output": {"message": {"role": "assistant", "content": content}}, "stopReason": stop_reason,
+                           "usage": usage, "metrics": metrics})
+    events: list[tuple[str, JSON]] = [("messageStart", {"role": "assistant"})]
+    if tool:
+        events.append(("contentBlockStart", {"start": {"toolUse": {"toolUseId": tool_id, "name": tool.name}},
+                                             "contentBlockIndex": 0}))
+        events += [("contentBlockDelta", {"delta": {"toolUse": {"input": piece}}, "contentBlockIndex": 0})
+                   for piece in tool.pieces()]
+    else:
+        events += [("contentBlockDelta", {"delta": {"text": word}, "contentBlockIndex": 0})
+                   for word in _words(completion.text)]
+    events += [
         ("contentBlockStop", {"contentBlockIndex": 0}),
         ("messageStop", {"stopReason": stop_reason}),
         ("metadata", {"usage": usage, "metrics": metrics}),
@@ -669,30 +845,85 @@ def _gemini_system(body: JSON) -> list[JSON]:
     return _text_parts(system["parts"])
 
 
+def _gemini_signature(name: str) -> str:
+    """The thought signature the mock puts on a Gemini 3 model's function call."""
+    return base64.b64encode(f"mock-signature:{name}".encode()).decode()
+
+
+def _check_gemini_signatures(model: str, contents: list[JSON]) -> None:
+    """Gemini 3 refuses a request whose current turn (since the last user text) holds a
+    model functionCall without the thoughtSignature it was sent with (the first call of
+    each model message carries one)."""
+    if "gemini-3" not in model:
+        return
+    start = 0
+    for i, content in enumerate(contents):
+        if content.get("role", "user") == "user" and any("text" in p for p in content["parts"]):
+            start = i
+    for content in contents[start:]:
+        if content.get("role") != "model":
+            continue
+        calls = [p for p in content["parts"] if isinstance(p.get("functionCall"), dict)]
+        if calls and calls[0].get("thoughtSignature") != _gemini_signature(calls[0]["functionCall"].get("name", "")):
+            raise HTTPError(400, "Function call is missing a thought_signature in functionCall parts. This is "
+                            "required for tools to work correctly.")
+
+
+def _gemini_tool_call(body: JSON, contents: list[JSON]) -> ToolCall | None:
+    tools = [(d.get("name", ""), d.get("parameters", d.get("parametersJsonSchema")))
+             for t in body.get("tools") or [] if isinstance(t, dict)
+             for d in t.get("functionDeclarations") or [] if isinstance(d, dict)]
+    config = (_optional_object(body, "toolConfig").get("functionCallingConfig") or {})
+    allowed = config.get("allowedFunctionNames") or [None]
+    choice = "none" if config.get("mode") == "NONE" else allowed[0]
+    answered = any("functionResponse" in part for part in contents[-1]["parts"])
+    return _tool_call(tools, choice, answered)
+
+
+def _gemini_json_mode(config: JSON) -> JsonMode:
+    if config.get("responseMimeType") != "application/json":
+        return False
+    schema = config.get("responseJsonSchema", config.get("responseSchema"))
+    return schema if isinstance(schema, dict) else True
+
+
 def gemini_generate(call: Call, *, stream: bool) -> Reply:
     """``models/{model}:generateContent`` and ``:streamGenerateContent`` (SSE with ``alt=sse``,
     otherwise a JSON array streamed one element per chunk, as Google does)."""
     model, body = call.params["model"], call.body
     messages = _gemini_contents(body)
+    _check_gemini_signatures(model, body["contents"])
     system = _gemini_system(body)
-    limit = _optional_int(_optional_object(body, "generationConfig"), "maxOutputTokens", 1)
-    completion = _complete(model, messages, limit)
+    config = _optional_object(body, "generationConfig")
+    limit = _optional_int(config, "maxOutputTokens", 1)
+    completion = _complete(model, messages, limit, _gemini_json_mode(config))
+    tool = _gemini_tool_call(body, body["contents"])
     prompt_tokens = _input_tokens(system, messages)
-    usage = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": completion.tokens,
-             "totalTokenCount": prompt_tokens + completion.tokens}
-    finish_reason = "MAX_TOKENS" if completion.truncated else "STOP"
+    output_tokens = tool.tokens if tool else completion.tokens
+    usage = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": output_tokens,
+             "totalTokenCount": prompt_tokens + output_tokens}
+    finish_reason = "MAX_TOKENS" if completion.truncated and not tool else "STOP"
 
-    def response(text: str, finish: str | None) -> JSON:
-        candidate: JSON = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+    def response(parts: list[JSON], finish: str | None) -> JSON:
+        candidate: JSON = {"content": {"role": "model", "parts": parts}, "index": 0}
         if finish is not None:
             candidate["finishReason"] = finish
         return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model,
                 "responseId": f"mock-{call.serial}"}
 
+    if tool:
+        part: JSON = {"functionCall": {"name": tool.name, "args": tool.arguments}}
+        if "gemini-3" in model:
+            part["thoughtSignature"] = _gemini_signature(tool.name)
+        chunks = [response([part], finish_reason)]
+    elif not stream:
+        return Reply(body=response([{"text": completion.text}], finish_reason))
+    else:
+        words = _words(completion.text)
+        chunks = [response([{"text": word}], finish_reason if i == len(words) - 1 else None)
+                  for i, word in enumerate(words)]
     if not stream:
-        return Reply(body=response(completion.text, finish_reason))
-    words = _words(completion.text)
-    chunks = [response(word, finish_reason if i == len(words) - 1 else None) for i, word in enumerate(words)]
+        return Reply(body=chunks[0])
     if call.query.get("alt") == "sse":
         return Reply(events=[_sse(chunk, end=b"\r\n\r\n") for chunk in chunks])
     array = [(b"," if i else b"[") + orjson.dumps(chunk) for i, chunk in enumerate(chunks)]
@@ -766,20 +997,43 @@ def _admit_gemini(request: Request, api_key: str | None) -> None:
                     "Please use API Key or other form of API consumer identity to call this API.")
 
 
+GARBAGE_KINDS = ("json", "shape", "bytes")
+_JUNK_BYTES = b"\xff\xfe\x00<html>502 Bad Gateway</html>\n\n"
+
+
+def _sse_garbage(json: bytes, shape: bytes) -> Callable[[str], bytes]:
+    return lambda kind: {"json": json, "shape": shape}.get(kind, _JUNK_BYTES)
+
+
+def _bedrock_garbage(kind: str) -> bytes:
+    headers = {":event-type": "contentBlockDelta", ":content-type": "application/json", ":message-type": "event"}
+    if kind == "json":
+        return eventstream.encode(headers, b'{"delta": {"text": ')
+    if kind == "shape":
+        return eventstream.encode(headers, b'{"delta": "oops", "contentBlockIndex": 0}')
+    return b"\x00\x00\x00\x20" + b"garbage!" * 4  # a prelude whose CRC cannot match
+
+
 @dataclass(frozen=True)
 class Dialect:
     """A provider's conventions the app applies around every handler of its routes: who is admitted
-    (credentials, mandatory parameters) and what its errors look like on the wire."""
+    (credentials, mandatory parameters), what its errors look like on the wire, and what a broken
+    stream event of each kind (``x-mock-garbage``) looks like in its framing."""
 
     admit: Callable[[Request, str | None], None]
     error: Callable[[HTTPError], Reply]
+    garbage: Callable[[str], bytes]
 
 
-OPENAI = Dialect(_admit_openai, _openai_error)
-AZURE = Dialect(_admit_azure, _azure_error)
-ANTHROPIC = Dialect(_admit_anthropic, _anthropic_error)
-BEDROCK = Dialect(_admit_bedrock, _bedrock_error)
-GEMINI = Dialect(_admit_gemini, _gemini_error)
+_OPENAI_GARBAGE = _sse_garbage(b'data: {"id": "chatcmpl-x", "choices": [\n\n', b'data: {"choices": "oops"}\n\n')
+OPENAI = Dialect(_admit_openai, _openai_error, _OPENAI_GARBAGE)
+AZURE = Dialect(_admit_azure, _azure_error, _OPENAI_GARBAGE)
+ANTHROPIC = Dialect(_admit_anthropic, _anthropic_error, _sse_garbage(
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta\n\n',
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": "oops"}\n\n'))
+BEDROCK = Dialect(_admit_bedrock, _bedrock_error, _bedrock_garbage)
+GEMINI = Dialect(_admit_gemini, _gemini_error, _sse_garbage(
+    b'data: {"candidates": [oops\r\n\r\n', b'data: {"candidates": [{"content": "oops"}]}\r\n\r\n'))
 
 
 @dataclass(frozen=True)
@@ -868,25 +1122,39 @@ class Controls:
     chunk_delay_ms: int = 0
     drop_after: int | None = None
     end_after: int | None = None
+    garbage_after: int | None = None
+    garbage: str = "json"
     chunk_bytes: int | None = None
 
     @classmethod
     def from_headers(cls, headers: dict[str, str]) -> Controls:
         status = _header_int(headers, "x-mock-status")
+        garbage = headers.get("x-mock-garbage", "json")
+        if garbage not in GARBAGE_KINDS:
+            raise HTTPError(400, f"x-mock-garbage must be one of {', '.join(GARBAGE_KINDS)}")
         return cls(
             status=None if status is None else _check_status(status, "x-mock-status"),
             latency_ms=_header_int(headers, "x-mock-latency-ms") or 0,
             chunk_delay_ms=_header_int(headers, "x-mock-chunk-delay-ms") or 0,
             drop_after=_header_int(headers, "x-mock-drop-after-chunks"),
             end_after=_header_int(headers, "x-mock-end-after-chunks"),
+            garbage_after=_header_int(headers, "x-mock-garbage-after-chunks"),
+            garbage=garbage,
             chunk_bytes=_header_int(headers, "x-mock-chunk-bytes") or None,
         )
 
-    def apply(self, reply: Reply) -> Reply:
+    def apply(self, reply: Reply, dialect: Dialect) -> Reply:
         reply.latency_s = self.latency_ms / 1000
         reply.chunk_delay_s = self.chunk_delay_ms / 1000
         reply.drop_after = self.drop_after
         reply.end_after = self.end_after
+        if self.garbage_after is not None and reply.events is not None:
+            # The broken event goes in as its own chunk and the stream then carries on,
+            # as a provider (or a proxy in front of it) that recovers would.
+            reply.events.insert(self.garbage_after, dialect.garbage(self.garbage))
+        elif self.garbage_after is not None and 200 <= reply.status < 300:
+            whole = orjson.dumps(reply.body)
+            reply.raw = {"json": whole[:len(whole) // 2], "shape": b'["oops"]'}.get(self.garbage, _JUNK_BYTES)
         reply.chunk_bytes = self.chunk_bytes
         return reply
 
@@ -967,7 +1235,7 @@ class MockApp:
             reply = self._answer(route, params, request, controls)
         except HTTPError as error:
             reply = route.dialect.error(error)
-        return controls.apply(reply)
+        return controls.apply(reply, route.dialect)
 
     def _answer(self, route: Route, params: dict[str, str], request: Request, controls: Controls) -> Reply:
         route.dialect.admit(request, self.api_key)
@@ -1059,7 +1327,7 @@ async def _send_reply(
 
 
 async def _send_json(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, *, head_only: bool) -> None:
-    payload = orjson.dumps(reply.body)
+    payload = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
     headers = [("content-type", reply.content_type or "application/json"), ("content-length", str(len(payload))),
                *reply.headers]
     body = [] if head_only else [h11.Data(data=payload)]
@@ -1098,6 +1366,9 @@ def _write_protocol_error(conn: h11.Connection, writer: asyncio.StreamWriter, er
         writer.write(conn.send(event) or b"")
 
 
+MAX_HEADER_BYTES = 128 * 1024
+
+
 class MockProvider:
     """A listening mock provider; create it with :func:`start`."""
 
@@ -1125,7 +1396,9 @@ class MockProvider:
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         writer.transport.set_write_buffer_limits(high=0)  # drain() then means "flushed to the socket"
-        conn = h11.Connection(h11.SERVER)
+        # Headers as large as Envoy forwards (tests send 60 KB x-mock-reply values), even when
+        # they arrive over several reads; h11's default gives up past 16 KiB.
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         try:
             while (request := await _read_request(conn, reader, writer)) is not None:
                 if not await _send_reply(conn, writer, request, self.app.handle(request)):

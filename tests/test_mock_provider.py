@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+import re
 import select
 import socket
 import struct
@@ -1038,3 +1039,118 @@ def test_behaviour_model_is_the_path_model(base_url: str) -> None:
     assert httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(), headers=AUTH).status_code == 200
     gemini = httpx.post(f"{base_url}{gemini_path()}", json=gemini_body(), headers=GEMINI_AUTH)
     assert gemini.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+
+
+# --------------------------------------------------------------------------- tool calls and JSON mode
+
+WEATHER_PARAMETERS = {
+    "type": "object", "additionalProperties": False, "required": ["city", "unit", "days"],
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                   "days": {"type": "integer", "minimum": 1}, "note": {"type": ["string", "null"]},
+                   "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}}},
+    "$defs": {"tag": {"type": "string"}}}
+WEATHER_ARGS = {"city": "mock", "unit": "celsius", "days": 1}
+OPENAI_TOOLS: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS}},
+                     {"type": "function", "function": {"name": "get_time"}}]
+
+
+def test_openai_tool_call_fits_the_first_tool_then_answers_its_result(oai: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "weather?"}]
+    done = oai.chat.completions.create(model="gpt-4o", messages=messages, tools=OPENAI_TOOLS)
+    [call] = done.choices[0].message.tool_calls or []
+    assert done.choices[0].finish_reason == "tool_calls" and done.choices[0].message.content is None
+    assert call.function.name == "get_weather" and orjson.loads(call.function.arguments) == WEATHER_ARGS
+    forced = oai.chat.completions.create(model="gpt-4o", messages=messages, tools=OPENAI_TOOLS,
+                                         tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert (forced.choices[0].message.tool_calls or [])[0].function.arguments == "{}"
+    none = oai.chat.completions.create(model="gpt-4o", messages=messages, tools=OPENAI_TOOLS, tool_choice="none")
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason == "stop"
+    answered = oai.chat.completions.create(model="gpt-4o", tools=OPENAI_TOOLS, messages=[
+        *messages, {"role": "assistant", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
+    assert answered.choices[0].message.content == mock_reply("gpt-4o", "weather?")
+    with oai.chat.completions.stream(model="gpt-4o", messages=messages, tools=OPENAI_TOOLS) as stream:
+        final = stream.get_final_completion()
+    streamed = (final.choices[0].message.tool_calls or [])[0]
+    assert (streamed.function.name, orjson.loads(streamed.function.arguments)) == ("get_weather", WEATHER_ARGS)
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_openai_json_modes(oai: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "hi"}]
+    plain = oai.chat.completions.create(model="gpt-4o", messages=messages, response_format={"type": "json_object"})
+    assert orjson.loads(plain.choices[0].message.content or "") == {"reply": mock_reply("gpt-4o", "hi")}
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "number"}},
+              "required": ["answer", "score"], "additionalProperties": False}
+    fitted = oai.chat.completions.create(model="gpt-4o", messages=messages, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "strict": True, "schema": schema}})
+    assert orjson.loads(fitted.choices[0].message.content or "") == {"answer": "mock", "score": 1.0}
+
+
+def test_anthropic_tool_use_with_sdk(claude: anthropic.Anthropic) -> None:
+    tools: Any = [{"name": "get_weather", "input_schema": WEATHER_PARAMETERS}]
+    messages: Any = [{"role": "user", "content": "weather?"}]
+    msg = claude.messages.create(model="claude-x", max_tokens=100, tools=tools, messages=messages)
+    assert msg.stop_reason == "tool_use" and msg.content[0].type == "tool_use"
+    assert msg.content[0].name == "get_weather" and msg.content[0].input == WEATHER_ARGS
+    with claude.messages.stream(model="claude-x", max_tokens=100, tools=tools, messages=messages) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].type == "tool_use" and final.content[0].input == WEATHER_ARGS
+    answered = claude.messages.create(model="claude-x", max_tokens=100, tools=tools, messages=[
+        *messages, {"role": "assistant", "content": [msg.content[0].model_dump()]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": msg.content[0].id, "content": "sunny"}]}])
+    assert answered.stop_reason == "end_turn" and answered.content[0].type == "text"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    structured = claude.messages.create(model="claude-x", max_tokens=100, messages=messages, extra_body={
+        "output_config": {"format": {"type": "json_schema", "schema": schema}}})
+    assert structured.content[0].type == "text" and orjson.loads(structured.content[0].text) == {"ok": True}
+
+
+def test_bedrock_tool_use_with_botocore(bedrock: Any) -> None:
+    kwargs: Any = {"modelId": BEDROCK_MODEL, "messages": [{"role": "user", "content": [{"text": "weather?"}]}],
+                   "toolConfig": {"tools": [{"toolSpec": {"name": "get_weather",
+                                                          "inputSchema": {"json": WEATHER_PARAMETERS}}}]}}
+    reply = bedrock.converse(**kwargs)
+    [block] = reply["output"]["message"]["content"]
+    assert reply["stopReason"] == "tool_use"
+    assert block["toolUse"]["name"] == "get_weather" and block["toolUse"]["input"] == WEATHER_ARGS
+    events = list(bedrock.converse_stream(**kwargs)["stream"])
+    streamed = "".join(e["contentBlockDelta"]["delta"]["toolUse"]["input"] for e in events if "contentBlockDelta" in e)
+    assert orjson.loads(streamed) == WEATHER_ARGS
+    assert events[1]["contentBlockStart"]["start"]["toolUse"]["name"] == "get_weather"
+
+
+def test_gemini_function_call_json_mode_and_gemini_3_signatures(base_url: str) -> None:
+    tools = [{"functionDeclarations": [{"name": "get_weather", "parameters": WEATHER_PARAMETERS}]}]
+    reply = httpx.post(f"{base_url}{gemini_path()}", json=gemini_body(tools=tools), headers=GEMINI_AUTH).json()
+    assert reply["candidates"][0]["content"]["parts"] == [{"functionCall": {"name": "get_weather",
+                                                                            "args": WEATHER_ARGS}}]
+    config = {"responseMimeType": "application/json", "responseJsonSchema": {
+        "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}
+    fitted = httpx.post(f"{base_url}{gemini_path()}", json=gemini_body(generationConfig=config),
+                        headers=GEMINI_AUTH).json()
+    assert orjson.loads(fitted["candidates"][0]["content"]["parts"][0]["text"]) == {"ok": True}
+    path = gemini_path(model="gemini-3-pro-preview")
+    signed = httpx.post(f"{base_url}{path}", json=gemini_body(tools=tools), headers=GEMINI_AUTH).json()
+    part = signed["candidates"][0]["content"]["parts"][0]
+    assert part["thoughtSignature"]
+    history = gemini_body(tools=tools)
+    history["contents"] += [{"role": "model", "parts": [part]},
+                            {"role": "user", "parts": [{"functionResponse": {"name": "get_weather",
+                                                                             "response": {"t": 20}}}]}]
+    assert httpx.post(f"{base_url}{path}", json=history, headers=GEMINI_AUTH).status_code == 200
+    del part["thoughtSignature"]
+    refused = httpx.post(f"{base_url}{path}", json=history, headers=GEMINI_AUTH)
+    assert refused.status_code == 400 and "thought_signature" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("kind", ["json", "shape", "bytes"])
+def test_garbage_mid_stream_then_the_stream_carries_on(http: httpx.Client, kind: str) -> None:
+    body = chat_body(stream=True)
+    clean = http.post("/v1/chat/completions", json=body).content
+    dirty = http.post("/v1/chat/completions", json=body, headers={
+        "x-mock-garbage-after-chunks": "2", "x-mock-garbage": kind}).content
+    events = re.sub(rb"chatcmpl-mock-\d+", b"id", clean).split(b"\n\n")
+    broken = re.sub(rb"chatcmpl-mock-\d+", b"id", dirty).split(b"\n\n")
+    assert len(broken) == len(events) + 1 and broken[:2] == events[:2] and broken[3:] == events[2:]
+    assert http.post("/v1/chat/completions", json=body, headers={"x-mock-garbage": "nonsense"}).status_code == 400

@@ -246,7 +246,7 @@ def test_response_thinking_skipped_tool_only_content_is_null_and_cache_usage() -
 
 @pytest.mark.parametrize(("stop_reason", "finish"), [
     ("end_turn", "stop"), ("stop_sequence", "stop"), ("pause_turn", "stop"), ("max_tokens", "length"),
-    ("tool_use", "tool_calls"), ("refusal", "content_filter")])
+    ("tool_use", "stop"), ("refusal", "content_filter")])  # tool_use without a tool call: base.finish_with_calls
 def test_finish_reasons(stop_reason: str, finish: str) -> None:
     raw = {"id": "m", "type": "message", "role": "assistant", "model": MODEL, "content": [{"type": "text", "text": "x"}],
            "stop_reason": stop_reason, "usage": {"input_tokens": 1, "output_tokens": 1}}
@@ -359,7 +359,6 @@ def test_tool_use_stream_from_streaming_docs() -> None:
         chunk(mid, {"content": ", let's check the weather for San Francisco, CA:"}),
         chunk(mid, {"tool_calls": [{"index": 0, "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "type": "function",
                                     "function": {"name": "get_weather", "arguments": ""}}]}),
-        chunk(mid, {"tool_calls": [{"index": 0, "function": {"arguments": ""}}]}),
         chunk(mid, {"tool_calls": [{"index": 0, "function": {"arguments": '{"location":'}}]}),
         chunk(mid, {"tool_calls": [{"index": 0, "function": {
             "arguments": ' "San Francisco, CA", "unit": "fahrenheit"}'}}]}),
@@ -369,7 +368,7 @@ def test_tool_use_stream_from_streaming_docs() -> None:
                    "prompt_tokens_details": {"cached_tokens": 100, "cache_creation_tokens": 20}}},
         "[DONE]"]
     arguments = "".join(c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
-                        for c in out[3:7])
+                        for c in out[3:6])
     assert orjson.loads(arguments) == {"location": "San Francisco, CA", "unit": "fahrenheit"}
 
 
@@ -441,3 +440,14 @@ def test_nothing_is_emitted_until_an_event_is_complete() -> None:
     assert translator.feed(TEXT_STREAM[:first_event_end - 1], False) == b""
     assert chunks(translator.feed(TEXT_STREAM[first_event_end - 1:first_event_end], False))[0]["choices"][0][
         "delta"] == {"role": "assistant", "content": ""}
+
+
+def test_request_gemini_call_ids_keep_to_anthropic_id_rules() -> None:
+    long_id = "fc-1__thought__" + "A" * 200
+    body = {"messages": [{"role": "user", "content": "time?"},
+                         {"role": "assistant", "tool_calls": [{"id": long_id, "type": "function",
+                                                               "function": {"name": "now", "arguments": "{}"}}]},
+                         {"role": "tool", "tool_call_id": long_id, "content": "noon"}]}
+    sent = translate(body)
+    assert sent["messages"][1]["content"][0]["id"] == "fc-1"
+    assert sent["messages"][2]["content"][0]["tool_use_id"] == "fc-1"

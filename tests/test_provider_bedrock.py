@@ -272,7 +272,8 @@ def test_response_documented_final_answer_with_cache_usage() -> None:
 
 
 @pytest.mark.parametrize(("stop_reason", "finish"), [
-    ("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"), ("tool_use", "tool_calls"),
+    ("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
+    ("tool_use", "stop"),  # without a toolUse block: base.finish_with_calls
     ("guardrail_intervened", "content_filter"), ("content_filtered", "content_filter")])
 def test_response_finish_reasons(stop_reason: str, finish: str) -> None:
     raw = orjson.dumps({"output": {"message": {"role": "assistant", "content": [{"text": "x"}]}},
@@ -437,3 +438,19 @@ def test_eventstream_encode_parses_with_botocore() -> None:
     assert orjson.loads(messages[3].payload)["start"]["toolUse"]["name"] == "top_song"
     decoded = list(eventstream.Decoder().feed(b"".join(TOOL_STREAM)))
     assert [(h, p) for h, p in decoded] == [(m.headers, m.payload) for m in messages[:-1]]
+
+
+def test_request_tool_without_description_and_gemini_call_ids() -> None:
+    """Converse refuses description "" (minimum length 1) and ids outside [A-Za-z0-9_-]{1,64}:
+    a Gemini thought signature riding in an OpenAI tool-call id stays behind."""
+    long_id = "fc-1__thought__" + "A" * 200
+    body = {"messages": [{"role": "user", "content": "time?"},
+                         {"role": "assistant", "tool_calls": [{"id": long_id, "type": "function",
+                                                               "function": {"name": "now", "arguments": "{}"}}]},
+                         {"role": "tool", "tool_call_id": long_id, "content": "noon"}],
+            "tools": [{"type": "function", "function": {"name": "now", "description": ""}}]}
+    sent = orjson.loads(bedrock.request(target(), "/chat/completions", body, False, now=NOW).body)
+    assert sent["toolConfig"]["tools"] == [{"toolSpec": {"name": "now", "inputSchema": {
+        "json": {"type": "object", "properties": {}}}}}]
+    assert sent["messages"][1]["content"][0]["toolUse"]["toolUseId"] == "fc-1"
+    assert sent["messages"][2]["content"][0]["toolResult"]["toolUseId"] == "fc-1"

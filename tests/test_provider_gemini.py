@@ -25,6 +25,26 @@ WEATHER_TOOL = {"type": "function", "function": {
                    "required": ["location"]}}}
 
 
+class CallIds:
+    """Calls Gemini sends without an id get random ones; numbered here for exact goldens."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def __call__(self) -> str:
+        self.next += 1
+        return f"call_{self.next - 1}"
+
+
+IDS = CallIds()
+
+
+@pytest.fixture(autouse=True)
+def numbered_call_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    IDS.next = 0
+    monkeypatch.setattr(gemini, "_new_call_id", IDS)
+
+
 def _body(out_body: bytes) -> JSON:
     result: JSON = orjson.loads(out_body)
     return result
@@ -224,7 +244,7 @@ def test_response_function_calls_thoughts_and_cached_usage() -> None:
         "object": "chat.completion", "model": "gemini-2.5-flash",
         "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
             "role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_0", "type": "function",
+                {"id": "call_0__thought__c2ln", "type": "function",
                  "function": {"name": "get_current_temperature", "arguments": '{"location":"London"}'}},
                 {"id": "call_1", "type": "function",
                  "function": {"name": "get_current_temperature", "arguments": '{"location":"Paris"}'}}]}}],
@@ -288,7 +308,9 @@ def _events(*docs: JSON) -> bytes:
 def _translate(raw: bytes, model: str = "gemini-2.5-flash") -> list[bytes]:
     """The stream fed in one go and byte by byte must give the same output; returns it
     split into SSE events."""
+    IDS.next = 0
     whole = gemini.stream(model).feed(raw, True)
+    IDS.next = 0
     s = gemini.stream(model)
     pieces = [s.feed(raw[i:i + 1], False) for i in range(len(raw))]
     assert b"".join(pieces) + s.feed(b"", True) == whole
@@ -448,3 +470,77 @@ def test_stream_without_usage_still_finishes() -> None:
         [{"index": 0, "delta": {"role": "assistant", "content": "ok"}, "finish_reason": None}],
         [{"index": 0, "delta": {}, "finish_reason": "stop"}]]
     assert {c["model"] for c in chunks} == {"gemini-flash-latest"}
+
+
+# --- what real clients send and Gemini refuses ---------------------------------------------
+
+STRICT_TOOL = {"type": "function", "function": {
+    "name": "create_event", "strict": True, "parameters": {
+        "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": False,
+        "properties": {
+            "title": {"type": "string", "minLength": 1, "examples": ["Standup"]},
+            "when": {"type": "string", "format": "date-time"},
+            "url": {"type": ["string", "null"], "format": "uri"},
+            "kind": {"const": "meeting"},
+            "size": {"type": "integer", "enum": [1, 2], "exclusiveMinimum": 0},
+            "owner": {"$ref": "#/$defs/person"},
+            "tags": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "number"}]}},
+            "meta": {"allOf": [{"type": "object", "properties": {"k": {"type": "string"}},
+                                "additionalProperties": False}]}},
+        "required": ["title", "when", "url", "kind", "size", "owner", "tags", "meta", "ghost"],
+        "$defs": {"person": {"type": "object", "properties": {"name": {"type": "string"},
+                                                              "boss": {"$ref": "#/$defs/person"}},
+                             "required": ["name"], "additionalProperties": False}}}}}
+
+
+def test_request_schema_keeps_to_what_gemini_accepts() -> None:
+    body = {"messages": [{"role": "user", "content": "plan it"}], "tools": [STRICT_TOOL]}
+    [declaration] = _body(gemini.request(GEMINI_API, "/chat/completions", body, False).body)["tools"][0][
+        "functionDeclarations"]
+    assert declaration == {"name": "create_event", "parameters": {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "minLength": 1},
+            "when": {"type": "string", "format": "date-time"},
+            "url": {"type": "string", "nullable": True},
+            "kind": {"type": "string", "enum": ["meeting"]},
+            "size": {"type": "integer"},
+            "owner": {"type": "object", "properties": {"name": {"type": "string"}, "boss": {"type": "object"}},
+                      "required": ["name"]},
+            "tags": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "number"}]}},
+            "meta": {"type": "object", "properties": {"k": {"type": "string"}}}},
+        "required": ["title", "when", "url", "kind", "size", "owner", "tags", "meta"]}}
+
+
+def test_request_function_without_parameters_declares_none() -> None:
+    tools = [{"type": "function", "function": {"name": "now", "description": "",
+                                               "parameters": {"type": "object", "properties": {}}}},
+             {"type": "function", "function": {"name": "today"}}]
+    body = {"messages": [{"role": "user", "content": "time?"}], "tools": tools}
+    assert _body(gemini.request(GEMINI_API, "/chat/completions", body, False).body)["tools"] == [
+        {"functionDeclarations": [{"name": "now"}, {"name": "today"}]}]
+
+
+def test_thought_signatures_and_call_ids_survive_the_openai_pivot() -> None:
+    """Gemini 3: the signature of the first of parallel calls comes back on that call's
+    part, Vertex's own call ids come back on calls and responses, made-up ids do not."""
+    signature = "CiQBjz1rX7/Zo2Vv8yDJPEJ6Bm5ozPQ2w+zLbKZfHt5/NlO06Hc="
+    answer = {"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"id": "fc-1", "name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": signature},
+        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}}]}, "finishReason": "STOP"}]}
+    calls = orjson.loads(gemini.response(200, orjson.dumps(answer), "m"))["choices"][0]["message"]["tool_calls"]
+    assert [c["id"] for c in calls] == ["fc-1__thought__" + signature.replace("+", "-").replace("/", "_").rstrip("="),
+                                        "call_0"]
+    assert all(set(c["id"]) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for c in calls)
+    history = {"messages": [
+        {"role": "user", "content": "weather in Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny"},
+        {"role": "tool", "tool_call_id": calls[1]["id"], "content": "rain"}]}
+    contents = _body(gemini.request(GEMINI_API, "/chat/completions", history, False).body)["contents"]
+    assert contents[1] == {"role": "model", "parts": [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}, "id": "fc-1"}, "thoughtSignature": signature},
+        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}}]}
+    assert contents[2] == {"role": "user", "parts": [
+        {"functionResponse": {"name": "get_weather", "response": {"content": "sunny"}, "id": "fc-1"}},
+        {"functionResponse": {"name": "get_weather", "response": {"content": "rain"}}}]}

@@ -18,7 +18,7 @@ import structlog
 
 from ..config import Backend
 from ..providers import TRANSLATORS
-from ..providers.base import StreamTranslator, error_event, openai_error
+from ..providers.base import GuardedStream, guarded_response
 
 log = structlog.get_logger("gateway_extproc.provider_response")
 
@@ -29,41 +29,36 @@ STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
 class ProviderResponse:
     """Translation of one response from a backend whose provider does not speak OpenAI."""
 
-    __slots__ = ("backend", "status", "stream")
+    __slots__ = ("backend", "status", "stream", "_logged")
 
     def __init__(self, backend: Backend, status: int, content_type: str) -> None:
         self.backend = backend
-        self.status = status
-        self.stream: StreamTranslator | None = None
+        self.status = status  # what the client gets: 502 for an unreadable 2xx body (see `body`)
+        self.stream: GuardedStream | None = None
+        self._logged = False
         if 200 <= status < 300 and content_type in STREAM_TYPES:
-            self.stream = TRANSLATORS[backend.provider.kind].stream(backend.model)
+            self.stream = GuardedStream(TRANSLATORS[backend.provider.kind].stream(backend.model))
 
     @staticmethod
     def needed(backend: Backend | None) -> bool:
         return backend is not None and TRANSLATORS[backend.provider.kind].TRANSLATES_RESPONSE
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
-        """Provider stream bytes in, OpenAI SSE out; after unreadable bytes, one error event
-        and nothing more."""
+        """Provider stream bytes in, OpenAI SSE out; at unreadable bytes (any exception in
+        the translator), what came before them, one error event, and nothing more."""
         assert self.stream is not None
-        try:
-            return self.stream.feed(chunk, end)
-        except Exception:  # a translator bug or a protocol change must not reach Envoy
-            log.warning("provider_stream_unreadable", backend=self.backend.id, exc_info=True)
-            self.stream = _Ended()
-            return error_event(502, "The provider sent a stream the gateway could not read.")
+        out = self.stream.feed(chunk, end)
+        if self.stream.failure is not None and not self._logged:
+            self._logged = True
+            log.warning("provider_stream_unreadable", backend=self.backend.id, exc_info=self.stream.failure)
+        return out
 
     def body(self, raw: bytes) -> bytes:
-        """A provider JSON body (success or error) as an OpenAI completion or error."""
-        try:
-            return TRANSLATORS[self.backend.provider.kind].response(self.status, raw, self.backend.model)
-        except Exception:
-            log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status, exc_info=True)
-            return openai_error(502, f"The provider answered HTTP {self.status} with a body the gateway could not read.")
-
-
-class _Ended:
-    """A stream already ended with an error event: the rest of the provider's bytes are dropped."""
-
-    def feed(self, chunk: bytes, end: bool) -> bytes:
-        return b""
+        """A provider JSON body (success or error) as an OpenAI completion or error; an
+        unreadable one, or an error under a 2xx, sets `status` to 502."""
+        out, self.status, failure = guarded_response(TRANSLATORS[self.backend.provider.kind], self.status, raw,
+                                                     self.backend.model)
+        if failure is not None:
+            log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status,
+                        exc_info=failure)
+        return out

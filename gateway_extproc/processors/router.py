@@ -18,7 +18,7 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from .. import api, identity, messages, tokens
+from .. import api, audit, identity, messages, tokens
 from ..budgets import caps
 from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
@@ -57,7 +57,7 @@ class RouterProcessor:
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
                  "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut",
                  "body_changed", "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client",
-                 "provider")
+                 "provider", "requested")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -91,6 +91,7 @@ class RouterProcessor:
         self.to_client: messages.ToMessagesStream | None = None
         # Set when the answering backend's provider does not speak the OpenAI schema.
         self.provider: ProviderResponse | None = None
+        self.requested: str | None = None  # the model the body asked for, kept for the audit trail
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -153,6 +154,7 @@ class RouterProcessor:
         if self.client == "anthropic":
             body = messages.to_chat(body)
         self.endpoint.validate(body)
+        self.requested = str(body["model"])[:200]
         model = cfg.models.get(body["model"])
         if model is None:
             raise GatewayError("model_not_found", f"The model {body['model']!r} does not exist on this gateway; "
@@ -255,6 +257,8 @@ class RouterProcessor:
         h = r.header_map(msg)
         self.status = int(h.get(":status", "0") or 0)
         self.backend = h.get("x-gateway-backend")
+        if self.status >= 400 and (code := h.get("x-gateway-error-code")):
+            self.error_code = code  # a reply Envoy made itself (the chart's local_reply_config)
         added = self.budget_headers()
         attempts = h.get("x-envoy-attempt-count")
         if attempts:
@@ -320,6 +324,9 @@ class RouterProcessor:
             return r.response_body(r.common(body=out) if out is not None else None)
         raw = msg.body if self.provider is None else self.provider.body(msg.body)
         new_body = None if self.provider is None else raw
+        # An unreadable provider answer under a 2xx goes out as 502 (provider_response.py).
+        status = self.status if self.provider is None else self.provider.status
+        status_changed, self.status = status != self.status, status
         if 200 <= self.status < 300:
             self.usage = usage_from_json(raw)
             if self.guard is not None:
@@ -328,6 +335,8 @@ class RouterProcessor:
                 new_body = messages.from_chat(raw if new_body is None else new_body)
         self.log()
         headers = self.token_headers()
+        if status_changed:
+            headers[":status"] = str(self.status)
         if new_body is not None:
             headers["content-length"] = str(len(new_body))
         return r.response_body(r.common(r.mutation(headers), new_body))
@@ -389,6 +398,7 @@ class RouterProcessor:
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
             duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
             tier=self.tier, **self.logged_content())
+        audit.request(self, backend, outcome)
 
     def logged_content(self) -> dict[str, str]:
         """Prompt and response text, only for requests whose tier the content-logging policy allows."""

@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 
 from gateway_extproc.errors import GatewayError
-from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, Target, append_turn, arguments_object,
-                                            completion_chunk, delta_choice, error_event, openai_error)
+from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn,
+                                            arguments_object, arguments_text, completion_chunk, delta_choice,
+                                            error_event, finish_with_calls, openai_error, plain_call_id)
 
 TRANSLATES_RESPONSE = True
 
@@ -86,7 +87,7 @@ def _messages(messages: list[JSON]) -> tuple[str, list[JSON]]:
             system.append(_text(message.get("content")))
             continue
         if role == "tool":
-            role, blocks = "user", [{"type": "tool_result", "tool_use_id": message.get("tool_call_id", ""),
+            role, blocks = "user", [{"type": "tool_result", "tool_use_id": plain_call_id(message.get("tool_call_id")),
                                      "content": _text(message.get("content"))}]
         elif role in ("user", "assistant"):
             blocks = _blocks(message.get("content"))
@@ -136,7 +137,7 @@ def _tool_use(call: JSON) -> JSON:
     """Anthropic wants the parsed object; arguments that are not a JSON object become {}
     rather than failing a whole conversation over one malformed historical call."""
     function = call.get("function") or {}
-    return {"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""),
+    return {"type": "tool_use", "id": plain_call_id(call.get("id")), "name": function.get("name", ""),
             "input": arguments_object(function.get("arguments")) or {}}
 
 
@@ -172,23 +173,30 @@ def response(status: int, raw: bytes, model: str) -> bytes:
         error = body.get("error")
         text = error.get("message") if isinstance(error, dict) else None
         return openai_error(status if status >= 300 else 502, text or raw.decode("utf-8", "replace")[:500])
-    texts = [block.get("text", "") for block in body.get("content") or [] if block.get("type") == "text"]
-    calls = [{"id": block.get("id", ""), "type": "function",
-              "function": {"name": block.get("name", ""), "arguments": orjson.dumps(block.get("input", {})).decode()}}
-             for block in body.get("content") or [] if block.get("type") == "tool_use"]
+    blocks = [block for block in body.get("content") or [] if isinstance(block, dict)]
+    texts = [block.get("text", "") for block in blocks if block.get("type") == "text"]
+    calls = [_call(block) for block in blocks if block.get("type") == "tool_use"]
     message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None}
     if calls:
         message["tool_calls"] = calls
     return orjson.dumps({
         "id": body.get("id", ""), "object": "chat.completion", "created": int(time.time()),
         "model": body.get("model") or model,
-        "choices": [{"index": 0, "message": message, "finish_reason": _finish(body.get("stop_reason")),
+        "choices": [{"index": 0, "message": message, "finish_reason": _finish(body.get("stop_reason"), bool(calls)),
                      "logprobs": None}],
         "usage": _usage(body.get("usage") or {})})
 
 
-def _finish(stop_reason: Any) -> str:
-    return _FINISH.get(stop_reason, "stop")
+def _call(block: JSON) -> JSON:
+    """A `tool_use` block as an OpenAI tool call. Only `tool_use` is the client's to run
+    (programmatic calls from code execution too: Anthropic waits for their tool_result);
+    `server_tool_use` / `mcp_tool_use` and their results ran at Anthropic and are not."""
+    return {"id": block.get("id", ""), "type": "function",
+            "function": {"name": block.get("name", ""), "arguments": arguments_text(block.get("input"))}}
+
+
+def _finish(stop_reason: Any, called: bool = False) -> str:
+    return finish_with_calls(_FINISH.get(stop_reason, "stop"), called)
 
 
 def _usage(usage: JSON) -> JSON:
@@ -202,8 +210,26 @@ def _usage(usage: JSON) -> JSON:
             "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": created}}
 
 
+class _Tool:
+    """A tool_use block being streamed: its OpenAI index, the input Anthropic put in
+    `content_block_start` (normally {}), and whether any argument text went out yet."""
+
+    __slots__ = ("index", "start_input", "sent")
+
+    def __init__(self, index: int, start_input: Any) -> None:
+        self.index = index
+        self.start_input = start_input
+        self.sent = False
+
+
 class AnthropicStream:
-    """Anthropic SSE in, OpenAI chat.completion.chunk SSE out, one `feed` at a time."""
+    """Anthropic SSE in, OpenAI chat.completion.chunk SSE out, one `feed` at a time.
+
+    A tool call's arguments are its `input_json_delta`s; a call with none (a tool without
+    parameters, or an input given whole in `content_block_start` or in `message_start`)
+    gets its input as one arguments chunk when the block ends, so the concatenated
+    arguments are always JSON. Every stream gets exactly one finish_reason, even when the
+    provider sent `message_stop` without a `message_delta`."""
 
     def __init__(self, model: str) -> None:
         self._reader = SseReader()
@@ -211,20 +237,26 @@ class AnthropicStream:
         self._model = model
         self._created = int(time.time())
         self._usage: JSON = {}
-        self._tools: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool call index
+        self._tools: dict[int, _Tool] = {}  # Anthropic content block index -> the call streamed from it
+        self._stop_reason: Any = None
+        self._finished = False  # the finish_reason chunk went out
         self._done = False  # after message_stop or an error nothing more is forwarded
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
+        """An event that is not a JSON object, or not of the shape Anthropic documents,
+        raises StreamBroken: base.GuardedStream then ends the stream with a
+        provider_error event instead of guessing."""
         out: list[bytes] = []
         for data in self._reader.feed(chunk, end):
             if self._done:
                 break
             try:
                 event = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
+                if not isinstance(event, dict):
+                    raise ValueError("Anthropic stream event is not a JSON object")
                 out.extend(self._event(event))
+            except Exception as err:
+                raise StreamBroken(b"".join(out)) from err
         return b"".join(out)
 
     def _event(self, event: JSON) -> list[bytes]:
@@ -234,37 +266,66 @@ class AnthropicStream:
             self._id = message.get("id", self._id)
             self._model = message.get("model") or self._model
             self._usage.update(message.get("usage") or {})
-            return [self._chunk({"role": "assistant", "content": ""})]
+            self._stop_reason = message.get("stop_reason") or self._stop_reason
+            out = [self._chunk({"role": "assistant", "content": ""})]
+            for i, block in enumerate(message.get("content") or []):  # a message_start that holds the answer
+                out += self._block_start(-1 - i, block)
+                out += self._block_stop(-1 - i)
+            return out
         if kind == "content_block_start":
-            block = event.get("content_block") or {}
-            if block.get("type") == "tool_use":
-                k = self._tools[event.get("index", -1)] = len(self._tools)
-                return [self._chunk({"tool_calls": [{"index": k, "id": block.get("id", ""), "type": "function",
-                                                     "function": {"name": block.get("name", ""), "arguments": ""}}]})]
-            if block.get("type") == "text" and block.get("text"):
-                return [self._chunk({"content": block["text"]})]
-            return []
+            return self._block_start(event.get("index", -1), event.get("content_block") or {})
         if kind == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta":
                 return [self._chunk({"content": delta.get("text", "")})]
-            k = self._tools.get(event.get("index", -1))
-            if delta.get("type") == "input_json_delta" and k is not None:
-                return [self._chunk({"tool_calls": [{"index": k,
-                                                     "function": {"arguments": delta.get("partial_json", "")}}]})]
+            tool = self._tools.get(event.get("index", -1))
+            if delta.get("type") == "input_json_delta" and tool is not None and delta.get("partial_json"):
+                tool.sent = True
+                return [self._arguments(tool, delta["partial_json"])]
             return []
+        if kind == "content_block_stop":
+            return self._block_stop(event.get("index", -1))
         if kind == "message_delta":
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-            return [self._chunk({}, _finish((event.get("delta") or {}).get("stop_reason")))]
+            self._stop_reason = (event.get("delta") or {}).get("stop_reason") or self._stop_reason
+            return self._end()
         if kind == "message_stop":
             self._done = True
-            return [completion_chunk(self._id, self._created, self._model, [], _usage(self._usage)), DONE]
+            return self._end() + [completion_chunk(self._id, self._created, self._model, [], _usage(self._usage)),
+                                     DONE]
         if kind == "error":
             self._done = True
             error = event.get("error") or {}
             status = _ERROR_STATUS.get(error.get("type", ""), 500)
             return [error_event(status, error.get("message") or "provider stream error")]
-        return []  # ping, content_block_stop, thinking/signature deltas
+        return []  # ping, thinking/signature deltas, server tool blocks and events added later
+
+    def _block_start(self, index: int, block: JSON) -> list[bytes]:
+        if block.get("type") == "tool_use":
+            tool = self._tools[index] = _Tool(len(self._tools), block.get("input"))
+            return [self._chunk({"tool_calls": [{"index": tool.index, "id": block.get("id", ""), "type": "function",
+                                                 "function": {"name": block.get("name", ""), "arguments": ""}}]})]
+        if block.get("type") == "text" and block.get("text"):
+            return [self._chunk({"content": block["text"]})]
+        return []
+
+    def _block_stop(self, index: int) -> list[bytes]:
+        tool = self._tools.get(index)
+        if tool is None or tool.sent:
+            return []
+        tool.sent = True
+        return [self._arguments(tool, arguments_text(tool.start_input))]
+
+    def _end(self) -> list[bytes]:
+        """Arguments still owed (a block never stopped), then the one finish_reason chunk."""
+        if self._finished:
+            return []
+        self._finished = True
+        out = [chunk for index in list(self._tools) for chunk in self._block_stop(index)]
+        return out + [self._chunk({}, _finish(self._stop_reason, bool(self._tools)))]
+
+    def _arguments(self, tool: _Tool, text: str) -> bytes:
+        return self._chunk({"tool_calls": [{"index": tool.index, "function": {"arguments": text}}]})
 
     def _chunk(self, delta: JSON, finish: str | None = None) -> bytes:
         return completion_chunk(self._id, self._created, self._model, [delta_choice(delta, finish)])

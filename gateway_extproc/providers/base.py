@@ -4,6 +4,8 @@ calls them once per attempt, and golden tests call them directly."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -106,6 +108,61 @@ def error_event(status: int, message: str) -> bytes:
     return sse(openai_error(status, message))
 
 
+UNREADABLE_STREAM = "The provider sent a stream the gateway could not read."
+
+
+class StreamBroken(Exception):
+    """Raised by a stream translator for an event it cannot translate, carrying the
+    output of the events before it in the same `feed` (so it is not lost); the cause is
+    the original exception."""
+
+    def __init__(self, out: bytes) -> None:
+        super().__init__("provider stream event could not be translated")
+        self.out = out
+
+
+class GuardedStream:
+    """A provider stream translator that never raises: the first exception of any type
+    (garbage, a shape the translator does not expect, a translator bug) becomes one
+    `provider_error` event and every later byte of that stream is dropped, so the client
+    sees a clean end instead of junk or a broken connection. `failure` keeps the
+    exception for the caller's log line."""
+
+    __slots__ = ("_inner", "failure")
+
+    def __init__(self, inner: StreamTranslator) -> None:
+        self._inner: StreamTranslator | None = inner
+        self.failure: Exception | None = None
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        if self._inner is None:
+            return b""
+        try:
+            return self._inner.feed(chunk, end)
+        except StreamBroken as err:
+            self._inner, self.failure = None, err.__cause__ or err
+            return err.out + error_event(502, UNREADABLE_STREAM)
+        except Exception as err:
+            self._inner, self.failure = None, err
+            return error_event(502, UNREADABLE_STREAM)
+
+
+def guarded_response(translator: Translator, status: int, raw: bytes,
+                     model: str) -> tuple[bytes, int, Exception | None]:
+    """`translator.response` that never raises, as (body, status for the client,
+    exception for the log line). An unreadable body (of any exception type) becomes a
+    `provider_error`; an error answered under a 2xx status (a body that is no answer)
+    goes out as 502, so clients do not take an error body for a completion."""
+    try:
+        out, failure = translator.response(status, raw, model), None
+    except Exception as err:
+        out, failure = openai_error(502, f"The provider answered HTTP {status} with a body the gateway "
+                                         "could not read."), err
+    if 200 <= status < 300 and out.startswith(b'{"error":'):
+        status = 502
+    return out, status, failure
+
+
 class SseReader:
     """Reassembles SSE events across arbitrary chunk boundaries (LF, CRLF or CR line ends)
     and yields each event's `data` payload; event names and comments are not needed
@@ -146,6 +203,12 @@ def append_turn(turns: list[JSON], role: str, field: str, items: list[JSON]) -> 
         turns.append({"role": role, field: items})
 
 
+def arguments_text(value: Any) -> str:
+    """A provider's tool input object as OpenAI's JSON-string arguments: never "" (clients
+    json.loads it), and {} for anything that is not an object."""
+    return orjson.dumps(value if isinstance(value, dict) else {}).decode()
+
+
 def arguments_object(raw: Any) -> JSON | None:
     """A tool call's `arguments` (a JSON string in OpenAI's schema) as the object other
     schemas want; None when it is not valid JSON or not an object."""
@@ -154,3 +217,59 @@ def arguments_object(raw: Any) -> JSON | None:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
+
+
+# --- tool-call ids across the pivot ------------------------------------------------------
+
+# Gemini 3 refuses the next turn of a function-calling conversation unless each function
+# call comes back with the opaque `thoughtSignature` it was sent with. OpenAI's schema has
+# no place for it, but every client echoes a tool call's id verbatim (in the assistant
+# message and in the tool message answering it), so the signature rides in the id:
+# "<id>__thought__<signature as unpadded base64url>". Only [A-Za-z0-9_-] is used, the
+# alphabet Anthropic and Bedrock allow in their own tool ids (other translators send just
+# the "<id>" part: see `plain_call_id`).
+_THOUGHT_MARK = "__thought__"
+
+
+def call_id(base: str, signature: Any = None) -> str:
+    """The OpenAI tool-call id for a provider's call id and its thought signature. A
+    signature that is not canonical base64 (so would not survive the re-encoding) is left
+    out rather than corrupted."""
+    if not isinstance(signature, str) or not signature:
+        return base
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        return base
+    if base64.b64encode(raw).decode() != signature:
+        return base
+    return base + _THOUGHT_MARK + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def split_call_id(value: Any) -> tuple[str, str | None]:
+    """(provider call id, thought signature or None) of an OpenAI tool-call id."""
+    text = value if isinstance(value, str) else ""
+    base, mark, encoded = text.partition(_THOUGHT_MARK)
+    if not mark or not encoded:
+        return text, None
+    try:
+        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        return text, None
+    return base, base64.b64encode(raw).decode()
+
+
+def plain_call_id(value: Any) -> str:
+    """A tool-call id without the Gemini thought signature riding in it: what providers
+    with their own id rules (Anthropic, Bedrock: [A-Za-z0-9_-], at most 64 characters) get."""
+    return split_call_id(value)[0]
+
+
+def finish_with_calls(finish: str, called: bool) -> str:
+    """`finish_reason` is "tool_calls" exactly when the answer holds client tool calls
+    (OpenAI clients run tools on it, and expect some), unless it was cut short
+    (`length`, `content_filter`): a provider stop reason saying otherwise (a tool_use
+    stop after server tools only, an end_turn after a tool_use block) is overruled."""
+    if called:
+        return "tool_calls" if finish == "stop" else finish
+    return "stop" if finish == "tool_calls" else finish

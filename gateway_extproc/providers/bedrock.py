@@ -16,8 +16,9 @@ import orjson
 
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.providers import eventstream, sigv4
-from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamTranslator, Target, append_turn, completion_chunk,
-                                             delta_choice, error_event, openai_error)
+from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamBroken, StreamTranslator, Target, append_turn,
+                                             arguments_text, completion_chunk, delta_choice, error_event,
+                                             finish_with_calls, openai_error, plain_call_id)
 
 TRANSLATES_RESPONSE = True
 
@@ -81,7 +82,7 @@ def _assistant_blocks(message: JSON, param: str) -> list[JSON]:
             arguments = orjson.loads(function.get("arguments") or "{}")
         except orjson.JSONDecodeError:
             raise GatewayError("invalid_request", "tool call arguments must be JSON", param) from None
-        blocks.append({"toolUse": {"toolUseId": call.get("id"), "name": function.get("name"),
+        blocks.append({"toolUse": {"toolUseId": plain_call_id(call.get("id")), "name": function.get("name"),
                                    "input": arguments}})
     return blocks
 
@@ -107,7 +108,7 @@ def _conversation(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
         elif role == "tool":
             role = "user"
             texts = _texts(message.get("content"), param)
-            blocks = [{"toolResult": {"toolUseId": message.get("tool_call_id"),
+            blocks = [{"toolResult": {"toolUseId": plain_call_id(message.get("tool_call_id")),
                                       "content": [{"text": "".join(texts)}]}}]
         else:
             raise GatewayError("invalid_request", f"unsupported message role {role!r}", param)
@@ -126,7 +127,7 @@ def _tool_config(body: JSON, turns: list[JSON]) -> JSON | None:
     for tool in body.get("tools") or []:
         function = tool.get("function") or {}
         spec: JSON = {"name": function.get("name")}
-        if function.get("description") is not None:
+        if function.get("description"):  # Converse refuses "" (minimum length 1)
             spec["description"] = function["description"]
         # Converse requires a schema; OpenAI lets a function without parameters omit it.
         spec["inputSchema"] = {"json": function.get("parameters") or {"type": "object", "properties": {}}}
@@ -231,9 +232,8 @@ def response(status: int, raw: bytes, model: str) -> bytes:
         return openai_error(502, "Bedrock returned a malformed Converse response")
     texts = [b["text"] for b in blocks if "text" in b]
     tool_calls = [{"id": b["toolUse"]["toolUseId"], "type": "function",
-                   "function": {"name": b["toolUse"]["name"],
-                                "arguments": orjson.dumps(b["toolUse"].get("input", {})).decode()}}
-                  for b in blocks if "toolUse" in b]
+                   "function": {"name": b["toolUse"]["name"], "arguments": arguments_text(b["toolUse"].get("input"))}}
+                  for b in blocks if "toolUse" in b and _is_client_tool(b["toolUse"])]
     message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None}
     if tool_calls:
         message["tool_calls"] = tool_calls
@@ -241,16 +241,26 @@ def response(status: int, raw: bytes, model: str) -> bytes:
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": message,
-                     "finish_reason": _FINISH.get(parsed.get("stopReason", ""), "stop")}],
+                     "finish_reason": _finish(parsed.get("stopReason"), bool(tool_calls))}],
         "usage": _usage(parsed.get("usage") or {}),
     })
+
+
+def _is_client_tool(tool: JSON) -> bool:
+    """Converse marks tools Bedrock ran itself (system tools) `server_tool_use`; only the
+    others are the client's to run."""
+    return tool.get("type") != "server_tool_use"
+
+
+def _finish(stop_reason: Any, called: bool) -> str:
+    return finish_with_calls(_FINISH.get(stop_reason or "", "stop"), called)
 
 
 class _Stream:
     """ConverseStream events in, OpenAI chunks out. Converse numbers content blocks across
     text and tool use; OpenAI numbers tool calls alone, hence `_tool_index`."""
 
-    __slots__ = ("_decoder", "_model", "_id", "_created", "_tool_index", "_stopped", "_done")
+    __slots__ = ("_decoder", "_model", "_id", "_created", "_tool_index", "_unsent", "_stopped", "_done")
 
     def __init__(self, model: str) -> None:
         self._decoder = eventstream.Decoder()
@@ -258,6 +268,9 @@ class _Stream:
         self._id = f"chatcmpl-{uuid.uuid4().hex}"
         self._created = int(time.time())
         self._tool_index: dict[int, int] = {}
+        # Tool calls (by content block) with no argument text sent yet: a tool without
+        # parameters streams no toolUse delta, and its arguments must still read "{}".
+        self._unsent: set[int] = set()
         self._stopped = False  # messageStop seen
         self._done = False  # [DONE] or an error event sent; nothing more goes out
 
@@ -275,27 +288,43 @@ class _Stream:
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "contentBlockStart":
             tool = (event.get("start") or {}).get("toolUse")
-            if not tool:
+            if not tool or not _is_client_tool(tool):
                 return b""
-            index = self._tool_index[event.get("contentBlockIndex", 0)] = len(self._tool_index)
+            block = event.get("contentBlockIndex", 0)
+            index = self._tool_index[block] = len(self._tool_index)
+            self._unsent.add(block)
             return self._chunk({"tool_calls": [{"index": index, "id": tool.get("toolUseId"), "type": "function",
                                                 "function": {"name": tool.get("name"), "arguments": ""}}]})
         if kind == "contentBlockDelta":
             delta = event.get("delta") or {}
             if "text" in delta:
                 return self._chunk({"content": delta["text"]})
-            index = self._tool_index.get(event.get("contentBlockIndex", 0))
-            if "toolUse" in delta and index is not None:
-                return self._chunk({"tool_calls": [{"index": index,
-                                                    "function": {"arguments": delta["toolUse"].get("input", "")}}]})
+            block = event.get("contentBlockIndex", 0)
+            text = (delta.get("toolUse") or {}).get("input")
+            if block in self._tool_index and text:
+                self._unsent.discard(block)
+                return self._arguments(block, text)
             return b""  # reasoningContent, citations: no OpenAI chat equivalent
+        if kind == "contentBlockStop":
+            return self._owed(event.get("contentBlockIndex", 0))
         if kind == "messageStop":
             self._stopped = True
-            return self._chunk({}, _FINISH.get(event.get("stopReason", ""), "stop"))
+            owed = b"".join(self._owed(block) for block in sorted(self._unsent))
+            return owed + self._chunk({}, _finish(event.get("stopReason"), bool(self._tool_index)))
         if kind == "metadata":
             self._done = True
             return completion_chunk(self._id, self._created, self._model, [], _usage(event.get("usage") or {})) + DONE
-        return b""  # contentBlockStop and events added later
+        return b""  # events added later
+
+    def _owed(self, block: int) -> bytes:
+        """The "{}" arguments of a tool call whose block ended without any."""
+        if block not in self._unsent:
+            return b""
+        self._unsent.discard(block)
+        return self._arguments(block, "{}")
+
+    def _arguments(self, block: int, text: str) -> bytes:
+        return self._chunk({"tool_calls": [{"index": self._tool_index[block], "function": {"arguments": text}}]})
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
         if self._done:
@@ -311,7 +340,10 @@ class _Stream:
                     out += self._error(headers.get(":error-message") or headers.get(":error-code", "error"))
                 else:
                     event = orjson.loads(payload) if payload else {}
-                    out += self._event(headers.get(":event-type", ""), event if isinstance(event, dict) else {})
+                    try:
+                        out += self._event(headers.get(":event-type", ""), event if isinstance(event, dict) else {})
+                    except Exception as err:  # an event of a shape Converse does not document
+                        raise StreamBroken(bytes(out)) from err
                 if self._done:
                     return bytes(out)
         except (eventstream.EventStreamError, orjson.JSONDecodeError, UnicodeDecodeError):

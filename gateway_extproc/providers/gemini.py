@@ -4,6 +4,7 @@ differ only in the base URL and in how the credential is sent (`auth` option).""
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from typing import Any
@@ -12,8 +13,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from ..errors import GatewayError
-from .base import (DONE, JSON, Outbound, SseReader, Target, append_turn, arguments_object, completion_chunk,
-                   delta_choice, error_event, openai_error)
+from .base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn, arguments_object, call_id,
+                   completion_chunk, delta_choice, error_event, finish_with_calls, openai_error, split_call_id)
 
 TRANSLATES_RESPONSE = True
 
@@ -90,14 +91,13 @@ def _contents(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
             name = names.get(message.get("tool_call_id", ""))
             if name is None:
                 raise _invalid(f"tool message answers unknown tool_call_id {message.get('tool_call_id')!r}")
-            role, parts = "user", [{"functionResponse": {"name": name,
-                                                         "response": _tool_result(message.get("content"))}}]
+            answer: JSON = {"name": name, "response": _tool_result(message.get("content"))}
+            role, parts = "user", [{"functionResponse": _with_id(answer, message.get("tool_call_id"))}]
         elif role == "assistant":
             role, parts = "model", _parts(message.get("content"))
             for call in message.get("tool_calls") or []:
                 names[call["id"]] = call["function"]["name"]
-                parts.append({"functionCall": {"name": call["function"]["name"],
-                                               "args": _arguments(call["function"].get("arguments"))}})
+                parts.append(_function_call_part(call))
         elif role == "user":
             parts = _parts(message.get("content"))
         else:
@@ -106,6 +106,32 @@ def _contents(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
             continue
         append_turn(contents, role, "parts", parts)
     return system, contents
+
+
+def _function_call_part(call: JSON) -> JSON:
+    """An assistant tool call as the functionCall part Gemini sent, with its id and its
+    thought signature (Gemini 3 refuses the turn without it) taken back out of the
+    OpenAI tool-call id (base.call_id)."""
+    part: JSON = {"functionCall": _with_id({"name": call["function"]["name"],
+                                            "args": _arguments(call["function"].get("arguments"))}, call["id"])}
+    signature = split_call_id(call["id"])[1]
+    if signature is not None:
+        part["thoughtSignature"] = signature
+    return part
+
+
+# The ids the gateway makes up for calls Gemini sent without one (and older releases'
+# "call_0", "call_1"...): Gemini never saw them, so they are not sent back as ids.
+_OWN_CALL_ID = re.compile(r"call_(?:[0-9a-f]{24}|\d+)")
+
+
+def _with_id(obj: JSON, tool_call_id: Any) -> JSON:
+    """A functionCall / functionResponse with the provider's call id, when there is one:
+    Vertex and the Gemini API match a response to its call by it."""
+    base = split_call_id(tool_call_id)[0]
+    if base and not _OWN_CALL_ID.fullmatch(base):
+        obj["id"] = base
+    return obj
 
 
 def _texts(content: Any) -> list[str]:
@@ -190,7 +216,97 @@ def _declaration(tool: JSON) -> JSON:
         raise GatewayError("invalid_request", f"tool type {tool.get('type')!r} is not supported by "
                            "Gemini backends", param="tools")
     function = tool["function"]
-    return {key: function[key] for key in ("name", "description", "parameters") if key in function}
+    out: JSON = {key: function[key] for key in ("name", "description") if function.get(key)}
+    parameters = function.get("parameters")
+    if isinstance(parameters, dict):
+        schema = gemini_schema(parameters)
+        # Gemini refuses an OBJECT with no properties: a function without parameters
+        # is declared without `parameters`.
+        if schema.get("properties") or schema.get("type") not in (None, "object"):
+            out["parameters"] = schema
+    return out
+
+
+# The OpenAPI-3.0 subset Gemini's `Schema` accepts (FunctionDeclaration.parameters), by
+# the JSON type each keyword's value must have; any other keyword (additionalProperties,
+# strict, $schema, $defs, examples, ...) is a 400 "Unknown name" there. `type`,
+# `properties`, `items`, `anyOf`, `enum`, `format` and `required` are handled apart.
+_SCHEMA_VALUES: dict[str, type | tuple[type, ...]] = {
+    "title": str, "description": str, "pattern": str, "nullable": bool,
+    "minimum": (int, float), "maximum": (int, float), "minItems": int, "maxItems": int, "minLength": int,
+    "maxLength": int, "minProperties": int, "maxProperties": int, "example": object, "default": object,
+    "propertyOrdering": list}
+_SCHEMA_KEYS = frozenset(_SCHEMA_VALUES) | {"type", "format", "enum", "properties", "required", "anyOf", "items"}
+_SCHEMA_TYPES = frozenset({"string", "number", "integer", "boolean", "array", "object"})
+# Gemini documents these formats only (and 400s on others such as "uri" or "email").
+_FORMATS = {"string": {"enum", "date-time"}, "number": {"float", "double"}, "integer": {"int32", "int64"}}
+_MAX_SCHEMA_DEPTH = 32
+
+
+def gemini_schema(schema: JSON) -> JSON:
+    """A JSON Schema (what OpenAI clients send, strict mode included) as the Schema subset
+    Gemini accepts: `$ref`s inlined from `$defs`/`definitions` (a recursive one ends as a
+    plain object), `type: [T, "null"]` as `nullable`, `const` as a one-value `enum`,
+    `oneOf` as `anyOf`, a one-entry `allOf` merged, unknown keywords, formats and values
+    of the wrong type dropped, `required` limited to declared properties."""
+    defs: JSON = {}
+    for key in ("definitions", "$defs"):
+        if isinstance(schema.get(key), dict):
+            defs.update({k: v for k, v in schema[key].items() if isinstance(v, dict)})
+    return _schema(schema, defs, frozenset(), 0)
+
+
+def _schema(node: Any, defs: JSON, seen: frozenset[str], depth: int) -> JSON:
+    if not isinstance(node, dict) or depth > _MAX_SCHEMA_DEPTH:
+        return {}
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        name = ref.rpartition("/")[2]
+        if name in seen or name not in defs:
+            return {"type": "object"}
+        merged = {**defs[name], **{k: v for k, v in node.items() if k != "$ref"}}
+        return _schema(merged, defs, seen | {name}, depth + 1)
+    all_of = node.get("allOf")
+    if isinstance(all_of, list) and len(all_of) == 1 and isinstance(all_of[0], dict):
+        return _schema({**{k: v for k, v in node.items() if k != "allOf"}, **all_of[0]}, defs, seen, depth + 1)
+    out: JSON = {}
+    kinds = node.get("type")
+    kinds = [k for k in (kinds if isinstance(kinds, list) else [kinds]) if isinstance(k, str)]
+    if "null" in kinds:
+        out["nullable"] = True
+    known = [k for k in kinds if k in _SCHEMA_TYPES]
+    if len(known) == 1:
+        out["type"] = known[0]
+    elif known:
+        out["anyOf"] = [_schema({**node, "type": k}, defs, seen, depth + 1) for k in known]
+    for key, wanted in _SCHEMA_VALUES.items():
+        value = node.get(key)
+        if key in node and isinstance(value, wanted) and not (wanted is int and isinstance(value, bool)):
+            out[key] = value
+    if isinstance(out.get("propertyOrdering"), list):
+        out["propertyOrdering"] = [p for p in out["propertyOrdering"] if isinstance(p, str)]
+    enum = [node["const"]] if "const" in node else node.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        out["enum"] = enum  # Gemini's enums are strings; others are dropped
+        out.setdefault("type", "string")
+    if isinstance(node.get("format"), str) and node["format"] in _FORMATS.get(out.get("type", ""), ()):
+        out["format"] = node["format"]
+    if isinstance(node.get("properties"), dict):
+        out["properties"] = {str(name): _schema(sub, defs, seen, depth + 1)
+                             for name, sub in node["properties"].items()}
+    if isinstance(node.get("items"), dict):
+        out["items"] = _schema(node["items"], defs, seen, depth + 1)
+    alternatives = node.get("anyOf", node.get("oneOf"))
+    if isinstance(alternatives, list) and "anyOf" not in out:
+        subs = [_schema(sub, defs, seen, depth + 1) for sub in alternatives if isinstance(sub, dict)]
+        if subs:
+            out["anyOf"] = subs
+    required = node.get("required")
+    if isinstance(required, list):
+        names = [n for n in required if isinstance(n, str) and n in (out.get("properties") or {})]
+        if names:
+            out["required"] = names
+    return out
 
 
 def _calling_config(choice: Any) -> JSON:
@@ -243,46 +359,159 @@ def _completion_id(doc: JSON) -> str:
     return "chatcmpl-" + (doc.get("responseId") or secrets.token_hex(12))
 
 
-def _visible_parts(candidate: JSON) -> tuple[str | None, list[JSON]]:
-    """(text, functionCall objects) of a candidate; thought summaries are not the answer."""
+def _new_call_id() -> str:
+    """An id for a call Gemini sent without one (the Gemini API usually does)."""
+    return "call_" + secrets.token_hex(12)
+
+
+class _Calls:
+    """Gemini function calls (of one candidate) as OpenAI tool calls, each complete.
+
+    A call comes whole in one part (`name` + `args`), or, when Vertex streams arguments
+    (`streamFunctionCallArguments`), in pieces: a part with `name` and `willContinue:
+    true`, parts without a name whose `partialArgs` set or extend values at JSON paths,
+    and a last part without `willContinue` (often an empty `functionCall: {}`). Pieces
+    are assembled and the call goes out once complete, in one chunk: OpenAI's
+    arguments are one JSON text, which path-addressed pieces cannot be streamed as. The
+    id is Gemini's own `functionCall.id` when it sent one; a part's `thoughtSignature`
+    rides in the id (base.call_id)."""
+
+    __slots__ = ("count", "_open")
+
+    def __init__(self) -> None:
+        self.count = 0  # calls emitted so far: the next OpenAI tool call index
+        self._open: JSON | None = None  # the call being assembled
+
+    def part(self, part: JSON) -> list[JSON]:
+        """Calls completed by one part holding a functionCall."""
+        call = part["functionCall"] if isinstance(part["functionCall"], dict) else {}
+        if not isinstance(call.get("name"), str):
+            call = {k: v for k, v in call.items() if k != "name"}
+        out: list[JSON] = []
+        if self._open is not None and not call.get("name"):
+            self._extend(self._open, call, part)
+            if not call.get("willContinue"):
+                out += self.close()
+            return out
+        out += self.close()
+        if not call.get("name"):
+            return out  # the end marker of a call already complete
+        self._open = {"name": call["name"], "id": call.get("id"), "signature": part.get("thoughtSignature"),
+                      "args": dict(call["args"]) if isinstance(call.get("args"), dict) else {}}
+        self._extend(self._open, call, part)
+        if not call.get("willContinue"):
+            out += self.close()
+        return out
+
+    def close(self) -> list[JSON]:
+        """The call being assembled, if any, as a finished OpenAI tool call."""
+        if self._open is None:
+            return []
+        call, self._open = self._open, None
+        self.count += 1
+        return [{"index": self.count - 1, "id": call_id(call["id"] or _new_call_id(), call["signature"]),
+                 "type": "function",
+                 "function": {"name": call["name"], "arguments": orjson.dumps(call["args"]).decode()}}]
+
+    @staticmethod
+    def _extend(open_call: JSON, call: JSON, part: JSON) -> None:
+        open_call["id"] = open_call["id"] or call.get("id")
+        open_call["signature"] = open_call["signature"] or part.get("thoughtSignature")
+        for piece in call.get("partialArgs") or []:
+            _set_path(open_call["args"], piece)
+
+
+_PATH_STEP = re.compile(r"""\.([A-Za-z_$][\w$-]*)|\[(\d+)\]|\[(?:'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)")\]""")
+
+
+def _set_path(args: JSON, piece: Any) -> None:
+    """Applies one PartialArg: the value at its RFC 9535 path (`$.a.b[0]`, `$['a b']`),
+    appended to the string already there when an earlier piece of the same path said
+    `willContinue`. A piece with a path this cannot read is dropped."""
+    if not isinstance(piece, dict) or not isinstance(piece.get("jsonPath"), str):
+        return
+    path = piece["jsonPath"]
+    steps: list[str | int] = []
+    at = 1 if path.startswith("$") else len(path) + 1
+    while at < len(path):
+        found = _PATH_STEP.match(path, at)
+        if found is None:
+            return
+        name, number, quoted, double = found.groups()
+        steps.append(int(number) if number is not None else next(v for v in (name, quoted, double) if v is not None))
+        at = found.end()
+    if not steps:
+        return
+    if "stringValue" in piece:
+        value: Any = piece["stringValue"]
+    elif "numberValue" in piece:
+        value = piece["numberValue"]
+    elif "boolValue" in piece:
+        value = piece["boolValue"]
+    else:
+        value = None
+    node: Any = args
+    for step, following in zip(steps, steps[1:]):
+        empty: Any = [] if isinstance(following, int) else {}
+        if isinstance(step, int) and isinstance(node, list):
+            node.extend(None for _ in range(step + 1 - len(node)))
+            node[step] = node[step] if isinstance(node[step], (dict, list)) else empty
+        elif isinstance(step, str) and isinstance(node, dict):
+            node[step] = node[step] if isinstance(node.get(step), (dict, list)) else empty
+        else:
+            return
+        node = node[step]
+    last = steps[-1]
+    if isinstance(last, int) and isinstance(node, list):
+        node.extend(None for _ in range(last + 1 - len(node)))
+    elif not (isinstance(last, str) and isinstance(node, dict)):
+        return
+    previous = node[last] if isinstance(node, list) else node.get(last)
+    if isinstance(value, str) and isinstance(previous, str):
+        value = previous + value  # the continuation of a streamed string
+    node[last] = value
+
+
+def _visible_parts(candidate: JSON, calls: _Calls) -> tuple[str | None, list[JSON]]:
+    """(text, OpenAI tool calls completed) of a candidate's parts; thought summaries are
+    not the answer."""
     texts: list[str] = []
-    calls: list[JSON] = []
+    done: list[JSON] = []
     for part in (candidate.get("content") or {}).get("parts") or []:
-        if part.get("thought"):
+        if not isinstance(part, dict) or part.get("thought"):
             continue
         if "functionCall" in part:
-            calls.append(part["functionCall"])
+            done += calls.part(part)
         elif part.get("text"):
             texts.append(part["text"])
-    return ("".join(texts) if texts else None), calls
-
-
-def _tool_call(call: JSON, index: int) -> JSON:
-    return {"id": f"call_{index}", "type": "function",
-            "function": {"name": call["name"], "arguments": orjson.dumps(call.get("args") or {}).decode()}}
+    return ("".join(texts) if texts else None), done
 
 
 def _finish(reason: str, called: bool) -> str:
-    return "tool_calls" if called else _FINISH.get(reason, "stop")
+    return finish_with_calls(_FINISH.get(reason, "stop"), called)
 
 
 def _choice(candidate: JSON, index: int) -> JSON:
-    text, calls = _visible_parts(candidate)
+    calls = _Calls()
+    text, done = _visible_parts(candidate, calls)
+    done += calls.close()
     message: JSON = {"role": "assistant", "content": text}
-    if calls:
-        message["tool_calls"] = [_tool_call(call, k) for k, call in enumerate(calls)]
+    if done:
+        message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in done]
     return {"index": index, "message": message,
-            "finish_reason": _finish(candidate.get("finishReason", "STOP"), bool(calls))}
+            "finish_reason": _finish(candidate.get("finishReason", "STOP"), bool(done))}
 
 
 def usage(meta: JSON) -> JSON:
-    """usageMetadata as OpenAI usage. Thinking tokens are billed as output, so they count
-    as completion tokens (and are itemised as reasoning tokens, as OpenAI does)."""
-    thoughts = meta.get("thoughtsTokenCount", 0)
-    prompt = meta.get("promptTokenCount", 0)
-    completion = meta.get("candidatesTokenCount", 0) + thoughts
-    out: JSON = {"prompt_tokens": prompt, "completion_tokens": completion,
-                 "total_tokens": meta.get("totalTokenCount", prompt + completion)}
+    """usageMetadata as OpenAI usage, with total = prompt + completion. The prompt Gemini
+    prices includes the tool-use prompt (`toolUsePromptTokenCount`: results of its own
+    tools fed back, e.g. search); thinking tokens are billed as output, so they count as
+    completion tokens (itemised as reasoning tokens, as OpenAI does). Cached tokens are a
+    share of `promptTokenCount` already."""
+    thoughts = meta.get("thoughtsTokenCount") or 0
+    prompt = (meta.get("promptTokenCount") or 0) + (meta.get("toolUsePromptTokenCount") or 0)
+    completion = (meta.get("candidatesTokenCount") or 0) + thoughts
+    out: JSON = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     if "cachedContentTokenCount" in meta:
         out["prompt_tokens_details"] = {"cached_tokens": meta["cachedContentTokenCount"]}
     if thoughts:
@@ -297,7 +526,7 @@ class GeminiStream:
     whole GenerateContentResponse holding only the new parts; usageMetadata is cumulative,
     so the last one seen is the stream's usage."""
 
-    __slots__ = ("_reader", "_model", "_id", "_created", "_started", "_calls", "_finished", "_usage")
+    __slots__ = ("_reader", "_model", "_id", "_created", "_started", "_calls", "_finished", "_usage", "_done")
 
     def __init__(self, model: str) -> None:
         self._reader = SseReader()
@@ -305,15 +534,26 @@ class GeminiStream:
         self._id = ""
         self._created = int(time.time())
         self._started: set[int] = set()  # choices whose role was sent
-        self._calls: dict[int, int] = {}  # choice -> tool calls sent so far
+        self._calls: dict[int, _Calls] = {}  # choice -> its function calls
         self._finished = False
         self._usage: JSON | None = None
+        self._done = False  # an error event went out: nothing more is forwarded
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
-        out = [self._event(data) for data in self._reader.feed(chunk, False)]
+        """An event that does not parse, or not of the documented shape, raises
+        StreamBroken: base.GuardedStream then ends the stream with an error event
+        rather than forwarding junk."""
+        out: list[bytes] = []
+        try:
+            for data in self._reader.feed(chunk, False):
+                out.append(self._event(data))
+            if end:
+                out.extend(self._tail(data) for data in self._reader.feed(b"", True))
+        except Exception as err:
+            raise StreamBroken(b"".join(out)) from err
         if end:
-            out.extend(self._tail(data) for data in self._reader.feed(b"", True))
-            if self._finished:
+            if self._finished and not self._done:
+                out.extend(self._close(index) for index in sorted(self._calls))
                 if self._usage is not None:
                     out.append(completion_chunk(self._id, self._created, self._model, [], usage(self._usage)))
                 out.append(DONE)
@@ -327,38 +567,49 @@ class GeminiStream:
             return b""
 
     def _event(self, data: bytes) -> bytes:
-        """A complete event's data. JSON that does not parse raises: the upstream processor
-        then ends the stream with an error event rather than forwarding junk."""
+        """A complete event's data."""
         doc = orjson.loads(data)
+        if self._done:
+            return b""
+        if not isinstance(doc, dict):
+            raise ValueError("Gemini stream event is not a JSON object")
         if "error" in doc:
-            error = doc["error"]
-            return error_event(error.get("code", 500), error.get("message", "Gemini stream error"))
+            self._done = True
+            error = doc["error"] if isinstance(doc["error"], dict) else {}
+            code = error.get("code")
+            return error_event(code if isinstance(code, int) and 400 <= code < 600 else 500,
+                               error.get("message") or "Gemini stream error")
         if not self._id:
             self._id = _completion_id(doc)
             self._model = doc.get("modelVersion") or self._model
         if "usageMetadata" in doc:
             self._usage = doc["usageMetadata"]
         candidates = doc.get("candidates") or []
-        if not candidates and doc.get("promptFeedback", {}).get("blockReason"):
+        if not candidates and (doc.get("promptFeedback") or {}).get("blockReason"):
             self._finished = True
             return self._chunk(0, {}, "content_filter")
         return b"".join(self._candidate(c, c.get("index", i)) for i, c in enumerate(candidates))
 
     def _candidate(self, candidate: JSON, index: int) -> bytes:
-        text, calls = _visible_parts(candidate)
+        calls = self._calls.setdefault(index, _Calls())
+        text, done = _visible_parts(candidate, calls)
+        if "finishReason" in candidate:
+            done += calls.close()
         delta: JSON = {}
         if text is not None:
             delta["content"] = text
-        if calls:
-            sent = self._calls.get(index, 0)
-            delta["tool_calls"] = [{"index": sent + k, **_tool_call(call, sent + k)}
-                                   for k, call in enumerate(calls)]
-            self._calls[index] = sent + len(calls)
+        if done:
+            delta["tool_calls"] = done
         out = self._chunk(index, delta) if delta else b""
         if "finishReason" in candidate:
             self._finished = True
-            out += self._chunk(index, {}, _finish(candidate["finishReason"], index in self._calls))
+            out += self._chunk(index, {}, _finish(candidate["finishReason"], calls.count > 0))
         return out
+
+    def _close(self, index: int) -> bytes:
+        """A call still being assembled when the stream ended."""
+        done = self._calls[index].close()
+        return self._chunk(index, {"tool_calls": done}) if done else b""
 
     def _chunk(self, index: int, delta: JSON, finish_reason: str | None = None) -> bytes:
         if index not in self._started:  # the role rides on a choice's first chunk

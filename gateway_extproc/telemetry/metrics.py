@@ -62,6 +62,8 @@ REDIS_LATENCY = Histogram("genai_gateway_redis_latency_seconds", "Budget store r
                           buckets=_FAST)
 CONFIG_RELOADS = Counter("genai_gateway_config_reloads", "gateway.yaml reloads by result (applied, rejected).",
                          ["result"])
+AUDIT_EVENTS = Counter("genai_audit_events", "Audit events by result: written, dropped (queue full or disk "
+                       "error; the chain records the count), ship_failed (Redis Stream copy only).", ["result"])
 PHASE_LATENCY = Histogram("genai_gateway_extproc_phase_seconds", "ext_proc time per processing phase.",
                           ["phase"], buckets=_FAST)
 
@@ -79,10 +81,17 @@ def attempt_outcome(status: int) -> str:
     return "error"
 
 
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
 def child(metric: Any, *values: str) -> Any:
     """`metric.labels(*values)`, cached: label values are bounded by config, and the lookup
-    runs several times per request."""
-    return metric.labels(*values)
+    (a lock and a dict of tuples inside prometheus-client) runs several times per request."""
+    key = (id(metric), values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*values)
+    return found
 
 
 class Bounded:
