@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import orjson
 import structlog
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from .. import api, audit, identity, messages, tokens
 from ..budgets import caps
@@ -55,9 +55,10 @@ class Consumed(NamedTuple):
 class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
-                 "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut",
-                 "body_changed", "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client",
-                 "provider", "requested")
+                 "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
+                 "cut_after", "cut", "body_changed",
+                 "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
+                 "requested")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -75,6 +76,8 @@ class RouterProcessor:
         self.first_byte: float | None = None
         self.error_code: str | None = None
         self.trace: tracing.RequestTrace | None = None
+        # W3C trace context of the ext_proc stream itself (gRPC metadata), set by Envoy's tracer.
+        self.trace_parent: dict[str, str] = {}
         self.admission: Admission | None = None
         self.clamped: int | None = None  # the output cap sent, when below what the request asked for
         self.cut_after: int | None = None  # output tokens after which a stream is ended (backstop)
@@ -115,7 +118,7 @@ class RouterProcessor:
         self.request_id = h.get("x-request-id", "")
         self.method = h.get(":method", "")
         self.path = h.get(":path", "").partition("?")[0]
-        self.trace = tracing.start(h, self.method, self.path)
+        self.trace = tracing.start(h, self.method, self.path, self.trace_parent)
         self.declared = h.get(CLASSIFICATION_HEADER)
         endpoint = _endpoint_for(self.method, self.path)
         if self.path == api.MESSAGES_PATH:
@@ -388,7 +391,9 @@ class RouterProcessor:
                 status=self.status, error_code=self.error_code, provider=backend.provider.kind if backend else None,
                 backend=self.backend, response_model=usage.response_model, input_tokens=usage.prompt_tokens,
                 output_tokens=usage.completion_tokens, duration_s=duration, ttft_s=ttft,
-                request_model=self.model.name if self.model else None)
+                request_model=self.model.name if self.model else None, team=self.key.team if self.key else None,
+                server=backend.provider.base_url if backend else None, response_id=usage.response_id,
+                finish_reasons=usage.finish_reasons)
         access_log.info(
             "access", outcome=outcome, request_id=self.request_id, method=self.method, path=self.path,
             key_id=self.key.id if self.key else None, team=self.key.team if self.key else None,

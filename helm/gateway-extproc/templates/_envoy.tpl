@@ -64,6 +64,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
+          {{- with include "gateway-extproc.envoyTracing" $ }}{{ . | trim | nindent 10 }}{{ end }}
           use_remote_address: true
           always_set_request_id_in_response: true
           request_timeout: 0s
@@ -210,7 +211,10 @@ static_resources:
                       failure: "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
                       upstream_host: "%UPSTREAM_HOST%"
                       duration_ms: "%DURATION%"
+  {{- with include "gateway-extproc.envoyStatsListener" $ }}{{ . | trim | nindent 2 }}{{ end }}
   clusters:
+  {{- with include "gateway-extproc.envoyStatsCluster" $ }}{{ . | trim | nindent 2 }}{{ end }}
+  {{- with include "gateway-extproc.envoyTracingCluster" $ }}{{ . | trim | nindent 2 }}{{ end }}
   # Envoy 1.40 segfaults when this connection's buffered data goes over its high watermark
   # while an ext_proc runs as an upstream (cluster) filter anywhere on the same worker
   # (docs/architecture.md, "Why Envoy never pushes back on the ext_proc connection"), so its
