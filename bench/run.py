@@ -468,6 +468,9 @@ def gateway_values(nginx_port: int, tmp: Path, processes: int, redis_url: str | 
             key_file = tmp / f"{provider['name']}.key"
             key_file.write_text(PROVIDER_KEY)
             provider["credential"] = {"file": str(key_file)}
+    if (values.get("audit") or {}).get("enabled"):  # each stack its own trail (a dir has one writer)
+        values["audit"]["dir"] = str(tmp / f"audit-{tag or processes}")
+        values["audit"]["signingKey"]["file"] = str(tmp / f"audit-{tag or processes}.key")
     lift_limits(values)
     if redis_url is not None and values.get("budgets") is not None:
         values["budgets"]["store"] = "redis"
