@@ -20,6 +20,7 @@ to bench/results/latest.json. Absolute numbers depend on the machine; compare th
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -467,6 +468,9 @@ def gateway_values(nginx_port: int, tmp: Path, processes: int, redis_url: str | 
             key_file = tmp / f"{provider['name']}.key"
             key_file.write_text(PROVIDER_KEY)
             provider["credential"] = {"file": str(key_file)}
+    if (values.get("audit") or {}).get("enabled"):  # each stack its own trail (a dir has one writer)
+        values["audit"]["dir"] = str(tmp / f"audit-{tag or processes}")
+        values["audit"]["signingKey"]["file"] = str(tmp / f"audit-{tag or processes}.key")
     lift_limits(values)
     if redis_url is not None and values.get("budgets") is not None:
         values["budgets"]["store"] = "redis"
@@ -616,7 +620,7 @@ def parse_wrk(text: str, connections: int) -> Load:
 def run_wrk(url: str, script: Path, connections: int, seconds: float,
             cpu_of: dict[str, Callable[[], list[int]]] | None = None, check: bool = True) -> Load:
     cpu_of = cpu_of or {}
-    argv = ["wrk", f"-t{min(WRK_THREADS, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+    argv = ["wrk", f"-t{min(WRK_THREADS, connections)}", f"-c{connections}", f"-d{seconds:g}s", "--latency",
             "-s", str(script), f"{url}/v1/chat/completions"]
     pids = {name: f() for name, f in cpu_of.items()}
     before = {name: cpu_seconds(p) for name, p in pids.items()}
@@ -925,7 +929,8 @@ def check_variant(v: Variant, stack: LocalStack, redis_url: str | None) -> dict[
 
 
 def measure_variants(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], seconds: float,
-                     warmup: float, rounds: int, checked: list[dict[str, object]]) -> dict[str, PathResult]:
+                     warmup: float, rounds: int, checked: list[dict[str, object]],
+                     burst: dict[str, object] | None = None) -> dict[str, PathResult]:
     """All variants up at once, measured in alternating order (ABCD, DCBA, ...) so drift of the
     machine over the minutes this takes hits each variant alike; the result is the mean of
     the rounds. Idle stacks' CPU is counted apart so it never looks like a disturbance."""
@@ -953,7 +958,39 @@ def measure_variants(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[i
                 name = f"gateway {VARIANT_MODEL}, 1 ext_proc proc, {v.label}"
                 done[v.tag].append(measure(Target(name, "variant", st.url, VARIANT_MODEL, cpu_of, 1),
                                            tmp, seconds, warmup))
+        if burst is not None:
+            redis_variant = next(v for v in VARIANTS if v.redis)
+            print(f"  burst: {BURST} requests at once, {redis_variant.label}", flush=True)
+            burst.update(measure_burst(stacks[redis_variant.tag].url, VARIANT_MODEL))
     return {tag: mean_result(rs) for tag, rs in done.items()}
+
+
+# A burst at one replica with budgets in Redis: every request at once, half of them streams.
+BURST = 500
+
+
+def measure_burst(url: str, model: str) -> dict[str, object]:
+    """BURST requests at once at one stack (one ext_proc process, budgets in Redis): how many
+    the gateway refused with 503 (a healthy store never should) and the latency p50/p99."""
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, float]:
+        stream = i % 2 == 1
+        started = time.perf_counter()
+        r = await client.post(f"{url}/v1/chat/completions", headers=headers(stream),
+                              content=json.dumps({**CHAT_BODY, "model": model, "stream": stream}))
+        return r.status_code, time.perf_counter() - started
+
+    async def run() -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=BURST)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(BURST)))
+
+    wait_for_quiet()
+    done = asyncio.run(run())
+    ms = sorted(d * 1000 for _, d in done)
+    statuses: dict[str, int] = {}
+    for status, _ in done:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    return {"requests": BURST, "streams": BURST // 2, "statuses": statuses, "n_503": statuses.get("503", 0),
+            "p50_ms": ms[len(ms) // 2], "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))]}
 
 
 # A provider-like stream for the hold-back delay: the bundled mock provider sends one word per
@@ -1083,7 +1120,8 @@ def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
             probes: list[dict[str, object]], variant_rounds_n: int = 0,
             variants: dict[str, PathResult] | None = None,
             checked: list[dict[str, object]] | None = None,
-            paced: dict[str, dict[str, float]] | None = None, quick: bool = False) -> list[PathResult]:
+            paced: dict[str, dict[str, float]] | None = None, quick: bool = False,
+            burst: dict[str, object] | None = None) -> list[PathResult]:
     results: list[PathResult] = []
     with nginx(tmp) as (nginx_port, nginx_proc):
         nginx_pids = lambda: [nginx_proc.pid, *children(nginx_proc.pid)]  # noqa: E731
@@ -1101,7 +1139,7 @@ def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
             results += measure_gateway(tmp, nginx_port, nginx_pids, n, seconds, warmup, probes)
         if variant_rounds_n and variants is not None:
             variants.update(measure_variants(tmp, nginx_port, nginx_pids, seconds, warmup, variant_rounds_n,
-                                             checked if checked is not None else []))
+                                             checked if checked is not None else [], burst))
             if paced is not None:
                 paced.update(measure_paced(tmp, quick))
         plain_rounds.append(plain_round(tmp, nginx_port, nginx_pids, buffer_limit, seconds, warmup))
@@ -1205,7 +1243,8 @@ def source_version() -> dict[str, object]:
 
 def write_json(results: list[PathResult], plain: PathResult, found: list[Check], probes: list[dict[str, object]],
                args: argparse.Namespace, variants: dict[str, PathResult], checked: list[dict[str, object]],
-               costs: list[scan_cost.ScanCost], paced: dict[str, dict[str, float]]) -> None:
+               costs: list[scan_cost.ScanCost], paced: dict[str, dict[str, float]],
+               burst: dict[str, object]) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -1232,6 +1271,8 @@ def write_json(results: list[PathResult], plain: PathResult, found: list[Check],
                            "redis_cpu_ms_per_req": r.cpu_ms_per_req("redis")}
                      for tag, r in variants.items()} if variants else {},
         "variant_checks": checked,
+        # BURST requests at once at the budgets-in-Redis variant (1 ext_proc process).
+        "burst": burst,
         "paced_stream": {"provider": "gateway-extproc mock-provider", "chunk_delay_ms": PACED_DELAY_MS,
                          "reply_chars": len(PACED_REPLY), "holdback_chars": holdback_chars(), "results": paced} if paced else {},
         "scan_cost": {"how": "in-process, Policy from the rendered values-local config; median of time.perf_counter "
@@ -1293,8 +1334,9 @@ def main(argv: list[str] | None = None) -> int:
         variants: dict[str, PathResult] = {}
         checked: list[dict[str, object]] = []
         paced: dict[str, dict[str, float]] = {}
+        burst: dict[str, object] = {}
         results = run_all(tmp, args.duration, args.warmup, args.process_counts, args.floor, probes,
-                          args.rounds if args.variants else 0, variants, checked, paced, args.quick)
+                          args.rounds if args.variants else 0, variants, checked, paced, args.quick, burst)
         plain = next(r for r in results if r.kind == "plain")
         found = checks(results, plain) + variant_checks(variants) + scan_checks(costs)
         print("\n" + table(results, plain) + "\n")
@@ -1307,6 +1349,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nStreamed (nginx's fixed stream: {len(STREAM_TEXT)} characters of content in "
                   f"{len(STREAM_WORDS)} chunks, all in one write; holdbackChars {holdback_chars()}):\n\n"
                   + stream_table(variants, plain))
+            if burst:
+                print(f"\nBurst: {burst['requests']} requests at once ({burst['streams']} streams) at one replica, "
+                      f"budgets in Redis: {burst['n_503']} x 503, statuses {burst['statuses']}, "
+                      f"p50 {burst['p50_ms']:.0f} ms, p99 {burst['p99_ms']:.0f} ms")
             if paced:
                 print("\nHold-back delay on a paced stream (the repo's mock provider as the upstream):\n\n"
                       + paced_table(paced))
@@ -1321,7 +1367,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in probes:
             if not p["ok"]:
                 print(f"WARNING  {p['probe']}: HTTP {p['status']} {p['body']!r}")
-        write_json(results, plain, found, probes, args, variants, checked, costs, paced)
+        write_json(results, plain, found, probes, args, variants, checked, costs, paced, burst)
         print(f"\nraw numbers: {RESULTS.relative_to(ROOT)}")
         ok = True
         return 1 if args.strict and not all(c.passed for c in found) else 0

@@ -15,6 +15,9 @@ import orjson
 from . import tokens
 from .errors import GatewayError
 
+# Chat's `n` above this is refused (OpenAI's own maximum); each choice is reserved in full.
+MAX_CHOICES = 128
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -72,6 +75,10 @@ def _validate_chat(body: dict[str, Any]) -> None:
     _require(options is None or isinstance(options, dict), "stream_options", "`stream_options` must be an object.")
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
+    _positive_int(body, "n")
+    if body.get("n", 1) > MAX_CHOICES:
+        raise GatewayError("too_many_choices", f"`n` may be at most {MAX_CHOICES}: every choice is reserved "
+                           "against your budget at the full output cap.", "n")
 
 
 def _validate_responses(body: dict[str, Any]) -> None:

@@ -420,10 +420,15 @@ def _optional(r: _Reader, raw: dict[str, Any], at: str, names: tuple[str, ...], 
     return values
 
 
+# The largest budget the store counts exactly (budgets/store.py MAX_NANO is about $9.007M).
+MAX_BUDGET_USD = 9_000_000
+
+
 def _budget(r: _Reader, raw: Any, at: str, fail_open: bool) -> BudgetSpec:
     b = r.mapping(raw, at)
     daily, monthly = (None if v is None else int(Decimal(str(v)) * 1_000_000_000) for v in _optional(
-        r, b, at, ("daily", "monthly"), lambda v: _is_number(v) and v >= 0, "must be a dollar amount >= 0"))
+        r, b, at, ("daily", "monthly"), lambda v: _is_number(v) and 0 <= v <= MAX_BUDGET_USD,
+        f"must be a dollar amount from 0 to {MAX_BUDGET_USD} (budgets are exact integers of nano-dollars)"))
     soft = b.get("soft")
     if soft is not None and (not _is_number(soft) or not 0 < soft < 1):
         r.fail(f"{at}.soft", "must be a fraction between 0 and 1, e.g. 0.8")

@@ -26,6 +26,7 @@ CODES: dict[str, int] = {
     "invalid_json": 400,
     "invalid_encoding": 400,
     "invalid_request": 400,
+    "too_many_choices": 400,
     "missing_api_key": 401,
     "invalid_api_key": 401,
     "expired_api_key": 401,

@@ -289,11 +289,32 @@ class Completion:
 _REPLY_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("mock_reply", default=None)
 
 
+@dataclass(frozen=True)
+class Quirks:
+    """A misbehaving provider, per request: `x-mock-reply-words: N` replies with N one-token
+    words (long replies without a long header), `x-mock-ignore-max-tokens: 1` ignores the
+    output cap, `x-mock-usage-completion-tokens: N` reports N completion tokens in a chat
+    usage block whatever was produced."""
+
+    reply_words: int | None = None
+    ignore_cap: bool = False
+    completion_tokens: int | None = None
+
+
+_QUIRKS: contextvars.ContextVar[Quirks] = contextvars.ContextVar("mock_quirks", default=Quirks())
+
+
 # JSON mode asked for: True (any JSON object) or the schema the reply must fit.
 JsonMode = bool | JSON
 
 
 def _complete(model: str, messages: list[JSON], limit: int | None, json_mode: JsonMode = False) -> Completion:
+    quirks = _QUIRKS.get()
+    if quirks.ignore_cap:
+        limit = None
+    if quirks.reply_words:  # " the" is one o200k token: no need to tokenize megabytes
+        n = quirks.reply_words if limit is None else min(limit, quirks.reply_words)
+        return Completion("the" + " the" * (n - 1), n, n < quirks.reply_words)
     prompt = _last_user_text(messages)[:REPLY_PROMPT_CHARS]
     text = _REPLY_OVERRIDE.get() or f"This is a mock reply from {model} to: {prompt}."
     if json_mode is not False:
@@ -494,6 +515,7 @@ def chat_completions(call: Call) -> Reply:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": output_tokens,
         "total_tokens": prompt_tokens + output_tokens,
+        **({} if (lie := _QUIRKS.get().completion_tokens) is None else {"completion_tokens": lie}),
         "prompt_tokens_details": {"cached_tokens": 0},  # as OpenAI reports it (the mock caches nothing)
     }
     finish_reason = "tool_calls" if tool else "length" if completion.truncated else "stop"
@@ -1228,6 +1250,9 @@ class MockApp:
                 raise HTTPError(behaviour.status, f"Mock error configured for {target}.")
         reply_b64 = request.headers.get("x-mock-reply-base64")  # any Unicode reply (headers are ASCII)
         _REPLY_OVERRIDE.set(base64.b64decode(reply_b64).decode() if reply_b64 else request.headers.get("x-mock-reply"))
+        h = request.headers
+        _QUIRKS.set(Quirks(_header_int(h, "x-mock-reply-words"), _header_int(h, "x-mock-ignore-max-tokens") == 1,
+                           _header_int(h, "x-mock-usage-completion-tokens")))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, multiprocess, start_http_server
 
 from . import audit, sockets
+from .budgets import settlements
 from .config import ConfigError
 from .errors import GatewayError
 from .processors import responses
@@ -111,6 +112,7 @@ async def serve_one(runtime: RuntimeRef, address: str) -> None:
     await health.enter_graceful_shutdown()
     log.info("extproc_draining", address=address, grace_s=DRAIN_SECONDS)
     await server.stop(DRAIN_SECONDS)
+    await settlements.settled(DRAIN_SECONDS)  # the drained requests' budget settlements
     log.info("extproc_stopped", address=address)
 
 

@@ -72,10 +72,16 @@ class SseUsageTap:
     """
 
     __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events", "rewrite", "done",
-                 "finish_reasons")
+                 "finish_reasons", "limit", "over")
 
-    def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None) -> None:
+    def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
+                 limit: int | None = None) -> None:
         self.drop_usage_chunk = drop_usage_chunk
+        # At most this many content events are forwarded; from the one past it on, `over`
+        # is set and nothing more is forwarded (usage is still read). The budget backstop
+        # for a provider that ignores the output cap.
+        self.limit = limit
+        self.over = False
         # Applied to every complete event forwarded (output scanning); implies holding
         # partial events back, like dropping does.
         self.rewrite = rewrite
@@ -102,20 +108,29 @@ class SseUsageTap:
             self.events += 1
             if b'"content":"' in event and b'"content":""' not in event:
                 self.content_events += 1
+                self.over = self.over or (self.limit is not None and self.content_events > self.limit)
             elif event.startswith((b"data: [DONE]", b'data: {"error"')):
                 self.done = True
             if b'"finish_reason":' in event and b'"finish_reason":null' not in event:
                 self.finish_reasons += [m.decode() for m in _FINISH_REASON.findall(event)]
-            if b'"usage"' in event and self._take_usage(event) and self.drop_usage_chunk:
+            if self.over:
+                if b'"usage"' in event:
+                    self._take_usage(event)
+                dropped = True
+            elif b'"usage"' in event and self._take_usage(event) and self.drop_usage_chunk:
                 dropped = True
             else:
                 out.append(self.rewrite(event) if self.rewrite is not None else event)
         tail = data[start:]
+        if self.over:
+            tail = b"" if end else tail[-MAX_PENDING_BYTES:]  # kept only to read a usage event
+            self._pending = tail
+            return b"".join(out)
         if end or len(tail) > MAX_PENDING_BYTES:
             out.append(self.rewrite(tail) if self.rewrite is not None and tail else tail)
             tail = b""
         self._pending = tail
-        holds = self.drop_usage_chunk or self.rewrite is not None
+        holds = self.drop_usage_chunk or self.rewrite is not None or self.limit is not None
         if not holds or not (dropped or tail or had_pending or self.rewrite is not None):
             return None
         return b"".join(out)

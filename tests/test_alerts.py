@@ -141,7 +141,8 @@ def test_every_alert_says_who_gets_it_and_why() -> None:
     expected = {"TeamDailyCostOverrun", "TeamDailyBudgetAt80Percent", "GenAIErrorRateHigh", "GenAITTFTp95Regression",
                 "GuardrailTriggerSpike", "GuardrailTriggersDroppedToZero", "GatewayRedisSlow", "ExtProcPhaseSlow",
                 "AuditEventsDropped", "GatewayEnvoyRestarted", "GatewayExtProcDown", "GatewayExtProcTargetMissing",
-                "GatewayExtProcWorkerUnhealthy", "GatewayEnvoy5xxHigh", "GatewayExtProcErrors"}
+                "GatewayExtProcWorkerUnhealthy", "GatewayEnvoy5xxHigh", "GatewayExtProcErrors",
+                "GatewayBudgetSettlementsPending", "GatewayBudgetReservationsExpired", "GatewayBudgetOverReservation"}
     found = alerts()
     assert set(found) == expected
     for name, rule in found.items():

@@ -193,7 +193,7 @@ EXPECTED_TYPE = {
 }
 
 EXPECTED_STATUS = {
-    "invalid_json": 400, "invalid_encoding": 400, "invalid_request": 400,
+    "invalid_json": 400, "invalid_encoding": 400, "invalid_request": 400, "too_many_choices": 400,
     "missing_api_key": 401, "invalid_api_key": 401, "expired_api_key": 401,
     "model_not_allowed": 403, "model_not_found": 404, "unknown_endpoint": 404,
     "method_not_allowed": 405, "request_too_large": 413, "unsupported_media_type": 415,

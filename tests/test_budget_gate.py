@@ -9,6 +9,7 @@ import pytest
 
 from gateway_extproc import config, keys
 from gateway_extproc.budgets.gate import BudgetGate
+from gateway_extproc.budgets.settlements import settled
 from gateway_extproc.budgets.store import MemoryBudgetStore
 from gateway_extproc.errors import GatewayError
 
@@ -45,7 +46,8 @@ def spend(gate: BudgetGate, c: config.GatewayConfig, prompt: int = 100, output: 
             admission = await gate.admit(gate.plan(c.keys["k"], c.models["m"], prompt, output))
         except GatewayError as err:
             return err.status
-        await gate.settle(admission, (prompt + output) * 1_000_000, prompt + output)
+        gate.settle(admission, (prompt + output) * 1_000_000, prompt + output)
+        await settled()
         return 200
     return asyncio.run(go())
 

@@ -127,10 +127,11 @@ async def test_a_bucket_refusal_leaves_budgets_untouched(store):
     assert await used(store) == {ORG.key: 2_000, TEAM.key: 2_000}
 
 
-async def test_a_held_reservation_id_cannot_be_reserved_again(store):
-    await store.reserve(request())
-    with pytest.raises(ValueError):
-        await store.reserve(request())
+async def test_reserving_a_held_id_again_answers_the_held_grant_and_changes_nothing(store):
+    first = await store.reserve(request(wanted=4_000))  # clamped to 900
+    again = await store.reserve(request(wanted=4_000))  # a retry after a lost reply
+    assert again.admitted and again.output_tokens == first.output_tokens == 900
+    assert await used(store) == {ORG.key: 10_000, TEAM.key: 10_000}
 
 
 # --- settle -------------------------------------------------------------------------------
@@ -145,8 +146,7 @@ async def test_settle_leaves_exactly_the_actual_cost(store, actual):
 
 async def test_second_settle_is_a_no_op(store):
     await store.reserve(request())
-    for _ in range(2):
-        await store.settle(request(), 1_500, 150, T0)
+    assert [await store.settle(request(), 1_500, 150, T0) for _ in range(2)] == ["settled", "nothing"]
     assert await used(store) == {ORG.key: 1_500, TEAM.key: 1_500}
 
 
@@ -163,36 +163,50 @@ async def test_settle_returns_unused_tokens_and_charges_extra_ones(store):
 # --- expiry -------------------------------------------------------------------------------
 
 
-async def test_an_expired_reservation_is_released_for_the_next_reserve(store):
+async def test_an_expired_reservation_stays_charged_at_its_worst_case(store):
     team = Limit("team:tight", 2_000, None, 3600)
     assert (await store.reserve(request("dead", limits=(team,), ttl_s=1))).admitted
     assert not (await store.reserve(request("r2", limits=(team,), now_ms=T0 + 999))).admitted
-    assert await used(store, T0 + 999, (team,)) == {team.key: 2_000}
-    assert (await store.reserve(request("r2", limits=(team,), now_ms=T0 + 1_500))).admitted
-    assert await used(store, T0 + 1_500, (team,)) == {team.key: 2_000}
-    # The response did arrive, late: it is charged in full, once.
-    for _ in range(2):
-        await store.settle(request("dead", limits=(team,)), 700, 150, T0 + 2_000)
-    assert await used(store, T0 + 2_000, (team,)) == {team.key: 2_700}
+    later = await store.reserve(request("r2", limits=(team,), now_ms=T0 + 1_500))
+    assert not later.admitted and later.expired == 1  # never released for free
+    usage = await store.usage((team,), (), T0 + 1_500)
+    assert usage.used_nano == {team.key: 2_000} and usage.held == 0
+    # The response did arrive, late: corrected to the actual cost, once.
+    outcomes = [await store.settle(request("dead", limits=(team,)), 700, 150, T0 + 2_000) for _ in range(2)]
+    assert outcomes == ["late", "nothing"]
+    assert await used(store, T0 + 2_000, (team,)) == {team.key: 700}
+    assert (await store.reserve(request("r3", limits=(team,), now_ms=T0 + 2_000))).admitted
 
 
-async def test_usage_releases_expired_reservations(store):
+async def test_usage_expires_due_reservations_and_reports_them(store):
     await store.reserve(request(ttl_s=1))
-    assert await used(store, T0 + 1_000) == {ORG.key: 0, TEAM.key: 0}
+    usage = await store.usage((ORG, TEAM), (), T0 + 1_000)
+    assert usage.used_nano == {ORG.key: 2_000, TEAM.key: 2_000}
+    assert (usage.expired, usage.held) == (1, 0)
 
 
-async def test_an_expired_but_unreleased_reservation_settles_normally(store):
+async def test_an_expired_but_not_yet_swept_reservation_settles_normally(store):
     await store.reserve(request(ttl_s=1))
-    await store.settle(request(), 1_700, 150, T0 + 5_000)
+    assert await store.settle(request(), 1_700, 150, T0 + 5_000) == "settled"
     assert await used(store, T0 + 5_000) == {ORG.key: 1_700, TEAM.key: 1_700}
 
 
-async def test_expired_reservations_are_released_in_batches(store):
+async def test_expired_reservations_are_swept_in_batches(store):
     team = Limit("team:many", 10**9, None, 3600)
     for i in range(60):
         await store.reserve(request(f"dead{i}", limits=(team,), prompt_cost=1, wanted=0, min_out=0, ttl_s=1))
-    assert await used(store, T0 + 1_000, (team,)) == {team.key: 10}  # 50 released by this call
-    assert await used(store, T0 + 1_000, (team,)) == {team.key: 0}
+    assert (await store.usage((team,), (), T0 + 1_000)).expired == 50
+    usage = await store.usage((team,), (), T0 + 1_000)
+    assert (usage.expired, usage.held, usage.used_nano) == (10, 0, {team.key: 60})
+
+
+async def test_expired_records_are_forgotten_after_a_day(store):
+    team = Limit("team:old", 10**9, None, 10 * 86_400)
+    await store.reserve(request("dead", limits=(team,), ttl_s=1))
+    await store.usage((team,), (), T0 + 1_000)
+    await store.usage((team,), (), T0 + 1_000 + 86_400_000)
+    assert await store.settle(request("dead", limits=(team,)), 0, 0, T0 + 86_402_000) == "nothing"
+    assert await used(store, T0 + 86_402_000, (team,)) == {team.key: 2_000}
 
 
 # --- rate limits --------------------------------------------------------------------------
@@ -348,7 +362,8 @@ async def test_all_keys_of_a_tenant_share_one_cluster_slot(clients):
     keys = await clients[0].keys("*")
     assert {k.decode() for k in keys} == {
         f"{PREFIX}budget:{ORG.key}", f"{PREFIX}budget:{TEAM.key}", f"{PREFIX}bucket:tpm:key1",
-        f"{PREFIX}reservations", f"{PREFIX}reservations:expiry", f"{PREFIX}reservations:released",
+        f"{PREFIX}reservations", f"{PREFIX}reservations:expiry", f"{PREFIX}reservations:expired",
+        f"{PREFIX}reservations:expired:at",
     }
     assert {key_slot(k) for k in keys} == {key_slot(b"{acme}")}
 
@@ -398,4 +413,53 @@ async def test_a_hung_redis_times_out(outage_server):
         assert time.monotonic() - started < 1.5
     finally:
         outage_server.resume()
+        await client.aclose()
+
+
+async def test_a_burst_shares_a_bounded_pool_and_loses_nothing(outage_server):
+    """500 concurrent reserve+settle pairs on one client: batched into pipelines over at
+    most POOL_SIZE connections; every one is admitted and settled."""
+    from gateway_extproc.budgets.redis_store import POOL_SIZE
+    client, watcher = connect(outage_server.url), Redis.from_url(outage_server.url)
+    store = RedisBudgetStore(client, PREFIX)
+    org = Limit("org:burst", 10**12, None, 3600)
+    peak = 0
+
+    async def one(i: int) -> str:
+        req = request(f"b{i}", limits=(org,))
+        res = await store.reserve(req)
+        assert res.admitted
+        return await store.settle(req, 1_500, 150, T0)
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, (await watcher.info("clients"))["connected_clients"] - 1)
+            await asyncio.sleep(0.005)
+
+    watching = asyncio.create_task(watch())
+    try:
+        outcomes = await asyncio.gather(*(one(i) for i in range(500)))
+    finally:
+        watching.cancel()
+        await client.aclose()
+    assert outcomes == ["settled"] * 500
+    usage = await RedisBudgetStore(watcher, PREFIX).usage((org,), (), T0)
+    assert usage.used_nano == {org.key: 500 * 1_500} and usage.held == 0
+    assert 1 <= peak <= POOL_SIZE
+    await watcher.aclose()
+
+
+async def test_a_restarted_server_costs_no_failed_call(outage_server):
+    """A graceful restart leaves closed sockets in the pool: the first call retries once on a
+    fresh connection (and reloads the scripts) instead of failing."""
+    client = connect(outage_server.url)
+    store = RedisBudgetStore(client, PREFIX)
+    try:
+        assert (await store.reserve(request("r0"))).admitted
+        outage_server.stop()
+        outage_server.start()
+        assert (await store.reserve(request("r1"))).admitted
+        assert await store.settle(request("r1"), 100, 10, T0) == "settled"
+    finally:
         await client.aclose()

@@ -331,6 +331,8 @@ ERRORS: list[tuple[str, Mutate, str, str]] = [
      "must be an ISO 8601 timestamp, e.g. 2027-01-31T00:00:00Z"),
     ("key-expires-number", _set("keys.1.expiresAt", 1800000000), "keys[1].expiresAt",
      "must be an ISO 8601 timestamp, e.g. 2027-01-31T00:00:00Z"),
+    ("budget-beyond-exact", _set("teams.0.budget", {"daily": 10_000_000}), "teams[0].budget.daily",
+     "must be a dollar amount from 0 to 9000000 (budgets are exact integers of nano-dollars)"),
 ]
 
 

@@ -319,3 +319,31 @@ def test_stream_finish_reasons_reach_the_usage_whatever_the_chunking(split: int)
         tap.feed(stream[i:i + split], i + split >= len(stream))
     assert tap.usage is not None and counts(tap.usage) == EXPECTED_USAGE
     assert (tap.usage.response_id, tap.usage.finish_reasons) == ("chatcmpl-9", ("tool_calls",))
+
+
+def _content(text: str) -> bytes:
+    return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}) + b"\n\n"
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 17])
+def test_limit_forwards_at_most_that_many_content_events_and_still_reads_usage(pieces: int) -> None:
+    """The budget backstop: a provider that ignores the cap gets its stream ended at the
+    reservation, however its bytes are chunked; the usage that follows is still read."""
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":40}}\n\n'
+    whole = b"".join(_content(f" w{i}") for i in range(40)) + usage + b"data: [DONE]\n\n"
+    tap = SseUsageTap(False, limit=3)
+    size = -(-len(whole) // pieces)
+    out = b""
+    for i in range(0, len(whole), size):
+        piece = whole[i:i + size]
+        got = tap.feed(piece, i + size >= len(whole))
+        out += piece if got is None else got
+    assert out == b"".join(_content(f" w{i}") for i in range(3))
+    assert tap.over and tap.usage == Usage(5, 40)
+
+
+def test_limit_not_reached_forwards_everything() -> None:
+    whole = _content(" a") + _content(" b") + b"data: [DONE]\n\n"
+    tap = SseUsageTap(False, limit=2)
+    got = tap.feed(whole, True)
+    assert (whole if got is None else got) == whole and not tap.over

@@ -49,7 +49,7 @@ def reasons(p: "RouterProcessor") -> list[str]:
 def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str) -> dict[str, Any]:
     usage = p.usage or Usage()
     key = p.key
-    cost, _ = p.consumed(backend) if p.model is not None else (0, 0)
+    cost = p.consumed(backend).cost if p.model is not None else 0
     ev: dict[str, Any] = {
         "type": "request", "ts": time.time(), "tier": p.tier, "decision": decision(p), "reasons": reasons(p),
         "request_id": p.request_id, "key_id": key.id if key else None, "team": key.team if key else None,

@@ -8,7 +8,15 @@ uses the backend that actually answered.
 
 When the shared store is unreachable, a request whose checks are all `onStoreError: open`
 is admitted against this process's own `MemoryBudgetStore` (each replica then enforces the
-full limits on its own traffic only); any `closed` check makes it a 503.
+full limits on its own traffic only); any `closed` check makes it a 503. A reserve whose
+reply was lost may still have been applied, so it is cancelled (settled at $0, which is a
+no-op if it never landed) through the same retried queue as settlements.
+
+A budget is charged at most what was reserved: every request carries an output cap its
+reservation covers (caps.py), so an honest provider cannot cost more. A provider that
+bills past the cap it was sent is charged to the budget at the reservation, and the
+excess is reported (`over_reservation` event, `budget_over_reservation` log line) rather
+than silently pushing the budget over its limit.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from ..errors import GatewayError
 from .pricing import Price, cost_nano, worst
 from .store import (MAX_NANO, Bucket, BudgetStore, BudgetStoreUnavailable, Limit, MemoryBudgetStore,
                     ReserveRequest, ReserveResult)
-from ..telemetry.metrics import BUDGET_EVENTS, OTHER, REDIS_LATENCY, child
+from ..telemetry.metrics import BUDGET_EVENTS, BUDGET_RESERVATIONS_EXPIRED, OTHER, REDIS_LATENCY, child
+from .settlements import Settlement, Settlements
 from .windows import Window, current_windows
 
 log = structlog.get_logger("gateway_extproc.budgets")
@@ -78,6 +87,7 @@ class BudgetGate:
         self.settings: Budgets = cfg.budgets
         self.store = store
         self.local = MemoryBudgetStore()
+        self.settlements = Settlements()
         self.clock = clock
         self._shapes: dict[tuple[str, str], tuple[str, _Shape]] = {}
 
@@ -128,7 +138,8 @@ class BudgetGate:
                     requests.append(Bucket.per_minute(f"{scope}:rpm", spec.requests_per_minute))
         return tokens, requests, fail_open
 
-    def plan(self, key: VirtualKey, model: Model, prompt_tokens: int, wanted_output: int) -> Plan:
+    def plan(self, key: VirtualKey, model: Model, prompt_tokens: int, wanted_output: int, choices: int = 1) -> Plan:
+        """`wanted_output` covers all `choices`; each must get at least `minOutputTokens`."""
         now = self.now()
         shape = self.shape(key, model, now)
         price = shape.price.for_prompt(prompt_tokens)
@@ -136,7 +147,8 @@ class BudgetGate:
             reservation_id=uuid.uuid4().hex, limits=shape.limits, token_buckets=shape.token_buckets,
             request_buckets=shape.request_buckets, prompt_tokens=prompt_tokens,
             prompt_cost_nano=cost_nano(price, prompt_tokens, 0), output_price_nano=math.ceil(price.output),
-            output_tokens_wanted=wanted_output, min_output_tokens=min(self.settings.min_output_tokens, wanted_output),
+            output_tokens_wanted=wanted_output,
+            min_output_tokens=min(self.settings.min_output_tokens * choices, wanted_output),
             reservation_ttl_s=self.settings.reservation_ttl_s, now_ms=int(now.timestamp() * 1000),
             tallies=shape.tallies)
         return Plan(request, shape.levels, price, shape.fail_open)
@@ -171,6 +183,7 @@ class BudgetGate:
             with child(REDIS_LATENCY, "reserve").time():
                 result = await store.reserve(plan.request)
         except BudgetStoreUnavailable:
+            self.settlements.submit(Settlement(store, plan.request, 0, 0, int(self.clock() * 1000)))
             if not plan.fail_open:
                 log.warning("budget_store_unavailable", fallback="closed")
                 child(BUDGET_EVENTS, team, "store_unavailable_closed").inc()
@@ -181,6 +194,8 @@ class BudgetGate:
             child(BUDGET_EVENTS, team, "store_unavailable_open").inc()
             store = self.local
             result = await store.reserve(plan.request)
+        if result.expired:
+            BUDGET_RESERVATIONS_EXPIRED.inc(result.expired)
         if not result.admitted:
             err = self.refusal(plan, result)
             child(BUDGET_EVENTS, team, err.code).inc()
@@ -193,13 +208,16 @@ class BudgetGate:
             log.info("budget_soft_threshold", levels=list(result.soft_exceeded))
         return Admission(plan, result, store)
 
-    async def settle(self, admission: Admission, cost: int, tokens: int) -> None:
-        try:
-            with child(REDIS_LATENCY, "settle").time():
-                await admission.store.settle(admission.plan.request, cost, tokens, int(self.clock() * 1000))
-        except BudgetStoreUnavailable:
-            # The reservation's TTL releases it; the actual cost is lost for this request.
-            log.error("budget_settle_failed", reservation=admission.plan.request.reservation_id, cost_nano=cost)
+    def settle(self, admission: Admission, cost: int, tokens: int, team: str = OTHER) -> None:
+        """Charge what the request cost (at most its reservation; see the module doc), in
+        the background, retried until the store has it. `tokens` = prompt + completion."""
+        reserved = admission.result.reserved_nano
+        if cost > reserved:
+            child(BUDGET_EVENTS, team, "over_reservation").inc()
+            log.warning("budget_over_reservation", reservation=admission.plan.request.reservation_id,
+                        cost_nano=cost, reserved_nano=reserved)
+        self.settlements.submit(Settlement(admission.store, admission.plan.request, min(cost, reserved), tokens,
+                                           int(self.clock() * 1000)))
 
     def refusal(self, plan: Plan, result: ReserveResult) -> GatewayError:
         headers = rate_headers(plan.request, result)
@@ -246,6 +264,8 @@ class BudgetGate:
                                                int(now.timestamp() * 1000))
         except BudgetStoreUnavailable:
             raise GatewayError("budget_store_unavailable", "The budget store is unreachable; retry shortly.") from None
+        if usage.expired:
+            BUDGET_RESERVATIONS_EXPIRED.inc(usage.expired)
         return {
             "object": "usage", "key_id": key.id, "team": key.team, "user": key.user,
             "budgets": [{

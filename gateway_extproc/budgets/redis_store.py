@@ -1,10 +1,23 @@
-"""Budgets in Redis (or Valkey), shared by every replica: one script call per operation.
+"""Budgets in Redis (or Valkey), shared by every replica: one script call per operation,
+and one round trip per event-loop tick for all of them.
 
-Each of reserve, settle and usage is exactly one round trip: an EVALSHA of a Lua script
-(`lua/*.lua`), so the whole multi-level check-and-reserve is atomic (a pipeline of INCRBYs,
-as envoyproxy/ratelimit uses for plain counters, cannot refuse without first charging). The
+Each of reserve, settle and usage is one EVALSHA of a Lua script (`lua/*.lua`), so the
+whole multi-level check-and-reserve is atomic (a pipeline of INCRBYs, as
+envoyproxy/ratelimit uses for plain counters, cannot refuse without first charging). The
 script's SHA-1 is computed locally; on NOSCRIPT (a restarted or failed-over server, SCRIPT
 FLUSH) it is loaded with SCRIPT LOAD and called again, once.
+
+Batching (`_Pipeliner`). Calls made in the same event-loop tick — every admission and
+settlement of every request the process is serving — go out as ONE pipeline, like
+ratelimit's pipeline window: a burst of 500 requests costs a handful of round trips, not
+500 connections racing for one server. At most `POOL_SIZE` pipelines are in flight (one
+connection each); calls arriving meanwhile wait for the next one. Busy is not down: a
+call that waited `QUEUE_DEADLINE_S` without being sent, a timeout, or a refused
+connection is `BudgetStoreUnavailable`; a connection that fails because the server closed
+it (a graceful restart left a stale socket in the pool) is retried once on a fresh one.
+Retrying is safe because every script is idempotent per reservation id: reserving a held
+id answers with the held grant, settling twice is settling once, usage only reads and
+expires.
 
 Key naming. `prefix` must carry a Redis Cluster hash tag, one per tenant, e.g.
 `gw:{acme}:`. Every key of the store is `prefix` + a fixed part, so all of a tenant's keys
@@ -15,31 +28,33 @@ one shard. Keys:
 
     {prefix}budget:{limit.key}          counter, nano$ used (STRING, TTL = Limit.ttl_s)
     {prefix}bucket:{bucket.key}         token bucket {v: level, ts: ms} (HASH, gone when full)
-    {prefix}reservations                reservation id -> {r: nano$, t: tokens, l: [keys]} (HASH)
-    {prefix}reservations:expiry         reservation id by expiry ms (ZSET)
-    {prefix}reservations:released       ids released by expiry, by release ms (ZSET)
-
-Connection errors and timeouts become `BudgetStoreUnavailable`. Give the client short
-timeouts and no retries (see `connect`): a reserve whose reply was lost may still have been
-applied (its reservation expires and is released), so it must not be sent again, and a
-caller waiting on retries is a caller not failing over.
+    {prefix}reservations                held: id -> {r: nano$, t: tokens, g: grant, l: [keys]} (HASH)
+    {prefix}reservations:expiry         held ids by deadline ms (ZSET)
+    {prefix}reservations:expired        expired unsettled, still charged: id -> record (HASH)
+    {prefix}reservations:expired:at     expired ids by expiry ms, to forget them (ZSET)
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib.resources import files
+from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway_extproc.budgets.store import (
-    RELEASE_BATCH,
-    RELEASED_KEEP_MS,
+    EXPIRE_BATCH,
+    EXPIRED_KEEP_MS,
+    LATE,
+    NOTHING,
+    SETTLED,
     Bucket,
     BudgetStoreUnavailable,
     Limit,
@@ -53,13 +68,22 @@ from gateway_extproc.budgets.store import (
 _UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError)
 # Redis hashes only the part between the first "{" and the next "}", if non-empty.
 _HASH_TAG = re.compile(r"^[^{]*\{[^}]+\}")
+# Pipelines in flight per process (one connection each). The server runs scripts one at a
+# time anyway; a few pipelines overlap network and parsing with its work.
+POOL_SIZE = 4
+# How long a call may wait for a pipeline slot before the store counts as busy-unavailable.
+QUEUE_DEADLINE_S = 1.0
+_OUTCOMES = {0: NOTHING, 1: SETTLED, 2: LATE}
 
 
 def connect(url: str, timeout_s: float = 0.5) -> Redis:
-    """A client suited to the store: short timeouts, no retries (redis-py retries by default)."""
-    return Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-    )
+    """A client suited to the store: a bounded pool (POOL_SIZE, plus one for other callers),
+    short timeouts, and no retries of its own (redis-py retries by default; the store
+    retries once, where that is safe)."""
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=POOL_SIZE + 1, timeout=QUEUE_DEADLINE_S, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+    return Redis(connection_pool=pool)
 
 
 class _Script:
@@ -68,18 +92,112 @@ class _Script:
         self.text = (lua / "common.lua").read_text() + "\n" + (lua / name).read_text()
         self.sha = hashlib.sha1(self.text.encode()).hexdigest()
 
-    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[int | float | str]) -> list:
-        try:
-            try:
-                return await client.evalsha(self.sha, len(keys), *keys, *args)
-            except redis_errors.NoScriptError:
-                await client.script_load(self.text)
-                return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except _UNAVAILABLE as e:
-            raise BudgetStoreUnavailable(f"budget store unreachable: {e}") from e
-
 
 _RESERVE, _SETTLE, _USAGE = _Script("reserve.lua"), _Script("settle.lua"), _Script("usage.lua")
+
+
+@dataclass(slots=True)
+class _Call:
+    script: _Script
+    keys: Sequence[str]
+    args: Sequence[int | float | str]
+    future: asyncio.Future[Any]
+    deadline: float
+    attempts: int = field(default=0)
+
+
+class _Pipeliner:
+    """Sends every call queued in one event-loop tick as one pipeline (see module doc)."""
+
+    def __init__(self, client: Redis, slots: int = POOL_SIZE) -> None:
+        self._client = client
+        self._free = slots
+        self._waiting: list[_Call] = []
+        self._scheduled = False
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def call(self, script: _Script, keys: Sequence[str], args: Sequence[int | float | str]) -> Any:
+        loop = asyncio.get_running_loop()
+        call = _Call(script, keys, args, loop.create_future(), loop.time() + QUEUE_DEADLINE_S)
+        self._waiting.append(call)
+        self._schedule(loop)
+        return await call.future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiting = []
+        for call in self._waiting:
+            if call.future.done():  # the caller gave up (cancelled)
+                continue
+            if now > call.deadline:
+                call.future.set_exception(BudgetStoreUnavailable("budget store busy: no free connection in time"))
+            else:
+                waiting.append(call)
+        self._waiting = waiting
+        if not waiting or self._free == 0:
+            return  # a pipeline in flight flushes again when it returns
+        self._waiting = []
+        self._free -= 1
+        task = loop.create_task(self._run(waiting))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Call]) -> None:
+        try:
+            await self._send(batch)
+        finally:
+            self._free += 1
+            if self._waiting:
+                self._schedule(asyncio.get_running_loop())
+
+    async def _send(self, batch: list[_Call]) -> None:
+        stale_retry = True
+        while batch:
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for c in batch:
+                        pipe.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+                    replies = await pipe.execute(raise_on_error=False)
+            except redis_errors.ConnectionError as e:
+                if stale_retry and not isinstance(e, redis_errors.TimeoutError):
+                    stale_retry = False  # a pooled socket the server closed: once more, fresh
+                    continue
+                return _fail(batch, e)
+            except _UNAVAILABLE as e:
+                return _fail(batch, e)
+            again = []
+            for c, reply in zip(batch, replies):
+                if isinstance(reply, redis_errors.NoScriptError) and c.attempts == 0:
+                    c.attempts += 1
+                    again.append(c)
+                elif c.future.done():
+                    continue
+                elif isinstance(reply, _UNAVAILABLE):
+                    c.future.set_exception(BudgetStoreUnavailable(f"budget store unavailable: {reply}"))
+                elif isinstance(reply, Exception):
+                    c.future.set_exception(reply)
+                else:
+                    c.future.set_result(reply)
+            if again:
+                try:
+                    for script in {c.script.sha: c.script for c in again}.values():
+                        await self._client.script_load(script.text)
+                except _UNAVAILABLE as e:
+                    return _fail(again, e)
+            batch = again
+
+
+def _fail(batch: list[_Call], error: Exception) -> None:
+    for c in batch:
+        if not c.future.done():
+            c.future.set_exception(BudgetStoreUnavailable(f"budget store unreachable: {error}"))
 
 
 class RedisBudgetStore:
@@ -88,10 +206,10 @@ class RedisBudgetStore:
     def __init__(self, client: Redis, prefix: str) -> None:
         if not _HASH_TAG.match(prefix):
             raise ValueError(f"prefix {prefix!r} needs a non-empty hash tag, e.g. 'gw:{{acme}}:'")
-        self._client = client
         self._prefix = prefix
         held = f"{prefix}reservations"
-        self._fixed = (held, f"{held}:expiry", f"{held}:released")
+        self._fixed = (held, f"{held}:expiry", f"{held}:expired", f"{held}:expired:at")
+        self._pipeliner = _Pipeliner(client)
 
     def _keys(self, limits: Sequence[Limit], buckets: Sequence[Bucket]) -> list[str]:
         return [
@@ -105,21 +223,17 @@ class RedisBudgetStore:
         args: list[int | float | str] = [
             r.reservation_id, r.now_ms, r.now_ms + r.reservation_ttl_s * 1000, r.prompt_tokens,
             r.prompt_cost_nano, r.output_price_nano, r.output_tokens_wanted, r.min_output_tokens,
-            len(r.limits), len(r.token_buckets), RELEASE_BATCH, RELEASED_KEEP_MS,
+            len(r.limits), len(r.token_buckets), EXPIRE_BATCH, EXPIRED_KEEP_MS,
         ]
         for lim in r.limits:
             args += [lim.limit_nano, lim.ttl_s]
         for b in r.buckets:
             args += [b.capacity, repr(b.refill_per_s)]
-        try:
-            grant, refused, used, levels = await _RESERVE(self._client, self._keys(r.limits, r.buckets), args)
-        except redis_errors.ResponseError as e:
-            if str(e).startswith("DUPLICATE"):
-                raise ValueError(f"reservation {r.reservation_id!r} is already held") from e
-            raise
-        return result(r, grant, refused, [int(u) for u in used], [float(v) for v in levels])
+        grant, refused, used, levels, expired = await self._pipeliner.call(
+            _RESERVE, self._keys(r.limits, r.buckets), args)
+        return result(r, grant, refused, [int(u) for u in used], [float(v) for v in levels], expired)
 
-    async def settle(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> None:
+    async def settle(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> str:
         r = request
         args: list[int | float | str] = [r.reservation_id, actual_cost_nano, actual_tokens, now_ms, len(r.limits),
                                          len(r.token_buckets)]
@@ -128,11 +242,11 @@ class RedisBudgetStore:
             args += [b.capacity, repr(b.refill_per_s)]
         args += [t.ttl_s for t in r.tallies]
         keys = self._keys(r.limits, r.token_buckets) + [f"{self._prefix}budget:{t.key}" for t in r.tallies]
-        await _SETTLE(self._client, keys, args)
+        return _OUTCOMES[await self._pipeliner.call(_SETTLE, keys, args)]
 
     async def usage(self, limits: Sequence[Limit], buckets: Sequence[Bucket], now_ms: int) -> Usage:
-        args: list[int | float | str] = [now_ms, RELEASE_BATCH, RELEASED_KEEP_MS, len(limits)]
+        args: list[int | float | str] = [now_ms, EXPIRE_BATCH, EXPIRED_KEEP_MS, len(limits)]
         for b in buckets:
             args += [b.capacity, repr(b.refill_per_s)]
-        used, levels = await _USAGE(self._client, self._keys(limits, buckets), args)
-        return usage_of(limits, buckets, [int(u) for u in used], [float(v) for v in levels])
+        used, levels, expired, held = await self._pipeliner.call(_USAGE, self._keys(limits, buckets), args)
+        return usage_of(limits, buckets, [int(u) for u in used], [float(v) for v in levels], expired, held)

@@ -10,9 +10,12 @@ directly; the Redis store runs the same decision inside `lua/reserve.lua` (so it
 atomic round trip) and builds its answer with `result`. The shared test suite holds the two
 to the same behaviour.
 
-A reservation whose holder died is not held forever: it carries an expiry, and every reserve
-and usage call first releases expired reservations. A settle arriving after that release
-still charges the actual cost, so late responses are never free.
+A reservation is never released for free. It carries a deadline; every reserve and usage
+call first expires reservations whose deadline passed unsettled (their replica died, or
+every settle retry failed), and an expired reservation stays charged at its reserved
+worst case. A settle that arrives later still corrects it to the actual cost, once:
+settling is idempotent per reservation id, and reserving an id already held answers with
+the held grant, so both are safe to retry after a lost reply.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from typing import Protocol
 
 # Lua numbers are doubles: integers stay exact up to 2**53 nano$ (about 9 million USD).
 MAX_NANO = 2**53 - 1
-# Expired reservations released per reserve/usage call, bounding the Redis script's work
-# (the memory store keeps the same bound so both stores report the same balances).
-RELEASE_BATCH = 50
-# How long a released reservation's id is remembered, so a late settle can still charge it.
-RELEASED_KEEP_MS = 86_400_000
+# Reservations expired per reserve/usage call, bounding the Redis script's work (the
+# memory store keeps the same bound so both stores report the same balances).
+EXPIRE_BATCH = 50
+# How long an expired reservation is remembered, so a late settle can still correct it.
+EXPIRED_KEEP_MS = 86_400_000
 
 
 class BudgetStoreUnavailable(Exception):
@@ -130,6 +133,7 @@ class ReserveResult:
     soft_exceeded: tuple[str, ...]
     tokens_remaining: dict[str, int]
     bucket_reset_s: float | None
+    expired: int = 0  # reservations of any request this call found expired unsettled
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,20 +141,28 @@ class Usage:
     used_nano: dict[str, int]
     remaining_nano: dict[str, int]
     tokens_remaining: dict[str, int]
+    expired: int = 0  # as in ReserveResult
+    held: int = -1  # reservations of the tenant held right now (-1: not reported)
+
+
+# What `settle` did: charged as reserved, corrected an expired reservation, or nothing
+# (settled before, or unknown).
+SETTLED, LATE, NOTHING = "settled", "late", "nothing"
 
 
 class BudgetStore(Protocol):
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        """Reserve at every limit and bucket, or change nothing. Raises ValueError if the
-        reservation id is already held."""
+        """Reserve at every limit and bucket, or change nothing. An id already held gets
+        the held grant back and nothing changes (a retry)."""
 
-    async def settle(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> None:
+    async def settle(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> str:
         """Move the reservation to the actual cost (which may exceed it) and return unused
-        tokens (`actual_tokens` counts prompt and completion). Idempotent. If the reservation
-        already expired and was released, the actual cost is charged in full."""
+        tokens (`actual_tokens` counts prompt and completion). Idempotent. A reservation
+        that expired (charged at its worst case) is corrected to the actual cost too.
+        Returns SETTLED, LATE (it had expired) or NOTHING."""
 
     async def usage(self, limits: Sequence[Limit], buckets: Sequence[Bucket], now_ms: int) -> Usage:
-        """Balances as of `now_ms`, after releasing expired reservations."""
+        """Balances as of `now_ms`, after expiring due reservations."""
 
 
 def _refill(level: float, ts_ms: int, bucket: Bucket, now_ms: int) -> float:
@@ -180,7 +192,7 @@ def decide(request: ReserveRequest, used: Sequence[int], levels: Sequence[float]
 
 
 def result(
-    request: ReserveRequest, grant: int, refused: int, used: Sequence[int], levels: Sequence[float]
+    request: ReserveRequest, grant: int, refused: int, used: Sequence[int], levels: Sequence[float], expired: int = 0
 ) -> ReserveResult:
     """The caller-facing answer, from balances *after* the decision was applied."""
     r = request
@@ -205,16 +217,19 @@ def result(
         ),
         tokens_remaining=balances.tokens_remaining,
         bucket_reset_s=max(((b.capacity - v) / b.refill_per_s for b, v in zip(buckets, levels)), default=None),
+        expired=expired,
     )
 
 
 def usage_of(
-    limits: Sequence[Limit], buckets: Sequence[Bucket], used: Sequence[int], levels: Sequence[float]
+    limits: Sequence[Limit], buckets: Sequence[Bucket], used: Sequence[int], levels: Sequence[float],
+    expired: int = 0, held: int = -1,
 ) -> Usage:
     return Usage(
         used_nano={lim.key: u for lim, u in zip(limits, used)},
         remaining_nano={lim.key: max(0, lim.limit_nano - u) for lim, u in zip(limits, used)},
         tokens_remaining={b.key: math.floor(v) for b, v in zip(buckets, levels)},
+        expired=expired, held=held,
     )
 
 
@@ -222,7 +237,7 @@ def usage_of(
 class _Held:
     reserved_nano: int
     tokens: int
-    limit_keys: tuple[str, ...]
+    grant: int
     expires_ms: int
 
 
@@ -242,19 +257,19 @@ class MemoryBudgetStore:
         self._expires: dict[str, int] = {}  # counter or bucket key -> ms
         self._held: dict[str, _Held] = {}
         self._expiry_heap: list[tuple[int, str]] = []
-        self._released: OrderedDict[str, int] = OrderedDict()  # id -> released at ms
+        self._expired: OrderedDict[str, tuple[_Held, int]] = OrderedDict()  # id -> (record, expired at ms)
         self._next_purge_ms = 0
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         r = request
-        self._release_expired(r.now_ms)
-        if r.reservation_id in self._held:
-            raise ValueError(f"reservation {r.reservation_id!r} is already held")
+        expired = self._expire_due(r.now_ms)
         used = [self._counters.get(lim.key, 0) for lim in r.limits]
         levels = [self._level(b, r.now_ms) for b in r.buckets]
+        if (held := self._held.get(r.reservation_id)) is not None:
+            return result(r, held.grant, -1, used, levels, expired)
         grant, refused = decide(r, used, levels)
         if refused >= 0:
-            return result(r, grant, refused, used, levels)
+            return result(r, grant, refused, used, levels, expired)
         reserved = r.prompt_cost_nano + grant * r.output_price_nano
         for lim in r.limits:
             self._charge(lim, reserved, r.now_ms)
@@ -263,19 +278,19 @@ class MemoryBudgetStore:
             levels[j] -= r.prompt_tokens + grant if j < n_tok else 1
             self._put_bucket(b, levels[j], r.now_ms)
         expires_ms = r.now_ms + r.reservation_ttl_s * 1000
-        keys = tuple(lim.key for lim in r.limits)
-        self._held[r.reservation_id] = _Held(reserved, r.prompt_tokens + grant, keys, expires_ms)
+        self._held[r.reservation_id] = _Held(reserved, r.prompt_tokens + grant, grant, expires_ms)
         heapq.heappush(self._expiry_heap, (expires_ms, r.reservation_id))
-        return result(r, grant, -1, [self._counters[lim.key] for lim in r.limits], levels)
+        return result(r, grant, -1, [self._counters[lim.key] for lim in r.limits], levels, expired)
 
-    async def settle(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> None:
+    async def settle(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> str:
         held = self._held.pop(request.reservation_id, None)
+        outcome = SETTLED
         if held is not None:
             charge, refund = actual_cost_nano - held.reserved_nano, held.tokens - actual_tokens
-        elif self._released.pop(request.reservation_id, None) is not None:
-            charge, refund = actual_cost_nano, 0
+        elif (gone := self._expired.pop(request.reservation_id, None)) is not None:
+            charge, refund, outcome = actual_cost_nano - gone[0].reserved_nano, 0, LATE
         else:
-            return
+            return NOTHING
         for lim in request.limits:
             self._charge(lim, charge, now_ms)
         if refund:
@@ -283,11 +298,12 @@ class MemoryBudgetStore:
                 self._put_bucket(b, max(0.0, self._level(b, now_ms) + refund), now_ms)
         for tally in request.tallies:
             self._charge(tally, actual_tokens, now_ms)
+        return outcome
 
     async def usage(self, limits: Sequence[Limit], buckets: Sequence[Bucket], now_ms: int) -> Usage:
-        self._release_expired(now_ms)
+        expired = self._expire_due(now_ms)
         used = [self._counters.get(lim.key, 0) for lim in limits]
-        return usage_of(limits, buckets, used, [self._level(b, now_ms) for b in buckets])
+        return usage_of(limits, buckets, used, [self._level(b, now_ms) for b in buckets], expired, len(self._held))
 
     def _charge(self, lim: Limit, amount: int, now_ms: int) -> None:
         if lim.key not in self._counters:
@@ -308,21 +324,24 @@ class MemoryBudgetStore:
         self._buckets[b.key] = (level, as_of)
         self._expires[b.key] = as_of + math.ceil((b.capacity - level) / b.refill_per_s * 1000)
 
-    def _release_expired(self, now_ms: int) -> None:
-        released = 0
-        while self._expiry_heap and self._expiry_heap[0][0] <= now_ms and released < RELEASE_BATCH:
+    def _expire_due(self, now_ms: int) -> int:
+        """Reservations past their deadline stay charged at their worst case; their records
+        are kept (EXPIRED_KEEP_MS) so a late settle can correct them."""
+        expired = 0
+        while self._expiry_heap and self._expiry_heap[0][0] <= now_ms and expired < EXPIRE_BATCH:
             _, rid = heapq.heappop(self._expiry_heap)
             held = self._held.get(rid)
             if held is None or held.expires_ms > now_ms:  # settled already (or id reused)
                 continue
             del self._held[rid]
-            released += 1
-            for key in held.limit_keys:
-                if key in self._counters:
-                    self._counters[key] -= held.reserved_nano
-            self._released[rid] = now_ms
-        while self._released and next(iter(self._released.values())) <= now_ms - RELEASED_KEEP_MS:
-            self._released.popitem(last=False)
+            expired += 1
+            self._expired[rid] = (held, now_ms)
+        while self._expired and next(iter(self._expired.values()))[1] <= now_ms - EXPIRED_KEEP_MS:
+            self._expired.popitem(last=False)
+        self._purge(now_ms)
+        return expired
+
+    def _purge(self, now_ms: int) -> None:
         if now_ms >= self._next_purge_ms:
             self._next_purge_ms = now_ms + self._PURGE_EVERY_MS
             for key in [k for k, at in self._expires.items() if at <= now_ms]:

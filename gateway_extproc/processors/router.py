@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import orjson
 import structlog
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from .. import api, audit, identity, messages, tokens
+from ..budgets import caps
 from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
@@ -39,17 +41,22 @@ CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
 CLASSIFICATION_HEADER = "x-data-classification"
-# Settlements in flight; held so the event loop does not drop them.
-_SETTLING: set[asyncio.Task[None]] = set()
 # Bodies above this are scanned and tokenized off the event loop.
 OFFLOAD_TOKENIZE_BYTES = 64 * 1024
+
+
+class Consumed(NamedTuple):
+    cost: int  # nano$
+    prompt: int
+    completion: int
+    processed: bool  # a provider processed the request (its tokens count in metrics)
 
 
 class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
                  "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
-                 "cut_after", "cut",
+                 "cut_after", "cut", "body_changed",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
                  "requested")
 
@@ -60,7 +67,7 @@ class RouterProcessor:
         self.key: VirtualKey | None = None
         self.endpoint: api.Endpoint | None = None
         self.model: Model | None = None
-        self.stream = self.drop_usage = self.logged = False
+        self.stream = self.drop_usage = self.logged = self.body_changed = False
         self.prompt_tokens: int | None = None
         self.status = 0
         self.backend: str | None = None
@@ -72,8 +79,8 @@ class RouterProcessor:
         # W3C trace context of the ext_proc stream itself (gRPC metadata), set by Envoy's tracer.
         self.trace_parent: dict[str, str] = {}
         self.admission: Admission | None = None
-        self.clamped: int | None = None  # max_tokens the budget allowed, when below the request's
-        self.cut_after: int | None = None  # output tokens after which an uncapped stream is ended
+        self.clamped: int | None = None  # the output cap sent, when below what the request asked for
+        self.cut_after: int | None = None  # output tokens after which a stream is ended (backstop)
         self.cut = False
         self.declared: str | None = None  # x-data-classification sent by the client
         self.tier: str | None = None
@@ -192,27 +199,24 @@ class RouterProcessor:
         return self.forward(body)
 
     async def reserve(self, body: dict) -> None:
-        """Reserve the worst case at every level; clamp max_tokens to what the budget affords."""
-        gate, model = self.runtime.budget, self.model
-        assert gate is not None and model is not None and self.key is not None and self.prompt_tokens is not None
-        caps = self.endpoint.output_caps
-        field = next((f for f in caps if f in body), None)
-        if not caps:
-            wanted, cap = 0, None
-        else:
-            cap = body[field] if field else model.max_output_tokens
-            wanted = cap or gate.settings.default_output_tokens
-        self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, wanted),
+        """Reserve the worst case at every level, and send the provider the output cap that
+        worst case assumed (budgets/caps.py): the client's cap lowered to the model's limit
+        and to what the budget affords, or one set by the gateway when the client sent none."""
+        gate, model, endpoint = self.runtime.budget, self.model, self.endpoint
+        assert gate is not None and model is not None and endpoint is not None
+        assert self.key is not None and self.prompt_tokens is not None
+        choices = (body.get("n") or 1) if endpoint is api.CHAT else 1
+        cap = caps.output_cap(body, endpoint.output_caps, model.max_output_tokens,
+                              gate.settings.default_output_tokens, choices)
+        self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, cap.wanted, choices),
                                           self.runtime.labels.team(self.key.team))
         granted = self.admission.result.output_tokens
-        if caps and granted < wanted:
-            body[field or caps[-1]] = granted
-            self.clamped = granted
-        elif self.endpoint is api.CHAT and cap is None:
-            # No cap anywhere: the stream is ended if it outgrows the reservation plus headroom.
-            price = self.admission.plan.price
-            headroom = min(self.admission.result.remaining_nano.values(), default=0)
-            self.cut_after = granted + (headroom // max(1, int(price.output)) if price.output else 10**9)
+        self.body_changed = caps.apply_cap(body, endpoint.output_caps, cap, granted)
+        self.clamped = caps.clamped(cap, granted)
+        if endpoint is api.CHAT:
+            # Backstop for a provider that ignores the cap: its stream is ended for the client
+            # once the output (about one token per content event) passes what was reserved.
+            self.cut_after = granted
 
     def only_backend(self) -> Backend | None:
         """The backend every attempt goes to, when just one is eligible (the router can then
@@ -222,7 +226,7 @@ class RouterProcessor:
     def forward(self, body: dict) -> ep.ProcessingResponse:
         """Shape the body for the backend, set the route header, hand off to upstream filters."""
         assert self.model is not None and self.endpoint is not None
-        changed = self.clamped is not None or self.redacted or self.client is not None
+        changed = self.body_changed or self.redacted or self.client is not None
         subset = len(self.eligible) < len(self.model.backends)
         # Only the backends approved for the request's tier: a cluster the chart renders per tier.
         set_headers = {ROUTE_HEADER: f"{self.model.name}@{self.tier}" if subset else self.model.name}
@@ -277,7 +281,8 @@ class RouterProcessor:
             content_type = "text/event-stream" if self.provider.stream is not None else "application/json"
             added["content-type"] = content_type
         if content_type == "text/event-stream":
-            self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None)
+            self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None,
+                                   self.cut_after)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
             # The stream may change length (translation, usage chunk dropped, redaction, budget cut): chunked.
@@ -305,10 +310,10 @@ class RouterProcessor:
             out = self.tap.feed(data, msg.end_of_stream)
             if self.cut:
                 out = b""  # the client's stream already ended; keep reading usage only
-            elif self.cut_after is not None and self.tap.content_events > self.cut_after:
+            elif self.tap.over:
                 self.cut = True
                 held = self.guard.flush() if self.guard is not None else b""
-                out = (data if out is None else out) + held + _cut_events(self.tap.content_events)
+                out = (out or b"") + held + _cut_events(self.cut_after or 0)
                 log_budget_cut(self)
             elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
                 out = (data if out is None else out) + _interrupted_event(self)
@@ -373,13 +378,14 @@ class RouterProcessor:
         backend = self.runtime.config.backends.get(self.backend or "")
         duration = now - self.started
         ttft = self.first_byte - self.started if self.stream and self.first_byte else None
+        spent = self.consumed(backend)
         metrics.record_request(
             self.runtime.labels, team=self.key.team if self.key else None,
             model=self.model.name if self.model else None, provider=backend.provider.name if backend else None,
-            status=self.status or 499, prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None
-            else self.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
+            status=self.status or 499, prompt_tokens=spent.prompt if spent.processed else None,
+            completion_tokens=spent.completion if spent.processed else None, cached_tokens=usage.cached_tokens,
             duration_s=duration, ttft_s=ttft)
-        self.account(backend)
+        self.account(spent)
         if self.trace is not None:
             self.trace.finish(
                 status=self.status, error_code=self.error_code, provider=backend.provider.kind if backend else None,
@@ -409,42 +415,48 @@ class RouterProcessor:
             out["response"] = response  # as the client got it: redacted
         return out
 
-    def consumed(self, backend: Backend | None) -> tuple[int, int]:
-        """(cost in nano$, tokens) of what was consumed: provider usage when known, else the
-        local prompt count plus the output streamed so far (client gone, stream cut); nothing
-        for a provider error. Priced at the backend that answered, else the model's worst."""
+    def consumed(self, backend: Backend | None) -> Consumed:
+        """What the provider processed, priced at the backend that answered (else the model's
+        worst price): its usage when known; else the local prompt count plus the output
+        streamed so far (client gone, stream cut); for a 2xx JSON answer without usage (its
+        body never read: too large, client gone first) the reservation's worst case; nothing
+        when the provider was never reached, refused or failed."""
         usage = self.usage or Usage()
+        if not (self.status == 0 or 200 <= self.status < 300 or usage.completion_tokens is not None) \
+                or self.model is None:
+            return Consumed(0, 0, 0, False)
         price = backend.price if backend and backend.price else (
             self.admission.plan.price if self.admission else None)
         prompt = usage.prompt_tokens if usage.prompt_tokens is not None else (self.prompt_tokens or 0)
         if usage.completion_tokens is not None:
             completion = usage.completion_tokens
-        else:
+        elif self.tap is not None or self.status == 0:
             completion = self.tap.content_events if self.tap is not None else 0
-        if not (self.status == 0 or 200 <= self.status < 300 or usage.completion_tokens is not None):
-            return 0, 0
+        elif self.admission is not None:  # a 2xx JSON answer the gateway could not read
+            r = self.admission.result
+            return Consumed(r.reserved_nano, self.prompt_tokens or 0, r.output_tokens, True)
+        else:
+            completion = 0
         cost = cost_nano(price, prompt, completion, usage.cached_tokens or 0) if price is not None else 0
-        return cost, prompt + completion
+        return Consumed(cost, prompt, completion, True)
 
-    def account(self, backend: Backend | None) -> None:
+    def account(self, spent: Consumed) -> None:
         """Cost metrics for every priced request; budget settlement when one was reserved."""
         if self.model is None:
             return
-        cost, tokens_used = self.consumed(backend)
         team = self.runtime.labels.team(self.key.team if self.key else None)
-        if cost:
-            metrics.child(metrics.COST, team, self.runtime.labels.model(self.model.name)).inc(cost / 1e9)
+        if spent.cost:
+            metrics.child(metrics.COST, team, self.runtime.labels.model(self.model.name)).inc(spent.cost / 1e9)
         if self.admission is None or self.runtime.budget is None:
             return
+        charged = min(spent.cost, self.admission.result.reserved_nano)
         daily_team = next((lv for lv in self.admission.plan.levels if lv.name.startswith("team:")
                            and lv.window.kind == "daily" and lv.limit.limit_nano < MAX_NANO), None)
         if daily_team is not None:
             left = self.admission.result.remaining_nano.get(daily_team.limit.key, 0)
             metrics.child(metrics.TEAM_DAILY_REMAINING, team).set(
-                max(0, left - (cost - self.admission.result.reserved_nano)) / 1e9)
-        task = asyncio.get_running_loop().create_task(self.runtime.budget.settle(self.admission, cost, tokens_used))
-        _SETTLING.add(task)
-        task.add_done_callback(_SETTLING.discard)
+                max(0, left - (charged - self.admission.result.reserved_nano)) / 1e9)
+        self.runtime.budget.settle(self.admission, spent.cost, spent.prompt + spent.completion, team)
 
     def close(self) -> None:
         """The stream ended; if the response never completed, say so in the log."""
@@ -467,12 +479,13 @@ def _endpoint_for(method: str, path: str) -> api.Endpoint | str:
 
 
 def _cut_events(output_tokens: int) -> bytes:
-    """How a stream that crossed its hard budget ends: a `finish_reason: "length"` chunk, an
-    OpenAI-shaped error event (the openai SDK raises it as APIError), then [DONE]."""
+    """How a stream that outgrew its reservation ends (a provider that ignored the output
+    cap): a `finish_reason: "length"` chunk, an OpenAI-shaped error event (the openai SDK
+    raises it as APIError), then [DONE]."""
     finish = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
-    error = {"error": {"message": f"Budget exhausted after about {output_tokens} output tokens; the stream was "
-                                  "ended by the gateway.", "type": "rate_limit_error", "code": "budget_exceeded",
-                       "param": None}}
+    error = {"error": {"message": f"The provider went past the {output_tokens} output tokens your budget reserved "
+                                  "for this request; the stream was ended by the gateway.",
+                       "type": "rate_limit_error", "code": "budget_exceeded", "param": None}}
     return b"data: " + orjson.dumps(finish) + b"\n\ndata: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n"
 
 

@@ -42,7 +42,18 @@ DURATION = Histogram("genai_request_duration_seconds", "Whole-request duration."
                      buckets=_LATENCY)
 BUDGET_EVENTS = Counter("genai_budget_events", "Budget and rate-limit decisions other than a plain admit: "
                         "soft_threshold, clamped, budget_exceeded, rate_limited, store_unavailable_open, "
-                        "store_unavailable_closed, stream_cut.", ["team", "event"])
+                        "store_unavailable_closed, stream_cut, over_reservation.", ["team", "event"])
+# Settlement outcomes: settled (first try or after retries), late (the reservation had
+# expired and was corrected), nothing (settled before), queued (the store was unreachable;
+# retried in the background), dropped (the retry queue was full; the reservation expires
+# and stays charged at its worst case).
+BUDGET_SETTLEMENTS = Counter("genai_budget_settlements", "Budget settlements by outcome.", ["outcome"])
+BUDGET_SETTLEMENTS_PENDING = Gauge("genai_budget_settlements_pending",
+                                   "Settlements waiting for the budget store to come back.",
+                                   multiprocess_mode="livesum")
+BUDGET_RESERVATIONS_EXPIRED = Counter("genai_budget_reservations_expired",
+                                      "Reservations whose deadline passed unsettled; each stays charged at its "
+                                      "reserved worst case until a late settlement corrects it.")
 GUARDRAIL_TRIGGERS = Counter("genai_guardrail_triggers", "Policy rule matches by action taken.",
                              ["rule", "action", "team", "mode"])
 # The provider's prompt cache, as its usage reports it: one lookup per successful request

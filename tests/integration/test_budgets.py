@@ -22,11 +22,12 @@ from .conftest import Gateway, build_gateway
 PRICE = Price.from_usd_per_million(5.0, 20.0, 2.5)  # default-chat's price in values-local
 NANO = 1_000_000_000
 MSG = [{"role": "user", "content": "Please count the apples in the basket for me."}]
-KEYS = {name: keys.generate(name) for name in ("conc", "clamp", "settle", "cut", "closed", "open", "rpm", "soft")}
+KEYS = {name: keys.generate(name) for name in ("conc", "clamp", "settle", "cut", "closed", "open", "rpm", "soft",
+                                                "uncapped", "choices", "absurd", "huge", "burst", "refused")}
 
 
 def budget_keys(values: dict[str, Any], redis_url: str) -> None:
-    values["budgets"].update(store="redis", redis={"url": redis_url}, defaultOutputTokens=4)
+    values["budgets"].update(store="redis", redis={"url": redis_url})
     values["extproc"]["processes"] = 2
     values["budgets"]["orgLimit"] = {"daily": 50, "onStoreError": "open"}
     values["teams"].append({"name": "ops"})
@@ -34,11 +35,17 @@ def budget_keys(values: dict[str, Any], redis_url: str) -> None:
         "conc": {"budget": {"daily": 0.01}},
         "clamp": {"budget": {"daily": 0.01}},
         "settle": {"budget": {"daily": 1}},
-        "cut": {"budget": {"daily": 0.0003}},
+        "cut": {"budget": {"daily": 0.001}},
         "closed": {"budget": {"daily": 1}},
         "open": {"budget": {"daily": 0.0006, "onStoreError": "open"}},
         "rpm": {"rateLimits": {"requestsPerMinute": 2, "tokensPerMinute": 100000}},
         "soft": {"budget": {"daily": 0.002, "soft": 0.5}},
+        "uncapped": {"budget": {"daily": 0.1}},
+        "choices": {"budget": {"daily": 0.01}},
+        "absurd": {"budget": {"daily": 1}},
+        "huge": {"budget": {"daily": 1}},
+        "burst": {"budget": {"daily": 5}},
+        "refused": {"budget": {"daily": 0}},
     }
     for name, spec in specs.items():
         team = "ops" if name == "open" else "demo"
@@ -156,19 +163,91 @@ def test_client_disconnect_mid_stream_charges_what_was_streamed(gw: Gateway) -> 
                                                                              full["completion_tokens"])
 
 
-def test_an_uncapped_stream_is_ended_cleanly_at_the_budget(gw: Gateway) -> None:
+def test_a_request_without_a_cap_gets_one_its_reservation_covers(gw: Gateway) -> None:
+    """The issue's case: no max_tokens, a model without maxOutputTokens, a 10,000-token
+    reply, a $0.10 budget. Each request leaves with the cap the budget afforded (4096, the
+    default, then less), so JSON and streams together never spend more than the budget."""
+    sent_caps, statuses = [], []
+    for i in range(6):
+        headers = {"authorization": f"Bearer {KEYS['uncapped']}", "x-mock-reply-words": "10000"}
+        body = {"model": "fallback-chat", "messages": MSG, "stream": i % 2 == 1}
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=60, json=body, headers=headers) as resp:
+            resp.read()
+            statuses.append(resp.status_code)
+        if resp.status_code == 200:
+            sent_caps.append(gw.received(gw.primary)[-1]["body"]["max_completion_tokens"])
+    assert statuses[:2] == [200, 200] and statuses[-1] == 429
+    assert sent_caps[0] == 4096 and all(0 < c < 4096 for c in sent_caps[1:])
+    assert spent(gw, "uncapped") <= 100_000_000
+
+
+def test_a_provider_ignoring_the_cap_is_cut_at_the_reservation_and_charged_no_more(gw: Gateway) -> None:
     lines = []
     with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30, json={
             "model": "fallback-chat", "messages": MSG, "stream": True},
-            headers={"authorization": f"Bearer {KEYS['cut']}", "x-mock-chunk-delay-ms": "10"}) as resp:
+            headers={"authorization": f"Bearer {KEYS['cut']}", "x-mock-ignore-max-tokens": "1",
+                     "x-mock-reply-words": "300"}) as resp:
         assert resp.status_code == 200
         lines = [line for line in resp.iter_lines() if line]
+    granted = gw.received(gw.primary)[-1]["body"]["max_completion_tokens"]
     assert lines[-1] == "data: [DONE]"
     assert '"code":"budget_exceeded"' in lines[-2]
     assert '"finish_reason":"length"' in lines[-3]
     content = [line for line in lines if '"content":"' in line and '"content":""' not in line]
-    assert 0 < len(content) < 20  # the mock's reply is longer than what the budget allowed
-    assert spent(gw, "cut") >= 300_000  # the provider's whole answer is charged: what was consumed
+    # The backstop: the client saw about what was reserved (the chunk that crossed is passed whole).
+    assert 0 < len(content) <= granted + 5 < 300
+    assert spent(gw, "cut") <= 1_000_000  # the provider billed 300 tokens; the budget is charged its reservation
+    from .test_metrics import sample
+    assert sample(httpx.get(gw.stack.metrics_url).text, "genai_budget_events_total", event="over_reservation") >= 1
+
+
+def test_n_choices_multiply_the_reservation(gw: Gateway) -> None:
+    resp = chat(gw, "choices", max_tokens=100_000, n=4)
+    assert resp.status_code == 200
+    prompt = resp.json()["usage"]["prompt_tokens"]
+    affordable = (10_000_000 - cost_nano(PRICE, prompt, 0)) // 20_000
+    per_choice = int(resp.headers["x-gateway-max-tokens-clamped"])
+    assert per_choice == affordable // 4
+    assert gw.received(gw.primary)[-1]["body"]["max_tokens"] == per_choice
+    too_many = chat(gw, "choices", max_tokens=8, n=129)
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_choices"
+
+
+@pytest.mark.parametrize(("cap", "status"), [(10**12, 200), (2**63 - 1, 200), (-1, 400), (0, 400), ("5", 400),
+                                             (1.5, 400), (True, 400), (10**30, 400)])
+def test_absurd_caps_are_clamped_or_refused_never_a_500(gw: Gateway, cap: object, status: int) -> None:
+    resp = chat(gw, "absurd", max_tokens=cap)
+    assert resp.status_code == status, resp.text
+    if status == 200:
+        assert int(resp.headers["x-gateway-max-tokens-clamped"]) == 1024  # default-chat's maxOutputTokens
+    else:
+        assert resp.json()["error"]["code"] in ("invalid_request", "invalid_json")
+
+
+def test_an_answer_over_the_size_limit_has_its_own_code_and_is_charged(gw: Gateway) -> None:
+    before = spent(gw, "huge")
+    resp = httpx.post(
+        f"{gw.url}/v1/chat/completions", timeout=60, json={"model": "default-chat", "messages": MSG},
+        headers={"authorization": f"Bearer {KEYS['huge']}", "x-mock-ignore-max-tokens": "1",
+                 "x-mock-reply-words": "3000000"})
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_response_too_large"
+    assert len(gw.received(gw.primary)) == 1  # it was sent
+    prompt_cost = cost_nano(PRICE, chat(gw, "settle", max_tokens=8).json()["usage"]["prompt_tokens"], 0)
+    assert spent(gw, "huge") - before == prompt_cost + 1024 * 20_000  # the reservation: prompt + the cap sent
+
+
+def test_refused_requests_count_no_tokens(gw: Gateway) -> None:
+    from .test_metrics import sample
+
+    def input_tokens() -> float:
+        return sum(sample(httpx.get(g.stack.metrics_url).text, "genai_tokens_total", type="input") for g in (gw,))
+    before = input_tokens()
+    assert chat(gw, "refused", max_tokens=8).status_code == 429
+    failed = httpx.post(f"{gw.url}/v1/chat/completions", headers={
+        "authorization": f"Bearer {KEYS['settle']}", "x-mock-status": "429"}, json={"model": "default-chat",
+                                                                                 "messages": MSG})
+    assert failed.status_code == 429
+    assert input_tokens() == before
 
 
 def test_rate_limit_answers_429_with_retry_after(gw: Gateway) -> None:
@@ -220,3 +299,47 @@ def test_redis_down_fails_closed_or_open_per_check(gw: Gateway, redis: RedisServ
     finally:
         redis.start()
     assert chat(gw, "closed", max_tokens=8).status_code == 200
+
+
+def test_a_burst_at_one_replica_on_a_healthy_store_is_never_refused(gw: Gateway, redis: RedisServer) -> None:
+    """500 concurrent requests (JSON and streams) at one replica: no 503, every settlement
+    lands, nothing stays reserved, and /v1/usage is the sum of what each request cost."""
+    extproc_log = gw.stack.log_path("extproc")
+    before, logged = spent(gw, "burst"), len(extproc_log.read_text(errors="replace"))
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=500)) as client:
+            return await asyncio.gather(*(
+                client.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['burst']}"},
+                            json={"model": "default-chat", "messages": MSG, "max_tokens": 8, "stream": i % 2 == 1})
+                for i in range(500)))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses if r.status_code != 200] == []
+    probe = chat(gw, "settle", max_tokens=8).json()["usage"]
+    expected = 500 * cost_nano(PRICE, probe["prompt_tokens"], probe["completion_tokens"])
+    deadline = time.monotonic() + 10
+    while spent(gw, "burst") - before != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert spent(gw, "burst") - before == expected
+    assert held_reservations(redis) == 0
+    burst_log = extproc_log.read_text(errors="replace")[logged:]
+    assert "budget_settle_queued" not in burst_log and "budget_store_unavailable" not in burst_log
+
+
+def held_reservations(redis: RedisServer) -> int:
+    import redis as redis_py
+    client = redis_py.Redis(host=redis.host, port=redis.port)
+    try:
+        return client.hlen("gw:{local}:reservations")
+    finally:
+        client.close()
+
+
+def test_a_graceful_store_restart_costs_no_request(gw: Gateway, redis: RedisServer) -> None:
+    # Each replica has two ext_proc processes with pooled connections: warm them all up.
+    for _ in range(8):
+        assert chat(gw, "closed", max_tokens=8).status_code == 200
+    redis.stop()
+    redis.start()
+    assert [chat(gw, "closed", max_tokens=8).status_code for _ in range(8)] == [200] * 8

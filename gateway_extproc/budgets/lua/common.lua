@@ -1,8 +1,10 @@
 -- Helpers shared by reserve.lua, settle.lua and usage.lua; redis_store.py prepends this
--- file to each script. KEYS[1..3] of every script are the reservation hash (id -> record),
--- the expiry zset (id scored by expiry ms) and the released zset (id scored by release ms).
+-- file to each script. KEYS[1..F] of every script are the fixed reservation keys: held
+-- reservations (HASH id -> record), their deadlines (ZSET id by expiry ms), reservations
+-- that expired unsettled (HASH id -> record) and when they expired (ZSET id by ms).
 -- Every key shares the store's hash tag, so undeclared keys read from records (the limit
--- keys of an expired reservation) live in the same cluster slot as the declared ones.
+-- keys of a reservation) live in the same cluster slot as the declared ones.
+local F = 4
 
 -- Integers as exact decimal strings: tostring() would print 1e+13, which INCRBY rejects.
 local function int(x) return string.format('%.0f', x) end
@@ -31,25 +33,33 @@ local function put_bucket(key, v, cap, rate, now, ts)
   redis.call('PEXPIRE', key, int(as_of - now + math.ceil((cap - v) / rate * 1000)))
 end
 
--- Return the amounts of up to `batch` reservations that expired unsettled (their replica
--- died) to every limit they were reserved at; remember their ids so a late settle can
--- still charge the actual cost.
-local function release_expired(now, batch, keep_ms)
+-- Up to `batch` reservations whose deadline passed unsettled (their replica died, or every
+-- settle retry failed) stay charged at their reserved worst case: nothing is returned to
+-- the counters. Their records move aside so a late settle can still correct the charge to
+-- the actual cost; records older than keep_ms are forgotten. Returns how many expired.
+local function expire_due(now, batch, keep_ms)
   local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', int(now), 'LIMIT', 0, batch)
+  local n = 0
   for _, id in ipairs(ids) do
     local raw = redis.call('HGET', KEYS[1], id)
     if raw then
-      local rec = cjson.decode(raw)
-      for _, key in ipairs(rec.l) do
-        if redis.call('EXISTS', key) == 1 then redis.call('DECRBY', key, rec.r) end
-      end
       redis.call('HDEL', KEYS[1], id)
-      redis.call('ZADD', KEYS[3], int(now), id)
+      redis.call('HSET', KEYS[3], id, raw)
+      redis.call('ZADD', KEYS[4], int(now), id)
+      n = n + 1
     end
     redis.call('ZREM', KEYS[2], id)
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', int(now - keep_ms))
-  if #ids > 0 then redis.call('PEXPIRE', KEYS[3], int(keep_ms)) end
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', int(now - keep_ms), 'LIMIT', 0, batch)
+  if #old > 0 then
+    redis.call('HDEL', KEYS[3], unpack(old))
+    redis.call('ZREM', KEYS[4], unpack(old))
+  end
+  if n > 0 then
+    redis.call('PEXPIRE', KEYS[3], int(keep_ms))
+    redis.call('PEXPIRE', KEYS[4], int(keep_ms))
+  end
+  return n
 end
 
 local function strings(xs, fmt)

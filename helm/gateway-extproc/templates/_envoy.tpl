@@ -82,7 +82,7 @@ static_resources:
                 (list (printf "%s && %s.contains('overflow')" $reset $d) 503 "upstream_overloaded" "server_error" "Too many requests are in flight to this model's providers; retry shortly.")
                 (list (printf "%s && %s.contains('connection_failure')" $reset $d) 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
                 (list $reset 502 "upstream_reset" "server_error" "The provider closed the connection before answering.")
-                (list (printf "%s == 'response_payload_too_large'" $d) 502 "upstream_response_too_large" "server_error" "The provider's response is larger than the gateway can process.")
+                (list (printf "%s == 'response_payload_too_large'" $d) 502 "upstream_response_too_large" "server_error" "The provider's response is larger than the gateway can process; the provider did process (and bill) the request.")
                 (list (printf "%s == 'request_payload_too_large' || response.code == 413" $d) 413 "request_too_large" "invalid_request_error" "Request body exceeds the gateway limit.")
                 (list (printf "%s.startsWith('ext_proc') || response.code == 500" $d) 503 "gateway_unavailable" "server_error" "The gateway's policy service is unavailable; the request was not sent.")
                 (list "response.code == 503" 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")

@@ -1,0 +1,56 @@
+"""The output cap every admitted request carries (budgets/caps.py), as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway_extproc.budgets.caps import OUTPUT_TOKENS_CEILING, apply_cap, clamped, output_cap
+from gateway_extproc.budgets.store import MAX_NANO
+
+CHAT = ("max_completion_tokens", "max_tokens")
+
+
+@pytest.mark.parametrize(("body", "model_max", "field", "client", "per_choice"), [
+    ({}, 1024, "max_completion_tokens", None, 1024),  # none sent: the model's limit
+    ({}, None, "max_completion_tokens", None, 4096),  # ... or the default
+    ({"max_tokens": 50}, 1024, "max_tokens", 50, 50),
+    ({"max_tokens": 10**12}, 1024, "max_tokens", 10**12, 1024),  # lowered to the model's limit
+    ({"max_tokens": 10**12}, None, "max_tokens", 10**12, OUTPUT_TOKENS_CEILING),
+    ({"max_completion_tokens": 30, "max_tokens": 900}, None, "max_completion_tokens", 30, 30),
+    ({"max_tokens": None}, 1024, "max_completion_tokens", None, 1024),
+])
+def test_the_cap_a_request_asks_for(body, model_max, field, client, per_choice) -> None:
+    cap = output_cap(body, CHAT, model_max, 4096)
+    assert (cap.field, cap.client, cap.per_choice, cap.wanted) == (field, client, per_choice, per_choice)
+
+
+def test_choices_multiply_what_is_reserved_and_divide_what_is_granted() -> None:
+    cap = output_cap({"max_tokens": 100}, CHAT, None, 4096, choices=3)
+    assert cap.wanted == 300
+    body = {"max_tokens": 100}
+    assert apply_cap(body, CHAT, cap, 200) and body == {"max_tokens": 66}
+    assert clamped(cap, 200) == 66
+    assert clamped(cap, 300) is None
+
+
+def test_a_gateway_set_cap_below_the_models_limit_is_reported_as_clamped() -> None:
+    cap = output_cap({}, CHAT, 1024, 4096)
+    assert clamped(cap, 500) == 500 and clamped(cap, 1024) is None
+
+
+def test_the_granted_cap_is_written_to_every_field_the_client_sent() -> None:
+    body = {"max_completion_tokens": 500, "max_tokens": 700}
+    cap = output_cap(body, CHAT, None, 4096)
+    apply_cap(body, CHAT, cap, 120)
+    assert body == {"max_completion_tokens": 120, "max_tokens": 120}
+
+
+def test_an_unchanged_body_is_reported_as_such() -> None:
+    body = {"max_tokens": 64}
+    assert not apply_cap(body, CHAT, output_cap(body, CHAT, 1024, 4096), 64)
+    assert not apply_cap({}, (), output_cap({}, (), None, 4096), 0)  # embeddings: no output
+
+
+def test_the_ceiling_keeps_every_worst_case_exact() -> None:
+    # $9,000 per 1M output tokens = 9,000,000 nano$ per token
+    assert OUTPUT_TOKENS_CEILING * 9_000_000 < MAX_NANO
