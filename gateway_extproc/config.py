@@ -22,6 +22,7 @@ from decimal import Decimal
 import yaml
 
 from .budgets.pricing import Price
+from .identity_config import Identity, parse_identity
 
 PROVIDER_KINDS = ("openai", "azure", "anthropic", "bedrock", "gemini")
 # Kind-specific provider settings: (key, required, allowed values or None).
@@ -176,6 +177,7 @@ class GatewayConfig:
     users: dict[str, Limits] = field(default_factory=dict)
     budgets: Budgets | None = None
     classification: Classification | None = None
+    identity: Identity = field(default_factory=Identity)
 
 
 def load(path: str | os.PathLike[str]) -> GatewayConfig:
@@ -236,7 +238,10 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
     if not _is_int(port) or not 0 <= port < 65536:
         r.fail("metrics.port", "must be a port number (0 disables /metrics)")
     address = r.string(metrics.get("address", "0.0.0.0"), "metrics.address")
-    budgets = _budgets(r, doc, fail_open_default, teams, users, keys)
+    store = r.mapping(doc.get("budgets") or {}, "budgets").get("store", "memory")
+    identity = parse_identity(r, doc, teams, models, users, fail_open_default, tiers, store)
+    budgets = _budgets(r, doc, fail_open_default, teams, users,
+                       {**keys, **{w.principal.id: w.principal for w in identity.workloads}})
     if budgets.enabled and budgets.store == "memory" and len(listen) > 1:
         r.fail("budgets.store", f"is memory, which one process holds, but listen has {len(listen)} ext_proc "
                "processes; use store: redis, or extproc.processes: 1")
@@ -247,7 +252,7 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
                     r.fail(f"models[{i}].backends[{j}].pricing", "is required when budgets are configured: "
                            "add {input, output} in USD per 1M tokens")
     return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port,
-                         users, budgets, classification)
+                         users, budgets, classification, identity)
 
 
 def _is_number(value: Any) -> bool:

@@ -53,23 +53,52 @@ static_resources:
       socket_address: {address: {{ $v.envoy.listener.address }}, port_value: {{ $v.envoy.listener.port }}}
     per_connection_buffer_limit_bytes: {{ $bufferLimit }}
     filter_chains:
-    {{- if $v.envoy.tls.enabled }}
-    - transport_socket:
-        {{- include "gateway-extproc.downstreamTls" . | nindent 8 }}
-      filters:
-    {{- else }}
-    - filters:
+    {{- /* identity (docs/identity.md): one chain per trust level of XFCC. Everyone: Envoy
+    drops a client-sent XFCC and writes its own from the verified client certificate. Trusted
+    proxies (a mesh sidecar terminating mTLS, matched by source address): their XFCC is kept. */}}
+    {{- $ident := $v.identity | default dict }}
+    {{- $chains := list (dict "name" "direct" "xfcc" "SANITIZE_SET") }}
+    {{- with (($ident.workloads | default dict).trustedProxies) }}
+    {{- $chains = append $chains (dict "name" "trusted_proxy" "xfcc" "APPEND_FORWARD" "sources" .) }}
     {{- end }}
+    {{- range $chain := $chains }}
+    - name: {{ $chain.name }}
+      {{- with $chain.sources }}
+      filter_chain_match:
+        source_prefix_ranges:
+        {{- range $cidr := . }}
+        - {address_prefix: {{ index (splitList "/" $cidr) 0 | quote }}, prefix_len: {{ index (splitList "/" $cidr) 1 }}}
+        {{- end }}
+      {{- end }}
+      {{- if $v.envoy.tls.enabled }}
+      transport_socket:
+        {{- include "gateway-extproc.downstreamTls" $ | nindent 8 }}
+      {{- end }}
+      filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
           use_remote_address: true
+          forward_client_cert_details: {{ $chain.xfcc }}
+          set_current_client_cert_details: {uri: true, dns: true}
           always_set_request_id_in_response: true
           request_timeout: 0s
           stream_idle_timeout: {{ $v.envoy.upstreamTimeout }}
           local_reply_config:
             mappers:
+            # identity: a bearer token jwt_authn refused (bad signature, expired, wrong issuer
+            # or audience, unknown key) is a 401 in the OpenAI shape.
+            - filter:
+                extension_filter:
+                  name: envoy.access_loggers.extension_filters.cel
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
+                    expression: "response.code_details.startsWith('jwt_authn_access_denied')"
+              status_code: 401
+              body_format_override:
+                json_format:
+                  error: {message: "The bearer token was rejected: %RESPONSE_CODE_DETAILS%", type: authentication_error, code: invalid_token, param: null}
             {{- range $m := list
                 (list 413 "request_too_large" "invalid_request_error" "Request body exceeds the gateway limit.")
                 (list 500 "gateway_unavailable" "server_error" "The gateway's policy service is unavailable; the request was not sent.")
@@ -130,6 +159,10 @@ static_resources:
               - match: {prefix: /}
                 direct_response: {status: 404}
           http_filters:
+          {{- $oidc := ($ident.oidc | default dict).providers }}
+          {{- if $oidc }}
+          {{- include "gateway-extproc.jwtAuthn" $oidc | nindent 10 }}
+          {{- end }}
           - name: envoy.filters.http.ext_proc
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
@@ -150,6 +183,10 @@ static_resources:
               mutation_rules: {allow_envoy: true}
               metadata_options:
                 receiving_namespaces: {untyped: [gw]}
+                {{- if $oidc }}
+                # the claims jwt_authn verified (payload_in_metadata), never a header
+                forwarding_namespaces: {untyped: [envoy.filters.http.jwt_authn]}
+                {{- end }}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -170,7 +207,9 @@ static_resources:
                       failure: "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
                       upstream_host: "%UPSTREAM_HOST%"
                       duration_ms: "%DURATION%"
+    {{- end }}
   clusters:
+  {{- include "gateway-extproc.jwksClusters" $ | nindent 2 }}
   # Envoy 1.40 segfaults when this connection's buffered data goes over its high watermark
   # while an ext_proc runs as an upstream (cluster) filter anywhere on the same worker
   # (docs/architecture.md, "Why Envoy never pushes back on the ext_proc connection"), so its
@@ -322,12 +361,131 @@ typed_config:
         path_config_source: {path: {{ printf "%s/sds-certificate.yaml" .Values.configDir | quote }}}
         resource_api_version: V3
     {{- if $tls.clientCA.enabled }}
+    {{- $sans := include "gateway-extproc.clientSanMatchers" . }}
+    {{- if $sans }}
+    # identity.workloads.trustDomains: Envoy refuses client certificates outside them.
+    combined_validation_context:
+      default_validation_context:
+        match_typed_subject_alt_names:
+        {{- $sans | trim | nindent 8 }}
+      validation_context_sds_secret_config:
+        name: client_ca
+        sds_config:
+          path_config_source: {path: {{ printf "%s/sds-client-ca.yaml" .Values.configDir | quote }}}
+          resource_api_version: V3
+    {{- else }}
     validation_context_sds_secret_config:
       name: client_ca
       sds_config:
         path_config_source: {path: {{ printf "%s/sds-client-ca.yaml" .Values.configDir | quote }}}
         resource_api_version: V3
     {{- end }}
+    {{- end }}
+{{- end -}}
+
+{{/*
+identity (docs/identity.md). Client certificate SANs Envoy accepts when
+identity.workloads.trustDomains is set: a URI SAN in one of those SPIFFE trust domains, or a
+DNS SAN some principal's dns pattern names. Empty when no trust domain is configured.
+*/}}
+{{- define "gateway-extproc.clientSanMatchers" -}}
+{{- $wl := ((.Values.identity | default dict).workloads | default dict) -}}
+{{- if $wl.trustDomains -}}
+{{- range $td := $wl.trustDomains }}
+- san_type: URI
+  matcher: {prefix: {{ printf "spiffe://%s/" $td | quote }}}
+{{- end }}
+{{- range $p := $wl.principals | default list }}
+{{- with $p.dns }}
+- san_type: DNS
+  matcher: {{ if hasPrefix "*." . }}{suffix: {{ trimPrefix "*" . | quote }}}{{ else }}{exact: {{ . | quote }}}{{ end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+identity: Envoy's jwt_authn for identity.oidc.providers. Each provider's verified payload
+goes to dynamic metadata under its name (the router ext_proc receives that namespace); the
+token header is removed once verified. A gateway key in Authorization skips verification;
+any other bearer token must verify against some provider; no token at all is allowed (the
+ext_proc then needs a key or a workload identity).
+*/}}
+{{- define "gateway-extproc.jwtAuthn" -}}
+- name: envoy.filters.http.jwt_authn
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+    providers:
+      {{- range $p := . }}
+      {{ $p.name }}:
+        issuer: {{ $p.issuer | quote }}
+        {{- with $p.audiences }}
+        audiences: {{ toJson . }}
+        {{- end }}
+        forward: false
+        payload_in_metadata: {{ $p.name }}
+        from_headers: [{name: authorization, value_prefix: "Bearer "}]
+        clock_skew_seconds: {{ $p.clockSkewSeconds | default 60 }}
+        {{- if $p.jwks.remote }}
+        remote_jwks:
+          http_uri:
+            uri: {{ $p.jwks.remote.url | quote }}
+            cluster: {{ printf "jwks.%s" $p.name | quote }}
+            timeout: {{ $p.jwks.remote.timeout | default "5s" }}
+          cache_duration: {{ $p.jwks.remote.cacheDuration | default "600s" }}
+          async_fetch: {}
+        {{- else if $p.jwks.file }}
+        local_jwks: {filename: {{ $p.jwks.file | quote }}}
+        {{- else }}
+        local_jwks: {inline_string: {{ $p.jwks.inline | quote }}}
+        {{- end }}
+      {{- end }}
+    rules:
+    - match:
+        prefix: /
+        headers: [{name: authorization, string_match: {prefix: "Bearer gwk_"}}]
+    - match: {prefix: /}
+      requires:
+        requires_any:
+          requirements:
+          {{- range $p := . }}
+          - provider_name: {{ $p.name }}
+          {{- end }}
+          - allow_missing: {}
+{{- end -}}
+
+{{/* identity: one cluster per remote JWKS (identity.oidc.providers[].jwks.remote). */}}
+{{- define "gateway-extproc.jwksClusters" -}}
+{{- $v := .Values -}}
+{{- range $p := ((($v.identity | default dict).oidc | default dict).providers | default list) }}
+{{- with $p.jwks.remote }}
+{{- $u := urlParse .url }}
+{{- $tls := eq $u.scheme "https" }}
+{{- $hostParts := splitList ":" $u.host }}
+- name: {{ printf "jwks.%s" $p.name | quote }}
+  type: STRICT_DNS
+  dns_lookup_family: V4_PREFERRED
+  connect_timeout: 5s
+  load_assignment:
+    cluster_name: {{ printf "jwks.%s" $p.name | quote }}
+    endpoints:
+    - lb_endpoints:
+      - endpoint:
+          address:
+            socket_address: {address: {{ index $hostParts 0 | quote }}, port_value: {{ ternary (index $hostParts 1 | default "0") (ternary "443" "80" $tls) (gt (len $hostParts) 1) | int }}}
+  {{- if $tls }}
+  transport_socket:
+    name: envoy.transport_sockets.tls
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+      sni: {{ index $hostParts 0 | quote }}
+      common_tls_context:
+        validation_context:
+          trusted_ca: {filename: {{ ternary (printf "%s/%s" $v.envoy.upstreamCA.dir $v.envoy.upstreamCA.key) "/etc/ssl/certs/ca-certificates.crt" (ne $v.envoy.upstreamCA.dir "") | quote }}}
+          match_typed_subject_alt_names: [{san_type: DNS, matcher: {exact: {{ index $hostParts 0 | quote }}}}]
+  {{- end }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* SDS file of the listener certificate: paths only, never key material. */}}
