@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
 from pathlib import Path
 
-import yaml
-
-from . import config, keys, logs
+from . import cli_keys, config, logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("--values", action="append", type=Path, default=[], help="values file (repeatable)")
     rd.add_argument("--out", type=Path, required=True)
 
-    k = sub.add_parser("keys", help="manage virtual keys")
-    ksub = k.add_subparsers(dest="keys_cmd", required=True)
-    kc = ksub.add_parser("create", help="print a new key once, and the values entry holding its hash")
-    kc.add_argument("--team", required=True)
-    kc.add_argument("--id", help="key id (lowercase, digits, '-'); random when omitted")
-    kc.add_argument("--models", help="comma-separated models this key may use (default: all)")
-    kc.add_argument("--expires", help="ISO 8601 expiry, e.g. 2027-01-31T00:00:00Z")
+    cli_keys.register(sub)
 
     cc = sub.add_parser("check-config", help="validate a gateway.yaml")
     cc.add_argument("file")
@@ -64,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         return 0
     if args.cmd == "keys":
-        return _keys_create(args)
+        return cli_keys.run(args)
     if args.cmd == "check-config":
         try:
             cfg = config.load(args.file)
@@ -123,28 +114,6 @@ def _local(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     finally:
         stack.stop()
-    return 0
-
-
-def _keys_create(args: argparse.Namespace) -> int:
-    import secrets
-
-    id_ = args.id or f"{args.team.lower()}-{secrets.token_hex(4)}"
-    if not config.KEY_ID.match(id_):
-        print(f"error: --id {id_!r} must be lowercase letters, digits and '-'", file=sys.stderr)
-        return 1
-    entry: dict[str, object] = {"id": id_, "sha256": "", "team": args.team}
-    if args.models:
-        entry["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
-    if args.expires:
-        datetime.fromisoformat(args.expires)
-        entry["expiresAt"] = args.expires
-    key = keys.generate(id_)
-    entry["sha256"] = keys.digest(key)
-    print("API key (shown once; store it now, the gateway keeps only its hash):")
-    print(f"  {key}")
-    print("\nAdd to `keys:` in your values file:")
-    print(yaml.safe_dump([entry], sort_keys=False).rstrip())
     return 0
 
 

@@ -136,6 +136,10 @@ def serve(config_path: str) -> int:
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)
         start_http_server(runtime.config.metrics_port, runtime.config.metrics_address, registry)
         log.info("metrics_listening", address=runtime.config.metrics_address, port=runtime.config.metrics_port)
+    if runtime.config.identity.key_admin is not None:
+        from .keyadmin import start
+
+        start(config_path, runtime.config)  # a daemon thread of this parent, never Envoy's listener
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:

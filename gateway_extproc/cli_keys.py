@@ -1,0 +1,132 @@
+"""`gateway-extproc keys …`: virtual keys from the command line.
+
+`keys create` without `--admin-url` prints a key and the values entry holding its hash
+(keys defined in values). With an admin URL (flag or GATEWAY_ADMIN_URL) every subcommand
+drives the key admin API (keyadmin.py); the admin token comes from GATEWAY_ADMIN_TOKEN or
+--token-file, never from the command line, where `ps` would show it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import config, keys
+from .keyadmin import admin_token
+
+
+def register(sub: Any) -> None:
+    """Add the `keys` command to the top-level subparsers."""
+    k = sub.add_parser("keys", help="manage virtual keys (values entries, or the key admin API)")
+    ksub = k.add_subparsers(dest="keys_cmd", required=True)
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--admin-url", default=os.environ.get("GATEWAY_ADMIN_URL"),
+                     help="key admin API, e.g. http://127.0.0.1:9190 (default: $GATEWAY_ADMIN_URL)")
+    api.add_argument("--token-file", type=Path, help="file holding the admin token (default: $GATEWAY_ADMIN_TOKEN)")
+    kc = ksub.add_parser("create", parents=[api], help="create a key (through the API with --admin-url, "
+                         "else print it once with the values entry holding its hash)")
+    kc.add_argument("--team", required=True)
+    kc.add_argument("--id", help="key id (lowercase, digits, '-'); random when omitted")
+    kc.add_argument("--models", help="comma-separated models this key may use (default: all)")
+    kc.add_argument("--expires", help="ISO 8601 expiry, e.g. 2027-01-31T00:00:00Z")
+    kc.add_argument("--user", help="user the key belongs to (user budgets)")
+    kc.add_argument("--owner", help="who asked for it (API only; default: the admin)")
+    ksub.add_parser("list", parents=[api], help="list keys (never a secret or hash)")
+    kr = ksub.add_parser("rotate", parents=[api], help="new secret; the old one works for --grace seconds")
+    kr.add_argument("id")
+    kr.add_argument("--grace", type=int, default=3600, help="seconds the old secret keeps working (default 3600)")
+    kv = ksub.add_parser("revoke", parents=[api], help="revoke a key (every replica within seconds)")
+    kv.add_argument("id")
+    ku = ksub.add_parser("update", parents=[api], help="change a key's expiry or model allow-list")
+    ku.add_argument("id")
+    ku.add_argument("--expires", help="ISO 8601 expiry, or 'never'")
+    ku.add_argument("--models", help="comma-separated models, or '*' for all")
+    ka = ksub.add_parser("admin-token", help="print a new admin token and its identity.keyAdmin.admins entry")
+    ka.add_argument("--name", required=True, help="who holds it (shown as actor in admin_action events)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.keys_cmd == "admin-token":
+        token, digest = admin_token()
+        print("Admin token (shown once; give it to the admin, the gateway keeps only its hash):")
+        print(f"  {token}")
+        print("\nAdd to `identity.keyAdmin.admins:` in your values file:")
+        print(yaml.safe_dump([{"name": args.name, "sha256": digest}], sort_keys=False).rstrip())
+        return 0
+    if args.keys_cmd == "create" and not args.admin_url:
+        return _create_values_entry(args)
+    if not args.admin_url:
+        print("error: --admin-url (or GATEWAY_ADMIN_URL) is required", file=sys.stderr)
+        return 2
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if getattr(args, "models", None) else None
+    if args.keys_cmd == "create":
+        body = {"team": args.team, "id": args.id, "user": args.user, "owner": args.owner, "models": models,
+                "expires_at": args.expires}
+        status, out = _call(args, "POST", "/admin/keys", {k: v for k, v in body.items() if v is not None})
+    elif args.keys_cmd == "list":
+        status, out = _call(args, "GET", "/admin/keys")
+    elif args.keys_cmd == "rotate":
+        status, out = _call(args, "POST", f"/admin/keys/{args.id}/rotate", {"grace_seconds": args.grace})
+    elif args.keys_cmd == "revoke":
+        status, out = _call(args, "DELETE", f"/admin/keys/{args.id}")
+    else:
+        body = {}
+        if args.expires:
+            body["expires_at"] = None if args.expires == "never" else args.expires
+        if args.models:
+            body["models"] = None if args.models.strip() == "*" else models
+        status, out = _call(args, "PATCH", f"/admin/keys/{args.id}", body)
+    if status >= 400:
+        err = out.get("error", {}) if isinstance(out, dict) else {}
+        print(f"error: {status} {err.get('code')}: {err.get('message')}", file=sys.stderr)
+        return 1
+    if isinstance(out, dict) and "key" in out:
+        print("API key (shown once; store it now, the gateway keeps only its hash):", file=sys.stderr)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+          ) -> tuple[int, Any]:
+    token = (args.token_file.read_text().strip() if args.token_file else os.environ.get("GATEWAY_ADMIN_TOKEN", ""))
+    req = urllib.request.Request(args.admin_url.rstrip("/") + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {token}", "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _create_values_entry(args: argparse.Namespace) -> int:
+    import secrets
+
+    id_ = args.id or f"{args.team.lower()}-{secrets.token_hex(4)}"
+    if not config.KEY_ID.match(id_):
+        print(f"error: --id {id_!r} must be lowercase letters, digits and '-'", file=sys.stderr)
+        return 1
+    entry: dict[str, object] = {"id": id_, "sha256": "", "team": args.team}
+    if args.user:
+        entry["user"] = args.user
+    if args.models:
+        entry["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.expires:
+        datetime.fromisoformat(args.expires)
+        entry["expiresAt"] = args.expires
+    key = keys.generate(id_)
+    entry["sha256"] = keys.digest(key)
+    print("API key (shown once; store it now, the gateway keeps only its hash):")
+    print(f"  {key}")
+    print("\nAdd to `keys:` in your values file:")
+    print(yaml.safe_dump([entry], sort_keys=False).rstrip())
+    return 0
