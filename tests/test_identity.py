@@ -260,3 +260,27 @@ def test_principal_precedence_and_allow_list_intersection() -> None:
     with pytest.raises(GatewayError) as e:
         authenticate({"x-forwarded-client-cert": "URI=spiffe://td/ns/other/sa/x"}, cfg, NOW)
     assert e.value.code == "identity_not_mapped"
+
+
+def test_budget_levels_follow_the_user_a_workload_carries() -> None:
+    """One workload principal, many end users: each request's plan has its own user level."""
+    from gateway_extproc.budgets.gate import BudgetGate
+    from gateway_extproc.budgets.store import MemoryBudgetStore
+
+    raw = {"version": 1, "listen": ["unix:///tmp/gw.sock"],
+           "providers": [{"name": "openai", "kind": "openai", "baseURL": "https://api.openai.com/v1",
+                          "credential": {"env": "OPENAI_API_KEY"}}],
+           "models": [{"name": "m1", "backends": [{"provider": "openai", "model": "g",
+                                                   "pricing": {"input": 1, "output": 1}}]}],
+           "teams": [{"name": "payments", "budget": {"daily": 10}}],
+           "users": [{"name": "alice", "budget": {"daily": 1}}, {"name": "bob", "budget": {"daily": 2}}],
+           "identity": {"workloads": {"principals": [{"name": "pay", "spiffe": "spiffe://td/ns/p/sa/*",
+                                                      "team": "payments"}]}}}
+    cfg = config.parse(raw)
+    gate = BudgetGate(cfg, MemoryBudgetStore())
+    workload = cfg.identity.workloads[0].principal
+    from dataclasses import replace
+    names = {user: {lv.name for lv in gate.shape(replace(workload, user=user), cfg.models["m1"], NOW).levels}
+             for user in ("alice", "bob")}
+    assert "user:alice" in names["alice"] and "user:bob" in names["bob"] and "user:alice" not in names["bob"]
+    assert "team:payments" in names["alice"] and "key:workload:pay" in names["bob"]
