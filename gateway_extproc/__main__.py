@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import cli_keys, config, logs
+from . import cli_identity, config, logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("--values", action="append", type=Path, default=[], help="values file (repeatable)")
     rd.add_argument("--out", type=Path, required=True)
 
-    cli_keys.register(sub)
+    cli_identity.register(sub)
 
     cc = sub.add_parser("check-config", help="validate a gateway.yaml")
     cc.add_argument("file")
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                         "one mock instance per loopback port in the values plays every provider there")
     lc.add_argument("--values", action="append", type=Path, default=[], help="values file (repeatable)")
     lc.add_argument("--workdir", type=Path, default=Path("run"))
+    lc.add_argument("--mtls-port", type=int, help="also serve mTLS here with throwaway certificates made in "
+                    "<workdir>/certs (docs/identity.md)")
 
     args = p.parse_args(argv)
     logs.configure()
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in render(args.values, args.out):
             print(f"wrote {path}")
         return 0
-    if args.cmd == "keys":
-        return cli_keys.run(args)
+    if args.cmd in ("keys", "dev-token"):
+        return cli_identity.run(args)
     if args.cmd == "check-config":
         try:
             cfg = config.load(args.file)
@@ -98,6 +100,12 @@ def _local(args: argparse.Namespace) -> int:
             Path(cred["file"]).write_text(value)
     mocks = {port: provider_key for port in mock_ports(values)}
     stack = LocalStack(values, args.workdir, env, mocks, quiet=False)
+    if args.mtls_port:
+        from .devidentity import prepare, tls_values
+
+        prepare(args.workdir / "certs")
+        stack.mtls_values = tls_values(values, args.workdir / "certs", args.mtls_port,
+                                       values["envoy"]["admin"]["port"] + 1, args.workdir / "mtls")
     stopped = False
 
     def stop(*_: object) -> None:

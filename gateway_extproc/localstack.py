@@ -53,6 +53,8 @@ class LocalStack:
     env: dict[str, str]  # provider credentials for Envoy (native injection) and the ext_proc
     mocks: dict[int, str]  # port -> API key each mock provider requires
     quiet: bool = True
+    # A second Envoy rendered from these values (same ext_proc): `make run`'s mTLS listener.
+    mtls_values: dict[str, Any] | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -83,7 +85,21 @@ class LocalStack:
         self._spawn("envoy", [envoy_binary(), "-c", str(self.workdir / "envoy.yaml"), "--log-level", "warn",
                               "--disable-hot-restart", "--file-flush-interval-msec", "200"])
         _wait(self._ready, "Envoy", self.log_path("envoy"), timeout=30)
+        if self.mtls_values is not None:
+            self.start_mtls()
         return self
+
+    def start_mtls(self) -> None:
+        """The second Envoy, from `mtls_values` rendered into their configDir."""
+        assert self.mtls_values is not None
+        out = Path(self.mtls_values["configDir"])
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in render_values(self.mtls_values).items():
+            (out / name).write_text(text, encoding="utf-8")
+        self._spawn("envoy-mtls", [envoy_binary(), "-c", str(out / "envoy.yaml"), "--log-level", "warn",
+                                   "--disable-hot-restart", "--file-flush-interval-msec", "200"])
+        admin = f"http://127.0.0.1:{self.mtls_values['envoy']['admin']['port']}/ready"
+        _wait(lambda: _answers(admin), "mTLS Envoy", self.log_path("envoy-mtls"), timeout=30)
 
     def start_extproc(self) -> None:
         self._spawn("extproc", [str(_BIN / "gateway-extproc"), "serve", "--config",
@@ -98,7 +114,7 @@ class LocalStack:
         proc.wait()
 
     def stop(self) -> None:
-        for name in ("envoy", "extproc", *[n for n in self.procs if n.startswith("mock-")]):
+        for name in ("envoy", "envoy-mtls", "extproc", *[n for n in self.procs if n.startswith("mock-")]):
             terminate(self.procs.pop(name, None))
         for f in self._logs:
             f.close()
@@ -137,6 +153,13 @@ def _listen(gateway_yaml: Path) -> list[str]:
     import yaml
 
     return yaml.safe_load(gateway_yaml.read_text())["listen"]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def connects(port: int) -> bool:

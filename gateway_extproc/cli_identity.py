@@ -1,4 +1,4 @@
-"""`gateway-extproc keys …`: virtual keys from the command line.
+"""`gateway-extproc keys …` (virtual keys) and `dev-token` (a demo OIDC token for `make run`).
 
 `keys create` without `--admin-url` prints a key and the values entry holding its hash
 (keys defined in values). With an admin URL (flag or GATEWAY_ADMIN_URL) every subcommand
@@ -25,7 +25,12 @@ from .keyadmin import admin_token
 
 
 def register(sub: Any) -> None:
-    """Add the `keys` command to the top-level subparsers."""
+    """Add the `keys` and `dev-token` commands to the top-level subparsers."""
+    d = sub.add_parser("dev-token", help="mint an OIDC token signed by `make run`'s throwaway demo key")
+    d.add_argument("--sub", required=True, help="subject (the user)")
+    d.add_argument("--team", help="team claim")
+    d.add_argument("--expires-in", type=int, default=3600, help="seconds (negative: already expired)")
+    d.add_argument("--certs", type=Path, default=Path("run/certs"), help="where `make run` made the demo key")
     k = sub.add_parser("keys", help="manage virtual keys (values entries, or the key admin API)")
     ksub = k.add_subparsers(dest="keys_cmd", required=True)
     api = argparse.ArgumentParser(add_help=False)
@@ -55,6 +60,14 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cmd == "dev-token":
+        from .devidentity import mint
+
+        if not (args.certs / "dev-signing-key.pem").exists():
+            print(f"error: no demo signing key in {args.certs}; start `make run` first", file=sys.stderr)
+            return 1
+        print(mint(args.certs, args.sub, args.team, args.expires_in))
+        return 0
     if args.keys_cmd == "admin-token":
         token, digest = admin_token()
         print("Admin token (shown once; give it to the admin, the gateway keeps only its hash):")
