@@ -78,12 +78,33 @@ class RedisKeyLookup:
         self.record, _, self.used = redis_names(org)
         self.script = client.register_script(_LOOKUP)
         self.cache: dict[str, tuple[float, StoredEntry | None]] = {}
+        # One lookup in flight per id: a burst on a stale entry waits for it instead of
+        # sending one round trip each.
+        self.inflight: dict[str, asyncio.Future[StoredEntry | None]] = {}
 
     async def get(self, id_: str) -> StoredEntry | None:
-        now = time.monotonic()
         hit = self.cache.get(id_)
-        if hit is not None and now - hit[0] < CACHE_SECONDS:
+        if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
             return hit[1]
+        pending = self.inflight.get(id_)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future = asyncio.get_running_loop().create_future()
+        self.inflight[id_] = future
+        try:
+            found = await self._fetch(id_)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: waiters re-raise it, nobody else needs to
+            raise
+        else:
+            future.set_result(found)
+            return found
+        finally:
+            del self.inflight[id_]
+
+    async def _fetch(self, id_: str) -> StoredEntry | None:
+        now = time.monotonic()
         try:
             flat = await self.script(keys=[self.record + id_, self.used],
                                      args=[id_, datetime.now(timezone.utc).isoformat(timespec="seconds")])

@@ -16,9 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncio
+
 import httpx
 import openai
 import pytest
+import redis as redis_sync
 
 from gateway_extproc import keys
 from gateway_extproc.localstack import free_port
@@ -37,8 +40,14 @@ def admin_values(values: dict[str, Any], redis_url: str, port: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def replicas() -> Iterator[Replicas]:
-    with RedisServer() as redis, tempfile.TemporaryDirectory(prefix="gw-keyadmin-") as tmp:
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def replicas(redis: RedisServer) -> Iterator[Replicas]:
+    with tempfile.TemporaryDirectory(prefix="gw-keyadmin-") as tmp:
         ports = free_port(), free_port()
         first = build_gateway(Path(tmp) / "a", customize=lambda v: admin_values(v, redis.url, ports[0]))
         try:
@@ -207,3 +216,47 @@ def test_the_cli_drives_the_api(replicas: Replicas) -> None:
     bad = subprocess.run([*cli, "list"], env={**env, "GATEWAY_ADMIN_TOKEN": "wrong"}, capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 1 and "admin_unauthorized" in bad.stderr
+
+
+def test_a_burst_on_both_replicas_costs_about_one_lookup_per_process_per_second(
+        replicas: Replicas, redis: RedisServer) -> None:
+    """300 concurrent requests with a stored key: all served, and the workers' lookups
+    (one script call each) stay bounded by the 1 s cache and the one-in-flight rule."""
+    a, b = replicas
+    key = admin(a, "POST", "/admin/keys", json={"team": "demo", "id": "burst"}).json()["key"]
+    client = redis_sync.Redis.from_url(redis.url)
+
+    def lookups() -> int:
+        stats = client.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as c:
+            rs = await asyncio.gather(*(c.get(f"{gw.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+                                        for _ in range(150) for gw in (a, b)))
+        return [r.status_code for r in rs]
+
+    before, started = lookups(), time.monotonic()
+    statuses = asyncio.run(burst())
+    elapsed, calls = time.monotonic() - started, lookups() - before
+    assert statuses.count(200) == 300, statuses
+    processes = sum(gw.stack.values["extproc"]["processes"] for gw in (a, b))
+    assert calls <= processes * (int(elapsed / 1.0) + 2), (calls, elapsed, processes)
+
+
+def test_stored_keys_fail_closed_while_redis_is_down(replicas: Replicas, redis: RedisServer) -> None:
+    """Last in the module: the restarted server is empty."""
+    a, _ = replicas
+    key = admin(a, "POST", "/admin/keys", json={"team": "demo", "id": "down"}).json()["key"]
+    redis.stop()
+    try:
+        time.sleep(1.1)  # past the cache
+        r = httpx.get(f"{a.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert r.status_code == 503 and code(r) == "key_store_unavailable", r.text
+        # Values keys do not need the key store (chat would still meet the budget store's own rule).
+        r = httpx.get(f"{a.url}/v1/models", headers={"Authorization": f"Bearer {DEMO_KEY}"}, timeout=10)
+        assert r.status_code == 200, r.text
+        r = admin(a, "GET", "/admin/keys")
+        assert r.status_code == 503 and code(r) == "key_store_unavailable"
+    finally:
+        redis.start()
