@@ -462,6 +462,8 @@ ext_proc then needs a key or a workload identity).
 {{- $u := urlParse .url }}
 {{- $tls := eq $u.scheme "https" }}
 {{- $hostParts := splitList ":" $u.host }}
+{{- $port := ternary 443 80 $tls }}
+{{- if gt (len $hostParts) 1 }}{{ $port = index $hostParts 1 | int }}{{ end }}
 - name: {{ printf "jwks.%s" $p.name | quote }}
   type: STRICT_DNS
   dns_lookup_family: V4_PREFERRED
@@ -472,7 +474,7 @@ ext_proc then needs a key or a workload identity).
     - lb_endpoints:
       - endpoint:
           address:
-            socket_address: {address: {{ index $hostParts 0 | quote }}, port_value: {{ ternary (index $hostParts 1 | default "0") (ternary "443" "80" $tls) (gt (len $hostParts) 1) | int }}}
+            socket_address: {address: {{ index $hostParts 0 | quote }}, port_value: {{ $port }}}
   {{- if $tls }}
   transport_socket:
     name: envoy.transport_sockets.tls
