@@ -64,17 +64,16 @@ class Identity:
     workloads: tuple[WorkloadRule, ...] = ()
     oidc: dict[str, OidcProvider] = field(default_factory=dict)
     key_admin: KeyAdmin | None = None
+    # Built from `workloads` at load: exact patterns by (san, value), wildcards longest first.
+    exact: dict[tuple[str, str], "VirtualKey"] = field(default_factory=dict)
+    wildcards: tuple[WorkloadRule, ...] = ()
 
     def workload(self, san: str, value: str) -> "VirtualKey | None":
         """The principal of a verified SAN: an exact pattern first, then the longest wildcard."""
-        best: WorkloadRule | None = None
-        for rule in self.workloads:
-            if rule.san == san and rule.matches(value):
-                if "*" not in rule.pattern:
-                    return rule.principal
-                if best is None or len(rule.pattern) > len(best.pattern):
-                    best = rule
-        return best.principal if best else None
+        found = self.exact.get((san, value))
+        if found is not None:
+            return found
+        return next((r.principal for r in self.wildcards if r.san == san and r.matches(value)), None)
 
 
 def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"], models: dict[str, "Model"],
@@ -107,6 +106,8 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
             r.fail(f"{at}.spiffe", f"is {pattern!r}; use spiffe://<trust domain>/<path>, optionally ending in /*")
         if kinds[0] == "dns" and (star > 1 or (star and not pattern.startswith("*."))):
             r.fail(f"{at}.dns", f"is {pattern!r}; use a DNS name, optionally starting with *.")
+        if any(x.san == kinds[0] and x.pattern == pattern for x in rules):
+            r.fail(f"{at}.{kinds[0]}", f"repeats {pattern!r}; each pattern maps to one principal")
         team = _team(r, p.get("team"), f"{at}.team", teams)
         allowed = _models(r, p.get("models"), f"{at}.models", models)
         user = p.get("user")
@@ -160,7 +161,9 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
             r.fail("identity.keyAdmin.file", "is required with budgets.store: memory (keys then live in this "
                    "file on one node); or use budgets.store: redis so every replica shares them")
         admin = KeyAdmin(r.string(ka.get("address", "127.0.0.1"), "identity.keyAdmin.address"), port, admins, file)
-    return Identity(tuple(rules), oidc, admin)
+    exact = {(r.san, r.pattern): r.principal for r in rules if "*" not in r.pattern}
+    wildcards = tuple(sorted((r for r in rules if "*" in r.pattern), key=lambda r: -len(r.pattern)))
+    return Identity(tuple(rules), oidc, admin, exact, wildcards)
 
 
 def _team(r: "_Reader", team: Any, at: str, teams: dict[str, "Limits"]) -> str:

@@ -107,6 +107,8 @@ def test_a_wrong_token_changes_nothing(app: AdminApp) -> None:
     ({"workloads": {"principals": [{"name": "a", "dns": "a.*.svc", "team": "search"}]}}, "starting with *."),
     ({"workloads": {"principals": [{"name": "a", "spiffe": "spiffe://td/x", "team": "ads"}]}}, "not in teams"),
     ({"workloads": {"trustedProxies": ["10.0.0.300/32"]}}, "give a CIDR"),
+    ({"workloads": {"principals": [{"name": "a", "dns": "x.svc", "team": "search"},
+                                   {"name": "b", "dns": "x.svc", "team": "search"}]}}, "repeats 'x.svc'"),
     ({"oidc": {"providers": [{"name": "p", "issuer": "i", "jwks": {}, "teamClaim": "t"}]}}, "exactly one of file"),
     ({"oidc": {"providers": [{"name": "p", "issuer": "i", "jwks": {"file": "/j"}}]}}, "needs teamClaim"),
     ({"keyAdmin": {"enabled": True, "admins": [{"name": "a", "sha256": "0" * 64}]}}, "keyAdmin.file is required"),
