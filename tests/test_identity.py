@@ -284,3 +284,26 @@ def test_budget_levels_follow_the_user_a_workload_carries() -> None:
              for user in ("alice", "bob")}
     assert "user:alice" in names["alice"] and "user:bob" in names["bob"] and "user:alice" not in names["bob"]
     assert "team:payments" in names["alice"] and "key:workload:pay" in names["bob"]
+
+
+@given(sa=st.sampled_from(["api", "batch", "x", None]), sub=st.one_of(st.none(), st.text(min_size=1, max_size=8)),
+       groups=st.lists(st.sampled_from(["grp-pay", "other", ""]), max_size=3))
+def test_combined_principal_never_widens_an_allow_list(sa: str | None, sub: str | None, groups: list[str]) -> None:
+    cfg = _CFG
+    headers = {"x-forwarded-client-cert": f"URI=spiffe://td/ns/pay/sa/{sa}"} if sa else {}
+    claims = {"corp": {"sub": sub, "groups": groups}} if sub is not None else None
+    workload = cfg.identity.workload("spiffe", f"spiffe://td/ns/pay/sa/{sa}") if sa else None
+    try:
+        p = authenticate(headers, cfg, NOW, claims)
+    except GatewayError as e:
+        assert e.code in ("identity_not_mapped", "missing_api_key")
+        return
+    present = [x.models for x in (workload,) if x is not None] + ([cfg.identity.oidc["corp"].models] if claims else [])
+    for allowed in present:
+        assert allowed is None or (p.models is not None and p.models <= allowed)
+    if workload is not None:
+        assert (p.id, p.team) == (workload.id, workload.team)
+        assert p.user == (sub if claims else workload.user)
+
+
+_CFG = _identity_config()

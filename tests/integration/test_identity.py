@@ -354,3 +354,34 @@ def test_a_remote_jwks_is_fetched_through_its_cluster_and_cached() -> None:
             assert fetches and set(fetches) == {"/.well-known/jwks.json"} and len(fetches) <= 2, fetches
     finally:
         server.shutdown()
+
+
+def test_a_mixed_burst_gets_each_request_its_own_principal(ident: Identity) -> None:
+    """200 concurrent requests on one mTLS workload connection pool: valid tokens of
+    different users, expired tokens, forged XFCC. Each answer matches its own credential."""
+    import asyncio
+
+    users = [f"user-{i}" for i in range(50)]
+    cases: list[tuple[dict[str, str], tuple[int, str | None]]] = []
+    for i in range(200):
+        kind = i % 4
+        if kind == 0:
+            cases.append(({"Authorization": f"Bearer {ident.token(sub=users[i % 50])}"}, (200, users[i % 50])))
+        elif kind == 1:
+            cases.append(({"Authorization": f"Bearer {ident.token(expires_in=-600)}"}, (401, None)))
+        elif kind == 2:
+            cases.append(({"x-forwarded-client-cert": f"URI={PAYMENTS_BATCH}"}, (200, None)))
+        else:
+            cases.append(({"Authorization": "Bearer gwk_nope_wrong"}, (401, None)))
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(verify=ident.context("payments-api"), timeout=30,
+                                     limits=httpx.Limits(max_connections=50)) as c:
+            return await asyncio.gather(*(c.get(f"{ident.gw.url}/v1/usage", headers=h) for h, _ in cases))
+
+    for r, (_, (status, user)) in zip(asyncio.run(burst()), cases):
+        assert r.status_code == status, r.text
+        if status == 200:
+            body = r.json()
+            # The workload is payments-api whatever XFCC says; the user is the token's own.
+            assert (body["key_id"], body["team"], body["user"]) == ("workload:payments", "payments", user)
