@@ -10,12 +10,19 @@ DEMO_KEY := gwk_demo_local-only-demo-key-not-for-production
 FIX_OTEL_PROTO = $(BIN)/pip install -q --force-reinstall --no-deps \
 	"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 
-.PHONY: run test render envoy-config bench clean
+.PHONY: help run test render envoy-config bench clean
+.DEFAULT_GOAL := help
 
+## List the targets.
+help:
+	@awk '/^## /{doc = substr($$0, 4); next} /^[a-z][a-z-]*:/ && doc {split($$1, t, ":"); printf "  make %-13s %s\n", t[1], doc} {doc = ""}' $(MAKEFILE_LIST)
+
+# `make run` installs the gateway, the Helm engine it renders with, and what the README's
+# examples import (the demo extra); CI checks that this alone is enough (.ci/run).
 $(BIN)/gateway-extproc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[render]'
+	$(BIN)/pip install -q -e '.[render,demo]'
 	$(FIX_OTEL_PROTO)
 	touch $@
 
@@ -24,7 +31,7 @@ $(VENV)/.test-deps: $(BIN)/gateway-extproc
 	$(FIX_OTEL_PROTO)
 	touch $@
 
-## Start mock provider + ext_proc + Envoy on http://localhost:8080 (Ctrl-C stops all three).
+## Start the mock providers, the ext_proc and Envoy on http://localhost:8080 (Ctrl-C stops them all).
 run: $(BIN)/gateway-extproc
 	@echo "Demo API key (local use only): $(DEMO_KEY)"
 	@echo "First call, from another terminal once the gateway is up:"
@@ -53,5 +60,6 @@ envoy-config: $(BIN)/gateway-extproc
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/run.py
 
+## Remove run/ and build output (keeps .venv).
 clean:
 	rm -rf run build *.egg-info

@@ -8,13 +8,14 @@ the hot path only does dictionary lookups on the frozen result.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from decimal import Decimal
@@ -23,6 +24,9 @@ import yaml
 
 from .budgets.pricing import Price
 from .identity_config import Identity, parse_identity
+
+if TYPE_CHECKING:
+    from .audit.settings import AuditSettings
 
 PROVIDER_KINDS = ("openai", "azure", "anthropic", "bedrock", "gemini")
 # Kind-specific provider settings: (key, required, allowed values or None).
@@ -177,23 +181,38 @@ class GatewayConfig:
     users: dict[str, Limits] = field(default_factory=dict)
     budgets: Budgets | None = None
     classification: Classification | None = None
+    audit: "AuditSettings | None" = None
+    digest: str = ""  # sha256 of the gateway.yaml bytes: the config version audit events name
     identity: Identity = field(default_factory=Identity)
 
 
 def load(path: str | os.PathLike[str]) -> GatewayConfig:
     source = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_bytes()
+        raw = yaml.safe_load(text.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found; render it with `gateway-extproc render`") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc}); fix the syntax") from None
-    return parse(raw, source)
+        raise ConfigError(f"{source}: not valid YAML ({yaml_problem(exc)}); fix the syntax") from None
+    return replace(parse(raw, source), digest=hashlib.sha256(text).hexdigest())
 
 
-def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> GatewayConfig:
+    """`local_files=False` skips checks of files that exist only where the gateway runs
+    (tokenizer.json paths): `render` validates config for another machine."""
     r = _Reader(source)
     doc = r.mapping(raw, "")
+    if "version" not in doc and ("envoy" in doc or "extproc" in doc):
+        r.fail("version", "is missing: this looks like Helm values, not a gateway.yaml; render it with "
+               f"`gateway-extproc render --values {source} --out DIR` and check DIR/gateway.yaml")
     if doc.get("version") != 1:
         r.fail("version", "must be 1")
     providers: dict[str, Provider] = {}
@@ -206,7 +225,7 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
     tiers = classification.tiers if classification else ()
     models: dict[str, Model] = {}
     for i, m in enumerate(r.list(doc, "models")):
-        model = _model(r, i, m, providers, tiers)
+        model = _model(r, i, m, providers, tiers, local_files)
         if model.name in models:
             r.fail(f"models[{i}].name", f"duplicates {model.name!r}; model names must be unique")
         models[model.name] = model
@@ -251,8 +270,11 @@ def parse(raw: Any, source: str = "<config>") -> GatewayConfig:
                 if b.price is None:
                     r.fail(f"models[{i}].backends[{j}].pricing", "is required when budgets are configured: "
                            "add {input, output} in USD per 1M tokens")
+    from .audit.settings import parse as parse_audit
+
+    audit = parse_audit(doc.get("audit"), r.fail, tiers)
     return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port,
-                         users, budgets, classification, identity)
+                         users, budgets, classification, audit, identity=identity)
 
 
 def _is_number(value: Any) -> bool:
@@ -330,13 +352,14 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     return Provider(name, kind, base_url, parts.path.rstrip("/"), env, file, parts.netloc, options)
 
 
-def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: tuple[str, ...]) -> Model:
+def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: tuple[str, ...],
+           local_files: bool = True) -> Model:
     at = f"models[{i}]"
     m = r.mapping(raw, at)
     name = r.string(m.get("name"), f"{at}.name")
     tokenizer = r.string(m.get("tokenizer", "estimate"), f"{at}.tokenizer")
     if tokenizer.endswith(".json"):
-        if not Path(tokenizer).is_file():
+        if local_files and not Path(tokenizer).is_file():
             r.fail(f"{at}.tokenizer", f"is {tokenizer!r}, which is not a readable file; give a local tokenizer.json")
     elif tokenizer != "estimate" and tokenizer not in _openai_encodings():
         r.fail(f"{at}.tokenizer", f"is {tokenizer!r}; use one of {', '.join(_openai_encodings())}, "

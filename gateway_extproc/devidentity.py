@@ -2,8 +2,6 @@
 certificate whose SPIFFE ID is spiffe://demo.local/ns/demo/sa/app, and an RSA key whose
 public half is the demo OIDC provider's JWKS. All are made at start in `<workdir>/certs`
 and signed tokens come from `gateway-extproc dev-token`. Nothing here is for production.
-
-Needs `cryptography` (the `render` extra, which `make run` installs).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import os
 
 import structlog
 
+from . import audit
 from .config import ConfigError
 from .runtime import Runtime
 from .telemetry.metrics import CONFIG_RELOADS
@@ -49,9 +50,11 @@ class RuntimeRef:
         except (ConfigError, OSError, ValueError) as exc:
             CONFIG_RELOADS.labels("rejected").inc()
             log.error("config_reload_failed", path=self.path, error=str(exc))
+            audit.config_rejected(self.path, str(exc))
             return
         self.current = runtime
         CONFIG_RELOADS.labels("applied").inc()
+        audit.config_applied(runtime.config)
         log.info("config_reloaded", path=self.path, models=len(runtime.config.models), keys=len(runtime.config.keys))
 
 

@@ -7,12 +7,18 @@ optional extra (`pip install gateway-extproc[render]`) so the runtime image need
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "gateway-extproc"
+
+
+class RenderError(ValueError):
+    """A values problem: names the values files, the key path (with list indexes) and the fix."""
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -26,14 +32,21 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render_values(values: dict[str, Any], chart: Path = CHART) -> dict[str, str]:
+def render_values(values: dict[str, Any], chart: Path = CHART, source: str = "values") -> dict[str, str]:
     """Rendered file name -> content: envoy.yaml, gateway.yaml and, with TLS on, the SDS
-    files Envoy reads certificate paths from."""
-    from helm_python import Chart
-
+    files Envoy reads certificate paths from. `source` names the values files in errors."""
+    try:
+        from helm_python import Chart
+        from helm_python.errors import HelmError
+    except ImportError:
+        raise RenderError("rendering needs the Helm engine: pip install 'gateway-extproc[render]' "
+                          "(make run installs it)") from None
+    _check_references(values, source)
     c = Chart.load(str(chart))
     try:
         manifests = c.render(values, name="gateway", namespace="default")
+    except HelmError as exc:
+        raise RenderError(_helm_message(str(exc), source, chart)) from None
     finally:
         c.close()
     for path, text in manifests.items():
@@ -45,11 +58,99 @@ def render_values(values: dict[str, Any], chart: Path = CHART) -> dict[str, str]
     raise RuntimeError(f"{chart}: no ConfigMap with envoy.yaml in the rendered chart")
 
 
+def _check_references(values: dict[str, Any], source: str) -> None:
+    """Name checks the chart's templates can only report without list indexes."""
+    providers = {p.get("name") for p in values.get("providers") or [] if isinstance(p, dict)}
+    for i, model in enumerate(values.get("models") or []):
+        for j, backend in enumerate((model or {}).get("backends") or [] if isinstance(model, dict) else []):
+            name = backend.get("provider") if isinstance(backend, dict) else None
+            if isinstance(name, str) and name not in providers:
+                near = difflib.get_close_matches(name, [p for p in providers if isinstance(p, str)], 1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise RenderError(f"{source}: models[{i}].backends[{j}].provider is {name!r}, not in providers; "
+                                  f"{hint}add it to providers or fix the name")
+
+
+_SCHEMA_LINE = re.compile(r"^- at '([^']*)': (.*)$")
+_UNKNOWN_KEY = re.compile(r"additional properties? ((?:'[^']+'(?:, )?)+) not allowed")
+
+
+def _helm_message(message: str, source: str, chart: Path) -> str:
+    """One line from Helm's error: schema violations as key paths with list indexes (and a
+    suggestion for a misspelt key), template `fail`s without Helm's location prefix."""
+    problems = []
+    for line in message.splitlines():
+        if m := _SCHEMA_LINE.match(line.strip()):
+            path = _key_path(m.group(1))
+            problem = m.group(2)
+            if u := _UNKNOWN_KEY.search(problem):
+                for key in re.findall(r"'([^']+)'", u.group(1)):
+                    problems.append(_unknown_key(path, key, chart))
+            else:
+                problems.append(f"{path or '<top level>'}: {problem}")
+    if problems:
+        return f"{source}: " + "; ".join(problems)
+    text = re.sub(r"^execution error at \([^)]*\): ", "", message.strip().splitlines()[0])
+    return f"{source}: {text.removeprefix('values: ')}"
+
+
+def _key_path(pointer: str) -> str:
+    """JSON pointer /models/0/backends/1/provider -> models[0].backends[1].provider."""
+    out = ""
+    for part in pointer.strip("/").split("/"):
+        if not part:
+            continue
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def _unknown_key(path: str, key: str, chart: Path) -> str:
+    """'envoy.listner is not a key the chart knows (a typo?); did you mean 'listener'?'"""
+    where = f"{path}.{key}" if path else key
+    near = difflib.get_close_matches(key, _schema_keys(path, chart), 1)
+    fix = f"did you mean {near[0]!r}?" if near else f"see {chart.name}/values.schema.json for the keys it takes"
+    return f"{where} is not a key the chart knows (a typo?); {fix}"
+
+
+def _schema_keys(path: str, chart: Path) -> list[str]:
+    """The keys values.schema.json allows at this key path."""
+    import json
+
+    schema = json.loads((chart / "values.schema.json").read_text(encoding="utf-8"))
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+        return node
+
+    node = resolve(schema)
+    for part in re.findall(r"[^.\[\]]+", path):
+        node = resolve(node.get("items", {}) if part.isdigit() else node.get("properties", {}).get(part, {}))
+    return list(node.get("properties", {}))
+
+
 def load_values(paths: list[Path]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for p in paths:
-        values = merge(values, yaml.safe_load(p.read_text(encoding="utf-8")) or {})
+        try:
+            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RenderError(f"{p}: values file not found; check the path") from None
+        except IsADirectoryError:
+            raise RenderError(f"{p}: is a directory; give a values file") from None
+        except yaml.YAMLError as exc:
+            from .config import yaml_problem
+
+            raise RenderError(f"{p}: not valid YAML ({yaml_problem(exc)}); fix the syntax") from None
+        if doc is not None and not isinstance(doc, dict):
+            raise RenderError(f"{p}: must be a mapping of values (like helm/values-local.yaml)")
+        values = merge(values, doc or {})
     return values
+
+
+def describe(paths: list[Path]) -> str:
+    """How errors name the values: the files given, or the chart's defaults."""
+    return " + ".join(str(p) for p in paths) if paths else f"{CHART.name}/values.yaml"
 
 
 def chart_values(paths: list[Path], chart: Path = CHART) -> dict[str, Any]:
@@ -58,9 +159,19 @@ def chart_values(paths: list[Path], chart: Path = CHART) -> dict[str, Any]:
 
 
 def render(values_files: list[Path], out: Path, chart: Path = CHART) -> list[Path]:
+    """Render into `out`, after checking the gateway.yaml it produces as `serve` will (so a
+    key naming a missing team fails here, not at start-up)."""
+    from . import config
+
+    source = describe(values_files)
+    files = render_values(load_values(values_files), chart, source)
+    try:
+        config.parse(yaml.safe_load(files["gateway.yaml"]), source, local_files=False)
+    except config.ConfigError as exc:
+        raise RenderError(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in render_values(load_values(values_files), chart).items():
+    for name, text in files.items():
         path = out / name
         path.write_text(text, encoding="utf-8")
         written.append(path)

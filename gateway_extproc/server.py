@@ -15,9 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -25,12 +24,15 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, Counter, multiprocess, start_http_server
 
+from . import audit, sockets
+from .config import ConfigError
 from .errors import GatewayError
 from .processors import responses
 from .processors.router import RouterProcessor
 from .processors.upstream import UpstreamProcessor, is_upstream
+from .procs import die_with_parent, exit_reason
 from .reload import RuntimeRef
 from .runtime import Runtime
 from .telemetry import tracing
@@ -85,10 +87,6 @@ async def serve_one(runtime: RuntimeRef, address: str) -> None:
     watcher = asyncio.get_running_loop().create_task(runtime.watch())
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if address.startswith("unix://"):
-        sock = Path(address[len("unix://"):])
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        sock.unlink(missing_ok=True)
     server.add_insecure_port(address)
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -106,10 +104,30 @@ async def serve_one(runtime: RuntimeRef, address: str) -> None:
     log.info("extproc_stopped", address=address)
 
 
-def run_one(config_path: str, index: int) -> None:
-    runtime = RuntimeRef(Runtime.load(config_path), config_path)
-    address = runtime.current.config.listen[index]
+# A worker exits with this when it cannot start (bad config, socket owned by another
+# gateway), after printing the `error:` line (sysexits.h EX_CONFIG). On its first start
+# `serve` then stops with that error; a restarted worker is retried with backoff, since
+# the file may be fixed meanwhile.
+EXIT_CONFIG = 78
+_SUPERVISOR_ENV = "GATEWAY_EXTPROC_SUPERVISOR"
+
+
+def run_one(config_path: str, index: int) -> int:
+    """One worker, started by `serve`. It is killed with its supervisor: a worker nobody
+    supervises would hold its socket with a config nobody reloads."""
+    if parent := os.environ.get(_SUPERVISOR_ENV):
+        die_with_parent(signal.SIGKILL, int(parent))
+    try:
+        runtime = RuntimeRef(Runtime.load(config_path), config_path)
+        address = runtime.current.config.listen[index]
+        path = sockets.unix_path(address)
+        if path is not None:
+            sockets.claim(path)  # the lock fd stays open, so held, until this process exits
+    except (ConfigError, sockets.SocketInUse) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     tracing.setup()
+    audit.start(runtime.current.config, index)
     try:
         import uvloop
     except ImportError:
@@ -117,59 +135,124 @@ def run_one(config_path: str, index: int) -> None:
     else:
         uvloop.run(serve_one(runtime, address))
     finally:
+        audit.stop()
         tracing.shutdown()
+    return 0
+
+
+# Restart delay after a worker dies: doubles per death, reset once a worker has run this long.
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S, _HEALTHY_AFTER_S = 0.1, 10.0, 30.0
+
+
+@dataclass
+class _Worker:
+    index: int
+    address: str
+    proc: subprocess.Popen[bytes]
+    started: float
+    up: bool = False  # has listened at least once (since serve started)
+    deaths: int = 0  # consecutive short-lived runs, for the backoff
+    restart_at: float | None = None
 
 
 def serve(config_path: str) -> int:
-    """Start one worker process per listen address; forward SIGTERM/SIGINT; exit when they do.
+    """Start one worker process per listen address and keep them running.
 
-    If a worker dies on its own the others are stopped and serve exits non-zero, so the
-    supervisor (Kubernetes, make run) restarts the set rather than running degraded.
+    A worker that dies after it has served is restarted with backoff (logged, counted in
+    genai_gateway_extproc_worker_restarts_total) while Envoy sends streams to the others.
+    A worker that cannot start the first time (bad config, socket in use) stops serve with
+    its error: restarting it would only repeat it. SIGTERM/SIGINT drain and stop all.
     """
-    runtime = Runtime.load(config_path)  # validate before forking
+    try:
+        runtime = Runtime.load(config_path)  # validate before forking
+        for address in runtime.config.listen:
+            if path := sockets.unix_path(address):
+                sockets.check_free(path)
+    except (ConfigError, sockets.SocketInUse) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     metrics_dir = tempfile.mkdtemp(prefix="gateway-extproc-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
-    workers = [subprocess.Popen([sys.executable, "-m", "gateway_extproc", "serve-one", config_path, str(i)], env=env)
-               for i in range(len(runtime.config.listen))]
+    registry = CollectorRegistry()
+    restarts = Counter("genai_gateway_extproc_worker_restarts", "ext_proc worker processes restarted after "
+                       "dying (crash, OOM kill).", registry=registry)
     if runtime.config.metrics_port:
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)
-        start_http_server(runtime.config.metrics_port, runtime.config.metrics_address, registry)
+        try:  # before any worker starts: a busy port is a start-up error, not a crash
+            start_http_server(runtime.config.metrics_port, runtime.config.metrics_address, registry)
+        except OSError as exc:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            print(f"error: {config_path}: metrics.port {runtime.config.metrics_port} on "
+                  f"{runtime.config.metrics_address}: {exc.strerror}; stop what holds it, or set "
+                  "extproc.metrics.port in the values (0 turns /metrics off)", file=sys.stderr, flush=True)
+            return 1
         log.info("metrics_listening", address=runtime.config.metrics_address, port=runtime.config.metrics_port)
-    if runtime.config.identity.key_admin is not None:
+    admin = runtime.config.identity.key_admin
+    if admin is not None:
         from .keyadmin import start
 
-        start(config_path, runtime.config)  # a daemon thread of this parent, never Envoy's listener
+        try:  # a daemon thread of this parent on its own port, never Envoy's listener
+            start(config_path, runtime.config)
+        except OSError as exc:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            print(f"error: {config_path}: identity.keyAdmin port {admin.port} on {admin.address}: {exc.strerror}; "
+                  "stop what holds it, or set identity.keyAdmin.port in the values", file=sys.stderr, flush=True)
+            return 1
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, _SUPERVISOR_ENV: str(os.getpid())}
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "gateway_extproc", "serve-one", config_path, str(index)],
+                                env=env)
+
+    workers = [_Worker(i, a, spawn(i), time.monotonic()) for i, a in enumerate(runtime.config.listen)]
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
         for w in workers:
-            if w.poll() is None:
-                w.send_signal(signum)
+            if w.proc.poll() is None:
+                w.proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    code = 0
     try:
-        code = _supervise(workers, forward, lambda: stopping)
+        return _supervise(workers, spawn, restarts, forward, lambda: stopping)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return code
 
 
-def _supervise(workers: list[subprocess.Popen[bytes]], forward: Any, stopping: Any) -> int:
+def _supervise(workers: list[_Worker], spawn: Callable[[int], subprocess.Popen[bytes]], restarts: Counter,
+               forward: Callable[[int, object], None], stopping: Callable[[], bool]) -> int:
     code = 0
-    while any(w.poll() is None for w in workers):
+    while True:
+        now = time.monotonic()
         for w in workers:
-            rc = w.poll()
-            if rc is not None and not stopping():
-                log.error("extproc_worker_exited", pid=w.pid, returncode=rc)
-                code = rc or 1
-                forward(signal.SIGTERM, None)
-        try:
-            workers[0].wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            pass
-    return code
+            rc = w.proc.poll()
+            if rc is None:
+                if not w.up and sockets.listening(w.address):
+                    w.up = True
+                    log.info("extproc_worker_ready", worker=w.index, pid=w.proc.pid)
+                continue
+            if stopping() or code:
+                continue
+            if w.restart_at is None:
+                if not w.up:  # never served: a start-up problem, not a crash
+                    log.error("extproc_worker_failed_to_start", worker=w.index, pid=w.proc.pid, reason=exit_reason(rc))
+                    code = rc if rc > 0 else 1
+                    forward(signal.SIGTERM, None)
+                    break
+                if now - w.started >= _HEALTHY_AFTER_S:
+                    w.deaths = 0
+                delay = min(_BACKOFF_FIRST_S * 2 ** w.deaths, _BACKOFF_MAX_S)
+                w.deaths += 1
+                w.restart_at = now + delay
+                log.error("extproc_worker_died", worker=w.index, pid=w.proc.pid, reason=exit_reason(rc),
+                          restart_in_s=round(delay, 2))
+            elif now >= w.restart_at:
+                w.proc, w.started, w.restart_at = spawn(w.index), now, None
+                restarts.inc()
+                log.warning("extproc_worker_restarted", worker=w.index, pid=w.proc.pid)
+        if all(w.proc.poll() is not None for w in workers) and (stopping() or code):
+            return code
+        time.sleep(0.05)
+

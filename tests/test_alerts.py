@@ -126,7 +126,7 @@ def test_article_rule_is_carried_verbatim() -> None:
 def test_every_alert_says_who_gets_it_and_why() -> None:
     expected = {"TeamDailyCostOverrun", "TeamDailyBudgetAt80Percent", "GenAIErrorRateHigh", "GenAITTFTp95Regression",
                 "GuardrailTriggerSpike", "GuardrailTriggersDroppedToZero", "GatewayRedisSlow", "ExtProcPhaseSlow",
-                "GatewayEnvoyRestarted"}
+                "AuditEventsDropped", "GatewayEnvoyRestarted"}
     found = alerts()
     assert set(found) == expected
     for name, rule in found.items():

@@ -14,7 +14,7 @@ import yaml
 
 from gateway_extproc import config
 from gateway_extproc.localstack import envoy_binary
-from gateway_extproc.render import CHART, chart_values, render_values
+from gateway_extproc.render import CHART, RenderError, chart_values, render_values
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "helm" / "values-local.yaml"
@@ -119,5 +119,5 @@ def test_no_credential_value_is_ever_rendered(tmp_path: Path) -> None:
 def test_unknown_provider_fails_the_render_with_a_fix() -> None:
     values = copy.deepcopy(chart_values([LOCAL]))
     values["models"][0]["backends"][0]["provider"] = "nope"
-    with pytest.raises(helm_python.HelmError, match="not in providers"):
+    with pytest.raises(RenderError, match=r"models\[0\].backends\[0\].provider is 'nope', not in providers"):
         render_values(values)

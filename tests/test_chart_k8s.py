@@ -290,7 +290,7 @@ def test_no_secret_value_is_ever_in_a_configmap(chart: helm_python.Chart, case: 
     docs = manifests(render(chart, chart_values(CASES[case])))
     assert objects(docs, "Secret") == []  # the chart only references existing Secrets
     for cm in objects(docs, "ConfigMap"):
-        text = json.dumps(cm["data"])
+        text = json.dumps(cm["data"]).replace("-----BEGIN PUBLIC KEY-----", "")  # the audit key, published
         assert not [s for s in SECRET_VALUES if s in text], cm["metadata"]["name"]
 
 

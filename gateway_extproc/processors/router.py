@@ -19,7 +19,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from .. import api, identity, messages, tokens
+from .. import api, audit, identity, messages, tokens
 from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
@@ -52,7 +52,8 @@ class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
                  "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut",
-                 "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider")
+                 "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
+                 "requested")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -86,6 +87,7 @@ class RouterProcessor:
         self.to_client: messages.ToMessagesStream | None = None
         # Set when the answering backend's provider does not speak the OpenAI schema.
         self.provider: ProviderResponse | None = None
+        self.requested: str | None = None  # the model the body asked for, kept for the audit trail
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -150,6 +152,7 @@ class RouterProcessor:
         if self.client == "anthropic":
             body = messages.to_chat(body)
         self.endpoint.validate(body)
+        self.requested = str(body["model"])[:200]
         model = cfg.models.get(body["model"])
         if model is None:
             raise GatewayError("model_not_found", f"The model {body['model']!r} does not exist on this gateway; "
@@ -255,6 +258,8 @@ class RouterProcessor:
         h = r.header_map(msg)
         self.status = int(h.get(":status", "0") or 0)
         self.backend = h.get("x-gateway-backend")
+        if self.status >= 400 and (code := h.get("x-gateway-error-code")):
+            self.error_code = code  # a reply Envoy made itself (the chart's local_reply_config)
         added = self.budget_headers()
         attempts = h.get("x-envoy-attempt-count")
         if attempts:
@@ -392,6 +397,7 @@ class RouterProcessor:
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
             duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
             tier=self.tier, **self.logged_content())
+        audit.request(self, backend, outcome)
 
     def logged_content(self) -> dict[str, str]:
         """Prompt and response text, only for requests whose tier the content-logging policy allows."""

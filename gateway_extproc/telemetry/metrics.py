@@ -51,6 +51,8 @@ REDIS_LATENCY = Histogram("genai_gateway_redis_latency_seconds", "Budget store r
                           buckets=_FAST)
 CONFIG_RELOADS = Counter("genai_gateway_config_reloads", "gateway.yaml reloads by result (applied, rejected).",
                          ["result"])
+AUDIT_EVENTS = Counter("genai_audit_events", "Audit events by result: written, dropped (queue full or disk "
+                       "error; the chain records the count), ship_failed (Redis Stream copy only).", ["result"])
 PHASE_LATENCY = Histogram("genai_gateway_extproc_phase_seconds", "ext_proc time per processing phase.",
                           ["phase"], buckets=_FAST)
 

@@ -66,6 +66,8 @@ def build_gateway(workdir: Path, env: dict[str, str] | None = None,
     values["envoy"]["admin"]["port"] = free_port()
     values["extproc"]["socketDir"] = str(workdir / "sock")
     values["extproc"]["metrics"]["port"] = free_port()
+    values["audit"]["dir"] = str(workdir / "audit")
+    values["audit"]["signingKey"]["file"] = str(workdir / "audit-signing.key")
     workdir.mkdir(parents=True, exist_ok=True)
     # values-local points providers at mock instances on :8081 (key from env) and :8082
     # (key from a file); here they get free ports and keys of their own.

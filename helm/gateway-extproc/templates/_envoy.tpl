@@ -85,39 +85,68 @@ static_resources:
           always_set_request_id_in_response: true
           request_timeout: 0s
           stream_idle_timeout: {{ $v.envoy.upstreamTimeout }}
+          # Envoy's own error replies, in the OpenAI error shape with a code from
+          # docs/runbooks.md (first match wins). The ext_proc's replies (code details gw_*)
+          # keep their bodies. x-gateway-error-code tells the ext_proc's access line the
+          # code; the access log below records these replies even when the ext_proc is down.
           local_reply_config:
             mappers:
-            # identity: a bearer token jwt_authn refused (bad signature, expired, wrong issuer
-            # or audience, unknown key) is a 401 in the OpenAI shape.
-            - filter:
-                extension_filter:
-                  name: envoy.access_loggers.extension_filters.cel
-                  typed_config:
-                    "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
-                    expression: "response.code_details.startsWith('jwt_authn_access_denied')"
-              status_code: 401
-              body_format_override:
-                json_format:
-                  error: {message: "The bearer token was rejected: %RESPONSE_CODE_DETAILS%", type: authentication_error, code: invalid_token, param: null}
+            {{- $d := "response.code_details" }}
+            {{- $reset := printf "%s.startsWith('upstream_reset_before_response_started')" $d }}
             {{- range $m := list
-                (list 413 "request_too_large" "invalid_request_error" "Request body exceeds the gateway limit.")
-                (list 500 "gateway_unavailable" "server_error" "The gateway's policy service is unavailable; the request was not sent.")
-                (list 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
-                (list 504 "upstream_timeout" "server_error" "The provider did not answer in time.")
-                (list 404 "unknown_endpoint" "not_found_error" "Unknown endpoint.") }}
+                (list (printf "%s.startsWith('jwt_authn_access_denied')" $d) 401 "invalid_token" "authentication_error" "The bearer token was rejected: %RESPONSE_CODE_DETAILS%")
+                (list (printf "response.code == 404 && %s == 'direct_response' && 'x-gateway-model' in request.headers" $d) 503 "model_not_deployed" "server_error" "Model '%REQ(X-GATEWAY-MODEL)%' is in gateway.yaml but not in Envoy's configuration yet: the operator must re-render envoy.yaml and restart Envoy.")
+                (list (printf "%s && %s.contains('overflow')" $reset $d) 503 "upstream_overloaded" "server_error" "Too many requests are in flight to this model's providers; retry shortly.")
+                (list (printf "%s && %s.contains('connection_failure')" $reset $d) 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
+                (list $reset 502 "upstream_reset" "server_error" "The provider closed the connection before answering.")
+                (list (printf "%s == 'response_payload_too_large'" $d) 502 "upstream_response_too_large" "server_error" "The provider's response is larger than the gateway can process.")
+                (list (printf "%s == 'request_payload_too_large' || response.code == 413" $d) 413 "request_too_large" "invalid_request_error" "Request body exceeds the gateway limit.")
+                (list (printf "%s.startsWith('ext_proc') || response.code == 500" $d) 503 "gateway_unavailable" "server_error" "The gateway's policy service is unavailable; the request was not sent.")
+                (list "response.code == 503" 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
+                (list (printf "response.code == 504 || response.code == 408 || %s.contains('timeout')" $d) 504 "upstream_timeout" "server_error" "The provider did not answer in time.")
+                (list "response.code == 404" 404 "unknown_endpoint" "not_found_error" "Unknown endpoint.") }}
             - filter:
                 extension_filter:
                   name: envoy.access_loggers.extension_filters.cel
                   typed_config:
                     "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
-                    expression: "response.code == {{ index $m 0 }} && !response.code_details.startsWith('gw_')"
-              {{- if eq (index $m 0) 500 }}
-              status_code: 503
-              {{- end }}
+                    expression: {{ printf "!%s.startsWith('gw_') && (%s)" $d (index $m 0) | quote }}
+              status_code: {{ index $m 1 }}
+              headers_to_add:
+              - header: {key: x-gateway-error-code, value: {{ index $m 2 }}}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
               body_format_override:
                 json_format:
-                  error: {message: {{ index $m 3 | quote }}, type: {{ index $m 2 }}, code: {{ index $m 1 }}, param: null}
+                  error: {message: {{ index $m 4 | quote }}, type: {{ index $m 3 }}, code: {{ index $m 2 }}, param: null}
             {{- end }}
+          # One JSON line per reply Envoy makes itself (not the ext_proc's, not a provider's):
+          # the outcome and code of errors the ext_proc may never see (it may be down).
+          access_log:
+          - name: envoy.access_loggers.stdout
+            filter:
+              extension_filter:
+                name: envoy.access_loggers.extension_filters.cel
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
+                  expression: "response.code >= 400 && response.code_details != 'via_upstream' && !response.code_details.startsWith('gw_')"
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+              log_format:
+                json_format:
+                  event: envoy_error
+                  outcome: error
+                  request_id: "%REQ(X-REQUEST-ID)%"
+                  start_time: "%START_TIME%"
+                  method: "%REQ(:METHOD)%"
+                  path: "%REQ(:PATH)%"
+                  status: "%RESPONSE_CODE%"
+                  error_code: "%RESP(X-GATEWAY-ERROR-CODE)%"
+                  details: "%RESPONSE_CODE_DETAILS%"
+                  flags: "%RESPONSE_FLAGS%"
+                  failure: "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
+                  backend: "%UPSTREAM_METADATA(gw:backend)%"
+                  attempts: "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"
+                  duration_ms: "%DURATION%"
           route_config:
             name: models
             virtual_hosts:
@@ -222,12 +251,16 @@ static_resources:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config: {http2_protocol_options: {}}
+    # A worker that died (serve restarts it in ~1-2 s) leaves rotation at the next check.
+    # ext_proc streams do not count as traffic for health checking, so no_traffic_interval
+    # is the interval that applies: at 2 s every request that drew the dead socket for one
+    # of its streams failed until the restart; at 0.5 s, only those in the first half second.
     health_checks:
     - timeout: 1s
-      interval: 2s
+      interval: 0.5s
       unhealthy_threshold: 1
       healthy_threshold: 1
-      no_traffic_interval: 2s
+      no_traffic_interval: 0.5s
       grpc_health_check: {}
     load_assignment:
       cluster_name: gateway_extproc

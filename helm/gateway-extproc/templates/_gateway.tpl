@@ -30,4 +30,22 @@ identity:
 classification:
 {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- with $v.audit }}{{ if .enabled }}
+audit:
+  dir: {{ .dir | quote }}
+  signingKeyFile: {{ .signingKey.file | quote }}
+  instance: {{ .instance | quote }}
+  checkpointSeconds: {{ .checkpointSeconds }}
+  fsync: {{ .fsync }}
+  fsyncIntervalSeconds: {{ .fsyncIntervalSeconds }}
+  queueSize: {{ .queueSize | int }}
+  segmentBytes: {{ .segmentBytes | int64 }}
+  segmentSeconds: {{ .segmentSeconds }}
+  retention:
+    {{- toYaml .retention | nindent 4 }}
+  {{- if .redisStream.url }}
+  redisStream:
+    {{- toYaml (omit .redisStream "passwordSecret") | nindent 4 }}
+  {{- end }}
+{{- end }}{{ end }}
 {{- end -}}

@@ -114,6 +114,10 @@ only to the ext_proc.
 {{- if and $r.passwordEnv (dig "passwordSecret" "name" "" $r) -}}
 {{- $_ := set $out $r.passwordEnv (dict "name" $r.passwordEnv "secret" $r.passwordSecret.name "key" $r.passwordSecret.key "envoy" false "provider" "") -}}
 {{- end -}}
+{{- $a := .Values.audit.redisStream -}}
+{{- if and .Values.audit.enabled $a.url $a.passwordEnv (dig "passwordSecret" "name" "" $a) -}}
+{{- $_ := set $out $a.passwordEnv (dict "name" $a.passwordEnv "secret" $a.passwordSecret.name "key" $a.passwordSecret.key "envoy" false "provider" "") -}}
+{{- end -}}
 {{- $list := list -}}
 {{- range $k := keys $out | sortAlpha }}{{ $list = append $list (get $out $k) }}{{ end -}}
 {{- toJson $list -}}
@@ -154,6 +158,10 @@ only); TLS material is mounted into Envoy.
 {{- fail "values: envoy.upstreamCA.secretName is set but envoy.upstreamCA.dir is empty; give the directory to mount it at" -}}
 {{- end -}}
 {{- $out = append $out (dict "name" "upstream-ca" "dir" $up.dir "container" "envoy" "from" "envoy.upstreamCA" "sources" (list (dict "secret" (dict "name" $up.secretName "items" (list (dict "key" $up.key "path" $up.key)))))) -}}
+{{- end -}}
+{{- $audit := $v.audit -}}
+{{- if and $audit.enabled $audit.signingKey.secret.name -}}
+{{- $out = append $out (dict "name" "audit-signing-key" "dir" (dir $audit.signingKey.file) "container" "extproc" "from" "audit.signingKey" "sources" (list (dict "secret" (dict "name" $audit.signingKey.secret.name "items" (list (dict "key" $audit.signingKey.secret.key "path" (base $audit.signingKey.file))))))) -}}
 {{- end -}}
 {{- if and $tls.enabled $tls.clientCA.enabled $tls.clientCA.secretName -}}
 {{- $out = append $out (dict "name" "tls-client-ca" "dir" $tls.clientCA.dir "container" "envoy" "from" "envoy.tls.clientCA" "sources" (list (dict "secret" (dict "name" $tls.clientCA.secretName "items" (list (dict "key" $tls.clientCA.key "path" $tls.clientCA.key)))))) -}}

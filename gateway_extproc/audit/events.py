@@ -1,0 +1,76 @@
+"""What an audit event holds: pure functions from what the router decided to a flat dict.
+
+Built on the request path, so they only read attributes the router already has; the writer
+thread serializes them. Content is what the access log may carry (the tier's logging rule,
+`RouterProcessor.content`), which is the prompt after redaction; response text is left out
+because the router keeps it from before response redaction.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..usage import Usage
+
+if TYPE_CHECKING:
+    from ..config import Backend, GatewayConfig
+    from ..processors.router import RouterProcessor
+
+BLOCKING_CODES = frozenset({"content_blocked", "classification_violation"})
+# Set by the router for a stream the provider broke off; the request was admitted.
+NOT_A_REFUSAL = frozenset({"upstream_stream_interrupted"})
+
+
+def decision(p: "RouterProcessor") -> str:
+    code = p.error_code
+    if code in BLOCKING_CODES:
+        return "blocked"
+    if code is not None and code not in NOT_A_REFUSAL:
+        return "refused"
+    if p.cut:
+        return "cut"
+    if p.redacted:
+        return "redacted"
+    return "admitted"
+
+
+def reasons(p: "RouterProcessor") -> list[str]:
+    out = [p.error_code] if p.error_code else []
+    if p.redacted:
+        out.append("request_redacted")
+    if p.clamped is not None:
+        out.append("max_tokens_clamped")
+    if p.cut:
+        out.append("budget_stream_cut")
+    return out
+
+
+def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str) -> dict[str, Any]:
+    usage = p.usage or Usage()
+    key = p.key
+    cost, _ = p.consumed(backend) if p.model is not None else (0, 0)
+    ev: dict[str, Any] = {
+        "type": "request", "ts": time.time(), "tier": p.tier, "decision": decision(p), "reasons": reasons(p),
+        "request_id": p.request_id, "key_id": key.id if key else None, "team": key.team if key else None,
+        "user": key.user if key else None, "method": p.method, "path": p.path,
+        "endpoint": p.endpoint.name if p.endpoint else None,
+        "model": p.model.name if p.model else p.requested, "backend": p.backend,
+        "provider": backend.provider.name if backend else None, "status": p.status, "outcome": outcome,
+        "stream": p.stream,
+        "input_tokens": usage.prompt_tokens if usage.prompt_tokens is not None else p.prompt_tokens,
+        "output_tokens": usage.completion_tokens, "cached_tokens": usage.cached_tokens, "cost_nano": cost,
+        "config": p.runtime.config.digest[:16],
+    }
+    if p.content is not None:
+        ev["prompt"] = p.content
+    return ev
+
+
+def config_event(cfg: "GatewayConfig", action: str) -> dict[str, Any]:
+    return {"type": "config", "ts": time.time(), "action": action, "config_sha256": cfg.digest, "path": cfg.source,
+            "models": len(cfg.models), "keys": len(cfg.keys), "teams": len(cfg.teams)}
+
+
+def config_rejected_event(path: str, error: str) -> dict[str, Any]:
+    return {"type": "config", "ts": time.time(), "action": "rejected", "path": path, "error": error[:2000]}

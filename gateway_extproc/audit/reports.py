@@ -1,0 +1,164 @@
+"""Reports computed from the audit trail: chargeback per team, and the model inventory.
+
+Both read request records only, so they add up to what the gateway counted: tokens and cost
+are the same numbers `genai_tokens_total` and `genai_request_cost_dollars_total` were
+incremented with. A team's budget comes from the config version in force at its last
+request of the period (configs/<sha256>.yaml kept by the writer), so the report shows the
+budget that applied, not today's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import yaml
+
+from .records import records
+from .writer import CONFIGS
+
+REFUSED = frozenset({"refused", "blocked"})
+
+
+def month_range(month: str, tz: str = "UTC") -> tuple[str, str]:
+    """`YYYY-MM` in time zone `tz` (use budgets.timezone, so the month is the budget's) ->
+    [start, end) as ISO strings in the trail's format (UTC)."""
+    y, m = (int(x) for x in month.split("-"))
+    zone = ZoneInfo(tz)
+    start = datetime(y, m, 1, tzinfo=zone)
+    end = datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=zone)
+    return tuple(t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for t in (start, end))  # type: ignore[return-value]
+
+
+@dataclass
+class Totals:
+    requests: int = 0
+    refused: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_nano: int = 0
+    first_seen: str = ""
+    last_seen: str = ""
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.requests += 1
+        self.refused += rec.get("decision") in REFUSED
+        self.input_tokens += rec.get("input_tokens") or 0
+        self.output_tokens += rec.get("output_tokens") or 0
+        self.cached_tokens += rec.get("cached_tokens") or 0
+        self.cost_nano += rec.get("cost_nano") or 0
+        ts = rec["ts"]
+        self.first_seen = min(self.first_seen or ts, ts)
+        self.last_seen = max(self.last_seen, ts)
+
+    def row(self) -> dict[str, Any]:
+        return {"requests": self.requests, "refused": self.refused, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens, "cached_tokens": self.cached_tokens,
+                "cost_usd": _usd(self.cost_nano)}
+
+
+@dataclass
+class TeamReport:
+    totals: Totals = field(default_factory=Totals)
+    by: dict[str, dict[str, Totals]] = field(default_factory=lambda: {k: {} for k in ("key", "user", "model",
+                                                                                      "provider")})
+    config: str = ""
+    config_ts: str = ""
+
+
+def _usd(nano: int) -> str:
+    return str((Decimal(nano) / Decimal(10**9)).quantize(Decimal("0.000001")))
+
+
+def _requests(root: Path, start: str, end: str) -> Iterable[dict[str, Any]]:
+    for rec in records(root, frozenset({"request"})):
+        if start <= rec.get("ts", "") < end and rec.get("team"):
+            yield rec
+
+
+def chargeback(root: Path, month: str, tz: str = "UTC") -> dict[str, Any]:
+    start, end = month_range(month, tz)
+    teams: dict[str, TeamReport] = {}
+    for rec in _requests(root, start, end):
+        t = teams.setdefault(rec["team"], TeamReport())
+        t.totals.add(rec)
+        for dim in ("key", "user", "model", "provider"):
+            value = rec.get("key_id" if dim == "key" else dim)
+            if value:
+                t.by[dim].setdefault(value, Totals()).add(rec)
+        if rec["ts"] >= t.config_ts and rec.get("config"):
+            t.config, t.config_ts = rec["config"], rec["ts"]
+    configs = _configs(root)
+    out = []
+    for name in sorted(teams):
+        t = teams[name]
+        budget = _monthly_budget(configs.get(t.config), name)
+        row = {"team": name, **t.totals.row(), "monthly_budget_usd": budget,
+               "share_used": float(Decimal(t.totals.cost_nano) / Decimal(10**9) / Decimal(budget)) if budget else None,
+               "config": t.config}
+        for dim, values in t.by.items():
+            row[f"by_{dim}"] = [{dim: v, **values[v].row()} for v in sorted(values)]
+        out.append(row)
+    return {"month": month, "timezone": tz, "from": start, "to": end, "teams": out}
+
+
+def inventory(root: Path, start: str = "", end: str = "~") -> dict[str, Any]:
+    rows: dict[tuple[str, str, str], Totals] = {}
+    for rec in _requests(root, start, end):
+        rows.setdefault((rec["team"], rec.get("model") or "", rec.get("provider") or ""), Totals()).add(rec)
+    return {"from": start or None, "to": None if end == "~" else end, "rows": [
+        {"team": t, "model": m, "provider": p, "first_seen": v.first_seen, "last_seen": v.last_seen, **v.row()}
+        for (t, m, p), v in sorted(rows.items())]}
+
+
+def _configs(root: Path) -> dict[str, Path]:
+    d = root / CONFIGS
+    return {p.stem[:16]: p for p in d.glob("*.yaml")} if d.is_dir() else {}
+
+
+def _monthly_budget(path: Path | None, team: str) -> str | None:
+    if path is None:
+        return None
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for t in doc.get("teams") or []:
+        if t.get("name") == team:
+            monthly = (t.get("budget") or {}).get("monthly")
+            return str(Decimal(str(monthly))) if monthly is not None else None
+    return None
+
+
+CHARGEBACK_COLUMNS = ("scope", "team", "name", "requests", "refused", "input_tokens", "output_tokens",
+                      "cached_tokens", "cost_usd", "monthly_budget_usd", "share_used")
+
+
+def chargeback_csv(report: dict[str, Any]) -> str:
+    """One row per team (scope `team`), then one per key, user, model and provider of it."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CHARGEBACK_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for t in report["teams"]:
+        w.writerow({"scope": "team", "name": t["team"], **t})
+        for dim in ("key", "user", "model", "provider"):
+            for row in t[f"by_{dim}"]:
+                w.writerow({"scope": dim, "team": t["team"], "name": row[dim], **row})
+    return buf.getvalue()
+
+
+INVENTORY_COLUMNS = ("team", "model", "provider", "first_seen", "last_seen", "requests", "refused", "input_tokens",
+                     "output_tokens", "cached_tokens", "cost_usd")
+
+
+def inventory_csv(report: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, INVENTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(report["rows"])
+    return buf.getvalue()

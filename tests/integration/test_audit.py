@@ -1,0 +1,214 @@
+"""The audit trail through real Envoy: every request decision and config load on the record,
+hash-chained and signed, verified and reported on by the CLI after the gateway stops."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from gateway_extproc.audit import chain as chain_mod
+
+from .conftest import Gateway, build_gateway
+
+EMAIL = "jane.doe@example.com"
+CARD = "4111 1111 1111 1111"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway_extproc", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def chat(gw: Gateway, content: str, model: str = "default-chat", key: str | None = None) -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {key or gw.key}"},
+                      timeout=30, json={"model": model, "messages": [{"role": "user", "content": content}]})
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def records(audit: Path) -> list[dict]:
+    out = []
+    for seg in sorted(audit.rglob("*.jsonl")):
+        out += [orjson.loads(x) for x in seg.read_bytes().split(b"\n") if x]
+    return out
+
+
+async def burst(gw: Gateway, n: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def one(i: int) -> int:
+            r = await client.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"},
+                                  json={"model": "default-chat", "messages": [{"role": "user", "content": f"n{i}"}]})
+            return r.status_code
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_decisions_reloads_verify_and_chargeback(tmp_path: Path) -> None:
+    gw = build_gateway(tmp_path / "gw")
+    try:
+        audit = gw.stack.workdir / "audit"
+        pub = gw.stack.workdir / "audit-signing.key.pub"
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key)
+        done = client.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": "Hi"}])
+        stream = client.chat.completions.create(model="claude-chat", stream=True,
+                                                messages=[{"role": "user", "content": "Hello there"}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert chat(gw, f"Write to {EMAIL} today.").status_code == 200  # redacted, internal tier
+        assert chat(gw, f"Charge {CARD}").status_code == 403  # classification_violation: blocked
+        assert chat(gw, "hi", key="gwk_nope_invalid-key-000").status_code == 401  # refused, no team
+        assert chat(gw, "hi", model="gemini-chat", key=gw.restricted_key).status_code == 403  # not allowed
+        assert set(asyncio.run(burst(gw, 200))) == {200}
+        # A config reload: the new version's hash goes on the record.
+        cfg = gw.stack.workdir / "gateway.yaml"
+        old_digest = hashlib.sha256(cfg.read_bytes()).hexdigest()
+        cfg.write_text(cfg.read_text().replace("monthly: 100", "monthly: 250"))
+        new_digest = hashlib.sha256(cfg.read_bytes()).hexdigest()
+        deadline = time.monotonic() + 15
+        while not (audit / "configs" / f"{new_digest}.yaml").exists():
+            assert time.monotonic() < deadline, "the reload never reached the audit trail"
+            time.sleep(0.2)
+        assert chat(gw, "after reload").status_code == 200
+        time.sleep(1.0)
+        metrics = httpx.get(gw.stack.metrics_url).text
+    finally:
+        gw.stack.stop()
+    # The gateway is stopped: every chain is sealed by a shutdown checkpoint.
+    recs = records(audit)
+    # (LocalStack's readiness probe, GET /v1/models without a key, is on the record too.)
+    requests = sorted((r for r in recs if r["type"] == "request" and r["path"] == "/v1/chat/completions"),
+                      key=lambda r: r["ts"])
+    assert len(requests) == 6 + 200 + 1
+    by_decision = {}
+    for r in requests:
+        by_decision.setdefault(r["decision"], []).append(r)
+    assert {d: len(v) for d, v in by_decision.items()} == {"admitted": 203, "redacted": 1, "blocked": 1,
+                                                           "refused": 2}
+    [red] = by_decision["redacted"]
+    assert red["tier"] == "internal" and "[EMAIL_1]" in red["prompt"] and EMAIL not in orjson.dumps(recs).decode()
+    [blocked] = by_decision["blocked"]
+    assert blocked["reasons"] == ["classification_violation"] and "prompt" not in blocked and blocked["tier"] is None
+    refused = {r["reasons"][0]: r for r in by_decision["refused"]}
+    assert refused["invalid_api_key"]["team"] is None
+    assert refused["model_not_allowed"]["model"] == "gemini-chat" and refused["model_not_allowed"]["team"] == "demo"
+    first = requests[0]
+    assert (first["model"], first["provider"], first["decision"], first["status"]) == (
+        "default-chat", "mock", "admitted", 200)
+    assert (first["input_tokens"], first["output_tokens"]) == (done.usage.prompt_tokens, done.usage.completion_tokens)
+    assert first["cost_nano"] > 0 and first["key_id"] == "demo" and first["team"] == "demo"
+    assert requests[1]["stream"] is True and requests[1]["provider"] == "mock-anthropic"
+    assert {r["config"] for r in requests[:-1]} == {old_digest[:16]} and requests[-1]["config"] == new_digest[:16]
+    loads = [r for r in recs if r["type"] == "config"]
+    assert {r["action"] for r in loads} == {"loaded", "reloaded"}
+    assert {r["config_sha256"] for r in loads} == {old_digest, new_digest}
+    assert (audit / "configs" / f"{old_digest}.yaml").exists()
+
+    out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub), "--strict")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "BAD" not in out.stdout and "OK" in out.stdout
+
+    month = datetime.now(timezone.utc).strftime("%Y-%m")
+    report = orjson.loads(cli("report", "chargeback", "--dir", str(audit), "--month", month, "--format", "json").stdout)
+    [demo] = [t for t in report["teams"] if t["team"] == "demo"]
+    # Reconciles with the Prometheus counters the same requests incremented.
+    assert float(demo["cost_usd"]) == pytest.approx(metric_sum(metrics, "genai_request_cost_dollars_total",
+                                                               team="demo"), abs=2e-6)
+    for kind in ("input", "output"):
+        assert demo[f"{kind}_tokens"] == metric_sum(metrics, "genai_tokens_total", team="demo", type=kind)
+    assert demo["monthly_budget_usd"] == "250" and demo["share_used"] == pytest.approx(float(demo["cost_usd"]) / 250)
+    assert {m["model"] for m in demo["by_model"]} >= {"default-chat", "claude-chat", "gemini-chat"}
+    csv_out = cli("report", "chargeback", "--dir", str(audit), "--month", month).stdout
+    assert csv_out.splitlines()[0].startswith("scope,team,name,requests") and "\nteam,demo,demo," in csv_out
+    inventory = orjson.loads(cli("report", "inventory", "--dir", str(audit), "--format", "json").stdout)
+    gemini = [r for r in inventory["rows"] if r["team"] == "demo" and r["model"] == "gemini-chat"]
+    assert gemini and gemini[0]["refused"] == 1
+
+    # An export of today verifies offline, and carries both config versions.
+    today = datetime.now(timezone.utc).date().isoformat()
+    bundle = tmp_path / "bundle"
+    out = cli("audit", "export", "--dir", str(audit), "--from", today, "--to", today, "--out", str(bundle))
+    assert out.returncode == 0, out.stderr
+    assert {p.stem for p in (bundle / "configs").glob("*.yaml")} == {old_digest, new_digest}
+    out = cli("audit", "verify", "--dir", str(bundle), "--public-key", str(pub), "--strict")
+    assert out.returncode == 0 and "BAD" not in out.stdout, out.stdout
+    exported = orjson.loads(cli("report", "chargeback", "--dir", str(bundle), "--month", month, "--format",
+                                "json").stdout)
+    assert exported["teams"] == report["teams"]
+
+    # Change one byte of one request record: verify fails and names it.
+    seg = next(s for s in sorted(audit.rglob("*.jsonl")) if b'"decision":"admitted"' in s.read_bytes())
+    lines = seg.read_bytes().split(b"\n")
+    i = next(k for k, x in enumerate(lines) if b'"decision":"admitted"' in x)
+    seq = chain_mod.seq_of(lines[i])[0]
+    lines[i] = lines[i].replace(b'"decision":"admitted"', b'"decision":"admittee"')
+    seg.write_bytes(b"\n".join(lines))
+    out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub))
+    assert out.returncode == 1
+    assert re.search(rf"BAD .*\n.*record seq {seq} \({seg.name}:{i + 1}\) was modified", out.stdout), out.stdout
+
+
+def test_a_killed_extproc_resumes_its_chain_and_verify_accepts_it(tmp_path: Path) -> None:
+    gw = build_gateway(tmp_path / "gw")
+    audit = gw.stack.workdir / "audit"
+    pub = gw.stack.workdir / "audit-signing.key.pub"
+    try:
+        assert set(asyncio.run(burst(gw, 50))) == {200}
+        time.sleep(0.5)  # written (the writer runs every ~50 ms), not necessarily sealed
+        gw.stack.kill_extproc()  # SIGKILL: no shutdown checkpoint
+        crashed = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub))
+        assert crashed.returncode == 0 and "BAD" not in crashed.stdout, crashed.stdout
+        gw.stack.start_extproc()
+        deadline = time.monotonic() + 20
+        while chat(gw, "after the crash").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert set(asyncio.run(burst(gw, 20))) == {200}
+    finally:
+        gw.stack.stop()
+    out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub), "--strict")
+    assert out.returncode == 0, out.stdout
+    recs = records(audit)
+    assert sum(r["type"] == "request" and r["path"] == "/v1/chat/completions" for r in recs) >= 71
+    reasons = [r["reason"] for r in recs if r["type"] == "checkpoint"]
+    assert "resume" in reasons and reasons.count("genesis") == len({r["chain"] for r in recs if r["type"] == "checkpoint"})
+
+
+def test_each_worker_process_writes_its_own_chains(tmp_path: Path) -> None:
+    from ..redis_server import RedisServer
+
+    with RedisServer() as server:
+        def two_workers(values: dict) -> None:
+            values["extproc"]["processes"] = 2
+            values["budgets"].update(store="redis", redis={"url": server.url})
+
+        gw = build_gateway(tmp_path / "gw", customize=two_workers)
+        try:
+            assert set(asyncio.run(burst(gw, 150))) == {200}
+        finally:
+            gw.stack.stop()
+    audit = gw.stack.workdir / "audit"
+    out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(gw.stack.workdir / "audit-signing.key.pub"),
+              "--strict")
+    assert out.returncode == 0, out.stdout
+    per_worker: dict[str, int] = {}
+    for seg in audit.rglob("*.jsonl"):
+        worker = seg.relative_to(audit).parts[0].rsplit("-", 1)[1]
+        n = sum(1 for x in seg.read_bytes().split(b"\n") if b'"path":"/v1/chat/completions"' in x)
+        per_worker[worker] = per_worker.get(worker, 0) + n
+    assert set(per_worker) == {"w0", "w1"} and sum(per_worker.values()) == 150
+    assert min(per_worker.values()) > 0, per_worker  # Envoy spreads streams over both sockets

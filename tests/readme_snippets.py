@@ -1,0 +1,56 @@
+"""Run the README's Python examples as written, against a running gateway.
+
+Used by `.ci/run` (after `make run`, with only what `make run` installed) and by
+tests/integration/test_newcomer.py (a fresh venv, a gateway on free ports). Standard
+library only: it must run in that venv before the test extra exists.
+
+    python tests/readme_snippets.py [README.md] [--base http://127.0.0.1:PORT]
+
+Exits non-zero on the first example that fails, naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+_DEFAULT_BASE = "http://localhost:8080"
+
+
+def snippets(readme: str) -> list[tuple[int, str]]:
+    """(line number, code) of every ```python block."""
+    return [(readme.count("\n", 0, m.start()) + 1, m.group(1)) for m in _BLOCK.finditer(readme)]
+
+
+def run(readme_path: Path, base: str = _DEFAULT_BASE, python: str = sys.executable) -> int:
+    text = readme_path.read_text(encoding="utf-8")
+    found = snippets(text)
+    if not found:
+        print(f"error: {readme_path}: no ```python examples found", file=sys.stderr)
+        return 1
+    for line, code in found:
+        code = code.replace(_DEFAULT_BASE, base)
+        done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            print(f"error: {readme_path}:{line}: example failed (exit {done.returncode}):\n{done.stderr[-3000:]}",
+                  file=sys.stderr)
+            return 1
+        print(f"ok {readme_path}:{line}: {done.stdout.strip()[:120]!r}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("readme", nargs="?", type=Path, default=Path(__file__).resolve().parents[1] / "README.md",
+                   help="markdown file whose ```python blocks to run (default: the repository README)")
+    p.add_argument("--base", default=_DEFAULT_BASE, help=f"gateway URL replacing {_DEFAULT_BASE} in the examples")
+    args = p.parse_args()
+    return run(args.readme, args.base)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Chargeback and inventory from the audit trail, against totals worked out by hand; the
+`audit:` section's validation; what decision a router outcome is recorded as."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import orjson
+import pytest
+
+from gateway_extproc import config
+from gateway_extproc.audit import events
+from gateway_extproc.audit.reports import chargeback, chargeback_csv, inventory, month_range
+from gateway_extproc.audit.signing import Signer, generate
+from gateway_extproc.audit.writer import AuditSink
+
+from .test_audit import settings_for
+from .test_config import valid
+
+CONFIG = b"""teams:
+  - name: search
+    budget: {daily: 1, monthly: 40}
+  - name: ads
+"""
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+
+def req(when: str, team: str, key: str, user: str | None, model: str, provider: str | None, inp: int, out: int,
+        cost: int, decision: str = "admitted", cached: int | None = None, tier: str | None = None) -> dict:
+    return {"type": "request", "ts": ts(when), "tier": tier, "decision": decision, "team": team, "key_id": key,
+            "user": user, "model": model, "provider": provider, "input_tokens": inp, "output_tokens": out,
+            "cached_tokens": cached, "cost_nano": cost, "config": "c0ffee" * 2 + "c0ff"}
+
+
+@pytest.fixture
+def trail(tmp_path: Path) -> Path:
+    key, _ = generate(tmp_path / "k")
+    sink = AuditSink(settings_for(tmp_path), Signer.from_file(key), "h-w0", now=lambda: ts("2026-12-01T00:00:00"))
+    for ev in [
+        req("2026-10-31T23:59:59", "search", "s1", "alice", "gpt", "openai", 999, 999, 999_000_000),  # October
+        req("2026-11-01T00:00:00", "search", "s1", "alice", "gpt", "openai", 100, 50, 1_500_000),
+        req("2026-11-15T12:00:00", "search", "s1", "alice", "gpt", None, 200, 0, 0, "refused"),
+        req("2026-11-30T23:59:59", "search", "s2", "bob", "claude", "anthropic", 1000, 500, 12_000_000,
+            cached=10, tier="restricted"),
+        req("2026-11-10T08:00:00", "ads", "a1", None, "gpt", "openai", 10, 10, 1_000, tier="public"),
+        req("2026-11-11T08:00:00", "ads", "a1", None, "gemini", None, 7, 0, 0, "refused"),
+        req("2026-12-01T00:00:00", "ads", "a1", None, "gpt", "openai", 10, 10, 1_000),  # December
+    ]:
+        sink.put(ev)
+    sink.cycle()
+    sink._close_all()
+    (tmp_path / "audit" / "configs").mkdir()
+    (tmp_path / "audit" / "configs" / ("c0ffee" * 2 + "c0ff" + "0" * 48 + ".yaml")).write_bytes(CONFIG)
+    return tmp_path / "audit"
+
+
+def test_month_range_covers_exactly_the_month() -> None:
+    assert month_range("2026-12") == ("2026-12-01T00:00:00.000000Z", "2027-01-01T00:00:00.000000Z")
+    assert month_range("2026-11", "Europe/Berlin") == ("2026-10-31T23:00:00.000000Z", "2026-11-30T23:00:00.000000Z")
+
+
+def test_the_month_can_be_the_budgets_time_zone(trail: Path) -> None:
+    # 2026-11-30T23:59:59Z is already December in Berlin; 2026-10-31T23:59:59Z is November there.
+    berlin = {t["team"]: t for t in chargeback(trail, "2026-11", "Europe/Berlin")["teams"]}
+    assert berlin["search"]["requests"] == 3 and berlin["search"]["input_tokens"] == 999 + 100 + 200
+
+
+def test_chargeback_matches_the_hand_computed_totals(trail: Path) -> None:
+    report = chargeback(trail, "2026-11")
+    search, ads = sorted(report["teams"], key=lambda t: t["team"] != "search")
+    assert {k: search[k] for k in ("requests", "refused", "input_tokens", "output_tokens", "cached_tokens",
+                                   "cost_usd", "monthly_budget_usd")} == {
+        "requests": 3, "refused": 1, "input_tokens": 1300, "output_tokens": 550, "cached_tokens": 10,
+        "cost_usd": "0.013500", "monthly_budget_usd": "40"}
+    assert search["share_used"] == pytest.approx(0.0135 / 40)
+    assert [(r["key"], r["requests"], r["cost_usd"]) for r in search["by_key"]] == [("s1", 2, "0.001500"),
+                                                                                   ("s2", 1, "0.012000")]
+    assert [r["user"] for r in search["by_user"]] == ["alice", "bob"]
+    assert [(r["model"], r["input_tokens"]) for r in search["by_model"]] == [("claude", 1000), ("gpt", 300)]
+    assert [r["provider"] for r in search["by_provider"]] == ["anthropic", "openai"]
+    assert (ads["requests"], ads["refused"], ads["cost_usd"], ads["monthly_budget_usd"], ads["share_used"]) == (
+        2, 1, "0.000001", None, None)
+    csv = chargeback_csv(report).splitlines()
+    assert "team,search,search,3,1,1300,550,10,0.013500,40,0.0003375" in csv and csv[1].startswith("team,ads,")
+    assert "key,search,s2,1,0,1000,500,10,0.012000,," in csv
+
+
+def test_inventory_shows_refused_attempts_and_first_last_seen(trail: Path) -> None:
+    rows = {(r["team"], r["model"], r["provider"]): r for r in inventory(trail)["rows"]}
+    assert rows[("ads", "gemini", "")]["refused"] == 1
+    gpt = rows[("ads", "gpt", "openai")]
+    assert (gpt["requests"], gpt["first_seen"], gpt["last_seen"]) == (
+        2, "2026-11-10T08:00:00.000000Z", "2026-12-01T00:00:00.000000Z")
+    assert rows[("search", "gpt", "")]["refused"] == 1
+    november = inventory(trail, *month_range("2026-11"))
+    assert sum(r["requests"] for r in november["rows"]) == 5
+
+
+def test_cli_prints_csv_and_json(trail: Path) -> None:
+    run = [sys.executable, "-m", "gateway_extproc", "report", "chargeback", "--dir", str(trail), "--month", "2026-11"]
+    out = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("scope,team,name,requests,refused,input_tokens")
+    doc = orjson.loads(subprocess.run([*run, "--format", "json"], capture_output=True, text=True, check=True).stdout)
+    assert doc["month"] == "2026-11" and len(doc["teams"]) == 2
+    bad = subprocess.run([*run[:-1], "November"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "YYYY-MM" in bad.stderr
+
+
+@pytest.mark.parametrize(("audit", "message"), [
+    ({"signingKeyFile": "k"}, "audit.dir must be a non-empty string"),
+    ({"dir": "d", "signingKeyFile": "k", "fsync": "sometimes"}, "audit.fsync is 'sometimes'; use always"),
+    ({"dir": "d", "signingKeyFile": "k", "retention": {"tiers": {"secret": 3}}},
+     "audit.retention.tiers.secret is not a classification tier"),
+    ({"dir": "d", "signingKeyFile": "k", "queueSize": 0}, "audit.queueSize must be an integer >= 1"),
+    ({"dir": "d", "signingKeyFile": "k", "instance": "a/b"}, "audit.instance must be a name without '/'"),
+])
+def test_audit_section_errors_name_the_key_and_the_fix(audit: dict, message: str) -> None:
+    doc = valid()
+    doc["audit"] = audit
+    with pytest.raises(config.ConfigError, match="^deploy/gateway.yaml: " + message.replace("(", r"\(")):
+        config.parse(doc, "deploy/gateway.yaml")
+
+
+def test_audit_off_unless_configured() -> None:
+    assert config.parse(valid(), "x").audit is None
+    doc = valid()
+    doc["audit"] = {"enabled": False}
+    assert config.parse(doc, "x").audit is None
+
+
+def processor(**kw) -> SimpleNamespace:
+    base = dict(error_code=None, cut=False, redacted=False, clamped=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize(("kw", "decision", "reasons"), [
+    ({}, "admitted", []),
+    ({"redacted": True}, "redacted", ["request_redacted"]),
+    ({"error_code": "content_blocked"}, "blocked", ["content_blocked"]),
+    ({"error_code": "classification_violation"}, "blocked", ["classification_violation"]),
+    ({"error_code": "budget_exceeded"}, "refused", ["budget_exceeded"]),
+    ({"error_code": "invalid_api_key"}, "refused", ["invalid_api_key"]),
+    ({"cut": True, "clamped": 10}, "cut", ["max_tokens_clamped", "budget_stream_cut"]),
+    ({"error_code": "upstream_stream_interrupted"}, "admitted", ["upstream_stream_interrupted"]),
+])
+def test_decisions(kw: dict, decision: str, reasons: list[str]) -> None:
+    p = processor(**kw)
+    assert (events.decision(p), events.reasons(p)) == (decision, reasons)
+
+
+async def test_reloads_and_rejected_files_are_audited(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    import yaml
+
+    from gateway_extproc import audit
+    from gateway_extproc.reload import RuntimeRef
+    from gateway_extproc.runtime import Runtime
+
+    key, _ = generate(tmp_path / "k")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(valid()))
+    ref = RuntimeRef(Runtime.load(path), str(path))
+    sink = AuditSink(settings_for(tmp_path), Signer.from_file(key), "h-w0")
+    audit._sink = sink
+    try:
+        doc = valid()
+        doc["maxRequestBytes"] = 8192
+        path.write_text(yaml.safe_dump(doc))
+        os.utime(path, (1, 1))
+        await ref.check()
+        applied = hashlib.sha256(path.read_bytes()).hexdigest()
+        path.write_text("version: 2\n")
+        os.utime(path, (2, 2))
+        await ref.check()
+    finally:
+        audit._sink = None
+    reloaded, rejected = sink.queue
+    assert (reloaded["action"], reloaded["config_sha256"], reloaded["path"]) == ("reloaded", applied, str(path))
+    assert rejected["action"] == "rejected" and "version must be 1" in rejected["error"]
+    assert ref.current.config.digest == applied  # the rejected file changed nothing
