@@ -165,7 +165,11 @@ class AdminApp:
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
         actor = None
         try:
-            cfg = config_mod.load(self.config_path)  # admin calls are rare: always the current values
+            try:
+                cfg = config_mod.load(self.config_path)  # admin calls are rare: always the current values
+            except config_mod.ConfigError as exc:
+                raise GatewayError("gateway_internal_error", f"The gateway config does not load ({exc}); "
+                                   "nothing was changed.") from None
             actor = self.authenticate(cfg, headers)
             match = _PATH.match(path.partition("?")[0])
             if match is None:
