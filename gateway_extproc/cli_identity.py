@@ -19,7 +19,6 @@ from typing import Any
 
 import yaml
 
-from .keyadmin import admin_token
 
 
 def register(sub: Any, ksub: Any, create: argparse.ArgumentParser) -> None:
@@ -67,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         print(mint(args.certs, args.sub, args.team, args.expires_in))
         return 0
     if args.keys_command == "admin-token":
+        from .keyadmin import admin_token
+
         token, digest = admin_token()
         print("Admin token (shown once; give it to the admin, the gateway keeps only its hash):")
         print(f"  {token}")

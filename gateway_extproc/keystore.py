@@ -25,8 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from redis import exceptions as redis_errors
-
 from .config import Limits, VirtualKey
 from .errors import GatewayError
 
@@ -39,7 +37,6 @@ local r = redis.call('HGETALL', KEYS[1])
 if #r > 0 then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
 return r
 """
-_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +71,9 @@ class RedisKeyLookup:
     """The workers' view of the Redis key store."""
 
     def __init__(self, client: Any, org: str) -> None:
+        from redis import exceptions as redis_errors
+
+        self.unavailable = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
         self.client = client
         self.record, _, self.used = redis_names(org)
         self.script = client.register_script(_LOOKUP)
@@ -108,7 +108,7 @@ class RedisKeyLookup:
         try:
             flat = await self.script(keys=[self.record + id_, self.used],
                                      args=[id_, datetime.now(timezone.utc).isoformat(timespec="seconds")])
-        except _UNAVAILABLE as e:
+        except self.unavailable as e:
             raise GatewayError("key_store_unavailable", "The key store is unreachable; keys from values still "
                                "work. Retry shortly.") from e
         record = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
