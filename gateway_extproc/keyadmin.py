@@ -8,7 +8,8 @@ every replica sees a change within about a second, else a JSON file on this node
 defined in values are listed but never changed here.
 
 A secret is shown once, in the reply that creates or rotates it; the store keeps its
-SHA-256. Every call, refused ones included, is one `admin_action` log event (`audit`).
+SHA-256. Every change, and every call refused for its credential, is one `admin_action`
+log event (`audit`).
 
     POST   /admin/keys                {team, id?, user?, owner?, models?, expires_at?}  -> 201 + key
     GET    /admin/keys                                                                    -> list
