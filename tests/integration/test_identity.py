@@ -141,6 +141,7 @@ def ident() -> Iterator[Identity]:
                 "clientCA": {"enabled": True, "secretName": "", "key": "ca.crt", "dir": str(root / "client-ca")},
             }
             values["teams"] += [{"name": "payments"}, {"name": "batch"}]
+            values["users"] = [*(values.get("users") or []), {"name": "frugal", "budget": {"daily": 0.0001}}]
             values["identity"] = {
                 "workloads": {
                     "trustDomains": ["cluster.local"],
@@ -328,3 +329,12 @@ def test_a_mixed_burst_gets_each_request_its_own_principal(ident: Identity) -> N
             body = r.json()
             # The workload is payments-api whatever XFCC says; the user is the token's own.
             assert (body["key_id"], body["team"], body["user"]) == ("workload:payments", "payments", user)
+
+
+def test_the_token_users_budget_applies_to_a_workloads_request(ident: Identity) -> None:
+    """Team from the workload, user from the token: the user's own budget refuses, while
+    the same workload carrying another user's token is served."""
+    r = ident.chat("payments-api", {"Authorization": f"Bearer {ident.token(sub='frugal')}"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded", r.text
+    assert "user:frugal" in r.json()["error"]["message"]
+    assert ident.chat("payments-api", {"Authorization": f"Bearer {ident.token(sub='generous')}"}).status_code == 200
