@@ -128,10 +128,9 @@ async def authenticate(headers: dict[str, str], config: GatewayConfig, now: date
         if provider is None or not isinstance(payload, dict):
             continue
         token_user, team = token_principal(provider, payload)
-        if team is not None and team in config.teams:
-            token = VirtualKey(f"token:{name}", "", team, provider.models, None, token_user)
-        elif token_user is not None:
-            token = VirtualKey(f"token:{name}", "", "", provider.models, None, token_user)
+        # team "" when the claims map to no team of this gateway: then the token names a user only.
+        token = VirtualKey(f"token:{name}", "", team if team in config.teams else "", provider.models, None,
+                           token_user)
         break
     key = await _key(headers, config, now, store) if presented_key(headers) is not None else None
     base = workload or key or (token if token is not None and token.team else None)

@@ -307,3 +307,9 @@ def test_combined_principal_never_widens_an_allow_list(sa: str | None, sub: str 
 
 
 _CFG = _identity_config()
+
+
+def test_a_verified_token_that_names_nobody_is_not_mapped_rather_than_missing() -> None:
+    with pytest.raises(GatewayError) as e:
+        authenticate({}, _CFG, NOW, {"corp": {"iss": "https://i"}})
+    assert e.value.code == "identity_not_mapped"
