@@ -4,13 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_KEY := gwk_demo_local-only-demo-key-not-for-production
 
-# xds-protos bundles an old copy of opentelemetry/proto/*_pb2.py that overwrites
-# opentelemetry-proto's files when it installs later; put the real ones back (a superset
-# of what Envoy's protos import).
-FIX_OTEL_PROTO = $(BIN)/pip install -q --force-reinstall --no-deps \
-	"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+# make image [IMAGE=registry.example.com/gateway-extproc:0.1.0] [BASE=python-image@sha256:...]
+IMAGE ?= gateway-extproc:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+CONTAINER_CLI ?= $(shell command -v docker || command -v podman)
 
-.PHONY: help run test render envoy-config bench clean
+.PHONY: help run test render envoy-config envoy-protos chart-readme image bench clean
 .DEFAULT_GOAL := help
 
 ## List the targets.
@@ -23,12 +21,10 @@ $(BIN)/gateway-extproc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[render,demo]'
-	$(FIX_OTEL_PROTO)
 	touch $@
 
 $(VENV)/.test-deps: $(BIN)/gateway-extproc
 	$(BIN)/pip install -q -e '.[test]'
-	$(FIX_OTEL_PROTO)
 	touch $@
 
 ## Start the mock providers, the ext_proc and Envoy on http://localhost:8080 (Ctrl-C stops them all).
@@ -55,6 +51,19 @@ render: $(BIN)/gateway-extproc
 ## Refresh envoy/ (the render of the chart defaults, for Envoy outside Kubernetes).
 envoy-config: $(BIN)/gateway-extproc
 	$(BIN)/gateway-extproc render --out envoy
+
+## Refresh gateway_extproc/_proto (Envoy's ext_proc messages, copied from the xds-protos wheel).
+envoy-protos: $(BIN)/gateway-extproc
+	$(BIN)/python proto/vendor_envoy.py
+
+## Refresh helm/gateway-extproc/README.md (the values reference, from values.yaml's comments).
+chart-readme: $(BIN)/gateway-extproc
+	$(BIN)/python helm/chart_readme.py
+
+## Build the ext_proc image (Containerfile) with docker or podman.
+image:
+	@test -n "$(CONTAINER_CLI)" || { echo "make image needs docker or podman" >&2; exit 1; }
+	$(CONTAINER_CLI) build -f Containerfile $(if $(BASE),--build-arg BASE=$(BASE)) -t $(IMAGE) .
 
 ## Plain Envoy vs the gateway path, same run (needs wrk and nginx: see bench/README.md).
 bench: $(VENV)/.test-deps

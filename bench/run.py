@@ -456,6 +456,7 @@ def gateway_values(nginx_port: int, tmp: Path, processes: int, redis_url: str | 
     values = chart_values([VALUES_LOCAL])
     values["envoy"]["listener"] = {"address": "127.0.0.1", "port": free_port()}
     values["envoy"]["admin"] = {"address": "127.0.0.1", "port": free_port()}
+    values["envoy"]["metrics"] = {"address": "127.0.0.1", "port": free_port()}
     values["extproc"]["processes"] = processes
     values["extproc"]["socketDir"] = str(tmp / f"sock-{tag or processes}")
     if "metrics" in values["extproc"]:  # Prometheus endpoint of `serve`: loopback, free port

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import grpc
 import structlog
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, multiprocess, start_http_server
@@ -36,7 +36,7 @@ from .procs import die_with_parent, exit_reason
 from .reload import RuntimeRef
 from .runtime import Runtime
 from .telemetry import tracing
-from .telemetry.metrics import PHASE_LATENCY
+from .telemetry.metrics import EXTPROC_ERRORS, PHASE_LATENCY
 
 log = structlog.get_logger("gateway_extproc.server")
 
@@ -45,6 +45,7 @@ DRAIN_SECONDS = 30.0
 _REQUEST_PHASES = ("request_headers", "request_body")
 _PHASES = {phase: PHASE_LATENCY.labels(phase) for phase in (
     "request_headers", "request_body", "response_headers", "response_body", "request_trailers", "response_trailers")}
+_ERRORS = {phase: EXTPROC_ERRORS.labels(phase) for phase in _PHASES}
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
@@ -59,17 +60,26 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 if processor is None:
                     # One config snapshot per stream, even if a reload swaps it meanwhile.
                     processor = (UpstreamProcessor if is_upstream(req) else RouterProcessor)(self.runtime.current)
+                    if isinstance(processor, RouterProcessor) and context is not None:
+                        processor.trace_parent = _trace_context(context)
                 started = time.perf_counter()
                 try:
                     resp = await processor.handle(req)
                 except Exception:
                     log.exception("processing_failed", phase=req.WhichOneof("request"))
+                    _ERRORS[req.WhichOneof("request")].inc()
                     resp = _fallback(req)
                 _PHASES[req.WhichOneof("request")].observe(time.perf_counter() - started)
                 yield resp
         finally:
             if processor is not None:
                 processor.close()
+
+
+def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """`traceparent`/`tracestate` Envoy's tracer put in this stream's metadata, if any."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if k in ("traceparent", "tracestate")
+            and isinstance(v, str)}
 
 
 def _fallback(req: ep.ProcessingRequest) -> ep.ProcessingResponse:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# A choice's finish reason in an OpenAI stream chunk, read without parsing the event (inside
+# generated text the quotes are escaped, so text cannot match).
+_FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
 
@@ -25,6 +28,9 @@ class Usage:
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     response_model: str | None = None
+    # For the trace (gen_ai.response.id, gen_ai.response.finish_reasons), not for accounting.
+    response_id: str | None = None
+    finish_reasons: tuple[str, ...] = ()
 
 
 def usage_from_object(obj: Any) -> Usage | None:
@@ -37,10 +43,13 @@ def usage_from_object(obj: Any) -> Usage | None:
         return None
     details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    model = obj.get("model")
+    model, response_id, choices = obj.get("model"), obj.get("id"), obj.get("choices")
+    reasons = () if not isinstance(choices, list) else tuple(
+        c["finish_reason"] for c in choices if isinstance(c, dict) and isinstance(c.get("finish_reason"), str))
     return Usage(_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
                  _int(usage.get("completion_tokens", usage.get("output_tokens"))), _int(cached),
-                 model if isinstance(model, str) else None)
+                 model if isinstance(model, str) else None, response_id if isinstance(response_id, str) else None,
+                 reasons)
 
 
 def usage_from_json(raw: bytes) -> Usage | None:
@@ -62,7 +71,8 @@ class SseUsageTap:
     client never sees half of an event that is later removed.
     """
 
-    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events", "rewrite", "done")
+    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events", "rewrite", "done",
+                 "finish_reasons")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None) -> None:
         self.drop_usage_chunk = drop_usage_chunk
@@ -76,6 +86,8 @@ class SseUsageTap:
         self.content_events = 0
         # `data: [DONE]` or an error event went by: the stream ended itself (not cut off).
         self.done = False
+        # Every choice's finish reason, in stream order (the usage chunk has none).
+        self.finish_reasons: list[str] = []
         self._pending = b""
 
     def feed(self, chunk: bytes, end: bool) -> bytes | None:
@@ -92,6 +104,8 @@ class SseUsageTap:
                 self.content_events += 1
             elif event.startswith((b"data: [DONE]", b'data: {"error"')):
                 self.done = True
+            if b'"finish_reason":' in event and b'"finish_reason":null' not in event:
+                self.finish_reasons += [m.decode() for m in _FINISH_REASON.findall(event)]
             if b'"usage"' in event and self._take_usage(event) and self.drop_usage_chunk:
                 dropped = True
             else:
@@ -118,6 +132,6 @@ class SseUsageTap:
             usage = usage_from_object(obj)
             if usage is None:
                 return False
-            self.usage = usage
+            self.usage = replace(usage, finish_reasons=usage.finish_reasons or tuple(self.finish_reasons))
             return obj.get("choices") == []
         return False

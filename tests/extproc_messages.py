@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from envoy.config.core.v3.base_pb2 import HeaderValueOption
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.config.core.v3.base_pb2 import HeaderValueOption
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 
 def set_headers(common: ep.CommonResponse) -> dict[str, str]:

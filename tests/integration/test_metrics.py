@@ -56,7 +56,7 @@ def test_requests_tokens_and_latency_are_counted(gw: Gateway) -> None:
         sample(before, "genai_request_cost_dollars_total", team="demo", model="default-chat")
     expected = (usage_in * 5.0 + usage_out * 20.0) / 1e6  # values-local prices, USD per 1M tokens
     assert cost >= expected * 0.999
-    assert sample(after, "genai_team_daily_budget_dollars", team="demo") == 5
+    assert sample(after, "genai_gateway_team_daily_budget_dollars", team="demo") == 5
     assert 0 < sample(after, "genai_team_daily_budget_remaining_dollars", team="demo") < 5
 
 

@@ -8,6 +8,7 @@ from concurrent import futures
 
 import grpc
 import httpx
+import orjson
 import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -23,10 +24,15 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2
     def __init__(self) -> None:
         self.spans: list = []
         self.metrics: list = []
+        self.service: dict[bytes, str] = {}  # span_id -> the exporting resource's service.name
 
     def Export(self, request, context):  # noqa: N802 (gRPC name); both services share the method name
         if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
-            self.spans += [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+            for rs in request.resource_spans:
+                service = next((kv.value.string_value for kv in rs.resource.attributes if kv.key == "service.name"), "")
+                for ss in rs.scope_spans:
+                    self.spans += ss.spans
+                    self.service.update({s.span_id: service for s in ss.spans})
             return trace_service_pb2.ExportTraceServiceResponse()
         self.metrics += [m for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
         return metrics_service_pb2.ExportMetricsServiceResponse()
@@ -80,6 +86,11 @@ def test_request_span_continues_the_client_trace_and_reaches_the_provider(traced
     usage = resp.json()["usage"]
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "default-chat"
     assert a["gen_ai.provider.name"] == "openai" and a["gen_ai.response.model"] == "mock-gpt-4o-mini"
+    assert a["gateway.team"] == "demo"
+    assert a["gen_ai.response.id"] == resp.json()["id"]
+    assert finish_reasons(span) == [resp.json()["choices"][0]["finish_reason"]]
+    assert (a["server.address"], a["server.port"]) == ("127.0.0.1", int(gw.primary.rsplit(":", 1)[1]))
+    assert span.status.code == span.status.STATUS_CODE_UNSET
     assert a["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert a["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
     assert a["gen_ai.request.max_tokens"] == 50 and a["session.id"] == "sess-42"
@@ -97,6 +108,9 @@ def test_rejections_are_span_events(traced) -> None:
     [event] = [e for e in span.events if e.name == "gateway.rejected"]
     assert {kv.key: kv.value.string_value or kv.value.int_value for kv in event.attributes} == {
         "code": "invalid_request", "status": 400}
+    # A refusal is a failed operation: error.type and an ERROR status, as the conventions ask.
+    assert attrs(span)["error.type"] == "invalid_request"
+    assert span.status.code == span.status.STATUS_CODE_ERROR and span.status.message == "invalid_request"
 
 
 def test_genai_semconv_metrics_are_exported(traced) -> None:
@@ -112,3 +126,85 @@ def test_genai_semconv_metrics_are_exported(traced) -> None:
     token_types = {kv.value.string_value for m in usage for p in m.histogram.data_points for kv in p.attributes
                    if kv.key == "gen_ai.token.type"}
     assert token_types == {"input", "output"}
+
+
+@pytest.mark.parametrize(("model", "provider"), [("gemini-chat", "gcp.gemini"), ("azure-chat", "azure.ai.openai")])
+def test_provider_names_are_spelt_as_the_conventions_spell_them(traced, model: str, provider: str) -> None:
+    gw, collector = traced
+    trace_id = ("6" if model.startswith("gemini") else "7") + TRACE_ID[1:]
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
+        headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01"})
+    assert resp.status_code == 200, resp.text
+    span = wait_for(lambda: next((s for s in collector.spans if s.trace_id.hex() == trace_id), None))
+    assert attrs(span)["gen_ai.provider.name"] == provider
+    assert attrs(span)["gateway.team"] == "demo"
+
+
+def finish_reasons(span) -> list[str]:
+    [kv] = [kv for kv in span.attributes if kv.key == "gen_ai.response.finish_reasons"]
+    return [v.string_value for v in kv.value.array_value.values]
+
+
+def test_streamed_response_id_and_finish_reasons_reach_the_span(traced) -> None:
+    gw, collector = traced
+    trace_id = "8" + TRACE_ID[1:]
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30, json={
+            "model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+            headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01"}) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith("data: {")]
+    chunks = [orjson.loads(line[6:]) for line in lines]
+    reasons = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")]
+    span = wait_for(lambda: next((s for s in collector.spans if s.trace_id.hex() == trace_id), None))
+    assert attrs(span)["gen_ai.response.id"] == chunks[0]["id"]
+    assert finish_reasons(span) == reasons and reasons
+
+
+@pytest.fixture(scope="module")
+def envoy_traced() -> Iterator[tuple[Gateway, Collector]]:
+    """Envoy's tracer on (tracing.otlp) and the ext_proc exporting to the same collector."""
+    collector = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+    def customize(values: dict) -> None:
+        values["tracing"]["otlp"] = {"address": "127.0.0.1", "port": port}
+    try:
+        with running_gateway("gw-envoy-otel-", env=env, customize=customize) as gw:
+            yield gw, collector
+    finally:
+        server.stop(0)
+
+
+def test_envoy_and_extproc_spans_form_one_trace(envoy_traced) -> None:
+    gw, collector = envoy_traced
+    trace_id = "9" + TRACE_ID[1:]
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
+        "model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
+        headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01"})
+    assert resp.status_code == 200, resp.text
+
+    def complete() -> tuple | None:
+        spans = [s for s in collector.spans if s.trace_id.hex() == trace_id]
+        mine = [s for s in spans if collector.service[s.span_id] == "gateway-extproc"]
+        envoy = {s.span_id: s for s in spans if collector.service[s.span_id] == "gateway-envoy"}
+        attempts = [s for s in envoy.values() if s.name == "router model.default-chat egress"]
+        if mine and attempts and mine[0].parent_span_id in envoy:
+            return mine[0], envoy, attempts
+        return None
+    gateway_span, envoy, attempts = wait_for(complete, 20)
+    [root] = [s for s in envoy.values() if s.parent_span_id.hex() == PARENT_ID]  # the client's trace continues
+    # The ext_proc's span hangs under Envoy's span of the ext_proc stream, inside the request's.
+    stream_span = envoy[gateway_span.parent_span_id]
+    assert stream_span.name == "async envoy.service.ext_proc.v3.ExternalProcessor.Process egress"
+    assert stream_span.parent_span_id == root.span_id
+    # One span per upstream attempt, under the request's, naming the backend that answered.
+    [attempt] = attempts
+    assert attempt.parent_span_id == root.span_id
+    assert attrs(attempt)["upstream_address"] == gw.primary.removeprefix("http://")
+    assert attrs(attempt)["http.status_code"] == "200"

@@ -79,6 +79,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
+          {{- with include "gateway-extproc.envoyTracing" $ }}{{ . | trim | nindent 10 }}{{ end }}
           use_remote_address: true
           forward_client_cert_details: {{ $chain.xfcc }}
           set_current_client_cert_details: {uri: true, dns: true}
@@ -237,8 +238,11 @@ static_resources:
                       upstream_host: "%UPSTREAM_HOST%"
                       duration_ms: "%DURATION%"
     {{- end }}
+  {{- with include "gateway-extproc.envoyStatsListener" $ }}{{ . | trim | nindent 2 }}{{ end }}
   clusters:
-  {{- include "gateway-extproc.jwksClusters" $ | nindent 2 }}
+  {{- with include "gateway-extproc.envoyStatsCluster" $ }}{{ . | trim | nindent 2 }}{{ end }}
+  {{- with include "gateway-extproc.envoyTracingCluster" $ }}{{ . | trim | nindent 2 }}{{ end }}
+  {{- with include "gateway-extproc.jwksClusters" $ }}{{ . | trim | nindent 2 }}{{ end }}
   # Envoy 1.40 segfaults when this connection's buffered data goes over its high watermark
   # while an ext_proc runs as an upstream (cluster) filter anywhere on the same worker
   # (docs/architecture.md, "Why Envoy never pushes back on the ext_proc connection"), so its

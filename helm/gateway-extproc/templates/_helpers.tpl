@@ -1,13 +1,51 @@
+{{/* app.kubernetes.io/name: the chart name unless nameOverride. */}}
+{{- define "gateway-extproc.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Base name of every object: fullnameOverride, else <release>-<name>, else the release name
+alone when it already contains the name (release gateway-extproc: no
+gateway-extproc-gateway-extproc).
+*/}}
 {{- define "gateway-extproc.fullname" -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "gateway-extproc.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "gateway-extproc.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "gateway-extproc.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The labels selectors match on, for a component (never commonLabels: selectors are immutable). */}}
+{{- define "gateway-extproc.componentSelector" -}}
+app.kubernetes.io/name: {{ include "gateway-extproc.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* "repository@digest" when a digest is set, else "repository:tag" (tag defaults to .default). */}}
+{{- define "gateway-extproc.image" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (.image.tag | default .default) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Unix socket of ext_proc process i. */}}

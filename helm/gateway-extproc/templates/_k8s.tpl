@@ -4,9 +4,7 @@ come from _envoy.tpl and _gateway.tpl; nothing here changes them.
 */}}
 
 {{- define "gateway-extproc.selectorLabels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/component: gateway
+{{ include "gateway-extproc.componentSelector" (dict "root" . "component" "gateway") }}
 {{- end -}}
 
 {{/* Labels of the gateway's objects: the standard ones plus the component. */}}
@@ -72,13 +70,47 @@ advice goes to NOTES.txt).
 {{- if and (dig "passwordSecret" "name" "" $v.budgets.redis) (not $v.budgets.redis.passwordEnv) -}}
 {{- fail "values: budgets.redis.passwordSecret is set but budgets.redis.passwordEnv is empty; name the variable the ext_proc reads the password from, e.g. REDIS_PASSWORD" -}}
 {{- end -}}
+{{- /* Rendered values land in a ConfigMap (and run/ outside Kubernetes): no credentials in URLs. */ -}}
+{{- with $v.budgets.redis.url -}}
+{{- $u := urlParse . -}}
+{{- if or (contains ":" ($u.userinfo | default "")) (regexMatch "(?i)(^|&)password=" ($u.query | default "")) -}}
+{{- fail "values: budgets.redis.url carries a password, which would be copied into the ConfigMap; keep redis://[user@]host:port/db and give the password through budgets.redis.passwordEnv (e.g. REDIS_PASSWORD) with budgets.redis.passwordSecret: {name, key}" -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $p := $v.providers -}}
+{{- $u := urlParse $p.baseURL -}}
+{{- if $u.userinfo -}}
+{{- fail (printf "values: providers[%d].baseURL (%s) carries user:password@, which would be copied into the ConfigMap; remove it and set providers[%d].credential: {env: VAR, secret: {name, key}}" $i $p.name $i) -}}
+{{- end -}}
+{{- $q := regexFind "(?i)(^|&)(key|api[-_]?key|x-goog-api-key|access[-_]?token|token|sig|signature|password|secret|code)=" ($u.query | default "") -}}
+{{- if $q -}}
+{{- fail (printf "values: providers[%d].baseURL (%s) carries a credential in its query (%s), which would be copied into the ConfigMap; remove it and set providers[%d].credential: {env: VAR, secret: {name, key}} (the key is then sent the way the provider kind expects)" $i $p.name (trimPrefix "&" $q) $i) -}}
+{{- end -}}
+{{- end -}}
+{{- $secretEnv := fromJsonArray (include "gateway-extproc.secretEnv" .) -}}
+{{- if $v.tracing.otlp.address -}}
+{{- range $e := $v.deployment.extproc.extraEnv | default list -}}
+{{- if eq $e.name "OTEL_EXPORTER_OTLP_ENDPOINT" -}}
+{{- fail "values: deployment.extproc.extraEnv sets OTEL_EXPORTER_OTLP_ENDPOINT, which tracing.otlp already sets; keep one" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $c := list "envoy" "extproc" -}}
+{{- range $e := (get $v.deployment $c).extraEnv | default list -}}
+{{- range $s := $secretEnv -}}
+{{- if and (eq $s.name $e.name) (or (eq $c "extproc") $s.envoy) -}}
+{{- fail (printf "values: deployment.%s.extraEnv sets %s, which the chart already fills from Secret %s; remove it from extraEnv" $c $e.name $s.secret) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $drain := $v.deployment.envoy.drainSeconds | int -}}
 {{- if lt ($v.deployment.terminationGracePeriodSeconds | int) (add $drain 35) -}}
 {{- fail (printf "values: deployment.terminationGracePeriodSeconds (%d) must be at least deployment.envoy.drainSeconds + 35 (%d): Envoy drains for %ds, the ext_proc stops 5s later and gets 30s for open streams" ($v.deployment.terminationGracePeriodSeconds | int) (add $drain 35) $drain) -}}
 {{- end -}}
 {{- if $v.monitoring.serviceMonitor.enabled -}}
-{{- if not ($v.extproc.metrics.port | int) -}}
-{{- fail "values: monitoring.serviceMonitor.enabled needs extproc.metrics.port (0 turns /metrics off)" -}}
+{{- if not (or ($v.extproc.metrics.port | int) ($v.envoy.metrics.port | int)) -}}
+{{- fail "values: monitoring.serviceMonitor.enabled needs extproc.metrics.port or envoy.metrics.port (0 turns them off)" -}}
 {{- end -}}
 {{- end -}}
 {{- if and $v.autoscaling.enabled (gt ($v.autoscaling.minReplicas | int) ($v.autoscaling.maxReplicas | int)) -}}
