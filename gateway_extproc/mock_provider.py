@@ -284,7 +284,8 @@ class Completion:
     truncated: bool
 
 
-# The reply text a request asked for with `x-mock-reply` (tests of output scanning).
+# The reply text a request asked for with `x-mock-reply` (or `x-mock-reply-base64`: UTF-8,
+# base64-encoded) (tests of output scanning).
 _REPLY_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("mock_reply", default=None)
 
 
@@ -1225,7 +1226,8 @@ class MockApp:
             if behaviour.status >= 300:
                 target = "every model" if behaviour.model == WILDCARD else f"model {behaviour.model!r}"
                 raise HTTPError(behaviour.status, f"Mock error configured for {target}.")
-        _REPLY_OVERRIDE.set(request.headers.get("x-mock-reply"))
+        reply_b64 = request.headers.get("x-mock-reply-base64")  # any Unicode reply (headers are ASCII)
+        _REPLY_OVERRIDE.set(base64.b64decode(reply_b64).decode() if reply_b64 else request.headers.get("x-mock-reply"))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):

@@ -54,7 +54,7 @@ class Policy:
         injection = InjectionConfig.from_mapping({
             "phrases": inj.get("phrases"), "patterns": inj.get("patterns"), "threshold": inj.get("threshold", 1.0),
             "include_defaults": inj.get("includeDefaults", True)})
-        self.scanner = Scanner.compile(rules, custom, injection, tiers=cfg.tiers)
+        self.scanner = Scanner.compile(rules, custom, injection, tiers=cfg.tiers).prepare()  # at config load
         self.allowlist = tuple(AllowEntry.from_mapping(e) for e in cfg.allowlist)
 
     def top(self, *tiers: str | None) -> str:
@@ -133,18 +133,20 @@ class ResponseGuard:
             return None
         contents = [c.get("message") for c in body.get("choices") or [] if isinstance(c, dict)]
         texts = [m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), str) else "" for m in contents]
-        self.response_text = texts
+        self.response_text = ["\n".join(texts)]
         findings = self.policy.scanner.scan_strings(texts)
         if not findings:
             return None
         decision = self.policy.scanner.decide(findings, self.params)
         record(decision, self.team, self.params.mode, "response")
         if decision.block:
+            self.response_text = []
             for choice in body["choices"]:
                 choice["message"]["content"] = ""
                 choice["finish_reason"] = "content_filter"
         elif decision.redact:
             new, _ = redact_strings(texts, decision.redact, PlaceholderMap())
+            self.response_text = ["\n".join(new)]  # what the client sees is all a log may hold
             for choice, text in zip(body["choices"], new):
                 if isinstance(choice.get("message"), dict) and isinstance(choice["message"].get("content"), str):
                     choice["message"]["content"] = text
@@ -175,6 +177,7 @@ class ResponseGuard:
             out += self.redactor.flush()
         if self.redactor.blocked:
             return self.block(chunk)
+        self._keep(out)
         if isinstance(text, str) and text:
             if not out and choice.get("finish_reason") is None:
                 return b""  # held back until the window moves on
@@ -193,9 +196,19 @@ class ResponseGuard:
         self.ended = True
         if not text or self.redactor.blocked:
             return b""
+        self._keep(text)
         chunk = {"object": "chat.completion.chunk",
                  "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _keep(self, emitted: str) -> None:
+        """The streamed text as the client got it (redacted), for content logging; bounded."""
+        if emitted and sum(map(len, self.response_text)) < CONTENT_LOG_CHARS:
+            self.response_text.append(emitted)
+
+    def logged_response(self) -> str:
+        """The response text a log line may hold: exactly what the client was sent."""
+        return "".join(self.response_text)[:CONTENT_LOG_CHARS]
 
     def block(self, chunk: dict[str, Any]) -> bytes:
         self.ended = True

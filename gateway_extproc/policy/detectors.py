@@ -40,6 +40,7 @@ import binascii
 import ipaddress
 import re
 import string
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -63,6 +64,9 @@ class Detector:
     # Extra start condition on the text before the value: start_ok(text, start). Kept out
     # of the regex so the pattern starts with a plain character class (see scanner._gated).
     start_ok: Callable[[str, int], bool] | None = None
+    # Check on the accepted value in its text: context_ok(text, start, end). For formats too
+    # weak alone (a bare 9-digit SSN needs a context word before it).
+    context_ok: Callable[[str, int, int], bool] | None = None
 
     def compile(self) -> re.Pattern[str]:
         """The detector alone, as the scanner matches it (boundary character included)."""
@@ -114,19 +118,128 @@ def _card_ok(digits: str) -> bool:
     return 13 <= len(digits) <= 19 and card_brand(digits) is not None and luhn_valid(digits)
 
 
+# Separators numeric detectors accept between digits (on normalized text): up to three of
+# space, dot, dash, slash, underscore (not tabs or newlines: columns of numbers are common); or the boundary between two strings of
+# one request (U+001F, see scanner), possibly skipping up to six short structural strings between them
+# ("user", "text", a tool name), so a number split over messages or parts is still one value.
+SEP_CHARS = " .-/_"
+_SEPC = r"[ .\-/_]"
+BRIDGE = "\x1f"
+_GAP = (rf"(?:{_SEPC}{{1,3}}+(?:\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,6}}+{_SEPC}{{0,3}}+)?"
+        rf"|\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,6}}+{_SEPC}{{0,3}}+)")
+_GAP_RE = re.compile(_GAP)
+_NUM_END = rf"(?![A-Za-z0-9_]|{_GAP}[0-9])"  # not followed by a letter, or by more digits
+# Not right after a digit and one separator: cheap in the regex, keeps long digit runs linear
+# (the rest of the rule is `digits_start_ok`).
+_NUM_START = r"(?<![0-9][ .\-/_])"
+
+
+def digit_groups(value: str) -> list[str]:
+    """The digit groups of a separated number (`4111 1111-1111` -> ['4111', '1111', '1111'])."""
+    return [g for g in _GAP_RE.split(value) if g]
+
+
+def digits_start_ok(text: str, start: int) -> bool:
+    """Not the tail of a longer separated number: no digit just before, across separators."""
+    i = start - 1
+    stop = max(0, start - 72)
+    while i >= stop and (text[i] in SEP_CHARS or text[i] == BRIDGE):
+        if text[i] == BRIDGE:  # skip structural strings between two bridged strings
+            j = text.rfind(BRIDGE, stop, i)
+            if j >= 0 and STRUCTURAL.fullmatch(text, j + 1, i):  # noqa: SIM102
+                i = j
+                continue
+        i -= 1
+    return i < 0 or i < stop or not ("0" <= text[i] <= "9")
+
+
+def ssn_start_ok(text: str, start: int) -> bool:
+    """Not the tail of a longer number in the same string (an SSN is exactly nine digits; one
+    repeated in the next message is another SSN, not the tail of an 18-digit number)."""
+    i = start - 1
+    while i >= max(0, start - 4) and text[i] in SEP_CHARS:
+        i -= 1
+    return i < 0 or not ("0" <= text[i] <= "9")
+
+
+# A string a number may be bridged over: a role, a part type, a tool name or call id.
+STRUCTURAL = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+# Printed card layouts (digits per group) a card may have inside a longer separated number.
+_CARD_LAYOUTS = {(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4)}
+
+
+def _card_layout(sizes: tuple[int, ...]) -> bool:
+    return sizes in _CARD_LAYOUTS or (len(sizes) == 1 and 13 <= sizes[0] <= 19)
+
+
 def validate_credit_card(value: str) -> int:
-    digits = value.replace(" ", "").replace("-", "")
-    if _card_ok(digits):
+    """A card in the run (`_card_run`), or, for a run over several strings, in the part from
+    one string or a few adjacent ones (the same card pasted in two messages makes one run of
+    32 digits): the finding is the whole run."""
+    if _card_run(value):
         return len(value)
-    if len(digits) == 19 and len(value) > 19 and _card_ok(digits[:16]):
-        return len(value) - 4  # 4-4-4-4 followed by three more digits (a CVV, say)
+    if BRIDGE not in value:
+        return 0
+    parts, pos = [], 0
+    for m in _GAP_RE.finditer(value):
+        if BRIDGE in m.group():
+            parts.append(value[pos:m.start()])
+            pos = m.end()
+    parts.append(value[pos:])
+    for i in range(len(parts)):
+        for j in range(i + 1, min(len(parts), i + 4) + 1):
+            if j - i < len(parts) and _card_run(BRIDGE.join(parts[i:j])):
+                return len(value)
     return 0
 
 
+def _card_run(value: str) -> bool:
+    """The whole digit run is a valid card (separators anywhere, but no group over six digits
+    unless the run bridges two strings: `302-2533872-5612675` is an order number), or it
+    starts with a card in a printed layout (a CVV or expiry follows), or ends with one after
+    at most four other digits (`ref 1234 4111 1111 1111 1111`). The finding is the whole run."""
+    groups = digit_groups(value)
+    digits = "".join(groups)
+    sizes = tuple(len(g) for g in groups)
+    if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or BRIDGE in value) \
+            and _card_ok(digits):
+        return True
+    for j in range(len(groups) - 1, 0, -1):
+        if _card_layout(sizes[:j]) and _card_ok("".join(groups[:j])):
+            return True
+    for i in range(1, len(groups)):
+        if sum(sizes[:i]) > 4:
+            break
+        if _card_layout(sizes[i:]) and _card_ok("".join(groups[i:])):
+            return True
+    return False
+
+
 def validate_ssn(value: str) -> int:
-    area, group, serial = value.split("-")
+    digits = "".join(digit_groups(value))
+    if len(digits) != 9:
+        return 0
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
     ok = area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
     return _whole(ok, value)
+
+
+_SSN_CONTEXT = re.compile(r"(?i)(?:\bssn|\bss#|\bsocial[ \-]*security|\bsoc\.?[ \-]*sec|\bsocial\b|"
+                          r"\btaxpayer|\btax[ \-]*id|\bitin\b|\bsozialversicherung|\bs\.s\.n)")
+
+
+def ssn_context_ok(text: str, start: int, end: int) -> bool:
+    """Nine digits in the AAA-GG-SSSS layout (any separators) are an SSN; without separators
+    (possibly split over two strings) only after a context word (within 48 characters)."""
+    value = text[start:end]
+    if tuple(map(len, digit_groups(value))) == (3, 2, 4):
+        return True
+    if not _GAP_RE.sub(lambda m: "" if BRIDGE in m.group() else m.group(), value).isdigit():
+        return False  # separators only where two strings meet
+    return _SSN_CONTEXT.search(text, max(0, start - SSN_CONTEXT_CHARS), start) is not None
+
+
+SSN_CONTEXT_CHARS = 48
 
 
 # IBAN length per country (ISO 13616 registry, the commonly seen countries).
@@ -151,16 +264,17 @@ def iban_mod97(iban: str) -> int:
     return int((iban[4:] + iban[:4]).translate(_IBAN_DIGITS)) % 97
 
 
+_IBAN_SEPS = str.maketrans("", "", " .-/_")
+
+
 def validate_iban(value: str) -> int:
-    compact = value.replace(" ", "")
+    """Any single separators and either case (the format's checksum is strong: mod-97 over the
+    country's exact length)."""
+    compact = value.translate(_IBAN_SEPS).upper()
     if IBAN_LENGTHS.get(compact[:2]) != len(compact):
         return 0
     if compact[2:4] in ("00", "01", "99"):
         return 0
-    if " " in value:  # printed form: groups of four, the last one 1-4
-        groups = value.split(" ")
-        if any(len(g) != 4 for g in groups[:-1]) or not 1 <= len(groups[-1]) <= 4:
-            return 0
     return _whole(iban_mod97(compact) == 1, value)
 
 
@@ -172,12 +286,37 @@ def email_start_ok(text: str, start: int) -> bool:
 _LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
 
 
+# Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", and the same for dot.
+# (Whitespace runs up to 16 characters: the prefilter's triggers are bounded the same way.)
+_AT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+[Aa][Tt]\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+)"
+_DOT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+[Dd][Oo][Tt]\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+)"
+_AT_RE = re.compile(_AT_WORD)
+_DOT_RE = re.compile(_DOT_WORD)
+
+
+def canonical_email(value: str) -> str:
+    """`jane(at)example[dot]com` -> `jane@example.com`."""
+    return _DOT_RE.sub(".", _AT_RE.sub("@", value))
+
+
 def validate_email(value: str) -> int:
-    local, _, domain = value.rpartition("@")
-    if len(value) > 254 or local.startswith(".") or local.endswith(".") or ".." in local:
+    plain = "@" in value and value.isascii() and not any(c in value for c in " ([{<")
+    canon = value if plain else canonical_email(value)
+    if canon.count("@") != 1:
         return 0
+    local, _, domain = canon.rpartition("@")
+    if len(canon) > 254 or not local or local.startswith(".") or local.endswith(".") or ".." in local:
+        return 0
+    if "@" not in value:
+        at = _AT_RE.search(value)
+        bare = at is not None and at.group().strip().lower() == "at"
+        # " at " alone is ordinary English ("meet at example.com"): only with a written-out
+        # dot too, or a local part that does not look like a plain word.
+        if bare and _DOT_RE.search(value) is None and not (
+                any(c in local for c in "._%+-") or (not local.isalpha() and not local.isdigit())):
+            return 0
     for label in domain.split("."):
-        if label.startswith("-") or label.endswith("-"):
+        if not label or label.startswith("-") or label.endswith("-"):
             return 0
     return len(value)
 
@@ -215,7 +354,11 @@ def ipv4_start_ok(text: str, start: int) -> bool:
 
 
 def ipv6_start_ok(text: str, start: int) -> bool:
-    return start < 1 or text[start - 1] != ":"
+    """Not the tail of a longer colon-separated run (a colon after a word, `日本語：`, is fine)."""
+    return start < 2 or text[start - 1] != ":" or text[start - 2] not in _HEX_OR_COLON
+
+
+_HEX_OR_COLON = frozenset(string.hexdigits + ":")
 
 
 def validate_ipv6(value: str) -> int:
@@ -264,8 +407,8 @@ def _iban_pattern() -> str:
     by_len: dict[int, list[str]] = {}
     for cc, n in sorted(IBAN_LENGTHS.items()):
         by_len.setdefault(n - 4, []).append(cc)
-    alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?: ?[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
-    return f"(?:{'|'.join(alts)}){_END}"
+    alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?:[ .\\-/_]{{0,3}}+[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
+    return f"(?i:{'|'.join(alts)}){_END}"
 
 
 _PRIVATE_KEY = (
@@ -273,11 +416,13 @@ _PRIVATE_KEY = (
     r"(?:[\s\S]{0,16384}?-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
     # cut off before END, at the end of the text: base64, armor header and partial END lines
     r"|(?:\r?\n(?:[A-Za-z0-9+/=]{0,100}+|[A-Za-z][A-Za-z0-9\-]{0,30}: [ -~]{0,100}+|-[A-Z \-]{0,45}+)"
-    r"(?=[\r\n]|\Z))*+\r?\Z"
+    r"(?=[\r\n\x1f]|\Z))*+\r?(?=\x1f|\Z)"
     r"|(?:\r?\n[A-Za-z0-9+/=]{1,100}+)++)"  # no END at all: the base64 lines that follow
 )
 
 _TOKEN = r"[A-Za-z0-9_\-]"
+# The end of a text: of the string, or of one string of a request joined with others.
+_EOT = r"(?=\x1f|\Z)"
 
 BUILTIN_DETECTORS: dict[str, Detector] = {
     d.name: d
@@ -287,7 +432,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "jwt",
             r"eyJ[A-Za-z0-9_\-]{5,2048}+(?:\.[A-Za-z0-9_\-]{0,8192}+"
-            r"(?:\.[A-Za-z0-9_\-]{0,2048}+(?![A-Za-z0-9_\-])|\Z)|\Z)",
+            r"(?:\.[A-Za-z0-9_\-]{0,2048}+(?![A-Za-z0-9_\-])|(?=\x1f|\Z))|(?=\x1f|\Z))",
             validate_jwt, "JWT", "JSON Web Token (header decodes to JSON with alg)",
         ),
         Detector(
@@ -309,20 +454,17 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector("iban", _iban_pattern(), validate_iban, "IBAN", "IBAN (length per country, mod-97)"),
         Detector(
             "email",
-            r"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{0,63}+@(?:[A-Za-z0-9\-]{1,63}+\.)+[A-Za-z]{2,63}+"
-            r"(?![A-Za-z0-9_\-])",
+            rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+(?:@|{_AT_WORD})"
+            rf"(?:[A-Za-z0-9\-]{{1,63}}+(?:\.|{_DOT_WORD})){{1,10}}[A-Za-z]{{2,63}}+(?![A-Za-z0-9_\-])",
             validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(
-            "credit_card",
-            r"[0-9][0-9][0-9][0-9](?:[ \-][0-9]{4}[ \-][0-9]{4}[ \-][0-9]{4}(?:[ \-][0-9]{3})?"
-            r"|[ \-][0-9]{6}[ \-][0-9]{4,5}"
-            r"|[0-9]{9,15}+)(?![A-Za-z0-9_]|-[0-9])",
-            validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)",
+            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,40}}+{_NUM_END}",
+            validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(
-            "us_ssn", r"[0-9][0-9][0-9]-[0-9]{2}-[0-9]{4}(?![A-Za-z0-9_]|-[0-9])", validate_ssn,
-            "US_SSN", "US social security number",
+            "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])", validate_ssn,
+            "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
         ),
         Detector(
             "ipv6",
@@ -346,6 +488,62 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
     )
 }
+
+# -- encoded payloads --------------------------------------------------------------------
+
+# A run that may be base64 (standard or URL-safe), hex, or URL-encoded (>= 2 `%XX`). The
+# scanner decodes a candidate, normalizes and scans the decoded text (at most
+# MAX_DECODE_DEPTH levels deep), and reports what it finds there over the whole run.
+# The look-behind keeps the scan linear: a run is tried from its start only, never again from
+# each `/`, `+`, `-` or `%` inside it.
+ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-=%.~])"
+                   r"(?:[A-Za-z0-9._~+\-]{0,256}+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]{0,256}+){1,4096}+"
+                   r"|[A-Za-z0-9+/_\-]{12,65536}+={0,2}+)")
+MAX_DECODE_DEPTH = 2
+_B64 = frozenset(string.ascii_letters + string.digits + "+/_-%")
+_HEX = frozenset(string.hexdigits)
+
+
+def encoded_start_ok(text: str, start: int) -> bool:
+    """Not the tail of a longer run (after a `/`, `+` or `%` inside it): runs are decoded whole."""
+    return not (start >= 2 and text[start - 1] in "+/%-_=" and text[start - 2] in _B64)
+
+
+def _texty(raw: bytes) -> str | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if len(text) < 4:
+        return None
+    printable = sum(1 for c in text if c.isprintable() or c in "\n\r\t")
+    return text if printable >= 0.9 * len(text) else None
+
+
+def decode_payload(run: str) -> str | None:
+    """The text a base64 / hex / URL-encoded run stands for, or None when it is none of these
+    (or decodes to binary)."""
+    if "%" in run:
+        try:
+            decoded = urllib.parse.unquote_plus(run, errors="strict")
+        except UnicodeDecodeError:
+            return None
+        return decoded if decoded != run else None
+    body = run.rstrip("=")
+    if len(body) >= 16 and len(body) % 2 == 0 and all(c in _HEX for c in body):
+        text = _texty(bytes.fromhex(body))
+        if text is not None:
+            return text
+    urlsafe = "-" in body or "_" in body
+    if urlsafe and ("+" in body or "/" in body) or len(body) % 4 == 1:
+        return None
+    padded = body + "=" * (-len(body) % 4)
+    try:
+        raw = base64.urlsafe_b64decode(padded) if urlsafe else base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return _texty(raw)
+
 
 PROMPT_INJECTION = "prompt_injection"
 DETECTOR_NAMES: tuple[str, ...] = (*BUILTIN_DETECTORS, PROMPT_INJECTION)

@@ -1,7 +1,13 @@
-"""Data classification and guardrail scanning: one combined regex pass, pure functions.
+"""Data classification and guardrail scanning: normalize, one pass, pure functions.
 
-`Scanner.compile(rules, custom_rules, injection_config)` joins every enabled detector into
-ONE compiled pattern (`Scanner.pattern`):
+`Scanner.scan_strings(strings)` normalizes every string (`normalize`: NFKC, format characters
+removed, Unicode digits to ASCII…), joins them with U+001F into ONE text (numeric detectors may
+bridge that boundary, so a value split over messages, parts or tool results is one value) and
+scans it once:
+
+1. a Hyperscan pass over the whole text (`prefilter`) reports where a detector could match;
+2. the combined regex (`Scanner.pattern`) runs only in those windows (or over the whole text
+   for short texts and when Hyperscan is not available: same results):
 
     [^A-Za-z0-9_](?: <private_key>(?P<d_private_key>) | <jwt>(?P<d_jwt>) | … | <phrase trie> | …)
 
@@ -11,14 +17,18 @@ would disable the regex engine's first-character skipping. The leading boundary 
 gives every detector the same "starts a token" rule and lets the engine skip to the next
 non-word character between attempts. Keywords and injection phrases share one character
 trie, so their cost does not grow with their number. Validators (Luhn, mod-97, …) run only
-on candidates.
+on candidates. Runs that may be base64, hex or URL-encoded are decoded and their text scanned
+the same way (two levels deep); what is found inside counts over the whole run.
+
+Findings are mapped back to the original strings (offsets and values in original characters;
+one finding per string a split value covers).
 
 Overlaps are resolved deterministically, like a lexer: the leftmost candidate wins; at the
 same start the longest valid candidate wins, then the earlier detector in priority order
-(secrets, then IBAN, email, card, SSN, IPv6, IPv4, phone, then custom regexes in config
-order, then keywords/injection phrases, then injection patterns). Findings never overlap.
-If a candidate fails validation, the other detectors are tried at the same start before
-the scan moves on by one character.
+(secrets, then IBAN, email, card, SSN, IPv6, IPv4, phone, encoded runs, then custom regexes in
+config order, then keywords/injection phrases, then injection patterns). Findings never
+overlap. If a candidate fails validation, the other detectors are tried at the same start
+before the scan moves on by one character.
 
 `decide()` turns findings into what to do (block / redact / monitor, tiers, allowlist);
 `redact()` replaces findings with typed placeholders; `walk_strings()` / `map_strings()`
@@ -27,41 +37,62 @@ reach the string values of a parsed JSON body iteratively, with depth and size g
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .detectors import (
     BOUNDARY,
+    BRIDGE,
     BUILTIN_DETECTORS,
+    ENCODED_PATTERN,
+    MAX_DECODE_DEPTH,
+    STRUCTURAL,
     DEFAULT_INJECTION_PATTERNS,
     DEFAULT_INJECTION_PHRASES,
     PROMPT_INJECTION,
     Validator,
+    decode_payload,
+    encoded_start_ok,
     expand_phrase,
     normalize_phrase,
     phrase_start_ok,
     phrase_trie_pattern,
 )
 
+from .normalize import Normalized, normalize, normalize_json, tables
+from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, Trigger, phrase_trigger, regex_trigger,
+                        template_trigger)
+from .prefilter import build as build_prefilter
+
+PREFILTER_MIN_CHARS = 256  # below, the regex alone is as fast
+
 # A region's check on a candidate v[start:end]: the accepted end, or 0 to reject.
 Check = Callable[[str, int, int], int]
 
 
 def _detector_check(validator: Validator | None,
-                    start_ok: Callable[[str, int], bool] | None) -> Check | None:
-    if validator is None and start_ok is None:
+                    start_ok: Callable[[str, int], bool] | None,
+                    context_ok: Callable[[str, int, int], bool] | None = None) -> Check | None:
+    if validator is None and start_ok is None and context_ok is None:
         return None
 
     def check(v: str, start: int, end: int) -> int:
         if start_ok is not None and not start_ok(v, start):
             return 0
-        if validator is None:
-            return end
-        k = validator(v[start:end])
-        return start + k if k else 0
+        if validator is not None:
+            k = validator(v[start:end])
+            if not k:
+                return 0
+            end = start + k
+        if context_ok is not None and not context_ok(v, start, end):
+            return 0
+        return end
     return check
 
 
@@ -636,11 +667,54 @@ def _label(detector: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", detector).strip("_").upper() or "REDACTED"
 
 
+_ENCODED = "e_encoded"
+
+
+class _Depth(threading.local):
+    value = 0
+
+
+_DEPTH = _Depth()  # decoding depth of the scan running on this thread
+
+
+# What may precede the rest of a split number at the start of a string: keys of JSON arguments
+# (structural words, each followed by the boundary), separators.
+_CONTINUATION = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_\-]{0,63}[\x1e\x1f])*[ .\-/_]*")
+
+
+def _pieces(f: Finding, v: str, segs: Sequence[tuple[int, int, int, Normalized, str]],
+            starts: Sequence[int]) -> Iterator[Finding]:
+    """A finding over the joined normalized text `v`, as findings in the original strings: one
+    per string it covers (structural strings it bridged over, such as a role, are left out).
+    The value is the original text, or the decoded value for a finding inside an encoded run."""
+    decoded = f.value != v[f.start:f.end]
+    k = max(0, bisect.bisect_right(starts, f.start) - 1)
+    pieces: list[tuple[int, int, int, str]] = []  # (index, orig start, orig end, original string)
+    for j in range(k, len(segs)):
+        index, vs, ve, nz, orig = segs[j]
+        if vs >= f.end and j > k:
+            break
+        ps, pe = max(f.start, vs), min(f.end, ve)
+        if ps >= pe:
+            continue
+        if vs > f.start and ve < f.end and STRUCTURAL.fullmatch(nz.text):
+            continue
+        if ps == vs and j > k:  # a continuation: not the keys before it (tool-call arguments)
+            ps += _CONTINUATION.match(nz.text, 0).end()
+            if ps >= pe:
+                continue
+        pieces.append((index, nz.start(ps - vs), nz.end(pe - vs), orig))
+    value = f.value if decoded else "".join(orig[os_:oe] for _, os_, oe, orig in pieces)
+    for index, os_, oe, _ in pieces:
+        yield Finding(f.rule, f.detector, os_, oe, value, index, f.score)
+
+
 class Scanner:
     """Compiled rules; immutable and safe to share between threads and requests."""
 
     __slots__ = ("pattern", "rules", "tiers", "injection", "_search", "_region_at",
-                 "_targets_at", "_injection_rules", "_regions", "_weights")
+                 "_targets_at", "_injection_rules", "_regions", "_weights", "_encoded_gi", "_decoded",
+                 "_prefilter", "_triggers")
 
     pattern: re.Pattern[str]
     rules: dict[str, Rule]
@@ -685,8 +759,11 @@ class Scanner:
             targets = targets_for(name)
             if targets:
                 marker = f"d_{name}"
-                check = _detector_check(det.validator, det.start_ok)
+                check = _detector_check(det.validator, det.start_ok, det.context_ok)
                 specs.append(("builtin", f"(?:{det.pattern})(?P<{marker}>)", check, {marker: targets}))
+        # Encoded payloads: decoded and scanned when some rule could find something in them.
+        if specs:
+            specs.append(("encoded", f"(?:{ENCODED_PATTERN})(?P<{_ENCODED}>)", None, {_ENCODED: []}))
         for i, c in enumerate(c for c in customs if c.kind == "regex"):
             source = _user_regex(c.pattern or "", f"custom rule {c.name!r}")
             if c.ignore_case:
@@ -720,8 +797,25 @@ class Scanner:
                 specs.append(("injection", f"(?i:{source})(?P<j{j}>)", None,
                               {f"j{j}": [_Target(None, PROMPT_INJECTION, "pattern:" + pat)]}))
 
+        triggers: list[Trigger] = []
+        ascii_only = False
+        for kind, source, _, marker_targets in specs:
+            if kind == "builtin":
+                triggers += BUILTIN_TRIGGERS[next(iter(marker_targets))[2:]]
+            elif kind == "encoded":
+                triggers += ENCODED_TRIGGERS
+            elif kind == "phrases":
+                keywords = {normalize_phrase(kw) for c in customs if c.kind == "keywords" for kw in c.keywords}
+                triggers += [phrase_trigger(p) for p in sorted(keywords)]
+                triggers += [template_trigger(t) for t in (injection.phrases if injection is not None else ())]
+                ascii_only = ascii_only or not all(p.isascii() for p in phrases)
+            else:
+                triggers.append(regex_trigger(source, BOUNDARY))
+                ascii_only = ascii_only or not source.isascii()
         specs = [(kind, _gated(source), v, mt) for kind, source, v, mt in specs]
         self = cls.__new__(cls)
+        self._prefilter = None
+        self._triggers = (tuple(triggers), ascii_only)
         combined = f"{BOUNDARY}(?:{'|'.join(s for _, s, _, _ in specs)})" if specs else f"{BOUNDARY}(?!)"
         self.pattern = re.compile(combined)
         self.rules = by_name
@@ -732,8 +826,13 @@ class Scanner:
         self._targets_at = [()] * (self.pattern.groups + 1)
         regions: list[_Region] = []
         base = 0
+        self._encoded_gi = -1
+        self._decoded = functools.lru_cache(maxsize=256)(self._decode_and_scan)
         for prio, (kind, source, check, marker_targets) in enumerate(specs):
             solo = re.compile(f"{BOUNDARY}(?:{source})")
+            if kind == "encoded":
+                check = self._encoded_check
+                self._encoded_gi = base + solo.groupindex[_ENCODED]
             region = _Region(prio, kind, solo, base, check, _first_chars(source))
             regions.append(region)
             for g in range(base + 1, base + solo.groups + 1):
@@ -764,33 +863,120 @@ class Scanner:
 
     def scan_strings(self, strings: Iterable[str]) -> list[Finding]:
         """Findings over many strings (e.g. every string of a request body), `Finding.index`
-        = position in `strings`. The injection score counts over all of them."""
-        findings: list[Finding] = []
-        injection_hits: list[tuple[int, int, str, int, str]] = []
+        = position in `strings`, offsets in the original strings.
+
+        The strings are normalized (see `normalize`; a string holding JSON, such as tool-call
+        arguments, is seen as its values: `normalize_json`) and scanned as ONE text, joined by
+        U+001F: numeric detectors may bridge that boundary (a card split over two messages,
+        content parts or tool calls), so a finding may cover pieces of several strings; it is
+        reported once per piece (same rule, the whole value). The injection score counts over
+        all."""
+        segs: list[tuple[int, int, int, Normalized, str]] = []  # (index, start, end, normalized, original)
+        parts = ["\n"]  # the virtual boundary character before the text
+        pos = 1
         for i, s in enumerate(strings):
             if not s or not isinstance(s, str):
                 continue
-            v = "\n" + s  # the virtual boundary character before the text
-            hits, _ = self._hits(v, 0, len(v))
-            self._collect(v, hits, i, -1, findings, injection_hits)
+            if segs:
+                parts.append(BRIDGE)
+                pos += 1
+            nz = (normalize_json(s) if s[:1] in "{[" and s[-1:] in "}]" else None) or normalize(s)
+            parts.append(nz.text)
+            segs.append((i, pos, pos + len(nz.text), nz, s))
+            pos += len(nz.text)
+        if not segs:
+            return []
+        v = "".join(parts)
+        hits = self._all_hits(v)
+        raw: list[Finding] = []
+        injection_hits: list[tuple[int, int, str, int, str]] = []
+        self._collect(v, hits, 0, 0, raw, injection_hits)
         if injection_hits:
-            extra = self._injection_findings(injection_hits, {k for *_, k in injection_hits})
-            if extra:
-                findings.extend(extra)
-                findings.sort(key=lambda f: (f.index, f.start))
+            raw.extend(self._injection_findings(injection_hits, {k for *_, k in injection_hits}))
+        if not raw:
+            return []
+        starts = [seg[1] for seg in segs]
+        findings = [piece for f in raw for piece in _pieces(f, v, segs, starts)]
+        findings.sort(key=lambda f: (f.index, f.start))
         return findings
+
+    # -- encoded payloads ----------------------------------------------------------------
+
+    def _worth_decoding(self, v: str, start: int, end: int) -> bool:
+        """Whether a run the prefilter found (v[start:end]) holds something once decoded: only
+        then does the regex look at it (the encoded region would reject it anyway)."""
+        if _DEPTH.value >= MAX_DECODE_DEPTH:
+            return False
+        tail = v[end:end + 2]
+        end += len(tail) - len(tail.lstrip("="))  # padding is part of the run
+        run = v[start:min(end, start + 65536)]
+        return any(self._decoded(r, _DEPTH.value) for r in {run, run.lstrip("+/-_")} if len(r) >= 12)
+
+    def _encoded_check(self, v: str, start: int, end: int) -> int:
+        if _DEPTH.value >= MAX_DECODE_DEPTH or not encoded_start_ok(v, start):
+            return 0
+        return end if self._decoded(v[start:end], _DEPTH.value) else 0
+
+    def _decode_and_scan(self, run: str, depth: int) -> tuple[Finding, ...]:
+        """What the decoded text of an encoded run holds (cached: the check and the
+        collection of one candidate ask twice)."""
+        text = decode_payload(run)
+        if text is None:
+            return ()
+        _DEPTH.value = depth + 1
+        try:
+            return tuple(self.scan(text))
+        finally:
+            _DEPTH.value = depth
 
     def decide(self, findings: Iterable[Finding], params: DecisionParams | None = None) -> Decision:
         return decide(findings, self.rules, params)
 
-    def _hits(self, v: str, pos: int, limit: int) -> tuple[list[Hit], int]:
+    def prepare(self) -> Scanner:
+        """Build what is otherwise built on first use (the Hyperscan database, ~0.3 s; the
+        normalization table, ~0.3 s), so no request pays for it on the event loop."""
+        tables()
+        if self._prefilter is None and self._triggers[0]:
+            self._prefilter = build_prefilter(*self._triggers)
+        return self
+
+    def _all_hits(self, v: str) -> list[Hit]:
+        """Every accepted candidate in `v`: the regex over the windows the prefilter points at
+        (the same hits as over the whole text), or over the whole text."""
+        if len(v) < PREFILTER_MIN_CHARS:
+            return self._hits(v, 0, len(v))[0]
+        pf = self._prefilter
+        if pf is None and self._triggers[0]:
+            pf = self._prefilter = build_prefilter(*self._triggers)  # built on first use, cached
+        if pf is None or not pf.usable(v):
+            return self._hits(v, 0, len(v))[0]
+        hits: list[Hit] = []
+        pos = 0
+        n = len(v)
+        windows = pf.windows(v, self._worth_decoding)
+        if windows is None:
+            return self._hits(v, 0, n)[0]
+        for ws, limit, endpos in windows:
+            start = max(ws, pos)
+            if start >= limit:
+                continue
+            found, _ = self._hits(v, start, limit, endpos)
+            if found and endpos < n and found[-1][1] >= endpos - 2:
+                found, _ = self._hits(v, start, limit)  # cut by the bound: read it whole
+            hits += found
+            if found:
+                pos = max(pos, found[-1][1])
+        return hits
+
+    def _hits(self, v: str, pos: int, limit: int, endpos: int | None = None) -> tuple[list[Hit], int]:
         """Accepted candidates whose boundary character is before `limit`, and the position
-        to resume from. `v[pos]` must be a boundary or context character, never a value's."""
+        to resume from. `v[pos]` must be a boundary or context character, never a value's.
+        `endpos`: search no further (the candidates the caller wants end well before it)."""
         search = self._search
         hits: list[Hit] = []
-        n = len(v)
-        while pos < n:
-            m = search(v, pos)
+        n = len(v) if endpos is None else endpos
+        while pos < n and pos < limit:  # a match found from `pos` starts at or after it
+            m = search(v, pos, n)
             if m is None:
                 break
             p = m.start()
@@ -834,6 +1020,10 @@ class Scanner:
         targets_at = self._targets_at
         for s, e, gi in hits:
             value = v[s:e]
+            if gi == self._encoded_gi:  # what the decoded run holds, over the whole run
+                for f in self._decoded(value, _DEPTH.value):
+                    findings.append(Finding(f.rule, f.detector, s + shift, e + shift, f.value, index, f.score))
+                continue
             for t in targets_at[gi]:
                 if t.key is not None:
                     injection_hits.append((s + shift, e + shift, value, index, t.key))
@@ -918,24 +1108,29 @@ def redact(text: str, findings: Iterable[Finding],
     """Replace each finding's span in `text` with its typed placeholder.
 
     Findings should come from one string (same `index`); overlapping spans are merged (the
-    first one's type names the placeholder). Returns the new text and the (updated) map.
+    first one's type names the placeholder). A placeholder stands for the finding's value.
+    Returns the new text and the (updated) map.
     """
     mapping = _as_map(mapping)
-    spans = sorted({(f.start, f.end): f.detector for f in findings}.items())
+    spans = sorted({(f.start, f.end): (f.detector, f.value) for f in findings}.items())
     out: list[str] = []
     pos = 0
     i = 0
     while i < len(spans):
-        (start, end), detector = spans[i]
+        (start, end), (detector, value) = spans[i]
         i += 1
+        merged = False
         while i < len(spans) and spans[i][0][0] < end:
             end = max(end, spans[i][0][1])
+            merged = True
             i += 1
         start = max(start, pos)
         if start >= end:
             continue
         out.append(text[pos:start])
-        out.append(mapping.placeholder(_label(detector), text[start:end]))
+        # The finding's value names the placeholder: the same for every piece of a value split
+        # over strings, and the decoded value for an encoded run.
+        out.append(mapping.placeholder(_label(detector), text[start:end] if merged or not value else value))
         pos = end
     if not out:
         return text, mapping

@@ -12,6 +12,12 @@ Longer secrets (sk-proj keys, JWTs, PEM blocks) still never leak: their detector
 value cut off by the end of the available text, and a redacted finding that reaches the end
 stays *open*: later deltas that continue it are swallowed into the same placeholder.
 
+Deltas are normalized like request strings (see `normalize`: NFKC, format characters
+removed, digits to ASCII) before the scan, delta by delta (the mapping is per character, so
+a split never changes it); what is emitted is the provider's original text, and a
+placeholder replaces the original characters of a value. Findings and placeholder values
+are in original characters.
+
 A blocking finding (per `DecisionParams`) stops the stream: `blocked` becomes True, the
 decision is in `block_decision`, and `feed`/`flush` return "" from then on (the caller ends
 the stream with an error). Per-delta cost is O(len(delta) + holdback).
@@ -19,6 +25,9 @@ the stream with an error). Per-delta cost is O(len(delta) + holdback).
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
+from .normalize import Normalized, normalize
 from .scanner import (
     Decision,
     DecisionParams,
@@ -30,14 +39,14 @@ from .scanner import (
 )
 
 GUARD_MARGIN = 2  # characters of look-ahead a detector's end guard may need
-CONTEXT = 16  # already-emitted characters kept for look-behinds
+CONTEXT = 64  # already-emitted characters kept for look-behinds (context words: 48)
 MAX_OPEN = 64 * 1024  # an open (still growing) redacted value is closed beyond this
 
 
 class StreamRedactor:
     __slots__ = ("scanner", "params", "holdback", "mapping", "findings", "decisions", "blocked",
                  "block_decision", "_buf", "_base", "_emit", "_resume", "_open", "_inj_hits",
-                 "_inj_reported", "_done")
+                 "_inj_reported", "_done", "_raw", "_rbase", "_remit", "_segs", "_seg_starts")
 
     def __init__(self, scanner: Scanner, decision_params: DecisionParams | None = None,
                  holdback_chars: int = 64, *, mapping: PlaceholderMap | None = None) -> None:
@@ -58,14 +67,46 @@ class StreamRedactor:
         self._inj_hits: list[tuple[int, int, str, int, str]] = []
         self._inj_reported = 0
         self._done = False
+        # The original text beside the normalized one: `_raw` from raw offset `_rbase`, and per
+        # delta (normalized start, normalized end, raw start, Normalized) to map offsets.
+        self._raw = "\n"
+        self._rbase = 0
+        self._remit = 1  # raw offset of `_emit`
+        self._segs: list[tuple[int, int, int, Normalized]] = [(0, 1, 0, normalize("\n"))]
+        self._seg_starts: list[int] = [0]
 
     def feed(self, delta: str) -> str:
         if self._done:
             raise RuntimeError("feed() after flush()")
         if self.blocked or not delta:
             return ""
-        self._buf += delta
+        nz = normalize(delta)
+        if nz.text:
+            n0 = self._base + len(self._buf)
+            self._segs.append((n0, n0 + len(nz.text), self._rbase + len(self._raw), nz))
+            self._seg_starts.append(n0)
+            self._buf += nz.text
+        self._raw += delta
+        if not nz.text:
+            return ""
         return self._advance(final=False)
+
+    def _raw_start(self, n: int) -> int:
+        """Raw offset of the character at normalized offset `n` (end of text: raw end)."""
+        k = bisect_right(self._seg_starts, n) - 1
+        ns, ne, rs, nz = self._segs[k]
+        if n >= ne:
+            return self._rbase + len(self._raw) if k == len(self._segs) - 1 else self._segs[k + 1][2]
+        return rs + nz.start(n - ns)
+
+    def _raw_end(self, n: int) -> int:
+        """Raw offset just past the character before normalized offset `n`."""
+        k = bisect_right(self._seg_starts, n - 1) - 1
+        ns, ne, rs, nz = self._segs[k]
+        return rs + nz.end(n - ns)
+
+    def _raw_slice(self, a: int, b: int) -> str:
+        return self._raw[a - self._rbase:b - self._rbase]
 
     def flush(self) -> str:
         """The rest of the text, at the end of the stream."""
@@ -89,20 +130,22 @@ class StreamRedactor:
         rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
         resume += base
 
-        batch: list[Finding] = []
+        found: list[Finding] = []  # normalized offsets and values
         inj_new: list[tuple[int, int, str, int, str]] = []
-        scanner._collect(buf, rel_hits, 0, base - 1, batch, inj_new)
+        scanner._collect(buf, rel_hits, 0, base - 1, found, inj_new)
         if inj_new:
             self._inj_hits.extend(inj_new)
             keys = {k for *_, k in self._inj_hits}
             extra = scanner._injection_findings(self._inj_hits[self._inj_reported:], keys)
             if extra:
                 self._inj_reported = len(self._inj_hits)
-                batch.extend(extra)
-                batch.sort(key=lambda f: f.start)
+                found.extend(extra)
+                found.sort(key=lambda f: f.start)
 
         redact_spans: dict[tuple[int, int], str] = {}
-        if batch:
+        if found:
+            batch = [self._original(f) for f in found]
+            span_of = {id(o): (f.start, f.end) for f, o in zip(found, batch)}
             decision = scanner.decide(batch, self.params)
             self.decisions.append(decision)
             self.findings.extend(batch)
@@ -110,34 +153,45 @@ class StreamRedactor:
                 self.blocked = True
                 self.block_decision = decision
                 self._buf, self._base = "", n
+                self._raw, self._rbase = "", self._rbase + len(self._raw)
                 return ""
             for f in decision.redact:
-                redact_spans.setdefault((f.start, f.end), f.detector)
+                redact_spans.setdefault(span_of[id(f)], f.detector)
 
         out: list[str] = []
-        emit = self._emit
+        emit, remit = self._emit, self._remit
         opened = None
         for s, e, gi in rel_hits:
             detector = redact_spans.get((s + base - 1, e + base - 1))
             if detector is None:
                 continue
-            out.append(buf[emit - base:s])
+            rs, re_ = self._raw_start(s + base), self._raw_end(e + base)
+            out.append(self._raw_slice(remit, rs))
             label = _label(detector)
-            placeholder = self.mapping.placeholder(label, buf[s:e])
+            placeholder = self.mapping.placeholder(label, self._raw_slice(rs, re_))
             out.append(placeholder)
-            emit = e + base
+            emit, remit = e + base, re_
             if not final and emit >= n - GUARD_MARGIN:
                 opened = (s + base, emit, gi, placeholder, label)
         if opened is not None:
             self._open = opened
             self._emit = self._resume = emit
+            self._remit = remit
         else:
             cut = max(resume, emit)
-            out.append(buf[emit - base:cut - base])
-            self._emit = cut
+            rcut = max(remit, self._raw_start(cut))
+            out.append(self._raw_slice(remit, rcut))
+            self._emit, self._remit = cut, rcut
             self._resume = resume
         self._trim()
         return "".join(out)
+
+    def _original(self, f: Finding) -> Finding:
+        """A finding at normalized offsets of the virtual text, in original characters."""
+        rs, re_ = self._raw_start(f.start + 1), self._raw_end(f.end + 1)
+        nval = self._buf[f.start + 1 - self._base:f.end + 1 - self._base]
+        value = self._raw_slice(rs, re_) if f.value == nval else f.value
+        return Finding(f.rule, f.detector, rs - 1, re_ - 1, value, f.index, f.score)
 
     def _continue(self, n: int, final: bool) -> bool:
         """Extend the open finding with what arrived; True once it is closed."""
@@ -148,12 +202,14 @@ class StreamRedactor:
         m = region.solo.match(buf, start - 1 - base) if region is not None else None
         new_end = max(end, m.end(m.lastindex or 0) + base) if m is not None else end
         if new_end > end:
-            old, new = buf[start - base:end - base], buf[start - base:new_end - base]
+            rs, rold, rnew = self._raw_start(start), self._raw_end(end), self._raw_end(new_end)
+            old, new = self._raw_slice(rs, rold), self._raw_slice(rs, rnew)
             self.mapping._extend(placeholder, label, old, new)
             for i in range(len(self.findings) - 1, -1, -1):
                 f = self.findings[i]
-                if f.start == start - 1 and f.end == end - 1:
-                    self.findings[i] = Finding(f.rule, f.detector, f.start, new_end - 1, new, f.index, f.score)
+                if f.start == rs - 1 and f.end == rold - 1:
+                    self.findings[i] = Finding(f.rule, f.detector, f.start, rnew - 1, new, f.index, f.score)
+            self._remit = rnew
         self._emit = self._resume = new_end
         if not final and new_end >= n - GUARD_MARGIN and new_end - start < MAX_OPEN:
             self._open = (start, new_end, gi, placeholder, label)
@@ -167,5 +223,12 @@ class StreamRedactor:
             keep = min(keep, self._open[0] - 1)
         keep -= CONTEXT
         if keep > self._base:
+            rkeep = min(self._raw_start(keep), self._remit)
             self._buf = self._buf[keep - self._base:]
             self._base = keep
+            self._raw = self._raw[rkeep - self._rbase:]
+            self._rbase = rkeep
+            k = bisect_right(self._seg_starts, keep) - 1
+            if k > 0:
+                del self._segs[:k]
+                del self._seg_starts[:k]

@@ -27,7 +27,7 @@ from ..config import Backend, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES
 from ..providers.base import sse
-from ..policy.classification import CONTENT_LOG_CHARS, ResponseGuard, content_for_log
+from ..policy.classification import ResponseGuard, content_for_log
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_json
@@ -408,9 +408,10 @@ class RouterProcessor:
         """Prompt and response text, only for requests whose tier the content-logging policy allows."""
         if self.content is None:
             return {}
-        out = {"prompt": self.content}
-        if self.guard is not None and self.guard.response_text:
-            out["response"] = "\n".join(self.guard.response_text)[:CONTENT_LOG_CHARS]
+        out = {"prompt": self.content}  # the body as forwarded: redacted
+        response = self.guard.logged_response() if self.guard is not None else ""
+        if response:
+            out["response"] = response  # as the client got it: redacted
         return out
 
     def consumed(self, backend: Backend | None) -> tuple[int, int]:

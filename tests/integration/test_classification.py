@@ -152,3 +152,38 @@ def test_modes_monitor_logs_soft_passes_non_critical_enforce_blocks(modes: Gatew
     metrics = httpx.get(modes.stack.metrics_url).text
     assert 'genai_guardrail_triggers_total{action="monitor",mode="monitor",rule="prompt_injection",team="demo"}' in metrics
     assert 'genai_guardrail_triggers_total{action="block",mode="enforce",rule="prompt_injection",team="demo"}' in metrics
+
+
+ISSUE_14_CARDS = ["4111.1111.1111.1111", "4111\u200b1111\u200b1111\u200b1111", "\uff14\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 "
+                  "\uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11", "\u0664\u0661\u0661\u0661\u0661\u0661\u0661\u0661"
+                  "\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661", "NDExMTExMTExMTExMTExMQ==", "SSN 123 45 6789",
+                  "SSN 123456789"]
+ISSUE_14_EMAILS = ["jane.doe(at)example.com", "jane.doe\uff20example.com", "jane.doe@exa\u200bmple.com"]
+
+
+def test_issue_14_evasions_never_reach_default_chat(gw: Gateway) -> None:
+    """The forms that reached the provider raw through default-chat (approved up to internal):
+    restricted ones are refused, e-mails leave redacted, also split over two messages."""
+    for content in ISSUE_14_CARDS:
+        resp = chat(gw, f"Charge {content} today.")
+        assert resp.status_code == 403 and resp.json()["error"]["code"] == "classification_violation", content
+    split = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"}, timeout=30,
+                       json={"model": "default-chat", "messages": [{"role": "user", "content": "card 4111 1111"},
+                                                                   {"role": "user", "content": "1111 1111 ok"}]})
+    assert split.status_code == 403
+    assert gw.received(gw.primary) == [] and gw.received(gw.backup) == []
+    for content in ISSUE_14_EMAILS:
+        assert chat(gw, f"Write to {content} now.").status_code == 200
+    assert sent_text(gw, gw.primary) == ["Write to [EMAIL_1] now."] * len(ISSUE_14_EMAILS)
+
+
+def test_access_log_response_holds_what_the_client_saw(gw: Gateway) -> None:
+    """The access log's `response` field held the raw card and e-mail the client saw redacted."""
+    reply = f"Your card {CARD} is on file; we wrote to {EMAIL}."
+    resp = chat(gw, "What is on file?", model="private-chat", headers={"x-mock-reply": reply})
+    content = resp.json()["choices"][0]["message"]["content"]
+    assert content == "Your card [CREDIT_CARD_1] is on file; we wrote to [EMAIL_1]."
+    time.sleep(0.2)
+    logs = gw.stack.log_path("extproc").read_text()
+    assert '"response":"Your card [CREDIT_CARD_1] is on file; we wrote to [EMAIL_1]."' in logs
+    assert "4111" not in logs and EMAIL not in logs

@@ -1,0 +1,217 @@
+"""Text normalization before detection, with a map back to the original offsets.
+
+One keystroke should not move a card number past the gateway: `4111` in fullwidth or
+Arabic-Indic digits, a zero-width space between groups, a fullwidth `＠` in an e-mail. The
+detectors therefore run on a normalized copy of each string:
+
+- Unicode NFKC, character by character (compatibility forms to their plain form: fullwidth
+  letters, digits and punctuation, ligatures, circled digits, `﹫`);
+- format characters (category Cf: zero-width space/joiner, bidi marks, soft hyphen, word
+  joiner, BOM) and other invisible default-ignorables (variation selectors, Hangul fillers,
+  combining grapheme joiner) removed;
+- every Unicode decimal digit (Nd: Arabic-Indic, Devanagari, Thai, mathematical…) mapped to
+  its ASCII digit;
+- every space separator (Zs: NBSP, thin, ideographic…) and line/paragraph separator to a
+  plain space; every dash (Pd, minus sign) to `-`; ideographic and halfwidth full stops to `.`.
+
+Written-out `@`/`.` ("(at)", "[dot]", " at ") and the separators numeric detectors accept are
+handled by the detectors' patterns, not here, so ASCII text is returned unchanged without
+looking at it further (the common case costs one `str.isascii`).
+
+The mapping is one `str.translate` table built once (lazily) over the planes in use, so the
+cost is the C translate loop; an offset map is built only when some character changed
+length (deleted or expanded), from the positions of those characters alone.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from bisect import bisect_right
+from dataclasses import dataclass
+
+import orjson
+
+# Invisible characters outside Cf that are used to split values: combining grapheme joiner,
+# Hangul fillers, Mongolian and standard variation selectors, tag-like ideographic ones.
+_EXTRA_IGNORABLE = {0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
+                    *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)}
+_DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: ".", 0x2024: ".", 0xFE52: "."}
+_PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE0200))  # BMP, SMP (math digits), tags
+
+
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    translate: dict[int, str | None]
+    resize: re.Pattern[str]  # characters whose replacement is not exactly one character
+
+
+_tables: _Tables | None = None
+
+
+def _mapped(ch: str) -> str | None:
+    o = ord(ch)
+    if o in _EXTRA_IGNORABLE or unicodedata.category(ch) == "Cf":
+        return ""
+    if o in _DOTS:
+        return _DOTS[o]
+    if ch.isdecimal():
+        return str(unicodedata.decimal(ch))
+    cat = unicodedata.category(ch)
+    if cat in ("Zs", "Zl", "Zp") or ch == "\x85":
+        return " "
+    if cat == "Pd" or ch == "\u2212":
+        return "-"
+    norm = unicodedata.normalize("NFKC", ch)
+    if norm == ch:
+        return None
+    out = []
+    for c in norm:  # NFKC may give non-ASCII digits, spaces or dashes again
+        m = _mapped(c) if ord(c) >= 0x80 else None
+        out.append(c if m is None else m)
+    return "".join(out)
+
+
+def tables() -> _Tables:
+    """The translate table (built on first use, ~0.2 s; shared by every scanner)."""
+    global _tables
+    if _tables is None:
+        table: dict[int, str | None] = {}
+        resize: list[int] = []
+        for plane in _PLANES:
+            for o in plane:
+                ch = chr(o)
+                if unicodedata.category(ch) in ("Cn", "Cs", "Co"):
+                    continue
+                m = _mapped(ch)
+                if m is None:
+                    continue
+                table[o] = m if m else None
+                if len(m) != 1:
+                    resize.append(o)
+        _tables = _Tables(table, re.compile(_char_class(resize)))
+    return _tables
+
+
+def _char_class(codes: list[int]) -> str:
+    parts: list[str] = []
+    start = prev = None
+    for o in sorted(codes):
+        if prev is not None and o == prev + 1:
+            prev = o
+            continue
+        if start is not None:
+            parts.append(_range(start, prev))
+        start = prev = o
+    if start is not None:
+        parts.append(_range(start, prev))
+    return "[" + "".join(parts) + "]" if parts else "(?!)"
+
+
+def _range(a: int, b: int | None) -> str:
+    esc = lambda o: re.escape(chr(o))  # noqa: E731
+    return esc(a) if a == b else f"{esc(a)}-{esc(b)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Normalized:
+    """`text` (normalized) and the way back to the original string's offsets.
+
+    `_starts`/`_orig` are the normalized and original offsets where each changed-length
+    stretch begins; between two of them offsets move in step. Empty: the identity."""
+
+    text: str
+    source_len: int
+    _starts: tuple[int, ...] = ()
+    _orig: tuple[int, ...] = ()
+    _spans: tuple[tuple[int, int, int, int], ...] = ()  # (norm start, norm end, orig start, orig end)
+
+    @property
+    def identity(self) -> bool:
+        return not self._spans
+
+    def start(self, i: int) -> int:
+        """Original offset of the character at normalized offset `i` (a value's start)."""
+        if not self._spans:
+            return i
+        k = bisect_right(self._starts, i) - 1
+        if k < 0:
+            return i
+        ns, ne, os_, oe = self._spans[k]
+        if i < ne:  # inside an expansion: the whole original character
+            return os_
+        return oe + (i - ne)
+
+    def end(self, i: int) -> int:
+        """Original offset just past the character before normalized offset `i` (a value's end)."""
+        if not self._spans or i == 0:
+            return i
+        k = bisect_right(self._starts, i - 1) - 1
+        if k < 0:
+            return i
+        ns, ne, os_, oe = self._spans[k]
+        if i <= ne:  # ends inside (or right after) an expansion: include the whole character
+            return oe if i > ns else os_
+        return oe + (i - ne)
+
+
+def normalize(text: str) -> Normalized:
+    if text.isascii():
+        return Normalized(text, len(text))
+    t = tables()
+    norm = text.translate(t.translate)
+    if len(norm) == len(text) and t.resize.search(text) is None:
+        return Normalized(norm, len(text))
+    spans: list[tuple[int, int, int, int]] = []
+    shift = 0  # normalized offset - original offset so far
+    table = t.translate
+    for m in t.resize.finditer(text):
+        o = m.start()
+        rep = table[ord(text[o])] or ""
+        ns = o + shift
+        spans.append((ns, ns + len(rep), o, o + 1))
+        shift += len(rep) - 1
+    # Deleted characters give empty spans; consecutive ones keep distinct original ends.
+    return Normalized(norm, len(text), tuple(s[0] for s in spans), tuple(s[2] for s in spans), tuple(spans))
+
+
+# -- JSON inside a string (tool-call arguments) ---------------------------------------------
+
+_JSON_TOKEN = re.compile(r'("(?:[^"\\\n]|\\.)*")|([{}\[\]:,\s]+)|([^"{}\[\]:,\s]+|")')
+MAX_JSON_TEXT = 1 << 20
+
+
+def normalize_json(text: str) -> Normalized | None:
+    """A string holding JSON (tool-call `arguments`), seen as its values: quotes dropped, each
+    run of syntax between values (`", "`, `": "`, `{`) one U+001E. Numeric detectors bridge the
+    boundary between strings (U+001F) and then the keys that open the next string (words each
+    followed by U+001E or U+001F), so a number split over the arguments of two tool calls is
+    one value, while two values inside one string are never joined. Valid ASCII JSON only
+    (else None: the caller normalizes the string as text)."""
+    if not text.isascii() or len(text) > MAX_JSON_TEXT:
+        return None
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None  # JSON-like text (code, a PEM in braces): scanned as text
+    out: list[str] = []
+    spans: list[tuple[int, int, int, int]] = []
+    n = 0  # normalized length so far
+    for m in _JSON_TOKEN.finditer(text):
+        o, oe = m.start(), m.end()
+        if m.group(1) is not None:  # a string: its content, without the quotes
+            spans.append((n, n, o, o + 1))
+            content = text[o + 1:oe - 1]
+            out.append(content)
+            n += len(content)
+            spans.append((n, n, oe - 1, oe))
+        elif m.group(2) is not None:  # syntax between values: one boundary (none at the edges)
+            rep = "" if o == 0 or oe == len(text) else "\x1e"
+            out.append(rep)
+            spans.append((n, n + len(rep), o, oe))
+            n += len(rep)
+        else:  # numbers, literals: as they are
+            out.append(m.group())
+            n += oe - o
+    return Normalized("".join(out), len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),
+                      tuple(spans))

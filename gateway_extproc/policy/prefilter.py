@@ -1,0 +1,239 @@
+"""Where in a text the combined regex has to look: a Hyperscan pass over the whole text.
+
+The scanner's combined regex (Python `re`) tries its alternatives at every token start, which
+costs ~0.1-0.2 us per character: 100-200 ms for 1 MB. Hyperscan (PyPI `hyperscan`, the
+library is in the wheel) runs every trigger at once in SIMD at ~1 GB/s and reports where
+something could match; the regex then runs only in those windows, with exactly the rules,
+validators and overlap resolution it has on the whole text. So results never differ from a
+full scan (tests/test_prefilter.py compares them), and text with nothing in it costs one
+Hyperscan pass.
+
+Triggers are supersets of what each scanner region matches:
+- a detector or custom regex in Hyperscan's *prefilter* mode (look-arounds and possessive
+  quantifiers relaxed to something that matches at least as much); it reports where a match
+  could end, so a window reaches back by the region's longest possible match;
+- keywords and injection phrases as literals (case-insensitive, any whitespace between words)
+  with the exact start of each match;
+- encoded runs: one event per run of at least 12 base64 characters, and one per `%XX`.
+
+A window for a region whose longest match is unbounded starts at the beginning of the text
+(still correct, just slower, and only when such a trigger fires: a PEM block, say).
+Without the `hyperscan` package, or for a custom pattern Hyperscan cannot compile, the scanner
+scans the whole text with the regex alone (same results, slower).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+try:
+    import hyperscan
+except ImportError:  # pragma: no cover - a dependency; the regex alone still works
+    hyperscan = None
+
+try:
+    from re import _parser as _sre_parse  # Python >= 3.11
+except ImportError:  # pragma: no cover
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+MAX_REACH = 100_000  # longer possible matches count as unbounded
+# Characters the regex's case-insensitive matching folds onto ASCII letters; mapped before
+# Hyperscan sees a non-ASCII text (Hyperscan's caseless mode is ASCII only).
+_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+_MARKER = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>\)")
+_NAMED = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    expression: str
+    som: bool  # reports the match start (else only its end)
+    reach: int | None  # a value may start this many characters before the reported offset; None: anywhere;
+    # -1: the trigger ends a run of base64 characters, which starts where the run does
+    caseless: bool = False
+    tail: int = 256  # how far past the trigger's end the regex reads (longer values: read again, whole)
+    verify: bool = False  # ask the scanner first whether the matched run (start..end-1) is worth a window
+
+
+def regex_trigger(source: str, boundary: str) -> Trigger:
+    """A scanner region's own regex, in prefilter mode; reach = its longest match."""
+    expression = _NAMED.sub("(?:", _MARKER.sub("", f"{boundary}(?:{source})"))
+    try:
+        longest = _sre_parse.parse(expression).getwidth()[1]
+    except Exception:  # noqa: BLE001 - unknown width: a window from the start
+        longest = MAX_REACH + 1
+    return Trigger(expression, som=False, reach=longest if longest <= MAX_REACH else None, tail=4)
+
+
+def phrase_trigger(phrase: str) -> Trigger:
+    """A normalized keyword/phrase: words separated by any whitespace (or a string boundary)."""
+    words = [re.escape(w) for w in phrase.split(" ")]
+    return Trigger(r"[\s\x1c-\x1f]+".join(words), som=True, reach=1, caseless=True)
+
+
+_WS = r"[\s\x1c-\x1f]"  # the regex's \s on normalized text includes the string boundary U+001F
+# Nine digits with separators (a card or SSN in one string), or digits on both sides of a seam
+# between strings (one split over strings: it may start ~170 characters before the seam).
+_DIGIT_RUNS = (Trigger(r"[0-9](?:[ .\-/_]{0,3}[0-9]){8}", som=False, reach=34, tail=512),
+               Trigger(r"[0-9][ .\-/_]{0,3}\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{0,63}[\x1e\x1f]){0,6}[ .\-/_]{0,3}[0-9]",
+                       som=False, reach=600, tail=200))
+_IBAN_CC = "AD|AE|AL|AT|AZ|BA|BE|BG|BH|BR|CH|CR|CY|CZ|DE|DK|DO|EE|ES|FI|FO|FR|GB|GE|GI|GL|GR|GT|HR|HU|IE|IL|IS|IT|JO|" \
+           "KW|KZ|LB|LI|LT|LU|LV|MC|MD|ME|MK|MR|MT|MU|NL|NO|PK|PL|PS|PT|QA|RO|RS|SA|SE|SI|SK|SM|TN|TR|UA|VG|XK"
+
+# Hand-written triggers of the built-in detectors: each fires wherever the detector's regex
+# could match (on a prefix, or a part every match contains). Fixed-width triggers report their
+# end only (cheaper than start-of-match tracking): `reach` covers their width plus how far
+# before them a value may begin. The regex then reads on to `tail` past the trigger.
+BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
+    "private_key": (Trigger("-----BEGIN", som=False, reach=11),),
+    "jwt": (Trigger(r"eyJ[A-Za-z0-9_\-]{5}", som=False, reach=9),),
+    "anthropic_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=300),),
+    "openai_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=300),),
+    "github_token": (Trigger(r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}", som=False, reach=41,
+                             tail=252),),
+    "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}", som=False, reach=21, tail=4),),
+    "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=130),),
+    "email": (Trigger("@", som=False, reach=67, tail=260),
+              Trigger(rf"[(\[{{<]{_WS}{{0,16}}at{_WS}{{0,16}}[)\]}}>]", som=False, reach=67 + 40, tail=260,
+                      caseless=True),
+              Trigger(rf"{_WS}at{_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}(?:\.|{_WS}{{1,16}}dot{_WS})", som=False,
+                      reach=67 + 110, tail=260, caseless=True)),
+    "credit_card": _DIGIT_RUNS,
+    "us_ssn": _DIGIT_RUNS,
+    # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
+    "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
+    "ipv4": (Trigger(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", som=False, reach=14, tail=8),),
+    "phone": (Trigger(r"\+[1-9]|\([2-9][0-9]{2}\)|[^A-Za-z0-9_][2-9][0-9]{2}[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}"
+                      r"|[^A-Za-z0-9_]0[1-9][0-9]{0,4}[ /.\-][0-9]{2}", som=False, reach=18, tail=48),),
+}
+
+ENCODED_TRIGGERS = (
+    # the end of every run of 12 or more: its start is found by walking back (`verify` runs)
+    Trigger(r"[A-Za-z0-9+/_\-]{12}[^A-Za-z0-9+/_\-]", som=False, reach=-1, tail=4, verify=True),
+    Trigger(r"%[0-9A-Fa-f]{2}", som=False, reach=261, tail=260),
+)
+
+
+def template_trigger(template: str) -> Trigger:
+    """An injection phrase template (`ignore {all |}{previous|prior} instructions`) as one
+    case-insensitive regex: what each of its expansions matches, it matches."""
+    parts = re.split(r"\{([^{}]*)\}", " ".join(template.split()).lower())
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            out.append(_words(part))
+        else:
+            out.append("(?:" + "|".join(_words(alt) for alt in part.split("|")) + ")")
+    return Trigger("".join(out), som=True, reach=1, caseless=True, tail=4)
+
+
+def _words(text: str) -> str:
+    return f"{_WS}+".join(re.escape(w) for w in text.split(" "))
+
+
+class Prefilter:
+    """A compiled Hyperscan database for a set of triggers; `windows(text)` gives the regions
+    of `text` the regex must scan. Safe to share between threads (scratch space per thread)."""
+
+    __slots__ = ("_db", "_params", "_local", "ascii_only")
+
+    def __init__(self, triggers: Sequence[Trigger], ascii_only: bool) -> None:
+        # `windows(text, verify)`: `verify(text, start, end)` for triggers marked `verify`.
+        if hyperscan is None:
+            raise RuntimeError("hyperscan is not installed")
+        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        flags = [(hyperscan.HS_FLAG_SOM_LEFTMOST if t.som else hyperscan.HS_FLAG_PREFILTER)
+                 | (hyperscan.HS_FLAG_CASELESS if t.caseless else 0) | hyperscan.HS_FLAG_ALLOWEMPTY
+                 for t in triggers]
+        db.compile(expressions=[t.expression.encode("latin-1") for t in triggers],
+                   ids=list(range(len(triggers))), flags=flags)
+        self._db = db
+        self._params = [(t.som, t.reach, t.tail, t.verify) for t in triggers]
+        self._local = threading.local()
+        self.ascii_only = ascii_only  # some trigger is not ASCII: non-ASCII text goes to the regex alone
+
+    def usable(self, text: str) -> bool:
+        return text.isascii() or not self.ascii_only
+
+    def windows(self, text: str, verify: Callable[[str, int, int], bool] | None = None,
+                ) -> list[tuple[int, int, int]] | None:
+        """Sorted (start, limit, end) windows: every match of the scanner's regex has its
+        boundary character at some `p` with start <= p < limit of a window, and the regex
+        needs to read no further than `end` to find it (or reads again when a hit reaches it).
+        None: candidates are so dense (over one per 16 characters) that the caller should scan
+        the whole text instead."""
+        data = (text if text.isascii() else text.translate(_FOLD)).encode("latin-1", "replace") + b"\n"
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = hyperscan.Scratch(self._db)
+        events: list[tuple[int, int, int]] = []
+        try:
+            self._db.scan(data, match_event_handler=_collect, context=events, scratch=scratch)
+        except hyperscan.ScanTerminated:
+            return None  # more candidates than text: the regex over the whole text is cheaper
+        if not events:
+            return []
+        params = self._params
+        n = len(text)
+        spans = []
+        for i, frm, to in events:
+            som, reach, tail, check = params[i]
+            if reach == -1:  # a run ending at to - 1: walk back to its start
+                frm = _run_start(text, to - 1)
+                som, reach = True, 1
+            if check and verify is not None and not verify(text, frm, to - 1):
+                continue
+            at = frm if som else to
+            start = 0 if reach is None else max(0, at - reach - 1)
+            # A value's boundary character comes before the value, which starts at or before the
+            # trigger: before its start + 1 (reported start) or its end - 1 (end only).
+            spans.append((start, min(frm + 1 if som else to - 1, n), min(to + tail, n)))
+        if not spans:
+            return []
+        spans.sort()
+        out: list[tuple[int, int, int]] = []
+        cs, cl, ce = spans[0]
+        for s, li, e in spans[1:]:
+            if s <= cl:
+                cl, ce = max(cl, li), max(ce, e)
+            else:
+                out.append((cs, cl, ce))
+                cs, cl, ce = s, li, e
+        out.append((cs, cl, ce))
+        return out
+
+
+_RUN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-")
+
+
+def _run_start(text: str, end: int) -> int:
+    i = end - 1
+    stop = max(0, end - 65600)
+    while i >= stop and text[i] in _RUN:
+        i -= 1
+    return i + 1
+
+
+MAX_EVENTS_PER_CHAR = 1 / 16  # hostile or degenerate text (a megabyte of digits): stop counting
+
+
+def _collect(i: int, frm: int, to: int, _flags: int, events: list[tuple[int, int, int]]) -> bool:
+    events.append((i, frm, to))
+    return len(events) > 64 and len(events) > to * MAX_EVENTS_PER_CHAR
+
+
+@functools.lru_cache(maxsize=32)
+def build(triggers: tuple[Trigger, ...], ascii_only: bool) -> Prefilter | None:
+    """The prefilter, or None when Hyperscan is missing or cannot compile some trigger (the
+    scanner then scans whole texts with the regex). Cached: a config reload with the same
+    rules, or another scanner with the same triggers, reuses the compiled database."""
+    if hyperscan is None:
+        return None
+    try:
+        return Prefilter(triggers, ascii_only)
+    except Exception:  # noqa: BLE001 - hyperscan.error and unsupported syntax alike
+        return None

@@ -1,0 +1,106 @@
+"""Detection quality on the labelled corpus (tests/pii_corpus.py), through `Policy.check_request`
+as the router calls it: every evasion is found and leaves nothing of the value in the body
+that would be forwarded; benign text stays (almost) untouched. bench/detection_quality.py
+prints the same figures per detector."""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from gateway_extproc import config
+from gateway_extproc.errors import GatewayError
+from gateway_extproc.policy import Scanner, walk_strings
+from gateway_extproc.policy.classification import Policy
+from gateway_extproc.render import chart_values, render_values
+
+from .pii_corpus import Case, benign, leaks, positives
+
+POSITIVES = positives()
+BENIGN = benign()
+SCANNER = Scanner.compile()
+
+
+def test_corpus_size_and_coverage() -> None:
+    assert len(POSITIVES) >= 500 and len(BENIGN) >= 2000
+    by = Counter(c.detector for c in POSITIVES)
+    assert set(by) == {"credit_card", "us_ssn", "iban", "email", "phone"}
+
+
+def body_for(case: Case, model: str) -> dict:
+    """The strings of a case as a chat request: one message each, or content parts, tool
+    results or tool-call arguments for the split cases (every shape a value may be split over)."""
+    strings = case.strings
+    if len(strings) == 1:
+        return {"model": model, "messages": [{"role": "user", "content": strings[0]}]}
+    shape = zlib.crc32((case.evasion + strings[0]).encode()) % 4
+    if shape == 3:  # one tool call per string: the value split over their JSON arguments
+        calls = [{"id": f"call_{i}", "type": "function",
+                  "function": {"name": "lookup", "arguments": orjson.dumps({"text": s}).decode()}}
+                 for i, s in enumerate(strings)]
+        return {"model": model, "messages": [{"role": "user", "content": "look these up"},
+                                             {"role": "assistant", "content": None, "tool_calls": calls}]}
+    if shape == 0:
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": s} for i, s in enumerate(strings)]
+    elif shape == 1:
+        messages = [{"role": "user", "content": [{"type": "text", "text": s} for s in strings]}]
+    else:
+        messages = [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}]
+        messages += [{"role": "tool", "tool_call_id": "call_1", "content": s} for s in strings]
+    return {"model": model, "messages": messages}
+
+
+@pytest.fixture(scope="module")
+def policy_check() -> Callable[[Case], list[str]]:
+    """`Policy.check_request` as the router calls it, on the rendered helm/values-local.yaml,
+    for the model approved up to `restricted`: the strings of the body that would leave."""
+    root = Path(__file__).resolve().parent.parent
+    values = chart_values([root / "helm" / "values-local.yaml"])
+    cfg = config.parse(yaml.safe_load(render_values(values)["gateway.yaml"]), "values-local (rendered)")
+    assert cfg.classification is not None
+    policy = Policy(cfg.classification)
+    key = cfg.keys["demo"]
+
+    def check(case: Case) -> list[str]:
+        body = body_for(case, "private-chat")
+        try:
+            verdict = policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["private-chat"], "demo")
+        except GatewayError:
+            return []  # refused: nothing leaves
+        sent = walk_strings(verdict.body if verdict.body is not None else body)
+        assert isinstance(sent, list)
+        return sent
+    return check
+
+
+def test_the_leak_check_sees_every_seeded_value() -> None:
+    """Guards the guard: unredacted, every case leaks by `leaks` (so a pass above means something)."""
+    blind = [(c.detector, c.evasion) for c in POSITIVES if not leaks("".join(c.strings), c.canonical)]
+    assert blind == []
+
+
+def _detected(case: Case) -> bool:
+    return any(f.detector == case.detector for f in SCANNER.scan_strings(case.strings))
+
+
+@pytest.mark.parametrize("case", POSITIVES, ids=lambda c: f"{c.detector}:{c.evasion}")
+def test_every_evasion_is_detected_and_redacted_away(case: Case, policy_check) -> None:
+    sent = policy_check(case)
+    assert not leaks("".join(sent), case.canonical), f"{case.evasion}: {sent!r}"
+    assert _detected(case)
+
+
+def test_recall_and_false_positive_targets() -> None:
+    missed = [c for c in POSITIVES if not _detected(c)]
+    recall = 1 - len(missed) / len(POSITIVES)
+    fp_lines = [line for line in BENIGN if any(f.rule in ("credit_card", "us_ssn", "iban", "email", "phone")
+                                                for f in SCANNER.scan(line))]
+    assert recall >= 0.99, [(c.detector, c.evasion) for c in missed]
+    assert len(fp_lines) / len(BENIGN) <= 0.005, fp_lines
