@@ -33,7 +33,12 @@ run: $(BIN)/gateway-extproc
 	@echo "First call, from another terminal once the gateway is up:"
 	@echo "  .venv/bin/python -c 'from openai import OpenAI; c = OpenAI(base_url=\"http://localhost:8080/v1\", api_key=\"$(DEMO_KEY)\"); print(c.chat.completions.create(model=\"default-chat\", messages=[{\"role\": \"user\", \"content\": \"Hello\"}]).choices[0].message.content)'"
 	@echo '  (the streamed httpx version is in README.md, "The first call")'
-	$(BIN)/gateway-extproc local --values helm/values-local.yaml --workdir run
+	@echo "mTLS on https://localhost:8443 (throwaway certs in run/certs, client = spiffe://demo.local/ns/demo/sa/app):"
+	@echo "  curl --cert run/certs/client.crt --key run/certs/client.key --cacert run/certs/ca.crt https://localhost:8443/v1/models"
+	@echo "OIDC: curl -H \"Authorization: Bearer \$$($(BIN)/gateway-extproc dev-token --sub alice --team demo)\" http://localhost:8080/v1/usage"
+	@echo "Key admin API on 127.0.0.1:9190, admin token gwa_local-only-admin-token (README.md, \"Identity\")"
+	$(BIN)/gateway-extproc local --values helm/values-local.yaml --values helm/values-local-identity.yaml \
+		--workdir run --mtls-port 8443
 
 ## Install test needs and run every test (pytest exit 5, "no tests", fails the target).
 test: $(VENV)/.test-deps

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from . import config, keys, logs
+from . import cli_identity, config, keys, logs
 from .audit import cli as audit_cli
 
 KEY_ID_RULES = "1-63 characters: lowercase letters, digits and '-', starting with a letter or digit; unique in keys"
@@ -54,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write the files to")
 
     k = sub.add_parser("keys", help="manage virtual API keys", description="Manage virtual API keys.")
-    ksub = k.add_subparsers(dest="keys_command", metavar="{create}", required=True, parser_class=_Parser)
+    ksub = k.add_subparsers(dest="keys_command", metavar="{create,list,rotate,revoke,update,admin-token}",
+                            required=True, parser_class=_Parser)
     kc = ksub.add_parser("create", help="print a new key once, and the values entry holding its hash",
                          description="Print a new key once and the `keys:` entry (its hash) for the values file, "
                                      "after checking the entry against that file.")
-    kc.add_argument("--values", action="append", type=Path, required=True, metavar="FILE",
-                    help="values file(s) the key goes into: the team and models must exist there")
+    kc.add_argument("--values", action="append", type=Path, default=[], metavar="FILE",
+                    help="values file(s) the key goes into: the team and models must exist there "
+                         "(required unless --admin-url creates it through the key admin API)")
     kc.add_argument("--team", required=True, help="team the key belongs to (a teams[].name in the values)")
     kc.add_argument("--id", help=f"key id, shown in logs (not secret); {KEY_ID_RULES}. "
                                  "Default: the team name and a random suffix")
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: every model)")
     kc.add_argument("--expires", metavar="WHEN", help="ISO 8601 expiry in the future, e.g. 2027-01-31T00:00:00Z "
                                                       "(UTC if no offset is given); default: never")
+
+    cli_identity.register(sub, ksub, kc)  # keys through the admin API, dev-token (docs/identity.md)
 
     cc = sub.add_parser("check-config", help="validate a gateway.yaml as `serve` would",
                         description="Validate a gateway.yaml (the file `render` writes) as `serve` would.")
@@ -88,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="values file over the chart defaults; repeat to layer several (later ones win)")
     lc.add_argument("--workdir", type=Path, default=Path("run"), metavar="DIR",
                     help="where the rendered config and each part's log go (default: %(default)s)")
+    lc.add_argument("--mtls-port", type=int, metavar="PORT", help="also serve mTLS here, with throwaway "
+                    "certificates made in <workdir>/certs (docs/identity.md)")
     audit_cli.register(sub)
     return p
 
@@ -124,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
             for path in render(args.values, args.out):
                 print(f"wrote {path}")
             return 0
+        if args.command == "dev-token" or (args.command == "keys" and (args.keys_command != "create"
+                                                                        or args.admin_url)):
+            return cli_identity.run(args)
         if args.command == "keys":
             return _keys_create(args)
         if args.command == "check-config":
@@ -184,6 +193,12 @@ def _local(args: argparse.Namespace) -> int:
             Path(cred["file"]).write_text(value)
     mocks = {port: provider_key for port in mock_ports(values)}
     stack = LocalStack(values, args.workdir, env, mocks, quiet=False, source=describe(args.values))
+    if args.mtls_port:
+        from .devidentity import prepare, tls_values
+
+        prepare(args.workdir / "certs")
+        stack.mtls_values = tls_values(values, args.workdir / "certs", args.mtls_port,
+                                       values["envoy"]["admin"]["port"] + 1, args.workdir / "mtls")
     stopped = False
 
     def stop(*_: object) -> None:
@@ -222,6 +237,9 @@ def _local(args: argparse.Namespace) -> int:
 def _keys_create(args: argparse.Namespace) -> int:
     from .render import chart_values, describe
 
+    if not args.values:
+        raise UserError("keys create needs --values FILE (the values the key goes into), or --admin-url to "
+                        "create it through the key admin API")
     values = chart_values(args.values)
     source = describe(args.values)
     teams = [t.get("name") for t in values.get("teams") or [] if isinstance(t, dict)]

@@ -23,6 +23,7 @@ from decimal import Decimal
 import yaml
 
 from .budgets.pricing import Price
+from .identity_config import Identity, parse_identity
 
 if TYPE_CHECKING:
     from .audit.settings import AuditSettings
@@ -182,6 +183,7 @@ class GatewayConfig:
     classification: Classification | None = None
     audit: "AuditSettings | None" = None
     digest: str = ""  # sha256 of the gateway.yaml bytes: the config version audit events name
+    identity: Identity = field(default_factory=Identity)
 
 
 def load(path: str | os.PathLike[str]) -> GatewayConfig:
@@ -255,7 +257,10 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     if not _is_int(port) or not 0 <= port < 65536:
         r.fail("metrics.port", "must be a port number (0 disables /metrics)")
     address = r.string(metrics.get("address", "0.0.0.0"), "metrics.address")
-    budgets = _budgets(r, doc, fail_open_default, teams, users, keys)
+    store = r.mapping(doc.get("budgets") or {}, "budgets").get("store", "memory")
+    identity = parse_identity(r, doc, teams, models, users, fail_open_default, tiers, store)
+    budgets = _budgets(r, doc, fail_open_default, teams, users,
+                       {**keys, **{w.principal.id: w.principal for w in identity.workloads}})
     if budgets.enabled and budgets.store == "memory" and len(listen) > 1:
         r.fail("budgets.store", f"is memory, which one process holds, but listen has {len(listen)} ext_proc "
                "processes; use store: redis, or extproc.processes: 1")
@@ -269,7 +274,7 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
 
     audit = parse_audit(doc.get("audit"), r.fail, tiers)
     return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port,
-                         users, budgets, classification, audit)
+                         users, budgets, classification, audit, identity=identity)
 
 
 def _is_number(value: Any) -> bool:

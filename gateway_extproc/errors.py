@@ -18,6 +18,7 @@ _TYPE_BY_STATUS = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
+    409: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -30,6 +31,12 @@ CODES: dict[str, int] = {
     "missing_api_key": 401,
     "invalid_api_key": 401,
     "expired_api_key": 401,
+    "identity_not_mapped": 403,  # a verified certificate or token that maps to no principal
+    "identity_conflict": 403,
+    "admin_unauthorized": 401,  # key admin API only
+    "key_not_found": 404,  # key admin API only
+    "key_conflict": 409,  # key admin API only
+    "key_store_unavailable": 503,
     "model_not_allowed": 403,
     "classification_violation": 403,
     "content_blocked": 403,

@@ -1,12 +1,44 @@
-"""Who is calling: caller key -> virtual key entry (and so its team)."""
+"""Who is calling: one principal per request, from what Envoy verified and the caller's key.
+
+Three credentials can arrive together (docs/identity.md):
+
+- a workload identity: the SPIFFE ID (URI SAN) or DNS SAN of a client certificate Envoy
+  verified, read from the `x-forwarded-client-cert` header Envoy itself wrote (the listener
+  sanitizes any XFCC a client sends; only configured trusted proxies may forward one);
+- OIDC claims: the payload Envoy's jwt_authn filter verified, read from dynamic metadata
+  (namespace `envoy.filters.http.jwt_authn`), never from a header;
+- a virtual key (`gwk_<id>_<secret>`), from values or from the key store.
+
+The principal's team, id and key-level limits come from the first present of workload,
+key, token; its user from the token when there is one; its model allow-list is the
+intersection of every credential's list. Nothing here verifies a certificate or a signature:
+Envoy did, and a request only reaches this code after it did.
+"""
 
 from __future__ import annotations
 
+import hmac
+from dataclasses import replace
 from datetime import datetime
+from typing import Any, Protocol
 
 from . import keys
 from .config import GatewayConfig, VirtualKey
 from .errors import GatewayError
+from .identity_config import OidcProvider
+
+XFCC = "x-forwarded-client-cert"
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+
+
+class StoredKey(Protocol):
+    key: VirtualKey
+    previous_sha256: str | None  # the hash before the last rotation, while its grace lasts
+    previous_until: datetime | None
+
+
+class KeyLookup(Protocol):
+    async def get(self, id_: str) -> StoredKey | None: ...
 
 
 def presented_key(headers: dict[str, str]) -> str | None:
@@ -19,13 +51,124 @@ def presented_key(headers: dict[str, str]) -> str | None:
     return headers.get("x-api-key") or None
 
 
-def authenticate(headers: dict[str, str], config: GatewayConfig, now: datetime) -> VirtualKey:
-    key = presented_key(headers)
-    if key is None:
+def xfcc_first(value: str) -> dict[str, list[str]]:
+    """The first element of an XFCC header as {key: [values]} (keys lower-cased).
+
+    Elements are separated by ',', pairs by ';', and a value may be double-quoted (then it
+    may hold ',', ';' and '=', with '\\"' for a quote). The first element describes the
+    original client: each hop appends its own after it."""
+    out: dict[str, list[str]] = {}
+    i, n = 0, len(value)
+    while i < n:
+        eq = value.find("=", i)
+        if eq < 0:
+            break
+        name = value[i:eq].strip().lower()
+        i = eq + 1
+        if i < n and value[i] == '"':
+            i += 1
+            chars = []
+            while i < n and value[i] != '"':
+                if value[i] == "\\" and i + 1 < n:
+                    i += 1
+                chars.append(value[i])
+                i += 1
+            item = "".join(chars)
+            i += 1  # closing quote
+        else:
+            end = i
+            while end < n and value[end] not in ",;":
+                end += 1
+            item, i = value[i:end], end
+        out.setdefault(name, []).append(item)
+        if i < n and value[i] == ",":
+            break  # end of the first element
+        i += 1  # past ';'
+    return out
+
+
+def workload_sans(headers: dict[str, str]) -> list[tuple[str, str]]:
+    """The verified SANs of the calling workload: URI SANs (SPIFFE IDs) first, then DNS."""
+    xfcc = headers.get(XFCC)
+    if not xfcc:
+        return []
+    element = xfcc_first(xfcc)
+    return [("spiffe", u) for u in element.get("uri", ()) if u] + [("dns", d) for d in element.get("dns", ()) if d]
+
+
+def token_principal(provider: OidcProvider, claims: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(user, team) from one issuer's verified claims; team None when nothing maps."""
+    user = claims.get(provider.user_claim)
+    user = str(user) if isinstance(user, (str, int)) and str(user) else None
+    team = None
+    if provider.team_claim is not None:
+        value = claims.get(provider.team_claim)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, str) and v:
+                team = provider.teams.get(v) if provider.teams else v
+                if team is not None:
+                    break
+    return user, team or provider.default_team
+
+
+async def authenticate(headers: dict[str, str], config: GatewayConfig, now: datetime,
+                       claims: dict[str, Any] | None = None, store: KeyLookup | None = None) -> VirtualKey:
+    ident = config.identity
+    workload, unmapped = None, None
+    if ident.workloads:
+        for kind, value in workload_sans(headers):
+            workload = ident.workload(kind, value)
+            if workload is not None:
+                break
+            unmapped = unmapped or value
+    token, token_user = None, None
+    for name, payload in (claims or {}).items():
+        provider = ident.oidc.get(name)
+        if provider is None or not isinstance(payload, dict):
+            continue
+        token_user, team = token_principal(provider, payload)
+        # team "" when the claims map to no team of this gateway: then the token names a user only.
+        token = VirtualKey(f"token:{name}", "", team if team in config.teams else "", provider.models, None,
+                           token_user)
+        break
+    key = await _key(headers, config, now, store) if presented_key(headers) is not None else None
+    base = workload or key or (token if token is not None and token.team else None)
+    if base is None:
+        if token is not None:
+            raise GatewayError("identity_not_mapped", "The token is valid but maps to no team on this gateway.")
+        if unmapped is not None:
+            raise GatewayError("identity_not_mapped", f"The client certificate's identity {unmapped[:200]!r} "
+                               "maps to no principal on this gateway.")
         raise GatewayError("missing_api_key", "No API key: send `Authorization: Bearer <key>`.")
+    if workload is not None and key is not None and key.team != workload.team:
+        raise GatewayError("identity_conflict", f"The API key belongs to team {key.team!r} but the client "
+                           f"certificate to team {workload.team!r}; send one or the other.")
+    allowed = [p.models for p in (workload, key, token) if p is not None and p.models is not None]
+    models = frozenset.intersection(*allowed) if allowed else None
+    user = token_user if token is not None and token_user is not None else base.user
+    if models == base.models and user == base.user:
+        return base
+    return replace(base, models=models, user=user)
+
+
+async def _key(headers: dict[str, str], config: GatewayConfig, now: datetime, store: KeyLookup | None) -> VirtualKey:
+    key = presented_key(headers)
+    assert key is not None
     id_ = keys.key_id(key)
     entry = config.keys.get(id_) if id_ else None
-    if not keys.matches(key, entry.sha256 if entry else None) or entry is None:
+    previous: str | None = None
+    if entry is None and id_ is not None and store is not None:
+        stored = await store.get(id_)
+        if stored is not None:
+            entry = stored.key
+            if stored.previous_sha256 and stored.previous_until and stored.previous_until > now:
+                previous = stored.previous_sha256
+    # Both hashes are always compared, so timing does not tell a rotated key from a new one.
+    digest = keys.digest(key)
+    ok_current = hmac.compare_digest(digest, entry.sha256 if entry and entry.sha256 else keys.DUMMY)
+    ok_previous = hmac.compare_digest(digest, previous or keys.DUMMY)
+    if entry is None or not (ok_current or (previous is not None and ok_previous)):
         raise GatewayError("invalid_api_key", "The API key is not valid for this gateway.")
     if entry.expires_at is not None and entry.expires_at <= now:
         raise GatewayError("expired_api_key", f"The API key {entry.id!r} has expired; ask for a new one.")

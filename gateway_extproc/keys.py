@@ -13,7 +13,7 @@ import secrets
 
 PREFIX = "gwk_"
 # Compared against when the id is unknown, so unknown ids cost the same as wrong secrets.
-_DUMMY = hashlib.sha256(b"gateway-extproc-dummy").hexdigest()
+DUMMY = hashlib.sha256(b"gateway-extproc-dummy").hexdigest()
 
 
 def digest(key: str) -> str:
@@ -29,7 +29,7 @@ def key_id(key: str) -> str | None:
 
 
 def matches(key: str, stored_sha256: str | None) -> bool:
-    return hmac.compare_digest(digest(key), stored_sha256 or _DUMMY) and stored_sha256 is not None
+    return hmac.compare_digest(digest(key), stored_sha256 or DUMMY) and stored_sha256 is not None
 
 
 def generate(id_: str) -> str:

@@ -65,6 +65,8 @@ class LocalStack:
     mocks: dict[int, str]  # port -> API key each mock provider requires
     quiet: bool = True  # False: children's output also goes to this terminal (`make run`)
     source: str = "values"  # the values files, as errors name them
+    # A second Envoy rendered from these values (same ext_proc): `make run`'s mTLS listener.
+    mtls_values: dict[str, Any] | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
     _tees: list[threading.Thread] = field(default_factory=list)
@@ -112,6 +114,8 @@ class LocalStack:
                 self._wait(f"mock-{port}", lambda p=port: connects(p), f"mock provider on {port}")
             self.start_extproc()
             self.start_envoy()
+            if self.mtls_values is not None:
+                self.start_mtls()
         except BaseException:
             self.stop()
             raise
@@ -152,6 +156,18 @@ class LocalStack:
             except sockets.SocketInUse as exc:
                 raise StartError(str(exc)) from None
 
+    def start_mtls(self) -> None:
+        """The second Envoy, from `mtls_values` rendered into their configDir."""
+        assert self.mtls_values is not None
+        out = Path(self.mtls_values["configDir"])
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in render_values(self.mtls_values).items():
+            (out / name).write_text(text, encoding="utf-8")
+        self._spawn("envoy-mtls", [envoy_binary(), "-c", str(out / "envoy.yaml"), "--log-level", "warn",
+                                   "--disable-hot-restart", "--file-flush-interval-msec", "200"])
+        admin = f"http://127.0.0.1:{self.mtls_values['envoy']['admin']['port']}/ready"
+        self._wait("envoy-mtls", lambda: _status(admin, 1) == 200, "mTLS Envoy", timeout=30)
+
     def start_extproc(self) -> None:
         self._spawn("extproc", [str(_BIN / "gateway-extproc"), "serve", "--config",
                                 str(self.workdir / "gateway.yaml")])
@@ -176,7 +192,7 @@ class LocalStack:
         return f"{name} (pid {self.procs[name].pid}) {exit_reason(returncode)}; last lines of {log}:\n{log_tail(log)}"
 
     def stop(self) -> None:
-        for name in ("envoy", "extproc", *[n for n in self.procs if n.startswith("mock-")]):
+        for name in ("envoy", "envoy-mtls", "extproc", *[n for n in self.procs if n.startswith("mock-")]):
             terminate(self.procs.pop(name, None))
         for t in self._tees:
             t.join(timeout=2)

@@ -16,6 +16,8 @@ from . import tokens
 from .config import GatewayConfig, Provider
 from .budgets.gate import BudgetGate
 from .budgets.store import BudgetStore, MemoryBudgetStore
+from .identity import KeyLookup
+from .keystore import FileKeyLookup, RedisKeyLookup
 from .policy.classification import Policy
 from .telemetry.metrics import TEAM_DAILY_BUDGET, Labels
 
@@ -29,6 +31,7 @@ class Runtime:
     labels: Labels
     budget: BudgetGate | None = None  # None: no budgets or rate limits configured
     policy: Policy | None = None  # None: no classification section
+    keys: KeyLookup | None = None  # keys created through the admin API; None: no key admin
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], previous: "Runtime | None" = None) -> "Runtime":
@@ -50,12 +53,35 @@ class Runtime:
             if limits.budget and limits.budget.daily_nano is not None:
                 TEAM_DAILY_BUDGET.labels(team).set(limits.budget.daily_nano / 1e9)
         policy = Policy(cfg.classification) if cfg.classification else None
-        return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels, gate, policy)
+        old_keys = previous.keys if previous and _key_settings(previous.config) == _key_settings(cfg) else None
+        return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels, gate, policy,
+                   old_keys or _key_lookup(cfg))
 
 
 def _store_settings(cfg: GatewayConfig) -> tuple[object, ...]:
     b = cfg.budgets
     return (b.store, b.redis_url, b.redis_password_env, b.org) if b else ()
+
+
+def _key_settings(cfg: GatewayConfig) -> tuple[object, ...]:
+    admin = cfg.identity.key_admin
+    return (admin.file, *_store_settings(cfg)) if admin else ()
+
+
+def _key_lookup(cfg: GatewayConfig) -> KeyLookup | None:
+    """Where the workers find keys created through the admin API (docs/identity.md)."""
+    admin, b = cfg.identity.key_admin, cfg.budgets
+    if admin is None:
+        return None
+    if b is not None and b.store == "redis":
+        from .budgets.redis_store import connect
+
+        client = connect(b.redis_url or "")
+        if b.redis_password_env:
+            client.connection_pool.connection_kwargs["password"] = os.environ.get(b.redis_password_env)
+        return RedisKeyLookup(client, b.org)
+    assert admin.file is not None
+    return FileKeyLookup(admin.file)
 
 
 def _budget_store(cfg: GatewayConfig) -> BudgetStore:

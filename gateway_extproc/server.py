@@ -198,6 +198,17 @@ def serve(config_path: str) -> int:
                   "extproc.metrics.port in the values (0 turns /metrics off)", file=sys.stderr, flush=True)
             return 1
         log.info("metrics_listening", address=runtime.config.metrics_address, port=runtime.config.metrics_port)
+    admin = runtime.config.identity.key_admin
+    if admin is not None:
+        from .keyadmin import start
+
+        try:  # a daemon thread of this parent on its own port, never Envoy's listener
+            start(config_path, runtime.config)
+        except OSError as exc:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            print(f"error: {config_path}: identity.keyAdmin port {admin.port} on {admin.address}: {exc.strerror}; "
+                  "stop what holds it, or set identity.keyAdmin.port in the values", file=sys.stderr, flush=True)
+            return 1
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, _SUPERVISOR_ENV: str(os.getpid())}
 
     def spawn(index: int) -> subprocess.Popen[bytes]:

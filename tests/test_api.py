@@ -186,6 +186,7 @@ EXPECTED_TYPE = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    409: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     502: "server_error",
@@ -195,6 +196,8 @@ EXPECTED_TYPE = {
 EXPECTED_STATUS = {
     "invalid_json": 400, "invalid_encoding": 400, "invalid_request": 400, "too_many_choices": 400,
     "missing_api_key": 401, "invalid_api_key": 401, "expired_api_key": 401,
+    "identity_not_mapped": 403, "identity_conflict": 403, "key_store_unavailable": 503,
+    "admin_unauthorized": 401, "key_not_found": 404, "key_conflict": 409,  # key admin API
     "model_not_allowed": 403, "model_not_found": 404, "unknown_endpoint": 404,
     "method_not_allowed": 405, "request_too_large": 413, "unsupported_media_type": 415,
     "classification_violation": 403, "content_blocked": 403, "budget_exceeded": 429, "rate_limited": 429, "budget_store_unavailable": 503,

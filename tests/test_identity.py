@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import datetime, timedelta, timezone
 
@@ -11,6 +12,11 @@ from gateway_extproc import config, identity, keys
 from gateway_extproc.errors import GatewayError
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def authenticate(*args: object, **kwargs: object) -> config.VirtualKey:
+    return asyncio.run(identity.authenticate(*args, **kwargs))  # type: ignore[arg-type]
+
 
 # -- keys --------------------------------------------------------------------------------
 
@@ -98,12 +104,12 @@ def cfg() -> config.GatewayConfig:
     ({"authorization": f"Bearer {FUTURE}"}, "future"),  # not yet expired
 ])
 def test_authenticate_ok(cfg: config.GatewayConfig, headers: dict[str, str], expected_id: str) -> None:
-    entry = identity.authenticate(headers, cfg, NOW)
+    entry = authenticate(headers, cfg, NOW)
     assert entry is cfg.keys[expected_id]
 
 
 def test_authenticated_entry_carries_team_and_models(cfg: config.GatewayConfig) -> None:
-    entry = identity.authenticate({"x-api-key": LIMITED}, cfg, NOW)
+    entry = authenticate({"x-api-key": LIMITED}, cfg, NOW)
     assert entry.team == "ads" and entry.allows("chat") and not entry.allows("other")
 
 
@@ -130,7 +136,7 @@ def _wrong_secret(key: str) -> str:
 ])
 def test_authenticate_rejects(cfg: config.GatewayConfig, headers: dict[str, str], code: str) -> None:
     with pytest.raises(GatewayError) as info:
-        identity.authenticate(headers, cfg, NOW)
+        authenticate(headers, cfg, NOW)
     err = info.value
     assert err.code == code
     assert err.status == 401
@@ -147,7 +153,7 @@ def test_authenticate_rejects(cfg: config.GatewayConfig, headers: dict[str, str]
 
 def test_expired_message_names_the_key_id_only(cfg: config.GatewayConfig) -> None:
     with pytest.raises(GatewayError) as info:
-        identity.authenticate({"authorization": f"Bearer {EXPIRED}"}, cfg, NOW)
+        authenticate({"authorization": f"Bearer {EXPIRED}"}, cfg, NOW)
     assert "'expired'" in info.value.message
     assert "expired" in info.value.message and EXPIRED not in info.value.message
 
@@ -155,16 +161,16 @@ def test_expired_message_names_the_key_id_only(cfg: config.GatewayConfig) -> Non
 def test_key_expires_exactly_at_expires_at(cfg: config.GatewayConfig) -> None:
     expires_at = cfg.keys["future"].expires_at
     assert expires_at is not None
-    identity.authenticate({"x-api-key": FUTURE}, cfg, expires_at - timedelta(microseconds=1))
+    authenticate({"x-api-key": FUTURE}, cfg, expires_at - timedelta(microseconds=1))
     with pytest.raises(GatewayError) as info:
-        identity.authenticate({"x-api-key": FUTURE}, cfg, expires_at)
+        authenticate({"x-api-key": FUTURE}, cfg, expires_at)
     assert info.value.code == "expired_api_key"
 
 
 def test_wrong_secret_on_expired_key_is_invalid_not_expired(cfg: config.GatewayConfig) -> None:
     """Expiry is only revealed to someone who holds the key."""
     with pytest.raises(GatewayError) as info:
-        identity.authenticate({"x-api-key": _wrong_secret(EXPIRED)}, cfg, NOW)
+        authenticate({"x-api-key": _wrong_secret(EXPIRED)}, cfg, NOW)
     assert info.value.code == "invalid_api_key"
 
 
@@ -177,3 +183,133 @@ def test_wrong_secret_on_expired_key_is_invalid_not_expired(cfg: config.GatewayC
 ])
 def test_presented_key(headers: dict[str, str], expected: str | None) -> None:
     assert identity.presented_key(headers) == expected
+
+
+# -- workload identity (XFCC written by Envoy) and principal combination ----------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from gateway_extproc.identity_config import WorkloadRule  # noqa: E402
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("By=spiffe://td/gw;Hash=ab;URI=spiffe://td/ns/a/sa/b", {"by": ["spiffe://td/gw"], "hash": ["ab"],
+                                                            "uri": ["spiffe://td/ns/a/sa/b"]}),
+    ('Hash=1;URI="spiffe://td/x";DNS=a.svc;DNS=b.svc,By=p;URI=spiffe://td/proxy',
+     {"hash": ["1"], "uri": ["spiffe://td/x"], "dns": ["a.svc", "b.svc"]}),
+    ('Subject="CN=a,O=b;c";URI=spiffe://td/y', {"subject": ["CN=a,O=b;c"], "uri": ["spiffe://td/y"]}),
+    ('Subject="say \\"hi\\"";URI=u', {"subject": ['say "hi"'], "uri": ["u"]}),
+    ("", {}),
+    ("garbage", {}),
+])
+def test_xfcc_first_element(header: str, expected: dict[str, list[str]]) -> None:
+    assert identity.xfcc_first(header) == expected
+
+
+@given(st.text(max_size=300))
+def test_xfcc_parser_never_raises(header: str) -> None:
+    identity.xfcc_first(header)
+
+
+@pytest.mark.parametrize(("san", "pattern", "value", "matches"), [
+    ("spiffe", "spiffe://td/ns/p/sa/*", "spiffe://td/ns/p/sa/api", True),
+    ("spiffe", "spiffe://td/ns/p/sa/*", "spiffe://td/ns/p/sa/", False),
+    ("spiffe", "spiffe://td/ns/p/sa/*", "spiffe://td/ns/p/sa/api/extra", False),
+    ("spiffe", "spiffe://td/ns/p/sa/*", "spiffe://td/ns/px/sa/api", False),
+    ("spiffe", "spiffe://td/ns/p/sa/api", "spiffe://td/ns/p/sa/api", True),
+    ("spiffe", "spiffe://td/ns/p/sa/api", "spiffe://td/ns/p/sa/api2", False),
+    ("dns", "*.web.svc", "a.web.svc", True),
+    ("dns", "*.web.svc", "a.b.web.svc", False),
+    ("dns", "*.web.svc", ".web.svc", False),
+    ("dns", "*.web.svc", "web.svc", False),
+])
+def test_workload_patterns(san: str, pattern: str, value: str, matches: bool) -> None:
+    principal = config.VirtualKey("workload:x", "", "t", None, None)
+    assert WorkloadRule(san, pattern, principal).matches(value) is matches
+
+
+def _identity_config() -> config.GatewayConfig:
+    raw = {"version": 1, "listen": ["unix:///tmp/gw.sock"],
+           "providers": [{"name": "openai", "kind": "openai", "baseURL": "https://api.openai.com/v1",
+                          "credential": {"env": "OPENAI_API_KEY"}}],
+           "models": [{"name": n, "backends": [{"provider": "openai", "model": "gpt-4o-mini"}]} for n in ("m1", "m2")],
+           "teams": [{"name": "payments"}], "identity": {
+        "workloads": {"principals": [
+            {"name": "pay", "spiffe": "spiffe://td/ns/pay/sa/*", "team": "payments", "models": ["m1", "m2"]},
+            {"name": "pay-batch", "spiffe": "spiffe://td/ns/pay/sa/batch", "team": "payments", "models": ["m1"]}]},
+        "oidc": {"providers": [{"name": "corp", "issuer": "https://i", "jwks": {"inline": "{}"}, "teamClaim": "groups",
+                                "teams": {"grp-pay": "payments"}, "models": ["m2"]}]}}}
+    return config.parse(raw)
+
+
+def test_principal_precedence_and_allow_list_intersection() -> None:
+    cfg = _identity_config()
+    pay = {"x-forwarded-client-cert": "By=x;URI=spiffe://td/ns/pay/sa/api"}
+    key = authenticate(pay, cfg, NOW)
+    assert (key.id, key.team, key.models) == ("workload:pay", "payments", frozenset({"m1", "m2"}))
+    assert authenticate({"x-forwarded-client-cert": "URI=spiffe://td/ns/pay/sa/batch"}, cfg, NOW).id == \
+        "workload:pay-batch"  # exact beats wildcard
+    claims = {"corp": {"sub": "alice", "groups": ["other", "grp-pay"]}}
+    both = authenticate(pay, cfg, NOW, claims)
+    assert (both.id, both.team, both.user, both.models) == ("workload:pay", "payments", "alice", frozenset({"m2"}))
+    token = authenticate({}, cfg, NOW, claims)
+    assert (token.id, token.team, token.user) == ("token:corp", "payments", "alice")
+    with pytest.raises(GatewayError) as e:
+        authenticate({}, cfg, NOW, {"corp": {"sub": "bob", "groups": ["unknown"]}})
+    assert e.value.code == "identity_not_mapped"
+    with pytest.raises(GatewayError) as e:
+        authenticate({"x-forwarded-client-cert": "URI=spiffe://td/ns/other/sa/x"}, cfg, NOW)
+    assert e.value.code == "identity_not_mapped"
+
+
+def test_budget_levels_follow_the_user_a_workload_carries() -> None:
+    """One workload principal, many end users: each request's plan has its own user level."""
+    from gateway_extproc.budgets.gate import BudgetGate
+    from gateway_extproc.budgets.store import MemoryBudgetStore
+
+    raw = {"version": 1, "listen": ["unix:///tmp/gw.sock"],
+           "providers": [{"name": "openai", "kind": "openai", "baseURL": "https://api.openai.com/v1",
+                          "credential": {"env": "OPENAI_API_KEY"}}],
+           "models": [{"name": "m1", "backends": [{"provider": "openai", "model": "g",
+                                                   "pricing": {"input": 1, "output": 1}}]}],
+           "teams": [{"name": "payments", "budget": {"daily": 10}}],
+           "users": [{"name": "alice", "budget": {"daily": 1}}, {"name": "bob", "budget": {"daily": 2}}],
+           "identity": {"workloads": {"principals": [{"name": "pay", "spiffe": "spiffe://td/ns/p/sa/*",
+                                                      "team": "payments"}]}}}
+    cfg = config.parse(raw)
+    gate = BudgetGate(cfg, MemoryBudgetStore())
+    workload = cfg.identity.workloads[0].principal
+    from dataclasses import replace
+    names = {user: {lv.name for lv in gate.shape(replace(workload, user=user), cfg.models["m1"], NOW).levels}
+             for user in ("alice", "bob")}
+    assert "user:alice" in names["alice"] and "user:bob" in names["bob"] and "user:alice" not in names["bob"]
+    assert "team:payments" in names["alice"] and "key:workload:pay" in names["bob"]
+
+
+@given(sa=st.sampled_from(["api", "batch", "x", None]), sub=st.one_of(st.none(), st.text(min_size=1, max_size=8)),
+       groups=st.lists(st.sampled_from(["grp-pay", "other", ""]), max_size=3))
+def test_combined_principal_never_widens_an_allow_list(sa: str | None, sub: str | None, groups: list[str]) -> None:
+    cfg = _CFG
+    headers = {"x-forwarded-client-cert": f"URI=spiffe://td/ns/pay/sa/{sa}"} if sa else {}
+    claims = {"corp": {"sub": sub, "groups": groups}} if sub is not None else None
+    workload = cfg.identity.workload("spiffe", f"spiffe://td/ns/pay/sa/{sa}") if sa else None
+    try:
+        p = authenticate(headers, cfg, NOW, claims)
+    except GatewayError as e:
+        assert e.code in ("identity_not_mapped", "missing_api_key")
+        return
+    present = [x.models for x in (workload,) if x is not None] + ([cfg.identity.oidc["corp"].models] if claims else [])
+    for allowed in present:
+        assert allowed is None or (p.models is not None and p.models <= allowed)
+    if workload is not None:
+        assert (p.id, p.team) == (workload.id, workload.team)
+        assert p.user == (sub if claims else workload.user)
+
+
+_CFG = _identity_config()
+
+
+def test_a_verified_token_that_names_nobody_is_not_mapped_rather_than_missing() -> None:
+    with pytest.raises(GatewayError) as e:
+        authenticate({}, _CFG, NOW, {"corp": {"iss": "https://i"}})
+    assert e.value.code == "identity_not_mapped"

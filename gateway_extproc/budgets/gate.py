@@ -41,6 +41,7 @@ from .windows import Window, current_windows
 
 log = structlog.get_logger("gateway_extproc.budgets")
 NANO = 1_000_000_000
+_MAX_SHAPES = 100_000  # cached (principal, model) shapes before the cache starts over
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +90,7 @@ class BudgetGate:
         self.local = MemoryBudgetStore()
         self.settlements = Settlements()
         self.clock = clock
-        self._shapes: dict[tuple[str, str], tuple[str, _Shape]] = {}
+        self._shapes: dict[tuple[str, str, str | None, str], tuple[str, _Shape]] = {}
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), timezone.utc)
@@ -163,7 +164,10 @@ class BudgetGate:
         per day per pair, since only the calendar changes it. (Counter TTLs computed at the
         first request of a window run at most a day long, which is harmless.)"""
         day = current_windows(now, self.settings.timezone)[0].id
-        cached = self._shapes.get((key.id, model.name))
+        # The principal's team and user are part of the shape: a workload's id is shared by
+        # every end user whose token it carries (docs/identity.md).
+        pair = (key.id, key.team, key.user, model.name)
+        cached = self._shapes.get(pair)
         if cached is not None and cached[0] == day:
             return cached[1]
         levels = self.levels(key, now)
@@ -171,7 +175,9 @@ class BudgetGate:
         shape = _Shape(tuple(lv for lv, _ in levels), tuple(lv.limit for lv, _ in levels), tuple(tokens),
                        tuple(requests), worst(b.price for b in model.backends if b.price is not None),
                        buckets_open and all(open_ for _, open_ in levels), self.tallies(key, now))
-        self._shapes[(key.id, model.name)] = (day, shape)
+        if len(self._shapes) >= _MAX_SHAPES:  # token users are unbounded over time
+            self._shapes.clear()
+        self._shapes[pair] = (day, shape)
         return shape
 
     # -- store ---------------------------------------------------------------------------

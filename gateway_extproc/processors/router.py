@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import orjson
 import structlog
+from google.protobuf import json_format
+from gateway_extproc._proto.envoy.config.core.v3 import base_pb2
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from .. import api, audit, identity, messages, tokens
@@ -36,7 +38,8 @@ from .provider_response import ProviderResponse
 
 access_log = structlog.get_logger("gateway_extproc.access")
 
-# Caller credentials and gateway-owned headers never travel past the router filter.
+# Caller credentials, gateway-owned headers and the client certificate's details (XFCC)
+# never travel past the router filter.
 CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
@@ -100,7 +103,7 @@ class RouterProcessor:
         kind = req.WhichOneof("request")
         try:
             if kind == "request_headers":
-                return await self.request_headers(req.request_headers)
+                return await self.request_headers(req.request_headers, req.metadata_context)
             if kind == "request_body":
                 return await self.request_body(req.request_body)
         except GatewayError as err:
@@ -113,7 +116,8 @@ class RouterProcessor:
 
     # -- request -------------------------------------------------------------------------
 
-    async def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+    async def request_headers(self, msg: ep.HttpHeaders, metadata: base_pb2.Metadata | None = None
+                              ) -> ep.ProcessingResponse:
         h = r.header_map(msg)
         self.request_id = h.get("x-request-id", "")
         self.method = h.get(":method", "")
@@ -124,7 +128,8 @@ class RouterProcessor:
         if self.path == api.MESSAGES_PATH:
             self.client = "anthropic"
         cfg = self.runtime.config
-        self.key = identity.authenticate(h, cfg, datetime.now(timezone.utc))
+        self.key = await identity.authenticate(h, cfg, datetime.now(timezone.utc), _jwt_claims(metadata),
+                                               self.runtime.keys)
         if endpoint == api.MODELS_PATH:
             return self.answer(200, _models_body(cfg.models, self.key))
         if endpoint == api.USAGE_PATH:
@@ -144,7 +149,7 @@ class RouterProcessor:
         if msg.end_of_stream:
             raise GatewayError("invalid_request", "This endpoint needs a JSON request body.")
         strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
-                 or k == CLASSIFICATION_HEADER]
+                 or k == CLASSIFICATION_HEADER or k == identity.XFCC]
         return r.request_headers(r.common(r.mutation(remove=strip)))
 
     async def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
@@ -461,6 +466,13 @@ class RouterProcessor:
     def close(self) -> None:
         """The stream ended; if the response never completed, say so in the log."""
         self.log(outcome="incomplete")
+
+
+def _jwt_claims(metadata: base_pb2.Metadata | None) -> dict | None:
+    """Payloads jwt_authn verified, by provider name (its `payload_in_metadata`)."""
+    if metadata is None or identity.JWT_NAMESPACE not in metadata.filter_metadata:
+        return None
+    return json_format.MessageToDict(metadata.filter_metadata[identity.JWT_NAMESPACE])
 
 
 def _endpoint_for(method: str, path: str) -> api.Endpoint | str:

@@ -53,19 +53,36 @@ static_resources:
       socket_address: {address: {{ $v.envoy.listener.address }}, port_value: {{ $v.envoy.listener.port }}}
     per_connection_buffer_limit_bytes: {{ $bufferLimit }}
     filter_chains:
-    {{- if $v.envoy.tls.enabled }}
-    - transport_socket:
-        {{- include "gateway-extproc.downstreamTls" . | nindent 8 }}
-      filters:
-    {{- else }}
-    - filters:
+    {{- /* identity (docs/identity.md): one chain per trust level of XFCC. Everyone: Envoy
+    drops a client-sent XFCC and writes its own from the verified client certificate. Trusted
+    proxies (a mesh sidecar terminating mTLS, matched by source address): their XFCC is kept. */}}
+    {{- $ident := $v.identity | default dict }}
+    {{- $chains := list (dict "name" "direct" "xfcc" "SANITIZE_SET") }}
+    {{- with (($ident.workloads | default dict).trustedProxies) }}
+    {{- $chains = append $chains (dict "name" "trusted_proxy" "xfcc" "APPEND_FORWARD" "sources" .) }}
     {{- end }}
+    {{- range $chain := $chains }}
+    - name: {{ $chain.name }}
+      {{- with $chain.sources }}
+      filter_chain_match:
+        source_prefix_ranges:
+        {{- range $cidr := . }}
+        - {address_prefix: {{ index (splitList "/" $cidr) 0 | quote }}, prefix_len: {{ index (splitList "/" $cidr) 1 }}}
+        {{- end }}
+      {{- end }}
+      {{- if $v.envoy.tls.enabled }}
+      transport_socket:
+        {{- include "gateway-extproc.downstreamTls" $ | nindent 8 }}
+      {{- end }}
+      filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
           {{- with include "gateway-extproc.envoyTracing" $ }}{{ . | trim | nindent 10 }}{{ end }}
           use_remote_address: true
+          forward_client_cert_details: {{ $chain.xfcc }}
+          set_current_client_cert_details: {uri: true, dns: true}
           always_set_request_id_in_response: true
           request_timeout: 0s
           stream_idle_timeout: {{ $v.envoy.upstreamTimeout }}
@@ -78,6 +95,7 @@ static_resources:
             {{- $d := "response.code_details" }}
             {{- $reset := printf "%s.startsWith('upstream_reset_before_response_started')" $d }}
             {{- range $m := list
+                (list (printf "%s.startsWith('jwt_authn_access_denied')" $d) 401 "invalid_token" "authentication_error" "The bearer token was rejected: %RESPONSE_CODE_DETAILS%")
                 (list (printf "response.code == 404 && %s == 'direct_response' && 'x-gateway-model' in request.headers" $d) 503 "model_not_deployed" "server_error" "Model '%REQ(X-GATEWAY-MODEL)%' is in gateway.yaml but not in Envoy's configuration yet: the operator must re-render envoy.yaml and restart Envoy.")
                 (list (printf "%s && %s.contains('overflow')" $reset $d) 503 "upstream_overloaded" "server_error" "Too many requests are in flight to this model's providers; retry shortly.")
                 (list (printf "%s && %s.contains('connection_failure')" $reset $d) 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
@@ -171,6 +189,10 @@ static_resources:
               - match: {prefix: /}
                 direct_response: {status: 404}
           http_filters:
+          {{- $oidc := ($ident.oidc | default dict).providers }}
+          {{- if $oidc }}
+          {{- include "gateway-extproc.jwtAuthn" $oidc | nindent 10 }}
+          {{- end }}
           - name: envoy.filters.http.ext_proc
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
@@ -191,6 +213,10 @@ static_resources:
               mutation_rules: {allow_envoy: true}
               metadata_options:
                 receiving_namespaces: {untyped: [gw]}
+                {{- if $oidc }}
+                # the claims jwt_authn verified (payload_in_metadata), never a header
+                forwarding_namespaces: {untyped: [envoy.filters.http.jwt_authn]}
+                {{- end }}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -211,10 +237,12 @@ static_resources:
                       failure: "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
                       upstream_host: "%UPSTREAM_HOST%"
                       duration_ms: "%DURATION%"
+    {{- end }}
   {{- with include "gateway-extproc.envoyStatsListener" $ }}{{ . | trim | nindent 2 }}{{ end }}
   clusters:
   {{- with include "gateway-extproc.envoyStatsCluster" $ }}{{ . | trim | nindent 2 }}{{ end }}
   {{- with include "gateway-extproc.envoyTracingCluster" $ }}{{ . | trim | nindent 2 }}{{ end }}
+  {{- with include "gateway-extproc.jwksClusters" $ }}{{ . | trim | nindent 2 }}{{ end }}
   # Envoy 1.40 segfaults when this connection's buffered data goes over its high watermark
   # while an ext_proc runs as an upstream (cluster) filter anywhere on the same worker
   # (docs/architecture.md, "Why Envoy never pushes back on the ext_proc connection"), so its
@@ -370,12 +398,133 @@ typed_config:
         path_config_source: {path: {{ printf "%s/sds-certificate.yaml" .Values.configDir | quote }}}
         resource_api_version: V3
     {{- if $tls.clientCA.enabled }}
+    {{- $sans := include "gateway-extproc.clientSanMatchers" . }}
+    {{- if $sans }}
+    # identity.workloads.trustDomains: Envoy refuses client certificates outside them.
+    combined_validation_context:
+      default_validation_context:
+        match_typed_subject_alt_names:
+        {{- $sans | trim | nindent 8 }}
+      validation_context_sds_secret_config:
+        name: client_ca
+        sds_config:
+          path_config_source: {path: {{ printf "%s/sds-client-ca.yaml" .Values.configDir | quote }}}
+          resource_api_version: V3
+    {{- else }}
     validation_context_sds_secret_config:
       name: client_ca
       sds_config:
         path_config_source: {path: {{ printf "%s/sds-client-ca.yaml" .Values.configDir | quote }}}
         resource_api_version: V3
     {{- end }}
+    {{- end }}
+{{- end -}}
+
+{{/*
+identity (docs/identity.md). Client certificate SANs Envoy accepts when
+identity.workloads.trustDomains is set: a URI SAN in one of those SPIFFE trust domains, or a
+DNS SAN some principal's dns pattern names. Empty when no trust domain is configured.
+*/}}
+{{- define "gateway-extproc.clientSanMatchers" -}}
+{{- $wl := ((.Values.identity | default dict).workloads | default dict) -}}
+{{- if $wl.trustDomains -}}
+{{- range $td := $wl.trustDomains }}
+- san_type: URI
+  matcher: {prefix: {{ printf "spiffe://%s/" $td | quote }}}
+{{- end }}
+{{- range $p := $wl.principals | default list }}
+{{- with $p.dns }}
+- san_type: DNS
+  matcher: {{ if hasPrefix "*." . }}{suffix: {{ trimPrefix "*" . | quote }}}{{ else }}{exact: {{ . | quote }}}{{ end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+identity: Envoy's jwt_authn for identity.oidc.providers. Each provider's verified payload
+goes to dynamic metadata under its name (the router ext_proc receives that namespace); the
+token header is removed once verified. A gateway key in Authorization skips verification;
+any other bearer token must verify against some provider; no token at all is allowed (the
+ext_proc then needs a key or a workload identity).
+*/}}
+{{- define "gateway-extproc.jwtAuthn" -}}
+- name: envoy.filters.http.jwt_authn
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+    providers:
+      {{- range $p := . }}
+      {{ $p.name }}:
+        issuer: {{ $p.issuer | quote }}
+        {{- with $p.audiences }}
+        audiences: {{ toJson . }}
+        {{- end }}
+        forward: false
+        payload_in_metadata: {{ $p.name }}
+        from_headers: [{name: authorization, value_prefix: "Bearer "}]
+        clock_skew_seconds: {{ $p.clockSkewSeconds | default 60 }}
+        {{- if $p.jwks.remote }}
+        remote_jwks:
+          http_uri:
+            uri: {{ $p.jwks.remote.url | quote }}
+            cluster: {{ printf "jwks.%s" $p.name | quote }}
+            timeout: {{ $p.jwks.remote.timeout | default "5s" }}
+          cache_duration: {{ $p.jwks.remote.cacheDuration | default "600s" }}
+          async_fetch: {}
+        {{- else if $p.jwks.file }}
+        local_jwks: {filename: {{ $p.jwks.file | quote }}}
+        {{- else }}
+        local_jwks: {inline_string: {{ $p.jwks.inline | quote }}}
+        {{- end }}
+      {{- end }}
+    rules:
+    - match:
+        prefix: /
+        headers: [{name: authorization, string_match: {prefix: "Bearer gwk_"}}]
+    - match: {prefix: /}
+      requires:
+        requires_any:
+          requirements:
+          {{- range $p := . }}
+          - provider_name: {{ $p.name }}
+          {{- end }}
+          - allow_missing: {}
+{{- end -}}
+
+{{/* identity: one cluster per remote JWKS (identity.oidc.providers[].jwks.remote). */}}
+{{- define "gateway-extproc.jwksClusters" -}}
+{{- $v := .Values -}}
+{{- range $p := ((($v.identity | default dict).oidc | default dict).providers | default list) }}
+{{- with $p.jwks.remote }}
+{{- $u := urlParse .url }}
+{{- $tls := eq $u.scheme "https" }}
+{{- $hostParts := splitList ":" $u.host }}
+{{- $port := ternary 443 80 $tls }}
+{{- if gt (len $hostParts) 1 }}{{ $port = index $hostParts 1 | int }}{{ end }}
+- name: {{ printf "jwks.%s" $p.name | quote }}
+  type: STRICT_DNS
+  dns_lookup_family: V4_PREFERRED
+  connect_timeout: 5s
+  load_assignment:
+    cluster_name: {{ printf "jwks.%s" $p.name | quote }}
+    endpoints:
+    - lb_endpoints:
+      - endpoint:
+          address:
+            socket_address: {address: {{ index $hostParts 0 | quote }}, port_value: {{ $port }}}
+  {{- if $tls }}
+  transport_socket:
+    name: envoy.transport_sockets.tls
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+      sni: {{ index $hostParts 0 | quote }}
+      common_tls_context:
+        validation_context:
+          trusted_ca: {filename: {{ ternary (printf "%s/%s" $v.envoy.upstreamCA.dir $v.envoy.upstreamCA.key) "/etc/ssl/certs/ca-certificates.crt" (ne $v.envoy.upstreamCA.dir "") | quote }}}
+          match_typed_subject_alt_names: [{san_type: DNS, matcher: {exact: {{ index $hostParts 0 | quote }}}}]
+  {{- end }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* SDS file of the listener certificate: paths only, never key material. */}}

@@ -22,6 +22,10 @@ keys:
 {{- toYaml $v.keys | nindent 2 }}
 budgets:
 {{- toYaml $v.budgets | nindent 2 }}
+{{- with $v.identity }}
+identity:
+{{- toYaml . | nindent 2 }}
+{{- end }}
 {{- with $v.classification }}
 classification:
 {{- toYaml . | nindent 2 }}

@@ -198,6 +198,12 @@ only); TLS material is mounted into Envoy.
 {{- if and $tls.enabled $tls.clientCA.enabled $tls.clientCA.secretName -}}
 {{- $out = append $out (dict "name" "tls-client-ca" "dir" $tls.clientCA.dir "container" "envoy" "from" "envoy.tls.clientCA" "sources" (list (dict "secret" (dict "name" $tls.clientCA.secretName "items" (list (dict "key" $tls.clientCA.key "path" $tls.clientCA.key)))))) -}}
 {{- end -}}
+{{- /* identity: a JWKS file from a Secret, mounted in Envoy at the file's directory. */ -}}
+{{- range $i, $p := ((($v.identity | default dict).oidc | default dict).providers | default list) -}}
+{{- if and $p.jwks.file $p.jwks.secret -}}
+{{- $out = append $out (dict "name" (printf "jwks-%d" $i) "dir" (dir $p.jwks.file) "container" "envoy" "from" "identity.oidc.providers[].jwks" "sources" (list (dict "secret" (dict "name" $p.jwks.secret.name "items" (list (dict "key" $p.jwks.secret.key "path" (base $p.jwks.file))))))) -}}
+{{- end -}}
+{{- end -}}
 {{- toJson $out -}}
 {{- end -}}
 

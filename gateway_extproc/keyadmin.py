@@ -1,0 +1,384 @@
+"""The key admin API: create, list, rotate, revoke and update virtual keys at run time.
+
+It runs in the `serve` parent process on its own address (`identity.keyAdmin`), never on
+Envoy's public listener, and authenticates every call with an admin token whose SHA-256
+is in values (compared in constant time against every admin's hash). Keys it creates go
+to the key store the workers read (keystore.py): Redis when budgets.store is redis, so
+every replica sees a change within about a second, else a JSON file on this node. Keys
+defined in values are listed but never changed here.
+
+A secret is shown once, in the reply that creates or rotates it; the store keeps its
+SHA-256. Every change, and every call refused for its credential, is one `admin_action`
+log event (`audit`).
+
+    POST   /admin/keys                {team, id?, user?, owner?, models?, expires_at?}  -> 201 + key
+    GET    /admin/keys                                                                    -> list
+    GET    /admin/keys/{id}
+    POST   /admin/keys/{id}/rotate    {grace_seconds?}  old and new both work until the grace ends
+    PATCH  /admin/keys/{id}           {expires_at?: str|null, models?: [..]|null}
+    DELETE /admin/keys/{id}           revoke
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from . import config as config_mod
+from . import keys as keys_mod
+from .errors import GatewayError, error_body
+from .keystore import FIELDS, read_file, redis_names, write_file
+
+log = structlog.get_logger("gateway_extproc.audit")
+
+MAX_GRACE_SECONDS = 30 * 86400
+_PATH = re.compile(r"^/admin/keys(?:/([a-z0-9][a-z0-9-]{0,62})(/rotate)?)?/?$")
+_CREATE = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+def audit(actor: str | None, action: str, key_id: str | None = None, **details: Any) -> None:
+    """One admin action (who, what, when). The single place admin actions are recorded,
+    so an audit trail can subscribe here. Never carries a secret or a hash."""
+    log.info("admin_action", actor=actor, action=action, key_id=key_id,
+             at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **details)
+
+
+class AdminStore(Protocol):
+    def create(self, record: dict[str, str]) -> bool: ...
+    def get(self, id_: str) -> dict[str, str] | None: ...
+    def update(self, id_: str, fields: dict[str, str]) -> bool: ...
+    def delete(self, id_: str) -> bool: ...
+    def all(self) -> list[dict[str, str]]: ...
+
+
+class RedisAdminStore:
+    def __init__(self, client: Any, org: str) -> None:
+        self.client = client
+        self.record, self.ids, self.used = redis_names(org)
+        self._create = client.register_script(_CREATE)
+        self._update = client.register_script(_UPDATE)
+
+    def create(self, record: dict[str, str]) -> bool:
+        flat = [x for k, v in record.items() for x in (k, v)]
+        return bool(self._create(keys=[self.record + record["id"], self.ids], args=[record["id"], *flat]))
+
+    def get(self, id_: str) -> dict[str, str] | None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.record + id_)
+        pipe.hget(self.used, id_)
+        raw, used = pipe.execute()
+        return _decoded(raw, used) if raw else None
+
+    def update(self, id_: str, fields: dict[str, str]) -> bool:
+        return bool(self._update(keys=[self.record + id_], args=[x for k, v in fields.items() for x in (k, v)]))
+
+    def delete(self, id_: str) -> bool:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.record + id_)
+        pipe.srem(self.ids, id_)
+        pipe.hdel(self.used, id_)
+        return bool(pipe.execute()[0])
+
+    def all(self) -> list[dict[str, str]]:
+        ids = sorted(i.decode() for i in self.client.smembers(self.ids))
+        pipe = self.client.pipeline(transaction=False)
+        for id_ in ids:
+            pipe.hgetall(self.record + id_)
+        pipe.hgetall(self.used)
+        *records, used = pipe.execute()
+        used = {k.decode(): v for k, v in used.items()}
+        return [_decoded(r, used.get(id_)) for id_, r in zip(ids, records) if r]
+
+
+def _decoded(raw: dict[bytes, bytes], used: bytes | None) -> dict[str, str]:
+    out = {k.decode(): v.decode() for k, v in raw.items()}
+    out["last_used"] = used.decode() if used else ""
+    return out
+
+
+class FileAdminStore:
+    """One node's key file; written whole and renamed into place under a lock."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.lock = threading.Lock()
+
+    def create(self, record: dict[str, str]) -> bool:
+        with self.lock:
+            records = read_file(self.path)
+            if record["id"] in records:
+                return False
+            records[record["id"]] = record
+            write_file(self.path, records)
+            return True
+
+    def get(self, id_: str) -> dict[str, str] | None:
+        return read_file(self.path).get(id_)
+
+    def update(self, id_: str, fields: dict[str, str]) -> bool:
+        with self.lock:
+            records = read_file(self.path)
+            if id_ not in records:
+                return False
+            records[id_].update(fields)
+            write_file(self.path, records)
+            return True
+
+    def delete(self, id_: str) -> bool:
+        with self.lock:
+            records = read_file(self.path)
+            if records.pop(id_, None) is None:
+                return False
+            write_file(self.path, records)
+            return True
+
+    def all(self) -> list[dict[str, str]]:
+        return [r for _, r in sorted(read_file(self.path).items())]
+
+
+@dataclass
+class AdminApp:
+    """The API without HTTP: (method, path, headers, body) -> (status, JSON body)."""
+
+    config_path: str
+    store: AdminStore
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        actor = None
+        try:
+            try:
+                cfg = config_mod.load(self.config_path)  # admin calls are rare: always the current values
+            except config_mod.ConfigError as exc:
+                raise GatewayError("gateway_internal_error", f"The gateway config does not load ({exc}); "
+                                   "nothing was changed.") from None
+            actor = self.authenticate(cfg, headers)
+            match = _PATH.match(path.partition("?")[0])
+            if match is None:
+                raise GatewayError("unknown_endpoint", f"Unknown admin endpoint {method} {path[:200]}.")
+            id_, rotate = match.group(1), match.group(2)
+            data = _json(body) if method in ("POST", "PATCH") else {}
+            if id_ is None and method == "GET":
+                return 200, _dumps({"object": "list", "data": self.list(cfg)})
+            if id_ is None and method == "POST":
+                return 201, _dumps(self.create(cfg, actor, data))
+            if id_ is not None and rotate and method == "POST":
+                return 200, _dumps(self.rotate(cfg, actor, id_, data))
+            if id_ is not None and not rotate and method == "GET":
+                return 200, _dumps(self.public(self._existing(cfg, id_)))
+            if id_ is not None and not rotate and method == "PATCH":
+                return 200, _dumps(self.update(cfg, actor, id_, data))
+            if id_ is not None and not rotate and method == "DELETE":
+                self._existing(cfg, id_)
+                if not self.store.delete(id_):
+                    raise GatewayError("key_not_found", f"No key {id_!r}.")
+                audit(actor, "revoke", id_)
+                return 200, _dumps({"id": id_, "revoked": True})
+            raise GatewayError("method_not_allowed", f"{method} is not supported on {path[:200]}.")
+        except GatewayError as err:
+            if err.code == "admin_unauthorized":
+                audit(None, "denied", path=path[:200], method=method)
+            return err.status, err.body()
+
+    def authenticate(self, cfg: config_mod.GatewayConfig, headers: dict[str, str]) -> str:
+        admin = cfg.identity.key_admin
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        digest = keys_mod.digest(token.strip()) if scheme.lower() == "bearer" and token.strip() else keys_mod.DUMMY
+        who = None
+        for name, expected in (admin.admins.items() if admin else ()):
+            if hmac.compare_digest(digest, expected) and who is None:  # every hash compared: constant time
+                who = name
+        if who is None:
+            raise GatewayError("admin_unauthorized", "Send `Authorization: Bearer <admin token>` "
+                               "(identity.keyAdmin.admins).")
+        return who
+
+    def _existing(self, cfg: config_mod.GatewayConfig, id_: str) -> dict[str, str]:
+        if id_ in cfg.keys:
+            raise GatewayError("key_conflict", f"The key {id_!r} is defined in values; change it there.")
+        record = self.store.get(id_)
+        if record is None:
+            raise GatewayError("key_not_found", f"No key {id_!r}.")
+        return record
+
+    def list(self, cfg: config_mod.GatewayConfig) -> list[dict[str, Any]]:
+        from_values = [{"id": k.id, "team": k.team, "user": k.user, "owner": None,
+                        "models": sorted(k.models) if k.models is not None else None, "created": None,
+                        "expires_at": k.expires_at.isoformat() if k.expires_at else None, "last_used": None,
+                        "previous_valid_until": None, "source": "values"} for k in cfg.keys.values()]
+        return from_values + [self.public(r) for r in self.store.all()]
+
+    @staticmethod
+    def public(record: dict[str, str]) -> dict[str, Any]:
+        """What a listing shows: never the secret, never its hash."""
+        return {"id": record["id"], "team": record["team"], "user": record.get("user") or None,
+                "owner": record.get("owner") or None,
+                "models": json.loads(record["models"]) if record.get("models") else None,
+                "created": record.get("created") or None, "expires_at": record.get("expires_at") or None,
+                "last_used": record.get("last_used") or None,
+                "previous_valid_until": record.get("previous_until") or None, "source": "admin"}
+
+    def create(self, cfg: config_mod.GatewayConfig, actor: str, data: dict[str, Any]) -> dict[str, Any]:
+        team = data.get("team")
+        if not isinstance(team, str) or team not in cfg.teams:
+            raise GatewayError("invalid_request", f"team must name a team in values, not {team!r}.", "team")
+        id_ = data.get("id") or f"{team.lower()[:50]}-{secrets.token_hex(4)}"
+        if not isinstance(id_, str) or not config_mod.KEY_ID.match(id_):
+            raise GatewayError("invalid_request", "id must be lowercase letters, digits and '-' (max 63).", "id")
+        if id_ in cfg.keys:
+            raise GatewayError("key_conflict", f"The key {id_!r} is defined in values.")
+        for name in ("user", "owner"):
+            if data.get(name) is not None and (not isinstance(data[name], str) or not data[name]):
+                raise GatewayError("invalid_request", f"{name} must be a non-empty string.", name)
+        secret = keys_mod.generate(id_)
+        record = dict.fromkeys(FIELDS, "")
+        record.update(id=id_, sha256=keys_mod.digest(secret), team=team, user=data.get("user") or "",
+                      owner=data.get("owner") or actor, created=_now().isoformat(timespec="seconds"),
+                      models=_models(cfg, data.get("models")), expires_at=_expiry(data.get("expires_at")))
+        if not self.store.create(record):
+            raise GatewayError("key_conflict", f"A key {id_!r} already exists.")
+        audit(actor, "create", id_, team=team, expires_at=record["expires_at"] or None)
+        return {**self.public(record), "key": secret}
+
+    def rotate(self, cfg: config_mod.GatewayConfig, actor: str, id_: str, data: dict[str, Any]) -> dict[str, Any]:
+        record = self._existing(cfg, id_)
+        grace = data.get("grace_seconds", 3600)
+        if type(grace) is not int or not 0 <= grace <= MAX_GRACE_SECONDS:
+            raise GatewayError("invalid_request", f"grace_seconds must be 0..{MAX_GRACE_SECONDS}.", "grace_seconds")
+        secret = keys_mod.generate(id_)
+        until = (_now() + timedelta(seconds=grace)).isoformat(timespec="milliseconds")
+        fields = {"sha256": keys_mod.digest(secret), "previous_sha256": record["sha256"], "previous_until": until}
+        if not self.store.update(id_, fields):
+            raise GatewayError("key_not_found", f"No key {id_!r}.")
+        audit(actor, "rotate", id_, grace_seconds=grace)
+        return {**self.public({**record, **fields}), "key": secret}
+
+    def update(self, cfg: config_mod.GatewayConfig, actor: str, id_: str, data: dict[str, Any]) -> dict[str, Any]:
+        record = self._existing(cfg, id_)
+        fields = {}
+        if "expires_at" in data:
+            fields["expires_at"] = _expiry(data["expires_at"])
+        if "models" in data:
+            fields["models"] = _models(cfg, data["models"])
+        if not fields:
+            raise GatewayError("invalid_request", "Send expires_at and/or models.")
+        if not self.store.update(id_, fields):
+            raise GatewayError("key_not_found", f"No key {id_!r}.")
+        audit(actor, "update", id_, **{k: v or None for k, v in fields.items()})
+        return self.public({**record, **fields})
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        raise GatewayError("invalid_json", "The body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise GatewayError("invalid_request", "The body must be a JSON object.")
+    return data
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _models(cfg: config_mod.GatewayConfig, models: Any) -> str:
+    if models is None:
+        return ""
+    if not isinstance(models, list) or not all(isinstance(m, str) and m in cfg.models for m in models):
+        raise GatewayError("invalid_request", "models must be a list of model names in values (null: all).", "models")
+    return json.dumps(sorted(set(models)))
+
+
+def _expiry(value: Any) -> str:
+    if value is None:
+        return ""
+    try:
+        t = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        t = None
+    if t is None:
+        raise GatewayError("invalid_request", "expires_at must be ISO 8601, e.g. 2027-01-31T00:00:00Z.", "expires_at")
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat()
+
+
+def store_for(cfg: config_mod.GatewayConfig) -> AdminStore:
+    b, admin = cfg.budgets, cfg.identity.key_admin
+    assert admin is not None
+    if b is not None and b.store == "redis":
+        import os
+
+        import redis
+
+        client = redis.Redis.from_url(b.redis_url or "", socket_timeout=2, socket_connect_timeout=2)
+        if b.redis_password_env:
+            client.connection_pool.connection_kwargs["password"] = os.environ.get(b.redis_password_env)
+        return RedisAdminStore(client, b.org)
+    assert admin.file is not None
+    return FileAdminStore(admin.file)
+
+
+def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServer:
+    """Serve the admin API on identity.keyAdmin.address:port from a daemon thread."""
+    admin = cfg.identity.key_admin
+    assert admin is not None
+    app = AdminApp(config_path, store_for(cfg))
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "gateway-extproc-admin"
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(min(length, 64 * 1024)) if length else b""
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            try:
+                status, out = app.handle(self.command, self.path, headers, body)
+            except Exception:  # a store outage or a bug: the caller gets the OpenAI shape, the log the trace
+                log.exception("admin_failed", path=self.path[:200])
+                status, out = 503, error_body("The key store is unreachable or failed; nothing was changed "
+                                              "unless a retry shows it.", "server_error", "key_store_unavailable")
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:  # audit() logs what matters
+            pass
+
+    server = ThreadingHTTPServer((admin.address, admin.port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="key-admin", daemon=True).start()
+    log.info("key_admin_listening", address=admin.address, port=admin.port)
+    return server
+
+
+def admin_token() -> tuple[str, str]:
+    """A new admin token and the SHA-256 that goes in values."""
+    token = "gwa_" + secrets.token_urlsafe(32)
+    return token, hashlib.sha256(token.encode()).hexdigest()
