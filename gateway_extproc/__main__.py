@@ -198,7 +198,7 @@ def _local(args: argparse.Namespace) -> int:
 
         prepare(args.workdir / "certs")
         stack.mtls_values = tls_values(values, args.workdir / "certs", args.mtls_port,
-                                       values["envoy"]["admin"]["port"] + 1, args.workdir / "mtls")
+                                       values["envoy"]["admin"]["port"] + 2, args.workdir / "mtls")  # +1: stats
     stopped = False
 
     def stop(*_: object) -> None:

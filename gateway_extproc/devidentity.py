@@ -90,10 +90,12 @@ def mint(certs: Path, sub: str, team: str | None, expires_in: int = 3600, issuer
 
 
 def tls_values(values: dict[str, Any], certs: Path, port: int, admin_port: int, config_dir: Path) -> dict[str, Any]:
-    """The same values with Envoy's listener on `port` serving mTLS with the demo certificates."""
+    """The same values with Envoy's listener on `port` serving mTLS with the demo certificates
+    (its own admin port; no second Envoy-stats listener, the plain Envoy serves that)."""
     out = json.loads(json.dumps(values))
     out["envoy"]["listener"]["port"] = port
     out["envoy"]["admin"]["port"] = admin_port
+    out["envoy"]["metrics"]["port"] = 0
     out["envoy"]["tls"] = {"enabled": True, "certificate": {"secretName": "", "dir": str(certs.resolve() / "server")},
                            "clientCA": {"enabled": True, "secretName": "", "key": "ca.crt",
                                         "dir": str(certs.resolve() / "client-ca")}}
