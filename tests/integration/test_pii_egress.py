@@ -14,19 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
-import grpc
 import httpx
 import openai
 import orjson
 import pytest
-from concurrent import futures
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from ..pii_corpus import Case, forms, leaks, leaks_in, positives
 from ..test_pii_corpus import body_for
 from .conftest import Gateway, running_gateway
-from .test_tracing import Collector
+from .test_tracing import Collector, otlp_collector
 
 CASES = positives()
 MODEL = "private-chat"  # approved up to `restricted`: every case is served, redacted
@@ -34,19 +30,8 @@ MODEL = "private-chat"  # approved up to `restricted`: every case is served, red
 
 @pytest.fixture(scope="module")
 def pii() -> Iterator[tuple[Gateway, Collector]]:
-    collector = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
-           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "300"}
-    try:
-        with running_gateway("gw-pii-", env=env) as gw:
-            yield gw, collector
-    finally:
-        server.stop(0)
+    with otlp_collector() as (collector, _, env), running_gateway("gw-pii-", env=env) as gw:
+        yield gw, collector
 
 
 def post(client: httpx.Client, gw: Gateway, body: dict, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -38,8 +40,9 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
-@pytest.fixture(scope="module")
-def traced() -> Iterator[tuple[Gateway, Collector]]:
+@contextmanager
+def otlp_collector(metric_interval_ms: int | None = 300) -> Iterator[tuple[Collector, int, dict[str, str]]]:
+    """An in-test OTLP/gRPC collector: (collector, port, env for the ext_proc)."""
     collector = Collector()
     server = grpc.server(futures.ThreadPoolExecutor(4))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
@@ -47,12 +50,19 @@ def traced() -> Iterator[tuple[Gateway, Collector]]:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
-           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "300"}
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    if metric_interval_ms is not None:
+        env["OTEL_METRIC_EXPORT_INTERVAL"] = str(metric_interval_ms)
     try:
-        with running_gateway("gw-otel-", env=env) as gw:
-            yield gw, collector
+        yield collector, port, env
     finally:
         server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def traced() -> Iterator[tuple[Gateway, Collector]]:
+    with otlp_collector() as (collector, _, env), running_gateway("gw-otel-", env=env) as gw:
+        yield gw, collector
 
 
 def attrs(span) -> dict:
@@ -163,22 +173,11 @@ def test_streamed_response_id_and_finish_reasons_reach_the_span(traced) -> None:
 @pytest.fixture(scope="module")
 def envoy_traced() -> Iterator[tuple[Gateway, Collector]]:
     """Envoy's tracer on (tracing.otlp) and the ext_proc exporting to the same collector."""
-    collector = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
-           "OTEL_BSP_SCHEDULE_DELAY": "100"}
-
-    def customize(values: dict) -> None:
-        values["tracing"]["otlp"] = {"address": "127.0.0.1", "port": port}
-    try:
+    with otlp_collector(None) as (collector, port, env):
+        def customize(values: dict) -> None:
+            values["tracing"]["otlp"] = {"address": "127.0.0.1", "port": port}
         with running_gateway("gw-envoy-otel-", env=env, customize=customize) as gw:
             yield gw, collector
-    finally:
-        server.stop(0)
 
 
 def test_envoy_and_extproc_spans_form_one_trace(envoy_traced) -> None:
