@@ -65,13 +65,11 @@ MODELS = ("private-chat", "default-chat", "fallback-chat", "azure-chat", "claude
 
 
 def request(case: Case) -> tuple[str, dict[str, str], bytes]:
+    """The same body fits both APIs (OpenAI chat and Anthropic Messages)."""
     headers = {"x-mock-reply-words": str(case.words), **case.mock}
-    messages = [{"role": "user", "content": "Tell me everything."}]
-    if case.client == "anthropic":
-        body = {"model": case.model, "max_tokens": 20_000, "stream": case.stream, "messages": messages}
-        return "/v1/messages", headers, orjson.dumps(body)
-    body = {"model": case.model, "max_tokens": 20_000, "stream": case.stream, "messages": messages}
-    return "/v1/chat/completions", headers, orjson.dumps(body)
+    body = {"model": case.model, "max_tokens": 20_000, "stream": case.stream,
+            "messages": [{"role": "user", "content": "Tell me everything."}]}
+    return "/v1/messages" if case.client == "anthropic" else "/v1/chat/completions", headers, orjson.dumps(body)
 
 
 async def run(client: httpx.AsyncClient, gw: Gateway, case: Case) -> tuple[Case, str]:
