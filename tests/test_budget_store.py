@@ -463,3 +463,39 @@ async def test_a_restarted_server_costs_no_failed_call(outage_server):
         assert await store.settle(request("r1"), 100, 10, T0) == "settled"
     finally:
         await client.aclose()
+
+
+async def test_a_restart_with_every_pooled_socket_stale_costs_no_failed_call(outage_server):
+    """After a burst has opened every pooled connection, a restart leaves all of them closed:
+    the next burst retries on fresh ones (not on the next stale one) and loses nothing."""
+    client = connect(outage_server.url)
+    store = RedisBudgetStore(client, PREFIX)
+    big = Limit("org:stale", 10**12, None, 3600)
+    try:
+        for wave in range(3):
+            # Calls spread over several ticks so every pool slot holds its own socket.
+            async def one(i: int, wave: int = wave) -> bool:
+                await asyncio.sleep(0.001 * (i % 8))
+                return (await store.reserve(request(f"w{wave}-{i}", limits=(big,)))).admitted
+
+            assert all(await asyncio.gather(*(one(i) for i in range(200))))
+            outage_server.stop()
+            outage_server.start()
+    finally:
+        await client.aclose()
+
+
+async def test_a_call_delayed_by_a_busy_event_loop_is_still_sent(outage_server):
+    """The queue deadline measures a store that keeps every connection busy, not this
+    process's own event loop: a call queued just before the loop blocks past the deadline
+    is sent once the loop runs again."""
+    from gateway_extproc.budgets.redis_store import QUEUE_DEADLINE_S
+    client = connect(outage_server.url)
+    store = RedisBudgetStore(client, PREFIX)
+    try:
+        pending = asyncio.ensure_future(store.reserve(request("lagged")))
+        await asyncio.sleep(0)  # queued; the flush is scheduled
+        time.sleep(QUEUE_DEADLINE_S + 0.2)  # the loop is blocked (CPU-bound work elsewhere)
+        assert (await pending).admitted
+    finally:
+        await client.aclose()

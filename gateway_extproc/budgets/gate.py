@@ -188,15 +188,15 @@ class BudgetGate:
         try:
             with child(REDIS_LATENCY, "reserve").time():
                 result = await store.reserve(plan.request)
-        except BudgetStoreUnavailable:
+        except BudgetStoreUnavailable as e:
             self.settlements.submit(Settlement(store, plan.request, 0, 0, int(self.clock() * 1000)))
             if not plan.fail_open:
-                log.warning("budget_store_unavailable", fallback="closed")
+                log.warning("budget_store_unavailable", fallback="closed", reason=str(e))
                 child(BUDGET_EVENTS, team, "store_unavailable_closed").inc()
                 raise GatewayError("budget_store_unavailable",
                                    "The budget store is unreachable and this key's budgets fail closed; "
                                    "retry shortly.") from None
-            log.warning("budget_store_unavailable", fallback="local")
+            log.warning("budget_store_unavailable", fallback="local", reason=str(e))
             child(BUDGET_EVENTS, team, "store_unavailable_open").inc()
             store = self.local
             result = await store.reserve(plan.request)

@@ -14,7 +14,10 @@ ratelimit's pipeline window: a burst of 500 requests costs a handful of round tr
 connection each); calls arriving meanwhile wait for the next one. Busy is not down: a
 call that waited `QUEUE_DEADLINE_S` without being sent, a timeout, or a refused
 connection is `BudgetStoreUnavailable`; a connection that fails because the server closed
-it (a graceful restart left a stale socket in the pool) is retried once on a fresh one.
+it (a graceful restart left stale sockets in the pool) is retried once on a fresh one, after
+every idle pooled socket is dropped (they are all stale then). A call is refused as busy only
+when every connection stayed in use past its deadline; one delayed by this process's own busy
+event loop is still sent.
 Retrying is safe because every script is idempotent per reservation id: reserving a held
 id answers with the held grant, settling twice is settling once, usage only reads and
 expires.
@@ -136,7 +139,9 @@ class _Pipeliner:
         for call in self._waiting:
             if call.future.done():  # the caller gave up (cancelled)
                 continue
-            if now > call.deadline:
+            # Only a call that found every connection busy past its deadline fails: one that
+            # waited because this process's event loop was busy (a burst) is sent now.
+            if self._free == 0 and now > call.deadline:
                 call.future.set_exception(BudgetStoreUnavailable("budget store busy: no free connection in time"))
             else:
                 waiting.append(call)
@@ -167,7 +172,10 @@ class _Pipeliner:
                     replies = await pipe.execute(raise_on_error=False)
             except redis_errors.ConnectionError as e:
                 if stale_retry and not isinstance(e, redis_errors.TimeoutError):
-                    stale_retry = False  # a pooled socket the server closed: once more, fresh
+                    # The server closed a pooled socket (it restarted): so it closed every idle
+                    # one too. Drop them all, then try once more on a fresh connection.
+                    stale_retry = False
+                    await self._client.connection_pool.disconnect(inuse_connections=False)
                     continue
                 return _fail(batch, e)
             except _UNAVAILABLE as e:
