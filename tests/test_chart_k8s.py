@@ -232,7 +232,7 @@ BUDGETED = {"teams": [{"name": "t", "budget": {"daily": 5}}], "extproc": {"proce
                          ids=["replicas", "hpa"])
 def test_several_replicas_with_the_memory_store_fail_the_render(chart: helm_python.Chart,
                                                                 scale: dict[str, Any]) -> None:
-    values = merge(merge(chart_values([]), BUDGETED), scale)
+    values = merge(merge(merge(chart_values([]), BUDGETED), scale), {"budgets": {"devMemoryStore": True}})
     with pytest.raises(helm_python.HelmError, match="budgets.store is memory but up to [35] replicas run"):
         render(chart, values)
     # Without budgets nothing is shared, and with Redis everything is: both render.
@@ -240,13 +240,30 @@ def test_several_replicas_with_the_memory_store_fail_the_render(chart: helm_pyth
     render(chart, merge(values, {"budgets": {"store": "redis", "redis": {"url": "redis://redis:6379/0"}}}))
 
 
-def test_one_replica_with_the_memory_store_renders(chart: helm_python.Chart) -> None:
-    docs = manifests(render(chart, merge(chart_values([]), BUDGETED)))
+@pytest.mark.parametrize("spend", [BUDGETED, {"keys": [{"id": "k", "sha256": "0" * 64, "team": "t",
+                                                        "rateLimits": {"requestsPerMinute": 5}}]},
+                                   {"identity": {"workloads": {"principals": [
+                                       {"name": "w", "dns": "w.x.svc", "team": "t", "budget": {"daily": 1}}]}}}],
+                         ids=["team-budget", "key-rate-limit", "workload-budget"])
+def test_a_single_replica_with_the_memory_store_and_budgets_fails_the_render(chart: helm_python.Chart,
+                                                                              spend: dict[str, Any]) -> None:
+    """A rollout replaces the pod: spend kept in memory would be forgotten and every budget
+    would start again, so the memory store needs the explicit development flag."""
+    values = merge(merge(chart_values([]), BUDGETED), spend)
+    with pytest.raises(helm_python.HelmError, match="forgets recorded spend .* budgets.devMemoryStore: true"):
+        render(chart, values)
+    render(chart, merge(values, {"budgets": {"devMemoryStore": True}}))
+    render(chart, merge(values, {"budgets": {"store": "redis", "redis": {"url": "redis://redis:6379/0"}}}))
+
+
+def test_one_replica_with_the_dev_memory_store_renders(chart: helm_python.Chart) -> None:
+    dev = merge(merge(chart_values([]), BUDGETED), {"budgets": {"devMemoryStore": True}})
+    docs = manifests(render(chart, dev))
     assert one(docs, "Deployment")["spec"]["replicas"] == 1
     # ...with one ext_proc process, as gateway-extproc itself requires.
     with pytest.raises(helm_python.HelmError, match="budgets.store is memory, which one process holds, but "
                        "extproc.processes is 2"):
-        render(chart, merge(merge(chart_values([]), BUDGETED), {"extproc": {"processes": 2}}))
+        render(chart, merge(dev, {"extproc": {"processes": 2}}))
 
 
 def test_dev_redis_is_wired_and_fenced(chart: helm_python.Chart) -> None:

@@ -29,7 +29,7 @@ app.kubernetes.io/component: gateway
 {{- define "gateway-extproc.budgetsEnabled" -}}
 {{- $on := false -}}
 {{- if not (kindIs "invalid" .Values.budgets.orgLimit) }}{{ $on = true }}{{ end -}}
-{{- range $p := concat (.Values.teams | default list) (.Values.users | default list) (.Values.keys | default list) -}}
+{{- range $p := concat (.Values.teams | default list) (.Values.users | default list) (.Values.keys | default list) (dig "workloads" "principals" list (.Values.identity | default dict)) -}}
 {{- if or (not (kindIs "invalid" $p.budget)) (not (kindIs "invalid" $p.rateLimits)) }}{{ $on = true }}{{ end -}}
 {{- end -}}
 {{- if $on }}true{{ end -}}
@@ -49,6 +49,9 @@ advice goes to NOTES.txt).
 {{- define "gateway-extproc.validate" -}}
 {{- $v := .Values -}}
 {{- $max := include "gateway-extproc.maxReplicas" . | int -}}
+{{- if and (eq $v.budgets.store "memory") (not $v.budgets.devMemoryStore) (include "gateway-extproc.budgetsEnabled" .) -}}
+{{- fail "values: budgets.store is memory, which forgets recorded spend and rate limits on every restart and rollout, so budgets would reset. Set budgets.store: redis with budgets.redis.url (redis.dev.enabled for a trial), or budgets.devMemoryStore: true to accept that (development only)" -}}
+{{- end -}}
 {{- if and (gt $max 1) (eq $v.budgets.store "memory") (include "gateway-extproc.budgetsEnabled" .) -}}
 {{- fail (printf "values: budgets.store is memory but up to %d replicas run (deployment.replicas / autoscaling.maxReplicas): each replica would count its own spend and rate limits, so every budget would be multiplied. Set budgets.store: redis with budgets.redis.url (redis.dev.enabled for a trial), or run one replica without autoscaling" $max) -}}
 {{- end -}}
