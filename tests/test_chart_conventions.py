@@ -261,3 +261,11 @@ def test_tracing_turns_on_envoys_tracer_and_points_the_extproc_at_the_same_colle
     with pytest.raises(helm_python.HelmError, match="OTEL_EXPORTER_OTLP_ENDPOINT, which tracing.otlp already sets"):
         render(chart, merge(values, {"deployment": {"extproc": {"extraEnv": [
             {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://other:4317"}]}}}))
+
+
+def test_chart_metadata_names_what_the_chart_is_for() -> None:
+    import yaml
+    from pathlib import Path
+    meta = yaml.safe_load((Path(__file__).parents[1] / "helm/gateway-extproc/Chart.yaml").read_text())
+    assert meta["apiVersion"] == "v2" and meta["type"] == "application" and meta["kubeVersion"]
+    assert {"ai-gateway", "envoy", "ext-proc"} <= set(meta["keywords"])
