@@ -38,7 +38,7 @@ def app(tmp_path: Path) -> AdminApp:
 
 
 def call(app: AdminApp, method: str, path: str, body: object = None, token: str = TOKEN) -> tuple[int, dict]:
-    status, out = app.handle(method, path, {"authorization": f"Bearer {token}"},
+    status, out, _ = app.handle(method, path, {"authorization": f"Bearer {token}"},
                              json.dumps(body).encode() if body is not None else b"")
     return status, json.loads(out)
 
