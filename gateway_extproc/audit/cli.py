@@ -36,7 +36,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     e.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory the bundle is written to")
     e.set_defaults(audit_run=_export)
 
-    r = sub.add_parser("report", help="reports from the audit trail: chargeback, inventory")
+    r = sub.add_parser("report", help="reports from the audit trail: chargeback, inventory, admin")
     rsub = r.add_subparsers(dest="report_cmd", required=True)
     cb = rsub.add_parser("chargeback", help="per team (and key, user, model, provider) for one month")
     cb.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="audit directory or export bundle (default: %(default)s)")
@@ -50,6 +50,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     inv.add_argument("--to", dest="end", help="ISO date or time (UTC), inclusive")
     inv.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: %(default)s)")
     inv.set_defaults(audit_run=_inventory)
+    adm = rsub.add_parser("admin", help="key admin API actions: who created, rotated, updated, revoked which key")
+    adm.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="audit directory or export bundle (default: %(default)s)")
+    adm.add_argument("--from", dest="start", help="ISO date or time (UTC)")
+    adm.add_argument("--to", dest="end", help="ISO date or time (UTC), inclusive")
+    adm.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: %(default)s)")
+    adm.set_defaults(audit_run=_admin)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -114,6 +120,10 @@ def _chargeback(args: argparse.Namespace) -> int:
 
 def _inventory(args: argparse.Namespace) -> int:
     return _report("inventory", args, {"from": args.start, "to": args.end, "format": args.format})
+
+
+def _admin(args: argparse.Namespace) -> int:
+    return _report("admin", args, {"from": args.start, "to": args.end, "format": args.format})
 
 
 def _report(kind: str, args: argparse.Namespace, params: dict[str, str | None]) -> int:

@@ -1,4 +1,5 @@
-"""Reports computed from the audit trail: chargeback per team, and the model inventory.
+"""Reports computed from the audit trail: chargeback per team, the model inventory, and the
+key admin actions.
 
 Both read request records only, so they add up to what the gateway counted: tokens and cost
 are the same numbers `genai_tokens_total` and `genai_request_cost_dollars_total` were
@@ -126,6 +127,15 @@ def inventory(root: Path, start: str = "", end: str = "~") -> dict[str, Any]:
         for (t, m, p), v in sorted(rows.items())]}
 
 
+def admin_actions(root: Path, start: str = "", end: str = "~") -> dict[str, Any]:
+    """Key admin API calls on the record (serve's own chain): who changed which key, when,
+    under which config version, and the credentials refused; oldest first."""
+    rows = [{k: v for k, v in rec.items() if k not in ("prev", "seq", "type")}
+            for rec in records(root, frozenset({"admin"})) if start <= rec.get("ts", "") <= end]
+    rows.sort(key=lambda r: r["ts"])
+    return {"from": start or None, "to": None if end == "~" else end, "rows": rows}
+
+
 def _configs(root: Path) -> dict[str, Path]:
     d = root / CONFIGS
     return {p.stem[:16]: p for p in d.glob("*.yaml")} if d.is_dir() else {}
@@ -179,13 +189,28 @@ class ReportError(ValueError):
         self.param = param
 
 
-REPORTS = ("chargeback", "inventory")
+ADMIN_COLUMNS = ("ts", "actor", "action", "key_id", "team", "config", "details")
+
+
+def admin_csv(report: dict[str, Any]) -> str:
+    """One row per admin action; fields beyond the columns go to `details` as JSON."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ADMIN_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for row in report["rows"]:
+        extra = {k: v for k, v in row.items() if k not in ADMIN_COLUMNS}
+        w.writerow({**{k: row.get(k) for k in ADMIN_COLUMNS[:-1]},
+                    "details": orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else ""})
+    return buf.getvalue()
+
+
+REPORTS = ("chargeback", "inventory", "admin")
 FORMATS = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
 
 
 def render(kind: str, root: Path, params: Mapping[str, str | None]) -> tuple[str, bytes]:
     """(content type, body) of report `kind` over the trail at `root`. params: `month`,
-    `timezone` (chargeback); `from`, `to` (inventory, ISO date or time, UTC; a bare date as
+    `timezone` (chargeback); `from`, `to` (inventory, admin: ISO date or time, UTC; a bare date as
     `to` means the end of that day); `format` (csv, the default, or json)."""
     fmt = params.get("format") or "csv"
     if fmt not in FORMATS:
@@ -200,10 +225,12 @@ def render(kind: str, root: Path, params: Mapping[str, str | None]) -> tuple[str
             raise ReportError("month", f"month {(month or '')[:40]!r} must be YYYY-MM")
         report = chargeback(root, month, tz)
         text = chargeback_csv(report) if fmt == "csv" else None
-    elif kind == "inventory":
+    elif kind in ("inventory", "admin"):
         start, end = params.get("from"), params.get("to")
-        report = inventory(root, iso_param("from", start) if start else "", iso_param("to", end, True) if end else "~")
-        text = inventory_csv(report) if fmt == "csv" else None
+        window = (iso_param("from", start) if start else "", iso_param("to", end, True) if end else "~")
+        report = inventory(root, *window) if kind == "inventory" else admin_actions(root, *window)
+        to_csv = inventory_csv if kind == "inventory" else admin_csv
+        text = to_csv(report) if fmt == "csv" else None
     else:
         raise ReportError("report", f"no report {kind[:40]!r}; there are {', '.join(REPORTS)}")
     body = text.encode() if text is not None else orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
