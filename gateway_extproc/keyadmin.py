@@ -386,6 +386,13 @@ def store_for(cfg: config_mod.GatewayConfig) -> AdminStore:
     return FileAdminStore(admin.file)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog is 5: a burst of calls from automation (a hundred key
+    # creations at once) overflowed it and clients saw connections reset. Queue them instead.
+    request_queue_size = 256
+
+
 def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServer:
     """Serve the admin API on identity.keyAdmin.address:port from a daemon thread."""
     admin = cfg.identity.key_admin
@@ -417,8 +424,7 @@ def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServe
         def log_message(self, format: str, *args: Any) -> None:  # audit() logs what matters
             pass
 
-    server = ThreadingHTTPServer((admin.address, admin.port), Handler)
-    server.daemon_threads = True
+    server = _Server((admin.address, admin.port), Handler)
     threading.Thread(target=server.serve_forever, name="key-admin", daemon=True).start()
     log.info("key_admin_listening", address=admin.address, port=admin.port)
     return server

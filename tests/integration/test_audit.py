@@ -250,6 +250,7 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
             assert rotated.status_code == 200, rotated.text
             assert admin.patch("/admin/keys/svc-audit", json={"models": None}).status_code == 200
             assert admin.delete("/admin/keys/svc-audit").status_code == 200
+            assert set(asyncio.run(admin_burst(admin_url, auth, 100))) == {201}  # each one on the record
             denied = httpx.get(f"{admin_url}/admin/reports/inventory", headers={"authorization": "Bearer nope"})
             assert denied.status_code == 401 and denied.json()["error"]["code"] == "admin_unauthorized"
 
@@ -279,9 +280,10 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
                 assert r.status_code == 200, r.text
                 assert r.headers["content-type"].startswith("text/csv" if fmt == "csv" else "application/json")
                 served[("chargeback", fmt)] = r.content
-                r = admin.get("/admin/reports/inventory", params={"format": fmt})
-                assert r.status_code == 200, r.text
-                served[("inventory", fmt)] = r.content
+                for kind in ("inventory", "admin"):
+                    r = admin.get(f"/admin/reports/{kind}", params={"format": fmt})
+                    assert r.status_code == 200, r.text
+                    served[(kind, fmt)] = r.content
             bad = admin.get("/admin/reports/chargeback", params={"month": "2026-13"})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "month", bad.text
             assert admin.get("/admin/reports/chargeback").json()["error"]["code"] == "invalid_request"
@@ -290,8 +292,8 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
             for fmt in ("csv", "json"):
                 assert served[("chargeback", fmt)] == cli_bytes(
                     "report", "chargeback", "--dir", str(audit), "--month", month, "--format", fmt)
-                assert served[("inventory", fmt)] == cli_bytes(
-                    "report", "inventory", "--dir", str(audit), "--format", fmt)
+                for kind in ("inventory", "admin"):
+                    assert served[(kind, fmt)] == cli_bytes("report", kind, "--dir", str(audit), "--format", fmt)
             [demo] = [t for t in orjson.loads(served[("chargeback", "json")])["teams"] if t["team"] == "demo"]
             assert "svc-audit" in {k["key"] for k in demo["by_key"]}
     finally:
@@ -303,7 +305,9 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
     assert len(admin_chains) == 1 and admin_chains[0].endswith("-admin/gateway"), admin_chains
     recs = records(audit)
     admin_recs = [r for r in recs if r["type"] == "admin"]
-    assert [(r["actor"], r["action"], r["key_id"]) for r in admin_recs] == [
+    burst_ids = {r["key_id"] for r in admin_recs[4:104]}
+    assert len(burst_ids) == 100 and {r["action"] for r in admin_recs[4:104]} == {"create"}
+    assert [(r["actor"], r["action"], r["key_id"]) for r in admin_recs[:4] + admin_recs[104:]] == [
         ("ops-alice", "create", "svc-audit"), ("ops-alice", "rotate", "svc-audit"),
         ("ops-alice", "update", "svc-audit"), ("ops-alice", "revoke", "svc-audit"), (None, "denied", None)]
     config_digest = hashlib.sha256((gw.stack.workdir / "gateway.yaml").read_bytes()).hexdigest()
@@ -331,7 +335,7 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
     assert cli("audit", "export", "--dir", str(audit), "--from", today, "--to", today, "--out",
                str(bundle)).returncode == 0
     assert any(name.endswith("-admin/gateway") for name in orjson.loads((bundle / "manifest.json").read_bytes())["chains"])
-    assert sum(r["type"] == "admin" for r in records(bundle)) == 5
+    assert sum(r["type"] == "admin" for r in records(bundle)) == 105
     out = cli("audit", "verify", "--dir", str(bundle), "--public-key", str(pub), "--strict")
     assert out.returncode == 0, out.stdout
 
@@ -344,6 +348,13 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
     out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub))
     assert out.returncode == 1
     assert re.search(rf"BAD .*-admin/gateway\n.*\({seg.name}:{i + 1}\) was modified", out.stdout), out.stdout
+
+
+async def admin_burst(url: str, auth: dict[str, str], n: int) -> list[int]:
+    async with httpx.AsyncClient(base_url=url, headers=auth, timeout=60) as client:
+        async def one(i: int) -> int:
+            return (await client.post("/admin/keys", json={"team": "demo", "id": f"burst-{i}"})).status_code
+        return await asyncio.gather(*(one(i) for i in range(n)))
 
 
 def cli_bytes(*args: str) -> bytes:
