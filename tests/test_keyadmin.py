@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway_extproc import config, identity, keys
 from gateway_extproc.errors import CODES, GatewayError
@@ -197,3 +199,21 @@ def test_reports_on_the_admin_api(audited: AdminApp) -> None:
 def test_reports_need_the_audit_trail(app: AdminApp) -> None:
     status, body = call(app, "GET", "/admin/reports/chargeback?month=2026-11")
     assert status == 404 and body["error"]["code"] == "audit_not_enabled"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["chargeback", "inventory", "admin", "x", "chargeback/", "Admin"]),
+       params=st.dictionaries(st.sampled_from(["month", "timezone", "from", "to", "format", "zz"]),
+                              st.text(max_size=40), max_size=5))
+def test_hostile_report_queries_get_a_report_or_a_named_error(audited: AdminApp, kind: str,
+                                                               params: dict[str, str]) -> None:
+    from urllib.parse import urlencode
+
+    status, out, content_type = audited.handle("GET", f"/admin/reports/{kind}?{urlencode(params)}",
+                                               {"authorization": f"Bearer {TOKEN}"}, b"")
+    if status == 200:
+        assert content_type in ("text/csv; charset=utf-8", "application/json")
+    else:
+        err = json.loads(out)["error"]
+        assert (status, err["code"]) in {(400, "invalid_request"), (404, "unknown_endpoint")}, err
+        assert status == 404 or err["param"] in params or err["param"] == "month"
