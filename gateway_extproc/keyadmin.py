@@ -20,6 +20,7 @@ The same listener serves the audit trail's reports, computed by the CLI's own fu
     DELETE /admin/keys/{id}           revoke
     GET    /admin/reports/chargeback?month=YYYY-MM[&timezone=Z][&format=csv|json]
     GET    /admin/reports/inventory[?from=..&to=..][&format=csv|json]
+    GET    /admin/reports/admin[?from=..&to=..][&format=csv|json]
 """
 
 from __future__ import annotations
