@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import orjson
@@ -266,6 +267,11 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
                 model="default-chat", stream=True, messages=[{"role": "user", "content": "Who to email, stream?"}])
                 if c.choices)
             assert EMAIL not in text and "[EMAIL_1]" in text
+            claude = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0,
+                                         default_headers={"x-mock-reply": f"Ask {EMAIL} for it."})
+            with claude.messages.stream(model="claude-chat", max_tokens=50,
+                                        messages=[{"role": "user", "content": "Who to email, messages?"}]) as events:
+                assert "[EMAIL_1]" in "".join(events.text_stream)
             above = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30,
                                headers={"authorization": f"Bearer {gw.key}", "x-mock-reply": "Noted."},
                                json={"model": "private-chat",
@@ -318,11 +324,13 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
     for secret_ in (secret, rotated.json()["key"], ADMIN_TOKEN):
         assert secret_.encode() not in trail and keys_digest(secret_).encode() not in trail
 
-    requests = [r for r in recs if r["type"] == "request" and r["path"] == "/v1/chat/completions"]
+    requests = [r for r in recs if r["type"] == "request" and r["path"] in ("/v1/chat/completions", "/v1/messages")]
     [j] = [r for r in requests if "Who to email, json?" in r.get("prompt", "")]
     assert j["response"] == "Write to [EMAIL_1] today."
     [s] = [r for r in requests if "Who to email, stream?" in r.get("prompt", "")]
     assert s["stream"] is True and s["response"] == "Mail [EMAIL_1] soon, please."
+    [m] = [r for r in requests if "Who to email, messages?" in r.get("prompt", "")]
+    assert (m["path"], m["stream"], m["response"]) == ("/v1/messages", True, "Ask [EMAIL_1] for it.")
     [conf] = [r for r in requests if r["model"] == "private-chat"]
     assert conf["tier"] == "confidential" and "prompt" not in conf and "response" not in conf
     assert EMAIL.encode() not in trail and IBAN.encode() not in trail
