@@ -178,7 +178,8 @@ def test_reports_on_the_admin_api(audited: AdminApp) -> None:
     from gateway_extproc import audit
 
     audit._sink.cycle()  # type: ignore[union-attr]
-    status, out, content_type = audited.handle("GET", "/admin/reports/admin?format=csv", {"authorization": f"Bearer {TOKEN}"}, b"")
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    status, out, content_type = audited.handle("GET", "/admin/reports/admin?format=csv", auth, b"")
     assert status == 200 and content_type.startswith("text/csv")
     assert out.decode().splitlines()[0] == "ts,actor,action,key_id,team,config,details"
     assert ",root,create,k2,search," in out.decode()
@@ -186,7 +187,8 @@ def test_reports_on_the_admin_api(audited: AdminApp) -> None:
                                                {"authorization": f"Bearer {TOKEN}"}, b"")
     assert status == 200 and content_type == "application/json" and json.loads(out)["teams"] == []
     for path, code, param in [("/admin/reports/chargeback?month=November", "invalid_request", "month"),
-                              ("/admin/reports/chargeback?month=2026-11&timezone=Mars/Base", "invalid_request", "timezone"),
+                              ("/admin/reports/chargeback?month=2026-11&timezone=Mars/Base", "invalid_request",
+                               "timezone"),
                               ("/admin/reports/inventory?from=yesterday", "invalid_request", "from"),
                               ("/admin/reports/inventory?format=xml", "invalid_request", "format"),
                               ("/admin/reports/secrets", "unknown_endpoint", None)]:

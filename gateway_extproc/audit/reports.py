@@ -220,7 +220,8 @@ def render(kind: str, root: Path, params: Mapping[str, str | None]) -> tuple[str
         try:
             ZoneInfo(tz)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ReportError("timezone", f"timezone {tz[:60]!r} is not an IANA time zone (e.g. Europe/Berlin)") from None
+            raise ReportError("timezone", f"timezone {tz[:60]!r} is not an IANA time zone (e.g. Europe/Berlin)") \
+                from None
         if not month or not _MONTH.match(month):
             raise ReportError("month", f"month {(month or '')[:40]!r} must be YYYY-MM")
         report = chargeback(root, month, tz)
