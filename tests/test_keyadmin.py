@@ -190,6 +190,10 @@ def test_reports_on_the_admin_api(audited: AdminApp) -> None:
                               ("/admin/reports/chargeback?month=2026-11&timezone=Mars/Base", "invalid_request",
                                "timezone"),
                               ("/admin/reports/inventory?from=yesterday", "invalid_request", "from"),
+                              ("/admin/reports/chargeback?month=0000-01", "invalid_request", "month"),
+                              ("/admin/reports/chargeback?month=9999-12", "invalid_request", "month"),
+                              ("/admin/reports/chargeback?month=2026-11%0A", "invalid_request", "month"),
+                              ("/admin/reports/admin?from=0001-01-01T00:00:00%2B01:00", "invalid_request", "from"),
                               ("/admin/reports/inventory?format=xml", "invalid_request", "format"),
                               ("/admin/reports/secrets", "unknown_endpoint", None)]:
         status, body = call(audited, "GET", path)
@@ -206,7 +210,9 @@ def test_reports_need_the_audit_trail(app: AdminApp) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["chargeback", "inventory", "admin", "x", "chargeback/", "Admin"]),
        params=st.dictionaries(st.sampled_from(["month", "timezone", "from", "to", "format", "zz"]),
-                              st.text(max_size=40), max_size=5))
+                              st.one_of(st.text(max_size=40), st.from_regex(r"\d{4}-\d\d", fullmatch=True),
+                                        st.datetimes().map(lambda d: d.isoformat()),
+                                        st.dates().map(lambda d: d.isoformat())), max_size=5))
 def test_hostile_report_queries_get_a_report_or_a_named_error(audited: AdminApp, kind: str,
                                                                params: dict[str, str]) -> None:
     from urllib.parse import urlencode

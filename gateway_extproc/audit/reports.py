@@ -222,8 +222,12 @@ def render(kind: str, root: Path, params: Mapping[str, str | None]) -> tuple[str
         except (ZoneInfoNotFoundError, ValueError):
             raise ReportError("timezone", f"timezone {tz[:60]!r} is not an IANA time zone (e.g. Europe/Berlin)") \
                 from None
-        if not month or not _MONTH.match(month):
-            raise ReportError("month", f"month {(month or '')[:40]!r} must be YYYY-MM")
+        try:
+            if not month or not _MONTH.fullmatch(month):
+                raise ValueError
+            month_range(month, tz)
+        except (ValueError, OverflowError):
+            raise ReportError("month", f"month {(month or '')[:40]!r} must be YYYY-MM") from None
         report = chargeback(root, month, tz)
         text = chargeback_csv(report) if fmt == "csv" else None
     elif kind in ("inventory", "admin"):
@@ -238,7 +242,7 @@ def render(kind: str, root: Path, params: Mapping[str, str | None]) -> tuple[str
     return FORMATS[fmt], body
 
 
-_MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+_MONTH = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 
 
 def iso_param(param: str, value: str, end: bool = False) -> str:
@@ -246,10 +250,10 @@ def iso_param(param: str, value: str, end: bool = False) -> str:
     means the end of that day."""
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        if end and len(value) == 10:
+            dt = dt.replace(hour=23, minute=59, second=59, microsecond=999999)
+        return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (ValueError, OverflowError):  # not ISO, or past the calendar's ends once in UTC
         raise ReportError(param, f"{param} {value[:40]!r} must be an ISO date or time, e.g. 2026-11-01") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    if end and len(value) == 10:
-        dt = dt.replace(hour=23, minute=59, second=59, microsecond=999999)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
