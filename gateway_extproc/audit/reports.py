@@ -242,7 +242,7 @@ def render(kind: str, root: Path, params: Mapping[str, str | None]) -> tuple[str
     return FORMATS[fmt], body
 
 
-_MONTH = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 
 
 def iso_param(param: str, value: str, end: bool = False) -> str:
