@@ -5,7 +5,7 @@ how fast `audit verify` checks a trail of 1M events.
 
 1. Request path, in process: `audit.request(processor, backend, "complete")` on a router
    processor holding a finished chat request of values-local (demo key, default-chat,
-   internal tier, 200-character prompt logged), with the real sink and its writer thread
+   internal tier, 200-character prompt and 200-character response logged), with the real sink and its writer thread
    running; perf_counter_ns per call, 200k calls in bursts of 1,000 with 2 ms pauses (the
    writer drains meanwhile, as between requests). This is what a request waits for.
 2. Writer CPU per event: the same events through `AuditSink.cycle()` on this thread
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import orjson  # noqa: E402
 import yaml  # noqa: E402
 
 from gateway_extproc import api, audit, config as gw_config  # noqa: E402
@@ -49,6 +50,8 @@ from gateway_extproc.audit.settings import AuditSettings  # noqa: E402
 from gateway_extproc.audit.signing import Signer, generate, load_public  # noqa: E402
 from gateway_extproc.audit.verify import verify_dir  # noqa: E402
 from gateway_extproc.audit.writer import AuditSink  # noqa: E402
+from gateway_extproc.policy.classification import ResponseGuard  # noqa: E402
+from gateway_extproc.policy.scanner import DecisionParams  # noqa: E402
 from gateway_extproc.processors.router import RouterProcessor  # noqa: E402
 from gateway_extproc.render import chart_values, render_values  # noqa: E402
 from gateway_extproc.runtime import Runtime  # noqa: E402
@@ -75,6 +78,11 @@ def finished_request(rt: Runtime) -> tuple[RouterProcessor, object]:
     p.usage = Usage(48, 120, 0, "mock-gpt-4o-mini")
     p.content = "Summarise the attached incident report for the weekly review, in five bullet points. " * 2
     p.requested = "default-chat"
+    # The response text the record carries (tiers up to contentLogging.maxTier): the real
+    # guard reads a provider reply of ~200 characters, as the router does for a JSON answer.
+    p.guard = ResponseGuard(rt.policy, DecisionParams(), "demo")
+    reply = "- Outage began 09:12 UTC after a config push.\n- Rolled back 09:40.\n- No data lost.\n" * 2
+    p.guard.json_body(orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}))
     return p, cfg.backends[p.backend]
 
 

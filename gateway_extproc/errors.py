@@ -37,6 +37,7 @@ CODES: dict[str, int] = {
     "key_not_found": 404,  # key admin API only
     "key_conflict": 409,  # key admin API only
     "key_store_unavailable": 503,
+    "audit_not_enabled": 404,  # key admin API's reports only
     "model_not_allowed": 403,
     "classification_violation": 403,
     "content_blocked": 403,

@@ -9,7 +9,8 @@ defined in values are listed but never changed here.
 
 A secret is shown once, in the reply that creates or rotates it; the store keeps its
 SHA-256. Every change, and every call refused for its credential, is one `admin_action`
-log event (`audit`).
+log event and, with `audit:` on, one `admin` record in the signed audit trail (`audit`).
+The same listener serves the audit trail's reports, computed by the CLI's own function.
 
     POST   /admin/keys                {team, id?, user?, owner?, models?, expires_at?}  -> 201 + key
     GET    /admin/keys                                                                    -> list
@@ -17,6 +18,9 @@ log event (`audit`).
     POST   /admin/keys/{id}/rotate    {grace_seconds?}  old and new both work until the grace ends
     PATCH  /admin/keys/{id}           {expires_at?: str|null, models?: [..]|null}
     DELETE /admin/keys/{id}           revoke
+    GET    /admin/reports/chargeback?month=YYYY-MM[&timezone=Z][&format=csv|json]
+    GET    /admin/reports/inventory[?from=..&to=..][&format=csv|json]
+    GET    /admin/reports/admin[?from=..&to=..][&format=csv|json]
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 import structlog
 
+from . import audit as audit_trail
 from . import config as config_mod
 from . import keys as keys_mod
 from .errors import GatewayError, error_body
@@ -44,6 +50,8 @@ log = structlog.get_logger("gateway_extproc.audit")
 
 MAX_GRACE_SECONDS = 30 * 86400
 _PATH = re.compile(r"^/admin/keys(?:/([a-z0-9][a-z0-9-]{0,62})(/rotate)?)?/?$")
+_REPORT = re.compile(r"^/admin/reports/([a-z]{1,40})/?$")
+JSON = "application/json"
 _CREATE = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
@@ -56,11 +64,14 @@ return 1
 """
 
 
-def audit(actor: str | None, action: str, key_id: str | None = None, **details: Any) -> None:
-    """One admin action (who, what, when). The single place admin actions are recorded,
-    so an audit trail can subscribe here. Never carries a secret or a hash."""
+def audit(actor: str | None, action: str, key_id: str | None = None, config: str | None = None,
+          **details: Any) -> None:
+    """One admin action (who, what, when, under which config version). The single place admin
+    actions are recorded: a log event, and a record in `serve`'s own chain of the signed audit
+    trail when `audit:` is on (docs/audit.md). Never carries a secret or a hash."""
     log.info("admin_action", actor=actor, action=action, key_id=key_id,
              at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **details)
+    audit_trail.admin(actor, action, key_id, config, **details)
 
 
 class AdminStore(Protocol):
@@ -158,13 +169,14 @@ class FileAdminStore:
 
 @dataclass
 class AdminApp:
-    """The API without HTTP: (method, path, headers, body) -> (status, JSON body)."""
+    """The API without HTTP: (method, path, headers, body, peer) -> (status, body, content type)."""
 
     config_path: str
     store: AdminStore
 
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
-        actor = None
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes,
+               peer: str | None = None) -> tuple[int, bytes, str]:
+        cfg = None
         try:
             try:
                 cfg = config_mod.load(self.config_path)  # admin calls are rare: always the current values
@@ -172,32 +184,57 @@ class AdminApp:
                 raise GatewayError("gateway_internal_error", f"The gateway config does not load ({exc}); "
                                    "nothing was changed.") from None
             actor = self.authenticate(cfg, headers)
-            match = _PATH.match(path.partition("?")[0])
+            route, _, query = path.partition("?")
+            report = _REPORT.match(route)
+            if report is not None:
+                if method != "GET":
+                    raise GatewayError("method_not_allowed", f"{method} is not supported on {route[:200]}.")
+                return self.report(cfg, report.group(1), query)
+            match = _PATH.match(route)
             if match is None:
                 raise GatewayError("unknown_endpoint", f"Unknown admin endpoint {method} {path[:200]}.")
             id_, rotate = match.group(1), match.group(2)
             data = _json(body) if method in ("POST", "PATCH") else {}
             if id_ is None and method == "GET":
-                return 200, _dumps({"object": "list", "data": self.list(cfg)})
+                return 200, _dumps({"object": "list", "data": self.list(cfg)}), JSON
             if id_ is None and method == "POST":
-                return 201, _dumps(self.create(cfg, actor, data))
+                return 201, _dumps(self.create(cfg, actor, data)), JSON
             if id_ is not None and rotate and method == "POST":
-                return 200, _dumps(self.rotate(cfg, actor, id_, data))
+                return 200, _dumps(self.rotate(cfg, actor, id_, data)), JSON
             if id_ is not None and not rotate and method == "GET":
-                return 200, _dumps(self.public(self._existing(cfg, id_)))
+                return 200, _dumps(self.public(self._existing(cfg, id_))), JSON
             if id_ is not None and not rotate and method == "PATCH":
-                return 200, _dumps(self.update(cfg, actor, id_, data))
+                return 200, _dumps(self.update(cfg, actor, id_, data)), JSON
             if id_ is not None and not rotate and method == "DELETE":
-                self._existing(cfg, id_)
+                record = self._existing(cfg, id_)
                 if not self.store.delete(id_):
                     raise GatewayError("key_not_found", f"No key {id_!r}.")
-                audit(actor, "revoke", id_)
-                return 200, _dumps({"id": id_, "revoked": True})
+                audit(actor, "revoke", id_, _version(cfg), team=record.get("team") or None)
+                return 200, _dumps({"id": id_, "revoked": True}), JSON
             raise GatewayError("method_not_allowed", f"{method} is not supported on {path[:200]}.")
         except GatewayError as err:
             if err.code == "admin_unauthorized":
-                audit(None, "denied", path=path[:200], method=method)
-            return err.status, err.body()
+                audit(None, "denied", None, _version(cfg), path=path.partition("?")[0][:200], method=method, peer=peer)
+            return err.status, err.body(), JSON
+
+    def report(self, cfg: config_mod.GatewayConfig, kind: str, query: str) -> tuple[int, bytes, str]:
+        """A report over this node's audit directory, by the CLI's own function (reports.render)."""
+        from .audit.reports import ReportError, render
+
+        if cfg.audit is None:
+            raise GatewayError("audit_not_enabled", "The audit trail is off (audit.enabled), so there is nothing "
+                               "to report on.")
+        params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        try:
+            content_type, body = render(kind, Path(cfg.audit.dir), params)
+        except OSError as exc:
+            raise GatewayError("gateway_internal_error", f"The audit directory could not be read ({exc.strerror}: "
+                               f"{exc.filename}).") from None
+        except ReportError as exc:
+            if exc.param == "report":
+                raise GatewayError("unknown_endpoint", f"{exc}.") from None
+            raise GatewayError("invalid_request", f"{exc}.", exc.param) from None
+        return 200, body, content_type
 
     def authenticate(self, cfg: config_mod.GatewayConfig, headers: dict[str, str]) -> str:
         admin = cfg.identity.key_admin
@@ -256,7 +293,9 @@ class AdminApp:
                       models=_models(cfg, data.get("models")), expires_at=_expiry(data.get("expires_at")))
         if not self.store.create(record):
             raise GatewayError("key_conflict", f"A key {id_!r} already exists.")
-        audit(actor, "create", id_, team=team, expires_at=record["expires_at"] or None)
+        audit(actor, "create", id_, _version(cfg), team=team, user=record["user"] or None, owner=record["owner"],
+              models=json.loads(record["models"]) if record["models"] else None,
+              expires_at=record["expires_at"] or None)
         return {**self.public(record), "key": secret}
 
     def rotate(self, cfg: config_mod.GatewayConfig, actor: str, id_: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +308,8 @@ class AdminApp:
         fields = {"sha256": keys_mod.digest(secret), "previous_sha256": record["sha256"], "previous_until": until}
         if not self.store.update(id_, fields):
             raise GatewayError("key_not_found", f"No key {id_!r}.")
-        audit(actor, "rotate", id_, grace_seconds=grace)
+        audit(actor, "rotate", id_, _version(cfg), team=record.get("team") or None, grace_seconds=grace,
+              previous_valid_until=until)
         return {**self.public({**record, **fields}), "key": secret}
 
     def update(self, cfg: config_mod.GatewayConfig, actor: str, id_: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -283,8 +323,14 @@ class AdminApp:
             raise GatewayError("invalid_request", "Send expires_at and/or models.")
         if not self.store.update(id_, fields):
             raise GatewayError("key_not_found", f"No key {id_!r}.")
-        audit(actor, "update", id_, **{k: v or None for k, v in fields.items()})
+        changed = {k: (json.loads(v) if k == "models" and v else v or None) for k, v in fields.items()}
+        audit(actor, "update", id_, _version(cfg), team=record.get("team") or None, **changed)
         return self.public({**record, **fields})
+
+
+def _version(cfg: config_mod.GatewayConfig | None) -> str | None:
+    """The config version the call was checked against, as request records name it."""
+    return cfg.digest[:16] if cfg is not None else None
 
 
 def _now() -> datetime:
@@ -341,6 +387,13 @@ def store_for(cfg: config_mod.GatewayConfig) -> AdminStore:
     return FileAdminStore(admin.file)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog is 5: a burst of calls from automation (a hundred key
+    # creations at once) overflowed it and clients saw connections reset. Queue them instead.
+    request_queue_size = 256
+
+
 def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServer:
     """Serve the admin API on identity.keyAdmin.address:port from a daemon thread."""
     admin = cfg.identity.key_admin
@@ -355,13 +408,14 @@ def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServe
             body = self.rfile.read(min(length, 64 * 1024)) if length else b""
             headers = {k.lower(): v for k, v in self.headers.items()}
             try:
-                status, out = app.handle(self.command, self.path, headers, body)
+                status, out, content_type = app.handle(self.command, self.path, headers, body, self.client_address[0])
             except Exception:  # a store outage or a bug: the caller gets the OpenAI shape, the log the trace
                 log.exception("admin_failed", path=self.path[:200])
-                status, out = 503, error_body("The key store is unreachable or failed; nothing was changed "
-                                              "unless a retry shows it.", "server_error", "key_store_unavailable")
+                status, out, content_type = 503, error_body(
+                    "The key store is unreachable or failed; nothing was changed unless a retry shows it.",
+                    "server_error", "key_store_unavailable"), JSON
             self.send_response(status)
-            self.send_header("content-type", "application/json")
+            self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(out)))
             self.end_headers()
             self.wfile.write(out)
@@ -371,8 +425,7 @@ def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServe
         def log_message(self, format: str, *args: Any) -> None:  # audit() logs what matters
             pass
 
-    server = ThreadingHTTPServer((admin.address, admin.port), Handler)
-    server.daemon_threads = True
+    server = _Server((admin.address, admin.port), Handler)
     threading.Thread(target=server.serve_forever, name="key-admin", daemon=True).start()
     log.info("key_admin_listening", address=admin.address, port=admin.port)
     return server

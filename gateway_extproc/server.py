@@ -202,9 +202,16 @@ def serve(config_path: str) -> int:
     if admin is not None:
         from .keyadmin import start
 
+        try:  # admin events go to this parent's own chain; no trail, no admin API (fail closed)
+            audit.start_admin(runtime.config)
+        except (ValueError, RuntimeError, OSError) as exc:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            print(f"error: {config_path}: audit: {exc}", file=sys.stderr, flush=True)
+            return 1
         try:  # a daemon thread of this parent on its own port, never Envoy's listener
             start(config_path, runtime.config)
         except OSError as exc:
+            audit.stop()
             shutil.rmtree(metrics_dir, ignore_errors=True)
             print(f"error: {config_path}: identity.keyAdmin port {admin.port} on {admin.address}: {exc.strerror}; "
                   "stop what holds it, or set identity.keyAdmin.port in the values", file=sys.stderr, flush=True)
@@ -230,6 +237,7 @@ def serve(config_path: str) -> int:
     try:
         return _supervise(workers, spawn, restarts, forward, lambda: stopping)
     finally:
+        audit.stop()  # the admin chain's shutdown checkpoint
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 

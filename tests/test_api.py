@@ -197,6 +197,7 @@ EXPECTED_STATUS = {
     "invalid_json": 400, "invalid_encoding": 400, "invalid_request": 400, "too_many_choices": 400,
     "missing_api_key": 401, "invalid_api_key": 401, "expired_api_key": 401,
     "identity_not_mapped": 403, "identity_conflict": 403, "key_store_unavailable": 503,
+    "audit_not_enabled": 404,
     "admin_unauthorized": 401, "key_not_found": 404, "key_conflict": 409,  # key admin API
     "model_not_allowed": 403, "model_not_found": 404, "unknown_endpoint": 404,
     "method_not_allowed": 405, "request_too_large": 413, "unsupported_media_type": 415,

@@ -187,3 +187,33 @@ async def test_reloads_and_rejected_files_are_audited(tmp_path: Path) -> None:
     assert (reloaded["action"], reloaded["config_sha256"], reloaded["path"]) == ("reloaded", applied, str(path))
     assert rejected["action"] == "rejected" and "version must be 1" in rejected["error"]
     assert ref.current.config.digest == applied  # the rejected file changed nothing
+
+
+def test_admin_report_lists_key_lifecycle_in_order_and_the_cli_prints_render(tmp_path: Path) -> None:
+    from gateway_extproc.audit.reports import ReportError, render
+
+    key, _ = generate(tmp_path / "k")
+    clock = iter(ts(f"2026-11-0{d}T10:00:00") for d in range(1, 10))
+    sink = AuditSink(settings_for(tmp_path), Signer.from_file(key), "h-admin", now=lambda: ts("2026-11-09T00:00:00"))
+    for actor, action, key_id, details in [("ann", "create", "k1", {"team": "search", "models": ["gpt"]}),
+                                           ("bob", "rotate", "k1", {"grace_seconds": 60}),
+                                           (None, "denied", None, {"path": "/admin/keys", "method": "GET"}),
+                                           ("ann", "revoke", "k1", {})]:
+        ev = events.admin_event(actor, action, key_id, "c0ffee", details)
+        ev["ts"] = next(clock)
+        sink.put(ev)
+    sink.cycle()
+    sink._close_all()
+    root = tmp_path / "audit"
+    content_type, body = render("admin", root, {"from": "2026-11-02", "to": "2026-11-03", "format": "csv"})
+    assert content_type.startswith("text/csv")
+    assert body.decode().splitlines() == [
+        "ts,actor,action,key_id,team,config,details",
+        '2026-11-02T10:00:00.000000Z,bob,rotate,k1,,c0ffee,"{""grace_seconds"":60}"',
+        '2026-11-03T10:00:00.000000Z,,denied,,,c0ffee,"{""method"":""GET"",""path"":""/admin/keys""}"']
+    for fmt in ("csv", "json"):
+        run = [sys.executable, "-m", "gateway_extproc", "report", "admin", "--dir", str(root), "--format", fmt]
+        assert subprocess.run(run, capture_output=True, check=True).stdout == render("admin", root, {"format": fmt})[1]
+    with pytest.raises(ReportError) as err:
+        render("admin", root, {"to": "soon"})
+    assert err.value.param == "to"

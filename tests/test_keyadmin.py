@@ -1,5 +1,6 @@
 """The key admin API without HTTP (AdminApp) over the one-node file store, and the workers'
-file lookup reading what it writes; identity config errors."""
+file lookup reading what it writes; identity config errors; admin actions in `serve`'s own
+audit chain and the audit reports it serves."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import asyncio
 import json
 import os
 from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway_extproc import config, identity, keys
-from gateway_extproc.errors import GatewayError
+from gateway_extproc.errors import CODES, GatewayError
 from gateway_extproc.keyadmin import AdminApp, FileAdminStore
 from gateway_extproc.keystore import FileKeyLookup
 
@@ -38,7 +42,7 @@ def app(tmp_path: Path) -> AdminApp:
 
 
 def call(app: AdminApp, method: str, path: str, body: object = None, token: str = TOKEN) -> tuple[int, dict]:
-    status, out = app.handle(method, path, {"authorization": f"Bearer {token}"},
+    status, out, _ = app.handle(method, path, {"authorization": f"Bearer {token}"},
                              json.dumps(body).encode() if body is not None else b"")
     return status, json.loads(out)
 
@@ -118,3 +122,106 @@ def test_identity_config_errors_name_the_key(identity_section: dict, problem: st
     with pytest.raises(config.ConfigError, match=problem.replace("*", r"\*")) as e:
         config.parse({**RAW, "identity": identity_section}, "gw.yaml")
     assert str(e.value).startswith("gw.yaml: identity.")
+
+
+@pytest.fixture
+def audited(tmp_path: Path) -> Iterator[AdminApp]:
+    """The admin API with `audit:` on and `serve`'s own sink running, as `serve` starts them."""
+    from gateway_extproc import audit
+    from gateway_extproc.audit.signing import generate
+
+    generate(tmp_path / "signing.key")
+    raw = {**RAW, "identity": {"keyAdmin": {"enabled": True, "file": str(tmp_path / "keys.json"),
+                                            "admins": [{"name": "root", "sha256": keys.digest(TOKEN)}]}},
+           "audit": {"enabled": True, "dir": str(tmp_path / "audit"), "signingKeyFile": str(tmp_path / "signing.key"),
+                     "instance": "node"}}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    audit.start_admin(config.load(str(path)))
+    try:
+        yield AdminApp(str(path), FileAdminStore(str(tmp_path / "keys.json")))
+    finally:
+        audit.stop()
+
+
+def test_admin_actions_go_to_serves_own_chain_without_secrets(audited: AdminApp, tmp_path: Path) -> None:
+    from gateway_extproc import audit
+    from gateway_extproc.audit.reports import admin_actions
+    from gateway_extproc.audit.signing import load_public
+    from gateway_extproc.audit.verify import verify_dir
+
+    _, created = call(audited, "POST", "/admin/keys", {"team": "search", "id": "k1", "user": "ann"})
+    _, rotated = call(audited, "POST", "/admin/keys/k1/rotate", {"grace_seconds": 0})
+    call(audited, "PATCH", "/admin/keys/k1", {"models": ["chat"], "expires_at": "2030-01-01T00:00:00Z"})
+    call(audited, "DELETE", "/admin/keys/k1")
+    assert call(audited, "DELETE", "/admin/keys/k1", token="wrong")[0] == 401
+    audit.stop()  # writes the queue and seals the chain
+    root = tmp_path / "audit"
+    assert [p.relative_to(root).as_posix() for p in root.rglob("*.jsonl")] == ["node-admin/gateway/000000000000.jsonl"]
+    rows = admin_actions(root)["rows"]
+    digest = config.load(audited.config_path).digest[:16]
+    assert [(r["actor"], r["action"], r["key_id"], r["config"]) for r in rows] == [
+        ("root", "create", "k1", digest), ("root", "rotate", "k1", digest), ("root", "update", "k1", digest),
+        ("root", "revoke", "k1", digest), (None, "denied", None, digest)]
+    assert rows[0]["team"] == "search" and rows[0]["user"] == "ann" and rows[0]["owner"] == "root"
+    assert rows[2]["models"] == ["chat"] and rows[2]["expires_at"].startswith("2030-01-01")
+    assert rows[4]["path"] == "/admin/keys/k1" and rows[4]["method"] == "DELETE"
+    trail = (root / "node-admin/gateway/000000000000.jsonl").read_text()
+    for secret in (created["key"], rotated["key"], TOKEN):
+        assert secret not in trail and keys.digest(secret) not in trail
+    [result] = verify_dir(root, load_public(tmp_path / "signing.key.pub"))
+    assert result.status == "ok" and result.name == "node-admin/gateway"
+
+
+def test_reports_on_the_admin_api(audited: AdminApp) -> None:
+    call(audited, "POST", "/admin/keys", {"team": "search", "id": "k2"})
+    from gateway_extproc import audit
+
+    audit._sink.cycle()  # type: ignore[union-attr]
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    status, out, content_type = audited.handle("GET", "/admin/reports/admin?format=csv", auth, b"")
+    assert status == 200 and content_type.startswith("text/csv")
+    assert out.decode().splitlines()[0] == "ts,actor,action,key_id,team,config,details"
+    assert ",root,create,k2,search," in out.decode()
+    status, out, content_type = audited.handle("GET", "/admin/reports/chargeback?month=2026-11&format=json",
+                                               {"authorization": f"Bearer {TOKEN}"}, b"")
+    assert status == 200 and content_type == "application/json" and json.loads(out)["teams"] == []
+    for path, code, param in [("/admin/reports/chargeback?month=November", "invalid_request", "month"),
+                              ("/admin/reports/chargeback?month=2026-11&timezone=Mars/Base", "invalid_request",
+                               "timezone"),
+                              ("/admin/reports/inventory?from=yesterday", "invalid_request", "from"),
+                              ("/admin/reports/chargeback?month=0000-01", "invalid_request", "month"),
+                              ("/admin/reports/chargeback?month=9999-12", "invalid_request", "month"),
+                              ("/admin/reports/chargeback?month=2026-11%0A", "invalid_request", "month"),
+                              ("/admin/reports/admin?from=0001-01-01T00:00:00%2B01:00", "invalid_request", "from"),
+                              ("/admin/reports/inventory?format=xml", "invalid_request", "format"),
+                              ("/admin/reports/secrets", "unknown_endpoint", None)]:
+        status, body = call(audited, "GET", path)
+        assert (status, body["error"]["code"], body["error"]["param"]) == (CODES[code], code, param), body
+    assert call(audited, "GET", "/admin/reports/inventory", token="wrong")[0] == 401
+    assert call(audited, "DELETE", "/admin/reports/inventory")[0] == 405
+
+
+def test_reports_need_the_audit_trail(app: AdminApp) -> None:
+    status, body = call(app, "GET", "/admin/reports/chargeback?month=2026-11")
+    assert status == 404 and body["error"]["code"] == "audit_not_enabled"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["chargeback", "inventory", "admin", "x", "chargeback/", "Admin"]),
+       params=st.dictionaries(st.sampled_from(["month", "timezone", "from", "to", "format", "zz"]),
+                              st.one_of(st.text(max_size=40), st.from_regex(r"\d{4}-\d\d", fullmatch=True),
+                                        st.datetimes().map(lambda d: d.isoformat()),
+                                        st.dates().map(lambda d: d.isoformat())), max_size=5))
+def test_hostile_report_queries_get_a_report_or_a_named_error(audited: AdminApp, kind: str,
+                                                               params: dict[str, str]) -> None:
+    from urllib.parse import urlencode
+
+    status, out, content_type = audited.handle("GET", f"/admin/reports/{kind}?{urlencode(params)}",
+                                               {"authorization": f"Bearer {TOKEN}"}, b"")
+    if status == 200:
+        assert content_type in ("text/csv; charset=utf-8", "application/json")
+    else:
+        err = json.loads(out)["error"]
+        assert (status, err["code"]) in {(400, "invalid_request"), (404, "unknown_endpoint")}, err
+        assert status == 404 or err["param"] in params or err["param"] == "month"

@@ -3,7 +3,8 @@
 One sink per ext_proc process, started by the worker and written by a background thread;
 the router and the config reloader hand it events through the functions below, which do
 nothing when `audit:` is off. Each process writes chains of its own, so processes and
-replicas never coordinate.
+replicas never coordinate. The `serve` parent, which runs the key admin API, writes its
+admin events to a chain of its own (`<instance>-admin`), beside its workers' (`-w<i>`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ log = structlog.get_logger("gateway_extproc.audit")
 _sink: "AuditSink | None" = None
 
 
-def start(cfg: "GatewayConfig", worker: int) -> "AuditSink | None":
+def start(cfg: "GatewayConfig", worker: int | str, record_load: bool = True) -> "AuditSink | None":
     """Start this process's sink when the config has `audit:`; fails (and so the worker does)
     when the signing key cannot be read: no audit trail, no service."""
     global _sink
@@ -35,14 +36,22 @@ def start(cfg: "GatewayConfig", worker: int) -> "AuditSink | None":
     from .signing import Signer
     from .writer import AuditSink
 
-    instance = f"{settings.instance or socket.gethostname()}-w{worker}"
+    suffix = f"w{worker}" if isinstance(worker, int) else worker
+    instance = f"{settings.instance or socket.gethostname()}-{suffix}"
     try:
         _sink = AuditSink(settings, Signer.from_file(settings.signing_key_file), instance).start()
     except (ValueError, RuntimeError, OSError) as exc:
         log.error("audit_start_failed", error=str(exc))
         raise
-    _sink.put(events.config_event(cfg, "loaded"))
+    if record_load:
+        _sink.put(events.config_event(cfg, "loaded"))
     return _sink
+
+
+def start_admin(cfg: "GatewayConfig") -> "AuditSink | None":
+    """The `serve` parent's sink for key admin events: its own chain directory, so the parent
+    never writes a worker's chain. Same settings and key; fails like a worker's."""
+    return start(cfg, "admin", record_load=False)
 
 
 def stop() -> None:
@@ -65,9 +74,15 @@ def config_applied(cfg: "GatewayConfig") -> None:
                 "audit_settings_changed", note="audit settings apply at process start; restart the ext_proc")
 
 
+def admin(actor: str | None, action: str, key_id: str | None, config: str | None, **details: object) -> None:
+    if _sink is not None:
+        _sink.put(events.admin_event(actor, action, key_id, config, details))
+
+
 def config_rejected(path: str, error: str) -> None:
     if _sink is not None:
         _sink.put(events.config_rejected_event(path, error))
 
 
-__all__ = ["AuditSettings", "config_applied", "config_rejected", "request", "start", "stop"]
+__all__ = ["AuditSettings", "admin", "config_applied", "config_rejected", "request", "start", "start_admin",
+           "stop"]

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
@@ -38,7 +36,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     e.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory the bundle is written to")
     e.set_defaults(audit_run=_export)
 
-    r = sub.add_parser("report", help="reports from the audit trail: chargeback, inventory")
+    r = sub.add_parser("report", help="reports from the audit trail: chargeback, inventory, admin")
     rsub = r.add_subparsers(dest="report_cmd", required=True)
     cb = rsub.add_parser("chargeback", help="per team (and key, user, model, provider) for one month")
     cb.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="audit directory or export bundle (default: %(default)s)")
@@ -52,6 +50,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     inv.add_argument("--to", dest="end", help="ISO date or time (UTC), inclusive")
     inv.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: %(default)s)")
     inv.set_defaults(audit_run=_inventory)
+    adm = rsub.add_parser("admin", help="key admin API actions: who created, rotated, updated, revoked which key")
+    adm.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="audit directory or export bundle (default: %(default)s)")
+    adm.add_argument("--from", dest="start", help="ISO date or time (UTC)")
+    adm.add_argument("--to", dest="end", help="ISO date or time (UTC), inclusive")
+    adm.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: %(default)s)")
+    adm.set_defaults(audit_run=_admin)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -95,9 +99,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export
+    from .reports import ReportError, iso_param
 
     try:
-        manifest = export(args.dir, args.out, _iso(args.start), _iso(args.end, end=True))
+        manifest = export(args.dir, args.out, iso_param("from", args.start), iso_param("to", args.end, end=True))
+    except ReportError as exc:
+        print(f"error: --{exc}", file=sys.stderr)  # messages start with the parameter name
+        return 1
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -107,38 +115,26 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _chargeback(args: argparse.Namespace) -> int:
-    from .reports import chargeback, chargeback_csv
-
-    try:
-        ZoneInfo(args.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        print(f"error: --timezone {args.timezone!r} is not an IANA time zone (e.g. Europe/Berlin)", file=sys.stderr)
-        return 1
-    try:
-        report = chargeback(args.dir, args.month, args.timezone)
-    except ValueError:
-        print(f"error: --month {args.month!r} must be YYYY-MM", file=sys.stderr)
-        return 1
-    sys.stdout.write(chargeback_csv(report) if args.format == "csv"
-                     else orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
-    return 0
+    return _report("chargeback", args, {"month": args.month, "timezone": args.timezone, "format": args.format})
 
 
 def _inventory(args: argparse.Namespace) -> int:
-    from .reports import inventory, inventory_csv
+    return _report("inventory", args, {"from": args.start, "to": args.end, "format": args.format})
 
-    report = inventory(args.dir, _iso(args.start) if args.start else "", _iso(args.end, end=True) if args.end else "~")
-    sys.stdout.write(inventory_csv(report) if args.format == "csv"
-                     else orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+def _admin(args: argparse.Namespace) -> int:
+    return _report("admin", args, {"from": args.start, "to": args.end, "format": args.format})
+
+
+def _report(kind: str, args: argparse.Namespace, params: dict[str, str | None]) -> int:
+    """The same function the admin listener serves (reports.render)."""
+    from .reports import ReportError, render
+
+    try:
+        _, body = render(kind, args.dir, params)
+    except ReportError as exc:
+        print(f"error: --{exc}", file=sys.stderr)  # messages start with the parameter name
+        return 1
+    sys.stdout.buffer.write(body)
+    sys.stdout.flush()
     return 0
-
-
-def _iso(value: str, end: bool = False) -> str:
-    """A date or time as the trail writes it (UTC, microseconds, Z); a bare date as --to
-    means the end of that day."""
-    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    if end and len(value) == 10:
-        dt = dt.replace(hour=23, minute=59, second=59, microsecond=999999)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

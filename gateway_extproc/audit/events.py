@@ -1,9 +1,10 @@
 """What an audit event holds: pure functions from what the router decided to a flat dict.
 
 Built on the request path, so they only read attributes the router already has; the writer
-thread serializes them. Content is what the access log may carry (the tier's logging rule,
-`RouterProcessor.content`), which is the prompt after redaction; response text is left out
-because the router keeps it from before response redaction.
+thread serializes them. Content is exactly what the access log may carry
+(`RouterProcessor.logged_content`: only for tiers the content-logging rule allows; the prompt
+as forwarded, after redaction, and the response text as the client got it, after the
+response guard redacted it). Admin events come from the key admin API in `serve`.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str)
         "config": p.runtime.config.digest[:16],
     }
     if p.content is not None:
-        ev["prompt"] = p.content
+        ev.update(p.logged_content())
     return ev
 
 
@@ -74,3 +75,12 @@ def config_event(cfg: "GatewayConfig", action: str) -> dict[str, Any]:
 
 def config_rejected_event(path: str, error: str) -> dict[str, Any]:
     return {"type": "config", "ts": time.time(), "action": "rejected", "path": path, "error": error[:2000]}
+
+
+def admin_event(actor: str | None, action: str, key_id: str | None, config: str | None,
+                details: dict[str, Any]) -> dict[str, Any]:
+    """A key admin API call that changed a key, or was refused for its credential: who (the
+    admin's name from identity.keyAdmin.admins; None when refused), what, which key id (never
+    the secret or its hash), and the config version the call was checked against."""
+    return {"type": "admin", "ts": time.time(), "actor": actor, "action": action, "key_id": key_id,
+            "config": config, **details}

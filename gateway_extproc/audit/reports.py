@@ -1,23 +1,31 @@
-"""Reports computed from the audit trail: chargeback per team, and the model inventory.
+"""Reports computed from the audit trail: chargeback per team, the model inventory, and the
+key admin actions.
 
 Both read request records only, so they add up to what the gateway counted: tokens and cost
 are the same numbers `genai_tokens_total` and `genai_request_cost_dollars_total` were
 incremented with. A team's budget comes from the config version in force at its last
 request of the period (configs/<sha256>.yaml kept by the writer), so the report shows the
 budget that applied, not today's.
+
+`render` is the one entry point for both the CLI (`gateway-extproc report ...`) and the key
+admin listener (`GET /admin/reports/...`): it checks the parameters, computes the report and
+formats it, so the two can never disagree.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
 
 import yaml
 
@@ -119,6 +127,15 @@ def inventory(root: Path, start: str = "", end: str = "~") -> dict[str, Any]:
         for (t, m, p), v in sorted(rows.items())]}
 
 
+def admin_actions(root: Path, start: str = "", end: str = "~") -> dict[str, Any]:
+    """Key admin API calls on the record (serve's own chain): who changed which key, when,
+    under which config version, and the credentials refused; oldest first."""
+    rows = [{k: v for k, v in rec.items() if k not in ("prev", "seq", "type")}
+            for rec in records(root, frozenset({"admin"})) if start <= rec.get("ts", "") <= end]
+    rows.sort(key=lambda r: r["ts"])
+    return {"from": start or None, "to": None if end == "~" else end, "rows": rows}
+
+
 def _configs(root: Path) -> dict[str, Path]:
     d = root / CONFIGS
     return {p.stem[:16]: p for p in d.glob("*.yaml")} if d.is_dir() else {}
@@ -162,3 +179,81 @@ def inventory_csv(report: dict[str, Any]) -> str:
     w.writeheader()
     w.writerows(report["rows"])
     return buf.getvalue()
+
+
+class ReportError(ValueError):
+    """A report parameter that is wrong; `param` is its name (`--month`, `?month=`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+ADMIN_COLUMNS = ("ts", "actor", "action", "key_id", "team", "config", "details")
+
+
+def admin_csv(report: dict[str, Any]) -> str:
+    """One row per admin action; fields beyond the columns go to `details` as JSON."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ADMIN_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for row in report["rows"]:
+        extra = {k: v for k, v in row.items() if k not in ADMIN_COLUMNS}
+        w.writerow({**{k: row.get(k) for k in ADMIN_COLUMNS[:-1]},
+                    "details": orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else ""})
+    return buf.getvalue()
+
+
+REPORTS = ("chargeback", "inventory", "admin")
+FORMATS = {"csv": "text/csv; charset=utf-8", "json": "application/json"}
+
+
+def render(kind: str, root: Path, params: Mapping[str, str | None]) -> tuple[str, bytes]:
+    """(content type, body) of report `kind` over the trail at `root`. params: `month`,
+    `timezone` (chargeback); `from`, `to` (inventory, admin: ISO date or time, UTC; a bare date as
+    `to` means the end of that day); `format` (csv, the default, or json)."""
+    fmt = params.get("format") or "csv"
+    if fmt not in FORMATS:
+        raise ReportError("format", f"format {fmt[:40]!r} must be csv or json")
+    if kind == "chargeback":
+        month, tz = params.get("month"), params.get("timezone") or "UTC"
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ReportError("timezone", f"timezone {tz[:60]!r} is not an IANA time zone (e.g. Europe/Berlin)") \
+                from None
+        try:
+            if not month or not _MONTH.fullmatch(month):
+                raise ValueError
+            month_range(month, tz)
+        except (ValueError, OverflowError):
+            raise ReportError("month", f"month {(month or '')[:40]!r} must be YYYY-MM") from None
+        report = chargeback(root, month, tz)
+        text = chargeback_csv(report) if fmt == "csv" else None
+    elif kind in ("inventory", "admin"):
+        start, end = params.get("from"), params.get("to")
+        window = (iso_param("from", start) if start else "", iso_param("to", end, True) if end else "~")
+        report = inventory(root, *window) if kind == "inventory" else admin_actions(root, *window)
+        to_csv = inventory_csv if kind == "inventory" else admin_csv
+        text = to_csv(report) if fmt == "csv" else None
+    else:
+        raise ReportError("report", f"no report {kind[:40]!r}; there are {', '.join(REPORTS)}")
+    body = text.encode() if text is not None else orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
+    return FORMATS[fmt], body
+
+
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
+
+
+def iso_param(param: str, value: str, end: bool = False) -> str:
+    """A date or time as the trail writes it (UTC, microseconds, Z); a bare date as an end
+    means the end of that day."""
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        if end and len(value) == 10:
+            dt = dt.replace(hour=23, minute=59, second=59, microsecond=999999)
+        return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (ValueError, OverflowError):  # not ISO, or past the calendar's ends once in UTC
+        raise ReportError(param, f"{param} {value[:40]!r} must be an ISO date or time, e.g. 2026-11-01") from None

@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import orjson
@@ -212,3 +213,163 @@ def test_each_worker_process_writes_its_own_chains(tmp_path: Path) -> None:
         per_worker[worker] = per_worker.get(worker, 0) + n
     assert set(per_worker) == {"w0", "w1"} and sum(per_worker.values()) == 150
     assert min(per_worker.values()) > 0, per_worker  # Envoy spreads streams over both sockets
+
+
+ADMIN_TOKEN = "gwa_audit-test-admin-token-0123456789"
+IBAN = "DE89370400440532013000"  # confidential: above contentLogging.maxTier (internal)
+
+
+def with_key_admin(values: dict, workdir: Path, port: int) -> None:
+    values.setdefault("identity", {})["keyAdmin"] = {
+        "enabled": True, "address": "127.0.0.1", "port": port, "file": str(workdir / "admin-keys.json"),
+        "admins": [{"name": "ops-alice", "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}]}
+
+
+def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path) -> None:
+    """Key lifecycle calls land signed in `serve`'s own chain (who, what, which key id, never
+    the secret or its hash); request records carry prompt and response text only as the tier's
+    logging rule allows and only redacted, JSON and streamed; the admin listener serves the
+    CLI's reports byte for byte."""
+    from gateway_extproc.localstack import free_port
+
+    port = free_port()
+    workdir = tmp_path / "gw"
+    gw = build_gateway(workdir, customize=lambda v: with_key_admin(v, workdir, port))
+    admin_url = f"http://127.0.0.1:{port}"
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    audit = gw.stack.workdir / "audit"
+    pub = gw.stack.workdir / "audit-signing.key.pub"
+    month = datetime.now(timezone.utc).strftime("%Y-%m")
+    try:
+        with httpx.Client(base_url=admin_url, headers=auth, timeout=30) as admin:
+            created = admin.post("/admin/keys", json={"team": "demo", "id": "svc-audit", "models": ["default-chat"]})
+            assert created.status_code == 201, created.text
+            secret = created.json()["key"]
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
+            client.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": "Hi"}])
+            rotated = admin.post("/admin/keys/svc-audit/rotate", json={"grace_seconds": 0})
+            assert rotated.status_code == 200, rotated.text
+            assert admin.patch("/admin/keys/svc-audit", json={"models": None}).status_code == 200
+            assert admin.delete("/admin/keys/svc-audit").status_code == 200
+            assert set(asyncio.run(admin_burst(admin_url, auth, 100))) == {201}  # each one on the record
+            denied = httpx.get(f"{admin_url}/admin/reports/inventory", headers={"authorization": "Bearer nope"})
+            assert denied.status_code == 401 and denied.json()["error"]["code"] == "admin_unauthorized"
+
+            # Content: the response text as the client got it (redacted), JSON and streamed.
+            json_reply = httpx.post(
+                f"{gw.url}/v1/chat/completions", timeout=30,
+                headers={"authorization": f"Bearer {gw.key}", "x-mock-reply": f"Write to {EMAIL} today."},
+                json={"model": "default-chat", "messages": [{"role": "user", "content": "Who to email, json?"}]})
+            assert json_reply.json()["choices"][0]["message"]["content"] == "Write to [EMAIL_1] today."
+            streamed = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0,
+                                     default_headers={"x-mock-reply": f"Mail {EMAIL} soon, please."})
+            text = "".join(c.choices[0].delta.content or "" for c in streamed.chat.completions.create(
+                model="default-chat", stream=True, messages=[{"role": "user", "content": "Who to email, stream?"}])
+                if c.choices)
+            assert EMAIL not in text and "[EMAIL_1]" in text
+            claude = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0,
+                                         default_headers={"x-mock-reply": f"Ask {EMAIL} for it."})
+            with claude.messages.stream(model="claude-chat", max_tokens=50,
+                                        messages=[{"role": "user", "content": "Who to email, messages?"}]) as events:
+                assert "[EMAIL_1]" in "".join(events.text_stream)
+            above = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30,
+                               headers={"authorization": f"Bearer {gw.key}", "x-mock-reply": "Noted."},
+                               json={"model": "private-chat",
+                                     "messages": [{"role": "user", "content": f"Move {IBAN} funds"}]})
+            assert above.status_code == 200, above.text
+
+            # The reports over HTTP are the CLI's, byte for byte, over the same files.
+            time.sleep(1.0)  # written (the writer runs every ~50 ms)
+            served = {}
+            for fmt in ("csv", "json"):
+                r = admin.get("/admin/reports/chargeback", params={"month": month, "format": fmt})
+                assert r.status_code == 200, r.text
+                assert r.headers["content-type"].startswith("text/csv" if fmt == "csv" else "application/json")
+                served[("chargeback", fmt)] = r.content
+                for kind in ("inventory", "admin"):
+                    r = admin.get(f"/admin/reports/{kind}", params={"format": fmt})
+                    assert r.status_code == 200, r.text
+                    served[(kind, fmt)] = r.content
+            bad = admin.get("/admin/reports/chargeback", params={"month": "2026-13"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "month", bad.text
+            assert admin.get("/admin/reports/chargeback").json()["error"]["code"] == "invalid_request"
+            assert admin.get("/admin/reports/nope").json()["error"]["code"] == "unknown_endpoint"
+            assert admin.post("/admin/reports/inventory").status_code == 405
+            for fmt in ("csv", "json"):
+                assert served[("chargeback", fmt)] == cli_bytes(
+                    "report", "chargeback", "--dir", str(audit), "--month", month, "--format", fmt)
+                for kind in ("inventory", "admin"):
+                    assert served[(kind, fmt)] == cli_bytes("report", kind, "--dir", str(audit), "--format", fmt)
+            [demo] = [t for t in orjson.loads(served[("chargeback", "json")])["teams"] if t["team"] == "demo"]
+            assert "svc-audit" in {k["key"] for k in demo["by_key"]}
+    finally:
+        gw.stack.stop()
+
+    # `serve` wrote the admin events to its own chain, next to its workers' chains.
+    admin_chains = sorted({seg.parent.relative_to(audit).as_posix() for seg in audit.rglob("*.jsonl")
+                           if seg.parent.parent.name.endswith("-admin")})
+    assert len(admin_chains) == 1 and admin_chains[0].endswith("-admin/gateway"), admin_chains
+    recs = records(audit)
+    admin_recs = [r for r in recs if r["type"] == "admin"]
+    burst_ids = {r["key_id"] for r in admin_recs[4:104]}
+    assert len(burst_ids) == 100 and {r["action"] for r in admin_recs[4:104]} == {"create"}
+    assert [(r["actor"], r["action"], r["key_id"]) for r in admin_recs[:4] + admin_recs[104:]] == [
+        ("ops-alice", "create", "svc-audit"), ("ops-alice", "rotate", "svc-audit"),
+        ("ops-alice", "update", "svc-audit"), ("ops-alice", "revoke", "svc-audit"), (None, "denied", None)]
+    config_digest = hashlib.sha256((gw.stack.workdir / "gateway.yaml").read_bytes()).hexdigest()
+    assert all(r["config"] == config_digest[:16] and r["ts"] for r in admin_recs)
+    assert admin_recs[0]["team"] == "demo" and admin_recs[0]["models"] == ["default-chat"]
+    assert admin_recs[-1]["path"] == "/admin/reports/inventory" and admin_recs[-1]["peer"] == "127.0.0.1"
+    trail = b"".join(seg.read_bytes() for seg in audit.rglob("*.jsonl"))
+    for secret_ in (secret, rotated.json()["key"], ADMIN_TOKEN):
+        assert secret_.encode() not in trail and keys_digest(secret_).encode() not in trail
+
+    requests = [r for r in recs if r["type"] == "request" and r["path"] in ("/v1/chat/completions", "/v1/messages")]
+    [j] = [r for r in requests if "Who to email, json?" in r.get("prompt", "")]
+    assert j["response"] == "Write to [EMAIL_1] today."
+    [s] = [r for r in requests if "Who to email, stream?" in r.get("prompt", "")]
+    assert s["stream"] is True and s["response"] == "Mail [EMAIL_1] soon, please."
+    [m] = [r for r in requests if "Who to email, messages?" in r.get("prompt", "")]
+    assert (m["path"], m["stream"], m["response"]) == ("/v1/messages", True, "Ask [EMAIL_1] for it.")
+    [conf] = [r for r in requests if r["model"] == "private-chat"]
+    assert conf["tier"] == "confidential" and "prompt" not in conf and "response" not in conf
+    assert EMAIL.encode() not in trail and IBAN.encode() not in trail
+
+    out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub), "--strict")
+    assert out.returncode == 0, out.stdout
+    assert re.search(r"OK +\S+-admin/gateway: \d+ records", out.stdout), out.stdout
+    today = datetime.now(timezone.utc).date().isoformat()
+    bundle = tmp_path / "bundle"
+    assert cli("audit", "export", "--dir", str(audit), "--from", today, "--to", today, "--out",
+               str(bundle)).returncode == 0
+    manifest = orjson.loads((bundle / "manifest.json").read_bytes())
+    assert any(name.endswith("-admin/gateway") for name in manifest["chains"])
+    assert sum(r["type"] == "admin" for r in records(bundle)) == 105
+    out = cli("audit", "verify", "--dir", str(bundle), "--public-key", str(pub), "--strict")
+    assert out.returncode == 0, out.stdout
+
+    # A revocation rewritten as someone else's: verify names the record.
+    [seg] = sorted((audit / admin_chains[0]).glob("*.jsonl"))
+    lines = seg.read_bytes().split(b"\n")
+    i = next(k for k, x in enumerate(lines) if b'"action":"revoke"' in x)
+    lines[i] = lines[i].replace(b'"actor":"ops-alice"', b'"actor":"ops-malory"')
+    seg.write_bytes(b"\n".join(lines))
+    out = cli("audit", "verify", "--dir", str(audit), "--public-key", str(pub))
+    assert out.returncode == 1
+    assert re.search(rf"BAD .*-admin/gateway\n.*\({seg.name}:{i + 1}\) was modified", out.stdout), out.stdout
+
+
+async def admin_burst(url: str, auth: dict[str, str], n: int) -> list[int]:
+    async with httpx.AsyncClient(base_url=url, headers=auth, timeout=60) as client:
+        async def one(i: int) -> int:
+            return (await client.post("/admin/keys", json={"team": "demo", "id": f"burst-{i}"})).status_code
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def cli_bytes(*args: str) -> bytes:
+    out = subprocess.run([sys.executable, "-m", "gateway_extproc", *args], capture_output=True, timeout=120)
+    return out.stdout
+
+
+def keys_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
