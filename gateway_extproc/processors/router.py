@@ -256,7 +256,7 @@ class RouterProcessor:
         new_body = orjson.dumps(body) if changed else None
         if new_body is not None:
             set_headers["content-length"] = str(len(new_body))
-        metadata = {"gw": {"model": self.model.name, "api": self.endpoint.name, "request_id": self.request_id}}
+        metadata = {"model": self.model.name, "api": self.endpoint.name, "request_id": self.request_id}
         return r.request_body(r.common(r.mutation(set_headers), new_body, clear_route_cache=True), metadata)
 
     # -- response ------------------------------------------------------------------------
