@@ -197,6 +197,33 @@ def messages_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+# -- CPU by thread ----------------------------------------------------------------------------
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """utime+stime seconds of each thread of pid, by thread name (/proc/PID/task/TID)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / bench._TICK
+    return out
+
+
+def thread_table(before: dict[str, float], after: dict[str, float], requests: int) -> str:
+    lines = ["| ext_proc thread | CPU-ms/req | share |", "|---|---:|---:|"]
+    spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    total = sum(spent.values())
+    for name, cpu in sorted(spent.items(), key=lambda kv: -kv[1]):
+        if cpu > 0:
+            lines.append(f"| {name} | {cpu * 1000 / requests:.3f} | {_pct(int(cpu * 1000), int(total * 1000))} |")
+    return "\n".join(lines)
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -230,6 +257,15 @@ def main(argv: list[str] | None = None) -> int:
             [worker] = bench.children(stack.procs["extproc"].pid)
             script = bench.wrk_script(tmp, "private-chat")
             bench.run_wrk(stack.url, script, args.connections, 2)  # warm-up
+            # CPU by thread without the profiler: the main thread runs the event loop and all
+            # our code; grpc.aio's poller thread runs gRPC's C core; the rest are ours.
+            threads_before = thread_cpu(worker)
+            plain = bench.run_wrk(stack.url, script, args.connections, args.seconds,
+                                  {"extproc": lambda: [worker], "envoy": lambda: [stack.procs["envoy"].pid]})
+            threads = thread_table(threads_before, thread_cpu(worker), plain.requests)
+            print(f"without the profiler: {plain.rps:,.0f} req/s @{args.connections}, ext_proc "
+                  f"{plain.cpu_s['extproc'] * 1000 / plain.requests:.3f} CPU-ms/req, Envoy "
+                  f"{plain.cpu_s['envoy'] * 1000 / plain.requests:.3f}\n\n{threads}\n", flush=True)
             out = tmp / "profile.raw"
             argv_spy = [spy, "record", "-p", str(worker), "-r", str(args.rate), "-d", str(int(args.seconds) + 1),
                         "--format", "raw", "--threads", "-o", str(out)]
@@ -259,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"seconds": args.seconds, "connections": args.connections, "native": args.native,
                      "rate": args.rate},
         "load": {"rps": load.rps, "requests": load.requests, "extproc_cpu_ms_per_req_under_py_spy": cpu_ms},
+        "without_profiler": {"rps": plain.rps, "requests": plain.requests, "cpu_s": plain.cpu_s},
         "messages_per_request": rows, "profile": summary,
-        "tables": {"messages": messages_table(rows), "areas": area_table(summary), "phases": phase_table(summary)},
+        "tables": {"messages": messages_table(rows), "threads": threads, "areas": area_table(summary), "phases": phase_table(summary)},
     }, indent=2) + "\n")
     print(f"raw numbers: {result.relative_to(bench.ROOT)}")
     return 0
