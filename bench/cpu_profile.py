@@ -231,7 +231,7 @@ def py_spy() -> str:
     found = Path(sys.executable).parent / "py-spy"
     path = str(found) if found.exists() else shutil.which("py-spy")
     if path is None:
-        print("profile: py-spy not found: `.venv/bin/pip install py-spy` (the `bench` extra)", file=sys.stderr)
+        print("cpu_profile: py-spy not found: `.venv/bin/pip install -e '.[bench]'`", file=sys.stderr)
         sys.exit(2)
     return path
 
