@@ -61,14 +61,15 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 if processor is None:
                     # One config snapshot per stream, even if a reload swaps it meanwhile.
                     processor = (UpstreamProcessor if is_upstream(req) else RouterProcessor)(self.runtime.current)
-                    if isinstance(processor, RouterProcessor) and context is not None:
+                    if isinstance(processor, RouterProcessor) and context is not None and tracing.on():
                         processor.trace_parent = _trace_context(context)
                 started = time.perf_counter()
                 try:
                     resp = await processor.handle(req)
                 except Exception:
-                    log.exception("processing_failed", phase=req.WhichOneof("request"))
-                    _ERRORS[req.WhichOneof("request")].inc()
+                    phase = req.WhichOneof("request")
+                    log.exception("processing_failed", phase=phase)
+                    _ERRORS[phase].inc()
                     resp = _fallback(req)
                 _PHASES[req.WhichOneof("request")].observe(time.perf_counter() - started)
                 yield resp

@@ -125,12 +125,9 @@ class ResponseGuard:
         self.ended = False
         self.response_text: list[str] = []
 
-    def json_body(self, raw: bytes) -> bytes | None:
-        """The body to send instead, or None to send it unchanged."""
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
+    def json_body(self, body: dict[str, Any]) -> bytes | None:
+        """The body (parsed by the caller, which also reads usage from it; changed in place)
+        to send instead, or None to send it unchanged."""
         contents = [c.get("message") for c in body.get("choices") or [] if isinstance(c, dict)]
         texts = [m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), str) else "" for m in contents]
         self.response_text = ["\n".join(texts)]

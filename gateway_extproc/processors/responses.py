@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
-
 from gateway_extproc._proto.envoy.config.core.v3 import base_pb2
 from gateway_extproc._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -17,20 +15,22 @@ _JSON = (("content-type", "application/json"),)
 STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 SEND = processing_mode_pb2.ProcessingMode.SEND
+METADATA_NAMESPACE = "gw"  # the chart's metadata_options.receiving_namespaces
 
 
 def header_map(msg: ep.HttpHeaders) -> dict[str, str]:
-    """Envoy's header list as a dict (names arrive lower-cased; values in raw_value)."""
-    return {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
-            for h in msg.headers.headers}
+    """Envoy's header list as a dict (names arrive lower-cased; Envoy 1.40 sends every value
+    in raw_value and leaves `value` empty)."""
+    return {h.key: h.raw_value.decode("utf-8", "replace") for h in msg.headers.headers}
 
 
 def mutation(set_: Mapping[str, str] | None = None, remove: Iterable[str] = ()) -> ep.HeaderMutation:
+    # Nested dicts build the upb messages in one call: about half the cost of a
+    # HeaderValueOption and a HeaderValue object per header (every message pays it).
     return ep.HeaderMutation(
-        set_headers=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
-                                                append_action=_OVERWRITE)
-                     for k, v in (set_ or {}).items()],
-        remove_headers=list(remove))
+        set_headers=[{"header": {"key": k, "raw_value": v.encode()}, "append_action": _OVERWRITE}
+                     for k, v in set_.items()] if set_ else (),
+        remove_headers=remove)
 
 
 def common(headers: ep.HeaderMutation | None = None, body: bytes | None = None,
@@ -45,10 +45,14 @@ def request_headers(c: ep.CommonResponse | None = None) -> ep.ProcessingResponse
     return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=c))
 
 
-def request_body(c: ep.CommonResponse | None = None, metadata: dict[str, Any] | None = None) -> ep.ProcessingResponse:
+def request_body(c: ep.CommonResponse | None = None, metadata: Mapping[str, str] | None = None
+                 ) -> ep.ProcessingResponse:
+    """`metadata`: string values for Envoy's dynamic metadata namespace `gw`."""
     resp = ep.ProcessingResponse(request_body=ep.BodyResponse(response=c))
     if metadata:
-        resp.dynamic_metadata.update(metadata)
+        fields = resp.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
+        for k, v in metadata.items():
+            fields[k].string_value = v  # field by field: half the cost of Struct.update
     return resp
 
 

@@ -32,7 +32,7 @@ from ..providers.base import sse
 from ..policy.classification import ResponseGuard, content_for_log
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
-from ..usage import SseUsageTap, Usage, usage_from_json
+from ..usage import SseUsageTap, Usage, usage_from_object
 from . import responses as r
 from .provider_response import ProviderResponse
 
@@ -256,7 +256,7 @@ class RouterProcessor:
         new_body = orjson.dumps(body) if changed else None
         if new_body is not None:
             set_headers["content-length"] = str(len(new_body))
-        metadata = {"gw": {"model": self.model.name, "api": self.endpoint.name, "request_id": self.request_id}}
+        metadata = {"model": self.model.name, "api": self.endpoint.name, "request_id": self.request_id}
         return r.request_body(r.common(r.mutation(set_headers), new_body, clear_route_cache=True), metadata)
 
     # -- response ------------------------------------------------------------------------
@@ -336,9 +336,13 @@ class RouterProcessor:
         status = self.status if self.provider is None else self.provider.status
         status_changed, self.status = status != self.status, status
         if 200 <= self.status < 300:
-            self.usage = usage_from_json(raw)
-            if self.guard is not None:
-                new_body = self.guard.json_body(raw) or new_body
+            try:  # parsed once: usage first, then the guard may change it
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parsed = None
+            self.usage = usage_from_object(parsed)
+            if self.guard is not None and isinstance(parsed, dict):
+                new_body = self.guard.json_body(parsed) or new_body
             if self.client == "anthropic" and self.endpoint is api.CHAT:
                 new_body = messages.from_chat(raw if new_body is None else new_body)
         self.log()

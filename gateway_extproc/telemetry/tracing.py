@@ -147,6 +147,11 @@ class RequestTrace:
                 _state["tpot"].record(max(duration_s - ttft_s, 0.0) / (output_tokens - 1), metric_attrs)
 
 
+def on() -> bool:
+    """Spans are being made in this process (setup found an OTLP endpoint)."""
+    return "tracer" in _state
+
+
 def start(headers: Mapping[str, str], method: str, path: str,
           stream_context: Mapping[str, str] | None = None) -> RequestTrace | None:
     return RequestTrace(headers, method, path, stream_context) if "tracer" in _state else None
