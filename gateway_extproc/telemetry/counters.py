@@ -20,7 +20,6 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -166,16 +165,25 @@ class _HistogramChild:
         self.counts[bisect_left(self._bounds, value)] += 1  # first bucket whose `le` >= value
         self.sum += value
 
-    @contextmanager
-    def time(self) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.observe(time.perf_counter() - started)
+    def time(self) -> _Timer:
+        """`with h.time():` observes the block's duration, also when it raises."""
+        return _Timer(self)
 
     def state(self) -> list[float]:
         return [*self.counts, self.sum]
+
+
+class _Timer:
+    __slots__ = ("_child", "_started")
+
+    def __init__(self, child: _HistogramChild) -> None:
+        self._child = child
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *_exc: object) -> None:
+        self._child.observe(time.perf_counter() - self._started)
 
 
 class Histogram(_Family):
