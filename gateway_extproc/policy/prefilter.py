@@ -227,15 +227,19 @@ def _compile(triggers: Sequence[Trigger], som: bool, ids: Sequence[int] | None =
     return db
 
 
-_RUN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-")
+_RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
 
 
 def _run_start(text: str, end: int) -> int:
-    i = end - 1
+    """Where the run of base64 characters ending at `end` (exclusive) starts, looking back at
+    most 65600 characters: `rstrip` over a slice doubled until the run's start is in it."""
     stop = max(0, end - 65600)
-    while i >= stop and text[i] in _RUN:
-        i -= 1
-    return i + 1
+    lo = max(stop, end - 64)
+    while True:
+        kept = len(text[lo:end].rstrip(_RUN))
+        if kept or lo == stop:
+            return lo + kept
+        lo = max(stop, end - 2 * (end - lo))
 
 
 MAX_EVENTS_PER_CHAR = 1 / 16  # hostile or degenerate text (a megabyte of digits): stop counting
