@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) afterwards")
     args = p.parse_args(argv)
     bench.require_tools()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started in the background
+    signal.signal(signal.SIGTERM, bench._terminate)  # tear the stack down on SIGTERM as on Ctrl-C
     tmp = Path(tempfile.mkdtemp(prefix="gw-soak-"))
     try:
         started = datetime.now(timezone.utc)
