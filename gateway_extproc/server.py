@@ -24,7 +24,7 @@ from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from . import audit, sockets
 from .budgets import settlements
@@ -36,7 +36,7 @@ from .processors.upstream import UpstreamProcessor, is_upstream
 from .procs import die_with_parent, exit_reason
 from .reload import RuntimeRef
 from .runtime import Runtime
-from .telemetry import tracing
+from .telemetry import export, tracing
 from .telemetry.metrics import EXTPROC_ERRORS, PHASE_LATENCY
 
 log = structlog.get_logger("gateway_extproc.server")
@@ -92,7 +92,7 @@ def _fallback(req: ep.ProcessingRequest) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body") else ep.HeadersResponse()})
 
 
-async def serve_one(runtime: RuntimeRef, address: str) -> None:
+async def serve_one(runtime: RuntimeRef, address: str, index: int = 0) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
     ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(runtime), server)
@@ -101,6 +101,7 @@ async def serve_one(runtime: RuntimeRef, address: str) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(address)
     await server.start()
+    snapshots = await export.serve_snapshots(index)  # the `serve` parent's /metrics asks here
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("extproc_listening", address=address, pid=os.getpid())
     stop = asyncio.Event()
@@ -114,6 +115,8 @@ async def serve_one(runtime: RuntimeRef, address: str) -> None:
     log.info("extproc_draining", address=address, grace_s=DRAIN_SECONDS)
     await server.stop(DRAIN_SECONDS)
     await settlements.settled(DRAIN_SECONDS)  # the drained requests' budget settlements
+    if snapshots is not None:
+        snapshots.close()
     log.info("extproc_stopped", address=address)
 
 
@@ -144,9 +147,9 @@ def run_one(config_path: str, index: int) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve_one(runtime, address))
+        asyncio.run(serve_one(runtime, address, index))
     else:
-        uvloop.run(serve_one(runtime, address))
+        uvloop.run(serve_one(runtime, address, index))
     finally:
         audit.stop()
         tracing.shutdown()
@@ -188,8 +191,9 @@ def serve(config_path: str) -> int:
     registry = CollectorRegistry()
     restarts = Counter("genai_gateway_extproc_worker_restarts", "ext_proc worker processes restarted after "
                        "dying (crash, OOM kill).", registry=registry)
+    workers_metrics = export.WorkerMetrics(metrics_dir, len(runtime.config.listen))
     if runtime.config.metrics_port:
-        multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+        registry.register(workers_metrics)
         try:  # before any worker starts: a busy port is a start-up error, not a crash
             start_http_server(runtime.config.metrics_port, runtime.config.metrics_address, registry)
         except OSError as exc:
@@ -217,7 +221,7 @@ def serve(config_path: str) -> int:
             print(f"error: {config_path}: identity.keyAdmin port {admin.port} on {admin.address}: {exc.strerror}; "
                   "stop what holds it, or set identity.keyAdmin.port in the values", file=sys.stderr, flush=True)
             return 1
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, _SUPERVISOR_ENV: str(os.getpid())}
+    env = {**os.environ, export.DIR_ENV: metrics_dir, _SUPERVISOR_ENV: str(os.getpid())}
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "gateway_extproc", "serve-one", config_path, str(index)],
@@ -236,14 +240,15 @@ def serve(config_path: str) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        return _supervise(workers, spawn, restarts, forward, lambda: stopping)
+        return _supervise(workers, spawn, restarts, forward, lambda: stopping, workers_metrics.retire)
     finally:
         audit.stop()  # the admin chain's shutdown checkpoint
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _supervise(workers: list[_Worker], spawn: Callable[[int], subprocess.Popen[bytes]], restarts: Counter,
-               forward: Callable[[int, object], None], stopping: Callable[[], bool]) -> int:
+               forward: Callable[[int, object], None], stopping: Callable[[], bool],
+               retire: Callable[[int], None]) -> int:
     code = 0
     while True:
         now = time.monotonic()
@@ -267,6 +272,7 @@ def _supervise(workers: list[_Worker], spawn: Callable[[int], subprocess.Popen[b
                 delay = min(_BACKOFF_FIRST_S * 2 ** w.deaths, _BACKOFF_MAX_S)
                 w.deaths += 1
                 w.restart_at = now + delay
+                retire(w.proc.pid)  # its last scraped counts stay in the totals
                 log.error("extproc_worker_died", worker=w.index, pid=w.proc.pid, reason=exit_reason(rc),
                           restart_in_s=round(delay, 2))
             elif now >= w.restart_at:

@@ -19,6 +19,10 @@ import orjson
 
 TokenCount = Callable[[str], int]
 IMAGE_TOKENS = 85
+# Counts of recent strings, per tokenizer: system prompts and tool schemas repeat verbatim
+# across an application's calls, and a lookup (a hash of the string) costs ~1/50 of a BPE
+# pass. Bounded: at most _MEMO_ENTRIES strings of at most _MEMO_MAX_CHARS characters each.
+_MEMO_ENTRIES, _MEMO_MAX_CHARS = 1024, 8192
 
 
 @lru_cache(maxsize=None)
@@ -30,11 +34,16 @@ def counter(spec: str) -> TokenCount:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(spec)
-        return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+        return _memo(lambda text: len(tok.encode(text, add_special_tokens=False).ids))
     import bpe_openai
 
     enc = bpe_openai.get_encoding(spec)
-    return lambda text: len(enc.encode_ordinary(text))
+    return _memo(lambda text: len(enc.encode_ordinary(text)))
+
+
+def _memo(count: TokenCount) -> TokenCount:
+    recent = lru_cache(maxsize=_MEMO_ENTRIES)(count)  # thread-safe: large bodies count off the loop
+    return lambda text: recent(text) if len(text) <= _MEMO_MAX_CHARS else count(text)
 
 
 def chat_prompt_tokens(body: dict[str, Any], count: TokenCount) -> int:

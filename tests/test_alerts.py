@@ -34,7 +34,7 @@ UP_REF = re.compile(r"\bup\{job=")
 # against a real Envoy's /stats/prometheus by tests/integration/test_envoy_stats.py.
 ENVOY_REF = re.compile(r"\benvoy_[a-z_]+\b(?!\s*=)")  # series, not label names
 ENVOY_SERIES = {"envoy_cluster_membership_total", "envoy_cluster_membership_healthy", "envoy_http_downstream_rq_xx"}
-# What prometheus-client exposes per metric type (multiprocess mode writes no `_created`).
+# What /metrics exposes per metric type (telemetry/counters.py writes no `_created`).
 SUFFIXES = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count"),
             "Summary": ("_sum", "_count")}
 

@@ -376,12 +376,12 @@ def test_every_line_is_shipped_to_a_redis_stream_and_an_outage_only_counts(tmp_p
         written = lines_of(chain_mod.segments(tmp_path / "audit" / "h-w0" / "gateway")[0])
         assert [f[b"record"] for _, f in shipped] == written
         assert {f[b"chain"] for _, f in shipped} == {b"h-w0/gateway"}
-        failed = AUDIT_EVENTS.labels("ship_failed")._value.get()
+        failed = AUDIT_EVENTS.labels("ship_failed").value
         server.stop()
         for i in range(5):
             sink.put(event(clock, 20 + i))
         sink.cycle()  # Redis is down: the files still get every record
-        assert AUDIT_EVENTS.labels("ship_failed")._value.get() == failed + 5
+        assert AUDIT_EVENTS.labels("ship_failed").value == failed + 5
         sink._close_all()
     (r,) = verify_dir(tmp_path / "audit", public)
     assert r.status == "ok" and r.records == 1 + 25 + 1

@@ -118,3 +118,22 @@ def test_tokens_used_per_window_are_tallied_for_usage_reports() -> None:
     assert report["tokens_used"] == {"daily": 600, "monthly": 600}
     clock.set("2026-12-01T00:00:01+00:00")
     assert asyncio.run(gate.report(c.keys["k"]))["tokens_used"] == {"daily": 0, "monthly": 0}
+
+
+def test_reservation_ids_are_unique_within_a_process_and_across_a_fork() -> None:
+    import os
+
+    from gateway_extproc.budgets.gate import reservation_id
+
+    ids = {reservation_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's ids must not repeat the parent's sequence
+        os.write(write, ",".join(reservation_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = set(os.read(read, 1 << 20).decode().split(","))
+    os.close(read)
+    assert len(child) == 100 and not child & (ids | {reservation_id() for _ in range(100)})

@@ -499,3 +499,26 @@ async def test_a_call_delayed_by_a_busy_event_loop_is_still_sent(outage_server):
         assert (await pending).admitted
     finally:
         await client.aclose()
+
+
+def test_memory_store_holds_what_is_in_flight_not_every_request_of_the_ttl() -> None:
+    """Settled reservations leave the expiry heap (compacted as they pile up), while one
+    left unsettled among them still expires on time and stays charged."""
+    async def go() -> None:
+        store = MemoryBudgetStore()
+        lim = (Limit("team:t:daily:d", 10**15, None, 86400),)
+
+        def req(i: int) -> ReserveRequest:
+            return ReserveRequest(f"r{i}", lim, (Bucket.per_minute("b", 10**9),), (), 10, 10, 1, 100, 1, 360, 1_000 + i)
+
+        forgotten = req(-1)
+        await store.reserve(forgotten)
+        for i in range(20_000):
+            await store.reserve(req(i))
+            await store.settle(req(i), 5, 5, 1_000 + i)
+        assert len(store._expiry_heap) <= 2 * len(store._held) + 1024 and list(store._held) == ["r-1"]
+        later = await store.usage(lim, (), 1_000 + 361_000)
+        assert later.expired == 1 and later.held == 0
+        assert later.used_nano[lim[0].key] == 20_000 * 5 + 10 + 100 * 1  # the forgotten one at its worst case
+
+    asyncio.run(go())

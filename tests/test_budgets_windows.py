@@ -3,7 +3,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway_extproc.budgets.windows import current_windows
+from gateway_extproc.budgets.windows import current_windows, day_span
 
 NY = ZoneInfo("America/New_York")
 
@@ -79,3 +79,18 @@ def test_santiago_day_without_a_midnight_ends_when_the_clock_jumps():
 def test_naive_now_is_rejected():
     with pytest.raises(ValueError):
         current_windows(datetime(2026, 11, 23, 12))
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/Santiago", "Australia/Lord_Howe"])
+def test_day_span_agrees_with_the_daily_window_for_a_whole_year(zone):
+    """The span the budget gate caches (it asks the calendar again only outside it) holds
+    `now`, names the same day as the daily window and ends where that window ends."""
+    tz = ZoneInfo(zone)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    while now < datetime(2027, 1, 1, tzinfo=UTC):
+        day, start, end = day_span(now, tz)
+        daily = current_windows(now, tz)[0]
+        assert start <= now.timestamp() < end and day == daily.id and end == daily.ends_at.timestamp()
+        assert day_span(datetime.fromtimestamp(start, UTC), tz)[0] == day
+        assert day_span(datetime.fromtimestamp(start, UTC) - timedelta(microseconds=1), tz)[0] != day
+        now += timedelta(hours=7)

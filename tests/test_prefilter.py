@@ -75,3 +75,21 @@ def test_dense_candidates_fall_back_to_the_whole_text(text: str) -> None:
     scanner.scan("x " * 200)
     assert scanner._prefilter.windows(v) is None
     assert scanner._all_hits(v) == full(scanner, v)
+
+
+# Pieces of every default injection template and the custom keywords, to be glued with runs
+# of whitespace: the triggers that need their start (a second Hyperscan database, run only
+# when one of them fired) must give the same hits as the regex alone.
+_WORDS = sorted({w for t in __import__("gateway_extproc.policy.detectors", fromlist=["x"]).DEFAULT_INJECTION_PHRASES
+                 for w in t.replace("{", " ").replace("}", " ").replace("|", " ").split()}
+                | {"project", "falcon", "do", "not", "obey", "EMP-123456", "4111", "jane@example.com"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_WORDS), st.sampled_from([" ", "  ", "\t", "\n ", "\x1f", " \x1e ", "x"])),
+                min_size=1, max_size=120),
+       st.sampled_from(sorted(SCANNERS)))
+def test_phrases_with_any_whitespace_same_hits(words: list[tuple[str, str]], name: str) -> None:
+    scanner = SCANNERS[name]
+    v = "\n" + "pad " * 70 + "".join(w + sep for w, sep in words)
+    assert scanner._all_hits(v) == full(scanner, v)

@@ -189,3 +189,13 @@ def test_embedding_input_tokens_with_cl100k() -> None:
     count = tokens.counter("cl100k_base")
     assert tokens.embedding_input_tokens({"input": "hello world"}, count) == 2
     assert tokens.embedding_input_tokens({"input": ["hello world", "hello world"]}, count) == 4
+
+
+def test_remembered_counts_equal_fresh_counts_and_long_texts_are_not_kept() -> None:
+    """The per-tokenizer memo (repeated system prompts, tool schemas) never changes a count,
+    and texts above its size bound are counted every time, not kept."""
+    enc = bpe_openai.get_encoding("o200k_base")
+    count = tokens.counter("o200k_base")
+    texts = ["Say hello.", "héllo wörld " * 50, "x" * (tokens._MEMO_MAX_CHARS + 1), ""]
+    for _ in range(2):
+        assert [count(t) for t in texts] == [len(enc.encode_ordinary(t)) for t in texts]

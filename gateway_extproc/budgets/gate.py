@@ -21,9 +21,10 @@ than silently pushing the budget over its limit.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,11 +38,30 @@ from .store import (MAX_NANO, Bucket, BudgetStore, BudgetStoreUnavailable, Limit
                     ReserveRequest, ReserveResult)
 from ..telemetry.metrics import BUDGET_EVENTS, BUDGET_RESERVATIONS_EXPIRED, OTHER, REDIS_LATENCY, child
 from .settlements import Settlement, Settlements
-from .windows import Window, current_windows
+from .windows import Window, current_windows, day_span
 
 log = structlog.get_logger("gateway_extproc.budgets")
 NANO = 1_000_000_000
 _MAX_SHAPES = 100_000  # cached (principal, model) shapes before the cache starts over
+
+
+class _ReservationIds:
+    """Reservation ids unique across processes and replicas without a syscall per request
+    (uuid4 reads /dev/urandom each time): 96 random bits drawn at process start (and again
+    in a forked child), then a counter."""
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix, self._seq = os.urandom(12).hex(), itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._seq):x}"
+
+
+reservation_id = _ReservationIds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +111,7 @@ class BudgetGate:
         self.settlements = Settlements()
         self.clock = clock
         self._shapes: dict[tuple[str, str, str | None, str], tuple[str, _Shape]] = {}
+        self._day = ("", 0.0, 0.0)  # the local day of the last request: id, start, end (Unix s)
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), timezone.utc)
@@ -145,7 +166,7 @@ class BudgetGate:
         shape = self.shape(key, model, now)
         price = shape.price.for_prompt(prompt_tokens)
         request = ReserveRequest(
-            reservation_id=uuid.uuid4().hex, limits=shape.limits, token_buckets=shape.token_buckets,
+            reservation_id=reservation_id(), limits=shape.limits, token_buckets=shape.token_buckets,
             request_buckets=shape.request_buckets, prompt_tokens=prompt_tokens,
             prompt_cost_nano=cost_nano(price, prompt_tokens, 0), output_price_nano=math.ceil(price.output),
             output_tokens_wanted=wanted_output,
@@ -163,7 +184,9 @@ class BudgetGate:
         """Levels, buckets and worst price of (key, model) in the current windows; built once
         per day per pair, since only the calendar changes it. (Counter TTLs computed at the
         first request of a window run at most a day long, which is harmless.)"""
-        day = current_windows(now, self.settings.timezone)[0].id
+        ts, (day, start, end) = now.timestamp(), self._day
+        if not start <= ts < end:  # a new day (or a clock set back): the calendar is asked again
+            day, start, end = self._day = day_span(now, self.settings.timezone)
         # The principal's team and user are part of the shape: a workload's id is shared by
         # every end user whose token it carries (docs/identity.md).
         pair = (key.id, key.team, key.user, model.name)

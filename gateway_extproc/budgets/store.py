@@ -284,6 +284,8 @@ class MemoryBudgetStore:
 
     async def settle(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> str:
         held = self._held.pop(request.reservation_id, None)
+        if len(self._expiry_heap) > 2 * len(self._held) + 1024:
+            self._compact_heap()
         outcome = SETTLED
         if held is not None:
             charge, refund = actual_cost_nano - held.reserved_nano, held.tokens - actual_tokens
@@ -323,6 +325,12 @@ class MemoryBudgetStore:
         as_of = max(now_ms, self._buckets.get(b.key, (0.0, now_ms))[1])  # never rewind on clock skew
         self._buckets[b.key] = (level, as_of)
         self._expires[b.key] = as_of + math.ceil((b.capacity - level) / b.refill_per_s * 1000)
+
+    def _compact_heap(self) -> None:
+        """Drop the heap entries of settled reservations (left in place by `settle`), so the
+        heap holds about the reservations in flight, not every request of the last TTL."""
+        self._expiry_heap = [(h.expires_ms, rid) for rid, h in self._held.items()]
+        heapq.heapify(self._expiry_heap)
 
     def _expire_due(self, now_ms: int) -> int:
         """Reservations past their deadline stay charged at their worst case; their records

@@ -43,6 +43,13 @@ def current_windows(now: datetime, tz: tzinfo = UTC) -> tuple[Window, Window]:
     )
 
 
+def day_span(now: datetime, tz: tzinfo = UTC) -> tuple[str, float, float]:
+    """The local day that contains `now`: (its id, its start and end as Unix timestamps), so
+    a caller can tell whether a later instant is still in it without date arithmetic."""
+    today = _aware(now).astimezone(tz).date()
+    return today.isoformat(), _midnight(today, tz).timestamp(), _midnight(today + timedelta(days=1), tz).timestamp()
+
+
 def _midnight(day: date, tz: tzinfo) -> datetime:
     # Where DST skips midnight (e.g. America/Santiago), fold=0 resolves the missing 00:00
     # with the pre-transition offset, which is exactly the instant the new day begins.

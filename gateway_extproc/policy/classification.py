@@ -24,7 +24,7 @@ import structlog
 from ..config import Backend, Classification, Limits, Model, VirtualKey
 from ..errors import GatewayError
 from ..telemetry import metrics
-from .scanner import (DEFAULT_RULES, AllowEntry, CustomRule, Decision, DecisionParams, InjectionConfig,
+from .scanner import (DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, InjectionConfig,
                       LimitExceeded, PlaceholderMap, Scanner, map_strings, redact_strings, walk_strings)
 from .stream import StreamRedactor
 
@@ -56,6 +56,7 @@ class Policy:
             "include_defaults": inj.get("includeDefaults", True)})
         self.scanner = Scanner.compile(rules, custom, injection, tiers=cfg.tiers).prepare()  # at config load
         self.allowlist = tuple(AllowEntry.from_mapping(e) for e in cfg.allowlist)
+        self._params = {m: DecisionParams(mode=m, allowlist=self.allowlist, tiers=cfg.tiers) for m in MODES}
 
     def top(self, *tiers: str | None) -> str:
         return max((t for t in tiers if t), key=self.rank.__getitem__, default=self.cfg.tiers[0])
@@ -63,7 +64,7 @@ class Policy:
     def check_request(self, body: dict[str, Any], key: VirtualKey, team: Limits | None, declared: str | None,
                       model: Model, team_label: str) -> Verdict:
         mode = key.limits.policy.mode or (team.policy.mode if team else None) or self.cfg.mode
-        params = DecisionParams(mode=mode, allowlist=self.allowlist, tiers=self.cfg.tiers)
+        params = self._params[mode]
         strings = walk_strings(body)
         if isinstance(strings, LimitExceeded):
             raise GatewayError("invalid_request", f"Request body is too deeply nested or too large to inspect "

@@ -342,6 +342,8 @@ def decide(
     findings: Iterable[Finding], rules: Mapping[str, Rule], params: DecisionParams | None = None,
 ) -> Decision:
     """What to do with `findings` (pure; `rules` by name, e.g. `Scanner.rules`)."""
+    if not findings:  # most texts: nothing to decide, one shared answer
+        return CLEAN
     params = params or DecisionParams()
     mode = params.mode
     rank = {t: i for i, t in enumerate(params.tiers)}
@@ -401,6 +403,8 @@ def decide(
         tier_block=tier_block,
     )
 
+
+CLEAN = Decision(False, (), (), (), (), (), None, None, (), False)  # what no findings decide
 
 # -- the scanner -----------------------------------------------------------------------
 

@@ -4,9 +4,10 @@ Label values come only from config (teams, models, providers, backends, rules); 
 else collapses to `other`, so the number of series is bounded by the size of the config,
 never by traffic. Per-tenant detail beyond that belongs in logs and traces.
 
-Several ext_proc processes write to one multiprocess directory (prometheus-client's
-multiprocess mode, PROMETHEUS_MULTIPROC_DIR set by `serve` before the workers start) and
-the `serve` parent aggregates them on one `/metrics` endpoint.
+Each ext_proc process keeps these as plain numbers in its own memory (telemetry/counters.py:
+an increment is one add, not prometheus-client's multiprocess file write) and the `serve`
+parent sums them across its workers on each scrape of its one `/metrics` endpoint
+(telemetry/export.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from .counters import Counter, Gauge, Histogram
 
 OTHER = "other"
 _LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -30,10 +31,10 @@ COST = Counter("genai_request_cost_dollars", "Dollar cost of requests at configu
 # team. The chart's recording rule (files/prometheus-rules.yaml) turns them into the one
 # genai_team_daily_budget_dollars series per team that the article's alert matches against.
 TEAM_DAILY_BUDGET = Gauge("genai_gateway_team_daily_budget_dollars", "A team's configured daily budget, as this "
-                          "pod holds it.", ["team"], multiprocess_mode="max")
+                          "pod holds it.", ["team"], merge="max")
 TEAM_DAILY_REMAINING = Gauge("genai_team_daily_budget_remaining_dollars",
                              "A team's remaining daily budget as last seen by the gateway.", ["team"],
-                             multiprocess_mode="mostrecent")
+                             merge="mostrecent")
 TTFT = Histogram("genai_time_to_first_token_seconds", "Time from request to first response byte (streams).",
                  ["model"], buckets=_TTFT)
 TPOT = Histogram("genai_time_per_output_token_seconds", "Generation time per output token after the first.",
@@ -50,7 +51,7 @@ BUDGET_EVENTS = Counter("genai_budget_events", "Budget and rate-limit decisions 
 BUDGET_SETTLEMENTS = Counter("genai_budget_settlements", "Budget settlements by outcome.", ["outcome"])
 BUDGET_SETTLEMENTS_PENDING = Gauge("genai_budget_settlements_pending",
                                    "Settlements waiting for the budget store to come back.",
-                                   multiprocess_mode="livesum")
+                                   merge="livesum")
 BUDGET_RESERVATIONS_EXPIRED = Counter("genai_budget_reservations_expired",
                                       "Reservations whose deadline passed unsettled; each stays charged at its "
                                       "reserved worst case until a late settlement corrects it.")
@@ -66,7 +67,8 @@ REDIS_LATENCY = Histogram("genai_gateway_redis_latency_seconds", "Budget store r
 CONFIG_RELOADS = Counter("genai_gateway_config_reloads", "gateway.yaml reloads by result (applied, rejected).",
                          ["result"])
 AUDIT_EVENTS = Counter("genai_audit_events", "Audit events by result: written, dropped (queue full or disk "
-                       "error; the chain records the count), ship_failed (Redis Stream copy only).", ["result"])
+                       "error; the chain records the count), ship_failed (Redis Stream copy only).", ["result"],
+                       threads=True)  # also counted by the audit writer thread
 PHASE_LATENCY = Histogram("genai_gateway_extproc_phase_seconds", "ext_proc time per processing phase.",
                           ["phase"], buckets=_FAST)
 # Bugs caught by the stream loop (server.py): the request was refused or passed through
@@ -88,17 +90,9 @@ def attempt_outcome(status: int) -> str:
     return "error"
 
 
-_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
-
-
 def child(metric: Any, *values: str) -> Any:
-    """`metric.labels(*values)`, cached: label values are bounded by config, and the lookup
-    (a lock and a dict of tuples inside prometheus-client) runs several times per request."""
-    key = (id(metric), values)
-    found = _CHILDREN.get(key)
-    if found is None:
-        found = _CHILDREN[key] = metric.labels(*values)
-    return found
+    """`metric.labels(*values)`: one dict lookup (label values are bounded by config)."""
+    return metric.labels(*values)
 
 
 class Bounded:

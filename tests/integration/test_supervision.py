@@ -49,6 +49,9 @@ def test_a_killed_worker_is_restarted_and_traffic_recovers_within_2s() -> None:
             workers = children(serve)
             assert len(workers) == 2 and all("serve-one" in cmdline(w) for w in workers)
             assert _chat(gw.url, gw.key) == 200
+            from .test_metrics import sample
+            counted = sample(httpx.get(gw.stack.metrics_url).text, "genai_requests_total", team="demo")
+            assert counted >= 1
             os.kill(workers[0], signal.SIGKILL)
             killed_at = time.monotonic()
             statuses = []
@@ -67,6 +70,8 @@ def test_a_killed_worker_is_restarted_and_traffic_recovers_within_2s() -> None:
             assert len(children(serve)) == 2 and workers[0] not in children(serve)
             metrics = httpx.get(gw.stack.metrics_url).text
             assert "genai_gateway_extproc_worker_restarts_total 1.0" in metrics
+            # The dead worker's scraped counts stay in the totals: no counter reset.
+            assert sample(metrics, "genai_requests_total", team="demo") >= counted + 30
             log = gw.stack.log_path("extproc").read_text()
             assert '"event":"extproc_worker_died"' in log and "was killed by SIGKILL" in log
 

@@ -1,0 +1,158 @@
+"""In-process metrics (telemetry/counters.py) and the `serve` parent's merge of its
+workers' numbers on scrape (telemetry/export.py), with real worker processes answering on
+their own Unix sockets, killed and replaced as a crash would."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway_extproc.telemetry import counters, export, metrics
+
+# A worker: sets its counters from argv, answers scrapes, bumps on SIGUSR1, exits on SIGTERM.
+WORKER = r"""
+import asyncio, signal, sys
+from gateway_extproc.telemetry import export, metrics as m
+index, requests = int(sys.argv[1]), int(sys.argv[2])
+m.child(m.REQUESTS, "demo", "chat", "mock", "2xx").inc(requests)
+for _ in range(requests):
+    m.child(m.DURATION, "chat", "2xx").observe(0.3)
+m.BUDGET_SETTLEMENTS_PENDING.inc(2)
+m.TEAM_DAILY_REMAINING.labels("demo").set(float(sys.argv[3]))
+async def main():
+    server = await export.serve_snapshots(index)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: m.child(m.REQUESTS, "demo", "chat", "mock", "2xx").inc())
+    print("ready", flush=True)
+    await stop.wait()
+    server.close()
+asyncio.run(main())
+"""
+
+
+def start(directory: Path, index: int, requests: int, remaining: float) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(index), str(requests), str(remaining)],
+                            env={**os.environ, export.DIR_ENV: str(directory)}, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def scrape(collector: export.WorkerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+REQ = ("genai_requests_total", (("model", "chat"), ("provider", "mock"), ("status_class", "2xx"), ("team", "demo")))
+DURATION_COUNT = ("genai_request_duration_seconds_count", (("model", "chat"), ("status_class", "2xx")))
+PENDING = ("genai_budget_settlements_pending", ())
+REMAINING = ("genai_team_daily_budget_remaining_dollars", (("team", "demo"),))
+
+
+def test_the_parent_sums_its_workers_on_each_scrape(tmp_path: Path) -> None:
+    procs = [start(tmp_path, 0, 3, 4.0), start(tmp_path, 1, 5, 2.5)]
+    try:
+        collector = export.WorkerMetrics(str(tmp_path), 2)
+        first = scrape(collector)
+        assert first[REQ] == 8 and first[DURATION_COUNT] == 8
+        assert first[PENDING] == 4  # livesum
+        assert first[REMAINING] == 2.5  # mostrecent: worker 1 set it last
+        procs[0].send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        assert scrape(collector)[REQ] == 9  # read on scrape, not from a periodic copy
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
+
+
+def test_a_dead_workers_scraped_counts_stay_and_counters_never_go_backwards(tmp_path: Path) -> None:
+    """Workers are killed and replaced at random; every scrape's counters are >= the last."""
+    rng = random.Random(16)
+    procs = {0: start(tmp_path, 0, 10, 1.0), 1: start(tmp_path, 1, 20, 1.0)}
+    collector = export.WorkerMetrics(str(tmp_path), 2)
+    try:
+        last = scrape(collector)
+        assert last[REQ] == 30
+        for _ in range(6):
+            index = rng.choice([0, 1])
+            dead = procs[index]
+            dead.send_signal(signal.SIGUSR1)  # counted after the last scrape: may be lost
+            time.sleep(0.05)
+            dead.kill()
+            dead.wait()
+            if rng.random() < 0.5:  # the supervisor saw the death before the next scrape
+                collector.retire(dead.pid)
+                assert scrape(collector)[REQ] >= last[REQ]  # the socket is gone, the counts are not
+            procs[index] = start(tmp_path, index, rng.randint(0, 3), 1.0)
+            now = scrape(collector)
+            for key in (REQ, DURATION_COUNT):
+                assert now[key] >= last[key], (key, now[key], last[key])
+            assert now[PENDING] == 4  # gauges: only live workers
+            last = now
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
+def test_an_unanswering_worker_contributes_its_last_reply(tmp_path: Path) -> None:
+    proc = start(tmp_path, 0, 7, 1.0)
+    collector = export.WorkerMetrics(str(tmp_path), 1)
+    try:
+        assert scrape(collector)[REQ] == 7
+        proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        assert scrape(collector)[REQ] == 7
+        assert time.monotonic() - started < export.REPLY_TIMEOUT_S + 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("values", [[0.0, 0.05, 0.07, 1, 300, 301, 1e9], [0.1] * 5, []])
+def test_histograms_match_prometheus_client(values: list[float]) -> None:
+    """Same buckets (`le` inclusive), sum and count as prometheus-client's own Histogram."""
+    ours = counters.Histogram("test_h_" + str(len(values)), "h", ["x"], buckets=(0.05, 0.1, 1, 300))
+    registry = CollectorRegistry()
+    theirs = prometheus_client.Histogram("test_h", "h", ["x"], buckets=(0.05, 0.1, 1, 300), registry=registry)
+    for v in values:
+        ours.labels("a").observe(v)
+        theirs.labels("a").observe(v)
+    want = {(s.name.replace("test_h", ""), tuple(sorted(s.labels.items()))): s.value
+            for f in registry.collect() for s in f.samples if not s.name.endswith("_created")}
+    got = {(s.name.replace(ours.name, ""), tuple(sorted(s.labels.items()))): s.value
+           for f in counters.families({ours.name: ours.snapshot()}) if f.name == ours.name for s in f.samples}
+    assert got == want
+    del counters.FAMILIES[ours.name]
+
+
+def test_counters_refuse_to_go_down_and_labels_are_checked() -> None:
+    with pytest.raises(ValueError):
+        metrics.REQUESTS.labels("a", "b", "c", "d").inc(-1)
+    with pytest.raises(ValueError):
+        metrics.REQUESTS.labels("only-one")
+
+
+def test_unit_tests_read_in_process_values_from_the_default_registry() -> None:
+    def applied() -> float:
+        name, labels = "genai_gateway_config_reloads_total", {"result": "applied"}
+        return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = applied()
+    metrics.CONFIG_RELOADS.labels("applied").inc()
+    assert applied() == before + 1
