@@ -44,18 +44,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     cb.add_argument("--timezone", default="UTC", help="IANA zone the month is in; use budgets.timezone (default UTC)")
     cb.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: %(default)s)")
     cb.set_defaults(audit_run=_chargeback)
-    inv = rsub.add_parser("inventory", help="which team uses which model and provider; refused attempts")
-    inv.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="audit directory or export bundle (default: %(default)s)")
-    inv.add_argument("--from", dest="start", help="ISO date or time (UTC)")
-    inv.add_argument("--to", dest="end", help="ISO date or time (UTC), inclusive")
-    inv.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: %(default)s)")
-    inv.set_defaults(audit_run=_inventory)
-    adm = rsub.add_parser("admin", help="key admin API actions: who created, rotated, updated, revoked which key")
-    adm.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="audit directory or export bundle (default: %(default)s)")
-    adm.add_argument("--from", dest="start", help="ISO date or time (UTC)")
-    adm.add_argument("--to", dest="end", help="ISO date or time (UTC), inclusive")
-    adm.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: %(default)s)")
-    adm.set_defaults(audit_run=_admin)
+    for name, help_, run in (
+            ("inventory", "which team uses which model and provider; refused attempts", _inventory),
+            ("admin", "key admin API actions: who created, rotated, updated, revoked which key", _admin)):
+        sub = rsub.add_parser(name, help=help_)
+        sub.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                         help="audit directory or export bundle (default: %(default)s)")
+        sub.add_argument("--from", dest="start", help="ISO date or time (UTC)")
+        sub.add_argument("--to", dest="end", help="ISO date or time (UTC), inclusive")
+        sub.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: %(default)s)")
+        sub.set_defaults(audit_run=run)
 
 
 def _keygen(args: argparse.Namespace) -> int:
