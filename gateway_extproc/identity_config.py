@@ -9,6 +9,7 @@ the chart and enforced there; the ext_proc never verifies a certificate or a sig
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,7 @@ class Identity:
 
 def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"], models: dict[str, "Model"],
                    users: dict[str, "Limits"], fail_open: bool, tiers: tuple[str, ...], budgets_store: str) -> Identity:
-    from .config import KEY_ID, SHA256_HEX, VirtualKey, _limits
+    from .config import SHA256_HEX, VirtualKey, _limits
 
     ident = r.mapping(doc.get("identity") or {}, "identity")
     wl = r.mapping(ident.get("workloads") or {}, "identity.workloads")
@@ -91,10 +92,7 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
     names: set[str] = set()
     for i, raw in enumerate(r.list(wl, "principals", "identity.workloads")):
         at = f"identity.workloads.principals[{i}]"
-        p = r.mapping(raw, at)
-        name = r.string(p.get("name"), f"{at}.name")
-        if not KEY_ID.match(name) or name in names:
-            r.fail(f"{at}.name", "must be unique, lowercase letters, digits and '-'")
+        p, name = _named(r, raw, at, names)
         names.add(name)
         kinds = [k for k in SAN_KINDS if k in p]
         if len(kinds) != 1:
@@ -120,10 +118,7 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
     oi = r.mapping(ident.get("oidc") or {}, "identity.oidc")
     for i, raw in enumerate(r.list(oi, "providers", "identity.oidc")):
         at = f"identity.oidc.providers[{i}]"
-        p = r.mapping(raw, at)
-        name = r.string(p.get("name"), f"{at}.name")
-        if not KEY_ID.match(name) or name in oidc:
-            r.fail(f"{at}.name", "must be unique, lowercase letters, digits and '-'")
+        p, name = _named(r, raw, at, oidc)
         r.string(p.get("issuer"), f"{at}.issuer")
         jwks = r.mapping(p.get("jwks"), f"{at}.jwks")
         if sum(k in jwks for k in ("file", "inline", "remote")) != 1:
@@ -164,6 +159,17 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
     exact = {(r.san, r.pattern): r.principal for r in rules if "*" not in r.pattern}
     wildcards = tuple(sorted((r for r in rules if "*" in r.pattern), key=lambda r: -len(r.pattern)))
     return Identity(tuple(rules), oidc, admin, exact, wildcards)
+
+
+def _named(r: "_Reader", raw: Any, at: str, taken: Collection[str]) -> tuple[dict[str, Any], str]:
+    """An entry of a list whose `name` must be a unique id: the entry and its name."""
+    from .config import KEY_ID  # config imports this module
+
+    entry = r.mapping(raw, at)
+    name = r.string(entry.get("name"), f"{at}.name")
+    if not KEY_ID.match(name) or name in taken:
+        r.fail(f"{at}.name", "must be unique, lowercase letters, digits and '-'")
+    return entry, name
 
 
 def _team(r: "_Reader", team: Any, at: str, teams: dict[str, "Limits"]) -> str:

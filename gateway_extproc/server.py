@@ -63,15 +63,14 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     processor = (UpstreamProcessor if is_upstream(req) else RouterProcessor)(self.runtime.current)
                     if isinstance(processor, RouterProcessor) and context is not None and tracing.on():
                         processor.trace_parent = _trace_context(context)
-                started = time.perf_counter()
+                started, phase = time.perf_counter(), req.WhichOneof("request")
                 try:
                     resp = await processor.handle(req)
                 except Exception:
-                    phase = req.WhichOneof("request")
                     log.exception("processing_failed", phase=phase)
                     _ERRORS[phase].inc()
                     resp = _fallback(req)
-                _PHASES[req.WhichOneof("request")].observe(time.perf_counter() - started)
+                _PHASES[phase].observe(time.perf_counter() - started)
                 yield resp
         finally:
             if processor is not None:

@@ -6,26 +6,16 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import helm_python
 import pytest
 import yaml
 
 from gateway_extproc import config
-from gateway_extproc.render import CHART, chart_values
+from gateway_extproc.render import chart_values
 
 from .test_chart_k8s import config_map, container, manifests, one, pod_spec, render
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "helm" / "examples" / "audit.yaml"
-
-
-@pytest.fixture(scope="module")
-def chart():
-    c = helm_python.Chart.load(str(CHART))
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def test_off_by_default(chart) -> None:

@@ -4,7 +4,6 @@ Envoy startup probe, a PDB only where it protects, and no credential ever in a r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import helm_python
@@ -12,20 +11,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway_extproc.render import CHART, chart_values, merge
+from gateway_extproc.render import chart_values, merge
 
 from .test_chart_k8s import KUBE_VERSIONS, container, manifests, objects, one
 
 DIGEST = "sha256:" + "ab" * 32
-
-
-@pytest.fixture(scope="module")
-def chart() -> Iterator[helm_python.Chart]:
-    c = helm_python.Chart.load(str(CHART))
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def render(chart: helm_python.Chart, values: dict[str, Any], name: str = "gw") -> list[dict[str, Any]]:

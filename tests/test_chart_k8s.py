@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,6 @@ KUBE_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 # Custom resources kubernetes-validate has no schema for; checked by hand below.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
              ("gateway.networking.k8s.io/v1", "HTTPRoute")}
-
-
-@pytest.fixture(scope="module")
-def chart() -> Iterator[helm_python.Chart]:
-    c = helm_python.Chart.load(str(CHART))
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def render(chart: helm_python.Chart, values: dict[str, Any]) -> dict[str, str]:

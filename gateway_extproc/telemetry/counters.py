@@ -17,6 +17,7 @@ thread; a family that another thread also updates (the audit writer) is declared
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
@@ -33,7 +34,7 @@ Snapshot = dict[str, list[list[Any]]]
 FAMILIES: dict[str, _Family] = {}
 
 
-class _Family:
+class _Family(ABC):
     kind = ""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
@@ -61,8 +62,9 @@ class _Family:
                 found = self._children[values] = self._new()
         return found
 
+    @abstractmethod
     def _new(self) -> Any:
-        raise NotImplementedError
+        """A new child: the numbers of one label set."""
 
     def snapshot(self) -> list[list[Any]]:
         return [[list(k), c.state()] for k, c in list(self._children.items())]

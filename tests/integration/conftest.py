@@ -105,6 +105,22 @@ def running_gateway(prefix: str, **kwargs: Any) -> Iterator[Gateway]:
             gw.stack.stop()
 
 
+@contextmanager
+def two_replicas(prefix: str, customize: Callable[[dict[str, Any], int], None]) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two replicas (their own Envoy and ext_proc) in front of the same mock providers;
+    `customize(values, replica index)` edits each one's values."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        first = build_gateway(Path(tmp) / "a", customize=lambda v: customize(v, 0))
+        try:
+            second = build_gateway(Path(tmp) / "b", customize=lambda v: customize(v, 1), share_mocks=first)
+            try:
+                yield first, second
+            finally:
+                second.stack.stop()
+        finally:
+            first.stack.stop()
+
+
 @pytest.fixture(scope="session")
 def gateway() -> Iterator[Gateway]:
     with running_gateway("gw-it-") as gw:

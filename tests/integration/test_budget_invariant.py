@@ -21,11 +21,9 @@ Kept small for CI: a dozen bursts of up to 16 requests.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,7 +36,7 @@ from gateway_extproc import keys
 from gateway_extproc.budgets.pricing import Price, cost_nano
 
 from ..redis_server import RedisServer
-from .conftest import Gateway, build_gateway
+from .conftest import Gateway, two_replicas
 
 PRICE = Price.from_usd_per_million(5.0, 20.0, 2.5)  # default-chat; fallback-chat's worst is the same
 NAMES = ("inv-a", "inv-b", "inv-c")
@@ -61,17 +59,8 @@ def invariant_values(values: dict[str, Any], redis_url: str) -> None:
 
 @pytest.fixture(scope="module")
 def setup() -> Iterator[tuple[RedisServer, Gateway, Gateway]]:
-    with RedisServer() as redis, tempfile.TemporaryDirectory(prefix="gw-inv-") as tmp:
-        first = build_gateway(Path(tmp) / "a", customize=lambda v: invariant_values(v, redis.url))
-        try:
-            second = build_gateway(Path(tmp) / "b", customize=lambda v: invariant_values(v, redis.url),
-                                   share_mocks=first)
-            try:
-                yield redis, first, second
-            finally:
-                second.stack.stop()
-        finally:
-            first.stack.stop()
+    with RedisServer() as redis, two_replicas("gw-inv-", lambda v, _: invariant_values(v, redis.url)) as (a, b):
+        yield redis, a, b
 
 
 @dataclass(frozen=True)

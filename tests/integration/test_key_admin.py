@@ -10,10 +10,8 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncio
@@ -27,7 +25,7 @@ from gateway_extproc import keys
 from gateway_extproc.localstack import free_port
 
 from ..redis_server import RedisServer
-from .conftest import DEMO_KEY, Gateway, build_gateway
+from .conftest import DEMO_KEY, Gateway, two_replicas
 
 ADMIN_TOKEN = "gwa_test-admin-token-" + keys.generate("a")[-16:]
 Replicas = tuple[Gateway, Gateway]
@@ -47,18 +45,9 @@ def redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def replicas(redis: RedisServer) -> Iterator[Replicas]:
-    with tempfile.TemporaryDirectory(prefix="gw-keyadmin-") as tmp:
-        ports = free_port(), free_port()
-        first = build_gateway(Path(tmp) / "a", customize=lambda v: admin_values(v, redis.url, ports[0]))
-        try:
-            second = build_gateway(Path(tmp) / "b", customize=lambda v: admin_values(v, redis.url, ports[1]),
-                                   share_mocks=first)
-            try:
-                yield first, second
-            finally:
-                second.stack.stop()
-        finally:
-            first.stack.stop()
+    ports = free_port(), free_port()
+    with two_replicas("gw-keyadmin-", lambda v, i: admin_values(v, redis.url, ports[i])) as pair:
+        yield pair
 
 
 def admin_url(gw: Gateway) -> str:
