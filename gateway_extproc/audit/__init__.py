@@ -61,9 +61,10 @@ def stop() -> None:
         _sink = None
 
 
-def request(p: "RouterProcessor", backend: "Backend | None", outcome: str) -> None:
+def request(p: "RouterProcessor", backend: "Backend | None", outcome: str, cost_nano: int,
+            content: dict[str, str]) -> None:
     if _sink is not None:
-        _sink.put(events.request_event(p, backend, outcome))
+        _sink.put(events.request_event(p, backend, outcome, cost_nano, content))
 
 
 def config_applied(cfg: "GatewayConfig") -> None:

@@ -47,10 +47,11 @@ def reasons(p: "RouterProcessor") -> list[str]:
     return out
 
 
-def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str) -> dict[str, Any]:
+def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str, cost_nano: int,
+                  content: dict[str, str]) -> dict[str, Any]:
+    """`cost_nano` and `content` as the access line has them (computed once per request)."""
     usage = p.usage or Usage()
     key = p.key
-    cost = p.consumed(backend).cost if p.model is not None else 0
     ev: dict[str, Any] = {
         "type": "request", "ts": time.time(), "tier": p.tier, "decision": decision(p), "reasons": reasons(p),
         "request_id": p.request_id, "key_id": key.id if key else None, "team": key.team if key else None,
@@ -60,11 +61,10 @@ def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str)
         "provider": backend.provider.name if backend else None, "status": p.status, "outcome": outcome,
         "stream": p.stream,
         "input_tokens": usage.prompt_tokens if usage.prompt_tokens is not None else p.prompt_tokens,
-        "output_tokens": usage.completion_tokens, "cached_tokens": usage.cached_tokens, "cost_nano": cost,
+        "output_tokens": usage.completion_tokens, "cached_tokens": usage.cached_tokens, "cost_nano": cost_nano,
         "config": p.runtime.config.digest[:16],
     }
-    if p.content is not None:
-        ev.update(p.logged_content())
+    ev.update(content)
     return ev
 
 

@@ -388,6 +388,7 @@ class RouterProcessor:
         duration = now - self.started
         ttft = self.first_byte - self.started if self.stream and self.first_byte else None
         spent = self.consumed(backend)
+        content = self.logged_content()  # the access line and the audit record carry the same text
         metrics.record_request(
             self.runtime.labels, team=self.key.team if self.key else None,
             model=self.model.name if self.model else None, provider=backend.provider.name if backend else None,
@@ -411,8 +412,8 @@ class RouterProcessor:
             prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else self.prompt_tokens,
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
             duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
-            tier=self.tier, **self.logged_content())
-        audit.request(self, backend, outcome)
+            tier=self.tier, **content)
+        audit.request(self, backend, outcome, spent.cost, content)
 
     def logged_content(self) -> dict[str, str]:
         """Prompt and response text, only for requests whose tier the content-logging policy allows."""
