@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,8 +24,6 @@ from gateway_extproc._proto.envoy.config.core.v3 import base_pb2
 from gateway_extproc._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from grpc_health.v1 import _async as health_async
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
@@ -36,41 +35,64 @@ def _set(headers: dict[str, str]) -> ep.HeaderMutation:
         for k, v in headers.items()])
 
 
-class FloorProcessor(ep_grpc.ExternalProcessorServicer):
+_BURN_S = float(os.environ.get("FLOOR_BURN_US", "0")) / 1e6
+
+
+def _burn() -> None:
+    """`FLOOR_BURN_US`: this much of the main thread's CPU per message, as stand-in logic
+    (bench/transport_spike.py: what a microsecond of Python costs once it is behind gRPC)."""
+    end = time.thread_time() + _BURN_S
+    while time.thread_time() < end:
+        pass
+
+
+class Floor:
+    """The floor's answers, whatever carries them (grpc.aio here, grpclib in floor_grpclib.py)."""
+
     def __init__(self) -> None:
         self.upstream_headers = _set({":path": "/v1/chat/completions",
                                       "authorization": f"Bearer {os.environ.get('MOCK_PROVIDER_API_KEY', '')}"})
+        self.upstream: bool | None = None
 
+    def answer(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        if _BURN_S:
+            _burn()
+        kind = req.WhichOneof("request")
+        if self.upstream is None:
+            self.upstream = bool(req.attributes)  # only the upstream filter asks for attributes
+        if kind == "request_headers":
+            mutation = self.upstream_headers if self.upstream else ep.HeaderMutation(remove_headers=["authorization"])
+            return ep.ProcessingResponse(request_headers=ep.HeadersResponse(
+                response=ep.CommonResponse(header_mutation=mutation)))
+        if kind == "request_body":
+            if self.upstream:
+                return ep.ProcessingResponse(request_body=ep.BodyResponse())
+            model = orjson.loads(req.request_body.body).get("model", "")
+            return ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse(
+                header_mutation=_set({"x-gateway-model": model}), clear_route_cache=True)))
+        if kind == "response_headers":
+            resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+            if any(h.key == "content-type" and h.raw_value.startswith(b"text/event-stream")
+                   for h in req.response_headers.headers.headers):
+                resp.mode_override.response_body_mode = _STREAMED
+            return resp
+        return ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body") else ep.HeadersResponse()})
+
+
+class FloorProcessor(ep_grpc.ExternalProcessorServicer):
     async def Process(self, requests: AsyncIterator[ep.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ep.ProcessingResponse]:
-        upstream: bool | None = None
+        floor = Floor()
         async for req in requests:
-            kind = req.WhichOneof("request")
-            if upstream is None:
-                upstream = bool(req.attributes)  # only the upstream filter asks for attributes
-            if kind == "request_headers":
-                mutation = self.upstream_headers if upstream else ep.HeaderMutation(remove_headers=["authorization"])
-                yield ep.ProcessingResponse(request_headers=ep.HeadersResponse(
-                    response=ep.CommonResponse(header_mutation=mutation)))
-            elif kind == "request_body":
-                if upstream:
-                    yield ep.ProcessingResponse(request_body=ep.BodyResponse())
-                    continue
-                model = orjson.loads(req.request_body.body).get("model", "")
-                yield ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse(
-                    header_mutation=_set({"x-gateway-model": model}), clear_route_cache=True)))
-            elif kind == "response_headers":
-                resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
-                if any(h.key == "content-type" and h.raw_value.startswith(b"text/event-stream")
-                       for h in req.response_headers.headers.headers):
-                    resp.mode_override.response_body_mode = _STREAMED
-                yield resp
-            else:
-                yield ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body")
-                                               else ep.HeadersResponse()})
+            yield floor.answer(req)
 
 
 async def serve(address: str) -> None:
+    # Here, not at the top: floor_grpclib.py imports this module, and grpclib registers the
+    # same health protos.
+    from grpc_health.v1 import _async as health_async
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     server = grpc.aio.server()
     ep_grpc.add_ExternalProcessorServicer_to_server(FloorProcessor(), server)
     health = health_async.HealthServicer()

@@ -493,12 +493,13 @@ def gateway(tmp: Path, nginx_port: int, processes: int, redis_url: str | None, t
 
 
 @contextmanager
-def floor_stack(tmp: Path, nginx_port: int) -> Iterator[tuple[str, int, int]]:
+def floor_stack(tmp: Path, nginx_port: int, extproc: Path = FLOOR_EXTPROC, tag: str = "floor"
+                ) -> Iterator[tuple[str, int, int]]:
     """The gateway's rendered envoy.yaml (one ext_proc endpoint) with bench/floor_extproc.py
-    as the ext_proc: (url, ext_proc pid, Envoy pid)."""
+    (or `extproc`, another no-op) as the ext_proc: (url, ext_proc pid, Envoy pid)."""
     values = gateway_values(nginx_port, tmp, 1, None)
-    values["extproc"]["socketDir"] = str(tmp / "sock-floor")
-    work = tmp / "floor"
+    values["extproc"]["socketDir"] = str(tmp / f"sock-{tag}")
+    work = tmp / tag
     work.mkdir(exist_ok=True)
     conf = work / "envoy.yaml"
     conf.write_text(render_values(values)["envoy.yaml"])
@@ -506,7 +507,7 @@ def floor_stack(tmp: Path, nginx_port: int) -> Iterator[tuple[str, int, int]]:
     sock.parent.mkdir(parents=True, exist_ok=True)
     env = {"MOCK_PROVIDER_API_KEY": PROVIDER_KEY}
     url = f"http://127.0.0.1:{values['envoy']['listener']['port']}"
-    ext = spawn([sys.executable, str(FLOOR_EXTPROC), f"unix://{sock}"], work / "extproc.log", env)
+    ext = spawn([sys.executable, str(extproc), f"unix://{sock}"], work / "extproc.log", env)
     envoy: subprocess.Popen[bytes] | None = None
     try:
         wait_until(sock.exists, "floor ext_proc socket", work / "extproc.log")

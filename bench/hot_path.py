@@ -1,0 +1,142 @@
+"""The gateway's own logic per request, without gRPC: CPU microseconds per private-chat request
+driven through `ExternalProcessor.Process` in-process (issue 16).
+
+    .venv/bin/python bench/hot_path.py [--requests 4000] [--rounds 3] [--concurrency 1] [--profile]
+
+What `bench/run.py` measures through Envoy is this plus the gRPC transport (the no-op floor),
+and the transport's share grows as throughput falls (bench/transport_spike.py). This script
+takes the transport away, so a change to the router, policy, budgets, metrics, logging or
+audit shows up here with little noise from the machine: the same Runtime `serve` builds from
+values-local (rendered by the chart, limits lifted out of reach as bench/run.py does, audit
+on into a temp dir, log lines to /dev/null), and per request the four messages Envoy sends for
+the bench's chat completion (bench/run.py's CHAT_BODY and UPSTREAM_COMPLETION), each request
+with its own x-request-id. `--profile` prints cProfile's top functions instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import uvloop
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402
+from gateway_extproc import audit, logs, render  # noqa: E402
+from gateway_extproc.audit import signing  # noqa: E402
+from gateway_extproc._proto.envoy.config.core.v3 import base_pb2  # noqa: E402
+from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep  # noqa: E402
+from gateway_extproc.reload import RuntimeRef  # noqa: E402
+from gateway_extproc.runtime import Runtime  # noqa: E402
+from gateway_extproc.server import ExternalProcessor  # noqa: E402
+
+BODY = orjson.dumps(bench.CHAT_BODY)
+REPLY = orjson.dumps(bench.UPSTREAM_COMPLETION)
+
+
+def runtime(tmp: Path) -> RuntimeRef:
+    values = bench.chart_values([bench.VALUES_LOCAL])
+    bench.lift_limits(values)
+    values["audit"]["dir"] = str(tmp / "audit")
+    values["audit"]["signingKey"]["file"] = str(tmp / "audit.key")
+    signing.generate(tmp / "audit.key")
+    (tmp / "values.yaml").write_text(yaml.safe_dump(values))
+    render.render([tmp / "values.yaml"], tmp)
+    os.environ.setdefault("MOCK_PROVIDER_API_KEY", bench.PROVIDER_KEY)
+    return RuntimeRef(Runtime.load(str(tmp / "gateway.yaml")), str(tmp / "gateway.yaml"))
+
+
+def _headers(pairs: dict[str, str]) -> ep.HttpHeaders:
+    return ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                                                              for k, v in pairs.items()]))
+
+
+def messages(i: int) -> list[ep.ProcessingRequest]:
+    """What Envoy sends the router for one request (headers as Envoy 1.40 forwards them)."""
+    return [
+        ep.ProcessingRequest(request_headers=_headers({
+            ":authority": "127.0.0.1:8080", ":path": "/v1/chat/completions", ":method": "POST", ":scheme": "http",
+            "user-agent": "wrk", "content-type": "application/json", "authorization": f"Bearer {bench.DEMO_KEY}",
+            "content-length": str(len(BODY)), "x-forwarded-proto": "http",
+            "x-request-id": f"0b6f0c1e-4b7a-4a8e-9a57-{i:012d}"})),
+        ep.ProcessingRequest(request_body=ep.HttpBody(body=BODY, end_of_stream=True)),
+        ep.ProcessingRequest(response_headers=_headers({
+            ":status": "200", "content-type": "application/json", "content-length": str(len(REPLY)),
+            "x-gateway-backend": "private-openai", "x-envoy-upstream-service-time": "1"})),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=REPLY, end_of_stream=True)),
+    ]
+
+
+async def one(server: ExternalProcessor, i: int) -> None:
+    async def stream():  # type: ignore[no-untyped-def]
+        for m in messages(i):
+            yield m
+
+    answers = [resp async for resp in server.Process(stream(), None)]  # type: ignore[arg-type]
+    if len(answers) != 4 or any(a.HasField("immediate_response") for a in answers):
+        raise RuntimeError(f"request {i} was not admitted: {answers[-1]}")
+
+
+async def rounds(server: ExternalProcessor, requests: int, concurrency: int, first: int) -> float:
+    """CPU microseconds per request (the whole process: the audit writer thread included)."""
+    async def worker(w: int) -> None:
+        for j in range(requests // concurrency):
+            await one(server, first + w * requests + j)
+
+    started = time.process_time()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return (time.process_time() - started) / (requests // concurrency * concurrency) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--rounds", type=int, default=3, help="the figure is the best round (default 3)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests interleaved on the loop (default 1)")
+    p.add_argument("--profile", action="store_true", help="cProfile one round; print the top 40 by own time")
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="gw-hot-path-"))
+    report = os.fdopen(os.dup(1), "w")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # the access lines: written, as in `serve`, but not shown
+    logs.configure("info")
+    ref = runtime(tmp)
+    audit.start(ref.current.config, 0)
+    server = ExternalProcessor(ref)
+    try:
+        async def run() -> list[float]:
+            await rounds(server, 300, 1, 10**9)  # warm-up: caches, first-use builds
+            if args.profile:
+                prof = cProfile.Profile()
+                prof.enable()
+                await rounds(server, args.requests, args.concurrency, 0)
+                prof.disable()
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(40)
+                print(out.getvalue(), file=report)
+                return []
+            return [await rounds(server, args.requests, args.concurrency, (r + 1) * 10**7) for r in range(args.rounds)]
+
+        figures = uvloop.run(run())
+    finally:
+        audit.stop()
+    if figures:
+        print(f"{min(figures):.1f} CPU-us per request in-process (best of {args.rounds}: "
+              f"{', '.join(f'{f:.1f}' for f in figures)}), {args.requests} requests, "
+              f"concurrency {args.concurrency}", file=report)
+    report.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
