@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 
 from .counters import Counter, Gauge, Histogram
 
@@ -125,49 +125,20 @@ class Labels:
         self.provider, self.backend = Bounded(providers), Bounded(backends)
 
 
-class _RequestSeries(NamedTuple):
-    """The series one finished request updates, for one (team, model, provider, status class)."""
-
-    requests: Any
-    input: Any
-    output: Any
-    cached: Any
-    duration: Any
-    ttft: Any
-    tpot: Any
-
-
-# Looked up once per label set, not once per series per request: label values are bounded
-# by config, so this stays as small as the series themselves.
-_SERIES: dict[tuple[str, str, str, str], _RequestSeries] = {}
-
-
-def _series(t: str, m: str, p: str, sc: str) -> _RequestSeries:
-    found = _SERIES.get((t, m, p, sc))
-    if found is None:
-        found = _SERIES[(t, m, p, sc)] = _RequestSeries(
-            REQUESTS.labels(t, m, p, sc), TOKENS.labels(t, m, "input"), TOKENS.labels(t, m, "output"),
-            TOKENS.labels(t, m, "cached"), DURATION.labels(m, sc), TTFT.labels(m), TPOT.labels(m))
-    return found
-
-
 def record_request(labels: Labels, *, team: str | None, model: str | None, provider: str | None, status: int,
                    prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None,
                    duration_s: float, ttft_s: float | None) -> None:
     """One finished request, as the access log line saw it."""
+    t, m = labels.team(team), labels.model(model)
     sc = status_class(status)
-    series = _series(labels.team(team), labels.model(model), labels.provider(provider), sc)
-    series.requests.inc()
-    if prompt_tokens:
-        series.input.inc(prompt_tokens)
-    if completion_tokens:
-        series.output.inc(completion_tokens)
-    if cached_tokens:
-        series.cached.inc(cached_tokens)
+    child(REQUESTS, t, m, labels.provider(provider), sc).inc()
+    for kind, value in (("input", prompt_tokens), ("output", completion_tokens), ("cached", cached_tokens)):
+        if value:
+            child(TOKENS, t, m, kind).inc(value)
     if cached_tokens is not None and sc == "2xx":
-        CACHE_REQUESTS.labels("hit" if cached_tokens else "miss").inc()
-    series.duration.observe(duration_s)
+        child(CACHE_REQUESTS, "hit" if cached_tokens else "miss").inc()
+    child(DURATION, m, sc).observe(duration_s)
     if ttft_s is not None:
-        series.ttft.observe(ttft_s)
+        child(TTFT, m).observe(ttft_s)
         if completion_tokens and completion_tokens > 1:
-            series.tpot.observe(max(duration_s - ttft_s, 0.0) / (completion_tokens - 1))
+            child(TPOT, m).observe(max(duration_s - ttft_s, 0.0) / (completion_tokens - 1))
