@@ -37,7 +37,7 @@ from .procs import die_with_parent, exit_reason
 from .reload import RuntimeRef
 from .runtime import Runtime
 from .telemetry import export, tracing
-from .telemetry.metrics import EXTPROC_ERRORS, PHASE_LATENCY
+from .telemetry.metrics import AUDIT_EVENTS, EXTPROC_ERRORS, PHASE_LATENCY
 
 log = structlog.get_logger("gateway_extproc.server")
 
@@ -190,7 +190,8 @@ def serve(config_path: str) -> int:
     registry = CollectorRegistry()
     restarts = Counter("genai_gateway_extproc_worker_restarts", "ext_proc worker processes restarted after "
                        "dying (crash, OOM kill).", registry=registry)
-    workers_metrics = export.WorkerMetrics(metrics_dir, len(runtime.config.listen))
+    # The admin API's audit chain is written here, in the parent: its events join the workers'.
+    workers_metrics = export.WorkerMetrics(metrics_dir, len(runtime.config.listen), own=(AUDIT_EVENTS.name,))
     if runtime.config.metrics_port:
         registry.register(workers_metrics)
         try:  # before any worker starts: a busy port is a start-up error, not a crash

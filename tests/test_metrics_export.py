@@ -156,3 +156,22 @@ def test_unit_tests_read_in_process_values_from_the_default_registry() -> None:
     before = applied()
     metrics.CONFIG_RELOADS.labels("applied").inc()
     assert applied() == before + 1
+
+
+def test_the_parents_own_audit_events_join_its_workers(tmp_path: Path) -> None:
+    """`serve` writes the admin API's audit chain itself: genai_audit_events_total is the
+    workers' events plus the parent's."""
+    written = ("genai_audit_events_total", (("result", "written"),))
+    proc = start(tmp_path, 0, 1, 1.0)
+    try:
+        workers_only = scrape(export.WorkerMetrics(str(tmp_path), 1)).get(written, 0)
+        assert workers_only == 0  # the worker wrote no audit event
+        parent = export.WorkerMetrics(str(tmp_path), 1, own=(metrics.AUDIT_EVENTS.name,))
+        before = scrape(parent).get(written, 0)
+        metrics.AUDIT_EVENTS.labels("written").inc(3)  # this process plays the parent
+        after = scrape(parent)
+        assert after[written] == before + 3
+        assert after[REQ] == 1  # the workers' numbers are still there
+    finally:
+        proc.terminate()
+        proc.wait()

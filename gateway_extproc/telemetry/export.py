@@ -92,8 +92,10 @@ def _add(into: dict[str, dict[tuple[str, ...], Any]], snap: counters.Snapshot, k
 class WorkerMetrics(Collector):
     """The `serve` parent's view of its workers' numbers (see the module docstring)."""
 
-    def __init__(self, directory: str, workers: int) -> None:
-        self._directory, self._workers = directory, workers
+    def __init__(self, directory: str, workers: int, own: tuple[str, ...] = ()) -> None:
+        """`own`: counter families this process (the parent) also counts itself, added to
+        its workers' sums (the `serve` parent's admin audit chain writes audit events)."""
+        self._directory, self._workers, self._own = directory, workers, own
         self._lock = threading.Lock()
         self._last: dict[int, tuple[int, counters.Snapshot]] = {}  # index: (pid, snapshot)
         self._retired: dict[str, dict[tuple[str, ...], Any]] = {}
@@ -123,6 +125,7 @@ class WorkerMetrics(Collector):
                 name: dict(series) for name, series in self._retired.items()}
             for _pid, snap in self._last.values():
                 _add(merged, snap, ("counter", "histogram"))
+            _add(merged, {name: counters.FAMILIES[name].snapshot() for name in self._own}, ("counter",))
             gauges = self._gauges()
         out: counters.Snapshot = {name: [[list(k), v] for k, v in series.items()] for name, series in merged.items()}
         out.update(gauges)

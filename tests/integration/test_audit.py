@@ -302,6 +302,7 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
                     assert served[(kind, fmt)] == cli_bytes("report", kind, "--dir", str(audit), "--format", fmt)
             [demo] = [t for t in orjson.loads(served[("chargeback", "json")])["teams"] if t["team"] == "demo"]
             assert "svc-audit" in {k["key"] for k in demo["by_key"]}
+            scraped = httpx.get(gw.stack.metrics_url, timeout=10).text
     finally:
         gw.stack.stop()
 
@@ -316,6 +317,9 @@ def test_admin_actions_content_and_reports_on_the_admin_listener(tmp_path: Path)
     assert [(r["actor"], r["action"], r["key_id"]) for r in admin_recs[:4] + admin_recs[104:]] == [
         ("ops-alice", "create", "svc-audit"), ("ops-alice", "rotate", "svc-audit"),
         ("ops-alice", "update", "svc-audit"), ("ops-alice", "revoke", "svc-audit"), (None, "denied", None)]
+    # genai_audit_events_total counts the parent's admin chain too (its workers wrote far fewer).
+    written = re.search(r'^genai_audit_events_total\{result="written"\} (\S+)$', scraped, re.M)
+    assert written is not None and float(written.group(1)) >= len(admin_recs), scraped[-3000:]
     config_digest = hashlib.sha256((gw.stack.workdir / "gateway.yaml").read_bytes()).hexdigest()
     assert all(r["config"] == config_digest[:16] and r["ts"] for r in admin_recs)
     assert admin_recs[0]["team"] == "demo" and admin_recs[0]["models"] == ["default-chat"]
