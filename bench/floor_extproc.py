@@ -78,6 +78,13 @@ class Floor:
             return resp
         return ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body") else ep.HeadersResponse()})
 
+    def last(self, req: ep.ProcessingRequest) -> bool:
+        """Envoy sends nothing more on this stream: end the call, as the gateway does (server.py)."""
+        kind = req.WhichOneof("request")
+        if kind == "response_headers":
+            return bool(self.upstream) or req.response_headers.end_of_stream
+        return kind == "response_body" and req.response_body.end_of_stream
+
 
 class FloorProcessor(ep_grpc.ExternalProcessorServicer):
     async def Process(self, requests: AsyncIterator[ep.ProcessingRequest],
@@ -85,6 +92,8 @@ class FloorProcessor(ep_grpc.ExternalProcessorServicer):
         floor = Floor()
         async for req in requests:
             yield floor.answer(req)
+            if floor.last(req):
+                return
 
 
 async def serve(address: str) -> None:

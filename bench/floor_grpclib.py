@@ -27,6 +27,8 @@ class FloorService:
         requests: AsyncIterator[ep.ProcessingRequest] = stream.__aiter__()
         async for req in requests:
             await stream.send_message(floor.answer(req))
+            if floor.last(req):
+                return
 
     def __mapping__(self) -> dict[str, Any]:
         return {"/envoy.service.ext_proc.v3.ExternalProcessor/Process":
