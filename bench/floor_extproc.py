@@ -65,9 +65,13 @@ class FloorProcessor(ep_grpc.ExternalProcessorServicer):
                        for h in req.response_headers.headers.headers):
                     resp.mode_override.response_body_mode = _STREAMED
                 yield resp
+                if upstream or req.response_headers.end_of_stream:
+                    return  # Envoy sends nothing more: end the call as the gateway does (server.py)
             else:
                 yield ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body")
                                                else ep.HeadersResponse()})
+                if kind == "response_body" and req.response_body.end_of_stream:
+                    return
 
 
 async def serve(address: str) -> None:
