@@ -84,7 +84,7 @@ def _last_message(req: ep.ProcessingRequest, phase: str, resp: ep.ProcessingResp
     """Whether Envoy sends nothing more on this stream after this reply.
 
     Which message is the last follows the chart's processing modes (templates/_envoy.tpl,
-    pinned by tests/test_chart.py): trailers SKIP, so the router's stream ends with
+    pinned by tests/test_server_streams.py): trailers SKIP, so the router's stream ends with
     `end_of_stream` on the response headers or body, and the upstream (per-attempt)
     filter's with the response headers (body NONE); an immediate response ends any stream.
     Other shapes (an attempt that got no response headers, a body ended by trailers) are
