@@ -71,10 +71,53 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     _ERRORS[phase].inc()
                     resp = _fallback(req)
                 _PHASES[phase].observe(time.perf_counter() - started)
+                if context is not None and _last_message(req, phase, resp, isinstance(processor, UpstreamProcessor)):
+                    await _write_last(context, resp)
+                    return  # grpc sends the OK status now, before Envoy's reset: see _write_last
                 yield resp
         finally:
             if processor is not None:
                 processor.close()
+
+
+def _last_message(req: ep.ProcessingRequest, phase: str, resp: ep.ProcessingResponse, upstream: bool) -> bool:
+    """Whether Envoy sends nothing more on this stream after this reply.
+
+    Which message is the last follows the chart's processing modes (templates/_envoy.tpl,
+    pinned by tests/test_server_streams.py): trailers SKIP, so the router's stream ends with
+    `end_of_stream` on the response headers or body, and the upstream (per-attempt)
+    filter's with the response headers (body NONE); an immediate response ends any stream.
+    Other shapes (an attempt that got no response headers, a body ended by trailers) are
+    not recognised: the handler then reads on until Envoy closes, which is correct but
+    leaks in grpc (see _write_last).
+    """
+    if phase == "response_body":
+        return req.response_body.end_of_stream
+    if phase == "response_headers":
+        return upstream or req.response_headers.end_of_stream
+    return resp.HasField("immediate_response")
+
+
+def _retrieve(task: "asyncio.Future[None]") -> None:
+    if not task.cancelled():
+        task.exception()  # a write on a call Envoy already reset fails: nothing to report
+
+
+async def _write_last(context: grpc.aio.ServicerContext, resp: ep.ProcessingResponse) -> None:
+    """Send the stream's last reply, then the handler returns and grpc sends the OK status.
+
+    Envoy ends every ext_proc stream by half-closing it and resetting it at once
+    (ext_proc client_impl.cc `close()`). In grpc aio (1.85, grpc/grpc#43360) a batch that
+    fails, or whose awaiting task is cancelled, leaks its C `grpc_op` array and what its
+    operations hold. A handler that read on after its last reply lost one of those per
+    stream: its read or its final status hit the reset call (~115 bytes of heap per
+    request, for ever: bench/SOAK.md). Returning after the last reply sends the status
+    while the call is open; the shield lets this write complete (and free its batch) even
+    when Envoy's reset cancels the handler meanwhile, which then sends no status at all.
+    """
+    write = asyncio.ensure_future(context.write(resp))
+    write.add_done_callback(_retrieve)
+    await asyncio.shield(write)
 
 
 def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
