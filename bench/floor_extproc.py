@@ -66,11 +66,13 @@ class FloorProcessor(ep_grpc.ExternalProcessorServicer):
                     resp.mode_override.response_body_mode = _STREAMED
                 yield resp
                 if upstream or req.response_headers.end_of_stream:
-                    return  # Envoy sends nothing more: end the call as the gateway does (server.py)
+                    await asyncio.sleep(30)  # Envoy sends nothing more: wait for its reset, as server.py does
+                    return
             else:
                 yield ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body")
                                                else ep.HeadersResponse()})
                 if kind == "response_body" and req.response_body.end_of_stream:
+                    await asyncio.sleep(30)
                     return
 
 
