@@ -79,7 +79,7 @@ class Floor:
         return ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body") else ep.HeadersResponse()})
 
     def last(self, req: ep.ProcessingRequest) -> bool:
-        """Envoy sends nothing more on this stream: end the call, as the gateway does (server.py)."""
+        """Envoy sends nothing more on this stream (server.py `_last_message`)."""
         kind = req.WhichOneof("request")
         if kind == "response_headers":
             return bool(self.upstream) or req.response_headers.end_of_stream
@@ -93,6 +93,7 @@ class FloorProcessor(ep_grpc.ExternalProcessorServicer):
         async for req in requests:
             yield floor.answer(req)
             if floor.last(req):
+                await asyncio.sleep(30)  # wait for Envoy's reset, holding no batch, as server.py does
                 return
 
 

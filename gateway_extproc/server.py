@@ -72,8 +72,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     resp = _fallback(req)
                 _PHASES[phase].observe(time.perf_counter() - started)
                 if context is not None and _last_message(req, phase, resp, isinstance(processor, UpstreamProcessor)):
-                    await _write_last(context, resp)
-                    return  # grpc sends the OK status now, before Envoy's reset: see _write_last
+                    await _write_last(context, resp)  # until Envoy's reset cancels this handler
+                    return
                 yield resp
         finally:
             if processor is not None:
@@ -88,7 +88,7 @@ def _last_message(req: ep.ProcessingRequest, phase: str, resp: ep.ProcessingResp
     `end_of_stream` on the response headers or body, and the upstream (per-attempt)
     filter's with the response headers (body NONE); an immediate response ends any stream.
     Other shapes (an attempt that got no response headers, a body ended by trailers) are
-    not recognised: the handler then reads on until Envoy closes, which is correct but
+    not recognised: the handler then reads on until Envoy's reset, which is correct but
     leaks in grpc (see _write_last).
     """
     if phase == "response_body":
@@ -103,21 +103,31 @@ def _retrieve(task: "asyncio.Future[None]") -> None:
         task.exception()  # a write on a call Envoy already reset fails: nothing to report
 
 
+# How long a stream waits after its last reply for Envoy's reset before it ends itself
+# with an OK status (a client that never resets; Envoy always does, within milliseconds of
+# the end of the request, or of the attempt's response for an upstream stream).
+RESET_WAIT_S = 30.0
+
+
 async def _write_last(context: grpc.aio.ServicerContext, resp: ep.ProcessingResponse) -> None:
-    """Send the stream's last reply, then the handler returns and grpc sends the OK status.
+    """Send the stream's last reply, then wait for Envoy's reset with no gRPC batch open.
 
     Envoy ends every ext_proc stream by half-closing it and resetting it at once
     (ext_proc client_impl.cc `close()`). In grpc aio (1.85, grpc/grpc#43360) a batch that
     fails, or whose awaiting task is cancelled, leaks its C `grpc_op` array and what its
-    operations hold. A handler that read on after its last reply lost one of those per
-    stream: its read or its final status hit the reset call (~115 bytes of heap per
-    request, for ever: bench/SOAK.md). Returning after the last reply sends the status
-    while the call is open; the shield lets this write complete (and free its batch) even
-    when Envoy's reset cancels the handler meanwhile, which then sends no status at all.
+    operations hold. A handler that reads on after its last reply loses one of those per
+    stream (its read, or its final status, hits the reset call: ~115 bytes of heap per
+    request, for ever: bench/SOAK.md); one that returns at once still loses its status
+    batch whenever the reset wins the race to it. So the last write is shielded (its batch
+    completes and is freed even if the reset cancels the handler meanwhile), and then the
+    handler holds no batch while it waits: the reset cancels it, grpc sends no status, and
+    nothing is left behind. Only a client that never resets gets the OK status, after
+    RESET_WAIT_S.
     """
     write = asyncio.ensure_future(context.write(resp))
     write.add_done_callback(_retrieve)
     await asyncio.shield(write)
+    await asyncio.sleep(RESET_WAIT_S)
 
 
 def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:

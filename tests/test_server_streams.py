@@ -1,10 +1,12 @@
-"""The ext_proc ends each gRPC stream itself after the last message Envoy sends on it.
+"""The ext_proc stops reading a gRPC stream after the last message Envoy sends on it.
 
 Envoy closes an ext_proc stream with a half-close and an immediate reset; a grpc aio
 handler that reads on until then leaks native memory per stream (grpc/grpc#43360,
-bench/SOAK.md). Driven here over a real grpc aio server and client: after the reply to
-the last message the call ends with OK without the client closing anything, and a stream
-that is not at its end stays open."""
+bench/SOAK.md). After its last reply the handler only waits for that reset (server.py
+`_write_last`), and ends the call itself with OK after RESET_WAIT_S if none comes. Driven
+here over a real grpc aio server and client, with that wait shortened: after the reply to
+the last message the call ends with OK without the client sending or closing anything (a
+handler still reading would wait for ever), and a stream that is not at its end stays open."""
 
 from __future__ import annotations
 
@@ -18,15 +20,15 @@ import yaml
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from gateway_extproc import config
+from gateway_extproc import config, server
 from gateway_extproc.reload import RuntimeRef
 from gateway_extproc.render import chart_values, render_values
 from gateway_extproc.runtime import Runtime
 from gateway_extproc.server import ExternalProcessor, _last_message
 
 from . import test_router_processor as rt
-from .test_chart import LOCAL
 from . import test_upstream_processor as up
+from .test_chart import LOCAL
 
 CHAT = {"model": "default-chat", "messages": [{"role": "user", "content": "Hello"}]}
 ANSWER = orjson.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
@@ -39,14 +41,15 @@ ANSWER = orjson.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-4o
 async def stub(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ep_grpc.ExternalProcessorStub]:
     """A real grpc aio server with the gateway's servicer; one config serves both filters."""
     monkeypatch.setenv("GW_TEST_ROUTER_OPENAI_KEY", "sk-test-router-credential")
+    monkeypatch.setattr(server, "RESET_WAIT_S", 0.05)
     ref = RuntimeRef(Runtime.from_config(config.parse(rt.gateway_doc(), "test-gateway.yaml")), "test-gateway.yaml")
-    server = grpc.aio.server()
-    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ref), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    grpc_server = grpc.aio.server()
+    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ref), grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield ep_grpc.ExternalProcessorStub(channel)
-    await server.stop(None)
+    await grpc_server.stop(None)
 
 
 async def exchange(call: grpc.aio.StreamStreamCall, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
@@ -87,6 +90,16 @@ async def test_a_refused_request_ends_its_stream(stub: ep_grpc.ExternalProcessor
     resp = await exchange(call, rt.req_headers(key=None))
     assert resp.immediate_response.status.code == 401
     await ends_with_ok(call)
+
+
+async def test_after_the_last_reply_envoys_reset_ends_the_call(stub: ep_grpc.ExternalProcessorStub,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "RESET_WAIT_S", 3600)
+    call = stub.Process()
+    assert (await exchange(call, rt.req_headers(key=None))).immediate_response.status.code == 401
+    assert not call.done()  # waiting for the client's reset, as Envoy sends it
+    call.cancel()
+    assert await call.code() == grpc.StatusCode.CANCELLED
 
 
 async def test_upstream_attempt_stream_ends_after_the_response_headers(stub: ep_grpc.ExternalProcessorStub) -> None:
