@@ -9,7 +9,6 @@ gateway itself runs on grpc.aio.
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ from grpclib.server import Server, Stream  # noqa: E402
 class FloorService:
     async def process(self, stream: Stream[ep.ProcessingRequest, ep.ProcessingResponse]) -> None:
         floor = Floor()
-        requests: AsyncIterator[ep.ProcessingRequest] = stream.__aiter__()
-        async for req in requests:
+        async for req in stream:
             await stream.send_message(floor.answer(req))
             if floor.last(req):
                 return

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
-from soak import paced_script  # noqa: E402
+from soak import CONNECTIONS, next_delay, paced_script  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TRANSPORTS = {"grpc.aio": HERE / "floor_extproc.py", "grpclib": HERE / "floor_grpclib.py"}
@@ -46,7 +46,7 @@ def switches(pid: int) -> int:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             for line in (task / "status").read_text().splitlines():
-                if line.endswith("ctxt_switches") or "ctxt_switches:" in line:
+                if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
                     total += int(line.split()[-1])
         except OSError:
             continue
@@ -54,14 +54,11 @@ def switches(pid: int) -> int:
 
 
 def paced(url: str, tmp: Path, pid: int, rate: float) -> bench.Load:
-    """@32 held near `rate` req/s: the wrk delay is solved from each run's achieved rate."""
-    delay_ms = 32 / rate * 1000
-    load = None
+    """@CONNECTIONS held near `rate` req/s (the wrk delay refined from each run, as soak.py does)."""
+    delay_ms = CONNECTIONS / rate * 1000
     for _ in range(3):
-        load = bench.run_wrk(url, paced_script(tmp, delay_ms), 32, 6, {"x": lambda: [pid]}, check=False)
-        if load.rps > 0:
-            delay_ms = max(0.0, 32 / rate * 1000 - (32 / load.rps * 1000 - delay_ms))
-    assert load is not None
+        load = bench.run_wrk(url, paced_script(tmp, delay_ms), CONNECTIONS, 6, {"x": lambda: [pid]}, check=False)
+        delay_ms = next_delay(delay_ms, rate, load.rps)
     return load
 
 
@@ -70,10 +67,10 @@ def measure(tmp: Path, nginx_port: int, transport: str, burn_us: float, rate: fl
     tag = f"{transport}-{burn_us:g}".replace(".", "")
     with bench.floor_stack(tmp, nginx_port, TRANSPORTS[transport], tag) as (url, pid, _envoy):
         script = bench.wrk_script(tmp, "private-chat")
-        bench.run_wrk(url, script, 32, 2)  # warm-up
+        bench.run_wrk(url, script, CONNECTIONS, 2)  # warm-up
         at1 = bench.run_wrk(url, script, 1, 6, {"x": lambda: [pid]})
         before = switches(pid)
-        at32 = bench.run_wrk(url, script, 32, 8, {"x": lambda: [pid]})
+        at32 = bench.run_wrk(url, script, CONNECTIONS, 8, {"x": lambda: [pid]})
         per_req_switches = (switches(pid) - before) / at32.requests
         pace = paced(url, tmp, pid, rate)
     os.environ.pop("FLOOR_BURN_US", None)
