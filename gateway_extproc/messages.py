@@ -46,14 +46,21 @@ def to_chat(body: JSON) -> JSON:
         chat.extend(_message(message, f"messages.{i}"))
     out: JSON = {"model": model, "messages": chat, "max_tokens": max_tokens}
     if body.get("stop_sequences"):
+        if not isinstance(body["stop_sequences"], list) or not all(isinstance(x, str) for x in body["stop_sequences"]):
+            raise _invalid("stop_sequences: a list of strings is required", "stop_sequences")
         out["stop"] = list(body["stop_sequences"])
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             out[key] = body[key]
     if body.get("tools"):
+        if not isinstance(body["tools"], list):
+            raise _invalid("tools: a list of tools is required", "tools")
         out["tools"] = [_tool(tool) for tool in body["tools"]]
     _apply_tool_choice(body.get("tool_choice"), out)
-    user = (body.get("metadata") or {}).get("user_id")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise _invalid("metadata: an object is required", "metadata")
+    user = (metadata or {}).get("user_id")
     if user:
         out["user"] = user
     if body.get("stream"):
@@ -151,7 +158,7 @@ def _apply_tool_choice(choice: Any, out: JSON) -> None:
         return
     if choice.get("type") == "tool":
         out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name", "")}}
-    elif choice.get("type") in _TOOL_CHOICE:
+    elif isinstance(choice.get("type"), str) and choice["type"] in _TOOL_CHOICE:
         out["tool_choice"] = _TOOL_CHOICE[choice["type"]]
     else:
         raise _invalid("tool_choice.type: must be auto, any, tool or none", "tool_choice")
@@ -159,22 +166,50 @@ def _apply_tool_choice(choice: Any, out: JSON) -> None:
         out["parallel_tool_calls"] = False
 
 
-def from_chat(raw: bytes) -> bytes:
-    """An OpenAI chat.completion as an Anthropic message (first choice only)."""
-    body = orjson.loads(raw)
-    choice = (body.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
+def from_chat(raw: bytes) -> bytes | None:
+    """An OpenAI chat.completion as an Anthropic message (first choice only); None when
+    `raw` is not a JSON object (the caller answers 502 provider_error). Any other shape
+    a provider may send is read leniently: a field of the wrong type counts as absent."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    choice = _dict(next(iter(_list(body.get("choices"))), None))
+    message = _dict(choice.get("message"))
     content: list[JSON] = []
     if isinstance(message.get("content"), str) and message["content"]:
         content.append({"type": "text", "text": message["content"]})
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        content.append({"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""),
+    for call in _list(message.get("tool_calls")):
+        call = _dict(call)
+        function = _dict(call.get("function"))
+        content.append({"type": "tool_use", "id": _str(call.get("id")), "name": _str(function.get("name")),
                         "input": _arguments(function.get("arguments"))})
     return orjson.dumps({
-        "id": body.get("id", ""), "type": "message", "role": "assistant", "model": body.get("model", ""),
-        "content": content, "stop_reason": _STOP_REASON.get(choice.get("finish_reason"), "end_turn"),
+        "id": _str(body.get("id")), "type": "message", "role": "assistant", "model": _str(body.get("model")),
+        "content": content, "stop_reason": _stop_reason(choice.get("finish_reason")),
         "stop_sequence": None, "usage": _usage(body.get("usage"))})
+
+
+def _dict(value: Any) -> JSON:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and value >= 0 else 0
+
+
+def _stop_reason(finish: Any) -> str:
+    return _STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
 
 
 def _arguments(arguments: Any) -> JSON:
@@ -186,12 +221,12 @@ def _usage(usage: Any) -> JSON:
     """OpenAI's prompt_tokens includes cached tokens; Anthropic's input_tokens does not.
     `cache_creation_tokens` is what the Anthropic translator reports, so a Claude backend's
     cache writes survive the round trip."""
-    usage = usage or {}
-    details = usage.get("prompt_tokens_details") or {}
-    read = details.get("cached_tokens") or 0
-    created = details.get("cache_creation_tokens") or 0
-    return {"input_tokens": max((usage.get("prompt_tokens") or 0) - read - created, 0),
-            "output_tokens": usage.get("completion_tokens") or 0,
+    usage = _dict(usage)
+    details = _dict(usage.get("prompt_tokens_details"))
+    read = _count(details.get("cached_tokens"))
+    created = _count(details.get("cache_creation_tokens"))
+    return {"input_tokens": max(_count(usage.get("prompt_tokens")) - read - created, 0),
+            "output_tokens": _count(usage.get("completion_tokens")),
             "cache_read_input_tokens": read, "cache_creation_input_tokens": created}
 
 
@@ -238,32 +273,32 @@ class ToMessagesStream:
             self._done = True
             return [_event("error", {"error": _error(obj["error"])})]
         out = self._start(obj)
-        if obj.get("usage"):
+        if isinstance(obj.get("usage"), dict) and obj["usage"]:
             self._usage = obj["usage"]
-        for choice in obj.get("choices") or []:
-            if choice.get("index", 0) != 0:
+        for choice in _list(obj.get("choices")):
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
+            delta = _dict(choice.get("delta"))
+            if isinstance(delta.get("content"), str) and delta["content"]:
                 if self._open_kind != "text":
                     out.extend(self._open("text", {"type": "text", "text": ""}))
                 out.append(_event("content_block_delta", {
                     "index": self._blocks - 1, "delta": {"type": "text_delta", "text": delta["content"]}}))
-            for call in delta.get("tool_calls") or []:
-                out.extend(self._tool_call(call))
-            if choice.get("finish_reason"):
+            for call in _list(delta.get("tool_calls")):
+                out.extend(self._tool_call(_dict(call)))
+            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
                 self._finish = choice["finish_reason"]
         return out
 
     def _tool_call(self, call: JSON) -> list[bytes]:
         out: list[bytes] = []
-        function = call.get("function") or {}
-        k = call.get("index", 0)
+        function = _dict(call.get("function"))
+        k = call.get("index", 0) if type(call.get("index", 0)) is int else 0
         if call.get("id") or k not in self._tools:
-            out.extend(self._open("tool", {"type": "tool_use", "id": call.get("id", ""),
-                                           "name": function.get("name", ""), "input": {}}))
+            out.extend(self._open("tool", {"type": "tool_use", "id": _str(call.get("id")),
+                                           "name": _str(function.get("name")), "input": {}}))
             self._tools[k] = self._blocks - 1
-        if function.get("arguments"):
+        if isinstance(function.get("arguments"), str) and function["arguments"]:
             out.append(_event("content_block_delta", {
                 "index": self._tools[k], "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}}))
         return out
@@ -273,7 +308,7 @@ class ToMessagesStream:
             return []
         self._started = True
         return [_event("message_start", {"message": {
-            "id": obj.get("id", ""), "type": "message", "role": "assistant", "model": obj.get("model", ""),
+            "id": _str(obj.get("id")), "type": "message", "role": "assistant", "model": _str(obj.get("model")),
             "content": [], "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": 0, "output_tokens": 0}}})]
 
@@ -295,7 +330,7 @@ class ToMessagesStream:
         out = self._start({}) + self._close()
         usage = _usage(self._usage) if self._usage else {"output_tokens": 0}
         out.append(_event("message_delta", {
-            "delta": {"stop_reason": _STOP_REASON.get(self._finish or "stop", "end_turn"), "stop_sequence": None},
+            "delta": {"stop_reason": _stop_reason(self._finish or "stop"), "stop_sequence": None},
             "usage": usage}))
         out.append(_event("message_stop", {}))
         return out

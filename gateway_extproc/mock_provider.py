@@ -43,6 +43,7 @@ import h11
 import orjson
 from bpe_openai import Encoding, get_encoding
 
+from gateway_extproc import tokens
 from gateway_extproc.providers import eventstream
 
 try:
@@ -232,7 +233,8 @@ def _encoding() -> Encoding:
 
 
 def _tokens(text: str) -> list[int]:
-    return _encoding().encode_ordinary(text)
+    enc = _encoding()  # in pieces: bpe-openai refuses 1,000,000 characters at once
+    return [t for piece in tokens.pieces(text, tokens.BPE_PIECE_CHARS) for t in enc.encode_ordinary(piece)]
 
 
 def _count(texts: Iterable[str]) -> int:
@@ -319,10 +321,10 @@ def _complete(model: str, messages: list[JSON], limit: int | None, json_mode: Js
     text = _REPLY_OVERRIDE.get() or f"This is a mock reply from {model} to: {prompt}."
     if json_mode is not False:
         text = _json_text(json_mode, text)
-    tokens = _tokens(text)
-    if limit is not None and limit < len(tokens):
-        return Completion(_encoding().decode(tokens[:limit]), limit, True)
-    return Completion(text, len(tokens), False)
+    ids = _tokens(text)
+    if limit is not None and limit < len(ids):
+        return Completion(_encoding().decode(ids[:limit]), limit, True)
+    return Completion(text, len(ids), False)
 
 
 # --------------------------------------------------------------------------- tool calls and JSON mode

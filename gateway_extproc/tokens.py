@@ -23,6 +23,10 @@ IMAGE_TOKENS = 85
 # across an application's calls, and a lookup (a hash of the string) costs ~1/50 of a BPE
 # pass. Bounded: at most _MEMO_ENTRIES strings of at most _MEMO_MAX_CHARS characters each.
 _MEMO_ENTRIES, _MEMO_MAX_CHARS = 1024, 8192
+# bpe-openai refuses a text of 1,000,000 characters or more ("Input too long to encode
+# safely"); a request may carry one (up to envoy.maxRequestBytes) and so may a reply.
+# Longer texts are counted in pieces of at most this many characters.
+BPE_PIECE_CHARS = 500_000
 
 
 @lru_cache(maxsize=None)
@@ -38,7 +42,25 @@ def counter(spec: str) -> TokenCount:
     import bpe_openai
 
     enc = bpe_openai.get_encoding(spec)
-    return _memo(lambda text: len(enc.encode_ordinary(text)))
+    return _memo(lambda text: sum(len(enc.encode_ordinary(piece)) for piece in pieces(text, BPE_PIECE_CHARS)))
+
+
+def pieces(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of at most `size` characters, each cut just before a space
+    where the last half of a piece has one. BPE's pre-tokenizers start a word at the space
+    before it, so such cuts split no token and the counts add up exactly; a text with no
+    space for `size // 2` characters is cut anyway (a token or so more per cut)."""
+    if len(text) <= size:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + size // 2, start + size)
+        if cut <= start:
+            cut = start + size
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
 
 
 def _memo(count: TokenCount) -> TokenCount:

@@ -60,7 +60,9 @@ def usage_from_json(raw: bytes) -> Usage | None:
 
 
 def _int(value: Any) -> int | None:
-    return value if type(value) is int else None
+    """A token count: a non-negative integer (a negative one is a provider bug, and would
+    credit spend back), else unknown."""
+    return value if type(value) is int and value >= 0 else None
 
 
 class SseUsageTap:

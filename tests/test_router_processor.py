@@ -6,11 +6,17 @@ send on one stream and checks the ProcessingResponse the processor answers with.
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import structlog
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from gateway_extproc._proto.envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from gateway_extproc._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -19,6 +25,7 @@ from google.protobuf import json_format
 from gateway_extproc import config, keys
 from gateway_extproc.processors import router
 from gateway_extproc.processors.router import RouterProcessor
+from gateway_extproc.render import chart_values, render_values
 from gateway_extproc.runtime import Runtime
 from tests.extproc_messages import set_headers
 
@@ -642,3 +649,117 @@ async def test_unreadable_provider_answers_become_provider_errors(proc: RouterPr
     await proc.handle(resp_headers(200, backend="claude/claude-x"))
     out = (await proc.handle(resp_body(b"<html>oops</html>"))).response_body.response.body_mutation.body
     assert orjson.loads(out)["error"]["code"] == "provider_error"
+
+
+# -- invariant: no request or reply makes the router fail -----------------------------------
+# A processor that raises becomes server.py's 500 gateway_internal_error (request phases) or
+# a reply passed through unaccounted (response phases). Bad input must get its own 4xx.
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value).encode()  # any int, NaN and Infinity too (orjson refuses them)
+
+
+_SCALAR = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30)
+_JSON = st.recursive(_SCALAR, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+    st.sampled_from(["role", "content", "type", "text", "name", "tool_calls", "image_url", "url", "source",
+                     "id", "arguments", "function", "input", "parameters", "x"]) | st.text(max_size=8),
+    kids, max_size=4), max_leaves=16)
+_PART = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "image", "input_text", "tool_use",
+                                                        "tool_result", "document"]) | _JSON},
+                              optional={"text": _JSON, "image_url": _JSON, "source": _JSON, "content": _JSON,
+                                        "input": _JSON, "id": _JSON})
+_MESSAGE = st.fixed_dictionaries({}, optional={
+    "role": st.sampled_from(["user", "assistant", "system", "tool", "developer", "function"]) | _JSON,
+    "content": st.text(max_size=60) | st.lists(_PART | _JSON, max_size=3) | _JSON,
+    "name": _JSON, "tool_calls": _JSON, "tool_call_id": _JSON})
+_CHAOS = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from(["default-chat", "claude-chat", "fallback-chat", "default-embedding", "nope"]) | _JSON,
+    "messages": st.lists(_MESSAGE, max_size=4) | _JSON,
+    "input": st.text(max_size=40) | st.lists(st.text(max_size=20) | st.integers() | _MESSAGE, max_size=3) | _JSON,
+    "instructions": _JSON, "system": st.text(max_size=20) | st.lists(_PART, max_size=2) | _JSON,
+    "stream": st.booleans() | _JSON, "stream_options": _JSON, "max_tokens": st.integers() | _JSON,
+    "max_completion_tokens": _JSON, "max_output_tokens": _JSON, "n": _JSON, "tools": _JSON, "user": _JSON})
+_CHAT_MODEL = st.sampled_from(["default-chat", "claude-chat", "fallback-chat", "passthrough-chat", "secret-chat",
+                               "private-chat", "gemini-chat", "azure-chat"])  # this file's config and values-local
+_TEXT = st.text(max_size=80)
+_GOOD_MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                                       "content": _TEXT | st.lists(st.fixed_dictionaries(
+                                           {"type": st.just("text"), "text": _TEXT}), min_size=1, max_size=2)})
+_EXTRA = st.fixed_dictionaries({}, optional={"stream": st.booleans(), "max_tokens": st.integers(-5, 10**7),
+                                             "stream_options": _JSON, "tools": _JSON, "temperature": _JSON})
+# Bodies the router admits or nearly so, per endpoint (so the reply phases are reached too).
+_NEAR_VALID = {
+    CHAT_PATH: st.fixed_dictionaries({"model": _CHAT_MODEL, "messages": st.lists(_GOOD_MESSAGE, min_size=1,
+                                                                                 max_size=3)}),
+    "/v1/messages": st.fixed_dictionaries({"model": _CHAT_MODEL, "max_tokens": st.integers(1, 4096),
+                                           "messages": st.lists(_GOOD_MESSAGE, min_size=1, max_size=3)},
+                                          optional={"system": _TEXT}),
+    "/v1/responses": st.fixed_dictionaries({"model": _CHAT_MODEL,
+                                            "input": _TEXT | st.lists(_GOOD_MESSAGE, min_size=1, max_size=2)},
+                                           optional={"instructions": _TEXT}),
+    EMB_PATH: st.fixed_dictionaries({"model": st.just("default-embedding"),
+                                     "input": _TEXT | st.lists(_TEXT | st.lists(st.integers(0, 10**6), max_size=3),
+                                                               min_size=1, max_size=3)}),
+}
+_REQUEST = st.sampled_from(sorted(_NEAR_VALID)).flatmap(lambda path: st.tuples(st.just(path), st.one_of(
+    st.tuples(_NEAR_VALID[path], _EXTRA).map(lambda b: {**b[0], **b[1]}), _CHAOS)))
+_COUNT = st.integers(-3, 10**12) | _JSON
+_USAGE = st.fixed_dictionaries({}, optional={"prompt_tokens": _COUNT, "completion_tokens": _COUNT,
+                                             "input_tokens": _COUNT, "output_tokens": _COUNT,
+                                             "total_tokens": _COUNT, "prompt_tokens_details": _JSON})
+_REPLY = st.one_of(
+    _JSON.map(_dumps),
+    st.fixed_dictionaries({"choices": st.lists(st.fixed_dictionaries({}, optional={
+        "message": st.fixed_dictionaries({}, optional={"role": _JSON, "content": _TEXT | _JSON}),
+        "delta": st.fixed_dictionaries({}, optional={"content": _TEXT | _JSON}),
+        "finish_reason": _JSON, "index": _JSON}), max_size=2) | _JSON}, optional={"usage": _USAGE | _JSON}
+    ).map(_dumps),
+    st.fixed_dictionaries({"type": st.sampled_from(["message", "message_start", "content_block_delta",
+                                                    "message_delta", "error"]) | _JSON},
+                          optional={"content": st.lists(st.fixed_dictionaries(
+                              {"type": st.just("text"), "text": _TEXT}), max_size=2) | _JSON,
+                              "usage": _USAGE, "message": _JSON, "delta": _JSON, "error": _JSON}).map(_dumps),
+    st.fixed_dictionaries({}, optional={"output": _JSON, "usage": _USAGE, "error": _JSON, "model": _JSON}
+                          ).map(_dumps),
+    st.binary(max_size=64))
+
+
+@pytest.fixture(scope="module")
+def local_runtime() -> Runtime:
+    """helm/values-local.yaml as rendered: every provider kind, output scanning, budgets."""
+    values = chart_values([Path(__file__).resolve().parents[1] / "helm" / "values-local.yaml"])
+    return Runtime.from_config(config.parse(yaml.safe_load(render_values(values)["gateway.yaml"]), "values-local"))
+
+
+LOCAL_KEY = "gwk_demo_local-only-demo-key-not-for-production"  # its hash is in values-local.yaml
+
+
+@pytest.mark.parametrize("which", ["this file's config", "values-local"])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(request=_REQUEST, stream=st.booleans(), status=st.sampled_from([200, 400, 429, 500]), reply=_REPLY,
+       data=st.data())
+def test_no_body_or_reply_makes_the_router_fail(runtime: Runtime, local_runtime: Runtime, which: str,
+                                               request: tuple[str, dict], stream: bool, status: int, reply: bytes,
+                                               data: st.DataObject) -> None:
+    rt, key = (runtime, ALL) if which != "values-local" else (local_runtime, LOCAL_KEY)
+    backend = data.draw(st.sampled_from([*sorted(rt.config.backends), "bogus"]), label="backend")
+    path, body = request
+
+    async def one() -> None:
+        proc = RouterProcessor(rt)
+        try:
+            out = await send_request(proc, _dumps(body), path=path, key=key)
+            if out.WhichOneof("response") == "immediate_response":
+                code, error, _ = immediate(out)
+                assert 400 <= code < 500, error
+                event(f"refused: {error['error']['code']}")
+                return
+            event("admitted")
+            ctype = "text/event-stream" if stream else "application/json"
+            await proc.handle(resp_headers(status, ctype, backend=backend))
+            await proc.handle(resp_body(b"data: " + reply + b"\n\n" if stream else reply))
+        finally:
+            proc.close()
+
+    asyncio.run(one())

@@ -8,6 +8,8 @@ from typing import Any
 import bpe_openai
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gateway_extproc import tokens
@@ -53,6 +55,37 @@ def test_encodings_differ_where_expected() -> None:
 def test_counter_is_cached() -> None:
     assert tokens.counter("o200k_base") is tokens.counter("o200k_base")
     assert tokens.counter("estimate") is tokens.counter("estimate")
+
+
+@pytest.mark.parametrize("spec", ["o200k_base", "cl100k_base"])
+def test_a_text_of_a_million_characters_is_counted(spec: str) -> None:
+    """bpe-openai refuses 1,000,000 characters or more; a request or reply may hold them
+    (envoy.maxRequestBytes is 10 MiB). Counted in pieces, the sum is the exact count."""
+    sentence, n = "The nightly export failed at 03:14, retried twice (exit 137).", 20_000
+    text = " ".join([sentence] * n)
+    enc = bpe_openai.get_encoding(spec)
+    with pytest.raises(ValueError):
+        enc.encode_ordinary(text)
+    assert tokens.counter(spec)(text) == len(enc.encode_ordinary(sentence)) + (n - 1) * len(
+        enc.encode_ordinary(" " + sentence))
+
+
+_PIECE_TEXT = st.text(alphabet="ab Z9.,;(\n\t'-é你", max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_PIECE_TEXT, size=st.integers(min_value=4, max_value=64))
+def test_pieces_cover_the_text_and_keep_the_count(text: str, size: int) -> None:
+    """Every cut is just before a space, or hard where none is near: the pieces are the
+    text, none is longer than `size`, and cuts before a space change no BPE count."""
+    parts = tokens.pieces(text, size)
+    assert "".join(parts) == text
+    assert all(len(p) <= size for p in parts)
+    assert all(p for p in parts) or text == ""
+    if all(p.startswith(" ") for p in parts[1:]):
+        for spec in ("o200k_base", "cl100k_base"):
+            enc = bpe_openai.get_encoding(spec)
+            assert sum(len(enc.encode_ordinary(p)) for p in parts) == len(enc.encode_ordinary(text))
 
 
 def test_unknown_encoding_fails_at_load() -> None:

@@ -30,6 +30,9 @@ def counts(usage: Usage | None) -> tuple[int | None, int | None, int | None] | N
     # non-integer counts are ignored, not trusted
     (b'{"usage":{"prompt_tokens":"10","completion_tokens":true,"prompt_tokens_details":{"cached_tokens":1.0}}}',
      Usage(None, None, None)),
+    # negative counts are a provider bug: unknown (the local estimates apply), never a credit
+    (b'{"usage":{"prompt_tokens":-5,"completion_tokens":-1,"prompt_tokens_details":{"cached_tokens":-2}}}',
+     Usage(None, None, None)),
     (b'{"usage":{}}', Usage(None, None, None)),
     # no usage at all
     (b'{"id":"x","choices":[]}', None),

@@ -28,7 +28,7 @@ from ..budgets.store import MAX_NANO
 from ..config import Backend, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES
-from ..providers.base import sse
+from ..providers.base import openai_error, sse
 from ..policy.classification import ResponseGuard, content_for_log
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
@@ -345,6 +345,9 @@ class RouterProcessor:
                 new_body = self.guard.json_body(parsed) or new_body
             if self.client == "anthropic" and self.endpoint is api.CHAT:
                 new_body = messages.from_chat(raw if new_body is None else new_body)
+                if new_body is None:  # no chat completion to translate: not an answer
+                    new_body, self.status, status_changed = openai_error(
+                        502, f"The provider answered HTTP {status} with a body the gateway could not read."), 502, True
         self.log()
         headers = self.token_headers()
         if status_changed:

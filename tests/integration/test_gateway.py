@@ -8,8 +8,10 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 
 from .conftest import Gateway, build_gateway
@@ -43,6 +45,26 @@ def test_openai_sdk_non_streamed(gw: Gateway) -> None:
     [sent] = gw.received(gw.primary)
     assert sent["body"]["model"] == "mock-gpt-4o-mini"
     assert sent["path"] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_a_prompt_of_over_a_million_characters_is_counted_and_served(gw: Gateway, sdk: str) -> None:
+    """One string of 1.26 million characters (well under envoy.maxRequestBytes): the token
+    count goes in pieces (bpe-openai refuses 1,000,000 characters at once; this was a 500
+    gateway_internal_error), exactly, and the provider gets the prompt whole."""
+    text = " ".join(["The nightly export failed at 03:14, retried twice (exit 137)."] * 20_000)
+    if sdk == "openai":
+        raw = client(gw).chat.completions.with_raw_response.create(
+            model="default-chat", messages=[{"role": "user", "content": text}])
+        prompt_tokens = raw.parse().usage.prompt_tokens
+    else:
+        raw = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0).messages.with_raw_response.create(
+            model="default-chat", max_tokens=50, messages=[{"role": "user", "content": text}])
+        prompt_tokens = raw.parse().usage.input_tokens
+    assert raw.status_code == 200
+    assert int(raw.headers["x-gateway-prompt-tokens"]) == prompt_tokens > 250_000
+    [sent] = gw.received(gw.primary)
+    assert text in orjson.dumps(sent["body"]).decode()
 
 
 def test_openai_sdk_streamed_hides_the_usage_chunk_it_did_not_ask_for(gw: Gateway) -> None:

@@ -237,6 +237,28 @@ def test_unreadable_json_answer_is_a_provider_error(gw: Gateway, model: str, kin
     assert info.value.status_code == 502 and info.value.body["code"] == "provider_error"
 
 
+@pytest.mark.parametrize("kind", ["json", "shape", "bytes"])
+@pytest.mark.parametrize("model", MODELS)
+def test_unreadable_answers_reach_anthropic_clients_as_provider_errors(gw: Gateway, model: str, kind: str) -> None:
+    """An Anthropic-style client on every backend kind, the OpenAI ones included (whose
+    answer the router itself turns into an Anthropic message): an answer that is no
+    completion is a 502 provider_error, never a gateway_internal_error. A stream with a bad
+    event either ends in an error event (translated providers) or, where the router
+    translates an OpenAI stream, goes on without the event it could not read."""
+    with pytest.raises(anthropic.APIStatusError) as info:
+        claude(gw).messages.create(model=model, max_tokens=50, messages=QUESTION, extra_headers={
+            "x-mock-garbage-after-chunks": "0", "x-mock-garbage": kind})
+    assert info.value.status_code == 502 and info.value.body["error"]["code"] == "provider_error"
+    with claude(gw).messages.stream(model=model, max_tokens=50, messages=QUESTION, extra_headers={
+            "x-mock-garbage-after-chunks": "2", "x-mock-garbage": kind}) as events:
+        try:
+            text = "".join(e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta")
+        except anthropic.APIStatusError:
+            assert model not in ("default-chat", "azure-chat")  # the error event of a translated provider
+            return
+    assert text and (model in ("default-chat", "azure-chat") or kind == "bytes" and model != "bedrock-chat")
+
+
 async def test_burst_of_tool_streams_with_broken_ones_mixed_in(gw: Gateway) -> None:
     """120 concurrent streamed tool calls over every translated kind, every third one with
     garbage mid-stream: each clean one yields exactly its tool call and [DONE], each broken
