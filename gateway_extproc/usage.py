@@ -128,14 +128,32 @@ class SseUsageTap:
             tail = b"" if end else tail[-MAX_PENDING_BYTES:]  # kept only to read a usage event
             self._pending = tail
             return b"".join(out)
+        if end and tail.strip() == b"data: [DONE]":
+            self.done = True  # a last event without its blank line still ends the stream
         if end or len(tail) > MAX_PENDING_BYTES:
             out.append(self.rewrite(tail) if self.rewrite is not None and tail else tail)
             tail = b""
         self._pending = tail
-        holds = self.drop_usage_chunk or self.rewrite is not None or self.limit is not None
-        if not holds or not (dropped or tail or had_pending or self.rewrite is not None):
+        if not self.holds or not (dropped or tail or had_pending or self.rewrite is not None):
             return None
         return b"".join(out)
+
+    @property
+    def holds(self) -> bool:
+        """Partial events are held back until complete (else chunks go out as they came)."""
+        return self.drop_usage_chunk or self.rewrite is not None or self.limit is not None
+
+    def whole(self, out: bytes) -> bytes:
+        """The last `feed` output made to end on an event boundary, so an event the caller
+        appends stays whole instead of being glued to a partial one (a stream cut off
+        mid-event): the partial event is dropped when it was held back (SSE clients never
+        dispatch an event without its blank line), else ended (its start already went out)."""
+        if not out or out.endswith((b"\n\n", b"\r\r")):
+            return out
+        if not self.holds:
+            return out + b"\n\n"
+        ends = [m.end() for m in _EVENT_END.finditer(out)]
+        return out[:ends[-1]] if ends else b""
 
     def _take_usage(self, event: bytes) -> bool:
         """Records usage from a usage-bearing event; True when it is a usage-only chunk."""

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from gateway_extproc import config
 from gateway_extproc.processors import upstream
+from gateway_extproc.providers import eventstream
 from gateway_extproc.processors.router import RouterProcessor
 from gateway_extproc.processors.upstream import UpstreamProcessor
 from gateway_extproc.render import chart_values, render_values
@@ -42,6 +43,7 @@ from tests.test_router_processor import (_CHAOS, _EXTRA, _GOOD_MESSAGE, _JSON, _
 
 ROOT = Path(__file__).resolve().parents[1]
 CREDENTIALS = {"bedrock": "AKIDEXAMPLE:wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"}
+JSON = dict[str, Any]
 CROSS = "cross-chat"  # a fallback model whose attempts go to every provider kind in turn
 
 
@@ -308,3 +310,280 @@ def test_a_field_of_the_wrong_type_is_a_400_not_a_500(local_runtime: Runtime, mo
         assert refused
 
     asyncio.run(one())
+
+
+# -- 2. the router's stream path, composed ----------------------------------------------------
+
+# (model, backend) per provider dialect, all in values-local.
+_DIALECTS = {"openai": ("default-chat", "mock/mock-gpt-4o-mini"), "azure": ("azure-chat", "mock-azure/mock-gpt-4o-deployment"),
+             "anthropic": ("claude-chat", "mock-anthropic/claude-mock-sonnet"),
+             "bedrock": ("claude-chat", "mock-bedrock/anthropic.claude-mock-sonnet-v1:0"),
+             "gemini": ("gemini-chat", "mock-gemini/gemini-mock-flash")}
+_CLIENTS = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}
+_WORDS = st.lists(st.sampled_from(["Hello", " world", ",", " the", " cat", " sat", "\n", " ünï", " 🐱", ' "q"']),
+                  min_size=0, max_size=12)
+
+
+def _sse_json(obj: Any, name: str | None = None) -> bytes:
+    head = b"event: " + name.encode() + b"\n" if name else b""
+    return head + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _bedrock(name: str, payload: Any) -> bytes:
+    return eventstream.encode({":event-type": name, ":content-type": "application/json", ":message-type": "event"},
+                              orjson.dumps(payload))
+
+
+def provider_stream(dialect: str, client: str, words: list[str], usage: tuple[int, int] | None) -> list[bytes]:
+    """A clean answer in the provider's own stream framing, one element per event."""
+    p, c = usage or (0, 0)
+    if client == "responses":  # OpenAI backends only
+        out = [_sse_json({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},
+                         "response.created")]
+        out += [_sse_json({"type": "response.output_text.delta", "delta": w}, "response.output_text.delta")
+                for w in words]
+        done: JSON = {"id": "resp_1", "status": "completed", "model": "m"}
+        if usage:
+            done["usage"] = {"input_tokens": p, "output_tokens": c, "total_tokens": p + c}
+        return out + [_sse_json({"type": "response.completed", "response": done}, "response.completed")]
+    if dialect in ("openai", "azure"):
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        out = [_sse_json({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                               "finish_reason": None}]})]
+        out += [_sse_json({**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]})
+                for w in words]
+        out.append(_sse_json({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+        if usage:
+            out.append(_sse_json({**base, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c,
+                                                                    "total_tokens": p + c}}))
+        return out + [b"data: [DONE]\n\n"]
+    if dialect == "anthropic":
+        out = [_sse_json({"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [], "stop_reason": None,
+            "usage": {"input_tokens": p, "output_tokens": 1} if usage else {}}}, "message_start"),
+            _sse_json({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                      "content_block_start")]
+        out += [_sse_json({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}},
+                          "content_block_delta") for w in words]
+        out += [_sse_json({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+                _sse_json({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           **({"usage": {"output_tokens": c}} if usage else {})}, "message_delta"),
+                _sse_json({"type": "message_stop"}, "message_stop")]
+        return out
+    if dialect == "bedrock":
+        out = [_bedrock("messageStart", {"role": "assistant"})]
+        out += [_bedrock("contentBlockDelta", {"delta": {"text": w}, "contentBlockIndex": 0}) for w in words]
+        out += [_bedrock("contentBlockStop", {"contentBlockIndex": 0}), _bedrock("messageStop", {"stopReason": "end_turn"})]
+        if usage:
+            out.append(_bedrock("metadata", {"usage": {"inputTokens": p, "outputTokens": c, "totalTokens": p + c},
+                                             "metrics": {"latencyMs": 1}}))
+        return out
+    parts = [{"candidates": [{"content": {"role": "model", "parts": [{"text": w}]}, "index": 0}]} for w in words]
+    last: JSON = {"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "finishReason": "STOP",
+                                  "index": 0}], "modelVersion": "m"}
+    if usage:
+        last["usageMetadata"] = {"promptTokenCount": p, "candidatesTokenCount": c, "totalTokenCount": p + c}
+    return [b"data: " + orjson.dumps(x) + b"\r\n\r\n" for x in [*parts, last]]
+
+
+def odd_event(dialect: str, value: Any, name: str) -> bytes:
+    """An event in the provider's framing whose payload is any JSON at all."""
+    if dialect == "bedrock":
+        return eventstream.encode({":event-type": name, ":content-type": "application/json",
+                                   ":message-type": "event"}, _dumps(value))
+    return (b"event: " + name.encode() + b"\n" if dialect == "anthropic" else b"") + b"data: " + _dumps(value) + b"\n\n"
+
+
+_EVENT_NAMES = st.sampled_from(["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                                "message_delta", "message_stop", "error", "ping", "messageStart",
+                                "contentBlockDelta", "contentBlockStart", "messageStop", "metadata", "x"])
+_ODD_PAYLOAD = st.one_of(
+    _JSON,
+    st.fixed_dictionaries({"choices": _JSON | st.lists(st.fixed_dictionaries({}, optional={
+        "index": _JSON, "delta": _JSON | st.fixed_dictionaries({}, optional={"content": _JSON, "tool_calls": _JSON}),
+        "finish_reason": _JSON}), max_size=2)}, optional={"usage": _JSON, "error": _JSON, "id": _JSON}),
+    st.fixed_dictionaries({"type": _EVENT_NAMES | _JSON}, optional={
+        "index": _JSON, "delta": _JSON, "content_block": _JSON, "message": _JSON, "usage": _JSON, "error": _JSON}),
+    st.fixed_dictionaries({}, optional={"candidates": _JSON, "usageMetadata": _JSON, "error": _JSON,
+                                        "delta": _JSON, "contentBlockIndex": _JSON, "start": _JSON,
+                                        "stopReason": _JSON, "usage": _JSON}))
+# What may happen to a clean stream on its way: (kind, position, payload).
+_FAULT = st.one_of(
+    st.tuples(st.just("garbage"), st.integers(0, 40), st.binary(max_size=40) | st.sampled_from([
+        b"\n\n", b"data: [DONE]\n\n", b"data: \n\n", b"event: ping\n\n", b": comment\n\n", b"\r\n\r\n",
+        b'data: {"error": {"message": "overloaded"}}\n\n', b"data: {\n\n", b"\x00\x00\x00\x10\x00\x00\x00\x00"])),
+    st.tuples(st.just("odd"), st.integers(0, 40), st.tuples(_ODD_PAYLOAD, _EVENT_NAMES)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**5), st.none()),
+    st.tuples(st.just("drop"), st.integers(0, 40), st.none()))
+
+
+def apply_faults(dialect: str, events: list[bytes], faults: list[tuple[str, int, Any]]) -> bytes:
+    events = list(events)
+    truncate = None
+    for kind, at, payload in faults:
+        if kind == "truncate":
+            truncate = at
+            continue
+        at = min(at, len(events))
+        if kind == "garbage":
+            events.insert(at, payload)
+        elif kind == "odd":
+            events.insert(at, odd_event(dialect, *payload))
+        elif kind == "drop" and at < len(events):
+            del events[at]
+    raw = b"".join(events)
+    return raw if truncate is None else raw[:truncate]
+
+
+def split(raw: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = sorted({0, len(raw), *(c % (len(raw) + 1) for c in cuts)})
+    return [raw[a:b] for a, b in zip(bounds, bounds[1:])] or [b""]
+
+
+def client_bytes(chunks: list[bytes], answers: list[ep.ProcessingResponse]) -> bytes:
+    """What Envoy sends the client: each chunk as the processor replaced it, or as it was."""
+    out = []
+    for chunk, answer in zip(chunks, answers, strict=True):
+        assert answer.WhichOneof("response") == "response_body", answer
+        common = answer.response_body.response
+        replaced = common.HasField("body_mutation") and common.body_mutation.WhichOneof("mutation") == "body"
+        out.append(common.body_mutation.body if replaced else chunk)
+    return b"".join(out)
+
+
+def openai_events(out: bytes) -> list[Any]:
+    """The data of every event of an OpenAI stream: a JSON object, or "[DONE]"; whole events only."""
+    assert out == b"" or out.endswith(b"\n\n"), out[-200:]
+    events = []
+    for event in out.split(b"\n\n")[:-1]:
+        lines = event.split(b"\n")
+        data = b"\n".join(line[6:] for line in lines if line.startswith(b"data: "))
+        assert all(line.startswith((b"data: ", b":", b"event: ")) for line in lines), event
+        events.append("[DONE]" if data == b"[DONE]" else orjson.loads(data))
+        assert events[-1] == "[DONE]" or isinstance(events[-1], dict), event
+    return events
+
+
+def check_openai_client(out: bytes) -> None:
+    events = openai_events(out)
+    assert events, "a stream ends with [DONE] or an error event, never with nothing"
+    ends = [i for i, e in enumerate(events) if e == "[DONE]" or "error" in e]
+    assert ends, events[-3:]
+    first = ends[0]
+    rest = events[first + 1:]
+    # Nothing after the end, but the [DONE] that may follow an error event.
+    assert rest in ([], ["[DONE]"]) and (not rest or events[first] != "[DONE]"), events[first:]
+    if events[first] != "[DONE]":
+        assert set(events[first]["error"]) == {"message", "type", "code", "param"}, events[first]
+
+
+def check_anthropic_client(out: bytes) -> None:
+    assert out.endswith(b"\n\n"), out[-200:]
+    kinds, open_block, blocks = [], None, 0
+    for event in out.split(b"\n\n")[:-1]:
+        head, _, data = event.partition(b"\n")
+        assert head.startswith(b"event: ") and data.startswith(b"data: ") and b"\n" not in data, event
+        obj = orjson.loads(data[6:])
+        kind = head[7:].decode()
+        assert obj["type"] == kind
+        assert not kinds or kinds[-1] not in ("message_stop", "error"), (kinds, kind)
+        assert kinds or kind in ("message_start", "error"), kind
+        if kind == "content_block_start":
+            assert open_block is None and obj["index"] == blocks
+            open_block, blocks = obj["index"], blocks + 1
+        elif kind == "content_block_delta":
+            assert obj["index"] == open_block or open_block is None and obj["index"] < blocks
+        elif kind == "content_block_stop":
+            assert obj["index"] == open_block
+            open_block = None
+        elif kind == "message_delta":
+            assert open_block is None
+        elif kind == "error":
+            assert set(obj["error"]) == {"type", "message"}
+        kinds.append(kind)
+    assert kinds and kinds[-1] in ("message_stop", "error"), kinds[-3:]
+
+
+async def run_stream(rt: Runtime, client: str, dialect: str, include_usage: bool, raw: bytes, cuts: list[int],
+                     empty_end: bool) -> tuple[RouterProcessor, bytes]:
+    model, backend = _DIALECTS[dialect]
+    body: JSON = {"model": model, "stream": True}
+    if client == "messages":
+        body.update(max_tokens=200, messages=[{"role": "user", "content": "hi"}])
+    elif client == "responses":
+        body["input"] = "hi"
+    else:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+    proc, out = await _admit(rt, _CLIENTS[client], orjson.dumps(body))
+    try:
+        assert out.WhichOneof("response") == "request_body", out
+        ctype = "application/vnd.amazon.eventstream" if dialect == "bedrock" else "text/event-stream"
+        await proc.handle(resp_headers(200, ctype, backend=backend))
+        chunks = split(raw, cuts)
+        if empty_end:
+            chunks.append(b"")
+        answers = [await proc.handle(resp_body(c, end=i == len(chunks) - 1)) for i, c in enumerate(chunks)]
+        return proc, client_bytes(chunks, answers)
+    finally:
+        proc.close()
+
+
+_COMBOS = [(c, d) for c in _CLIENTS for d in _DIALECTS if c != "responses" or d == "openai"]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(combo=st.sampled_from(_COMBOS), words=_WORDS, usage=st.none() | st.tuples(st.integers(0, 10**6),
+                                                                                     st.integers(0, 10**6)),
+       include_usage=st.booleans(), faults=st.lists(_FAULT, max_size=3), cuts=st.lists(st.integers(0, 10**5),
+                                                                                         max_size=8),
+       empty_end=st.booleans())
+def test_no_reply_stream_makes_the_router_fail(local_runtime: Runtime, combo: tuple[str, str], words: list[str],
+                                              usage: tuple[int, int] | None, include_usage: bool,
+                                              faults: list[tuple[str, int, Any]], cuts: list[int],
+                                              empty_end: bool) -> None:
+    client, dialect = combo
+    raw = apply_faults(dialect, provider_stream(dialect, client, words, usage), faults)
+    proc, out = asyncio.run(run_stream(local_runtime, client, dialect, include_usage, raw, cuts, empty_end))
+    clean = not faults
+    event(f"{client}<-{dialect} {'clean' if clean else 'faulty'}")
+    if client == "messages":
+        check_anthropic_client(out)
+    elif client == "chat" and (dialect not in ("openai", "azure") or clean):
+        # OpenAI-schema providers' events pass through as they are: only theirs are unchecked.
+        check_openai_client(out)
+    if clean and usage is not None:
+        assert proc.usage is not None and (proc.usage.prompt_tokens, proc.usage.completion_tokens) == usage
+
+
+@pytest.mark.parametrize("client", ["chat", "messages"])
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+@pytest.mark.parametrize("cut", [4, 30, -3])
+def test_a_stream_cut_mid_event_still_ends_with_one_whole_error_event(local_runtime: Runtime, client: str,
+                                                                      dialect: str, cut: int) -> None:
+    """The provider's connection ends inside an event: the partial event was glued to the
+    `upstream_stream_interrupted` event, so clients saw neither (Anthropic clients got an
+    empty body when nothing else had come)."""
+    events = provider_stream(dialect, client, ["Hello", " world"], (3, 2))
+    raw = b"".join(events[:-1]) if cut < 0 else b""
+    raw += events[-1][:cut] if cut < 0 else events[0][:cut]
+    _, out = asyncio.run(run_stream(local_runtime, client, dialect, False, raw, [len(raw) // 2], False))
+    if client == "messages":
+        check_anthropic_client(out)
+        assert out.count(b"event: error\n") == 1 and out.endswith(b'"}}\n\n')
+    else:
+        check_openai_client(out)
+        assert openai_events(out)[-1]["error"]["code"] in ("upstream_stream_interrupted", "provider_error")
+
+
+@pytest.mark.parametrize("client", ["chat", "messages"])
+def test_a_done_without_its_blank_line_ends_the_stream_cleanly(local_runtime: Runtime, client: str) -> None:
+    """`data: [DONE]` as the last bytes, unterminated, is the end, not an interruption (an
+    error event was glued to it)."""
+    raw = b"".join(provider_stream("openai", client, ["Hi"], (3, 1)))[:-2]
+    proc, out = asyncio.run(run_stream(local_runtime, client, "openai", True, raw, [], False))
+    assert proc.error_code is None
+    assert b"error" not in out
+    assert out.endswith(b"data: [DONE]" if client == "chat" else b'{"type":"message_stop"}\n\n')
