@@ -39,7 +39,7 @@ from gateway_extproc.render import chart_values, render_values
 from gateway_extproc.runtime import Runtime
 from tests.extproc_messages import set_headers
 from tests.test_router_processor import (_CHAOS, _EXTRA, _GOOD_MESSAGE, _JSON, _NEAR_VALID, _TEXT, LOCAL_KEY,
-                                         req_body, req_headers, resp_body, resp_headers)
+                                         immediate, req_body, req_headers, resp_body, resp_headers)
 
 ROOT = Path(__file__).resolve().parents[1]
 CREDENTIALS = {"bedrock": "AKIDEXAMPLE:wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"}
@@ -315,7 +315,8 @@ def test_a_field_of_the_wrong_type_is_a_400_not_a_500(local_runtime: Runtime, mo
 # -- 2. the router's stream path, composed ----------------------------------------------------
 
 # (model, backend) per provider dialect, all in values-local.
-_DIALECTS = {"openai": ("default-chat", "mock/mock-gpt-4o-mini"), "azure": ("azure-chat", "mock-azure/mock-gpt-4o-deployment"),
+_DIALECTS = {"openai": ("default-chat", "mock/mock-gpt-4o-mini"),
+             "azure": ("azure-chat", "mock-azure/mock-gpt-4o-deployment"),
              "anthropic": ("claude-chat", "mock-anthropic/claude-mock-sonnet"),
              "bedrock": ("claude-chat", "mock-bedrock/anthropic.claude-mock-sonnet-v1:0"),
              "gemini": ("gemini-chat", "mock-gemini/gemini-mock-flash")}
@@ -373,7 +374,8 @@ def provider_stream(dialect: str, client: str, words: list[str], usage: tuple[in
     if dialect == "bedrock":
         out = [_bedrock("messageStart", {"role": "assistant"})]
         out += [_bedrock("contentBlockDelta", {"delta": {"text": w}, "contentBlockIndex": 0}) for w in words]
-        out += [_bedrock("contentBlockStop", {"contentBlockIndex": 0}), _bedrock("messageStop", {"stopReason": "end_turn"})]
+        out += [_bedrock("contentBlockStop", {"contentBlockIndex": 0}),
+                _bedrock("messageStop", {"stopReason": "end_turn"})]
         if usage:
             out.append(_bedrock("metadata", {"usage": {"inputTokens": p, "outputTokens": c, "totalTokens": p + c},
                                              "metrics": {"latencyMs": 1}}))
@@ -397,8 +399,12 @@ def odd_event(dialect: str, value: Any, name: str) -> bytes:
 _EVENT_NAMES = st.sampled_from(["message_start", "content_block_start", "content_block_delta", "content_block_stop",
                                 "message_delta", "message_stop", "error", "ping", "messageStart",
                                 "contentBlockDelta", "contentBlockStart", "messageStop", "metadata", "x"])
+_SCALARS = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
 _ODD_PAYLOAD = st.one_of(
     _JSON,
+    st.fixed_dictionaries({"choices": _SCALARS | st.dictionaries(st.sampled_from(["0", "delta"]), _JSON, max_size=2)
+                           | st.lists(_SCALARS | st.fixed_dictionaries({"delta": _SCALARS | st.fixed_dictionaries(
+                               {"content": _SCALARS}), "finish_reason": _SCALARS}), min_size=1, max_size=2)}),
     st.fixed_dictionaries({"choices": _JSON | st.lists(st.fixed_dictionaries({}, optional={
         "index": _JSON, "delta": _JSON | st.fixed_dictionaries({}, optional={"content": _JSON, "tool_calls": _JSON}),
         "finish_reason": _JSON}), max_size=2)}, optional={"usage": _JSON, "error": _JSON, "id": _JSON}),
@@ -504,6 +510,17 @@ def check_anthropic_client(out: bytes) -> None:
     assert kinds and kinds[-1] in ("message_stop", "error"), kinds[-3:]
 
 
+def answer_text(client: str, out: bytes) -> str:
+    if client == "messages":
+        return "".join(e["delta"].get("text", "") for e in (orjson.loads(line[6:]) for line in out.split(b"\n")
+                                                             if line.startswith(b"data: "))
+                       if e["type"] == "content_block_delta")
+    if client == "responses":
+        return "".join(e["delta"] for e in openai_events(out) if e["type"] == "response.output_text.delta")
+    return "".join(c["delta"].get("content") or "" for e in openai_events(out) if e != "[DONE]"
+                   for c in e.get("choices", []))
+
+
 async def run_stream(rt: Runtime, client: str, dialect: str, include_usage: bool, raw: bytes, cuts: list[int],
                      empty_end: bool) -> tuple[RouterProcessor, bytes]:
     model, backend = _DIALECTS[dialect]
@@ -554,6 +571,8 @@ def test_no_reply_stream_makes_the_router_fail(local_runtime: Runtime, combo: tu
     elif client == "chat" and (dialect not in ("openai", "azure") or clean):
         # OpenAI-schema providers' events pass through as they are: only theirs are unchecked.
         check_openai_client(out)
+    if clean:  # the answer arrives whole (the words hold nothing output scanning redacts)
+        assert answer_text(client, out) == "".join(words)
     if clean and usage is not None:
         assert proc.usage is not None and (proc.usage.prompt_tokens, proc.usage.completion_tokens) == usage
 
@@ -587,3 +606,49 @@ def test_a_done_without_its_blank_line_ends_the_stream_cleanly(local_runtime: Ru
     assert proc.error_code is None
     assert b"error" not in out
     assert out.endswith(b"data: [DONE]" if client == "chat" else b'{"type":"message_stop"}\n\n')
+
+
+ODD_CHOICES = [5, "abc", {"0": {"message": {"content": "x"}}},
+               [5, {"message": {"content": "mail me at a.b@example.com"}}],
+               [{"message": "x"}, {"message": {"content": "mail me at a.b@example.com"}}], [None]]
+
+
+@pytest.mark.parametrize("choices", ODD_CHOICES)
+def test_output_scanning_reads_any_choices_a_provider_sends(local_runtime: Runtime, choices: Any) -> None:
+    """`choices` of another shape than a list of objects made the output guard raise, in a
+    stream (the reply then went on unscanned and unaccounted) and in a JSON answer."""
+    event_ = b"data: " + orjson.dumps({"choices": choices}) + b"\n\ndata: [DONE]\n\n"
+    for client in ("chat", "messages"):
+        _, out = asyncio.run(run_stream(local_runtime, client, "openai", False, event_, [], False))
+        if client == "chat":
+            check_openai_client(out)
+        else:
+            check_anthropic_client(out)
+
+    async def json_reply() -> ep.ProcessingResponse:
+        body = {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}]}
+        proc, _ = await _admit(local_runtime, "/v1/chat/completions", orjson.dumps(body))
+        try:
+            await proc.handle(resp_headers(200, backend=_DIALECTS["openai"][1]))
+            return await proc.handle(resp_body(orjson.dumps({"choices": choices, "usage": {"prompt_tokens": 1}})))
+        finally:
+            proc.close()
+
+    out = asyncio.run(json_reply())
+    sent = out.response_body.response.body_mutation.body
+    assert b"a.b@example.com" not in sent
+
+
+@pytest.mark.parametrize("client", ["chat", "messages"])
+@pytest.mark.parametrize("end", [b"data: [DONE]\n\n", b""] + [
+    b'data: {"error": {"message": "overloaded", "type": "server_error", "code": null, "param": null}}\n\n'])
+def test_text_held_back_by_output_scanning_reaches_the_client(local_runtime: Runtime, client: str,
+                                                              end: bytes) -> None:
+    """A stream that ends (with [DONE], an error event, or nothing) without the
+    finish_reason chunk that flushes the output guard's hold-back window lost the answer's
+    tail: here all of it."""
+    events = provider_stream("openai", client, ["Hello", " world"], None)
+    raw = b"".join(e for e in events if b'"finish_reason":"stop"' not in e and b"[DONE]" not in e) + end
+    _, out = asyncio.run(run_stream(local_runtime, client, "openai", False, raw, [len(raw) // 3], False))
+    check_anthropic_client(out) if client == "messages" else check_openai_client(out)
+    assert answer_text(client, out) == "Hello world"

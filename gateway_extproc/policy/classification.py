@@ -129,7 +129,10 @@ class ResponseGuard:
     def json_body(self, body: dict[str, Any]) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it; changed in place)
         to send instead, or None to send it unchanged."""
-        contents = [c.get("message") for c in body.get("choices") or [] if isinstance(c, dict)]
+        # Only choices of the expected shape are read or changed (any other passes as it is).
+        listed = body.get("choices")
+        choices = [c for c in listed if isinstance(c, dict)] if isinstance(listed, list) else []
+        contents = [c.get("message") for c in choices]
         texts = [m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), str) else "" for m in contents]
         self.response_text = ["\n".join(texts)]
         findings = self.policy.scanner.scan_strings(texts)
@@ -139,13 +142,14 @@ class ResponseGuard:
         record(decision, self.team, self.params.mode, "response")
         if decision.block:
             self.response_text = []
-            for choice in body["choices"]:
-                choice["message"]["content"] = ""
+            for choice in choices:
+                if isinstance(choice.get("message"), dict):
+                    choice["message"]["content"] = ""
                 choice["finish_reason"] = "content_filter"
         elif decision.redact:
             new, _ = redact_strings(texts, decision.redact, PlaceholderMap())
             self.response_text = ["\n".join(new)]  # what the client sees is all a log may hold
-            for choice, text in zip(body["choices"], new):
+            for choice, text in zip(choices, new):
                 if isinstance(choice.get("message"), dict) and isinstance(choice["message"].get("content"), str):
                     choice["message"]["content"] = text
         else:
@@ -156,14 +160,18 @@ class ResponseGuard:
         """One complete SSE event in, what to forward out (possibly empty)."""
         if self.ended:
             return b""
+        if event.startswith((b"data: [DONE]", b'data: {"error"')):
+            # The stream ends without a finish_reason chunk (which flushes): the text still
+            # held back goes out first, else the answer would lose its tail.
+            return self.flush() + event
         if not event.startswith(b"data: {") or b'"choices"' not in event:
             return event
         try:
             chunk = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
             return event
-        choices = chunk.get("choices") or []
-        if not choices or not isinstance(choices[0], dict):
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return event
         choice = choices[0]
         delta = choice.get("delta")
