@@ -13,6 +13,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+import structlog
+
+from .providers.base import error_event
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # A choice's finish reason in an OpenAI stream chunk, read without parsing the event (inside
@@ -20,6 +23,10 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
+UNSCANNABLE = ("The provider sent a stream event larger than output scanning can read (1 MiB); the stream was "
+               "ended by the gateway.")
+
+log = structlog.get_logger("gateway_extproc.usage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +81,7 @@ class SseUsageTap:
     """
 
     __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events", "rewrite", "done",
-                 "finish_reasons", "limit", "over")
+                 "finish_reasons", "limit", "over", "refused")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
                  limit: int | None = None) -> None:
@@ -84,6 +91,9 @@ class SseUsageTap:
         # for a provider that ignores the output cap.
         self.limit = limit
         self.over = False
+        # An event too large to hold went by while rewriting: it was not forwarded unread
+        # (output scanning would be bypassed); the stream ended there with an error event.
+        self.refused = False
         # Applied to every complete event forwarded (output scanning); implies holding
         # partial events back, like dropping does.
         self.rewrite = rewrite
@@ -115,7 +125,7 @@ class SseUsageTap:
                 self.done = True
             if b'"finish_reason":' in event and b'"finish_reason":null' not in event:
                 self.finish_reasons += [m.decode() for m in _FINISH_REASON.findall(event)]
-            if self.over:
+            if self.over or self.refused:
                 if b'"usage"' in event:
                     self._take_usage(event)
                 dropped = True
@@ -124,7 +134,11 @@ class SseUsageTap:
             else:
                 out.append(self.rewrite(event) if self.rewrite is not None else event)
         tail = data[start:]
-        if self.over:
+        if self.rewrite is not None and not end and len(tail) > MAX_PENDING_BYTES and not self.refused:
+            self.refused = self.done = True
+            out.append(self.rewrite(error_event(502, UNSCANNABLE)))  # the guard flushes what it holds
+            log.warning("stream_event_unscannable", pending_bytes=len(tail))
+        if self.over or self.refused:
             tail = b"" if end else tail[-MAX_PENDING_BYTES:]  # kept only to read a usage event
             self._pending = tail
             return b"".join(out)

@@ -652,3 +652,24 @@ def test_text_held_back_by_output_scanning_reaches_the_client(local_runtime: Run
     _, out = asyncio.run(run_stream(local_runtime, client, "openai", False, raw, [len(raw) // 3], False))
     check_anthropic_client(out) if client == "messages" else check_openai_client(out)
     assert answer_text(client, out) == "Hello world"
+
+
+@pytest.mark.parametrize(("client", "dialect"), _COMBOS)
+def test_an_event_too_large_to_hold_is_never_forwarded_unscanned(local_runtime: Runtime, client: str,
+                                                                 dialect: str) -> None:
+    """One provider event over 1 MiB, arriving in 16 KiB pieces: the usage tap used to
+    forward what it could not hold as it was, so an OpenAI-schema provider's text went out
+    unscanned (and ahead of the text held back before it). Now that stream ends with one
+    provider_error event; translated providers' events come whole and are scanned."""
+    words = ["Hello", " mail a.b@example.com " + "x" * (3 << 19), " end"]
+    raw = b"".join(provider_stream(dialect, client, words, (3, 4)))
+    proc, out = asyncio.run(run_stream(local_runtime, client, dialect, False, raw,
+                                       list(range(1 << 14, len(raw), 1 << 14)), False))
+    if client == "messages":
+        check_anthropic_client(out)
+    elif client == "chat":
+        check_openai_client(out)
+    if client != "responses":  # output scanning covers chat answers
+        assert b"a.b@example.com" not in out
+        assert answer_text(client, out).startswith("Hello")
+    assert proc.usage is not None and (proc.usage.prompt_tokens, proc.usage.completion_tokens) == (3, 4)
