@@ -23,6 +23,9 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
+# The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
+# and the gateway's are written either way).
+STREAM_ENDS = (b"data: [DONE]", b'data: {"error":{', b'data: {"error": {')
 UNSCANNABLE = ("The provider sent a stream event larger than output scanning can read (1 MiB); the stream was "
                "ended by the gateway.")
 
@@ -121,7 +124,7 @@ class SseUsageTap:
             if b'"content":"' in event and b'"content":""' not in event:
                 self.content_events += 1
                 self.over = self.over or (self.limit is not None and self.content_events > self.limit)
-            elif event.startswith((b"data: [DONE]", b'data: {"error"')):
+            elif event.startswith(STREAM_ENDS):
                 self.done = True
             if b'"finish_reason":' in event and b'"finish_reason":null' not in event:
                 self.finish_reasons += [m.decode() for m in _FINISH_REASON.findall(event)]

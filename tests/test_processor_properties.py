@@ -38,6 +38,7 @@ from gateway_extproc.processors.upstream import UpstreamProcessor
 from gateway_extproc.render import chart_values, render_values
 from gateway_extproc.runtime import Runtime
 from tests.extproc_messages import set_headers
+from tests.test_provider_corpus import frame
 from tests.test_router_processor import (_CHAOS, _EXTRA, _GOOD_MESSAGE, _JSON, _NEAR_VALID, _TEXT, LOCAL_KEY,
                                          immediate, req_body, req_headers, resp_body, resp_headers)
 
@@ -388,6 +389,34 @@ def provider_stream(dialect: str, client: str, words: list[str], usage: tuple[in
     return [b"data: " + orjson.dumps(x) + b"\r\n\r\n" for x in [*parts, last]]
 
 
+def openai_tool_stream(calls: int, choices: int) -> list[bytes]:
+    """An OpenAI stream of tool calls (arguments in pieces) on `choices` interleaved choices."""
+    base = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    out = []
+    for k in range(calls):
+        for i in range(choices):
+            call = {"index": k, "id": f"call_{k}", "type": "function", "function": {"name": "f", "arguments": ""}}
+            out.append(_sse_json({**base, "choices": [{"index": i, "delta": {"tool_calls": [call]}}]}))
+            for piece in ('{"a":', ' "b"}'):
+                out.append(_sse_json({**base, "choices": [{"index": i, "delta": {"tool_calls": [
+                    {"index": k, "function": {"arguments": piece}}]}}]}))
+    out += [_sse_json({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "tool_calls"}]})
+            for i in range(choices)]
+    return out + [b"data: [DONE]\n\n"]
+
+
+_CORPUS = {d: [orjson.loads(f.read_bytes()) for f in sorted((ROOT / "tests" / "provider_corpus" / d).glob("stream_*"))]
+           for d in ("anthropic", "bedrock", "gemini")}
+
+
+def corpus_stream(dialect: str, n: int) -> list[bytes]:
+    """A recorded-shape answer from tests/provider_corpus (tools, thinking, errors...)."""
+    if dialect in ("openai", "azure"):
+        return openai_tool_stream(1 + n % 2, 1 + n // 2 % 2)
+    cases = _CORPUS[dialect]
+    return [frame(dialect, e) for e in cases[n % len(cases)]["events"]]
+
+
 def odd_event(dialect: str, value: Any, name: str) -> bytes:
     """An event in the provider's framing whose payload is any JSON at all."""
     if dialect == "bedrock":
@@ -556,16 +585,18 @@ _COMBOS = [(c, d) for c in _CLIENTS for d in _DIALECTS if c != "responses" or d 
                                                                                      st.integers(0, 10**6)),
        include_usage=st.booleans(), faults=st.lists(_FAULT, max_size=3), cuts=st.lists(st.integers(0, 10**5),
                                                                                          max_size=8),
-       empty_end=st.booleans())
+       empty_end=st.booleans(), corpus=st.none() | st.integers(0, 100))
 def test_no_reply_stream_makes_the_router_fail(local_runtime: Runtime, combo: tuple[str, str], words: list[str],
                                               usage: tuple[int, int] | None, include_usage: bool,
                                               faults: list[tuple[str, int, Any]], cuts: list[int],
-                                              empty_end: bool) -> None:
+                                              empty_end: bool, corpus: int | None) -> None:
     client, dialect = combo
-    raw = apply_faults(dialect, provider_stream(dialect, client, words, usage), faults)
+    corpus = None if client == "responses" else corpus
+    events = provider_stream(dialect, client, words, usage) if corpus is None else corpus_stream(dialect, corpus)
+    raw = apply_faults(dialect, events, faults)
     proc, out = asyncio.run(run_stream(local_runtime, client, dialect, include_usage, raw, cuts, empty_end))
-    clean = not faults
-    event(f"{client}<-{dialect} {'clean' if clean else 'faulty'}")
+    event(f"{client}<-{dialect} {'corpus' if corpus is not None else ''}")
+    clean = not faults and corpus is None
     if client == "messages":
         check_anthropic_client(out)
     elif client == "chat" and (dialect not in ("openai", "azure") or clean):
@@ -673,3 +704,65 @@ def test_an_event_too_large_to_hold_is_never_forwarded_unscanned(local_runtime: 
         assert b"a.b@example.com" not in out
         assert answer_text(client, out).startswith("Hello")
     assert proc.usage is not None and (proc.usage.prompt_tokens, proc.usage.completion_tokens) == (3, 4)
+
+
+def test_output_scanning_keeps_the_choices_of_an_n_2_stream_apart(local_runtime: Runtime) -> None:
+    """Interleaved choices shared one hold-back window: a choice's text went out in the
+    other's chunk, and text after choice 0's finish_reason made the guard raise."""
+    base = {"object": "chat.completion.chunk", "model": "m"}
+
+    def chunk(index: int, text: str | None, finish: str | None = None) -> bytes:
+        delta = {"content": text} if text is not None else {}
+        return _sse_json({**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+
+    raw = b"".join([chunk(0, "Hello"), chunk(1, "Mail me at"), chunk(0, " there"), chunk(0, None, "stop"),
+                    chunk(1, " a.b@example.com please"), chunk(1, None, "stop"), b"data: [DONE]\n\n"])
+    _, out = asyncio.run(run_stream(local_runtime, "chat", "openai", False, raw, [], False))
+    check_openai_client(out)
+    texts: dict[int, str] = {}
+    for e in openai_events(out)[:-1]:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + (c["delta"].get("content") or "")
+    assert texts[0] == "Hello there"
+    assert texts[1].startswith("Mail me at ") and texts[1].endswith(" please") and "a.b@example.com" not in texts[1]
+
+
+@pytest.mark.parametrize("client", ["chat", "messages"])
+def test_an_error_key_that_is_no_error_object_does_not_end_the_stream(local_runtime: Runtime, client: str) -> None:
+    """`data: {"error": []...}` counted as the stream's end, so a stream cut off after it got
+    no upstream_stream_interrupted event (an Anthropic client: no end at all)."""
+    events = provider_stream("openai", client, ["Hi"], None)
+    raw = b"".join(events[:2]) + b'data: {"error": [], "choices": []}\n\n'
+    _, out = asyncio.run(run_stream(local_runtime, client, "openai", False, raw, [], False))
+    if client == "messages":
+        check_anthropic_client(out)
+        assert out.count(b"event: error\n") == 1
+    else:
+        assert openai_events(out)[-1]["error"]["code"] == "upstream_stream_interrupted"
+
+
+@pytest.mark.parametrize("client", ["chat", "messages"])
+def test_nothing_is_read_after_a_gemini_error_event(local_runtime: Runtime, client: str) -> None:
+    """An unreadable event after Gemini's error event added a second error event."""
+    raw = (b'data: {"candidates": [{"content": {"role": "model", "parts": [{"text": "Hel"}]}, "index": 0}]}\r\n\r\n'
+           b'data: {"error": {"code": 503, "message": "The model is overloaded."}}\r\n\r\ndata: {oops\r\n\r\n')
+    _, out = asyncio.run(run_stream(local_runtime, client, "gemini", False, raw, [], False))
+    if client == "messages":
+        check_anthropic_client(out)
+        assert out.count(b"event: error\n") == 1 and b"overloaded" in out
+    else:
+        check_openai_client(out)
+        assert openai_events(out)[-1]["error"]["message"] == "The model is overloaded."
+
+
+def test_n_null_is_the_default_not_a_500(local_runtime: Runtime) -> None:
+    """`"n": null` (what SDKs send for "not given" when asked to be explicit) raised in the
+    router's check of n against its maximum."""
+    body = {"model": "default-chat", "n": None, "messages": [{"role": "user", "content": "hi"}]}
+
+    async def one() -> ep.ProcessingResponse:
+        proc, out = await _admit(local_runtime, "/v1/chat/completions", orjson.dumps(body))
+        proc.close()
+        return out
+
+    assert asyncio.run(one()).WhichOneof("response") == "request_body"

@@ -24,6 +24,7 @@ import structlog
 from ..config import Backend, Classification, Limits, Model, VirtualKey
 from ..errors import GatewayError
 from ..telemetry import metrics
+from ..usage import STREAM_ENDS
 from .scanner import (DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, InjectionConfig,
                       LimitExceeded, PlaceholderMap, Scanner, map_strings, redact_strings, walk_strings)
 from .stream import StreamRedactor
@@ -118,11 +119,14 @@ def record(decision: Decision, team: str, mode: str, where: str) -> None:
 class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
-    __slots__ = ("policy", "params", "team", "redactor", "ended", "response_text")
+    __slots__ = ("policy", "params", "team", "redactors", "blocked_by", "ended", "response_text")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str) -> None:
         self.policy, self.params, self.team = policy, params, team
-        self.redactor = StreamRedactor(policy.scanner, params, policy.cfg.holdback_chars)
+        # One per choice (`n` > 1 streams interleave choices): text of one choice is never
+        # held back into, or released in, another's chunk.
+        self.redactors: dict[int, StreamRedactor] = {}
+        self.blocked_by: StreamRedactor | None = None
         self.ended = False
         self.response_text: list[str] = []
 
@@ -160,10 +164,10 @@ class ResponseGuard:
         """One complete SSE event in, what to forward out (possibly empty)."""
         if self.ended:
             return b""
-        if event.startswith((b"data: [DONE]", b'data: {"error"')):
+        if event.startswith(STREAM_ENDS):
             # The stream ends without a finish_reason chunk (which flushes): the text still
             # held back goes out first, else the answer would lose its tail.
-            return self.flush() + event
+            return self._release() + event
         if not event.startswith(b"data: {") or b'"choices"' not in event:
             return event
         try:
@@ -178,10 +182,16 @@ class ResponseGuard:
         if not isinstance(delta, dict):
             delta = choice["delta"] = {}
         text = delta.get("content")
-        out = self.redactor.feed(text) if isinstance(text, str) and text else ""
+        index = choice.get("index") if type(choice.get("index")) is int else 0
+        redactor = self.redactors.get(index)
+        if redactor is None or redactor.done and isinstance(text, str) and text:  # text after its finish
+            redactor = self.redactors[index] = StreamRedactor(self.policy.scanner, self.params,
+                                                               self.policy.cfg.holdback_chars)
+        out = redactor.feed(text) if isinstance(text, str) and text else ""
         if choice.get("finish_reason") is not None:
-            out += self.redactor.flush()
-        if self.redactor.blocked:
+            out += redactor.flush()
+        if redactor.blocked:
+            self.blocked_by = redactor
             return self.block(chunk)
         self._keep(out)
         if isinstance(text, str) and text:
@@ -198,14 +208,20 @@ class ResponseGuard:
         """Whatever text is still held back, scanned, as one chunk (the stream is ending early)."""
         if self.ended:
             return b""
-        text = self.redactor.flush()
         self.ended = True
-        if not text or self.redactor.blocked:
-            return b""
-        self._keep(text)
-        chunk = {"object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return self._release()
+
+    def _release(self) -> bytes:
+        """Every choice's held-back text, scanned, one chunk per choice."""
+        out = []
+        for index, redactor in self.redactors.items():
+            text = redactor.flush()
+            if text and not redactor.blocked:
+                self._keep(text)
+                chunk = {"object": "chat.completion.chunk",
+                         "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
+                out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        return b"".join(out)
 
     def _keep(self, emitted: str) -> None:
         """The streamed text as the client got it (redacted), for content logging; bounded."""
@@ -218,7 +234,7 @@ class ResponseGuard:
 
     def block(self, chunk: dict[str, Any]) -> bytes:
         self.ended = True
-        decision = self.redactor.block_decision
+        decision = self.blocked_by.block_decision if self.blocked_by is not None else None
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
         final = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]}
