@@ -551,7 +551,7 @@ def answer_text(client: str, out: bytes) -> str:
 
 
 async def run_stream(rt: Runtime, client: str, dialect: str, include_usage: bool, raw: bytes, cuts: list[int],
-                     empty_end: bool) -> tuple[RouterProcessor, bytes]:
+                     empty_end: bool, status: int = 200) -> tuple[RouterProcessor, bytes]:
     model, backend = _DIALECTS[dialect]
     body: JSON = {"model": model, "stream": True}
     if client == "messages":
@@ -566,9 +566,11 @@ async def run_stream(rt: Runtime, client: str, dialect: str, include_usage: bool
     try:
         assert out.WhichOneof("response") == "request_body", out
         ctype = "application/vnd.amazon.eventstream" if dialect == "bedrock" else "text/event-stream"
-        await proc.handle(resp_headers(200, ctype, backend=backend))
+        head = await proc.handle(resp_headers(status, ctype, backend=backend))
         chunks = split(raw, cuts)
-        if empty_end:
+        if not head.HasField("mode_override"):
+            chunks = [raw]  # not streamed: Envoy buffers the body and sends it once
+        elif empty_end:
             chunks.append(b"")
         answers = [await proc.handle(resp_body(c, end=i == len(chunks) - 1)) for i, c in enumerate(chunks)]
         return proc, client_bytes(chunks, answers)
@@ -585,17 +587,21 @@ _COMBOS = [(c, d) for c in _CLIENTS for d in _DIALECTS if c != "responses" or d 
                                                                                      st.integers(0, 10**6)),
        include_usage=st.booleans(), faults=st.lists(_FAULT, max_size=3), cuts=st.lists(st.integers(0, 10**5),
                                                                                          max_size=8),
-       empty_end=st.booleans(), corpus=st.none() | st.integers(0, 100))
+       empty_end=st.booleans(), corpus=st.none() | st.integers(0, 100),
+       status=st.sampled_from([200, 200, 200, 200, 400, 429, 500, 503]))
 def test_no_reply_stream_makes_the_router_fail(local_runtime: Runtime, combo: tuple[str, str], words: list[str],
                                               usage: tuple[int, int] | None, include_usage: bool,
                                               faults: list[tuple[str, int, Any]], cuts: list[int],
-                                              empty_end: bool, corpus: int | None) -> None:
+                                              empty_end: bool, corpus: int | None, status: int) -> None:
     client, dialect = combo
     corpus = None if client == "responses" else corpus
     events = provider_stream(dialect, client, words, usage) if corpus is None else corpus_stream(dialect, corpus)
     raw = apply_faults(dialect, events, faults)
-    proc, out = asyncio.run(run_stream(local_runtime, client, dialect, include_usage, raw, cuts, empty_end))
+    proc, out = asyncio.run(run_stream(local_runtime, client, dialect, include_usage, raw, cuts, empty_end, status))
     event(f"{client}<-{dialect} {'corpus' if corpus is not None else ''}")
+    if status != 200:  # an error status with a stream body: only that the router reads it without failing
+        event(f"status {status}")
+        return
     clean = not faults and corpus is None
     if client == "messages":
         check_anthropic_client(out)
@@ -606,6 +612,13 @@ def test_no_reply_stream_makes_the_router_fail(local_runtime: Runtime, combo: tu
         assert answer_text(client, out) == "".join(words)
     if clean and usage is not None:
         assert proc.usage is not None and (proc.usage.prompt_tokens, proc.usage.completion_tokens) == usage
+    if clean and client == "chat":  # the usage chunk reaches the client exactly when it asked for it
+        sent = [e["usage"] for e in openai_events(out) if e != "[DONE]" and e.get("usage")]
+        assert len(sent) == (1 if include_usage and usage else 0) or include_usage and len(sent) == 1, sent
+        assert not sent or usage is None or (sent[0]["prompt_tokens"], sent[0]["completion_tokens"]) == usage
+    if clean and client == "messages" and usage is not None:
+        [delta] = [orjson.loads(line[6:]) for line in out.split(b"\n") if line.startswith(b'data: {"type":"message_delta"')]
+        assert delta["usage"]["output_tokens"] == usage[1]
 
 
 @pytest.mark.parametrize("client", ["chat", "messages"])
