@@ -551,15 +551,17 @@ def answer_text(client: str, out: bytes) -> str:
 
 
 async def run_stream(rt: Runtime, client: str, dialect: str, include_usage: bool, raw: bytes, cuts: list[int],
-                     empty_end: bool, status: int = 200) -> tuple[RouterProcessor, bytes]:
+                     empty_end: bool, status: int = 200, cap: int | None = None) -> tuple[RouterProcessor, bytes]:
     model, backend = _DIALECTS[dialect]
     body: JSON = {"model": model, "stream": True}
     if client == "messages":
-        body.update(max_tokens=200, messages=[{"role": "user", "content": "hi"}])
+        body.update(max_tokens=cap or 200, messages=[{"role": "user", "content": "hi"}])
     elif client == "responses":
         body["input"] = "hi"
     else:
         body["messages"] = [{"role": "user", "content": "hi"}]
+        if cap:
+            body["max_tokens"] = cap  # a provider that ignores it is cut at the reservation
         if include_usage:
             body["stream_options"] = {"include_usage": True}
     proc, out = await _admit(rt, _CLIENTS[client], orjson.dumps(body))
@@ -588,16 +590,18 @@ _COMBOS = [(c, d) for c in _CLIENTS for d in _DIALECTS if c != "responses" or d 
        include_usage=st.booleans(), faults=st.lists(_FAULT, max_size=3), cuts=st.lists(st.integers(0, 10**5),
                                                                                          max_size=8),
        empty_end=st.booleans(), corpus=st.none() | st.integers(0, 100),
-       status=st.sampled_from([200, 200, 200, 200, 400, 429, 500, 503]))
+       status=st.sampled_from([200, 200, 200, 200, 400, 429, 500, 503]), cap=st.none() | st.integers(1, 6))
 def test_no_reply_stream_makes_the_router_fail(local_runtime: Runtime, combo: tuple[str, str], words: list[str],
                                               usage: tuple[int, int] | None, include_usage: bool,
                                               faults: list[tuple[str, int, Any]], cuts: list[int],
-                                              empty_end: bool, corpus: int | None, status: int) -> None:
+                                              empty_end: bool, corpus: int | None, status: int,
+                                              cap: int | None) -> None:
     client, dialect = combo
     corpus = None if client == "responses" else corpus
     events = provider_stream(dialect, client, words, usage) if corpus is None else corpus_stream(dialect, corpus)
     raw = apply_faults(dialect, events, faults)
-    proc, out = asyncio.run(run_stream(local_runtime, client, dialect, include_usage, raw, cuts, empty_end, status))
+    proc, out = asyncio.run(run_stream(local_runtime, client, dialect, include_usage, raw, cuts, empty_end, status,
+                                       cap))
     event(f"{client}<-{dialect} {'corpus' if corpus is not None else ''}")
     if status != 200:  # an error status with a stream body: only that the router reads it without failing
         event(f"status {status}")
@@ -608,15 +612,19 @@ def test_no_reply_stream_makes_the_router_fail(local_runtime: Runtime, combo: tu
     elif client == "chat" and (dialect not in ("openai", "azure") or clean):
         # OpenAI-schema providers' events pass through as they are: only theirs are unchecked.
         check_openai_client(out)
-    if clean:  # the answer arrives whole (the words hold nothing output scanning redacts)
+    if proc.cut:
+        event("cut at the reservation")
+    if proc.cut and clean:
+        assert "".join(words).startswith(answer_text(client, out))
+    elif clean:  # the answer arrives whole (the words hold nothing output scanning redacts)
         assert answer_text(client, out) == "".join(words)
     if clean and usage is not None:
         assert proc.usage is not None and (proc.usage.prompt_tokens, proc.usage.completion_tokens) == usage
-    if clean and client == "chat":  # the usage chunk reaches the client exactly when it asked for it
+    if clean and client == "chat" and not proc.cut:  # the usage chunk reaches the client exactly when it asked for it
         sent = [e["usage"] for e in openai_events(out) if e != "[DONE]" and e.get("usage")]
         assert len(sent) == (1 if include_usage and usage else 0) or include_usage and len(sent) == 1, sent
         assert not sent or usage is None or (sent[0]["prompt_tokens"], sent[0]["completion_tokens"]) == usage
-    if clean and client == "messages" and usage is not None:
+    if clean and client == "messages" and usage is not None and not proc.cut:
         [delta] = [orjson.loads(line[6:]) for line in out.split(b"\n") if line.startswith(b'data: {"type":"message_delta"')]
         assert delta["usage"]["output_tokens"] == usage[1]
 
