@@ -326,3 +326,11 @@ def test_a_stream_cut_short_delivers_the_text_output_scanning_held_back(gw: Gate
                         text.append(event.delta.text)
     got = "".join(text)
     assert got.strip() and "alpha beta gamma delta epsilon zeta".startswith(got.strip()), got
+
+
+def test_n_null_is_served(gw: Gateway) -> None:
+    """`"n": null` means the default; the router's check of n against its maximum raised
+    on it (a 500 gateway_internal_error)."""
+    response = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"},
+                          json={"model": "default-chat", "n": None, "messages": QUESTION}, timeout=30)
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
