@@ -16,7 +16,6 @@ tests/test_provider_properties.py covers the provider translators alone.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from gateway_extproc.runtime import Runtime
 from tests.extproc_messages import set_headers
 from tests.test_provider_corpus import frame
 from tests.test_router_processor import (_CHAOS, _EXTRA, _GOOD_MESSAGE, _JSON, _NEAR_VALID, _TEXT, LOCAL_KEY,
-                                         immediate, req_body, req_headers, resp_body, resp_headers)
+                                         req_body, req_headers, resp_body, resp_headers)
 
 ROOT = Path(__file__).resolve().parents[1]
 CREDENTIALS = {"bedrock": "AKIDEXAMPLE:wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"}
@@ -625,7 +624,8 @@ def test_no_reply_stream_makes_the_router_fail(local_runtime: Runtime, combo: tu
         assert len(sent) == (1 if include_usage and usage else 0) or include_usage and len(sent) == 1, sent
         assert not sent or usage is None or (sent[0]["prompt_tokens"], sent[0]["completion_tokens"]) == usage
     if clean and client == "messages" and usage is not None and not proc.cut:
-        [delta] = [orjson.loads(line[6:]) for line in out.split(b"\n") if line.startswith(b'data: {"type":"message_delta"')]
+        [delta] = [orjson.loads(line[6:]) for line in out.split(b"\n")
+                   if line.startswith(b'data: {"type":"message_delta"')]
         assert delta["usage"]["output_tokens"] == usage[1]
 
 
