@@ -76,7 +76,7 @@ def _validate_chat(body: dict[str, Any]) -> None:
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
     _positive_int(body, "n")
-    if body.get("n", 1) > MAX_CHOICES:
+    if (body.get("n") or 1) > MAX_CHOICES:  # null is allowed (the default, 1)
         raise GatewayError("too_many_choices", f"`n` may be at most {MAX_CHOICES}: every choice is reserved "
                            "against your budget at the full output cap.", "n")
 

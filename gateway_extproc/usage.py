@@ -13,6 +13,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+import structlog
+
+from .providers.base import error_event
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # A choice's finish reason in an OpenAI stream chunk, read without parsing the event (inside
@@ -20,6 +23,13 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
+# The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
+# and the gateway's are written either way).
+STREAM_ENDS = (b"data: [DONE]", b'data: {"error":{', b'data: {"error": {')
+UNSCANNABLE = ("The provider sent a stream event larger than output scanning can read (1 MiB); the stream was "
+               "ended by the gateway.")
+
+log = structlog.get_logger("gateway_extproc.usage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +84,7 @@ class SseUsageTap:
     """
 
     __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events", "rewrite", "done",
-                 "finish_reasons", "limit", "over")
+                 "finish_reasons", "limit", "over", "refused")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
                  limit: int | None = None) -> None:
@@ -84,6 +94,9 @@ class SseUsageTap:
         # for a provider that ignores the output cap.
         self.limit = limit
         self.over = False
+        # An event too large to hold went by while rewriting: it was not forwarded unread
+        # (output scanning would be bypassed); the stream ended there with an error event.
+        self.refused = False
         # Applied to every complete event forwarded (output scanning); implies holding
         # partial events back, like dropping does.
         self.rewrite = rewrite
@@ -111,11 +124,11 @@ class SseUsageTap:
             if b'"content":"' in event and b'"content":""' not in event:
                 self.content_events += 1
                 self.over = self.over or (self.limit is not None and self.content_events > self.limit)
-            elif event.startswith((b"data: [DONE]", b'data: {"error"')):
+            elif event.startswith(STREAM_ENDS):
                 self.done = True
             if b'"finish_reason":' in event and b'"finish_reason":null' not in event:
                 self.finish_reasons += [m.decode() for m in _FINISH_REASON.findall(event)]
-            if self.over:
+            if self.over or self.refused:
                 if b'"usage"' in event:
                     self._take_usage(event)
                 dropped = True
@@ -124,18 +137,40 @@ class SseUsageTap:
             else:
                 out.append(self.rewrite(event) if self.rewrite is not None else event)
         tail = data[start:]
-        if self.over:
+        if self.rewrite is not None and not end and len(tail) > MAX_PENDING_BYTES and not self.refused:
+            self.refused = self.done = True
+            out.append(self.rewrite(error_event(502, UNSCANNABLE)))  # the guard flushes what it holds
+            log.warning("stream_event_unscannable", pending_bytes=len(tail))
+        if self.over or self.refused:
             tail = b"" if end else tail[-MAX_PENDING_BYTES:]  # kept only to read a usage event
             self._pending = tail
             return b"".join(out)
+        if end and tail.strip() == b"data: [DONE]":
+            self.done = True  # a last event without its blank line still ends the stream
         if end or len(tail) > MAX_PENDING_BYTES:
             out.append(self.rewrite(tail) if self.rewrite is not None and tail else tail)
             tail = b""
         self._pending = tail
-        holds = self.drop_usage_chunk or self.rewrite is not None or self.limit is not None
-        if not holds or not (dropped or tail or had_pending or self.rewrite is not None):
+        if not self.holds or not (dropped or tail or had_pending or self.rewrite is not None):
             return None
         return b"".join(out)
+
+    @property
+    def holds(self) -> bool:
+        """Partial events are held back until complete (else chunks go out as they came)."""
+        return self.drop_usage_chunk or self.rewrite is not None or self.limit is not None
+
+    def whole(self, out: bytes) -> bytes:
+        """The last `feed` output made to end on an event boundary, so an event the caller
+        appends stays whole instead of being glued to a partial one (a stream cut off
+        mid-event): the partial event is dropped when it was held back (SSE clients never
+        dispatch an event without its blank line), else ended (its start already went out)."""
+        if not out or out.endswith((b"\n\n", b"\r\r")):
+            return out
+        if not self.holds:
+            return out + b"\n\n"
+        ends = [m.end() for m in _EVENT_END.finditer(out)]
+        return out[:ends[-1]] if ends else b""
 
     def _take_usage(self, event: bytes) -> bool:
         """Records usage from a usage-bearing event; True when it is a usage-only chunk."""

@@ -24,6 +24,7 @@ import structlog
 from ..config import Backend, Classification, Limits, Model, VirtualKey
 from ..errors import GatewayError
 from ..telemetry import metrics
+from ..usage import STREAM_ENDS
 from .scanner import (DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, InjectionConfig,
                       LimitExceeded, PlaceholderMap, Scanner, map_strings, redact_strings, walk_strings)
 from .stream import StreamRedactor
@@ -118,18 +119,24 @@ def record(decision: Decision, team: str, mode: str, where: str) -> None:
 class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
-    __slots__ = ("policy", "params", "team", "redactor", "ended", "response_text")
+    __slots__ = ("policy", "params", "team", "redactors", "blocked_by", "ended", "response_text")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str) -> None:
         self.policy, self.params, self.team = policy, params, team
-        self.redactor = StreamRedactor(policy.scanner, params, policy.cfg.holdback_chars)
+        # One per choice (`n` > 1 streams interleave choices): text of one choice is never
+        # held back into, or released in, another's chunk.
+        self.redactors: dict[int, StreamRedactor] = {}
+        self.blocked_by: StreamRedactor | None = None
         self.ended = False
         self.response_text: list[str] = []
 
     def json_body(self, body: dict[str, Any]) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it; changed in place)
         to send instead, or None to send it unchanged."""
-        contents = [c.get("message") for c in body.get("choices") or [] if isinstance(c, dict)]
+        # Only choices of the expected shape are read or changed (any other passes as it is).
+        listed = body.get("choices")
+        choices = [c for c in listed if isinstance(c, dict)] if isinstance(listed, list) else []
+        contents = [c.get("message") for c in choices]
         texts = [m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), str) else "" for m in contents]
         self.response_text = ["\n".join(texts)]
         findings = self.policy.scanner.scan_strings(texts)
@@ -139,13 +146,14 @@ class ResponseGuard:
         record(decision, self.team, self.params.mode, "response")
         if decision.block:
             self.response_text = []
-            for choice in body["choices"]:
-                choice["message"]["content"] = ""
+            for choice in choices:
+                if isinstance(choice.get("message"), dict):
+                    choice["message"]["content"] = ""
                 choice["finish_reason"] = "content_filter"
         elif decision.redact:
             new, _ = redact_strings(texts, decision.redact, PlaceholderMap())
             self.response_text = ["\n".join(new)]  # what the client sees is all a log may hold
-            for choice, text in zip(body["choices"], new):
+            for choice, text in zip(choices, new):
                 if isinstance(choice.get("message"), dict) and isinstance(choice["message"].get("content"), str):
                     choice["message"]["content"] = text
         else:
@@ -156,24 +164,34 @@ class ResponseGuard:
         """One complete SSE event in, what to forward out (possibly empty)."""
         if self.ended:
             return b""
+        if event.startswith(STREAM_ENDS):
+            # The stream ends without a finish_reason chunk (which flushes): the text still
+            # held back goes out first, else the answer would lose its tail.
+            return self._release() + event
         if not event.startswith(b"data: {") or b'"choices"' not in event:
             return event
         try:
             chunk = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
             return event
-        choices = chunk.get("choices") or []
-        if not choices or not isinstance(choices[0], dict):
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return event
         choice = choices[0]
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             delta = choice["delta"] = {}
         text = delta.get("content")
-        out = self.redactor.feed(text) if isinstance(text, str) and text else ""
+        index = choice.get("index") if type(choice.get("index")) is int else 0
+        redactor = self.redactors.get(index)
+        if redactor is None or redactor.done and isinstance(text, str) and text:  # text after its finish
+            redactor = self.redactors[index] = StreamRedactor(self.policy.scanner, self.params,
+                                                               self.policy.cfg.holdback_chars)
+        out = redactor.feed(text) if isinstance(text, str) and text else ""
         if choice.get("finish_reason") is not None:
-            out += self.redactor.flush()
-        if self.redactor.blocked:
+            out += redactor.flush()
+        if redactor.blocked:
+            self.blocked_by = redactor
             return self.block(chunk)
         self._keep(out)
         if isinstance(text, str) and text:
@@ -190,14 +208,20 @@ class ResponseGuard:
         """Whatever text is still held back, scanned, as one chunk (the stream is ending early)."""
         if self.ended:
             return b""
-        text = self.redactor.flush()
         self.ended = True
-        if not text or self.redactor.blocked:
-            return b""
-        self._keep(text)
-        chunk = {"object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return self._release()
+
+    def _release(self) -> bytes:
+        """Every choice's held-back text, scanned, one chunk per choice."""
+        out = []
+        for index, redactor in self.redactors.items():
+            text = redactor.flush()
+            if text and not redactor.blocked:
+                self._keep(text)
+                chunk = {"object": "chat.completion.chunk",
+                         "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
+                out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        return b"".join(out)
 
     def _keep(self, emitted: str) -> None:
         """The streamed text as the client got it (redacted), for content logging; bounded."""
@@ -210,7 +234,7 @@ class ResponseGuard:
 
     def block(self, chunk: dict[str, Any]) -> bytes:
         self.ended = True
-        decision = self.redactor.block_decision
+        decision = self.blocked_by.block_decision if self.blocked_by is not None else None
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
         final = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]}

@@ -108,6 +108,11 @@ class StreamRedactor:
     def _raw_slice(self, a: int, b: int) -> str:
         return self._raw[a - self._rbase:b - self._rbase]
 
+    @property
+    def done(self) -> bool:
+        """flush() was called: the next text needs a new redactor."""
+        return self._done
+
     def flush(self) -> str:
         """The rest of the text, at the end of the stream."""
         if self._done:

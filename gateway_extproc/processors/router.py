@@ -321,7 +321,8 @@ class RouterProcessor:
                 out = (out or b"") + held + _cut_events(self.cut_after or 0)
                 log_budget_cut(self)
             elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
-                out = (data if out is None else out) + _interrupted_event(self)
+                held = self.guard.flush() if self.guard is not None else b""
+                out = self.tap.whole(data if out is None else out) + held + _interrupted_event(self)
             if msg.end_of_stream:
                 self.usage = self.tap.usage
                 self.log()

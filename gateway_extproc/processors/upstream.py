@@ -90,7 +90,20 @@ class UpstreamProcessor:
         starts from that same body, so this is idempotent across retries)."""
         assert self.translator is not None and self.target is not None and self.endpoint is not None
         body = orjson.loads(msg.body)
-        out = self.translator.request(self.target, self.endpoint.suffix, body, body.get("stream") is True)
+        try:
+            out = self.translator.request(self.target, self.endpoint.suffix, body, body.get("stream") is True)
+        except GatewayError:
+            raise
+        except Exception as err:
+            # The router checks the shape of what it reads, not every field a translator
+            # reads (tools, stop, content parts...): one of another type is the client's
+            # mistake, answered as such instead of a 500 from this attempt.
+            assert self.backend is not None
+            log.warning("request_untranslatable", backend=self.backend.id, exc_info=err)
+            raise GatewayError("invalid_request", f"The request could not be translated for the model's "
+                               f"{self.backend.provider.kind} backend: a field has a type the OpenAI schema does "
+                               "not allow (check messages' content parts and tool_calls, tools, tool_choice, "
+                               "stop and response_format).") from None
         headers = {":path": out.path, **out.headers, "content-length": str(len(out.body))}
         return r.request_body(r.common(r.mutation(headers, out.remove), out.body))
 

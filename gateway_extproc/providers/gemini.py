@@ -568,9 +568,9 @@ class GeminiStream:
 
     def _event(self, data: bytes) -> bytes:
         """A complete event's data."""
-        doc = orjson.loads(data)
-        if self._done:
+        if self._done:  # after an error event even an unreadable event is not read
             return b""
+        doc = orjson.loads(data)
         if not isinstance(doc, dict):
             raise ValueError("Gemini stream event is not a JSON object")
         if "error" in doc:

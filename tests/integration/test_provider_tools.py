@@ -289,3 +289,48 @@ async def test_burst_of_tool_streams_with_broken_ones_mixed_in(gw: Gateway) -> N
     async with httpx.AsyncClient(base_url=gw.url, timeout=60,
                                  limits=httpx.Limits(max_connections=120)) as client:
         await asyncio.gather(*(one(client, n) for n in range(120)))
+
+
+@pytest.mark.parametrize("model", TRANSLATED)
+def test_a_field_of_the_wrong_type_for_a_translated_backend_is_a_400(gw: Gateway, model: str) -> None:
+    """The router passes `tools` on unread; the backend's translator cannot read a number
+    there: a 400 invalid_request naming the backend kind (the attempt was a 500)."""
+    with pytest.raises(openai.BadRequestError) as info:
+        oai(gw).chat.completions.create(model=model, messages=QUESTION, tools=5)  # type: ignore[arg-type]
+    assert info.value.status_code == 400 and info.value.body["code"] == "invalid_request"
+    assert "backend" in info.value.body["message"]
+    assert gw.received(gw.backup) == []  # refused before the provider
+
+
+CUT = {"x-mock-reply": "alpha beta gamma delta epsilon zeta", "x-mock-end-after-chunks": "4"}
+
+
+@pytest.mark.parametrize("model", ["default-chat", "claude-chat"])
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_a_stream_cut_short_delivers_the_text_output_scanning_held_back(gw: Gateway, model: str, sdk: str) -> None:
+    """The provider stops after a few words, without a finish_reason: the words output
+    scanning held back (at most 64 characters, here all of them) reach the client before
+    the stream's error event (they were lost: the client saw an error and no text)."""
+    text = []
+    if sdk == "openai":
+        with pytest.raises(openai.APIError):
+            for chunk in oai(gw).chat.completions.create(model=model, messages=QUESTION, stream=True,
+                                                         extra_headers=CUT):
+                text += [c.delta.content or "" for c in chunk.choices]
+    else:
+        with pytest.raises(anthropic.APIStatusError):
+            with claude(gw).messages.stream(model=model, max_tokens=50, messages=QUESTION,
+                                            extra_headers=CUT) as events:
+                for event in events:
+                    if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                        text.append(event.delta.text)
+    got = "".join(text)
+    assert got.strip() and "alpha beta gamma delta epsilon zeta".startswith(got.strip()), got
+
+
+def test_n_null_is_served(gw: Gateway) -> None:
+    """`"n": null` means the default; the router's check of n against its maximum raised
+    on it (a 500 gateway_internal_error)."""
+    response = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"},
+                          json={"model": "default-chat", "n": None, "messages": QUESTION}, timeout=30)
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
