@@ -23,6 +23,7 @@ from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_
 from google.protobuf import json_format
 
 from gateway_extproc import config, keys
+from gateway_extproc.budgets import settlements
 from gateway_extproc.processors import router
 from gateway_extproc.processors.router import RouterProcessor
 from gateway_extproc.render import chart_values, render_values
@@ -761,5 +762,6 @@ def test_no_body_or_reply_makes_the_router_fail(runtime: Runtime, local_runtime:
             await proc.handle(resp_body(b"data: " + reply + b"\n\n" if stream else reply))
         finally:
             proc.close()
+            await settlements.settled(5.0)  # no budget settlement outlives this example's event loop
 
     asyncio.run(one())
