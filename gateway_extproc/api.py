@@ -18,6 +18,14 @@ from .errors import GatewayError
 # Chat's `n` above this is refused (OpenAI's own maximum); each choice is reserved in full.
 MAX_CHOICES = 128
 
+# Envoy's limits on request headers (max_request_headers_kb 60 and max_request_headers_count
+# 100: the chart keeps Envoy's defaults) also bind the headers the gateway adds after its codec
+# let the request in (route header, content-length, trace context, the provider's credentials
+# or signature): Envoy refuses such a mutation with a 503 for the caller's own request. So a
+# forwarded request must leave this much room, or it is refused as the caller's fault.
+MAX_HEADER_BYTES = 60 * 1024 - 4096
+MAX_HEADER_COUNT = 100 - 12
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -42,6 +50,15 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GatewayError("invalid_request", "Request body must be a JSON object.")
     return body
+
+
+def check_header_room(count: int, size: int) -> None:
+    """`count` header lines of `size` bytes (names and values, pseudo-headers included, as
+    Envoy counts them)."""
+    if size > MAX_HEADER_BYTES or count > MAX_HEADER_COUNT:
+        raise GatewayError("request_headers_too_large", f"Request headers may take at most {MAX_HEADER_BYTES} bytes "
+                           f"in {MAX_HEADER_COUNT} lines here (the path and query string count); this request "
+                           f"has {size} bytes in {count} lines.")
 
 
 def _require(ok: bool, param: str, message: str) -> None:

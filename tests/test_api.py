@@ -185,6 +185,7 @@ EXPECTED_TYPE = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     415: "invalid_request_error",
     409: "invalid_request_error",
     429: "rate_limit_error",
@@ -200,7 +201,8 @@ EXPECTED_STATUS = {
     "audit_not_enabled": 404,
     "admin_unauthorized": 401, "key_not_found": 404, "key_conflict": 409,  # key admin API
     "model_not_allowed": 403, "model_not_found": 404, "unknown_endpoint": 404,
-    "method_not_allowed": 405, "request_too_large": 413, "unsupported_media_type": 415,
+    "method_not_allowed": 405, "request_too_large": 413, "request_headers_too_large": 431,
+    "unsupported_media_type": 415,
     "classification_violation": 403, "content_blocked": 403, "budget_exceeded": 429, "rate_limited": 429, "budget_store_unavailable": 503,
     "provider_credential_missing": 500, "gateway_internal_error": 500, "unsupported_endpoint": 400,
     "upstream_stream_interrupted": 502, "provider_error": 502,
@@ -233,3 +235,19 @@ def test_unknown_code_is_a_programming_error() -> None:
 def test_error_body() -> None:
     assert orjson.loads(error_body("m", "server_error", "c")) == {
         "error": {"message": "m", "type": "server_error", "code": "c", "param": None}}
+
+
+def test_n_null_counts_as_one_choice() -> None:
+    api.CHAT.validate({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": None})
+
+
+@pytest.mark.parametrize(("count", "size", "refused"), [
+    (10, 1000, False), (api.MAX_HEADER_COUNT, api.MAX_HEADER_BYTES, False),
+    (api.MAX_HEADER_COUNT + 1, 100, True), (10, api.MAX_HEADER_BYTES + 1, True)])
+def test_headers_must_leave_room_for_the_gateways(count: int, size: int, refused: bool) -> None:
+    if refused:
+        with pytest.raises(GatewayError) as err:
+            api.check_header_room(count, size)
+        assert err.value.status == 431 and err.value.code == "request_headers_too_large"
+    else:
+        api.check_header_room(count, size)

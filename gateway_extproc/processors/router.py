@@ -148,6 +148,7 @@ class RouterProcessor:
             raise _too_large(cfg.max_request_bytes)
         if msg.end_of_stream:
             raise GatewayError("invalid_request", "This endpoint needs a JSON request body.")
+        api.check_header_room(len(msg.headers.headers), sum(len(x.key) + len(x.raw_value) for x in msg.headers.headers))
         strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
                  or k == CLASSIFICATION_HEADER or k == identity.XFCC]
         return r.request_headers(r.common(r.mutation(remove=strip)))
