@@ -24,9 +24,11 @@ IMAGE_TOKENS = 85
 # pass. Bounded: at most _MEMO_ENTRIES strings of at most _MEMO_MAX_CHARS characters each.
 _MEMO_ENTRIES, _MEMO_MAX_CHARS = 1024, 8192
 # bpe-openai refuses a text of 1,000,000 characters or more ("Input too long to encode
-# safely"); a request may carry one (up to envoy.maxRequestBytes) and so may a reply.
-# Longer texts are counted in pieces of at most this many characters.
-BPE_PIECE_CHARS = 500_000
+# safely") and a call that makes more than 200,000 tokens (its chunk limit for cl100k_base,
+# o200k_base, voyage3_base); a request may carry such a text (up to envoy.maxRequestBytes)
+# and so may a reply. Texts are counted in pieces of at most this many characters: a
+# byte-level BPE makes at most one token per UTF-8 byte, so at most 4 per character.
+BPE_PIECE_CHARS = 200_000 // 4
 
 
 @lru_cache(maxsize=None)

@@ -70,6 +70,18 @@ def test_a_text_of_a_million_characters_is_counted(spec: str) -> None:
         enc.encode_ordinary(" " + sentence))
 
 
+@pytest.mark.parametrize("spec", ["o200k_base", "cl100k_base"])
+@pytest.mark.parametrize("unit", ["\u00e9", "a1", ".,", "\U0001f600", "\u4e02"])
+def test_text_dense_in_tokens_is_counted(spec: str, unit: str) -> None:
+    """bpe-openai also refuses one call that makes over 200,000 tokens: 250,000 "é" (one
+    token each, no space to cut at) was a 500 gateway_internal_error at any endpoint."""
+    text = unit * (600_000 // len(unit))
+    enc = bpe_openai.get_encoding(spec)
+    with pytest.raises(ValueError):
+        enc.encode_ordinary(text)
+    assert tokens.counter(spec)(text) >= 200_000
+
+
 _PIECE_TEXT = st.text(alphabet="ab Z9.,;(\n\t'-é你", max_size=300)
 
 
