@@ -143,6 +143,9 @@ class RouterProcessor:
         content_type = h.get("content-type", "").partition(";")[0].strip().lower()
         if content_type != "application/json":
             raise GatewayError("unsupported_media_type", "Send the body as `Content-Type: application/json`.")
+        if h.get("content-encoding", "identity").strip().lower() not in ("identity", ""):
+            # No decompressor in front: the body would be checked as sent but labelled for the provider.
+            raise GatewayError("unsupported_media_type", "Send the body uncompressed (no `Content-Encoding`).")
         length = h.get("content-length")
         if length is not None and length.isdigit() and int(length) > cfg.max_request_bytes:
             raise _too_large(cfg.max_request_bytes)

@@ -291,6 +291,8 @@ def check(gw: Gateway, watch: Watch, req: dict[str, Any], resp: httpx.Response) 
     event(f"{resp.status_code} {code or ''}{' (reached a provider)' if reached else ''}")
     where = f"{req['method']} {req['path'][:120]} -> {resp.status_code} {resp.text[:400]!r}"
     assert resp.status_code < 500, where
+    for sent in reached:  # the provider decodes what the gateway read and checked
+        assert sent["headers"].get("content-encoding", "identity") == "identity", where
     if resp.status_code >= 400:
         if req["method"] != "HEAD":
             assert resp.headers.get("content-type", "").startswith("application/json"), where
@@ -432,6 +434,28 @@ def test_n_null_is_no_choice_count(hostile: tuple[Gateway, Watch]) -> None:
     watch.alive()
     time.sleep(0.05)
     watch.clean_log(watch.new_log())
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "gzip, identity"])
+@pytest.mark.parametrize("compressed", [True, False])
+def test_a_compressed_body_is_415(hostile: tuple[Gateway, Watch], encoding: str, compressed: bool) -> None:
+    """Envoy has no decompressor here: the ext_proc reads the bytes as they came. A plain
+    JSON body under `content-encoding: br` was checked, counted and scanned as plain, then
+    forwarded still labelled br for the provider to decode; a real gzip body was
+    invalid_json. Both are refused as what they are."""
+    gw, watch = hostile
+    gw.reset()
+    raw = orjson.dumps({"model": "default-chat", "messages": HI})
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=gzip.compress(raw) if compressed else raw, timeout=60,
+                      headers={"authorization": f"Bearer {gw.key}", "content-type": "application/json",
+                               "content-encoding": encoding})
+    assert resp.status_code == 415, resp.text
+    assert resp.json()["error"]["code"] == "unsupported_media_type"
+    assert gw.received(gw.primary) == []
+    plain = httpx.post(gw.url + "/v1/chat/completions", content=raw, timeout=60, headers={
+        "authorization": f"Bearer {gw.key}", "content-type": "application/json", "content-encoding": "identity"})
+    assert plain.status_code == 200
+    watch.alive()
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/embeddings"])
