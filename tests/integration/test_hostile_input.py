@@ -352,7 +352,8 @@ OPENAI_CASES: list[dict[str, Any]] = [
 ANTHROPIC_CASES: list[dict[str, Any]] = [
     {"max_tokens": 10**9},
     {"max_tokens": 1, "stop_sequences": ["\n", "END" * 100]},
-    {"metadata": {"user_id": "u" * 256}, "temperature": 1.0, "top_k": 1, "top_p": 0.01},
+    {"metadata": {"user_id": "u" * 256}, "service_tier": "auto",
+     "extra_body": {"temperature": 1.0, "top_k": 1, "top_p": 0.01}},
     {"system": [{"type": "text", "text": "be brief"}, {"type": "text", "text": ""}]},
     {"tools": [{"name": "odd", "input_schema": ODD_SCHEMA}, {"name": "e", "input_schema": {"type": "object"}}],
      "tool_choice": {"type": "any"}},
@@ -388,6 +389,116 @@ def test_openai_sdk_odd_parameters(hostile: tuple[Gateway, Watch], model: str, c
     except openai.APIStatusError as err:
         _sdk_error_is_sane(gw, err.status_code, err.body if isinstance(err.body, dict) and "error" in err.body
                            else {"error": err.body}, f"{model} {kwargs}: {err.status_code} {err.body}")
+    watch.alive()
+    time.sleep(0.05)
+    watch.clean_log(watch.new_log())
+
+
+SCHEMAS = st.recursive(
+    st.fixed_dictionaries({"type": st.sampled_from(["string", "number", "integer", "boolean", "null", "object",
+                                                   "array", "nonsense"])},
+                          optional={"description": st.text(max_size=40), "enum": st.lists(JSON_VALUES, max_size=3),
+                                    "pattern": st.text(max_size=10), "format": st.text(max_size=10)}),
+    lambda kids: st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(
+        st.text(min_size=1, max_size=10), kids, max_size=3)}, optional={
+            "required": st.lists(st.text(max_size=10), max_size=2), "additionalProperties": st.booleans()})
+    | st.fixed_dictionaries({"type": st.just("array"), "items": kids})
+    | st.fixed_dictionaries({"anyOf": st.lists(kids, min_size=1, max_size=3)}), max_leaves=8)
+TOOL_NAMES = st.from_regex(r"[a-zA-Z0-9_-]{1,64}", fullmatch=True)
+TEXT = st.text(max_size=60)
+
+
+@st.composite
+def openai_params(draw: st.DrawFn) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    optional = {
+        "n": st.integers(1, 130), "max_tokens": st.integers(1, 2**40), "max_completion_tokens": st.integers(1, 2**40),
+        "stop": st.one_of(TEXT, st.lists(TEXT, max_size=4)), "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1), "seed": st.integers(-(2**63), 2**63 - 1),
+        "presence_penalty": st.floats(-2, 2), "metadata": st.dictionaries(st.text(max_size=64), st.text(max_size=512),
+                                                                          max_size=4),
+        "user": TEXT, "logprobs": st.booleans(), "parallel_tool_calls": st.booleans(),
+        "tools": st.lists(st.builds(lambda n, p, d: {"type": "function", "function": {
+            "name": n, "parameters": p, "description": d}}, TOOL_NAMES, SCHEMAS, TEXT), min_size=1, max_size=3),
+        "tool_choice": st.sampled_from(["auto", "none", "required"]),
+        "stream": st.booleans(),
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer"]),
+                                                    "content": TEXT}), min_size=1, max_size=4),
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(optional)), unique=True, max_size=6)):
+        out[name] = draw(optional[name])
+    if "tool_choice" in out and "tools" not in out:
+        del out["tool_choice"]
+    out.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return out
+
+
+@st.composite
+def anthropic_params(draw: st.DrawFn) -> dict[str, Any]:
+    out: dict[str, Any] = {"max_tokens": draw(st.integers(1, 2**40))}
+    optional = {
+        "stop_sequences": st.lists(TEXT, max_size=4), "metadata": st.builds(lambda u: {"user_id": u}, TEXT),
+        "system": st.one_of(TEXT, st.lists(st.builds(lambda t: {"type": "text", "text": t}, TEXT), max_size=3)),
+        "tools": st.lists(st.builds(lambda n, p, d: {"name": n, "input_schema": {**p, "type": "object"},
+                                                     "description": d}, TOOL_NAMES, SCHEMAS, TEXT),
+                          min_size=1, max_size=3),
+        "tool_choice": st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "none"}]),
+        "stream": st.booleans(),
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
+                                                    "content": st.one_of(TEXT, st.lists(st.builds(
+                                                        lambda t: {"type": "text", "text": t}, TEXT), max_size=3))}),
+                             min_size=1, max_size=4),
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(optional)), unique=True, max_size=5)):
+        out[name] = draw(optional[name])
+    if "tool_choice" in out and "tools" not in out:
+        del out["tool_choice"]
+    out.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return out
+
+
+@settings(max_examples=int(os.environ.get("HOSTILE_SDK_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=list(HealthCheck))
+@given(model=st.sampled_from(SDK_MODELS), params=openai_params())
+def test_openai_sdk_random_typed_parameters(hostile: tuple[Gateway, Watch], model: str,
+                                            params: dict[str, Any]) -> None:
+    gw, watch = hostile
+    gw.reset()
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0, timeout=60)
+    try:
+        result = client.chat.completions.create(model=model, **params)
+        event(f"{model} ok")
+        if params.get("stream"):
+            list(result)
+    except openai.APIStatusError as err:
+        body = err.body if isinstance(err.body, dict) and "error" in err.body else {"error": err.body}
+        event(f"{model} {err.status_code} {body['error'].get('code') if isinstance(body['error'], dict) else ''}")
+        _sdk_error_is_sane(gw, err.status_code, body, f"{model} {params}: {err.status_code} {err.body}")
+    except openai.APIError as err:  # an error event inside a stream
+        raise AssertionError(f"{model} {params}: {err!r}") from err
+    watch.alive()
+    time.sleep(0.05)
+    watch.clean_log(watch.new_log())
+
+
+@settings(max_examples=int(os.environ.get("HOSTILE_SDK_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=list(HealthCheck))
+@given(model=st.sampled_from(SDK_MODELS), params=anthropic_params())
+def test_anthropic_sdk_random_typed_parameters(hostile: tuple[Gateway, Watch], model: str,
+                                               params: dict[str, Any]) -> None:
+    gw, watch = hostile
+    gw.reset()
+    client = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0, timeout=60)
+    try:
+        if params.pop("stream", False):
+            with client.messages.stream(model=model, **params) as s:
+                s.get_final_message()
+        else:
+            client.messages.create(model=model, **params)
+        event(f"{model} ok")
+    except anthropic.APIStatusError as err:
+        event(f"{model} {err.status_code}")
+        _sdk_error_is_sane(gw, err.status_code, err.body, f"{model} {params}: {err.status_code} {err.body}")
     watch.alive()
     time.sleep(0.05)
     watch.clean_log(watch.new_log())
