@@ -9,7 +9,11 @@ odd-but-typed parameters to every provider kind):
 - an error the gateway made (nothing reached a provider) is OpenAI-shaped
   {"error": {"message", "type", "code", "param"}} with a `code` docs/runbooks.md explains
   (HEAD answers have no body); a refused request reached no provider;
+- nothing reaches a provider with a `content-encoding` (the body it gets is the one checked);
 - the ext_proc log has no `processing_failed` line, and no log line holds a caller's secret.
+
+HOSTILE_EXAMPLES / HOSTILE_SDK_EXAMPLES raise the example counts for a longer hunt
+(1,000 requests take about 4 minutes here).
 """
 
 from __future__ import annotations
@@ -102,8 +106,9 @@ def hostile() -> Iterator[tuple[Gateway, Watch]]:
 def _odd_path(p: str) -> st.SearchStrategy[str]:
     return st.sampled_from([p, p + "/", "/" + p, p.replace("/", "//"), p.upper(), p.replace("/v1/", "/v1/./"),
                             p.replace("/v1/", "/v1/../v1/"), p[:-1] + "%" + f"{ord(p[-1]):02X}",
-                            "/" + p[1:].replace("/", "%2F"), p + "%00", p + ";x=1", p + "?", p + "?api-version=1&model=x",
-                            p + "?" + "q" * 3000, p + "/" + "a" * 20_000, "/" + "x" * 60_000])
+                            "/" + p[1:].replace("/", "%2F"), p + "%00", p + ";x=1", p + "?",
+                            p + "?api-version=1&model=x", p + "?" + "q" * 3000, p + "/" + "a" * 20_000,
+                            "/" + "x" * 60_000])
 
 
 def mostly(common: st.SearchStrategy[Any], rare: st.SearchStrategy[Any], tenths: int = 8) -> st.SearchStrategy[Any]:
@@ -308,7 +313,8 @@ def check(gw: Gateway, watch: Watch, req: dict[str, Any], resp: httpx.Response) 
     watch.clean_log(watch.new_log())
 
 
-@settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "300")), deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "200")), deadline=None,
+          suppress_health_check=list(HealthCheck))
 @given(req=hostile_requests())
 def test_hostile_requests_get_sane_answers_and_the_gateway_stays_up(hostile: tuple[Gateway, Watch],
                                                                      req: dict[str, Any]) -> None:
@@ -457,7 +463,7 @@ def anthropic_params(draw: st.DrawFn) -> dict[str, Any]:
     return out
 
 
-@settings(max_examples=int(os.environ.get("HOSTILE_SDK_EXAMPLES", "150")), deadline=None,
+@settings(max_examples=int(os.environ.get("HOSTILE_SDK_EXAMPLES", "100")), deadline=None,
           suppress_health_check=list(HealthCheck))
 @given(model=st.sampled_from(SDK_MODELS), params=openai_params())
 def test_openai_sdk_random_typed_parameters(hostile: tuple[Gateway, Watch], model: str,
@@ -481,7 +487,7 @@ def test_openai_sdk_random_typed_parameters(hostile: tuple[Gateway, Watch], mode
     watch.clean_log(watch.new_log())
 
 
-@settings(max_examples=int(os.environ.get("HOSTILE_SDK_EXAMPLES", "150")), deadline=None,
+@settings(max_examples=int(os.environ.get("HOSTILE_SDK_EXAMPLES", "100")), deadline=None,
           suppress_health_check=list(HealthCheck))
 @given(model=st.sampled_from(SDK_MODELS), params=anthropic_params())
 def test_anthropic_sdk_random_typed_parameters(hostile: tuple[Gateway, Watch], model: str,
