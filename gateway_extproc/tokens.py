@@ -49,14 +49,17 @@ def counter(spec: str) -> TokenCount:
 
 def pieces(text: str, size: int) -> list[str]:
     """`text` cut into pieces of at most `size` characters, each cut just before a space
-    where the last half of a piece has one. BPE's pre-tokenizers start a word at the space
-    before it, so such cuts split no token and the counts add up exactly; a text with no
-    space for `size // 2` characters is cut anyway (a token or so more per cut)."""
+    that starts a word (not inside a run of whitespace) where the last half of a piece has
+    one. BPE's pre-tokenizers start a word at the space before it, so such cuts split no
+    token and the counts add up exactly; a text with no such space for `size // 2`
+    characters is cut anyway (a token or so more per cut)."""
     if len(text) <= size:
         return [text]
     out, start = [], 0
     while len(text) - start > size:
         cut = text.rfind(" ", start + size // 2, start + size)
+        while cut >= 0 and text[cut + 1].isspace():  # inside a run of whitespace BPE keeps whole
+            cut = text.rfind(" ", start + size // 2, cut)
         if cut <= start:
             cut = start + size
         out.append(text[start:cut])

@@ -88,13 +88,14 @@ _PIECE_TEXT = st.text(alphabet="ab Z9.,;(\n\t'-é你", max_size=300)
 @settings(max_examples=300, deadline=None)
 @given(text=_PIECE_TEXT, size=st.integers(min_value=4, max_value=64))
 def test_pieces_cover_the_text_and_keep_the_count(text: str, size: int) -> None:
-    """Every cut is just before a space, or hard where none is near: the pieces are the
-    text, none is longer than `size`, and cuts before a space change no BPE count."""
+    """Every cut is just before a space that starts a word, or hard where none is near: the
+    pieces are the text, none is longer than `size`, and cuts before a word's space change no
+    BPE count (a cut inside a run of spaces did: '999999   ' counted 4 tokens, not 3)."""
     parts = tokens.pieces(text, size)
     assert "".join(parts) == text
     assert all(len(p) <= size for p in parts)
     assert all(p for p in parts) or text == ""
-    if all(p.startswith(" ") for p in parts[1:]):
+    if all(p.startswith(" ") and len(p) > 1 and not p[1].isspace() for p in parts[1:]):
         for spec in ("o200k_base", "cl100k_base"):
             enc = bpe_openai.get_encoding(spec)
             assert sum(len(enc.encode_ordinary(p)) for p in parts) == len(enc.encode_ordinary(text))
@@ -244,3 +245,12 @@ def test_remembered_counts_equal_fresh_counts_and_long_texts_are_not_kept() -> N
     texts = ["Say hello.", "héllo wörld " * 50, "x" * (tokens._MEMO_MAX_CHARS + 1), ""]
     for _ in range(2):
         assert [count(t) for t in texts] == [len(enc.encode_ordinary(t)) for t in texts]
+
+
+@pytest.mark.parametrize(("text", "size"), [("999999   x", 8), ("ab   cd    ef  gh" * 4, 24),
+                                           ("x \n  y\t  z   q" * 5, 30)])
+def test_runs_of_spaces_are_not_cut_inside(text: str, size: int) -> None:
+    """A cut before the first space of a run split BPE's whitespace token: one more token."""
+    enc = bpe_openai.get_encoding("o200k_base")
+    parts = tokens.pieces(text, size)
+    assert sum(len(enc.encode_ordinary(p)) for p in parts) == len(enc.encode_ordinary(text)), parts
