@@ -132,3 +132,12 @@ def gw(gateway: Gateway) -> Gateway:
     """The shared gateway with the mock providers' records and behaviours cleared."""
     gateway.reset()
     return gateway
+
+
+def add_provider_models(values: dict[str, Any]) -> None:
+    """values-local plus the provider kinds it has no model for: bedrock-chat and gemini3-chat."""
+    def model(name: str, provider: str, backend: str) -> dict[str, Any]:
+        return {"name": name, "tokenizer": "o200k_base", "maxOutputTokens": 1024, "backends": [
+            {"provider": provider, "model": backend, "pricing": {"input": 1.0, "output": 1.0}, "maxTier": "internal"}]}
+    values["models"] += [model("bedrock-chat", "mock-bedrock", "amazon.nova-mock-v1:0"),
+                         model("gemini3-chat", "mock-gemini", "gemini-3-mock-pro")]

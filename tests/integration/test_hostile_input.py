@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from gateway_extproc import keys
 
-from .conftest import REPO, Gateway, running_gateway
+from .conftest import REPO, Gateway, add_provider_models, running_gateway
 from .local_cli import children
 
 DOCUMENTED = set(re.findall(r"^### `([a-z_]+)`$", (REPO / "docs" / "runbooks.md").read_text(), re.M))
@@ -46,15 +46,6 @@ CHAT_MODELS = ["default-chat", "claude-chat", "gemini-chat", "bedrock-chat", "ge
 SDK_MODELS = ["default-chat", "claude-chat", "gemini-chat", "bedrock-chat"]
 # Secrets of made-up keys sent by the tests: none may show up in a log.
 SENT_SECRETS: set[str] = set()
-
-
-def add_models(values: dict[str, Any]) -> None:
-    """bedrock-chat and gemini3-chat are not in values-local (as in test_provider_tools.py)."""
-    def model(name: str, provider: str, backend: str) -> dict[str, Any]:
-        return {"name": name, "tokenizer": "o200k_base", "maxOutputTokens": 1024, "backends": [
-            {"provider": provider, "model": backend, "pricing": {"input": 1.0, "output": 1.0}, "maxTier": "internal"}]}
-    values["models"] += [model("bedrock-chat", "mock-bedrock", "amazon.nova-mock-v1:0"),
-                         model("gemini3-chat", "mock-gemini", "gemini-3-mock-pro")]
 
 
 class Watch:
@@ -97,7 +88,7 @@ def secret_of(key: str) -> str:
 
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[tuple[Gateway, Watch]]:
-    with running_gateway("gw-hostile-", customize=add_models) as gw:
+    with running_gateway("gw-hostile-", customize=add_provider_models) as gw:
         yield gw, Watch(gw)
 
 

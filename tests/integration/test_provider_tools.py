@@ -19,7 +19,7 @@ from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
-from .conftest import Gateway, running_gateway
+from .conftest import Gateway, add_provider_models, running_gateway
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "description": "City name"},
@@ -34,17 +34,9 @@ MODELS = ["default-chat", "azure-chat", "claude-chat", "bedrock-chat", "gemini-c
 TRANSLATED = ["claude-chat", "bedrock-chat", "gemini-chat"]
 
 
-def add_models(values: dict[str, Any]) -> None:
-    def model(name: str, provider: str, backend: str) -> dict[str, Any]:
-        return {"name": name, "tokenizer": "o200k_base", "maxOutputTokens": 1024, "backends": [
-            {"provider": provider, "model": backend, "pricing": {"input": 1.0, "output": 1.0}, "maxTier": "internal"}]}
-    values["models"] += [model("bedrock-chat", "mock-bedrock", "amazon.nova-mock-v1:0"),
-                         model("gemini3-chat", "mock-gemini", "gemini-3-mock-pro")]
-
-
 @pytest.fixture(scope="module")
 def tools_gateway() -> Iterator[Gateway]:
-    with running_gateway("gw-tools-", customize=add_models) as gw:
+    with running_gateway("gw-tools-", customize=add_provider_models) as gw:
         yield gw
 
 
