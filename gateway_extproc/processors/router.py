@@ -321,12 +321,10 @@ class RouterProcessor:
                 out = b""  # the client's stream already ended; keep reading usage only
             elif self.tap.over:
                 self.cut = True
-                held = self.guard.flush() if self.guard is not None else b""
-                out = (out or b"") + held + _cut_events(self.cut_after or 0)
+                out = (out or b"") + self.held_text() + _cut_events(self.cut_after or 0)
                 log_budget_cut(self)
             elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
-                held = self.guard.flush() if self.guard is not None else b""
-                out = self.tap.whole(data if out is None else out) + held + _interrupted_event(self)
+                out = self.tap.whole(data if out is None else out) + self.held_text() + _interrupted_event(self)
             if msg.end_of_stream:
                 self.usage = self.tap.usage
                 self.log()
@@ -360,6 +358,10 @@ class RouterProcessor:
         if new_body is not None:
             headers["content-length"] = str(len(new_body))
         return r.response_body(r.common(r.mutation(headers), new_body))
+
+    def held_text(self) -> bytes:
+        """What output scanning still holds back, scanned, when the gateway ends a stream early."""
+        return self.guard.flush() if self.guard is not None else b""
 
     def token_headers(self) -> dict[str, str]:
         usage = self.usage or Usage()
