@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import structlog
 
-from .providers.base import error_event
+from .providers.base import error_event, event_data
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # A choice's finish reason in an OpenAI stream chunk, read without parsing the event (inside
@@ -75,6 +75,25 @@ def _int(value: Any) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
 
+def canonical_event(event: bytes) -> bytes:
+    """One complete SSE event in the single form the gateway reads and forwards:
+    `data: <payload>\n\n` with JSON compacted, or `:\n\n` (a comment: it keeps the connection
+    alive and carries nothing) for an event without data. SSE allows other framings that
+    clients read the same (CR or CRLF line ends, `data:` without its space, data over several
+    lines, comments, event names), so usage, the budget backstop and output scanning must
+    read them too. Events already in that form (what providers send) are returned as they are."""
+    if event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2 and b"\r" not in event:
+        return event
+    data = event_data(event)
+    if data is None:
+        return b":\n\n" if event.strip(b"\r\n") else event
+    try:
+        data = orjson.dumps(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        data = data.replace(b"\n", b"\ndata: ")  # not JSON: the same lines, each its own data: line
+    return b"data: " + data + b"\n\n"
+
+
 class SseUsageTap:
     """Reads usage from an OpenAI SSE stream chunk by chunk; optionally drops usage-only chunks.
 
@@ -116,9 +135,11 @@ class SseUsageTap:
         data = self._pending + chunk if had_pending else chunk
         out: list[bytes] = []
         start = 0
-        dropped = False
+        changed = False
         for match in _EVENT_END.finditer(data):
-            event = data[start:match.end()]
+            raw = data[start:match.end()]
+            event = canonical_event(raw)
+            changed = changed or event is not raw  # reframed, so the chunk cannot go out as it came
             start = match.end()
             self.events += 1
             if b'"content":"' in event and b'"content":""' not in event:
@@ -131,9 +152,9 @@ class SseUsageTap:
             if self.over or self.refused:
                 if b'"usage"' in event:
                     self._take_usage(event)
-                dropped = True
+                changed = True
             elif b'"usage"' in event and self._take_usage(event) and self.drop_usage_chunk:
-                dropped = True
+                changed = True
             else:
                 out.append(self.rewrite(event) if self.rewrite is not None else event)
         tail = data[start:]
@@ -151,7 +172,7 @@ class SseUsageTap:
             out.append(self.rewrite(tail) if self.rewrite is not None and tail else tail)
             tail = b""
         self._pending = tail
-        if not self.holds or not (dropped or tail or had_pending or self.rewrite is not None):
+        if not self.holds or not (changed or tail or had_pending or self.rewrite is not None):
             return None
         return b"".join(out)
 
@@ -174,16 +195,12 @@ class SseUsageTap:
 
     def _take_usage(self, event: bytes) -> bool:
         """Records usage from a usage-bearing event; True when it is a usage-only chunk."""
-        for line in event.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            try:
-                obj = orjson.loads(line[5:].strip())
-            except orjson.JSONDecodeError:
-                return False
-            usage = usage_from_object(obj)
-            if usage is None:
-                return False
-            self.usage = replace(usage, finish_reasons=usage.finish_reasons or tuple(self.finish_reasons))
-            return obj.get("choices") == []
-        return False
+        try:  # a canonical event, or the unterminated last one
+            obj = orjson.loads(event_data(event) or b"")
+        except orjson.JSONDecodeError:
+            return False
+        usage = usage_from_object(obj)
+        if usage is None:
+            return False
+        self.usage = replace(usage, finish_reasons=usage.finish_reasons or tuple(self.finish_reasons))
+        return obj.get("choices") == []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -493,6 +494,8 @@ def openai_events(out: bytes) -> list[Any]:
         lines = event.split(b"\n")
         data = b"\n".join(line[6:] for line in lines if line.startswith(b"data: "))
         assert all(line.startswith((b"data: ", b":", b"event: ")) for line in lines), event
+        if not any(line.startswith(b"data: ") for line in lines):
+            continue  # a comment: SSE clients dispatch nothing
         events.append("[DONE]" if data == b"[DONE]" else orjson.loads(data))
         assert events[-1] == "[DONE]" or isinstance(events[-1], dict), event
     return events
@@ -746,6 +749,146 @@ def test_output_scanning_keeps_the_choices_of_an_n_2_stream_apart(local_runtime:
             texts[c["index"]] = texts.get(c["index"], "") + (c["delta"].get("content") or "")
     assert texts[0] == "Hello there"
     assert texts[1].startswith("Mail me at ") and texts[1].endswith(" please") and "a.b@example.com" not in texts[1]
+
+
+EMAIL = "a.b@example.com"
+# Every framing of one event that SSE allows and clients (the openai SDK's SSEDecoder) read the same.
+_FRAMINGS = {
+    "lf": lambda e: e,
+    "crlf": lambda e: e.replace(b"\n", b"\r\n"),
+    "cr": lambda e: e.replace(b"\n", b"\r"),
+    "nospace": lambda e: e.replace(b"data: ", b"data:", 1),
+    "multiline": lambda e: e if e.startswith(b"data: [DONE]") else b"".join(
+        b"data: " + line.encode() + b"\n" for line in json.dumps(json.loads(e[6:]), indent=1).split("\n")) + b"\n",
+    "comments": lambda e: b": keep-alive\n" + e + b": ping " + EMAIL.encode() + b"\n\n",
+    "fields": lambda e: b"event: completion\nid: 7\nretry: 1000\n" + e,
+}
+_FIELDS = ["content", "refusal", "reasoning_content", "tool"]
+
+
+@st.composite
+def _guarded_answers(draw: st.DrawFn) -> tuple[dict[tuple[int, str], str], list[bytes]]:
+    """An answer of 1-2 choices, each streaming texts of several kinds in pieces (one of
+    which holds an e-mail address, a value values-local redacts), the events in random
+    framings, choices sometimes merged into one chunk, logprobs sometimes."""
+    texts: dict[tuple[int, str], str] = {}
+    pieces: dict[tuple[int, str], list[tuple[int, str, str]]] = {}
+    for index in range(draw(st.integers(1, 2))):
+        for field in draw(st.lists(st.sampled_from(_FIELDS), min_size=1, max_size=3, unique=True)):
+            words = draw(st.lists(st.sampled_from(["alpha", "beta", "gamma", "delta"]), min_size=1, max_size=6))
+            text = " ".join(words[:len(words) // 2] + ["mail", EMAIL, "now"] + words[len(words) // 2:])
+            if field == "tool":
+                text = json.dumps({"note": text})
+            texts[(index, field)] = text
+            cuts = sorted(draw(st.lists(st.integers(1, len(text) - 1), max_size=6, unique=True)))
+            bounds = [0, *cuts, len(text)]
+            pieces[(index, field)] = [(index, field, text[a:b]) for a, b in zip(bounds, bounds[1:])]
+    # The texts of one choice one after the other, or even interleaved; choices interleave.
+    if draw(st.booleans()):
+        streams = list(pieces.values())
+    else:
+        streams = [[p for (i, _), ps in pieces.items() if i == index for p in ps] for index in {i for i, _ in pieces}]
+    turns = draw(st.permutations([i for i, stream in enumerate(streams) for _ in stream]))
+    ordered = [streams[i].pop(0) for i in turns]
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+    choices_out: list[list[dict[str, Any]]] = []
+    for index, field, piece in ordered:
+        delta = ({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                  "function": {"name": "f", "arguments": piece}}]} if field == "tool" else {field: piece})
+        choice = {"index": index, "delta": delta, "finish_reason": None}
+        if draw(st.booleans()):
+            choice["logprobs"] = {"content": [{"token": piece, "logprob": -0.1, "bytes": list(piece.encode())}]}
+        if choices_out and draw(st.booleans()) and all(c["index"] != index for c in choices_out[-1]):
+            choices_out[-1].append(choice)  # several choices in one chunk
+        else:
+            choices_out.append([choice])
+    choices_out += [[{"index": i, "delta": {}, "finish_reason": "stop"}] for i in sorted({i for i, _ in texts})]
+    events = [b"data: " + orjson.dumps({**base, "choices": c}) + b"\n\n" for c in choices_out]
+    events.append(b"data: [DONE]\n\n")
+    return texts, [_FRAMINGS[draw(st.sampled_from(sorted(_FRAMINGS)))](e) for e in events]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(answer=_guarded_answers(), cuts=st.lists(st.integers(0, 10**4), max_size=8))
+def test_output_scanning_reads_every_text_of_every_choice_in_any_framing(
+        local_runtime: Runtime, answer: tuple[dict[tuple[int, str], str], list[bytes]], cuts: list[int]) -> None:
+    """A value output scanning redacts never reaches the client, whatever an OpenAI-schema
+    provider's framing (CR/CRLF line ends, `data:` without its space, data over several
+    lines, comments, event fields), however its choices share chunks, and in whichever text
+    it streams (content, refusal, reasoning, tool-call arguments); the rest of each text
+    arrives whole, in its own choice and field. Before: only `data: {`-framed events and only
+    `choices[0].delta.content` were scanned."""
+    texts, events = answer
+    _, out = asyncio.run(run_stream(local_runtime, "chat", "openai", False, b"".join(events), cuts, False))
+    check_openai_client(out)
+    assert EMAIL.encode() not in out
+    got: dict[tuple[int, str], str] = {}
+    for e in openai_events(out)[:-1]:
+        for c in e["choices"]:
+            assert c.get("logprobs") is None  # tokens would spell the value out unscanned
+            for field in _FIELDS:
+                if field == "tool":
+                    for call in c["delta"].get("tool_calls") or []:
+                        got[(c["index"], field)] = got.get((c["index"], field), "") + call["function"]["arguments"]
+                elif c["delta"].get(field):
+                    got[(c["index"], field)] = got.get((c["index"], field), "") + c["delta"][field]
+    assert got.keys() == texts.keys()
+    for key, text in texts.items():
+        assert EMAIL not in got[key]
+        assert re.sub(r"\[EMAIL_\d+\]", "E", got[key]) == text.replace(EMAIL, "E"), key
+
+
+def test_output_scanning_reads_every_text_of_a_json_answer(local_runtime: Runtime) -> None:
+    """Only `message.content` was scanned: a value in a tool call's arguments, a refusal or a
+    second choice's reasoning went out as it came, and logprobs spelled the content out."""
+    answer = {"id": "c", "object": "chat.completion", "choices": [
+        {"index": 0, "finish_reason": "tool_calls", "logprobs": {"content": [{"token": EMAIL, "logprob": 0.0}]},
+         "message": {"role": "assistant", "content": "Sure.", "tool_calls": [
+             {"id": "call_1", "type": "function", "function": {"name": "send", "arguments": json.dumps({"to": EMAIL})}}]}},
+        {"index": 1, "finish_reason": "stop",
+         "message": {"role": "assistant", "content": None, "refusal": f"not to {EMAIL}",
+                     "reasoning_content": f"they asked for {EMAIL}"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 9}}
+
+    async def reply() -> ep.ProcessingResponse:
+        body = {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}]}
+        proc, _ = await _admit(local_runtime, "/v1/chat/completions", orjson.dumps(body))
+        try:
+            await proc.handle(resp_headers(200, backend=_DIALECTS["openai"][1]))
+            return await proc.handle(resp_body(orjson.dumps(answer)))
+        finally:
+            proc.close()
+
+    sent = orjson.loads(asyncio.run(reply()).response_body.response.body_mutation.body)
+    first, second = sent["choices"]
+    assert first["logprobs"] is None and first["message"]["content"] == "Sure."
+    assert orjson.loads(first["message"]["tool_calls"][0]["function"]["arguments"]) == {"to": "[EMAIL_1]"}
+    assert second["message"]["refusal"] == "not to [EMAIL_1]"
+    assert second["message"]["reasoning_content"] == "they asked for [EMAIL_1]"
+    assert sent["usage"] == answer["usage"]
+
+
+def test_output_scanning_refuses_a_json_answer_it_cannot_read(local_runtime: Runtime) -> None:
+    """A 2xx answer that is not a JSON object (here text holding a value output scanning
+    redacts) went to the client as it came, unscanned; now it is a 502 provider_error, charged
+    like an answer."""
+    async def reply(raw: bytes) -> tuple[ep.ProcessingResponse, RouterProcessor]:
+        body = {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}]}
+        proc, _ = await _admit(local_runtime, "/v1/chat/completions", orjson.dumps(body))
+        try:
+            await proc.handle(resp_headers(200, backend=_DIALECTS["openai"][1]))
+            return await proc.handle(resp_body(raw)), proc
+        finally:
+            proc.close()
+
+    for raw in [b"mail " + EMAIL.encode(), b'{"choices": [{"message": {"content": "' + EMAIL.encode() + b'"}}',
+                orjson.dumps(["mail " + EMAIL])]:
+        out, proc = asyncio.run(reply(raw))
+        sent = out.response_body.response.body_mutation.body
+        assert EMAIL.encode() not in sent and orjson.loads(sent)["error"]["code"] == "provider_error"
+        assert (proc.status, proc.error_code) == (502, "provider_error")
+        assert proc.consumed(None).processed  # the provider answered: its work is charged
 
 
 @pytest.mark.parametrize("client", ["chat", "messages"])

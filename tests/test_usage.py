@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from gateway_extproc import usage as usage_mod
-from gateway_extproc.usage import SseUsageTap, Usage, usage_from_json
+from gateway_extproc.usage import SseUsageTap, Usage, canonical_event, usage_from_json
 
 
 def counts(usage: Usage | None) -> tuple[int | None, int | None, int | None] | None:
@@ -103,6 +103,12 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
 SEPARATORS = [pytest.param(b"\n\n", id="LF"), pytest.param(b"\r\n\r\n", id="CRLF"), pytest.param(b"\r\r", id="CR")]
 
 
+def forwarded(stream: bytes, sep: bytes) -> bytes:
+    """What a tap that rewrites events sends for `stream`: every event in the one framing
+    the gateway forwards (LF line ends)."""
+    return stream.replace(sep, b"\n\n")
+
+
 # -- observe mode ------------------------------------------------------------------------
 
 
@@ -142,7 +148,7 @@ def test_drop_mode_whole_stream_in_one_chunk(sep: bytes) -> None:
     stream, usage_event = openai_stream(sep)
     tap = SseUsageTap(drop_usage_chunk=True)
     out = tap.feed(stream, end=True)
-    assert out == stream.replace(usage_event, b"")
+    assert out == forwarded(stream.replace(usage_event, b""), sep)
     assert counts(tap.usage) == EXPECTED_USAGE
 
 
@@ -174,7 +180,8 @@ def test_drop_mode_keeps_usage_chunk_that_has_choices() -> None:
 ], ids=["usage-null", "usage-not-object", "bad-json", "json-string", "comment"])
 def test_drop_mode_keeps_events_that_are_not_usage_chunks(event: bytes) -> None:
     tap = SseUsageTap(drop_usage_chunk=True)
-    assert tap.feed(event, end=False) is None
+    out = tap.feed(event, end=False)
+    assert (event if out is None else out) == canonical_event(event)  # forwarded, in the gateway's framing
     assert tap.usage is None
 
 
@@ -205,14 +212,14 @@ def test_drop_mode_crlf_separator_split_between_cr_and_lf() -> None:
     usage = _event(_chunk([], USAGE), b"\r\n\r\n")
     assert tap.feed(usage[:-3], end=False) == b""
     assert tap.feed(usage[-3:-1], end=False) == b""
-    assert tap.feed(usage[-1:] + b"data: [DONE]\r\n\r\n", end=True) == b"data: [DONE]\r\n\r\n"
+    assert tap.feed(usage[-1:] + b"data: [DONE]\r\n\r\n", end=True) == b"data: [DONE]\n\n"
     assert counts(tap.usage) == EXPECTED_USAGE
 
 
 def test_drop_mode_multiline_event_with_crlf() -> None:
     event = b"event: message\r\nid: 7\r\ndata: " + orjson.dumps(_chunk([], USAGE)) + b"\r\n\r\n"
     tap = SseUsageTap(drop_usage_chunk=True)
-    assert tap.feed(event + b"data: [DONE]\r\n\r\n", end=True) == b"data: [DONE]\r\n\r\n"
+    assert tap.feed(event + b"data: [DONE]\r\n\r\n", end=True) == b"data: [DONE]\n\n"
     assert counts(tap.usage) == EXPECTED_USAGE
 
 
@@ -255,7 +262,7 @@ def test_events_counter() -> None:
 def test_every_two_chunk_split(sep: bytes, drop: bool) -> None:
     stream, usage_event = openai_stream(sep)
     assert stream.count(usage_event) == 1
-    expected = stream.replace(usage_event, b"") if drop else stream
+    expected = forwarded(stream.replace(usage_event, b""), sep) if drop else stream
     for cut in range(len(stream) + 1):
         tap = SseUsageTap(drop_usage_chunk=drop)
         assert forward(tap, split_at(stream, [cut])) == expected, f"cut at {cut}"
@@ -266,7 +273,7 @@ def test_every_two_chunk_split(sep: bytes, drop: bool) -> None:
 @pytest.mark.parametrize("drop", [True, False], ids=["drop", "observe"])
 def test_random_multi_chunk_splits(sep: bytes, drop: bool) -> None:
     stream, usage_event = openai_stream(sep)
-    expected = stream.replace(usage_event, b"") if drop else stream
+    expected = forwarded(stream.replace(usage_event, b""), sep) if drop else stream
     rng = random.Random(20240601)
     for trial in range(300):
         cuts = [rng.randint(0, len(stream)) for _ in range(rng.randint(2, 40))]
@@ -281,7 +288,8 @@ def test_random_multi_chunk_splits(sep: bytes, drop: bool) -> None:
 def test_byte_at_a_time() -> None:
     stream, usage_event = openai_stream(b"\r\n\r\n")
     tap = SseUsageTap(drop_usage_chunk=True)
-    assert forward(tap, [stream[i:i + 1] for i in range(len(stream))]) == stream.replace(usage_event, b"")
+    assert forward(tap, [stream[i:i + 1] for i in range(len(stream))]) == forwarded(
+        stream.replace(usage_event, b""), b"\r\n\r\n")
     assert counts(tap.usage) == EXPECTED_USAGE
 
 

@@ -24,6 +24,7 @@ import structlog
 from ..config import Backend, Classification, Limits, Model, VirtualKey
 from ..errors import GatewayError
 from ..telemetry import metrics
+from ..providers.base import event_data
 from ..usage import STREAM_ENDS
 from .scanner import (DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, InjectionConfig,
                       LimitExceeded, PlaceholderMap, Scanner, map_strings, redact_strings, walk_strings)
@@ -119,89 +120,148 @@ def record(decision: Decision, team: str, mode: str, where: str) -> None:
 class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
-    __slots__ = ("policy", "params", "team", "redactors", "blocked_by", "ended", "response_text")
+    __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text")
 
-    def __init__(self, policy: Policy, params: DecisionParams, team: str) -> None:
+    def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
-        # One per choice (`n` > 1 streams interleave choices): text of one choice is never
-        # held back into, or released in, another's chunk.
-        self.redactors: dict[int, StreamRedactor] = {}
+        # Each choice's texts must reach the client one after the other (an Anthropic client's
+        # content blocks): a window is flushed when its choice moves on to another text. Else
+        # windows stay open across such moves, so a value split around one is still seen whole.
+        self.in_order = in_order
+        # One per text of each choice (`n` > 1 streams interleave choices; a choice streams
+        # content, refusal, reasoning and tool-call arguments): text is never held back into,
+        # or released in, another's chunk or field.
+        self.redactors: dict[tuple[Any, ...], StreamRedactor] = {}
         self.blocked_by: StreamRedactor | None = None
         self.ended = False
         self.response_text: list[str] = []
 
-    def json_body(self, body: dict[str, Any]) -> bytes | None:
-        """The body (parsed by the caller, which also reads usage from it; changed in place)
-        to send instead, or None to send it unchanged."""
-        # Only choices of the expected shape are read or changed (any other passes as it is).
-        listed = body.get("choices")
-        choices = [c for c in listed if isinstance(c, dict)] if isinstance(listed, list) else []
-        contents = [c.get("message") for c in choices]
-        texts = [m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), str) else "" for m in contents]
-        self.response_text = ["\n".join(texts)]
-        findings = self.policy.scanner.scan_strings(texts)
-        if not findings:
+    def json_body(self, body: Any) -> bytes | None:
+        """The body (parsed by the caller, which also reads usage from it) to send instead, or
+        None to send it unchanged. Every string of every choice is scanned (content, refusal,
+        reasoning, tool-call arguments); logprobs are dropped, since they spell the text out
+        token by token where no scan can see a value whole. Raises `provider_error` for a body
+        that cannot be read, which therefore cannot be sent."""
+        listed = body.get("choices") if isinstance(body, dict) else None
+        dropped = False
+        for choice in listed if isinstance(listed, list) else ():
+            if isinstance(choice, dict) and choice.get("logprobs") is not None:
+                choice["logprobs"], dropped = None, True
+        strings = walk_strings(listed) if isinstance(listed, list) else LimitExceeded("no choices")
+        if isinstance(strings, LimitExceeded):
+            log.warning("response_unreadable", reason=strings.reason)
+            raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
+                               "it was not forwarded.")
+        findings = self.policy.scanner.scan_strings(strings)
+        decision = self.policy.scanner.decide(findings, self.params) if findings else None
+        if decision is not None:
+            record(decision, self.team, self.params.mode, "response")
+        if decision is not None and decision.block:
+            body["choices"] = [{"index": c.get("index", i) if isinstance(c, dict) else i,
+                                "message": {"role": "assistant", "content": ""}, "finish_reason": "content_filter",
+                                "logprobs": None} for i, c in enumerate(listed)]
+        elif decision is not None and decision.redact:
+            new, _ = redact_strings(strings, decision.redact, PlaceholderMap())
+            replacements = iter(new)
+            body["choices"] = listed = map_strings(listed, lambda _s: next(replacements))
+        elif not dropped:
+            self.response_text = [_contents(listed)]
             return None
-        decision = self.policy.scanner.decide(findings, self.params)
-        record(decision, self.team, self.params.mode, "response")
-        if decision.block:
-            self.response_text = []
-            for choice in choices:
-                if isinstance(choice.get("message"), dict):
-                    choice["message"]["content"] = ""
-                choice["finish_reason"] = "content_filter"
-        elif decision.redact:
-            new, _ = redact_strings(texts, decision.redact, PlaceholderMap())
-            self.response_text = ["\n".join(new)]  # what the client sees is all a log may hold
-            for choice, text in zip(choices, new):
-                if isinstance(choice.get("message"), dict) and isinstance(choice["message"].get("content"), str):
-                    choice["message"]["content"] = text
-        else:
-            return None
+        self.response_text = [_contents(body["choices"])]  # what the client sees is all a log may hold
         return orjson.dumps(body)
 
     def sse_event(self, event: bytes) -> bytes:
-        """One complete SSE event in, what to forward out (possibly empty)."""
+        """One complete SSE event (in `usage.canonical_event` form, or the unterminated last
+        one) in, what to forward out (possibly empty). Every choice's generated text (content,
+        refusal, reasoning, tool-call arguments) goes through its own hold-back window; what
+        cannot be read is not forwarded, since it could not be scanned."""
         if self.ended:
             return b""
         if event.startswith(STREAM_ENDS):
             # The stream ends without a finish_reason chunk (which flushes): the text still
             # held back goes out first, else the answer would lose its tail.
             return self._release() + event
-        if not event.startswith(b"data: {") or b'"choices"' not in event:
-            return event
+        if not event.startswith(b"data:"):
+            return event  # a comment: no text
         try:
-            chunk = orjson.loads(event[6:])
+            chunk = orjson.loads(event_data(event) or b"")
         except orjson.JSONDecodeError:
-            return event
+            chunk = None
+        if not isinstance(chunk, dict):
+            return self._unreadable(event)
         choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return event
-        choice = choices[0]
+        if not isinstance(choices, list) or not choices:
+            return event  # no generated text (the usage chunk)
+        shown, before = [], []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue  # unreadable, so not forwarded
+            if self._choice(choice, before):
+                shown.append(choice)
+            if self.blocked_by is not None:
+                return self.block(chunk)
+        released = b"".join(before)
+        if not shown and chunk.get("usage") is None:
+            return released  # the rest is held back until the window moves on
+        chunk["choices"] = shown
+        return released + b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _choice(self, choice: dict[str, Any], before: list[bytes]) -> bool:
+        """Scans one choice's texts in place; False when it has nothing left to show now.
+        With `in_order`, text another of its windows still holds goes out first (into
+        `before`) when this choice moves on to another text; at its finish, always."""
+        index = choice.get("index") if type(choice.get("index")) is int else 0
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             delta = choice["delta"] = {}
-        text = delta.get("content")
-        index = choice.get("index") if type(choice.get("index")) is int else 0
-        redactor = self.redactors.get(index)
-        if redactor is None or redactor.done and isinstance(text, str) and text:  # text after its finish
-            redactor = self.redactors[index] = StreamRedactor(self.policy.scanner, self.params,
-                                                               self.policy.cfg.holdback_chars)
-        out = redactor.feed(text) if isinstance(text, str) and text else ""
-        if choice.get("finish_reason") is not None:
-            out += redactor.flush()
-        if redactor.blocked:
-            self.blocked_by = redactor
-            return self.block(chunk)
-        self._keep(out)
-        if isinstance(text, str) and text:
-            if not out and choice.get("finish_reason") is None:
-                return b""  # held back until the window moves on
-            delta["content"] = out
-        elif out:
-            delta["content"] = out
+        if choice.get("logprobs") is not None:
+            choice["logprobs"] = None  # tokens spell out text still held back, unscanned
+        finished = choice.get("finish_reason") is not None
+        slots = _text_slots(index, delta)
+        active = {key for key, holder, name in slots if holder[name] is not None}  # where the choice is now
+        if active and self.in_order or finished:
+            for key, redactor in self.redactors.items():
+                if key[0] == index and key not in active and not redactor.done:
+                    before.append(self._released(key, redactor))
+                    if redactor.blocked:
+                        self.blocked_by = redactor
+                        return False
+        held = False
+        for key, holder, name in slots:
+            text = holder[name]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                del holder[name]  # text the scanner cannot read is not forwarded
+                continue
+            redactor = self.redactors.get(key)
+            if redactor is None or redactor.done and text:  # text after its finish
+                redactor = self.redactors[key] = StreamRedactor(self.policy.scanner, self.params,
+                                                                 self.policy.cfg.holdback_chars)
+            out = redactor.feed(text) if text else ""
+            if finished:
+                out += redactor.flush()
+            if redactor.blocked:
+                self.blocked_by = redactor
+                return False
+            if key[1] == "content":
+                self._keep(out)
+            holder[name] = out
+            held = held or bool(text) and not out
+        return not (held and not finished and all(not v for k, v in delta.items() if k != "role"))
+
+    def _released(self, key: tuple[Any, ...], redactor: StreamRedactor) -> bytes:
+        """The rest of one window, scanned, as a chunk of its own ("" if none or blocked)."""
+        text = redactor.flush()
+        if not text or redactor.blocked:
+            return b""
+        if key[1] == "content":
+            self._keep(text)
+        if key[1] == "tool_calls":
+            delta: dict[str, Any] = {"tool_calls": [{"index": key[2], "function": {"arguments": text}}]}
         else:
-            return event
+            delta = {key[1]: text}
+        chunk = {"object": "chat.completion.chunk", "choices": [{"index": key[0], "delta": delta, "finish_reason": None}]}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def flush(self) -> bytes:
@@ -212,16 +272,14 @@ class ResponseGuard:
         return self._release()
 
     def _release(self) -> bytes:
-        """Every choice's held-back text, scanned, one chunk per choice."""
-        out = []
-        for index, redactor in self.redactors.items():
-            text = redactor.flush()
-            if text and not redactor.blocked:
-                self._keep(text)
-                chunk = {"object": "chat.completion.chunk",
-                         "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
-                out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        return b"".join(out)
+        """Every window's held-back text, scanned, one chunk each."""
+        return b"".join(self._released(key, redactor) for key, redactor in list(self.redactors.items()))
+
+    def _unreadable(self, event: bytes) -> bytes:
+        """An event whose data is no JSON object cannot be scanned: it is not forwarded (an
+        SDK could not parse it either)."""
+        log.warning("stream_event_unreadable", event_bytes=len(event))
+        return b""
 
     def _keep(self, emitted: str) -> None:
         """The streamed text as the client got it (redacted), for content logging; bounded."""
@@ -237,8 +295,31 @@ class ResponseGuard:
         decision = self.blocked_by.block_decision if self.blocked_by is not None else None
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
-        final = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]}
+        indexes = sorted({key[0] for key in self.redactors} | {0})
+        final = {**chunk, "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"} for i in indexes]}
         return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
+
+
+# The generated text of a stream delta, beside `tool_calls[].function.arguments`.
+_DELTA_TEXTS = ("content", "refusal", "reasoning_content")
+
+
+def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:
+    """(window key, dict, field) of every text in one choice's delta."""
+    slots: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [((index, f), delta, f) for f in _DELTA_TEXTS if f in delta]
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        for k, call in enumerate(calls):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and "arguments" in fn:
+                slots.append(((index, "tool_calls", call["index"] if type(call.get("index")) is int else k), fn,
+                              "arguments"))
+    return slots
+
+
+def _contents(choices: list[Any]) -> str:
+    return "\n".join(m["content"] for c in choices if isinstance(c, dict) for m in [c.get("message")]
+                     if isinstance(m, dict) and isinstance(m.get("content"), str))
 
 
 def content_for_log(body: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ from . import responses as r
 from .provider_response import ProviderResponse
 
 access_log = structlog.get_logger("gateway_extproc.access")
+log = structlog.get_logger("gateway_extproc.router")
 
 # Caller credentials, gateway-owned headers and the client certificate's details (XFCC)
 # never travel past the router filter.
@@ -61,7 +62,7 @@ class RouterProcessor:
                  "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
                  "cut_after", "cut", "body_changed",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
-                 "requested")
+                 "requested", "answered")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -73,6 +74,7 @@ class RouterProcessor:
         self.stream = self.drop_usage = self.logged = self.body_changed = False
         self.prompt_tokens: int | None = None
         self.status = 0
+        self.answered = 0  # the provider's status, when the client gets another one
         self.backend: str | None = None
         self.usage: Usage | None = None
         self.tap: SseUsageTap | None = None
@@ -191,7 +193,7 @@ class RouterProcessor:
             if verdict.body is not None:
                 body, self.redacted = verdict.body, True
             if policy.cfg.output_scanning and self.endpoint is api.CHAT:
-                self.guard = ResponseGuard(policy, verdict.params, team)
+                self.guard = ResponseGuard(policy, verdict.params, team, in_order=self.client == "anthropic")
             if policy.may_log_content(verdict.tier):
                 self.content = content_for_log(body)
         if self.trace is not None:
@@ -267,7 +269,7 @@ class RouterProcessor:
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         h = r.header_map(msg)
-        self.status = int(h.get(":status", "0") or 0)
+        self.status = self.answered = int(h.get(":status", "0") or 0)
         self.backend = h.get("x-gateway-backend")
         if self.status >= 400 and (code := h.get("x-gateway-error-code")):
             self.error_code = code  # a reply Envoy made itself (the chart's local_reply_config)
@@ -279,6 +281,13 @@ class RouterProcessor:
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
                           metrics.attempt_outcome(self.status)).inc()
         remove: tuple[str, ...] = ("x-envoy-attempt-count",) if attempts else ()
+        if 200 <= self.status < 300 and not msg.end_of_stream \
+                and h.get("content-encoding", "identity").strip().lower() not in ("identity", ""):
+            # The chart asks providers for `identity`; a compressed answer anyway cannot be
+            # accounted or scanned, so it is not forwarded (and is charged at its reservation).
+            log.warning("provider_reply_compressed", backend=self.backend)
+            return self.reject(GatewayError("provider_error", "The provider answered with a compressed body, which "
+                                            "the gateway cannot read; it was not forwarded."))
         if msg.end_of_stream:
             self.log()
             return r.response_headers(r.common(r.mutation(added, remove)))
@@ -289,7 +298,10 @@ class RouterProcessor:
             self.provider = ProviderResponse(backend, self.status, content_type)
             content_type = "text/event-stream" if self.provider.stream is not None else "application/json"
             added["content-type"] = content_type
-        if content_type == "text/event-stream":
+        # A stream the client asked for is read as one whatever its label (a provider or proxy
+        # that mislabels it must not slip past usage and output scanning).
+        if content_type == "text/event-stream" or (self.stream and 200 <= self.status < 300
+                                                   and content_type != "application/json"):
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None,
                                    self.cut_after)
             if self.prompt_tokens is not None:
@@ -344,9 +356,12 @@ class RouterProcessor:
             except orjson.JSONDecodeError:
                 parsed = None
             self.usage = usage_from_object(parsed)
-            if self.guard is not None and isinstance(parsed, dict):
-                new_body = self.guard.json_body(parsed) or new_body
-            if self.client == "anthropic" and self.endpoint is api.CHAT:
+            if self.guard is not None:
+                try:
+                    new_body = self.guard.json_body(parsed) or new_body
+                except GatewayError as err:
+                    new_body, self.status, status_changed, self.error_code = err.body(), err.status, True, err.code
+            if self.client == "anthropic" and self.endpoint is api.CHAT and 200 <= self.status < 300:
                 new_body = messages.from_chat(raw if new_body is None else new_body)
                 if new_body is None:  # no chat completion to translate: not an answer
                     new_body, self.status, status_changed = openai_error(
@@ -442,7 +457,7 @@ class RouterProcessor:
         body never read: too large, client gone first) the reservation's worst case; nothing
         when the provider was never reached, refused or failed."""
         usage = self.usage or Usage()
-        if not (self.status == 0 or 200 <= self.status < 300 or usage.completion_tokens is not None) \
+        if not (self.status == 0 or 200 <= (self.answered or self.status) < 300 or usage.completion_tokens is not None) \
                 or self.model is None:
             return Consumed(0, 0, 0, False)
         price = backend.price if backend and backend.price else (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -185,12 +186,18 @@ class SseReader:
         if end:
             events.append(self._text)
             self._text = b""
-        out: list[bytes] = []
-        for event in events:
-            data = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-            if data:
-                out.append(b"\n".join(data))
-        return out
+        return [data for event in events if (data := event_data(event)) is not None]
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def event_data(event: bytes) -> bytes | None:
+    """One SSE event's `data` as an SSE client dispatches it: its `data:` lines (one leading
+    space dropped) joined by LF, whatever the line ends; None when it has none (a comment,
+    or only `event:`/`id:`/`retry:` fields: clients dispatch nothing)."""
+    data = [line[5:].removeprefix(b" ") for line in _LINE_END.split(event) if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
 
 
 def append_turn(turns: list[JSON], role: str, field: str, items: list[JSON]) -> None:

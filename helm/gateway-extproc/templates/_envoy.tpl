@@ -164,6 +164,11 @@ static_resources:
                     string_match: {exact: {{ $model.route | quote }}}
                 # The route header is the gateway's own; providers never see it.
                 request_headers_to_remove: [x-gateway-model]
+                # Providers answer uncompressed: the gateway reads every answer (usage, output
+                # scanning, translation). A compressed one anyway is refused (provider_error).
+                request_headers_to_add:
+                - header: {key: accept-encoding, value: identity}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
                 route:
                   cluster: {{ printf "model.%s" $model.route | quote }}
                   timeout: {{ $v.envoy.upstreamTimeout }}
