@@ -120,7 +120,7 @@ def record(decision: Decision, team: str, mode: str, where: str) -> None:
 class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
-    __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text")
+    __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text", "head")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -133,6 +133,9 @@ class ResponseGuard:
         # or released in, another's chunk or field.
         self.redactors: dict[tuple[Any, ...], StreamRedactor] = {}
         self.blocked_by: StreamRedactor | None = None
+        # The stream's chunk fields (id, created, model...): chunks of released text carry them
+        # too, as clients that validate chunks require.
+        self.head: dict[str, Any] = {"object": "chat.completion.chunk"}
         self.ended = False
         self.response_text: list[str] = []
 
@@ -192,6 +195,7 @@ class ResponseGuard:
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices:
             return event  # no generated text (the usage chunk)
+        self.head = {"object": "chat.completion.chunk", **{k: v for k, v in chunk.items() if k in _HEAD}}
         shown, before = [], []
         for choice in choices:
             if not isinstance(choice, dict):
@@ -261,7 +265,7 @@ class ResponseGuard:
             delta: dict[str, Any] = {"tool_calls": [{"index": key[2], "function": {"arguments": text}}]}
         else:
             delta = {key[1]: text}
-        chunk = {"object": "chat.completion.chunk", "choices": [{"index": key[0], "delta": delta, "finish_reason": None}]}
+        chunk = {**self.head, "choices": [{"index": key[0], "delta": delta, "finish_reason": None}]}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def flush(self) -> bytes:
@@ -300,6 +304,7 @@ class ResponseGuard:
         return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
 
 
+_HEAD = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier"})
 # The generated text of a stream delta, beside `tool_calls[].function.arguments`.
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content")
 
