@@ -565,7 +565,8 @@ def chat_completions(call: Call) -> Reply:
         if body.get("stream") is True:
             return Reply(events=_choice_chunks(base, texts, usage if include_usage else None, quirks.merge_choices))
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": None, "finish_reason": "length" if c.truncated else "stop"} for i, c in enumerate(texts)]
+                    "logprobs": None, "finish_reason": "length" if c.truncated else "stop"}
+                   for i, c in enumerate(texts)]
         return Reply(body={**base, "choices": choices, "usage": usage})
     completion = _complete(model, messages, limit, _openai_json_mode(body))
     tool = _openai_tool_call(body, messages)
@@ -601,8 +602,8 @@ def _choice_chunks(base: JSON, texts: list[Completion], usage: JSON | None, merg
     words = [_words(c.text) for c in texts]
     steps: list[list[JSON]] = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                                 for i in range(len(texts))]]
-    steps += [[{"index": i, "delta": {"content": w[k]}, "finish_reason": None} for i, w in enumerate(words) if k < len(w)]
-              for k in range(max(map(len, words), default=0))]
+    steps += [[{"index": i, "delta": {"content": w[k]}, "finish_reason": None}
+               for i, w in enumerate(words) if k < len(w)] for k in range(max(map(len, words), default=0))]
     steps.append([{"index": i, "delta": {}, "finish_reason": "length" if c.truncated else "stop"}
                   for i, c in enumerate(texts)])
     extra = {"usage": None} if usage else {}

@@ -246,8 +246,8 @@ def test_a_blocked_value_never_leaves_in_any_framing(gw: Gateway, framing: str, 
 # No digits around the value: a number next to a card makes another number (a detection
 # question, tests/test_detectors.py), not a framing one.
 REPLY_WORDS = st.lists(st.sampled_from(["the", "invoice", "is", "due", "soon,", "see", "page", "and", "call", "us",
-                                        "–", "ok.", "(note)", "😀", "\u00e9t\u00e9", "\\n", '"quoted"', "{}", "data:",
-                                        ": keep-alive", "[DONE]"]),
+                                        "–", "ok.", "(note)", "😀", "\u00e9t\u00e9", "\\n", '"quoted"', "{}",
+                                        "data:", ": keep-alive", "[DONE]"]),
                        min_size=0, max_size=12).map(" ".join)
 VALUES = st.sampled_from([(CARD, "[CREDIT_CARD_1]"), ("4111-1111-1111-1111", "[CREDIT_CARD_1]"),
                           ("4111.1111.1111.1111", "[CREDIT_CARD_1]"), ("4111111111111111", "[CREDIT_CARD_1]"),
@@ -489,3 +489,11 @@ def test_json_garbage_reply_holding_the_value_is_not_forwarded(gw: Gateway) -> N
             "x-mock-garbage-after-chunks": "0", "x-mock-garbage": "json"})
         assert got.leaked() == [], f"{model}: {got.status} {got.raw[:400]!r}"
         assert b"gateway_internal_error" not in got.raw
+
+
+def test_the_gateway_is_ready_at_the_end(framing_gw: Stack) -> None:
+    gw, watch = framing_gw
+    watch.alive()
+    assert httpx.get(f"{gw.stack.admin_url}/ready").status_code == 200
+    time.sleep(0.3)
+    watch.clean_log(watch.new_log())
