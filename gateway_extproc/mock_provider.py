@@ -24,6 +24,7 @@ import functools
 import hashlib
 import hmac
 import itertools
+import json
 import math
 import re
 import signal
@@ -32,6 +33,7 @@ import struct
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from http.client import responses
@@ -216,6 +218,41 @@ class Reply:
     # Re-slice the stream into HTTP chunks of this many bytes (tiny: events split anywhere;
     # huge: many events per chunk) instead of one chunk per event.
     chunk_bytes: int | None = None
+    # Compress the body with this content-coding (gzip, deflate) whatever the client accepts.
+    content_encoding: str | None = None
+
+
+SSE_FRAMINGS = ("crlf", "cr", "nospace", "multiline", "comments", "fields")
+_LINE_END_RE = re.compile(rb"\r\n|\r|\n")
+
+
+def _reframe(event: bytes, framing: str, serial: int) -> bytes:
+    """One SSE event (as the handlers write it: `field: value` lines, then a blank line)
+    written in another framing the SSE standard allows (x-mock-sse-framing): every SSE
+    client reads the same event from it, a parser that assumes `data: <json>\\n\\n` does not.
+    `serial` is the event's number (its `id` in the `fields` framing)."""
+    fields = [line.partition(b":")[::2] for line in _LINE_END_RE.split(event.strip(b"\r\n"))]
+    fields = [(name, value[1:] if value.startswith(b" ") else value) for name, value in fields]
+    if framing == "multiline":  # the JSON split between its tokens, one data line each
+        fields = [(name, piece) for name, value in fields
+                  for piece in (_json_lines(value) if name == b"data" else [value])]
+    elif framing == "fields":
+        named = [] if any(name == b"event" for name, _ in fields) else [(b"event", b"completion")]
+        fields = [*named, (b"id", str(serial).encode()), (b"retry", b"1000"), *fields]
+    lines = [name + (b":" if framing == "nospace" else b": ") + value for name, value in fields]
+    if framing == "comments":
+        return b": keep-alive\n\n" + b"\n".join([lines[0], b": keep-alive", *lines[1:]]) + b"\n\n"
+    end = {"crlf": b"\r\n", "cr": b"\r"}.get(framing, b"\n")
+    return end.join(lines) + end + end
+
+
+def _json_lines(value: bytes) -> list[bytes]:
+    """A JSON value as several lines (one token per line); anything else as it is."""
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return [value]
+    return [line.encode() for line in json.dumps(parsed, indent=1, ensure_ascii=False).split("\n")]
 
 
 def _sse(data: Any, event: str | None = None, *, end: bytes = b"\n\n") -> bytes:
@@ -296,11 +333,15 @@ class Quirks:
     """A misbehaving provider, per request: `x-mock-reply-words: N` replies with N one-token
     words (long replies without a long header), `x-mock-ignore-max-tokens: 1` ignores the
     output cap, `x-mock-usage-completion-tokens: N` reports N completion tokens in a chat
-    usage block whatever was produced."""
+    usage block whatever was produced, `x-mock-choice-replies: ["a", "b"]` answers a chat
+    request with one choice per text (whatever `n` says) and `x-mock-merge-choices: 1`
+    streams each step's choices in one chunk."""
 
     reply_words: int | None = None
     ignore_cap: bool = False
     completion_tokens: int | None = None
+    choice_replies: tuple[str, ...] | None = None
+    merge_choices: bool = False
 
 
 _QUIRKS: contextvars.ContextVar[Quirks] = contextvars.ContextVar("mock_quirks", default=Quirks())
@@ -321,6 +362,11 @@ def _complete(model: str, messages: list[JSON], limit: int | None, json_mode: Js
     text = _REPLY_OVERRIDE.get() or f"This is a mock reply from {model} to: {prompt}."
     if json_mode is not False:
         text = _json_text(json_mode, text)
+    return _capped(text, limit)
+
+
+def _capped(text: str, limit: int | None) -> Completion:
+    """The text cut to `limit` tokens (truncated) or whole."""
     ids = _tokens(text)
     if limit is not None and limit < len(ids):
         return Completion(_encoding().decode(ids[:limit]), limit, True)
@@ -509,23 +555,25 @@ def chat_completions(call: Call) -> Reply:
     limit = _optional_int(body, "max_completion_tokens")
     if limit is None:
         limit = _optional_int(body, "max_tokens")
+    base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()), "model": model}
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    quirks = _QUIRKS.get()
+    if quirks.choice_replies is not None:
+        texts = [_capped(text, None if quirks.ignore_cap else limit) for text in quirks.choice_replies]
+        usage = _chat_usage(_chat_prompt_tokens(messages), sum(c.tokens for c in texts))
+        if body.get("stream") is True:
+            return Reply(events=_choice_chunks(base, texts, usage if include_usage else None, quirks.merge_choices))
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": None, "finish_reason": "length" if c.truncated else "stop"}
+                   for i, c in enumerate(texts)]
+        return Reply(body={**base, "choices": choices, "usage": usage})
     completion = _complete(model, messages, limit, _openai_json_mode(body))
     tool = _openai_tool_call(body, messages)
-    output_tokens = tool.tokens if tool else completion.tokens
-    prompt_tokens = _chat_prompt_tokens(messages)
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": output_tokens,
-        "total_tokens": prompt_tokens + output_tokens,
-        **({} if (lie := _QUIRKS.get().completion_tokens) is None else {"completion_tokens": lie}),
-        "prompt_tokens_details": {"cached_tokens": 0},  # as OpenAI reports it (the mock caches nothing)
-    }
+    usage = _chat_usage(_chat_prompt_tokens(messages), tool.tokens if tool else completion.tokens)
     finish_reason = "tool_calls" if tool else "length" if completion.truncated else "stop"
-    base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()), "model": model}
     tool_id = f"call_mock_{serial}"
     if body.get("stream") is True:
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         return Reply(events=_chat_chunks(base, completion.text, finish_reason, usage if include_usage else None,
                                          (tool_id, tool) if tool else None))
     message: JSON = {"role": "assistant", "content": completion.text, "refusal": None}
@@ -534,6 +582,36 @@ def chat_completions(call: Call) -> Reply:
                                                   "function": {"name": tool.name, "arguments": tool.text}}])
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
     return Reply(body={**base, "choices": [choice], "usage": usage})
+
+
+def _chat_usage(prompt_tokens: int, output_tokens: int) -> JSON:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": output_tokens,
+        "total_tokens": prompt_tokens + output_tokens,
+        **({} if (lie := _QUIRKS.get().completion_tokens) is None else {"completion_tokens": lie}),
+        "prompt_tokens_details": {"cached_tokens": 0},  # as OpenAI reports it (the mock caches nothing)
+    }
+
+
+def _choice_chunks(base: JSON, texts: list[Completion], usage: JSON | None, merge: bool) -> list[bytes]:
+    """A stream of several choices in steps (the role, then word k of every choice that has
+    one, then every finish_reason): one chunk per choice per step as OpenAI sends them, or
+    each step's choices in one chunk (`merge`)."""
+    base = {**base, "object": "chat.completion.chunk"}
+    words = [_words(c.text) for c in texts]
+    steps: list[list[JSON]] = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                                for i in range(len(texts))]]
+    steps += [[{"index": i, "delta": {"content": w[k]}, "finish_reason": None}
+               for i, w in enumerate(words) if k < len(w)] for k in range(max(map(len, words), default=0))]
+    steps.append([{"index": i, "delta": {}, "finish_reason": "length" if c.truncated else "stop"}
+                  for i, c in enumerate(texts)])
+    extra = {"usage": None} if usage else {}
+    chunks = [{**base, "choices": [{**c, "logprobs": None} for c in group], **extra}
+              for step in steps for group in ([step] if merge else [[c] for c in step])]
+    if usage:
+        chunks.append({**base, "choices": [], "usage": usage})
+    return [_sse(c) for c in chunks] + [b"data: [DONE]\n\n"]
 
 
 def _chat_chunks(base: JSON, text: str, finish_reason: str, usage: JSON | None,
@@ -1001,14 +1079,27 @@ def _admit_gemini(request: Request, api_key: str | None) -> None:
 
 
 GARBAGE_KINDS = ("json", "shape", "bytes")
+CONTENT_ENCODINGS = ("gzip", "deflate")
 _JUNK_BYTES = b"\xff\xfe\x00<html>502 Bad Gateway</html>\n\n"
 
 
-def _sse_garbage(json: bytes, shape: bytes) -> Callable[[str], bytes]:
-    return lambda kind: {"json": json, "shape": shape}.get(kind, _JUNK_BYTES)
+def _sse_garbage(json: bytes, shape: bytes) -> Callable[[str, str | None], bytes]:
+    return lambda kind, _text: {"json": json, "shape": shape}.get(kind, _JUNK_BYTES)
 
 
-def _bedrock_garbage(kind: str) -> bytes:
+def _openai_garbage(kind: str, text: str | None) -> bytes:
+    """OpenAI's broken events; with `text` (x-mock-garbage-reply) each carries it: a content
+    delta cut off after the text, the text where an object belongs, the text inside the junk."""
+    if text is None:
+        return {"json": b'data: {"id": "chatcmpl-x", "choices": [\n\n',
+                "shape": b'data: {"choices": "oops"}\n\n'}.get(kind, _JUNK_BYTES)
+    quoted = orjson.dumps(text)
+    return {"json": b'data: {"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {"content": ' + quoted + b"\n\n",
+            "shape": b'data: {"choices": ' + quoted + b"}\n\n"}.get(
+        kind, _JUNK_BYTES[:-2] + text.encode() + b"\n\n")
+
+
+def _bedrock_garbage(kind: str, _text: str | None = None) -> bytes:
     headers = {":event-type": "contentBlockDelta", ":content-type": "application/json", ":message-type": "event"}
     if kind == "json":
         return eventstream.encode(headers, b'{"delta": {"text": ')
@@ -1025,12 +1116,12 @@ class Dialect:
 
     admit: Callable[[Request, str | None], None]
     error: Callable[[HTTPError], Reply]
-    garbage: Callable[[str], bytes]
+    # (kind, the reply text the broken event must carry, or None) -> the broken event
+    garbage: Callable[[str, str | None], bytes]
 
 
-_OPENAI_GARBAGE = _sse_garbage(b'data: {"id": "chatcmpl-x", "choices": [\n\n', b'data: {"choices": "oops"}\n\n')
-OPENAI = Dialect(_admit_openai, _openai_error, _OPENAI_GARBAGE)
-AZURE = Dialect(_admit_azure, _azure_error, _OPENAI_GARBAGE)
+OPENAI = Dialect(_admit_openai, _openai_error, _openai_garbage)
+AZURE = Dialect(_admit_azure, _azure_error, _openai_garbage)
 ANTHROPIC = Dialect(_admit_anthropic, _anthropic_error, _sse_garbage(
     b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta\n\n',
     b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": "oops"}\n\n'))
@@ -1110,6 +1201,35 @@ def _header_int(headers: dict[str, str], name: str) -> int | None:
     return number
 
 
+def _choice_replies(headers: dict[str, str]) -> tuple[str, ...] | None:
+    """x-mock-choice-replies: a JSON array of strings, one per choice."""
+    value = headers.get("x-mock-choice-replies")
+    if value is None:
+        return None
+    try:
+        texts = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        texts = None
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise HTTPError(400, "x-mock-choice-replies must be a JSON array of non-empty strings")
+    return tuple(texts)
+
+
+def _header_flag(headers: dict[str, str], name: str) -> bool:
+    """A `0` / `1` switch (absent is 0)."""
+    value = headers.get(name, "0")
+    if value not in ("0", "1"):
+        raise HTTPError(400, f"{name} must be 0 or 1")
+    return value == "1"
+
+
+def _header_choice(headers: dict[str, str], name: str, allowed: tuple[str, ...]) -> str | None:
+    value = headers.get(name)
+    if value is not None and value not in allowed:
+        raise HTTPError(400, f"{name} must be one of {', '.join(allowed)}")
+    return value
+
+
 def _check_status(value: Any, name: str) -> int:
     if not _is_int(value) or not 200 <= value <= 599:
         raise HTTPError(400, f"{name} must be an HTTP status between 200 and 599")
@@ -1128,13 +1248,18 @@ class Controls:
     garbage_after: int | None = None
     garbage: str = "json"
     chunk_bytes: int | None = None
+    garbage_reply: bool = False
+    framing: str | None = None
+    content_encoding: str | None = None
+    content_type: str | None = None
 
     @classmethod
     def from_headers(cls, headers: dict[str, str]) -> Controls:
         status = _header_int(headers, "x-mock-status")
-        garbage = headers.get("x-mock-garbage", "json")
-        if garbage not in GARBAGE_KINDS:
-            raise HTTPError(400, f"x-mock-garbage must be one of {', '.join(GARBAGE_KINDS)}")
+        garbage = _header_choice(headers, "x-mock-garbage", GARBAGE_KINDS) or "json"
+        content_type = headers.get("x-mock-content-type")
+        if content_type is not None and not content_type.strip():
+            raise HTTPError(400, "x-mock-content-type must not be empty")
         return cls(
             status=None if status is None else _check_status(status, "x-mock-status"),
             latency_ms=_header_int(headers, "x-mock-latency-ms") or 0,
@@ -1144,6 +1269,10 @@ class Controls:
             garbage_after=_header_int(headers, "x-mock-garbage-after-chunks"),
             garbage=garbage,
             chunk_bytes=_header_int(headers, "x-mock-chunk-bytes") or None,
+            garbage_reply=_header_flag(headers, "x-mock-garbage-reply"),
+            framing=_header_choice(headers, "x-mock-sse-framing", SSE_FRAMINGS),
+            content_encoding=_header_choice(headers, "x-mock-content-encoding", CONTENT_ENCODINGS),
+            content_type=content_type,
         )
 
     def apply(self, reply: Reply, dialect: Dialect) -> Reply:
@@ -1151,14 +1280,20 @@ class Controls:
         reply.chunk_delay_s = self.chunk_delay_ms / 1000
         reply.drop_after = self.drop_after
         reply.end_after = self.end_after
+        if self.framing is not None and reply.events is not None and reply.content_type is None:  # SSE
+            reply.events = [_reframe(event, self.framing, i) for i, event in enumerate(reply.events, 1)]
         if self.garbage_after is not None and reply.events is not None:
             # The broken event goes in as its own chunk and the stream then carries on,
             # as a provider (or a proxy in front of it) that recovers would.
-            reply.events.insert(self.garbage_after, dialect.garbage(self.garbage))
+            text = (_REPLY_OVERRIDE.get() or "") if self.garbage_reply else None
+            reply.events.insert(self.garbage_after, dialect.garbage(self.garbage, text))
         elif self.garbage_after is not None and 200 <= reply.status < 300:
             whole = orjson.dumps(reply.body)
             reply.raw = {"json": whole[:len(whole) // 2], "shape": b'["oops"]'}.get(self.garbage, _JUNK_BYTES)
         reply.chunk_bytes = self.chunk_bytes
+        reply.content_encoding = self.content_encoding
+        if self.content_type is not None:
+            reply.content_type = self.content_type
         return reply
 
 
@@ -1254,7 +1389,8 @@ class MockApp:
         _REPLY_OVERRIDE.set(base64.b64decode(reply_b64).decode() if reply_b64 else request.headers.get("x-mock-reply"))
         h = request.headers
         _QUIRKS.set(Quirks(_header_int(h, "x-mock-reply-words"), _header_int(h, "x-mock-ignore-max-tokens") == 1,
-                           _header_int(h, "x-mock-usage-completion-tokens")))
+                           _header_int(h, "x-mock-usage-completion-tokens"), _choice_replies(h),
+                           _header_flag(h, "x-mock-merge-choices")))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):
@@ -1330,10 +1466,21 @@ async def _send_reply(
     return await _send_stream(conn, writer, reply, reply.events)
 
 
+def _compressor(encoding: str | None) -> Any:
+    """A zlib stream for the content-coding: gzip, or HTTP's deflate (zlib-wrapped, RFC 9110)."""
+    return None if encoding is None else zlib.compressobj(wbits=31 if encoding == "gzip" else 15)
+
+
+def _encoding_header(reply: Reply) -> list[tuple[str, str]]:
+    return [("content-encoding", reply.content_encoding)] if reply.content_encoding else []
+
+
 async def _send_json(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, *, head_only: bool) -> None:
     payload = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
+    if (compressor := _compressor(reply.content_encoding)) is not None:
+        payload = compressor.compress(payload) + compressor.flush()
     headers = [("content-type", reply.content_type or "application/json"), ("content-length", str(len(payload))),
-               *reply.headers]
+               *_encoding_header(reply), *reply.headers]
     body = [] if head_only else [h11.Data(data=payload)]
     await _send(writer, conn, _response(reply.status, headers), *body, h11.EndOfMessage())
 
@@ -1342,10 +1489,15 @@ async def _send_stream(conn: h11.Connection, writer: asyncio.StreamWriter, reply
     """One HTTP chunk per event (SSE event, event-stream message or JSON array element), flushed;
     abort the connection mid-body when asked to drop, or end the body early when asked to end."""
     headers = [("content-type", reply.content_type or "text/event-stream"), ("cache-control", "no-cache"),
-               *reply.headers]
+               *_encoding_header(reply), *reply.headers]
     await _send(writer, conn, _response(reply.status, headers))
     cut = reply.drop_after if reply.drop_after is not None else reply.end_after
     chunks = events if cut is None else events[:cut]
+    if (compressor := _compressor(reply.content_encoding)) is not None:
+        # Flushed per event, so the compressed stream still streams; ended unless dropped.
+        chunks = [compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH) for chunk in chunks]
+        if reply.drop_after is None:
+            chunks.append(compressor.flush())
     if reply.chunk_bytes:
         data, size = b"".join(chunks), reply.chunk_bytes
         chunks = [data[i:i + size] for i in range(0, len(data), size)]
