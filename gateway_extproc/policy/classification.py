@@ -193,7 +193,9 @@ class ResponseGuard:
         if not isinstance(chunk, dict):
             return self._unreadable(event)
         choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices:
+        if not isinstance(choices, list):  # no chunk; but the usage alone may come without choices
+            return event if choices is None and chunk.keys() <= _HEAD | {"usage"} else self._unreadable(event)
+        if not choices:
             return event  # no generated text (the usage chunk)
         self.head = {"object": "chat.completion.chunk", **{k: v for k, v in chunk.items() if k in _HEAD}}
         shown, before = [], []
