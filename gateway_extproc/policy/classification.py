@@ -26,7 +26,7 @@ from ..errors import GatewayError
 from ..telemetry import metrics
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .scanner import (DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, InjectionConfig,
+from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, InjectionConfig,
                       LimitExceeded, PlaceholderMap, Scanner, map_strings, redact_strings, walk_strings)
 from .stream import StreamRedactor
 
@@ -150,7 +150,7 @@ class ResponseGuard:
         for choice in listed if isinstance(listed, list) else ():
             if isinstance(choice, dict) and choice.get("logprobs") is not None:
                 choice["logprobs"], dropped = None, True
-        strings = walk_strings(listed) if isinstance(listed, list) else LimitExceeded("no choices")
+        strings = walk_strings(listed, skip_keys=_NOT_TEXT) if isinstance(listed, list) else LimitExceeded("no choices")
         if isinstance(strings, LimitExceeded):
             log.warning("response_unreadable", reason=strings.reason)
             raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
@@ -166,7 +166,7 @@ class ResponseGuard:
         elif decision is not None and decision.redact:
             new, _ = redact_strings(strings, decision.redact, PlaceholderMap())
             replacements = iter(new)
-            body["choices"] = listed = map_strings(listed, lambda _s: next(replacements))
+            body["choices"] = listed = map_strings(listed, lambda _s: next(replacements), skip_keys=_NOT_TEXT)
         elif not dropped:
             self.response_text = [_contents(listed)]
             return None
@@ -306,6 +306,8 @@ class ResponseGuard:
         return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
 
 
+# Strings of a choice that are the provider's labels, not generated text (and binary data).
+_NOT_TEXT = BINARY_KEYS | {"role", "finish_reason", "type", "id", "index", "object"}
 _HEAD = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier"})
 # The generated text of a stream delta, beside `tool_calls[].function.arguments`.
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content")
