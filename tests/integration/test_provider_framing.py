@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import orjson
@@ -489,6 +490,23 @@ def test_json_garbage_reply_holding_the_value_is_not_forwarded(gw: Gateway) -> N
             "x-mock-garbage-after-chunks": "0", "x-mock-garbage": "json"})
         assert got.leaked() == [], f"{model}: {got.status} {got.raw[:400]!r}"
         assert b"gateway_internal_error" not in got.raw
+
+
+@pytest.mark.parametrize("framing", ["canonical", *FRAMINGS])
+@pytest.mark.parametrize("model", MODELS)
+def test_anthropic_clients_get_the_same_redacted_answer_in_any_framing(gw: Gateway, framing: str, model: str) -> None:
+    """`/v1/messages` on an OpenAI-schema backend: the provider's stream goes through the same
+    reading and scanning before the gateway writes it as Anthropic events."""
+    headers = {"x-mock-reply": REDACTED_REPLY, **({} if framing == "canonical" else {"x-mock-sse-framing": framing})}
+    client = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0, default_headers=headers)
+    with client.messages.stream(model=model, max_tokens=200, messages=QUESTION) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == REDACTED_TEXT and final.stop_reason == "end_turn" and final.usage.output_tokens > 0
+    with httpx.stream("POST", f"{gw.url}/v1/messages", timeout=60, headers={"x-api-key": gw.key, **headers},
+                      json={"model": model, "max_tokens": 200, "messages": QUESTION, "stream": True}) as resp:
+        raw = b"".join(resp.iter_raw()).decode()
+    assert resp.status_code == 200 and leaks(raw) == [] and "[CREDIT_CARD_1]" in raw
 
 
 def test_the_gateway_is_ready_at_the_end(framing_gw: Stack) -> None:
