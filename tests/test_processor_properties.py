@@ -869,6 +869,24 @@ def test_output_scanning_reads_every_text_of_a_json_answer(local_runtime: Runtim
     assert sent["usage"] == answer["usage"]
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"choices": [{"message": {"content": "mail ' + EMAIL.encode() + b'"}}]}',  # a JSON answer labelled a stream
+    b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\nplain text ' + EMAIL.encode(),
+    b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\nid: 1\ndata:{"choices":[{"delta":{"content":"' +
+    EMAIL.encode() + b'"}}]}',  # the last event unterminated, in another framing
+    b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\ndata: [DONE]\n\nplain text ' + EMAIL.encode(),
+], ids=["json", "text", "unterminated", "after-done"])
+def test_a_streams_last_bytes_are_never_forwarded_unscanned(local_runtime: Runtime, raw: bytes) -> None:
+    """What follows a stream's last blank line went out as it came when it did not start
+    with `data:` and the stream had ended itself (after `[DONE]`); otherwise the gateway drops
+    an unterminated tail before its interrupted-stream event. Either way it is not forwarded
+    unscanned."""
+    for cuts in ([], [len(raw) // 2]):
+        _, out = asyncio.run(run_stream(local_runtime, "chat", "openai", False, raw, cuts, False))
+        check_openai_client(out)
+        assert EMAIL.encode() not in out
+
+
 def test_output_scanning_refuses_a_json_answer_it_cannot_read(local_runtime: Runtime) -> None:
     """A 2xx answer that is not a JSON object (here text holding a value output scanning
     redacts) went to the client as it came, unscanned; now it is a 502 provider_error, charged

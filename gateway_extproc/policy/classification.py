@@ -25,7 +25,7 @@ from ..config import Backend, Classification, Limits, Model, VirtualKey
 from ..errors import GatewayError
 from ..telemetry import metrics
 from ..providers.base import event_data
-from ..usage import STREAM_ENDS
+from ..usage import STREAM_ENDS, canonical_event
 from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, InjectionConfig,
                       LimitExceeded, PlaceholderMap, Scanner, map_strings, redact_strings, walk_strings)
 from .stream import StreamRedactor
@@ -184,8 +184,10 @@ class ResponseGuard:
             # The stream ends without a finish_reason chunk (which flushes): the text still
             # held back goes out first, else the answer would lose its tail.
             return self._release() + event
-        if not event.startswith(b"data:"):
-            return event  # a comment: no text
+        if not event.startswith(b"data: "):  # the stream's unterminated last bytes: read like an event
+            event = canonical_event(event)
+            if not event.startswith(b"data: "):
+                return event  # a comment: no text
         try:
             chunk = orjson.loads(event_data(event) or b"")
         except orjson.JSONDecodeError:
