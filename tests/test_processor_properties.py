@@ -887,6 +887,21 @@ def test_a_streams_last_bytes_are_never_forwarded_unscanned(local_runtime: Runti
         assert EMAIL.encode() not in out
 
 
+def test_fields_outside_the_chat_schema_never_carry_a_value_out(local_runtime: Runtime) -> None:
+    """A provider's own fields (an audio transcript, a legacy `text`, junk) are scanned too;
+    one that holds a value is dropped, and the schema's fields go on."""
+    mail = EMAIL.encode()
+    raw = (b'data: {"id":"c","note":"' + mail + b'","choices":[{"index":0,"text":"' + mail + b'","delta":{"content":'
+           b'"Hello","audio":{"transcript":"mail ' + mail + b'"},"tool_calls":[{"index":0,"id":"t","x":"' + mail +
+           b'","function":{"name":"f","arguments":"","y":"' + mail + b'"}}]}}]}\n\n'
+           b'data: {"id":"c","vendor":{"ok":true},"choices":[{"index":0,"delta":{"content":" world"},'
+           b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    _, out = asyncio.run(run_stream(local_runtime, "chat", "openai", False, raw, [], False))
+    check_openai_client(out)
+    assert mail not in out and answer_text("chat", out) == "Hello world"
+    assert b'"vendor":{"ok":true}' in out  # fields holding nothing to redact go on as they came
+
+
 def test_output_scanning_refuses_a_json_answer_it_cannot_read(local_runtime: Runtime) -> None:
     """A 2xx answer that is not a JSON object (here text holding a value output scanning
     redacts) went to the client as it came, unscanned; now it is a 502 provider_error, charged

@@ -200,6 +200,8 @@ class ResponseGuard:
         if not choices:
             return event  # no generated text (the usage chunk)
         self.head = {"object": "chat.completion.chunk", **{k: v for k, v in chunk.items() if k in _HEAD}}
+        if self._extras_blocked(chunk, choices):
+            return self.block(chunk)
         shown, before = [], []
         for choice in choices:
             if not isinstance(choice, dict):
@@ -258,6 +260,28 @@ class ResponseGuard:
             held = held or bool(text) and not out
         return not (held and not finished and all(not v for k, v in delta.items() if k != "role"))
 
+    def _extras_blocked(self, chunk: dict[str, Any], choices: list[Any]) -> bool:
+        """Fields of a chunk outside the chat schema's (a provider's extensions, or junk) are
+        scanned chunk by chunk, without a window; one holding a finding is dropped, or ends the
+        stream when the finding blocks. True when it does."""
+        extras = _extras(chunk, choices)
+        if not extras:
+            return False
+        strings = walk_strings([holder[key] for holder, key in extras])
+        findings = self.policy.scanner.scan_strings(strings) if isinstance(strings, list) else None
+        if findings == []:
+            return False
+        decision = self.policy.scanner.decide(findings, self.params) if findings else None
+        if decision is not None:
+            if not (decision.block or decision.redact):
+                return False
+            record(decision, self.team, self.params.mode, "response")
+            if decision.block:
+                return True
+        for holder, key in extras:
+            del holder[key]
+        return False
+
     def _released(self, key: tuple[Any, ...], redactor: StreamRedactor) -> bytes:
         """The rest of one window, scanned, as a chunk of its own ("" if none or blocked)."""
         text = redactor.flush()
@@ -301,7 +325,7 @@ class ResponseGuard:
     def block(self, chunk: dict[str, Any]) -> bytes:
         self.ended = True
         decision = self.blocked_by.block_decision if self.blocked_by is not None else None
-        if decision is not None:
+        if decision is not None:  # (a block in a chunk's other fields is recorded where it is found)
             record(decision, self.team, self.params.mode, "response")
         indexes = sorted({key[0] for key in self.redactors} | {0})
         final = {**chunk, "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"} for i in indexes]}
@@ -313,6 +337,35 @@ _NOT_TEXT = BINARY_KEYS | {"role", "finish_reason", "type", "id", "index", "obje
 _HEAD = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier"})
 # The generated text of a stream delta, beside `tool_calls[].function.arguments`.
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content")
+
+
+# The chat stream schema's fields, by level; any other field's strings are scanned statelessly.
+_CHUNK_KEYS = _HEAD | {"choices", "usage", "obfuscation"}
+_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
+_DELTA_KEYS = frozenset({"role", *_DELTA_TEXTS, "tool_calls"})
+_CALL_KEYS = frozenset({"index", "id", "type", "function"})
+_FUNCTION_KEYS = frozenset({"name", "arguments"})
+
+
+def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, Any], str]]:
+    """(dict, key) of every field outside the chat stream schema, down to tool calls."""
+    out = [(chunk, k) for k in chunk if k not in _CHUNK_KEYS]
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        out += [(choice, k) for k in choice if k not in _CHOICE_KEYS]
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            continue
+        out += [(delta, k) for k in delta if k not in _DELTA_KEYS]
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            if isinstance(call, dict):
+                out += [(call, k) for k in call if k not in _CALL_KEYS]
+                fn = call.get("function")
+                if isinstance(fn, dict):
+                    out += [(fn, k) for k in fn if k not in _FUNCTION_KEYS]
+    return out
 
 
 def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:
