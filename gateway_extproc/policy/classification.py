@@ -120,7 +120,8 @@ def record(decision: Decision, team: str, mode: str, where: str) -> None:
 class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
-    __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text", "head")
+    __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
+                 "kept", "head")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -135,9 +136,10 @@ class ResponseGuard:
         self.blocked_by: StreamRedactor | None = None
         # The stream's chunk fields (id, created, model...): chunks of released text carry them
         # too, as clients that validate chunks require.
-        self.head: dict[str, Any] = {"object": "chat.completion.chunk"}
+        self.head: dict[str, Any] | None = None
         self.ended = False
         self.response_text: list[str] = []
+        self.kept = 0  # characters in response_text (summing them per event made a stream quadratic)
 
     def json_body(self, body: Any) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it) to send instead, or
@@ -189,9 +191,12 @@ class ResponseGuard:
             if not event.startswith(b"data: "):
                 return event  # a comment: no text
         try:
-            chunk = orjson.loads(event_data(event) or b"")
+            chunk = orjson.loads(event[6:])  # canonical: one data line
         except orjson.JSONDecodeError:
-            chunk = None
+            try:  # the unterminated last event, in another framing
+                chunk = orjson.loads(event_data(event) or b"")
+            except orjson.JSONDecodeError:
+                chunk = None
         if not isinstance(chunk, dict):
             return self._unreadable(event)
         choices = chunk.get("choices")
@@ -199,7 +204,8 @@ class ResponseGuard:
             return event if choices is None and chunk.keys() <= _HEAD | {"usage"} else self._unreadable(event)
         if not choices:
             return event  # no generated text (the usage chunk)
-        self.head = {"object": "chat.completion.chunk", **{k: v for k, v in chunk.items() if k in _HEAD}}
+        if self.head is None:
+            self.head = {"object": "chat.completion.chunk", **{k: v for k, v in chunk.items() if k in _HEAD}}
         if self._extras_blocked(chunk, choices):
             return self.block(chunk)
         shown, before = [], []
@@ -293,7 +299,8 @@ class ResponseGuard:
             delta: dict[str, Any] = {"tool_calls": [{"index": key[2], "function": {"arguments": text}}]}
         else:
             delta = {key[1]: text}
-        chunk = {**self.head, "choices": [{"index": key[0], "delta": delta, "finish_reason": None}]}
+        chunk = {**(self.head or {"object": "chat.completion.chunk"}),
+                 "choices": [{"index": key[0], "delta": delta, "finish_reason": None}]}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def flush(self) -> bytes:
@@ -315,8 +322,9 @@ class ResponseGuard:
 
     def _keep(self, emitted: str) -> None:
         """The streamed text as the client got it (redacted), for content logging; bounded."""
-        if emitted and sum(map(len, self.response_text)) < CONTENT_LOG_CHARS:
+        if emitted and self.kept < CONTENT_LOG_CHARS:
             self.response_text.append(emitted)
+            self.kept += len(emitted)
 
     def logged_response(self) -> str:
         """The response text a log line may hold: exactly what the client was sent."""
@@ -349,15 +357,17 @@ _FUNCTION_KEYS = frozenset({"name", "arguments"})
 
 def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, Any], str]]:
     """(dict, key) of every field outside the chat stream schema, down to tool calls."""
-    out = [(chunk, k) for k in chunk if k not in _CHUNK_KEYS]
+    out = [] if chunk.keys() <= _CHUNK_KEYS else [(chunk, k) for k in chunk if k not in _CHUNK_KEYS]
     for choice in choices:
         if not isinstance(choice, dict):
             continue
-        out += [(choice, k) for k in choice if k not in _CHOICE_KEYS]
+        if not choice.keys() <= _CHOICE_KEYS:
+            out += [(choice, k) for k in choice if k not in _CHOICE_KEYS]
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             continue
-        out += [(delta, k) for k in delta if k not in _DELTA_KEYS]
+        if not delta.keys() <= _DELTA_KEYS:
+            out += [(delta, k) for k in delta if k not in _DELTA_KEYS]
         calls = delta.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
