@@ -348,8 +348,10 @@ _DELTA_TEXTS = ("content", "refusal", "reasoning_content")
 
 
 # The chat stream schema's fields, by level; any other field's strings are scanned statelessly.
-_CHUNK_KEYS = _HEAD | {"choices", "usage", "obfuscation"}
-_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
+# (Azure's content-filter annotations hold only its labels: categories, severities, flags.)
+_CHUNK_KEYS = _HEAD | {"choices", "usage", "obfuscation", "prompt_filter_results"}
+_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs", "content_filter_results",
+                          "content_filter_offsets"})
 _DELTA_KEYS = frozenset({"role", *_DELTA_TEXTS, "tool_calls"})
 _CALL_KEYS = frozenset({"index", "id", "type", "function"})
 _FUNCTION_KEYS = frozenset({"name", "arguments"})
