@@ -16,19 +16,11 @@ import openai
 import orjson
 import pytest
 
-from .test_mock_provider import API_KEY, AUTH, spawn
+from .test_mock_provider import API_KEY, AUTH, base_url  # noqa: F401 (base_url: the module's mock provider)
 
 FRAMINGS = ["crlf", "cr", "nospace", "multiline", "comments", "fields"]
 REPLY = "Card 4111 1111 1111 1111, mail jane.doe@example.com, done."
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    proc, url = spawn()
-    yield url
-    proc.terminate()
-    proc.communicate(timeout=10)
 
 
 @pytest.fixture
