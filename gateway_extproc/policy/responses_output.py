@@ -194,6 +194,7 @@ class ResponsesGuard:
     def _whole(self, obj: dict[str, Any]) -> bytes:
         """Any other event: a streamed text it repeats becomes what the client was sent for
         it; its other strings are scanned (redacted in place, or the stream is blocked)."""
+        obj.pop("obfuscation", None)  # padding sized to the provider's text, not to what goes out
         response = obj.get("response")
         if isinstance(response, dict):
             self.head = response
@@ -286,6 +287,7 @@ def _drop_logprobs(values: list[Any]) -> bool:
 
 
 def _output_text(output: list[Any]) -> str:
-    return "\n".join(part["text"] for item in output if isinstance(item, dict) and item.get("type") == "message"
+    return "\n".join(part["text"] for item in output
+                     if isinstance(item, dict) and item.get("type") == "message"
                      for part in item.get("content") or () if isinstance(part, dict) and part.get("type") == "output_text"
                      and isinstance(part.get("text"), str))
