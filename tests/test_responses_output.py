@@ -304,7 +304,18 @@ def test_a_done_text_other_than_the_deltas_is_scanned_whole() -> None:
 def test_an_unreadable_event_is_not_forwarded(event: bytes) -> None:
     g = guard()
     assert g.sse_event(event) == b""
-    assert g.sse_event(b": keep-alive\n\n") == b": keep-alive\n\n"
+    assert g.sse_event(b":\n\n") == g.sse_event(b": keep-alive 4111 1111 1111 1111") == b":\n\n"
+
+
+@pytest.mark.parametrize("framing", [None, *SSE_FRAMINGS])
+@pytest.mark.parametrize("reply", [f"mail {EMAIL} now", f"key {AWS_KEY} now"])
+def test_an_unterminated_last_event_is_scanned(framing: str | None, reply: str) -> None:
+    """The stream ends without the blank line after `response.completed` (which repeats the
+    text whole): the tap hands the guard that tail as it came, `event:` line first."""
+    raw = wire(provider_events([("message", [reply])]), framing).rstrip(b"\r\n")
+    for cuts in ([], [len(raw) - 5], list(range(0, len(raw), 7))):
+        out, _ = run(raw, cuts)
+        assert leaks(out.decode()) == [], (framing, cuts, out[-300:])
 
 
 def test_text_of_a_delta_that_is_no_string_is_scanned() -> None:

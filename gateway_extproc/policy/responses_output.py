@@ -127,10 +127,11 @@ class ResponsesGuard:
             return b""
         if event.startswith(STREAM_ENDS):  # the gateway's own error event (or [DONE])
             return self._close(None) + event
-        if not event.startswith(b"data:"):
-            return event  # a comment: no text
+        data = event_data(event)  # the unterminated last event may start with its `event:` line
+        if data is None:
+            return b":\n\n" if event.strip(b"\r\n") else b""  # a comment (keep-alive), carrying nothing
         try:
-            obj = orjson.loads(event_data(event) or b"")
+            obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             obj = None
         kind = obj.get("type") if isinstance(obj, dict) else None
