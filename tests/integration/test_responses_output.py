@@ -207,9 +207,14 @@ def test_stream_with_a_blocked_value_ends_incomplete(gw: Gateway, model: str, fr
     assert [e["type"] for e in got.events].count("response.incomplete") == 1, where
     assert not any(e["type"] == "response.completed" for e in got.events), where
     assert AWS_KEY[:8] not in got.deltas(), where
-    events = list(sdk(gw, {"x-mock-reply": BLOCKED_REPLY}).responses.create(model=model, input=QUESTION, stream=True))
+    client = sdk(gw, {"x-mock-reply": BLOCKED_REPLY})
+    events = list(client.responses.create(model=model, input=QUESTION, stream=True))
     assert events[-1].type == "response.incomplete"
     assert events[-1].response.incomplete_details.reason == "content_filter"
+    with client.responses.stream(model=model, input=QUESTION) as stream:  # the SDK's accumulating helper
+        seen = list(stream)
+    assert seen[-1].type == "response.incomplete" and seen[-1].response.output == []
+    assert leaks("".join(e.model_dump_json() for e in seen)) == []
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
