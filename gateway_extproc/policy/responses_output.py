@@ -40,9 +40,9 @@ log = structlog.get_logger("gateway_extproc.policy")
 
 # Events after which no text of the response follows: every window is flushed before them.
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
-# Fields of an event that place a text rather than say anything: not scanned.
-_PLACING = frozenset({"type", "item_id", "sequence_number", "output_index", "content_index", "summary_index",
-                      "command_index", "obfuscation", "logprobs"})
+# Fields of a response object that echo the request (scanned when it came in, and possibly
+# large): not scanned again. Every other string of an answer or event is.
+_ECHOES = frozenset({"instructions", "tools", "input"})
 # The part index of a text, beside its output item's `output_index`.
 _PART_INDEXES = ("content_index", "summary_index", "command_index")
 FILTERED = {"reason": "content_filter"}
@@ -93,7 +93,7 @@ class ResponsesGuard:
             log.warning("response_unreadable", reason="no output")
             raise GatewayError("provider_error", UNREADABLE)
         dropped = _drop_logprobs(output)
-        fields = [f for f in ("output", "output_text") if f in body]
+        fields = [f for f in body if f not in _ECHOES]
         values = [body[f] for f in fields]
         strings = walk_strings(values)
         if isinstance(strings, LimitExceeded):
@@ -103,14 +103,17 @@ class ResponsesGuard:
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
-        if decision is not None and decision.block:
-            body.update(output=[], status="incomplete", incomplete_details=FILTERED)
-            if "output_text" in body:
-                body["output_text"] = ""
-        elif decision is not None and decision.redact:
-            new, _ = redact_strings(strings, decision.redact, PlaceholderMap())
+        if decision is not None and (decision.block or decision.redact):
+            # A block empties the output; a blocked value elsewhere (an error message) is
+            # replaced by its placeholder, like redacted ones.
+            found = [*decision.blocking, *decision.redact] if decision.block else decision.redact
+            new, _ = redact_strings(strings, found, PlaceholderMap())
             replacements = iter(new)
             body.update(zip(fields, map_strings(values, lambda _s: next(replacements))))
+            if decision.block:
+                body.update(output=[], status="incomplete", incomplete_details=FILTERED)
+                if "output_text" in body:
+                    body["output_text"] = ""
         elif not dropped:
             self.response_text = [_output_text(output)]
             return None
@@ -152,10 +155,15 @@ class ResponsesGuard:
 
     def _delta(self, obj: dict[str, Any], kind: str) -> bytes:
         part = next((name for name in _PART_INDEXES if name in obj), None)
-        key = (kind, obj.get("output_index"), part, obj.get(part) if part else None)
+        key = (kind, _index(obj.get("output_index")), part, _index(obj.get(part)) if part else None)
         window = self.windows.get(key)
         if window is None or window.redactor.done:  # a new text (or text after its close)
+            # The event's other fields (ids, indexes) as every delta of this text will carry
+            # them: scanned once.
             template = {k: v for k, v in obj.items() if k not in ("delta", "sequence_number", "obfuscation")}
+            outcome = self._scan([(template, k) for k in template])
+            if outcome is not None:
+                return b"" if isinstance(outcome, LimitExceeded) else self.block(outcome)
             window = self.windows[key] = _Window(
                 StreamRedactor(self.policy.scanner, self.params, self.policy.cfg.holdback_chars), template)
         text = obj["delta"]
@@ -193,30 +201,41 @@ class ResponsesGuard:
         return b"".join(out)
 
     def _whole(self, obj: dict[str, Any]) -> bytes:
-        """Any other event: a streamed text it repeats becomes what the client was sent for
-        it; its other strings are scanned (redacted in place, or the stream is blocked)."""
+        """Any other event, every string scanned (a streamed text it repeats becomes what
+        the client was sent for it), redacted in place, or the stream is blocked."""
         obj.pop("obfuscation", None)  # padding sized to the provider's text, not to what goes out
-        response = obj.get("response")
-        if isinstance(response, dict):
-            self.head = response
-        fields = [(obj, k) for k in obj if k not in _PLACING and k != "response"]
-        if isinstance(response, dict):
-            fields += [(response, k) for k in ("output", "output_text") if k in response]
         if "logprobs" in obj:
             obj["logprobs"] = []
+        response = obj.get("response")
+        if isinstance(response, dict):
+            fields = [(obj, k) for k in obj if k not in ("response", "sequence_number")]
+            fields += [(response, k) for k in response if k not in _ECHOES]
+        else:
+            fields = [(obj, k) for k in obj if k != "sequence_number"]
+        outcome = self._scan(fields)
+        if outcome is not None:
+            return b"" if isinstance(outcome, LimitExceeded) else self.block(outcome)
+        if isinstance(response, dict):
+            self.head = response  # scanned: a block's response.incomplete may repeat it
+        return self._emit(obj)
+
+    def _scan(self, fields: list[tuple[dict[str, Any], str]]) -> Decision | LimitExceeded | None:
+        """Scans the strings under these (dict, key) fields in one pass and redacts them in
+        place (None); else the decision that blocks, or why they cannot be read (then the
+        event is not forwarded)."""
         values = [holder[k] for holder, k in fields]
         _drop_logprobs(values)
         strings = walk_strings(values)
         if isinstance(strings, LimitExceeded):
             log.warning("stream_event_unreadable", reason=strings.reason)
-            return b""
+            return strings
         new = [self.known.get(s, s) for s in strings]
         unknown = [i for i, s in enumerate(strings) if s and s not in self.known]
         findings = self.policy.scanner.scan_strings([strings[i] for i in unknown]) if unknown else None
         if findings:
             decision = self.policy.scanner.decide(findings, self.params)
             if decision.block:
-                return self.block(decision)
+                return decision
             record(decision, self.team, self.params.mode, "response")
             if decision.redact:
                 redacted, _ = redact_strings([strings[i] for i in unknown], decision.redact, PlaceholderMap())
@@ -226,7 +245,7 @@ class ResponsesGuard:
             replacements = iter(new)
             for (holder, k), value in zip(fields, map_strings(values, lambda _s: next(replacements))):
                 holder[k] = value
-        return self._emit(obj)
+        return None
 
     def _emit(self, obj: dict[str, Any]) -> bytes:
         obj["sequence_number"] = self.seq
@@ -265,8 +284,13 @@ def _closes(obj: dict[str, Any], key: Key) -> bool:
     part = next((name for name in _PART_INDEXES if name in obj), None)
     if "output_index" not in obj and part is None:
         return obj["type"][:-5] == key[0]
-    return ("output_index" not in obj or obj["output_index"] == key[1]) and \
-        (part is None or (part, obj[part]) == key[2:])
+    return ("output_index" not in obj or _index(obj["output_index"]) == key[1]) and \
+        (part is None or (part, _index(obj[part])) == key[2:])
+
+
+def _index(value: Any) -> int | None:
+    """An index as a window key: an integer, else None (a key must be hashable)."""
+    return value if type(value) is int else None
 
 
 def _drop_logprobs(values: list[Any]) -> bool:
