@@ -42,7 +42,7 @@ log = structlog.get_logger("gateway_extproc.policy")
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 # Fields of a response object that echo the request (scanned when it came in, and possibly
 # large): not scanned again. Every other string of an answer or event is.
-_ECHOES = frozenset({"instructions", "tools", "input"})
+_ECHOES = frozenset({"instructions", "tools", "tool_choice", "text", "reasoning", "prompt", "metadata", "input"})
 # The part index of a text, beside its output item's `output_index`.
 _PART_INDEXES = ("content_index", "summary_index", "command_index")
 FILTERED = {"reason": "content_filter"}
