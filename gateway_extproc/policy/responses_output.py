@@ -2,9 +2,10 @@
 does for chat completions, in the Responses API's own shapes.
 
 A JSON answer is scanned in one pass over every string of its `output` (message text,
-refusals, function-call arguments, reasoning summaries...) and `output_text`; a value is
-redacted in place, a blocked one empties `output` and marks the answer `incomplete` with
-`incomplete_details.reason: "content_filter"` (how the API itself reports filtered output).
+refusals, function-call arguments, reasoning summaries...), `output_text` and its other
+fields but the request's echoed settings; a value is redacted in place, a blocked one
+empties `output` and marks the answer `incomplete` with `incomplete_details.reason:
+"content_filter"` (how the API itself reports filtered output).
 
 A stream carries each text twice: piecewise in `*.delta` events, then whole in the events
 that close it (`*.done`, `response.content_part.done`, `response.output_item.done`, the
@@ -48,7 +49,7 @@ _PART_INDEXES = ("content_index", "summary_index", "command_index")
 FILTERED = {"reason": "content_filter"}
 UNREADABLE = "The provider answered with a body output scanning could not read; it was not forwarded."
 
-Key = tuple[str, Any, str | None, Any]  # (text kind, output_index, part index name, part index)
+Key = tuple[str, int | None, str | None, int | None]  # (text kind, output_index, part index name, part index)
 
 
 class _Window:
@@ -111,7 +112,7 @@ class ResponsesGuard:
             replacements = iter(new)
             body.update(zip(fields, map_strings(values, lambda _s: next(replacements))))
             if decision.block:
-                body.update(output=[], status="incomplete", incomplete_details=FILTERED)
+                body.update(output=[], status="incomplete", incomplete_details=dict(FILTERED))
                 if "output_text" in body:
                     body["output_text"] = ""
         elif not dropped:
@@ -257,7 +258,7 @@ class ResponsesGuard:
         self.ended = True
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
-        response = {**self.head, "status": "incomplete", "incomplete_details": FILTERED, "output": []}
+        response = {**self.head, "status": "incomplete", "incomplete_details": dict(FILTERED), "output": []}
         response.pop("output_text", None)
         return self._emit({"type": "response.incomplete", "response": response})
 
@@ -312,7 +313,7 @@ def _drop_logprobs(values: list[Any]) -> bool:
 
 
 def _output_text(output: list[Any]) -> str:
-    return "\n".join(part["text"] for item in output
-                     if isinstance(item, dict) and item.get("type") == "message"
-                     for part in item.get("content") or () if isinstance(part, dict) and part.get("type") == "output_text"
-                     and isinstance(part.get("text"), str))
+    """The message text of an output, for content logging."""
+    return "\n".join(part["text"] for item in output if isinstance(item, dict) and item.get("type") == "message"
+                     for part in item.get("content") or ()
+                     if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str))
