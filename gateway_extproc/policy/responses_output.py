@@ -316,4 +316,5 @@ def _output_text(output: list[Any]) -> str:
     """The message text of an output, for content logging."""
     return "\n".join(part["text"] for item in output if isinstance(item, dict) and item.get("type") == "message"
                      for part in item.get("content") or ()
-                     if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str))
+                     if isinstance(part, dict) and part.get("type") == "output_text"
+                     and isinstance(part.get("text"), str))
