@@ -11,6 +11,7 @@ the same redacted text; a blocked value ends the stream with one `response.incom
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -27,6 +28,9 @@ from gateway_extproc.policy.classification import Policy
 from gateway_extproc.policy.responses_output import _ECHOES, ResponsesGuard
 from gateway_extproc.policy.scanner import PlaceholderMap, redact_strings
 from gateway_extproc.usage import SseUsageTap
+from tests.test_processor_properties import local_runtime, run_stream
+
+__all__ = ["local_runtime"]  # the fixture, values-local's runtime
 
 TIERS = ("public", "internal", "confidential", "restricted")
 POLICY = Policy(Classification(TIERS, "enforce", "public", {}, (), None, (), True, 64, None))
@@ -457,3 +461,27 @@ def test_json_an_answer_without_an_output_list_is_a_provider_error(body: Any) ->
     with pytest.raises(GatewayError) as info:
         guard().json_body(body)
     assert info.value.code == "provider_error"
+
+
+# -- through the router processor (no gRPC server) ------------------------------------------------
+
+
+@pytest.mark.parametrize("end", [b"", b'data: {"type":"response.output_text.delta","output_index":0,"content_ind'])
+def test_text_held_back_reaches_the_client_when_the_stream_is_cut_off(local_runtime: Any, end: bytes) -> None:
+    """The provider's connection ends after some deltas, without the events that close the
+    text: what the window still holds goes out, scanned (chat does the same)."""
+    events = provider_events([("message", ["Hello", " world, mail ", EMAIL, " now"])])
+    raw = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events[:7]) + end
+    _, out = asyncio.run(run_stream(local_runtime, "responses", "openai", False, raw, [len(raw) // 3], False))
+    assert leaks(out.decode()) == []
+    assert texts_of([e for _, e in read(out)]) == {("response.output_text", 0): "Hello world, mail [EMAIL_1] now"}
+
+
+def test_a_whole_stream_through_the_router(local_runtime: Any) -> None:
+    raw = wire(provider_events([("message", ["Hello", " world, mail ", EMAIL, " now"]),
+                                ("function_call", ['{"to": "', EMAIL, '"}'])]), "multiline")
+    proc, out = asyncio.run(run_stream(local_runtime, "responses", "openai", False, raw, [5, 77, 300], False))
+    assert leaks(out.decode()) == []
+    events = [e for _, e in read(out)]
+    check_consistent(events, 2)
+    assert proc.usage is not None and proc.usage.completion_tokens == USAGE["output_tokens"]

@@ -340,6 +340,9 @@ class RouterProcessor:
                 log_budget_cut(self)
             elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
                 out = self.tap.whole(data if out is None else out) + self.held_text() + _interrupted_event(self)
+            elif msg.end_of_stream and self.endpoint is api.RESPONSES and self.guard is not None \
+                    and 200 <= self.status < 300:  # text still held back when the stream was cut off
+                out = self.tap.whole(data if out is None else out) + self.held_text()
             if msg.end_of_stream:
                 self.usage = self.tap.usage
                 self.log()
