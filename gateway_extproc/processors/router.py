@@ -30,6 +30,7 @@ from ..errors import GatewayError, error_body
 from ..providers import SERVES
 from ..providers.base import openai_error, sse
 from ..policy.classification import ResponseGuard, content_for_log
+from ..policy.responses_output import ResponsesGuard
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_object
@@ -90,7 +91,7 @@ class RouterProcessor:
         self.declared: str | None = None  # x-data-classification sent by the client
         self.tier: str | None = None
         self.eligible: tuple[Backend, ...] = ()
-        self.guard: ResponseGuard | None = None
+        self.guard: ResponseGuard | ResponsesGuard | None = None
         self.redacted = False
         self.content: str | None = None  # prompt text, only when the tier allows logging it
         # "anthropic" for POST /v1/messages: translated to the OpenAI pivot on the way in,
@@ -194,6 +195,8 @@ class RouterProcessor:
                 body, self.redacted = verdict.body, True
             if policy.cfg.output_scanning and self.endpoint is api.CHAT:
                 self.guard = ResponseGuard(policy, verdict.params, team, in_order=self.client == "anthropic")
+            elif policy.cfg.output_scanning and self.endpoint is api.RESPONSES:
+                self.guard = ResponsesGuard(policy, verdict.params, team)
             if policy.may_log_content(verdict.tier):
                 self.content = content_for_log(body)
         if self.trace is not None:
@@ -337,6 +340,9 @@ class RouterProcessor:
                 log_budget_cut(self)
             elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
                 out = self.tap.whole(data if out is None else out) + self.held_text() + _interrupted_event(self)
+            elif msg.end_of_stream and self.endpoint is api.RESPONSES and self.guard is not None \
+                    and 200 <= self.status < 300:  # text still held back when the stream was cut off
+                out = self.tap.whole(data if out is None else out) + self.held_text()
             if msg.end_of_stream:
                 self.usage = self.tap.usage
                 self.log()

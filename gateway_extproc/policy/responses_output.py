@@ -1,0 +1,320 @@
+"""Output scanning for the OpenAI Responses API (`POST /v1/responses`): what `ResponseGuard`
+does for chat completions, in the Responses API's own shapes.
+
+A JSON answer is scanned in one pass over every string of its `output` (message text,
+refusals, function-call arguments, reasoning summaries...), `output_text` and its other
+fields but the request's echoed settings; a value is redacted in place, a blocked one
+empties `output` and marks the answer `incomplete` with `incomplete_details.reason:
+"content_filter"` (how the API itself reports filtered output).
+
+A stream carries each text twice: piecewise in `*.delta` events, then whole in the events
+that close it (`*.done`, `response.content_part.done`, `response.output_item.done`, the
+final `response.completed` / `incomplete` / `failed`). Every delta text goes through its own
+hold-back window (`StreamRedactor`), keyed by its kind, output item and part, so a value
+split across deltas is seen whole. A closing event first flushes the windows it closes (their
+held text goes out as one more delta, before it); then each of its strings that is the whole
+text of a closed window is replaced by exactly what the client was sent for that window (so
+the done text equals the concatenated deltas, placeholders included), and every other string
+is scanned like a JSON answer. A block ends the stream with one `response.incomplete` event
+(reason `content_filter`, no output) and nothing after it.
+
+Forwarded events are re-serialised as OpenAI sends them, `event: <type>` then `data: <json>`
+(the openai SDKs dispatch on the data's `type`; the event line is for clients that read the
+SSE event name), and renumbered (`sequence_number`), since held-back deltas go out merged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import structlog
+
+from ..errors import GatewayError
+from ..providers.base import event_data
+from ..usage import STREAM_ENDS
+from .classification import CONTENT_LOG_CHARS, Policy, record
+from .scanner import Decision, DecisionParams, LimitExceeded, PlaceholderMap, map_strings, redact_strings, walk_strings
+from .stream import StreamRedactor
+
+log = structlog.get_logger("gateway_extproc.policy")
+
+# Events after which no text of the response follows: every window is flushed before them.
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+# Fields of a response object that echo the request (scanned when it came in, and possibly
+# large): not scanned again. Every other string of an answer or event is.
+_ECHOES = frozenset({"instructions", "tools", "tool_choice", "text", "reasoning", "prompt", "metadata", "input"})
+# The part index of a text, beside its output item's `output_index`.
+_PART_INDEXES = ("content_index", "summary_index", "command_index")
+FILTERED = {"reason": "content_filter"}
+UNREADABLE = "The provider answered with a body output scanning could not read; it was not forwarded."
+
+Key = tuple[str, int | None, str | None, int | None]  # (text kind, output_index, part index name, part index)
+
+
+class _Window:
+    """One text being streamed: its hold-back window, what the provider sent, what the
+    client got, and the delta event its held text goes out in."""
+
+    __slots__ = ("redactor", "raw", "sent", "template")
+
+    def __init__(self, redactor: StreamRedactor, template: dict[str, Any]) -> None:
+        self.redactor, self.template = redactor, template
+        self.raw: list[str] = []
+        self.sent: list[str] = []
+
+
+class ResponsesGuard:
+    """Scans a Responses API answer: a whole JSON body, or its SSE events."""
+
+    __slots__ = ("policy", "params", "team", "windows", "known", "head", "seq", "ended", "response_text")
+
+    def __init__(self, policy: Policy, params: DecisionParams, team: str) -> None:
+        self.policy, self.params, self.team = policy, params, team
+        self.windows: dict[Key, _Window] = {}
+        # The whole text of every closed window -> the text the client was sent for it: how a
+        # closing event's repeat of a streamed text is made to match its deltas, unscanned.
+        self.known: dict[str, str] = {}
+        # The response object as last announced (`response.created`...): a block's
+        # `response.incomplete` repeats it (id, model, created_at...) with no output.
+        self.head: dict[str, Any] = {}
+        self.seq = 0
+        self.ended = False
+        self.response_text: list[str] = []
+
+    # -- JSON ----------------------------------------------------------------------------
+
+    def json_body(self, body: Any) -> bytes | None:
+        """The body (parsed by the caller, which also reads usage from it) to send instead,
+        or None to send it unchanged. Logprobs are dropped (they spell the text out token by
+        token, where no scan sees a value whole). Raises `provider_error` for a body that
+        cannot be read, which therefore cannot be sent."""
+        output = body.get("output") if isinstance(body, dict) else None
+        if not isinstance(output, list):
+            log.warning("response_unreadable", reason="no output")
+            raise GatewayError("provider_error", UNREADABLE)
+        dropped = _drop_logprobs(output)
+        fields = [f for f in body if f not in _ECHOES]
+        values = [body[f] for f in fields]
+        strings = walk_strings(values)
+        if isinstance(strings, LimitExceeded):
+            log.warning("response_unreadable", reason=strings.reason)
+            raise GatewayError("provider_error", UNREADABLE)
+        findings = self.policy.scanner.scan_strings(strings)
+        decision = self.policy.scanner.decide(findings, self.params) if findings else None
+        if decision is not None:
+            record(decision, self.team, self.params.mode, "response")
+        if decision is not None and (decision.block or decision.redact):
+            # A block empties the output; a blocked value elsewhere (an error message) is
+            # replaced by its placeholder, like redacted ones.
+            found = [*decision.blocking, *decision.redact] if decision.block else decision.redact
+            new, _ = redact_strings(strings, found, PlaceholderMap())
+            replacements = iter(new)
+            body.update(zip(fields, map_strings(values, lambda _s: next(replacements))))
+            if decision.block:
+                body.update(output=[], status="incomplete", incomplete_details=dict(FILTERED))
+                if "output_text" in body:
+                    body["output_text"] = ""
+        elif not dropped:
+            self.response_text = [_output_text(output)]
+            return None
+        self.response_text = [_output_text(body["output"])]  # what the client sees is all a log may hold
+        return orjson.dumps(body)
+
+    # -- SSE -----------------------------------------------------------------------------
+
+    def sse_event(self, event: bytes) -> bytes:
+        """One complete SSE event (in `usage.canonical_event` form, or the unterminated last
+        one) in, what to forward out (possibly empty). What cannot be read is not forwarded,
+        since it could not be scanned."""
+        if self.ended:
+            return b""
+        if event.startswith(STREAM_ENDS):  # the gateway's own error event (or [DONE])
+            return self._close(None) + event
+        data = event_data(event)  # the unterminated last event may start with its `event:` line
+        if data is None:
+            return b":\n\n" if event.strip(b"\r\n") else b""  # a comment (keep-alive), carrying nothing
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if not isinstance(kind, str) or not kind.isprintable():  # no event, or one that would break the framing
+            log.warning("stream_event_unreadable", event_bytes=len(event))
+            return b""
+        assert isinstance(obj, dict)
+        if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
+            return self._delta(obj, kind[:-6])
+        before = b""
+        if kind.endswith(".done"):
+            before = self._close(obj)
+        elif kind in _TERMINAL:
+            before = self._close(None)
+        if self.ended:  # a flushed window held a blocked value
+            return before
+        return before + self._whole(obj)
+
+    def _delta(self, obj: dict[str, Any], kind: str) -> bytes:
+        part = next((name for name in _PART_INDEXES if name in obj), None)
+        key = (kind, _index(obj.get("output_index")), part, _index(obj.get(part)) if part else None)
+        window = self.windows.get(key)
+        if window is None or window.redactor.done:  # a new text (or text after its close)
+            # The event's other fields (ids, indexes) as every delta of this text will carry
+            # them: scanned once.
+            template = {k: v for k, v in obj.items() if k not in ("delta", "sequence_number", "obfuscation")}
+            outcome = self._scan([(template, k) for k in template])
+            if outcome is not None:
+                return b"" if isinstance(outcome, LimitExceeded) else self.block(outcome)
+            window = self.windows[key] = _Window(
+                StreamRedactor(self.policy.scanner, self.params, self.policy.cfg.holdback_chars), template)
+        text = obj["delta"]
+        window.raw.append(text)
+        out = window.redactor.feed(text)
+        if window.redactor.blocked:
+            return self.block(window.redactor.block_decision)
+        if not out:
+            return b""  # held back until the window moves on
+        return self._sent(key, window, out)
+
+    def _sent(self, key: Key, window: _Window, text: str) -> bytes:
+        """A delta event carrying `text` (scanned) of one window."""
+        window.sent.append(text)
+        if key[0] == "response.output_text":
+            self._keep(text)
+        obj = {**window.template, "delta": text}
+        if "logprobs" in obj:
+            obj["logprobs"] = []  # tokens spell out text held back, unscanned
+        return self._emit(obj)
+
+    def _close(self, obj: dict[str, Any] | None) -> bytes:
+        """Flushes the windows a closing event closes (every one for None): their held text,
+        scanned, one delta each, to go out before it."""
+        out = []
+        for key, window in self.windows.items():
+            if window.redactor.done or obj is not None and not _closes(obj, key):
+                continue
+            text = window.redactor.flush()
+            if window.redactor.blocked:
+                return b"".join(out) + self.block(window.redactor.block_decision)
+            if text:
+                out.append(self._sent(key, window, text))
+            self.known["".join(window.raw)] = "".join(window.sent)
+        return b"".join(out)
+
+    def _whole(self, obj: dict[str, Any]) -> bytes:
+        """Any other event, every string scanned (a streamed text it repeats becomes what
+        the client was sent for it), redacted in place, or the stream is blocked."""
+        obj.pop("obfuscation", None)  # padding sized to the provider's text, not to what goes out
+        if "logprobs" in obj:
+            obj["logprobs"] = []
+        response = obj.get("response")
+        if isinstance(response, dict):
+            fields = [(obj, k) for k in obj if k not in ("response", "sequence_number")]
+            fields += [(response, k) for k in response if k not in _ECHOES]
+        else:
+            fields = [(obj, k) for k in obj if k != "sequence_number"]
+        outcome = self._scan(fields)
+        if outcome is not None:
+            return b"" if isinstance(outcome, LimitExceeded) else self.block(outcome)
+        if isinstance(response, dict):
+            self.head = response  # scanned: a block's response.incomplete may repeat it
+        return self._emit(obj)
+
+    def _scan(self, fields: list[tuple[dict[str, Any], str]]) -> Decision | LimitExceeded | None:
+        """Scans the strings under these (dict, key) fields in one pass and redacts them in
+        place (None); else the decision that blocks, or why they cannot be read (then the
+        event is not forwarded)."""
+        values = [holder[k] for holder, k in fields]
+        _drop_logprobs(values)
+        strings = walk_strings(values)
+        if isinstance(strings, LimitExceeded):
+            log.warning("stream_event_unreadable", reason=strings.reason)
+            return strings
+        new = [self.known.get(s, s) for s in strings]
+        unknown = [i for i, s in enumerate(strings) if s and s not in self.known]
+        findings = self.policy.scanner.scan_strings([strings[i] for i in unknown]) if unknown else None
+        if findings:
+            decision = self.policy.scanner.decide(findings, self.params)
+            if decision.block:
+                return decision
+            record(decision, self.team, self.params.mode, "response")
+            if decision.redact:
+                redacted, _ = redact_strings([strings[i] for i in unknown], decision.redact, PlaceholderMap())
+                for i, text in zip(unknown, redacted):
+                    new[i] = text
+        if new != strings:
+            replacements = iter(new)
+            for (holder, k), value in zip(fields, map_strings(values, lambda _s: next(replacements))):
+                holder[k] = value
+        return None
+
+    def _emit(self, obj: dict[str, Any]) -> bytes:
+        obj["sequence_number"] = self.seq
+        self.seq += 1
+        return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+    def block(self, decision: Decision | None) -> bytes:
+        """Ends the stream: one `response.incomplete` (reason content_filter, no output)."""
+        self.ended = True
+        if decision is not None:
+            record(decision, self.team, self.params.mode, "response")
+        response = {**self.head, "status": "incomplete", "incomplete_details": dict(FILTERED), "output": []}
+        response.pop("output_text", None)
+        return self._emit({"type": "response.incomplete", "response": response})
+
+    def flush(self) -> bytes:
+        """Whatever text is still held back, scanned, one delta each (the stream is ending early)."""
+        if self.ended:
+            return b""
+        self.ended = True
+        return self._close(None)
+
+    def _keep(self, emitted: str) -> None:
+        """The streamed text as the client got it (redacted), for content logging; bounded."""
+        if sum(map(len, self.response_text)) < CONTENT_LOG_CHARS:
+            self.response_text.append(emitted)
+
+    def logged_response(self) -> str:
+        """The response text a log line may hold: exactly what the client was sent."""
+        return "".join(self.response_text)[:CONTENT_LOG_CHARS]
+
+
+def _closes(obj: dict[str, Any], key: Key) -> bool:
+    """Whether a `*.done` event closes a window: same output item and, when it names one,
+    same part; an event that names neither closes its own kind's windows (`response.audio.done`)."""
+    part = next((name for name in _PART_INDEXES if name in obj), None)
+    if "output_index" not in obj and part is None:
+        return obj["type"][:-5] == key[0]
+    return ("output_index" not in obj or _index(obj["output_index"]) == key[1]) and \
+        (part is None or (part, _index(obj[part])) == key[2:])
+
+
+def _index(value: Any) -> int | None:
+    """An index as a window key: an integer, else None (a key must be hashable)."""
+    return value if type(value) is int else None
+
+
+def _drop_logprobs(values: list[Any]) -> bool:
+    """Empties the `logprobs` of every content part of every output item in `values` (an
+    `output` list, or an event's fields); True when some were there."""
+    dropped = False
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            if value.get("logprobs"):
+                value["logprobs"], dropped = [], True
+            for field in ("content", "part", "item", "output"):
+                if isinstance(value.get(field), (list, dict)):
+                    stack.append(value[field])
+    return dropped
+
+
+def _output_text(output: list[Any]) -> str:
+    """The message text of an output, for content logging."""
+    return "\n".join(part["text"] for item in output if isinstance(item, dict) and item.get("type") == "message"
+                     for part in item.get("content") or ()
+                     if isinstance(part, dict) and part.get("type") == "output_text"
+                     and isinstance(part.get("text"), str))
