@@ -886,6 +886,16 @@ def test_a_streams_last_bytes_are_never_forwarded_unscanned(local_runtime: Runti
         assert EMAIL.encode() not in out
 
 
+def test_parallel_tool_calls_in_one_chunk_reach_anthropic_clients_in_order(local_runtime: Runtime) -> None:
+    """Gemini sends parallel calls in one chunk: the first call's held arguments went out after
+    the second call's block had started, so an Anthropic client saw interleaved blocks."""
+    raw = b"".join(corpus_stream("gemini", 88))  # stream_parallel_tools
+    assert raw.count(b'"functionCall"') == 2
+    _, out = asyncio.run(run_stream(local_runtime, "messages", "gemini", False, raw, [], False))
+    check_anthropic_client(out)
+    assert out.count(b'"partial_json":"{}"') == 2
+
+
 def test_fields_outside_the_chat_schema_never_carry_a_value_out(local_runtime: Runtime) -> None:
     """A provider's own fields (an audio transcript, a legacy `text`, junk) are scanned too;
     one that holds a value is dropped, and the schema's fields go on."""

@@ -243,6 +243,9 @@ class ResponseGuard:
                         self.blocked_by = redactor
                         return False
         held = False
+        # With `in_order`, a text followed by another in the same delta (parallel tool calls)
+        # is closed there too: its held text must go out before the next one starts.
+        last = next((key for key, holder, name in reversed(slots) if holder[name] is not None), None)
         for key, holder, name in slots:
             text = holder[name]
             if text is None:
@@ -255,7 +258,7 @@ class ResponseGuard:
                 redactor = self.redactors[key] = StreamRedactor(self.policy.scanner, self.params,
                                                                  self.policy.cfg.holdback_chars)
             out = redactor.feed(text) if text else ""
-            if finished:
+            if finished or self.in_order and key != last:
                 out += redactor.flush()
             if redactor.blocked:
                 self.blocked_by = redactor
