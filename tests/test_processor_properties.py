@@ -792,8 +792,8 @@ def _guarded_answers(draw: st.DrawFn) -> tuple[dict[tuple[int, str], str], list[
     base = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
     choices_out: list[list[dict[str, Any]]] = []
     for index, field, piece in ordered:
-        delta = ({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                  "function": {"name": "f", "arguments": piece}}]} if field == "tool" else {field: piece})
+        call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": piece}}
+        delta = {"tool_calls": [call]} if field == "tool" else {field: piece}
         choice = {"index": index, "delta": delta, "finish_reason": None}
         if draw(st.booleans()):
             choice["logprobs"] = {"content": [{"token": piece, "logprob": -0.1, "bytes": list(piece.encode())}]}
@@ -844,7 +844,8 @@ def test_output_scanning_reads_every_text_of_a_json_answer(local_runtime: Runtim
     answer = {"id": "c", "object": "chat.completion", "choices": [
         {"index": 0, "finish_reason": "tool_calls", "logprobs": {"content": [{"token": EMAIL, "logprob": 0.0}]},
          "message": {"role": "assistant", "content": "Sure.", "tool_calls": [
-             {"id": "call_1", "type": "function", "function": {"name": "send", "arguments": json.dumps({"to": EMAIL})}}]}},
+             {"id": "call_1", "type": "function",
+              "function": {"name": "send", "arguments": json.dumps({"to": EMAIL})}}]}},
         {"index": 1, "finish_reason": "stop",
          "message": {"role": "assistant", "content": None, "refusal": f"not to {EMAIL}",
                      "reasoning_content": f"they asked for {EMAIL}"}}],

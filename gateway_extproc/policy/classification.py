@@ -26,7 +26,8 @@ from ..errors import GatewayError
 from ..telemetry import metrics
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS, canonical_event
-from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, InjectionConfig,
+from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams,
+                      InjectionConfig,
                       LimitExceeded, PlaceholderMap, Scanner, map_strings, redact_strings, walk_strings)
 from .stream import StreamRedactor
 
@@ -385,7 +386,8 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
 
 def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:
     """(window key, dict, field) of every text in one choice's delta."""
-    slots: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [((index, f), delta, f) for f in _DELTA_TEXTS if f in delta]
+    slots: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
+        ((index, f), delta, f) for f in _DELTA_TEXTS if f in delta]
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         for k, call in enumerate(calls):

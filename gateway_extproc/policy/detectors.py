@@ -125,8 +125,9 @@ def _card_ok(digits: str) -> bool:
 SEP_CHARS = " .-/_"
 _SEPC = r"[ .\-/_]"
 BRIDGE = "\x1f"
-_GAP = (rf"(?:{_SEPC}{{1,3}}+(?:\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,6}}+{_SEPC}{{0,3}}+)?"
-        rf"|\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,6}}+{_SEPC}{{0,3}}+)")
+MAX_BRIDGED = 6  # structural strings a number may be bridged over
+_GAP = (rf"(?:{_SEPC}{{1,3}}+(?:\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,{MAX_BRIDGED}}}+{_SEPC}{{0,3}}+)?"
+        rf"|\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,{MAX_BRIDGED}}}+{_SEPC}{{0,3}}+)")
 _GAP_RE = re.compile(_GAP)
 _NUM_END = rf"(?![A-Za-z0-9_]|{_GAP}[0-9])"  # not followed by a letter, or by more digits
 # Not right after a digit and one separator: cheap in the regex, keeps long digit runs linear
@@ -143,14 +144,24 @@ def digits_start_ok(text: str, start: int) -> bool:
     """Not the tail of a longer separated number: no digit just before, across separators."""
     i = start - 1
     stop = max(0, start - 72)
+    skipped = 0
     while i >= stop and (text[i] in SEP_CHARS or text[i] == BRIDGE):
         if text[i] == BRIDGE:  # skip structural strings between two bridged strings
             j = text.rfind(BRIDGE, stop, i)
-            if j >= 0 and STRUCTURAL.fullmatch(text, j + 1, i):  # noqa: SIM102
+            if j >= 0 and STRUCTURAL.fullmatch(text, j + 1, i):
+                skipped += 1
+                if skipped > MAX_BRIDGED:  # more than a number bridges over: not its tail
+                    return True
                 i = j
                 continue
         i -= 1
-    return i < 0 or i < stop or not ("0" <= text[i] <= "9")
+    if i < 0 or i < stop or not ("0" <= text[i] <= "9"):
+        return True
+    # The digit before ends an identifier (`call_9dc7f51154e1`, `A12`): no number starts
+    # there, so this one is not the tail of a longer one (it was missed altogether).
+    while i >= stop and "0" <= text[i] <= "9":
+        i -= 1
+    return i >= stop and (text[i].isalpha() or text[i] == "_")
 
 
 def ssn_start_ok(text: str, start: int) -> bool:
@@ -204,7 +215,7 @@ def _card_run(value: str) -> bool:
     if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or BRIDGE in value) \
             and _card_ok(digits):
         return True
-    for j in range(len(groups) - 1, 0, -1):
+    for j in range(min(len(groups) - 1, max(map(len, _CARD_LAYOUTS))), 0, -1):  # (a long run: no quadratic)
         if _card_layout(sizes[:j]) and _card_ok("".join(groups[:j])):
             return True
     for i in range(1, len(groups)):
@@ -459,7 +470,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(
-            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,40}}+{_NUM_END}",
+            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}",
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(

@@ -892,6 +892,8 @@ class Scanner:
             return []
         v = "".join(parts)
         hits = self._all_hits(v)
+        if len(segs) > 2:
+            hits = self._bridged_over(v, hits)
         raw: list[Finding] = []
         injection_hits: list[tuple[int, int, str, int, str]] = []
         self._collect(v, hits, 0, 0, raw, injection_hits)
@@ -903,6 +905,22 @@ class Scanner:
         findings = [piece for f in raw for piece in _pieces(f, v, segs, starts)]
         findings.sort(key=lambda f: (f.index, f.start))
         return findings
+
+    def _bridged_over(self, v: str, hits: list[Hit]) -> list[Hit]:
+        """A number bridged over short strings between two strings (a card split over two
+        messages, "user" between them) is one value, and the scan resumes after it, so a
+        value in a string it bridged over (a key between two card numbers) went unseen: each
+        such string is scanned on its own too (`_pieces` leaves it out of the number)."""
+        inner: list[Hit] = []
+        for s, e, _ in hits:
+            b = v.find(BRIDGE, s, e)
+            while b != -1:
+                nb = v.find(BRIDGE, b + 1, e)
+                if nb == -1:
+                    break
+                inner += self._hits(v, b, nb, nb + 1)[0]
+                b = nb
+        return sorted(hits + inner) if inner else hits
 
     # -- encoded payloads ----------------------------------------------------------------
 

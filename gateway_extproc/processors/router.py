@@ -463,8 +463,8 @@ class RouterProcessor:
         body never read: too large, client gone first) the reservation's worst case; nothing
         when the provider was never reached, refused or failed."""
         usage = self.usage or Usage()
-        if not (self.status == 0 or 200 <= (self.answered or self.status) < 300 or usage.completion_tokens is not None) \
-                or self.model is None:
+        answered = self.answered or self.status
+        if not (self.status == 0 or 200 <= answered < 300 or usage.completion_tokens is not None) or self.model is None:
             return Consumed(0, 0, 0, False)
         price = backend.price if backend and backend.price else (
             self.admission.plan.price if self.admission else None)
