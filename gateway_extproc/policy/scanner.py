@@ -918,7 +918,8 @@ class Scanner:
                 nb = v.find(BRIDGE, b + 1, e)
                 if nb == -1:
                     break
-                inner += self._hits(v, b, nb, nb + 1)[0]
+                if STRUCTURAL.fullmatch(v, b + 1, nb):  # (the rest is the number's own)
+                    inner += self._hits(v, b, nb, nb + 1)[0]
                 b = nb
         return sorted(hits + inner) if inner else hits
 
