@@ -18,6 +18,7 @@ import structlog
 from .providers.base import error_event, event_data
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINES = re.compile(rb"\r\n|\r|\n")
 # A choice's finish reason in an OpenAI stream chunk, read without parsing the event (inside
 # generated text the quotes are escaped, so text cannot match).
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
@@ -75,14 +76,18 @@ def _int(value: Any) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
 
-def canonical_event(event: bytes) -> bytes:
+def canonical_event(event: bytes, named: bool = False) -> bytes:
     """One complete SSE event in the single form the gateway reads and forwards:
-    `data: <payload>\n\n` with JSON compacted, or `:\n\n` (a comment: it keeps the connection
+    `data: <payload>\n\n` with JSON compacted (`named`: after its `event: <name>` line, which
+    Responses API clients may dispatch on), or `:\n\n` (a comment: it keeps the connection
     alive and carries nothing) for an event without data. SSE allows other framings that
     clients read the same (CR or CRLF line ends, `data:` without its space, data over several
-    lines, comments, event names), so usage, the budget backstop and output scanning must
+    lines, comments, other fields), so usage, the budget backstop and output scanning must
     read them too. Events already in that form (what providers send) are returned as they are."""
-    if event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2 and b"\r" not in event:
+    if b"\r" not in event and event.endswith(b"\n\n") and (
+            event.startswith(b"data: ") and event.count(b"\n") == 2
+            or named and event.startswith(b"event: ") and event.count(b"\n") == 3
+            and event.find(b"\ndata: ") == event.find(b"\n")):
         return event
     data = event_data(event)
     if data is None:
@@ -91,7 +96,14 @@ def canonical_event(event: bytes) -> bytes:
         data = orjson.dumps(orjson.loads(data))
     except orjson.JSONDecodeError:
         data = data.replace(b"\n", b"\ndata: ")  # not JSON: the same lines, each its own data: line
-    return b"data: " + data + b"\n\n"
+    name = _event_name(event) if named else None
+    return (b"event: " + name + b"\n" if name else b"") + b"data: " + data + b"\n\n"
+
+
+def _event_name(event: bytes) -> bytes | None:
+    """The event's `event:` field (the last one counts), if it has one."""
+    names = [line[6:].removeprefix(b" ") for line in _LINES.split(event) if line.startswith(b"event:")]
+    return names[-1] if names else None
 
 
 class SseUsageTap:
@@ -102,12 +114,13 @@ class SseUsageTap:
     client never sees half of an event that is later removed.
     """
 
-    __slots__ = ("drop_usage_chunk", "usage", "_pending", "events", "content_events", "rewrite", "done",
+    __slots__ = ("drop_usage_chunk", "named", "usage", "_pending", "events", "content_events", "rewrite", "done",
                  "finish_reasons", "limit", "over", "refused")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, named: bool = False) -> None:
         self.drop_usage_chunk = drop_usage_chunk
+        self.named = named  # events keep their `event:` name (Responses API streams)
         # At most this many content events are forwarded; from the one past it on, `over`
         # is set and nothing more is forwarded (usage is still read). The budget backstop
         # for a provider that ignores the output cap.
@@ -138,7 +151,7 @@ class SseUsageTap:
         changed = False
         for match in _EVENT_END.finditer(data):
             raw = data[start:match.end()]
-            event = canonical_event(raw)
+            event = canonical_event(raw, self.named)
             changed = changed or event is not raw  # reframed, so the chunk cannot go out as it came
             start = match.end()
             self.events += 1

@@ -358,3 +358,15 @@ def test_limit_not_reached_forwards_everything() -> None:
     tap = SseUsageTap(False, limit=2)
     got = tap.feed(whole, True)
     assert (whole if got is None else got) == whole and not tap.over
+
+
+def test_a_responses_stream_keeps_its_event_names_in_any_framing() -> None:
+    """Rewriting taps forward one framing; a Responses API stream's `event:` names (which
+    EventSource clients dispatch on) stay, in the order OpenAI writes them."""
+    data = b'{"type":"response.output_text.delta","delta":"Hi"}'
+    for raw in (b"event: response.output_text.delta\ndata: " + data + b"\n\n",
+                b"id: 4\r\nevent: response.output_text.delta\r\ndata:" + data + b"\r\n\r\n",
+                b": ping\nevent: response.output_text.delta\ndata: {\ndata: " + data[1:] + b"\n\n"):
+        tap = SseUsageTap(drop_usage_chunk=False, limit=100, named=True)
+        out = tap.feed(raw, end=False)
+        assert (raw if out is None else out) == b"event: response.output_text.delta\ndata: " + data + b"\n\n", raw

@@ -306,7 +306,7 @@ class RouterProcessor:
         if content_type == "text/event-stream" or (self.stream and 200 <= self.status < 300
                                                    and content_type != "application/json"):
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None,
-                                   self.cut_after)
+                                   self.cut_after, named=self.endpoint is api.RESPONSES)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
             # The stream may change length (translation, usage chunk dropped, redaction, budget cut): chunked.
