@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway_extproc.policy import (
@@ -496,7 +496,8 @@ _CARDS = ["4111 1111 1111 1111", "5500 0000 0000 0004", "4111111111111111"]
 _KEY = "AKIAIOSFODNN7EXAMPLE"
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=2000, deadline=None)
+@example(["call_9dc7f51154e1", _KEY, _KEY, "user", "user", "call_9dc7f51154e1", _CARDS[0]])  # far-back identifier
 @given(st.lists(st.sampled_from([*_CARDS, _KEY, "user", "assistant", "text", "call_9dc7f51154e1"]),
                 min_size=1, max_size=12))
 def test_every_card_and_key_in_a_list_of_strings_is_found(strings: list[str]) -> None:

@@ -157,11 +157,12 @@ def digits_start_ok(text: str, start: int) -> bool:
         i -= 1
     if i < 0 or i < stop or not ("0" <= text[i] <= "9"):
         return True
-    # The digit before ends an identifier (`call_9dc7f51154e1`, `A12`): no number starts
-    # there, so this one is not the tail of a longer one (it was missed altogether).
-    while i >= stop and "0" <= text[i] <= "9":
+    # The digits before are glued to an identifier (`call_9dc7f51154e1`, `A12`, `x1 2`): no
+    # number starts in them, so this one is not the tail of a longer one (it was missed).
+    lo = max(0, i - 256)
+    while i >= lo and ("0" <= text[i] <= "9" or text[i] in SEP_CHARS):
         i -= 1
-    return i >= stop and (text[i].isalpha() or text[i] == "_")
+    return i >= lo and (text[i].isalpha() or text[i] == "_") and "0" <= text[i + 1] <= "9"
 
 
 def ssn_start_ok(text: str, start: int) -> bool:
