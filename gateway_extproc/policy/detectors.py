@@ -132,7 +132,8 @@ _GAP_RE = re.compile(_GAP)
 _NUM_END = rf"(?![A-Za-z0-9_]|{_GAP}[0-9])"  # not followed by a letter, or by more digits
 # Not right after a digit and one separator: cheap in the regex, keeps long digit runs linear
 # (the rest of the rule is `digits_start_ok`).
-_NUM_START = r"(?<![0-9][ .\-/_])"
+_NUM_START = (r"(?:(?<![0-9][ .\-/_])|(?<=[A-Za-z_][0-9][ .\-/_])|(?<=[A-Za-z_][0-9]{2}[ .\-/_])"
+              r"|(?<=[A-Za-z_][0-9]{3}[ .\-/_])|(?<=[A-Za-z_][0-9]{4}[ .\-/_]))")  # (or an identifier's: `A12 4111`)
 
 
 def digit_groups(value: str) -> list[str]:
