@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from gateway_extproc import keys
-from gateway_extproc.localstack import LocalStack, free_port
+from gateway_extproc.localstack import LocalStack, StartError, free_port
 from gateway_extproc.render import chart_values
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +53,20 @@ class Gateway:
 def build_gateway(workdir: Path, env: dict[str, str] | None = None,
                   customize: Callable[[dict[str, Any]], None] | None = None, share_mocks: Gateway | None = None) -> Gateway:
     """A started stack. `customize` edits the values before rendering; `share_mocks` reuses
-    another gateway's mock providers (a second replica in front of the same providers)."""
+    another gateway's mock providers (a second replica in front of the same providers).
+    `free_port` only finds a port free now: when another process (a client's ephemeral port)
+    takes one before the stack binds it, the stack is built again on other ports."""
+    for _ in range(2):
+        try:
+            return _build_gateway(workdir, env, customize, share_mocks)
+        except StartError as err:
+            if not ("Address already in use" in str(err) or " is in use: " in str(err)):
+                raise
+    return _build_gateway(workdir, env, customize, share_mocks)
+
+
+def _build_gateway(workdir: Path, env: dict[str, str] | None, customize: Callable[[dict[str, Any]], None] | None,
+                   share_mocks: Gateway | None) -> Gateway:
     if share_mocks is not None:
         primary_port, backup_port = (int(u.rsplit(":", 1)[1]) for u in (share_mocks.primary, share_mocks.backup))
         primary_key, backup_key = share_mocks.primary_key, share_mocks.backup_key
