@@ -255,18 +255,26 @@ VALUES = st.sampled_from([(CARD, "[CREDIT_CARD_1]"), ("4111-1111-1111-1111", "[C
                           (EMAIL, "[EMAIL_1]"), (AWS_KEY, None)])
 
 
+# A reply with a restricted value inside random words, cut into HTTP chunks of any size.
+ANY_TEXT = {"chunk_bytes": st.sampled_from([None, 1, 3, 7, 64, 1_000_000]), "before": REPLY_WORDS,
+            "after": REPLY_WORDS, "value": VALUES}
+
+
+def sliced_reply(before: str, secret: str, after: str, chunk_bytes: int | None) -> tuple[str, dict[str, str]]:
+    """The reply text and the mock-provider headers that send it in `chunk_bytes` pieces."""
+    reply = f"{before} {secret} {after}".strip()
+    return reply, {"x-mock-reply-base64": base64.b64encode(reply.encode()).decode(),
+                   **({"x-mock-chunk-bytes": str(chunk_bytes)} if chunk_bytes else {})}
+
+
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(framing=st.sampled_from(FRAMINGS), model=st.sampled_from(MODELS),
-       chunk_bytes=st.sampled_from([None, 1, 3, 7, 64, 1_000_000]), before=REPLY_WORDS, after=REPLY_WORDS,
-       value=VALUES)
+@given(framing=st.sampled_from(FRAMINGS), model=st.sampled_from(MODELS), **ANY_TEXT)
 def test_a_any_framing_any_slicing_any_text(framing_gw: Stack, framing: str, model: str,
                                             chunk_bytes: int | None, before: str, after: str,
                                             value: tuple[str, str | None]) -> None:
     gw, watch = framing_gw
     secret, placeholder = value
-    reply = f"{before} {secret} {after}".strip()
-    headers = {"x-mock-reply-base64": base64.b64encode(reply.encode()).decode(),
-               **({"x-mock-chunk-bytes": str(chunk_bytes)} if chunk_bytes else {})}
+    reply, headers = sliced_reply(before, secret, after, chunk_bytes)
     where = f"{model} {framing} {chunk_bytes} {reply!r}"
     got = receive(gw, chat_body(model), framed(framing, **headers))
     assert got.status == 200, where
