@@ -15,10 +15,9 @@ from typing import Any
 import orjson
 import structlog
 
-from .providers.base import error_event, event_data
+from .providers.base import error_event, event_data, event_field
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_LINES = re.compile(rb"\r\n|\r|\n")
 # A choice's finish reason in an OpenAI stream chunk, read without parsing the event (inside
 # generated text the quotes are escaped, so text cannot match).
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
@@ -96,14 +95,8 @@ def canonical_event(event: bytes, named: bool = False) -> bytes:
         data = orjson.dumps(orjson.loads(data))
     except orjson.JSONDecodeError:
         data = data.replace(b"\n", b"\ndata: ")  # not JSON: the same lines, each its own data: line
-    name = _event_name(event) if named else None
-    return (b"event: " + name + b"\n" if name else b"") + b"data: " + data + b"\n\n"
-
-
-def _event_name(event: bytes) -> bytes | None:
-    """The event's `event:` field (the last one counts), if it has one."""
-    names = [line[6:].removeprefix(b" ") for line in _LINES.split(event) if line.startswith(b"event:")]
-    return names[-1] if names else None
+    names = event_field(event, b"event") if named else []
+    return (b"event: " + names[-1] + b"\n" if names else b"") + b"data: " + data + b"\n\n"  # (the last name counts)
 
 
 class SseUsageTap:

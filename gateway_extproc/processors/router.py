@@ -146,7 +146,7 @@ class RouterProcessor:
         content_type = h.get("content-type", "").partition(";")[0].strip().lower()
         if content_type != "application/json":
             raise GatewayError("unsupported_media_type", "Send the body as `Content-Type: application/json`.")
-        if h.get("content-encoding", "identity").strip().lower() not in ("identity", ""):
+        if _encoded(h):
             # No decompressor in front: the body would be checked as sent but labelled for the provider.
             raise GatewayError("unsupported_media_type", "Send the body uncompressed (no `Content-Encoding`).")
         length = h.get("content-length")
@@ -284,8 +284,7 @@ class RouterProcessor:
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
                           metrics.attempt_outcome(self.status)).inc()
         remove: tuple[str, ...] = ("x-envoy-attempt-count",) if attempts else ()
-        if 200 <= self.status < 300 and not msg.end_of_stream \
-                and h.get("content-encoding", "identity").strip().lower() not in ("identity", ""):
+        if 200 <= self.status < 300 and not msg.end_of_stream and _encoded(h):
             # The chart asks providers for `identity`; a compressed answer anyway cannot be
             # accounted or scanned, so it is not forwarded (and is charged at its reservation).
             log.warning("provider_reply_compressed", backend=self.backend)
@@ -524,6 +523,11 @@ def _endpoint_for(method: str, path: str) -> api.Endpoint | str:
     if method != "POST":
         raise GatewayError("method_not_allowed", f"{path} supports POST.")
     return endpoint
+
+
+def _encoded(h: dict[str, str]) -> bool:
+    """A body with a content coding (gzip, br...): the gateway has no decompressor to read it."""
+    return h.get("content-encoding", "identity").strip().lower() not in ("identity", "")
 
 
 def _cut_events(output_tokens: int) -> bytes:

@@ -192,11 +192,18 @@ class SseReader:
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
+def event_field(event: bytes, name: bytes) -> list[bytes]:
+    """The values of one field (`data`, `event`...) of an SSE event, in order, as an SSE
+    client reads them: one leading space dropped, whatever the line ends."""
+    prefix = name + b":"
+    return [line[len(prefix):].removeprefix(b" ") for line in _LINE_END.split(event) if line.startswith(prefix)]
+
+
 def event_data(event: bytes) -> bytes | None:
-    """One SSE event's `data` as an SSE client dispatches it: its `data:` lines (one leading
-    space dropped) joined by LF, whatever the line ends; None when it has none (a comment,
-    or only `event:`/`id:`/`retry:` fields: clients dispatch nothing)."""
-    data = [line[5:].removeprefix(b" ") for line in _LINE_END.split(event) if line.startswith(b"data:")]
+    """One SSE event's `data` as an SSE client dispatches it: its `data:` lines joined by LF;
+    None when it has none (a comment, or only `event:`/`id:`/`retry:` fields: clients
+    dispatch nothing)."""
+    data = event_field(event, b"data")
     return b"\n".join(data) if data else None
 
 
