@@ -204,6 +204,15 @@ def test_ssn_other_separators(value: str) -> None:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
+    ("form A1 123-45-6789", ["123-45-6789"]),  # an identifier's digits before it do not hide it
+    ("ref x1234 123-45-6789", ["123-45-6789"]),
+    ("line 7 123-45-6789", []), ("12 123-45-6789", []),  # a number's tail: not an SSN
+])
+def test_ssn_boundaries(text: str, expected: list[str]) -> None:
+    assert found("us_ssn", text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
     ("SSN: 123456789", ["123456789"]), ("my social security number is 123456789.", ["123456789"]),
     ("ss# 123456789", ["123456789"]), ("Tax ID 123456789", ["123456789"]),
     ("order 123456789", []), ("id=123456789", []), ("123456789", []),  # bare 9 digits need a context word

@@ -158,8 +158,12 @@ def digits_start_ok(text: str, start: int) -> bool:
         i -= 1
     if i < 0 or i < stop or not ("0" <= text[i] <= "9"):
         return True
-    # The digits before are glued to an identifier (`call_9dc7f51154e1`, `A12`, `x1 2`): no
-    # number starts in them, so this one is not the tail of a longer one (it was missed).
+    return _identifier_digits(text, i)
+
+
+def _identifier_digits(text: str, i: int) -> bool:
+    """The digits ending at `i` are glued to an identifier (`call_9dc7f51154e1`, `A12`, `x1 2`):
+    no number starts in them, so a number after them is not their tail (it was missed)."""
     lo = max(0, i - 256)
     while i >= lo and ("0" <= text[i] <= "9" or text[i] in SEP_CHARS):
         i -= 1
@@ -168,11 +172,12 @@ def digits_start_ok(text: str, start: int) -> bool:
 
 def ssn_start_ok(text: str, start: int) -> bool:
     """Not the tail of a longer number in the same string (an SSN is exactly nine digits; one
-    repeated in the next message is another SSN, not the tail of an 18-digit number)."""
+    repeated in the next message is another SSN, not the tail of an 18-digit number), unless
+    the digits before belong to an identifier (`A1 123-45-6789`)."""
     i = start - 1
     while i >= max(0, start - 4) and text[i] in SEP_CHARS:
         i -= 1
-    return i < 0 or not ("0" <= text[i] <= "9")
+    return i < 0 or not ("0" <= text[i] <= "9") or _identifier_digits(text, i)
 
 
 # A string a number may be bridged over: a role, a part type, a tool name or call id.
