@@ -912,6 +912,26 @@ def test_fields_outside_the_chat_schema_never_carry_a_value_out(local_runtime: R
     assert b'"vendor":{"ok":true}' in out  # fields holding nothing to redact go on as they came
 
 
+@pytest.mark.parametrize("field", ["reasoning", "thinking"])
+def test_a_value_split_over_chunks_of_a_providers_own_text_field_never_leaves(local_runtime: Runtime,
+                                                                              field: str) -> None:
+    """A delta's string fields outside the chat schema (OpenRouter's and vLLM's `reasoning`)
+    were scanned chunk by chunk: a value split over two chunks went out in halves. Each now has
+    its own hold-back window, like `content`."""
+    name, domain = EMAIL.split("@")
+    parts = [f"write to {name}", f"@{domain} today"]
+    events = [b'data: {"id":"c","choices":[{"index":0,"delta":{"' + field.encode() + b'":' + orjson.dumps(p) + b'}}]}\n\n'
+              for p in parts]
+    raw = b"".join(events) + (b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"Done."},'
+                              b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    _, out = asyncio.run(run_stream(local_runtime, "chat", "openai", False, raw, [], False))
+    check_openai_client(out)
+    assert name.encode() not in out and domain.encode() not in out
+    said = "".join(c["delta"].get(field, "") for e in openai_events(out)[:-1] for c in e["choices"])
+    assert re.sub(r"\[EMAIL_\d+\]", "E", said) == "write to E today"
+    assert answer_text("chat", out) == "Done."
+
+
 def test_output_scanning_refuses_a_json_answer_it_cannot_read(local_runtime: Runtime) -> None:
     """A 2xx answer that is not a JSON object (here text holding a value output scanning
     redacts) went to the client as it came, unscanned; now it is a 502 provider_error, charged

@@ -271,9 +271,9 @@ class ResponseGuard:
         return not (held and not finished and all(not v for k, v in delta.items() if k != "role"))
 
     def _extras_blocked(self, chunk: dict[str, Any], choices: list[Any]) -> bool:
-        """Fields of a chunk outside the chat schema's (a provider's extensions, or junk) are
-        scanned chunk by chunk, without a window; one holding a finding is dropped, or ends the
-        stream when the finding blocks. True when it does."""
+        """Fields of a chunk outside the chat schema's (a provider's extensions, or junk) other
+        than a delta's strings are scanned chunk by chunk, without a window; one holding a
+        finding is dropped, or ends the stream when the finding blocks. True when it does."""
         extras = _extras(chunk, choices)
         if not extras:
             return False
@@ -372,8 +372,8 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             continue
-        if not delta.keys() <= _DELTA_KEYS:
-            out += [(delta, k) for k in delta if k not in _DELTA_KEYS]
+        if not delta.keys() <= _DELTA_KEYS:  # (a string there is a text with its own window: `_text_slots`)
+            out += [(delta, k) for k, v in delta.items() if k not in _DELTA_KEYS and not isinstance(v, str)]
         calls = delta.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
@@ -385,9 +385,13 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
 
 
 def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:
-    """(window key, dict, field) of every text in one choice's delta."""
+    """(window key, dict, field) of every text in one choice's delta: the schema's, and any
+    other string field (a provider's `reasoning`, `thinking`...), which a client reads as
+    text too, so a value split over its chunks must be seen whole as well."""
     slots: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
         ((index, f), delta, f) for f in _DELTA_TEXTS if f in delta]
+    if not delta.keys() <= _DELTA_KEYS:
+        slots += [((index, f), delta, f) for f, v in delta.items() if f not in _DELTA_KEYS and isinstance(v, str)]
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         for k, call in enumerate(calls):
