@@ -15,6 +15,13 @@ _JSON = (("content-type", "application/json"),)
 STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 SEND = processing_mode_pb2.ProcessingMode.SEND
+# The router filter's processing once its request headers are answered (the chart's filter
+# config skips the response until then): request and response bodies buffered, response
+# headers sent, no trailers.
+_PROCESS_RESPONSE = processing_mode_pb2.ProcessingMode(
+    request_header_mode=SEND, request_body_mode=BUFFERED, response_header_mode=SEND, response_body_mode=BUFFERED,
+    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
 METADATA_NAMESPACE = "gw"  # the chart's metadata_options.receiving_namespaces
 
 
@@ -41,8 +48,12 @@ def common(headers: ep.HeaderMutation | None = None, body: bytes | None = None,
         clear_route_cache=clear_route_cache)
 
 
-def request_headers(c: ep.CommonResponse | None = None) -> ep.ProcessingResponse:
-    return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=c))
+def request_headers(c: ep.CommonResponse | None = None, process_response: bool = False) -> ep.ProcessingResponse:
+    """`process_response` turns the router filter's response processing on (its config skips
+    it, so that Envoy's replies to requests it never parsed are not held for the ext_proc:
+    the chart's comment)."""
+    return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=c),
+                                 mode_override=_PROCESS_RESPONSE if process_response else None)
 
 
 def request_body(c: ep.CommonResponse | None = None, metadata: Mapping[str, str] | None = None

@@ -157,7 +157,7 @@ class RouterProcessor:
         api.check_header_room(len(msg.headers.headers), sum(len(x.key) + len(x.raw_value) for x in msg.headers.headers))
         strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
                  or k == CLASSIFICATION_HEADER or k == identity.XFCC]
-        return r.request_headers(r.common(r.mutation(remove=strip)))
+        return r.request_headers(r.common(r.mutation(remove=strip)), process_response=True)
 
     async def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         cfg = self.runtime.config

@@ -94,7 +94,11 @@ static_resources:
             mappers:
             {{- $d := "response.code_details" }}
             {{- $reset := printf "%s.startsWith('upstream_reset_before_response_started')" $d }}
+            {{- $codec := printf "%s.startsWith('http1.') || %s.startsWith('http2.')" $d $d }}
             {{- range $m := list
+                (list (printf "(%s) && response.code == 431" $codec) 431 "request_headers_too_large" "invalid_request_error" "The request's headers are larger than the gateway accepts (60 KiB, 100 lines).")
+                (list $codec 400 "malformed_http" "invalid_request_error" "The request is not valid HTTP: %RESPONSE_CODE_DETAILS%")
+                (list (printf "%s == 'low_version'" $d) 426 "malformed_http" "invalid_request_error" "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2.")
                 (list (printf "%s.startsWith('jwt_authn_access_denied')" $d) 401 "invalid_token" "authentication_error" "The bearer token was rejected: %RESPONSE_CODE_DETAILS%")
                 (list (printf "response.code == 404 && %s == 'direct_response' && 'x-gateway-model' in request.headers" $d) 503 "model_not_deployed" "server_error" "Model '%REQ(X-GATEWAY-MODEL)%' is in gateway.yaml but not in Envoy's configuration yet: the operator must re-render envoy.yaml and restart Envoy.")
                 (list (printf "%s && %s.contains('overflow')" $reset $d) 503 "upstream_overloaded" "server_error" "Too many requests are in flight to this model's providers; retry shortly.")
@@ -206,11 +210,15 @@ static_resources:
                 timeout: {{ $v.extproc.messageTimeout }}
               failure_mode_allow: false
               message_timeout: {{ $v.extproc.messageTimeout }}
+              # The response is processed only when the request headers were: their answer
+              # turns response processing on (mode_override, processors/responses.py). Envoy's
+              # own replies to requests it could not parse (HTTP/1 codec errors) would else wait
+              # for an ext_proc answer while Envoy closes the connection: the client got no reply.
               processing_mode:
                 request_header_mode: SEND
                 request_body_mode: BUFFERED
-                response_header_mode: SEND
-                response_body_mode: BUFFERED
+                response_header_mode: SKIP
+                response_body_mode: NONE
                 request_trailer_mode: SKIP
                 response_trailer_mode: SKIP
               allow_mode_override: true
