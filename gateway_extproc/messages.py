@@ -270,8 +270,11 @@ class ToMessagesStream:
 
     def _chunk(self, obj: JSON) -> list[bytes]:
         if isinstance(obj.get("error"), dict):
+            # After a finish (a stream the budget cut: finish, usage, error), the client still
+            # gets its message_delta with stop reason and usage before the error.
+            out = self._close() + self._delta() if self._finish is not None else []
             self._done = True
-            return [_event("error", {"error": _error(obj["error"])})]
+            return [*out, _event("error", {"error": _error(obj["error"])})]
         out = self._start(obj)
         if isinstance(obj.get("usage"), dict) and obj["usage"]:
             self._usage = obj["usage"]
@@ -327,13 +330,12 @@ class ToMessagesStream:
 
     def _stop(self) -> list[bytes]:
         self._done = True
-        out = self._start({}) + self._close()
+        return [*self._start({}), *self._close(), *self._delta(), _event("message_stop", {})]
+
+    def _delta(self) -> list[bytes]:
         usage = _usage(self._usage) if self._usage else {"output_tokens": 0}
-        out.append(_event("message_delta", {
-            "delta": {"stop_reason": _stop_reason(self._finish or "stop"), "stop_sequence": None},
-            "usage": usage}))
-        out.append(_event("message_stop", {}))
-        return out
+        return [_event("message_delta", {
+            "delta": {"stop_reason": _stop_reason(self._finish or "stop"), "stop_sequence": None}, "usage": usage})]
 
 
 def _error(error: JSON) -> JSON:

@@ -315,6 +315,16 @@ class RouterProcessor:
             return r.response_headers(r.common(r.mutation(added, remove)), stream_body=True)
         return r.response_headers(r.common(r.mutation(added, remove)) if added or remove else None)
 
+    def cut_usage(self) -> dict[str, int] | None:
+        """The usage chunk of a stream cut at its reservation, for a client that gets usage
+        (it asked, or is an Anthropic client): the prompt as the gateway counted it and the
+        output the reservation allowed, the most the request is charged (the provider's own
+        usage comes after the cut, if at all)."""
+        if self.drop_usage or self.cut_after is None:
+            return None
+        prompt = self.prompt_tokens or 0
+        return {"prompt_tokens": prompt, "completion_tokens": self.cut_after, "total_tokens": prompt + self.cut_after}
+
     def budget_headers(self) -> dict[str, str]:
         if self.admission is None or self.runtime.budget is None:
             return {}
@@ -335,7 +345,7 @@ class RouterProcessor:
                 out = b""  # the client's stream already ended; keep reading usage only
             elif self.tap.over:
                 self.cut = True
-                out = (out or b"") + self.held_text() + _cut_events(self.cut_after or 0)
+                out = (out or b"") + self.held_text() + _cut_events(self.cut_after or 0, self.cut_usage())
                 log_budget_cut(self)
             elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
                 out = self.tap.whole(data if out is None else out) + self.held_text() + _interrupted_event(self)
@@ -530,15 +540,18 @@ def _encoded(h: dict[str, str]) -> bool:
     return h.get("content-encoding", "identity").strip().lower() not in ("identity", "")
 
 
-def _cut_events(output_tokens: int) -> bytes:
+def _cut_events(output_tokens: int, usage: dict[str, int] | None) -> bytes:
     """How a stream that outgrew its reservation ends (a provider that ignored the output
-    cap): a `finish_reason: "length"` chunk, an OpenAI-shaped error event (the openai SDK
-    raises it as APIError), then [DONE]."""
+    cap): a `finish_reason: "length"` chunk, the usage chunk when the client gets one, an
+    OpenAI-shaped error event (the openai SDK raises it as APIError), then [DONE]."""
     finish = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
     error = {"error": {"message": f"The provider went past the {output_tokens} output tokens your budget reserved "
                                   "for this request; the stream was ended by the gateway.",
                        "type": "rate_limit_error", "code": "budget_exceeded", "param": None}}
-    return b"data: " + orjson.dumps(finish) + b"\n\ndata: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n"
+    counted = b"" if usage is None else b"data: " + orjson.dumps(
+        {"object": "chat.completion.chunk", "choices": [], "usage": usage}) + b"\n\n"
+    return b"data: " + orjson.dumps(finish) + b"\n\n" + counted + b"data: " + orjson.dumps(error) + \
+        b"\n\ndata: [DONE]\n\n"
 
 
 def _interrupted_event(p: RouterProcessor) -> bytes:

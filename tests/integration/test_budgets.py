@@ -8,7 +8,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
+import openai
 import pytest
 
 from gateway_extproc import keys
@@ -21,7 +23,7 @@ PRICE = Price.from_usd_per_million(5.0, 20.0, 2.5)  # default-chat's price in va
 NANO = 1_000_000_000
 MSG = [{"role": "user", "content": "Please count the apples in the basket for me."}]
 KEYS = {name: keys.generate(name) for name in ("conc", "clamp", "settle", "cut", "closed", "open", "rpm", "soft",
-                                                "uncapped", "choices", "absurd", "huge", "burst", "refused")}
+                                                "uncapped", "choices", "absurd", "huge", "burst", "refused", "cut-usage", "cut-anthropic")}
 
 
 def budget_keys(values: dict[str, Any], redis_url: str) -> None:
@@ -34,6 +36,8 @@ def budget_keys(values: dict[str, Any], redis_url: str) -> None:
         "clamp": {"budget": {"daily": 0.01}},
         "settle": {"budget": {"daily": 1}},
         "cut": {"budget": {"daily": 0.001}},
+        "cut-usage": {"budget": {"daily": 0.001}},
+        "cut-anthropic": {"budget": {"daily": 0.001}},
         "closed": {"budget": {"daily": 1}},
         "open": {"budget": {"daily": 0.0006, "onStoreError": "open"}},
         "rpm": {"rateLimits": {"requestsPerMinute": 2, "tokensPerMinute": 100000}},
@@ -189,6 +193,38 @@ def test_a_provider_ignoring_the_cap_is_cut_at_the_reservation_and_charged_no_mo
     assert spent(gw, "cut") <= 1_000_000  # the provider billed 300 tokens; the budget is charged its reservation
     from .test_metrics import sample
     assert sample(httpx.get(gw.stack.metrics_url).text, "genai_budget_events_total", event="over_reservation") >= 1
+
+
+def test_a_stream_cut_at_the_reservation_still_tells_the_client_its_usage(gw: Gateway) -> None:
+    """A client that asked for usage got none when the stream was cut: the provider's usage
+    chunk comes after the cut, if at all. The cut now carries one: the prompt as counted and
+    the output the reservation allowed, the most the request is charged."""
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["cut-usage"], max_retries=0)
+    chunks = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in client.chat.completions.create(
+                model="fallback-chat", messages=MSG, stream=True, stream_options={"include_usage": True},
+                extra_headers={"x-mock-ignore-max-tokens": "1", "x-mock-reply-words": "300"}):
+            chunks.append(chunk)
+    assert "budget" in str(raised.value)
+    granted = gw.received(gw.primary)[-1]["body"]["max_completion_tokens"]
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and usage[0].completion_tokens == granted < 300
+    assert usage[0].total_tokens == usage[0].prompt_tokens + granted
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    time.sleep(0.5)  # settlement
+    assert spent(gw, "cut-usage") <= cost_nano(PRICE, usage[0].prompt_tokens, granted)
+
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=KEYS["cut-anthropic"], max_retries=0)
+    events = []
+    with pytest.raises(anthropic.APIError):
+        with sdk.messages.stream(model="fallback-chat", max_tokens=4096, messages=MSG,
+                                 extra_headers={"x-mock-ignore-max-tokens": "1", "x-mock-reply-words": "300"}) as stream:
+            events.extend(stream)
+    sent = gw.received(gw.primary)[-1]["body"]
+    granted = sent.get("max_completion_tokens", sent.get("max_tokens"))
+    delta = [e for e in events if e.type == "message_delta"]
+    assert len(delta) == 1 and delta[0].usage.output_tokens == granted and delta[0].delta.stop_reason == "max_tokens"
 
 
 def test_n_choices_multiply_the_reservation(gw: Gateway) -> None:
