@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import openai
@@ -37,8 +38,12 @@ def test_requests_tokens_and_latency_are_counted(gw: Gateway) -> None:
         usage_in += r.usage.prompt_tokens
         usage_out += r.usage.completion_tokens
     list(client.chat.completions.create(model="default-chat", messages=HELLO, stream=True))
-    after = scrape(gw)
     labels = {"team": "demo", "model": "default-chat", "provider": "mock", "status_class": "2xx"}
+    # The SDK stops at [DONE]; the stream's end (when it is counted) may reach the ext_proc a moment later.
+    deadline = time.monotonic() + 3
+    while (sample(after := scrape(gw), "genai_requests_total", **labels)
+           - sample(before, "genai_requests_total", **labels) < 7 and time.monotonic() < deadline):
+        time.sleep(0.05)
     assert sample(after, "genai_requests_total", **labels) - sample(before, "genai_requests_total", **labels) == 7
     delta_in = sample(after, "genai_tokens_total", team="demo", model="default-chat", type="input") - \
         sample(before, "genai_tokens_total", team="demo", model="default-chat", type="input")
