@@ -124,7 +124,8 @@ class RouterProcessor:
         h = r.header_map(msg)
         self.request_id = h.get("x-request-id", "")
         self.method = h.get(":method", "")
-        self.path = h.get(":path", "").partition("?")[0]
+        raw_path = h.get(":path", "")
+        self.path = raw_path.partition("?")[0]
         self.trace = tracing.start(h, self.method, self.path, self.trace_parent)
         self.declared = h.get(CLASSIFICATION_HEADER)
         endpoint = _endpoint_for(self.method, self.path)
@@ -157,7 +158,10 @@ class RouterProcessor:
         api.check_header_room(len(msg.headers.headers), sum(len(x.key) + len(x.raw_value) for x in msg.headers.headers))
         strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
                  or k == CLASSIFICATION_HEADER or k == identity.XFCC]
-        return r.request_headers(r.common(r.mutation(remove=strip)), process_response=True)
+        # No endpoint takes a query string, and a caller may put a key there (`?key=`, as
+        # Gemini clients do): it goes neither to a provider nor into Envoy's spans and logs.
+        unquery = {":path": self.path} if len(raw_path) != len(self.path) else None
+        return r.request_headers(r.common(r.mutation(unquery, remove=strip)), process_response=True)
 
     async def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         cfg = self.runtime.config

@@ -638,6 +638,33 @@ def test_malformed_http1_gets_an_openai_shaped_answer(hostile: tuple[Gateway, Wa
     watch.clean_log(watch.new_log())
 
 
+def test_a_key_in_the_query_string_is_never_forwarded_or_logged(hostile: tuple[Gateway, Watch]) -> None:
+    """A caller's key in the query string (`?key=`, as Gemini clients send it) went to the
+    provider with the path, and into Envoy's `envoy_error` line (`path` was `%REQ(:PATH)%`)
+    for the requests Envoy answers itself."""
+    gw, watch = hostile
+    gw.reset()
+    made_up = keys.generate("in-query")
+    SENT_SECRETS.add(secret_of(made_up))
+    for query in (f"key={made_up}", f"api_key={gw.key}&x=1"):
+        ok = httpx.post(f"{gw.url}/v1/chat/completions?{query}", json={"model": "default-chat", "messages": HI},
+                        headers={"authorization": f"Bearer {gw.key}"}, timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert [r["path"] for r in gw.received(gw.primary)] == ["/v1/chat/completions"]
+        gw.reset()
+        for path in ("/v1/nope", "/"):
+            resp = httpx.get(f"{gw.url}{path}?{query}", headers={"authorization": f"Bearer {gw.key}"})
+            assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_endpoint"
+        big = iter([b'{"model": "default-chat", "messages": [{"role": "user", "content": "' + b"a" * (1 << 20)]
+                   + [b"a" * (1 << 20)] * 11)  # chunked, over the body limit: Envoy's own 413, which Envoy logs
+        resp = httpx.post(f"{gw.url}/v1/chat/completions?{query}", content=big, timeout=30,
+                          headers={"authorization": f"Bearer {gw.key}", "content-type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+    time.sleep(0.3)
+    watch.alive()
+    watch.clean_log(watch.new_log())
+
+
 def test_the_gateway_is_ready_at_the_end(hostile: tuple[Gateway, Watch]) -> None:
     gw, watch = hostile
     watch.alive()

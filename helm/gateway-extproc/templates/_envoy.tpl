@@ -143,7 +143,7 @@ static_resources:
                   request_id: "%REQ(X-REQUEST-ID)%"
                   start_time: "%START_TIME%"
                   method: "%REQ(:METHOD)%"
-                  path: "%REQ(:PATH)%"
+                  path: "%PATH(NQ)%"  # never the query string: a caller may put a key there
                   status: "%RESPONSE_CODE%"
                   error_code: "%RESP(X-GATEWAY-ERROR-CODE)%"
                   details: "%RESPONSE_CODE_DETAILS%"
