@@ -52,6 +52,7 @@ CODES: dict[str, int] = {
     "budget_exceeded": 429,
     "rate_limited": 429,
     "budget_store_unavailable": 503,
+    "gateway_busy": 503,  # large-body work over this process's share (admission.py)
     "provider_credential_missing": 500,
     "gateway_internal_error": 500,
     "upstream_stream_interrupted": 502,  # only ever sent as a stream's last event

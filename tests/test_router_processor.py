@@ -360,12 +360,12 @@ async def test_model_not_found_message_points_to_models_list(proc: RouterProcess
 
 
 async def test_large_body_is_tokenized_off_loop() -> None:
-    """Bodies above OFFLOAD_TOKENIZE_BYTES take the to_thread path and count the same."""
+    """Bodies above LARGE_BYTES take the to_thread path and count the same."""
     runtime = Runtime.from_config(config.parse(gateway_doc(max_bytes=1 << 20), "big.yaml"))
     proc = RouterProcessor(runtime)
-    text = "hello world " * (router.OFFLOAD_TOKENIZE_BYTES // 12 + 10)
+    text = "hello world " * (router.LARGE_BYTES // 12 + 10)
     body = {"model": "default-chat", "messages": [{"role": "user", "content": text}]}
-    assert len(orjson.dumps(body)) > router.OFFLOAD_TOKENIZE_BYTES
+    assert len(orjson.dumps(body)) > router.LARGE_BYTES
     await send_request(proc, body)
     import bpe_openai
 

@@ -21,6 +21,7 @@ from gateway_extproc._proto.envoy.config.core.v3 import base_pb2
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from .. import api, audit, identity, messages, tokens
+from ..admission import BODY_WORK, LARGE_BYTES
 from ..budgets import caps
 from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
@@ -46,8 +47,6 @@ CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
 CLASSIFICATION_HEADER = "x-data-classification"
-# Bodies above this are scanned and tokenized off the event loop.
-OFFLOAD_TOKENIZE_BYTES = 64 * 1024
 
 
 class Consumed(NamedTuple):
@@ -169,7 +168,19 @@ class RouterProcessor:
         raw = msg.body
         if len(raw) > cfg.max_request_bytes:
             raise _too_large(cfg.max_request_bytes)
-        body = api.parse_json(raw)
+        async with BODY_WORK.share(len(raw)):
+            body = await self.read_body(raw)
+        if self.runtime.budget is not None:
+            await self.reserve(body)
+        return self.forward(body)
+
+    async def read_body(self, raw: bytes) -> dict:
+        """Parse, validate, classify and count the body (the work `BODY_WORK` bounds); large
+        bodies are worked on off the event loop, so other streams keep moving."""
+        cfg = self.runtime.config
+        assert self.endpoint is not None and self.key is not None
+        large = len(raw) > LARGE_BYTES
+        body = await asyncio.to_thread(api.parse_json, raw) if large else api.parse_json(raw)
         if self.client == "anthropic":
             body = messages.to_chat(body)
         self.endpoint.validate(body)
@@ -191,9 +202,7 @@ class RouterProcessor:
         if policy is not None:
             team = self.runtime.labels.team(self.key.team)
             args = (body, self.key, cfg.teams.get(self.key.team), self.declared, model, team)
-            # Large bodies are scanned off the event loop, like tokenizing: other streams keep moving.
-            verdict = (await asyncio.to_thread(policy.check_request, *args) if len(raw) > OFFLOAD_TOKENIZE_BYTES
-                       else policy.check_request(*args))
+            verdict = await asyncio.to_thread(policy.check_request, *args) if large else policy.check_request(*args)
             self.tier, self.eligible = verdict.tier, verdict.eligible
             if verdict.body is not None:
                 body, self.redacted = verdict.body, True
@@ -208,13 +217,11 @@ class RouterProcessor:
             cap = next((body[f] for f in self.endpoint.output_caps if f in body), None)
             self.trace.request(model.name, backend.provider.kind if backend else None, cap, self.stream)
         count = tokens.counter(model.tokenizer)
-        if len(raw) > OFFLOAD_TOKENIZE_BYTES:
+        if large:
             self.prompt_tokens = await asyncio.to_thread(self.endpoint.prompt_tokens, body, count)
         else:
             self.prompt_tokens = self.endpoint.prompt_tokens(body, count)
-        if self.runtime.budget is not None:
-            await self.reserve(body)
-        return self.forward(body)
+        return body
 
     async def reserve(self, body: dict) -> None:
         """Reserve the worst case at every level, and send the provider the output cap that

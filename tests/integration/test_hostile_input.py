@@ -18,6 +18,7 @@ HOSTILE_EXAMPLES / HOSTILE_SDK_EXAMPLES raise the example counts for a longer hu
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
 import re
@@ -661,6 +662,37 @@ def test_a_key_in_the_query_string_is_never_forwarded_or_logged(hostile: tuple[G
                           headers={"authorization": f"Bearer {gw.key}", "content-type": "application/json"})
         assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
     time.sleep(0.3)
+    watch.alive()
+    watch.clean_log(watch.new_log())
+
+
+def test_a_burst_of_huge_prompts_is_refused_cleanly_and_spares_small_requests(hostile: tuple[Gateway, Watch]) -> None:
+    """64 prompts just under the 10 MiB limit at once: every one queued behind all the others
+    in the ext_proc, waited past Envoy's message timeout and failed as 503
+    gateway_unavailable, and small requests sent meanwhile failed the same way. Now each
+    process works on 16 MiB of large bodies at a time and refuses the rest early (503
+    gateway_busy); every small request is served."""
+    gw, watch = hostile
+    gw.reset()
+    huge = b'{"model": "default-chat", "messages": [{"role": "user", "content": "' + b"hello world " * 750_000 + b'"}]}'
+    auth = {"authorization": f"Bearer {gw.key}", "content-type": "application/json"}
+
+    async def burst() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as http:
+            async def small(i: int) -> httpx.Response:
+                await asyncio.sleep(0.1 * i)
+                return await http.post(f"{gw.url}/v1/chat/completions", headers=auth,
+                                       json={"model": "default-chat", "messages": HI})
+            smalls = asyncio.gather(*[small(i) for i in range(20)])
+            bigs = await asyncio.gather(*[http.post(f"{gw.url}/v1/chat/completions", content=huge, headers=auth)
+                                          for _ in range(64)])
+            return bigs, await smalls
+
+    bigs, smalls = asyncio.run(burst())
+    outcomes = {(r.status_code, r.json()["error"]["code"] if r.status_code >= 400 else None) for r in bigs}
+    assert outcomes <= {(200, None), (429, "budget_exceeded"), (429, "rate_limited"), (503, "gateway_busy")}, outcomes
+    assert all(r.headers.get("retry-after") == "1" for r in bigs if r.status_code == 503)
+    assert [r.status_code for r in smalls] == [200] * 20, [r.text[:200] for r in smalls if r.status_code != 200]
     watch.alive()
     watch.clean_log(watch.new_log())
 
