@@ -4,17 +4,21 @@ Parsing, scanning and counting the tokens of a request body costs about 55 ms of
 here. A burst of large bodies (64 callers at the 10 MiB limit) queued every one behind all the
 others: each waited past Envoy's message timeout and failed as `gateway_unavailable`, small
 requests of other callers waited seconds behind them, and the process held every body's
-parsed copies at once (1.9 GB). So bodies over `LARGE_BYTES` reserve their size from a
-per-process budget before that work starts; one that cannot get its share within
-`WAIT_S` is refused with 503 `gateway_busy` (the SDKs retry it), well before Envoy's
-message timeout. Small bodies never wait: they take microseconds.
+parsed copies at once (1.9 GB). So bodies over `LARGE_BYTES` take their size from a
+per-process budget before that work starts, first come first served; one that cannot get
+its share within `WAIT_S` is refused with 503 `gateway_busy` (the SDKs retry it), well
+before Envoy's message timeout. Small bodies never wait: they take microseconds.
+
+A request whose `content-length` announces a large body is refused at its headers already
+when the line of bodies waiting for work is longer than one budget, so Envoy neither sends
+nor keeps a body that would only wait and be refused. Nothing is reserved at the headers: a
+client uploading slowly must not hold a share it is not using.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections import deque
 
 from .errors import GatewayError
 
@@ -23,33 +27,73 @@ BUDGET_BYTES = 16 * 1024 * 1024  # about a second of work at a time per process
 WAIT_S = 1.5  # well under Envoy's default message timeout (extproc.messageTimeout, 5 s)
 
 
+def busy() -> GatewayError:
+    return GatewayError("gateway_busy", "The gateway is busy with other large requests; retry shortly.",
+                        headers={"retry-after": "1"})
+
+
 class BodyWork:
-    """A byte budget for large-body work, in one process; a body larger than the whole
-    budget still goes alone."""
+    """A byte budget for large-body work in one process; a body larger than the whole
+    budget still goes, alone."""
 
     def __init__(self, budget: int = BUDGET_BYTES, wait_s: float = WAIT_S) -> None:
-        self.budget, self.wait_s, self.used = budget, wait_s, 0
-        self._freed = asyncio.Condition()
+        self.budget, self.wait_s = budget, wait_s
+        self.used = self.queued = 0
+        self._line: deque[tuple[int, asyncio.Future[None]]] = deque()
 
-    @asynccontextmanager
-    async def share(self, size: int) -> AsyncIterator[None]:
+    def check_announced(self, size: int) -> None:
+        """At the request headers: refuse a large body that would only join a line already
+        longer than one budget."""
+        if size > LARGE_BYTES and self.queued + size > self.budget:
+            raise busy()
+
+    async def acquire(self, size: int) -> int:
+        """Take `size` bytes of the budget (nothing for a small body); the bytes taken,
+        which `release` gives back. Raises `gateway_busy` after `wait_s` in line."""
         if size <= LARGE_BYTES:
-            yield
-            return
-        async with self._freed:
-            try:
-                async with asyncio.timeout(self.wait_s):
-                    await self._freed.wait_for(lambda: self.used == 0 or self.used + size <= self.budget)
-            except TimeoutError:
-                raise GatewayError("gateway_busy", "The gateway is busy with other large requests; retry shortly.",
-                                   headers={"retry-after": "1"}) from None
+            return 0
+        if not self._line and self._fits(size):
             self.used += size
+            return size
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (size, turn)
+        self._line.append(entry)
+        self.queued += size
         try:
-            yield
-        finally:
-            async with self._freed:
-                self.used -= size
-                self._freed.notify_all()
+            async with asyncio.timeout(self.wait_s):
+                await asyncio.shield(turn)
+        except TimeoutError:
+            if turn.done():  # its turn came as the wait ran out: it has the share
+                return size
+            self._leave(entry)
+            raise busy() from None
+        except BaseException:  # the stream ended while in line (Envoy reset it)
+            if turn.done():
+                self.release(size)
+            else:
+                self._leave(entry)
+            raise
+        return size
+
+    def _leave(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        self._line.remove(entry)
+        self.queued -= entry[0]
+        self._wake()  # a big body leaving the head of the line may let smaller ones start
+
+    def release(self, size: int) -> None:
+        if size:
+            self.used -= size
+            self._wake()
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.budget
+
+    def _wake(self) -> None:
+        while self._line and self._fits(self._line[0][0]):
+            size, turn = self._line.popleft()
+            self.queued -= size
+            self.used += size
+            turn.set_result(None)
 
 
 BODY_WORK = BodyWork()

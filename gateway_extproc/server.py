@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from . import audit, sockets
+from .admission import LARGE_BYTES
 from .budgets import settlements
 from .config import ConfigError
 from .errors import GatewayError
@@ -64,6 +65,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     if isinstance(processor, RouterProcessor) and context is not None and tracing.on():
                         processor.trace_parent = _trace_context(context)
                 started, phase = time.perf_counter(), req.WhichOneof("request")
+                if phase == "request_body" and len(req.request_body.body) > LARGE_BYTES \
+                        and isinstance(processor, RouterProcessor):
+                    yield responses.LARGE_BODY_TIME  # its wait and work may outlast the message timeout
                 try:
                     resp = await processor.handle(req)
                 except Exception:

@@ -13,9 +13,12 @@ MB = 1 << 20
 
 
 async def hold(work: BodyWork, size: int, started: list[int], release: asyncio.Event) -> None:
-    async with work.share(size):
+    share = await work.acquire(size)
+    try:
         started.append(size)
         await release.wait()
+    finally:
+        work.release(share)
 
 
 async def test_small_bodies_never_wait() -> None:
@@ -23,21 +26,21 @@ async def test_small_bodies_never_wait() -> None:
     release, started = asyncio.Event(), []
     big = asyncio.create_task(hold(work, 4 * MB, started, release))
     await asyncio.sleep(0)
-    async with work.share(LARGE_BYTES):  # at the threshold: small
-        assert work.used == 4 * MB
+    assert await work.acquire(LARGE_BYTES) == 0 and work.used == 4 * MB  # at the threshold: small
     release.set()
     await big
+    assert work.used == 0
 
 
-async def test_large_bodies_share_the_budget_and_wait_their_turn() -> None:
+async def test_large_bodies_share_the_budget_and_wait_their_turn_in_order() -> None:
     work = BodyWork(budget=4 * MB, wait_s=1)
     release, started = asyncio.Event(), []
-    tasks = [asyncio.create_task(hold(work, 2 * MB, started, release)) for _ in range(3)]
+    tasks = [asyncio.create_task(hold(work, size, started, release)) for size in (2 * MB, 2 * MB, 3 * MB, 1 * MB)]
     await asyncio.sleep(0.01)
-    assert started == [2 * MB, 2 * MB] and work.used == 4 * MB  # the third waits
+    assert started == [2 * MB, 2 * MB] and work.used == 4 * MB and work.queued == 4 * MB
     release.set()
     await asyncio.gather(*tasks)
-    assert started == [2 * MB] * 3 and work.used == 0
+    assert started == [2 * MB, 2 * MB, 3 * MB, 1 * MB] and work.used == work.queued == 0  # first come, first served
 
 
 async def test_a_body_larger_than_the_budget_goes_alone() -> None:
@@ -45,12 +48,12 @@ async def test_a_body_larger_than_the_budget_goes_alone() -> None:
     release, started = asyncio.Event(), []
     first = asyncio.create_task(hold(work, 9 * MB, started, release))
     await asyncio.sleep(0.01)
-    assert started == [9 * MB]
     second = asyncio.create_task(hold(work, 1 * MB, started, release))
     await asyncio.sleep(0.01)
     assert started == [9 * MB]
     release.set()
     await asyncio.gather(first, second)
+    assert started == [9 * MB, 1 * MB]
 
 
 async def test_a_body_that_cannot_get_its_share_in_time_is_gateway_busy() -> None:
@@ -59,19 +62,43 @@ async def test_a_body_that_cannot_get_its_share_in_time_is_gateway_busy() -> Non
     big = asyncio.create_task(hold(work, 4 * MB, started, release))
     await asyncio.sleep(0.01)
     with pytest.raises(GatewayError) as refused:
-        async with work.share(MB):
-            pass
+        await work.acquire(MB)
     assert (refused.value.code, refused.value.status, refused.value.headers) == ("gateway_busy", 503,
                                                                                  {"retry-after": "1"})
-    assert work.used == 4 * MB  # the refused one took nothing
+    assert (work.used, work.queued) == (4 * MB, 0)  # the refused one took nothing and left the line
     release.set()
     await big
     assert work.used == 0
 
 
-async def test_a_failing_body_gives_its_share_back() -> None:
-    work = BodyWork(budget=4 * MB, wait_s=0.05)
-    with pytest.raises(ValueError):
-        async with work.share(3 * MB):
-            raise ValueError("bad body")
+async def test_a_stream_cancelled_in_line_takes_nothing() -> None:
+    """A stream Envoy resets while its body waits must not keep a share for ever."""
+    work = BodyWork(budget=4 * MB, wait_s=5)
+    release, started = asyncio.Event(), []
+    big = asyncio.create_task(hold(work, 4 * MB, started, release))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(work.acquire(2 * MB))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert (work.used, work.queued) == (4 * MB, 0)
+    release.set()
+    await big
     assert work.used == 0
+
+
+async def test_a_large_announced_body_is_refused_at_the_headers_only_behind_a_long_line() -> None:
+    work = BodyWork(budget=4 * MB, wait_s=5)
+    release, started = asyncio.Event(), []
+    tasks = [asyncio.create_task(hold(work, 4 * MB, started, release))]
+    await asyncio.sleep(0.01)
+    work.check_announced(4 * MB)  # the line is empty: it may wait its turn
+    tasks.append(asyncio.create_task(hold(work, 3 * MB, started, release)))
+    await asyncio.sleep(0.01)
+    work.check_announced(MB)  # 3 + 1 MB in line: within one budget
+    with pytest.raises(GatewayError):
+        work.check_announced(2 * MB)
+    work.check_announced(LARGE_BYTES)  # small bodies never
+    release.set()
+    await asyncio.gather(*tasks)

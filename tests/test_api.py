@@ -204,6 +204,7 @@ EXPECTED_STATUS = {
     "method_not_allowed": 405, "request_too_large": 413, "request_headers_too_large": 431,
     "unsupported_media_type": 415,
     "classification_violation": 403, "content_blocked": 403, "budget_exceeded": 429, "rate_limited": 429, "budget_store_unavailable": 503,
+    "gateway_busy": 503,
     "provider_credential_missing": 500, "gateway_internal_error": 500, "unsupported_endpoint": 400,
     "upstream_stream_interrupted": 502, "provider_error": 502,
 }

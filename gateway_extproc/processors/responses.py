@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+
+from google.protobuf import duration_pb2
 from gateway_extproc._proto.envoy.config.core.v3 import base_pb2
 from gateway_extproc._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -46,6 +48,12 @@ def common(headers: ep.HeaderMutation | None = None, body: bytes | None = None,
         header_mutation=headers,
         body_mutation=ep.BodyMutation(body=body) if body is not None else None,
         clear_route_cache=clear_route_cache)
+
+
+# Envoy's message timer for a large request body (admission.py: the body may wait its turn
+# up to WAIT_S, then take seconds of work on a busy process): at most the chart's
+# `max_message_timeout` for the router filter.
+LARGE_BODY_TIME = ep.ProcessingResponse(override_message_timeout=duration_pb2.Duration(seconds=20))
 
 
 def request_headers(c: ep.CommonResponse | None = None, process_response: bool = False) -> ep.ProcessingResponse:

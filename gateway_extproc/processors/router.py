@@ -150,8 +150,10 @@ class RouterProcessor:
             # No decompressor in front: the body would be checked as sent but labelled for the provider.
             raise GatewayError("unsupported_media_type", "Send the body uncompressed (no `Content-Encoding`).")
         length = h.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cfg.max_request_bytes:
-            raise _too_large(cfg.max_request_bytes)
+        if length is not None and length.isdigit():
+            if int(length) > cfg.max_request_bytes:
+                raise _too_large(cfg.max_request_bytes)
+            BODY_WORK.check_announced(int(length))
         if msg.end_of_stream:
             raise GatewayError("invalid_request", "This endpoint needs a JSON request body.")
         api.check_header_room(len(msg.headers.headers), sum(len(x.key) + len(x.raw_value) for x in msg.headers.headers))
@@ -168,8 +170,11 @@ class RouterProcessor:
         raw = msg.body
         if len(raw) > cfg.max_request_bytes:
             raise _too_large(cfg.max_request_bytes)
-        async with BODY_WORK.share(len(raw)):
+        share = await BODY_WORK.acquire(len(raw))
+        try:
             body = await self.read_body(raw)
+        finally:
+            BODY_WORK.release(share)
         if self.runtime.budget is not None:
             await self.reserve(body)
         return self.forward(body)

@@ -46,6 +46,26 @@ overload_manager:
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
       max_active_downstream_connections: {{ $v.envoy.maxConnections | int64 }}
+  {{- with (($v.deployment.envoy.resources | default dict).limits | default dict).memory }}
+  # Envoy buffers every request body (up to envoy.maxRequestBytes) and its copy to the
+  # ext_proc: a burst of huge prompts would take it past its container's memory limit and
+  # get it OOM-killed. Near the limit (90% of it, as heap) it stops taking new requests
+  # (503 gateway_busy) and then resets the streams that hold the most memory.
+  - name: envoy.resource_monitors.fixed_heap
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig
+      max_heap_size_bytes: {{ mulf (include "gateway-extproc.bytes" .) 0.9 | int64 }}
+  refresh_interval: 0.1s
+  actions:
+  - name: envoy.overload_actions.shrink_heap
+    triggers: [{name: envoy.resource_monitors.fixed_heap, threshold: {value: 0.85}}]
+  - name: envoy.overload_actions.stop_accepting_requests
+    triggers: [{name: envoy.resource_monitors.fixed_heap, threshold: {value: 0.90}}]
+  - name: envoy.overload_actions.reset_high_memory_stream
+    triggers: [{name: envoy.resource_monitors.fixed_heap, scaled: {scaling_threshold: 0.90, saturation_threshold: 0.98}}]
+  buffer_factory_config:
+    minimum_account_to_track_power_of_two: 20  # streams holding 1 MiB or more
+  {{- end }}
 static_resources:
   listeners:
   - name: gateway_http
@@ -96,6 +116,7 @@ static_resources:
             {{- $reset := printf "%s.startsWith('upstream_reset_before_response_started')" $d }}
             {{- $codec := printf "%s.startsWith('http1.') || %s.startsWith('http2.')" $d $d }}
             {{- range $m := list
+                (list (printf "%s == 'overload'" $d) 503 "gateway_busy" "server_error" "The gateway is near its memory limit; retry shortly.")
                 (list (printf "(%s) && response.code == 431" $codec) 431 "request_headers_too_large" "invalid_request_error" "The request's headers are larger than the gateway accepts (60 KiB, 100 lines).")
                 (list $codec 400 "malformed_http" "invalid_request_error" "The request is not valid HTTP: %RESPONSE_CODE_DETAILS%")
                 (list (printf "%s == 'low_version'" $d) 426 "malformed_http" "invalid_request_error" "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2.")
@@ -210,6 +231,8 @@ static_resources:
                 timeout: {{ $v.extproc.messageTimeout }}
               failure_mode_allow: false
               message_timeout: {{ $v.extproc.messageTimeout }}
+              # A large request body gets 20 s (processors/responses.py LARGE_BODY_TIME).
+              max_message_timeout: {{ max 20 (trimSuffix "s" $v.extproc.messageTimeout | float64 | ceil) }}s
               # The response is processed only when the request headers were: their answer
               # turns response processing on (mode_override, processors/responses.py). Envoy's
               # own replies to requests it could not parse (HTTP/1 codec errors) would else wait

@@ -64,3 +64,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- toJson $found -}}
 {{- end -}}
+
+{{/* A Kubernetes memory quantity (512Mi, 1Gi, 1G, 1000000) in bytes. */}}
+{{- define "gateway-extproc.bytes" -}}
+{{- $q := toString . -}}
+{{- $units := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $unit := trimPrefix $num $q -}}
+{{- if or (not $num) (not (hasKey $units $unit)) -}}
+{{- fail (printf "values.yaml: deployment.envoy.resources.limits.memory %q is not a memory quantity such as 1Gi or 512Mi" $q) -}}
+{{- end -}}
+{{- mulf (float64 $num) (index $units $unit) | int64 -}}
+{{- end -}}
