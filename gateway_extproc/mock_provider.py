@@ -1083,10 +1083,6 @@ CONTENT_ENCODINGS = ("gzip", "deflate")
 _JUNK_BYTES = b"\xff\xfe\x00<html>502 Bad Gateway</html>\n\n"
 
 
-def _sse_garbage(json: bytes, shape: bytes) -> Callable[[str, str | None], bytes]:
-    return lambda kind, _text: {"json": json, "shape": shape}.get(kind, _JUNK_BYTES)
-
-
 def _openai_garbage(kind: str, text: str | None) -> bytes:
     """OpenAI's broken events; with `text` (x-mock-garbage-reply) each carries it: a content
     delta cut off after the text, the text where an object belongs, the text inside the junk."""
@@ -1099,13 +1095,40 @@ def _openai_garbage(kind: str, text: str | None) -> bytes:
         kind, _JUNK_BYTES[:-2] + text.encode() + b"\n\n")
 
 
-def _bedrock_garbage(kind: str, _text: str | None = None) -> bytes:
+def _anthropic_garbage(kind: str, text: str | None) -> bytes:
+    """Anthropic's broken events; with `text` (x-mock-garbage-reply) a text delta cut off
+    right after the text, the text where the delta object belongs, the text inside the junk."""
+    head = b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta'
+    if text is None:
+        return {"json": head + b"\n\n", "shape": head + b'": "oops"}\n\n'}.get(kind, _JUNK_BYTES)
+    quoted = orjson.dumps(text)
+    return {"json": head + b'": {"type": "text_delta", "text": ' + quoted + b"\n\n",
+            "shape": head + b'": ' + quoted + b"}\n\n"}.get(kind, _JUNK_BYTES[:-2] + text.encode() + b"\n\n")
+
+
+def _gemini_garbage(kind: str, text: str | None) -> bytes:
+    """Gemini's broken `alt=sse` events; with `text` a candidate part cut off right after the
+    text, the text where the content object belongs, the text inside the junk."""
+    if text is None:
+        return {"json": b'data: {"candidates": [oops\r\n\r\n',
+                "shape": b'data: {"candidates": [{"content": "oops"}]}\r\n\r\n'}.get(kind, _JUNK_BYTES)
+    quoted = orjson.dumps(text)
+    return {"json": b'data: {"candidates": [{"content": {"role": "model", "parts": [{"text": ' + quoted + b"\r\n\r\n",
+            "shape": b'data: {"candidates": [{"content": ' + quoted + b"}]}\r\n\r\n"}.get(
+        kind, _JUNK_BYTES[:-2] + text.encode() + b"\r\n\r\n")
+
+
+def _bedrock_garbage(kind: str, text: str | None) -> bytes:
+    """Bedrock's broken messages: a well-framed message whose payload is cut off (after the
+    text, with `text`), or has the text where the delta object belongs, or junk whose prelude
+    CRC cannot match (followed by the text)."""
     headers = {":event-type": "contentBlockDelta", ":content-type": "application/json", ":message-type": "event"}
+    quoted = orjson.dumps(text if text is not None else "oops")
     if kind == "json":
-        return eventstream.encode(headers, b'{"delta": {"text": ')
+        return eventstream.encode(headers, b'{"delta": {"text": ' + (quoted if text is not None else b""))
     if kind == "shape":
-        return eventstream.encode(headers, b'{"delta": "oops", "contentBlockIndex": 0}')
-    return b"\x00\x00\x00\x20" + b"garbage!" * 4  # a prelude whose CRC cannot match
+        return eventstream.encode(headers, b'{"delta": ' + quoted + b', "contentBlockIndex": 0}')
+    return b"\x00\x00\x00\x20" + b"garbage!" * 4 + (text or "").encode()  # a prelude whose CRC cannot match
 
 
 @dataclass(frozen=True)
@@ -1122,12 +1145,9 @@ class Dialect:
 
 OPENAI = Dialect(_admit_openai, _openai_error, _openai_garbage)
 AZURE = Dialect(_admit_azure, _azure_error, _openai_garbage)
-ANTHROPIC = Dialect(_admit_anthropic, _anthropic_error, _sse_garbage(
-    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta\n\n',
-    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": "oops"}\n\n'))
+ANTHROPIC = Dialect(_admit_anthropic, _anthropic_error, _anthropic_garbage)
 BEDROCK = Dialect(_admit_bedrock, _bedrock_error, _bedrock_garbage)
-GEMINI = Dialect(_admit_gemini, _gemini_error, _sse_garbage(
-    b'data: {"candidates": [oops\r\n\r\n', b'data: {"candidates": [{"content": "oops"}]}\r\n\r\n'))
+GEMINI = Dialect(_admit_gemini, _gemini_error, _gemini_garbage)
 
 
 @dataclass(frozen=True)

@@ -253,6 +253,9 @@ def test_finish_reasons(stop_reason: str, finish: str) -> None:
     assert completion(raw)["choices"][0]["finish_reason"] == finish
 
 
+UNREADABLE_200 = "The provider answered HTTP 200 with a body the gateway could not read."
+
+
 @pytest.mark.parametrize(("status", "raw", "expected"), [
     # Anthropic docs, errors: the JSON error shape.
     (404, b'{"type":"error","error":{"type":"not_found_error","message":"The requested resource could not be found."},'
@@ -263,7 +266,11 @@ def test_finish_reasons(stop_reason: str, finish: str) -> None:
     (502, b"<html>Bad Gateway</html>", {"message": "<html>Bad Gateway</html>", "type": "server_error"}),
     (500, b"x" * 600, {"message": "x" * 500, "type": "server_error"}),
     (429, b"", {"message": "provider answered HTTP 429", "type": "rate_limit_error"}),
-    (200, b"not json", {"message": "not json", "type": "server_error"}),
+    # A 2xx body that is no message may be an answer cut off or mislabelled: never quoted.
+    (200, b"not json", {"message": UNREADABLE_200, "type": "server_error"}),
+    (200, b'{"id":"msg_1","type":"message","content":[{"type":"text","text":"card 4111 1111 1111 1111',
+     {"message": UNREADABLE_200, "type": "server_error"}),
+    (200, b'{"type":"error","error":"card 4111 1111 1111 1111"}', {"message": UNREADABLE_200, "type": "server_error"}),
 ])
 def test_error_responses(status: int, raw: bytes, expected: dict[str, Any]) -> None:
     out = orjson.loads(anthropic.response(status, raw, "claude"))

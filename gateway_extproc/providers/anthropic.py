@@ -161,18 +161,22 @@ def _tool_choice(choice: Any) -> JSON | None:
 
 def response(status: int, raw: bytes, model: str) -> bytes:
     """A message as a chat.completion; an error (or a body that is not a message) as the
-    OpenAI error shape carrying the provider's own message."""
+    OpenAI error shape carrying the provider's own message. The bytes of an unreadable
+    error body are quoted, but never those of a 2xx body: that may be an answer (cut off,
+    mislabelled) that output scanning could not read, so it must not come back inside the
+    error message either."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         body = None
+    quoted = (raw.decode("utf-8", "replace")[:500] or f"provider answered HTTP {status}" if status >= 300
+              else f"The provider answered HTTP {status} with a body the gateway could not read.")
     if not isinstance(body, dict):
-        text = raw.decode("utf-8", "replace")[:500] or f"provider answered HTTP {status}"
-        return openai_error(status if status >= 300 else 502, text)
+        return openai_error(status if status >= 300 else 502, quoted)
     if not 200 <= status < 300 or body.get("type") == "error":
         error = body.get("error")
         text = error.get("message") if isinstance(error, dict) else None
-        return openai_error(status if status >= 300 else 502, text or raw.decode("utf-8", "replace")[:500])
+        return openai_error(status if status >= 300 else 502, text or quoted)
     blocks = [block for block in body.get("content") or [] if isinstance(block, dict)]
     texts = [block.get("text", "") for block in blocks if block.get("type") == "text"]
     calls = [_call(block) for block in blocks if block.get("type") == "tool_use"]
