@@ -580,6 +580,20 @@ async def test_access_log_incomplete_when_stream_closes_early(proc: RouterProces
     assert event["prompt_tokens"] == CHAT_PROMPT_TOKENS
 
 
+async def test_a_client_gone_after_the_usage_chunk_is_logged_with_that_usage(proc: RouterProcessor) -> None:
+    """SDKs stop reading at [DONE] (or the usage chunk) and close: the body's end may never
+    reach the processor, but the provider's usage went by and is what counts."""
+    with structlog.testing.capture_logs() as logs:
+        await send_request(proc, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+        await proc.handle(resp_headers(content_type="text/event-stream"))
+        for chunk in [*STREAM_EVENTS, USAGE_EVENT]:
+            await proc.handle(resp_body(chunk, end=False))
+        proc.close()
+    (event,) = access_events(logs)
+    assert event["outcome"] == "incomplete"
+    assert (event["prompt_tokens"], event["completion_tokens"]) == (11, 2)
+
+
 async def test_access_log_headers_only_response(proc: RouterProcessor) -> None:
     with structlog.testing.capture_logs() as logs:
         await send_request(proc, CHAT)

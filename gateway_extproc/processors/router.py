@@ -438,6 +438,10 @@ class RouterProcessor:
         if self.logged:
             return
         self.logged = True
+        if self.usage is None and self.tap is not None:
+            # The client left before the body's end reached us (SDKs stop reading at [DONE] or
+            # the usage chunk and close): the provider's usage, if it went by, is still what counts.
+            self.usage = self.tap.usage
         now = time.monotonic()
         usage = self.usage or Usage()
         backend = self.runtime.config.backends.get(self.backend or "")
