@@ -1078,14 +1078,19 @@ def _admit_gemini(request: Request, api_key: str | None) -> None:
                     "Please use API Key or other form of API consumer identity to call this API.")
 
 
-GARBAGE_KINDS = ("json", "shape", "bytes")
+GARBAGE_KINDS = ("json", "shape", "bytes", "error")
+_ERROR_TEXT = "The server had an error while processing your request."
 CONTENT_ENCODINGS = ("gzip", "deflate")
 _JUNK_BYTES = b"\xff\xfe\x00<html>502 Bad Gateway</html>\n\n"
 
 
 def _openai_garbage(kind: str, text: str | None) -> bytes:
     """OpenAI's broken events; with `text` (x-mock-garbage-reply) each carries it: a content
-    delta cut off after the text, the text where an object belongs, the text inside the junk."""
+    delta cut off after the text, the text where an object belongs, the text inside the junk,
+    the text as the message of an error event."""
+    if kind == "error":
+        return b"data: " + orjson.dumps({"error": {"message": text or _ERROR_TEXT, "type": "server_error",
+                                                   "code": None, "param": None}}) + b"\n\n"
     if text is None:
         return {"json": b'data: {"id": "chatcmpl-x", "choices": [\n\n',
                 "shape": b'data: {"choices": "oops"}\n\n'}.get(kind, _JUNK_BYTES)
@@ -1097,7 +1102,11 @@ def _openai_garbage(kind: str, text: str | None) -> bytes:
 
 def _anthropic_garbage(kind: str, text: str | None) -> bytes:
     """Anthropic's broken events; with `text` (x-mock-garbage-reply) a text delta cut off
-    right after the text, the text where the delta object belongs, the text inside the junk."""
+    right after the text, the text where the delta object belongs, the text inside the junk,
+    the text as the message of an `error` event."""
+    if kind == "error":
+        return b"event: error\ndata: " + orjson.dumps({"type": "error", "error": {
+            "type": "api_error", "message": text or _ERROR_TEXT}}) + b"\n\n"
     head = b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta'
     if text is None:
         return {"json": head + b"\n\n", "shape": head + b'": "oops"}\n\n'}.get(kind, _JUNK_BYTES)
@@ -1108,7 +1117,11 @@ def _anthropic_garbage(kind: str, text: str | None) -> bytes:
 
 def _gemini_garbage(kind: str, text: str | None) -> bytes:
     """Gemini's broken `alt=sse` events; with `text` a candidate part cut off right after the
-    text, the text where the content object belongs, the text inside the junk."""
+    text, the text where the content object belongs, the text inside the junk, the text as
+    the message of an error event."""
+    if kind == "error":
+        return b"data: " + orjson.dumps({"error": {"code": 500, "message": text or _ERROR_TEXT,
+                                                   "status": "INTERNAL"}}) + b"\r\n\r\n"
     if text is None:
         return {"json": b'data: {"candidates": [oops\r\n\r\n',
                 "shape": b'data: {"candidates": [{"content": "oops"}]}\r\n\r\n'}.get(kind, _JUNK_BYTES)
@@ -1121,7 +1134,11 @@ def _gemini_garbage(kind: str, text: str | None) -> bytes:
 def _bedrock_garbage(kind: str, text: str | None) -> bytes:
     """Bedrock's broken messages: a well-framed message whose payload is cut off (after the
     text, with `text`), or has the text where the delta object belongs, or junk whose prelude
-    CRC cannot match (followed by the text)."""
+    CRC cannot match (followed by the text), or an exception message carrying the text."""
+    if kind == "error":
+        return eventstream.encode({":message-type": "exception", ":exception-type": "internalServerException",
+                                   ":content-type": "application/json"},
+                                  orjson.dumps({"message": text or _ERROR_TEXT}))
     headers = {":event-type": "contentBlockDelta", ":content-type": "application/json", ":message-type": "event"}
     quoted = orjson.dumps(text if text is not None else "oops")
     if kind == "json":

@@ -141,3 +141,31 @@ def test_a_garbage_event_can_carry_the_reply_text(http: httpx.Client, kind: str)
     if kind == "json":
         with pytest.raises(orjson.JSONDecodeError):
             orjson.loads(carried[6:])
+
+
+BEDROCK_AUTH = {"authorization": "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260101/us-east-1/bedrock/aws4_request, "
+                                 "SignedHeaders=host, Signature=0", "x-amz-date": "20260101T000000Z"}
+TRANSLATED_STREAMS = {
+    "anthropic": ("/v1/messages", {"model": "claude", "max_tokens": 100, "messages": MESSAGES, "stream": True}, {}),
+    "gemini": ("/v1beta/models/gemini-mock:streamGenerateContent?alt=sse",
+               {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, {}),
+    "bedrock": ("/model/amazon.nova-mock/converse-stream", {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+                BEDROCK_AUTH),
+}
+
+
+@pytest.mark.parametrize("provider", list(TRANSLATED_STREAMS))
+@pytest.mark.parametrize("kind", ["json", "shape", "bytes", "error"])
+def test_every_providers_garbage_can_carry_the_reply_text(http: httpx.Client, provider: str, kind: str) -> None:
+    """The words of a reply go out one per event, so the whole card is only ever in the
+    broken event, and only when it is asked to carry the reply."""
+    path, body, auth = TRANSLATED_STREAMS[provider]
+    headers = {"x-mock-reply": REPLY, "x-mock-garbage-after-chunks": "2", "x-mock-garbage": kind, **auth}
+    plain = http.post(path, json=body, headers=headers)
+    carried = http.post(path, json=body, headers={**headers, "x-mock-garbage-reply": "1"})
+    assert plain.status_code == carried.status_code == 200, carried.text
+    assert b"4111 1111 1111 1111" not in plain.content
+    assert b"4111 1111 1111 1111" in carried.content
+    if kind == "error":
+        assert {"anthropic": b"event: error", "gemini": b'"status":"INTERNAL"',
+                "bedrock": b"internalServerException"}[provider] in carried.content

@@ -24,7 +24,7 @@ from openai._streaming import SSEDecoder
 from gateway_extproc.config import Classification
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.mock_provider import SSE_FRAMINGS, _reframe
-from gateway_extproc.policy.classification import Policy
+from gateway_extproc.policy.classification import Policy, ResponseGuard
 from gateway_extproc.policy.responses_output import _ECHOES, ResponsesGuard
 from gateway_extproc.policy.scanner import PlaceholderMap, redact_strings
 from gateway_extproc.usage import SseUsageTap
@@ -485,3 +485,38 @@ def test_a_whole_stream_through_the_router(local_runtime: Any) -> None:
     events = [e for _, e in read(out)]
     check_consistent(events, 2)
     assert proc.usage is not None and proc.usage.completion_tokens == USAGE["output_tokens"]
+
+
+# -- error events: the provider's message is scanned like its text (both guards) ------------------
+
+
+def chat_guard() -> ResponseGuard:
+    return ResponseGuard(POLICY, POLICY._params["enforce"], "team")
+
+
+def error_event(message: str) -> bytes:
+    return b"data: " + orjson.dumps({"error": {"message": message, "type": "server_error", "code": "provider_error",
+                                               "param": None}}) + b"\n\n"
+
+
+@pytest.mark.parametrize("make", [chat_guard, guard], ids=["chat", "responses"])
+def test_an_error_event_holding_a_value_is_redacted_or_withheld(make: Any) -> None:
+    redacted = orjson.loads(make().sse_event(error_event("card 4111 1111 1111 1111 was declined"))[6:])
+    assert redacted["error"] == {"message": "card [CREDIT_CARD_1] was declined", "type": "server_error",
+                                 "code": "provider_error", "param": None}
+    withheld = orjson.loads(make().sse_event(error_event("upload with AKIAIOSFODNN7EXAMPLE"))[6:])
+    assert withheld["error"]["code"] == "provider_error" and "AKIA" not in str(withheld)
+    plain = error_event("overloaded, try again")
+    assert make().sse_event(plain) == plain
+    assert make().sse_event(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+
+
+def test_nothing_after_the_end_of_a_chat_stream_is_forwarded() -> None:
+    """A value split around an error event (or [DONE]) by a provider that carries on after
+    it would start in a fresh window and never be seen whole: the stream ends there."""
+    g = chat_guard()
+
+    def delta(text: str) -> bytes:
+        return b"data: " + orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": text}}]}) + b"\n\n"
+    out = b"".join(g.sse_event(e) for e in [delta("Your card 4111"), error_event("oops"), delta(" 1111 1111 1111")])
+    assert b"1111 1111" not in out and out.endswith(error_event("oops"))

@@ -22,7 +22,7 @@ import orjson
 import structlog
 
 from ..config import Backend, Classification, Limits, Model, VirtualKey
-from ..errors import GatewayError
+from ..errors import GatewayError, error_body
 from ..telemetry import metrics
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS, canonical_event
@@ -185,8 +185,12 @@ class ResponseGuard:
             return b""
         if event.startswith(STREAM_ENDS):
             # The stream ends without a finish_reason chunk (which flushes): the text still
-            # held back goes out first, else the answer would lose its tail.
-            return self._release() + event
+            # held back goes out first, else the answer would lose its tail. Nothing after
+            # the end is forwarded: a provider that carries on would start a fresh window,
+            # where a value split around the end is never seen whole.
+            out = self._release() + scanned_error(self.policy, self.params, self.team, event)
+            self.ended = True
+            return out
         if not event.startswith(b"data: "):  # the stream's unterminated last bytes: read like an event
             event = canonical_event(event)
             if not event.startswith(b"data: "):
@@ -342,6 +346,35 @@ class ResponseGuard:
         indexes = sorted({key[0] for key in self.redactors} | {0})
         final = {**chunk, "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"} for i in indexes]}
         return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
+
+
+WITHHELD_ERROR = "The provider sent an error whose message output scanning withheld."
+
+
+def scanned_error(policy: Policy, params: DecisionParams, team: str, event: bytes) -> bytes:
+    """A stream's error event (`data: {"error": ...}`, usually the provider's own, passed on
+    by a translator) scanned like generated text: providers put anything in a message, the
+    answer's text included. A value that is redacted is redacted in place; one that blocks
+    (or a message that cannot be read) replaces the error with a `provider_error` saying it
+    was withheld. `[DONE]` goes as it is."""
+    if event.startswith(b"data: [DONE]"):
+        return event
+    try:
+        error = orjson.loads(event_data(event) or b"")
+    except orjson.JSONDecodeError:
+        error = None
+    strings = walk_strings(error) if isinstance(error, dict) else LimitExceeded("no error object")
+    if isinstance(strings, LimitExceeded):
+        return b"data: " + error_body(WITHHELD_ERROR, "server_error", "provider_error") + b"\n\n"
+    findings = policy.scanner.scan_strings(strings)
+    decision = policy.scanner.decide(findings, params) if findings else None
+    if decision is None or not (decision.block or decision.redact):
+        return event
+    record(decision, team, params.mode, "response")
+    if decision.block:
+        return b"data: " + error_body(WITHHELD_ERROR, "server_error", "provider_error") + b"\n\n"
+    replacements = iter(redact_strings(strings, decision.redact, PlaceholderMap())[0])
+    return b"data: " + orjson.dumps(map_strings(error, lambda _s: next(replacements))) + b"\n\n"
 
 
 # Strings of a choice that are the provider's labels, not generated text (and binary data).

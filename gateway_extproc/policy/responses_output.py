@@ -33,7 +33,7 @@ import structlog
 from ..errors import GatewayError
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .classification import CONTENT_LOG_CHARS, Policy, record
+from .classification import CONTENT_LOG_CHARS, Policy, record, scanned_error
 from .scanner import Decision, DecisionParams, LimitExceeded, PlaceholderMap, map_strings, redact_strings, walk_strings
 from .stream import StreamRedactor
 
@@ -129,8 +129,8 @@ class ResponsesGuard:
         since it could not be scanned."""
         if self.ended:
             return b""
-        if event.startswith(STREAM_ENDS):  # the gateway's own error event (or [DONE])
-            return self._close(None) + event
+        if event.startswith(STREAM_ENDS):  # an error event (or [DONE]), scanned like text
+            return self._close(None) + scanned_error(self.policy, self.params, self.team, event)
         data = event_data(event)  # the unterminated last event may start with its `event:` line
         if data is None:
             return b":\n\n" if event.strip(b"\r\n") else b""  # a comment (keep-alive), carrying nothing

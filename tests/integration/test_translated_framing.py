@@ -284,6 +284,28 @@ def test_d_a_broken_event_holding_the_whole_value_is_not_forwarded(gw: Gateway, 
                 assert kind == "bytes" and MODELS[model] and got.done, f"{where}: {got.raw[-400:]!r}"
 
 
+@pytest.mark.parametrize("model", ["default-chat", *MODELS])
+@pytest.mark.parametrize("after", [0, 4])
+def test_d_a_provider_error_event_never_carries_a_value_out(gw: Gateway, model: str, after: int) -> None:
+    """A provider's own error event mid-stream (OpenAI `{"error"}`, Anthropic `error`, Gemini
+    `{"error"}`, a Bedrock exception) whose message holds the value: the gateway passes the
+    error on, as one `provider_error`-style event, but its message is scanned like the text."""
+    for reply in (REDACTED_REPLY, BLOCKED_REPLY):
+        headers = {"x-mock-reply": reply, "x-mock-garbage-after-chunks": str(after), "x-mock-garbage": "error",
+                   "x-mock-garbage-reply": "1"}
+        where = f"{model} after={after}"
+        got = receive(gw, chat_body(model), headers)
+        assert got.leaked() == [], f"{where}: {got.raw[-600:]!r}"
+        assert got.status == 200 and len(got.errors) == 1, f"{where}: {got.raw[-600:]!r}"
+        if reply == REDACTED_REPLY:
+            assert "[CREDIT_CARD_1]" in got.errors[0]["message"], f"{where}: {got.errors}"
+        with pytest.raises(openai.APIError) as info:
+            sdk_stream(gw, model, headers)
+        assert leaks(str(info.value)) == [] and leaks(str(info.value.body)) == [], where
+        anthropic_client = messages_stream(gw, model, headers)
+        assert leaks(anthropic_client.raw.decode()) == [], f"{where}: {anthropic_client.raw[-400:]!r}"
+
+
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("kind", ["json", "shape", "bytes"])
 def test_d_a_broken_json_answer_holding_the_value_is_not_forwarded(gw: Gateway, model: str, kind: str) -> None:
