@@ -25,6 +25,7 @@ FRAMING_EXAMPLES raises the hypothesis example counts for a longer hunt.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ SLICES = [None, 1, 2, 3, 5, 7, 10, 1_000_000]
 # Anthropic-SDK clients: on an openai backend and on an anthropic backend.
 MESSAGES_MODELS = ["default-chat", "claude-chat"]
 NANO = 1_000_000_000
-KEYS = {name: keys.generate(f"xlate-{name}") for name in ["canonical", *FRAMINGS, "sliced", "long"]}
+KEYS = {name: keys.generate(f"xlate-{name}")
+        for name in ["canonical", *FRAMINGS, "sliced", "sliced-1", "sliced-big", "long", "left"]}
 
 
 class Stack(tuple):  # type: ignore[type-arg]
@@ -165,6 +167,8 @@ def test_b_tokens_and_spend_are_the_same_whatever_the_framing(gw: Gateway, model
     headers = {"x-mock-reply": REDACTED_REPLY}
     variants = {framing: framed(framing, **headers) for framing in (FRAMINGS if MODELS[model] else [])}
     variants["sliced"] = {**headers, "x-mock-chunk-bytes": "3"}
+    variants["sliced-1"] = {**headers, "x-mock-chunk-bytes": "1"}
+    variants["sliced-big"] = {**headers, "x-mock-chunk-bytes": "1000000"}
     before = {name: spent(gw, name) for name in ["canonical", *variants]}
     canonical = sdk_stream(gw, model, headers, key=KEYS["canonical"])
     assert canonical.prompt_tokens_header is not None and canonical.usage is not None
@@ -191,7 +195,7 @@ def test_b_a_client_that_leaves_once_it_has_the_usage_is_charged_that_usage(gw: 
     usage the client was shown, not an estimate from the local prompt count and the events."""
     reply = "Supercalifragilistic antidisestablishmentarianism"  # 2 events, many tokens: no estimate matches
     headers = {"x-mock-reply": reply, "x-mock-chunk-delay-ms": "150", **late}
-    name = "sliced"
+    name = "left"
     before = spent(gw, name)
     canonical = sdk_stream(gw, model, {"x-mock-reply": reply}, key=KEYS[name])
     time.sleep(0.5)
@@ -404,10 +408,10 @@ class MessagesRead:
     output_tokens: int | None = None
 
 
-def messages_stream(gw: Gateway, model: str, headers: dict[str, str]) -> MessagesRead:
+def messages_stream(gw: Gateway, model: str, headers: dict[str, str], max_tokens: int = 400) -> MessagesRead:
     with httpx.stream("POST", f"{gw.url}/v1/messages", timeout=60,
                       headers={"x-api-key": gw.key, "accept-encoding": "identity", **headers},
-                      json={"model": model, "max_tokens": 400, "messages": QUESTION, "stream": True}) as resp:
+                      json={"model": model, "max_tokens": max_tokens, "messages": QUESTION, "stream": True}) as resp:
         raw = b""
         try:
             for piece in resp.iter_raw():
@@ -479,6 +483,78 @@ def test_g_anthropic_clients_hostile_replies(gw: Gateway, model: str) -> None:
                               json={"model": model, "max_tokens": 400, "messages": QUESTION})
             assert leaks(resp.text) == [], f"{where} json: {resp.text[:500]!r}"
             assert resp.status_code in (200, 502) and "gateway_internal_error" not in resp.text, where
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(model=st.sampled_from(MESSAGES_MODELS), framing=st.sampled_from([None, *FRAMINGS]),
+       chunk_bytes=st.sampled_from(SLICES), before=REPLY_WORDS, after=REPLY_WORDS, value=VALUES)
+def test_g_anthropic_clients_any_framing_any_slicing_any_text(xlate_gw: Stack, model: str, framing: str | None,
+                                                               chunk_bytes: int | None, before: str, after: str,
+                                                               value: tuple[str, str | None]) -> None:
+    gw, watch = xlate_gw
+    secret, placeholder = value
+    reply, headers = sliced_reply(before, secret, after, chunk_bytes)
+    where = f"{model} {framing} {chunk_bytes} {reply!r}"
+    got = messages_stream(gw, model, framed(framing, **headers))
+    assert got.status == 200 and leaks(got.raw.decode()) == [] and got.errors == [], f"{where}: {got.raw[-300:]!r}"
+    if placeholder:
+        assert placeholder in got.text and got.stop == "end_turn", f"{where}: {got.text!r}"
+    else:
+        assert secret not in got.text, where
+    watch.alive()
+
+
+@pytest.mark.parametrize("model", MESSAGES_MODELS)
+def test_g_anthropic_clients_long_replies(gw: Gateway, model: str) -> None:
+    headers = {"x-mock-reply-words": "1000"}
+    got = messages_stream(gw, model, headers, max_tokens=1024)
+    assert got.status == 200 and got.text.split() == ["the"] * 1000 and got.output_tokens == 1000, got.raw[-300:]
+    sliced = messages_stream(gw, model, {**headers, "x-mock-chunk-bytes": "7"}, max_tokens=1024)
+    assert sliced.text == got.text and sliced.output_tokens == got.output_tokens
+    client = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
+    message = client.messages.create(model=model, max_tokens=1024, messages=QUESTION, extra_headers=headers)
+    assert message.content[0].text == got.text and message.usage.output_tokens == 1000  # type: ignore[union-attr]
+
+
+def test_a_burst_of_hostile_replies_on_every_path_leaves_envoy_up(xlate_gw: Stack) -> None:
+    """96 concurrent requests, each with one hostile reply, over every translated model and
+    both client kinds: nothing leaks, only documented statuses, Envoy and the workers stay up."""
+    gw, watch = xlate_gw
+    stressors: list[dict[str, str]] = [
+        {"x-mock-chunk-bytes": "1"}, {"x-mock-chunk-bytes": "1000000"}, {"x-mock-sse-framing": "multiline"},
+        {"x-mock-garbage-after-chunks": "3", "x-mock-garbage": "json", "x-mock-garbage-reply": "1"},
+        {"x-mock-garbage-after-chunks": "2", "x-mock-garbage": "error", "x-mock-garbage-reply": "1"},
+        {"x-mock-content-encoding": "gzip"}, {"x-mock-content-type": "text/plain"},
+        {"x-mock-end-after-chunks": "5"}, {"x-mock-drop-after-chunks": "6"}, {"x-mock-reply-words": "1000"},
+    ]
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, bytes]:
+        model = [*MODELS, "default-chat"][i % 4]
+        headers = {"x-mock-reply": (REDACTED_REPLY, BLOCKED_REPLY)[i % 2], **stressors[i % len(stressors)]}
+        anthropic_client = i % 3 == 0
+        path = "/v1/messages" if anthropic_client else "/v1/chat/completions"
+        body = ({"model": model, "max_tokens": 1024, "messages": QUESTION, "stream": i % 5 != 0}
+                if anthropic_client else {**chat_body(model), "stream": i % 5 != 0})
+        raw = b""
+        try:
+            async with client.stream("POST", f"{gw.url}{path}", json=body, headers={
+                    "authorization": f"Bearer {gw.key}", "accept-encoding": "identity", **headers}) as resp:
+                async for piece in resp.aiter_raw():
+                    raw += piece
+        except httpx.RemoteProtocolError:
+            pass  # a provider reset after the first byte
+        return resp.status_code, raw
+
+    async def burst() -> list[tuple[int, bytes]]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=96)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(96)))
+
+    results = asyncio.run(burst())
+    for status, raw in results:
+        assert status in (200, 502), (status, raw[:300])
+        assert leaks(raw.decode("utf-8", "replace")) == [] and b"gateway_internal_error" not in raw, raw[-300:]
+    watch.alive()
+    assert httpx.get(f"{gw.stack.admin_url}/ready").status_code == 200
 
 
 # -- h. the Responses API on a translated backend -------------------------------------------------
