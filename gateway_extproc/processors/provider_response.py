@@ -22,21 +22,21 @@ from ..providers.base import GuardedStream, guarded_response
 
 log = structlog.get_logger("gateway_extproc.provider_response")
 
-# Provider stream content types the translators read (SSE, Bedrock's AWS event-stream).
-STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
-
-
 class ProviderResponse:
     """Translation of one response from a backend whose provider does not speak OpenAI."""
 
     __slots__ = ("backend", "status", "stream", "_logged")
 
-    def __init__(self, backend: Backend, status: int, content_type: str) -> None:
+    def __init__(self, backend: Backend, status: int, streamed: bool) -> None:
+        """`streamed`: the provider was asked for a stream (the client asked for one). A 2xx
+        answer is read as what was asked for, whatever its content type: a provider (or a proxy)
+        that mislabels a valid answer still gets it across, translated and scanned, and an
+        answer of the other kind is unreadable either way (a `provider_error`)."""
         self.backend = backend
         self.status = status  # what the client gets: 502 for an unreadable 2xx body (see `body`)
         self.stream: GuardedStream | None = None
         self._logged = False
-        if 200 <= status < 300 and content_type in STREAM_TYPES:
+        if 200 <= status < 300 and streamed:
             self.stream = GuardedStream(TRANSLATORS[backend.provider.kind].stream(backend.model))
 
     @staticmethod

@@ -313,7 +313,7 @@ class RouterProcessor:
         backend = self.runtime.config.backends.get(self.backend or "")
         if ProviderResponse.needed(backend):
             assert backend is not None
-            self.provider = ProviderResponse(backend, self.status, content_type)
+            self.provider = ProviderResponse(backend, self.status, self.stream)
             content_type = "text/event-stream" if self.provider.stream is not None else "application/json"
             added["content-type"] = content_type
         # A stream the client asked for is read as one whatever its label (a provider or proxy

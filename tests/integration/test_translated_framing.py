@@ -251,6 +251,24 @@ def test_c_a_mislabelled_answer_leaks_nothing(gw: Gateway, model: str) -> None:
             no_internal_error(whole, where)
 
 
+@pytest.mark.parametrize("model", list(MODELS))
+def test_c_a_mislabelled_answer_is_read_as_what_the_gateway_asked_for(gw: Gateway, model: str) -> None:
+    """The gateway asked the provider for a stream or for one JSON answer (another endpoint,
+    or `stream: true`): its 2xx answer is read as that whatever its label, so a valid answer
+    under a wrong label still arrives whole and scanned (not a 200 stream holding only an
+    error for a client that asked for JSON)."""
+    for content_type in ("text/plain", "application/json", "application/octet-stream", "text/event-stream"):
+        where = f"{model} {content_type}"
+        got = receive(gw, chat_body(model), {"x-mock-reply": REDACTED_REPLY, "x-mock-content-type": content_type})
+        assert got.status == 200 and got.text == REDACTED_TEXT and got.done and got.usage, f"{where}: {got.raw!r}"
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0, timeout=60)
+        whole = client.chat.completions.with_raw_response.create(
+            model=model, messages=QUESTION,
+            extra_headers={"x-mock-reply": REDACTED_REPLY, "x-mock-content-type": content_type})
+        assert whole.headers["content-type"].startswith("application/json"), where
+        assert whole.parse().choices[0].message.content == REDACTED_TEXT, where
+
+
 # -- d. garbage mid-stream, some of it carrying the reply ----------------------------------------
 
 
