@@ -183,6 +183,26 @@ def test_b_tokens_and_spend_are_the_same_whatever_the_framing(gw: Gateway, model
         assert costs[name] == costs["canonical"], (name, costs)
 
 
+@pytest.mark.parametrize("model", list(MODELS))
+def test_b_a_stream_cut_short_is_charged_the_same_whatever_the_slicing(gw: Gateway, model: str) -> None:
+    """No usage arrives from a stream the provider ends early (or garbles): the charge is the
+    local prompt count plus one token per content event the client got, which must not
+    depend on how the provider's bytes were sliced or framed."""
+    for cut in ({"x-mock-end-after-chunks": "9"},
+                {"x-mock-garbage-after-chunks": "9", "x-mock-garbage": "json"}):
+        headers = {"x-mock-reply": "one two three four five six seven eight nine ten eleven twelve", **cut}
+        variants = {"canonical": headers, "sliced-1": {**headers, "x-mock-chunk-bytes": "1"},
+                    "sliced-big": {**headers, "x-mock-chunk-bytes": "1000000"}}
+        if MODELS[model]:
+            variants["multiline"] = framed("multiline", **headers)
+        before = {name: spent(gw, name) for name in variants}
+        texts = {name: receive(gw, chat_body(model), h, key=KEYS[name]).text for name, h in variants.items()}
+        time.sleep(0.5)
+        costs = {name: spent(gw, name) - before[name] for name in variants}
+        assert len(set(texts.values())) == 1 and texts["canonical"], (model, cut, texts)
+        assert len(set(costs.values())) == 1 and costs["canonical"] > 0, (model, cut, costs)
+
+
 @pytest.mark.parametrize(("model", "late"), [
     ("default-chat", {}),  # the usage chunk, then [DONE] 150 ms later
     ("claude-chat", {"x-mock-garbage-after-chunks": "8"}),  # message_stop, then 150 ms to the body's end
