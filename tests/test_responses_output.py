@@ -520,3 +520,20 @@ def test_nothing_after_the_end_of_a_chat_stream_is_forwarded() -> None:
         return b"data: " + orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": text}}]}) + b"\n\n"
     out = b"".join(g.sse_event(e) for e in [delta("Your card 4111"), error_event("oops"), delta(" 1111 1111 1111")])
     assert b"1111 1111" not in out and out.endswith(error_event("oops"))
+
+
+def test_nothing_after_the_end_of_a_responses_stream_is_forwarded() -> None:
+    """The same for the Responses API: a card split around an error event is never rebuilt
+    by the client from deltas on both sides of it."""
+    g = guard()
+
+    def delta(text: str) -> bytes:
+        return b"event: response.output_text.delta\ndata: " + orjson.dumps(
+            {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "content_index": 0,
+             "delta": text}) + b"\n\n"
+    done = b"event: response.output_text.done\ndata: " + orjson.dumps(
+        {"type": "response.output_text.done", "item_id": "m", "output_index": 0, "content_index": 0,
+         "text": "Your card 4111 1111 1111 1111"}) + b"\n\n"
+    out = b"".join(g.sse_event(e) for e in [delta("Your card 4111"), error_event("oops"), delta(" 1111 1111 1111"),
+                                            done])
+    assert b"1111 1111" not in out and out.endswith(error_event("oops"))

@@ -130,7 +130,11 @@ class ResponsesGuard:
         if self.ended:
             return b""
         if event.startswith(STREAM_ENDS):  # an error event (or [DONE]), scanned like text
-            return self._close(None) + scanned_error(self.policy, self.params, self.team, event)
+            # Nothing after it is forwarded: text after it would start new windows, where a
+            # value split around the end is never seen whole (the client joins the deltas).
+            out = self._close(None) + scanned_error(self.policy, self.params, self.team, event)
+            self.ended = True
+            return out
         data = event_data(event)  # the unterminated last event may start with its `event:` line
         if data is None:
             return b":\n\n" if event.strip(b"\r\n") else b""  # a comment (keep-alive), carrying nothing

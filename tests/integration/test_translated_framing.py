@@ -614,6 +614,23 @@ def test_h_responses_on_a_translated_backend_is_refused_before_the_provider(gw: 
     assert gw.received(gw.backup) == []
 
 
+@pytest.mark.parametrize("after", [3, 8, 12])
+def test_h_responses_a_value_split_around_a_provider_error_never_leaves(gw: Gateway, after: int) -> None:
+    """Where the Responses API does go (an OpenAI-schema backend): a provider error event
+    mid-answer, the provider carrying on after it. The client joins the deltas it got."""
+    for reply in (REDACTED_REPLY, BLOCKED_REPLY):
+        for carries in ("0", "1"):
+            resp = httpx.post(f"{gw.url}/v1/responses", timeout=60, json={
+                "model": "default-chat", "input": "What is on file for me?", "stream": True}, headers={
+                "authorization": f"Bearer {gw.key}", "x-mock-reply": reply, "x-mock-garbage-after-chunks": str(after),
+                "x-mock-garbage": "error", "x-mock-garbage-reply": carries})
+            deltas = "".join(orjson.loads(line[6:]).get("delta", "") for line in resp.text.split("\n")
+                             if line.startswith("data: {") and '"delta"' in line)
+            where = f"after={after} carries={carries}"
+            assert resp.status_code == 200 and leaks(resp.text) == [] and leaks(deltas) == [], f"{where}: {deltas!r}"
+            assert "gateway_internal_error" not in resp.text, where
+
+
 def test_the_gateway_is_ready_at_the_end(xlate_gw: Stack) -> None:
     gw, watch = xlate_gw
     watch.alive()
