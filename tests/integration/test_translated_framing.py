@@ -48,12 +48,12 @@ from .test_provider_framing import (AWS_KEY, BLOCKED_REPLY, EXAMPLES, FRAMINGS, 
                                     framed, leaks, receive, sdk_stream, sliced_reply)
 
 # model -> does its provider speak SSE (so x-mock-sse-framing applies)
-MODELS = {"claude-chat": True, "bedrock-chat": False, "gemini-chat": True}
+MODELS = {"anthropic-chat": True, "bedrock-chat": False, "gemini-chat": True}
 SSE_MODELS = [m for m, sse in MODELS.items() if sse]
 CASES = [(m, f) for m, sse in MODELS.items() for f in ([None, *FRAMINGS] if sse else [None])]
 SLICES = [None, 1, 2, 3, 5, 7, 10, 1_000_000]
 # Anthropic-SDK clients: on an openai backend and on an anthropic backend.
-MESSAGES_MODELS = ["default-chat", "claude-chat"]
+MESSAGES_MODELS = ["default-chat", "anthropic-chat"]
 NANO = 1_000_000_000
 KEYS = {name: keys.generate(f"xlate-{name}")
         for name in ["canonical", *FRAMINGS, "sliced", "sliced-1", "sliced-big", "long", "left"]}
@@ -68,6 +68,11 @@ class Stack(tuple):  # type: ignore[type-arg]
 def xlate_gw() -> Iterator[Stack]:
     def customize(values: dict[str, Any]) -> None:
         add_provider_models(values)
+        # values-local's claude-chat falls back to Bedrock, which answers once the resets these
+        # tests provoke get its Anthropic endpoint ejected: a model with only Anthropic behind it.
+        values["models"].append({"name": "anthropic-chat", "tokenizer": "o200k_base", "maxOutputTokens": 1024,
+                                 "backends": [{"provider": "mock-anthropic", "model": "claude-mock-sonnet",
+                                               "pricing": {"input": 3.0, "output": 15.0}, "maxTier": "internal"}]})
         values["keys"] += [{"id": f"xlate-{name}", "sha256": keys.digest(key), "team": "demo",
                             "budget": {"daily": 5}} for name, key in KEYS.items()]
     with running_gateway("gw-xlate-", customize=customize) as gw:
@@ -205,7 +210,7 @@ def test_b_a_stream_cut_short_is_charged_the_same_whatever_the_slicing(gw: Gatew
 
 @pytest.mark.parametrize(("model", "late"), [
     ("default-chat", {}),  # the usage chunk, then [DONE] 150 ms later
-    ("claude-chat", {"x-mock-garbage-after-chunks": "8"}),  # message_stop, then 150 ms to the body's end
+    ("anthropic-chat", {"x-mock-garbage-after-chunks": "8"}),  # message_stop, then 150 ms to the body's end
     ("bedrock-chat", {"x-mock-garbage-after-chunks": "6"}),
 ])
 def test_b_a_client_that_leaves_once_it_has_the_usage_is_charged_that_usage(gw: Gateway, model: str,
