@@ -209,8 +209,8 @@ def test_b_a_stream_cut_short_is_charged_the_same_whatever_the_slicing(gw: Gatew
 
 
 @pytest.mark.parametrize(("model", "late"), [
-    ("default-chat", {}),  # the usage chunk, then [DONE] 150 ms later
-    ("anthropic-chat", {"x-mock-garbage-after-chunks": "8"}),  # message_stop, then 150 ms to the body's end
+    ("default-chat", {}),  # the usage chunk, then [DONE] 100 ms later
+    ("anthropic-chat", {"x-mock-garbage-after-chunks": "8"}),  # message_stop, then 100 ms to the body's end
     ("bedrock-chat", {"x-mock-garbage-after-chunks": "6"}),
 ])
 def test_b_a_client_that_leaves_once_it_has_the_usage_is_charged_that_usage(gw: Gateway, model: str,
@@ -219,7 +219,7 @@ def test_b_a_client_that_leaves_once_it_has_the_usage_is_charged_that_usage(gw: 
     the provider's body ends (the openai SDK does, racing the last bytes): the spend is the
     usage the client was shown, not an estimate from the local prompt count and the events."""
     reply = "Supercalifragilistic antidisestablishmentarianism"  # 2 events, many tokens: no estimate matches
-    headers = {"x-mock-reply": reply, "x-mock-chunk-delay-ms": "150", **late}
+    headers = {"x-mock-reply": reply, "x-mock-chunk-delay-ms": "100", **late}
     name = "left"
     before = spent(gw, name)
     canonical = sdk_stream(gw, model, {"x-mock-reply": reply}, key=KEYS[name])
