@@ -157,6 +157,15 @@ def test_a_json_answers_are_redacted_and_blocked(gw: Gateway, model: str) -> Non
     assert leaks(blocked.model_dump_json()) == [] and leaks(redacted.model_dump_json()) == []
 
 
+def test_a_gemini_is_asked_for_sse_never_for_the_json_array_stream(gw: Gateway) -> None:
+    """Gemini streams either as a JSON array or, with `alt=sse`, as SSE: the gateway always
+    asks for SSE, so the JSON-array form (an answer labelled application/json) never has to
+    be told apart from a mislabelled one."""
+    sdk_stream(gw, "gemini-chat", {"x-mock-reply": REDACTED_REPLY})
+    [sent] = gw.received(gw.backup)
+    assert sent["path"].endswith(":streamGenerateContent?alt=sse"), sent["path"]
+
+
 # -- b. spend accounted the same whatever the framing and slicing -------------------------------
 
 
