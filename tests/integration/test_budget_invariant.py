@@ -100,10 +100,11 @@ shapes = st.builds(
 )
 
 
-async def send(client: httpx.AsyncClient, gws: tuple[Gateway, Gateway], s: Shape) -> tuple[int, int | None, str | None]:
+async def send(client: httpx.AsyncClient, gws: tuple[Gateway, Gateway], s: Shape,
+               extra_headers: dict[str, str] | None = None) -> tuple[int, int | None, str | None]:
     """(status, provider cost in nano$ when the client saw the provider's usage, error code)."""
     gw = gws[s.replica]
-    headers = {"authorization": f"Bearer {KEYS[s.key]}", "x-mock-chunk-delay-ms": "2"}
+    headers = {"authorization": f"Bearer {KEYS[s.key]}", "x-mock-chunk-delay-ms": "2", **(extra_headers or {})}
     if s.reply_words:
         headers["x-mock-reply-words"] = str(s.reply_words)
     if s.ignore_cap:

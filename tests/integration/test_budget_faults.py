@@ -1,0 +1,252 @@
+"""The budget invariant under faults: whatever breaks mid-burst, budgets are never overspent
+and every request is accounted.
+
+test_budget_invariant.py fires hypothesis bursts at two replicas (Envoy + two ext_proc
+workers each) sharing one Valkey on a healthy system. Here hypothesis also picks one fault
+and when it strikes during the burst:
+
+- the store frozen (SIGSTOP) and thawed: requests hang rather than fail to connect;
+- the store stopped gracefully, or SIGKILLed, and started again on the same port (it
+  persists, as docs/budgets.md requires: append-only file, fsync always);
+- an ext_proc worker SIGKILLed (its supervisor starts another), or SIGSTOPped for longer
+  than both the reservation TTL and Envoy's ext_proc message timeout;
+- one replica's Envoy SIGKILLed and started again.
+
+Clients still disconnect mid-stream, providers still fail, lie and ignore caps. Once the
+fault is undone and things have settled:
+
+- every level in every window is charged at most its limit, and every charge reached every
+  level (team and org spend equal the sum of the keys');
+- no reservation is held; one expired unsettled only after a fault that kills the request's
+  processing mid-way (worker or Envoy), and it stays charged at its worst case;
+- a refusal for the store (`503 budget_store_unavailable`) happens only with a store fault,
+  comes within 2 s, and the provider never saw that request; `gateway_unavailable` only with
+  a worker or Envoy fault; never `500 gateway_internal_error`; Envoy is alive;
+- after a fault that loses nothing (store frozen or restarted with its data, no fault), a key
+  whose requests were all well-behaved is charged exactly what the provider's usage says.
+
+Kept to about a minute for CI (two examples per fault); BUDGET_FAULT_EXAMPLES=50 hunts longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_py
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from ..redis_server import RedisServer
+from .conftest import Gateway, two_replicas
+from .local_cli import children
+from .test_budget_invariant import KEYS, NAMES, PREFIX, Shape, invariant_values, report, send, shapes
+
+TTL_S = 2  # budgets.reservationTTLSeconds: an abandoned reservation expires quickly here
+MESSAGE_TIMEOUT = "2s"  # extproc.messageTimeout: above the store's worst refusal time (1.5 s)
+STORE_FAULTS = ("store_pause", "store_restart", "store_kill")
+PROCESS_FAULTS = ("worker_kill", "worker_stop", "envoy_kill")
+# Faults after which nothing the gateway wrote or was about to write is lost.
+LOSSLESS = ("none", *STORE_FAULTS)
+EXAMPLES = int(os.environ.get("BUDGET_FAULT_EXAMPLES", "2"))  # per fault kind
+STORE_REFUSAL_S = 2.0
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    at_s: float  # after the burst starts
+    for_s: float  # how long the store stays away (a stopped worker: always past TTL and message timeout)
+    replica: int
+    worker: int
+
+
+def faults(kind: str) -> st.SearchStrategy[Fault]:
+    return st.builds(Fault, kind=st.just(kind), at_s=st.floats(0.0, 0.4), for_s=st.floats(0.2, 1.5),
+                     replica=st.integers(0, 1), worker=st.integers(0, 1))
+
+
+# Requests of a burst start over its first second, so faults strike admissions as well as
+# responses and settlements.
+requests = st.lists(st.tuples(shapes, st.floats(0.0, 1.0)), min_size=1, max_size=12)
+
+
+def fault_values(values: dict[str, Any], redis_url: str) -> None:
+    invariant_values(values, redis_url)
+    values["budgets"]["reservationTTLSeconds"] = TTL_S
+    values["extproc"]["messageTimeout"] = MESSAGE_TIMEOUT
+
+
+@pytest.fixture(scope="module")
+def setup() -> Iterator[tuple[RedisServer, Gateway, Gateway]]:
+    with RedisServer(persist=True) as redis, \
+            two_replicas("gw-faults-", lambda v, _: fault_values(v, redis.url)) as (a, b):
+        yield redis, a, b
+
+
+def workers(gw: Gateway) -> list[int]:
+    return children(gw.stack.procs["extproc"].pid)
+
+
+def inject(fault: Fault, redis: RedisServer, gws: tuple[Gateway, Gateway]) -> None:
+    """Strike at `fault.at_s`, then undo the fault (the supervisor restarts a killed worker).
+    Runs on the main thread: Envoy is started with a parent-death signal, which a worker
+    thread's exit would deliver."""
+    time.sleep(fault.at_s)
+    gw = gws[fault.replica]
+    if fault.kind == "store_pause":
+        redis.pause()
+        time.sleep(fault.for_s)
+        redis.resume()
+    elif fault.kind in ("store_restart", "store_kill"):
+        redis.stop() if fault.kind == "store_restart" else redis.kill()
+        time.sleep(fault.for_s)
+        redis.start()
+    elif fault.kind in ("worker_kill", "worker_stop"):
+        pid = workers(gw)[fault.worker]
+        if fault.kind == "worker_kill":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(TTL_S + 0.5)
+            os.kill(pid, signal.SIGCONT)
+    elif fault.kind == "envoy_kill":
+        envoy = gw.stack.procs["envoy"]
+        envoy.kill()
+        envoy.wait()
+        assert gw.stack.restart_envoy()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int  # 0: the connection failed (Envoy died under it)
+    cost: int | None  # provider cost in nano$ when the client saw the provider's usage
+    code: str | None
+    took_s: float
+    tag: str
+
+
+async def attempt(client: httpx.AsyncClient, gws: tuple[Gateway, Gateway], s: Shape, after_s: float) -> Outcome:
+    await asyncio.sleep(after_s)
+    tag, started = uuid.uuid4().hex, time.monotonic()
+    try:
+        status, cost, code = await send(client, gws, s, {"x-mock-chunk-delay-ms": "5", "x-fault-test": tag})
+    except httpx.TransportError:
+        status, cost, code = 0, None, None
+    return Outcome(status, cost, code, time.monotonic() - started, tag)
+
+
+def extproc_healthy(gw: Gateway) -> bool:
+    """Both workers up and back in the rotation of Envoy's health checks."""
+    clusters = httpx.get(f"{gw.stack.admin_url}/clusters", timeout=5).text
+    health = [line for line in clusters.splitlines() if line.startswith("gateway_extproc::") and "::health_flags::" in line]
+    return len(workers(gw)) == 2 and len(health) == 2 and all(line.endswith("::healthy") for line in health)
+
+
+def settle(redis: RedisServer, gws: tuple[Gateway, Gateway]) -> None:
+    """Wait until both replicas serve with two healthy workers and no reservation is held
+    (usage calls expire reservations past their deadline)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if all(extproc_healthy(gw) for gw in gws) and held(redis) == 0:
+            return
+        for name in NAMES:
+            httpx.get(f"{gws[0].url}/v1/usage", headers={"authorization": f"Bearer {KEYS[name]}"}, timeout=10)
+        time.sleep(0.2)
+    raise AssertionError(f"not settled in 30 s: workers {[workers(gw) for gw in gws]}, held {held(redis)}")
+
+
+def held(redis: RedisServer) -> int:
+    client = redis_py.Redis(host=redis.host, port=redis.port)
+    try:
+        return client.hlen(f"{PREFIX}reservations")
+    finally:
+        client.close()
+
+
+def expired_records(redis: RedisServer) -> list[dict[str, Any]]:
+    client = redis_py.Redis(host=redis.host, port=redis.port)
+    try:
+        return [json.loads(v) for v in client.hvals(f"{PREFIX}reservations:expired")]
+    finally:
+        client.close()
+
+
+def provider_tags(gw: Gateway) -> set[str]:
+    return {r["headers"].get("x-fault-test", "") for mock in (gw.primary, gw.backup) for r in gw.received(mock)}
+
+
+@pytest.mark.parametrize("kind", ["none", *STORE_FAULTS, *PROCESS_FAULTS])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_no_fault_during_a_burst_overspends_or_loses_a_request(
+        setup: tuple[RedisServer, Gateway, Gateway], kind: str, data: st.DataObject) -> None:
+    fault, timed = data.draw(faults(kind), "fault"), data.draw(requests, "burst")
+    burst = [s for s, _ in timed]
+    redis, *pair = setup
+    gws = (pair[0], pair[1])
+    event(fault.kind)
+    client = redis_py.Redis(host=redis.host, port=redis.port)
+    client.flushall()  # a fresh day for every burst
+    client.close()
+    gws[0].reset()
+
+    async def run() -> list[Outcome]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*(attempt(c, gws, s, after) for s, after in timed))
+
+    with ThreadPoolExecutor(1) as pool:
+        firing = pool.submit(asyncio.run, run())
+        inject(fault, redis, gws)
+        outcomes = firing.result()
+    for gw in gws:
+        assert gw.stack.procs["envoy"].poll() is None, "Envoy died"
+        assert httpx.get(f"{gw.stack.admin_url}/ready", timeout=5).status_code == 200
+    settle(redis, gws)
+
+    seen_by_provider = provider_tags(gws[0])
+    for o, s in zip(outcomes, burst):
+        event(f"{fault.kind}: {o.status} {o.code or ''}".strip())
+        assert o.code != "gateway_internal_error", s
+        if o.code == "budget_store_unavailable":
+            assert fault.kind in STORE_FAULTS, (fault, s)
+            assert o.took_s < STORE_REFUSAL_S, (o, fault)
+            assert o.tag not in seen_by_provider, (o, fault, s)
+        if o.code == "gateway_unavailable" or o.status == 0:
+            assert fault.kind in PROCESS_FAULTS, (o, fault, s)
+
+    reports = {name: report(gws[0], name) for name in NAMES}
+    key_spend = {}
+    for name, levels in reports.items():
+        for (level, window), b in levels.items():
+            if b["limit_usd"] is not None:
+                assert round(b["spent_usd"] * 1e9) <= round(b["limit_usd"] * 1e9), (f"{level} {window} overspent", fault)
+        key_spend[name] = round(levels[(f"key:{name}", "daily")]["spent_usd"] * 1e9)
+    any_levels = reports[NAMES[0]]
+    assert round(any_levels[("team:inv", "daily")]["spent_usd"] * 1e9) == sum(key_spend.values()), fault
+    assert round(any_levels[("org:local", "daily")]["spent_usd"] * 1e9) == sum(key_spend.values()), fault
+
+    expired = expired_records(redis)
+    if fault.kind not in PROCESS_FAULTS:
+        assert expired == [], (fault, expired)
+    for name in NAMES:  # an expired reservation stays charged at its worst case
+        worst = sum(int(r["r"]) for r in expired if any(k.endswith(f"key:{name}:daily") or
+                                                        f"key:{name}:daily:" in k for k in r["l"]))
+        assert key_spend[name] >= worst, (name, fault)
+
+    if fault.kind in LOSSLESS:
+        for name in NAMES:
+            mine = [(o, s) for o, s in zip(outcomes, burst) if s.key == name]
+            if mine and all(s.honest and (o.status == 429 or o.code == "budget_store_unavailable"
+                                          or (o.status == 200 and o.cost is not None)) for o, s in mine):
+                assert key_spend[name] == sum(o.cost or 0 for o, _ in mine if o.status == 200), (name, fault, mine)
