@@ -17,15 +17,16 @@ fault is undone and things have settled:
 
 - every level in every window is charged at most its limit, and every charge reached every
   level (team and org spend equal the sum of the keys');
-- no reservation is held; one expired unsettled only after a fault that kills the request's
-  processing mid-way (worker or Envoy), and it stays charged at its worst case;
+- no reservation is held; one stays expired unsettled only after a worker was killed, and
+  it stays charged at its worst case (a frozen worker settles late once it thaws; when
+  Envoy dies, the ext_proc settles each stream as a client disconnect);
 - a refusal for the store (`503 budget_store_unavailable`) happens only with a store fault,
   comes within 2 s, and the provider never saw that request; `gateway_unavailable` only with
   a worker or Envoy fault; never `500 gateway_internal_error`; Envoy is alive;
 - after a fault that loses nothing (store frozen or restarted with its data, no fault), a key
   whose requests were all well-behaved is charged exactly what the provider's usage says.
 
-Kept to about a minute for CI (two examples per fault); BUDGET_FAULT_EXAMPLES=50 hunts longer.
+Kept to about a minute for CI (three examples per fault); BUDGET_FAULT_EXAMPLES=50 hunts longer.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ STORE_FAULTS = ("store_pause", "store_restart", "store_kill")
 PROCESS_FAULTS = ("worker_kill", "worker_stop", "envoy_kill")
 # Faults after which nothing the gateway wrote or was about to write is lost.
 LOSSLESS = ("none", *STORE_FAULTS)
-EXAMPLES = int(os.environ.get("BUDGET_FAULT_EXAMPLES", "2"))  # per fault kind
+EXAMPLES = int(os.environ.get("BUDGET_FAULT_EXAMPLES", "3"))  # per fault kind
 STORE_REFUSAL_S = 2.0
 
 
@@ -252,7 +253,7 @@ def test_no_fault_during_a_burst_overspends_or_loses_a_request(
     assert round(any_levels[("org:local", "daily")]["spent_usd"] * 1e9) == sum(key_spend.values()), fault
 
     expired = expired_records(redis)
-    if fault.kind not in PROCESS_FAULTS:
+    if fault.kind != "worker_kill":  # only a killed worker never settles what it held
         assert expired == {}, (fault, expired, mentioning(gws, expired))
     for name in NAMES:  # an expired reservation stays charged at its worst case
         worst = sum(int(r["r"]) for r in expired.values() if any(k.endswith(f"key:{name}:daily") or
