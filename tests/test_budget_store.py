@@ -377,11 +377,12 @@ async def test_all_keys_of_a_tenant_share_one_cluster_slot(clients):
     tpm = Bucket.per_minute("tpm:key1", 10_000)
     await store.reserve(request("dead", tpm=(tpm,), ttl_s=1))
     await store.reserve(request("held", tpm=(tpm,), now_ms=T0 + 2_000))  # releases "dead"
+    await store.settle(request("never-held", tpm=(tpm,)), 0, 0, T0 + 2_000)  # remembered as cancelled
     keys = await clients[0].keys("*")
     assert {k.decode() for k in keys} == {
         f"{PREFIX}budget:{ORG.key}", f"{PREFIX}budget:{TEAM.key}", f"{PREFIX}bucket:tpm:key1",
         f"{PREFIX}reservations", f"{PREFIX}reservations:expiry", f"{PREFIX}reservations:expired",
-        f"{PREFIX}reservations:expired:at",
+        f"{PREFIX}reservations:expired:at", f"{PREFIX}reservations:cancelled",
     }
     assert {key_slot(k) for k in keys} == {key_slot(b"{acme}")}
 
