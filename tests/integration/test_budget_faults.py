@@ -67,13 +67,15 @@ STORE_REFUSAL_S = 2.0
 class Fault:
     kind: str
     at_s: float  # after the burst starts
-    for_s: float  # how long the store stays away (a stopped worker: always past TTL and message timeout)
+    for_s: float  # how long the store stays away (a frozen worker: always past TTL and message timeout)
     replica: int
     worker: int
 
 
 def faults(kind: str) -> st.SearchStrategy[Fault]:
-    return st.builds(Fault, kind=st.just(kind), at_s=st.floats(0.0, 0.4), for_s=st.floats(0.2, 1.5),
+    # Up to 3 s away: past the reservation TTL, so held reservations expire meanwhile and
+    # the queued settlements land late.
+    return st.builds(Fault, kind=st.just(kind), at_s=st.floats(0.0, 0.4), for_s=st.floats(0.2, 3.0),
                      replica=st.integers(0, 1), worker=st.integers(0, 1))
 
 
@@ -167,14 +169,21 @@ def usage_status(gw: Gateway, name: str) -> int:
     return httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {KEYS[name]}"}, timeout=10).status_code
 
 
+def settlements_pending(gw: Gateway) -> float:
+    metrics = httpx.get(gw.stack.metrics_url, timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("genai_budget_settlements_pending "))
+
+
 def settle(redis: RedisServer, gws: tuple[Gateway, Gateway]) -> None:
     """Wait until both replicas answer through both of their workers (healthy in Envoy's
-    eyes and answering) and no reservation is held (usage calls expire reservations past
-    their deadline)."""
+    eyes and answering), no settlement waits for a retry, and no reservation is held
+    (usage calls expire reservations past their deadline)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         answering = [usage_status(gw, name) for gw in gws for name in NAMES]
-        if answering == [200] * len(answering) and all(extproc_healthy(gw) for gw in gws) and held(redis) == 0:
+        if (answering == [200] * len(answering) and all(extproc_healthy(gw) for gw in gws)
+                and not any(settlements_pending(gw) for gw in gws) and held(redis) == 0):
             return
         time.sleep(0.2)
     raise AssertionError(f"not settled in 30 s: workers {[workers(gw) for gw in gws]}, held {held(redis)}")

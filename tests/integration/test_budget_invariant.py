@@ -15,7 +15,8 @@ sharing one Valkey. After every burst, once settlements have landed:
   exactly the sum of what the provider's usage says those requests cost;
 - the gateway never answered 503/500 of its own (store unavailable, internal error).
 
-Kept small for CI: a dozen bursts of up to 16 requests.
+Kept small for CI: a dozen bursts of up to 16 requests. The same bursts under faults (the
+store, an ext_proc worker or Envoy going away mid-burst): test_budget_faults.py.
 """
 
 from __future__ import annotations
