@@ -40,6 +40,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -106,7 +107,15 @@ def setup() -> Iterator[tuple[RedisServer, Gateway, Gateway]]:
 
 
 def workers(gw: Gateway) -> list[int]:
-    return children(gw.stack.procs["extproc"].pid)
+    """Live ext_proc workers (a killed one stays a child, as a zombie, until `serve` reaps it)."""
+    return [pid for pid in children(gw.stack.procs["extproc"].pid) if not _zombie(pid)]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
+    except OSError:
+        return True
 
 
 def inject(fault: Fault, redis: RedisServer, gws: tuple[Gateway, Gateway]) -> None:
