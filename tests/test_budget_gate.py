@@ -137,3 +137,28 @@ def test_reservation_ids_are_unique_within_a_process_and_across_a_fork() -> None
     child = set(os.read(read, 1 << 20).decode().split(","))
     os.close(read)
     assert len(child) == 100 and not child & (ids | {reservation_id() for _ in range(100)})
+
+
+def test_a_reserve_whose_caller_is_cancelled_is_cancelled_in_the_store() -> None:
+    """Envoy resets the stream (client gone, message timeout) while the reserve is in flight:
+    the reserve may still land with nobody left to settle it, so it is settled at $0."""
+    class SlowStore(MemoryBudgetStore):
+        async def reserve(self, request):  # type: ignore[no-untyped-def]
+            result = await super().reserve(request)  # lands in the store...
+            await asyncio.sleep(10)  # ...but the reply is slow to come back
+            return result
+
+    c = cfg()
+    store = SlowStore()
+    gate = BudgetGate(c, store, Clock("2026-03-01T12:00:00+00:00"))
+
+    async def go() -> int:
+        plan = gate.plan(c.keys["k"], c.models["m"], 100, 400)
+        admitting = asyncio.ensure_future(gate.admit(plan))
+        await asyncio.sleep(0.05)
+        admitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        await settled()
+        return (await store.usage(list(plan.request.limits), [], plan.request.now_ms)).held
+    assert asyncio.run(go()) == 0

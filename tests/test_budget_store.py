@@ -160,6 +160,24 @@ async def test_settle_returns_unused_tokens_and_charges_extra_ones(store):
     assert (await store.usage((), (tpm,), T0)).tokens_remaining == {"tpm:key1": 0}
 
 
+async def test_a_reserve_arriving_after_its_own_cancel_changes_nothing(store):
+    # A reserve whose reply was lost is cancelled (settled at $0); a store that was frozen
+    # may serve the cancel's connection first. The reserve landing afterwards must not be
+    # held (it would expire charged at its worst case for a request never sent).
+    assert await store.settle(request(), 0, 0, T0) == "nothing"
+    late = await store.reserve(request(now_ms=T0 + 10))
+    assert (late.admitted, late.refused_by, late.reserved_nano) == (False, "cancelled", 0)
+    usage = await store.usage((ORG, TEAM), (), T0 + 120_000)
+    assert (usage.used_nano, usage.held, usage.expired) == ({ORG.key: 0, TEAM.key: 0}, 0, 0)
+    assert (await store.reserve(request("r2", now_ms=T0 + 20))).admitted  # other ids are unaffected
+
+
+async def test_cancelled_ids_are_forgotten_after_a_day(store):
+    await store.settle(request(), 0, 0, T0)
+    await store.usage((ORG, TEAM), (), T0 + 86_400_000)
+    assert (await store.reserve(request(now_ms=T0 + 86_400_001))).admitted
+
+
 # --- expiry -------------------------------------------------------------------------------
 
 
@@ -359,11 +377,12 @@ async def test_all_keys_of_a_tenant_share_one_cluster_slot(clients):
     tpm = Bucket.per_minute("tpm:key1", 10_000)
     await store.reserve(request("dead", tpm=(tpm,), ttl_s=1))
     await store.reserve(request("held", tpm=(tpm,), now_ms=T0 + 2_000))  # releases "dead"
+    await store.settle(request("never-held", tpm=(tpm,)), 0, 0, T0 + 2_000)  # remembered as cancelled
     keys = await clients[0].keys("*")
     assert {k.decode() for k in keys} == {
         f"{PREFIX}budget:{ORG.key}", f"{PREFIX}budget:{TEAM.key}", f"{PREFIX}bucket:tpm:key1",
         f"{PREFIX}reservations", f"{PREFIX}reservations:expiry", f"{PREFIX}reservations:expired",
-        f"{PREFIX}reservations:expired:at",
+        f"{PREFIX}reservations:expired:at", f"{PREFIX}reservations:cancelled",
     }
     assert {key_slot(k) for k in keys} == {key_slot(b"{acme}")}
 

@@ -21,6 +21,7 @@ than silently pushing the budget over its limit.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
@@ -211,10 +212,16 @@ class BudgetGate:
         try:
             with child(REDIS_LATENCY, "reserve").time():
                 result = await store.reserve(plan.request)
+        except asyncio.CancelledError:
+            # Envoy reset the stream (client gone, message timeout) while the reserve was in
+            # flight: it may still land, with nobody left to settle it. Cancel it.
+            self.settlements.submit(Settlement(store, plan.request, 0, 0, int(self.clock() * 1000)))
+            raise
         except BudgetStoreUnavailable as e:
             self.settlements.submit(Settlement(store, plan.request, 0, 0, int(self.clock() * 1000)))
             if not plan.fail_open:
-                log.warning("budget_store_unavailable", fallback="closed", reason=str(e))
+                log.warning("budget_store_unavailable", fallback="closed", reason=str(e),
+                            reservation=plan.request.reservation_id)
                 child(BUDGET_EVENTS, team, "store_unavailable_closed").inc()
                 raise GatewayError("budget_store_unavailable",
                                    "The budget store is unreachable and this key's budgets fail closed; "

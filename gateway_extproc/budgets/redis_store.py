@@ -35,6 +35,7 @@ one shard. Keys:
     {prefix}reservations:expiry         held ids by deadline ms (ZSET)
     {prefix}reservations:expired        expired unsettled, still charged: id -> record (HASH)
     {prefix}reservations:expired:at     expired ids by expiry ms, to forget them (ZSET)
+    {prefix}reservations:cancelled      ids settled before they were held, by ms: refused if they arrive (ZSET)
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class RedisBudgetStore:
             raise ValueError(f"prefix {prefix!r} needs a non-empty hash tag, e.g. 'gw:{{acme}}:'")
         self._prefix = prefix
         held = f"{prefix}reservations"
-        self._fixed = (held, f"{held}:expiry", f"{held}:expired", f"{held}:expired:at")
+        self._fixed = (held, f"{held}:expiry", f"{held}:expired", f"{held}:expired:at", f"{held}:cancelled")
         self._pipeliner = _Pipeliner(client)
 
     def _keys(self, limits: Sequence[Limit], buckets: Sequence[Bucket]) -> list[str]:
@@ -249,6 +250,7 @@ class RedisBudgetStore:
         for b in r.token_buckets:
             args += [b.capacity, repr(b.refill_per_s)]
         args += [t.ttl_s for t in r.tallies]
+        args.append(EXPIRED_KEEP_MS)
         keys = self._keys(r.limits, r.token_buckets) + [f"{self._prefix}budget:{t.key}" for t in r.tallies]
         return _OUTCOMES[await self._pipeliner.call(_SETTLE, keys, args)]
 

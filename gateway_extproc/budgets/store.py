@@ -16,6 +16,12 @@ every settle retry failed), and an expired reservation stays charged at its rese
 worst case. A settle that arrives later still corrects it to the actual cost, once:
 settling is idempotent per reservation id, and reserving an id already held answers with
 the held grant, so both are safe to retry after a lost reply.
+
+A reserve whose reply was lost is cancelled by settling it at $0. On the wire the cancel
+can overtake its reserve (a frozen store thaws and serves the cancel's connection first),
+so a settle that finds nothing remembers the id as cancelled (EXPIRED_KEEP_MS), and a
+later reserve of a cancelled id changes nothing and is refused (`CANCELLED`): otherwise it
+would be held, then expire charged at its worst case for a request never sent.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ MAX_NANO = 2**53 - 1
 # Reservations expired per reserve/usage call, bounding the Redis script's work (the
 # memory store keeps the same bound so both stores report the same balances).
 EXPIRE_BATCH = 50
-# How long an expired reservation is remembered, so a late settle can still correct it.
+# How long an expired reservation is remembered, so a late settle can still correct it;
+# also how long a cancelled id stays refused.
 EXPIRED_KEEP_MS = 86_400_000
+# `refused_by` of a reserve whose id was cancelled (settled) before it arrived.
+CANCELLED = "cancelled"
 
 
 class BudgetStoreUnavailable(Exception):
@@ -194,7 +203,8 @@ def decide(request: ReserveRequest, used: Sequence[int], levels: Sequence[float]
 def result(
     request: ReserveRequest, grant: int, refused: int, used: Sequence[int], levels: Sequence[float], expired: int = 0
 ) -> ReserveResult:
-    """The caller-facing answer, from balances *after* the decision was applied."""
+    """The caller-facing answer, from balances *after* the decision was applied. `refused`
+    is as `decide` returns it, or -2: the id was cancelled before it arrived."""
     r = request
     buckets = r.buckets
     retry_after = None
@@ -203,13 +213,13 @@ def result(
         need = r.prompt_tokens + r.min_output_tokens if j < len(r.token_buckets) else 1
         if need <= buckets[j].capacity:  # otherwise waiting never helps
             retry_after = (need - levels[j]) / buckets[j].refill_per_s
-    admitted = refused < 0
+    admitted = refused == -1
     balances = usage_of(r.limits, buckets, used, levels)
     return ReserveResult(
         admitted=admitted,
         output_tokens=grant if admitted else 0,
         reserved_nano=r.prompt_cost_nano + grant * r.output_price_nano if admitted else 0,
-        refused_by=None if admitted else (r.limits + buckets)[refused].key,
+        refused_by=None if admitted else CANCELLED if refused == -2 else (r.limits + buckets)[refused].key,
         retry_after_s=retry_after,
         remaining_nano=balances.remaining_nano,
         soft_exceeded=tuple(
@@ -258,6 +268,7 @@ class MemoryBudgetStore:
         self._held: dict[str, _Held] = {}
         self._expiry_heap: list[tuple[int, str]] = []
         self._expired: OrderedDict[str, tuple[_Held, int]] = OrderedDict()  # id -> (record, expired at ms)
+        self._cancelled: OrderedDict[str, int] = OrderedDict()  # id settled before it was held -> ms
         self._next_purge_ms = 0
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
@@ -267,6 +278,8 @@ class MemoryBudgetStore:
         levels = [self._level(b, r.now_ms) for b in r.buckets]
         if (held := self._held.get(r.reservation_id)) is not None:
             return result(r, held.grant, -1, used, levels, expired)
+        if r.reservation_id in self._cancelled:
+            return result(r, 0, -2, used, levels, expired)
         grant, refused = decide(r, used, levels)
         if refused >= 0:
             return result(r, grant, refused, used, levels, expired)
@@ -292,6 +305,7 @@ class MemoryBudgetStore:
         elif (gone := self._expired.pop(request.reservation_id, None)) is not None:
             charge, refund, outcome = actual_cost_nano - gone[0].reserved_nano, 0, LATE
         else:
+            self._cancelled[request.reservation_id] = now_ms
             return NOTHING
         for lim in request.limits:
             self._charge(lim, charge, now_ms)
@@ -346,6 +360,8 @@ class MemoryBudgetStore:
             self._expired[rid] = (held, now_ms)
         while self._expired and next(iter(self._expired.values()))[1] <= now_ms - EXPIRED_KEEP_MS:
             self._expired.popitem(last=False)
+        while self._cancelled and next(iter(self._cancelled.values())) <= now_ms - EXPIRED_KEEP_MS:
+            self._cancelled.popitem(last=False)
         self._purge(now_ms)
         return expired
 

@@ -15,7 +15,8 @@ sharing one Valkey. After every burst, once settlements have landed:
   exactly the sum of what the provider's usage says those requests cost;
 - the gateway never answered 503/500 of its own (store unavailable, internal error).
 
-Kept small for CI: a dozen bursts of up to 16 requests.
+Kept small for CI: a dozen bursts of up to 16 requests. The same bursts under faults (the
+store, an ext_proc worker or Envoy going away mid-burst): test_budget_faults.py.
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ shapes = st.builds(
 )
 
 
-async def send(client: httpx.AsyncClient, gws: tuple[Gateway, Gateway], s: Shape) -> tuple[int, int | None, str | None]:
+async def send(client: httpx.AsyncClient, gws: tuple[Gateway, Gateway], s: Shape,
+               extra_headers: dict[str, str] | None = None) -> tuple[int, int | None, str | None]:
     """(status, provider cost in nano$ when the client saw the provider's usage, error code)."""
     gw = gws[s.replica]
-    headers = {"authorization": f"Bearer {KEYS[s.key]}", "x-mock-chunk-delay-ms": "2"}
+    headers = {"authorization": f"Bearer {KEYS[s.key]}", "x-mock-chunk-delay-ms": "2", **(extra_headers or {})}
     if s.reply_words:
         headers["x-mock-reply-words"] = str(s.reply_words)
     if s.ignore_cap:

@@ -4,7 +4,7 @@
 -- that expired unsettled (HASH id -> record) and when they expired (ZSET id by ms).
 -- Every key shares the store's hash tag, so undeclared keys read from records (the limit
 -- keys of a reservation) live in the same cluster slot as the declared ones.
-local F = 4
+local F = 5
 
 -- Integers as exact decimal strings: tostring() would print 1e+13, which INCRBY rejects.
 local function int(x) return string.format('%.0f', x) end
@@ -55,6 +55,7 @@ local function expire_due(now, batch, keep_ms)
     redis.call('HDEL', KEYS[3], unpack(old))
     redis.call('ZREM', KEYS[4], unpack(old))
   end
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', int(now - keep_ms))
   if n > 0 then
     redis.call('PEXPIRE', KEYS[3], int(keep_ms))
     redis.call('PEXPIRE', KEYS[4], int(keep_ms))

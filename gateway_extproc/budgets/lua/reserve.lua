@@ -1,7 +1,8 @@
 -- Reserve a request's worst-case cost at every limit and its tokens at every bucket, or
 -- change nothing. The decision mirrors store.decide(); keep the two in step. Reserving an
 -- id that is already held (a retry whose first reply was lost) answers with the held
--- grant and changes nothing.
+-- grant and changes nothing; reserving an id already settled (its cancel overtook it)
+-- changes nothing and is refused with index -2.
 -- KEYS: 1-F see common.lua, then n_lim limit counters, then bucket hashes (token, request).
 -- ARGV: id, now_ms, expires_ms, prompt_tokens, prompt_cost, output_price, wanted, min_output,
 --       n_lim, n_token_buckets, expire_batch, expired_keep_ms,
@@ -33,6 +34,10 @@ end
 local held = redis.call('HGET', KEYS[1], id)
 if held then
   return {tonumber(cjson.decode(held).g), -1, strings(used, '%.0f'), strings(levels, '%.17g'), expired}
+end
+
+if redis.call('ZSCORE', KEYS[5], id) then
+  return {0, -2, strings(used, '%.0f'), strings(levels, '%.17g'), expired}
 end
 
 local refused = -1

@@ -2,10 +2,12 @@
 -- return unused tokens to the token buckets and add the actual tokens to the tallies. A
 -- reservation that expired unsettled (charged at its worst case) is corrected the same
 -- way, without a token refund (its bucket has refilled since). Anything else (settled
--- before, unknown, forgotten) is a no-op, so a retried settle never charges twice.
+-- before, unknown, forgotten) is a no-op, so a retried settle never charges twice; the id
+-- is then remembered as settled (keep_ms), so that a reserve arriving after its own cancel
+-- is refused rather than held.
 -- KEYS: 1-F see common.lua, then n_lim limit counters, n_bkt token bucket hashes, tallies.
 -- ARGV: id, actual_cost, actual_tokens, now_ms, n_lim, n_bkt, then ttl_s per limit,
---       then capacity, refill_per_s per token bucket, then ttl_s per tally.
+--       then capacity, refill_per_s per token bucket, then ttl_s per tally, then keep_ms.
 -- Returns 1 settled, 2 settled after expiry (late), 0 nothing to settle.
 local id, now, n_lim, n_bkt = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local outcome = 1
@@ -15,7 +17,11 @@ if raw then
   redis.call('ZREM', KEYS[2], id)
 else
   raw = redis.call('HGET', KEYS[3], id)
-  if not raw then return 0 end
+  if not raw then
+    redis.call('ZADD', KEYS[5], int(now), id)
+    redis.call('PEXPIRE', KEYS[5], ARGV[#ARGV])
+    return 0
+  end
   outcome = 2
   redis.call('HDEL', KEYS[3], id)
   redis.call('ZREM', KEYS[4], id)
