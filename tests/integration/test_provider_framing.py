@@ -66,7 +66,18 @@ class Stack(tuple):  # type: ignore[type-arg]
     """(gateway, watch), shown short in hypothesis' reports."""
 
     def __repr__(self) -> str:
-        return "<framing gateway>"
+        return "<gateway>"
+
+
+def checked(stack: Stack) -> Iterator[Gateway]:
+    """The stack's gateway for one test: mocks reset before, every process alive and the
+    logs clean (no internal error, no secret) after."""
+    gw, watch = stack
+    gw.reset()
+    yield gw
+    watch.alive()
+    time.sleep(0.05)
+    watch.clean_log(watch.new_log())
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +91,7 @@ def framing_gw() -> Iterator[Stack]:
 
 @pytest.fixture
 def gw(framing_gw: Stack) -> Iterator[Gateway]:
-    gw, watch = framing_gw
-    gw.reset()
-    yield gw
-    watch.alive()
-    time.sleep(0.05)
-    watch.clean_log(watch.new_log())
+    yield from checked(framing_gw)
 
 
 # -- what the client received ------------------------------------------------------------------

@@ -44,8 +44,8 @@ from gateway_extproc import keys
 from .conftest import Gateway, add_provider_models, running_gateway
 from .test_hostile_input import Watch
 from .test_provider_framing import (AWS_KEY, BLOCKED_REPLY, EXAMPLES, FRAMINGS, QUESTION, REDACTED_REPLY,
-                                    REDACTED_TEXT, REPLY_WORDS, VALUES, Received, assert_provider_error, chat_body,
-                                    framed, leaks, receive, sdk_stream, sliced_reply)
+                                    REDACTED_TEXT, REPLY_WORDS, VALUES, Received, Stack, assert_provider_error,
+                                    chat_body, checked, framed, leaks, receive, sdk_stream, sliced_reply)
 
 # model -> does its provider speak SSE (so x-mock-sse-framing applies)
 MODELS = {"anthropic-chat": True, "bedrock-chat": False, "gemini-chat": True}
@@ -57,11 +57,6 @@ MESSAGES_MODELS = ["default-chat", "anthropic-chat"]
 NANO = 1_000_000_000
 KEYS = {name: keys.generate(f"xlate-{name}")
         for name in ["canonical", *FRAMINGS, "sliced", "sliced-1", "sliced-big", "long", "left"]}
-
-
-class Stack(tuple):  # type: ignore[type-arg]
-    def __repr__(self) -> str:
-        return "<translated gateway>"
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +76,7 @@ def xlate_gw() -> Iterator[Stack]:
 
 @pytest.fixture
 def gw(xlate_gw: Stack) -> Iterator[Gateway]:
-    gw, watch = xlate_gw
-    gw.reset()
-    yield gw
-    watch.alive()
-    time.sleep(0.05)
-    watch.clean_log(watch.new_log())
+    yield from checked(xlate_gw)
 
 
 def no_internal_error(got: Received, where: str) -> None:
