@@ -121,3 +121,22 @@ def test_unknown_provider_fails_the_render_with_a_fix() -> None:
     values["models"][0]["backends"][0]["provider"] = "nope"
     with pytest.raises(RenderError, match=r"models\[0\].backends\[0\].provider is 'nope', not in providers"):
         render_values(values)
+
+
+@pytest.mark.parametrize(("limit", "heap"), [("2Gi", int(2 * 2**30 * 0.9)), ("512Mi", int(512 * 2**20 * 0.9)),
+                                             ("1G", int(10**9 * 0.9)), (1500000000, int(1.5e9 * 0.9))])
+def test_envoy_refuses_new_requests_near_its_memory_limit(limit: object, heap: int) -> None:
+    values = copy.deepcopy(chart_values([LOCAL]))
+    values["deployment"]["envoy"]["resources"]["limits"]["memory"] = limit
+    overload = yaml.safe_load(render_values(values)["envoy.yaml"])["overload_manager"]
+    [monitor] = [m for m in overload["resource_monitors"] if m["name"] == "envoy.resource_monitors.fixed_heap"]
+    assert monitor["typed_config"]["max_heap_size_bytes"] == heap
+    actions = {a["name"]: a["triggers"][0] for a in overload["actions"]}
+    assert actions["envoy.overload_actions.stop_accepting_requests"]["threshold"]["value"] == 0.9
+
+
+def test_a_memory_limit_that_is_no_quantity_fails_the_render_naming_the_key() -> None:
+    values = copy.deepcopy(chart_values([LOCAL]))
+    values["deployment"]["envoy"]["resources"]["limits"]["memory"] = "lots"
+    with pytest.raises(RenderError, match=r"deployment.envoy.resources.limits.memory \"lots\""):
+        render_values(values)

@@ -50,7 +50,7 @@ overload_manager:
   # Envoy buffers every request body (up to envoy.maxRequestBytes) and its copy to the
   # ext_proc: a burst of huge prompts would take it past its container's memory limit and
   # get it OOM-killed. Near the limit (90% of it, as heap) it stops taking new requests
-  # (503 gateway_busy) and then resets the streams that hold the most memory.
+  # (503 gateway_busy) and resets the HTTP/2 streams that hold the most memory.
   - name: envoy.resource_monitors.fixed_heap
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig

@@ -67,6 +67,9 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* A Kubernetes memory quantity (512Mi, 1Gi, 1G, 1000000) in bytes. */}}
 {{- define "gateway-extproc.bytes" -}}
+{{- if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
+{{- . | int64 -}}
+{{- else -}}
 {{- $q := toString . -}}
 {{- $units := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
 {{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
@@ -75,4 +78,5 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail (printf "values.yaml: deployment.envoy.resources.limits.memory %q is not a memory quantity such as 1Gi or 512Mi" $q) -}}
 {{- end -}}
 {{- mulf (float64 $num) (index $units $unit) | int64 -}}
+{{- end -}}
 {{- end -}}
