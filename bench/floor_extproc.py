@@ -24,6 +24,7 @@ from gateway_extproc._proto.envoy.config.core.v3 import base_pb2
 from gateway_extproc._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from gateway_extproc.processors import responses
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
@@ -35,6 +36,7 @@ def _set(headers: dict[str, str]) -> ep.HeaderMutation:
         for k, v in headers.items()])
 
 
+RAN_HEADER = "x-floor-response-path"
 _BURN_S = float(os.environ.get("FLOOR_BURN_US", "0")) / 1e6
 
 
@@ -52,6 +54,8 @@ class Floor:
     def __init__(self) -> None:
         self.upstream_headers = _set({":path": "/v1/chat/completions",
                                       "authorization": f"Bearer {os.environ.get('MOCK_PROVIDER_API_KEY', '')}"})
+        self.ran = _set({RAN_HEADER: "1"})
+        self.unauth = ep.HeaderMutation(remove_headers=["authorization"])
         self.upstream: bool | None = None
 
     def answer(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
@@ -61,9 +65,12 @@ class Floor:
         if self.upstream is None:
             self.upstream = bool(req.attributes)  # only the upstream filter asks for attributes
         if kind == "request_headers":
-            mutation = self.upstream_headers if self.upstream else ep.HeaderMutation(remove_headers=["authorization"])
-            return ep.ProcessingResponse(request_headers=ep.HeadersResponse(
-                response=ep.CommonResponse(header_mutation=mutation)))
+            if self.upstream:
+                return ep.ProcessingResponse(request_headers=ep.HeadersResponse(
+                    response=ep.CommonResponse(header_mutation=self.upstream_headers)))
+            # The chart's router filter skips responses until this answer turns them on, as
+            # the gateway's does: without it the floor would save two of its four round trips.
+            return responses.request_headers(ep.CommonResponse(header_mutation=self.unauth), process_response=True)
         if kind == "request_body":
             if self.upstream:
                 return ep.ProcessingResponse(request_body=ep.BodyResponse())
@@ -71,7 +78,9 @@ class Floor:
             return ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse(
                 header_mutation=_set({"x-gateway-model": model}), clear_route_cache=True)))
         if kind == "response_headers":
-            resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+            # A marker the bench's preflight checks: the response path ran.
+            resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse(
+                response=ep.CommonResponse(header_mutation=self.ran)))
             if any(h.key == "content-type" and h.raw_value.startswith(b"text/event-stream")
                    for h in req.response_headers.headers.headers):
                 resp.mode_override.response_body_mode = _STREAMED

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import scan_cost  # noqa: E402  (bench/scan_cost.py: in-process classification cost)
+from floor_extproc import RAN_HEADER as FLOOR_RAN_HEADER  # noqa: E402
 from gateway_extproc import config as gw_config  # noqa: E402
 from gateway_extproc.localstack import LocalStack, connects, envoy_binary, free_port, terminate  # noqa: E402
 from gateway_extproc.render import chart_values, render_values  # noqa: E402
@@ -692,6 +693,9 @@ def preflight(url: str, model: str, kind: str) -> None:
             problems.append("nginx did not see the provider credential in place of the caller's key")
         if r.headers.get("x-gateway-prompt-tokens") is None:
             problems.append("no x-gateway-prompt-tokens header: the ext_proc response path did not run")
+    elif kind == "floor" and r.headers.get(FLOOR_RAN_HEADER) is None:
+        # The floor must cost the gateway's four round trips, not the two before responses.
+        problems.append(f"no {FLOOR_RAN_HEADER} header: the floor's response path did not run")
     s = httpx.post(f"{url}/v1/chat/completions", content=json.dumps({**CHAT_BODY, "model": model, "stream": True}),
                    headers=headers(stream=True), timeout=10)
     if s.status_code != 200 or not s.headers.get("content-type", "").startswith("text/event-stream") \
