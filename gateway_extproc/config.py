@@ -233,12 +233,12 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     teams: dict[str, Limits] = {}
     for i, t in enumerate(r.list(doc, "teams")):
         t = r.mapping(t, f"teams[{i}]")
-        teams[r.string(t.get("name"), f"teams[{i}].name")] = _limits(r, t, f"teams[{i}]", fail_open_default, models,
+        teams[r.name(t.get("name"), f"teams[{i}].name")] = _limits(r, t, f"teams[{i}]", fail_open_default, models,
                                                                      tiers)
     users: dict[str, Limits] = {}
     for i, u in enumerate(r.list(doc, "users")):
         u = r.mapping(u, f"users[{i}]")
-        users[r.string(u.get("name"), f"users[{i}].name")] = _limits(r, u, f"users[{i}]", fail_open_default, models)
+        users[r.name(u.get("name"), f"users[{i}].name")] = _limits(r, u, f"users[{i}]", fail_open_default, models)
     keys: dict[str, VirtualKey] = {}
     for i, k in enumerate(r.list(doc, "keys")):
         key = _key(r, i, k, teams, models, users, fail_open_default, tiers)
@@ -322,11 +322,22 @@ class _Reader:
             self.fail(key, "must be a non-empty string")
         return value
 
+    def name(self, value: Any, key: str, reserved: str = "") -> str:
+        """A name the gateway puts in headers, Envoy metadata and log lines: a control
+        character would make Envoy refuse the header at run time (503 on every request), and
+        `reserved` characters have a meaning of their own there (`@` in route names)."""
+        text = self.string(value, key)
+        bad = next((c for c in text if c < " " or c == "\x7f" or c in reserved), None)
+        if bad is not None:
+            self.fail(key, f"is {text!r}, which holds {bad!r}; names may not hold control characters"
+                      + (f" or any of {' '.join(reserved)}" if reserved else ""))
+        return text
+
 
 def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     at = f"providers[{i}]"
     p = r.mapping(raw, at)
-    name = r.string(p.get("name"), f"{at}.name")
+    name = r.name(p.get("name"), f"{at}.name")
     kind = r.string(p.get("kind"), f"{at}.kind")
     if kind not in PROVIDER_KINDS:
         r.fail(f"{at}.kind", f"is {kind!r}; supported kinds: {', '.join(PROVIDER_KINDS)}")
@@ -362,7 +373,9 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
            local_files: bool = True) -> Model:
     at = f"models[{i}]"
     m = r.mapping(raw, at)
-    name = r.string(m.get("name"), f"{at}.name")
+    # `@` joins a model and a tier in the route names of tier-approved backend subsets
+    # (templates/_envoy.tpl): `chat@restricted` as a model would collide with one of them.
+    name = r.name(m.get("name"), f"{at}.name", reserved="@")
     tokenizer = r.string(m.get("tokenizer", "estimate"), f"{at}.tokenizer")
     if tokenizer.endswith(".json"):
         if local_files and not Path(tokenizer).is_file():
@@ -488,6 +501,8 @@ def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
     tiers = tuple(c.get("tiers") or ("public", "internal", "confidential", "restricted"))
     if len(set(tiers)) != len(tiers) or not all(isinstance(t, str) and t for t in tiers):
         r.fail("classification.tiers", "must be a list of distinct names, lowest first")
+    for i, tier in enumerate(tiers):
+        r.name(tier, f"classification.tiers[{i}]", reserved="@")
     mode = c.get("mode", "enforce")
     if mode not in MODES:
         r.fail("classification.mode", f"is {mode!r}; use one of {', '.join(MODES)}")
@@ -555,7 +570,7 @@ def _key(r: _Reader, i: int, raw: Any, teams: dict[str, Limits], models: dict[st
          fail_open: bool, tiers: tuple[str, ...] = ()) -> VirtualKey:
     at = f"keys[{i}]"
     k = r.mapping(raw, at)
-    key_id = r.string(k.get("id"), f"{at}.id")
+    key_id = r.name(k.get("id"), f"{at}.id")
     if not KEY_ID.match(key_id):
         r.fail(f"{at}.id", "must be lowercase letters, digits and '-' (max 63)")
     digest = r.string(k.get("sha256"), f"{at}.sha256")

@@ -87,7 +87,9 @@ def _helm_message(message: str, source: str, chart: Path) -> str:
                 for key in re.findall(r"'([^']+)'", u.group(1)):
                     problems.append(_unknown_key(path, key, chart))
             else:
-                problems.append(f"{path or '<top level>'}: {problem}")
+                # A pattern says little to a reader: the key's description says what it takes.
+                hint = _schema_at(path, chart).get("description") if "does not match pattern" in problem else None
+                problems.append(f"{path or '<top level>'}: {problem}" + (f" ({hint})" if hint else ""))
     if problems:
         return f"{source}: " + "; ".join(problems)
     text = re.sub(r"^execution error at \([^)]*\): ", "", message.strip().splitlines()[0])
@@ -114,6 +116,11 @@ def _unknown_key(path: str, key: str, chart: Path) -> str:
 
 def _schema_keys(path: str, chart: Path) -> list[str]:
     """The keys values.schema.json allows at this key path."""
+    return list(_schema_at(path, chart).get("properties", {}))
+
+
+def _schema_at(path: str, chart: Path) -> dict[str, Any]:
+    """values.schema.json's node for this key path ({} where it has none)."""
     import json
 
     schema = json.loads((chart / "values.schema.json").read_text(encoding="utf-8"))
@@ -126,7 +133,7 @@ def _schema_keys(path: str, chart: Path) -> list[str]:
     node = resolve(schema)
     for part in re.findall(r"[^.\[\]]+", path):
         node = resolve(node.get("items", {}) if part.isdigit() else node.get("properties", {}).get(part, {}))
-    return list(node.get("properties", {}))
+    return node
 
 
 def load_values(paths: list[Path]) -> dict[str, Any]:

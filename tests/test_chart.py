@@ -123,6 +123,16 @@ def test_unknown_provider_fails_the_render_with_a_fix() -> None:
         render_values(values)
 
 
+@pytest.mark.parametrize("name", ["chat@restricted", "chat\n", "chat\x00"])
+def test_a_model_name_that_cannot_route_fails_the_render_saying_why(name: str) -> None:
+    """`@` joins a model and a tier in route names, and a control character cannot travel in
+    the route header: Helm refuses them, with the schema's reason, before anything starts."""
+    values = copy.deepcopy(chart_values([LOCAL]))
+    values["models"][0]["name"] = name
+    with pytest.raises(RenderError, match=r"models\[0\]\.name: .* \(no control characters and no @, which joins"):
+        render_values(values)
+
+
 @pytest.mark.parametrize(("limit", "heap"), [("2Gi", int(2 * 2**30 * 0.9)), ("512Mi", int(512 * 2**20 * 0.9)),
                                              ("1G", int(10**9 * 0.9)), (1500000000, int(1.5e9 * 0.9))])
 def test_envoy_refuses_new_requests_near_its_memory_limit(limit: object, heap: int) -> None:
