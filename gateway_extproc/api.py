@@ -109,13 +109,20 @@ def _validate_responses(body: dict[str, Any]) -> None:
     _positive_int(body, "max_output_tokens")
 
 
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(type(t) is int and t >= 0 for t in value)
+
+
 def _validate_embeddings(body: dict[str, Any]) -> None:
+    """OpenAI's four shapes only: what the classifier reads (token IDs decoded, tokens.py)
+    must be all the request can carry."""
     _check_common(body)
     value = body.get("input")
-    ok = isinstance(value, str) or (
+    ok = isinstance(value, str) or _token_ids(value) or (
         isinstance(value, list) and len(value) > 0
-        and all(isinstance(x, (str, int, list)) and not isinstance(x, bool) for x in value))
-    _require(ok, "input", "`input` is required: a string, an array of strings, or token arrays.")
+        and (all(isinstance(x, str) for x in value) or all(_token_ids(x) for x in value)))
+    _require(ok, "input", "`input` is required: a string, an array of strings, an array of token IDs "
+             "(integers >= 0) or an array of such arrays.")
 
 
 CHAT = Endpoint("chat", "/chat/completions", _validate_chat, tokens.chat_prompt_tokens, can_stream=True,

@@ -47,6 +47,52 @@ def counter(spec: str) -> TokenCount:
     return _memo(lambda text: sum(len(enc.encode_ordinary(piece)) for piece in pieces(text, BPE_PIECE_CHARS)))
 
 
+TokenDecode = Callable[[list[int]], str]
+
+
+@lru_cache(maxsize=None)
+def decoder(spec: str) -> TokenDecode | None:
+    """Token IDs -> the text they stand for, in this tokenizer (None for `estimate`, which
+    has no vocabulary). Raises ValueError for an ID the vocabulary lacks. Bytes that are not
+    whole UTF-8 characters (a token array may end inside one) come out as U+FFFD."""
+    if spec == "estimate":
+        return None
+    if spec.endswith(".json"):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(spec)
+        size = tok.get_vocab_size(with_added_tokens=True)
+
+        def decode_json(ids: list[int]) -> str:
+            if any(i >= size for i in ids):
+                raise ValueError(f"token ID {max(ids)} is not in this model's vocabulary of {size}")
+            return tok.decode(ids, skip_special_tokens=False)
+        return decode_json
+    import bpe_openai
+
+    enc = bpe_openai.get_encoding(spec)
+
+    def decode_bpe(ids: list[int]) -> str:
+        try:
+            return enc.decode(ids, errors="replace")
+        except KeyError:
+            raise ValueError(f"token ID {max(ids)} is not in this model's vocabulary of {enc.n_vocab}") from None
+    return decode_bpe
+
+
+def embedding_text(body: dict[str, Any], decode: TokenDecode | None) -> dict[str, Any] | None:
+    """The embeddings body with its token IDs decoded to text, for classification: what the
+    classifier must read is what the provider will embed. None when `input` holds no token
+    IDs. Raises ValueError when it does and `decode` is None or an ID is unknown."""
+    value = body["input"]
+    if isinstance(value, str) or not value or isinstance(value[0], str):
+        return None
+    if decode is None:
+        raise ValueError("this model's tokenizer is `estimate`, which cannot read token IDs")
+    text = decode(value) if isinstance(value[0], int) else [decode(ids) for ids in value]
+    return {**body, "input": text}
+
+
 def pieces(text: str, size: int) -> list[str]:
     """`text` cut into pieces of at most `size` characters, each cut just before a space
     that starts a word (not inside a run of whitespace) where the last half of a piece has

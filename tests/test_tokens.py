@@ -254,3 +254,43 @@ def test_runs_of_spaces_are_not_cut_inside(text: str, size: int) -> None:
     enc = bpe_openai.get_encoding("o200k_base")
     parts = tokens.pieces(text, size)
     assert sum(len(enc.encode_ordinary(p)) for p in parts) == len(enc.encode_ordinary(text)), parts
+
+
+# -- decoder() and embedding_text(): token IDs read as text ---------------------------------
+
+
+def test_bpe_decoder_reads_token_ids_as_their_text() -> None:
+    decode = tokens.decoder("cl100k_base")
+    import bpe_openai
+
+    enc = bpe_openai.get_encoding("cl100k_base")
+    text = "SSN 123-45-6789, café 世界"
+    assert decode(enc.encode_ordinary(text)) == text
+    assert decode(enc.encode_ordinary("世")[:1]).endswith("\ufffd")  # a character cut in half
+    with pytest.raises(ValueError, match="not in this model's vocabulary"):
+        decode([1, enc.n_vocab + 10])
+
+
+def test_tokenizer_json_decoder(word_level_json: str) -> None:
+    decode = tokens.decoder(word_level_json)
+    assert decode([1, 2]) == "hello world"
+    with pytest.raises(ValueError, match="vocabulary of 5"):
+        decode([1, 99])
+
+
+def test_estimate_has_no_decoder() -> None:
+    assert tokens.decoder("estimate") is None
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("text", None), (["a", "b"], None), ([104, 105], "hi"), ([[104], [105, 105]], ["h", "ii"])])
+def test_embedding_text(value: object, expected: object) -> None:
+    decode = lambda ids: "".join(chr(i) for i in ids)  # noqa: E731 - a stand-in vocabulary
+    out = tokens.embedding_text({"model": "m", "input": value}, decode)
+    assert out == (None if expected is None else {"model": "m", "input": expected})
+
+
+def test_embedding_text_without_a_vocabulary_refuses_token_ids() -> None:
+    assert tokens.embedding_text({"input": "x"}, None) is None
+    with pytest.raises(ValueError, match="cannot read token IDs"):
+        tokens.embedding_text({"input": [1, 2]}, None)

@@ -26,11 +26,11 @@ from ..budgets import caps
 from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
-from ..config import Backend, Model, VirtualKey, served_natively
+from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES
 from ..providers.base import openai_error, sse
-from ..policy.classification import ResponseGuard, content_for_log
+from ..policy.classification import Policy, ResponseGuard, Verdict, content_for_log
 from ..policy.responses_output import ResponsesGuard
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
@@ -206,10 +206,10 @@ class RouterProcessor:
         policy = self.runtime.policy
         if policy is not None:
             team = self.runtime.labels.team(self.key.team)
-            args = (body, self.key, cfg.teams.get(self.key.team), self.declared, model, team)
-            verdict = await asyncio.to_thread(policy.check_request, *args) if large else policy.check_request(*args)
+            args = (self.endpoint, body, self.key, cfg.teams.get(self.key.team), self.declared, model, team)
+            verdict = await asyncio.to_thread(_check, policy, *args) if large else _check(policy, *args)
             self.tier, self.eligible = verdict.tier, verdict.eligible
-            if verdict.body is not None:
+            if verdict.body is not None:  # for embeddings sent as token IDs: the redacted text
                 body, self.redacted = verdict.body, True
             if policy.cfg.output_scanning and self.endpoint is api.CHAT:
                 self.guard = ResponseGuard(policy, verdict.params, team, in_order=self.client == "anthropic")
@@ -538,6 +538,25 @@ def _jwt_claims(metadata: base_pb2.Metadata | None) -> dict | None:
     if metadata is None or identity.JWT_NAMESPACE not in metadata.filter_metadata:
         return None
     return json_format.MessageToDict(metadata.filter_metadata[identity.JWT_NAMESPACE])
+
+
+def _check(policy: Policy, endpoint: api.Endpoint, body: dict, key: VirtualKey, team: Limits | None,
+           declared: str | None, model: Model, team_label: str) -> Verdict:
+    """The policy's verdict on what the provider will read: embeddings' token IDs are
+    checked as the text they stand for (decoded with the model's tokenizer)."""
+    if endpoint is api.EMBEDDINGS:
+        decode = tokens.decoder(model.tokenizer)
+        try:
+            text = tokens.embedding_text(body, decode)
+        except ValueError as exc:
+            if decode is None:
+                raise GatewayError("token_input_unreadable", f"The model {model.name!r} cannot take token IDs "
+                                   "here: the gateway reads a request to classify it, and this model's tokenizer "
+                                   "cannot decode them. Send the input as text.", "input") from None
+            raise GatewayError("invalid_request", f"`input` holds a {exc}.", "input") from None
+        if text is not None:
+            body = text
+    return policy.check_request(body, key, team, declared, model, team_label)
 
 
 def _endpoint_for(method: str, path: str) -> api.Endpoint | str:

@@ -1,0 +1,125 @@
+"""Embeddings sent as token IDs through real Envoy: the classifier reads them as the text they
+stand for (decoded with the model's tokenizer), so no restricted value reaches the provider as
+tokens. Before, token arrays went out unread: a card or an SSN encoded with o200k_base left
+whole. Every positive of the PII corpus, as one token array per string."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import bpe_openai
+import httpx
+import orjson
+import pytest
+
+from ..pii_corpus import Case, positives
+from .conftest import Gateway, running_gateway
+from .test_pii_egress import leaked
+
+ENC = bpe_openai.get_encoding("o200k_base")
+CASES = positives()
+
+
+def _models(values: dict[str, Any]) -> None:
+    base = next(m for m in values["models"] if m["name"] == "default-embedding")
+
+    def model(name: str, tokenizer: str) -> dict[str, Any]:
+        return {**base, "name": name, "tokenizer": tokenizer,
+                "backends": [{**b, "maxTier": "restricted"} for b in base["backends"]]}
+    values["models"] += [model("private-embedding", "o200k_base"), model("estimate-embedding", "estimate")]
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[Gateway]:
+    with running_gateway("gw-emb-", customize=_models) as gateway:
+        yield gateway
+
+
+def embed(gw: Gateway, value: Any, model: str = "private-embedding") -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/embeddings", json={"model": model, "input": value},
+                      headers={"authorization": f"Bearer {gw.key}"}, timeout=30)
+
+
+def as_tokens(case: Case) -> list[int] | list[list[int]]:
+    """One string: a flat array (or, for some cases, an array of one array); several: an
+    array of arrays, one per string, so a value split over strings is split over arrays."""
+    if len(case.strings) == 1 and zlib.crc32(case.strings[0].encode()) % 2:
+        return ENC.encode_ordinary(case.strings[0])
+    return [ENC.encode_ordinary(s) for s in case.strings]
+
+
+def received_texts(gw: Gateway) -> list[str]:
+    """What the providers received, token IDs decoded as the provider would read them."""
+    out = []
+    for mock in (gw.primary, gw.backup):
+        for r in gw.received(mock):
+            value = r["body"]["input"]
+            if isinstance(value, list) and value and isinstance(value[0], int):
+                value = [value]
+            decoded = [ENC.decode(v) if isinstance(v, list) else v for v in (value if isinstance(value, list)
+                                                                              else [value])]
+            out.append("\n".join(decoded) + "\n" + base64.b64decode(r["raw_body_base64"]).decode("utf-8", "replace"))
+    return out
+
+
+def test_no_corpus_value_reaches_the_provider_as_token_ids(gw: Gateway) -> None:
+    gw.reset()
+    statuses = {}
+    with httpx.Client(timeout=30) as client:
+        for case in CASES:
+            r = client.post(f"{gw.url}/v1/embeddings", json={"model": "private-embedding", "input": as_tokens(case)},
+                            headers={"authorization": f"Bearer {gw.key}"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code in (200, 403), r.text
+    assert leaked(received_texts(gw), CASES) == []
+    assert statuses.get(200), statuses  # redacted and served, not only refused
+
+
+def test_clean_token_ids_go_out_unchanged_and_redacted_ones_as_text(gw: Gateway) -> None:
+    gw.reset()
+    clean = ENC.encode_ordinary("The quarterly report is ready for review.")
+    assert embed(gw, clean).status_code == 200
+    assert embed(gw, [clean, clean[:3]]).status_code == 200
+    mail = ENC.encode_ordinary("write to jane.doe@example.com today")
+    assert embed(gw, [clean, mail]).status_code == 200
+    bodies = [r["body"]["input"] for r in gw.received(gw.primary) + gw.received(gw.backup)]
+    assert bodies[:2] == [clean, [clean, clean[:3]]]
+    assert bodies[2][0] == ENC.decode(clean) and "jane.doe@example.com" not in bodies[2][1]
+    assert "write to" in bodies[2][1]
+
+
+def test_a_restricted_value_as_token_ids_is_held_to_the_models_tier(gw: Gateway) -> None:
+    """default-embedding (cl100k_base, as its provider reads token IDs) is approved up to
+    `internal`: a card is `restricted` in any form."""
+    gw.reset()
+    cl100k = bpe_openai.get_encoding("cl100k_base")
+    card = cl100k.encode_ordinary("pay with 4111 1111 1111 1111 please")
+    split = [cl100k.encode_ordinary("pay with 4111 1111"), cl100k.encode_ordinary(" 1111 1111")]
+    for value in (card, [card], split):
+        r = embed(gw, value, "default-embedding")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "classification_violation", r.text
+    assert gw.received(gw.primary) + gw.received(gw.backup) == []
+
+
+@pytest.mark.parametrize("value", [[ENC.n_vocab + 5], [[1, 2], [ENC.n_vocab]], [-1], [[3, -2]], [1, "a"], [[1], []]],
+                         ids=["unknown-id", "unknown-id-nested", "negative", "negative-nested", "mixed", "empty-array"])
+def test_token_ids_the_tokenizer_cannot_read_are_refused(gw: Gateway, value: Any) -> None:
+    gw.reset()
+    r = embed(gw, value)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_request" and r.json()["error"]["param"] == "input"
+    assert gw.received(gw.primary) + gw.received(gw.backup) == []
+
+
+def test_a_model_whose_tokenizer_is_an_estimate_takes_text_but_not_token_ids(gw: Gateway) -> None:
+    gw.reset()
+    r = embed(gw, ENC.encode_ordinary("hello"), "estimate-embedding")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["param"], err["type"]) == ("token_input_unreadable", "input", "invalid_request_error")
+    assert gw.received(gw.primary) + gw.received(gw.backup) == []
+    assert embed(gw, ["hello"], "estimate-embedding").status_code == 200
+    assert orjson.loads(orjson.dumps(gw.received(gw.primary)[0]["body"]["input"])) == ["hello"]
