@@ -162,7 +162,14 @@ def test_credit_card_unknown_iin(prefix: str) -> None:
     ("卡号4111111111111111谢谢", ["4111111111111111"]),
     ("café4111111111111111", ["4111111111111111"]),  # non-ASCII letters count as boundaries
     ("4111111111111111 and 5500000000000004", ["4111111111111111", "5500000000000004"]),
-    ("4111111111111111\n5500000000000004", ["4111111111111111", "5500000000000004"]),
+    # A line break or a tab separates digits as a space does: cards one per line are one run,
+    # redacted whole, and a card written one group per line is a card.
+    ("4111111111111111\n5500000000000004", ["4111111111111111\n5500000000000004"]),
+    ("4111111111111111 5500000000000004", ["4111111111111111 5500000000000004"]),
+    ("4111\n1111\n1111\n1111", ["4111\n1111\n1111\n1111"]),
+    ("4111\t1111\t1111\t1111", ["4111\t1111\t1111\t1111"]),
+    ("4111\r\n1111\r\n1111\r\n1111", ["4111\r\n1111\r\n1111\r\n1111"]),
+    ("year\n2019\n2020\n2021\n2022", []),
 ])
 def test_credit_card_boundaries(text: str, expected: list[str]) -> None:
     assert found("credit_card", text) == expected

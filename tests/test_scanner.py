@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import re
 from typing import Any
 
@@ -423,11 +425,11 @@ BODY = {
 def test_walk_strings_document_order() -> None:
     assert walk_strings(BODY) == [
         "default-chat", "system", "You are helpful.", "user", "text", f"My card is {CARD}", "image_url",
-        "text", f"mail {EMAIL}", "assistant", "c1", "function", "f", f'{{"to": "{EMAIL2}"}}', EMAIL]
+        "text", f"mail {EMAIL}", "assistant", "c1", "function", "f", f'{{"to": "{EMAIL2}"}}', EMAIL, "hello"]
     assert walk_strings("plain") == ["plain"]
     assert walk_strings(42) == []
     assert walk_strings(["a", ("b", {"c": "d"})]) == ["a", "b", "d"]
-    assert walk_strings(BODY, skip_keys=frozenset({"messages"})) == ["default-chat", EMAIL]
+    assert walk_strings(BODY, skip_keys=frozenset({"messages"})) == ["default-chat", EMAIL, "hello"]
 
 
 def test_map_strings_redacts_a_body() -> None:
@@ -447,6 +449,43 @@ def test_map_strings_redacts_a_body() -> None:
     assert BODY["user"] == EMAIL  # the original is untouched
     assert orjson.loads(orjson.dumps(new_body)) == new_body
     assert map_strings("x", str.upper) == "X" and map_strings(None, str.upper) is None
+
+
+TEXT_FILE = "data:text/plain;base64," + base64.b64encode(f"invoice for card {CARD}".encode()).decode()
+
+
+@pytest.mark.parametrize(("value", "read"), [
+    (TEXT_FILE, f"invoice for card {CARD}"),
+    ("data:;base64," + base64.b64encode(b"no media type is text/plain").decode(), "no media type is text/plain"),
+    ("data:application/json;charset=utf-16;base64," + base64.b64encode('{"ssn": "1"}'.encode("utf-16")).decode(),
+     '{"ssn": "1"}'),
+    ("data:application/vnd.api+json;base64," + base64.b64encode(b"[1]").decode(), "[1]"),
+    ("data:text/csv;charset=nonsense;base64," + base64.b64encode(b"a,b").decode(), "a,b"),
+    ("data:text/plain;base64,@@not base64@@=", "data:text/plain;base64,@@not base64@@="),
+    ("data:image/png;base64,iVBORw0KGgo=", None),
+    ("data:application/pdf;base64,JVBERi0x", None),
+    ("https://img.example/a.png?card=" + CARD, "https://img.example/a.png?card=" + CARD),
+])
+def test_a_data_uri_is_read_as_the_text_it_carries_when_its_media_type_is_text(value: str, read: str | None) -> None:
+    """A file a provider reads as text is text: a card in a text/plain attachment leaves like
+    one in a message. Images, audio and PDFs stay unread; a URL is text (but `file_data`
+    without a data URI is raw base64, unread)."""
+    for body in ({"file": {"file_data": value}}, {"image_url": {"url": value}}, [value])[value.startswith("http"):]:
+        assert walk_strings(body) == ([] if read is None else [read])
+
+
+def test_a_redacted_text_file_goes_out_as_a_data_uri_of_the_redacted_text() -> None:
+    body = {"messages": [{"role": "user", "content": [{"type": "file", "file": {"filename": "a.txt",
+                                                                                "file_data": TEXT_FILE}}]}]}
+    strings = walk_strings(body)
+    decision = DEFAULT.decide(DEFAULT.scan_strings(strings))
+    redacted, _ = redact_strings(strings, decision.redact)
+    it = iter(redacted)
+    out = map_strings(body, lambda s: next(it))["messages"][0]["content"][0]["file"]["file_data"]
+    prefix, _, payload = out.partition(";base64,")
+    assert prefix == "data:text/plain" and base64.b64decode(payload).decode() == "invoice for card [CREDIT_CARD_1]"
+    unchanged = map_strings(body, lambda s: s)
+    assert unchanged == body  # nothing to redact: the very same bytes, not a re-encoding
 
 
 def test_deep_json_is_rejected_not_recursed() -> None:
@@ -517,3 +556,19 @@ def test_a_card_followed_by_any_number_of_digits_is_found() -> None:
     for more in (1, 6, 30, 2000):
         text = "pay 4111 1111 1111 1111" + " 1234" * more
         assert [f.rule for f in DEFAULT.scan(text)] == ["credit_card"], more
+
+
+@pytest.mark.parametrize("name", ["a.b", "notes.txt", "agent_1", "bob-smith"])
+def test_a_number_split_over_messages_is_bridged_over_a_participant_or_file_name(name: str) -> None:
+    """Between two messages' contents sit their role and `name`; a dotted name no longer
+    breaks the bridge (`5502 4441` + `8521 8676` with `name: a.b` left whole before)."""
+    body = {"messages": [{"role": "user", "name": name, "content": "card 5502 4441"},
+                         {"role": "user", "name": name, "content": "8521 8676"}]}
+    strings = walk_strings(body)
+    assert isinstance(strings, list)
+    assert {f.detector for f in DEFAULT.scan_strings(strings)} == {"credit_card"}
+
+
+@pytest.mark.parametrize("text", ["SSN 123\n45\n6789", "SSN 123\t45\t6789", "card 5502\n4441\n8521\n8676"])
+def test_a_number_written_one_group_per_line_is_found(text: str) -> None:
+    assert DEFAULT.scan_strings([text])

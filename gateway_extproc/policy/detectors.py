@@ -119,21 +119,22 @@ def _card_ok(digits: str) -> bool:
 
 
 # Separators numeric detectors accept between digits (on normalized text): up to three of
-# space, dot, dash, slash, underscore (not tabs or newlines: columns of numbers are common); or the boundary between two strings of
+# space, dot, dash, slash, underscore, tab or line break (a card written one group per line
+# is a card, as one written one group per message is); or the boundary between two strings of
 # one request (U+001F, see scanner), possibly skipping up to six short structural strings between them
 # ("user", "text", a tool name), so a number split over messages or parts is still one value.
-SEP_CHARS = " .-/_"
-_SEPC = r"[ .\-/_]"
+SEP_CHARS = " .-/_\t\r\n"
+_SEPC = r"[ .\-/_\t\r\n]"
 BRIDGE = "\x1f"
 MAX_BRIDGED = 6  # structural strings a number may be bridged over
-_GAP = (rf"(?:{_SEPC}{{1,3}}+(?:\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,{MAX_BRIDGED}}}+{_SEPC}{{0,3}}+)?"
-        rf"|\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{{0,63}}+[\x1e\x1f]){{0,{MAX_BRIDGED}}}+{_SEPC}{{0,3}}+)")
+_GAP = (rf"(?:{_SEPC}{{1,3}}+(?:\x1f(?:[A-Za-z_][A-Za-z0-9_.\-]{{0,63}}+[\x1e\x1f]){{0,{MAX_BRIDGED}}}+{_SEPC}{{0,3}}+)?"
+        rf"|\x1f(?:[A-Za-z_][A-Za-z0-9_.\-]{{0,63}}+[\x1e\x1f]){{0,{MAX_BRIDGED}}}+{_SEPC}{{0,3}}+)")
 _GAP_RE = re.compile(_GAP)
 _NUM_END = rf"(?![A-Za-z0-9_]|{_GAP}[0-9])"  # not followed by a letter, or by more digits
 # Not right after a digit and one separator: cheap in the regex, keeps long digit runs linear
 # (the rest of the rule is `digits_start_ok`).
-_NUM_START = (r"(?:(?<![0-9][ .\-/_])|(?<=[A-Za-z_][0-9][ .\-/_])|(?<=[A-Za-z_][0-9]{2}[ .\-/_])"
-              r"|(?<=[A-Za-z_][0-9]{3}[ .\-/_])|(?<=[A-Za-z_][0-9]{4}[ .\-/_]))")  # (or an identifier's: `A12 4111`)
+_NUM_START = (rf"(?:(?<![0-9]{_SEPC})|(?<=[A-Za-z_][0-9]{_SEPC})|(?<=[A-Za-z_][0-9]{{2}}{_SEPC})"
+              rf"|(?<=[A-Za-z_][0-9]{{3}}{_SEPC})|(?<=[A-Za-z_][0-9]{{4}}{_SEPC}))")  # (or an identifier's: `A12 4111`)
 
 
 def digit_groups(value: str) -> list[str]:
@@ -180,8 +181,9 @@ def ssn_start_ok(text: str, start: int) -> bool:
     return i < 0 or not ("0" <= text[i] <= "9") or _identifier_digits(text, i)
 
 
-# A string a number may be bridged over: a role, a part type, a tool name or call id.
-STRUCTURAL = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+# A string a number may be bridged over: a role, a part type, a tool name or call id, a
+# participant's `name` or a file's name (`a.b`, `notes.txt`).
+STRUCTURAL = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 # Printed card layouts (digits per group) a card may have inside a longer separated number.
 _CARD_LAYOUTS = {(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4)}
 

@@ -79,8 +79,8 @@ def phrase_trigger(phrase: str) -> Trigger:
 _WS = r"[\s\x1c-\x1f]"  # the regex's \s on normalized text includes the string boundary U+001F
 # Nine digits with separators (a card or SSN in one string), or digits on both sides of a seam
 # between strings (one split over strings: it may start ~170 characters before the seam).
-_DIGIT_RUNS = (Trigger(r"[0-9](?:[ .\-/_]{0,3}[0-9]){8}", som=False, reach=34, tail=512),
-               Trigger(r"[0-9][ .\-/_]{0,3}\x1f(?:[A-Za-z_][A-Za-z0-9_\-]{0,63}[\x1e\x1f]){0,6}[ .\-/_]{0,3}[0-9]",
+_DIGIT_RUNS = (Trigger(r"[0-9](?:[ .\-/_\t\r\n]{0,3}[0-9]){8}", som=False, reach=34, tail=512),
+               Trigger(r"[0-9][ .\-/_\t\r\n]{0,3}\x1f(?:[A-Za-z_][A-Za-z0-9_.\-]{0,63}[\x1e\x1f]){0,6}[ .\-/_\t\r\n]{0,3}[0-9]",
                        som=False, reach=600, tail=200))
 _IBAN_CC = "AD|AE|AL|AT|AZ|BA|BE|BG|BH|BR|CH|CR|CY|CZ|DE|DK|DO|EE|ES|FI|FO|FR|GB|GE|GI|GL|GR|GT|HR|HU|IE|IL|IS|IT|JO|" \
            "KW|KZ|LB|LI|LT|LU|LV|MC|MD|ME|MK|MR|MT|MU|NL|NO|PK|PL|PS|PT|QA|RO|RS|SA|SE|SI|SK|SM|TN|TR|UA|VG|XK"

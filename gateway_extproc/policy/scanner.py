@@ -37,6 +37,8 @@ reach the string values of a parsed JSON body iteratively, with depth and size g
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
 import functools
 import itertools
@@ -683,7 +685,7 @@ _DEPTH = _Depth()  # decoding depth of the scan running on this thread
 
 # What may precede the rest of a split number at the start of a string: keys of JSON arguments
 # (structural words, each followed by the boundary), separators.
-_CONTINUATION = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_\-]{0,63}[\x1e\x1f])*[ .\-/_]*")
+_CONTINUATION = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_.\-]{0,63}[\x1e\x1f])*[ .\-/_\t\r\n]*")
 
 
 def _pieces(f: Finding, v: str, segs: Sequence[tuple[int, int, int, Normalized, str]],
@@ -1178,8 +1180,12 @@ def redact_strings(strings: Sequence[str], findings: Iterable[Finding],
 
 MAX_DEPTH = 128
 MAX_NODES = 1_000_000
-# Values under these keys are binary payloads (base64), not text: not scanned, not changed.
-BINARY_KEYS: frozenset[str] = frozenset({"image_url", "input_audio", "file_data", "b64_json"})
+# Values under these keys are raw binary payloads (base64 without a `data:` prefix), not
+# text: not scanned, not changed. Base64 data URIs are recognised wherever they are (`_text`).
+BINARY_KEYS: frozenset[str] = frozenset({"input_audio", "file_data", "b64_json"})
+# Media types a provider reads as text (RFC 2397's default, text/plain, when none is given).
+_TEXT_MEDIA = frozenset({"", "application/json", "application/xml", "application/yaml", "application/x-yaml",
+                         "application/csv", "application/x-ndjson", "application/javascript", "application/sql"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -1189,8 +1195,46 @@ class LimitExceeded:
     reason: str
 
 
-def _is_binary(s: str) -> bool:
-    return s.startswith("data:") and ";base64," in s[:256]
+@dataclass(frozen=True, slots=True)
+class _DataText:
+    """A base64 data URI of a textual media type: the text it carries, and how to put a
+    redacted text back (same prefix, same charset)."""
+
+    prefix: str
+    charset: str
+    text: str
+
+    def encode(self, text: str) -> str:
+        return self.prefix + base64.b64encode(text.encode(self.charset, "replace")).decode("ascii")
+
+
+def _text(key: Any, value: str, skip_keys: frozenset[str]) -> str | _DataText | None:
+    """What the scanner reads of a string: the string; for a base64 data URI, the text it
+    carries when its media type is textual (a file a provider reads as text: a card in a
+    `text/plain` attachment leaves like one in a message), else nothing (images, audio, PDF);
+    under `skip_keys`, nothing."""
+    if value.startswith("data:"):
+        head = value[:256]
+        marker = head.find(";base64,")
+        if marker >= 0:
+            media, *params = head[5:marker].split(";")
+            media = media.strip().lower()
+            if not (media.startswith("text/") or media.endswith(("+json", "+xml")) or media in _TEXT_MEDIA):
+                return None
+            charset = next((p.split("=", 1)[1].strip().strip('"') for p in params if p.strip().lower()
+                            .startswith("charset=")), "utf-8")
+            try:
+                "".encode(charset)
+            except LookupError:
+                charset = "utf-8"
+            try:
+                raw = binascii.a2b_base64(value[marker + 8:])
+            except (binascii.Error, ValueError):
+                return value  # not valid base64: no provider reads it as a file either; scan it as written
+            return _DataText(value[:marker + 8], charset, raw.decode(charset, "replace"))
+    if key is not None and key in skip_keys:
+        return None
+    return value
 
 
 def _items(c: Any) -> Iterator[tuple[Any, Any]]:
@@ -1202,7 +1246,8 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
     """Every string value in a parsed JSON value, in document order (dict keys are not
     included; values under `skip_keys` and base64 data URIs are skipped). Iterative."""
     if isinstance(obj, str):
-        return [] if _is_binary(obj) else [obj]
+        text = _text(None, obj, skip_keys)
+        return [] if text is None else [text.text if isinstance(text, _DataText) else text]
     if not isinstance(obj, (dict, list, tuple)):
         return []
     out: list[str] = []
@@ -1211,9 +1256,10 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
     while stack:
         for key, value in stack[-1]:
             if isinstance(value, str):
-                if key is not None and key in skip_keys or _is_binary(value):
+                text = _text(key, value, skip_keys)
+                if text is None:
                     continue
-                out.append(value)
+                out.append(text.text if isinstance(text, _DataText) else text)
                 nodes += 1
             elif isinstance(value, (dict, list, tuple)):
                 if key is not None and key in skip_keys:
@@ -1234,13 +1280,22 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
     return out
 
 
+def _mapped(text: str | _DataText | None, value: str, fn: Callable[[str], str]) -> str:
+    if text is None:
+        return value
+    if isinstance(text, _DataText):
+        new = fn(text.text)
+        return value if new == text.text else text.encode(new)
+    return fn(text)
+
+
 def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str] = BINARY_KEYS,
                 max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> Any:
     """A copy of `obj` with `fn` applied to every string `walk_strings` would return, called
     in the same order (so `fn` may consume an iterator of replacements). Returns
     `LimitExceeded` under the same conditions as `walk_strings`. Iterative."""
     if isinstance(obj, str):
-        return obj if _is_binary(obj) else fn(obj)
+        return _mapped(_text(None, obj, skip_keys), obj, fn)
     if not isinstance(obj, (dict, list, tuple)):
         return obj
 
@@ -1255,8 +1310,9 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
         for key, value in it:
             descend = None
             if isinstance(value, str):
-                if not (key is not None and key in skip_keys or _is_binary(value)):
-                    value = fn(value)
+                text = _text(key, value, skip_keys)
+                if text is not None:
+                    value = _mapped(text, value, fn)
                     nodes += 1
             elif isinstance(value, (dict, list, tuple)) and not (key is not None and key in skip_keys):
                 nodes += 1

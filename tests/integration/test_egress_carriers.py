@@ -1,7 +1,8 @@
-"""Embeddings sent as token IDs through real Envoy: the classifier reads them as the text they
-stand for (decoded with the model's tokenizer), so no restricted value reaches the provider as
-tokens. Before, token arrays went out unread: a card or an SSN encoded with o200k_base left
-whole. Every positive of the PII corpus, as one token array per string."""
+"""Text that travels as something other than a string, through real Envoy: embeddings sent as
+token IDs (read as the text they stand for, decoded with the model's tokenizer) and files sent
+as base64 data URIs of a textual media type (read as the text they carry). Before, both went
+out unread: a card or an SSN encoded with o200k_base, or in a text/plain attachment, left
+whole. Every positive of the PII corpus, as one token array per string and as a text file."""
 
 from __future__ import annotations
 
@@ -123,3 +124,73 @@ def test_a_model_whose_tokenizer_is_an_estimate_takes_text_but_not_token_ids(gw:
     assert gw.received(gw.primary) + gw.received(gw.backup) == []
     assert embed(gw, ["hello"], "estimate-embedding").status_code == 200
     assert orjson.loads(orjson.dumps(gw.received(gw.primary)[0]["body"]["input"])) == ["hello"]
+
+
+# -- files: base64 data URIs of a textual media type ------------------------------------------
+
+
+def data_uri(text: str, media: str = "text/plain") -> str:
+    return f"data:{media};base64," + base64.b64encode(text.encode()).decode()
+
+
+def decoded_payloads(value: Any) -> list[str]:
+    """Every base64 data URI in what a provider received, decoded (whatever its media type)."""
+    if isinstance(value, str):
+        head, sep, payload = value.partition(";base64,")
+        return [base64.b64decode(payload).decode("utf-8", "replace")] if sep and head.startswith("data:") else []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [t for v in items for t in decoded_payloads(v)]
+
+
+def received_files(gw: Gateway) -> list[str]:
+    return ["\n".join(decoded_payloads(r["body"])) for mock in (gw.primary, gw.backup) for r in gw.received(mock)]
+
+
+def file_request(path: str, case: Case) -> dict[str, Any]:
+    """One text file per string of the case (a value split over strings is split over files)."""
+    if path == "/v1/responses":
+        return {"model": "private-chat", "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "summarise"},
+            *({"type": "input_file", "filename": f"notes{i}.txt", "file_data": data_uri(text)}
+              for i, text in enumerate(case.strings))]}]}
+    return {"model": "private-chat", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "summarise"},
+        *({"type": "file", "file": {"filename": f"notes{i}.md", "file_data": data_uri(text, "text/markdown")}}
+          for i, text in enumerate(case.strings))]}]}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_no_corpus_value_reaches_the_provider_in_a_text_file(gw: Gateway, path: str) -> None:
+    gw.reset()
+    with httpx.Client(timeout=30) as client:
+        for case in CASES:
+            r = client.post(f"{gw.url}{path}", json=file_request(path, case),
+                            headers={"authorization": f"Bearer {gw.key}"})
+            assert r.status_code == 200, r.text  # private-chat is approved for every tier: redacted, served
+    files = received_files(gw)
+    assert len(files) == len(CASES) and all(files)
+    assert leaked(files, CASES) == []
+
+
+def test_a_card_in_a_text_file_or_an_image_url_is_held_to_the_models_tier(gw: Gateway) -> None:
+    gw.reset()
+    card = "4111 1111 1111 1111"
+    for part in ({"type": "file", "file": {"filename": "a.txt", "file_data": data_uri(f"card {card}")}},
+                 {"type": "image_url", "image_url": {"url": f"https://img.example/receipt.png?card={card}"}}):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"}, timeout=30,
+                       json={"model": "default-chat", "messages": [{"role": "user", "content": [part]}]})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "classification_violation", r.text
+    assert gw.received(gw.primary) + gw.received(gw.backup) == []
+
+
+def test_binary_files_and_clean_text_files_go_out_byte_for_byte(gw: Gateway) -> None:
+    """Images, PDFs and audio are not read (docs/classification.md); nothing is re-encoded."""
+    gw.reset()
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg=="}},
+             {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}},
+             {"type": "file", "file": {"filename": "b.txt", "file_data": data_uri("quarterly numbers look fine")}}]
+    r = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"}, timeout=30,
+                   json={"model": "private-chat", "messages": [{"role": "user", "content": parts}]})
+    assert r.status_code == 200, r.text
+    (sent,) = [x["body"] for x in gw.received(gw.primary) + gw.received(gw.backup)]
+    assert sent["messages"][0]["content"] == parts
