@@ -572,3 +572,12 @@ def test_a_number_split_over_messages_is_bridged_over_a_participant_or_file_name
 @pytest.mark.parametrize("text", ["SSN 123\n45\n6789", "SSN 123\t45\t6789", "card 5502\n4441\n8521\n8676"])
 def test_a_number_written_one_group_per_line_is_found(text: str) -> None:
     assert DEFAULT.scan_strings([text])
+
+
+@pytest.mark.parametrize("decorate", ["\ufe0f\u20e3", "\u20e3", "\u0336", "\u0332", "\u0335", "\u20dd", "\u20de"],
+                         ids=["keycap", "bare-keycap", "strike", "underline", "short-stroke", "circle", "square"])
+def test_fancy_text_decorations_do_not_hide_a_card(decorate: str) -> None:
+    """Keycaps (`4️⃣`), strike-through, underline and enclosing marks that "fancy text"
+    generators put on every character are removed before detection."""
+    text = "card " + "".join(c + decorate for c in "4111 1111 1111 1111")
+    assert {f.detector for f in DEFAULT.scan_strings([text])} == {"credit_card"}

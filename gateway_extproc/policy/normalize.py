@@ -8,7 +8,8 @@ detectors therefore run on a normalized copy of each string:
   letters, digits and punctuation, ligatures, circled digits, `﹫`);
 - format characters (category Cf: zero-width space/joiner, bidi marks, soft hyphen, word
   joiner, BOM) and other invisible default-ignorables (variation selectors, Hangul fillers,
-  combining grapheme joiner) removed;
+  combining grapheme joiner) removed, and so are the decorations of "fancy text" (keycaps,
+  strike-through, underline, enclosing circles: enclosing marks and the marks for symbols);
 - every Unicode decimal digit (Nd: Arabic-Indic, Devanagari, Thai, mathematical…) mapped to
   its ASCII digit;
 - every space separator (Zs: NBSP, thin, ideographic…) and line/paragraph separator to a
@@ -33,9 +34,13 @@ from dataclasses import dataclass
 import orjson
 
 # Invisible characters outside Cf that are used to split values: combining grapheme joiner,
-# Hangul fillers, Mongolian and standard variation selectors, tag-like ideographic ones.
+# Hangul fillers, Mongolian and standard variation selectors, tag-like ideographic ones; and
+# decorations no script writes with but "fancy text" generators put on every character:
+# strike-through, underline and overlay marks, the marks for symbols (keycap `4️⃣`, enclosing
+# circle and square). Enclosing marks (Me) go too (`_mapped`).
 _EXTRA_IGNORABLE = {0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
-                    *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)}
+                    *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x0332, 0x0339),
+                    *range(0x20D0, 0x2100)}
 _DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: ".", 0x2024: ".", 0xFE52: "."}
 _PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE0200))  # BMP, SMP (math digits), tags
 
@@ -51,7 +56,7 @@ _tables: _Tables | None = None
 
 def _mapped(ch: str) -> str | None:
     o = ord(ch)
-    if o in _EXTRA_IGNORABLE or unicodedata.category(ch) == "Cf":
+    if o in _EXTRA_IGNORABLE or unicodedata.category(ch) in ("Cf", "Me"):
         return ""
     if o in _DOTS:
         return _DOTS[o]
