@@ -42,13 +42,22 @@ class KeyLookup(Protocol):
 
 
 def presented_key(headers: dict[str, str]) -> str | None:
-    """The caller's key from `Authorization: Bearer` (OpenAI SDKs) or `x-api-key` (Anthropic)."""
+    """The caller's key from `Authorization: Bearer` (OpenAI SDKs) or `x-api-key` (Anthropic).
+
+    Two different values there are refused (`identity_conflict`) rather than one picked: the
+    other would go unchecked, and which one wins must never decide what a caller may do.
+    (A verified OIDC token is not here: Envoy removed it after verifying.)"""
     auth = headers.get("authorization")
+    bearer = None
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    return headers.get("x-api-key") or None
+            bearer = value.strip()
+    api_key = headers.get("x-api-key") or None
+    if bearer is not None and api_key is not None and not hmac.compare_digest(bearer.encode(), api_key.encode()):
+        raise GatewayError("identity_conflict", "Two different API keys were sent (`Authorization` and "
+                           "`x-api-key`); send one.")
+    return bearer or api_key
 
 
 def xfcc_first(value: str) -> dict[str, list[str]]:

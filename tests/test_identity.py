@@ -51,6 +51,14 @@ def test_digest_is_sha256_hex_of_whole_key() -> None:
     ("sk-proj-abcdef", None),
     ("demo_secret", None),
     ("", None),
+    # Not an id any key can have (keys.ID): refused before any lookup.
+    ("gwk_Demo_secret", None),
+    ("gwk_" + "a" * 64 + "_secret", None),
+    ("gwk_" + "a" * 63 + "_secret", "a" * 63),
+    ("gwk_-lead_secret", None),
+    ("gwk_caf\u00e9_secret", None),
+    ("gwk_demo\n_secret", None),
+    ("gwk_a{b}_secret", None),
 ])
 def test_key_id(key: str, expected: str | None) -> None:
     assert keys.key_id(key) == expected
@@ -100,7 +108,7 @@ def cfg() -> config.GatewayConfig:
     ({"x-api-key": GOOD}, "good"),  # Anthropic SDK style
     ({"authorization": "Basic dXNlcjpwYXNz", "x-api-key": LIMITED}, "limited"),  # non-bearer -> x-api-key
     ({"authorization": "Bearer ", "x-api-key": LIMITED}, "limited"),  # empty bearer -> x-api-key
-    ({"authorization": f"Bearer {GOOD}", "x-api-key": LIMITED}, "good"),  # bearer wins
+    ({"authorization": f"Bearer {GOOD}", "x-api-key": GOOD}, "good"),  # the same key twice (two different: a conflict)
     ({"authorization": f"Bearer {FUTURE}"}, "future"),  # not yet expired
 ])
 def test_authenticate_ok(cfg: config.GatewayConfig, headers: dict[str, str], expected_id: str) -> None:
@@ -183,6 +191,22 @@ def test_wrong_secret_on_expired_key_is_invalid_not_expired(cfg: config.GatewayC
 ])
 def test_presented_key(headers: dict[str, str], expected: str | None) -> None:
     assert identity.presented_key(headers) == expected
+
+
+@pytest.mark.parametrize("headers", [
+    {"authorization": "Bearer gwk_a_one", "x-api-key": "gwk_b_two"},
+    {"authorization": "bearer gwk_a_one", "x-api-key": "gwk_a_one-more"},
+    {"authorization": "Bearer gwk_a_one", "x-api-key": "junk"},
+])
+def test_two_different_keys_are_a_conflict_not_a_pick(headers: dict[str, str]) -> None:
+    with pytest.raises(GatewayError) as info:
+        identity.presented_key(headers)
+    assert (info.value.code, info.value.status) == ("identity_conflict", 403)
+    assert "gwk_a_one" not in info.value.message
+
+
+def test_the_same_key_in_both_headers_is_one_key() -> None:
+    assert identity.presented_key({"authorization": "Bearer  gwk_a_one", "x-api-key": "gwk_a_one"}) == "gwk_a_one"
 
 
 # -- workload identity (XFCC written by Envoy) and principal combination ----------------

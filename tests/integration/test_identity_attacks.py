@@ -1,0 +1,388 @@
+"""Attacks on identity and key handling, end to end: real Envoy, real ext_proc processes,
+a real Valkey holding the keys created through the admin API, real clients.
+
+Two replicas (their own Envoy and two ext_proc processes each) share one Valkey. The
+attacks: hostile `Authorization` / `x-api-key` forms (also as a hypothesis property),
+ids no key can have, caller-sent provider credentials and account selectors, identity
+headers spoofed on every endpoint, revocation and rotation under bursts on four ext_proc
+processes, and the key store frozen, killed and restarted during bursts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+import redis as redis_sync
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from gateway_extproc import keys
+from gateway_extproc.localstack import free_port
+
+from ..redis_server import RedisServer
+from .conftest import DEMO_KEY, Gateway, build_gateway, running_gateway
+from .test_key_admin import ADMIN_TOKEN, admin, admin_values
+
+CHAT = {"model": "default-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+Replicas = tuple[Gateway, Gateway]
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[RedisServer]:
+    # Persisted, so keys created before a SIGKILL are still there when it comes back.
+    with RedisServer(persist=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def replicas(store: RedisServer) -> Iterator[Replicas]:
+    ports = free_port(), free_port()
+
+    def customize(values: dict[str, Any], i: int) -> None:
+        admin_values(values, store.url, ports[i])
+        values["extproc"]["processes"] = 2
+
+    with tempfile.TemporaryDirectory(prefix="gw-idattack-") as tmp:
+        first = build_gateway(Path(tmp) / "a", customize=lambda v: customize(v, 0))
+        try:
+            second = build_gateway(Path(tmp) / "b", customize=lambda v: customize(v, 1), share_mocks=first)
+            try:
+                yield first, second
+            finally:
+                second.stack.stop()
+        finally:
+            first.stack.stop()
+
+
+def create_key(gw: Gateway, id_: str, **fields: Any) -> str:
+    r = admin(gw, "POST", "/admin/keys", json={"team": "demo", "id": id_, **fields})
+    assert r.status_code == 201, r.text
+    return r.json()["key"]
+
+
+def usage(gw: Gateway, headers: Any) -> httpx.Response:
+    return httpx.get(f"{gw.url}/v1/usage", headers=headers, timeout=10)
+
+
+def error_code(r: httpx.Response) -> str | None:
+    try:
+        err = r.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    assert set(err) == {"message", "type", "code", "param"}, err
+    return err["code"]
+
+
+def lookups(server: RedisServer) -> int:
+    """Script calls the key store has served (each worker lookup is one)."""
+    stats = redis_sync.Redis.from_url(server.url).info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+# -- hostile credential forms --------------------------------------------------------------
+
+
+def _forms(stored: str) -> list[tuple[str, list[tuple[str, str]], int, str | None]]:
+    """(name, headers, status, code or the key_id served)."""
+    one_off = DEMO_KEY[:-1] + ("A" if DEMO_KEY[-1] != "A" else "B")
+    return [
+        ("bearer", [("Authorization", f"Bearer {DEMO_KEY}")], 200, "demo"),
+        ("lowercase scheme", [("Authorization", f"bearer {DEMO_KEY}")], 200, "demo"),
+        ("extra spaces", [("Authorization", f"Bearer   {DEMO_KEY}")], 200, "demo"),
+        ("x-api-key", [("x-api-key", DEMO_KEY)], 200, "demo"),
+        ("same key in both headers", [("Authorization", f"Bearer {DEMO_KEY}"), ("x-api-key", DEMO_KEY)], 200, "demo"),
+        ("tab after the scheme", [("Authorization", f"Bearer\t{DEMO_KEY}")], 401, "missing_api_key"),
+        ("no scheme", [("Authorization", DEMO_KEY)], 401, "missing_api_key"),
+        ("Azure api-key header", [("api-key", DEMO_KEY)], 401, "missing_api_key"),
+        ("trailing junk", [("Authorization", f"Bearer {DEMO_KEY}x")], 401, "invalid_api_key"),
+        ("trailing word", [("Authorization", f"Bearer {DEMO_KEY} x")], 401, "invalid_api_key"),
+        ("prefix of the key", [("Authorization", f"Bearer {DEMO_KEY[:-4]}")], 401, "invalid_api_key"),
+        ("one character changed", [("Authorization", f"Bearer {one_off}")], 401, "invalid_api_key"),
+        ("non-ASCII secret", [("Authorization", "Bearer gwk_demo_caf\u00e9-secret".encode())], 401, "invalid_api_key"),
+        ("two Authorization headers", [("Authorization", f"Bearer {DEMO_KEY}"), ("Authorization", f"Bearer {stored}")],
+         401, "invalid_api_key"),
+        # A repeated header is one value joined with ',' (RFC 9110; Envoy itself joins a
+        # repeated Authorization): no key is that, and none of them is picked silently.
+        ("two x-api-key headers", [("x-api-key", DEMO_KEY), ("x-api-key", DEMO_KEY)], 401, "invalid_api_key"),
+        ("junk then a valid x-api-key", [("x-api-key", "gwk_nope_x"), ("x-api-key", DEMO_KEY)], 401, "invalid_api_key"),
+        # Two different keys: refused, whichever is the more privileged (never a silent pick).
+        ("different keys in both headers", [("Authorization", f"Bearer {stored}"), ("x-api-key", DEMO_KEY)],
+         403, "identity_conflict"),
+        ("valid bearer, junk x-api-key", [("Authorization", f"Bearer {DEMO_KEY}"), ("x-api-key", "gwk_nope_x")],
+         403, "identity_conflict"),
+        ("junk bearer, valid x-api-key", [("Authorization", "Bearer gwk_nope_x"), ("x-api-key", DEMO_KEY)],
+         403, "identity_conflict"),
+    ]
+
+
+def test_hostile_credential_forms_get_a_documented_answer(replicas: Replicas) -> None:
+    a, _ = replicas
+    stored = create_key(a, "forms-stored")
+    wrong = []
+    for name, headers, status, expected in _forms(stored):
+        r = usage(a, headers)
+        got = r.json()["key_id"] if r.status_code == 200 else error_code(r)
+        if (r.status_code, got) != (status, expected):
+            wrong.append((name, r.status_code, got))
+        assert DEMO_KEY not in r.text and stored not in r.text
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("id_", ["a" * 50_000, "UPPER", "caf\u00e9", "x" * 64, "-lead", "a{b}c", "a:b"])
+def test_an_id_no_key_can_have_is_refused_without_a_key_store_lookup(replicas: Replicas, store: RedisServer,
+                                                                      id_: str) -> None:
+    """Key ids are 1-63 lowercase letters, digits and '-': anything else cannot be a key, so
+    it costs no round trip and no cache entry (a 50 KiB id per request would otherwise fill
+    every worker's cache with attacker-chosen strings)."""
+    a, _ = replicas
+    before = lookups(store)
+    r = usage(a, {"Authorization": f"Bearer gwk_{id_}_secret".encode()})
+    assert r.status_code == 401 and error_code(r) == "invalid_api_key", r.text
+    assert lookups(store) == before
+
+
+def test_a_64_kib_key_is_a_431_in_the_openai_shape(replicas: Replicas) -> None:
+    a, _ = replicas
+    r = usage(a, {"Authorization": "Bearer gwk_demo_" + "a" * 65536})
+    assert r.status_code == 431 and error_code(r) == "request_headers_too_large", r.text
+    assert usage(a, {"Authorization": f"Bearer {DEMO_KEY}"}).status_code == 200
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scheme=st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "Token", ""]),
+       sep=st.sampled_from([" ", "  ", "\t", ""]),
+       auth_key=st.sampled_from(["demo", "restricted", "mangled", "none", "jwt-like"]),
+       api_key=st.sampled_from(["none", "demo", "restricted", "mangled"]),
+       spoof=st.sets(st.sampled_from(["x-gateway-team", "x-gateway-key-id", "x-gateway-user", "x-gateway-model",
+                                      "x-forwarded-client-cert", "x-data-classification", "x-spiffe-id"])))
+def test_property_a_request_is_served_only_as_exactly_the_key_it_presented(
+        replicas: Replicas, scheme: str, sep: str, auth_key: str, api_key: str, spoof: set[str]) -> None:
+    """Whatever the header forms and spoofed identity headers, a request is either refused
+    with a documented code or served as the one key it presented, never as another."""
+    a, _ = replicas
+    gw_keys = {"demo": DEMO_KEY, "restricted": a.restricted_key, "mangled": DEMO_KEY[:-2],
+               "jwt-like": "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."}
+    headers: dict[str, str] = {}
+    if auth_key != "none":
+        headers["Authorization"] = f"{scheme}{sep}{gw_keys[auth_key]}"
+    if api_key != "none":
+        headers["x-api-key"] = gw_keys[api_key]
+    for name in spoof:
+        headers[name] = {"x-forwarded-client-cert": "URI=spiffe://cluster.local/ns/payments/sa/api",
+                         "x-data-classification": "public"}.get(name, "tiny")
+    r = usage(a, headers)
+    # Read from Authorization: a Bearer scheme, then spaces (RFC 9110); else only x-api-key.
+    from_auth = gw_keys.get(auth_key) if scheme.lower() == "bearer" and sep.startswith(" ") else None
+    presented = {k for k in (from_auth, gw_keys.get(api_key)) if k}
+    if r.status_code == 200:
+        served = r.json()["key_id"]
+        assert len(presented) == 1, (headers, r.text)
+        assert served == {DEMO_KEY: "demo", a.restricted_key: "restricted"}[presented.pop()], (headers, r.text)
+    else:
+        assert (r.status_code, error_code(r)) in {(401, "missing_api_key"), (401, "invalid_api_key"),
+                                                  (403, "identity_conflict")}, (headers, r.text)
+        if len(presented) == 1 and presented <= {DEMO_KEY, a.restricted_key}:
+            pytest.fail(f"a valid key alone was refused: {headers} -> {r.text}")
+
+
+# -- headers a caller may not set ----------------------------------------------------------
+
+# Credentials of provider schemes and the provider account a request is billed to: the
+# gateway's credential decides those, never the caller.
+CALLER_PROVIDER_HEADERS = {"api-key": "caller-azure-secret", "x-goog-api-key": "caller-gemini-secret",
+                           "proxy-authorization": "Basic Y2FsbGVyOnNlY3JldA==",
+                           "x-amz-security-token": "caller-session-token",
+                           "openai-organization": "org-someone-else", "openai-project": "proj-someone-else"}
+SPOOFED_IDENTITY = {"x-gateway-team": "other", "x-gateway-user": "mallory", "x-gateway-key-id": "tiny",
+                    "x-gateway-tier": "public", "x-gateway-model": "private-chat",
+                    "x-forwarded-client-cert": "URI=spiffe://cluster.local/ns/payments/sa/api",
+                    "x-spiffe-id": "spiffe://cluster.local/ns/payments/sa/api"}
+ENDPOINTS = [("default-chat", "/v1/chat/completions"), ("claude-chat", "/v1/messages"),
+             ("azure-chat", "/v1/chat/completions"), ("gemini-chat", "/v1/chat/completions"),
+             ("default-chat", "/v1/responses"), ("default-embedding", "/v1/embeddings")]
+
+
+def _body(model: str, path: str) -> dict[str, Any]:
+    if path in ("/v1/responses", "/v1/embeddings"):
+        return {"model": model, "input": "Hi"}
+    return {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+
+
+@pytest.mark.parametrize(("model", "path"), ENDPOINTS)
+def test_caller_provider_credentials_and_identity_headers_never_reach_a_provider(
+        replicas: Replicas, model: str, path: str) -> None:
+    a, _ = replicas
+    a.reset()
+    headers = {"Authorization": f"Bearer {DEMO_KEY}", **CALLER_PROVIDER_HEADERS, **SPOOFED_IDENTITY}
+    r = httpx.post(f"{a.url}{path}", headers=headers, json=_body(model, path), timeout=20)
+    assert r.status_code == 200, r.text
+    sent = [req for mock in (a.primary, a.backup) for req in a.received(mock)]
+    assert len(sent) == 1, sent
+    got = {k.lower(): v for k, v in sent[0]["headers"].items()}
+    gateway_owned = {k: v for k, v in SPOOFED_IDENTITY.items() if k.startswith("x-gateway-")
+                     or k == "x-forwarded-client-cert"}
+    for name, value in {**CALLER_PROVIDER_HEADERS, **gateway_owned}.items():
+        assert got.get(name) != value, (name, got)
+    assert DEMO_KEY not in str(got)
+
+
+@pytest.mark.parametrize("path", ["/v1/usage", "/v1/models"])
+def test_spoofed_identity_headers_change_nothing_the_gateway_answers_itself(replicas: Replicas, path: str) -> None:
+    a, _ = replicas
+    plain = httpx.get(f"{a.url}{path}", headers={"Authorization": f"Bearer {a.restricted_key}"}, timeout=10)
+    spoofed = httpx.get(f"{a.url}{path}", headers={"Authorization": f"Bearer {a.restricted_key}",
+                                                   **SPOOFED_IDENTITY}, timeout=10)
+    assert plain.status_code == spoofed.status_code == 200
+    assert plain.json() == spoofed.json()
+    without = httpx.get(f"{a.url}{path}", headers=SPOOFED_IDENTITY, timeout=10)
+    assert without.status_code == 401 and error_code(without) == "missing_api_key", without.text
+
+
+def test_sdks_with_spoofed_headers_are_served_as_their_own_key(replicas: Replicas) -> None:
+    """The restricted key may use default-chat only: no header gets it claude-chat."""
+    a, _ = replicas
+    oa = openai.OpenAI(base_url=f"{a.url}/v1", api_key=a.restricted_key, max_retries=0,
+                       default_headers={**SPOOFED_IDENTITY, "x-gateway-model": "claude-chat"})
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        oa.chat.completions.create(model="claude-chat", messages=[{"role": "user", "content": "Hi"}])
+    assert info.value.body["code"] == "model_not_allowed"  # type: ignore[index]
+    an = anthropic.Anthropic(base_url=a.url, api_key=a.restricted_key, max_retries=0,
+                             default_headers={**SPOOFED_IDENTITY, "x-gateway-model": "claude-chat"})
+    with pytest.raises(anthropic.PermissionDeniedError) as ainfo:
+        an.messages.create(model="claude-chat", max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+    assert "model_not_allowed" in str(ainfo.value)
+    # Its own key and another one in Authorization: refused, not the more privileged one picked.
+    r = httpx.post(f"{a.url}/v1/messages", timeout=10, json={"model": "claude-chat", "max_tokens": 8,
+                   "messages": [{"role": "user", "content": "Hi"}]},
+                   headers={"x-api-key": a.restricted_key, "Authorization": f"Bearer {DEMO_KEY}",
+                            "anthropic-version": "2023-06-01"})
+    assert r.status_code == 403 and error_code(r) == "identity_conflict", r.text
+
+
+# -- revocation, rotation and key-store faults under bursts --------------------------------
+
+
+class Burst:
+    """Requests with one key, continuously, from a background thread against both replicas:
+    (start time, status, error code) for each."""
+
+    def __init__(self, gws: Replicas, key: str, concurrency: int = 40, path: str = "/v1/models") -> None:
+        self.gws, self.key, self.concurrency, self.path = gws, key, concurrency, path
+        self.results: list[tuple[float, int, str | None]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=self.concurrency * 2)) as c:
+            async def worker(i: int) -> None:
+                gw = self.gws[i % 2]
+                while not self.stop.is_set():
+                    started = time.monotonic()
+                    try:
+                        r = await c.get(f"{gw.url}{self.path}", headers={"Authorization": f"Bearer {self.key}"})
+                        code = None if r.status_code == 200 else error_code(r)
+                        self.results.append((started, r.status_code, code))
+                    except httpx.TransportError as exc:
+                        self.results.append((started, 0, type(exc).__name__))
+            await asyncio.gather(*(worker(i) for i in range(self.concurrency)))
+
+    def __enter__(self) -> Burst:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(60)
+
+
+def test_a_key_revoked_during_a_burst_on_four_processes_stops_within_the_promise(replicas: Replicas) -> None:
+    a, b = replicas
+    key = create_key(a, "revoked-in-burst")
+    with Burst(replicas, key) as burst:
+        time.sleep(1.5)
+        assert admin(b, "DELETE", "/admin/keys/revoked-in-burst").status_code == 200
+        revoked = time.monotonic()
+        time.sleep(2.5)
+    served_after = [t - revoked for t, status, _ in burst.results if status == 200 and t > revoked]
+    outcomes = {(s, c) for _, s, c in burst.results}
+    assert outcomes <= {(200, None), (401, "invalid_api_key")}, outcomes
+    assert sum(1 for t, s, _ in burst.results if s == 200 and t < revoked) > 50, "the burst never ran"
+    # Each process caches a lookup for 1 s (docs/identity.md): nothing starting later is served.
+    assert max(served_after, default=0) < 1.5, max(served_after)
+    assert sum(1 for t, s, _ in burst.results if t > revoked + 1.5 and s == 401) > 50
+
+
+def test_a_rotated_keys_old_value_stops_during_a_burst_and_the_new_one_works(replicas: Replicas) -> None:
+    a, b = replicas
+    old = create_key(a, "rotated-in-burst")
+    with Burst(replicas, old) as burst:
+        time.sleep(1.0)
+        r = admin(b, "POST", "/admin/keys/rotated-in-burst/rotate", json={"grace_seconds": 0})
+        assert r.status_code == 200, r.text
+        rotated = time.monotonic()
+        time.sleep(2.5)
+    new = r.json()["key"]
+    assert max((t - rotated for t, s, _ in burst.results if s == 200 and t > rotated), default=0) < 1.5
+    assert {(s, c) for _, s, c in burst.results} <= {(200, None), (401, "invalid_api_key")}
+    for gw in replicas:
+        assert usage(gw, {"Authorization": f"Bearer {new}"}).json()["key_id"] == "rotated-in-burst"
+
+
+def _no_server_error(results: list[tuple[float, int, str | None]]) -> None:
+    outcomes = {(s, c) for _, s, c in results}
+    assert outcomes <= {(200, None), (503, "key_store_unavailable")}, outcomes
+
+
+def test_the_key_store_frozen_during_a_burst_fails_closed_and_recovers(replicas: Replicas,
+                                                                       store: RedisServer) -> None:
+    a, b = replicas
+    key = create_key(a, "frozen-store")
+    with Burst(replicas, key, concurrency=30) as burst:
+        time.sleep(1.0)
+        store.pause()
+        paused = time.monotonic()
+        try:
+            time.sleep(3.0)
+        finally:
+            store.resume()
+        resumed = time.monotonic()
+        time.sleep(2.0)
+    _no_server_error(burst.results)
+    assert any(s == 503 for t, s, _ in burst.results if paused + 1.5 < t < resumed), "a frozen store never showed"
+    assert not any(s == 200 for t, s, _ in burst.results if paused + 2.0 < t < resumed - 0.5)
+    late = [s for t, s, _ in burst.results if t > resumed + 1.0]
+    assert late and all(s == 200 for s in late), late[:20]
+    for gw in replicas:
+        assert gw.stack.exited() is None and httpx.get(f"{gw.stack.admin_url}/ready", timeout=2).status_code == 200
+        assert usage(gw, {"Authorization": f"Bearer {DEMO_KEY}"}).status_code == 200
+
+
+def test_the_key_store_killed_and_restarted_during_a_burst_fails_closed_and_recovers(
+        replicas: Replicas, store: RedisServer) -> None:
+    a, b = replicas
+    key = create_key(a, "killed-store")
+    with Burst(replicas, key, concurrency=30) as burst:
+        time.sleep(1.0)
+        store.kill()
+        killed = time.monotonic()
+        try:
+            time.sleep(2.5)
+        finally:
+            store.start()
+        restarted = time.monotonic()
+        time.sleep(2.5)
+    _no_server_error(burst.results)
+    assert any(s == 503 for t, s, _ in burst.results if killed + 1.5 < t < restarted)
+    late = [s for t, s, _ in burst.results if t > restarted + 1.0]
+    assert late and all(s == 200 for s in late), late[:20]
+    for gw in replicas:
+        assert gw.stack.exited() is None
