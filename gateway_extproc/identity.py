@@ -126,11 +126,18 @@ async def authenticate(headers: dict[str, str], config: GatewayConfig, now: date
     ident = config.identity
     workload, unmapped = None, None
     if ident.workloads:
-        for kind, value in workload_sans(headers):
-            workload = ident.workload(kind, value)
-            if workload is not None:
+        sans = workload_sans(headers)
+        for kind in ("spiffe", "dns"):  # URI SANs first; DNS SANs only when no URI SAN maps
+            found = {p.id: p for k, v in sans if k == kind and (p := ident.workload(k, v)) is not None}
+            if len(found) > 1:
+                # An X.509-SVID has one SPIFFE ID; a certificate naming several principals
+                # is not taken for whichever its SAN order puts first.
+                raise GatewayError("identity_conflict", "The client certificate names several workloads ("
+                                   f"{', '.join(sorted(found))[:300]}); it must name one.")
+            if found:
+                workload = next(iter(found.values()))
                 break
-            unmapped = unmapped or value
+        unmapped = sans[0][1] if workload is None and sans else None
     token, token_user = None, None
     for name, payload in (claims or {}).items():
         provider = ident.oidc.get(name)

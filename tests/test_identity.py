@@ -286,6 +286,24 @@ def test_principal_precedence_and_allow_list_intersection() -> None:
     assert e.value.code == "identity_not_mapped"
 
 
+@pytest.mark.parametrize(("xfcc", "outcome"), [
+    ("URI=spiffe://td/ns/pay/sa/batch;URI=spiffe://td/ns/pay/sa/api", "identity_conflict"),  # two principals
+    ("URI=spiffe://td/ns/pay/sa/api;URI=spiffe://td/ns/pay/sa/batch", "identity_conflict"),  # either order
+    ("URI=spiffe://td/ns/other/sa/x;URI=spiffe://td/ns/pay/sa/api", "workload:pay"),  # one maps
+    ("URI=spiffe://td/ns/pay/sa/api;URI=spiffe://td/ns/pay/sa/web", "workload:pay"),  # both the same principal
+    ("URI=spiffe://evil/ns/pay/sa/api;URI=spiffe://td/ns/other/sa/x", "identity_not_mapped"),
+])
+def test_a_certificate_naming_several_principals_is_a_conflict_not_a_pick(xfcc: str, outcome: str) -> None:
+    cfg = _identity_config()
+    if outcome.startswith("workload:"):
+        assert authenticate({"x-forwarded-client-cert": xfcc}, cfg, NOW).id == outcome
+        return
+    with pytest.raises(GatewayError) as e:
+        authenticate({"x-forwarded-client-cert": xfcc}, cfg, NOW)
+    assert e.value.code == outcome
+    assert e.value.status == 403
+
+
 def test_budget_levels_follow_the_user_a_workload_carries() -> None:
     """One workload principal, many end users: each request's plan has its own user level."""
     from gateway_extproc.budgets.gate import BudgetGate

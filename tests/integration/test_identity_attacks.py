@@ -11,6 +11,12 @@ processes, and the key store frozen, killed and restarted during bursts.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import ssl
 import tempfile
 import threading
 import time
@@ -20,17 +26,25 @@ from typing import Any
 
 import anthropic
 import httpx
+import jwt
 import openai
 import pytest
 import redis as redis_sync
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateway_extproc import keys
 from gateway_extproc.localstack import free_port
 
 from ..redis_server import RedisServer
-from .conftest import DEMO_KEY, Gateway, build_gateway, running_gateway
-from .test_key_admin import ADMIN_TOKEN, admin, admin_values
+from . import conftest
+from .conftest import DEMO_KEY, Gateway, build_gateway
+from .test_identity import (AUDIENCE, FOREIGN, ISSUER, PAYMENTS_API, PAYMENTS_BATCH, PKI, UNMAPPED, Identity,
+                            _ready_on)
+from .test_key_admin import admin, admin_values
+from .test_mtls import config_files, tls_stack
 
 CHAT = {"model": "default-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
 Replicas = tuple[Gateway, Gateway]
@@ -173,7 +187,8 @@ def test_property_a_request_is_served_only_as_exactly_the_key_it_presented(
                "jwt-like": "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."}
     headers: dict[str, str] = {}
     if auth_key != "none":
-        headers["Authorization"] = f"{scheme}{sep}{gw_keys[auth_key]}"
+        # Leading whitespace is not part of a header value (httpx refuses it, Envoy strips it).
+        headers["Authorization"] = f"{scheme}{sep}{gw_keys[auth_key]}".lstrip(" \t")
     if api_key != "none":
         headers["x-api-key"] = gw_keys[api_key]
     for name in spoof:
@@ -386,3 +401,156 @@ def test_the_key_store_killed_and_restarted_during_a_burst_fails_closed_and_reco
     assert late and all(s == 200 for s in late), late[:20]
     for gw in replicas:
         assert gw.stack.exited() is None
+
+
+# -- OIDC tokens and client certificates ---------------------------------------------------
+
+PARTNER_ISSUER = "https://partner-idp.test.example"
+PARTNER_AUDIENCE = "gateway-partner"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[tuple[Identity, rsa.RSAPrivateKey]]:
+    """test_identity's mTLS + OIDC gateway plus a second issuer (its own key, kid
+    partner-1) and client certificates with several URI SANs."""
+    with tempfile.TemporaryDirectory(prefix="gw-idp-attack-") as tmp:
+        root = Path(tmp)
+        pki = PKI(root)
+        server_crt, server_key = pki.issue("server", [x509.DNSName("localhost"),
+                                                      x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], server=True)
+        uri = x509.UniformResourceIdentifier
+        for name, sans in (("payments-api", [uri(PAYMENTS_API)]), ("unmapped", [uri(UNMAPPED)]),
+                           ("batch-and-api", [uri(PAYMENTS_BATCH), uri(PAYMENTS_API)]),
+                           ("unmapped-then-api", [uri(UNMAPPED), uri(PAYMENTS_API)]),
+                           ("foreign-and-unmapped", [uri(FOREIGN), uri(UNMAPPED)])):
+            pki.issue(name, sans)
+        for sub, src in (("server-tls", (server_crt, server_key)),):
+            (root / sub).mkdir()
+            (root / sub / "tls.crt").write_bytes(src[0].read_bytes())
+            (root / sub / "tls.key").write_bytes(src[1].read_bytes())
+        (root / "client-ca").mkdir()
+        (root / "client-ca" / "ca.crt").write_bytes((root / "ca.crt").read_bytes())
+        corp_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        partner_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+        def jwks(key: rsa.RSAPrivateKey, kid: str) -> str:
+            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+            jwk.update(kid=kid, alg="RS256", use="sig")
+            return json.dumps({"keys": [jwk]})
+
+        workdir = root / "stack"
+
+        def customize(values: dict[str, Any]) -> None:
+            values["configDir"] = str(workdir)
+            values["envoy"]["tls"] = {
+                "enabled": True, "certificate": {"secretName": "", "dir": str(root / "server-tls")},
+                "clientCA": {"enabled": True, "secretName": "", "key": "ca.crt", "dir": str(root / "client-ca")}}
+            values["teams"] += [{"name": "payments"}, {"name": "batch"}]
+            values["identity"] = {
+                "workloads": {"trustDomains": ["cluster.local"], "principals": [
+                    {"name": "payments", "spiffe": "spiffe://cluster.local/ns/payments/sa/*", "team": "payments"},
+                    {"name": "payments-batch", "spiffe": PAYMENTS_BATCH, "team": "batch", "models": ["default-chat"]}]},
+                "oidc": {"providers": [
+                    {"name": "corp", "issuer": ISSUER, "audiences": [AUDIENCE], "jwks": {"inline": jwks(corp_key, "test-1")},
+                     "teamClaim": "team"},
+                    {"name": "partner", "issuer": PARTNER_ISSUER, "audiences": [PARTNER_AUDIENCE],
+                     "jwks": {"inline": jwks(partner_key, "partner-1")}, "defaultTeam": "batch"}]},
+            }
+            workdir.mkdir(parents=True, exist_ok=True)
+            for name, text in config_files(values).items():
+                (workdir / name).write_text(text)
+
+        ready = ssl.create_default_context(cafile=str(root / "ca.crt"))
+        ready.load_cert_chain(str(root / "unmapped.crt"), str(root / "unmapped.key"))
+        with pytest.MonkeyPatch.context() as mp:  # only while this stack is built
+            mp.setattr(conftest, "LocalStack", _ready_on(tls_stack(ready), ready))
+            gw = build_gateway(workdir, customize=customize)
+        try:
+            yield Identity(gw, root, corp_key), partner_key
+        finally:
+            gw.stack.stop()
+
+
+def _hostile_tokens(ident: Identity, partner_key: rsa.RSAPrivateKey) -> dict[str, str]:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "team": "payments", "iat": now, "exp": now + 300}
+    public_pem = ident.signing_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    hs_head = _unsigned({"alg": "HS256", "typ": "JWT", "kid": "test-1"}, claims)
+    hs256 = f"{hs_head}.{_b64(hmac.new(public_pem, hs_head.encode(), hashlib.sha256).digest())}"
+
+    def rs(c: dict[str, Any], kid: str = "test-1", key: rsa.RSAPrivateKey | None = None) -> str:
+        return jwt.encode(c, key or ident.signing_key, algorithm="RS256", headers={"kid": kid})
+
+    return {
+        "alg none": _unsigned({"alg": "none", "typ": "JWT"}, claims) + ".",
+        "alg none with a kid": _unsigned({"alg": "none", "kid": "test-1"}, claims) + ".",
+        "HS256 keyed with the RSA public key": hs256,
+        "expired": rs({**claims, "exp": now - 600}),
+        "nbf in the future": rs({**claims, "nbf": now + 3600}),
+        "wrong issuer": rs({**claims, "iss": "https://evil.example"}),
+        "wrong audience": rs({**claims, "aud": "someone-else"}),
+        "unknown kid": rs(claims, kid="nope"),
+        "kid of another issuer's key": rs(claims, kid="partner-1", key=partner_key),
+        "another issuer's audience": rs({**claims, "iss": PARTNER_ISSUER}, kid="partner-1", key=partner_key),
+        "signature of another token": ".".join(rs(claims).split(".")[:2] + [rs({**claims, "sub": "x"}).split(".")[2]]),
+        "huge": rs({**claims, "pad": "x" * 30_000}, kid="nope"),
+        "no exp at all": rs({k: v for k, v in claims.items() if k != "exp"}),
+    }
+
+
+def test_hostile_tokens_are_a_401_in_the_openai_shape_before_the_ext_proc(idp: tuple[Identity, Any]) -> None:
+    ident, partner_key = idp
+    ident.gw.reset()
+    wrong = []
+    for name, token in _hostile_tokens(ident, partner_key).items():
+        r = ident.chat("unmapped", {"Authorization": f"Bearer {token}"})
+        if (r.status_code, error_code(r)) != (401, "invalid_token"):
+            wrong.append((name, r.status_code, r.text[:200]))
+    assert not wrong, wrong
+    assert ident.gw.received(ident.gw.primary) == []
+
+
+def test_a_valid_token_of_each_issuer_is_its_own_principal(idp: tuple[Identity, Any]) -> None:
+    ident, partner_key = idp
+    now = int(time.time())
+    partner = jwt.encode({"iss": PARTNER_ISSUER, "aud": PARTNER_AUDIENCE, "sub": "pat", "team": "payments",
+                          "iat": now, "exp": now + 300}, partner_key, algorithm="RS256", headers={"kid": "partner-1"})
+    u = ident.get("/v1/usage", "unmapped", {"Authorization": f"Bearer {partner}"}).json()
+    # The partner issuer maps no team claim: its defaultTeam, whatever `team` the token says.
+    assert (u["key_id"], u["team"], u["user"]) == ("token:partner", "batch", "pat"), u
+    u = ident.get("/v1/usage", "unmapped", {"Authorization": f"Bearer {ident.token(sub='carol')}"}).json()
+    assert (u["key_id"], u["team"], u["user"]) == ("token:corp", "demo", "carol"), u
+
+
+def test_a_token_and_a_key_in_one_authorization_never_mix(idp: tuple[Identity, Any]) -> None:
+    """A repeated Authorization is one value to Envoy: neither credential is served alone."""
+    ident, _ = idp
+    token = ident.token(sub="erin")
+    for values in ([f"Bearer {DEMO_KEY}", f"Bearer {token}"], [f"Bearer {token}", f"Bearer {DEMO_KEY}"]):
+        r = ident.get("/v1/usage", "unmapped", [("Authorization", v) for v in values])  # type: ignore[arg-type]
+        assert r.status_code == 401 and error_code(r) in ("invalid_api_key", "invalid_token"), (values, r.text)
+
+
+def test_a_certificate_with_several_spiffe_ids_of_different_principals_is_refused(
+        idp: tuple[Identity, Any]) -> None:
+    """An X.509-SVID carries exactly one SPIFFE ID; a certificate naming two workloads of
+    different teams does not get to be either (docs/identity.md: conflicts refuse)."""
+    ident, _ = idp
+    r = ident.get("/v1/usage", "batch-and-api")
+    assert r.status_code == 403 and error_code(r) == "identity_conflict", r.text
+    # An unmapped ID next to a mapped one is no conflict: the mapped one is the workload.
+    u = ident.get("/v1/usage", "unmapped-then-api").json()
+    assert (u["key_id"], u["team"]) == ("workload:payments", "payments"), u
+    # A foreign trust domain's ID rides along with an in-domain one: it maps to nothing.
+    r = ident.get("/v1/usage", "foreign-and-unmapped")
+    assert r.status_code == 403 and error_code(r) == "identity_not_mapped", r.text
+    assert ident.get("/v1/usage", "payments-api").json()["team"] == "payments"
