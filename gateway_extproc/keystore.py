@@ -73,7 +73,10 @@ class RedisKeyLookup:
     def __init__(self, client: Any, org: str) -> None:
         from redis import exceptions as redis_errors
 
-        self.unavailable = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+        self.errors = redis_errors
+        # A replica promoted late in a failover answers READONLY: unavailable, as for budgets.
+        self.unavailable = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError,
+                            OSError)
         self.client = client
         self.record, _, self.used = redis_names(org)
         self.script = client.register_script(_LOOKUP)
@@ -105,9 +108,18 @@ class RedisKeyLookup:
 
     async def _fetch(self, id_: str) -> StoredEntry | None:
         now = time.monotonic()
+        args = [id_, datetime.now(timezone.utc).isoformat(timespec="seconds")]
         try:
-            flat = await self.script(keys=[self.record + id_, self.used],
-                                     args=[id_, datetime.now(timezone.utc).isoformat(timespec="seconds")])
+            try:
+                flat = await self.script(keys=[self.record + id_, self.used], args=args)
+            except self.errors.ConnectionError as e:
+                if isinstance(e, self.errors.TimeoutError):
+                    raise
+                # The store closed a pooled socket (it restarted), so it closed every idle one:
+                # drop them and try once on a fresh connection, or each would cost a request
+                # a 503 after the store is back (as budgets/redis_store.py does).
+                await self.client.connection_pool.disconnect(inuse_connections=False)
+                flat = await self.script(keys=[self.record + id_, self.used], args=args)
         except self.unavailable as e:
             raise GatewayError("key_store_unavailable", "The key store is unreachable; keys from values still "
                                "work. Retry shortly.") from e

@@ -225,3 +225,44 @@ def test_hostile_report_queries_get_a_report_or_a_named_error(audited: AdminApp,
         err = json.loads(out)["error"]
         assert (status, err["code"]) in {(400, "invalid_request"), (404, "unknown_endpoint")}, err
         assert status == 404 or err["param"] in params or err["param"] == "month"
+
+
+# -- the workers' Redis key lookup -------------------------------------------------------
+
+
+def test_redis_lookup_survives_a_store_restart_and_fails_closed_while_it_is_down() -> None:
+    """A restart closes the pooled socket of the last lookup: the next one retries on a
+    fresh connection instead of answering key_store_unavailable once the store is back."""
+    import redis as redis_sync
+
+    from gateway_extproc.budgets.redis_store import connect
+    from gateway_extproc.errors import GatewayError
+    from gateway_extproc.keystore import FIELDS, RedisKeyLookup
+    from gateway_extproc.keyadmin import RedisAdminStore
+
+    from .redis_server import RedisServer
+
+    with RedisServer(persist=True) as server:
+        record = dict.fromkeys(FIELDS, "")
+        record.update(id="svc", sha256="0" * 64, team="demo")
+        assert RedisAdminStore(redis_sync.Redis.from_url(server.url), "default").create(record)
+
+        async def scenario() -> None:
+            lookup = RedisKeyLookup(connect(server.url), "default")
+
+            async def get() -> object:
+                lookup.cache.clear()  # as after the workers' 1 s
+                return await lookup.get("svc")
+
+            assert await get() is not None
+            server.stop()
+            with pytest.raises(GatewayError) as info:
+                await get()
+            assert info.value.code == "key_store_unavailable"  # closed while down
+            server.start()
+            assert await get() is not None
+            server.stop()
+            server.start()  # restarted while idle: the pooled socket is dead
+            assert await get() is not None
+
+        asyncio.run(scenario())

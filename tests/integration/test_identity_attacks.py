@@ -403,6 +403,21 @@ def test_the_key_store_killed_and_restarted_during_a_burst_fails_closed_and_reco
         assert gw.stack.exited() is None
 
 
+def test_the_key_store_restarted_while_idle_costs_no_request(replicas: Replicas, store: RedisServer) -> None:
+    """Every process holds a pooled connection from its last lookup; a restart closes them
+    all. Once the store is back, the next lookup must not fail on that dead socket."""
+    a, b = replicas
+    key = create_key(a, "idle-restart")
+    for _ in range(8):  # both processes of both replicas look it up (and pool a connection)
+        for gw in replicas:
+            assert usage(gw, {"Authorization": f"Bearer {key}"}).status_code == 200
+    store.stop()
+    store.start()
+    time.sleep(1.1)  # past the workers' cache
+    answers = [usage(gw, {"Authorization": f"Bearer {key}"}) for _ in range(8) for gw in replicas]
+    assert {(r.status_code, error_code(r)) for r in answers} == {(200, None)}, [r.text[:120] for r in answers]
+
+
 # -- OIDC tokens and client certificates ---------------------------------------------------
 
 PARTNER_ISSUER = "https://partner-idp.test.example"
