@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -569,3 +570,105 @@ def test_a_certificate_with_several_spiffe_ids_of_different_principals_is_refuse
     r = ident.get("/v1/usage", "foreign-and-unmapped")
     assert r.status_code == 403 and error_code(r) == "identity_not_mapped", r.text
     assert ident.get("/v1/usage", "payments-api").json()["team"] == "payments"
+
+
+# -- a remote JWKS that misbehaves ---------------------------------------------------------
+
+
+class JwksServer:
+    """A JWKS endpoint whose answer the test switches: the key set, garbage, a stall past
+    Envoy's fetch timeout, or a closed port."""
+
+    def __init__(self) -> None:
+        self.mode, self.body, self.fetches = "garbage", b"", 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.fetches += 1
+                if outer.mode == "slow":
+                    time.sleep(3)
+                body = outer.body if outer.mode == "ok" else b"<html>not a key set</html>"
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+
+    def serve(self, *keys_: tuple[rsa.RSAPrivateKey, str]) -> None:
+        jwks = []
+        for key, kid in keys_:
+            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+            jwk.update(kid=kid, alg="RS256", use="sig")
+            jwks.append(jwk)
+        self.body, self.mode = json.dumps({"keys": jwks}).encode(), "ok"
+
+
+def test_a_remote_jwks_that_is_garbage_slow_down_or_rotating_never_lets_a_bad_token_through() -> None:
+    jwks = JwksServer()
+    old_key, new_key, forged = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(3))
+
+    def token(key: rsa.RSAPrivateKey, kid: str) -> str:
+        now = int(time.time())
+        return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "dana", "iat": now, "exp": now + 600}, key,
+                          algorithm="RS256", headers={"kid": kid})
+
+    def customize(values: dict[str, Any]) -> None:
+        values["identity"] = {"oidc": {"providers": [{
+            "name": "remote", "issuer": ISSUER, "audiences": [AUDIENCE], "defaultTeam": "demo",
+            "jwks": {"remote": {"url": jwks.url, "cacheDuration": "2s", "timeout": "1s"}}}]}}
+
+    def answer(tok: str) -> tuple[int, str | None]:
+        r = httpx.get(f"{gw.url}/v1/usage", headers={"Authorization": f"Bearer {tok}"}, timeout=10)
+        return r.status_code, (r.json().get("key_id") if r.status_code == 200 else error_code(r))
+
+    def eventually(tok: str, expected: tuple[int, str | None], within: float = 8.0) -> None:
+        deadline = time.monotonic() + within
+        while (got := answer(tok)) != expected:
+            assert got in ((200, "token:remote"), (401, "invalid_token")), got
+            assert time.monotonic() < deadline, (expected, got)
+            time.sleep(0.2)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="gw-jwks-attack-") as tmp:
+            gw = build_gateway(Path(tmp), customize=customize)
+            try:
+                # Garbage at start: every token refused, keys unaffected.
+                for tok in (token(old_key, "k1"), token(forged, "k1")):
+                    assert answer(tok) == (401, "invalid_token")
+                assert answer(DEMO_KEY) == (200, "demo")
+                jwks.serve((old_key, "k1"))
+                eventually(token(old_key, "k1"), (200, "token:remote"))
+                assert answer(token(forged, "k1")) == (401, "invalid_token")
+                # Rotation: both keys published, then the old one withdrawn.
+                jwks.serve((old_key, "k1"), (new_key, "k2"))
+                eventually(token(new_key, "k2"), (200, "token:remote"))
+                jwks.serve((new_key, "k2"))
+                eventually(token(old_key, "k1"), (401, "invalid_token"))
+                assert answer(token(new_key, "k2")) == (200, "token:remote")
+                # Slow, then down: never a forged token, never a 5xx; keys still work.
+                for mode in ("slow", "down"):
+                    if mode == "down":
+                        jwks.server.shutdown()
+                        jwks.server.server_close()
+                    else:
+                        jwks.mode = "slow"
+                    deadline = time.monotonic() + 4
+                    while time.monotonic() < deadline:
+                        assert answer(token(forged, "k2")) == (401, "invalid_token")
+                        assert answer(token(new_key, "k2")) in ((200, "token:remote"), (401, "invalid_token"))
+                        assert answer(DEMO_KEY) == (200, "demo")
+                        time.sleep(0.3)
+                assert gw.stack.exited() is None
+            finally:
+                gw.stack.stop()
+    finally:
+        jwks.server.server_close()
