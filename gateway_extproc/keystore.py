@@ -83,28 +83,26 @@ class RedisKeyLookup:
         self.cache: dict[str, tuple[float, StoredEntry | None]] = {}
         # One lookup in flight per id: a burst on a stale entry waits for it instead of
         # sending one round trip each.
-        self.inflight: dict[str, asyncio.Future[StoredEntry | None]] = {}
+        self.inflight: dict[str, asyncio.Task[StoredEntry | None]] = {}
 
     async def get(self, id_: str) -> StoredEntry | None:
         hit = self.cache.get(id_)
         if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
             return hit[1]
-        pending = self.inflight.get(id_)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future = asyncio.get_running_loop().create_future()
-        self.inflight[id_] = future
-        try:
-            found = await self._fetch(id_)
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: waiters re-raise it, nobody else needs to
-            raise
-        else:
-            future.set_result(found)
-            return found
-        finally:
-            del self.inflight[id_]
+        task = self.inflight.get(id_)
+        if task is None:
+            # A task of its own, awaited through a shield: a caller that goes away (Envoy
+            # reset its stream, cancelling its handler) cancels only its own wait. Run in
+            # the caller, the lookup died with it and every request waiting for it failed.
+            task = asyncio.ensure_future(self._fetch(id_))
+            self.inflight[id_] = task
+            task.add_done_callback(lambda t: self._done(id_, t))
+        return await asyncio.shield(task)
+
+    def _done(self, id_: str, task: asyncio.Task[StoredEntry | None]) -> None:
+        del self.inflight[id_]
+        if not task.cancelled():
+            task.exception()  # retrieved: waiters re-raise it, nobody else needs to
 
     async def _fetch(self, id_: str) -> StoredEntry | None:
         now = time.monotonic()

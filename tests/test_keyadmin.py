@@ -266,3 +266,30 @@ def test_redis_lookup_survives_a_store_restart_and_fails_closed_while_it_is_down
             assert await get() is not None
 
         asyncio.run(scenario())
+
+
+def test_a_cancelled_caller_does_not_cancel_the_shared_lookup() -> None:
+    """Callers of one id share one lookup; the one that started it may go away (Envoy
+    reset its stream) and the others still get the answer, from one round trip."""
+    from gateway_extproc.keystore import RedisKeyLookup
+
+    class Slow(RedisKeyLookup):
+        def __init__(self) -> None:  # no client: only the sharing is under test
+            self.cache, self.inflight, self.calls = {}, {}, 0
+
+        async def _fetch(self, id_: str) -> object:
+            self.calls += 1
+            await asyncio.sleep(0.1)
+            return f"entry {id_}"
+
+    async def scenario() -> None:
+        lookup = Slow()
+        first = asyncio.create_task(lookup.get("svc"))
+        await asyncio.sleep(0.01)
+        others = [asyncio.create_task(lookup.get("svc")) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        first.cancel()
+        assert await asyncio.gather(*others) == ["entry svc"] * 5
+        assert first.cancelled() and lookup.calls == 1 and not lookup.inflight
+
+    asyncio.run(scenario())

@@ -419,6 +419,43 @@ def test_the_key_store_restarted_while_idle_costs_no_request(replicas: Replicas,
     assert {(r.status_code, error_code(r)) for r in answers} == {(200, None)}, [r.text[:120] for r in answers]
 
 
+def test_a_caller_that_goes_away_during_a_key_lookup_does_not_fail_the_others(
+        replicas: Replicas, store: RedisServer) -> None:
+    """Requests with the same key share one lookup per process. A caller that hangs up
+    while that lookup waits (Envoy resets its ext_proc stream, which cancels its handler)
+    must not take the lookup, and so the other callers' requests, down with it."""
+    a, _ = replicas
+    key = create_key(a, "shared-lookup")
+    time.sleep(1.1)  # nothing cached: the next request per process looks it up
+
+    async def scenario() -> list[tuple[int, str | None]]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=50)) as c:
+            async def leaver() -> None:
+                with pytest.raises(httpx.TimeoutException):
+                    await c.get(f"{a.url}/v1/models", headers=headers, timeout=0.15)
+
+            async def stayer() -> tuple[int, str | None]:
+                await asyncio.sleep(0.05)
+                r = await c.get(f"{a.url}/v1/models", headers=headers)
+                return r.status_code, error_code(r) if r.status_code != 200 else None
+
+            async def unfreeze() -> None:
+                await asyncio.sleep(0.3)  # within the lookup's 0.5 s timeout
+                store.resume()
+
+            store.pause()
+            try:
+                results = await asyncio.gather(*(leaver() for _ in range(4)), unfreeze(),
+                                               *(stayer() for _ in range(24)))
+            finally:
+                store.resume()
+        return [r for r in results if r is not None]
+
+    outcomes = asyncio.run(scenario())
+    assert set(outcomes) == {(200, None)}, outcomes
+
+
 # -- OIDC tokens and client certificates ---------------------------------------------------
 
 PARTNER_ISSUER = "https://partner-idp.test.example"
