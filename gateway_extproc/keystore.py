@@ -138,25 +138,39 @@ class FileKeyLookup:
         self.checked = -CACHE_SECONDS
         self.stamp: tuple[int, int] | None = None
         self.entries: dict[str, StoredEntry] = {}
+        self.broken: str | None = None  # why the file could not be read, until it can
 
     async def get(self, id_: str) -> StoredEntry | None:
         now = time.monotonic()
         if now - self.checked >= CACHE_SECONDS:
             self.checked = now
             await asyncio.to_thread(self._refresh)
+        if self.broken is not None:
+            # Fail closed, as for Redis: a file that cannot be read may hold a revocation.
+            raise GatewayError("key_store_unavailable", f"The key file cannot be read ({self.broken}); keys from "
+                               "values still work.")
         return self.entries.get(id_)
 
     def _refresh(self) -> None:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self.entries, self.stamp = {}, None
+            self.entries, self.stamp, self.broken = {}, None, None
+            return
+        except OSError as exc:
+            self.broken = exc.strerror or type(exc).__name__
             return
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self.stamp:
-            records = read_file(self.path)
-            self.entries = {id_: entry(r) for id_, r in records.items()}
-            self.stamp = stamp
+            try:
+                self.entries = {id_: entry(r) for id_, r in read_file(self.path).items()}
+            except OSError as exc:
+                self.broken = exc.strerror or type(exc).__name__
+                return
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.broken = "not a key file: invalid JSON or a record without its fields"
+                return
+            self.stamp, self.broken = stamp, None
 
 
 def read_file(path: Path) -> dict[str, dict[str, str]]:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from gateway_extproc import config, identity, keys
 from gateway_extproc.errors import CODES, GatewayError
 from gateway_extproc.keyadmin import AdminApp, FileAdminStore
-from gateway_extproc.keystore import FileKeyLookup
+from gateway_extproc.keystore import FIELDS, FileKeyLookup
 
 TOKEN = "gwa_unit-test-token"
 RAW = {
@@ -237,7 +237,7 @@ def test_redis_lookup_survives_a_store_restart_and_fails_closed_while_it_is_down
 
     from gateway_extproc.budgets.redis_store import connect
     from gateway_extproc.errors import GatewayError
-    from gateway_extproc.keystore import FIELDS, RedisKeyLookup
+    from gateway_extproc.keystore import RedisKeyLookup
     from gateway_extproc.keyadmin import RedisAdminStore
 
     from .redis_server import RedisServer
@@ -293,3 +293,29 @@ def test_a_cancelled_caller_does_not_cancel_the_shared_lookup() -> None:
         assert first.cancelled() and lookup.calls == 1 and not lookup.inflight
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"svc": {"id": "svc"}}', "[1, 2]"])
+def test_an_unreadable_key_file_fails_closed_then_recovers(tmp_path: Path, content: str) -> None:
+    """key_store_unavailable (503), not a 500 on every stored key, until the file is good."""
+    from gateway_extproc import keystore
+    from gateway_extproc.errors import GatewayError
+
+    path = tmp_path / "keys.json"
+    record = dict.fromkeys(FIELDS, "")
+    record.update(id="svc", sha256="0" * 64, team="demo")
+    keystore.write_file(path, {"svc": record})
+    lookup = keystore.FileKeyLookup(str(path))
+
+    async def get() -> object:
+        lookup.checked = -keystore.CACHE_SECONDS  # as after the workers' 1 s
+        return await lookup.get("svc")
+
+    assert asyncio.run(get()) is not None
+    path.write_text(content)
+    for _ in range(2):
+        with pytest.raises(GatewayError) as info:
+            asyncio.run(get())
+        assert (info.value.code, info.value.status) == ("key_store_unavailable", 503)
+    keystore.write_file(path, {"svc": record})
+    assert asyncio.run(get()) is not None

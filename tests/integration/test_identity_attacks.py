@@ -44,7 +44,7 @@ from . import conftest
 from .conftest import DEMO_KEY, Gateway, build_gateway
 from .test_identity import (AUDIENCE, FOREIGN, ISSUER, PAYMENTS_API, PAYMENTS_BATCH, PKI, UNMAPPED, Identity,
                             _ready_on)
-from .test_key_admin import admin, admin_values
+from .test_key_admin import ADMIN_TOKEN, admin, admin_values
 from .test_mtls import config_files, tls_stack
 
 CHAT = {"model": "default-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
@@ -454,6 +454,36 @@ def test_a_caller_that_goes_away_during_a_key_lookup_does_not_fail_the_others(
 
     outcomes = asyncio.run(scenario())
     assert set(outcomes) == {(200, None)}, outcomes
+
+
+def test_a_broken_key_file_fails_closed_and_recovers() -> None:
+    """The one-node store (identity.keyAdmin.file): a file that cannot be read answers 503
+    key_store_unavailable, not a 500, and its keys work again once it is good."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="gw-keyfile-") as tmp:
+        key_file = Path(tmp) / "keys" / "keys.json"
+
+        def customize(values: dict[str, Any]) -> None:
+            values["identity"] = {"keyAdmin": {"enabled": True, "address": "127.0.0.1", "port": port,
+                                               "file": str(key_file),
+                                               "admins": [{"name": "ops", "sha256": keys.digest(ADMIN_TOKEN)}]}}
+
+        gw = build_gateway(Path(tmp) / "stack", customize=customize)
+        try:
+            key = create_key(gw, "on-file")
+            good = key_file.read_text()
+            assert usage(gw, {"Authorization": f"Bearer {key}"}).status_code == 200
+            key_file.write_text("{ half a file")
+            time.sleep(1.1)
+            for _ in range(4):
+                r = usage(gw, {"Authorization": f"Bearer {key}"})
+                assert r.status_code == 503 and error_code(r) == "key_store_unavailable", r.text
+            assert usage(gw, {"Authorization": f"Bearer {DEMO_KEY}"}).status_code == 200
+            key_file.write_text(good)
+            time.sleep(1.1)
+            assert usage(gw, {"Authorization": f"Bearer {key}"}).status_code == 200
+        finally:
+            gw.stack.stop()
 
 
 # -- OIDC tokens and client certificates ---------------------------------------------------
