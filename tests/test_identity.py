@@ -287,13 +287,19 @@ def test_principal_precedence_and_allow_list_intersection() -> None:
 
 
 @pytest.mark.parametrize(("xfcc", "outcome"), [
-    ("URI=spiffe://td/ns/pay/sa/batch;URI=spiffe://td/ns/pay/sa/api", "identity_conflict"),  # two principals
-    ("URI=spiffe://td/ns/pay/sa/api;URI=spiffe://td/ns/pay/sa/batch", "identity_conflict"),  # either order
-    ("URI=spiffe://td/ns/other/sa/x;URI=spiffe://td/ns/pay/sa/api", "workload:pay"),  # one maps
-    ("URI=spiffe://td/ns/pay/sa/api;URI=spiffe://td/ns/pay/sa/web", "workload:pay"),  # both the same principal
-    ("URI=spiffe://evil/ns/pay/sa/api;URI=spiffe://td/ns/other/sa/x", "identity_not_mapped"),
+    # Several URI SANs: an X.509-SVID has one, and Envoy's unquoted XFCC cannot tell them from
+    # one SAN holding ';URI=…' (a CA-signed `…/ns/other/sa/x;URI=spiffe://…/pay/sa/api`).
+    ("URI=spiffe://td/ns/pay/sa/batch;URI=spiffe://td/ns/pay/sa/api", "identity_conflict"),
+    ("URI=spiffe://td/ns/other/sa/x;URI=spiffe://td/ns/pay/sa/api", "identity_conflict"),
+    ("URI=spiffe://td/ns/pay/sa/api;URI=spiffe://td/ns/pay/sa/web", "identity_conflict"),
+    ('URI=spiffe://td/ns/other/sa/x";URI="spiffe://td/ns/pay/sa/api', "identity_conflict"),  # quote smuggling
+    ("DNS=a.other.svc;URI=spiffe://td/ns/pay/sa/api", "identity_conflict"),  # a URI after a DNS SAN
+    ('URI=spiffe://td/ns/other/sa/x"', "identity_conflict"),
+    ("URI=spiffe://td/ns/other/sa/x,URI=spiffe://td/ns/pay/sa/api", "identity_not_mapped"),  # next element
+    ("Hash=ab;URI=spiffe://td/ns/pay/sa/api;DNS=a.svc;DNS=b.svc", "workload:pay"),
+    ('By=spiffe://td/gw;Subject="CN=x;URI=y";URI=spiffe://td/ns/pay/sa/api', "workload:pay"),
 ])
-def test_a_certificate_naming_several_principals_is_a_conflict_not_a_pick(xfcc: str, outcome: str) -> None:
+def test_a_certificate_with_ambiguous_sans_is_a_conflict_not_a_pick(xfcc: str, outcome: str) -> None:
     cfg = _identity_config()
     if outcome.startswith("workload:"):
         assert authenticate({"x-forwarded-client-cert": xfcc}, cfg, NOW).id == outcome

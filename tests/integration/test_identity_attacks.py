@@ -513,7 +513,10 @@ def idp() -> Iterator[tuple[Identity, rsa.RSAPrivateKey]]:
         for name, sans in (("payments-api", [uri(PAYMENTS_API)]), ("unmapped", [uri(UNMAPPED)]),
                            ("batch-and-api", [uri(PAYMENTS_BATCH), uri(PAYMENTS_API)]),
                            ("unmapped-then-api", [uri(UNMAPPED), uri(PAYMENTS_API)]),
-                           ("foreign-and-unmapped", [uri(FOREIGN), uri(UNMAPPED)])):
+                           ("foreign-and-unmapped", [uri(FOREIGN), uri(UNMAPPED)]),
+                           ("semicolon-in-san", [uri(f"{UNMAPPED};URI={PAYMENTS_API}")]),
+                           ("comma-in-san", [uri(f"{UNMAPPED},URI={PAYMENTS_API}")]),
+                           ("quote-in-san", [uri(f'{UNMAPPED}";URI="{PAYMENTS_API}')])):
             pki.issue(name, sans)
         for sub, src in (("server-tls", (server_crt, server_key)),):
             (root / sub).mkdir()
@@ -623,20 +626,28 @@ def test_a_token_and_a_key_in_one_authorization_never_mix(idp: tuple[Identity, A
         assert r.status_code == 401 and error_code(r) in ("invalid_api_key", "invalid_token"), (values, r.text)
 
 
-def test_a_certificate_with_several_spiffe_ids_of_different_principals_is_refused(
-        idp: tuple[Identity, Any]) -> None:
-    """An X.509-SVID carries exactly one SPIFFE ID; a certificate naming two workloads of
-    different teams does not get to be either (docs/identity.md: conflicts refuse)."""
+def test_a_certificate_with_several_spiffe_ids_is_refused(idp: tuple[Identity, Any]) -> None:
+    """An X.509-SVID carries exactly one SPIFFE ID. Envoy writes URI SANs unquoted into
+    XFCC, so several of them cannot be told from one SAN smuggling ';URI=…': a certificate
+    with several is not taken for whichever maps (docs/identity.md)."""
     ident, _ = idp
-    r = ident.get("/v1/usage", "batch-and-api")
-    assert r.status_code == 403 and error_code(r) == "identity_conflict", r.text
-    # An unmapped ID next to a mapped one is no conflict: the mapped one is the workload.
-    u = ident.get("/v1/usage", "unmapped-then-api").json()
-    assert (u["key_id"], u["team"]) == ("workload:payments", "payments"), u
-    # A foreign trust domain's ID rides along with an in-domain one: it maps to nothing.
-    r = ident.get("/v1/usage", "foreign-and-unmapped")
-    assert r.status_code == 403 and error_code(r) == "identity_not_mapped", r.text
+    for client in ("batch-and-api", "unmapped-then-api", "foreign-and-unmapped"):
+        r = ident.get("/v1/usage", client)
+        assert r.status_code == 403 and error_code(r) == "identity_conflict", (client, r.text)
     assert ident.get("/v1/usage", "payments-api").json()["team"] == "payments"
+
+
+@pytest.mark.parametrize(("client", "code"), [("semicolon-in-san", "identity_conflict"),
+                                              ("quote-in-san", "identity_conflict"),
+                                              ("comma-in-san", "identity_not_mapped")])
+def test_a_san_that_smuggles_xfcc_syntax_names_no_other_workload(idp: tuple[Identity, Any], client: str,
+                                                                  code: str) -> None:
+    """A CA-signed URI SAN in the caller's own namespace holding ';URI=…', '";URI="…' or
+    ',URI=…' (which a CA policy such as `spiffe://cluster.local/ns/other/*` lets through)
+    is never read as the payments workload it names."""
+    ident, _ = idp
+    r = ident.get("/v1/usage", client)
+    assert r.status_code == 403 and error_code(r) == code, r.text
 
 
 # -- a remote JWKS that misbehaves ---------------------------------------------------------
@@ -739,3 +750,4 @@ def test_a_remote_jwks_that_is_garbage_slow_down_or_rotating_never_lets_a_bad_to
                 gw.stack.stop()
     finally:
         jwks.server.server_close()
+
