@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import socket
 import ssl
 import tempfile
 import threading
@@ -282,6 +283,26 @@ def test_sdks_with_spoofed_headers_are_served_as_their_own_key(replicas: Replica
                    headers={"x-api-key": a.restricted_key, "Authorization": f"Bearer {DEMO_KEY}",
                             "anthropic-version": "2023-06-01"})
     assert r.status_code == 403 and error_code(r) == "identity_conflict", r.text
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1e3"])
+def test_the_admin_api_answers_a_hostile_content_length_at_once(replicas: Replicas, length: str) -> None:
+    """Before any credential is checked: a negative length used to read until the client hung
+    up (a thread held per connection) and a non-number got no reply at all."""
+    a, _ = replicas
+    port = a.stack.values["identity"]["keyAdmin"]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"POST /admin/keys HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+        reply = b""
+        while b"}}" not in reply:
+            chunk = sock.recv(4096)  # times out (fails) if the server waits for a body
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400"), reply
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+    assert admin(a, "GET", "/admin/keys").status_code == 200
 
 
 # -- revocation, rotation and key-store faults under bursts --------------------------------
