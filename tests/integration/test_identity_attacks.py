@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import socket
 import ssl
 import tempfile
@@ -39,6 +41,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateway_extproc import keys
 from gateway_extproc.localstack import free_port
+from gateway_extproc.render import render_values
 
 from ..redis_server import RedisServer
 from . import conftest
@@ -772,3 +775,57 @@ def test_a_remote_jwks_that_is_garbage_slow_down_or_rotating_never_lets_a_bad_to
     finally:
         jwks.server.server_close()
 
+
+
+# -- a config reload while requests flow ---------------------------------------------------
+
+
+def test_a_reload_flipping_a_keys_access_serves_each_request_with_one_whole_config() -> None:
+    """gateway.yaml flips the restricted key between two configs (A: default-chat, team demo;
+    B: claude-chat only) while a burst of 20 concurrent clients runs. Every answer is one
+    config's: a chat is served or refused model_not_allowed, a model list is A's or B's,
+    never a mix, an empty list or an error."""
+    with tempfile.TemporaryDirectory(prefix="gw-reload-attack-") as tmp:
+        gw = build_gateway(Path(tmp))
+        gateway_yaml = Path(tmp) / "gateway.yaml"
+        configs = []
+        for models in (["default-chat"], ["claude-chat"]):
+            values = copy.deepcopy(gw.stack.values)
+            next(k for k in values["keys"] if k["id"] == "restricted")["models"] = models
+            configs.append(render_values(values)["gateway.yaml"])
+        lists: list[tuple[str, ...]] = []
+        chats: list[tuple[int, str | None]] = []
+
+        async def burst(stop: asyncio.Event) -> None:
+            headers = {"Authorization": f"Bearer {gw.restricted_key}"}
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=40)) as c:
+                async def worker(i: int) -> None:
+                    while not stop.is_set():
+                        if i % 2:
+                            r = await c.get(f"{gw.url}/v1/models", headers=headers)
+                            lists.append(tuple(m["id"] for m in r.json()["data"]) if r.status_code == 200
+                                         else (str(r.status_code),))
+                        else:
+                            r = await c.post(f"{gw.url}/v1/chat/completions", headers=headers, json=CHAT)
+                            chats.append((r.status_code, error_code(r) if r.status_code != 200 else None))
+                await asyncio.gather(*(worker(i) for i in range(20)))
+
+        async def flip() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(burst(stop))
+            for i in range(4):
+                await asyncio.sleep(2.5)  # the workers poll every 2 s
+                tmp_file = gateway_yaml.with_suffix(".tmp")
+                tmp_file.write_text(configs[(i + 1) % 2])
+                os.replace(tmp_file, gateway_yaml)
+            await asyncio.sleep(2.5)
+            stop.set()
+            await task
+
+        try:
+            asyncio.run(flip())
+        finally:
+            gw.stack.stop()
+        assert set(lists) == {("default-chat",), ("claude-chat",)}, set(lists)
+        assert set(chats) == {(200, None), (403, "model_not_allowed")}, set(chats)
+        assert len(lists) > 100 and len(chats) > 100
