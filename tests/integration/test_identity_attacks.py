@@ -154,6 +154,10 @@ def test_hostile_credential_forms_get_a_documented_answer(replicas: Replicas) ->
             wrong.append((name, r.status_code, got))
         assert DEMO_KEY not in r.text and stored not in r.text
     assert not wrong, wrong
+    time.sleep(0.3)
+    logs = a.logs()
+    secret = DEMO_KEY.rsplit("_", 1)[1]
+    assert secret not in logs and stored.rsplit("_", 1)[1] not in logs and keys.digest(stored) not in logs
 
 
 @pytest.mark.parametrize("id_", ["a" * 50_000, "UPPER", "caf\u00e9", "x" * 64, "-lead", "a{b}c", "a:b"])
@@ -621,12 +625,16 @@ def test_hostile_tokens_are_a_401_in_the_openai_shape_before_the_ext_proc(idp: t
     ident, partner_key = idp
     ident.gw.reset()
     wrong = []
-    for name, token in _hostile_tokens(ident, partner_key).items():
+    tokens = _hostile_tokens(ident, partner_key)
+    for name, token in tokens.items():
         r = ident.chat("unmapped", {"Authorization": f"Bearer {token}"})
         if (r.status_code, error_code(r)) != (401, "invalid_token"):
             wrong.append((name, r.status_code, r.text[:200]))
     assert not wrong, wrong
     assert ident.gw.received(ident.gw.primary) == []
+    time.sleep(0.3)
+    logs = ident.gw.logs()
+    assert not [name for name, token in tokens.items() if token.split(".")[1] in logs]
 
 
 def test_a_valid_token_of_each_issuer_is_its_own_principal(idp: tuple[Identity, Any]) -> None:
