@@ -24,6 +24,7 @@ import yaml
 
 from .budgets.pricing import Price
 from .identity_config import Identity, parse_identity
+from .keys import ID
 
 if TYPE_CHECKING:
     from .audit.settings import AuditSettings
@@ -39,7 +40,7 @@ _PROVIDER_OPTIONS: dict[str, tuple[tuple[str, bool, tuple[str, ...] | None], ...
 }
 _ALL_PROVIDER_OPTIONS = {o[0] for opts in _PROVIDER_OPTIONS.values() for o in opts}
 MODES = ("monitor", "soft", "enforce")
-KEY_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+KEY_ID = ID  # key ids, and other names of the same form
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -42,22 +42,39 @@ class KeyLookup(Protocol):
 
 
 def presented_key(headers: dict[str, str]) -> str | None:
-    """The caller's key from `Authorization: Bearer` (OpenAI SDKs) or `x-api-key` (Anthropic)."""
+    """The caller's key from `Authorization: Bearer` (OpenAI SDKs) or `x-api-key` (Anthropic).
+
+    Two different values there are refused (`identity_conflict`) rather than one picked: the
+    other would go unchecked, and which one wins must never decide what a caller may do.
+    (A verified OIDC token is not here: Envoy removed it after verifying.)"""
     auth = headers.get("authorization")
+    bearer = None
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    return headers.get("x-api-key") or None
+            bearer = value.strip()
+    api_key = headers.get("x-api-key") or None
+    if bearer is not None and api_key is not None and not hmac.compare_digest(bearer.encode(), api_key.encode()):
+        raise GatewayError("identity_conflict", "Two different API keys were sent (`Authorization` and "
+                           "`x-api-key`); send one.")
+    return bearer or api_key
 
 
 def xfcc_first(value: str) -> dict[str, list[str]]:
-    """The first element of an XFCC header as {key: [values]} (keys lower-cased).
+    """The first element of an XFCC header as {key: [values]} (keys lower-cased)."""
+    out: dict[str, list[str]] = {}
+    for name, item in xfcc_pairs(value):
+        out.setdefault(name, []).append(item)
+    return out
+
+
+def xfcc_pairs(value: str) -> list[tuple[str, str]]:
+    """The (key, value) pairs of an XFCC header's first element, in order (keys lower-cased).
 
     Elements are separated by ',', pairs by ';', and a value may be double-quoted (then it
     may hold ',', ';' and '=', with '\\"' for a quote). The first element describes the
     original client: each hop appends its own after it."""
-    out: dict[str, list[str]] = {}
+    out: list[tuple[str, str]] = []
     i, n = 0, len(value)
     while i < n:
         eq = value.find("=", i)
@@ -80,7 +97,7 @@ def xfcc_first(value: str) -> dict[str, list[str]]:
             while end < n and value[end] not in ",;":
                 end += 1
             item, i = value[i:end], end
-        out.setdefault(name, []).append(item)
+        out.append((name, item))
         if i < n and value[i] == ",":
             break  # end of the first element
         i += 1  # past ';'
@@ -88,13 +105,24 @@ def xfcc_first(value: str) -> dict[str, list[str]]:
 
 
 def workload_sans(headers: dict[str, str]) -> list[tuple[str, str]]:
-    """The verified SANs of the calling workload: URI SANs (SPIFFE IDs) first, then DNS."""
+    """The verified SANs of the calling workload: URI SANs (SPIFFE IDs) first, then DNS.
+
+    Envoy writes URI and DNS values unquoted, so a CA-signed SAN holding `;URI=…` (or a
+    quote) reads as one more SAN: a certificate for `…/ns/other/sa/x;URI=spiffe://…/payments`
+    would pass for payments. What such a SAN makes is refused: several URI SANs (an
+    X.509-SVID has exactly one SPIFFE ID), a URI after a DNS SAN (Envoy writes URIs first),
+    or a value holding a quote."""
     xfcc = headers.get(XFCC)
     if not xfcc:
         return []
-    element = xfcc_first(xfcc)
-    return [("spiffe", u) for u in element.get("uri", ()) if u] + [("dns", d) for d in element.get("dns", ()) if d]
-
+    pairs = [(k, v) for k, v in xfcc_pairs(xfcc) if k in ("uri", "dns") and v]
+    kinds = [k for k, _ in pairs]
+    if kinds.count("uri") > 1 or ("dns" in kinds and "uri" in kinds[kinds.index("dns"):]) \
+            or any('"' in v for _, v in pairs):
+        raise GatewayError("identity_conflict", "The client certificate's subject alternative names are "
+                           "ambiguous (several URI SANs, or a SAN holding `;`, `,` or a quote); a workload "
+                           "certificate carries exactly one SPIFFE ID.")
+    return [("spiffe" if k == "uri" else "dns", v) for k, v in pairs]
 
 def token_principal(provider: OidcProvider, claims: dict[str, Any]) -> tuple[str | None, str | None]:
     """(user, team) from one issuer's verified claims; team None when nothing maps."""
@@ -117,11 +145,18 @@ async def authenticate(headers: dict[str, str], config: GatewayConfig, now: date
     ident = config.identity
     workload, unmapped = None, None
     if ident.workloads:
-        for kind, value in workload_sans(headers):
-            workload = ident.workload(kind, value)
-            if workload is not None:
+        sans = workload_sans(headers)
+        for kind in ("spiffe", "dns"):  # URI SANs first; DNS SANs only when no URI SAN maps
+            found = {p.id: p for k, v in sans if k == kind and (p := ident.workload(k, v)) is not None}
+            if len(found) > 1:
+                # An X.509-SVID has one SPIFFE ID; a certificate naming several principals
+                # is not taken for whichever its SAN order puts first.
+                raise GatewayError("identity_conflict", "The client certificate names several workloads ("
+                                   f"{', '.join(sorted(found))[:300]}); it must name one.")
+            if found:
+                workload = next(iter(found.values()))
                 break
-            unmapped = unmapped or value
+        unmapped = sans[0][1] if workload is None and sans else None
     token, token_user = None, None
     for name, payload in (claims or {}).items():
         provider = ident.oidc.get(name)

@@ -404,11 +404,19 @@ def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServe
         server_version = "gateway-extproc-admin"
 
         def _serve(self) -> None:
-            length = int(self.headers.get("content-length") or 0)
-            body = self.rfile.read(min(length, 64 * 1024)) if length else b""
+            declared = (self.headers.get("content-length") or "0").strip()
             headers = {k.lower(): v for k, v in self.headers.items()}
             try:
+                if not (declared.isascii() and declared.isdigit()):
+                    # int() of "abc" raised past this handler (no reply at all), and a negative
+                    # length read until the client hung up, holding a thread per connection.
+                    self.close_connection = True
+                    raise GatewayError("invalid_request", "Content-Length must be a number of bytes.")
+                length = int(declared)
+                body = self.rfile.read(min(length, 64 * 1024)) if length else b""
                 status, out, content_type = app.handle(self.command, self.path, headers, body, self.client_address[0])
+            except GatewayError as err:
+                status, out, content_type = err.status, err.body(), JSON
             except Exception:  # a store outage or a bug: the caller gets the OpenAI shape, the log the trace
                 log.exception("admin_failed", path=self.path[:200])
                 status, out, content_type = 503, error_body(

@@ -1,7 +1,10 @@
 """Virtual API keys: format, hashing, verification.
 
 A key reads `gwk_<id>_<secret>`. The id is not secret: it finds the config entry in O(1)
-and is what logs show. Only the SHA-256 of the whole key is stored, and the presented
+and is what logs show. An id is 1-63 lowercase letters, digits and '-' (`ID`, checked for
+values and the admin API alike), so a presented "id" of any other form cannot be a key and
+is refused before any lookup: a caller cannot make the key store look up, or a worker cache,
+strings of its choosing (up to Envoy's 60 KiB header limit each). Only the SHA-256 of the whole key is stored, and the presented
 key's hash is compared in constant time, so neither the store nor timing leaks a key.
 """
 
@@ -9,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 PREFIX = "gwk_"
+ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Compared against when the id is unknown, so unknown ids cost the same as wrong secrets.
 DUMMY = hashlib.sha256(b"gateway-extproc-dummy").hexdigest()
 
@@ -25,7 +30,7 @@ def key_id(key: str) -> str | None:
     if not key.startswith(PREFIX):
         return None
     id_, sep, secret = key[len(PREFIX):].partition("_")
-    return id_ if sep and id_ and secret else None
+    return id_ if sep and secret and ID.fullmatch(id_) else None
 
 
 def matches(key: str, stored_sha256: str | None) -> bool:

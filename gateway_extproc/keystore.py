@@ -73,41 +73,51 @@ class RedisKeyLookup:
     def __init__(self, client: Any, org: str) -> None:
         from redis import exceptions as redis_errors
 
-        self.unavailable = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+        self.errors = redis_errors
+        # A replica promoted late in a failover answers READONLY: unavailable, as for budgets.
+        self.unavailable = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError,
+                            OSError)
         self.client = client
         self.record, _, self.used = redis_names(org)
         self.script = client.register_script(_LOOKUP)
         self.cache: dict[str, tuple[float, StoredEntry | None]] = {}
         # One lookup in flight per id: a burst on a stale entry waits for it instead of
         # sending one round trip each.
-        self.inflight: dict[str, asyncio.Future[StoredEntry | None]] = {}
+        self.inflight: dict[str, asyncio.Task[StoredEntry | None]] = {}
 
     async def get(self, id_: str) -> StoredEntry | None:
         hit = self.cache.get(id_)
         if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
             return hit[1]
-        pending = self.inflight.get(id_)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future = asyncio.get_running_loop().create_future()
-        self.inflight[id_] = future
-        try:
-            found = await self._fetch(id_)
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: waiters re-raise it, nobody else needs to
-            raise
-        else:
-            future.set_result(found)
-            return found
-        finally:
-            del self.inflight[id_]
+        task = self.inflight.get(id_)
+        if task is None:
+            # A task of its own, awaited through a shield: a caller that goes away (Envoy
+            # reset its stream, cancelling its handler) cancels only its own wait. Run in
+            # the caller, the lookup died with it and every request waiting for it failed.
+            task = asyncio.ensure_future(self._fetch(id_))
+            self.inflight[id_] = task
+            task.add_done_callback(lambda t: self._done(id_, t))
+        return await asyncio.shield(task)
+
+    def _done(self, id_: str, task: asyncio.Task[StoredEntry | None]) -> None:
+        del self.inflight[id_]
+        if not task.cancelled():
+            task.exception()  # retrieved: waiters re-raise it, nobody else needs to
 
     async def _fetch(self, id_: str) -> StoredEntry | None:
         now = time.monotonic()
+        args = [id_, datetime.now(timezone.utc).isoformat(timespec="seconds")]
         try:
-            flat = await self.script(keys=[self.record + id_, self.used],
-                                     args=[id_, datetime.now(timezone.utc).isoformat(timespec="seconds")])
+            try:
+                flat = await self.script(keys=[self.record + id_, self.used], args=args)
+            except self.errors.ConnectionError as e:
+                if isinstance(e, self.errors.TimeoutError):
+                    raise
+                # The store closed a pooled socket (it restarted), so it closed every idle one:
+                # drop them and try once on a fresh connection, or each would cost a request
+                # a 503 after the store is back (as budgets/redis_store.py does).
+                await self.client.connection_pool.disconnect(inuse_connections=False)
+                flat = await self.script(keys=[self.record + id_, self.used], args=args)
         except self.unavailable as e:
             raise GatewayError("key_store_unavailable", "The key store is unreachable; keys from values still "
                                "work. Retry shortly.") from e
@@ -128,25 +138,39 @@ class FileKeyLookup:
         self.checked = -CACHE_SECONDS
         self.stamp: tuple[int, int] | None = None
         self.entries: dict[str, StoredEntry] = {}
+        self.broken: str | None = None  # why the file could not be read, until it can
 
     async def get(self, id_: str) -> StoredEntry | None:
         now = time.monotonic()
         if now - self.checked >= CACHE_SECONDS:
             self.checked = now
             await asyncio.to_thread(self._refresh)
+        if self.broken is not None:
+            # Fail closed, as for Redis: a file that cannot be read may hold a revocation.
+            raise GatewayError("key_store_unavailable", f"The key file cannot be read ({self.broken}); keys from "
+                               "values still work.")
         return self.entries.get(id_)
 
     def _refresh(self) -> None:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self.entries, self.stamp = {}, None
+            self.entries, self.stamp, self.broken = {}, None, None
+            return
+        except OSError as exc:
+            self.broken = exc.strerror or type(exc).__name__
             return
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self.stamp:
-            records = read_file(self.path)
-            self.entries = {id_: entry(r) for id_, r in records.items()}
-            self.stamp = stamp
+            try:
+                self.entries = {id_: entry(r) for id_, r in read_file(self.path).items()}
+            except OSError as exc:
+                self.broken = exc.strerror or type(exc).__name__
+                return
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.broken = "not a key file: invalid JSON or a record without its fields"
+                return
+            self.stamp, self.broken = stamp, None
 
 
 def read_file(path: Path) -> dict[str, dict[str, str]]:

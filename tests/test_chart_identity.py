@@ -106,6 +106,7 @@ def test_jwt_authn_runs_before_the_ext_proc_and_hands_over_claims_as_metadata() 
     for name, provider in jwt["providers"].items():
         assert provider["payload_in_metadata"] == name and provider["forward"] is False
         assert provider["from_headers"] == [{"name": "authorization", "value_prefix": "Bearer "}]
+        assert provider["require_expiration"] is True  # no `exp`: refused, not valid forever
     assert jwt["providers"]["cloud"]["remote_jwks"]["http_uri"]["cluster"] == "jwks.cloud"
     assert jwt["providers"]["cloud"]["remote_jwks"]["cache_duration"] == "300s"
     skip, verify = jwt["rules"]

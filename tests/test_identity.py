@@ -51,6 +51,14 @@ def test_digest_is_sha256_hex_of_whole_key() -> None:
     ("sk-proj-abcdef", None),
     ("demo_secret", None),
     ("", None),
+    # Not an id any key can have (keys.ID): refused before any lookup.
+    ("gwk_Demo_secret", None),
+    ("gwk_" + "a" * 64 + "_secret", None),
+    ("gwk_" + "a" * 63 + "_secret", "a" * 63),
+    ("gwk_-lead_secret", None),
+    ("gwk_caf\u00e9_secret", None),
+    ("gwk_demo\n_secret", None),
+    ("gwk_a{b}_secret", None),
 ])
 def test_key_id(key: str, expected: str | None) -> None:
     assert keys.key_id(key) == expected
@@ -100,7 +108,7 @@ def cfg() -> config.GatewayConfig:
     ({"x-api-key": GOOD}, "good"),  # Anthropic SDK style
     ({"authorization": "Basic dXNlcjpwYXNz", "x-api-key": LIMITED}, "limited"),  # non-bearer -> x-api-key
     ({"authorization": "Bearer ", "x-api-key": LIMITED}, "limited"),  # empty bearer -> x-api-key
-    ({"authorization": f"Bearer {GOOD}", "x-api-key": LIMITED}, "good"),  # bearer wins
+    ({"authorization": f"Bearer {GOOD}", "x-api-key": GOOD}, "good"),  # the same key twice (two different: a conflict)
     ({"authorization": f"Bearer {FUTURE}"}, "future"),  # not yet expired
 ])
 def test_authenticate_ok(cfg: config.GatewayConfig, headers: dict[str, str], expected_id: str) -> None:
@@ -185,6 +193,22 @@ def test_presented_key(headers: dict[str, str], expected: str | None) -> None:
     assert identity.presented_key(headers) == expected
 
 
+@pytest.mark.parametrize("headers", [
+    {"authorization": "Bearer gwk_a_one", "x-api-key": "gwk_b_two"},
+    {"authorization": "bearer gwk_a_one", "x-api-key": "gwk_a_one-more"},
+    {"authorization": "Bearer gwk_a_one", "x-api-key": "junk"},
+])
+def test_two_different_keys_are_a_conflict_not_a_pick(headers: dict[str, str]) -> None:
+    with pytest.raises(GatewayError) as info:
+        identity.presented_key(headers)
+    assert (info.value.code, info.value.status) == ("identity_conflict", 403)
+    assert "gwk_a_one" not in info.value.message
+
+
+def test_the_same_key_in_both_headers_is_one_key() -> None:
+    assert identity.presented_key({"authorization": "Bearer  gwk_a_one", "x-api-key": "gwk_a_one"}) == "gwk_a_one"
+
+
 # -- workload identity (XFCC written by Envoy) and principal combination ----------------
 
 from hypothesis import given, strategies as st  # noqa: E402
@@ -260,6 +284,30 @@ def test_principal_precedence_and_allow_list_intersection() -> None:
     with pytest.raises(GatewayError) as e:
         authenticate({"x-forwarded-client-cert": "URI=spiffe://td/ns/other/sa/x"}, cfg, NOW)
     assert e.value.code == "identity_not_mapped"
+
+
+@pytest.mark.parametrize(("xfcc", "outcome"), [
+    # Several URI SANs: an X.509-SVID has one, and Envoy's unquoted XFCC cannot tell them from
+    # one SAN holding ';URI=…' (a CA-signed `…/ns/other/sa/x;URI=spiffe://…/pay/sa/api`).
+    ("URI=spiffe://td/ns/pay/sa/batch;URI=spiffe://td/ns/pay/sa/api", "identity_conflict"),
+    ("URI=spiffe://td/ns/other/sa/x;URI=spiffe://td/ns/pay/sa/api", "identity_conflict"),
+    ("URI=spiffe://td/ns/pay/sa/api;URI=spiffe://td/ns/pay/sa/web", "identity_conflict"),
+    ('URI=spiffe://td/ns/other/sa/x";URI="spiffe://td/ns/pay/sa/api', "identity_conflict"),  # quote smuggling
+    ("DNS=a.other.svc;URI=spiffe://td/ns/pay/sa/api", "identity_conflict"),  # a URI after a DNS SAN
+    ('URI=spiffe://td/ns/other/sa/x"', "identity_conflict"),
+    ("URI=spiffe://td/ns/other/sa/x,URI=spiffe://td/ns/pay/sa/api", "identity_not_mapped"),  # next element
+    ("Hash=ab;URI=spiffe://td/ns/pay/sa/api;DNS=a.svc;DNS=b.svc", "workload:pay"),
+    ('By=spiffe://td/gw;Subject="CN=x;URI=y";URI=spiffe://td/ns/pay/sa/api', "workload:pay"),
+])
+def test_a_certificate_with_ambiguous_sans_is_a_conflict_not_a_pick(xfcc: str, outcome: str) -> None:
+    cfg = _identity_config()
+    if outcome.startswith("workload:"):
+        assert authenticate({"x-forwarded-client-cert": xfcc}, cfg, NOW).id == outcome
+        return
+    with pytest.raises(GatewayError) as e:
+        authenticate({"x-forwarded-client-cert": xfcc}, cfg, NOW)
+    assert e.value.code == outcome
+    assert e.value.status == 403
 
 
 def test_budget_levels_follow_the_user_a_workload_carries() -> None:

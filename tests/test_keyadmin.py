@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from gateway_extproc import config, identity, keys
 from gateway_extproc.errors import CODES, GatewayError
 from gateway_extproc.keyadmin import AdminApp, FileAdminStore
-from gateway_extproc.keystore import FileKeyLookup
+from gateway_extproc.keystore import FIELDS, FileKeyLookup
 
 TOKEN = "gwa_unit-test-token"
 RAW = {
@@ -225,3 +225,97 @@ def test_hostile_report_queries_get_a_report_or_a_named_error(audited: AdminApp,
         err = json.loads(out)["error"]
         assert (status, err["code"]) in {(400, "invalid_request"), (404, "unknown_endpoint")}, err
         assert status == 404 or err["param"] in params or err["param"] == "month"
+
+
+# -- the workers' Redis key lookup -------------------------------------------------------
+
+
+def test_redis_lookup_survives_a_store_restart_and_fails_closed_while_it_is_down() -> None:
+    """A restart closes the pooled socket of the last lookup: the next one retries on a
+    fresh connection instead of answering key_store_unavailable once the store is back."""
+    import redis as redis_sync
+
+    from gateway_extproc.budgets.redis_store import connect
+    from gateway_extproc.errors import GatewayError
+    from gateway_extproc.keystore import RedisKeyLookup
+    from gateway_extproc.keyadmin import RedisAdminStore
+
+    from .redis_server import RedisServer
+
+    with RedisServer(persist=True) as server:
+        record = dict.fromkeys(FIELDS, "")
+        record.update(id="svc", sha256="0" * 64, team="demo")
+        assert RedisAdminStore(redis_sync.Redis.from_url(server.url), "default").create(record)
+
+        async def scenario() -> None:
+            lookup = RedisKeyLookup(connect(server.url), "default")
+
+            async def get() -> object:
+                lookup.cache.clear()  # as after the workers' 1 s
+                return await lookup.get("svc")
+
+            assert await get() is not None
+            server.stop()
+            with pytest.raises(GatewayError) as info:
+                await get()
+            assert info.value.code == "key_store_unavailable"  # closed while down
+            server.start()
+            assert await get() is not None
+            server.stop()
+            server.start()  # restarted while idle: the pooled socket is dead
+            assert await get() is not None
+
+        asyncio.run(scenario())
+
+
+def test_a_cancelled_caller_does_not_cancel_the_shared_lookup() -> None:
+    """Callers of one id share one lookup; the one that started it may go away (Envoy
+    reset its stream) and the others still get the answer, from one round trip."""
+    from gateway_extproc.keystore import RedisKeyLookup
+
+    class Slow(RedisKeyLookup):
+        def __init__(self) -> None:  # no client: only the sharing is under test
+            self.cache, self.inflight, self.calls = {}, {}, 0
+
+        async def _fetch(self, id_: str) -> object:
+            self.calls += 1
+            await asyncio.sleep(0.1)
+            return f"entry {id_}"
+
+    async def scenario() -> None:
+        lookup = Slow()
+        first = asyncio.create_task(lookup.get("svc"))
+        await asyncio.sleep(0.01)
+        others = [asyncio.create_task(lookup.get("svc")) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        first.cancel()
+        assert await asyncio.gather(*others) == ["entry svc"] * 5
+        assert first.cancelled() and lookup.calls == 1 and not lookup.inflight
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"svc": {"id": "svc"}}', "[1, 2]"])
+def test_an_unreadable_key_file_fails_closed_then_recovers(tmp_path: Path, content: str) -> None:
+    """key_store_unavailable (503), not a 500 on every stored key, until the file is good."""
+    from gateway_extproc import keystore
+    from gateway_extproc.errors import GatewayError
+
+    path = tmp_path / "keys.json"
+    record = dict.fromkeys(FIELDS, "")
+    record.update(id="svc", sha256="0" * 64, team="demo")
+    keystore.write_file(path, {"svc": record})
+    lookup = keystore.FileKeyLookup(str(path))
+
+    async def get() -> object:
+        lookup.checked = -keystore.CACHE_SECONDS  # as after the workers' 1 s
+        return await lookup.get("svc")
+
+    assert asyncio.run(get()) is not None
+    path.write_text(content)
+    for _ in range(2):
+        with pytest.raises(GatewayError) as info:
+            asyncio.run(get())
+        assert (info.value.code, info.value.status) == ("key_store_unavailable", 503)
+    keystore.write_file(path, {"svc": record})
+    assert asyncio.run(get()) is not None

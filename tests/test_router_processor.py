@@ -236,13 +236,30 @@ async def test_request_headers_accepted(proc: RouterProcessor, message: ep.Proce
 
 async def test_request_headers_strip_caller_credentials_and_gateway_headers(proc: RouterProcessor) -> None:
     resp = await proc.handle(req_headers(
-        key=ALL, x_api_key="also-a-secret", x_gateway_model="secret-chat", x_gateway_backend="openai/o1",
-        x_gateway_prompt_tokens="1", x_gatewayish="kept", x_custom="kept"))
+        key=ALL, x_api_key=ALL, x_gateway_model="secret-chat", x_gateway_backend="openai/o1",
+        x_gateway_prompt_tokens="1", x_gatewayish="kept", x_custom="kept", api_key="caller-azure-secret",
+        x_goog_api_key="caller-gemini-secret", proxy_authorization="Basic eA==", x_amz_security_token="t",
+        openai_organization="org-other", openai_project="proj-other", anthropic_version="2023-06-01"))
     common = resp.request_headers.response
     assert set(common.header_mutation.remove_headers) == {
-        "authorization", "x-api-key", "x-gateway-model", "x-gateway-backend", "x-gateway-prompt-tokens"}
+        "authorization", "x-api-key", "x-gateway-model", "x-gateway-backend", "x-gateway-prompt-tokens",
+        "api-key", "x-goog-api-key", "proxy-authorization", "x-amz-security-token", "openai-organization",
+        "openai-project"}
     assert not common.header_mutation.set_headers
     assert not common.HasField("body_mutation")
+
+
+@pytest.mark.parametrize("values", [[ALL, ALL], ["gwk_nope_x", ALL], [ALL, "gwk_nope_x"]])
+async def test_a_repeated_key_header_is_one_joined_value_not_the_last(proc: RouterProcessor,
+                                                                       values: list[str]) -> None:
+    """Envoy passes a repeated x-api-key as separate entries: keeping the last let a second
+    one win while the first went unchecked."""
+    h = [HeaderValue(key=k, raw_value=v.encode()) for k, v in (
+        (":method", "POST"), (":path", CHAT_PATH), ("content-type", "application/json"),
+        *(("x-api-key", v) for v in values))]
+    resp = await proc.handle(ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=HeaderMap(headers=h))))
+    assert resp.immediate_response.status.code == 401
+    assert json.loads(resp.immediate_response.body)["error"]["code"] == "invalid_api_key"
 
 
 # -- request body: shaping for the backend -----------------------------------------------

@@ -29,8 +29,17 @@ METADATA_NAMESPACE = "gw"  # the chart's metadata_options.receiving_namespaces
 
 def header_map(msg: ep.HttpHeaders) -> dict[str, str]:
     """Envoy's header list as a dict (names arrive lower-cased; Envoy 1.40 sends every value
-    in raw_value and leaves `value` empty)."""
-    return {h.key: h.raw_value.decode("utf-8", "replace") for h in msg.headers.headers}
+    in raw_value and leaves `value` empty). A header sent several times is one value joined
+    with ',' (RFC 9110), as Envoy itself joins a repeated `Authorization`: keeping only the
+    last let a second `x-api-key` win unchecked."""
+    entries = msg.headers.headers
+    out = {h.key: h.raw_value.decode("utf-8", "replace") for h in entries}
+    if len(out) < len(entries):
+        out = {}
+        for h in entries:
+            value = h.raw_value.decode("utf-8", "replace")
+            out[h.key] = f"{out[h.key]},{value}" if h.key in out else value
+    return out
 
 
 def mutation(set_: Mapping[str, str] | None = None, remove: Iterable[str] = ()) -> ep.HeaderMutation:

@@ -42,8 +42,11 @@ access_log = structlog.get_logger("gateway_extproc.access")
 log = structlog.get_logger("gateway_extproc.router")
 
 # Caller credentials, gateway-owned headers and the client certificate's details (XFCC)
-# never travel past the router filter.
-CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+# never travel past the router filter. Nor do a caller's credentials in other providers'
+# schemes, or the provider account (OpenAI organization/project) a request is billed to:
+# the gateway's credential decides that, and a provider may otherwise honour them.
+CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization",
+                             "x-amz-security-token", "openai-organization", "openai-project")
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
 CLASSIFICATION_HEADER = "x-data-classification"

@@ -499,6 +499,8 @@ ext_proc then needs a key or a workload identity).
         payload_in_metadata: {{ $p.name }}
         from_headers: [{name: authorization, value_prefix: "Bearer "}]
         clock_skew_seconds: {{ $p.clockSkewSeconds | default 60 }}
+        # A token without `exp` would be valid forever: refused (jwt_authn accepts it by default).
+        require_expiration: true
         {{- if $p.jwks.remote }}
         remote_jwks:
           http_uri:
