@@ -581,3 +581,23 @@ def test_fancy_text_decorations_do_not_hide_a_card(decorate: str) -> None:
     generators put on every character are removed before detection."""
     text = "card " + "".join(c + decorate for c in "4111 1111 1111 1111")
     assert {f.detector for f in DEFAULT.scan_strings([text])} == {"credit_card"}
+
+
+CARD_DIGITS = "4111111111111111"
+
+
+@pytest.mark.parametrize("text", [
+    "".join(f"&#{ord(c)};" for c in CARD_DIGITS),
+    "".join(f"&#x{ord(c):X};" for c in CARD_DIGITS),
+    " ".join("".join(f"&#{ord(c)}" for c in CARD_DIGITS[i:i + 4]) for i in range(0, 16, 4)),
+    "".join(f"\\u{ord(c):04x}" for c in CARD_DIGITS),
+    "".join(f"\\x{ord(c):02x}" for c in CARD_DIGITS),
+], ids=["decimal-references", "hex-references", "grouped-without-semicolons", "u-escapes", "x-escapes"])
+def test_a_card_written_as_character_references_or_escapes_is_found(text: str) -> None:
+    """A model reads `&#52;&#49;…` and `\\u0034\\u0031…` as digits: so does the scanner, as it
+    reads URL-encoding."""
+    assert {f.detector for f in DEFAULT.scan_strings([f"pay with {text} today"])} == {"credit_card"}
+
+
+def test_ordinary_character_references_are_not_findings() -> None:
+    assert DEFAULT.scan_strings(["caf&#233; &amp; r&#233;sum&#233; \\u00e9t\\u00e9 \\x41"]) == []

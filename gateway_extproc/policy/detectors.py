@@ -518,7 +518,22 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
 # each `/`, `+`, `-` or `%` inside it.
 ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-=%.~])"
                    r"(?:[A-Za-z0-9._~+\-]{0,256}+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]{0,256}+){1,4096}+"
-                   r"|[A-Za-z0-9+/_\-]{12,65536}+={0,2}+)")
+                   r"|[A-Za-z0-9+/_\-]{12,65536}+={0,2}+"
+                   # character references and escapes, a few separators apart (`&#52;&#49;…`, `\u0034…`)
+                   # (never from inside such a run: each start would decode the rest again)
+                   r"|(?<![;0-9A-Fa-f])(?<![;0-9A-Fa-f][ .\-/_,:])(?<![;0-9A-Fa-f][ .\-/_,:]{2})"
+                   r"(?<![;0-9A-Fa-f][ .\-/_,:]{3})"
+                   r"(?:(?:&#(?:[0-9]{1,7}+|[xX][0-9A-Fa-f]{1,6}+);?+|\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2}))"
+                   r"[ .\-/_,:]{0,3}+){4,4096}+)")
+_ESCAPE = re.compile(r"&#([0-9]{1,7}|[xX][0-9A-Fa-f]{1,6});?|\\(?:u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2}))")
+
+
+def _unescape(m: re.Match[str]) -> str:
+    ref, u, x = m.groups()
+    code = int(ref[1:], 16) if ref and ref[0] in "xX" else int(ref or u or x, 10 if ref else 16)
+    return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else m.group()
+
+
 MAX_DECODE_DEPTH = 2
 _B64 = frozenset(string.ascii_letters + string.digits + "+/_-%")
 _HEX = frozenset(string.hexdigits)
@@ -541,8 +556,11 @@ def _texty(raw: bytes) -> str | None:
 
 
 def decode_payload(run: str) -> str | None:
-    """The text a base64 / hex / URL-encoded run stands for, or None when it is none of these
-    (or decodes to binary)."""
+    """The text a base64 / hex / URL-encoded run, or a run of HTML character references or
+    `\\u`/`\\x` escapes, stands for, or None when it is none of these (or decodes to binary)."""
+    if "&#" in run or "\\" in run:
+        decoded = _ESCAPE.sub(_unescape, run)
+        return decoded if decoded != run else None
     if "%" in run:
         try:
             decoded = urllib.parse.unquote_plus(run, errors="strict")

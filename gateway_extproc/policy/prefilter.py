@@ -116,6 +116,7 @@ ENCODED_TRIGGERS = (
     # the end of every run of 12 or more: its start is found by walking back (`verify` runs)
     Trigger(r"[A-Za-z0-9+/_\-]{12}[^A-Za-z0-9+/_\-]", som=False, reach=-1, tail=4, verify=True),
     Trigger(r"%[0-9A-Fa-f]{2}", som=False, reach=261, tail=260),
+    Trigger(r"&#[xX]?[0-9A-Fa-f]{1,7}|\\[ux][0-9A-Fa-f]{2}", som=False, reach=261, tail=260),
 )
 
 
