@@ -82,6 +82,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         finally:
             if processor is not None:
                 processor.close()
+        if context is not None:
+            # Envoy half-closed the stream before its usual last message (the client left
+            # mid-request, mid-response or mid-stream): its reset follows at once. Wait for
+            # it with no batch open rather than end the call (see _write_last).
+            await asyncio.sleep(RESET_WAIT_S)
 
 
 def _last_message(req: ep.ProcessingRequest, phase: str, resp: ep.ProcessingResponse, upstream: bool) -> bool:
