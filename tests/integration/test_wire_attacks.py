@@ -95,7 +95,9 @@ class Wire:
         out = []
         for line in lines:
             if '"event":"access"' in line and f'"key_id":"{key_id}"' in line:
-                out.append(orjson.loads(line))
+                rec = orjson.loads(line)
+                if rec["path"] == CHAT:  # not the /v1/usage reads of the test
+                    out.append(rec)
         return out
 
     def access_lines(self, key_id: str, count: int) -> list[dict[str, Any]]:
@@ -111,7 +113,8 @@ class Wire:
         """Each request's cost (nano$) from the audit trail, once `count` records are written."""
         root = self.gw.stack.workdir / "audit"
         for _ in range(100):
-            found = [r["cost_nano"] for r in records(root, frozenset({"request"})) if r.get("key_id") == key_id]
+            found = [r["cost_nano"] for r in records(root, frozenset({"request"})) if r.get("key_id") == key_id
+                     and r.get("path") == CHAT]  # not the /v1/usage reads of the test
             if len(found) >= count:
                 return found
             time.sleep(0.1)
@@ -238,3 +241,131 @@ def test_a_client_that_hangs_up_is_charged_at_most_its_reservation_and_leaves_no
         assert {line["outcome"] for line in lines} == {"incomplete"}
     assert wire.normal().status_code == 200
     wire.watch.alive()
+
+
+# -- HTTP/1 framing a client may pick ------------------------------------------------------
+
+async def _exchange(wire: Wire, data: bytes, responses: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
+    reader, writer = await asyncio.open_connection(wire.host, wire.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return [await asyncio.wait_for(read_response(reader), 30) for _ in range(responses)]
+    finally:
+        writer.close()
+
+
+def test_a_chunked_body_ended_by_trailers_is_served_and_its_stream_ends_as_usual(wire: Wire) -> None:
+    """Trailers end the body in Envoy (the ext_proc gets it with end_of_stream false, the
+    chart skips trailers); the router's stream still ends with the response body, so it is
+    closed as usual (access line `complete`), and the request is charged what it cost. An
+    empty body ended by trailers, carrying the client's own route header, is still read (and
+    refused) by the ext_proc: it never reaches a provider on the route the client chose."""
+    wire.gw.reset()
+    payload = body()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (payload[:10], payload[10:]))
+    trailers = b"0\r\nx-checksum: abc\r\nx-gateway-model: private-chat\r\n\r\n"
+    for _ in range(ROUNDS):
+        [(status, _, answer)] = asyncio.run(_exchange(wire, wire.head("trailers", chunked=True) + chunks + trailers))
+        assert status == 200, answer
+    [(status, _, answer)] = asyncio.run(_exchange(
+        wire, wire.head("trailers", chunked=True, extra="x-gateway-model: private-chat\r\n") + trailers))
+    assert status == 400 and openai_error(answer)["code"] == "invalid_json"
+    sent = wire.provider_requests()
+    assert len(sent) == ROUNDS and all(r["body"]["model"] == "mock-gpt-4o-mini" for r in sent)
+    lines = wire.access_lines("trailers", ROUNDS + 1)
+    assert sorted(line["outcome"] for line in lines) == ["complete"] * (ROUNDS + 1)
+    wire.accounts_exactly("trailers", ROUNDS + 1)
+    wire.watch.alive()
+
+
+def test_expect_continue_pipelining_and_h2c_upgrade_are_served(wire: Wire) -> None:
+    """`Expect: 100-continue` gets its interim answer and then the real one; three requests
+    pipelined on one connection get three answers in order; `Upgrade: h2c` is ignored."""
+    payload = body()
+    async def expect() -> tuple[bytes, tuple[int, dict[str, str], bytes]]:
+        reader, writer = await asyncio.open_connection(wire.host, wire.port)
+        try:
+            writer.write(wire.head("pipelined", length=len(payload), extra="Expect: 100-continue\r\n"))
+            await writer.drain()
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            writer.write(payload)
+            await writer.drain()
+            return interim, await asyncio.wait_for(read_response(reader), 30)
+        finally:
+            writer.close()
+    interim, (status, _, _) = asyncio.run(expect())
+    assert interim.startswith(b"HTTP/1.1 100 Continue") and status == 200
+    one = wire.head("pipelined", length=len(payload)) + payload
+    answers = asyncio.run(_exchange(wire, one * 3, responses=3))
+    assert [a[0] for a in answers] == [200] * 3
+    assert len({orjson.loads(a[2])["id"] for a in answers}) == 3  # three answers, not one thrice
+    h2c = wire.head("pipelined", length=len(payload), extra="Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                    "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n") + payload
+    [(status, _, _)] = asyncio.run(_exchange(wire, h2c))
+    assert status == 200
+    wire.access_lines("pipelined", 5)
+    wire.accounts_exactly("pipelined", 5)
+
+
+UPGRADES = {
+    "websocket-get": b"GET /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+    "websocket-post": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 2\r\n",
+    "connect": b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(UPGRADES))
+def test_upgrade_and_connect_are_refused_in_the_openai_shape(wire: Wire, case: str) -> None:
+    """A WebSocket upgrade got Envoy's bare 403 with an empty body (no code; `upgrade_failed`);
+    it is now 400 `upgrade_not_supported`. CONNECT is an unknown endpoint to the ext_proc."""
+    wire.gw.reset()
+    auth = f"Authorization: Bearer {wire.gw.key}\r\n\r\n".encode()
+    [(status, _, answer)] = asyncio.run(_exchange(wire, UPGRADES[case] + auth + (b"{}" if "post" in case else b"")))
+    code = openai_error(answer)["code"]
+    assert (status, code) == ((404, "unknown_endpoint") if case == "connect" else (400, "upgrade_not_supported"))
+    assert wire.provider_requests() == []
+    wire.watch.alive()
+
+
+def test_a_body_trickled_byte_by_byte_holds_no_reservation_and_spares_others(wire: Wire) -> None:
+    """Envoy buffers the body before the ext_proc sees it: while a client trickles its body
+    (slowloris), its key holds no reservation and the ext_proc serves everyone else."""
+    payload = body()
+
+    async def trickle() -> tuple[int, list[float]]:
+        reader, writer = await asyncio.open_connection(wire.host, wire.port)
+        seen = []
+        try:
+            writer.write(wire.head("slow-body", length=len(payload)))
+            for i, byte in enumerate(payload):
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.02)
+                if i % 20 == 0:
+                    seen.append(await asyncio.to_thread(wire.spent, "slow-body"))
+            status, _, answer = await asyncio.wait_for(read_response(reader), 30)
+            return status, seen
+        finally:
+            writer.close()
+
+    async def others() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            auth = {"authorization": f"Bearer {wire.gw.key}", "content-type": "application/json"}
+            got = []
+            for _ in range(10):
+                batch = await asyncio.gather(*[client.post(f"{wire.gw.url}{CHAT}", content=body(), headers=auth)
+                                               for _ in range(10)])
+                got += [r.status_code for r in batch]
+            return got
+
+    async def both() -> tuple[tuple[int, list[float]], list[int]]:
+        return await asyncio.gather(trickle(), others())
+
+    (status, seen), served = asyncio.run(both())
+    assert status == 200
+    assert seen and set(seen) == {0.0}, seen  # nothing reserved while the body was arriving
+    assert served == [200] * 100
+    wire.accounts_exactly("slow-body", 1)
