@@ -369,3 +369,138 @@ def test_a_body_trickled_byte_by_byte_holds_no_reservation_and_spares_others(wir
     assert seen and set(seen) == {0.0}, seen  # nothing reserved while the body was arriving
     assert served == [200] * 100
     wire.accounts_exactly("slow-body", 1)
+
+
+# -- HTTP/2 (h2c) ----------------------------------------------------------------------------
+
+class H2:
+    """A raw HTTP/2 client on a blocking socket: frames exactly as a test wants them."""
+
+    def __init__(self, wire: Wire, settings: dict[int, int] | None = None) -> None:
+        self.wire = wire
+        self.sock = socket.create_connection((wire.host, wire.port), timeout=30)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        if settings:
+            self.conn.update_settings(settings)
+        self.flush()
+        self.status: dict[int, int] = {}
+        self.data: dict[int, bytearray] = {}
+        self.ended: set[int] = set()
+        self.reset: dict[int, int] = {}
+        self.closed = False
+
+    def flush(self) -> None:
+        if data := self.conn.data_to_send():
+            self.sock.sendall(data)
+
+    def request(self, key_id: str | None, payload: bytes | None, end: bool = True,
+                extra: tuple[tuple[str, str], ...] = ()) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        secret = self.wire.gw.key if key_id is None else self.wire.secrets[key_id]
+        self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", CHAT),
+                                     (":authority", f"{self.wire.host}:{self.wire.port}"),
+                                     ("authorization", f"Bearer {secret}"), ("content-type", "application/json"),
+                                     *extra])
+        if payload is not None:
+            self.conn.send_data(sid, payload, end_stream=end)
+        self.flush()
+        return sid
+
+    def pump(self, until: Any, read: bool = True, limit_s: float = 60) -> None:
+        """Handle frames until `until()` holds (bounded: a wedged gateway fails the test)."""
+        deadline = time.monotonic() + limit_s
+        while not until() and not self.closed:
+            assert time.monotonic() < deadline, ("no progress", self.status, self.ended, self.reset)
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                raw = self.sock.recv(1 << 16)
+            except socket.timeout:
+                continue
+            if not raw:
+                self.closed = True
+                break
+            for ev in self.conn.receive_data(raw):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    self.status[ev.stream_id] = int(dict(ev.headers)[":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    self.data.setdefault(ev.stream_id, bytearray()).extend(ev.data)
+                    if read:
+                        self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    self.ended.add(ev.stream_id)
+                elif isinstance(ev, h2.events.StreamReset):
+                    self.reset[ev.stream_id] = ev.error_code
+                elif isinstance(ev, h2.events.ConnectionTerminated):
+                    self.closed = True
+            self.flush()
+
+    def close(self) -> None:
+        try:
+            self.conn.close_connection()
+            self.flush()
+        except (OSError, h2.exceptions.ProtocolError):
+            pass
+        self.sock.close()
+
+
+def envoy_stat(wire: Wire, name: str) -> int:
+    text = httpx.get(f"{wire.gw.stack.admin_url}/stats?filter=^{re.escape(name)}$", timeout=10).text
+    return int(text.split(":")[1]) if ":" in text else 0
+
+
+def no_stream_left(wire: Wire) -> None:
+    """Every client request and every ext_proc stream is gone (Envoy's own gauges; bounded
+    wait while resets travel): nothing wedged or held."""
+    names = ("http.gateway.downstream_rq_active", "cluster.gateway_extproc.upstream_rq_active")
+    for _ in range(100):
+        if all(envoy_stat(wire, n) == 0 for n in names):
+            return
+        time.sleep(0.1)
+    assert {n: envoy_stat(wire, n) for n in names} == dict.fromkeys(names, 0)
+
+
+def test_h2_hundreds_of_streams_on_one_connection(wire: Wire) -> None:
+    wire.gw.reset()
+    c = H2(wire)
+    try:
+        c.pump(lambda: c.conn.remote_settings.max_concurrent_streams is not None, limit_s=10)
+        sids = [c.request(None, body()) for _ in range(300)]
+        c.pump(lambda: all(s in c.ended for s in sids))
+    finally:
+        c.close()
+    assert [c.status[s] for s in sids] == [200] * 300
+    assert len({orjson.loads(bytes(c.data[s]))["id"] for s in sids}) == 300
+    no_stream_left(wire)
+
+
+def test_h2_rst_stream_mid_body_and_mid_response_spares_the_connections_other_streams(wire: Wire) -> None:
+    """On one connection: streams reset halfway through their body (never reach the
+    provider, never charged) and streams reset after their first reply bytes (charged at
+    most the reservation), between ordinary streams that must all be answered."""
+    wire.gw.reset()
+    payload, streamed = body(), body(stream=True)
+    c = H2(wire)
+    normal, mid_response = [], []
+    try:
+        for _ in range(ROUNDS):
+            sid = c.request("h2-reset-body", payload[:20], end=False)
+            normal.append(c.request(None, payload))
+            time.sleep(0.2)  # the ext_proc has the headers (a reset before that never reaches it)
+            c.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            c.flush()
+            sid = c.request("h2-reset-response", streamed,
+                            extra=(("x-mock-reply-words", "300"), ("x-mock-chunk-delay-ms", "20")))
+            c.pump(lambda: sid in c.data and c.data[sid].count(b"the") >= 3)
+            c.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            c.flush()
+            mid_response.append(sid)
+            normal.append(c.request(None, payload))
+        c.pump(lambda: all(s in c.ended for s in normal))
+    finally:
+        c.close()
+    assert [c.status[s] for s in normal] == [200] * len(normal)
+    assert wire.access_lines("h2-reset-body", ROUNDS) and wire.accounts_exactly("h2-reset-body", ROUNDS) == 0
+    assert wire.accounts_exactly("h2-reset-response", ROUNDS) > 0
+    no_stream_left(wire)
+    wire.watch.alive()
