@@ -37,6 +37,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import httpx
+import hyperframe.frame as hf
 import orjson
 import pytest
 
@@ -51,12 +52,13 @@ CHAT = "/v1/chat/completions"
 MAX_TOKENS = 200  # default-chat: $20 per M output tokens, so a reservation is ~$0.0041
 RESERVATION_USD = 0.0041
 ATTACK_BUDGET_USD = 0.02  # a few reservations: held ones would show as refusals, and in the exact sum
+BIG_BUDGET_USD = {"h2-stall": 1.0}  # ten long streams at once
 KEY_IDS = ("after-headers", "mid-upload", "provider-thinking", "mid-stream", "after-done", "h2-reset-body",
            "h2-reset-response", "h2-stall", "trailers", "slow-body", "pipelined")
 
 
-def body(stream: bool = False, content: str = "hi") -> bytes:
-    return orjson.dumps({"model": "default-chat", "max_tokens": MAX_TOKENS, "stream": stream,
+def body(stream: bool = False, content: str = "hi", max_tokens: int = MAX_TOKENS) -> bytes:
+    return orjson.dumps({"model": "default-chat", "max_tokens": max_tokens, "stream": stream,
                          "messages": [{"role": "user", "content": content}]})
 
 
@@ -120,14 +122,16 @@ class Wire:
             time.sleep(0.1)
         return found
 
-    def accounts_exactly(self, key_id: str, count: int) -> float:
+    def accounts_exactly(self, key_id: str, count: int, reservation_usd: float = RESERVATION_USD) -> float:
         """The key's settled spend is the sum of what its requests cost, each at most its
         reservation: no reservation was left held, none charged twice."""
         costs = self.charged(key_id, count)
         assert len(costs) == count, costs
-        assert all(0 <= c <= RESERVATION_USD * 1e9 for c in costs), costs
+        assert all(0 <= c <= reservation_usd * 1e9 for c in costs), costs
         spent = self.settled(key_id)
         assert round(spent * 1e9) == sum(costs), (spent, costs)
+        if key_id in BIG_BUDGET_USD:
+            return spent
         resp = httpx.post(f"{self.gw.url}{CHAT}", content=body(), timeout=30,
                           headers={"authorization": f"Bearer {self.secrets[key_id]}", "content-type": "application/json"})
         assert resp.status_code == 200, resp.text  # the key goes on working
@@ -146,7 +150,7 @@ def wire() -> Iterator[Wire]:
     secrets = {k: keys.generate(k) for k in KEY_IDS}
 
     def customize(values: dict[str, Any]) -> None:
-        values["keys"] += [{"id": k, "sha256": keys.digest(s), "team": "demo", "budget": {"daily": ATTACK_BUDGET_USD}}
+        values["keys"] += [{"id": k, "sha256": keys.digest(s), "team": "demo", "budget": {"daily": BIG_BUDGET_USD.get(k, ATTACK_BUDGET_USD)}}
                            for k, s in secrets.items()]
 
     with running_gateway("gw-wire-", customize=customize) as gw:
@@ -504,3 +508,75 @@ def test_h2_rst_stream_mid_body_and_mid_response_spares_the_connections_other_st
     assert wire.accounts_exactly("h2-reset-response", ROUNDS) > 0
     no_stream_left(wire)
     wire.watch.alive()
+
+
+def test_h2_client_that_never_reads_holds_bounded_memory_and_blocks_no_one(wire: Wire) -> None:
+    """Ten long streams on a connection whose client advertises a 1-byte window and never
+    reads: Envoy pauses the provider once a stream's buffer is full (per-stream limit,
+    envoy.maxRequestBytes + 1 MiB), other callers are served meanwhile, and when the client
+    goes every reservation is settled (charged at most what was reserved)."""
+    wire.gw.reset()
+    envoy = wire.gw.stack.procs["envoy"].pid
+    before = rss_mib(envoy)
+    c = H2(wire, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1})
+    try:
+        sids = [c.request("h2-stall", body(stream=True, max_tokens=1024), extra=(("x-mock-reply-words", "1024"),))
+                for _ in range(10)]
+        c.pump(lambda: all(s in c.status for s in sids), read=False)
+        served = [wire.normal().status_code for _ in range(20)]
+        time.sleep(1)
+        held = rss_mib(envoy) - before
+    finally:
+        c.close()
+    assert served == [200] * 20
+    assert held < 256, held  # ~10 x a 2000-word stream, never the connection's whole reply
+    wire.access_lines("h2-stall", 10)
+    assert wire.accounts_exactly("h2-stall", 10, reservation_usd=0.0206) > 0
+    no_stream_left(wire)
+    wire.watch.alive()
+
+
+FRAMES = {
+    # A WINDOW_UPDATE that overflows the stream's window (RFC 9113 6.9.1: FLOW_CONTROL_ERROR).
+    "window-overflow": lambda c, sid: [hf.WindowUpdateFrame(sid, window_increment=2**31 - 1)] * 2,
+    "window-zero": lambda c, sid: [hf.WindowUpdateFrame(sid, window_increment=0)],
+    "connection-window-overflow": lambda c, sid: [hf.WindowUpdateFrame(0, window_increment=2**31 - 1)] * 2,
+    # Window shrunk to 0 mid-stream (the stream stalls), then opened again.
+    "settings-odd": lambda c, sid: [hf.SettingsFrame(0, settings={0x1: 0, 0x5: 2**24 - 1, 0x4: 0, 0x99: 7}),
+                                    hf.SettingsFrame(0, settings={0x4: 65535})],
+    "settings-flood": lambda c, sid: [hf.SettingsFrame(0, settings={0x3: 100})] * 5000,
+    "window-shrink-then-huge": lambda c, sid: [hf.SettingsFrame(0, settings={0x4: 0}),
+                                               hf.SettingsFrame(0, settings={0x4: 2**31 - 1})],
+    "ping-flood": lambda c, sid: [hf.PingFrame(0, opaque_data=b"12345678")] * 5000,
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAMES))
+def test_h2_frame_oddities_hurt_only_their_own_connection(wire: Wire, case: str) -> None:
+    """Odd SETTINGS, WINDOW_UPDATE and PING frames, sent raw mid-stream: Envoy may reset
+    the stream or close that connection (RFC 9113, its flood protection), but stays up,
+    and a caller on another connection is served throughout."""
+    wire.gw.reset()
+    c = H2(wire)
+    try:
+        sid = c.request(None, body(stream=True), extra=(("x-mock-reply-words", "200"), ("x-mock-chunk-delay-ms", "5")))
+        c.pump(lambda: sid in c.status)
+        c.sock.sendall(b"".join(f.serialize() for f in FRAMES[case](c, sid)))
+        served = wire.normal().status_code
+        try:
+            c.pump(lambda: sid in c.ended or sid in c.reset, limit_s=30)
+        except (OSError, h2.exceptions.ProtocolError):
+            pass  # Envoy closed the connection under us: also fine
+    finally:
+        c.close()
+    assert served == 200
+    no_stream_left(wire)
+    wire.watch.alive()
+    assert httpx.get(f"{wire.gw.stack.admin_url}/ready").status_code == 200
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
