@@ -580,3 +580,82 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+# -- timeouts (a gateway of its own with a short envoy.upstreamTimeout) ----------------------
+
+TIMEOUT_S = 4
+
+
+@pytest.fixture(scope="module")
+def quick() -> Iterator[Wire]:
+    secrets = {k: keys.generate(k) for k in ("timeouts", "h2-timeout")}
+
+    def customize(values: dict[str, Any]) -> None:
+        values["envoy"]["upstreamTimeout"] = f"{TIMEOUT_S}s"
+        values["keys"] += [{"id": k, "sha256": keys.digest(s), "team": "demo", "budget": {"daily": ATTACK_BUDGET_USD}}
+                           for k, s in secrets.items()]
+
+    with running_gateway("gw-wire-timeouts-", customize=customize) as gw:
+        yield Wire(gw, secrets)
+
+
+async def _stop_sending(wire: Wire, case: str) -> tuple[int, dict[str, str], bytes]:
+    payload = body()
+    reader, writer = await asyncio.open_connection(wire.host, wire.port)
+    try:
+        if case == "mid-body":
+            writer.write(wire.head("timeouts", length=len(payload)) + payload[:20])
+        elif case == "expect":  # announced a body with Expect: 100-continue, then never sent it
+            writer.write(wire.head("timeouts", length=len(payload), extra="Expect: 100-continue\r\n"))
+        else:
+            writer.write(wire.head("timeouts", length=len(payload)))
+        await writer.drain()
+        if case == "expect":
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+        elif case == "trickle":  # a byte every half second: never idle, never done
+            async def trickle() -> None:
+                for byte in payload:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.5)
+            sender = asyncio.create_task(trickle())
+            try:
+                return await asyncio.wait_for(read_response(reader), 120)
+            finally:
+                sender.cancel()
+        return await asyncio.wait_for(read_response(reader), 60)
+    finally:
+        writer.transport.abort()
+
+
+@pytest.mark.parametrize("case", ["mid-body", "expect", "trickle"])
+def test_a_client_too_slow_to_send_its_request_gets_408(quick: Wire, case: str) -> None:
+    """A client that stops mid-body (or after `Expect: 100-continue`) got 504
+    `upstream_timeout`, "The provider did not answer in time", though no provider was
+    asked; one trickling a byte every half second was never timed out at all
+    (`request_timeout: 0s`). Both are now 408 `request_timeout`, charged nothing."""
+    quick.gw.reset()
+    status, headers, answer = asyncio.run(_stop_sending(quick, case))
+    assert status == 408, (status, headers, answer)
+    assert openai_error(answer)["code"] == "request_timeout", (headers, answer)
+    assert quick.provider_requests() == []
+    assert quick.settled("timeouts") == 0
+    no_stream_left(quick)
+
+
+def test_an_h2_stream_nobody_reads_ends_at_the_timeout_and_is_settled(quick: Wire) -> None:
+    """A long stream whose client never opens its window is not held for ever: Envoy ends
+    it at envoy.upstreamTimeout, and its reservation is settled (the gateway charges what
+    streamed to Envoy, at most the reservation)."""
+    quick.gw.reset()
+    c = H2(quick, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1})
+    try:
+        sid = c.request("h2-timeout", body(stream=True), extra=(("x-mock-reply-words", "200"),
+                                                             ("x-mock-chunk-delay-ms", "10")))
+        c.pump(lambda: sid in c.reset or sid in c.ended, read=False, limit_s=TIMEOUT_S * 10)
+    finally:
+        c.close()
+    assert sid in c.reset or c.closed
+    assert quick.accounts_exactly("h2-timeout", 1) > 0
+    no_stream_left(quick)
