@@ -52,9 +52,9 @@ CHAT = "/v1/chat/completions"
 MAX_TOKENS = 200  # default-chat: $20 per M output tokens, so a reservation is ~$0.0041
 RESERVATION_USD = 0.0041
 ATTACK_BUDGET_USD = 0.02  # a few reservations: held ones would show as refusals, and in the exact sum
-BIG_BUDGET_USD = {"h2-stall": 1.0}  # ten long streams at once
+BIG_BUDGET_USD = {"h2-stall": 1.0, "h2-trailers": 0.1}  # many reservations at once
 KEY_IDS = ("after-headers", "mid-upload", "provider-thinking", "mid-stream", "after-done", "h2-reset-body",
-           "h2-reset-response", "h2-stall", "trailers", "slow-body", "pipelined")
+           "h2-reset-response", "h2-stall", "trailers", "h2-trailers", "slow-body", "pipelined")
 
 
 def body(stream: bool = False, content: str = "hi", max_tokens: int = MAX_TOKENS) -> bytes:
@@ -281,6 +281,39 @@ def test_a_chunked_body_ended_by_trailers_is_served_and_its_stream_ends_as_usual
     assert sorted(line["outcome"] for line in lines) == ["complete"] * (ROUNDS + 1)
     wire.accounts_exactly("trailers", ROUNDS + 1)
     wire.watch.alive()
+
+
+def test_h2_request_trailers_end_the_body_as_usual(wire: Wire) -> None:
+    """The HTTP/2 way to end a body with trailers (HEADERS after DATA, END_STREAM on them).
+    With a body: served as usual, each stream closed. Without one (HEADERS, then trailers,
+    no DATA) the ext_proc never gets a body message, and the request went on to the route
+    Envoy had picked from the client's headers: with `x-gateway-model: private-chat` it
+    reached that model's provider, with the gateway's credential, past the key's model
+    allow-list and budget (the provider's own 400 came back). The router's headers answer now
+    clears the route cache: the request falls to the catch-all route, 404 `unknown_endpoint`."""
+    wire.gw.reset()
+    c = H2(wire)
+    trailers = [("x-checksum", "abc"), ("x-gateway-model", "private-chat")]
+    try:
+        sids = []
+        for _ in range(ROUNDS):
+            sid = c.request("h2-trailers", body(), end=False)
+            c.conn.send_headers(sid, trailers, end_stream=True)
+            sids.append(sid)
+        empty = c.request("h2-trailers", None, extra=(("x-gateway-model", "private-chat"),))
+        c.conn.send_headers(empty, trailers, end_stream=True)
+        c.flush()
+        c.pump(lambda: all(s in c.ended for s in (*sids, empty)))
+    finally:
+        c.close()
+    assert [c.status[s] for s in sids] == [200] * ROUNDS
+    assert (c.status[empty], openai_error(bytes(c.data[empty]))["code"]) == (404, "unknown_endpoint")
+    sent = wire.provider_requests()
+    assert len(sent) == ROUNDS and all(r["body"]["model"] == "mock-gpt-4o-mini" for r in sent), sent
+    lines = wire.access_lines("h2-trailers", ROUNDS + 1)
+    assert sorted(line["outcome"] for line in lines) == ["complete"] * (ROUNDS + 1)
+    wire.accounts_exactly("h2-trailers", ROUNDS + 1)
+    no_stream_left(wire)
 
 
 def test_expect_continue_pipelining_and_h2c_upgrade_are_served(wire: Wire) -> None:
