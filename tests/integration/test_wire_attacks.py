@@ -686,6 +686,35 @@ def test_memory_stays_flat_over_bursts_of_misbehaving_clients(wire: Wire) -> Non
     wire.watch.alive()
 
 
+
+def test_hundreds_of_requests_stuck_before_their_body_do_not_wedge_the_ext_proc(wire: Wire) -> None:
+    """300 HTTP/1 connections and 500 HTTP/2 streams that sent their headers and nothing
+    more each hold an ext_proc stream (Envoy opened it at the headers); meanwhile everyone
+    else is served, and when they go every stream is closed, nothing charged."""
+    wire.gw.reset()
+    head = wire.head("after-headers", length=len(body())).replace(wire.secrets["after-headers"].encode(),
+                                                                   wire.gw.key.encode())
+    socks = []
+    c = H2(wire)
+    try:
+        for _ in range(300):
+            s = socket.create_connection((wire.host, wire.port), timeout=30)
+            s.sendall(head)
+            socks.append(s)
+        for _ in range(500):
+            c.request(None, None, end=False)
+        c.pump(lambda: envoy_stat(wire, "cluster.gateway_extproc.upstream_rq_active") >= 700, limit_s=60)
+        served = [wire.normal().status_code for _ in range(20)]
+    finally:
+        for s in socks:
+            s.close()
+        c.close()
+    assert served == [200] * 20
+    assert len(wire.provider_requests()) == 20  # only the served ones reached a provider
+    no_stream_left(wire)
+    wire.watch.alive()
+
+
 # -- timeouts (a gateway of its own with a short envoy.upstreamTimeout) ----------------------
 
 TIMEOUT_S = 4
