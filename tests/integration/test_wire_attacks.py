@@ -13,9 +13,9 @@ Invariants, whatever the client does:
   served (the ext_proc never wedges);
 - every refusal the gateway makes is OpenAI-shaped with a code docs/runbooks.md explains;
 - budgets: a request that never reached the provider is charged nothing; one that did is
-  charged at most its reservation; no reservation is left behind (each attack runs on a
-  key whose budget fits one reservation and a half, so a single leaked reservation shows
-  as a clamped or refused request afterwards);
+  charged at most its reservation; no reservation is left behind: each attack runs on a
+  key of its own with a small budget, whose settled spend must equal the sum of the costs
+  its requests' audit records show (a held reservation would show there, and as refusals);
 - every request the ext_proc saw leaves exactly one access line (its stream was closed);
 - the ext_proc's and Envoy's memory stay bounded over bursts of such clients.
 """
