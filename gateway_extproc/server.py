@@ -82,6 +82,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         finally:
             if processor is not None:
                 processor.close()
+        if context is not None:
+            # Envoy half-closed the stream before its usual last message (the client left
+            # mid-request or mid-reply): its reset follows at once. Wait for it with no batch
+            # open rather than send a status that races it and leaks (see _write_last).
+            await asyncio.sleep(RESET_WAIT_S)
 
 
 def _last_message(req: ep.ProcessingRequest, phase: str, resp: ep.ProcessingResponse, upstream: bool) -> bool:
@@ -91,9 +96,9 @@ def _last_message(req: ep.ProcessingRequest, phase: str, resp: ep.ProcessingResp
     pinned by tests/test_server_streams.py): trailers SKIP, so the router's stream ends with
     `end_of_stream` on the response headers or body, and the upstream (per-attempt)
     filter's with the response headers (body NONE); an immediate response ends any stream.
-    Other shapes (an attempt that got no response headers, a body ended by trailers) are
-    not recognised: the handler then reads on until Envoy's reset, which is correct but
-    leaks in grpc (see _write_last).
+    A stream Envoy ends early (the client left mid-request or mid-reply) ends with Envoy's
+    half-close instead, and the handler then waits for the reset (Process). A body ended
+    by trailers changes nothing here: the router's stream still ends with the response.
     """
     if phase == "response_body":
         return req.response_body.end_of_stream

@@ -165,7 +165,11 @@ class RouterProcessor:
         # No endpoint takes a query string, and a caller may put a key there (`?key=`, as
         # Gemini clients do): it goes neither to a provider nor into Envoy's spans and logs.
         unquery = {":path": self.path} if len(raw_path) != len(self.path) else None
-        return r.request_headers(r.common(r.mutation(unquery, remove=strip)), process_response=True)
+        # Envoy chose a route from the client's own headers before this answer (its own
+        # `x-gateway-model` included); forget it. A request whose body never reaches this
+        # processor (an HTTP/2 body of trailers alone) would else go to a model the client picked.
+        return r.request_headers(r.common(r.mutation(unquery, remove=strip), clear_route_cache=True),
+                                 process_response=True)
 
     async def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         cfg = self.runtime.config

@@ -104,7 +104,10 @@ static_resources:
           forward_client_cert_details: {{ $chain.xfcc }}
           set_current_client_cert_details: {uri: true, dns: true}
           always_set_request_id_in_response: true
-          request_timeout: 0s
+          # A client has this long to send its whole request (a body trickled byte by byte
+          # would else hold its stream for ever); disarmed once the request went upstream,
+          # so long replies are bounded by the route timeout alone.
+          request_timeout: {{ $v.envoy.upstreamTimeout }}
           stream_idle_timeout: {{ $v.envoy.upstreamTimeout }}
           # Envoy's own error replies, in the OpenAI error shape with a code from
           # docs/runbooks.md (first match wins). The ext_proc's replies (code details gw_*)
@@ -129,7 +132,9 @@ static_resources:
                 (list (printf "%s == 'request_payload_too_large' || response.code == 413" $d) 413 "request_too_large" "invalid_request_error" "Request body exceeds the gateway limit.")
                 (list (printf "%s.startsWith('ext_proc') || response.code == 500" $d) 503 "gateway_unavailable" "server_error" "The gateway's policy service is unavailable; the request was not sent.")
                 (list "response.code == 503" 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
-                (list (printf "response.code == 504 || response.code == 408 || %s.contains('timeout')" $d) 504 "upstream_timeout" "server_error" "The provider did not answer in time.")
+                (list "response.code == 408" 408 "request_timeout" "invalid_request_error" "The request was not received in time: the client stopped sending before its body was complete (%RESPONSE_CODE_DETAILS%).")
+                (list (printf "%s == 'upgrade_failed'" $d) 400 "upgrade_not_supported" "invalid_request_error" "The gateway does not accept protocol upgrades (WebSocket): send plain HTTP/1.1 or HTTP/2 requests.")
+                (list (printf "response.code == 504 || %s.contains('timeout')" $d) 504 "upstream_timeout" "server_error" "The provider did not answer in time.")
                 (list "response.code == 404" 404 "unknown_endpoint" "not_found_error" "Unknown endpoint.") }}
             - filter:
                 extension_filter:
