@@ -69,8 +69,10 @@ class Floor:
                 return ep.ProcessingResponse(request_headers=ep.HeadersResponse(
                     response=ep.CommonResponse(header_mutation=self.upstream_headers)))
             # The chart's router filter skips responses until this answer turns them on, as
-            # the gateway's does: without it the floor would save two of its four round trips.
-            return responses.request_headers(ep.CommonResponse(header_mutation=self.unauth), process_response=True)
+            # the gateway's does (without it the floor would save two of its four round trips);
+            # and it clears the route a client's own headers chose, as the gateway's does.
+            return responses.request_headers(ep.CommonResponse(header_mutation=self.unauth, clear_route_cache=True),
+                                             process_response=True)
         if kind == "request_body":
             if self.upstream:
                 return ep.ProcessingResponse(request_body=ep.BodyResponse())
