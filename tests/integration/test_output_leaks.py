@@ -1,0 +1,300 @@
+"""Nothing secret, nothing restricted leaves through an output: a caller's key, a provider key,
+a bearer token or a card number placed in any caller-controlled spot other than the prompt
+text — a header, the path, the query, a JSON key, a non-content field, a malformed body, on
+/v1/chat/completions, /v1/messages and /v1/responses — appears in no ext_proc or Envoy log
+line, no audit record, no span, no /metrics series, no error body and no response header
+(also not percent-encoded, JSON-escaped or base64'd), and a card never reaches a provider.
+
+Prompt text itself is covered by tests/integration/test_pii_egress.py; what is logged of it
+is the documented content-logging policy (docs/classification.md)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from gateway_extproc.audit.records import records
+from .conftest import Gateway, running_gateway
+from .test_tracing import Collector, otlp_collector, wait_for
+
+
+@pytest.fixture(scope="module")
+def leaky() -> Iterator[tuple[Gateway, Collector]]:
+    with otlp_collector() as (collector, _, env), running_gateway("gw-leaks-", env=env) as gw:
+        yield gw, collector
+
+
+# -- values that must never come out -----------------------------------------------------
+
+def card(rng: random.Random) -> str:
+    """A Luhn-valid Visa number (the default classification rules: restricted, redact)."""
+    digits = [4] + [rng.randrange(10) for _ in range(14)]
+    total = sum(d if i % 2 else (d * 2 - 9 if d * 2 > 9 else d * 2) for i, d in enumerate(reversed(digits)))
+    return "".join(map(str, digits)) + str((10 - total % 10) % 10)
+
+
+def secret_of(kind: str, gw: Gateway, rng: random.Random) -> str:
+    token = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(24))
+    return {
+        "gateway-key": gw.key,  # the caller's real key, valid on this gateway
+        "other-gateway-key": f"gwk_leak_{token}",
+        "provider-key": gw.primary_key,
+        "jwt": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ" + token + ".c2lnbmF0dXJl" + token[:8],
+        "card": card(rng),
+    }[kind]
+
+
+def needles(value: str) -> list[str]:
+    """The forms a value could take in an output: as is, percent-encoded, JSON-escaped, base64."""
+    out = {value, urllib.parse.quote(value, safe=""), orjson.dumps(value).decode()[1:-1],
+           base64.b64encode(value.encode()).decode().rstrip("=")[:-2],
+           base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")[:-2]}
+    return [n for n in out if len(n) >= 12]
+
+
+def found_in(value: str, text: str, digits_only: str | None = None) -> bool:
+    if any(n in text for n in needles(value)):
+        return True
+    return value.isdigit() and digits_only is not None and value in digits_only
+
+
+# -- where a caller can put one ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Request:
+    method: str = "POST"
+    path: str = "/v1/chat/completions"
+    headers: tuple[tuple[str, str], ...] = ()
+    body: Any = None  # a JSON value, or bytes sent as they are
+    auth: bool = True
+
+
+def chat(model: str, **extra: Any) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8, **extra}
+
+
+def messages_body(model: str, **extra: Any) -> dict:
+    return {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}], **extra}
+
+
+def responses_body(model: str, **extra: Any) -> dict:
+    return {"model": model, "input": "Say hi.", "max_output_tokens": 16, **extra}
+
+
+H = lambda name, fmt="{}": (lambda s, m: Request(headers=((name, fmt.format(s)),), body=chat(m)))  # noqa: E731
+
+PLACES: dict[str, Callable[[str, str], Request]] = {
+    # headers
+    "x-request-id": H("x-request-id"),
+    "user-agent": H("user-agent", "my-app/1.0 {}"),
+    "traceparent": H("traceparent", "00-{}-00f067aa0ba902b7-01"),
+    "tracestate": H("tracestate", "vendor={}"),
+    "x-forwarded-for": H("x-forwarded-for"),
+    "x-envoy-original-path": H("x-envoy-original-path", "/v1/{}"),
+    "x-envoy-downstream-service-cluster": H("x-envoy-downstream-service-cluster"),
+    "x-client-trace-id": H("x-client-trace-id"),
+    "x-gateway-model": H("x-gateway-model"),
+    "x-gateway-error-code": H("x-gateway-error-code"),
+    "x-data-classification": H("x-data-classification"),
+    "openai-organization": H("openai-organization"),
+    "openai-project": H("openai-project"),
+    "anthropic-version": H("anthropic-version"),
+    "anthropic-beta": H("anthropic-beta"),
+    "cookie": H("cookie", "session={}"),
+    "api-key": H("api-key"),
+    "x-goog-api-key": H("x-goog-api-key"),
+    "proxy-authorization": H("proxy-authorization", "Bearer {}"),
+    "x-api-key-besides-authorization": H("x-api-key"),
+    "content-type-charset": H("content-type", "application/json; charset={}"),
+    "content-type": lambda s, m: Request(headers=(("content-type", f"text/{s}"),), body=b"{}"),
+    "authorization-wrong-key": lambda s, m: Request(headers=(("authorization", f"Bearer {s}"),), body=chat(m), auth=False),
+    "authorization-bearer-twice": lambda s, m: Request(headers=(("authorization", f"Bearer Bearer {s}"),),
+                                                       body=chat(m), auth=False),
+    "authorization-odd-case": lambda s, m: Request(headers=(("authorization", f"bEaReR {s}"),), body=chat(m), auth=False),
+    "authorization-basic": lambda s, m: Request(
+        headers=(("authorization", "Basic " + base64.b64encode(f"user:{s}".encode()).decode()),), body=chat(m), auth=False),
+    "x-api-key-wrong-key": lambda s, m: Request(headers=(("x-api-key", s),), body=chat(m), auth=False),
+    # path and query
+    "unknown-path": lambda s, m: Request(path=f"/v1/{s}", body=chat(m)),
+    "unknown-path-get": lambda s, m: Request(method="GET", path=f"/v1/{s}/files"),
+    "path-suffix": lambda s, m: Request(path=f"/v1/chat/completions/{s}", body=chat(m)),
+    "path-percent-encoded": lambda s, m: Request(path="/v1/%63hat/" + urllib.parse.quote(s, safe=""), body=chat(m)),
+    "query": lambda s, m: Request(path=f"/v1/chat/completions?key={s}", body=chat(m)),
+    "query-unknown-path": lambda s, m: Request(path=f"/v1/nothing?key={s}", body=chat(m)),
+    "models-path": lambda s, m: Request(method="GET", path=f"/v1/models/{s}"),
+    # JSON: the model, non-content fields, keys, wrong types
+    "model": lambda s, m: Request(body=chat(s)),
+    "model-in-list": lambda s, m: Request(body=chat(m) | {"model": [s]}),
+    "user": lambda s, m: Request(body=chat(m, user=s)),
+    "metadata-value": lambda s, m: Request(body=chat(m, metadata={"ticket": s}, store=True)),
+    "metadata-key": lambda s, m: Request(body=chat(m, metadata={s: "x"}, store=True)),
+    "top-level-key": lambda s, m: Request(body=chat(m) | {s: 1}),
+    "tool-name": lambda s, m: Request(body=chat(m, tools=[{"type": "function", "function": {
+        "name": "lookup", "parameters": {"type": "object", "properties": {s: {"type": "string"}}}}}])),
+    "response-format-schema-key": lambda s, m: Request(body=chat(m, response_format={
+        "type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object", "properties": {
+            s: {"type": "string"}}}}})),
+    "stop": lambda s, m: Request(body=chat(m, stop=[s])),
+    "logit-bias-key": lambda s, m: Request(body=chat(m, logit_bias={s: 1})),
+    "n-wrong-type": lambda s, m: Request(body=chat(m, n=s)),
+    "seed-wrong-type": lambda s, m: Request(body=chat(m, seed=s)),
+    "max-tokens-wrong-type": lambda s, m: Request(body=chat(m, max_tokens=s)),
+    "stream-wrong-type": lambda s, m: Request(body=chat(m, stream=s)),
+    "messages-wrong-type": lambda s, m: Request(body={"model": m, "messages": s}),
+    "message-wrong-type": lambda s, m: Request(body={"model": m, "messages": [s]}),
+    "stream-options-key": lambda s, m: Request(body=chat(m, stream=True, stream_options={s: True})),
+    # bodies the gateway cannot read
+    "malformed-json": lambda s, m: Request(body=b'{"model": "' + m.encode() + b'", "user": "' + s.encode() + b'"'),
+    "non-utf8": lambda s, m: Request(body=b'{"model": "' + m.encode() + b'", "user": "\xff' + s.encode() + b'"}'),
+    "duplicate-keys": lambda s, m: Request(body=b'{"model": "' + s.encode() + b'", "model": "' + m.encode() + b'"}'),
+    "trailing-garbage": lambda s, m: Request(body=orjson.dumps(chat(m)) + b" " + s.encode()),
+    # Anthropic /v1/messages
+    "messages-model": lambda s, m: Request(path="/v1/messages", body=messages_body(s)),
+    "messages-metadata": lambda s, m: Request(path="/v1/messages", body=messages_body(m, metadata={"user_id": s})),
+    "messages-stop": lambda s, m: Request(path="/v1/messages", body=messages_body(m, stop_sequences=[s])),
+    "messages-max-tokens": lambda s, m: Request(path="/v1/messages", body=messages_body(m) | {"max_tokens": s}),
+    "messages-system-wrong-type": lambda s, m: Request(path="/v1/messages", body=messages_body(m, system={"x": s})),
+    "messages-tool": lambda s, m: Request(path="/v1/messages", body=messages_body(m, tools=[{
+        "name": "lookup", "input_schema": {"type": "object", "properties": {s: {"type": "string"}}}}])),
+    "messages-x-api-key": lambda s, m: Request(path="/v1/messages", headers=(("x-api-key", s),),
+                                               body=messages_body(m), auth=False),
+    # OpenAI Responses
+    "responses-model": lambda s, m: Request(path="/v1/responses", body=responses_body(s)),
+    "responses-metadata-key": lambda s, m: Request(path="/v1/responses", body=responses_body(m, metadata={s: "x"})),
+    "responses-user": lambda s, m: Request(path="/v1/responses", body=responses_body(m, user=s)),
+    "responses-input-wrong-type": lambda s, m: Request(path="/v1/responses", body=responses_body(m, input={"x": s})),
+    "responses-text-schema-key": lambda s, m: Request(path="/v1/responses", body=responses_body(m, text={"format": {
+        "type": "json_schema", "name": "out", "schema": {"type": "object", "properties": {s: {"type": "string"}}}}})),
+}
+# Where a card must not reach the provider either: every body place (the gateway classifies
+# the body). Headers are forwarded as the caller sent them; a card there is outside
+# classification (docs/classification.md, "Not handled").
+BODY_PLACES = frozenset(p for p in PLACES if not (p in ("user-agent", "traceparent", "tracestate", "x-forwarded-for",
+                                                          "x-envoy-original-path", "x-envoy-downstream-service-cluster",
+                                                          "x-client-trace-id", "openai-organization", "openai-project",
+                                                          "anthropic-version", "anthropic-beta", "x-request-id")
+                                                  or p.startswith(("content-type", "authorization", "x-api-key",
+                                                                   "messages-x-api-key"))))
+KINDS = ["gateway-key", "other-gateway-key", "provider-key", "jwt", "card"]
+MODELS = {"/v1/chat/completions": ["default-chat", "private-chat", "claude-chat"],
+          "/v1/messages": ["claude-chat", "private-chat"], "/v1/responses": ["default-chat", "private-chat"]}
+
+PLACED: list[tuple[str, str, str]] = []  # (place, kind, value) sent so far, checked again at the end
+
+
+def send(gw: Gateway, req: Request) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    if req.auth:
+        headers["authorization"] = f"Bearer {gw.key}"
+    headers.update(dict(req.headers))
+    content = req.body if isinstance(req.body, bytes) or req.body is None else orjson.dumps(req.body)
+    return httpx.request(req.method, gw.url + req.path, headers=headers, content=content, timeout=30)
+
+
+def audit_lines(gw: Gateway) -> list[str]:
+    audit_dir = gw.stack.workdir / "audit"
+    return [orjson.dumps(r).decode() for r in records(audit_dir)] if audit_dir.exists() else []
+
+
+LOGS = ("extproc", "envoy")
+Mark = tuple[tuple[int, ...], int, int, int]
+
+
+def log_texts(gw: Gateway) -> list[str]:
+    return [gw.stack.log_path(n).read_text(errors="replace") for n in LOGS]
+
+
+def mark(gw: Gateway, collector: Collector) -> Mark:
+    """Where each output stands now: what a request writes comes after (values such as the
+    caller's own key are the same in every example)."""
+    return tuple(len(t) for t in log_texts(gw)), len(audit_lines(gw)), len(collector.spans), len(collector.metrics)
+
+
+def outputs(gw: Gateway, collector: Collector, since: Mark = ((0, 0), 0, 0, 0)) -> dict[str, str]:
+    """Everything the gateway wrote that is not the answer: logs, audit, spans, metrics."""
+    logs, audit, spans, metrics = since
+    return {
+        "logs": "".join(t[start:] for t, start in zip(log_texts(gw), logs)),
+        "audit": "\n".join(audit_lines(gw)[audit:]),
+        "spans": "\n".join(str(s) for s in list(collector.spans)[spans:])
+                 + "\n".join(str(m) for m in list(collector.metrics)[metrics:]),
+        "metrics": httpx.get(gw.stack.metrics_url, timeout=5).text,
+    }
+
+
+def provider_saw(gw: Gateway, secret_headers_only: bool) -> str:
+    """What the mock providers received: headers, and the raw body unless only caller
+    credentials matter (a body field the caller fills is the caller's data to send)."""
+    out = []
+    for mock in (gw.primary, gw.backup):
+        for r in gw.received(mock):
+            headers = {k: v for k, v in r["headers"].items() if k not in ("authorization", "x-api-key", "api-key",
+                                                                           "x-goog-api-key")}
+            if secret_headers_only:
+                # the provider's own credential is expected there; nothing else of the caller's
+                headers = {k: v for k, v in r["headers"].items() if k.lower() in (
+                    "authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie", "proxy-authorization")}
+                creds = (gw.primary_key, gw.backup_key)
+                headers = {k: v for k, v in headers.items() if not any(c in v for c in creds)}
+                out.append(json.dumps(headers))
+                continue
+            out.append(json.dumps(headers) + base64.b64decode(r["raw_body_base64"]).decode("utf-8", "replace"))
+    return "\n".join(out)
+
+
+def leaks(value: str, texts: dict[str, str]) -> list[str]:
+    return [name for name, text in texts.items()
+            if found_in(value, text, re.sub(r"\D", "", text) if value.isdigit() else None)]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(place=st.sampled_from(sorted(PLACES)), kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32),
+       pick=st.integers(0, 2))
+def test_a_value_placed_anywhere_comes_out_nowhere(leaky: tuple[Gateway, Collector], place: str, kind: str,
+                                                   seed: int, pick: int) -> None:
+    gw, collector = leaky
+    gw.reset()
+    value = secret_of(kind, gw, random.Random(seed))
+    req = PLACES[place](value, "")
+    models = MODELS.get(req.path, MODELS["/v1/chat/completions"])
+    req = PLACES[place](value, models[pick % len(models)])
+    before = mark(gw, collector)
+    resp = send(gw, req)
+    PLACED.append((place, kind, value))
+    answer = {"headers": json.dumps(dict(resp.headers))}
+    if resp.status_code >= 400 or place.startswith(("authorization", "x-api-key")):
+        answer["body"] = resp.text  # an error: nothing of the request is quoted
+    # The access line and the audit record are written when the answer goes out.
+    request_id = resp.headers.get("x-request-id", "")
+    wait_for(lambda: request_id in gw.logs(), 10)
+    seen = {**outputs(gw, collector, before), **answer}
+    if kind == "card" and place in BODY_PLACES:
+        seen["provider"] = provider_saw(gw, secret_headers_only=False)
+    elif kind != "card":
+        seen["provider-credential-headers"] = provider_saw(gw, secret_headers_only=True)
+    assert leaks(value, seen) == [], f"{kind} placed in {place} (HTTP {resp.status_code}: {resp.text[:300]})"
+
+
+def test_no_value_placed_earlier_reached_a_span_or_the_audit_trail_later(leaky: tuple[Gateway, Collector]) -> None:
+    """Spans are exported in batches and audit records by a writer thread: checked once more
+    after both have flushed."""
+    gw, collector = leaky
+    assert PLACED, "run with the property test"
+    time.sleep(1.5)
+    seen = outputs(gw, collector)
+    leaked = sorted({(place, kind, name) for place, kind, value in PLACED for name in leaks(value, seen)})
+    assert leaked == []
