@@ -215,10 +215,18 @@ async def test_request_headers_rejections(proc: RouterProcessor, message: ep.Pro
     assert_error(await proc.handle(message), status, code)
 
 
-async def test_unknown_endpoint_message_names_method_and_path(proc: RouterProcessor) -> None:
-    _, body, _ = immediate(await proc.handle(req_headers("DELETE", "/v1/files/abc")))
-    assert body["error"]["message"] == "Unknown endpoint DELETE /v1/files/abc."
+async def test_unknown_endpoint_message_lists_the_endpoints_and_never_quotes_the_path(proc: RouterProcessor) -> None:
+    """A path is caller text that may hold anything (`/v1/<key>`): the answer lists what the
+    gateway serves instead of quoting it, and the access line and the span name carry no path."""
+    secret = "gwk_someone_pasted_their_key_in_the_path"
+    with structlog.testing.capture_logs() as logs:
+        _, body, _ = immediate(await proc.handle(req_headers("DELETE", f"/v1/files/{secret}")))
+    assert body["error"]["message"].startswith("Unknown endpoint DELETE: this gateway serves POST /v1/chat/completions")
+    assert "GET /v1/models" in body["error"]["message"] and secret not in body["error"]["message"]
     assert body["error"]["type"] == "not_found_error"
+    (event,) = access_events(logs)
+    assert event["path"] == router.UNKNOWN_PATH and event["error_code"] == "unknown_endpoint"
+    assert_no_key_in_logs(logs, secret)
 
 
 @pytest.mark.parametrize("message", [
@@ -235,16 +243,19 @@ async def test_request_headers_accepted(proc: RouterProcessor, message: ep.Proce
 
 
 async def test_request_headers_strip_caller_credentials_and_gateway_headers(proc: RouterProcessor) -> None:
+    """Every header an SDK or a browser carries a credential in (OpenAI, Anthropic, Azure,
+    Gemini, cookies, proxies): the caller's key must never reach a provider."""
     resp = await proc.handle(req_headers(
         key=ALL, x_api_key=ALL, x_gateway_model="secret-chat", x_gateway_backend="openai/o1",
         x_gateway_prompt_tokens="1", x_gatewayish="kept", x_custom="kept", api_key="caller-azure-secret",
         x_goog_api_key="caller-gemini-secret", proxy_authorization="Basic eA==", x_amz_security_token="t",
-        openai_organization="org-other", openai_project="proj-other", anthropic_version="2023-06-01"))
+        openai_organization="org-other", openai_project="proj-other", anthropic_version="2023-06-01",
+        cookie="session=abc"))
     common = resp.request_headers.response
     assert set(common.header_mutation.remove_headers) == {
         "authorization", "x-api-key", "x-gateway-model", "x-gateway-backend", "x-gateway-prompt-tokens",
         "api-key", "x-goog-api-key", "proxy-authorization", "x-amz-security-token", "openai-organization",
-        "openai-project"}
+        "openai-project", "cookie"}
     assert not common.header_mutation.set_headers
     assert not common.HasField("body_mutation")
     # Envoy picked a route from the client's x-gateway-model before this answer: it must go
@@ -375,8 +386,16 @@ async def test_request_body_rejections(proc: RouterProcessor, body: Any, key: st
 
 
 async def test_model_not_found_message_points_to_models_list(proc: RouterProcessor) -> None:
-    _, body, _ = immediate(await send_request(proc, {**CHAT, "model": "gpt-5"}))
-    assert "'gpt-5'" in body["error"]["message"] and "GET /v1/models" in body["error"]["message"]
+    """The model field is caller text (a key pasted into it, a card): never quoted back."""
+    _, body, _ = immediate(await send_request(proc, {**CHAT, "model": "gwk_pasted-into-the-model-field"}))
+    assert "GET /v1/models" in body["error"]["message"] and "gwk_" not in body["error"]["message"]
+    assert proc.requested is None  # nor kept for the audit trail
+
+
+async def test_a_configured_model_the_key_may_not_use_is_kept_for_the_audit_trail(proc: RouterProcessor) -> None:
+    assert_error(await send_request(proc, {**CHAT, "model": "secret-chat"}, key=LIMITED), 403, "model_not_allowed",
+                 "model")
+    assert proc.requested == "secret-chat"
 
 
 async def test_large_body_is_tokenized_off_loop() -> None:

@@ -43,10 +43,15 @@ log = structlog.get_logger("gateway_extproc.router")
 
 # Caller credentials, gateway-owned headers and the client certificate's details (XFCC)
 # never travel past the router filter. Nor do a caller's credentials in other providers'
-# schemes, or the provider account (OpenAI organization/project) a request is billed to:
-# the gateway's credential decides that, and a provider may otherwise honour them.
+# schemes, a browser's cookie, or the provider account (OpenAI organization/project) a
+# request is billed to: the gateway's credential decides that, and a provider may otherwise
+# honour them.
 CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization",
-                             "x-amz-security-token", "openai-organization", "openai-project")
+                             "x-amz-security-token", "openai-organization", "openai-project", "cookie")
+# What logs, audit records and spans carry instead of a path or method the gateway does not
+# serve: both are caller text that may hold anything (`/v1/<key>`), and unbounded.
+UNKNOWN_PATH = "(unknown)"
+KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
 CLASSIFICATION_HEADER = "x-data-classification"
@@ -125,12 +130,14 @@ class RouterProcessor:
                               ) -> ep.ProcessingResponse:
         h = r.header_map(msg)
         self.request_id = h.get("x-request-id", "")
-        self.method = h.get(":method", "")
+        method = h.get(":method", "")
+        self.method = method if method in KNOWN_METHODS else "other"
         raw_path = h.get(":path", "")
-        self.path = raw_path.partition("?")[0]
+        path = raw_path.partition("?")[0]
+        self.path = path if path in api.FORWARDED or path in (api.MODELS_PATH, api.USAGE_PATH) else UNKNOWN_PATH
         self.trace = tracing.start(h, self.method, self.path, self.trace_parent)
         self.declared = h.get(CLASSIFICATION_HEADER)
-        endpoint = _endpoint_for(self.method, self.path)
+        endpoint = _endpoint_for(self.method, path)
         if self.path == api.MESSAGES_PATH:
             self.client = "anthropic"
         cfg = self.runtime.config
@@ -164,7 +171,7 @@ class RouterProcessor:
                  or k == CLASSIFICATION_HEADER or k == identity.XFCC]
         # No endpoint takes a query string, and a caller may put a key there (`?key=`, as
         # Gemini clients do): it goes neither to a provider nor into Envoy's spans and logs.
-        unquery = {":path": self.path} if len(raw_path) != len(self.path) else None
+        unquery = {":path": path} if len(raw_path) != len(path) else None
         # Envoy chose a route from the client's own headers before this answer (its own
         # `x-gateway-model` included); forget it. A request whose body never reaches this
         # processor (an HTTP/2 body of trailers alone) would else go to a model the client picked.
@@ -196,11 +203,12 @@ class RouterProcessor:
         if self.client == "anthropic":
             body = messages.to_chat(body)
         self.endpoint.validate(body)
-        self.requested = str(body["model"])[:200]
         model = cfg.models.get(body["model"])
         if model is None:
-            raise GatewayError("model_not_found", f"The model {body['model']!r} does not exist on this gateway; "
+            # Never quoted, logged or audited: the field is caller text (a key pasted into it).
+            raise GatewayError("model_not_found", "The model in the request does not exist on this gateway; "
                                "GET /v1/models lists the models your key may use.", "model")
+        self.requested = model.name
         if not self.key.allows(model.name):
             raise GatewayError("model_not_allowed", f"Your key may not use the model {model.name!r}.", "model")
         unserved = next((b for b in model.backends if self.endpoint.name not in SERVES[b.provider.kind]), None)
@@ -575,7 +583,9 @@ def _endpoint_for(method: str, path: str) -> api.Endpoint | str:
         return path
     endpoint = api.FORWARDED.get(path)
     if endpoint is None:
-        raise GatewayError("unknown_endpoint", f"Unknown endpoint {method} {path[:200]}.")
+        # The path is never quoted back (nor logged): it may hold anything, a key included.
+        raise GatewayError("unknown_endpoint", f"Unknown endpoint {method}: this gateway serves POST "
+                           f"{', '.join(api.FORWARDED)} and GET {api.MODELS_PATH}, {api.USAGE_PATH}.")
     if method != "POST":
         raise GatewayError("method_not_allowed", f"{path} supports POST.")
     return endpoint
