@@ -104,3 +104,27 @@ def test_recall_and_false_positive_targets() -> None:
                                                 for f in SCANNER.scan(line))]
     assert recall >= 0.99, [(c.detector, c.evasion) for c in missed]
     assert len(fp_lines) / len(BENIGN) <= 0.005, fp_lines
+
+
+@pytest.mark.parametrize("place", ["metadata", "top-level", "tool-schema", "logit-bias"])
+def test_a_card_as_a_json_key_is_redacted_and_sets_the_tier(place: str) -> None:
+    """A JSON object key is caller text like any value: a card there is found, raises the tier
+    (a model not approved for `restricted` refuses) and is redacted in the forwarded body."""
+    root = Path(__file__).resolve().parent.parent
+    cfg = config.parse(yaml.safe_load(render_values(chart_values([root / "helm" / "values-local.yaml"]))[
+        "gateway.yaml"]), "values-local (rendered)")
+    assert cfg.classification is not None
+    policy, key = Policy(cfg.classification), cfg.keys["demo"]
+    card = "4111 1111 1111 1111"
+    base = {"model": "private-chat", "messages": [{"role": "user", "content": "hi"}]}
+    body = {"metadata": {**base, "metadata": {card: "x"}}, "top-level": {**base, card: 1},
+            "tool-schema": {**base, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {f"card {card}": {"type": "string"}}}}}]},
+            "logit-bias": {**base, "logit_bias": {card.replace(" ", ""): 5}}}[place]
+    verdict = policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["private-chat"], "demo")
+    assert verdict.tier == "restricted" and verdict.body is not None
+    sent = orjson.dumps(verdict.body).decode()
+    assert not leaks(sent, card) and "[CREDIT_CARD_1]" in sent
+    with pytest.raises(GatewayError) as refused:
+        policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["default-chat"], "demo")
+    assert refused.value.code == "classification_violation"

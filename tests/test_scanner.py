@@ -601,3 +601,21 @@ def test_a_card_written_as_character_references_or_escapes_is_found(text: str) -
 
 def test_ordinary_character_references_are_not_findings() -> None:
     assert DEFAULT.scan_strings(["caf&#233; &amp; r&#233;sum&#233; \\u00e9t\\u00e9 \\x41"]) == []
+
+
+def test_walk_strings_collects_every_object_key_once() -> None:
+    """Object keys are caller text too (metadata, tool schemas, logit_bias): classification
+    scans them, so walk_strings can hand them over from the same pass."""
+    names: dict[str, None] = {}
+    body = {"model": "m", "metadata": {CARD: "x"}, "tools": [{"function": {"parameters": {"properties": {
+        f"to {EMAIL}": {"type": "string"}}}}}], "input_audio": {"hidden": "x"}}
+    assert walk_strings(body, names=names) == ["m", "x", "string"]
+    assert list(names) == ["model", "metadata", CARD, "tools", "function", "parameters", "properties",
+                           f"to {EMAIL}", "type", "input_audio"]
+
+
+def test_map_strings_renames_keys() -> None:
+    body = {"metadata": {CARD: CARD, "kept": 1}, "list": [{CARD: None}]}
+    out = map_strings(body, str.lower, keys={CARD: "[CREDIT_CARD_1]"})
+    assert out == {"metadata": {"[CREDIT_CARD_1]": CARD, "kept": 1}, "list": [{"[CREDIT_CARD_1]": None}]}
+    assert list(out["metadata"]) == ["[CREDIT_CARD_1]", "kept"]  # order kept

@@ -68,11 +68,16 @@ class Policy:
                       model: Model, team_label: str) -> Verdict:
         mode = key.limits.policy.mode or (team.policy.mode if team else None) or self.cfg.mode
         params = self._params[mode]
-        strings = walk_strings(body)
+        names: dict[str, None] = {}
+        strings = walk_strings(body, names=names)
         if isinstance(strings, LimitExceeded):
             raise GatewayError("invalid_request", f"Request body is too deeply nested or too large to inspect "
                                f"({strings.reason}).")
-        findings = self.scanner.scan_strings(strings)
+        # Object keys are caller text as much as values (metadata, tool and response schemas,
+        # logit_bias): scanned apart, their findings indexed after the values'.
+        keys = list(names)
+        findings = self.scanner.scan_strings(strings) + [
+            replace(f, index=f.index + len(strings)) for f in self.scanner.scan_strings(keys)]
         decision = self.scanner.decide(findings, params)
         record(decision, team_label, mode, "request")
         if declared is not None and declared not in self.rank:
@@ -96,9 +101,10 @@ class Policy:
             eligible = model.backends
         redacted = None
         if decision.redact:
-            new_strings, _ = redact_strings(strings, decision.redact, PlaceholderMap())
-            replacements = iter(new_strings)
-            redacted = map_strings(body, lambda _s: next(replacements))
+            new_strings, _ = redact_strings(strings + keys, decision.redact, PlaceholderMap())
+            replacements = iter(new_strings[:len(strings)])
+            renamed = {old: new for old, new in zip(keys, new_strings[len(strings):]) if old != new}
+            redacted = map_strings(body, lambda _s: next(replacements), keys=renamed)
         return Verdict(tier, mode, eligible, redacted, params)
 
     def may_log_content(self, tier: str) -> bool:

@@ -1242,9 +1242,13 @@ def _items(c: Any) -> Iterator[tuple[Any, Any]]:
 
 
 def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth: int = MAX_DEPTH,
-                 max_nodes: int = MAX_NODES) -> list[str] | LimitExceeded:
+                 max_nodes: int = MAX_NODES, names: dict[str, None] | None = None) -> list[str] | LimitExceeded:
     """Every string value in a parsed JSON value, in document order (dict keys are not
-    included; values under `skip_keys` and base64 data URIs are skipped). Iterative."""
+    included; values under `skip_keys` and base64 data URIs are skipped). Iterative.
+
+    `names`, when given, collects every object key once, in first-seen order, from the same
+    pass: keys are caller text too (metadata, tool schemas, logit_bias), and classification
+    scans them apart from the values (a key never bridges into a value)."""
     if isinstance(obj, str):
         text = _text(None, obj, skip_keys)
         return [] if text is None else [text.text if isinstance(text, _DataText) else text]
@@ -1255,6 +1259,8 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
     stack = [_items(obj)]
     while stack:
         for key, value in stack[-1]:
+            if names is not None and key is not None:
+                names[key] = None
             if isinstance(value, str):
                 text = _text(key, value, skip_keys)
                 if text is None:
@@ -1290,10 +1296,11 @@ def _mapped(text: str | _DataText | None, value: str, fn: Callable[[str], str]) 
 
 
 def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str] = BINARY_KEYS,
-                max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> Any:
+                max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES, keys: Mapping[str, str] | None = None) -> Any:
     """A copy of `obj` with `fn` applied to every string `walk_strings` would return, called
-    in the same order (so `fn` may consume an iterator of replacements). Returns
-    `LimitExceeded` under the same conditions as `walk_strings`. Iterative."""
+    in the same order (so `fn` may consume an iterator of replacements), and every object key
+    found in `keys` renamed to its value (redacted keys). Returns `LimitExceeded` under the
+    same conditions as `walk_strings`. Iterative."""
     if isinstance(obj, str):
         return _mapped(_text(None, obj, skip_keys), obj, fn)
     if not isinstance(obj, (dict, list, tuple)):
@@ -1325,7 +1332,7 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
             if key is None:
                 target.append(value)
             else:
-                target[key] = value
+                target[keys.get(key, key) if keys else key] = value
             if descend is not None:
                 stack.append((_items(descend), value))
                 break
