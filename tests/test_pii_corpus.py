@@ -128,3 +128,19 @@ def test_a_card_as_a_json_key_is_redacted_and_sets_the_tier(place: str) -> None:
     with pytest.raises(GatewayError) as refused:
         policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["default-chat"], "demo")
     assert refused.value.code == "classification_violation"
+
+
+def test_a_custom_keyword_as_a_plain_identifier_key_is_found() -> None:
+    """Plain identifier keys (`max_tokens`) are skipped only while no custom rule could match
+    letters alone: with one, a key named after a keyword counts like the keyword anywhere."""
+    root = Path(__file__).resolve().parent.parent
+    values = chart_values([root / "helm" / "values-local.yaml"])
+    values["classification"]["custom"] = [{"name": "project-falcon", "kind": "keywords", "keywords": ["falcon"],
+                                           "action": "block", "minTier": "restricted"}]
+    cfg = config.parse(yaml.safe_load(render_values(values)["gateway.yaml"]), "values-local + custom")
+    assert cfg.classification is not None
+    policy, key = Policy(cfg.classification), cfg.keys["demo"]
+    body = {"model": "private-chat", "messages": [{"role": "user", "content": "hi"}], "metadata": {"falcon": "go"}}
+    with pytest.raises(GatewayError) as blocked:
+        policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["private-chat"], "demo")
+    assert blocked.value.code == "content_blocked"

@@ -15,6 +15,7 @@ holding just those, so fallback never escalates to a lower-tier backend.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +34,10 @@ from .stream import StreamRedactor
 
 log = structlog.get_logger("gateway_extproc.policy")
 CONTENT_LOG_CHARS = 4096
+
+
+# An object key such as `max_tokens` or `role`: most keys of a request, cheap to skip (~2.5 us each).
+_IDENTIFIER = re.compile(r"[a-z_]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +63,9 @@ class Policy:
             "phrases": inj.get("phrases"), "patterns": inj.get("patterns"), "threshold": inj.get("threshold", 1.0),
             "include_defaults": inj.get("includeDefaults", True)})
         self.scanner = Scanner.compile(rules, custom, injection, tiers=cfg.tiers).prepare()  # at config load
+        # Only a custom rule can match letters alone; built-in detectors and injection phrases
+        # need digits, `@` or spaces, so without custom rules plain identifier keys are skipped.
+        self.scan_every_key = bool(custom)
         self.allowlist = tuple(AllowEntry.from_mapping(e) for e in cfg.allowlist)
         self._params = {m: DecisionParams(mode=m, allowlist=self.allowlist, tiers=cfg.tiers) for m in MODES}
 
@@ -75,7 +83,7 @@ class Policy:
                                f"({strings.reason}).")
         # Object keys are caller text as much as values (metadata, tool and response schemas,
         # logit_bias): scanned apart, their findings indexed after the values'.
-        keys = list(names)
+        keys = [k for k in names if self.scan_every_key or not _IDENTIFIER.fullmatch(k)]
         findings = self.scanner.scan_strings(strings) + [
             replace(f, index=f.index + len(strings)) for f in self.scanner.scan_strings(keys)]
         decision = self.scanner.decide(findings, params)
