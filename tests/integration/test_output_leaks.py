@@ -378,3 +378,64 @@ def test_a_card_in_a_tool_schema_key_reaches_no_provider_through_the_anthropic_s
     [sent] = [r for mock in (gw.primary, gw.backup) for r in gw.received(mock)]
     raw = base64.b64decode(sent["raw_body_base64"]).decode()
     assert number not in raw and "[CREDIT_CARD_1]" in raw
+
+
+# -- OIDC bearer tokens ------------------------------------------------------------------
+
+ISSUER, AUDIENCE = "https://idp.leaks.example", "gateway-leaks"
+
+
+@pytest.fixture(scope="module")
+def oidc() -> Iterator[tuple[Gateway, Collector, Callable[..., str]]]:
+    """A gateway that also takes OIDC tokens (jwt_authn in Envoy, claims to the ext_proc)."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    signing = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(signing.public_key()))
+    jwk.update(kid="leaks-1", alg="RS256", use="sig")
+
+    def token(expires_in: int = 300, key: Any = None, team: str | None = "demo") -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + expires_in}
+        if team is not None:
+            claims["team"] = team
+        return jwt.encode(claims, key or signing, algorithm="RS256", headers={"kid": "leaks-1"})
+
+    def customize(values: dict[str, Any]) -> None:
+        values["identity"] = {"oidc": {"providers": [{"name": "corp", "issuer": ISSUER, "audiences": [AUDIENCE],
+                                                      "jwks": {"inline": json.dumps({"keys": [jwk]})},
+                                                      "teamClaim": "team"}]}}
+
+    with otlp_collector() as (collector, _, env), running_gateway("gw-leaks-oidc-", env=env, customize=customize) as gw:
+        yield gw, collector, token
+
+
+def test_a_bearer_token_valid_or_not_comes_out_nowhere(oidc) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    gw, collector, token = oidc
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cases = [  # (token, headers, status)
+        (t := token(), {"authorization": f"Bearer {t}"}, 200),
+        (t := token(), {"authorization": f"Bearer {t}", "cookie": f"id_token={t}", "x-goog-api-key": t}, 200),
+        (t := token(), {"authorization": f"Bearer {gw.key}", "x-api-key": t}, 200),  # the key counts; x-api-key goes
+        (t := token(expires_in=-600), {"authorization": f"Bearer {t}"}, 401),
+        (t := token(key=other), {"authorization": f"Bearer {t}"}, 401),
+        (t := token(team=None), {"authorization": f"Bearer {t}"}, 403),
+        (t := token(), {"authorization": f"bearer {t}"}, 401),  # not jwt_authn's prefix: checked as a key
+        (t := token(), {"authorization": f"Bearer {t}"}, 404),  # an unknown path
+    ]
+    gw.reset()
+    for value, headers, status in cases:
+        before = mark(gw, collector)
+        path = "/v1/chat/completions" if status != 404 else f"/v1/{value}"
+        resp = httpx.post(gw.url + path, headers=headers, json=chat("default-chat"), timeout=30)
+        assert resp.status_code == status, resp.text
+        wait_for(lambda: resp.headers.get("x-request-id", "-") in gw.logs() or resp.status_code == 401, 10)
+        time.sleep(0.3)
+        seen = {**outputs(gw, collector, before), "answer": resp.text + json.dumps(dict(resp.headers))}
+        assert leaks(value, seen) == [], (headers, status)
+    sent = [r for mock in (gw.primary, gw.backup) for r in gw.received(mock)]
+    assert len(sent) == 3
+    assert not any(value in json.dumps(r["headers"]) for value, _, _ in cases for r in sent)
