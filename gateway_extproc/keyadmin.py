@@ -51,6 +51,20 @@ log = structlog.get_logger("gateway_extproc.audit")
 MAX_GRACE_SECONDS = 30 * 86400
 _PATH = re.compile(r"^/admin/keys(?:/([a-z0-9][a-z0-9-]{0,62})(/rotate)?)?/?$")
 _REPORT = re.compile(r"^/admin/reports/([a-z]{1,40})/?$")
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+def _route(path: str) -> str:
+    """The path for the audit trail and logs: one of this API's routes, else `(unknown)` —
+    an unauthenticated caller chooses it, and a key pasted into it must not be kept."""
+    route = path.partition("?")[0]
+    return route if _PATH.match(route) or _REPORT.match(route) else "(unknown)"
+
+
+def _method(method: str) -> str:
+    return method if method in _METHODS else "other"
+
+
 JSON = "application/json"
 _CREATE = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
@@ -188,11 +202,12 @@ class AdminApp:
             report = _REPORT.match(route)
             if report is not None:
                 if method != "GET":
-                    raise GatewayError("method_not_allowed", f"{method} is not supported on {route[:200]}.")
+                    raise GatewayError("method_not_allowed", f"{_method(method)} is not supported on {route}.")
                 return self.report(cfg, report.group(1), query)
             match = _PATH.match(route)
             if match is None:
-                raise GatewayError("unknown_endpoint", f"Unknown admin endpoint {method} {path[:200]}.")
+                raise GatewayError("unknown_endpoint", f"Unknown admin endpoint {_method(method)}: this API serves "
+                                   "/admin/keys, /admin/keys/<id>, /admin/keys/<id>/rotate and /admin/reports/<kind>.")
             id_, rotate = match.group(1), match.group(2)
             data = _json(body) if method in ("POST", "PATCH") else {}
             if id_ is None and method == "GET":
@@ -211,10 +226,10 @@ class AdminApp:
                     raise GatewayError("key_not_found", f"No key {id_!r}.")
                 audit(actor, "revoke", id_, _version(cfg), team=record.get("team") or None)
                 return 200, _dumps({"id": id_, "revoked": True}), JSON
-            raise GatewayError("method_not_allowed", f"{method} is not supported on {path[:200]}.")
+            raise GatewayError("method_not_allowed", f"{_method(method)} is not supported on {route}.")
         except GatewayError as err:
             if err.code == "admin_unauthorized":
-                audit(None, "denied", None, _version(cfg), path=path.partition("?")[0][:200], method=method, peer=peer)
+                audit(None, "denied", None, _version(cfg), path=_route(path), method=_method(method), peer=peer)
             return err.status, err.body(), JSON
 
     def report(self, cfg: config_mod.GatewayConfig, kind: str, query: str) -> tuple[int, bytes, str]:
@@ -418,7 +433,7 @@ def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServe
             except GatewayError as err:
                 status, out, content_type = err.status, err.body(), JSON
             except Exception:  # a store outage or a bug: the caller gets the OpenAI shape, the log the trace
-                log.exception("admin_failed", path=self.path[:200])
+                log.exception("admin_failed", path=_route(self.path))
                 status, out, content_type = 503, error_body(
                     "The key store is unreachable or failed; nothing was changed unless a retry shows it.",
                     "server_error", "key_store_unavailable"), JSON

@@ -319,3 +319,23 @@ def test_an_unreadable_key_file_fails_closed_then_recovers(tmp_path: Path, conte
         assert (info.value.code, info.value.status) == ("key_store_unavailable", 503)
     keystore.write_file(path, {"svc": record})
     assert asyncio.run(get()) is not None
+
+
+def test_a_refused_call_records_no_caller_text_but_a_route(audited: AdminApp, tmp_path: Path) -> None:
+    """An unauthenticated caller chooses the path and the method: a key pasted into either
+    must not land in the audit trail (kept for years), nor be quoted back."""
+    from gateway_extproc import audit
+    from gateway_extproc.audit.reports import admin_actions
+
+    secret = "gwk_pasted_into_the_path_by_mistake"
+    status, body = call(audited, "DELETE", f"/admin/{secret}?token={secret}", token="wrong")
+    assert status == 401 and secret not in json.dumps(body)
+    assert call(audited, "GET", f"/admin/keys/{secret}", token="wrong")[0] == 401
+    assert call(audited, "GET", "/admin/reports/chargeback", token="wrong")[0] == 401
+    status, body = call(audited, "GET", f"/admin/{secret}")  # authenticated: unknown endpoint, not quoted
+    assert status == 404 and secret not in json.dumps(body)
+    audit.stop()
+    rows = admin_actions(tmp_path / "audit")["rows"]
+    assert [(r["action"], r["path"], r["method"]) for r in rows] == [
+        ("denied", "(unknown)", "DELETE"), ("denied", "(unknown)", "GET"), ("denied", "/admin/reports/chargeback", "GET")]
+    assert secret not in (tmp_path / "audit/node-admin/gateway/000000000000.jsonl").read_text()
