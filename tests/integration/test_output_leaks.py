@@ -439,3 +439,44 @@ def test_a_bearer_token_valid_or_not_comes_out_nowhere(oidc) -> None:
     sent = [r for mock in (gw.primary, gw.backup) for r in gw.received(mock)]
     assert len(sent) == 3
     assert not any(value in json.dumps(r["headers"]) for value, _, _ in cases for r in sent)
+
+
+def series(text: str) -> set[str]:
+    """The series of a Prometheus text page (name and labels, no value)."""
+    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_junk_model_names_paths_and_methods_create_no_series(leaky) -> None:
+    """Label values come from config, never from traffic (docs/observability.md): a burst of
+    random model names, paths, methods and headers adds no /metrics series and no OTLP
+    attribute value, however many distinct ones there are."""
+    gw, collector = leaky
+    rng = random.Random(11)
+    words = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-_.") for _ in range(16))  # noqa: E731
+    warm = [("POST", "/v1/chat/completions", chat("default-chat")), ("POST", "/v1/nope", chat("default-chat")),
+            ("POST", "/v1/chat/completions", chat("no-such-model")), ("BREW", "/v1/chat/completions", chat("x")),
+            ("POST", "/v1/messages", messages_body("no-such-model"))]
+    for method, path, body in warm:  # every outcome once, so its series exist
+        httpx.request(method, gw.url + path, json=body, headers={"authorization": f"Bearer {gw.key}"}, timeout=30)
+    time.sleep(0.8)
+    before = series(httpx.get(gw.stack.metrics_url).text)
+    attrs_before = {(kv.key, kv.value.string_value) for m in list(collector.metrics) for dp in m.histogram.data_points
+                    for kv in dp.attributes}
+    with httpx.Client(timeout=30, headers={"authorization": f"Bearer {gw.key}"}) as client:
+        for i in range(60):
+            kind = i % 4
+            if kind == 0:
+                client.post(f"{gw.url}/v1/chat/completions", json=chat(words()), headers={"x-session-id": words()})
+            elif kind == 1:
+                client.post(f"{gw.url}/v1/{words()}/{words()}", json=chat("default-chat"))
+            elif kind == 2:
+                client.request(words().upper().replace("-", "").replace(".", "").replace("_", "") or "X",
+                               f"{gw.url}/v1/chat/completions", json=chat("default-chat"))
+            else:
+                client.post(f"{gw.url}/v1/messages", json=messages_body(words()))
+    time.sleep(0.8)
+    after = series(httpx.get(gw.stack.metrics_url).text)
+    assert after - before == set()
+    attrs_after = {(kv.key, kv.value.string_value) for m in list(collector.metrics) for dp in m.histogram.data_points
+                   for kv in dp.attributes}
+    assert attrs_after - attrs_before == set()
