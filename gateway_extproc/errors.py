@@ -6,6 +6,8 @@ client that sees a code can always find what it means and what to do.
 
 from __future__ import annotations
 
+import re
+
 import orjson
 
 # OpenAI's error `type` for each HTTP status we answer with.
@@ -88,3 +90,13 @@ def error_type(status: int) -> str:
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type_, "code": code, "param": param}})
+
+
+_PLAIN_WORD = re.compile(r"[a-z][a-z_]{0,31}")
+
+
+def quoted(value: object) -> str:
+    """A caller's value for an error message: quoted when it is a plain word (`'developer'`,
+    `'input_audio'`: what an enum field holds, and what helps most), else not shown. Error
+    bodies never carry caller text that could be a key, a token or a card."""
+    return repr(value) if isinstance(value, str) and _PLAIN_WORD.fullmatch(value) else "(value not shown)"

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway_extproc.errors import GatewayError
+from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers.base import SseReader, arguments_object
 
 JSON = dict[str, Any]
@@ -114,7 +114,7 @@ def _message(message: Any, param: str) -> list[JSON]:
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # the model's own reasoning: OpenAI requests have no place for it
         else:
-            raise _invalid(f"{where}: content block type {kind!r} is not supported in a {role} message", where)
+            raise _invalid(f"{where}: content block type {quoted(kind)} is not supported in a {role} message", where)
     out = tool_results
     if role == "assistant":
         reply: JSON = {"role": "assistant", "content": _content(parts) if parts else None}

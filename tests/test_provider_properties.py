@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway_extproc.providers import TRANSLATORS, gemini
-from gateway_extproc.providers.base import GuardedStream, call_id, split_call_id
+from gateway_extproc.errors import GatewayError
+from gateway_extproc.providers.base import GuardedStream, Target, call_id, split_call_id
 
 from .test_provider_corpus import check_invariants, summarise_stream
 
@@ -303,3 +304,49 @@ def test_bedrock_stream_agrees_with_converse(blocks: list[dict[str, Any]], stop:
     raw = b"".join(eventstream.encode({":event-type": k, ":content-type": "application/json", ":message-type": "event"},
                                       orjson.dumps(v)) for k, v in events)
     same_answer(summarise_stream(feed_sliced("bedrock", raw, data)), whole)
+
+
+# -- a translator's refusal never quotes caller text that could be a secret -----------------
+
+SECRETS = st.one_of(st.just("gwk_demo_local-only-demo-key-not-for-production"), st.just("4111111111111111"),
+                    st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_",
+                            min_size=12, max_size=40).filter(lambda s: not re.fullmatch(r"[a-z_]+", s)))
+UNTRANSLATABLE = {
+    "role": lambda s: {"messages": [{"role": s, "content": "hi"}]},
+    "content-part-type": lambda s: {"messages": [{"role": "user", "content": [{"type": s, "text": "hi"}]}]},
+    "tool-type": lambda s: {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": s}]},
+    "tool-choice": lambda s: {"messages": [{"role": "user", "content": "hi"}], "tool_choice": s,
+                              "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    "tool-call-id": lambda s: {"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "tool", "tool_call_id": s, "content": "x"}]},
+}
+TARGETS = {kind: Target(model="m", base_url="https://provider.example/v1", base_path="/v1", host="provider.example",
+                        credential="AKID:secret" if kind == "bedrock" else "k",
+                        options={"region": "us-east-1"} if kind == "bedrock" else {})
+           for kind in ("anthropic", "gemini", "bedrock")}
+
+
+@settings(max_examples=150)
+@given(kind=st.sampled_from(sorted(TARGETS)), place=st.sampled_from(sorted(UNTRANSLATABLE)), secret=SECRETS)
+def test_a_refused_field_value_is_never_quoted_back(kind: str, place: str, secret: str) -> None:
+    """Roles, part and tool types, tool_choice and ids are caller text: an error names the
+    field (and quotes a value only when it is a plain word such as `developer`), so a key or
+    a card put there never comes back in an error body."""
+    body = {"model": "m", **UNTRANSLATABLE[place](secret)}
+    try:
+        TRANSLATORS[kind].request(TARGETS[kind], "/chat/completions", body, False)
+    except GatewayError as err:
+        assert secret not in err.body().decode() and secret not in err.message
+
+
+@given(secret=SECRETS, role=st.sampled_from(["user", "assistant"]))
+def test_an_anthropic_clients_refused_block_type_is_never_quoted_back(secret: str, role: str) -> None:
+    from gateway_extproc import messages
+
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": role, "content": [{"type": secret, "text": "x"}]}]}
+    try:
+        messages.to_chat(body)
+    except GatewayError as err:
+        assert secret not in err.message
+    else:
+        raise AssertionError("an unknown block type is refused")

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway_extproc.errors import GatewayError
+from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn,
                                             arguments_object, arguments_text, completion_chunk, delta_choice,
                                             error_event, finish_with_calls, openai_error, plain_call_id)
@@ -93,7 +93,7 @@ def _messages(messages: list[JSON]) -> tuple[str, list[JSON]]:
             blocks = _blocks(message.get("content"))
             blocks += [_tool_use(call) for call in message.get("tool_calls") or []]
         else:
-            raise GatewayError("invalid_request", f"message role {role!r} is not supported", "messages")
+            raise GatewayError("invalid_request", f"message role {quoted(role)} is not supported", "messages")
         if not blocks:  # Anthropic rejects empty content; an empty turn carries nothing
             continue
         append_turn(out, role, "content", blocks)
@@ -116,7 +116,7 @@ def _blocks(content: Any) -> list[JSON]:
             blocks.append(_image(part.get("image_url") or {}))
         else:
             raise GatewayError("invalid_request",
-                               f"content part type {kind!r} is not supported by Anthropic backends", "messages")
+                               f"content part type {quoted(kind)} is not supported by Anthropic backends", "messages")
     return blocks
 
 
@@ -144,7 +144,7 @@ def _tool_use(call: JSON) -> JSON:
 def _tool(tool: JSON) -> JSON:
     if tool.get("type") != "function":
         raise GatewayError("invalid_request",
-                           f"tool type {tool.get('type')!r} is not supported by Anthropic backends", "tools")
+                           f"tool type {quoted(tool.get('type'))} is not supported by Anthropic backends", "tools")
     function = tool.get("function") or {}
     out: JSON = {"name": function.get("name", ""),
                  "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}

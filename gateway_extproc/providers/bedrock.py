@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import orjson
 
-from gateway_extproc.errors import GatewayError
+from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers import eventstream, sigv4
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamBroken, StreamTranslator, Target, append_turn,
                                              arguments_text, completion_chunk, delta_choice, error_event,
@@ -70,7 +70,7 @@ def _user_blocks(content: Any, param: str) -> list[JSON]:
             url = image_url.get("url") if isinstance(image_url, dict) else image_url
             blocks.append(_image(str(url or ""), param))
         else:
-            raise GatewayError("invalid_request", f"unsupported content part type {kind!r}", param)
+            raise GatewayError("invalid_request", f"unsupported content part type {quoted(kind)}", param)
     return blocks
 
 
@@ -111,7 +111,7 @@ def _conversation(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
             blocks = [{"toolResult": {"toolUseId": plain_call_id(message.get("tool_call_id")),
                                       "content": [{"text": "".join(texts)}]}}]
         else:
-            raise GatewayError("invalid_request", f"unsupported message role {role!r}", param)
+            raise GatewayError("invalid_request", f"unsupported message role {quoted(role)}", param)
         if not blocks:
             continue
         append_turn(turns, role, "content", blocks)

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from ..errors import GatewayError
+from ..errors import GatewayError, quoted
 from .base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn, arguments_object, call_id,
                    completion_chunk, delta_choice, error_event, finish_with_calls, openai_error, split_call_id)
 
@@ -90,7 +90,7 @@ def _contents(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
         if role == "tool":
             name = names.get(message.get("tool_call_id", ""))
             if name is None:
-                raise _invalid(f"tool message answers unknown tool_call_id {message.get('tool_call_id')!r}")
+                raise _invalid("a tool message answers a tool_call_id no assistant message made")
             answer: JSON = {"name": name, "response": _tool_result(message.get("content"))}
             role, parts = "user", [{"functionResponse": _with_id(answer, message.get("tool_call_id"))}]
         elif role == "assistant":
@@ -101,7 +101,7 @@ def _contents(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
         elif role == "user":
             parts = _parts(message.get("content"))
         else:
-            raise _invalid(f"message role {role!r} is not supported by Gemini backends")
+            raise _invalid(f"message role {quoted(role)} is not supported by Gemini backends")
         if not parts:
             continue
         append_turn(contents, role, "parts", parts)
@@ -156,7 +156,7 @@ def _parts(content: Any) -> list[JSON]:
         elif kind == "image_url":
             parts.append(_image(part["image_url"]["url"]))
         else:
-            raise _invalid(f"content part type {kind!r} is not supported by Gemini backends")
+            raise _invalid(f"content part type {quoted(kind)} is not supported by Gemini backends")
     return parts
 
 
@@ -213,7 +213,7 @@ def _generation_config(body: JSON) -> JSON:
 
 def _declaration(tool: JSON) -> JSON:
     if tool.get("type") != "function":
-        raise GatewayError("invalid_request", f"tool type {tool.get('type')!r} is not supported by "
+        raise GatewayError("invalid_request", f"tool type {quoted(tool.get('type'))} is not supported by "
                            "Gemini backends", param="tools")
     function = tool["function"]
     out: JSON = {key: function[key] for key in ("name", "description") if function.get(key)}
@@ -312,7 +312,7 @@ def _schema(node: Any, defs: JSON, seen: frozenset[str], depth: int) -> JSON:
 def _calling_config(choice: Any) -> JSON:
     if isinstance(choice, str):
         if choice not in _TOOL_MODES:
-            raise GatewayError("invalid_request", f"tool_choice {choice!r} is not supported",
+            raise GatewayError("invalid_request", f"tool_choice {quoted(choice)} is not supported",
                                param="tool_choice")
         return {"mode": _TOOL_MODES[choice]}
     return {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}

@@ -480,3 +480,23 @@ def test_junk_model_names_paths_and_methods_create_no_series(leaky) -> None:
     attrs_after = {(kv.key, kv.value.string_value) for m in list(collector.metrics) for dp in m.histogram.data_points
                    for kv in dp.attributes}
     assert attrs_after - attrs_before == set()
+
+
+@pytest.mark.parametrize("model", ["claude-chat", "gemini-chat"])
+@pytest.mark.parametrize("field", ["role", "content-part-type", "tool-type", "tool-choice"])
+def test_a_translated_backend_refuses_a_field_without_quoting_it(leaky, model: str, field: str) -> None:
+    """Translators used to quote the role, part type, tool type or tool_choice they could not
+    translate (`message role 'gwk_…' is not supported`): an error body is an output too."""
+    gw, _ = leaky
+    secret = gw.key
+    extra = {"role": {"messages": [{"role": secret, "content": "hi"}]},
+             "content-part-type": {"messages": [{"role": "user", "content": [{"type": secret, "text": "hi"}]}]},
+             "tool-type": {"tools": [{"type": secret}]},
+             "tool-choice": {"tool_choice": secret, "tools": [{"type": "function", "function": {
+                 "name": "f", "parameters": {"type": "object"}}}]}}[field]
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", json=chat(model) | extra, timeout=30,
+                      headers={"authorization": f"Bearer {gw.key}"})
+    if resp.status_code == 200:
+        return  # this backend's translator takes any value there (the provider judges it)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_request", resp.text
+    assert leaks(secret, {"answer": resp.text + json.dumps(dict(resp.headers))}) == []
