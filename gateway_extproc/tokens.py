@@ -65,7 +65,7 @@ def decoder(spec: str) -> TokenDecode | None:
 
         def decode_json(ids: list[int]) -> str:
             if any(i >= size for i in ids):
-                raise ValueError(f"token ID {max(ids)} is not in this model's vocabulary of {size}")
+                raise ValueError(f"a token ID is not in this model's vocabulary of {size}")
             return tok.decode(ids, skip_special_tokens=False)
         return decode_json
     import bpe_openai
@@ -76,7 +76,7 @@ def decoder(spec: str) -> TokenDecode | None:
         try:
             return enc.decode(ids, errors="replace")
         except KeyError:
-            raise ValueError(f"token ID {max(ids)} is not in this model's vocabulary of {enc.n_vocab}") from None
+            raise ValueError(f"a token ID is not in this model's vocabulary of {enc.n_vocab}") from None
     return decode_bpe
 
 

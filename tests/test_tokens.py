@@ -294,3 +294,12 @@ def test_embedding_text_without_a_vocabulary_refuses_token_ids() -> None:
     assert tokens.embedding_text({"input": "x"}, None) is None
     with pytest.raises(ValueError, match="cannot read token IDs"):
         tokens.embedding_text({"input": [1, 2]}, None)
+
+
+def test_an_unknown_token_id_is_not_quoted_back() -> None:
+    """A token ID is caller text: a card number sent as one (4111111111111111) must not come
+    back in the error that refuses it."""
+    decode = tokens.decoder("cl100k_base")
+    with pytest.raises(ValueError, match="not in this model's vocabulary") as err:
+        decode([1, 4111111111111111])
+    assert "4111111111111111" not in str(err.value)

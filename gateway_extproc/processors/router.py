@@ -568,7 +568,7 @@ def _check(policy: Policy, endpoint: api.Endpoint, body: dict, key: VirtualKey, 
                 raise GatewayError("token_input_unreadable", f"The model {model.name!r} cannot take token IDs "
                                    "here: the gateway reads a request to classify it, and this model's tokenizer "
                                    "cannot decode them. Send the input as text.", "input") from None
-            raise GatewayError("invalid_request", f"`input` holds a {exc}.", "input") from None
+            raise GatewayError("invalid_request", f"`input`: {exc}.", "input") from None
         if text is not None:
             body = text
     return policy.check_request(body, key, team, declared, model, team_label)
