@@ -159,6 +159,10 @@ PLACES: dict[str, Callable[[str, str], Request]] = {
     "messages-wrong-type": lambda s, m: Request(body={"model": m, "messages": s}),
     "message-wrong-type": lambda s, m: Request(body={"model": m, "messages": [s]}),
     "stream-options-key": lambda s, m: Request(body=chat(m, stream=True, stream_options={s: True})),
+    "embeddings-token-id": lambda s, m: Request(path="/v1/embeddings", body={
+        "model": "default-embedding", "input": [[1, int(s)]] if s.isdigit() else [[1, 2]], "user": s}),
+    "embeddings-encoding-format": lambda s, m: Request(path="/v1/embeddings", body={
+        "model": "default-embedding", "input": "hi", "encoding_format": s}),
     # bodies the gateway cannot read
     "malformed-json": lambda s, m: Request(body=b'{"model": "' + m.encode() + b'", "user": "' + s.encode() + b'"'),
     "non-utf8": lambda s, m: Request(body=b'{"model": "' + m.encode() + b'", "user": "\xff' + s.encode() + b'"}'),
@@ -500,3 +504,16 @@ def test_a_translated_backend_refuses_a_field_without_quoting_it(leaky, model: s
         return  # this backend's translator takes any value there (the provider judges it)
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_request", resp.text
     assert leaks(secret, {"answer": resp.text + json.dumps(dict(resp.headers))}) == []
+
+
+def test_a_card_sent_as_a_token_id_is_not_quoted_back(leaky) -> None:
+    gw, collector = leaky
+    number = card(random.Random(3))
+    before = mark(gw, collector)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="default-embedding", input=[[1, int(number)]])
+    assert err.value.code == "invalid_request" and number not in str(err.value)
+    assert number not in err.value.response.text
+    time.sleep(0.5)
+    assert leaks(number, outputs(gw, collector, before)) == []
