@@ -45,7 +45,7 @@ from gateway_extproc.render import render_values
 
 from ..redis_server import RedisServer
 from . import conftest
-from .conftest import DEMO_KEY, Gateway, build_gateway
+from .conftest import DEMO_KEY, Gateway, build_gateway, two_replicas
 from .test_identity import (AUDIENCE, FOREIGN, ISSUER, PAYMENTS_API, PAYMENTS_BATCH, PKI, UNMAPPED, Identity,
                             _ready_on)
 from .test_key_admin import ADMIN_TOKEN, admin, admin_values
@@ -70,16 +70,8 @@ def replicas(store: RedisServer) -> Iterator[Replicas]:
         admin_values(values, store.url, ports[i])
         values["extproc"]["processes"] = 2
 
-    with tempfile.TemporaryDirectory(prefix="gw-idattack-") as tmp:
-        first = build_gateway(Path(tmp) / "a", customize=lambda v: customize(v, 0))
-        try:
-            second = build_gateway(Path(tmp) / "b", customize=lambda v: customize(v, 1), share_mocks=first)
-            try:
-                yield first, second
-            finally:
-                second.stack.stop()
-        finally:
-            first.stack.stop()
+    with two_replicas("gw-idattack-", customize) as pair:
+        yield pair
 
 
 def create_key(gw: Gateway, id_: str, **fields: Any) -> str:
