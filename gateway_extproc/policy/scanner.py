@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import codecs
 import functools
 import itertools
 import re
@@ -1224,7 +1225,7 @@ def _text(key: Any, value: str, skip_keys: frozenset[str]) -> str | _DataText | 
             charset = next((p.split("=", 1)[1].strip().strip('"') for p in params if p.strip().lower()
                             .startswith("charset=")), "utf-8")
             try:
-                "".encode(charset)
+                charset = codecs.lookup(charset).name
             except LookupError:
                 charset = "utf-8"
             try:

@@ -27,7 +27,8 @@ from openai._streaming import SSEDecoder
 
 from .conftest import Gateway
 from .test_provider_framing import (ANY_TEXT, AWS_KEY, BLOCKED_REPLY, EXAMPLES, FRAMINGS, KEYS, REDACTED_REPLY,
-                                    REDACTED_TEXT, Stack, _decoded, framed, framing_gw, leaks, sliced_reply, spent)
+                                    REDACTED_TEXT, Stack, _decoded, checked, framed, framing_gw, leaks, sliced_reply,
+                                    spent)
 
 __all__ = ["framing_gw"]  # the module's own gateway (module-scoped fixture)
 
@@ -39,12 +40,7 @@ MODELS = ["default-chat"]
 
 @pytest.fixture
 def gw(framing_gw: Stack) -> Iterator[Gateway]:
-    gw, watch = framing_gw
-    gw.reset()
-    yield gw
-    watch.alive()
-    time.sleep(0.05)
-    watch.clean_log(watch.new_log())
+    yield from checked(framing_gw)
 
 
 @dataclass
