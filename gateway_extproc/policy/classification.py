@@ -16,6 +16,7 @@ holding just those, so fallback never escalates to a lower-tier backend.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,9 +28,10 @@ from ..errors import GatewayError, error_body
 from ..telemetry import metrics
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS, canonical_event
-from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams,
-                      InjectionConfig,
-                      LimitExceeded, PlaceholderMap, Scanner, map_strings, redact_strings, walk_strings)
+from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, Finding,
+                      InjectionConfig, LimitExceeded, PlaceholderMap, Scanner, map_strings, redact, redact_strings,
+                      walk_strings)
+from .headers import Header, HeaderEdit, edit, joined, place, scanned_names, where
 from .stream import StreamRedactor
 
 log = structlog.get_logger("gateway_extproc.policy")
@@ -47,6 +49,7 @@ class Verdict:
     eligible: tuple[Backend, ...]
     body: dict[str, Any] | None  # the redacted body, when something was redacted
     params: DecisionParams
+    headers: HeaderEdit | None = None  # what the forwarded headers become, when one was redacted
 
 
 class Policy:
@@ -73,7 +76,9 @@ class Policy:
         return max((t for t in tiers if t), key=self.rank.__getitem__, default=self.cfg.tiers[0])
 
     def check_request(self, body: dict[str, Any], key: VirtualKey, team: Limits | None, declared: str | None,
-                      model: Model, team_label: str) -> Verdict:
+                      model: Model, team_label: str, headers: Sequence[Header] = ()) -> Verdict:
+        """The verdict on what the provider will read: the body and the forwarded `headers`
+        (policy/headers.py), in one scan."""
         mode = key.limits.policy.mode or (team.policy.mode if team else None) or self.cfg.mode
         params = self._params[mode]
         names: dict[str, None] = {}
@@ -81,11 +86,18 @@ class Policy:
         if isinstance(strings, LimitExceeded):
             raise GatewayError("invalid_request", f"Request body is too deeply nested or too large to inspect "
                                f"({strings.reason}).")
-        # Object keys are caller text as much as values (metadata, tool and response schemas,
-        # logit_bias): scanned apart, their findings indexed after the values'.
+        # The header values follow the body's strings in the same pass, as one string
+        # (policy/headers.py `joined`). Object keys are caller text as much as values
+        # (metadata, tool and response schemas, logit_bias): scanned apart, with the header
+        # names, their findings indexed after the values'. Layout: strings | headers | keys | names.
+        at = len(strings)  # the index of the header values' string
+        values = [*strings, joined(headers)] if headers else strings
         keys = [k for k in names if self.scan_every_key or not _IDENTIFIER.fullmatch(k)]
-        findings = self.scanner.scan_strings(strings) + [
-            replace(f, index=f.index + len(strings)) for f in self.scanner.scan_strings(keys)]
+        named = scanned_names(headers, self.scan_every_key) if headers else []
+        scanned_keys = [*keys, *(headers[i].name for i in named)] if named else keys
+        first_name = len(values) + len(keys)  # the index of the first scanned header name
+        findings = self.scanner.scan_strings(values) + [
+            replace(f, index=f.index + len(values)) for f in self.scanner.scan_strings(scanned_keys)]
         decision = self.scanner.decide(findings, params)
         record(decision, team_label, mode, "request")
         if declared is not None and declared not in self.rank:
@@ -94,26 +106,43 @@ class Policy:
         may_declare = key.limits.policy.may_declare
         tier = self.top(self.cfg.default_tier, team.policy.default_tier if team else None,
                         key.limits.policy.default_tier, declared if may_declare else None, decision.detected_tier)
+
+        def in_headers(found: Sequence[Finding]) -> str:
+            """Which headers hold `found`, for an error message ("" for none)."""
+            return where(headers, place(headers, [f for f in found if f.index == at]),
+                         any(f.index >= first_name for f in found)) if headers else ""
+
         if decision.block:
+            where_ = in_headers(decision.blocking or decision.tier_violations)
             raise GatewayError("content_blocked", "The request was blocked by gateway policy (rules: "
-                               f"{', '.join(sorted(set(decision.blocked_rules)))}); remove that content.")
+                               f"{', '.join(sorted(set(decision.blocked_rules)))}"
+                               f"{'; in ' + where_ if where_ else ''}); remove that content.")
         eligible = tuple(b for b in model.backends if self.rank[b.max_tier or self.cfg.tiers[-1]] >= self.rank[tier])
         if not eligible:
             log.info("classification_violation", tier=tier, model=model.name, mode=mode, key_id=key.id)
             metrics.GUARDRAIL_TRIGGERS.labels("classification_tier", "block" if mode != "monitor" else "monitor",
                                               team_label, mode).inc()
             if mode != "monitor":
-                raise GatewayError("classification_violation", f"This request is classified {tier!r}, above what "
-                                   f"model {model.name!r} is approved for; use a model approved for {tier!r} data.",
-                                   "model")
+                where_ = in_headers([f for f in (*decision.redact, *decision.monitor)
+                                     if self.scanner.rules[f.rule].min_tier == tier])
+                raise GatewayError("classification_violation", f"This request is classified {tier!r}"
+                                   f"{' (found in ' + where_ + ')' if where_ else ''}, above what model "
+                                   f"{model.name!r} is approved for; use a model approved for {tier!r} data.", "model")
             eligible = model.backends
-        redacted = None
+        redacted = header_edit = None
         if decision.redact:
-            new_strings, _ = redact_strings(strings + keys, decision.redact, PlaceholderMap())
-            replacements = iter(new_strings[:len(strings)])
-            renamed = {old: new for old, new in zip(keys, new_strings[len(strings):]) if old != new}
-            redacted = map_strings(body, lambda _s: next(replacements), keys=renamed)
-        return Verdict(tier, mode, eligible, redacted, params)
+            placeholders = PlaceholderMap()  # one per request: a value keeps its placeholder in body and headers
+            new_strings, _ = redact_strings(values + scanned_keys, decision.redact, placeholders)
+            if any(f.index < at or len(values) <= f.index < first_name for f in decision.redact):
+                replacements = iter(new_strings[:at])
+                renamed = {old: new for old, new in zip(keys, new_strings[len(values):first_name]) if old != new}
+                redacted = map_strings(body, lambda _s: next(replacements), keys=renamed)
+            if headers:
+                placed = place(headers, [f for f in decision.redact if f.index == at])
+                header_edit = edit(headers, [redact(h.text, placed[i], placeholders)[0] if i in placed else h.text
+                                             for i, h in enumerate(headers)],
+                                   (named[f.index - first_name] for f in decision.redact if f.index >= first_name))
+        return Verdict(tier, mode, eligible, redacted, params, header_edit)
 
     def may_log_content(self, tier: str) -> bool:
         limit = self.cfg.content_log_max_tier

@@ -30,7 +30,9 @@ from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES
 from ..providers.base import openai_error, sse
+from ..policy import headers as forwarded_headers
 from ..policy.classification import Policy, ResponseGuard, Verdict, content_for_log
+from ..policy.headers import Header, HeaderEdit
 from ..policy.responses_output import ResponsesGuard
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
@@ -48,6 +50,11 @@ log = structlog.get_logger("gateway_extproc.router")
 # honour them.
 CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization",
                              "x-amz-security-token", "openai-organization", "openai-project", "cookie")
+# The client's network path (its addresses, proxies, the host it asked for) is no provider's
+# business, and addresses are data the classification rules rate `internal`: Envoy's own
+# x-forwarded-for entry would else raise every request's tier (docs/classification.md).
+NETWORK_PATH_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwarded-port", "forwarded", "via",
+                                  "x-real-ip", "x-envoy-external-address"})
 # What logs, audit records and spans carry instead of a path or method the gateway does not
 # serve: both are caller text that may hold anything (`/v1/<key>`), and unbounded.
 UNKNOWN_PATH = "(unknown)"
@@ -55,6 +62,7 @@ KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPT
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
 CLASSIFICATION_HEADER = "x-data-classification"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 class Consumed(NamedTuple):
@@ -70,7 +78,7 @@ class RouterProcessor:
                  "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
                  "cut_after", "cut", "body_changed",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
-                 "requested", "answered")
+                 "requested", "answered", "headers", "header_edit")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -108,6 +116,9 @@ class RouterProcessor:
         # Set when the answering backend's provider does not speak the OpenAI schema.
         self.provider: ProviderResponse | None = None
         self.requested: str | None = None  # the model the body asked for, kept for the audit trail
+        # The header lines the provider will get, classified with the body; what redaction made of them.
+        self.headers: tuple[Header, ...] = ()
+        self.header_edit: HeaderEdit | None = None
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -168,7 +179,9 @@ class RouterProcessor:
             raise GatewayError("invalid_request", "This endpoint needs a JSON request body.")
         api.check_header_room(len(msg.headers.headers), sum(len(x.key) + len(x.raw_value) for x in msg.headers.headers))
         strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
-                 or k == CLASSIFICATION_HEADER or k == identity.XFCC]
+                 or k == CLASSIFICATION_HEADER or k == identity.XFCC or k in NETWORK_PATH_HEADERS]
+        if self.runtime.policy is not None:
+            self.headers = forwarded_headers.forwarded(((x.key, x.raw_value) for x in msg.headers.headers), strip)
         # No endpoint takes a query string, and a caller may put a key there (`?key=`, as
         # Gemini clients do): it goes neither to a provider nor into Envoy's spans and logs.
         unquery = {":path": path} if len(raw_path) != len(path) else None
@@ -221,9 +234,10 @@ class RouterProcessor:
         policy = self.runtime.policy
         if policy is not None:
             team = self.runtime.labels.team(self.key.team)
-            args = (self.endpoint, body, self.key, cfg.teams.get(self.key.team), self.declared, model, team)
+            args = (self.endpoint, body, self.key, cfg.teams.get(self.key.team), self.declared, model, team,
+                    self.headers)
             verdict = await asyncio.to_thread(_check, policy, *args) if large else _check(policy, *args)
-            self.tier, self.eligible = verdict.tier, verdict.eligible
+            self.tier, self.eligible, self.header_edit = verdict.tier, verdict.eligible, verdict.headers
             if verdict.body is not None:  # for embeddings sent as token IDs: the redacted text
                 body, self.redacted = verdict.body, True
             if policy.cfg.output_scanning and self.endpoint is api.CHAT:
@@ -297,7 +311,12 @@ class RouterProcessor:
         if new_body is not None:
             set_headers["content-length"] = str(len(new_body))
         metadata = {"model": self.model.name, "api": self.endpoint.name, "request_id": self.request_id}
-        return r.request_body(r.common(r.mutation(set_headers), new_body, clear_route_cache=True), metadata)
+        mutation = r.mutation(set_headers, self.header_edit.remove if self.header_edit else ())
+        if self.header_edit is not None:  # redacted in place (policy/headers.py)
+            for k, v in self.header_edit.set.items():
+                if k not in set_headers:  # (a trace header the gateway writes anyway)
+                    mutation.set_headers.add(header=base_pb2.HeaderValue(key=k, raw_value=v), append_action=_OVERWRITE)
+        return r.request_body(r.common(mutation, new_body, clear_route_cache=True), metadata)
 
     # -- response ------------------------------------------------------------------------
 
@@ -556,7 +575,7 @@ def _jwt_claims(metadata: base_pb2.Metadata | None) -> dict | None:
 
 
 def _check(policy: Policy, endpoint: api.Endpoint, body: dict, key: VirtualKey, team: Limits | None,
-           declared: str | None, model: Model, team_label: str) -> Verdict:
+           declared: str | None, model: Model, team_label: str, headers: tuple[Header, ...]) -> Verdict:
     """The policy's verdict on what the provider will read: embeddings' token IDs are
     checked as the text they stand for (decoded with the model's tokenizer)."""
     if endpoint is api.EMBEDDINGS:
@@ -571,7 +590,7 @@ def _check(policy: Policy, endpoint: api.Endpoint, body: dict, key: VirtualKey, 
             raise GatewayError("invalid_request", f"`input`: {exc}.", "input") from None
         if text is not None:
             body = text
-    return policy.check_request(body, key, team, declared, model, team_label)
+    return policy.check_request(body, key, team, declared, model, team_label, headers)
 
 
 def _endpoint_for(method: str, path: str) -> api.Endpoint | str:
