@@ -171,6 +171,8 @@ class Request:
             key = name.decode("latin-1")
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        if SEALED in headers:
+            headers.update(unseal(headers.pop(SEALED)))
         try:
             parsed = orjson.loads(raw_body)
         except orjson.JSONDecodeError:
@@ -321,6 +323,29 @@ class Completion:
     text: str
     tokens: int
     truncated: bool
+
+
+# `x-mock-sealed`: other `x-mock-*` controls as a JSON object, each byte XORed with SEAL_BYTE,
+# base64url. The gateway classifies request headers like the body (policy/headers.py), so a
+# reply a test wants the provider to send (a card, to see output scanning redact it) cannot
+# travel in plain `x-mock-reply`: this one the scanner cannot read, as it could not read an
+# encrypted value (tests/integration/conftest.py seals every client's controls).
+SEALED = "x-mock-sealed"
+SEAL_BYTE = 0xA5
+
+
+def seal(controls: dict[str, str]) -> str:
+    return base64.urlsafe_b64encode(bytes(b ^ SEAL_BYTE for b in orjson.dumps(controls))).decode("ascii")
+
+
+def unseal(value: str) -> dict[str, str]:
+    """The controls in an `x-mock-sealed` value ({} when it is not one: no control applies)."""
+    try:
+        controls = orjson.loads(bytes(b ^ SEAL_BYTE for b in base64.urlsafe_b64decode(value)))
+    except (ValueError, orjson.JSONDecodeError):
+        return {}
+    return {k: v for k, v in controls.items() if isinstance(k, str) and isinstance(v, str)} \
+        if isinstance(controls, dict) else {}
 
 
 # The reply text a request asked for with `x-mock-reply` (or `x-mock-reply-base64`: UTF-8,

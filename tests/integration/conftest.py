@@ -17,6 +17,7 @@ import pytest
 
 from gateway_extproc import keys
 from gateway_extproc.localstack import LocalStack, StartError, free_port
+from gateway_extproc.mock_provider import SEALED, seal
 from gateway_extproc.render import chart_values
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,6 +133,40 @@ def two_replicas(prefix: str, customize: Callable[[dict[str, Any], int], None]) 
                 second.stack.stop()
         finally:
             first.stack.stop()
+
+
+def _sealed(request: httpx.Request) -> None:
+    """Moves a request's `x-mock-*` controls into one `x-mock-sealed` header the mock provider
+    opens (mock_provider.seal): the gateway classifies request headers like the body, and
+    the replies tests ask the mock for hold the very values it must stop (a card, to see the
+    output scanner redact it). Sealed, they pass as an encrypted value would, unread. A test
+    that wants the gateway to read a header uses another name (test_header_classification)."""
+    controls = {k: v for k, v in request.headers.items() if k.startswith("x-mock-") and k != SEALED}
+    if controls:
+        for k in controls:
+            del request.headers[k]
+        request.headers[SEALED] = seal(controls)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sealed_mock_controls() -> Iterator[None]:
+    """Every httpx client of the integration tests (the openai and anthropic SDKs use httpx
+    too) seals its mock controls (`_sealed`)."""
+    send, asend = httpx.Client.send, httpx.AsyncClient.send
+
+    def sealing_send(self: httpx.Client, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        _sealed(request)
+        return send(self, request, **kwargs)
+
+    async def sealing_asend(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        _sealed(request)
+        return await asend(self, request, **kwargs)
+
+    httpx.Client.send, httpx.AsyncClient.send = sealing_send, sealing_asend  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        httpx.Client.send, httpx.AsyncClient.send = send, asend  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
