@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
 
 from gateway_extproc import keys
@@ -135,7 +136,7 @@ def two_replicas(prefix: str, customize: Callable[[dict[str, Any], int], None]) 
             first.stack.stop()
 
 
-def _sealed(request: httpx.Request) -> None:
+def _sealed(request: Any) -> None:
     """Moves a request's `x-mock-*` controls into one `x-mock-sealed` header the mock provider
     opens (mock_provider.seal): the gateway classifies request headers like the body, and
     the replies tests ask the mock for hold the very values it must stop (a card, to see the
@@ -150,23 +151,30 @@ def _sealed(request: httpx.Request) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def sealed_mock_controls() -> Iterator[None]:
-    """Every httpx client of the integration tests (the openai and anthropic SDKs use httpx
-    too) seals its mock controls (`_sealed`)."""
-    send, asend = httpx.Client.send, httpx.AsyncClient.send
+    """Every HTTP client of the integration tests seals its mock controls (`_sealed`): httpx,
+    and httpx2, which the openai and anthropic SDKs use."""
+    clients = [c for module in (httpx, httpx2) for c in (module.Client, module.AsyncClient)]
+    originals = [c.send for c in clients]
 
-    def sealing_send(self: httpx.Client, request: httpx.Request, **kwargs: Any) -> httpx.Response:
-        _sealed(request)
-        return send(self, request, **kwargs)
+    def sealing(send: Any, is_async: bool) -> Any:
+        if is_async:
+            async def asend(self: Any, request: Any, **kwargs: Any) -> Any:
+                _sealed(request)
+                return await send(self, request, **kwargs)
+            return asend
 
-    async def sealing_asend(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
-        _sealed(request)
-        return await asend(self, request, **kwargs)
+        def ssend(self: Any, request: Any, **kwargs: Any) -> Any:
+            _sealed(request)
+            return send(self, request, **kwargs)
+        return ssend
 
-    httpx.Client.send, httpx.AsyncClient.send = sealing_send, sealing_asend  # type: ignore[method-assign]
+    for i, c in enumerate(clients):
+        c.send = sealing(originals[i], i % 2 == 1)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        httpx.Client.send, httpx.AsyncClient.send = send, asend  # type: ignore[method-assign]
+        for c, send in zip(clients, originals):
+            c.send = send  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
