@@ -186,15 +186,11 @@ PLACES: dict[str, Callable[[str, str], Request]] = {
     "responses-text-schema-key": lambda s, m: Request(path="/v1/responses", body=responses_body(m, text={"format": {
         "type": "json_schema", "name": "out", "schema": {"type": "object", "properties": {s: {"type": "string"}}}}})),
 }
-# Where a card must not reach the provider either: every body place (the gateway classifies
-# the body). Headers are forwarded as the caller sent them; a card there is outside
-# classification (docs/classification.md, "Not handled").
-BODY_PLACES = frozenset(p for p in PLACES if not (p in ("user-agent", "traceparent", "tracestate", "x-forwarded-for",
-                                                          "x-envoy-original-path", "x-envoy-downstream-service-cluster",
-                                                          "x-client-trace-id", "openai-organization", "openai-project",
-                                                          "anthropic-version", "anthropic-beta", "x-request-id")
-                                                  or p.startswith(("content-type", "authorization", "x-api-key",
-                                                                   "messages-x-api-key", "method"))))
+# Where a card must not reach the provider either: every body place and every header (the
+# gateway classifies both: docs/classification.md, "Request headers"), but the credential
+# and content-type places, where a request carrying it is refused before anything is sent.
+BODY_PLACES = frozenset(p for p in PLACES if not p.startswith(("content-type", "authorization", "x-api-key",
+                                                               "messages-x-api-key", "method")))
 KINDS = ["gateway-key", "other-gateway-key", "provider-key", "jwt", "card"]
 MODELS = {"/v1/chat/completions": ["default-chat", "private-chat", "claude-chat"],
           "/v1/messages": ["claude-chat", "private-chat"], "/v1/responses": ["default-chat", "private-chat"]}
