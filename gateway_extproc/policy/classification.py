@@ -2,8 +2,9 @@
 
 Config (`classification:` in gateway.yaml) compiles once into a `Policy`: one Scanner for all
 rules (a single pass per body), the tier order, the allowlist. Per request the router calls
-`check_request` on the parsed body, which answers with everything it must do: refuse (403),
-the tier, which backends are eligible, the redacted body. `ResponseGuard` scans what comes
+`check_request` on the parsed body and the headers it forwards (policy/headers.py), which
+answers with everything it must do: refuse (403), the tier, which backends are eligible, the
+redacted body and headers. `ResponseGuard` scans what comes
 back (a JSON body, or SSE events through a bounded hold-back window).
 
 A request's tier is the highest of: the key's and team's default tier, a declared
@@ -113,20 +114,20 @@ class Policy:
                          any(f.index >= first_name for f in found)) if headers else ""
 
         if decision.block:
-            where_ = in_headers(decision.blocking or decision.tier_violations)
+            holder = in_headers(decision.blocking or decision.tier_violations)
             raise GatewayError("content_blocked", "The request was blocked by gateway policy (rules: "
                                f"{', '.join(sorted(set(decision.blocked_rules)))}"
-                               f"{'; in ' + where_ if where_ else ''}); remove that content.")
+                               f"{'; in ' + holder if holder else ''}); remove that content.")
         eligible = tuple(b for b in model.backends if self.rank[b.max_tier or self.cfg.tiers[-1]] >= self.rank[tier])
         if not eligible:
             log.info("classification_violation", tier=tier, model=model.name, mode=mode, key_id=key.id)
             metrics.GUARDRAIL_TRIGGERS.labels("classification_tier", "block" if mode != "monitor" else "monitor",
                                               team_label, mode).inc()
             if mode != "monitor":
-                where_ = in_headers([f for f in (*decision.redact, *decision.monitor)
+                holder = in_headers([f for f in (*decision.redact, *decision.monitor)
                                      if self.scanner.rules[f.rule].min_tier == tier])
                 raise GatewayError("classification_violation", f"This request is classified {tier!r}"
-                                   f"{' (found in ' + where_ + ')' if where_ else ''}, above what model "
+                                   f"{' (found in ' + holder + ')' if holder else ''}, above what model "
                                    f"{model.name!r} is approved for; use a model approved for {tier!r} data.", "model")
             eligible = model.backends
         redacted = header_edit = None

@@ -30,9 +30,8 @@ from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES
 from ..providers.base import openai_error, sse
-from ..policy import headers as forwarded_headers
 from ..policy.classification import Policy, ResponseGuard, Verdict, content_for_log
-from ..policy.headers import Header, HeaderEdit
+from ..policy.headers import Header, HeaderEdit, forwarded
 from ..policy.responses_output import ResponsesGuard
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
@@ -181,7 +180,7 @@ class RouterProcessor:
         strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
                  or k == CLASSIFICATION_HEADER or k == identity.XFCC or k in NETWORK_PATH_HEADERS]
         if self.runtime.policy is not None:
-            self.headers = forwarded_headers.forwarded(((x.key, x.raw_value) for x in msg.headers.headers), strip)
+            self.headers = forwarded(((x.key, x.raw_value) for x in msg.headers.headers), strip)
         # No endpoint takes a query string, and a caller may put a key there (`?key=`, as
         # Gemini clients do): it goes neither to a provider nor into Envoy's spans and logs.
         unquery = {":path": path} if len(raw_path) != len(path) else None
