@@ -1025,6 +1025,21 @@ def _bearer(headers: dict[str, str]) -> list[str]:
     return [token.strip()] if scheme.lower() == "bearer" else []
 
 
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+
+
+def _told(error: HTTPError, headers: dict[str, str]) -> HTTPError:
+    """An error as a careless provider words it: `x-mock-error-message-base64` replaces the
+    message (a provider quoting anything), `x-mock-error-echo-credential: 1` appends the
+    credential it was presented, whole (as some OpenAI-compatible servers do)."""
+    told = headers.get("x-mock-error-message-base64")
+    message = base64.b64decode(told).decode() if told else error.message
+    if _header_flag(headers, "x-mock-error-echo-credential"):
+        message += " Presented: " + ", ".join(headers[h] for h in _CREDENTIAL_HEADERS if h in headers)
+    error.message = message
+    return error
+
+
 def _header(headers: dict[str, str], name: str) -> list[str]:
     return [headers[name]] if name in headers else []
 
@@ -1324,7 +1339,7 @@ class Controls:
             # as a provider (or a proxy in front of it) that recovers would.
             text = (_REPLY_OVERRIDE.get() or "") if self.garbage_reply else None
             reply.events.insert(self.garbage_after, dialect.garbage(self.garbage, text))
-        elif self.garbage_after is not None and 200 <= reply.status < 300:
+        elif self.garbage_after is not None and reply.body is not None:  # an answer or an error
             whole = orjson.dumps(reply.body)
             reply.raw = {"json": whole[:len(whole) // 2], "shape": b'["oops"]'}.get(self.garbage, _JUNK_BYTES)
         reply.chunk_bytes = self.chunk_bytes
@@ -1413,6 +1428,12 @@ class MockApp:
         return controls.apply(reply, route.dialect)
 
     def _answer(self, route: Route, params: dict[str, str], request: Request, controls: Controls) -> Reply:
+        try:
+            return self._admitted(route, params, request, controls)
+        except HTTPError as error:
+            raise _told(error, request.headers) from None
+
+    def _admitted(self, route: Route, params: dict[str, str], request: Request, controls: Controls) -> Reply:
         route.dialect.admit(request, self.api_key)
         if controls.status is not None and controls.status >= 300:
             raise HTTPError(controls.status, "Mock error requested via x-mock-status.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from datetime import datetime, timezone
 from typing import NamedTuple
 
@@ -30,13 +31,13 @@ from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES
 from ..providers.base import openai_error, sse
-from ..policy.classification import Policy, ResponseGuard, Verdict, content_for_log
+from ..policy.classification import Policy, ResponseGuard, Verdict, content_for_log, scanned_error_object
 from ..policy.responses_output import ResponsesGuard
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_object
 from . import responses as r
-from .provider_response import ProviderResponse
+from .provider_response import ProviderResponse, client_error
 
 access_log = structlog.get_logger("gateway_extproc.access")
 log = structlog.get_logger("gateway_extproc.router")
@@ -325,7 +326,7 @@ class RouterProcessor:
             self.log()
             return r.response_headers(r.common(r.mutation(added, remove)))
         content_type = h.get("content-type", "").partition(";")[0].strip().lower()
-        backend = self.runtime.config.backends.get(self.backend or "")
+        backend = self.answered_by()
         if ProviderResponse.needed(backend):
             assert backend is not None
             self.provider = ProviderResponse(backend, self.status, self.stream)
@@ -412,6 +413,15 @@ class RouterProcessor:
                 if new_body is None:  # no chat completion to translate: not an answer
                     new_body, self.status, status_changed = openai_error(
                         502, f"The provider answered HTTP {status} with a body the gateway could not read."), 502, True
+        elif self.status >= 400 and self.error_code is None and (backend := self.answered_by()) is not None:
+            guard = self.guard
+            scan = None if guard is None else partial(scanned_error_object, guard.policy, guard.params, guard.team)
+            try:
+                new_body = client_error(self.status, raw, self.runtime.credentials.get(backend.provider.name),
+                                        backend.id, scan)
+            except GatewayError as err:
+                log.warning("provider_refused_credential", backend=backend.id, provider=backend.provider.name)
+                new_body, self.status, status_changed, self.error_code = err.body(), err.status, True, err.code
         self.log()
         headers = self.token_headers()
         if status_changed:
@@ -419,6 +429,10 @@ class RouterProcessor:
         if new_body is not None:
             headers["content-length"] = str(len(new_body))
         return r.response_body(r.common(r.mutation(headers), new_body))
+
+    def answered_by(self) -> Backend | None:
+        """The backend whose answer this is (Envoy's header from endpoint metadata), if any."""
+        return self.runtime.config.backends.get(self.backend or "")
 
     def held_text(self) -> bytes:
         """What output scanning still holds back, scanned, when the gateway ends a stream early."""
