@@ -88,9 +88,21 @@ def secret_of(key: str) -> str:
     return key.split("_", 2)[2]
 
 
+def _unlimited(values: dict[str, Any]) -> None:
+    """values-local with every provider kind, and the demo team's $5 a day and 2M tokens a
+    minute out of reach: bursts of 10 MiB prompts here test admission, and small requests
+    sent meanwhile must not meet the budget those prompts spent (tests/integration/
+    test_budget_invariant.py attacks budgets)."""
+    add_provider_models(values)
+    values["budgets"]["orgLimit"] = {"daily": 10**6}
+    for team in values["teams"]:
+        team["budget"] = {"daily": 10**6, "monthly": 10**6}
+        team["rateLimits"] = {"tokensPerMinute": 10**10, "requestsPerMinute": 10**6}
+
+
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[tuple[Gateway, Watch]]:
-    with running_gateway("gw-hostile-", customize=add_provider_models) as gw:
+    with running_gateway("gw-hostile-", customize=_unlimited) as gw:
         yield gw, Watch(gw)
 
 
