@@ -109,6 +109,12 @@ static_resources:
           # so long replies are bounded by the route timeout alone.
           request_timeout: {{ $v.envoy.upstreamTimeout }}
           stream_idle_timeout: {{ $v.envoy.upstreamTimeout }}
+          # As Envoy's edge-proxy guide advises: one HTTP/2 connection may not open unbounded
+          # streams (Envoy's own default is 2^31-1). (The guide's smaller flow-control windows
+          # are left out: with them Envoy 1.40 sent a client that stopped reading a second
+          # HEADERS frame without END_STREAM, which RFC 9113 forbids.)
+          http2_protocol_options:
+            max_concurrent_streams: 100
           # Envoy's own error replies, in the OpenAI error shape with a code from
           # docs/runbooks.md (first match wins). The ext_proc's replies (code details gw_*)
           # keep their bodies. x-gateway-error-code tells the ext_proc's access line the
