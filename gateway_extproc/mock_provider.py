@@ -1093,6 +1093,12 @@ def _admit_gemini(request: Request, api_key: str | None) -> None:
                     "Please use API Key or other form of API consumer identity to call this API.")
 
 
+# What real providers send on every answer about the account that called them (OpenAI's
+# organization and project, Anthropic's organization, a CDN's session cookie), which the
+# gateway's callers must not see: it is the gateway's account.
+ACCOUNT_HEADERS = [("openai-organization", "mock-org-7f3a"), ("openai-project", "proj_mock7f3a"),
+                   ("anthropic-organization-id", "mock-org-id-7f3a"),
+                   ("set-cookie", "__cf_bm=mock-provider-session-7f3a; path=/; HttpOnly")]
 GARBAGE_KINDS = ("json", "shape", "bytes", "error")
 _ERROR_TEXT = "The server had an error while processing your request."
 CONTENT_ENCODINGS = ("gzip", "deflate")
@@ -1328,6 +1334,7 @@ class Controls:
         )
 
     def apply(self, reply: Reply, dialect: Dialect) -> Reply:
+        reply.headers += ACCOUNT_HEADERS
         reply.latency_s = self.latency_ms / 1000
         reply.chunk_delay_s = self.chunk_delay_ms / 1000
         reply.drop_after = self.drop_after

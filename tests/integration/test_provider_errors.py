@@ -9,6 +9,8 @@ never sent that key (the gateway did), so:
 - any other error keeps its status, with the credential's value cut and, under output
   scanning, its strings scanned as an answer's are;
 - an error body that is no OpenAI error object (a proxy's HTML) arrives in the OpenAI shape.
+
+Nor do the headers in which providers name the account that called them, or its cookies.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import httpx
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+
+from gateway_extproc.mock_provider import ACCOUNT_HEADERS
 
 from .conftest import Gateway, add_provider_models, running_gateway
 from .test_output_leaks import card
@@ -120,3 +124,18 @@ def test_whatever_a_provider_says_around_the_key_the_key_never_arrives(gw: Gatew
     assert r.status_code in (status, 502), r.text  # 502: the message withheld by output scanning
     r.json()["error"]["message"]  # always the OpenAI shape
     assert_no_credential(gw, r.text)
+
+
+@pytest.mark.parametrize("status", [200, 400, 429])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", MODELS)
+def test_what_a_provider_says_about_the_gateways_account_never_reaches_the_caller(gw: Gateway, model: str,
+                                                                                   stream: bool, status: int) -> None:
+    """Providers name the account that called them (OpenAI's organization and project,
+    Anthropic's organization) and set cookies for it on every answer: that is the gateway's
+    account, not the caller's."""
+    r = chat(gw, model, {} if status == 200 else {"x-mock-status": str(status)}, stream)
+    assert r.status_code == status or status == 429, r.text
+    for name, value in ACCOUNT_HEADERS:
+        assert name not in r.headers, name
+        assert value.split(";")[0] not in r.text

@@ -200,6 +200,10 @@ static_resources:
                     string_match: {exact: {{ $model.route | quote }}}
                 # The route header is the gateway's own; providers never see it.
                 request_headers_to_remove: [x-gateway-model]
+                # What a provider says about the account that called it (the gateway's) and
+                # the cookies it sets for that account: never the caller's to see.
+                response_headers_to_remove: [set-cookie, openai-organization, openai-project,
+                                             anthropic-organization-id]
                 # Providers answer uncompressed: the gateway reads every answer (usage, output
                 # scanning, translation). A compressed one anyway is refused (provider_error).
                 request_headers_to_add:
