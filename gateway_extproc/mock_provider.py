@@ -1451,7 +1451,8 @@ class MockApp:
                 target = "every model" if behaviour.model == WILDCARD else f"model {behaviour.model!r}"
                 raise HTTPError(behaviour.status, f"Mock error configured for {target}.")
         reply_b64 = request.headers.get("x-mock-reply-base64")  # any Unicode reply (headers are ASCII)
-        _REPLY_OVERRIDE.set(base64.b64decode(reply_b64).decode() if reply_b64 else request.headers.get("x-mock-reply"))
+        reply = base64.b64decode(reply_b64).decode() if reply_b64 else request.headers.get("x-mock-reply")
+        _REPLY_OVERRIDE.set(reply * (_header_int(request.headers, "x-mock-reply-repeat") or 1) if reply else reply)
         h = request.headers
         _QUIRKS.set(Quirks(_header_int(h, "x-mock-reply-words"), _header_int(h, "x-mock-ignore-max-tokens") == 1,
                            _header_int(h, "x-mock-usage-completion-tokens"), _choice_replies(h),

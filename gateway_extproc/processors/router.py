@@ -122,7 +122,7 @@ class RouterProcessor:
         if kind == "response_headers":
             return self.response_headers(req.response_headers)
         if kind == "response_body":
-            return self.response_body(req.response_body)
+            return await self.response_body(req.response_body)
         raise ValueError(f"unexpected ext_proc message {kind}")
 
     # -- request -------------------------------------------------------------------------
@@ -365,7 +365,7 @@ class RouterProcessor:
             headers["x-gateway-max-tokens-clamped"] = str(self.clamped)
         return headers
 
-    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+    async def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         if self.first_byte is None:
             self.first_byte = time.monotonic()
         if self.tap is not None:
@@ -392,7 +392,24 @@ class RouterProcessor:
             if out is None and self.provider is not None:
                 out = data
             return r.response_body(r.common(body=out) if out is not None else None)
-        raw = msg.body if self.provider is None else self.provider.body(msg.body)
+        # A large answer is read off the event loop (10 MB of text takes seconds to scan),
+        # as a large request is; the access line and the settlement stay on it.
+        read = await asyncio.to_thread(self.read_whole, msg.body) if len(msg.body) > LARGE_BYTES \
+            else self.read_whole(msg.body)
+        new_body, status_changed = read
+        self.log()
+        headers = self.token_headers()
+        if status_changed:
+            headers[":status"] = str(self.status)
+        if new_body is not None:
+            headers["content-length"] = str(len(new_body))
+        return r.response_body(r.common(r.mutation(headers), new_body))
+
+    def read_whole(self, body: bytes) -> tuple[bytes | None, bool]:
+        """A whole (buffered) answer: its usage read, translated, scanned or, for an error,
+        made fit for the client (`client_error`). The body to send instead, if any, and
+        whether the status changed."""
+        raw = body if self.provider is None else self.provider.body(body)
         new_body = None if self.provider is None else raw
         # An unreadable provider answer under a 2xx goes out as 502 (provider_response.py).
         status = self.status if self.provider is None else self.provider.status
@@ -422,13 +439,7 @@ class RouterProcessor:
             except GatewayError as err:
                 log.warning("provider_refused_credential", backend=backend.id, provider=backend.provider.name)
                 new_body, self.status, status_changed, self.error_code = err.body(), err.status, True, err.code
-        self.log()
-        headers = self.token_headers()
-        if status_changed:
-            headers[":status"] = str(self.status)
-        if new_body is not None:
-            headers["content-length"] = str(len(new_body))
-        return r.response_body(r.common(r.mutation(headers), new_body))
+        return new_body, status_changed
 
     def answered_by(self) -> Backend | None:
         """The backend whose answer this is (Envoy's header from endpoint metadata), if any."""

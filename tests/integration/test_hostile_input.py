@@ -720,6 +720,43 @@ def test_a_burst_of_huge_prompts_is_refused_cleanly_and_spares_small_requests(ho
     watch.clean_log(watch.new_log())
 
 
+def test_a_huge_answer_is_scanned_off_the_event_loop(hostile: tuple[Gateway, Watch]) -> None:
+    """An 8 MB answer full of numbers takes output scanning seconds; it blocked the ext_proc's
+    event loop, so every request meanwhile waited as long as the whole answer did. Now it is
+    read in a thread, as a large request is: requests sent meanwhile are served in a fraction
+    of that time (a ratio to the big request's own time, not a fixed bound)."""
+    gw, watch = hostile
+    gw.reset()
+    auth = {"authorization": f"Bearer {gw.key}"}
+    chat = {"model": "private-chat", "messages": HI}
+
+    async def run() -> tuple[httpx.Response, float, list[tuple[int, float]]]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def big() -> tuple[httpx.Response, float]:
+                started = time.perf_counter()
+                r = await http.post(f"{gw.url}/v1/chat/completions", json=chat, headers={
+                    **auth, "x-mock-ignore-max-tokens": "1", "x-mock-reply-repeat": "200000",
+                    "x-mock-reply": "order 12 at 10:30 on 2024-01-01 v1.2.3 ."})
+                return r, time.perf_counter() - started
+
+            async def smalls() -> list[tuple[int, float]]:
+                out = []
+                for _ in range(60):
+                    started = time.perf_counter()
+                    r = await http.post(f"{gw.url}/v1/chat/completions", json=chat, headers=auth)
+                    out.append((r.status_code, time.perf_counter() - started))
+                    await asyncio.sleep(0.05)
+                return out
+            (answer, took), small = await asyncio.gather(big(), smalls())
+            return answer, took, small
+
+    answer, took, small = asyncio.run(run())
+    assert answer.status_code == 200 and len(answer.content) > 7_000_000
+    assert [status for status, _ in small] == [200] * 60
+    assert max(t for _, t in small) < took / 3, (took, sorted(t for _, t in small)[-5:])
+    watch.alive()
+
+
 def test_the_gateway_is_ready_at_the_end(hostile: tuple[Gateway, Watch]) -> None:
     gw, watch = hostile
     watch.alive()
