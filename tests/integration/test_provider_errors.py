@@ -139,3 +139,12 @@ def test_what_a_provider_says_about_the_gateways_account_never_reaches_the_calle
     for name, value in ACCOUNT_HEADERS:
         assert name not in r.headers, name
         assert value.split(";")[0] not in r.text
+
+
+@pytest.mark.parametrize("status", [401, 400, 503])
+def test_an_error_labelled_as_a_stream_is_read_whole_like_any_error(gw: Gateway, status: int) -> None:
+    r = chat(gw, "private-chat", {"x-mock-status": str(status), "x-mock-error-echo-credential": "1",
+                                  "x-mock-content-type": "text/event-stream"}, stream=True)
+    assert r.status_code == (502 if status == 401 else status), r.text
+    assert r.json()["error"]["code"] in ("provider_auth_failed", "provider_error", None)
+    assert_no_credential(gw, r.text)
