@@ -175,7 +175,9 @@ static_resources:
                   request_id: "%REQ(X-REQUEST-ID)%"
                   start_time: "%START_TIME%"
                   method: "%REQ(:METHOD)%"
-                  path: "%PATH(NQ)%"  # never the query string: a caller may put a key there
+                  # The endpoint's path, or "(unknown)" as in the ext_proc's line: a caller may
+                  # put a key in a query string or a path of its own making.
+                  path: "%CEL(request.url_path in ['/v1/chat/completions', '/v1/embeddings', '/v1/responses', '/v1/messages', '/v1/models', '/v1/usage'] ? request.url_path : '(unknown)')%"
                   status: "%RESPONSE_CODE%"
                   error_code: "%RESP(X-GATEWAY-ERROR-CODE)%"
                   details: "%RESPONSE_CODE_DETAILS%"
@@ -184,6 +186,10 @@ static_resources:
                   backend: "%UPSTREAM_METADATA(gw:backend)%"
                   attempts: "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"
                   duration_ms: "%DURATION%"
+                formatters:
+                - name: envoy.formatter.cel
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.formatter.cel.v3.Cel
           route_config:
             name: models
             virtual_hosts:
