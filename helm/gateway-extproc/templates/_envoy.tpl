@@ -102,7 +102,9 @@ static_resources:
           {{- with include "gateway-extproc.envoyTracing" $ }}{{ . | trim | nindent 10 }}{{ end }}
           use_remote_address: true
           forward_client_cert_details: {{ $chain.xfcc }}
-          set_current_client_cert_details: {uri: true, dns: true}
+          # The certificate itself too: the ext_proc reads its SANs exactly (URI and DNS values are
+          # written unquoted, where a SAN holding `;DNS=` would read as two).
+          set_current_client_cert_details: {uri: true, dns: true, cert: true}
           always_set_request_id_in_response: true
           # A client has this long to send its whole request (a body trickled byte by byte
           # would else hold its stream for ever); disarmed once the request went upstream,
