@@ -316,6 +316,11 @@ class RouterProcessor:
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
                           metrics.attempt_outcome(self.status)).inc()
         remove: tuple[str, ...] = ("x-envoy-attempt-count",) if attempts else ()
+        if 300 <= self.status < 400 and self.error_code is None and self.answered_by() is not None:
+            # A provider's redirect is not followed (its target is no backend Envoy knows) nor
+            # passed on: it would send the caller around the gateway to the provider's URL.
+            return self.reject(GatewayError("provider_error", f"The provider answered HTTP {self.status}, a "
+                                            "redirect the gateway does not follow; check the backend's baseURL."))
         if 200 <= self.status < 300 and not msg.end_of_stream and _encoded(h):
             # The chart asks providers for `identity`; a compressed answer anyway cannot be
             # accounted or scanned, so it is not forwarded (and is charged at its reservation).

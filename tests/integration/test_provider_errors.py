@@ -148,3 +148,12 @@ def test_an_error_labelled_as_a_stream_is_read_whole_like_any_error(gw: Gateway,
     assert r.status_code == (502 if status == 401 else status), r.text
     assert r.json()["error"]["code"] in ("provider_auth_failed", "provider_error", None)
     assert_no_credential(gw, r.text)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@pytest.mark.parametrize("model", ["private-chat", "default-chat", "claude-chat"])
+def test_a_providers_redirect_is_neither_followed_nor_passed_on(gw: Gateway, model: str, status: int) -> None:
+    r = chat(gw, model, {"x-mock-status": str(status), "x-mock-error-echo-credential": "1"})
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "provider_error" and "location" not in r.headers
+    assert_no_credential(gw, r.text)
