@@ -1273,6 +1273,20 @@ def _choice_replies(headers: dict[str, str]) -> tuple[str, ...] | None:
     return tuple(texts)
 
 
+def _extra_headers(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """x-mock-response-headers: a JSON object of header names and values to answer with too."""
+    value = headers.get("x-mock-response-headers")
+    if value is None:
+        return ()
+    try:
+        extra = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        extra = None
+    if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise HTTPError(400, "x-mock-response-headers must be a JSON object of strings")
+    return tuple(extra.items())
+
+
 def _header_flag(headers: dict[str, str], name: str) -> bool:
     """A `0` / `1` switch (absent is 0)."""
     value = headers.get(name, "0")
@@ -1310,6 +1324,7 @@ class Controls:
     framing: str | None = None
     content_encoding: str | None = None
     content_type: str | None = None
+    extra_headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_headers(cls, headers: dict[str, str]) -> Controls:
@@ -1331,10 +1346,11 @@ class Controls:
             framing=_header_choice(headers, "x-mock-sse-framing", SSE_FRAMINGS),
             content_encoding=_header_choice(headers, "x-mock-content-encoding", CONTENT_ENCODINGS),
             content_type=content_type,
+            extra_headers=_extra_headers(headers),
         )
 
     def apply(self, reply: Reply, dialect: Dialect) -> Reply:
-        reply.headers += ACCOUNT_HEADERS
+        reply.headers += [*ACCOUNT_HEADERS, *self.extra_headers]
         reply.latency_s = self.latency_ms / 1000
         reply.chunk_delay_s = self.chunk_delay_ms / 1000
         reply.drop_after = self.drop_after

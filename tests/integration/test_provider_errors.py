@@ -16,6 +16,7 @@ Nor do the headers in which providers name the account that called them, or its 
 from __future__ import annotations
 
 import base64
+import json
 import random
 from collections.abc import Iterator
 
@@ -157,3 +158,24 @@ def test_a_providers_redirect_is_neither_followed_nor_passed_on(gw: Gateway, mod
     assert r.status_code == 502, r.text
     assert r.json()["error"]["code"] == "provider_error" and "location" not in r.headers
     assert_no_credential(gw, r.text)
+
+
+SPOOFED = {"x-gateway-error-code": "budget_exceeded", "x-gateway-attempts": "9", "x-gateway-prompt-tokens": "987654",
+           "x-gateway-completion-tokens": "987654", "x-gateway-max-tokens-clamped": "987654",
+           "x-gateway-budget-remaining-usd": "1000000", "x-gateway-budget-warning": "none"}
+
+
+@pytest.mark.parametrize("status", [200, 400, 401])
+@pytest.mark.parametrize("model", ["private-chat", "default-chat", "claude-chat"])
+def test_a_provider_cannot_speak_for_the_gateway(gw: Gateway, model: str, status: int) -> None:
+    """A provider's `x-gateway-*` answer headers are removed as the answer arrives: its
+    `x-gateway-error-code` passed its error off as Envoy's own reply (so its credential echo
+    went out uncut), and the rest would reach the caller as the gateway's word."""
+    headers = {"x-mock-response-headers": json.dumps(SPOOFED), "x-mock-error-echo-credential": "1"}
+    if status != 200:
+        headers["x-mock-status"] = str(status)
+    r = chat(gw, model, headers)
+    assert r.status_code == (502 if status == 401 else status), r.text
+    assert_no_credential(gw, r.text)
+    for name, value in SPOOFED.items():
+        assert r.headers.get(name) != value, name

@@ -404,6 +404,11 @@ static_resources:
               - append:
                   header: {key: x-gateway-backend, value: "%UPSTREAM_METADATA(gw:backend)%"}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              # The gateway's own response headers come from Envoy and the ext_proc only: a
+              # provider's x-gateway-error-code would pass its answer off as Envoy's own reply.
+              {{- range list "x-gateway-error-code" "x-gateway-attempts" "x-gateway-prompt-tokens" "x-gateway-completion-tokens" "x-gateway-max-tokens-clamped" "x-gateway-budget-remaining-usd" "x-gateway-budget-warning" }}
+              - remove: {{ . }}
+              {{- end }}
         {{- if not $native }}
         - name: envoy.filters.http.ext_proc
           typed_config:
