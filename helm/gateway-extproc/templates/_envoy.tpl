@@ -177,9 +177,7 @@ static_resources:
                   request_id: "%REQ(X-REQUEST-ID)%"
                   start_time: "%START_TIME%"
                   method: "%REQ(:METHOD)%"
-                  # The endpoint's path, or "(unknown)" as in the ext_proc's line: a caller may
-                  # put a key in a query string or a path of its own making.
-                  path: "%CEL(request.url_path in ['/v1/chat/completions', '/v1/embeddings', '/v1/responses', '/v1/messages', '/v1/models', '/v1/usage'] ? request.url_path : '(unknown)')%"
+                  path: {{ include "gateway-extproc.loggedPath" $ | quote }}
                   status: "%RESPONSE_CODE%"
                   error_code: "%RESP(X-GATEWAY-ERROR-CODE)%"
                   details: "%RESPONSE_CODE_DETAILS%"
