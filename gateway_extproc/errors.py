@@ -60,7 +60,7 @@ CODES: dict[str, int] = {
     "gateway_internal_error": 500,
     "upstream_stream_interrupted": 502,  # only ever sent as a stream's last event
     "provider_auth_failed": 502,  # the provider refused the gateway's own credential
-    "provider_error": 502,  # a translated provider's error; clients get the provider's own status
+    "provider_error": 502,  # a provider error put in the OpenAI shape; clients get the provider's own status
 }
 
 
