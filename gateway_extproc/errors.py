@@ -59,7 +59,8 @@ CODES: dict[str, int] = {
     "provider_credential_missing": 500,
     "gateway_internal_error": 500,
     "upstream_stream_interrupted": 502,  # only ever sent as a stream's last event
-    "provider_error": 502,  # a translated provider's error; clients get the provider's own status
+    "provider_auth_failed": 502,  # the provider refused the gateway's own credential
+    "provider_error": 502,  # a provider error put in the OpenAI shape; clients get the provider's own status
 }
 
 

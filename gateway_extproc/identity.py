@@ -17,10 +17,14 @@ Envoy did, and a request only reaches this code after it did.
 
 from __future__ import annotations
 
+import functools
 import hmac
+import urllib.parse
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, Protocol
+
+from cryptography import x509
 
 from . import keys
 from .config import GatewayConfig, VirtualKey
@@ -107,15 +111,20 @@ def xfcc_pairs(value: str) -> list[tuple[str, str]]:
 def workload_sans(headers: dict[str, str]) -> list[tuple[str, str]]:
     """The verified SANs of the calling workload: URI SANs (SPIFFE IDs) first, then DNS.
 
-    Envoy writes URI and DNS values unquoted, so a CA-signed SAN holding `;URI=…` (or a
-    quote) reads as one more SAN: a certificate for `…/ns/other/sa/x;URI=spiffe://…/payments`
-    would pass for payments. What such a SAN makes is refused: several URI SANs (an
-    X.509-SVID has exactly one SPIFFE ID), a URI after a DNS SAN (Envoy writes URIs first),
-    or a value holding a quote."""
+    Read from the certificate itself when Envoy forwards it (XFCC `Cert`, which the chart
+    asks for): exactly the SANs the CA signed, whatever characters they hold. Else (a trusted
+    proxy's XFCC without it) from the `URI` and `DNS` pairs, which Envoy writes unquoted: a
+    CA-signed SAN holding `;URI=…` (or a quote) then reads as one more SAN, so what such a
+    SAN makes is refused there, as from the certificate: several URI SANs (an X.509-SVID has
+    exactly one SPIFFE ID), a URI after a DNS SAN (Envoy writes URIs first), or a value
+    holding a quote."""
     xfcc = headers.get(XFCC)
     if not xfcc:
         return []
-    pairs = [(k, v) for k, v in xfcc_pairs(xfcc) if k in ("uri", "dns") and v]
+    first = xfcc_pairs(xfcc)
+    cert = next((v for k, v in first if k == "cert" and v), None)
+    pairs = list(certificate_sans(cert)) if cert is not None else [
+        (k, v) for k, v in first if k in ("uri", "dns") and v]
     kinds = [k for k, _ in pairs]
     if kinds.count("uri") > 1 or ("dns" in kinds and "uri" in kinds[kinds.index("dns"):]) \
             or any('"' in v for _, v in pairs):
@@ -123,6 +132,22 @@ def workload_sans(headers: dict[str, str]) -> list[tuple[str, str]]:
                            "ambiguous (several URI SANs, or a SAN holding `;`, `,` or a quote); a workload "
                            "certificate carries exactly one SPIFFE ID.")
     return [("spiffe" if k == "uri" else "dns", v) for k, v in pairs]
+
+
+@functools.lru_cache(maxsize=1024)
+def certificate_sans(encoded: str) -> tuple[tuple[str, str], ...]:
+    """("uri" | "dns", value) of a URL-encoded PEM certificate, URIs first (Envoy verified it;
+    cached: a workload presents the same certificate on every request)."""
+    try:
+        cert = x509.load_pem_x509_certificate(urllib.parse.unquote(encoded).encode("latin-1"))
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    except ValueError:
+        raise GatewayError("identity_conflict", "The client certificate Envoy forwarded could not be read.") from None
+    return tuple([("uri", u) for u in names.get_values_for_type(x509.UniformResourceIdentifier)]
+                 + [("dns", d) for d in names.get_values_for_type(x509.DNSName)])
+
 
 def token_principal(provider: OidcProvider, claims: dict[str, Any]) -> tuple[str | None, str | None]:
     """(user, team) from one issuer's verified claims; team None when nothing maps."""

@@ -1050,6 +1050,21 @@ def _bearer(headers: dict[str, str]) -> list[str]:
     return [token.strip()] if scheme.lower() == "bearer" else []
 
 
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+
+
+def _told(error: HTTPError, headers: dict[str, str]) -> HTTPError:
+    """An error as a careless provider words it: `x-mock-error-message-base64` replaces the
+    message (a provider quoting anything), `x-mock-error-echo-credential: 1` appends the
+    credential it was presented, whole (as some OpenAI-compatible servers do)."""
+    told = headers.get("x-mock-error-message-base64")
+    message = base64.b64decode(told).decode() if told else error.message
+    if _header_flag(headers, "x-mock-error-echo-credential"):
+        message += " Presented: " + ", ".join(headers[h] for h in _CREDENTIAL_HEADERS if h in headers)
+    error.message = message
+    return error
+
+
 def _header(headers: dict[str, str], name: str) -> list[str]:
     return [headers[name]] if name in headers else []
 
@@ -1103,6 +1118,12 @@ def _admit_gemini(request: Request, api_key: str | None) -> None:
                     "Please use API Key or other form of API consumer identity to call this API.")
 
 
+# What real providers send on every answer about the account that called them (OpenAI's
+# organization and project, Anthropic's organization, a CDN's session cookie), which the
+# gateway's callers must not see: it is the gateway's account.
+ACCOUNT_HEADERS = [("openai-organization", "mock-org-7f3a"), ("openai-project", "proj_mock7f3a"),
+                   ("anthropic-organization-id", "mock-org-id-7f3a"),
+                   ("set-cookie", "__cf_bm=mock-provider-session-7f3a; path=/; HttpOnly")]
 GARBAGE_KINDS = ("json", "shape", "bytes", "error")
 _ERROR_TEXT = "The server had an error while processing your request."
 CONTENT_ENCODINGS = ("gzip", "deflate")
@@ -1277,6 +1298,20 @@ def _choice_replies(headers: dict[str, str]) -> tuple[str, ...] | None:
     return tuple(texts)
 
 
+def _extra_headers(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """x-mock-response-headers: a JSON object of header names and values to answer with too."""
+    value = headers.get("x-mock-response-headers")
+    if value is None:
+        return ()
+    try:
+        extra = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        extra = None
+    if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise HTTPError(400, "x-mock-response-headers must be a JSON object of strings")
+    return tuple(extra.items())
+
+
 def _header_flag(headers: dict[str, str], name: str) -> bool:
     """A `0` / `1` switch (absent is 0)."""
     value = headers.get(name, "0")
@@ -1314,6 +1349,7 @@ class Controls:
     framing: str | None = None
     content_encoding: str | None = None
     content_type: str | None = None
+    extra_headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_headers(cls, headers: dict[str, str]) -> Controls:
@@ -1335,9 +1371,11 @@ class Controls:
             framing=_header_choice(headers, "x-mock-sse-framing", SSE_FRAMINGS),
             content_encoding=_header_choice(headers, "x-mock-content-encoding", CONTENT_ENCODINGS),
             content_type=content_type,
+            extra_headers=_extra_headers(headers),
         )
 
     def apply(self, reply: Reply, dialect: Dialect) -> Reply:
+        reply.headers += [*ACCOUNT_HEADERS, *self.extra_headers]
         reply.latency_s = self.latency_ms / 1000
         reply.chunk_delay_s = self.chunk_delay_ms / 1000
         reply.drop_after = self.drop_after
@@ -1349,7 +1387,7 @@ class Controls:
             # as a provider (or a proxy in front of it) that recovers would.
             text = (_REPLY_OVERRIDE.get() or "") if self.garbage_reply else None
             reply.events.insert(self.garbage_after, dialect.garbage(self.garbage, text))
-        elif self.garbage_after is not None and 200 <= reply.status < 300:
+        elif self.garbage_after is not None and reply.body is not None:  # an answer or an error
             whole = orjson.dumps(reply.body)
             reply.raw = {"json": whole[:len(whole) // 2], "shape": b'["oops"]'}.get(self.garbage, _JUNK_BYTES)
         reply.chunk_bytes = self.chunk_bytes
@@ -1438,6 +1476,12 @@ class MockApp:
         return controls.apply(reply, route.dialect)
 
     def _answer(self, route: Route, params: dict[str, str], request: Request, controls: Controls) -> Reply:
+        try:
+            return self._admitted(route, params, request, controls)
+        except HTTPError as error:
+            raise _told(error, request.headers) from None
+
+    def _admitted(self, route: Route, params: dict[str, str], request: Request, controls: Controls) -> Reply:
         route.dialect.admit(request, self.api_key)
         if controls.status is not None and controls.status >= 300:
             raise HTTPError(controls.status, "Mock error requested via x-mock-status.")
@@ -1448,7 +1492,8 @@ class MockApp:
                 target = "every model" if behaviour.model == WILDCARD else f"model {behaviour.model!r}"
                 raise HTTPError(behaviour.status, f"Mock error configured for {target}.")
         reply_b64 = request.headers.get("x-mock-reply-base64")  # any Unicode reply (headers are ASCII)
-        _REPLY_OVERRIDE.set(base64.b64decode(reply_b64).decode() if reply_b64 else request.headers.get("x-mock-reply"))
+        reply = base64.b64decode(reply_b64).decode() if reply_b64 else request.headers.get("x-mock-reply")
+        _REPLY_OVERRIDE.set(reply * (_header_int(request.headers, "x-mock-reply-repeat") or 1) if reply else reply)
         h = request.headers
         _QUIRKS.set(Quirks(_header_int(h, "x-mock-reply-words"), _header_int(h, "x-mock-ignore-max-tokens") == 1,
                            _header_int(h, "x-mock-usage-completion-tokens"), _choice_replies(h),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import helm_python
 import pytest
 import yaml
 
-from gateway_extproc import config
+from gateway_extproc import api, config
 from gateway_extproc.localstack import envoy_binary
+from gateway_extproc.processors.router import UNKNOWN_PATH
 from gateway_extproc.render import CHART, RenderError, chart_values, render_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +110,19 @@ def test_every_attempt_is_logged_by_envoy() -> None:
     fmt = router["typed_config"]["upstream_log"][0]["typed_config"]["log_format"]["json_format"]
     assert fmt["event"] == "upstream_attempt"
     assert {"request_id", "start_time", "backend", "status", "flags"} <= set(fmt)
+
+
+def test_envoys_logs_and_spans_name_the_endpoints_the_ext_proc_names() -> None:
+    """Envoy's envoy_error line and span URL tag (a CEL list in the chart) name the same paths
+    as the ext_proc's access line; anything else is "(unknown)" in both."""
+    values = copy.deepcopy(chart_values([LOCAL]))
+    values["tracing"]["otlp"] = {"address": "127.0.0.1", "port": 4317}
+    envoy = render_values(values)["envoy.yaml"]
+    expressions = re.findall(r"%CEL\(request\.url_path in \[([^\]]*)\] \? request\.url_path : '([^']*)'\)%", envoy)
+    assert len(expressions) == 2  # the envoy_error line and the spans' http.url
+    for listed, unknown in expressions:
+        assert set(re.findall(r"'([^']*)'", listed)) == {*api.FORWARDED, api.MODELS_PATH, api.USAGE_PATH}
+        assert unknown == UNKNOWN_PATH
 
 
 def test_no_credential_value_is_ever_rendered(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def test_xfcc_is_sanitized_except_from_trusted_proxies() -> None:
     assert direct["forward_client_cert_details"] == "SANITIZE_SET"
     assert proxy["forward_client_cert_details"] == "APPEND_FORWARD"
     for hcm in (direct, proxy):
-        assert hcm["set_current_client_cert_details"] == {"uri": True, "dns": True}
+        assert hcm["set_current_client_cert_details"] == {"uri": True, "dns": True, "cert": True}
     # Both chains are the same listener otherwise (TLS, routes, filters).
     assert chains["direct"]["transport_socket"] == chains["trusted_proxy"]["transport_socket"]
     assert direct["route_config"] == proxy["route_config"] and direct["http_filters"] == proxy["http_filters"]

@@ -4,9 +4,12 @@ a translator that cannot read the provider's bytes never breaks the client's ans
 from __future__ import annotations
 
 import orjson
+import pytest
+from hypothesis import given, settings, strategies as st
 
 from gateway_extproc.config import Backend, Provider
-from gateway_extproc.processors.provider_response import ProviderResponse
+from gateway_extproc.errors import GatewayError
+from gateway_extproc.processors.provider_response import ProviderResponse, client_error
 
 ANTHROPIC = Backend("claude/claude-x", Provider("claude", "anthropic", "https://api.example/v1", "/v1", None, None),
                     "claude-x", 0, 1)
@@ -40,3 +43,50 @@ def test_an_answer_is_read_as_what_was_asked_for_whatever_its_label() -> None:
     assert ProviderResponse(ANTHROPIC, 200, streamed=True).stream is not None
     assert ProviderResponse(ANTHROPIC, 200, streamed=False).stream is None
     assert ProviderResponse(ANTHROPIC, 429, streamed=True).stream is None  # an error is a JSON body
+
+
+# -- a provider's error as the client gets it (client_error) ------------------------------
+
+KEY = "sk-live-0123456789abcdefghij"
+
+
+def test_a_401_is_the_gateways_credential_refused_without_the_providers_words() -> None:
+    with pytest.raises(GatewayError) as raised:
+        client_error(401, orjson.dumps({"error": {"message": f"Incorrect API key provided: {KEY}"}}), KEY, "p/m", None)
+    assert raised.value.code == "provider_auth_failed" and raised.value.status == 502
+    assert KEY not in raised.value.body().decode() and "Incorrect" not in raised.value.body().decode()
+
+
+def test_non_openai_error_bodies_arrive_in_the_openai_shape_with_the_providers_message() -> None:
+    for raw, said in [(b"<html>502 Bad Gateway</html>", None), (b'{"detail": "Model is loading"}', "Model is loading"),
+                      (b'{"error": "quota"}', "quota"), (b'\xff\xfe', None), (b"[1, 2]", None)]:
+        error = orjson.loads(client_error(503, raw, KEY, "p/m", None))["error"]
+        assert error["code"] == "provider_error" and error["type"] == "server_error"
+        assert (said in error["message"]) if said else "no OpenAI error object" in error["message"]
+
+
+def test_an_openai_error_keeps_its_fields() -> None:
+    raw = orjson.dumps({"error": {"message": "context too long", "type": "invalid_request_error",
+                                  "code": "context_length_exceeded", "param": "messages"}})
+    assert orjson.loads(client_error(400, raw, KEY, "p/m", None)) == orjson.loads(raw)
+
+
+def _escaped(text: str) -> bytes:
+    """JSON as a careless encoder writes it: `/` escaped, every non-letter as \\uXXXX."""
+    return ("".join(c if c.isalnum() else f"\\u{ord(c):04x}" for c in text)).encode()
+
+
+@settings(max_examples=300)
+@given(before=st.text(max_size=60), after=st.text(max_size=60),
+       wrap=st.sampled_from(["json", "detail", "text", "escaped"]),
+       credential=st.sampled_from([KEY, "AKIAEXAMPLEKEYID0000:wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"]),
+       part=st.sampled_from([0, 1, 2]))
+def test_the_credential_never_survives_wherever_a_provider_puts_it(before: str, after: str, wrap: str,
+                                                                   credential: str, part: int) -> None:
+    shown = (credential, *credential.split(":"))[min(part, credential.count(":") + 1)]
+    said = before + shown + after
+    raw = {"json": orjson.dumps({"error": {"message": said, "type": "x", "code": None, "param": None}}),
+           "detail": orjson.dumps({"detail": said}), "text": said.encode(),
+           "escaped": b'{"error": {"message": "' + _escaped(said) + b'"}}'}[wrap]
+    out = client_error(400, raw, credential, "p/m", None).decode()
+    assert shown not in out and shown not in orjson.loads(out)["error"]["message"]

@@ -25,7 +25,7 @@ import orjson
 import structlog
 
 from ..config import Backend, Classification, Limits, Model, VirtualKey
-from ..errors import GatewayError, error_body
+from ..errors import GatewayError
 from ..telemetry import metrics
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS, canonical_event
@@ -397,28 +397,40 @@ WITHHELD_ERROR = "The provider sent an error whose message output scanning withh
 
 def scanned_error(policy: Policy, params: DecisionParams, team: str, event: bytes) -> bytes:
     """A stream's error event (`data: {"error": ...}`, usually the provider's own, passed on
-    by a translator) scanned like generated text: providers put anything in a message, the
-    answer's text included. A value that is redacted is redacted in place; one that blocks
-    (or a message that cannot be read) replaces the error with a `provider_error` saying it
-    was withheld. `[DONE]` goes as it is."""
+    by a translator) scanned like generated text (`scanned_error_object`). `[DONE]` goes as
+    it is."""
     if event.startswith(b"data: [DONE]"):
         return event
     try:
         error = orjson.loads(event_data(event) or b"")
     except orjson.JSONDecodeError:
         error = None
+    scanned = scanned_error_object(policy, params, team, error)
+    return event if scanned is error else b"data: " + orjson.dumps(scanned) + b"\n\n"
+
+
+def scanned_error_object(policy: Policy, params: DecisionParams, team: str, error: Any) -> dict[str, Any]:
+    """A provider's error object (a stream's error event, a non-2xx answer) scanned like
+    generated text: providers put anything in a message, the answer's text or the request's
+    included. The same object when nothing is to change; a value that is redacted is redacted
+    in place (a copy); one that blocks, or an object that cannot be read, gives a
+    `provider_error` saying the error was withheld."""
     strings = walk_strings(error) if isinstance(error, dict) else LimitExceeded("no error object")
     if isinstance(strings, LimitExceeded):
-        return b"data: " + error_body(WITHHELD_ERROR, "server_error", "provider_error") + b"\n\n"
+        return _withheld()
     findings = policy.scanner.scan_strings(strings)
     decision = policy.scanner.decide(findings, params) if findings else None
     if decision is None or not (decision.block or decision.redact):
-        return event
+        return error
     record(decision, team, params.mode, "response")
     if decision.block:
-        return b"data: " + error_body(WITHHELD_ERROR, "server_error", "provider_error") + b"\n\n"
+        return _withheld()
     replacements = iter(redact_strings(strings, decision.redact, PlaceholderMap())[0])
-    return b"data: " + orjson.dumps(map_strings(error, lambda _s: next(replacements))) + b"\n\n"
+    return map_strings(error, lambda _s: next(replacements))
+
+
+def _withheld() -> dict[str, Any]:
+    return {"error": {"message": WITHHELD_ERROR, "type": "server_error", "code": "provider_error", "param": None}}
 
 
 # Strings of a choice that are the provider's labels, not generated text (and binary data).

@@ -14,9 +14,14 @@ answer becomes a `provider_error` (JSON) or ends with one error event (stream).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import orjson
 import structlog
 
 from ..config import Backend
+from ..errors import GatewayError, error_body, error_type
 from ..providers import TRANSLATORS
 from ..providers.base import GuardedStream, guarded_response
 
@@ -62,3 +67,46 @@ class ProviderResponse:
             log.warning("provider_response_unreadable", backend=self.backend.id, status=self.status,
                         exc_info=failure)
         return out
+
+
+CREDENTIAL_CUT = "[credential removed]"
+_MESSAGE_KEYS = ("message", "detail", "error")  # where non-OpenAI error bodies put their words
+
+
+def client_error(status: int, raw: bytes, credential: str | None, backend: str,
+                 scan: Callable[[dict[str, Any]], dict[str, Any]] | None) -> bytes:
+    """A provider's error answer (status >= 400) as the client gets it, or `GatewayError`
+    `provider_auth_failed` for a 401.
+
+    - 401: the provider refused the gateway's own credential (callers never present theirs to
+      a provider), so the caller's SDK must not report its own key as wrong; the provider's
+      words are dropped, since providers quote the key they refused (OpenAI its last four
+      characters, others all of it).
+    - Any other status: an OpenAI error object goes on with the credential's value cut wherever
+      it appears; anything else (an HTML page from a proxy, FastAPI's `{"detail": ...}`)
+      becomes a `provider_error` carrying the provider's message, so every client reads one
+      error shape.
+    - `scan`: output scanning's check of the object (`classification.scanned_error_object`)."""
+    if status == 401:
+        raise GatewayError("provider_auth_failed", f"The provider refused the gateway's credential for backend "
+                           f"{backend!r}; the platform team must replace it (docs/runbooks.md).")
+    text = raw.decode("utf-8", "replace")
+    try:  # JSON in one spelling (a provider may escape `/` or any character as \uXXXX)
+        body, text = None, orjson.dumps(orjson.loads(text)).decode()
+    except orjson.JSONDecodeError:
+        body = None
+    for part in (credential, *credential.split(":")) if credential else ():  # Bedrock's is "key id:secret"
+        if len(part) >= 8 and part in text:
+            text = text.replace(part, CREDENTIAL_CUT)
+    try:
+        body = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
+        said = next((v for k in _MESSAGE_KEYS if isinstance(v := (body or {}).get(k), str) and v.strip()), None) \
+            if isinstance(body, dict) else None
+        message = f"The provider answered HTTP {status}" + (f": {said}" if said else " with no OpenAI error object.")
+        body = orjson.loads(error_body(message, error_type(status), "provider_error"))
+    if scan is not None:
+        body = scan(body)
+    return orjson.dumps(body)

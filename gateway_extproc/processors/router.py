@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from datetime import datetime, timezone
 from typing import NamedTuple
 
@@ -30,14 +31,14 @@ from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES
 from ..providers.base import openai_error, sse
-from ..policy.classification import Policy, ResponseGuard, Verdict, content_for_log
+from ..policy.classification import Policy, ResponseGuard, Verdict, content_for_log, scanned_error_object
 from ..policy.headers import Header, HeaderEdit, forwarded
 from ..policy.responses_output import ResponsesGuard
 from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_object
 from . import responses as r
-from .provider_response import ProviderResponse
+from .provider_response import ProviderResponse, client_error
 
 access_log = structlog.get_logger("gateway_extproc.access")
 log = structlog.get_logger("gateway_extproc.router")
@@ -131,7 +132,7 @@ class RouterProcessor:
         if kind == "response_headers":
             return self.response_headers(req.response_headers)
         if kind == "response_body":
-            return self.response_body(req.response_body)
+            return await self.response_body(req.response_body)
         raise ValueError(f"unexpected ext_proc message {kind}")
 
     # -- request -------------------------------------------------------------------------
@@ -333,6 +334,11 @@ class RouterProcessor:
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
                           metrics.attempt_outcome(self.status)).inc()
         remove: tuple[str, ...] = ("x-envoy-attempt-count",) if attempts else ()
+        if 300 <= self.status < 400 and self.error_code is None and self.answered_by() is not None:
+            # A provider's redirect is not followed (its target is no backend Envoy knows) nor
+            # passed on: it would send the caller around the gateway to the provider's URL.
+            return self.reject(GatewayError("provider_error", f"The provider answered HTTP {self.status}, a "
+                                            "redirect the gateway does not follow; check the backend's baseURL."))
         if 200 <= self.status < 300 and not msg.end_of_stream and _encoded(h):
             # The chart asks providers for `identity`; a compressed answer anyway cannot be
             # accounted or scanned, so it is not forwarded (and is charged at its reservation).
@@ -343,16 +349,17 @@ class RouterProcessor:
             self.log()
             return r.response_headers(r.common(r.mutation(added, remove)))
         content_type = h.get("content-type", "").partition(";")[0].strip().lower()
-        backend = self.runtime.config.backends.get(self.backend or "")
+        backend = self.answered_by()
         if ProviderResponse.needed(backend):
             assert backend is not None
             self.provider = ProviderResponse(backend, self.status, self.stream)
             content_type = "text/event-stream" if self.provider.stream is not None else "application/json"
             added["content-type"] = content_type
         # A stream the client asked for is read as one whatever its label (a provider or proxy
-        # that mislabels it must not slip past usage and output scanning).
-        if content_type == "text/event-stream" or (self.stream and 200 <= self.status < 300
-                                                   and content_type != "application/json"):
+        # that mislabels it must not slip past usage and output scanning). A provider's error is
+        # read whole whatever its label (`client_error`).
+        if self.status < 400 and content_type == "text/event-stream" or (
+                self.stream and 200 <= self.status < 300 and content_type != "application/json"):
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None,
                                    self.cut_after, named=self.endpoint is api.RESPONSES)
             if self.prompt_tokens is not None:
@@ -382,7 +389,7 @@ class RouterProcessor:
             headers["x-gateway-max-tokens-clamped"] = str(self.clamped)
         return headers
 
-    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+    async def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         if self.first_byte is None:
             self.first_byte = time.monotonic()
         if self.tap is not None:
@@ -409,7 +416,24 @@ class RouterProcessor:
             if out is None and self.provider is not None:
                 out = data
             return r.response_body(r.common(body=out) if out is not None else None)
-        raw = msg.body if self.provider is None else self.provider.body(msg.body)
+        # A large answer is read off the event loop (10 MB of text takes seconds to scan),
+        # as a large request is; the access line and the settlement stay on it.
+        read = await asyncio.to_thread(self.read_whole, msg.body) if len(msg.body) > LARGE_BYTES \
+            else self.read_whole(msg.body)
+        new_body, status_changed = read
+        self.log()
+        headers = self.token_headers()
+        if status_changed:
+            headers[":status"] = str(self.status)
+        if new_body is not None:
+            headers["content-length"] = str(len(new_body))
+        return r.response_body(r.common(r.mutation(headers), new_body))
+
+    def read_whole(self, body: bytes) -> tuple[bytes | None, bool]:
+        """A whole (buffered) answer: its usage read, translated, scanned or, for an error,
+        made fit for the client (`client_error`). The body to send instead, if any, and
+        whether the status changed."""
+        raw = body if self.provider is None else self.provider.body(body)
         new_body = None if self.provider is None else raw
         # An unreadable provider answer under a 2xx goes out as 502 (provider_response.py).
         status = self.status if self.provider is None else self.provider.status
@@ -430,13 +454,20 @@ class RouterProcessor:
                 if new_body is None:  # no chat completion to translate: not an answer
                     new_body, self.status, status_changed = openai_error(
                         502, f"The provider answered HTTP {status} with a body the gateway could not read."), 502, True
-        self.log()
-        headers = self.token_headers()
-        if status_changed:
-            headers[":status"] = str(self.status)
-        if new_body is not None:
-            headers["content-length"] = str(len(new_body))
-        return r.response_body(r.common(r.mutation(headers), new_body))
+        elif self.status >= 400 and self.error_code is None and (backend := self.answered_by()) is not None:
+            guard = self.guard
+            scan = None if guard is None else partial(scanned_error_object, guard.policy, guard.params, guard.team)
+            try:
+                new_body = client_error(self.status, raw, self.runtime.credentials.get(backend.provider.name),
+                                        backend.id, scan)
+            except GatewayError as err:
+                log.warning("provider_refused_credential", backend=backend.id, provider=backend.provider.name)
+                new_body, self.status, status_changed, self.error_code = err.body(), err.status, True, err.code
+        return new_body, status_changed
+
+    def answered_by(self) -> Backend | None:
+        """The backend whose answer this is (Envoy's header from endpoint metadata), if any."""
+        return self.runtime.config.backends.get(self.backend or "")
 
     def held_text(self) -> bytes:
         """What output scanning still holds back, scanned, when the gateway ends a stream early."""

@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from gateway_extproc import keys
 from gateway_extproc.render import render_values
 
 from .conftest import Gateway, running_gateway
@@ -180,10 +182,15 @@ def test_a_provider_response_larger_than_the_buffer_is_upstream_response_too_lar
 def test_an_ext_proc_that_does_not_answer_in_time_is_gateway_unavailable(gw: Gateway) -> None:
     """Envoy's own 504 for an ext_proc message timeout is the gateway's fault, not the provider's."""
     workers = children(gw.stack.procs["extproc"].pid)
+    secret = keys.generate("in-path")  # a path of the caller's making: only the ext_proc would refuse it
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
     try:
-        resp = _chat(gw, "private-chat")
+        with ThreadPoolExecutor(2) as pool:
+            odd = pool.submit(httpx.post, f"{gw.url}/v1/{secret}/chat?key={secret}", timeout=30,
+                              headers={"authorization": f"Bearer {gw.key}"})
+            resp = _chat(gw, "private-chat")
+            odd_resp = odd.result()
     finally:
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
@@ -191,3 +198,8 @@ def test_an_ext_proc_that_does_not_answer_in_time_is_gateway_unavailable(gw: Gat
     assert resp.json()["error"]["code"] == "gateway_unavailable"
     [envoy] = _log_lines(gw, resp.headers["x-request-id"], "envoy_error")
     assert envoy["error_code"] == "gateway_unavailable" and envoy["details"].startswith("ext_proc_error")
+    assert envoy["path"] == "/v1/chat/completions"
+    assert odd_resp.status_code == 503
+    [odd_line] = _log_lines(gw, odd_resp.headers["x-request-id"], "envoy_error")
+    assert odd_line["path"] == "(unknown)"
+    assert secret not in gw.stack.log_path("envoy").read_text(errors="replace")

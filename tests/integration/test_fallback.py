@@ -40,11 +40,20 @@ def behave(gw: Gateway, **behaviour: object) -> None:
     httpx.post(f"{gw.primary}/_mock/behaviour", json={"model": "mock-primary", **behaviour}).raise_for_status()
 
 
-@pytest.mark.parametrize("status", [429, 529, 503])
+@pytest.mark.parametrize("status", [401, 429, 529, 503])
 def test_retriable_statuses_fall_back_to_the_secondary(gw: Gateway, status: int) -> None:
     behave(gw, status=status, times=1)
     resp = ask(gw)
     assert resp.status_code == 200 and resp.headers["x-gateway-backend"] == "mock-backup/mock-secondary"
+    assert resp.headers["x-gateway-attempts"] == "2"
+
+
+def test_every_backend_refusing_the_gateways_credential_is_one_provider_auth_failed(gw: Gateway) -> None:
+    behave(gw, status=401, times=1)
+    httpx.post(f"{gw.backup}/_mock/behaviour", json={"model": "mock-secondary", "status": 401, "times": 1}
+               ).raise_for_status()
+    resp = ask(gw)
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "provider_auth_failed"
     assert resp.headers["x-gateway-attempts"] == "2"
 
 

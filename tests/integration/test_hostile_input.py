@@ -88,9 +88,21 @@ def secret_of(key: str) -> str:
     return key.split("_", 2)[2]
 
 
+def _unlimited(values: dict[str, Any]) -> None:
+    """values-local with every provider kind, and the demo team's $5 a day and 2M tokens a
+    minute out of reach: bursts of 10 MiB prompts here test admission, and small requests
+    sent meanwhile must not meet the budget those prompts spent (tests/integration/
+    test_budget_invariant.py attacks budgets)."""
+    add_provider_models(values)
+    values["budgets"]["orgLimit"] = {"daily": 10**6}
+    for team in values["teams"]:
+        team["budget"] = {"daily": 10**6, "monthly": 10**6}
+        team["rateLimits"] = {"tokensPerMinute": 10**10, "requestsPerMinute": 10**6}
+
+
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[tuple[Gateway, Watch]]:
-    with running_gateway("gw-hostile-", customize=add_provider_models) as gw:
+    with running_gateway("gw-hostile-", customize=_unlimited) as gw:
         yield gw, Watch(gw)
 
 
@@ -706,6 +718,43 @@ def test_a_burst_of_huge_prompts_is_refused_cleanly_and_spares_small_requests(ho
     assert [r.status_code for r in smalls] == [200] * 20, [r.text[:200] for r in smalls if r.status_code != 200]
     watch.alive()
     watch.clean_log(watch.new_log())
+
+
+def test_a_huge_answer_is_scanned_off_the_event_loop(hostile: tuple[Gateway, Watch]) -> None:
+    """An 8 MB answer full of numbers takes output scanning seconds; it blocked the ext_proc's
+    event loop, so every request meanwhile waited as long as the whole answer did. Now it is
+    read in a thread, as a large request is: requests sent meanwhile are served in a fraction
+    of that time (a ratio to the big request's own time, not a fixed bound)."""
+    gw, watch = hostile
+    gw.reset()
+    auth = {"authorization": f"Bearer {gw.key}"}
+    chat = {"model": "private-chat", "messages": HI}
+
+    async def run() -> tuple[httpx.Response, float, list[tuple[int, float]]]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def big() -> tuple[httpx.Response, float]:
+                started = time.perf_counter()
+                r = await http.post(f"{gw.url}/v1/chat/completions", json=chat, headers={
+                    **auth, "x-mock-ignore-max-tokens": "1", "x-mock-reply-repeat": "200000",
+                    "x-mock-reply": "order 12 at 10:30 on 2024-01-01 v1.2.3 ."})
+                return r, time.perf_counter() - started
+
+            async def smalls() -> list[tuple[int, float]]:
+                out = []
+                for _ in range(60):
+                    started = time.perf_counter()
+                    r = await http.post(f"{gw.url}/v1/chat/completions", json=chat, headers=auth)
+                    out.append((r.status_code, time.perf_counter() - started))
+                    await asyncio.sleep(0.05)
+                return out
+            (answer, took), small = await asyncio.gather(big(), smalls())
+            return answer, took, small
+
+    answer, took, small = asyncio.run(run())
+    assert answer.status_code == 200 and len(answer.content) > 7_000_000
+    assert [status for status, _ in small] == [200] * 60
+    assert max(t for _, t in small) < took / 3, (took, sorted(t for _, t in small)[-5:])
+    watch.alive()
 
 
 def test_the_gateway_is_ready_at_the_end(hostile: tuple[Gateway, Watch]) -> None:

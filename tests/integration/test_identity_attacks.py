@@ -520,6 +520,9 @@ def _unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
     return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
 
 
+PAYMENTS_DNS = "api.payments.svc.cluster.local"
+
+
 @pytest.fixture(scope="module")
 def idp() -> Iterator[tuple[Identity, rsa.RSAPrivateKey]]:
     """test_identity's mTLS + OIDC gateway plus a second issuer (its own key, kid
@@ -536,7 +539,8 @@ def idp() -> Iterator[tuple[Identity, rsa.RSAPrivateKey]]:
                            ("foreign-and-unmapped", [uri(FOREIGN), uri(UNMAPPED)]),
                            ("semicolon-in-san", [uri(f"{UNMAPPED};URI={PAYMENTS_API}")]),
                            ("comma-in-san", [uri(f"{UNMAPPED},URI={PAYMENTS_API}")]),
-                           ("quote-in-san", [uri(f'{UNMAPPED}";URI="{PAYMENTS_API}')])):
+                           ("quote-in-san", [uri(f'{UNMAPPED}";URI="{PAYMENTS_API}')]),
+                           ("dns-smuggle", [uri(UNMAPPED), x509.DNSName(f"tool.other.svc;DNS={PAYMENTS_DNS}")])):
             pki.issue(name, sans)
         for sub, src in (("server-tls", (server_crt, server_key)),):
             (root / sub).mkdir()
@@ -563,7 +567,8 @@ def idp() -> Iterator[tuple[Identity, rsa.RSAPrivateKey]]:
             values["identity"] = {
                 "workloads": {"trustDomains": ["cluster.local"], "principals": [
                     {"name": "payments", "spiffe": "spiffe://cluster.local/ns/payments/sa/*", "team": "payments"},
-                    {"name": "payments-batch", "spiffe": PAYMENTS_BATCH, "team": "batch", "models": ["default-chat"]}]},
+                    {"name": "payments-batch", "spiffe": PAYMENTS_BATCH, "team": "batch", "models": ["default-chat"]},
+                    {"name": "payments-dns", "dns": PAYMENTS_DNS, "team": "payments"}]},
                 "oidc": {"providers": [
                     {"name": "corp", "issuer": ISSUER, "audiences": [AUDIENCE], "jwks": {"inline": jwks(corp_key, "test-1")},
                      "teamClaim": "team"},
@@ -661,14 +666,16 @@ def test_a_certificate_with_several_spiffe_ids_is_refused(idp: tuple[Identity, A
     assert ident.get("/v1/usage", "payments-api").json()["team"] == "payments"
 
 
-@pytest.mark.parametrize(("client", "code"), [("semicolon-in-san", "identity_conflict"),
+@pytest.mark.parametrize(("client", "code"), [("semicolon-in-san", "identity_not_mapped"),
                                               ("quote-in-san", "identity_conflict"),
-                                              ("comma-in-san", "identity_not_mapped")])
+                                              ("comma-in-san", "identity_not_mapped"),
+                                              ("dns-smuggle", "identity_not_mapped")])
 def test_a_san_that_smuggles_xfcc_syntax_names_no_other_workload(idp: tuple[Identity, Any], client: str,
                                                                   code: str) -> None:
     """A CA-signed URI SAN in the caller's own namespace holding ';URI=…', '";URI="…' or
-    ',URI=…' (which a CA policy such as `spiffe://cluster.local/ns/other/*` lets through)
-    is never read as the payments workload it names."""
+    ',URI=…' (which a CA policy such as `spiffe://cluster.local/ns/other/*` lets through),
+    or a DNS SAN holding ';DNS=<a mapped name>', is never read as the payments workload it
+    names: the ext_proc reads the SANs from the certificate Envoy forwards, as signed."""
     ident, _ = idp
     r = ident.get("/v1/usage", client)
     assert r.status_code == 403 and error_code(r) == code, r.text

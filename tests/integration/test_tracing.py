@@ -15,6 +15,8 @@ import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from gateway_extproc import keys
+
 from .conftest import Gateway, running_gateway
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -207,3 +209,30 @@ def test_envoy_and_extproc_spans_form_one_trace(envoy_traced) -> None:
     assert attempt.parent_span_id == root.span_id
     assert attrs(attempt)["upstream_address"] == gw.primary.removeprefix("http://")
     assert attrs(attempt)["http.status_code"] == "200"
+
+
+def test_envoy_spans_carry_no_caller_path_query_or_agent(envoy_traced) -> None:
+    """Envoy's tracer tags its spans with the request's URL, user agent and x-client-trace-id
+    as the caller sent them; a caller may put a key in any of them (a query string, a path of
+    its making). The chart overrides those tags (custom tags, applied after the standard ones):
+    the endpoint's path or (unknown), never the caller's text."""
+    gw, collector = envoy_traced
+    secret = keys.generate("in-span")
+    trace_ids = []
+    for i, path in enumerate((f"/v1/chat/completions?key={secret}", f"/v1/{secret}/chat")):
+        trace_id = f"{i + 1:x}" + TRACE_ID[1:]
+        trace_ids.append(trace_id)
+        httpx.post(f"{gw.url}{path}", timeout=30, json={"model": "default-chat", "messages": [
+            {"role": "user", "content": "hi"}], "max_tokens": 5},
+            headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01",
+                     "user-agent": f"agent/{secret}", "x-client-trace-id": secret})
+
+    def envoy_spans() -> list | None:
+        spans = [s for s in collector.spans if s.trace_id.hex() in trace_ids
+                 and collector.service[s.span_id] == "gateway-envoy"]
+        roots = [s for s in spans if s.parent_span_id.hex() == PARENT_ID]
+        return spans if len(roots) == 2 else None
+    spans = wait_for(envoy_spans, 20)
+    assert secret not in "\n".join(str(s) for s in spans)
+    urls = {attrs(s).get("http.url") for s in spans if s.parent_span_id.hex() == PARENT_ID}
+    assert urls <= {"/v1/chat/completions", "(unknown)"}, urls

@@ -498,12 +498,17 @@ def no_stream_left(wire: Wire) -> None:
 
 
 def test_h2_hundreds_of_streams_on_one_connection(wire: Wire) -> None:
+    """Envoy advertises at most 100 concurrent streams per connection (its edge default; its
+    own default is unbounded), and a client that keeps to it is served on every stream."""
     wire.gw.reset()
     c = H2(wire)
+    sids: list[int] = []
     try:
-        c.pump(lambda: c.conn.remote_settings.max_concurrent_streams is not None, limit_s=10)
-        sids = [c.request(None, body()) for _ in range(300)]
-        c.pump(lambda: all(s in c.ended for s in sids))
+        c.pump(lambda: c.conn.remote_settings.max_concurrent_streams == 100, limit_s=10)  # Envoy's SETTINGS
+        for _ in range(3):  # three waves of 100: each as many as the connection allows at once
+            wave = [c.request(None, body()) for _ in range(100)]
+            c.pump(lambda: all(s in c.ended for s in wave))  # noqa: B023 - pumped before the next wave
+            sids += wave
     finally:
         c.close()
     assert [c.status[s] for s in sids] == [200] * 300
@@ -688,27 +693,33 @@ def test_memory_stays_flat_over_bursts_of_misbehaving_clients(wire: Wire) -> Non
 
 
 def test_hundreds_of_requests_stuck_before_their_body_do_not_wedge_the_ext_proc(wire: Wire) -> None:
-    """300 HTTP/1 connections and 500 HTTP/2 streams that sent their headers and nothing
-    more each hold an ext_proc stream (Envoy opened it at the headers); meanwhile everyone
-    else is served, and when they go every stream is closed, nothing charged."""
+    """300 HTTP/1 connections and 500 HTTP/2 streams (five connections of the 100 each may
+    open) that sent their headers and nothing more each hold an ext_proc stream (Envoy opened
+    it at the headers); meanwhile everyone else is served, and when they go every stream is
+    closed, nothing charged."""
     wire.gw.reset()
     head = wire.head("after-headers", length=len(body())).replace(wire.secrets["after-headers"].encode(),
                                                                    wire.gw.key.encode())
     socks = []
-    c = H2(wire)
+    conns: list[H2] = []
     try:
         for _ in range(300):
             s = socket.create_connection((wire.host, wire.port), timeout=30)
             s.sendall(head)
             socks.append(s)
-        for _ in range(500):
-            c.request(None, None, end=False)
-        c.pump(lambda: envoy_stat(wire, "cluster.gateway_extproc.upstream_rq_active") >= 700, limit_s=60)
+        for _ in range(5):
+            c = H2(wire)
+            conns.append(c)
+            c.pump(lambda: c.conn.remote_settings.max_concurrent_streams == 100, limit_s=10)  # noqa: B023
+            for _ in range(100):
+                c.request(None, None, end=False)
+        conns[-1].pump(lambda: envoy_stat(wire, "cluster.gateway_extproc.upstream_rq_active") >= 700, limit_s=60)
         served = [wire.normal().status_code for _ in range(20)]
     finally:
         for s in socks:
             s.close()
-        c.close()
+        for c in conns:
+            c.close()
     assert served == [200] * 20
     assert len(wire.provider_requests()) == 20  # only the served ones reached a provider
     no_stream_left(wire)

@@ -102,13 +102,21 @@ static_resources:
           {{- with include "gateway-extproc.envoyTracing" $ }}{{ . | trim | nindent 10 }}{{ end }}
           use_remote_address: true
           forward_client_cert_details: {{ $chain.xfcc }}
-          set_current_client_cert_details: {uri: true, dns: true}
+          # The certificate itself too: the ext_proc reads its SANs exactly (URI and DNS values are
+          # written unquoted, where a SAN holding `;DNS=` would read as two).
+          set_current_client_cert_details: {uri: true, dns: true, cert: true}
           always_set_request_id_in_response: true
           # A client has this long to send its whole request (a body trickled byte by byte
           # would else hold its stream for ever); disarmed once the request went upstream,
           # so long replies are bounded by the route timeout alone.
           request_timeout: {{ $v.envoy.upstreamTimeout }}
           stream_idle_timeout: {{ $v.envoy.upstreamTimeout }}
+          # As Envoy's edge-proxy guide advises: one HTTP/2 connection may not open unbounded
+          # streams (Envoy's own default is 2^31-1). (The guide's smaller flow-control windows
+          # are left out: with them Envoy 1.40 sent a client that stopped reading a second
+          # HEADERS frame without END_STREAM, which RFC 9113 forbids.)
+          http2_protocol_options:
+            max_concurrent_streams: 100
           # Envoy's own error replies, in the OpenAI error shape with a code from
           # docs/runbooks.md (first match wins). The ext_proc's replies (code details gw_*)
           # keep their bodies. x-gateway-error-code tells the ext_proc's access line the
@@ -169,7 +177,7 @@ static_resources:
                   request_id: "%REQ(X-REQUEST-ID)%"
                   start_time: "%START_TIME%"
                   method: "%REQ(:METHOD)%"
-                  path: "%PATH(NQ)%"  # never the query string: a caller may put a key there
+                  path: {{ include "gateway-extproc.loggedPath" $ | quote }}
                   status: "%RESPONSE_CODE%"
                   error_code: "%RESP(X-GATEWAY-ERROR-CODE)%"
                   details: "%RESPONSE_CODE_DETAILS%"
@@ -178,6 +186,10 @@ static_resources:
                   backend: "%UPSTREAM_METADATA(gw:backend)%"
                   attempts: "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"
                   duration_ms: "%DURATION%"
+                formatters:
+                - name: envoy.formatter.cel
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.formatter.cel.v3.Cel
           route_config:
             name: models
             virtual_hosts:
@@ -194,6 +206,10 @@ static_resources:
                     string_match: {exact: {{ $model.route | quote }}}
                 # The route header is the gateway's own; providers never see it.
                 request_headers_to_remove: [x-gateway-model]
+                # What a provider says about the account that called it (the gateway's) and
+                # the cookies it sets for that account: never the caller's to see.
+                response_headers_to_remove: [set-cookie, openai-organization, openai-project,
+                                             anthropic-organization-id]
                 # Providers answer uncompressed: the gateway reads every answer (usage, output
                 # scanning, translation). A compressed one anyway is refused (provider_error).
                 request_headers_to_add:
@@ -386,6 +402,11 @@ static_resources:
               - append:
                   header: {key: x-gateway-backend, value: "%UPSTREAM_METADATA(gw:backend)%"}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              # The gateway's own response headers come from Envoy and the ext_proc only: a
+              # provider's x-gateway-error-code would pass its answer off as Envoy's own reply.
+              {{- range list "x-gateway-error-code" "x-gateway-attempts" "x-gateway-prompt-tokens" "x-gateway-completion-tokens" "x-gateway-max-tokens-clamped" "x-gateway-budget-remaining-usd" "x-gateway-budget-warning" }}
+              - remove: {{ . }}
+              {{- end }}
         {{- if not $native }}
         - name: envoy.filters.http.ext_proc
           typed_config:

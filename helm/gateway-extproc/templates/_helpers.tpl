@@ -80,3 +80,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- mulf (float64 $num) (index $units $unit) | int64 -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+What Envoy's logs and spans name a request by: the endpoint's path, or "(unknown)" as in the
+ext_proc's access line (a CEL formatter). A caller may put a key in a query string or in a
+path of its own making; neither is ever written.
+*/}}
+{{- define "gateway-extproc.loggedPath" -}}
+%CEL(request.url_path in ['/v1/chat/completions', '/v1/embeddings', '/v1/responses', '/v1/messages', '/v1/models', '/v1/usage'] ? request.url_path : '(unknown)')%
+{{- end -}}
