@@ -240,3 +240,8 @@ def test_a_card_placed_anywhere_in_the_headers_never_leaves_whole(setup, lines: 
     assert model == "private-chat"
     sent = "\n".join(v for _, v in effective(lines, verdict.headers))
     assert "41111111" not in "".join(c for c in sent if c.isdigit())
+
+
+def test_constant_values_are_not_scanned_but_their_variants_are(setup) -> None:
+    assert forwarded([("content-type", b"application/json"), ("accept", b"*/*")], ()) == ()
+    assert refused(setup, {"content-type": f"application/json; charset={CARD}"}).code == "classification_violation"

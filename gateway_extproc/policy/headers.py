@@ -17,8 +17,8 @@ A header whose NAME holds a finding is removed (a name cannot hold a placeholder
 
 Not scanned: pseudo-headers (the path and method are checked against the endpoints the
 gateway serves; Envoy rewrites the authority for the provider), the headers the router
-removes anyway (credentials, the gateway's own, the client's network path) and `OWNED`,
-whose values Envoy or the gateway writes over what the client sent.
+removes anyway (credentials, the gateway's own, the client's network path), `OWNED`,
+whose values Envoy or the gateway writes over what the client sent, and `PLAIN_VALUES`.
 
 Every forwarded endpoint needs a body, so no request reaches a provider without the body
 check: the headers are kept from the request-headers message (`forwarded`) for it.
@@ -38,6 +38,10 @@ from .scanner import Finding
 # Envoy refuses one that does not match the body.
 OWNED = frozenset({"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms", "accept-encoding",
                    "content-length"})
+# Values every request carries that hold no text of the caller's: the one media type the
+# router accepts, and what SDKs accept. Skipped, not scanned (~2.5 us a request each).
+PLAIN_VALUES = frozenset({("content-type", b"application/json"), ("accept", b"application/json"),
+                          ("accept", b"*/*"), ("accept", b"text/event-stream")})
 # A name of letters and dashes alone cannot hold what a built-in detector finds (every one
 # needs digits, `@`, spaces or other punctuation); only custom rules scan such names.
 _PLAIN_NAME = re.compile(r"[a-z\-]{1,64}")
@@ -62,10 +66,11 @@ class Header:
 
 def forwarded(entries: Iterable[tuple[str, bytes]], removed: Container[str]) -> tuple[Header, ...]:
     """The header lines (name lower-cased by Envoy, raw value) that go on to the provider,
-    in wire order: not pseudo-headers, not `removed` by the router, not `OWNED`."""
+    in wire order: not pseudo-headers, not `removed` by the router, not `OWNED`, not one of
+    the `PLAIN_VALUES`."""
     out = []
     for name, raw in entries:
-        if name[:1] == ":" or name in OWNED or name in removed:
+        if name[:1] == ":" or name in OWNED or name in removed or (name, raw) in PLAIN_VALUES:
             continue
         try:
             out.append(Header(name, raw.decode("utf-8")))
