@@ -211,7 +211,7 @@ class RouterProcessor:
         bodies are worked on off the event loop, so other streams keep moving."""
         cfg = self.runtime.config
         assert self.endpoint is not None and self.key is not None
-        large = len(raw) > LARGE_BYTES
+        large = len(raw) + sum(len(h.text) for h in self.headers) > LARGE_BYTES  # headers are scanned with it
         body = await asyncio.to_thread(api.parse_json, raw) if large else api.parse_json(raw)
         if self.client == "anthropic":
             body = messages.to_chat(body)

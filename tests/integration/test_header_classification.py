@@ -6,6 +6,7 @@ docs/classification.md, "Request headers"). The mock provider records every head
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import socket
@@ -239,3 +240,25 @@ def test_allowlisted_values_in_headers_pass_unchanged(monitored: Gateway) -> Non
 def test_no_card_in_any_log_line(gw: Gateway) -> None:
     time.sleep(0.3)
     assert not any(form in gw.logs() for form in CARD_FORMS)
+
+
+def test_a_burst_of_mixed_requests_keeps_each_streams_headers_apart(gw: Gateway) -> None:
+    """200 concurrent requests, every other one with a card in a header: each stream's
+    headers are its own (no state shared between streams), so exactly the clean ones pass."""
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+            async def one(i: int) -> int:
+                headers = {"authorization": f"Bearer {gw.key}", "x-trace-tag": f"run-{i}"}
+                if i % 2:
+                    headers["x-customer"] = f"card {CARD}"
+                resp = await client.post(f"{gw.url}/v1/chat/completions", headers=headers,
+                                         json={"model": "default-chat", "messages": QUESTION, "stream": i % 4 == 0})
+                return resp.status_code
+            return await asyncio.gather(*(one(i) for i in range(200)))
+    statuses = asyncio.run(burst())
+    assert [s for i, s in enumerate(statuses) if i % 2] == [403] * 100
+    assert [s for i, s in enumerate(statuses) if not i % 2] == [200] * 100
+    received = gw.received(gw.primary) + gw.received(gw.backup)
+    assert sorted(int(r["headers"]["x-trace-tag"][4:]) for r in received) == list(range(0, 200, 2))
+    assert not any("x-customer" in r["headers"] for r in received)
+    no_card_anywhere(gw)
