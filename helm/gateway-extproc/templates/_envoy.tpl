@@ -392,12 +392,15 @@ static_resources:
           typed_config:
             "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
             mutations:
-              {{- if $native }}
               request_mutations:
+              {{- if $native }}
               - append:
                   header: {key: authorization, value: {{ printf "Bearer %%ENVIRONMENT(%s)%%" $first.credential.env | quote }}}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD
               {{- end }}
+              # Envoy's copy of the client's Host when it rewrites the host for the provider:
+              # caller text no provider needs (docs/classification.md, "Request headers").
+              - remove: x-envoy-original-host
               response_mutations:
               - append:
                   header: {key: x-gateway-backend, value: "%UPSTREAM_METADATA(gw:backend)%"}
