@@ -4,9 +4,10 @@ a finding in one does to the forwarded request.
 Headers are caller text as much as the body is: an SDK's `default_headers`, a `user-agent`,
 any `x-*` header reach the provider unless the gateway removes them. So the values the
 provider will get are scanned with the body's scanner, rules, allowlist and mode, in the
-body check's single pass (`Policy.check_request`): appended to the body's strings, so a
-numeric value split over two headers (or a header and the body) is still seen whole, and
-their names with the body's object keys. A finding in a header counts as one in the body
+body check's single pass (`Policy.check_request`): appended to the body's strings (one
+line each, `joined`), so a number split over two headers at one of its separators, or
+between the body's last string and a header, is still seen whole; their names are scanned
+with the body's object keys. A finding in a header counts as one in the body
 would: it raises the request's tier, blocks (the same `content_blocked` /
 `classification_violation` answers, naming the header, never quoting a value), is only
 logged in monitor mode, is exempted by the allowlist.
@@ -32,8 +33,9 @@ from dataclasses import dataclass, replace
 
 from .scanner import Finding
 
-# Values the client's text never reaches the provider in: Envoy generates the request id and
-# the forwarded protocol before the ext_proc sees the request and sets the timeout after it;
+# Values the client's text never reaches the provider in: Envoy generates the request id
+# (the chart's `use_remote_address` makes every caller external: a client's own id is
+# replaced) and the forwarded protocol before the ext_proc sees the request and sets the timeout after it;
 # the route sets accept-encoding; the gateway sets content-length for a body it changes, and
 # Envoy refuses one that does not match the body.
 OWNED = frozenset({"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms", "accept-encoding",
