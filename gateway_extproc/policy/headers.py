@@ -34,8 +34,8 @@ from dataclasses import dataclass, replace
 from .scanner import Finding
 
 # Values the client's text never reaches the provider in: Envoy generates the request id
-# (the chart's `use_remote_address` makes every caller external: a client's own id is
-# replaced) and the forwarded protocol before the ext_proc sees the request and sets the timeout after it;
+# (with the chart's `use_remote_address` and no internal addresses configured, a client's
+# own id is replaced: checked through Envoy 1.40) and the forwarded protocol before the ext_proc sees the request and sets the timeout after it;
 # the route sets accept-encoding; the gateway sets content-length for a body it changes, and
 # Envoy refuses one that does not match the body.
 OWNED = frozenset({"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms", "accept-encoding",
