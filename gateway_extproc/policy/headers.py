@@ -4,10 +4,8 @@ a finding in one does to the forwarded request.
 Headers are caller text as much as the body is: an SDK's `default_headers`, a `user-agent`,
 any `x-*` header reach the provider unless the gateway removes them. So the values the
 provider will get are scanned with the body's scanner, rules, allowlist and mode, in the
-body check's single pass (`Policy.check_request`): appended to the body's strings (one
-line each, `joined`), so a number split over two headers at one of its separators, or
-between the body's last string and a header, is still seen whole; their names are scanned
-with the body's object keys. A finding in a header counts as one in the body
+body check's single pass (`Policy.check_request`): appended to the body's strings (apart,
+`joined`); their names are scanned with the body's object keys. A finding in a header counts as one in the body
 would: it raises the request's tier, blocks (the same `content_blocked` /
 `classification_violation` answers, naming the header, never quoting a value), is only
 logged in monitor mode, is exempted by the allowlist.
@@ -47,7 +45,10 @@ PLAIN_VALUES = frozenset({("content-type", b"application/json"), ("accept", b"ap
 # A name of letters and dashes alone cannot hold what a built-in detector finds (every one
 # needs digits, `@`, spaces or other punctuation); only custom rules scan such names.
 _PLAIN_NAME = re.compile(r"[a-z\-]{1,64}")
-SEPARATOR = "\n"  # between values in `joined` (no header value holds a line break)
+# Between values in `joined`: a character no number runs over, so a number starts and ends
+# with its header (a card beside `x-retry-count: 0` is still a 16-digit card, not a
+# 17-digit non-card). No header value holds a line break.
+SEPARATOR = "\n|\n"
 # A name quoted back in an error: a plain token, bounded.
 _QUOTABLE = re.compile(r"[a-z0-9\-_]{1,64}")
 
@@ -82,10 +83,9 @@ def forwarded(entries: Iterable[tuple[str, bytes]], removed: Container[str]) -> 
 
 
 def joined(headers: Sequence[Header]) -> str:
-    """The values as ONE string for the scan, a line each: a card split over two headers is
-    still one card (a line break separates digit groups as a space does), and short numeric
-    values (`x-stainless-retry-count: 0`) do not each open a string boundary the scanner
-    would look across into the body for a split number (~100 us per such value)."""
+    """The values as ONE string for the scan, apart (`SEPARATOR`): short numeric values
+    (`x-stainless-retry-count: 0`) do not each open a string boundary the scanner would
+    look across into the body for a split number (~100 us per such value)."""
     return SEPARATOR.join(h.text for h in headers)
 
 

@@ -105,9 +105,9 @@ def test_the_anthropic_messages_path_classifies_headers(gw: Gateway) -> None:
     nothing_sent(gw)
 
 
-def test_split_repeated_encoded_and_long_headers(gw: Gateway) -> None:
-    refused(chat(gw, {"x-part-a": "4111 1111", "x-part-b": "1111 1111"}))  # one card over two headers
-    refused(chat(gw, [("x-part", "4111 1111"), ("x-part", "1111 1111")]))  # a repeated header
+def test_repeated_encoded_and_long_headers(gw: Gateway) -> None:
+    refused(chat(gw, {"x-retry": "7", "x-card": CARD, "x-count": "0"}))  # beside numeric headers
+    refused(chat(gw, [("x-part", "first"), ("x-part", CARD)]))  # in a repeated header
     refused(chat(gw, {"x-data": base64.b64encode(CARD.encode()).decode()}))
     refused(chat(gw, {"x-data": urllib.parse.quote(f"card={CARD}")}))
     refused(chat(gw, {"x-data": base64.b64encode(base64.b64encode(CARD.encode())).decode()}))
