@@ -216,7 +216,7 @@ EXPECTED_STATUS = {
     "classification_violation": 403, "content_blocked": 403, "budget_exceeded": 429, "rate_limited": 429, "budget_store_unavailable": 503,
     "gateway_busy": 503,
     "provider_credential_missing": 500, "gateway_internal_error": 500, "unsupported_endpoint": 400,
-    "upstream_stream_interrupted": 502, "provider_error": 502,
+    "upstream_stream_interrupted": 502, "provider_auth_failed": 502, "provider_error": 502,
 }
 
 
