@@ -111,7 +111,7 @@ class Policy:
         def in_headers(found: Sequence[Finding]) -> str:
             """Which headers hold `found`, for an error message ("" for none)."""
             return where(headers, place(headers, [f for f in found if f.index == at]),
-                         any(f.index >= first_name for f in found)) if headers else ""
+                         {named[f.index - first_name] for f in found if f.index >= first_name}) if headers else ""
 
         if decision.block:
             holder = in_headers(decision.blocking or decision.tier_violations)

@@ -42,15 +42,23 @@ OWNED = frozenset({"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-tim
 # router accepts, and what SDKs accept. Skipped, not scanned (~2.5 us a request each).
 PLAIN_VALUES = frozenset({("content-type", b"application/json"), ("accept", b"application/json"),
                           ("accept", b"*/*"), ("accept", b"text/event-stream")})
-# A name of letters and dashes alone cannot hold what a built-in detector finds (every one
-# needs digits, `@`, spaces or other punctuation); only custom rules scan such names.
-_PLAIN_NAME = re.compile(r"[a-z\-]{1,64}")
+# Names HTTP clients and the OpenAI and Anthropic SDKs send, which hold nothing a detector
+# finds: not scanned unless custom rules ask for every name. Any other name is (a key may be
+# sent as a name: `sk-` and twenty letters is an OpenAI key to the detectors).
+KNOWN_NAMES = frozenset({
+    "user-agent", "accept", "accept-language", "content-type", "connection", "te", "cache-control", "pragma",
+    "traceparent", "tracestate", "baggage", "idempotency-key", "x-session-id", "openai-beta", "anthropic-version",
+    "anthropic-beta", "anthropic-dangerous-direct-browser-access", "x-stainless-lang", "x-stainless-package-version",
+    "x-stainless-os", "x-stainless-arch", "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-async",
+    "x-stainless-retry-count", "x-stainless-read-timeout", "x-stainless-timeout", "x-stainless-helper-method",
+    "x-stainless-poll-helper", "x-stainless-custom-poll-interval"})
 # Between values in `joined`: a character no number runs over, so a number starts and ends
 # with its header (a card beside `x-retry-count: 0` is still a 16-digit card, not a
 # 17-digit non-card). No header value holds a line break.
 SEPARATOR = "\n|\n"
-# A name quoted back in an error: a plain token, bounded.
-_QUOTABLE = re.compile(r"[a-z0-9\-_]{1,64}")
+# A name quoted back in an error: letters and dashes, bounded (every standard and SDK header
+# name). A name with digits or underscores may be a key sent as a name: not quoted.
+_QUOTABLE = re.compile(r"[a-z][a-z\-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +118,8 @@ def place(headers: Sequence[Header], findings: Iterable[Finding]) -> dict[int, l
 
 def scanned_names(headers: Sequence[Header], every: bool) -> list[int]:
     """Which headers' names are scanned (their positions): all with custom rules (`every`),
-    else only names that are not letters and dashes alone."""
-    return [i for i, h in enumerate(headers) if every or not _PLAIN_NAME.fullmatch(h.name)]
+    else every name but the `KNOWN_NAMES`."""
+    return [i for i, h in enumerate(headers) if every or h.name not in KNOWN_NAMES]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,15 +147,15 @@ def edit(headers: Sequence[Header], values: Sequence[str], removed_at: Iterable[
     return HeaderEdit({name: b", ".join(parts) for name, parts in joined_.items()}, tuple(sorted(remove)))
 
 
-def where(headers: Sequence[Header], in_values: Iterable[int], in_names: bool) -> str:
+def where(headers: Sequence[Header], in_values: Iterable[int], in_names: Container[int]) -> str:
     """Where in the headers findings are, for an error message: the names of the headers
-    at positions `in_values` quoted (never a value; never a name that is not a plain token),
-    and whether a header's name holds one (`in_names`; that name is not quoted). "" for none."""
+    at positions `in_values` quoted (never a value; never a name that is not a plain word of
+    letters and dashes, nor one that holds a finding itself: `in_names`, positions)."""
     at = sorted(set(in_values))
-    quoted = [repr(headers[i].name) for i in at if _QUOTABLE.fullmatch(headers[i].name)]
+    quoted = [repr(headers[i].name) for i in at if i not in in_names and _QUOTABLE.fullmatch(headers[i].name)]
     parts = [f"request header {', '.join(dict.fromkeys(quoted))}"] if quoted else []
     if len(quoted) < len(at):
         parts.append("a request header's value")
-    if in_names:
+    if any(i in in_names for i in range(len(headers))):
         parts.append("a request header's name")
     return " and ".join(parts)
