@@ -7,6 +7,7 @@ client that sees a code can always find what it means and what to do.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import orjson
 
@@ -89,8 +90,13 @@ def error_type(status: int) -> str:
     return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
+def error_object(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error shape, as an object (to scan or edit before it is sent)."""
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+
+
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "code": code, "param": param}})
+    return orjson.dumps(error_object(message, type_, code, param))
 
 
 _PLAIN_WORD = re.compile(r"[a-z][a-z_]{0,31}")

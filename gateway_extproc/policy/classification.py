@@ -25,7 +25,7 @@ import orjson
 import structlog
 
 from ..config import Backend, Classification, Limits, Model, VirtualKey
-from ..errors import GatewayError
+from ..errors import GatewayError, error_object
 from ..telemetry import metrics
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS, canonical_event
@@ -430,7 +430,7 @@ def scanned_error_object(policy: Policy, params: DecisionParams, team: str, erro
 
 
 def _withheld() -> dict[str, Any]:
-    return {"error": {"message": WITHHELD_ERROR, "type": "server_error", "code": "provider_error", "param": None}}
+    return error_object(WITHHELD_ERROR, "server_error", "provider_error")
 
 
 # Strings of a choice that are the provider's labels, not generated text (and binary data).

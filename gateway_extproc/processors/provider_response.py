@@ -21,7 +21,7 @@ import orjson
 import structlog
 
 from ..config import Backend
-from ..errors import GatewayError, error_body, error_type
+from ..errors import GatewayError, error_object, error_type
 from ..providers import TRANSLATORS
 from ..providers.base import GuardedStream, guarded_response
 
@@ -106,7 +106,7 @@ def client_error(status: int, raw: bytes, credential: str | None, backend: str,
         said = next((v for k in _MESSAGE_KEYS if isinstance(v := (body or {}).get(k), str) and v.strip()), None) \
             if isinstance(body, dict) else None
         message = f"The provider answered HTTP {status}" + (f": {said}" if said else " with no OpenAI error object.")
-        body = orjson.loads(error_body(message, error_type(status), "provider_error"))
+        body = error_object(message, error_type(status), "provider_error")
     if scan is not None:
         body = scan(body)
     return orjson.dumps(body)

@@ -508,7 +508,7 @@ class RouterProcessor:
             self.usage = self.tap.usage
         now = time.monotonic()
         usage = self.usage or Usage()
-        backend = self.runtime.config.backends.get(self.backend or "")
+        backend = self.answered_by()
         duration = now - self.started
         ttft = self.first_byte - self.started if self.stream and self.first_byte else None
         spent = self.consumed(backend)
