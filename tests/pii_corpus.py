@@ -184,6 +184,9 @@ def positives() -> list[Case]:
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), ' ')} 123 exp 12/27",), d, "with CVV"))
         cases.append(Case("credit_card", (f"ref 1234 {grouped(d, card_groups(d), ' ')}",), d, "after a number"))
         cases.append(Case("credit_card", (" ".join(d),), d, "one digit per group"))
+        for sep in (",", ", ", " | ", ";", ":", "+", "*", "~"):  # printed layout, other separators
+            cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), sep)} ok",), d,
+                              f"separator {sep.strip()!r}"))
     ssn_carriers = ["SSN {}", "my social security number is {}.", "ss# {} on file", "Taxpayer id: {}"]
     for _ in range(5):
         d = ssn(rng)

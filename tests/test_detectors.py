@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 import string
 from functools import lru_cache
 
@@ -71,7 +72,7 @@ BRANDS = [  # (name, prefixes, lengths)
 def layouts(number: str) -> list[str]:
     n = len(number)
     out = [number]
-    for sep in (" ", "-"):
+    for sep in (" ", "-", ",", " | ", ";", ":", "+", "*", "~", ", "):  # printed, or evading
         if n == 16:
             out.append(sep.join(number[i:i + 4] for i in range(0, 16, 4)))
         elif n == 15:
@@ -104,7 +105,7 @@ def corrupt_digit(text: str) -> str:
     while True:
         i = RNG.choice(positions)
         out = text[:i] + str((int(text[i]) + RNG.randint(1, 9)) % 10) + text[i + 1:]
-        digits = out.replace(" ", "").replace("-", "")
+        digits = re.sub(r"[^0-9]", "", out)
         if not (len(digits) == 19 and len(out) > 19 and luhn_ok(digits[:16])):
             return out
 
@@ -170,6 +171,18 @@ def test_credit_card_unknown_iin(prefix: str) -> None:
     ("4111\t1111\t1111\t1111", ["4111\t1111\t1111\t1111"]),
     ("4111\r\n1111\r\n1111\r\n1111", ["4111\r\n1111\r\n1111\r\n1111"]),
     ("year\n2019\n2020\n2021\n2022", []),
+    # Other separators, in a printed layout only: a list of numbers is no card.
+    ("4111,1111,1111,1111", ["4111,1111,1111,1111"]),
+    ("4111 | 1111 | 1111 | 1111.", ["4111 | 1111 | 1111 | 1111"]),
+    ("4111,1111-1111 1111", ["4111,1111-1111 1111"]),
+    ("3782;822463;10005", ["3782;822463;10005"]),
+    ("4111:1111:1111:1111:123", ["4111:1111:1111:1111:123"]),  # card + CVV
+    ("0000,4111,1111,1111,1111", []),
+    ("4111,1111,1111,1111,0000", []),
+    ("0000-4111,1111,1111,1111", []),
+    ("x4111,1111,1111,1111", []),
+    ("2019,2020,2021,2022", []),
+    ("41,1111,1111,1111,11", []),
 ])
 def test_credit_card_boundaries(text: str, expected: list[str]) -> None:
     assert found("credit_card", text) == expected

@@ -55,7 +55,7 @@ def test_windows_give_the_same_hits_as_a_full_scan(name: str) -> None:
         assert scanner._all_hits(v) == full(scanner, v)
 
 
-ALPHABET = "0123456789 -./_@abcxyzAEIOU=+%:\n\x1f()[]" + "４١\u200b"
+ALPHABET = "0123456789 -./_@abcxyzAEIOU=+%:,;|*~\n\x1f()[]" + "４١\u200b"
 
 
 @settings(max_examples=300, deadline=None)

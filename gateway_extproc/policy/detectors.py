@@ -19,7 +19,8 @@ Decisions worth knowing (the tests pin them):
   `020 7946 0958`, `06-12345678`, 9–12 digits). Bare digit runs are never phones, and
   d.m.y-looking groups (`05.11.2023`) are rejected.
 - credit_card: 13–19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 / 4-6-4 with spaces
-  or dashes, known IIN prefix and length, Luhn. A grouped 19-digit candidate that fails
+  or dashes (or, in those layouts only, `,;:|+*~`), known IIN prefix and
+  length, Luhn. A grouped 19-digit candidate that fails
   falls back to its first 16 digits (a card followed by a CVV).
 - us_ssn: dashed form only (`AAA-GG-SSSS`); bare 9-digit runs are too ambiguous.
 - iban: upper-case, exact length for the country, mod-97; either compact or printed in
@@ -137,6 +138,26 @@ _NUM_START = (rf"(?:(?<![0-9]{_SEPC})|(?<=[A-Za-z_][0-9]{_SEPC})|(?<=[A-Za-z_][0
               rf"|(?<=[A-Za-z_][0-9]{{3}}{_SEPC})|(?<=[A-Za-z_][0-9]{{4}}{_SEPC}))")  # (or an identifier's: `A12 4111`)
 
 
+# Other characters a card is written with between its printed groups (`4111,1111,1111,1111`,
+# `4111 | 1111 | …`): accepted only in a printed layout, not as part of a longer list of numbers
+# (a CSV row of amounts is not a card).
+ODD_SEPS = ",;:|+*~"
+_ODD_SEP_RE = re.compile(r" ?[,;:|+*~] ?")
+_ANY_SEP = r"(?: ?[,;:|+*~] ?|[ .\-/_])"
+_ODD_CARD = (rf"(?<![0-9][,;:|+*~ .\-/_])(?<![0-9][,;:|+*~] )"
+             rf"(?:[0-9]{{4}}(?:{_ANY_SEP}[0-9]{{4}}){{3}}(?:{_ANY_SEP}[0-9]{{3}})?+"
+             rf"|[0-9]{{4}}{_ANY_SEP}[0-9]{{6}}{_ANY_SEP}[0-9]{{4,5}})"
+             rf"(?![A-Za-z0-9_]|{_ANY_SEP}[0-9])")
+
+
+def validate_odd_card(value: str) -> int:
+    """A card printed with one of ODD_SEPS between some of its groups (the regex holds the
+    layout): its digits, or the first 16 of 4-4-4-4-3 (a CVV follows), are a card."""
+    groups = re.split(_ANY_SEP, value)
+    digits = "".join(groups)
+    return len(value) if _card_ok(digits) or (len(groups) == 5 and _card_ok(digits[:16])) else 0
+
+
 def digit_groups(value: str) -> list[str]:
     """The digit groups of a separated number (`4111 1111-1111` -> ['4111', '1111', '1111'])."""
     return [g for g in _GAP_RE.split(value) if g]
@@ -195,7 +216,9 @@ def _card_layout(sizes: tuple[int, ...]) -> bool:
 def validate_credit_card(value: str) -> int:
     """A card in the run (`_card_run`), or, for a run over several strings, in the part from
     one string or a few adjacent ones (the same card pasted in two messages makes one run of
-    32 digits): the finding is the whole run."""
+    32 digits): the finding is the whole run. A card with ODD_SEPS: `validate_odd_card`."""
+    if _ODD_SEP_RE.search(value):
+        return validate_odd_card(value)
     if _card_run(value):
         return len(value)
     if BRIDGE not in value:
@@ -479,7 +502,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(
-            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}",
+            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_ODD_CARD}",
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(

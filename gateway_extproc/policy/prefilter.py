@@ -103,7 +103,7 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                       caseless=True),
               Trigger(rf"{_WS}at{_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}(?:\.|{_WS}{{1,16}}dot{_WS})", som=False,
                       reach=67 + 110, tail=260, caseless=True)),
-    "credit_card": _DIGIT_RUNS,
+    "credit_card": _DIGIT_RUNS + (Trigger(r"[0-9]{4} ?[,;:|+*~] ?[0-9]{4}", som=False, reach=28, tail=40),),
     "us_ssn": _DIGIT_RUNS,
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
