@@ -393,28 +393,14 @@ class RouterProcessor:
         if self.first_byte is None:
             self.first_byte = time.monotonic()
         if self.tap is not None:
-            data = msg.body
-            if self.provider is not None:
-                data = self.provider.feed(data, msg.end_of_stream)
-            out = self.tap.feed(data, msg.end_of_stream)
-            if self.cut:
-                out = b""  # the client's stream already ended; keep reading usage only
-            elif self.tap.over:
-                self.cut = True
-                out = (out or b"") + self.held_text() + _cut_events(self.cut_after or 0, self.cut_usage())
+            # A large event is read off the event loop too (1 MiB of text takes ~0.2 s to scan).
+            out, cut_now = await asyncio.to_thread(self.stream_chunk, msg) if len(msg.body) > LARGE_BYTES \
+                else self.stream_chunk(msg)
+            if cut_now:
                 log_budget_cut(self)
-            elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
-                out = self.tap.whole(data if out is None else out) + self.held_text() + _interrupted_event(self)
-            elif msg.end_of_stream and self.endpoint is api.RESPONSES and self.guard is not None \
-                    and 200 <= self.status < 300:  # text still held back when the stream was cut off
-                out = self.tap.whole(data if out is None else out) + self.held_text()
             if msg.end_of_stream:
                 self.usage = self.tap.usage
                 self.log()
-            if self.to_client is not None:
-                out = self.to_client.feed(data if out is None else out, msg.end_of_stream)
-            if out is None and self.provider is not None:
-                out = data
             return r.response_body(r.common(body=out) if out is not None else None)
         # A large answer is read off the event loop (10 MB of text takes seconds to scan),
         # as a large request is; the access line and the settlement stay on it.
@@ -428,6 +414,31 @@ class RouterProcessor:
         if new_body is not None:
             headers["content-length"] = str(len(new_body))
         return r.response_body(r.common(r.mutation(headers), new_body))
+
+    def stream_chunk(self, msg: ep.HttpBody) -> tuple[bytes | None, bool]:
+        """What goes to the client for one piece of a streamed answer (None: as it came), and
+        whether the budget cut the stream at it."""
+        assert self.tap is not None
+        data = msg.body
+        if self.provider is not None:
+            data = self.provider.feed(data, msg.end_of_stream)
+        out = self.tap.feed(data, msg.end_of_stream)
+        cut_now = False
+        if self.cut:
+            out = b""  # the client's stream already ended; keep reading usage only
+        elif self.tap.over:
+            self.cut = cut_now = True
+            out = (out or b"") + self.held_text() + _cut_events(self.cut_after or 0, self.cut_usage())
+        elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
+            out = self.tap.whole(data if out is None else out) + self.held_text() + _interrupted_event(self)
+        elif msg.end_of_stream and self.endpoint is api.RESPONSES and self.guard is not None \
+                and 200 <= self.status < 300:  # text still held back when the stream was cut off
+            out = self.tap.whole(data if out is None else out) + self.held_text()
+        if self.to_client is not None:
+            out = self.to_client.feed(data if out is None else out, msg.end_of_stream)
+        if out is None and self.provider is not None:
+            out = data
+        return out, cut_now
 
     def read_whole(self, body: bytes) -> tuple[bytes | None, bool]:
         """A whole (buffered) answer: its usage read, translated, scanned or, for an error,

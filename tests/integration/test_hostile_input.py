@@ -757,6 +757,43 @@ def test_a_huge_answer_is_scanned_off_the_event_loop(hostile: tuple[Gateway, Wat
     watch.alive()
 
 
+def test_a_huge_streamed_answer_is_scanned_off_the_event_loop(hostile: tuple[Gateway, Watch]) -> None:
+    """The same for a stream whose provider writes megabytes at once: each piece Envoy passes
+    on over 64 KiB is scanned in a thread, so other requests do not wait for it."""
+    gw, watch = hostile
+    gw.reset()
+    auth = {"authorization": f"Bearer {gw.key}"}
+    chat = {"model": "private-chat", "messages": HI}
+
+    async def run() -> tuple[int, bytes, float, list[tuple[int, float]]]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def big() -> tuple[int, bytes, float]:
+                started = time.perf_counter()
+                async with http.stream("POST", f"{gw.url}/v1/chat/completions", json={**chat, "stream": True},
+                                       headers={**auth, "x-mock-ignore-max-tokens": "1",
+                                                "x-mock-reply-repeat": "200000", "x-mock-chunk-bytes": "1000000",
+                                                "x-mock-reply": "order-12-at-10:30-on-2024-01-01-v1.2.3,"}) as r:
+                    body = await r.aread()
+                return r.status_code, body, time.perf_counter() - started
+
+            async def smalls() -> list[tuple[int, float]]:
+                out = []
+                for _ in range(60):
+                    started = time.perf_counter()
+                    r = await http.post(f"{gw.url}/v1/chat/completions", json=chat, headers=auth)
+                    out.append((r.status_code, time.perf_counter() - started))
+                    await asyncio.sleep(0.05)
+                return out
+            (status, body, took), small = await asyncio.gather(big(), smalls())
+            return status, body, took, small
+
+    status, body, took, small = asyncio.run(run())
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]") and len(body) > 7_000_000
+    assert [s for s, _ in small] == [200] * 60
+    assert max(t for _, t in small) < took / 3, (took, sorted(t for _, t in small)[-5:])
+    watch.alive()
+
+
 def test_the_gateway_is_ready_at_the_end(hostile: tuple[Gateway, Watch]) -> None:
     gw, watch = hostile
     watch.alive()
