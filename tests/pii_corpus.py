@@ -217,6 +217,8 @@ def positives() -> list[Case]:
             "ideographic full stop": local + "@" + domain.replace(".", "\u3002"),
             "fullwidth dot": local + "@" + domain.replace(".", "\uff0e"),
             "upper case": v.upper(), "soft hyphen": f"{local}\u00ad@{domain}",
+            "defanged [.]": f"{local}@{domain.replace('.', '[.]')}",
+            "defanged [@] and (.)": f"{local}[@]{domain.replace('.', '(.)')}",
         }
         for name, enc in encodings(f"mail {v} now").items():
             forms[name] = f"blob {enc}"
@@ -369,7 +371,7 @@ def forms(text: str) -> list[str]:
     out = []
     for form in decoded_forms(text):
         f = fold(form)
-        words = re.sub(r"\s*[(\[{<]\s*(at|dot)\s*[)\]}>]\s*", lambda m: "@" if m.group(1) == "at" else ".", f)
+        words = re.sub(r"\s*[(\[{<]\s*(at|dot|@|\.)\s*[)\]}>]\s*", lambda m: "@" if m.group(1) in ("at", "@") else ".", f)
         words = re.sub(r"\s+at\s+", "@", re.sub(r"\s+dot\s+", ".", words))
         out += [f, re.sub(r"[\s.\-/_]", "", f), words, "\x00" + re.sub(r"\D", "", f)]
     return out

@@ -373,6 +373,10 @@ def test_email_invalid(value: str) -> None:
     ("john@example.com_x", []),
     ("联系john@example.com谢谢", ["john@example.com"]),
     ("https://user:pass@host.example.com/path", ["pass@host.example.com"]),
+    # Defanged addresses, as threat reports write them
+    ("jane.doe@example[.]com", ["jane.doe@example[.]com"]),
+    ("jane.doe[@]example(.)co{.}uk", ["jane.doe[@]example(.)co{.}uk"]),
+    ("see [.] and [@] here", []),
 ])
 def test_email_edges(text: str, expected: list[str]) -> None:
     assert found("email", text) == expected

@@ -331,8 +331,8 @@ _LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
 
 # Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", and the same for dot.
 # (Whitespace runs up to 16 characters: the prefilter's triggers are bounded the same way.)
-_AT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+[Aa][Tt]\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+)"
-_DOT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+[Dd][Oo][Tt]\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+)"
+_AT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+)"
+_DOT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+)"
 _AT_RE = re.compile(_AT_WORD)
 _DOT_RE = re.compile(_DOT_WORD)
 
