@@ -1299,7 +1299,8 @@ def _choice_replies(headers: dict[str, str]) -> tuple[str, ...] | None:
 
 
 def _extra_headers(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """x-mock-response-headers: a JSON object of header names and values to answer with too."""
+    """x-mock-response-headers: a JSON object of header names and values to answer with too;
+    `{credential}` in a value is the credential the mock was presented (a provider echoing it)."""
     value = headers.get("x-mock-response-headers")
     if value is None:
         return ()
@@ -1309,7 +1310,8 @@ def _extra_headers(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
         extra = None
     if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise HTTPError(400, "x-mock-response-headers must be a JSON object of strings")
-    return tuple(extra.items())
+    presented = ", ".join(headers[h] for h in _CREDENTIAL_HEADERS if h in headers)
+    return tuple((k, v.replace("{credential}", presented)) for k, v in extra.items())
 
 
 def _header_flag(headers: dict[str, str], name: str) -> bool:

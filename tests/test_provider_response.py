@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from gateway_extproc.config import Backend, Provider
 from gateway_extproc.errors import GatewayError
-from gateway_extproc.processors.provider_response import ProviderResponse, client_error
+from gateway_extproc.processors.provider_response import ProviderResponse, client_error, echoed_headers
 
 ANTHROPIC = Backend("claude/claude-x", Provider("claude", "anthropic", "https://api.example/v1", "/v1", None, None),
                     "claude-x", 0, 1)
@@ -90,3 +90,12 @@ def test_the_credential_never_survives_wherever_a_provider_puts_it(before: str, 
            "escaped": b'{"error": {"message": "' + _escaped(said) + b'"}}'}[wrap]
     out = client_error(400, raw, credential, "p/m", None).decode()
     assert shown not in out and shown not in orjson.loads(out)["error"]["message"]
+
+
+def test_headers_echoing_the_credential_are_named_for_removal() -> None:
+    headers = {":status": "200", "content-type": "application/json", "x-debug": "seen sk-live-ABCDEF123456",
+               "x-sk-live-abcdef123456": "1", "www-authenticate": 'Bearer token="AKIAEXAMPLE00"', "x-short": "abc"}
+    assert echoed_headers(headers, "sk-live-ABCDEF123456") == ("x-debug", "x-sk-live-abcdef123456")
+    assert echoed_headers(headers, "AKIAEXAMPLE00:secretsecret") == ("www-authenticate",)  # Bedrock's parts
+    assert echoed_headers(headers, "abc:def") == ()  # parts too short to tell from innocent text
+    assert echoed_headers(headers, None) == ()

@@ -73,6 +73,25 @@ CREDENTIAL_CUT = "[credential removed]"
 _MESSAGE_KEYS = ("message", "detail", "error")  # where non-OpenAI error bodies put their words
 
 
+def credential_parts(credential: str | None) -> tuple[str, ...]:
+    """What of a provider credential must never reach a client: the value and, for Bedrock's
+    "key id:secret", each part (parts under 8 characters would match innocent text)."""
+    if not credential:
+        return ()
+    return tuple(p for p in (credential, *credential.split(":")) if len(p) >= 8)
+
+
+def echoed_headers(headers: dict[str, str], credential: str | None) -> tuple[str, ...]:
+    """The names of a provider's answer headers that carry its credential (in the value, or
+    in the name as Envoy lower-cased it)."""
+    parts = credential_parts(credential)
+    if not parts:
+        return ()
+    lowered = tuple(p.lower() for p in parts)
+    return tuple(k for k, v in headers.items() if k[0] != ":" and (any(p in v for p in parts)
+                                                                   or any(p in k for p in lowered)))
+
+
 def client_error(status: int, raw: bytes, credential: str | None, backend: str,
                  scan: Callable[[dict[str, Any]], dict[str, Any]] | None) -> bytes:
     """A provider's error answer (status >= 400) as the client gets it, or `GatewayError`
@@ -95,8 +114,8 @@ def client_error(status: int, raw: bytes, credential: str | None, backend: str,
         body, text = None, orjson.dumps(orjson.loads(text)).decode()
     except orjson.JSONDecodeError:
         body = None
-    for part in (credential, *credential.split(":")) if credential else ():  # Bedrock's is "key id:secret"
-        if len(part) >= 8 and part in text:
+    for part in credential_parts(credential):
+        if part in text:
             text = text.replace(part, CREDENTIAL_CUT)
     try:
         body = orjson.loads(text)

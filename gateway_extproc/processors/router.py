@@ -38,7 +38,7 @@ from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_object
 from . import responses as r
-from .provider_response import ProviderResponse, client_error
+from .provider_response import ProviderResponse, client_error, echoed_headers
 
 access_log = structlog.get_logger("gateway_extproc.access")
 log = structlog.get_logger("gateway_extproc.router")
@@ -334,7 +334,14 @@ class RouterProcessor:
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
                           metrics.attempt_outcome(self.status)).inc()
         remove: tuple[str, ...] = ("x-envoy-attempt-count",) if attempts else ()
-        if 300 <= self.status < 400 and self.error_code is None and self.answered_by() is not None:
+        backend = self.answered_by()
+        if backend is not None and (echoed := echoed_headers(h, self.runtime.credentials.get(backend.provider.name))):
+            # A provider that echoes what it was presented (a debug header, a `www-authenticate`
+            # quoting the token) must not hand the gateway's credential to the caller.
+            log.warning("provider_echoed_credential", backend=backend.id, provider=backend.provider.name,
+                        headers=len(echoed))
+            remove = (*remove, *echoed)
+        if 300 <= self.status < 400 and self.error_code is None and backend is not None:
             # A provider's redirect is not followed (its target is no backend Envoy knows) nor
             # passed on: it would send the caller around the gateway to the provider's URL.
             return self.reject(GatewayError("provider_error", f"The provider answered HTTP {self.status}, a "
@@ -349,7 +356,6 @@ class RouterProcessor:
             self.log()
             return r.response_headers(r.common(r.mutation(added, remove)))
         content_type = h.get("content-type", "").partition(";")[0].strip().lower()
-        backend = self.answered_by()
         if ProviderResponse.needed(backend):
             assert backend is not None
             self.provider = ProviderResponse(backend, self.status, self.stream)

@@ -179,3 +179,29 @@ def test_a_provider_cannot_speak_for_the_gateway(gw: Gateway, model: str, status
     assert_no_credential(gw, r.text)
     for name, value in SPOOFED.items():
         assert r.headers.get(name) != value, name
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status", [200, 400, 429])
+@pytest.mark.parametrize("model", MODELS)
+def test_a_provider_echoing_the_credential_in_a_header_does_not_hand_it_out(gw: Gateway, model: str, status: int,
+                                                                          stream: bool) -> None:
+    """A provider that quotes what it was presented in an answer header (a debug header, a
+    `www-authenticate` naming the token): the header is removed, the rest of the answer goes
+    on, and the log names the backend, never the value."""
+    echo = {"x-debug-presented": "{credential}", "www-authenticate": 'Bearer realm="mock", token="{credential}"',
+            "x-innocent": "kept"}
+    headers = {"x-mock-response-headers": json.dumps(echo)}
+    if status != 200:
+        headers["x-mock-status"] = str(status)
+    r = chat(gw, model, headers, stream)
+    text = "\n".join(f"{k}: {v}" for k, v in r.headers.items()) + "\n" + r.text
+    assert_no_credential(gw, text)
+    if status == 200:
+        assert r.status_code == 200, r.text
+        assert r.headers.get("x-innocent") == "kept"
+    if "bedrock" not in model:  # (SigV4 signs, sends no key: nothing to echo)
+        assert "x-debug-presented" not in r.headers and "www-authenticate" not in r.headers
+        log = gw.stack.log_path("extproc").read_text(errors="replace")
+        assert "provider_echoed_credential" in log
+        assert_no_credential(gw, log)
