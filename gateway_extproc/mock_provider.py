@@ -1053,6 +1053,11 @@ def _bearer(headers: dict[str, str]) -> list[str]:
 _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 
 
+def _presented(headers: dict[str, str]) -> str:
+    """The credential(s) the mock was presented, as a provider echoing them would write them."""
+    return ", ".join(headers[h] for h in _CREDENTIAL_HEADERS if h in headers)
+
+
 def _told(error: HTTPError, headers: dict[str, str]) -> HTTPError:
     """An error as a careless provider words it: `x-mock-error-message-base64` replaces the
     message (a provider quoting anything), `x-mock-error-echo-credential: 1` appends the
@@ -1060,7 +1065,7 @@ def _told(error: HTTPError, headers: dict[str, str]) -> HTTPError:
     told = headers.get("x-mock-error-message-base64")
     message = base64.b64decode(told).decode() if told else error.message
     if _header_flag(headers, "x-mock-error-echo-credential"):
-        message += " Presented: " + ", ".join(headers[h] for h in _CREDENTIAL_HEADERS if h in headers)
+        message += " Presented: " + _presented(headers)
     error.message = message
     return error
 
@@ -1310,8 +1315,7 @@ def _extra_headers(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
         extra = None
     if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise HTTPError(400, "x-mock-response-headers must be a JSON object of strings")
-    presented = ", ".join(headers[h] for h in _CREDENTIAL_HEADERS if h in headers)
-    return tuple((k, v.replace("{credential}", presented)) for k, v in extra.items())
+    return tuple((k, v.replace("{credential}", _presented(headers))) for k, v in extra.items())
 
 
 def _header_flag(headers: dict[str, str], name: str) -> bool:
@@ -1495,6 +1499,8 @@ class MockApp:
                 raise HTTPError(behaviour.status, f"Mock error configured for {target}.")
         reply_b64 = request.headers.get("x-mock-reply-base64")  # any Unicode reply (headers are ASCII)
         reply = base64.b64decode(reply_b64).decode() if reply_b64 else request.headers.get("x-mock-reply")
+        if reply:
+            reply = reply.replace("{credential}", _presented(request.headers))
         _REPLY_OVERRIDE.set(reply * (_header_int(request.headers, "x-mock-reply-repeat") or 1) if reply else reply)
         h = request.headers
         _QUIRKS.set(Quirks(_header_int(h, "x-mock-reply-words"), _header_int(h, "x-mock-ignore-max-tokens") == 1,

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from gateway_extproc.config import Backend, Provider
 from gateway_extproc.errors import GatewayError
-from gateway_extproc.processors.provider_response import ProviderResponse, client_error, echoed_headers
+from gateway_extproc.processors.provider_response import CredentialCut, ProviderResponse, client_error, echoed_headers
 
 ANTHROPIC = Backend("claude/claude-x", Provider("claude", "anthropic", "https://api.example/v1", "/v1", None, None),
                     "claude-x", 0, 1)
@@ -99,3 +99,31 @@ def test_headers_echoing_the_credential_are_named_for_removal() -> None:
     assert echoed_headers(headers, "AKIAEXAMPLE00:secretsecret") == ("www-authenticate",)  # Bedrock's parts
     assert echoed_headers(headers, "abc:def") == ()  # parts too short to tell from innocent text
     assert echoed_headers(headers, None) == ()
+
+
+CREDENTIAL = "sk-live-ABCDEF/123456"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="sk-live/ABC\\ \n", max_size=60), st.text(alphabet="sk-live/ABC\\ \n", max_size=60),
+       st.sampled_from([CREDENTIAL, CREDENTIAL.replace("/", "\\/")]), st.lists(st.integers(0, 200), max_size=8))
+def test_a_credential_is_cut_however_the_pieces_split_it(before: str, after: str, written: str, cuts: list[int]) -> None:
+    """Whatever text surrounds it (even half-credentials) and wherever a stream splits it, the
+    credential never comes out, and the pieces give what the whole answer gives."""
+    data = f"{before}{written}{after}{written}".encode()
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    pieces = [data[a:b] for a, b in zip(bounds, bounds[1:])] or [b""]
+    cut = CredentialCut.of(CREDENTIAL)
+    assert cut is not None
+    out = b"".join(cut.feed(p, i == len(pieces) - 1) for i, p in enumerate(pieces))
+    assert CREDENTIAL.encode() not in out and CREDENTIAL.replace("/", "\\/").encode() not in out
+    assert out == CredentialCut.of(CREDENTIAL).whole(data)  # type: ignore[union-attr]
+    assert cut.found
+
+
+def test_an_answer_without_the_credential_is_the_same_object() -> None:
+    cut = CredentialCut.of(CREDENTIAL)
+    assert cut is not None
+    body = b'{"choices": [{"message": {"content": "sk-live is a prefix"}}]}\n\n'
+    assert cut.whole(body) is body and cut.feed(body, False) is body and not cut.found
+    assert CredentialCut.of(None) is None and CredentialCut.of("short") is None

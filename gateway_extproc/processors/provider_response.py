@@ -14,6 +14,7 @@ answer becomes a `provider_error` (JSON) or ends with one error event (stream).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,64 @@ def credential_parts(credential: str | None) -> tuple[str, ...]:
     if not credential:
         return ()
     return tuple(p for p in (credential, *credential.split(":")) if len(p) >= 8)
+
+
+@functools.lru_cache(maxsize=64)
+def _needles(credential: str) -> tuple[bytes, ...]:
+    """The credential's parts as they may appear in an answer's bytes: as is, and escaped as
+    JSON may escape them (`\\/` included); longest first."""
+    out: set[bytes] = set()
+    for part in credential_parts(credential):
+        escaped = orjson.dumps(part)[1:-1]
+        out |= {part.encode(), escaped, escaped.replace(b"/", b"\\/")}
+    return tuple(sorted(out, key=len, reverse=True))
+
+
+class CredentialCut:
+    """The backend's credential cut from a provider's answer bytes, whole or piece by piece (a
+    provider, or a proxy before it, echoing what it was presented). A piece's tail that could
+    begin the credential waits for the next piece, so a value split over pieces is cut too;
+    an SSE piece ends in a blank line, so normally nothing waits."""
+
+    __slots__ = ("_needles", "_carry", "found")
+
+    def __init__(self, needles: tuple[bytes, ...]) -> None:
+        self._needles = needles
+        self._carry = b""
+        self.found = False  # set when something was cut; the caller logs it and clears it
+
+    @classmethod
+    def of(cls, credential: str | None) -> CredentialCut | None:
+        needles = _needles(credential) if credential else ()
+        return cls(needles) if needles else None
+
+    def whole(self, body: bytes) -> bytes:
+        """`body` without the credential (the same object when it holds none)."""
+        for needle in self._needles:
+            if needle in body:
+                body = body.replace(needle, CREDENTIAL_CUT.encode())
+                self.found = True
+        return body
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        data = self.whole(self._carry + chunk if self._carry else chunk)
+        self._carry = b""
+        if not end and (keep := self._begun(data)):
+            data, self._carry = data[:-keep], data[-keep:]
+        return data
+
+    def _begun(self, data: bytes) -> int:
+        """The length of the longest tail of `data` that begins some needle."""
+        best, n = 0, len(data)
+        for needle in self._needles:
+            first = needle[:1]
+            i = data.find(first, max(0, n - len(needle) + 1))
+            while 0 <= i < n - best:
+                if needle.startswith(data[i:]):
+                    best = n - i
+                    break
+                i = data.find(first, i + 1)
+        return best
 
 
 def echoed_headers(headers: dict[str, str], credential: str | None) -> tuple[str, ...]:

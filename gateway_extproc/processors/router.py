@@ -38,7 +38,7 @@ from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_object
 from . import responses as r
-from .provider_response import ProviderResponse, client_error, echoed_headers
+from .provider_response import CredentialCut, ProviderResponse, client_error, echoed_headers
 
 access_log = structlog.get_logger("gateway_extproc.access")
 log = structlog.get_logger("gateway_extproc.router")
@@ -78,7 +78,7 @@ class RouterProcessor:
                  "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
                  "cut_after", "cut", "body_changed",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
-                 "requested", "answered", "headers", "header_edit")
+                 "requested", "answered", "headers", "header_edit", "echo")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -119,6 +119,8 @@ class RouterProcessor:
         # The header lines the provider will get, classified with the body; what redaction made of them.
         self.headers: tuple[Header, ...] = ()
         self.header_edit: HeaderEdit | None = None
+        # Cuts the answering backend's credential from its answer (a provider echoing it).
+        self.echo: CredentialCut | None = None
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -335,12 +337,16 @@ class RouterProcessor:
                           metrics.attempt_outcome(self.status)).inc()
         remove: tuple[str, ...] = ("x-envoy-attempt-count",) if attempts else ()
         backend = self.answered_by()
-        if backend is not None and (echoed := echoed_headers(h, self.runtime.credentials.get(backend.provider.name))):
+        if backend is not None:
             # A provider that echoes what it was presented (a debug header, a `www-authenticate`
-            # quoting the token) must not hand the gateway's credential to the caller.
-            log.warning("provider_echoed_credential", backend=backend.id, provider=backend.provider.name,
-                        headers=len(echoed))
-            remove = (*remove, *echoed)
+            # quoting the token, a body quoting the request) must not hand the gateway's
+            # credential to the caller.
+            credential = self.runtime.credentials.get(backend.provider.name)
+            self.echo = CredentialCut.of(credential)
+            if echoed := echoed_headers(h, credential):
+                log.warning("provider_echoed_credential", backend=backend.id, provider=backend.provider.name,
+                            headers=len(echoed))
+                remove = (*remove, *echoed)
         if 300 <= self.status < 400 and self.error_code is None and backend is not None:
             # A provider's redirect is not followed (its target is no backend Envoy knows) nor
             # passed on: it would send the caller around the gateway to the provider's URL.
@@ -404,6 +410,7 @@ class RouterProcessor:
                 else self.stream_chunk(msg)
             if cut_now:
                 log_budget_cut(self)
+            self.log_echo()
             if msg.end_of_stream:
                 self.usage = self.tap.usage
                 self.log()
@@ -413,6 +420,7 @@ class RouterProcessor:
         read = await asyncio.to_thread(self.read_whole, msg.body) if len(msg.body) > LARGE_BYTES \
             else self.read_whole(msg.body)
         new_body, status_changed = read
+        self.log_echo()
         self.log()
         headers = self.token_headers()
         if status_changed:
@@ -425,7 +433,8 @@ class RouterProcessor:
         """What goes to the client for one piece of a streamed answer (None: as it came), and
         whether the budget cut the stream at it."""
         assert self.tap is not None
-        data = msg.body
+        body = msg.body
+        data = body if self.echo is None else self.echo.feed(body, msg.end_of_stream)
         if self.provider is not None:
             data = self.provider.feed(data, msg.end_of_stream)
         out = self.tap.feed(data, msg.end_of_stream)
@@ -442,16 +451,24 @@ class RouterProcessor:
             out = self.tap.whole(data if out is None else out) + self.held_text()
         if self.to_client is not None:
             out = self.to_client.feed(data if out is None else out, msg.end_of_stream)
-        if out is None and self.provider is not None:
+        if out is None and (self.provider is not None or data is not body):
             out = data
         return out, cut_now
+
+    def log_echo(self) -> None:
+        if self.echo is not None and self.echo.found:
+            self.echo.found = False
+            backend = self.answered_by()
+            log.warning("provider_echoed_credential", backend=self.backend,
+                        provider=backend.provider.name if backend else None, body=True)
 
     def read_whole(self, body: bytes) -> tuple[bytes | None, bool]:
         """A whole (buffered) answer: its usage read, translated, scanned or, for an error,
         made fit for the client (`client_error`). The body to send instead, if any, and
         whether the status changed."""
-        raw = body if self.provider is None else self.provider.body(body)
-        new_body = None if self.provider is None else raw
+        cut = body if self.echo is None else self.echo.whole(body)
+        raw = cut if self.provider is None else self.provider.body(cut)
+        new_body = None if self.provider is None and cut is body else raw
         # An unreadable provider answer under a 2xx goes out as 502 (provider_response.py).
         status = self.status if self.provider is None else self.provider.status
         status_changed, self.status = status != self.status, status

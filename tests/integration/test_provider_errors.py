@@ -205,3 +205,20 @@ def test_a_provider_echoing_the_credential_in_a_header_does_not_hand_it_out(gw: 
         log = gw.stack.log_path("extproc").read_text(errors="replace")
         assert "provider_echoed_credential" in log
         assert_no_credential(gw, log)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, "5", "13"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", MODELS)
+def test_a_provider_echoing_the_credential_in_its_answer_does_not_hand_it_out(gw: Gateway, model: str, stream: bool,
+                                                                            chunk_bytes: str | None) -> None:
+    """A provider (or a proxy before it) whose answer quotes the request it got: the gateway's
+    credential is cut from the answer, also when the stream splits it over pieces anywhere."""
+    headers = {"x-mock-reply": "I was called with {credential} today."}
+    if chunk_bytes:
+        headers["x-mock-chunk-bytes"] = chunk_bytes
+    r = chat(gw, model, headers, stream)
+    assert r.status_code == 200, r.text
+    assert_no_credential(gw, r.text)
+    if "bedrock" not in model:  # (SigV4 signs, sends no key: nothing to echo)
+        assert "[credential removed]" in r.text or "[OPENAI_KEY" in r.text or "withheld" in r.text, r.text[:500]
