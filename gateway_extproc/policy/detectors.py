@@ -44,6 +44,7 @@ import string
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 
 import orjson
 
@@ -534,20 +535,38 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
 
 # -- encoded payloads --------------------------------------------------------------------
 
+
+def _after_no_escape() -> str:
+    """Look-behinds: not right after an escape and up to three separators (a run of escapes is
+    decoded from its first one only; starting again at each would decode the rest again and
+    again). Exact escape forms, grouped by width (a look-behind has one width), so a word that
+    merely ends in a hex letter (`see \\u0034…`) does not stop a run from starting."""
+    tails = [r"\\u[0-9A-Fa-f]{4}", r"\\x[0-9A-Fa-f]{2}"]
+    for n in range(1, 8):
+        tails += [rf"&#[0-9]{{{n}}}", rf"&#[0-9]{{{n}}};"]
+    for n in range(1, 7):
+        tails += [rf"&#[xX][0-9A-Fa-f]{{{n}}}", rf"&#[xX][0-9A-Fa-f]{{{n}}};"]
+    by_width: dict[int, list[str]] = {}
+    for tail in tails:
+        for k in range(4):
+            alt = f"{tail}[ .\\-/_,:]{{{k}}}"
+            by_width.setdefault(_sre_parse.parse(alt).getwidth()[0], []).append(alt)
+    return "".join(f"(?<!{'|'.join(alts)})" for _, alts in sorted(by_width.items()))
+
+
 # A run that may be base64 (standard or URL-safe), hex, or URL-encoded (>= 2 `%XX`). The
 # scanner decodes a candidate, normalizes and scans the decoded text (at most
 # MAX_DECODE_DEPTH levels deep), and reports what it finds there over the whole run.
 # The look-behind keeps the scan linear: a run is tried from its start only, never again from
 # each `/`, `+`, `-` or `%` inside it.
 ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-=%.~])"
-                   r"(?:[A-Za-z0-9._~+\-]{0,256}+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]{0,256}+){1,4096}+"
-                   r"|[A-Za-z0-9+/_\-]{12,65536}+={0,2}+"
+                   r"(?:[A-Za-z0-9._~+\-]*+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]*+)++"
+                   r"|[A-Za-z0-9+/_\-]{12,}+={0,2}+"
                    # character references and escapes, a few separators apart (`&#52;&#49;…`, `\u0034…`)
                    # (never from inside such a run: each start would decode the rest again)
-                   r"|(?<![;0-9A-Fa-f])(?<![;0-9A-Fa-f][ .\-/_,:])(?<![;0-9A-Fa-f][ .\-/_,:]{2})"
-                   r"(?<![;0-9A-Fa-f][ .\-/_,:]{3})"
+                   r"|" + _after_no_escape() +
                    r"(?:(?:&#(?:[0-9]{1,7}+|[xX][0-9A-Fa-f]{1,6}+);?+|\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2}))"
-                   r"[ .\-/_,:]{0,3}+){4,4096}+)")
+                   r"[ .\-/_,:]{0,3}+){4,}+)")
 _ESCAPE = re.compile(r"&#([0-9]{1,7}|[xX][0-9A-Fa-f]{1,6});?|\\(?:u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2}))")
 
 
@@ -559,12 +578,16 @@ def _unescape(m: re.Match[str]) -> str:
 
 MAX_DECODE_DEPTH = 2
 _B64 = frozenset(string.ascii_letters + string.digits + "+/_-%")
-_HEX = frozenset(string.hexdigits)
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]+")
 
 
 def encoded_start_ok(text: str, start: int) -> bool:
     """Not the tail of a longer run (after a `/`, `+` or `%` inside it): runs are decoded whole."""
     return not (start >= 2 and text[start - 1] in "+/%-_=" and text[start - 2] in _B64)
+
+
+_LINE_CHARS = str.maketrans("", "", "\n\r\t")
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7f)) + b"\n\r\t"
 
 
 def _texty(raw: bytes) -> str | None:
@@ -574,8 +597,25 @@ def _texty(raw: bytes) -> str | None:
         return None
     if len(text) < 4:
         return None
-    printable = sum(1 for c in text if c.isprintable() or c in "\n\r\t")
-    return text if printable >= 0.9 * len(text) else None
+    if text.translate(_LINE_CHARS).isprintable():  # (megabytes of text: one C pass, not a Python loop)
+        return text
+    if text.isascii():
+        other = len(raw.translate(None, _PRINTABLE_ASCII))
+    else:
+        other = sum(1 for c in text if not (c.isprintable() or c in "\n\r\t"))
+    return text if other <= 0.1 * len(text) else None
+
+
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _unquote_plus(run: str) -> str:
+    """`urllib.parse.unquote_plus(run, errors="strict")`, in C for a run of valid escapes
+    (quoted-printable's decoder reads `=XX` as URL-decoding reads `%XX`): megabytes of escapes
+    take milliseconds instead of a second."""
+    if run.isascii() and "=" not in run and "\n" not in run and "\r" not in run and _BAD_ESCAPE.search(run) is None:
+        return binascii.a2b_qp(run.replace("%", "=").replace("+", " ").encode("ascii")).decode("utf-8")
+    return urllib.parse.unquote_plus(run, errors="strict")
 
 
 def decode_payload(run: str) -> str | None:
@@ -586,12 +626,12 @@ def decode_payload(run: str) -> str | None:
         return decoded if decoded != run else None
     if "%" in run:
         try:
-            decoded = urllib.parse.unquote_plus(run, errors="strict")
+            decoded = _unquote_plus(run)
         except UnicodeDecodeError:
             return None
         return decoded if decoded != run else None
     body = run.rstrip("=")
-    if len(body) >= 16 and len(body) % 2 == 0 and all(c in _HEX for c in body):
+    if len(body) >= 16 and len(body) % 2 == 0 and _HEX_RUN.fullmatch(body):
         text = _texty(bytes.fromhex(body))
         if text is not None:
             return text

@@ -29,17 +29,13 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
 try:
     import hyperscan
 except ImportError:  # pragma: no cover - a dependency; the regex alone still works
     hyperscan = None
-
-try:
-    from re import _parser as _sre_parse  # Python >= 3.11
-except ImportError:  # pragma: no cover
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 MAX_REACH = 100_000  # longer possible matches count as unbounded
 # Characters the regex's case-insensitive matching folds onto ASCII letters; mapped before
@@ -54,7 +50,8 @@ class Trigger:
     expression: str
     som: bool  # reports the match start (else only its end)
     reach: int | None  # a value may start this many characters before the reported offset; None: anywhere;
-    # -1: the trigger ends a run of base64 characters, which starts where the run does
+    # -1: the trigger ends a run of base64 characters, which starts where the run does;
+    # -2: the trigger is an escape inside a URL-encoded run, which starts where the run does
     caseless: bool = False
     tail: int = 256  # how far past the trigger's end the regex reads (longer values: read again, whole)
     verify: bool = False  # ask the scanner first whether the matched run (start..end-1) is worth a window
@@ -115,7 +112,8 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
 ENCODED_TRIGGERS = (
     # the end of every run of 12 or more: its start is found by walking back (`verify` runs)
     Trigger(r"[A-Za-z0-9+/_\-]{12}[^A-Za-z0-9+/_\-]", som=False, reach=-1, tail=4, verify=True),
-    Trigger(r"%[0-9A-Fa-f]{2}", som=False, reach=261, tail=260),
+    # every `%XX`: its run (plain characters and escapes, however long) starts where a walk back finds
+    Trigger(r"%[0-9A-Fa-f]{2}", som=False, reach=-2, tail=260),
     Trigger(r"&#[xX]?[0-9A-Fa-f]{1,7}|\\[ux][0-9A-Fa-f]{2}", som=False, reach=261, tail=260),
 )
 
@@ -190,11 +188,20 @@ class Prefilter:
         params = self._params
         n = len(text)
         spans = []
+        url_run = (0, -1)  # (start, end) of the last URL-encoded run walked back over
         for i, frm, to in events:
             som, reach, tail, check = params[i]
             if reach == -1:  # a run ending at to - 1: walk back to its start
-                frm = _run_start(text, to - 1)
+                frm = _run_start(text, to - 1, _RUN)
                 som, reach = True, 1
+            elif reach == -2:  # an escape ending at `to` inside a URL-encoded run: its start
+                # (events come in order: an escape in the run already walked reuses its start,
+                # so a long run costs one walk, not one per escape)
+                start, end = url_run
+                if not (end >= 0 and not text[end:to].strip(_URL_RUN)):
+                    start = _run_start(text, to, _URL_RUN)
+                url_run = (start, to)
+                frm, som, reach = start, True, 1
             if check and verify is not None and not verify(text, frm, to - 1):
                 continue
             at = frm if som else to
@@ -229,18 +236,19 @@ def _compile(triggers: Sequence[Trigger], som: bool, ids: Sequence[int] | None =
 
 
 _RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
+_URL_RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+-%"
 
 
-def _run_start(text: str, end: int) -> int:
-    """Where the run of base64 characters ending at `end` (exclusive) starts, looking back at
-    most 65600 characters: `rstrip` over a slice doubled until the run's start is in it."""
-    stop = max(0, end - 65600)
-    lo = max(stop, end - 64)
+def _run_start(text: str, end: int, chars: str) -> int:
+    """Where the run of `chars` ending at `end` (exclusive) starts, however long (an encoded
+    run padded past any bound must not hide what it ends with): `rstrip` over a slice doubled
+    until the run's start is in it."""
+    lo = max(0, end - 64)
     while True:
-        kept = len(text[lo:end].rstrip(_RUN))
-        if kept or lo == stop:
+        kept = len(text[lo:end].rstrip(chars))
+        if kept or lo == 0:
             return lo + kept
-        lo = max(stop, end - 2 * (end - lo))
+        lo = max(0, end - 2 * (end - lo))
 
 
 MAX_EVENTS_PER_CHAR = 1 / 16  # hostile or degenerate text (a megabyte of digits): stop counting

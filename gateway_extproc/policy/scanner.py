@@ -47,6 +47,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
 from .detectors import (
@@ -457,12 +458,7 @@ def _user_regex(source: str, what: str) -> str:
     return source
 
 
-try:  # the stdlib's regex parser, to learn which characters can start a pattern
-    from re import _parser as _sre_parse  # Python >= 3.11
-except ImportError:  # pragma: no cover
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
-
-_C = _sre_parse
+_C = _sre_parse  # the stdlib's regex parser, to learn which characters can start a pattern
 _CATEGORY_ESCAPES = {
     _C.CATEGORY_DIGIT: r"\d", _C.CATEGORY_NOT_DIGIT: r"\D", _C.CATEGORY_SPACE: r"\s",
     _C.CATEGORY_NOT_SPACE: r"\S", _C.CATEGORY_WORD: r"\w", _C.CATEGORY_NOT_WORD: r"\W",
@@ -935,7 +931,7 @@ class Scanner:
             return False
         tail = v[end:end + 2]
         end += len(tail) - len(tail.lstrip("="))  # padding is part of the run
-        run = v[start:min(end, start + 65536)]
+        run = v[start:end]
         return any(self._decoded(r, _DEPTH.value) for r in {run, run.lstrip("+/-_")} if len(r) >= 12)
 
     def _encoded_check(self, v: str, start: int, end: int) -> int:
