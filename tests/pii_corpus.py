@@ -132,6 +132,26 @@ def encodings(text: str) -> dict[str, str]:
     }
 
 
+def padded_encodings(value: str) -> dict[str, str]:
+    """A value at the end of an encoded run made long with filler: each once hid it, because
+    only a run's first 64 KiB (or 4,096 escapes, or 256 plain characters around an escape)
+    was decoded."""
+    filler = "lorem ipsum dolor " * 5000  # 90 KB
+    text = f"{filler}card {value} ok"
+    return {
+        "base64 after 90 KB": base64.b64encode(text.encode()).decode(),
+        "base64 url-safe after 90 KB": base64.urlsafe_b64encode(text.encode()).decode().rstrip("="),
+        "base64 twice after 90 KB": base64.b64encode(base64.b64encode(text.encode())).decode(),
+        "hex after 90 KB": text.encode().hex(),
+        "url after 5,000 escapes": "%20" * 5000 + urllib.parse.quote(f"card {value}", safe=""),
+        "url, every character": urllib.parse.quote(text[-30000:], safe=""),
+        "url, 300 plain characters before the escapes": "%20" + "a" * 300 + urllib.parse.quote(f" {value}", safe=""),
+        "url, 300 plain characters first": "a" * 300 + urllib.parse.quote(f" {value}", safe=""),
+        "html references after 5,000": "&#32;" * 5000 + "".join(f"&#{ord(c)};" for c in value),
+        "\\u escapes after 5,000": "\\u0020" * 5000 + "".join(f"\\u{ord(c):04x}" for c in value),
+    }
+
+
 CARRIERS = ["Please charge {} for the renewal.", "My card number is {} thanks", "card: {}", "{}",
             "The number on the back is {}, ok?", "請使用信用卡 {} 付款", "Use {} for the order."]
 

@@ -33,6 +33,8 @@ from gateway_extproc.policy import (
     walk_strings,
 )
 
+from .pii_corpus import padded_encodings
+
 DEFAULT = Scanner.compile()
 
 EMAIL = "john.doe@example.com"
@@ -622,27 +624,6 @@ def test_map_strings_renames_keys() -> None:
 
 
 # -- encoded runs padded past any bound ---------------------------------------------------
-
-def padded_encodings(value: str) -> dict[str, str]:
-    """A value at the end of an encoded run made long with filler: each once hid it, because
-    only a run's first 64 KiB (or 4,096 escapes, or 256 plain characters around an escape)
-    was decoded."""
-    import urllib.parse
-    filler = "lorem ipsum dolor " * 5000  # 90 KB
-    text = f"{filler}card {value} ok"
-    return {
-        "base64 after 90 KB": base64.b64encode(text.encode()).decode(),
-        "base64 url-safe after 90 KB": base64.urlsafe_b64encode(text.encode()).decode().rstrip("="),
-        "base64 twice after 90 KB": base64.b64encode(base64.b64encode(text.encode())).decode(),
-        "hex after 90 KB": text.encode().hex(),
-        "url after 5,000 escapes": "%20" * 5000 + urllib.parse.quote(f"card {value}", safe=""),
-        "url, every character": urllib.parse.quote(text[-30000:], safe=""),
-        "url, 300 plain characters before the escapes": "%20" + "a" * 300 + urllib.parse.quote(f" {value}", safe=""),
-        "url, 300 plain characters first": "a" * 300 + urllib.parse.quote(f" {value}", safe=""),
-        "html references after 5,000": "&#32;" * 5000 + "".join(f"&#{ord(c)};" for c in value),
-        "\\u escapes after 5,000": "\\u0020" * 5000 + "".join(f"\\u{ord(c):04x}" for c in value),
-    }
-
 
 @pytest.mark.parametrize("name", list(padded_encodings(CARD)))
 def test_an_encoded_run_is_decoded_however_long(name: str) -> None:

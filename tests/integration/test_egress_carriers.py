@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from ..pii_corpus import Case, positives
+from ..pii_corpus import Case, padded_encodings, positives
 from .conftest import Gateway, running_gateway
 from .test_pii_egress import leaked
 
@@ -194,3 +194,23 @@ def test_binary_files_and_clean_text_files_go_out_byte_for_byte(gw: Gateway) -> 
     assert r.status_code == 200, r.text
     (sent,) = [x["body"] for x in gw.received(gw.primary) + gw.received(gw.backup)]
     assert sent["messages"][0]["content"] == parts
+
+
+# -- encoded runs padded past any bound ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(padded_encodings("4111 1111 1111 1111")))
+def test_an_encoded_card_behind_filler_never_reaches_the_provider(gw: Gateway, name: str) -> None:
+    """Filler before a value in an encoded run (90 KB of base64, 5,000 URL escapes…) once hid
+    it: only a run's start was decoded. Redacted whole for a model approved for it; refused
+    for one that is not."""
+    gw.reset()
+    run = padded_encodings("4111 1111 1111 1111")[name]
+    auth = {"authorization": f"Bearer {gw.key}"}
+    for model, expected in (("private-chat", 200), ("default-chat", 403)):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", headers=auth, timeout=60,
+                       json={"model": model, "messages": [{"role": "user", "content": f"decode {run} please"}]})
+        assert r.status_code == expected, r.text[:300]
+    (sent,) = [x["body"] for x in gw.received(gw.primary) + gw.received(gw.backup)]
+    content = sent["messages"][0]["content"]
+    assert run[-40:] not in content and "[CREDIT_CARD_1]" in content, content[-200:]
