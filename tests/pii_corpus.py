@@ -17,6 +17,7 @@ Values are generated here independently of the code under test (Luhn, SSN ranges
 from __future__ import annotations
 
 import base64
+import html
 import random
 import re
 import string
@@ -204,9 +205,13 @@ def positives() -> list[Case]:
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), ' ')} 123 exp 12/27",), d, "with CVV"))
         cases.append(Case("credit_card", (f"ref 1234 {grouped(d, card_groups(d), ' ')}",), d, "after a number"))
         cases.append(Case("credit_card", (" ".join(d),), d, "one digit per group"))
-        for sep in (",", ", ", " | ", ";", ":", "+", "*", "~"):  # printed layout, other separators
-            cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), sep)} ok",), d,
-                              f"separator {sep.strip()!r}"))
+        for sep in (",", ", ", " | ", ";", ":", "+", "*", "~", "    ", "\n\n\n\n", " --- ", "'", "] [", ")(", "\\"):
+            # printed layout, any other separators (up to 16 characters)
+            cases.append(Case("credit_card", (f"card [{grouped(d, card_groups(d), sep)}] ok",), d,
+                              f"separator {sep!r}"))
+        cases.append(Case("credit_card", (f"1 {grouped(d, card_groups(d), ' ')} 1",), d, "a digit either side"))
+        cases.append(Case("credit_card", (f"0     {d}",), d, "a number five spaces before"))
+        cases.append(Case("credit_card", ("".join(c + "\u0301\u0336" for c in d),), d, "combining marks on digits"))
     ssn_carriers = ["SSN {}", "my social security number is {}.", "ss# {} on file", "Taxpayer id: {}"]
     for _ in range(5):
         d = ssn(rng)
@@ -239,6 +244,7 @@ def positives() -> list[Case]:
             "upper case": v.upper(), "soft hyphen": f"{local}\u00ad@{domain}",
             "defanged [.]": f"{local}@{domain.replace('.', '[.]')}",
             "defanged [@] and (.)": f"{local}[@]{domain.replace('.', '(.)')}",
+            "HTML &#64;": f"{local}&#64;{domain}", "HTML &commat; and &#x2e;": f"{local}&commat;{domain.replace('.', '&#x2e;')}",
         }
         for name, enc in encodings(f"mail {v} now").items():
             forms[name] = f"blob {enc}"
@@ -368,7 +374,7 @@ _HEX_RUN = re.compile(r"(?:[0-9a-fA-F]{2}){6,}")
 
 
 def decoded_forms(text: str) -> list[str]:
-    out = [text, urllib.parse.unquote_plus(text)]
+    out = [text, urllib.parse.unquote_plus(text), html.unescape(text)]
     for level in range(2):
         more = []
         for t in out:

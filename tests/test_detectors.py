@@ -183,6 +183,15 @@ def test_credit_card_unknown_iin(prefix: str) -> None:
     ("x4111,1111,1111,1111", []),
     ("2019,2020,2021,2022", []),
     ("41,1111,1111,1111,11", []),
+    ("4111    1111    1111    1111", ["4111    1111    1111    1111"]),  # up to 16 characters apart
+    ("[4111] [1111] [1111] [1111]", ["4111] [1111] [1111] [1111"]),
+    ("4111'1111'1111'1111", ["4111'1111'1111'1111"]),
+    # A number is joined over at most three separators: digits further before are another number.
+    ("0     4111111111111111", ["4111111111111111"]),
+    ("page 3    4111-1111-1111-1111 end", ["4111-1111-1111-1111"]),
+    # A card in a printed layout after at most four digits, whatever follows it.
+    ("1 4111 1111 1111 1111 1", ["1 4111 1111 1111 1111 1"]),
+    ("1234 4111 1111 1111 1111 123", ["1234 4111 1111 1111 1111 123"]),
 ])
 def test_credit_card_boundaries(text: str, expected: list[str]) -> None:
     assert found("credit_card", text) == expected
@@ -377,6 +386,9 @@ def test_email_invalid(value: str) -> None:
     ("jane.doe@example[.]com", ["jane.doe@example[.]com"]),
     ("jane.doe[@]example(.)co{.}uk", ["jane.doe[@]example(.)co{.}uk"]),
     ("see [.] and [@] here", []),
+    ("jane.doe&#64;example&#x2E;com", ["jane.doe&#64;example&#x2E;com"]),  # as HTML writes them
+    ("jane&commat;example&period;org", ["jane&commat;example&period;org"]),
+    ("a &#64; b", []),
 ])
 def test_email_edges(text: str, expected: list[str]) -> None:
     assert found("email", text) == expected

@@ -28,6 +28,8 @@ CARD = "4111111111111111"
     ("1\u20132\u20143\u22124\uff0d5", "1-2-3-4-5"),  # dashes and minus signs
     ("jane\uff20example\u3002com", "jane@example.com"),
     ("\ufb01le \u2460", "file 1"),  # ligature, circled digit
+    ("4\u03011\u03361\u1ab01 \u0301\u1dc01\ufe20", "4111 1"),  # "Zalgo" marks on digits and spaces
+    ("\u0915\u093f \u0e01\u0e34", "\u0915\u093f \u0e01\u0e34"),  # other scripts' vowel signs are kept
 ])
 def test_normalized_forms(text: str, expected: str) -> None:
     assert normalize(text).text == expected

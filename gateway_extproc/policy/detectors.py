@@ -19,7 +19,7 @@ Decisions worth knowing (the tests pin them):
   `020 7946 0958`, `06-12345678`, 9–12 digits). Bare digit runs are never phones, and
   d.m.y-looking groups (`05.11.2023`) are rejected.
 - credit_card: 13–19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 / 4-6-4 with spaces
-  or dashes (or, in those layouts only, `,;:|+*~`), known IIN prefix and
+  or dashes (or, in those layouts only, up to 16 spaces and punctuation), known IIN prefix and
   length, Luhn. A grouped 19-digit candidate that fails
   falls back to its first 16 digits (a card followed by a CVV).
 - us_ssn: dashed form only (`AAA-GG-SSSS`); bare 9-digit runs are too ambiguous.
@@ -139,22 +139,25 @@ _NUM_START = (rf"(?:(?<![0-9]{_SEPC})|(?<=[A-Za-z_][0-9]{_SEPC})|(?<=[A-Za-z_][0
               rf"|(?<=[A-Za-z_][0-9]{{3}}{_SEPC})|(?<=[A-Za-z_][0-9]{{4}}{_SEPC}))")  # (or an identifier's: `A12 4111`)
 
 
-# Other characters a card is written with between its printed groups (`4111,1111,1111,1111`,
-# `4111 | 1111 | …`): accepted only in a printed layout, not as part of a longer list of numbers
-# (a CSV row of amounts is not a card).
-ODD_SEPS = ",;:|+*~"
-_ODD_SEP_RE = re.compile(r" ?[,;:|+*~] ?")
-_ANY_SEP = r"(?: ?[,;:|+*~] ?|[ .\-/_])"
-_ODD_CARD = (rf"(?<![0-9][,;:|+*~ .\-/_])(?<![0-9][,;:|+*~] )"
-             rf"(?:[0-9]{{4}}(?:{_ANY_SEP}[0-9]{{4}}){{3}}(?:{_ANY_SEP}[0-9]{{3}})?+"
-             rf"|[0-9]{{4}}{_ANY_SEP}[0-9]{{6}}{_ANY_SEP}[0-9]{{4,5}})"
-             rf"(?![A-Za-z0-9_]|{_ANY_SEP}[0-9])")
+# However else a card is printed between its groups: up to 16 of spaces, line breaks and
+# punctuation (`4111,1111,1111,1111`, `4111 | 1111`, `4111    1111`, `[4111] [1111]`,
+# `4111'1111`). Accepted only in a printed layout, and not inside a list of numbers (a CSV row of
+# amounts is not a card).
+_WIDE_SEPC = r"[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]"
+_WIDE_SEP = rf"{_WIDE_SEPC}{{1,16}}+"
+_WIDE_CARD = (rf"(?<![0-9]{_WIDE_SEPC})(?<![0-9]{_WIDE_SEPC}{{2}})"
+              rf"(?:[0-9]{{4}}(?:{_WIDE_SEP}[0-9]{{4}}){{3}}(?:{_WIDE_SEP}[0-9]{{3}})?+"
+              rf"|[0-9]{{4}}{_WIDE_SEP}[0-9]{{6}}{_WIDE_SEP}[0-9]{{4,5}})"
+              rf"(?![A-Za-z0-9_]|{_WIDE_SEPC}{{1,2}}[0-9])")
+# A value the main form cannot have joined: other punctuation, or more than three separators.
+_WIDE_GAP = re.compile(r"[^0-9 .\-/_\t\r\n]|[ .\-/_\t\r\n]{4}")
+_DIGITS = re.compile(r"[0-9]+")
 
 
-def validate_odd_card(value: str) -> int:
-    """A card printed with one of ODD_SEPS between some of its groups (the regex holds the
-    layout): its digits, or the first 16 of 4-4-4-4-3 (a CVV follows), are a card."""
-    groups = re.split(_ANY_SEP, value)
+def validate_wide_card(value: str) -> int:
+    """A card printed with other separators (`_WIDE_CARD` holds the layout): its digits, or
+    the first 16 of 4-4-4-4-3 (a CVV follows), are a card."""
+    groups = _DIGITS.findall(value)
     digits = "".join(groups)
     return len(value) if _card_ok(digits) or (len(groups) == 5 and _card_ok(digits[:16])) else 0
 
@@ -168,9 +171,10 @@ def digits_start_ok(text: str, start: int) -> bool:
     """Not the tail of a longer separated number: no digit just before, across separators."""
     i = start - 1
     stop = max(0, start - 72)
-    skipped = 0
+    skipped = seps = 0
     while i >= stop and (text[i] in SEP_CHARS or text[i] == BRIDGE):
         if text[i] == BRIDGE:  # skip structural strings between two bridged strings
+            seps = 0  # (up to three separators on each side of a seam)
             j = text.rfind(BRIDGE, stop, i)
             if j >= 0 and STRUCTURAL.fullmatch(text, j + 1, i):
                 skipped += 1
@@ -178,6 +182,10 @@ def digits_start_ok(text: str, start: int) -> bool:
                     return True
                 i = j
                 continue
+        else:
+            seps += 1
+            if seps > 3:  # more separators than join two digits (`_GAP`): a number of its own
+                return True
         i -= 1
     if i < 0 or i < stop or not ("0" <= text[i] <= "9"):
         return True
@@ -200,6 +208,8 @@ def ssn_start_ok(text: str, start: int) -> bool:
     i = start - 1
     while i >= max(0, start - 4) and text[i] in SEP_CHARS:
         i -= 1
+    if i == start - 5:  # four separators: more than join two digits (`_GAP`)
+        return True
     return i < 0 or not ("0" <= text[i] <= "9") or _identifier_digits(text, i)
 
 
@@ -210,6 +220,9 @@ STRUCTURAL = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 _CARD_LAYOUTS = {(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4)}
 
 
+_LAYOUT_GROUPS = sorted({len(layout) for layout in _CARD_LAYOUTS} | {1}, reverse=True)
+
+
 def _card_layout(sizes: tuple[int, ...]) -> bool:
     return sizes in _CARD_LAYOUTS or (len(sizes) == 1 and 13 <= sizes[0] <= 19)
 
@@ -217,9 +230,9 @@ def _card_layout(sizes: tuple[int, ...]) -> bool:
 def validate_credit_card(value: str) -> int:
     """A card in the run (`_card_run`), or, for a run over several strings, in the part from
     one string or a few adjacent ones (the same card pasted in two messages makes one run of
-    32 digits): the finding is the whole run. A card with ODD_SEPS: `validate_odd_card`."""
-    if _ODD_SEP_RE.search(value):
-        return validate_odd_card(value)
+    32 digits): the finding is the whole run. A card printed otherwise: `validate_wide_card`."""
+    if BRIDGE not in value and _WIDE_GAP.search(value):
+        return validate_wide_card(value)
     if _card_run(value):
         return len(value)
     if BRIDGE not in value:
@@ -239,23 +252,22 @@ def validate_credit_card(value: str) -> int:
 
 def _card_run(value: str) -> bool:
     """The whole digit run is a valid card (separators anywhere, but no group over six digits
-    unless the run bridges two strings: `302-2533872-5612675` is an order number), or it
-    starts with a card in a printed layout (a CVV or expiry follows), or ends with one after
-    at most four other digits (`ref 1234 4111 1111 1111 1111`). The finding is the whole run."""
+    unless the run bridges two strings: `302-2533872-5612675` is an order number), or holds a
+    card in a printed layout after at most four other digits (`ref 1234 4111 1111 1111 1111`),
+    whatever follows it (a CVV, an expiry, a digit put there to hide it). The finding is the
+    whole run."""
     groups = digit_groups(value)
     digits = "".join(groups)
     sizes = tuple(len(g) for g in groups)
     if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or BRIDGE in value) \
             and _card_ok(digits):
         return True
-    for j in range(min(len(groups) - 1, max(map(len, _CARD_LAYOUTS))), 0, -1):  # (a long run: no quadratic)
-        if _card_layout(sizes[:j]) and _card_ok("".join(groups[:j])):
-            return True
-    for i in range(1, len(groups)):
+    for i in range(len(groups)):  # (a long run: only its first groups are tried, no quadratic)
         if sum(sizes[:i]) > 4:
             break
-        if _card_layout(sizes[i:]) and _card_ok("".join(groups[i:])):
-            return True
+        for n in _LAYOUT_GROUPS:
+            if i + n <= len(groups) and _card_layout(sizes[i:i + n]) and _card_ok("".join(groups[i:i + n])):
+                return True
     return False
 
 
@@ -330,10 +342,13 @@ def email_start_ok(text: str, start: int) -> bool:
 _LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
 
 
-# Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", and the same for dot.
+# Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", and the same for dot;
 # (Whitespace runs up to 16 characters: the prefilter's triggers are bounded the same way.)
-_AT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+)"
-_DOT_WORD = r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+)"
+# And as HTML writes them: `&#64;`, `&#x40;`, `&commat;`, `&#46;`, `&period;`.
+_AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+"
+            r"|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
+_DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+"
+             r"|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;)")
 _AT_RE = re.compile(_AT_WORD)
 _DOT_RE = re.compile(_DOT_WORD)
 
@@ -503,7 +518,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(
-            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_ODD_CARD}",
+            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_WIDE_CARD}",
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(

@@ -35,12 +35,15 @@ import orjson
 
 # Invisible characters outside Cf that are used to split values: combining grapheme joiner,
 # Hangul fillers, Mongolian and standard variation selectors, tag-like ideographic ones; and
-# decorations no script writes with but "fancy text" generators put on every character:
-# strike-through, underline and overlay marks, the marks for symbols (keycap `4️⃣`, enclosing
-# circle and square). Enclosing marks (Me) go too (`_mapped`).
-_EXTRA_IGNORABLE = {0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
-                    *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x0332, 0x0339),
-                    *range(0x20D0, 0x2100)}
+# decorations "fancy text" and "Zalgo text" generators put on every character: the combining
+# diacritical marks (accents stacked on digits and spaces: `4́1́1́1`; a letter's accent goes too,
+# which no detector or phrase match needs), the marks for symbols (keycap `4️⃣`, enclosing
+# circle and square) and the combining half marks. Enclosing marks (Me) go too (`_mapped`).
+# (Marks of other scripts, such as Devanagari or Thai vowel signs, are letters there: kept.)
+_EXTRA_IGNORABLE = {0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
+                    *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x0300, 0x0370),
+                    *range(0x1AB0, 0x1B00), *range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100),
+                    *range(0xFE20, 0xFE30)}
 _DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: ".", 0x2024: ".", 0xFE52: "."}
 _PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE0200))  # BMP, SMP (math digits), tags
 

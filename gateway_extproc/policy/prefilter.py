@@ -99,8 +99,10 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
               Trigger(rf"[(\[{{<]{_WS}{{0,16}}at{_WS}{{0,16}}[)\]}}>]", som=False, reach=67 + 40, tail=260,
                       caseless=True),
               Trigger(rf"{_WS}at{_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}(?:\.|{_WS}{{1,16}}dot{_WS})", som=False,
-                      reach=67 + 110, tail=260, caseless=True)),
-    "credit_card": _DIGIT_RUNS + (Trigger(r"[0-9]{4} ?[,;:|+*~] ?[0-9]{4}", som=False, reach=28, tail=40),),
+                      reach=67 + 110, tail=260, caseless=True),
+              Trigger(r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", som=False, reach=67 + 10, tail=260)),
+    "credit_card": _DIGIT_RUNS + (Trigger(r"[0-9]{4}[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]{1,16}[0-9]{4}",
+                                          som=False, reach=26, tail=64),),
     "us_ssn": _DIGIT_RUNS,
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
