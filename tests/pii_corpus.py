@@ -217,6 +217,9 @@ def positives() -> list[Case]:
         d = ssn(rng)
         # Nine digits not in the 3-2-4 layout need a context word (see docs/classification.md).
         cases += _number_cases(rng, "us_ssn", d, [3, 2, 4], ssn_carriers, lead="my SSN starts with")
+        for sep in (",", "|", "    ", " : "):  # other punctuation or more space: the carriers name it
+            cases.append(Case("us_ssn", (rng.choice(ssn_carriers).format(grouped(d, [3, 2, 4], sep)),), d,
+                              f"separator {sep!r}"))
     iban_carriers = ["wire it to {} today", "IBAN: {}", "Konto {} bitte", "{}"]
     for _ in range(5):
         v = iban(rng)

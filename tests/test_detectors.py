@@ -247,6 +247,10 @@ def test_ssn_boundaries(text: str, expected: list[str]) -> None:
     ("order 123456789", []), ("id=123456789", []), ("123456789", []),  # bare 9 digits need a context word
     ("SSN: 987654321", []),  # area 9xx is never issued
     ("SSN: 12-345-6789", []), ("SSN 123 / 10.0.0.1", []),  # other layouts: never
+    # AAA GG SSSS with other punctuation or more space between: with a context word
+    ("SSN 123,45,6789", ["123,45,6789"]), ("ssn: 123|45|6789 ok", ["123|45|6789"]),
+    ("SSN 123    45    6789", ["123    45    6789"]), ("123,45,6789", []), ("123    45    6789", []),
+    ("1    123-45-6789", ["123-45-6789"]),  # four separators from the digit before: its own number
 ])
 def test_ssn_without_separators_needs_context(text: str, expected: list[str]) -> None:
     assert found("us_ssn", text) == expected

@@ -154,6 +154,11 @@ _WIDE_GAP = re.compile(r"[^0-9 .\-/_\t\r\n]|[ .\-/_\t\r\n]{4}")
 _DIGITS = re.compile(r"[0-9]+")
 
 
+def _wide(value: str) -> bool:
+    """A number printed with separators the main form (`_GAP`) does not join."""
+    return BRIDGE not in value and _WIDE_GAP.search(value) is not None
+
+
 def validate_wide_card(value: str) -> int:
     """A card printed with other separators (`_WIDE_CARD` holds the layout): its digits, or
     the first 16 of 4-4-4-4-3 (a CVV follows), are a card."""
@@ -231,7 +236,7 @@ def validate_credit_card(value: str) -> int:
     """A card in the run (`_card_run`), or, for a run over several strings, in the part from
     one string or a few adjacent ones (the same card pasted in two messages makes one run of
     32 digits): the finding is the whole run. A card printed otherwise: `validate_wide_card`."""
-    if BRIDGE not in value and _WIDE_GAP.search(value):
+    if _wide(value):
         return validate_wide_card(value)
     if _card_run(value):
         return len(value)
@@ -272,7 +277,7 @@ def _card_run(value: str) -> bool:
 
 
 def validate_ssn(value: str) -> int:
-    digits = "".join(digit_groups(value))
+    digits = "".join(_DIGITS.findall(value) if _wide(value) else digit_groups(value))
     if len(digits) != 9:
         return 0
     area, group, serial = digits[:3], digits[3:5], digits[5:]
@@ -285,9 +290,12 @@ _SSN_CONTEXT = re.compile(r"(?i)(?:\bssn|\bss#|\bsocial[ \-]*security|\bsoc\.?[ 
 
 
 def ssn_context_ok(text: str, start: int, end: int) -> bool:
-    """Nine digits in the AAA-GG-SSSS layout (any separators) are an SSN; without separators
-    (possibly split over two strings) only after a context word (within 48 characters)."""
+    """Nine digits in the AAA-GG-SSSS layout (up to three separators) are an SSN; without
+    separators (possibly split over two strings), or with other punctuation or more space
+    between the groups, only after a context word (within 48 characters)."""
     value = text[start:end]
+    if _wide(value):  # AAA GG SSSS printed otherwise (`123,45,6789`): with a context word
+        return _SSN_CONTEXT.search(text, max(0, start - SSN_CONTEXT_CHARS), start) is not None
     if tuple(map(len, digit_groups(value))) == (3, 2, 4):
         return True
     if not _GAP_RE.sub(lambda m: "" if BRIDGE in m.group() else m.group(), value).isdigit():
@@ -522,7 +530,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(
-            "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])", validate_ssn,
+            "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])"
+                      rf"|(?<![0-9]{_WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
+                      rf"(?![A-Za-z0-9_]|{_WIDE_SEPC}{{1,2}}[0-9])", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
         ),
         Detector(

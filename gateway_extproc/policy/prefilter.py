@@ -103,7 +103,9 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
               Trigger(r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", som=False, reach=67 + 10, tail=260)),
     "credit_card": _DIGIT_RUNS + (Trigger(r"[0-9]{4}[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]{1,16}[0-9]{4}",
                                           som=False, reach=26, tail=64),),
-    "us_ssn": _DIGIT_RUNS,
+    "us_ssn": _DIGIT_RUNS + (Trigger(r"[0-9]{3}[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]{1,16}[0-9]{2}"
+                                     r"[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]{1,16}[0-9]", som=False,
+                                     reach=40, tail=8),),
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
     "ipv4": (Trigger(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", som=False, reach=14, tail=8),),
