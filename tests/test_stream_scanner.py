@@ -18,6 +18,7 @@ from gateway_extproc.policy import (
     StreamRedactor,
     redact,
 )
+from gateway_extproc.policy.stream import MAX_WORD_HOLD
 
 RNG = random.Random(7)
 
@@ -105,7 +106,9 @@ def test_holdback_is_a_bound() -> None:
     emitted = 0
     for i in range(0, len(text), 7):
         emitted += len(r.feed(text[i:i + 7]))
-        assert emitted == max(0, min(i + 7, len(text)) - 64)
+        arrived = min(i + 7, len(text))
+        word = len(text[:arrived]) - len(text[:arrived].rstrip("abcdefghijklmnopqrstuvwxyz"))
+        assert emitted == max(0, min(arrived - 64, arrived - word - 1))  # the last word waits whole
     assert emitted + len(r.flush()) == len(text)
     r0 = StreamRedactor(PII, holdback_chars=0)
     assert r0.feed("no hold-back at all ") == "no hold-back at all "
@@ -244,3 +247,24 @@ def test_feed_after_flush_and_empty_deltas() -> None:
     assert r.flush() == ""
     with pytest.raises(RuntimeError):
         r.feed("more")
+
+
+@pytest.mark.parametrize("value", [
+    "a" * 60 + ".b@example.com",  # an e-mail longer than the hold-back
+    "%20" * 40 + "%34%31%31%31%20%31%31%31%31%20%31%31%31%31%20%31%31%31%31",  # an encoded card behind filler
+])
+@pytest.mark.parametrize("step", [1, 5, 13])
+def test_a_value_without_spaces_longer_than_the_holdback_is_held_whole(value: str, step: int) -> None:
+    """The last word is held back whole (up to MAX_WORD_HOLD characters): a value without
+    spaces longer than the hold-back leaked its start before the scan could see all of it."""
+    text = f"write to {value} please"
+    r = StreamRedactor(PII, holdback_chars=64)
+    out = "".join(r.feed(text[i:i + step]) for i in range(0, len(text), step)) + r.flush()
+    assert out == redact(text, PII.decide(PII.scan(text)).redact)[0] and "please" in out and value not in out
+    assert value[:20] not in out
+
+
+def test_a_word_longer_than_the_word_hold_goes_out_bounded() -> None:
+    r = StreamRedactor(PII, holdback_chars=64)
+    emitted = sum(len(r.feed("x" * 100)) for _ in range(30))
+    assert 3000 - MAX_WORD_HOLD - 100 <= emitted <= 3000 - MAX_WORD_HOLD

@@ -5,7 +5,8 @@ most `holdback_chars` trailing characters, so a value split across chunks is sti
 whole. It runs the scanner's own procedure (same regex, same overlap rules) over the held
 text plus the new delta, and finalizes only candidates that start at least `holdback_chars`
 before the end of what has arrived. Hence, when every finding is shorter than the hold-back
-window (minus two characters of look-ahead), the concatenated output equals
+window (minus two characters of look-ahead), or has no space and is shorter than
+MAX_WORD_HOLD (the last word is held back whole), the concatenated output equals
 `redact(text, scanner.decide(scanner.scan(text)).redact)` for the whole text.
 
 Longer secrets (sk-proj keys, JWTs, PEM blocks) still never leak: their detectors match a
@@ -41,6 +42,19 @@ from .scanner import (
 GUARD_MARGIN = 2  # characters of look-ahead a detector's end guard may need
 CONTEXT = 64  # already-emitted characters kept for look-behinds (context words: 48)
 MAX_OPEN = 64 * 1024  # an open (still growing) redacted value is closed beyond this
+
+
+# A value without spaces (an e-mail, a key, an encoded run) may be longer than the hold-back:
+# the last word of what has arrived is held back whole, up to this many characters.
+MAX_WORD_HOLD = 1024
+
+
+def _last_word(buf: str, base: int) -> int:
+    """Where the last run of non-space characters of `buf` (at `base`) begins, as the position
+    of its boundary character, at most MAX_WORD_HOLD back: no scan may decide on it yet."""
+    lo = max(0, len(buf) - MAX_WORD_HOLD)
+    space = max(buf.rfind(" ", lo), buf.rfind("\n", lo), buf.rfind("\t", lo), buf.rfind("\r", lo))
+    return base + (space if space >= 0 else lo)
 
 
 class StreamRedactor:
@@ -131,7 +145,7 @@ class StreamRedactor:
         if self._open is not None and not self._continue(n, final):
             self._trim()
             return ""
-        limit = n if final else n - self.holdback
+        limit = n if final or not self.holdback else min(n - self.holdback, _last_word(buf, base))
         rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
         resume += base
 
