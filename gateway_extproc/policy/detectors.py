@@ -701,8 +701,16 @@ def normalize_phrase(phrase: str) -> str:
     return norm
 
 
-def _ci(ch: str) -> str:
-    variants = {v for v in (ch, ch.upper(), ch.lower(), ch.title()) if len(v) == 1}
+# How "leetspeak" writes letters: a keyword or phrase matches in either spelling (`1gn0re
+# prev1ous 1nstruct10ns`), and its words may be apart by underscores or dashes as well as by
+# whitespace (`ignore-previous-instructions`).
+LEET = {"a": "4@", "e": "3", "i": "1!", "l": "1", "o": "0", "s": "5$", "t": "7"}
+PHRASE_GAP = r"[\s_\-]+"
+
+
+def phrase_char(ch: str) -> str:
+    """The regex for one character of a normalized phrase: either case, or its leet forms."""
+    variants = {v for v in (ch, ch.upper(), ch.lower(), ch.title()) if len(v) == 1} | set(LEET.get(ch, ""))
     if len(variants) == 1:
         return re.escape(ch)
     return "[" + "".join(re.escape(v) for v in sorted(variants)) + "]"
@@ -732,7 +740,7 @@ def phrase_trie_pattern(phrases: Iterable[tuple[str, str]]) -> str:
 def _emit_trie(node: dict, depth: int, last: str) -> str:
     alts = []
     for ch in sorted(k for k in node if k):
-        atom = r"\s+" if ch == " " else _ci(ch)
+        atom = PHRASE_GAP if ch == " " else phrase_char(ch)
         alts.append(atom + _emit_trie(node[ch], depth + 1, ch))
     if "" in node:
         guard = "" if _unspaced(last) else r"(?!\w)"
@@ -773,7 +781,7 @@ def phrase_start_ok(before: str, first: str) -> bool:
 DEFAULT_INJECTION_PHRASES: Mapping[str, float] = {
     "ignore {all |any |the |your |all the |all of the |all your |}"
     "{previous|prior|above|earlier|preceding|original|system|existing} "
-    "{instructions|instruction|prompts|prompt|rules|directions|guidelines|messages|context}": 1.0,
+    "{instructions|instruction|prompts|prompt|rules|directions|guidelines|messages|context|directives|commands}": 1.0,
     "ignore {all|any|your} {instructions|rules|guidelines}": 1.0,
     "disregard {all |any |the |your |}{previous |prior |above |earlier |preceding |original |}"
     "{instructions|system prompt|rules|guidelines|directions|prompt}": 1.0,
@@ -799,6 +807,11 @@ DEFAULT_INJECTION_PHRASES: Mapping[str, float] = {
     "you have no {restrictions|rules|guidelines}": 0.5,
     "system override": 0.5,
     "new instructions:": 0.5,
+    # The same in other languages (ASCII spellings: the prefilter stays on for every text)
+    "{ignora|olvida} {todas |}las instrucciones {anteriores|previas}": 1.0,
+    "{ignoriere|vergiss} {alle |die |}{vorherigen|bisherigen|obigen} {anweisungen|instruktionen}": 1.0,
+    "{ignora|dimentica} {tutte |}le istruzioni precedenti": 1.0,
+    "{ignorez|ignore|oubliez|oublie} {toutes |}les instructions {precedentes|anterieures|}": 1.0,
 }
 
 # Regex patterns (case-insensitive) cost a little per token each, unlike phrases: none by

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
+from .detectors import phrase_char
+
 try:
     import hyperscan
 except ImportError:  # pragma: no cover - a dependency; the regex alone still works
@@ -68,9 +70,9 @@ def regex_trigger(source: str, boundary: str) -> Trigger:
 
 
 def phrase_trigger(phrase: str) -> Trigger:
-    """A normalized keyword/phrase: words separated by any whitespace (or a string boundary)."""
-    words = [re.escape(w) for w in phrase.split(" ")]
-    return Trigger(r"[\s\x1c-\x1f]+".join(words), som=True, reach=1, caseless=True)
+    """A normalized keyword/phrase as the scanner matches it (`detectors.phrase_char`): words
+    apart by any whitespace (or a string boundary), underscores or dashes."""
+    return Trigger(_words(phrase), som=True, reach=1, caseless=True)
 
 
 _WS = r"[\s\x1c-\x1f]"  # the regex's \s on normalized text includes the string boundary U+001F
@@ -136,7 +138,7 @@ def template_trigger(template: str) -> Trigger:
 
 
 def _words(text: str) -> str:
-    return f"{_WS}+".join(re.escape(w) for w in text.split(" "))
+    return r"[\s\x1c-\x1f_\-]+".join("".join(map(phrase_char, w)) for w in text.split(" "))
 
 
 class Prefilter:
