@@ -143,12 +143,13 @@ _NUM_START = (rf"(?:(?<![0-9]{_SEPC})|(?<=[A-Za-z_][0-9]{_SEPC})|(?<=[A-Za-z_][0
 # punctuation (`4111,1111,1111,1111`, `4111 | 1111`, `4111    1111`, `[4111] [1111]`,
 # `4111'1111`). Accepted only in a printed layout, and not inside a list of numbers (a CSV row of
 # amounts is not a card).
-_WIDE_SEPC = r"[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]"
-_WIDE_SEP = rf"{_WIDE_SEPC}{{1,16}}+"
-_WIDE_CARD = (rf"(?<![0-9]{_WIDE_SEPC})(?<![0-9]{_WIDE_SEPC}{{2}})"
+WIDE_SEPC = r"[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]"
+_WIDE_SEP = rf"{WIDE_SEPC}{{1,16}}+"
+_WIDE_END = rf"(?![A-Za-z0-9_]|{WIDE_SEPC}{{1,2}}[0-9])"  # not followed by more of a list of numbers
+_WIDE_CARD = (rf"(?<![0-9]{WIDE_SEPC})(?<![0-9]{WIDE_SEPC}{{2}})"
               rf"(?:[0-9]{{4}}(?:{_WIDE_SEP}[0-9]{{4}}){{3}}(?:{_WIDE_SEP}[0-9]{{3}})?+"
               rf"|[0-9]{{4}}{_WIDE_SEP}[0-9]{{6}}{_WIDE_SEP}[0-9]{{4,5}})"
-              rf"(?![A-Za-z0-9_]|{_WIDE_SEPC}{{1,2}}[0-9])")
+              rf"{_WIDE_END}")
 # A value the main form cannot have joined: other punctuation, or more than three separators.
 _WIDE_GAP = re.compile(r"[^0-9 .\-/_\t\r\n]|[ .\-/_\t\r\n]{4}")
 _DIGITS = re.compile(r"[0-9]+")
@@ -531,8 +532,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
         Detector(
             "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])"
-                      rf"|(?<![0-9]{_WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
-                      rf"(?![A-Za-z0-9_]|{_WIDE_SEPC}{{1,2}}[0-9])", validate_ssn,
+                      rf"|(?<![0-9]{WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
+                      rf"{_WIDE_END}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
         ),
         Detector(

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import phrase_char
+from .detectors import WIDE_SEPC, phrase_char
 
 try:
     import hyperscan
@@ -103,10 +103,8 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
               Trigger(rf"{_WS}at{_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}(?:\.|{_WS}{{1,16}}dot{_WS})", som=False,
                       reach=67 + 110, tail=260, caseless=True),
               Trigger(r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", som=False, reach=67 + 10, tail=260)),
-    "credit_card": _DIGIT_RUNS + (Trigger(r"[0-9]{4}[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]{1,16}[0-9]{4}",
-                                          som=False, reach=26, tail=64),),
-    "us_ssn": _DIGIT_RUNS + (Trigger(r"[0-9]{3}[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]{1,16}[0-9]{2}"
-                                     r"[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]{1,16}[0-9]", som=False,
+    "credit_card": _DIGIT_RUNS + (Trigger(rf"[0-9]{{4}}{WIDE_SEPC}{{1,16}}[0-9]{{4}}", som=False, reach=26, tail=64),),
+    "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
                                      reach=40, tail=8),),
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
