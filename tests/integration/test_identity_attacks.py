@@ -275,7 +275,7 @@ def test_sdks_with_spoofed_headers_are_served_as_their_own_key(replicas: Replica
                              default_headers={**SPOOFED_IDENTITY, "x-gateway-model": "claude-chat"})
     with pytest.raises(anthropic.PermissionDeniedError) as ainfo:
         an.messages.create(model="claude-chat", max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
-    assert "model_not_allowed" in str(ainfo.value)
+    assert ainfo.value.body["error"]["code"] == "model_not_allowed"  # type: ignore[index]
     # Its own key and another one in Authorization: refused, not the more privileged one picked.
     r = httpx.post(f"{a.url}/v1/messages", timeout=10, json={"model": "claude-chat", "max_tokens": 8,
                    "messages": [{"role": "user", "content": "Hi"}]},

@@ -374,7 +374,7 @@ def test_a_card_in_a_tool_schema_key_reaches_no_provider_through_the_anthropic_s
         client.messages.create(model="claude-chat", max_tokens=8, messages=[{"role": "user", "content": "hi"}],
                                metadata={"user_id": "u1"}, tools=[{"name": "charge", "input_schema": {
                                    "type": "object", "properties": {number: {"type": "string"}}}}])
-    assert "classification_violation" in str(refused.value)
+    assert refused.value.body["error"]["code"] == "classification_violation"  # type: ignore[index]
     [sent] = [r for mock in (gw.primary, gw.backup) for r in gw.received(mock)]
     raw = base64.b64decode(sent["raw_body_base64"]).decode()
     assert number not in raw and "[CREDIT_CARD_1]" in raw
