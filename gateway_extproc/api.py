@@ -6,6 +6,7 @@ endpoint is one entry here rather than a copy of the processor.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,43 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise GatewayError("invalid_json", "Request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise GatewayError("invalid_request", "Request body must be a JSON object.")
+    if _duplicate_keys(raw, body):
+        # The parser keeps the last of two equal keys; a provider may take the first or
+        # refuse, so the gateway would check one body and forward another. Never quoted: a
+        # key is caller text.
+        raise GatewayError("invalid_json", "Request body has an object with the same key twice; send each key "
+                           "once.")
     return body
+
+
+# Every JSON string, and whether a colon follows it (a key). On text the parser accepted,
+# strings are the only place a quote can occur, so matching them in turn reads them all.
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"(?:[ \t\r\n]*+(:))?')
+# A key's closing quote is followed by a colon or whitespace; without an escaped backslash in
+# the body, a quote after a backslash is inside a string.
+_KEY_END = re.compile(rb'"[:\s]')
+_UNESCAPED_KEY_END = re.compile(rb'"(?<!\\")[:\s]')
+
+
+def _duplicate_keys(raw: bytes, body: dict[str, Any]) -> bool:
+    """Whether the body wrote more keys than the parsed object has. Counting the quotes that
+    may end a key bounds the keys written, in one pass; only when that bound is not the
+    parsed count (pretty-printed JSON, say) are the strings read one by one."""
+    parsed = _keys_parsed(body)
+    ends = _KEY_END if b"\\\\" in raw else _UNESCAPED_KEY_END
+    return len(ends.findall(raw)) != parsed and _STRING.findall(raw).count(b":") != parsed
+
+
+def _keys_parsed(body: dict[str, Any]) -> int:
+    count, todo = 0, [body]  # no recursion: a body may nest as deep as the parser allows
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            count += len(node)
+            todo.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        else:
+            todo.extend(v for v in node if isinstance(v, (dict, list)))
+    return count
 
 
 def check_header_room(count: int, size: int) -> None:

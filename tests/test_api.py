@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway_extproc import api
 from gateway_extproc.errors import CODES, GatewayError, error_body
@@ -44,6 +47,72 @@ def test_parse_json_errors(raw: bytes, code: str) -> None:
 ])
 def test_parse_json_ok(raw: bytes, expected: dict[str, Any]) -> None:
     assert api.parse_json(raw) == expected
+
+
+# Keys and strings with the characters that could confuse counting keys in the text: quotes,
+# backslashes, colons, whitespace, escapes of `"` and `\`.
+_TEXT = st.text(st.sampled_from(['"', "\\", ":", " ", "\n", "\t", "a", "b", "\u00e9", "{", "}", ","]), max_size=6)
+_TREE = st.recursive(st.none() | st.integers() | _TEXT,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+                     max_leaves=12)
+_SPACE = st.sampled_from(["", " ", "\n  ", "\t"])
+
+
+@st.composite
+def _written(draw: st.DrawFn, twice: bool) -> tuple[bytes, dict[str, Any]]:
+    """A JSON object as clients may write it (any spacing, escaped or raw UTF-8), and the
+    object a parser keeping the last of equal keys reads; with `twice`, one object in it
+    writes one of its keys again (with a value of its own, first or last)."""
+    tree = draw(st.dictionaries(_TEXT, _TREE, min_size=1, max_size=4))
+    objects: list[dict[str, Any]] = []
+    todo: list[Any] = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            objects.append(node)
+        if isinstance(node, (dict, list)):
+            todo.extend(node.values() if isinstance(node, dict) else node)
+    again = draw(st.sampled_from([o for o in objects if o])) if twice else None
+    ascii_only = draw(st.booleans())
+
+    def text(value: Any) -> str:
+        if isinstance(value, dict):
+            items = [(k, text(v)) for k, v in value.items()]
+            if value is again:
+                key = draw(st.sampled_from(list(value)))
+                extra = (key, text(draw(_TREE)))
+                items.insert(0, extra) if draw(st.booleans()) else items.append(extra)
+            return "{" + ",".join(f"{draw(_SPACE)}{json.dumps(k, ensure_ascii=ascii_only)}{draw(_SPACE)}:"
+                                  f"{draw(_SPACE)}{v}" for k, v in items) + draw(_SPACE) + "}"
+        if isinstance(value, list):
+            return "[" + ",".join(f"{draw(_SPACE)}{text(v)}" for v in value) + draw(_SPACE) + "]"
+        return json.dumps(value, ensure_ascii=ascii_only)
+
+    raw = text(tree).encode()
+    return raw, orjson.loads(raw)
+
+
+@given(_written(twice=False))
+def test_parse_json_reads_any_object_written_once(case: tuple[bytes, dict[str, Any]]) -> None:
+    raw, expected = case
+    assert api.parse_json(raw) == expected
+
+
+@given(_written(twice=True))
+def test_parse_json_refuses_a_key_written_twice_in_any_object(case: tuple[bytes, dict[str, Any]]) -> None:
+    """The parser keeps the last of equal keys, a provider may keep the first: the gateway
+    would check one request and forward another. Such a body is refused, its keys unquoted."""
+    raw, _ = case
+    with pytest.raises(GatewayError) as info:
+        api.parse_json(raw)
+    assert (info.value.code, info.value.status, info.value.param) == ("invalid_json", 400, None)
+
+
+def test_a_key_escaped_differently_is_still_the_same_key() -> None:
+    for raw in (b'{"model": "a", "\\u006dodel": "b"}', b'{"a\\\\": 1, "a\\u005c": 2}', b'{"x": {"\\"": 1, "\\u0022": 2}}'):
+        with pytest.raises(GatewayError):
+            api.parse_json(raw)
+    assert api.parse_json(b'{"a\\\\": "\\":", "b": "\\\\"}') == {"a\\": '":', "b": "\\"}
 
 
 # -- chat validation ---------------------------------------------------------------------

@@ -566,6 +566,34 @@ def test_a_compressed_body_is_415(hostile: tuple[Gateway, Watch], encoding: str,
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/embeddings"])
+@pytest.mark.parametrize("hidden", ["first", "last"])
+def test_a_body_with_a_key_twice_reaches_no_provider(hostile: tuple[Gateway, Watch], path: str, hidden: str) -> None:
+    """The gateway's parser keeps the last of two equal keys. A body that named its prompt
+    twice, a card in one copy, was checked as one prompt and forwarded as written, for a
+    provider that keeps the first (or refuses) to read the other. Refused, whichever is first."""
+    gw, watch = hostile
+    gw.reset()
+    field = "input" if path in ("/v1/responses", "/v1/embeddings") else "messages"
+    body = valid_body(path, "default-embedding" if "embeddings" in path else "default-chat")
+    plain = orjson.dumps(body[field])
+    copies = [plain.replace(b'"hi"', b'"card 4111 1111 1111 1111"'), plain]
+    del body[field]
+    raw = orjson.dumps(body)[:-1] + b"".join(b', "%s": %s' % (field.encode(), v)
+                                             for v in (copies if hidden == "first" else copies[::-1])) + b"}"
+    resp = httpx.post(gw.url + path, content=raw, timeout=60,
+                      headers={"authorization": f"Bearer {gw.key}", "content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == {"message": "Request body has an object with the same key twice; send each key once.",
+                                    "type": "invalid_request_error", "code": "invalid_json", "param": None}
+    assert gw.received(gw.primary) == [] and gw.received(gw.backup) == []
+    assert httpx.post(gw.url + path, content=raw.replace(copies[0], plain), timeout=60, headers={
+        "authorization": f"Bearer {gw.key}", "content-type": "application/json"}).status_code == 400
+    assert _post(gw, valid_body(path, "default-embedding" if "embeddings" in path else "default-chat"),
+                 path=path).status_code == 200
+    watch.alive()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/embeddings"])
 def test_a_prompt_dense_in_tokens_is_counted_and_served(hostile: tuple[Gateway, Watch], path: str) -> None:
     """250,000 "é" in one string (one token each, no space): bpe-openai refuses to make over
     200,000 tokens in one call, so this was a 500 gateway_internal_error at every endpoint."""
