@@ -703,10 +703,11 @@ def normalize_phrase(phrase: str) -> str:
 
 
 # How "leetspeak" writes letters: a keyword or phrase matches in either spelling (`1gn0re
-# prev1ous 1nstruct10ns`), and its words may be apart by underscores or dashes as well as by
-# whitespace (`ignore-previous-instructions`).
+# prev1ous 1nstruct10ns`), and its words may be apart by any run of punctuation or whitespace
+# (`ignore-previous-instructions`, `ignore...previous`) or by nothing (`ignorepreviousinstructions`:
+# what is left once a zero-width space between the words is removed).
 LEET = {"a": "4@", "e": "3", "i": "1!", "l": "1", "o": "0", "s": "5$", "t": "7"}
-PHRASE_GAP = r"[\s_\-]+"
+PHRASE_GAP = r"[\W_]*"
 
 
 def phrase_char(ch: str) -> str:

@@ -70,8 +70,8 @@ def regex_trigger(source: str, boundary: str) -> Trigger:
 
 
 def phrase_trigger(phrase: str) -> Trigger:
-    """A normalized keyword/phrase as the scanner matches it (`detectors.phrase_char`): words
-    apart by any whitespace (or a string boundary), underscores or dashes."""
+    """A normalized keyword/phrase as the scanner matches it (`detectors.phrase_char`,
+    `PHRASE_GAP`): words apart by anything but a letter or digit, or by nothing."""
     return Trigger(_words(phrase), som=True, reach=1, caseless=True)
 
 
@@ -136,7 +136,7 @@ def template_trigger(template: str) -> Trigger:
 
 
 def _words(text: str) -> str:
-    return r"[\s\x1c-\x1f_\-]+".join("".join(map(phrase_char, w)) for w in text.split(" "))
+    return r"[^A-Za-z0-9]*".join("".join(map(phrase_char, w)) for w in text.split(" "))
 
 
 class Prefilter:
