@@ -228,6 +228,7 @@ def positives() -> list[Case]:
         cases += own
         cases.append(Case("iban", (f"IBAN {v.lower()}",), v, "lower case"))
         cases.append(Case("iban", (f"IBAN {grouped(v.lower(), [4] * 8, ' ')}",), v, "lower case printed"))
+        cases.append(Case("iban", (f"wire it to {' '.join(v)} today",), v, "spelled out"))
     for _ in range(8):
         v = email(rng)
         local, domain = v.split("@")
@@ -248,6 +249,7 @@ def positives() -> list[Case]:
             "defanged [.]": f"{local}@{domain.replace('.', '[.]')}",
             "defanged [@] and (.)": f"{local}[@]{domain.replace('.', '(.)')}",
             "HTML &#64;": f"{local}&#64;{domain}", "HTML &commat; and &#x2e;": f"{local}&commat;{domain.replace('.', '&#x2e;')}",
+            "spelled out": " ".join(v), "spelled out, after a word": "to " + " ".join(v),
         }
         for name, enc in encodings(f"mail {v} now").items():
             forms[name] = f"blob {enc}"
@@ -397,14 +399,14 @@ def decoded_forms(text: str) -> list[str]:
 
 
 def forms(text: str) -> list[str]:
-    """Every form a seeded value could hide in within `text`: folded, without separators,
-    digits only, with written-out `at`/`dot` resolved; of the text and of what it decodes to."""
+    """Every form a seeded value could hide in within `text`: folded, without separators or
+    spaces, digits only, with written-out `at`/`dot` resolved; of the text and of what it decodes to."""
     out = []
     for form in decoded_forms(text):
         f = fold(form)
         words = re.sub(r"\s*[(\[{<]\s*(at|dot|@|\.)\s*[)\]}>]\s*", lambda m: "@" if m.group(1) in ("at", "@") else ".", f)
         words = re.sub(r"\s+at\s+", "@", re.sub(r"\s+dot\s+", ".", words))
-        out += [f, re.sub(r"[\s.\-/_]", "", f), words, "\x00" + re.sub(r"\D", "", f)]
+        out += [f, re.sub(r"[\s.\-/_]", "", f), re.sub(r"\s", "", f), words, "\x00" + re.sub(r"\D", "", f)]
     return out
 
 

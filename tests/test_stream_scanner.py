@@ -264,6 +264,18 @@ def test_a_value_without_spaces_longer_than_the_holdback_is_held_whole(value: st
     assert value[:20] not in out
 
 
+@pytest.mark.parametrize("step", [1, 5, 13])
+def test_a_value_spelled_out_longer_than_the_holdback_is_held_whole(step: int) -> None:
+    """A spelled-out run (`j o h n @ …`) is one word to the hold-back: its start went out
+    before the scan saw the rest, and the run was then never read from its start."""
+    value = " ".join("johnathan.smitherson-longname@example.com")
+    assert len(value) > 64
+    text = f"write to {value} please"
+    r = StreamRedactor(PII, holdback_chars=64)
+    out = "".join(r.feed(text[i:i + step]) for i in range(0, len(text), step)) + r.flush()
+    assert out == redact(text, PII.decide(PII.scan(text)).redact)[0] and "please" in out and "j o h n" not in out
+
+
 def test_a_word_longer_than_the_word_hold_goes_out_bounded() -> None:
     r = StreamRedactor(PII, holdback_chars=64)
     emitted = sum(len(r.feed("x" * 100)) for _ in range(30))

@@ -595,6 +595,37 @@ ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-=%.~])"
                    r"[ .\-/_,:]{0,3}+){4,}+)")
 _ESCAPE = re.compile(r"&#([0-9]{1,7}|[xX][0-9A-Fa-f]{1,6});?|\\(?:u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2}))")
 
+# Text spelled out a character at a time (`i g n o r e  p r e v i o u s`, `j a n e @ e x a m p l e
+# . c o m`, `A K I A …`): six or more single characters one to three spaces apart, and the rest
+# of the last word. It starts with a character and a space, which the regex engine tests before
+# anything else, and never right after a single character and its spaces (each start inside a
+# run would decode the rest again). Decoded by closing the gaps (two or more spaces stay one);
+# the word before the run, if any (`spaced_run`: a spelled-out phrase may begin with a word
+# written whole: `ignore p r e v i o u s …`), and the rest of the last word stay words.
+SPACED_PATTERN = r"\S(?<!\s\S \S)(?<!\s\S  \S)(?<!\s\S   \S) {1,3}+(?:\S {1,3}+){4,}+\S++"
+_SPACED_RUN = re.compile(r"(?:\S{2,32}+ {1,3}+)?+" + SPACED_PATTERN)
+_WORD_BEFORE = re.compile(r"(?<!\S)\S{2,32}+ {1,3}+$")
+_WORD_GAP = re.compile(" {2,}")
+
+
+def spaced_run(text: str, start: int, end: int) -> str:
+    """The spaced-out run text[start:end] with the word before it, if any."""
+    word = _WORD_BEFORE.search(text, max(0, start - 35), start)
+    return text[start if word is None else word.start():end]
+
+
+def _unspaced_text(run: str) -> str:
+    """`ignore p r e v i o u s  i n s t r u c t i o n s now` -> `ignore previous instructions now`:
+    the spelled-out characters joined, a whole word before or after them kept apart."""
+    word, _, rest = run.partition(" ")
+    if len(word) == 1:
+        word, rest = "", run
+    rest, _, last = rest.rstrip(" ").rpartition(" ")
+    if len(last) == 1:
+        rest, last = f"{rest} {last}", ""
+    spelled = " ".join(w.replace(" ", "") for w in _WORD_GAP.split(rest.strip(" ")))
+    return " ".join(w for w in (word, spelled, last) if w)
+
 
 def _unescape(m: re.Match[str]) -> str:
     ref, u, x = m.groups()
@@ -645,8 +676,11 @@ def _unquote_plus(run: str) -> str:
 
 
 def decode_payload(run: str) -> str | None:
-    """The text a base64 / hex / URL-encoded run, or a run of HTML character references or
-    `\\u`/`\\x` escapes, stands for, or None when it is none of these (or decodes to binary)."""
+    """The text a base64 / hex / URL-encoded run, a run of HTML character references or
+    `\\u`/`\\x` escapes, or a spaced-out run stands for, or None when it is none of these (or
+    decodes to binary)."""
+    if " " in run and _SPACED_RUN.fullmatch(run):
+        return _unspaced_text(run)
     if "&#" in run or "\\" in run:
         decoded = _ESCAPE.sub(_unescape, run)
         return decoded if decoded != run else None

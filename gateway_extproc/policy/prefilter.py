@@ -113,6 +113,10 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                       r"|[^A-Za-z0-9_]0[1-9][0-9]{0,4}[ /.\-][0-9]{2}", som=False, reach=18, tail=48),),
 }
 
+# Six single characters in a row, spaced out (`SPACED_PATTERN`).
+SPACED_TRIGGERS = (Trigger(r"(?:[^ \t\n\r\x0b\x0c\x1c-\x1f] {1,3}){5}[^ \t\n\r\x0b\x0c\x1c-\x1f]", som=False,
+                           reach=21, tail=260),)
+
 ENCODED_TRIGGERS = (
     # the end of every run of 12 or more: its start is found by walking back (`verify` runs)
     Trigger(r"[A-Za-z0-9+/_\-]{12}[^A-Za-z0-9+/_\-]", som=False, reach=-1, tail=4, verify=True),

@@ -56,6 +56,7 @@ from .detectors import (
     BUILTIN_DETECTORS,
     ENCODED_PATTERN,
     MAX_DECODE_DEPTH,
+    SPACED_PATTERN,
     STRUCTURAL,
     DEFAULT_INJECTION_PATTERNS,
     DEFAULT_INJECTION_PHRASES,
@@ -67,11 +68,12 @@ from .detectors import (
     normalize_phrase,
     phrase_start_ok,
     phrase_trie_pattern,
+    spaced_run,
 )
 
 from .normalize import Normalized, normalize, normalize_json, tables
-from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, Trigger, phrase_trigger, regex_trigger,
-                        template_trigger)
+from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, SPACED_TRIGGERS, Trigger, phrase_trigger,
+                        regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
 
 PREFILTER_MIN_CHARS = 256  # below, the regex alone is as fast
@@ -671,6 +673,7 @@ def _label(detector: str) -> str:
 
 
 _ENCODED = "e_encoded"
+_SPACED = "e_spaced"
 
 
 class _Depth(threading.local):
@@ -716,7 +719,7 @@ class Scanner:
     """Compiled rules; immutable and safe to share between threads and requests."""
 
     __slots__ = ("pattern", "rules", "tiers", "injection", "_search", "_region_at",
-                 "_targets_at", "_injection_rules", "_regions", "_weights", "_encoded_gi", "_decoded",
+                 "_targets_at", "_injection_rules", "_regions", "_weights", "_encoded_gi", "_spaced_gi", "_decoded",
                  "_prefilter", "_triggers")
 
     pattern: re.Pattern[str]
@@ -765,8 +768,10 @@ class Scanner:
                 check = _detector_check(det.validator, det.start_ok, det.context_ok)
                 specs.append(("builtin", f"(?:{det.pattern})(?P<{marker}>)", check, {marker: targets}))
         # Encoded payloads: decoded and scanned when some rule could find something in them.
-        if specs:
+        if all_rules:
             specs.append(("encoded", f"(?:{ENCODED_PATTERN})(?P<{_ENCODED}>)", None, {_ENCODED: []}))
+            # (its own region: its gate differs from the other runs')
+            specs.append(("spaced", f"(?:{SPACED_PATTERN})(?P<{_SPACED}>)", None, {_SPACED: []}))
         for i, c in enumerate(c for c in customs if c.kind == "regex"):
             source = _user_regex(c.pattern or "", f"custom rule {c.name!r}")
             if c.ignore_case:
@@ -807,6 +812,8 @@ class Scanner:
                 triggers += BUILTIN_TRIGGERS[next(iter(marker_targets))[2:]]
             elif kind == "encoded":
                 triggers += ENCODED_TRIGGERS
+            elif kind == "spaced":
+                triggers += SPACED_TRIGGERS
             elif kind == "phrases":
                 keywords = {normalize_phrase(kw) for c in customs if c.kind == "keywords" for kw in c.keywords}
                 triggers += [phrase_trigger(p) for p in sorted(keywords)]
@@ -829,13 +836,16 @@ class Scanner:
         self._targets_at = [()] * (self.pattern.groups + 1)
         regions: list[_Region] = []
         base = 0
-        self._encoded_gi = -1
+        self._encoded_gi = self._spaced_gi = -1
         self._decoded = functools.lru_cache(maxsize=256)(self._decode_and_scan)
         for prio, (kind, source, check, marker_targets) in enumerate(specs):
             solo = re.compile(f"{BOUNDARY}(?:{source})")
             if kind == "encoded":
                 check = self._encoded_check
                 self._encoded_gi = base + solo.groupindex[_ENCODED]
+            elif kind == "spaced":
+                check = self._spaced_check
+                self._spaced_gi = base + solo.groupindex[_SPACED]
             region = _Region(prio, kind, solo, base, check, _first_chars(source))
             regions.append(region)
             for g in range(base + 1, base + solo.groups + 1):
@@ -938,6 +948,18 @@ class Scanner:
         if _DEPTH.value >= MAX_DECODE_DEPTH or not encoded_start_ok(v, start):
             return 0
         return end if self._decoded(v[start:end], _DEPTH.value) else 0
+
+    def _spaced_check(self, v: str, start: int, end: int) -> int:
+        """The run's end, or the end of its last spelled-out character when what the run holds
+        is found without the word after it (which a redaction then keeps)."""
+        if _DEPTH.value >= MAX_DECODE_DEPTH:
+            return 0
+        gap = v.rfind(" ", start, end)
+        if end - gap > 2:  # the run ends in a word written whole
+            cells = len(v[start:gap].rstrip(" ")) + start
+            if self._decoded(spaced_run(v, start, cells), _DEPTH.value):
+                return cells
+        return end if self._decoded(spaced_run(v, start, end), _DEPTH.value) else 0
 
     def _decode_and_scan(self, run: str, depth: int) -> tuple[Finding, ...]:
         """What the decoded text of an encoded run holds (cached: the check and the
@@ -1042,8 +1064,9 @@ class Scanner:
         targets_at = self._targets_at
         for s, e, gi in hits:
             value = v[s:e]
-            if gi == self._encoded_gi:  # what the decoded run holds, over the whole run
-                for f in self._decoded(value, _DEPTH.value):
+            if gi == self._encoded_gi or gi == self._spaced_gi:  # what the decoded run holds, over the run
+                run = value if gi == self._encoded_gi else spaced_run(v, s, e)
+                for f in self._decoded(run, _DEPTH.value):
                     findings.append(Finding(f.rule, f.detector, s + shift, e + shift, f.value, index, f.score))
                 continue
             for t in targets_at[gi]:

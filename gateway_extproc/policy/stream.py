@@ -51,10 +51,19 @@ MAX_WORD_HOLD = 1024
 
 def _last_word(buf: str, base: int) -> int:
     """Where the last run of non-space characters of `buf` (at `base`) begins, as the position
-    of its boundary character, at most MAX_WORD_HOLD back: no scan may decide on it yet."""
+    of its boundary character, at most MAX_WORD_HOLD back: no scan may decide on it yet. A
+    spelled-out run (`j a n e @ e x …`, `detectors.SPACED_PATTERN`) ending `buf` is one word."""
     lo = max(0, len(buf) - MAX_WORD_HOLD)
     space = max(buf.rfind(" ", lo), buf.rfind("\n", lo), buf.rfind("\t", lo), buf.rfind("\r", lo))
-    return base + (space if space >= 0 else lo)
+    at = space if space >= 0 else lo
+    while at > lo and buf[at] == " ":  # before it: one to three spaces after a single character?
+        cell = at - 1
+        while cell > lo and at - cell < 3 and buf[cell] == " ":
+            cell -= 1
+        if cell <= lo or buf[cell].isspace() or not buf[cell - 1].isspace():
+            break
+        at = cell - 1
+    return base + at
 
 
 class StreamRedactor:
