@@ -250,6 +250,7 @@ def positives() -> list[Case]:
             "defanged [@] and (.)": f"{local}[@]{domain.replace('.', '(.)')}",
             "HTML &#64;": f"{local}&#64;{domain}", "HTML &commat; and &#x2e;": f"{local}&commat;{domain.replace('.', '&#x2e;')}",
             "spelled out": " ".join(v), "spelled out, after a word": "to " + " ".join(v),
+            "spaced @": f"{local} @ {domain}", "spaced @ and dots": f"{local} @ {domain.replace('.', ' . ')}",
         }
         for name, enc in encodings(f"mail {v} now").items():
             forms[name] = f"blob {enc}"

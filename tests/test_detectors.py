@@ -363,7 +363,14 @@ INVALID_EMAILS = [
     "user@example.123", "user@[192.168.0.1]", "user at example.com", "user@@example.com",
     "john..doe@example.com",
     "user@exa mple.com", "no-at-sign.example.com",
+    # a bare '@' between spaces is also Python's matrix product: only before a common TLD
+    "weights @ inputs.transpose", "x @ w.to", "a @ b.T", "jane@ example.com", "jane @example.com",
 ]
+
+
+@pytest.mark.parametrize("value", ["jane @ example . com", "jane.doe @ mail.example.org", "x1 @  acme . io"])
+def test_email_with_a_spaced_at_sign_and_dots(value: str) -> None:
+    assert found("email", f"write to {value} today") == [value]
 
 
 @pytest.mark.parametrize("value", VALID_EMAILS)

@@ -352,14 +352,21 @@ _LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
 
 
 # Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", and the same for dot;
-# (Whitespace runs up to 16 characters: the prefilter's triggers are bounded the same way.)
-# And as HTML writes them: `&#64;`, `&#x40;`, `&commat;`, `&#46;`, `&period;`.
+# a bare '@' or '.' with spaces on both sides (`jane @ example . com`; one space, as in `to
+# @example.com`, is a mention). (Whitespace runs up to 16 characters: the prefilter's triggers are bounded the same
+# way.) And as HTML writes them: `&#64;`, `&#x40;`, `&commat;`, `&#46;`, `&period;`.
 _AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+"
-            r"|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
+            r"|\s{1,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
 _DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+"
-             r"|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;)")
+             r"|\s{1,16}+\.\s{1,16}+|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;)")
 _AT_RE = re.compile(_AT_WORD)
 _DOT_RE = re.compile(_DOT_WORD)
+# A bare '@' between spaces is also code (`weights @ inputs.transpose`, Python's matrix
+# product): an address written so must end in a common top-level domain.
+_SPACED_AT = re.compile(r"[^\s(\[{<]\s+@\s+[^\s)\]}>]")
+_COMMON_TLDS = frozenset(
+    "com org net edu gov mil int io co ai app dev info biz name mail email online site tech cloud us uk de fr es it "
+    "nl be ch at se no dk fi pl ru cn jp kr in au ca br mx ie pt nz za il tr gr cz hu ro sg hk tw ar cl eu".split())
 
 
 def canonical_email(value: str) -> str:
@@ -386,6 +393,8 @@ def validate_email(value: str) -> int:
     for label in domain.split("."):
         if not label or label.startswith("-") or label.endswith("-"):
             return 0
+    if not plain and _SPACED_AT.search(value) and domain.rpartition(".")[2].lower() not in _COMMON_TLDS:
+        return 0
     return len(value)
 
 

@@ -97,7 +97,7 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                              tail=252),),
     "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}", som=False, reach=21, tail=4),),
     "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=130),),
-    "email": (Trigger("@", som=False, reach=67, tail=260),
+    "email": (Trigger("@", som=False, reach=67 + 16, tail=260),
               Trigger(rf"[(\[{{<]{_WS}{{0,16}}at{_WS}{{0,16}}[)\]}}>]", som=False, reach=67 + 40, tail=260,
                       caseless=True),
               Trigger(rf"{_WS}at{_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}(?:\.|{_WS}{{1,16}}dot{_WS})", som=False,
