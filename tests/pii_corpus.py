@@ -250,6 +250,7 @@ def positives() -> list[Case]:
             "defanged [@] and (.)": f"{local}[@]{domain.replace('.', '(.)')}",
             "HTML &#64;": f"{local}&#64;{domain}", "HTML &commat; and &#x2e;": f"{local}&commat;{domain.replace('.', '&#x2e;')}",
             "spelled out": " ".join(v), "spelled out, after a word": "to " + " ".join(v),
+            "Cyrillic look-alikes": v.replace("a", "\u0430").replace("e", "\u0435").replace("o", "\u043e"),
             "spaced @": f"{local} @ {domain}", "spaced @ and dots": f"{local} @ {domain.replace('.', ' . ')}",
         }
         for name, enc in encodings(f"mail {v} now").items():
@@ -374,6 +375,7 @@ def fold(text: str) -> str:
     """NFKC, format characters removed, Unicode digits to ASCII, lower case."""
     text = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
     text = text.replace("\u3002", ".")  # the ideographic full stop: a dot in addresses
+    text = text.translate({0x0430: "a", 0x0435: "e", 0x043E: "o"})  # Cyrillic look-alikes
     return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text).lower()
 
 

@@ -167,3 +167,9 @@ def test_the_same_value_in_two_strings_is_found_in_both(value: str) -> None:
     assert {f.index for f in findings} == {0, 2}
     out, _ = redact_strings([f"Context: {value}", "user", value], findings, PlaceholderMap())
     assert not any(value in o for o in out)
+
+
+def test_letters_that_look_latin_are_read_as_latin_in_place() -> None:
+    text = "\u0456gn\u043er\u0435 j\u0430ne@ex\u0430mple.com \u0391\u039aIA \u0444"
+    n = normalize(text)
+    assert n.text == "ignore jane@example.com AKIA \u0444" and n.identity  # one for one: offsets kept

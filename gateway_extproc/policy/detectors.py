@@ -48,6 +48,8 @@ from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-py
 
 import orjson
 
+from .normalize import normalize
+
 # A validator returns the accepted length (a prefix of the candidate), 0 to reject.
 Validator = Callable[[str], int]
 
@@ -754,8 +756,11 @@ PHRASE_GAP = r"[\W_]*"
 
 
 def phrase_char(ch: str) -> str:
-    """The regex for one character of a normalized phrase: either case, or its leet forms."""
-    variants = {v for v in (ch, ch.upper(), ch.lower(), ch.title()) if len(v) == 1} | set(LEET.get(ch, ""))
+    """The regex for one character of a normalized phrase: either case, or its leet forms, as
+    the scanner reads them (`normalize`: Cyrillic `С` is read as Latin `C`, `с` as `c`)."""
+    cases = {v for v in (ch, ch.upper(), ch.lower(), ch.title()) if len(v) == 1}
+    variants = cases | {normalize(v).text for v in cases} | set(LEET.get(ch, ""))
+    variants = {v for v in variants if len(v) == 1}
     if len(variants) == 1:
         return re.escape(ch)
     return "[" + "".join(re.escape(v) for v in sorted(variants)) + "]"

@@ -13,7 +13,8 @@ detectors therefore run on a normalized copy of each string:
 - every Unicode decimal digit (Nd: Arabic-Indic, Devanagari, Thai, mathematical…) mapped to
   its ASCII digit;
 - every space separator (Zs: NBSP, thin, ideographic…) and line/paragraph separator to a
-  plain space; every dash (Pd, minus sign) to `-`; ideographic and halfwidth full stops to `.`.
+  plain space; every dash (Pd, minus sign) to `-`; ideographic and halfwidth full stops to `.`;
+- Cyrillic and Greek letters that look like Latin ones (`а`, `е`, `о`, `і`, `ο`, …) to those.
 
 Written-out `@`/`.` ("(at)", "[dot]", " at ") and the separators numeric detectors accept are
 handled by the detectors' patterns, not here, so ASCII text is returned unchanged without
@@ -45,6 +46,13 @@ _EXTRA_IGNORABLE = {0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
                     *range(0x1AB0, 0x1B00), *range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100),
                     *range(0xFE20, 0xFE30)}
 _DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: ".", 0x2024: ".", 0xFE52: "."}
+# Letters of other scripts that look like Latin ones (Unicode's confusables, Cyrillic and Greek):
+# `іgnоrе` with Cyrillic і, о, е reads as `ignore` to a model, `jаne@exаmple.com` as an address.
+# Detection reads them as the Latin letter (keywords are normalized the same way, so a keyword
+# written in Cyrillic still matches Cyrillic text).
+_LOOKALIKES = dict(zip(
+    map(ord, "аеорсухіјѕһԁԛԝӏѵүкАВЕКМНОРСТХІЈЅҮԚԜӀαοικνρυχϲϳΑΒΕΖΗΙΚΜΝΟΡΤΥΧ"),
+    "aeopcyxijshdqwlvykABEKMHOPCTXIJSYQWIaoikvpuxcjABEZHIKMNOPTYX"))
 _PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE0200))  # BMP, SMP (math digits), tags
 
 
@@ -63,6 +71,8 @@ def _mapped(ch: str) -> str | None:
         return ""
     if o in _DOTS:
         return _DOTS[o]
+    if o in _LOOKALIKES:
+        return _LOOKALIKES[o]
     if ch.isdecimal():
         return str(unicodedata.decimal(ch))
     cat = unicodedata.category(ch)
