@@ -100,6 +100,9 @@ DASHES = ["\u2010", "\u2011", "\u2013", "\u2014", "\u2212", "\uff0d", "\ufe63"]
 DIGIT_ZEROS = [0xFF10, 0x0660, 0x06F0, 0x0966, 0x09E6, 0x0E50, 0x1D7CE, 0x1D7D8, 0x1040, 0x17E0, 0xA8D0]
 
 
+_WORDS = "zero one two three four five six seven eight nine".split()
+
+
 def digits_in(text: str, zero: int) -> str:
     return "".join(chr(zero + int(c)) if c.isdigit() else c for c in text)
 
@@ -205,6 +208,7 @@ def positives() -> list[Case]:
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), ' ')} 123 exp 12/27",), d, "with CVV"))
         cases.append(Case("credit_card", (f"ref 1234 {grouped(d, card_groups(d), ' ')}",), d, "after a number"))
         cases.append(Case("credit_card", (" ".join(d),), d, "one digit per group"))
+        cases.append(Case("credit_card", ("card " + " ".join(_WORDS[int(c)] for c in d) + " ok",), d, "in words"))
         for sep in (",", ", ", " | ", ";", ":", "+", "*", "~", "    ", "\n\n\n\n", " --- ", "'", "] [", ")(", "\\"):
             # printed layout, any other separators (up to 16 characters)
             cases.append(Case("credit_card", (f"card [{grouped(d, card_groups(d), sep)}] ok",), d,
@@ -403,13 +407,16 @@ def decoded_forms(text: str) -> list[str]:
 
 def forms(text: str) -> list[str]:
     """Every form a seeded value could hide in within `text`: folded, without separators or
-    spaces, digits only, with written-out `at`/`dot` resolved; of the text and of what it decodes to."""
+    spaces, digits only (also of digits read out in words), with written-out `at`/`dot` resolved; of the text and of what it decodes to."""
     out = []
     for form in decoded_forms(text):
         f = fold(form)
         words = re.sub(r"\s*[(\[{<]\s*(at|dot|@|\.)\s*[)\]}>]\s*", lambda m: "@" if m.group(1) in ("at", "@") else ".", f)
         words = re.sub(r"\s+at\s+", "@", re.sub(r"\s+dot\s+", ".", words))
-        out += [f, re.sub(r"[\s.\-/_]", "", f), re.sub(r"\s", "", f), words, "\x00" + re.sub(r"\D", "", f)]
+        spoken = re.sub(r"\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b",
+                        lambda m: str(_WORDS.index(m.group()) if m.group() != "oh" else 0), f)
+        out += [f, re.sub(r"[\s.\-/_]", "", f), re.sub(r"\s", "", f), words, "\x00" + re.sub(r"\D", "", f),
+                "\x00" + re.sub(r"\D", "", spoken)]
     return out
 
 

@@ -86,7 +86,7 @@ def test_scan_is_one_regex_pass() -> None:
 
 def test_only_used_detectors_are_compiled() -> None:
     scanner = Scanner.compile([Rule("email", "email", "redact")])
-    assert set(scanner.pattern.groupindex) == {"d_email", "e_encoded", "e_spaced"}  # encoded, spaced runs: decoded
+    assert set(scanner.pattern.groupindex) == {"d_email", "e_encoded", "e_spaced", "e_words"}  # runs: decoded
     assert [f.detector for f in scanner.scan(PROMPT)] == ["email", "email", "email"]
     empty = Scanner.compile([])
     assert empty.scan(PROMPT) == []
@@ -676,3 +676,28 @@ def test_a_megabyte_spelled_out_is_read_in_linear_time() -> None:
         DEFAULT.scan(big)
         t2 = time.process_time()
         assert t2 - t1 < 40 * max(t1 - t0, 1e-3), unit  # 16x the text, not 256x the time
+
+
+# -- numbers read out in words ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "detector"), [
+    ("card four one one one one one one one one one one one one one one one ok", "credit_card"),
+    ("Card: Four, one, one, one - one one one one, one one one one, one one one one.", "credit_card"),
+    ("my SSN is one two three, four five, six seven eight nine.", "us_ssn"),
+    ("card FOUR ONE ONE ONE oh oh oh oh one one one one one one one one", None),  # not a valid card
+])
+def test_a_number_read_out_in_words_is_found(text: str, detector: str | None) -> None:
+    findings = DEFAULT.scan(text)
+    assert [f.detector for f in findings] == ([detector] if detector else [])
+    if detector:
+        redacted, _ = redact(text, findings, PlaceholderMap())
+        assert "one one" not in redacted.lower() and "seven" not in redacted, redacted
+
+
+@pytest.mark.parametrize("text", [
+    "one two three four five six seven eight nine",  # nine digits without an SSN context word
+    "she counted one two three four five six seven eight nine ten",
+    "it was one of those days: one, two, three",
+])
+def test_number_words_that_hold_nothing_are_no_finding(text: str) -> None:
+    assert DEFAULT.scan(text) == []

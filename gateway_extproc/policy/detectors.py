@@ -638,6 +638,34 @@ def _unspaced_text(run: str) -> str:
     return " ".join(w for w in (word, spelled, last) if w)
 
 
+# A number read out digit by digit in English words (`four one one one one …`, `SSN: one two
+# three, four five, …`): nine or more digit words apart by spaces, commas or dashes. Decoded to
+# its digits, after the SSN context word found before the run, if any (`number_words_run`: a
+# weak format needs it). Each word spelled with explicit classes, so the engine gates the region
+# on its first two letters.
+_DIGITS_BY_WORD = {"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                   "six": "6", "seven": "7", "eight": "8", "nine": "9"}
+_DIGIT_WORD = "(?:" + "|".join("".join(f"[{c.upper()}{c}]" for c in w) for w in _DIGITS_BY_WORD) + ")"
+NUMBER_WORDS_PATTERN = rf"{_DIGIT_WORD}(?:[\s,\-]{{1,3}}+{_DIGIT_WORD}){{8,}}+(?![A-Za-z])"
+_NUMBER_RUN = re.compile(NUMBER_WORDS_PATTERN)
+_NUMBER_WORD = re.compile(_DIGIT_WORD)
+_SSN_WORD = "SSN "
+
+
+def number_words_run(text: str, start: int, end: int) -> str:
+    """The number-words run text[start:end], after `SSN ` when an SSN context word precedes it."""
+    context = _SSN_CONTEXT.search(text, max(0, start - SSN_CONTEXT_CHARS), start) is not None
+    return (_SSN_WORD if context else "") + text[start:end]
+
+
+def _number_digits(run: str) -> str | None:
+    words = run.removeprefix(_SSN_WORD)
+    if not _NUMBER_RUN.fullmatch(words):
+        return None
+    digits = "".join(_DIGITS_BY_WORD[m.group().lower()] for m in _NUMBER_WORD.finditer(words))
+    return run[:len(run) - len(words)] + digits
+
+
 def _unescape(m: re.Match[str]) -> str:
     ref, u, x = m.groups()
     code = int(ref[1:], 16) if ref and ref[0] in "xX" else int(ref or u or x, 10 if ref else 16)
@@ -688,10 +716,12 @@ def _unquote_plus(run: str) -> str:
 
 def decode_payload(run: str) -> str | None:
     """The text a base64 / hex / URL-encoded run, a run of HTML character references or
-    `\\u`/`\\x` escapes, or a spaced-out run stands for, or None when it is none of these (or
-    decodes to binary)."""
+    `\\u`/`\\x` escapes, a spaced-out run or a number in words stands for, or None when it is
+    none of these (or decodes to binary)."""
     if " " in run and _SPACED_RUN.fullmatch(run):
         return _unspaced_text(run)
+    if run[-1:].isalpha() and (digits := _number_digits(run)) is not None:
+        return digits
     if "&#" in run or "\\" in run:
         decoded = _ESCAPE.sub(_unescape, run)
         return decoded if decoded != run else None

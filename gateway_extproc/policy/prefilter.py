@@ -117,6 +117,11 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
 SPACED_TRIGGERS = (Trigger(r"(?:[^ \t\n\r\x0b\x0c\x1c-\x1f] {1,3}){5}[^ \t\n\r\x0b\x0c\x1c-\x1f]", som=False,
                            reach=21, tail=260),)
 
+# Nine digit words in a row (`detectors.NUMBER_WORDS_PATTERN`).
+_DIGIT_WORD = "(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)"
+NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:[ \t\n\r\x0b\x0c,\-]{{1,3}}{_DIGIT_WORD}){{8}}", som=False,
+                                 reach=9 * 8, tail=260, caseless=True),)
+
 ENCODED_TRIGGERS = (
     # the end of every run of 12 or more: its start is found by walking back (`verify` runs)
     Trigger(r"[A-Za-z0-9+/_\-]{12}[^A-Za-z0-9+/_\-]", som=False, reach=-1, tail=4, verify=True),

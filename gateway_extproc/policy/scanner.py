@@ -56,6 +56,7 @@ from .detectors import (
     BUILTIN_DETECTORS,
     ENCODED_PATTERN,
     MAX_DECODE_DEPTH,
+    NUMBER_WORDS_PATTERN,
     SPACED_PATTERN,
     STRUCTURAL,
     DEFAULT_INJECTION_PATTERNS,
@@ -67,13 +68,14 @@ from .detectors import (
     expand_phrase,
     normalize_phrase,
     phrase_start_ok,
+    number_words_run,
     phrase_trie_pattern,
     spaced_run,
 )
 
 from .normalize import Normalized, normalize, normalize_json, tables
-from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, SPACED_TRIGGERS, Trigger, phrase_trigger,
-                        regex_trigger, template_trigger)
+from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGERS, SPACED_TRIGGERS, Trigger,
+                        phrase_trigger, regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
 
 PREFILTER_MIN_CHARS = 256  # below, the regex alone is as fast
@@ -674,6 +676,7 @@ def _label(detector: str) -> str:
 
 _ENCODED = "e_encoded"
 _SPACED = "e_spaced"
+_WORDS = "e_words"
 
 
 class _Depth(threading.local):
@@ -719,7 +722,7 @@ class Scanner:
     """Compiled rules; immutable and safe to share between threads and requests."""
 
     __slots__ = ("pattern", "rules", "tiers", "injection", "_search", "_region_at",
-                 "_targets_at", "_injection_rules", "_regions", "_weights", "_encoded_gi", "_spaced_gi", "_decoded",
+                 "_targets_at", "_injection_rules", "_regions", "_weights", "_runs", "_decoded",
                  "_prefilter", "_triggers")
 
     pattern: re.Pattern[str]
@@ -770,8 +773,9 @@ class Scanner:
         # Encoded payloads: decoded and scanned when some rule could find something in them.
         if all_rules:
             specs.append(("encoded", f"(?:{ENCODED_PATTERN})(?P<{_ENCODED}>)", None, {_ENCODED: []}))
-            # (its own region: its gate differs from the other runs')
+            # (regions of their own: their gates differ from the other runs')
             specs.append(("spaced", f"(?:{SPACED_PATTERN})(?P<{_SPACED}>)", None, {_SPACED: []}))
+            specs.append(("words", f"(?:{NUMBER_WORDS_PATTERN})(?P<{_WORDS}>)", None, {_WORDS: []}))
         for i, c in enumerate(c for c in customs if c.kind == "regex"):
             source = _user_regex(c.pattern or "", f"custom rule {c.name!r}")
             if c.ignore_case:
@@ -814,6 +818,8 @@ class Scanner:
                 triggers += ENCODED_TRIGGERS
             elif kind == "spaced":
                 triggers += SPACED_TRIGGERS
+            elif kind == "words":
+                triggers += NUMBER_WORDS_TRIGGERS
             elif kind == "phrases":
                 keywords = {normalize_phrase(kw) for c in customs if c.kind == "keywords" for kw in c.keywords}
                 triggers += [phrase_trigger(p) for p in sorted(keywords)]
@@ -836,16 +842,15 @@ class Scanner:
         self._targets_at = [()] * (self.pattern.groups + 1)
         regions: list[_Region] = []
         base = 0
-        self._encoded_gi = self._spaced_gi = -1
+        # marker group of each run region -> the text to decode for a run there (None: the run)
+        runs: dict[int, Callable[[str, int, int], str] | None] = {}
         self._decoded = functools.lru_cache(maxsize=256)(self._decode_and_scan)
         for prio, (kind, source, check, marker_targets) in enumerate(specs):
             solo = re.compile(f"{BOUNDARY}(?:{source})")
-            if kind == "encoded":
-                check = self._encoded_check
-                self._encoded_gi = base + solo.groupindex[_ENCODED]
-            elif kind == "spaced":
-                check = self._spaced_check
-                self._spaced_gi = base + solo.groupindex[_SPACED]
+            if kind in ("encoded", "spaced", "words"):
+                check = {"encoded": self._encoded_check, "spaced": self._spaced_check, "words": self._words_check}[kind]
+                runs[base + solo.groupindex[next(iter(marker_targets))]] = {
+                    "encoded": None, "spaced": spaced_run, "words": number_words_run}[kind]
             region = _Region(prio, kind, solo, base, check, _first_chars(source))
             regions.append(region)
             for g in range(base + 1, base + solo.groups + 1):
@@ -859,6 +864,7 @@ class Scanner:
             region.later_all = tuple(regions[i + 1:])
             region.later_overlap = tuple(r for r in regions[i + 1:] if r.kind != "builtin")
         self._regions = tuple(regions)
+        self._runs = runs
         self._injection_rules = tuple(r.name for r in all_rules if r.detector == PROMPT_INJECTION)
         self._weights = {}
         if injection is not None:
@@ -960,6 +966,11 @@ class Scanner:
             if self._decoded(spaced_run(v, start, cells), _DEPTH.value):
                 return cells
         return end if self._decoded(spaced_run(v, start, end), _DEPTH.value) else 0
+
+    def _words_check(self, v: str, start: int, end: int) -> int:
+        if _DEPTH.value >= MAX_DECODE_DEPTH:
+            return 0
+        return end if self._decoded(number_words_run(v, start, end), _DEPTH.value) else 0
 
     def _decode_and_scan(self, run: str, depth: int) -> tuple[Finding, ...]:
         """What the decoded text of an encoded run holds (cached: the check and the
@@ -1064,8 +1075,9 @@ class Scanner:
         targets_at = self._targets_at
         for s, e, gi in hits:
             value = v[s:e]
-            if gi == self._encoded_gi or gi == self._spaced_gi:  # what the decoded run holds, over the run
-                run = value if gi == self._encoded_gi else spaced_run(v, s, e)
+            if gi in self._runs:  # what the decoded run holds, over the run
+                of = self._runs[gi]
+                run = value if of is None else of(v, s, e)
                 for f in self._decoded(run, _DEPTH.value):
                     findings.append(Finding(f.rule, f.detector, s + shift, e + shift, f.value, index, f.score))
                 continue
