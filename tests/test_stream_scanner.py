@@ -276,6 +276,18 @@ def test_a_value_spelled_out_longer_than_the_holdback_is_held_whole(step: int) -
     assert out == redact(text, PII.decide(PII.scan(text)).redact)[0] and "please" in out and "j o h n" not in out
 
 
+@pytest.mark.parametrize("step", [1, 5, 13])
+def test_a_number_read_out_in_words_is_held_whole(step: int) -> None:
+    """`four one one …` (16 words, ~70 characters) is one word to the hold-back: its start went
+    out before the scan saw the rest, and the run was never read from its start again."""
+    words = "zero one two three four five six seven eight nine".split()
+    value = ", ".join(words[int(c)] for c in "4111111111111111")
+    text = f"the card is {value} and that is all"
+    r = StreamRedactor(PII, holdback_chars=64)
+    out = "".join(r.feed(text[i:i + step]) for i in range(0, len(text), step)) + r.flush()
+    assert out == redact(text, PII.decide(PII.scan(text)).redact)[0] and "four" not in out and "that is all" in out
+
+
 def test_a_word_longer_than_the_word_hold_goes_out_bounded() -> None:
     r = StreamRedactor(PII, holdback_chars=64)
     emitted = sum(len(r.feed("x" * 100)) for _ in range(30))

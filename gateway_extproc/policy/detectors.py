@@ -646,10 +646,36 @@ def _unspaced_text(run: str) -> str:
 _DIGITS_BY_WORD = {"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                    "six": "6", "seven": "7", "eight": "8", "nine": "9"}
 _DIGIT_WORD = "(?:" + "|".join("".join(f"[{c.upper()}{c}]" for c in w) for w in _DIGITS_BY_WORD) + ")"
-NUMBER_WORDS_PATTERN = rf"{_DIGIT_WORD}(?:[\s,\-]{{1,3}}+{_DIGIT_WORD}){{8,}}+(?![A-Za-z])"
+
+
+def _after_no_digit_word() -> str:
+    """Look-behinds: not right after a digit word and its separators (a run is tried from its
+    start only; starting again at each word would read the rest again and again)."""
+    by_width: dict[int, list[str]] = {}
+    for word in _DIGITS_BY_WORD:
+        for k in range(1, 4):
+            by_width.setdefault(len(word) + k, []).append("".join(f"[{c.upper()}{c}]" for c in word) + rf"[\s,\-]{{{k}}}")
+    return "".join(f"(?<!{'|'.join(alts)})" for _, alts in sorted(by_width.items()))
+
+
+NUMBER_WORDS_PATTERN = rf"{_after_no_digit_word()}{_DIGIT_WORD}(?:[\s,\-]{{1,3}}+{_DIGIT_WORD}){{8,}}+(?![A-Za-z])"
 _NUMBER_RUN = re.compile(NUMBER_WORDS_PATTERN)
 _NUMBER_WORD = re.compile(_DIGIT_WORD)
 _SSN_WORD = "SSN "
+
+
+_WORD_ENDING = re.compile(rf"(?<![A-Za-z]){_DIGIT_WORD}[\s,\-]{{1,3}}$")
+
+
+def number_words_start(text: str, at: int, lo: int) -> int:
+    """Where the digit words before the separator at `at` begin, not before `lo`: the position
+    of the separator before the first of them (`at` itself when none)."""
+    while at > lo:
+        m = _WORD_ENDING.search(text, max(lo, at - 7), at + 1)
+        if m is None:
+            break
+        at = m.start() - 1
+    return max(at, lo)
 
 
 def number_words_run(text: str, start: int, end: int) -> str:

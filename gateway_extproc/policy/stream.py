@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
+from .detectors import number_words_start
 from .normalize import Normalized, normalize
 from .scanner import (
     Decision,
@@ -52,7 +53,8 @@ MAX_WORD_HOLD = 1024
 def _last_word(buf: str, base: int) -> int:
     """Where the last run of non-space characters of `buf` (at `base`) begins, as the position
     of its boundary character, at most MAX_WORD_HOLD back: no scan may decide on it yet. A
-    spelled-out run (`j a n e @ e x …`, `detectors.SPACED_PATTERN`) ending `buf` is one word."""
+    spelled-out run (`j a n e @ e x …`, `detectors.SPACED_PATTERN`) or a number read out in
+    words (`four one one …`) ending `buf` is one word."""
     lo = max(0, len(buf) - MAX_WORD_HOLD)
     space = max(buf.rfind(" ", lo), buf.rfind("\n", lo), buf.rfind("\t", lo), buf.rfind("\r", lo))
     at = space if space >= 0 else lo
@@ -63,7 +65,7 @@ def _last_word(buf: str, base: int) -> int:
         if cell <= lo or buf[cell].isspace() or not buf[cell - 1].isspace():
             break
         at = cell - 1
-    return base + at
+    return base + number_words_start(buf, at, lo)
 
 
 class StreamRedactor:
