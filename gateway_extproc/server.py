@@ -65,9 +65,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     if isinstance(processor, RouterProcessor) and context is not None and tracing.on():
                         processor.trace_parent = _trace_context(context)
                 started, phase = time.perf_counter(), req.WhichOneof("request")
-                if phase == "request_body" and len(req.request_body.body) > LARGE_BYTES \
-                        and isinstance(processor, RouterProcessor):
-                    yield responses.LARGE_BODY_TIME  # its wait and work may outlast the message timeout
+                if isinstance(processor, RouterProcessor) and phase in ("request_body", "response_body") \
+                        and len(getattr(req, phase).body) > LARGE_BYTES:
+                    # Its wait (a request's) and work (parsing, scanning: seconds for megabytes of
+                    # numbers on a busy process) may outlast the message timeout.
+                    yield responses.LARGE_BODY_TIME
                 try:
                     resp = await processor.handle(req)
                 except Exception:

@@ -60,7 +60,8 @@ def common(headers: ep.HeaderMutation | None = None, body: bytes | None = None,
 
 
 # Envoy's message timer for a large request body (admission.py: the body may wait its turn
-# up to WAIT_S, then take seconds of work on a busy process): at most the chart's
+# up to WAIT_S, then take seconds of work on a busy process) or a large piece of an answer
+# (output scanning: ~0.6 s per MB of text dense in numbers): at most the chart's
 # `max_message_timeout` for the router filter.
 LARGE_BODY_TIME = ep.ProcessingResponse(override_message_timeout=duration_pb2.Duration(seconds=20))
 
