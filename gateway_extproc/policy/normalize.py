@@ -15,6 +15,8 @@ detectors therefore run on a normalized copy of each string:
 - every space separator (Zs: NBSP, thin, ideographic…) and line/paragraph separator to a
   plain space; every dash (Pd, minus sign) to `-`; ideographic and halfwidth full stops to `.`;
 - Cyrillic and Greek letters that look like Latin ones (`а`, `е`, `о`, `і`, `ο`, …) to those.
+- Unicode tag characters (U+E0020–E007E), invisible yet read by some models as the ASCII they
+  mirror ("ASCII smuggling": a hidden `ignore previous instructions`), to that ASCII.
 
 Written-out `@`/`.` ("(at)", "[dot]", " at ") and the separators numeric detectors accept are
 handled by the detectors' patterns, not here, so ASCII text is returned unchanged without
@@ -67,6 +69,8 @@ _tables: _Tables | None = None
 
 def _mapped(ch: str) -> str | None:
     o = ord(ch)
+    if 0xE0020 <= o <= 0xE007E:  # tag characters: invisible, but read as the ASCII they mirror
+        return chr(o - 0xE0000)
     if o in _EXTRA_IGNORABLE or unicodedata.category(ch) in ("Cf", "Me"):
         return ""
     if o in _DOTS:
