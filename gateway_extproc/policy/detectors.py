@@ -355,8 +355,9 @@ _LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
 
 # Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", and the same for dot;
 # a bare '@' or '.' with spaces on both sides (`jane @ example . com`; one space, as in `to
-# @example.com`, is a mention). (Whitespace runs up to 16 characters: the prefilter's triggers are bounded the same
-# way.) And as HTML writes them: `&#64;`, `&#x40;`, `&commat;`, `&#46;`, `&period;`.
+# @example.com`, is a mention). (Whitespace runs up to 16 characters: the prefilter's
+# triggers are bounded the same way.) And as HTML writes them: `&#64;`, `&#x40;`, `&commat;`,
+# `&#46;`, `&period;`.
 _AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+"
             r"|\s{1,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
 _DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+"
@@ -645,6 +646,7 @@ def _unspaced_text(run: str) -> str:
 # on its first two letters.
 _DIGITS_BY_WORD = {"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                    "six": "6", "seven": "7", "eight": "8", "nine": "9"}
+DIGIT_WORDS = tuple(_DIGITS_BY_WORD)
 _DIGIT_WORD = "(?:" + "|".join("".join(f"[{c.upper()}{c}]" for c in w) for w in _DIGITS_BY_WORD) + ")"
 
 
@@ -654,7 +656,8 @@ def _after_no_digit_word() -> str:
     by_width: dict[int, list[str]] = {}
     for word in _DIGITS_BY_WORD:
         for k in range(1, 4):
-            by_width.setdefault(len(word) + k, []).append("".join(f"[{c.upper()}{c}]" for c in word) + rf"[\s,\-]{{{k}}}")
+            spelled = "".join(f"[{c.upper()}{c}]" for c in word)
+            by_width.setdefault(len(word) + k, []).append(spelled + rf"[\s,\-]{{{k}}}")
     return "".join(f"(?<!{'|'.join(alts)})" for _, alts in sorted(by_width.items()))
 
 

@@ -50,11 +50,11 @@ _EXTRA_IGNORABLE = {0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
 _DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: ".", 0x2024: ".", 0xFE52: "."}
 # Letters of other scripts that look like Latin ones (Unicode's confusables, Cyrillic and Greek):
 # `іgnоrе` with Cyrillic і, о, е reads as `ignore` to a model, `jаne@exаmple.com` as an address.
-# Detection reads them as the Latin letter (keywords are normalized the same way, so a keyword
-# written in Cyrillic still matches Cyrillic text).
+# Detection reads them as the Latin letter (a keyword's letters match as read so,
+# `detectors.phrase_char`: a keyword written in Cyrillic still matches Cyrillic text).
 _LOOKALIKES = dict(zip(
-    map(ord, "аеорсухіјѕһԁԛԝӏѵүкАВЕКМНОРСТХІЈЅҮԚԜӀαοικνρυχϲϳΑΒΕΖΗΙΚΜΝΟΡΤΥΧ"),
-    "aeopcyxijshdqwlvykABEKMHOPCTXIJSYQWIaoikvpuxcjABEZHIKMNOPTYX"))
+    map(ord, "аеорсухіјѕһԁԛԝӏѵүк" "АВЕКМНОРСТХІЈЅҮԚԜӀ" "αοικνρυχϲϳ" "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ"),
+    "aeopcyxijshdqwlvyk" "ABEKMHOPCTXIJSYQWI" "aoikvpuxcj" "ABEZHIKMNOPTYX"))
 _PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE0200))  # BMP, SMP (math digits), tags
 
 

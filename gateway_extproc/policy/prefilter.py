@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import WIDE_SEPC, phrase_char
+from .detectors import DIGIT_WORDS, WIDE_SEPC, phrase_char
 
 try:
     import hyperscan
@@ -118,7 +118,7 @@ SPACED_TRIGGERS = (Trigger(r"(?:[^ \t\n\r\x0b\x0c\x1c-\x1f] {1,3}){5}[^ \t\n\r\x
                            reach=21, tail=260),)
 
 # Nine digit words in a row (`detectors.NUMBER_WORDS_PATTERN`).
-_DIGIT_WORD = "(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)"
+_DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
 NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:[ \t\n\r\x0b\x0c,\-]{{1,3}}{_DIGIT_WORD}){{8}}", som=False,
                                  reach=9 * 8, tail=260, caseless=True),)
 

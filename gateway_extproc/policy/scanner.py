@@ -67,8 +67,8 @@ from .detectors import (
     encoded_start_ok,
     expand_phrase,
     normalize_phrase,
-    phrase_start_ok,
     number_words_run,
+    phrase_start_ok,
     phrase_trie_pattern,
     spaced_run,
 )
