@@ -70,6 +70,8 @@ DISTURBED_RETRIES, QUIET_WAIT_S = 2, 60  # a disturbed run is repeated after wai
 TARGET_RATIO_32 = 0.09  # gateway req/s @32 >= 0.09 x plain Envoy
 TARGET_ADDED_P50_MS = 2.5  # gateway p50 @1 - plain Envoy p50 @1
 TARGET_TTFB_ADDED_MS = 3.0  # streamed median TTFB, gateway - plain Envoy
+TARGET_CPU_VS_FLOOR = 1.5  # issue 16: ext_proc CPU-ms/req, private-chat ÷ the no-op floor
+TARGET_FALLBACK_VS_PRIVATE = 1.3  # issue 16: ext_proc CPU-ms/req, fallback-chat ÷ private-chat
 # Variants of private-chat on one ext_proc process (issues "budgets" and "classification"):
 TARGET_BUDGET_ADDED_P50_MS = 0.3  # budgets in Redis on loopback, p50 @1 - the same without budgets
 TARGET_BUDGET_RATIO_32 = 0.85  # budgets in Redis, req/s @32 >= 0.85 x the same without budgets
@@ -652,6 +654,34 @@ def other_cores(load: Load) -> float:
     return load.cpu_s.get("other", 0.0) / load.seconds
 
 
+def paced_script(tmp: Path, delay_ms: float, model: str) -> Path:
+    """The bench's wrk script plus a per-connection wait between requests."""
+    script = wrk_script(tmp, model)
+    paced = tmp / "wrk-paced.lua"
+    paced.write_text(script.read_text() + f"\nfunction delay()\n  return {max(0, round(delay_ms))}\nend\n")
+    return paced
+
+
+def next_delay(delay_ms: float, target_rps: float, achieved_rps: float, connections: int = 32) -> float:
+    """The per-connection wrk delay that holds `connections` paced connections at
+    `target_rps`, from a run at `delay_ms` that achieved `achieved_rps`: rate = connections /
+    (delay + latency), solved for the delay."""
+    if achieved_rps <= 0:
+        return delay_ms
+    latency_ms = connections / achieved_rps * 1000 - delay_ms
+    return max(0.0, connections / target_rps * 1000 - latency_ms)
+
+
+def paced(url: str, tmp: Path, rate: float, seconds: float, cpu_of: dict[str, Callable[[], list[int]]],
+          model: str = "private-chat") -> Load:
+    """32 connections held near `rate` req/s: the wrk delay refined over three short runs,
+    then measured for `seconds`."""
+    delay_ms = 32 / rate * 1000
+    for _ in range(3):
+        delay_ms = next_delay(delay_ms, rate, run_wrk(url, paced_script(tmp, delay_ms, model), 32, 4, check=False).rps)
+    return run_wrk(url, paced_script(tmp, delay_ms, model), 32, seconds, cpu_of)
+
+
 def run_undisturbed(url: str, script: Path, connections: int, seconds: float,
                     cpu_of: dict[str, Callable[[], list[int]]]) -> Load:
     """run_wrk, repeated (after waiting for quiet) while other processes on a shared machine
@@ -780,7 +810,8 @@ def measure(t: Target, tmp: Path, seconds: float, warmup: float) -> PathResult:
     at1 = run_undisturbed(t.url, script, 1, seconds, t.cpu_of)
     at32 = run_undisturbed(t.url, script, 32, seconds, t.cpu_of)
     ttfb, first_content = stream_timings(t.url, t.model)
-    result = PathResult(t.name, t.kind, t.model if t.kind in ("gateway", "variant") else None, t.extproc_processes,
+    result = PathResult(t.name, t.kind, t.model if t.kind in ("floor", "gateway", "variant") else None,
+                        t.extproc_processes,
                         at1, at32, ttfb, first_content_ms=first_content)
     if "extproc" in at32.cpu_s:
         result.extproc_cpu_ms_per_req = at32.cpu_s["extproc"] * 1000 / at32.requests
@@ -843,9 +874,12 @@ def measure_floor(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]
 
 
 def measure_gateway(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], processes: int,
-                    seconds: float, warmup: float, probes: list[dict[str, object]]) -> list[PathResult]:
+                    seconds: float, warmup: float, probes: list[dict[str, object]],
+                    equal_rate: dict[str, float] | None = None) -> list[PathResult]:
     """One gateway stack (both models). The chart refuses in-memory budgets with several
-    processes, so those runs keep budgets in a throwaway Redis, as a deployment would."""
+    processes, so those runs keep budgets in a throwaway Redis, as a deployment would.
+    With `equal_rate` (one process), the gateway and the floor are then also held at one rate
+    (`measure_equal_rate`)."""
     with ExitStack() as stack_of:
         redis_url = redis_pid = None
         if processes > 1:
@@ -855,8 +889,36 @@ def measure_gateway(tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[in
         stack = stack_of.enter_context(gateway(tmp, nginx_port, processes, redis_url))
         if not probes:
             probes.append(probe_stream_with_length(stack.url))
-        return [measure(t, tmp, seconds, warmup)
-                for t in gateway_targets(stack, processes, store, nginx_pids, redis_pid)]
+        results = [measure(t, tmp, seconds, warmup)
+                   for t in gateway_targets(stack, processes, store, nginx_pids, redis_pid)]
+        if equal_rate is not None and processes == 1:
+            equal_rate.update(measure_equal_rate(tmp, nginx_port, stack, results[0].at32.rps, seconds))
+        return results
+
+
+EQUAL_RATE_FRACTION = 0.9
+
+
+def measure_equal_rate(tmp: Path, nginx_port: int, stack: LocalStack, gateway_max_rps: float,
+                       seconds: float) -> dict[str, float]:
+    """The gateway (private-chat) and the no-op floor, each held at EQUAL_RATE_FRACTION of the
+    gateway's own maximum: their ext_proc CPU-ms/req at one throughput. The floor's cost per
+    request falls as its rate rises (its completions share wake-ups: bench/README.md), so
+    the unpaced ratio divides the gateway by a floor measured at about three times its rate;
+    this one compares them at the same rate."""
+    rate = gateway_max_rps * EQUAL_RATE_FRACTION
+    print(f"  equal rate: gateway private-chat and the floor, each held at {rate:,.0f} req/s @32", flush=True)
+    serve = stack.procs["extproc"].pid
+    gw = paced(stack.url, tmp, rate, seconds, {"extproc": lambda: children(serve)})
+    with floor_stack(tmp, nginx_port, tag="floor-paced") as (url, ext_pid, _envoy):
+        run_wrk(url, wrk_script(tmp, "private-chat"), 32, 2)  # warm-up
+        fl = paced(url, tmp, rate, seconds, {"extproc": lambda: [ext_pid]})
+    out = {"rate": rate, "gateway_rps": gw.rps, "floor_rps": fl.rps,
+           "gateway_cpu_ms_per_req": gw.cpu_s["extproc"] * 1000 / gw.requests,
+           "floor_cpu_ms_per_req": fl.cpu_s["extproc"] * 1000 / fl.requests}
+    print(f"    gateway {gw.rps:,.0f} req/s, {out['gateway_cpu_ms_per_req']:.3f} CPU-ms/req; floor {fl.rps:,.0f} "
+          f"req/s, {out['floor_cpu_ms_per_req']:.3f}", flush=True)
+    return out
 
 
 # -- variants: what budgets and output scanning cost on the same path ------------------------
@@ -1126,7 +1188,7 @@ def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
             variants: dict[str, PathResult] | None = None,
             checked: list[dict[str, object]] | None = None,
             paced: dict[str, dict[str, float]] | None = None, quick: bool = False,
-            burst: dict[str, object] | None = None) -> list[PathResult]:
+            burst: dict[str, object] | None = None, equal_rate: dict[str, float] | None = None) -> list[PathResult]:
     results: list[PathResult] = []
     with nginx(tmp) as (nginx_port, nginx_proc):
         nginx_pids = lambda: [nginx_proc.pid, *children(nginx_proc.pid)]  # noqa: E731
@@ -1141,7 +1203,8 @@ def run_all(tmp: Path, seconds: float, warmup: float, process_counts: list[int],
         if floor:
             results += measure_floor(tmp, nginx_port, nginx_pids, seconds, warmup)
         for n in process_counts:
-            results += measure_gateway(tmp, nginx_port, nginx_pids, n, seconds, warmup, probes)
+            results += measure_gateway(tmp, nginx_port, nginx_pids, n, seconds, warmup, probes,
+                                       equal_rate if floor else None)
         if variant_rounds_n and variants is not None:
             variants.update(measure_variants(tmp, nginx_port, nginx_pids, seconds, warmup, variant_rounds_n,
                                              checked if checked is not None else [], burst))
@@ -1222,6 +1285,32 @@ def checks(results: list[PathResult], plain: PathResult) -> list[Check]:
     return out
 
 
+def cpu_checks(results: list[PathResult], equal_rate: dict[str, float]) -> list[Check]:
+    """Issue 16's CPU targets for one ext_proc process with budgets in memory: the gateway's
+    ext_proc CPU-ms/req against the no-op floor's (unpaced, each at its own maximum; and both
+    held at one rate), and fallback-chat's against private-chat's."""
+    def one(kind: str, model: str) -> PathResult | None:
+        return next((r for r in results if r.kind == kind and r.model == model and r.extproc_processes == 1
+                     and r.extproc_cpu_ms_per_req), None)
+    private, fallback = one("gateway", "private-chat"), one("gateway", "fallback-chat")
+    floor = one("floor", "private-chat")
+    out = []
+    if private is not None and floor is not None:
+        ratio = private.extproc_cpu_ms_per_req / floor.extproc_cpu_ms_per_req  # type: ignore[operator]
+        out.append(Check(private.name, "ext_proc CPU-ms/req ÷ no-op floor's", ratio, TARGET_CPU_VS_FLOOR,
+                         ratio <= TARGET_CPU_VS_FLOOR, ratio, ratio))
+    if equal_rate:
+        ratio = equal_rate["gateway_cpu_ms_per_req"] / equal_rate["floor_cpu_ms_per_req"]
+        out.append(Check("gateway private-chat and floor, each held at "
+                         f"{equal_rate['rate']:,.0f} req/s", "ext_proc CPU-ms/req ÷ no-op floor's at the same rate",
+                         ratio, TARGET_CPU_VS_FLOOR, ratio <= TARGET_CPU_VS_FLOOR, ratio, ratio))
+    if private is not None and fallback is not None:
+        ratio = fallback.extproc_cpu_ms_per_req / private.extproc_cpu_ms_per_req  # type: ignore[operator]
+        out.append(Check(fallback.name, "ext_proc CPU-ms/req ÷ private-chat's", ratio, TARGET_FALLBACK_VS_PRIVATE,
+                         ratio <= TARGET_FALLBACK_VS_PRIVATE, ratio, ratio))
+    return out
+
+
 def disturbances(results: list[PathResult]) -> list[str]:
     """Runs during which other processes on this machine used noticeable CPU."""
     out = []
@@ -1249,7 +1338,7 @@ def source_version() -> dict[str, object]:
 def write_json(results: list[PathResult], plain: PathResult, found: list[Check], probes: list[dict[str, object]],
                args: argparse.Namespace, variants: dict[str, PathResult], checked: list[dict[str, object]],
                costs: list[scan_cost.ScanCost], paced: dict[str, dict[str, float]],
-               burst: dict[str, object]) -> None:
+               burst: dict[str, object], equal_rate: dict[str, float]) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -1276,6 +1365,8 @@ def write_json(results: list[PathResult], plain: PathResult, found: list[Check],
                            "redis_cpu_ms_per_req": r.cpu_ms_per_req("redis")}
                      for tag, r in variants.items()} if variants else {},
         "variant_checks": checked,
+        # private-chat on 1 ext_proc process and the no-op floor, each held at one rate (issue 16).
+        "equal_rate": equal_rate,
         # BURST requests at once at the budgets-in-Redis variant (1 ext_proc process).
         "burst": burst,
         "paced_stream": {"provider": "gateway-extproc mock-provider", "chunk_delay_ms": PACED_DELAY_MS,
@@ -1340,10 +1431,13 @@ def main(argv: list[str] | None = None) -> int:
         checked: list[dict[str, object]] = []
         paced: dict[str, dict[str, float]] = {}
         burst: dict[str, object] = {}
+        equal_rate: dict[str, float] = {}
         results = run_all(tmp, args.duration, args.warmup, args.process_counts, args.floor, probes,
-                          args.rounds if args.variants else 0, variants, checked, paced, args.quick, burst)
+                          args.rounds if args.variants else 0, variants, checked, paced, args.quick, burst,
+                          equal_rate)
         plain = next(r for r in results if r.kind == "plain")
-        found = checks(results, plain) + variant_checks(variants) + scan_checks(costs)
+        found = (checks(results, plain) + cpu_checks(results, equal_rate) + variant_checks(variants)
+                 + scan_checks(costs))
         print("\n" + table(results, plain) + "\n")
         print("plain Envoy instances (before / after the gateway): " + " / ".join(
             f"{p.at32.rps:,.0f} req/s @32, p50 @1 {p.at1.p50_ms:.2f} ms, TTFB {p.ttfb_ms:.2f} ms" for p in plain.rounds))
@@ -1372,7 +1466,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in probes:
             if not p["ok"]:
                 print(f"WARNING  {p['probe']}: HTTP {p['status']} {p['body']!r}")
-        write_json(results, plain, found, probes, args, variants, checked, costs, paced, burst)
+        write_json(results, plain, found, probes, args, variants, checked, costs, paced, burst, equal_rate)
         print(f"\nraw numbers: {RESULTS.relative_to(ROOT)}")
         ok = True
         return 1 if args.strict and not all(c.passed for c in found) else 0

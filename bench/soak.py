@@ -52,24 +52,6 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
-def paced_script(tmp: Path, delay_ms: float) -> Path:
-    """The bench's wrk script plus a per-connection wait between requests."""
-    script = bench.wrk_script(tmp, MODEL)
-    paced = tmp / "wrk-paced.lua"
-    paced.write_text(script.read_text() + f"\nfunction delay()\n  return {max(0, round(delay_ms))}\nend\n")
-    return paced
-
-
-def next_delay(delay_ms: float, target_rps: float, achieved_rps: float) -> float:
-    """The per-connection wrk delay that holds CONNECTIONS paced connections at `target_rps`,
-    from a run at `delay_ms` that achieved `achieved_rps`: rate = connections / (delay +
-    latency), solved for the delay."""
-    if achieved_rps <= 0:
-        return delay_ms
-    latency_ms = CONNECTIONS / achieved_rps * 1000 - delay_ms
-    return max(0.0, CONNECTIONS / target_rps * 1000 - latency_ms)
-
-
 def soak(tmp: Path, minutes: int, warmup_s: float, fraction: float, segment_s: float = 60) -> dict:
     with bench.nginx(tmp) as (nginx_port, _nginx), bench.gateway(tmp, nginx_port, 1, None) as stack:
         serve_pid, envoy_pid = stack.procs["extproc"].pid, stack.procs["envoy"].pid
@@ -86,8 +68,9 @@ def soak(tmp: Path, minutes: int, warmup_s: float, fraction: float, segment_s: f
 
         def paced_run(seconds: float) -> bench.Load:
             nonlocal delay_ms
-            load = bench.run_wrk(stack.url, paced_script(tmp, delay_ms), CONNECTIONS, seconds, cpu_of, check=False)
-            delay_ms = next_delay(delay_ms, target, load.rps)
+            load = bench.run_wrk(stack.url, bench.paced_script(tmp, delay_ms, MODEL), CONNECTIONS, seconds, cpu_of,
+                                 check=False)
+            delay_ms = bench.next_delay(delay_ms, target, load.rps)
             return load
 
         warm = paced_run(warmup_s)

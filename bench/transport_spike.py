@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
-from soak import CONNECTIONS, next_delay, paced_script  # noqa: E402
+from soak import CONNECTIONS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TRANSPORTS = {"grpc.aio": HERE / "floor_extproc.py", "grpclib": HERE / "floor_grpclib.py"}
@@ -53,15 +53,6 @@ def switches(pid: int) -> int:
     return total
 
 
-def paced(url: str, tmp: Path, pid: int, rate: float) -> bench.Load:
-    """@CONNECTIONS held near `rate` req/s (the wrk delay refined from each run, as soak.py does)."""
-    delay_ms = CONNECTIONS / rate * 1000
-    for _ in range(3):
-        load = bench.run_wrk(url, paced_script(tmp, delay_ms), CONNECTIONS, 6, {"x": lambda: [pid]}, check=False)
-        delay_ms = next_delay(delay_ms, rate, load.rps)
-    return load
-
-
 def measure(tmp: Path, nginx_port: int, transport: str, burn_us: float, rate: float) -> dict:
     os.environ["FLOOR_BURN_US"] = str(burn_us)  # read by the floor at start (spawn passes os.environ)
     tag = f"{transport}-{burn_us:g}".replace(".", "")
@@ -72,7 +63,7 @@ def measure(tmp: Path, nginx_port: int, transport: str, burn_us: float, rate: fl
         before = switches(pid)
         at32 = bench.run_wrk(url, script, CONNECTIONS, 8, {"x": lambda: [pid]})
         per_req_switches = (switches(pid) - before) / at32.requests
-        pace = paced(url, tmp, pid, rate)
+        pace = bench.paced(url, tmp, rate, 6, {"x": lambda: [pid]})
     os.environ.pop("FLOOR_BURN_US", None)
 
     def cpu(load: bench.Load) -> float:
