@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from google.protobuf import duration_pb2
 from gateway_extproc._proto.envoy.config.core.v3 import base_pb2
@@ -42,21 +43,27 @@ def header_map(msg: ep.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def mutation(set_: Mapping[str, str] | None = None, remove: Iterable[str] = ()) -> ep.HeaderMutation:
-    # Nested dicts build the upb messages in one call: about half the cost of a
-    # HeaderValueOption and a HeaderValue object per header (every message pays it).
-    return ep.HeaderMutation(
-        set_headers=[{"header": {"key": k, "raw_value": v.encode()}, "append_action": _OVERWRITE}
-                     for k, v in set_.items()] if set_ else (),
-        remove_headers=remove)
+# `mutation` and `common` return the messages' fields as nested dicts, and each reply below
+# builds the whole ProcessingResponse from them in one upb call: a message object per level,
+# copied into its parent, cost twice as much (every ext_proc message pays it).
+Fields = dict[str, Any]
 
 
-def common(headers: ep.HeaderMutation | None = None, body: bytes | None = None,
-           clear_route_cache: bool = False) -> ep.CommonResponse:
-    return ep.CommonResponse(
-        header_mutation=headers,
-        body_mutation=ep.BodyMutation(body=body) if body is not None else None,
-        clear_route_cache=clear_route_cache)
+def mutation(set_: Mapping[str, str | bytes] | None = None, remove: Iterable[str] = ()) -> Fields:
+    """A HeaderMutation: `set_` overwrites (or adds) each header, `remove` removes."""
+    return {"set_headers": [{"header": {"key": k, "raw_value": v if isinstance(v, bytes) else v.encode()},
+                             "append_action": _OVERWRITE} for k, v in set_.items()] if set_ else (),
+            "remove_headers": remove}
+
+
+def common(headers: Fields | None = None, body: bytes | None = None, clear_route_cache: bool = False) -> Fields:
+    """A CommonResponse."""
+    out: Fields = {"clear_route_cache": clear_route_cache}
+    if headers is not None:
+        out["header_mutation"] = headers
+    if body is not None:
+        out["body_mutation"] = {"body": body}
+    return out
 
 
 # Envoy's message timer for a large request body (admission.py: the body may wait its turn
@@ -66,18 +73,16 @@ def common(headers: ep.HeaderMutation | None = None, body: bytes | None = None,
 LARGE_BODY_TIME = ep.ProcessingResponse(override_message_timeout=duration_pb2.Duration(seconds=20))
 
 
-def request_headers(c: ep.CommonResponse | None = None, process_response: bool = False) -> ep.ProcessingResponse:
+def request_headers(c: Fields | None = None, process_response: bool = False) -> ep.ProcessingResponse:
     """`process_response` turns the router filter's response processing on (its config skips
     it, so that Envoy's replies to requests it never parsed are not held for the ext_proc:
     the chart's comment)."""
-    return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=c),
-                                 mode_override=_PROCESS_RESPONSE if process_response else None)
+    return ep.ProcessingResponse(request_headers=_reply(c), mode_override=_PROCESS_RESPONSE if process_response else None)
 
 
-def request_body(c: ep.CommonResponse | None = None, metadata: Mapping[str, str] | None = None
-                 ) -> ep.ProcessingResponse:
+def request_body(c: Fields | None = None, metadata: Mapping[str, str] | None = None) -> ep.ProcessingResponse:
     """`metadata`: string values for Envoy's dynamic metadata namespace `gw`."""
-    resp = ep.ProcessingResponse(request_body=ep.BodyResponse(response=c))
+    resp = ep.ProcessingResponse(request_body=_reply(c))
     if metadata:
         fields = resp.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
         for k, v in metadata.items():
@@ -85,11 +90,11 @@ def request_body(c: ep.CommonResponse | None = None, metadata: Mapping[str, str]
     return resp
 
 
-def response_headers(c: ep.CommonResponse | None = None, stream_body: bool = False,
+def response_headers(c: Fields | None = None, stream_body: bool = False,
                      buffer_body: bool = False) -> ep.ProcessingResponse:
     """`stream_body` / `buffer_body` override the filter's response body mode for this
     response (needs `allow_mode_override` in the filter config)."""
-    resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=c))
+    resp = ep.ProcessingResponse(response_headers=_reply(c))
     if stream_body:
         resp.mode_override.response_body_mode = STREAMED
     elif buffer_body:
@@ -97,8 +102,14 @@ def response_headers(c: ep.CommonResponse | None = None, stream_body: bool = Fal
     return resp
 
 
-def response_body(c: ep.CommonResponse | None = None) -> ep.ProcessingResponse:
-    return ep.ProcessingResponse(response_body=ep.BodyResponse(response=c))
+def response_body(c: Fields | None = None) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(response_body=_reply(c))
+
+
+def _reply(c: Fields | None) -> Fields:
+    """A HeadersResponse or BodyResponse (the same fields): set even when empty, since the
+    reply's kind says which message it answers."""
+    return {"response": c} if c is not None else {}
 
 
 def immediate(status: int, body: bytes, details: str,

@@ -62,7 +62,6 @@ KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPT
 GATEWAY_HEADER_PREFIX = "x-gateway-"
 ROUTE_HEADER = "x-gateway-model"
 CLASSIFICATION_HEADER = "x-data-classification"
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 class Consumed(NamedTuple):
@@ -290,7 +289,8 @@ class RouterProcessor:
         changed = self.body_changed or self.redacted or self.client is not None
         subset = len(self.eligible) < len(self.model.backends)
         # Only the backends approved for the request's tier: a cluster the chart renders per tier.
-        set_headers = {ROUTE_HEADER: f"{self.model.name}@{self.tier}" if subset else self.model.name}
+        set_headers: dict[str, str | bytes] = {ROUTE_HEADER: f"{self.model.name}@{self.tier}" if subset
+                                               else self.model.name}
         backend = self.only_backend()
         if backend is not None:
             # Every attempt goes to this backend, so the router can prepare it once.
@@ -313,11 +313,10 @@ class RouterProcessor:
         if new_body is not None:
             set_headers["content-length"] = str(len(new_body))
         metadata = {"model": self.model.name, "api": self.endpoint.name, "request_id": self.request_id}
-        mutation = r.mutation(set_headers, self.header_edit.remove if self.header_edit else ())
         if self.header_edit is not None:  # redacted in place (policy/headers.py)
             for k, v in self.header_edit.set.items():
-                if k not in set_headers:  # (a trace header the gateway writes anyway)
-                    mutation.set_headers.add(header=base_pb2.HeaderValue(key=k, raw_value=v), append_action=_OVERWRITE)
+                set_headers.setdefault(k, v)  # (not a trace header the gateway writes anyway)
+        mutation = r.mutation(set_headers, self.header_edit.remove if self.header_edit else ())
         return r.request_body(r.common(mutation, new_body, clear_route_cache=True), metadata)
 
     # -- response ------------------------------------------------------------------------
