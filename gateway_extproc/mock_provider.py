@@ -314,8 +314,14 @@ def _last_user_text(messages: list[JSON]) -> str:
 
 
 def _words(text: str) -> list[str]:
-    """Split into words keeping leading whitespace, so ``"".join(_words(t)) == t``."""
-    return _WORD_RE.findall(text)
+    """Split into words keeping leading whitespace, so ``"".join(_words(t)) == t``; with
+    `x-mock-token-chars: N`, words longer than N characters in pieces of N, as providers
+    stream a long word (a URL, a base64 blob) token by token."""
+    words = _WORD_RE.findall(text)
+    size = _QUIRKS.get().token_chars
+    if not size or all(len(w) <= size for w in words):
+        return words
+    return [w[i:i + size] for w in words for i in range(0, len(w), size)]
 
 
 @dataclass(frozen=True)
@@ -359,14 +365,16 @@ class Quirks:
     words (long replies without a long header), `x-mock-ignore-max-tokens: 1` ignores the
     output cap, `x-mock-usage-completion-tokens: N` reports N completion tokens in a chat
     usage block whatever was produced, `x-mock-choice-replies: ["a", "b"]` answers a chat
-    request with one choice per text (whatever `n` says) and `x-mock-merge-choices: 1`
-    streams each step's choices in one chunk."""
+    request with one choice per text (whatever `n` says), `x-mock-merge-choices: 1`
+    streams each step's choices in one chunk and `x-mock-token-chars: N` streams long words
+    in pieces (`_words`)."""
 
     reply_words: int | None = None
     ignore_cap: bool = False
     completion_tokens: int | None = None
     choice_replies: tuple[str, ...] | None = None
     merge_choices: bool = False
+    token_chars: int | None = None
 
 
 _QUIRKS: contextvars.ContextVar[Quirks] = contextvars.ContextVar("mock_quirks", default=Quirks())
@@ -1505,7 +1513,7 @@ class MockApp:
         h = request.headers
         _QUIRKS.set(Quirks(_header_int(h, "x-mock-reply-words"), _header_int(h, "x-mock-ignore-max-tokens") == 1,
                            _header_int(h, "x-mock-usage-completion-tokens"), _choice_replies(h),
-                           _header_flag(h, "x-mock-merge-choices")))
+                           _header_flag(h, "x-mock-merge-choices"), _header_int(h, "x-mock-token-chars")))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):

@@ -11,7 +11,9 @@ MAX_WORD_HOLD (the last word is held back whole), the concatenated output equals
 
 Longer secrets (sk-proj keys, JWTs, PEM blocks) still never leak: their detectors match a
 value cut off by the end of the available text, and a redacted finding that reaches the end
-stays *open*: later deltas that continue it are swallowed into the same placeholder.
+stays *open*: later deltas that continue it are swallowed into the same placeholder. A word
+longer than MAX_WORD_HOLD goes out in checked steps (`_long_word`): a value encoded anywhere
+in it is found, and the rest of the word becomes its placeholder.
 
 Deltas are normalized like request strings (see `normalize`: NFKC, format characters
 removed, digits to ASCII) before the scan, delta by delta (the mapping is per character, so
@@ -26,6 +28,7 @@ the stream with an error). Per-delta cost is O(len(delta) + holdback).
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 
 from .detectors import number_words_start
@@ -48,6 +51,11 @@ MAX_OPEN = 64 * 1024  # an open (still growing) redacted value is closed beyond 
 # A value without spaces (an e-mail, a key, an encoded run) may be longer than the hold-back:
 # the last word of what has arrived is held back whole, up to this many characters.
 MAX_WORD_HOLD = 1024
+# A word longer than that goes out in steps of at least this many characters, each checked
+# with the MAX_WORD_HOLD characters after it (`_long_word`).
+LONG_STEP = 256
+_SPACES = " \n\t\r"
+_SPACE = re.compile("[ \n\t\r]")
 
 
 def _last_word(buf: str, base: int) -> int:
@@ -71,7 +79,8 @@ def _last_word(buf: str, base: int) -> int:
 class StreamRedactor:
     __slots__ = ("scanner", "params", "holdback", "mapping", "findings", "decisions", "blocked",
                  "block_decision", "_buf", "_base", "_emit", "_resume", "_open", "_inj_hits",
-                 "_inj_reported", "_done", "_raw", "_rbase", "_remit", "_segs", "_seg_starts")
+                 "_inj_reported", "_done", "_raw", "_rbase", "_remit", "_segs", "_seg_starts", "_long",
+                 "_swallow")
 
     def __init__(self, scanner: Scanner, decision_params: DecisionParams | None = None,
                  holdback_chars: int = 64, *, mapping: PlaceholderMap | None = None) -> None:
@@ -99,6 +108,8 @@ class StreamRedactor:
         self._remit = 1  # raw offset of `_emit`
         self._segs: list[tuple[int, int, int, Normalized]] = [(0, 1, 0, normalize("\n"))]
         self._seg_starts: list[int] = [0]
+        self._long = False  # emission is inside a word longer than MAX_WORD_HOLD (`_long_word`)
+        self._swallow = False  # ... whose rest a placeholder replaces
 
     def feed(self, delta: str) -> str:
         if self._done:
@@ -156,7 +167,18 @@ class StreamRedactor:
         if self._open is not None and not self._continue(n, final):
             self._trim()
             return ""
+        head = ""
+        if self._long:
+            head, inside = self._long_word(n, final)
+            if inside or self.blocked:
+                self._trim()
+                return head
         limit = n if final or not self.holdback else min(n - self.holdback, _last_word(buf, base))
+        if not final and limit < n and _SPACE.search(buf, limit - base) is None:
+            # The last word is longer than MAX_WORD_HOLD: scan up to the space before it;
+            # `_long_word` releases the word.
+            self._long = True
+            limit = max(base + max(buf.rfind(c, 0, limit - base) for c in _SPACES), self._emit)
         rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
         resume += base
 
@@ -180,15 +202,12 @@ class StreamRedactor:
             self.decisions.append(decision)
             self.findings.extend(batch)
             if decision.block:
-                self.blocked = True
-                self.block_decision = decision
-                self._buf, self._base = "", n
-                self._raw, self._rbase = "", self._rbase + len(self._raw)
+                self._block(decision, n)
                 return ""
             for f in decision.redact:
                 redact_spans.setdefault(span_of[id(f)], f.detector)
 
-        out: list[str] = []
+        out: list[str] = [head]
         emit, remit = self._emit, self._remit
         opened = None
         for s, e, gi in rel_hits:
@@ -213,8 +232,77 @@ class StreamRedactor:
             out.append(self._raw_slice(remit, rcut))
             self._emit, self._remit = cut, rcut
             self._resume = resume
+            if self._long:  # emission reached the long word: release what can go now
+                out.append(self._long_word(n, final)[0])
         self._trim()
         return "".join(out)
+
+    def _long_word(self, n: int, final: bool) -> tuple[str, bool]:
+        """Release a word longer than MAX_WORD_HOLD (emission is at its start or inside it),
+        and whether emission is still inside it. Scanned from where emission stopped, it is
+        cut mid-run: an encoded run read from there decodes out of step (base64 in groups of
+        four characters), so a value encoded after 1 KB of padding went out unseen. Each step
+        is scanned at all four offsets, with the MAX_WORD_HOLD characters after it, before it
+        goes out. A finding replaces the rest of the word with its placeholder (the whole-text
+        scan would replace the whole run; what went out before it was seen clean)."""
+        buf, base, emit = self._buf, self._base, self._emit
+        if self._swallow:
+            m = _SPACE.search(buf, emit - base)
+            complete = m is not None or final
+            self._emit = self._resume = base + m.start() if m is not None else n
+            self._remit = self._raw_start(self._emit) if m is not None else self._rbase + len(self._raw)
+            self._swallow = self._long = not complete
+            return "", not complete
+        lead = ""
+        if emit < n and buf[emit - base] in _SPACES:  # the space before the word goes out as it is
+            rnext = self._raw_start(emit + 1)
+            lead = self._raw_slice(self._remit, rnext)
+            emit = self._emit = self._resume = emit + 1
+            self._remit = rnext
+        m = _SPACE.search(buf, emit - base)
+        end = base + m.start() if m is not None else n
+        complete = m is not None or final
+        stop = end if complete else n - MAX_WORD_HOLD
+        if not complete and stop - emit < LONG_STEP:
+            return lead, True
+        found = self._word_findings(emit, end)
+        if found:
+            decision = self.scanner.decide(found, self.params)
+            self.decisions.append(decision)
+            self.findings.extend(found)
+            if decision.block:
+                self._block(decision, n)
+                return "", True
+            if decision.redact:
+                first = decision.redact[0]
+                self._swallow = True
+                placeholder = self.mapping.placeholder(_label(first.detector), first.value)
+                rest, inside = self._long_word(n, final)
+                return lead + placeholder + rest, inside
+        rstop = self._raw_start(stop) if stop < n else self._rbase + len(self._raw)
+        out = lead + self._raw_slice(self._remit, rstop)
+        self._emit = self._resume = stop
+        self._remit = rstop
+        self._long = not complete
+        return out, not complete
+
+    def _word_findings(self, start: int, end: int) -> list[Finding]:
+        """Findings in buf[start:end] (normalized offsets) read from each of its first four
+        characters, in original characters spanning start..end."""
+        text = self._buf[start - self._base:end - self._base]
+        found: dict[tuple[str, str], Finding] = {}
+        rs, re_ = self._raw_start(start) - 1, self._raw_end(end) - 1
+        for i in range(min(4, len(text))):
+            piece = text[i:]
+            for f in self.scanner.scan(piece[:-1] if len(piece) % 4 == 1 else piece):
+                found.setdefault((f.rule, f.value), Finding(f.rule, f.detector, rs, re_, f.value, f.index, f.score))
+        return list(found.values())
+
+    def _block(self, decision: Decision, n: int) -> None:
+        self.blocked = True
+        self.block_decision = decision
+        self._buf, self._base = "", n
+        self._raw, self._rbase = "", self._rbase + len(self._raw)
 
     def _original(self, f: Finding) -> Finding:
         """A finding at normalized offsets of the virtual text, in original characters."""

@@ -3,12 +3,14 @@ must not leave, keep fallback inside the approved tier, scan what comes back."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -127,6 +129,36 @@ def test_output_spelled_out_in_words_or_look_alikes_is_redacted(gw: Gateway, str
     assert "j a n e" not in text and "\u0430n" not in text and "four" not in text and "one, one" not in text, text
     assert "[EMAIL_1]" in text and "[EMAIL_2]" in text and "[CREDIT_CARD_1]" in text
     assert text.endswith("and that is all."), text
+
+
+@pytest.mark.parametrize("client", ["openai", "openai-json", "anthropic"])
+def test_a_card_encoded_after_a_kilobyte_of_padding_is_redacted_from_a_stream(gw: Gateway, client: str) -> None:
+    """A provider streaming a base64 run longer than the hold-back's word limit (1 KB), a few
+    characters per chunk as providers stream tokens, with a card encoded near its end: the
+    run went out in pieces each scanned mid-run, out of step with base64's groups of four,
+    and the card left encoded (the same answer as JSON was redacted)."""
+    pad = " ".join(["the quick brown fox jumps over the lazy dog"] * 19)  # the run: ~1,170 characters, ~770 tokens
+    run = base64.b64encode(f"{pad} the card is {CARD}, thanks".encode()).decode()
+    reply = f"Here it is: {run} and that is all."
+    controls = {"x-mock-choice-replies": json.dumps([reply]), "x-mock-token-chars": "4"}
+    question = [{"role": "user", "content": "Encode it please."}]
+    if client == "anthropic":
+        claude = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0, default_headers=controls)
+        with claude.messages.stream(model="private-chat", max_tokens=1024, messages=question) as events:
+            text = "".join(events.text_stream)
+    else:
+        sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0, default_headers=controls)
+        if client == "openai-json":
+            text = sdk.chat.completions.create(model="private-chat", messages=question, max_tokens=1024
+                                               ).choices[0].message.content or ""
+        else:
+            text = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
+                model="private-chat", messages=question, max_tokens=1024, stream=True) if c.choices)
+    assert text.startswith("Here it is: ") and text.endswith(" and that is all.") and "[CREDIT_CARD_1]" in text
+    sent = text.split()[3].split("[")[0]  # what went out of the run before the placeholder
+    for i in range(4):
+        piece = sent[i:][:len(sent[i:]) // 4 * 4]
+        assert b"4111" not in base64.b64decode(piece), i
 
 
 def test_content_is_logged_only_up_to_the_configured_tier(gw: Gateway) -> None:
