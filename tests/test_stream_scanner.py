@@ -330,6 +330,21 @@ def _decoded(run: str) -> bytes:
     return b""
 
 
+@pytest.mark.parametrize("reps", [2, 20, 40])
+@pytest.mark.parametrize("step", [1, 3, 50])
+def test_a_value_in_a_spelled_out_run_longer_than_the_word_hold_never_goes_out(reps: int, step: int) -> None:
+    """A spelled-out sentence (`p l e a s e  w r i t e …`) is one run: longer than the word
+    hold, its start went out and the rest was read from a cell that is not a run's start, so
+    an address spelled near its end left unseen (the whole answer was redacted)."""
+    sentence = "please write down these notes for me " * reps + "and mail jane@example.com today"
+    spelled = "  ".join(" ".join(word) for word in sentence.split())
+    text = f"Note: {spelled} done and more words here"
+    assert "[EMAIL_1]" in redact(text, PII.decide(PII.scan(text)).redact)[0]
+    out, _ = streamed(PII, [text[i:i + step] for i in range(0, len(text), step)])
+    assert "[EMAIL_1]" in out and "j a n e" not in out and "e x a m p l e" not in out
+    assert out.startswith("Note: ") and out.endswith(" here")
+
+
 def test_a_long_word_that_blocks_ends_the_stream() -> None:
     blocking = Scanner.compile([Rule("credit_card", "credit_card", "block", "restricted")])
     text = "ok " + base64.b64encode(b"y" * 2000 + b" 4111 1111 1111 1111").decode() + " more"

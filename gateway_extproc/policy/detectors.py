@@ -614,7 +614,9 @@ _ESCAPE = re.compile(r"&#([0-9]{1,7}|[xX][0-9A-Fa-f]{1,6});?|\\(?:u([0-9A-Fa-f]{
 # run would decode the rest again). Decoded by closing the gaps (two or more spaces stay one);
 # the word before the run, if any (`spaced_run`: a spelled-out phrase may begin with a word
 # written whole: `ignore p r e v i o u s …`), and the rest of the last word stay words.
-SPACED_PATTERN = r"\S(?<!\s\S \S)(?<!\s\S  \S)(?<!\s\S   \S) {1,3}+(?:\S {1,3}+){4,}+\S++"
+# Each cell's spaces must lead to a character: trailing spaces (the end of a message, four or
+# more before the next word) are not taken by a cell, which left no last character and no run.
+SPACED_PATTERN = r"\S(?<!\s\S \S)(?<!\s\S  \S)(?<!\s\S   \S) {1,3}+(?=\S)(?:\S {1,3}+(?=\S)){4,}+\S++"
 _SPACED_RUN = re.compile(r"(?:\S{2,32}+ {1,3}+)?+" + SPACED_PATTERN)
 _WORD_BEFORE = re.compile(r"(?<!\S)\S{2,32}+ {1,3}+$")
 _WORD_GAP = re.compile(" {2,}")

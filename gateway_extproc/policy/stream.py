@@ -56,24 +56,33 @@ MAX_WORD_HOLD = 1024
 LONG_STEP = 256
 _SPACES = " \n\t\r"
 _SPACE = re.compile("[ \n\t\r]")
+_RUN_END = re.compile("\\S\\S|[\n\t\r]| {4}")
 
 
-def _last_word(buf: str, base: int) -> int:
+def _last_word(buf: str, base: int) -> tuple[int, bool]:
     """Where the last run of non-space characters of `buf` (at `base`) begins, as the position
-    of its boundary character, at most MAX_WORD_HOLD back: no scan may decide on it yet. A
-    spelled-out run (`j a n e @ e x …`, `detectors.SPACED_PATTERN`) or a number read out in
-    words (`four one one …`) ending `buf` is one word."""
+    of its boundary character, at most MAX_WORD_HOLD back: no scan may decide on it yet; and
+    whether the word is longer than that (it began before). A spelled-out run (`j a n e @ e
+    x …`, `detectors.SPACED_PATTERN`) or a number read out in words (`four one one …`)
+    ending `buf` is one word."""
     lo = max(0, len(buf) - MAX_WORD_HOLD)
     space = max(buf.rfind(" ", lo), buf.rfind("\n", lo), buf.rfind("\t", lo), buf.rfind("\r", lo))
-    at = space if space >= 0 else lo
+    if space < 0:
+        return base + lo, True
+    at = space
     while at > lo and buf[at] == " ":  # before it: one to three spaces after a single character?
         cell = at - 1
         while cell > lo and at - cell < 3 and buf[cell] == " ":
             cell -= 1
-        if cell <= lo or buf[cell].isspace() or not buf[cell - 1].isspace():
+        if cell <= lo:
+            if lo and at < space:  # cells went by: a spelled-out run longer than the hold
+                return base + lo, True
+            break
+        if buf[cell].isspace() or not buf[cell - 1].isspace():
             break
         at = cell - 1
-    return base + number_words_start(buf, at, lo)
+    start = number_words_start(buf, at, lo)
+    return base + start, lo > 0 and (start <= lo < at or at <= lo < space)
 
 
 class StreamRedactor:
@@ -108,7 +117,9 @@ class StreamRedactor:
         self._remit = 1  # raw offset of `_emit`
         self._segs: list[tuple[int, int, int, Normalized]] = [(0, 1, 0, normalize("\n"))]
         self._seg_starts: list[int] = [0]
-        self._long = False  # emission is inside a word longer than MAX_WORD_HOLD (`_long_word`)
+        # Emission is inside a word longer than MAX_WORD_HOLD (`_long_word`): "word" (no
+        # spaces), "run" (spelled out, or number words).
+        self._long = ""
         self._swallow = False  # ... whose rest a placeholder replaces
 
     def feed(self, delta: str) -> str:
@@ -173,12 +184,13 @@ class StreamRedactor:
             if inside or self.blocked:
                 self._trim()
                 return head
-        limit = n if final or not self.holdback else min(n - self.holdback, _last_word(buf, base))
-        if not final and limit < n and _SPACE.search(buf, limit - base) is None:
-            # The last word is longer than MAX_WORD_HOLD: scan up to the space before it;
-            # `_long_word` releases the word.
-            self._long = True
-            limit = max(base + max(buf.rfind(c, 0, limit - base) for c in _SPACES), self._emit)
+        if final or not self.holdback:
+            limit = n
+        else:
+            at, longer = _last_word(buf, base)
+            limit = min(n - self.holdback, at)
+            if longer:  # the scan reads its start with what has arrived; `_long_word` the rest
+                self._long = "word" if _SPACE.search(buf, at - base) is None else "run"
         rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
         resume += base
 
@@ -241,31 +253,38 @@ class StreamRedactor:
         """Release a word longer than MAX_WORD_HOLD (emission is at its start or inside it),
         and whether emission is still inside it. Scanned from where emission stopped, it is
         cut mid-run: an encoded run read from there decodes out of step (base64 in groups of
-        four characters), so a value encoded after 1 KB of padding went out unseen. Each step
-        is scanned at all four offsets, with the MAX_WORD_HOLD characters after it, before it
-        goes out. A finding replaces the rest of the word with its placeholder (the whole-text
-        scan would replace the whole run; what went out before it was seen clean)."""
-        buf, base, emit = self._buf, self._base, self._emit
+        four characters), a spelled-out run is read from a cell that is not its start, so a
+        value after 1 KB of padding went out unseen. Each step is scanned at all four offsets,
+        with the MAX_WORD_HOLD characters after it, before it goes out. A finding replaces the
+        rest of the word with its placeholder (the whole-text scan would replace the whole
+        run; what went out before it was seen clean)."""
         if self._swallow:
-            m = _SPACE.search(buf, emit - base)
-            complete = m is not None or final
-            self._emit = self._resume = base + m.start() if m is not None else n
-            self._remit = self._raw_start(self._emit) if m is not None else self._rbase + len(self._raw)
-            self._swallow = self._long = not complete
+            end, complete = self._word_end(self._emit, n, final)
+            self._emit = self._resume = end
+            self._remit = self._raw_start(end) if end < n else self._rbase + len(self._raw)
+            if complete:
+                self._swallow, self._long = False, ""
             return "", not complete
+        buf, base, emit = self._buf, self._base, self._emit
         lead = ""
         if emit < n and buf[emit - base] in _SPACES:  # the space before the word goes out as it is
             rnext = self._raw_start(emit + 1)
             lead = self._raw_slice(self._remit, rnext)
             emit = self._emit = self._resume = emit + 1
             self._remit = rnext
-        m = _SPACE.search(buf, emit - base)
-        end = base + m.start() if m is not None else n
-        complete = m is not None or final
-        stop = end if complete else n - MAX_WORD_HOLD
-        if not complete and stop - emit < LONG_STEP:
-            return lead, True
-        found = self._word_findings(emit, end)
+        _, complete = self._word_end(emit, n, final)
+        if final:
+            stop = resume = n
+        elif complete:  # what follows the word is held back as anywhere else, its last word read whole
+            at = _last_word(buf, base)[0]
+            stop = max(emit, min(n - self.holdback, at))
+            resume = min(stop, at)
+        else:
+            stop = resume = n - MAX_WORD_HOLD
+            if stop - emit < LONG_STEP:
+                return lead, True
+        # All that has arrived: a value right after the word (or glued to its end) is seen whole.
+        found = self._word_findings(emit, n)
         if found:
             decision = self.scanner.decide(found, self.params)
             self.decisions.append(decision)
@@ -281,10 +300,25 @@ class StreamRedactor:
                 return lead + placeholder + rest, inside
         rstop = self._raw_start(stop) if stop < n else self._rbase + len(self._raw)
         out = lead + self._raw_slice(self._remit, rstop)
-        self._emit = self._resume = stop
+        self._emit, self._resume = stop, resume
         self._remit = rstop
-        self._long = not complete
+        if complete:
+            self._long = ""
         return out, not complete
+
+    def _word_end(self, emit: int, n: int, final: bool) -> tuple[int, bool]:
+        """Where the long word that emission is in ends (n while it goes on), and whether it
+        has ended: a word at the first space; a spelled-out run after the first word written
+        whole (its last word), or where a line or four spaces break it."""
+        buf, base = self._buf, self._base
+        m = (_SPACE if self._long == "word" else _RUN_END).search(buf, emit - base)
+        if m is not None and m.group()[0].isspace():
+            return base + m.start(), True
+        if m is not None:  # a run's last word: it ends with it
+            m = _SPACE.search(buf, m.start())
+            if m is not None:
+                return base + m.start(), True
+        return n, final
 
     def _word_findings(self, start: int, end: int) -> list[Finding]:
         """Findings in buf[start:end] (normalized offsets) read from each of its first four
