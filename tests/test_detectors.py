@@ -236,6 +236,9 @@ def test_ssn_other_separators(value: str) -> None:
     ("form A1 123-45-6789", ["123-45-6789"]),  # an identifier's digits before it do not hide it
     ("ref x1234 123-45-6789", ["123-45-6789"]),
     ("line 7 123-45-6789", []), ("12 123-45-6789", []),  # a number's tail: not an SSN
+    # the dashed layout before a space and a number is still one (was read as a longer number)
+    ("SSN 123-45-6789 0", ["123-45-6789"]), ("ssn 123-45-6789 2 dependents", ["123-45-6789"]),
+    ("123-45-6789-1", []), ("123-45-67891", []),
 ])
 def test_ssn_boundaries(text: str, expected: list[str]) -> None:
     assert found("us_ssn", text) == expected

@@ -544,6 +544,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
         Detector(
             "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])"
+                      # the dashed layout ends an SSN before a space and a number (`123-45-6789 0`)
+                      rf"|{_NUM_START}[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?![A-Za-z0-9_]|-[0-9])"
                       rf"|(?<![0-9]{WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
                       rf"{_WIDE_END}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
