@@ -81,8 +81,8 @@ def _last_word(buf: str, base: int) -> tuple[int, bool]:
         if buf[cell].isspace() or not buf[cell - 1].isspace():
             break
         at = cell - 1
-    start = number_words_start(buf, at, lo)
-    return base + start, lo > 0 and (start <= lo < at or at <= lo < space)
+    # (Number words longer than the hold are one long number: they hide no value.)
+    return base + number_words_start(buf, at, lo), lo > 0 and at <= lo < space
 
 
 class StreamRedactor:
@@ -322,8 +322,12 @@ class StreamRedactor:
 
     def _word_findings(self, start: int, end: int) -> list[Finding]:
         """Findings in buf[start:end] (normalized offsets) read from each of its first four
-        characters, in original characters spanning start..end."""
-        text = self._buf[start - self._base:end - self._base]
+        characters, in original characters spanning start..end. Digits just before `start`
+        are read with it: a number cut in two is not two numbers."""
+        first = start - self._base
+        while first > max(0, start - self._base - 64) and self._buf[first - 1].isdigit():
+            first -= 1
+        text = self._buf[first:end - self._base]
         found: dict[tuple[str, str], Finding] = {}
         rs, re_ = self._raw_start(start) - 1, self._raw_end(end) - 1
         for i in range(min(4, len(text))):
