@@ -364,3 +364,51 @@ def test_long_words_stream_out_whole_or_redacted(pad: int, step: int, after: str
     out, _ = streamed(PII, [dirty[i:i + step] for i in range(0, len(dirty), step)])
     assert "[US_SSN_1]" in out and out.endswith(f" {after}") and out.startswith("a ")
     assert not any(b"123-45" in _decoded(word[i:]) for word in out.split() for i in range(4))
+
+
+_WORDS = "the quick brown fox jumps over a lazy dog I am ok".split()
+_VALUES = ["4111 1111 1111 1111", "jane@example.com", "123-45-6789"]
+
+
+@st.composite
+def _long_word_texts(draw: st.DrawFn) -> str:
+    """Words, and runs longer or shorter than the word hold: base64 of a sentence, a spelled-out
+    sentence, letters and digits, number words; some hold a value."""
+    def sentence(n: int) -> str:
+        return " ".join(draw(st.lists(st.sampled_from(_WORDS), min_size=n // 2, max_size=n)))
+
+    def value() -> str:
+        return draw(st.sampled_from(["", *_VALUES]))
+
+    pieces = draw(st.lists(st.one_of(
+        st.builds(lambda n: sentence(n), st.integers(1, 30)),
+        st.builds(lambda n: base64.b64encode(f"{sentence(n)} {value()} ok".encode()).decode(),
+                  st.one_of(st.integers(1, 300), st.integers(180, 300))),
+        st.builds(lambda n: "  ".join(" ".join(w) for w in f"{sentence(n)} {value()}".split()),
+                  st.one_of(st.integers(1, 150), st.integers(100, 150))),
+        st.text(alphabet="abcXYZ0123456789", min_size=1, max_size=3000),
+        st.builds(lambda n: " ".join(draw(st.lists(st.sampled_from("zero one two four nine".split()),
+                                                   min_size=n, max_size=n))), st.integers(1, 300)),
+        st.sampled_from(_VALUES)), min_size=1, max_size=5))
+    return " ".join(pieces)
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=_long_word_texts(), step=st.sampled_from([1, 2, 3, 7, 16, 64, 300, 5000]))
+def test_a_stream_never_shows_a_value_the_whole_text_hides(text: str, step: int) -> None:
+    """Invariant over long words of every kind: clean text streams out exactly; a value the
+    whole-text scan redacts is never in the streamed text in clear, nor base64-decodable
+    from any of its words at any offset."""
+    decision = PII.decide(PII.scan(text))
+    whole = redact(text, decision.redact)[0]
+    out, _ = streamed(PII, [text[i:i + step] for i in range(0, len(text), step)])
+    if not decision.redact:
+        assert out == text
+        return
+    for f in decision.redact:
+        assert out.count(f.value) <= whole.count(f.value), f.value
+    hidden = {f.value for f in decision.redact} & set(_VALUES)
+    for word in out.split():
+        for i in range(4):
+            assert not any(v.encode() in _decoded(word[i:]) for v in hidden)
+    assert "j a n e" not in out or "j a n e" in whole
