@@ -23,7 +23,8 @@ are in original characters.
 
 A blocking finding (per `DecisionParams`) stops the stream: `blocked` becomes True, the
 decision is in `block_decision`, and `feed`/`flush` return "" from then on (the caller ends
-the stream with an error). Per-delta cost is O(len(delta) + holdback).
+the stream with an error). Per-delta cost is O(len(delta) + holdback); inside a word longer
+than MAX_WORD_HOLD, four scans of about MAX_WORD_HOLD characters per LONG_STEP released.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ MAX_OPEN = 64 * 1024  # an open (still growing) redacted value is closed beyond 
 MAX_WORD_HOLD = 1024
 # A word longer than that goes out in steps of at least this many characters, each checked
 # with the MAX_WORD_HOLD characters after it (`_long_word`).
-LONG_STEP = 256
+LONG_STEP = 1024
 _SPACES = " \n\t\r"
 _SPACE = re.compile("[ \n\t\r]")
 _RUN_END = re.compile("\\S\\S|[\n\t\r]| {4}")
@@ -118,7 +119,7 @@ class StreamRedactor:
         self._segs: list[tuple[int, int, int, Normalized]] = [(0, 1, 0, normalize("\n"))]
         self._seg_starts: list[int] = [0]
         # Emission is inside a word longer than MAX_WORD_HOLD (`_long_word`): "word" (no
-        # spaces), "run" (spelled out, or number words).
+        # spaces) or "run" (spelled out).
         self._long = ""
         self._swallow = False  # ... whose rest a placeholder replaces
 
