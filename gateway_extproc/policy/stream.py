@@ -58,6 +58,7 @@ LONG_STEP = 1024
 _SPACES = " \n\t\r"
 _SPACE = re.compile("[ \n\t\r]")
 _RUN_END = re.compile("\\S\\S|[\n\t\r]| {4}")
+_NUMBER_CHARS = frozenset("0123456789 ")  # a number, spelled out or not, a long word may cut
 
 
 def _last_word(buf: str, base: int) -> tuple[int, bool]:
@@ -273,19 +274,18 @@ class StreamRedactor:
             lead = self._raw_slice(self._remit, rnext)
             emit = self._emit = self._resume = emit + 1
             self._remit = rnext
-        _, complete = self._word_end(emit, n, final)
-        if final:
-            stop = resume = n
-        elif complete:  # what follows the word is held back as anywhere else, its last word read whole
-            at = _last_word(buf, base)[0]
-            stop = max(emit, min(n - self.holdback, at))
-            resume = min(stop, at)
+        end, complete = self._word_end(emit, n, final)
+        if complete:  # the rest of the word; what follows it goes through the usual scan
+            stop = seen = end
         else:
-            stop = resume = n - MAX_WORD_HOLD
+            stop = n - MAX_WORD_HOLD
             if stop - emit < LONG_STEP:
                 return lead, True
-        # All that has arrived: a value right after the word (or glued to its end) is seen whole.
-        found = self._word_findings(emit, n)
+            # Not the last characters: a number they cut short may look like a value it is not.
+            seen = n - self.holdback
+            while seen > stop and buf[seen - 1 - base] in _NUMBER_CHARS:
+                seen -= 1
+        found = self._word_findings(emit, seen, complete)
         if found:
             decision = self.scanner.decide(found, self.params)
             self.decisions.append(decision)
@@ -301,7 +301,7 @@ class StreamRedactor:
                 return lead + placeholder + rest, inside
         rstop = self._raw_start(stop) if stop < n else self._rbase + len(self._raw)
         out = lead + self._raw_slice(self._remit, rstop)
-        self._emit, self._resume = stop, resume
+        self._emit = self._resume = stop
         self._remit = rstop
         if complete:
             self._long = ""
@@ -321,19 +321,21 @@ class StreamRedactor:
                 return base + m.start(), True
         return n, final
 
-    def _word_findings(self, start: int, end: int) -> list[Finding]:
+    def _word_findings(self, start: int, end: int, complete: bool) -> list[Finding]:
         """Findings in buf[start:end] (normalized offsets) read from each of its first four
         characters, in original characters spanning start..end. Digits just before `start`
-        are read with it: a number cut in two is not two numbers."""
+        are read with it: a number cut in two is not two numbers. Cut anywhere (not
+        `complete`), a piece one past a multiple of four loses its last character: no
+        base64 is that long."""
         first = start - self._base
-        while first > max(0, start - self._base - 64) and self._buf[first - 1].isdigit():
+        while first > max(0, start - self._base - 64) and self._buf[first - 1] in _NUMBER_CHARS:
             first -= 1
         text = self._buf[first:end - self._base]
         found: dict[tuple[str, str], Finding] = {}
         rs, re_ = self._raw_start(start) - 1, self._raw_end(end) - 1
         for i in range(min(4, len(text))):
             piece = text[i:]
-            for f in self.scanner.scan(piece[:-1] if len(piece) % 4 == 1 else piece):
+            for f in self.scanner.scan(piece[:-1] if not complete and len(piece) % 4 == 1 else piece):
                 found.setdefault((f.rule, f.value), Finding(f.rule, f.detector, rs, re_, f.value, f.index, f.score))
         return list(found.values())
 
