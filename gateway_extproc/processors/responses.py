@@ -77,7 +77,8 @@ def request_headers(c: Fields | None = None, process_response: bool = False) -> 
     """`process_response` turns the router filter's response processing on (its config skips
     it, so that Envoy's replies to requests it never parsed are not held for the ext_proc:
     the chart's comment)."""
-    return ep.ProcessingResponse(request_headers=_reply(c), mode_override=_PROCESS_RESPONSE if process_response else None)
+    return ep.ProcessingResponse(request_headers=_reply(c),
+                                 mode_override=_PROCESS_RESPONSE if process_response else None)
 
 
 def request_body(c: Fields | None = None, metadata: Mapping[str, str] | None = None) -> ep.ProcessingResponse:
