@@ -45,6 +45,13 @@ def numbered_call_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gemini, "_new_call_id", IDS)
 
 
+@pytest.fixture(autouse=True)
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks carry the stream's `created` second: two streams compared must not straddle one
+    (CI failed once when the whole and the byte-by-byte translation did)."""
+    monkeypatch.setattr(gemini.time, "time", lambda: 1_796_406_130.5)
+
+
 def _body(out_body: bytes) -> JSON:
     result: JSON = orjson.loads(out_body)
     return result
