@@ -235,7 +235,11 @@ def test_ssn_other_separators(value: str) -> None:
 @pytest.mark.parametrize(("text", "expected"), [
     ("form A1 123-45-6789", ["123-45-6789"]),  # an identifier's digits before it do not hide it
     ("ref x1234 123-45-6789", ["123-45-6789"]),
-    ("line 7 123-45-6789", []), ("12 123-45-6789", []),  # a number's tail: not an SSN
+    # dashed after a number and whitespace: an SSN (a digit put before it must not hide it)
+    ("line 7 123-45-6789", ["123-45-6789"]), ("12 123-45-6789", ["123-45-6789"]),
+    ("SSN 0\t123-45-6789", ["123-45-6789"]), ("1 2 3\n123-45-6789", ["123-45-6789"]),
+    ("7-123-45-6789", []), ("7.123-45-6789", []), ("7123-45-6789", []),  # joined: a longer number
+    ("12 123 45 6789", []),  # not dashed: a number's tail
     # the dashed layout before a space and a number is still one (was read as a longer number)
     ("SSN 123-45-6789 0", ["123-45-6789"]), ("ssn 123-45-6789 2 dependents", ["123-45-6789"]),
     ("123-45-6789-1", []), ("123-45-67891", []),

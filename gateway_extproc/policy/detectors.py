@@ -212,7 +212,11 @@ def _identifier_digits(text: str, i: int) -> bool:
 def ssn_start_ok(text: str, start: int) -> bool:
     """Not the tail of a longer number in the same string (an SSN is exactly nine digits; one
     repeated in the next message is another SSN, not the tail of an 18-digit number), unless
-    the digits before belong to an identifier (`A1 123-45-6789`)."""
+    the digits before belong to an identifier (`A1 123-45-6789`) or the SSN is dashed and only
+    whitespace parts it from them (`7 123-45-6789`: no other number is printed AAA-GG-SSSS,
+    and a digit put before one must not hide it)."""
+    if _DASHED_SSN.match(text, start) and (start == 0 or text[start - 1] in _SPACES):
+        return True
     i = start - 1
     while i >= max(0, start - 4) and text[i] in SEP_CHARS:
         i -= 1
@@ -307,6 +311,8 @@ def ssn_context_ok(text: str, start: int, end: int) -> bool:
 
 
 SSN_CONTEXT_CHARS = 48
+_DASHED_SSN = re.compile(r"[0-9]{3}-[0-9]{2}-[0-9]{4}(?![0-9]|-[0-9])")
+_SPACES = " \t\r\n"
 
 
 # IBAN length per country (ISO 13616 registry, the commonly seen countries).
@@ -545,7 +551,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])"
                       # the dashed layout ends an SSN before a space and a number (`123-45-6789 0`)
-                      rf"|{_NUM_START}[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?![A-Za-z0-9_]|-[0-9])"
+                      # and after a number and whitespace (`7 123-45-6789`: ssn_start_ok)
+                      rf"|(?<![0-9])(?<![0-9][.\-/_])[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?![A-Za-z0-9_]|-[0-9])"
                       rf"|(?<![0-9]{WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
                       rf"{_WIDE_END}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
