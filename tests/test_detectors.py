@@ -334,7 +334,7 @@ def test_iban_valid(country: str, value: str) -> None:
 
 
 @pytest.mark.parametrize("value", [iban.lower() for _, iban in VALID_IBANS[:10]]
-                         + [iban.replace(" ", sep) for _, iban in VALID_IBAN_TEXTS[1:20:2] for sep in ".-"]
+                         + [iban.replace(" ", sep) for _, iban in VALID_IBAN_TEXTS[1:20:2] for sep in (".", "-", "\t", "\n", "\r\n")]
                          + ["DE89 37040044 0532013000"])
 def test_iban_other_cases_and_separators(value: str) -> None:
     assert found("iban", f"IBAN: {value} please") == [value]
@@ -371,11 +371,12 @@ INVALID_EMAILS = [
     "john..doe@example.com",
     "user@exa mple.com", "no-at-sign.example.com",
     # a bare '@' between spaces is also Python's matrix product: only before a common TLD
-    "weights @ inputs.transpose", "x @ w.to", "a @ b.T", "jane@ example.com", "jane @example.com",
+    "weights @ inputs.transpose", "x @ w.to", "a @ b.T", "a@ b.T", "jane @example.com", "x@ w.to",
 ]
 
 
-@pytest.mark.parametrize("value", ["jane @ example . com", "jane.doe @ mail.example.org", "x1 @  acme . io"])
+@pytest.mark.parametrize("value", ["jane @ example . com", "jane.doe @ mail.example.org", "x1 @  acme . io",
+                                   "jane@ example.com", "jane.doe@\nexample.com", "jane.doe@\t mail.example.org"])
 def test_email_with_a_spaced_at_sign_and_dots(value: str) -> None:
     assert found("email", f"write to {value} today") == [value]
 

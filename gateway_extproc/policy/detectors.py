@@ -337,7 +337,7 @@ def iban_mod97(iban: str) -> int:
     return int((iban[4:] + iban[:4]).translate(_IBAN_DIGITS)) % 97
 
 
-_IBAN_SEPS = str.maketrans("", "", " .-/_")
+_IBAN_SEPS = str.maketrans("", "", SEP_CHARS)
 
 
 def validate_iban(value: str) -> int:
@@ -360,19 +360,20 @@ _LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
 
 
 # Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", and the same for dot;
-# a bare '@' or '.' with spaces on both sides (`jane @ example . com`; one space, as in `to
-# @example.com`, is a mention). (Whitespace runs up to 16 characters: the prefilter's
+# a bare '@' with spaces after it (`jane@ example.com`, a line wrapped after the '@') or on
+# both sides (`jane @ example . com`), a bare '.' with spaces on both sides (a space before
+# the '@' only, as in `to @example.com`, is a mention). (Whitespace runs up to 16 characters: the prefilter's
 # triggers are bounded the same way.) And as HTML writes them: `&#64;`, `&#x40;`, `&commat;`,
 # `&#46;`, `&period;`.
 _AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+"
-            r"|\s{1,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
+            r"|\s{0,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
 _DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+"
              r"|\s{1,16}+\.\s{1,16}+|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;)")
 _AT_RE = re.compile(_AT_WORD)
 _DOT_RE = re.compile(_DOT_WORD)
-# A bare '@' between spaces is also code (`weights @ inputs.transpose`, Python's matrix
-# product): an address written so must end in a common top-level domain.
-_SPACED_AT = re.compile(r"[^\s(\[{<]\s+@\s+[^\s)\]}>]")
+# A bare '@' before spaces is also code (`weights @ inputs.transpose`, `a@ b.T`: Python's
+# matrix product): an address written so must end in a common top-level domain.
+_SPACED_AT = re.compile(r"[^\s(\[{<]\s*@\s+[^\s)\]}>]")
 _COMMON_TLDS = frozenset(
     "com org net edu gov mil int io co ai app dev info biz name mail email online site tech cloud us uk de fr es it "
     "nl be ch at se no dk fi pl ru cn jp kr in au ca br mx ie pt nz za il tr gr cz hu ro sg hk tw ar cl eu".split())
@@ -493,7 +494,8 @@ def _iban_pattern() -> str:
     by_len: dict[int, list[str]] = {}
     for cc, n in sorted(IBAN_LENGTHS.items()):
         by_len.setdefault(n - 4, []).append(cc)
-    alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?:[ .\\-/_]{{0,3}}+[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
+    # (groups apart by a tab or a line break too: an IBAN copied from a table or wrapped)
+    alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?:{_SEPC}{{0,3}}+[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
     return f"(?i:{'|'.join(alts)}){_END}"
 
 
