@@ -212,8 +212,9 @@ def test_modes_monitor_logs_soft_passes_non_critical_enforce_blocks(modes: Gatew
 ISSUE_14_CARDS = ["4111.1111.1111.1111", "4111\u200b1111\u200b1111\u200b1111", "\uff14\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 "
                   "\uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11", "\u0664\u0661\u0661\u0661\u0661\u0661\u0661\u0661"
                   "\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661", "NDExMTExMTExMTExMTExMQ==", "SSN 123 45 6789",
-                  "SSN 123456789"]
-ISSUE_14_EMAILS = ["jane.doe(at)example.com", "jane.doe\uff20example.com", "jane.doe@exa\u200bmple.com"]
+                  "SSN 123456789", "line 7 123-45-6789"]
+ISSUE_14_EMAILS = ["jane.doe(at)example.com", "jane.doe\uff20example.com", "jane.doe@exa\u200bmple.com",
+                   "jane.doe@\nexample.com"]
 
 
 def test_issue_14_evasions_never_reach_default_chat(gw: Gateway) -> None:
