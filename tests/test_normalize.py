@@ -175,6 +175,19 @@ def test_letters_that_look_latin_are_read_as_latin_in_place() -> None:
     assert n.text == "ignore jane@example.com AKIA \u0444" and n.identity  # one for one: offsets kept
 
 
+@pytest.mark.parametrize(("text", "read"), [
+    ("\u026a\u0262\u0274\u1d0f\u0280\u1d07 \u1d00\u029f\u029f", "ignore all"),  # Latin small capitals
+    ("j\u0251ne@ex\u0251mple.c\u0585m", "jane@example.com"),  # Latin alpha, Armenian oh
+    ("\u13da\u13daN \uabaa\uabaan", "SSN ssn"),  # Cherokee capitals and small letters
+    ("\u0570\u0585\u057d\u0578 \u0555\u054d\u053c\u054f", "houn OULS"),  # Armenian
+])
+def test_more_scripts_letters_that_look_latin(text: str, read: str) -> None:
+    """Look-alikes beyond Cyrillic and Greek that NFKC keeps (the Limits named Armenian `օ`,
+    Latin `ɑ`, Cherokee) are read as Latin, one for one."""
+    n = normalize(text)
+    assert n.text == read and n.identity
+
+
 def test_tag_characters_are_read_as_the_ascii_they_mirror() -> None:
     """ASCII smuggling: text in invisible tag characters, which a model may read, was removed
     with the other format characters, so an injection hidden in it was never scanned."""

@@ -48,13 +48,20 @@ _EXTRA_IGNORABLE = {0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
                     *range(0x1AB0, 0x1B00), *range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100),
                     *range(0xFE20, 0xFE30)}
 _DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: ".", 0x2024: ".", 0xFE52: "."}
-# Letters of other scripts that look like Latin ones (Unicode's confusables, Cyrillic and Greek):
-# `іgnоrе` with Cyrillic і, о, е reads as `ignore` to a model, `jаne@exаmple.com` as an address.
-# Detection reads them as the Latin letter (a keyword's letters match as read so,
-# `detectors.phrase_char`: a keyword written in Cyrillic still matches Cyrillic text).
+# Letters of other scripts that look like Latin ones (Unicode's confusables: Cyrillic, Greek,
+# Armenian, Cherokee, and Latin's own IPA letters and small capitals, none of which NFKC folds):
+# `іgnоrе` with Cyrillic і, о, е reads as `ignore` to a model, `jаne@exаmple.com` as an address,
+# and so do `ɪɢɴᴏʀᴇ` and `jane@exampլe.cօm`. Detection reads them as the Latin letter (a
+# keyword's letters match as read so, `detectors.phrase_char`: a keyword written in Cyrillic
+# still matches Cyrillic text). Cherokee's small letters are read as their capitals are.
+_CHEROKEE = dict(zip("ᎠᎡᎢᎥᎩᎪᎫᎬᎳᎷᎻᎽᏀᏂᏃᏏᏒᏚᏞᏟᏢᏦᏴᏙ", "DRTiyAJEWMHyGhZbRSLCPKBV"))
 _LOOKALIKES = dict(zip(
-    map(ord, "аеорсухіјѕһԁԛԝӏѵүк" "АВЕКМНОРСТХІЈЅҮԚԜӀ" "αοικνρυχϲϳ" "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ"),
-    "aeopcyxijshdqwlvyk" "ABEKMHOPCTXIJSYQWI" "aoikvpuxcj" "ABEZHIKMNOPTYX"))
+    map(ord, "аеорсухіјѕһԁԛԝӏѵүк" "АВЕКМНОРСТХІЈЅҮԚԜӀ" "αοικνρυχϲϳ" "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ"
+        "օսհոցՕՍԼՏ" "ɑɡɩɪʏᴀʙᴄᴅᴇɢʜᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡᴢ"),
+    "aeopcyxijshdqwlvyk" "ABEKMHOPCTXIJSYQWI" "aoikvpuxcj" "ABEZHIKMNOPTYX"
+    "ouhngOULS" "agiiyabcdeghjklmnoprstuvwz"))
+_LOOKALIKES.update({ord(c): latin for c, latin in _CHEROKEE.items()})
+_LOOKALIKES.update({ord(c.lower()): latin.lower() for c, latin in _CHEROKEE.items()})
 _PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE0200))  # BMP, SMP (math digits), tags
 
 
