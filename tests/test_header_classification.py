@@ -219,7 +219,12 @@ def test_no_answer_quotes_a_header_value(setup, noise: str, name: str) -> None:
         verdict = check(setup, {name: value})
     except GatewayError as err:
         assert CARD not in err.message and "1111" not in err.message.replace(CARD, "")
-        assert not noise.strip() or len(noise.strip()) < 4 or noise.strip() not in err.message
+        try:  # the message for the card alone: its own words (`rest` is in `restricted`) quote nothing
+            check(setup, {name: CARD})
+            template = ""
+        except GatewayError as alone:
+            template = alone.message
+        assert len(noise.strip()) < 4 or noise.strip() not in err.message or noise.strip() in template
     else:  # the noise made it another value (a longer number): still never a card
         assert verdict.headers is None or b"4111 1111 1111 1111" not in b"".join(verdict.headers.set.values())
 

@@ -130,6 +130,41 @@ def test_a_card_as_a_json_key_is_redacted_and_sets_the_tier(place: str) -> None:
     assert refused.value.code == "classification_violation"
 
 
+@pytest.mark.parametrize("place", ["metadata", "top-level", "enum", "float", "in-a-list", "ssn-with-context"])
+def test_a_value_sent_as_a_json_number_is_redacted_and_sets_the_tier(place: str) -> None:
+    """JSON numbers were never scanned: a card as a number in metadata, in a tool schema's
+    `enum` (which the model reads) or written as a float went out as sent."""
+    root = Path(__file__).resolve().parent.parent
+    cfg = config.parse(yaml.safe_load(render_values(chart_values([root / "helm" / "values-local.yaml"]))[
+        "gateway.yaml"]), "values-local (rendered)")
+    assert cfg.classification is not None
+    policy, key = Policy(cfg.classification), cfg.keys["demo"]
+    base = {"model": "private-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000000,
+            "seed": 1733333333}
+    card = 4111111111111111
+    body = {"metadata": {**base, "metadata": {"c": card}}, "top-level": {**base, "card": card},
+            "enum": {**base, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"c": {"type": "integer", "enum": [card], "default": card}}}}}]},
+            "float": {**base, "metadata": {"c": 4.111111111111111e15}},
+            "in-a-list": {**base, "metadata": {"c": [1, card, 2]}},
+            "ssn-with-context": {**base, "metadata": {"ssn": 123456789}}}[place]
+    verdict = policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["private-chat"], "demo")
+    assert verdict.body is not None
+    sent = orjson.dumps(verdict.body).decode()
+    assert verdict.tier == "restricted"
+    if place == "ssn-with-context":  # the member's name is the context word: nine bare digits are an SSN
+        assert verdict.body["metadata"] == {"ssn": "[US_SSN_1]"}
+        order = {**base, "metadata": {"order": 219099999}}  # without one: an order number
+        assert policy.check_request(order, key, cfg.teams.get(key.team), None, cfg.models["private-chat"],
+                                    "demo").body is None
+    else:
+        assert "4111111111111111" not in sent and "[CREDIT_CARD_1]" in sent
+    assert verdict.body["max_tokens"] == 1000000000 and verdict.body["seed"] == 1733333333  # other numbers kept
+    with pytest.raises(GatewayError) as refused:
+        policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["default-chat"], "demo")
+    assert refused.value.code == "classification_violation"
+
+
 def test_a_custom_keyword_as_a_plain_identifier_key_is_found() -> None:
     """Plain identifier keys (`max_tokens`) are skipped only while no custom rule could match
     letters alone: with one, a key named after a keyword counts like the keyword anywhere."""

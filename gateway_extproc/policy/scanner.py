@@ -880,7 +880,7 @@ class Scanner:
         """Findings in `text`, ordered by position (one regex pass)."""
         return self.scan_strings((text,))
 
-    def scan_strings(self, strings: Iterable[str]) -> list[Finding]:
+    def scan_strings(self, strings: Iterable[str], apart: bool = False) -> list[Finding]:
         """Findings over many strings (e.g. every string of a request body), `Finding.index`
         = position in `strings`, offsets in the original strings.
 
@@ -889,7 +889,8 @@ class Scanner:
         U+001F: numeric detectors may bridge that boundary (a card split over two messages,
         content parts or tool calls), so a finding may cover pieces of several strings; it is
         reported once per piece (same rule, the whole value). The injection score counts over
-        all."""
+        all. `apart`: joined by U+001D instead, which no detector reads as a separator (values
+        that are each whole, such as numbers)."""
         segs: list[tuple[int, int, int, Normalized, str]] = []  # (index, start, end, normalized, original)
         parts = ["\n"]  # the virtual boundary character before the text
         pos = 1
@@ -897,7 +898,7 @@ class Scanner:
             if not s or not isinstance(s, str):
                 continue
             if segs:
-                parts.append(BRIDGE)
+                parts.append("\x1d" if apart else BRIDGE)
                 pos += 1
             nz = (normalize_json(s) if s[:1] in "{[" and s[-1:] in "}]" else None) or normalize(s)
             parts.append(nz.text)
@@ -1273,14 +1274,38 @@ def _items(c: Any) -> Iterator[tuple[Any, Any]]:
     return iter(c.items()) if isinstance(c, dict) else zip(itertools.repeat(None), c)
 
 
+def number_text(value: Any, key: Any) -> str | None:
+    """A JSON integer long enough to be a value (nine digits or more: an SSN, a card, a phone
+    number sent as a number in metadata or a tool schema's `enum`), an integral float read as
+    the integer (`4.111111111111111e15` is 4111111111111111), after its member's name (`ssn:
+    123456789`: the name is the SSN's context word). Fractions are not read (the digits of a
+    `temperature` are no value, and a random one is a valid card number one time in ten)."""
+    if isinstance(value, float):
+        if not (value.is_integer() and 1e8 <= abs(value) < 1e21):
+            return None
+        value = int(value)
+    elif isinstance(value, bool) or not isinstance(value, int) or -10 ** 8 < value < 10 ** 8:
+        return None
+    return f"{key}: {value}" if isinstance(key, str) else str(value)
+
+
+def number_replacement(text: str, redacted: str) -> str:
+    """What replaces a number whose `number_text` was redacted: the redacted number alone,
+    without its member's name (unless the finding reached into the name)."""
+    name, sep, _ = text.rpartition(": ")
+    return redacted[len(name) + 2:] if sep and redacted.startswith(name + sep) else redacted
+
+
 def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth: int = MAX_DEPTH,
-                 max_nodes: int = MAX_NODES, names: dict[str, None] | None = None) -> list[str] | LimitExceeded:
+                 max_nodes: int = MAX_NODES, names: dict[str, None] | None = None,
+                 numbers: dict[str, None] | None = None) -> list[str] | LimitExceeded:
     """Every string value in a parsed JSON value, in document order (dict keys are not
     included; values under `skip_keys` and base64 data URIs are skipped). Iterative.
 
     `names`, when given, collects every object key once, in first-seen order, from the same
     pass: keys are caller text too (metadata, tool schemas, logit_bias), and classification
-    scans them apart from the values (a key never bridges into a value)."""
+    scans them apart from the values (a key never bridges into a value). `numbers` collects
+    the text of every long number (`number_text`) the same way."""
     if isinstance(obj, str):
         text = _text(None, obj, skip_keys)
         return [] if text is None else [text.text if isinstance(text, _DataText) else text]
@@ -1308,6 +1333,8 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                 stack.append(_items(value))
                 break
             else:
+                if numbers is not None and (text := number_text(value, key)) is not None:
+                    numbers[text] = None
                 continue
             if nodes > max_nodes:
                 return LimitExceeded(f"JSON with more than {max_nodes} strings/containers")
@@ -1328,11 +1355,13 @@ def _mapped(text: str | _DataText | None, value: str, fn: Callable[[str], str]) 
 
 
 def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str] = BINARY_KEYS,
-                max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES, keys: Mapping[str, str] | None = None) -> Any:
+                max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES, keys: Mapping[str, str] | None = None,
+                numbers: Mapping[str, str] | None = None) -> Any:
     """A copy of `obj` with `fn` applied to every string `walk_strings` would return, called
-    in the same order (so `fn` may consume an iterator of replacements), and every object key
-    found in `keys` renamed to its value (redacted keys). Returns `LimitExceeded` under the
-    same conditions as `walk_strings`. Iterative."""
+    in the same order (so `fn` may consume an iterator of replacements), every object key
+    found in `keys` renamed to its value (redacted keys), and every number whose
+    `number_text` is in `numbers` replaced by that string (a redacted number). Returns
+    `LimitExceeded` under the same conditions as `walk_strings`. Iterative."""
     if isinstance(obj, str):
         return _mapped(_text(None, obj, skip_keys), obj, fn)
     if not isinstance(obj, (dict, list, tuple)):
@@ -1359,6 +1388,8 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
                     return LimitExceeded(f"JSON nested deeper than {max_depth}")
                 descend = value
                 value = new_container(value)
+            elif numbers and (text := number_text(value, key)) is not None:
+                value = numbers.get(text, value)
             if nodes > max_nodes:
                 return LimitExceeded(f"JSON with more than {max_nodes} strings/containers")
             if key is None:

@@ -227,6 +227,10 @@ def test_issue_14_evasions_never_reach_default_chat(gw: Gateway) -> None:
                        json={"model": "default-chat", "messages": [{"role": "user", "content": "card 4111 1111"},
                                                                    {"role": "user", "content": "1111 1111 ok"}]})
     assert split.status_code == 403
+    as_number = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"},
+                           timeout=30, json={"model": "default-chat", "messages": [{"role": "user", "content": "hi"}],
+                                             "metadata": {"card": 4111111111111111}})
+    assert as_number.status_code == 403 and as_number.json()["error"]["code"] == "classification_violation"
     assert gw.received(gw.primary) == [] and gw.received(gw.backup) == []
     for content in ISSUE_14_EMAILS:
         assert chat(gw, f"Write to {content} now.").status_code == 200
