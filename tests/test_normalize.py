@@ -188,6 +188,18 @@ def test_more_scripts_letters_that_look_latin(text: str, read: str) -> None:
     assert n.text == read and n.identity
 
 
+@pytest.mark.parametrize(("text", "read"), [
+    ("4111\x001111\x0c1111\x0b1111", "4111 1111 1111 1111"),  # control characters: a space
+    ("4111\x1f1111\x7f1111\x9f1111", "4111 1111 1111 1111"),  # (a caller's U+001F is no seam)
+    ("4111\u28001111\u28001111\u28001111", "4111 1111 1111 1111"),  # blank Braille: a space
+    ("4111\u17b41111\u17b51111\u17b41111", "4111111111111111"),  # Khmer inherent vowels: nothing
+    ("jane.doe@example\u00b7com", "jane.doe@example.com"),  # a middle dot
+])
+def test_invisible_separators_and_other_dots(text: str, read: str) -> None:
+    assert normalize(text).text == read
+    assert SCANNER.scan(text)  # found, as written
+
+
 def test_tag_characters_are_read_as_the_ascii_they_mirror() -> None:
     """ASCII smuggling: text in invisible tag characters, which a model may read, was removed
     with the other format characters, so an injection hidden in it was never scanned."""

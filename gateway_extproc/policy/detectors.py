@@ -180,8 +180,11 @@ def digits_start_ok(text: str, start: int) -> bool:
     i = start - 1
     stop = max(0, start - 72)
     skipped = seps = 0
+    crossed = False
     while i >= stop and (text[i] in SEP_CHARS or text[i] == BRIDGE):
         if text[i] == BRIDGE:  # skip structural strings between two bridged strings
+            if crossed:  # a string of separators alone between two seams: `_GAP` never joins over it
+                return True
             seps = 0  # (up to three separators on each side of a seam)
             j = text.rfind(BRIDGE, stop, i)
             if j >= 0 and STRUCTURAL.fullmatch(text, j + 1, i):
@@ -190,6 +193,7 @@ def digits_start_ok(text: str, start: int) -> bool:
                     return True
                 i = j
                 continue
+            crossed = True  # the digits before must end the string before this seam
         else:
             seps += 1
             if seps > 3:  # more separators than join two digits (`_GAP`): a number of its own

@@ -47,7 +47,16 @@ _EXTRA_IGNORABLE = {0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
                     *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x0300, 0x0370),
                     *range(0x1AB0, 0x1B00), *range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100),
                     *range(0xFE20, 0xFE30)}
-_DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: ".", 0x2024: ".", 0xFE52: "."}
+_EXTRA_IGNORABLE |= {0x17B4, 0x17B5}  # Khmer inherent vowels: default-ignorable, invisible
+# Full stops of other scripts, and the middle dots (`jane.doe@example·com` reads as an address).
+_DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: ".", 0x2024: ".", 0xFE52: ".",
+         0x00B7: ".", 0x2219: ".", 0x22C5: ".", 0x2027: ".", 0x0589: ".", 0x06D4: "."}
+# Control characters (NUL, form feed, vertical tab, DEL, the C1 block...) and the blank
+# Braille pattern are read as a space: invisible between two digits, they hid a card
+# (`4111\x001111...`), and a caller's U+001F is not the scanner's boundary between strings.
+_BLANKS = frozenset({*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0), 0x2800}) - {0x85}
+_ASCII_BLANKS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ASCII_TABLE = {o: " " for o in _BLANKS if o < 0x80}
 # Letters of other scripts that look like Latin ones (Unicode's confusables: Cyrillic, Greek,
 # Armenian, Cherokee, and Latin's own IPA letters and small capitals, none of which NFKC folds):
 # `іgnоrе` with Cyrillic і, о, е reads as `ignore` to a model, `jаne@exаmple.com` as an address,
@@ -82,6 +91,8 @@ def _mapped(ch: str) -> str | None:
         return ""
     if o in _DOTS:
         return _DOTS[o]
+    if o in _BLANKS:
+        return " "
     if o in _LOOKALIKES:
         return _LOOKALIKES[o]
     if ch.isdecimal():
@@ -107,6 +118,7 @@ def tables() -> _Tables:
     if _tables is None:
         table: dict[int, str | None] = {}
         resize: list[int] = []
+        table.update(_ASCII_TABLE)
         for plane in _PLANES:
             for o in plane:
                 ch = chr(o)
@@ -186,7 +198,9 @@ class Normalized:
 
 def normalize(text: str) -> Normalized:
     if text.isascii():
-        return Normalized(text, len(text))
+        if _ASCII_BLANKS.search(text) is None:
+            return Normalized(text, len(text))
+        return Normalized(text.translate(_ASCII_TABLE), len(text))
     t = tables()
     norm = text.translate(t.translate)
     if len(norm) == len(text) and t.resize.search(text) is None:

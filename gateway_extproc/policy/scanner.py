@@ -62,6 +62,7 @@ from .detectors import (
     DEFAULT_INJECTION_PATTERNS,
     DEFAULT_INJECTION_PHRASES,
     PROMPT_INJECTION,
+    SEP_CHARS,
     Validator,
     decode_payload,
     encoded_start_ok,
@@ -897,10 +898,14 @@ class Scanner:
         for i, s in enumerate(strings):
             if not s or not isinstance(s, str):
                 continue
+            nz = (normalize_json(s) if s[:1] in "{[" and s[-1:] in "}]" else None) or normalize(s)
+            if not nz.text.strip(SEP_CHARS):
+                # Only separators (a message of one space or dash): nothing to find, and left
+                # in, a string no number bridges over: a card split around it went unseen.
+                continue
             if segs:
                 parts.append("\x1d" if apart else BRIDGE)
                 pos += 1
-            nz = (normalize_json(s) if s[:1] in "{[" and s[-1:] in "}]" else None) or normalize(s)
             parts.append(nz.text)
             segs.append((i, pos, pos + len(nz.text), nz, s))
             pos += len(nz.text)
