@@ -203,3 +203,25 @@ def test_an_ext_proc_that_does_not_answer_in_time_is_gateway_unavailable(gw: Gat
     [odd_line] = _log_lines(gw, odd_resp.headers["x-request-id"], "envoy_error")
     assert odd_line["path"] == "(unknown)"
     assert secret not in gw.stack.log_path("envoy").read_text(errors="replace")
+
+
+@pytest.mark.parametrize("knob", [{"x-mock-drop-after-chunks": "1"},
+                                  {"x-mock-response-headers": json.dumps({"content-length": "5"})}])
+def test_a_provider_breaking_off_its_answer_is_never_a_plain_text_reply(gw: Gateway, knob: dict[str, str]) -> None:
+    """A provider that sent its headers and then broke the connection (or framed its body
+    wrongly) while the gateway still held the answer made Envoy reply in plain text
+    (`upstream_reset_after_response_started`, no mapper): now the OpenAI shape, every time."""
+    seen = set()
+    for _ in range(30):
+        try:
+            resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, headers={
+                "authorization": f"Bearer {gw.key}", **knob},
+                json={"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        except httpx.RemoteProtocolError:  # the answer had started: cut mid-body, as documented
+            continue
+        seen.add(resp.status_code)
+        if resp.status_code != 200:
+            assert resp.headers["content-type"].startswith("application/json"), resp.text
+            assert resp.json()["error"]["code"] == "upstream_reset"
+            assert resp.headers["x-gateway-error-code"] == "upstream_reset"
+    assert seen <= {200, 502}

@@ -136,6 +136,7 @@ static_resources:
                 (list (printf "%s && %s.contains('overflow')" $reset $d) 503 "upstream_overloaded" "server_error" "Too many requests are in flight to this model's providers; retry shortly.")
                 (list (printf "%s && %s.contains('connection_failure')" $reset $d) 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
                 (list $reset 502 "upstream_reset" "server_error" "The provider closed the connection before answering.")
+                (list (printf "%s.startsWith('upstream_reset_after_response_started')" $d) 502 "upstream_reset" "server_error" "The provider's connection broke off while it was answering, before any of the answer reached you; the provider may have processed (and billed) the request.")
                 (list (printf "%s == 'response_payload_too_large'" $d) 502 "upstream_response_too_large" "server_error" "The provider's response is larger than the gateway can process; the provider did process (and bill) the request.")
                 (list (printf "%s == 'request_payload_too_large' || response.code == 413" $d) 413 "request_too_large" "invalid_request_error" "Request body exceeds the gateway limit.")
                 (list (printf "%s.startsWith('ext_proc') || response.code == 500" $d) 503 "gateway_unavailable" "server_error" "The gateway's policy service is unavailable; the request was not sent.")
