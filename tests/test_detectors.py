@@ -15,7 +15,7 @@ from functools import lru_cache
 import orjson
 import pytest
 
-from gateway_extproc.policy import BUILTIN_DETECTORS, CustomRule, InjectionConfig, Rule, Scanner
+from gateway_extproc.policy import BUILTIN_DETECTORS, DEFAULT_RULES, CustomRule, InjectionConfig, Rule, Scanner
 from gateway_extproc.policy.detectors import expand_phrase, normalize_phrase
 
 RNG = random.Random(20241001)
@@ -611,7 +611,7 @@ SAMPLES = {
     "email": "john.doe@example.com", "phone": "+14155550100", "ipv4": "192.168.10.20",
     "ipv6": "2001:db8::8a2e:370:7334", "aws_access_key": "AKIAIOSFODNN7EXAMPLE",
     "openai_key": OPENAI_VALID[0], "anthropic_key": ANTHROPIC_VALID[0], "github_token": GITHUB_VALID[0],
-    "jwt": JWT_VALID[0],
+    "jwt": JWT_VALID[0], "gateway_key": "gwk_demo_local-only-demo-key-not-for-production",
 }
 UNICODE_CONTEXTS = [("中文", "。"), ("«", "»"), ("🙂 ", " 🙂"), ("مرحبا ", " شكرا"), ("日本語：", "です"),
                     ("Ünïcödé — ", " — ñ"), ("\u00a0", "\u00a0"), ("\u3000", "\u3000"), ("「", "」"),
@@ -635,9 +635,9 @@ def test_values_inside_words_do_not_match(detector: str, before: str, after: str
     value = SAMPLES[detector]
     if detector == "email" and before:
         pytest.skip("a word before an address is part of its local part")
-    extends = {"_x": {"openai_key", "anthropic_key", "jwt"},  # ghp_ tokens have no '_' 
-               "abc": {"openai_key", "anthropic_key", "github_token", "jwt", "email"},
-               "9": {"openai_key", "anthropic_key", "github_token", "jwt", "ipv4", "phone"}}
+    extends = {"_x": {"openai_key", "anthropic_key", "jwt", "gateway_key"},  # ghp_ tokens have no '_' 
+               "abc": {"openai_key", "anthropic_key", "github_token", "jwt", "email", "gateway_key"},
+               "9": {"openai_key", "anthropic_key", "github_token", "jwt", "ipv4", "phone", "gateway_key"}}
     if detector in extends.get(after, ()):
         # the suffix is a legitimate continuation: the value is just longer
         assert found(detector, f"{before}{value}{after}") == [f"{value}{after}"]
@@ -898,3 +898,20 @@ def test_one_megabyte_with_values_at_known_offsets() -> None:
     assert len(text) >= 1 << 20
     got = [(f.detector, f.start, f.value) for f in ALL.scan(text)]
     assert got == expected
+
+
+@pytest.mark.parametrize("text", [
+    "my key is gwk_demo_local-only-demo-key-not-for-production, use it",
+    "gwk_restricted_gWLnfQx0Zy9Zk2yqfT9v7S_3uJc1bXyA7w4pVmNw0Ho",  # keys.generate's form
+    "Authorization: Bearer gwk_team-a-1_abcdefgh",
+])
+def test_a_gateway_key_is_a_secret(text: str) -> None:
+    """The gateway's own caller keys pasted into a prompt went to the provider (and the audit
+    trail) as text; `sk-` keys were blocked."""
+    assert [d for d, _ in found_all(text)] == ["gateway_key"]
+    assert next(r for r in DEFAULT_RULES if r.name == "gateway_key").action == "block"
+
+
+@pytest.mark.parametrize("text", ["gwk_", "gwk_demo", "gwk_demo_short", "see gwk_Demo_abcdefghijk", "xgwk_demo_abcdefghij"])
+def test_not_a_gateway_key(text: str) -> None:
+    assert found("gateway_key", text) == []

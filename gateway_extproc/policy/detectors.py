@@ -536,6 +536,12 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "OPENAI_KEY", "OpenAI API key (sk-, sk-proj-, sk-svcacct-)",
         ),
         Detector(
+            # The gateway's own virtual keys (keys.py: `gwk_<id>_<secret>`): a caller's key
+            # pasted into a prompt must not reach a provider, nor the audit trail.
+            "gateway_key", rf"gwk_[a-z0-9][a-z0-9\-]{{0,62}}+_{_TOKEN}{{8,300}}+(?!{_TOKEN})", None,
+            "GATEWAY_KEY", "the gateway's own virtual key (gwk_<id>_<secret>)",
+        ),
+        Detector(
             "github_token", rf"(?:gh[pousr]_[A-Za-z0-9]{{36,251}}+|github_pat_[A-Za-z0-9_]{{22,251}}+){_END}",
             None, "GITHUB_TOKEN", "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_)",
         ),

@@ -277,3 +277,13 @@ def test_access_log_response_holds_what_the_client_saw(gw: Gateway) -> None:
     assert '"response":"Your card [CREDIT_CARD_1] is on file; we wrote to [EMAIL_1]."' in logs
     # Any run of the card's digits (a bare "4111" can be part of a timestamp).
     assert not re.search(r"4111\D{0,3}1111", logs) and EMAIL not in logs
+
+
+def test_a_gateway_key_pasted_into_a_prompt_never_leaves(gw: Gateway) -> None:
+    """The gateway's own caller keys were plain text to the scanner: forwarded, audited, echoed."""
+    resp = chat(gw, f"my key is {gw.key}, keep it safe")
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "content_blocked"
+    assert "gateway_key" in resp.json()["error"]["message"] and gw.key not in resp.text
+    assert gw.received(gw.primary) == [] and gw.received(gw.backup) == []
+    time.sleep(0.2)
+    assert gw.key not in gw.stack.log_path("extproc").read_text()
