@@ -124,7 +124,8 @@ def _validate_chat(body: dict[str, Any]) -> None:
         content = m.get("content")
         _require(content is None or isinstance(content, (str, list)), f"messages[{i}].content",
                  f"`messages[{i}].content` must be a string or an array of parts.")
-    _require(isinstance(body.get("stream", False), bool), "stream", "`stream` must be a boolean.")
+    _require(body.get("stream") is None or isinstance(body["stream"], bool), "stream",
+             "`stream` must be a boolean (or null).")
     options = body.get("stream_options")
     _require(options is None or isinstance(options, dict), "stream_options", "`stream_options` must be an object.")
     _positive_int(body, "max_tokens")
@@ -142,7 +143,8 @@ def _validate_responses(body: dict[str, Any]) -> None:
              "`input` is required: a string or a non-empty array of input items.")
     _require(body.get("instructions") is None or isinstance(body["instructions"], str), "instructions",
              "`instructions` must be a string.")
-    _require(isinstance(body.get("stream", False), bool), "stream", "`stream` must be a boolean.")
+    _require(body.get("stream") is None or isinstance(body["stream"], bool), "stream",
+             "`stream` must be a boolean (or null).")
     _positive_int(body, "max_output_tokens")
 
 

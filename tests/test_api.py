@@ -142,8 +142,9 @@ def chat(**changes: Any) -> dict[str, Any]:
     chat(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "x"}]},
                    {"role": "assistant", "content": None, "tool_calls": []}, {"role": "tool"}]),
     chat(temperature=0.2, tools=[], user="u-1"),  # other fields pass through unchecked
+    chat(stream=None),  # OpenAI's API allows null (not streamed)
 ], ids=["minimal", "stream", "stream-options-null", "include-usage", "max-tokens", "max-tokens-null",
-        "message-shapes", "extra-fields"])
+        "message-shapes", "extra-fields", "stream-null"])
 def test_chat_valid(body: dict[str, Any]) -> None:
     api.CHAT.validate(body)
 
@@ -164,7 +165,7 @@ CHAT_BAD = [
     ("content-object", chat(messages=[{"role": "user", "content": "ok"}, {"role": "user", "content": {"t": 1}}]),
      "messages[1].content"),
     ("stream-string", chat(stream="true"), "stream"),
-    ("stream-int", chat(stream=1), "stream"),
+    ("stream-int", chat(stream=1), "stream"), ("stream-zero", chat(stream=0), "stream"),
     ("stream-options-string", chat(stream=True, stream_options="include_usage"), "stream_options"),
     ("stream-options-list", chat(stream=True, stream_options=["include_usage"]), "stream_options"),
     ("stream-options-number", chat(stream=True, stream_options=1), "stream_options"),
