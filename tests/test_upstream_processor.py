@@ -279,3 +279,17 @@ async def test_each_attempt_is_counted_by_outcome(runtime: Runtime, status: int 
         await proc.handle(response_headers(status, end=True))
     proc.close()
     assert attempts("openai/gpt-4o", outcome) == before + 1
+
+
+async def test_an_untranslatable_request_is_a_400_logged_in_one_line_without_its_values(proc: UpstreamProcessor) -> None:
+    """A field of the wrong type a translator reads is the caller's mistake: a 400, and one
+    short log line (its type and place), not a traceback per request that may quote the body."""
+    await proc.handle(attempt_headers(backend="claude/claude-x"))
+    with structlog.testing.capture_logs() as logs:
+        resp = await proc.handle(attempt_body({"model": "claude-chat", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "secret-ish 4111"}, 5]}]}))
+    assert resp.immediate_response.status.code == 400
+    assert orjson.loads(resp.immediate_response.body)["error"]["code"] == "invalid_request"
+    [line] = logs
+    assert line["event"] == "request_untranslatable" and set(line) >= {"error", "at"}
+    assert "exc_info" not in line and "4111" not in repr(line)

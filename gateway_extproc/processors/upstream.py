@@ -99,7 +99,7 @@ class UpstreamProcessor:
             # reads (tools, stop, content parts...): one of another type is the client's
             # mistake, answered as such instead of a 500 from this attempt.
             assert self.backend is not None
-            log.warning("request_untranslatable", backend=self.backend.id, exc_info=err)
+            log.warning("request_untranslatable", backend=self.backend.id, **_raised_at(err))
             raise GatewayError("invalid_request", f"The request could not be translated for the model's "
                                f"{self.backend.provider.kind} backend: a field has a type the OpenAI schema does "
                                "not allow (check messages' content parts and tool_calls, tools, tool_choice, "
@@ -120,3 +120,13 @@ class UpstreamProcessor:
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend.id),
                           metrics.attempt_outcome(self.status)).inc()
 
+
+def _raised_at(err: BaseException) -> dict[str, str]:
+    """Where a translator failed, for the log line: the error's type and innermost frame,
+    not its message or a traceback (both may quote the caller's values, and every caller
+    can send such a request: one traceback per request grew the log without bound)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb is not None else "?"
+    return {"error": type(err).__name__, "at": where}
