@@ -645,7 +645,9 @@ async def test_access_log_headers_only_response(proc: RouterProcessor) -> None:
 
 async def test_sse_response_loses_content_length_because_the_gateway_may_change_its_length(
         proc: RouterProcessor) -> None:
-    await send_request(proc, {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    sent = await send_request(proc, {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}],
+                                     "stream": True})
+    assert not sent.HasField("immediate_response")
     msg = resp_headers(content_type="text/event-stream")
     msg.response_headers.headers.headers.append(HeaderValue(key="content-length", raw_value=b"1234"))
     resp = await proc.handle(msg)
@@ -818,3 +820,30 @@ def test_no_body_or_reply_makes_the_router_fail(runtime: Runtime, local_runtime:
             await settlements.settled(5.0)  # no budget settlement outlives this example's event loop
 
     asyncio.run(one())
+
+
+
+@pytest.mark.parametrize(("stream", "label", "read_as", "sent_label"), [
+    (False, "text/event-stream", "whole", "application/json"),  # a JSON answer mislabelled: read whole
+    (True, "text/plain", "stream", "text/event-stream"),  # a stream mislabelled: read and labelled as one
+    (True, "text/event-stream", "stream", None),
+    (False, "application/json", "whole", None),
+])
+async def test_an_answer_is_read_as_the_request_asked_whatever_its_label(
+        proc: RouterProcessor, stream: bool, label: str, read_as: str, sent_label: str | None) -> None:
+    """A non-streamed request whose provider labelled its JSON answer `text/event-stream` got
+    200 with an SSE error event (the SDK returned that text as the completion)."""
+    await send_request(proc, {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}],
+                              "stream": stream})
+    head = await proc.handle(resp_headers(content_type=label))
+    assert (head.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.STREAMED) == (
+        read_as == "stream")
+    assert set_headers(head.response_headers.response).get("content-type") == sent_label
+    if read_as == "whole":
+        answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+        out = (await proc.handle(resp_body(orjson.dumps(answer)))).response_body.response
+        assert not out.body_mutation.body or orjson.loads(out.body_mutation.body)["choices"][0]["message"][
+            "content"] == "Hello"
+        assert set_headers(out)["x-gateway-completion-tokens"] == "1"

@@ -367,10 +367,16 @@ class RouterProcessor:
             content_type = "text/event-stream" if self.provider.stream is not None else "application/json"
             added["content-type"] = content_type
         # A stream the client asked for is read as one whatever its label (a provider or proxy
-        # that mislabels it must not slip past usage and output scanning). A provider's error is
-        # read whole whatever its label (`client_error`).
-        if self.status < 400 and content_type == "text/event-stream" or (
+        # that mislabels it must not slip past usage and output scanning), and labelled as one.
+        # An answer to a request that did not ask for a stream is read whole whatever its label
+        # (a JSON answer labelled SSE went out as an SSE error event the SDK returned as the
+        # completion), as is a provider's error (`client_error`).
+        if 200 <= self.status < 300 and not self.stream and content_type == "text/event-stream":
+            added["content-type"] = "application/json"
+        elif self.status < 400 and content_type == "text/event-stream" or (
                 self.stream and 200 <= self.status < 300 and content_type != "application/json"):
+            if 200 <= self.status < 300 and content_type != "text/event-stream":
+                added["content-type"] = "text/event-stream"
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None,
                                    self.cut_after, named=self.endpoint is api.RESPONSES)
             if self.prompt_tokens is not None:

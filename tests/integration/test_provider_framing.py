@@ -461,6 +461,17 @@ def test_f_a_json_answer_labelled_as_a_stream_leaks_nothing(gw: Gateway, model: 
         assert_provider_error(got, model)
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_f_a_json_answer_labelled_as_a_stream_is_the_sdks_completion(gw: Gateway, model: str) -> None:
+    """It went out as 200 `text/event-stream` holding one SSE error event, which the SDK's
+    non-streamed `create` returned as the completion (a string). Read whole, it is the answer."""
+    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0, timeout=60,
+                        default_headers={"x-mock-reply": "Hello there.", "x-mock-content-type": "text/event-stream"})
+    result = sdk.chat.completions.with_raw_response.create(model=model, messages=QUESTION)
+    assert result.headers["content-type"].startswith("application/json")
+    assert result.parse().choices[0].message.content == "Hello there."
+
+
 # -- g. garbage mid-stream, some of it carrying the restricted value ----------------------------
 
 
