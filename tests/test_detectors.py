@@ -915,3 +915,23 @@ def test_a_gateway_key_is_a_secret(text: str) -> None:
 @pytest.mark.parametrize("text", ["gwk_", "gwk_demo", "gwk_demo_short", "see gwk_Demo_abcdefghijk", "xgwk_demo_abcdefghij"])
 def test_not_a_gateway_key(text: str) -> None:
     assert found("gateway_key", text) == []
+
+
+
+@pytest.mark.parametrize(("text", "card"), [
+    # after a number whose last group is not of four digits: a date, a ZIP code, an amount
+    ("2024-05-01 4111 1111 1111 1111", "2024-05-01 4111 1111 1111 1111"),
+    ("94105 4111 1111 1111 1111", "94105 4111 1111 1111 1111"),
+    ("Pay 250 00 4111111111111111 now", "250 00 4111111111111111"),
+    ("41111111 11111111", "41111111 11111111"), ("41111111-11111111", "41111111-11111111"),  # halved
+])
+def test_a_card_after_another_number_or_halved_is_found(text: str, card: str) -> None:
+    assert found("credit_card", text) == [card]
+
+
+@pytest.mark.parametrize("text", [
+    "1234 5678 4111 1111 1111 1111",  # a list of 4-digit groups: one valid by chance is no card
+    "order 302-2533872-5612675", "20240501 20240502",
+])
+def test_lists_and_order_numbers_are_not_cards(text: str) -> None:
+    assert found("credit_card", text) == []

@@ -268,22 +268,26 @@ def validate_credit_card(value: str) -> int:
 
 def _card_run(value: str) -> bool:
     """The whole digit run is a valid card (separators anywhere, but no group over six digits
-    unless the run bridges two strings: `302-2533872-5612675` is an order number), or holds a
+    unless the run bridges two strings or is halved, 8 and 8: `302-2533872-5612675` is an
+    order number, `41111111 11111111` a card), or holds a
     card in a printed layout after at most four other digits (`ref 1234 4111 1111 1111 1111`),
-    whatever follows it (a CVV, an expiry, a digit put there to hide it). The finding is the
-    whole run."""
+    or after any other number whose last group is not of four digits (a date, a ZIP code, an
+    amount: `2024-05-01 4111 1111 1111 1111`; in a list of 4-digit groups a valid card turns up
+    by chance), whatever follows it (a CVV, an expiry, a digit put there to hide it). The
+    finding is the whole run."""
     groups = digit_groups(value)
     digits = "".join(groups)
     sizes = tuple(len(g) for g in groups)
-    if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or BRIDGE in value) \
+    if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or sizes == (8, 8) or BRIDGE in value) \
             and _card_ok(digits):
         return True
-    for i in range(len(groups)):  # (a long run: only its first groups are tried, no quadratic)
-        if sum(sizes[:i]) > 4:
-            break
-        for n in _LAYOUT_GROUPS:
-            if i + n <= len(groups) and _card_layout(sizes[i:i + n]) and _card_ok("".join(groups[i:i + n])):
-                return True
+    before = 0  # digits before group i
+    for i, size in enumerate(sizes):
+        if (before <= 4 or sizes[i - 1] != 4) and (size == 4 or 13 <= size <= 19):
+            for n in _LAYOUT_GROUPS:
+                if i + n <= len(groups) and _card_layout(sizes[i:i + n]) and _card_ok("".join(groups[i:i + n])):
+                    return True
+        before += size
     return False
 
 
