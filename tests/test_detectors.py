@@ -130,12 +130,13 @@ def test_credit_card_unknown_iin(prefix: str) -> None:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("order4111111111111111x", []),
-    ("order 4111111111111111x", []),
-    ("x4111111111111111", []),
-    ("4111111111111111x", []),
-    ("_4111111111111111", []),
-    ("4111111111111111_", []),
+    # glued to letters or underscores: one word, read as a card by a model
+    ("order4111111111111111x", ["order4111111111111111x"]),
+    ("order 4111111111111111x", ["4111111111111111x"]),
+    ("x4111111111111111", ["x4111111111111111"]),
+    ("4111111111111111x", ["4111111111111111x"]),
+    ("_4111111111111111_", ["_4111111111111111_"]),
+    ("4111111111111111_", ["4111111111111111_"]),
     ("41111111111111110", []),  # 17 digits: not a valid card
     ("411111111111111111111", []),  # 21 digits
     ("4111-1111-1111-1111-1111", ["4111-1111-1111-1111-1111"]),  # a card layout inside a longer run
@@ -642,6 +643,10 @@ def test_values_inside_words_do_not_match(detector: str, before: str, after: str
         # the suffix is a legitimate continuation: the value is just longer
         assert found(detector, f"{before}{value}{after}") == [f"{value}{after}"]
         return
+    if detector == "credit_card" and (before + after).strip("9"):
+        # a card glued to letters is read as one (`card4111…`): the whole word is the finding
+        assert found(detector, f"{before}{value}{after}") == [f"{before}{value}{after}"]
+        return
     assert found(detector, f"{before}{value}{after}") == []
 
 
@@ -935,3 +940,17 @@ def test_a_card_after_another_number_or_halved_is_found(text: str, card: str) ->
 ])
 def test_lists_and_order_numbers_are_not_cards(text: str) -> None:
     assert found("credit_card", text) == []
+
+
+
+@pytest.mark.parametrize("text", ["card4111111111111111", "cc4111111111111111", "x4111111111111111y",
+                                  "4111111111111111th", "card_4111111111111111", "4111111111111111_", "visa5500005555555559"])
+def test_a_card_glued_to_letters_is_found(text: str) -> None:
+    """`card4111111111111111` reads as a card to a model: it went out as one word."""
+    assert found("credit_card", f"pay with {text} today") == [text]
+
+
+@pytest.mark.parametrize("text", ["deadbeefcafe4111111111111111", "e3b04111111111111111c", "v1234567890123",
+                                  "abc4111111111111112", "A12B4111111111111111"])
+def test_hashes_identifiers_and_invalid_numbers_glued_to_letters_are_not_cards(text: str) -> None:
+    assert found("credit_card", f"id {text} ok") == []

@@ -157,6 +157,13 @@ _WIDE_GAP = re.compile(r"[^0-9 .\-/_\t\r\n]|[ .\-/_\t\r\n]{4}")
 _DIGITS = re.compile(r"[0-9]+")
 
 
+# A card's digits glued to letters or underscores, as one word (`card4111111111111111`,
+# `cc4111…`, `4111…th`, markdown's `_4111…_`): a model reads the number in it as easily as
+# with a space.
+_GLUED_CARD = (r"(?:[A-Za-z]{1,16}+_?+|_)[0-9]{13,19}+(?:_?+[A-Za-z]{1,16}+)?+_?+(?![A-Za-z0-9_])"
+               r"|[0-9]{13,19}+(?:_?+[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])")
+
+
 def _wide(value: str) -> bool:
     """A number printed with separators the main form (`_GAP`) does not join."""
     return BRIDGE not in value and _WIDE_GAP.search(value) is not None
@@ -246,7 +253,10 @@ def _card_layout(sizes: tuple[int, ...]) -> bool:
 def validate_credit_card(value: str) -> int:
     """A card in the run (`_card_run`), or, for a run over several strings, in the part from
     one string or a few adjacent ones (the same card pasted in two messages makes one run of
-    32 digits): the finding is the whole run. A card printed otherwise: `validate_wide_card`."""
+    32 digits): the finding is the whole run. A card printed otherwise: `validate_wide_card`.
+    A card glued to letters (`_GLUED_CARD`): the whole word."""
+    if value[:1] in _WORD_CHARS or value[-1:] in _WORD_CHARS:
+        return _whole(_card_ok(value.strip(_WORD_CHARS)) and not _hex_word(value), value)
     if _wide(value):
         return validate_wide_card(value)
     if _card_run(value):
@@ -264,6 +274,15 @@ def validate_credit_card(value: str) -> int:
             if j - i < len(parts) and _card_run(BRIDGE.join(parts[i:j])):
                 return len(value)
     return 0
+
+
+_WORD_CHARS = string.ascii_letters + "_"
+
+
+def _hex_word(value: str) -> bool:
+    """A hash or hex id (24 hex digits or more: MD5, SHA, object ids), whose digits may run
+    13 long and pass Luhn by chance."""
+    return len(value) >= 24 and all(c in string.hexdigits for c in value)
 
 
 def _card_run(value: str) -> bool:
@@ -561,7 +580,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(
-            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_WIDE_CARD}",
+            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_WIDE_CARD}|{_GLUED_CARD}",
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(
