@@ -214,7 +214,7 @@ INVALID_SSNS = (
     + [ssn(RNG.randint(1, 665), 0, RNG.randint(1, 9999)) for _ in range(5)]
     + [ssn(RNG.randint(1, 665), RNG.randint(1, 99), 0) for _ in range(5)]
     + ["123-45-67890", "1234-56-7890", "123-456-7890", "000000000", "666456789",
-       "a123-45-6789", "123-45-6789a", "123-45-6789-1", "x_123-45-6789", "123 45 67890"]
+       "123-45-6789-1", "123 45 67890"]  # (glued to letters it is one: test_a_dashed_ssn_glued_to_letters_is_found)
 )
 
 
@@ -643,7 +643,7 @@ def test_values_inside_words_do_not_match(detector: str, before: str, after: str
         # the suffix is a legitimate continuation: the value is just longer
         assert found(detector, f"{before}{value}{after}") == [f"{value}{after}"]
         return
-    if detector == "credit_card" and (before + after).strip("9"):
+    if detector in ("credit_card", "us_ssn") and (before + after).strip("9"):
         # a card glued to letters is read as one (`card4111…`): the whole word is the finding
         assert found(detector, f"{before}{value}{after}") == [f"{before}{value}{after}"]
         return
@@ -954,3 +954,15 @@ def test_a_card_glued_to_letters_is_found(text: str) -> None:
                                   "abc4111111111111112", "A12B4111111111111111"])
 def test_hashes_identifiers_and_invalid_numbers_glued_to_letters_are_not_cards(text: str) -> None:
     assert found("credit_card", f"id {text} ok") == []
+
+
+
+@pytest.mark.parametrize("text", ["ssn123-45-6789", "123-45-6789th", "SSN_123-45-6789", "_123-45-6789_",
+                                  "a123-45-6789", "123-45-6789a", "x_123-45-6789"])
+def test_a_dashed_ssn_glued_to_letters_is_found(text: str) -> None:
+    assert found("us_ssn", f"it is {text} ok") == [text]
+
+
+@pytest.mark.parametrize("text", ["ssn123456789x", "a1123-45-6789", "ssn000-12-3456"])
+def test_other_words_with_nine_digits_are_not_ssns(text: str) -> None:
+    assert found("us_ssn", f"it is {text} ok") == []

@@ -311,7 +311,8 @@ def _card_run(value: str) -> bool:
 
 
 def validate_ssn(value: str) -> int:
-    digits = "".join(_DIGITS.findall(value) if _wide(value) else digit_groups(value))
+    bare = value.strip(_WORD_CHARS)  # (glued to letters: the dashed layout inside)
+    digits = "".join(_DIGITS.findall(bare) if _wide(bare) else digit_groups(bare))
     if len(digits) != 9:
         return 0
     area, group, serial = digits[:3], digits[3:5], digits[5:]
@@ -327,7 +328,7 @@ def ssn_context_ok(text: str, start: int, end: int) -> bool:
     """Nine digits in the AAA-GG-SSSS layout (up to three separators) are an SSN; without
     separators (possibly split over two strings), or with other punctuation or more space
     between the groups, only after a context word (within 48 characters)."""
-    value = text[start:end]
+    value = text[start:end].strip(_WORD_CHARS)
     if _wide(value):  # AAA GG SSSS printed otherwise (`123,45,6789`): with a context word
         return _SSN_CONTEXT.search(text, max(0, start - SSN_CONTEXT_CHARS), start) is not None
     if tuple(map(len, digit_groups(value))) == (3, 2, 4):
@@ -588,6 +589,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                       # the dashed layout ends an SSN before a space and a number (`123-45-6789 0`)
                       # and after a number and whitespace (`7 123-45-6789`: ssn_start_ok)
                       rf"|(?<![0-9])(?<![0-9][.\-/_])[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?![A-Za-z0-9_]|-[0-9])"
+                      # and glued to letters as one word (`ssn123-45-6789`, `123-45-6789th`)
+                      rf"|(?:[A-Za-z]{{1,16}}+_?+|_)[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?:_?+[A-Za-z]{{1,16}}+)?+_?+"
+                      rf"(?![A-Za-z0-9_])|[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?:_?+[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
                       rf"|(?<![0-9]{WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
                       rf"{_WIDE_END}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
