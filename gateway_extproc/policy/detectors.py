@@ -380,8 +380,11 @@ def validate_iban(value: str) -> int:
 
 
 def email_start_ok(text: str, start: int) -> bool:
-    """Not the rest of a rejected local part (`john..doe@x.com` must not yield `doe@x.com`)."""
-    return not (start >= 2 and text[start - 1] in ".%+-" and text[start - 2] in _LOCAL_CHARS)
+    """Not the rest of a rejected local part (`john..doe@x.com` must not yield `doe@x.com`),
+    unless an ellipsis or a dash run parts it (`contact...jane@x.com`, `see--jane@x.com`)."""
+    if not (start >= 2 and text[start - 1] in ".%+-" and text[start - 2] in _LOCAL_CHARS):
+        return True
+    return text.endswith(("...", "--"), max(0, start - 3), start) or text.endswith("--", max(0, start - 2), start)
 
 
 _LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
@@ -577,7 +580,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "email",
             rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+(?:@|{_AT_WORD})"
-            rf"(?:[A-Za-z0-9\-]{{1,63}}+(?:\.|{_DOT_WORD})){{1,10}}[A-Za-z]{{2,63}}+(?![A-Za-z0-9_\-])",
+            # (ends where its top-level domain does: `jane@example.com-thanks`, `…com_`, `…com1`;
+            # a longer domain, `example.com-x.org`, is tried first)
+            rf"(?:[A-Za-z0-9\-]{{1,63}}+(?:\.|{_DOT_WORD})){{1,10}}[A-Za-z]{{2,63}}+(?![A-Za-z])",
             validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(
