@@ -179,3 +179,29 @@ def test_a_custom_keyword_as_a_plain_identifier_key_is_found() -> None:
     with pytest.raises(GatewayError) as blocked:
         policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["private-chat"], "demo")
     assert blocked.value.code == "content_blocked"
+
+
+@pytest.mark.parametrize("escaped", [
+    '{"card": "\\u0034111111111111111"}', '{"email": "jane.doe\\u0040example.com"}',
+    '{"ssn": "123\\u002d45\\u002d6789"}', '{"n": "4111\\u00201111\\u00201111\\u00201111"}',
+    '{"i": "\\u0044E89370400440532013000"}', '{"n": "4111\\n1111\\n1111\\n1111", "q": "say \\"hi\\" \\ud83d\\ude00"}',
+])
+def test_json_escapes_in_tool_call_arguments_hide_no_value(escaped: str) -> None:
+    """Tool-call arguments are JSON in a string: their escapes were scanned as written, so a
+    card written `\\u0034111…` (a `4` to every parser) went out."""
+    root = Path(__file__).resolve().parent.parent
+    cfg = config.parse(yaml.safe_load(render_values(chart_values([root / "helm" / "values-local.yaml"]))[
+        "gateway.yaml"]), "values-local (rendered)")
+    assert cfg.classification is not None
+    policy, key = Policy(cfg.classification), cfg.keys["demo"]
+    body = {"model": "private-chat", "messages": [
+        {"role": "user", "content": "look it up"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": escaped}}]}]}
+    verdict = policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["private-chat"], "demo")
+    assert verdict.body is not None
+    arguments = verdict.body["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    decoded = orjson.dumps(orjson.loads(arguments)).decode()  # still JSON; read as a parser reads it
+    for value in ("4111111111111111", "4111 1111 1111 1111", "4111\n1111", "jane.doe@example.com", "123-45-6789",
+                  "DE89370400440532013000"):
+        assert value not in decoded

@@ -220,6 +220,37 @@ def normalize(text: str) -> Normalized:
 
 # -- JSON inside a string (tool-call arguments) ---------------------------------------------
 
+_ESCAPE = re.compile(r'\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|(.))')
+_SIMPLE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unescaped(content: str, base: int, n: int, spans: list[tuple[int, int, int, int]]) -> str:
+    """A JSON string's content (starting at `base` in the text, at `n` in the normalized
+    text) with its escapes decoded and normalized (`\\u0034` is a `4` to any parser, and to a
+    model: a card written so in tool-call arguments went out), one span per escape."""
+    table = tables().translate
+    parts: list[str] = []
+    pos = 0
+    for m in _ESCAPE.finditer(content):
+        start = m.start()
+        parts.append(content[pos:start])
+        n += start - pos
+        high, low, code, simple = m.groups()
+        if high is not None:
+            ch = chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
+        elif code is not None:
+            ch = chr(int(code, 16))
+            ch = "\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch
+        else:
+            ch = _SIMPLE.get(simple, simple)
+        rep = table.get(ord(ch), ch) or ""
+        spans.append((n, n + len(rep), base + start, base + m.end()))
+        parts.append(rep)
+        n += len(rep)
+        pos = m.end()
+    parts.append(content[pos:])
+    return "".join(parts)
+
 _JSON_TOKEN = re.compile(r'("(?:[^"\\\n]|\\.)*")|([{}\[\]:,\s]+)|([^"{}\[\]:,\s]+|")')
 MAX_JSON_TEXT = 1 << 20
 
@@ -245,6 +276,8 @@ def normalize_json(text: str) -> Normalized | None:
         if m.group(1) is not None:  # a string: its content, without the quotes
             spans.append((n, n, o, o + 1))
             content = text[o + 1:oe - 1]
+            if "\\" in content:  # its escapes read as the JSON parser (and a model) reads them
+                content = _unescaped(content, o + 1, n, spans)
             out.append(content)
             n += len(content)
             spans.append((n, n, oe - 1, oe))
