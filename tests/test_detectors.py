@@ -974,3 +974,10 @@ def test_a_dashed_ssn_glued_to_letters_is_found(text: str) -> None:
 @pytest.mark.parametrize("text", ["ssn123456789x", "a1123-45-6789", "ssn000-12-3456"])
 def test_other_words_with_nine_digits_are_not_ssns(text: str) -> None:
     assert found("us_ssn", f"it is {text} ok") == []
+
+
+
+@pytest.mark.parametrize("text", ["DE89:3704:0044:0532:0130:00", "DE89,3704,0044,0532,0130,00", "DE89~3704~0044~0532~0130~00",
+                                  "DE89    3704    0044    0532    0130    00", "DE89][3704][0044][0532][0130][00"])
+def test_an_iban_printed_with_other_punctuation_is_found(text: str) -> None:
+    assert found("iban", f"pay [{text}] today") == [text]

@@ -365,7 +365,7 @@ def iban_mod97(iban: str) -> int:
     return int((iban[4:] + iban[:4]).translate(_IBAN_DIGITS)) % 97
 
 
-_IBAN_SEPS = str.maketrans("", "", SEP_CHARS)
+_IBAN_SEPS = str.maketrans("", "", " \t\r\n.-/_,;:|+*~'\"`()[]{}<>#=&^\\%$!?@")
 
 
 def validate_iban(value: str) -> int:
@@ -525,8 +525,10 @@ def _iban_pattern() -> str:
     by_len: dict[int, list[str]] = {}
     for cc, n in sorted(IBAN_LENGTHS.items()):
         by_len.setdefault(n - 4, []).append(cc)
-    # (groups apart by a tab or a line break too: an IBAN copied from a table or wrapped)
-    alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?:{_SEPC}{{0,3}}+[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
+    # (groups apart by a tab or a line break too, an IBAN copied from a table or wrapped, or by
+    # any punctuation the wide forms of numbers allow: `DE89:3704:…`, `[DE89] [3704] …`;
+    # mod-97 over the country's exact length keeps such runs from matching by chance)
+    alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?:{WIDE_SEPC}{{0,4}}+[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
     return f"(?i:{'|'.join(alts)}){_END}"
 
 

@@ -97,7 +97,7 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     "github_token": (Trigger(r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}", som=False, reach=41,
                              tail=252),),
     "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}", som=False, reach=21, tail=4),),
-    "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=130),),
+    "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=160),),  # 30 characters, 4 separators apart
     "email": (Trigger("@", som=False, reach=67 + 16, tail=260),
               Trigger(rf"[(\[{{<]{_WS}{{0,16}}at{_WS}{{0,16}}[)\]}}>]", som=False, reach=67 + 40, tail=260,
                       caseless=True),
