@@ -1487,6 +1487,11 @@ class MockApp:
             reply = self._answer(route, params, request, controls)
         except HTTPError as error:
             reply = route.dialect.error(error)
+        except (TypeError, AttributeError, KeyError, ValueError) as error:
+            # A field of the wrong type (`tools[0].function.name: 5`): real providers answer
+            # 400, and so does the mock (it crashed with a 500, which made the gateway retry
+            # the caller's mistake on the next backend).
+            reply = route.dialect.error(HTTPError(400, f"Invalid request body: {type(error).__name__}."))
         return controls.apply(reply, route.dialect)
 
     def _answer(self, route: Route, params: dict[str, str], request: Request, controls: Controls) -> Reply:

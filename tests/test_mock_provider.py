@@ -1154,3 +1154,20 @@ def test_garbage_mid_stream_then_the_stream_carries_on(http: httpx.Client, kind:
     broken = re.sub(rb"chatcmpl-mock-\d+", b"id", dirty).split(b"\n\n")
     assert len(broken) == len(events) + 1 and broken[:2] == events[:2] and broken[3:] == events[2:]
     assert http.post("/v1/chat/completions", json=body, headers={"x-mock-garbage": "nonsense"}).status_code == 400
+
+
+@pytest.mark.parametrize(("path", "body", "headers"), [
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": 5}}], "tool_choice": 7}, {}),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": 5}, {}),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+                      "tools": [{"name": "f", "input_schema": {"type": "object", "properties": 5}}]},
+     {"x-api-key": API_KEY}),
+])
+def test_a_body_of_the_wrong_shape_is_a_400_as_providers_answer(http: httpx.Client, path: str, body: dict,
+                                                                 headers: dict) -> None:
+    """It crashed the mock (a 500), so the gateway retried a caller's mistake on the next backend."""
+    response = http.post(path, json=body, headers=headers)
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert "error" in response.json()
