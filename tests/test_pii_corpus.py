@@ -205,3 +205,21 @@ def test_json_escapes_in_tool_call_arguments_hide_no_value(escaped: str) -> None
     for value in ("4111111111111111", "4111 1111 1111 1111", "4111\n1111", "jane.doe@example.com", "123-45-6789",
                   "DE89370400440532013000"):
         assert value not in decoded
+
+
+@pytest.mark.parametrize("metadata", [{"ssn": "123456789"}, {"user_ssn": "219099999"},
+                                      {"social_security_number": "123 45 6789"}, {"socialSecurity": 123456789}])
+def test_nine_digits_under_a_name_that_says_ssn_are_an_ssn(metadata: dict) -> None:
+    """The name of a JSON member is the SSN's context word: scanned apart from the values,
+    nine bare digits under `ssn` went out as sent."""
+    root = Path(__file__).resolve().parent.parent
+    cfg = config.parse(yaml.safe_load(render_values(chart_values([root / "helm" / "values-local.yaml"]))[
+        "gateway.yaml"]), "values-local (rendered)")
+    assert cfg.classification is not None
+    policy, key = Policy(cfg.classification), cfg.keys["demo"]
+    body = {"model": "private-chat", "messages": [{"role": "user", "content": "hi"}], "metadata": metadata,
+            "user": "123456789"}
+    verdict = policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["private-chat"], "demo")
+    assert verdict.tier == "restricted" and verdict.body is not None
+    assert list(verdict.body["metadata"].values()) == ["[US_SSN_1]"]
+    assert verdict.body["user"] == "123456789"  # nine digits under another name: an id

@@ -31,7 +31,7 @@ from ..providers.base import event_data
 from ..usage import STREAM_ENDS, canonical_event
 from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, Finding,
                       InjectionConfig, LimitExceeded, PlaceholderMap, Scanner, map_strings, redact, redact_strings,
-                      number_replacement, walk_strings)
+                      keyed_replacement, walk_strings)
 from .headers import Header, HeaderEdit, edit, joined, place, scanned_names, where
 from .stream import StreamRedactor
 
@@ -83,8 +83,8 @@ class Policy:
         mode = key.limits.policy.mode or (team.policy.mode if team else None) or self.cfg.mode
         params = self._params[mode]
         names: dict[str, None] = {}
-        numbers: dict[str, None] = {}
-        strings = walk_strings(body, names=names, numbers=numbers)
+        keyed: dict[str, None] = {}
+        strings = walk_strings(body, names=names, keyed=keyed)
         if isinstance(strings, LimitExceeded):
             raise GatewayError("invalid_request", f"Request body is too deeply nested or too large to inspect "
                                f"({strings.reason}).")
@@ -92,20 +92,21 @@ class Policy:
         # (policy/headers.py `joined`). Object keys are caller text as much as values
         # (metadata, tool and response schemas, logit_bias): scanned apart, with the header
         # names, their findings indexed after the values'; and so are long JSON numbers (a
-        # card sent as a number). Layout: strings | headers | keys | names | numbers.
+        # card sent as a number) and SSN-named values, each with its name (`keyed_text`).
+        # Layout: strings | headers | keys | names | keyed.
         at = len(strings)  # the index of the header values' string
         values = [*strings, joined(headers)] if headers else strings
         keys = [k for k in names if self.scan_every_key or not _IDENTIFIER.fullmatch(k)]
         named = scanned_names(headers, self.scan_every_key) if headers else []
         scanned_keys = [*keys, *(headers[i].name for i in named)] if named else keys
         first_name = len(values) + len(keys)  # the index of the first scanned header name
-        first_number = len(values) + len(scanned_keys)
-        number_texts = list(numbers)
+        first_keyed = len(values) + len(scanned_keys)
+        keyed_texts = list(keyed)
         findings = self.scanner.scan_strings(values) + [
             replace(f, index=f.index + len(values)) for f in self.scanner.scan_strings(scanned_keys)]
-        if number_texts:
-            findings += [replace(f, index=f.index + first_number)
-                         for f in self.scanner.scan_strings(number_texts, apart=True)]
+        if keyed_texts:
+            findings += [replace(f, index=f.index + first_keyed)
+                         for f in self.scanner.scan_strings(keyed_texts, apart=True)]
         decision = self.scanner.decide(findings, params)
         record(decision, team_label, mode, "request")
         if declared is not None and declared not in self.rank:
@@ -119,7 +120,7 @@ class Policy:
             """Which headers hold `found`, for an error message ("" for none)."""
             return where(headers, place(headers, [f for f in found if f.index == at]),
                          {named[f.index - first_name] for f in found
-                                          if first_name <= f.index < first_number}) if headers else ""
+                                          if first_name <= f.index < first_keyed}) if headers else ""
 
         if decision.block:
             holder = in_headers(decision.blocking or decision.tier_violations)
@@ -141,20 +142,20 @@ class Policy:
         redacted = header_edit = None
         if decision.redact:
             placeholders = PlaceholderMap()  # one per request: a value keeps its placeholder in body and headers
-            new_strings, _ = redact_strings(values + scanned_keys + number_texts, decision.redact, placeholders)
-            if any(f.index < at or len(values) <= f.index < first_name or f.index >= first_number
+            new_strings, _ = redact_strings(values + scanned_keys + keyed_texts, decision.redact, placeholders)
+            if any(f.index < at or len(values) <= f.index < first_name or f.index >= first_keyed
                    for f in decision.redact):
                 replacements = iter(new_strings[:at])
                 renamed = {old: new for old, new in zip(keys, new_strings[len(values):first_name]) if old != new}
-                renumbered = {old: number_replacement(old, new)
-                              for old, new in zip(number_texts, new_strings[first_number:]) if old != new}
-                redacted = map_strings(body, lambda _s: next(replacements), keys=renamed, numbers=renumbered)
+                rekeyed = {old: keyed_replacement(old, new)
+                           for old, new in zip(keyed_texts, new_strings[first_keyed:]) if old != new}
+                redacted = map_strings(body, lambda _s: next(replacements), keys=renamed, keyed=rekeyed)
             if headers:
                 placed = place(headers, [f for f in decision.redact if f.index == at])
                 header_edit = edit(headers, [redact(h.text, placed[i], placeholders)[0] if i in placed else h.text
                                              for i, h in enumerate(headers)],
                                    (named[f.index - first_name] for f in decision.redact
-                                    if first_name <= f.index < first_number))
+                                    if first_name <= f.index < first_keyed))
         return Verdict(tier, mode, eligible, redacted, params, header_edit)
 
     def may_log_content(self, tier: str) -> bool:

@@ -339,6 +339,11 @@ def ssn_context_ok(text: str, start: int, end: int) -> bool:
 
 
 SSN_CONTEXT_CHARS = 48
+
+
+def ssn_context_name(name: str) -> bool:
+    """A JSON member's name that says SSN (`ssn`, `user_ssn`, `social_security_number`)."""
+    return _SSN_CONTEXT.search(name.replace("_", " ")) is not None
 _DASHED_SSN = re.compile(r"[0-9]{3}-[0-9]{2}-[0-9]{4}(?![0-9]|-[0-9])")
 _SPACES = " \t\r\n"
 

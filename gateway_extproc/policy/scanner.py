@@ -64,6 +64,7 @@ from .detectors import (
     PROMPT_INJECTION,
     SEP_CHARS,
     Validator,
+    ssn_context_name,
     decode_payload,
     encoded_start_ok,
     expand_phrase,
@@ -1280,23 +1281,30 @@ def _items(c: Any) -> Iterator[tuple[Any, Any]]:
     return iter(c.items()) if isinstance(c, dict) else zip(itertools.repeat(None), c)
 
 
-def number_text(value: Any, key: Any) -> str | None:
-    """A JSON integer long enough to be a value (nine digits or more: an SSN, a card, a phone
-    number sent as a number in metadata or a tool schema's `enum`), an integral float read as
-    the integer (`4.111111111111111e15` is 4111111111111111), after its member's name (`ssn:
-    123456789`: the name is the SSN's context word). Fractions are not read (the digits of a
-    `temperature` are no value, and a random one is a valid card number one time in ten)."""
+def keyed_text(value: Any, key: Any) -> str | None:
+    """A value scanned with its member's name, apart from the other strings: a JSON integer
+    long enough to be a value (nine digits or more: an SSN, a card, a phone number sent as a
+    number in metadata or a tool schema's `enum`), an integral float read as the integer
+    (`4.111111111111111e15` is 4111111111111111), and a string of nine digits under a name
+    that says SSN (`"ssn": "123456789"`, `social_security_number`), as `name: value` (the
+    name is the SSN's context word). Fractions are not read (the digits of a `temperature`
+    are no value, and a random one is a valid card number one time in ten)."""
+    if isinstance(value, str):
+        if isinstance(key, str) and len(value) <= 32 and sum(c.isdigit() for c in value) == 9 \
+                and ssn_context_name(key):
+            return f"{key.replace('_', ' ')}: {value}"  # (`user_ssn`: a word the context reads)
+        return None
     if isinstance(value, float):
         if not (value.is_integer() and 1e8 <= abs(value) < 1e21):
             return None
         value = int(value)
     elif isinstance(value, bool) or not isinstance(value, int) or -10 ** 8 < value < 10 ** 8:
         return None
-    return f"{key}: {value}" if isinstance(key, str) else str(value)
+    return f"{key.replace('_', ' ')}: {value}" if isinstance(key, str) else str(value)
 
 
-def number_replacement(text: str, redacted: str) -> str:
-    """What replaces a number whose `number_text` was redacted: the redacted number alone,
+def keyed_replacement(text: str, redacted: str) -> str:
+    """What replaces a value whose `keyed_text` was redacted: the redacted value alone,
     without its member's name (unless the finding reached into the name)."""
     name, sep, _ = text.rpartition(": ")
     return redacted[len(name) + 2:] if sep and redacted.startswith(name + sep) else redacted
@@ -1304,14 +1312,14 @@ def number_replacement(text: str, redacted: str) -> str:
 
 def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth: int = MAX_DEPTH,
                  max_nodes: int = MAX_NODES, names: dict[str, None] | None = None,
-                 numbers: dict[str, None] | None = None) -> list[str] | LimitExceeded:
+                 keyed: dict[str, None] | None = None) -> list[str] | LimitExceeded:
     """Every string value in a parsed JSON value, in document order (dict keys are not
     included; values under `skip_keys` and base64 data URIs are skipped). Iterative.
 
     `names`, when given, collects every object key once, in first-seen order, from the same
     pass: keys are caller text too (metadata, tool schemas, logit_bias), and classification
-    scans them apart from the values (a key never bridges into a value). `numbers` collects
-    the text of every long number (`number_text`) the same way."""
+    scans them apart from the values (a key never bridges into a value). `keyed` collects
+    the `keyed_text` of every long number and SSN-named string the same way."""
     if isinstance(obj, str):
         text = _text(None, obj, skip_keys)
         return [] if text is None else [text.text if isinstance(text, _DataText) else text]
@@ -1330,6 +1338,8 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                     continue
                 out.append(text.text if isinstance(text, _DataText) else text)
                 nodes += 1
+                if keyed is not None and key is not None and (named := keyed_text(value, key)) is not None:
+                    keyed[named] = None
             elif isinstance(value, (dict, list, tuple)):
                 if key is not None and key in skip_keys:
                     continue
@@ -1339,8 +1349,8 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                 stack.append(_items(value))
                 break
             else:
-                if numbers is not None and (text := number_text(value, key)) is not None:
-                    numbers[text] = None
+                if keyed is not None and (named := keyed_text(value, key)) is not None:
+                    keyed[named] = None
                 continue
             if nodes > max_nodes:
                 return LimitExceeded(f"JSON with more than {max_nodes} strings/containers")
@@ -1362,11 +1372,11 @@ def _mapped(text: str | _DataText | None, value: str, fn: Callable[[str], str]) 
 
 def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str] = BINARY_KEYS,
                 max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES, keys: Mapping[str, str] | None = None,
-                numbers: Mapping[str, str] | None = None) -> Any:
+                keyed: Mapping[str, str] | None = None) -> Any:
     """A copy of `obj` with `fn` applied to every string `walk_strings` would return, called
     in the same order (so `fn` may consume an iterator of replacements), every object key
-    found in `keys` renamed to its value (redacted keys), and every number whose
-    `number_text` is in `numbers` replaced by that string (a redacted number). Returns
+    found in `keys` renamed to its value (redacted keys), and every number or string whose
+    `keyed_text` is in `keyed` replaced by that string (a redacted value). Returns
     `LimitExceeded` under the same conditions as `walk_strings`. Iterative."""
     if isinstance(obj, str):
         return _mapped(_text(None, obj, skip_keys), obj, fn)
@@ -1386,16 +1396,19 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
             if isinstance(value, str):
                 text = _text(key, value, skip_keys)
                 if text is not None:
+                    original = value
                     value = _mapped(text, value, fn)
                     nodes += 1
+                    if keyed and key is not None and (named := keyed_text(original, key)) in keyed:
+                        value = keyed[named]
             elif isinstance(value, (dict, list, tuple)) and not (key is not None and key in skip_keys):
                 nodes += 1
                 if len(stack) >= max_depth:
                     return LimitExceeded(f"JSON nested deeper than {max_depth}")
                 descend = value
                 value = new_container(value)
-            elif numbers and (text := number_text(value, key)) is not None:
-                value = numbers.get(text, value)
+            elif keyed and (named := keyed_text(value, key)) is not None:
+                value = keyed.get(named, value)
             if nodes > max_nodes:
                 return LimitExceeded(f"JSON with more than {max_nodes} strings/containers")
             if key is None:
