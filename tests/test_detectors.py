@@ -377,6 +377,8 @@ INVALID_EMAILS = [
 
 
 @pytest.mark.parametrize("value", ["jane @ example . com", "jane.doe @ mail.example.org", "x1 @  acme . io",
+                                   'jane.doe "at" example "dot" com', "jane.doe 'at' example.com",
+                                   "jane.doe at example period com",
                                    "jane@ example.com", "jane.doe@\nexample.com", "jane.doe@\t mail.example.org"])
 def test_email_with_a_spaced_at_sign_and_dots(value: str) -> None:
     assert found("email", f"write to {value} today") == [value]

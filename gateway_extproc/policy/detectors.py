@@ -395,15 +395,18 @@ def email_start_ok(text: str, start: int) -> bool:
 _LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
 
 
-# Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", and the same for dot;
+# Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", quoted ("at", 'at'),
+# and the same for dot (and " period ");
 # a bare '@' with spaces after it (`jane@ example.com`, a line wrapped after the '@') or on
 # both sides (`jane @ example . com`), a bare '.' with spaces on both sides (a space before
 # the '@' only, as in `to @example.com`, is a mention). (Whitespace runs up to 16 characters: the prefilter's
 # triggers are bounded the same way.) And as HTML writes them: `&#64;`, `&#x40;`, `&commat;`,
 # `&#46;`, `&period;`.
 _AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+"
+            r"|\s{0,16}+[\"'][Aa][Tt][\"']\s{0,16}+"
             r"|\s{0,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
 _DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+"
+             r"|\s{0,16}+[\"'][Dd][Oo][Tt][\"']\s{0,16}+|\s{1,16}+[Pp][Ee][Rr][Ii][Oo][Dd]\s{1,16}+"
              r"|\s{1,16}+\.\s{1,16}+|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;)")
 _AT_RE = re.compile(_AT_WORD)
 _DOT_RE = re.compile(_DOT_WORD)
