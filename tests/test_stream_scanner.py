@@ -414,3 +414,17 @@ def test_a_stream_never_shows_a_value_the_whole_text_hides(text: str, step: int)
         for i in range(4):
             assert not any(v.encode() in _decoded(word[i:]) for v in hidden)
     assert "j a n e" not in out or "j a n e" in whole
+
+
+@pytest.mark.parametrize("text", [
+    "write to jane.doe          (at)          example          (dot)          com please",
+    "write to jane.alexandra.doe-smith.finance [at] payments-eu-west-department [dot] example [dot] com please",
+    "x " * 100 + "to jane.doe@payments-eu-west-department-of-something-long.example.com ok " + "y " * 100,
+])
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 64])
+def test_an_address_longer_than_the_holdback_is_held_whole(text: str, size: int) -> None:
+    """A written-out address with spaces, longer than the 64-character hold-back, went out
+    in pieces the full scan would have redacted."""
+    expected, _ = full(PII, text)
+    assert "[EMAIL_1]" in expected
+    assert streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])[0] == expected

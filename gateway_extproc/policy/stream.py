@@ -61,6 +61,33 @@ _RUN_END = re.compile("\\S\\S|[\n\t\r]| {4}")
 _NUMBER_CHARS = frozenset("0123456789 ")  # a number, spelled out or not, a long word may cut
 
 
+# An '@' or a written-out one (`(at)`, `[at]`, `"at"`, HTML's `&#64;`) with up to 16 spaces
+# around: the address it may belong to can be longer than the hold-back (`jane.doe   (at)
+# payments-eu-west-department [dot] example [dot] com`), so what may be its local part is held
+# back while the sign is among the last EMAIL_HOLD characters (bare ` at `, everyday English,
+# is not: its addresses need a written-out dot or a dotted name and fit the hold-back).
+_PENDING_AT = re.compile(r"@|[(\[{<\"']\s{0,16}(?:[Aa][Tt]|@)\s{0,16}[)\]}>\"']|&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;")
+EMAIL_HOLD = 260  # (the prefilter's reach after an '@')
+_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+
+
+def _pending_address(buf: str, base: int) -> int | None:
+    """Where the local part before the first '@' among the last EMAIL_HOLD characters of
+    `buf` (at `base`) begins, as the position of its boundary character, if there is one."""
+    lo = max(0, len(buf) - EMAIL_HOLD)
+    m = _PENDING_AT.search(buf, lo)
+    if m is None:
+        return None
+    i = m.start()
+    stop = max(0, i - 16)
+    while i > stop and buf[i - 1].isspace():
+        i -= 1
+    stop = max(0, i - 64)
+    while i > stop and buf[i - 1] in _LOCAL:
+        i -= 1
+    return base + max(0, i - 1)
+
+
 def _last_word(buf: str, base: int) -> tuple[int, bool]:
     """Where the last run of non-space characters of `buf` (at `base`) begins, as the position
     of its boundary character, at most MAX_WORD_HOLD back: no scan may decide on it yet; and
@@ -191,6 +218,8 @@ class StreamRedactor:
         else:
             at, longer = _last_word(buf, base)
             limit = min(n - self.holdback, at)
+            if (address := _pending_address(buf, base)) is not None:
+                limit = min(limit, address)
             if longer:  # the scan reads its start with what has arrived; `_long_word` the rest
                 self._long = "word" if _SPACE.search(buf, at - base) is None else "run"
         rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
