@@ -401,8 +401,8 @@ def test_email_invalid(value: str) -> None:
     ("xuser@example.com", ["xuser@example.com"]),
     ("a@example.com,b@example.org", ["a@example.com", "b@example.org"]),
     # the address ends where its top-level domain does (a model reads it so)
-    ("john@example.com2", ["john@example.com"]),
-    ("john@example.com_x", ["john@example.com"]), ("_jane.doe@example.com_", ["_jane.doe@example.com"]),
+    ("john@example.com2", []), ("john@example.com_x", []),  # an identifier goes on (`x@self.proj_in` is Python)
+    ("y=x@self.proj_in", []), ("h = x@self.fc_out(x)", []), ("_jane.doe@example.com_", ["_jane.doe@example.com"]),
     ("mail jane.doe@example.com--thanks", ["jane.doe@example.com"]),
     ("jane.doe@example.com\u2014thanks", ["jane.doe@example.com"]),
     ("contact...jane.doe@example.com", ["jane.doe@example.com"]), ("john..doe@example.com", []),
@@ -532,7 +532,7 @@ OPENAI_VALID = [with_digit("sk-" + rand(ALNUM, 48)) for _ in range(10)] + [
     with_digit("sk-proj-" + rand(URLSAFE, 120)) for _ in range(10)] + [
     with_digit("sk-svcacct-" + rand(URLSAFE, 80)) for _ in range(3)]
 OPENAI_INVALID = ["sk-short", "sk-this-is-not-a-key-at-all-really", "sk-" + "a" * 18 + "1",
-                  "sk-" + rand(ALNUM, 400), "task-" + rand(ALNUM, 40), "xsk-" + rand(ALNUM, 40)]
+                  "task-" + rand(ALNUM, 40), "xsk-" + rand(ALNUM, 40)]
 
 ANTHROPIC_VALID = [with_digit("sk-ant-api03-" + rand(URLSAFE, 93)) for _ in range(10)] + [
     with_digit("sk-ant-admin01-" + rand(URLSAFE, 80)) for _ in range(3)]
@@ -650,10 +650,7 @@ def test_values_inside_words_do_not_match(detector: str, before: str, after: str
         # the suffix is a legitimate continuation: the value is just longer
         assert found(detector, f"{before}{value}{after}") == [f"{value}{after}"]
         return
-    if detector == "email" and after in ("_x", "9"):  # the address ends where its top-level domain does
-        assert found(detector, f"{before}{value}{after}") == [value]
-        return
-    if detector in ("credit_card", "us_ssn") and (before + after).strip("9"):
+    if detector in ("credit_card", "us_ssn") and (before + after).strip("9") and "_" not in before + after:
         # a card glued to letters is read as one (`card4111…`): the whole word is the finding
         assert found(detector, f"{before}{value}{after}") == [f"{before}{value}{after}"]
         return
@@ -954,26 +951,26 @@ def test_lists_and_order_numbers_are_not_cards(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["card4111111111111111", "cc4111111111111111", "x4111111111111111y",
-                                  "4111111111111111th", "card_4111111111111111", "4111111111111111_", "visa5500005555555559"])
+                                  "4111111111111111th", "_4111111111111111_", "4111111111111111_", "visa5500005555555559"])
 def test_a_card_glued_to_letters_is_found(text: str) -> None:
     """`card4111111111111111` reads as a card to a model: it went out as one word."""
     assert found("credit_card", f"pay with {text} today") == [text]
 
 
 @pytest.mark.parametrize("text", ["deadbeefcafe4111111111111111", "e3b04111111111111111c", "v1234567890123",
-                                  "abc4111111111111112", "A12B4111111111111111"])
+                                  "abc4111111111111112", "A12B4111111111111111", "order_4111111111111111",
+                                  "4111111111111111_final.csv"])
 def test_hashes_identifiers_and_invalid_numbers_glued_to_letters_are_not_cards(text: str) -> None:
     assert found("credit_card", f"id {text} ok") == []
 
 
 
-@pytest.mark.parametrize("text", ["ssn123-45-6789", "123-45-6789th", "SSN_123-45-6789", "_123-45-6789_",
-                                  "a123-45-6789", "123-45-6789a", "x_123-45-6789"])
+@pytest.mark.parametrize("text", ["ssn123-45-6789", "123-45-6789th", "_123-45-6789_", "a123-45-6789", "123-45-6789a"])
 def test_a_dashed_ssn_glued_to_letters_is_found(text: str) -> None:
     assert found("us_ssn", f"it is {text} ok") == [text]
 
 
-@pytest.mark.parametrize("text", ["ssn123456789x", "a1123-45-6789", "ssn000-12-3456"])
+@pytest.mark.parametrize("text", ["ssn123456789x", "a1123-45-6789", "ssn000-12-3456", "form_123-45-6789"])
 def test_other_words_with_nine_digits_are_not_ssns(text: str) -> None:
     assert found("us_ssn", f"it is {text} ok") == []
 
@@ -983,3 +980,24 @@ def test_other_words_with_nine_digits_are_not_ssns(text: str) -> None:
                                   "DE89    3704    0044    0532    0130    00", "DE89][3704][0044][0532][0130][00"])
 def test_an_iban_printed_with_other_punctuation_is_found(text: str) -> None:
     assert found("iban", f"pay [{text}] today") == [text]
+
+
+
+@pytest.mark.parametrize(("text", "detector"), [
+    ("gwk_demo_local-only-demo-key-not-for-production" + "x" * 300, "gateway_key"),
+    ("sk-proj-abc123def456ghi789jkl012" + "x" * 300, "openai_key"),
+    ("sk-ant-api03-abc123def456ghi789jkl012" + "-x" * 200, "anthropic_key"),
+])
+def test_a_key_with_characters_glued_after_it_is_still_the_key(text: str, detector: str) -> None:
+    """Over 300 characters the whole token was no key at all: padding hid it."""
+    assert [d for d, _ in found_all(f"the key is {text} ok")] == [detector]
+
+
+@pytest.mark.parametrize("text", ["05/01/2024 4111 1111 1111 1111", "exp 12/2027 5555555555554444",
+                                  "Exp 12/2027 5555 5555 5555 4444 CVV 123"])
+def test_a_card_after_a_date_ending_in_its_year_is_found(text: str) -> None:
+    assert found("credit_card", text)
+
+
+def test_a_tracking_number_after_an_id_is_not_a_card() -> None:
+    assert found("credit_card", "#656507575 9400 4501 1323 3558 6928 37") == []

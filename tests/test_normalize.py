@@ -194,6 +194,8 @@ def test_more_scripts_letters_that_look_latin(text: str, read: str) -> None:
     ("4111\u28001111\u28001111\u28001111", "4111 1111 1111 1111"),  # blank Braille: a space
     ("4111\u17b41111\u17b51111\u17b41111", "4111111111111111"),  # Khmer inherent vowels: nothing
     ("jane.doe@example\u00b7com", "jane.doe@example.com"),  # a middle dot
+    ("jane.doe@example\u30fbcom", "jane.doe@example.com"),  # the katakana one (Japanese input)
+    ("4111\ufff01111\U000e00021111\u20651111", "4111111111111111"),  # unassigned default-ignorables
 ])
 def test_invisible_separators_and_other_dots(text: str, read: str) -> None:
     assert normalize(text).text == read

@@ -160,6 +160,9 @@ def test_a_value_sent_as_a_json_number_is_redacted_and_sets_the_tier(place: str)
     else:
         assert "4111111111111111" not in sent and "[CREDIT_CARD_1]" in sent
     assert verdict.body["max_tokens"] == 1000000000 and verdict.body["seed"] == 1733333333  # other numbers kept
+    seeded = {**body, "seed": 4111111111111111}  # the API's own random parameter: never a value
+    assert policy.check_request(seeded, key, cfg.teams.get(key.team), None, cfg.models["private-chat"],
+                                "demo").body["seed"] == 4111111111111111
     with pytest.raises(GatewayError) as refused:
         policy.check_request(body, key, cfg.teams.get(key.team), None, cfg.models["default-chat"], "demo")
     assert refused.value.code == "classification_violation"
@@ -185,6 +188,7 @@ def test_a_custom_keyword_as_a_plain_identifier_key_is_found() -> None:
     '{"card": "\\u0034111111111111111"}', '{"email": "jane.doe\\u0040example.com"}',
     '{"ssn": "123\\u002d45\\u002d6789"}', '{"n": "4111\\u00201111\\u00201111\\u00201111"}',
     '{"i": "\\u0044E89370400440532013000"}', '{"n": "4111\\n1111\\n1111\\n1111", "q": "say \\"hi\\" \\ud83d\\ude00"}',
+    ' {"card": "411111\\u0031111111111"}\n',  # whitespace around the JSON: still JSON to a parser
 ])
 def test_json_escapes_in_tool_call_arguments_hide_no_value(escaped: str) -> None:
     """Tool-call arguments are JSON in a string: their escapes were scanned as written, so a

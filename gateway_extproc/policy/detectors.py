@@ -157,11 +157,12 @@ _WIDE_GAP = re.compile(r"[^0-9 .\-/_\t\r\n]|[ .\-/_\t\r\n]{4}")
 _DIGITS = re.compile(r"[0-9]+")
 
 
-# A card's digits glued to letters or underscores, as one word (`card4111111111111111`,
-# `cc4111…`, `4111…th`, markdown's `_4111…_`): a model reads the number in it as easily as
-# with a space.
-_GLUED_CARD = (r"(?:[A-Za-z]{1,16}+_?+|_)[0-9]{13,19}+(?:_?+[A-Za-z]{1,16}+)?+_?+(?![A-Za-z0-9_])"
-               r"|[0-9]{13,19}+(?:_?+[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])")
+# A card's digits glued to letters, as one word (`card4111111111111111`, `cc4111…`,
+# `4111…th`), or between underscores (markdown's `_4111…_`): a model reads the number in it as
+# easily as with a space. Not after `word_` (`order_4348…`, `user_<id>`: a snake_case
+# identifier, whose digits are a valid card number about one time in thirty).
+_GLUED_CARD = (r"(?:[A-Za-z]{1,16}+|_)[0-9]{13,19}+(?:[A-Za-z]{1,16}+)?+_?+(?![A-Za-z0-9_])"
+               r"|[0-9]{13,19}+(?:[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])")
 
 
 def _wide(value: str) -> bool:
@@ -288,12 +289,12 @@ def _hex_word(value: str) -> bool:
 def _card_run(value: str) -> bool:
     """The whole digit run is a valid card (separators anywhere, but no group over six digits
     unless the run bridges two strings or is halved, 8 and 8: `302-2533872-5612675` is an
-    order number, `41111111 11111111` a card), or holds a
-    card in a printed layout after at most four other digits (`ref 1234 4111 1111 1111 1111`),
-    or after any other number whose last group is not of four digits (a date, a ZIP code, an
-    amount: `2024-05-01 4111 1111 1111 1111`; in a list of 4-digit groups a valid card turns up
-    by chance), whatever follows it (a CVV, an expiry, a digit put there to hide it). The
-    finding is the whole run."""
+    order number, `41111111 11111111` a card), or holds a card in a printed layout after at
+    most four other digits (`ref 1234 4111 1111 1111 1111`), or after another number whose
+    last group is not of four digits, or is a year printed apart (a date, a ZIP code, an
+    amount, an expiry: `2024-05-01 4111…`, `05/01/2024 4111…`, `12/2027 5555…`; in a list of
+    4-digit groups a valid card turns up by chance), whatever follows it (a CVV, an expiry, a
+    digit put there to hide it). The finding is the whole run."""
     groups = digit_groups(value)
     digits = "".join(groups)
     sizes = tuple(len(g) for g in groups)
@@ -301,8 +302,13 @@ def _card_run(value: str) -> bool:
             and _card_ok(digits):
         return True
     before = 0  # digits before group i
+    seps: list[str] | None = None
     for i, size in enumerate(sizes):
-        if (before <= 4 or sizes[i - 1] != 4) and (size == 4 or 13 <= size <= 19):
+        start = size == 4 or 13 <= size <= 19
+        if start and before > 4 and sizes[i - 1] == 4:  # after a 4-digit group: a year printed apart only
+            seps = seps if seps is not None else _GAP_RE.findall(value)
+            start = sizes[i - 2] != 4 and seps[i - 2] != seps[i - 1]  # (not `#656507575 9400 4501 …`)
+        if start:
             for n in _LAYOUT_GROUPS:
                 if i + n <= len(groups) and _card_layout(sizes[i:i + n]) and _card_ok("".join(groups[i:i + n])):
                     return True
@@ -565,17 +571,19 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_jwt, "JWT", "JSON Web Token (header decodes to JSON with alg)",
         ),
         Detector(
-            "anthropic_key", rf"sk-ant-{_TOKEN}{{20,300}}+(?!{_TOKEN})", validate_api_key,
+            # (no end guard: a key with characters glued after it is still the key; the
+            # finding is its first 300 characters)
+            "anthropic_key", rf"sk-ant-{_TOKEN}{{20,300}}+", validate_api_key,
             "ANTHROPIC_KEY", "Anthropic API key",
         ),
         Detector(
-            "openai_key", rf"sk-(?!ant-){_TOKEN}{{20,300}}+(?!{_TOKEN})", validate_api_key,
+            "openai_key", rf"sk-(?!ant-){_TOKEN}{{20,300}}+", validate_api_key,
             "OPENAI_KEY", "OpenAI API key (sk-, sk-proj-, sk-svcacct-)",
         ),
         Detector(
             # The gateway's own virtual keys (keys.py: `gwk_<id>_<secret>`): a caller's key
             # pasted into a prompt must not reach a provider, nor the audit trail.
-            "gateway_key", rf"gwk_[a-z0-9][a-z0-9\-]{{0,62}}+_{_TOKEN}{{8,300}}+(?!{_TOKEN})", None,
+            "gateway_key", rf"gwk_[a-z0-9][a-z0-9\-]{{0,62}}+_{_TOKEN}{{8,300}}+", None,
             "GATEWAY_KEY", "the gateway's own virtual key (gwk_<id>_<secret>)",
         ),
         Detector(
@@ -590,9 +598,10 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "email",
             rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+(?:@|{_AT_WORD})"
-            # (ends where its top-level domain does: `jane@example.com-thanks`, `…com_`, `…com1`;
-            # a longer domain, `example.com-x.org`, is tried first)
-            rf"(?:[A-Za-z0-9\-]{{1,63}}+(?:\.|{_DOT_WORD})){{1,10}}[A-Za-z]{{2,63}}+(?![A-Za-z])",
+            # (ends where its top-level domain does: `jane@example.com-thanks`, `…com_`; not before
+            # an identifier, `x@self.proj_in` is Python; a longer domain, `example.com-x.org`, is
+            # tried first)
+            rf"(?:[A-Za-z0-9\-]{{1,63}}+(?:\.|{_DOT_WORD})){{1,10}}[A-Za-z]{{2,63}}+(?![A-Za-z0-9]|_[A-Za-z0-9])",
             validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(
@@ -605,8 +614,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                       # and after a number and whitespace (`7 123-45-6789`: ssn_start_ok)
                       rf"|(?<![0-9])(?<![0-9][.\-/_])[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?![A-Za-z0-9_]|-[0-9])"
                       # and glued to letters as one word (`ssn123-45-6789`, `123-45-6789th`)
-                      rf"|(?:[A-Za-z]{{1,16}}+_?+|_)[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?:_?+[A-Za-z]{{1,16}}+)?+_?+"
-                      rf"(?![A-Za-z0-9_])|[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?:_?+[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
+                      rf"|(?:[A-Za-z]{{1,16}}+|_)[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?:[A-Za-z]{{1,16}}+)?+_?+"
+                      rf"(?![A-Za-z0-9_])|[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?:[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
                       rf"|(?<![0-9]{WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
                       rf"{_WIDE_END}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,

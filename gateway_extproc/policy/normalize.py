@@ -48,9 +48,13 @@ _EXTRA_IGNORABLE = {0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
                     *range(0x1AB0, 0x1B00), *range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100),
                     *range(0xFE20, 0xFE30)}
 _EXTRA_IGNORABLE |= {0x17B4, 0x17B5}  # Khmer inherent vowels: default-ignorable, invisible
+# Default-ignorable code points Unicode has not assigned yet: renderers must not show them
+# either (`4111\ufff01111…` displays as `41111111…`).
+_UNASSIGNED_IGNORABLE = frozenset({0x2065, *range(0xFFF0, 0xFFF9), 0xE0000, *range(0xE0002, 0xE0020),
+                                   *range(0xE0080, 0xE0100), *range(0xE01F0, 0xE1000)})
 # Full stops of other scripts, and the middle dots (`jane.doe@example·com` reads as an address).
-_DOTS = {0x3002: ".", 0xFF0E: ".", 0xFF61: ".", 0x2024: ".", 0xFE52: ".",
-         0x00B7: ".", 0x2219: ".", 0x22C5: ".", 0x2027: ".", 0x0589: ".", 0x06D4: "."}
+_DOTS = {o: "." for o in (0x3002, 0xFF0E, 0xFF61, 0x2024, 0xFE52, 0x00B7, 0x2219, 0x22C5, 0x2027, 0x0589, 0x06D4,
+                          0x30FB, 0xFF65, 0x2E31, 0x2E33, 0x2022, 0x16EB, 0xA78F, 0x02D9, 0x1362, 0x0964)}
 # Control characters (NUL, form feed, vertical tab, DEL, the C1 block...) and the blank
 # Braille pattern are read as a space: invisible between two digits, they hid a card
 # (`4111\x001111...`), and a caller's U+001F is not the scanner's boundary between strings.
@@ -71,7 +75,7 @@ _LOOKALIKES = dict(zip(
     "ouhngOULS" "agiiyabcdeghjklmnoprstuvwz"))
 _LOOKALIKES.update({ord(c): latin for c, latin in _CHEROKEE.items()})
 _LOOKALIKES.update({ord(c.lower()): latin.lower() for c, latin in _CHEROKEE.items()})
-_PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE0200))  # BMP, SMP (math digits), tags
+_PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE1000))  # BMP, SMP (math digits), tags and selectors
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,10 @@ def tables() -> _Tables:
         for plane in _PLANES:
             for o in plane:
                 ch = chr(o)
+                if o in _UNASSIGNED_IGNORABLE:
+                    table[o] = None
+                    resize.append(o)
+                    continue
                 if unicodedata.category(ch) in ("Cn", "Cs", "Co"):
                     continue
                 m = _mapped(ch)

@@ -900,7 +900,8 @@ class Scanner:
         for i, s in enumerate(strings):
             if not s or not isinstance(s, str):
                 continue
-            nz = (normalize_json(s) if s[:1] in "{[" and s[-1:] in "}]" else None) or normalize(s)
+            bare = s.strip(" \t\r\n")  # (JSON may have whitespace around it)
+            nz = (normalize_json(s) if bare[:1] in "{[" and bare[-1:] in "}]" else None) or normalize(s)
             if not nz.text.strip(SEP_CHARS):
                 # Only separators (a message of one space or dash): nothing to find, and left
                 # in, a string no number bridges over: a card split around it went unseen.
@@ -1281,6 +1282,12 @@ def _items(c: Any) -> Iterator[tuple[Any, Any]]:
     return iter(c.items()) if isinstance(c, dict) else zip(itertools.repeat(None), c)
 
 
+# The APIs' own numeric parameters: a random `seed` is a valid card number about one time in
+# forty, and a placeholder string there would break the request.
+_API_NUMBERS = frozenset({"seed", "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "top_k",
+                          "top_logprobs", "candidateCount", "maxOutputTokens", "topK"})
+
+
 def keyed_text(value: Any, key: Any) -> str | None:
     """A value scanned with its member's name, apart from the other strings: a JSON integer
     long enough to be a value (nine digits or more: an SSN, a card, a phone number sent as a
@@ -1293,6 +1300,8 @@ def keyed_text(value: Any, key: Any) -> str | None:
         if isinstance(key, str) and len(value) <= 32 and sum(c.isdigit() for c in value) == 9 \
                 and ssn_context_name(key):
             return f"{key.replace('_', ' ')}: {value}"  # (`user_ssn`: a word the context reads)
+        return None
+    if key in _API_NUMBERS:
         return None
     if isinstance(value, float):
         if not (value.is_integer() and 1e8 <= abs(value) < 1e21):
