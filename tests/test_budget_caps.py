@@ -54,3 +54,21 @@ def test_an_unchanged_body_is_reported_as_such() -> None:
 def test_the_ceiling_keeps_every_worst_case_exact() -> None:
     # $9,000 per 1M output tokens = 9,000,000 nano$ per token
     assert OUTPUT_TOKENS_CEILING * 9_000_000 < MAX_NANO
+
+
+@pytest.mark.parametrize("kind", ["gemini", "bedrock"])
+def test_a_cap_field_sent_as_null_never_leaves_a_translated_request_uncapped(kind: str) -> None:
+    """`"max_completion_tokens": null, "max_tokens": 20`: the gateway reserved for 20, the
+    Gemini and Bedrock translators read the null first and sent no cap (20,000 tokens against
+    a $0.001 budget)."""
+    from gateway_extproc.providers import bedrock, gemini
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": None,
+            "max_tokens": 20}
+    fields = ("max_completion_tokens", "max_tokens")
+    cap = output_cap(body, fields, 4096, 1024)
+    assert cap.per_choice == 20
+    assert apply_cap(body, fields, cap, 20) and body == {"model": "m", "messages": body["messages"], "max_tokens": 20}
+    body["max_completion_tokens"] = None  # and a translator reading it directly (not through apply_cap)
+    read = {"gemini": lambda b: gemini._generation_config(b)["maxOutputTokens"],
+            "bedrock": lambda b: bedrock._body(b)["inferenceConfig"]["maxTokens"]}[kind]
+    assert read(body) == 20

@@ -60,14 +60,18 @@ def output_cap(body: dict[str, Any], fields: Sequence[str], model_max: int | Non
 
 def apply_cap(body: dict[str, Any], fields: Sequence[str], cap: OutputCap, granted_total: int) -> bool:
     """Write the per-choice cap the budget granted into the forwarded body (into every cap
-    field the client sent, so no provider reads an older, larger one). True if the body
-    changed."""
+    field the client sent, so no provider reads an older, larger one; a cap field sent as
+    null is removed, since a translator reading `max_completion_tokens` first found it null
+    and sent no cap at all). True if the body changed."""
     if cap.field is None:
         return False
     per_choice = granted_total // cap.choices
     changed = False
     for f in fields:
-        if (f == cap.field or body.get(f) is not None) and body.get(f) != per_choice:
+        if f in body and body[f] is None and f != cap.field:
+            del body[f]
+            changed = True
+        elif (f == cap.field or body.get(f) is not None) and body.get(f) != per_choice:
             body[f] = per_choice
             changed = True
     return changed

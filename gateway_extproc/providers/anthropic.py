@@ -12,7 +12,7 @@ import orjson
 from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn,
                                             arguments_object, arguments_text, completion_chunk, delta_choice,
-                                            error_event, finish_with_calls, openai_error, plain_call_id)
+                                            error_event, finish_with_calls, openai_error, output_cap, plain_call_id)
 
 TRANSLATES_RESPONSE = True
 
@@ -39,7 +39,7 @@ def request(target: Target, suffix: str, body: JSON, stream: bool) -> Outbound:
     if body.get("n") not in (None, 1):
         raise GatewayError("invalid_request", "Anthropic backends return a single choice: n must be 1", "n")
     system, messages = _messages(body.get("messages") or [])
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    max_tokens = output_cap(body)
     out: JSON = {"model": target.model, "messages": messages,
                  "max_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS}
     if system:

@@ -207,6 +207,13 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(data) if data else None
 
 
+def output_cap(body: JSON) -> Any:
+    """The chat request's output cap: `max_completion_tokens`, else `max_tokens` (either may
+    be sent as null; `body.get(a, body.get(b))` read a null first one as no cap at all)."""
+    cap = body.get("max_completion_tokens")
+    return cap if cap is not None else body.get("max_tokens")
+
+
 def append_turn(turns: list[JSON], role: str, field: str, items: list[JSON]) -> None:
     """Adds a message's blocks as a turn, merged into the previous turn of the same role:
     Anthropic, Converse and Gemini want user and assistant turns to alternate, while OpenAI

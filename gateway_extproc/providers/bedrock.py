@@ -18,7 +18,7 @@ from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers import eventstream, sigv4
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamBroken, StreamTranslator, Target, append_turn,
                                              arguments_text, completion_chunk, delta_choice, error_event,
-                                             finish_with_calls, openai_error, plain_call_id)
+                                             finish_with_calls, openai_error, output_cap, plain_call_id)
 
 TRANSLATES_RESPONSE = True
 
@@ -158,7 +158,7 @@ def _body(body: JSON) -> JSON:
         out["system"] = system
     stop = body.get("stop")
     inference = {key: value for key, value in (
-        ("maxTokens", body.get("max_completion_tokens", body.get("max_tokens"))),
+        ("maxTokens", output_cap(body)),
         ("temperature", body.get("temperature")),
         ("topP", body.get("top_p")),
         ("stopSequences", [stop] if isinstance(stop, str) else stop),

@@ -14,7 +14,8 @@ import orjson
 
 from ..errors import GatewayError, quoted
 from .base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn, arguments_object, call_id,
-                   completion_chunk, delta_choice, error_event, finish_with_calls, openai_error, split_call_id)
+                   completion_chunk, delta_choice, error_event, finish_with_calls, openai_error, output_cap,
+                   split_call_id)
 
 TRANSLATES_RESPONSE = True
 
@@ -194,7 +195,7 @@ def _tool_result(content: Any) -> JSON:
 def _generation_config(body: JSON) -> JSON:
     config: JSON = {gemini: body[name] for name, gemini in _GENERATION.items()
                     if body.get(name) is not None}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = output_cap(body)
     if max_tokens is not None:
         config["maxOutputTokens"] = max_tokens
     stop = body.get("stop")
