@@ -56,6 +56,13 @@ def _local_doc() -> dict[str, Any]:
         {"provider": providers[kind], "model": f"{kind}-model", "priority": i, "maxTier": "internal",
          "pricing": {"input": 1, "output": 2}}
         for i, kind in enumerate(["anthropic", "bedrock", "gemini", "azure", "openai"])]})
+    # Requests left without an answer are charged their reservation (docs/budgets.md): the
+    # thousands generated here would spend values-local's $5 a day (and its tokens per
+    # minute) and be refused.
+    for team in doc["teams"]:
+        team["budget"] = {**team["budget"], "daily": 10 ** 6, "monthly": 10 ** 6}
+        team["rateLimits"] = {"requestsPerMinute": 10 ** 6, "tokensPerMinute": 10 ** 9}
+    doc["budgets"]["orgLimit"] = {"daily": 10 ** 6}
     return doc
 
 

@@ -847,3 +847,36 @@ async def test_an_answer_is_read_as_the_request_asked_whatever_its_label(
         assert not out.body_mutation.body or orjson.loads(out.body_mutation.body)["choices"][0]["message"][
             "content"] == "Hello"
         assert set_headers(out)["x-gateway-completion-tokens"] == "1"
+
+
+@pytest.mark.parametrize("case", ["client-gone-before-the-answer", "responses-stream-left", "chat-stream-left",
+                                  "chat-stream-whole-without-usage"])
+async def test_an_answer_whose_bill_is_unknown_is_charged_the_reservation(local_runtime: Runtime, case: str) -> None:
+    """The provider's usage never came: charged the reservation (the most it can bill with the
+    cap it was sent), not the prompt plus one token per event streamed (spend ran 12-287x past
+    budgets under attack: multi-token events, Responses deltas counted as nothing, clients
+    gone before the answer charged the prompt only). A stream that ended itself without usage
+    is charged what it streamed."""
+    path = "/v1/responses" if case.startswith("responses") else CHAT_PATH
+    body = ({"model": "default-chat", "input": "hi", "stream": True} if path != CHAT_PATH else
+            {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
+             "stream": case != "client-gone-before-the-answer"})
+    proc = RouterProcessor(local_runtime)  # (values-local: budgets in memory)
+    sent = await send_request(proc, body, path=path, key=LOCAL_KEY)
+    assert not sent.HasField("immediate_response") and proc.admission is not None
+    reserved = proc.admission.result
+    if case != "client-gone-before-the-answer":
+        await proc.handle(resp_headers(content_type="text/event-stream"))
+        if case == "responses-stream-left":
+            events = b"".join(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                              b'"delta":"many words at once"}\n\n' for _ in range(3))
+        else:
+            events = b"".join(b'data: {"choices":[{"index":0,"delta":{"content":"many words at once"}}]}\n\n'
+                              for _ in range(3))
+        whole = case == "chat-stream-whole-without-usage"
+        await proc.handle(resp_body(events + (b"data: [DONE]\n\n" if whole else b""), end=whole))
+    spent = proc.consumed(None)
+    if case == "chat-stream-whole-without-usage":
+        assert spent.completion == 3 and spent.cost < reserved.reserved_nano
+    else:
+        assert (spent.cost, spent.completion) == (reserved.reserved_nano, reserved.output_tokens)

@@ -590,10 +590,14 @@ class RouterProcessor:
 
     def consumed(self, backend: Backend | None) -> Consumed:
         """What the provider processed, priced at the backend that answered (else the model's
-        worst price): its usage when known; else the local prompt count plus the output
-        streamed so far (client gone, stream cut); for a 2xx JSON answer without usage (its
-        body never read: too large, client gone first) the reservation's worst case; nothing
-        when the provider was never reached, refused or failed."""
+        worst price): its usage when known; for a stream that ended itself without usage, the
+        local prompt count and about one token per content event; else, when the provider may
+        have worked (a stream cut off or left by its client before its end, a client gone
+        before the answer, a 2xx JSON answer whose body was never read), the reservation's
+        worst case, the most it can bill with the cap it was sent (the output streamed so far
+        undercounts: an event may carry many tokens, a Responses delta is no `content`, and
+        the provider may have generated more than it sent); nothing when the provider was
+        never reached, refused or failed. Without a reservation (no budget), the events."""
         usage = self.usage or Usage()
         answered = self.answered or self.status
         if not (self.status == 0 or 200 <= answered < 300 or usage.completion_tokens is not None) or self.model is None:
@@ -603,9 +607,9 @@ class RouterProcessor:
         prompt = usage.prompt_tokens if usage.prompt_tokens is not None else (self.prompt_tokens or 0)
         if usage.completion_tokens is not None:
             completion = usage.completion_tokens
-        elif self.tap is not None or self.status == 0:
-            completion = self.tap.content_events if self.tap is not None else 0
-        elif self.admission is not None:  # a 2xx JSON answer the gateway could not read
+        elif self.tap is not None and (self.tap.done and not self.tap.over or self.admission is None):
+            completion = self.tap.content_events  # a whole stream without usage: ~one token per event
+        elif self.admission is not None:  # the provider's bill is unknown: at most the reservation
             r = self.admission.result
             return Consumed(r.reserved_nano, self.prompt_tokens or 0, r.output_tokens, True)
         else:
