@@ -119,6 +119,22 @@ def _memo(count: TokenCount) -> TokenCount:
     return lambda text: recent(text) if len(text) <= _MEMO_MAX_CHARS else count(text)
 
 
+# Request fields besides the messages that providers bill as input (a schema, tool
+# definitions): counted as their JSON. Everything else a message or an input item carries
+# (tool calls, a legacy `function_call`, a `refusal`, a function call's `output`) is counted
+# too, as its text or JSON: a field left out was prompt the budget never saw (89,000 tokens
+# in a `response_format` schema, admitted on a $0.001 key).
+_CHAT_EXTRA = ("tools", "functions", "response_format")
+_RESPONSES_EXTRA = ("tools", "text")
+_NOT_TEXT = frozenset({"id", "type", "status", "tool_call_id", "call_id"})
+
+
+def _value_tokens(value: Any, count: TokenCount) -> int:
+    if isinstance(value, str):
+        return count(value)
+    return count(orjson.dumps(value).decode()) if value else 0
+
+
 def chat_prompt_tokens(body: dict[str, Any], count: TokenCount) -> int:
     total = 3
     for message in body["messages"]:
@@ -128,24 +144,31 @@ def chat_prompt_tokens(body: dict[str, Any], count: TokenCount) -> int:
                 total += _content_tokens(value, count)
             elif key == "name":
                 total += count(value) + 1 if isinstance(value, str) else 0
-            elif key == "role" and isinstance(value, str):
-                total += count(value)
-            elif key == "tool_calls":
-                total += count(orjson.dumps(value).decode())
-    if body.get("tools"):
-        total += count(orjson.dumps(body["tools"]).decode())
+            elif key == "role":
+                total += count(value) if isinstance(value, str) else 0
+            elif key not in _NOT_TEXT:
+                total += _value_tokens(value, count)
+    for key in _CHAT_EXTRA:
+        total += _value_tokens(body.get(key), count)
     return total
 
 
 def responses_input_tokens(body: dict[str, Any], count: TokenCount) -> int:
-    """Responses API: `instructions` plus `input` (a string, or items with chat-like content)."""
+    """Responses API: `instructions` plus `input` (a string, or items with chat-like content,
+    function calls and their outputs), tools and the output format's schema."""
     total = count(body["instructions"]) if isinstance(body.get("instructions"), str) else 0
+    for key in _RESPONSES_EXTRA:
+        total += _value_tokens(body.get(key), count)
     value = body["input"]
     if isinstance(value, str):
         return total + count(value)
     for item in value:
         if isinstance(item, dict):
-            total += _content_tokens(item.get("content"), count)
+            for key, field in item.items():
+                if key == "content":
+                    total += _content_tokens(field, count)
+                elif key not in _NOT_TEXT:
+                    total += _value_tokens(field, count)
     return total
 
 
@@ -176,4 +199,6 @@ def _content_tokens(content: Any, count: TokenCount) -> int:
                 total += count(part["text"])
             elif part.get("type") in ("image_url", "input_image", "image"):
                 total += IMAGE_TOKENS
+            else:  # a refusal, a file, audio...: its JSON (a file's base64 counts long: failing closed)
+                total += count(orjson.dumps(part).decode())
     return total

@@ -174,7 +174,7 @@ by_chars = len
     # name adds its tokens + 1
     ({"messages": [{"role": "user", "name": "bob", "content": "hi"}]}, 3 + 3 + 4 + (3 + 1) + 2),
     ({"messages": [{"role": "user", "name": 7, "content": "hi"}]}, 3 + 3 + 4 + 2),  # non-string name: 0
-    # list content: text parts by text, image parts 85 each, others 0
+    # list content: text parts by text, image parts 85 each, others (audio, files) as their JSON
     ({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "abc"},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
@@ -182,14 +182,14 @@ by_chars = len
         {"type": "image", "source": {}},
         {"type": "input_audio", "input_audio": {"data": "..."}},
         "not a part",
-    ]}]}, 3 + 3 + 4 + 3 + 3 * tokens.IMAGE_TOKENS),
+    ]}]}, 3 + 3 + 4 + 3 + 3 * tokens.IMAGE_TOKENS + len('{"type":"input_audio","input_audio":{"data":"..."}}')),
     ({"messages": [{"role": "user", "content": [{"type": "input_text", "text": "abcd"}]}]}, 3 + 3 + 4 + 4),
     ({"messages": [{"role": "user", "content": []}]}, 3 + 3 + 4),
     # no / null content (e.g. an assistant tool call)
     ({"messages": [{"role": "assistant", "content": None}]}, 3 + 3 + 9),
     ({"messages": [{"role": "assistant"}]}, 3 + 3 + 9),
-    # a non-string role is not counted; unknown keys are not counted
-    ({"messages": [{"role": 5, "content": "x", "refusal": "nope"}]}, 3 + 3 + 1),
+    # a non-string role is not counted; every other key is (a refusal, a legacy function_call)
+    ({"messages": [{"role": 5, "content": "x", "refusal": "nope"}]}, 3 + 3 + 1 + 4),
 ])
 def test_chat_prompt_tokens_formula(body: dict[str, Any], expected: int) -> None:
     assert tokens.chat_prompt_tokens(body, by_chars) == expected
@@ -303,3 +303,29 @@ def test_an_unknown_token_id_is_not_quoted_back() -> None:
     with pytest.raises(ValueError, match="not in this model's vocabulary") as err:
         decode([1, 4111111111111111])
     assert "4111111111111111" not in str(err.value)
+
+
+
+@pytest.mark.parametrize(("body", "extra"), [
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}}, "response_format"),
+    ({"messages": [{"role": "assistant", "function_call": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+     "function_call"),
+    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "JVBERi0xLjQK"}}]}]}, "file"),
+])
+def test_every_field_a_provider_bills_as_input_is_counted(body: dict[str, Any], extra: str) -> None:
+    """Fields left out of the count were prompt the budget never saw (89,000 tokens in a
+    schema, admitted on a $0.001 key)."""
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    with_extra = {**base, **body, "messages": base["messages"] + body.get("messages", [])}
+    assert tokens.chat_prompt_tokens(with_extra, by_chars) > tokens.chat_prompt_tokens(
+        {**base, "messages": base["messages"] + [{"role": m["role"]} for m in body.get("messages", [])]}, by_chars) + 5
+
+
+def test_responses_tools_format_and_function_outputs_are_counted() -> None:
+    plain = {"input": [{"role": "user", "content": "hi"}]}
+    rich = {"input": [{"role": "user", "content": "hi"}, {"type": "function_call_output", "call_id": "c1",
+                                                          "output": "x" * 100}],
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+    assert tokens.responses_input_tokens(rich, by_chars) >= tokens.responses_input_tokens(plain, by_chars) + 100 + 40
