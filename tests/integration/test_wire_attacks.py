@@ -51,7 +51,10 @@ DOCUMENTED = set(re.findall(r"^### `([a-z_]+)`$", (REPO / "docs" / "runbooks.md"
 CHAT = "/v1/chat/completions"
 MAX_TOKENS = 200  # default-chat: $20 per M output tokens, so a reservation is ~$0.0041
 RESERVATION_USD = 0.0041
-ATTACK_BUDGET_USD = 0.02  # a few reservations: held ones would show as refusals, and in the exact sum
+# A few reservations: held ones would show as refusals, and in the exact sum. (ROUNDS hang-ups
+# whose provider may have worked are each charged their reservation, and the key must then
+# still serve one more.)
+ATTACK_BUDGET_USD = 0.04
 BIG_BUDGET_USD = {"h2-stall": 1.0, "h2-trailers": 0.1}  # many reservations at once
 KEY_IDS = ("after-headers", "mid-upload", "provider-thinking", "mid-stream", "after-done", "h2-reset-body",
            "h2-reset-response", "h2-stall", "trailers", "h2-trailers", "slow-body", "pipelined")
