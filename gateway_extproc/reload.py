@@ -1,7 +1,9 @@
 """Config hot reload for the ext_proc: gateway.yaml changes apply without dropping traffic.
 
 Each worker polls the file's modification time off the hot path (every 2 s), loads and
-validates a changed file in a thread, and swaps one reference. Streams keep the Runtime they
+validates a changed file in a thread once it has stood still for a second (a file written
+in pieces, as `write_text` or an editor saving in place does, is never read half-written:
+a prefix can be valid YAML and a valid config), and swaps one reference. Streams keep the Runtime they
 started with (a snapshot per request, as envoyproxy/ratelimit does), so a request never sees
 half of two configs. A file that fails validation is logged and counted, and the old config
 stays. Keys, teams, budgets, prices, classification rules and model-to-backend names reload
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import structlog
 
@@ -23,6 +26,7 @@ from .telemetry.metrics import CONFIG_RELOADS
 
 log = structlog.get_logger("gateway_extproc.reload")
 POLL_SECONDS = 2.0
+SETTLE_SECONDS = 1.0  # a file changed more recently may still be being written
 
 
 class RuntimeRef:
@@ -42,8 +46,8 @@ class RuntimeRef:
 
     async def check(self) -> None:
         mtime = _mtime(self.path)
-        if mtime == self._mtime:
-            return
+        if mtime == self._mtime or abs(time.time() - mtime) < SETTLE_SECONDS:
+            return  # unchanged, or changed so recently that it is read at the next poll
         self._mtime = mtime
         try:
             runtime = await asyncio.to_thread(Runtime.load, self.path, self.current)

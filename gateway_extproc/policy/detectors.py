@@ -227,7 +227,7 @@ def ssn_start_ok(text: str, start: int) -> bool:
     the digits before belong to an identifier (`A1 123-45-6789`) or the SSN is dashed and only
     whitespace parts it from them (`7 123-45-6789`: no other number is printed AAA-GG-SSSS,
     and a digit put before one must not hide it)."""
-    if _DASHED_SSN.match(text, start) and (start == 0 or text[start - 1] in _SPACES):
+    if _DASHED_SSN.match(text, start) and (start == 0 or text[start - 1] in SPACES):
         return True
     i = start - 1
     while i >= max(0, start - 4) and text[i] in SEP_CHARS:
@@ -350,8 +350,9 @@ SSN_CONTEXT_CHARS = 48
 def ssn_context_name(name: str) -> bool:
     """A JSON member's name that says SSN (`ssn`, `user_ssn`, `social_security_number`)."""
     return _SSN_CONTEXT.search(name.replace("_", " ")) is not None
-_DASHED_SSN = re.compile(r"[0-9]{3}-[0-9]{2}-[0-9]{4}(?![0-9]|-[0-9])")
-_SPACES = " \t\r\n"
+_DASHED = "[0-9]{3}-[0-9]{2}-[0-9]{4}"  # the SSN's printed layout, AAA-GG-SSSS
+_DASHED_SSN = re.compile(rf"{_DASHED}(?![0-9]|-[0-9])")
+SPACES = " \t\r\n"
 
 
 # IBAN length per country (ISO 13616 registry, the commonly seen countries).
@@ -376,7 +377,7 @@ def iban_mod97(iban: str) -> int:
     return int((iban[4:] + iban[:4]).translate(_IBAN_DIGITS)) % 97
 
 
-_IBAN_SEPS = str.maketrans("", "", " \t\r\n.-/_,;:|+*~'\"`()[]{}<>#=&^\\%$!?@")
+_IBAN_SEPS = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if re.fullmatch(WIDE_SEPC, c)))
 
 
 def validate_iban(value: str) -> int:
@@ -393,12 +394,12 @@ def validate_iban(value: str) -> int:
 def email_start_ok(text: str, start: int) -> bool:
     """Not the rest of a rejected local part (`john..doe@x.com` must not yield `doe@x.com`),
     unless an ellipsis or a dash run parts it (`contact...jane@x.com`, `see--jane@x.com`)."""
-    if not (start >= 2 and text[start - 1] in ".%+-" and text[start - 2] in _LOCAL_CHARS):
+    if not (start >= 2 and text[start - 1] in ".%+-" and text[start - 2] in LOCAL_CHARS):
         return True
-    return text.endswith(("...", "--"), max(0, start - 3), start) or text.endswith("--", max(0, start - 2), start)
+    return text.endswith(("...", "--"), max(0, start - 3), start)
 
 
-_LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
+LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")  # of an e-mail local part
 
 
 # Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", quoted ("at", 'at'),
@@ -612,10 +613,10 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])"
                       # the dashed layout ends an SSN before a space and a number (`123-45-6789 0`)
                       # and after a number and whitespace (`7 123-45-6789`: ssn_start_ok)
-                      rf"|(?<![0-9])(?<![0-9][.\-/_])[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?![A-Za-z0-9_]|-[0-9])"
+                      rf"|(?<![0-9])(?<![0-9][.\-/_]){_DASHED}(?![A-Za-z0-9_]|-[0-9])"
                       # and glued to letters as one word (`ssn123-45-6789`, `123-45-6789th`)
-                      rf"|(?:[A-Za-z]{{1,16}}+|_)[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?:[A-Za-z]{{1,16}}+)?+_?+"
-                      rf"(?![A-Za-z0-9_])|[0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}(?:[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
+                      rf"|(?:[A-Za-z]{{1,16}}+|_){_DASHED}(?:[A-Za-z]{{1,16}}+)?+_?+"
+                      rf"(?![A-Za-z0-9_])|{_DASHED}(?:[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
                       rf"|(?<![0-9]{WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
                       rf"{_WIDE_END}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,

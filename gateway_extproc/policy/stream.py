@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 
-from .detectors import number_words_start
+from .detectors import LOCAL_CHARS, SPACES, number_words_start
 from .normalize import Normalized, normalize
 from .scanner import (
     Decision,
@@ -55,7 +55,6 @@ MAX_WORD_HOLD = 1024
 # A word longer than that goes out in steps of at least this many characters, each checked
 # with the MAX_WORD_HOLD characters after it (`_long_word`).
 LONG_STEP = 1024
-_SPACES = " \n\t\r"
 _SPACE = re.compile("[ \n\t\r]")
 _RUN_END = re.compile("\\S\\S|[\n\t\r]| {4}")
 _NUMBER_CHARS = frozenset("0123456789 ")  # a number, spelled out or not, a long word may cut
@@ -68,7 +67,6 @@ _NUMBER_CHARS = frozenset("0123456789 ")  # a number, spelled out or not, a long
 # is not: its addresses need a written-out dot or a dotted name and fit the hold-back).
 _PENDING_AT = re.compile(r"@|[(\[{<\"']\s{0,16}(?:[Aa][Tt]|@)\s{0,16}[)\]}>\"']|&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;")
 EMAIL_HOLD = 260  # (the prefilter's reach after an '@')
-_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
 
 
 def _pending_address(buf: str, base: int) -> int | None:
@@ -83,7 +81,7 @@ def _pending_address(buf: str, base: int) -> int | None:
     while i > stop and buf[i - 1].isspace():
         i -= 1
     stop = max(0, i - 64)
-    while i > stop and buf[i - 1] in _LOCAL:
+    while i > stop and buf[i - 1] in LOCAL_CHARS:
         i -= 1
     return base + max(0, i - 1)
 
@@ -298,7 +296,7 @@ class StreamRedactor:
             return "", not complete
         buf, base, emit = self._buf, self._base, self._emit
         lead = ""
-        if emit < n and buf[emit - base] in _SPACES:  # the space before the word goes out as it is
+        if emit < n and buf[emit - base] in SPACES:  # the space before the word goes out as it is
             rnext = self._raw_start(emit + 1)
             lead = self._raw_slice(self._remit, rnext)
             emit = self._emit = self._resume = emit + 1

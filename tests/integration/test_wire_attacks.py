@@ -224,7 +224,10 @@ async def _leave(wire: Wire, phase: str) -> None:
             got = b""
             want = b"data: [DONE]" if phase == "after-done" else b"the"
             while got.count(want) < (1 if phase == "after-done" else 5):
-                piece = await reader.read(65536)
+                try:  # a refused request (an error reply on a kept-alive connection) would else hang here
+                    piece = await asyncio.wait_for(reader.read(65536), 30)
+                except TimeoutError:
+                    raise AssertionError(f"no stream within 30 s: {got!r}") from None
                 assert piece, got
                 got += piece
     finally:
