@@ -46,8 +46,11 @@ class RuntimeRef:
 
     async def check(self) -> None:
         mtime = _mtime(self.path)
-        if mtime == self._mtime or abs(time.time() - mtime) < SETTLE_SECONDS:
-            return  # unchanged, or changed so recently that it is read at the next poll
+        while mtime != self._mtime and 0 <= (age := time.time() - mtime) < SETTLE_SECONDS:
+            await asyncio.sleep(SETTLE_SECONDS - age)  # may still be being written
+            mtime = _mtime(self.path)
+        if mtime == self._mtime:
+            return
         self._mtime = mtime
         try:
             runtime = await asyncio.to_thread(Runtime.load, self.path, self.current)
