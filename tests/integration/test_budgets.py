@@ -23,7 +23,8 @@ PRICE = Price.from_usd_per_million(5.0, 20.0, 2.5)  # default-chat's price in va
 NANO = 1_000_000_000
 MSG = [{"role": "user", "content": "Please count the apples in the basket for me."}]
 KEYS = {name: keys.generate(name) for name in ("conc", "clamp", "settle", "cut", "closed", "open", "rpm", "soft",
-                                                "uncapped", "choices", "absurd", "huge", "burst", "refused", "cut-usage", "cut-anthropic")}
+                                                "uncapped", "choices", "absurd", "huge", "burst", "refused", "cut-usage", "cut-anthropic",
+                                                "rpm-burst", "tpm-burst")}
 
 
 def budget_keys(values: dict[str, Any], redis_url: str) -> None:
@@ -48,6 +49,8 @@ def budget_keys(values: dict[str, Any], redis_url: str) -> None:
         "huge": {"budget": {"daily": 1}},
         "burst": {"budget": {"daily": 5}},
         "refused": {"budget": {"daily": 0}},
+        "rpm-burst": {"rateLimits": {"requestsPerMinute": 25, "tokensPerMinute": 10_000_000}},
+        "tpm-burst": {"rateLimits": {"requestsPerMinute": 100_000, "tokensPerMinute": 2000}},
     }
     for name, spec in specs.items():
         team = "ops" if name == "open" else "demo"
@@ -289,6 +292,35 @@ def test_rate_limit_answers_429_with_retry_after(gw: Gateway) -> None:
     assert 1 <= int(third.headers["retry-after"]) <= 60
     assert int(third.headers["x-ratelimit-limit-tokens"]) == 100000
     assert third.headers["x-ratelimit-reset-tokens"].endswith("s")
+
+
+@pytest.mark.parametrize("key", ["rpm-burst", "tpm-burst"])
+def test_a_burst_over_two_replicas_gets_no_more_than_the_rate_limit(replicas: tuple[Gateway, Gateway],
+                                                                    key: str) -> None:
+    """200 concurrent requests split over both replicas (two ext_proc processes each, one
+    shared store): requests and reserved tokens admitted stay within the bucket's capacity
+    plus what it refilled while the burst ran; every refusal is a 429 `rate_limited`."""
+    started = time.monotonic()
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*(
+                client.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {KEYS[key]}"},
+                            json={"model": "default-chat", "messages": MSG, "max_tokens": 8})
+                for i in range(200) for gw in [replicas[i % 2]]))
+
+    responses = asyncio.run(run())
+    elapsed_min = (time.monotonic() - started) / 60
+    admitted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert refused and {(r.status_code, r.json()["error"]["code"]) for r in refused} == {(429, "rate_limited")}
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in refused)
+    if key == "rpm-burst":
+        assert 25 <= len(admitted) <= 25 + 25 * elapsed_min + 1
+    else:  # each admitted request reserved its prompt and its 8 output tokens against 2,000 a minute
+        reserved = admitted[0].json()["usage"]["prompt_tokens"] + 8
+        assert len(admitted) * reserved <= 2000 + 2000 * elapsed_min + reserved
+        assert len(admitted) >= 2000 // reserved - 1
 
 
 def test_budget_exceeded_has_retry_after_and_remaining(gw: Gateway) -> None:
