@@ -21,6 +21,10 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # A choice's finish reason in an OpenAI stream chunk, read without parsing the event (inside
 # generated text the quotes are escaped, so text cannot match).
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
+# An event carrying generated text: a chat delta's content, refusal, reasoning or tool-call
+# arguments, or a Responses API text delta (non-empty; text inside a string is escaped, so
+# it never matches).
+_GENERATED = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta)":"(?!")')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
 # The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
@@ -114,7 +118,7 @@ class SseUsageTap:
                  limit: int | None = None, named: bool = False) -> None:
         self.drop_usage_chunk = drop_usage_chunk
         self.named = named  # events keep their `event:` name (Responses API streams)
-        # At most this many content events are forwarded; from the one past it on, `over`
+        # At most this many events of generated text are forwarded; from the one past it on, `over`
         # is set and nothing more is forwarded (usage is still read). The budget backstop
         # for a provider that ignores the output cap.
         self.limit = limit
@@ -127,8 +131,8 @@ class SseUsageTap:
         self.rewrite = rewrite
         self.usage: Usage | None = None
         self.events = 0
-        # Events carrying generated text: about one token each, the running output estimate
-        # used before (or without) the provider's usage chunk.
+        # Events carrying generated text (`_GENERATED`): about one token each, the running
+        # output estimate used before (or without) the provider's usage chunk.
         self.content_events = 0
         # `data: [DONE]` or an error event went by: the stream ended itself (not cut off).
         self.done = False
@@ -148,7 +152,7 @@ class SseUsageTap:
             changed = changed or event is not raw  # reframed, so the chunk cannot go out as it came
             start = match.end()
             self.events += 1
-            if b'"content":"' in event and b'"content":""' not in event:
+            if _GENERATED.search(event) is not None:
                 self.content_events += 1
                 self.over = self.over or (self.limit is not None and self.content_events > self.limit)
             elif event.startswith(STREAM_ENDS):

@@ -353,6 +353,27 @@ def test_limit_forwards_at_most_that_many_content_events_and_still_reads_usage(p
     assert tap.over and tap.usage == Usage(5, 40)
 
 
+@pytest.mark.parametrize("delta", [
+    {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\": 1"}}]}, {"refusal": "no"},
+    {"reasoning_content": "hmm"}, {"reasoning": "hmm"}])
+def test_every_kind_of_generated_text_counts_toward_the_limit(delta: dict) -> None:
+    """A provider ignoring the cap while it streams tool-call arguments (or a refusal, or
+    reasoning) is cut like one streaming content: the backstop counted `content` alone."""
+    event = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n"
+    tap = SseUsageTap(False, limit=3)
+    got = tap.feed(event * 40 + b"data: [DONE]\n\n", True)
+    assert tap.over and got == event * 3
+
+
+def test_a_responses_text_delta_counts_and_an_empty_one_or_a_role_chunk_does_not() -> None:
+    tap = SseUsageTap(False, limit=100, named=True)
+    tap.feed(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
+             b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":""}\n\n'
+             b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+             b'data: {"choices":[{"index":0,"delta":{"content":"say \\"content\\":\\"x"}}]}\n\n', False)
+    assert tap.content_events == 2
+
+
 def test_limit_not_reached_forwards_everything() -> None:
     whole = _content(" a") + _content(" b") + b"data: [DONE]\n\n"
     tap = SseUsageTap(False, limit=2)
