@@ -250,13 +250,27 @@ class RouterProcessor:
         if self.trace is not None:
             backend = self.only_backend()
             cap = next((body[f] for f in self.endpoint.output_caps if f in body), None)
-            self.trace.request(model.name, backend.provider.kind if backend else None, cap, self.stream)
+            self.trace.request(model.name, backend.provider.kind if backend else None, cap, self.stream,
+                               self.classified_session())
         count = tokens.counter(model.tokenizer)
         if large:
             self.prompt_tokens = await asyncio.to_thread(self.endpoint.prompt_tokens, body, count)
         else:
             self.prompt_tokens = self.endpoint.prompt_tokens(body, count)
         return body
+
+    def classified_session(self) -> str | None:
+        """The caller's `x-session-id` as classification left it (redacted in place, removed,
+        or as sent when nothing was found or no policy is configured)."""
+        assert self.trace is not None
+        session = self.trace.session
+        edit = self.header_edit
+        if session is not None and edit is not None:
+            if "x-session-id" in edit.remove:
+                return None
+            if "x-session-id" in edit.set:
+                return edit.set["x-session-id"].decode("utf-8", "replace")
+        return session
 
     async def reserve(self, body: dict) -> None:
         """Reserve the worst case at every level, and send the provider the output cap that

@@ -74,20 +74,24 @@ def shutdown() -> None:
 class RequestTrace:
     """The span of one request, started at request headers and ended with the access log."""
 
-    __slots__ = ("span", "operation")
+    __slots__ = ("span", "operation", "session")
 
     def __init__(self, headers: Mapping[str, str], method: str, path: str,
                  stream_context: Mapping[str, str] | None = None) -> None:
         # With Envoy's tracer on, the parent is Envoy's span of this ext_proc stream (itself a
-        # child of the client's); without it, the client's traceparent header.
-        parent = _PROPAGATOR.extract(carrier=stream_context if stream_context else headers)
+        # child of the client's); without it, the client's traceparent header. Only the
+        # `traceparent` is continued: a `tracestate` is free text of the caller's (a key put
+        # there would be exported with every span and sent on to the provider).
+        carrier = stream_context if stream_context else headers
+        parent = _PROPAGATOR.extract(carrier={"traceparent": carrier["traceparent"]} if "traceparent" in carrier
+                                     else {})
         self.operation = "chat" if path.endswith("/chat/completions") else path.rsplit("/", 1)[-1]
         self.span = _state["tracer"].start_span(
             f"{self.operation}", context=parent, kind=SpanKind.CLIENT,
             attributes={"http.request.method": method, "url.path": path, "gen_ai.operation.name": self.operation})
-        session = headers.get("x-session-id")
-        if session:
-            self.span.set_attribute("session.id", session[:128])
+        # `session.id` is set once the header passed classification (`request`): a key sent
+        # as a session id is refused there and must not be exported with the span either.
+        self.session = headers.get("x-session-id") or None
 
     def outgoing_headers(self) -> dict[str, str]:
         """`traceparent` (and `tracestate`) for the request the provider receives."""
@@ -95,9 +99,14 @@ class RequestTrace:
         _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(self.span))
         return carrier
 
-    def request(self, model: str, provider: str | None, max_tokens: Any, stream: bool) -> None:
+    def request(self, model: str, provider: str | None, max_tokens: Any, stream: bool,
+                session: str | None = None) -> None:
+        """The admitted request's facts; `session` is the `x-session-id` as the provider gets
+        it (after classification redacted it, if it did)."""
         self.span.update_name(f"{self.operation} {model}")
         attrs: dict[str, Any] = {"gen_ai.request.model": model, "gen_ai.request.stream": stream}
+        if session:
+            attrs["session.id"] = session[:128]
         if provider:
             attrs["gen_ai.provider.name"] = provider_name(provider)
         if type(max_tokens) is int:

@@ -103,6 +103,10 @@ PLACES: dict[str, Callable[[str, str], Request]] = {
     "user-agent": H("user-agent", "my-app/1.0 {}"),
     "traceparent": H("traceparent", "00-{}-00f067aa0ba902b7-01"),
     "tracestate": H("tracestate", "vendor={}"),
+    # with a traceparent, so a propagator reads it (alone it is ignored): test_secret_leaks_attack.py
+    "tracestate-continued": lambda s, m: Request(headers=(
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), ("tracestate", f"vendor={s}")),
+        body=chat(m)),
     "x-forwarded-for": H("x-forwarded-for"),
     "x-envoy-original-path": H("x-envoy-original-path", "/v1/{}"),
     "x-envoy-downstream-service-cluster": H("x-envoy-downstream-service-cluster"),

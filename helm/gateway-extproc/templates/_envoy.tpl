@@ -106,6 +106,15 @@ static_resources:
           # written unquoted, where a SAN holding `;DNS=` would read as two).
           set_current_client_cert_details: {uri: true, dns: true, cert: true}
           always_set_request_id_in_response: true
+          # A caller's `tracestate` is free text (a key may be put there): removed before
+          # Envoy's tracer reads it (it would be copied into every span's trace state and into
+          # the provider's request). Early mutations run before routing, tracing and filters.
+          early_header_mutation_extensions:
+          - name: envoy.http.early_header_mutation.header_mutation
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
+              mutations:
+              - remove: tracestate
           # A client has this long to send its whole request (a body trickled byte by byte
           # would else hold its stream for ever); disarmed once the request went upstream,
           # so long replies are bounded by the route timeout alone.

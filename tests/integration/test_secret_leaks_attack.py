@@ -1,0 +1,98 @@
+"""Secrets a caller puts in the trace headers (`tracestate`, `x-session-id`) never reach a span.
+
+test_output_leaks.py places a key in `tracestate` alone: without a `traceparent` no
+propagator reads it, so that case never exercised the path where a trace is continued. With
+a valid `traceparent`, the caller's `tracestate` was copied into the trace state of every
+span, Envoy's (with `tracing.otlp` on) and the ext_proc's, and a key the gateway refused
+in `x-session-id` (403 `content_blocked`, found by its own header classification) was
+still written to the ext_proc's span as `session.id`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway_extproc import keys
+
+from .conftest import Gateway, running_gateway
+from .test_output_leaks import leaks
+from .test_tracing import PARENT_ID, Collector, attrs, otlp_collector, wait_for
+
+TRACE_ID = "7a3c0f5577b34da6a3ce929d0e0e4736"
+
+
+@pytest.fixture(scope="module", params=["extproc-tracer", "envoy-and-extproc-tracers"])
+def traced(request: pytest.FixtureRequest) -> Iterator[tuple[Gateway, Collector]]:
+    """The ext_proc exporting spans; in the second case Envoy's tracer too (tracing.otlp)."""
+    with otlp_collector(None) as (collector, port, env):
+        def customize(values: dict) -> None:
+            if request.param == "envoy-and-extproc-tracers":
+                values["tracing"]["otlp"] = {"address": "127.0.0.1", "port": port}
+        with running_gateway("gw-trace-leaks-", env=env, customize=customize) as gw:
+            yield gw, collector
+
+
+def chat() -> dict:
+    return {"model": "default-chat", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 5}
+
+
+def spans_of(collector: Collector, trace_id: str) -> list:
+    return [s for s in list(collector.spans) if s.trace_id.hex() == trace_id]
+
+
+def trace_id_for(i: int) -> str:
+    return f"{i:02x}" + TRACE_ID[2:]
+
+
+def test_a_key_in_tracestate_is_in_no_span(traced: tuple[Gateway, Collector]) -> None:
+    gw, collector = traced
+    gw.reset()
+    other = keys.generate("tracestate")  # a key of another gateway: refused the same way
+    opaque = "f3a9c2d81b7e4f60a5d9c3b2e1f07a6c"  # an Azure-style key: no detector knows it
+    sent = []
+    for i, value in enumerate((gw.key, other, opaque), 1):
+        trace_id = trace_id_for(i)
+        resp = httpx.post(f"{gw.url}/v1/chat/completions", json=chat(), timeout=30, headers={
+            "authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01",
+            "tracestate": f"vendor={value}"})
+        assert resp.status_code in (200, 403), resp.text
+        sent.append((trace_id, value))
+    # every request's spans have arrived (the ext_proc's at least, Envoy's too when on)
+    wait_for(lambda: all(spans_of(collector, t) for t, _ in sent), 20)
+    time.sleep(1.5)
+    for trace_id, value in sent:
+        spans = spans_of(collector, trace_id)
+        states = {s.trace_state for s in spans}
+        assert leaks(value, {"spans": "\n".join(str(s) for s in spans)}) == [], (value[:12], states)
+    # the provider got no caller trace state either
+    received = [r for mock in (gw.primary, gw.backup) for r in gw.received(mock)]
+    assert received, "the opaque value is no key: that request was admitted"
+    assert not any(opaque in str(r["headers"]) for r in received)
+
+
+def test_a_key_in_x_session_id_is_in_no_span(traced: tuple[Gateway, Collector]) -> None:
+    """A key in `x-session-id` is refused by header classification (403 content_blocked)
+    and must not be exported as the span's `session.id` either; an ordinary session id
+    still is."""
+    gw, collector = traced
+    gw.reset()
+    cases = [(trace_id_for(10), gw.key, 403), (trace_id_for(11), keys.generate("session"), 403),
+             (trace_id_for(12), "sess-ordinary-42", 200)]
+    for trace_id, session, status in cases:
+        resp = httpx.post(f"{gw.url}/v1/chat/completions", json=chat(), timeout=30, headers={
+            "authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01",
+            "x-session-id": session})
+        assert resp.status_code == status, resp.text
+    wait_for(lambda: all(any(collector.service.get(s.span_id) == "gateway-extproc" for s in spans_of(collector, t))
+                         for t, _, _ in cases), 20)
+    time.sleep(1.0)
+    for trace_id, session, status in cases:
+        spans = spans_of(collector, trace_id)
+        mine = [s for s in spans if collector.service.get(s.span_id) == "gateway-extproc"]
+        if status == 200:
+            assert [attrs(s).get("session.id") for s in mine] == [session]
+        else:
+            assert leaks(session, {"spans": "\n".join(str(s) for s in spans)}) == [], session[:12]
