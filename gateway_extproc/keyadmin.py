@@ -43,7 +43,7 @@ import structlog
 from . import audit as audit_trail
 from . import config as config_mod
 from . import keys as keys_mod
-from .errors import GatewayError, error_body
+from .errors import GatewayError, error_body, quoted
 from .keystore import FIELDS, read_file, redis_names, write_file
 
 log = structlog.get_logger("gateway_extproc.audit")
@@ -292,7 +292,7 @@ class AdminApp:
     def create(self, cfg: config_mod.GatewayConfig, actor: str, data: dict[str, Any]) -> dict[str, Any]:
         team = data.get("team")
         if not isinstance(team, str) or team not in cfg.teams:
-            raise GatewayError("invalid_request", f"team must name a team in values, not {team!r}.", "team")
+            raise GatewayError("invalid_request", f"team must name a team in values, not {quoted(team)}.", "team")
         id_ = data.get("id") or f"{team.lower()[:50]}-{secrets.token_hex(4)}"
         if not isinstance(id_, str) or not config_mod.KEY_ID.match(id_):
             raise GatewayError("invalid_request", "id must be lowercase letters, digits and '-' (max 63).", "id")

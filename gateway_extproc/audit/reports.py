@@ -29,6 +29,7 @@ import orjson
 
 import yaml
 
+from ..errors import quoted  # a caller's value (the admin API's query) may be a pasted key
 from .records import records
 from .writer import CONFIGS
 
@@ -214,20 +215,20 @@ def render(kind: str, root: Path, params: Mapping[str, str | None]) -> tuple[str
     `to` means the end of that day); `format` (csv, the default, or json)."""
     fmt = params.get("format") or "csv"
     if fmt not in FORMATS:
-        raise ReportError("format", f"format {fmt[:40]!r} must be csv or json")
+        raise ReportError("format", f"format {quoted(fmt)} must be csv or json")
     if kind == "chargeback":
         month, tz = params.get("month"), params.get("timezone") or "UTC"
         try:
             ZoneInfo(tz)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ReportError("timezone", f"timezone {tz[:60]!r} is not an IANA time zone (e.g. Europe/Berlin)") \
+            raise ReportError("timezone", f"timezone {quoted(tz)} is not an IANA time zone (e.g. Europe/Berlin)") \
                 from None
         try:
             if not month or not _MONTH.fullmatch(month):
                 raise ValueError
             month_range(month, tz)
         except (ValueError, OverflowError):
-            raise ReportError("month", f"month {(month or '')[:40]!r} must be YYYY-MM") from None
+            raise ReportError("month", f"month {quoted(month or '')} must be YYYY-MM") from None
         report = chargeback(root, month, tz)
         text = chargeback_csv(report) if fmt == "csv" else None
     elif kind in ("inventory", "admin"):
@@ -237,7 +238,7 @@ def render(kind: str, root: Path, params: Mapping[str, str | None]) -> tuple[str
         to_csv = inventory_csv if kind == "inventory" else admin_csv
         text = to_csv(report) if fmt == "csv" else None
     else:
-        raise ReportError("report", f"no report {kind[:40]!r}; there are {', '.join(REPORTS)}")
+        raise ReportError("report", f"no report {quoted(kind)}; there are {', '.join(REPORTS)}")
     body = text.encode() if text is not None else orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
     return FORMATS[fmt], body
 
@@ -256,4 +257,4 @@ def iso_param(param: str, value: str, end: bool = False) -> str:
             dt = dt.replace(hour=23, minute=59, second=59, microsecond=999999)
         return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     except (ValueError, OverflowError):  # not ISO, or past the calendar's ends once in UTC
-        raise ReportError(param, f"{param} {value[:40]!r} must be an ISO date or time, e.g. 2026-11-01") from None
+        raise ReportError(param, f"{param} {quoted(value)} must be an ISO date or time, e.g. 2026-11-01") from None
