@@ -96,3 +96,48 @@ def test_a_key_in_x_session_id_is_in_no_span(traced: tuple[Gateway, Collector]) 
             assert [attrs(s).get("session.id") for s in mine] == [session]
         else:
             assert leaks(session, {"spans": "\n".join(str(s) for s in spans)}) == [], session[:12]
+
+
+# -- a provider quoting part of the gateway's credential ----------------------------------
+
+# (model, the credential its answering backend is presented, status that is not retried)
+ANSWERED = [("private-chat", "primary", 429), ("default-chat", "primary", 400), ("azure-chat", "backup", 429),
+            ("gemini-chat", "backup", 429), ("claude-chat", "backup", 400), ("bedrock-chat", "backup", 429)]
+
+
+@pytest.fixture(scope="module")
+def providers() -> Iterator[Gateway]:
+    from .conftest import add_provider_models
+    with running_gateway("gw-partial-echo-", customize=add_provider_models) as gw:
+        yield gw
+
+
+def pieces_of(secret: str, n: int = 8) -> list[str]:
+    return [secret[i:i + n] for i in range(len(secret) - n + 1)]
+
+
+@pytest.mark.parametrize("model,which,status", ANSWERED)
+@pytest.mark.parametrize("shape", ["masked", "suffix", "header"])
+def test_a_provider_error_quoting_part_of_the_credential_passes_on_no_piece_of_it(
+        providers: Gateway, model: str, which: str, status: int, shape: str) -> None:
+    """Providers (and proxies before them) quote a key they were presented in part: its
+    start and end around asterisks, or "the key ending …". The whole value was cut; a piece
+    of 8 or more of its characters went to the client as sent."""
+    import base64
+    import json
+
+    gw = providers
+    key = gw.primary_key if which == "primary" else gw.backup_key
+    secret = key.split("-", 2)[2]  # `sk-primary-` / `sk-backup-` is no secret
+    message = {"masked": f"Key {key[:14]}*****{key[-10:]} is over its quota.",
+               "suffix": f"Quota exceeded for the key ending ...{key[-12:]}.",
+               "header": "Quota exceeded."}[shape]
+    headers = {"x-mock-status": str(status), "x-mock-error-message-base64": base64.b64encode(message.encode()).decode()}
+    if shape == "header":
+        headers["x-mock-response-headers"] = json.dumps({"x-debug-key-hint": f"...{key[-12:]}"})
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, headers={
+        "authorization": f"Bearer {gw.key}", **headers},
+        json={"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5})
+    assert resp.status_code == status, resp.text
+    answer = resp.text + json.dumps(dict(resp.headers))
+    assert [p for p in pieces_of(secret) if p in answer] == [], (shape, answer[:300])
