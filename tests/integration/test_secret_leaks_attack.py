@@ -141,3 +141,61 @@ def test_a_provider_error_quoting_part_of_the_credential_passes_on_no_piece_of_i
     assert resp.status_code == status, resp.text
     answer = resp.text + json.dumps(dict(resp.headers))
     assert [p for p in pieces_of(secret) if p in answer] == [], (shape, answer[:300])
+
+
+# -- Envoy at debug or trace level --------------------------------------------------------
+
+def chart_envoy_log_args(level: str) -> list[str]:
+    """The log arguments the chart's Deployment gives Envoy at `deployment.envoy.logLevel`."""
+    import helm_python
+    import yaml
+
+    from gateway_extproc.render import CHART
+
+    rendered = helm_python.Chart.load(str(CHART)).render({"deployment": {"envoy": {"logLevel": level}}},
+                                                          name="gw", namespace="ai-platform")
+    docs = [d for path, text in rendered.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    [envoy] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "envoy"]
+    args = envoy["args"]
+    return [x for i, a in enumerate(args) if a.startswith("--") and "log-level" in a for x in (a, args[i + 1])]
+
+
+@pytest.mark.parametrize("level", ["debug", "trace"])
+def test_envoy_at_the_charts_debug_or_trace_level_logs_no_key_or_credential(level: str) -> None:
+    """`deployment.envoy.logLevel: debug` is the chart's own knob for troubleshooting; at
+    that level Envoy dumped every request's headers (the caller's `Authorization`) and the
+    ext_proc's header mutations (the provider credential it injects) into its log."""
+    from gateway_extproc import localstack
+
+    from .conftest import add_provider_models
+
+    log_args = chart_envoy_log_args(level)
+    assert log_args[:2] == ["--log-level", level]
+    original = localstack.LocalStack.start_envoy
+
+    def start_envoy(self: localstack.LocalStack) -> None:
+        self._spawn("envoy", [localstack.envoy_binary(), "-c", str(self.workdir / "envoy.yaml"), *log_args,
+                              "--disable-hot-restart", "--file-flush-interval-msec", "200"])
+        self._wait("envoy", self._ready, "Envoy", timeout=30)
+
+    localstack.LocalStack.start_envoy = start_envoy  # type: ignore[method-assign]
+    try:
+        with running_gateway("gw-envoy-debug-", customize=add_provider_models) as gw:
+            wrong = keys.generate("wrong")
+            for model in ("default-chat", "claude-chat", "azure-chat", "gemini-chat", "bedrock-chat", "private-chat"):
+                for stream in (False, True):
+                    resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, headers={
+                        "authorization": f"Bearer {gw.key}", "x-api-key": gw.key},
+                        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                              "stream": stream})
+                    assert resp.status_code == 200, resp.text
+            assert httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {wrong}"},
+                              json=chat(), timeout=30).status_code == 401
+            time.sleep(1.0)
+            log = gw.stack.log_path("envoy").read_text(errors="replace")
+            assert f"[{level}]" in log  # Envoy did log at that level
+            for secret in (gw.key, wrong, gw.primary_key, gw.backup_key):
+                assert leaks(secret, {"envoy log": log}) == [], secret[:12]
+    finally:
+        localstack.LocalStack.start_envoy = original  # type: ignore[method-assign]
