@@ -199,3 +199,28 @@ def test_envoy_at_the_charts_debug_or_trace_level_logs_no_key_or_credential(leve
                 assert leaks(secret, {"envoy log": log}) == [], secret[:12]
     finally:
         localstack.LocalStack.start_envoy = original  # type: ignore[method-assign]
+
+
+# -- a password in the audit trail's Redis Stream URL -------------------------------------
+
+def test_a_password_in_the_audit_stream_url_reaches_neither_the_trail_nor_a_log() -> None:
+    """The render refuses a password in `budgets.redis.url` (it would land in the ConfigMap),
+    but not in `audit.redisStream.url`: the password went into gateway.yaml, and from there
+    into the audit trail's own copies of each config version (`DIR/configs/<sha256>.yaml`,
+    documented as carrying no secret). Refused at render now, as for budgets."""
+    from gateway_extproc.render import RenderError
+
+    password = "Sup3rS3cretRedisPassw0rd"
+    for url in (f"redis://:{password}@127.0.0.1:1/0", f"redis://default:{password}@127.0.0.1:1/0",
+                f"redis://127.0.0.1:1/0?password={password}"):
+        def customize(values: dict) -> None:
+            values["audit"]["redisStream"] = {"url": url}
+        try:
+            with running_gateway("gw-audit-stream-pw-", customize=customize) as gw:
+                time.sleep(1.5)
+                trail = "\n".join(p.read_text(errors="replace") for p in (gw.stack.workdir / "audit").rglob("*")
+                                  if p.is_file() and p.suffix in (".yaml", ".jsonl"))
+                outputs = {"audit trail": trail, "logs": gw.logs()}
+                assert leaks(password, outputs) == [], url
+        except RenderError as err:
+            assert "audit.redisStream.url" in str(err) and password not in str(err)

@@ -80,6 +80,12 @@ advice goes to NOTES.txt).
 {{- fail "values: budgets.redis.url carries a password, which would be copied into the ConfigMap; keep redis://[user@]host:port/db and give the password through budgets.redis.passwordEnv (e.g. REDIS_PASSWORD) with budgets.redis.passwordSecret: {name, key}" -}}
 {{- end -}}
 {{- end -}}
+{{- with (dig "redisStream" "url" "" $v.audit) -}}
+{{- $u := urlParse . -}}
+{{- if or (contains ":" ($u.userinfo | default "")) (regexMatch "(?i)(^|&)password=" ($u.query | default "")) -}}
+{{- fail "values: audit.redisStream.url carries a password, which would be copied into the ConfigMap and into the audit trail's own copies of the config; keep redis://[user@]host:port/db and give the password through audit.redisStream.passwordEnv with audit.redisStream.passwordSecret: {name, key}" -}}
+{{- end -}}
+{{- end -}}
 {{- range $i, $p := $v.providers -}}
 {{- $u := urlParse $p.baseURL -}}
 {{- if $u.userinfo -}}
