@@ -465,7 +465,12 @@ TEXT_FILE = "data:text/plain;base64," + base64.b64encode(f"invoice for card {CAR
     ("data:text/csv;charset=nonsense;base64," + base64.b64encode(b"a,b").decode(), "a,b"),
     ("data:text/plain;base64,@@not base64@@=", "data:text/plain;base64,@@not base64@@="),
     ("data:image/png;base64,iVBORw0KGgo=", None),
-    ("data:application/pdf;base64,JVBERi0x", None),
+    ("data:application/pdf;base64," + base64.b64encode(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj").decode(), None),
+    # Only a payload that is binary is unread: bytes that are text (a "PDF" of six ASCII
+    # characters) or a string that merely starts like a data URI are read as written.
+    ("data:application/pdf;base64,JVBERi0x", "data:application/pdf;base64,JVBERi0x"),
+    (f"data:image/png;base64, my card is {CARD}", f"data:image/png;base64, my card is {CARD}"),
+    (f"data:text/plain;base64, my card is {CARD}", f"data:text/plain;base64, my card is {CARD}"),
     ("https://img.example/a.png?card=" + CARD, "https://img.example/a.png?card=" + CARD),
 ])
 def test_a_data_uri_is_read_as_the_text_it_carries_when_its_media_type_is_text(value: str, read: str | None) -> None:
@@ -611,9 +616,10 @@ def test_walk_strings_collects_every_object_key_once() -> None:
     names: dict[str, None] = {}
     body = {"model": "m", "metadata": {CARD: "x"}, "tools": [{"function": {"parameters": {"properties": {
         f"to {EMAIL}": {"type": "string"}}}}}], "input_audio": {"hidden": "x"}}
-    assert walk_strings(body, names=names) == ["m", "x", "string"]
+    # (An object under `input_audio` is no audio: read like any other, its keys too.)
+    assert walk_strings(body, names=names) == ["m", "x", "string", "x"]
     assert list(names) == ["model", "metadata", CARD, "tools", "function", "parameters", "properties",
-                           f"to {EMAIL}", "type", "input_audio"]
+                           f"to {EMAIL}", "type", "input_audio", "hidden"]
 
 
 def test_map_strings_renames_keys() -> None:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
+from .detectors import _texty
 from .detectors import (
     BOUNDARY,
     BRIDGE,
@@ -1221,9 +1222,16 @@ def redact_strings(strings: Sequence[str], findings: Iterable[Finding],
 
 MAX_DEPTH = 128
 MAX_NODES = 1_000_000
-# Values under these keys are raw binary payloads (base64 without a `data:` prefix), not
-# text: not scanned, not changed. Base64 data URIs are recognised wherever they are (`_text`).
+# Keys under which APIs carry raw binary payloads (base64 without a `data:` prefix). A string
+# there is left unscanned and unchanged only when it *is* such a payload (`_opaque`: strict
+# base64 of bytes that are no UTF-8 text, at least `_OPAQUE_MIN` characters); anything else
+# under these names (plain text, a short value, an object) is caller text like any other:
+# the name is the caller's choice (`metadata.b64_json`, a tool parameter named `file_data`).
+# `data` is `input_audio.data`. Base64 data URIs are recognised wherever they are (`_text`).
 BINARY_KEYS: frozenset[str] = frozenset({"input_audio", "file_data", "b64_json"})
+_BLOB_KEYS = BINARY_KEYS | {"data"}
+_OPAQUE_MIN = 64
+_LINE_BREAKS = re.compile(r"\r?\n")  # base64 wrapped as MIME wraps it
 # Media types a provider reads as text (RFC 2397's default, text/plain, when none is given).
 _TEXT_MEDIA = frozenset({"", "application/json", "application/xml", "application/yaml", "application/x-yaml",
                          "application/csv", "application/x-ndjson", "application/javascript", "application/sql"})
@@ -1261,21 +1269,42 @@ def _text(key: Any, value: str, skip_keys: frozenset[str]) -> str | _DataText | 
             media, *params = head[5:marker].split(";")
             media = media.strip().lower()
             if not (media.startswith("text/") or media.endswith(("+json", "+xml")) or media in _TEXT_MEDIA):
-                return None
+                # An image, audio or PDF is not read; but only one that is one: a string that
+                # merely starts like a data URI (a message's text, a system prompt, a name) is
+                # text the model reads, and base64 of text is read as text wherever it is.
+                return None if _opaque(value[marker + 8:]) else value
             charset = next((p.split("=", 1)[1].strip().strip('"') for p in params if p.strip().lower()
                             .startswith("charset=")), "utf-8")
             try:
                 charset = codecs.lookup(charset).name
             except LookupError:
                 charset = "utf-8"
+            # Only a file is read as its decoded text: a payload that is no strict base64
+            # (line breaks aside) or no text in its charset is a string that merely starts
+            # like a data URI (`data:text/plain;base64, my card is …`: the decoder would skip
+            # the spaces and read the rest as garbage), text the model reads as written.
             try:
-                raw = binascii.a2b_base64(value[marker + 8:])
-            except (binascii.Error, ValueError):
-                return value  # not valid base64: no provider reads it as a file either; scan it as written
-            return _DataText(value[:marker + 8], charset, raw.decode(charset, "replace"))
+                raw = binascii.a2b_base64(_LINE_BREAKS.sub("", value[marker + 8:]), strict_mode=True)
+                return _DataText(value[:marker + 8], charset, raw.decode(charset))
+            except (binascii.Error, ValueError):  # (UnicodeDecodeError is a ValueError)
+                return value
+    if key in _BLOB_KEYS:
+        return None if len(value) >= _OPAQUE_MIN and _opaque(value) else value
     if key is not None and key in skip_keys:
-        return None
+        return None  # (the response guard's labels: role, type, id...)
     return value
+
+
+def _opaque(payload: str) -> bool:
+    """Whether `payload` is a binary blob no model reads as text: strict base64 (its alphabet
+    and padding, nothing else) of bytes that are not UTF-8 text. The scanner's encoded-run
+    decoder leaves such runs alone anyway; skipping them spares the scan of a large image
+    or recording."""
+    try:
+        raw = binascii.a2b_base64(payload, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return False
+    return _texty(raw) is None  # (the encoded-run decoder's own test for text)
 
 
 def _items(c: Any) -> Iterator[tuple[Any, Any]]:
@@ -1350,7 +1379,7 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                 if keyed is not None and key is not None and (named := keyed_text(value, key)) is not None:
                     keyed[named] = None
             elif isinstance(value, (dict, list, tuple)):
-                if key is not None and key in skip_keys:
+                if key is not None and key in skip_keys and key not in BINARY_KEYS:
                     continue
                 nodes += 1
                 if len(stack) >= max_depth:
@@ -1410,7 +1439,8 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
                     nodes += 1
                     if keyed and key is not None and (named := keyed_text(original, key)) in keyed:
                         value = keyed[named]
-            elif isinstance(value, (dict, list, tuple)) and not (key is not None and key in skip_keys):
+            elif isinstance(value, (dict, list, tuple)) and not (key is not None and key in skip_keys
+                                                                 and key not in BINARY_KEYS):
                 nodes += 1
                 if len(stack) >= max_depth:
                     return LimitExceeded(f"JSON nested deeper than {max_depth}")
