@@ -1317,21 +1317,22 @@ _API_NUMBERS = frozenset({"seed", "max_tokens", "max_completion_tokens", "max_ou
                           "top_logprobs", "candidateCount", "maxOutputTokens", "topK"})
 
 
-def keyed_text(value: Any, key: Any) -> str | None:
+def keyed_text(value: Any, key: Any, top: bool = True) -> str | None:
     """A value scanned with its member's name, apart from the other strings: a JSON integer
     long enough to be a value (nine digits or more: an SSN, a card, a phone number sent as a
     number in metadata or a tool schema's `enum`), an integral float read as the integer
     (`4.111111111111111e15` is 4111111111111111), and a string of nine digits under a name
     that says SSN (`"ssn": "123456789"`, `social_security_number`), as `name: value` (the
-    name is the SSN's context word). Fractions are not read (the digits of a `temperature`
+    name is the SSN's context word). The APIs' numeric parameters are skipped only as members
+    of the body itself (`top`). Fractions are not read (the digits of a `temperature`
     are no value, and a random one is a valid card number one time in ten)."""
     if isinstance(value, str):
         if isinstance(key, str) and len(value) <= 32 and sum(c.isdigit() for c in value) == 9 \
                 and ssn_context_name(key):
             return f"{key.replace('_', ' ')}: {value}"  # (`user_ssn`: a word the context reads)
         return None
-    if key in _API_NUMBERS:
-        return None
+    if key in _API_NUMBERS and top:  # (the API's parameters are the body's own members: a
+        return None                  # `seed` in `metadata` or a tool schema is caller data)
     if isinstance(value, float):
         if not (value.is_integer() and 1e8 <= abs(value) < 1e21):
             return None
@@ -1387,7 +1388,7 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                 stack.append(_items(value))
                 break
             else:
-                if keyed is not None and (named := keyed_text(value, key)) is not None:
+                if keyed is not None and (named := keyed_text(value, key, top=len(stack) == 1)) is not None:
                     keyed[named] = None
                 continue
             if nodes > max_nodes:
@@ -1446,7 +1447,7 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
                     return LimitExceeded(f"JSON nested deeper than {max_depth}")
                 descend = value
                 value = new_container(value)
-            elif keyed and (named := keyed_text(value, key)) is not None:
+            elif keyed and (named := keyed_text(value, key, top=len(stack) == 1)) is not None:
                 value = keyed.get(named, value)
             if nodes > max_nodes:
                 return LimitExceeded(f"JSON with more than {max_nodes} strings/containers")
