@@ -162,6 +162,17 @@ class Policy:
         limit = self.cfg.content_log_max_tier
         return limit is not None and self.rank[tier] <= self.rank[limit]
 
+    def may_log_text(self, text: str, params: DecisionParams) -> bool:
+        """Whether `text` (a reply as the client got it) may go into a log: the tier of what
+        it still holds. The request's tier does not cover the reply: a value no rule removed
+        from it (monitor mode, a `monitor` rule above `contentLogging.maxTier`) is logged
+        only within that tier. One scan of at most CONTENT_LOG_CHARS characters."""
+        if not self.may_log_content(self.cfg.tiers[0]):
+            return False
+        findings = self.scanner.scan_strings([text])
+        tier = self.scanner.decide(findings, params).detected_tier if findings else None
+        return tier is None or self.may_log_content(tier)
+
 
 def record(decision: Decision, team: str, mode: str, where: str) -> None:
     """Every decision: a log event per matched rule and the trigger counter (never the value)."""

@@ -598,8 +598,10 @@ class RouterProcessor:
             return {}
         out = {"prompt": self.content}  # the body as forwarded: redacted
         response = self.guard.logged_response() if self.guard is not None else ""
-        if response:
-            out["response"] = response  # as the client got it: redacted
+        policy = self.runtime.policy
+        if response and policy is not None and self.guard is not None \
+                and policy.may_log_text(response, self.guard.params):
+            out["response"] = response  # as the client got it: redacted, and within the logging tier
         return out
 
     def consumed(self, backend: Backend | None) -> Consumed:

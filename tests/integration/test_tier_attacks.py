@@ -17,12 +17,15 @@ from __future__ import annotations
 import base64
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import Gateway
+from gateway_extproc import keys
+
+from .conftest import Gateway, running_gateway
 
 CARD = "4111 1111 1111 1111"  # restricted: default-chat (internal) must never receive it
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"  # a block rule
@@ -141,3 +144,46 @@ def test_a_card_as_a_number_named_like_an_api_parameter_is_read_below_the_top_le
     ok = post(gw, CHAT, {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}],
                          "seed": 4111111111111111})
     assert ok.status_code == 200, ok.text[:300]  # the API's own seed: not read (docs/classification.md)
+
+
+# -- content logging: the reply's own tier ------------------------------------------------
+
+MONITOR_KEY = keys.generate("monitor")
+
+
+@pytest.fixture(scope="module")
+def logged() -> Iterator[Gateway]:
+    """A key in monitor mode (the first rollout phase) and, in enforce mode, a rule whose
+    action is `monitor` above contentLogging.maxTier (a codename logged, never redacted)."""
+    def customize(values: dict[str, Any]) -> None:
+        values["keys"].append({"id": "monitor", "sha256": keys.digest(MONITOR_KEY), "team": "demo",
+                               "classification": {"mode": "monitor"}})
+        values["classification"]["custom"] = [
+            {"name": "codename", "kind": "keywords", "keywords": ["bluebird"], "action": "monitor",
+             "minTier": "restricted"}]
+    with running_gateway("gw-tierlog-", customize=customize) as gw:
+        yield gw
+
+
+def trail_and_log(gw: Gateway) -> str:
+    trail = b"".join(seg.read_bytes() for seg in (gw.stack.workdir / "audit").rglob("*.jsonl"))
+    return trail.decode(errors="replace") + gw.stack.log_path("extproc").read_text(errors="replace")
+
+
+@pytest.mark.parametrize(("key", "reply", "found"), [
+    ("monitor", f"Your card is {CARD}.", card_in),
+    ("demo", "Project bluebird ships in May.", lambda text: "bluebird" in text.lower()),
+], ids=["monitor-mode key, card in the reply", "enforce, monitor rule above the logging tier"])
+def test_a_reply_above_the_logging_tier_is_not_logged_or_audited(logged: Gateway, key: str, reply: str,
+                                                                   found: Any) -> None:
+    """The request is public, so its content may be logged; the reply holds a restricted value
+    nothing redacts (monitor mode, or a monitor rule): the access line and the audit record
+    logged it whole, above contentLogging.maxTier (internal)."""
+    secret = MONITOR_KEY if key == "monitor" else logged.key
+    resp = post(logged, CHAT, {"model": "default-chat", "messages": [{"role": "user", "content": "Status?"}]},
+                **{"authorization": f"Bearer {secret}", "x-mock-reply": reply})
+    assert resp.status_code == 200, resp.text[:300]
+    assert found(resp.text)  # monitor: the client gets it (that is what monitor means)
+    time.sleep(0.5)
+    assert not found(trail_and_log(logged))
+    assert 'Status?","event":"access"' in logged.stack.log_path("extproc").read_text()  # the prompt is still logged
