@@ -187,3 +187,21 @@ def test_a_reply_above_the_logging_tier_is_not_logged_or_audited(logged: Gateway
     time.sleep(0.5)
     assert not found(trail_and_log(logged))
     assert 'Status?","event":"access"' in logged.stack.log_path("extproc").read_text()  # the prompt is still logged
+
+
+# -- the client's Host -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["default-chat", "claude-chat", "fallback-chat"])
+def test_the_clients_host_never_reaches_a_provider(gw: Gateway, model: str) -> None:
+    """The Host (`:authority`) is not scanned: Envoy rewrites it for the provider. But its
+    rewrite copies the client's value into x-envoy-original-host, after the clusters' upstream
+    header_mutation (which was meant to remove it) has run: a card in the Host went to the
+    internal-tier backends of every model, first attempts and fallbacks alike."""
+    httpx.post(f"{gw.primary}/_mock/behaviour", json={"model": "mock-gpt-4o-mini", "status": 500, "times": 1}
+               ).raise_for_status()  # default-chat: the fallback attempt is checked too
+    resp = post(gw, CHAT, {"model": model, "messages": [{"role": "user", "content": "hi"}]},
+                host="card-4111111111111111.example")
+    assert resp.status_code == 200, resp.text[:300]
+    sent = [r["headers"] for mock in (gw.primary, gw.backup) for r in gw.received(mock)]
+    assert sent and not any("4111111111111111" in repr(h) for h in sent), sent
+    assert not any("x-envoy-original-host" in h for h in sent)

@@ -287,6 +287,13 @@ static_resources:
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              # No x-envoy-* request headers from the router: above all x-envoy-original-host,
+              # Envoy's copy of the client's Host, which auto_host_rewrite adds when the
+              # connection is ready, after every upstream filter has run (so the clusters'
+              # header_mutation cannot remove it). The Host is caller text the scanner never
+              # reads (a pseudo-header); it reached every provider. (x-envoy-attempt-count in
+              # responses stays: include_attempt_count_in_response.)
+              suppress_envoy_headers: true
               # One JSON line per upstream attempt (retries and fallbacks included), joined to
               # the ext_proc's access line by request_id: which backend, what it answered.
               upstream_log:
@@ -410,6 +417,8 @@ static_resources:
               {{- end }}
               # Envoy's copy of the client's Host when it rewrites the host for the provider:
               # caller text no provider needs (docs/classification.md, "Request headers").
+              # Not enough alone: the rewrite adds it after this filter ran; the router's
+              # suppress_envoy_headers is what keeps it out.
               - remove: x-envoy-original-host
               response_mutations:
               - append:
