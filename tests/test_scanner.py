@@ -431,7 +431,9 @@ def test_walk_strings_document_order() -> None:
     assert walk_strings("plain") == ["plain"]
     assert walk_strings(42) == []
     assert walk_strings(["a", ("b", {"c": "d"})]) == ["a", "b", "d"]
-    assert walk_strings(BODY, skip_keys=frozenset({"messages"})) == ["default-chat", EMAIL, "hello"]
+    # A label's string is skipped; a container under a label's name is walked (a label names none).
+    assert walk_strings({"a": "x", "role": "r", "type": {"k": "v"}, "id": ["w"]},
+                        skip_keys=frozenset({"role", "type", "id"})) == ["x", "v", "w"]
 
 
 def test_map_strings_redacts_a_body() -> None:

@@ -213,7 +213,8 @@ class ResponseGuard:
     def json_body(self, body: Any) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it) to send instead, or
         None to send it unchanged. Every string of every choice is scanned (content, refusal,
-        reasoning, tool-call arguments); logprobs are dropped, since they spell the text out
+        reasoning, tool-call arguments, but not labels: ids, roles, types), and of any field
+        beside the schema's; logprobs are dropped, since they spell the text out
         token by token where no scan can see a value whole. Raises `provider_error` for a body
         that cannot be read, which therefore cannot be sent."""
         listed = body.get("choices") if isinstance(body, dict) else None
@@ -221,7 +222,11 @@ class ResponseGuard:
         for choice in listed if isinstance(listed, list) else ():
             if isinstance(choice, dict) and choice.get("logprobs") is not None:
                 choice["logprobs"], dropped = None, True
-        strings = walk_strings(listed, skip_keys=_NOT_TEXT) if isinstance(listed, list) else LimitExceeded("no choices")
+        # A provider's fields beside the schema's (extensions, or junk) reach the client too:
+        # scanned with the choices, as a stream's are (`_extras`).
+        extras = [k for k in body if k not in _CHUNK_KEYS] if isinstance(listed, list) else []
+        scanned = [listed, *(body[k] for k in extras)]
+        strings = walk_strings(scanned, skip_keys=_NOT_TEXT) if isinstance(listed, list) else LimitExceeded("no choices")
         if isinstance(strings, LimitExceeded):
             log.warning("response_unreadable", reason=strings.reason)
             raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
@@ -234,10 +239,14 @@ class ResponseGuard:
             body["choices"] = [{"index": c.get("index", i) if isinstance(c, dict) else i,
                                 "message": {"role": "assistant", "content": ""}, "finish_reason": "content_filter",
                                 "logprobs": None} for i, c in enumerate(listed)]
+            for k in extras:
+                del body[k]
         elif decision is not None and decision.redact:
             new, _ = redact_strings(strings, decision.redact, PlaceholderMap())
             replacements = iter(new)
-            body["choices"] = listed = map_strings(listed, lambda _s: next(replacements), skip_keys=_NOT_TEXT)
+            listed, *values = map_strings(scanned, lambda _s: next(replacements), skip_keys=_NOT_TEXT)
+            body["choices"] = listed
+            body.update(zip(extras, values))
         elif not dropped:
             self.response_text = [_contents(listed)]
             return None

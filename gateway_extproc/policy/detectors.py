@@ -790,7 +790,7 @@ _LINE_CHARS = str.maketrans("", "", "\n\r\t")
 _PRINTABLE_ASCII = bytes(range(0x20, 0x7f)) + b"\n\r\t"
 
 
-def _texty(raw: bytes) -> str | None:
+def texty(raw: bytes) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -837,7 +837,7 @@ def decode_payload(run: str) -> str | None:
         return decoded if decoded != run else None
     body = run.rstrip("=")
     if len(body) >= 16 and len(body) % 2 == 0 and _HEX_RUN.fullmatch(body):
-        text = _texty(bytes.fromhex(body))
+        text = texty(bytes.fromhex(body))
         if text is not None:
             return text
     urlsafe = "-" in body or "_" in body
@@ -848,7 +848,7 @@ def decode_payload(run: str) -> str | None:
         raw = base64.urlsafe_b64decode(padded) if urlsafe else base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError):
         return None
-    return _texty(raw)
+    return texty(raw)
 
 
 PROMPT_INJECTION = "prompt_injection"

@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import _texty
 from .detectors import (
     BOUNDARY,
     BRIDGE,
@@ -74,6 +73,7 @@ from .detectors import (
     phrase_start_ok,
     phrase_trie_pattern,
     spaced_run,
+    texty,
 )
 
 from .normalize import Normalized, normalize, normalize_json, tables
@@ -1261,7 +1261,7 @@ def _text(key: Any, value: str, skip_keys: frozenset[str]) -> str | _DataText | 
     """What the scanner reads of a string: the string; for a base64 data URI, the text it
     carries when its media type is textual (a file a provider reads as text: a card in a
     `text/plain` attachment leaves like one in a message), else nothing (images, audio, PDF);
-    under `skip_keys`, nothing."""
+    a string under `skip_keys`, nothing."""
     if value.startswith("data:"):
         head = value[:256]
         marker = head.find(";base64,")
@@ -1304,7 +1304,7 @@ def _opaque(payload: str) -> bool:
         raw = binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError):
         return False
-    return _texty(raw) is None  # (the encoded-run decoder's own test for text)
+    return texty(raw) is None  # (the encoded-run decoder's own test for text)
 
 
 def _items(c: Any) -> Iterator[tuple[Any, Any]]:
@@ -1353,7 +1353,8 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                  max_nodes: int = MAX_NODES, names: dict[str, None] | None = None,
                  keyed: dict[str, None] | None = None) -> list[str] | LimitExceeded:
     """Every string value in a parsed JSON value, in document order (dict keys are not
-    included; values under `skip_keys` and base64 data URIs are skipped). Iterative.
+    included; strings under `skip_keys` and base64 data URIs are skipped; objects and arrays
+    under `skip_keys` are walked: a label names no container). Iterative.
 
     `names`, when given, collects every object key once, in first-seen order, from the same
     pass: keys are caller text too (metadata, tool schemas, logit_bias), and classification
@@ -1380,8 +1381,6 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                 if keyed is not None and key is not None and (named := keyed_text(value, key)) is not None:
                     keyed[named] = None
             elif isinstance(value, (dict, list, tuple)):
-                if key is not None and key in skip_keys and key not in BINARY_KEYS:
-                    continue
                 nodes += 1
                 if len(stack) >= max_depth:
                     return LimitExceeded(f"JSON nested deeper than {max_depth}")
@@ -1440,8 +1439,7 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
                     nodes += 1
                     if keyed and key is not None and (named := keyed_text(original, key)) in keyed:
                         value = keyed[named]
-            elif isinstance(value, (dict, list, tuple)) and not (key is not None and key in skip_keys
-                                                                 and key not in BINARY_KEYS):
+            elif isinstance(value, (dict, list, tuple)):
                 nodes += 1
                 if len(stack) >= max_depth:
                     return LimitExceeded(f"JSON nested deeper than {max_depth}")
