@@ -190,7 +190,7 @@ class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
-                 "kept", "head")
+                 "kept", "head", "clean")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -208,6 +208,8 @@ class ResponseGuard:
         self.head: dict[str, Any] | None = None
         self.ended = False
         self.response_text: list[str] = []
+        # A JSON answer in which the scan found nothing: its logged text needs no second look.
+        self.clean = False
         self.kept = 0  # characters in response_text (summing them per event made a stream quadratic)
 
     def json_body(self, body: Any) -> bytes | None:
@@ -232,6 +234,7 @@ class ResponseGuard:
             raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
                                "it was not forwarded.")
         findings = self.policy.scanner.scan_strings(strings)
+        self.clean = not findings
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")

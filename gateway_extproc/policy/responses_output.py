@@ -67,7 +67,7 @@ class _Window:
 class ResponsesGuard:
     """Scans a Responses API answer: a whole JSON body, or its SSE events."""
 
-    __slots__ = ("policy", "params", "team", "windows", "known", "head", "seq", "ended", "response_text")
+    __slots__ = ("policy", "params", "team", "windows", "known", "head", "seq", "ended", "response_text", "clean")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -81,6 +81,8 @@ class ResponsesGuard:
         self.seq = 0
         self.ended = False
         self.response_text: list[str] = []
+        # A JSON answer in which the scan found nothing: its logged text needs no second look.
+        self.clean = False
 
     # -- JSON ----------------------------------------------------------------------------
 
@@ -101,6 +103,7 @@ class ResponsesGuard:
             log.warning("response_unreadable", reason=strings.reason)
             raise GatewayError("provider_error", UNREADABLE)
         findings = self.policy.scanner.scan_strings(strings)
+        self.clean = not findings
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")

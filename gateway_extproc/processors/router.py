@@ -600,7 +600,7 @@ class RouterProcessor:
         response = self.guard.logged_response() if self.guard is not None else ""
         policy = self.runtime.policy
         if response and policy is not None and self.guard is not None \
-                and policy.may_log_text(response, self.guard.params):
+                and (self.guard.clean or policy.may_log_text(response, self.guard.params)):
             out["response"] = response  # as the client got it: redacted, and within the logging tier
         return out
 
