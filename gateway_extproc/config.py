@@ -555,6 +555,12 @@ def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, 
     url = redis.get("url")
     if store == "redis":
         url = r.string(url, "budgets.redis.url")
+        from .audit.settings import password_in_url
+
+        if password_in_url(url):
+            r.fail("budgets.redis.url", "carries a password, which would be copied into the audit trail's copies of "
+                   "each config version; keep redis://[user@]host:port/db and set budgets.redis.passwordEnv to the "
+                   "environment variable that holds it")
     numbers = {}
     for k, default in (("minOutputTokens", 16), ("defaultOutputTokens", 4096), ("reservationTTLSeconds", 360)):
         v = b.get(k, default)

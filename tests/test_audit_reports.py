@@ -120,6 +120,10 @@ def test_cli_prints_csv_and_json(trail: Path) -> None:
      "audit.retention.tiers.secret is not a classification tier"),
     ({"dir": "d", "signingKeyFile": "k", "queueSize": 0}, "audit.queueSize must be an integer >= 1"),
     ({"dir": "d", "signingKeyFile": "k", "instance": "a/b"}, "audit.instance must be a name without '/'"),
+    ({"dir": "d", "signingKeyFile": "k", "redisStream": {"url": "redis://:s3cret@r:6379/0"}},
+     "audit.redisStream.url carries a password"),
+    ({"dir": "d", "signingKeyFile": "k", "redisStream": {"url": "redis://r:6379/0?password=s3cret"}},
+     "audit.redisStream.url carries a password"),
 ])
 def test_audit_section_errors_name_the_key_and_the_fix(audit: dict, message: str) -> None:
     doc = valid()

@@ -357,6 +357,20 @@ def test_validation_error_names_file_key_and_fix(mutate: Mutate, key: str, fix: 
     assert str(info.value) == f"{SOURCE}: {key} {fix}"
 
 
+@pytest.mark.parametrize("url", ["redis://:s3cret@r:6379/0", "redis://app:s3cret@r:6379/0",
+                                 "redis://r:6379/0?password=s3cret"])
+def test_a_password_in_the_budget_store_url_is_refused_without_quoting_it(url: str) -> None:
+    """A hand-written gateway.yaml too (the chart's render refuses it already): the file is
+    copied into the audit trail."""
+    doc = valid()
+    doc["budgets"] = {**(doc.get("budgets") or {}), "store": "redis", "redis": {"url": url}}
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, SOURCE)
+    assert str(info.value).startswith(f"{SOURCE}: budgets.redis.url carries a password") and "s3cret" not in str(info.value)
+    doc["budgets"]["redis"] = {"url": "redis://app@r:6379/0", "passwordEnv": "REDIS_PASSWORD"}
+    assert config.parse(doc, SOURCE).budgets.redis_url == "redis://app@r:6379/0"
+
+
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 

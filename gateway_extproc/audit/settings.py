@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
+from urllib.parse import parse_qsl, urlsplit
 
 FSYNC_POLICIES = ("always", "interval", "never")
 # The stream of events that have no tier (config changes, refusals before classification,
@@ -97,6 +98,10 @@ def parse(raw: Any, fail: Callable[[str, str], NoReturn], tiers: tuple[str, ...]
             fail("audit.redisStream.key", "must be a non-empty string")
         if type(max_len) is not int or max_len < 1:
             fail("audit.redisStream.maxLen", "must be a positive integer")
+        if password_in_url(str(r["url"])):
+            fail("audit.redisStream.url", "carries a password, which would be copied into the audit trail's own "
+                 "copies of each config version; keep redis://[user@]host:port/db and set "
+                 "audit.redisStream.passwordEnv to the environment variable that holds it")
         redis = RedisStream(str(r["url"]), key, max_len, r.get("passwordEnv") or None)
     instance = raw.get("instance", "")
     if not isinstance(instance, str) or "/" in instance:
@@ -109,3 +114,10 @@ def parse(raw: Any, fail: Callable[[str, str], NoReturn], tiers: tuple[str, ...]
         segment_bytes=number("segmentBytes", 64 * 1024 * 1024, 4096, integer=True),
         segment_seconds=number("segmentSeconds", 3600, 1), retention_days=days,
         tier_retention_days=dict(per_tier), redis=redis)
+
+
+def password_in_url(url: str) -> bool:
+    """Whether a Redis URL carries a password (`:pw@`, `user:pw@`, `?password=`): gateway.yaml
+    is copied into the audit trail and a ConfigMap, so a secret goes in an environment variable."""
+    parts = urlsplit(url)
+    return ":" in parts.netloc.rpartition("@")[0] or any(k.lower() == "password" for k, _ in parse_qsl(parts.query))
