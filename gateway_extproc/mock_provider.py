@@ -222,6 +222,9 @@ class Reply:
     chunk_bytes: int | None = None
     # Compress the body with this content-coding (gzip, deflate) whatever the client accepts.
     content_encoding: str | None = None
+    # Informational (1xx) answers sent before this one (x-mock-interim), with these headers.
+    interim: tuple[int, ...] = ()
+    interim_headers: tuple[tuple[str, str], ...] = ()
 
 
 SSE_FRAMINGS = ("crlf", "cr", "nospace", "multiline", "comments", "fields")
@@ -1411,6 +1414,31 @@ class Controls:
         return reply
 
 
+def _raw_reply(reply: Reply, headers: dict[str, str]) -> Reply:
+    """Raw replies for wire-shape tests, applied after every other control:
+    `x-mock-raw-status: N` answers with status N (100-599, 2xx included: 204, 206...);
+    `x-mock-raw-body: <base64>` sends exactly these bytes as a JSON-labelled body (empty allowed);
+    `x-mock-raw-events: <JSON array of base64 strings>` sends a stream, one HTTP chunk each."""
+    status = _header_int(headers, "x-mock-raw-status")
+    if status is not None:
+        if not 100 <= status <= 599:
+            raise HTTPError(400, "x-mock-raw-status must be between 100 and 599")
+        reply.status = status
+    body = headers.get("x-mock-raw-body")
+    if body is not None:
+        reply.raw, reply.body, reply.events = base64.b64decode(body), None, None
+    events = headers.get("x-mock-raw-events")
+    if events is not None:
+        reply.events = [base64.b64decode(e) for e in orjson.loads(events)]
+    interim = headers.get("x-mock-interim")  # e.g. "103,100": 1xx answers first
+    if interim:
+        reply.interim = tuple(int(v) for v in interim.split(","))
+        if not all(100 <= v <= 199 and v != 101 for v in reply.interim):
+            raise HTTPError(400, "x-mock-interim must list 1xx statuses other than 101")
+        reply.interim_headers = tuple(orjson.loads(headers.get("x-mock-interim-headers") or "{}").items())
+    return reply
+
+
 @dataclass
 class Behaviour:
     """A scripted answer for requests to ``model`` (see ``_request_model``), or to every model when it is
@@ -1492,7 +1520,7 @@ class MockApp:
             # 400, and so does the mock (it crashed with a 500, which made the gateway retry
             # the caller's mistake on the next backend).
             reply = route.dialect.error(HTTPError(400, f"Invalid request body: {type(error).__name__}."))
-        return controls.apply(reply, route.dialect)
+        return _raw_reply(controls.apply(reply, route.dialect), request.headers)
 
     def _answer(self, route: Route, params: dict[str, str], request: Request, controls: Controls) -> Reply:
         try:
@@ -1588,6 +1616,8 @@ async def _send_reply(
     """Write the reply; False when the connection was deliberately dropped."""
     if reply.latency_s:
         await asyncio.sleep(reply.latency_s)
+    for status in reply.interim:  # x-mock-interim: 1xx answers before the final one
+        await _send(writer, conn, h11.InformationalResponse(status_code=status, headers=list(reply.interim_headers)))
     if reply.events is None:
         await _send_json(conn, writer, reply, head_only=request.method == "HEAD")
         return True
@@ -1609,7 +1639,9 @@ async def _send_json(conn: h11.Connection, writer: asyncio.StreamWriter, reply: 
         payload = compressor.compress(payload) + compressor.flush()
     headers = [("content-type", reply.content_type or "application/json"), ("content-length", str(len(payload))),
                *_encoding_header(reply), *reply.headers]
-    body = [] if head_only else [h11.Data(data=payload)]
+    if reply.status in (204, 304):  # no body, no content-length (x-mock-raw-status)
+        headers = [h for h in headers if h[0] != "content-length"]
+    body = [] if head_only or not payload else [h11.Data(data=payload)]
     await _send(writer, conn, _response(reply.status, headers), *body, h11.EndOfMessage())
 
 
