@@ -27,6 +27,9 @@ _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
 _GENERATED = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta)":"(?!")')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
+# The largest token count read from a provider's usage (2**53: exact as a double, as Redis's Lua
+# numbers are).
+MAX_TOKENS = 1 << 53
 # The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
 # and the gateway's are written either way).
 STREAM_ENDS = (b"data: [DONE]", b'data: {"error":{', b'data: {"error": {')
@@ -75,8 +78,21 @@ def usage_from_json(raw: bytes) -> Usage | None:
 
 def _int(value: Any) -> int | None:
     """A token count: a non-negative integer (a negative one is a provider bug, and would
-    credit spend back), else unknown."""
-    return value if type(value) is int and value >= 0 else None
+    credit spend back), else unknown. A count past `MAX_TOKENS` is no bill any provider sends:
+    unknown too (the request is charged its reservation), and no store is asked to add an
+    integer it cannot hold."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None
+
+
+def merged(old: Usage | None, new: Usage) -> Usage:
+    """`new` with the counts it lacks (unreadable, or not sent) kept from `old`: a later usage
+    block missing a field (`"usage": {}`) must not erase what the provider reported before."""
+    if old is None:
+        return new
+    return replace(new, prompt_tokens=new.prompt_tokens if new.prompt_tokens is not None else old.prompt_tokens,
+                   completion_tokens=new.completion_tokens if new.completion_tokens is not None
+                   else old.completion_tokens,
+                   cached_tokens=new.cached_tokens if new.cached_tokens is not None else old.cached_tokens)
 
 
 def canonical_event(event: bytes, named: bool = False) -> bytes:
@@ -112,7 +128,7 @@ class SseUsageTap:
     """
 
     __slots__ = ("drop_usage_chunk", "named", "usage", "_pending", "events", "content_events", "rewrite", "done",
-                 "finish_reasons", "limit", "over", "refused")
+                 "finish_reasons", "limit", "over", "refused", "usage_unread")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
                  limit: int | None = None, named: bool = False) -> None:
@@ -130,6 +146,9 @@ class SseUsageTap:
         # partial events back, like dropping does.
         self.rewrite = rewrite
         self.usage: Usage | None = None
+        # A usage block went by whose completion count could not be read (a string, a negative,
+        # missing): the provider's bill is unknown, not absent (RouterProcessor.consumed).
+        self.usage_unread = False
         self.events = 0
         # Events carrying generated text (`_GENERATED`): about one token each, the running
         # output estimate used before (or without) the provider's usage chunk.
@@ -208,9 +227,11 @@ class SseUsageTap:
         try:  # a canonical event, or the unterminated last one
             obj = orjson.loads(event_data(event) or b"")
         except orjson.JSONDecodeError:
+            self.usage_unread = True  # a usage chunk that cannot be read: the bill is unknown
             return False
         usage = usage_from_object(obj)
         if usage is None:
             return False
-        self.usage = replace(usage, finish_reasons=usage.finish_reasons or tuple(self.finish_reasons))
+        self.usage_unread = self.usage_unread or usage.completion_tokens is None
+        self.usage = replace(merged(self.usage, usage), finish_reasons=usage.finish_reasons or tuple(self.finish_reasons))
         return obj.get("choices") == []

@@ -224,11 +224,12 @@ class ResponseGuard:
         for choice in listed if isinstance(listed, list) else ():
             if isinstance(choice, dict) and choice.get("logprobs") is not None:
                 choice["logprobs"], dropped = None, True
-        # A provider's fields beside the schema's (extensions, or junk) reach the client too:
-        # scanned with the choices, as a stream's are (`_extras`).
-        extras = [k for k in body if k not in _CHUNK_KEYS] if isinstance(listed, list) else []
-        scanned = [listed, *(body[k] for k in extras)]
-        strings = walk_strings(scanned, skip_keys=_NOT_TEXT) if isinstance(listed, list) else LimitExceeded("no choices")
+        # The body's other fields (`model`, `system_fingerprint`, a provider's extensions) reach
+        # the client too, and a stream chunk's are scanned: every string of them is, after the
+        # choices' (a value there is redacted in place, a blocked one too; the choices block).
+        others = [k for k in body if k != "choices"] if isinstance(body, dict) else []
+        whole = [listed, [body[k] for k in others]]
+        strings = walk_strings(whole, skip_keys=_NOT_TEXT) if isinstance(listed, list) else LimitExceeded("no choices")
         if isinstance(strings, LimitExceeded):
             log.warning("response_unreadable", reason=strings.reason)
             raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
@@ -238,18 +239,17 @@ class ResponseGuard:
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
-        if decision is not None and decision.block:
-            body["choices"] = [{"index": c.get("index", i) if isinstance(c, dict) else i,
-                                "message": {"role": "assistant", "content": ""}, "finish_reason": "content_filter",
-                                "logprobs": None} for i, c in enumerate(listed)]
-            for k in extras:
-                del body[k]
-        elif decision is not None and decision.redact:
-            new, _ = redact_strings(strings, decision.redact, PlaceholderMap())
+        if decision is not None and (decision.block or decision.redact):
+            found = [*decision.blocking, *decision.redact] if decision.block else decision.redact
+            new, _ = redact_strings(strings, found, PlaceholderMap())
             replacements = iter(new)
-            listed, *values = map_strings(scanned, lambda _s: next(replacements), skip_keys=_NOT_TEXT)
+            listed, values = map_strings(whole, lambda _s: next(replacements), skip_keys=_NOT_TEXT)
+            body.update(zip(others, values))
             body["choices"] = listed
-            body.update(zip(extras, values))
+            if decision.block:
+                body["choices"] = [{"index": c.get("index", i) if isinstance(c, dict) else i,
+                                    "message": {"role": "assistant", "content": ""},
+                                    "finish_reason": "content_filter", "logprobs": None} for i, c in enumerate(listed)]
         elif not dropped:
             self.response_text = [_contents(listed)]
             return None
@@ -426,6 +426,74 @@ class ResponseGuard:
         indexes = sorted({key[0] for key in self.redactors} | {0})
         final = {**chunk, "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"} for i in indexes]}
         return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
+
+
+class EmbeddingsGuard:
+    """Scans an embeddings answer (`POST /v1/embeddings`, never streamed). Vectors carry no
+    text, but the answer is a provider's JSON like any other: a string anywhere else in it
+    (an echoed input, a provider's extension field) reaches the client, so every string but
+    the vectors (`embedding`: floats, or base64 with `encoding_format: base64`) is scanned and
+    a value redacted in place (a blocked one too); a body that is no JSON object with a
+    `data` list is no answer and is not forwarded (`provider_error`)."""
+
+    __slots__ = ("policy", "params", "team")
+
+    def __init__(self, policy: Policy, params: DecisionParams, team: str) -> None:
+        self.policy, self.params, self.team = policy, params, team
+
+    def json_body(self, body: Any) -> bytes | None:
+        if not (isinstance(body, dict) and isinstance(body.get("data"), list)):
+            log.warning("response_unreadable", reason="no data")
+            raise GatewayError("provider_error", "The provider answered with a body that is no embeddings answer; "
+                               "it was not forwarded.")
+        strings = walk_strings(body, skip_keys=_NOT_EMBEDDED_TEXT)
+        if isinstance(strings, LimitExceeded):
+            log.warning("response_unreadable", reason=strings.reason)
+            raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
+                               "it was not forwarded.")
+        findings = self.policy.scanner.scan_strings(strings)
+        decision = self.policy.scanner.decide(findings, self.params) if findings else None
+        if decision is None or not (decision.block or decision.redact):
+            return None
+        record(decision, self.team, self.params.mode, "response")
+        found = [*decision.blocking, *decision.redact] if decision.block else decision.redact
+        replacements = iter(redact_strings(strings, found, PlaceholderMap())[0])
+        return orjson.dumps(map_strings(body, lambda _s: next(replacements), skip_keys=_NOT_EMBEDDED_TEXT))
+
+    def sse_event(self, event: bytes) -> bytes:  # never streamed; an SSE-labelled answer is read whole
+        return b""
+
+    def flush(self) -> bytes:
+        return b""
+
+    def logged_response(self) -> str:
+        return ""
+
+
+_NOT_EMBEDDED_TEXT = BINARY_KEYS | {"embedding"}
+
+# Answer headers that only Envoy or the gateway write (or whose values are HTTP's own syntax):
+# not a provider's text. Every other answer header is.
+_OWN_HEADERS = frozenset({"content-type", "content-length", "date", "server", "transfer-encoding", "connection",
+                          "cache-control", "x-request-id", "x-envoy-upstream-service-time", "retry-after", "vary"})
+_OWN_PREFIXES = (":", "x-gateway-", "x-ratelimit-", "x-envoy-")
+
+
+def withheld_headers(policy: Policy, params: DecisionParams, team: str, headers: dict[str, str]) -> tuple[str, ...]:
+    """The names of a provider's answer headers holding a value output scanning redacts or blocks
+    (a debug header echoing the prompt, a `www-authenticate` quoting an address): a header is
+    text the client reads like the body. A value cannot be cut out of a header safely, so the
+    header is not forwarded."""
+    named = [(k, v) for k, v in headers.items() if k not in _OWN_HEADERS and not k.startswith(_OWN_PREFIXES)]
+    if not named:
+        return ()
+    strings = [text for k, v in named for text in (k, v)]
+    findings = policy.scanner.scan_strings(strings)
+    decision = policy.scanner.decide(findings, params) if findings else None
+    if decision is None or not (decision.block or decision.redact):
+        return ()
+    record(decision, team, params.mode, "response")
+    return tuple(dict.fromkeys(named[f.index // 2][0] for f in (*decision.blocking, *decision.redact)))
 
 
 WITHHELD_ERROR = "The provider sent an error whose message output scanning withheld."

@@ -31,7 +31,8 @@ from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES
 from ..providers.base import openai_error, sse
-from ..policy.classification import Policy, ResponseGuard, Verdict, content_for_log, scanned_error_object
+from ..policy.classification import (EmbeddingsGuard, Policy, ResponseGuard, Verdict, content_for_log,
+                                     scanned_error_object, withheld_headers)
 from ..policy.headers import Header, HeaderEdit, forwarded
 from ..policy.responses_output import ResponsesGuard
 from ..runtime import Runtime
@@ -105,7 +106,7 @@ class RouterProcessor:
         self.declared: str | None = None  # x-data-classification sent by the client
         self.tier: str | None = None
         self.eligible: tuple[Backend, ...] = ()
-        self.guard: ResponseGuard | ResponsesGuard | None = None
+        self.guard: ResponseGuard | ResponsesGuard | EmbeddingsGuard | None = None
         self.redacted = False
         self.content: str | None = None  # prompt text, only when the tier allows logging it
         # "anthropic" for POST /v1/messages: translated to the OpenAI pivot on the way in,
@@ -245,6 +246,8 @@ class RouterProcessor:
                 self.guard = ResponseGuard(policy, verdict.params, team, in_order=self.client == "anthropic")
             elif policy.cfg.output_scanning and self.endpoint is api.RESPONSES:
                 self.guard = ResponsesGuard(policy, verdict.params, team)
+            elif policy.cfg.output_scanning and self.endpoint is api.EMBEDDINGS:
+                self.guard = EmbeddingsGuard(policy, verdict.params, team)
             if policy.may_log_content(verdict.tier):
                 self.content = content_for_log(body)
         if self.trace is not None:
@@ -360,11 +363,23 @@ class RouterProcessor:
                 log.warning("provider_echoed_credential", backend=backend.id, provider=backend.provider.name,
                             headers=len(echoed))
                 remove = (*remove, *echoed)
+        if self.guard is not None and backend is not None and self.error_code is None:
+            guard = self.guard  # output scanning: a provider's headers reach the client like its body
+            if withheld := withheld_headers(guard.policy, guard.params, guard.team, h):
+                log.warning("provider_header_withheld", backend=backend.id, headers=len(withheld))
+                remove = (*remove, *withheld)
         if 300 <= self.status < 400 and self.error_code is None and backend is not None:
             # A provider's redirect is not followed (its target is no backend Envoy knows) nor
             # passed on: it would send the caller around the gateway to the provider's URL.
             return self.reject(GatewayError("provider_error", f"The provider answered HTTP {self.status}, a "
                                             "redirect the gateway does not follow; check the backend's baseURL."))
+        if 200 <= self.status < 300 and msg.end_of_stream and self.error_code is None and backend is not None:
+            # A 2xx with no body at all (204, `content-length: 0`) is no answer: an empty 200
+            # is no JSON an SDK can read, and an empty stream no stream (no [DONE], no error).
+            # The provider may have worked: charged at the reservation (no usage came).
+            log.warning("provider_reply_empty", backend=self.backend, status=self.status)
+            return self.reject(GatewayError("provider_error", f"The provider answered HTTP {self.status} with no "
+                                            "body; there is no answer to forward."))
         if 200 <= self.status < 300 and not msg.end_of_stream and _encoded(h):
             # The chart asks providers for `identity`; a compressed answer anyway cannot be
             # accounted or scanned, so it is not forwarded (and is charged at its reservation).
@@ -608,7 +623,8 @@ class RouterProcessor:
         """What the provider processed, priced at the backend that answered (else the model's
         worst price): its usage when known; for a stream that ended itself without usage, the
         local prompt count and about one token per content event; else, when the provider may
-        have worked (a stream cut off or left by its client before its end, a client gone
+        have worked (a stream cut off, garbled or left by its client before its end, a usage
+        chunk whose counts cannot be read, a client gone
         before the answer, a 2xx JSON answer whose body was never read), the reservation's
         worst case, the most it can bill with the cap it was sent (the output streamed so far
         undercounts: an event may carry many tokens, a Responses delta is no `content`, and
@@ -623,7 +639,8 @@ class RouterProcessor:
         prompt = usage.prompt_tokens if usage.prompt_tokens is not None else (self.prompt_tokens or 0)
         if usage.completion_tokens is not None:
             completion = usage.completion_tokens
-        elif self.tap is not None and (self.tap.done and not self.tap.over or self.admission is None):
+        elif self.tap is not None and (self.tap.done and not self.tap.over and not self.tap.usage_unread
+                                       and not self.unreadable_stream() or self.admission is None):
             completion = self.tap.content_events  # a whole stream without usage: ~one token per event
         elif self.admission is not None:  # the provider's bill is unknown: at most the reservation
             r = self.admission.result
@@ -632,6 +649,12 @@ class RouterProcessor:
             completion = 0
         cost = cost_nano(price, prompt, completion, usage.cached_tokens or 0) if price is not None else 0
         return Consumed(cost, prompt, completion, True)
+
+    def unreadable_stream(self) -> bool:
+        """The translator stopped at bytes it could not read (and ended the client's stream with
+        a `provider_error`): what came after them, the provider's usage included, is unknown."""
+        stream = self.provider.stream if self.provider is not None else None
+        return stream is not None and stream.failure is not None
 
     def account(self, spent: Consumed) -> None:
         """Cost metrics for every priced request; budget settlement when one was reserved."""

@@ -1,0 +1,238 @@
+"""Odd provider replies through real Envoy and the ext_proc (values-local: output scanning on).
+
+Each test is a minimal reproducer of a broken invariant found by the provider-reply attack:
+- every client gets a well-formed answer or a clean OpenAI-shaped error with a documented code;
+- every request is accounted: never below what the provider reported, the reservation when
+  the provider's usage never came in a readable form (docs/budgets.md);
+- no e-mail address or phone number from a provider reply reaches the client unredacted.
+
+The replies are shaped with the mock provider's raw controls (`x-mock-raw-status`,
+`x-mock-raw-body`, `x-mock-raw-events`; docs/mock-provider.md), sealed by conftest.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from gateway_extproc import keys
+
+from .conftest import Gateway, add_provider_models, running_gateway
+
+EMAIL, PHONE = "jane.doe@example.com", "+1 415 555 0100"
+PII = f"write to {EMAIL} or call {PHONE}"
+LEAKS = (EMAIL.encode(), b"415 555 0100", b"4155550100")
+KEYS = {f"k{i}": keys.generate(f"attack-k{i}") for i in range(40)}
+_next = iter(KEYS)
+
+
+@pytest.fixture(scope="module")
+def agw() -> Iterator[Gateway]:
+    def customize(values: dict[str, Any]) -> None:
+        add_provider_models(values)
+        values["models"].append({"name": "anthropic-chat", "tokenizer": "o200k_base", "maxOutputTokens": 1024,
+                                 "backends": [{"provider": "mock-anthropic", "model": "claude-mock-sonnet",
+                                               "pricing": {"input": 3.0, "output": 15.0}, "maxTier": "internal"}]})
+        values["keys"] += [{"id": f"attack-{name}", "sha256": keys.digest(key), "team": "demo", "budget": {"daily": 5}}
+                           for name, key in KEYS.items()]
+    with running_gateway("gw-attack-", customize=customize) as gw:
+        yield gw
+
+
+@pytest.fixture
+def gw(agw: Gateway) -> Iterator[Gateway]:
+    agw.reset()
+    envoy = agw.stack.procs["envoy"]
+    yield agw
+    assert envoy.poll() is None, "Envoy died"
+    assert httpx.get(agw.stack.admin_url + "/ready").status_code == 200
+
+
+def b64(data: bytes | str) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def raw_events(*events: bytes) -> str:
+    return orjson.dumps([b64(e) for e in events]).decode()
+
+
+def post(gw: Gateway, controls: dict[str, str], *, model: str = "default-chat", stream: bool = False,
+         path: str = "/v1/chat/completions", body: dict[str, Any] | None = None, key: str | None = None) -> httpx.Response:
+    body = body or {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    return httpx.post(gw.url + path, json=body, timeout=60,
+                      headers={"authorization": f"Bearer {key or gw.key}", **controls})
+
+
+def spent(gw: Gateway, key: str) -> tuple[float, int]:
+    """The key's daily spend and tokens (settlement is asynchronous: waits for it to move)."""
+    for _ in range(50):
+        got = httpx.get(gw.url + "/v1/usage", headers={"authorization": f"Bearer {key}"}).json()
+        usd = next(b["spent_usd"] for b in got["budgets"] if b["level"].startswith("key:") and b["window"] == "daily")
+        if usd:
+            return usd, got["tokens_used"]["daily"]
+        time.sleep(0.1)
+    return usd, got["tokens_used"]["daily"]
+
+
+def assert_openai_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "code", "param"} and error["code"] == code, error
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, usage: Any = None,
+          choices: bool = True) -> bytes:
+    out: dict[str, Any] = {"id": "chatcmpl-a", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}] if choices else []}
+    if usage is not None:
+        out["usage"] = usage
+    return b"data: " + orjson.dumps(out) + b"\n\n"
+
+
+# -- 1. an empty 2xx answer --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["default-chat", "azure-chat", "anthropic-chat", "gemini-chat", "bedrock-chat"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status", ["200", "201", "204"])
+def test_an_empty_2xx_answer_is_a_provider_error_charged_its_reservation(gw: Gateway, model: str, stream: bool,
+                                                                         status: str) -> None:
+    """A provider (or a proxy before it) that answers 2xx with no body at all: it went out as an
+    empty 200/204, which the openai SDK cannot parse (JSON) or reads as an answer with no text
+    and no error (stream)."""
+    key = KEYS[next(_next)]
+    r = post(gw, {"x-mock-raw-status": status, "x-mock-raw-body": ""}, model=model, stream=stream, key=key)
+    assert_openai_error(r, 502, "provider_error")
+    usd, _ = spent(gw, key)
+    assert usd > 0 and math.isfinite(usd), usd  # the provider may have worked: its reservation
+
+
+def test_an_empty_2xx_answer_raises_in_the_openai_sdk(gw: Gateway) -> None:
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0,
+                           default_headers={"x-mock-raw-body": ""})
+    with pytest.raises(openai.APIStatusError):
+        for _ in client.chat.completions.create(model="default-chat", stream=True,
+                                                messages=[{"role": "user", "content": "hi"}]):
+            pass
+
+
+# -- 2. usage the gateway cannot read never lowers the charge ----------------------------------
+
+
+def test_a_later_empty_usage_block_does_not_erase_the_providers_usage(gw: Gateway) -> None:
+    """A stream whose usage chunk is followed by another chunk with `"usage": {}`: the reported
+    2,000 completion tokens were forgotten and the stream charged as if it had no usage (the
+    prompt and one token for its one content event)."""
+    key = KEYS[next(_next)]
+    events = [chunk({"role": "assistant", "content": "word " * 2000}), chunk(finish="stop"),
+              chunk(usage={"prompt_tokens": 8, "completion_tokens": 2000, "total_tokens": 2008}, choices=False),
+              chunk(usage={}, choices=False), b"data: [DONE]\n\n"]
+    r = post(gw, {"x-mock-raw-events": raw_events(*events)}, stream=True, key=key)
+    assert r.status_code == 200 and b"[DONE]" in r.content
+    _, tokens = spent(gw, key)
+    assert tokens >= 2008, tokens
+
+
+@pytest.mark.parametrize("completion", [2000.0, "2000", -1, 10**30])
+def test_usage_the_gateway_cannot_read_is_charged_the_reservation(gw: Gateway, completion: Any) -> None:
+    """A stream whose usage chunk says 2,000 completion tokens in a form the gateway does not read
+    as a token count (a float, a string, a negative, an integer past 64 bits): it was charged as a
+    stream without usage, one token per content event, though its one event held 2,000 words.
+    The bill is unknown, so the reservation (docs/budgets.md)."""
+    key = KEYS[next(_next)]
+    usage = b'{"prompt_tokens":8,"completion_tokens":' + (
+        str(completion).encode() if not isinstance(completion, str) else orjson.dumps(completion)) + b"}"
+    events = [chunk({"role": "assistant", "content": "word " * 2000}), chunk(finish="stop"),
+              b'data: {"id":"chatcmpl-a","object":"chat.completion.chunk","created":1,"model":"m","choices":[],'
+              b'"usage":' + usage + b"}\n\n", b"data: [DONE]\n\n"]
+    r = post(gw, {"x-mock-raw-events": raw_events(*events)}, stream=True, key=key)
+    assert r.status_code == 200
+    _, tokens = spent(gw, key)
+    assert tokens >= 1000, tokens  # the reservation: prompt + the 1,024-token cap (or the 2,008 reported)
+
+
+# -- 3. output scanning: what a provider puts beside the answer ---------------------------------
+
+
+def test_a_value_in_a_top_level_field_of_a_json_answer_never_leaves(gw: Gateway) -> None:
+    """The same field is scanned in a stream chunk (dropped there); in a JSON answer only
+    `choices` was scanned, so an extension field, `model` or `system_fingerprint` carried
+    the value out."""
+    body = {"id": "chatcmpl-a", "object": "chat.completion", "created": 1, "model": PII, "system_fingerprint": PII,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+            "prompt_echo": PII, "metadata": {"note": PII}}
+    for model in ("default-chat", "azure-chat"):
+        r = post(gw, {"x-mock-raw-body": b64(orjson.dumps(body))}, model=model)
+        assert r.status_code == 200, r.text
+        assert not [leak for leak in LEAKS if leak in r.content], r.text
+        assert r.json()["choices"][0]["message"]["content"] == "ok"
+
+
+def test_a_value_in_an_embeddings_answer_never_leaves(gw: Gateway) -> None:
+    body = {"object": "list", "model": "m", "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2], "input": PII}], "note": PII}
+    r = post(gw, {"x-mock-raw-body": b64(orjson.dumps(body))}, path="/v1/embeddings",
+             body={"model": "default-embedding", "input": "hi"})
+    assert r.status_code in (200, 502), r.text
+    assert not [leak for leak in LEAKS if leak in r.content], r.text
+    if r.status_code == 200:
+        assert r.json()["data"][0]["embedding"] == [0.1, 0.2]
+
+
+@pytest.mark.parametrize("junk", [b"junk", b"[1, 2]", b'{"object": "list"}'])
+def test_an_embeddings_answer_that_is_no_answer_is_a_provider_error(gw: Gateway, junk: bytes) -> None:
+    r = post(gw, {"x-mock-raw-body": b64(junk)}, path="/v1/embeddings",
+             body={"model": "default-embedding", "input": "hi"})
+    assert_openai_error(r, 502, "provider_error")
+    assert junk not in r.content
+
+
+@pytest.mark.parametrize("model", ["default-chat", "anthropic-chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_value_in_a_provider_answer_header_never_leaves(gw: Gateway, model: str, stream: bool) -> None:
+    headers = orjson.dumps({"x-debug-echo": PII, "www-authenticate": f'Bearer realm="{EMAIL}"'}).decode()
+    r = post(gw, {"x-mock-response-headers": headers}, model=model, stream=stream)
+    assert r.status_code == 200
+    shown = "\n".join(f"{k}: {v}" for k, v in r.headers.items()).encode()
+    assert not [leak for leak in LEAKS if leak in shown], shown
+
+
+def anthropic_events(output_tokens: Any, text: str) -> list[bytes]:
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
+    return [event("message_start", {"type": "message_start", "message": {
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "c", "content": [],
+                "stop_reason": None, "usage": {"input_tokens": 8, "output_tokens": 1}}}),
+            event("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text", "text": ""}}),
+            event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": text}}),
+            event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                    "usage": {"output_tokens": output_tokens}}),
+            event("message_stop", {"type": "message_stop"})]
+
+
+@pytest.mark.parametrize("output_tokens", ["2000", 2000.0, -3])
+def test_a_translated_stream_whose_usage_cannot_be_read_is_charged_the_reservation(gw: Gateway,
+                                                                                   output_tokens: Any) -> None:
+    """An Anthropic stream whose `message_delta` reports its 2,000 output tokens as a string (the
+    translator fails at that event and ends the stream with a `provider_error` after the whole
+    answer went out), a float or a negative: charged the prompt and one token for the one content
+    event instead of the reservation."""
+    key = KEYS[next(_next)]
+    r = post(gw, {"x-mock-raw-events": raw_events(*anthropic_events(output_tokens, "word " * 2000))},
+             model="anthropic-chat", stream=True, key=key)
+    assert r.status_code == 200
+    _, tokens = spent(gw, key)
+    assert tokens >= 1000, tokens
