@@ -286,9 +286,10 @@ class ResponseGuard:
             return self._unreadable(event)
         choices = chunk.get("choices")
         if not isinstance(choices, list):  # no chunk; but the usage alone may come without choices
-            return event if choices is None and chunk.keys() <= _HEAD | {"usage"} else self._unreadable(event)
+            return self._bare(chunk, event) if choices is None and chunk.keys() <= _HEAD | {"usage"} \
+                else self._unreadable(event)
         if not choices:
-            return event  # no generated text (the usage chunk)
+            return self._bare(chunk, event)  # no generated text (the usage chunk), but maybe other fields
         if self.head is None:
             self.head = {"object": "chat.completion.chunk", **{k: v for k, v in chunk.items() if k in _HEAD}}
         if self._extras_blocked(chunk, choices):
@@ -306,6 +307,27 @@ class ResponseGuard:
             return released  # the rest is held back until the window moves on
         chunk["choices"] = shown
         return released + b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _bare(self, chunk: dict[str, Any], event: bytes) -> bytes:
+        """A chunk without choices (the usage chunk): no text window, but its other fields reach
+        the client (`usage` and any field beside it), so their strings are scanned as a chunk's
+        extras are: the event as it came when they hold nothing; else without them, or the
+        stream's end when a value blocks."""
+        fields = [k for k in chunk if k not in _HEAD and k != "choices"]
+        strings = walk_strings([chunk[k] for k in fields])
+        if isinstance(strings, LimitExceeded):
+            return self._unreadable(event)
+        findings = self.policy.scanner.scan_strings(strings) if strings else None
+        decision = self.policy.scanner.decide(findings, self.params) if findings else None
+        if decision is None or not (decision.block or decision.redact):
+            return event
+        record(decision, self.team, self.params.mode, "response")
+        if decision.block:
+            return self.block(chunk)
+        kept = {k: v for k, v in chunk.items() if k in _HEAD or k == "choices"}
+        if isinstance(chunk.get("usage"), dict):  # the counts stay (clients read them), its strings go
+            kept["usage"] = _counts(chunk["usage"])
+        return b"data: " + orjson.dumps(kept) + b"\n\n"
 
     def _choice(self, choice: dict[str, Any], before: list[bytes]) -> bool:
         """Scans one choice's texts in place; False when it has nothing left to show now.
@@ -424,7 +446,9 @@ class ResponseGuard:
         if decision is not None:  # (a block in a chunk's other fields is recorded where it is found)
             record(decision, self.team, self.params.mode, "response")
         indexes = sorted({key[0] for key in self.redactors} | {0})
-        final = {**chunk, "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"} for i in indexes]}
+        # Only the chunk's head goes with it: its other fields may hold the very value that blocks.
+        final = {**{k: v for k, v in chunk.items() if k in _HEAD},
+                 "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"} for i in indexes]}
         return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
 
 
@@ -593,6 +617,12 @@ def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...]
                 slots.append(((index, "tool_calls", call["index"] if type(call.get("index")) is int else k), fn,
                               "arguments"))
     return slots
+
+
+def _counts(obj: dict[str, Any]) -> dict[str, Any]:
+    """A usage object's numbers (nested details included), without any text."""
+    return {k: _counts(v) if isinstance(v, dict) else v for k, v in obj.items()
+            if isinstance(v, (int, float, dict)) or v is None}
 
 
 def _contents(choices: list[Any]) -> str:

@@ -236,3 +236,46 @@ def test_a_translated_stream_whose_usage_cannot_be_read_is_charged_the_reservati
     assert r.status_code == 200
     _, tokens = spent(gw, key)
     assert tokens >= 1000, tokens
+
+
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"  # aws_access_key: blocked on output (content_filter)
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+@pytest.mark.parametrize("case", ["beside-usage", "in-usage", "no-usage", "no-choices"])
+def test_a_value_in_a_chunk_without_choices_never_leaves(gw: Gateway, case: str, include_usage: bool) -> None:
+    """A chunk with `choices: []` (the usage chunk's shape) went out unscanned: a value beside the
+    usage, inside it, or in a chunk with no usage at all reached the client (the last even when it
+    did not ask for usage)."""
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    bare = {"beside-usage": {"choices": [], "usage": usage, "note": PII},
+            "in-usage": {"choices": [], "usage": {**usage, "note": PII}},
+            "no-usage": {"choices": [], "note": PII},
+            "no-choices": {"usage": {**usage, "note": PII}}}[case]
+    events = [chunk({"role": "assistant", "content": "hi"}, "stop"),
+              b"data: " + orjson.dumps({"id": "chatcmpl-a", "object": "chat.completion.chunk", **bare}) + b"\n\n",
+              b"data: [DONE]\n\n"]
+    body = {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    r = post(gw, {"x-mock-raw-events": raw_events(*events)}, body=body)
+    assert r.status_code == 200
+    assert not [leak for leak in LEAKS if leak in r.content], r.text
+    assert r.content.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("where", ["chunk", "bare-chunk"])
+def test_a_blocked_value_beside_the_text_is_not_repeated_in_the_block(gw: Gateway, where: str) -> None:
+    """A chunk whose extension field holds a value that blocks ends the stream with a
+    `content_filter` chunk built from that chunk, which carried the field, value and all."""
+    head = {"id": "chatcmpl-a", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    choices = [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}] if where == "chunk" else []
+    events = [chunk({"role": "assistant", "content": "hello"}),
+              b"data: " + orjson.dumps({**head, "choices": choices, "note": f"key {AWS_KEY}"}) + b"\n\n",
+              b"data: [DONE]\n\n"]
+    body = {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "stream_options": {"include_usage": True}}
+    r = post(gw, {"x-mock-raw-events": raw_events(*events)}, body=body)
+    assert r.status_code == 200
+    assert AWS_KEY.encode() not in r.content, r.text
+    assert b'"finish_reason":"content_filter"' in r.content, r.text
