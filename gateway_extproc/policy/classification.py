@@ -561,8 +561,22 @@ def _withheld() -> dict[str, Any]:
     return error_object(WITHHELD_ERROR, "server_error", "provider_error")
 
 
-# Strings of a choice that are the provider's labels, not generated text (and binary data).
-_NOT_TEXT = BINARY_KEYS | {"role", "finish_reason", "type", "id", "index", "object"}
+# Strings of a choice that are the provider's identifiers, not generated text (and binary data).
+# Its labels (`role`, `finish_reason`, a tool call's `type`) are scanned: a provider may put
+# anything there, and a client reads them.
+_NOT_TEXT = BINARY_KEYS | {"id", "index", "object"}
+# Labels of a stream chunk and the values the chat schema gives them: any other value is
+# scanned like a field outside the schema (`_extras`).
+_LABELS: dict[str, frozenset[str]] = {
+    "role": frozenset({"assistant", "tool", "user", "system", "developer", "function"}),
+    "finish_reason": frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"}),
+    "type": frozenset({"function"}),
+    "service_tier": frozenset({"auto", "default", "flex", "scale", "priority"}),
+}
+# Fields of the schema that hold a provider's annotations, never text of the answer, and are
+# scanned like fields outside it (Azure's content-filter results, OpenAI's obfuscation padding,
+# a usage object beside choices).
+_ANNOTATIONS = frozenset({"obfuscation", "prompt_filter_results", "content_filter_results", "content_filter_offsets"})
 _HEAD = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier"})
 # The generated text of a stream delta, beside `tool_calls[].function.arguments`.
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content")
@@ -579,26 +593,41 @@ _FUNCTION_KEYS = frozenset({"name", "arguments"})
 
 
 def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, Any], str]]:
-    """(dict, key) of every field outside the chat stream schema, down to tool calls."""
+    """(dict, key) of every field outside the chat stream schema, down to tool calls, and of
+    the schema's labels holding a value it does not define and its annotations."""
     out = [] if chunk.keys() <= _CHUNK_KEYS else [(chunk, k) for k in chunk if k not in _CHUNK_KEYS]
+    out += _odd(chunk, ("service_tier", *_ANNOTATIONS))
+    if isinstance(chunk.get("usage"), dict) and any(isinstance(v, (str, list)) or isinstance(v, dict) and any(
+            not isinstance(x, (int, float)) for x in v.values()) for v in chunk["usage"].values()):
+        out.append((chunk, "usage"))  # (usage was read before: `SseUsageTap`)
     for choice in choices:
         if not isinstance(choice, dict):
             continue
         if not choice.keys() <= _CHOICE_KEYS:
             out += [(choice, k) for k in choice if k not in _CHOICE_KEYS]
+        out += _odd(choice, ("finish_reason", *_ANNOTATIONS))
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             continue
+        out += _odd(delta, ("role",))
         if not delta.keys() <= _DELTA_KEYS:  # (a string there is a text with its own window: `_text_slots`)
             out += [(delta, k) for k, v in delta.items() if k not in _DELTA_KEYS and not isinstance(v, str)]
         calls = delta.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
                 out += [(call, k) for k in call if k not in _CALL_KEYS]
+                out += _odd(call, ("type",))
                 fn = call.get("function")
                 if isinstance(fn, dict):
                     out += [(fn, k) for k in fn if k not in _FUNCTION_KEYS]
-    return out
+    return list({(id(holder), key): (holder, key) for holder, key in out}.values())
+
+
+def _odd(holder: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[dict[str, Any], str]]:
+    """(dict, key) of the labels among `keys` holding a value the schema does not give them, and
+    of the annotations present."""
+    return [(holder, k) for k in keys if (v := holder.get(k)) is not None
+            and not (k in _LABELS and isinstance(v, str) and v in _LABELS[k])]
 
 
 def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:

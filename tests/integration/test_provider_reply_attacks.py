@@ -279,3 +279,53 @@ def test_a_blocked_value_beside_the_text_is_not_repeated_in_the_block(gw: Gatewa
     assert r.status_code == 200
     assert AWS_KEY.encode() not in r.content, r.text
     assert b'"finish_reason":"content_filter"' in r.content, r.text
+
+
+STREAM_LABELS = {
+    "usage-beside-choices": ({}, {"usage": {"prompt_tokens": 1, "completion_tokens": 1, "note": PII}}),
+    "prompt_filter_results": ({}, {"prompt_filter_results": [{"note": PII}]}),
+    "obfuscation": ({}, {"obfuscation": PII}),
+    "service_tier": ({}, {"service_tier": PII}),
+    "content_filter_results": ({"content_filter_results": {"note": PII}}, {}),
+    "finish_reason": ({"finish_reason": PII}, {}),
+    "role": ({"delta": {"role": PII, "content": "hi"}}, {}),
+    "tool-call-type": ({"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": PII,
+                                                  "function": {"name": "f", "arguments": "{}"}}]}}, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAM_LABELS))
+def test_a_value_in_a_schema_label_of_a_stream_chunk_never_leaves(gw: Gateway, case: str) -> None:
+    """Fields of the chat stream schema other than its texts were taken as the provider's labels
+    and never scanned: a provider putting a value in `finish_reason`, a delta's `role`, a tool
+    call's `type`, `service_tier`, `obfuscation`, Azure's filter results or a usage object
+    beside the choices had it reach the client."""
+    choice_fields, chunk_fields = STREAM_LABELS[case]
+    choice = {"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop", **choice_fields}
+    event = {"id": "chatcmpl-a", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [choice], **chunk_fields}
+    body = {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "stream_options": {"include_usage": True}}
+    r = post(gw, {"x-mock-raw-events": raw_events(b"data: " + orjson.dumps(event) + b"\n\n", b"data: [DONE]\n\n")},
+             body=body)
+    assert r.status_code == 200
+    assert not [leak for leak in LEAKS if leak in r.content], r.text
+
+
+JSON_LABELS = {
+    "role": {"role": PII, "content": "ok"},
+    "finish_reason": None,
+    "tool-call-type": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": PII, "function": {"name": "f", "arguments": "{}"}}]},
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_LABELS))
+def test_a_value_in_a_schema_label_of_a_json_answer_never_leaves(gw: Gateway, case: str) -> None:
+    message = JSON_LABELS[case] or {"role": "assistant", "content": "ok"}
+    choice = {"index": 0, "message": message, "finish_reason": PII if case == "finish_reason" else "stop"}
+    body = {"id": "chatcmpl-a", "object": "chat.completion", "created": 1, "model": "m", "choices": [choice],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    r = post(gw, {"x-mock-raw-body": b64(orjson.dumps(body))})
+    assert r.status_code == 200
+    assert not [leak for leak in LEAKS if leak in r.content], r.text
