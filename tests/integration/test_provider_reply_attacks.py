@@ -329,3 +329,23 @@ def test_a_value_in_a_schema_label_of_a_json_answer_never_leaves(gw: Gateway, ca
     r = post(gw, {"x-mock-raw-body": b64(orjson.dumps(body))})
     assert r.status_code == 200
     assert not [leak for leak in LEAKS if leak in r.content], r.text
+
+
+@pytest.mark.xfail(strict=True, reason="by design today: a Responses answer's echoes of the request (instructions, "
+                   "metadata, text, reasoning, tools...) are not scanned again (policy/responses_output.py _ECHOES, "
+                   "tests/test_responses_output.py asserts it); a provider decides what it echoes")
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_value_a_provider_puts_in_a_responses_echo_field_never_leaves(gw: Gateway, stream: bool) -> None:
+    done = {"id": "resp_1", "object": "response", "status": "completed", "model": "m", "output": [],
+            "usage": {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6},
+            "instructions": PII, "metadata": {"a": PII}}
+    body = {"model": "default-chat", "input": "hi", "stream": stream}
+    if stream:
+        event = b"event: response.completed\ndata: " + orjson.dumps(
+            {"type": "response.completed", "response": done, "sequence_number": 0}) + b"\n\n"
+        controls = {"x-mock-raw-events": raw_events(event)}
+    else:
+        controls = {"x-mock-raw-body": b64(orjson.dumps(done))}
+    r = post(gw, controls, path="/v1/responses", body=body)
+    assert r.status_code == 200
+    assert not [leak for leak in LEAKS if leak in r.content], r.text
