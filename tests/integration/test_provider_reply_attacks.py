@@ -349,3 +349,12 @@ def test_a_value_a_provider_puts_in_a_responses_echo_field_never_leaves(gw: Gate
     r = post(gw, controls, path="/v1/responses", body=body)
     assert r.status_code == 200
     assert not [leak for leak in LEAKS if leak in r.content], r.text
+
+
+def test_a_value_in_an_embeddings_error_never_leaves(gw: Gateway) -> None:
+    """docs/classification.md: error answers of any endpoint are scanned; an embeddings request
+    had no output guard, so its provider's error message went out unscanned."""
+    r = post(gw, {"x-mock-status": "400", "x-mock-error-message-base64": b64(PII)}, path="/v1/embeddings",
+             body={"model": "default-embedding", "input": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["message"], r.text
+    assert not [leak for leak in LEAKS if leak in r.content], r.text
