@@ -1,7 +1,7 @@
 """A JSON chat reply is scanned beyond `choices` (a provider's extra top-level field) and
-under the label keys' containers (an object under `type`), as a stream's chunks are
-(`_extras`). Labels themselves (`id`, `type`, `role` strings: provider-assigned, not
-generated text; redacting a tool call's id would break its round trip) are not read."""
+under the identifiers' names (an object under `id`), as a stream's chunks are (`_extras`).
+Identifiers themselves (`id` strings: provider-assigned, not generated text; redacting a
+tool call's id would break its round trip) are not read."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def answer(**extra: object) -> dict:
 @pytest.mark.parametrize("body", [
     answer(provider_note=f"card {CARD}"),
     answer(message={"type": {"x": f"card {CARD}"}}),
+    answer(message={"id": {"x": [f"card {CARD}"]}}),
     answer(provider_note={"deep": [f"card {CARD}"]}, message={"content": f"also {CARD}"}),
-], ids=["top-level extra", "object under type", "extra and content"])
+], ids=["top-level extra", "object under type", "extra and content", "object under id"])
 def test_a_json_reply_holds_no_card_anywhere(policy: Policy, body: dict) -> None:
     guard = ResponseGuard(policy, policy._params["enforce"], "demo")
     out = guard.json_body(body)

@@ -215,8 +215,8 @@ class ResponseGuard:
     def json_body(self, body: Any) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it) to send instead, or
         None to send it unchanged. Every string of every choice is scanned (content, refusal,
-        reasoning, tool-call arguments, but not labels: ids, roles, types), and of any field
-        beside the schema's; logprobs are dropped, since they spell the text out
+        reasoning, tool-call arguments, labels; not ids), and of the body's other fields;
+        logprobs are dropped, since they spell the text out
         token by token where no scan can see a value whole. Raises `provider_error` for a body
         that cannot be read, which therefore cannot be sent."""
         listed = body.get("choices") if isinstance(body, dict) else None
