@@ -127,3 +127,16 @@ def test_an_answer_without_the_credential_is_the_same_object() -> None:
     body = b'{"choices": [{"message": {"content": "sk-live is a prefix"}}]}\n\n'
     assert cut.whole(body) is body and cut.feed(body, False) is body and not cut.found
     assert CredentialCut.of(None) is None and CredentialCut.of("short") is None
+
+
+def test_a_keys_label_is_no_piece_of_it_but_its_secret_is() -> None:
+    """`sk-backup-…` and a backend named `mock-backup` share `k-backup`: the label before a
+    key's last `-`/`_` (within 16 characters) is public, so a header naming the backend stays;
+    any 8 characters of the rest are a piece. A whole quote loses the label too."""
+    key = "sk-backup-Zq81mWx0Tt4Lp2Vy"
+    headers = {"x-gateway-backend": "mock-backup/mock-secondary", "x-debug": "key ending mWx0Tt4Lp2Vy"}
+    assert echoed_headers(headers, key) == ("x-debug",)
+    raw = orjson.dumps({"error": {"message": f"bad key {key} (the one ending 0Tt4Lp2Vy) for mock-backup",
+                                  "type": "invalid_request_error", "code": None, "param": None}})
+    message = orjson.loads(client_error(400, raw, key, "p/m", None))["error"]["message"]
+    assert "sk-backup" not in message and "0Tt4Lp2Vy" not in message and "mock-backup" in message

@@ -90,13 +90,25 @@ PIECE = 8  # a run of this many of a credential's characters is a piece of it (a
 _STEP, _ANCHOR = 4, 5
 
 
+# A key's leading label (`sk-`, `sk-proj-`, `sk-backup-`: up to its last `-` or `_` among the
+# first _LABEL characters) is no secret, and a piece of it is everyday text (`mock-backup`).
+_LABEL = 16
+
+
+def _secret(part: str) -> str:
+    """The part without its leading label."""
+    cut = max(part.rfind("-", 0, _LABEL), part.rfind("_", 0, _LABEL))
+    return part[cut + 1:]
+
+
 @functools.lru_cache(maxsize=64)
 def _windows(credential: str) -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """Every run of PIECE characters of the credential's parts; the parts; their anchors
-    (`_ANCHOR` characters at every `_STEP`-th offset); the parts lower-cased."""
+    """Every run of PIECE characters of the credential's parts past their labels; the parts;
+    the runs' anchors (`_ANCHOR` characters at every `_STEP`-th offset); the parts lower-cased."""
     parts = credential_parts(credential)
-    return (frozenset(p[i:i + PIECE] for p in parts for i in range(len(p) - PIECE + 1)), parts,
-            tuple({p[i:i + _ANCHOR] for p in parts for i in range(0, len(p) - _ANCHOR + 1, _STEP)}),
+    secrets = [_secret(p) for p in parts]
+    return (frozenset(s[i:i + PIECE] for s in secrets for i in range(len(s) - PIECE + 1)), parts,
+            tuple({s[i:i + _ANCHOR] for s in secrets for i in range(0, len(s) - _ANCHOR + 1, _STEP)}),
             tuple(p.lower() for p in parts))
 
 
@@ -107,6 +119,8 @@ def cut_pieces(text: str, credential: str | None) -> str:
     if not credential or len(text) < PIECE:
         return text
     windows, parts, _, _ = _windows(credential)
+    for part in parts:  # the whole value, label included
+        text = text.replace(part, CREDENTIAL_CUT)
     if not windows:
         return text
     out, start, i, n = [], 0, 0, len(text)
