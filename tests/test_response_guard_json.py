@@ -45,3 +45,30 @@ def test_a_json_reply_holds_no_card_anywhere(policy: Policy, body: dict) -> None
     sent = repr(body if out is None else out)
     assert "4111 1111" not in sent
     assert out is not None and orjson.loads(out)["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_an_answers_id_is_not_read_and_its_labels_are_read_once_per_value(policy: Policy) -> None:
+    """The top-level fields are scanned by name: an `id` (digits enough for a card run) is
+    not text; `model` and the other labels repeat on every answer, so a value seen in a clean
+    answer is not read again, while a new value is (a card there is still caught)."""
+    from gateway_extproc.policy import scanner
+
+    seen: list[list[str]] = []
+    real = scanner.Scanner.scan_strings
+
+    def spy(self: scanner.Scanner, strings, apart=False):  # type: ignore[no-untyped-def]
+        seen.append(list(strings))
+        return real(self, strings, apart)
+
+    scanner.Scanner.scan_strings = spy  # type: ignore[method-assign]
+    try:
+        fresh = Policy(policy.cfg)
+        guard = lambda: ResponseGuard(fresh, fresh._params["enforce"], "demo")  # noqa: E731
+        assert guard().json_body(answer(id="chatcmpl-4111111111111111", model="gpt-x-2024-07-18")) is None
+        assert "gpt-x-2024-07-18" in seen[-1] and "ok" in seen[-1] and not any("chatcmpl" in t for t in seen[-1])
+        assert guard().json_body(answer(model="gpt-x-2024-07-18")) is None
+        assert seen[-1] == ["ok"]
+        out = guard().json_body(answer(model=f"gpt {CARD}"))
+        assert out is not None and "4111 1111" not in out.decode()
+    finally:
+        scanner.Scanner.scan_strings = real  # type: ignore[method-assign]

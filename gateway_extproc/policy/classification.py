@@ -17,7 +17,7 @@ holding just those, so fallback never escalates to a lower-tier backend.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -57,6 +57,7 @@ class Policy:
     def __init__(self, cfg: Classification) -> None:
         self.cfg = cfg
         self.rank = {t: i for i, t in enumerate(cfg.tiers)}
+        self.known_labels: dict[str, set[str]] = {}  # `remember_labels`
         rules = [replace(rule, action=o.get("action", rule.action), min_tier=o.get("minTier", rule.min_tier),
                          critical=o.get("critical", rule.critical))
                  for rule in DEFAULT_RULES for o in [cfg.rules.get(rule.name, {})]]
@@ -72,6 +73,17 @@ class Policy:
         self.scan_every_key = bool(custom)
         self.allowlist = tuple(AllowEntry.from_mapping(e) for e in cfg.allowlist)
         self._params = {m: DecisionParams(mode=m, allowlist=self.allowlist, tiers=cfg.tiers) for m in MODES}
+
+    def remember_labels(self, values: Iterable[tuple[str, Any]]) -> None:
+        """Label values (`model`, `role`, `finish_reason`...) of an answer whose scan found
+        nothing: the next answer's are not read again (they repeat on every answer). Per
+        Policy, so a reload's new rules read them afresh; bounded."""
+        known = self.known_labels
+        if sum(map(len, known.values())) > _MAX_KNOWN_LABELS:
+            known.clear()
+        for key, value in values:
+            if isinstance(value, str) and len(value) <= 128:
+                known.setdefault(key, set()).add(value)
 
     def top(self, *tiers: str | None) -> str:
         return max((t for t in tiers if t), key=self.rank.__getitem__, default=self.cfg.tiers[0])
@@ -228,14 +240,21 @@ class ResponseGuard:
         # the client too, and a stream chunk's are scanned: every string of them is, after the
         # choices' (a value there is redacted in place, a blocked one too; the choices block).
         others = [k for k in body if k != "choices"] if isinstance(body, dict) else []
-        whole = [listed, [body[k] for k in others]]
-        strings = walk_strings(whole, skip_keys=_NOT_TEXT) if isinstance(listed, list) else LimitExceeded("no choices")
+        whole = [listed, {k: body[k] for k in others}]  # (by name: an `id` is no text, labels repeat)
+        known = self.policy.known_labels
+        strings = walk_strings(whole, skip_keys=_NOT_TEXT, known=known) if isinstance(listed, list) \
+            else LimitExceeded("no choices")
         if isinstance(strings, LimitExceeded):
             log.warning("response_unreadable", reason=strings.reason)
             raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
                                "it was not forwarded.")
         findings = self.policy.scanner.scan_strings(strings)
         self.clean = not findings
+        if self.clean:
+            self.policy.remember_labels([*((k, body[k]) for k in _MEMO_HEAD if k in body), *(
+                (k, m.get(k) if k == "role" else c.get(k)) for c in listed if isinstance(c, dict)
+                for m in [c.get("message") if isinstance(c.get("message"), dict) else {}]
+                for k in ("role", "finish_reason"))])
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
@@ -243,8 +262,8 @@ class ResponseGuard:
             found = [*decision.blocking, *decision.redact] if decision.block else decision.redact
             new, _ = redact_strings(strings, found, PlaceholderMap())
             replacements = iter(new)
-            listed, values = map_strings(whole, lambda _s: next(replacements), skip_keys=_NOT_TEXT)
-            body.update(zip(others, values))
+            listed, values = map_strings(whole, lambda _s: next(replacements), skip_keys=_NOT_TEXT, known=known)
+            body.update(values)
             body["choices"] = listed
             if decision.block:
                 body["choices"] = [{"index": c.get("index", i) if isinstance(c, dict) else i,
@@ -578,6 +597,9 @@ _LABELS: dict[str, frozenset[str]] = {
 # a usage object beside choices).
 _ANNOTATIONS = frozenset({"obfuscation", "prompt_filter_results", "content_filter_results", "content_filter_offsets"})
 _HEAD = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier"})
+# A JSON answer's labels that repeat on every answer, read once per value (`remember_labels`).
+_MEMO_HEAD = ("model", "system_fingerprint", "service_tier")
+_MAX_KNOWN_LABELS = 4096
 # The generated text of a stream delta, beside `tool_calls[].function.arguments`.
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content")
 

@@ -1351,7 +1351,8 @@ def keyed_replacement(text: str, redacted: str) -> str:
 
 def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth: int = MAX_DEPTH,
                  max_nodes: int = MAX_NODES, names: dict[str, None] | None = None,
-                 keyed: dict[str, None] | None = None) -> list[str] | LimitExceeded:
+                 keyed: dict[str, None] | None = None,
+                 known: Mapping[str, set[str]] | None = None) -> list[str] | LimitExceeded:
     """Every string value in a parsed JSON value, in document order (dict keys are not
     included; strings under `skip_keys` and base64 data URIs are skipped; objects and arrays
     under `skip_keys` are walked: a label names no container). Iterative.
@@ -1359,7 +1360,9 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
     `names`, when given, collects every object key once, in first-seen order, from the same
     pass: keys are caller text too (metadata, tool schemas, logit_bias), and classification
     scans them apart from the values (a key never bridges into a value). `keyed` collects
-    the `keyed_text` of every long number and SSN-named string the same way."""
+    the `keyed_text` of every long number and SSN-named string the same way. `known`: per
+    member name, values skipped as already read (a provider's labels, seen clean before);
+    `map_strings` must be given the same."""
     if isinstance(obj, str):
         text = _text(None, obj, skip_keys)
         return [] if text is None else [text.text if isinstance(text, _DataText) else text]
@@ -1374,7 +1377,7 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                 names[key] = None
             if isinstance(value, str):
                 text = _text(key, value, skip_keys)
-                if text is None:
+                if text is None or known is not None and key in known and value in known[key]:
                     continue
                 out.append(text.text if isinstance(text, _DataText) else text)
                 nodes += 1
@@ -1410,7 +1413,7 @@ def _mapped(text: str | _DataText | None, value: str, fn: Callable[[str], str]) 
 
 def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str] = BINARY_KEYS,
                 max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES, keys: Mapping[str, str] | None = None,
-                keyed: Mapping[str, str] | None = None) -> Any:
+                keyed: Mapping[str, str] | None = None, known: Mapping[str, set[str]] | None = None) -> Any:
     """A copy of `obj` with `fn` applied to every string `walk_strings` would return, called
     in the same order (so `fn` may consume an iterator of replacements), every object key
     found in `keys` renamed to its value (redacted keys), and every number or string whose
@@ -1433,7 +1436,7 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
             descend = None
             if isinstance(value, str):
                 text = _text(key, value, skip_keys)
-                if text is not None:
+                if text is not None and not (known is not None and key in known and value in known[key]):
                     original = value
                     value = _mapped(text, value, fn)
                     nodes += 1
