@@ -259,8 +259,7 @@ class ResponseGuard:
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
         if decision is not None and (decision.block or decision.redact):
-            found = [*decision.blocking, *decision.redact] if decision.block else decision.redact
-            new, _ = redact_strings(strings, found, PlaceholderMap())
+            new, _ = redact_strings(strings, decision.replaced, PlaceholderMap())
             replacements = iter(new)
             listed, values = map_strings(whole, lambda _s: next(replacements), skip_keys=_NOT_TEXT, known=known)
             body.update(values)
@@ -499,8 +498,7 @@ class EmbeddingsGuard:
         if decision is None or not (decision.block or decision.redact):
             return None
         record(decision, self.team, self.params.mode, "response")
-        found = [*decision.blocking, *decision.redact] if decision.block else decision.redact
-        replacements = iter(redact_strings(strings, found, PlaceholderMap())[0])
+        replacements = iter(redact_strings(strings, decision.replaced, PlaceholderMap())[0])
         return orjson.dumps(map_strings(body, lambda _s: next(replacements), skip_keys=_NOT_EMBEDDED_TEXT))
 
     def sse_event(self, event: bytes) -> bytes:  # never streamed; an SSE-labelled answer is read whole
@@ -536,7 +534,7 @@ def withheld_headers(policy: Policy, params: DecisionParams, team: str, headers:
     if decision is None or not (decision.block or decision.redact):
         return ()
     record(decision, team, params.mode, "response")
-    return tuple(dict.fromkeys(named[f.index // 2][0] for f in (*decision.blocking, *decision.redact)))
+    return tuple(dict.fromkeys(named[f.index // 2][0] for f in decision.replaced))
 
 
 WITHHELD_ERROR = "The provider sent an error whose message output scanning withheld."

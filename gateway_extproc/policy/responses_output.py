@@ -110,8 +110,7 @@ class ResponsesGuard:
         if decision is not None and (decision.block or decision.redact):
             # A block empties the output; a blocked value elsewhere (an error message) is
             # replaced by its placeholder, like redacted ones.
-            found = [*decision.blocking, *decision.redact] if decision.block else decision.redact
-            new, _ = redact_strings(strings, found, PlaceholderMap())
+            new, _ = redact_strings(strings, decision.replaced, PlaceholderMap())
             replacements = iter(new)
             body.update(zip(fields, map_strings(values, lambda _s: next(replacements))))
             if decision.block:

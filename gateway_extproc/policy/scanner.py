@@ -343,6 +343,12 @@ class Decision:
     tier_block: bool
 
     @property
+    def replaced(self) -> tuple[Finding, ...]:
+        """What an answer loses in place: the redactions, and when it blocks the blocking
+        values too (a blocked value outside the generated text becomes its placeholder)."""
+        return (*self.blocking, *self.redact) if self.block else self.redact
+
+    @property
     def allowlist_applied(self) -> tuple[AllowEntry, ...]:
         seen: dict[int, AllowEntry] = {}
         for _, entry in self.allowlisted:

@@ -227,9 +227,9 @@ def client_error(status: int, raw: bytes, credential: str | None, backend: str,
       words are dropped, since providers quote the key they refused (OpenAI its last four
       characters, others all of it).
     - Any other status: an OpenAI error object goes on with the credential's value, and any
-      run of 8 or more of its characters (a key quoted in part), cut wherever it appears; anything else (an HTML page from a proxy, FastAPI's `{"detail": ...}`)
-      becomes a `provider_error` carrying the provider's message, so every client reads one
-      error shape.
+      run of 8 or more of its characters (a key quoted in part), cut wherever it appears;
+      anything else (an HTML page from a proxy, FastAPI's `{"detail": ...}`) becomes a
+      `provider_error` carrying the provider's message, so every client reads one error shape.
     - `scan`: output scanning's check of the object (`classification.scanned_error_object`)."""
     if status == 401:
         raise GatewayError("provider_auth_failed", f"The provider refused the gateway's credential for backend "
