@@ -8,6 +8,7 @@ the hot path only does dictionary lookups on the frozen result.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -318,6 +319,21 @@ class _Reader:
             self.fail(f"{at}.{key}" if at else key, "must be a list")
         return value
 
+    def keys(self, value: dict[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        """`value` holds no key outside `allowed`: a misspelt one (`min_tier`) would do nothing."""
+        for k in value:
+            if k not in allowed:
+                near = difflib.get_close_matches(str(k), allowed, 1)
+                self.fail(f"{key}.{k}", f"is no setting here ({', '.join(allowed)})"
+                          + (f"; did you mean {near[0]}?" if near else ""))
+        return value
+
+    def flag(self, value: dict[str, Any], name: str, key: str, default: bool) -> bool:
+        flag = value.get(name, default)
+        if not isinstance(flag, bool):
+            self.fail(f"{key}.{name}", "must be true or false")
+        return flag
+
     def string(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not value:
             self.fail(key, "must be a non-empty string")
@@ -499,9 +515,11 @@ def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
     if doc.get("classification") is None:
         return None
     c = r.mapping(doc["classification"], "classification")
-    tiers = tuple(c.get("tiers") or ("public", "internal", "confidential", "restricted"))
-    if len(set(tiers)) != len(tiers) or not all(isinstance(t, str) and t for t in tiers):
+    tiers = c.get("tiers") or ("public", "internal", "confidential", "restricted")
+    if not isinstance(tiers, (list, tuple)) or not all(isinstance(t, str) and t for t in tiers) \
+            or len(set(tiers)) != len(tiers):
         r.fail("classification.tiers", "must be a list of distinct names, lowest first")
+    tiers = tuple(tiers)
     for i, tier in enumerate(tiers):
         r.name(tier, f"classification.tiers[{i}]", reserved="@")
     mode = c.get("mode", "enforce")
@@ -510,19 +528,48 @@ def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
     default_tier = c.get("defaultTier", tiers[0])
     if default_tier not in tiers:
         r.fail("classification.defaultTier", f"is {default_tier!r}; use one of {', '.join(tiers)}")
+    from .policy.scanner import DEFAULT_RULES  # (the policy package is heavy: only with classification)
+
+    built_in = tuple(rule.name for rule in DEFAULT_RULES)
     rules = r.mapping(c.get("rules") or {}, "classification.rules")
     for name, spec in rules.items():
-        spec = r.mapping(spec, f"classification.rules.{name}")
-        if spec.get("action") is not None and spec["action"] not in ("monitor", "redact", "block"):
-            r.fail(f"classification.rules.{name}.action", "must be monitor, redact or block")
-        if spec.get("minTier") is not None and spec["minTier"] not in tiers:
-            r.fail(f"classification.rules.{name}.minTier", f"must be one of {', '.join(tiers)}")
+        at = f"classification.rules.{name}"
+        if name not in built_in:
+            near = difflib.get_close_matches(str(name), built_in, 1)
+            r.fail(at, f"is no built-in rule ({', '.join(built_in)}); a rule of your own goes under "
+                   "classification.custom" + (f"; did you mean {near[0]}?" if near else ""))
+        _rule_settings(r, r.keys(r.mapping(spec, at), at, ("action", "minTier", "critical")), at, tiers)
     custom = tuple(r.mapping(x, f"classification.custom[{i}]") for i, x in enumerate(r.list(c, "custom", "classification")))
+    for i, entry in enumerate(custom):
+        at = f"classification.custom[{i}]"
+        r.keys(entry, at, ("name", "kind", "pattern", "keywords", "ignoreCase", "action", "minTier", "critical"))
+        name = r.name(entry.get("name"), f"{at}.name")
+        if name in built_in or name in rules:
+            r.fail(f"{at}.name", f"is {name!r}, a built-in rule's name; override it under classification.rules")
+        kind = entry.get("kind", "regex" if "pattern" in entry else "keywords")
+        if kind == "regex":
+            r.string(entry.get("pattern"), f"{at}.pattern")
+        elif kind == "keywords":
+            words = entry.get("keywords")
+            if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+                r.fail(f"{at}.keywords", "must be a list of words or phrases")
+        else:
+            r.fail(f"{at}.kind", f"is {kind!r}; use regex (with pattern) or keywords (with keywords)")
+        _rule_settings(r, entry, at, tiers)
+        r.flag(entry, "ignoreCase", at, False)
     allowlist = tuple(r.mapping(x, f"classification.allowlist[{i}]")
                       for i, x in enumerate(r.list(c, "allowlist", "classification")))
     for i, entry in enumerate(allowlist):
+        at = f"classification.allowlist[{i}]"
+        r.keys(entry, at, ("value", "pattern", "rules", "reason"))
         if not isinstance(entry.get("reason"), str) or not entry["reason"].strip():
-            r.fail(f"classification.allowlist[{i}].reason", "is required: say why this exception exists")
+            r.fail(f"{at}.reason", "is required: say why this exception exists")
+        if ("value" in entry) == ("pattern" in entry):
+            r.fail(at, "needs exactly one of value (the exact text) or pattern (a regex it must match whole)")
+        r.string(entry.get("value", entry.get("pattern")), f"{at}.{'value' if 'value' in entry else 'pattern'}")
+        names = entry.get("rules", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            r.fail(f"{at}.rules", "must be a list of rule names (empty or absent: every rule)")
     output = r.mapping(c.get("outputScanning") or {}, "classification.outputScanning")
     holdback = output.get("holdbackChars", 64)
     if not _is_int(holdback) or holdback < 0:
@@ -531,10 +578,28 @@ def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
     if log_tier not in (*tiers, "none"):
         r.fail("classification.contentLogging.maxTier", f"must be one of {', '.join(tiers)} or none")
     injection = c.get("injection")
+    if injection is not None:
+        at = "classification.injection"
+        r.keys(r.mapping(injection, at), at, ("threshold", "phrases", "patterns", "includeDefaults"))
+        if not _is_number(injection.get("threshold", 1.0)) or not injection.get("threshold", 1.0) > 0:
+            r.fail(f"{at}.threshold", "must be a number above 0")
+        for part in ("phrases", "patterns"):
+            weights = r.mapping(injection.get(part) or {}, f"{at}.{part}")
+            if not all(isinstance(k, str) and k.strip() and _is_number(w) for k, w in weights.items()):
+                r.fail(f"{at}.{part}", "must map each text to a number (its weight)")
+        r.flag(injection, "includeDefaults", at, True)
     return Classification(tiers, mode, default_tier, rules, custom,
                           r.mapping(injection, "classification.injection") if injection is not None else None,
                           allowlist, output.get("enabled", True) is True, holdback,
                           None if log_tier == "none" else log_tier)
+
+
+def _rule_settings(r: _Reader, spec: dict[str, Any], at: str, tiers: tuple[str, ...]) -> None:
+    if "action" in spec and spec["action"] not in ("monitor", "redact", "block"):
+        r.fail(f"{at}.action", "must be monitor, redact or block")
+    if spec.get("minTier") is not None and spec["minTier"] not in tiers:
+        r.fail(f"{at}.minTier", f"must be one of {', '.join(tiers)}")
+    r.flag(spec, "critical", at, False)
 
 
 def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, Limits], users: dict[str, Limits],

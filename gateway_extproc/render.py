@@ -60,12 +60,18 @@ def render_values(values: dict[str, Any], chart: Path = CHART, source: str = "va
 
 def _check_references(values: dict[str, Any], source: str) -> None:
     """Name checks the chart's templates can only report without list indexes."""
-    providers = {p.get("name") for p in values.get("providers") or [] if isinstance(p, dict)}
-    for i, model in enumerate(values.get("models") or []):
-        for j, backend in enumerate((model or {}).get("backends") or [] if isinstance(model, dict) else []):
+    def items(value: Any) -> list[Any]:  # (wrong types are the schema's to report, after this)
+        return value if isinstance(value, list) else []
+
+    names = [p.get("name") if isinstance(p, dict) else None for p in items(values.get("providers"))]
+    if not all(isinstance(n, str) for n in names):
+        return
+    providers = set(names)
+    for i, model in enumerate(items(values.get("models"))):
+        for j, backend in enumerate(items(model.get("backends")) if isinstance(model, dict) else []):
             name = backend.get("provider") if isinstance(backend, dict) else None
             if isinstance(name, str) and name not in providers:
-                near = difflib.get_close_matches(name, [p for p in providers if isinstance(p, str)], 1)
+                near = difflib.get_close_matches(name, list(providers), 1)
                 hint = f"did you mean {near[0]!r}? " if near else ""
                 raise RenderError(f"{source}: models[{i}].backends[{j}].provider is {name!r}, not in providers; "
                                   f"{hint}add it to providers or fix the name")

@@ -13,7 +13,7 @@ import structlog
 
 from . import config as config_mod
 from . import tokens
-from .config import GatewayConfig, Provider
+from .config import ConfigError, GatewayConfig, Provider
 from .budgets.gate import BudgetGate
 from .budgets.store import BudgetStore, MemoryBudgetStore
 from .identity import KeyLookup
@@ -52,7 +52,10 @@ class Runtime:
         for team, limits in cfg.teams.items():
             if limits.budget and limits.budget.daily_nano is not None:
                 TEAM_DAILY_BUDGET.labels(team).set(limits.budget.daily_nano / 1e9)
-        policy = Policy(cfg.classification) if cfg.classification else None
+        try:  # what the scanner checks as it compiles (rule tiers, custom patterns): a config error too
+            policy = Policy(cfg.classification) if cfg.classification else None
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.source}: {exc}") from None
         old_keys = previous.keys if previous and _key_settings(previous.config) == _key_settings(cfg) else None
         return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels, gate, policy,
                    old_keys or _key_lookup(cfg))

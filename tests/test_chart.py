@@ -138,6 +138,20 @@ def test_unknown_provider_fails_the_render_with_a_fix() -> None:
         render_values(values)
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    # a list where a name was: Helm's template engine stopped with a Go error from deep in envoy.yaml
+    (lambda v: v["classification"].__setitem__("tiers", ["public", {"a": 1}]), r"classification\.tiers\[1\]: got object, want string"),
+    # wrong types where the chart's reference check walks: a Python TypeError before the schema spoke
+    (lambda v: v["models"][0].__setitem__("backends", 5), r"models\[0\]\.backends: got number, want array"),
+    (lambda v: v["providers"][0].__setitem__("name", ["mock"]), r"providers\[0\]\.name: got array, want string"),
+])
+def test_values_of_the_wrong_type_fail_the_render_naming_the_key(edit: Any, message: str) -> None:
+    values = copy.deepcopy(chart_values([LOCAL]))
+    edit(values)
+    with pytest.raises(RenderError, match=message):
+        render_values(values)
+
+
 @pytest.mark.parametrize("name", ["chat@restricted", "chat\n", "chat\x00"])
 def test_a_model_name_that_cannot_route_fails_the_render_saying_why(name: str) -> None:
     """`@` joins a model and a tier in route names, and a control character cannot travel in

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway_extproc import config
 from gateway_extproc.config import ConfigError
@@ -474,3 +476,155 @@ def test_load_empty_file(tmp_path) -> None:
 def test_checked_in_render_is_valid() -> None:
     cfg = config.load(Path(__file__).resolve().parents[1] / "envoy" / "gateway.yaml")
     assert cfg.models and cfg.providers and cfg.backends
+
+
+# -- classification settings: every mistake is a config error naming its key --------------
+
+def classified() -> dict[str, Any]:
+    """valid() with every classification setting in use (docs/classification.md's example)."""
+    doc = valid()
+    for model in doc["models"]:
+        for backend in model["backends"]:
+            backend["maxTier"] = "internal"
+    doc["classification"] = {
+        "tiers": ["public", "internal", "confidential", "restricted"], "mode": "enforce", "defaultTier": "public",
+        "rules": {"email": {"action": "redact", "minTier": "internal"}, "ipv4": {"action": "monitor"},
+                  "credit_card": {"critical": True}},
+        "custom": [{"name": "project-falcon", "kind": "keywords", "keywords": ["falcon", "project falcon"],
+                    "action": "block", "minTier": "restricted", "critical": True},
+                   {"name": "employee-id", "kind": "regex", "pattern": "EMP-[0-9]{6}", "action": "redact",
+                    "minTier": "confidential", "ignoreCase": True}],
+        "injection": {"threshold": 1.0, "phrases": {"pretend you have no rules": 1.0}, "includeDefaults": True},
+        "allowlist": [{"value": "support@example.com", "rules": ["email"], "reason": "public support address"},
+                      {"pattern": "EMP-0000[0-9]{2}", "reason": "test fixtures"}],
+        "outputScanning": {"enabled": True, "holdbackChars": 64}, "contentLogging": {"maxTier": "internal"}}
+    return doc
+
+
+def _runtime(doc: dict[str, Any]) -> Any:
+    from gateway_extproc.runtime import Runtime
+
+    return Runtime.from_config(config.parse(doc, SOURCE, local_files=False))
+
+
+def test_every_classification_setting_loads() -> None:
+    policy = _runtime(classified()).policy
+    assert policy is not None and policy.scan_every_key
+    assert set(policy.scanner.rules) >= {"project-falcon", "employee-id", "email"}
+
+
+CLASSIFICATION_ERRORS = [
+    ("tiers-not-list", _set("classification.tiers", 1.5), "classification.tiers",
+     "must be a list of distinct names, lowest first"),
+    ("tiers-mapping-item", _set("classification.tiers", [{"a": 1}]), "classification.tiers",
+     "must be a list of distinct names, lowest first"),
+    ("rule-action-null", _set("classification.rules.email.action", None), "classification.rules.email.action",
+     "must be monitor, redact or block"),
+    ("rule-misspelt", _set("classification.rules.emial", {"action": "block"}), "classification.rules.emial",
+     "is no built-in rule (private_key, jwt, anthropic_key, openai_key, gateway_key, github_token, "
+     "aws_access_key, credit_card, us_ssn, iban, email, phone, ipv4, ipv6, prompt_injection); a rule of your "
+     "own goes under classification.custom; did you mean email?"),
+    ("rule-setting-misspelt", _set("classification.rules.email.min_tier", "restricted"),
+     "classification.rules.email.min_tier", "is no setting here (action, minTier, critical); did you mean minTier?"),
+    ("rule-critical-string", _set("classification.rules.email.critical", "yes"),
+     "classification.rules.email.critical", "must be true or false"),
+    ("custom-keywords-string", _set("classification.custom.0.keywords", "falcon"),
+     "classification.custom[0].keywords", "must be a list of words or phrases"),
+    ("custom-keywords-number", _set("classification.custom.0.keywords", [1]),
+     "classification.custom[0].keywords", "must be a list of words or phrases"),
+    ("custom-kind", _set("classification.custom.1.kind", "glob"), "classification.custom[1].kind",
+     "is 'glob'; use regex (with pattern) or keywords (with keywords)"),
+    ("custom-no-pattern", _del("classification.custom.1.pattern"), "classification.custom[1].pattern",
+     "must be a non-empty string"),
+    ("custom-built-in-name", _set("classification.custom.0.name", "email"), "classification.custom[0].name",
+     "is 'email', a built-in rule's name; override it under classification.rules"),
+    ("custom-min-tier", _set("classification.custom.0.minTier", "secret"), "classification.custom[0].minTier",
+     "must be one of public, internal, confidential, restricted"),
+    ("custom-ignore-case", _set("classification.custom.1.ignoreCase", "true"), "classification.custom[1].ignoreCase",
+     "must be true or false"),
+    ("injection-threshold", _set("classification.injection.threshold", "x"), "classification.injection.threshold",
+     "must be a number above 0"),
+    ("injection-phrase-weight", _set("classification.injection.phrases", {"a": "b"}),
+     "classification.injection.phrases", "must map each text to a number (its weight)"),
+    ("injection-patterns-list", _set("classification.injection.patterns", ["("]),
+     "classification.injection.patterns", "must be a mapping"),
+    ("allowlist-rules-string", _set("classification.allowlist.0.rules", "email"),
+     "classification.allowlist[0].rules", "must be a list of rule names (empty or absent: every rule)"),
+    ("allowlist-value-number", _set("classification.allowlist.0.value", 5), "classification.allowlist[0].value",
+     "must be a non-empty string"),
+    ("allowlist-both", _set("classification.allowlist.1.value", "EMP-000001"), "classification.allowlist[1]",
+     "needs exactly one of value (the exact text) or pattern (a regex it must match whole)"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "key", "fix"),
+                         [pytest.param(m, k, f, id=i) for i, m, k, f in CLASSIFICATION_ERRORS])
+def test_classification_error_names_file_key_and_fix(mutate: Mutate, key: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse(mutate(classified()), SOURCE)
+    assert str(info.value) == f"{SOURCE}: {key} {fix}"
+
+
+def test_own_tier_names_need_a_tier_for_each_built_in_rule() -> None:
+    """docs/classification.md: tier names are yours. The built-in rules name default tiers;
+    with other names only the operator knows where their data may go, so the load says which
+    rules need one (it was a ValueError traceback at start-up)."""
+    doc = classified()
+    doc["classification"] = {"tiers": ["open", "secret"], "contentLogging": {"maxTier": "open"}}
+    for model in doc["models"]:
+        for backend in model["backends"]:
+            backend["maxTier"] = "secret"
+    with pytest.raises(ConfigError) as info:
+        _runtime(doc)
+    assert str(info.value).startswith(f"{SOURCE}: classification.rules: the built-in rules private_key, jwt, ")
+    assert "give each a minTier of yours (classification.rules.<name>.minTier)" in str(info.value)
+    builtin = ("private_key", "jwt", "anthropic_key", "openai_key", "gateway_key", "github_token", "aws_access_key",
+               "credit_card", "us_ssn", "iban", "email", "phone", "ipv4", "ipv6")
+    doc["classification"]["rules"] = {name: {"minTier": "secret"} for name in builtin}
+    assert _runtime(doc).policy.rank == {"open": 0, "secret": 1}
+
+
+def test_a_pattern_the_scanner_cannot_compile_is_a_config_error() -> None:
+    doc = classified()
+    doc["classification"]["custom"][1]["pattern"] = "EMP-("
+    with pytest.raises(ConfigError) as info:
+        _runtime(doc)
+    assert str(info.value).startswith(f"{SOURCE}: custom rule 'employee-id': invalid regex")
+
+
+def _paths(node: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [at] if at else []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        found += _paths(child, (*at, key))
+    return found
+
+
+_ODD = [None, 0, -1, 2**70, 1.5, float("nan"), True, "", " ", "x", "-1", "*", "a@b", "\x00", [], [None], ["x"],
+        {}, {"x": 1}, [{}], "a" * 300]
+
+
+@given(edits=st.lists(st.tuples(st.sampled_from(_paths(classified())), st.sampled_from([*_ODD, "<delete>"])),
+                      min_size=1, max_size=3))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_edit_loads_or_is_a_config_error_naming_the_file(edits: list[tuple[tuple[Any, ...], Any]]) -> None:
+    """The invariant behind "errors name the file, key and fix": whatever a hand edit puts
+    anywhere in gateway.yaml, loading it (the parse and the runtime it builds: rules compiled,
+    tiers placed) either works or raises ConfigError naming the file, never another exception
+    (a TypeError or AttributeError from deep inside was a traceback at start-up)."""
+    doc = classified()
+    for path, value in edits:
+        parent: Any = doc
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            if value == "<delete>":
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = copy.deepcopy(value)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit replaced this branch
+    try:
+        _runtime(doc)
+    except ConfigError as exc:
+        assert str(exc).startswith(f"{SOURCE}: ")

@@ -61,6 +61,13 @@ class Policy:
         rules = [replace(rule, action=o.get("action", rule.action), min_tier=o.get("minTier", rule.min_tier),
                          critical=o.get("critical", rule.critical))
                  for rule in DEFAULT_RULES for o in [cfg.rules.get(rule.name, {})]]
+        unplaced = [r.name for r in rules if r.min_tier is not None and r.min_tier not in self.rank]
+        if unplaced:  # own tier names: only the operator knows where the built-in rules' data may go
+            raise ValueError(
+                f"classification.rules: the built-in rules {', '.join(unplaced)} keep the default tiers "
+                f"(confidential, restricted...), which classification.tiers ({', '.join(cfg.tiers)}) does not "
+                "have; give each a minTier of yours (classification.rules.<name>.minTier) or use the default "
+                "tier names")
         custom = [CustomRule.from_mapping({**c, "min_tier": c.get("minTier"), "ignore_case": c.get("ignoreCase", False)})
                   for c in cfg.custom]
         inj = cfg.injection or {}
