@@ -652,9 +652,10 @@ class RouterProcessor:
 
     def unreadable_stream(self) -> bool:
         """The translator stopped at bytes it could not read (and ended the client's stream with
-        a `provider_error`): what came after them, the provider's usage included, is unknown."""
+        a `provider_error`): what came after them, the provider's usage included, is unknown.
+        Or the stream ended without a usage it could read (GuardedStream.usage_unknown)."""
         stream = self.provider.stream if self.provider is not None else None
-        return stream is not None and stream.failure is not None
+        return stream is not None and (stream.failure is not None or stream.usage_unknown)
 
     def account(self, spent: Consumed) -> None:
         """Cost metrics for every priced request; budget settlement when one was reserved."""

@@ -12,7 +12,8 @@ import orjson
 from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn,
                                             arguments_object, arguments_text, completion_chunk, delta_choice,
-                                            error_event, finish_with_calls, openai_error, output_cap, plain_call_id)
+                                            error_event, finish_with_calls, openai_error, openai_usage, output_cap,
+                                            plain_call_id, token_count)
 
 TRANSLATES_RESPONSE = True
 
@@ -188,7 +189,13 @@ def response(status: int, raw: bytes, model: str) -> bytes:
         "model": body.get("model") or model,
         "choices": [{"index": 0, "message": message, "finish_reason": _finish(body.get("stop_reason"), bool(calls)),
                      "logprobs": None}],
-        "usage": _usage(body.get("usage") or {})})
+        **_usage_field(body.get("usage"))})
+
+
+def _usage_field(usage: Any) -> JSON:
+    """`usage` for a translated answer: left out when unknown (the router charges the reservation)."""
+    out = _usage(usage)
+    return {} if out is None else {"usage": out}
 
 
 def _call(block: JSON) -> JSON:
@@ -203,15 +210,19 @@ def _finish(stop_reason: Any, called: bool = False) -> str:
     return finish_with_calls(_FINISH.get(stop_reason, "stop"), called)
 
 
-def _usage(usage: JSON) -> JSON:
+def _usage(usage: Any) -> JSON | None:
     """Anthropic counts cached prompt tokens apart from input_tokens; OpenAI's
-    prompt_tokens includes them, with the cached share in prompt_tokens_details."""
-    read = usage.get("cache_read_input_tokens") or 0
-    created = usage.get("cache_creation_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + read + created
-    completion = usage.get("output_tokens") or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": created}}
+    prompt_tokens includes them, with the cached share in prompt_tokens_details. Anthropic
+    always sends `input_tokens` and `output_tokens`: one missing (or no count) makes the
+    usage unknown (None), not 0 (token_count)."""
+    usage = usage if isinstance(usage, dict) else {}
+    read = usage.get("cache_read_input_tokens")
+    created = usage.get("cache_creation_input_tokens")
+    out = openai_usage(token_count((usage.get("input_tokens"),), (read, created)),
+                       token_count((usage.get("output_tokens"),)))
+    if out is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": read or 0, "cache_creation_tokens": created or 0}
+    return out
 
 
 class _Tool:
@@ -241,6 +252,10 @@ class AnthropicStream:
         self._model = model
         self._created = int(time.time())
         self._usage: JSON = {}
+        # The output count is final: a message_delta carried it (message_start's is a
+        # placeholder, 1), or message_start held the whole answer. Else it is unknown.
+        self._counted = False
+        self.usage_unknown = False
         self._tools: dict[int, _Tool] = {}  # Anthropic content block index -> the call streamed from it
         self._stop_reason: Any = None
         self._finished = False  # the finish_reason chunk went out
@@ -270,6 +285,7 @@ class AnthropicStream:
             self._id = message.get("id", self._id)
             self._model = message.get("model") or self._model
             self._usage.update(message.get("usage") or {})
+            self._counted = bool(message.get("content")) and self._usage.get("output_tokens") is not None
             self._stop_reason = message.get("stop_reason") or self._stop_reason
             out = [self._chunk({"role": "assistant", "content": ""})]
             for i, block in enumerate(message.get("content") or []):  # a message_start that holds the answer
@@ -291,12 +307,15 @@ class AnthropicStream:
             return self._block_stop(event.get("index", -1))
         if kind == "message_delta":
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            self._counted = self._counted or (event.get("usage") or {}).get("output_tokens") is not None
             self._stop_reason = (event.get("delta") or {}).get("stop_reason") or self._stop_reason
             return self._end()
         if kind == "message_stop":
             self._done = True
-            return self._end() + [completion_chunk(self._id, self._created, self._model, [], _usage(self._usage)),
-                                     DONE]
+            usage = _usage(self._usage if self._counted else {**self._usage, "output_tokens": None})
+            self.usage_unknown = usage is None  # no usage chunk then: GuardedStream.usage_unknown
+            return self._end() + ([] if usage is None else
+                                  [completion_chunk(self._id, self._created, self._model, [], usage)]) + [DONE]
         if kind == "error":
             self._done = True
             error = event.get("error") or {}

@@ -135,6 +135,12 @@ class GuardedStream:
         self._inner: StreamTranslator | None = inner
         self.failure: Exception | None = None
 
+    @property
+    def usage_unknown(self) -> bool:
+        """The stream ended without a usage the translator could read (its usage chunk was
+        left out): the provider's bill is unknown, not absent."""
+        return bool(getattr(self._inner, "usage_unknown", False))
+
     def feed(self, chunk: bytes, end: bool) -> bytes:
         if self._inner is None:
             return b""
@@ -212,6 +218,27 @@ def output_cap(body: JSON) -> Any:
     be sent as null; `body.get(a, body.get(b))` read a null first one as no cap at all)."""
     cap = body.get("max_completion_tokens")
     return cap if cap is not None else body.get("max_tokens")
+
+
+def token_count(required: tuple[Any, ...], optional: tuple[Any, ...] = ()) -> int | None:
+    """A provider's token count as the sum of its usage fields: None (the bill is unknown,
+    and the router charges the reservation, docs/budgets.md) when a `required` field is
+    missing or any field present is no non-negative integer. Reading a missing count as 0
+    charged an answer with no usage block $0, and a negative part cancelled the others."""
+    if any(v is None for v in required):
+        return None
+    values = (*required, *(v for v in optional if v is not None))
+    if any(type(v) is not int or v < 0 for v in values):
+        return None
+    return sum(values)
+
+
+def openai_usage(prompt: int | None, completion: int | None) -> JSON | None:
+    """OpenAI's usage block, or None when a count is unknown: the translated answer then
+    carries no usage (charged the reservation), rather than a 0 or a null no SDK reads."""
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def append_turn(turns: list[JSON], role: str, field: str, items: list[JSON]) -> None:

@@ -18,7 +18,8 @@ from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers import eventstream, sigv4
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamBroken, StreamTranslator, Target, append_turn,
                                              arguments_text, completion_chunk, delta_choice, error_event,
-                                             finish_with_calls, openai_error, output_cap, plain_call_id)
+                                             finish_with_calls, openai_error, openai_usage, output_cap, plain_call_id,
+                                             token_count)
 
 TRANSLATES_RESPONSE = True
 
@@ -198,14 +199,18 @@ def request(target: Target, suffix: str, body: JSON, stream: bool, now: datetime
     return Outbound(path=path, headers=headers, body=payload, remove=("x-api-key",))
 
 
-def _usage(usage: JSON) -> JSON:
+def _usage(usage: Any) -> JSON | None:
     """Converse counts cached prompt tokens apart from `inputTokens`; OpenAI's
-    prompt_tokens includes them, with the cache reads repeated as cached_tokens."""
-    cache_read = int(usage.get("cacheReadInputTokens") or 0)
-    prompt = int(usage.get("inputTokens") or 0) + cache_read + int(usage.get("cacheWriteInputTokens") or 0)
-    completion = int(usage.get("outputTokens") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cache_read}}
+    prompt_tokens includes them, with the cache reads repeated as cached_tokens. Converse
+    always sends `inputTokens` and `outputTokens`: one missing (or no count) makes the
+    usage unknown (None), not 0 (token_count)."""
+    usage = usage if isinstance(usage, dict) else {}
+    cache_read = usage.get("cacheReadInputTokens")
+    out = openai_usage(token_count((usage.get("inputTokens"),), (cache_read, usage.get("cacheWriteInputTokens"))),
+                       token_count((usage.get("outputTokens"),)))
+    if out is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cache_read or 0}
+    return out
 
 
 def _error_message(raw: bytes, fallback: str) -> str:
@@ -237,13 +242,15 @@ def response(status: int, raw: bytes, model: str) -> bytes:
     message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None}
     if tool_calls:
         message["tool_calls"] = tool_calls
-    return orjson.dumps({
+    out: JSON = {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": message,
                      "finish_reason": _finish(parsed.get("stopReason"), bool(tool_calls))}],
-        "usage": _usage(parsed.get("usage") or {}),
-    })
+    }
+    if (usage := _usage(parsed.get("usage"))) is not None:  # else left out: the router charges the reservation
+        out["usage"] = usage
+    return orjson.dumps(out)
 
 
 def _is_client_tool(tool: JSON) -> bool:
@@ -260,7 +267,8 @@ class _Stream:
     """ConverseStream events in, OpenAI chunks out. Converse numbers content blocks across
     text and tool use; OpenAI numbers tool calls alone, hence `_tool_index`."""
 
-    __slots__ = ("_decoder", "_model", "_id", "_created", "_tool_index", "_unsent", "_stopped", "_done")
+    __slots__ = ("_decoder", "_model", "_id", "_created", "_tool_index", "_unsent", "_stopped", "_done",
+                 "usage_unknown")
 
     def __init__(self, model: str) -> None:
         self._decoder = eventstream.Decoder()
@@ -273,6 +281,7 @@ class _Stream:
         self._unsent: set[int] = set()
         self._stopped = False  # messageStop seen
         self._done = False  # [DONE] or an error event sent; nothing more goes out
+        self.usage_unknown = False
 
     def _chunk(self, delta: JSON, finish_reason: str | None = None) -> bytes:
         return completion_chunk(self._id, self._created, self._model, [delta_choice(delta, finish_reason)])
@@ -313,8 +322,13 @@ class _Stream:
             return owed + self._chunk({}, _finish(event.get("stopReason"), bool(self._tool_index)))
         if kind == "metadata":
             self._done = True
-            return completion_chunk(self._id, self._created, self._model, [], _usage(event.get("usage") or {})) + DONE
+            return self._usage_chunk(_usage(event.get("usage"))) + DONE
         return b""  # events added later
+
+    def _usage_chunk(self, usage: JSON | None) -> bytes:
+        """The usage chunk, or nothing when the usage is unknown (GuardedStream.usage_unknown)."""
+        self.usage_unknown = usage is None
+        return b"" if usage is None else completion_chunk(self._id, self._created, self._model, [], usage)
 
     def _owed(self, block: int) -> bytes:
         """The "{}" arguments of a tool call whose block ended without any."""
@@ -352,7 +366,9 @@ class _Stream:
             if self._decoder.pending or not self._stopped:
                 return bytes(out + self._error("Bedrock stream ended before the message was complete"))
             self._done = True
-            out += DONE
+            # Converse ends with a `metadata` event holding the usage; without it the bill is
+            # unknown (the reservation), not ~one token per event (an event carries many).
+            out += self._usage_chunk(None) + DONE
         return bytes(out)
 
 

@@ -14,8 +14,8 @@ import orjson
 
 from ..errors import GatewayError, quoted
 from .base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn, arguments_object, call_id,
-                   completion_chunk, delta_choice, error_event, finish_with_calls, openai_error, output_cap,
-                   split_call_id)
+                   completion_chunk, delta_choice, error_event, finish_with_calls, openai_error, openai_usage,
+                   output_cap, split_call_id, token_count)
 
 TRANSLATES_RESPONSE = True
 
@@ -351,8 +351,8 @@ def chat_completion(doc: JSON, model: str) -> JSON:
                     "finish_reason": "content_filter"}]
     out: JSON = {"id": _completion_id(doc), "object": "chat.completion", "created": int(time.time()),
                  "model": doc.get("modelVersion") or model, "choices": choices}
-    if "usageMetadata" in doc:
-        out["usage"] = usage(doc["usageMetadata"])
+    if "usageMetadata" in doc and (counted := usage(doc["usageMetadata"])) is not None:
+        out["usage"] = counted  # else left out: the router charges the reservation
     return out
 
 
@@ -503,16 +503,21 @@ def _choice(candidate: JSON, index: int) -> JSON:
             "finish_reason": _finish(candidate.get("finishReason", "STOP"), bool(done))}
 
 
-def usage(meta: JSON) -> JSON:
+def usage(meta: Any) -> JSON | None:
     """usageMetadata as OpenAI usage, with total = prompt + completion. The prompt Gemini
     prices includes the tool-use prompt (`toolUsePromptTokenCount`: results of its own
     tools fed back, e.g. search); thinking tokens are billed as output, so they count as
     completion tokens (itemised as reasoning tokens, as OpenAI does). Cached tokens are a
-    share of `promptTokenCount` already."""
-    thoughts = meta.get("thoughtsTokenCount") or 0
-    prompt = (meta.get("promptTokenCount") or 0) + (meta.get("toolUsePromptTokenCount") or 0)
-    completion = (meta.get("candidatesTokenCount") or 0) + thoughts
-    out: JSON = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    share of `promptTokenCount` already. Gemini leaves out counts that are 0, but every
+    request has a prompt: a block without `promptTokenCount`, or with a count that is no
+    non-negative integer, is no bill (unknown, not 0: token_count)."""
+    meta = meta if isinstance(meta, dict) else {}
+    thoughts = meta.get("thoughtsTokenCount")
+    prompt = token_count((meta.get("promptTokenCount"),), (meta.get("toolUsePromptTokenCount"),))
+    completion = None if prompt is None else token_count((), (meta.get("candidatesTokenCount"), thoughts))
+    out = openai_usage(prompt, completion)
+    if out is None:
+        return None
     if "cachedContentTokenCount" in meta:
         out["prompt_tokens_details"] = {"cached_tokens": meta["cachedContentTokenCount"]}
     if thoughts:
@@ -527,7 +532,8 @@ class GeminiStream:
     whole GenerateContentResponse holding only the new parts; usageMetadata is cumulative,
     so the last one seen is the stream's usage."""
 
-    __slots__ = ("_reader", "_model", "_id", "_created", "_started", "_calls", "_finished", "_usage", "_done")
+    __slots__ = ("_reader", "_model", "_id", "_created", "_started", "_calls", "_finished", "_usage", "_done",
+                 "usage_unknown")
 
     def __init__(self, model: str) -> None:
         self._reader = SseReader()
@@ -539,6 +545,7 @@ class GeminiStream:
         self._finished = False
         self._usage: JSON | None = None
         self._done = False  # an error event went out: nothing more is forwarded
+        self.usage_unknown = False
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
         """An event that does not parse, or not of the documented shape, raises
@@ -555,8 +562,12 @@ class GeminiStream:
         if end:
             if self._finished and not self._done:
                 out.extend(self._close(index) for index in sorted(self._calls))
-                if self._usage is not None:
-                    out.append(completion_chunk(self._id, self._created, self._model, [], usage(self._usage)))
+                # Without a readable usageMetadata the bill is unknown (no usage chunk: the
+                # reservation), not ~one token per event (a Gemini event carries many).
+                counted = usage(self._usage)
+                self.usage_unknown = counted is None
+                if counted is not None:
+                    out.append(completion_chunk(self._id, self._created, self._model, [], counted))
                 out.append(DONE)
         return b"".join(out)
 

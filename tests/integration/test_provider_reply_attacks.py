@@ -24,13 +24,14 @@ import orjson
 import pytest
 
 from gateway_extproc import keys
+from gateway_extproc.providers import eventstream
 
 from .conftest import Gateway, add_provider_models, running_gateway
 
 EMAIL, PHONE = "jane.doe@example.com", "+1 415 555 0100"
 PII = f"write to {EMAIL} or call {PHONE}"
 LEAKS = (EMAIL.encode(), b"415 555 0100", b"4155550100")
-KEYS = {f"k{i}": keys.generate(f"attack-k{i}") for i in range(40)}
+KEYS = {f"k{i}": keys.generate(f"attack-k{i}") for i in range(80)}
 _next = iter(KEYS)
 
 
@@ -236,6 +237,83 @@ def test_a_translated_stream_whose_usage_cannot_be_read_is_charged_the_reservati
     assert r.status_code == 200
     _, tokens = spent(gw, key)
     assert tokens >= 1000, tokens
+
+
+def translated_reply(model: str, stream: bool, usage: Any, text: str) -> dict[str, str]:
+    """Mock controls for a reply of `text` in the backend's own dialect with `usage` as its usage
+    block (left out when `usage` is ...): Anthropic Messages, Converse (event stream) or Gemini."""
+    if model == "anthropic-chat":
+        if not stream:
+            body = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c", "stop_reason": "end_turn",
+                    "content": [{"type": "text", "text": text}]}
+            return {"x-mock-raw-body": b64(orjson.dumps(body if usage is ... else {**body, "usage": usage}))}
+        events = anthropic_events(0, text)
+        delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}
+        events[-2] = b"event: message_delta\ndata: " + orjson.dumps(
+            delta if usage is ... else {**delta, "usage": usage}) + b"\n\n"
+        return {"x-mock-raw-events": raw_events(*events)}
+    if model == "bedrock-chat":
+        if not stream:
+            body = {"output": {"message": {"role": "assistant", "content": [{"text": text}]}}, "stopReason": "end_turn"}
+            return {"x-mock-raw-body": b64(orjson.dumps(body if usage is ... else {**body, "usage": usage}))}
+
+        def frame(name: str, payload: dict[str, Any]) -> bytes:
+            return eventstream.encode({":event-type": name, ":content-type": "application/json",
+                                       ":message-type": "event"}, orjson.dumps(payload))
+        frames = [frame("messageStart", {"role": "assistant"}),
+                  frame("contentBlockDelta", {"delta": {"text": text}, "contentBlockIndex": 0}),
+                  frame("contentBlockStop", {"contentBlockIndex": 0}), frame("messageStop", {"stopReason": "end_turn"})]
+        if usage is not ...:
+            frames.append(frame("metadata", {"usage": usage, "metrics": {"latencyMs": 1}}))
+        return {"x-mock-raw-events": raw_events(*frames)}
+    doc: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                                           "finishReason": "STOP", "index": 0}]}
+    if usage is not ...:
+        doc["usageMetadata"] = usage
+    if not stream:
+        return {"x-mock-raw-body": b64(orjson.dumps(doc))}
+    return {"x-mock-raw-events": raw_events(b"data: " + orjson.dumps(doc) + b"\n\n")}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("model", "usage"), [
+    ("anthropic-chat", ...), ("anthropic-chat", {}), ("anthropic-chat", {"input_tokens": 8}),
+    ("anthropic-chat", {"input_tokens": 8, "output_tokens": None}),
+    ("bedrock-chat", ...), ("bedrock-chat", {}), ("bedrock-chat", {"inputTokens": 8, "totalTokens": 8}),
+    ("gemini3-chat", ...), ("gemini3-chat", {}),
+    ("gemini3-chat", {"promptTokenCount": 8, "candidatesTokenCount": 2000, "thoughtsTokenCount": -2000}),
+], ids=lambda v: "absent" if v is ... else None)
+def test_a_translated_answer_whose_usage_lacks_a_count_is_charged_the_reservation(
+        gw: Gateway, model: str, usage: Any, stream: bool) -> None:
+    """A Claude, Converse or Gemini answer of 2,000 words whose usage block is missing, lacks the
+    output count (a `message_delta` without usage: message_start's placeholder `output_tokens: 1`
+    was taken as the bill), or holds a negative part: the translators read a missing count as 0
+    and summed a negative one, so the answer was charged $0 (no usage at all), the prompt alone,
+    or ~one token per event (a Converse or Gemini stream without usage). The bill is unknown:
+    the reservation, as for an OpenAI answer (docs/budgets.md)."""
+    key = KEYS[next(_next)]
+    r = post(gw, translated_reply(model, stream, usage, "word " * 2000), model=model, stream=stream, key=key)
+    assert r.status_code == 200, r.text[:300]
+    if stream:
+        assert b"data: [DONE]" in r.content and b'"error"' not in r.content, r.text[-300:]
+    else:
+        assert r.json()["choices"][0]["message"]["content"].startswith("word")
+    _, tokens = spent(gw, key)
+    assert tokens >= 1000, tokens  # the reservation: the prompt + the 1,024-token cap
+
+
+@pytest.mark.parametrize("model", ["anthropic-chat", "bedrock-chat", "gemini3-chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_translated_answer_with_its_usage_is_charged_that_usage(gw: Gateway, model: str, stream: bool) -> None:
+    """The other side of the test above: an honest usage block is what the answer costs."""
+    usage = {"anthropic-chat": {"input_tokens": 8, "output_tokens": 20},
+             "bedrock-chat": {"inputTokens": 8, "outputTokens": 20, "totalTokens": 28},
+             "gemini3-chat": {"promptTokenCount": 8, "candidatesTokenCount": 20, "totalTokenCount": 28}}[model]
+    key = KEYS[next(_next)]
+    r = post(gw, translated_reply(model, stream, usage, "word " * 20), model=model, stream=stream, key=key)
+    assert r.status_code == 200, r.text[:300]
+    _, tokens = spent(gw, key)
+    assert tokens == 28, tokens
 
 
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"  # aws_access_key: blocked on output (content_filter)
