@@ -65,6 +65,26 @@ def test_a_primary_slower_than_the_threshold_is_abandoned(gw: Gateway) -> None:
     assert time.monotonic() - started < 2.0  # 0.5 s per-try timeout, not the primary's 3 s
 
 
+def tokens_used(gw: Gateway) -> int:
+    return httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {gw.key}"}).json()["tokens_used"]["daily"]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: an attempt abandoned after it reached a provider (per-try "
+                   "timeout, reset) is not charged; each attempt that may bill needs its own reservation")
+def test_an_attempt_abandoned_at_the_per_try_timeout_is_charged_too(gw: Gateway) -> None:
+    """The primary got the request and works on it (a provider bills a request whose caller
+    went away); Envoy moves on to the secondary after 0.5 s. Only the secondary's usage is
+    charged, so a model with fallback can spend twice what its budget counts."""
+    behave(gw, status=200, latency_ms=1500, times=1)
+    before = tokens_used(gw)
+    resp = ask(gw)
+    assert resp.status_code == 200 and resp.headers["x-gateway-attempts"] == "2"
+    assert len(gw.received(gw.primary)) == 1  # the primary has the request: it may bill it
+    answered = resp.json()["usage"]["total_tokens"]
+    time.sleep(0.5)  # settlement is asynchronous
+    assert tokens_used(gw) - before >= 2 * answered
+
+
 def test_a_failing_primary_is_ejected_and_skipped() -> None:
     with running_gateway("gw-eject-") as gw:  # a fresh, healthy outlier state
         behave(gw, status=500)
