@@ -213,6 +213,9 @@ class Reply:
     latency_s: float = 0.0
     chunk_delay_s: float = 0.0
     drop_after: int | None = None
+    # The connection drops after the request was read, before any answer (after latency_s):
+    # a provider that got the request, may be billing it, and went away.
+    reset: bool = False
     # Like drop_after, but the HTTP body ends cleanly: a provider that stops mid-answer.
     end_after: int | None = None
     # Bytes sent instead of ``body`` (x-mock-garbage on a JSON reply).
@@ -1367,6 +1370,7 @@ class Controls:
     content_encoding: str | None = None
     content_type: str | None = None
     extra_headers: tuple[tuple[str, str], ...] = ()
+    reset: bool = False  # a matched behaviour's: the connection drops before any answer
 
     @classmethod
     def from_headers(cls, headers: dict[str, str]) -> Controls:
@@ -1394,6 +1398,7 @@ class Controls:
     def apply(self, reply: Reply, dialect: Dialect) -> Reply:
         reply.headers += [*ACCOUNT_HEADERS, *self.extra_headers]
         reply.latency_s = self.latency_ms / 1000
+        reply.reset = self.reset
         reply.chunk_delay_s = self.chunk_delay_ms / 1000
         reply.drop_after = self.drop_after
         reply.end_after = self.end_after
@@ -1448,6 +1453,7 @@ class Behaviour:
     status: int = 200
     times: int | None = None
     latency_ms: int = 0
+    reset: bool = False  # read the request, then drop the connection before any answer
 
     @classmethod
     def from_json(cls, body: Any) -> Behaviour:
@@ -1462,7 +1468,10 @@ class Behaviour:
             raise HTTPError(400, "'times' must be a positive integer or null")
         if not _is_int(latency) or latency < 0:
             raise HTTPError(400, "'latency_ms' must be a non-negative integer")
-        return cls(model, _check_status(body.get("status", 200), "'status'"), times, latency)
+        reset = body.get("reset", False)
+        if not isinstance(reset, bool):
+            raise HTTPError(400, "'reset' must be true or false")
+        return cls(model, _check_status(body.get("status", 200), "'status'"), times, latency, reset)
 
 
 @dataclass
@@ -1535,6 +1544,7 @@ class MockApp:
         behaviour = self.state.take_behaviour(_request_model(params, request.json))
         if behaviour is not None:
             controls.latency_ms += behaviour.latency_ms
+            controls.reset = behaviour.reset
             if behaviour.status >= 300:
                 target = "every model" if behaviour.model == WILDCARD else f"model {behaviour.model!r}"
                 raise HTTPError(behaviour.status, f"Mock error configured for {target}.")
@@ -1616,6 +1626,9 @@ async def _send_reply(
     """Write the reply; False when the connection was deliberately dropped."""
     if reply.latency_s:
         await asyncio.sleep(reply.latency_s)
+    if reply.reset:
+        writer.transport.abort()
+        return False
     for status in reply.interim:  # x-mock-interim: 1xx answers before the final one
         await _send(writer, conn, h11.InformationalResponse(status_code=status, headers=list(reply.interim_headers)))
     if reply.events is None:

@@ -179,3 +179,30 @@ def test_a_memory_limit_that_is_no_quantity_fails_the_render_naming_the_key() ->
     values["deployment"]["envoy"]["resources"]["limits"]["memory"] = "lots"
     with pytest.raises(RenderError, match=r"deployment.envoy.resources.limits.memory \"lots\""):
         render_values(values)
+
+
+@pytest.mark.parametrize(("retry", "named"), [
+    ({"perTryTimeout": "0.5s"}, "perTryTimeout"), ({"perTryIdleTimeout": "2s"}, "perTryIdleTimeout"),
+    ({"retryOn": "connect-failure, reset"}, "retryOn: reset (it retries a reset after the request went out"),
+    ({"retryOn": "5xx,connect-failure"}, "retryOn: 5xx (it retries a reset"),
+    ({"retryOn": "gateway-error"}, "retryOn: gateway-error (it retries a reset")])
+def test_with_budgets_no_retry_abandons_an_attempt_a_provider_may_bill(retry: dict[str, str], named: str) -> None:
+    """A reservation covers one billed attempt: a retry after the provider got the request
+    (a per-try timeout, a reset after the request went out) would leave the first bill
+    outside every budget. With budgets on the render refuses them; without, they render."""
+    values = copy.deepcopy(chart_values([LOCAL]))
+    values["envoy"]["retry"].update(retry)
+    with pytest.raises(RenderError, match=re.escape(f"values: envoy.retry {named}")) as info:
+        render_values(values)
+    assert "would move on from an attempt a provider may already be working on" in str(info.value)
+    values["budgets"].pop("orgLimit")
+    for principal in values["teams"] + values["keys"]:
+        principal.pop("budget", None)
+        principal.pop("rateLimits", None)
+    assert "retry_policy" in render_values(values)["envoy.yaml"]
+
+
+def test_the_default_retry_policy_retries_a_reset_only_before_the_request_went_out() -> None:
+    envoy = render_values(copy.deepcopy(chart_values([LOCAL])))["envoy.yaml"]
+    policies = re.findall(r"retry_on: (\S+)", envoy)
+    assert policies and set(policies) == {"retriable-status-codes,reset-before-request,connect-failure,refused-stream"}

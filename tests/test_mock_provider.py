@@ -403,7 +403,7 @@ def test_unknown_path_is_404_and_malformed_json_is_400(http: httpx.Client) -> No
 
 def test_behaviour_applies_given_number_of_times(http: httpx.Client, base_url: str) -> None:
     behaviour = {"model": "flaky", "status": 500, "times": 2}
-    assert httpx.post(f"{base_url}/_mock/behaviour", json=behaviour).json() == behaviour | {"latency_ms": 0}
+    assert httpx.post(f"{base_url}/_mock/behaviour", json=behaviour).json() == behaviour | {"latency_ms": 0, "reset": False}
 
     statuses = [http.post("/v1/chat/completions", json={**chat_body(), "model": "flaky"}).status_code for _ in range(3)]
     assert statuses == [500, 500, 200]
@@ -1007,7 +1007,7 @@ def every_api_status(base_url: str) -> dict[str, int]:
 
 def test_behaviour_without_model_fails_the_whole_instance(base_url: str) -> None:
     created = httpx.post(f"{base_url}/_mock/behaviour", json={"status": 500})
-    assert created.json() == {"model": "*", "status": 500, "times": None, "latency_ms": 0}
+    assert created.json() == {"model": "*", "status": 500, "times": None, "latency_ms": 0, "reset": False}
     assert set(every_api_status(base_url).values()) == {500}
     bedrock = post_bedrock(base_url, bedrock_body())
     assert bedrock.headers["x-amzn-errortype"] == "InternalServerException"

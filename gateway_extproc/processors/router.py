@@ -624,15 +624,17 @@ class RouterProcessor:
         worst price): its usage when known; for a stream that ended itself without usage, the
         local prompt count and about one token per content event; else, when the provider may
         have worked (a stream cut off, garbled or left by its client before its end, a usage
-        chunk whose counts cannot be read, a client gone
-        before the answer, a 2xx JSON answer whose body was never read), the reservation's
+        chunk whose counts cannot be read, a client gone before the answer, a 2xx JSON answer
+        whose body was never read, a provider that reset the connection or timed out after it
+        had the request), the reservation's
         worst case, the most it can bill with the cap it was sent (the output streamed so far
         undercounts: an event may carry many tokens, a Responses delta is no `content`, and
         the provider may have generated more than it sent); nothing when the provider was
         never reached, refused or failed. Without a reservation (no budget), the events."""
         usage = self.usage or Usage()
         answered = self.answered or self.status
-        if not (self.status == 0 or 200 <= answered < 300 or usage.completion_tokens is not None) or self.model is None:
+        if not (self.status == 0 or 200 <= answered < 300 or usage.completion_tokens is not None
+                or self.error_code in _MAY_HAVE_BILLED) or self.model is None:
             return Consumed(0, 0, 0, False)
         price = backend.price if backend and backend.price else (
             self.admission.plan.price if self.admission else None)
@@ -763,6 +765,11 @@ def _models_body(models: dict[str, Model], key: VirtualKey) -> bytes:
     return orjson.dumps({"object": "list", "data": [
         {"id": name, "object": "model", "created": 0, "owned_by": "gateway"}
         for name in models if key.allows(name)]})
+
+
+# Envoy's own errors after a provider had the request (the chart's local replies): it may be
+# working on it and bill it, so its bill is unknown, not nothing.
+_MAY_HAVE_BILLED = frozenset({"upstream_reset", "upstream_timeout"})
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -55,6 +55,20 @@ advice goes to NOTES.txt).
 {{- if and (gt $max 1) (eq $v.budgets.store "memory") (include "gateway-extproc.budgetsEnabled" .) -}}
 {{- fail (printf "values: budgets.store is memory but up to %d replicas run (deployment.replicas / autoscaling.maxReplicas): each replica would count its own spend and rate limits, so every budget would be multiplied. Set budgets.store: redis with budgets.redis.url (redis.dev.enabled for a trial), or run one replica without autoscaling" $max) -}}
 {{- end -}}
+{{- $fallback := false -}}
+{{- range $m := $v.models }}{{ if gt (len ($m.backends | default list)) 1 }}{{ $fallback = true }}{{ end }}{{ end -}}
+{{- if and $fallback (include "gateway-extproc.budgetsEnabled" .) -}}
+{{- $r := $v.envoy.retry -}}
+{{- $abandons := list -}}
+{{- range $on := splitList "," (nospace $r.retryOn) -}}
+{{- if has $on (list "reset" "5xx" "gateway-error") }}{{ $abandons = append $abandons (printf "retryOn: %s (it retries a reset after the request went out; use reset-before-request, and retriable-status-codes for statuses)" $on) }}{{ end -}}
+{{- end -}}
+{{- if $r.perTryTimeout }}{{ $abandons = append $abandons "perTryTimeout" }}{{ end -}}
+{{- if $r.perTryIdleTimeout }}{{ $abandons = append $abandons "perTryIdleTimeout" }}{{ end -}}
+{{- with $abandons -}}
+{{- fail (printf "values: envoy.retry %s would move on from an attempt a provider may already be working on, and bill; a request's budget reservation covers one billed attempt, so budgets could be overspent. With budgets or rate limits set, keep these off (docs/budgets.md, Fallback)" (join ", " .)) -}}
+{{- end -}}
+{{- end -}}
 {{- range $i, $p := $v.providers -}}
 {{- if and (hasKey ($p.credential | default dict) "env") (hasKey ($p.credential | default dict) "file") -}}
 {{- fail (printf "values: providers[%d].credential (%s) has both env and file; keep exactly one" $i $p.name) -}}
