@@ -209,7 +209,7 @@ class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
-                 "kept", "head", "clean")
+                 "kept", "head", "clean", "last", "seams", "seam_block", "queue")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -222,6 +222,14 @@ class ResponseGuard:
         # or released in, another's chunk or field.
         self.redactors: dict[tuple[Any, ...], StreamRedactor] = {}
         self.blocked_by: StreamRedactor | None = None
+        # Where each choice's text last went, and the seam (`_Seam`) where it moved on from one
+        # text to another, until what follows it has been seen: a value may be split there.
+        self.last: dict[int, tuple[Any, ...]] = {}
+        self.seams: dict[int, _Seam] = {}
+        self.seam_block: Decision | None = None
+        # With `in_order`, the first text's tail went out at the seam (its block must close
+        # before the next one opens): what goes out from there waits here until it is decided.
+        self.queue: list[bytes] = []
         # The stream's chunk fields (id, created, model...): chunks of released text carry them
         # too, as clients that validate chunks require.
         self.head: dict[str, Any] | None = None
@@ -282,6 +290,19 @@ class ResponseGuard:
         return orjson.dumps(body)
 
     def sse_event(self, event: bytes) -> bytes:
+        """One complete SSE event in (`_event`), what to forward out: with `in_order`, while a
+        seam that a text's tail went out at is undecided, nothing (it waits in `queue`)."""
+        out = self._event(event)
+        if self.ended:
+            return out  # (the queue went out first, or was dropped by a block)
+        if self.in_order and self.seams:
+            self.queue.append(out)
+            return b""
+        if self.queue:
+            out, self.queue = b"".join(self.queue) + out, []
+        return out
+
+    def _event(self, event: bytes) -> bytes:
         """One complete SSE event (in `usage.canonical_event` form, or the unterminated last
         one) in, what to forward out (possibly empty). Every choice's generated text (content,
         refusal, reasoning, tool-call arguments) goes through its own hold-back window; what
@@ -293,7 +314,11 @@ class ResponseGuard:
             # held back goes out first, else the answer would lose its tail. Nothing after
             # the end is forwarded: a provider that carries on would start a fresh window,
             # where a value split around the end is never seen whole.
-            out = self._release() + scanned_error(self.policy, self.params, self.team, event)
+            if self._seams_blocked(list(self.seams)):
+                return self.block(self.head or {})
+            out = b"".join(self.queue) + self._release() + \
+                scanned_error(self.policy, self.params, self.team, event)
+            self.queue = []
             self.ended = True
             return out
         if not event.startswith(b"data: "):  # the stream's unterminated last bytes: read like an event
@@ -325,7 +350,7 @@ class ResponseGuard:
                 continue  # unreadable, so not forwarded
             if self._choice(choice, before):
                 shown.append(choice)
-            if self.blocked_by is not None:
+            if self.blocked_by is not None or self.seam_block is not None:
                 return self.block(chunk)
         released = b"".join(before)
         if not shown and chunk.get("usage") is None:
@@ -367,9 +392,16 @@ class ResponseGuard:
         finished = choice.get("finish_reason") is not None
         slots = _text_slots(index, delta)
         active = {key for key, holder, name in slots if holder[name] is not None}  # where the choice is now
+        first = next((key for key, holder, name in slots if isinstance(holder[name], str) and holder[name]), None)
+        if first is not None and not self._moved(index, first):
+            return False
         if active and self.in_order or finished:
             for key, redactor in self.redactors.items():
                 if key[0] == index and key not in active and not redactor.done:
+                    seam = self.seams.get(index)
+                    if seam is not None and key == seam.b_key:  # what follows the seam ends here
+                        if not self._seam_passes(index):
+                            return False
                     before.append(self._released(key, redactor))
                     if redactor.blocked:
                         self.blocked_by = redactor
@@ -389,17 +421,69 @@ class ResponseGuard:
             if redactor is None or redactor.done and text:  # text after its finish
                 redactor = self.redactors[key] = StreamRedactor(self.policy.scanner, self.params,
                                                                  self.policy.cfg.holdback_chars)
+            if text and key != self.last.get(index) and not self._moved(index, key):
+                return False
+            seam = self.seams.get(index)
             out = redactor.feed(text) if text else ""
             if finished or self.in_order and key != last:
                 out += redactor.flush()
             if redactor.blocked:
                 self.blocked_by = redactor
                 return False
+            if seam is not None and seam.b_key == key:
+                seam.b_head += text
+                if (out or redactor.done or len(seam.b_head) > _SEAM_HEAD) and not self._seam_passes(index):
+                    return False
             if key[1] == "content":
                 self._keep(out)
             holder[name] = out
             held = held or bool(text) and not out
+        if finished and index in self.seams and not self._seam_passes(index):
+            return False
         return not (held and not finished and all(not v for k, v in delta.items() if k != "role"))
+
+    def _moved(self, index: int, key: tuple[Any, ...]) -> bool:
+        """The choice's text goes to `key`: when it last went to another text, the seam there
+        is kept with that text's held tail (the seam before it decided first). False when
+        that decision blocks."""
+        last = self.last.get(index)
+        self.last[index] = key
+        if last is None or last == key:
+            return True
+        if not self._seam_passes(index):
+            return False
+        redactor = self.redactors.get(last)
+        tail = redactor.held() if redactor is not None else ""
+        if tail:
+            self.seams[index] = _Seam(last, tail, key)
+        return True
+
+    def _seam_passes(self, index: int) -> bool:
+        """Decide the choice's seam now (what follows it has been seen, or it ends): True when
+        no value spans it."""
+        return index not in self.seams or not self._seams_blocked([index])
+
+    def _seams_blocked(self, indexes: list[int]) -> bool:
+        """Drop the seams of `indexes`, scanning each: a value that spans one (a card begun in a
+        choice's content and ended in its tool call's arguments, or its reasoning) is in two
+        windows, each of which saw only a piece of it. Unless one window's own scan covers its
+        piece (then that piece is redacted there, and the other is no value), it ends the
+        stream as a block does: a piece may have gone out in its own window already. True
+        when one does; `seam_block` is the decision."""
+        for index in indexes:
+            seam = self.seams.pop(index, None)
+            if seam is None or not seam.b_head:
+                continue
+            spans = _spanning(self.policy.scanner, seam.a_tail, seam.b_head)
+            if not spans:
+                continue
+            decision = self.policy.scanner.decide(spans, self.params)
+            if decision.block or decision.redact:
+                self.seam_block = replace(decision, block=True)
+                self.ended = True
+                return True
+            record(decision, self.team, self.params.mode, "response")
+        return False
 
     def _extras_blocked(self, chunk: dict[str, Any], choices: list[Any]) -> bool:
         """Fields of a chunk outside the chat schema's (a provider's extensions, or junk) other
@@ -442,8 +526,11 @@ class ResponseGuard:
         """Whatever text is still held back, scanned, as one chunk (the stream is ending early)."""
         if self.ended:
             return b""
+        if self._seams_blocked(list(self.seams)):
+            return self.block(self.head or {})
         self.ended = True
-        return self._release()
+        out, self.queue = b"".join(self.queue) + self._release(), []
+        return out
 
     def _release(self) -> bytes:
         """Every window's held-back text, scanned, one chunk each."""
@@ -467,7 +554,8 @@ class ResponseGuard:
 
     def block(self, chunk: dict[str, Any]) -> bytes:
         self.ended = True
-        decision = self.blocked_by.block_decision if self.blocked_by is not None else None
+        self.queue = []  # (what waited on a seam)
+        decision = self.blocked_by.block_decision if self.blocked_by is not None else self.seam_block
         if decision is not None:  # (a block in a chunk's other fields is recorded where it is found)
             record(decision, self.team, self.params.mode, "response")
         indexes = sorted({key[0] for key in self.redactors} | {0})
@@ -655,6 +743,44 @@ def _odd(holder: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[dict[str, 
     of the annotations present."""
     return [(holder, k) for k in keys if (v := holder.get(k)) is not None
             and not (k in _LABELS and isinstance(v, str) and v in _LABELS[k])]
+
+
+_SEAM_HEAD = 2048  # characters after a seam read with it at most (a window holds less)
+
+
+@dataclass(slots=True)
+class _Seam:
+    """Where a streamed choice moved from one text (`a_key`) to another (`b_key`): the first
+    one's held tail, and the second one's text since, until decided (`ResponseGuard._moved`)."""
+    a_key: tuple[Any, ...]
+    a_tail: str
+    b_key: tuple[Any, ...]
+    b_head: str = ""
+
+
+# What a seam is read for: the numbers, which bridge strings in a request too. (An e-mail's
+# '@' at a text's end reads on into the next text's words, and two texts interleaved each
+# with its own address would end the stream: each window reads its own address whole.)
+_SEAM_DETECTORS = frozenset({"credit_card", "us_ssn", "iban", "phone"})
+
+
+def _spanning(scanner: Scanner, tail: str, head: str) -> list[Finding]:
+    """Numeric findings of `tail` and `head` read as two strings of one text (they bridge the
+    boundary, as across a request's strings) that span both, and that neither string's own
+    scan covers its piece of (that piece is redacted in its own window)."""
+    found = [f for f in scanner.scan_strings([tail, head]) if f.detector in _SEAM_DETECTORS]
+    crossing = {(f.rule, f.value) for f in found if f.index == 0} & {(f.rule, f.value) for f in found if f.index == 1}
+    if not crossing:
+        return []
+    own = (scanner.scan(tail), scanner.scan(head))
+    spans = []
+    for f in found:
+        if (f.rule, f.value) not in crossing or f.index != 0:
+            continue
+        pieces = [g for g in found if (g.rule, g.value) == (f.rule, f.value)]
+        if not any(o.start <= g.start and g.end <= o.end for g in pieces for o in own[g.index]):
+            spans.append(f)
+    return spans
 
 
 def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:

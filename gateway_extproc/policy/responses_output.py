@@ -33,7 +33,7 @@ import structlog
 from ..errors import GatewayError
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .classification import CONTENT_LOG_CHARS, Policy, record, scanned_error
+from .classification import _SEAM_HEAD, CONTENT_LOG_CHARS, Policy, _spanning, record, scanned_error
 from .scanner import Decision, DecisionParams, LimitExceeded, PlaceholderMap, map_strings, redact_strings, walk_strings
 from .stream import StreamRedactor
 
@@ -67,7 +67,8 @@ class _Window:
 class ResponsesGuard:
     """Scans a Responses API answer: a whole JSON body, or its SSE events."""
 
-    __slots__ = ("policy", "params", "team", "windows", "known", "head", "seq", "ended", "response_text", "clean")
+    __slots__ = ("policy", "params", "team", "windows", "known", "head", "seq", "ended", "response_text", "clean",
+                 "seam", "deferred")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -83,6 +84,11 @@ class ResponsesGuard:
         self.response_text: list[str] = []
         # A JSON answer in which the scan found nothing: its logged text needs no second look.
         self.clean = False
+        # A window closed with text still held (its tail) and the next text since: a value may
+        # be split there (one output item's text and the next's). Until the next text has been
+        # seen past it, what goes out after the tail waits in `deferred`: [tail, key, head].
+        self.seam: list[Any] | None = None
+        self.deferred: list[bytes] = []
 
     # -- JSON ----------------------------------------------------------------------------
 
@@ -129,12 +135,38 @@ class ResponsesGuard:
         """One complete SSE event (in `usage.canonical_event` form, or the unterminated last
         one) in, what to forward out (possibly empty). What cannot be read is not forwarded,
         since it could not be scanned."""
+        out = self._event(event)
+        if self.seam is not None and not self.ended:
+            self.deferred.append(out)  # after a seam still undecided
+            return b""
+        return out
+
+    def _seam_out(self) -> bytes:
+        """Decides the pending seam (`seam`) with what followed it: what it deferred, or the
+        stream's end when a value spans it (`ended` is set then: a piece of the value may have
+        gone out in its own window already, so it cannot be redacted whole)."""
+        seam, self.seam = self.seam, None
+        deferred, self.deferred = b"".join(self.deferred), []
+        if seam is None or not seam[2]:
+            return deferred
+        spans = _spanning(self.policy.scanner, seam[0], seam[2])
+        decision = self.policy.scanner.decide(spans, self.params) if spans else None
+        if decision is not None and (decision.block or decision.redact):
+            return self.block(decision)
+        if decision is not None:
+            record(decision, self.team, self.params.mode, "response")
+        return deferred
+
+    def _event(self, event: bytes) -> bytes:
         if self.ended:
             return b""
         if event.startswith(STREAM_ENDS):  # an error event (or [DONE]), scanned like text
             # Nothing after it is forwarded: text after it would start new windows, where a
             # value split around the end is never seen whole (the client joins the deltas).
-            out = self._close(None) + scanned_error(self.policy, self.params, self.team, event)
+            head = self._seam_out()
+            if self.ended:
+                return head
+            out = head + self._close(None) + scanned_error(self.policy, self.params, self.team, event)
             self.ended = True
             return out
         data = event_data(event)  # the unterminated last event may start with its `event:` line
@@ -155,7 +187,10 @@ class ResponsesGuard:
         if kind.endswith(".done"):
             before = self._close(obj)
         elif kind in _TERMINAL:
-            before = self._close(None)
+            before = self._seam_out()
+            if self.ended:
+                return before
+            before += self._close(None)
         if self.ended:  # a flushed window held a blocked value
             return before
         return before + self._whole(obj)
@@ -174,13 +209,25 @@ class ResponsesGuard:
             window = self.windows[key] = _Window(
                 StreamRedactor(self.policy.scanner, self.params, self.policy.cfg.holdback_chars), template)
         text = obj["delta"]
+        head = b""
+        if self.seam is not None and self.seam[1] not in (None, key):  # a third text: decide the seam
+            head = self._seam_out()
+            if self.ended:
+                return head
         window.raw.append(text)
         out = window.redactor.feed(text)
         if window.redactor.blocked:
-            return self.block(window.redactor.block_decision)
+            return head + self.block(window.redactor.block_decision)
+        if self.seam is not None:
+            self.seam[1] = key
+            self.seam[2] += text
+            if out or len(self.seam[2]) > _SEAM_HEAD:  # what follows the seam has been seen
+                head = self._seam_out()
+                if self.ended:
+                    return head
         if not out:
-            return b""  # held back until the window moves on
-        return self._sent(key, window, out)
+            return head  # held back until the window moves on
+        return head + self._sent(key, window, out)
 
     def _sent(self, key: Key, window: _Window, text: str) -> bytes:
         """A delta event carrying `text` (scanned) of one window."""
@@ -199,12 +246,19 @@ class ResponsesGuard:
         for key, window in self.windows.items():
             if window.redactor.done or obj is not None and not _closes(obj, key):
                 continue
+            tail = window.redactor.held() if obj is not None else ""
+            if tail and self.seam is not None:  # the seam before this text: decided first
+                out.append(self._seam_out())
+                if self.ended:
+                    return b"".join(out)
             text = window.redactor.flush()
             if window.redactor.blocked:
                 return b"".join(out) + self.block(window.redactor.block_decision)
             if text:
                 out.append(self._sent(key, window, text))
             self.known["".join(window.raw)] = "".join(window.sent)
+            if tail:  # the next text may go on with it: what goes out from here waits (`sse_event`)
+                self.seam = [tail, None, ""]
         return b"".join(out)
 
     def _whole(self, obj: dict[str, Any]) -> bytes:
@@ -272,8 +326,11 @@ class ResponsesGuard:
         """Whatever text is still held back, scanned, one delta each (the stream is ending early)."""
         if self.ended:
             return b""
+        head = self._seam_out()
+        if self.ended:
+            return head
         self.ended = True
-        return self._close(None)
+        return head + self._close(None)
 
     def _keep(self, emitted: str) -> None:
         """The streamed text as the client got it (redacted), for content logging; bounded."""

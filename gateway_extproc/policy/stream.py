@@ -182,6 +182,13 @@ class StreamRedactor:
     def _raw_slice(self, a: int, b: int) -> str:
         return self._raw[a - self._rbase:b - self._rbase]
 
+    def held(self) -> str:
+        """The original text fed but not yet returned (the hold-back window's), "" once
+        blocked or flushed: what a value split into the next text may have begun with."""
+        if self.blocked or self._done:
+            return ""
+        return self._raw[self._remit - self._rbase:]
+
     @property
     def done(self) -> bool:
         """flush() was called: the next text needs a new redactor."""
