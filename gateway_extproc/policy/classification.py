@@ -432,7 +432,7 @@ class ResponseGuard:
                 return False
             if seam is not None and seam.b_key == key:
                 seam.b_head += text
-                if (out or redactor.done or len(seam.b_head) > _SEAM_HEAD) and not self._seam_passes(index):
+                if (out or redactor.done or len(seam.b_head) > SEAM_HEAD) and not self._seam_passes(index):
                     return False
             if key[1] == "content":
                 self._keep(out)
@@ -474,7 +474,7 @@ class ResponseGuard:
             seam = self.seams.pop(index, None)
             if seam is None or not seam.b_head:
                 continue
-            spans = _spanning(self.policy.scanner, seam.a_tail, seam.b_head)
+            spans = spanning(self.policy.scanner, seam.a_tail, seam.b_head)
             if not spans:
                 continue
             decision = self.policy.scanner.decide(spans, self.params)
@@ -745,7 +745,7 @@ def _odd(holder: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[dict[str, 
             and not (k in _LABELS and isinstance(v, str) and v in _LABELS[k])]
 
 
-_SEAM_HEAD = 2048  # characters after a seam read with it at most (a window holds less)
+SEAM_HEAD = 2048  # characters after a seam read with it at most (a window holds less)
 
 
 @dataclass(slots=True)
@@ -764,7 +764,7 @@ class _Seam:
 _SEAM_DETECTORS = frozenset({"credit_card", "us_ssn", "iban", "phone"})
 
 
-def _spanning(scanner: Scanner, tail: str, head: str) -> list[Finding]:
+def spanning(scanner: Scanner, tail: str, head: str) -> list[Finding]:
     """Numeric findings of `tail` and `head` read as two strings of one text (they bridge the
     boundary, as across a request's strings) that span both, and that neither string's own
     scan covers its piece of (that piece is redacted in its own window)."""

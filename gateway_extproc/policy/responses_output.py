@@ -33,7 +33,7 @@ import structlog
 from ..errors import GatewayError
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .classification import _SEAM_HEAD, CONTENT_LOG_CHARS, Policy, _spanning, record, scanned_error
+from .classification import CONTENT_LOG_CHARS, SEAM_HEAD, Policy, record, scanned_error, spanning
 from .scanner import Decision, DecisionParams, LimitExceeded, PlaceholderMap, map_strings, redact_strings, walk_strings
 from .stream import StreamRedactor
 
@@ -149,7 +149,7 @@ class ResponsesGuard:
         deferred, self.deferred = b"".join(self.deferred), []
         if seam is None or not seam[2]:
             return deferred
-        spans = _spanning(self.policy.scanner, seam[0], seam[2])
+        spans = spanning(self.policy.scanner, seam[0], seam[2])
         decision = self.policy.scanner.decide(spans, self.params) if spans else None
         if decision is not None and (decision.block or decision.redact):
             return self.block(decision)
@@ -221,7 +221,7 @@ class ResponsesGuard:
         if self.seam is not None:
             self.seam[1] = key
             self.seam[2] += text
-            if out or len(self.seam[2]) > _SEAM_HEAD:  # what follows the seam has been seen
+            if out or len(self.seam[2]) > SEAM_HEAD:  # what follows the seam has been seen
                 head = self._seam_out()
                 if self.ended:
                     return head
