@@ -33,7 +33,7 @@ class Endpoint:
     name: str  # also the `api` value in logs and metadata
     suffix: str  # path below the provider's base URL
     validate: Callable[[dict[str, Any]], None]
-    prompt_tokens: Callable[[dict[str, Any], tokens.TokenCount], int]
+    prompt_tokens: Callable[[dict[str, Any], tokens.TokenCount, int], int]  # (body, count, tokens per image)
     can_stream: bool
     # Body fields that cap output, the first one used when the gateway sets a cap itself.
     output_caps: tuple[str, ...] = ()

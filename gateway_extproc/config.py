@@ -26,6 +26,7 @@ import yaml
 from .budgets.pricing import Price
 from .identity_config import Identity, parse_identity
 from .keys import ID
+from .tokens import IMAGE_TOKENS
 
 if TYPE_CHECKING:
     from .audit.settings import AuditSettings
@@ -152,6 +153,7 @@ class Model:
     tokenizer: str
     backends: tuple[Backend, ...]
     max_output_tokens: int | None = None  # the output cap reserved when a request names none
+    image_tokens: int = IMAGE_TOKENS  # what one image in a prompt counts: the most a backend bills for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,10 +423,13 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
         backends.append(Backend(f"{pname}/{pmodel}", providers[pname], pmodel, priority, weight, price, max_tier))
     if not backends:
         r.fail(f"{at}.backends", "is empty; list at least one {provider, model}")
+    image = m.get("imageTokens", IMAGE_TOKENS)
+    if not _is_int(image) or image < 1:
+        r.fail(f"{at}.imageTokens", "must be a positive integer: the most one image costs at this model's backends")
     max_out = m.get("maxOutputTokens")
     if max_out is not None and (not _is_int(max_out) or max_out < 1):
         r.fail(f"{at}.maxOutputTokens", "must be a positive integer")
-    return Model(name, tokenizer, tuple(backends), max_out)
+    return Model(name, tokenizer, tuple(backends), max_out, image)
 
 
 def _price(r: _Reader, raw: Any, at: str) -> Price:

@@ -5,8 +5,10 @@
 - a path to a Hugging Face `tokenizer.json` (loaded with `tokenizers`, never downloaded);
 - `estimate`: ceil(UTF-8 bytes / 4), OpenAI's rule of thumb, for models we cannot tokenize.
 Chat messages add OpenAI's per-message framing (3 tokens each, 3 to prime the reply);
-each image part counts as 85 tokens (low-detail price). Counts for non-OpenAI tokenizers
-and images are estimates; provider-reported usage is what accounting finally uses.
+each image part counts as the model's `imageTokens` (IMAGE_TOKENS unless configured: the
+most a provider bills for one image, since the gateway does not decode images). Counts for
+non-OpenAI tokenizers and images are estimates; provider-reported usage is what accounting
+finally uses, and the count only has to make the reservation cover the bill.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any
 import orjson
 
 TokenCount = Callable[[str], int]
-IMAGE_TOKENS = 85
+# One image at its most expensive: OpenAI gpt-4o high detail is at most 85 + 8 tiles x 170 =
+# 1,445, Claude about 1,600 (1.15 megapixels / 750). Counting the low-detail 85 let an
+# image-heavy prompt's bill run far past its reservation (docs/budgets.md).
+IMAGE_TOKENS = 1600
 # Counts of recent strings, per tokenizer: system prompts and tool schemas repeat verbatim
 # across an application's calls, and a lookup (a hash of the string) costs ~1/50 of a BPE
 # pass. Bounded: at most _MEMO_ENTRIES strings of at most _MEMO_MAX_CHARS characters each.
@@ -135,13 +140,14 @@ def _value_tokens(value: Any, count: TokenCount) -> int:
     return count(orjson.dumps(value).decode()) if value else 0
 
 
-def chat_prompt_tokens(body: dict[str, Any], count: TokenCount) -> int:
+def chat_prompt_tokens(body: dict[str, Any], count: TokenCount, image: int = IMAGE_TOKENS) -> int:
+    """`image`: what one image part counts (the model's `imageTokens`)."""
     total = 3
     for message in body["messages"]:
         total += 3
         for key, value in message.items():
             if key == "content":
-                total += _content_tokens(value, count)
+                total += _content_tokens(value, count, image)
             elif key == "name":
                 total += count(value) + 1 if isinstance(value, str) else 0
             elif key == "role":
@@ -153,7 +159,7 @@ def chat_prompt_tokens(body: dict[str, Any], count: TokenCount) -> int:
     return total
 
 
-def responses_input_tokens(body: dict[str, Any], count: TokenCount) -> int:
+def responses_input_tokens(body: dict[str, Any], count: TokenCount, image: int = IMAGE_TOKENS) -> int:
     """Responses API: `instructions` plus `input` (a string, or items with chat-like content,
     function calls and their outputs), tools and the output format's schema."""
     total = count(body["instructions"]) if isinstance(body.get("instructions"), str) else 0
@@ -166,13 +172,13 @@ def responses_input_tokens(body: dict[str, Any], count: TokenCount) -> int:
         if isinstance(item, dict):
             for key, field in item.items():
                 if key == "content":
-                    total += _content_tokens(field, count)
+                    total += _content_tokens(field, count, image)
                 elif key not in _NOT_TEXT:
                     total += _value_tokens(field, count)
     return total
 
 
-def embedding_input_tokens(body: dict[str, Any], count: TokenCount) -> int:
+def embedding_input_tokens(body: dict[str, Any], count: TokenCount, image: int = IMAGE_TOKENS) -> int:
     value = body["input"]
     if isinstance(value, str):
         return count(value)
@@ -187,7 +193,7 @@ def embedding_input_tokens(body: dict[str, Any], count: TokenCount) -> int:
     return total
 
 
-def _content_tokens(content: Any, count: TokenCount) -> int:
+def _content_tokens(content: Any, count: TokenCount, image: int) -> int:
     if isinstance(content, str):
         return count(content)
     total = 0
@@ -198,7 +204,7 @@ def _content_tokens(content: Any, count: TokenCount) -> int:
             if isinstance(part.get("text"), str):
                 total += count(part["text"])
             elif part.get("type") in ("image_url", "input_image", "image"):
-                total += IMAGE_TOKENS
+                total += image
             else:  # a refusal, a file, audio...: its JSON (a file's base64 counts long: failing closed)
                 total += count(orjson.dumps(part).decode())
     return total

@@ -257,9 +257,9 @@ class RouterProcessor:
                                self.classified_session())
         count = tokens.counter(model.tokenizer)
         if large:
-            self.prompt_tokens = await asyncio.to_thread(self.endpoint.prompt_tokens, body, count)
+            self.prompt_tokens = await asyncio.to_thread(self.endpoint.prompt_tokens, body, count, model.image_tokens)
         else:
-            self.prompt_tokens = self.endpoint.prompt_tokens(body, count)
+            self.prompt_tokens = self.endpoint.prompt_tokens(body, count, model.image_tokens)
         return body
 
     def classified_session(self) -> str | None:

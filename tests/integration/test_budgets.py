@@ -24,7 +24,7 @@ NANO = 1_000_000_000
 MSG = [{"role": "user", "content": "Please count the apples in the basket for me."}]
 KEYS = {name: keys.generate(name) for name in ("conc", "clamp", "settle", "cut", "closed", "open", "rpm", "soft",
                                                 "uncapped", "choices", "absurd", "huge", "burst", "refused", "cut-usage", "cut-anthropic",
-                                                "rpm-burst", "tpm-burst")}
+                                                "rpm-burst", "tpm-burst", "images")}
 
 
 def budget_keys(values: dict[str, Any], redis_url: str) -> None:
@@ -51,6 +51,7 @@ def budget_keys(values: dict[str, Any], redis_url: str) -> None:
         "refused": {"budget": {"daily": 0}},
         "rpm-burst": {"rateLimits": {"requestsPerMinute": 25, "tokensPerMinute": 10_000_000}},
         "tpm-burst": {"rateLimits": {"requestsPerMinute": 100_000, "tokensPerMinute": 2000}},
+        "images": {"budget": {"daily": 0.01}},
     }
     for name, spec in specs.items():
         team = "ops" if name == "open" else "demo"
@@ -246,6 +247,22 @@ def test_n_choices_multiply_the_reservation(gw: Gateway) -> None:
     assert gw.received(gw.primary)[-1]["body"]["max_tokens"] == per_choice
     too_many = chat(gw, "choices", max_tokens=8, n=129)
     assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_choices"
+
+
+def test_an_image_is_reserved_at_the_most_it_can_cost(gw: Gateway) -> None:
+    """The gateway does not decode images, so each one counts as the model's imageTokens
+    (1,600 unless set: OpenAI bills up to 1,445 for one high-detail image, Claude ~1,600).
+    At the low-detail 85 a prompt of images was reserved at a fraction of its bill, which
+    then ran past the budget (charged at most the reservation, billed the rest)."""
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/chart.png", "detail": "high"}}
+    one = [{"role": "user", "content": [{"type": "text", "text": "What does this show?"}, image]}]
+    resp = chat(gw, "images", messages=one, max_tokens=100_000)
+    assert resp.status_code == 200
+    affordable = (10_000_000 - cost_nano(PRICE, 1600, 0)) // 20_000  # $0.01 less the image, at $20/M out
+    assert int(resp.headers["x-gateway-max-tokens-clamped"]) < affordable
+    two = [{"role": "user", "content": [{"type": "text", "text": "Compare them."}, image, image]}]
+    refused = chat(gw, "images", messages=two, max_tokens=16)  # 3,200 tokens: $0.016 > $0.01
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"
 
 
 @pytest.mark.parametrize(("cap", "status"), [(10**12, 200), (2**63 - 1, 200), (-1, 400), (0, 400), ("5", 400),
