@@ -70,6 +70,8 @@ TEXTS = [
     "+44 20 7946 0958 and 020 7946 0958",
     # long filler so values sit across many hold-back windows
     ("lorem ipsum dolor sit amet " * 5 + "alice@example.com ") * 4 + "done 4111-1111-1111-1111",
+    # a card as a number with commas between thousands, among other numbers
+    "order 12,500 units, card 4,111,111,111,111,111, total 1,234,567",
     # a dashed SSN after a number and whitespace (a digit put there to hide it)
     "line 7 123-45-6789, 0\t219-09-9999 and 7-123-45-6789 (one longer number)",
 ]

@@ -19,7 +19,8 @@ Decisions worth knowing (the tests pin them):
   `020 7946 0958`, `06-12345678`, 9–12 digits). Bare digit runs are never phones, and
   d.m.y-looking groups (`05.11.2023`) are rejected.
 - credit_card: 13–19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 / 4-6-4 with spaces
-  or dashes (or, in those layouts only, up to 16 spaces and punctuation), known IIN prefix and
+  or dashes (or, in those layouts only, up to 16 spaces and punctuation; or as a number with
+  commas between thousands, `4,111,111,111,111,111`), known IIN prefix and
   length, Luhn. A grouped 19-digit candidate that fails
   falls back to its first 16 digits (a card followed by a CVV).
 - us_ssn: dashed form only (`AAA-GG-SSSS`); bare 9-digit runs are too ambiguous.
@@ -155,6 +156,12 @@ _WIDE_CARD = (rf"(?<![0-9]{WIDE_SEPC})(?<![0-9]{WIDE_SEPC}{{2}})"
 # A value the main form cannot have joined: other punctuation, or more than three separators.
 _WIDE_GAP = re.compile(r"[^0-9 .\-/_\t\r\n]|[ .\-/_\t\r\n]{4}")
 _DIGITS = re.compile(r"[0-9]+")
+
+
+# A card printed as a large number, with commas between thousands (`4,111,111,111,111,111`:
+# what a model writes when asked to "format the number"): 13-19 digits, no space after a
+# comma, not inside a longer list of numbers (`_wide` sends it to `validate_wide_card`).
+_COMMA_CARD = r"(?<![0-9,])[0-9]{1,3}(?:,[0-9]{3}){4,6}+(?![0-9]|,[0-9])"
 
 
 # A card's digits glued to letters, as one word (`card4111111111111111`, `cc4111…`,
@@ -606,7 +613,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(
-            "credit_card", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_WIDE_CARD}|{_GLUED_CARD}",
+            "credit_card",
+            rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_WIDE_CARD}|{_COMMA_CARD}|{_GLUED_CARD}",
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(
