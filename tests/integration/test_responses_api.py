@@ -7,6 +7,7 @@ import time
 
 import httpx
 import openai
+import pytest
 
 from .conftest import Gateway
 
@@ -56,3 +57,18 @@ def test_responses_validation_and_budget_clamp(gw: Gateway) -> None:
     raw = client(gw).responses.with_raw_response.create(model="default-chat", input="hi", max_output_tokens=10**6)
     clamped = int(raw.headers["x-gateway-max-tokens-clamped"])
     assert 0 < clamped < 10**6 and gw.received(gw.primary)[-1]["body"]["max_output_tokens"] == clamped
+
+
+@pytest.mark.parametrize(("field", "value"), [("previous_response_id", "resp_0123456789"),
+                                              ("conversation", "conv_0123456789"),
+                                              ("prompt", {"id": "pmpt_0123456789", "version": "2"})])
+def test_input_the_provider_keeps_is_refused_under_a_budget(gw: Gateway, field: str, value: object) -> None:
+    """The provider bills the earlier turns of a stored conversation (or a stored prompt) as
+    input, but they are not in the request: the gateway could reserve only the new input, and
+    a one-word follow-up to a long conversation would run far past its budget. Nothing leaves."""
+    before = len(gw.received(gw.primary))
+    with pytest.raises(openai.BadRequestError) as info:
+        client(gw).responses.create(model="default-chat", input="and then?", extra_body={field: value})
+    assert info.value.status_code == 400
+    assert info.value.body["code"] == "context_not_countable" and info.value.body["param"] == field
+    assert len(gw.received(gw.primary)) == before
