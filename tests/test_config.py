@@ -353,9 +353,10 @@ ERRORS: list[tuple[str, Mutate, str, str]] = [
 
 
 @pytest.mark.parametrize(("mutate", "key", "fix"), [pytest.param(m, k, f, id=i) for i, m, k, f in ERRORS])
-def test_validation_error_names_file_key_and_fix(mutate: Mutate, key: str, fix: str) -> None:
+def test_validation_error_names_file_key_and_fix(mutate: Mutate, key: str, fix: str,
+                                                 document: Callable[[], dict[str, Any]] = valid) -> None:
     with pytest.raises(ConfigError) as info:
-        config.parse(mutate(valid()), SOURCE)
+        config.parse(mutate(document()), SOURCE)
     assert str(info.value) == f"{SOURCE}: {key} {fix}"
 
 
@@ -560,9 +561,7 @@ CLASSIFICATION_ERRORS = [
 @pytest.mark.parametrize(("mutate", "key", "fix"),
                          [pytest.param(m, k, f, id=i) for i, m, k, f in CLASSIFICATION_ERRORS])
 def test_classification_error_names_file_key_and_fix(mutate: Mutate, key: str, fix: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        config.parse(mutate(classified()), SOURCE)
-    assert str(info.value) == f"{SOURCE}: {key} {fix}"
+    test_validation_error_names_file_key_and_fix(mutate, key, fix, classified)
 
 
 def test_own_tier_names_need_a_tier_for_each_built_in_rule() -> None:
