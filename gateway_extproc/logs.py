@@ -9,26 +9,59 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
 import structlog
 
-# Gateway keys, OpenAI/Anthropic-style keys and bearer tokens.
-_SECRET = re.compile(r"gwk_[A-Za-z0-9-]+_[A-Za-z0-9_-]+|sk-[A-Za-z0-9_-]{8,}|(?i:bearer)\s+\S+")
+# Gateway keys, OpenAI/Anthropic-style keys, bearer tokens, AWS access key ids, Google API keys.
+_SECRET = re.compile(r"gwk_[A-Za-z0-9-]+_[A-Za-z0-9_-]+|sk-[A-Za-z0-9_-]{8,}|(?i:bearer)\s+\S+"
+                     r"|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{35}")
+_MARKERS = ("gwk_", "sk-", "bearer", "akia", "aiza")  # each pattern's start, lower-cased
+# The provider credentials this process loaded (`known_secrets`), whatever their shape
+# (an AWS secret key, a vLLM token): masked wherever they appear.
+_known: tuple[str, ...] = ()
+
+
+def known_secrets(values: Iterable[str | None]) -> None:
+    """Mask these values too (the runtime's provider credentials, at every config load)."""
+    global _known
+    _known = tuple(sorted({v for v in values if v and len(v) >= 8}, key=len, reverse=True))
 
 
 def _mask(value: Any) -> Any:
     if isinstance(value, str):
-        return _SECRET.sub("[REDACTED]", value)
+        value = _SECRET.sub("[REDACTED]", value)
+        for secret in _known:
+            if secret in value:
+                value = value.replace(secret, "[REDACTED]")
+        return value
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask(v) for v in value]
     return value
 
 
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
 def redact_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    # Every log line pays this, so first a cheap test over all string values at once: each
-    # pattern starts with one of these literals (lower-cased, so a superset of matches).
-    text = "\0".join(v for v in event.values() if isinstance(v, str)).lower()
-    if "gwk_" not in text and "sk-" not in text and "bearer" not in text:
+    # Every log line pays this, so first a cheap test over all string values at once (nested
+    # ones too): each pattern starts with one of _MARKERS (a superset of matches).
+    raw = "\0".join(v if isinstance(v, str) else "\0".join(_strings(v)) for v in event.values()
+                    if isinstance(v, (str, dict, list, tuple)))
+    text = raw.lower()
+    if not any(m in text for m in _MARKERS) and not any(secret in raw for secret in _known):
         return event
     return {k: _mask(v) for k, v in event.items()}
 

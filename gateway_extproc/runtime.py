@@ -12,7 +12,7 @@ from pathlib import Path
 import structlog
 
 from . import config as config_mod
-from . import tokens
+from . import logs, tokens
 from .config import ConfigError, GatewayConfig, Provider
 from .budgets.gate import BudgetGate
 from .budgets.store import BudgetStore, MemoryBudgetStore
@@ -57,8 +57,9 @@ class Runtime:
         except ValueError as exc:
             raise ConfigError(f"{cfg.source}: {exc}") from None
         old_keys = previous.keys if previous and _key_settings(previous.config) == _key_settings(cfg) else None
-        return cls(cfg, {name: _read_credential(p) for name, p in cfg.providers.items()}, labels, gate, policy,
-                   old_keys or _key_lookup(cfg))
+        credentials = {name: _read_credential(p) for name, p in cfg.providers.items()}
+        logs.known_secrets(credentials.values())  # masked in every log line, whatever their shape
+        return cls(cfg, credentials, labels, gate, policy, old_keys or _key_lookup(cfg))
 
 
 def _store_settings(cfg: GatewayConfig) -> tuple[object, ...]:

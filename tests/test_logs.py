@@ -8,10 +8,12 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway_extproc.logs import _SECRET, redact_secrets
+from gateway_extproc import logs
+from gateway_extproc.logs import _SECRET, known_secrets, redact_secrets
 
 SECRETS = st.sampled_from(["gwk_demo_a-secret_value", "sk-abcdefgh1234", "sk-proj_ABCDEFGHijkl-xyz", "Bearer tok.en",
-                           "bEaReR\tabc", "BEARER  x", "authorization: bearer abc"])
+                           "bEaReR\tabc", "BEARER  x", "authorization: bearer abc", "AKIAIOSFODNN7EXAMPLE",
+                           "AIzaSyA-1234567890abcdefghijklmnopqrstu"])
 TEXT = st.text(alphabet=st.sampled_from(list("abcsk-_gwkBEARERbearer \t\n0123456789./:")), max_size=40)
 VALUES = st.one_of(TEXT, st.builds(lambda a, s, b: a + s + b, TEXT, SECRETS, TEXT), st.integers(), st.none(),
                    st.booleans(), st.floats(allow_nan=False))
@@ -30,3 +32,42 @@ def test_masking_equals_masking_each_value(event: dict[str, Any]) -> None:
 def test_no_secret_survives(before: str, secret: str, after: str) -> None:
     out = redact_secrets(None, "info", {"event": "access", "path": before + secret + after, "status": 200})
     assert _SECRET.search(out["path"]) is None and "[REDACTED]" in out["path"]
+
+
+# A provider credential of no known shape (an AWS secret key, a self-hosted model's token).
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@given(TEXT, SECRETS, TEXT)
+def test_a_secret_nested_in_a_logged_value_is_masked(before: str, secret: str, after: str) -> None:
+    """A value logged as a dict or list (a provider's error body, a header list) is masked
+    at every depth, not only as a top-level string."""
+    event = {"event": "x", "detail": {"body": {"error": [before + secret + after]}}, "headers": [("a", secret)]}
+    out = redact_secrets(None, "info", event)
+    assert secret not in str(out) and _SECRET.search(str(out)) is None
+
+
+def test_the_loaded_provider_credentials_are_masked_whatever_their_shape() -> None:
+    known_secrets([AWS_SECRET, None, "", "short"])
+    try:
+        out = redact_secrets(None, "info", {"event": "x", "error": f"signature with {AWS_SECRET} failed",
+                                            "nested": {"k": [AWS_SECRET]}, "short": "short"})
+        assert AWS_SECRET not in str(out) and out["error"] == "signature with [REDACTED] failed"
+        assert out["short"] == "short"  # under 8 characters: too likely to be a word
+    finally:
+        known_secrets([])
+
+
+def test_a_runtime_registers_its_provider_credentials(monkeypatch: Any) -> None:
+    from gateway_extproc import config
+    from gateway_extproc.runtime import Runtime
+
+    monkeypatch.setenv("VLLM_TOKEN", AWS_SECRET)
+    cfg = config.parse({"version": 1, "listen": ["unix:///tmp/x.sock"], "providers": [
+        {"name": "vllm", "kind": "openai", "baseURL": "http://vllm:8000/v1", "credential": {"env": "VLLM_TOKEN"}}],
+        "models": [{"name": "m", "backends": [{"provider": "vllm", "model": "llama"}]}]}, "gw.yaml")
+    try:
+        Runtime.from_config(cfg)
+        assert AWS_SECRET in logs._known
+    finally:
+        known_secrets([])
