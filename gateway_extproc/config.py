@@ -549,7 +549,7 @@ def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
         at = f"classification.custom[{i}]"
         r.keys(entry, at, ("name", "kind", "pattern", "keywords", "ignoreCase", "action", "minTier", "critical"))
         name = r.name(entry.get("name"), f"{at}.name")
-        if name in built_in or name in rules:
+        if name in built_in:
             r.fail(f"{at}.name", f"is {name!r}, a built-in rule's name; override it under classification.rules")
         kind = entry.get("kind", "regex" if "pattern" in entry else "keywords")
         if kind == "regex":
