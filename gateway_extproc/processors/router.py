@@ -631,7 +631,8 @@ class RouterProcessor:
         have worked (a stream cut off, garbled or left by its client before its end, a usage
         chunk whose counts cannot be read, a client gone before the answer, a 2xx JSON answer
         whose body was never read, a provider that reset the connection or timed out after it
-        had the request), the reservation's
+        had the request, an attempt whose ext_proc worker failed after the router forwarded
+        the request), the reservation's
         worst case, the most it can bill with the cap it was sent (the output streamed so far
         undercounts: an event may carry many tokens, a Responses delta is no `content`, and
         the provider may have generated more than it sent); nothing when the provider was
@@ -778,8 +779,11 @@ def _models_body(models: dict[str, Model], key: VirtualKey) -> bytes:
 _PROVIDER_STATE = ("previous_response_id", "conversation", "prompt")
 
 # Envoy's own errors after a provider had the request (the chart's local replies): it may be
-# working on it and bill it, so its bill is unknown, not nothing.
-_MAY_HAVE_BILLED = frozenset({"upstream_reset", "upstream_timeout"})
+# working on it and bill it, so its bill is unknown, not nothing. `gateway_unavailable` reaches
+# this (healthy) router stream only from an attempt's upstream ext_proc, on another worker,
+# that died or froze after the router forwarded the request: most often while the provider
+# worked on it or at its answer's headers, which the provider bills.
+_MAY_HAVE_BILLED = frozenset({"upstream_reset", "upstream_timeout", "gateway_unavailable"})
 
 
 def _too_large(limit: int) -> GatewayError:
