@@ -25,7 +25,7 @@ from gateway_extproc.config import Classification
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.mock_provider import SSE_FRAMINGS, _reframe
 from gateway_extproc.policy.classification import Policy, ResponseGuard
-from gateway_extproc.policy.responses_output import _ECHOES, ResponsesGuard
+from gateway_extproc.policy.responses_output import ResponsesGuard
 from gateway_extproc.policy.scanner import PlaceholderMap, redact_strings
 from gateway_extproc.usage import SseUsageTap
 from tests.test_processor_properties import local_runtime, run_stream
@@ -40,8 +40,8 @@ USAGE = {"input_tokens": 7, "output_tokens": 35, "total_tokens": 42}
 _SEPARATORS = re.compile(r"[\s.\-_/\u200b]")
 
 
-def guard() -> ResponsesGuard:
-    return ResponsesGuard(POLICY, POLICY._params["enforce"], "team")
+def guard(sent: dict[str, Any] | None = None) -> ResponsesGuard:
+    return ResponsesGuard(POLICY, POLICY._params["enforce"], "team", sent)
 
 
 def leaks(text: str) -> list[str]:
@@ -380,10 +380,7 @@ ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 
 def test_hostile_events_never_raise_and_never_carry_a_whole_value_out(events: list[dict[str, Any]]) -> None:
     """Any shape in any order: the guard answers every event; a value whole in one string
     never goes out (values split over strings are the stream's concern, tested above)."""
-    for e in events:  # a response's echoes of the request (its `text` format...) are not scanned again
-        if isinstance(e.get("response"), dict):
-            e["response"] = {k: v for k, v in e["response"].items() if k not in _ECHOES}
-    g = guard()
+    g = guard()  # (no request: an echo field holds what the provider put there, and is scanned)
     out = b"".join(g.sse_event(b"data: " + orjson.dumps(e) + b"\n\n") for e in events) + g.flush()
     text = out.decode()
     assert EMAIL not in text and CARD not in text and AWS_KEY not in text
@@ -439,9 +436,12 @@ def test_json_a_blocked_value_empties_the_output(where: str) -> None:
 
 def test_json_a_value_outside_the_output_is_scanned_too() -> None:
     body = json_answer([("message", "fine")], error={"message": f"card {CARD}"}, instructions=f"echo {CARD}")
-    sent = orjson.loads(guard().json_body(body) or b"")
+    sent = orjson.loads(guard({"instructions": f"echo {CARD}"}).json_body(body) or b"")
     assert sent["error"]["message"] == "card [CREDIT_CARD_1]" and sent["output"][0]["content"][0]["text"] == "fine"
     assert sent["instructions"] == f"echo {CARD}"  # the request's own echo: scanned when it came in
+    body = json_answer([("message", "fine")], instructions=f"echo {CARD}", metadata={"note": EMAIL})
+    sent = orjson.loads(guard({"instructions": "be brief"}).json_body(body) or b"")
+    assert leaks(orjson.dumps(sent).decode()) == []  # what the request did not send there is the provider's text
     body = json_answer([("message", "fine")], error={"message": f"key {AWS_KEY}"})
     out = guard().json_body(body) or b""
     assert leaks(out.decode()) == [] and orjson.loads(out)["output"] == []

@@ -42,7 +42,8 @@ log = structlog.get_logger("gateway_extproc.policy")
 # Events after which no text of the response follows: every window is flushed before them.
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 # Fields of a response object that echo the request (scanned when it came in, and possibly
-# large): not scanned again. Every other string of an answer or event is.
+# large): not scanned again while they hold what the request sent (`ResponsesGuard.sent`); a
+# provider that writes anything else there is scanned like any other field.
 _ECHOES = frozenset({"instructions", "tools", "tool_choice", "text", "reasoning", "prompt", "metadata", "input"})
 # The part index of a text, beside its output item's `output_index`.
 _PART_INDEXES = ("content_index", "summary_index", "command_index")
@@ -67,11 +68,13 @@ class _Window:
 class ResponsesGuard:
     """Scans a Responses API answer: a whole JSON body, or its SSE events."""
 
-    __slots__ = ("policy", "params", "team", "windows", "known", "head", "seq", "ended", "response_text", "clean",
-                 "seam", "deferred")
+    __slots__ = ("policy", "params", "team", "sent", "windows", "known", "head", "seq", "ended", "response_text",
+                 "clean", "seam", "deferred")
 
-    def __init__(self, policy: Policy, params: DecisionParams, team: str) -> None:
+    def __init__(self, policy: Policy, params: DecisionParams, team: str, sent: dict[str, Any] | None = None) -> None:
+        """`sent`: the request as forwarded (classified), whose echoes need no second scan."""
         self.policy, self.params, self.team = policy, params, team
+        self.sent = {k: sent[k] for k in _ECHOES if k in sent} if sent else {}
         self.windows: dict[Key, _Window] = {}
         # The whole text of every closed window -> the text the client was sent for it: how a
         # closing event's repeat of a streamed text is made to match its deltas, unscanned.
@@ -102,7 +105,7 @@ class ResponsesGuard:
             log.warning("response_unreadable", reason="no output")
             raise GatewayError("provider_error", UNREADABLE)
         dropped = _drop_logprobs(output)
-        fields = [f for f in body if f not in _ECHOES]
+        fields = [f for f in body if not self._echo(body, f)]
         values = [body[f] for f in fields]
         strings = walk_strings(values)
         if isinstance(strings, LimitExceeded):
@@ -261,6 +264,10 @@ class ResponsesGuard:
                 self.seam = [tail, None, ""]
         return b"".join(out)
 
+    def _echo(self, response: dict[str, Any], field: str) -> bool:
+        """`response[field]` repeats what the request sent there (its scan on the way in holds)."""
+        return field in _ECHOES and field in self.sent and response[field] == self.sent[field]
+
     def _whole(self, obj: dict[str, Any]) -> bytes:
         """Any other event, every string scanned (a streamed text it repeats becomes what
         the client was sent for it), redacted in place, or the stream is blocked."""
@@ -270,7 +277,7 @@ class ResponsesGuard:
         response = obj.get("response")
         if isinstance(response, dict):
             fields = [(obj, k) for k in obj if k not in ("response", "sequence_number")]
-            fields += [(response, k) for k in response if k not in _ECHOES]
+            fields += [(response, k) for k in response if not self._echo(response, k)]
         else:
             fields = [(obj, k) for k in obj if k != "sequence_number"]
         outcome = self._scan(fields)

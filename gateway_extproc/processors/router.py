@@ -245,7 +245,7 @@ class RouterProcessor:
             if policy.cfg.output_scanning and self.endpoint is api.CHAT:
                 self.guard = ResponseGuard(policy, verdict.params, team, in_order=self.client == "anthropic")
             elif policy.cfg.output_scanning and self.endpoint is api.RESPONSES:
-                self.guard = ResponsesGuard(policy, verdict.params, team)
+                self.guard = ResponsesGuard(policy, verdict.params, team, body)
             elif policy.cfg.output_scanning and self.endpoint is api.EMBEDDINGS:
                 self.guard = EmbeddingsGuard(policy, verdict.params, team)
             if policy.may_log_content(verdict.tier):

@@ -409,9 +409,6 @@ def test_a_value_in_a_schema_label_of_a_json_answer_never_leaves(gw: Gateway, ca
     assert not [leak for leak in LEAKS if leak in r.content], r.text
 
 
-@pytest.mark.xfail(strict=True, reason="by design today: a Responses answer's echoes of the request (instructions, "
-                   "metadata, text, reasoning, tools...) are not scanned again (policy/responses_output.py _ECHOES, "
-                   "tests/test_responses_output.py asserts it); a provider decides what it echoes")
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_value_a_provider_puts_in_a_responses_echo_field_never_leaves(gw: Gateway, stream: bool) -> None:
     done = {"id": "resp_1", "object": "response", "status": "completed", "model": "m", "output": [],
