@@ -130,6 +130,9 @@ static_resources:
           # docs/runbooks.md (first match wins). The ext_proc's replies (code details gw_*)
           # keep their bodies. x-gateway-error-code tells the ext_proc's access line the
           # code; the access log below records these replies even when the ext_proc is down.
+          # Any other 400 of Envoy's is a request it could not take (a `#fragment` in the path,
+          # no Host, a Host with a space: path_normalization_failed, missing_host_header,
+          # http.invalid_authority), before any filter: malformed_http, never an empty body.
           local_reply_config:
             mappers:
             {{- $d := "response.code_details" }}
@@ -152,6 +155,7 @@ static_resources:
                 (list "response.code == 503" 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
                 (list "response.code == 408" 408 "request_timeout" "invalid_request_error" "The request was not received in time: the client stopped sending before its body was complete (%RESPONSE_CODE_DETAILS%).")
                 (list (printf "%s == 'upgrade_failed'" $d) 400 "upgrade_not_supported" "invalid_request_error" "The gateway does not accept protocol upgrades (WebSocket): send plain HTTP/1.1 or HTTP/2 requests.")
+                (list "response.code == 400" 400 "malformed_http" "invalid_request_error" "The request is not valid HTTP: %RESPONSE_CODE_DETAILS%")
                 (list (printf "response.code == 504 || %s.contains('timeout')" $d) 504 "upstream_timeout" "server_error" "The provider did not answer in time.")
                 (list "response.code == 404" 404 "unknown_endpoint" "not_found_error" "Unknown endpoint.") }}
             - filter:
