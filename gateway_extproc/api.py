@@ -42,12 +42,13 @@ class Endpoint:
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
         try:
             raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise GatewayError("invalid_encoding", "Request body is not valid UTF-8.") from None
-        raise GatewayError("invalid_json", "Request body is not valid JSON.") from None
+        except UnicodeDecodeError as bad:
+            raise GatewayError("invalid_encoding", f"Request body is not valid UTF-8 (byte {bad.start} is not "
+                               "part of a UTF-8 character).") from None
+        raise GatewayError("invalid_json", f"Request body is not valid JSON: {_json_reason(raw, exc)}.") from None
     if not isinstance(body, dict):
         raise GatewayError("invalid_request", "Request body must be a JSON object.")
     if _duplicate_keys(raw, body):
@@ -57,6 +58,25 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise GatewayError("invalid_json", "Request body has an object with the same key twice; send each key "
                            "once.")
     return body
+
+
+# The parser's reasons are fixed phrases ("trailing comma is not allowed", "no low surrogate in
+# string"); anything else is not shown, since an error must never quote the body.
+_JSON_REASON = re.compile(r"[A-Za-z0-9 ,:'()-]{1,80}")
+
+
+def _json_reason(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why and where the parser stopped, never the text there: a body may hold anything."""
+    if not raw.strip():
+        return "the body is empty"
+    reason = exc.msg if _JSON_REASON.fullmatch(exc.msg) else "unexpected input"
+    if "surrogate" in reason:
+        # Valid JSON grammar (JavaScript and Python write it for a string cut inside an emoji),
+        # but no Unicode text: a provider cannot read it either.
+        reason += " (a \\uD800-\\uDFFF escape must be one half of a pair; was a string cut inside an emoji?)"
+    elif "depth" in reason:
+        reason += " (objects and arrays may nest 1,024 deep)"
+    return f"{reason}, at line {exc.lineno} column {exc.colno}"
 
 
 # Every JSON string, and whether a colon follows it (a key). On text the parser accepted,

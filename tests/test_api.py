@@ -41,6 +41,45 @@ def test_parse_json_errors(raw: bytes, code: str) -> None:
     assert info.value.param is None
 
 
+@pytest.mark.parametrize(("raw", "says"), [
+    (b"", "the body is empty"),
+    (b"  \n", "the body is empty"),
+    (b'{"model": "x",}', "trailing comma is not allowed, at line 1 column 14"),
+    # valid JSON grammar, no Unicode text: JSON.stringify and json.dumps write it for a cut emoji
+    (b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', "no low surrogate in string (a \\uD800"),
+    (b'{"a": "\\udc00"}', "surrogate"),
+    (b'{"max_tokens": 1e400}', "number is infinity when parsed as double, at line 1 column 16"),
+    (b"\xef\xbb\xbf{}", "byte order mark"),
+    (b'{"a": ' + b"[" * 2000 + b"]" * 2000 + b"}", "nest 1,024 deep"),
+    (b'{"a": 1}\n{"b": 2}', "at line 2 column 1"),
+])
+def test_invalid_json_says_why_and_where(raw: bytes, says: str) -> None:
+    """Every parse error was "Request body is not valid JSON.", whatever it was and wherever
+    it sat in a 10 MB prompt; a lone surrogate escape (valid grammar) sent callers to check
+    a serialiser that had done its job."""
+    with pytest.raises(GatewayError) as info:
+        api.parse_json(raw)
+    assert info.value.code == "invalid_json"
+    assert says in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"sk-live-0123456789abcdef" 1}', b'{"a": "sk-live-0123456789abcdef\x01"}', b'{"a": sk-live-0123456789abcdef}',
+    b'{"a": 1} sk-live-0123456789abcdef', b'{"a": "sk-live-0123456789abcdef', b'{"sk-live-0123456789abcdef": nul}',
+    b'{"a": "sk-live-0123456789abcdef\xff"}', b"sk-live-0123456789abcdef",
+])
+def test_parse_errors_never_quote_the_body(raw: bytes) -> None:
+    with pytest.raises(GatewayError) as info:
+        api.parse_json(raw)
+    assert "sk-live" not in info.value.message and "0123456789abcdef" not in info.value.message
+
+
+def test_invalid_encoding_says_where() -> None:
+    with pytest.raises(GatewayError) as info:
+        api.parse_json(b'{"model": "caf\xe9"}')
+    assert info.value.code == "invalid_encoding" and "byte 14" in info.value.message
+
+
 @pytest.mark.parametrize(("raw", "expected"), [
     (b"{}", {}),
     (b' \n{"model": "caf\xc3\xa9", "n": 1}\n', {"model": "caf\u00e9", "n": 1}),
