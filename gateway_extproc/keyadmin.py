@@ -43,12 +43,14 @@ import structlog
 from . import audit as audit_trail
 from . import config as config_mod
 from . import keys as keys_mod
+from .api import parse_json
 from .errors import GatewayError, error_body, quoted
 from .keystore import FIELDS, read_file, redis_names, write_file
 
 log = structlog.get_logger("gateway_extproc.audit")
 
 MAX_GRACE_SECONDS = 30 * 86400
+MAX_BODY_BYTES = 64 * 1024  # a key's fields are a few hundred bytes
 _PATH = re.compile(r"^/admin/keys(?:/([a-z0-9][a-z0-9-]{0,62})(/rotate)?)?/?$")
 _REPORT = re.compile(r"^/admin/reports/([a-z]{1,40})/?$")
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -353,13 +355,11 @@ def _now() -> datetime:
 
 
 def _json(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body or b"{}")
-    except ValueError:
-        raise GatewayError("invalid_json", "The body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise GatewayError("invalid_request", "The body must be a JSON object.")
-    return data
+    """The client API's parser (api.parse_json): Python's json let through what no store or
+    log line can hold (a lone surrogate escape: the key was written, its audit line failed,
+    and the caller got a 503 without the secret) and raised RecursionError, no ValueError, on
+    deep nesting."""
+    return parse_json(body or b"{}")
 
 
 def _dumps(value: Any) -> bytes:
@@ -428,7 +428,13 @@ def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServe
                     self.close_connection = True
                     raise GatewayError("invalid_request", "Content-Length must be a number of bytes.")
                 length = int(declared)
-                body = self.rfile.read(min(length, 64 * 1024)) if length else b""
+                if length > MAX_BODY_BYTES:
+                    # Its first 64 KiB were parsed as if they were all: invalid_json about JSON
+                    # the caller never sent. The rest is never read, so the connection closes.
+                    self.close_connection = True
+                    raise GatewayError("request_too_large", f"Admin API bodies may take at most {MAX_BODY_BYTES} "
+                                       "bytes.")
+                body = self.rfile.read(length) if length else b""
                 status, out, content_type = app.handle(self.command, self.path, headers, body, self.client_address[0])
             except GatewayError as err:
                 status, out, content_type = err.status, err.body(), JSON
@@ -437,13 +443,36 @@ def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServe
                 status, out, content_type = 503, error_body(
                     "The key store is unreachable or failed; nothing was changed unless a retry shows it.",
                     "server_error", "key_store_unavailable"), JSON
+            self._reply(status, out, content_type)
+
+        def _reply(self, status: int, out: bytes, content_type: str) -> None:
             self.send_response(status)
             self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(out)))
+            if self.close_connection:
+                self.send_header("connection", "close")
             self.end_headers()
-            self.wfile.write(out)
+            if self.command != "HEAD":
+                self.wfile.write(out)
 
-        do_GET = do_POST = do_PATCH = do_DELETE = _serve
+        def __getattr__(self, name: str) -> Any:
+            """Every method is served (AdminApp answers 405 for those it does not take):
+            http.server answered one without a `do_` handler with its 501 page in HTML."""
+            if name.startswith("do_"):
+                return self._serve
+            raise AttributeError(name)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """A request http.server cannot parse, in the OpenAI shape. Its own page quoted
+            the request line, which may hold a key (in the query string, say): never here."""
+            too_long = code in (414, 431)
+            err = GatewayError("request_headers_too_large" if too_long else "invalid_request",
+                               "The request line or headers are too long." if too_long
+                               else f"The request is not valid HTTP/1.1 (HTTP {code}).")
+            self.close_connection = True
+            if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+                self.request_version = "HTTP/1.0"  # a request line without a version: still a status line
+            self._reply(err.status, err.body(), JSON)
 
         def log_message(self, format: str, *args: Any) -> None:  # audit() logs what matters
             pass
