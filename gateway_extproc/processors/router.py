@@ -228,8 +228,10 @@ class RouterProcessor:
             raise GatewayError("model_not_allowed", f"Your key may not use the model {model.name!r}.", "model")
         unserved = next((b for b in model.backends if self.endpoint.name not in SERVES[b.provider.kind]), None)
         if unserved is not None:
-            raise GatewayError("unsupported_endpoint", f"The model {model.name!r} is served by a "
-                               f"{unserved.provider.kind} backend, which does not offer {self.path}.", "model")
+            kind = unserved.provider.kind
+            raise GatewayError("unsupported_endpoint", f"The model {model.name!r} is served by "
+                               f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} backend, which does not offer "
+                               f"{self.path}.", "model")
         self.model = model
         self.eligible = model.backends
         self.stream = self.endpoint.can_stream and body.get("stream") is True

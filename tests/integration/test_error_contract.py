@@ -406,3 +406,13 @@ def test_a_chunked_body_whose_framing_breaks_midway_gets_an_answer(contract: tup
             got += chunk
     still_served(gw, watch)
     assert got.startswith(b"HTTP/1.1 400 "), got[:300]
+
+
+def test_an_unsupported_endpoint_reads_as_english(contract: tuple[Gateway, Watch]) -> None:
+    """'served by a anthropic backend'."""
+    gw, watch = contract
+    r = client("h1").post(f"{gw.url}/v1/embeddings", json={"model": "claude-chat", "input": "hi"},
+                          headers={"authorization": f"Bearer {gw.key}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_endpoint"
+    assert "served by an anthropic backend, which does not offer /v1/embeddings" in r.json()["error"]["message"]
+    still_served(gw, watch)
