@@ -720,7 +720,7 @@ def _endpoint_for(method: str, path: str) -> api.Endpoint | str:
     """The forwarded endpoint for a request line, or the path of one the gateway answers
     itself (`/v1/models`, `/v1/usage`)."""
     if path in (api.MODELS_PATH, api.USAGE_PATH):
-        if method != "GET":
+        if method not in ("GET", "HEAD"):  # (HEAD: GET's answer without its body, as HTTP has it)
             raise GatewayError("method_not_allowed", f"{path} supports GET.")
         return path
     endpoint = api.FORWARDED.get(path)

@@ -416,3 +416,15 @@ def test_an_unsupported_endpoint_reads_as_english(contract: tuple[Gateway, Watch
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_endpoint"
     assert "served by an anthropic backend, which does not offer /v1/embeddings" in r.json()["error"]["message"]
     still_served(gw, watch)
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/usage"])
+def test_head_is_answered_as_get_without_a_body(contract: tuple[Gateway, Watch], path: str) -> None:
+    """HTTP: a server answers HEAD wherever it answers GET, with the same status and no body."""
+    gw, watch = contract
+    for version in ("h1", "h2"):
+        got = client(version).get(f"{gw.url}{path}", headers={"authorization": f"Bearer {gw.key}"})
+        head = client(version).head(f"{gw.url}{path}", headers={"authorization": f"Bearer {gw.key}"})
+        assert got.status_code == head.status_code == 200 and got.json() and head.content == b""
+        assert head.headers["content-type"] == got.headers["content-type"] == "application/json"
+    still_served(gw, watch)
