@@ -159,6 +159,15 @@ def chat_prompt_tokens(body: dict[str, Any], count: TokenCount, image: int = IMA
     return total
 
 
+def prediction_tokens(body: dict[str, Any], count: TokenCount) -> int:
+    """A chat request's Predicted Output (`prediction: {type: content, content}`): its tokens
+    that the answer does not use are billed as completion tokens, beyond the output cap."""
+    prediction = body.get("prediction")
+    if not isinstance(prediction, dict):
+        return 0
+    return _content_tokens(prediction.get("content"), count, IMAGE_TOKENS)
+
+
 def responses_input_tokens(body: dict[str, Any], count: TokenCount, image: int = IMAGE_TOKENS) -> int:
     """Responses API: `instructions` plus `input` (a string, or items with chat-like content,
     function calls and their outputs), tools and the output format's schema."""

@@ -329,3 +329,12 @@ def test_responses_tools_format_and_function_outputs_are_counted() -> None:
             "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
             "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
     assert tokens.responses_input_tokens(rich, by_chars) >= tokens.responses_input_tokens(plain, by_chars) + 100 + 40
+
+
+def test_a_predicted_outputs_tokens_are_counted() -> None:
+    count = tokens.counter("o200k_base")
+    text = "word " * 10
+    assert tokens.prediction_tokens({"prediction": {"type": "content", "content": text}}, count) == count(text)
+    parts = {"prediction": {"type": "content", "content": [{"type": "text", "text": text}]}}
+    assert tokens.prediction_tokens(parts, count) == count(text) > 0
+    assert tokens.prediction_tokens({"prediction": "junk"}, count) == tokens.prediction_tokens({}, count) == 0

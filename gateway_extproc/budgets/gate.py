@@ -161,15 +161,18 @@ class BudgetGate:
                     requests.append(Bucket.per_minute(f"{scope}:rpm", spec.requests_per_minute))
         return tokens, requests, fail_open
 
-    def plan(self, key: VirtualKey, model: Model, prompt_tokens: int, wanted_output: int, choices: int = 1) -> Plan:
-        """`wanted_output` covers all `choices`; each must get at least `minOutputTokens`."""
+    def plan(self, key: VirtualKey, model: Model, prompt_tokens: int, wanted_output: int, choices: int = 1,
+             billed_output: int = 0) -> Plan:
+        """`wanted_output` covers all `choices`; each must get at least `minOutputTokens`.
+        `billed_output`: tokens of the request billed at the output price whatever the cap
+        (a chat `prediction`'s rejected tokens), reserved beside the prompt."""
         now = self.now()
         shape = self.shape(key, model, now)
         price = shape.price.for_prompt(prompt_tokens)
         request = ReserveRequest(
             reservation_id=reservation_id(), limits=shape.limits, token_buckets=shape.token_buckets,
-            request_buckets=shape.request_buckets, prompt_tokens=prompt_tokens,
-            prompt_cost_nano=cost_nano(price, prompt_tokens, 0), output_price_nano=math.ceil(price.output),
+            request_buckets=shape.request_buckets, prompt_tokens=prompt_tokens + billed_output,
+            prompt_cost_nano=cost_nano(price, prompt_tokens, billed_output), output_price_nano=math.ceil(price.output),
             output_tokens_wanted=wanted_output,
             min_output_tokens=min(self.settings.min_output_tokens * choices, wanted_output),
             reservation_ttl_s=self.settings.reservation_ttl_s, now_ms=int(now.timestamp() * 1000),

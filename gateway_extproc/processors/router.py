@@ -292,7 +292,8 @@ class RouterProcessor:
         choices = (body.get("n") or 1) if endpoint is api.CHAT else 1
         cap = caps.output_cap(body, endpoint.output_caps, model.max_output_tokens,
                               gate.settings.default_output_tokens, choices)
-        self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, cap.wanted, choices),
+        predicted = tokens.prediction_tokens(body, tokens.counter(model.tokenizer)) if endpoint is api.CHAT else 0
+        self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, cap.wanted, choices, predicted),
                                           self.runtime.labels.team(self.key.team))
         granted = self.admission.result.output_tokens
         self.body_changed = caps.apply_cap(body, endpoint.output_caps, cap, granted)

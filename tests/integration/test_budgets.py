@@ -24,7 +24,7 @@ NANO = 1_000_000_000
 MSG = [{"role": "user", "content": "Please count the apples in the basket for me."}]
 KEYS = {name: keys.generate(name) for name in ("conc", "clamp", "settle", "cut", "closed", "open", "rpm", "soft",
                                                 "uncapped", "choices", "absurd", "huge", "burst", "refused", "cut-usage", "cut-anthropic",
-                                                "rpm-burst", "tpm-burst", "images")}
+                                                "rpm-burst", "tpm-burst", "images", "predicted")}
 
 
 def budget_keys(values: dict[str, Any], redis_url: str) -> None:
@@ -52,6 +52,7 @@ def budget_keys(values: dict[str, Any], redis_url: str) -> None:
         "rpm-burst": {"rateLimits": {"requestsPerMinute": 25, "tokensPerMinute": 10_000_000}},
         "tpm-burst": {"rateLimits": {"requestsPerMinute": 100_000, "tokensPerMinute": 2000}},
         "images": {"budget": {"daily": 0.01}},
+        "predicted": {"budget": {"daily": 0.01}},
     }
     for name, spec in specs.items():
         team = "ops" if name == "open" else "demo"
@@ -263,6 +264,18 @@ def test_an_image_is_reserved_at_the_most_it_can_cost(gw: Gateway) -> None:
     two = [{"role": "user", "content": [{"type": "text", "text": "Compare them."}, image, image]}]
     refused = chat(gw, "images", messages=two, max_tokens=16)  # 3,200 tokens: $0.016 > $0.01
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"
+
+
+def test_a_predicted_output_is_reserved_at_the_output_price(gw: Gateway) -> None:
+    """OpenAI bills the tokens of a `prediction` the answer does not use as completion tokens,
+    whatever the output cap: a long prediction with `max_tokens: 16` was reserved at 16 output
+    tokens and billed for hundreds."""
+    prediction = {"type": "content", "content": "word " * 300}  # ~300 tokens: $0.006 at $20/M out
+    ok = chat(gw, "predicted", max_tokens=16, prediction=prediction)
+    assert ok.status_code == 200
+    assert gw.received(gw.primary)[-1]["body"]["prediction"] == prediction  # forwarded as sent
+    refused = chat(gw, "predicted", max_tokens=16, prediction={"type": "content", "content": "word " * 600})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"  # $0.012 > $0.01
 
 
 @pytest.mark.parametrize(("cap", "status"), [(10**12, 200), (2**63 - 1, 200), (-1, 400), (0, 400), ("5", 400),
