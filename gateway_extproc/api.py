@@ -184,6 +184,30 @@ def _validate_embeddings(body: dict[str, Any]) -> None:
              "(integers >= 0) or an array of such arrays.")
 
 
+# Responses fields that make the provider add input it stores (an earlier response's whole
+# conversation, a Conversations object, a stored prompt template).
+_PROVIDER_STATE = ("previous_response_id", "conversation", "prompt")
+# Tools the caller's code runs (the model only writes their arguments); any other Responses
+# tool (web_search, file_search, mcp, code_interpreter, image_generation...) the provider
+# runs itself, adding what it fetched as input and per-call fees.
+_CALLER_TOOLS = frozenset({"function", "custom"})
+
+
+def provider_added_input(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
+    """The field by which a request makes the provider add billed input that is not in the
+    request (so the gateway cannot count it before it leaves), or None."""
+    if endpoint is RESPONSES:
+        held = next((f for f in _PROVIDER_STATE if body.get(f)), None)
+        tools = body.get("tools")
+        if held is None and isinstance(tools, list) and any(
+                not (isinstance(t, dict) and t.get("type") in _CALLER_TOOLS) for t in tools):
+            held = "tools"
+        return held
+    if endpoint is CHAT and body.get("web_search_options") is not None:  # (search models: fetched pages)
+        return "web_search_options"
+    return None
+
+
 CHAT = Endpoint("chat", "/chat/completions", _validate_chat, tokens.chat_prompt_tokens, can_stream=True,
                 output_caps=("max_completion_tokens", "max_tokens"))
 RESPONSES = Endpoint("responses", "/responses", _validate_responses, tokens.responses_input_tokens, can_stream=True,

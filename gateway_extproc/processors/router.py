@@ -284,11 +284,12 @@ class RouterProcessor:
         gate, model, endpoint = self.runtime.budget, self.model, self.endpoint
         assert gate is not None and model is not None and endpoint is not None
         assert self.key is not None and self.prompt_tokens is not None
-        if endpoint is api.RESPONSES and (held := next((f for f in _PROVIDER_STATE if body.get(f)), None)):
-            raise GatewayError("context_not_countable", f"`{held}` makes the provider add input it keeps "
-                               "(an earlier conversation, a stored prompt) whose tokens the gateway cannot count "
-                               "before the request leaves, so no budget could hold its cost: send the whole "
-                               "conversation in `input` (with `store: false`) instead.", held)
+        if (held := api.provider_added_input(endpoint, body)) is not None:
+            raise GatewayError("context_not_countable", f"`{held}` makes the provider add input of its own (an "
+                               "earlier conversation or a stored prompt it keeps, what a hosted tool fetches) "
+                               "whose tokens and fees the gateway cannot count before the request leaves, so no "
+                               "budget could hold its cost: send the conversation in `input` (`store: false`) "
+                               "and use function tools.", held)
         choices = (body.get("n") or 1) if endpoint is api.CHAT else 1
         cap = caps.output_cap(body, endpoint.output_caps, model.max_output_tokens,
                               gate.settings.default_output_tokens, choices)
@@ -775,11 +776,6 @@ def _models_body(models: dict[str, Model], key: VirtualKey) -> bytes:
         {"id": name, "object": "model", "created": 0, "owned_by": "gateway"}
         for name in models if key.allows(name)]})
 
-
-# Responses fields that make the provider add input it stores (an earlier response's whole
-# conversation, a Conversations object, a stored prompt template): billed, but not in the
-# request for the gateway to count, so refused where a budget or token rate limit applies.
-_PROVIDER_STATE = ("previous_response_id", "conversation", "prompt")
 
 # Envoy's own errors after a provider had the request (the chart's local replies): it may be
 # working on it and bill it, so its bill is unknown, not nothing. `gateway_unavailable` reaches

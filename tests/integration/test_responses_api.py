@@ -59,16 +59,26 @@ def test_responses_validation_and_budget_clamp(gw: Gateway) -> None:
     assert 0 < clamped < 10**6 and gw.received(gw.primary)[-1]["body"]["max_output_tokens"] == clamped
 
 
-@pytest.mark.parametrize(("field", "value"), [("previous_response_id", "resp_0123456789"),
-                                              ("conversation", "conv_0123456789"),
-                                              ("prompt", {"id": "pmpt_0123456789", "version": "2"})])
-def test_input_the_provider_keeps_is_refused_under_a_budget(gw: Gateway, field: str, value: object) -> None:
-    """The provider bills the earlier turns of a stored conversation (or a stored prompt) as
-    input, but they are not in the request: the gateway could reserve only the new input, and
-    a one-word follow-up to a long conversation would run far past its budget. Nothing leaves."""
+@pytest.mark.parametrize(("field", "value"), [
+    ("previous_response_id", "resp_0123456789"), ("conversation", "conv_0123456789"),
+    ("prompt", {"id": "pmpt_0123456789", "version": "2"}),
+    ("tools", [{"type": "function", "name": "f", "parameters": {}}, {"type": "web_search"}]),
+    ("tools", [{"type": "mcp", "server_label": "docs", "server_url": "https://mcp.example.com"}]),
+    ("web_search_options", {})])
+def test_input_the_provider_adds_itself_is_refused_under_a_budget(gw: Gateway, field: str, value: object) -> None:
+    """The provider bills the earlier turns of a stored conversation (or a stored prompt, or
+    what a hosted tool fetched) as input, but they are not in the request: the gateway could
+    reserve only the new input, and a one-word follow-up to a long conversation would run far
+    past its budget. Nothing leaves; function tools (run by the caller) pass."""
     before = len(gw.received(gw.primary))
     with pytest.raises(openai.BadRequestError) as info:
-        client(gw).responses.create(model="default-chat", input="and then?", extra_body={field: value})
+        if field == "web_search_options":  # (chat: search models)
+            client(gw).chat.completions.create(model="default-chat", messages=[{"role": "user", "content": "news?"}],
+                                               extra_body={field: value})
+        else:
+            client(gw).responses.create(model="default-chat", input="and then?", extra_body={field: value})
     assert info.value.status_code == 400
     assert info.value.body["code"] == "context_not_countable" and info.value.body["param"] == field
     assert len(gw.received(gw.primary)) == before
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}]
+    assert client(gw).responses.create(model="default-chat", input="hi", tools=tools).status == "completed"
