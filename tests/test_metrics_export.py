@@ -175,3 +175,49 @@ def test_the_parents_own_audit_events_join_its_workers(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_a_slower_concurrent_scrape_never_puts_older_numbers_back(tmp_path: Path, monkeypatch) -> None:
+    """Two Prometheus servers (an HA pair) scrape one pod at once: the first scrape reads a
+    worker's reply, the second reads a newer one and merges it, then the first merges its
+    older reply. Neither that scrape nor any later one may show less than was shown."""
+    import threading
+
+    requests = metrics.child(metrics.REQUESTS, "demo", "slow-scrape", "mock", "2xx")
+    key = ("genai_requests_total", (("model", "slow-scrape"), ("provider", "mock"), ("status_class", "2xx"),
+                                    ("team", "demo")))
+    requests.inc(5)
+    older = export.reply()  # what the slow scrape read
+    requests.inc(2)
+    newer = export.reply()  # what the fast scrape read, after it
+    slow_has_read, fast_done = threading.Event(), threading.Event()
+    replies = {"slow": older, "fast": newer, "later": None}  # later: the worker does not answer
+
+    def read(_path: str):
+        who = threading.current_thread().name
+        if who == "slow":
+            slow_has_read.set()
+            assert fast_done.wait(5)
+        return replies[who]
+
+    monkeypatch.setattr(export, "_read", read)
+    collector = export.WorkerMetrics(str(tmp_path), 1)
+    shown: dict[str, float] = {}
+
+    def scrape_as(who: str) -> None:
+        shown[who] = scrape(collector)[key]
+        if who == "fast":
+            fast_done.set()
+
+    slow = threading.Thread(target=scrape_as, args=("slow",), name="slow")
+    slow.start()
+    assert slow_has_read.wait(5)
+    fast = threading.Thread(target=scrape_as, args=("fast",), name="fast")
+    fast.start()
+    fast.join()
+    slow.join()
+    later = threading.Thread(target=scrape_as, args=("later",), name="later")
+    later.start()
+    later.join()
+    assert shown["fast"] == 7
+    assert shown["slow"] >= shown["fast"] and shown["later"] >= shown["fast"], shown

@@ -13,6 +13,11 @@ in the sums and no counter goes backwards (`rate()`/`increase()` see no reset). 
 dead worker counted after the last scrape is lost: an undercount of at most one scrape
 interval of that worker's traffic, never a drop. A worker that does not answer within
 REPLY_TIMEOUT_S (busy or restarting) contributes its last snapshot.
+
+Concurrent scrapes (two Prometheus servers, an HA pair, scraping one pod): each reply carries
+the worker's reply number (`seq`), and a reply older than the one already merged for that
+worker is ignored, so a slow scrape that read a worker first can never put older numbers
+back after a faster one merged newer ones.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ from . import counters
 
 DIR_ENV = "GATEWAY_EXTPROC_METRICS_DIR"
 REPLY_TIMEOUT_S = 2.0
+_replies = 0  # this worker's answers so far: each reply's `seq`
+
+
+def reply() -> dict[str, Any]:
+    """A worker's answer to one scrape: its numbers now, with `seq` (1, 2, ... per process)
+    so the parent can tell a newer reply from an older one read by a concurrent scrape."""
+    global _replies
+    _replies += 1
+    return {"pid": os.getpid(), "seq": _replies, "series": counters.snapshot()}
 
 
 def socket_path(directory: str, index: int) -> str:
@@ -50,7 +64,7 @@ async def serve_snapshots(index: int) -> asyncio.AbstractServer | None:
 
     async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write(orjson.dumps({"pid": os.getpid(), "series": counters.snapshot()}))
+            writer.write(orjson.dumps(reply()))
             await writer.drain()
         finally:
             writer.close()
@@ -98,6 +112,7 @@ class WorkerMetrics(Collector):
         self._directory, self._workers, self._own = directory, workers, own
         self._lock = threading.Lock()
         self._last: dict[int, tuple[int, counters.Snapshot]] = {}  # index: (pid, snapshot)
+        self._seq: dict[int, int] = {}  # index: `seq` of the reply in _last
         self._retired: dict[str, dict[tuple[str, ...], Any]] = {}
         self._gone: set[int] = set()
 
@@ -117,6 +132,10 @@ class WorkerMetrics(Collector):
                 if reply is None or reply["pid"] in self._gone:
                     continue  # keep the last snapshot
                 previous = self._last.get(index)
+                if previous is not None and previous[0] == reply["pid"] and \
+                        reply.get("seq", 0) <= self._seq.get(index, 0):
+                    continue  # read before the one a concurrent scrape already merged: older numbers
+                self._seq[index] = reply.get("seq", 0)
                 if previous is not None and previous[0] != reply["pid"]:
                     _add(self._retired, previous[1], ("counter", "histogram"))  # a death not seen yet
                     self._gone.add(previous[0])
