@@ -138,7 +138,9 @@ def record_request(labels: Labels, *, team: str | None, model: str | None, provi
     if cached_tokens is not None and sc == "2xx":
         child(CACHE_REQUESTS, "hit" if cached_tokens else "miss").inc()
     child(DURATION, m, sc).observe(duration_s)
-    if ttft_s is not None:
+    # Streams that succeeded only: a provider's error body (a fast 503, a slow 504) is no first
+    # token, and would pull the TTFT alert's p95 wherever errors happen to be.
+    if ttft_s is not None and sc == "2xx":
         child(TTFT, m).observe(ttft_s)
         if completion_tokens and completion_tokens > 1:
             child(TPOT, m).observe(max(duration_s - ttft_s, 0.0) / (completion_tokens - 1))

@@ -136,7 +136,8 @@ class RequestTrace:
                 attrs[key] = value
         # The conventions: a failed operation (any 4xx/5xx, a refusal, an incomplete answer)
         # has error.type and an ERROR status.
-        if error_code or status >= 400 or status == 0:
+        failed = bool(error_code or status >= 400 or status == 0)
+        if failed:
             attrs["error.type"] = error_code or str(status or "incomplete")
             self.span.set_status(Status(StatusCode.ERROR, attrs["error.type"]))
         self.span.set_attributes(attrs)
@@ -146,11 +147,16 @@ class RequestTrace:
             metric_attrs["gen_ai.provider.name"] = provider
         if request_model:
             metric_attrs["gen_ai.request.model"] = request_model
-        _state["duration"].record(duration_s, metric_attrs)
+        # error.type on a failed request's duration, as the conventions ask (gateway error codes
+        # and HTTP statuses: a bounded set), so failures are not averaged into the latency.
+        _state["duration"].record(duration_s, {**metric_attrs, "error.type": attrs["error.type"]} if failed
+                                  else metric_attrs)
         for kind, value in (("input", input_tokens), ("output", output_tokens)):
             if value:
                 _state["token_usage"].record(value, {**metric_attrs, "gen_ai.token.type": kind})
-        if ttft_s is not None:
+        # Time to first token and per output token: 2xx answers only (the conventions' "successful
+        # responses", as genai_time_to_first_token_seconds counts them); an error body is no token.
+        if ttft_s is not None and 200 <= status < 300:
             _state["ttft"].record(ttft_s, metric_attrs)
             if output_tokens and output_tokens > 1:
                 _state["tpot"].record(max(duration_s - ttft_s, 0.0) / (output_tokens - 1), metric_attrs)

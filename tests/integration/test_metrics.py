@@ -75,3 +75,26 @@ def test_a_thousand_unknown_models_make_one_other_series(gw: Gateway) -> None:
     series = [l for l in text.splitlines() if l.startswith("genai_requests_total{") and 'team="demo"' in l
               and 'status_class="4xx"' in l and 'model="other"' in l]
     assert len(series) == 1 and sample(text, "genai_requests_total", team="demo", model="other") >= 1000
+
+
+def test_time_to_first_token_counts_successful_streams_only(gw: Gateway) -> None:
+    """A provider's error answer to a stream (a fast 503, a 429) is no first token: counting
+    it would pull the TTFT p95 (and its alert) wherever errors happen to be."""
+    before = scrape(gw)
+    with httpx.Client(headers={"authorization": f"Bearer {gw.key}"}, timeout=30) as http:
+        for status in (503, 429, 400):
+            resp = http.post(f"{gw.url}/v1/chat/completions", headers={"x-mock-status": str(status)},
+                             json={"model": "private-chat", "messages": HELLO, "stream": True})
+            assert resp.status_code == status, resp.text
+        ok = http.post(f"{gw.url}/v1/chat/completions", json={"model": "private-chat", "messages": HELLO,
+                                                                "stream": True})
+        assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
+    deadline = time.monotonic() + 3
+    while (sample(after := scrape(gw), "genai_request_duration_seconds_count", model="private-chat")
+           - sample(before, "genai_request_duration_seconds_count", model="private-chat") < 4
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert sample(after, "genai_request_duration_seconds_count", model="private-chat") - \
+        sample(before, "genai_request_duration_seconds_count", model="private-chat") == 4
+    for name in ("genai_time_to_first_token_seconds_count", "genai_time_per_output_token_seconds_count"):
+        assert sample(after, name, model="private-chat") - sample(before, name, model="private-chat") == 1, name

@@ -236,3 +236,23 @@ def test_envoy_spans_carry_no_caller_path_query_or_agent(envoy_traced) -> None:
     assert secret not in "\n".join(str(s) for s in spans)
     urls = {attrs(s).get("http.url") for s in spans if s.parent_span_id.hex() == PARENT_ID}
     assert urls <= {"/v1/chat/completions", "(unknown)"}, urls
+
+
+def test_failed_streams_are_no_first_token_and_their_duration_says_error_type(traced) -> None:
+    """The conventions: time to first token is for successful responses; a failed request's
+    duration carries error.type."""
+    gw, collector = traced
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
+        "model": "private-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        headers={"authorization": f"Bearer {gw.key}", "x-mock-status": "503"})
+    assert resp.status_code == 503
+
+    def points(name: str) -> list:
+        return [p for m in collector.metrics if m.name == name for p in m.histogram.data_points
+                if any(kv.key == "gen_ai.request.model" and kv.value.string_value == "private-chat"
+                       for kv in p.attributes)]
+
+    [duration, *_] = wait_for(lambda: points("gen_ai.server.request.duration"))
+    assert {kv.key: kv.value.string_value for kv in duration.attributes}["error.type"] == "503"
+    time.sleep(0.5)  # another export or two
+    assert points("gen_ai.server.time_to_first_token") == []
