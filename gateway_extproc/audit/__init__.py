@@ -19,7 +19,7 @@ from .settings import AuditSettings
 
 if TYPE_CHECKING:
     from ..config import Backend, GatewayConfig
-    from ..processors.router import RouterProcessor
+    from ..processors.router import Consumed, RouterProcessor
     from .writer import AuditSink
 
 log = structlog.get_logger("gateway_extproc.audit")
@@ -61,10 +61,10 @@ def stop() -> None:
         _sink = None
 
 
-def request(p: "RouterProcessor", backend: "Backend | None", outcome: str, cost_nano: int,
+def request(p: "RouterProcessor", backend: "Backend | None", outcome: str, spent: "Consumed",
             content: dict[str, str]) -> None:
     if _sink is not None:
-        _sink.put(events.request_event(p, backend, outcome, cost_nano, content))
+        _sink.put(events.request_event(p, backend, outcome, spent, content))
 
 
 def config_applied(cfg: "GatewayConfig") -> None:

@@ -16,7 +16,7 @@ from ..usage import Usage
 
 if TYPE_CHECKING:
     from ..config import Backend, GatewayConfig
-    from ..processors.router import RouterProcessor
+    from ..processors.router import Consumed, RouterProcessor
 
 BLOCKING_CODES = frozenset({"content_blocked", "classification_violation"})
 # Set by the router for a stream the provider broke off; the request was admitted.
@@ -47,9 +47,14 @@ def reasons(p: "RouterProcessor") -> list[str]:
     return out
 
 
-def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str, cost_nano: int,
+def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str, spent: "Consumed",
                   content: dict[str, str]) -> dict[str, Any]:
-    """`cost_nano` and `content` as the access line has them (computed once per request)."""
+    """`spent` and `content` as the access line and the metrics have them (computed once per
+    request): the tokens and cost are the very numbers `genai_tokens_total` and
+    `genai_request_cost_dollars_total` were incremented with, so the chargeback report
+    reconciles with Prometheus. Tokens only when a provider may have processed the request
+    (none for a refusal or a provider's error: nothing was billed); a client gone before the
+    provider's usage came is on the record with what it was charged (the reservation)."""
     usage = p.usage or Usage()
     key = p.key
     ev: dict[str, Any] = {
@@ -60,8 +65,9 @@ def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str,
         "model": p.model.name if p.model else p.requested, "backend": p.backend,
         "provider": backend.provider.name if backend else None, "status": p.status, "outcome": outcome,
         "stream": p.stream,
-        "input_tokens": usage.prompt_tokens if usage.prompt_tokens is not None else p.prompt_tokens,
-        "output_tokens": usage.completion_tokens, "cached_tokens": usage.cached_tokens, "cost_nano": cost_nano,
+        "input_tokens": spent.prompt if spent.processed else None,
+        "output_tokens": spent.completion if spent.processed else None,
+        "cached_tokens": usage.cached_tokens, "cost_nano": spent.cost,
         "config": p.runtime.config.digest[:16],
     }
     ev.update(content)

@@ -614,7 +614,7 @@ class RouterProcessor:
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
             duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
             tier=self.tier, **content)
-        audit.request(self, backend, outcome, spent.cost, content)
+        audit.request(self, backend, outcome, spent, content)
 
     def logged_content(self) -> dict[str, str]:
         """Prompt and response text, only for requests whose tier the content-logging policy allows."""

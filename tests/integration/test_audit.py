@@ -377,3 +377,50 @@ def cli_bytes(*args: str) -> bytes:
 
 def keys_digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def test_chargeback_tokens_reconcile_with_prometheus_beyond_the_happy_path(tmp_path: Path) -> None:
+    """docs/audit.md: the chargeback's tokens and cost are the numbers the gateway added to
+    `genai_tokens_total` and `genai_request_cost_dollars_total`. Also for requests refused after
+    their prompt was counted (a budget), a provider's error, and clients that left before the
+    answer or mid-stream (charged at the reservation)."""
+    gw = build_gateway(tmp_path / "gw")
+    audit = gw.stack.workdir / "audit"
+    hello = [{"role": "user", "content": "Say hello."}]
+    auth = {"authorization": f"Bearer {gw.key}"}
+    try:
+        before = httpx.get(gw.stack.metrics_url).text
+        with httpx.Client(timeout=30) as http:
+            assert http.post(f"{gw.url}/v1/chat/completions", headers=auth,
+                             json={"model": "default-chat", "messages": hello}).status_code == 200
+            assert http.post(f"{gw.url}/v1/chat/completions", headers={**auth, "x-mock-status": "500"},
+                             json={"model": "private-chat", "messages": hello}).status_code == 500
+            tiny = {"authorization": "Bearer gwk_tiny_local-only-tiny-budget-key"}
+            big = {"model": "default-chat", "messages": hello, "max_tokens": 1000}
+            assert {http.post(f"{gw.url}/v1/chat/completions", headers=tiny, json=big).status_code
+                    for _ in range(3)} >= {429}  # budget_exceeded, after its prompt was counted
+            # Gone mid-stream, and before any answer.
+            with http.stream("POST", f"{gw.url}/v1/chat/completions", json={
+                    "model": "default-chat", "messages": hello, "stream": True},
+                    headers={**auth, "x-mock-chunk-delay-ms": "100", "x-mock-reply-words": "40"}) as resp:
+                next(resp.iter_raw())
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{gw.url}/v1/chat/completions", headers={**auth, "x-mock-latency-ms": "1500"},
+                       json={"model": "default-chat", "messages": hello}, timeout=0.5)
+        sent = 1 + 1 + 3 + 1 + 1
+        deadline = time.monotonic() + 10
+        while (metric_sum(after := httpx.get(gw.stack.metrics_url).text, "genai_requests_total", team="demo")
+               - metric_sum(before, "genai_requests_total", team="demo") < sent and time.monotonic() < deadline):
+            time.sleep(0.1)
+    finally:
+        gw.stack.stop()
+    assert metric_sum(after, "genai_requests_total", team="demo") - metric_sum(before, "genai_requests_total",
+                                                                               team="demo") == sent
+    month = datetime.now(timezone.utc).strftime("%Y-%m")
+    report = orjson.loads(cli("report", "chargeback", "--dir", str(audit), "--month", month, "--format", "json").stdout)
+    [demo] = [t for t in report["teams"] if t["team"] == "demo"]
+    assert demo["requests"] == sent
+    for kind in ("input", "output"):
+        assert demo[f"{kind}_tokens"] == metric_sum(after, "genai_tokens_total", team="demo", type=kind), kind
+    assert float(demo["cost_usd"]) == pytest.approx(metric_sum(after, "genai_request_cost_dollars_total",
+                                                               team="demo"), abs=2e-6)
