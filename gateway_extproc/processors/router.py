@@ -78,7 +78,7 @@ class RouterProcessor:
                  "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
                  "cut_after", "cut", "body_changed",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
-                 "requested", "answered", "headers", "header_edit", "echo")
+                 "requested", "answered", "headers", "header_edit", "echo", "forwarded")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -121,6 +121,7 @@ class RouterProcessor:
         self.header_edit: HeaderEdit | None = None
         # Cuts the answering backend's credential from its answer (a provider echoing it).
         self.echo: CredentialCut | None = None
+        self.forwarded = False  # the request went on to a provider (forward() answered Envoy)
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -343,6 +344,7 @@ class RouterProcessor:
             for k, v in self.header_edit.set.items():
                 set_headers.setdefault(k, v)  # (not a trace header the gateway writes anyway)
         mutation = r.mutation(set_headers, self.header_edit.remove if self.header_edit else ())
+        self.forwarded = True
         return r.request_body(r.common(mutation, new_body, clear_route_cache=True), metadata)
 
     # -- response ------------------------------------------------------------------------
@@ -590,6 +592,11 @@ class RouterProcessor:
         ttft = self.first_byte - self.started if self.stream and self.first_byte else None
         spent = self.consumed(backend)
         content = self.logged_content()  # the access line and the audit record carry the same text
+        if self.status == 0 and self.forwarded and served_natively(self.eligible):
+            # The client left before any answer, while the provider had the attempt: counted as
+            # the upstream processor counts one on the clusters it runs on (no status: `error`).
+            metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.eligible[0].id),
+                          metrics.attempt_outcome(0)).inc()
         metrics.record_request(
             self.runtime.labels, team=self.key.team if self.key else None,
             model=self.model.name if self.model else None, provider=backend.provider.name if backend else None,

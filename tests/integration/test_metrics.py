@@ -98,3 +98,31 @@ def test_time_to_first_token_counts_successful_streams_only(gw: Gateway) -> None
         sample(before, "genai_request_duration_seconds_count", model="private-chat") == 4
     for name in ("genai_time_to_first_token_seconds_count", "genai_time_per_output_token_seconds_count"):
         assert sample(after, name, model="private-chat") - sample(before, name, model="private-chat") == 1, name
+
+
+def test_an_attempt_the_client_left_is_counted_whatever_serves_the_model(gw: Gateway) -> None:
+    """A client that hangs up while the provider works: the provider had the attempt (the mock
+    recorded it), so genai_upstream_attempts_total counts it once, on a backend Envoy serves
+    natively (the router counts its attempts) as on one behind the upstream ext_proc."""
+    before = scrape(gw)
+    for model in ("private-chat", "default-chat"):
+        try:
+            httpx.post(f"{gw.url}/v1/chat/completions", timeout=0.5, json={"model": model, "messages": HELLO},
+                       headers={"authorization": f"Bearer {gw.key}", "x-mock-latency-ms": "1500"})
+        except httpx.TimeoutException:
+            pass
+        else:
+            raise AssertionError("the answer came before the client left")
+    backends = {"private-chat": "mock/mock-private-llama", "default-chat": "mock/mock-gpt-4o-mini"}
+    deadline = time.monotonic() + 5
+    while True:
+        after = scrape(gw)
+        counted = {m: sample(after, "genai_upstream_attempts_total", backend=b)
+                   - sample(before, "genai_upstream_attempts_total", backend=b) for m, b in backends.items()}
+        if all(counted.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(gw.received(gw.primary)) == 2
+    assert counted == {"private-chat": 1, "default-chat": 1}
+    assert sample(after, "genai_requests_total", model="private-chat", status_class="4xx") - \
+        sample(before, "genai_requests_total", model="private-chat", status_class="4xx") == 1
