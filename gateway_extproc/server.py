@@ -75,7 +75,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 except Exception:
                     log.exception("processing_failed", phase=phase)
                     _ERRORS[phase].inc()
-                    resp = _fallback(req)
+                    resp = _fallback(req, processor)
                 _PHASES[phase].observe(time.perf_counter() - started)
                 if context is not None and _last_message(req, phase, resp, isinstance(processor, UpstreamProcessor)):
                     await _write_last(context, resp)  # until Envoy's reset cancels this handler
@@ -147,11 +147,21 @@ def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
             and isinstance(v, str)}
 
 
-def _fallback(req: ep.ProcessingRequest) -> ep.ProcessingResponse:
-    """After a bug: refuse a request not yet sent; let an already-flowing response pass."""
+def _fallback(req: ep.ProcessingRequest, processor: RouterProcessor | UpstreamProcessor | None = None
+              ) -> ep.ProcessingResponse:
+    """After a bug: refuse a request not yet sent; let an already-flowing response pass. The
+    router's own refusal (`reject`) when it can: its access line, metrics, span and audit
+    record then say 500 `gateway_internal_error`, as the client got, and the request (never
+    sent) is not charged."""
     kind = req.WhichOneof("request")
     if kind in _REQUEST_PHASES:
-        return responses.error(GatewayError("gateway_internal_error", "The gateway failed to process the request."))
+        err = GatewayError("gateway_internal_error", "The gateway failed to process the request.")
+        if isinstance(processor, RouterProcessor) and not processor.logged:
+            try:
+                return processor.reject(err)
+            except Exception:
+                log.exception("processing_failed", phase=kind)  # refused all the same, below
+        return responses.error(err)
     return ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body") else ep.HeadersResponse()})
 
 

@@ -51,3 +51,42 @@ async def test_a_bug_on_the_response_lets_it_pass_and_is_counted(monkeypatch: py
     [resp] = await run(ep.ProcessingRequest(response_headers=ep.HttpHeaders()))
     assert resp.WhichOneof("response") == "response_headers"
     assert errors("response_headers") == before + 1
+
+
+async def test_a_request_refused_for_a_bug_is_recorded_as_the_500_the_client_got(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client gets `500 gateway_internal_error`: the access line, the metrics and the span say
+    so (not a status 0 'incomplete' counted as 4xx, out of the 5xx error rate), and a request that
+    never left is not charged (the cost counter, the budget settlement)."""
+    import orjson
+    import structlog
+
+    from gateway_extproc.telemetry import metrics
+
+    from .test_router_processor import req_body
+
+    def bug(self: RouterProcessor, body: dict) -> ep.ProcessingResponse:
+        raise RuntimeError("injected fault")
+    monkeypatch.setattr(RouterProcessor, "forward", bug)
+    doc = gateway_doc()
+    doc["models"][0]["backends"][0]["pricing"] = {"input": 5.0, "output": 20.0}
+
+    def value(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    five = {"team": "search", "model": "default-chat", "provider": "other", "status_class": "5xx"}
+    cost = {"team": "search", "model": "default-chat"}
+    before = value("genai_requests_total", five), value("genai_request_cost_dollars_total", cost)
+
+    async def stream() -> AsyncIterator[ep.ProcessingRequest]:
+        yield req_headers()
+        yield req_body({"model": "default-chat", "messages": [{"role": "user", "content": "Hi"}]})
+    ref = RuntimeRef(Runtime.from_config(config.parse(doc, "test-gateway.yaml")), "test-gateway.yaml")
+    with structlog.testing.capture_logs() as logs:
+        resps = [resp async for resp in ExternalProcessor(ref).Process(stream(), None)]
+    assert resps[-1].immediate_response.status.code == 500
+    [line] = [e for e in logs if e["event"] == "access"]
+    assert (line["status"], line["error_code"], line["outcome"]) == (500, "gateway_internal_error", "complete")
+    assert value("genai_requests_total", five) == before[0] + 1
+    assert value("genai_request_cost_dollars_total", cost) == before[1]
+    assert metrics.status_class(500) == "5xx" and orjson.loads(resps[-1].immediate_response.body)["error"]
