@@ -605,8 +605,11 @@ class RouterProcessor:
             duration_s=duration, ttft_s=ttft)
         self.account(spent)
         if self.trace is not None:
+            # A stream the budget cut short ended with a `budget_exceeded` error event: a failed
+            # operation for the conventions, though its status (sent before the cut) is 2xx.
             self.trace.finish(
-                status=self.status, error_code=self.error_code, provider=backend.provider.kind if backend else None,
+                status=self.status, error_code=self.error_code or ("budget_exceeded" if self.cut else None),
+                provider=backend.provider.kind if backend else None,
                 backend=self.backend, response_model=usage.response_model, input_tokens=usage.prompt_tokens,
                 output_tokens=usage.completion_tokens, duration_s=duration, ttft_s=ttft,
                 request_model=self.model.name if self.model else None, team=self.key.team if self.key else None,

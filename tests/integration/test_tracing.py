@@ -256,3 +256,21 @@ def test_failed_streams_are_no_first_token_and_their_duration_says_error_type(tr
     assert {kv.key: kv.value.string_value for kv in duration.attributes}["error.type"] == "503"
     time.sleep(0.5)  # another export or two
     assert points("gen_ai.server.time_to_first_token") == []
+
+
+def test_a_stream_the_budget_cut_short_is_an_error_span(traced) -> None:
+    """docs/observability.md: an answer cut short is a failed operation. A provider that ignores
+    the output cap has its stream ended by the gateway with a `budget_exceeded` error event
+    (the SDKs raise it): the span has that error.type and an ERROR status."""
+    gw, collector = traced
+    trace_id = "9" + TRACE_ID[1:]
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30, json={
+            "model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "max_tokens": 5},
+            headers={"authorization": f"Bearer {gw.key}", "traceparent": f"00-{trace_id}-{PARENT_ID}-01",
+                     "x-mock-ignore-max-tokens": "1", "x-mock-reply-words": "60"}) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    assert '"code":"budget_exceeded"' in lines[-2]
+    span = wait_for(lambda: next((s for s in collector.spans if s.trace_id.hex() == trace_id), None))
+    assert attrs(span)["error.type"] == "budget_exceeded"
+    assert span.status.code == span.status.STATUS_CODE_ERROR
