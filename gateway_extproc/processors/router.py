@@ -602,7 +602,7 @@ class RouterProcessor:
             model=self.model.name if self.model else None, provider=backend.provider.name if backend else None,
             status=self.status or 499, prompt_tokens=spent.prompt if spent.processed else None,
             completion_tokens=spent.completion if spent.processed else None, cached_tokens=usage.cached_tokens,
-            duration_s=duration, ttft_s=ttft)
+            duration_s=duration, ttft_s=ttft, generated_tokens=usage.completion_tokens)
         self.account(spent)
         if self.trace is not None:
             # A stream the budget cut short ended with a `budget_exceeded` error event: a failed

@@ -127,8 +127,11 @@ class Labels:
 
 def record_request(labels: Labels, *, team: str | None, model: str | None, provider: str | None, status: int,
                    prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None,
-                   duration_s: float, ttft_s: float | None) -> None:
-    """One finished request, as the access log line saw it."""
+                   duration_s: float, ttft_s: float | None, generated_tokens: int | None = None) -> None:
+    """One finished request, as the access log line saw it. `completion_tokens` is what it is
+    charged for (the reservation's worst case when the provider's usage never came);
+    `generated_tokens` the output the provider reported, the only count time per output
+    token may divide by."""
     t, m = labels.team(team), labels.model(model)
     sc = status_class(status)
     child(REQUESTS, t, m, labels.provider(provider), sc).inc()
@@ -142,5 +145,5 @@ def record_request(labels: Labels, *, team: str | None, model: str | None, provi
     # token, and would pull the TTFT alert's p95 wherever errors happen to be.
     if ttft_s is not None and sc == "2xx":
         child(TTFT, m).observe(ttft_s)
-        if completion_tokens and completion_tokens > 1:
-            child(TPOT, m).observe(max(duration_s - ttft_s, 0.0) / (completion_tokens - 1))
+        if generated_tokens and generated_tokens > 1:
+            child(TPOT, m).observe(max(duration_s - ttft_s, 0.0) / (generated_tokens - 1))

@@ -126,3 +126,23 @@ def test_an_attempt_the_client_left_is_counted_whatever_serves_the_model(gw: Gat
     assert counted == {"private-chat": 1, "default-chat": 1}
     assert sample(after, "genai_requests_total", model="private-chat", status_class="4xx") - \
         sample(before, "genai_requests_total", model="private-chat", status_class="4xx") == 1
+
+
+def test_a_stream_left_early_adds_no_time_per_output_token(gw: Gateway) -> None:
+    """A client that leaves mid-stream is charged the reservation (its output tokens: the cap it
+    was sent), but those are not tokens generated in that time: dividing the time streamed by
+    them would put a made-up, tiny time per output token into the histogram."""
+    before = scrape(gw)
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30,
+                      json={"model": "private-chat", "messages": HELLO, "stream": True},
+                      headers={"authorization": f"Bearer {gw.key}", "x-mock-chunk-delay-ms": "100",
+                               "x-mock-reply-words": "40"}) as resp:
+        next(resp.iter_raw())
+    deadline = time.monotonic() + 5
+    while (sample(after := scrape(gw), "genai_requests_total", model="private-chat")
+           - sample(before, "genai_requests_total", model="private-chat") < 1 and time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert sample(after, "genai_time_to_first_token_seconds_count", model="private-chat") - \
+        sample(before, "genai_time_to_first_token_seconds_count", model="private-chat") == 1
+    assert sample(after, "genai_time_per_output_token_seconds_count", model="private-chat") == \
+        sample(before, "genai_time_per_output_token_seconds_count", model="private-chat")
