@@ -24,7 +24,7 @@ from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, start_http_server
 
 from . import audit, sockets
 from .admission import LARGE_BYTES
@@ -262,6 +262,7 @@ def serve(config_path: str) -> int:
         return 1
     metrics_dir = tempfile.mkdtemp(prefix="gateway-extproc-metrics-")
     registry = CollectorRegistry()
+    disable_created_metrics()  # no `_created` timestamp series for the one counter kept here
     restarts = Counter("genai_gateway_extproc_worker_restarts", "ext_proc worker processes restarted after "
                        "dying (crash, OOM kill).", registry=registry)
     # The admin API's audit chain is written here, in the parent: its events join the workers'.

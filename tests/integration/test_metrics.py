@@ -146,3 +146,11 @@ def test_a_stream_left_early_adds_no_time_per_output_token(gw: Gateway) -> None:
         sample(before, "genai_time_to_first_token_seconds_count", model="private-chat") == 1
     assert sample(after, "genai_time_per_output_token_seconds_count", model="private-chat") == \
         sample(before, "genai_time_per_output_token_seconds_count", model="private-chat")
+
+
+def test_no_created_series(gw: Gateway) -> None:
+    """docs/observability.md: no `*_created` series (a timestamp per counter, per scrape: the
+    `serve` parent's own worker-restart counter included)."""
+    text = scrape(gw)
+    assert "genai_gateway_extproc_worker_restarts_total 0.0" in text
+    assert [line for line in text.splitlines() if "_created" in line] == []
