@@ -49,9 +49,6 @@ class Runtime:
             old = previous.budget if previous else None
             same = old is not None and _store_settings(old.cfg) == _store_settings(cfg)
             gate = BudgetGate(cfg, old.store if same and old else _budget_store(cfg))
-        for team, limits in cfg.teams.items():
-            if limits.budget and limits.budget.daily_nano is not None:
-                TEAM_DAILY_BUDGET.labels(team).set(limits.budget.daily_nano / 1e9)
         try:  # what the scanner checks as it compiles (rule tiers, custom patterns): a config error too
             policy = Policy(cfg.classification) if cfg.classification else None
         except ValueError as exc:
@@ -59,7 +56,15 @@ class Runtime:
         old_keys = previous.keys if previous and _key_settings(previous.config) == _key_settings(cfg) else None
         credentials = {name: _read_credential(p) for name, p in cfg.providers.items()}
         logs.known_secrets(credentials.values())  # masked in every log line, whatever their shape
-        return cls(cfg, credentials, labels, gate, policy, old_keys or _key_lookup(cfg))
+        runtime = cls(cfg, credentials, labels, gate, policy, old_keys or _key_lookup(cfg))
+        # Only now, with the file accepted: a reload rejected above keeps the budgets in force
+        # on the gauge too, and a team whose daily budget is gone loses its series.
+        daily = {team: limits.budget.daily_nano / 1e9 for team, limits in cfg.teams.items()
+                 if limits.budget and limits.budget.daily_nano is not None}
+        TEAM_DAILY_BUDGET.retain((team,) for team in daily)
+        for team, dollars in daily.items():
+            TEAM_DAILY_BUDGET.labels(team).set(dollars)
+        return runtime
 
 
 def _store_settings(cfg: GatewayConfig) -> tuple[object, ...]:

@@ -32,3 +32,41 @@ async def test_a_file_still_being_written_is_read_once_it_stands_still(tmp_path:
     await asyncio.wait_for(check, 5)
     assert ref.current.config.max_request_bytes == 8192
     assert ref.current.config.digest == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_the_budget_gauge_shows_the_config_in_force(tmp_path: Path) -> None:
+    """genai_gateway_team_daily_budget_dollars (which the cost alerts compare spend against) is
+    the budget of the config serving: a reload that is rejected leaves it, and a team whose daily
+    budget was removed loses its series instead of alerting against the old limit forever."""
+    import pytest
+    from prometheus_client import REGISTRY
+
+    from gateway_extproc import config
+    from gateway_extproc.config import ConfigError
+
+    def doc(search: float, ads: float | None) -> dict:
+        d = valid()
+        d["listen"] = d["listen"][:1]
+        for model in d["models"]:
+            for backend in model["backends"]:
+                backend["pricing"] = {"input": 1.0, "output": 1.0}
+        d["budgets"] = {"org": "o", "devMemoryStore": True}
+        d["teams"] = [{"name": "search", "budget": {"daily": search}},
+                      {"name": "ads", **({"budget": {"daily": ads}} if ads is not None else {})}]
+        return d
+
+    def gauge(team: str) -> float | None:
+        return REGISTRY.get_sample_value("genai_gateway_team_daily_budget_dollars", {"team": team})
+
+    serving = Runtime.from_config(config.parse(doc(5, 3), "a.yaml"))
+    assert (gauge("search"), gauge("ads")) == (5, 3)
+    rejected = doc(50, 3)  # valid YAML and schema; refused when its classification rules compile
+    rejected["classification"] = {"tiers": ["low", "high"], "contentLogging": {"maxTier": "none"}}
+    for model in rejected["models"]:
+        for backend in model["backends"]:
+            backend["maxTier"] = "high"
+    with pytest.raises(ConfigError):
+        Runtime.from_config(config.parse(rejected, "b.yaml"), serving)
+    assert (gauge("search"), gauge("ads")) == (5, 3)
+    Runtime.from_config(config.parse(doc(5, None), "c.yaml"), serving)
+    assert (gauge("search"), gauge("ads")) == (5, None)

@@ -20,7 +20,7 @@ import threading
 from abc import ABC, abstractmethod
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -61,6 +61,14 @@ class _Family(ABC):
             if found is None:
                 found = self._children[values] = self._new()
         return found
+
+    def retain(self, keep: Iterable[tuple[str, ...]]) -> None:
+        """Drop every series whose label values are not in `keep` (a gauge of things the
+        config no longer has)."""
+        wanted = set(keep)
+        with self._lock:
+            for values in [v for v in self._children if v not in wanted]:
+                del self._children[values]
 
     @abstractmethod
     def _new(self) -> Any:
