@@ -19,7 +19,7 @@ from .budgets.store import BudgetStore, MemoryBudgetStore
 from .identity import KeyLookup
 from .keystore import FileKeyLookup, RedisKeyLookup
 from .policy.classification import Policy
-from .telemetry.metrics import TEAM_DAILY_BUDGET, Labels
+from .telemetry.metrics import TEAM_DAILY_BUDGET, TEAM_DAILY_REMAINING, Labels
 
 log = structlog.get_logger("gateway_extproc.runtime")
 
@@ -62,6 +62,7 @@ class Runtime:
         daily = {team: limits.budget.daily_nano / 1e9 for team, limits in cfg.teams.items()
                  if limits.budget and limits.budget.daily_nano is not None}
         TEAM_DAILY_BUDGET.retain((team,) for team in daily)
+        TEAM_DAILY_REMAINING.retain((team,) for team in daily)
         for team, dollars in daily.items():
             TEAM_DAILY_BUDGET.labels(team).set(dollars)
         return runtime

@@ -68,5 +68,8 @@ def test_the_budget_gauge_shows_the_config_in_force(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         Runtime.from_config(config.parse(rejected, "b.yaml"), serving)
     assert (gauge("search"), gauge("ads")) == (5, 3)
+    from gateway_extproc.telemetry import metrics
+    metrics.TEAM_DAILY_REMAINING.labels("ads").set(1.5)  # as enforcing its budget left it
     Runtime.from_config(config.parse(doc(5, None), "c.yaml"), serving)
     assert (gauge("search"), gauge("ads")) == (5, None)
+    assert REGISTRY.get_sample_value("genai_team_daily_budget_remaining_dollars", {"team": "ads"}) is None
