@@ -861,7 +861,9 @@ async def test_an_answer_whose_bill_is_unknown_is_charged_the_reservation(local_
     body = ({"model": "default-chat", "input": "hi", "stream": True} if path != CHAT_PATH else
             {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
              "stream": case != "client-gone-before-the-answer"})
-    proc = RouterProcessor(local_runtime)  # (values-local: budgets in memory)
+    # values-local: budgets in memory; a store of its own, which the property tests before it
+    # (hundreds of requests on the module's runtime) have not spent
+    proc = RouterProcessor(Runtime.from_config(local_runtime.config))
     sent = await send_request(proc, body, path=path, key=LOCAL_KEY)
     assert not sent.HasField("immediate_response") and proc.admission is not None
     reserved = proc.admission.result

@@ -155,7 +155,9 @@ def test_a_mixed_burst_reconciles_across_every_output(gw: Gateway) -> None:
     on_primary = sum(v for (b,), v in attempts.items() if b.startswith("mock/"))
     assert on_primary == len(gw.received(gw.primary))
     assert sum(attempts.values()) - on_primary == len(gw.received(gw.backup))
-    assert attempts[("mock/mock-primary",)] == 12  # every fallback-chat request tried the failing primary
+    # Every fallback-chat request tried the failing primary until outlier detection ejected it
+    # (consecutive5xx: 3): how many started before that is a race.
+    assert 3 <= attempts[("mock/mock-primary",)] <= 12
 
     # The access log: one line per request, with the status the client got.
     lines = [orjson.loads(line[line.index("{"):]) for line in gw.stack.log_path("extproc").read_text().splitlines()
