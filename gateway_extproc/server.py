@@ -147,7 +147,7 @@ def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
             and isinstance(v, str)}
 
 
-def _fallback(req: ep.ProcessingRequest, processor: RouterProcessor | UpstreamProcessor | None = None
+def _fallback(req: ep.ProcessingRequest, processor: RouterProcessor | UpstreamProcessor | None
               ) -> ep.ProcessingResponse:
     """After a bug: refuse a request not yet sent; let an already-flowing response pass. The
     router's own refusal (`reject`) when it can: its access line, metrics, span and audit

@@ -474,15 +474,11 @@ class ResponseGuard:
             seam = self.seams.pop(index, None)
             if seam is None or not seam.b_head:
                 continue
-            spans = spanning(self.policy.scanner, seam.a_tail, seam.b_head)
-            if not spans:
-                continue
-            decision = self.policy.scanner.decide(spans, self.params)
-            if decision.block or decision.redact:
+            decision = seam_decision(self.policy, self.params, self.team, seam.a_tail, seam.b_head)
+            if decision is not None:
                 self.seam_block = replace(decision, block=True)
                 self.ended = True
                 return True
-            record(decision, self.team, self.params.mode, "response")
         return False
 
     def _extras_blocked(self, chunk: dict[str, Any], choices: list[Any]) -> bool:
@@ -764,7 +760,21 @@ class _Seam:
 _SEAM_DETECTORS = frozenset({"credit_card", "us_ssn", "iban", "phone"})
 
 
-def spanning(scanner: Scanner, tail: str, head: str) -> list[Finding]:
+def seam_decision(policy: Policy, params: DecisionParams, team: str, tail: str, head: str) -> Decision | None:
+    """The decision that ends a stream at a seam between two texts (`tail` the first's held
+    end, `head` what followed in the next): a number read across it that would be redacted or
+    blocked. A finding there that is only monitored is recorded here; None then."""
+    spans = _spanning(policy.scanner, tail, head)
+    if not spans:
+        return None
+    decision = policy.scanner.decide(spans, params)
+    if decision.block or decision.redact:
+        return decision
+    record(decision, team, params.mode, "response")
+    return None
+
+
+def _spanning(scanner: Scanner, tail: str, head: str) -> list[Finding]:
     """Numeric findings of `tail` and `head` read as two strings of one text (they bridge the
     boundary, as across a request's strings) that span both, and that neither string's own
     scan covers its piece of (that piece is redacted in its own window)."""

@@ -33,7 +33,7 @@ import structlog
 from ..errors import GatewayError
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .classification import CONTENT_LOG_CHARS, SEAM_HEAD, Policy, record, scanned_error, spanning
+from .classification import CONTENT_LOG_CHARS, SEAM_HEAD, Policy, record, scanned_error, seam_decision
 from .scanner import Decision, DecisionParams, LimitExceeded, PlaceholderMap, map_strings, redact_strings, walk_strings
 from .stream import StreamRedactor
 
@@ -152,13 +152,8 @@ class ResponsesGuard:
         deferred, self.deferred = b"".join(self.deferred), []
         if seam is None or not seam[2]:
             return deferred
-        spans = spanning(self.policy.scanner, seam[0], seam[2])
-        decision = self.policy.scanner.decide(spans, self.params) if spans else None
-        if decision is not None and (decision.block or decision.redact):
-            return self.block(decision)
-        if decision is not None:
-            record(decision, self.team, self.params.mode, "response")
-        return deferred
+        decision = seam_decision(self.policy, self.params, self.team, seam[0], seam[2])
+        return deferred if decision is None else self.block(decision)
 
     def _event(self, event: bytes) -> bytes:
         if self.ended:
