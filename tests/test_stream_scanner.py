@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 import string
 
 import orjson
@@ -430,3 +431,19 @@ def test_an_address_longer_than_the_holdback_is_held_whole(text: str, size: int)
     expected, _ = full(PII, text)
     assert "[EMAIL_1]" in expected
     assert streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])[0] == expected
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+@pytest.mark.parametrize("pad", range(735, 760, 2))
+def test_a_value_after_a_redacted_long_word_is_seen_whole(pad: int, size: int) -> None:
+    """Regression (found by the invariant above): a base64 word of just over MAX_WORD_HOLD,
+    redacted whole by the scan, left the redactor inside a "long word", so the card after it
+    went out in two pieces, the first (`4111`) in clear."""
+    card = "4111 1111 1111 1111"
+    word = base64.b64encode(f"{('the quick brown fox ' * 60)[:pad]} {card} ok".encode()).decode()
+    assert abs(len(word) - MAX_WORD_HOLD) <= 24
+    text = f"{word} {card} ok"
+    out, _ = streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])
+    assert card not in out and "4111" not in out
+    m = re.fullmatch(r"(\S*)\[CREDIT_CARD_\d\] \[CREDIT_CARD_\d\] ok", out)
+    assert m is not None and word.startswith(m.group(1))  # (a long word's first step, checked)

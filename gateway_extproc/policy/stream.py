@@ -115,7 +115,7 @@ def _last_word(buf: str, base: int) -> tuple[int, bool]:
 class StreamRedactor:
     __slots__ = ("scanner", "params", "holdback", "mapping", "findings", "decisions", "blocked",
                  "block_decision", "_buf", "_base", "_emit", "_resume", "_open", "_inj_hits",
-                 "_inj_reported", "_done", "_raw", "_rbase", "_remit", "_segs", "_seg_starts", "_long",
+                 "_inj_reported", "_done", "_raw", "_rbase", "_remit", "_segs", "_seg_starts", "_long", "_long_at",
                  "_swallow")
 
     def __init__(self, scanner: Scanner, decision_params: DecisionParams | None = None,
@@ -147,6 +147,7 @@ class StreamRedactor:
         # Emission is inside a word longer than MAX_WORD_HOLD (`_long_word`): "word" (no
         # spaces) or "run" (spelled out).
         self._long = ""
+        self._long_at = 0  # its boundary character (normalized offset)
         self._swallow = False  # ... whose rest a placeholder replaces
 
     def feed(self, delta: str) -> str:
@@ -227,6 +228,7 @@ class StreamRedactor:
                 limit = min(limit, address)
             if longer:  # the scan reads its start with what has arrived; `_long_word` the rest
                 self._long = "word" if _SPACE.search(buf, at - base) is None else "run"
+                self._long_at = at
         rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
         resume += base
 
@@ -302,6 +304,14 @@ class StreamRedactor:
                 self._swallow, self._long = False, ""
             return "", not complete
         buf, base, emit = self._buf, self._base, self._emit
+        start = max(self._long_at + 1, base)
+        if emit > start:
+            # A redaction (of a value encoded in the whole word) may have taken emission to
+            # the word's end or past it: what follows is not the long word.
+            end, complete = self._word_end(start, n, final)
+            if complete and end <= emit:
+                self._long = ""
+                return "", False
         lead = ""
         if emit < n and buf[emit - base] in SPACES:  # the space before the word goes out as it is
             rnext = self._raw_start(emit + 1)
