@@ -447,3 +447,17 @@ def test_a_value_after_a_redacted_long_word_is_seen_whole(pad: int, size: int) -
     assert card not in out and "4111" not in out
     m = re.fullmatch(r"(\S*)\[CREDIT_CARD_\d\] \[CREDIT_CARD_\d\] ok", out)
     assert m is not None and word.startswith(m.group(1))  # (a long word's first step, checked)
+
+
+@pytest.mark.parametrize("size", [1, 3, 16])
+@pytest.mark.parametrize("number", ["1" * 45, "9" * 300, ("12345 " * 200)[:900].strip(),
+                                    ("1234567-" * 60)[:479], "2024-05-01 " + "7" * 60])
+def test_a_card_after_a_number_longer_than_the_holdback_is_held_with_it(number: str, size: int) -> None:
+    """A card in a printed layout after a longer number makes the whole number a finding
+    (`ref <45 digits> 4111 1111 1111 1111`); the number's start went out after 64 characters,
+    and the card, read then as the tail of digits already emitted, went out in clear."""
+    text = f"ref {number} 4111 1111 1111 1111 ok"
+    whole, _ = full(PII, text)
+    assert "4111" not in whole
+    out, _ = streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])
+    assert out == whole

@@ -6,7 +6,8 @@ whole. It runs the scanner's own procedure (same regex, same overlap rules) over
 text plus the new delta, and finalizes only candidates that start at least `holdback_chars`
 before the end of what has arrived. Hence, when every finding is shorter than the hold-back
 window (minus two characters of look-ahead), or has no space and is shorter than
-MAX_WORD_HOLD (the last word is held back whole), the concatenated output equals
+MAX_WORD_HOLD (the last word is held back whole, and so is a separated number: `_number_run`),
+the concatenated output equals
 `redact(text, scanner.decide(scanner.scan(text)).redact)` for the whole text.
 
 Longer secrets (sk-proj keys, JWTs, PEM blocks) still never leak: their detectors match a
@@ -32,7 +33,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 
-from .detectors import LOCAL_CHARS, SPACES, number_words_start
+from .detectors import LOCAL_CHARS, SEP_CHARS, SPACES, number_words_start
 from .normalize import Normalized, normalize
 from .scanner import (
     Decision,
@@ -84,6 +85,24 @@ def _pending_address(buf: str, base: int) -> int | None:
     while i > stop and buf[i - 1] in LOCAL_CHARS:
         i -= 1
     return base + max(0, i - 1)
+
+
+_NUMBER_RUN_CHARS = "0123456789" + SEP_CHARS
+
+
+def _number_run(buf: str, base: int) -> int | None:
+    """Where the separated number ending `buf` (at `base`) begins, as the position of its
+    boundary character, at most MAX_WORD_HOLD back. A card in a printed layout anywhere in a
+    longer number makes the whole number a finding (`detectors._card_run`: `ref 123…
+    4111 1111 1111 1111`), and a card after digits already emitted is read as their tail: so
+    the number is held whole, as a word is."""
+    run = len(buf) - len(buf.rstrip(_NUMBER_RUN_CHARS))
+    if not run:
+        return None
+    start = len(buf) - len(buf[-run:].lstrip(SEP_CHARS))
+    if start == len(buf):
+        return None
+    return base + max(start - 1, len(buf) - MAX_WORD_HOLD, 0)
 
 
 def _last_word(buf: str, base: int) -> tuple[int, bool]:
@@ -226,6 +245,8 @@ class StreamRedactor:
             limit = min(n - self.holdback, at)
             if (address := _pending_address(buf, base)) is not None:
                 limit = min(limit, address)
+            if (number := _number_run(buf, base)) is not None:
+                limit = min(limit, number)
             if longer:  # the scan reads its start with what has arrived; `_long_word` the rest
                 self._long = "word" if _SPACE.search(buf, at - base) is None else "run"
                 self._long_at = at
