@@ -461,3 +461,19 @@ def test_a_card_after_a_number_longer_than_the_holdback_is_held_with_it(number: 
     assert "4111" not in whole
     out, _ = streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])
     assert out == whole
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+@pytest.mark.parametrize("value", ["4111 1111 1111 1111", "DE89 3704 0044 0532 0130 00", "+1 415 555 0100"])
+@pytest.mark.parametrize("cells", [560, 1100])
+def test_a_number_after_a_long_spelled_out_run_is_seen_whole(cells: int, value: str, size: int) -> None:
+    """A spelled-out run longer than the word hold ends with its first word written whole;
+    when that word began a number (`… d o g 4111 1111 1111 1111`), the run went out with the
+    number's first group, and the other groups, the tail of digits already emitted, in clear."""
+    words = ("the quick brown fox jumps over a lazy dog " * 60).split()
+    run = "  ".join(" ".join(w) for w in words)[:cells * 2].rstrip()
+    text = f"{run} {value} ok"
+    whole, _ = full(PII, text)
+    assert value not in whole
+    out, _ = streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])
+    assert value.split()[-1] not in out.split() and out.endswith(" ok")

@@ -375,7 +375,8 @@ class StreamRedactor:
     def _word_end(self, emit: int, n: int, final: bool) -> tuple[int, bool]:
         """Where the long word that emission is in ends (n while it goes on), and whether it
         has ended: a word at the first space; a spelled-out run after the first word written
-        whole (its last word), or where a line or four spaces break it."""
+        whole (its last word, with the separated number it begins), or where a line or four
+        spaces break it."""
         buf, base = self._buf, self._base
         m = (_SPACE if self._long == "word" else _RUN_END).search(buf, emit - base)
         if m is not None and m.group()[0].isspace():
@@ -383,7 +384,16 @@ class StreamRedactor:
         if m is not None:  # a run's last word: it ends with it
             m = _SPACE.search(buf, m.start())
             if m is not None:
-                return base + m.start(), True
+                end = m.start()
+                # ... and with the number the word begins (`… d o g 4111 1111 …`, `DE89 3704
+                # …`): released after the run, its groups would read as the run's digits' tail.
+                if buf[end - 1].isdigit():
+                    rest = buf[end:]
+                    number = rest[:len(rest) - len(rest.lstrip(_NUMBER_RUN_CHARS))]
+                    if len(number) == len(rest) and not final:
+                        return n, False
+                    end += len(number.rstrip(SEP_CHARS))
+                return base + end, True
         return n, final
 
     def _word_findings(self, start: int, end: int, complete: bool) -> list[Finding]:
