@@ -477,3 +477,20 @@ def test_a_number_after_a_long_spelled_out_run_is_seen_whole(cells: int, value: 
     assert value not in whole
     out, _ = streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])
     assert value.split()[-1] not in out.split() and out.endswith(" ok")
+
+
+@pytest.mark.parametrize("size", [1, 7, 300])
+@pytest.mark.parametrize("text", [
+    "1" * 1010 + " 4111 1111 1111 1111 ok",
+    "ref " + ("12345 " * 400).strip() + " 4111 1111 1111 1111 ok",
+    "  ".join(" ".join(w) for w in ("the quick brown fox jumps over a lazy dog " * 14 + "123-45-6789").split())
+    + ". 4111 1111 1111 1111 ok",
+])
+def test_a_number_longer_than_the_word_hold_is_released_checked(text: str, size: int) -> None:
+    """A number longer than MAX_WORD_HOLD goes out in checked steps, as a long word does: a
+    card at its end was read as the tail of digits already emitted and went out in clear (so
+    did one after a spelled-out SSN ending a long run, `… 8 9. 4111 …`)."""
+    whole, _ = full(PII, text)
+    assert "4111" not in whole and len(text) > MAX_WORD_HOLD
+    out, _ = streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])
+    assert "4111" not in out and "1111 ok" not in out and out.endswith(" ok")

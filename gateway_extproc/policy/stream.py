@@ -90,19 +90,21 @@ def _pending_address(buf: str, base: int) -> int | None:
 _NUMBER_RUN_CHARS = "0123456789" + SEP_CHARS
 
 
-def _number_run(buf: str, base: int) -> int | None:
+def _number_run(buf: str, base: int) -> tuple[int, bool] | None:
     """Where the separated number ending `buf` (at `base`) begins, as the position of its
-    boundary character, at most MAX_WORD_HOLD back. A card in a printed layout anywhere in a
-    longer number makes the whole number a finding (`detectors._card_run`: `ref 123…
-    4111 1111 1111 1111`), and a card after digits already emitted is read as their tail: so
-    the number is held whole, as a word is."""
+    boundary character, at most MAX_WORD_HOLD back, and whether it is longer than that. A
+    card in a printed layout anywhere in a longer number makes the whole number a finding
+    (`detectors._card_run`: `ref 123… 4111 1111 1111 1111`), and a card after digits already
+    emitted is read as their tail: so the number is held whole, as a word is, and a longer
+    one goes out in checked steps (`_long_word`)."""
     run = len(buf) - len(buf.rstrip(_NUMBER_RUN_CHARS))
     if not run:
         return None
     start = len(buf) - len(buf[-run:].lstrip(SEP_CHARS))
     if start == len(buf):
         return None
-    return base + max(start - 1, len(buf) - MAX_WORD_HOLD, 0)
+    lo = max(len(buf) - MAX_WORD_HOLD, 0)
+    return base + max(start - 1, lo), start - 1 < lo
 
 
 def _last_word(buf: str, base: int) -> tuple[int, bool]:
@@ -245,9 +247,12 @@ class StreamRedactor:
             limit = min(n - self.holdback, at)
             if (address := _pending_address(buf, base)) is not None:
                 limit = min(limit, address)
-            if (number := _number_run(buf, base)) is not None:
-                limit = min(limit, number)
-            if longer:  # the scan reads its start with what has arrived; `_long_word` the rest
+            number = _number_run(buf, base)
+            if number is not None:
+                limit = min(limit, number[0])
+            if number is not None and number[1]:  # (the last word, or spelled-out run, is in it)
+                self._long, self._long_at = "number", number[0]
+            elif longer:  # the scan reads its start with what has arrived; `_long_word` the rest
                 self._long = "word" if _SPACE.search(buf, at - base) is None else "run"
                 self._long_at = at
         rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
@@ -378,16 +383,30 @@ class StreamRedactor:
         whole (its last word, with the separated number it begins), or where a line or four
         spaces break it."""
         buf, base = self._buf, self._base
+        if self._long == "number":
+            rest = buf[emit - base:]
+            number = rest[:len(rest) - len(rest.lstrip(_NUMBER_RUN_CHARS))]
+            if len(number) == len(rest):
+                return n, final
+            after = rest[len(number)]
+            if number[-1:] not in SEP_CHARS and (after.isalpha() or after == "_"):
+                self._long = "word"  # digits glued to letters: a word (hex, base64) goes on
+            else:
+                return emit + len(number.rstrip(SEP_CHARS)), True
         m = (_SPACE if self._long == "word" else _RUN_END).search(buf, emit - base)
         if m is not None and m.group()[0].isspace():
             return base + m.start(), True
         if m is not None:  # a run's last word: it ends with it
-            m = _SPACE.search(buf, m.start())
+            word = m.start()
+            m = _SPACE.search(buf, word)
             if m is not None:
-                end = m.start()
+                end = last = m.start()
+                while last > word and buf[last - 1] in SEP_CHARS:
+                    last -= 1
                 # ... and with the number the word begins (`… d o g 4111 1111 …`, `DE89 3704
-                # …`): released after the run, its groups would read as the run's digits' tail.
-                if buf[end - 1].isdigit():
+                # …`, `… 8 9. 4111 …`): released after the run, its groups would read as the
+                # tail of the run's digits.
+                if buf[last - 1].isdigit():
                     rest = buf[end:]
                     number = rest[:len(rest) - len(rest.lstrip(_NUMBER_RUN_CHARS))]
                     if len(number) == len(rest) and not final:
