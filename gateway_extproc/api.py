@@ -133,17 +133,111 @@ def _positive_int(body: dict[str, Any], name: str) -> None:
     _require(value is None or (type(value) is int and value > 0), name, f"`{name}` must be a positive integer.")
 
 
+def _number(value: Any) -> bool:
+    return type(value) is int or type(value) is float  # (not bool; orjson never gives NaN)
+
+
+def _text(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _object(value: Any) -> bool:
+    return value is None or isinstance(value, dict)
+
+
+# Sampling fields: (lowest, highest) as the OpenAI schema allows them. Every translator copies
+# them as sent, so one of another type reached Anthropic, Bedrock or Gemini as it was.
+_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
+
+
+def _sampling(body: dict[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
+        value = body.get(name)
+        if value is not None:
+            low, high = _RANGES[name]
+            _require(_number(value) and low <= value <= high, name, f"`{name}` must be a number from {low} to {high}.")
+
+
+_TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _refuse(param: str, wants: str) -> GatewayError:
+    return GatewayError("invalid_request", f"`{param}` must be {wants}.", param)
+
+
+# (Paths and messages are only formatted for a refusal: this runs on every message and part.)
+def _check_message(m: Any, i: int) -> None:
+    """One chat message, as far as the gateway reads it (counting, scanning) or a translator
+    turns it into another schema: its role, content parts and tool calls."""
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+        raise _refuse(f"messages[{i}]", "an object with a string `role`")
+    content = m.get("content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str):
+                raise _refuse(f"messages[{i}].content[{j}]", "an object with a string `type`")
+            if kind == "text" or kind == "refusal":
+                if not isinstance(part.get(kind), str):
+                    raise _refuse(f"messages[{i}].content[{j}].{kind}", "a string")
+            elif kind == "image_url":
+                image = part.get("image_url")
+                if not (isinstance(image, dict) and isinstance(image.get("url"), str)):
+                    raise _refuse(f"messages[{i}].content[{j}].image_url", "an object with a string `url`")
+    elif not (content is None or isinstance(content, str)):
+        raise _refuse(f"messages[{i}].content", "a string or an array of parts")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise _refuse(f"messages[{i}].tool_calls", "an array")
+        for k, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not (isinstance(function, dict) and isinstance(call.get("id"), str)):
+                raise _refuse(f"messages[{i}].tool_calls[{k}]", "an object with a string `id` and a `function` object")
+            if not isinstance(function.get("name"), str):
+                raise _refuse(f"messages[{i}].tool_calls[{k}].function.name", "a string")
+            if not _text(function.get("arguments")):
+                raise _refuse(f"messages[{i}].tool_calls[{k}].function.arguments", "a string (JSON text)")
+    if not _text(m.get("tool_call_id")):
+        raise _refuse(f"messages[{i}].tool_call_id", "a string")
+
+
+def _check_tools(body: dict[str, Any]) -> None:
+    tools = body.get("tools")
+    if tools is not None:
+        _require(isinstance(tools, list), "tools", "`tools` must be an array of tools.")
+        for k, tool in enumerate(tools):
+            if not (isinstance(tool, dict) and isinstance(tool.get("type"), str)):
+                raise _refuse(f"tools[{k}]", "an object with a string `type`")
+            if tool["type"] == "function":
+                function = tool.get("function")
+                if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+                    raise _refuse(f"tools[{k}].function", "an object with a string `name`")
+                if not _text(function.get("description")):
+                    raise _refuse(f"tools[{k}].function.description", "a string")
+                if not _object(function.get("parameters")):
+                    raise _refuse(f"tools[{k}].function.parameters", "an object (a JSON Schema)")
+    choice = body.get("tool_choice")
+    _require(choice is None or choice in _TOOL_CHOICES or (isinstance(choice, dict) and (
+        "function" not in choice or isinstance(choice["function"], dict)
+        and isinstance(choice["function"].get("name"), str))), "tool_choice",
+        "`tool_choice` must be 'none', 'auto', 'required' or an object naming a function.")
+    _require(body.get("parallel_tool_calls") is None or isinstance(body["parallel_tool_calls"], bool),
+             "parallel_tool_calls", "`parallel_tool_calls` must be a boolean.")
+
+
 def _validate_chat(body: dict[str, Any]) -> None:
+    """Every field the gateway reads or a translator carries over to another schema, for any
+    backend (an OpenAI-schema one included): a wrong type or a value out of OpenAI's range
+    is refused here, naming its path, rather than passed to a provider (or, translated,
+    dropped or sent on as it was). Fields none of them reads go to OpenAI-schema providers
+    as sent."""
     _check_common(body)
     messages = body.get("messages")
     _require(isinstance(messages, list) and len(messages) > 0, "messages",
              "`messages` is required and must be a non-empty array.")
     for i, m in enumerate(messages):
-        _require(isinstance(m, dict) and isinstance(m.get("role"), str), f"messages[{i}]",
-                 f"`messages[{i}]` must be an object with a string `role`.")
-        content = m.get("content")
-        _require(content is None or isinstance(content, (str, list)), f"messages[{i}].content",
-                 f"`messages[{i}].content` must be a string or an array of parts.")
+        _check_message(m, i)
     _require(body.get("stream") is None or isinstance(body["stream"], bool), "stream",
              "`stream` must be a boolean (or null).")
     options = body.get("stream_options")
@@ -154,6 +248,21 @@ def _validate_chat(body: dict[str, Any]) -> None:
     if (body.get("n") or 1) > MAX_CHOICES:  # null is allowed (the default, 1)
         raise GatewayError("too_many_choices", f"`n` may be at most {MAX_CHOICES}: every choice is reserved "
                            "against your budget at the full output cap.", "n")
+    _sampling(body, ("temperature", "top_p", "presence_penalty", "frequency_penalty"))
+    seed = body.get("seed")
+    _require(seed is None or type(seed) is int, "seed", "`seed` must be an integer.")
+    stop = body.get("stop")
+    _require(stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(
+        isinstance(s, str) for s in stop)), "stop", "`stop` must be a string or an array of strings.")
+    _require(_text(body.get("user")), "user", "`user` must be a string.")
+    _check_tools(body)
+    fmt = body.get("response_format")
+    _require(fmt is None or isinstance(fmt, dict) and isinstance(fmt.get("type"), str), "response_format",
+             "`response_format` must be an object with a string `type`.")
+    if fmt is not None and fmt["type"] == "json_schema":
+        schema = fmt.get("json_schema")
+        _require(isinstance(schema, dict) and _object(schema.get("schema")), "response_format.json_schema",
+                 "`response_format.json_schema` must be an object whose `schema` is an object.")
 
 
 def _validate_responses(body: dict[str, Any]) -> None:
@@ -166,6 +275,7 @@ def _validate_responses(body: dict[str, Any]) -> None:
     _require(body.get("stream") is None or isinstance(body["stream"], bool), "stream",
              "`stream` must be a boolean (or null).")
     _positive_int(body, "max_output_tokens")
+    _sampling(body, ("temperature", "top_p"))
 
 
 def _token_ids(value: Any) -> bool:

@@ -55,7 +55,7 @@ def to_chat(body: JSON) -> JSON:
     if body.get("tools"):
         if not isinstance(body["tools"], list):
             raise _invalid("tools: a list of tools is required", "tools")
-        out["tools"] = [_tool(tool) for tool in body["tools"]]
+        out["tools"] = [_tool(tool, f"tools.{i}") for i, tool in enumerate(body["tools"])]
     _apply_tool_choice(body.get("tool_choice"), out)
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
@@ -105,11 +105,18 @@ def _message(message: Any, param: str) -> list[JSON]:
         elif kind == "image":
             parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), where)}})
         elif kind == "tool_use" and role == "assistant":
-            tool_calls.append({"id": block.get("id", ""), "type": "function",
-                               "function": {"name": block.get("name", ""),
+            for name in ("id", "name"):
+                if not isinstance(block.get(name), str):
+                    raise _invalid(f"{where}.{name}: a string is required", f"{where}.{name}")
+            if not isinstance(block.get("input", {}), dict):
+                raise _invalid(f"{where}.input: an object is required", f"{where}.input")
+            tool_calls.append({"id": block["id"], "type": "function",
+                               "function": {"name": block["name"],
                                             "arguments": orjson.dumps(block.get("input") or {}).decode()}})
         elif kind == "tool_result" and role == "user":
-            tool_results.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
+            if not isinstance(block.get("tool_use_id"), str):
+                raise _invalid(f"{where}.tool_use_id: a string is required", f"{where}.tool_use_id")
+            tool_results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
                                  "content": _tool_result_text(block.get("content"), where)})
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # the model's own reasoning: OpenAI requests have no place for it
@@ -144,9 +151,13 @@ def _tool_result_text(content: Any, where: str) -> str:
     raise _invalid(f"{where}.content: tool results may only contain text", f"{where}.content")
 
 
-def _tool(tool: Any) -> JSON:
+def _tool(tool: Any, where: str) -> JSON:
     if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or "input_schema" not in tool:
-        raise _invalid("tools: only custom tools with a name and an input_schema are supported", "tools")
+        raise _invalid(f"{where}: only custom tools with a name and an input_schema are supported", where)
+    if not isinstance(tool["input_schema"], dict):
+        raise _invalid(f"{where}.input_schema: an object (a JSON Schema) is required", f"{where}.input_schema")
+    if not isinstance(tool.get("description", ""), str):
+        raise _invalid(f"{where}.description: a string is required", f"{where}.description")
     function: JSON = {"name": tool["name"], "parameters": tool["input_schema"]}
     if tool.get("description"):
         function["description"] = tool["description"]

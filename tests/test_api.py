@@ -227,6 +227,111 @@ def test_chat_invalid(body: dict[str, Any], param: str) -> None:
     assert f"`{param}`" in err.message  # the message names the field
 
 
+# Fields a translator carries over to Anthropic, Bedrock or Gemini (or the gateway reads),
+# checked for every backend: what the OpenAI schema allows in each, stated apart from api.py.
+def _num(low: float, high: float) -> Any:
+    return lambda v: v is None or (type(v) in (int, float) and low <= v <= high)
+
+
+SCALARS: dict[str, Any] = {
+    "temperature": _num(0, 2), "top_p": _num(0, 1), "presence_penalty": _num(-2, 2),
+    "frequency_penalty": _num(-2, 2),
+    "seed": lambda v: v is None or type(v) is int,
+    "max_tokens": lambda v: v is None or (type(v) is int and v > 0),
+    "max_completion_tokens": lambda v: v is None or (type(v) is int and v > 0),
+    "stop": lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "user": lambda v: v is None or isinstance(v, str),
+    "stream": lambda v: v is None or isinstance(v, bool),
+    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
+    "tool_choice": lambda v: v is None or v in ("none", "auto", "required") or (
+        isinstance(v, dict) and ("function" not in v or isinstance(v["function"], dict)
+                                 and isinstance(v["function"].get("name"), str))),
+}
+ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12)
+                        | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6)
+                        | st.sampled_from(["hot", "ten", "auto", "none", "required", "yes"]),
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                            st.sampled_from(["name", "type", "function", "x"]), inner, max_size=3), max_leaves=6)
+
+
+@given(field=st.sampled_from(sorted(SCALARS)), value=ANY_JSON)
+def test_a_translated_field_passes_exactly_when_the_openai_schema_allows_it(field: str, value: Any) -> None:
+    """`temperature: "hot"`, `top_p: 7`, `stop: 5`... reached Anthropic, Bedrock and Gemini
+    translated as they were (or the translator raised): now any value the schema does not
+    allow is a 400 naming the field, and any value it allows passes."""
+    body = chat(**{field: value})
+    if SCALARS[field](value):
+        api.CHAT.validate(body)
+        return
+    with pytest.raises(GatewayError) as info:
+        api.CHAT.validate(body)
+    assert (info.value.code, info.value.param) == ("invalid_request", field)
+    assert f"`{field}`" in info.value.message
+
+
+HI = {"role": "user", "content": "hi"}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+NESTED_BAD = [  # (body fields, param): the path of the first thing of the wrong type
+    ({"messages": [HI, {"role": "assistant", "content": 42}]}, "messages[1].content"),
+    ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "refusal", "refusal": None}]}]},
+     "messages[0].content[0].refusal"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/a.png"}]}]},
+     "messages[0].content[0].image_url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 1}}]}]},
+     "messages[0].content[0].image_url"),
+    ({"messages": [{"role": "assistant", "tool_calls": "x"}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": [5]}]}, "messages[0].tool_calls[0]"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{**CALL, "id": 1}]}]}, "messages[0].tool_calls[0]"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{**CALL, "function": "f"}]}]}, "messages[0].tool_calls[0]"),
+    ({"messages": [{"role": "assistant", "tool_calls": [CALL, {**CALL, "function": {"arguments": "{}"}}]}]},
+     "messages[0].tool_calls[1].function.name"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {}}}]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ({"messages": [HI, {"role": "tool", "tool_call_id": 7, "content": "ok"}]}, "messages[1].tool_call_id"),
+    ({"tools": "x"}, "tools"), ({"tools": {"a": 1}}, "tools"), ({"tools": [TOOL, 5]}, "tools[1]"),
+    ({"tools": [{"function": {"name": "f"}}]}, "tools[0]"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"tools": [{"type": "function", "function": {"name": 3}}]}, "tools[0].function"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": 3}}]}, "tools[0].function.description"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools[0].function.parameters"),
+    ({"response_format": "json_object"}, "response_format"), ({"response_format": {"type": 1}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}},
+     "response_format.json_schema"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), NESTED_BAD, ids=[p for _, p in NESTED_BAD])
+def test_a_wrong_type_inside_messages_or_tools_is_named_by_its_path(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(GatewayError) as info:
+        api.CHAT.validate({**CHAT_OK, **fields})
+    assert (info.value.code, info.value.param) == ("invalid_request", param)
+    assert f"`{param}`" in info.value.message
+
+
+def test_what_the_openai_schema_allows_in_messages_and_tools_passes() -> None:
+    api.CHAT.validate({**CHAT_OK, "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "s"}]},
+        {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {
+            "url": "data:image/png;base64,AA=="}}, {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "ok"}],
+        "tools": [TOOL, {"type": "function", "function": {"name": "g"}}, {"type": "custom", "custom": {"name": "c"}}],
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
+
+
+@pytest.mark.parametrize(("field", "value"), [("temperature", "hot"), ("top_p", 7), ("temperature", -0.1)])
+def test_responses_sampling_fields_are_checked_as_chats_are(field: str, value: Any) -> None:
+    with pytest.raises(GatewayError) as info:
+        api.RESPONSES.validate({"model": "m", "input": "hi", field: value})
+    assert info.value.param == field
+
+
 @pytest.mark.parametrize("value", [[], False, 0, ""], ids=["empty-list", "false", "zero", "empty-string"])
 def test_chat_falsy_stream_options_is_not_an_object(value: Any) -> None:
     with pytest.raises(GatewayError) as info:

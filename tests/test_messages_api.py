@@ -154,7 +154,16 @@ VALID: dict[str, Any] = {"model": MODEL, "max_tokens": 10, "messages": [{"role":
     ({"system": [{"type": "image"}]}, "system", "text blocks"),
     ({"system": 5}, "system", "text blocks"),
     ({"stream": "yes"}, "stream", "boolean"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools", "input_schema"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0", "input_schema"),
+    ({"tools": [{"name": "f", "input_schema": {}}, {"name": "g", "input_schema": "x"}]}, "tools.1.input_schema",
+     "JSON Schema"),
+    ({"tools": [{"name": "f", "input_schema": {}, "description": 5}]}, "tools.0.description", "string"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": 7, "name": "f", "input": {}}]}]}, "messages.1.content.0.id", "string"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": "x"}]}]}, "messages.1.content.0.input", "object"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": ["t"], "content": "ok"}]}]},
+     "messages.0.content.0.tool_use_id", "string"),
     ({"tool_choice": {"type": "sometimes"}}, "tool_choice", "auto, any, tool or none"),
 ])
 def test_validation_errors(change: dict[str, Any], param: str, words: str) -> None:

@@ -350,3 +350,19 @@ def test_an_anthropic_clients_refused_block_type_is_never_quoted_back(secret: st
         assert secret not in err.message
     else:
         raise AssertionError("an unknown block type is refused")
+
+
+@given(kind=st.sampled_from(["anthropic", "bedrock", "gemini"]),
+       choice=st.sampled_from([{"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
+                               {"type": "custom", "custom": {"name": "f"}}, {"function": {"name": "f"}}]))
+def test_an_object_tool_choice_other_than_a_function_is_refused_by_name(kind: str, choice: dict[str, Any]) -> None:
+    """Anthropic sent it as a choice of the tool named "", Bedrock of the tool named None,
+    and Gemini raised (the request's catch-all 400, naming no field)."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tool_choice": choice,
+            "tools": [{"type": "function", "function": {"name": "f"}}]}
+    try:
+        TRANSLATORS[kind].request(TARGETS[kind], "/chat/completions", body, False)
+    except GatewayError as err:
+        assert (err.code, err.param) == ("invalid_request", "tool_choice")
+    else:
+        raise AssertionError(f"{kind} sent {choice}")

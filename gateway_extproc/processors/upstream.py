@@ -95,15 +95,13 @@ class UpstreamProcessor:
         except GatewayError:
             raise
         except Exception as err:
-            # The router checks the shape of what it reads, not every field a translator
-            # reads (tools, stop, content parts...): one of another type is the client's
-            # mistake, answered as such instead of a 500 from this attempt.
+            # The router checked the type of every field a translator reads (api.py), so this
+            # is a translator's bug meeting a shape it did not expect: still refused as the
+            # request's (nothing was sent), not a 500 per attempt, and logged to be fixed.
             assert self.backend is not None
             log.warning("request_untranslatable", backend=self.backend.id, **_raised_at(err))
             raise GatewayError("invalid_request", f"The request could not be translated for the model's "
-                               f"{self.backend.provider.kind} backend: a field has a type the OpenAI schema does "
-                               "not allow (check messages' content parts and tool_calls, tools, tool_choice, "
-                               "stop and response_format).") from None
+                               f"{self.backend.provider.kind} backend; nothing was sent to it.") from None
         headers = {":path": out.path, **out.headers, "content-length": str(len(out.body))}
         return r.request_body(r.common(r.mutation(headers, out.remove), out.body))
 

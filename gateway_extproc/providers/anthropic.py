@@ -11,9 +11,9 @@ import orjson
 
 from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn,
-                                            arguments_object, arguments_text, completion_chunk, delta_choice,
-                                            error_event, finish_with_calls, openai_error, openai_usage, output_cap,
-                                            plain_call_id, token_count)
+                                            arguments_object, arguments_text, chosen_function, completion_chunk,
+                                            delta_choice, error_event, finish_with_calls, openai_error, openai_usage,
+                                            output_cap, plain_call_id, token_count)
 
 TRANSLATES_RESPONSE = True
 
@@ -156,7 +156,7 @@ def _tool(tool: JSON) -> JSON:
 
 def _tool_choice(choice: Any) -> JSON | None:
     if isinstance(choice, dict):
-        return {"type": "tool", "name": (choice.get("function") or {}).get("name", "")}
+        return {"type": "tool", "name": chosen_function(choice, "Anthropic")}
     return {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(choice or "")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from ..errors import error_body, error_type
+from ..errors import GatewayError, error_body, error_type, quoted
 
 JSON = dict[str, Any]
 
@@ -311,6 +311,16 @@ def plain_call_id(value: Any) -> str:
     """A tool-call id without the Gemini thought signature riding in it: what providers
     with their own id rules (Anthropic, Bedrock: [A-Za-z0-9_-], at most 64 characters) get."""
     return split_call_id(value)[0]
+
+
+def chosen_function(choice: JSON, kind: str) -> str:
+    """The function an object `tool_choice` forces (`{"type": "function", "function": {"name"}}`;
+    the router checked its types). Other objects OpenAI takes (`allowed_tools`, `custom`) have no
+    equivalent here: refused, not sent as a choice of no function."""
+    if choice.get("type") != "function" or "function" not in choice:
+        raise GatewayError("invalid_request", f"tool_choice type {quoted(choice.get('type'))} is not supported by "
+                           f"{kind} backends", "tool_choice")
+    return choice["function"]["name"]
 
 
 def finish_with_calls(finish: str, called: bool) -> str:

@@ -17,9 +17,9 @@ import orjson
 from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers import eventstream, sigv4
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamBroken, StreamTranslator, Target, append_turn,
-                                             arguments_text, completion_chunk, delta_choice, error_event,
-                                             finish_with_calls, openai_error, openai_usage, output_cap, plain_call_id,
-                                             token_count)
+                                             arguments_text, chosen_function, completion_chunk, delta_choice,
+                                             error_event, finish_with_calls, openai_error, openai_usage, output_cap,
+                                             plain_call_id, token_count)
 
 TRANSLATES_RESPONSE = True
 
@@ -145,7 +145,7 @@ def _tool_config(body: JSON, turns: list[JSON]) -> JSON | None:
     elif choice == "required":
         config["toolChoice"] = {"any": {}}
     elif isinstance(choice, dict):
-        config["toolChoice"] = {"tool": {"name": (choice.get("function") or {}).get("name")}}
+        config["toolChoice"] = {"tool": {"name": chosen_function(choice, "Bedrock")}}
     return config
 
 

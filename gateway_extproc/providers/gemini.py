@@ -14,6 +14,7 @@ import orjson
 
 from ..errors import GatewayError, quoted
 from .base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn, arguments_object, call_id,
+                   chosen_function,
                    completion_chunk, delta_choice, error_event, finish_with_calls, openai_error, openai_usage,
                    output_cap, split_call_id, token_count)
 
@@ -316,7 +317,7 @@ def _calling_config(choice: Any) -> JSON:
             raise GatewayError("invalid_request", f"tool_choice {quoted(choice)} is not supported",
                                param="tool_choice")
         return {"mode": _TOOL_MODES[choice]}
-    return {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
+    return {"mode": "ANY", "allowedFunctionNames": [chosen_function(choice, "Gemini")]}
 
 
 # --- response ----------------------------------------------------------------------------

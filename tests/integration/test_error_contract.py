@@ -428,3 +428,94 @@ def test_head_is_answered_as_get_without_a_body(contract: tuple[Gateway, Watch],
         assert got.status_code == head.status_code == 200 and got.json() and head.content == b""
         assert head.headers["content-type"] == got.headers["content-type"] == "application/json"
     still_served(gw, watch)
+
+
+# -- wrong-typed fields, whatever the backend ---------------------------------------------------
+
+# A field the gateway reads or translates, with a value the OpenAI schema does not allow there:
+# Claude, Bedrock and Gemini were sent it translated as it was (their error passed on), or the
+# translator raised, or dropped it; an OpenAI backend got it as sent. (body fields, param)
+def _wrong(field: str, *values: Any) -> list[tuple[dict[str, Any], str]]:
+    return [({field: v}, field) for v in values]
+
+
+WRONG_FIELDS = [
+    *_wrong("temperature", "hot", -1, 2.5, True, [1], {}), *_wrong("top_p", 7, "0.5", -0.1, False),
+    *_wrong("max_tokens", -5, "ten", 0, 1.5, True), *_wrong("max_completion_tokens", -1, "8"),
+    *_wrong("stop", 5, [1], {"a": "b"}, True), *_wrong("stream", "yes", 1, []),
+    *_wrong("tools", "x", 5, {"a": 1}), *_wrong("tool_choice", 5, "sometimes", [], {"function": "f"}),
+    *_wrong("parallel_tool_calls", "no"), *_wrong("user", 5, []), *_wrong("seed", "x", 1.5),
+    *_wrong("presence_penalty", "x", 3), *_wrong("frequency_penalty", -2.5), *_wrong("n", "2", 0),
+    *_wrong("response_format", "json", 5, {"type": 1}),
+    ({"tools": [5]}, "tools[0]"), ({"tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools[0].function.parameters"),
+    *[({"messages": [*HI, {"role": "assistant", "content": v}]}, "messages[1].content") for v in (42, {"a": 1}, True)],
+    ({"messages": [*HI, {"role": "user", "content": [5]}]}, "messages[1].content[0]"),
+    ({"messages": [*HI, {"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[1].content[0].text"),
+    ({"messages": [*HI, {"role": "user", "content": [{"type": "image_url", "image_url": "https://x/a.png"}]}]},
+     "messages[1].content[0].image_url"),
+    ({"messages": [*HI, {"role": "assistant", "tool_calls": "x"}]}, "messages[1].tool_calls"),
+    ({"messages": [*HI, {"role": "assistant", "tool_calls": [{"id": 1, "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}]}, "messages[1].tool_calls[0]"),
+    ({"messages": [*HI, {"role": "tool", "tool_call_id": ["c"], "content": "ok"}]}, "messages[1].tool_call_id"),
+]
+# One model per provider kind (claude-chat falls back to Bedrock), and OpenAI-schema ones.
+ANY_BACKEND = ["claude-chat", "bedrock-chat", "gemini-chat", "default-chat", "azure-chat"]
+
+
+@settings(max_examples=int(os.environ.get("WRONG_FIELD_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=list(HealthCheck))
+@given(model=st.sampled_from(ANY_BACKEND), case=st.sampled_from(WRONG_FIELDS), stream=st.booleans(),
+       via=st.sampled_from(["httpx", "openai"]))
+def test_a_field_of_the_wrong_type_is_a_400_naming_it_whatever_the_backend(
+        contract: tuple[Gateway, Watch], model: str, case: tuple[dict[str, Any], str], stream: bool, via: str) -> None:
+    """The same 400 `invalid_request` with `param` the field's path for every backend, in the
+    OpenAI shape; no provider is sent anything; Envoy and the workers stay up."""
+    gw, watch = contract
+    reset(gw)
+    fields, param = case
+    body = {"model": model, "messages": HI, "max_tokens": 16, "stream": stream, **fields}
+    where = f"{model} {via} {fields}"
+    if via == "openai":
+        sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.chat.completions.create(**body)  # the SDK sends what it is given
+        status, headers, raw = 400, list(info.value.response.headers.multi_items()), info.value.response.content
+    else:
+        resp = client("h1").post(f"{gw.url}/v1/chat/completions", json=body,
+                                 headers={"authorization": f"Bearer {gw.key}"})
+        status, headers, raw = resp.status_code, list(resp.headers.multi_items()), resp.content
+    assert status == 400, (where, raw[:300])
+    assert check_error(status, headers, raw, [gw.key], where) == "invalid_request", where
+    assert orjson.loads(raw)["error"]["param"] == param, (where, raw[:300])
+    assert reached(gw) == [], f"a provider was sent {where}"
+    event(f"{model} {param}")
+    still_served(gw, watch)
+
+
+ANTHROPIC_WRONG = [  # (Messages API fields, param): what an Anthropic client gets, named in its own schema
+    ({"temperature": "hot"}, "temperature"), ({"top_p": 7}, "top_p"), ({"max_tokens": -5}, "max_tokens"),
+    ({"stop_sequences": 5}, "stop_sequences"), ({"stream": "yes"}, "stream"),
+    ({"tools": [{"name": "f", "input_schema": "x"}]}, "tools.0.input_schema"),
+    ({"messages": [{"role": "user", "content": 42}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": 5, "content": "x"}]}]},
+     "messages.0.content.0.tool_use_id"),
+]
+
+
+@pytest.mark.parametrize("model", ["claude-chat", "gemini-chat", "default-chat"])
+@pytest.mark.parametrize(("fields", "param"), ANTHROPIC_WRONG, ids=[p for _, p in ANTHROPIC_WRONG])
+def test_the_anthropic_sdk_gets_the_same_400_for_a_wrong_type(contract: tuple[Gateway, Watch], model: str,
+                                                              fields: dict[str, Any], param: str) -> None:
+    gw, watch = contract
+    reset(gw)
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        # (extra_body: this SDK has no `temperature` or `top_p` argument; its JSON goes over the body's)
+        sdk.messages.create(model=model, max_tokens=16, messages=HI, extra_body=fields)
+    response = info.value.response
+    assert check_error(400, list(response.headers.multi_items()), response.content, [gw.key], param) \
+        == "invalid_request"
+    assert orjson.loads(response.content)["error"]["param"] == param
+    assert reached(gw) == []
+    still_served(gw, watch)
