@@ -332,4 +332,7 @@ FORWARDED: dict[str, Endpoint] = {"/v1/chat/completions": CHAT, "/v1/embeddings"
                                    "/v1/responses": RESPONSES, MESSAGES_PATH: CHAT}
 MODELS_PATH = "/v1/models"
 USAGE_PATH = "/v1/usage"
+# Answered by the gateway itself, whatever the outcome: no GenAI request (not in the genai_*
+# metrics; Envoy's own request stats count them, as every request).
+ANSWERED = (MODELS_PATH, USAGE_PATH)
 BY_NAME = {e.name: e for e in FORWARDED.values()}

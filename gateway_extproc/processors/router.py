@@ -148,7 +148,7 @@ class RouterProcessor:
         self.method = method if method in KNOWN_METHODS else "other"
         raw_path = h.get(":path", "")
         path = raw_path.partition("?")[0]
-        self.path = path if path in api.FORWARDED or path in (api.MODELS_PATH, api.USAGE_PATH) else UNKNOWN_PATH
+        self.path = path if path in api.FORWARDED or path in api.ANSWERED else UNKNOWN_PATH
         self.trace = tracing.start(h, self.method, self.path, self.trace_parent)
         self.declared = h.get(CLASSIFICATION_HEADER)
         endpoint = _endpoint_for(self.method, path)
@@ -597,12 +597,14 @@ class RouterProcessor:
             # the upstream processor counts one on the clusters it runs on (no status: `error`).
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.eligible[0].id),
                           metrics.attempt_outcome(0)).inc()
-        metrics.record_request(
-            self.runtime.labels, team=self.key.team if self.key else None,
-            model=self.model.name if self.model else None, provider=backend.provider.name if backend else None,
-            status=self.status or 499, prompt_tokens=spent.prompt if spent.processed else None,
-            completion_tokens=spent.completion if spent.processed else None, cached_tokens=usage.cached_tokens,
-            duration_s=duration, ttft_s=ttft, generated_tokens=usage.completion_tokens)
+        genai = self.path not in api.ANSWERED  # `/v1/models`, `/v1/usage`: no GenAI request
+        if genai:
+            metrics.record_request(
+                self.runtime.labels, team=self.key.team if self.key else None,
+                model=self.model.name if self.model else None, provider=backend.provider.name if backend else None,
+                status=self.status or 499, prompt_tokens=spent.prompt if spent.processed else None,
+                completion_tokens=spent.completion if spent.processed else None, cached_tokens=usage.cached_tokens,
+                duration_s=duration, ttft_s=ttft, generated_tokens=usage.completion_tokens)
         self.account(spent)
         if self.trace is not None:
             # A stream the budget cut short ended with a `budget_exceeded` error event: a failed
@@ -614,7 +616,7 @@ class RouterProcessor:
                 output_tokens=usage.completion_tokens, duration_s=duration, ttft_s=ttft,
                 request_model=self.model.name if self.model else None, team=self.key.team if self.key else None,
                 server=backend.provider.base_url if backend else None, response_id=usage.response_id,
-                finish_reasons=usage.finish_reasons)
+                finish_reasons=usage.finish_reasons, genai=genai)
         access_log.info(
             "access", outcome=outcome, request_id=self.request_id, method=self.method, path=self.path,
             key_id=self.key.id if self.key else None, team=self.key.team if self.key else None,
@@ -731,7 +733,7 @@ def _check(policy: Policy, endpoint: api.Endpoint, body: dict, key: VirtualKey, 
 def _endpoint_for(method: str, path: str) -> api.Endpoint | str:
     """The forwarded endpoint for a request line, or the path of one the gateway answers
     itself (`/v1/models`, `/v1/usage`)."""
-    if path in (api.MODELS_PATH, api.USAGE_PATH):
+    if path in api.ANSWERED:
         if method not in ("GET", "HEAD"):  # (HEAD: GET's answer without its body, as HTTP has it)
             raise GatewayError("method_not_allowed", f"{path} supports GET.")
         return path

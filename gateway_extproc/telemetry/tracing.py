@@ -120,8 +120,9 @@ class RequestTrace:
                response_model: str | None, input_tokens: int | None, output_tokens: int | None,
                duration_s: float, ttft_s: float | None, request_model: str | None, team: str | None = None,
                server: str | None = None, response_id: str | None = None,
-               finish_reasons: tuple[str, ...] = ()) -> None:
-        """`provider` is the chart kind; `server` the backend provider's base URL."""
+               finish_reasons: tuple[str, ...] = (), genai: bool = True) -> None:
+        """`provider` is the chart kind; `server` the backend provider's base URL. `genai` false:
+        a request the gateway answered itself (`/v1/models`), whose span ends without GenAI metrics."""
         provider = provider_name(provider)
         url = urlsplit(server) if server else None
         attrs: dict[str, Any] = {"http.response.status_code": status}
@@ -142,6 +143,8 @@ class RequestTrace:
             self.span.set_status(Status(StatusCode.ERROR, attrs["error.type"]))
         self.span.set_attributes(attrs)
         self.span.end()
+        if not genai:
+            return
         metric_attrs = {"gen_ai.operation.name": self.operation}
         if provider:
             metric_attrs["gen_ai.provider.name"] = provider

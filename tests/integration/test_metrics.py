@@ -65,6 +65,37 @@ def test_requests_tokens_and_latency_are_counted(gw: Gateway) -> None:
     assert 0 < sample(after, "genai_team_daily_budget_remaining_dollars", team="demo") < 5
 
 
+def test_models_and_usage_are_no_genai_requests(gw: Gateway) -> None:
+    """`GET /v1/models` and `/v1/usage` are answered by the gateway, no LLM call: they were
+    counted in genai_requests_total (and the duration histogram) under model="other",
+    whatever their outcome. Envoy's own request stats still count them."""
+    stats = f"http://127.0.0.1:{gw.stack.values['envoy']['metrics']['port']}/stats/prometheus"
+    envoy_before = sample(httpx.get(stats, timeout=5).text, "envoy_http_downstream_rq_xx",
+                          envoy_http_conn_manager_prefix="gateway")
+    before = scrape(gw)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    assert [m.id for m in client.models.list()]
+    with httpx.Client(base_url=gw.url, timeout=10) as http:
+        good, bad = {"authorization": f"Bearer {gw.key}"}, {"authorization": "Bearer gwk_demo_not-a-key"}
+        assert http.get("/v1/usage", headers=good).status_code == 200
+        assert http.head("/v1/models", headers=good).status_code == 200
+        assert http.get("/v1/models", headers=bad).status_code == 401
+        assert http.get("/v1/usage").status_code == 401
+        assert http.post("/v1/models", headers=good, json={}).status_code == 405
+    client.chat.completions.create(model="default-chat", messages=HELLO)  # the one GenAI request
+    after = scrape(gw)
+    for name in ("genai_requests_total", "genai_request_duration_seconds_count"):
+        assert sample(after, name) - sample(before, name) == 1, name
+    assert sample(after, "genai_requests_total", model="other") == sample(before, "genai_requests_total",
+                                                                          model="other")
+    deadline = time.monotonic() + 5
+    while (envoy := sample(httpx.get(stats, timeout=5).text, "envoy_http_downstream_rq_xx",
+                           envoy_http_conn_manager_prefix="gateway")) - envoy_before < 7 \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert envoy - envoy_before >= 7
+
+
 def test_a_thousand_unknown_models_make_one_other_series(gw: Gateway) -> None:
     with httpx.Client(headers={"authorization": f"Bearer {gw.key}"}) as http:
         for i in range(1000):

@@ -140,6 +140,31 @@ def test_genai_semconv_metrics_are_exported(traced) -> None:
     assert token_types == {"input", "output"}
 
 
+def test_models_and_usage_get_a_span_but_no_genai_metric(traced) -> None:
+    """Answered by the gateway, no LLM call: their duration went into
+    gen_ai.server.request.duration as operations `models` and `usage`."""
+    gw, collector = traced
+    trace_id = "a" + TRACE_ID[1:]
+    for path in ("/v1/models", "/v1/usage"):
+        httpx.get(f"{gw.url}{path}", timeout=10, headers={"authorization": f"Bearer {gw.key}",
+                                                           "traceparent": f"00-{trace_id}-{PARENT_ID}-01"}
+                  ).raise_for_status()
+    spans = wait_for(lambda: (lambda s: s if len(s) == 2 else None)(
+        [s for s in collector.spans if s.trace_id.hex() == trace_id]))
+    assert sorted(attrs(s)["gen_ai.operation.name"] for s in spans) == ["models", "usage"]
+    seen = len(collector.metrics)
+    httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, json={
+        "model": "default-chat", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {gw.key}"}).raise_for_status()
+
+    def operations() -> set[str] | None:  # every operation in the exports after the chat's was recorded
+        later = [m for m in collector.metrics[seen:] if m.name == "gen_ai.server.request.duration"]
+        ops = {kv.value.string_value for m in later for p in m.histogram.data_points for kv in p.attributes
+               if kv.key == "gen_ai.operation.name"}
+        return ops if "chat" in ops else None
+    assert not wait_for(operations) & {"models", "usage"}
+
+
 @pytest.mark.parametrize(("model", "provider"), [("gemini-chat", "gcp.gemini"), ("azure-chat", "azure.ai.openai")])
 def test_provider_names_are_spelt_as_the_conventions_spell_them(traced, model: str, provider: str) -> None:
     gw, collector = traced
