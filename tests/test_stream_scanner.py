@@ -494,3 +494,19 @@ def test_a_number_longer_than_the_word_hold_is_released_checked(text: str, size:
     assert "4111" not in whole and len(text) > MAX_WORD_HOLD
     out, _ = streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])
     assert "4111" not in out and "1111 ok" not in out and out.endswith(" ok")
+
+
+@pytest.mark.parametrize("size", [1, 4, 64])
+@pytest.mark.parametrize("value", ["4111 1111 1111 1111", "four one one one one one one one one one one one one one one one",
+                                   "DE89 3704 0044 0532 0130 00"])
+@pytest.mark.parametrize("glue", ["/", "=", ":"])
+def test_a_value_glued_to_the_end_of_a_long_word_is_seen_whole(glue: str, value: str, size: int) -> None:
+    """A long word (base64 over the word hold) with a number glued to its end (`…b2s=/4111 1111
+    …`): the word ended at the first space and went out with the number's first group."""
+    word = base64.b64encode(("the quick brown fox " * 60).encode()).decode()
+    text = f"{word}{glue}{value} ok"
+    whole, _ = full(PII, text)
+    assert value not in whole
+    out, _ = streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])
+    assert out.count(value.split()[-1]) <= whole.count(value.split()[-1]) and out.endswith(" ok")
+    assert value.split()[1] not in out.split()

@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 
-from .detectors import LOCAL_CHARS, SEP_CHARS, SPACES, number_words_start
+from .detectors import DIGIT_WORDS, LOCAL_CHARS, SEP_CHARS, SPACES, number_words_start
 from .normalize import Normalized, normalize
 from .scanner import (
     Decision,
@@ -88,6 +88,10 @@ def _pending_address(buf: str, base: int) -> int | None:
 
 
 _NUMBER_RUN_CHARS = "0123456789" + SEP_CHARS
+_DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
+_DIGIT_WORD_END = re.compile(rf"(?i)(?<![a-z]){_DIGIT_WORD}$")
+_DIGIT_WORDS_ON = re.compile(rf"(?i)(?:[\s,\-]{{1,3}}{_DIGIT_WORD}(?![a-z]))+")
+_WORD_GOING_ON = re.compile(r"[\s,\-]*[A-Za-z]*")  # (what has arrived may be a digit word's start)
 
 
 def _number_run(buf: str, base: int) -> tuple[int, bool] | None:
@@ -394,26 +398,41 @@ class StreamRedactor:
             else:
                 return emit + len(number.rstrip(SEP_CHARS)), True
         m = (_SPACE if self._long == "word" else _RUN_END).search(buf, emit - base)
-        if m is not None and m.group()[0].isspace():
-            return base + m.start(), True
-        if m is not None:  # a run's last word: it ends with it
+        if m is None:
+            return n, final
+        if m.group()[0].isspace():
+            word, end = emit - base, m.start()
+        else:  # a run's last word: it ends with it
             word = m.start()
             m = _SPACE.search(buf, word)
-            if m is not None:
-                end = last = m.start()
-                while last > word and buf[last - 1] in SEP_CHARS:
-                    last -= 1
-                # ... and with the number the word begins (`… d o g 4111 1111 …`, `DE89 3704
-                # …`, `… 8 9. 4111 …`): released after the run, its groups would read as the
-                # tail of the run's digits.
-                if buf[last - 1].isdigit():
-                    rest = buf[end:]
-                    number = rest[:len(rest) - len(rest.lstrip(_NUMBER_RUN_CHARS))]
-                    if len(number) == len(rest) and not final:
-                        return n, False
-                    end += len(number.rstrip(SEP_CHARS))
-                return base + end, True
-        return n, final
+            if m is None:
+                return n, final
+            end = m.start()
+        end = self._number_after(word, end, final)
+        return (n, False) if end is None else (base + end, True)
+
+    def _number_after(self, word: int, end: int, final: bool) -> int | None:
+        """The end of the word at buf[word:end] with the number its end begins, if it ends in
+        digits (`…b2s=/4111 1111 1111 1111`, `… d o g 4111 …`, `DE89 3704 …`, `… 8 9. 4111 …`)
+        or a digit word (`…/four one one …`): released with the word, the number's first group
+        would make the rest read as its tail. None: the number may go on."""
+        buf = self._buf
+        last = end
+        while last > word and buf[last - 1] in SEP_CHARS:
+            last -= 1
+        if last > word and buf[last - 1].isdigit():
+            rest = buf[end:]
+            number = rest[:len(rest) - len(rest.lstrip(_NUMBER_RUN_CHARS))]
+            if len(number) == len(rest) and not final:
+                return None
+            return end + len(number.rstrip(SEP_CHARS))
+        if _DIGIT_WORD_END.search(buf, max(word, last - 5), last) is not None:
+            m = _DIGIT_WORDS_ON.match(buf, end)
+            stop = m.end() if m is not None else end
+            if not final and _WORD_GOING_ON.fullmatch(buf, stop) is not None:
+                return None
+            return stop
+        return end
 
     def _word_findings(self, start: int, end: int, complete: bool) -> list[Finding]:
         """Findings in buf[start:end] (normalized offsets) read from each of its first four
