@@ -318,6 +318,26 @@ def provider_added_input(endpoint: Endpoint, body: dict[str, Any]) -> str | None
     return None
 
 
+# Prompt-cache writes a body forwarded as sent may ask for: a `cache_control` marker anywhere
+# (Anthropic's, which OpenRouter and LiteLLM take on chat content parts, tools and the top
+# level). Read from the raw bytes, not by a walk over the parsed body: inside a JSON string
+# quotes are escaped, so only a key matches (or a string that is exactly `cache_control`,
+# which costs a larger reservation, never a smaller one). A key spelled with escapes (`"\u0063ache_control"`)
+# needs an escaped digit, letter or underscore, which no encoder writes unasked: such a body
+# counts as asking for the dearest writes.
+_ESCAPED_NAME = re.compile(rb"\\u00(?:3[0-9]|5[Ff]|[67][0-9A-Fa-f])")
+
+
+def cache_writes(raw: bytes) -> str | None:
+    """`"1h"` when the body may write to the provider's prompt cache for an hour (a `"1h"`
+    anywhere with a marker), `"5m"` for the default lifetime, None without a marker."""
+    if b"\\u00" in raw and _ESCAPED_NAME.search(raw) is not None:
+        return "1h"
+    if b'"cache_control"' not in raw:
+        return None
+    return "1h" if b'"1h"' in raw else "5m"
+
+
 CHAT = Endpoint("chat", "/chat/completions", _validate_chat, tokens.chat_prompt_tokens, can_stream=True,
                 output_caps=("max_completion_tokens", "max_tokens"))
 RESPONSES = Endpoint("responses", "/responses", _validate_responses, tokens.responses_input_tokens, can_stream=True,

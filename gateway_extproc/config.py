@@ -434,8 +434,9 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
 
 def _price(r: _Reader, raw: Any, at: str) -> Price:
     p = r.mapping(raw, at)
-    input_, output, cached = _optional(r, p, at, ("input", "output", "cachedInput"),
-                                       lambda v: _is_number(v) and v >= 0, "must be a number >= 0 (USD per 1M tokens)")
+    input_, output, cached, write, write_1h = _optional(
+        r, p, at, ("input", "output", "cachedInput", "cacheWrite", "cacheWrite1h"),
+        lambda v: _is_number(v) and v >= 0, "must be a number >= 0 (USD per 1M tokens)")
     if input_ is None or output is None:
         r.fail(at, "needs input and output (USD per 1M tokens)")
     tier = None
@@ -445,7 +446,7 @@ def _price(r: _Reader, raw: Any, at: str) -> Price:
         if not _is_int(above) or above < 0:
             r.fail(f"{at}.longContext.above", "must be a prompt-token count >= 0")
         tier = (above, _price(r, {k: v for k, v in lc.items() if k != "above"}, f"{at}.longContext"))
-    return Price.from_usd_per_million(input_, output, cached, tier)
+    return Price.from_usd_per_million(input_, output, cached, tier, write, write_1h)
 
 
 def _store_error(r: _Reader, raw: dict[str, Any], at: str, default: bool) -> bool:

@@ -230,15 +230,18 @@ def _arguments(arguments: Any) -> JSON:
 
 def _usage(usage: Any) -> JSON:
     """OpenAI's prompt_tokens includes cached tokens; Anthropic's input_tokens does not.
-    `cache_creation_tokens` is what the Anthropic translator reports, so a Claude backend's
-    cache writes survive the round trip."""
+    `cache_creation_tokens` (and its 1-hour share, `cache_creation_1h_tokens`) is what the
+    Claude and Converse translators report, so a backend's cache writes survive the round
+    trip, split by TTL as Anthropic does in `cache_creation`."""
     usage = _dict(usage)
     details = _dict(usage.get("prompt_tokens_details"))
     read = _count(details.get("cached_tokens"))
-    created = _count(details.get("cache_creation_tokens"))
+    created = _count(details.get("cache_creation_tokens", details.get("cache_write_tokens")))
+    long = min(_count(details.get("cache_creation_1h_tokens")), created)
     return {"input_tokens": max(_count(usage.get("prompt_tokens")) - read - created, 0),
             "output_tokens": _count(usage.get("completion_tokens")),
-            "cache_read_input_tokens": read, "cache_creation_input_tokens": created}
+            "cache_read_input_tokens": read, "cache_creation_input_tokens": created,
+            "cache_creation": {"ephemeral_5m_input_tokens": created - long, "ephemeral_1h_input_tokens": long}}
 
 
 def _event(kind: str, obj: JSON) -> bytes:

@@ -44,6 +44,10 @@ class Usage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    # Prompt tokens the provider wrote to its prompt cache (part of prompt_tokens), and of
+    # those the ones written with a 1-hour lifetime: billed above the input price.
+    cache_write_tokens: int | None = None
+    cache_write_1h_tokens: int | None = None
     response_model: str | None = None
     # For the trace (gen_ai.response.id, gen_ai.response.finish_reasons), not for accounting.
     response_id: str | None = None
@@ -52,19 +56,23 @@ class Usage:
 
 def usage_from_object(obj: Any) -> Usage | None:
     """Chat/embeddings usage (`prompt_tokens`, `completion_tokens`), or Responses API usage
-    (`input_tokens`, `output_tokens`; in streams inside `response.completed`)."""
+    (`input_tokens`, `output_tokens`; in streams inside `response.completed`). Cache writes
+    are `prompt_tokens_details.cache_creation_tokens` (with `cache_creation_1h_tokens`), as
+    the Claude and Converse translators report them, or `cache_write_tokens` (OpenRouter)."""
     if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
         obj = obj["response"]
     usage = obj.get("usage") if isinstance(obj, dict) else None
     if not isinstance(usage, dict):
         return None
     details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    details = details if isinstance(details, dict) else {}
     model, response_id, choices = obj.get("model"), obj.get("id"), obj.get("choices")
     reasons = () if not isinstance(choices, list) else tuple(
         c["finish_reason"] for c in choices if isinstance(c, dict) and isinstance(c.get("finish_reason"), str))
     return Usage(_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
-                 _int(usage.get("completion_tokens", usage.get("output_tokens"))), _int(cached),
+                 _int(usage.get("completion_tokens", usage.get("output_tokens"))), _int(details.get("cached_tokens")),
+                 _int(details.get("cache_creation_tokens", details.get("cache_write_tokens"))),
+                 _int(details.get("cache_creation_1h_tokens")),
                  model if isinstance(model, str) else None, response_id if isinstance(response_id, str) else None,
                  reasons)
 
@@ -89,10 +97,10 @@ def merged(old: Usage | None, new: Usage) -> Usage:
     block missing a field (`"usage": {}`) must not erase what the provider reported before."""
     if old is None:
         return new
-    return replace(new, prompt_tokens=new.prompt_tokens if new.prompt_tokens is not None else old.prompt_tokens,
-                   completion_tokens=new.completion_tokens if new.completion_tokens is not None
-                   else old.completion_tokens,
-                   cached_tokens=new.cached_tokens if new.cached_tokens is not None else old.cached_tokens)
+    return replace(new, **{f: getattr(old, f) for f in _COUNTS if getattr(new, f) is None})
+
+
+_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens")
 
 
 def canonical_event(event: bytes, named: bool = False) -> bytes:

@@ -476,3 +476,58 @@ def test_headers_must_leave_room_for_the_gateways(count: int, size: int, refused
         assert err.value.status == 431 and err.value.code == "request_headers_too_large"
     else:
         api.check_header_room(count, size)
+
+
+# -- cache_writes ------------------------------------------------------------------------
+
+_CACHE_KEYS = st.sampled_from(["cache_control", "ttl", "type", "text", "content", "cache_controls", "é"])
+_CACHE_LEAVES = st.one_of(st.sampled_from(["1h", "5m", "ephemeral", "cache_control", "\"cache_control\"", "1hour"]),
+                          st.text(max_size=8), st.integers(-2**53, 2**53), st.none())
+_BODIES = st.recursive(_CACHE_LEAVES, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(_CACHE_KEYS, inner, max_size=4)), max_leaves=12)
+
+
+def _all_escaped(value: Any) -> str:
+    """JSON with every character of every key and string written as a \\u escape (valid, and
+    what a client hiding a marker from a byte scan would send)."""
+    if isinstance(value, str):
+        return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x10000 else json.dumps(c)[1:-1] for c in value) + '"'
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_all_escaped(k)}:{_all_escaped(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_all_escaped(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _markers(value: Any) -> tuple[bool, bool]:
+    """(a cache_control key anywhere, a "1h" string anywhere)."""
+    if isinstance(value, dict):
+        found = [_markers(v) for v in value.values()]
+        return "cache_control" in value or any(m for m, _ in found), any(h for _, h in found)
+    if isinstance(value, list):
+        found = [_markers(v) for v in value]
+        return any(m for m, _ in found), any(h for _, h in found)
+    return False, value == "1h"
+
+
+@given(body=st.dictionaries(_CACHE_KEYS, _BODIES, max_size=4),
+       encode=st.sampled_from([orjson.dumps, lambda b: json.dumps(b).encode(), lambda b: json.dumps(b, indent=2).encode(),
+                               lambda b: json.dumps(b, ensure_ascii=False).encode(), lambda b: _all_escaped(b).encode()]))
+def test_cache_markers_are_seen_in_any_encoding(body: dict[str, Any], encode: Any) -> None:
+    """A body with a `cache_control` key anywhere, however it is encoded, is seen to ask for
+    cache writes; with a "1h" anywhere beside it, for 1-hour ones."""
+    raw = encode(body)
+    assert orjson.loads(raw) == body
+    marked, long = _markers(body)
+    if marked:
+        assert api.cache_writes(raw) in (("1h",) if long else ("5m", "1h"))  # (escapes count as 1-hour)
+    if api.cache_writes(raw) is None:
+        assert not marked
+
+
+def test_cache_markers_in_plain_bodies() -> None:
+    assert api.cache_writes(b'{"messages":[{"role":"user","content":"what does \\"cache_control\\" do?"}]}') is None
+    assert api.cache_writes(b'{"messages":[{"role":"user","content":"caf\\u00e9 \\u003cb\\u003e"}]}') is None
+    assert api.cache_writes(b'{"messages":[{"role":"user","content":[{"type":"text","text":"x",'
+                            b'"cache_control":{"type":"ephemeral"}}]}]}') == "5m"
+    assert api.cache_writes(b'{"cache_control": {"type": "ephemeral", "ttl": "1h"}}') == "1h"

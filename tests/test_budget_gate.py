@@ -6,9 +6,12 @@ import asyncio
 from datetime import datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway_extproc import config, keys
 from gateway_extproc.budgets.gate import BudgetGate
+from gateway_extproc.budgets.pricing import cost_nano
 from gateway_extproc.budgets.settlements import settled
 from gateway_extproc.budgets.store import MemoryBudgetStore
 from gateway_extproc.errors import GatewayError
@@ -162,3 +165,46 @@ def test_a_reserve_whose_caller_is_cancelled_is_cancelled_in_the_store() -> None
         await settled()
         return (await store.usage(list(plan.request.limits), [], plan.request.now_ms)).held
     assert asyncio.run(go()) == 0
+
+
+def cache_cfg(kinds: tuple[str, ...]) -> config.GatewayConfig:
+    """A model with one backend of each kind, priced like Claude (writes at the defaults)."""
+    return config.parse({
+        "version": 1, "listen": ["unix:///tmp/x.sock"],
+        "providers": [{"name": kind, "kind": kind, "baseURL": "http://127.0.0.1:1/v1", "credential": {"env": "X"},
+                       **({"apiVersion": "2024-10-21"} if kind == "azure" else {}),
+                       **({"region": "us-east-1"} if kind == "bedrock" else {})} for kind in kinds],
+        "models": [{"name": "m", "tokenizer": "estimate", "maxOutputTokens": 100, "backends": [
+            {"provider": kind, "model": "pm", "priority": i, "pricing": {"input": 3, "output": 15, "cachedInput": 0.3}}
+            for i, kind in enumerate(kinds)]}],
+        "budgets": {}, "teams": [{"name": "t", "budget": {"daily": 1000}}],
+        "keys": [{"id": "k", "sha256": keys.digest(KEY), "team": "t"}],
+    })
+
+
+@given(prompt=st.integers(0, 300_000), predicted=st.integers(0, 1000), ttl=st.sampled_from(["5m", "1h"]),
+       kinds=st.sampled_from([("openai",), ("azure", "anthropic"), ("anthropic", "openai")]), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_a_request_with_cache_markers_reserves_every_bill_its_writes_can_make(prompt, predicted, ttl, kinds, data):
+    """Whatever share of the prompt a backend that gets the markers writes (with the 1-hour TTL
+    only when the request can ask for it), its bill for the prompt fits the reservation."""
+    c = cache_cfg(kinds)
+    plan = BudgetGate(c, MemoryBudgetStore()).plan(c.keys["k"], c.models["m"], prompt, 100, 1, predicted, ttl)
+    written = data.draw(st.integers(0, prompt))
+    long = data.draw(st.integers(0, written)) if ttl == "1h" else 0
+    read = data.draw(st.integers(0, prompt - written))
+    for backend in c.models["m"].backends:
+        assert cost_nano(backend.price, prompt, predicted, read, written, long) <= plan.request.prompt_cost_nano
+
+
+def test_cache_markers_cost_nothing_more_where_no_backend_gets_them() -> None:
+    """Claude and Converse backends get a body the gateway built, without the client's markers."""
+    c = cache_cfg(("anthropic", "bedrock"))
+    gate = BudgetGate(c, MemoryBudgetStore())
+    plain, marked = (gate.plan(c.keys["k"], c.models["m"], 1000, 100, cache_writes=t).request.prompt_cost_nano
+                     for t in (None, "1h"))
+    assert plain == marked == 1000 * 3000
+    c = cache_cfg(("openai",))
+    gate = BudgetGate(c, MemoryBudgetStore())
+    assert [gate.plan(c.keys["k"], c.models["m"], 1000, 100, cache_writes=t).request.prompt_cost_nano
+            for t in (None, "5m", "1h")] == [1000 * 3000, 1000 * 3750, 1000 * 6000]

@@ -1,6 +1,9 @@
+import math
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway_extproc.budgets.pricing import Price, cost_nano, worst
 
@@ -68,3 +71,50 @@ def test_invalid_input_is_rejected():
         cost_nano(MINI, -1, 0)
     with pytest.raises(ValueError):
         Price.from_usd_per_million(1, 1, long_context=(10, TIERED))  # a tier with its own tier
+
+
+# Claude Sonnet 4.5 list prices: writes 1.25x (5 minutes) and 2x (1 hour) the input price, reads 0.1x.
+SONNET = Price.from_usd_per_million(3, 15, "0.30")
+
+
+def test_cache_writes_default_to_anthropics_multipliers_of_input():
+    assert (SONNET.cache_write, SONNET.cache_write_1h) == (3750, 6000)
+    tier = TIERED.long_context[1]
+    assert (tier.cache_write, tier.cache_write_1h) == (Decimal("3125.00"), 5000)  # from the tier's own input
+    named = Price.from_usd_per_million(3, 15, cache_write="3.5", cache_write_1h=5)
+    assert (named.cache_write, named.cache_write_1h) == (3500, 5000)
+
+
+def test_cache_writes_are_part_of_the_prompt_at_their_own_prices():
+    # Anthropic's bill: 100 read, 1,000 written for 5 minutes, 400 for an hour, 50 plain, 20 output.
+    assert cost_nano(SONNET, 1550, 20, cached_tokens=100, cache_write_tokens=1400, cache_write_1h_tokens=400) == (
+        50 * 3000 + 100 * 300 + 1000 * 3750 + 400 * 6000 + 20 * 15_000)
+
+
+def test_cache_writes_above_the_prompt_are_capped_reads_first_then_1h():
+    assert cost_nano(SONNET, 100, 0, cached_tokens=30, cache_write_tokens=500, cache_write_1h_tokens=50) == (
+        30 * 300 + 50 * 6000 + 20 * 3750)
+    assert cost_nano(SONNET, 100, 0, cache_write_tokens=10, cache_write_1h_tokens=99) == 10 * 6000 + 90 * 3000
+
+
+def test_worst_takes_the_dearest_cache_writes():
+    a = Price.from_usd_per_million(1, 8, cache_write=5)
+    b = Price.from_usd_per_million(2, 4, cache_write_1h=3)
+    w = worst([a, b])
+    assert (w.cache_write, w.cache_write_1h) == (5000, 3000)  # b's default 5-minute write is 2.5, a's 1h 2
+
+
+counts = st.integers(0, 2_000_000)
+
+
+@given(st.sampled_from([SONNET, MINI, TIERED, Price.from_usd_per_million(1, 2, 0, cache_write=0, cache_write_1h=0)]),
+       counts, counts, counts, counts, counts)
+def test_cost_is_never_negative_and_never_above_every_prompt_token_at_its_dearest(price, prompt, completion, read,
+                                                                                  write, write_1h):
+    """Whatever a provider reports: no token is billed twice (the prompt is split, never
+    added to), so the cost lies between the cheapest and the dearest price for every token."""
+    cost = cost_nano(price, prompt, completion, read, write, write_1h)
+    p = price.for_prompt(prompt)
+    dearest = max(p.input, p.cached_input, p.cache_write, p.cache_write_1h)
+    cheapest = min(p.input, p.cached_input, p.cache_write, p.cache_write_1h)
+    assert prompt * cheapest + completion * p.output <= cost <= math.ceil(prompt * dearest + completion * p.output)

@@ -627,3 +627,16 @@ def test_any_edit_loads_or_is_a_config_error_naming_the_file(edits: list[tuple[t
         _runtime(doc)
     except ConfigError as exc:
         assert str(exc).startswith(f"{SOURCE}: ")
+
+
+def test_cache_write_prices_parse_default_and_name_their_key_when_wrong() -> None:
+    doc = valid()
+    doc["models"][0]["backends"][0]["pricing"] = {"input": 3, "output": 15, "cacheWrite1h": 5,
+                                                  "longContext": {"above": 200000, "input": 6, "output": 22.5,
+                                                                  "cacheWrite": 7.5}}
+    price = config.parse(doc, SOURCE).models["default-chat"].backends[0].price
+    assert (price.cache_write, price.cache_write_1h) == (3750, 5000)  # 1.25 x input unless named
+    assert (price.long_context[1].cache_write, price.long_context[1].cache_write_1h) == (7500, 12000)
+    doc["models"][0]["backends"][0]["pricing"] = {"input": 3, "output": 15, "cacheWrite": "1.25x"}
+    with pytest.raises(ConfigError, match=r"models\[0\]\.backends\[0\]\.pricing\.cacheWrite must be a number >= 0"):
+        config.parse(doc, SOURCE)

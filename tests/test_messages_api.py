@@ -24,6 +24,7 @@ from gateway_extproc.errors import GatewayError
 from gateway_extproc.messages import ToMessagesStream, from_chat, to_chat
 
 MODEL = "claude-sonnet-4-5"
+NO_WRITES = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}
 WEATHER_SCHEMA = {
     "type": "object",
     "properties": {"location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"}},
@@ -193,7 +194,7 @@ def test_chat_completion_example_from_openai_docs() -> None:
         "content": [{"type": "text", "text": "\n\nHello there, how may I assist you today?"}],
         "stop_reason": "end_turn", "stop_sequence": None,
         "usage": {"input_tokens": 9, "output_tokens": 12, "cache_read_input_tokens": 0,
-                  "cache_creation_input_tokens": 0}}
+                  "cache_creation_input_tokens": 0, "cache_creation": NO_WRITES}}
 
 
 def test_tool_call_example_from_openai_docs_with_cached_tokens() -> None:
@@ -212,17 +213,33 @@ def test_tool_call_example_from_openai_docs_with_cached_tokens() -> None:
                     {"type": "tool_use", "id": "call_bad", "name": "f", "input": {}}],
         "stop_reason": "tool_use", "stop_sequence": None,
         "usage": {"input_tokens": 86, "output_tokens": 17, "cache_read_input_tokens": 1920,
-                  "cache_creation_input_tokens": 0}}
+                  "cache_creation_input_tokens": 0, "cache_creation": NO_WRITES}}
 
 
 def test_anthropic_backend_cache_writes_survive_the_round_trip() -> None:
-    """The Anthropic translator reports cache writes as prompt_tokens_details.cache_creation_tokens."""
+    """The Anthropic translator reports cache writes as prompt_tokens_details.cache_creation_tokens,
+    their 1-hour share as cache_creation_1h_tokens; Anthropic clients get both back as Anthropic
+    reports them (`cache_creation` split by TTL)."""
     raw = {"id": "msg_1", "model": "claude", "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
            "usage": {"prompt_tokens": 188110, "completion_tokens": 393,
-                     "prompt_tokens_details": {"cached_tokens": 3, "cache_creation_tokens": 188086}}}
+                     "prompt_tokens_details": {"cached_tokens": 3, "cache_creation_tokens": 188086,
+                                               "cache_creation_1h_tokens": 188000}}}
     assert message(from_chat(orjson.dumps(raw)))["usage"] == {
         "input_tokens": 21, "output_tokens": 393, "cache_read_input_tokens": 3,
-        "cache_creation_input_tokens": 188086}
+        "cache_creation_input_tokens": 188086,
+        "cache_creation": {"ephemeral_5m_input_tokens": 86, "ephemeral_1h_input_tokens": 188000}}
+
+
+def test_openrouter_cache_writes_reach_anthropic_clients() -> None:
+    """An OpenAI-compatible backend in front of Claude (OpenRouter) reports writes as
+    `cache_write_tokens`, inside prompt_tokens as OpenAI counts."""
+    raw = {"id": "gen-1", "model": "anthropic/claude-sonnet-4.5",
+           "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+           "usage": {"prompt_tokens": 194, "completion_tokens": 2,
+                     "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 100, "audio_tokens": 0}}}
+    assert message(from_chat(orjson.dumps(raw)))["usage"] == {
+        "input_tokens": 94, "output_tokens": 2, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 100,
+        "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 0}}
 
 
 @pytest.mark.parametrize(("finish", "stop_reason"), [
@@ -286,7 +303,8 @@ def sdk_final_message(out: bytes) -> anthropic.types.Message:
 START = ("message_start", {"message": {"id": "chatcmpl-123", "type": "message", "role": "assistant",
                                        "model": "gpt-4o-mini", "content": [], "stop_reason": None,
                                        "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
-END_USAGE = {"input_tokens": 8, "output_tokens": 9, "cache_read_input_tokens": 32, "cache_creation_input_tokens": 0}
+END_USAGE = {"input_tokens": 8, "output_tokens": 9, "cache_read_input_tokens": 32, "cache_creation_input_tokens": 0,
+             "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}
 
 
 def test_text_stream() -> None:

@@ -458,3 +458,39 @@ def test_request_gemini_call_ids_keep_to_anthropic_id_rules() -> None:
     sent = translate(body)
     assert sent["messages"][1]["content"][0]["id"] == "fc-1"
     assert sent["messages"][2]["content"][0]["tool_use_id"] == "fc-1"
+
+
+def test_cache_writes_by_ttl_reach_the_usage_block() -> None:
+    """The 1-hour writes (`cache_creation.ephemeral_1h_input_tokens`, billed at 2x input,
+    the 5-minute ones at 1.25x) go on as cache_creation_1h_tokens; a breakdown alone still
+    counts; an unreadable 1-hour share makes every write a 1-hour one, the dearer."""
+    def details(usage: dict[str, Any]) -> dict[str, Any]:
+        return completion({"id": "m", "type": "message", "role": "assistant", "model": MODEL, "content": [],
+                           "stop_reason": "end_turn", "usage": {"input_tokens": 10, "output_tokens": 5, **usage}}
+                          )["usage"]["prompt_tokens_details"]
+
+    split = {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 400}
+    assert details({"cache_creation_input_tokens": 500, "cache_read_input_tokens": 0, "cache_creation": split}) == {
+        "cached_tokens": 0, "cache_creation_tokens": 500, "cache_creation_1h_tokens": 400}
+    assert details({"cache_creation": split}) == {"cached_tokens": 0, "cache_creation_tokens": 500,
+                                                  "cache_creation_1h_tokens": 400}
+    assert details({"cache_creation_input_tokens": 500, "cache_creation": {"ephemeral_1h_input_tokens": "x"}}) == {
+        "cached_tokens": 0, "cache_creation_tokens": 500, "cache_creation_1h_tokens": 500}
+    assert details({"cache_creation_input_tokens": 0, "cache_creation": {
+        "ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}) == {"cached_tokens": 0,
+                                                                              "cache_creation_tokens": 0}
+
+
+def test_stream_cache_writes_by_ttl_from_message_start() -> None:
+    stream = sse(
+        {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": [], "stop_reason": None,
+            "usage": {"input_tokens": 4, "output_tokens": 1, "cache_read_input_tokens": 0,
+                      "cache_creation_input_tokens": 1000,
+                      "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 1000}}}},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": {"output_tokens": 3}},
+        {"type": "message_stop"})
+    usage = chunks(anthropic.stream("m").feed(stream, True))[-2]["usage"]
+    assert usage == {"prompt_tokens": 1004, "completion_tokens": 3, "total_tokens": 1007, "prompt_tokens_details": {
+        "cached_tokens": 0, "cache_creation_tokens": 1000, "cache_creation_1h_tokens": 1000}}

@@ -251,7 +251,7 @@ def test_response_documented_tool_use() -> None:
                                                                    "function": {"name": "top_song",
                                                                                 "arguments": "{\"sign\":\"WZPZ\"}"}}]}}],
         "usage": {"prompt_tokens": 375, "completion_tokens": 56, "total_tokens": 431,
-                  "prompt_tokens_details": {"cached_tokens": 0}},
+                  "prompt_tokens_details": {"cached_tokens": 0, "cache_creation_tokens": 0}},
     }
 
 
@@ -267,7 +267,7 @@ def test_response_documented_final_answer_with_cache_usage() -> None:
         "object": "chat.completion", "model": "m",
         "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": FINAL_TEXT}}],
         "usage": {"prompt_tokens": 310, "completion_tokens": 20, "total_tokens": 330,
-                  "prompt_tokens_details": {"cached_tokens": 200}},
+                  "prompt_tokens_details": {"cached_tokens": 200, "cache_creation_tokens": 100}},
     }
 
 
@@ -364,7 +364,7 @@ def test_stream_documented_tool_use_turn() -> None:
                       "finish_reason": None}]},
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
         {"choices": [], "usage": {"prompt_tokens": 380, "completion_tokens": 56, "total_tokens": 436,
-                                  "prompt_tokens_details": {"cached_tokens": 5}}},
+                                  "prompt_tokens_details": {"cached_tokens": 5, "cache_creation_tokens": 0}}},
         "[DONE]",
     ]
     assert sse(whole) == expected
@@ -454,3 +454,18 @@ def test_request_tool_without_description_and_gemini_call_ids() -> None:
         "json": {"type": "object", "properties": {}}}}}]
     assert sent["messages"][1]["content"][0]["toolUse"]["toolUseId"] == "fc-1"
     assert sent["messages"][2]["content"][0]["toolResult"]["toolUseId"] == "fc-1"
+
+
+def test_cache_writes_by_ttl_from_cache_details() -> None:
+    """Converse lists writes per TTL in `cacheDetails` (1h before 5m)."""
+    def details(usage: dict[str, Any]) -> dict[str, Any]:
+        raw = orjson.dumps({"output": {"message": {"role": "assistant", "content": [{"text": "hi"}]}},
+                            "stopReason": "end_turn", "usage": {"inputTokens": 10, "outputTokens": 2, **usage}})
+        return _completion(bedrock.response(200, raw, "m"))["usage"]["prompt_tokens_details"]
+
+    assert details({"cacheWriteInputTokens": 300, "cacheDetails": [
+        {"ttl": "1h", "inputTokens": 200}, {"ttl": "5m", "inputTokens": 100}]}) == {
+        "cached_tokens": 0, "cache_creation_tokens": 300, "cache_creation_1h_tokens": 200}
+    assert details({"cacheWriteInputTokens": 300, "cacheDetails": [{"ttl": "1h", "inputTokens": None}]}) == {
+        "cached_tokens": 0, "cache_creation_tokens": 300, "cache_creation_1h_tokens": 300}
+    assert details({"cacheWriteInputTokens": 300}) == {"cached_tokens": 0, "cache_creation_tokens": 300}

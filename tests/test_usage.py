@@ -391,3 +391,20 @@ def test_a_responses_stream_keeps_its_event_names_in_any_framing() -> None:
         tap = SseUsageTap(drop_usage_chunk=False, limit=100, named=True)
         out = tap.feed(raw, end=False)
         assert (raw if out is None else out) == b"event: response.output_text.delta\ndata: " + data + b"\n\n", raw
+
+
+@pytest.mark.parametrize(("details", "writes"), [
+    ({"cached_tokens": 3, "cache_creation_tokens": 40, "cache_creation_1h_tokens": 30}, (40, 30)),  # translators
+    ({"cached_tokens": 0, "cache_write_tokens": 100, "audio_tokens": 0}, (100, None)),  # OpenRouter
+    ({"cached_tokens": 3}, (None, None)),  # OpenAI: writes cost the input price, none reported
+    ({"cache_creation_tokens": -4, "cache_creation_1h_tokens": "30"}, (None, None)),
+])
+def test_cache_writes_are_read_from_prompt_tokens_details(details: dict, writes: tuple) -> None:
+    usage = usage_from_json(orjson.dumps({"usage": {"prompt_tokens": 200, "completion_tokens": 1,
+                                                    "prompt_tokens_details": details}}))
+    assert usage is not None and (usage.cache_write_tokens, usage.cache_write_1h_tokens) == writes
+
+
+def test_a_later_usage_block_keeps_the_cache_writes_reported_before() -> None:
+    first = Usage(200, None, 3, 40, 30)
+    assert usage_mod.merged(first, Usage(None, 9)) == Usage(200, 9, 3, 40, 30)

@@ -67,7 +67,7 @@ def request_event(p: "RouterProcessor", backend: "Backend | None", outcome: str,
         "stream": p.stream,
         "input_tokens": spent.prompt if spent.processed else None,
         "output_tokens": spent.completion if spent.processed else None,
-        "cached_tokens": usage.cached_tokens, "cost_nano": spent.cost,
+        "cached_tokens": usage.cached_tokens, "cache_write_tokens": usage.cache_write_tokens, "cost_nano": spent.cost,
         "config": p.runtime.config.digest[:16],
     }
     ev.update(content)

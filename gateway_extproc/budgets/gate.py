@@ -34,6 +34,7 @@ import structlog
 
 from ..config import BudgetSpec, Budgets, GatewayConfig, Limits, Model, VirtualKey
 from ..errors import GatewayError
+from ..providers import VERBATIM
 from .pricing import Price, cost_nano, worst
 from .store import (MAX_NANO, Bucket, BudgetStore, BudgetStoreUnavailable, Limit, MemoryBudgetStore,
                     ReserveRequest, ReserveResult)
@@ -87,6 +88,9 @@ class _Shape:
     token_buckets: tuple[Bucket, ...]
     request_buckets: tuple[Bucket, ...]
     price: Price
+    # The worst price of the backends that get the client's prompt-cache markers (None: no
+    # backend does), for a request that carries some.
+    write_price: Price | None
     fail_open: bool
     tallies: tuple[Limit, ...]
 
@@ -162,17 +166,25 @@ class BudgetGate:
         return tokens, requests, fail_open
 
     def plan(self, key: VirtualKey, model: Model, prompt_tokens: int, wanted_output: int, choices: int = 1,
-             billed_output: int = 0) -> Plan:
+             billed_output: int = 0, cache_writes: str | None = None) -> Plan:
         """`wanted_output` covers all `choices`; each must get at least `minOutputTokens`.
         `billed_output`: tokens of the request billed at the output price whatever the cap
-        (a chat `prediction`'s rejected tokens), reserved beside the prompt."""
+        (a chat `prediction`'s rejected tokens), reserved beside the prompt. `cache_writes`
+        ("5m", "1h": api.cache_writes): the request carries prompt-cache markers, so a backend
+        that gets them may write the whole prompt to its cache, billed at its cache-write price."""
         now = self.now()
         shape = self.shape(key, model, now)
         price = shape.price.for_prompt(prompt_tokens)
+        prompt_cost = cost_nano(price, prompt_tokens, billed_output)
+        if cache_writes is not None and shape.write_price is not None:
+            write = shape.write_price.for_prompt(prompt_tokens)
+            prompt_cost = max(prompt_cost, cost_nano(write, prompt_tokens, billed_output, 0, prompt_tokens),
+                              cost_nano(write, prompt_tokens, billed_output, 0, prompt_tokens, prompt_tokens)
+                              if cache_writes == "1h" else 0)
         request = ReserveRequest(
             reservation_id=reservation_id(), limits=shape.limits, token_buckets=shape.token_buckets,
             request_buckets=shape.request_buckets, prompt_tokens=prompt_tokens + billed_output,
-            prompt_cost_nano=cost_nano(price, prompt_tokens, billed_output), output_price_nano=math.ceil(price.output),
+            prompt_cost_nano=prompt_cost, output_price_nano=math.ceil(price.output),
             output_tokens_wanted=wanted_output,
             min_output_tokens=min(self.settings.min_output_tokens * choices, wanted_output),
             reservation_ttl_s=self.settings.reservation_ttl_s, now_ms=int(now.timestamp() * 1000),
@@ -199,8 +211,10 @@ class BudgetGate:
             return cached[1]
         levels = self.levels(key, now)
         tokens, requests, buckets_open = self.buckets(key, model)
+        verbatim = [b.price for b in model.backends if b.price is not None and b.provider.kind in VERBATIM]
         shape = _Shape(tuple(lv for lv, _ in levels), tuple(lv.limit for lv, _ in levels), tuple(tokens),
                        tuple(requests), worst(b.price for b in model.backends if b.price is not None),
+                       worst(verbatim) if verbatim else None,
                        buckets_open and all(open_ for _, open_ in levels), self.tallies(key, now))
         if len(self._shapes) >= _MAX_SHAPES:  # token users are unbounded over time
             self._shapes.clear()

@@ -14,21 +14,28 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 
 _PER_MILLION_TO_NANO_PER_TOKEN = Decimal(1000)  # 1 USD / 1M tokens == 1000 nano$ / token
+# Prompt-cache writes when a backend's price list does not name them: Anthropic's multipliers
+# of the input price (5-minute and 1-hour TTL; Bedrock bills Claude the same).
+CACHE_WRITE_FACTOR, CACHE_WRITE_1H_FACTOR = Decimal("1.25"), Decimal(2)
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
     """Nano-dollars per token. `long_context` is `(above_prompt_tokens, Price)`: a request
     whose prompt is longer than `above_prompt_tokens` pays the tier's prices for every
-    token, prompt and completion alike (how Gemini and Claude long-context pricing work)."""
+    token, prompt and completion alike (how Gemini and Claude long-context pricing work).
+    `cache_write` / `cache_write_1h`: prompt tokens the provider wrote to its prompt cache
+    with a 5-minute / 1-hour lifetime (Anthropic bills them above the input price)."""
 
     input: Decimal
     output: Decimal
     cached_input: Decimal
+    cache_write: Decimal
+    cache_write_1h: Decimal
     long_context: tuple[int, Price] | None = None
 
     def __post_init__(self) -> None:
-        if min(self.input, self.output, self.cached_input) < 0:
+        if min(self.input, self.output, self.cached_input, self.cache_write, self.cache_write_1h) < 0:
             raise ValueError("prices must not be negative")
         if self.long_context is not None:
             above, tier = self.long_context
@@ -42,13 +49,19 @@ class Price:
         output: float | str | Decimal,
         cached_input: float | str | Decimal | None = None,
         long_context: tuple[int, Price] | None = None,
+        cache_write: float | str | Decimal | None = None,
+        cache_write_1h: float | str | Decimal | None = None,
     ) -> Price:
         """Build from the USD-per-1M-tokens figures price pages list. Floats go through
-        `str` so 0.15 becomes exactly 150 nano$ per token, not 150.00000000000003."""
+        `str` so 0.15 becomes exactly 150 nano$ per token, not 150.00000000000003. Unnamed,
+        cached input costs the input price and cache writes 1.25x (5 minutes) and 2x (1 hour) it."""
         def nano(usd: float | str | Decimal) -> Decimal:
             return Decimal(str(usd)) * _PER_MILLION_TO_NANO_PER_TOKEN
 
-        return cls(nano(input), nano(output), nano(input if cached_input is None else cached_input), long_context)
+        base = nano(input)
+        return cls(base, nano(output), base if cached_input is None else nano(cached_input),
+                   base * CACHE_WRITE_FACTOR if cache_write is None else nano(cache_write),
+                   base * CACHE_WRITE_1H_FACTOR if cache_write_1h is None else nano(cache_write_1h), long_context)
 
     def for_prompt(self, prompt_tokens: int) -> Price:
         """The prices that apply to a request with this many prompt tokens."""
@@ -57,18 +70,25 @@ class Price:
         return self
 
 
-def cost_nano(price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+def cost_nano(price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+              cache_write_tokens: int = 0, cache_write_1h_tokens: int = 0) -> int:
     """What a request costs, rounded up to a whole nano-dollar.
 
-    `cached_tokens` are part of `prompt_tokens` (OpenAI's usage shape) and billed at the
-    cached price. A provider reporting more cached than prompt tokens is capped rather than
-    rejected: accounting must not fail on a usage block we did not write.
+    `cached_tokens` (cache reads) and `cache_write_tokens` (cache writes, of which
+    `cache_write_1h_tokens` had the 1-hour lifetime) are part of `prompt_tokens` (OpenAI's
+    usage shape) and billed at their own prices; the rest of the prompt at the input price.
+    A provider reporting more of them than prompt tokens is capped rather than rejected
+    (reads first, then 1-hour writes, then the other writes): accounting must not fail on a
+    usage block we did not write.
     """
-    if min(prompt_tokens, completion_tokens, cached_tokens) < 0:
+    if min(prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens) < 0:
         raise ValueError("token counts must not be negative")
     p = price.for_prompt(prompt_tokens)
     cached = min(cached_tokens, prompt_tokens)
-    exact = (prompt_tokens - cached) * p.input + cached * p.cached_input + completion_tokens * p.output
+    long_writes = min(cache_write_1h_tokens, cache_write_tokens, prompt_tokens - cached)
+    writes = min(cache_write_tokens - long_writes, prompt_tokens - cached - long_writes)
+    exact = ((prompt_tokens - cached - long_writes - writes) * p.input + cached * p.cached_input
+             + writes * p.cache_write + long_writes * p.cache_write_1h + completion_tokens * p.output)
     return math.ceil(exact)
 
 
@@ -85,7 +105,8 @@ def worst(prices: Iterable[Price]) -> Price:
 
     def top(candidates: Iterable[Price]) -> Price:
         c = tuple(candidates)
-        return Price(max(p.input for p in c), max(p.output for p in c), max(p.cached_input for p in c))
+        return Price(max(p.input for p in c), max(p.output for p in c), max(p.cached_input for p in c),
+                     max(p.cache_write for p in c), max(p.cache_write_1h for p in c))
 
     tiers = [p.long_context for p in prices if p.long_context is not None]
     if not tiers:

@@ -206,7 +206,8 @@ class RouterProcessor:
         finally:
             BODY_WORK.release(share)
         if self.runtime.budget is not None:
-            await self.reserve(body)
+            # An Anthropic client's body is rebuilt (messages.to_chat): its markers stay behind.
+            await self.reserve(body, api.cache_writes(raw) if self.client is None else None)
         return self.forward(body)
 
     async def read_body(self, raw: bytes) -> dict:
@@ -278,10 +279,11 @@ class RouterProcessor:
                 return edit.set["x-session-id"].decode("utf-8", "replace")
         return session
 
-    async def reserve(self, body: dict) -> None:
+    async def reserve(self, body: dict, cache_writes: str | None = None) -> None:
         """Reserve the worst case at every level, and send the provider the output cap that
         worst case assumed (budgets/caps.py): the client's cap lowered to the model's limit
-        and to what the budget affords, or one set by the gateway when the client sent none."""
+        and to what the budget affords, or one set by the gateway when the client sent none.
+        `cache_writes`: the body carries prompt-cache markers (api.cache_writes)."""
         gate, model, endpoint = self.runtime.budget, self.model, self.endpoint
         assert gate is not None and model is not None and endpoint is not None
         assert self.key is not None and self.prompt_tokens is not None
@@ -295,7 +297,8 @@ class RouterProcessor:
         cap = caps.output_cap(body, endpoint.output_caps, model.max_output_tokens,
                               gate.settings.default_output_tokens, choices)
         predicted = tokens.prediction_tokens(body, tokens.counter(model.tokenizer)) if endpoint is api.CHAT else 0
-        self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, cap.wanted, choices, predicted),
+        self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, cap.wanted, choices, predicted,
+                                                    cache_writes),
                                           self.runtime.labels.team(self.key.team))
         granted = self.admission.result.output_tokens
         self.body_changed = caps.apply_cap(body, endpoint.output_caps, cap, granted)
@@ -604,6 +607,7 @@ class RouterProcessor:
                 model=self.model.name if self.model else None, provider=backend.provider.name if backend else None,
                 status=self.status or 499, prompt_tokens=spent.prompt if spent.processed else None,
                 completion_tokens=spent.completion if spent.processed else None, cached_tokens=usage.cached_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
                 duration_s=duration, ttft_s=ttft, generated_tokens=usage.completion_tokens)
         self.account(spent)
         if self.trace is not None:
@@ -671,7 +675,8 @@ class RouterProcessor:
             return Consumed(r.reserved_nano, self.prompt_tokens or 0, r.output_tokens, True)
         else:
             completion = 0
-        cost = cost_nano(price, prompt, completion, usage.cached_tokens or 0) if price is not None else 0
+        cost = cost_nano(price, prompt, completion, usage.cached_tokens or 0, usage.cache_write_tokens or 0,
+                         usage.cache_write_1h_tokens or 0) if price is not None else 0
         return Consumed(cost, prompt, completion, True)
 
     def unreadable_stream(self) -> bool:

@@ -24,3 +24,7 @@ SERVES: dict[str, frozenset[str]] = {
     "bedrock": frozenset({"chat"}),
     "gemini": frozenset({"chat"}),
 }
+
+# The kinds whose request is the client's body as it came (model name aside), prompt-cache
+# markers included; the others build their own body, which carries none.
+VERBATIM: frozenset[str] = frozenset({"openai", "azure"})

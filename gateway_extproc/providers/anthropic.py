@@ -214,14 +214,26 @@ def _usage(usage: Any) -> JSON | None:
     """Anthropic counts cached prompt tokens apart from input_tokens; OpenAI's
     prompt_tokens includes them, with the cached share in prompt_tokens_details. Anthropic
     always sends `input_tokens` and `output_tokens`: one missing (or no count) makes the
-    usage unknown (None), not 0 (token_count)."""
+    usage unknown (None), not 0 (token_count). Cache writes (`cache_creation_input_tokens`,
+    billed above the input price) go on as `cache_creation_tokens`, and their 1-hour share
+    (`cache_creation.ephemeral_1h_input_tokens`), when there is one, as
+    `cache_creation_1h_tokens`."""
     usage = usage if isinstance(usage, dict) else {}
     read = usage.get("cache_read_input_tokens")
     created = usage.get("cache_creation_input_tokens")
+    split = usage.get("cache_creation")
+    split = split if isinstance(split, dict) else {}
+    if created is None and split:  # the breakdown alone still says what was written
+        created = token_count((), (split.get("ephemeral_5m_input_tokens"), split.get("ephemeral_1h_input_tokens")))
     out = openai_usage(token_count((usage.get("input_tokens"),), (read, created)),
                        token_count((usage.get("output_tokens"),)))
     if out is not None:
         out["prompt_tokens_details"] = {"cached_tokens": read or 0, "cache_creation_tokens": created or 0}
+        long = split.get("ephemeral_1h_input_tokens", 0)
+        # An unreadable 1-hour share counts every write at the 1-hour price, the dearer one.
+        long = min(long, created or 0) if type(long) is int and long >= 0 else created
+        if long:
+            out["prompt_tokens_details"]["cache_creation_1h_tokens"] = long
     return out
 
 

@@ -201,16 +201,31 @@ def request(target: Target, suffix: str, body: JSON, stream: bool, now: datetime
 
 def _usage(usage: Any) -> JSON | None:
     """Converse counts cached prompt tokens apart from `inputTokens`; OpenAI's
-    prompt_tokens includes them, with the cache reads repeated as cached_tokens. Converse
+    prompt_tokens includes them, with the cache reads repeated as cached_tokens and the
+    writes (billed above the input price) as cache_creation_tokens. Converse
     always sends `inputTokens` and `outputTokens`: one missing (or no count) makes the
     usage unknown (None), not 0 (token_count)."""
     usage = usage if isinstance(usage, dict) else {}
-    cache_read = usage.get("cacheReadInputTokens")
-    out = openai_usage(token_count((usage.get("inputTokens"),), (cache_read, usage.get("cacheWriteInputTokens"))),
+    cache_read, cache_write = usage.get("cacheReadInputTokens"), usage.get("cacheWriteInputTokens")
+    out = openai_usage(token_count((usage.get("inputTokens"),), (cache_read, cache_write)),
                        token_count((usage.get("outputTokens"),)))
     if out is not None:
-        out["prompt_tokens_details"] = {"cached_tokens": cache_read or 0}
+        out["prompt_tokens_details"] = {"cached_tokens": cache_read or 0, "cache_creation_tokens": cache_write or 0}
+        long = _long_writes(usage.get("cacheDetails"), cache_write or 0)
+        if long:
+            out["prompt_tokens_details"]["cache_creation_1h_tokens"] = long
     return out
+
+
+def _long_writes(details: Any, written: int) -> int:
+    """The cache writes Converse lists with a 1-hour TTL (`cacheDetails`: `{ttl, inputTokens}`
+    per TTL). A 1h entry whose count cannot be read counts every write as 1-hour, the dearer."""
+    long = 0
+    for detail in details if isinstance(details, list) else ():
+        if isinstance(detail, dict) and detail.get("ttl") == "1h":
+            count = detail.get("inputTokens")
+            long += count if type(count) is int and count >= 0 else written
+    return min(long, written)
 
 
 def _error_message(raw: bytes, fallback: str) -> str:

@@ -25,7 +25,7 @@ _TPOT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 REQUESTS = Counter("genai_requests", "Requests by outcome.", ["team", "model", "provider", "status_class"])
-TOKENS = Counter("genai_tokens", "Tokens by type (input, output, cached).", ["team", "model", "type"])
+TOKENS = Counter("genai_tokens", "Tokens by type (input, output, cached, cache_write).", ["team", "model", "type"])
 COST = Counter("genai_request_cost_dollars", "Dollar cost of requests at configured prices.", ["team", "model"])
 # Per pod, under its own name: every pod exports the same limit, so N pods give N series per
 # team. The chart's recording rule (files/prometheus-rules.yaml) turns them into the one
@@ -127,7 +127,8 @@ class Labels:
 
 def record_request(labels: Labels, *, team: str | None, model: str | None, provider: str | None, status: int,
                    prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None,
-                   duration_s: float, ttft_s: float | None, generated_tokens: int | None = None) -> None:
+                   duration_s: float, ttft_s: float | None, generated_tokens: int | None = None,
+                   cache_write_tokens: int | None = None) -> None:
     """One finished request, as the access log line saw it. `completion_tokens` is what it is
     charged for (the reservation's worst case when the provider's usage never came);
     `generated_tokens` the output the provider reported, the only count time per output
@@ -135,7 +136,8 @@ def record_request(labels: Labels, *, team: str | None, model: str | None, provi
     t, m = labels.team(team), labels.model(model)
     sc = status_class(status)
     child(REQUESTS, t, m, labels.provider(provider), sc).inc()
-    for kind, value in (("input", prompt_tokens), ("output", completion_tokens), ("cached", cached_tokens)):
+    for kind, value in (("input", prompt_tokens), ("output", completion_tokens), ("cached", cached_tokens),
+                        ("cache_write", cache_write_tokens)):
         if value:
             child(TOKENS, t, m, kind).inc(value)
     if cached_tokens is not None and sc == "2xx":
