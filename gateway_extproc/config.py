@@ -23,7 +23,7 @@ from decimal import Decimal
 
 import yaml
 
-from .budgets.pricing import Price
+from .budgets.pricing import CACHE_WRITE_1H_FACTOR, CACHE_WRITE_FACTOR, Price
 from .identity_config import Identity, parse_identity
 from .keys import ID
 from .tokens import IMAGE_TOKENS
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from .audit.settings import AuditSettings
 
 PROVIDER_KINDS = ("openai", "azure", "anthropic", "bedrock", "gemini")
+# The kinds whose prompt-cache writes cost more than input unless the price list says
+# otherwise: Claude, direct or on Bedrock (1.25x input for 5 minutes, 2x for an hour).
+CLAUDE_WRITE_PRICES = frozenset({"anthropic", "bedrock"})
 # Kind-specific provider settings: (key, required, allowed values or None).
 _PROVIDER_OPTIONS: dict[str, tuple[tuple[str, bool, tuple[str, ...] | None], ...]] = {
     "openai": (),
@@ -415,7 +418,8 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
             r.fail(f"{bat}.priority", "must be an integer >= 0")
         if not _is_int(weight) or weight < 1:
             r.fail(f"{bat}.weight", "must be an integer >= 1")
-        price = _price(r, b.get("pricing"), f"{bat}.pricing") if b.get("pricing") is not None else None
+        price = (_price(r, b.get("pricing"), f"{bat}.pricing", providers[pname].kind in CLAUDE_WRITE_PRICES)
+                 if b.get("pricing") is not None else None)
         max_tier = b.get("maxTier")
         if tiers and max_tier not in tiers:
             r.fail(f"{bat}.maxTier", f"is {max_tier!r}; with classification on, every backend names the highest "
@@ -432,7 +436,9 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
     return Model(name, tokenizer, tuple(backends), max_out, image)
 
 
-def _price(r: _Reader, raw: Any, at: str) -> Price:
+def _price(r: _Reader, raw: Any, at: str, claude_writes: bool) -> Price:
+    """`claude_writes`: unnamed cache-write prices are Anthropic's multipliers of the input price
+    (else the input price: OpenAI and Gemini bill cache writes as input)."""
     p = r.mapping(raw, at)
     input_, output, cached, write, write_1h = _optional(
         r, p, at, ("input", "output", "cachedInput", "cacheWrite", "cacheWrite1h"),
@@ -445,7 +451,10 @@ def _price(r: _Reader, raw: Any, at: str) -> Price:
         above = lc.get("above")
         if not _is_int(above) or above < 0:
             r.fail(f"{at}.longContext.above", "must be a prompt-token count >= 0")
-        tier = (above, _price(r, {k: v for k, v in lc.items() if k != "above"}, f"{at}.longContext"))
+        tier = (above, _price(r, {k: v for k, v in lc.items() if k != "above"}, f"{at}.longContext", claude_writes))
+    if claude_writes and input_ is not None:
+        write = Decimal(str(input_)) * CACHE_WRITE_FACTOR if write is None else write
+        write_1h = Decimal(str(input_)) * CACHE_WRITE_1H_FACTOR if write_1h is None else write_1h
     return Price.from_usd_per_million(input_, output, cached, tier, write, write_1h)
 
 

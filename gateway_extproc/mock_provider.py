@@ -373,7 +373,9 @@ class Quirks:
     usage block whatever was produced, `x-mock-choice-replies: ["a", "b"]` answers a chat
     request with one choice per text (whatever `n` says), `x-mock-merge-choices: 1`
     streams each step's choices in one chunk and `x-mock-token-chars: N` streams long words
-    in pieces (`_words`)."""
+    in pieces (`_words`). `x-mock-cache-write-tokens: N` and `x-mock-cache-write-1h-tokens: M`
+    report N and M of the prompt's tokens as written to the prompt cache with a 5-minute and
+    a 1-hour lifetime (`_cache_writes`)."""
 
     reply_words: int | None = None
     ignore_cap: bool = False
@@ -381,6 +383,16 @@ class Quirks:
     choice_replies: tuple[str, ...] | None = None
     merge_choices: bool = False
     token_chars: int | None = None
+    cache_write: int = 0
+    cache_write_1h: int = 0
+
+
+def _cache_writes(prompt_tokens: int) -> tuple[int, int]:
+    """The prompt's tokens reported as cache writes, (5-minute, 1-hour), at most the prompt:
+    the 1-hour ones first (Anthropic orders longer TTLs first), then the 5-minute ones."""
+    quirks = _QUIRKS.get()
+    long = min(quirks.cache_write_1h, prompt_tokens)
+    return min(quirks.cache_write, prompt_tokens - long), long
 
 
 _QUIRKS: contextvars.ContextVar[Quirks] = contextvars.ContextVar("mock_quirks", default=Quirks())
@@ -624,12 +636,14 @@ def chat_completions(call: Call) -> Reply:
 
 
 def _chat_usage(prompt_tokens: int, output_tokens: int) -> JSON:
+    written = sum(_cache_writes(prompt_tokens))
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": output_tokens,
         "total_tokens": prompt_tokens + output_tokens,
         **({} if (lie := _QUIRKS.get().completion_tokens) is None else {"completion_tokens": lie}),
-        "prompt_tokens_details": {"cached_tokens": 0},  # as OpenAI reports it (the mock caches nothing)
+        # as OpenAI reports it (the mock caches nothing); cache writes asked for as OpenAI and OpenRouter do
+        "prompt_tokens_details": {"cached_tokens": 0, **({"cache_write_tokens": written} if written else {})},
     }
 
 
@@ -757,6 +771,7 @@ def anthropic_messages(call: Call) -> Reply:
     completion = _complete(model, messages, max_tokens, _anthropic_json_mode(body))
     tool = _anthropic_tool_call(body, messages)
     input_tokens = _input_tokens(body.get("system"), messages)
+    short, long = _cache_writes(input_tokens)
     content: list[JSON] = [{"type": "text", "text": completion.text}]
     if tool:
         content = [{"type": "tool_use", "id": f"toolu_mock_{serial}", "name": tool.name, "input": tool.arguments}]
@@ -769,10 +784,11 @@ def anthropic_messages(call: Call) -> Reply:
         "stop_reason": "tool_use" if tool else "max_tokens" if completion.truncated else "end_turn",
         "stop_sequence": None,
         "usage": {
-            "input_tokens": input_tokens,
+            "input_tokens": input_tokens - short - long,
             "output_tokens": tool.tokens if tool else completion.tokens,
-            "cache_creation_input_tokens": 0,
+            "cache_creation_input_tokens": short + long,
             "cache_read_input_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": short, "ephemeral_1h_input_tokens": long},
         },
     }
     if body.get("stream") is True:
@@ -906,7 +922,12 @@ def bedrock_converse(call: Call, *, stream: bool) -> Reply:
     tool = _bedrock_tool_call(body)
     input_tokens = _input_tokens(_text_parts(system), messages)
     output_tokens = tool.tokens if tool else completion.tokens
-    usage = {"inputTokens": input_tokens, "outputTokens": output_tokens, "totalTokens": input_tokens + output_tokens}
+    usage: JSON = {"inputTokens": input_tokens, "outputTokens": output_tokens,
+                   "totalTokens": input_tokens + output_tokens}
+    short, long = _cache_writes(input_tokens)
+    if short or long:  # Converse counts writes apart from inputTokens, with a 1h-first breakdown
+        usage.update(inputTokens=input_tokens - short - long, cacheWriteInputTokens=short + long,
+                     cacheDetails=[{"ttl": ttl, "inputTokens": n} for ttl, n in (("1h", long), ("5m", short)) if n])
     stop_reason = "tool_use" if tool else "max_tokens" if completion.truncated else "end_turn"
     metrics = {"latencyMs": 0}  # the mock does no work; injected latency is not the model's
     tool_id = f"tooluse_mock_{call.serial}"
@@ -1556,7 +1577,9 @@ class MockApp:
         h = request.headers
         _QUIRKS.set(Quirks(_header_int(h, "x-mock-reply-words"), _header_int(h, "x-mock-ignore-max-tokens") == 1,
                            _header_int(h, "x-mock-usage-completion-tokens"), _choice_replies(h),
-                           _header_flag(h, "x-mock-merge-choices"), _header_int(h, "x-mock-token-chars")))
+                           _header_flag(h, "x-mock-merge-choices"), _header_int(h, "x-mock-token-chars"),
+                           _header_int(h, "x-mock-cache-write-tokens") or 0,
+                           _header_int(h, "x-mock-cache-write-1h-tokens") or 0))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):

@@ -58,7 +58,7 @@ def usage_from_object(obj: Any) -> Usage | None:
     """Chat/embeddings usage (`prompt_tokens`, `completion_tokens`), or Responses API usage
     (`input_tokens`, `output_tokens`; in streams inside `response.completed`). Cache writes
     are `prompt_tokens_details.cache_creation_tokens` (with `cache_creation_1h_tokens`), as
-    the Claude and Converse translators report them, or `cache_write_tokens` (OpenRouter)."""
+    the Claude and Converse translators report them, or `cache_write_tokens` (OpenAI, OpenRouter)."""
     if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
         obj = obj["response"]
     usage = obj.get("usage") if isinstance(obj, dict) else None

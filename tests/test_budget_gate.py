@@ -168,14 +168,17 @@ def test_a_reserve_whose_caller_is_cancelled_is_cancelled_in_the_store() -> None
 
 
 def cache_cfg(kinds: tuple[str, ...]) -> config.GatewayConfig:
-    """A model with one backend of each kind, priced like Claude (writes at the defaults)."""
+    """A model with one backend of each kind, priced like Claude: by default where it is
+    Claude, named where it is an OpenAI-compatible server in front of Claude (OpenRouter)."""
     return config.parse({
         "version": 1, "listen": ["unix:///tmp/x.sock"],
         "providers": [{"name": kind, "kind": kind, "baseURL": "http://127.0.0.1:1/v1", "credential": {"env": "X"},
                        **({"apiVersion": "2024-10-21"} if kind == "azure" else {}),
                        **({"region": "us-east-1"} if kind == "bedrock" else {})} for kind in kinds],
         "models": [{"name": "m", "tokenizer": "estimate", "maxOutputTokens": 100, "backends": [
-            {"provider": kind, "model": "pm", "priority": i, "pricing": {"input": 3, "output": 15, "cachedInput": 0.3}}
+            {"provider": kind, "model": "pm", "priority": i, "pricing": {
+                "input": 3, "output": 15, "cachedInput": 0.3,
+                **({} if kind in config.CLAUDE_WRITE_PRICES else {"cacheWrite": 3.75, "cacheWrite1h": 6})}}
             for i, kind in enumerate(kinds)]}],
         "budgets": {}, "teams": [{"name": "t", "budget": {"daily": 1000}}],
         "keys": [{"id": "k", "sha256": keys.digest(KEY), "team": "t"}],

@@ -74,15 +74,13 @@ def test_invalid_input_is_rejected():
 
 
 # Claude Sonnet 4.5 list prices: writes 1.25x (5 minutes) and 2x (1 hour) the input price, reads 0.1x.
-SONNET = Price.from_usd_per_million(3, 15, "0.30")
+SONNET = Price.from_usd_per_million(3, 15, "0.30", cache_write="3.75", cache_write_1h=6)
 
 
-def test_cache_writes_default_to_anthropics_multipliers_of_input():
+def test_cache_writes_default_to_the_input_price():
+    """As OpenAI and Gemini bill them (config.py gives Claude backends Anthropic's multipliers)."""
+    assert (MINI.cache_write, MINI.cache_write_1h) == (150, 150)
     assert (SONNET.cache_write, SONNET.cache_write_1h) == (3750, 6000)
-    tier = TIERED.long_context[1]
-    assert (tier.cache_write, tier.cache_write_1h) == (Decimal("3125.00"), 5000)  # from the tier's own input
-    named = Price.from_usd_per_million(3, 15, cache_write="3.5", cache_write_1h=5)
-    assert (named.cache_write, named.cache_write_1h) == (3500, 5000)
 
 
 def test_cache_writes_are_part_of_the_prompt_at_their_own_prices():
@@ -101,7 +99,7 @@ def test_worst_takes_the_dearest_cache_writes():
     a = Price.from_usd_per_million(1, 8, cache_write=5)
     b = Price.from_usd_per_million(2, 4, cache_write_1h=3)
     w = worst([a, b])
-    assert (w.cache_write, w.cache_write_1h) == (5000, 3000)  # b's default 5-minute write is 2.5, a's 1h 2
+    assert (w.cache_write, w.cache_write_1h) == (5000, 3000)  # b's unnamed 5-minute write is its input, 2
 
 
 counts = st.integers(0, 2_000_000)

@@ -630,13 +630,21 @@ def test_any_edit_loads_or_is_a_config_error_naming_the_file(edits: list[tuple[t
 
 
 def test_cache_write_prices_parse_default_and_name_their_key_when_wrong() -> None:
+    """Unnamed, a Claude backend's (anthropic, bedrock) cache writes cost Anthropic's 1.25x
+    (5 minutes) and 2x (1 hour) its input price, any other's its input price."""
     doc = valid()
-    doc["models"][0]["backends"][0]["pricing"] = {"input": 3, "output": 15, "cacheWrite1h": 5,
-                                                  "longContext": {"above": 200000, "input": 6, "output": 22.5,
-                                                                  "cacheWrite": 7.5}}
-    price = config.parse(doc, SOURCE).models["default-chat"].backends[0].price
-    assert (price.cache_write, price.cache_write_1h) == (3750, 5000)  # 1.25 x input unless named
-    assert (price.long_context[1].cache_write, price.long_context[1].cache_write_1h) == (7500, 12000)
+    doc["providers"].append({"name": "claude", "kind": "anthropic", "baseURL": "https://api.anthropic.com/v1",
+                             "credential": {"env": "ANTHROPIC_API_KEY"}})
+    doc["models"][0]["backends"] = [
+        {"provider": "claude", "model": "claude-sonnet-4-5", "pricing": {
+            "input": 3, "output": 15, "cacheWrite1h": 5,
+            "longContext": {"above": 200000, "input": 6, "output": 22.5, "cacheWrite": 7}}},
+        {"provider": "openai", "model": "gpt-4o-mini", "priority": 1,
+         "pricing": {"input": 0.15, "output": 0.6, "cacheWrite": 0.2}}]
+    claude, gpt = (b.price for b in config.parse(doc, SOURCE).models["default-chat"].backends)
+    assert (claude.cache_write, claude.cache_write_1h) == (3750, 5000)
+    assert (claude.long_context[1].cache_write, claude.long_context[1].cache_write_1h) == (7000, 12000)
+    assert (gpt.cache_write, gpt.cache_write_1h) == (200, 150)
     doc["models"][0]["backends"][0]["pricing"] = {"input": 3, "output": 15, "cacheWrite": "1.25x"}
     with pytest.raises(ConfigError, match=r"models\[0\]\.backends\[0\]\.pricing\.cacheWrite must be a number >= 0"):
         config.parse(doc, SOURCE)

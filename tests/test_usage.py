@@ -395,8 +395,8 @@ def test_a_responses_stream_keeps_its_event_names_in_any_framing() -> None:
 
 @pytest.mark.parametrize(("details", "writes"), [
     ({"cached_tokens": 3, "cache_creation_tokens": 40, "cache_creation_1h_tokens": 30}, (40, 30)),  # translators
-    ({"cached_tokens": 0, "cache_write_tokens": 100, "audio_tokens": 0}, (100, None)),  # OpenRouter
-    ({"cached_tokens": 3}, (None, None)),  # OpenAI: writes cost the input price, none reported
+    ({"cached_tokens": 0, "cache_write_tokens": 100, "audio_tokens": 0}, (100, None)),  # OpenAI, OpenRouter
+    ({"cached_tokens": 3}, (None, None)),  # no writes reported
     ({"cache_creation_tokens": -4, "cache_creation_1h_tokens": "30"}, (None, None)),
 ])
 def test_cache_writes_are_read_from_prompt_tokens_details(details: dict, writes: tuple) -> None:

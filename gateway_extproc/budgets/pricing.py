@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 
 _PER_MILLION_TO_NANO_PER_TOKEN = Decimal(1000)  # 1 USD / 1M tokens == 1000 nano$ / token
-# Prompt-cache writes when a backend's price list does not name them: Anthropic's multipliers
-# of the input price (5-minute and 1-hour TTL; Bedrock bills Claude the same).
+# Anthropic's prices for prompt-cache writes, as multiples of the input price (5-minute and
+# 1-hour TTL; Bedrock bills Claude the same): the defaults of Claude backends (config.py).
 CACHE_WRITE_FACTOR, CACHE_WRITE_1H_FACTOR = Decimal("1.25"), Decimal(2)
 
 
@@ -54,14 +54,14 @@ class Price:
     ) -> Price:
         """Build from the USD-per-1M-tokens figures price pages list. Floats go through
         `str` so 0.15 becomes exactly 150 nano$ per token, not 150.00000000000003. Unnamed,
-        cached input costs the input price and cache writes 1.25x (5 minutes) and 2x (1 hour) it."""
+        cached input and cache writes cost the input price."""
         def nano(usd: float | str | Decimal) -> Decimal:
             return Decimal(str(usd)) * _PER_MILLION_TO_NANO_PER_TOKEN
 
         base = nano(input)
         return cls(base, nano(output), base if cached_input is None else nano(cached_input),
-                   base * CACHE_WRITE_FACTOR if cache_write is None else nano(cache_write),
-                   base * CACHE_WRITE_1H_FACTOR if cache_write_1h is None else nano(cache_write_1h), long_context)
+                   base if cache_write is None else nano(cache_write),
+                   base if cache_write_1h is None else nano(cache_write_1h), long_context)
 
     def for_prompt(self, prompt_tokens: int) -> Price:
         """The prices that apply to a request with this many prompt tokens."""
