@@ -29,7 +29,7 @@ from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
 from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
-from ..providers import SERVES
+from ..providers import SERVES, VERBATIM
 from ..providers.base import openai_error, sse
 from ..policy.classification import (EmbeddingsGuard, Policy, ResponseGuard, Verdict, content_for_log,
                                      scanned_error_object, withheld_headers)
@@ -78,7 +78,7 @@ class RouterProcessor:
                  "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
                  "cut_after", "cut", "body_changed",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
-                 "requested", "answered", "headers", "header_edit", "echo", "forwarded")
+                 "requested", "answered", "headers", "header_edit", "echo", "forwarded", "cache_writes")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -122,6 +122,9 @@ class RouterProcessor:
         # Cuts the answering backend's credential from its answer (a provider echoing it).
         self.echo: CredentialCut | None = None
         self.forwarded = False  # the request went on to a provider (forward() answered Envoy)
+        # The body asks for prompt-cache writes ("5m", "1h": api.cache_writes) of backends that
+        # get it as sent. An Anthropic client's body is rebuilt (messages.to_chat) without its markers.
+        self.cache_writes: str | None = None
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -205,9 +208,10 @@ class RouterProcessor:
             body = await self.read_body(raw)
         finally:
             BODY_WORK.release(share)
+        if self.client is None:
+            self.cache_writes = api.cache_writes(raw)
         if self.runtime.budget is not None:
-            # An Anthropic client's body is rebuilt (messages.to_chat): its markers stay behind.
-            await self.reserve(body, api.cache_writes(raw) if self.client is None else None)
+            await self.reserve(body)
         return self.forward(body)
 
     async def read_body(self, raw: bytes) -> dict:
@@ -279,11 +283,11 @@ class RouterProcessor:
                 return edit.set["x-session-id"].decode("utf-8", "replace")
         return session
 
-    async def reserve(self, body: dict, cache_writes: str | None = None) -> None:
+    async def reserve(self, body: dict) -> None:
         """Reserve the worst case at every level, and send the provider the output cap that
         worst case assumed (budgets/caps.py): the client's cap lowered to the model's limit
         and to what the budget affords, or one set by the gateway when the client sent none.
-        `cache_writes`: the body carries prompt-cache markers (api.cache_writes)."""
+        A body with prompt-cache markers is reserved at the write price (BudgetGate.plan)."""
         gate, model, endpoint = self.runtime.budget, self.model, self.endpoint
         assert gate is not None and model is not None and endpoint is not None
         assert self.key is not None and self.prompt_tokens is not None
@@ -298,7 +302,7 @@ class RouterProcessor:
                               gate.settings.default_output_tokens, choices)
         predicted = tokens.prediction_tokens(body, tokens.counter(model.tokenizer)) if endpoint is api.CHAT else 0
         self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, cap.wanted, choices, predicted,
-                                                    cache_writes),
+                                                    self.cache_writes),
                                           self.runtime.labels.team(self.key.team))
         granted = self.admission.result.output_tokens
         self.body_changed = caps.apply_cap(body, endpoint.output_caps, cap, granted)
@@ -675,8 +679,11 @@ class RouterProcessor:
             return Consumed(r.reserved_nano, self.prompt_tokens or 0, r.output_tokens, True)
         else:
             completion = 0
+        long = usage.cache_write_1h_tokens
+        if long is None and self.cache_writes == "1h" and backend is not None and backend.provider.kind in VERBATIM:
+            long = usage.cache_write_tokens  # writes without their TTL split (OpenRouter), asked for an hour
         cost = cost_nano(price, prompt, completion, usage.cached_tokens or 0, usage.cache_write_tokens or 0,
-                         usage.cache_write_1h_tokens or 0) if price is not None else 0
+                         long or 0) if price is not None else 0
         return Consumed(cost, prompt, completion, True)
 
     def unreadable_stream(self) -> bool:
