@@ -321,10 +321,10 @@ def provider_added_input(endpoint: Endpoint, body: dict[str, Any]) -> str | None
 # Prompt-cache writes a body forwarded as sent may ask for: a `cache_control` marker anywhere
 # (Anthropic's, which OpenRouter and LiteLLM take on chat content parts, tools and the top
 # level). Read from the raw bytes, not by a walk over the parsed body: inside a JSON string
-# quotes are escaped, so only a key matches (or a string that is exactly `cache_control`,
-# which costs a larger reservation, never a smaller one). A key spelled with escapes (`"\u0063ache_control"`)
-# needs an escaped digit, letter or underscore, which no encoder writes unasked: such a body
-# counts as asking for the dearest writes.
+# quotes are escaped, so only a key matches (or a string that is exactly `cache_control`:
+# a larger reservation, never a smaller one). A key spelled with escapes
+# (`"\u0063ache_control"`) needs an escaped digit, letter or underscore, which no encoder
+# writes unasked: such a body counts as asking for the dearest writes.
 _ESCAPED_NAME = re.compile(rb"\\u00(?:3[0-9]|5[Ff]|[67][0-9A-Fa-f])")
 
 
