@@ -3,7 +3,10 @@ and ended in its reasoning or a tool call's arguments, or split over two tool ca
 output items of a Responses stream) was seen by neither text's hold-back window: each saw
 half, and the client got both halves. The seam where the text moves on is now read with what
 follows it (`ResponseGuard._seams_blocked`, `ResponsesGuard`), numeric values bridging it as
-across a request's strings; a value there ends the stream (`content_filter`)."""
+across a request's strings; a value there ends the stream (`content_filter`). Since
+2026-12-06 the texts are also read joined as they are (an e-mail's local part ending one text
+and its `@domain` beginning the next), and a seam reads on over a next text that let nothing
+out (a card over three texts, the middle one shorter than the hold-back)."""
 
 from __future__ import annotations
 
@@ -156,3 +159,122 @@ def test_a_card_split_between_two_output_items_never_reaches_the_client(items: l
 def test_responses_items_without_a_value_at_their_seam_go_out_whole() -> None:
     out = responses([("message", ["ticket 4821, order ", "1111"]), ("message", ["1111 items, build 20241205"])])
     assert "content_filter" not in out and "1111 items" in out and "order 1111" in out
+
+
+# -- e-mails at a seam, values over three or more texts -------------------------------------------
+
+EMAIL = "jane.doe@example.com"
+
+
+def by_text(out: str) -> dict[str, str]:
+    """What the client got in each text of choice 0 (content, reasoning, each tool call...)."""
+    got: dict[str, str] = {}
+    for line in out.split("\n\n"):
+        if line.startswith("data: {"):
+            for c in orjson.loads(line[6:]).get("choices", []):
+                d = c.get("delta", {})
+                for k, v in d.items():
+                    if isinstance(v, str) and k != "role":
+                        got[k] = got.get(k, "") + v
+                for t in d.get("tool_calls", []):
+                    key = f"tool {t['index']}"
+                    got[key] = got.get(key, "") + t.get("function", {}).get("arguments", "")
+    return got
+
+
+def an_address_leaves(out: str) -> bool:
+    """The local part and the domain both reached the client (in whichever texts)."""
+    texts = "\n".join(by_text(out).values())
+    return "jane.doe" in texts and "example" in texts
+
+
+@pytest.mark.parametrize("in_order", [False, True], ids=["openai", "anthropic order"])
+@pytest.mark.parametrize("fields", list(FIELDS), ids=list(FIELDS))
+def test_an_email_split_between_two_texts_of_a_choice_never_reaches_the_client(fields: str, in_order: bool) -> None:
+    """The address's local part ends one text and its `@domain` begins the next (content, then
+    a tool call's arguments): each window read half, and the client got both halves."""
+    out = chat(FIELDS[fields]("please write to jane.doe", "@example.com and say hi"), in_order)
+    assert not an_address_leaves(out), out
+    assert '"finish_reason":"content_filter"' in out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cut=st.integers(1, len(EMAIL) - 1), sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12),
+       pair=st.sampled_from(PAIRS), in_order=st.booleans(),
+       before=st.sampled_from(["", "write to ", "mail: "]), after=st.sampled_from(["", " ok", ", thanks!"]))
+def test_any_split_of_an_email_over_two_texts_any_chunking(cut: int, sizes: list[int], pair: tuple[str, str],
+                                                          in_order: bool, before: str, after: str) -> None:
+    """However the two texts are chunked and wherever the address is cut between them, the
+    client never gets the whole address (a piece that is an address itself, `jane.doe@example.co`,
+    is redacted in its own window)."""
+    deltas = []
+    for text, slot in ((before + EMAIL[:cut], pair[0]), (EMAIL[cut:] + after, pair[1])):
+        i, k = 0, 0
+        while i < len(text):
+            n = sizes[k % len(sizes)]
+            deltas.append(SLOTS[slot](text[i:i + n], i == 0))
+            i, k = i + n, k + 1
+    got = by_text(chat(deltas, in_order))
+    assert EMAIL not in got.get(pair[0], "") + got.get(pair[1], "")
+
+
+TRIPLES = [("content", "tool 0", "tool 1"), ("tool 0", "tool 1", "content"), ("reasoning_content", "content", "tool 0"),
+           ("content", "reasoning_content", "refusal")]
+
+
+@pytest.mark.parametrize("in_order", [False, True], ids=["openai", "anthropic order"])
+@pytest.mark.parametrize("slots", TRIPLES, ids=["->".join(t) for t in TRIPLES])
+def test_a_card_split_over_three_texts_never_reaches_the_client(slots: tuple[str, str, str], in_order: bool) -> None:
+    """`card 4111 1111`, then `1111` in a tool call, then `1111` in the next: each seam read
+    with its two neighbours only saw 12 digits, and the client got all sixteen."""
+    deltas = [SLOTS[s](t, True) for s, t in zip(slots, ["card 4111 1111", "1111", "1111 thanks"])]
+    out = chat(deltas, in_order)
+    got = by_text(out)
+    assert DIGITS not in re.sub(r"\D", "", "".join(got.get(s, "") for s in slots)), got
+    assert '"finish_reason":"content_filter"' in out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=st.lists(st.integers(1, len(CARD) - 1), min_size=2, max_size=4, unique=True),
+       slots=st.permutations(list(SLOTS)), in_order=st.booleans(), size=st.integers(1, 9),
+       before=st.sampled_from(["", "card ", "my number is: "]), after=st.sampled_from(["", " ok", ", exp 12/29"]))
+def test_any_split_of_a_card_over_several_texts(cuts: list[int], slots: list[str], in_order: bool, size: int,
+                                                before: str, after: str) -> None:
+    """The invariant over three to five texts: the client never gets the card's digits in a row
+    when its texts are read in the order they came."""
+    bounds = [0, *sorted(cuts), len(CARD)]
+    pieces = [CARD[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces[0], pieces[-1] = before + pieces[0], pieces[-1] + after
+    used = slots[:len(pieces)]
+    deltas = [SLOTS[s](p[i:i + size], i == 0) for s, p in zip(used, pieces) for i in range(0, len(p), size)]
+    got = by_text(chat(deltas, in_order))
+    assert DIGITS not in re.sub(r"\D", "", "".join(got.get(s, "") for s in used))
+
+
+@pytest.mark.parametrize("items", [
+    [("message", ["please write to jane.doe"]), ("function_call", ["@example.com"])],
+    [("message", ["write to jane."]), ("message", ["doe@exam"]), ("message", ["ple.com thanks"])],
+], ids=["message->function call", "three messages"])
+def test_an_email_split_between_output_items_never_reaches_the_client(items: list[tuple[str, list[str]]]) -> None:
+    out = responses(items)
+    deltas = "".join(orjson.loads(line.split("data: ", 1)[1]).get("delta", "") for line in out.split("\n\n")
+                     if "data: {" in line and '"delta":"' in line)
+    assert not ("doe" in deltas and "example" in deltas), deltas
+    assert EMAIL not in out and '"reason":"content_filter"' in out
+
+
+def test_a_card_split_over_three_output_items_never_reaches_the_client() -> None:
+    out = responses([("message", ["card 4111 1111"]), ("function_call", ["1111"]), ("function_call", ["1111 ok"])])
+    assert DIGITS not in re.sub(r"[^0-9]", "", out)
+    assert '"reason":"content_filter"' in out
+
+
+@pytest.mark.parametrize("in_order", [False, True], ids=["openai", "anthropic order"])
+def test_texts_with_their_own_addresses_either_side_of_a_seam_go_out_redacted(in_order: bool) -> None:
+    """An address whole in each text is redacted in its own window; words either side of the
+    seam that make no address (`Sending to` + `bob@…`) do not end the stream."""
+    out = chat([{"content": "Sending to"}, tool(0, '{"to": "bob@example.org", "cc": "a.b@example.com"}', True),
+                {"content": " alice@example.net now, 3 items"}], in_order)
+    assert "content_filter" not in out
+    got = by_text(out)
+    assert "@example" not in "".join(got.values()) and "[EMAIL_" in got["tool 0"], got

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -222,10 +223,10 @@ class ResponseGuard:
         # or released in, another's chunk or field.
         self.redactors: dict[tuple[Any, ...], StreamRedactor] = {}
         self.blocked_by: StreamRedactor | None = None
-        # Where each choice's text last went, and the seam (`_Seam`) where it moved on from one
+        # Where each choice's text last went, and the seam (`Seam`) where it moved on from one
         # text to another, until what follows it has been seen: a value may be split there.
         self.last: dict[int, tuple[Any, ...]] = {}
-        self.seams: dict[int, _Seam] = {}
+        self.seams: dict[int, Seam] = {}
         self.seam_block: Decision | None = None
         # With `in_order`, the first text's tail went out at the seam (its block must close
         # before the next one opens): what goes out from there waits here until it is decided.
@@ -399,7 +400,7 @@ class ResponseGuard:
             for key, redactor in self.redactors.items():
                 if key[0] == index and key not in active and not redactor.done:
                     seam = self.seams.get(index)
-                    if seam is not None and key == seam.b_key:  # what follows the seam ends here
+                    if seam is not None and key == seam.key:  # what follows the seam ends here
                         if not self._seam_passes(index):
                             return False
                     before.append(self._released(key, redactor))
@@ -430,9 +431,9 @@ class ResponseGuard:
             if redactor.blocked:
                 self.blocked_by = redactor
                 return False
-            if seam is not None and seam.b_key == key:
-                seam.b_head += text
-                if (out or redactor.done or len(seam.b_head) > SEAM_HEAD) and not self._seam_passes(index):
+            if seam is not None and seam.key == key:
+                seam.parts[-1] += text
+                if (out or redactor.done or len(seam.parts[-1]) > SEAM_HEAD) and not self._seam_passes(index):
                     return False
             if key[1] == "content":
                 self._keep(out)
@@ -444,18 +445,24 @@ class ResponseGuard:
 
     def _moved(self, index: int, key: tuple[Any, ...]) -> bool:
         """The choice's text goes to `key`: when it last went to another text, the seam there
-        is kept with that text's held tail (the seam before it decided first). False when
-        that decision blocks."""
+        is kept with that text's held tail (the seam before it decided first, unless that
+        text let nothing out since it: then the seam reads on into `key`, since a value may
+        run over three texts or more, `card 4111 1111`, `1111`, `1111`). False when that
+        decision blocks."""
         last = self.last.get(index)
         self.last[index] = key
         if last is None or last == key:
+            return True
+        seam = self.seams.get(index)
+        fresh = (redactor := self.redactors.get(key)) is None or redactor.done  # `key` begins here
+        if seam is not None and seam.extend(key, fresh):
             return True
         if not self._seam_passes(index):
             return False
         redactor = self.redactors.get(last)
         tail = redactor.held() if redactor is not None else ""
         if tail:
-            self.seams[index] = _Seam(last, tail, key)
+            self.seams[index] = Seam([tail, ""], [last, key], fresh)
         return True
 
     def _seam_passes(self, index: int) -> bool:
@@ -465,16 +472,16 @@ class ResponseGuard:
 
     def _seams_blocked(self, indexes: list[int]) -> bool:
         """Drop the seams of `indexes`, scanning each: a value that spans one (a card begun in a
-        choice's content and ended in its tool call's arguments, or its reasoning) is in two
-        windows, each of which saw only a piece of it. Unless one window's own scan covers its
-        piece (then that piece is redacted there, and the other is no value), it ends the
-        stream as a block does: a piece may have gone out in its own window already. True
-        when one does; `seam_block` is the decision."""
+        choice's content and ended in its tool call's arguments, an address whose `@domain`
+        begins the next text) is in two windows or more, each of which saw only a piece of
+        it. Unless one window's own scan covers its piece (then that piece is redacted there,
+        and the rest is no value), it ends the stream as a block does: a piece may have gone
+        out in its own window already. True when one does; `seam_block` is the decision."""
         for index in indexes:
             seam = self.seams.pop(index, None)
-            if seam is None or not seam.b_head:
+            if seam is None:
                 continue
-            decision = seam_decision(self.policy, self.params, self.team, seam.a_tail, seam.b_head)
+            decision = seam_decision(self.policy, self.params, self.team, seam)
             if decision is not None:
                 self.seam_block = replace(decision, block=True)
                 self.ended = True
@@ -745,26 +752,48 @@ SEAM_HEAD = 2048  # characters after a seam read with it at most (a window holds
 
 
 @dataclass(slots=True)
-class _Seam:
-    """Where a streamed choice moved from one text (`a_key`) to another (`b_key`): the first
-    one's held tail, and the second one's text since, until decided (`ResponseGuard._moved`)."""
-    a_key: tuple[Any, ...]
-    a_tail: str
-    b_key: tuple[Any, ...]
-    b_head: str = ""
+class Seam:
+    """Where a streamed answer's text moved on to another (a choice's content to a tool call's
+    arguments, one Responses output item to the next), until decided: the first text's held
+    tail, then what each text since brought (`parts`, the last one growing), and the text
+    each part is of (`keys`; None: not known yet). A text that moves on again before it let
+    anything out (the seam is decided when it does) joins the seam instead of closing it:
+    a value may run over three texts or more, the middle ones shorter than the hold-back.
+    `straight`: every text after the first begins in its part (a new tool call, content after
+    reasoning), so the parts read joined as a client reads the texts one after the other; a
+    text that goes on from before (texts interleaved chunk by chunk) is read on in its own
+    window, and joined to the others only as numbers are across strings."""
+    parts: list[str]
+    keys: list[Any]
+    straight: bool = True
+
+    @property
+    def key(self) -> Any:
+        return self.keys[-1]
+
+    def extend(self, key: Any, fresh: bool = True) -> bool:
+        """The last part's text moves on to `key` (`fresh`: a text that begins there): True
+        when the seam reads on into it; False when it must be decided first: `key` is one of
+        its texts already (what comes there goes on in that text's own window, not after the
+        others), or the seam is too long."""
+        if key in self.keys or sum(map(len, self.parts)) > SEAM_HEAD:
+            return False
+        self.parts.append("")
+        self.keys.append(key)
+        self.straight = self.straight and fresh
+        return True
 
 
-# What a seam is read for: the numbers, which bridge strings in a request too. (An e-mail's
-# '@' at a text's end reads on into the next text's words, and two texts interleaved each
-# with its own address would end the stream: each window reads its own address whole.)
-_SEAM_DETECTORS = frozenset({"credit_card", "us_ssn", "iban", "phone"})
+# Read across a seam as strings of one text: the numbers, which bridge strings in a request
+# too. Every other value is read with the texts joined as they are (`_spanning`).
+_SEAM_NUMBERS = frozenset({"credit_card", "us_ssn", "iban", "phone"})
 
 
-def seam_decision(policy: Policy, params: DecisionParams, team: str, tail: str, head: str) -> Decision | None:
-    """The decision that ends a stream at a seam between two texts (`tail` the first's held
-    end, `head` what followed in the next): a number read across it that would be redacted or
+def seam_decision(policy: Policy, params: DecisionParams, team: str, seam: Seam) -> Decision | None:
+    """The decision that ends a stream at a seam (its parts: the first text's held end, then
+    what followed in each next text): a value read across it that would be redacted or
     blocked. A finding there that is only monitored is recorded here; None then."""
-    spans = _spanning(policy.scanner, tail, head)
+    spans = _spanning(policy.scanner, seam.parts, seam.straight)
     if not spans:
         return None
     decision = policy.scanner.decide(spans, params)
@@ -774,23 +803,34 @@ def seam_decision(policy: Policy, params: DecisionParams, team: str, tail: str, 
     return None
 
 
-def _spanning(scanner: Scanner, tail: str, head: str) -> list[Finding]:
-    """Numeric findings of `tail` and `head` read as two strings of one text (they bridge the
-    boundary, as across a request's strings) that span both, and that neither string's own
-    scan covers its piece of (that piece is redacted in its own window)."""
-    found = [f for f in scanner.scan_strings([tail, head]) if f.detector in _SEAM_DETECTORS]
-    crossing = {(f.rule, f.value) for f in found if f.index == 0} & {(f.rule, f.value) for f in found if f.index == 1}
-    if not crossing:
+def _spanning(scanner: Scanner, parts: list[str], straight: bool) -> list[Finding]:
+    """Findings that span two or more of `parts` and that no part's own scan covers its piece
+    of (that piece is redacted in its own window, and the rest is no value): numbers read
+    with the parts as strings of one text (they bridge strings, as in a request); when the
+    parts are `straight` (`Seam`), every other value too (an e-mail whose local part ends one
+    text and `@domain` begins the next, a key), read with the parts joined as they are, as a
+    client that puts the texts together reads them."""
+    if sum(1 for p in parts if p) < 2:
         return []
-    own = (scanner.scan(tail), scanner.scan(head))
-    spans = []
-    for f in found:
-        if (f.rule, f.value) not in crossing or f.index != 0:
-            continue
-        pieces = [g for g in found if (g.rule, g.value) == (f.rule, f.value)]
-        if not any(o.start <= g.start and g.end <= o.end for g in pieces for o in own[g.index]):
-            spans.append(f)
-    return spans
+    pieces: dict[tuple[str, str], list[tuple[int, int, int]]] = {}  # (rule, value) -> (part, start, end)
+    first: dict[tuple[str, str], Finding] = {}
+    for f in scanner.scan_strings(parts):
+        if f.detector in _SEAM_NUMBERS:
+            pieces.setdefault((f.rule, f.value), []).append((f.index, f.start, f.end))
+            first.setdefault((f.rule, f.value), f)
+    candidates = [(first[k], p) for k, p in pieces.items() if len({i for i, _, _ in p}) > 1]
+    ends = list(accumulate(map(len, parts)))
+    for f in scanner.scan("".join(parts)) if straight else ():
+        if f.detector not in _SEAM_NUMBERS:
+            p = [(i, max(f.start, e - len(s)) - e + len(s), min(f.end, e) - e + len(s))
+                 for i, (s, e) in enumerate(zip(parts, ends)) if s and f.start < e and e - len(s) < f.end]
+            if len(p) > 1:
+                candidates.append((f, p))
+    if not candidates:
+        return []
+    own = [scanner.scan(p) if p else [] for p in parts]
+    return [f for f, p in candidates
+            if not any(o.start <= a and b <= o.end for i, a, b in p for o in own[i])]
 
 
 def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:

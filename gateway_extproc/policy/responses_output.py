@@ -33,7 +33,7 @@ import structlog
 from ..errors import GatewayError
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .classification import CONTENT_LOG_CHARS, SEAM_HEAD, Policy, record, scanned_error, seam_decision
+from .classification import CONTENT_LOG_CHARS, SEAM_HEAD, Policy, Seam, record, scanned_error, seam_decision
 from .scanner import Decision, DecisionParams, LimitExceeded, PlaceholderMap, map_strings, redact_strings, walk_strings
 from .stream import StreamRedactor
 
@@ -87,10 +87,10 @@ class ResponsesGuard:
         self.response_text: list[str] = []
         # A JSON answer in which the scan found nothing: its logged text needs no second look.
         self.clean = False
-        # A window closed with text still held (its tail) and the next text since: a value may
+        # A window closed with text still held (its tail) and the next texts since: a value may
         # be split there (one output item's text and the next's). Until the next text has been
-        # seen past it, what goes out after the tail waits in `deferred`: [tail, key, head].
-        self.seam: list[Any] | None = None
+        # seen past it, what goes out after the tail waits in `deferred`.
+        self.seam: Seam | None = None
         self.deferred: list[bytes] = []
 
     # -- JSON ----------------------------------------------------------------------------
@@ -150,9 +150,9 @@ class ResponsesGuard:
         gone out in its own window already, so it cannot be redacted whole)."""
         seam, self.seam = self.seam, None
         deferred, self.deferred = b"".join(self.deferred), []
-        if seam is None or not seam[2]:
+        if seam is None:
             return deferred
-        decision = seam_decision(self.policy, self.params, self.team, seam[0], seam[2])
+        decision = seam_decision(self.policy, self.params, self.team, seam)
         return deferred if decision is None else self.block(decision)
 
     def _event(self, event: bytes) -> bytes:
@@ -197,7 +197,8 @@ class ResponsesGuard:
         part = next((name for name in _PART_INDEXES if name in obj), None)
         key = (kind, _index(obj.get("output_index")), part, _index(obj.get(part)) if part else None)
         window = self.windows.get(key)
-        if window is None or window.redactor.done:  # a new text (or text after its close)
+        fresh = window is None or window.redactor.done
+        if fresh:  # a new text (or text after its close)
             # The event's other fields (ids, indexes) as every delta of this text will carry
             # them: scanned once.
             template = {k: v for k, v in obj.items() if k not in ("delta", "sequence_number", "obfuscation")}
@@ -208,8 +209,8 @@ class ResponsesGuard:
                 StreamRedactor(self.policy.scanner, self.params, self.policy.cfg.holdback_chars), template)
         text = obj["delta"]
         head = b""
-        if self.seam is not None and self.seam[1] not in (None, key):  # a third text: decide the seam
-            head = self._seam_out()
+        if self.seam is not None and self.seam.key not in (None, key) and not self.seam.extend(key, fresh):
+            head = self._seam_out()  # another text, and the seam is too long to read on into it
             if self.ended:
                 return head
         window.raw.append(text)
@@ -217,9 +218,11 @@ class ResponsesGuard:
         if window.redactor.blocked:
             return head + self.block(window.redactor.block_decision)
         if self.seam is not None:
-            self.seam[1] = key
-            self.seam[2] += text
-            if out or len(self.seam[2]) > SEAM_HEAD:  # what follows the seam has been seen
+            if self.seam.key is None:  # the text after a closed one
+                self.seam.keys[-1] = key
+                self.seam.straight = self.seam.straight and fresh
+            self.seam.parts[-1] += text
+            if out or len(self.seam.parts[-1]) > SEAM_HEAD:  # what follows the seam has been seen
                 head = self._seam_out()
                 if self.ended:
                     return head
@@ -245,7 +248,10 @@ class ResponsesGuard:
             if window.redactor.done or obj is not None and not _closes(obj, key):
                 continue
             tail = window.redactor.held() if obj is not None else ""
-            if tail and self.seam is not None:  # the seam before this text: decided first
+            # The seam before this text reads on into the next one when this text let nothing
+            # out since (a value over three texts); else it is decided first.
+            joined = tail and self.seam is not None and self.seam.key == key and self.seam.extend(None)
+            if tail and self.seam is not None and not joined:
                 out.append(self._seam_out())
                 if self.ended:
                     return b"".join(out)
@@ -255,8 +261,8 @@ class ResponsesGuard:
             if text:
                 out.append(self._sent(key, window, text))
             self.known["".join(window.raw)] = "".join(window.sent)
-            if tail:  # the next text may go on with it: what goes out from here waits (`sse_event`)
-                self.seam = [tail, None, ""]
+            if tail and not joined:  # the next text may go on with it: what goes out from here waits (`sse_event`)
+                self.seam = Seam([tail, ""], [key, None])
         return b"".join(out)
 
     def _echo(self, response: dict[str, Any], field: str) -> bool:

@@ -1,0 +1,133 @@
+"""A value split between the texts of one streamed answer, through real Envoy and the ext_proc
+(values-local: output scanning on), read with the openai and anthropic SDKs.
+
+- an e-mail address whose local part ends one text and whose `@domain` begins the next
+  (content, then a tool call's arguments; one Responses output item, then the next): each
+  hold-back window read half, and the client got both halves;
+- a card over three texts, the middle one shorter than the hold-back (`card 4111 1111`, a
+  tool call's `1111`, the next one's `1111`): each seam was read with its two neighbours only.
+
+The provider's answers are scripted with the mock provider's `x-mock-raw-events` (sealed by
+conftest), docs/mock-provider.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+
+from ..test_responses_output import provider_events
+from .conftest import Gateway
+
+MODEL = "default-chat"
+DIGITS = "4111111111111111"
+LOCAL, DOMAIN = "jane.doe", "example.com"
+
+
+def raw_events(*events: bytes) -> str:
+    return orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return b"data: " + orjson.dumps({"id": "chatcmpl-seam", "object": "chat.completion.chunk", "created": 1,
+                                     "model": "m", "choices": [{"index": 0, "delta": delta,
+                                                                "finish_reason": finish}]}) + b"\n\n"
+
+
+def call(i: int, args: str) -> dict[str, Any]:
+    return {"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function",
+                            "function": {"name": "save", "arguments": args}}]}
+
+
+def chat_stream(deltas: list[dict[str, Any]]) -> str:
+    events = [chunk({"role": "assistant", "content": ""}), *(chunk(d) for d in deltas),
+              chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+    return raw_events(*events)
+
+
+SPLIT_EMAIL = [{"content": f"Please write to {LOCAL}"}, call(0, f"@{DOMAIN} and say hi")]
+THREE_TEXT_CARD = [{"content": "card 4111 1111"}, call(0, "1111"), call(1, "1111 thanks")]
+
+
+def openai_texts(gw: Gateway, controls: dict[str, str]) -> tuple[list[str], set[str | None]]:
+    """Every text the openai SDK's stream gave (content and each tool call's arguments, in the
+    order they came), and the finish reasons."""
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0, default_headers=controls)
+    texts: list[str] = []
+    finishes: set[str | None] = set()
+    for c in client.chat.completions.create(model=MODEL, stream=True,
+                                            messages=[{"role": "user", "content": "Who do I write to?"}]):
+        for choice in c.choices:
+            finishes.add(choice.finish_reason)
+            texts.append(choice.delta.content or "")
+            texts += [t.function.arguments or "" for t in choice.delta.tool_calls or [] if t.function]
+    return texts, finishes
+
+
+def anthropic_texts(gw: Gateway, controls: dict[str, str]) -> tuple[list[str], set[str | None]]:
+    """Every text the anthropic SDK's stream gave (`/v1/messages` on an OpenAI-schema backend:
+    text and tool input deltas), and the stop reasons."""
+    client = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0, default_headers=controls)
+    texts: list[str] = []
+    stops: set[str | None] = set()
+    # (the raw events: the SDK's accumulating stream parses a tool's partial JSON as it comes)
+    for event in client.messages.create(model=MODEL, max_tokens=200, stream=True,
+                                        messages=[{"role": "user", "content": "Who do I write to?"}]):
+        if event.type == "content_block_delta":
+            d = event.delta
+            texts.append(getattr(d, "text", None) or getattr(d, "partial_json", None) or "")
+        elif event.type == "message_delta":
+            stops.add(event.delta.stop_reason)
+    return texts, stops
+
+
+CLIENTS = {"openai": openai_texts, "anthropic": anthropic_texts}
+FILTERED = {"openai": "content_filter", "anthropic": "refusal"}
+
+
+def both_halves(texts: list[str]) -> bool:
+    said = "\n".join(texts)
+    return LOCAL in said and DOMAIN.split(".")[0] in said
+
+
+@pytest.mark.parametrize("sdk", list(CLIENTS))
+def test_an_email_split_between_content_and_a_tool_call_never_reaches_the_client(gw: Gateway, sdk: str) -> None:
+    texts, ends = CLIENTS[sdk](gw, {"x-mock-raw-events": chat_stream(SPLIT_EMAIL)})
+    assert not both_halves(texts), texts
+    assert FILTERED[sdk] in ends, ends
+
+
+@pytest.mark.parametrize("sdk", list(CLIENTS))
+def test_a_card_split_over_three_texts_never_reaches_the_client(gw: Gateway, sdk: str) -> None:
+    texts, ends = CLIENTS[sdk](gw, {"x-mock-raw-events": chat_stream(THREE_TEXT_CARD)})
+    assert DIGITS not in re.sub(r"\D", "", "".join(texts)), texts
+    assert FILTERED[sdk] in ends, ends
+
+
+def responses_texts(gw: Gateway, items: list[tuple[str, list[str]]]) -> tuple[str, str | None]:
+    events = [b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in provider_events(items)]
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0,
+                           default_headers={"x-mock-raw-events": raw_events(*events, b"data: [DONE]\n\n")})
+    said, status = [], None
+    for event in client.responses.create(model=MODEL, input="Who do I write to?", stream=True):
+        if event.type.endswith(".delta") and isinstance(getattr(event, "delta", None), str):
+            said.append(event.delta)
+        if event.type in ("response.completed", "response.incomplete"):
+            status = event.response.status
+    return "\n".join(said), status
+
+
+@pytest.mark.parametrize("items", [
+    [("message", [f"Please write to {LOCAL}"]), ("function_call", [f"@{DOMAIN}"])],
+    [("message", ["card 4111 1111"]), ("function_call", ["1111"]), ("function_call", ["1111 thanks"])],
+], ids=["email over two items", "card over three items"])
+def test_a_value_split_between_responses_output_items_never_reaches_the_client(gw: Gateway, items: list) -> None:
+    said, status = responses_texts(gw, items)
+    assert not both_halves([said]) and DIGITS not in re.sub(r"\D", "", said), said
+    assert status == "incomplete"
