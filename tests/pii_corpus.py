@@ -256,6 +256,9 @@ def positives() -> list[Case]:
             "spelled out": " ".join(v), "spelled out, after a word": "to " + " ".join(v),
             "Cyrillic look-alikes": v.replace("a", "\u0430").replace("e", "\u0435").replace("o", "\u043e"),
             "spaced @": f"{local} @ {domain}", "spaced @ and dots": f"{local} @ {domain.replace('.', ' . ')}",
+            "-at- and -dot-": f"{local}-at-{domain.replace('.', '-dot-')}",
+            "spaced -at- and -dot-": f"{local} -at- {domain.replace('.', ' -dot- ')}",
+            "-at- and (dot)": f"{local}-at-{domain.replace('.', '(dot)')}",
         }
         for name, enc in encodings(f"mail {v} now").items():
             forms[name] = f"blob {enc}"
@@ -336,6 +339,9 @@ LOGS = [
     "{ts} span_id={h}{h} parent={h}{h} took {m}us", "pid={m} rss={n} kB threads={a}",
     "{ts} INFO exported rows={n} bytes={n}{m} elapsed_ms={m}",
 ]
+HYPHENATED = ("stay-at-home", "look-at-me", "dot-com", "at-risk", "state-of-the-art", "pay-at-the-door",
+              "work-at-home.com", "eat-at-joes", "dot-matrix", "at-a-glance", "point-at-dot-notation",
+              "stay-at-home-dot-mom", "sit-at-desk-dot-jpg", "hit-at-dot-com", "made-at-home", "arrive-at-noon")
 PROSE = [
     "{w} {w} {w} {n} {w} {w} {w}.", "In {year} we shipped {a} releases and closed {m} tickets.",
     "The meeting is at {a}:{b:02d} in room {m}; bring the {w} notes.", "Revenue grew {a}.{b}% to ${n},{m:03d} this quarter.",
@@ -370,6 +376,8 @@ def benign() -> list[str]:
         out.append(" ".join([_uuid(rng), _ts(rng), _order(rng), _tracking(rng)]))
     for _ in range(100):  # bare numbers of every length with no context
         out.append(f"id {_digits(rng, rng.randint(5, 22))}")
+    for _ in range(100):  # hyphenated English, `-at-` and `-dot-` in it (written-out e-mails use them)
+        out.append(f"The {rng.choice(HYPHENATED)} {rng.choice(WORDS)} and the {rng.choice(HYPHENATED)} {rng.choice(WORDS)}.")
     return out
 
 
@@ -413,6 +421,7 @@ def forms(text: str) -> list[str]:
         f = fold(form)
         words = re.sub(r"\s*[(\[{<]\s*(at|dot|@|\.)\s*[)\]}>]\s*", lambda m: "@" if m.group(1) in ("at", "@") else ".", f)
         words = re.sub(r"\s+at\s+", "@", re.sub(r"\s+dot\s+", ".", words))
+        words = re.sub(r"\s*-\s*at\s*-\s*", "@", re.sub(r"\s*-\s*dot\s*-\s*", ".", words))
         spoken = re.sub(r"\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b",
                         lambda m: str(_WORDS.index(m.group()) if m.group() != "oh" else 0), f)
         out += [f, re.sub(r"[\s.\-/_]", "", f), re.sub(r"\s", "", f), words, "\x00" + re.sub(r"\D", "", f),

@@ -1010,3 +1010,26 @@ def test_a_card_after_a_date_ending_in_its_year_is_found(text: str) -> None:
 
 def test_a_tracking_number_after_an_id_is_not_a_card() -> None:
     assert found("credit_card", "#656507575 9400 4501 1323 3558 6928 37") == []
+
+
+# -- e-mail written with `-at-` / `-dot-` ------------------------------------------------------
+
+@pytest.mark.parametrize("value", [
+    "jane-at-example-dot-com", "jane -at- example -dot- com", "jane.doe-at-mail-dot-example-dot-org",
+    "JANE-AT-EXAMPLE-DOT-COM", "jane - at - example - dot - com", "mary-jane-at-example-dot-co-dot-uk",
+    "jane.doe-at-example.com", "jane.doe@example-dot-com", "jane(at)example-dot-io", "jane_doe-at-my-company-dot-de",
+    "jane\u2014at\u2014example\u2014dot\u2014com",  # em dashes: normalization makes them '-'
+])
+def test_an_email_written_with_hyphenated_at_and_dot(value: str) -> None:
+    assert found("email", f"write to {value} today") == [value]
+    assert found("email", f"{value}") == [value]
+
+
+@pytest.mark.parametrize("text", [
+    "a stay-at-home parent", "look-at-me behaviour", "state-of-the-art dot-matrix printers",
+    "the dot-com bubble", "an at-risk youth", "pay-at-the-door events", "work-at-home.com is a site",
+    "no-at-sign.example.com", "the eat-at-joes sign", "a face-to-face meet-at-noon plan", "point-at-dot-notation",
+    "stay-at-home-dot-mom", "cat-at-night-dot-gif", "go-at-it-dot-exe", "hit-at-dot-com",
+])
+def test_hyphenated_english_is_no_email(text: str) -> None:
+    assert found("email", text) == []

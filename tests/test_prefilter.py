@@ -93,3 +93,15 @@ def test_phrases_with_any_whitespace_same_hits(words: list[tuple[str, str]], nam
     scanner = SCANNERS[name]
     v = "\n" + "pad " * 70 + "".join(w + sep for w, sep in words)
     assert scanner._all_hits(v) == full(scanner, v)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["jane", "j.doe", "x" * 70, "-at-", " -at- ", "- AT -", "-dot-", " -dot- ", ".", "@",
+                                 "(at)", "example", "my-company", "com", "co", "uk", "io", " ", "\n", "-", "\x1f"]),
+                min_size=1, max_size=60))
+def test_addresses_written_with_hyphens_same_hits(pieces: list[str]) -> None:
+    """`-at-` / `-dot-` addresses (`jane-at-example-dot-com`): the `-at-` trigger reaches back
+    over the local part, an '@' before a `-dot-` fires the '@' trigger."""
+    scanner = SCANNERS["default"]
+    v = "\n" + "pad " * 70 + "".join(pieces)
+    assert scanner._all_hits(v) == full(scanner, v)

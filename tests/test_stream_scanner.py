@@ -75,6 +75,8 @@ TEXTS = [
     "order 12,500 units, card 4,111,111,111,111,111, total 1,234,567",
     # a dashed SSN after a number and whitespace (a digit put there to hide it)
     "line 7 123-45-6789, 0\t219-09-9999 and 7-123-45-6789 (one longer number)",
+    # addresses written with hyphens, beside hyphenated English
+    "write to jane -at- example -dot- com or mary-jane-at-example-dot-co-dot-uk, a stay-at-home dot-com plan",
 ]
 
 

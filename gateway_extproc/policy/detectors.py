@@ -422,8 +422,15 @@ _AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}
 _DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+"
              r"|\s{0,16}+[\"'][Dd][Oo][Tt][\"']\s{0,16}+|\s{1,16}+[Pp][Ee][Rr][Ii][Oo][Dd]\s{1,16}+"
              r"|\s{1,16}+\.\s{1,16}+|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;)")
-_AT_RE = re.compile(_AT_WORD)
-_DOT_RE = re.compile(_DOT_WORD)
+# With hyphens (`jane-at-example-dot-com`, `jane -at- example -dot- com`, `- at -`):
+# hyphenated English has these words too (`stay-at-home`, `dot-com`), so an address written
+# so needs a common top-level domain, and a written-out dot or a local part that is no plain
+# word (`validate_email`).
+_HYPHEN_AT = r"\s{0,16}+-\s{0,2}+[Aa][Tt]\s{0,2}+-\s{0,16}+"
+_HYPHEN_DOT = r"\s{0,16}+-\s{0,2}+[Dd][Oo][Tt]\s{0,2}+-\s{0,16}+"
+_AT_RE = re.compile(f"{_AT_WORD}|{_HYPHEN_AT}")
+_DOT_RE = re.compile(f"{_DOT_WORD}|{_HYPHEN_DOT}")
+_HYPHEN_RE = re.compile(f"{_HYPHEN_AT}|{_HYPHEN_DOT}")
 # A bare '@' before spaces is also code (`weights @ inputs.transpose`, `a@ b.T`: Python's
 # matrix product): an address written so must end in a common top-level domain.
 _SPACED_AT = re.compile(r"[^\s(\[{<]\s*@\s+[^\s)\]}>]")
@@ -445,6 +452,12 @@ def validate_email(value: str) -> int:
     local, _, domain = canon.rpartition("@")
     if len(canon) > 254 or not local or local.startswith(".") or local.endswith(".") or ".." in local:
         return 0
+    if not plain and _HYPHEN_RE.search(value):
+        hyphen_at = "@" not in value and _AT_RE.search(value).group().strip()[:1] == "-"
+        # (the prefilter reads 64 characters of local part back from a `-at-`)
+        if len(local) > 64 or domain.rpartition(".")[2].lower() not in _COMMON_TLDS or hyphen_at and not (
+                _DOT_RE.search(value) or not local.isalnum()):
+            return 0
     if "@" not in value:
         at = _AT_RE.search(value)
         bare = at is not None and at.group().strip().lower() == "at"
@@ -459,6 +472,13 @@ def validate_email(value: str) -> int:
     if not plain and _SPACED_AT.search(value) and domain.rpartition(".")[2].lower() not in _COMMON_TLDS:
         return 0
     return len(value)
+
+
+# (Bounded runs: tried at every token start, a run to the end of the text would be quadratic.)
+_HYPHEN_LOCAL = r"[A-Za-z0-9_%+][A-Za-z0-9_%+.]{0,63}+(?:-(?!\s{0,2}+[Aa][Tt]\s{0,2}+-)[A-Za-z0-9_%+.]{1,63}+){0,4}+"
+_HYPHEN_LABEL = r"[A-Za-z0-9]{1,63}+(?:-(?!\s{0,2}+[Dd][Oo][Tt]\s{0,2}+-)[A-Za-z0-9]{1,63}+){0,4}+"
+_HYPHEN_LABELS = rf"(?:{_HYPHEN_LABEL}(?:\.|{_DOT_WORD}|{_HYPHEN_DOT}))"
+_HYPHEN_TLD = r"[A-Za-z]{2,63}+(?![A-Za-z0-9]|[_\-][A-Za-z0-9])"
 
 
 _NOT_DIGITS = str.maketrans("", "", "0123456789")
@@ -609,7 +629,12 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             # (ends where its top-level domain does: `jane@example.com-thanks`, `…com_`; not before
             # an identifier, `x@self.proj_in` is Python; a longer domain, `example.com-x.org`, is
             # tried first)
-            rf"(?:[A-Za-z0-9\-]{{1,63}}+(?:\.|{_DOT_WORD})){{1,10}}[A-Za-z]{{2,63}}+(?![A-Za-z0-9]|_[A-Za-z0-9])",
+            rf"(?:[A-Za-z0-9\-]{{1,63}}+(?:\.|{_DOT_WORD})){{1,10}}[A-Za-z]{{2,63}}+(?![A-Za-z0-9]|_[A-Za-z0-9])"
+            # With `-at-` or `-dot-` (`jane-at-example-dot-com`): the local part and the labels are
+            # read up to them (possessive runs: no backtracking), one of them is required
+            rf"|{_HYPHEN_LOCAL}(?:{_HYPHEN_AT}{_HYPHEN_LABELS}{{1,10}}"
+            rf"|(?:@|{_AT_WORD})(?:{_HYPHEN_LABEL}(?:\.|{_DOT_WORD})){{0,9}}+{_HYPHEN_LABEL}{_HYPHEN_DOT}"
+            rf"{_HYPHEN_LABELS}{{0,9}}){_HYPHEN_TLD}",
             validate_email, "EMAIL", "e-mail address", email_start_ok,
         ),
         Detector(

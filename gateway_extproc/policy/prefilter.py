@@ -104,7 +104,10 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
               Trigger(rf"{_WS}at{_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}(?:\.|{_WS}{{1,16}}(?:dot|period){_WS}|{_WS}{{0,16}}[\"']dot)",
                       som=False, reach=67 + 110, tail=260, caseless=True),
               Trigger(r"[\"']at[\"']", som=False, reach=67 + 40, tail=260, caseless=True),
-              Trigger(r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", som=False, reach=67 + 10, tail=260)),
+              Trigger(r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", som=False, reach=67 + 10, tail=260),
+              # `-at-` (`jane-at-example-dot-com`: a local part of up to 64 characters before it,
+              # validate_email) and `-dot-` after an '@' or a written-out one (the '@' fires)
+              Trigger(rf"-{_WS}{{0,2}}at{_WS}{{0,2}}-", som=False, reach=64 + 16 + 8, tail=260, caseless=True)),
     "credit_card": _DIGIT_RUNS + (Trigger(rf"[0-9]{{4}}{WIDE_SEPC}{{1,16}}[0-9]{{4}}", som=False, reach=26, tail=64),),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
                                      reach=40, tail=8),),

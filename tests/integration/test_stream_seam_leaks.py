@@ -5,10 +5,12 @@
   (content, then a tool call's arguments; one Responses output item, then the next): each
   hold-back window read half, and the client got both halves;
 - a card over three texts, the middle one shorter than the hold-back (`card 4111 1111`, a
-  tool call's `1111`, the next one's `1111`): each seam was read with its two neighbours only.
+  tool call's `1111`, the next one's `1111`): each seam was read with its two neighbours only;
+- an address written with `-at-` / `-dot-` (`jane-at-example-dot-com`), in a request and in a
+  streamed answer: no detector read it.
 
-The provider's answers are scripted with the mock provider's `x-mock-raw-events` (sealed by
-conftest), docs/mock-provider.md.
+The provider's answers are scripted with the mock provider's `x-mock-raw-events` and
+`x-mock-reply` (sealed by conftest), docs/mock-provider.md.
 """
 
 from __future__ import annotations
@@ -131,3 +133,28 @@ def test_a_value_split_between_responses_output_items_never_reaches_the_client(g
     said, status = responses_texts(gw, items)
     assert not both_halves([said]) and DIGITS not in re.sub(r"\D", "", said), said
     assert status == "incomplete"
+
+
+HYPHENATED = ["jane-at-example-dot-com", "jane -at- example -dot- com"]
+
+
+@pytest.mark.parametrize("value", HYPHENATED)
+def test_an_email_written_with_hyphens_does_not_reach_the_provider(gw: Gateway, value: str) -> None:
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    answer = client.chat.completions.create(model="private-chat", messages=[
+        {"role": "user", "content": f"Draft a note to {value} about the state-of-the-art stay-at-home plan."}])
+    assert answer.choices[0].message.content is not None
+    (sent,) = gw.received(gw.primary)
+    content = sent["body"]["messages"][0]["content"]
+    assert "jane" not in content and "[EMAIL_1]" in content, content
+    assert "state-of-the-art stay-at-home plan" in content  # hyphenated English goes out as written
+
+
+@pytest.mark.parametrize("sdk", list(CLIENTS))
+@pytest.mark.parametrize("value", HYPHENATED)
+def test_an_email_written_with_hyphens_in_a_streamed_answer_reaches_the_client_redacted(gw: Gateway, sdk: str,
+                                                                                        value: str) -> None:
+    texts, _ = CLIENTS[sdk](gw, {"x-mock-reply": f"Write to {value} about the dot-com era, it is at-risk."})
+    said = "".join(texts)
+    assert "jane" not in said and "[EMAIL_1]" in said, said
+    assert said.endswith("about the dot-com era, it is at-risk."), said
