@@ -278,3 +278,41 @@ def test_texts_with_their_own_addresses_either_side_of_a_seam_go_out_redacted(in
     assert "content_filter" not in out
     got = by_text(out)
     assert "@example" not in "".join(got.values()) and "[EMAIL_" in got["tool 0"], got
+
+
+@pytest.mark.parametrize("in_order", [False, True], ids=["openai", "anthropic order"])
+@pytest.mark.parametrize("fields", list(FIELDS), ids=list(FIELDS))
+@pytest.mark.parametrize("first, then", [
+    ("I will write to jane@example.com.", "Sure, done."),
+    ("write to jane@example.com", ".Then we wait"),
+    ("key sk-proj-abcdefghijklmnopqrstuvwx.", "Done"),
+])
+def test_a_value_redacted_whole_before_a_seam_does_not_end_the_stream(
+        fields: str, in_order: bool, first: str, then: str) -> None:
+    """Read joined, a text ending in an address and a full stop and the next beginning with a
+    word make a longer 'address' (`jane@example.com.Sure`) that neither window held whole:
+    the stream ended with content_filter and the client got nothing. The client sees the
+    address redacted and then the word: no new value."""
+    out = chat(FIELDS[fields](first, then), in_order)
+    assert "content_filter" not in out and "jane@example.com" not in out
+    assert re.sub(r"[^0-9A-Za-z]", "", then) in received(out)
+
+
+def test_texts_interleaved_mid_value_are_not_read_joined() -> None:
+    """(Found by test_processor_properties.) Reasoning paused mid-address (`a.b@example.`),
+    a refusal began (`mail …`), then the reasoning went on (`com …`): read joined at the
+    seam, `a.b@example.mail` ended the stream, though no client sees those texts side by
+    side. Joined reading waits until the first text's tail goes out, and is dropped when that
+    text goes on."""
+    out = chat([{"reasoning_content": "mail a.b@example."}, {"refusal": "m"}, {"refusal": "a"},
+                {"refusal": "il a.b@example.com now alpha"}, {"reasoning_content": "com now alpha"}], False)
+    assert "content_filter" not in out and "a.b@example" not in out
+    assert received(out).count("mailEMAIL1nowalpha") == 2
+
+
+def test_a_value_split_at_a_seam_is_still_caught_when_the_first_text_ends_last() -> None:
+    """The joined reading moved to when the first text's tail goes out (the choice's end in
+    OpenAI order): that tail is withheld and the stream ends there."""
+    out = chat([{"reasoning_content": "write to jane.doe"}, {"content": "@example.com and then a long sentence follows"
+                                                                        " that lets the window move past its hold"}], False)
+    assert '"finish_reason":"content_filter"' in out and "janedoe" not in received(out)

@@ -210,7 +210,7 @@ class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
-                 "kept", "head", "clean", "last", "seams", "seam_block", "queue")
+                 "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -227,6 +227,9 @@ class ResponseGuard:
         # text to another, until what follows it has been seen: a value may be split there.
         self.last: dict[int, tuple[Any, ...]] = {}
         self.seams: dict[int, Seam] = {}
+        # Seams whose first text still holds its tail (`_seams_blocked`): read joined when
+        # that tail goes out (`_released`), not at all when the text goes on instead.
+        self.deferred: list[tuple[int, Seam]] = []
         self.seam_block: Decision | None = None
         # With `in_order`, the first text's tail went out at the seam (its block must close
         # before the next one opens): what goes out from there waits here until it is decided.
@@ -404,6 +407,8 @@ class ResponseGuard:
                         if not self._seam_passes(index):
                             return False
                     before.append(self._released(key, redactor))
+                    if self.seam_block is not None:
+                        return False
                     if redactor.blocked:
                         self.blocked_by = redactor
                         return False
@@ -455,10 +460,14 @@ class ResponseGuard:
             return True
         seam = self.seams.get(index)
         fresh = (redactor := self.redactors.get(key)) is None or redactor.done  # `key` begins here
-        if seam is not None and seam.extend(key, fresh):
+        if seam is None or not seam.extend(key, fresh):
+            if not self._seam_passes(index):
+                return False
+            seam = None
+        if self.deferred:  # a text goes on: its part of a seam was no end, nothing to join
+            self.deferred = [(i, d) for i, d in self.deferred if i != index or key not in d.keys[:-1]]
+        if seam is not None:
             return True
-        if not self._seam_passes(index):
-            return False
         redactor = self.redactors.get(last)
         tail = redactor.held() if redactor is not None else ""
         if tail:
@@ -481,6 +490,13 @@ class ResponseGuard:
             seam = self.seams.pop(index, None)
             if seam is None:
                 continue
+            first = self.redactors.get(seam.keys[0])
+            if seam.straight and not self.in_order and first is not None and not first.done:
+                # The first text's tail is still held in its window: numbers are read across
+                # now; the texts joined once that tail goes out, since until then the text
+                # may go on (texts interleaved), and its tail was then no end to join.
+                self.deferred.append((index, seam))
+                seam = replace(seam, straight=False)
             decision = seam_decision(self.policy, self.params, self.team, seam)
             if decision is not None:
                 self.seam_block = replace(decision, block=True)
@@ -511,7 +527,14 @@ class ResponseGuard:
         return False
 
     def _released(self, key: tuple[Any, ...], redactor: StreamRedactor) -> bytes:
-        """The rest of one window, scanned, as a chunk of its own ("" if none or blocked)."""
+        """The rest of one window, scanned, as a chunk of its own ("" if none or blocked, or
+        when, read with what followed it in the next text, it makes a value: `seam_block`)."""
+        for pending in [d for d in self.deferred if d[1].keys[0] == key]:
+            self.deferred.remove(pending)
+            decision = seam_decision(self.policy, self.params, self.team, pending[1])
+            if decision is not None:
+                self.seam_block = replace(decision, block=True)
+                return b""
         text = redactor.flush()
         if not text or redactor.blocked:
             return b""
@@ -533,7 +556,7 @@ class ResponseGuard:
             return self.block(self.head or {})
         self.ended = True
         out, self.queue = b"".join(self.queue) + self._release(), []
-        return out
+        return self.block(self.head or {}) if self.seam_block is not None else out
 
     def _release(self) -> bytes:
         """Every window's held-back text, scanned, one chunk each."""
@@ -808,29 +831,35 @@ def _spanning(scanner: Scanner, parts: list[str], straight: bool) -> list[Findin
     of (that piece is redacted in its own window, and the rest is no value): numbers read
     with the parts as strings of one text (they bridge strings, as in a request); when the
     parts are `straight` (`Seam`), every other value too (an e-mail whose local part ends one
-    text and `@domain` begins the next, a key), read with the parts joined as they are, as a
-    client that puts the texts together reads them."""
+    text and `@domain` begins the next, a key), read with the parts joined as a client that
+    puts the texts together sees them: each part's own findings already redacted (`jane@
+    example.com.` ending reasoning and `Sure` beginning the content are no new address)."""
     if sum(1 for p in parts if p) < 2:
         return []
+    own = [scanner.scan(p) if p else [] for p in parts]
     pieces: dict[tuple[str, str], list[tuple[int, int, int]]] = {}  # (rule, value) -> (part, start, end)
     first: dict[tuple[str, str], Finding] = {}
     for f in scanner.scan_strings(parts):
         if f.detector in _SEAM_NUMBERS:
             pieces.setdefault((f.rule, f.value), []).append((f.index, f.start, f.end))
             first.setdefault((f.rule, f.value), f)
-    candidates = [(first[k], p) for k, p in pieces.items() if len({i for i, _, _ in p}) > 1]
-    ends = list(accumulate(map(len, parts)))
-    for f in scanner.scan("".join(parts)) if straight else ():
-        if f.detector not in _SEAM_NUMBERS:
-            p = [(i, max(f.start, e - len(s)) - e + len(s), min(f.end, e) - e + len(s))
-                 for i, (s, e) in enumerate(zip(parts, ends)) if s and f.start < e and e - len(s) < f.end]
-            if len(p) > 1:
-                candidates.append((f, p))
-    if not candidates:
-        return []
-    own = [scanner.scan(p) if p else [] for p in parts]
-    return [f for f, p in candidates
-            if not any(o.start <= a and b <= o.end for i, a, b in p for o in own[i])]
+    out = [first[k] for k, p in pieces.items() if len({i for i, _, _ in p}) > 1
+           and not any(o.start <= a and b <= o.end for i, a, b in p for o in own[i])]
+    if straight:
+        shown = [_blanked(p, o) for p, o in zip(parts, own)]
+        ends = list(accumulate(map(len, shown)))
+        for f in scanner.scan("".join(shown)):
+            if f.detector not in _SEAM_NUMBERS and \
+                    sum(1 for s, e in zip(shown, ends) if s and f.start < e and e - len(s) < f.end) > 1:
+                out.append(f)
+    return out
+
+
+def _blanked(text: str, findings: list[Finding]) -> str:
+    """`text` with each finding's span blanked (line breaks, which no value holds), same length."""
+    for f in findings:
+        text = text[:f.start] + "\n" * (f.end - f.start) + text[f.end:]
+    return text
 
 
 def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:
