@@ -14,7 +14,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anthropic
@@ -103,6 +103,16 @@ def claude_client(gw: Gateway, key: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=gw.url, api_key=KEYS[key], max_retries=0)
 
 
+async def burst(clients: Callable[[], list[Any]], call: Callable[[Any], Awaitable[Any]], n: int = 100) -> list[Any]:
+    """`n` concurrent calls spread over the clients (one per replica), closed after."""
+    made = clients()
+    try:
+        return await asyncio.gather(*(call(made[i % len(made)]) for i in range(n)))
+    finally:
+        for client in made:
+            await client.close()
+
+
 def test_claude_cache_writes_are_charged_what_anthropic_bills(gw: Gateway) -> None:
     """JSON and streamed, 5-minute and 1-hour writes: the client's usage shows them as
     Anthropic does, and the budget is charged exactly Anthropic's bill for that usage."""
@@ -158,16 +168,9 @@ def test_a_burst_of_claude_cache_writes_never_passes_the_budget(replicas: tuple[
         except anthropic.APIStatusError as err:
             return err
 
-    async def burst() -> list[Any]:
-        clients = [anthropic.AsyncAnthropic(base_url=g.url, api_key=KEYS["claude-burst"], max_retries=0, timeout=60)
-                   for g in (first, second)]
-        try:
-            return await asyncio.gather(*(one(clients[i % 2]) for i in range(100)))
-        finally:
-            for client in clients:
-                await client.close()
-
-    results = asyncio.run(burst())
+    results = asyncio.run(burst(lambda: [
+        anthropic.AsyncAnthropic(base_url=g.url, api_key=KEYS["claude-burst"], max_retries=0, timeout=60)
+        for g in (first, second)], one))
     answered = [r for r in results if isinstance(r, anthropic.types.Message)]
     refused = [r for r in results if not isinstance(r, anthropic.types.Message)]
     assert answered and refused, "the budget must be tight: some answered, some refused"
@@ -213,16 +216,9 @@ def test_cache_markers_forwarded_as_sent_are_reserved_at_the_write_price(replica
         except openai.APIStatusError as err:
             return err
 
-    async def burst() -> list[Any]:
-        clients = [openai.AsyncOpenAI(base_url=f"{g.url}/v1", api_key=KEYS["marked-burst"], max_retries=0, timeout=60)
-                   for g in (first, second)]
-        try:
-            return await asyncio.gather(*(one(clients[i % 2]) for i in range(100)))
-        finally:
-            for client in clients:
-                await client.close()
-
-    results = asyncio.run(burst())
+    results = asyncio.run(burst(lambda: [
+        openai.AsyncOpenAI(base_url=f"{g.url}/v1", api_key=KEYS["marked-burst"], max_retries=0, timeout=60)
+        for g in (first, second)], one))
     answered = [r for r in results if not isinstance(r, openai.APIStatusError)]
     refused = [r for r in results if isinstance(r, openai.APIStatusError)]
     assert {(r.status_code, r.code) for r in refused} == {(429, "budget_exceeded")}
