@@ -107,6 +107,20 @@ SLOTS = {
     "tool 0": lambda t, first: tool(0, t, first),
     "tool 1": lambda t, first: tool(1, t, first),
 }
+def split_over(value: str, cut: int, sizes: list[int], pair: tuple[str, str], before: str,
+               after: str) -> list[dict[str, Any]]:
+    """`value` cut at `cut` between the two texts of `pair` (`before` it, `after` it), each
+    text chunked in `sizes` (cycled)."""
+    deltas = []
+    for text, slot in ((before + value[:cut], pair[0]), (value[cut:] + after, pair[1])):
+        i, k = 0, 0
+        while i < len(text):
+            n = sizes[k % len(sizes)]
+            deltas.append(SLOTS[slot](text[i:i + n], i == 0))
+            i, k = i + n, k + 1
+    return deltas
+
+
 PAIRS = [("content", "reasoning_content"), ("reasoning_content", "content"), ("content", "tool 0"),
          ("tool 0", "tool 1"), ("refusal", "content"), ("tool 0", "content")]
 
@@ -119,14 +133,7 @@ def test_any_split_of_a_card_over_two_texts_any_chunking(cut: int, sizes: list[i
                                                         in_order: bool, before: str, after: str) -> None:
     """The invariant: however the provider chunks the two texts, and wherever the value is cut
     between them, the client never receives its digits in a row."""
-    deltas = []
-    for text, slot in ((before + CARD[:cut], pair[0]), (CARD[cut:] + after, pair[1])):
-        i, k = 0, 0
-        while i < len(text):
-            n = sizes[k % len(sizes)]
-            deltas.append(SLOTS[slot](text[i:i + n], i == 0))
-            i, k = i + n, k + 1
-    assert DIGITS not in received(chat(deltas, in_order))
+    assert DIGITS not in received(chat(split_over(CARD, cut, sizes, pair, before, after), in_order))
 
 
 # -- Responses API ---------------------------------------------------------------------------------
@@ -207,14 +214,7 @@ def test_any_split_of_an_email_over_two_texts_any_chunking(cut: int, sizes: list
     """However the two texts are chunked and wherever the address is cut between them, the
     client never gets the whole address (a piece that is an address itself, `jane.doe@example.co`,
     is redacted in its own window)."""
-    deltas = []
-    for text, slot in ((before + EMAIL[:cut], pair[0]), (EMAIL[cut:] + after, pair[1])):
-        i, k = 0, 0
-        while i < len(text):
-            n = sizes[k % len(sizes)]
-            deltas.append(SLOTS[slot](text[i:i + n], i == 0))
-            i, k = i + n, k + 1
-    got = by_text(chat(deltas, in_order))
+    got = by_text(chat(split_over(EMAIL, cut, sizes, pair, before, after), in_order))
     assert EMAIL not in got.get(pair[0], "") + got.get(pair[1], "")
 
 
