@@ -111,6 +111,14 @@ def _number_run(buf: str, base: int) -> tuple[int, bool] | None:
     return base + max(start - 1, lo), start - 1 < lo
 
 
+def _number_from(buf: str, at: int) -> tuple[str, bool]:
+    """The digits and separators from `buf[at]` on, and whether they reach the end of `buf`
+    (the number may go on)."""
+    rest = buf[at:]
+    number = rest[:len(rest) - len(rest.lstrip(_NUMBER_RUN_CHARS))]
+    return number, len(number) == len(rest)
+
+
 def _last_word(buf: str, base: int) -> tuple[int, bool]:
     """Where the last run of non-space characters of `buf` (at `base`) begins, as the position
     of its boundary character, at most MAX_WORD_HOLD back: no scan may decide on it yet; and
@@ -388,11 +396,10 @@ class StreamRedactor:
         spaces break it."""
         buf, base = self._buf, self._base
         if self._long == "number":
-            rest = buf[emit - base:]
-            number = rest[:len(rest) - len(rest.lstrip(_NUMBER_RUN_CHARS))]
-            if len(number) == len(rest):
+            number, going_on = _number_from(buf, emit - base)
+            if going_on:
                 return n, final
-            after = rest[len(number)]
+            after = buf[emit - base + len(number)]
             if number[-1:] not in SEP_CHARS and (after.isalpha() or after == "_"):
                 self._long = "word"  # digits glued to letters: a word (hex, base64) goes on
             else:
@@ -421,9 +428,8 @@ class StreamRedactor:
         while last > word and buf[last - 1] in SEP_CHARS:
             last -= 1
         if last > word and buf[last - 1].isdigit():
-            rest = buf[end:]
-            number = rest[:len(rest) - len(rest.lstrip(_NUMBER_RUN_CHARS))]
-            if len(number) == len(rest) and not final:
+            number, going_on = _number_from(buf, end)
+            if going_on and not final:
                 return None
             return end + len(number.rstrip(SEP_CHARS))
         if _DIGIT_WORD_END.search(buf, max(word, last - 5), last) is not None:
