@@ -32,6 +32,7 @@ class Runtime:
     budget: BudgetGate | None = None  # None: no budgets or rate limits configured
     policy: Policy | None = None  # None: no classification section
     keys: KeyLookup | None = None  # keys created through the admin API; None: no key admin
+    secrets: tuple[str, ...] = ()  # every credential's value, cut from every provider answer
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], previous: "Runtime | None" = None) -> "Runtime":
@@ -56,7 +57,8 @@ class Runtime:
         old_keys = previous.keys if previous and _key_settings(previous.config) == _key_settings(cfg) else None
         credentials = {name: _read_credential(p) for name, p in cfg.providers.items()}
         logs.known_secrets(credentials.values())  # masked in every log line, whatever their shape
-        runtime = cls(cfg, credentials, labels, gate, policy, old_keys or _key_lookup(cfg))
+        secrets = tuple(sorted({c for c in credentials.values() if c}))
+        runtime = cls(cfg, credentials, labels, gate, policy, old_keys or _key_lookup(cfg), secrets)
         # Only now, with the file accepted: a reload rejected above keeps the budgets in force
         # on the gauge too, and a team whose daily budget is gone loses its series.
         daily = {team: limits.budget.daily_nano / 1e9 for team, limits in cfg.teams.items()

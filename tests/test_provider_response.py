@@ -52,7 +52,7 @@ KEY = "sk-live-0123456789abcdefghij"
 
 def test_a_401_is_the_gateways_credential_refused_without_the_providers_words() -> None:
     with pytest.raises(GatewayError) as raised:
-        client_error(401, orjson.dumps({"error": {"message": f"Incorrect API key provided: {KEY}"}}), KEY, "p/m", None)
+        client_error(401, orjson.dumps({"error": {"message": f"Incorrect API key provided: {KEY}"}}), (KEY,), "p/m", None)
     assert raised.value.code == "provider_auth_failed" and raised.value.status == 502
     assert KEY not in raised.value.body().decode() and "Incorrect" not in raised.value.body().decode()
 
@@ -60,7 +60,7 @@ def test_a_401_is_the_gateways_credential_refused_without_the_providers_words() 
 def test_non_openai_error_bodies_arrive_in_the_openai_shape_with_the_providers_message() -> None:
     for raw, said in [(b"<html>502 Bad Gateway</html>", None), (b'{"detail": "Model is loading"}', "Model is loading"),
                       (b'{"error": "quota"}', "quota"), (b'\xff\xfe', None), (b"[1, 2]", None)]:
-        error = orjson.loads(client_error(503, raw, KEY, "p/m", None))["error"]
+        error = orjson.loads(client_error(503, raw, (KEY,), "p/m", None))["error"]
         assert error["code"] == "provider_error" and error["type"] == "server_error"
         assert (said in error["message"]) if said else "no OpenAI error object" in error["message"]
 
@@ -68,7 +68,7 @@ def test_non_openai_error_bodies_arrive_in_the_openai_shape_with_the_providers_m
 def test_an_openai_error_keeps_its_fields() -> None:
     raw = orjson.dumps({"error": {"message": "context too long", "type": "invalid_request_error",
                                   "code": "context_length_exceeded", "param": "messages"}})
-    assert orjson.loads(client_error(400, raw, KEY, "p/m", None)) == orjson.loads(raw)
+    assert orjson.loads(client_error(400, raw, (KEY,), "p/m", None)) == orjson.loads(raw)
 
 
 def _escaped(text: str) -> bytes:
@@ -88,17 +88,18 @@ def test_the_credential_never_survives_wherever_a_provider_puts_it(before: str, 
     raw = {"json": orjson.dumps({"error": {"message": said, "type": "x", "code": None, "param": None}}),
            "detail": orjson.dumps({"detail": said}), "text": said.encode(),
            "escaped": b'{"error": {"message": "' + _escaped(said) + b'"}}'}[wrap]
-    out = client_error(400, raw, credential, "p/m", None).decode()
+    out = client_error(400, raw, (credential,), "p/m", None).decode()
     assert shown not in out and shown not in orjson.loads(out)["error"]["message"]
 
 
 def test_headers_echoing_the_credential_are_named_for_removal() -> None:
     headers = {":status": "200", "content-type": "application/json", "x-debug": "seen sk-live-ABCDEF123456",
                "x-sk-live-abcdef123456": "1", "www-authenticate": 'Bearer token="AKIAEXAMPLE00"', "x-short": "abc"}
-    assert echoed_headers(headers, "sk-live-ABCDEF123456") == ("x-debug", "x-sk-live-abcdef123456")
-    assert echoed_headers(headers, "AKIAEXAMPLE00:secretsecret") == ("www-authenticate",)  # Bedrock's parts
-    assert echoed_headers(headers, "abc:def") == ()  # parts too short to tell from innocent text
-    assert echoed_headers(headers, None) == ()
+    assert echoed_headers(headers, ("sk-live-ABCDEF123456",)) == ("x-debug", "x-sk-live-abcdef123456")
+    assert echoed_headers(headers, ("AKIAEXAMPLE00:secretsecret",)) == ("www-authenticate",)  # Bedrock's parts
+    assert echoed_headers(headers, ("abc:def",)) == ()  # parts too short to tell from innocent text
+    assert echoed_headers(headers, ()) == ()
+    assert echoed_headers(headers, ("sk-other-999999999999", "AKIAEXAMPLE00:secretsecret")) == ("www-authenticate",)
 
 
 CREDENTIAL = "sk-live-ABCDEF/123456"
@@ -113,20 +114,20 @@ def test_a_credential_is_cut_however_the_pieces_split_it(before: str, after: str
     data = f"{before}{written}{after}{written}".encode()
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     pieces = [data[a:b] for a, b in zip(bounds, bounds[1:])] or [b""]
-    cut = CredentialCut.of(CREDENTIAL)
+    cut = CredentialCut.of((CREDENTIAL,))
     assert cut is not None
     out = b"".join(cut.feed(p, i == len(pieces) - 1) for i, p in enumerate(pieces))
     assert CREDENTIAL.encode() not in out and CREDENTIAL.replace("/", "\\/").encode() not in out
-    assert out == CredentialCut.of(CREDENTIAL).whole(data)  # type: ignore[union-attr]
+    assert out == CredentialCut.of((CREDENTIAL,)).whole(data)  # type: ignore[union-attr]
     assert cut.found
 
 
 def test_an_answer_without_the_credential_is_the_same_object() -> None:
-    cut = CredentialCut.of(CREDENTIAL)
+    cut = CredentialCut.of((CREDENTIAL,))
     assert cut is not None
     body = b'{"choices": [{"message": {"content": "sk-live is a prefix"}}]}\n\n'
     assert cut.whole(body) is body and cut.feed(body, False) is body and not cut.found
-    assert CredentialCut.of(None) is None and CredentialCut.of("short") is None
+    assert CredentialCut.of(()) is None and CredentialCut.of(("short",)) is None
 
 
 def test_a_keys_label_is_no_piece_of_it_but_its_secret_is() -> None:
@@ -135,8 +136,20 @@ def test_a_keys_label_is_no_piece_of_it_but_its_secret_is() -> None:
     any 8 characters of the rest are a piece. A whole quote loses the label too."""
     key = "sk-backup-Zq81mWx0Tt4Lp2Vy"
     headers = {"x-gateway-backend": "mock-backup/mock-secondary", "x-debug": "key ending mWx0Tt4Lp2Vy"}
-    assert echoed_headers(headers, key) == ("x-debug",)
+    assert echoed_headers(headers, (key,)) == ("x-debug",)
     raw = orjson.dumps({"error": {"message": f"bad key {key} (the one ending 0Tt4Lp2Vy) for mock-backup",
                                   "type": "invalid_request_error", "code": None, "param": None}})
-    message = orjson.loads(client_error(400, raw, key, "p/m", None))["error"]["message"]
+    message = orjson.loads(client_error(400, raw, (key,), "p/m", None))["error"]["message"]
     assert "sk-backup" not in message and "0Tt4Lp2Vy" not in message and "mock-backup" in message
+
+
+def test_every_gateway_credential_is_cut_not_only_the_answering_backends() -> None:
+    """A provider quoting another backend's key (a shared proxy, a debug echo of the
+    gateway's config) hands out a gateway secret just the same."""
+    other, own = "sk-backup-fkTTvcnRLKgyEwzYepvg", "sk-primary-g40NvvVHnbN7IRYb4dTA"
+    raw = orjson.dumps({"error": {"message": f" key {other} ", "type": "invalid_request_error",
+                                  "code": None, "param": None}})
+    out = client_error(400, raw, (other, own), "mock/m", None).decode()
+    assert other not in out and other[-8:] not in out and "[credential removed]" in out
+    cut = CredentialCut.of((other, own))
+    assert cut is not None and other.encode() not in cut.feed(f"data: {other} {own}\n\n".encode(), True)

@@ -74,12 +74,18 @@ CREDENTIAL_CUT = "[credential removed]"
 _MESSAGE_KEYS = ("message", "detail", "error")  # where non-OpenAI error bodies put their words
 
 
-def credential_parts(credential: str | None) -> tuple[str, ...]:
-    """What of a provider credential must never reach a client: the value and, for Bedrock's
-    "key id:secret", each part (parts under 8 characters would match innocent text)."""
-    if not credential:
-        return ()
-    return tuple(p for p in (credential, *credential.split(":")) if len(p) >= 8)
+# The gateway's provider credentials (`Runtime.secrets`). Every provider answer is cut of
+# all of them, not only of the key its backend was presented: a provider, or a proxy before
+# it, that quotes another backend's key (shared config, a misrouted debug echo) hands out a
+# gateway secret just the same.
+Secrets = tuple[str, ...]
+
+
+def credential_parts(secrets: Secrets) -> tuple[str, ...]:
+    """What of the provider credentials must never reach a client: each value and, for
+    Bedrock's "key id:secret", each part (parts under 8 characters would match innocent text)."""
+    return tuple(dict.fromkeys(p for credential in secrets for p in (credential, *credential.split(":"))
+                               if len(p) >= 8))
 
 
 PIECE = 8  # a run of this many of a credential's characters is a piece of it (as logs are grepped)
@@ -102,23 +108,23 @@ def _secret(part: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _windows(credential: str) -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """Every run of PIECE characters of the credential's parts past their labels; the parts;
+def _windows(secrets: Secrets) -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Every run of PIECE characters of the credentials' parts past their labels; the parts;
     the runs' anchors (`_ANCHOR` characters at every `_STEP`-th offset); the parts lower-cased."""
-    parts = credential_parts(credential)
+    parts = credential_parts(secrets)
     secrets = [_secret(p) for p in parts]
     return (frozenset(s[i:i + PIECE] for s in secrets for i in range(len(s) - PIECE + 1)), parts,
             tuple({s[i:i + _ANCHOR] for s in secrets for i in range(0, len(s) - _ANCHOR + 1, _STEP)}),
             tuple(p.lower() for p in parts))
 
 
-def cut_pieces(text: str, credential: str | None) -> str:
-    """`text` with every run of PIECE or more characters of the credential replaced: a
-    provider (or a proxy before it) quoting the key in part, around asterisks or as "the key
+def cut_pieces(text: str, secrets: Secrets) -> str:
+    """`text` with every run of PIECE or more characters of a credential replaced: a
+    provider (or a proxy before it) quoting a key in part, around asterisks or as "the key
     ending …", gives away no more than PIECE - 1 of its characters."""
-    if not credential or len(text) < PIECE:
+    if not secrets or len(text) < PIECE:
         return text
-    windows, parts, _, _ = _windows(credential)
+    windows, parts, _, _ = _windows(secrets)
     for part in parts:  # the whole value, label included
         text = text.replace(part, CREDENTIAL_CUT)
     if not windows:
@@ -137,30 +143,30 @@ def cut_pieces(text: str, credential: str | None) -> str:
     return "".join(out)
 
 
-def holds_piece(text: str, credential: str | None) -> bool:
-    """Whether `text` holds a run of PIECE characters of the credential (C-speed substring
+def holds_piece(text: str, secrets: Secrets) -> bool:
+    """Whether `text` holds a run of PIECE characters of a credential (C-speed substring
     searches: the anchors, then, only when one is there, every run)."""
-    if not credential:
+    if not secrets:
         return False
-    windows, _, anchors, _ = _windows(credential)
+    windows, _, anchors, _ = _windows(secrets)
     return any(a in text for a in anchors) and any(w in text for w in windows)
 
 
 @functools.lru_cache(maxsize=64)
-def _needles(credential: str) -> tuple[bytes, ...]:
-    """The credential's parts as they may appear in an answer's bytes: as is, and escaped as
+def _needles(secrets: Secrets) -> tuple[bytes, ...]:
+    """The credentials' parts as they may appear in an answer's bytes: as is, and escaped as
     JSON may escape them (`\\/` included); longest first."""
     out: set[bytes] = set()
-    for part in credential_parts(credential):
+    for part in credential_parts(secrets):
         escaped = orjson.dumps(part)[1:-1]
         out |= {part.encode(), escaped, escaped.replace(b"/", b"\\/")}
     return tuple(sorted(out, key=len, reverse=True))
 
 
 class CredentialCut:
-    """The backend's credential cut from a provider's answer bytes, whole or piece by piece (a
+    """The credentials cut from a provider's answer bytes, whole or piece by piece (a
     provider, or a proxy before it, echoing what it was presented). A piece's tail that could
-    begin the credential waits for the next piece, so a value split over pieces is cut too;
+    begin a credential waits for the next piece, so a value split over pieces is cut too;
     an SSE piece ends in a blank line, so normally nothing waits."""
 
     __slots__ = ("_needles", "_carry", "found")
@@ -171,12 +177,12 @@ class CredentialCut:
         self.found = False  # set when something was cut; the caller logs it and clears it
 
     @classmethod
-    def of(cls, credential: str | None) -> CredentialCut | None:
-        needles = _needles(credential) if credential else ()
+    def of(cls, secrets: Secrets) -> CredentialCut | None:
+        needles = _needles(secrets) if secrets else ()
         return cls(needles) if needles else None
 
     def whole(self, body: bytes) -> bytes:
-        """`body` without the credential (the same object when it holds none)."""
+        """`body` without the credentials (the same object when it holds none)."""
         for needle in self._needles:
             if needle in body:
                 body = body.replace(needle, CREDENTIAL_CUT.encode())
@@ -204,20 +210,20 @@ class CredentialCut:
         return best
 
 
-def echoed_headers(headers: dict[str, str], credential: str | None) -> tuple[str, ...]:
-    """The names of a provider's answer headers that carry its credential (in the value, or
+def echoed_headers(headers: dict[str, str], secrets: Secrets) -> tuple[str, ...]:
+    """The names of a provider's answer headers that carry a credential (in the value, or
     in the name as Envoy lower-cased it)."""
-    if not credential:
+    if not secrets:
         return ()
-    _, parts, _, lowered = _windows(credential)
+    _, parts, _, lowered = _windows(secrets)
     if not parts:
         return ()
-    pieces = holds_piece("\n".join(headers.values()), credential)  # once for all: the usual answer is no
-    return tuple(k for k, v in headers.items() if k[0] != ":" and ((pieces and holds_piece(v, credential))
+    pieces = holds_piece("\n".join(headers.values()), secrets)  # once for all: the usual answer is no
+    return tuple(k for k, v in headers.items() if k[0] != ":" and ((pieces and holds_piece(v, secrets))
                                                                    or any(p in k for p in lowered)))
 
 
-def client_error(status: int, raw: bytes, credential: str | None, backend: str,
+def client_error(status: int, raw: bytes, secrets: Secrets, backend: str,
                  scan: Callable[[dict[str, Any]], dict[str, Any]] | None) -> bytes:
     """A provider's error answer (status >= 400) as the client gets it, or `GatewayError`
     `provider_auth_failed` for a 401.
@@ -226,7 +232,7 @@ def client_error(status: int, raw: bytes, credential: str | None, backend: str,
       a provider), so the caller's SDK must not report its own key as wrong; the provider's
       words are dropped, since providers quote the key they refused (OpenAI its last four
       characters, others all of it).
-    - Any other status: an OpenAI error object goes on with the credential's value, and any
+    - Any other status: an OpenAI error object goes on with every credential's value, and any
       run of 8 or more of its characters (a key quoted in part), cut wherever it appears;
       anything else (an HTML page from a proxy, FastAPI's `{"detail": ...}`) becomes a
       `provider_error` carrying the provider's message, so every client reads one error shape.
@@ -239,7 +245,7 @@ def client_error(status: int, raw: bytes, credential: str | None, backend: str,
         body, text = None, orjson.dumps(orjson.loads(text)).decode()
     except orjson.JSONDecodeError:
         body = None
-    text = cut_pieces(text, credential)  # the whole value, and any piece of PIECE characters or more
+    text = cut_pieces(text, secrets)  # the whole value, and any piece of PIECE characters or more
     try:
         body = orjson.loads(text)
     except orjson.JSONDecodeError:

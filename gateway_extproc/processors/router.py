@@ -374,10 +374,9 @@ class RouterProcessor:
         if backend is not None:
             # A provider that echoes what it was presented (a debug header, a `www-authenticate`
             # quoting the token, a body quoting the request) must not hand the gateway's
-            # credential to the caller.
-            credential = self.runtime.credentials.get(backend.provider.name)
-            self.echo = CredentialCut.of(credential)
-            if echoed := echoed_headers(h, credential):
+            # credential (any backend's) to the caller.
+            self.echo = CredentialCut.of(self.runtime.secrets)
+            if echoed := echoed_headers(h, self.runtime.secrets):
                 log.warning("provider_echoed_credential", backend=backend.id, provider=backend.provider.name,
                             headers=len(echoed))
                 remove = (*remove, *echoed)
@@ -544,8 +543,7 @@ class RouterProcessor:
             guard = self.guard
             scan = None if guard is None else partial(scanned_error_object, guard.policy, guard.params, guard.team)
             try:
-                new_body = client_error(self.status, raw, self.runtime.credentials.get(backend.provider.name),
-                                        backend.id, scan)
+                new_body = client_error(self.status, raw, self.runtime.secrets, backend.id, scan)
             except GatewayError as err:
                 log.warning("provider_refused_credential", backend=backend.id, provider=backend.provider.name)
                 new_body, self.status, status_changed, self.error_code = err.body(), err.status, True, err.code

@@ -127,6 +127,19 @@ def test_whatever_a_provider_says_around_the_key_the_key_never_arrives(gw: Gatew
     assert_no_credential(gw, r.text)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", MODELS)
+def test_a_provider_quoting_another_backends_key_gives_it_away_no_more(gw: Gateway, model: str, stream: bool) -> None:
+    """The gateway's credentials are cut from every provider answer, not only the answering
+    backend's own: each provider path, quoting each key, in an error and in a streamed one."""
+    for key in credentials(gw):
+        said = f" key {key} "
+        r = chat(gw, model, {"x-mock-status": "400",
+                             "x-mock-error-message-base64": base64.b64encode(said.encode()).decode()}, stream)
+        assert r.status_code in (400, 502), r.text
+        assert_no_credential(gw, r.text)
+
+
 @pytest.mark.parametrize("status", [200, 400, 429])
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("model", MODELS)
