@@ -19,6 +19,7 @@ from .budgets.store import BudgetStore, MemoryBudgetStore
 from .identity import KeyLookup
 from .keystore import FileKeyLookup, RedisKeyLookup
 from .policy.classification import Policy
+from .processors.provider_response import credential_parts
 from .telemetry.metrics import TEAM_DAILY_BUDGET, TEAM_DAILY_REMAINING, Labels
 
 log = structlog.get_logger("gateway_extproc.runtime")
@@ -56,8 +57,8 @@ class Runtime:
             raise ConfigError(f"{cfg.source}: {exc}") from None
         old_keys = previous.keys if previous and _key_settings(previous.config) == _key_settings(cfg) else None
         credentials = {name: _read_credential(p) for name, p in cfg.providers.items()}
-        logs.known_secrets(credentials.values())  # masked in every log line, whatever their shape
         secrets = tuple(sorted({c for c in credentials.values() if c}))
+        logs.known_secrets(credential_parts(secrets))  # masked in every log line, whatever their shape
         runtime = cls(cfg, credentials, labels, gate, policy, old_keys or _key_lookup(cfg), secrets)
         # Only now, with the file accepted: a reload rejected above keeps the budgets in force
         # on the gauge too, and a team whose daily budget is gone loses its series.

@@ -71,3 +71,22 @@ def test_a_runtime_registers_its_provider_credentials(monkeypatch: Any) -> None:
         assert AWS_SECRET in logs._known
     finally:
         known_secrets([])
+
+
+def test_each_part_of_a_bedrock_credential_is_masked_alone(monkeypatch: Any) -> None:
+    """Bedrock's credential is "key id:secret key": the secret key logged on its own (a
+    signing error) is masked as the whole value is."""
+    from gateway_extproc import config
+    from gateway_extproc.runtime import Runtime
+
+    monkeypatch.setenv("BEDROCK_KEY", f"ASIAEXAMPLEKEYID0000:{AWS_SECRET}")
+    cfg = config.parse({"version": 1, "listen": ["unix:///tmp/x.sock"], "providers": [
+        {"name": "aws", "kind": "bedrock", "baseURL": "https://bedrock-runtime.us-east-1.amazonaws.com",
+         "region": "us-east-1", "credential": {"env": "BEDROCK_KEY"}}],
+        "models": [{"name": "m", "backends": [{"provider": "aws", "model": "anthropic.claude"}]}]}, "gw.yaml")
+    try:
+        Runtime.from_config(cfg)
+        out = redact_secrets(None, "info", {"event": "x", "error": f"bad secret {AWS_SECRET}", "id": "ASIAEXAMPLEKEYID0000"})
+        assert AWS_SECRET not in str(out) and "ASIAEXAMPLEKEYID0000" not in str(out)
+    finally:
+        known_secrets([])
