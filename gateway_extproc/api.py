@@ -165,18 +165,56 @@ def _refuse(param: str, wants: str) -> GatewayError:
     return GatewayError("invalid_request", f"`{param}` must be {wants}.", param)
 
 
-# (Paths and messages are only formatted for a refusal: this runs on every message and part.)
-def _check_message(m: Any, i: int) -> None:
+# Prompt-cache markers (`cache_control`, Anthropic's; OpenRouter and LiteLLM take them on chat
+# content parts, messages and tools) as the Claude and Converse translators carry them.
+# Anthropic and Bedrock refuse a request with more than four.
+MAX_CACHE_MARKERS = 4
+_CACHE_TTLS = ("5m", "1h")
+_CACHE_KEYS = frozenset({"type", "ttl"})
+
+
+def check_cache_control(marker: Any, param: str) -> None:
+    """One marker as Anthropic takes it and a Converse `cachePoint` can say it: anything else
+    would reach a provider that refuses it, or be carried as a marker it is not."""
+    if not (isinstance(marker, dict) and marker.get("type") == "ephemeral" and marker.keys() <= _CACHE_KEYS
+            and marker.get("ttl", "5m") in _CACHE_TTLS):
+        raise _refuse(param, 'an object `{"type": "ephemeral"}` with an optional `ttl` of "5m" or "1h"')
+
+
+def check_cache_markers(paths: list[str]) -> None:
+    """The markers of one request, by path: a fifth is refused here, naming it, rather than by the
+    provider (whose 400 names no path, and comes after a fallback's attempts)."""
+    if len(paths) > MAX_CACHE_MARKERS:
+        raise GatewayError("invalid_request", f"A request may carry at most {MAX_CACHE_MARKERS} prompt-cache "
+                           f"markers (`cache_control`); this one has {len(paths)}.", paths[MAX_CACHE_MARKERS])
+
+
+def cache_marker(holder: dict[str, Any], param: str, paths: list[str]) -> Any:
+    """The marker `holder` (a part, block, message, tool call or tool) carries, checked and its
+    path (`param` is the holder's) added to `paths`; None when it carries none."""
+    if "cache_control" not in holder:
+        return None
+    param += ".cache_control"
+    check_cache_control(holder["cache_control"], param)
+    paths.append(param)
+    return holder["cache_control"]
+
+
+# (Paths and messages are only formatted for a refusal, or for a marker: this runs on every
+# message and part.)
+def _check_message(m: Any, i: int, markers: list[str]) -> None:
     """One chat message, as far as the gateway reads it (counting, scanning) or a translator
-    turns it into another schema: its role, content parts and tool calls."""
+    turns it into another schema: its role, content parts, tool calls and cache markers."""
     if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
         raise _refuse(f"messages[{i}]", "an object with a string `role`")
+    cache_marker(m, f"messages[{i}]", markers)
     content = m.get("content")
     if isinstance(content, list):
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if not isinstance(kind, str):
                 raise _refuse(f"messages[{i}].content[{j}]", "an object with a string `type`")
+            cache_marker(part, f"messages[{i}].content[{j}]", markers)
             if kind == "text" or kind == "refusal":
                 if not isinstance(part.get(kind), str):
                     raise _refuse(f"messages[{i}].content[{j}].{kind}", "a string")
@@ -198,17 +236,19 @@ def _check_message(m: Any, i: int) -> None:
                 raise _refuse(f"messages[{i}].tool_calls[{k}].function.name", "a string")
             if not _text(function.get("arguments")):
                 raise _refuse(f"messages[{i}].tool_calls[{k}].function.arguments", "a string (JSON text)")
+            cache_marker(call, f"messages[{i}].tool_calls[{k}]", markers)
     if not _text(m.get("tool_call_id")):
         raise _refuse(f"messages[{i}].tool_call_id", "a string")
 
 
-def _check_tools(body: dict[str, Any]) -> None:
+def _check_tools(body: dict[str, Any], markers: list[str]) -> None:
     tools = body.get("tools")
     if tools is not None:
         _require(isinstance(tools, list), "tools", "`tools` must be an array of tools.")
         for k, tool in enumerate(tools):
             if not (isinstance(tool, dict) and isinstance(tool.get("type"), str)):
                 raise _refuse(f"tools[{k}]", "an object with a string `type`")
+            cache_marker(tool, f"tools[{k}]", markers)
             if tool["type"] == "function":
                 function = tool.get("function")
                 if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
@@ -236,8 +276,9 @@ def _validate_chat(body: dict[str, Any]) -> None:
     messages = body.get("messages")
     _require(isinstance(messages, list) and len(messages) > 0, "messages",
              "`messages` is required and must be a non-empty array.")
+    markers: list[str] = []
     for i, m in enumerate(messages):
-        _check_message(m, i)
+        _check_message(m, i, markers)
     _require(body.get("stream") is None or isinstance(body["stream"], bool), "stream",
              "`stream` must be a boolean (or null).")
     options = body.get("stream_options")
@@ -255,7 +296,8 @@ def _validate_chat(body: dict[str, Any]) -> None:
     _require(stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(
         isinstance(s, str) for s in stop)), "stop", "`stop` must be a string or an array of strings.")
     _require(_text(body.get("user")), "user", "`user` must be a string.")
-    _check_tools(body)
+    _check_tools(body, markers)
+    check_cache_markers(markers)
     fmt = body.get("response_format")
     _require(fmt is None or isinstance(fmt, dict) and isinstance(fmt.get("type"), str), "response_format",
              "`response_format` must be an object with a string `type`.")

@@ -1,7 +1,12 @@
 """Anthropic-style clients (`POST /v1/messages`) on top of the OpenAI pivot: the request is
 validated and rewritten as an OpenAI chat request, so routing, budgets, policy and every
 backend work unchanged; the chat completion (or its SSE stream) is rewritten back as an
-Anthropic message. Gateway errors keep the OpenAI shape and are not translated here."""
+Anthropic message. Gateway errors keep the OpenAI shape and are not translated here.
+
+Prompt-cache markers (`cache_control`) stay on what the client put them on: a system or content
+block becomes a content part carrying it, a `tool_use` block a tool call, a `tool_result` block
+its `tool` message, a tool the function tool (where OpenRouter and LiteLLM take them); the Claude
+and Converse translators put them back in place (providers/anthropic.py, bedrock.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from gateway_extproc import api
 from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers.base import SseReader, arguments_object
 
@@ -40,10 +46,11 @@ def to_chat(body: JSON) -> JSON:
     if not isinstance(body.get("stream", False), bool):
         raise _invalid("stream: must be a boolean", "stream")
     chat: list[JSON] = []
+    markers: list[str] = []  # the paths of the client's prompt-cache markers
     if body.get("system"):
-        chat.append({"role": "system", "content": _system(body["system"])})
+        chat.append({"role": "system", "content": _system(body["system"], markers)})
     for i, message in enumerate(messages):
-        chat.extend(_message(message, f"messages.{i}"))
+        chat.extend(_message(message, f"messages.{i}", markers))
     out: JSON = {"model": model, "messages": chat, "max_tokens": max_tokens}
     if body.get("stop_sequences"):
         if not isinstance(body["stop_sequences"], list) or not all(isinstance(x, str) for x in body["stop_sequences"]):
@@ -55,7 +62,8 @@ def to_chat(body: JSON) -> JSON:
     if body.get("tools"):
         if not isinstance(body["tools"], list):
             raise _invalid("tools: a list of tools is required", "tools")
-        out["tools"] = [_tool(tool, f"tools.{i}") for i, tool in enumerate(body["tools"])]
+        out["tools"] = [_tool(tool, f"tools.{i}", markers) for i, tool in enumerate(body["tools"])]
+    api.check_cache_markers(markers)
     _apply_tool_choice(body.get("tool_choice"), out)
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
@@ -68,23 +76,33 @@ def to_chat(body: JSON) -> JSON:
     return out
 
 
-def _system(system: Any) -> str | list[JSON]:
+def _system(system: Any, markers: list[str]) -> str | list[JSON]:
     if isinstance(system, str):
         return system
     if not isinstance(system, list) or not all(
             isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in system):
         raise _invalid("system: a string or a list of text blocks is required", "system")
-    return _content([{"type": "text", "text": b["text"]} for b in system])
+    return _content([_marked({"type": "text", "text": b["text"]}, b, f"system.{i}", markers)
+                     for i, b in enumerate(system)])
+
+
+def _marked(out: JSON, block: JSON, where: str, markers: list[str]) -> JSON:
+    """`out` (what the client's `block` becomes) with the block's prompt-cache marker, if any."""
+    marker = api.cache_marker(block, where, markers)
+    if marker is not None:
+        out["cache_control"] = marker
+    return out
 
 
 def _content(parts: list[JSON]) -> str | list[JSON]:
-    """A lone text part as a plain string, the form every OpenAI backend accepts."""
-    if len(parts) == 1 and parts[0]["type"] == "text":
+    """A lone text part as a plain string, the form every OpenAI backend accepts (unless it
+    carries a prompt-cache marker, which only a part can)."""
+    if len(parts) == 1 and parts[0]["type"] == "text" and "cache_control" not in parts[0]:
         return str(parts[0]["text"])
     return parts
 
 
-def _message(message: Any, param: str) -> list[JSON]:
+def _message(message: Any, param: str, markers: list[str]) -> list[JSON]:
     """One Anthropic message as one or more OpenAI messages: a user's tool_result blocks
     become `tool` messages, placed first because they answer the previous assistant turn."""
     if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
@@ -101,23 +119,26 @@ def _message(message: Any, param: str) -> list[JSON]:
         where = f"{param}.content.{j}"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
-            parts.append({"type": "text", "text": block["text"]})
+            parts.append(_marked({"type": "text", "text": block["text"]}, block, where, markers))
         elif kind == "image":
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), where)}})
+            parts.append(_marked({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), where)}},
+                                 block, where, markers))
         elif kind == "tool_use" and role == "assistant":
             for name in ("id", "name"):
                 if not isinstance(block.get(name), str):
                     raise _invalid(f"{where}.{name}: a string is required", f"{where}.{name}")
             if not isinstance(block.get("input", {}), dict):
                 raise _invalid(f"{where}.input: an object is required", f"{where}.input")
-            tool_calls.append({"id": block["id"], "type": "function",
-                               "function": {"name": block["name"],
-                                            "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+            tool_calls.append(_marked({"id": block["id"], "type": "function",
+                                       "function": {"name": block["name"],
+                                                    "arguments": orjson.dumps(block.get("input") or {}).decode()}},
+                                      block, where, markers))
         elif kind == "tool_result" and role == "user":
             if not isinstance(block.get("tool_use_id"), str):
                 raise _invalid(f"{where}.tool_use_id: a string is required", f"{where}.tool_use_id")
-            tool_results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
-                                 "content": _tool_result_text(block.get("content"), where)})
+            tool_results.append(_marked({"role": "tool", "tool_call_id": block["tool_use_id"],
+                                         "content": _tool_result(block.get("content"), where, markers)},
+                                        block, where, markers))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # the model's own reasoning: OpenAI requests have no place for it
         else:
@@ -141,17 +162,21 @@ def _image_url(source: Any, where: str) -> str:
     raise _invalid(f"{where}.source: a base64 or url image source is required", f"{where}.source")
 
 
-def _tool_result_text(content: Any, where: str) -> str:
+def _tool_result(content: Any, where: str, markers: list[str]) -> str | list[JSON]:
     """OpenAI tool messages carry text only, so a tool result with an image is refused
-    rather than silently shortened."""
+    rather than silently shortened. Its text blocks are one string, unless one carries a
+    prompt-cache marker: then they stay text parts, the marker on its own."""
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content):
+    if not (isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content)):
+        raise _invalid(f"{where}.content: tool results may only contain text", f"{where}.content")
+    if not any("cache_control" in b for b in content):
         return "\n".join(str(b.get("text", "")) for b in content)
-    raise _invalid(f"{where}.content: tool results may only contain text", f"{where}.content")
+    return [_marked({"type": "text", "text": str(b.get("text", ""))}, b, f"{where}.content.{k}", markers)
+            for k, b in enumerate(content)]
 
 
-def _tool(tool: Any, where: str) -> JSON:
+def _tool(tool: Any, where: str, markers: list[str]) -> JSON:
     if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or "input_schema" not in tool:
         raise _invalid(f"{where}: only custom tools with a name and an input_schema are supported", where)
     if not isinstance(tool["input_schema"], dict):
@@ -161,7 +186,7 @@ def _tool(tool: Any, where: str) -> JSON:
     function: JSON = {"name": tool["name"], "parameters": tool["input_schema"]}
     if tool.get("description"):
         function["description"] = tool["description"]
-    return {"type": "function", "function": function}
+    return _marked({"type": "function", "function": function}, tool, where, markers)
 
 
 def _apply_tool_choice(choice: Any, out: JSON) -> None:

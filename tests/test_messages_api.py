@@ -56,7 +56,8 @@ def test_system_parameters_and_dropped_fields() -> None:
               "system": [{"type": "text", "text": "Be brief."},
                          {"type": "text", "text": "<docs>...</docs>", "cache_control": {"type": "ephemeral"}}]}
     assert to_chat(blocks)["messages"][0] == {"role": "system", "content": [
-        {"type": "text", "text": "Be brief."}, {"type": "text", "text": "<docs>...</docs>"}]}
+        {"type": "text", "text": "Be brief."},
+        {"type": "text", "text": "<docs>...</docs>", "cache_control": {"type": "ephemeral"}}]}
 
 
 def test_vision_example_multi_part_content() -> None:

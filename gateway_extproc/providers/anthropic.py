@@ -1,6 +1,11 @@
 """Anthropic Messages API backends: the OpenAI chat request (the gateway's pivot) as a
 `POST {base}/messages` request, and Anthropic's message / SSE events back as OpenAI
-chat completions / `chat.completion.chunk` events, so every client sees one schema."""
+chat completions / `chat.completion.chunk` events, so every client sees one schema.
+
+Prompt-cache markers (`cache_control`, the contract checked them: api.check_cache_control) go
+back on the block the pivot carries them on: a content part's on its block, a message's on its
+last block, a tool call's on its `tool_use`, a tool message's on its `tool_result`, a tool's on
+the tool; a system prompt with one is sent as text blocks rather than one string."""
 
 from __future__ import annotations
 
@@ -77,28 +82,62 @@ def _text(content: Any) -> str:
     return "\n\n".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
 
 
-def _messages(messages: list[JSON]) -> tuple[str, list[JSON]]:
+def _marked(block: JSON, holder: Any) -> JSON:
+    """`block` with the prompt-cache marker the pivot's `holder` carries, if any."""
+    if isinstance(holder, dict) and "cache_control" in holder:
+        block["cache_control"] = holder["cache_control"]
+    return block
+
+
+def _marked_last(blocks: list[JSON], message: JSON) -> list[JSON]:
+    """A message's marker on the last block it became (LiteLLM's reading of a message-level one)."""
+    if blocks:
+        _marked(blocks[-1], message)
+    return blocks
+
+
+def _parts_marked(content: Any) -> bool:
+    """Whether a content part carries a prompt-cache marker (then the parts stay blocks)."""
+    return isinstance(content, list) and any("cache_control" in part for part in content)
+
+
+def _system(messages: list[JSON]) -> str | list[JSON]:
+    """The system/developer messages as one string, or, when one carries a prompt-cache marker,
+    as text blocks with the markers in place (Anthropic rejects empty text blocks)."""
+    if not any("cache_control" in m or _parts_marked(m.get("content")) for m in messages):
+        return "\n\n".join(_text(m.get("content")) for m in messages)
+    return [block for m in messages for block in _marked_last(_blocks(m.get("content")), m)]
+
+
+def _tool_result(message: JSON) -> JSON:
+    """A tool message as a `tool_result` block: its text, as text blocks when a part carries a marker."""
+    content = message.get("content")
+    return _marked({"type": "tool_result", "tool_use_id": plain_call_id(message.get("tool_call_id")),
+                    "content": _blocks(content) if _parts_marked(content) else _text(content)}, message)
+
+
+def _messages(messages: list[JSON]) -> tuple[str | list[JSON], list[JSON]]:
     """System/developer messages become the top-level `system`; the rest become content
     blocks, merged per role because Anthropic requires user/assistant alternation."""
-    system: list[str] = []
+    system: list[JSON] = []
     out: list[JSON] = []
     for message in messages:
         role = message.get("role")
         if role in ("system", "developer"):
-            system.append(_text(message.get("content")))
+            system.append(message)
             continue
         if role == "tool":
-            role, blocks = "user", [{"type": "tool_result", "tool_use_id": plain_call_id(message.get("tool_call_id")),
-                                     "content": _text(message.get("content"))}]
+            role, blocks = "user", [_tool_result(message)]
         elif role in ("user", "assistant"):
             blocks = _blocks(message.get("content"))
             blocks += [_tool_use(call) for call in message.get("tool_calls") or []]
+            _marked_last(blocks, message)
         else:
             raise GatewayError("invalid_request", f"message role {quoted(role)} is not supported", "messages")
         if not blocks:  # Anthropic rejects empty content; an empty turn carries nothing
             continue
         append_turn(out, role, "content", blocks)
-    return "\n\n".join(system), out
+    return _system(system), out
 
 
 def _blocks(content: Any) -> list[JSON]:
@@ -112,9 +151,9 @@ def _blocks(content: Any) -> list[JSON]:
         if kind in ("text", "refusal"):
             text = part.get(kind)
             if text:
-                blocks.append({"type": "text", "text": text})
+                blocks.append(_marked({"type": "text", "text": text}, part))
         elif kind == "image_url":
-            blocks.append(_image(part.get("image_url") or {}))
+            blocks.append(_marked(_image(part.get("image_url") or {}), part))
         else:
             raise GatewayError("invalid_request",
                                f"content part type {quoted(kind)} is not supported by Anthropic backends", "messages")
@@ -138,8 +177,8 @@ def _tool_use(call: JSON) -> JSON:
     """Anthropic wants the parsed object; arguments that are not a JSON object become {}
     rather than failing a whole conversation over one malformed historical call."""
     function = call.get("function") or {}
-    return {"type": "tool_use", "id": plain_call_id(call.get("id")), "name": function.get("name", ""),
-            "input": arguments_object(function.get("arguments")) or {}}
+    return _marked({"type": "tool_use", "id": plain_call_id(call.get("id")), "name": function.get("name", ""),
+                    "input": arguments_object(function.get("arguments")) or {}}, call)
 
 
 def _tool(tool: JSON) -> JSON:
@@ -151,7 +190,7 @@ def _tool(tool: JSON) -> JSON:
                  "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
     if function.get("description"):
         out["description"] = function["description"]
-    return out
+    return _marked(out, tool)
 
 
 def _tool_choice(choice: Any) -> JSON | None:

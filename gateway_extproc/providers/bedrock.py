@@ -1,6 +1,12 @@
 """Amazon Bedrock behind the OpenAI Chat schema, through the Converse / ConverseStream API:
 one request shape for every Bedrock model family, SigV4-signed, with the model id in the
-path. Streams come back as AWS event-stream frames and leave as OpenAI SSE chunks."""
+path. Streams come back as AWS event-stream frames and leave as OpenAI SSE chunks.
+
+Prompt-cache markers (`cache_control`, the contract checked them: api.check_cache_control)
+become what Converse has for them: a `{"cachePoint": {"type": "default"}}` block after the block
+marked (with the marker's `ttl`, "5m" or "1h", when it has one), in `system`, in a message's
+content (a message's own marker after its last block; a tool message's, and its parts', after
+its `toolResult`, which cannot hold one) and in `toolConfig.tools`."""
 
 from __future__ import annotations
 
@@ -31,15 +37,36 @@ _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
 _EVENTSTREAM = "application/vnd.amazon.eventstream"
 
 
-def _texts(content: Any, param: str) -> list[str]:
-    """The text parts of an OpenAI message `content` (a string or a list of text parts)."""
+def _text_parts(content: Any, param: str) -> list[JSON]:
+    """An OpenAI message `content` (a string or a list of text parts) as text parts."""
     if content is None:
         return []
     if isinstance(content, str):
-        return [content]
+        return [{"type": "text", "text": content}]
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return [str(p.get("text", "")) for p in content]
+        return content
     raise GatewayError("invalid_request", "only text content is supported here", param)
+
+
+def _cache_point(holder: JSON) -> list[JSON]:
+    """The `cachePoint` block that goes after what `holder` became, when it carries a marker."""
+    marker = holder.get("cache_control")
+    if not isinstance(marker, dict):
+        return []
+    return [{"cachePoint": {"type": "default", **({"ttl": marker["ttl"]} if "ttl" in marker else {})}}]
+
+
+def _text_blocks(content: Any, param: str) -> list[JSON]:
+    """Text content as Converse text blocks (empty ones dropped: Converse refuses them), each
+    marked part followed by its cachePoint."""
+    return [block for p in _text_parts(content, param) if p.get("text")
+            for block in ({"text": str(p["text"])}, *_cache_point(p))]
+
+
+def _marked_last(blocks: list[JSON], message: JSON) -> list[JSON]:
+    """A message's own marker as a cachePoint after its last block: none without blocks, nor
+    a second one after a marked last part."""
+    return blocks + _cache_point(message) if blocks and "cachePoint" not in blocks[-1] else blocks
 
 
 def _image(url: str, param: str) -> JSON:
@@ -60,7 +87,7 @@ def _image(url: str, param: str) -> JSON:
 
 def _user_blocks(content: Any, param: str) -> list[JSON]:
     if not isinstance(content, list):
-        return [{"text": t} for t in _texts(content, param) if t]
+        return _text_blocks(content, param)
     blocks: list[JSON] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -72,11 +99,12 @@ def _user_blocks(content: Any, param: str) -> list[JSON]:
             blocks.append(_image(str(url or ""), param))
         else:
             raise GatewayError("invalid_request", f"unsupported content part type {quoted(kind)}", param)
+        blocks += _cache_point(part)
     return blocks
 
 
 def _assistant_blocks(message: JSON, param: str) -> list[JSON]:
-    blocks: list[JSON] = [{"text": t} for t in _texts(message.get("content"), param) if t]
+    blocks = _text_blocks(message.get("content"), param)
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         try:
@@ -85,7 +113,18 @@ def _assistant_blocks(message: JSON, param: str) -> list[JSON]:
             raise GatewayError("invalid_request", "tool call arguments must be JSON", param) from None
         blocks.append({"toolUse": {"toolUseId": plain_call_id(call.get("id")), "name": function.get("name"),
                                    "input": arguments}})
+        blocks += _cache_point(call)
     return blocks
+
+
+def _tool_result(message: JSON, param: str) -> list[JSON]:
+    """A tool message as a `toolResult` block, then one cachePoint for its markers (the message's
+    own, else its parts' last one): a tool result's content cannot hold a cachePoint."""
+    parts = _text_parts(message.get("content"), param)
+    marked = message if "cache_control" in message else next((p for p in reversed(parts) if "cache_control" in p), {})
+    return [{"toolResult": {"toolUseId": plain_call_id(message.get("tool_call_id")),
+                            "content": [{"text": "".join(str(p.get("text", "")) for p in parts)}]}},
+            *_cache_point(marked)]
 
 
 def _conversation(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
@@ -100,17 +139,14 @@ def _conversation(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
             raise GatewayError("invalid_request", "each message must be an object", param)
         role = message.get("role")
         if role in ("system", "developer"):
-            system.extend({"text": t} for t in _texts(message.get("content"), param) if t)
+            system.extend(_marked_last(_text_blocks(message.get("content"), param), message))
             continue
         if role == "user":
-            blocks = _user_blocks(message.get("content"), param)
+            blocks = _marked_last(_user_blocks(message.get("content"), param), message)
         elif role == "assistant":
-            blocks = _assistant_blocks(message, param)
+            blocks = _marked_last(_assistant_blocks(message, param), message)
         elif role == "tool":
-            role = "user"
-            texts = _texts(message.get("content"), param)
-            blocks = [{"toolResult": {"toolUseId": plain_call_id(message.get("tool_call_id")),
-                                      "content": [{"text": "".join(texts)}]}}]
+            role, blocks = "user", _tool_result(message, param)
         else:
             raise GatewayError("invalid_request", f"unsupported message role {quoted(role)}", param)
         if not blocks:
@@ -133,6 +169,7 @@ def _tool_config(body: JSON, turns: list[JSON]) -> JSON | None:
         # Converse requires a schema; OpenAI lets a function without parameters omit it.
         spec["inputSchema"] = {"json": function.get("parameters") or {"type": "object", "properties": {}}}
         tools.append({"toolSpec": spec})
+        tools += _cache_point(tool)
     if not tools:
         return None
     choice = body.get("tool_choice")
