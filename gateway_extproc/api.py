@@ -360,9 +360,10 @@ def provider_added_input(endpoint: Endpoint, body: dict[str, Any]) -> str | None
     return None
 
 
-# Prompt-cache writes a body forwarded as sent may ask for: a `cache_control` marker anywhere
-# (Anthropic's, which OpenRouter and LiteLLM take on chat content parts, tools and the top
-# level). Read from the raw bytes, not by a walk over the parsed body: inside a JSON string
+# Prompt-cache writes a body may ask for of the backends its markers reach (providers.CACHE_MARKED:
+# as sent, or put back in place by a translator): a `cache_control` marker anywhere (Anthropic's,
+# which OpenRouter and LiteLLM take on chat content parts, messages, tools and the top level; an
+# Anthropic client's on its blocks). Read from the raw bytes, not by a walk over the parsed body: inside a JSON string
 # quotes are escaped, so only a key matches (or a string that is exactly `cache_control`:
 # a larger reservation, never a smaller one). A key spelled with escapes
 # (`"\u0063ache_control"`) needs an escaped digit, letter or underscore, which no encoder

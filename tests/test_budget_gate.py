@@ -186,7 +186,8 @@ def cache_cfg(kinds: tuple[str, ...]) -> config.GatewayConfig:
 
 
 @given(prompt=st.integers(0, 300_000), predicted=st.integers(0, 1000), ttl=st.sampled_from(["5m", "1h"]),
-       kinds=st.sampled_from([("openai",), ("azure", "anthropic"), ("anthropic", "openai")]), data=st.data())
+       kinds=st.sampled_from([("openai",), ("azure", "anthropic"), ("anthropic", "openai"), ("bedrock",),
+                              ("gemini", "anthropic"), ("bedrock", "gemini")]), data=st.data())
 @settings(max_examples=200, deadline=None)
 def test_a_request_with_cache_markers_reserves_every_bill_its_writes_can_make(prompt, predicted, ttl, kinds, data):
     """Whatever share of the prompt a backend that gets the markers writes (with the 1-hour TTL
@@ -201,13 +202,15 @@ def test_a_request_with_cache_markers_reserves_every_bill_its_writes_can_make(pr
 
 
 def test_cache_markers_cost_nothing_more_where_no_backend_gets_them() -> None:
-    """Claude and Converse backends get a body the gateway built, without the client's markers."""
-    c = cache_cfg(("anthropic", "bedrock"))
+    """Gemini backends get a body the gateway built, without the client's markers; Claude,
+    Converse and OpenAI-schema backends get them (Claude's write prices by default)."""
+    c = cache_cfg(("gemini",))
     gate = BudgetGate(c, MemoryBudgetStore())
     plain, marked = (gate.plan(c.keys["k"], c.models["m"], 1000, 100, cache_writes=t).request.prompt_cost_nano
                      for t in (None, "1h"))
     assert plain == marked == 1000 * 3000
-    c = cache_cfg(("openai",))
-    gate = BudgetGate(c, MemoryBudgetStore())
-    assert [gate.plan(c.keys["k"], c.models["m"], 1000, 100, cache_writes=t).request.prompt_cost_nano
-            for t in (None, "5m", "1h")] == [1000 * 3000, 1000 * 3750, 1000 * 6000]
+    for kinds in (("openai",), ("anthropic",), ("bedrock",), ("gemini", "bedrock")):
+        c = cache_cfg(kinds)
+        gate = BudgetGate(c, MemoryBudgetStore())
+        assert [gate.plan(c.keys["k"], c.models["m"], 1000, 100, cache_writes=t).request.prompt_cost_nano
+                for t in (None, "5m", "1h")] == [1000 * 3000, 1000 * 3750, 1000 * 6000], kinds

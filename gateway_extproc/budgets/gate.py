@@ -34,7 +34,7 @@ import structlog
 
 from ..config import BudgetSpec, Budgets, GatewayConfig, Limits, Model, VirtualKey
 from ..errors import GatewayError
-from ..providers import VERBATIM
+from ..providers import CACHE_MARKED
 from .pricing import Price, cost_nano, worst
 from .store import (MAX_NANO, Bucket, BudgetStore, BudgetStoreUnavailable, Limit, MemoryBudgetStore,
                     ReserveRequest, ReserveResult)
@@ -211,10 +211,10 @@ class BudgetGate:
             return cached[1]
         levels = self.levels(key, now)
         tokens, requests, buckets_open = self.buckets(key, model)
-        verbatim = [b.price for b in model.backends if b.price is not None and b.provider.kind in VERBATIM]
+        marked = [b.price for b in model.backends if b.price is not None and b.provider.kind in CACHE_MARKED]
         shape = _Shape(tuple(lv for lv, _ in levels), tuple(lv.limit for lv, _ in levels), tuple(tokens),
                        tuple(requests), worst(b.price for b in model.backends if b.price is not None),
-                       worst(verbatim) if verbatim else None,
+                       worst(marked) if marked else None,
                        buckets_open and all(open_ for _, open_ in levels), self.tallies(key, now))
         if len(self._shapes) >= _MAX_SHAPES:  # token users are unbounded over time
             self._shapes.clear()

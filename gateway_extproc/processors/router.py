@@ -122,8 +122,8 @@ class RouterProcessor:
         # Cuts the answering backend's credential from its answer (a provider echoing it).
         self.echo: CredentialCut | None = None
         self.forwarded = False  # the request went on to a provider (forward() answered Envoy)
-        # The body asks for prompt-cache writes ("5m", "1h": api.cache_writes) of backends that
-        # get it as sent. An Anthropic client's body is rebuilt (messages.to_chat) without its markers.
+        # The body asks for prompt-cache writes ("5m", "1h": api.cache_writes) of the backends its
+        # markers reach (providers.CACHE_MARKED); an Anthropic client's keep theirs (messages.to_chat).
         self.cache_writes: str | None = None
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
@@ -208,8 +208,7 @@ class RouterProcessor:
             body = await self.read_body(raw)
         finally:
             BODY_WORK.release(share)
-        if self.client is None:
-            self.cache_writes = api.cache_writes(raw)
+        self.cache_writes = api.cache_writes(raw)
         if self.runtime.budget is not None:
             await self.reserve(body)
         return self.forward(body)

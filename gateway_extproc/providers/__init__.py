@@ -25,6 +25,9 @@ SERVES: dict[str, frozenset[str]] = {
     "gemini": frozenset({"chat"}),
 }
 
-# The kinds whose request is the client's body as it came (model name aside), prompt-cache
-# markers included; the others build their own body, which carries none.
+# The kinds whose request is the client's body as it came (model name aside): a provider's
+# cache writes it reports without their TTL were asked for with the body's markers.
 VERBATIM: frozenset[str] = frozenset({"openai", "azure"})
+# The kinds a request's prompt-cache markers (`cache_control`) reach: as sent, or put back in
+# place by the translator (Anthropic blocks, Converse cachePoints). Gemini's body carries none.
+CACHE_MARKED: frozenset[str] = VERBATIM | {"anthropic", "bedrock"}
