@@ -375,7 +375,8 @@ class Quirks:
     streams each step's choices in one chunk and `x-mock-token-chars: N` streams long words
     in pieces (`_words`). `x-mock-cache-write-tokens: N` and `x-mock-cache-write-1h-tokens: M`
     report N and M of the prompt's tokens as written to the prompt cache with a 5-minute and
-    a 1-hour lifetime (`_cache_writes`)."""
+    a 1-hour lifetime (`_cache_writes`), when the request marks something for caching, as a
+    provider writes only what is marked."""
 
     reply_words: int | None = None
     ignore_cap: bool = False
@@ -387,10 +388,33 @@ class Quirks:
     cache_write_1h: int = 0
 
 
-def _cache_writes(prompt_tokens: int) -> tuple[int, int]:
+# What marks a prompt for caching, per API: Anthropic's `cache_control` (OpenRouter takes it on
+# chat requests too), Converse's `cachePoint` block.
+CACHE_MARKER = "cache_control"
+CACHE_POINT = "cachePoint"
+
+
+def _holds_key(value: Any, key: str) -> bool:
+    """Whether `key` is a key of any object inside `value`."""
+    todo = [value]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if key in node:
+                return True
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return False
+
+
+def _cache_writes(prompt_tokens: int, marked: bool) -> tuple[int, int]:
     """The prompt's tokens reported as cache writes, (5-minute, 1-hour), at most the prompt:
-    the 1-hour ones first (Anthropic orders longer TTLs first), then the 5-minute ones."""
+    the 1-hour ones first (Anthropic orders longer TTLs first), then the 5-minute ones. None
+    without a marker in the request (`marked`): a provider writes only what is marked."""
     quirks = _QUIRKS.get()
+    if not marked:
+        return 0, 0
     long = min(quirks.cache_write_1h, prompt_tokens)
     return min(quirks.cache_write, prompt_tokens - long), long
 
@@ -610,9 +634,10 @@ def chat_completions(call: Call) -> Reply:
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     quirks = _QUIRKS.get()
+    marked = _holds_key(body, CACHE_MARKER)
     if quirks.choice_replies is not None:
         texts = [_capped(text, None if quirks.ignore_cap else limit) for text in quirks.choice_replies]
-        usage = _chat_usage(_chat_prompt_tokens(messages), sum(c.tokens for c in texts))
+        usage = _chat_usage(_chat_prompt_tokens(messages), marked, sum(c.tokens for c in texts))
         if body.get("stream") is True:
             return Reply(events=_choice_chunks(base, texts, usage if include_usage else None, quirks.merge_choices))
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
@@ -621,7 +646,7 @@ def chat_completions(call: Call) -> Reply:
         return Reply(body={**base, "choices": choices, "usage": usage})
     completion = _complete(model, messages, limit, _openai_json_mode(body))
     tool = _openai_tool_call(body, messages)
-    usage = _chat_usage(_chat_prompt_tokens(messages), tool.tokens if tool else completion.tokens)
+    usage = _chat_usage(_chat_prompt_tokens(messages), marked, tool.tokens if tool else completion.tokens)
     finish_reason = "tool_calls" if tool else "length" if completion.truncated else "stop"
     tool_id = f"call_mock_{serial}"
     if body.get("stream") is True:
@@ -635,8 +660,8 @@ def chat_completions(call: Call) -> Reply:
     return Reply(body={**base, "choices": [choice], "usage": usage})
 
 
-def _chat_usage(prompt_tokens: int, output_tokens: int) -> JSON:
-    written = sum(_cache_writes(prompt_tokens))
+def _chat_usage(prompt_tokens: int, marked: bool, output_tokens: int) -> JSON:
+    written = sum(_cache_writes(prompt_tokens, marked))
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": output_tokens,
@@ -771,7 +796,7 @@ def anthropic_messages(call: Call) -> Reply:
     completion = _complete(model, messages, max_tokens, _anthropic_json_mode(body))
     tool = _anthropic_tool_call(body, messages)
     input_tokens = _input_tokens(body.get("system"), messages)
-    short, long = _cache_writes(input_tokens)
+    short, long = _cache_writes(input_tokens, _holds_key(body, CACHE_MARKER))
     content: list[JSON] = [{"type": "text", "text": completion.text}]
     if tool:
         content = [{"type": "tool_use", "id": f"toolu_mock_{serial}", "name": tool.name, "input": tool.arguments}]
@@ -924,7 +949,7 @@ def bedrock_converse(call: Call, *, stream: bool) -> Reply:
     output_tokens = tool.tokens if tool else completion.tokens
     usage: JSON = {"inputTokens": input_tokens, "outputTokens": output_tokens,
                    "totalTokens": input_tokens + output_tokens}
-    short, long = _cache_writes(input_tokens)
+    short, long = _cache_writes(input_tokens, _holds_key(body, CACHE_POINT))
     if short or long:  # Converse counts writes apart from inputTokens, with a 1h-first breakdown
         usage.update(inputTokens=input_tokens - short - long, cacheWriteInputTokens=short + long,
                      cacheDetails=[{"ttl": ttl, "inputTokens": n} for ttl, n in (("1h", long), ("5m", short)) if n])

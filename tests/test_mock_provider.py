@@ -1176,20 +1176,33 @@ def test_a_body_of_the_wrong_shape_is_a_400_as_providers_answer(http: httpx.Clie
 def test_cache_writes_are_reported_as_each_api_does(base_url: str, claude: anthropic.Anthropic,
                                                     oai: openai.OpenAI) -> None:
     """`x-mock-cache-write-tokens` / `x-mock-cache-write-1h-tokens`: part of the prompt written
-    to the cache, at most all of it, 1-hour first, in each API's own usage fields."""
+    to the cache, at most all of it, 1-hour first, in each API's own usage fields; only for a
+    request that marks something for caching (`cache_control`, Converse's `cachePoint`)."""
     prompt = n_tokens("Be brief.") + n_tokens("Hi Claude")
     headers = {"x-mock-cache-write-tokens": "1000", "x-mock-cache-write-1h-tokens": "2"}
-    message = claude.messages.create(model="claude-test", max_tokens=100, system="Be brief.",
+    system: Any = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    message = claude.messages.create(model="claude-test", max_tokens=100, system=system,
                                      messages=[{"role": "user", "content": "Hi Claude"}], extra_headers=headers)
     assert (message.usage.input_tokens, message.usage.cache_creation_input_tokens) == (0, prompt)
     assert message.usage.cache_creation is not None
     assert (message.usage.cache_creation.ephemeral_5m_input_tokens,
             message.usage.cache_creation.ephemeral_1h_input_tokens) == (prompt - 2, 2)
-    chat = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+    unmarked = claude.messages.create(model="claude-test", max_tokens=100, system="Be brief.",
+                                      messages=[{"role": "user", "content": "Hi Claude"}], extra_headers=headers)
+    assert (unmarked.usage.input_tokens, unmarked.usage.cache_creation_input_tokens) == (prompt, 0)
+    part: Any = {"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}
+    chat = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": [part]}],
                                        extra_headers={"x-mock-cache-write-tokens": "3"})
     assert chat.usage is not None and chat.usage.prompt_tokens_details is not None
     assert chat.usage.prompt_tokens_details.cache_write_tokens == 3
-    converse = post_bedrock(base_url, bedrock_body("Hi Bedrock"), headers={"x-mock-cache-write-1h-tokens": "2"})
+    chat = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+                                       extra_headers={"x-mock-cache-write-tokens": "3"})
+    assert chat.usage is not None and chat.usage.prompt_tokens_details is not None
+    assert chat.usage.prompt_tokens_details.cache_write_tokens is None
+    marked = bedrock_body(system=[{"text": "Be brief."}, {"cachePoint": {"type": "default", "ttl": "1h"}}])
+    converse = post_bedrock(base_url, marked, headers={"x-mock-cache-write-1h-tokens": "2"})
     usage = converse.json()["usage"]
     assert (usage["cacheWriteInputTokens"], usage["cacheDetails"]) == (2, [{"ttl": "1h", "inputTokens": 2}])
-    assert usage["inputTokens"] + 2 == n_tokens("Hi Bedrock")
+    assert usage["inputTokens"] + 2 == n_tokens("Be brief.") + n_tokens("Hi Bedrock")
+    usage = post_bedrock(base_url, bedrock_body(), headers={"x-mock-cache-write-1h-tokens": "2"}).json()["usage"]
+    assert "cacheWriteInputTokens" not in usage and usage["inputTokens"] == n_tokens("Hi Bedrock")
