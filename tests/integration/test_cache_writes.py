@@ -1,7 +1,8 @@
-"""Prompt-cache writes end to end: real Envoy, two replicas, real ext_proc processes, a shared
-Redis-protocol server, the mock provider playing Claude (Messages API), Converse and an
-OpenAI-compatible server in front of Claude (OpenRouter-style usage); real openai and
-anthropic SDK clients.
+"""Prompt-cache markers and writes end to end: real Envoy, two replicas, real ext_proc processes,
+a shared Redis-protocol server, the mock provider playing Claude (Messages API), Converse and
+an OpenAI-compatible server in front of Claude (OpenRouter-style usage); real openai and
+anthropic SDK clients. The mock writes to its cache only what a request marks, as providers do:
+the markers must arrive, in each provider's own shape, and be reserved for.
 
 Anthropic bills a cache write at 1.25x the input price (5-minute TTL) or 2x (1 hour), a read
 at 0.1x. What a budget is charged must be that bill, and no burst may push it past its limit.
@@ -32,10 +33,15 @@ NANO = 1_000_000_000
 # USD per 1M tokens: Claude Sonnet's list prices, and the multiples Anthropic bills cache traffic at.
 INPUT, OUTPUT = 3.0, 15.0
 WRITE_5M, WRITE_1H, READ = 1.25 * INPUT, 2 * INPUT, 0.1 * INPUT
-KEYS = {name: keys.generate(name) for name in ("bill", "claude-burst", "marked-burst", "unmarked")}
-BUDGETS = {"bill": 1.0, "claude-burst": 0.004, "marked-burst": 0.004, "unmarked": 1.0}
+KEYS = {name: keys.generate(name) for name in ("bill", "claude-burst", "marked-burst", "unmarked", "converse-burst")}
+BUDGETS = {"bill": 1.0, "claude-burst": 0.004, "marked-burst": 0.004, "unmarked": 1.0, "converse-burst": 0.004}
 # The system prompt a coding agent would mark for caching (long enough to be worth it).
 SYSTEM = "You are a careful reviewer of pull requests. " * 8
+EPHEMERAL, HOUR = {"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}
+# Marked for an hour, as an anthropic SDK client sends it.
+MARKED_SYSTEM: Any = [{"type": "text", "text": SYSTEM, "cache_control": HOUR}]
+WEATHER: Any = {"name": "get_weather", "description": "The weather in a city",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
 
 def cache_values(values: dict[str, Any], redis_url: str) -> None:
@@ -49,6 +55,12 @@ def cache_values(values: dict[str, Any], redis_url: str) -> None:
             "provider": "mock", "model": "anthropic/claude-sonnet-4.5", "maxTier": "internal",
             "pricing": {"input": INPUT, "output": OUTPUT, "cachedInput": READ, "cacheWrite": WRITE_5M,
                         "cacheWrite1h": WRITE_1H}}]})
+    # Claude on Bedrock alone (claude-chat reaches Converse only when Anthropic fails): its
+    # writes are priced by default, at Anthropic's multipliers.
+    values["models"].append({
+        "name": "converse-claude", "tokenizer": "o200k_base", "maxOutputTokens": 1024, "backends": [{
+            "provider": "mock-bedrock", "model": "anthropic.claude-mock-sonnet-v1:0", "maxTier": "internal",
+            "pricing": {"input": INPUT, "output": OUTPUT, "cachedInput": READ}}]})
     values["keys"] += [{"id": name, "sha256": keys.digest(KEYS[name]), "team": "demo",
                         "budget": {"daily": BUDGETS[name]}} for name in KEYS]
 
@@ -94,6 +106,21 @@ def router_bill(usage: Any, ttl_1h: bool) -> int:
                      + nano(OUTPUT, usage.completion_tokens))
 
 
+def converse_bill(usage: Any) -> int:
+    """A translated Converse usage (writes inside prompt_tokens, their 1-hour share beside) billed
+    as Anthropic bills Claude on Bedrock."""
+    details = usage.prompt_tokens_details.model_dump()
+    writes, long = details.get("cache_creation_tokens") or 0, details.get("cache_creation_1h_tokens") or 0
+    plain = usage.prompt_tokens - writes - (details.get("cached_tokens") or 0)
+    return math.ceil(nano(INPUT, plain) + nano(WRITE_5M, writes - long) + nano(WRITE_1H, long)
+                     + nano(OUTPUT, usage.completion_tokens))
+
+
+def sent_to(gw: Gateway, mock: str, path_end: str) -> list[dict[str, Any]]:
+    """The bodies a mock provider received on paths ending so, oldest first."""
+    return [r["body"] for r in gw.received(mock) if r["path"].endswith(path_end)]
+
+
 def over_reservations(*gws: Gateway) -> float:
     return sum(sample(httpx.get(g.stack.metrics_url).text, "genai_budget_events_total",
                       event="over_reservation") for g in gws)
@@ -122,8 +149,7 @@ def test_claude_cache_writes_are_charged_what_anthropic_bills(gw: Gateway) -> No
     for stream, headers in ((False, {"x-mock-cache-write-tokens": "40"}),
                             (False, {"x-mock-cache-write-tokens": "10", "x-mock-cache-write-1h-tokens": "30"}),
                             (True, {"x-mock-cache-write-1h-tokens": "1000"})):
-        request = {"model": "claude-chat", "max_tokens": 64, "extra_headers": headers,
-                   "system": [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+        request = {"model": "claude-chat", "max_tokens": 64, "extra_headers": headers, "system": MARKED_SYSTEM,
                    "messages": [{"role": "user", "content": "Review this diff."}]}
         if stream:  # the whole usage, its TTL split too, comes in message_delta (docs/providers.md)
             with client.messages.stream(**request) as events:
@@ -137,33 +163,30 @@ def test_claude_cache_writes_are_charged_what_anthropic_bills(gw: Gateway) -> No
             int(headers.get("x-mock-cache-write-1h-tokens", 0)), prompt), "ephemeral_5m_input_tokens": min(
             written, prompt) - min(int(headers.get("x-mock-cache-write-1h-tokens", 0)), prompt)}
         bills.append(claude_bill(usage))
-    sent = [r for r in gw.received(gw.backup) if r["path"].endswith("/messages")]
-    assert len(sent) == 3 and all(SYSTEM.strip() in r["body"]["system"] for r in sent)
-    # The markers never reach the Claude backend (docs/providers.md): the writes are the provider's.
-    assert all("cache_control" not in str(r["body"]) for r in sent)
+    # The marker reaches Claude where the client put it (docs/providers.md).
+    sent = sent_to(gw, gw.backup, "/messages")
+    assert len(sent) == 3 and all(body["system"] == MARKED_SYSTEM for body in sent)
     assert spent(gw, "bill") - before == sum(bills)
-    # A plain answer (no writes) is billed as before: all of its prompt at the input price.
-    plain = client.messages.create(model="claude-chat", max_tokens=64, messages=[{"role": "user", "content": "Hi"}])
+    # A plain answer (nothing marked, so nothing written) is billed as before: its prompt at the input price.
+    plain = client.messages.create(model="claude-chat", max_tokens=64, messages=[{"role": "user", "content": "Hi"}],
+                                   extra_headers={"x-mock-cache-write-tokens": "40"})
     assert plain.usage.cache_creation_input_tokens == 0
     assert spent(gw, "bill") - before == sum(bills) + claude_bill(plain.usage.model_dump())
 
 
 def test_a_burst_of_claude_cache_writes_never_passes_the_budget(replicas: tuple[Gateway, Gateway]) -> None:
-    """100 concurrent anthropic SDK requests at two replicas, each answered with its whole
-    prompt written to the 1-hour cache. Their markers do not reach Claude (docs/providers.md),
-    so the writes were not reserved for: a bill past its reservation (the budget clamped the
-    request's output cap) is charged the reservation and reported (`budget_over_reservation`,
-    with the bill). So the budget is charged exactly Anthropic's bills less what the gateway
-    reported above the reservations, and never more than its limit."""
+    """100 concurrent anthropic SDK requests at two replicas, their system prompt marked for an
+    hour, each answered with its whole prompt written to the 1-hour cache. The markers reach
+    Claude, so the writes are reserved for at the 1-hour write price: the budget is charged
+    exactly Anthropic's bills, never more than its limit, and no bill passes its reservation."""
     first, second = replicas
     headers = {"x-mock-cache-write-1h-tokens": "100000"}
-    logs = [g.stack.log_path("extproc") for g in (first, second)]
-    offsets = [len(log.read_bytes()) for log in logs]
+    events_before = over_reservations(first, second)
 
     async def one(client: anthropic.AsyncAnthropic) -> anthropic.types.Message | anthropic.APIStatusError:
         try:
             return await client.messages.create(
-                model="claude-chat", max_tokens=64, system=SYSTEM, extra_headers=headers,
+                model="claude-chat", max_tokens=64, system=MARKED_SYSTEM, extra_headers=headers,
                 messages=[{"role": "user", "content": "Review this diff."}])
         except anthropic.APIStatusError as err:
             return err
@@ -177,13 +200,9 @@ def test_a_burst_of_claude_cache_writes_never_passes_the_budget(replicas: tuple[
     assert {(r.status_code, r.body["error"]["code"]) for r in refused} == {(429, "budget_exceeded")}
     assert all(r.usage.cache_creation.ephemeral_1h_input_tokens > 0 for r in answered)
     total = spent(first, "claude-burst")
-    bills = sorted(claude_bill(r.usage.model_dump()) for r in answered)
-    over = [json.loads(line) for log, offset in zip(logs, offsets)
-            for line in log.read_bytes()[offset:].decode().splitlines() if "budget_over_reservation" in line]
-    assert all(entry["cost_nano"] in bills for entry in over)  # the gateway's cost is Anthropic's bill
-    assert total == sum(bills) - sum(e["cost_nano"] - e["reserved_nano"] for e in over)
-    assert total <= BUDGETS["claude-burst"] * NANO
+    assert total == sum(claude_bill(r.usage.model_dump()) for r in answered) <= BUDGETS["claude-burst"] * NANO
     assert spent(second, "claude-burst") == total
+    assert over_reservations(first, second) == events_before
 
 
 def test_cache_markers_forwarded_as_sent_are_reserved_at_the_write_price(replicas: tuple[Gateway, Gateway]) -> None:
@@ -228,4 +247,111 @@ def test_cache_markers_forwarded_as_sent_are_reserved_at_the_write_price(replica
     total = spent(first, "marked-burst")
     assert total == len(answered) * cost <= budget
     assert spent(second, "marked-burst") == total
+    assert over_reservations(first, second) == events_before
+
+
+def test_an_anthropic_sdk_clients_markers_reach_claude_where_it_put_them(gw: Gateway) -> None:
+    """Markers on a tool, the system prompt and a tool result (longer TTLs first, as Anthropic
+    requires) arrive on the same blocks of the Claude backend's request, and it writes."""
+    answer = claude_client(gw, "bill").messages.create(
+        model="claude-chat", max_tokens=64, system=MARKED_SYSTEM, tools=[{**WEATHER, "cache_control": HOUR}],
+        extra_headers={"x-mock-cache-write-tokens": "20"},
+        messages=[{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                     "input": {"city": "Paris"}}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "15 C",
+                                                "cache_control": EPHEMERAL},
+                                               {"type": "text", "text": "Thanks. Pack an umbrella?"}]}])
+    assert answer.usage.cache_creation_input_tokens == 20
+    [sent] = sent_to(gw, gw.backup, "/messages")
+    assert sent["system"] == MARKED_SYSTEM
+    assert sent["tools"] == [{**WEATHER, "cache_control": HOUR}]
+    assert sent["messages"][2]["content"] == [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "15 C", "cache_control": EPHEMERAL},
+        {"type": "text", "text": "Thanks. Pack an umbrella?"}]
+
+
+def test_an_openai_sdk_clients_marked_content_part_reaches_claude(gw: Gateway) -> None:
+    """A content part marked as OpenRouter and LiteLLM take it, at a model served by Claude."""
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["bill"], max_retries=0)
+    answer = client.chat.completions.create(
+        model="claude-chat", max_tokens=16, extra_headers={"x-mock-cache-write-1h-tokens": "30"},
+        messages=[{"role": "system", "content": [{"type": "text", "text": SYSTEM, "cache_control": HOUR}]},
+                  {"role": "user", "content": [{"type": "text", "text": "Review this diff.",
+                                                "cache_control": EPHEMERAL}]}])
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens_details.model_dump()["cache_creation_1h_tokens"] == 30
+    [sent] = sent_to(gw, gw.backup, "/messages")
+    assert sent["system"] == MARKED_SYSTEM
+    assert sent["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "Review this diff.", "cache_control": EPHEMERAL}]}]
+
+
+def test_a_converse_backend_gets_cache_points_after_the_marked_blocks(gw: Gateway) -> None:
+    """Converse's own shape: a cachePoint block (with the marker's TTL) after the marked tool,
+    system block and message block; its writes come back to the client."""
+    message = claude_client(gw, "bill").messages.create(
+        model="converse-claude", max_tokens=64, system=MARKED_SYSTEM, tools=[{**WEATHER, "cache_control": HOUR}],
+        extra_headers={"x-mock-cache-write-tokens": "20"},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?",
+                                                "cache_control": EPHEMERAL}]}])
+    assert message.usage.cache_creation_input_tokens == 20
+    [sent] = sent_to(gw, gw.backup, "/converse")
+    point_1h = {"cachePoint": {"type": "default", "ttl": "1h"}}
+    assert sent["system"] == [{"text": SYSTEM}, point_1h]
+    assert [tool for tool in sent["toolConfig"]["tools"] if "toolSpec" not in tool] == [point_1h]
+    assert sent["messages"] == [{"role": "user", "content": [{"text": "Weather in Paris?"},
+                                                             {"cachePoint": {"type": "default"}}]}]
+
+
+def test_a_marker_of_another_shape_is_refused_before_any_provider(gw: Gateway) -> None:
+    """400 invalid_request naming the marker's path, in the client's own terms; a fifth marker too."""
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["bill"], max_retries=0)
+    part = {"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "2h"}}
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="claude-chat", messages=[{"role": "user", "content": [part]}])
+    assert (bad.value.code, bad.value.param) == ("invalid_request", "messages[0].content[0].cache_control")
+    five: Any = [{"type": "text", "text": "x", "cache_control": EPHEMERAL}] * 5
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_client(gw, "bill").messages.create(model="claude-chat", max_tokens=8,
+                                                  messages=[{"role": "user", "content": five}])
+    error = refused.value.body["error"]  # type: ignore[index]
+    assert (error["code"], error["param"]) == ("invalid_request", "messages.0.content.4.cache_control")
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_client(gw, "bill").messages.create(
+            model="converse-claude", max_tokens=8, system=[{"type": "text", "text": "s", "cache_control": "yes"}],
+            messages=[{"role": "user", "content": "x"}])
+    assert refused.value.body["error"]["param"] == "system.0.cache_control"  # type: ignore[index]
+    assert gw.received(gw.primary) == gw.received(gw.backup) == []
+
+
+def test_a_burst_of_converse_cache_writes_never_passes_the_budget(replicas: tuple[Gateway, Gateway]) -> None:
+    """100 concurrent openai SDK requests at two replicas to Claude on Bedrock, the system part
+    marked for an hour, each answered with its whole prompt written for an hour: reserved at
+    the 1-hour write price, charged exactly the bills, never past the budget or a reservation."""
+    first, second = replicas
+    messages: Any = [{"role": "system", "content": [{"type": "text", "text": SYSTEM, "cache_control": HOUR}]},
+                     {"role": "user", "content": "Review this diff."}]
+    events_before = over_reservations(first, second)
+
+    async def one(client: openai.AsyncOpenAI) -> Any:
+        try:
+            return await client.chat.completions.create(
+                model="converse-claude", messages=messages, max_tokens=64,
+                extra_headers={"x-mock-cache-write-1h-tokens": "100000"})
+        except openai.APIStatusError as err:
+            return err
+
+    results = asyncio.run(burst(lambda: [
+        openai.AsyncOpenAI(base_url=f"{g.url}/v1", api_key=KEYS["converse-burst"], max_retries=0, timeout=60)
+        for g in (first, second)], one))
+    answered = [r for r in results if not isinstance(r, openai.APIStatusError)]
+    refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+    assert answered and refused, "the budget must be tight: some answered, some refused"
+    assert {(r.status_code, r.code) for r in refused} == {(429, "budget_exceeded")}
+    assert all(r.usage.prompt_tokens_details.model_dump()["cache_creation_1h_tokens"] == r.usage.prompt_tokens
+               for r in answered)
+    total = spent(first, "converse-burst")
+    assert total == sum(converse_bill(r.usage) for r in answered) <= BUDGETS["converse-burst"] * NANO
+    assert spent(second, "converse-burst") == total
     assert over_reservations(first, second) == events_before
