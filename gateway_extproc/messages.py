@@ -76,6 +76,17 @@ def to_chat(body: JSON) -> JSON:
     return out
 
 
+def drop_cache_markers(chat: JSON) -> None:
+    """`to_chat`'s request without the prompt-cache markers it carried over (where they sit)."""
+    for message in chat["messages"]:
+        message.pop("cache_control", None)
+        for holder in (*(message["content"] if isinstance(message.get("content"), list) else ()),
+                       *(message.get("tool_calls") or ())):
+            holder.pop("cache_control", None)
+    for tool in chat.get("tools") or ():
+        tool.pop("cache_control", None)
+
+
 def _system(system: Any, markers: list[str]) -> str | list[JSON]:
     if isinstance(system, str):
         return system

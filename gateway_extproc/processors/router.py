@@ -208,7 +208,6 @@ class RouterProcessor:
             body = await self.read_body(raw)
         finally:
             BODY_WORK.release(share)
-        self.cache_writes = api.cache_writes(raw)
         if self.runtime.budget is not None:
             await self.reserve(body)
         return self.forward(body)
@@ -220,6 +219,7 @@ class RouterProcessor:
         assert self.endpoint is not None and self.key is not None
         large = len(raw) + sum(len(h.text) for h in self.headers) > LARGE_BYTES  # headers are scanned with it
         body = await asyncio.to_thread(api.parse_json, raw) if large else api.parse_json(raw)
+        self.cache_writes = api.cache_writes(raw)
         if self.client == "anthropic":
             body = messages.to_chat(body)
         self.endpoint.validate(body)
@@ -231,6 +231,13 @@ class RouterProcessor:
         self.requested = model.name
         if not self.key.allows(model.name):
             raise GatewayError("model_not_allowed", f"Your key may not use the model {model.name!r}.", "model")
+        if self.client == "anthropic" and self.cache_writes and any(b.provider.kind in VERBATIM
+                                                                     for b in model.backends):
+            # A backend that gets the pivot as it is may refuse keys it does not know (strict
+            # OpenAI-compatible servers do, on a content part): an Anthropic client's markers
+            # reach a model served by Claude and Converse only, and ask for no writes elsewhere.
+            messages.drop_cache_markers(body)
+            self.cache_writes = None
         unserved = next((b for b in model.backends if self.endpoint.name not in SERVES[b.provider.kind]), None)
         if unserved is not None:
             kind = unserved.provider.kind

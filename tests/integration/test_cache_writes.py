@@ -287,6 +287,20 @@ def test_an_openai_sdk_clients_marked_content_part_reaches_claude(gw: Gateway) -
         {"type": "text", "text": "Review this diff.", "cache_control": EPHEMERAL}]}]
 
 
+def test_an_anthropic_sdk_clients_markers_never_reach_an_openai_schema_backend(gw: Gateway) -> None:
+    """A backend that gets the pivot as it is (strict OpenAI-compatible servers refuse keys
+    they do not know) gets no marker from an Anthropic client, and so writes nothing."""
+    message = claude_client(gw, "bill").messages.create(
+        model="router-claude", max_tokens=16, system=MARKED_SYSTEM, tools=[{**WEATHER, "cache_control": HOUR}],
+        extra_headers={"x-mock-cache-write-tokens": "20"},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?",
+                                                "cache_control": EPHEMERAL}]}])
+    assert message.usage.cache_creation_input_tokens == 0
+    [sent] = sent_to(gw, gw.primary, "/chat/completions")
+    assert "cache_control" not in json.dumps(sent)
+    assert sent["messages"][0]["content"][0]["text"] == SYSTEM and sent["tools"][0]["function"]["name"] == "get_weather"
+
+
 def test_a_converse_backend_gets_cache_points_after_the_marked_blocks(gw: Gateway) -> None:
     """Converse's own shape: a cachePoint block (with the marker's TTL) after the marked tool,
     system block and message block; its writes come back to the client."""
