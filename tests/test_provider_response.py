@@ -153,3 +153,23 @@ def test_every_gateway_credential_is_cut_not_only_the_answering_backends() -> No
     assert other not in out and other[-8:] not in out and "[credential removed]" in out
     cut = CredentialCut.of((other, own))
     assert cut is not None and other.encode() not in cut.feed(f"data: {other} {own}\n\n".encode(), True)
+
+
+_SECRETS = ("sk-live-ABCDEF/123456", 'AKIAEXAMPLE00:secret/sec"ret', "tok_ABCDEF/12")
+_FORMS = [f for s in (*_SECRETS, 'secret/sec"ret', "AKIAEXAMPLE00")
+          for f in {s, orjson.dumps(s)[1:-1].decode(), orjson.dumps(s)[1:-1].decode().replace("/", "\\/")}]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.text(alphabet='sk-liveABC/\\ \n"AKIAEXMPL0:secr', max_size=20), st.sampled_from(_FORMS)),
+                max_size=8), st.lists(st.integers(0, 300), max_size=10))
+def test_no_credential_of_several_survives_a_stream_however_split(parts: list[str], cuts: list[int]) -> None:
+    """Several credentials (a Bedrock pair among them), each whole, in part or JSON-escaped,
+    next to look-alikes, split anywhere: none comes out in any form."""
+    data = "".join(parts).encode()
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    pieces = [data[a:b] for a, b in zip(bounds, bounds[1:])] or [b""]
+    cut = CredentialCut.of(_SECRETS)
+    assert cut is not None
+    out = b"".join(cut.feed(p, i == len(pieces) - 1) for i, p in enumerate(pieces))
+    assert not any(form.encode() in out for form in _FORMS)
