@@ -93,6 +93,16 @@ class Policy:
             if isinstance(value, str) and len(value) <= 128:
                 known.setdefault(key, set()).add(value)
 
+    def clean_label(self, name: str, value: str | None) -> str | None:
+        """A provider's label (an answer's `model`, `id`, a `finish_reason`) as a span may carry
+        it: as it is when no rule finds anything in it, else None. The trace reads these from the
+        provider's bytes before output scanning rewrites them, so a value the client got as a
+        placeholder (or never, or in an `id`, which no scan reads) would reach the collector
+        whole. Labels already seen clean (`remember_labels`) are not read again."""
+        if value is None or value in self.known_labels.get(name, ()):
+            return value
+        return None if self.scanner.scan_strings([value]) else value
+
     def top(self, *tiers: str | None) -> str:
         return max((t for t in tiers if t), key=self.rank.__getitem__, default=self.cfg.tiers[0])
 

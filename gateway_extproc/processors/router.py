@@ -619,16 +619,21 @@ class RouterProcessor:
                 duration_s=duration, ttft_s=ttft, generated_tokens=usage.completion_tokens)
         self.account(spent)
         if self.trace is not None:
+            # The answer's labels come from the provider's bytes as they arrived: only clean ones
+            # go on the span (a value the client got redacted must not reach the collector).
+            label = self.runtime.policy.clean_label if self.runtime.policy is not None else lambda _n, v: v
+            reasons = tuple(r for r in usage.finish_reasons if label("finish_reason", r) is not None)
             # A stream the budget cut short ended with a `budget_exceeded` error event: a failed
             # operation for the conventions, though its status (sent before the cut) is 2xx.
             self.trace.finish(
                 status=self.status, error_code=self.error_code or ("budget_exceeded" if self.cut else None),
                 provider=backend.provider.kind if backend else None,
-                backend=self.backend, response_model=usage.response_model, input_tokens=usage.prompt_tokens,
+                backend=self.backend, response_model=label("model", usage.response_model),
+                input_tokens=usage.prompt_tokens,
                 output_tokens=usage.completion_tokens, duration_s=duration, ttft_s=ttft,
                 request_model=self.model.name if self.model else None, team=self.key.team if self.key else None,
-                server=backend.provider.base_url if backend else None, response_id=usage.response_id,
-                finish_reasons=usage.finish_reasons, genai=genai)
+                server=backend.provider.base_url if backend else None, response_id=label("id", usage.response_id),
+                finish_reasons=reasons, genai=genai)
         access_log.info(
             "access", outcome=outcome, request_id=self.request_id, method=self.method, path=self.path,
             key_id=self.key.id if self.key else None, team=self.key.team if self.key else None,
