@@ -605,7 +605,8 @@ class EmbeddingsGuard:
     """Scans an embeddings answer (`POST /v1/embeddings`, never streamed). Vectors carry no
     text, but the answer is a provider's JSON like any other: a string anywhere else in it
     (an echoed input, a provider's extension field) reaches the client, so every string but
-    the vectors (`embedding`: floats, or base64 with `encoding_format: base64`) is scanned and
+    the vectors (`embedding`: floats, or base64 of float32 bytes with `encoding_format: base64`;
+    text under that name, or base64 of text, is read like any other) is scanned and
     a value redacted in place (a blocked one too); a body that is no JSON object with a
     `data` list is no answer and is not forwarded (`provider_error`)."""
 
@@ -642,7 +643,9 @@ class EmbeddingsGuard:
         return ""
 
 
-_NOT_EMBEDDED_TEXT = BINARY_KEYS | {"embedding"}
+# The vectors (`embedding`) are skipped as blobs are (scanner._BLOB_KEYS): only when they are
+# one (floats, or base64 of float32 bytes); text a provider writes there is read like any.
+_NOT_EMBEDDED_TEXT = BINARY_KEYS
 
 # Answer headers that only Envoy or the gateway write (or whose values are HTTP's own syntax):
 # not a provider's text. Every other answer header is.

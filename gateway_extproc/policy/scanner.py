@@ -1233,9 +1233,11 @@ MAX_NODES = 1_000_000
 # base64 of bytes that are no UTF-8 text, at least `_OPAQUE_MIN` characters); anything else
 # under these names (plain text, a short value, an object) is caller text like any other:
 # the name is the caller's choice (`metadata.b64_json`, a tool parameter named `file_data`).
-# `data` is `input_audio.data`. Base64 data URIs are recognised wherever they are (`_text`).
+# `data` is `input_audio.data`; `embedding` an embeddings answer's vector with
+# `encoding_format: base64` (float32 bytes), which a provider writing text there does not
+# get past the scan. Base64 data URIs are recognised wherever they are (`_text`).
 BINARY_KEYS: frozenset[str] = frozenset({"input_audio", "file_data", "b64_json"})
-_BLOB_KEYS = BINARY_KEYS | {"data"}
+_BLOB_KEYS = BINARY_KEYS | {"data", "embedding"}
 _OPAQUE_MIN = 64
 _LINE_BREAKS = re.compile(r"\r?\n")  # base64 wrapped as MIME wraps it
 # Media types a provider reads as text (RFC 2397's default, text/plain, when none is given).

@@ -12,6 +12,7 @@ The replies are shaped with the mock provider's raw controls (`x-mock-raw-status
 
 from __future__ import annotations
 
+import array
 import base64
 import math
 import time
@@ -188,6 +189,39 @@ def test_a_value_in_an_embeddings_answer_never_leaves(gw: Gateway) -> None:
     assert not [leak for leak in LEAKS if leak in r.content], r.text
     if r.status_code == 200:
         assert r.json()["data"][0]["embedding"] == [0.1, 0.2]
+
+
+@pytest.mark.parametrize("case", ["text", "base64-of-text", "nested"])
+def test_text_under_an_embedding_key_never_leaves(gw: Gateway, case: str) -> None:
+    """`embedding` was skipped wherever it was, whatever it held: the vectors carry no text,
+    but a provider that wrote text there (or base64 of text, or an `embedding` string in an
+    extension field) handed it to the client unread. Now only a vector is skipped."""
+    data = [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]
+    body = {"object": "list", "model": "m", "usage": {"prompt_tokens": 1, "total_tokens": 1}, "data": data}
+    if case == "text":
+        data[0]["embedding"] = PII
+    elif case == "base64-of-text":
+        data[0]["embedding"] = b64(PII * 2)
+    else:
+        body["debug"] = {"embedding": PII}
+    r = post(gw, {"x-mock-raw-body": b64(orjson.dumps(body))}, path="/v1/embeddings",
+             body={"model": "default-embedding", "input": "hi"})
+    assert r.status_code == 200, r.text
+    got = r.json()["data"][0]["embedding"]
+    shown = r.content + (base64.b64decode(got + "==") if case == "base64-of-text" else b"")
+    assert not [leak for leak in LEAKS if leak in shown], r.text
+
+
+@pytest.mark.parametrize("dimensions", [8, 1536])
+def test_vectors_still_reach_the_openai_sdk_as_sent(gw: Gateway, dimensions: int) -> None:
+    """The other side: base64 float32 vectors (the SDK's default) go out byte for byte."""
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    got = client.embeddings.create(model="default-embedding", input=["hi", "there"], dimensions=dimensions)
+    [sent] = gw.received(gw.primary)
+    direct = httpx.post(gw.primary + "/v1/embeddings", json=sent["body"],
+                        headers={"authorization": sent["headers"]["authorization"]}).json()
+    assert [d.embedding for d in got.data] == [
+        list(array.array("f", base64.b64decode(d["embedding"]))) for d in direct["data"]]
 
 
 @pytest.mark.parametrize("junk", [b"junk", b"[1, 2]", b'{"object": "list"}'])
