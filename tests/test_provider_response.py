@@ -173,3 +173,12 @@ def test_no_credential_of_several_survives_a_stream_however_split(parts: list[st
     assert cut is not None
     out = b"".join(cut.feed(p, i == len(pieces) - 1) for i, p in enumerate(pieces))
     assert not any(form.encode() in out for form in _FORMS)
+
+
+def test_a_label_inside_a_bedrock_pairs_secret_is_no_piece_of_it() -> None:
+    """With every credential cut from every answer, the Bedrock pair `AKID…:sk-backup-…` (the
+    test stacks' shape) must not make `mock-backup/mock-secondary`, the header naming another
+    backend, read as a piece of it; its secret's own pieces still are."""
+    pair = "AKIDGATEWAYTEST:sk-backup-qz6XdYu5wqm7FtSCib8o"
+    headers = {"x-gateway-backend": "mock-backup/mock-secondary", "x-debug": "ends u5wqm7FtSCib8o"}
+    assert echoed_headers(headers, ("sk-primary-El4YfFP3mSZ4n8KQEHig", pair)) == ("x-debug",)

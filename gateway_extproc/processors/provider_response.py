@@ -112,10 +112,18 @@ def _windows(secrets: Secrets) -> tuple[frozenset[str], tuple[str, ...], tuple[s
     """Every run of PIECE characters of the credentials' parts past their labels; the parts;
     the runs' anchors (`_ANCHOR` characters at every `_STEP`-th offset); the parts lower-cased."""
     parts = credential_parts(secrets)
-    secrets = [_secret(p) for p in parts]
-    return (frozenset(s[i:i + PIECE] for s in secrets for i in range(len(s) - PIECE + 1)), parts,
-            tuple({s[i:i + _ANCHOR] for s in secrets for i in range(0, len(s) - _ANCHOR + 1, _STEP)}),
+    pieced = [_secret(p) for credential in secrets for p in _pieced(credential)]
+    return (frozenset(s[i:i + PIECE] for s in pieced for i in range(len(s) - PIECE + 1)), parts,
+            tuple({s[i:i + _ANCHOR] for s in pieced for i in range(0, len(s) - _ANCHOR + 1, _STEP)}),
             tuple(p.lower() for p in parts))
+
+
+def _pieced(credential: str) -> tuple[str, ...]:
+    """What a credential's pieces are read from: a Bedrock "key id:secret" by its parts, each
+    past its own label (the whole value's label would end at the id, and a label inside the
+    secret, `sk-backup-`, would be read as secret: `k-backup` is in `mock-backup`)."""
+    split = tuple(p for p in credential.split(":") if len(p) >= PIECE) if ":" in credential else ()
+    return split or ((credential,) if len(credential) >= PIECE else ())
 
 
 def cut_pieces(text: str, secrets: Secrets) -> str:
