@@ -354,9 +354,48 @@ def provider_added_input(endpoint: Endpoint, body: dict[str, Any]) -> str | None
         if held is None and isinstance(tools, list) and any(
                 not (isinstance(t, dict) and t.get("type") in _CALLER_TOOLS) for t in tools):
             held = "tools"
+        value = body.get("input")
+        if held is None and isinstance(value, list):
+            held = next((p for i, item in enumerate(value) if (p := _stored_item(item, f"input[{i}]"))), None)
         return held
-    if endpoint is CHAT and body.get("web_search_options") is not None:  # (search models: fetched pages)
-        return "web_search_options"
+    if endpoint is CHAT:
+        if body.get("web_search_options") is not None:  # (search models: fetched pages)
+            return "web_search_options"
+        return next((p for i, m in enumerate(body["messages"])
+                     if (p := _stored_parts(m.get("content"), f"messages[{i}].content"))), None)
+    return None
+
+
+def _stored_item(item: Any, param: str) -> str | None:
+    """A Responses input item that stands for content the provider keeps: an item reference
+    (`{"type": "item_reference", "id"}`, or an `id` alone: the type may be left out), or a
+    message or tool output whose parts name a stored or remote file."""
+    if not isinstance(item, dict):
+        return None
+    kind = item.get("type")
+    if kind == "item_reference" or (kind is None and "role" not in item and "id" in item):
+        return param
+    return _stored_parts(item.get("content"), f"{param}.content") or _stored_parts(item.get("output"),
+                                                                                  f"{param}.output")
+
+
+def _stored_parts(parts: Any, param: str) -> str | None:
+    """A content part naming a file the provider fetches or keeps (Responses `input_file` with a
+    `file_id` or `file_url`, chat's `file` part with a `file_id`): the provider reads the file (a
+    PDF's text and an image of every page) and bills it as input, while the request holds a
+    name. A file sent inline (`file_data`) is in the request and counted."""
+    if not isinstance(parts, list):
+        return None
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "input_file":
+            field = next((f for f in ("file_id", "file_url") if part.get(f) is not None), None)
+            if field is not None:
+                return f"{param}[{j}].{field}"
+        elif kind == "file" and isinstance(part.get("file"), dict) and part["file"].get("file_id") is not None:
+            return f"{param}[{j}].file.file_id"
     return None
 
 

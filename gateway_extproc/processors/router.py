@@ -299,10 +299,11 @@ class RouterProcessor:
         assert self.key is not None and self.prompt_tokens is not None
         if (held := api.provider_added_input(endpoint, body)) is not None:
             raise GatewayError("context_not_countable", f"`{held}` makes the provider add input of its own (an "
-                               "earlier conversation or a stored prompt it keeps, what a hosted tool fetches) "
-                               "whose tokens and fees the gateway cannot count before the request leaves, so no "
-                               "budget could hold its cost: send the conversation in `input` (`store: false`) "
-                               "and use function tools.", held)
+                               "earlier conversation, a stored item, file or prompt it keeps, a file it fetches, "
+                               "what a hosted tool fetches) whose tokens and fees the gateway cannot count before "
+                               "the request leaves, so no budget could hold its cost: send the conversation in "
+                               "`input` (`store: false`) and files inline (`file_data`), and use function tools.",
+                               held)
         choices = (body.get("n") or 1) if endpoint is api.CHAT else 1
         cap = caps.output_cap(body, endpoint.output_caps, model.max_output_tokens,
                               gate.settings.default_output_tokens, choices)
