@@ -16,6 +16,7 @@ import orjson
 import structlog
 
 from .providers.base import error_event, event_data, event_field
+from .tokens import TokenCount
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # A choice's finish reason in an OpenAI stream chunk, read without parsing the event (inside
@@ -23,8 +24,12 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
 # An event carrying generated text: a chat delta's content, refusal, reasoning or tool-call
 # arguments, or a Responses API text delta (non-empty; text inside a string is escaped, so
-# it never matches).
-_GENERATED = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta)":"(?!")')
+# it never matches). JSON may put whitespace around the colon (Python's json.dumps does).
+_GENERATED = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta)"\s*:\s*"(?!")')
+# The generated text itself (the JSON string after one of those keys, still escaped), counted for
+# a stream that ends without usage: one event may carry many tokens (a server that batches its
+# output, Azure's asynchronous content filter), so one token per event undercounts the bill.
+_GENERATED_TEXT = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta)"\s*:\s*"((?:[^"\\]|\\.)+)"')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
 # The largest token count read from a provider's usage (2**53: exact as a double, as Redis's Lua
@@ -136,10 +141,10 @@ class SseUsageTap:
     """
 
     __slots__ = ("drop_usage_chunk", "named", "usage", "_pending", "events", "content_events", "rewrite", "done",
-                 "finish_reasons", "limit", "over", "refused", "usage_unread")
+                 "finish_reasons", "limit", "over", "refused", "usage_unread", "count", "generated_tokens")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
-                 limit: int | None = None, named: bool = False) -> None:
+                 limit: int | None = None, named: bool = False, count: TokenCount | None = None) -> None:
         self.drop_usage_chunk = drop_usage_chunk
         self.named = named  # events keep their `event:` name (Responses API streams)
         # At most this many events of generated text are forwarded; from the one past it on, `over`
@@ -161,6 +166,10 @@ class SseUsageTap:
         # Events carrying generated text (`_GENERATED`): about one token each, the running
         # output estimate used before (or without) the provider's usage chunk.
         self.content_events = 0
+        # The tokens of that generated text (`count`: the model's tokenizer, each event's text on
+        # its own), what a stream that ended without usage is charged when above `content_events`.
+        self.count = count
+        self.generated_tokens = 0
         # `data: [DONE]` or an error event went by: the stream ended itself (not cut off).
         self.done = False
         # Every choice's finish reason, in stream order (the usage chunk has none).
@@ -181,6 +190,8 @@ class SseUsageTap:
             self.events += 1
             if _GENERATED.search(event) is not None:
                 self.content_events += 1
+                if self.count is not None:
+                    self.generated_tokens += self._text_tokens(event)
                 self.over = self.over or (self.limit is not None and self.content_events > self.limit)
             elif event.startswith(STREAM_ENDS):
                 self.done = True
@@ -229,6 +240,19 @@ class SseUsageTap:
             return out + b"\n\n"
         ends = [m.end() for m in _EVENT_END.finditer(out)]
         return out[:ends[-1]] if ends else b""
+
+    def _text_tokens(self, event: bytes) -> int:
+        """The tokens of the generated text one event carries (its escaped JSON strings decoded;
+        one left escaped if it cannot be, which counts it longer, never shorter)."""
+        assert self.count is not None
+        total = 0
+        for raw in _GENERATED_TEXT.findall(event):
+            try:
+                text = orjson.loads(b'"' + raw + b'"')
+            except orjson.JSONDecodeError:
+                text = raw.decode("utf-8", "replace")
+            total += self.count(text)
+        return total
 
     def _take_usage(self, event: bytes) -> bool:
         """Records usage from a usage-bearing event; True when it is a usage-only chunk."""

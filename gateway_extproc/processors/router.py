@@ -431,7 +431,8 @@ class RouterProcessor:
             if 200 <= self.status < 300 and content_type != "text/event-stream":
                 added["content-type"] = "text/event-stream"
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None,
-                                   self.cut_after, named=self.endpoint is api.RESPONSES)
+                                   self.cut_after, named=self.endpoint is api.RESPONSES,
+                                   count=tokens.counter(self.model.tokenizer) if self.model is not None else None)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
             # The stream may change length (translation, usage chunk dropped, redaction, budget cut): chunked.
@@ -661,7 +662,8 @@ class RouterProcessor:
     def consumed(self, backend: Backend | None) -> Consumed:
         """What the provider processed, priced at the backend that answered (else the model's
         worst price): its usage when known; for a stream that ended itself without usage, the
-        local prompt count and about one token per content event; else, when the provider may
+        local prompt count and the tokens of its generated text (at least one per content
+        event); else, when the provider may
         have worked (a stream cut off, garbled or left by its client before its end, a usage
         chunk whose counts cannot be read, a client gone before the answer, a 2xx JSON answer
         whose body was never read, a provider that reset the connection or timed out after it
@@ -683,7 +685,9 @@ class RouterProcessor:
             completion = usage.completion_tokens
         elif self.tap is not None and (self.tap.done and not self.tap.over and not self.tap.usage_unread
                                        and not self.unreadable_stream() or self.admission is None):
-            completion = self.tap.content_events  # a whole stream without usage: ~one token per event
+            # A whole stream without usage: the tokens of the text it generated, at least one per
+            # event (an event may carry many tokens: a server batching its output).
+            completion = max(self.tap.content_events, self.tap.generated_tokens)
         elif self.admission is not None:  # the provider's bill is unknown: at most the reservation
             r = self.admission.result
             return Consumed(r.reserved_nano, self.prompt_tokens or 0, r.output_tokens, True)

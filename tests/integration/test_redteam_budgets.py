@@ -3,8 +3,15 @@ each a request shape or a provider behaviour that once let a bill run past what 
 
 from __future__ import annotations
 
+import base64
+import json
+import time
+
+import httpx
 import openai
 import pytest
+
+from gateway_extproc import tokens
 
 from .conftest import Gateway
 
@@ -49,3 +56,62 @@ def test_stored_items_and_files_are_refused_under_a_budget(gw: Gateway, api: str
                                             "file_data": "data:text/plain;base64,aGVsbG8="},
                                            {"type": "input_text", "text": "summarize"}]}]
     assert client(gw).responses.create(model="default-chat", input=inline).status == "completed"
+
+
+def _spent(gw: Gateway) -> float:
+    budgets = httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {gw.key}"}).json()["budgets"]
+    return next(b["spent_usd"] for b in budgets if b["level"] == "key:demo" and b["window"] == "daily")
+
+
+def _settled(gw: Gateway, before: float, at_least: float) -> float:
+    """The key's spend since `before`, once it reaches `at_least` (settlement runs in the
+    background) or stops moving."""
+    last = -1.0
+    for _ in range(50):
+        now = _spent(gw) - before
+        if now >= at_least or (now == last and now > 0):
+            return now
+        last = now
+        time.sleep(0.1)
+    return _spent(gw) - before
+
+
+def _event(delta: dict, finish: str | None = None, separators: tuple[str, str] = (", ", ": ")) -> bytes:
+    chunk = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "model": "m",
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(chunk, separators=separators).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")], ids=["compact", "spaced"])
+@pytest.mark.parametrize("field", ["content", "tool_calls"])
+def test_stream_without_usage_is_charged_its_text_not_its_event_count(gw: Gateway, field: str,
+                                                                      separators: tuple[str, str]) -> None:
+    """An OpenAI-schema server that sends no usage chunk (include_usage ignored) and batches its
+    output into large events (many servers do; Azure's asynchronous content filter does) ended a
+    stream with [DONE] after 900 tokens in one event: the budget was charged the prompt plus one
+    token, 1/450th of the bill. Written with spaces after the colons (Python's json.dumps), its
+    events were not even seen as generated text: the prompt alone was charged, and the budget
+    backstop for a provider ignoring the cap counted nothing. The text it generated is what it
+    is charged (at most the reservation)."""
+    text = " ".join(["elephant"] * 900)
+    produced = tokens.counter("o200k_base")(text)
+    delta = {"content": text} if field == "content" else {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"t": text})}}]}
+    events = [_event({"role": "assistant", "content": ""}, None, separators), _event(delta, None, separators),
+              _event({}, "stop", separators), b"data: [DONE]\n\n"]
+    before = _spent(gw)
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30, headers={
+            "authorization": f"Bearer {gw.key}",
+            "x-mock-raw-events": json.dumps([base64.b64encode(e).decode() for e in events])},
+            json={"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
+        streamed = r.read()
+    assert r.status_code == 200 and streamed.rstrip().endswith(b"data: [DONE]")
+    assert produced >= 900
+    owed = produced * 20 / 1e6  # default-chat's output price: $20 per 1M tokens
+    assert _settled(gw, before, owed) >= owed
+    assert envoy_ready(gw)
+
+
+def envoy_ready(gw: Gateway) -> bool:
+    admin = gw.stack.values["envoy"]["admin"]["port"]
+    return httpx.get(f"http://127.0.0.1:{admin}/ready").text.strip() == "LIVE"
