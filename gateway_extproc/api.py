@@ -366,6 +366,16 @@ def provider_added_input(endpoint: Endpoint, body: dict[str, Any]) -> str | None
     return None
 
 
+# Processing tiers an OpenAI-schema provider bills above its standard prices (OpenAI's and
+# Azure's priority processing: about twice the per-token price), which are what `pricing` holds.
+_PREMIUM_TIERS = frozenset({"priority"})
+
+
+def premium_tier(endpoint: Endpoint, body: dict[str, Any]) -> bool:
+    """The request asks to be processed (and billed) at a premium tier (`service_tier`)."""
+    return endpoint is not EMBEDDINGS and body.get("service_tier") in _PREMIUM_TIERS
+
+
 def _stored_item(item: Any, param: str) -> str | None:
     """A Responses input item that stands for content the provider keeps: an item reference
     (`{"type": "item_reference", "id"}`, or an `id` alone: the type may be left out), or a

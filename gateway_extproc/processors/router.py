@@ -304,6 +304,10 @@ class RouterProcessor:
                                "the request leaves, so no budget could hold its cost: send the conversation in "
                                "`input` (`store: false`) and files inline (`file_data`), and use function tools.",
                                held)
+        if api.premium_tier(endpoint, body):
+            raise GatewayError("invalid_request", "`service_tier` \"priority\" is billed above the prices budgets "
+                               "are kept in, so no budget could hold its cost: leave it out, or send \"auto\", "
+                               "\"default\" or \"flex\".", "service_tier")
         choices = (body.get("n") or 1) if endpoint is api.CHAT else 1
         cap = caps.output_cap(body, endpoint.output_caps, model.max_output_tokens,
                               gate.settings.default_output_tokens, choices)

@@ -115,3 +115,29 @@ def test_stream_without_usage_is_charged_its_text_not_its_event_count(gw: Gatewa
 def envoy_ready(gw: Gateway) -> bool:
     admin = gw.stack.values["envoy"]["admin"]["port"]
     return httpx.get(f"http://127.0.0.1:{admin}/ready").text.strip() == "LIVE"
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_priority_processing_is_refused_under_a_budget(gw: Gateway, api: str) -> None:
+    """`service_tier: "priority"` went to the provider as sent: OpenAI bills priority processing
+    at about twice the standard per-token price, while the reservation and the settlement use
+    the backend's `pricing` (standard): every such request spent twice what the budget counted.
+    Nothing leaves; the standard tiers pass."""
+    before = len(gw.received(gw.primary))
+    c = client(gw)
+    with pytest.raises(openai.BadRequestError) as info:
+        if api == "chat":
+            c.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": "hi"}],
+                                      service_tier="priority")
+        else:
+            c.responses.create(model="default-chat", input="hi", service_tier="priority")
+    body = info.value.body
+    assert info.value.status_code == 400 and body["code"] == "invalid_request" and body["param"] == "service_tier"
+    assert len(gw.received(gw.primary)) == before
+    for tier in ("auto", "default", "flex"):
+        if api == "chat":
+            c.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": "hi"}],
+                                      service_tier=tier)
+        else:
+            c.responses.create(model="default-chat", input="hi", service_tier=tier)
+    assert len(gw.received(gw.primary)) == before + 3
