@@ -1,5 +1,5 @@
-"""Red-team findings on the budget promise (spend never exceeds a budget), through real Envoy,
-each a request shape or a provider behaviour that once let a bill run past what budgets charged."""
+"""Request shapes and provider behaviours that once let a provider's bill run past what budgets
+charged (spend never exceeds a budget), through real Envoy."""
 
 from __future__ import annotations
 
