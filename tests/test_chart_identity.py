@@ -75,6 +75,20 @@ def test_xfcc_is_sanitized_except_from_trusted_proxies() -> None:
     assert direct["route_config"] == proxy["route_config"] and direct["http_filters"] == proxy["http_filters"]
 
 
+def test_a_trusted_proxys_xfcc_is_kept_on_a_listener_without_client_certificates() -> None:
+    """APPEND_FORWARD drops XFCC from a connection that is not mTLS: behind a sidecar that
+    connects in plain HTTP (docs/mesh.md), no workload would ever be identified."""
+    for tls, client_ca in ((False, False), (True, False)):
+        values = identity_values(tls=tls)
+        if tls:
+            values["envoy"]["tls"] = {"enabled": True, "certificate": {"secretName": "", "dir": "/tls"},
+                                      "clientCA": {"enabled": client_ca, "secretName": "", "key": "ca.crt", "dir": "/ca"}}
+        chains = hcms(yaml.safe_load(render_values(values)["envoy.yaml"]))
+        assert chains["direct"]["filters"][0]["typed_config"]["forward_client_cert_details"] == "SANITIZE_SET"
+        proxy = chains["trusted_proxy"]["filters"][0]["typed_config"]
+        assert proxy["forward_client_cert_details"] == "ALWAYS_FORWARD_ONLY", (tls, client_ca)
+
+
 def test_without_identity_there_is_one_sanitizing_chain() -> None:
     envoy = yaml.safe_load(render_values(chart_values([]))["envoy.yaml"])
     chains = envoy["static_resources"]["listeners"][0]["filter_chains"]

@@ -75,11 +75,16 @@ static_resources:
     filter_chains:
     {{- /* identity (docs/identity.md): one chain per trust level of XFCC. Everyone: Envoy
     drops a client-sent XFCC and writes its own from the verified client certificate. Trusted
-    proxies (a mesh sidecar terminating mTLS, matched by source address): their XFCC is kept. */}}
+    proxies (a mesh sidecar terminating mTLS, matched by source address): their XFCC is kept.
+    APPEND_FORWARD keeps it only on an mTLS connection (Envoy drops XFCC from any other), so
+    on a listener that does not require client certificates (a sidecar connects in plain
+    HTTP, as Istio's does from 127.0.0.6) it is ALWAYS_FORWARD_ONLY: else no mesh caller
+    ever had a workload identity. */}}
     {{- $ident := $v.identity | default dict }}
     {{- $chains := list (dict "name" "direct" "xfcc" "SANITIZE_SET") }}
     {{- with (($ident.workloads | default dict).trustedProxies) }}
-    {{- $chains = append $chains (dict "name" "trusted_proxy" "xfcc" "APPEND_FORWARD" "sources" .) }}
+    {{- $mtls := and $v.envoy.tls.enabled $v.envoy.tls.clientCA.enabled }}
+    {{- $chains = append $chains (dict "name" "trusted_proxy" "xfcc" (ternary "APPEND_FORWARD" "ALWAYS_FORWARD_ONLY" $mtls) "sources" .) }}
     {{- end }}
     {{- range $chain := $chains }}
     - name: {{ $chain.name }}
