@@ -15,7 +15,7 @@ import yaml
 
 from gateway_extproc import api, config
 from gateway_extproc.localstack import envoy_binary
-from gateway_extproc.processors.router import UNKNOWN_PATH
+from gateway_extproc.processors.router import KNOWN_METHODS, UNKNOWN_PATH
 from gateway_extproc.render import CHART, RenderError, chart_values, render_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +123,11 @@ def test_envoys_logs_and_spans_name_the_endpoints_the_ext_proc_names() -> None:
     for listed, unknown in expressions:
         assert set(re.findall(r"'([^']*)'", listed)) == {*api.FORWARDED, api.MODELS_PATH, api.USAGE_PATH}
         assert unknown == UNKNOWN_PATH
+    # The method too: over HTTP/2 any token of the caller's making (a key) is one.
+    methods = re.findall(r"%CEL\(request\.method in \[([^\]]*)\] \? request\.method : '([^']*)'\)%", envoy)
+    assert len(methods) == 2  # the envoy_error line and the spans' http.method
+    for listed, other in methods:
+        assert set(re.findall(r"'([^']*)'", listed)) == KNOWN_METHODS and other == "other"
 
 
 def test_no_credential_value_is_ever_rendered(tmp_path: Path) -> None:

@@ -90,3 +90,46 @@ def test_a_trusted_proxys_xfcc_over_plain_http_names_the_workload(gw: Gateway) -
     # The same header from any other address is still dropped (and no key: 401).
     r = httpx.get(f"{gw.url}/v1/usage", headers=xfcc, timeout=10)
     assert r.status_code == 401 and code(r) == "missing_api_key", r.text
+
+
+# -- caller text in Envoy's own replies and log ----------------------------------------------
+
+
+def _h2_request(gw: Gateway, headers: list[tuple[str, str]]) -> tuple[dict[bytes, bytes], bytes]:
+    """One HTTP/2 request with exactly these headers (httpx would upper-case a method)."""
+    host, port = gw.url.rsplit("//", 1)[1].split(":")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False))
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        conn.initiate_connection()
+        conn.send_headers(1, headers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status: dict[bytes, bytes] = {}
+        body = b""
+        while True:
+            data = sock.recv(65536)
+            assert data, "Envoy closed the connection without an answer"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    return status, body
+            sock.sendall(conn.data_to_send())
+
+
+def test_a_key_sent_as_an_http2_method_is_never_written_to_envoys_log(gw: Gateway) -> None:
+    """HTTP/2 takes any token as a method; a refused token makes Envoy reply (and log) itself."""
+    method = DEMO_KEY + "-" + "m" * 10_000
+    headers, body = _h2_request(gw, [(":method", method), (":path", "/v1/models"), (":scheme", "http"),
+                                      (":authority", "gateway"), ("authorization", "Bearer aaa.bbb.ccc")])
+    assert headers[b":status"] == b"401", (headers, body)
+    assert json.loads(body)["error"]["code"] == "invalid_token"
+    request_id = headers[b"x-request-id"].decode()
+    time.sleep(0.5)  # Envoy's stdout log
+    logs = gw.logs()
+    assert DEMO_KEY.split("_", 2)[2] not in logs
+    [line] = [json.loads(x) for x in logs.splitlines() if request_id in x and '"envoy_error"' in x]
+    assert line["method"] == "other" and line["error_code"] == "invalid_token", line

@@ -195,7 +195,7 @@ static_resources:
                   outcome: error
                   request_id: "%REQ(X-REQUEST-ID)%"
                   start_time: "%START_TIME%"
-                  method: "%REQ(:METHOD)%"
+                  method: {{ include "gateway-extproc.loggedMethod" $ | quote }}
                   path: {{ include "gateway-extproc.loggedPath" $ | quote }}
                   status: "%RESPONSE_CODE%"
                   error_code: "%RESP(X-GATEWAY-ERROR-CODE)%"

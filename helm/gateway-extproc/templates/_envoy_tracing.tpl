@@ -11,10 +11,12 @@ Included by _envoy.tpl: the HCM's `tracing` and the collector's cluster.
 tracing:
   random_sampling: {value: {{ $t.samplingPercent }}}
   spawn_upstream_span: true
-  # Envoy tags every span with the caller's URL, user agent and x-client-trace-id as sent, and
-  # a caller may put a key in any of them. Custom tags are set after those and replace them.
+  # Envoy tags every span with the caller's URL, method, user agent and x-client-trace-id as
+  # sent, and a caller may put a key in any of them. Custom tags are set after those and
+  # replace them.
   custom_tags:
   - {tag: http.url, value: {{ include "gateway-extproc.loggedPath" . | quote }}}
+  - {tag: http.method, value: {{ include "gateway-extproc.loggedMethod" . | quote }}}
   - {tag: user_agent, literal: {value: "-"}}
   - {tag: "guid:x-client-trace-id", literal: {value: "-"}}
   provider:

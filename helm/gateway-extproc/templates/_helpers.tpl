@@ -89,3 +89,12 @@ path of its own making; neither is ever written.
 {{- define "gateway-extproc.loggedPath" -}}
 %CEL(request.url_path in ['/v1/chat/completions', '/v1/embeddings', '/v1/responses', '/v1/messages', '/v1/models', '/v1/usage'] ? request.url_path : '(unknown)')%
 {{- end -}}
+
+{{/*
+The method Envoy's logs and spans name a request by: one HTTP defines, or "other" as in the
+ext_proc's access line (processors/router.py KNOWN_METHODS). Over HTTP/2 a method is any
+token a caller makes up, up to the 60 KiB header limit: a key sent as one was written whole.
+*/}}
+{{- define "gateway-extproc.loggedMethod" -}}
+%CEL(request.method in ['GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'HEAD', 'OPTIONS'] ? request.method : 'other')%
+{{- end -}}
