@@ -133,3 +133,14 @@ def test_a_key_sent_as_an_http2_method_is_never_written_to_envoys_log(gw: Gatewa
     assert DEMO_KEY.split("_", 2)[2] not in logs
     [line] = [json.loads(x) for x in logs.splitlines() if request_id in x and '"envoy_error"' in x]
     assert line["method"] == "other" and line["error_code"] == "invalid_token", line
+
+
+def test_a_refused_tokens_challenge_does_not_echo_the_url_or_host(gw: Gateway) -> None:
+    """jwt_authn's `www-authenticate` quoted `http://<Host><path>?<query>` as sent: a key in the
+    query string (`?key=`, as Gemini clients send theirs) came back in a response header."""
+    r = httpx.get(f"{gw.url}/v1/models", params={"key": DEMO_KEY}, timeout=10,
+                  headers={"Authorization": "Bearer aaa.bbb.ccc", "Host": "gwk_host_hostsecret.example"})
+    assert r.status_code == 401 and code(r) == "invalid_token", r.text
+    assert r.headers.get("www-authenticate") == 'Bearer error="invalid_token"', r.headers
+    for name, value in r.headers.items():
+        assert DEMO_KEY.split("_", 2)[2] not in value and "hostsecret" not in value, (name, value)

@@ -173,6 +173,12 @@ static_resources:
               headers_to_add:
               - header: {key: x-gateway-error-code, value: {{ index $m 2 }}}
                 append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              {{- if eq (index $m 2) "invalid_token" }}
+              # jwt_authn's own challenge quotes the URL as sent (`realm="http://<Host><path>?<query>"`):
+              # caller text, a key in the query string (`?key=`) included, echoed back unbounded.
+              - header: {key: www-authenticate, value: 'Bearer error="invalid_token"'}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              {{- end }}
               body_format_override:
                 json_format:
                   error: {message: {{ index $m 4 | quote }}, type: {{ index $m 3 }}, code: {{ index $m 2 }}, param: null}
