@@ -46,7 +46,7 @@ _PROVIDER_OPTIONS: dict[str, tuple[tuple[str, bool, tuple[str, ...] | None], ...
 _ALL_PROVIDER_OPTIONS = {o[0] for opts in _PROVIDER_OPTIONS.values() for o in opts}
 MODES = ("monitor", "soft", "enforce")
 KEY_ID = ID  # key ids, and other names of the same form
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 class ConfigError(ValueError):

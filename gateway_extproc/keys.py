@@ -16,7 +16,7 @@ import re
 import secrets
 
 PREFIX = "gwk_"
-ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+ID = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: `$` also matched before a final newline
 # Compared against when the id is unknown, so unknown ids cost the same as wrong secrets.
 DUMMY = hashlib.sha256(b"gateway-extproc-dummy").hexdigest()
 

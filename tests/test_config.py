@@ -325,6 +325,10 @@ ERRORS: list[tuple[str, Mutate, str, str]] = [
      "must be lowercase letters, digits and '-' (max 63)"),
     ("key-id-too-long", _set("keys.1.id", "a" * 64), "keys[1].id",
      "must be lowercase letters, digits and '-' (max 63)"),
+    # (`$` matched before a final newline, which a YAML `|` block scalar ends in: accepted,
+    # the key never matched)
+    ("key-sha256-final-newline", _set("keys.0.sha256", DIGEST + "\n"), "keys[0].sha256",
+     "must be 64 lowercase hex digits; use `gateway-extproc keys create`"),
     ("key-sha256-missing", _del("keys.0.sha256"), "keys[0].sha256", "must be a non-empty string"),
     ("key-sha256-short", _set("keys.0.sha256", DIGEST[:-1]), "keys[0].sha256",
      "must be 64 lowercase hex digits; use `gateway-extproc keys create`"),

@@ -144,3 +144,22 @@ def test_a_refused_tokens_challenge_does_not_echo_the_url_or_host(gw: Gateway) -
     assert r.headers.get("www-authenticate") == 'Bearer error="invalid_token"', r.headers
     for name, value in r.headers.items():
         assert DEMO_KEY.split("_", 2)[2] not in value and "hostsecret" not in value, (name, value)
+
+
+# -- the key admin API -----------------------------------------------------------------------
+
+
+def admin(gw: Gateway, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    port = gw.stack.values["identity"]["keyAdmin"]["port"]
+    return httpx.request(method, f"http://127.0.0.1:{port}{path}", timeout=10,
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, **kwargs)
+
+
+@pytest.mark.parametrize("id_", ["nl\n", "ok\n", "a\n"])
+def test_an_admin_key_id_with_a_final_newline_is_refused(gw: Gateway, id_: str) -> None:
+    """`$` matched before a final newline: the key was created, its secret held a line break
+    (no HTTP header can carry it) and no admin path can name it to revoke it."""
+    r = admin(gw, "POST", "/admin/keys", json={"team": "demo", "id": id_})
+    assert r.status_code == 400 and code(r) == "invalid_request" and r.json()["error"]["param"] == "id", r.text
+    listed = admin(gw, "GET", "/admin/keys").json()["data"]
+    assert not any("\n" in k["id"] for k in listed), listed
