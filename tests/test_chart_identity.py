@@ -124,7 +124,8 @@ def test_jwt_authn_runs_before_the_ext_proc_and_hands_over_claims_as_metadata() 
     assert jwt["providers"]["cloud"]["remote_jwks"]["http_uri"]["cluster"] == "jwks.cloud"
     assert jwt["providers"]["cloud"]["remote_jwks"]["cache_duration"] == "300s"
     skip, verify = jwt["rules"]
-    assert "requires" not in skip and skip["match"]["headers"][0]["string_match"] == {"prefix": "Bearer gwk_"}
+    assert "requires" not in skip and skip["match"]["headers"][0]["string_match"] == {
+        "safe_regex": {"regex": "(?i)bearer [ \\t]*gwk_.*"}}
     assert verify["requires"]["requires_any"]["requirements"] == [
         {"provider_name": "corp"}, {"provider_name": "cloud"}, {"allow_missing": {}}]
     ext_proc = filters[1]["typed_config"]

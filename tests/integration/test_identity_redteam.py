@@ -146,6 +146,17 @@ def test_a_refused_tokens_challenge_does_not_echo_the_url_or_host(gw: Gateway) -
         assert DEMO_KEY.split("_", 2)[2] not in value and "hostsecret" not in value, (name, value)
 
 
+@pytest.mark.parametrize("form", ["Bearer  {}", "bearer {}", "BEARER   {}", "Bearer {}"])
+def test_a_gateway_key_is_served_in_every_form_with_an_oidc_issuer_too(gw: Gateway, form: str) -> None:
+    """Without OIDC these forms are the key (test_identity_attacks' forms); jwt_authn skipped
+    only the exact prefix `Bearer gwk_`, so two spaces made the key a JWT to verify: 401
+    invalid_token `Jwt_is_not_in_the_form...` for a valid key, only once OIDC was on."""
+    r = httpx.get(f"{gw.url}/v1/usage", headers={"Authorization": form.format(DEMO_KEY)}, timeout=10)
+    assert r.status_code == 200 and r.json()["key_id"] == "demo", r.text
+    wrong = httpx.get(f"{gw.url}/v1/usage", headers={"Authorization": form.format(DEMO_KEY + "x")}, timeout=10)
+    assert wrong.status_code == 401 and code(wrong) == "invalid_api_key", wrong.text
+
+
 # -- the key admin API -----------------------------------------------------------------------
 
 

@@ -579,9 +579,12 @@ ext_proc then needs a key or a workload identity).
         {{- end }}
       {{- end }}
     rules:
+    # A gateway key in every form the ext_proc reads as one (identity.presented_key: the scheme
+    # in any case, then spaces): a prefix "Bearer gwk_" sent `bearer` or `Bearer  gwk_...` to be
+    # verified as a JWT, so a key that works without OIDC was 401 invalid_token with it.
     - match:
         prefix: /
-        headers: [{name: authorization, string_match: {prefix: "Bearer gwk_"}}]
+        headers: [{name: authorization, string_match: {safe_regex: {regex: '(?i)bearer [ \t]*gwk_.*'}}}]
     - match: {prefix: /}
       requires:
         requires_any:
