@@ -1,4 +1,4 @@
-"""Identity seams found by red-teaming, end to end through real Envoy and real clients.
+"""Identity on a mesh-shaped listener, end to end through real Envoy and real clients.
 
 One gateway on a plain-HTTP listener (as behind a mesh sidecar: docs/mesh.md) with a
 trusted proxy address (127.0.0.2), a SPIFFE principal, an OIDC issuer (inline JWKS) and the
