@@ -136,7 +136,7 @@ class FileKeyLookup:
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.checked = -CACHE_SECONDS
-        self.stamp: tuple[int, int] | None = None
+        self.stamp: tuple[int, int, int] | None = None
         self.entries: dict[str, StoredEntry] = {}
         self.broken: str | None = None  # why the file could not be read, until it can
 
@@ -160,7 +160,9 @@ class FileKeyLookup:
         except OSError as exc:
             self.broken = exc.strerror or type(exc).__name__
             return
-        stamp = (st.st_mtime_ns, st.st_size)
+        # The inode too: every write renames a new file into place (`write_file`), so two writes
+        # of one size within the file system's timestamp tick still differ.
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self.stamp:
             try:
                 self.entries = {id_: entry(r) for id_, r in read_file(self.path).items()}

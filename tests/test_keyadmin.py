@@ -321,6 +321,31 @@ def test_an_unreadable_key_file_fails_closed_then_recovers(tmp_path: Path, conte
     assert asyncio.run(get()) is not None
 
 
+def test_a_rewrite_of_one_size_within_one_timestamp_tick_is_still_read(tmp_path: Path) -> None:
+    """Revoking a key rewrites the file whole (a rename): two writes of one size within the
+    file system's timestamp tick must not leave workers on the first (a revoked key served)."""
+    import os
+
+    from gateway_extproc import keystore
+
+    path = tmp_path / "keys.json"
+    record = dict.fromkeys(FIELDS, "")
+    record.update(id="svc", sha256="0" * 64, team="demo", expires_at="2030-01-01T00:00:00+00:00")
+    keystore.write_file(path, {"svc": record})
+    lookup = keystore.FileKeyLookup(str(path))
+
+    async def get() -> object:
+        lookup.checked = -keystore.CACHE_SECONDS  # as after the workers' 1 s
+        return await lookup.get("svc")
+
+    first = asyncio.run(get())
+    stamp = path.stat().st_mtime_ns
+    keystore.write_file(path, {"svc": {**record, "expires_at": "2020-01-01T00:00:00+00:00"}})  # same size
+    os.utime(path, ns=(stamp, stamp))  # within the same tick
+    second = asyncio.run(get())
+    assert first != second
+
+
 def test_a_refused_call_records_no_caller_text_but_a_route(audited: AdminApp, tmp_path: Path) -> None:
     """An unauthenticated caller chooses the path and the method: a key pasted into either
     must not land in the audit trail (kept for years), nor be quoted back."""
