@@ -126,6 +126,10 @@ def _require(ok: bool, param: str, message: str) -> None:
 def _check_common(body: dict[str, Any]) -> None:
     _require(isinstance(body.get("model"), str) and body["model"] != "", "model",
              "`model` is required and must be a string.")
+    # OpenRouter's `models`: the models it may switch to when the first fails. Forwarded, it
+    # would let a provider serve a model the key may not use, at a price no budget holds.
+    _require("models" not in body, "models", "`models` (a provider-side fallback list) is not accepted: "
+             "the gateway's model names its backends and their fallback order.")
 
 
 def _positive_int(body: dict[str, Any], name: str) -> None:

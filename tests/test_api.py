@@ -531,3 +531,14 @@ def test_cache_markers_in_plain_bodies() -> None:
     assert api.cache_writes(b'{"messages":[{"role":"user","content":[{"type":"text","text":"x",'
                             b'"cache_control":{"type":"ephemeral"}}]}]}') == "5m"
     assert api.cache_writes(b'{"cache_control": {"type": "ephemeral", "ttl": "1h"}}') == "1h"
+
+
+@pytest.mark.parametrize("endpoint", [api.CHAT, api.RESPONSES, api.EMBEDDINGS])
+def test_a_provider_side_fallback_list_is_refused(endpoint: api.Endpoint) -> None:
+    """OpenRouter's `models` lets the provider switch to models the key may not use, at prices
+    no budget holds."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "input": "hi",
+            "models": ["anthropic/claude-opus-4", "openai/o3-pro"]}
+    with pytest.raises(GatewayError) as err:
+        endpoint.validate(body)
+    assert (err.value.code, err.value.param) == ("invalid_request", "models")

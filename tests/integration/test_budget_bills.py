@@ -141,3 +141,22 @@ def test_priority_processing_is_refused_under_a_budget(gw: Gateway, api: str) ->
         else:
             c.responses.create(model="default-chat", input="hi", service_tier=tier)
     assert len(gw.received(gw.primary)) == before + 3
+
+
+@pytest.mark.parametrize("api", ["chat", "responses", "embeddings"])
+def test_a_provider_side_fallback_list_never_leaves(gw: Gateway, api: str) -> None:
+    """OpenRouter's `models` would let the provider switch to models the key may not use, at
+    prices no budget holds: refused before any provider."""
+    before = len(gw.received(gw.primary))
+    c, fallbacks = client(gw), {"models": ["anthropic/claude-opus-4", "openai/o3-pro"]}
+    with pytest.raises(openai.BadRequestError) as info:
+        if api == "chat":
+            c.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": "hi"}],
+                                      extra_body=fallbacks)
+        elif api == "responses":
+            c.responses.create(model="default-chat", input="hi", extra_body=fallbacks)
+        else:
+            c.embeddings.create(model="default-chat", input="hi", extra_body=fallbacks)
+    body = info.value.body
+    assert info.value.status_code == 400 and body["code"] == "invalid_request" and body["param"] == "models"
+    assert len(gw.received(gw.primary)) == before
