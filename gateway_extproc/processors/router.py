@@ -396,6 +396,18 @@ class RouterProcessor:
             if withheld := withheld_headers(guard.policy, guard.params, guard.team, h):
                 log.warning("provider_header_withheld", backend=backend.id, headers=len(withheld))
                 remove = (*remove, *withheld)
+        if self.error_code is None and backend is not None and (
+                len(msg.headers.headers) > api.MAX_HEADER_COUNT
+                or sum(len(x.key) + len(x.raw_value) for x in msg.headers.headers) > api.MAX_HEADER_BYTES):
+            # Envoy checks its header limits again on every ext_proc mutation: the gateway's
+            # own headers (backend, attempts, tokens, budget) on an answer already near them
+            # failed the request as Envoy's 503 `gateway_unavailable` (details
+            # header_mutation_result_exceeds_limit), blaming a healthy gateway, every time.
+            # The same headroom as for requests (api.check_header_room); charged the reservation.
+            log.warning("provider_reply_headers_too_large", backend=backend.id, headers=len(msg.headers.headers))
+            return self.reject(GatewayError("provider_error", "The provider answered with more headers than the "
+                                            f"gateway can pass on ({api.MAX_HEADER_COUNT} lines, "
+                                            f"{api.MAX_HEADER_BYTES} bytes); its answer was not forwarded."))
         if 300 <= self.status < 400 and self.error_code is None and backend is not None:
             # A provider's redirect is not followed (its target is no backend Envoy knows) nor
             # passed on: it would send the caller around the gateway to the provider's URL.

@@ -467,3 +467,22 @@ def test_a_value_in_an_embeddings_error_never_leaves(gw: Gateway) -> None:
              body={"model": "default-embedding", "input": "hi"})
     assert r.status_code == 400 and r.json()["error"]["message"], r.text
     assert not [leak for leak in LEAKS if leak in r.content], r.text
+
+
+@pytest.mark.parametrize("model", ["private-chat", "default-chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_with_headers_near_envoys_limit_is_a_provider_error_not_the_gateways(
+        gw: Gateway, model: str, stream: bool) -> None:
+    """90 header lines from a provider (under Envoy's own 100): the gateway's headers on top of
+    them made Envoy refuse the ext_proc's mutation (`header_mutation_result_exceeds_limit`) and
+    answer 503 `gateway_unavailable`, every time, for an answer the provider had billed. It is
+    the provider's answer that cannot pass: 502 `provider_error`, charged like any answer the
+    client did not get (the reservation), and the gateway serves on."""
+    key = KEYS[next(_next)]
+    many = orjson.dumps({f"x-provider-{i}": "v" for i in range(90)}).decode()
+    r = post(gw, {"x-mock-response-headers": many}, model=model, stream=stream, key=key)
+    assert_openai_error(r, 502, "provider_error")
+    assert "headers" in r.json()["error"]["message"]
+    usd, _ = spent(gw, key)
+    assert usd > 0  # the provider processed it: never charged $0
+    assert post(gw, {}, model=model, stream=stream).status_code == 200
