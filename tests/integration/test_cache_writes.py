@@ -140,6 +140,20 @@ async def burst(clients: Callable[[], list[Any]], call: Callable[[Any], Awaitabl
             await client.close()
 
 
+def chat_burst(replicas: tuple[Gateway, Gateway], key: str, **create: Any) -> tuple[list[Any], list[Any]]:
+    """100 concurrent openai SDK chat requests spread over the replicas: (answered, refused)."""
+    async def one(client: openai.AsyncOpenAI) -> Any:
+        try:
+            return await client.chat.completions.create(**create)
+        except openai.APIStatusError as err:
+            return err
+
+    results = asyncio.run(burst(lambda: [openai.AsyncOpenAI(base_url=f"{g.url}/v1", api_key=KEYS[key], max_retries=0,
+                                                            timeout=60) for g in replicas], one))
+    return ([r for r in results if not isinstance(r, openai.APIStatusError)],
+            [r for r in results if isinstance(r, openai.APIStatusError)])
+
+
 def test_claude_cache_writes_are_charged_what_anthropic_bills(gw: Gateway) -> None:
     """JSON and streamed, 5-minute and 1-hour writes: the client's usage shows them as
     Anthropic does, and the budget is charged exactly Anthropic's bill for that usage."""
@@ -228,18 +242,8 @@ def test_cache_markers_forwarded_as_sent_are_reserved_at_the_write_price(replica
     assert sent["body"]["messages"][0]["content"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     events_before = over_reservations(first, second)
 
-    async def one(client: openai.AsyncOpenAI) -> Any:
-        try:
-            return await client.chat.completions.create(model="router-claude", messages=messages, max_tokens=1,
-                                                        extra_headers=headers)
-        except openai.APIStatusError as err:
-            return err
-
-    results = asyncio.run(burst(lambda: [
-        openai.AsyncOpenAI(base_url=f"{g.url}/v1", api_key=KEYS["marked-burst"], max_retries=0, timeout=60)
-        for g in (first, second)], one))
-    answered = [r for r in results if not isinstance(r, openai.APIStatusError)]
-    refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+    answered, refused = chat_burst(replicas, "marked-burst", model="router-claude", messages=messages, max_tokens=1,
+                                   extra_headers=headers)
     assert {(r.status_code, r.code) for r in refused} == {(429, "budget_exceeded")}
     budget = round(BUDGETS["marked-burst"] * NANO)
     assert len(answered) == budget // cost
@@ -287,14 +291,20 @@ def test_an_openai_sdk_clients_marked_content_part_reaches_claude(gw: Gateway) -
         {"type": "text", "text": "Review this diff.", "cache_control": EPHEMERAL}]}]
 
 
-def test_an_anthropic_sdk_clients_markers_never_reach_an_openai_schema_backend(gw: Gateway) -> None:
-    """A backend that gets the pivot as it is (strict OpenAI-compatible servers refuse keys
-    they do not know) gets no marker from an Anthropic client, and so writes nothing."""
-    message = claude_client(gw, "bill").messages.create(
-        model="router-claude", max_tokens=16, system=MARKED_SYSTEM, tools=[{**WEATHER, "cache_control": HOUR}],
+def marked_weather(gw: Gateway, model: str) -> Any:
+    """An anthropic SDK request with its system prompt, tool and question marked for caching,
+    the provider asked to write 20 tokens (it writes only what arrives marked)."""
+    return claude_client(gw, "bill").messages.create(
+        model=model, max_tokens=64, system=MARKED_SYSTEM, tools=[{**WEATHER, "cache_control": HOUR}],
         extra_headers={"x-mock-cache-write-tokens": "20"},
         messages=[{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?",
                                                 "cache_control": EPHEMERAL}]}])
+
+
+def test_an_anthropic_sdk_clients_markers_never_reach_an_openai_schema_backend(gw: Gateway) -> None:
+    """A backend that gets the pivot as it is (strict OpenAI-compatible servers refuse keys
+    they do not know) gets no marker from an Anthropic client, and so writes nothing."""
+    message = marked_weather(gw, "router-claude")
     assert message.usage.cache_creation_input_tokens == 0
     [sent] = sent_to(gw, gw.primary, "/chat/completions")
     assert "cache_control" not in json.dumps(sent)
@@ -304,11 +314,7 @@ def test_an_anthropic_sdk_clients_markers_never_reach_an_openai_schema_backend(g
 def test_a_converse_backend_gets_cache_points_after_the_marked_blocks(gw: Gateway) -> None:
     """Converse's own shape: a cachePoint block (with the marker's TTL) after the marked tool,
     system block and message block; its writes come back to the client."""
-    message = claude_client(gw, "bill").messages.create(
-        model="converse-claude", max_tokens=64, system=MARKED_SYSTEM, tools=[{**WEATHER, "cache_control": HOUR}],
-        extra_headers={"x-mock-cache-write-tokens": "20"},
-        messages=[{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?",
-                                                "cache_control": EPHEMERAL}]}])
+    message = marked_weather(gw, "converse-claude")
     assert message.usage.cache_creation_input_tokens == 20
     [sent] = sent_to(gw, gw.backup, "/converse")
     point_1h = {"cachePoint": {"type": "default", "ttl": "1h"}}
@@ -348,19 +354,8 @@ def test_a_burst_of_converse_cache_writes_never_passes_the_budget(replicas: tupl
                      {"role": "user", "content": "Review this diff."}]
     events_before = over_reservations(first, second)
 
-    async def one(client: openai.AsyncOpenAI) -> Any:
-        try:
-            return await client.chat.completions.create(
-                model="converse-claude", messages=messages, max_tokens=64,
-                extra_headers={"x-mock-cache-write-1h-tokens": "100000"})
-        except openai.APIStatusError as err:
-            return err
-
-    results = asyncio.run(burst(lambda: [
-        openai.AsyncOpenAI(base_url=f"{g.url}/v1", api_key=KEYS["converse-burst"], max_retries=0, timeout=60)
-        for g in (first, second)], one))
-    answered = [r for r in results if not isinstance(r, openai.APIStatusError)]
-    refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+    answered, refused = chat_burst(replicas, "converse-burst", model="converse-claude", messages=messages,
+                                   max_tokens=64, extra_headers={"x-mock-cache-write-1h-tokens": "100000"})
     assert answered and refused, "the budget must be tight: some answered, some refused"
     assert {(r.status_code, r.code) for r in refused} == {(429, "budget_exceeded")}
     assert all(r.usage.prompt_tokens_details.model_dump()["cache_creation_1h_tokens"] == r.usage.prompt_tokens
