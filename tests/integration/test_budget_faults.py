@@ -26,6 +26,10 @@ fault is undone and things have settled:
 - after a fault that loses nothing (store frozen or restarted with its data, no fault), a key
   whose requests were all well-behaved is charged exactly what the provider's usage says.
 
+Two store freezes are also struck at fixed points: after a burst of streams is wholly
+reserved (they end while it is frozen, past their TTL: each is settled exactly once after the
+thaw), and during 200 concurrent reserves at the budget edge over both replicas.
+
 Kept to about a minute for CI (three examples per fault); BUDGET_FAULT_EXAMPLES=50 hunts longer.
 """
 
@@ -316,3 +320,95 @@ def test_a_client_gone_while_its_reserve_hangs_on_a_frozen_store_leaves_no_reser
     spent = report(gw, "inv-c")[("key:inv-c", "daily")]["spent_usd"]
     expired = expired_records(redis)
     assert (held(redis), expired, spent) == (0, {}, 0), mentioning((gw, gw), expired)
+
+
+def _streamed(key: str, replica: int, words: int) -> Shape:
+    return Shape(key, replica, "chat", "default-chat", 60, True, 1, words, False, None, None, None)
+
+
+def test_streams_whose_store_freezes_between_reserve_and_settlement_are_charged_exactly_once(
+        setup: tuple[RedisServer, Gateway, Gateway]) -> None:
+    """Streams at both replicas are all reserved; then the store freezes (SIGSTOP) for longer
+    than the reservation TTL, the streams end meanwhile (nothing on the response path waits
+    for the store) and their settlements queue. Once it thaws, each key is charged exactly
+    what the provider's usage says: settled once (late, if a reservation's deadline was seen
+    to pass first), none lost, none held, none left expired."""
+    redis, *pair = setup
+    gws = (pair[0], pair[1])
+    client = redis_py.Redis(host=redis.host, port=redis.port)
+    client.flushall()
+    client.close()
+    gws[0].reset()
+    burst = [_streamed(NAMES[i % 3], i % 2, 40) for i in range(12)]
+    slow = {"x-mock-latency-ms": "1500", "x-mock-chunk-delay-ms": "20"}
+
+    async def run() -> list[tuple[int, int | None, str | None]]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(send(c, gws, s, slow) for s in burst))
+
+    with ThreadPoolExecutor(1) as pool:
+        firing = pool.submit(asyncio.run, run())
+        deadline = time.monotonic() + 20
+        while held(redis) < len(burst) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        frozen_with = held(redis)
+        redis.pause()
+        try:
+            results = firing.result(timeout=60)  # every stream ends while the store is frozen
+            time.sleep(TTL_S + 1)  # past every held reservation's deadline
+        finally:
+            redis.resume()
+    assert frozen_with > 0
+    assert all(status == 200 and cost is not None or code == "budget_store_unavailable"
+               for status, cost, code in results), results
+    settle(redis, gws)
+    assert expired_records(redis) == {}
+    reports = {name: report(gws[0], name) for name in NAMES}
+    for name in NAMES:
+        spent = round(reports[name][(f"key:{name}", "daily")]["spent_usd"] * 1e9)
+        assert spent == sum(cost or 0 for (status, cost, _), s in zip(results, burst)
+                            if s.key == name and status == 200), (name, results)
+    team = round(reports[NAMES[0]][("team:inv", "daily")]["spent_usd"] * 1e9)
+    assert team == sum(cost or 0 for status, cost, _ in results if status == 200)
+
+
+@pytest.mark.parametrize("at_s,for_s", [(0.05, 1.0), (0.3, 2.5)])
+def test_a_store_frozen_during_200_concurrent_reserves_at_the_budget_edge_overspends_nothing(
+        setup: tuple[RedisServer, Gateway, Gateway], at_s: float, for_s: float) -> None:
+    """200 streamed requests at once over two replicas, far more than the keys' and team's
+    budgets hold, and the store freezes while their reserves are in flight. Reserves that
+    timed out are cancelled (even when they land after their cancel); once it thaws nothing
+    is held or left expired, no level is above its limit, every charge reached every level,
+    and every key whose requests all finished is charged exactly its providers' usage."""
+    redis, *pair = setup
+    gws = (pair[0], pair[1])
+    client = redis_py.Redis(host=redis.host, port=redis.port)
+    client.flushall()
+    client.close()
+    gws[0].reset()
+    burst = [_streamed(NAMES[i % 3], i % 2, 20) for i in range(200)]
+
+    async def run() -> list[tuple[int, int | None, str | None]]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=400)) as c:
+            return await asyncio.gather(*(send(c, gws, s, {"x-mock-chunk-delay-ms": "5"}) for s in burst))
+
+    with ThreadPoolExecutor(1) as pool:
+        firing = pool.submit(asyncio.run, run())
+        time.sleep(at_s)
+        redis.pause()
+        time.sleep(for_s)
+        redis.resume()
+        results = firing.result(timeout=120)
+    assert all(code in (None, "budget_exceeded", "budget_store_unavailable") for _, _, code in results), results
+    settle(redis, gws)
+    assert expired_records(redis) == {}
+    reports = {name: report(gws[0], name) for name in NAMES}
+    key_spend = {}
+    for name, levels in reports.items():
+        for (level, window), b in levels.items():
+            if b["limit_usd"] is not None:
+                assert round(b["spent_usd"] * 1e9) <= round(b["limit_usd"] * 1e9), f"{level} {window} overspent"
+        key_spend[name] = round(levels[(f"key:{name}", "daily")]["spent_usd"] * 1e9)
+        assert key_spend[name] == sum(cost or 0 for (status, cost, _), s in zip(results, burst)
+                                      if s.key == name and status == 200), name
+    assert round(reports[NAMES[0]][("team:inv", "daily")]["spent_usd"] * 1e9) == sum(key_spend.values())
