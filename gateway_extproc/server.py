@@ -97,8 +97,7 @@ def _last_message(req: ep.ProcessingRequest, phase: str, resp: ep.ProcessingResp
     Which message is the last follows the chart's processing modes (templates/_envoy.tpl,
     pinned by tests/test_server_streams.py): trailers SKIP, so the router's stream ends with
     `end_of_stream` on the response headers or body, and the upstream (per-attempt)
-    filter's with the request body (response headers SKIP, body NONE: see
-    docs/architecture.md, "Informational answers"); an immediate response ends any stream.
+    filter's with the response headers (body NONE); an immediate response ends any stream.
     A stream Envoy ends early (the client left mid-request or mid-reply) ends with Envoy's
     half-close instead, and the handler then waits for the reset (Process). A body ended
     by trailers changes nothing here: the router's stream still ends with the response.
@@ -107,10 +106,6 @@ def _last_message(req: ep.ProcessingRequest, phase: str, resp: ep.ProcessingResp
         return req.response_body.end_of_stream
     if phase == "response_headers":
         return upstream or req.response_headers.end_of_stream
-    if upstream and phase == "request_body":
-        return True  # BUFFERED: the whole body in one message, and nothing of the response
-    if upstream and phase == "request_headers" and req.request_headers.end_of_stream:
-        return True
     return resp.HasField("immediate_response")
 
 

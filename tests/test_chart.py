@@ -96,7 +96,7 @@ def test_single_backends_needing_the_upstream_ext_proc_get_it(model: str) -> Non
              if f["name"] == "envoy.filters.http.ext_proc"]
     cfg = ext["typed_config"]
     assert cfg["processing_mode"]["request_body_mode"] == "BUFFERED"
-    assert cfg["processing_mode"]["response_header_mode"] == "SKIP"  # a held 1xx breaks Envoy (architecture.md)
+    assert cfg["processing_mode"]["response_header_mode"] == "SEND"  # each attempt's status
     assert cfg["processing_mode"]["response_body_mode"] == "NONE"
     assert "allow_mode_override" not in cfg  # answers are translated by the router-level filter
     assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "gateway_extproc"

@@ -120,15 +120,14 @@ async def test_a_stream_envoy_half_closes_early_waits_for_its_reset(stub: ep_grp
     assert await call.code() == grpc.StatusCode.CANCELLED
 
 
-async def test_upstream_attempt_stream_ends_after_the_request_body(stub: ep_grpc.ExternalProcessorStub) -> None:
-    """The upstream filter asks for nothing of the response (a held 1xx breaks Envoy 1.40:
-    docs/architecture.md, "Informational answers"), so its body answer is its last."""
+async def test_upstream_attempt_stream_ends_after_the_response_headers(stub: ep_grpc.ExternalProcessorStub) -> None:
     call = stub.Process()
     headers = up.attempt_headers(backend="openai/gpt-4o-mini")
     headers.metadata_context.filter_metadata["gw"]["model"] = "default-chat"
     assert (await exchange(call, headers)).HasField("request_headers")
-    assert not call.done()
     assert (await exchange(call, up.attempt_body(CHAT))).HasField("request_body")
+    assert not call.done()
+    assert (await exchange(call, up.response_headers(200))).HasField("response_headers")
     await ends_with_ok(call)
 
 
@@ -137,14 +136,11 @@ async def test_upstream_attempt_stream_ends_after_the_request_body(stub: ep_grpc
     (rt.req_body(CHAT), False, False),
     (rt.resp_headers(), False, False),
     (rt.resp_headers(end=True), False, True),
-    (rt.req_headers(), True, False),
-    (ep.ProcessingRequest(request_headers=ep.HttpHeaders(end_of_stream=True)), True, True),  # no body
-    (rt.req_body(CHAT), True, True),  # the upstream filter gets nothing of the response
-    (rt.resp_headers(), True, True),  # a chart that still sends it: nothing follows it either
+    (rt.resp_headers(), True, True),  # the upstream filter never gets a response body
     (rt.resp_body(b"data: {}\n\n", end=False), False, False),  # a streamed chunk
     (rt.resp_body(ANSWER), False, True),
-], ids=["req-headers", "req-body", "resp-headers", "resp-headers-end", "upstream-req-headers",
-        "upstream-bodiless-headers", "upstream-req-body", "upstream-resp-headers", "stream-chunk", "resp-body-end"])
+], ids=["req-headers", "req-body", "resp-headers", "resp-headers-end", "upstream-resp-headers", "stream-chunk",
+        "resp-body-end"])
 def test_last_message(req: ep.ProcessingRequest, upstream: bool, last: bool) -> None:
     kind = req.WhichOneof("request")
     reply = ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body") else ep.HeadersResponse()})
@@ -155,7 +151,7 @@ def test_last_message(req: ep.ProcessingRequest, upstream: bool, last: bool) -> 
 
 def test_the_chart_sends_what_last_message_expects() -> None:
     """_last_message relies on these processing modes: trailers never sent; the upstream
-    filter's last phase is the request body (a change here must change it too)."""
+    filter's last phase is the response headers (a change here must change it too)."""
     envoy = yaml.safe_load(render_values(chart_values([LOCAL]))["envoy.yaml"])
     hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     [router] = [f["typed_config"] for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
@@ -168,6 +164,4 @@ def test_the_chart_sends_what_last_message_expects() -> None:
         mode = cfg["processing_mode"]
         assert (mode["request_trailer_mode"], mode["response_trailer_mode"]) == ("SKIP", "SKIP")
     for cfg in attempts:
-        mode = cfg["processing_mode"]
-        assert (mode["response_header_mode"], mode["response_body_mode"]) == ("SKIP", "NONE")
-        assert "allow_mode_override" not in cfg
+        assert cfg["processing_mode"]["response_body_mode"] == "NONE" and "allow_mode_override" not in cfg

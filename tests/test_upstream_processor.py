@@ -219,26 +219,38 @@ async def test_body_rename_is_idempotent(proc: UpstreamProcessor) -> None:
     assert again.body_mutation.body == first.body_mutation.body
 
 
-@pytest.mark.parametrize("kind", ["request_trailers", "response_headers", "response_body"])
-async def test_unexpected_message_kind(proc: UpstreamProcessor, kind: str) -> None:
-    """The chart sends nothing of the response to this filter (docs/architecture.md,
-    "Informational answers"): such a message is a chart/processor mismatch."""
-    msg = ep.HttpTrailers() if kind.endswith("trailers") else ep.HttpBody() if kind.endswith("body") else ep.HttpHeaders()
-    with pytest.raises(ValueError, match=kind):
-        await proc.handle(ep.ProcessingRequest(**{kind: msg}))
+async def test_unexpected_message_kind(proc: UpstreamProcessor) -> None:
+    with pytest.raises(ValueError, match="request_trailers"):
+        await proc.handle(ep.ProcessingRequest(request_trailers=ep.HttpTrailers()))
+
+
+def test_close_before_any_backend_counts_nothing(proc: UpstreamProcessor) -> None:
+    proc.close()
+
+
+# -- responses: translation and per-attempt counts -------------------------------------------
+
+
+def response_headers(status: int, content_type: str = "application/json",
+                     end: bool = False) -> ep.ProcessingRequest:
+    headers = HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in {
+        ":status": str(status), "content-type": content_type, "content-length": "10"}.items()])
+    return ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=headers, end_of_stream=end))
+
+
+def response_body(body: bytes, end: bool = True) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=end))
 
 
 def attempts(backend: str, outcome: str) -> float:
     return REGISTRY.get_sample_value("genai_upstream_attempts_total", {"backend": backend, "outcome": outcome}) or 0
 
 
-async def test_an_attempt_is_not_counted_here(proc: UpstreamProcessor) -> None:
-    """It never learns the attempt's status; the router counts the attempt that answered."""
-    before = {o: attempts("openai/gpt-4o", o) for o in ("success", "error")}
+async def test_openai_schema_answers_pass_untouched(proc: UpstreamProcessor) -> None:
     await proc.handle(attempt_headers())
-    await proc.handle(attempt_body({"model": "default-chat", "messages": [{"role": "user", "content": "Hi"}]}))
-    proc.close()
-    assert {o: attempts("openai/gpt-4o", o) for o in ("success", "error")} == before
+    resp = await proc.handle(response_headers(200))
+    assert resp.WhichOneof("response") == "response_headers"
+    assert not resp.HasField("mode_override") and not resp.response_headers.HasField("response")
 
 
 async def test_anthropic_attempt_is_translated_and_its_answer_left_to_the_router(proc: UpstreamProcessor) -> None:
@@ -251,6 +263,22 @@ async def test_anthropic_attempt_is_translated_and_its_answer_left_to_the_router
     assert headers[":path"] == "/v1/messages" and headers["x-api-key"] == OPENAI_KEY
     assert list(sent.header_mutation.remove_headers) == ["authorization"]
     assert orjson.loads(sent.body_mutation.body)["system"] == "Be brief."
+    for content_type in ("application/json", "text/event-stream"):
+        resp = await proc.handle(response_headers(200, content_type))
+        assert not resp.HasField("mode_override") and not resp.response_headers.HasField("response")
+
+
+@pytest.mark.parametrize(("status", "outcome"), [(200, "success"), (429, "throttled"), (400, "rejected"),
+                                                 (503, "error"), (None, "error")])
+async def test_each_attempt_is_counted_by_outcome(runtime: Runtime, status: int | None, outcome: str) -> None:
+    """`None`: the attempt never got response headers (reset, per-try timeout)."""
+    proc = UpstreamProcessor(runtime)
+    before = attempts("openai/gpt-4o", outcome)
+    await proc.handle(attempt_headers())
+    if status is not None:
+        await proc.handle(response_headers(status, end=True))
+    proc.close()
+    assert attempts("openai/gpt-4o", outcome) == before + 1
 
 
 async def test_an_untranslatable_request_is_a_400_logged_in_one_line_without_its_values(proc: UpstreamProcessor) -> None:

@@ -27,7 +27,7 @@ from ..budgets import caps
 from ..budgets.gate import Admission
 from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
-from ..config import Backend, Limits, Model, VirtualKey
+from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES, VERBATIM
 from ..providers.base import openai_error, sse
@@ -377,7 +377,7 @@ class RouterProcessor:
         attempts = h.get("x-envoy-attempt-count")
         if attempts:
             added["x-gateway-attempts"] = attempts
-        if self.backend:  # the attempt that answered (the upstream processor never sees a status)
+        if self.backend and served_natively(self.eligible):  # else the upstream processor counts each attempt
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend),
                           metrics.attempt_outcome(self.status)).inc()
         remove: tuple[str, ...] = ("x-envoy-attempt-count",) if attempts else ()
@@ -621,9 +621,9 @@ class RouterProcessor:
         ttft = self.first_byte - self.started if self.stream and self.first_byte else None
         spent = self.consumed(backend)
         content = self.logged_content()  # the access line and the audit record carry the same text
-        if self.status == 0 and self.forwarded:
-            # The client left before any answer, while the provider had the attempt (its first
-            # backend: no answer, no x-gateway-backend): no status, so `error`.
+        if self.status == 0 and self.forwarded and served_natively(self.eligible):
+            # The client left before any answer, while the provider had the attempt: counted as
+            # the upstream processor counts one on the clusters it runs on (no status: `error`).
             metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.eligible[0].id),
                           metrics.attempt_outcome(0)).inc()
         genai = self.path not in api.ANSWERED  # `/v1/models`, `/v1/usage`: no GenAI request

@@ -4,12 +4,10 @@ per attempt, on its own gRPC stream.
 Envoy tells it which backend this attempt goes to through endpoint metadata
 (`request_attributes`), never through a client header. It turns the OpenAI-schema body the
 router forwarded into that backend's request (path, credential, model name, translation,
-SigV4 signature). It never sees the response, neither body nor headers: an upstream-filter
-ext_proc whose gRPC stream carries more than the ext_proc cluster's buffer limit crashes
-Envoy 1.40, so answers are translated at the router (provider_response.py); and an upstream
-filter that holds response headers breaks on a provider's informational status other than
-100/102/103, which Envoy 1.40 passes through the upstream filters as if it were the answer
-(docs/architecture.md, "Informational answers"). The router counts each answered attempt. The chart only puts it on clusters that need
+SigV4 signature), and counts the attempt by the status it got. It never sees a response
+body: an upstream-filter ext_proc whose gRPC stream carries more than the ext_proc
+cluster's buffer limit crashes Envoy 1.40, so answers are translated at the router
+(provider_response.py; docs/architecture.md). The chart only puts it on clusters that need
 it (several backends, a non-OpenAI provider, or a file-sourced credential Envoy cannot
 inject natively); other clusters get the credential from Envoy's header_mutation.
 """
@@ -26,6 +24,7 @@ from ..errors import GatewayError
 from ..providers import TRANSLATORS
 from ..providers.base import Target, Translator
 from ..runtime import Runtime
+from ..telemetry import metrics
 from . import responses as r
 
 log = structlog.get_logger("gateway_extproc.upstream")
@@ -40,7 +39,7 @@ def is_upstream(req: ep.ProcessingRequest) -> bool:
 
 
 class UpstreamProcessor:
-    __slots__ = ("runtime", "backend", "endpoint", "target", "translator")
+    __slots__ = ("runtime", "backend", "endpoint", "target", "translator", "status")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -48,6 +47,7 @@ class UpstreamProcessor:
         self.endpoint: api.Endpoint | None = None
         self.target: Target | None = None
         self.translator: Translator | None = None
+        self.status = 0
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -58,6 +58,8 @@ class UpstreamProcessor:
                 return self.request_body(req.request_body)
         except GatewayError as err:
             return r.error(err)
+        if kind == "response_headers":
+            return self.response_headers(req.response_headers)
         raise ValueError(f"unexpected ext_proc message {kind}")
 
     def request_headers(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
@@ -103,9 +105,18 @@ class UpstreamProcessor:
         headers = {":path": out.path, **out.headers, "content-length": str(len(out.body))}
         return r.request_body(r.common(r.mutation(headers, out.remove), out.body))
 
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        """Records the attempt's status (for the per-attempt count). Bodies never come
+        here: the router-level processor translates answers (provider_response.py)."""
+        self.status = int(r.header_map(msg).get(":status", "0") or 0)
+        return r.response_headers()
+
     def close(self) -> None:
-        """Nothing to do: the attempt's status never comes here (response headers SKIP); the
-        router counts the attempt that answered (genai_upstream_attempts_total)."""
+        """One count per attempt, by backend and outcome: retries and fallbacks show as
+        extra attempts, resets and per-try timeouts (no response headers) as errors."""
+        if self.backend is not None:
+            metrics.child(metrics.UPSTREAM_ATTEMPTS, self.runtime.labels.backend(self.backend.id),
+                          metrics.attempt_outcome(self.status)).inc()
 
 
 def _raised_at(err: BaseException) -> dict[str, str]:

@@ -453,15 +453,13 @@ static_resources:
               timeout: {{ $v.extproc.messageTimeout }}
             failure_mode_allow: false
             message_timeout: {{ $v.extproc.messageTimeout }}
-            # Request headers and body: this attempt's request. Nothing of the response, and no
-            # mode override: answers are translated by the router-level filter, and a held
-            # response would break on a provider's informational status other than 100/102/103,
-            # which Envoy passes through upstream filters as the attempt's response headers
-            # (503 after messageTimeout, or a crash): docs/architecture.md, "Informational answers".
+            # Request headers and body: this attempt's request. Response headers: its status
+            # (metrics). Never a response body, and no mode override (answers are translated
+            # by the router-level filter: docs/architecture.md).
             processing_mode:
               request_header_mode: SEND
               request_body_mode: BUFFERED
-              response_header_mode: SKIP
+              response_header_mode: SEND
               response_body_mode: NONE
               request_trailer_mode: SKIP
               response_trailer_mode: SKIP
