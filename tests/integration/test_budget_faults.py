@@ -56,7 +56,8 @@ from hypothesis import strategies as st
 from ..redis_server import RedisServer
 from .conftest import Gateway, two_replicas
 from .local_cli import children
-from .test_budget_invariant import KEYS, NAMES, PREFIX, Shape, invariant_values, report, send, shapes
+from .test_budget_invariant import (KEYS, NAMES, PREFIX, Shape, invariant_values, report, send, shapes,
+                                    within_limits)
 
 TTL_S = 2  # budgets.reservationTTLSeconds: an abandoned reservation expires quickly here
 MESSAGE_TIMEOUT = "2s"  # extproc.messageTimeout: above the store's worst refusal time (1.5 s)
@@ -171,6 +172,11 @@ async def attempt(client: httpx.AsyncClient, gws: tuple[Gateway, Gateway], s: Sh
     return Outcome(status, cost, code, time.monotonic() - started, tag)
 
 
+def fresh_day(redis: RedisServer, gw: Gateway) -> None:
+    """An empty store (a fresh day for every level) and the mock providers' records cleared."""
+    fresh_day(redis, gw)
+
+
 def extproc_healthy(gw: Gateway) -> bool:
     """Both workers up and back in the rotation of Envoy's health checks."""
     clusters = httpx.get(f"{gw.stack.admin_url}/clusters", timeout=5).text
@@ -239,10 +245,7 @@ def test_no_fault_during_a_burst_overspends_or_loses_a_request(
     redis, *pair = setup
     gws = (pair[0], pair[1])
     event(fault.kind)
-    client = redis_py.Redis(host=redis.host, port=redis.port)
-    client.flushall()  # a fresh day for every burst
-    client.close()
-    gws[0].reset()
+    fresh_day(redis, gws[0])  # for every burst
 
     async def run() -> list[Outcome]:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
@@ -303,10 +306,7 @@ def test_a_client_gone_while_its_reserve_hangs_on_a_frozen_store_leaves_no_reser
     reserve must be cancelled like any whose reply was lost, not held until it expires
     charged at its worst case for a request never sent."""
     redis, gw, _ = setup
-    client = redis_py.Redis(host=redis.host, port=redis.port)
-    client.flushall()
-    client.close()
-    gw.reset()
+    fresh_day(redis, gw)
     body = {"model": "default-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100}
     redis.pause()
     try:
@@ -335,10 +335,7 @@ def test_streams_whose_store_freezes_between_reserve_and_settlement_are_charged_
     to pass first), none lost, none held, none left expired."""
     redis, *pair = setup
     gws = (pair[0], pair[1])
-    client = redis_py.Redis(host=redis.host, port=redis.port)
-    client.flushall()
-    client.close()
-    gws[0].reset()
+    fresh_day(redis, gws[0])
     burst = [_streamed(NAMES[i % 3], i % 2, 40) for i in range(12)]
     slow = {"x-mock-latency-ms": "1500", "x-mock-chunk-delay-ms": "20"}
 
@@ -382,10 +379,7 @@ def test_a_store_frozen_during_200_concurrent_reserves_at_the_budget_edge_oversp
     and every key whose requests all finished is charged exactly its providers' usage."""
     redis, *pair = setup
     gws = (pair[0], pair[1])
-    client = redis_py.Redis(host=redis.host, port=redis.port)
-    client.flushall()
-    client.close()
-    gws[0].reset()
+    fresh_day(redis, gws[0])
     burst = [_streamed(NAMES[i % 3], i % 2, 20) for i in range(200)]
 
     async def run() -> list[tuple[int, int | None, str | None]]:
@@ -402,13 +396,8 @@ def test_a_store_frozen_during_200_concurrent_reserves_at_the_budget_edge_oversp
     assert all(code in (None, "budget_exceeded", "budget_store_unavailable") for _, _, code in results), results
     settle(redis, gws)
     assert expired_records(redis) == {}
-    reports = {name: report(gws[0], name) for name in NAMES}
-    key_spend = {}
-    for name, levels in reports.items():
-        for (level, window), b in levels.items():
-            if b["limit_usd"] is not None:
-                assert round(b["spent_usd"] * 1e9) <= round(b["limit_usd"] * 1e9), f"{level} {window} overspent"
-        key_spend[name] = round(levels[(f"key:{name}", "daily")]["spent_usd"] * 1e9)
+    reports, key_spend = within_limits(gws[0])
+    for name in NAMES:
         assert key_spend[name] == sum(cost or 0 for (status, cost, _), s in zip(results, burst)
                                       if s.key == name and status == 200), name
     assert round(reports[NAMES[0]][("team:inv", "daily")]["spent_usd"] * 1e9) == sum(key_spend.values())

@@ -164,6 +164,18 @@ def report(gw: Gateway, name: str) -> dict[tuple[str, str], dict[str, Any]]:
     return {(b["level"], b["window"]): b for b in resp.json()["budgets"]}
 
 
+def within_limits(gw: Gateway) -> tuple[dict[str, dict[tuple[str, str], dict[str, Any]]], dict[str, int]]:
+    """Every key's usage report, each level checked within its limit, and each key's daily
+    spend in nano-dollars."""
+    reports = {name: report(gw, name) for name in NAMES}
+    for levels in reports.values():
+        for (level, window), b in levels.items():
+            if b["limit_usd"] is not None:
+                assert round(b["spent_usd"] * 1e9) <= round(b["limit_usd"] * 1e9), f"{level} {window} overspent"
+    return reports, {name: round(levels[(f"key:{name}", "daily")]["spent_usd"] * 1e9)
+                     for name, levels in reports.items()}
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(burst=st.lists(shapes, min_size=1, max_size=16))
 def test_no_request_shape_or_burst_overspends_a_budget(setup: tuple[RedisServer, Gateway, Gateway],
@@ -187,13 +199,8 @@ def test_no_request_shape_or_burst_overspends_a_budget(setup: tuple[RedisServer,
         assert code not in OWN_FAILURES, f"the gateway failed {s}: {status} {code}"
         event(f"status {status} {code or ''}".strip())
 
-    reports = {name: report(gws[0], name) for name in NAMES}
-    key_spend = {}
+    reports, key_spend = within_limits(gws[0])
     for name, levels in reports.items():
-        for (level, window), b in levels.items():
-            if b["limit_usd"] is not None:
-                assert round(b["spent_usd"] * 1e9) <= round(b["limit_usd"] * 1e9), f"{level} {window} overspent"
-        key_spend[name] = round(levels[(f"key:{name}", "daily")]["spent_usd"] * 1e9)
         assert levels[(f"key:{name}", "monthly")]["spent_usd"] == levels[(f"key:{name}", "daily")]["spent_usd"]
     any_levels = reports[NAMES[0]]
     assert round(any_levels[("team:inv", "daily")]["spent_usd"] * 1e9) == sum(key_spend.values())
