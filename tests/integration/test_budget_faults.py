@@ -174,7 +174,10 @@ async def attempt(client: httpx.AsyncClient, gws: tuple[Gateway, Gateway], s: Sh
 
 def fresh_day(redis: RedisServer, gw: Gateway) -> None:
     """An empty store (a fresh day for every level) and the mock providers' records cleared."""
-    fresh_day(redis, gw)
+    client = redis_py.Redis(host=redis.host, port=redis.port)
+    client.flushall()
+    client.close()
+    gw.reset()
 
 
 def extproc_healthy(gw: Gateway) -> bool:
