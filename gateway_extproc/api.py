@@ -109,10 +109,16 @@ def _keys_parsed(body: dict[str, Any]) -> int:
     return count
 
 
+def headers_fit(count: int, size: int) -> bool:
+    """Whether `count` header lines of `size` bytes (names and values, pseudo-headers included,
+    as Envoy counts them) leave room under Envoy's limits for the headers the gateway adds:
+    Envoy checks them again on every ext_proc mutation, and fails the request over them."""
+    return size <= MAX_HEADER_BYTES and count <= MAX_HEADER_COUNT
+
+
 def check_header_room(count: int, size: int) -> None:
-    """`count` header lines of `size` bytes (names and values, pseudo-headers included, as
-    Envoy counts them)."""
-    if size > MAX_HEADER_BYTES or count > MAX_HEADER_COUNT:
+    """A request's headers (`headers_fit`), refused over the room."""
+    if not headers_fit(count, size):
         raise GatewayError("request_headers_too_large", f"Request headers may take at most {MAX_HEADER_BYTES} bytes "
                            f"in {MAX_HEADER_COUNT} lines here (the path and query string count); this request "
                            f"has {size} bytes in {count} lines.")

@@ -28,6 +28,12 @@ _PROCESS_RESPONSE = processing_mode_pb2.ProcessingMode(
 METADATA_NAMESPACE = "gw"  # the chart's metadata_options.receiving_namespaces
 
 
+def header_load(msg: ep.HttpHeaders) -> tuple[int, int]:
+    """The header lines and their bytes (names and values), as Envoy counts them against its limits."""
+    entries = msg.headers.headers
+    return len(entries), sum(len(h.key) + len(h.raw_value) for h in entries)
+
+
 def header_map(msg: ep.HttpHeaders) -> dict[str, str]:
     """Envoy's header list as a dict (names arrive lower-cased; Envoy 1.40 sends every value
     in raw_value and leaves `value` empty). A header sent several times is one value joined

@@ -119,7 +119,7 @@ class RouterProcessor:
         # The header lines the provider will get, classified with the body; what redaction made of them.
         self.headers: tuple[Header, ...] = ()
         self.header_edit: HeaderEdit | None = None
-        # Cuts the answering backend's credential from its answer (a provider echoing it).
+        # Cuts every gateway credential from the answer (a provider echoing what it was presented).
         self.echo: CredentialCut | None = None
         self.forwarded = False  # the request went on to a provider (forward() answered Envoy)
         # The body asks for prompt-cache writes ("5m", "1h": api.cache_writes) of the backends its
@@ -183,7 +183,7 @@ class RouterProcessor:
             BODY_WORK.check_announced(int(length))
         if msg.end_of_stream:
             raise GatewayError("invalid_request", "This endpoint needs a JSON request body.")
-        api.check_header_room(len(msg.headers.headers), sum(len(x.key) + len(x.raw_value) for x in msg.headers.headers))
+        api.check_header_room(*r.header_load(msg))
         strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
                  or k == CLASSIFICATION_HEADER or k == identity.XFCC or k in NETWORK_PATH_HEADERS]
         if self.runtime.policy is not None:
@@ -396,14 +396,11 @@ class RouterProcessor:
             if withheld := withheld_headers(guard.policy, guard.params, guard.team, h):
                 log.warning("provider_header_withheld", backend=backend.id, headers=len(withheld))
                 remove = (*remove, *withheld)
-        if self.error_code is None and backend is not None and (
-                len(msg.headers.headers) > api.MAX_HEADER_COUNT
-                or sum(len(x.key) + len(x.raw_value) for x in msg.headers.headers) > api.MAX_HEADER_BYTES):
-            # Envoy checks its header limits again on every ext_proc mutation: the gateway's
-            # own headers (backend, attempts, tokens, budget) on an answer already near them
-            # failed the request as Envoy's 503 `gateway_unavailable` (details
-            # header_mutation_result_exceeds_limit), blaming a healthy gateway, every time.
-            # The same headroom as for requests (api.check_header_room); charged the reservation.
+        if self.error_code is None and backend is not None and not api.headers_fit(*r.header_load(msg)):
+            # The gateway's own headers (backend, attempts, tokens, budget) on an answer
+            # already near Envoy's limits failed the request as Envoy's 503
+            # `gateway_unavailable` (header_mutation_result_exceeds_limit), blaming a healthy
+            # gateway, every time. Charged the reservation.
             log.warning("provider_reply_headers_too_large", backend=backend.id, headers=len(msg.headers.headers))
             return self.reject(GatewayError("provider_error", "The provider answered with more headers than the "
                                             f"gateway can pass on ({api.MAX_HEADER_COUNT} lines, "
