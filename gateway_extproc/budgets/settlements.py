@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import structlog
 
 from ..telemetry.metrics import BUDGET_SETTLEMENTS, BUDGET_SETTLEMENTS_PENDING, REDIS_LATENCY, child
-from .store import LATE, BudgetStore, BudgetStoreUnavailable, ReserveRequest
+from .store import LATE, BudgetStore, BudgetStoreUnavailable, MemoryBudgetStore, ReserveRequest
 
 log = structlog.get_logger("gateway_extproc.budgets")
 
@@ -60,7 +60,11 @@ class Settlements:
         return len(self._pending) + self._retrying
 
     def submit(self, settlement: Settlement) -> None:
-        _spawn(self._first(settlement))
+        s = settlement
+        if isinstance(s.store, MemoryBudgetStore):
+            _record(s, s.store.settle_now(s.request, s.cost_nano, s.tokens, s.now_ms))
+            return
+        _spawn(self._first(s))
 
     async def _first(self, s: Settlement) -> None:
         try:

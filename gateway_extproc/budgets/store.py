@@ -296,6 +296,11 @@ class MemoryBudgetStore:
         return result(r, grant, -1, [self._counters[lim.key] for lim in r.limits], levels, expired)
 
     async def settle(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> str:
+        return self.settle_now(request, actual_cost_nano, actual_tokens, now_ms)
+
+    def settle_now(self, request: ReserveRequest, actual_cost_nano: int, actual_tokens: int, now_ms: int) -> str:
+        """`settle` without a coroutine: no I/O and nothing that can fail, so the settlement
+        queue runs it inline (no task per request, and the next request sees the charge)."""
         held = self._held.pop(request.reservation_id, None)
         if len(self._expiry_heap) > 2 * len(self._held) + 1024:
             self._compact_heap()
