@@ -28,24 +28,28 @@ _PROCESS_RESPONSE = processing_mode_pb2.ProcessingMode(
 METADATA_NAMESPACE = "gw"  # the chart's metadata_options.receiving_namespaces
 
 
-def header_load(msg: ep.HttpHeaders) -> tuple[int, int]:
+def header_pairs(msg: ep.HttpHeaders) -> list[tuple[str, bytes]]:
+    """Envoy's header list as (name, raw value) pairs, read once: every read of a protobuf
+    entry builds its Python objects again, and a request's headers are read three ways."""
+    return [(h.key, h.raw_value) for h in msg.headers.headers]
+
+
+def header_load(pairs: list[tuple[str, bytes]]) -> tuple[int, int]:
     """The header lines and their bytes (names and values), as Envoy counts them against its limits."""
-    entries = msg.headers.headers
-    return len(entries), sum(len(h.key) + len(h.raw_value) for h in entries)
+    return len(pairs), sum(len(k) + len(v) for k, v in pairs)
 
 
-def header_map(msg: ep.HttpHeaders) -> dict[str, str]:
-    """Envoy's header list as a dict (names arrive lower-cased; Envoy 1.40 sends every value
-    in raw_value and leaves `value` empty). A header sent several times is one value joined
-    with ',' (RFC 9110), as Envoy itself joins a repeated `Authorization`: keeping only the
-    last let a second `x-api-key` win unchecked."""
-    entries = msg.headers.headers
-    out = {h.key: h.raw_value.decode("utf-8", "replace") for h in entries}
-    if len(out) < len(entries):
+def header_map(pairs: list[tuple[str, bytes]]) -> dict[str, str]:
+    """The headers (`header_pairs`) as a dict (names arrive lower-cased; Envoy 1.40 sends
+    every value in raw_value and leaves `value` empty). A header sent several times is one
+    value joined with ',' (RFC 9110), as Envoy itself joins a repeated `Authorization`:
+    keeping only the last let a second `x-api-key` win unchecked."""
+    out = {k: v.decode("utf-8", "replace") for k, v in pairs}
+    if len(out) < len(pairs):
         out = {}
-        for h in entries:
-            value = h.raw_value.decode("utf-8", "replace")
-            out[h.key] = f"{out[h.key]},{value}" if h.key in out else value
+        for k, raw in pairs:
+            value = raw.decode("utf-8", "replace")
+            out[k] = f"{out[k]},{value}" if k in out else value
     return out
 
 

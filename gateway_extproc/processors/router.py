@@ -145,7 +145,8 @@ class RouterProcessor:
 
     async def request_headers(self, msg: ep.HttpHeaders, metadata: base_pb2.Metadata | None = None
                               ) -> ep.ProcessingResponse:
-        h = r.header_map(msg)
+        pairs = r.header_pairs(msg)
+        h = r.header_map(pairs)
         self.request_id = h.get("x-request-id", "")
         method = h.get(":method", "")
         self.method = method if method in KNOWN_METHODS else "other"
@@ -183,11 +184,11 @@ class RouterProcessor:
             BODY_WORK.check_announced(int(length))
         if msg.end_of_stream:
             raise GatewayError("invalid_request", "This endpoint needs a JSON request body.")
-        api.check_header_room(*r.header_load(msg))
+        api.check_header_room(*r.header_load(pairs))
         strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
                  or k == CLASSIFICATION_HEADER or k == identity.XFCC or k in NETWORK_PATH_HEADERS]
         if self.runtime.policy is not None:
-            self.headers = forwarded(((x.key, x.raw_value) for x in msg.headers.headers), strip)
+            self.headers = forwarded(pairs, strip)
         # No endpoint takes a query string, and a caller may put a key there (`?key=`, as
         # Gemini clients do): it goes neither to a provider nor into Envoy's spans and logs.
         unquery = {":path": path} if len(raw_path) != len(path) else None
@@ -368,7 +369,8 @@ class RouterProcessor:
     # -- response ------------------------------------------------------------------------
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
-        h = r.header_map(msg)
+        pairs = r.header_pairs(msg)
+        h = r.header_map(pairs)
         self.status = self.answered = int(h.get(":status", "0") or 0)
         self.backend = h.get("x-gateway-backend")
         if self.status >= 400 and (code := h.get("x-gateway-error-code")):
@@ -396,12 +398,12 @@ class RouterProcessor:
             if withheld := withheld_headers(guard.policy, guard.params, guard.team, h):
                 log.warning("provider_header_withheld", backend=backend.id, headers=len(withheld))
                 remove = (*remove, *withheld)
-        if self.error_code is None and backend is not None and not api.headers_fit(*r.header_load(msg)):
+        if self.error_code is None and backend is not None and not api.headers_fit(*r.header_load(pairs)):
             # The gateway's own headers (backend, attempts, tokens, budget) on an answer
             # already near Envoy's limits failed the request as Envoy's 503
             # `gateway_unavailable` (header_mutation_result_exceeds_limit), blaming a healthy
             # gateway, every time. Charged the reservation.
-            log.warning("provider_reply_headers_too_large", backend=backend.id, headers=len(msg.headers.headers))
+            log.warning("provider_reply_headers_too_large", backend=backend.id, headers=len(pairs))
             return self.reject(GatewayError("provider_error", "The provider answered with more headers than the "
                                             f"gateway can pass on ({api.MAX_HEADER_COUNT} lines, "
                                             f"{api.MAX_HEADER_BYTES} bytes); its answer was not forwarded."))

@@ -108,7 +108,7 @@ class UpstreamProcessor:
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         """Records the attempt's status (for the per-attempt count). Bodies never come
         here: the router-level processor translates answers (provider_response.py)."""
-        self.status = int(r.header_map(msg).get(":status", "0") or 0)
+        self.status = int(r.header_map(r.header_pairs(msg)).get(":status", "0") or 0)
         return r.response_headers()
 
     def close(self) -> None:
