@@ -39,7 +39,7 @@ from gateway_extproc._proto.envoy.config.core.v3 import base_pb2  # noqa: E402
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep  # noqa: E402
 from gateway_extproc.reload import RuntimeRef  # noqa: E402
 from gateway_extproc.runtime import Runtime  # noqa: E402
-from gateway_extproc.server import ExternalProcessor  # noqa: E402
+from gateway_extproc.server import ExternalProcessor, quiet_collector  # noqa: E402
 
 BODY = orjson.dumps(bench.CHAT_BODY)
 REPLY = orjson.dumps(bench.UPSTREAM_COMPLETION)
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = runtime(tmp)
     audit.start(ref.current.config, 0)
     server = ExternalProcessor(ref)
+    quiet_collector()  # as `serve` does before it serves
     try:
         async def run() -> list[float]:
             await rounds(server, 300, 1, 10**9)  # warm-up: caches, first-use builds

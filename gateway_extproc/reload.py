@@ -14,6 +14,7 @@ restart (docs/configuration.md).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 
@@ -60,6 +61,9 @@ class RuntimeRef:
             audit.config_rejected(self.path, str(exc))
             return
         self.current = runtime
+        # The replaced Runtime goes once its streams end; frozen out of the collector at
+        # start-up (server.quiet_collector), what of it is in a reference cycle never would.
+        gc.unfreeze()
         CONFIG_RELOADS.labels("applied").inc()
         audit.config_applied(runtime.config)
         log.info("config_reloaded", path=self.path, models=len(runtime.config.models), keys=len(runtime.config.keys))

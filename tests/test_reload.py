@@ -73,3 +73,42 @@ def test_the_budget_gauge_shows_the_config_in_force(tmp_path: Path) -> None:
     Runtime.from_config(config.parse(doc(5, None), "c.yaml"), serving)
     assert (gauge("search"), gauge("ads")) == (5, None)
     assert REGISTRY.get_sample_value("genai_team_daily_budget_remaining_dollars", {"team": "ads"}) is None
+
+
+async def test_a_reload_lets_the_collector_free_what_the_start_up_heap_held_in_a_cycle(tmp_path: Path) -> None:
+    """`serve` freezes its start-up heap out of the cyclic collector (server.quiet_collector);
+    a reload unfreezes it, else the replaced Runtime, where it sits in a reference cycle,
+    would never be freed."""
+    import gc
+    import weakref
+
+    from gateway_extproc.server import quiet_collector
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(valid()))
+    os.utime(path, (1, 1))
+    ref = RuntimeRef(Runtime.load(path), str(path))
+
+    class Held:
+        pass
+
+    held = Held()
+    held.runtime, held.itself = ref.current, held  # type: ignore[attr-defined]
+    probe = weakref.ref(held)
+    threshold = gc.get_threshold()
+    try:
+        quiet_collector()
+        del held  # garbage now, in a cycle the freeze took in
+        gc.collect()
+        assert probe() is not None and gc.get_freeze_count() > 0  # frozen: no collection frees it
+        doc = valid()
+        doc["maxRequestBytes"] = 8192
+        path.write_text(yaml.safe_dump(doc))
+        os.utime(path, (2, 2))  # (long stood still)
+        await ref.check()
+        assert ref.current.config.max_request_bytes == 8192
+        gc.collect()
+        assert probe() is None and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
