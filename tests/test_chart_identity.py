@@ -4,6 +4,7 @@ and a JWKS Secret mounted in Kubernetes. Every render passes `envoy --mode valid
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,10 @@ def test_jwt_authn_runs_before_the_ext_proc_and_hands_over_claims_as_metadata() 
     jwt = filters[0]["typed_config"]
     for name, provider in jwt["providers"].items():
         assert provider["payload_in_metadata"] == name and provider["forward"] is False
-        assert provider["from_headers"] == [{"name": "authorization", "value_prefix": "Bearer "}]
+        # The scheme in every spelling (RFC 9110: case-insensitive), `Bearer ` first; nothing else.
+        prefixes = [h["value_prefix"] for h in provider["from_headers"]]
+        assert prefixes[0] == "Bearer " and {h["name"] for h in provider["from_headers"]} == {"authorization"}
+        assert sorted(prefixes) == sorted({"".join(c) + " " for c in itertools.product(*zip("bearer", "BEARER"))})
         assert provider["require_expiration"] is True  # no `exp`: refused, not valid forever
     assert jwt["providers"]["cloud"]["remote_jwks"]["http_uri"]["cluster"] == "jwks.cloud"
     assert jwt["providers"]["cloud"]["remote_jwks"]["cache_duration"] == "300s"

@@ -286,6 +286,46 @@ def test_a_bad_token_is_a_401_in_the_openai_shape_before_the_ext_proc(ident: Ide
     assert ident.gw.received(ident.gw.primary) == []
 
 
+# RFC 9110 (11.1, RFC 7235 before it): an auth scheme is case-insensitive. jwt_authn matched
+# its `value_prefix` case-sensitively, so `bearer <JWT>` was no token to it (allow_missing):
+# the ext_proc then read the JWT as a gateway key, 401 invalid_api_key for a valid token.
+SCHEMES = ["bearer", "BEARER", "bEaReR", "Bearer  "]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_valid_token_is_the_principal_whatever_the_schemes_case(ident: Identity, scheme: str) -> None:
+    token = ident.token(sub="erin")
+    u = usage(ident.get("/v1/usage", "unmapped", {"Authorization": f"{scheme} {token}"}))
+    assert (u["key_id"], u["team"], u["user"]) == ("token:corp", "demo", "erin")
+    ident.gw.reset()
+    r = ident.chat("unmapped", {"Authorization": f"{scheme} {token}"})
+    assert r.status_code == 200, r.text
+    sent = ident.gw.received(ident.gw.primary)[-1]["headers"]
+    assert token not in json.dumps(sent)  # verified, then removed (forward: false), as with `Bearer`
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("kind", ["expired", "wrong-key", "not-a-jwt"])
+def test_a_bad_token_is_refused_by_jwt_authn_whatever_the_schemes_case(ident: Identity, scheme: str,
+                                                                        kind: str) -> None:
+    """Verified, not read as a key: a forged token in another case is the 401 `invalid_token`
+    of jwt_authn, before the ext_proc and any provider."""
+    token = {"expired": lambda: ident.token(expires_in=-600),
+             "wrong-key": lambda: ident.token(key=rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+             "not-a-jwt": lambda: "aaa.bbb.ccc"}[kind]()
+    ident.gw.reset()
+    r = ident.chat("payments-api", {"Authorization": f"{scheme} {token}"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token", r.text
+    assert ident.gw.received(ident.gw.primary) == []
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_gateway_key_in_any_case_still_skips_verification(ident: Identity, scheme: str) -> None:
+    assert usage(ident.get("/v1/usage", "unmapped", {"Authorization": f"{scheme} {DEMO_KEY}"}))["key_id"] == "demo"
+    wrong = ident.get("/v1/usage", "unmapped", {"Authorization": f"{scheme} gwk_nope_wrong"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key", wrong.text
+
+
 def test_a_token_without_a_team_is_refused(ident: Identity) -> None:
     r = ident.get("/v1/usage", "unmapped", {"Authorization": f"Bearer {ident.token(team=None)}"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "identity_not_mapped", r.text

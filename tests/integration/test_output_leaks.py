@@ -427,7 +427,8 @@ def test_a_bearer_token_valid_or_not_comes_out_nowhere(oidc) -> None:
         (t := token(expires_in=-600), {"authorization": f"Bearer {t}"}, 401),
         (t := token(key=other), {"authorization": f"Bearer {t}"}, 401),
         (t := token(team=None), {"authorization": f"Bearer {t}"}, 403),
-        (t := token(), {"authorization": f"bearer {t}"}, 401),  # not jwt_authn's prefix: checked as a key
+        (t := token(), {"authorization": f"bearer {t}"}, 200),  # the scheme in any case: verified, then removed
+        (t := token(key=other), {"authorization": f"bEaReR {t}"}, 401),
         (t := token(), {"authorization": f"Bearer {t}"}, 404),  # an unknown path
     ]
     gw.reset()
@@ -441,7 +442,7 @@ def test_a_bearer_token_valid_or_not_comes_out_nowhere(oidc) -> None:
         seen = {**outputs(gw, collector, before), "answer": resp.text + json.dumps(dict(resp.headers))}
         assert leaks(value, seen) == [], (headers, status)
     sent = [r for mock in (gw.primary, gw.backup) for r in gw.received(mock)]
-    assert len(sent) == 2
+    assert len(sent) == 3
     assert not any(value in json.dumps(r["headers"]) for value, _, _ in cases for r in sent)
 
 

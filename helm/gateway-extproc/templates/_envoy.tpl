@@ -560,7 +560,10 @@ ext_proc then needs a key or a workload identity).
         {{- end }}
         forward: false
         payload_in_metadata: {{ $p.name }}
-        from_headers: [{name: authorization, value_prefix: "Bearer "}]
+        # The scheme in every case (`bearer`, `BEARER`...: RFC 9110 11.1, auth schemes are
+        # case-insensitive): jwt_authn matches a prefix case-sensitively, and `bearer <JWT>` was
+        # no token to it (allow_missing), so the ext_proc read the JWT as a key (invalid_api_key).
+        from_headers: {{ include "gateway-extproc.bearerPrefixes" . }}
         clock_skew_seconds: {{ $p.clockSkewSeconds | default 60 }}
         # A token without `exp` would be valid forever: refused (jwt_authn accepts it by default).
         require_expiration: true
@@ -593,6 +596,31 @@ ext_proc then needs a key or a workload identity).
           - provider_name: {{ $p.name }}
           {{- end }}
           - allow_missing: {}
+{{- end -}}
+
+{{/*
+identity: jwt_authn's token locations, `Authorization: <scheme> <JWT>` with the scheme in each
+of its 64 spellings (upper or lower case per letter), `Bearer ` first. jwt_authn finds a
+`value_prefix` anywhere in the value, case-sensitively; a JWT holds no space, so exactly one of
+these matches a `<scheme> <JWT>` value (a value holding two is two tokens, each verified).
+Normalising the scheme in a filter before jwt_authn was the alternative: Envoy has none that
+rewrites part of a header value (header_mutation sets whole values; Lua is not in the stack).
+*/}}
+{{- define "gateway-extproc.bearerPrefixes" -}}
+{{- $out := list -}}
+{{- range $i := until 64 -}}
+{{- $scheme := "" -}}
+{{- range $j, $c := list "b" "e" "a" "r" "e" "r" -}}
+{{- /* bit j of i flips letter j of "Bearer" (i = 0) to the other case */ -}}
+{{- if eq (mod (div $i (index (list 1 2 4 8 16 32) $j)) 2) (ternary 0 1 (eq $j 0)) -}}
+{{- $scheme = print $scheme (upper $c) -}}
+{{- else -}}
+{{- $scheme = print $scheme $c -}}
+{{- end -}}
+{{- end -}}
+{{- $out = append $out (dict "name" "authorization" "value_prefix" (print $scheme " ")) -}}
+{{- end -}}
+{{- toJson $out -}}
 {{- end -}}
 
 {{/* identity: one cluster per remote JWKS (identity.oidc.providers[].jwks.remote). */}}
