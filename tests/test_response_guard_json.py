@@ -1,7 +1,7 @@
 """A JSON chat reply is scanned beyond `choices` (a provider's extra top-level field) and
 under the identifiers' names (an object under `id`), as a stream's chunks are (`_extras`).
-Identifiers themselves (`id` strings: provider-assigned, not generated text; redacting a
-tool call's id would break its round trip) are not read."""
+Identifiers inside the choices (a tool call's `id`: provider-assigned, and redacting it would
+break its round trip) are not read; the answer's own `id` is (tests/test_response_ids.py)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def test_a_json_reply_holds_no_card_anywhere(policy: Policy, body: dict) -> None
     assert out is not None and orjson.loads(out)["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_an_answers_id_is_not_read_and_its_labels_are_read_once_per_value(policy: Policy) -> None:
-    """The top-level fields are scanned by name: an `id` (digits enough for a card run) is
-    not text; `model` and the other labels repeat on every answer, so a value seen in a clean
-    answer is not read again, while a new value is (a card there is still caught)."""
+def test_an_answers_labels_are_read_once_per_value(policy: Policy) -> None:
+    """`model` and the other labels repeat on every answer, so a value seen in a clean answer
+    is not read again, while a new value is (a card there is still caught). The answer's
+    `id` is read apart, every time (tests/test_response_ids.py)."""
     from gateway_extproc.policy import scanner
 
     seen: list[list[str]] = []
@@ -64,10 +64,11 @@ def test_an_answers_id_is_not_read_and_its_labels_are_read_once_per_value(policy
     try:
         fresh = Policy(policy.cfg)
         guard = lambda: ResponseGuard(fresh, fresh._params["enforce"], "demo")  # noqa: E731
-        assert guard().json_body(answer(id="chatcmpl-4111111111111111", model="gpt-x-2024-07-18")) is None
-        assert "gpt-x-2024-07-18" in seen[-1] and "ok" in seen[-1] and not any("chatcmpl" in t for t in seen[-1])
+        assert guard().json_body(answer(id="chatcmpl-0000000000000000000000000001", model="gpt-x-2024-07-18")) is None
+        assert "gpt-x-2024-07-18" in seen[-2] and "ok" in seen[-2] and not any("chatcmpl" in t for t in seen[-2])
+        assert seen[-1] == ["chatcmpl-0000000000000000000000000001"]
         assert guard().json_body(answer(model="gpt-x-2024-07-18")) is None
-        assert seen[-1] == ["ok"]
+        assert seen[-2:] == [["ok"], ["chatcmpl-1"]]
         out = guard().json_body(answer(model=f"gpt {CARD}"))
         assert out is not None and "4111 1111" not in out.decode()
     finally:

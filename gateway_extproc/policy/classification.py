@@ -97,8 +97,7 @@ class Policy:
         """A provider's label (an answer's `model`, `id`, a `finish_reason`) as a span may carry
         it: as it is when no rule finds anything in it, else None. The trace reads these from the
         provider's bytes before output scanning rewrites them, so a value the client got as a
-        placeholder (or never, or in an `id`, which no scan reads) would reach the collector
-        whole. Labels already seen clean (`remember_labels`) are not read again."""
+        placeholder (or never) would reach the collector whole. Labels already seen clean (`remember_labels`) are not read again."""
         if value is None or value in self.known_labels.get(name, ()):
             return value
         return None if self.scanner.scan_strings([value]) else value
@@ -220,7 +219,7 @@ class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
-                 "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue")
+                 "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue", "labels")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -247,6 +246,9 @@ class ResponseGuard:
         # The stream's chunk fields (id, created, model...): chunks of released text carry them
         # too, as clients that validate chunks require.
         self.head: dict[str, Any] | None = None
+        # The chunk labels read so far (`_CHUNK_LABELS`), (name, value as sent) -> what goes out:
+        # every chunk repeats them, so each value is read once per stream.
+        self.labels: dict[tuple[str, str], str] = {}
         self.ended = False
         self.response_text: list[str] = []
         # A JSON answer in which the scan found nothing: its logged text needs no second look.
@@ -256,7 +258,8 @@ class ResponseGuard:
     def json_body(self, body: Any) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it) to send instead, or
         None to send it unchanged. Every string of every choice is scanned (content, refusal,
-        reasoning, tool-call arguments, labels; not ids), and of the body's other fields;
+        reasoning, tool-call arguments, labels; not a tool call's id), and of the body's other
+        fields (its own `id` apart);
         logprobs are dropped, since they spell the text out
         token by token where no scan can see a value whole. Raises `provider_error` for a body
         that cannot be read, which therefore cannot be sent."""
@@ -269,7 +272,7 @@ class ResponseGuard:
         # the client too, and a stream chunk's are scanned: every string of them is, after the
         # choices' (a value there is redacted in place, a blocked one too; the choices block).
         others = [k for k in body if k != "choices"] if isinstance(body, dict) else []
-        whole = [listed, {k: body[k] for k in others}]  # (by name: an `id` is no text, labels repeat)
+        whole = [listed, {k: body[k] for k in others}]  # (by name: labels repeat, `known`)
         known = self.policy.known_labels
         strings = walk_strings(whole, skip_keys=_NOT_TEXT, known=known) if isinstance(listed, list) \
             else LimitExceeded("no choices")
@@ -278,6 +281,15 @@ class ResponseGuard:
             raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
                                "it was not forwarded.")
         findings = self.policy.scanner.scan_strings(strings)
+        # The answer's own `id` reaches the client (and an Anthropic client's `message.id`): read
+        # on its own, a whole value, after the rest (joined, a digit run there opened regex
+        # windows reaching into the content: the bench's 28-digit id cost 100 us, apart 10).
+        # Unique per answer, so never remembered. Ids inside (a tool call's) stay unread.
+        ident = body.get("id")
+        ids = [ident] if isinstance(ident, str) and ident else []
+        if ids:
+            findings += [replace(f, index=f.index + len(strings))
+                         for f in self.policy.scanner.scan_strings(ids, apart=True)]
         self.clean = not findings
         if self.clean:
             self.policy.remember_labels([*((k, body[k]) for k in _MEMO_HEAD if k in body), *(
@@ -288,10 +300,12 @@ class ResponseGuard:
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
         if decision is not None and (decision.block or decision.redact):
-            new, _ = redact_strings(strings, decision.replaced, PlaceholderMap())
+            new, _ = redact_strings([*strings, *ids], decision.replaced, PlaceholderMap())
             replacements = iter(new)
             listed, values = map_strings(whole, lambda _s: next(replacements), skip_keys=_NOT_TEXT, known=known)
             body.update(values)
+            if ids:
+                body["id"] = new[len(strings)]
             body["choices"] = listed
             if decision.block:
                 body["choices"] = [{"index": c.get("index", i) if isinstance(c, dict) else i,
@@ -348,12 +362,15 @@ class ResponseGuard:
                 chunk = None
         if not isinstance(chunk, dict):
             return self._unreadable(event)
+        blocked, relabelled = self._labels(chunk)
+        if blocked:
+            return self.block(chunk)
         choices = chunk.get("choices")
         if not isinstance(choices, list):  # no chunk; but the usage alone may come without choices
-            return self._bare(chunk, event) if choices is None and chunk.keys() <= _HEAD | {"usage"} \
+            return self._bare(chunk, event, relabelled) if choices is None and chunk.keys() <= _HEAD | {"usage"} \
                 else self._unreadable(event)
         if not choices:
-            return self._bare(chunk, event)  # no generated text (the usage chunk), but maybe other fields
+            return self._bare(chunk, event, relabelled)  # no generated text (the usage chunk), but maybe other fields
         if self.head is None:
             self.head = {"object": "chat.completion.chunk", **{k: v for k, v in chunk.items() if k in _HEAD}}
         if self._extras_blocked(chunk, choices):
@@ -372,11 +389,50 @@ class ResponseGuard:
         chunk["choices"] = shown
         return released + b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    def _bare(self, chunk: dict[str, Any], event: bytes) -> bytes:
+    def _labels(self, chunk: dict[str, Any]) -> tuple[bool, bool]:
+        """Reads the chunk's labels (`_CHUNK_LABELS`) that this stream has not read yet, apart
+        from its text (each value is whole), in one scan, and puts what may go out in their
+        place: a value redacted per its rule, in this and every later chunk. A `model` or
+        `system_fingerprint` seen clean is remembered per Policy, like a JSON answer's.
+        (blocked: a value there ends the stream, relabelled: the chunk was rewritten)."""
+        relabelled = False
+        fresh: list[tuple[str, str]] = []
+        known = self.policy.known_labels
+        for name in _CHUNK_LABELS:
+            value = chunk.get(name)
+            if not isinstance(value, str) or not value:
+                continue  # (another type is no label: the client's SDK refuses the chunk)
+            sent = self.labels.get((name, value))
+            if sent is None:
+                if name in known and value in known[name]:
+                    self.labels[(name, value)] = value
+                else:
+                    fresh.append((name, value))
+            elif sent != value:
+                chunk[name], relabelled = sent, True
+        if not fresh:
+            return False, relabelled
+        values = [value for _, value in fresh]
+        findings = self.policy.scanner.scan_strings(values, apart=True)
+        decision = self.policy.scanner.decide(findings, self.params) if findings else None
+        if decision is None or not (decision.block or decision.redact):
+            self.labels.update(((name, value), value) for name, value in fresh)
+            if not findings:
+                self.policy.remember_labels([(name, value) for name, value in fresh if name != "id"])
+            return False, relabelled
+        record(decision, self.team, self.params.mode, "response")
+        new, _ = redact_strings(values, decision.replaced, PlaceholderMap())
+        for (name, value), out in zip(fresh, new):
+            self.labels[(name, value)] = out
+            if out != value:
+                chunk[name], relabelled = out, True
+        return decision.block, relabelled
+
+    def _bare(self, chunk: dict[str, Any], event: bytes, relabelled: bool = False) -> bytes:
         """A chunk without choices (the usage chunk): no text window, but its other fields reach
         the client (`usage` and any field beside it), so their strings are scanned as a chunk's
-        extras are: the event as it came when they hold nothing; else without them, or the
-        stream's end when a value blocks."""
+        extras are: the event as it came when they hold nothing (its labels as `_labels` left
+        them); else without them, or the stream's end when a value blocks."""
         fields = [k for k in chunk if k not in _HEAD and k != "choices"]
         strings = walk_strings([chunk[k] for k in fields])
         if isinstance(strings, LimitExceeded):
@@ -384,7 +440,7 @@ class ResponseGuard:
         findings = self.policy.scanner.scan_strings(strings) if strings else None
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if decision is None or not (decision.block or decision.redact):
-            return event
+            return b"data: " + orjson.dumps(chunk) + b"\n\n" if relabelled else event
         record(decision, self.team, self.params.mode, "response")
         if decision.block:
             return self.block(chunk)
@@ -712,9 +768,10 @@ def _withheld() -> dict[str, Any]:
     return error_object(WITHHELD_ERROR, "server_error", "provider_error")
 
 
-# Strings of a choice that are the provider's identifiers, not generated text (and binary data).
-# Its labels (`role`, `finish_reason`, a tool call's `type`) are scanned: a provider may put
-# anything there, and a client reads them.
+# Strings of a choice that are the provider's identifiers, not generated text (and binary data):
+# a tool call's `id` must come back as it went out. Its labels (`role`, `finish_reason`, a tool
+# call's `type`) are scanned: a provider may put anything there, and a client reads them. The
+# answer's own `id` is read apart (`ResponseGuard.json_body`), a chunk's with its labels (`_labels`).
 _NOT_TEXT = BINARY_KEYS | {"id", "index", "object"}
 # Labels of a stream chunk and the values the chat schema gives them: any other value is
 # scanned like a field outside the schema (`_extras`).
@@ -729,6 +786,10 @@ _LABELS: dict[str, frozenset[str]] = {
 # a usage object beside choices).
 _ANNOTATIONS = frozenset({"obfuscation", "prompt_filter_results", "content_filter_results", "content_filter_offsets"})
 _HEAD = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier"})
+# The head labels a provider writes into every stream chunk, read as text (`ResponseGuard._labels`):
+# `object` is the schema's constant and `created` a timestamp; `service_tier` is read by value
+# (`_LABELS`). A JSON answer's are read with it (`id` apart).
+_CHUNK_LABELS = ("id", "model", "system_fingerprint")
 # A JSON answer's labels that repeat on every answer, read once per value (`remember_labels`).
 _MEMO_HEAD = ("model", "system_fingerprint", "service_tier")
 _MAX_KNOWN_LABELS = 4096

@@ -528,3 +528,88 @@ def test_a_card_sent_as_a_token_id_is_not_quoted_back(leaky) -> None:
     assert number not in err.value.response.text
     time.sleep(0.5)
     assert leaks(number, outputs(gw, collector, before)) == []
+
+
+# -- a provider's identifiers: an answer's `id`, a stream chunk's `id` and `model` ----------
+
+
+def _anthropic_events(id_: str, model: str) -> list[bytes]:
+    def event(kind: str, data: dict[str, Any]) -> bytes:
+        return f"event: {kind}\ndata: ".encode() + orjson.dumps({"type": kind, **data}) + b"\n\n"
+    return [event("message_start", {"message": {"id": id_, "type": "message", "role": "assistant", "model": model,
+                                                "content": [], "stop_reason": None,
+                                                "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+            event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "ok"}}),
+            event("content_block_stop", {"index": 0}),
+            event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}),
+            event("message_stop", {})]
+
+
+def _openai_events(id_: str, model: str) -> list[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": id_, "object": "chat.completion.chunk", "created": 1, "model": model,
+                                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+    usage = {"id": id_, "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [],
+             "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    return [chunk({"role": "assistant", "content": "ok"}), chunk({}, "stop"),
+            b"data: " + orjson.dumps(usage) + b"\n\n", b"data: [DONE]\n\n"]
+
+
+def _reply(provider: str, stream: bool, number: str) -> dict[str, str]:
+    """Mock controls for a provider answer whose identifiers hold the card `number`."""
+    id_, model = f"chatcmpl-{number}", f"m-{number}"
+    if provider == "anthropic":
+        id_ = f"msg-{number}"
+        if stream:
+            return {"x-mock-raw-events": json.dumps([base64.b64encode(e).decode()
+                                                     for e in _anthropic_events(id_, model)])}
+        body = {"id": id_, "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                "usage": {"input_tokens": 5, "output_tokens": 2}}
+    elif provider == "gemini" and stream:
+        first = {"candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]}}],
+                 "responseId": number, "modelVersion": model}
+        last = {"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "finishReason": "STOP"}],
+                "responseId": number, "modelVersion": model,
+                "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2, "totalTokenCount": 7}}
+        return {"x-mock-raw-events": json.dumps([base64.b64encode(b"data: " + orjson.dumps(e) + b"\r\n\r\n").decode()
+                                                 for e in (first, last)])}
+    elif provider == "gemini":
+        body = {"candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]}, "finishReason": "STOP"}],
+                "responseId": number, "modelVersion": model,
+                "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2, "totalTokenCount": 7}}
+    elif stream:
+        return {"x-mock-raw-events": json.dumps([base64.b64encode(e).decode() for e in _openai_events(id_, model)])}
+    else:
+        body = {"id": id_, "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    return {"x-mock-raw-body": base64.b64encode(orjson.dumps(body)).decode()}
+
+
+@pytest.mark.parametrize("client", ["openai", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model, provider", [("default-chat", "openai"), ("claude-chat", "anthropic"),
+                                             ("gemini-chat", "gemini")])
+def test_a_card_in_a_providers_answer_id_or_model_reaches_no_client(leaky: tuple[Gateway, Collector], model: str,
+                                                                    provider: str, stream: bool, client: str) -> None:
+    """docs/classification.md, Output scanning: a JSON answer's `id`, a stream chunk's `id` and
+    `model` reach the client (an Anthropic client's `message.id` and `model` too) and are read
+    as text; until 2026-12 the ids were not, nor a chunk's `model`, and the card went out whole."""
+    gw, collector = leaky
+    gw.reset()
+    number = card(random.Random(hash((model, stream, client)) & 0xFFFF))
+    before = mark(gw, collector)
+    headers = {"authorization": f"Bearer {gw.key}", **_reply(provider, stream, number)}
+    if client == "openai":
+        body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    else:
+        body = {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        r = httpx.post(f"{gw.url}/v1/messages", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "ok" in r.text and "[CREDIT_CARD_1]" in r.text, r.text
+    assert number not in re.sub(r"\D", "", r.text), r.text
+    time.sleep(0.3)
+    assert leaks(number, outputs(gw, collector, before)) == []
