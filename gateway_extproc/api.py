@@ -210,6 +210,18 @@ def cache_marker(holder: dict[str, Any], param: str, paths: list[str]) -> Any:
     return holder["cache_control"]
 
 
+def top_cache_marker(body: dict[str, Any], paths: list[str]) -> Any:
+    """The request's own marker (`cache_control` beside `messages`: OpenRouter's, and Anthropic's
+    automatic caching, whose breakpoint is the last cacheable block), checked and counted among
+    the four like any other (the Claude and Converse translators put it on the last block of the
+    last turn); None without one."""
+    if "cache_control" not in body:
+        return None
+    check_cache_control(body["cache_control"], "cache_control")
+    paths.append("cache_control")
+    return body["cache_control"]
+
+
 # (Paths and messages are only formatted for a refusal, or for a marker: this runs on every
 # message and part.)
 def _check_message(m: Any, i: int, markers: list[str]) -> None:
@@ -307,6 +319,7 @@ def _validate_chat(body: dict[str, Any]) -> None:
         isinstance(s, str) for s in stop)), "stop", "`stop` must be a string or an array of strings.")
     _require(_text(body.get("user")), "user", "`user` must be a string.")
     _check_tools(body, markers)
+    top_cache_marker(body, markers)
     check_cache_markers(markers)
     fmt = body.get("response_format")
     _require(fmt is None or isinstance(fmt, dict) and isinstance(fmt.get("type"), str), "response_format",

@@ -5,8 +5,9 @@ Anthropic message. Gateway errors keep the OpenAI shape and are not translated h
 
 Prompt-cache markers (`cache_control`) stay on what the client put them on: a system or content
 block becomes a content part carrying it, a `tool_use` block a tool call, a `tool_result` block
-its `tool` message, a tool the function tool (where OpenRouter and LiteLLM take them); the Claude
-and Converse translators put them back in place (providers/anthropic.py, bedrock.py)."""
+its `tool` message, a tool the function tool (where OpenRouter and LiteLLM take them), a
+top-level one (automatic caching) the chat request's own; the Claude and Converse translators
+put them back in place (providers/anthropic.py, bedrock.py)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def to_chat(body: JSON) -> JSON:
         if not isinstance(body["tools"], list):
             raise _invalid("tools: a list of tools is required", "tools")
         out["tools"] = [_tool(tool, f"tools.{i}", markers) for i, tool in enumerate(body["tools"])]
+    marker = api.top_cache_marker(body, markers)  # (automatic caching: a top-level marker on the pivot too)
+    if marker is not None:
+        out["cache_control"] = marker
     api.check_cache_markers(markers)
     _apply_tool_choice(body.get("tool_choice"), out)
     metadata = body.get("metadata")
@@ -78,6 +82,7 @@ def to_chat(body: JSON) -> JSON:
 
 def drop_cache_markers(chat: JSON) -> None:
     """`to_chat`'s request without the prompt-cache markers it carried over (where they sit)."""
+    chat.pop("cache_control", None)
     for message in chat["messages"]:
         message.pop("cache_control", None)
         for holder in (*(message["content"] if isinstance(message.get("content"), list) else ()),

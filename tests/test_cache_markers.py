@@ -223,3 +223,87 @@ def test_an_unmarked_request_reaches_converse_as_before() -> None:
     sent = converse_body(chat(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
                               tools=[{"type": "function", "function": {"name": "f"}}]))
     assert "cachePoint" not in str(sent)
+
+
+# -- a top-level marker (OpenRouter's; Anthropic's automatic caching) ----------------------
+# Anthropic's Messages API takes `cache_control` at the top level too: the breakpoint goes on
+# the last cacheable block, and moves on as the conversation grows. OpenRouter takes it on chat
+# requests for Claude. Claude and Converse backends get it as a marker on the last block of
+# the last turn (the same breakpoint, in the form every Anthropic-compatible server and
+# Converse take); OpenAI-schema backends the body as sent, as with the other markers.
+
+def test_a_top_level_marker_is_checked_and_counts_among_the_four() -> None:
+    api.CHAT.validate(chat(cache_control=EPHEMERAL))
+    api.CHAT.validate(chat(cache_control=HOUR))
+    with pytest.raises(GatewayError) as err:
+        api.CHAT.validate(chat(cache_control={"type": "ephemeral", "ttl": "2h"}))
+    assert (err.value.code, err.value.param) == ("invalid_request", "cache_control")
+    part = {"type": "text", "text": "x", "cache_control": EPHEMERAL}
+    four = chat(messages=[{"role": "user", "content": [part, part, part, part]}])
+    with pytest.raises(GatewayError) as err:
+        api.CHAT.validate({**four, "cache_control": EPHEMERAL})
+    assert (err.value.code, err.value.param) == ("invalid_request", "cache_control")
+    assert "at most 4" in err.value.message
+
+
+def test_an_anthropic_clients_top_level_marker_rides_on_the_pivot() -> None:
+    request = {"model": "m", "max_tokens": 1, "cache_control": HOUR, "messages": [{"role": "user", "content": "x"}]}
+    pivot = to_chat(request)
+    assert pivot["cache_control"] == HOUR
+    api.CHAT.validate(pivot)
+    with pytest.raises(GatewayError) as err:
+        to_chat({**request, "cache_control": {"type": "ephemeral", "ttl": "1d"}})
+    assert (err.value.code, err.value.param) == ("invalid_request", "cache_control")
+    from gateway_extproc.messages import drop_cache_markers
+    drop_cache_markers(pivot)
+    assert "cache_control" not in pivot
+
+
+def test_a_claude_backend_gets_a_top_level_marker_on_the_last_block() -> None:
+    sent = claude_body(chat(cache_control=EPHEMERAL, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "doc"},
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Summarise."}]))
+    assert "cache_control" not in sent and sent["system"] == "Be brief."
+    assert sent["messages"][:2] == [{"role": "user", "content": [{"type": "text", "text": "doc"}]},
+                                    {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+    assert sent["messages"][2]["content"] == [{"type": "text", "text": "Summarise.", "cache_control": EPHEMERAL}]
+
+
+def test_a_claude_backend_keeps_the_last_blocks_own_marker_and_marks_a_tool_result() -> None:
+    sent = claude_body(chat(cache_control=HOUR, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "a", "cache_control": EPHEMERAL}]}]))
+    assert sent["messages"][0]["content"] == [{"type": "text", "text": "a", "cache_control": EPHEMERAL}]
+    sent = claude_body(chat(cache_control=HOUR, messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "15 C"}]))
+    assert sent["messages"][-1]["content"] == [{"type": "tool_result", "tool_use_id": "c", "content": "15 C",
+                                                "cache_control": HOUR}]
+
+
+def test_an_anthropic_clients_top_level_marker_reaches_claude_on_the_last_block() -> None:
+    sent = claude_body(to_chat({**MESSAGES_REQUEST, "system": "s", "tools": [], "cache_control": EPHEMERAL}))
+    assert sent["messages"][-1]["content"][-1] == {"type": "text", "text": "And now?", "cache_control": EPHEMERAL}
+
+
+def test_a_converse_backend_gets_a_top_level_marker_as_a_cache_point_after_the_last_block() -> None:
+    sent = converse_body(chat(cache_control=HOUR, messages=[
+        {"role": "system", "content": "s"}, {"role": "user", "content": "doc"},
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Summarise."}]))
+    assert sent["system"] == [{"text": "s"}] and "cachePoint" not in str(sent["messages"][:2])
+    assert sent["messages"][2]["content"] == [{"text": "Summarise."}, {"cachePoint": {"type": "default", "ttl": "1h"}}]
+    # the last block marked already: one cachePoint, its own
+    sent = converse_body(chat(cache_control=HOUR, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "a", "cache_control": EPHEMERAL}]}]))
+    assert sent["messages"][0]["content"] == [{"text": "a"}, {"cachePoint": {"type": "default"}}]
+
+
+def test_a_top_level_marker_goes_to_an_openai_schema_backend_as_sent() -> None:
+    from gateway_extproc.providers import openai as openai_provider
+
+    body = chat(cache_control=EPHEMERAL)
+    target = Target(model="gpt-x", base_url="https://api.openai.com/v1", base_path="/v1", host="api.openai.com",
+                    credential="sk-test")
+    sent = orjson.loads(openai_provider.request(target, "/chat/completions", body, False).body)
+    assert sent["cache_control"] == EPHEMERAL

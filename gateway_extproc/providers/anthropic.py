@@ -5,7 +5,9 @@ chat completions / `chat.completion.chunk` events, so every client sees one sche
 Prompt-cache markers (`cache_control`, the contract checked them: api.check_cache_control) go
 back on the block the pivot carries them on: a content part's on its block, a message's on its
 last block, a tool call's on its `tool_use`, a tool message's on its `tool_result`, a tool's on
-the tool; a system prompt with one is sent as text blocks rather than one string."""
+the tool, the request's own (top-level: automatic caching) on the last block of the last turn
+(where Anthropic puts its breakpoint); a system prompt with one is sent as text blocks rather
+than one string."""
 
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ def request(target: Target, suffix: str, body: JSON, stream: bool) -> Outbound:
     if body.get("n") not in (None, 1):
         raise GatewayError("invalid_request", "Anthropic backends return a single choice: n must be 1", "n")
     system, messages = _messages(body.get("messages") or [])
+    if messages and "cache_control" in body:
+        _marked_last(messages[-1]["content"], body)
     max_tokens = output_cap(body)
     out: JSON = {"model": target.model, "messages": messages,
                  "max_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS}
@@ -89,10 +93,12 @@ def _marked(block: JSON, holder: Any) -> JSON:
     return block
 
 
-def _marked_last(blocks: list[JSON], message: JSON) -> list[JSON]:
-    """A message's marker on the last block it became (LiteLLM's reading of a message-level one)."""
-    if blocks:
-        _marked(blocks[-1], message)
+def _marked_last(blocks: list[JSON], holder: JSON) -> list[JSON]:
+    """A message's marker on the last block it became (LiteLLM's reading of a message-level one),
+    or the request's own (automatic caching: its breakpoint is the last block of the last turn),
+    unless that block carries one already (its own, set where the client put it)."""
+    if blocks and "cache_control" not in blocks[-1]:
+        _marked(blocks[-1], holder)
     return blocks
 
 

@@ -6,7 +6,8 @@ Prompt-cache markers (`cache_control`, the contract checked them: api.check_cach
 become what Converse has for them: a `{"cachePoint": {"type": "default"}}` block after the block
 marked (with the marker's `ttl`, "5m" or "1h", when it has one), in `system`, in a message's
 content (a message's own marker after its last block; a tool message's, and its parts', after
-its `toolResult`, which cannot hold one) and in `toolConfig.tools`."""
+its `toolResult`, which cannot hold one; the request's own, top-level, after the last turn's
+last block) and in `toolConfig.tools`."""
 
 from __future__ import annotations
 
@@ -191,6 +192,8 @@ def _body(body: JSON) -> JSON:
     if not isinstance(messages, list) or not messages:
         raise GatewayError("invalid_request", "messages must be a non-empty list", "messages")
     system, turns = _conversation(messages)
+    if turns:  # the request's own marker (top-level): a cachePoint after the last turn's last block
+        turns[-1]["content"] = _marked_last(turns[-1]["content"], body)
     out: JSON = {"messages": turns}
     if system:
         out["system"] = system

@@ -364,3 +364,66 @@ def test_a_burst_of_converse_cache_writes_never_passes_the_budget(replicas: tupl
     assert total == sum(converse_bill(r.usage) for r in answered) <= BUDGETS["converse-burst"] * NANO
     assert spent(second, "converse-burst") == total
     assert over_reservations(first, second) == events_before
+
+
+# -- a top-level marker (OpenRouter's, and Anthropic's automatic caching) -------------------
+
+
+def test_a_top_level_marker_reaches_claude_on_the_last_block_and_its_writes_are_billed(gw: Gateway) -> None:
+    """`cache_control` beside `messages`, as OpenRouter takes it: Anthropic puts that breakpoint
+    on the last cacheable block, so the Claude backend gets it there (it reached Claude nowhere
+    until 2026-12, and Claude wrote nothing); the writes are charged their bill."""
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["bill"], max_retries=0)
+    before = spent(gw, "bill")
+    answer = client.chat.completions.create(
+        model="claude-chat", max_tokens=16, extra_headers={"x-mock-cache-write-1h-tokens": "30"},
+        extra_body={"cache_control": HOUR},
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Review this diff."}])
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens_details.model_dump()["cache_creation_1h_tokens"] == 30
+    [sent] = sent_to(gw, gw.backup, "/messages")
+    assert "cache_control" not in sent and sent["system"] == SYSTEM
+    assert sent["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "Review this diff.", "cache_control": HOUR}]}]
+    assert spent(gw, "bill") - before == converse_bill(answer.usage)
+
+
+def test_an_anthropic_sdk_clients_top_level_marker_reaches_converse_as_a_last_cache_point(gw: Gateway) -> None:
+    message = claude_client(gw, "bill").messages.create(
+        model="converse-claude", max_tokens=64, system=SYSTEM, extra_body={"cache_control": EPHEMERAL},
+        extra_headers={"x-mock-cache-write-tokens": "20"},
+        messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert message.usage.cache_creation_input_tokens == 20
+    [sent] = sent_to(gw, gw.backup, "/converse")
+    assert sent["system"] == [{"text": SYSTEM}]
+    assert sent["messages"] == [{"role": "user", "content": [{"text": "Weather in Paris?"},
+                                                             {"cachePoint": {"type": "default"}}]}]
+
+
+def test_a_top_level_marker_goes_as_sent_to_an_openai_schema_backend_reserved_at_the_write_price(gw: Gateway) -> None:
+    """An OpenAI-compatible server in front of Claude gets the body as sent (OpenRouter takes the
+    top-level marker) and writes the whole prompt for an hour: with one output token that costs
+    more than the prompt at the input price, and the reservation covered it (no bill past it)."""
+    events_before = over_reservations(gw)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["unmarked"], max_retries=0)
+    answer = client.chat.completions.create(
+        model="router-claude", max_tokens=1, extra_headers={"x-mock-cache-write-1h-tokens": "100000"},
+        extra_body={"cache_control": HOUR},
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Review this diff."}])
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens_details.cache_write_tokens == answer.usage.prompt_tokens
+    [sent] = sent_to(gw, gw.primary, "/chat/completions")
+    assert sent["cache_control"] == HOUR
+    assert router_bill(answer.usage, ttl_1h=True) > math.ceil(nano(INPUT, answer.usage.prompt_tokens) + nano(OUTPUT, 1))
+    assert over_reservations(gw) == events_before
+
+
+def test_a_top_level_marker_of_another_shape_or_a_fifth_is_refused_before_any_provider(gw: Gateway) -> None:
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["bill"], max_retries=0)
+    part = {"type": "text", "text": "x", "cache_control": EPHEMERAL}
+    for body, messages in (({"cache_control": {"type": "ephemeral", "ttl": "2h"}}, [{"role": "user", "content": "x"}]),
+                           ({"cache_control": EPHEMERAL}, [{"role": "user", "content": [part] * 4}])):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="claude-chat", max_tokens=8, extra_body=body, messages=messages)
+        assert (refused.value.code, refused.value.param) == ("invalid_request", "cache_control")  # type: ignore[attr-defined]
+    assert gw.received(gw.primary) == gw.received(gw.backup) == []
