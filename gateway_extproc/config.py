@@ -402,6 +402,15 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
     if tokenizer.endswith(".json"):
         if local_files and not Path(tokenizer).is_file():
             r.fail(f"{at}.tokenizer", f"is {tokenizer!r}, which is not a readable file; give a local tokenizer.json")
+        if local_files:
+            from .tokens import counter
+
+            try:  # what `tokenizers` makes of it: it raises a bare Exception for a file it cannot use
+                counter(tokenizer)
+            except Exception as exc:  # noqa: BLE001
+                problem = " ".join(str(exc).split())[:200]
+                r.fail(f"{at}.tokenizer", f"is {tokenizer!r}, which does not load as a Hugging Face tokenizer.json "
+                       f"({problem}); give the model's tokenizer.json, or estimate")
     elif tokenizer != "estimate" and tokenizer not in _openai_encodings():
         r.fail(f"{at}.tokenizer", f"is {tokenizer!r}; use one of {', '.join(_openai_encodings())}, "
                "a path to a tokenizer.json, or estimate")

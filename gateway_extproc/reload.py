@@ -56,9 +56,13 @@ class RuntimeRef:
         try:
             runtime = await asyncio.to_thread(Runtime.load, self.path, self.current)
         except (ConfigError, OSError, ValueError) as exc:
-            CONFIG_RELOADS.labels("rejected").inc()
-            log.error("config_reload_failed", path=self.path, error=str(exc))
-            audit.config_rejected(self.path, str(exc))
+            self._reject(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001
+            # Anything else a load raises is a rejected file too: escaping, it ended this
+            # task, and the worker never reloaded again (a later revocation never applied).
+            self._reject(f"{self.path}: could not be loaded ({type(exc).__name__}); "
+                         "check it with `gateway-extproc check-config`")
             return
         self.current = runtime
         # The replaced Runtime goes once its streams end; frozen out of the collector at
@@ -67,6 +71,11 @@ class RuntimeRef:
         CONFIG_RELOADS.labels("applied").inc()
         audit.config_applied(runtime.config)
         log.info("config_reloaded", path=self.path, models=len(runtime.config.models), keys=len(runtime.config.keys))
+
+    def _reject(self, error: str) -> None:
+        CONFIG_RELOADS.labels("rejected").inc()
+        log.error("config_reload_failed", path=self.path, error=error)
+        audit.config_rejected(self.path, error)
 
 
 def _mtime(path: str) -> float:

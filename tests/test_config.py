@@ -652,3 +652,16 @@ def test_cache_write_prices_parse_default_and_name_their_key_when_wrong() -> Non
     doc["models"][0]["backends"][0]["pricing"] = {"input": 3, "output": 15, "cacheWrite": "1.25x"}
     with pytest.raises(ConfigError, match=r"models\[0\]\.backends\[0\]\.pricing\.cacheWrite must be a number >= 0"):
         config.parse(doc, SOURCE)
+
+
+def test_a_tokenizer_json_that_does_not_load_is_a_config_error(tmp_path: Path) -> None:
+    """check-config said OK and `serve` then died with a traceback from `tokenizers`."""
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"not": "a tokenizer"}')
+    doc = valid()
+    doc["models"][0]["tokenizer"] = str(bad)
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, SOURCE)
+    assert str(info.value).startswith(f"{SOURCE}: models[0].tokenizer is {str(bad)!r}, which does not load as a "
+                                      "Hugging Face tokenizer.json (")
+    config.parse(doc, SOURCE, local_files=False)  # `render` for another machine does not read it

@@ -75,6 +75,61 @@ def test_the_budget_gauge_shows_the_config_in_force(tmp_path: Path) -> None:
     assert REGISTRY.get_sample_value("genai_team_daily_budget_remaining_dollars", {"team": "ads"}) is None
 
 
+async def test_a_tokenizer_file_that_does_not_load_is_rejected_and_the_watcher_keeps_watching(tmp_path: Path) -> None:
+    """A tokenizer.json that exists but is no tokenizer (tokenizers raises a bare Exception)
+    was neither a ConfigError nor an OSError: it escaped check() and ended the watch task, so
+    that worker never reloaded again (a later revocation never applied)."""
+    from prometheus_client import REGISTRY
+
+    def rejected() -> float:
+        return REGISTRY.get_sample_value("genai_gateway_config_reloads_total", {"result": "rejected"}) or 0.0
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(valid()))
+    os.utime(path, (1, 1))
+    ref = RuntimeRef(Runtime.load(path), str(path))
+    (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    doc = valid()
+    doc["models"][0]["tokenizer"] = str(tmp_path / "tokenizer.json")
+    path.write_text(yaml.safe_dump(doc))
+    os.utime(path, (2, 2))
+    before = rejected()
+    await ref.check()
+    assert rejected() == before + 1
+    assert ref.current.config.models["default-chat"].tokenizer == "o200k_base"  # the last good config
+    doc = valid()
+    doc["maxRequestBytes"] = 8192
+    path.write_text(yaml.safe_dump(doc))
+    os.utime(path, (3, 3))
+    await ref.check()
+    assert ref.current.config.max_request_bytes == 8192
+
+
+async def test_whatever_a_reload_raises_the_watcher_survives_and_counts_it(tmp_path: Path, monkeypatch) -> None:
+    """Defence in depth: an unexpected exception while loading is a rejected file, never the
+    end of the watch loop."""
+    from gateway_extproc import reload
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(valid()))
+    os.utime(path, (1, 1))
+    ref = RuntimeRef(Runtime.load(path), str(path))
+    real = Runtime.load
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("unexpected")
+    monkeypatch.setattr(reload.Runtime, "load", boom)
+    os.utime(path, (2, 2))
+    await ref.check()
+    monkeypatch.setattr(reload.Runtime, "load", real)
+    doc = valid()
+    doc["maxRequestBytes"] = 8192
+    path.write_text(yaml.safe_dump(doc))
+    os.utime(path, (3, 3))
+    await ref.check()
+    assert ref.current.config.max_request_bytes == 8192
+
+
 async def test_a_reload_lets_the_collector_free_what_the_start_up_heap_held_in_a_cycle(tmp_path: Path) -> None:
     """`serve` freezes its start-up heap out of the cyclic collector (server.quiet_collector);
     a reload unfreezes it, else the replaced Runtime, where it sits in a reference cycle,
