@@ -47,6 +47,7 @@ _ALL_PROVIDER_OPTIONS = {o[0] for opts in _PROVIDER_OPTIONS.values() for o in op
 MODES = ("monitor", "soft", "enforce")
 KEY_ID = ID  # key ids, and other names of the same form
 SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
+ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")  # as values.schema.json's credential.env
 
 
 class ConfigError(ValueError):
@@ -200,9 +201,16 @@ def load(path: str | os.PathLike[str]) -> GatewayConfig:
         raw = yaml.safe_load(text.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found; render it with `gateway-extproc render`") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: {not_utf8(exc)}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({yaml_problem(exc)}); fix the syntax") from None
     return replace(parse(raw, source), digest=hashlib.sha256(text).hexdigest())
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8 (one byte, never the text around it), and the fix."""
+    return f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -365,14 +373,19 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
         r.fail(f"{at}.kind", f"is {kind!r}; supported kinds: {', '.join(PROVIDER_KINDS)}")
     base_url = r.string(p.get("baseURL"), f"{at}.baseURL")
     parts = urlsplit(base_url)
+    if "@" in parts.netloc:  # (before quoting it: the part before @ is a password)
+        r.fail(f"{at}.baseURL", "carries user:password@, which Envoy would send and log as the host; remove it and "
+               "give the key through credential")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         r.fail(f"{at}.baseURL", f"is {base_url!r}; use http(s)://host[:port][/path]")
     cred = r.mapping(p.get("credential"), f"{at}.credential")
     env, file = cred.get("env"), cred.get("file")
     if (env is None) == (file is None):
         r.fail(f"{at}.credential", "must have exactly one of env: VAR or file: /path")
-    if env is not None:
-        r.string(env, f"{at}.credential.env")
+    if env is not None and not ENV_NAME.match(r.string(env, f"{at}.credential.env")):
+        # Never quoted: what is here instead of a name is most likely the key itself.
+        r.fail(f"{at}.credential.env", "must name an environment variable (letters, digits and _, not starting "
+               "with a digit), not hold the key; put the key in that variable")
     if file is not None:
         r.string(file, f"{at}.credential.file")
     options = {}

@@ -78,6 +78,7 @@ def _check_references(values: dict[str, Any], source: str) -> None:
 
 
 _SCHEMA_LINE = re.compile(r"^- at '([^']*)': (.*)$")
+_QUOTED_VALUE = re.compile(r"^'.*' (?=does not match pattern )", re.S)
 _UNKNOWN_KEY = re.compile(r"additional properties? ((?:'[^']+'(?:, )?)+) not allowed")
 
 
@@ -95,6 +96,9 @@ def _helm_message(message: str, source: str, chart: Path) -> str:
             else:
                 # A pattern says little to a reader: the key's description says what it takes.
                 hint = _schema_at(path, chart).get("description") if "does not match pattern" in problem else None
+                # Helm quotes the refused value; a secret pasted into the wrong field (a caller key
+                # as keys[].sha256, a provider key as credential.env) would be printed with it.
+                problem = _QUOTED_VALUE.sub("", problem)
                 problems.append(f"{path or '<top level>'}: {problem}" + (f" ({hint})" if hint else ""))
     if problems:
         return f"{source}: " + "; ".join(problems)
@@ -151,6 +155,10 @@ def load_values(paths: list[Path]) -> dict[str, Any]:
             raise RenderError(f"{p}: values file not found; check the path") from None
         except IsADirectoryError:
             raise RenderError(f"{p}: is a directory; give a values file") from None
+        except UnicodeDecodeError as exc:
+            from .config import not_utf8
+
+            raise RenderError(f"{p}: {not_utf8(exc)}") from None
         except yaml.YAMLError as exc:
             from .config import yaml_problem
 

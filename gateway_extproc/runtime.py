@@ -111,16 +111,20 @@ def _budget_store(cfg: GatewayConfig) -> BudgetStore:
 
 
 def _read_credential(p: Provider) -> str | None:
+    problem = None
     if p.credential_env is not None:
         value = os.environ.get(p.credential_env, "").strip()
         source = f"env {p.credential_env}"
     else:
         try:
             value = Path(p.credential_file or "").read_text(encoding="utf-8").strip()
-        except OSError:
-            value = ""
+        except OSError as exc:
+            value, problem = "", exc.strerror or type(exc).__name__
+        except UnicodeDecodeError:  # (its message would quote nothing secret, but it was a traceback)
+            value, problem = "", "not UTF-8 text"
         source = f"file {p.credential_file}"
     if not value:
         # Only the ext_proc's copy is missing; Envoy may still inject it natively (docs/configuration.md).
-        log.warning("provider_credential_unavailable", provider=p.name, source=source)
+        log.warning("provider_credential_unavailable", provider=p.name, source=source,
+                    **({"problem": problem} if problem else {}))
     return value or None

@@ -157,6 +157,28 @@ def test_values_of_the_wrong_type_fail_the_render_naming_the_key(edit: Any, mess
         render_values(values)
 
 
+@pytest.mark.parametrize(("edit", "key"), [
+    # a caller key pasted where its hash goes, or as the id
+    (lambda v, s: v["keys"][0].__setitem__("sha256", f"gwk_demo_{s}"), r"keys\[0\]\.sha256"),
+    (lambda v, s: v["keys"][0].__setitem__("id", f"gwk_demo_{s}"), r"keys\[0\]\.id"),
+    # a provider key pasted where the variable's name goes
+    (lambda v, s: v["providers"][0]["credential"].__setitem__("env", f"sk-proj-{s}"), r"providers\[0\]\.credential\.env"),
+    # a password in a provider URL that the URL pattern refuses before the chart's own check
+    (lambda v, s: v["providers"][0].__setitem__("baseURL", f"https://user:{s}@llm.internal/v1"),
+     r"providers\[0\]\.baseURL"),
+], ids=["key-as-sha256", "key-as-id", "provider-key-as-env", "password-in-base-url"])
+def test_a_value_the_schema_refuses_is_not_quoted_in_the_error(edit: Any, key: str) -> None:
+    """Helm's schema message quotes the value a pattern refused; where a secret was pasted into
+    the wrong field, that printed it on the terminal and into CI logs."""
+    secret = "S3cretValue1234567890abcdef"
+    values = copy.deepcopy(chart_values([LOCAL]))
+    edit(values, secret)
+    with pytest.raises(RenderError, match=key) as info:
+        render_values(values)
+    assert secret not in str(info.value)
+    assert "does not match" in str(info.value)
+
+
 @pytest.mark.parametrize("name", ["chat@restricted", "chat\n", "chat\x00"])
 def test_a_model_name_that_cannot_route_fails_the_render_saying_why(name: str) -> None:
     """`@` joins a model and a tier in route names, and a control character cannot travel in

@@ -33,6 +33,14 @@ def _write(tmp: Path, name: str, text: str) -> str:
     return str(tmp / name)
 
 
+UTF16 = "version: 1\n".encode("utf-16")
+
+
+def _write_bytes(tmp: Path, name: str, data: bytes) -> str:
+    (tmp / name).write_bytes(data)
+    return str(tmp / name)
+
+
 def _values(tmp: Path, edit: Callable[[dict], None], name: str = "v.yaml") -> str:
     values = load_values([VALUES_LOCAL])
     edit(values)
@@ -139,6 +147,17 @@ CASES: list[tuple[str, Case, str]] = [
     ("local-key-team-missing", lambda t: ["local", "--values", _values(t, _set("keys.1.team", "demoo")), "--values",
                                           str(free_ports_values(t)), "--workdir", str(t / "run")],
      "keys[1].team is 'demoo', not in teams"),
+    # files that are not UTF-8 text (a UTF-16 save from a Windows editor): a traceback before
+    ("render-values-not-utf8", lambda t: ["render", "--values", _write_bytes(t, "v.yaml", UTF16), "--out", str(t)],
+     "v.yaml: is not UTF-8 text (byte 0xff at offset 0); save it as UTF-8"),
+    ("check-not-utf8", lambda t: ["check-config", _write_bytes(t, "g.yaml", UTF16)],
+     "g.yaml: is not UTF-8 text (byte 0xff at offset 0); save it as UTF-8"),
+    ("serve-not-utf8", lambda t: ["serve", "--config", _write_bytes(t, "g.yaml", UTF16)],
+     "g.yaml: is not UTF-8 text (byte 0xff at offset 0); save it as UTF-8"),
+    ("keys-values-not-utf8", lambda t: ["keys", "create", "--values", _write_bytes(t, "v.yaml", UTF16), "--team", "d"],
+     "v.yaml: is not UTF-8 text (byte 0xff at offset 0); save it as UTF-8"),
+    ("local-values-not-utf8", lambda t: ["local", "--values", _write_bytes(t, "v.yaml", UTF16), "--workdir",
+                                         str(t / "run")], "v.yaml: is not UTF-8 text"),
     # the command line itself
     ("no-command", lambda t: [], "the following arguments are required: COMMAND"),
     ("unknown-command", lambda t: ["serv"], "invalid choice: 'serv'"),

@@ -274,6 +274,13 @@ ERRORS: list[tuple[str, Mutate, str, str]] = [
      "providers[0].credential", "must be a mapping"),
     ("provider-credential-neither", _set("providers.0.credential", {}), "providers[0].credential",
      "must have exactly one of env: VAR or file: /path"),
+    # a key pasted where its variable's name goes: quoted back, it reached the terminal and every log
+    ("provider-credential-env-a-key", _set("providers.0.credential", {"env": "sk-proj-S3cret"}),
+     "providers[0].credential.env", "must name an environment variable (letters, digits and _, not starting with a "
+     "digit), not hold the key; put the key in that variable"),
+    ("provider-base-url-userinfo", _set("providers.0.baseURL", "https://user:S3cret@api.openai.com/v1"),
+     "providers[0].baseURL", "carries user:password@, which Envoy would send and log as the host; remove it and give "
+     "the key through credential"),
     ("provider-credential-both", _set("providers.1.credential", {"env": "A", "file": "/b"}),
      "providers[1].credential", "must have exactly one of env: VAR or file: /path"),
     # _model()

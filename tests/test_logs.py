@@ -90,3 +90,24 @@ def test_each_part_of_a_bedrock_credential_is_masked_alone(monkeypatch: Any) -> 
         assert AWS_SECRET not in str(out) and "ASIAEXAMPLEKEYID0000" not in str(out)
     finally:
         known_secrets([])
+
+
+def test_a_credential_file_that_is_not_text_is_a_missing_credential_not_a_traceback(tmp_path: Any, capsys: Any) -> None:
+    """A credential file holding bytes that are not UTF-8 (a DER blob, a UTF-16 save) raised
+    UnicodeDecodeError out of Runtime.load: `serve` died with a traceback. It is read as a
+    missing credential, like an unreadable file (docs/configuration.md), and the warning names
+    the provider and why, never a byte of the file."""
+    from gateway_extproc import config
+    from gateway_extproc.runtime import Runtime
+
+    secret_file = tmp_path / "key"
+    secret_file.write_bytes(b"\xff\xfe" + "sk-proj-S3cretS3cret".encode("utf-16-le"))
+    cfg = config.parse({"version": 1, "listen": ["unix:///tmp/x.sock"], "providers": [
+        {"name": "vllm", "kind": "openai", "baseURL": "http://vllm:8000/v1", "credential": {"file": str(secret_file)}}],
+        "models": [{"name": "m", "backends": [{"provider": "vllm", "model": "llama"}]}]}, "gw.yaml")
+    runtime = Runtime.from_config(cfg)
+    assert runtime.credentials == {"vllm": None}
+    err = capsys.readouterr()
+    out = err.out + err.err
+    assert "provider_credential_unavailable" in out and "not UTF-8 text" in out
+    assert "S3cret" not in out
