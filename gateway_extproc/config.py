@@ -45,6 +45,29 @@ _PROVIDER_OPTIONS: dict[str, tuple[tuple[str, bool, tuple[str, ...] | None], ...
 }
 _ALL_PROVIDER_OPTIONS = {o[0] for opts in _PROVIDER_OPTIONS.values() for o in opts}
 MODES = ("monitor", "soft", "enforce")
+# The settings each part of gateway.yaml takes. Most sections are the chart's values copied
+# verbatim, so these are values.schema.json's keys there (tests/test_config.py keeps them
+# equal); a key outside them, hand-edited into gateway.yaml, is refused at load: a misspelt
+# `expiresAt` would have left a key that never expires, a misspelt `budget` a team unlimited.
+TOP_KEYS = ("version", "listen", "metrics", "maxRequestBytes", "providers", "models", "teams", "users", "keys",
+            "budgets", "identity", "classification", "audit")
+METRICS_KEYS = ("address", "port")
+PROVIDER_KEYS = ("name", "kind", "baseURL", "credential", "apiVersion", "anthropicVersion", "region", "auth")
+CREDENTIAL_KEYS = ("env", "file", "secret")
+MODEL_KEYS = ("name", "tokenizer", "backends", "imageTokens", "maxOutputTokens")
+BACKEND_KEYS = ("provider", "model", "priority", "weight", "pricing", "maxTier")
+PRICE_KEYS = ("input", "output", "cachedInput", "cacheWrite", "cacheWrite1h", "longContext")
+LONG_CONTEXT_KEYS = ("above", "input", "output", "cachedInput", "cacheWrite", "cacheWrite1h")
+TEAM_KEYS = ("name", "budget", "rateLimits", "classification")
+USER_KEYS = ("name", "budget", "rateLimits")
+KEY_KEYS = ("id", "sha256", "team", "user", "models", "expiresAt", "budget", "rateLimits", "classification")
+BUDGET_KEYS = ("daily", "monthly", "soft", "onStoreError")
+RATE_KEYS = ("tokensPerMinute", "requestsPerMinute", "onStoreError")
+RATE_LIMITS_KEYS = (*RATE_KEYS, "models")
+PRINCIPAL_CLASSIFICATION_KEYS = ("defaultTier", "mode", "mayDeclare")
+BUDGETS_KEYS = ("org", "orgLimit", "timezone", "store", "redis", "onStoreError", "minOutputTokens",
+                "defaultOutputTokens", "reservationTTLSeconds", "devMemoryStore")
+REDIS_KEYS = ("url", "passwordEnv", "passwordSecret")
 KEY_ID = ID  # key ids, and other names of the same form
 SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")  # as values.schema.json's credential.env
@@ -228,6 +251,7 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     if "version" not in doc and ("envoy" in doc or "extproc" in doc):
         r.fail("version", "is missing: this looks like Helm values, not a gateway.yaml; render it with "
                f"`gateway-extproc render --values {source} --out DIR` and check DIR/gateway.yaml")
+    r.keys(doc, "", TOP_KEYS)
     if doc.get("version") != 1:
         r.fail("version", "must be 1")
     providers: dict[str, Provider] = {}
@@ -247,12 +271,12 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     fail_open_default = _store_error(r, r.mapping(doc.get("budgets") or {}, "budgets"), "budgets", False)
     teams: dict[str, Limits] = {}
     for i, t in enumerate(r.list(doc, "teams")):
-        t = r.mapping(t, f"teams[{i}]")
+        t = r.keys(r.mapping(t, f"teams[{i}]"), f"teams[{i}]", TEAM_KEYS)
         teams[r.name(t.get("name"), f"teams[{i}].name")] = _limits(r, t, f"teams[{i}]", fail_open_default, models,
                                                                      tiers)
     users: dict[str, Limits] = {}
     for i, u in enumerate(r.list(doc, "users")):
-        u = r.mapping(u, f"users[{i}]")
+        u = r.keys(r.mapping(u, f"users[{i}]"), f"users[{i}]", USER_KEYS)
         users[r.name(u.get("name"), f"users[{i}].name")] = _limits(r, u, f"users[{i}]", fail_open_default, models)
     keys: dict[str, VirtualKey] = {}
     for i, k in enumerate(r.list(doc, "keys")):
@@ -267,7 +291,7 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     if not _is_int(max_bytes) or max_bytes <= 0:
         r.fail("maxRequestBytes", "must be a positive integer (bytes)")
     backends = {b.id: b for m in models.values() for b in m.backends}
-    metrics = r.mapping(doc.get("metrics") or {}, "metrics")
+    metrics = r.keys(r.mapping(doc.get("metrics") or {}, "metrics"), "metrics", METRICS_KEYS)
     port = metrics.get("port", 0)
     if not _is_int(port) or not 0 <= port < 65536:
         r.fail("metrics.port", "must be a port number (0 disables /metrics)")
@@ -337,7 +361,7 @@ class _Reader:
         for k in value:
             if k not in allowed:
                 near = difflib.get_close_matches(str(k), allowed, 1)
-                self.fail(f"{key}.{k}", f"is no setting here ({', '.join(allowed)})"
+                self.fail(f"{key}.{k}" if key else str(k), f"is no setting here ({', '.join(allowed)})"
                           + (f"; did you mean {near[0]}?" if near else ""))
         return value
 
@@ -366,7 +390,7 @@ class _Reader:
 
 def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     at = f"providers[{i}]"
-    p = r.mapping(raw, at)
+    p = r.keys(r.mapping(raw, at), at, PROVIDER_KEYS)
     name = r.name(p.get("name"), f"{at}.name")
     kind = r.string(p.get("kind"), f"{at}.kind")
     if kind not in PROVIDER_KINDS:
@@ -378,7 +402,7 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
                "give the key through credential")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         r.fail(f"{at}.baseURL", f"is {base_url!r}; use http(s)://host[:port][/path]")
-    cred = r.mapping(p.get("credential"), f"{at}.credential")
+    cred = r.keys(r.mapping(p.get("credential"), f"{at}.credential"), f"{at}.credential", CREDENTIAL_KEYS)
     env, file = cred.get("env"), cred.get("file")
     if (env is None) == (file is None):
         r.fail(f"{at}.credential", "must have exactly one of env: VAR or file: /path")
@@ -407,7 +431,7 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
 def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: tuple[str, ...],
            local_files: bool = True) -> Model:
     at = f"models[{i}]"
-    m = r.mapping(raw, at)
+    m = r.keys(r.mapping(raw, at), at, MODEL_KEYS)
     # `@` joins a model and a tier in the route names of tier-approved backend subsets
     # (templates/_envoy.tpl): `chat@restricted` as a model would collide with one of them.
     name = r.name(m.get("name"), f"{at}.name", reserved="@")
@@ -430,7 +454,7 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
     backends = []
     for j, b in enumerate(r.list(m, "backends", at)):
         bat = f"{at}.backends[{j}]"
-        b = r.mapping(b, bat)
+        b = r.keys(r.mapping(b, bat), bat, BACKEND_KEYS)
         pname = r.string(b.get("provider"), f"{bat}.provider")
         if pname not in providers:
             r.fail(f"{bat}.provider", f"is {pname!r}, not in providers; add it or fix the name")
@@ -461,7 +485,7 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
 def _price(r: _Reader, raw: Any, at: str, claude_writes: bool) -> Price:
     """`claude_writes`: unnamed cache-write prices are Anthropic's multipliers of the input price
     (else the input price: OpenAI and Gemini bill cache writes as input)."""
-    p = r.mapping(raw, at)
+    p = r.keys(r.mapping(raw, at), at, PRICE_KEYS)
     input_, output, cached, write, write_1h = _optional(
         r, p, at, ("input", "output", "cachedInput", "cacheWrite", "cacheWrite1h"),
         lambda v: _is_number(v) and v >= 0, "must be a number >= 0 (USD per 1M tokens)")
@@ -469,7 +493,7 @@ def _price(r: _Reader, raw: Any, at: str, claude_writes: bool) -> Price:
         r.fail(at, "needs input and output (USD per 1M tokens)")
     tier = None
     if p.get("longContext") is not None:
-        lc = r.mapping(p["longContext"], f"{at}.longContext")
+        lc = r.keys(r.mapping(p["longContext"], f"{at}.longContext"), f"{at}.longContext", LONG_CONTEXT_KEYS)
         above = lc.get("above")
         if not _is_int(above) or above < 0:
             r.fail(f"{at}.longContext.above", "must be a prompt-token count >= 0")
@@ -503,7 +527,7 @@ MAX_BUDGET_USD = 9_000_000
 
 
 def _budget(r: _Reader, raw: Any, at: str, fail_open: bool) -> BudgetSpec:
-    b = r.mapping(raw, at)
+    b = r.keys(r.mapping(raw, at), at, BUDGET_KEYS)
     daily, monthly = (None if v is None else int(Decimal(str(v)) * 1_000_000_000) for v in _optional(
         r, b, at, ("daily", "monthly"), lambda v: _is_number(v) and 0 <= v <= MAX_BUDGET_USD,
         f"must be a dollar amount from 0 to {MAX_BUDGET_USD} (budgets are exact integers of nano-dollars)"))
@@ -514,7 +538,7 @@ def _budget(r: _Reader, raw: Any, at: str, fail_open: bool) -> BudgetSpec:
 
 
 def _rate(r: _Reader, raw: Any, at: str, fail_open: bool) -> RateSpec:
-    x = r.mapping(raw, at)
+    x = r.keys(r.mapping(raw, at), at, RATE_KEYS)
     tpm, rpm = _optional(r, x, at, ("tokensPerMinute", "requestsPerMinute"), lambda v: _is_int(v) and v >= 1,
                          "must be a positive integer")
     return RateSpec(tpm, rpm, _store_error(r, x, at, fail_open))
@@ -526,7 +550,7 @@ def _limits(r: _Reader, raw: dict[str, Any], at: str, fail_open: bool, models: d
     rate = None
     model_rates = {}
     if raw.get("rateLimits") is not None:
-        rl = r.mapping(raw["rateLimits"], f"{at}.rateLimits")
+        rl = r.keys(r.mapping(raw["rateLimits"], f"{at}.rateLimits"), f"{at}.rateLimits", RATE_LIMITS_KEYS)
         rate = _rate(r, {k: v for k, v in rl.items() if k != "models"}, f"{at}.rateLimits", fail_open)
         for name, spec in r.mapping(rl.get("models") or {}, f"{at}.rateLimits.models").items():
             if name not in models:
@@ -534,7 +558,8 @@ def _limits(r: _Reader, raw: dict[str, Any], at: str, fail_open: bool, models: d
             model_rates[name] = _rate(r, spec, f"{at}.rateLimits.models.{name}", rate.fail_open)
     policy = PrincipalPolicy()
     if raw.get("classification") is not None:
-        c = r.mapping(raw["classification"], f"{at}.classification")
+        c = r.keys(r.mapping(raw["classification"], f"{at}.classification"), f"{at}.classification",
+                   PRINCIPAL_CLASSIFICATION_KEYS)
         if not tiers:
             r.fail(f"{at}.classification", "needs the top-level classification section")
         tier, mode = c.get("defaultTier"), c.get("mode")
@@ -641,7 +666,7 @@ def _rule_settings(r: _Reader, spec: dict[str, Any], at: str, tiers: tuple[str, 
 
 def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, Limits], users: dict[str, Limits],
              keys: dict[str, VirtualKey]) -> Budgets:
-    b = r.mapping(doc.get("budgets") or {}, "budgets")
+    b = r.keys(r.mapping(doc.get("budgets") or {}, "budgets"), "budgets", BUDGETS_KEYS)
     org = r.string(b.get("org", "default"), "budgets.org")
     if not KEY_ID.match(org):
         r.fail("budgets.org", "must be lowercase letters, digits and '-'")
@@ -653,7 +678,7 @@ def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, 
     store = b.get("store", "memory")
     if store not in ("memory", "redis"):
         r.fail("budgets.store", f"is {store!r}; use memory (one replica) or redis (shared by replicas)")
-    redis = r.mapping(b.get("redis") or {}, "budgets.redis")
+    redis = r.keys(r.mapping(b.get("redis") or {}, "budgets.redis"), "budgets.redis", REDIS_KEYS)
     url = redis.get("url")
     if store == "redis":
         url = r.string(url, "budgets.redis.url")
@@ -678,7 +703,7 @@ def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, 
 def _key(r: _Reader, i: int, raw: Any, teams: dict[str, Limits], models: dict[str, Model], users: dict[str, Limits],
          fail_open: bool, tiers: tuple[str, ...] = ()) -> VirtualKey:
     at = f"keys[{i}]"
-    k = r.mapping(raw, at)
+    k = r.keys(r.mapping(raw, at), at, KEY_KEYS)
     key_id = r.name(k.get("id"), f"{at}.id")
     if not KEY_ID.match(key_id):
         r.fail(f"{at}.id", "must be lowercase letters, digits and '-' (max 63)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -672,3 +673,70 @@ def test_a_tokenizer_json_that_does_not_load_is_a_config_error(tmp_path: Path) -
     assert str(info.value).startswith(f"{SOURCE}: models[0].tokenizer is {str(bad)!r}, which does not load as a "
                                       "Hugging Face tokenizer.json (")
     config.parse(doc, SOURCE, local_files=False)  # `render` for another machine does not read it
+
+
+@pytest.mark.parametrize(("path", "typo", "fix"), [
+    ("", "maxRequestByte", "maxRequestBytes"),
+    ("metrics", "prot", "port"),
+    ("providers.0", "baseUrl", "baseURL"),
+    ("providers.0.credential", "evn", "env"),
+    ("models.0", "maxOutputToken", "maxOutputTokens"),
+    ("models.1.backends.0", "prority", "priority"),
+    ("teams.0", "budegt", "budget"),
+    ("keys.1", "expireAt", "expiresAt"),
+    ("keys.1", "model", "models"),
+], ids=lambda x: x if isinstance(x, str) and x else None)
+def test_a_misspelt_setting_in_gateway_yaml_is_refused_not_ignored(path: str, typo: str, fix: str) -> None:
+    """Settings are looked up by name, so a misspelt one did nothing: `expireAt` left a key
+    that never expired, `budegt` a team without a limit. check-config, serve and a reload
+    accepted the file."""
+    doc = valid()
+    node: Any = doc
+    for part in path.split(".") if path else []:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[typo] = node.get(fix, 1)
+    at = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path.split(".")).lstrip(".") if path else ""
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, SOURCE)
+    assert str(info.value).startswith(f"{SOURCE}: {at + '.' if at else ''}{typo} is no setting here (")
+    assert str(info.value).endswith(f"; did you mean {fix}?")
+
+
+def test_misspelt_settings_deeper_in_are_refused() -> None:
+    for edit, key in [
+        (lambda d: d["models"][0]["backends"][0].__setitem__("pricing", {"input": 1, "output": 1, "cachedinput": 1}),
+         "models[0].backends[0].pricing.cachedinput"),
+        (lambda d: d["models"][0]["backends"][0].__setitem__("pricing", {
+            "input": 1, "output": 1, "longContext": {"above": 1, "input": 2, "ouput": 2}}),
+         "models[0].backends[0].pricing.longContext.ouput"),
+        (lambda d: d["teams"][0].__setitem__("budget", {"dayly": 5}), "teams[0].budget.dayly"),
+        (lambda d: d["teams"][0].__setitem__("rateLimits", {"requestPerMinute": 5}), "teams[0].rateLimits.requestPerMinute"),
+        (lambda d: d["teams"][0].__setitem__("rateLimits", {"models": {"default-chat": {"tokensPerMin": 5}}}),
+         "teams[0].rateLimits.models.default-chat.tokensPerMin"),
+        (lambda d: d.__setitem__("users", [{"name": "u", "budget": {"daily": 1}, "rate": 1}]), "users[0].rate"),
+        (lambda d: d.__setitem__("budgets", {"stor": "redis"}), "budgets.stor"),
+        (lambda d: d.__setitem__("budgets", {"store": "redis", "redis": {"url": "redis://r:6379/0", "password": "x"}}),
+         "budgets.redis.password"),
+        (lambda d: d.__setitem__("budgets", {"orgLimit": {"daily": 1, "sof": 0.5}}), "budgets.orgLimit.sof"),
+    ]:
+        doc = valid()
+        edit(doc)
+        with pytest.raises(ConfigError, match=rf"^{SOURCE}: {re.escape(key)} is no setting here \("):
+            config.parse(doc, SOURCE)
+
+
+@pytest.mark.parametrize(("names", "values_path"), [
+    ("METRICS_KEYS", "extproc.metrics"), ("PROVIDER_KEYS", "providers[0]"),
+    ("CREDENTIAL_KEYS", "providers[0].credential"), ("MODEL_KEYS", "models[0]"),
+    ("BACKEND_KEYS", "models[0].backends[0]"), ("PRICE_KEYS", "models[0].backends[0].pricing"),
+    ("LONG_CONTEXT_KEYS", "models[0].backends[0].pricing.longContext"), ("TEAM_KEYS", "teams[0]"),
+    ("USER_KEYS", "users[0]"), ("KEY_KEYS", "keys[0]"), ("BUDGET_KEYS", "teams[0].budget"),
+    ("RATE_LIMITS_KEYS", "teams[0].rateLimits"), ("PRINCIPAL_CLASSIFICATION_KEYS", "teams[0].classification"),
+    ("BUDGETS_KEYS", "budgets"), ("REDIS_KEYS", "budgets.redis"),
+])
+def test_the_settings_gateway_yaml_takes_are_the_charts(names: str, values_path: str) -> None:
+    """The chart copies these sections from values verbatim: what its schema lets through,
+    the load must take (a render would fail), and nothing more."""
+    from gateway_extproc.render import CHART, _schema_at
+
+    assert set(getattr(config, names)) == set(_schema_at(values_path, CHART)["properties"])
