@@ -189,16 +189,27 @@ class AdminApp:
 
     config_path: str
     store: AdminStore
+    # The last gateway.yaml that loaded. A file that does not (an edit half done) leaves the
+    # workers on their last good config; the admin API stays on it too, so a leaked key can
+    # still be revoked. Before, every call was a 500 quoting the config error, unauthenticated.
+    last_good: config_mod.GatewayConfig | None = None
+
+    def current(self) -> config_mod.GatewayConfig:
+        try:
+            self.last_good = config_mod.load(self.config_path)  # admin calls are rare: always the current values
+        except config_mod.ConfigError as exc:
+            if self.last_good is None:
+                log.error("admin_config_failed", path=self.config_path, error=str(exc))
+                raise GatewayError("gateway_internal_error", "The gateway config does not load (the log's "
+                                   "admin_config_failed says why); nothing was changed.") from None
+            log.error("admin_config_stale", path=self.config_path, error=str(exc))
+        return self.last_good
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes,
                peer: str | None = None) -> tuple[int, bytes, str]:
         cfg = None
         try:
-            try:
-                cfg = config_mod.load(self.config_path)  # admin calls are rare: always the current values
-            except config_mod.ConfigError as exc:
-                raise GatewayError("gateway_internal_error", f"The gateway config does not load ({exc}); "
-                                   "nothing was changed.") from None
+            cfg = self.current()
             actor = self.authenticate(cfg, headers)
             route, _, query = path.partition("?")
             report = _REPORT.match(route)
@@ -413,7 +424,7 @@ def start(config_path: str, cfg: config_mod.GatewayConfig) -> ThreadingHTTPServe
     """Serve the admin API on identity.keyAdmin.address:port from a daemon thread."""
     admin = cfg.identity.key_admin
     assert admin is not None
-    app = AdminApp(config_path, store_for(cfg))
+    app = AdminApp(config_path, store_for(cfg), cfg)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "gateway-extproc-admin"

@@ -364,3 +364,30 @@ def test_a_refused_call_records_no_caller_text_but_a_route(audited: AdminApp, tm
     assert [(r["action"], r["path"], r["method"]) for r in rows] == [
         ("denied", "(unknown)", "DELETE"), ("denied", "(unknown)", "GET"), ("denied", "/admin/reports/chargeback", "GET")]
     assert secret not in (tmp_path / "audit/node-admin/gateway/000000000000.jsonl").read_text()
+
+
+def test_a_broken_gateway_yaml_does_not_stop_a_revocation(app: AdminApp) -> None:
+    """A half-done edit of gateway.yaml (the workers keep serving the last good config) made
+    every admin call a 500 `gateway_internal_error` that quoted the config error, before the
+    caller was authenticated: a leaked key could not be revoked until someone fixed an
+    unrelated typo. The admin API keeps the last config that loaded, as the workers do."""
+    _, created = call(app, "POST", "/admin/keys", {"team": "search", "id": "leaked"})
+    good = Path(app.config_path).read_text()
+    for broken in ("version: 1\nlisten: [", "", good.replace("team: search", "team: serach", 1)):
+        Path(app.config_path).write_text(broken)
+        status, body = call(app, "GET", "/admin/keys", token="gwa_wrong")
+        assert (status, body["error"]["code"]) == (401, "admin_unauthorized")  # nothing about the file
+        assert call(app, "GET", "/admin/keys/leaked")[0] == 200
+    assert call(app, "DELETE", "/admin/keys/leaked") == (200, {"id": "leaked", "revoked": True})
+    Path(app.config_path).write_text(good)
+    with pytest.raises(GatewayError, match="not valid"):
+        lookup(app, created["key"])
+
+
+def test_with_no_config_that_ever_loaded_the_admin_api_says_so_without_quoting_it(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("version: 1\nlisten: [")
+    admin = AdminApp(str(path), FileAdminStore(str(tmp_path / "keys.json")))
+    status, body = call(admin, "GET", "/admin/keys")
+    assert status == 500 and body["error"]["code"] == "gateway_internal_error"
+    assert "listen" not in body["error"]["message"] and str(path) not in body["error"]["message"]
