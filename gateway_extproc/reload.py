@@ -1,6 +1,6 @@
 """Config hot reload for the ext_proc: gateway.yaml changes apply without dropping traffic.
 
-Each worker polls the file's modification time off the hot path (every 2 s), loads and
+Each worker polls the file's stat (inode, size, modification time) off the hot path (every 2 s), loads and
 validates a changed file in a thread once it has stood still for a second (a file written
 in pieces, as `write_text` or an editor saving in place does, is never read half-written:
 a prefix can be valid YAML and a valid config), and swaps one reference. Streams keep the Runtime they
@@ -33,12 +33,12 @@ SETTLE_SECONDS = 1.0  # a file changed more recently may still be being written
 class RuntimeRef:
     """The current Runtime; `current` is read once per stream."""
 
-    __slots__ = ("current", "path", "_mtime")
+    __slots__ = ("current", "path", "_stamp")
 
     def __init__(self, runtime: Runtime, path: str) -> None:
         self.current = runtime
         self.path = path
-        self._mtime = _mtime(path)
+        self._stamp = _stat(path)[0]
 
     async def watch(self) -> None:
         while True:
@@ -46,13 +46,13 @@ class RuntimeRef:
             await self.check()
 
     async def check(self) -> None:
-        mtime = _mtime(self.path)
-        while mtime != self._mtime and 0 <= (age := time.time() - mtime) < SETTLE_SECONDS:
+        stamp, mtime = _stat(self.path)
+        while stamp != self._stamp and 0 <= (age := time.time() - mtime) < SETTLE_SECONDS:
             await asyncio.sleep(SETTLE_SECONDS - age)  # may still be being written
-            mtime = _mtime(self.path)
-        if mtime == self._mtime:
+            stamp, mtime = _stat(self.path)
+        if stamp == self._stamp:
             return
-        self._mtime = mtime
+        self._stamp = stamp
         try:
             runtime = await asyncio.to_thread(Runtime.load, self.path, self.current)
         except (ConfigError, OSError, ValueError) as exc:
@@ -78,8 +78,13 @@ class RuntimeRef:
         audit.config_rejected(self.path, error)
 
 
-def _mtime(path: str) -> float:
+def _stat(path: str) -> tuple[tuple[int, int, int, int] | None, float]:
+    """(what tells one version of the file from another, its modification time). Not the
+    mtime alone: a symlink switched to a file of the same mtime (config directories unpacked
+    from one archive, `cp -p`), or a rewrite within the file system's timestamp tick, kept
+    the mtime and was never reloaded. The inode and size tell them apart (as keystore.py)."""
     try:
-        return os.stat(path).st_mtime
+        st = os.stat(path)
     except OSError:
-        return 0.0
+        return None, 0.0
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size), st.st_mtime

@@ -130,6 +130,43 @@ async def test_whatever_a_reload_raises_the_watcher_survives_and_counts_it(tmp_p
     assert ref.current.config.max_request_bytes == 8192
 
 
+async def test_a_symlink_switched_to_a_file_of_the_same_mtime_is_reloaded(tmp_path: Path) -> None:
+    """Config directories switched by a symlink (blue/green, `ln -sfn v2 current`) whose files
+    carry the same modification time (unpacked from one archive, copied with `cp -p`): the
+    watcher compared the mtime only and never saw the switch. A revocation in v2 never applied."""
+    v1, v2 = tmp_path / "v1.yaml", tmp_path / "v2.yaml"
+    v1.write_text(yaml.safe_dump(valid()))
+    doc = valid()
+    doc["keys"] = doc["keys"][:1]  # ads-1 revoked
+    v2.write_text(yaml.safe_dump(doc))
+    for f in (v1, v2):
+        os.utime(f, (1000, 1000))
+    link = tmp_path / "gateway.yaml"
+    link.symlink_to(v1)
+    ref = RuntimeRef(Runtime.load(link), str(link))
+    assert "ads-1" in ref.current.config.keys
+    tmp = tmp_path / "gateway.yaml.new"
+    tmp.symlink_to(v2)
+    os.replace(tmp, link)
+    await ref.check()
+    assert "ads-1" not in ref.current.config.keys
+
+
+async def test_a_rewrite_in_place_within_one_timestamp_tick_is_reloaded(tmp_path: Path) -> None:
+    """A file system with coarse timestamps (or a writer that restores them) gives the new
+    file the old mtime: its size still tells it apart."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(valid()))
+    os.utime(path, (1000, 1000))
+    ref = RuntimeRef(Runtime.load(path), str(path))
+    doc = valid()
+    doc["keys"] = doc["keys"][:1]
+    path.write_text(yaml.safe_dump(doc))
+    os.utime(path, (1000, 1000))
+    await ref.check()
+    assert "ads-1" not in ref.current.config.keys
+
+
 async def test_a_reload_lets_the_collector_free_what_the_start_up_heap_held_in_a_cycle(tmp_path: Path) -> None:
     """`serve` freezes its start-up heap out of the cyclic collector (server.quiet_collector);
     a reload unfreezes it, else the replaced Runtime, where it sits in a reference cycle,
