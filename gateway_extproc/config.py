@@ -272,12 +272,17 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     teams: dict[str, Limits] = {}
     for i, t in enumerate(r.list(doc, "teams")):
         t = r.keys(r.mapping(t, f"teams[{i}]"), f"teams[{i}]", TEAM_KEYS)
-        teams[r.name(t.get("name"), f"teams[{i}].name")] = _limits(r, t, f"teams[{i}]", fail_open_default, models,
-                                                                     tiers)
+        name = r.name(t.get("name"), f"teams[{i}].name")
+        if name in teams:  # (the later entry replaced the earlier, budget and all)
+            r.fail(f"teams[{i}].name", f"duplicates {name!r}; team names must be unique")
+        teams[name] = _limits(r, t, f"teams[{i}]", fail_open_default, models, tiers)
     users: dict[str, Limits] = {}
     for i, u in enumerate(r.list(doc, "users")):
         u = r.keys(r.mapping(u, f"users[{i}]"), f"users[{i}]", USER_KEYS)
-        users[r.name(u.get("name"), f"users[{i}].name")] = _limits(r, u, f"users[{i}]", fail_open_default, models)
+        name = r.name(u.get("name"), f"users[{i}].name")
+        if name in users:
+            r.fail(f"users[{i}].name", f"duplicates {name!r}; user names must be unique")
+        users[name] = _limits(r, u, f"users[{i}]", fail_open_default, models)
     keys: dict[str, VirtualKey] = {}
     for i, k in enumerate(r.list(doc, "keys")):
         key = _key(r, i, k, teams, models, users, fail_open_default, tiers)
@@ -300,6 +305,7 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     identity = parse_identity(r, doc, teams, models, users, fail_open_default, tiers, store)
     budgets = _budgets(r, doc, fail_open_default, teams, users,
                        {**keys, **{w.principal.id: w.principal for w in identity.workloads}})
+    _nested_budgets(r, teams, keys, budgets.org_budget)
     if budgets.enabled and budgets.store == "memory" and len(listen) > 1:
         r.fail("budgets.store", f"is memory, which one process holds, but listen has {len(listen)} ext_proc "
                "processes; use store: redis, or extproc.processes: 1")
@@ -314,6 +320,29 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     audit = parse_audit(doc.get("audit"), r.fail, tiers)
     return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port,
                          users, budgets, classification, audit, identity=identity)
+
+
+def _nested_budgets(r: _Reader, teams: dict[str, Limits], keys: dict[str, VirtualKey],
+                    org: BudgetSpec | None) -> None:
+    """Every level is checked on every request: a key's limit above its team's, or a team's
+    above the org's, is never reached. Loaded, it was a setting without effect (a slip of a
+    digit, most likely); refused, the error says which."""
+    team_at = {name: i for i, name in enumerate(teams)}
+
+    def check(spec: BudgetSpec | None, at: str, outer: BudgetSpec | None, outer_at: str, whose: str) -> None:
+        for period in ("daily", "monthly"):
+            inner, limit = (getattr(b, f"{period}_nano") if b else None for b in (spec, outer))
+            if inner is not None and limit is not None and inner > limit:
+                r.fail(f"{at}.budget.{period}", f"is ${Decimal(inner) / 10**9}, above {whose} ${Decimal(limit) / 10**9} "
+                       f"({outer_at}.{period}), so it never applies; lower it or remove it")
+
+    for i, (name, limits) in enumerate(teams.items()):
+        check(limits.budget, f"teams[{i}]", org, "budgets.orgLimit", "the org's")
+    for i, key in enumerate(keys.values()):
+        team = teams.get(key.team)
+        if team is not None:
+            check(key.limits.budget, f"keys[{i}]", team.budget, f"teams[{team_at[key.team]}].budget",
+                  f"team {key.team!r}'s")
 
 
 def _is_number(value: Any) -> bool:

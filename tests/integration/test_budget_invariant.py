@@ -55,7 +55,7 @@ def invariant_values(values: dict[str, Any], redis_url: str) -> None:
     values["teams"].append({"name": "inv", "budget": {"daily": TEAM_BUDGET, "monthly": TEAM_BUDGET}})
     for name in NAMES:
         values["keys"].append({"id": name, "sha256": keys.digest(KEYS[name]), "team": "inv",
-                               "budget": {"daily": KEY_BUDGETS[name], "monthly": 1}})
+                               "budget": {"daily": KEY_BUDGETS[name], "monthly": TEAM_BUDGET}})
 
 
 @pytest.fixture(scope="module")
