@@ -228,6 +228,9 @@ def load(path: str | os.PathLike[str]) -> GatewayConfig:
         raise ConfigError(f"{source}: {not_utf8(exc)}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({yaml_problem(exc)}); fix the syntax") from None
+    if raw is None:  # ("<top level> must be a mapping" said nothing of the fix)
+        raise ConfigError(f"{source}: is empty (truncated, or still being written?); render it with "
+                          "`gateway-extproc render`")
     return replace(parse(raw, source), digest=hashlib.sha256(text).hexdigest())
 
 

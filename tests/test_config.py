@@ -488,7 +488,8 @@ def test_load_empty_file(tmp_path) -> None:
     path.write_text("", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         config.load(path)
-    assert str(info.value) == f"{path}: <top level> must be a mapping"
+    assert str(info.value) == (f"{path}: is empty (truncated, or still being written?); render it with "
+                               "`gateway-extproc render`")
 
 
 def test_checked_in_render_is_valid() -> None:
