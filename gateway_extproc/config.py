@@ -308,7 +308,6 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     identity = parse_identity(r, doc, teams, models, users, fail_open_default, tiers, store)
     budgets = _budgets(r, doc, fail_open_default, teams, users,
                        {**keys, **{w.principal.id: w.principal for w in identity.workloads}})
-    _nested_budgets(r, teams, keys, budgets.org_budget)
     if budgets.enabled and budgets.store == "memory" and len(listen) > 1:
         r.fail("budgets.store", f"is memory, which one process holds, but listen has {len(listen)} ext_proc "
                "processes; use store: redis, or extproc.processes: 1")
@@ -323,29 +322,6 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
     audit = parse_audit(doc.get("audit"), r.fail, tiers)
     return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port,
                          users, budgets, classification, audit, identity=identity)
-
-
-def _nested_budgets(r: _Reader, teams: dict[str, Limits], keys: dict[str, VirtualKey],
-                    org: BudgetSpec | None) -> None:
-    """Every level is checked on every request: a key's limit above its team's, or a team's
-    above the org's, is never reached. Loaded, it was a setting without effect (a slip of a
-    digit, most likely); refused, the error says which."""
-    team_at = {name: i for i, name in enumerate(teams)}
-
-    def check(spec: BudgetSpec | None, at: str, outer: BudgetSpec | None, outer_at: str, whose: str) -> None:
-        for period in ("daily", "monthly"):
-            inner, limit = (getattr(b, f"{period}_nano") if b else None for b in (spec, outer))
-            if inner is not None and limit is not None and inner > limit:
-                r.fail(f"{at}.budget.{period}", f"is ${Decimal(inner) / 10**9}, above {whose} ${Decimal(limit) / 10**9} "
-                       f"({outer_at}.{period}), so it never applies; lower it or remove it")
-
-    for i, (name, limits) in enumerate(teams.items()):
-        check(limits.budget, f"teams[{i}]", org, "budgets.orgLimit", "the org's")
-    for i, key in enumerate(keys.values()):
-        team = teams.get(key.team)
-        if team is not None:
-            check(key.limits.budget, f"keys[{i}]", team.budget, f"teams[{team_at[key.team]}].budget",
-                  f"team {key.team!r}'s")
 
 
 def _is_number(value: Any) -> bool:
