@@ -194,6 +194,10 @@ def render(values_files: list[Path], out: Path, chart: Path = CHART) -> list[Pat
     written = []
     for name, text in files.items():
         path = out / name
-        path.write_text(text, encoding="utf-8")
+        # Written beside and renamed over: a worker reloading gateway.yaml (reload.py) sees
+        # the old file or the new one, never a prefix of the new one that happens to load.
+        part = path.with_name(f".{name}.part")
+        part.write_text(text, encoding="utf-8")
+        part.replace(path)
         written.append(path)
     return written

@@ -233,3 +233,17 @@ def test_the_default_retry_policy_retries_a_reset_only_before_the_request_went_o
     envoy = render_values(copy.deepcopy(chart_values([LOCAL])))["envoy.yaml"]
     policies = re.findall(r"retry_on: (\S+)", envoy)
     assert policies and set(policies) == {"retriable-status-codes,reset-before-request,connect-failure,refused-stream"}
+
+
+def test_a_render_over_a_running_gateways_config_replaces_each_file_whole(tmp_path: Path) -> None:
+    """Workers reload gateway.yaml once it stands still (reload.py); a render into their
+    directory renames each new file over the old one, so no worker can read a prefix of it
+    (the file's inode changes, and nothing half-written is left beside it)."""
+    from gateway_extproc.render import render
+
+    render([LOCAL], tmp_path)
+    before = {p.name: p.stat().st_ino for p in tmp_path.iterdir()}
+    render([LOCAL], tmp_path)
+    after = {p.name: p.stat().st_ino for p in tmp_path.iterdir()}
+    assert after.keys() == before.keys() and "gateway.yaml" in after
+    assert all(after[name] != before[name] for name in after)
