@@ -6,9 +6,10 @@ in pieces, as `write_text` or an editor saving in place does, is never read half
 a prefix can be valid YAML and a valid config), and swaps one reference. Streams keep the Runtime they
 started with (a snapshot per request, as envoyproxy/ratelimit does), so a request never sees
 half of two configs. A file that fails validation is logged and counted, and the old config
-stays. Keys, teams, budgets, prices, classification rules and model-to-backend names reload
-this way; listeners, routes and clusters are Envoy's and need a re-render and an Envoy
-restart (docs/configuration.md).
+stays; genai_gateway_config_last_reload_successful is 0 until a change loads again. Keys,
+teams, budgets, prices, classification rules and model-to-backend names reload this way;
+listeners, routes and clusters are Envoy's and need a re-render and an Envoy restart
+(docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import structlog
 from . import audit
 from .config import ConfigError
 from .runtime import Runtime
-from .telemetry.metrics import CONFIG_RELOADS
+from .telemetry.metrics import CONFIG_LAST_RELOAD_SUCCESS_TIME, CONFIG_LAST_RELOAD_SUCCESSFUL, CONFIG_RELOADS
 
 log = structlog.get_logger("gateway_extproc.reload")
 POLL_SECONDS = 2.0
@@ -39,6 +40,7 @@ class RuntimeRef:
         self.current = runtime
         self.path = path
         self._stamp = _stat(path)[0]
+        _loaded()  # `runtime` is this file, loaded
 
     async def watch(self) -> None:
         while True:
@@ -69,13 +71,20 @@ class RuntimeRef:
         # start-up (server.quiet_collector), what of it is in a reference cycle never would.
         gc.unfreeze()
         CONFIG_RELOADS.labels("applied").inc()
+        _loaded()
         audit.config_applied(runtime.config)
         log.info("config_reloaded", path=self.path, models=len(runtime.config.models), keys=len(runtime.config.keys))
 
     def _reject(self, error: str) -> None:
         CONFIG_RELOADS.labels("rejected").inc()
+        CONFIG_LAST_RELOAD_SUCCESSFUL.set(0)  # until a change loads: the file on disk is not in force
         log.error("config_reload_failed", path=self.path, error=error)
         audit.config_rejected(self.path, error)
+
+
+def _loaded() -> None:
+    CONFIG_LAST_RELOAD_SUCCESSFUL.set(1)
+    CONFIG_LAST_RELOAD_SUCCESS_TIME.set(time.time())
 
 
 def _stat(path: str) -> tuple[tuple[int, int, int, int] | None, float]:

@@ -142,7 +142,8 @@ def test_every_alert_says_who_gets_it_and_why() -> None:
                 "GuardrailTriggerSpike", "GuardrailTriggersDroppedToZero", "GatewayRedisSlow", "ExtProcPhaseSlow",
                 "AuditEventsDropped", "GatewayEnvoyRestarted", "GatewayExtProcDown", "GatewayExtProcTargetMissing",
                 "GatewayExtProcWorkerUnhealthy", "GatewayEnvoy5xxHigh", "GatewayExtProcErrors",
-                "GatewayBudgetSettlementsPending", "GatewayBudgetReservationsExpired", "GatewayBudgetOverReservation"}
+                "GatewayBudgetSettlementsPending", "GatewayBudgetReservationsExpired", "GatewayBudgetOverReservation",
+                "GatewayConfigReloadFailing"}
     found = alerts()
     assert set(found) == expected
     for name, rule in found.items():

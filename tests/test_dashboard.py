@@ -106,6 +106,7 @@ def test_dashboard_covers_what_each_audience_asks() -> None:
         "genai_time_to_first_token_seconds_bucket", "genai_time_per_output_token_seconds_bucket",
         "genai_guardrail_triggers_total", "genai_cache_requests_total", "genai_upstream_attempts_total",
         "genai_gateway_extproc_phase_seconds_bucket", "genai_gateway_redis_latency_seconds_bucket",
+        "genai_gateway_config_last_reload_successful", "genai_gateway_config_reloads_total",
     } <= queried
 
 

@@ -29,6 +29,9 @@ for _ in range(requests):
     m.child(m.DURATION, "chat", "2xx").observe(0.3)
 m.BUDGET_SETTLEMENTS_PENDING.inc(2)
 m.TEAM_DAILY_REMAINING.labels("demo").set(float(sys.argv[3]))
+if len(sys.argv) > 4:  # as reload.py leaves them: the last load worked (1) or not (0), and when it last did
+    m.CONFIG_LAST_RELOAD_SUCCESSFUL.set(float(sys.argv[4]))
+    m.CONFIG_LAST_RELOAD_SUCCESS_TIME.set(float(sys.argv[5]))
 async def main():
     server = await export.serve_snapshots(index)
     stop = asyncio.Event()
@@ -42,8 +45,10 @@ asyncio.run(main())
 """
 
 
-def start(directory: Path, index: int, requests: int, remaining: float) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(index), str(requests), str(remaining)],
+def start(directory: Path, index: int, requests: int, remaining: float,
+          reload: tuple[float, float] | None = None) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(index), str(requests), str(remaining),
+                             *(str(v) for v in reload or ())],
                             env={**os.environ, export.DIR_ENV: str(directory)}, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
@@ -74,6 +79,33 @@ def test_the_parent_sums_its_workers_on_each_scrape(tmp_path: Path) -> None:
         procs[0].send_signal(signal.SIGUSR1)
         time.sleep(0.2)
         assert scrape(collector)[REQ] == 9  # read on scrape, not from a periodic copy
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
+
+
+RELOAD_OK = ("genai_gateway_config_last_reload_successful", ())
+RELOAD_OK_AT = ("genai_gateway_config_last_reload_success_timestamp_seconds", ())
+
+
+def test_a_pod_whose_worker_refuses_the_file_on_disk_shows_it(tmp_path: Path) -> None:
+    """Each worker reloads gateway.yaml itself. One that refuses the file on disk (the others
+    took it, or not yet) makes the pod's genai_gateway_config_last_reload_successful 0, the min
+    over its live workers, not a sum (2 for two workers) nor whichever worker wrote last; the
+    success timestamp is the oldest of theirs, the config in force longest unchanged."""
+    procs = [start(tmp_path, 0, 1, 1.0, (1, 2000.0)), start(tmp_path, 1, 1, 1.0, (0, 1000.0)),
+             start(tmp_path, 2, 1, 1.0, (1, 3000.0))]
+    try:
+        collector = export.WorkerMetrics(str(tmp_path), 3)
+        first = scrape(collector)
+        assert first[RELOAD_OK] == 0 and first[RELOAD_OK_AT] == 1000
+        procs[1].kill()  # the refusing worker dies; its replacement loaded the file that is there now
+        procs[1].wait()
+        collector.retire(procs[1].pid)
+        procs[1] = start(tmp_path, 1, 0, 1.0, (1, 4000.0))
+        now = scrape(collector)
+        assert now[RELOAD_OK] == 1 and now[RELOAD_OK_AT] == 2000  # gauges: live workers only
     finally:
         for p in procs:
             p.terminate()

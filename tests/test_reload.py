@@ -204,3 +204,49 @@ async def test_a_reload_lets_the_collector_free_what_the_start_up_heap_held_in_a
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+async def test_the_reload_gauges_say_whether_the_file_on_disk_is_the_config_in_force(tmp_path: Path) -> None:
+    """genai_gateway_config_reloads_total{result="rejected"} counts rejected changes, but only
+    a gauge says "the file on disk is being refused right now" (as Prometheus's own
+    prometheus_config_last_reload_successful): 1 from start-up, 0 while the last change was
+    rejected, 1 again once a change applies; its timestamp is that of the last load that worked."""
+    import time
+
+    from prometheus_client import REGISTRY
+
+    def successful() -> float | None:
+        return REGISTRY.get_sample_value("genai_gateway_config_last_reload_successful")
+
+    def succeeded_at() -> float | None:
+        return REGISTRY.get_sample_value("genai_gateway_config_last_reload_success_timestamp_seconds")
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(valid()))
+    os.utime(path, (1, 1))
+    started = time.time()
+    ref = RuntimeRef(Runtime.load(path), str(path))
+    assert successful() == 1
+    loaded_at = succeeded_at()
+    assert loaded_at is not None and started <= loaded_at <= time.time()
+
+    path.write_text("version: 1\nlisten: [")  # a broken edit
+    os.utime(path, (2, 2))
+    await ref.check()
+    assert successful() == 0
+    assert succeeded_at() == loaded_at  # the config in force is still the one loaded then
+    await ref.check()  # nothing changed since: still refused
+    assert successful() == 0
+
+    doc = valid()
+    doc["maxRequestBytes"] = 8192
+    path.write_text(yaml.safe_dump(doc))
+    os.utime(path, (3, 3))
+    await ref.check()
+    assert ref.current.config.max_request_bytes == 8192
+    assert successful() == 1
+    assert succeeded_at() > loaded_at
+
+    path.unlink()  # the file gone is no config in force either
+    await ref.check()
+    assert successful() == 0

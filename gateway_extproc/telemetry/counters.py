@@ -138,14 +138,14 @@ class _GaugeChild:
 
 
 class Gauge(_Family):
-    """`merge` says how `serve` combines the workers' values: max, mostrecent (the value
-    set last, by wall clock) or livesum (the sum over the workers alive now)."""
+    """`merge` says how `serve` combines the workers' values: max, min, mostrecent (the
+    value set last, by wall clock) or livesum (the sum over the workers alive now)."""
 
     kind = "gauge"
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
                  merge: str = "livesum") -> None:
-        if merge not in ("max", "mostrecent", "livesum"):
+        if merge not in ("max", "min", "mostrecent", "livesum"):
             raise ValueError(f"{name}: unknown merge {merge!r}")
         self.merge = merge
         super().__init__(name, documentation, labelnames)

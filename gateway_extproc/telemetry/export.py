@@ -4,7 +4,7 @@ Each `serve-one` worker keeps its numbers in its own memory (telemetry/counters.
 answers a connection on its own Unix socket (`worker-<index>.sock` in the directory `serve`
 names in GATEWAY_EXTPROC_METRICS_DIR) with a JSON snapshot of them. On a scrape the parent
 connects to each worker in turn and merges: counters and histograms are summed, gauges
-merged as each declares (max, mostrecent, livesum). No file is written per increment and
+merged as each declares (max, min, mostrecent, livesum). No file is written per increment and
 nothing crosses processes between scrapes.
 
 Restarts: the parent keeps each worker's last snapshot. When a worker dies the supervisor
@@ -167,6 +167,8 @@ class WorkerMetrics(Collector):
                         target[key] = [old[0] + value, max(old[1], updated)]
                     elif family.merge == "max":
                         target[key] = [max(old[0], value), max(old[1], updated)]
+                    elif family.merge == "min":
+                        target[key] = [min(old[0], value), max(old[1], updated)]
                     elif updated > old[1]:  # mostrecent
                         target[key] = [value, updated]
         return {name: [[list(k), v] for k, v in series.items()] for name, series in merged.items()}

@@ -66,6 +66,17 @@ REDIS_LATENCY = Histogram("genai_gateway_redis_latency_seconds", "Budget store r
                           buckets=_FAST)
 CONFIG_RELOADS = Counter("genai_gateway_config_reloads", "gateway.yaml reloads by result (applied, rejected).",
                          ["result"])
+# Whether the file on disk is the config in force, as Prometheus's own
+# prometheus_config_last_reload_successful: the counter above says a change was rejected,
+# this says the current file still is. Every worker reloads the file itself; `min` over a
+# pod's live workers makes the pod 0 while any one of them refuses it, and its timestamp the
+# oldest config in force there.
+CONFIG_LAST_RELOAD_SUCCESSFUL = Gauge("genai_gateway_config_last_reload_successful",
+                                      "Whether the last gateway.yaml load worked (1) or the file on disk was "
+                                      "rejected and an older config is in force (0).", merge="min")
+CONFIG_LAST_RELOAD_SUCCESS_TIME = Gauge("genai_gateway_config_last_reload_success_timestamp_seconds",
+                                        "Unix time of the last gateway.yaml load that worked (start-up or "
+                                        "reload): when the config in force was loaded.", merge="min")
 AUDIT_EVENTS = Counter("genai_audit_events", "Audit events by result: written, dropped (queue full or disk "
                        "error; the chain records the count), ship_failed (Redis Stream copy only).", ["result"],
                        threads=True)  # also counted by the audit writer thread

@@ -38,6 +38,14 @@ def wait_for(check, timeout: float = 8.0) -> None:
         time.sleep(0.2)
 
 
+def reload_successful(metrics_url: str) -> float:
+    """The pod's genai_gateway_config_last_reload_successful (min over its workers)."""
+    text = httpx.get(metrics_url, timeout=5).text
+    [value] = [line.split()[1] for line in text.splitlines()
+               if line.startswith("genai_gateway_config_last_reload_successful ")]
+    return float(value)
+
+
 def test_keys_reload_without_dropping_traffic_and_bad_files_are_rejected() -> None:
     with tempfile.TemporaryDirectory(prefix="gw-reload-") as tmp:
         gw = build_gateway(Path(tmp))
@@ -58,15 +66,17 @@ def test_keys_reload_without_dropping_traffic_and_bad_files_are_rejected() -> No
             values["keys"].append({"id": "rotated", "sha256": keys.digest(new_key), "team": "demo"})
             write_atomically(gateway_yaml, render_values(values)["gateway.yaml"])
             wait_for(lambda: status(gw.url, new_key) == 200)
+            assert reload_successful(gw.stack.metrics_url) == 1
 
             write_atomically(gateway_yaml, "version: 1\nlisten: [")  # a broken edit
-            time.sleep(3)
+            wait_for(lambda: reload_successful(gw.stack.metrics_url) == 0)  # /metrics says so
             assert status(gw.url, new_key) == 200  # the last good config keeps serving
             assert '"event":"config_reload_failed"' in gw.stack.log_path("extproc").read_text()
 
             values["keys"] = [k for k in values["keys"] if k["id"] != "rotated"]
             write_atomically(gateway_yaml, render_values(values)["gateway.yaml"])
             wait_for(lambda: status(gw.url, new_key) == 401)  # revoked
+            wait_for(lambda: reload_successful(gw.stack.metrics_url) == 1)  # every worker took it
             stop.set()
             worker.join()
             assert results and set(results) == {200}  # no request of the demo key failed meanwhile
