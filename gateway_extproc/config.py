@@ -65,6 +65,16 @@ BUDGET_KEYS = ("daily", "monthly", "soft", "onStoreError")
 RATE_KEYS = ("tokensPerMinute", "requestsPerMinute", "onStoreError")
 RATE_LIMITS_KEYS = (*RATE_KEYS, "models")
 PRINCIPAL_CLASSIFICATION_KEYS = ("defaultTier", "mode", "mayDeclare")
+# The chart passes `classification` through and leaves its settings to the ext_proc: these are
+# docs/classification.md's (its example names each; tests/test_config.py).
+CLASSIFICATION_KEYS = ("tiers", "mode", "defaultTier", "rules", "custom", "allowlist", "injection", "outputScanning",
+                       "contentLogging")
+RULE_KEYS = ("action", "minTier", "critical")
+CUSTOM_RULE_KEYS = ("name", "kind", "pattern", "keywords", "ignoreCase", *RULE_KEYS)
+ALLOWLIST_KEYS = ("value", "pattern", "rules", "reason")
+INJECTION_KEYS = ("threshold", "phrases", "patterns", "includeDefaults")
+OUTPUT_SCANNING_KEYS = ("enabled", "holdbackChars")
+CONTENT_LOGGING_KEYS = ("maxTier",)
 BUDGETS_KEYS = ("org", "orgLimit", "timezone", "store", "redis", "onStoreError", "minOutputTokens",
                 "defaultOutputTokens", "reservationTTLSeconds", "devMemoryStore")
 REDIS_KEYS = ("url", "passwordEnv", "passwordSecret")
@@ -319,7 +329,7 @@ def parse(raw: Any, source: str = "<config>", local_files: bool = True) -> Gatew
                            "add {input, output} in USD per 1M tokens")
     from .audit.settings import parse as parse_audit
 
-    audit = parse_audit(doc.get("audit"), r.fail, tiers)
+    audit = parse_audit(doc.get("audit"), r, tiers)
     return GatewayConfig(source, listen, max_bytes, providers, models, teams, keys, backends, address, port,
                          users, budgets, classification, audit, identity=identity)
 
@@ -584,7 +594,7 @@ def _limits(r: _Reader, raw: dict[str, Any], at: str, fail_open: bool, models: d
 def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
     if doc.get("classification") is None:
         return None
-    c = r.mapping(doc["classification"], "classification")
+    c = r.keys(r.mapping(doc["classification"], "classification"), "classification", CLASSIFICATION_KEYS)
     tiers = c.get("tiers") or ("public", "internal", "confidential", "restricted")
     if not isinstance(tiers, (list, tuple)) or not all(isinstance(t, str) and t for t in tiers) \
             or len(set(tiers)) != len(tiers):
@@ -608,11 +618,11 @@ def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
             near = difflib.get_close_matches(str(name), built_in, 1)
             r.fail(at, f"is no built-in rule ({', '.join(built_in)}); a rule of your own goes under "
                    "classification.custom" + (f"; did you mean {near[0]}?" if near else ""))
-        _rule_settings(r, r.keys(r.mapping(spec, at), at, ("action", "minTier", "critical")), at, tiers)
+        _rule_settings(r, r.keys(r.mapping(spec, at), at, RULE_KEYS), at, tiers)
     custom = tuple(r.mapping(x, f"classification.custom[{i}]") for i, x in enumerate(r.list(c, "custom", "classification")))
     for i, entry in enumerate(custom):
         at = f"classification.custom[{i}]"
-        r.keys(entry, at, ("name", "kind", "pattern", "keywords", "ignoreCase", "action", "minTier", "critical"))
+        r.keys(entry, at, CUSTOM_RULE_KEYS)
         name = r.name(entry.get("name"), f"{at}.name")
         if name in built_in:
             r.fail(f"{at}.name", f"is {name!r}, a built-in rule's name; override it under classification.rules")
@@ -631,7 +641,7 @@ def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
                       for i, x in enumerate(r.list(c, "allowlist", "classification")))
     for i, entry in enumerate(allowlist):
         at = f"classification.allowlist[{i}]"
-        r.keys(entry, at, ("value", "pattern", "rules", "reason"))
+        r.keys(entry, at, ALLOWLIST_KEYS)
         if not isinstance(entry.get("reason"), str) or not entry["reason"].strip():
             r.fail(f"{at}.reason", "is required: say why this exception exists")
         if ("value" in entry) == ("pattern" in entry):
@@ -640,17 +650,19 @@ def _classification(r: _Reader, doc: dict[str, Any]) -> Classification | None:
         names = entry.get("rules", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             r.fail(f"{at}.rules", "must be a list of rule names (empty or absent: every rule)")
-    output = r.mapping(c.get("outputScanning") or {}, "classification.outputScanning")
+    output = r.keys(r.mapping(c.get("outputScanning") or {}, "classification.outputScanning"),
+                    "classification.outputScanning", OUTPUT_SCANNING_KEYS)
     holdback = output.get("holdbackChars", 64)
     if not _is_int(holdback) or holdback < 0:
         r.fail("classification.outputScanning.holdbackChars", "must be an integer >= 0")
-    log_tier = r.mapping(c.get("contentLogging") or {}, "classification.contentLogging").get("maxTier", "internal")
+    log_tier = r.keys(r.mapping(c.get("contentLogging") or {}, "classification.contentLogging"),
+                      "classification.contentLogging", CONTENT_LOGGING_KEYS).get("maxTier", "internal")
     if log_tier not in (*tiers, "none"):
         r.fail("classification.contentLogging.maxTier", f"must be one of {', '.join(tiers)} or none")
     injection = c.get("injection")
     if injection is not None:
         at = "classification.injection"
-        r.keys(r.mapping(injection, at), at, ("threshold", "phrases", "patterns", "includeDefaults"))
+        r.keys(r.mapping(injection, at), at, INJECTION_KEYS)
         if not _is_number(injection.get("threshold", 1.0)) or not injection.get("threshold", 1.0) > 0:
             r.fail(f"{at}.threshold", "must be a number above 0")
         for part in ("phrases", "patterns"):

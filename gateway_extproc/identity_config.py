@@ -17,6 +17,19 @@ if TYPE_CHECKING:
     from .config import Limits, Model, VirtualKey, _Reader
 
 SAN_KINDS = ("spiffe", "dns")
+# The settings of each part of the section (the chart's values schema: tests/test_config.py).
+# Envoy's settings are among them (trustDomains, audiences, jwks, clockSkewSeconds): the chart
+# copies the section verbatim, so the load takes them though the ext_proc never reads them.
+IDENTITY_KEYS = ("workloads", "oidc", "keyAdmin")
+WORKLOADS_KEYS = ("trustDomains", "trustedProxies", "principals")
+WORKLOAD_KEYS = ("name", *SAN_KINDS, "team", "user", "models", "budget", "rateLimits", "classification")
+OIDC_KEYS = ("providers",)
+OIDC_PROVIDER_KEYS = ("name", "issuer", "audiences", "jwks", "userClaim", "teamClaim", "teams", "defaultTeam",
+                      "models", "clockSkewSeconds")
+JWKS_KEYS = ("file", "inline", "remote", "secret")  # secret: Kubernetes, the Secret mounted at file
+REMOTE_JWKS_KEYS = ("url", "cacheDuration", "timeout")
+KEY_ADMIN_KEYS = ("enabled", "address", "port", "file", "admins")
+ADMIN_KEYS = ("name", "sha256")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +94,8 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
                    users: dict[str, "Limits"], fail_open: bool, tiers: tuple[str, ...], budgets_store: str) -> Identity:
     from .config import SHA256_HEX, VirtualKey, _limits
 
-    ident = r.mapping(doc.get("identity") or {}, "identity")
-    wl = r.mapping(ident.get("workloads") or {}, "identity.workloads")
+    ident = r.keys(r.mapping(doc.get("identity") or {}, "identity"), "identity", IDENTITY_KEYS)
+    wl = r.keys(r.mapping(ident.get("workloads") or {}, "identity.workloads"), "identity.workloads", WORKLOADS_KEYS)
     for i, cidr in enumerate(r.list(wl, "trustedProxies", "identity.workloads")):
         try:
             ipaddress.ip_network(cidr)
@@ -92,7 +105,7 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
     names: set[str] = set()
     for i, raw in enumerate(r.list(wl, "principals", "identity.workloads")):
         at = f"identity.workloads.principals[{i}]"
-        p, name = _named(r, raw, at, names)
+        p, name = _named(r, raw, at, names, WORKLOAD_KEYS)
         names.add(name)
         kinds = [k for k in SAN_KINDS if k in p]
         if len(kinds) != 1:
@@ -115,14 +128,16 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
                                _limits(r, p, at, fail_open, models, tiers))
         rules.append(WorkloadRule(kinds[0], pattern, principal))
     oidc = {}
-    oi = r.mapping(ident.get("oidc") or {}, "identity.oidc")
+    oi = r.keys(r.mapping(ident.get("oidc") or {}, "identity.oidc"), "identity.oidc", OIDC_KEYS)
     for i, raw in enumerate(r.list(oi, "providers", "identity.oidc")):
         at = f"identity.oidc.providers[{i}]"
-        p, name = _named(r, raw, at, oidc)
+        p, name = _named(r, raw, at, oidc, OIDC_PROVIDER_KEYS)
         r.string(p.get("issuer"), f"{at}.issuer")
-        jwks = r.mapping(p.get("jwks"), f"{at}.jwks")
+        jwks = r.keys(r.mapping(p.get("jwks"), f"{at}.jwks"), f"{at}.jwks", JWKS_KEYS)
         if sum(k in jwks for k in ("file", "inline", "remote")) != 1:
             r.fail(f"{at}.jwks", "needs exactly one of file: /path, inline: '<JWKS JSON>' or remote: {url: https://...}")
+        if "remote" in jwks:
+            r.keys(r.mapping(jwks["remote"], f"{at}.jwks.remote"), f"{at}.jwks.remote", REMOTE_JWKS_KEYS)
         team_map = r.mapping(p.get("teams") or {}, f"{at}.teams")
         for value, team in team_map.items():
             _team(r, team, f"{at}.teams.{value}", teams)
@@ -136,14 +151,15 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
                                   r.string(team_claim, f"{at}.teamClaim") if team_claim is not None else None,
                                   dict(team_map), default_team, _models(r, p.get("models"), f"{at}.models", models))
     admin = None
-    ka = r.mapping(ident.get("keyAdmin") or {}, "identity.keyAdmin")
+    # Checked on or off: a misspelt `enabled` would leave the admin API off without a word.
+    ka = r.keys(r.mapping(ident.get("keyAdmin") or {}, "identity.keyAdmin"), "identity.keyAdmin", KEY_ADMIN_KEYS)
     if ka.get("enabled"):
         port = ka.get("port", 9190)
         if type(port) is not int or not 0 < port < 65536:
             r.fail("identity.keyAdmin.port", "must be a port number")
         admins = {}
         for i, a in enumerate(r.list(ka, "admins", "identity.keyAdmin")):
-            a = r.mapping(a, f"identity.keyAdmin.admins[{i}]")
+            a = r.keys(r.mapping(a, f"identity.keyAdmin.admins[{i}]"), f"identity.keyAdmin.admins[{i}]", ADMIN_KEYS)
             digest = r.string(a.get("sha256"), f"identity.keyAdmin.admins[{i}].sha256")
             if not SHA256_HEX.match(digest):
                 r.fail(f"identity.keyAdmin.admins[{i}].sha256", "must be 64 lowercase hex digits "
@@ -161,11 +177,13 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
     return Identity(tuple(rules), oidc, admin, exact, wildcards)
 
 
-def _named(r: "_Reader", raw: Any, at: str, taken: Collection[str]) -> tuple[dict[str, Any], str]:
-    """An entry of a list whose `name` must be a unique id: the entry and its name."""
+def _named(r: "_Reader", raw: Any, at: str, taken: Collection[str],
+           allowed: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    """An entry of a list whose `name` must be a unique id, with no setting outside `allowed`:
+    the entry and its name."""
     from .config import KEY_ID  # config imports this module
 
-    entry = r.mapping(raw, at)
+    entry = r.keys(r.mapping(raw, at), at, allowed)
     name = r.string(entry.get("name"), f"{at}.name")
     if not KEY_ID.match(name) or name in taken:
         r.fail(f"{at}.name", "must be unique, lowercase letters, digits and '-'")

@@ -731,6 +731,92 @@ def test_misspelt_settings_deeper_in_are_refused() -> None:
             config.parse(doc, SOURCE)
 
 
+def identity_audit_classification() -> dict[str, Any]:
+    """valid() with identity and audit sections using every setting, and classified()'s classification."""
+    doc = valid()
+    doc["listen"] = doc["listen"][:1]
+    doc["budgets"] = {"store": "memory"}
+    for model in doc["models"]:
+        for backend in model["backends"]:
+            backend.update(maxTier="internal", pricing={"input": 1, "output": 1})
+    doc["identity"] = {
+        "workloads": {"trustDomains": ["cluster.local"], "trustedProxies": ["127.0.0.6/32"],
+                      "principals": [{"name": "pay", "spiffe": "spiffe://cluster.local/ns/pay/sa/*", "team": "search",
+                                      "user": "pay-bot", "models": ["default-chat"], "budget": {"daily": 5},
+                                      "rateLimits": {"requestsPerMinute": 10},
+                                      "classification": {"defaultTier": "internal"}}]},
+        "oidc": {"providers": [{"name": "corp", "issuer": "https://idp.example", "audiences": ["gw"],
+                                "jwks": {"remote": {"url": "https://idp.example/keys", "cacheDuration": "600s",
+                                                    "timeout": "5s"}},
+                                "userClaim": "email", "teamClaim": "team", "teams": {"eng-search": "search"},
+                                "defaultTeam": "ads", "models": ["*"], "clockSkewSeconds": 60}]},
+        "keyAdmin": {"enabled": True, "address": "127.0.0.1", "port": 9190, "file": "/var/lib/gw/keys.json",
+                     "admins": [{"name": "ops", "sha256": "1" * 64}]},
+    }
+    doc["classification"] = classified()["classification"]
+    doc["audit"] = {"enabled": True, "dir": "/var/lib/gateway-audit", "signingKeyFile": "/etc/audit/signing.key",
+                    "instance": "", "checkpointSeconds": 10, "fsync": "interval", "fsyncIntervalSeconds": 1,
+                    "queueSize": 10000, "segmentBytes": 67108864, "segmentSeconds": 3600,
+                    "retention": {"days": 365, "tiers": {"restricted": 2555}},
+                    "redisStream": {"url": "redis://r:6379/0", "key": "gw:audit", "maxLen": 1000,
+                                    "passwordEnv": "AUDIT_REDIS_PASSWORD"}}
+    return doc
+
+
+def test_every_identity_audit_and_classification_setting_loads() -> None:
+    cfg = config.parse(identity_audit_classification(), SOURCE)
+    assert cfg.identity.key_admin is not None and set(cfg.identity.oidc) == {"corp"}
+    assert cfg.audit is not None and cfg.audit.redis is not None and cfg.classification is not None
+
+
+@pytest.mark.parametrize(("path", "typo", "fix"), [
+    ("identity", "workload", "workloads"),
+    ("identity.workloads", "trustedProxy", "trustedProxies"),
+    ("identity.workloads.principals.0", "budegt", "budget"),
+    ("identity.oidc", "provider", "providers"),
+    ("identity.oidc.providers.0", "teamclaim", "teamClaim"),
+    ("identity.oidc.providers.0", "defaultteam", "defaultTeam"),
+    ("identity.oidc.providers.0.jwks", "remot", "remote"),
+    ("identity.oidc.providers.0.jwks.remote", "timout", "timeout"),
+    ("identity.keyAdmin", "enable", "enabled"),
+    ("identity.keyAdmin", "admin", "admins"),
+    ("identity.keyAdmin.admins.0", "sha265", "sha256"),
+    ("audit", "signingKeyfile", "signingKeyFile"),
+    ("audit", "retension", "retention"),
+    ("audit.retention", "tier", "tiers"),
+    ("audit.redisStream", "maxlen", "maxLen"),
+    ("classification", "defaulTier", "defaultTier"),
+    ("classification", "allowList", "allowlist"),
+    ("classification.outputScanning", "holdbackChar", "holdbackChars"),
+    ("classification.contentLogging", "maxtier", "maxTier"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_a_misspelt_identity_audit_or_classification_setting_is_refused(path: str, typo: str, fix: str) -> None:
+    """These sections took any key, so a typo did nothing: `teamclaim` left an OIDC issuer
+    mapping every caller to its default team, `retension` kept audit events for the default
+    365 days, `defaulTier` let every prompt in at the lowest tier."""
+    doc = identity_audit_classification()
+    node: Any = doc
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[typo] = node.pop(fix)
+    at = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path.split(".")).lstrip(".")
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, SOURCE)
+    assert str(info.value).startswith(f"{SOURCE}: {at}.{typo} is no setting here (")
+    assert str(info.value).endswith(f"; did you mean {fix}?")
+
+
+def test_a_misspelt_setting_in_a_section_that_is_off_is_refused_too() -> None:
+    """`enabeld: true` would leave the key admin API (or the audit trail) silently off: the
+    keys of a section are checked whether or not it is on."""
+    for section, edit in [("identity.keyAdmin", lambda d: d.__setitem__("identity", {"keyAdmin": {"enabeld": True}})),
+                          ("audit", lambda d: d.__setitem__("audit", {"enabled": False, "dri": "/x"}))]:
+        doc = valid()
+        edit(doc)
+        with pytest.raises(ConfigError, match=rf"^{SOURCE}: {re.escape(section)}\.\w+ is no setting here \("):
+            config.parse(doc, SOURCE)
+
+
 @pytest.mark.parametrize(("names", "values_path"), [
     ("METRICS_KEYS", "extproc.metrics"), ("PROVIDER_KEYS", "providers[0]"),
     ("CREDENTIAL_KEYS", "providers[0].credential"), ("MODEL_KEYS", "models[0]"),
@@ -739,13 +825,120 @@ def test_misspelt_settings_deeper_in_are_refused() -> None:
     ("USER_KEYS", "users[0]"), ("KEY_KEYS", "keys[0]"), ("BUDGET_KEYS", "teams[0].budget"),
     ("RATE_LIMITS_KEYS", "teams[0].rateLimits"), ("PRINCIPAL_CLASSIFICATION_KEYS", "teams[0].classification"),
     ("BUDGETS_KEYS", "budgets"), ("REDIS_KEYS", "budgets.redis"),
+    ("identity_config.IDENTITY_KEYS", "identity"), ("identity_config.WORKLOADS_KEYS", "identity.workloads"),
+    ("identity_config.WORKLOAD_KEYS", "identity.workloads.principals[0]"),
+    ("identity_config.OIDC_KEYS", "identity.oidc"), ("identity_config.OIDC_PROVIDER_KEYS", "identity.oidc.providers[0]"),
+    ("identity_config.JWKS_KEYS", "identity.oidc.providers[0].jwks"),
+    ("identity_config.REMOTE_JWKS_KEYS", "identity.oidc.providers[0].jwks.remote"),
+    ("identity_config.KEY_ADMIN_KEYS", "identity.keyAdmin"),
+    ("identity_config.ADMIN_KEYS", "identity.keyAdmin.admins[0]"),
+    ("audit.settings.RETENTION_KEYS", "audit.retention"),
 ])
 def test_the_settings_gateway_yaml_takes_are_the_charts(names: str, values_path: str) -> None:
     """The chart copies these sections from values verbatim: what its schema lets through,
     the load must take (a render would fail), and nothing more."""
     from gateway_extproc.render import CHART, _schema_at
 
-    assert set(getattr(config, names)) == set(_schema_at(values_path, CHART)["properties"])
+    assert set(_keys_constant(names)) == set(_schema_at(values_path, CHART)["properties"])
+
+
+def _keys_constant(names: str) -> tuple[str, ...]:
+    """config.NAME, or module.NAME of a gateway_extproc module (identity_config.OIDC_KEYS)."""
+    import importlib
+
+    module, _, name = names.rpartition(".")
+    return getattr(importlib.import_module(f"gateway_extproc.{module}") if module else config, name)
+
+
+def test_the_audit_settings_gateway_yaml_takes_are_what_the_chart_renders() -> None:
+    """The chart does not copy `audit` verbatim: it writes signingKey.file as signingKeyFile,
+    leaves out what only Kubernetes uses (the key's Secret, publicKey, persistence, the
+    Redis password's Secret) and adds nothing else; the load takes exactly that, and
+    `enabled` (false: no trail) for a gateway.yaml written by hand."""
+    import yaml
+
+    from gateway_extproc.audit import settings
+    from gateway_extproc.render import CHART, _schema_at, chart_values, merge, render_values
+
+    k8s_only = {"signingKey", "publicKey", "persistence"}
+    schema = set(_schema_at("audit", CHART)["properties"])
+    assert set(settings.AUDIT_KEYS) == schema - k8s_only | {"signingKeyFile"}
+    assert set(settings.REDIS_STREAM_KEYS) == set(_schema_at("audit.redisStream", CHART)["properties"]) - {
+        "passwordSecret"}
+    values = merge(chart_values([]), {"audit": {
+        "enabled": True, "instance": "gw", "retention": {"days": 30, "tiers": {}},
+        "redisStream": {"url": "redis://r:6379/0", "passwordEnv": "AUDIT_REDIS_PASSWORD",
+                        "passwordSecret": {"name": "audit-redis", "key": "password"}}}})
+    audit = yaml.safe_load(render_values(values)["gateway.yaml"])["audit"]
+    assert set(audit) == set(settings.AUDIT_KEYS) - {"enabled"}
+    assert set(audit["redisStream"]) == set(settings.REDIS_STREAM_KEYS)
+
+
+REPO = Path(__file__).resolve().parents[1]
+VALUES_FILES = {"defaults": [], "local": ["helm/values-local.yaml"],
+                "local+identity": ["helm/values-local.yaml", "helm/values-local-identity.yaml"],  # `make run`
+                **{f"examples/{p.stem}": [f"helm/examples/{p.name}"] for p in (REPO / "helm" / "examples").glob("*.yaml")}}
+
+
+@pytest.mark.parametrize("files", VALUES_FILES.values(), ids=VALUES_FILES.keys())
+def test_every_values_file_in_the_repo_renders_a_gateway_yaml_that_loads(files: list[str]) -> None:
+    """Now that every section refuses settings it does not know, what the chart writes from
+    each values file here must still load (as `render` and `serve` load it)."""
+    import yaml
+
+    from gateway_extproc.render import chart_values, render_values
+
+    rendered = yaml.safe_load(render_values(chart_values([REPO / f for f in files]))["gateway.yaml"])
+    config.parse(rendered, "gateway.yaml", local_files=False)
+
+
+def test_a_chart_render_with_every_identity_and_audit_value_loads() -> None:
+    """Every identity and audit value the chart's schema takes, rendered, loads: the keys the
+    chart copies verbatim (Envoy's among them) and those it translates (audit.signingKey)."""
+    import yaml
+
+    from gateway_extproc.render import chart_values, merge, render_values
+
+    identity = identity_audit_classification()["identity"]
+    identity["workloads"]["principals"][0]["team"] = "demo"
+    identity["oidc"]["providers"][0].update(teams={"eng": "demo"}, defaultTeam="demo")
+    identity["oidc"]["providers"].append({"name": "k8s", "issuer": "https://k8s.example",
+                                          "jwks": {"file": "/etc/jwks/k8s.json",
+                                                   "secret": {"name": "k8s-jwks", "key": "jwks.json"}},
+                                          "teamClaim": "team"})
+    identity["keyAdmin"]["file"] = ""  # budgets.store: redis below: keys live in Redis
+    values = merge(chart_values([REPO / "helm" / "values-local.yaml"]), {
+        "identity": identity,
+        "budgets": {"store": "redis", "redis": {"url": "redis://redis:6379/0"}},
+        "extproc": {"processes": 2},
+        "audit": {"enabled": True, "instance": "gw", "queueSize": 5000, "retention": {"days": 30},
+                  "redisStream": {"url": "redis://redis:6379/1", "passwordEnv": "AUDIT_REDIS_PASSWORD",
+                                  "passwordSecret": {"name": "audit-redis", "key": "password"}}}})
+    values["envoy"]["tls"] = {"enabled": True, "certificate": {"secretName": "", "dir": "/tls"},
+                              "clientCA": {"enabled": True, "secretName": "", "key": "ca.crt", "dir": "/ca"}}
+    cfg = config.parse(yaml.safe_load(render_values(values)["gateway.yaml"]), "gateway.yaml", local_files=False)
+    assert set(cfg.identity.oidc) == {"corp", "k8s"} and cfg.identity.key_admin is not None
+    assert cfg.audit is not None and cfg.audit.redis is not None
+
+
+def test_the_classification_settings_gateway_yaml_takes_are_the_documented_ones() -> None:
+    """The chart passes `classification` through verbatim and leaves its keys to the ext_proc
+    (its schema names only `tiers`, which it routes by; tests/test_chart_k8s.py): the list the
+    load takes is docs/classification.md's, whose example names every setting."""
+    import yaml
+
+    from gateway_extproc.render import CHART, _schema_at
+
+    schema = _schema_at("classification", CHART)
+    assert schema["additionalProperties"] is True and set(schema["properties"]) <= set(config.CLASSIFICATION_KEYS)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "classification.md").read_text()
+    [example] = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", doc, re.S)
+                 if block.startswith("classification:")]
+    documented = example["classification"]
+    assert set(documented) == set(config.CLASSIFICATION_KEYS)
+    assert set(documented["outputScanning"]) == set(config.OUTPUT_SCANNING_KEYS)
+    assert set(documented["contentLogging"]) == set(config.CONTENT_LOGGING_KEYS)
+    assert set(documented["injection"]) == set(config.INJECTION_KEYS)
 
 
 def test_a_budget_above_the_level_it_sits_under_loads() -> None:

@@ -1,22 +1,31 @@
 """The `audit:` section of gateway.yaml, validated once at load (docs/audit.md).
 
 Parsed here rather than in config.py so the audit trail's settings live with the code that
-uses them; config.py calls `parse` with its reader's `fail`, so errors name file, key and fix
-like every other section.
+uses them; config.py calls `parse` with its reader, so errors name file, key and fix like
+every other section, and a setting it does not know is refused with a suggestion.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
+
+if TYPE_CHECKING:
+    from ..config import _Reader
 
 FSYNC_POLICIES = ("always", "interval", "never")
 # The stream of events that have no tier (config changes, refusals before classification,
 # or every event when classification is off). It keeps the longest retention of all, so
 # the config versions a request names outlive the request.
 GATEWAY_STREAM = "gateway"
+# The settings gateway.yaml's `audit:` takes: what the chart renders from its `audit` values
+# (signingKey.file as signingKeyFile; the Secrets, publicKey and persistence are Kubernetes'
+# and stay in the chart), and `enabled` for a file written by hand (tests/test_config.py).
+AUDIT_KEYS = ("enabled", "dir", "signingKeyFile", "instance", "checkpointSeconds", "fsync", "fsyncIntervalSeconds",
+              "queueSize", "segmentBytes", "segmentSeconds", "retention", "redisStream")
+RETENTION_KEYS = ("days", "tiers")
+REDIS_STREAM_KEYS = ("url", "key", "maxLen", "passwordEnv")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +57,12 @@ class AuditSettings:
         return self.tier_retention_days.get(stream, self.retention_days)
 
 
-def parse(raw: Any, fail: Callable[[str, str], NoReturn], tiers: tuple[str, ...]) -> AuditSettings | None:
+def parse(raw: Any, reader: "_Reader", tiers: tuple[str, ...]) -> AuditSettings | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        fail("audit", "must be a mapping")
+    fail = reader.fail
+    # Checked on or off: a misspelt `enabled` would leave the trail off without a word.
+    reader.keys(reader.mapping(raw, "audit"), "audit", AUDIT_KEYS)
     if raw.get("enabled", True) is not True:
         if raw.get("enabled") is not False:
             fail("audit.enabled", "must be true or false")
@@ -76,6 +86,7 @@ def parse(raw: Any, fail: Callable[[str, str], NoReturn], tiers: tuple[str, ...]
     retention = raw.get("retention") or {}
     if not isinstance(retention, dict):
         fail("audit.retention", "must be a mapping {days, tiers: {<tier>: days}}")
+    reader.keys(retention, "audit.retention", RETENTION_KEYS)
     days = retention.get("days", 365)
     if type(days) is not int or days < 1:
         fail("audit.retention.days", "must be an integer >= 1 (days)")
@@ -92,6 +103,7 @@ def parse(raw: Any, fail: Callable[[str, str], NoReturn], tiers: tuple[str, ...]
     r = raw.get("redisStream") or {}
     if not isinstance(r, dict):
         fail("audit.redisStream", "must be a mapping {url, key, maxLen}")
+    reader.keys(r, "audit.redisStream", REDIS_STREAM_KEYS)
     if r.get("url"):
         key, max_len = r.get("key", "gw:audit"), r.get("maxLen", 1_000_000)
         if not isinstance(key, str) or not key:
