@@ -318,6 +318,7 @@ def _validate_chat(body: dict[str, Any]) -> None:
     _require(stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(
         isinstance(s, str) for s in stop)), "stop", "`stop` must be a string or an array of strings.")
     _require(_text(body.get("user")), "user", "`user` must be a string.")
+    _service_tier(body)
     _check_tools(body, markers)
     top_cache_marker(body, markers)
     check_cache_markers(markers)
@@ -331,16 +332,45 @@ def _validate_chat(body: dict[str, Any]) -> None:
 
 
 def _validate_responses(body: dict[str, Any]) -> None:
+    """What the gateway reads (counts, classifies, checks under a budget) or relies on: the
+    input items and tools are objects, and the fields read by name have their schema's type.
+    The rest goes to the (OpenAI-schema) provider as sent."""
     _check_common(body)
     value = body.get("input")
     _require(isinstance(value, str) or (isinstance(value, list) and len(value) > 0), "input",
              "`input` is required: a string or a non-empty array of input items.")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise _refuse(f"input[{i}]", "an input item (an object)")
     _require(body.get("instructions") is None or isinstance(body["instructions"], str), "instructions",
              "`instructions` must be a string.")
     _require(body.get("stream") is None or isinstance(body["stream"], bool), "stream",
              "`stream` must be a boolean (or null).")
     _positive_int(body, "max_output_tokens")
     _sampling(body, ("temperature", "top_p"))
+    _service_tier(body)
+    _require(_text(body.get("previous_response_id")), "previous_response_id",
+             "`previous_response_id` must be a string.")
+    tools = body.get("tools")
+    if tools is not None:
+        _require(isinstance(tools, list), "tools", "`tools` must be an array of tools.")
+        for k, tool in enumerate(tools):
+            if not (isinstance(tool, dict) and isinstance(tool.get("type"), str)):
+                raise _refuse(f"tools[{k}]", "an object with a string `type`")
+    text = body.get("text")
+    _require(_object(text), "text", "`text` must be an object.")
+    fmt = (text or {}).get("format")
+    _require(fmt is None or isinstance(fmt, dict) and isinstance(fmt.get("type"), str), "text.format",
+             "`text.format` must be an object with a string `type`.")
+    if fmt is not None and fmt["type"] == "json_schema":
+        _require(isinstance(fmt.get("schema"), dict), "text.format.schema",
+                 "`text.format.schema` must be an object (a JSON Schema).")
+
+
+def _service_tier(body: dict[str, Any]) -> None:
+    # (read under a budget: `premium_tier`)
+    _require(_text(body.get("service_tier")), "service_tier", "`service_tier` must be a string.")
 
 
 def _token_ids(value: Any) -> bool:

@@ -542,3 +542,63 @@ def test_a_provider_side_fallback_list_is_refused(endpoint: api.Endpoint) -> Non
     with pytest.raises(GatewayError) as err:
         endpoint.validate(body)
     assert (err.value.code, err.value.param) == ("invalid_request", "models")
+
+
+# -- fields the budget checks read (api.premium_tier, api.provider_added_input) ----------------
+
+RESPONSES_OK = {"model": "m", "input": "hi"}
+RESPONSES_BAD = [  # (body fields, param)
+    ({"service_tier": []}, "service_tier"), ({"service_tier": {"a": 1}}, "service_tier"),
+    ({"service_tier": 5}, "service_tier"),
+    ({"tools": "x"}, "tools"), ({"tools": {"type": "function"}}, "tools"), ({"tools": [5]}, "tools[0]"),
+    ({"tools": [{"type": "function", "name": "f"}, {"type": []}]}, "tools[1]"),
+    ({"tools": [{"type": {"a": 1}}]}, "tools[0]"), ({"tools": [{"name": "f"}]}, "tools[0]"),
+    ({"input": [5]}, "input[0]"), ({"input": [{"role": "user", "content": "a"}, "b"]}, "input[1]"),
+    ({"input": [None]}, "input[0]"), ({"input": [[{"role": "user", "content": "a"}]]}, "input[0]"),
+    ({"previous_response_id": {}}, "previous_response_id"), ({"previous_response_id": 0}, "previous_response_id"),
+    ({"text": "json"}, "text"), ({"text": {"format": "json_object"}}, "text.format"),
+    ({"text": {"format": {"type": 1}}}, "text.format"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": "{}"}}}, "text.format.schema"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), RESPONSES_BAD, ids=[f"{p}-{i}" for i, (_, p) in enumerate(RESPONSES_BAD)])
+def test_a_responses_field_the_gateway_reads_is_checked(fields: dict[str, Any], param: str) -> None:
+    """`service_tier: []` or a tool whose `type` is an object made the budget checks raise
+    TypeError (a list is no member of a frozenset): 500 `gateway_internal_error`. A tool or an
+    input item that is no object was forwarded, and the provider's 400 named no field."""
+    with pytest.raises(GatewayError) as info:
+        api.RESPONSES.validate({**RESPONSES_OK, **fields})
+    assert (info.value.code, info.value.param) == ("invalid_request", param)
+    assert f"`{param}`" in info.value.message
+
+
+def test_what_the_responses_schema_allows_passes() -> None:
+    api.RESPONSES.validate({**RESPONSES_OK, "service_tier": "flex", "previous_response_id": None, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}, {"type": "item_reference", "id": "x"},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "ok"}],
+        "tools": [{"type": "function", "name": "f", "parameters": {}}, {"type": "web_search"}],
+        "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}, "verbosity": "low"}})
+    api.RESPONSES.validate({**RESPONSES_OK, "text": {}, "tools": []})
+
+
+@pytest.mark.parametrize("value", [[], {"a": 1}, 5, True])
+def test_chat_service_tier_must_be_a_string(value: Any) -> None:
+    with pytest.raises(GatewayError) as info:
+        api.CHAT.validate(chat(service_tier=value))
+    assert (info.value.code, info.value.param) == ("invalid_request", "service_tier")
+
+
+@given(field=st.sampled_from(["service_tier", "tools", "input", "previous_response_id", "conversation", "prompt",
+                              "web_search_options"]), value=ANY_JSON, endpoint=st.sampled_from(["chat", "responses"]))
+def test_the_budget_checks_read_any_body_validation_passes(field: str, value: Any, endpoint: str) -> None:
+    """Whatever the validator lets through, the checks run under a budget (priority tier,
+    input the provider adds) answer, never raise."""
+    body = {**(chat() if endpoint == "chat" else RESPONSES_OK), field: value}
+    try:
+        api.BY_NAME[endpoint].validate(body)
+    except GatewayError:
+        return
+    api.premium_tier(api.BY_NAME[endpoint], body)
+    api.provider_added_input(api.BY_NAME[endpoint], body)

@@ -446,7 +446,7 @@ WRONG_FIELDS = [
     *_wrong("tools", "x", 5, {"a": 1}), *_wrong("tool_choice", 5, "sometimes", [], {"function": "f"}),
     *_wrong("parallel_tool_calls", "no"), *_wrong("user", 5, []), *_wrong("seed", "x", 1.5),
     *_wrong("presence_penalty", "x", 3), *_wrong("frequency_penalty", -2.5), *_wrong("n", "2", 0),
-    *_wrong("response_format", "json", 5, {"type": 1}),
+    *_wrong("response_format", "json", 5, {"type": 1}), *_wrong("service_tier", [], {"tier": "priority"}, 5),
     ({"tools": [5]}, "tools[0]"), ({"tools": [{"type": "function"}]}, "tools[0].function"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools[0].function.parameters"),
     *[({"messages": [*HI, {"role": "assistant", "content": v}]}, "messages[1].content") for v in (42, {"a": 1}, True)],
@@ -517,5 +517,37 @@ def test_the_anthropic_sdk_gets_the_same_400_for_a_wrong_type(contract: tuple[Ga
     assert check_error(400, list(response.headers.multi_items()), response.content, [gw.key], param) \
         == "invalid_request"
     assert orjson.loads(response.content)["error"]["param"] == param
+    assert reached(gw) == []
+    still_served(gw, watch)
+
+
+RESPONSES_WRONG = [  # (Responses fields, param): read by the gateway (counted, classified, budget checks)
+    ({"service_tier": []}, "service_tier"), ({"service_tier": {"a": 1}}, "service_tier"),
+    ({"tools": [{"type": ["function"], "name": "f"}]}, "tools[0]"), ({"tools": [5]}, "tools[0]"),
+    ({"tools": {"type": "function"}}, "tools"), ({"input": [5]}, "input[0]"),
+    ({"input": [{"role": "user", "content": "hi"}, None]}, "input[1]"),
+    ({"previous_response_id": {}}, "previous_response_id"),
+    ({"text": {"format": "json_object"}}, "text.format"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("fields", "param"), RESPONSES_WRONG, ids=[p for _, p in RESPONSES_WRONG])
+def test_a_responses_field_of_the_wrong_type_is_a_400_naming_it(contract: tuple[Gateway, Watch],
+                                                                fields: dict[str, Any], param: str,
+                                                                stream: bool) -> None:
+    """`service_tier: []` or a tool whose `type` is a list was a 500 `gateway_internal_error`
+    (the budget checks raised TypeError); an input item that is no object reached the provider,
+    whose 400 named no field."""
+    gw, watch = contract
+    reset(gw)
+    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.responses.create(model="default-chat", input="hi", stream=stream, extra_body=fields)
+    response = info.value.response
+    assert check_error(400, list(response.headers.multi_items()), response.content, [gw.key], param) \
+        == "invalid_request"
+    assert orjson.loads(response.content)["error"]["param"] == param
+    assert info.value.body["message"] in str(info.value)
     assert reached(gw) == []
     still_served(gw, watch)
