@@ -48,22 +48,29 @@ def to_chat(body: JSON) -> JSON:
         raise _invalid("stream: must be a boolean", "stream")
     chat: list[JSON] = []
     markers: list[str] = []  # the paths of the client's prompt-cache markers
-    if body.get("system"):
-        chat.append({"role": "system", "content": _system(body["system"], markers)})
+    # (A field of the wrong type is refused even when falsy: `system: {}`, `tools: 0` were dropped.)
+    if body.get("system") is not None:
+        system = _system(body["system"], markers)
+        if system:
+            chat.append({"role": "system", "content": system})
     for i, message in enumerate(messages):
         chat.extend(_message(message, f"messages.{i}", markers))
     out: JSON = {"model": model, "messages": chat, "max_tokens": max_tokens}
-    if body.get("stop_sequences"):
-        if not isinstance(body["stop_sequences"], list) or not all(isinstance(x, str) for x in body["stop_sequences"]):
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
             raise _invalid("stop_sequences: a list of strings is required", "stop_sequences")
-        out["stop"] = list(body["stop_sequences"])
+        if stop:
+            out["stop"] = list(stop)
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             out[key] = body[key]
-    if body.get("tools"):
-        if not isinstance(body["tools"], list):
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
             raise _invalid("tools: a list of tools is required", "tools")
-        out["tools"] = [_tool(tool, f"tools.{i}", markers) for i, tool in enumerate(body["tools"])]
+        if tools:
+            out["tools"] = [_tool(tool, f"tools.{i}", markers) for i, tool in enumerate(tools)]
     marker = api.top_cache_marker(body, markers)  # (automatic caching: a top-level marker on the pivot too)
     if marker is not None:
         out["cache_control"] = marker
@@ -73,6 +80,8 @@ def to_chat(body: JSON) -> JSON:
     if metadata is not None and not isinstance(metadata, dict):
         raise _invalid("metadata: an object is required", "metadata")
     user = (metadata or {}).get("user_id")
+    if not (user is None or isinstance(user, str)):
+        raise _invalid("metadata.user_id: a string is required", "metadata.user_id")
     if user:
         out["user"] = user
     if body.get("stream"):
@@ -134,7 +143,8 @@ def _message(message: Any, param: str, markers: list[str]) -> list[JSON]:
     for j, block in enumerate(content):
         where = f"{param}.content.{j}"
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block.get("text"), str):
+        if kind == "text":
+            _string(block, "text", where)
             parts.append(_marked({"type": "text", "text": block["text"]}, block, where, markers))
         elif kind == "image":
             parts.append(_marked({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), where)}},
@@ -170,12 +180,21 @@ def _message(message: Any, param: str, markers: list[str]) -> list[JSON]:
     return out
 
 
+def _string(holder: JSON, name: str, where: str) -> str:
+    """`holder[name]`, refused unless a string (a value of another type was put in a string)."""
+    value = holder.get(name)
+    if not isinstance(value, str):
+        raise _invalid(f"{where}.{name}: a string is required", f"{where}.{name}")
+    return value
+
+
 def _image_url(source: Any, where: str) -> str:
+    where += ".source"
     if isinstance(source, dict) and source.get("type") == "base64":
-        return f"data:{source.get('media_type', '')};base64,{source.get('data', '')}"
+        return f"data:{_string(source, 'media_type', where)};base64,{_string(source, 'data', where)}"
     if isinstance(source, dict) and source.get("type") == "url":
-        return str(source.get("url", ""))
-    raise _invalid(f"{where}.source: a base64 or url image source is required", f"{where}.source")
+        return _string(source, "url", where)
+    raise _invalid(f"{where}: a base64 or url image source is required", where)
 
 
 def _tool_result(content: Any, where: str, markers: list[str]) -> str | list[JSON]:
@@ -186,10 +205,11 @@ def _tool_result(content: Any, where: str, markers: list[str]) -> str | list[JSO
         return content or ""
     if not (isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content)):
         raise _invalid(f"{where}.content: tool results may only contain text", f"{where}.content")
+    texts = [_string(b, "text", f"{where}.content.{k}") for k, b in enumerate(content)]
     if not any("cache_control" in b for b in content):
-        return "\n".join(str(b.get("text", "")) for b in content)
-    return [_marked({"type": "text", "text": str(b.get("text", ""))}, b, f"{where}.content.{k}", markers)
-            for k, b in enumerate(content)]
+        return "\n".join(texts)
+    return [_marked({"type": "text", "text": text}, b, f"{where}.content.{k}", markers)
+            for k, (text, b) in enumerate(zip(texts, content))]
 
 
 def _tool(tool: Any, where: str, markers: list[str]) -> JSON:
@@ -206,15 +226,21 @@ def _tool(tool: Any, where: str, markers: list[str]) -> JSON:
 
 
 def _apply_tool_choice(choice: Any, out: JSON) -> None:
-    if not isinstance(choice, dict):
+    if choice is None:
         return
+    if not isinstance(choice, dict):  # (`"auto"`, OpenAI's form, was dropped)
+        raise _invalid("tool_choice: an object with a type of auto, any, tool or none is required", "tool_choice")
     if choice.get("type") == "tool":
-        out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name", "")}}
+        out["tool_choice"] = {"type": "function", "function": {"name": _string(choice, "name", "tool_choice")}}
     elif isinstance(choice.get("type"), str) and choice["type"] in _TOOL_CHOICE:
         out["tool_choice"] = _TOOL_CHOICE[choice["type"]]
     else:
         raise _invalid("tool_choice.type: must be auto, any, tool or none", "tool_choice")
-    if choice.get("disable_parallel_tool_use"):
+    disable = choice.get("disable_parallel_tool_use")
+    if not (disable is None or isinstance(disable, bool)):
+        raise _invalid("tool_choice.disable_parallel_tool_use: a boolean is required",
+                       "tool_choice.disable_parallel_tool_use")
+    if disable:
         out["parallel_tool_calls"] = False
 
 

@@ -399,3 +399,69 @@ def test_chunk_boundaries_do_not_change_the_output(raw: bytes) -> None:
     for size in (1, 3, 50):
         assert feed_in_pieces(raw, size) == whole
         assert feed_in_pieces(raw.replace(b"\n", b"\r\n"), size) == whole
+
+
+# --- wrong types the translation used to coerce, drop or forward ---------------------------
+
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+RESULT = {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "ok"}]}
+TOOLS = {"tools": [{"name": "f", "input_schema": {}}]}
+
+
+def _user(*blocks: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": list(blocks)}]}
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    # silently dropped: a wrong type where an object or list belongs
+    ({"tool_choice": "auto"}, "tool_choice"), ({"tool_choice": 5}, "tool_choice"),
+    ({"tool_choice": ["auto"]}, "tool_choice"), ({**TOOLS, "tool_choice": "any"}, "tool_choice"),
+    ({**TOOLS, "tool_choice": {"type": "tool"}}, "tool_choice.name"),  # sent on as a function named ""
+    ({**TOOLS, "tool_choice": {"type": "tool", "name": 5}}, "tool_choice.name"),
+    ({**TOOLS, "tool_choice": {"type": "auto", "disable_parallel_tool_use": "yes"}},
+     "tool_choice.disable_parallel_tool_use"),
+    ({"system": {}}, "system"), ({"system": 0}, "system"), ({"system": False}, "system"),
+    ({"stop_sequences": {}}, "stop_sequences"), ({"stop_sequences": ""}, "stop_sequences"),
+    ({"stop_sequences": 0}, "stop_sequences"),
+    ({"tools": {}}, "tools"), ({"tools": 0}, "tools"), ({"tools": ""}, "tools"),
+    ({"metadata": {"user_id": []}}, "metadata.user_id"), ({"metadata": {"user_id": 0}}, "metadata.user_id"),
+    # named by the pivot's field (`user`), which an Anthropic client never sent
+    ({"metadata": {"user_id": 5}}, "metadata.user_id"), ({"metadata": {"user_id": {"id": "u"}}}, "metadata.user_id"),
+    # "content block type 'text' is not supported in a user message"
+    (_user({"type": "text", "text": 5}), "messages.0.content.0.text"),
+    (_user({"type": "text"}), "messages.0.content.0.text"),
+    # stringified into the data URL sent on: `data:5;base64,[1]`
+    (_user({**IMAGE, "source": {**IMAGE["source"], "data": [1]}}), "messages.0.content.0.source.data"),
+    (_user({**IMAGE, "source": {**IMAGE["source"], "data": None}}), "messages.0.content.0.source.data"),
+    (_user({**IMAGE, "source": {**IMAGE["source"], "media_type": 5}}), "messages.0.content.0.source.media_type"),
+    (_user({**IMAGE, "source": {"type": "base64", "data": "iVBORw0KGgo="}}), "messages.0.content.0.source.media_type"),
+    (_user({"type": "image", "source": {"type": "url", "url": {"href": "https://x/a.png"}}}),
+     "messages.0.content.0.source.url"),
+    (_user({"type": "image", "source": {"type": "url"}}), "messages.0.content.0.source.url"),
+    # str() of the value sent as the tool's answer: "{'a': 1}"
+    (_user({**RESULT, "content": [{"type": "text", "text": {"a": 1}}]}), "messages.0.content.0.content.0.text"),
+    (_user({**RESULT, "content": [{"type": "text", "text": "a"}, {"type": "text"}]}),
+     "messages.0.content.0.content.1.text"),
+    (_user({**RESULT, "content": [{"type": "text", "text": 5, "cache_control": {"type": "ephemeral"}}]}),
+     "messages.0.content.0.content.0.text"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_wrong_type_is_refused_by_its_anthropic_path(change: dict[str, Any], param: str) -> None:
+    with pytest.raises(GatewayError) as info:
+        to_chat({**VALID, **change})
+    assert (info.value.code, info.value.status, info.value.param) == ("invalid_request", 400, param)
+    assert info.value.message.startswith(f"{param}: ")
+
+
+def test_what_the_messages_schema_allows_still_translates() -> None:
+    body = {**VALID, "system": "", "stop_sequences": [], "tools": [], "metadata": {"user_id": None},
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": ""}, IMAGE, {"type": "image", "source": {"type": "url", "url": "https://x/a.png"}},
+                {**RESULT, "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}],
+            "tool_choice": {"type": "auto", "disable_parallel_tool_use": False}}
+    out = to_chat(body)
+    assert out["messages"][0] == {"role": "tool", "tool_call_id": "t", "content": "a\nb"}
+    assert out["messages"][1]["content"][1] == {"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,iVBORw0KGgo="}}
+    assert "user" not in out and "stop" not in out and "tools" not in out and out["tool_choice"] == "auto"
+    assert to_chat({**VALID, "system": None, "stop_sequences": None, "tools": None, "tool_choice": None}) \
+        == to_chat(VALID)

@@ -500,6 +500,14 @@ ANTHROPIC_WRONG = [  # (Messages API fields, param): what an Anthropic client ge
     ({"messages": [{"role": "user", "content": 42}]}, "messages.0.content"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": 5, "content": "x"}]}]},
      "messages.0.content.0.tool_use_id"),
+    # Dropped (a falsy or non-object value), renamed (`user`), or coerced with str() and sent on:
+    ({"tool_choice": "auto"}, "tool_choice"), ({"system": {}}, "system"), ({"tools": 0}, "tools"),
+    ({"metadata": {"user_id": 5}}, "metadata.user_id"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages.0.content.0.text"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": [1]}}]}]}, "messages.0.content.0.source.data"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "text", "text": {"a": 1}}]}]}]}, "messages.0.content.0.content.0.text"),
 ]
 
 
@@ -517,6 +525,7 @@ def test_the_anthropic_sdk_gets_the_same_400_for_a_wrong_type(contract: tuple[Ga
     assert check_error(400, list(response.headers.multi_items()), response.content, [gw.key], param) \
         == "invalid_request"
     assert orjson.loads(response.content)["error"]["param"] == param
+    assert orjson.loads(response.content)["error"]["message"] in str(info.value)
     assert reached(gw) == []
     still_served(gw, watch)
 
