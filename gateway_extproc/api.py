@@ -387,6 +387,11 @@ def _validate_embeddings(body: dict[str, Any]) -> None:
         and (all(isinstance(x, str) for x in value) or all(_token_ids(x) for x in value)))
     _require(ok, "input", "`input` is required: a string, an array of strings, an array of token IDs "
              "(integers >= 0) or an array of such arrays.")
+    # Read by no translator (OpenAI-schema backends only), but the output scanner reads the
+    # vectors as the format says, and a provider's refusal names no field.
+    _positive_int(body, "dimensions")
+    _require(body.get("encoding_format") in (None, "float", "base64"), "encoding_format",
+             "`encoding_format` must be \"float\" or \"base64\".")
 
 
 # Responses fields that make the provider add input it stores (an earlier response's whole

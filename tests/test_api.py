@@ -602,3 +602,23 @@ def test_the_budget_checks_read_any_body_validation_passes(field: str, value: An
         return
     api.premium_tier(api.BY_NAME[endpoint], body)
     api.provider_added_input(api.BY_NAME[endpoint], body)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"dimensions": 0}, "dimensions"), ({"dimensions": -1}, "dimensions"), ({"dimensions": "8"}, "dimensions"),
+    ({"dimensions": 8.0}, "dimensions"), ({"dimensions": True}, "dimensions"), ({"dimensions": [8]}, "dimensions"),
+    ({"encoding_format": "x"}, "encoding_format"), ({"encoding_format": ["float"]}, "encoding_format"),
+    ({"encoding_format": 1}, "encoding_format"), ({"encoding_format": ""}, "encoding_format"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_embeddings_dimensions_and_encoding_format_are_checked(fields: dict[str, Any], param: str) -> None:
+    """Each reached the provider as sent, and its 400 named no field."""
+    with pytest.raises(GatewayError) as info:
+        api.EMBEDDINGS.validate({**EMB_OK, **fields})
+    assert (info.value.code, info.value.param) == ("invalid_request", param)
+    assert f"`{param}`" in info.value.message
+
+
+def test_embeddings_dimensions_and_encoding_format_the_schema_allows_pass() -> None:
+    for fields in ({"dimensions": 256, "encoding_format": "float"}, {"encoding_format": "base64"},
+                   {"dimensions": None, "encoding_format": None}):
+        api.EMBEDDINGS.validate({**EMB_OK, **fields})

@@ -560,3 +560,22 @@ def test_a_responses_field_of_the_wrong_type_is_a_400_naming_it(contract: tuple[
     assert info.value.body["message"] in str(info.value)
     assert reached(gw) == []
     still_served(gw, watch)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"dimensions": [8]}, "dimensions"), ({"dimensions": "8"}, "dimensions"), ({"dimensions": 0}, "dimensions"),
+    ({"encoding_format": "int8"}, "encoding_format"), ({"encoding_format": {"type": "float"}}, "encoding_format")])
+def test_an_embeddings_option_of_the_wrong_type_is_a_400_naming_it(contract: tuple[Gateway, Watch],
+                                                                    fields: dict[str, Any], param: str) -> None:
+    """The provider got them as sent, and its 400 named no field."""
+    gw, watch = contract
+    reset(gw)
+    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.embeddings.create(model="default-embedding", input="hi", extra_body=fields)
+    response = info.value.response
+    assert check_error(400, list(response.headers.multi_items()), response.content, [gw.key], param) \
+        == "invalid_request"
+    assert orjson.loads(response.content)["error"]["param"] == param
+    assert reached(gw) == []
+    still_served(gw, watch)
