@@ -16,6 +16,11 @@ import orjson
 from . import tokens
 from .errors import GatewayError
 
+# Objects and arrays may nest this deep. orjson reads 1,024 levels but writes 254, and the
+# gateway writes a body back (a model renamed, a cap set, a translation for another provider,
+# which wraps parts a few levels deeper): a body between was read, then raised a TypeError.
+MAX_DEPTH = 200
+
 # Chat's `n` above this is refused (OpenAI's own maximum); each choice is reserved in full.
 MAX_CHOICES = 128
 
@@ -91,21 +96,30 @@ _UNESCAPED_KEY_END = re.compile(rb'"(?<!\\")[:\s]')
 def _duplicate_keys(raw: bytes, body: dict[str, Any]) -> bool:
     """Whether the body wrote more keys than the parsed object has. Counting the quotes that
     may end a key bounds the keys written, in one pass; only when that bound is not the
-    parsed count (pretty-printed JSON, say) are the strings read one by one."""
+    parsed count (pretty-printed JSON, say) are the strings read one by one. (A body nested
+    over MAX_DEPTH is refused on the way.)"""
     parsed = _keys_parsed(body)
     ends = _KEY_END if b"\\\\" in raw else _UNESCAPED_KEY_END
     return len(ends.findall(raw)) != parsed and _STRING.findall(raw).count(b":") != parsed
 
 
 def _keys_parsed(body: dict[str, Any]) -> int:
-    count, todo = 0, [body]  # no recursion: a body may nest as deep as the parser allows
-    while todo:
-        node = todo.pop()
-        if isinstance(node, dict):
-            count += len(node)
-            todo.extend(v for v in node.values() if isinstance(v, (dict, list)))
-        else:
-            todo.extend(v for v in node if isinstance(v, (dict, list)))
+    """The keys of every object in the body, read a level at a time (no recursion: a body may
+    nest as deep as the parser allows), which also measures its depth."""
+    count, level, depth = 0, [body], 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise GatewayError("invalid_request", f"Request body nests objects and arrays more than {MAX_DEPTH} "
+                               f"deep; the gateway passes on bodies nested at most {MAX_DEPTH} deep.")
+        below: list[Any] = []
+        for node in level:
+            if isinstance(node, dict):
+                count += len(node)
+                below.extend(v for v in node.values() if isinstance(v, (dict, list)))
+            else:
+                below.extend(v for v in node if isinstance(v, (dict, list)))
+        level = below
     return count
 
 

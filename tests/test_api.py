@@ -622,3 +622,32 @@ def test_embeddings_dimensions_and_encoding_format_the_schema_allows_pass() -> N
     for fields in ({"dimensions": 256, "encoding_format": "float"}, {"encoding_format": "base64"},
                    {"dimensions": None, "encoding_format": None}):
         api.EMBEDDINGS.validate({**EMB_OK, **fields})
+
+
+# -- depth: what the gateway can write back -----------------------------------------------------
+
+def _nested(depth: int, inner: bytes = b"1") -> bytes:
+    """A body whose deepest value sits `depth` objects and arrays down (the body itself is 1)."""
+    return b'{"model": "m", "x": ' + b"[" * (depth - 1) + inner + b"]" * (depth - 1) + b"}"
+
+
+@pytest.mark.parametrize("depth", [api.MAX_DEPTH + 1, 255, 300, 1024])
+def test_a_body_nested_deeper_than_the_gateway_can_write_is_refused(depth: int) -> None:
+    """orjson reads 1,024 levels but writes 254: a body between was parsed, then the router
+    (model renamed, cap set) or the Messages translation (a tool_use `input`) wrote it back
+    and raised TypeError, a 500 `gateway_internal_error` (with classification on, its 128
+    limit came after the Messages translation)."""
+    with pytest.raises(GatewayError) as info:
+        api.parse_json(_nested(depth))
+    assert (info.value.code, info.value.status, info.value.param) == ("invalid_request", 400, None)
+    assert f"{api.MAX_DEPTH} deep" in info.value.message
+
+
+@pytest.mark.parametrize("inner", [b"1", b"{}", b"[]", b'{"a": 1}'])
+def test_a_body_nested_as_deep_as_the_gateway_writes_is_read_and_written(inner: bytes) -> None:
+    body = api.parse_json(_nested(api.MAX_DEPTH - (inner != b"1"), inner))
+    assert orjson.loads(orjson.dumps({"wrapped": [{"in": [body]}]} | {"more": [[[[body]]]]}))
+
+
+def test_the_depth_limit_leaves_room_for_a_translator_to_wrap_the_body() -> None:
+    assert api.MAX_DEPTH + 16 <= 254  # orjson.dumps refuses a 255th level

@@ -579,3 +579,24 @@ def test_an_embeddings_option_of_the_wrong_type_is_a_400_naming_it(contract: tup
     assert orjson.loads(response.content)["error"]["param"] == param
     assert reached(gw) == []
     still_served(gw, watch)
+
+
+def test_a_body_nested_deeper_than_the_gateway_can_write_is_a_400(contract: tuple[Gateway, Watch]) -> None:
+    """A tool_use `input` nested 260 deep: read (orjson reads 1,024 levels), then written back
+    by the Messages translation (orjson writes 254), which raised: 500 `gateway_internal_error`."""
+    gw, watch = contract
+    reset(gw)
+    deep: Any = 1
+    for _ in range(260):
+        deep = [deep]
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"a": deep}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}]
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        sdk.messages.create(model="claude-chat", max_tokens=16, messages=history)
+    response = info.value.response
+    assert check_error(400, list(response.headers.multi_items()), response.content, [gw.key], "deep") \
+        == "invalid_request"
+    assert reached(gw) == []
+    still_served(gw, watch)
