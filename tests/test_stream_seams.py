@@ -163,6 +163,41 @@ def test_a_card_split_between_two_output_items_never_reaches_the_client(items: l
     assert '"reason":"content_filter"' in out
 
 
+def text_delta(item: int, text: str) -> bytes:
+    return b"data: " + orjson.dumps({"type": "response.output_text.delta", "item_id": f"msg_{item}",
+                                     "output_index": item, "content_index": 0, "delta": text}) + b"\n\n"
+
+
+def responses_without_closes(deltas: list[tuple[int, str]]) -> tuple[str, str]:
+    """Output text deltas (output index, text) with no `*.done` between them, then the end:
+    (every delta as a client that prints them reads it, the whole output)."""
+    g = ResponsesGuard(POLICY, POLICY._params["enforce"], "t")
+    out = b"".join(g.sse_event(text_delta(i, t)) for i, t in deltas)
+    out += g.sse_event(b'data: {"type": "response.completed", "response": {"id": "r", "output": []}}\n\n')
+    said = "".join(orjson.loads(line.split("data: ", 1)[1]).get("delta", "") for line in out.decode().split("\n\n")
+                   if '"delta":"' in line)
+    return said, out.decode()
+
+
+@pytest.mark.parametrize("deltas", [
+    [(0, "card 4111 1111 "), (1, "1111 1111 thanks")],
+    [(0, "write to jane.doe"), (1, "@example.com thanks")],
+    [(0, "card 4111 "), (1, "1111 "), (0, "1111 "), (1, "1111 ok")],
+    [(0, "card 4111 1111 "), (1, "hi"), (0, "1111 1111 ok")],
+], ids=["card, no close between", "email, no close between", "card interleaved", "card around another text"])
+def test_a_value_split_between_output_items_that_never_close_never_reaches_the_client(deltas: list) -> None:
+    said, out = responses_without_closes(deltas)
+    assert DIGITS not in re.sub(r"[^0-9]", "", said) and not ("doe" in said and "example" in said), said
+    assert '"reason":"content_filter"' in out
+
+
+def test_output_items_that_never_close_go_out_whole_and_in_order() -> None:
+    said, out = responses_without_closes([(0, "Hello there, "), (1, "another text "), (0, "goes on, build 1234"),
+                                          (1, "5678 and more.")])
+    assert "content_filter" not in out
+    assert said == "Hello there, another text goes on, build 12345678 and more."
+
+
 def test_responses_items_without_a_value_at_their_seam_go_out_whole() -> None:
     out = responses([("message", ["ticket 4821, order ", "1111"]), ("message", ["1111 items, build 20241205"])])
     assert "content_filter" not in out and "1111 items" in out and "order 1111" in out

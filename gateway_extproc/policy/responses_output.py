@@ -69,7 +69,7 @@ class ResponsesGuard:
     """Scans a Responses API answer: a whole JSON body, or its SSE events."""
 
     __slots__ = ("policy", "params", "team", "sent", "windows", "known", "head", "seq", "ended", "response_text",
-                 "clean", "seam", "deferred")
+                 "clean", "seam", "deferred", "last")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, sent: dict[str, Any] | None = None) -> None:
         """`sent`: the request as forwarded (classified), whose echoes need no second scan."""
@@ -92,6 +92,9 @@ class ResponsesGuard:
         # seen past it, what goes out after the tail waits in `deferred`.
         self.seam: Seam | None = None
         self.deferred: list[bytes] = []
+        # The window the last delta went to: a delta for another one while it is still open
+        # (the provider sent no `*.done` between them, or interleaves texts) closes it first.
+        self.last: Key | None = None
 
     # -- JSON ----------------------------------------------------------------------------
 
@@ -196,6 +199,15 @@ class ResponsesGuard:
     def _delta(self, obj: dict[str, Any], kind: str) -> bytes:
         part = next((name for name in _PART_INDEXES if name in obj), None)
         key = (kind, _index(obj.get("output_index")), part, _index(obj.get(part)) if part else None)
+        head = b""
+        last, self.last = self.last, key
+        if last is not None and last != key and (previous := self.windows.get(last)) and not previous.redactor.done:
+            # A client that prints the deltas as they come reads this text right after that
+            # one, whatever their items: it is closed here, as a `*.done` would close it, so
+            # its held tail and this text are read across its seam (and go out in this order).
+            head = self._shut(last, previous, True)
+            if self.ended:
+                return head
         window = self.windows.get(key)
         fresh = window is None or window.redactor.done
         if fresh:  # a new text (or text after its close)
@@ -204,13 +216,12 @@ class ResponsesGuard:
             template = {k: v for k, v in obj.items() if k not in ("delta", "sequence_number", "obfuscation")}
             outcome = self._scan([(template, k) for k in template])
             if outcome is not None:
-                return b"" if isinstance(outcome, LimitExceeded) else self.block(outcome)
+                return head if isinstance(outcome, LimitExceeded) else head + self.block(outcome)
             window = self.windows[key] = _Window(
                 StreamRedactor(self.policy.scanner, self.params, self.policy.cfg.holdback_chars), template)
         text = obj["delta"]
-        head = b""
         if self.seam is not None and self.seam.key not in (None, key) and not self.seam.extend(key, fresh):
-            head = self._seam_out()  # another text, and the seam is too long to read on into it
+            head += self._seam_out()  # another text, and the seam is too long to read on into it
             if self.ended:
                 return head
         window.raw.append(text)
@@ -223,7 +234,7 @@ class ResponsesGuard:
                 self.seam.straight = self.seam.straight and fresh
             self.seam.parts[-1] += text
             if out or len(self.seam.parts[-1]) > SEAM_HEAD:  # what follows the seam has been seen
-                head = self._seam_out()
+                head += self._seam_out()
                 if self.ended:
                     return head
         if not out:
@@ -247,22 +258,31 @@ class ResponsesGuard:
         for key, window in self.windows.items():
             if window.redactor.done or obj is not None and not _closes(obj, key):
                 continue
-            tail = window.redactor.held() if obj is not None else ""
-            # The seam before this text reads on into the next one when this text let nothing
-            # out since (a value over three texts); else it is decided first.
-            joined = tail and self.seam is not None and self.seam.key == key and self.seam.extend(None)
-            if tail and self.seam is not None and not joined:
-                out.append(self._seam_out())
-                if self.ended:
-                    return b"".join(out)
-            text = window.redactor.flush()
-            if window.redactor.blocked:
-                return b"".join(out) + self.block(window.redactor.block_decision)
-            if text:
-                out.append(self._sent(key, window, text))
-            self.known["".join(window.raw)] = "".join(window.sent)
-            if tail and not joined:  # the next text may go on with it: what goes out from here waits (`sse_event`)
-                self.seam = Seam([tail, ""], [key, None])
+            out.append(self._shut(key, window, obj is not None))
+            if self.ended:
+                break
+        return b"".join(out)
+
+    def _shut(self, key: Key, window: _Window, seam: bool) -> bytes:
+        """Flushes one window: its held text, scanned, as one delta; with `seam`, the next
+        text may go on where it ends (a seam: `Seam`)."""
+        out = []
+        tail = window.redactor.held() if seam else ""
+        # The seam before this text reads on into the next one when this text let nothing
+        # out since (a value over three texts); else it is decided first.
+        joined = tail and self.seam is not None and self.seam.key == key and self.seam.extend(None)
+        if tail and self.seam is not None and not joined:
+            out.append(self._seam_out())
+            if self.ended:
+                return b"".join(out)
+        text = window.redactor.flush()
+        if window.redactor.blocked:
+            return b"".join(out) + self.block(window.redactor.block_decision)
+        if text:
+            out.append(self._sent(key, window, text))
+        self.known["".join(window.raw)] = "".join(window.sent)
+        if tail and not joined:  # the next text may go on with it: what goes out from here waits (`sse_event`)
+            self.seam = Seam([tail, ""], [key, None])
         return b"".join(out)
 
     def _echo(self, response: dict[str, Any], field: str) -> bool:

@@ -112,8 +112,15 @@ def test_a_card_split_over_three_texts_never_reaches_the_client(gw: Gateway, sdk
     assert FILTERED[sdk] in ends, ends
 
 
-def responses_texts(gw: Gateway, items: list[tuple[str, list[str]]]) -> tuple[str, str | None]:
-    events = [b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in provider_events(items)]
+def responses_texts(gw: Gateway, items: list[tuple[str, list[str]]], closes_late: bool = False) -> tuple[str, str | None]:
+    """What the openai SDK's Responses stream gave (every text delta, in order), and the final
+    status. `closes_late`: the provider sends every item's closing events (`*.done`) only
+    after the last item's deltas, as some OpenAI-compatible servers do."""
+    sent = provider_events(items)
+    if closes_late:
+        closing = [e for e in sent[:-1] if e["type"].endswith(".done")]
+        sent = [e for e in sent[:-1] if not e["type"].endswith(".done")] + closing + sent[-1:]
+    events = [b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in sent]
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0,
                            default_headers={"x-mock-raw-events": raw_events(*events, b"data: [DONE]\n\n")})
     said, status = [], None
@@ -131,6 +138,20 @@ def responses_texts(gw: Gateway, items: list[tuple[str, list[str]]]) -> tuple[st
 ], ids=["email over two items", "card over three items"])
 def test_a_value_split_between_responses_output_items_never_reaches_the_client(gw: Gateway, items: list) -> None:
     said, status = responses_texts(gw, items)
+    assert not both_halves([said]) and DIGITS not in re.sub(r"\D", "", said), said
+    assert status == "incomplete"
+
+
+@pytest.mark.parametrize("items", [
+    [("message", [f"Please write to {LOCAL}"]), ("message", [f"@{DOMAIN} today"])],
+    [("message", ["card 4111 1111"]), ("function_call", ["1111 1111"])],
+    [("reasoning", ["card 4111 1111"]), ("message", ["1111 1111 thanks"])],
+], ids=["email over two messages", "card from a message into a function call", "card from reasoning into a message"])
+def test_a_value_split_between_responses_output_items_closed_late_never_reaches_the_client(
+        gw: Gateway, items: list) -> None:
+    """No `*.done` between two output items' texts: each text's window held its half, and both
+    went out when the stream ended; a client printing the deltas read the whole value."""
+    said, status = responses_texts(gw, items, closes_late=True)
     assert not both_halves([said]) and DIGITS not in re.sub(r"\D", "", said), said
     assert status == "incomplete"
 
