@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from decimal import Decimal, InvalidOperation
 from bisect import bisect_right
 from dataclasses import dataclass
 
@@ -229,21 +230,32 @@ def normalize(text: str) -> Normalized:
 # -- JSON inside a string (tool-call arguments) ---------------------------------------------
 
 _ESCAPE = re.compile(r'\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|(.))')
+# An escape, or a character outside ASCII (a string's raw text, normalized as any text is).
+_ESCAPE_OR_WIDE = re.compile(_ESCAPE.pattern + "|([^\x00-\x7f])")
 _SIMPLE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
 def _unescaped(content: str, base: int, n: int, spans: list[tuple[int, int, int, int]]) -> str:
     """A JSON string's content (starting at `base` in the text, at `n` in the normalized
     text) with its escapes decoded and normalized (`\\u0034` is a `4` to any parser, and to a
-    model: a card written so in tool-call arguments went out), one span per escape."""
+    model: a card written so in tool-call arguments went out), one span per escape, and its
+    other characters outside ASCII normalized as in any text (a span each that changes length)."""
     table = tables().translate
     parts: list[str] = []
     pos = 0
-    for m in _ESCAPE.finditer(content):
+    for m in _ESCAPE_OR_WIDE.finditer(content):
         start = m.start()
         parts.append(content[pos:start])
         n += start - pos
-        high, low, code, simple = m.groups()
+        high, low, code, simple, wide = m.groups()
+        if wide is not None:
+            rep = table.get(ord(wide), wide) or ""
+            if len(rep) != 1:
+                spans.append((n, n + len(rep), base + start, base + m.end()))
+            parts.append(rep)
+            n += len(rep)
+            pos = m.end()
+            continue
         if high is not None:
             ch = chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
         elif code is not None:
@@ -268,9 +280,13 @@ def normalize_json(text: str) -> Normalized | None:
     run of syntax between values (`", "`, `": "`, `{`) one U+001E. Numeric detectors bridge the
     boundary between strings (U+001F) and then the keys that open the next string (words each
     followed by U+001E or U+001F), so a number split over the arguments of two tool calls is
-    one value, while two values inside one string are never joined. Valid ASCII JSON only
-    (else None: the caller normalizes the string as text)."""
-    if not text.isascii() or len(text) > MAX_JSON_TEXT:
+    one value, while two values inside one string are never joined. A number written with
+    an exponent that is an integer of nine digits or more (`4.111111111111111e15`, which a
+    parser reads as 4111111111111111) is read as that integer's digits. Valid JSON only (else
+    None: the caller normalizes the string as text); text outside ASCII in it is normalized
+    as any text (until 2026-12-05 such JSON was read as text, its escapes undecoded: one `é`
+    anywhere let `jane\\u0040example.com` through)."""
+    if len(text) > MAX_JSON_TEXT:
         return None
     try:
         orjson.loads(text)
@@ -284,7 +300,7 @@ def normalize_json(text: str) -> Normalized | None:
         if m.group(1) is not None:  # a string: its content, without the quotes
             spans.append((n, n, o, o + 1))
             content = text[o + 1:oe - 1]
-            if "\\" in content:  # its escapes read as the JSON parser (and a model) reads them
+            if "\\" in content or not content.isascii():  # read as the JSON parser (and a model) reads it
                 content = _unescaped(content, o + 1, n, spans)
             out.append(content)
             n += len(content)
@@ -294,8 +310,28 @@ def normalize_json(text: str) -> Normalized | None:
             out.append(rep)
             spans.append((n, n + len(rep), o, oe))
             n += len(rep)
-        else:  # numbers, literals: as they are
-            out.append(m.group())
-            n += oe - o
+        else:  # numbers, literals: as they are; an integer written with an exponent, as its digits
+            token = m.group()
+            digits = _exponent_integer(token) if "e" in token or "E" in token else None
+            if digits is None:
+                out.append(token)
+                n += oe - o
+            else:
+                spans.append((n, n + len(digits), o, oe))
+                out.append(digits)
+                n += len(digits)
     return Normalized("".join(out), len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),
                       tuple(spans))
+
+
+def _exponent_integer(token: str) -> str | None:
+    """The digits of a JSON number written with an exponent when it is an integer of nine to
+    21 digits (as `scanner.keyed_text` reads a body's numbers), else None."""
+    try:
+        value = Decimal(token)
+    except InvalidOperation:
+        return None
+    # (the magnitude from the exponent first: `1e999999999` is a valid JSON number)
+    if not (value.is_finite() and 8 <= value.adjusted() <= 20) or value != value.to_integral_value():
+        return None
+    return str(int(value))
