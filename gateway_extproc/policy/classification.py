@@ -608,6 +608,8 @@ class ResponseGuard:
             self._keep(text)
         if key[1] == "tool_calls":
             delta: dict[str, Any] = {"tool_calls": [{"index": key[2], "function": {"arguments": text}}]}
+        elif key[1:] == ("audio", "transcript"):
+            delta = {"audio": {"transcript": text}}
         else:
             delta = {key[1]: text}
         chunk = {**(self.head or {"object": "chat.completion.chunk"}),
@@ -826,7 +828,11 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
             continue
         out += _odd(delta, ("role",))
         if not delta.keys() <= _DELTA_KEYS:  # (a string there is a text with its own window: `_text_slots`)
-            out += [(delta, k) for k, v in delta.items() if k not in _DELTA_KEYS and not isinstance(v, str)]
+            out += [(delta, k) for k, v in delta.items() if k not in _DELTA_KEYS and not isinstance(v, str)
+                    and not (k == "audio" and isinstance(v, dict))]
+            audio = delta.get("audio")
+            if isinstance(audio, dict):  # (its transcript is a text: `_text_slots`)
+                out += [(audio, k) for k in audio if k != "transcript"]
         calls = delta.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
@@ -944,6 +950,11 @@ def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...]
         ((index, f), delta, f) for f in _DELTA_TEXTS if f in delta]
     if not delta.keys() <= _DELTA_KEYS:
         slots += [((index, f), delta, f) for f, v in delta.items() if f not in _DELTA_KEYS and isinstance(v, str)]
+        # An audio answer's transcript (`modalities: ["text", "audio"]`): OpenAI streams it
+        # piecewise in `delta.audio.transcript`, as it streams `content` otherwise.
+        audio = delta.get("audio")
+        if isinstance(audio, dict) and "transcript" in audio:
+            slots.append(((index, "audio", "transcript"), audio, "transcript"))
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         for k, call in enumerate(calls):
