@@ -606,12 +606,7 @@ class ResponseGuard:
             return b""
         if key[1] == "content":
             self._keep(text)
-        if key[1] == "tool_calls":
-            delta: dict[str, Any] = {"tool_calls": [{"index": key[2], "function": {"arguments": text}}]}
-        elif key[1:] == ("audio", "transcript"):
-            delta = {"audio": {"transcript": text}}
-        else:
-            delta = {key[1]: text}
+        delta = _released_delta(key, text)
         chunk = {**(self.head or {"object": "chat.completion.chunk"}),
                  "choices": [{"index": key[0], "delta": delta, "finish_reason": None}]}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
@@ -829,10 +824,10 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
         out += _odd(delta, ("role",))
         if not delta.keys() <= _DELTA_KEYS:  # (a string there is a text with its own window: `_text_slots`)
             out += [(delta, k) for k, v in delta.items() if k not in _DELTA_KEYS and not isinstance(v, str)
-                    and not (k == "audio" and isinstance(v, dict))]
-            audio = delta.get("audio")
-            if isinstance(audio, dict):  # (its transcript is a text: `_text_slots`)
-                out += [(audio, k) for k in audio if k != "transcript"]
+                    and _nested_texts(k, v) is None]
+            for name, value in delta.items():  # (their texts have windows: `_text_slots`)
+                for _, part, field in _nested_texts(name, value) or ():
+                    out += [(part, k) for k in part if k != field]
         calls = delta.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
@@ -950,11 +945,8 @@ def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...]
         ((index, f), delta, f) for f in _DELTA_TEXTS if f in delta]
     if not delta.keys() <= _DELTA_KEYS:
         slots += [((index, f), delta, f) for f, v in delta.items() if f not in _DELTA_KEYS and isinstance(v, str)]
-        # An audio answer's transcript (`modalities: ["text", "audio"]`): OpenAI streams it
-        # piecewise in `delta.audio.transcript`, as it streams `content` otherwise.
-        audio = delta.get("audio")
-        if isinstance(audio, dict) and "transcript" in audio:
-            slots.append(((index, "audio", "transcript"), audio, "transcript"))
+        slots += [((index, name, at, field), part, field) for name, value in delta.items()
+                  for at, part, field in _nested_texts(name, value) or ()]
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         for k, call in enumerate(calls):
@@ -963,6 +955,36 @@ def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...]
                 slots.append(((index, "tool_calls", call["index"] if type(call.get("index")) is int else k), fn,
                               "arguments"))
     return slots
+
+
+def _nested_texts(name: str, value: Any) -> list[tuple[int | None, dict[str, Any], str]] | None:
+    """The texts a provider streams piecewise inside a delta's structured field, as (position,
+    the dict holding it, its field): an audio answer's transcript (OpenAI: `delta.audio.
+    transcript`, with `modalities: ["text", "audio"]`), and the reasoning text and summaries
+    of OpenRouter's `reasoning_details` (each entry by its `index`). None for any other field
+    (scanned event by event, `_extras`)."""
+    if name == "audio" and isinstance(value, dict):
+        return [(None, value, "transcript")] if "transcript" in value else []
+    if name == "reasoning_details" and isinstance(value, list) and all(isinstance(d, dict) for d in value):
+        return [(d["index"] if type(d.get("index")) is int else k, d, field) for k, d in enumerate(value)
+                for field in _REASONING_DETAIL_TEXTS if field in d]
+    return None
+
+
+# The text fields of a `reasoning_details` entry, and its `type` when it carries each.
+_REASONING_DETAIL_TEXTS = {"text": "reasoning.text", "summary": "reasoning.summary"}
+
+
+def _released_delta(key: tuple[Any, ...], text: str) -> dict[str, Any]:
+    """The delta that carries a window's held `text` (its `key`, `_text_slots`) on its own."""
+    if key[1] == "tool_calls":
+        return {"tool_calls": [{"index": key[2], "function": {"arguments": text}}]}
+    if len(key) == 4 and key[1] == "audio":
+        return {"audio": {"transcript": text}}
+    if len(key) == 4:  # (reasoning_details)
+        return {key[1]: [{"type": _REASONING_DETAIL_TEXTS[key[3]], **({"index": key[2]} if key[2] is not None else {}),
+                          key[3]: text}]}
+    return {key[1]: text}
 
 
 def _counts(obj: dict[str, Any]) -> dict[str, Any]:
