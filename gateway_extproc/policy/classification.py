@@ -219,7 +219,8 @@ class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
-                 "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue", "labels")
+                 "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue", "labels",
+                 "names")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -249,6 +250,8 @@ class ResponseGuard:
         # The chunk labels read so far (`_CHUNK_LABELS`), (name, value as sent) -> what goes out:
         # every chunk repeats them, so each value is read once per stream.
         self.labels: dict[tuple[str, str], str] = {}
+        # The tool calls' function names read clean (`_tool_names`): every chunk of a call repeats its name.
+        self.names: set[str] = set()
         self.ended = False
         self.response_text: list[str] = []
         # A JSON answer in which the scan found nothing: its logged text needs no second look.
@@ -574,23 +577,42 @@ class ResponseGuard:
         """Fields of a chunk outside the chat schema's (a provider's extensions, or junk) other
         than a delta's strings are scanned chunk by chunk, without a window; one holding a
         finding is dropped, or ends the stream when the finding blocks. True when it does."""
-        extras = _extras(chunk, choices)
+        names = self._tool_names(choices)
+        extras = _extras(chunk, choices) + names
         if not extras:
             return False
         strings = walk_strings([holder[key] for holder, key in extras])
         findings = self.policy.scanner.scan_strings(strings) if isinstance(strings, list) else None
-        if findings == []:
-            return False
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
+        if findings == [] or decision is not None and not (decision.block or decision.redact):
+            self.names.update(holder[key] for holder, key in names)
+            return False
         if decision is not None:
-            if not (decision.block or decision.redact):
-                return False
             record(decision, self.team, self.params.mode, "response")
-            if decision.block:
-                return True
-        for holder, key in extras:
+        # The names come last, one string each: only one holding a finding goes (with a block
+        # too); the other fields all go with any finding of theirs.
+        first = len(strings) - len(names) if isinstance(strings, list) else 0
+        hit = {f.index for f in decision.replaced} if decision is not None else {0}
+        gone = [pair for i, pair in enumerate(names) if decision is None or first + i in hit]
+        if min(hit) < first and not (decision is not None and decision.block):
+            gone += extras[:len(extras) - len(names)]
+        for holder, key in gone:
             del holder[key]
-        return False
+        return decision is not None and decision.block
+
+    def _tool_names(self, choices: list[Any]) -> list[tuple[dict[str, Any], str]]:
+        """(dict, key) of the chunk's tool-call function names not read yet: labels the schema
+        leaves to the provider, which a client reads (a JSON answer's are scanned with it); each
+        is sent whole, so it is read event by event, once per value."""
+        out = []
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            for call in calls if isinstance(calls, list) else ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] not in self.names:
+                    out.append((fn, "name"))
+        return out
 
     def _released(self, key: tuple[Any, ...], redactor: StreamRedactor) -> bytes:
         """The rest of one window, scanned, as a chunk of its own ("" if none or blocked, or
