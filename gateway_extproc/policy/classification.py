@@ -203,6 +203,58 @@ class Policy:
         return tier is None or self.may_log_content(tier)
 
 
+@dataclass(frozen=True, slots=True)
+class Read:
+    """A provider's JSON as output scanning reads it (`read_json`): its strings, then the
+    `keyed_text` of each long number in it (and of each SSN-named string), then the whole
+    values read `apart` (an answer's `id`), and what the scan found in all three (indexed in
+    that order)."""
+
+    strings: list[str]
+    numbers: list[str]
+    apart: list[str]
+    findings: list[Finding]
+
+
+def read_json(scanner: Scanner, obj: Any, skip_keys: frozenset[str] = BINARY_KEYS,
+              known: dict[str, set[str]] | None = None, apart: Sequence[str] = ()) -> Read | LimitExceeded:
+    """Every string of `obj`, scanned as one text, and every JSON number that could be a value
+    (nine digits or more: a card or an SSN a provider sent as a number, `4111111111111111` or
+    `4.111111111111111e15`, reaches the client as much as a string does), each apart with its
+    member's name, as a request's are (`Policy.check_request`); `apart`: strings read the same
+    way as those numbers, each a whole value (an answer's `id`: joined with the text, a digit
+    run there opened regex windows reaching into it), in the same scan."""
+    keyed: dict[str, None] = {}
+    strings = walk_strings(obj, skip_keys=skip_keys, known=known, keyed=keyed)
+    if isinstance(strings, LimitExceeded):
+        return strings
+    findings = scanner.scan_strings(strings)
+    whole = [*keyed, *apart]
+    if whole:
+        findings += [replace(f, index=f.index + len(strings)) for f in scanner.scan_strings(whole, apart=True)]
+    return Read(strings, list(keyed), list(apart), findings)
+
+
+def rewritten(obj: Any, read: Read, found: Sequence[Finding], skip_keys: frozenset[str] = BINARY_KEYS,
+              known: dict[str, set[str]] | None = None) -> Any:
+    """A copy of `obj` (as `read`) with each of `found` replaced by its placeholder: in its
+    string, and a number by its placeholder (a string). The `apart` values: `rewritten_apart`."""
+    end = len(read.strings) + len(read.numbers)
+    new, _ = redact_strings(read.strings + read.numbers, [f for f in found if f.index < end], PlaceholderMap())
+    replacements = iter(new[:len(read.strings)])
+    rekeyed = {old: keyed_replacement(old, text) for old, text in zip(read.numbers, new[len(read.strings):])
+               if old != text}
+    return map_strings(obj, lambda _s: next(replacements), skip_keys=skip_keys, known=known, keyed=rekeyed)
+
+
+def rewritten_apart(read: Read, found: Sequence[Finding]) -> list[str]:
+    """`read.apart` with each of `found` that is in them replaced by its placeholder."""
+    start = len(read.strings) + len(read.numbers)
+    new, _ = redact_strings(read.apart, [replace(f, index=f.index - start) for f in found if f.index >= start],
+                            PlaceholderMap())
+    return new
+
+
 def record(decision: Decision, team: str, mode: str, where: str) -> None:
     """Every decision: a log event per matched rule and the trigger counter (never the value)."""
     for action, found in (("block", decision.blocking), ("redact", decision.redact), ("monitor", decision.monitor)):
@@ -277,22 +329,18 @@ class ResponseGuard:
         others = [k for k in body if k != "choices"] if isinstance(body, dict) else []
         whole = [listed, {k: body[k] for k in others}]  # (by name: labels repeat, `known`)
         known = self.policy.known_labels
-        strings = walk_strings(whole, skip_keys=_NOT_TEXT, known=known) if isinstance(listed, list) \
+        # The answer's own `id` reaches the client (and an Anthropic client's `message.id`): read
+        # apart, a whole value. Unique per answer, so never remembered; ids inside (a tool
+        # call's) stay unread.
+        ident = body.get("id") if isinstance(body, dict) else None
+        ids = [ident] if isinstance(ident, str) and ident else []
+        read = read_json(self.policy.scanner, whole, _NOT_TEXT, known, ids) if isinstance(listed, list) \
             else LimitExceeded("no choices")
-        if isinstance(strings, LimitExceeded):
-            log.warning("response_unreadable", reason=strings.reason)
+        if isinstance(read, LimitExceeded):
+            log.warning("response_unreadable", reason=read.reason)
             raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
                                "it was not forwarded.")
-        findings = self.policy.scanner.scan_strings(strings)
-        # The answer's own `id` reaches the client (and an Anthropic client's `message.id`): read
-        # on its own, a whole value, after the rest (joined, a digit run there opened regex
-        # windows reaching into the content: the bench's 28-digit id cost 100 us, apart 10).
-        # Unique per answer, so never remembered. Ids inside (a tool call's) stay unread.
-        ident = body.get("id")
-        ids = [ident] if isinstance(ident, str) and ident else []
-        if ids:
-            findings += [replace(f, index=f.index + len(strings))
-                         for f in self.policy.scanner.scan_strings(ids, apart=True)]
+        findings = read.findings
         self.clean = not findings
         if self.clean:
             self.policy.remember_labels([*((k, body[k]) for k in _MEMO_HEAD if k in body), *(
@@ -303,12 +351,10 @@ class ResponseGuard:
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
         if decision is not None and (decision.block or decision.redact):
-            new, _ = redact_strings([*strings, *ids], decision.replaced, PlaceholderMap())
-            replacements = iter(new)
-            listed, values = map_strings(whole, lambda _s: next(replacements), skip_keys=_NOT_TEXT, known=known)
+            listed, values = rewritten(whole, read, decision.replaced, _NOT_TEXT, known)
             body.update(values)
             if ids:
-                body["id"] = new[len(strings)]
+                body["id"] = rewritten_apart(read, decision.replaced)[0]
             body["choices"] = listed
             if decision.block:
                 body["choices"] = [{"index": c.get("index", i) if isinstance(c, dict) else i,
@@ -437,10 +483,10 @@ class ResponseGuard:
         extras are: the event as it came when they hold nothing (its labels as `_labels` left
         them); else without them, or the stream's end when a value blocks."""
         fields = [k for k in chunk if k not in _HEAD and k != "choices"]
-        strings = walk_strings([chunk[k] for k in fields])
-        if isinstance(strings, LimitExceeded):
+        read = read_json(self.policy.scanner, [chunk[k] for k in fields])
+        if isinstance(read, LimitExceeded):
             return self._unreadable(event)
-        findings = self.policy.scanner.scan_strings(strings) if strings else None
+        findings = read.findings
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if decision is None or not (decision.block or decision.redact):
             return b"data: " + orjson.dumps(chunk) + b"\n\n" if relabelled else event
@@ -448,8 +494,8 @@ class ResponseGuard:
         if decision.block:
             return self.block(chunk)
         kept = {k: v for k, v in chunk.items() if k in _HEAD or k == "choices"}
-        if isinstance(chunk.get("usage"), dict):  # the counts stay (clients read them), its strings go
-            kept["usage"] = _counts(chunk["usage"])
+        if isinstance(chunk.get("usage"), dict) and max(hit) < len(read.strings):
+            kept["usage"] = _counts(chunk["usage"])  # the counts stay (clients read them), its strings go
         return b"data: " + orjson.dumps(kept) + b"\n\n"
 
     def _choice(self, choice: dict[str, Any], before: list[bytes]) -> bool:
@@ -581,20 +627,20 @@ class ResponseGuard:
         extras = _extras(chunk, choices) + names
         if not extras:
             return False
-        strings = walk_strings([holder[key] for holder, key in extras])
-        findings = self.policy.scanner.scan_strings(strings) if isinstance(strings, list) else None
+        read = read_json(self.policy.scanner, [holder[key] for holder, key in extras])
+        findings = None if isinstance(read, LimitExceeded) else read.findings
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if findings == [] or decision is not None and not (decision.block or decision.redact):
             self.names.update(holder[key] for holder, key in names)
             return False
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
-        # The names come last, one string each: only one holding a finding goes (with a block
-        # too); the other fields all go with any finding of theirs.
-        first = len(strings) - len(names) if isinstance(strings, list) else 0
-        hit = {f.index for f in decision.replaced} if decision is not None else {0}
+        # The names' strings come last, one each: only one holding a finding goes (with a block
+        # too); the other fields go with any finding of theirs (their numbers' included).
+        first = len(read.strings) - len(names) if not isinstance(read, LimitExceeded) else 0
+        hit = {f.index for f in decision.replaced} if decision is not None else {-1}
         gone = [pair for i, pair in enumerate(names) if decision is None or first + i in hit]
-        if min(hit) < first and not (decision is not None and decision.block):
+        if hit - set(range(first, first + len(names))) and not (decision is not None and decision.block):
             gone += extras[:len(extras) - len(names)]
         for holder, key in gone:
             del holder[key]
@@ -769,18 +815,16 @@ def scanned_error_object(policy: Policy, params: DecisionParams, team: str, erro
     included. The same object when nothing is to change; a value that is redacted is redacted
     in place (a copy); one that blocks, or an object that cannot be read, gives a
     `provider_error` saying the error was withheld."""
-    strings = walk_strings(error) if isinstance(error, dict) else LimitExceeded("no error object")
-    if isinstance(strings, LimitExceeded):
+    read = read_json(policy.scanner, error) if isinstance(error, dict) else LimitExceeded("no error object")
+    if isinstance(read, LimitExceeded):
         return _withheld()
-    findings = policy.scanner.scan_strings(strings)
-    decision = policy.scanner.decide(findings, params) if findings else None
+    decision = policy.scanner.decide(read.findings, params) if read.findings else None
     if decision is None or not (decision.block or decision.redact):
         return error
     record(decision, team, params.mode, "response")
     if decision.block:
         return _withheld()
-    replacements = iter(redact_strings(strings, decision.redact, PlaceholderMap())[0])
-    return map_strings(error, lambda _s: next(replacements))
+    return rewritten(error, read, decision.redact)
 
 
 def _withheld() -> dict[str, Any]:

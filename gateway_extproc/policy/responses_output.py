@@ -25,6 +25,7 @@ SSE event name), and renumbered (`sequence_number`), since held-back deltas go o
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -33,8 +34,10 @@ import structlog
 from ..errors import GatewayError
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .classification import CONTENT_LOG_CHARS, SEAM_HEAD, Policy, Seam, record, scanned_error, seam_decision
-from .scanner import Decision, DecisionParams, LimitExceeded, PlaceholderMap, map_strings, redact_strings, walk_strings
+from .classification import (CONTENT_LOG_CHARS, SEAM_HEAD, Policy, Seam, read_json, record, rewritten, scanned_error,
+                             seam_decision)
+from .scanner import (Decision, DecisionParams, LimitExceeded, PlaceholderMap, keyed_replacement, map_strings,
+                      redact_strings, walk_strings)
 from .stream import StreamRedactor
 
 log = structlog.get_logger("gateway_extproc.policy")
@@ -110,11 +113,11 @@ class ResponsesGuard:
         dropped = _drop_logprobs(output)
         fields = [f for f in body if not self._echo(body, f)]
         values = [body[f] for f in fields]
-        strings = walk_strings(values)
-        if isinstance(strings, LimitExceeded):
-            log.warning("response_unreadable", reason=strings.reason)
+        read = read_json(self.policy.scanner, values)
+        if isinstance(read, LimitExceeded):
+            log.warning("response_unreadable", reason=read.reason)
             raise GatewayError("provider_error", UNREADABLE)
-        findings = self.policy.scanner.scan_strings(strings)
+        findings = read.findings
         self.clean = not findings
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if decision is not None:
@@ -122,9 +125,7 @@ class ResponsesGuard:
         if decision is not None and (decision.block or decision.redact):
             # A block empties the output; a blocked value elsewhere (an error message) is
             # replaced by its placeholder, like redacted ones.
-            new, _ = redact_strings(strings, decision.replaced, PlaceholderMap())
-            replacements = iter(new)
-            body.update(zip(fields, map_strings(values, lambda _s: next(replacements))))
+            body.update(zip(fields, rewritten(values, read, decision.replaced)))
             if decision.block:
                 body.update(output=[], status="incomplete", incomplete_details=dict(FILTERED))
                 if "output_text" in body:
@@ -314,25 +315,33 @@ class ResponsesGuard:
         event is not forwarded)."""
         values = [holder[k] for holder, k in fields]
         _drop_logprobs(values)
-        strings = walk_strings(values)
+        keyed: dict[str, None] = {}
+        strings = walk_strings(values, keyed=keyed)
         if isinstance(strings, LimitExceeded):
             log.warning("stream_event_unreadable", reason=strings.reason)
             return strings
         new = [self.known.get(s, s) for s in strings]
         unknown = [i for i, s in enumerate(strings) if s and s not in self.known]
-        findings = self.policy.scanner.scan_strings([strings[i] for i in unknown]) if unknown else None
+        texts, numbers = [strings[i] for i in unknown], list(keyed)  # (numbers: `read_json`)
+        findings = self.policy.scanner.scan_strings(texts) if unknown else []
+        if numbers:
+            findings += [replace(f, index=f.index + len(texts))
+                         for f in self.policy.scanner.scan_strings(numbers, apart=True)]
+        rekeyed: dict[str, str] = {}
         if findings:
             decision = self.policy.scanner.decide(findings, self.params)
             if decision.block:
                 return decision
             record(decision, self.team, self.params.mode, "response")
             if decision.redact:
-                redacted, _ = redact_strings([strings[i] for i in unknown], decision.redact, PlaceholderMap())
+                redacted, _ = redact_strings(texts + numbers, decision.redact, PlaceholderMap())
                 for i, text in zip(unknown, redacted):
                     new[i] = text
-        if new != strings:
+                rekeyed = {old: keyed_replacement(old, text) for old, text in zip(numbers, redacted[len(texts):])
+                           if old != text}
+        if new != strings or rekeyed:
             replacements = iter(new)
-            for (holder, k), value in zip(fields, map_strings(values, lambda _s: next(replacements))):
+            for (holder, k), value in zip(fields, map_strings(values, lambda _s: next(replacements), keyed=rekeyed)):
                 holder[k] = value
         return None
 
