@@ -59,3 +59,14 @@ def test_the_other_fields_of_a_structured_text_are_scanned_event_by_event() -> N
     deltas = stream([{"audio": {"id": "jane.doe@example.com", "transcript": "Hello there.", "data": "AAAA"}}])
     assert "jane" not in orjson.dumps(deltas).decode()
     assert "".join(map(transcript, deltas)) == "Hello there."
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_reasoning_details_repeating_the_reasoning_string_are_read_as_one_text(field: str) -> None:
+    """OpenRouter's two copies of one text get the same redaction, and the held tail goes out in
+    both (no seam between them: that ended the stream, and cost 5x)."""
+    def delta(text: str) -> dict[str, Any]:
+        return {field: text, "reasoning_details": [{"type": "reasoning.text", "text": text, "index": 0}]}
+    deltas = stream([delta("my card is 4111 1111 "), delta("1111 1111, and jane.doe"), delta("@example.com")])
+    assert "".join(d.get(field) or "" for d in deltas) == "".join(map(details, deltas)) == \
+        "my card is [CREDIT_CARD_1], and [EMAIL_1]"

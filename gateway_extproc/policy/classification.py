@@ -272,7 +272,7 @@ class ResponseGuard:
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
                  "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue", "labels",
-                 "names")
+                 "names", "mirrored")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -309,6 +309,9 @@ class ResponseGuard:
         # A JSON answer in which the scan found nothing: its logged text needs no second look.
         self.clean = False
         self.kept = 0  # characters in response_text (summing them per event made a stream quadratic)
+        # A choice's reasoning string whose text a `reasoning_details` entry repeats (`_mirrors`)
+        # -> that entry's index: what its window releases goes out in both.
+        self.mirrored: dict[tuple[Any, ...], int] = {}
 
     def json_body(self, body: Any) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it) to send instead, or
@@ -509,7 +512,8 @@ class ResponseGuard:
         if choice.get("logprobs") is not None:
             choice["logprobs"] = None  # tokens spell out text still held back, unscanned
         finished = choice.get("finish_reason") is not None
-        slots = _text_slots(index, delta)
+        mirrors = _mirrors(delta)
+        slots = _text_slots(index, delta, {id(entry) for entry, _, _ in mirrors})
         active = {key for key, holder, name in slots if holder[name] is not None}  # where the choice is now
         first = next((key for key, holder, name in slots if isinstance(holder[name], str) and holder[name]), None)
         if first is not None and not self._moved(index, first):
@@ -559,6 +563,9 @@ class ResponseGuard:
                 self._keep(out)
             holder[name] = out
             held = held or bool(text) and not out
+        for entry, field, at in mirrors:  # (the entry repeats the text as the client gets it)
+            entry["text"] = delta.get(field) or ""
+            self.mirrored[(index, field)] = at
         if finished and index in self.seams and not self._seam_passes(index):
             return False
         return not (held and not finished and all(not v for k, v in delta.items() if k != "role"))
@@ -675,6 +682,8 @@ class ResponseGuard:
         if key[1] == "content":
             self._keep(text)
         delta = _released_delta(key, text)
+        if key in self.mirrored:
+            delta["reasoning_details"] = [{"type": "reasoning.text", "index": self.mirrored[key], "text": text}]
         chunk = {**(self.head or {"object": "chat.completion.chunk"}),
                  "choices": [{"index": key[0], "delta": delta, "finish_reason": None}]}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
@@ -1003,16 +1012,19 @@ def _blanked(text: str, findings: list[Finding]) -> str:
     return text
 
 
-def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:
+def _text_slots(index: int, delta: dict[str, Any],
+                mirrored: frozenset[int] | set[int] = frozenset()) -> list[tuple[tuple[Any, ...], dict[str, Any], str]]:
     """(window key, dict, field) of every text in one choice's delta: the schema's, and any
     other string field (a provider's `reasoning`, `thinking`...), which a client reads as
-    text too, so a value split over its chunks must be seen whole as well."""
+    text too, so a value split over its chunks must be seen whole as well; but not the text
+    of a nested entry in `mirrored` (ids: `_mirrors`)."""
     slots: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
         ((index, f), delta, f) for f in _DELTA_TEXTS if f in delta]
     if not delta.keys() <= _DELTA_KEYS:
         slots += [((index, f), delta, f) for f, v in delta.items() if f not in _DELTA_KEYS and isinstance(v, str)]
         slots += [((index, name, at, field), part, field) for name, value in delta.items()
-                  for at, part, field in _nested_texts(name, value) or ()]
+                  for at, part, field in _nested_texts(name, value) or ()
+                  if not (field == "text" and id(part) in mirrored)]
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         for k, call in enumerate(calls):
@@ -1021,6 +1033,23 @@ def _text_slots(index: int, delta: dict[str, Any]) -> list[tuple[tuple[Any, ...]
                 slots.append(((index, "tool_calls", call["index"] if type(call.get("index")) is int else k), fn,
                               "arguments"))
     return slots
+
+
+def _mirrors(delta: dict[str, Any]) -> list[tuple[dict[str, Any], str, int]]:
+    """OpenRouter sends a reasoning model's text twice, in `reasoning` and in the one entry of
+    `reasoning_details`: (that entry, the string field it repeats, its index) when the two
+    are equal. Read as one text (one window; the entry gets what the client is sent of the
+    string): two windows of the same text, side by side, made a seam of every chunk (5x the
+    cost of a reasoning stream)."""
+    details = delta.get("reasoning_details")
+    if not (isinstance(details, list) and len(details) == 1 and isinstance(details[0], dict)):
+        return []
+    entry = details[0]
+    text = entry.get("text")
+    if not isinstance(text, str) or entry.get("type", "reasoning.text") != "reasoning.text":
+        return []
+    at = entry["index"] if type(entry.get("index")) is int else 0
+    return [(entry, f, at) for f in ("reasoning", "reasoning_content") if delta.get(f) == text][:1]
 
 
 def _nested_texts(name: str, value: Any) -> list[tuple[int | None, dict[str, Any], str]] | None:
