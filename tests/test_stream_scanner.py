@@ -568,3 +568,28 @@ def test_a_value_after_a_long_run_never_shows_more_than_the_whole_text(text: str
     out, _ = streamed(PII, chunks)
     for v in _NEAR_VALUES:
         assert out.count(v) <= whole.count(v), v
+
+
+# -- JSON streamed in pieces (tool-call arguments) ------------------------------------------
+
+ARGUMENTS = ['{"card": "4111\\n1111\\n1111\\n1111", "note": "ok\\\\n done"}',
+             '{"to": "jane.doe\\u0040example.com", "q": "a\\\\u0040b", "pad": "\\\\"}',
+             '{"card": "4111 \\u0031111 1111 1111", "quote": "\\"x\\""}']
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("arguments", ARGUMENTS, ids=["card per line", "escaped @", "escaped digit"])
+def test_streamed_json_is_read_as_its_parser_reads_it_however_it_is_cut(arguments: str, seed: int) -> None:
+    """An escape cut between two deltas (`\\` + `n`, `\\u00` + `40`) is read whole; an escaped
+    backslash is no escape; the output is the arguments with the value redacted in place."""
+    r = StreamRedactor(PII, None, 64, json=True)
+    out = "".join(r.feed(c) for c in random_chunks(arguments, random.Random(seed), 5)) + r.flush()
+    got, sent = orjson.loads(out), orjson.loads(arguments)
+    assert "4111" not in orjson.dumps(got).decode() and "jane" not in out, out
+    assert got.keys() == sent.keys() and any(v.startswith("[") for v in got.values())
+    assert [v for k, v in got.items() if k not in ("card", "to")] == [v for k, v in sent.items() if k not in ("card", "to")]
+
+
+def test_an_escape_the_stream_never_finishes_goes_out_as_it_came() -> None:
+    r = StreamRedactor(PII, None, 64, json=True)
+    assert r.feed('{"a": "x') + r.feed("\\u00") + r.flush() == '{"a": "x\\u00'

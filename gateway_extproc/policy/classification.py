@@ -545,7 +545,8 @@ class ResponseGuard:
             redactor = self.redactors.get(key)
             if redactor is None or redactor.done and text:  # text after its finish
                 redactor = self.redactors[key] = StreamRedactor(self.policy.scanner, self.params,
-                                                                 self.policy.cfg.holdback_chars)
+                                                                 self.policy.cfg.holdback_chars,
+                                                                 json=key[1] == "tool_calls")
             if text and key != self.last.get(index) and not self._moved(index, key):
                 return False
             seam = self.seams.get(index)

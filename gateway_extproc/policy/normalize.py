@@ -271,6 +271,35 @@ def _unescaped(content: str, base: int, n: int, spans: list[tuple[int, int, int,
     parts.append(content[pos:])
     return "".join(parts)
 
+def normalize_escaped(text: str) -> Normalized:
+    """A piece of JSON text (streamed tool-call arguments) with its string escapes decoded as a
+    parser decodes them (`\\n` is a line break, `\\u0040` an `@`) and normalized, its syntax
+    kept: what the tool will read, where the pieces of a stream cannot be parsed one by one.
+    The caller keeps an escape cut at the end of a piece for the next one (`escape_cut`)."""
+    if "\\" not in text:
+        return normalize(text)
+    spans: list[tuple[int, int, int, int]] = []
+    out = _unescaped(text, 0, 0, spans)
+    return Normalized(out, len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans), tuple(spans))
+
+
+_CUT_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\(?:u[0-9a-fA-F]{0,3})?)$")
+
+
+def escape_cut(text: str) -> int:
+    """Where an escape cut off at the end of `text` begins (`\\`, `\\u00`), else len(text)."""
+    m = _CUT_ESCAPE.search(text[-6:]) if "\\" in text[-6:] else None
+    if m is None:
+        return len(text)
+    # (within the last six characters the run of backslashes before it may have begun earlier)
+    head = len(text) - 6 if len(text) > 6 else 0
+    run = m.start(1) + head
+    backslashes = 0
+    while run - backslashes - 1 >= 0 and text[run - backslashes - 1] == "\\":
+        backslashes += 1
+    return len(text) if backslashes % 2 else m.start(1) + head
+
+
 _JSON_TOKEN = re.compile(r'("(?:[^"\\\n]|\\.)*")|([{}\[\]:,\s]+)|([^"{}\[\]:,\s]+|")')
 MAX_JSON_TEXT = 1 << 20
 

@@ -219,7 +219,8 @@ class ResponsesGuard:
             if outcome is not None:
                 return head if isinstance(outcome, LimitExceeded) else head + self.block(outcome)
             window = self.windows[key] = _Window(
-                StreamRedactor(self.policy.scanner, self.params, self.policy.cfg.holdback_chars), template)
+                StreamRedactor(self.policy.scanner, self.params, self.policy.cfg.holdback_chars,
+                               json=kind.endswith("_arguments")), template)
         text = obj["delta"]
         if self.seam is not None and self.seam.key not in (None, key) and not self.seam.extend(key, fresh):
             head += self._seam_out()  # another text, and the seam is too long to read on into it

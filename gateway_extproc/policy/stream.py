@@ -34,7 +34,7 @@ import re
 from bisect import bisect_right
 
 from .detectors import DIGIT_WORDS, LOCAL_CHARS, SEP_CHARS, SPACES, number_words_start
-from .normalize import Normalized, normalize
+from .normalize import Normalized, escape_cut, normalize, normalize_escaped
 from .scanner import (
     Decision,
     DecisionParams,
@@ -149,10 +149,13 @@ class StreamRedactor:
     __slots__ = ("scanner", "params", "holdback", "mapping", "findings", "decisions", "blocked",
                  "block_decision", "_buf", "_base", "_emit", "_resume", "_open", "_inj_hits",
                  "_inj_reported", "_done", "_raw", "_rbase", "_remit", "_segs", "_seg_starts", "_long", "_long_at",
-                 "_swallow")
+                 "_swallow", "_json", "_pending")
 
     def __init__(self, scanner: Scanner, decision_params: DecisionParams | None = None,
-                 holdback_chars: int = 64, *, mapping: PlaceholderMap | None = None) -> None:
+                 holdback_chars: int = 64, *, mapping: PlaceholderMap | None = None, json: bool = False) -> None:
+        """`json`: the text is JSON streamed in pieces (tool-call arguments), read with its string
+        escapes decoded as the tool's parser decodes them (`normalize_escaped`): `"4111\\n1111\\n…"`
+        is a card written down a column, `jane\\u0040example.com` an address."""
         self.scanner = scanner
         self.params = decision_params or DecisionParams()
         self.holdback = max(0, int(holdback_chars))
@@ -182,13 +185,21 @@ class StreamRedactor:
         self._long = ""
         self._long_at = 0  # its boundary character (normalized offset)
         self._swallow = False  # ... whose rest a placeholder replaces
+        self._json = json
+        self._pending = ""  # (json) an escape cut off at the end of the last delta, read with the next
 
     def feed(self, delta: str) -> str:
         if self._done:
             raise RuntimeError("feed() after flush()")
         if self.blocked or not delta:
             return ""
-        nz = normalize(delta)
+        if self._json:
+            delta = self._pending + delta
+            cut = escape_cut(delta)
+            delta, self._pending = delta[:cut], delta[cut:]
+            if not delta:
+                return ""
+        nz = normalize_escaped(delta) if self._json else normalize(delta)
         if nz.text:
             n0 = self._base + len(self._buf)
             self._segs.append((n0, n0 + len(nz.text), self._rbase + len(self._raw), nz))
@@ -221,7 +232,7 @@ class StreamRedactor:
         blocked or flushed: what a value split into the next text may have begun with."""
         if self.blocked or self._done:
             return ""
-        return self._raw[self._remit - self._rbase:]
+        return self._raw[self._remit - self._rbase:] + self._pending
 
     @property
     def done(self) -> bool:
@@ -232,10 +243,14 @@ class StreamRedactor:
         """The rest of the text, at the end of the stream."""
         if self._done:
             return ""
+        head = ""
+        if self._pending:  # (an escape the stream never finished: text as it is)
+            pending, self._json, self._pending = self._pending, False, ""
+            head = self.feed(pending)
         self._done = True
         if self.blocked:
             return ""
-        return self._advance(final=True)
+        return head + self._advance(final=True)
 
     # -- internals ---------------------------------------------------------------------
 

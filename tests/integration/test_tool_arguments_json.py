@@ -4,7 +4,8 @@ ext_proc (values-local: output scanning on): a tool reads its arguments parsed, 
 address, whatever other text the arguments hold. Until 2026-12-05 a number written with an
 exponent was read as written, and arguments holding any character outside ASCII (`café`)
 were read as text, their escapes undecoded: both reached the provider (request) and the
-client (a JSON answer) as sent.
+client (a JSON answer) as sent; and streamed arguments were read delta by delta as text, so a
+card written one group per line (`4111\\n1111\\n…`, JSON's line breaks) reached the client.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 
@@ -22,6 +24,7 @@ from .conftest import Gateway
 
 DIGITS = "4111111111111111"
 EMAIL = "jane.doe@example.com"
+TOOLS = [{"type": "function", "function": {"name": "pay", "parameters": {"type": "object"}}}]
 ARGUMENTS = {
     "card as a float": '{"amount": 12.5, "card": 4.111111111111111e15}',
     "card as a float, non-ASCII": '{"note": "caf\u00e9", "card": 4.111111111111111E+15}',
@@ -82,3 +85,62 @@ def test_a_value_in_tool_call_arguments_of_an_answer_does_not_reach_the_client(g
     assert r.status_code == 200, r.text
     got = r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
     assert not leaked(parsed_values(got)), got
+
+
+STREAMED = {
+    "card one group per line": '{"card": "4111\\n1111\\n1111\\n1111"}',
+    "card between tabs": '{"card": "4111\\t1111\\t1111\\t1111"}',
+    "escaped @": '{"to": "jane.doe\\u0040example.com", "cc": "ops"}',
+    "escaped digit": '{"card": "4111 \\u0031111 1111 1111"}',
+}
+
+
+def chat_chunks(arguments: str, cuts: list[int]) -> list[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "chatcmpl-args", "object": "chat.completion.chunk", "created": 1,
+                                         "model": "gpt-4o-mini", "choices": [
+                                             {"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+    bounds = [0, *cuts, len(arguments)]
+    pieces = [arguments[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                        "function": {"name": "pay", "arguments": ""}}]}),
+            *(chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces),
+            chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+
+
+def anthropic_chunks(arguments: str, cuts: list[int]) -> list[bytes]:
+    def event(data: dict[str, Any]) -> bytes:
+        return f"event: {data['type']}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
+    bounds = [0, *cuts, len(arguments)]
+    return [event({"type": "message_start", "message": {
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "claude", "content": [],
+                "stop_reason": None, "usage": {"input_tokens": 8, "output_tokens": 1}}}),
+            event({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "tool_use", "id": "toolu_1", "name": "pay", "input": {}}}),
+            *(event({"type": "content_block_delta", "index": 0,
+                     "delta": {"type": "input_json_delta", "partial_json": arguments[a:b]}})
+              for a, b in zip(bounds, bounds[1:])),
+            event({"type": "content_block_stop", "index": 0}),
+            event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}),
+            event({"type": "message_stop"})]
+
+
+@pytest.mark.parametrize("backend", ["default-chat", "claude-chat"])
+@pytest.mark.parametrize("arguments", list(STREAMED.values()), ids=list(STREAMED))
+def test_a_value_in_streamed_tool_call_arguments_does_not_reach_the_client(gw: Gateway, arguments: str,
+                                                                          backend: str) -> None:
+    """Each delta was read as text: `4111\\n1111…` (how JSON writes a card one group per line)
+    and `jane.doe\\u0040example.com` were no values there, and the tool parsed them whole. The
+    deltas cut inside the escapes too."""
+    cut = arguments.index("\\") + 1
+    events = (chat_chunks if backend == "default-chat" else anthropic_chunks)(arguments, [cut, cut + 2])
+    raw = orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0,
+                           default_headers={"x-mock-raw-events": raw})
+    got = ""
+    for c in client.chat.completions.create(model=backend, stream=True, tools=TOOLS,
+                                            messages=[{"role": "user", "content": "Pay the invoice."}]):
+        for choice in c.choices:
+            got += "".join(t.function.arguments or "" for t in choice.delta.tool_calls or [] if t.function)
+    assert not leaked(parsed_values(got)), got
+    assert got.startswith("{") and json.loads(got)  # still the arguments, a value redacted in place
