@@ -537,3 +537,15 @@ def test_nothing_after_the_end_of_a_responses_stream_is_forwarded() -> None:
     out = b"".join(g.sse_event(e) for e in [delta("Your card 4111"), error_event("oops"), delta(" 1111 1111 1111"),
                                             done])
     assert b"1111 1111" not in out and out.endswith(error_event("oops"))
+
+
+def test_streamed_function_call_arguments_are_read_with_their_escapes_decoded() -> None:
+    """`4111\\n1111\\n…` is how JSON writes a card one group per line: the tool reads a card."""
+    events = provider_events([("function_call", ['{"card": "4111\\n1111\\n', '1111\\n1111", "to": "jane.doe\\u00',
+                                                 '40example.com"}'])])
+    out, _ = run(wire(events, None), [])
+    got = read(out)
+    args = "".join(e["delta"] for _, e in got if e["type"] == "response.function_call_arguments.delta")
+    assert orjson.loads(args) == {"card": "[CREDIT_CARD_1]", "to": "[EMAIL_1]"}, args
+    done = [e for _, e in got if e["type"] == "response.function_call_arguments.done"]
+    assert [e["arguments"] for e in done] == [args]
