@@ -184,11 +184,20 @@ def responses_without_closes(deltas: list[tuple[int, str]]) -> tuple[str, str]:
     [(0, "write to jane.doe"), (1, "@example.com thanks")],
     [(0, "card 4111 "), (1, "1111 "), (0, "1111 "), (1, "1111 ok")],
     [(0, "card 4111 1111 "), (1, "hi"), (0, "1111 1111 ok")],
-], ids=["card, no close between", "email, no close between", "card interleaved", "card around another text"])
+    [(0, "card 4111 1111 "), (1, "and a longer sentence that goes on for a while in between"), (0, "1111 1111 ok")],
+    [(0, "write to jane.doe"), (1, "and a longer sentence that goes on for a while in between"), (0, "@example.com")],
+], ids=["card, no close between", "email, no close between", "card interleaved", "card around another text",
+        "card around a long text", "email around a long text"])
 def test_a_value_split_between_output_items_that_never_close_never_reaches_the_client(deltas: list) -> None:
     said, out = responses_without_closes(deltas)
     assert DIGITS not in re.sub(r"[^0-9]", "", said) and not ("doe" in said and "example" in said), said
     assert '"reason":"content_filter"' in out
+    per_item: dict[int, str] = {}  # (what a client that collects each item's text reads)
+    for line in out.split("\n\n"):
+        if '"delta":"' in line:
+            event = orjson.loads(line.split("data: ", 1)[1])
+            per_item[event["output_index"]] = per_item.get(event["output_index"], "") + event["delta"]
+    assert not any(DIGITS in re.sub(r"[^0-9]", "", t) or "doe@" in t for t in per_item.values()), per_item
 
 
 def test_output_items_that_never_close_go_out_whole_and_in_order() -> None:

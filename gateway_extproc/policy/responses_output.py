@@ -72,7 +72,7 @@ class ResponsesGuard:
     """Scans a Responses API answer: a whole JSON body, or its SSE events."""
 
     __slots__ = ("policy", "params", "team", "sent", "windows", "known", "head", "seq", "ended", "response_text",
-                 "clean", "seam", "deferred", "last")
+                 "clean", "seam", "deferred", "last", "tails", "resumed")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, sent: dict[str, Any] | None = None) -> None:
         """`sent`: the request as forwarded (classified), whose echoes need no second scan."""
@@ -98,6 +98,11 @@ class ResponsesGuard:
         # The window the last delta went to: a delta for another one while it is still open
         # (the provider sent no `*.done` between them, or interleaves texts) closes it first.
         self.last: Key | None = None
+        # A text closed so (its held tail, as it went out) -> when it goes on after another one,
+        # that tail and what follows are read together (`resumed`) as a client that collects
+        # each item's text reads them; decided once the text has been seen past its hold-back.
+        self.tails: dict[Key, str] = {}
+        self.resumed: dict[Key, Seam] = {}
 
     # -- JSON ----------------------------------------------------------------------------
 
@@ -206,11 +211,14 @@ class ResponsesGuard:
             # A client that prints the deltas as they come reads this text right after that
             # one, whatever their items: it is closed here, as a `*.done` would close it, so
             # its held tail and this text are read across its seam (and go out in this order).
+            self.tails[last] = previous.redactor.held()
             head = self._shut(last, previous, True)
             if self.ended:
                 return head
         window = self.windows.get(key)
         fresh = window is None or window.redactor.done
+        if fresh and key in self.tails:  # the text goes on after another one: read across its pause
+            self.resumed[key] = Seam([self.tails.pop(key), ""], [key, key])
         if fresh:  # a new text (or text after its close)
             # The event's other fields (ids, indexes) as every delta of this text will carry
             # them: scanned once.
@@ -218,9 +226,12 @@ class ResponsesGuard:
             outcome = self._scan([(template, k) for k in template])
             if outcome is not None:
                 return head if isinstance(outcome, LimitExceeded) else head + self.block(outcome)
+            resumed = window if key in self.resumed else None
             window = self.windows[key] = _Window(
                 StreamRedactor(self.policy.scanner, self.params, self.policy.cfg.holdback_chars,
                                json=kind.endswith("_arguments")), template)
+            if resumed is not None:  # (its closing event repeats the whole text)
+                window.raw, window.sent = resumed.raw, resumed.sent
         text = obj["delta"]
         if self.seam is not None and self.seam.key not in (None, key) and not self.seam.extend(key, fresh):
             head += self._seam_out()  # another text, and the seam is too long to read on into it
@@ -230,6 +241,10 @@ class ResponsesGuard:
         out = window.redactor.feed(text)
         if window.redactor.blocked:
             return head + self.block(window.redactor.block_decision)
+        if key in self.resumed:
+            self.resumed[key].parts[-1] += text
+            if (out or len(self.resumed[key].parts[-1]) > SEAM_HEAD) and self._resume_blocked(key):
+                return head + self.block(None)
         if self.seam is not None:
             if self.seam.key is None:  # the text after a closed one
                 self.seam.keys[-1] = key
@@ -268,6 +283,8 @@ class ResponsesGuard:
     def _shut(self, key: Key, window: _Window, seam: bool) -> bytes:
         """Flushes one window: its held text, scanned, as one delta; with `seam`, the next
         text may go on where it ends (a seam: `Seam`)."""
+        if self._resume_blocked(key):
+            return self.block(None)
         out = []
         tail = window.redactor.held() if seam else ""
         # The seam before this text reads on into the next one when this text let nothing
@@ -286,6 +303,15 @@ class ResponsesGuard:
         if tail and not joined:  # the next text may go on with it: what goes out from here waits (`sse_event`)
             self.seam = Seam([tail, ""], [key, None])
         return b"".join(out)
+
+    def _resume_blocked(self, key: Key) -> bool:
+        """Decides the pause in a text that went on after another one (`resumed`): True when a
+        value spans it (its first piece went out before the pause: the stream ends)."""
+        seam = self.resumed.pop(key, None)
+        decision = seam_decision(self.policy, self.params, self.team, seam) if seam is not None else None
+        if decision is not None:
+            record(decision, self.team, self.params.mode, "response")
+        return decision is not None
 
     def _echo(self, response: dict[str, Any], field: str) -> bool:
         """`response[field]` repeats what the request sent there (its scan on the way in holds)."""
