@@ -587,7 +587,8 @@ def test_streamed_json_is_read_as_its_parser_reads_it_however_it_is_cut(argument
     got, sent = orjson.loads(out), orjson.loads(arguments)
     assert "4111" not in orjson.dumps(got).decode() and "jane" not in out, out
     assert got.keys() == sent.keys() and any(v.startswith("[") for v in got.values())
-    assert [v for k, v in got.items() if k not in ("card", "to")] == [v for k, v in sent.items() if k not in ("card", "to")]
+    assert [v for k, v in got.items() if k not in ("card", "to")] == \
+        [v for k, v in sent.items() if k not in ("card", "to")]
 
 
 def test_an_escape_the_stream_never_finishes_goes_out_as_it_came() -> None:

@@ -112,7 +112,8 @@ def test_a_card_split_over_three_texts_never_reaches_the_client(gw: Gateway, sdk
     assert FILTERED[sdk] in ends, ends
 
 
-def responses_texts(gw: Gateway, items: list[tuple[str, list[str]]], closes_late: bool = False) -> tuple[str, str | None]:
+def responses_texts(gw: Gateway, items: list[tuple[str, list[str]]],
+                    closes_late: bool = False) -> tuple[str, str | None]:
     """What the openai SDK's Responses stream gave (every text delta, in order), and the final
     status. `closes_late`: the provider sends every item's closing events (`*.done`) only
     after the last item's deltas, as some OpenAI-compatible servers do."""

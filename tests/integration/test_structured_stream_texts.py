@@ -80,7 +80,8 @@ def reasoned(gw: Gateway, pieces: list[str], alone: bool = False) -> tuple[str, 
         return b"data: " + orjson.dumps({"id": "gen-1", "object": "chat.completion.chunk", "created": 1,
                                          "model": "deepseek/deepseek-r1", "choices": [
                                              {"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
-    events = [event({"role": "assistant", **details(pieces[0], alone)}), *(event(details(p, alone)) for p in pieces[1:]),
+    events = [event({"role": "assistant", **details(pieces[0], alone)}),
+              *(event(details(p, alone)) for p in pieces[1:]),
               event({"content": "Done."}), event({}, "stop"), b"data: [DONE]\n\n"]
     raw = orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
     body = {"model": "default-chat", "stream": True, "messages": [{"role": "user", "content": "Think it over."}]}
