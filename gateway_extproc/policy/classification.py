@@ -497,6 +497,7 @@ class ResponseGuard:
         if decision.block:
             return self.block(chunk)
         kept = {k: v for k, v in chunk.items() if k in _HEAD or k == "choices"}
+        hit = {f.index for f in decision.replaced}
         if isinstance(chunk.get("usage"), dict) and max(hit) < len(read.strings):
             kept["usage"] = _counts(chunk["usage"])  # the counts stay (clients read them), its strings go
         return b"data: " + orjson.dumps(kept) + b"\n\n"
