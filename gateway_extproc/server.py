@@ -150,7 +150,8 @@ def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 def _fallback(req: ep.ProcessingRequest, processor: RouterProcessor | UpstreamProcessor | None
               ) -> ep.ProcessingResponse:
-    """After a bug: refuse a request not yet sent; let an already-flowing response pass. The
+    """After a bug: refuse a request not yet sent; end an answer whose piece could not be read
+    (`RouterProcessor.unread_answer`); let other response messages pass. The
     router's own refusal (`reject`) when it can: its access line, metrics, span and audit
     record then say 500 `gateway_internal_error`, as the client got, and the request (never
     sent) is not charged."""
@@ -163,6 +164,12 @@ def _fallback(req: ep.ProcessingRequest, processor: RouterProcessor | UpstreamPr
             except Exception:
                 log.exception("processing_failed", phase=kind)  # refused all the same, below
         return responses.error(err)
+    if kind == "response_body" and isinstance(processor, RouterProcessor):
+        try:
+            return processor.unread_answer()  # (never the piece as it came: it was not read)
+        except Exception:
+            log.exception("processing_failed", phase=kind)
+            return responses.response_body(responses.common(body=b""))
     return ep.ProcessingResponse(**{kind: ep.BodyResponse() if kind.endswith("body") else ep.HeadersResponse()})
 
 

@@ -1,6 +1,7 @@
 """A bug inside a processor (fault injected: its handler raises) is refused closed with the
-OpenAI-shaped 500 before the request is sent, passed through after, and counted per phase in
-genai_gateway_extproc_errors_total, which GatewayExtProcErrors alerts on."""
+OpenAI-shaped 500 before the request is sent; after, response headers pass but no piece of the
+answer goes out unread; each is counted per phase in genai_gateway_extproc_errors_total, which
+GatewayExtProcErrors alerts on."""
 
 from __future__ import annotations
 
@@ -90,3 +91,34 @@ async def test_a_request_refused_for_a_bug_is_recorded_as_the_500_the_client_got
     assert value("genai_requests_total", five) == before[0] + 1
     assert value("genai_request_cost_dollars_total", cost) == before[1]
     assert metrics.status_class(500) == "5xx" and orjson.loads(resps[-1].immediate_response.body)["error"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_bug_reading_the_answer_lets_no_piece_of_it_out(monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    """A piece of the answer that output scanning or the credential cut failed to read (a bug)
+    could hold what they remove: it never goes out as it came, nor does anything after it. A
+    JSON answer becomes the OpenAI-shaped 500; a stream is cut off there."""
+    from .test_router_processor import req_body, resp_body, resp_headers
+
+    def bug(self: RouterProcessor, *_: object) -> None:
+        raise RuntimeError("injected fault")
+    monkeypatch.setattr(RouterProcessor, "stream_chunk" if stream else "read_whole", bug)
+    secret = b"card 4111 1111 1111 1111"
+    if stream:
+        pieces = [resp_body(b'data: {"choices":[{"index":0,"delta":{"content":"' + secret + b'"}}]}\n\n', end=False),
+                  resp_body(b"data: [DONE]\n\n", end=True)]
+    else:
+        pieces = [resp_body(b'{"choices":[{"index":0,"message":{"role":"assistant","content":"' + secret + b'"}}]}')]
+    before = errors("response_body")
+    resps = await run(req_headers(), req_body({"model": "default-chat", "stream": stream,
+                                               "messages": [{"role": "user", "content": "Hi"}]}),
+                      resp_headers(content_type="text/event-stream" if stream else "application/json"), *pieces)
+    answers = resps[3:]
+    assert len(answers) == len(pieces) and errors("response_body") == before + len(pieces) - (1 if stream else 0)
+    for a in answers:
+        assert a.response_body.response.body_mutation.body == b"" or not stream
+        assert secret not in a.SerializeToString()
+    if not stream:
+        sent = answers[0].response_body.response
+        assert json.loads(sent.body_mutation.body)["error"]["code"] == "gateway_internal_error"
+        assert {h.header.key: h.header.raw_value for h in sent.header_mutation.set_headers}[":status"] == b"500"

@@ -78,7 +78,8 @@ class RouterProcessor:
                  "first_byte", "error_code", "logged", "trace", "trace_parent", "admission", "clamped",
                  "cut_after", "cut", "body_changed",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
-                 "requested", "answered", "headers", "header_edit", "echo", "forwarded", "cache_writes")
+                 "requested", "answered", "headers", "header_edit", "echo", "forwarded", "cache_writes",
+                 "broken")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -103,6 +104,7 @@ class RouterProcessor:
         self.clamped: int | None = None  # the output cap sent, when below what the request asked for
         self.cut_after: int | None = None  # output tokens after which a stream is ended (backstop)
         self.cut = False
+        self.broken = False  # reading the answer failed (a bug): nothing more of it goes out
         self.declared: str | None = None  # x-data-classification sent by the client
         self.tier: str | None = None
         self.eligible: tuple[Backend, ...] = ()
@@ -476,6 +478,8 @@ class RouterProcessor:
         return headers
 
     async def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        if self.broken:
+            return r.response_body(r.common(body=b""))
         if self.first_byte is None:
             self.first_byte = time.monotonic()
         if self.tap is not None:
@@ -502,6 +506,23 @@ class RouterProcessor:
         if new_body is not None:
             headers["content-length"] = str(len(new_body))
         return r.response_body(r.common(r.mutation(headers), new_body))
+
+    def unread_answer(self) -> ep.ProcessingResponse:
+        """After a bug while reading a piece of the answer: that piece could hold what output
+        scanning or the credential cut would have removed, so it does not go out as it came,
+        nor does anything after it. A JSON answer becomes a 500 `gateway_internal_error`; a
+        stream ends there (its client sees it cut off). Charged as an unreadable answer."""
+        self.broken = True
+        err = GatewayError("gateway_internal_error", "The gateway failed to process the provider's answer; it was "
+                           "not forwarded.")
+        self.error_code = err.code
+        if self.tap is None:
+            self.status = err.status
+            self.log()
+            return r.response_body(r.common(r.mutation({":status": str(err.status), "content-type": "application/json",
+                                                        "content-length": str(len(err.body()))}), err.body()))
+        self.log()
+        return r.response_body(r.common(body=b""))
 
     def stream_chunk(self, msg: ep.HttpBody) -> tuple[bytes | None, bool]:
         """What goes to the client for one piece of a streamed answer (None: as it came), and
