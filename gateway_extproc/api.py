@@ -277,22 +277,29 @@ def _check_message(m: Any, i: int, markers: list[str]) -> None:
         raise _refuse(f"messages[{i}].tool_call_id", "a string")
 
 
-def _check_tools(body: dict[str, Any], markers: list[str]) -> None:
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """`tools`, when sent: an array of objects, each with a string `type` (chat and Responses)."""
     tools = body.get("tools")
-    if tools is not None:
-        _require(isinstance(tools, list), "tools", "`tools` must be an array of tools.")
-        for k, tool in enumerate(tools):
-            if not (isinstance(tool, dict) and isinstance(tool.get("type"), str)):
-                raise _refuse(f"tools[{k}]", "an object with a string `type`")
-            cache_marker(tool, f"tools[{k}]", markers)
-            if tool["type"] == "function":
-                function = tool.get("function")
-                if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
-                    raise _refuse(f"tools[{k}].function", "an object with a string `name`")
-                if not _text(function.get("description")):
-                    raise _refuse(f"tools[{k}].function.description", "a string")
-                if not _object(function.get("parameters")):
-                    raise _refuse(f"tools[{k}].function.parameters", "an object (a JSON Schema)")
+    if tools is None:
+        return []
+    _require(isinstance(tools, list), "tools", "`tools` must be an array of tools.")
+    for k, tool in enumerate(tools):
+        if not (isinstance(tool, dict) and isinstance(tool.get("type"), str)):
+            raise _refuse(f"tools[{k}]", "an object with a string `type`")
+    return tools
+
+
+def _check_tools(body: dict[str, Any], markers: list[str]) -> None:
+    for k, tool in enumerate(_tools(body)):
+        cache_marker(tool, f"tools[{k}]", markers)
+        if tool["type"] == "function":
+            function = tool.get("function")
+            if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+                raise _refuse(f"tools[{k}].function", "an object with a string `name`")
+            if not _text(function.get("description")):
+                raise _refuse(f"tools[{k}].function.description", "a string")
+            if not _object(function.get("parameters")):
+                raise _refuse(f"tools[{k}].function.parameters", "an object (a JSON Schema)")
     choice = body.get("tool_choice")
     _require(choice is None or choice in _TOOL_CHOICES or (isinstance(choice, dict) and (
         "function" not in choice or isinstance(choice["function"], dict)
@@ -366,12 +373,7 @@ def _validate_responses(body: dict[str, Any]) -> None:
     _service_tier(body)
     _require(_text(body.get("previous_response_id")), "previous_response_id",
              "`previous_response_id` must be a string.")
-    tools = body.get("tools")
-    if tools is not None:
-        _require(isinstance(tools, list), "tools", "`tools` must be an array of tools.")
-        for k, tool in enumerate(tools):
-            if not (isinstance(tool, dict) and isinstance(tool.get("type"), str)):
-                raise _refuse(f"tools[{k}]", "an object with a string `type`")
+    _tools(body)
     text = body.get("text")
     _require(_object(text), "text", "`text` must be an object.")
     fmt = (text or {}).get("format")

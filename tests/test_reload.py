@@ -15,6 +15,16 @@ from gateway_extproc.runtime import Runtime
 from .test_config import valid
 
 
+async def a_good_file_applies(ref: RuntimeRef, path: Path, mtime: int) -> None:
+    """A valid change (`maxRequestBytes` 8192, written at `mtime`, long stood still) applies."""
+    doc = valid()
+    doc["maxRequestBytes"] = 8192
+    path.write_text(yaml.safe_dump(doc))
+    os.utime(path, (mtime, mtime))
+    await ref.check()
+    assert ref.current.config.max_request_bytes == 8192
+
+
 async def test_a_file_still_being_written_is_read_once_it_stands_still(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(valid()))
@@ -97,12 +107,7 @@ async def test_a_tokenizer_file_that_does_not_load_is_rejected_and_the_watcher_k
     await ref.check()
     assert rejected() == before + 1
     assert ref.current.config.models["default-chat"].tokenizer == "o200k_base"  # the last good config
-    doc = valid()
-    doc["maxRequestBytes"] = 8192
-    path.write_text(yaml.safe_dump(doc))
-    os.utime(path, (3, 3))
-    await ref.check()
-    assert ref.current.config.max_request_bytes == 8192
+    await a_good_file_applies(ref, path, 3)
 
 
 async def test_whatever_a_reload_raises_the_watcher_survives_and_counts_it(tmp_path: Path, monkeypatch) -> None:
@@ -122,12 +127,7 @@ async def test_whatever_a_reload_raises_the_watcher_survives_and_counts_it(tmp_p
     os.utime(path, (2, 2))
     await ref.check()
     monkeypatch.setattr(reload.Runtime, "load", real)
-    doc = valid()
-    doc["maxRequestBytes"] = 8192
-    path.write_text(yaml.safe_dump(doc))
-    os.utime(path, (3, 3))
-    await ref.check()
-    assert ref.current.config.max_request_bytes == 8192
+    await a_good_file_applies(ref, path, 3)
 
 
 async def test_a_symlink_switched_to_a_file_of_the_same_mtime_is_reloaded(tmp_path: Path) -> None:
@@ -193,12 +193,7 @@ async def test_a_reload_lets_the_collector_free_what_the_start_up_heap_held_in_a
         del held  # garbage now, in a cycle the freeze took in
         gc.collect()
         assert probe() is not None and gc.get_freeze_count() > 0  # frozen: no collection frees it
-        doc = valid()
-        doc["maxRequestBytes"] = 8192
-        path.write_text(yaml.safe_dump(doc))
-        os.utime(path, (2, 2))  # (long stood still)
-        await ref.check()
-        assert ref.current.config.max_request_bytes == 8192
+        await a_good_file_applies(ref, path, 2)  # (long stood still)
         gc.collect()
         assert probe() is None and gc.get_freeze_count() == 0
     finally:
@@ -238,12 +233,7 @@ async def test_the_reload_gauges_say_whether_the_file_on_disk_is_the_config_in_f
     await ref.check()  # nothing changed since: still refused
     assert successful() == 0
 
-    doc = valid()
-    doc["maxRequestBytes"] = 8192
-    path.write_text(yaml.safe_dump(doc))
-    os.utime(path, (3, 3))
-    await ref.check()
-    assert ref.current.config.max_request_bytes == 8192
+    await a_good_file_applies(ref, path, 3)
     assert successful() == 1
     assert succeeded_at() > loaded_at
 

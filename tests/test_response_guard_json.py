@@ -6,6 +6,7 @@ break its round trip) are not read; the answer's own `id` is (tests/test_respons
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -14,6 +15,8 @@ import yaml
 from gateway_extproc import config
 from gateway_extproc.policy.classification import Policy, ResponseGuard
 from gateway_extproc.render import chart_values, render_values
+
+from .test_response_ids import scans  # noqa: F401 (a fixture: every list of strings the scanner reads)
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = "4111 1111 1111 1111"
@@ -47,29 +50,17 @@ def test_a_json_reply_holds_no_card_anywhere(policy: Policy, body: dict) -> None
     assert out is not None and orjson.loads(out)["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_an_answers_labels_are_read_once_per_value(policy: Policy) -> None:
+def test_an_answers_labels_are_read_once_per_value(policy: Policy, scans: Any) -> None:
     """`model` and the other labels repeat on every answer, so a value seen in a clean answer
     is not read again, while a new value is (a card there is still caught). The answer's
     `id` is read apart, every time (tests/test_response_ids.py)."""
-    from gateway_extproc.policy import scanner
-
-    seen: list[list[str]] = []
-    real = scanner.Scanner.scan_strings
-
-    def spy(self: scanner.Scanner, strings, apart=False):  # type: ignore[no-untyped-def]
-        seen.append(list(strings))
-        return real(self, strings, apart)
-
-    scanner.Scanner.scan_strings = spy  # type: ignore[method-assign]
-    try:
-        fresh = Policy(policy.cfg)
-        guard = lambda: ResponseGuard(fresh, fresh._params["enforce"], "demo")  # noqa: E731
-        assert guard().json_body(answer(id="chatcmpl-0000000000000000000000000001", model="gpt-x-2024-07-18")) is None
-        assert "gpt-x-2024-07-18" in seen[-2] and "ok" in seen[-2] and not any("chatcmpl" in t for t in seen[-2])
-        assert seen[-1] == ["chatcmpl-0000000000000000000000000001"]
-        assert guard().json_body(answer(model="gpt-x-2024-07-18")) is None
-        assert seen[-2:] == [["ok"], ["chatcmpl-1"]]
-        out = guard().json_body(answer(model=f"gpt {CARD}"))
-        assert out is not None and "4111 1111" not in out.decode()
-    finally:
-        scanner.Scanner.scan_strings = real  # type: ignore[method-assign]
+    seen = scans
+    fresh = Policy(policy.cfg)
+    guard = lambda: ResponseGuard(fresh, fresh._params["enforce"], "demo")  # noqa: E731
+    assert guard().json_body(answer(id="chatcmpl-0000000000000000000000000001", model="gpt-x-2024-07-18")) is None
+    assert "gpt-x-2024-07-18" in seen[-2] and "ok" in seen[-2] and not any("chatcmpl" in t for t in seen[-2])
+    assert seen[-1] == ["chatcmpl-0000000000000000000000000001"]
+    assert guard().json_body(answer(model="gpt-x-2024-07-18")) is None
+    assert seen[-2:] == [["ok"], ["chatcmpl-1"]]
+    out = guard().json_body(answer(model=f"gpt {CARD}"))
+    assert out is not None and "4111 1111" not in out.decode()

@@ -29,27 +29,33 @@ def chunk(audio: dict[str, Any], finish: str | None = None) -> bytes:
                                           "finish_reason": finish}]}) + b"\n\n"
 
 
+def choices(gw: Gateway, body: dict[str, Any], events: list[bytes]) -> list[dict[str, Any]]:
+    """Every choice of every chunk the client got for `body`, the provider streaming `events`."""
+    raw = orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
+    out: list[dict[str, Any]] = []
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {gw.key}", "x-mock-raw-events": raw}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                out += orjson.loads(line[6:]).get("choices") or []
+    return out
+
+
 def streamed(gw: Gateway, pieces: list[str]) -> tuple[str, list[str], set[str]]:
     """(the transcript the client got, the audio data pieces, the finish reasons)."""
     events = [chunk({"id": "audio_1", "transcript": pieces[0], "data": AUDIO}),
               *(chunk({"transcript": p, "data": AUDIO}) for p in pieces[1:]),
               chunk({"id": "audio_1", "expires_at": 1}), chunk({}, "stop"), b"data: [DONE]\n\n"]
-    raw = orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
     body = {"model": "default-chat", "stream": True, "modalities": ["text", "audio"],
             "audio": {"voice": "alloy", "format": "pcm16"}, "messages": [{"role": "user", "content": "Read it out."}]}
     said, data, finishes = "", [], set()
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body,
-                      headers={"authorization": f"Bearer {gw.key}", "x-mock-raw-events": raw}) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            for choice in orjson.loads(line[6:]).get("choices") or []:
-                audio = (choice.get("delta") or {}).get("audio") or {}
-                said += audio.get("transcript") or ""
-                data += [audio["data"]] if "data" in audio else []
-                if choice.get("finish_reason"):
-                    finishes.add(choice["finish_reason"])
+    for choice in choices(gw, body, events):
+        audio = (choice.get("delta") or {}).get("audio") or {}
+        said += audio.get("transcript") or ""
+        data += [audio["data"]] if "data" in audio else []
+        if choice.get("finish_reason"):
+            finishes.add(choice["finish_reason"])
     return said, data, finishes
 
 
@@ -83,21 +89,14 @@ def reasoned(gw: Gateway, pieces: list[str], alone: bool = False) -> tuple[str, 
     events = [event({"role": "assistant", **details(pieces[0], alone)}),
               *(event(details(p, alone)) for p in pieces[1:]),
               event({"content": "Done."}), event({}, "stop"), b"data: [DONE]\n\n"]
-    raw = orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
     body = {"model": "default-chat", "stream": True, "messages": [{"role": "user", "content": "Think it over."}]}
     reasoning, detail, finishes = "", "", set()
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body,
-                      headers={"authorization": f"Bearer {gw.key}", "x-mock-raw-events": raw}) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            for choice in orjson.loads(line[6:]).get("choices") or []:
-                delta = choice.get("delta") or {}
-                reasoning += delta.get("reasoning") or ""
-                detail += "".join(d.get("text") or "" for d in delta.get("reasoning_details") or [])
-                if choice.get("finish_reason"):
-                    finishes.add(choice["finish_reason"])
+    for choice in choices(gw, body, events):
+        delta = choice.get("delta") or {}
+        reasoning += delta.get("reasoning") or ""
+        detail += "".join(d.get("text") or "" for d in delta.get("reasoning_details") or [])
+        if choice.get("finish_reason"):
+            finishes.add(choice["finish_reason"])
     return reasoning, detail, finishes
 
 
