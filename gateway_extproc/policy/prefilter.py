@@ -108,7 +108,9 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
               # `-at-` (`jane-at-example-dot-com`: a local part of up to 64 characters before it,
               # validate_email) and `-dot-` after an '@' or a written-out one (the '@' fires)
               Trigger(rf"-{_WS}{{0,2}}at{_WS}{{0,2}}-", som=False, reach=64 + 16 + 8, tail=260, caseless=True)),
-    "credit_card": _DIGIT_RUNS + (Trigger(rf"[0-9]{{4}}{WIDE_SEPC}{{1,16}}[0-9]{{4}}", som=False, reach=26, tail=64),),
+    "credit_card": _DIGIT_RUNS + (Trigger(rf"[0-9]{{4}}{WIDE_SEPC}{{1,16}}[0-9]{{4}}", som=False, reach=26, tail=64),
+                                  # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
+                                  Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
                                      reach=40, tail=8),),
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
@@ -194,7 +196,8 @@ class Prefilter:
                                                  hyperscan.Scratch(self._som_db) if self._som_db else None)
         events: list[tuple[int, int, int]] = []
         try:
-            self._db.scan(data, match_event_handler=_collect, context=events, scratch=scratches[0])
+            self._db.scan(data, match_event_handler=_collect if len(data) > SHORT_TEXT else _collect_short,
+                          context=events, scratch=scratches[0])
             som = self._som
             if som and any(e[0] in som for e in events):  # their starts: the second database
                 events = [e for e in events if e[0] not in som]
@@ -272,9 +275,20 @@ def _run_start(text: str, end: int, chars: str) -> int:
 MAX_EVENTS_PER_CHAR = 1 / 16  # hostile or degenerate text (a megabyte of digits): stop counting
 
 
+# A text this short costs the regex little more than its Hyperscan events cost in Python
+# callbacks when they are dense (an id of twenty digits fires at each): there the prefilter
+# gives up after a few, where a long text's early cluster must not make it give up.
+SHORT_TEXT = 256
+
+
 def _collect(i: int, frm: int, to: int, _flags: int, events: list[tuple[int, int, int]]) -> bool:
     events.append((i, frm, to))
     return len(events) > 64 and len(events) > to * MAX_EVENTS_PER_CHAR
+
+
+def _collect_short(i: int, frm: int, to: int, _flags: int, events: list[tuple[int, int, int]]) -> bool:
+    events.append((i, frm, to))
+    return len(events) > 4 and len(events) > to * MAX_EVENTS_PER_CHAR
 
 
 @functools.lru_cache(maxsize=32)

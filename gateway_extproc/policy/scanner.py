@@ -81,8 +81,6 @@ from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGER
                         phrase_trigger, regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
 
-PREFILTER_MIN_CHARS = 256  # below, the regex alone is as fast
-
 # A region's check on a candidate v[start:end]: the accepted end, or 0 to reject.
 Check = Callable[[str, int, int], int]
 
@@ -1014,8 +1012,6 @@ class Scanner:
     def _all_hits(self, v: str) -> list[Hit]:
         """Every accepted candidate in `v`: the regex over the windows the prefilter points at
         (the same hits as over the whole text), or over the whole text."""
-        if len(v) < PREFILTER_MIN_CHARS:
-            return self._hits(v, 0, len(v))[0]
         pf = self._prefilter
         if pf is None and self._triggers[0]:
             pf = self._prefilter = build_prefilter(*self._triggers)  # built on first use, cached
