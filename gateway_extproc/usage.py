@@ -141,10 +141,12 @@ class SseUsageTap:
     """
 
     __slots__ = ("drop_usage_chunk", "named", "usage", "_pending", "events", "content_events", "rewrite", "done",
-                 "finish_reasons", "limit", "over", "refused", "usage_unread", "count", "generated_tokens")
+                 "finish_reasons", "limit", "over", "refused", "usage_unread", "count", "generated_tokens", "choices",
+                 "usage_final")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
-                 limit: int | None = None, named: bool = False, count: TokenCount | None = None) -> None:
+                 limit: int | None = None, named: bool = False, count: TokenCount | None = None,
+                 choices: int = 1) -> None:
         self.drop_usage_chunk = drop_usage_chunk
         self.named = named  # events keep their `event:` name (Responses API streams)
         # At most this many events of generated text are forwarded; from the one past it on, `over`
@@ -162,6 +164,12 @@ class SseUsageTap:
         # A usage block went by whose completion count could not be read (a string, a negative,
         # missing): the provider's bill is unknown, not absent (RouterProcessor.consumed).
         self.usage_unread = False
+        # The last usage block is the provider's bill, not a running count: it came on a
+        # usage-only chunk (or a Responses `response.*` event), or once all `choices` of the
+        # answer had finished. Servers that report usage on every chunk (vLLM's
+        # `continuous_usage_stats`) send counts so far: a stream cut after one is no bill.
+        self.choices = choices
+        self.usage_final = False
         self.events = 0
         # Events carrying generated text (`_GENERATED`): about one token each, the running
         # output estimate used before (or without) the provider's usage chunk.
@@ -265,5 +273,6 @@ class SseUsageTap:
         if usage is None:
             return False
         self.usage_unread = self.usage_unread or usage.completion_tokens is None
+        self.usage_final = not obj.get("choices") or len(self.finish_reasons) >= self.choices
         self.usage = replace(merged(self.usage, usage), finish_reasons=usage.finish_reasons or tuple(self.finish_reasons))
         return obj.get("choices") == []

@@ -882,3 +882,70 @@ async def test_an_answer_whose_bill_is_unknown_is_charged_the_reservation(local_
         assert spent.completion == 3 * 4 and spent.cost < reserved.reserved_nano  # 4 tokens an event
     else:
         assert (spent.cost, spent.completion) == (reserved.reserved_nano, reserved.output_tokens)
+
+
+def _running_usage(n: int, finish: str | None = None, content: str = " word") -> bytes:
+    """A chunk of a server that reports usage so far on every chunk (vLLM's
+    `stream_options.continuous_usage_stats`, which a client may ask for: the router keeps
+    the client's stream options), `n` output tokens in."""
+    return sse(chunk([{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+                     {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}))
+
+
+@pytest.mark.parametrize(("case", "events", "end", "charged"), [
+    # Cut after a running count: the provider may have gone on generating (the count is not its bill).
+    ("client gone mid-stream", [_running_usage(1), _running_usage(2)], None, "reservation"),
+    ("provider ended mid-stream", [_running_usage(1), _running_usage(2)], b"", "reservation"),
+    # The count on the chunk that finished the answer, or on the usage-only chunk, is the bill.
+    ("whole stream", [_running_usage(1), _running_usage(2, "stop"), DONE], b"", 2),
+    ("client gone after the finishing chunk", [_running_usage(1), _running_usage(2, "stop")], None, 2),
+    ("client gone after the usage chunk", [_running_usage(1), _running_usage(2, "stop"),
+                                           sse(chunk([], {"prompt_tokens": 8, "completion_tokens": 3,
+                                                          "total_tokens": 11}))], None, 3),
+])
+async def test_a_running_usage_count_is_no_bill_for_a_stream_cut_short(
+        local_runtime: Runtime, case: str, events: list[bytes], end: bytes | None, charged: str | int) -> None:
+    """A stream whose provider reports usage on every chunk and that is cut off (the client
+    hangs up after the first chunk, or the provider's connection drops) was charged the
+    count of its last chunk (2 tokens of a 500-token reservation: 1/125th), though the
+    provider may have generated up to the cap it was sent before it noticed. Only a count
+    sent with the answer's finish (or on the usage-only chunk) is the provider's bill."""
+    proc = RouterProcessor(Runtime.from_config(local_runtime.config))
+    body = {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500,
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    sent = await send_request(proc, body, key=LOCAL_KEY)
+    assert not sent.HasField("immediate_response") and proc.admission is not None
+    await proc.handle(resp_headers(content_type="text/event-stream", backend="mock/mock-gpt-4o-mini"))
+    for e in events:
+        await proc.handle(resp_body(e, end=False))
+    if end is not None:
+        await proc.handle(resp_body(end, end=True))
+    proc.close()
+    spent, reserved = proc.consumed(proc.answered_by()), proc.admission.result
+    if charged == "reservation":
+        assert (spent.cost, spent.completion) == (reserved.reserved_nano, reserved.output_tokens), case
+    else:
+        assert spent.completion == charged and spent.cost < reserved.reserved_nano, case
+
+
+async def test_an_answer_is_priced_at_its_models_backend_not_another_models_of_the_same_name() -> None:
+    """Two models may list the same provider model (an alias for another team, a model of its
+    own tier) at prices of their own; Envoy names the backend that answered `provider/model`.
+    The answer was priced at whichever model the config listed last: a request to the dear
+    model, answered by its backend, was charged the alias's price (1/1000th here)."""
+    values = chart_values([Path(__file__).resolve().parents[1] / "helm" / "values-local.yaml"])
+    values["models"].append({"name": "cheap-alias", "tokenizer": "o200k_base", "backends": [
+        {"provider": "mock", "model": "mock-primary", "pricing": {"input": 0.005, "output": 0.02},
+         "maxTier": "internal"}]})
+    cfg = config.parse(yaml.safe_load(render_values(values)["gateway.yaml"]), "values-local")
+    proc = RouterProcessor(Runtime.from_config(cfg))
+    sent = await send_request(proc, {"model": "fallback-chat", "messages": [{"role": "user", "content": "hi"}],
+                                     "max_tokens": 100}, key=LOCAL_KEY)
+    assert not sent.HasField("immediate_response") and proc.admission is not None
+    await proc.handle(resp_headers(backend="mock/mock-primary"))
+    answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "mock-primary", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050}}
+    await proc.handle(resp_body(orjson.dumps(answer)))
+    spent = proc.consumed(proc.answered_by())
+    assert spent.cost == 1000 * 5_000 + 50 * 20_000  # fallback-chat's primary: $5 / $20 per 1M tokens

@@ -79,7 +79,7 @@ class RouterProcessor:
                  "cut_after", "cut", "body_changed",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
                  "requested", "answered", "headers", "header_edit", "echo", "forwarded", "cache_writes",
-                 "broken")
+                 "broken", "choices")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -127,6 +127,7 @@ class RouterProcessor:
         # The body asks for prompt-cache writes ("5m", "1h": api.cache_writes) of the backends its
         # markers reach (providers.CACHE_MARKED); an Anthropic client's keep theirs (messages.to_chat).
         self.cache_writes: str | None = None
+        self.choices = 1  # chat's `n`: a stream's usage is its bill once that many choices finished
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = req.WhichOneof("request")
@@ -311,7 +312,7 @@ class RouterProcessor:
             raise GatewayError("invalid_request", "`service_tier` \"priority\" is billed above the prices budgets "
                                "are kept in, so no budget could hold its cost: leave it out, or send \"auto\", "
                                "\"default\" or \"flex\".", "service_tier")
-        choices = (body.get("n") or 1) if endpoint is api.CHAT else 1
+        choices = self.choices = (body.get("n") or 1) if endpoint is api.CHAT else 1
         cap = caps.output_cap(body, endpoint.output_caps, model.max_output_tokens,
                               gate.settings.default_output_tokens, choices)
         predicted = tokens.prediction_tokens(body, tokens.counter(model.tokenizer)) if endpoint is api.CHAT else 0
@@ -448,7 +449,7 @@ class RouterProcessor:
             if 200 <= self.status < 300 and content_type != "text/event-stream":
                 added["content-type"] = "text/event-stream"
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None,
-                                   self.cut_after, named=self.endpoint is api.RESPONSES,
+                                   self.cut_after, named=self.endpoint is api.RESPONSES, choices=self.choices,
                                    count=tokens.counter(self.model.tokenizer) if self.model is not None else None)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
@@ -594,8 +595,12 @@ class RouterProcessor:
         return new_body, status_changed
 
     def answered_by(self) -> Backend | None:
-        """The backend whose answer this is (Envoy's header from endpoint metadata), if any."""
-        return self.runtime.config.backends.get(self.backend or "")
+        """The backend whose answer this is (Envoy's header from endpoint metadata), if any:
+        the request's model's own entry, with that model's price. Another model may list the
+        same `provider/model` at a price of its own (an alias); `config.backends` holds one of them."""
+        if self.model is None or not self.backend:
+            return None
+        return next((b for b in self.model.backends if b.id == self.backend), None)
 
     def held_text(self) -> bytes:
         """What output scanning still holds back, scanned, when the gateway ends a stream early."""
@@ -702,7 +707,8 @@ class RouterProcessor:
         event); else, when the provider may
         have worked (a stream cut off, garbled or left by its client before its end, a usage
         chunk whose counts cannot be read, a client gone before the answer, a 2xx JSON answer
-        whose body was never read, a provider that reset the connection or timed out after it
+        whose body was never read, a stream cut short after a running usage count rather than
+        its bill, a provider that reset the connection or timed out after it
         had the request, an attempt whose ext_proc worker failed after the router forwarded
         the request), the reservation's
         worst case, the most it can bill with the cap it was sent (the output streamed so far
@@ -717,7 +723,9 @@ class RouterProcessor:
         price = backend.price if backend and backend.price else (
             self.admission.plan.price if self.admission else None)
         prompt = usage.prompt_tokens if usage.prompt_tokens is not None else (self.prompt_tokens or 0)
-        if usage.completion_tokens is not None:
+        # A running count on a stream cut short is not what the provider bills (SseUsageTap.usage_final).
+        running = self.tap is not None and not (self.tap.done or self.tap.usage_final)
+        if usage.completion_tokens is not None and not (running and self.admission is not None):
             completion = usage.completion_tokens
         elif self.tap is not None and (self.tap.done and not self.tap.over and not self.tap.usage_unread
                                        and not self.unreadable_stream() or self.admission is None):
