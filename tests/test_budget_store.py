@@ -9,11 +9,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from gateway_extproc.budgets.redis_store import RedisBudgetStore, connect
 from gateway_extproc.budgets.store import (
+    MAX_NANO,
     Bucket,
     BudgetStore,
     BudgetStoreUnavailable,
@@ -541,3 +544,70 @@ def test_memory_store_holds_what_is_in_flight_not_every_request_of_the_ttl() -> 
         assert later.used_nano[lim[0].key] == 20_000 * 5 + 10 + 100 * 1  # the forgotten one at its worst case
 
     asyncio.run(go())
+
+
+# --- the invariant, as a property over programs of operations ------------------------------
+
+_OPS = st.lists(st.one_of(
+    # reserve a new or a known id: prompt cost, output price, wanted and minimum output tokens
+    st.tuples(st.just("reserve"), st.integers(0, 7), st.integers(0, 3_000) | st.integers(0, MAX_NANO - 20_000),
+              st.integers(0, 50),
+              st.integers(1, 400), st.integers(0, 400)),
+    # settle an id at a fraction (per mille, 0..1000) of what it holds, as the gate caps it
+    st.tuples(st.just("settle"), st.integers(0, 7), st.integers(0, 1_000)),
+    st.tuples(st.just("wait"), st.integers(0, 3_000)),  # ms; reservations live 1 s
+), max_size=40)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS, team_limit=st.integers(0, 20_000) | st.integers(MAX_NANO - 50_000, MAX_NANO),
+       org_limit=st.sampled_from([15_000, MAX_NANO]))
+def test_no_program_of_reserves_settles_cancels_and_expiries_overspends_and_both_stores_agree(
+        server: RedisServer, ops: list[tuple], team_limit: int, org_limit: int) -> None:
+    """Whatever the order of reserves, retried reserves, settlements (at most the
+    reservation, as the gate sends them), settles repeated, cancels that overtake their
+    reserve and expiries: no level is ever above its limit, each holds exactly what was
+    settled plus what is held or expired unsettled, and the Redis store decides and counts
+    exactly as the memory store does."""
+    team, org = Limit("team:p", team_limit, None, 3600), Limit("org:p", org_limit, None, 3600)
+
+    async def run() -> None:
+        client = connect(server.url)
+        await client.flushall()
+        stores = (MemoryBudgetStore(), RedisBudgetStore(client, PREFIX))
+        now = T0
+        held: dict[str, tuple[ReserveRequest, int]] = {}  # admitted: the request and what it reserved
+        settled: dict[str, int] = {}
+        try:
+            for op in ops:
+                if op[0] == "wait":
+                    now += op[1]
+                    continue
+                rid = f"r{op[1]}"
+                # A request's id is sent again only as a retry of its reserve, while it is held.
+                if op[0] == "reserve" and rid not in settled and (rid not in held or held[rid][0].now_ms + 1_000 > now):
+                    _, _, cost, price, wanted, min_out = op
+                    req = request(rid, limits=(org, team), prompt_cost=cost, price=price, wanted=wanted,
+                                  min_out=min(min_out, wanted), ttl_s=1, now_ms=now)
+                    got = [await s.reserve(req) for s in stores]
+                    assert got[0] == got[1], op
+                    if got[0].admitted:
+                        held.setdefault(rid, (req, got[0].reserved_nano))
+                elif op[0] == "settle":
+                    req, reserved = held.get(rid, (request(rid, limits=(org, team), ttl_s=1, now_ms=now), 0))
+                    cost = reserved * op[2] // 1_000
+                    outcomes = [await s.settle(req, cost, 0, now) for s in stores]
+                    assert outcomes[0] == outcomes[1], op
+                    if outcomes[0] != "nothing":
+                        settled[rid] = cost
+                    else:
+                        settled.setdefault(rid, 0)  # a cancel, or a second settle (no change)
+                balances = [await s.usage((org, team), (), now) for s in stores]
+                assert balances[0] == balances[1], op
+                expected = sum(settled.get(rid, reserved) for rid, (_, reserved) in held.items())
+                for lim in (org, team):
+                    assert balances[0].used_nano[lim.key] == expected <= lim.limit_nano, op
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
