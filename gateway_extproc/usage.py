@@ -166,8 +166,9 @@ class SseUsageTap:
         self.usage_unread = False
         # The last usage block is the provider's bill, not a running count: it came on a
         # usage-only chunk (or a Responses `response.*` event), or once all `choices` of the
-        # answer had finished. Servers that report usage on every chunk (vLLM's
-        # `continuous_usage_stats`) send counts so far: a stream cut after one is no bill.
+        # answer had finished, and no text came after it. Servers that report usage on every
+        # chunk (vLLM's `continuous_usage_stats`) send counts so far: a stream cut after one
+        # is no bill.
         self.choices = choices
         self.usage_final = False
         self.events = 0
@@ -198,6 +199,7 @@ class SseUsageTap:
             self.events += 1
             if _GENERATED.search(event) is not None:
                 self.content_events += 1
+                self.usage_final = False  # text after a usage block: that was a count so far
                 if self.count is not None:
                     self.generated_tokens += self._text_tokens(event)
                 self.over = self.over or (self.limit is not None and self.content_events > self.limit)

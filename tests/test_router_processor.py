@@ -896,6 +896,10 @@ def _running_usage(n: int, finish: str | None = None, content: str = " word") ->
     # Cut after a running count: the provider may have gone on generating (the count is not its bill).
     ("client gone mid-stream", [_running_usage(1), _running_usage(2)], None, "reservation"),
     ("provider ended mid-stream", [_running_usage(1), _running_usage(2)], b"", "reservation"),
+    ("text after a usage-only chunk", [sse(chunk([], {"prompt_tokens": 8, "completion_tokens": 0,
+                                                      "total_tokens": 8})), 
+                                      sse(chunk([{"index": 0, "delta": {"content": " word"}, "finish_reason": None}]))],
+     None, "reservation"),
     # The count on the chunk that finished the answer, or on the usage-only chunk, is the bill.
     ("whole stream", [_running_usage(1), _running_usage(2, "stop"), DONE], b"", 2),
     ("client gone after the finishing chunk", [_running_usage(1), _running_usage(2, "stop")], None, 2),
