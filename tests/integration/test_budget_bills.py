@@ -160,3 +160,41 @@ def test_a_provider_side_fallback_list_never_leaves(gw: Gateway, api: str) -> No
     body = info.value.body
     assert info.value.status_code == 400 and body["code"] == "invalid_request" and body["param"] == "models"
     assert len(gw.received(gw.primary)) == before
+
+
+def _counted(n: int) -> bytes:
+    """A chunk of a server that reports usage so far on every chunk, `n` output tokens in."""
+    chunk = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "model": "m",
+             "choices": [{"index": 0, "delta": {"content": " word"}, "finish_reason": None}],
+             "usage": {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("how", ["client hangs up", "provider drops the connection"])
+def test_a_stream_cut_after_a_running_usage_count_is_charged_its_reservation(gw: Gateway, how: str) -> None:
+    """A server that reports usage so far on every chunk (vLLM's `continuous_usage_stats`,
+    which the client asked for here) and a stream cut after its second chunk: charged that
+    chunk's count, 2 of the 500 output tokens the provider was allowed and may have gone on
+    generating. Charged the reservation, as any stream cut before its bill."""
+    controls = {"x-mock-raw-events": json.dumps([base64.b64encode(_counted(n)).decode() for n in range(1, 7)]),
+                "x-mock-chunk-delay-ms": "300"}
+    if how != "client hangs up":
+        controls["x-mock-drop-after-chunks"] = "2"
+    before = _spent(gw)
+    seen: list[str] = []
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30, headers={
+            "authorization": f"Bearer {gw.key}", **controls},
+            json={"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500,
+                  "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as r:
+        assert r.status_code == 200
+        try:
+            for line in r.iter_lines():
+                seen += [line] if line.startswith("data: {") else []
+                if len(seen) == 2 and how == "client hangs up":
+                    break
+        except httpx.RemoteProtocolError:  # Envoy resets the client's stream the provider broke off
+            pass
+    assert len(seen) >= 2 and '"completion_tokens":2' in seen[1].replace(" ", "")
+    reserved = (8 * 5 + 500 * 20) / 1e6  # default-chat: $5 / $20 per 1M tokens; an 8-token prompt
+    assert _settled(gw, before, reserved) == pytest.approx(reserved)
+    assert envoy_ready(gw)
