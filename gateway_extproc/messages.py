@@ -33,8 +33,35 @@ def _invalid(message: str, param: str) -> GatewayError:
     return GatewayError("invalid_request", message, param)
 
 
-def to_chat(body: JSON) -> JSON:
-    """A validated Anthropic Messages request as the equivalent OpenAI chat request."""
+# The Messages request's fields, all of which the translation carries: any other is refused
+# (naming it) rather than dropped, since nothing would read it.
+_FIELDS = frozenset({"model", "messages", "max_tokens", "system", "stop_sequences", "temperature", "top_p", "top_k",
+                     "tools", "tool_choice", "metadata", "stream", "thinking", "service_tier", "cache_control"})
+# Each content block's fields (beside `type`; null ones pass, e.g. an answer's `citations` sent back).
+_BLOCK_FIELDS = {"text": {"text", "cache_control"}, "image": {"source", "cache_control"},
+                 "tool_use": {"id", "name", "input", "cache_control"},
+                 "tool_result": {"tool_use_id", "content", "is_error", "cache_control"},
+                 "thinking": {"thinking", "signature"}, "redacted_thinking": {"data"}}
+_THINKING = ("enabled", "disabled", "adaptive")
+# Anthropic's service tiers as the OpenAI values the pivot carries (providers.fields.ANTHROPIC_TIERS).
+_TIERS = {"auto": "auto", "standard_only": "default"}
+
+
+def _only(holder: JSON, allowed: set[str] | frozenset[str], where: str) -> None:
+    """Refuses the first field of `holder` the translation does not carry (null ones pass)."""
+    extra = next((k for k, v in holder.items() if k not in allowed and k != "type" and v is not None), None)
+    if extra is not None:
+        path = f"{where}.{extra}" if where else extra
+        raise _invalid(f"{path}: this field is not supported by the gateway's Messages endpoint (it would be "
+                       "dropped); leave it out", path)
+
+
+def to_chat(body: JSON, paths: dict[str, str] | None = None) -> JSON:
+    """A validated Anthropic Messages request as the equivalent OpenAI chat request. `paths`,
+    when given, gets the client's path of each pivot field a backend kind may refuse
+    (providers.fields), so the refusal names what the client sent."""
+    paths = {} if paths is None else paths
+    _only(body, _FIELDS, "")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _invalid("model: a model name (string) is required", "model")
@@ -54,7 +81,11 @@ def to_chat(body: JSON) -> JSON:
         if system:
             chat.append({"role": "system", "content": system})
     for i, message in enumerate(messages):
-        chat.extend(_message(message, f"messages.{i}", markers))
+        for pivot in _message(message, f"messages.{i}", markers):
+            for name in ("is_error", "thinking_blocks"):
+                if name in pivot:
+                    paths[f"messages[{len(chat)}].{name}"] = pivot.pop(f"_{name}_path")
+            chat.append(pivot)
     out: JSON = {"model": model, "messages": chat, "max_tokens": max_tokens}
     stop = body.get("stop_sequences")
     if stop is not None:
@@ -65,6 +96,19 @@ def to_chat(body: JSON) -> JSON:
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             out[key] = body[key]
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if type(top_k) is not int or top_k <= 0:
+            raise _invalid("top_k: a positive integer is required", "top_k")
+        out["top_k"] = top_k
+    _thinking(body.get("thinking"), out)
+    tier = body.get("service_tier")
+    if tier is not None:
+        if tier not in _TIERS:
+            raise _invalid("service_tier: must be auto or standard_only", "service_tier")
+        out["service_tier"] = _TIERS[tier]
+    paths.update({"stop": "stop_sequences", "user": "metadata.user_id",
+                  "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"})
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -79,6 +123,7 @@ def to_chat(body: JSON) -> JSON:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise _invalid("metadata: an object is required", "metadata")
+    _only(metadata or {}, {"user_id"}, "metadata")
     user = (metadata or {}).get("user_id")
     if not (user is None or isinstance(user, str)):
         raise _invalid("metadata.user_id: a string is required", "metadata.user_id")
@@ -87,6 +132,20 @@ def to_chat(body: JSON) -> JSON:
     if body.get("stream"):
         out["stream"] = True  # the router asks the backend for the usage chunk message_delta needs
     return out
+
+
+def _thinking(thinking: Any, out: JSON) -> None:
+    """Extended thinking, carried to the pivot as is (`thinking`, LiteLLM's name) once its shape
+    is Anthropic's: the translators that can say it do (providers.fields), the rest refuse it."""
+    if thinking is None:
+        return
+    if not (isinstance(thinking, dict) and thinking.get("type") in _THINKING):
+        raise _invalid("thinking: an object with a type of enabled, disabled or adaptive is required", "thinking")
+    _only(thinking, {"budget_tokens"} if thinking["type"] == "enabled" else set(), "thinking")
+    budget = thinking.get("budget_tokens")
+    if thinking["type"] == "enabled" and (type(budget) is not int or budget <= 0):
+        raise _invalid("thinking.budget_tokens: a positive integer is required", "thinking.budget_tokens")
+    out["thinking"] = dict(thinking)
 
 
 def drop_cache_markers(chat: JSON) -> None:
@@ -140,9 +199,13 @@ def _message(message: Any, param: str, markers: list[str]) -> list[JSON]:
     parts: list[JSON] = []
     tool_calls: list[JSON] = []
     tool_results: list[JSON] = []
+    thinking: list[JSON] = []
+    thinking_at = ""
     for j, block in enumerate(content):
         where = f"{param}.content.{j}"
         kind = block.get("type") if isinstance(block, dict) else None
+        if isinstance(kind, str) and kind in _BLOCK_FIELDS:
+            _only(block, _BLOCK_FIELDS[kind], where)
         if kind == "text":
             _string(block, "text", where)
             parts.append(_marked({"type": "text", "text": block["text"]}, block, where, markers))
@@ -162,11 +225,23 @@ def _message(message: Any, param: str, markers: list[str]) -> list[JSON]:
         elif kind == "tool_result" and role == "user":
             if not isinstance(block.get("tool_use_id"), str):
                 raise _invalid(f"{where}.tool_use_id: a string is required", f"{where}.tool_use_id")
-            tool_results.append(_marked({"role": "tool", "tool_call_id": block["tool_use_id"],
-                                         "content": _tool_result(block.get("content"), where, markers)},
-                                        block, where, markers))
-        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
-            continue  # the model's own reasoning: OpenAI requests have no place for it
+            result = _marked({"role": "tool", "tool_call_id": block["tool_use_id"],
+                              "content": _tool_result(block.get("content"), where, markers)}, block, where, markers)
+            error = block.get("is_error")
+            if not (error is None or isinstance(error, bool)):
+                raise _invalid(f"{where}.is_error: a boolean is required", f"{where}.is_error")
+            if error:  # (the pivot's extension: providers.fields)
+                result.update(is_error=True, _is_error_path=f"{where}.is_error")
+            tool_results.append(result)
+        elif kind == "thinking" and role == "assistant":
+            # The model's own reasoning, signed: carried in order (`thinking_blocks`, LiteLLM's
+            # name) to the backends that check and read it, refused by the others.
+            thinking.append({"type": "thinking", "thinking": _string(block, "thinking", where),
+                             "signature": _string(block, "signature", where)})
+            thinking_at = thinking_at or where
+        elif kind == "redacted_thinking" and role == "assistant":
+            thinking.append({"type": "redacted_thinking", "data": _string(block, "data", where)})
+            thinking_at = thinking_at or where
         else:
             raise _invalid(f"{where}: content block type {quoted(kind)} is not supported in a {role} message", where)
     out = tool_results
@@ -174,6 +249,8 @@ def _message(message: Any, param: str, markers: list[str]) -> list[JSON]:
         reply: JSON = {"role": "assistant", "content": _content(parts) if parts else None}
         if tool_calls:
             reply["tool_calls"] = tool_calls
+        if thinking:
+            reply.update(thinking_blocks=thinking, _thinking_blocks_path=thinking_at)
         out.append(reply)
     elif parts or not tool_results:
         out.append({"role": "user", "content": _content(parts) if parts else ""})
@@ -205,6 +282,8 @@ def _tool_result(content: Any, where: str, markers: list[str]) -> str | list[JSO
         return content or ""
     if not (isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content)):
         raise _invalid(f"{where}.content: tool results may only contain text", f"{where}.content")
+    for k, b in enumerate(content):
+        _only(b, {"text", "cache_control"}, f"{where}.content.{k}")
     texts = [_string(b, "text", f"{where}.content.{k}") for k, b in enumerate(content)]
     if not any("cache_control" in b for b in content):
         return "\n".join(texts)
@@ -213,8 +292,10 @@ def _tool_result(content: Any, where: str, markers: list[str]) -> str | list[JSO
 
 
 def _tool(tool: Any, where: str, markers: list[str]) -> JSON:
-    if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or "input_schema" not in tool:
+    if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or "input_schema" not in tool \
+            or tool.get("type", "custom") not in ("custom", None):
         raise _invalid(f"{where}: only custom tools with a name and an input_schema are supported", where)
+    _only(tool, {"name", "description", "input_schema", "cache_control"}, where)
     if not isinstance(tool["input_schema"], dict):
         raise _invalid(f"{where}.input_schema: an object (a JSON Schema) is required", f"{where}.input_schema")
     if not isinstance(tool.get("description", ""), str):
@@ -230,6 +311,7 @@ def _apply_tool_choice(choice: Any, out: JSON) -> None:
         return
     if not isinstance(choice, dict):  # (`"auto"`, OpenAI's form, was dropped)
         raise _invalid("tool_choice: an object with a type of auto, any, tool or none is required", "tool_choice")
+    _only(choice, {"name", "disable_parallel_tool_use"}, "tool_choice")
     if choice.get("type") == "tool":
         out["tool_choice"] = {"type": "function", "function": {"name": _string(choice, "name", "tool_choice")}}
     elif isinstance(choice.get("type"), str) and choice["type"] in _TOOL_CHOICE:

@@ -40,7 +40,9 @@ def test_hello_world_from_messages_api_docs() -> None:
                              "messages": [{"role": "user", "content": "Hello, world"}]}
 
 
-def test_system_parameters_and_dropped_fields() -> None:
+def test_system_parameters_and_carried_fields() -> None:
+    """`top_k` and `thinking` have no OpenAI field: the pivot carries them by LiteLLM's names
+    (until 2026-12 both were dropped, the request answered as if never sent)."""
     body = {"model": MODEL, "max_tokens": 256, "system": "You are a seasoned data scientist.",
             "messages": [{"role": "user", "content": [{"type": "text", "text": "Analyze this dataset."}]}],
             "stop_sequences": ["\n\nHuman:"], "temperature": 0.5, "top_p": 0.9, "top_k": 40,
@@ -50,7 +52,8 @@ def test_system_parameters_and_dropped_fields() -> None:
         "model": MODEL, "max_tokens": 256,
         "messages": [{"role": "system", "content": "You are a seasoned data scientist."},
                      {"role": "user", "content": "Analyze this dataset."}],
-        "stop": ["\n\nHuman:"], "temperature": 0.5, "top_p": 0.9,
+        "stop": ["\n\nHuman:"], "temperature": 0.5, "top_p": 0.9, "top_k": 40,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
         "user": "13803d75-b4b5-4c3e-b2a2-6f21399b021b", "stream": True}
     blocks = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
               "system": [{"type": "text", "text": "Be brief."},
@@ -107,7 +110,8 @@ def test_tool_use_conversation_from_tool_use_docs() -> None:
             {"role": "user", "content": "What's the weather like in San Francisco?"},
             {"role": "assistant", "content": "I'll check the current weather in San Francisco for you.",
              "tool_calls": [{"id": TOOL_ID, "type": "function", "function": {
-                 "name": "get_weather", "arguments": '{"location":"San Francisco, CA","unit":"celsius"}'}}]},
+                 "name": "get_weather", "arguments": '{"location":"San Francisco, CA","unit":"celsius"}'}}],
+             "thinking_blocks": [{"type": "thinking", "thinking": "I should call get_weather.", "signature": "sig"}]},
             {"role": "tool", "tool_call_id": TOOL_ID, "content": "15 degrees"},
             {"role": "user", "content": "Also, is that warm?"},
             {"role": "assistant", "content": None, "tool_calls": [{"id": "toolu_2", "type": "function", "function": {
@@ -465,3 +469,53 @@ def test_what_the_messages_schema_allows_still_translates() -> None:
     assert "user" not in out and "stop" not in out and "tools" not in out and out["tool_choice"] == "auto"
     assert to_chat({**VALID, "system": None, "stop_sequences": None, "tools": None, "tool_choice": None}) \
         == to_chat(VALID)
+
+
+# --- every Messages field reaches the pivot, or is refused by name ------------------------
+
+THINKING_TURN = [{"role": "user", "content": "weather?"},
+                 {"role": "assistant", "content": [
+                     {"type": "thinking", "thinking": "Call the tool.", "signature": "c2ln"},
+                     {"type": "redacted_thinking", "data": "ZW5j"},
+                     {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "boom",
+                                               "is_error": True}]}]
+
+
+def test_thinking_blocks_is_error_and_service_tier_are_carried_with_their_client_paths() -> None:
+    paths: dict[str, str] = {}
+    out = to_chat({**VALID, "messages": THINKING_TURN, "service_tier": "standard_only",
+                   "thinking": {"type": "adaptive"}}, paths)
+    assert out["messages"][1]["thinking_blocks"] == [
+        {"type": "thinking", "thinking": "Call the tool.", "signature": "c2ln"},
+        {"type": "redacted_thinking", "data": "ZW5j"}]
+    assert out["messages"][2] == {"role": "tool", "tool_call_id": "t1", "content": "boom", "is_error": True}
+    assert out["service_tier"] == "default" and out["thinking"] == {"type": "adaptive"}
+    assert paths["messages[1].thinking_blocks"] == "messages.1.content.0"
+    assert paths["messages[2].is_error"] == "messages.2.content.0.is_error"
+    assert paths["user"] == "metadata.user_id" and paths["stop"] == "stop_sequences"
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"container": "c1"}, "container"),
+    ({"mcp_servers": [{"type": "url"}]}, "mcp_servers"),
+    ({"metadata": {"user_id": "u", "tenant": "t"}}, "metadata.tenant"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
+    ({"thinking": {"type": "on", "budget_tokens": 2000}}, "thinking"),
+    ({"thinking": {"type": "disabled", "budget_tokens": 2000}}, "thinking.budget_tokens"),
+    ({"service_tier": "priority"}, "service_tier"),
+    ({"tools": [{"name": "f", "input_schema": {}, "strict": True}]}, "tools.0.strict"),
+    ({"tool_choice": {"type": "auto", "parallel": False}}, "tool_choice.parallel"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "citations": [{}]}]}]},
+     "messages.0.content.0.citations"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "is_error": "yes"}]}]},
+     "messages.0.content.0.is_error"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "x"}]}]}, "messages.1.content.0.signature"),
+])
+def test_a_field_the_translation_would_drop_is_refused_by_name(change: dict[str, Any], param: str) -> None:
+    with pytest.raises(GatewayError) as info:
+        to_chat({**VALID, **change})
+    assert (info.value.code, info.value.status, info.value.param) == ("invalid_request", 400, param)

@@ -1,0 +1,101 @@
+"""Which request fields each backend kind carries, checked before any attempt.
+
+A field a client sent must reach the provider with its meaning or be refused (400
+`invalid_request` naming it and the backend kind): a translator that skipped a field it has
+no place for (`top_k`, `thinking`, a `tool_result`'s `is_error`, `seed`, `logprobs`...)
+answered as if it had never been sent. The pivot (OpenAI chat) carries what OpenAI's schema
+has no place for under the names LiteLLM and vLLM give them: `top_k`, `thinking` (Anthropic's
+extended-thinking config) at the top level, a tool message's `is_error` and an assistant
+message's `thinking_blocks` (the model's earlier reasoning with its signatures, in order)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Backend
+from ..errors import GatewayError
+
+JSON = dict[str, Any]
+
+# Pivot fields every translating kind carries (or the router consumes: `stream_options`).
+_COMMON = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options",
+                     "temperature", "top_p", "stop", "tools", "tool_choice", "cache_control"})
+# The pivot's own extensions (not OpenAI's schema): what an OpenAI-schema backend would get
+# from an Anthropic client as a key it does not know (OpenAI refuses it; others ignore it).
+EXTENSIONS = ("top_k", "thinking")
+_MESSAGE_EXTENSIONS = ("is_error", "thinking_blocks")
+
+# Top-level fields each translating kind carries beyond _COMMON, and the message extensions.
+_TOP: dict[str, frozenset[str]] = {
+    "anthropic": _COMMON | {"top_k", "thinking", "user"},  # (user: metadata.user_id)
+    "bedrock": _COMMON | {"top_k", "thinking", "user"},  # (user: requestMetadata)
+    "gemini": _COMMON | {"top_k", "thinking", "seed", "presence_penalty", "frequency_penalty", "n",
+                         "response_format"},
+}
+_MESSAGE: dict[str, frozenset[str]] = {
+    "anthropic": frozenset(_MESSAGE_EXTENSIONS),
+    "bedrock": frozenset(_MESSAGE_EXTENSIONS),
+    "gemini": frozenset({"is_error"}),  # (another provider's signed reasoning means nothing to Gemini)
+}
+# Anthropic's service tiers, by the OpenAI value the pivot carries them as (messages.to_chat).
+ANTHROPIC_TIERS = {"auto": "auto", "default": "standard_only"}
+
+
+def _carried_value(name: str, value: Any, kind: str) -> bool:
+    """Whether a kind carries this value of a field it carries only some values of: the
+    provider's default (nothing to carry), or one it has an equivalent for."""
+    if name == "n":
+        return value == 1
+    if name == "logprobs":
+        return value is False
+    if name == "parallel_tool_calls":
+        return value is True or kind == "anthropic"  # (disable_parallel_tool_use)
+    if name == "response_format":
+        return isinstance(value, dict) and (value.get("type") == "text" or (
+            kind == "anthropic" and value.get("type") == "json_schema"))  # (output_config.format)
+    if name == "service_tier":
+        return kind == "anthropic" and value in ANTHROPIC_TIERS
+    return False
+
+
+_PARTIAL = frozenset({"n", "logprobs", "parallel_tool_calls", "response_format", "service_tier"})
+
+
+def refusal(backend: Backend, body: JSON, client_paths: dict[str, str] | None = None) -> GatewayError | None:
+    """The refusal for the first field of the chat pivot `body` that `backend` cannot carry,
+    or None. `client_paths` (an Anthropic client's request: messages.py) names a pivot field as
+    the client sent it; an OpenAI client's body goes to OpenAI-schema backends as sent."""
+    kind = backend.provider.kind
+    top = _TOP.get(kind)
+    found: str | None = None
+    if top is None:  # OpenAI-schema kinds: only the pivot's own extensions would lose their meaning
+        if client_paths is not None:
+            found = next((k for k in EXTENSIONS if body.get(k) is not None), None) or _message_field(
+                body, frozenset())
+    else:
+        claude = kind != "bedrock" or "anthropic.claude" in backend.model  # Converse's Claude-only fields
+
+        def carried(name: str, value: Any) -> bool:
+            if name in _PARTIAL and name not in top:
+                return _carried_value(name, value, kind)
+            return name in top and (claude or name not in EXTENSIONS)
+
+        found = next((k for k, v in body.items() if v is not None and not carried(k, v)), None)
+        found = found or _message_field(body, _MESSAGE[kind] if claude else frozenset({"is_error"}))
+    if found is None:
+        return None
+    param = (client_paths or {}).get(found, found)
+    claude_only = found.rpartition(".")[2] in (*EXTENSIONS, *_MESSAGE_EXTENSIONS)
+    where = "Bedrock models other than Claude" if kind == "bedrock" and claude_only else f"{kind} backends"
+    return GatewayError("invalid_request", f"`{param}` has no equivalent at {where}, which serve this model; "
+                        "nothing was sent (leave it out, or use a model served by a provider that takes it).", param)
+
+
+def _message_field(body: JSON, carried: frozenset[str]) -> str | None:
+    """The path of the first message extension (`messages[3].is_error`) the kind cannot carry."""
+    for i, message in enumerate(body.get("messages") or ()):
+        if isinstance(message, dict):
+            for name in _MESSAGE_EXTENSIONS:
+                if name not in carried and message.get(name) not in (None, False, []):
+                    return f"messages[{i}].{name}"
+    return None
