@@ -275,6 +275,25 @@ def _check_message(m: Any, i: int, markers: list[str]) -> None:
             cache_marker(call, f"messages[{i}].tool_calls[{k}]", markers)
     if not _text(m.get("tool_call_id")):
         raise _refuse(f"messages[{i}].tool_call_id", "a string")
+    if m.get("is_error") is not None and not isinstance(m["is_error"], bool):
+        raise _refuse(f"messages[{i}].is_error", "a boolean")
+    thinking = m.get("thinking_blocks")
+    if thinking is not None:
+        if not isinstance(thinking, list):
+            raise _refuse(f"messages[{i}].thinking_blocks", "an array")
+        for k, block in enumerate(thinking):
+            if not _thinking_block(block):
+                raise _refuse(f"messages[{i}].thinking_blocks[{k}]", 'a `{"type": "thinking", "thinking", '
+                              '"signature"}` or `{"type": "redacted_thinking", "data"}` object of strings')
+
+
+def _thinking_block(block: Any) -> bool:
+    """One of the pivot's `thinking_blocks` (an assistant's signed reasoning, providers/fields.py)."""
+    if not isinstance(block, dict):
+        return False
+    names = ("thinking", "signature") if block.get("type") == "thinking" else (
+        ("data",) if block.get("type") == "redacted_thinking" else None)
+    return names is not None and all(isinstance(block.get(n), str) for n in names)
 
 
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -335,6 +354,14 @@ def _validate_chat(body: dict[str, Any]) -> None:
     _sampling(body, ("temperature", "top_p", "presence_penalty", "frequency_penalty"))
     seed = body.get("seed")
     _require(seed is None or type(seed) is int, "seed", "`seed` must be an integer.")
+    # The pivot's extensions (providers/fields.py), as an Anthropic client sends them (messages.py).
+    top_k = body.get("top_k")
+    _require(top_k is None or type(top_k) is int and top_k > 0, "top_k", "`top_k` must be a positive integer.")
+    thinking = body.get("thinking")
+    _require(thinking is None or isinstance(thinking, dict) and thinking.get("type") in (
+        "enabled", "disabled", "adaptive") and (thinking["type"] != "enabled" or type(
+            thinking.get("budget_tokens")) is int), "thinking", "`thinking` must be an object with a `type` of "
+             "enabled (with an integer `budget_tokens`), disabled or adaptive.")
     stop = body.get("stop")
     _require(stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(
         isinstance(s, str) for s in stop)), "stop", "`stop` must be a string or an array of strings.")

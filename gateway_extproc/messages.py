@@ -338,7 +338,7 @@ def from_chat(raw: bytes) -> bytes | None:
         return None
     choice = _dict(next(iter(_list(body.get("choices"))), None))
     message = _dict(choice.get("message"))
-    content: list[JSON] = []
+    content = [_thinking_block(_dict(b)) for b in _list(message.get("thinking_blocks"))]
     if isinstance(message.get("content"), str) and message["content"]:
         content.append({"type": "text", "text": message["content"]})
     for call in _list(message.get("tool_calls")):
@@ -350,6 +350,14 @@ def from_chat(raw: bytes) -> bytes | None:
         "id": _str(body.get("id")), "type": "message", "role": "assistant", "model": _str(body.get("model")),
         "content": content, "stop_reason": _stop_reason(choice.get("finish_reason")),
         "stop_sequence": None, "usage": _usage(body.get("usage"))})
+
+
+def _thinking_block(block: JSON) -> JSON:
+    """One of the pivot answer's `thinking_blocks` (providers/anthropic.reasoning) as the block
+    Claude sent, signature included: the client sends it back on the next turn."""
+    if block.get("type") == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": _str(block.get("data"))}
+    return {"type": "thinking", "thinking": _str(block.get("thinking")), "signature": _str(block.get("signature"))}
 
 
 def _dict(value: Any) -> JSON:
@@ -406,7 +414,7 @@ class ToMessagesStream:
     def __init__(self) -> None:
         self._reader = SseReader()
         self._started = False
-        self._open_kind: str | None = None  # "text" or "tool" while a content block is open
+        self._open_kind: str | None = None  # "text", "thinking" or "tool" while a content block is open
         self._blocks = 0  # content blocks started so far; the open one is the last of them
         self._tools: dict[int, int] = {}  # OpenAI tool call index -> Anthropic block index
         self._finish: str | None = None
@@ -445,6 +453,13 @@ class ToMessagesStream:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = _dict(choice.get("delta"))
+            if isinstance(delta.get("reasoning_content"), str) and delta["reasoning_content"]:
+                if self._open_kind != "thinking":
+                    out.extend(self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
+                out.append(_event("content_block_delta", {
+                    "index": self._blocks - 1, "delta": {"type": "thinking_delta", "thinking": delta["reasoning_content"]}}))
+            for block in _list(delta.get("thinking_blocks")):
+                out.extend(self._thinking(_dict(block)))
             if isinstance(delta.get("content"), str) and delta["content"]:
                 if self._open_kind != "text":
                     out.extend(self._open("text", {"type": "text", "text": ""}))
@@ -468,6 +483,18 @@ class ToMessagesStream:
             out.append(_event("content_block_delta", {
                 "index": self._tools[k], "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}}))
         return out
+
+    def _thinking(self, block: JSON) -> list[bytes]:
+        """A signature ends the open thinking block (Claude streams it last); a redacted block
+        comes whole."""
+        if block.get("type") == "redacted_thinking":
+            return [*self._open("redacted", {"type": "redacted_thinking", "data": _str(block.get("data"))}),
+                    *self._close()]
+        out = [] if self._open_kind == "thinking" else self._open(
+            "thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        out.append(_event("content_block_delta", {
+            "index": self._blocks - 1, "delta": {"type": "signature_delta", "signature": _str(block.get("signature"))}}))
+        return out + self._close()
 
     def _start(self, obj: JSON) -> list[bytes]:
         if self._started:

@@ -519,3 +519,38 @@ def test_a_field_the_translation_would_drop_is_refused_by_name(change: dict[str,
     with pytest.raises(GatewayError) as info:
         to_chat({**VALID, **change})
     assert (info.value.code, info.value.status, info.value.param) == ("invalid_request", 400, param)
+
+
+CLAUDE_THINKING = [
+    {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL,
+                                          "content": [], "usage": {"input_tokens": 10, "output_tokens": 1}}},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me "}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "think."}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "EqQBCgIYAhIM"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "ZW5j"}},
+    {"type": "content_block_stop", "index": 1},
+    {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "42."}},
+    {"type": "content_block_stop", "index": 2},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 30}},
+    {"type": "message_stop"}]
+CLAUDE_THINKING_BLOCKS = [{"type": "thinking", "thinking": "Let me think.", "signature": "EqQBCgIYAhIM"},
+                          {"type": "redacted_thinking", "data": "ZW5j"}]
+
+
+def test_claude_thinking_reaches_an_anthropic_client_signed_json_and_stream() -> None:
+    """Thinking blocks cross the pivot both ways (until 2026-12 they were dropped, and with
+    them the signatures Claude needs back on the next turn of a tool loop)."""
+    from gateway_extproc.providers import anthropic as claude
+
+    answer = {**CLAUDE_THINKING[0]["message"], "stop_reason": "end_turn", "stop_sequence": None,
+              "content": [*CLAUDE_THINKING_BLOCKS, {"type": "text", "text": "42."}],
+              "usage": {"input_tokens": 10, "output_tokens": 30}}
+    out = message(from_chat(claude.response(200, orjson.dumps(answer), MODEL)))
+    assert out["content"] == answer["content"]
+    raw = b"".join(b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in CLAUDE_THINKING)
+    final = sdk_final_message(ToMessagesStream().feed(claude.stream(MODEL).feed(raw, True), True))
+    assert [b.model_dump(exclude_none=True) for b in final.content] == answer["content"]
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens == 30

@@ -230,8 +230,10 @@ def test_response_tool_use_from_tool_use_docs() -> None:
                         "name": "get_weather", "arguments": '{"location":"San Francisco, CA","unit":"celsius"}'}}]}}]
 
 
-def test_response_thinking_skipped_tool_only_content_is_null_and_cache_usage() -> None:
-    """Prompt caching docs usage: cache reads and writes are part of OpenAI's prompt_tokens."""
+def test_response_thinking_carried_tool_only_content_is_null_and_cache_usage() -> None:
+    """Prompt caching docs usage: cache reads and writes are part of OpenAI's prompt_tokens. The
+    thinking block comes back as `reasoning_content` and, signed, as `thinking_blocks` (until
+    2026-12 it was dropped, and with it the signature the next turn needs)."""
     raw = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "stop_reason": "tool_use",
            "content": [{"type": "thinking", "thinking": "Let me look it up.", "signature": "sig"},
                        {"type": "tool_use", "id": "t", "name": "get_weather", "input": {}}],
@@ -239,7 +241,9 @@ def test_response_thinking_skipped_tool_only_content_is_null_and_cache_usage() -
                      "output_tokens": 393}}
     out = completion(raw)
     assert out["choices"][0]["message"] == {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "t", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}
+        {"id": "t", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+        "reasoning_content": "Let me look it up.",
+        "thinking_blocks": [{"type": "thinking", "thinking": "Let me look it up.", "signature": "sig"}]}
     assert out["usage"] == {"prompt_tokens": 188110, "completion_tokens": 393, "total_tokens": 188503,
                             "prompt_tokens_details": {"cached_tokens": 3, "cache_creation_tokens": 188086}}
 
@@ -392,8 +396,9 @@ def test_second_tool_call_gets_the_next_index() -> None:
         [{"index": 1, "function": {"arguments": "{}"}}]]
 
 
-def test_thinking_deltas_are_skipped() -> None:
-    """Streaming docs, extended thinking: thinking and signature deltas carry no answer text."""
+def test_thinking_deltas_are_carried() -> None:
+    """Streaming docs, extended thinking: thinking deltas are `reasoning_content`, the signature
+    a `thinking_blocks` delta ending the block, a redacted block one whole."""
     raw = sse(
         {"type": "message_start", "message": {"id": "msg_01", "model": MODEL, "usage": {"input_tokens": 10}}},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
@@ -401,11 +406,16 @@ def test_thinking_deltas_are_skipped() -> None:
          "delta": {"type": "thinking_delta", "thinking": "Let me solve this step by step:"}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "EqQBCgIYAhIM"}},
         {"type": "content_block_stop", "index": 0},
-        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
-        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "27 * 453 = 12,231"}})
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "ZW5j"}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "27 * 453 = 12,231"}})
     out = chunks(anthropic.stream(MODEL).feed(raw, False))
-    assert [c["choices"][0]["delta"] for c in out] == [{"role": "assistant", "content": ""},
-                                                      {"content": "27 * 453 = 12,231"}]
+    assert [c["choices"][0]["delta"] for c in out] == [
+        {"role": "assistant", "content": ""}, {"reasoning_content": "Let me solve this step by step:"},
+        {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "EqQBCgIYAhIM"}]},
+        {"thinking_blocks": [{"type": "redacted_thinking", "data": "ZW5j"}]},
+        {"content": "27 * 453 = 12,231"}]
 
 
 def test_error_event_from_streaming_docs() -> None:
@@ -494,3 +504,26 @@ def test_stream_cache_writes_by_ttl_from_message_start() -> None:
     usage = chunks(anthropic.stream("m").feed(stream, True))[-2]["usage"]
     assert usage == {"prompt_tokens": 1004, "completion_tokens": 3, "total_tokens": 1007, "prompt_tokens_details": {
         "cached_tokens": 0, "cache_creation_tokens": 1000, "cache_creation_1h_tokens": 1000}}
+
+
+def test_anthropic_only_fields_reach_anthropic() -> None:
+    """top_k, thinking, service_tier, a tool result's is_error, an assistant's signed thinking
+    and structured outputs: each reaches Claude with its meaning (until 2026-12 all were dropped)."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    sent = translate({"model": "claude", "max_tokens": 2048, "top_k": 5, "thinking": {"type": "enabled",
+                      "budget_tokens": 1024}, "service_tier": "default",
+                      "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+                      "messages": [{"role": "user", "content": "q"},
+                                   {"role": "assistant", "content": "ok", "tool_calls": [
+                                       {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                                    "thinking_blocks": [{"type": "thinking", "thinking": "hm", "signature": "c2ln"},
+                                                        {"type": "redacted_thinking", "data": "ZW5j"}]},
+                                   {"role": "tool", "tool_call_id": "t1", "content": "boom", "is_error": True}]})
+    assert sent["top_k"] == 5 and sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert sent["service_tier"] == "standard_only"
+    assert sent["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert sent["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": "hm", "signature": "c2ln"}, {"type": "redacted_thinking", "data": "ZW5j"},
+        {"type": "text", "text": "ok"}, {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]
+    assert sent["messages"][2]["content"] == [
+        {"type": "tool_result", "tool_use_id": "t1", "content": "boom", "is_error": True}]

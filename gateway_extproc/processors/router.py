@@ -29,7 +29,7 @@ from ..budgets.pricing import cost_nano
 from ..budgets.store import MAX_NANO
 from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
-from ..providers import SERVES, VERBATIM
+from ..providers import SERVES, VERBATIM, fields
 from ..providers.base import openai_error, sse
 from ..policy.classification import (EmbeddingsGuard, Policy, ResponseGuard, Verdict, content_for_log,
                                      scanned_error_object, withheld_headers)
@@ -224,8 +224,10 @@ class RouterProcessor:
         large = len(raw) + sum(len(h.text) for h in self.headers) > LARGE_BYTES  # headers are scanned with it
         body = await asyncio.to_thread(api.parse_json, raw) if large else api.parse_json(raw)
         self.cache_writes = api.cache_writes(raw)
+        client_paths: dict[str, str] | None = None
         if self.client == "anthropic":
-            body = messages.to_chat(body)
+            client_paths = {}
+            body = messages.to_chat(body, client_paths)
         self.endpoint.validate(body)
         model = cfg.models.get(body["model"])
         if model is None:
@@ -248,6 +250,11 @@ class RouterProcessor:
             raise GatewayError("unsupported_endpoint", f"The model {model.name!r} is served by "
                                f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} backend, which does not offer "
                                f"{self.path}.", "model")
+        if self.endpoint is api.CHAT:
+            # A field a backend cannot carry is refused before any attempt, not dropped by one.
+            refused = next((e for b in model.backends if (e := fields.refusal(b, body, client_paths))), None)
+            if refused is not None:
+                raise refused
         self.model = model
         self.eligible = model.backends
         self.stream = self.endpoint.can_stream and body.get("stream") is True

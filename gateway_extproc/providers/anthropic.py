@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from gateway_extproc.errors import GatewayError, quoted
+from gateway_extproc.providers.fields import ANTHROPIC_TIERS
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn,
                                             arguments_object, arguments_text, chosen_function, completion_chunk,
                                             delta_choice, error_event, finish_with_calls, openai_error, openai_usage,
@@ -54,9 +55,14 @@ def request(target: Target, suffix: str, body: JSON, stream: bool) -> Outbound:
                  "max_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS}
     if system:
         out["system"] = system
-    for key in ("temperature", "top_p"):
+    for key in ("temperature", "top_p", "top_k", "thinking"):  # (the last two: the pivot's extensions)
         if body.get(key) is not None:
             out[key] = body[key]
+    if body.get("service_tier") is not None:  # (fields.refusal let only auto and default through)
+        out["service_tier"] = ANTHROPIC_TIERS[body["service_tier"]]
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # structured outputs
+        out["output_config"] = {"format": {"type": "json_schema", "schema": fmt["json_schema"]["schema"]}}
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -118,8 +124,11 @@ def _system(messages: list[JSON]) -> str | list[JSON]:
 def _tool_result(message: JSON) -> JSON:
     """A tool message as a `tool_result` block: its text, as text blocks when a part carries a marker."""
     content = message.get("content")
-    return _marked({"type": "tool_result", "tool_use_id": plain_call_id(message.get("tool_call_id")),
-                    "content": _blocks(content) if _parts_marked(content) else _text(content)}, message)
+    block = {"type": "tool_result", "tool_use_id": plain_call_id(message.get("tool_call_id")),
+             "content": _blocks(content) if _parts_marked(content) else _text(content)}
+    if message.get("is_error"):
+        block["is_error"] = True
+    return _marked(block, message)
 
 
 def _messages(messages: list[JSON]) -> tuple[str | list[JSON], list[JSON]]:
@@ -135,7 +144,9 @@ def _messages(messages: list[JSON]) -> tuple[str | list[JSON], list[JSON]]:
         if role == "tool":
             role, blocks = "user", [_tool_result(message)]
         elif role in ("user", "assistant"):
-            blocks = _blocks(message.get("content"))
+            # An assistant's earlier reasoning goes first, as Anthropic sent it (and checks it).
+            blocks = _thinking_blocks(message) if role == "assistant" else []
+            blocks += _blocks(message.get("content"))
             blocks += [_tool_use(call) for call in message.get("tool_calls") or []]
             _marked_last(blocks, message)
         else:
@@ -144,6 +155,25 @@ def _messages(messages: list[JSON]) -> tuple[str | list[JSON], list[JSON]]:
             continue
         append_turn(out, role, "content", blocks)
     return _system(system), out
+
+
+def _thinking_blocks(message: JSON) -> list[JSON]:
+    """An assistant message's `thinking_blocks` (api.py checked their shape) as Anthropic's blocks."""
+    return [{"type": "thinking", "thinking": b["thinking"], "signature": b["signature"]} if b["type"] == "thinking"
+            else {"type": "redacted_thinking", "data": b["data"]} for b in message.get("thinking_blocks") or ()]
+
+
+def reasoning(blocks: list[JSON]) -> JSON:
+    """An answer's thinking blocks as the chat message's `reasoning_content` (their text, what
+    OpenAI-schema clients of reasoning models read) and `thinking_blocks` (each with its
+    signature, as LiteLLM returns them, for the next turn): nothing without any."""
+    thinking = [b for b in blocks if b.get("type") in ("thinking", "redacted_thinking")]
+    if not thinking:
+        return {}
+    return {"reasoning_content": "".join(str(b.get("thinking", "")) for b in thinking),
+            "thinking_blocks": [{"type": "thinking", "thinking": str(b.get("thinking", "")),
+                                 "signature": str(b.get("signature", ""))} if b["type"] == "thinking"
+                                else {"type": "redacted_thinking", "data": str(b.get("data", ""))} for b in thinking]}
 
 
 def _blocks(content: Any) -> list[JSON]:
@@ -226,7 +256,7 @@ def response(status: int, raw: bytes, model: str) -> bytes:
     blocks = [block for block in body.get("content") or [] if isinstance(block, dict)]
     texts = [block.get("text", "") for block in blocks if block.get("type") == "text"]
     calls = [_call(block) for block in blocks if block.get("type") == "tool_use"]
-    message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None}
+    message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None, **reasoning(blocks)}
     if calls:
         message["tool_calls"] = calls
     return orjson.dumps({
@@ -355,6 +385,11 @@ class AnthropicStream:
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta":
                 return [self._chunk({"content": delta.get("text", "")})]
+            if delta.get("type") == "thinking_delta" and delta.get("thinking"):
+                return [self._chunk({"reasoning_content": delta["thinking"]})]
+            if delta.get("type") == "signature_delta":  # (the end of a thinking block)
+                return [self._chunk({"thinking_blocks": [{"type": "thinking", "thinking": "",
+                                                          "signature": str(delta.get("signature", ""))}]})]
             tool = self._tools.get(event.get("index", -1))
             if delta.get("type") == "input_json_delta" and tool is not None and delta.get("partial_json"):
                 tool.sent = True
@@ -378,7 +413,7 @@ class AnthropicStream:
             error = event.get("error") or {}
             status = _ERROR_STATUS.get(error.get("type", ""), 500)
             return [error_event(status, error.get("message") or "provider stream error")]
-        return []  # ping, thinking/signature deltas, server tool blocks and events added later
+        return []  # ping, server tool blocks and events added later
 
     def _block_start(self, index: int, block: JSON) -> list[bytes]:
         if block.get("type") == "tool_use":
@@ -387,6 +422,13 @@ class AnthropicStream:
                                                  "function": {"name": block.get("name", ""), "arguments": ""}}]})]
         if block.get("type") == "text" and block.get("text"):
             return [self._chunk({"content": block["text"]})]
+        if block.get("type") == "thinking" and block.get("thinking"):  # (given whole: message_start)
+            return [self._chunk({"reasoning_content": block["thinking"]})] + (
+                [self._chunk({"thinking_blocks": [{"type": "thinking", "thinking": "",
+                                                   "signature": str(block["signature"])}]})]
+                if block.get("signature") else [])
+        if block.get("type") == "redacted_thinking":
+            return [self._chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": str(block.get("data", ""))}]})]
         return []
 
     def _block_stop(self, index: int) -> list[bytes]:
