@@ -265,7 +265,8 @@ def test_response_documented_final_answer_with_cache_usage() -> None:
         "metrics": {"latencyMs": 100}})
     assert _completion(bedrock.response(200, raw, "m")) == {
         "object": "chat.completion", "model": "m",
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": FINAL_TEXT}}],
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": FINAL_TEXT,
+                                                                      "reasoning_content": "thinking"}}],
         "usage": {"prompt_tokens": 310, "completion_tokens": 20, "total_tokens": 330,
                   "prompt_tokens_details": {"cached_tokens": 200, "cache_creation_tokens": 100}},
     }
@@ -469,3 +470,42 @@ def test_cache_writes_by_ttl_from_cache_details() -> None:
     assert details({"cacheWriteInputTokens": 300, "cacheDetails": [{"ttl": "1h", "inputTokens": None}]}) == {
         "cached_tokens": 0, "cache_creation_tokens": 300, "cache_creation_1h_tokens": 300}
     assert details({"cacheWriteInputTokens": 300}) == {"cached_tokens": 0, "cache_creation_tokens": 300}
+
+
+def test_claude_fields_reach_claude_on_bedrock_and_its_reasoning_comes_back() -> None:
+    """top_k, thinking, a failed tool result, earlier signed reasoning and the user id reach
+    Converse with their meaning (until 2026-12 all were dropped); reasoningContent comes back
+    as the pivot's reasoning, signed, in JSON and in streams."""
+    body = {"model": "m", "top_k": 5, "thinking": {"type": "enabled", "budget_tokens": 1024}, "user": "u-1",
+            "messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                          "thinking_blocks": [{"type": "thinking", "thinking": "hm", "signature": "c2ln"},
+                                              {"type": "redacted_thinking", "data": "ZW5j"}]},
+                         {"role": "tool", "tool_call_id": "t1", "content": "boom", "is_error": True}]}
+    sent = orjson.loads(bedrock.request(target(), "/chat/completions", body, False, now=NOW).body)
+    assert sent["additionalModelRequestFields"] == {"top_k": 5, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    assert sent["requestMetadata"] == {"user_id": "u-1"}
+    assert sent["messages"][1]["content"] == [
+        {"reasoningContent": {"reasoningText": {"text": "hm", "signature": "c2ln"}}},
+        {"reasoningContent": {"redactedContent": "ZW5j"}},
+        {"toolUse": {"toolUseId": "t1", "name": "f", "input": {}}}]
+    assert sent["messages"][2]["content"] == [
+        {"toolResult": {"toolUseId": "t1", "content": [{"text": "boom"}], "status": "error"}}]
+    answer = {"output": {"message": {"role": "assistant", "content": [
+        {"reasoningContent": {"reasoningText": {"text": "hm", "signature": "c2ln"}}}, {"text": "42"}]}},
+        "stopReason": "end_turn", "usage": {"inputTokens": 3, "outputTokens": 4}}
+    message = orjson.loads(bedrock.response(200, orjson.dumps(answer), "m"))["choices"][0]["message"]
+    assert message["reasoning_content"] == "hm" and message["content"] == "42"
+    assert message["thinking_blocks"] == [{"type": "thinking", "thinking": "hm", "signature": "c2ln"}]
+    frames = [event("messageStart", {"role": "assistant"}),
+              event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": "hm"}}}),
+              event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"signature": "c2ln"}}}),
+              event("contentBlockStop", {"contentBlockIndex": 0}),
+              event("contentBlockDelta", {"contentBlockIndex": 1, "delta": {"text": "42"}}),
+              event("messageStop", {"stopReason": "end_turn"})]
+    out = bedrock.stream("m").feed(b"".join(frames), False)
+    deltas = [orjson.loads(e[6:])["choices"][0]["delta"] for e in out.split(b"\n\n") if e]
+    assert deltas == [{"role": "assistant", "content": ""}, {"reasoning_content": "hm"},
+                      {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "c2ln"}]},
+                      {"content": "42"}, {}]  # (the last: the finish reason's)

@@ -551,3 +551,19 @@ def test_thought_signatures_and_call_ids_survive_the_openai_pivot() -> None:
     assert contents[2] == {"role": "user", "parts": [
         {"functionResponse": {"name": "get_weather", "response": {"content": "sunny"}, "id": "fc-1"}},
         {"functionResponse": {"name": "get_weather", "response": {"content": "rain"}}}]}
+
+
+def test_top_k_thinking_and_a_failed_tool_result_reach_gemini() -> None:
+    """Anthropic clients' top_k, thinking budget and is_error in Gemini's terms (until 2026-12
+    all three were dropped)."""
+    body = {"model": "m", "top_k": 7, "thinking": {"type": "enabled", "budget_tokens": 2048},
+            "messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                         {"role": "tool", "tool_call_id": "t1", "content": "boom", "is_error": True}]}
+    sent = _body(gemini.request(GEMINI_API, "/chat/completions", body, False).body)
+    assert sent["generationConfig"] == {"topK": 7, "thinkingConfig": {"thinkingBudget": 2048}}
+    assert sent["contents"][2]["parts"] == [{"functionResponse": {"name": "f", "id": "t1",
+                                                                  "response": {"error": {"content": "boom"}}}}]
+    off = _body(gemini.request(GEMINI_API, "/chat/completions", {**body, "thinking": {"type": "disabled"}}, False).body)
+    assert off["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 0}

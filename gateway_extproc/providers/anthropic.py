@@ -165,15 +165,19 @@ def _thinking_blocks(message: JSON) -> list[JSON]:
 
 def reasoning(blocks: list[JSON]) -> JSON:
     """An answer's thinking blocks as the chat message's `reasoning_content` (their text, what
-    OpenAI-schema clients of reasoning models read) and `thinking_blocks` (each with its
-    signature, as LiteLLM returns them, for the next turn): nothing without any."""
+    OpenAI-schema clients of reasoning models read) and `thinking_blocks` (the signed and the
+    redacted ones, as LiteLLM returns them, for the next turn; an unsigned one, a Converse model
+    other than Claude's, could not go back): nothing without any."""
     thinking = [b for b in blocks if b.get("type") in ("thinking", "redacted_thinking")]
-    if not thinking:
-        return {}
-    return {"reasoning_content": "".join(str(b.get("thinking", "")) for b in thinking),
-            "thinking_blocks": [{"type": "thinking", "thinking": str(b.get("thinking", "")),
-                                 "signature": str(b.get("signature", ""))} if b["type"] == "thinking"
-                                else {"type": "redacted_thinking", "data": str(b.get("data", ""))} for b in thinking]}
+    out: JSON = {}
+    if any(b["type"] == "thinking" for b in thinking):
+        out["reasoning_content"] = "".join(str(b.get("thinking", "")) for b in thinking if b["type"] == "thinking")
+    signed = [{"type": "thinking", "thinking": str(b.get("thinking", "")), "signature": str(b["signature"])}
+              if b["type"] == "thinking" else {"type": "redacted_thinking", "data": str(b.get("data", ""))}
+              for b in thinking if b["type"] == "redacted_thinking" or b.get("signature")]
+    if signed:
+        out["thinking_blocks"] = signed
+    return out
 
 
 def _blocks(content: Any) -> list[JSON]:

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import orjson
 
 from gateway_extproc.errors import GatewayError, quoted
-from gateway_extproc.providers import eventstream, sigv4
+from gateway_extproc.providers import anthropic, eventstream, sigv4
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamBroken, StreamTranslator, Target, append_turn,
                                              arguments_text, chosen_function, completion_chunk, delta_choice,
                                              error_event, finish_with_calls, openai_error, openai_usage, output_cap,
@@ -104,8 +104,16 @@ def _user_blocks(content: Any, param: str) -> list[JSON]:
     return blocks
 
 
+def _reasoning_blocks(message: JSON) -> list[JSON]:
+    """An assistant's signed thinking (the pivot's `thinking_blocks`, api.py checked them) as
+    Converse `reasoningContent` blocks, which Claude on Bedrock checks like Anthropic does."""
+    return [{"reasoningContent": {"reasoningText": {"text": b["thinking"], "signature": b["signature"]}}}
+            if b["type"] == "thinking" else {"reasoningContent": {"redactedContent": b["data"]}}
+            for b in message.get("thinking_blocks") or ()]
+
+
 def _assistant_blocks(message: JSON, param: str) -> list[JSON]:
-    blocks = _text_blocks(message.get("content"), param)
+    blocks = _reasoning_blocks(message) + _text_blocks(message.get("content"), param)
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         try:
@@ -123,9 +131,11 @@ def _tool_result(message: JSON, param: str) -> list[JSON]:
     own, else its parts' last one): a tool result's content cannot hold a cachePoint."""
     parts = _text_parts(message.get("content"), param)
     marked = message if "cache_control" in message else next((p for p in reversed(parts) if "cache_control" in p), {})
-    return [{"toolResult": {"toolUseId": plain_call_id(message.get("tool_call_id")),
-                            "content": [{"text": "".join(str(p.get("text", "")) for p in parts)}]}},
-            *_cache_point(marked)]
+    result: JSON = {"toolUseId": plain_call_id(message.get("tool_call_id")),
+                    "content": [{"text": "".join(str(p.get("text", "")) for p in parts)}]}
+    if message.get("is_error"):
+        result["status"] = "error"
+    return [{"toolResult": result}, *_cache_point(marked)]
 
 
 def _conversation(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
@@ -209,6 +219,12 @@ def _body(body: JSON) -> JSON:
     tool_config = _tool_config(body, turns)
     if tool_config:
         out["toolConfig"] = tool_config
+    # Claude's own fields (fields.refusal let them through for Claude models only).
+    extra = {key: body[key] for key in ("top_k", "thinking") if body.get(key) is not None}
+    if extra:
+        out["additionalModelRequestFields"] = extra
+    if body.get("user"):  # (what Converse keeps with the invocation, as Anthropic keeps metadata.user_id)
+        out["requestMetadata"] = {"user_id": body["user"]}
     return out
 
 
@@ -294,7 +310,7 @@ def response(status: int, raw: bytes, model: str) -> bytes:
     tool_calls = [{"id": b["toolUse"]["toolUseId"], "type": "function",
                    "function": {"name": b["toolUse"]["name"], "arguments": arguments_text(b["toolUse"].get("input"))}}
                   for b in blocks if "toolUse" in b and _is_client_tool(b["toolUse"])]
-    message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None}
+    message: JSON = {"role": "assistant", "content": "".join(texts) if texts else None, **_reasoning(blocks)}
     if tool_calls:
         message["tool_calls"] = tool_calls
     out: JSON = {
@@ -306,6 +322,15 @@ def response(status: int, raw: bytes, model: str) -> bytes:
     if (usage := _usage(parsed.get("usage"))) is not None:  # else left out: the router charges the reservation
         out["usage"] = usage
     return orjson.dumps(out)
+
+
+def _reasoning(blocks: list[JSON]) -> JSON:
+    """Converse `reasoningContent` blocks as the pivot's reasoning (anthropic.reasoning)."""
+    return anthropic.reasoning([
+        {"type": "thinking", "thinking": text.get("text", ""), "signature": text.get("signature", "")}
+        if isinstance(text := r.get("reasoningText"), dict) else {"type": "redacted_thinking",
+                                                                  "data": r.get("redactedContent", "")}
+        for b in blocks if isinstance(r := b.get("reasoningContent"), dict)])
 
 
 def _is_client_tool(tool: JSON) -> bool:
@@ -363,12 +388,15 @@ class _Stream:
             delta = event.get("delta") or {}
             if "text" in delta:
                 return self._chunk({"content": delta["text"]})
+            reasoning = delta.get("reasoningContent")
+            if isinstance(reasoning, dict):
+                return self._reasoning(reasoning)
             block = event.get("contentBlockIndex", 0)
             text = (delta.get("toolUse") or {}).get("input")
             if block in self._tool_index and text:
                 self._unsent.discard(block)
                 return self._arguments(block, text)
-            return b""  # reasoningContent, citations: no OpenAI chat equivalent
+            return b""  # citations: no OpenAI chat equivalent
         if kind == "contentBlockStop":
             return self._owed(event.get("contentBlockIndex", 0))
         if kind == "messageStop":
@@ -379,6 +407,18 @@ class _Stream:
             self._done = True
             return self._usage_chunk(_usage(event.get("usage"))) + DONE
         return b""  # events added later
+
+    def _reasoning(self, delta: JSON) -> bytes:
+        """A reasoning delta as the pivot's (anthropic.AnthropicStream): text, its signature
+        (the end of the block), or a redacted block whole."""
+        if delta.get("text"):
+            return self._chunk({"reasoning_content": delta["text"]})
+        if delta.get("signature"):
+            return self._chunk({"thinking_blocks": [{"type": "thinking", "thinking": "",
+                                                     "signature": str(delta["signature"])}]})
+        if delta.get("redactedContent"):
+            return self._chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": str(delta["redactedContent"])}]})
+        return b""
 
     def _usage_chunk(self, usage: JSON | None) -> bytes:
         """The usage chunk, or nothing when the usage is unknown (GuardedStream.usage_unknown)."""

@@ -31,6 +31,9 @@ _GENERATION = {"temperature": "temperature", "top_p": "topP", "n": "candidateCou
                "presence_penalty": "presencePenalty", "frequency_penalty": "frequencyPenalty",
                "seed": "seed"}
 _TOOL_MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
+# Anthropic's thinking types without a budget as Gemini's thinkingBudget: 0 turns thinking
+# off, -1 lets the model choose (dynamic thinking).
+_THINKING_BUDGET = {"disabled": 0, "adaptive": -1}
 # fileData needs a MIME type and an http(s) URL rarely carries one; the extension is the
 # best hint, and JPEG the most likely image when there is none.
 _MIME_BY_EXTENSION = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
@@ -93,7 +96,9 @@ def _contents(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
             name = names.get(message.get("tool_call_id", ""))
             if name is None:
                 raise _invalid("a tool message answers a tool_call_id no assistant message made")
-            answer: JSON = {"name": name, "response": _tool_result(message.get("content"))}
+            result = _tool_result(message.get("content"))
+            # A failed call: Gemini reads a response's `error` key as the call's error details.
+            answer: JSON = {"name": name, "response": {"error": result} if message.get("is_error") else result}
             role, parts = "user", [{"functionResponse": _with_id(answer, message.get("tool_call_id"))}]
         elif role == "assistant":
             role, parts = "model", _parts(message.get("content"))
@@ -199,6 +204,15 @@ def _generation_config(body: JSON) -> JSON:
     max_tokens = output_cap(body)
     if max_tokens is not None:
         config["maxOutputTokens"] = max_tokens
+    if body.get("top_k") is not None:
+        config["topK"] = body["top_k"]
+    thinking = body.get("thinking")
+    if thinking is not None:
+        # Anthropic's config (the pivot's extension) as Gemini's budget. Its thoughts stay
+        # hidden (as Gemini's answers are read: `_visible_parts`): unsigned, they could not
+        # come back on the next turn as the thinking blocks a client would take them for.
+        config["thinkingConfig"] = {"thinkingBudget": _THINKING_BUDGET.get(thinking["type"],
+                                                                           thinking.get("budget_tokens"))}
     stop = body.get("stop")
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else stop
