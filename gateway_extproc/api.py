@@ -359,9 +359,9 @@ def _validate_chat(body: dict[str, Any]) -> None:
     _require(top_k is None or type(top_k) is int and top_k > 0, "top_k", "`top_k` must be a positive integer.")
     thinking = body.get("thinking")
     _require(thinking is None or isinstance(thinking, dict) and thinking.get("type") in (
-        "enabled", "disabled", "adaptive") and (thinking["type"] != "enabled" or type(
+        "enabled", "disabled", "adaptive", "between_tools") and (thinking["type"] != "enabled" or type(
             thinking.get("budget_tokens")) is int), "thinking", "`thinking` must be an object with a `type` of "
-             "enabled (with an integer `budget_tokens`), disabled or adaptive.")
+             "enabled (with an integer `budget_tokens`), disabled, adaptive or between_tools.")
     stop = body.get("stop")
     _require(stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(
         isinstance(s, str) for s in stop)), "stop", "`stop` must be a string or an array of strings.")

@@ -36,13 +36,15 @@ def _invalid(message: str, param: str) -> GatewayError:
 # The Messages request's fields, all of which the translation carries: any other is refused
 # (naming it) rather than dropped, since nothing would read it.
 _FIELDS = frozenset({"model", "messages", "max_tokens", "system", "stop_sequences", "temperature", "top_p", "top_k",
-                     "tools", "tool_choice", "metadata", "stream", "thinking", "service_tier", "cache_control"})
+                     "tools", "tool_choice", "metadata", "stream", "thinking", "service_tier", "cache_control",
+                     "output_config"})
 # Each content block's fields (beside `type`; null ones pass, e.g. an answer's `citations` sent back).
 _BLOCK_FIELDS = {"text": {"text", "cache_control"}, "image": {"source", "cache_control"},
                  "tool_use": {"id", "name", "input", "cache_control"},
                  "tool_result": {"tool_use_id", "content", "is_error", "cache_control"},
                  "thinking": {"thinking", "signature"}, "redacted_thinking": {"data"}}
-_THINKING = ("enabled", "disabled", "adaptive")
+_THINKING = ("enabled", "disabled", "adaptive", "between_tools")
+_THINKING_FIELDS = {"enabled": {"budget_tokens", "display"}, "adaptive": {"display"}}
 # Anthropic's service tiers as the OpenAI values the pivot carries (providers.fields.ANTHROPIC_TIERS).
 _TIERS = {"auto": "auto", "standard_only": "default"}
 
@@ -102,6 +104,7 @@ def to_chat(body: JSON, paths: dict[str, str] | None = None) -> JSON:
             raise _invalid("top_k: a positive integer is required", "top_k")
         out["top_k"] = top_k
     _thinking(body.get("thinking"), out)
+    _output_config(body.get("output_config"), out, paths)
     tier = body.get("service_tier")
     if tier is not None:
         if tier not in _TIERS:
@@ -140,12 +143,37 @@ def _thinking(thinking: Any, out: JSON) -> None:
     if thinking is None:
         return
     if not (isinstance(thinking, dict) and thinking.get("type") in _THINKING):
-        raise _invalid("thinking: an object with a type of enabled, disabled or adaptive is required", "thinking")
-    _only(thinking, {"budget_tokens"} if thinking["type"] == "enabled" else set(), "thinking")
+        raise _invalid("thinking: an object with a type of enabled, disabled, adaptive or between_tools is required",
+                       "thinking")
+    _only(thinking, _THINKING_FIELDS.get(thinking["type"], set()), "thinking")
     budget = thinking.get("budget_tokens")
     if thinking["type"] == "enabled" and (type(budget) is not int or budget <= 0):
         raise _invalid("thinking.budget_tokens: a positive integer is required", "thinking.budget_tokens")
     out["thinking"] = dict(thinking)
+
+
+def _output_config(config: Any, out: JSON, paths: dict[str, str]) -> None:
+    """Structured outputs and effort as OpenAI says them: `response_format` json_schema and
+    `reasoning_effort` (which the Claude translator turns back into `output_config`)."""
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise _invalid("output_config: an object is required", "output_config")
+    _only(config, {"format", "effort"}, "output_config")
+    fmt = config.get("format")
+    if fmt is not None:
+        if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict)):
+            raise _invalid("output_config.format: a json_schema format with a schema object is required",
+                           "output_config.format")
+        _only(fmt, {"schema"}, "output_config.format")
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+        paths["response_format"] = "output_config.format"
+    effort = config.get("effort")
+    if effort is not None:
+        if not isinstance(effort, str):
+            raise _invalid("output_config.effort: a string is required", "output_config.effort")
+        out["reasoning_effort"] = effort
+        paths["reasoning_effort"] = "output_config.effort"
 
 
 def drop_cache_markers(chat: JSON) -> None:
@@ -420,6 +448,7 @@ class ToMessagesStream:
         self._finish: str | None = None
         self._usage: Any = None
         self._done = False
+        self._signature: str | None = None  # of the thinking block open or about to open (`_thinking`)
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
         out: list[bytes] = []
@@ -485,16 +514,14 @@ class ToMessagesStream:
         return out
 
     def _thinking(self, block: JSON) -> list[bytes]:
-        """A signature ends the open thinking block (Claude streams it last); a redacted block
-        comes whole."""
+        """A redacted block comes whole. A signature (Claude streams it as its thinking block's
+        last delta) is held until that block closes: output scanning holds the block's text
+        back in its window and lets the signature pass, so the signature may come first."""
         if block.get("type") == "redacted_thinking":
             return [*self._open("redacted", {"type": "redacted_thinking", "data": _str(block.get("data"))}),
                     *self._close()]
-        out = [] if self._open_kind == "thinking" else self._open(
-            "thinking", {"type": "thinking", "thinking": "", "signature": ""})
-        out.append(_event("content_block_delta", {
-            "index": self._blocks - 1, "delta": {"type": "signature_delta", "signature": _str(block.get("signature"))}}))
-        return out + self._close()
+        self._signature = _str(block.get("signature"))
+        return []
 
     def _start(self, obj: JSON) -> list[bytes]:
         if self._started:
@@ -507,6 +534,8 @@ class ToMessagesStream:
 
     def _open(self, kind: str, block: JSON) -> list[bytes]:
         out = self._close()
+        if self._signature is not None and kind != "thinking":  # a signed block without text (display omitted)
+            out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}) + self._close()
         self._open_kind = kind
         self._blocks += 1
         out.append(_event("content_block_start", {"index": self._blocks - 1, "content_block": block}))
@@ -515,12 +544,20 @@ class ToMessagesStream:
     def _close(self) -> list[bytes]:
         if self._open_kind is None:
             return []
+        out = []
+        if self._open_kind == "thinking" and self._signature is not None:
+            out.append(_event("content_block_delta", {
+                "index": self._blocks - 1, "delta": {"type": "signature_delta", "signature": self._signature}}))
+            self._signature = None
         self._open_kind = None
-        return [_event("content_block_stop", {"index": self._blocks - 1})]
+        return [*out, _event("content_block_stop", {"index": self._blocks - 1})]
 
     def _stop(self) -> list[bytes]:
         self._done = True
-        return [*self._start({}), *self._close(), *self._delta(), _event("message_stop", {})]
+        out = [*self._start({}), *self._close()]
+        if self._signature is not None:  # (a signed block without text, and nothing after it)
+            out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}) + self._close()
+        return [*out, *self._delta(), _event("message_stop", {})]
 
     def _delta(self) -> list[bytes]:
         usage = _usage(self._usage) if self._usage else {"output_tokens": 0}

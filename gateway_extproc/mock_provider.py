@@ -786,6 +786,37 @@ def _anthropic_json_mode(body: JSON) -> JsonMode:
     return False
 
 
+# Extended thinking: the block the mock thinks with, signed as Claude signs its thinking (an
+# opaque value the next turn must send back with the block unchanged).
+MOCK_THINKING = "The user asked; a short answer will do."
+MOCK_SIGNATURE = base64.b64encode(b"mock-signature:" + MOCK_THINKING.encode()).decode()
+
+
+def _anthropic_thinking(body: JSON, messages: list[JSON]) -> bool:
+    """Whether the request thinks (``thinking`` enabled or adaptive), refusing what Claude
+    refuses then: a budget of 1,024 or more below max_tokens, and an assistant turn with
+    tool_use that does not start with the thinking block (its signature intact) it was sent.
+    (Claude's minimum budget, 1,024, is not held: the local models cap output at 1,024.)"""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+        return False
+    budget = thinking.get("budget_tokens")
+    if thinking["type"] == "enabled" and not (_is_int(budget) and 0 < budget < (body.get("max_tokens") or 0)):
+        raise HTTPError(400, "`max_tokens` must be greater than `thinking.budget_tokens`")
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if message.get("role") != "assistant" or not isinstance(content, list) or not any(
+                isinstance(b, dict) and b.get("type") == "tool_use" for b in content):
+            continue
+        first = content[0] if isinstance(content[0], dict) else {}
+        if first.get("type") != "thinking" or first.get("signature") != MOCK_SIGNATURE \
+                or first.get("thinking") != MOCK_THINKING:
+            raise HTTPError(400, f"messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but "
+                            "found another block (or an altered signature). When `thinking` is enabled, a final "
+                            "`assistant` message must start with a thinking block.")
+    return True
+
+
 def anthropic_messages(call: Call) -> Reply:
     body, serial = call.body, call.serial
     model = _model(body)
@@ -793,6 +824,7 @@ def anthropic_messages(call: Call) -> Reply:
     max_tokens = _optional_int(body, "max_tokens")
     if max_tokens is None:
         raise HTTPError(400, "max_tokens: Field required")
+    thinks = _anthropic_thinking(body, messages)
     completion = _complete(model, messages, max_tokens, _anthropic_json_mode(body))
     tool = _anthropic_tool_call(body, messages)
     input_tokens = _input_tokens(body.get("system"), messages)
@@ -800,6 +832,8 @@ def anthropic_messages(call: Call) -> Reply:
     content: list[JSON] = [{"type": "text", "text": completion.text}]
     if tool:
         content = [{"type": "tool_use", "id": f"toolu_mock_{serial}", "name": tool.name, "input": tool.arguments}]
+    if thinks:
+        content.insert(0, {"type": "thinking", "thinking": MOCK_THINKING, "signature": MOCK_SIGNATURE})
     message = {
         "id": f"msg_mock_{serial}",
         "type": "message",
@@ -825,20 +859,31 @@ def _anthropic_events(message: JSON, text: str, tool: ToolCall | None = None) ->
     usage = message["usage"]
     start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
     events: list[JSON] = [{"type": "message_start", "message": start}]
+    at = 0  # the answer's block: after a thinking block, when there is one
+    if message["content"][0]["type"] == "thinking":
+        at = 1
+        events += [{"type": "content_block_start", "index": 0, "content_block": {
+                       "type": "thinking", "thinking": "", "signature": ""}},
+                   *({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": w}}
+                     for w in _words(MOCK_THINKING)),
+                   {"type": "content_block_delta", "index": 0, "delta": {
+                       "type": "signature_delta", "signature": MOCK_SIGNATURE}},
+                   {"type": "content_block_stop", "index": 0}]
     if tool:
-        block = {**message["content"][0], "input": {}}
-        events += [{"type": "content_block_start", "index": 0, "content_block": block}, {"type": "ping"}]
-        events += [{"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": p}}
+        block = {**message["content"][at], "input": {}}
+        events += [{"type": "content_block_start", "index": at, "content_block": block}, {"type": "ping"}]
+        events += [{"type": "content_block_delta", "index": at, "delta": {"type": "input_json_delta",
+                                                                        "partial_json": p}}
                    for p in tool.pieces()]
     else:
-        events += [{"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        events += [{"type": "content_block_start", "index": at, "content_block": {"type": "text", "text": ""}},
                    {"type": "ping"}]
         events += [
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}
+            {"type": "content_block_delta", "index": at, "delta": {"type": "text_delta", "text": word}}
             for word in _words(text)
         ]
     events += [
-        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_stop", "index": at},
         {
             "type": "message_delta",
             "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},

@@ -506,6 +506,9 @@ def test_thinking_blocks_is_error_and_service_tier_are_carried_with_their_client
     ({"thinking": {"type": "on", "budget_tokens": 2000}}, "thinking"),
     ({"thinking": {"type": "disabled", "budget_tokens": 2000}}, "thinking.budget_tokens"),
     ({"service_tier": "priority"}, "service_tier"),
+    ({"output_config": {"format": {"type": "json_object"}}}, "output_config.format"),
+    ({"output_config": {"effort": "high", "verbosity": "low"}}, "output_config.verbosity"),
+    ({"thinking": {"type": "adaptive", "budget_tokens": 10}}, "thinking.budget_tokens"),
     ({"tools": [{"name": "f", "input_schema": {}, "strict": True}]}, "tools.0.strict"),
     ({"tool_choice": {"type": "auto", "parallel": False}}, "tool_choice.parallel"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "citations": [{}]}]}]},
@@ -554,3 +557,33 @@ def test_claude_thinking_reaches_an_anthropic_client_signed_json_and_stream() ->
     final = sdk_final_message(ToMessagesStream().feed(claude.stream(MODEL).feed(raw, True), True))
     assert [b.model_dump(exclude_none=True) for b in final.content] == answer["content"]
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == 30
+
+
+def test_output_config_is_carried_as_openai_says_it() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    paths: dict[str, str] = {}
+    out = to_chat({**VALID, "output_config": {"format": {"type": "json_schema", "schema": schema}, "effort": "max"},
+                   "thinking": {"type": "enabled", "budget_tokens": 2000, "display": "omitted"}}, paths)
+    assert out["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    assert out["reasoning_effort"] == "max" and out["thinking"]["display"] == "omitted"
+    assert paths["response_format"] == "output_config.format" and paths["reasoning_effort"] == "output_config.effort"
+
+
+def test_a_signature_output_scanning_let_pass_first_still_ends_its_block() -> None:
+    """Output scanning holds reasoning text back in its window while the signature (no text)
+    passes: the signature arrives first, and still ends the thinking block it belongs to."""
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "c", "model": "m", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+    raw = b"".join([chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "Let me "}),
+                    chunk({"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "c2ln"}]}),
+                    chunk({"reasoning_content": "think."}), chunk({"content": "42."}), chunk({}, "stop"),
+                    b"data: [DONE]\n\n"])
+    final = sdk_final_message(ToMessagesStream().feed(raw, True))
+    assert [b.model_dump(exclude_none=True) for b in final.content] == [
+        {"type": "thinking", "thinking": "Let me think.", "signature": "c2ln"}, {"type": "text", "text": "42."}]
+    omitted = raw.replace(b'"reasoning_content":"Let me "', b'"content":""').replace(
+        b'"reasoning_content":"think."', b'"content":""')
+    final = sdk_final_message(ToMessagesStream().feed(omitted, True))
+    assert [b.model_dump(exclude_none=True) for b in final.content] == [
+        {"type": "thinking", "thinking": "", "signature": "c2ln"}, {"type": "text", "text": "42."}]

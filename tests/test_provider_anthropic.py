@@ -510,7 +510,8 @@ def test_anthropic_only_fields_reach_anthropic() -> None:
     """top_k, thinking, service_tier, a tool result's is_error, an assistant's signed thinking
     and structured outputs: each reaches Claude with its meaning (until 2026-12 all were dropped)."""
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
-    sent = translate({"model": "claude", "max_tokens": 2048, "top_k": 5, "thinking": {"type": "enabled",
+    sent = translate({"model": "claude", "max_tokens": 2048, "top_k": 5, "reasoning_effort": "low",
+                      "thinking": {"type": "enabled",
                       "budget_tokens": 1024}, "service_tier": "default",
                       "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
                       "messages": [{"role": "user", "content": "q"},
@@ -521,7 +522,7 @@ def test_anthropic_only_fields_reach_anthropic() -> None:
                                    {"role": "tool", "tool_call_id": "t1", "content": "boom", "is_error": True}]})
     assert sent["top_k"] == 5 and sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}
     assert sent["service_tier"] == "standard_only"
-    assert sent["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert sent["output_config"] == {"format": {"type": "json_schema", "schema": schema}, "effort": "low"}
     assert sent["messages"][1]["content"] == [
         {"type": "thinking", "thinking": "hm", "signature": "c2ln"}, {"type": "redacted_thinking", "data": "ZW5j"},
         {"type": "text", "text": "ok"}, {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]

@@ -27,7 +27,10 @@ TOOL_TURN = [{"role": "user", "content": "q"},
 
 @pytest.mark.parametrize(("kind", "change", "param"), [
     # OpenAI clients (the reverse direction): OpenAI fields a translating backend has no place for.
-    ("anthropic", {"reasoning_effort": "high"}, "reasoning_effort"),
+    ("anthropic", {"reasoning_effort": "minimal"}, "reasoning_effort"),
+    ("bedrock", {"reasoning_effort": "high"}, "reasoning_effort"),
+    ("gemini", {"thinking": {"type": "between_tools"}}, "thinking"),
+    ("gemini", {"thinking": {"type": "adaptive", "display": "summarized"}}, "thinking"),
     ("anthropic", {"logprobs": True}, "logprobs"),
     ("anthropic", {"top_logprobs": 3}, "top_logprobs"),
     ("anthropic", {"n": 2}, "n"),
@@ -52,7 +55,7 @@ def test_a_field_the_backend_cannot_carry_is_refused(kind: str, change: dict[str
 
 
 @pytest.mark.parametrize(("kind", "change"), [
-    ("anthropic", {"n": 1, "logprobs": False, "parallel_tool_calls": False, "service_tier": "auto",
+    ("anthropic", {"n": 1, "logprobs": False, "reasoning_effort": "high", "parallel_tool_calls": False, "service_tier": "auto",
                    "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}, "seed": None,
                    "top_k": 3, "thinking": {"type": "disabled"}, "messages": TOOL_TURN, "user": "u"}),
     ("bedrock", {"n": 1, "response_format": {"type": "text"}, "parallel_tool_calls": True, "user": "u",
@@ -82,6 +85,8 @@ def test_claude_fields_on_bedrock_go_to_claude_models_only() -> None:
      "messages.2.content.0.is_error"),
     ("gemini", {"metadata": {"user_id": "u"}}, "metadata.user_id"),
     ("bedrock", {"service_tier": "auto"}, "service_tier"),
+    ("bedrock", {"output_config": {"format": {"type": "json_schema", "schema": {}}}}, "output_config.format"),
+    ("bedrock", {"output_config": {"effort": "high"}}, "output_config.effort"),
     ("gemini", {"tools": [{"name": "f", "input_schema": {}}], "tool_choice": {
         "type": "auto", "disable_parallel_tool_use": True}}, "tool_choice.disable_parallel_tool_use"),
 ])

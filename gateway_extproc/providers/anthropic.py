@@ -61,8 +61,13 @@ def request(target: Target, suffix: str, body: JSON, stream: bool) -> Outbound:
     if body.get("service_tier") is not None:  # (fields.refusal let only auto and default through)
         out["service_tier"] = ANTHROPIC_TIERS[body["service_tier"]]
     fmt = body.get("response_format")
+    config: JSON = {}
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # structured outputs
-        out["output_config"] = {"format": {"type": "json_schema", "schema": fmt["json_schema"]["schema"]}}
+        config["format"] = {"type": "json_schema", "schema": fmt["json_schema"]["schema"]}
+    if body.get("reasoning_effort") is not None:  # (fields.refusal let Claude's efforts through)
+        config["effort"] = body["reasoning_effort"]
+    if config:
+        out["output_config"] = config
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)

@@ -25,12 +25,11 @@ _COMMON = frozenset({"model", "messages", "max_tokens", "max_completion_tokens",
 EXTENSIONS = ("top_k", "thinking")
 _MESSAGE_EXTENSIONS = ("is_error", "thinking_blocks")
 
-# Top-level fields each translating kind carries beyond _COMMON, and the message extensions.
+# Top-level fields each translating kind carries whatever their value, beyond _COMMON.
 _TOP: dict[str, frozenset[str]] = {
-    "anthropic": _COMMON | {"top_k", "thinking", "user"},  # (user: metadata.user_id)
-    "bedrock": _COMMON | {"top_k", "thinking", "user"},  # (user: requestMetadata)
-    "gemini": _COMMON | {"top_k", "thinking", "seed", "presence_penalty", "frequency_penalty", "n",
-                         "response_format"},
+    "anthropic": _COMMON | {"top_k", "user"},  # (user: metadata.user_id)
+    "bedrock": _COMMON | {"top_k", "user"},  # (user: requestMetadata)
+    "gemini": _COMMON | {"top_k", "seed", "presence_penalty", "frequency_penalty", "n", "response_format"},
 }
 _MESSAGE: dict[str, frozenset[str]] = {
     "anthropic": frozenset(_MESSAGE_EXTENSIONS),
@@ -39,11 +38,13 @@ _MESSAGE: dict[str, frozenset[str]] = {
 }
 # Anthropic's service tiers, by the OpenAI value the pivot carries them as (messages.to_chat).
 ANTHROPIC_TIERS = {"auto": "auto", "default": "standard_only"}
+# OpenAI's reasoning efforts Claude has too (`output_config.effort`; "max" is Claude's own).
+_ANTHROPIC_EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
 
 
 def _carried_value(name: str, value: Any, kind: str) -> bool:
-    """Whether a kind carries this value of a field it carries only some values of: the
-    provider's default (nothing to carry), or one it has an equivalent for."""
+    """Whether a kind carries this value of a field it carries some values of: the provider's
+    default (nothing to carry), or a value it has an equivalent for."""
     if name == "n":
         return value == 1
     if name == "logprobs":
@@ -55,10 +56,16 @@ def _carried_value(name: str, value: Any, kind: str) -> bool:
             kind == "anthropic" and value.get("type") == "json_schema"))  # (output_config.format)
     if name == "service_tier":
         return kind == "anthropic" and value in ANTHROPIC_TIERS
+    if name == "reasoning_effort":
+        return kind == "anthropic" and value in _ANTHROPIC_EFFORTS
+    if name == "thinking":  # (Gemini: a budget, its thoughts never shown; between_tools is Claude's own)
+        return kind != "gemini" or value.get("type") in ("enabled", "disabled", "adaptive") and not value.get(
+            "display")
     return False
 
 
-_PARTIAL = frozenset({"n", "logprobs", "parallel_tool_calls", "response_format", "service_tier"})
+_PARTIAL = frozenset({"n", "logprobs", "parallel_tool_calls", "response_format", "service_tier", "reasoning_effort",
+                      "thinking"})
 
 
 def refusal(backend: Backend, body: JSON, client_paths: dict[str, str] | None = None) -> GatewayError | None:
@@ -76,9 +83,10 @@ def refusal(backend: Backend, body: JSON, client_paths: dict[str, str] | None = 
         claude = kind != "bedrock" or "anthropic.claude" in backend.model  # Converse's Claude-only fields
 
         def carried(name: str, value: Any) -> bool:
-            if name in _PARTIAL and name not in top:
-                return _carried_value(name, value, kind)
-            return name in top and (claude or name not in EXTENSIONS)
+            if name in EXTENSIONS and not claude:
+                return False
+            return name in top and name not in _PARTIAL or name in _PARTIAL and (
+                name in top or _carried_value(name, value, kind))
 
         found = next((k for k, v in body.items() if v is not None and not carried(k, v)), None)
         found = found or _message_field(body, _MESSAGE[kind] if claude else frozenset({"is_error"}))
