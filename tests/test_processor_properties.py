@@ -201,14 +201,13 @@ _VALID_TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st
 _VALID_OPTIONS = st.fixed_dictionaries({}, optional={
     "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "max_tokens": st.integers(1, 10**5), "max_completion_tokens": st.integers(1, 10**5), "n": st.just(1),
-    "temperature": st.none() | st.floats(0, 2), "top_p": st.none() | st.floats(0, 1), "seed": st.integers(0, 2**31),
+    "temperature": st.none() | st.floats(0, 2), "top_p": st.none() | st.floats(0, 1), "seed": st.none(),
     "stop": st.none() | st.text(min_size=1, max_size=5) | st.lists(st.text(min_size=1, max_size=5), max_size=4),
-    "user": _ID, "tools": st.lists(_VALID_TOOL, min_size=1, max_size=2, unique_by=lambda t: t["function"]["name"]),
-    "tool_choice": st.sampled_from(["auto", "none", "required"]), "parallel_tool_calls": st.booleans(),
-    "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}, {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
-            "a": {"type": "string"}}, "required": ["a"]}, "strict": True}}]),
-    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2)})
+    "user": st.none(), "tools": st.lists(_VALID_TOOL, min_size=1, max_size=2, unique_by=lambda t: t["function"]["name"]),
+    "tool_choice": st.sampled_from(["auto", "none", "required"]), "parallel_tool_calls": st.just(True),
+    # (What every backend kind carries: `seed`, `user`, penalties, JSON modes, parallel_tool_calls false
+    # are refused up front for a model with a backend that has no place for them, fields.py.)
+    "response_format": st.just({"type": "text"})})
 _VALID_CHAT = st.tuples(st.fixed_dictionaries({"model": st.just(CROSS), "messages": st.lists(
     _VALID_MESSAGE, min_size=1, max_size=5)}), _VALID_OPTIONS).map(lambda b: {**b[0], **b[1]})
 _VALID_ANTHROPIC = st.fixed_dictionaries(
