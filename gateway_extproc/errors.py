@@ -103,8 +103,14 @@ def error_body(message: str, type_: str, code: str, param: str | None = None) ->
 _PLAIN_WORD = re.compile(r"[a-z][a-z_]{0,31}")
 
 
+def plain_word(value: object) -> bool:
+    """Whether a caller's value may be shown in an error (`quoted`): a field name a client sent
+    that the gateway does not know is named only then."""
+    return isinstance(value, str) and _PLAIN_WORD.fullmatch(value) is not None
+
+
 def quoted(value: object) -> str:
     """A caller's value for an error message: quoted when it is a plain word (`'developer'`,
     `'input_audio'`: what an enum field holds, and what helps most), else not shown. Error
     bodies never carry caller text that could be a key, a token or a card."""
-    return repr(value) if isinstance(value, str) and _PLAIN_WORD.fullmatch(value) else "(value not shown)"
+    return repr(value) if plain_word(value) else "(value not shown)"

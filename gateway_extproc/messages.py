@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from gateway_extproc import api
-from gateway_extproc.errors import GatewayError, quoted
+from gateway_extproc.errors import GatewayError, plain_word, quoted
 from gateway_extproc.providers.base import SseReader, arguments_object
 
 JSON = dict[str, Any]
@@ -53,9 +53,11 @@ def _only(holder: JSON, allowed: set[str] | frozenset[str], where: str) -> None:
     """Refuses the first field of `holder` the translation does not carry (null ones pass)."""
     extra = next((k for k, v in holder.items() if k not in allowed and k != "type" and v is not None), None)
     if extra is not None:
-        path = f"{where}.{extra}" if where else extra
+        # (A key is caller text: named only when it is a plain word, as every schema field is.)
+        name = extra if plain_word(extra) else "(a field whose name is not shown)"
+        path = f"{where}.{name}" if where else name
         raise _invalid(f"{path}: this field is not supported by the gateway's Messages endpoint (it would be "
-                       "dropped); leave it out", path)
+                       "dropped); leave it out", path if plain_word(extra) else where or None)
 
 
 def to_chat(body: JSON, paths: dict[str, str] | None = None) -> JSON:
@@ -194,6 +196,8 @@ def _system(system: Any, markers: list[str]) -> str | list[JSON]:
     if not isinstance(system, list) or not all(
             isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in system):
         raise _invalid("system: a string or a list of text blocks is required", "system")
+    for i, b in enumerate(system):
+        _only(b, {"text", "cache_control"}, f"system.{i}")
     return _content([_marked({"type": "text", "text": b["text"]}, b, f"system.{i}", markers)
                      for i, b in enumerate(system)])
 
@@ -220,6 +224,7 @@ def _message(message: Any, param: str, markers: list[str]) -> list[JSON]:
     if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
         raise _invalid(f"{param}.role: must be 'user' or 'assistant'", f"{param}.role")
     role, content = message["role"], message.get("content")
+    _only(message, {"role", "content"}, param)
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
@@ -295,6 +300,8 @@ def _string(holder: JSON, name: str, where: str) -> str:
 
 def _image_url(source: Any, where: str) -> str:
     where += ".source"
+    if isinstance(source, dict) and source.get("type") in ("base64", "url"):
+        _only(source, {"media_type", "data"} if source["type"] == "base64" else {"url"}, where)
     if isinstance(source, dict) and source.get("type") == "base64":
         return f"data:{_string(source, 'media_type', where)};base64,{_string(source, 'data', where)}"
     if isinstance(source, dict) and source.get("type") == "url":

@@ -507,6 +507,10 @@ def test_thinking_blocks_is_error_and_service_tier_are_carried_with_their_client
     ({"thinking": {"type": "disabled", "budget_tokens": 2000}}, "thinking.budget_tokens"),
     ({"service_tier": "priority"}, "service_tier"),
     ({"output_config": {"format": {"type": "json_object"}}}, "output_config.format"),
+    ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name"),
+    ({"system": [{"type": "text", "text": "x", "citations": [{}]}]}, "system.0.citations"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "url", "url": "https://x/a.png", "detail": "high"}}]}]}, "messages.0.content.0.source.detail"),
     ({"output_config": {"effort": "high", "verbosity": "low"}}, "output_config.verbosity"),
     ({"thinking": {"type": "adaptive", "budget_tokens": 10}}, "thinking.budget_tokens"),
     ({"tools": [{"name": "f", "input_schema": {}, "strict": True}]}, "tools.0.strict"),

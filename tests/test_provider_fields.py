@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from gateway_extproc.config import Backend, Provider
+from gateway_extproc.errors import GatewayError
 from gateway_extproc.messages import to_chat
 from gateway_extproc.providers.fields import refusal
 
@@ -102,3 +103,13 @@ def test_an_anthropic_client_reaches_an_openai_backend_with_what_it_carries() ->
     chat = to_chat({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
                     "service_tier": "standard_only", "metadata": {"user_id": "u"}}, paths)
     assert refusal(backend("openai"), chat, paths) is None and chat["service_tier"] == "default"
+
+
+def test_an_unknown_field_is_named_only_when_it_is_a_plain_word() -> None:
+    """A key is caller text (a pasted key may land there): not quoted back unless a plain word."""
+    error = refusal(backend("anthropic"), {**CHAT, "sk-ant-api03-Secret": 1})
+    assert error is not None and error.param is None and "sk-ant" not in error.message
+    with pytest.raises(GatewayError) as info:
+        to_chat({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+                 "metadata": {"user_id": "u", "sk-ant-api03-Secret": 1}})
+    assert info.value.param == "metadata" and "sk-ant" not in info.value.message

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Backend
-from ..errors import GatewayError
+from ..errors import GatewayError, plain_word
 
 JSON = dict[str, Any]
 
@@ -92,6 +92,9 @@ def refusal(backend: Backend, body: JSON, client_paths: dict[str, str] | None = 
         found = found or _message_field(body, _MESSAGE[kind] if claude else frozenset({"is_error"}))
     if found is None:
         return None
+    if not plain_word(found.partition("[")[0]):  # (a key is caller text: named only when a plain word)
+        return GatewayError("invalid_request", f"The request has a field (name not shown) that {kind} backends, "
+                            "which serve this model, have no equivalent for; nothing was sent.")
     param = (client_paths or {}).get(found, found)
     claude_only = found.rpartition(".")[2] in (*EXTENSIONS, *_MESSAGE_EXTENSIONS)
     where = "Bedrock models other than Claude" if kind == "bedrock" and claude_only else f"{kind} backends"
