@@ -70,6 +70,25 @@ def test_what_a_backend_carries_passes(kind: str, change: dict[str, Any]) -> Non
     assert refusal(backend(kind, "anthropic.claude-x" if kind == "bedrock" else "m"), {**CHAT, **change}) is None
 
 
+# What OpenAI frameworks fill in when the caller set nothing: asks for nothing, so passes.
+_OPENAI_DEFAULTS = {"presence_penalty": 0, "frequency_penalty": 0.0, "top_logprobs": 0, "logit_bias": {},
+                    "store": False, "modalities": ["text"], "metadata": {}, "n": 1, "logprobs": False,
+                    "parallel_tool_calls": True}
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "bedrock", "gemini"])
+def test_openai_defaults_pass_and_anything_else_in_them_is_refused(kind: str) -> None:
+    model = "anthropic.claude-x" if kind == "bedrock" else "m"
+    assert refusal(backend(kind, model), {**CHAT, **_OPENAI_DEFAULTS}) is None
+    for name, value in {"presence_penalty": 0.5, "logit_bias": {"50256": -100}, "store": True,
+                        "modalities": ["text", "audio"], "metadata": {"k": "v"}, "top_logprobs": 2,
+                        "frequency_penalty": False}.items():
+        if kind == "gemini" and name in ("presence_penalty", "frequency_penalty"):
+            continue  # (Gemini has penalties)
+        error = refusal(backend(kind, model), {**CHAT, name: value})
+        assert error is not None and f"`{name}`" in error.message, (kind, name)
+
+
 def test_claude_fields_on_bedrock_go_to_claude_models_only() -> None:
     error = refusal(backend("bedrock", "amazon.nova-pro-v1:0"), {**CHAT, "top_k": 3})
     assert error is not None and error.param == "top_k" and "Bedrock models other than Claude" in error.message

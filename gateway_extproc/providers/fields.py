@@ -42,6 +42,18 @@ ANTHROPIC_TIERS = {"auto": "auto", "default": "standard_only"}
 _ANTHROPIC_EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
 
 
+# OpenAI's defaults of fields other kinds have no place for: sent as such (frameworks fill
+# them in), they ask for nothing, so nothing is lost where they cannot go.
+_ZERO = frozenset({"presence_penalty", "frequency_penalty", "top_logprobs"})
+_DEFAULTS: dict[str, Any] = {"logit_bias": {}, "store": False, "modalities": ["text"], "metadata": {}}
+
+
+def _default(name: str, value: Any) -> bool:
+    if name in _ZERO:
+        return type(value) in (int, float) and value == 0
+    return name in _DEFAULTS and type(value) is type(_DEFAULTS[name]) and value == _DEFAULTS[name]
+
+
 def _carried_value(name: str, value: Any, kind: str) -> bool:
     """Whether a kind carries this value of a field it carries some values of: the provider's
     default (nothing to carry), or a value it has an equivalent for."""
@@ -86,7 +98,7 @@ def refusal(backend: Backend, body: JSON, client_paths: dict[str, str] | None = 
             if name in EXTENSIONS and not claude:
                 return False
             return name in top and name not in _PARTIAL or name in _PARTIAL and (
-                name in top or _carried_value(name, value, kind))
+                name in top or _carried_value(name, value, kind)) or _default(name, value)
 
         found = next((k for k, v in body.items() if v is not None and not carried(k, v)), None)
         found = found or _message_field(body, _MESSAGE[kind] if claude else frozenset({"is_error"}))
