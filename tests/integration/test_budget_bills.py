@@ -194,7 +194,10 @@ def test_a_stream_cut_after_a_running_usage_count_is_charged_its_reservation(gw:
                     break
         except httpx.RemoteProtocolError:  # Envoy resets the client's stream the provider broke off
             pass
-    assert len(seen) >= 2 and '"completion_tokens":2' in seen[1].replace(" ", "")
+    # (The client read the counts so far; when the provider breaks off, output scanning may still
+    # hold the second chunk's text back as Envoy resets the client's stream: one chunk then.)
+    assert seen and '"completion_tokens":1' in seen[0].replace(" ", "")
+    assert how != "client hangs up" or '"completion_tokens":2' in seen[1].replace(" ", "")
     reserved = (8 * 5 + 500 * 20) / 1e6  # default-chat: $5 / $20 per 1M tokens; an 8-token prompt
     assert _settled(gw, before, reserved) == pytest.approx(reserved)
     assert envoy_ready(gw)
