@@ -506,7 +506,7 @@ class ResponseGuard:
         """Scans one choice's texts in place; False when it has nothing left to show now.
         With `in_order`, text another of its windows still holds goes out first (into
         `before`) when this choice moves on to another text; at its finish, always."""
-        index = choice.get("index") if type(choice.get("index")) is int else 0
+        index = choice["index"] = _position(choice.get("index"), 0)
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             delta = choice["delta"] = {}
@@ -664,9 +664,9 @@ class ResponseGuard:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             calls = delta.get("tool_calls") if isinstance(delta, dict) else None
             for call in calls if isinstance(calls, list) else ():
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] not in self.names:
-                    out.append((fn, "name"))
+                for fn in (call.get("function"), call.get("custom")) if isinstance(call, dict) else ():
+                    if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] not in self.names:
+                        out.append((fn, "name"))
         return out
 
     def _released(self, key: tuple[Any, ...], redactor: StreamRedactor) -> bytes:
@@ -738,8 +738,10 @@ class EmbeddingsGuard:
     text, but the answer is a provider's JSON like any other: a string anywhere else in it
     (an echoed input, a provider's extension field) reaches the client, so every string but
     the vectors (`embedding`: floats, or base64 of float32 bytes with `encoding_format: base64`;
-    text under that name, or base64 of text, is read like any other) is scanned and
-    a value redacted in place (a blocked one too); a body that is no JSON object with a
+    text under that name, or base64 of text, is read like any other) is scanned, and every
+    number that could be a value (`read_json`: `"ref": 4111111111111111`, an integral
+    `4.111111111111111e15`, in a vector too: no embedding is such a number), and a value
+    redacted in place (a blocked one too); a body that is no JSON object with a
     `data` list is no answer and is not forwarded (`provider_error`)."""
 
     __slots__ = ("policy", "params", "team")
@@ -752,18 +754,16 @@ class EmbeddingsGuard:
             log.warning("response_unreadable", reason="no data")
             raise GatewayError("provider_error", "The provider answered with a body that is no embeddings answer; "
                                "it was not forwarded.")
-        strings = walk_strings(body, skip_keys=_NOT_EMBEDDED_TEXT)
-        if isinstance(strings, LimitExceeded):
-            log.warning("response_unreadable", reason=strings.reason)
+        read = read_json(self.policy.scanner, body, _NOT_EMBEDDED_TEXT)
+        if isinstance(read, LimitExceeded):
+            log.warning("response_unreadable", reason=read.reason)
             raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
                                "it was not forwarded.")
-        findings = self.policy.scanner.scan_strings(strings)
-        decision = self.policy.scanner.decide(findings, self.params) if findings else None
+        decision = self.policy.scanner.decide(read.findings, self.params) if read.findings else None
         if decision is None or not (decision.block or decision.redact):
             return None
         record(decision, self.team, self.params.mode, "response")
-        replacements = iter(redact_strings(strings, decision.replaced, PlaceholderMap())[0])
-        return orjson.dumps(map_strings(body, lambda _s: next(replacements), skip_keys=_NOT_EMBEDDED_TEXT))
+        return orjson.dumps(rewritten(body, read, decision.replaced, _NOT_EMBEDDED_TEXT))
 
     def sse_event(self, event: bytes) -> bytes:  # never streamed; an SSE-labelled answer is read whole
         return b""
@@ -852,7 +852,7 @@ _NOT_TEXT = BINARY_KEYS | {"id", "index", "object"}
 _LABELS: dict[str, frozenset[str]] = {
     "role": frozenset({"assistant", "tool", "user", "system", "developer", "function"}),
     "finish_reason": frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"}),
-    "type": frozenset({"function"}),
+    "type": frozenset({"function", "custom"}),
     "service_tier": frozenset({"auto", "default", "flex", "scale", "priority"}),
 }
 # Fields of the schema that hold a provider's annotations, never text of the answer, and are
@@ -877,8 +877,8 @@ _CHUNK_KEYS = _HEAD | {"choices", "usage", "obfuscation", "prompt_filter_results
 _CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs", "content_filter_results",
                           "content_filter_offsets"})
 _DELTA_KEYS = frozenset({"role", *_DELTA_TEXTS, "tool_calls"})
-_CALL_KEYS = frozenset({"index", "id", "type", "function"})
-_FUNCTION_KEYS = frozenset({"name", "arguments"})
+_CALL_KEYS = frozenset({"index", "id", "type", "function", "custom"})
+_FUNCTION_KEYS = frozenset({"name", "arguments", "input"})  # (`function`'s, and a custom tool's `custom`)
 
 
 def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, Any], str]]:
@@ -910,9 +910,11 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
             if isinstance(call, dict):
                 out += [(call, k) for k in call if k not in _CALL_KEYS]
                 out += _odd(call, ("type",))
-                fn = call.get("function")
-                if isinstance(fn, dict):
-                    out += [(fn, k) for k in fn if k not in _FUNCTION_KEYS]
+                for fn in (call.get("function"), call.get("custom")):
+                    if isinstance(fn, dict):
+                        out += [(fn, k) for k in fn if k not in _FUNCTION_KEYS]
+                    elif fn is not None:
+                        out.append((call, "function" if fn is call.get("function") else "custom"))
     return list({(id(holder), key): (holder, key) for holder, key in out}.values())
 
 
@@ -1030,11 +1032,35 @@ def _text_slots(index: int, delta: dict[str, Any],
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         for k, call in enumerate(calls):
-            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(call, dict):
+                continue
+            at = call["index"] = _position(call.get("index"), k)
+            fn = call.get("function")
             if isinstance(fn, dict) and "arguments" in fn:
-                slots.append(((index, "tool_calls", call["index"] if type(call.get("index")) is int else k), fn,
-                              "arguments"))
+                slots.append(((index, "tool_calls", at), fn, "arguments"))
+            custom = call.get("custom")  # (a custom tool's free-form input: text, not JSON)
+            if isinstance(custom, dict) and "input" in custom:
+                slots.append(((index, "custom", at), custom, "input"))
     return slots
+
+
+MAX_POSITION = 1024  # (choices: `n` is at most 128; tool calls per answer)
+
+
+def _position(value: Any, default: int) -> int:
+    """A choice's, tool call's or reasoning entry's `index` as the key of its text's window.
+    Clients group a stream's texts by it, with their own language's equality: `1`, `1.0` and
+    `true` are one choice to a Python client, `1` and `"1"` to a JavaScript one; keyed by its
+    exact value (a float or a string fell to the default), a value split over two spellings
+    was read in two windows and joined by the client. So any integral spelling counts as that
+    integer, anything else (or an integer no stream has, which would carry a value out
+    unscanned) as `default`, and the caller writes the key back: the client groups as the
+    windows did."""
+    if isinstance(value, str) and value.isascii() and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, (int, float)) or isinstance(value, float) and not value.is_integer():
+        return default
+    return int(value) if 0 <= value < MAX_POSITION else default
 
 
 def _mirrors(delta: dict[str, Any]) -> list[tuple[dict[str, Any], str, int]]:
@@ -1050,7 +1076,7 @@ def _mirrors(delta: dict[str, Any]) -> list[tuple[dict[str, Any], str, int]]:
     text = entry.get("text")
     if not isinstance(text, str) or entry.get("type", "reasoning.text") != "reasoning.text":
         return []
-    at = entry["index"] if type(entry.get("index")) is int else 0
+    at = _position(entry.get("index"), 0)
     return [(entry, f, at) for f in ("reasoning", "reasoning_content") if delta.get(f) == text][:1]
 
 
@@ -1063,7 +1089,10 @@ def _nested_texts(name: str, value: Any) -> list[tuple[int | None, dict[str, Any
     if name == "audio" and isinstance(value, dict):
         return [(None, value, "transcript")] if "transcript" in value else []
     if name == "reasoning_details" and isinstance(value, list) and all(isinstance(d, dict) for d in value):
-        return [(d["index"] if type(d.get("index")) is int else k, d, field) for k, d in enumerate(value)
+        for k, d in enumerate(value):
+            if "index" in d:
+                d["index"] = _position(d["index"], k)
+        return [(d.get("index", k), d, field) for k, d in enumerate(value)
                 for field in _REASONING_DETAIL_TEXTS if field in d]
     return None
 
@@ -1076,6 +1105,8 @@ def _released_delta(key: tuple[Any, ...], text: str) -> dict[str, Any]:
     """The delta that carries a window's held `text` (its `key`, `_text_slots`) on its own."""
     if key[1] == "tool_calls":
         return {"tool_calls": [{"index": key[2], "function": {"arguments": text}}]}
+    if key[1] == "custom":
+        return {"tool_calls": [{"index": key[2], "custom": {"input": text}}]}
     if len(key) == 4 and key[1] == "audio":
         return {"audio": {"transcript": text}}
     if len(key) == 4:  # (reasoning_details)

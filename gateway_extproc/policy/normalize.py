@@ -271,16 +271,68 @@ def _unescaped(content: str, base: int, n: int, spans: list[tuple[int, int, int,
     parts.append(content[pos:])
     return "".join(parts)
 
-def normalize_escaped(text: str) -> Normalized:
-    """A piece of JSON text (streamed tool-call arguments) with its string escapes decoded as a
-    parser decodes them (`\\n` is a line break, `\\u0040` an `@`) and normalized, its syntax
-    kept: what the tool will read, where the pieces of a stream cannot be parsed one by one.
-    The caller keeps an escape cut at the end of a piece for the next one (`escape_cut`)."""
-    if "\\" not in text:
-        return normalize(text)
+
+_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*', re.S)  # a JSON string's content up to its closing quote
+# A number token outside strings written with an exponent (`4.111111111111111e15`).
+_EXPONENT_TOKEN = re.compile(r'(?<![^\s{}\[\]:,])[-+0-9.]+[eE][-+]?[0-9]+(?![^\s{}\[\]:,"])')
+_NUMBER_TAIL = "-+0123456789.eE"
+
+
+def normalize_json_piece(text: str, in_string: bool) -> tuple[Normalized, bool, int]:
+    """A piece of JSON text streamed in pieces (tool-call arguments), read as its parser reads
+    it, its syntax kept: string escapes decoded (`\\n` is a line break, `\\u0040` an `@`) and
+    normalized, where the pieces of a stream cannot be parsed one by one (the caller keeps an
+    escape cut at the end of a piece for the next one: `escape_cut`); and a number outside
+    strings written with an exponent that is an integer of nine digits or more as its digits (as `normalize_json` reads a whole one:
+    `4.111111111111111e15` is 4111111111111111 to the tool). `in_string`: the piece begins
+    inside a string. Returns the normalized piece, whether it ends inside a string, and where
+    a number that may go on in the next piece begins (len(text) if none): the caller keeps it
+    for the next piece, since a number is converted only whole."""
     spans: list[tuple[int, int, int, int]] = []
-    out = _unescaped(text, 0, 0, spans)
-    return Normalized(out, len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans), tuple(spans))
+    out: list[str] = []
+    n = pos = 0
+    while pos < len(text):
+        if in_string:
+            end = _STRING_REST.match(text, pos).end()  # type: ignore[union-attr]
+            content = text[pos:end]
+            if "\\" in content or not content.isascii():
+                content = _unescaped(content, pos, n, spans)
+            if end < len(text):  # its closing quote
+                content += '"'
+                end += 1
+                in_string = False
+        else:
+            quote = text.find('"', pos)
+            end = len(text) if quote < 0 else quote + 1
+            in_string = quote >= 0
+            content = _with_exponents(text, pos, end, n, spans)
+        out.append(content)
+        n += len(content)
+        pos = end
+    tail = len(text)
+    if not in_string:
+        tail = len(text.rstrip(_NUMBER_TAIL))
+    return (Normalized("".join(out), len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),
+                       tuple(spans)), in_string, tail)
+
+
+def _with_exponents(text: str, pos: int, end: int, n: int, spans: list[tuple[int, int, int, int]]) -> str:
+    """text[pos:end], outside strings (at `n` in the normalized text), normalized, each number
+    written with an exponent that is a long integer as its digits (a span each)."""
+    parts: list[str] = []
+    at = pos
+    for m in _EXPONENT_TOKEN.finditer(text, pos, end):
+        digits = _exponent_integer(m.group())
+        if digits is None:
+            continue
+        parts.append(_unescaped(text[at:m.start()], at, n, spans))
+        n += len(parts[-1])
+        spans.append((n, n + len(digits), m.start(), m.end()))
+        parts.append(digits)
+        n += len(digits)
+        at = m.end()
+    parts.append(_unescaped(text[at:end], at, n, spans))
+    return "".join(parts)
 
 
 _CUT_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\(?:u[0-9a-fA-F]{0,3})?)$")

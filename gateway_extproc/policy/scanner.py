@@ -1394,7 +1394,10 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                 stack.append(_items(value))
                 break
             else:
-                if keyed is not None and (named := keyed_text(value, key, top=len(stack) == 1)) is not None:
+                # (a number under 1e8 is never read: the vectors of an embeddings answer cost a
+                # comparison each, not a call)
+                if keyed is not None and not (type(value) is float and -1e8 < value < 1e8) and \
+                        (named := keyed_text(value, key, top=len(stack) == 1)) is not None:
                     keyed[named] = None
                 continue
             if nodes > max_nodes:

@@ -34,7 +34,7 @@ import re
 from bisect import bisect_right
 
 from .detectors import DIGIT_WORDS, LOCAL_CHARS, SEP_CHARS, SPACES, number_words_start
-from .normalize import Normalized, escape_cut, normalize, normalize_escaped
+from .normalize import Normalized, escape_cut, normalize, normalize_json_piece
 from .scanner import (
     Decision,
     DecisionParams,
@@ -48,6 +48,7 @@ from .scanner import (
 GUARD_MARGIN = 2  # characters of look-ahead a detector's end guard may need
 CONTEXT = 64  # already-emitted characters kept for look-behinds (context words: 48)
 MAX_OPEN = 64 * 1024  # an open (still growing) redacted value is closed beyond this
+MAX_NUMBER_HOLD = 64 * 1024  # (json) a number at a delta's end is read with the next delta up to this long
 
 
 # A value without spaces (an e-mail, a key, an encoded run) may be longer than the hold-back:
@@ -149,12 +150,13 @@ class StreamRedactor:
     __slots__ = ("scanner", "params", "holdback", "mapping", "findings", "decisions", "blocked",
                  "block_decision", "_buf", "_base", "_emit", "_resume", "_open", "_inj_hits",
                  "_inj_reported", "_done", "_raw", "_rbase", "_remit", "_segs", "_seg_starts", "_long", "_long_at",
-                 "_swallow", "_json", "_pending")
+                 "_swallow", "_json", "_pending", "_in_string")
 
     def __init__(self, scanner: Scanner, decision_params: DecisionParams | None = None,
                  holdback_chars: int = 64, *, mapping: PlaceholderMap | None = None, json: bool = False) -> None:
         """`json`: the text is JSON streamed in pieces (tool-call arguments), read with its string
-        escapes decoded as the tool's parser decodes them (`normalize_escaped`): `"4111\\n1111\\n…"`
+        escapes decoded as the tool's parser decodes them, and a number written with an exponent
+        as its digits (`normalize_json_piece`): `"4111\\n1111\\n…"`
         is a card written down a column, `jane\\u0040example.com` an address."""
         self.scanner = scanner
         self.params = decision_params or DecisionParams()
@@ -186,20 +188,32 @@ class StreamRedactor:
         self._long_at = 0  # its boundary character (normalized offset)
         self._swallow = False  # ... whose rest a placeholder replaces
         self._json = json
-        self._pending = ""  # (json) an escape cut off at the end of the last delta, read with the next
+        # (json) an escape or a number cut off at the end of the last delta, read with the next;
+        # and whether it (the text after what was read) is inside a string.
+        self._pending = ""
+        self._in_string = False
 
     def feed(self, delta: str) -> str:
         if self._done:
             raise RuntimeError("feed() after flush()")
+        return self._take(delta, final=False)
+
+    def _take(self, delta: str, final: bool) -> str:
         if self.blocked or not delta:
             return ""
         if self._json:
             delta = self._pending + delta
-            cut = escape_cut(delta)
-            delta, self._pending = delta[:cut], delta[cut:]
+            cut = len(delta) if final else escape_cut(delta)
+            nz, in_string, tail = normalize_json_piece(delta[:cut], self._in_string)
+            if not final and tail < cut and cut - tail < MAX_NUMBER_HOLD:
+                # A number ends the delta: written with an exponent, it is read as its digits
+                # only whole (`4.1111111` + `11111111e15` is a card).
+                nz, in_string, cut = *normalize_json_piece(delta[:tail], self._in_string)[:2], tail
+            delta, self._pending, self._in_string = delta[:cut], delta[cut:], in_string
             if not delta:
                 return ""
-        nz = normalize_escaped(delta) if self._json else normalize(delta)
+        else:
+            nz = normalize(delta)
         if nz.text:
             n0 = self._base + len(self._buf)
             self._segs.append((n0, n0 + len(nz.text), self._rbase + len(self._raw), nz))
@@ -244,9 +258,9 @@ class StreamRedactor:
         if self._done:
             return ""
         head = ""
-        if self._pending:  # (an escape the stream never finished: text as it is)
-            pending, self._json, self._pending = self._pending, False, ""
-            head = self.feed(pending)
+        if self._pending:  # (an escape or a number the stream never finished: read as it is)
+            pending, self._pending = self._pending, ""
+            head = self._take(pending, final=True)
         self._done = True
         if self.blocked:
             return ""

@@ -1,0 +1,204 @@
+"""Answer shapes a hostile provider (or a prompt-injected model) could use to get a value out
+whole past the output guard's hold-back windows, each read as the client reads it:
+
+- chat streams with several choices (`n` > 1) whose chunks interleave: a client groups texts
+  by `index`, and `1`, `1.0` and `true` are one choice to a Python client, `1` and `"1"` to a
+  JavaScript one; each chunk now carries the index its window was keyed by (a tool call's too);
+- a number written with an exponent (`4.111111111111111e15`, a card to any JSON parser) in
+  streamed tool-call arguments, whole or split over deltas;
+- a custom tool's input streamed in pieces (`delta.tool_calls[].custom.input`);
+- an embeddings answer's numbers beside the vectors (`ref: 4111111111111111`), an SSN-named
+  string, an integral number inside a vector.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway_extproc.policy.classification import EmbeddingsGuard, ResponseGuard
+
+from .test_stream_seams import POLICY
+
+DIGITS = "4111111111111111"
+FILLER = " and then some more words that are long enough to leave the hold-back window of the guard."
+
+
+def chunk(*choices: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "model": "m",
+                                     "choices": list(choices)}) + b"\n\n"
+
+
+def stream(*events: bytes, in_order: bool = False) -> str:
+    guard = ResponseGuard(POLICY, POLICY._params["enforce"], "t", in_order)
+    out = b"".join(guard.sse_event(e) for e in events) + guard.sse_event(b"data: [DONE]\n\n")
+    return out.decode()
+
+
+def per_choice(out: str) -> dict[Any, str]:
+    """Each choice's texts (content, each tool call's arguments or input) as a Python client
+    collects them: by `index`, with Python's equality (`1 == 1.0 == True`), or by its string
+    (a JavaScript client: `choices["1"]` is `choices[1]`)."""
+    texts: dict[Any, list[str]] = {}
+    for line in out.split("\n\n"):
+        if not line.startswith("data: {"):
+            continue
+        for c in orjson.loads(line[6:]).get("choices", []):
+            i = c.get("index")
+            i = int(i) if isinstance(i, str) and i.isdigit() else i
+            d = c.get("delta") or {}
+            for k, v in d.items():
+                if isinstance(v, str) and k != "role":
+                    texts.setdefault((i, k), []).append(v)
+            for t in d.get("tool_calls") or []:
+                ti = t.get("index")
+                ti = int(ti) if isinstance(ti, str) and ti.isdigit() else ti
+                for holder, field in ((t.get("function") or {}, "arguments"), (t.get("custom") or {}, "input")):
+                    if isinstance(holder.get(field), str):
+                        texts.setdefault((i, "tool", ti), []).append(holder[field])
+    return {k: "".join(v) for k, v in texts.items()}
+
+
+def leaked(out: str) -> bool:
+    return any(DIGITS in re.sub(r"\D", "", text) for text in per_choice(out).values())
+
+
+@pytest.mark.parametrize("other", [1.0, True, "1"], ids=["float", "bool", "string"])
+def test_a_card_split_over_two_spellings_of_one_choice_index_never_reaches_the_client(other: Any) -> None:
+    out = stream(chunk({"index": 0, "delta": {"content": "hello"}}),
+                 chunk({"index": 1, "delta": {"content": "card 4111 1111"}}),
+                 chunk({"index": other, "delta": {"content": " 1111 1111" + FILLER}}),
+                 chunk({"index": 0, "delta": {"content": FILLER}}),
+                 chunk({"index": 1, "delta": {}, "finish_reason": "stop"}),
+                 chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    assert not leaked(out), per_choice(out)
+    for line in out.split("\n\n"):
+        if line.startswith("data: {"):
+            assert all(type(c["index"]) is int for c in orjson.loads(line[6:])["choices"]), line
+
+
+def test_a_card_split_over_two_spellings_of_one_tool_call_index_never_reaches_the_client() -> None:
+    def call(index: Any, args: str, first: bool = False) -> bytes:
+        tc: dict[str, Any] = {"index": index, "function": {"arguments": args}}
+        if first:
+            tc.update(id=f"call_{index}", type="function", function={"name": "save", "arguments": args})
+        return chunk({"index": 0, "delta": {"tool_calls": [tc]}})
+
+    out = stream(call(0, '{"a": "hello"}', True), call(1, '{"n": "card 4111 1111', True),
+                 call(1.0, ' 1111 1111' + FILLER + '"}'), call(0, FILLER),
+                 chunk({"index": 0, "delta": {}, "finish_reason": "tool_calls"}))
+    assert not leaked(out), per_choice(out)
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+def test_interleaved_choices_each_keep_their_own_window(in_order: bool) -> None:
+    """Two choices, each with content, reasoning and a tool call, their chunks alternating, a
+    card split in each text of choice 1 while choice 0's chunks come between; choice 0's
+    plain text goes out whole."""
+    texts = {"content": ("card 4111 1111", " 1111 1111 ok"), "reasoning_content": ("4111 1111", " 1111 1111"),
+             "refusal": ("no 4111", " 1111 1111 1111")}
+    events = []
+    for field, (a, b) in texts.items():
+        events += [chunk({"index": 1, "delta": {field: a}}), chunk({"index": 0, "delta": {field: "plain words"}}),
+                   chunk({"index": 1, "delta": {field: b}}), chunk({"index": 0, "delta": {field: " go"}})]
+    events += [chunk({"index": 1, "delta": {"tool_calls": [{"index": 0, "id": "x", "type": "function",
+                                                            "function": {"name": "f", "arguments": '{"c": "4111'}}]}}),
+               chunk({"index": 0, "delta": {"content": " on"}}),
+               chunk({"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ' 1111 1111 1111"}'}}]}}),
+               chunk({"index": 0, "delta": {}, "finish_reason": "stop"}),
+               chunk({"index": 1, "delta": {}, "finish_reason": "stop"})]
+    out = stream(*events, in_order=in_order)
+    got = per_choice(out)
+    assert not leaked(out), got
+    if "content_filter" not in out:
+        assert got[(0, "reasoning_content")] == "plain words go"
+
+
+@pytest.mark.parametrize("pieces", [
+    ['{"card": 4.111111111111111e15}'],
+    ['{"card": 4.1111111', '11111111e15}'],
+    ['{"card": 4.111111111111111e', '15, "x": 1}'],
+    ['{"card": 4111111111111111', '.0, "x": 1}'],
+    ['{"card": [41111111111111.11e', '2]}'],
+    ['{"card": 4.111111111111111E+15', '}'],
+    ['{"card": 4.111111111111111e15'],  # (the stream ends there)
+], ids=["whole", "split in the mantissa", "split in the exponent", "a trailing fraction", "in a list", "E+",
+        "unterminated"])
+def test_a_card_written_with_an_exponent_in_streamed_tool_arguments_never_reaches_the_client(
+        pieces: list[str]) -> None:
+    first = {"index": 0, "id": "call_0", "type": "function", "function": {"name": "pay", "arguments": pieces[0]}}
+    events = [chunk({"index": 0, "delta": {"tool_calls": [first]}})]
+    events += [chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": p}}]}})
+               for p in pieces[1:]]
+    out = stream(*events, chunk({"index": 0, "delta": {}, "finish_reason": "tool_calls"}))
+    args = per_choice(out).get((0, "tool", 0), "")
+    numbers = [float(n) for n in re.findall(r"[-+0-9.eE]{6,}", args)]
+    assert all(n != 4111111111111111 for n in numbers), args
+    assert "[CREDIT_CARD_1]" in args
+
+
+def test_numbers_and_strings_with_an_e_in_streamed_tool_arguments_go_out_unchanged() -> None:
+    args = ['{"x": 1.5e3, "y": "4.111111111111111e15 is a string", "ok": true', ', "n": 12e', '2, "z": false}']
+    events = [chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c", "type": "function",
+                                                            "function": {"name": "f", "arguments": args[0]}}]}})]
+    events += [chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}})
+               for a in args[1:]]
+    out = stream(*events, chunk({"index": 0, "delta": {}, "finish_reason": "tool_calls"}))
+    assert per_choice(out)[(0, "tool", 0)] == "".join(args)
+
+
+@pytest.mark.parametrize("pieces", [["card 4111 1111", " 1111 1111 done"], ["card 4111 1111 1111 1111 done"],
+                                    ["4", "111 1111 11", "11 1111"]], ids=["split", "whole", "three pieces"])
+def test_a_card_in_a_streamed_custom_tool_input_never_reaches_the_client(pieces: list[str]) -> None:
+    first = {"index": 0, "id": "call_0", "type": "custom", "custom": {"name": "shell", "input": pieces[0]}}
+    events = [chunk({"index": 0, "delta": {"tool_calls": [first]}})]
+    events += [chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "custom": {"input": p}}]}})
+               for p in pieces[1:]]
+    out = stream(*events, chunk({"index": 0, "delta": {}, "finish_reason": "tool_calls"}))
+    got = per_choice(out)
+    assert not leaked(out), got
+    assert "[CREDIT_CARD_1]" in got[(0, "tool", 0)]
+
+
+def test_a_streamed_custom_tool_input_goes_out_whole_with_its_name_and_type() -> None:
+    first = {"index": 0, "id": "call_0", "type": "custom", "custom": {"name": "shell", "input": "ls -la /tmp"}}
+    out = stream(chunk({"index": 0, "delta": {"tool_calls": [first]}}),
+                 chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "custom": {"input": " && echo done"}}]}}),
+                 chunk({"index": 0, "delta": {}, "finish_reason": "tool_calls"}))
+    assert per_choice(out)[(0, "tool", 0)] == "ls -la /tmp && echo done"
+    assert '"type":"custom"' in out and '"name":"shell"' in out
+
+
+def test_a_card_split_between_content_and_a_custom_tool_input_never_reaches_the_client() -> None:
+    first = {"index": 0, "id": "call_0", "type": "custom", "custom": {"name": "shell", "input": " 1111 1111 ok"}}
+    out = stream(chunk({"index": 0, "delta": {"content": "card 4111 1111"}}),
+                 chunk({"index": 0, "delta": {"tool_calls": [first]}}),
+                 chunk({"index": 0, "delta": {}, "finish_reason": "tool_calls"}))
+    assert DIGITS not in re.sub(r"\D", "", "".join(per_choice(out).values())), out
+
+
+def embeddings(**extra: Any) -> dict[str, Any]:
+    item = {"object": "embedding", "index": 0, "embedding": [0.1, -0.2], **extra.pop("item", {})}
+    return {"object": "list", "data": [item], "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 3, "total_tokens": 3}, **extra}
+
+
+@pytest.mark.parametrize("body", [
+    embeddings(ref=4111111111111111),
+    embeddings(ref=4.111111111111111e15),
+    embeddings(item={"embedding": [0.1, 4111111111111111.0]}),
+    embeddings(item={"ssn": "123456789"}),
+    embeddings(usage={"prompt_tokens": 4111111111111111, "total_tokens": 3}),
+], ids=["number beside", "exponent beside", "integral number in a vector", "ssn-named string", "in usage"])
+def test_an_embeddings_answer_holds_no_value_beside_its_vectors(body: dict[str, Any]) -> None:
+    out = EmbeddingsGuard(POLICY, POLICY._params["enforce"], "t").json_body(body)
+    sent = orjson.loads(out) if out is not None else body
+    assert DIGITS not in repr(sent) and "4.111111111111111e" not in repr(sent) and "123456789" not in repr(sent), sent
+
+
+def test_an_ordinary_embeddings_answer_goes_out_unchanged() -> None:
+    body = embeddings(item={"embedding": [0.1, -0.2, 3.0, 1e-9]}, created=1733400000)
+    assert EmbeddingsGuard(POLICY, POLICY._params["enforce"], "t").json_body(body) is None
