@@ -1,0 +1,110 @@
+"""Answer shapes a hostile provider could use to get a value out whole, through real Envoy and
+the ext_proc (values-local: output scanning on), read with the openai SDK as an application
+reads them (tests/test_egress_shapes.py has the guard's own cases):
+
+- an `n` > 1 stream whose choice 1 is also written `1.0`: the SDK keeps the float, and a
+  client collecting each choice's text by index (Python: `1 == 1.0`) read a card split over
+  the two spellings whole;
+- a card written with an exponent (`4.111111111111111e15`) in streamed tool-call arguments,
+  split over two deltas: the tool's JSON parser reads it as the card;
+- a custom tool's input streamed in pieces (`tool_calls[].custom.input`);
+- an embeddings answer with a card as a number beside the vectors.
+
+The provider's answers are scripted with the mock provider's `x-mock-raw-events` and
+`x-mock-raw-body` (sealed by conftest), docs/mock-provider.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+
+import httpx
+import openai
+import orjson
+
+from .conftest import Gateway
+from .test_stream_seam_leaks import raw_events
+
+MODEL = "default-chat"
+DIGITS = "4111111111111111"
+FILLER = " and then some more words that are long enough to leave the hold-back window of the guard."
+
+
+def chunk(*choices: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps({"id": "chatcmpl-shape", "object": "chat.completion.chunk", "created": 1,
+                                     "model": "m", "choices": list(choices)}) + b"\n\n"
+
+
+def collected(gw: Gateway, events: list[bytes]) -> tuple[dict[Any, str], dict[Any, str], set[str | None]]:
+    """What the openai SDK's stream gave, as an application collects it: each choice's content
+    by `choice.index`, each tool call's arguments (or custom input) by (choice, call index),
+    and the finish reasons."""
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0,
+                           default_headers={"x-mock-raw-events": raw_events(*events, b"data: [DONE]\n\n")})
+    content: dict[Any, str] = {}
+    calls: dict[Any, str] = {}
+    finishes: set[str | None] = set()
+    for c in client.chat.completions.create(model=MODEL, stream=True, n=2,
+                                            messages=[{"role": "user", "content": "Pay the invoice."}]):
+        for choice in c.choices:
+            finishes.add(choice.finish_reason)
+            content[choice.index] = content.get(choice.index, "") + (choice.delta.content or "")
+            for t in choice.delta.tool_calls or []:
+                custom = (t.model_extra or {}).get("custom") or {}
+                text = (t.function.arguments if t.function else None) or custom.get("input") or ""
+                calls[(choice.index, t.index)] = calls.get((choice.index, t.index), "") + text
+    return content, calls, finishes
+
+
+def test_a_card_split_over_two_spellings_of_a_choice_index_never_reaches_the_client(gw: Gateway) -> None:
+    content, _, _ = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "content": "hello"}}),
+        chunk({"index": 1, "delta": {"role": "assistant", "content": "card 4111 1111"}}),
+        chunk({"index": 1.0, "delta": {"content": " 1111 1111" + FILLER}}),
+        chunk({"index": 0, "delta": {"content": FILLER}}),
+        chunk({"index": 1, "delta": {}, "finish_reason": "stop"}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+    assert all(DIGITS not in re.sub(r"\D", "", text) for text in content.values()), content
+    assert set(content) == {0, 1} and all(type(i) is int for i in content), content
+    assert content[0] == "hello" + FILLER
+
+
+def test_a_card_written_with_an_exponent_in_streamed_tool_arguments_never_reaches_the_tool(gw: Gateway) -> None:
+    first = {"index": 0, "id": "call_0", "type": "function",
+             "function": {"name": "pay", "arguments": '{"amount": 12, "card": 4.1111111'}}
+    _, calls, _ = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "tool_calls": [first]}}),
+        chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '11111111e15}'}}]}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "tool_calls"})])
+    args = calls[(0, 0)]
+    try:
+        card = json.loads(args).get("card")
+    except json.JSONDecodeError:  # (a placeholder where a number was: no longer JSON the tool reads)
+        card = None
+    assert card != 4111111111111111 and DIGITS not in re.sub(r"\D", "", args), args
+    assert "[CREDIT_CARD_1]" in args and args.startswith('{"amount": 12, "card": ')
+
+
+def test_a_card_in_a_streamed_custom_tool_input_never_reaches_the_client(gw: Gateway) -> None:
+    first = {"index": 0, "id": "call_0", "type": "custom", "custom": {"name": "shell", "input": "pay 4111 1111"}}
+    _, calls, finishes = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "tool_calls": [first]}}),
+        chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "custom": {"input": " 1111 1111 now"}}]}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "tool_calls"})])
+    assert calls[(0, 0)] == "pay [CREDIT_CARD_1] now", calls
+    assert finishes == {None, "tool_calls"}
+
+
+def test_an_embeddings_answer_with_a_card_as_a_number_reaches_the_client_redacted(gw: Gateway) -> None:
+    answer = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}],
+              "model": "text-embedding-3-small", "ref": 4111111111111111,
+              "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+    r = httpx.post(f"{gw.url}/v1/embeddings", json={"model": "default-embedding", "input": "hello"},
+                   headers={"authorization": f"Bearer {gw.key}",
+                            "x-mock-raw-body": base64.b64encode(orjson.dumps(answer)).decode()}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert DIGITS not in r.text and r.json()["ref"] == "[CREDIT_CARD_1]", r.text
+    assert r.json()["data"][0]["embedding"] == [0.25, -0.5]
