@@ -202,3 +202,54 @@ def test_an_embeddings_answer_holds_no_value_beside_its_vectors(body: dict[str, 
 def test_an_ordinary_embeddings_answer_goes_out_unchanged() -> None:
     body = embeddings(item={"embedding": [0.1, -0.2, 3.0, 1e-9]}, created=1733400000)
     assert EmbeddingsGuard(POLICY, POLICY._params["enforce"], "t").json_body(body) is None
+
+
+def sdk_message(out: str) -> dict[str, Any]:
+    """The message the openai SDK's stream helper (`client.chat.completions.stream`) builds
+    from what the client was sent: every string of the deltas joined, every number added."""
+    from openai._models import construct_type
+    from openai.lib.streaming.chat._completions import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    state = ChatCompletionStreamState()
+    for line in out.split("\n\n"):
+        if line.startswith("data: {"):
+            state.handle_chunk(construct_type(type_=ChatCompletionChunk, value=orjson.loads(line[6:])))
+    return state.current_completion_snapshot.model_dump()["choices"][0]["message"]
+
+
+def calls(*pieces: dict[str, Any]) -> list[bytes]:
+    return [chunk({"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0, **p}]}}) for p in pieces]
+
+
+@pytest.mark.parametrize("events", [
+    calls({"id": "call_1", "type": "function", "function": {"name": "4111-1111", "arguments": ""}},
+          {"function": {"name": "-1111-1111", "arguments": "{}"}}),
+    calls({"id": "4111 1111", "type": "function", "function": {"name": "pay", "arguments": ""}},
+          {"id": " 1111 1111", "function": {"arguments": "{}"}}),
+    calls({"id": "c", "type": "custom", "custom": {"name": "4111 1111", "input": ""}}, {"custom": {"name": " 1111 1111"}}),
+    [chunk({"index": 0, "delta": {"role": "assistant", "x": {"note": "jane.doe@exa"}}}),
+     chunk({"index": 0, "delta": {"x": {"note": "mple.com"}}})],
+    [chunk({"index": 0, "delta": {"role": "assistant", "x": {"n": 4000000000000000}}}),
+     chunk({"index": 0, "delta": {"x": {"n": 111111111111111}}})],
+    [chunk({"index": 0, "delta": {"role": "assistant", "x": [{"index": 0, "t": "4111 1111"}]}}),
+     chunk({"index": 0, "delta": {"x": [{"index": 0, "t": " 1111 1111"}]}})],
+], ids=["function name", "tool call id", "custom tool name", "extension string", "extension number", "extension list"])
+def test_a_value_the_sdk_stream_helper_would_join_never_reaches_it(events: list[bytes]) -> None:
+    out = stream(*events, chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    message = repr(sdk_message(out))
+    assert DIGITS not in re.sub(r"[^0-9]", "", message) and "jane.doe@example.com" not in message, message
+    assert "content_filter" in out
+
+
+def test_pieces_the_sdk_joins_into_no_value_go_out() -> None:
+    """A provider repeating `role` and a tool call's `id` and `name` in every chunk, ordinary
+    extension fields: nothing ends the stream."""
+    events = calls({"id": "call_1", "type": "function", "function": {"name": "save", "arguments": '{"a": '}},
+                   {"id": "call_1", "function": {"name": "save", "arguments": '1}'}})
+    events += [chunk({"index": 0, "delta": {"role": "assistant", "content": "ok", "x": {"n": 3, "t": "a"}}}),
+               chunk({"index": 0, "delta": {"role": "assistant", "content": " done", "x": {"n": 4, "t": "b"}}})]
+    out = stream(*events, chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    assert "content_filter" not in out
+    message = sdk_message(out)
+    assert message["content"] == "ok done" and message["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'

@@ -32,7 +32,7 @@ from ..providers.base import event_data
 from ..usage import STREAM_ENDS, canonical_event
 from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, Finding,
                       InjectionConfig, LimitExceeded, PlaceholderMap, Scanner, map_strings, redact, redact_strings,
-                      keyed_replacement, walk_strings)
+                      keyed_replacement, keyed_text, walk_strings)
 from .headers import Header, HeaderEdit, edit, joined, place, scanned_names, where
 from .stream import StreamRedactor
 
@@ -272,7 +272,7 @@ class ResponseGuard:
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
                  "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue", "labels",
-                 "names", "mirrored")
+                 "names", "mirrored", "assembled")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -312,6 +312,10 @@ class ResponseGuard:
         # A choice's reasoning string whose text a `reasoning_details` entry repeats (`_mirrors`)
         # -> that entry's index: what its window releases goes out in both.
         self.mirrored: dict[tuple[Any, ...], int] = {}
+        # (choice index, path) -> what the openai SDK's stream helper has joined there of the
+        # strings and numbers without a window (`_joined_leaves`): a string's last JOIN_TAIL
+        # characters and whether a piece other than a schema label came; a number's sum.
+        self.assembled: dict[tuple[Any, ...], tuple[str, bool] | int | float] = {}
 
     def json_body(self, body: Any) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it) to send instead, or
@@ -515,6 +519,8 @@ class ResponseGuard:
         finished = choice.get("finish_reason") is not None
         mirrors = _mirrors(delta)
         slots = _text_slots(index, delta, {id(entry) for entry, _, _ in mirrors})
+        if self._joined_blocked(index, delta):
+            return False
         active = {key for key, holder, name in slots if holder[name] is not None}  # where the choice is now
         first = next((key for key, holder, name in slots if isinstance(holder[name], str) and holder[name]), None)
         if first is not None and not self._moved(index, first):
@@ -571,6 +577,43 @@ class ResponseGuard:
         if finished and index in self.seams and not self._seam_passes(index):
             return False
         return not (held and not finished and all(not v for k, v in delta.items() if k != "role"))
+
+    def _joined_blocked(self, index: int, delta: dict[str, Any]) -> bool:
+        """The openai SDK's stream helper (`client.chat.completions.stream`) builds each
+        choice's message by joining every string of its deltas piece by piece and adding up
+        every number (`openai.lib.streaming._deltas.accumulate_delta`), a tool call's `id` and
+        function `name` and a provider's own objects too, which are read event by event, each
+        piece whole (or not at all: ids): a card sent as `4111 1111` + ` 1111 1111` in a
+        tool call's name, or as 4000000000000000 + 111111111111111 in an extension field,
+        reached that client whole. What it has joined is kept per choice and field (a string's
+        tail), and a value that a new piece completes ends the stream, as a seam's does (its
+        first piece is out already). True when one does (`seam_block`)."""
+        scanner = self.policy.scanner
+        for path, value in _joined_leaves(delta):
+            key = (index, *path)
+            held = self.assembled.get(key)
+            if held is None:
+                self.assembled[key] = (value[-JOIN_TAIL:], not _label_piece(path, value)) \
+                    if isinstance(value, str) else value
+                continue
+            if isinstance(held, tuple) and isinstance(value, str):
+                tail, dirty = held[0] + value, held[1] or not _label_piece(path, value)
+                self.assembled[key] = (tail[-JOIN_TAIL:], dirty)
+                cut = len(held[0])
+                findings = [f for f in scanner.scan(tail) if f.start < cut < f.end] if dirty else []
+            elif isinstance(held, (int, float)) and isinstance(value, (int, float)):
+                self.assembled[key] = total = held + value
+                text = keyed_text(total, path[-1] if isinstance(path[-1], str) else None, top=False)
+                findings = scanner.scan_strings([text], apart=True) if text is not None else []
+            else:
+                continue  # (the helper keeps what it has when the type changes)
+            decision = scanner.decide(findings, self.params) if findings else None
+            if decision is not None and (decision.block or decision.redact):
+                self.seam_block = replace(decision, block=True)
+                return True
+            if decision is not None:
+                record(decision, self.team, self.params.mode, "response")
+        return False
 
     def _moved(self, index: int, key: tuple[Any, ...]) -> bool:
         """The choice's text goes to `key`: when it last went to another text, the seam there
@@ -1042,6 +1085,42 @@ def _text_slots(index: int, delta: dict[str, Any],
             if isinstance(custom, dict) and "input" in custom:
                 slots.append(((index, "custom", at), custom, "input"))
     return slots
+
+
+JOIN_TAIL = 256  # characters of a joined string read with its next piece (`ResponseGuard._joined_blocked`)
+# Fields with a window of their own (`_text_slots`), by their names' path in a delta: not joined.
+_WINDOWED = frozenset({("tool_calls", "function", "arguments"), ("tool_calls", "custom", "input"),
+                       ("audio", "transcript"), ("reasoning_details", "text"), ("reasoning_details", "summary")})
+
+
+def _joined_leaves(delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], Any]]:
+    """(path, value) of each string and number of a delta that the openai SDK's stream helper
+    joins (`accumulate_delta`: recursively, entries of a list by their integer `index`, but
+    never `index` or `type`, which it replaces, nor a list of scalars, which it extends) and
+    that has no window: `role`, a tool call's `id` and `name`, a provider's own objects. The
+    delta's own strings but `role` are texts with windows."""
+    out: list[tuple[tuple[Any, ...], Any]] = [(("role",), delta["role"])] if isinstance(delta.get("role"), str) else []
+    stack: list[tuple[tuple[Any, ...], Any]] = [((k,), v) for k, v in delta.items() if isinstance(v, (dict, list))]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, list):
+            stack += [((*path, e["index"]), e) for e in value if isinstance(e, dict) and type(e.get("index")) is int]
+            continue
+        for k, v in value.items():
+            if k in ("index", "type"):
+                continue
+            if isinstance(v, (dict, list)):
+                stack.append(((*path, k), v))
+            elif isinstance(v, (str, int, float)) and not isinstance(v, bool) and \
+                    (*(p for p in path if isinstance(p, str)), k) not in _WINDOWED:
+                out.append(((*path, k), v))
+    return out
+
+
+def _label_piece(path: tuple[Any, ...], value: str) -> bool:
+    """A delta's `role` as the schema gives it (providers repeat it in every chunk): no value
+    is made of those words, so the pieces joined so far need not be read."""
+    return path == ("role",) and value in _LABELS["role"]
 
 
 MAX_POSITION = 1024  # (choices: `n` is at most 128; tool calls per answer)
