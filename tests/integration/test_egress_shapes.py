@@ -108,3 +108,23 @@ def test_an_embeddings_answer_with_a_card_as_a_number_reaches_the_client_redacte
     assert r.status_code == 200, r.text
     assert DIGITS not in r.text and r.json()["ref"] == "[CREDIT_CARD_1]", r.text
     assert r.json()["data"][0]["embedding"] == [0.25, -0.5]
+
+
+def test_a_card_split_over_a_tool_calls_name_never_reaches_the_sdk_stream_helper(gw: Gateway) -> None:
+    """`client.chat.completions.stream` joins every string of the deltas, a tool call's name
+    included: a card sent as `4111-1111` + `-1111-1111` there came out whole."""
+    first = {"index": 0, "id": "call_0", "type": "function", "function": {"name": "4111-1111", "arguments": ""}}
+    events = [chunk({"index": 0, "delta": {"role": "assistant", "tool_calls": [first]}}),
+              chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": "-1111-1111",
+                                                                                     "arguments": "{}"}}]}}),
+              chunk({"index": 0, "delta": {}, "finish_reason": "tool_calls"}), b"data: [DONE]\n\n"]
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0,
+                           default_headers={"x-mock-raw-events": raw_events(*events)})
+    snapshot = None
+    with client.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "Pay."}]) as s:
+        for event in s:
+            snapshot = event.snapshot if event.type == "chunk" else snapshot
+    assert snapshot is not None
+    said = snapshot.model_dump_json()
+    assert "4111-1111" in said and DIGITS not in re.sub(r"\D", "", said), said
+    assert snapshot.choices[0].finish_reason == "content_filter"
