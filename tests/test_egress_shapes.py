@@ -253,3 +253,26 @@ def test_pieces_the_sdk_joins_into_no_value_go_out() -> None:
     assert "content_filter" not in out
     message = sdk_message(out)
     assert message["content"] == "ok done" and message["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
+
+
+@pytest.mark.parametrize("pieces", [
+    ["card &#52;111 1111 1111 1111 ok"],
+    ["card &#5", "2;111 1111 1111 1111 ok"],
+    ["card &", "#x34;111 1111 1111 111&#4", "9 ok"],
+    ["card 4111 1111 1111 111&#49", "; ok"],
+    ["write to jane&#64;example&#46;com today"],
+], ids=["whole", "split in the reference", "hex, split twice", "split before its semicolon", "address"])
+def test_a_value_written_with_a_character_reference_never_reaches_the_client(pieces: list[str]) -> None:
+    """A chat client renders Markdown, which decodes numeric character references: one digit
+    written `&#52;` showed a card the scanner did not read."""
+    out = stream(*(chunk({"index": 0, "delta": {"content": p}}) for p in pieces),
+                 chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    text = per_choice(out)[(0, "content")]
+    assert "[CREDIT_CARD_1]" in text or "[EMAIL_1]" in text, text
+    assert "111" not in text and "jane" not in text, text
+
+
+def test_a_value_written_with_a_character_reference_never_reaches_the_provider() -> None:
+    findings = POLICY.scanner.scan_strings(["pay with &#52;111 1111 1111 1111", "or &#x34;111-1111-1111-1111"])
+    assert {f.rule for f in findings} == {"credit_card"} and len(findings) == 2
+    assert POLICY.scanner.scan_strings(["fish &amp; chips &#; &#x; &#52111 1111"]) == []

@@ -205,7 +205,46 @@ class Normalized:
         return oe + (i - ne)
 
 
+# An HTML numeric character reference, as browsers and Markdown renderers decode it (the `;`
+# optional, as browsers read it).
+_REFERENCE = re.compile(r"&#(?:([0-9]{1,7})|[xX]([0-9A-Fa-f]{1,6}));?")
+
+
 def normalize(text: str) -> Normalized:
+    if "&#" in text:
+        return _with_references(text)
+    return _plain(text)
+
+
+def _with_references(text: str) -> Normalized:
+    """`text` normalized with each numeric character reference read as the character it
+    stands for (then normalized): a chat client renders Markdown, which decodes them, so
+    `&#52;111 1111 1111 1111` shows a card (runs of four or more were read as an encoded run
+    already, `detectors.ENCODED_PATTERN`; a single digit so written hid the value)."""
+    table = tables().translate
+    parts: list[str] = []
+    spans: list[tuple[int, int, int, int]] = []
+    n = pos = 0
+    for m in _REFERENCE.finditer(text):
+        seg = _plain(text[pos:m.start()])
+        parts.append(seg.text)
+        spans += [(ns + n, ne + n, os_ + pos, oe + pos) for ns, ne, os_, oe in seg._spans]
+        n += len(seg.text)
+        code = int(m.group(1)) if m.group(1) is not None else int(m.group(2), 16)
+        ch = chr(code) if 0 < code < 0x110000 and not 0xD800 <= code <= 0xDFFF else "\ufffd"
+        rep = table.get(ord(ch), ch) or ""
+        spans.append((n, n + len(rep), m.start(), m.end()))
+        parts.append(rep)
+        n += len(rep)
+        pos = m.end()
+    seg = _plain(text[pos:])
+    parts.append(seg.text)
+    spans += [(ns + n, ne + n, os_ + pos, oe + pos) for ns, ne, os_, oe in seg._spans]
+    return Normalized("".join(parts), len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),
+                      tuple(spans))
+
+
+def _plain(text: str) -> Normalized:
     if text.isascii():
         if _ASCII_BLANKS.search(text) is None:
             return Normalized(text, len(text))

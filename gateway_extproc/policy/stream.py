@@ -71,6 +71,16 @@ _PENDING_AT = re.compile(r"@|[(\[{<\"']\s{0,16}(?:[Aa][Tt]|@)\s{0,16}[)\]}>\"']|
 EMAIL_HOLD = 260  # (the prefilter's reach after an '@')
 
 
+_PARTIAL_REFERENCE = re.compile(r"&(?:#(?:[0-9]{0,7}|[xX][0-9A-Fa-f]{0,6}))?$")
+
+
+def _reference_cut(text: str) -> int:
+    """Where a character reference that may go on in the next delta begins (`&`, `&#5`, `&#52`
+    without its `;`), else len(text)."""
+    m = _PARTIAL_REFERENCE.search(text, max(0, len(text) - 10))
+    return len(text) if m is None else m.start()
+
+
 def _pending_address(buf: str, base: int) -> int | None:
     """Where the local part before the first '@' among the last EMAIL_HOLD characters of
     `buf` (at `base`) begins, as the position of its boundary character, if there is one."""
@@ -188,8 +198,8 @@ class StreamRedactor:
         self._long_at = 0  # its boundary character (normalized offset)
         self._swallow = False  # ... whose rest a placeholder replaces
         self._json = json
-        # (json) an escape or a number cut off at the end of the last delta, read with the next;
-        # and whether it (the text after what was read) is inside a string.
+        # An escape or a number (json), or a character reference (text), cut off at the end of
+        # the last delta, read with the next; (json) whether it is inside a string.
         self._pending = ""
         self._in_string = False
 
@@ -213,6 +223,13 @@ class StreamRedactor:
             if not delta:
                 return ""
         else:
+            # A character reference cut off at the end (`&#5` + `2;111 …`) is read whole, as
+            # the client's renderer reads it (`normalize`).
+            delta = self._pending + delta
+            cut = len(delta) if final or "&" not in delta[-10:] else _reference_cut(delta)
+            delta, self._pending = delta[:cut], delta[cut:]
+            if not delta:
+                return ""
             nz = normalize(delta)
         if nz.text:
             n0 = self._base + len(self._buf)
@@ -258,7 +275,7 @@ class StreamRedactor:
         if self._done:
             return ""
         head = ""
-        if self._pending:  # (an escape or a number the stream never finished: read as it is)
+        if self._pending:  # (what the stream never finished: read as it is)
             pending, self._pending = self._pending, ""
             head = self._take(pending, final=True)
         self._done = True
