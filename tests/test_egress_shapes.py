@@ -276,3 +276,18 @@ def test_a_value_written_with_a_character_reference_never_reaches_the_provider()
     findings = POLICY.scanner.scan_strings(["pay with &#52;111 1111 1111 1111", "or &#x34;111-1111-1111-1111"])
     assert {f.rule for f in findings} == {"credit_card"} and len(findings) == 2
     assert POLICY.scanner.scan_strings(["fish &amp; chips &#; &#x; &#52111 1111"]) == []
+
+
+@pytest.mark.parametrize("pieces", [['{"card": "4111 1111', ' 1111 1111"}'], ['{"card": 4.1111111', '11111111e15}']],
+                         ids=["string", "exponent"])
+def test_a_card_split_over_a_deprecated_function_calls_arguments_reaches_the_client_redacted(pieces: list[str]) -> None:
+    """`delta.function_call` (requests that send `functions`) streams its arguments as tool
+    calls do: read event by event, a split card went out (or, once the SDK's joins were read,
+    ended the stream); it has a window of its own now."""
+    events = [chunk({"index": 0, "delta": {"role": "assistant", "function_call": {"name": "pay", "arguments": pieces[0]}}})]
+    events += [chunk({"index": 0, "delta": {"function_call": {"arguments": p}}}) for p in pieces[1:]]
+    out = stream(*events, chunk({"index": 0, "delta": {}, "finish_reason": "function_call"}))
+    assert "content_filter" not in out
+    message = sdk_message(out)
+    assert message["function_call"]["name"] == "pay"
+    assert "[CREDIT_CARD_1]" in message["function_call"]["arguments"], message

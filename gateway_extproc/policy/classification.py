@@ -553,7 +553,7 @@ class ResponseGuard:
             if redactor is None or redactor.done and text:  # text after its finish
                 redactor = self.redactors[key] = StreamRedactor(self.policy.scanner, self.params,
                                                                  self.policy.cfg.holdback_chars,
-                                                                 json=key[1] == "tool_calls")
+                                                                 json=key[1] in _JSON_TEXTS)
             if text and key != self.last.get(index) and not self._moved(index, key):
                 return False
             seam = self.seams.get(index)
@@ -706,10 +706,11 @@ class ResponseGuard:
         for choice in choices:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             calls = delta.get("tool_calls") if isinstance(delta, dict) else None
-            for call in calls if isinstance(calls, list) else ():
-                for fn in (call.get("function"), call.get("custom")) if isinstance(call, dict) else ():
-                    if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] not in self.names:
-                        out.append((fn, "name"))
+            fns = [f for call in calls if isinstance(call, dict) for f in (call.get("function"), call.get("custom"))] \
+                if isinstance(calls, list) else []
+            for fn in [*fns, delta.get("function_call") if isinstance(delta, dict) else None]:
+                if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] not in self.names:
+                    out.append((fn, "name"))
         return out
 
     def _released(self, key: tuple[Any, ...], redactor: StreamRedactor) -> bytes:
@@ -919,7 +920,10 @@ _DELTA_TEXTS = ("content", "refusal", "reasoning_content")
 _CHUNK_KEYS = _HEAD | {"choices", "usage", "obfuscation", "prompt_filter_results"}
 _CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs", "content_filter_results",
                           "content_filter_offsets"})
-_DELTA_KEYS = frozenset({"role", *_DELTA_TEXTS, "tool_calls"})
+_DELTA_KEYS = frozenset({"role", *_DELTA_TEXTS, "tool_calls", "function_call"})
+# Windows whose text is JSON (`StreamRedactor(json=True)`): tool calls' arguments, and the
+# deprecated `function_call`'s (still streamed to requests that send `functions`).
+_JSON_TEXTS = ("tool_calls", "function_call")
 _CALL_KEYS = frozenset({"index", "id", "type", "function", "custom"})
 _FUNCTION_KEYS = frozenset({"name", "arguments", "input"})  # (`function`'s, and a custom tool's `custom`)
 
@@ -948,6 +952,11 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
             for name, value in delta.items():  # (their texts have windows: `_text_slots`)
                 for _, part, field in _nested_texts(name, value) or ():
                     out += [(part, k) for k in part if k != field]
+        legacy = delta.get("function_call")
+        if isinstance(legacy, dict):
+            out += [(legacy, k) for k in legacy if k not in _FUNCTION_KEYS]
+        elif legacy is not None:
+            out.append((delta, "function_call"))
         calls = delta.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
@@ -1072,6 +1081,9 @@ def _text_slots(index: int, delta: dict[str, Any],
         slots += [((index, name, at, field), part, field) for name, value in delta.items()
                   for at, part, field in _nested_texts(name, value) or ()
                   if not (field == "text" and id(part) in mirrored)]
+    legacy = delta.get("function_call")
+    if isinstance(legacy, dict) and "arguments" in legacy:
+        slots.append(((index, "function_call"), legacy, "arguments"))
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         for k, call in enumerate(calls):
@@ -1090,7 +1102,8 @@ def _text_slots(index: int, delta: dict[str, Any],
 JOIN_TAIL = 256  # characters of a joined string read with its next piece (`ResponseGuard._joined_blocked`)
 # Fields with a window of their own (`_text_slots`), by their names' path in a delta: not joined.
 _WINDOWED = frozenset({("tool_calls", "function", "arguments"), ("tool_calls", "custom", "input"),
-                       ("audio", "transcript"), ("reasoning_details", "text"), ("reasoning_details", "summary")})
+                       ("function_call", "arguments"), ("audio", "transcript"), ("reasoning_details", "text"),
+                       ("reasoning_details", "summary")})
 
 
 def _joined_leaves(delta: dict[str, Any]) -> list[tuple[tuple[Any, ...], Any]]:
@@ -1186,6 +1199,8 @@ def _released_delta(key: tuple[Any, ...], text: str) -> dict[str, Any]:
         return {"tool_calls": [{"index": key[2], "function": {"arguments": text}}]}
     if key[1] == "custom":
         return {"tool_calls": [{"index": key[2], "custom": {"input": text}}]}
+    if key[1] == "function_call":
+        return {"function_call": {"arguments": text}}
     if len(key) == 4 and key[1] == "audio":
         return {"audio": {"transcript": text}}
     if len(key) == 4:  # (reasoning_details)
