@@ -291,3 +291,35 @@ def test_a_card_split_over_a_deprecated_function_calls_arguments_reaches_the_cli
     message = sdk_message(out)
     assert message["function_call"]["name"] == "pay"
     assert "[CREDIT_CARD_1]" in message["function_call"]["arguments"], message
+
+
+def test_an_answers_object_keys_are_read_as_a_requests_are() -> None:
+    """A provider's extension object keyed by a card or an address reached the client whole
+    (keys of no answer were read): now renamed to the placeholder in a JSON answer, dropped
+    with the field in a stream chunk."""
+    chat = {"id": "x", "object": "chat.completion", "ext": {"jane@example.com": True}, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok", "x": {"4111 1111 1111 1111": 1}},
+         "finish_reason": "stop"}]}
+    out = ResponseGuard(POLICY, POLICY._params["enforce"], "t").json_body(chat)
+    assert out is not None and b"4111" not in out and b"jane" not in out
+    assert orjson.loads(out)["ext"] == {"[EMAIL_1]": True}
+    embedded = embeddings(x={"4111 1111 1111 1111": 1})
+    out = EmbeddingsGuard(POLICY, POLICY._params["enforce"], "t").json_body(embedded)
+    assert out is not None and orjson.loads(out)["x"] == {"[CREDIT_CARD_1]": 1}
+    sent = stream(chunk({"index": 0, "delta": {"content": "hi", "x": {"4111 1111 1111 1111": 1}}}),
+                  chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    assert "4111" not in sent and per_choice(sent)[(0, "content")] == "hi"
+
+
+def test_a_responses_answers_object_keys_are_read() -> None:
+    from gateway_extproc.policy.responses_output import ResponsesGuard
+
+    body = {"id": "r", "object": "response", "status": "completed", "x": {"4111 1111 1111 1111": 1}, "output": [
+        {"type": "message", "id": "m", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]}]}
+    out = ResponsesGuard(POLICY, POLICY._params["enforce"], "t", {}).json_body(body)
+    assert out is not None and orjson.loads(out)["x"] == {"[CREDIT_CARD_1]": 1}
+    guard = ResponsesGuard(POLICY, POLICY._params["enforce"], "t", {})
+    created = {"type": "response.created", "response": {"id": "r", "object": "response", "status": "in_progress",
+                                                        "output": [], "x": {"jane@example.com": 1}}}
+    sent = guard.sse_event(b"event: response.created\ndata: " + orjson.dumps(created) + b"\n\n")
+    assert b"jane" not in sent and b"[EMAIL_1]" in sent, sent

@@ -16,6 +16,7 @@ holding just those, so fallback never escalates to a lower-tier backend.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
@@ -33,6 +34,7 @@ from ..usage import STREAM_ENDS, canonical_event
 from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, Finding,
                       InjectionConfig, LimitExceeded, PlaceholderMap, Scanner, map_strings, redact, redact_strings,
                       keyed_replacement, keyed_text, walk_strings)
+from .detectors import DETECTOR_NAMES
 from .headers import Header, HeaderEdit, edit, joined, place, scanned_names, where
 from .stream import StreamRedactor
 
@@ -207,12 +209,13 @@ class Policy:
 class Read:
     """A provider's JSON as output scanning reads it (`read_json`): its strings, then the
     `keyed_text` of each long number in it (and of each SSN-named string), then the whole
-    values read `apart` (an answer's `id`), and what the scan found in all three (indexed in
-    that order)."""
+    values read `apart` (an answer's `id`), then its object keys (`keys`), and what the scan
+    found in all four (indexed in that order)."""
 
     strings: list[str]
     numbers: list[str]
     apart: list[str]
+    keys: list[str]
     findings: list[Finding]
 
 
@@ -223,35 +226,62 @@ def read_json(scanner: Scanner, obj: Any, skip_keys: frozenset[str] = BINARY_KEY
     `4.111111111111111e15`, reaches the client as much as a string does), each apart with its
     member's name, as a request's are (`Policy.check_request`); `apart`: strings read the same
     way as those numbers, each a whole value (an answer's `id`: joined with the text, a digit
-    run there opened regex windows reaching into it), in the same scan."""
+    run there opened regex windows reaching into it), in the same scan. Its object keys are
+    read too, apart from the values, as a request's are: a client reads a provider's
+    `{"4111 1111 1111 1111": …}` as much as a value (until 2026-12-05 no answer's keys were
+    read); plain identifiers only when custom rules exist (no built-in rule matches one)."""
     keyed: dict[str, None] = {}
-    strings = walk_strings(obj, skip_keys=skip_keys, known=known, keyed=keyed)
+    names: dict[str, None] = {}
+    strings = walk_strings(obj, skip_keys=skip_keys, known=known, keyed=keyed, names=names)
     if isinstance(strings, LimitExceeded):
         return strings
     findings = scanner.scan_strings(strings)
     whole = [*keyed, *apart]
     if whole:
         findings += [replace(f, index=f.index + len(strings)) for f in scanner.scan_strings(whole, apart=True)]
-    return Read(strings, list(keyed), list(apart), findings)
+    keys = [k for k in names if read_key(scanner, k)]
+    if keys:
+        first = len(strings) + len(whole)
+        findings += [replace(f, index=f.index + first) for f in scanner.scan_strings(keys)]
+    return Read(strings, list(keyed), list(apart), keys, findings)
+
+
+def read_key(scanner: Scanner, key: str) -> bool:
+    """Whether an answer's object key is read: not a plain identifier (`role`, `finish_reason`)
+    unless the scanner has custom rules, the only ones that can match one."""
+    return not _IDENTIFIER.fullmatch(key) or _reads_every_key(scanner)
+
+
+@functools.lru_cache(maxsize=8)
+def _reads_every_key(scanner: Scanner) -> bool:
+    """Whether the scanner has custom rules (`Policy.scan_every_key`)."""
+    return any(rule.detector not in DETECTOR_NAMES for rule in scanner.rules.values())
 
 
 def rewritten(obj: Any, read: Read, found: Sequence[Finding], skip_keys: frozenset[str] = BINARY_KEYS,
               known: dict[str, set[str]] | None = None) -> Any:
     """A copy of `obj` (as `read`) with each of `found` replaced by its placeholder: in its
-    string, and a number by its placeholder (a string). The `apart` values: `rewritten_apart`."""
+    string, a number by its placeholder (a string), a key renamed to it. The `apart` values:
+    `rewritten_apart`."""
     end = len(read.strings) + len(read.numbers)
-    new, _ = redact_strings(read.strings + read.numbers, [f for f in found if f.index < end], PlaceholderMap())
+    first_key = end + len(read.apart)
+    mapping = PlaceholderMap()
+    new, _ = redact_strings(read.strings + read.numbers, [f for f in found if f.index < end], mapping)
     replacements = iter(new[:len(read.strings)])
     rekeyed = {old: keyed_replacement(old, text) for old, text in zip(read.numbers, new[len(read.strings):])
                if old != text}
-    return map_strings(obj, lambda _s: next(replacements), skip_keys=skip_keys, known=known, keyed=rekeyed)
+    keys, _ = redact_strings(read.keys, [replace(f, index=f.index - first_key) for f in found
+                                         if f.index >= first_key], mapping)
+    renamed = {old: new_key for old, new_key in zip(read.keys, keys) if old != new_key}
+    return map_strings(obj, lambda _s: next(replacements), skip_keys=skip_keys, known=known, keyed=rekeyed,
+                       keys=renamed)
 
 
 def rewritten_apart(read: Read, found: Sequence[Finding]) -> list[str]:
     """`read.apart` with each of `found` that is in them replaced by its placeholder."""
     start = len(read.strings) + len(read.numbers)
-    new, _ = redact_strings(read.apart, [replace(f, index=f.index - start) for f in found if f.index >= start],
-                            PlaceholderMap())
+    new, _ = redact_strings(read.apart, [replace(f, index=f.index - start) for f in found
+                                         if start <= f.index < start + len(read.apart)], PlaceholderMap())
     return new
 
 

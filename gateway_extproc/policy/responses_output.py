@@ -34,8 +34,8 @@ import structlog
 from ..errors import GatewayError
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .classification import (CONTENT_LOG_CHARS, SEAM_HEAD, Policy, Seam, read_json, record, rewritten, scanned_error,
-                             seam_decision)
+from .classification import (CONTENT_LOG_CHARS, SEAM_HEAD, Policy, Seam, read_json, read_key, record, rewritten,
+                             scanned_error, seam_decision)
 from .scanner import (Decision, DecisionParams, LimitExceeded, PlaceholderMap, keyed_replacement, map_strings,
                       redact_strings, walk_strings)
 from .stream import StreamRedactor
@@ -343,32 +343,39 @@ class ResponsesGuard:
         values = [holder[k] for holder, k in fields]
         _drop_logprobs(values)
         keyed: dict[str, None] = {}
-        strings = walk_strings(values, keyed=keyed)
+        names: dict[str, None] = {}
+        strings = walk_strings(values, keyed=keyed, names=names)
         if isinstance(strings, LimitExceeded):
             log.warning("stream_event_unreadable", reason=strings.reason)
             return strings
         new = [self.known.get(s, s) for s in strings]
         unknown = [i for i, s in enumerate(strings) if s and s not in self.known]
-        texts, numbers = [strings[i] for i in unknown], list(keyed)  # (numbers: `read_json`)
-        findings = self.policy.scanner.scan_strings(texts) if unknown else []
+        texts, numbers = [strings[i] for i in unknown], list(keyed)  # (numbers, keys: `read_json`)
+        scanner = self.policy.scanner
+        keys = [k for k in names if read_key(scanner, k)]
+        findings = scanner.scan_strings(texts) if unknown else []
         if numbers:
-            findings += [replace(f, index=f.index + len(texts))
-                         for f in self.policy.scanner.scan_strings(numbers, apart=True)]
+            findings += [replace(f, index=f.index + len(texts)) for f in scanner.scan_strings(numbers, apart=True)]
+        if keys:
+            findings += [replace(f, index=f.index + len(texts) + len(numbers)) for f in scanner.scan_strings(keys)]
         rekeyed: dict[str, str] = {}
+        renamed: dict[str, str] = {}
         if findings:
             decision = self.policy.scanner.decide(findings, self.params)
             if decision.block:
                 return decision
             record(decision, self.team, self.params.mode, "response")
             if decision.redact:
-                redacted, _ = redact_strings(texts + numbers, decision.redact, PlaceholderMap())
+                redacted, _ = redact_strings(texts + numbers + keys, decision.redact, PlaceholderMap())
                 for i, text in zip(unknown, redacted):
                     new[i] = text
                 rekeyed = {old: keyed_replacement(old, text) for old, text in zip(numbers, redacted[len(texts):])
                            if old != text}
-        if new != strings or rekeyed:
+                renamed = {old: text for old, text in zip(keys, redacted[len(texts) + len(numbers):]) if old != text}
+        if new != strings or rekeyed or renamed:
             replacements = iter(new)
-            for (holder, k), value in zip(fields, map_strings(values, lambda _s: next(replacements), keyed=rekeyed)):
+            for (holder, k), value in zip(fields, map_strings(values, lambda _s: next(replacements), keyed=rekeyed,
+                                                              keys=renamed)):
                 holder[k] = value
         return None
 
