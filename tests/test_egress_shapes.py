@@ -323,3 +323,18 @@ def test_a_responses_answers_object_keys_are_read() -> None:
                                                         "output": [], "x": {"jane@example.com": 1}}}
     sent = guard.sse_event(b"event: response.created\ndata: " + orjson.dumps(created) + b"\n\n")
     assert b"jane" not in sent and b"[EMAIL_1]" in sent, sent
+
+
+@pytest.mark.parametrize("finish_with_text", [False, True], ids=["finish alone", "finish with the text"])
+@pytest.mark.parametrize("field", ["content", "tool call"])
+def test_text_after_a_choices_finish_never_completes_a_value(finish_with_text: bool, field: str) -> None:
+    def piece(text: str, finish: str | None = None) -> bytes:
+        delta = {"content": text} if field == "content" else {"tool_calls": [
+            {"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": text}}]}
+        return chunk({"index": 0, "delta": delta, "finish_reason": finish})
+
+    head = [piece("card 4111 1111", "stop")] if finish_with_text else \
+        [piece("card 4111 1111"), chunk({"index": 0, "delta": {}, "finish_reason": "stop"})]
+    out = stream(*head, piece(" 1111 1111 ok"), chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    assert not leaked(out), per_choice(out)
+    assert "1111 ok" not in out

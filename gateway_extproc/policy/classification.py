@@ -302,7 +302,7 @@ class ResponseGuard:
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
                  "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue", "labels",
-                 "names", "mirrored", "assembled")
+                 "names", "mirrored", "assembled", "finished")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -346,6 +346,8 @@ class ResponseGuard:
         # strings and numbers without a window (`_joined_leaves`): a string's last JOIN_TAIL
         # characters and whether a piece other than a schema label came; a number's sum.
         self.assembled: dict[tuple[Any, ...], tuple[str, bool] | int | float] = {}
+        # The choices that have finished (a `finish_reason` went by): their windows were flushed.
+        self.finished: set[int] = set()
 
     def json_body(self, body: Any) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it) to send instead, or
@@ -549,6 +551,14 @@ class ResponseGuard:
         finished = choice.get("finish_reason") is not None
         mirrors = _mirrors(delta)
         slots = _text_slots(index, delta, {id(entry) for entry, _, _ in mirrors})
+        if index in self.finished and any(isinstance(holder[name], str) and holder[name] for _, holder, name in slots):
+            # Text after the choice's finish is not forwarded: its windows were flushed there,
+            # so it would start new ones, and a value split around the finish (`card 4111
+            # 1111`, finish, ` 1111 1111`) was read by neither, while clients join it whole.
+            log.warning("stream_text_after_finish", choice=index)
+            for _, holder, name in slots:
+                del holder[name]
+            mirrors, slots = [], []
         if self._joined_blocked(index, delta):
             return False
         active = {key for key, holder, name in slots if holder[name] is not None}  # where the choice is now
@@ -580,7 +590,7 @@ class ResponseGuard:
                 del holder[name]  # text the scanner cannot read is not forwarded
                 continue
             redactor = self.redactors.get(key)
-            if redactor is None or redactor.done and text:  # text after its finish
+            if redactor is None or redactor.done and text:  # text after its close (`in_order`)
                 redactor = self.redactors[key] = StreamRedactor(self.policy.scanner, self.params,
                                                                  self.policy.cfg.holdback_chars,
                                                                  json=key[1] in _JSON_TEXTS)
@@ -604,6 +614,8 @@ class ResponseGuard:
         for entry, field, at in mirrors:  # (the entry repeats the text as the client gets it)
             entry["text"] = delta.get(field) or ""
             self.mirrored[(index, field)] = at
+        if finished:
+            self.finished.add(index)
         if finished and index in self.seams and not self._seam_passes(index):
             return False
         return not (held and not finished and all(not v for k, v in delta.items() if k != "role"))

@@ -128,3 +128,12 @@ def test_a_card_split_over_a_tool_calls_name_never_reaches_the_sdk_stream_helper
     said = snapshot.model_dump_json()
     assert "4111-1111" in said and DIGITS not in re.sub(r"\D", "", said), said
     assert snapshot.choices[0].finish_reason == "content_filter"
+
+
+def test_text_after_a_choices_finish_never_completes_a_card(gw: Gateway) -> None:
+    content, _, _ = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "content": "card 4111 1111"}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "stop"}),
+        chunk({"index": 0, "delta": {"content": " 1111 1111 ok"}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+    assert content == {0: "card 4111 1111"}, content
