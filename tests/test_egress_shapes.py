@@ -338,3 +338,27 @@ def test_text_after_a_choices_finish_never_completes_a_value(finish_with_text: b
     out = stream(*head, piece(" 1111 1111 ok"), chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
     assert not leaked(out), per_choice(out)
     assert "1111 ok" not in out
+
+
+@pytest.mark.parametrize("extra", [
+    {"created": 4111111111111111},
+    {"created": 1733400000, "usage": {"prompt_tokens": 4111111111111111, "completion_tokens": 1}},
+    {"created": 1733400000, "usage": {"prompt_tokens": 1, "completion_tokens_details": {"x": 4111111111111111}}},
+], ids=["created", "a usage count beside choices", "a nested usage count"])
+def test_a_chunks_numbers_hold_no_card(extra: dict[str, Any]) -> None:
+    """A stream chunk's `created`, and the counts of a `usage` sent beside choices, were
+    forwarded unread (a usage chunk without choices was read)."""
+    out = stream(b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "model": "m", **extra,
+                                           "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]})
+                 + b"\n\n")
+    assert DIGITS not in out and per_choice(out)[(0, "content")] == "hi", out
+
+
+def test_ordinary_timestamps_and_counts_go_out_as_sent() -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
+             "completion_tokens_details": {"reasoning_tokens": 0}, "prompt_tokens_details": None}
+    out = stream(b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "model": "m",
+                                           "created": 1733400000, "usage": usage, "choices": [
+                                               {"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]})
+                 + b"\n\n")
+    assert '"created":1733400000' in out and orjson.dumps(usage).decode() in out

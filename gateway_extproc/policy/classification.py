@@ -459,10 +459,10 @@ class ResponseGuard:
                 else self._unreadable(event)
         if not choices:
             return self._bare(chunk, event, relabelled)  # no generated text (the usage chunk), but maybe other fields
-        if self.head is None:
-            self.head = {"object": "chat.completion.chunk", **{k: v for k, v in chunk.items() if k in _HEAD}}
         if self._extras_blocked(chunk, choices):
             return self.block(chunk)
+        if self.head is None:  # (without a field `_extras_blocked` dropped)
+            self.head = {"object": "chat.completion.chunk", **{k: v for k, v in chunk.items() if k in _HEAD}}
         shown, before = [], []
         for choice in choices:
             if not isinstance(choice, dict):
@@ -814,7 +814,7 @@ class ResponseGuard:
             record(decision, self.team, self.params.mode, "response")
         indexes = sorted({key[0] for key in self.redactors} | {0})
         # Only the chunk's head goes with it: its other fields may hold the very value that blocks.
-        final = {**{k: v for k, v in chunk.items() if k in _HEAD},
+        final = {**{k: v for k, v in chunk.items() if k in _HEAD and (k != "created" or _count(v, _MAX_CREATED))},
                  "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"} for i in indexes]}
         return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
 
@@ -975,8 +975,10 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
     the schema's labels holding a value it does not define and its annotations."""
     out = [] if chunk.keys() <= _CHUNK_KEYS else [(chunk, k) for k in chunk if k not in _CHUNK_KEYS]
     out += _odd(chunk, ("service_tier", *_ANNOTATIONS))
-    if isinstance(chunk.get("usage"), dict) and any(isinstance(v, (str, list)) or isinstance(v, dict) and any(
-            not isinstance(x, (int, float)) for x in v.values()) for v in chunk["usage"].values()):
+    if "created" in chunk and not _count(chunk["created"], _MAX_CREATED):
+        out.append((chunk, "created"))
+    if isinstance(chunk.get("usage"), dict) and not all(
+            _count(v) or isinstance(v, dict) and all(map(_count, v.values())) for v in chunk["usage"].values()):
         out.append((chunk, "usage"))  # (usage was read before: `SseUsageTap`)
     for choice in choices:
         if not isinstance(choice, dict):
@@ -1010,6 +1012,17 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
                     elif fn is not None:
                         out.append((call, "function" if fn is call.get("function") else "custom"))
     return list({(id(holder), key): (holder, key) for holder, key in out}.values())
+
+
+# A chunk's `created` is a timestamp in seconds (ten digits until 2286); any other value is read.
+_MAX_CREATED = 10 ** 10
+_MAX_COUNT = 10 ** 8  # (a number under this is never a value: `scanner.keyed_text`)
+
+
+def _count(value: Any, limit: int = _MAX_COUNT) -> bool:
+    """A usage count or a timestamp as the schema gives it: a number (or null) too small to be
+    a value (a card or an SSN a provider put there reached the client unread)."""
+    return value is None or isinstance(value, (int, float)) and not isinstance(value, bool) and -limit < value < limit
 
 
 def _odd(holder: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[dict[str, Any], str]]:
