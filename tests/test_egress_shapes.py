@@ -362,3 +362,27 @@ def test_ordinary_timestamps_and_counts_go_out_as_sent() -> None:
                                                {"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]})
                  + b"\n\n")
     assert '"created":1733400000' in out and orjson.dumps(usage).decode() in out
+
+
+def test_a_responses_streams_arguments_and_text_read_exponents_and_references() -> None:
+    from gateway_extproc.policy.responses_output import ResponsesGuard
+
+    def event(obj: dict[str, Any]) -> bytes:
+        return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+    guard = ResponsesGuard(POLICY, POLICY._params["enforce"], "t", {})
+    args = "response.function_call_arguments.delta"
+    events = [{"type": "response.created", "response": {"id": "r", "object": "response", "status": "in_progress",
+                                                         "output": []}},
+              {"type": args, "output_index": 0, "item_id": "fc", "delta": '{"c": 4.1111111'},
+              {"type": args, "output_index": 0, "item_id": "fc", "delta": "11111111e15}"},
+              {"type": "response.output_text.delta", "output_index": 1, "content_index": 0, "item_id": "m",
+               "delta": "card &#5"},
+              {"type": "response.output_text.delta", "output_index": 1, "content_index": 0, "item_id": "m",
+               "delta": "2;111 1111 1111 1111 ok"},
+              {"type": "response.completed", "response": {"id": "r", "object": "response", "status": "completed",
+                                                           "output": []}}]
+    out = (b"".join(guard.sse_event(event(e)) for e in events) + guard.flush()).decode()
+    deltas = "".join(orjson.loads(line[6:])["delta"] for line in out.split("\n") if line.startswith("data: {")
+                     and orjson.loads(line[6:])["type"].endswith(".delta"))
+    assert "4.1111111" not in deltas and "111 1111" not in deltas and deltas.count("[CREDIT_CARD_1]") == 2, deltas

@@ -137,3 +137,12 @@ def test_text_after_a_choices_finish_never_completes_a_card(gw: Gateway) -> None
         chunk({"index": 0, "delta": {"content": " 1111 1111 ok"}}),
         chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
     assert content == {0: "card 4111 1111"}, content
+
+
+def test_a_card_with_a_digit_written_as_a_character_reference_reaches_the_client_redacted(gw: Gateway) -> None:
+    """A Markdown-rendering client shows `&#52;111 1111 1111 1111` as a card."""
+    content, _, _ = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "content": "Your card: &#5"}}),
+        chunk({"index": 0, "delta": {"content": "2;111 1111 1111 1111, on file."}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+    assert content == {0: "Your card: [CREDIT_CARD_1], on file."}, content
