@@ -386,3 +386,18 @@ def test_a_responses_streams_arguments_and_text_read_exponents_and_references() 
     deltas = "".join(orjson.loads(line[6:])["delta"] for line in out.split("\n") if line.startswith("data: {")
                      and orjson.loads(line[6:])["type"].endswith(".delta"))
     assert "4.1111111" not in deltas and "111 1111" not in deltas and deltas.count("[CREDIT_CARD_1]") == 2, deltas
+
+
+def test_strings_under_identifier_names_in_a_json_answer_are_read() -> None:
+    """A JSON answer's scan skips `id`, `object` and `index` strings (a tool call's id must
+    round-trip): a provider's `message.x.id` or an extension's `object` went out unread."""
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "ext": {"object": "jane@example.com"}, "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": "ok", "x": {"id": "4111 1111 1111 1111"},
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}
+    out = ResponseGuard(POLICY, POLICY._params["enforce"], "t").json_body(body)
+    assert out is not None and b"4111" not in out and b"jane" not in out, out
+    sent = orjson.loads(out)
+    assert sent["choices"][0]["message"]["x"]["id"] == "[CREDIT_CARD_1]" and sent["ext"]["object"] == "[EMAIL_1]"
+    assert sent["choices"][0]["message"]["tool_calls"][0]["id"] == "call_1" and sent["id"] == "chatcmpl-1"
+    assert sent["object"] == "chat.completion" and sent["choices"][0]["message"]["content"] == "ok"

@@ -33,7 +33,7 @@ from ..providers.base import event_data
 from ..usage import STREAM_ENDS, canonical_event
 from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, Finding,
                       InjectionConfig, LimitExceeded, PlaceholderMap, Scanner, map_strings, redact, redact_strings,
-                      keyed_replacement, keyed_text, walk_strings)
+                      MAX_DEPTH, keyed_replacement, keyed_text, walk_strings)
 from .detectors import DETECTOR_NAMES
 from .headers import Header, HeaderEdit, edit, joined, place, scanned_names, where
 from .stream import StreamRedactor
@@ -369,12 +369,13 @@ class ResponseGuard:
         whole = [listed, {k: body[k] for k in others}]  # (by name: labels repeat, `known`)
         known = self.policy.known_labels
         # The answer's own `id` reaches the client (and an Anthropic client's `message.id`): read
-        # apart, a whole value. Unique per answer, so never remembered; ids inside (a tool
-        # call's) stay unread.
+        # apart, a whole value. Unique per answer, so never remembered; a tool call's id stays
+        # unread. Any other string under an identifier's name is read apart too (`_identifiers`).
         ident = body.get("id") if isinstance(body, dict) else None
         ids = [ident] if isinstance(ident, str) and ident else []
-        read = read_json(self.policy.scanner, whole, _NOT_TEXT, known, ids) if isinstance(listed, list) \
-            else LimitExceeded("no choices")
+        named = _identifiers(whole)
+        read = read_json(self.policy.scanner, whole, _NOT_TEXT, known, ids + [h[k] for h, k in named]) \
+            if isinstance(listed, list) else LimitExceeded("no choices")
         if isinstance(read, LimitExceeded):
             log.warning("response_unreadable", reason=read.reason)
             raise GatewayError("provider_error", "The provider answered with a body output scanning could not read; "
@@ -390,10 +391,13 @@ class ResponseGuard:
         if decision is not None:
             record(decision, self.team, self.params.mode, "response")
         if decision is not None and (decision.block or decision.redact):
+            apart = rewritten_apart(read, decision.replaced)
+            for (holder, key), value in zip(named, apart[len(ids):]):
+                holder[key] = value  # (before the copy: `rewritten` leaves these names as they are)
             listed, values = rewritten(whole, read, decision.replaced, _NOT_TEXT, known)
             body.update(values)
             if ids:
-                body["id"] = rewritten_apart(read, decision.replaced)[0]
+                body["id"] = apart[0]
             body["choices"] = listed
             if decision.block:
                 body["choices"] = [{"index": c.get("index", i) if isinstance(c, dict) else i,
@@ -922,6 +926,34 @@ def scanned_error_object(policy: Policy, params: DecisionParams, team: str, erro
     if decision.block:
         return _withheld()
     return rewritten(error, read, decision.redact)
+
+
+def _identifiers(whole: list[Any]) -> list[tuple[dict[str, Any], str]]:
+    """(dict, key) of the strings a JSON answer's scan skips as identifiers (`_NOT_TEXT`: `id`,
+    `object`, `index`) but the answer's own `id` (read apart already) and `object` (when the
+    schema's) and a tool call's `id` (it must come back as it went out): a provider's `message.x.id` or `{"ext": {"object":
+    …}}` reaches the client like any text, so each is read apart, a whole value (until
+    2026-12-05 every string under those names went out unread). `whole`: [choices, the
+    answer's other fields]."""
+    out: list[tuple[dict[str, Any], str]] = []
+    stack: list[tuple[Any, Any, int]] = [(whole[0], "choices", 1), (whole[1], None, 1)]
+    while stack:
+        value, parent, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            continue  # (read_json refuses such a body)
+        if isinstance(value, list):
+            stack += [(v, parent, depth + 1) for v in value if isinstance(v, (dict, list))]
+            continue
+        if not isinstance(value, dict):
+            continue
+        for k, v in value.items():
+            if isinstance(v, (dict, list)):
+                stack.append((v, k, depth + 1))
+            elif k in ("id", "object", "index") and isinstance(v, str) and v and \
+                    not (k == "id" and (parent == "tool_calls" or value is whole[1])) and \
+                    not (k == "object" and value is whole[1] and v == "chat.completion"):  # (the schema's)
+                out.append((value, k))
+    return out
 
 
 def _withheld() -> dict[str, Any]:
