@@ -336,10 +336,13 @@ def normalize_json_piece(text: str, in_string: bool) -> tuple[Normalized, bool, 
             content = text[pos:end]
             if "\\" in content or not content.isascii():
                 content = _unescaped(content, pos, n, spans)
-            if end < len(text):  # its closing quote
+            if end < len(text) and text[end] == '"':  # its closing quote
                 content += '"'
                 end += 1
                 in_string = False
+            elif end < len(text):  # a backslash the stream never finished (at its end): as it is
+                content += text[end:]
+                end = len(text)
         else:
             quote = text.find('"', pos)
             end = len(text) if quote < 0 else quote + 1
