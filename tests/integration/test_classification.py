@@ -269,11 +269,15 @@ def test_spelled_out_and_run_together_evasions_never_reach_a_provider(gw: Gatewa
 def test_access_log_response_holds_what_the_client_saw(gw: Gateway) -> None:
     """The access log's `response` field held the raw card and e-mail the client saw redacted."""
     reply = f"Your card {CARD} is on file; we wrote to {EMAIL}."
+    log = gw.stack.log_path("extproc")
+    start = log.stat().st_size  # (this request's lines: a test before may log half a card, the client's)
     resp = chat(gw, "What is on file?", model="private-chat", headers={"x-mock-reply": reply})
     content = resp.json()["choices"][0]["message"]["content"]
     assert content == "Your card [CREDIT_CARD_1] is on file; we wrote to [EMAIL_1]."
     time.sleep(0.2)
-    logs = gw.stack.log_path("extproc").read_text()
+    with log.open("rb") as f:
+        f.seek(start)
+        logs = f.read().decode()
     assert '"response":"Your card [CREDIT_CARD_1] is on file; we wrote to [EMAIL_1]."' in logs
     # Any run of the card's digits (a bare "4111" can be part of a timestamp).
     assert not re.search(r"4111\D{0,3}1111", logs) and EMAIL not in logs
