@@ -145,3 +145,36 @@ def test_addresses_written_with_hyphens_same_hits(pieces: list[str]) -> None:
     scanner = SCANNERS["default"]
     v = "\n" + "pad " * 70 + "".join(pieces)
     assert scanner._all_hits(v) == full(scanner, v)
+
+
+# -- every layout of every detector (the triggers must fire wherever its regex can match) ------
+
+PROSE = "the quick brown fox jumps over a lazy dog and then some more words appear here at times ".split()
+
+
+def _padded(value: str, before: int, after: int) -> str:
+    """`value` inside prose: the windows' reach and tail are measured from where it sits."""
+    return "\n" + " ".join(PROSE * 200)[:before] + " " + value + " " + " ".join(PROSE * 200)[:after]
+
+
+@pytest.mark.parametrize("value", [
+    "jane at example (dot) com",  # a written-out dot other than ` dot `/`.` after a bare ` at `
+    "jane at example [.] com",
+    "jane at example . com",
+    "jane at example&period;com",
+    "jane at example&#46;com",
+    "jane at example -dot- com",
+    # the longest local part and whitespace before a written-out `(at)` / after ` at `
+    "x" * 64 + " " * 16 + "(" + " " * 16 + "at" + " " * 16 + ")" + " " * 16 + "example.com",
+    "x" * 64 + " " * 16 + "at" + " " * 16 + "e" * 63 + " " * 16 + "period" + " " * 16 + "com",
+    "x" * 64 + " " * 16 + "{" + " " * 16 + "@ } example.com",
+])
+def test_written_out_addresses_same_hits(value: str) -> None:
+    """An address after a bare ` at ` with another written-out dot (`(dot)`, `[.]`, ` . `,
+    `&period;`, `-dot-`) fired no trigger, and one at the longest local part and whitespace
+    started before the window: in any text the prefilter read it went out."""
+    scanner = SCANNERS["default"]
+    for before, after in ((0, 0), (300, 10), (1500, 1500)):
+        v = _padded(value, before, after)
+        assert scanner._all_hits(v) == full(scanner, v)
+        assert [f.detector for f in scanner.scan(v)] == ["email"]

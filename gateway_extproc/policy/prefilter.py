@@ -81,6 +81,24 @@ _WS = r"[\s\x1c-\x1f]"  # the regex's \s on normalized text includes the string 
 _DIGIT_RUNS = (Trigger(r"[0-9](?:[ .\-/_\t\r\n]{0,3}[0-9]){8}", som=False, reach=34, tail=512),
                Trigger(r"[0-9][ .\-/_\t\r\n]{0,3}\x1f(?:[A-Za-z_][A-Za-z0-9_.\-]{0,63}[\x1e\x1f]){0,6}[ .\-/_\t\r\n]{0,3}[0-9]",
                        som=False, reach=600, tail=200))
+
+
+def _longest(expression: str) -> int:
+    """The longest text a (bounded) trigger expression matches."""
+    return _sre_parse.parse(expression).getwidth()[1]
+
+
+# An address's local part (64 characters) and the whitespace before a written-out `@` (16)
+# come before an e-mail trigger: its window reaches back over them and the trigger itself.
+_EMAIL_BEFORE = 64 + 16
+
+
+def _email_trigger(expression: str, caseless: bool, before: str = "") -> Trigger:
+    """`before`: what else may come between the whitespace and the trigger (`{ @`)."""
+    return Trigger(expression, som=False, reach=_EMAIL_BEFORE + _longest(before + expression), tail=260,
+                   caseless=caseless)
+
+
 _IBAN_CC = "AD|AE|AL|AT|AZ|BA|BE|BG|BH|BR|CH|CR|CY|CZ|DE|DK|DO|EE|ES|FI|FO|FR|GB|GE|GI|GL|GR|GT|HR|HU|IE|IL|IS|IT|JO|" \
            "KW|KZ|LB|LI|LT|LU|LV|MC|MD|ME|MK|MR|MT|MU|NL|NO|PK|PL|PS|PT|QA|RO|RS|SA|SE|SI|SK|SM|TN|TR|UA|VG|XK"
 
@@ -98,16 +116,17 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                              tail=252),),
     "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}", som=False, reach=21, tail=4),),
     "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=160),),  # 30 characters, 4 separators apart
-    "email": (Trigger("@", som=False, reach=67 + 16, tail=260),
-              Trigger(rf"[(\[{{<]{_WS}{{0,16}}at{_WS}{{0,16}}[)\]}}>]", som=False, reach=67 + 40, tail=260,
-                      caseless=True),
-              Trigger(rf"{_WS}at{_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}(?:\.|{_WS}{{1,16}}(?:dot|period){_WS}|{_WS}{{0,16}}[\"']dot)",
-                      som=False, reach=67 + 110, tail=260, caseless=True),
-              Trigger(r"[\"']at[\"']", som=False, reach=67 + 40, tail=260, caseless=True),
-              Trigger(r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", som=False, reach=67 + 10, tail=260),
-              # `-at-` (`jane-at-example-dot-com`: a local part of up to 64 characters before it,
-              # validate_email) and `-dot-` after an '@' or a written-out one (the '@' fires)
-              Trigger(rf"-{_WS}{{0,2}}at{_WS}{{0,2}}-", som=False, reach=64 + 16 + 8, tail=260, caseless=True)),
+    "email": tuple(_email_trigger(*args) for args in (
+        ("@", False, rf"[(\[{{<]{_WS}{{0,16}}"),  # (`jane { @ } example.com`)
+        (rf"[(\[{{<]{_WS}{{0,16}}at{_WS}{{0,16}}[)\]}}>]", True),
+        # a bare ` at `, a label and any written-out dot after it (`.`, ` dot `, ` period `,
+        # ` . `, `(dot)`, `[.]`, `"dot"`, `-dot-`, `&#46;`, `&period;`)
+        (rf"{_WS}at{_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}(?:{_WS}{{0,16}}(?:[.(\[{{<\"'\-]|dot|period)|&#|&period;)", True),
+        (r"[\"']at[\"']", True),
+        (r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", False),
+        # `-at-` (`jane-at-example-dot-com`: a local part of up to 64 characters before it,
+        # validate_email) and `-dot-` after an '@' or a written-out one (the '@' fires)
+        (rf"-{_WS}{{0,2}}at{_WS}{{0,2}}-", True))),
     "credit_card": _DIGIT_RUNS + (Trigger(rf"[0-9]{{4}}{WIDE_SEPC}{{1,16}}[0-9]{{4}}", som=False, reach=26, tail=64),
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
