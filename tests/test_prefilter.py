@@ -178,3 +178,34 @@ def test_written_out_addresses_same_hits(value: str) -> None:
         v = _padded(value, before, after)
         assert scanner._all_hits(v) == full(scanner, v)
         assert [f.detector for f in scanner.scan(v)] == ["email"]
+
+
+_LINES = "\n".join("  " + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0MTExMTExMTExMTExMTExMQ" for _ in range(12))
+
+
+@pytest.mark.parametrize("block", [
+    # indented, after armor headers and a blank line: only the END line ends it, 900 characters on
+    f"-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,ABCDEF\n\n{_LINES}\n"
+    "-----END RSA PRIVATE KEY-----",
+    f"-----BEGIN PRIVATE KEY-----\r\n\r\n{_LINES}\r\n-----END PRIVATE KEY-----",
+])
+def test_long_private_key_blocks_same_hits(block: str) -> None:
+    """A PEM block read only 256 characters past `-----BEGIN`: the regex there saw no END line,
+    matched the header and a line (`…KEY-----\\nProc`), and the rest of the key went out."""
+    scanner = SCANNERS["default"]
+    for before in (0, 300):
+        v = _padded(block, before, 40)
+        assert scanner._all_hits(v) == full(scanner, v)
+        assert [(f.detector, f.end - f.start) for f in scanner.scan(v)] == [("private_key", len(block))]
+
+
+@pytest.mark.parametrize("seps", [["\x1f"], [" \x1f", ",\x1f"], ["\x1f\x1f\x1f"]])
+def test_number_words_over_strings_same_hits(seps: list[str]) -> None:
+    """Digit words apart by the string boundary U+001F (a number read out over two messages):
+    the regex's `\\s` takes it, the trigger's separators did not."""
+    scanner = SCANNERS["default"]
+    words = "four one one one one one one one one one one one one one one one".split()
+    value = "".join(w + seps[i % len(seps)] if i % 4 == 3 else w + " " for i, w in enumerate(words)).strip(" \x1f,")
+    for before in (0, 400):
+        v = _padded("card " + value, before, 10)
+        assert scanner._all_hits(v) == full(scanner, v) != []

@@ -574,9 +574,10 @@ def _iban_pattern() -> str:
     return f"(?i:{'|'.join(alts)}){_END}"
 
 
+MAX_KEY_BODY = 16384  # characters between a private key's BEGIN and END lines
 _PRIVATE_KEY = (
     r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
-    r"(?:[\s\S]{0,16384}?-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+    rf"(?:[\s\S]{{0,{MAX_KEY_BODY}}}?-----END[A-Z0-9 ]{{0,40}}PRIVATE KEY(?: BLOCK)?-----"
     # cut off before END, at the end of the text: base64, armor header and partial END lines
     r"|(?:\r?\n(?:[A-Za-z0-9+/=]{0,100}+|[A-Za-z][A-Za-z0-9\-]{0,30}: [ -~]{0,100}+|-[A-Z \-]{0,45}+)"
     r"(?=[\r\n\x1f]|\Z))*+\r?(?=\x1f|\Z)"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import DIGIT_WORDS, WIDE_SEPC, phrase_char
+from .detectors import DIGIT_WORDS, MAX_KEY_BODY, WIDE_SEPC, phrase_char
 
 try:
     import hyperscan
@@ -107,7 +107,9 @@ _IBAN_CC = "AD|AE|AL|AT|AZ|BA|BE|BG|BH|BR|CH|CR|CY|CZ|DE|DK|DO|EE|ES|FI|FO|FR|GB
 # end only (cheaper than start-of-match tracking): `reach` covers their width plus how far
 # before them a value may begin. The regex then reads on to `tail` past the trigger.
 BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
-    "private_key": (Trigger("-----BEGIN", som=False, reach=11),),
+    # (read on to where the END line may be, BEGIN and END lines under 80 characters: short of
+    # it the regex takes the header and the base64 lines up to the first indented or blank one)
+    "private_key": (Trigger("-----BEGIN", som=False, reach=11, tail=MAX_KEY_BODY + 2 * 80),),
     "jwt": (Trigger(r"eyJ[A-Za-z0-9_\-]{5}", som=False, reach=9),),
     "anthropic_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=300),),
     "openai_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=300),),
@@ -143,9 +145,10 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
 SPACED_TRIGGERS = (Trigger(r"(?:[^ \t\n\r\x0b\x0c\x1c-\x1f] {1,3}){5}[^ \t\n\r\x0b\x0c\x1c-\x1f]", som=False,
                            reach=21, tail=260),)
 
-# Nine digit words in a row (`detectors.NUMBER_WORDS_PATTERN`).
+# Nine digit words in a row (`detectors.NUMBER_WORDS_PATTERN`), apart by what its `\s` takes
+# (the string boundary too: a number read out over two messages).
 _DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
-NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:[ \t\n\r\x0b\x0c,\-]{{1,3}}{_DIGIT_WORD}){{8}}", som=False,
+NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:[\s\x1c-\x1f,\-]{{1,3}}{_DIGIT_WORD}){{8}}", som=False,
                                  reach=9 * 8, tail=260, caseless=True),)
 
 ENCODED_TRIGGERS = (
