@@ -209,3 +209,49 @@ def test_number_words_over_strings_same_hits(seps: list[str]) -> None:
     for before in (0, 400):
         v = _padded("card " + value, before, 10)
         assert scanner._all_hits(v) == full(scanner, v) != []
+
+
+@pytest.mark.parametrize(("pattern", "value"), [
+    (r"[\w.]+@acme\.com", "josé@acme.com"),  # Python's \w takes letters of every script
+    (r"\w+-secret", "клиент-secret"),
+    (r"EMP\s\d{6}", "EMP\u3000١٢٣٤٥٦"),  # (raw: normalization makes these ASCII)
+    (r"EMP\s[0-9]{6}", "EMP\x85123456"),
+    (r"[^\W\d_]+-[0-9]{4}", "Maß-1234"),
+    (r"ref-\w{4}\b", "ref-café."),
+    (r"ticket\W+[0-9]{5}", "ticket—12345"),
+])
+def test_custom_regexes_with_unicode_classes_same_hits(pattern: str, value: str) -> None:
+    """Hyperscan's \\w, \\s, \\d and \\b are ASCII and it saw other characters as '?': a custom
+    regex (or injection pattern) matching non-ASCII text by its classes fired no trigger."""
+    scanner = Scanner.compile([], [CustomRule("c", "regex", pattern=pattern)],
+                              InjectionConfig.from_mapping({"patterns": {pattern: 1.0}}))
+    for before in (0, 400):
+        v = _padded(value, before, 20)
+        assert scanner._all_hits(v) == full(scanner, v) != []
+        assert scanner.scan(v), pattern
+
+
+@pytest.mark.parametrize("value", ["ıDE89,3,7,0,4,0,0,4,4,0,5,3,2,0,1,3,0,0,0", "İDE89;3;7;0;4;0;0;4;4;0;5;3;2;0;1;3;0;0;0"])
+def test_a_letter_folded_for_hyperscan_is_still_a_boundary(value: str) -> None:
+    """`ı` and `İ` (kept by normalization) were folded to `i` for the caseless triggers, so the
+    case-sensitive boundary before an IBAN (`[^A-Za-z0-9_]`) did not fire on them: an IBAN glued
+    to one, its digits apart by punctuation, went out."""
+    scanner = SCANNERS["default"]
+    for before in (0, 400):
+        v = _padded(value, before, 20)
+        assert scanner._all_hits(v) == full(scanner, v) != []
+        assert [f.detector for f in scanner.scan(v)] == ["iban"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([r"\w", r"\d", r"\s", r"\W", r"\S", r"[^\W\d_]", r"[\w.]", r"[^\S]", r"\b", r"\B",
+                                 "a", "-", "[0-9]", ".", "[^a-z]"]), min_size=1, max_size=4),
+       st.lists(st.sampled_from(["", "+", "{2}", "?"]), min_size=4, max_size=4),
+       st.text(alphabet="ab x-1é日ß\u3000١\x85\xa0.\t\x1fſKıİ", max_size=400))
+def test_custom_regexes_on_any_script_same_hits(atoms: list[str], quantifiers: list[str], text: str) -> None:
+    """A custom regex's Unicode classes and word boundaries, next to letters Hyperscan folds or
+    cannot see: the same hits as the regex alone."""
+    pattern = "id" + "".join(a + ("" if a in (r"\b", r"\B") else q) for a, q in zip(atoms, quantifiers))
+    scanner = Scanner.compile([], [CustomRule("c", "regex", pattern=pattern)])
+    v = "\n" + text.replace("a", "id ", 3)
+    assert scanner._all_hits(v) == full(scanner, v)

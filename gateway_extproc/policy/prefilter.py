@@ -24,7 +24,9 @@ scans the whole text with the regex alone (same results, slower).
 
 from __future__ import annotations
 
+import codecs
 import functools
+import operator
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -40,9 +42,12 @@ except ImportError:  # pragma: no cover - a dependency; the regex alone still wo
     hyperscan = None
 
 MAX_REACH = 100_000  # longer possible matches count as unbounded
-# Characters the regex's case-insensitive matching folds onto ASCII letters; mapped before
-# Hyperscan sees a non-ASCII text (Hyperscan's caseless mode is ASCII only).
+# Characters the regex's case-insensitive matching folds onto ASCII letters; mapped in a second
+# rendering of a text that has them (Hyperscan's caseless mode is ASCII only: `_renderings`).
 _FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+# Hyperscan reads the text as Latin-1 bytes: each character past Latin-1 is U+0080 to it (no
+# trigger but `_unicode_classes` and `_WS` takes it; `?` was a separator to the wide ones).
+codecs.register_error("prefilter-wide", lambda e: ("\x80" * (e.end - e.start), e.end))
 _MARKER = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>\)")
 _NAMED = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
 
@@ -60,13 +65,55 @@ class Trigger:
 
 
 def regex_trigger(source: str, boundary: str) -> Trigger:
-    """A scanner region's own regex, in prefilter mode; reach = its longest match."""
+    """A scanner region's own regex, in prefilter mode (`_unicode_classes`); reach = its longest match."""
     expression = _NAMED.sub("(?:", _MARKER.sub("", f"{boundary}(?:{source})"))
     try:
         longest = _sre_parse.parse(expression).getwidth()[1]
     except Exception:  # noqa: BLE001 - unknown width: a window from the start
         longest = MAX_REACH + 1
-    return Trigger(expression, som=False, reach=longest if longest <= MAX_REACH else None, tail=4)
+    return Trigger(_unicode_classes(expression), som=False, reach=longest if longest <= MAX_REACH else None, tail=4)
+
+
+# Python's \w, \d and \s take characters of every script (`josé`, `١٢٣`, U+3000), Hyperscan's
+# are ASCII (and it sees U+0080 for every character past Latin-1): in a user's regex they become
+# classes that take those bytes too, \b and \B go (a superset either way), and a negated class
+# with \W, \D or \S (`[^\W\d_]`: a letter) also takes them.
+_CLASS_ESCAPES = {"w": r"\w\x80-\xff", "d": r"0-9\x80", "s": r"\s\x1c-\x1f\x80\x85\xa0"}
+
+
+def _unicode_classes(expression: str) -> str:
+    """`expression` with Python's Unicode classes widened for Hyperscan (see above)."""
+    out: list[str] = []
+    i, n = 0, len(expression)
+    start = -1  # where the class being read starts in `out` (-1: outside one)
+    negated = wide = False
+    while i < n:
+        c = expression[i]
+        if c == "\\" and i + 1 < n:
+            e = expression[i + 1]
+            if e in _CLASS_ESCAPES and not negated:
+                out.append(_CLASS_ESCAPES[e] if start >= 0 else f"[{_CLASS_ESCAPES[e]}]")
+            elif e in "bB" and start < 0:
+                pass
+            else:
+                wide = wide or negated and e in "WDS"
+                out.append(expression[i:i + 2])
+            i += 2
+            continue
+        if start < 0 and c == "[":
+            start, negated, wide = len(out), expression.startswith("^", i + 1), False
+            head = 2 if negated else 1
+            head += expression.startswith("]", i + head)  # (a `]` first is a literal)
+            out.append(expression[i:i + head])
+            i += head
+            continue
+        out.append(c)
+        if start >= 0 and c == "]":
+            if wide:
+                out[start:] = ["(?:", *out[start:], r"|[\x1c-\x1f\x80-\xff])"]
+            start, negated, wide = -1, False, False
+        i += 1
+    return "".join(out)
 
 
 def phrase_trigger(phrase: str) -> Trigger:
@@ -75,7 +122,9 @@ def phrase_trigger(phrase: str) -> Trigger:
     return Trigger(_words(phrase), som=True, reach=1, caseless=True)
 
 
-_WS = r"[\s\x1c-\x1f]"  # the regex's \s on normalized text includes the string boundary U+001F
+# What the regex's \s takes: the string boundary U+001F too, and Unicode spaces (not in a
+# normalized text: NBSP, U+3000...).
+_WS = r"[\s\x1c-\x1f\x80\x85\xa0]"
 # Nine digits with separators (a card or SSN in one string), or digits on both sides of a seam
 # between strings (one split over strings: it may start ~170 characters before the seam).
 _DIGIT_RUNS = (Trigger(r"[0-9](?:[ .\-/_\t\r\n]{0,3}[0-9]){8}", som=False, reach=34, tail=512),
@@ -148,7 +197,7 @@ SPACED_TRIGGERS = (Trigger(r"(?:[^ \t\n\r\x0b\x0c\x1c-\x1f] {1,3}){5}[^ \t\n\r\x
 # Nine digit words in a row (`detectors.NUMBER_WORDS_PATTERN`), apart by what its `\s` takes
 # (the string boundary too: a number read out over two messages).
 _DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
-NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:[\s\x1c-\x1f,\-]{{1,3}}{_DIGIT_WORD}){{8}}", som=False,
+NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:(?:{_WS}|[,\-]){{1,3}}{_DIGIT_WORD}){{8}}", som=False,
                                  reach=9 * 8, tail=260, caseless=True),)
 
 ENCODED_TRIGGERS = (
@@ -211,19 +260,23 @@ class Prefilter:
         needs to read no further than `end` to find it (or reads again when a hit reaches it).
         None: candidates are so dense (over one per 16 characters) that the caller should scan
         the whole text instead."""
-        data = (text if text.isascii() else text.translate(_FOLD)).encode("latin-1", "replace") + b"\n"
+        datas = _renderings(text)
         scratches = getattr(self._local, "scratches", None)
         if scratches is None:
             scratches = self._local.scratches = (hyperscan.Scratch(self._db),
                                                  hyperscan.Scratch(self._som_db) if self._som_db else None)
         events: list[tuple[int, int, int]] = []
         try:
-            self._db.scan(data, match_event_handler=_collect if len(data) > SHORT_TEXT else _collect_short,
-                          context=events, scratch=scratches[0])
+            collect = _collect if len(text) >= SHORT_TEXT else _collect_short
+            for data in datas:
+                self._db.scan(data, match_event_handler=collect, context=events, scratch=scratches[0])
             som = self._som
             if som and any(e[0] in som for e in events):  # their starts: the second database
                 events = [e for e in events if e[0] not in som]
-                self._som_db.scan(data, match_event_handler=_collect, context=events, scratch=scratches[1])
+                for data in datas:
+                    self._som_db.scan(data, match_event_handler=_collect, context=events, scratch=scratches[1])
+            if len(datas) > 1:
+                events.sort(key=_END)  # (URL-encoded runs are walked in order)
         except hyperscan.ScanTerminated:
             return None  # more candidates than text: the regex over the whole text is cheaper
         if not events:
@@ -265,6 +318,21 @@ class Prefilter:
                 cs, cl, ce = s, li, e
         out.append((cs, cl, ce))
         return out
+
+
+def _renderings(text: str) -> tuple[bytes, ...]:
+    """What Hyperscan scans for `text`: its Latin-1 bytes, and for a text with a character the
+    regex's case-insensitive matching folds onto an ASCII letter (`ı`, `İ`), the text with it
+    folded too (for the caseless triggers: a phrase or a keyword), as the case-sensitive ones
+    (a boundary before a value, `[^A-Za-z0-9_]`) must see it as it is."""
+    if text.isascii():
+        return (text.encode("ascii") + b"\n",)
+    data = text.encode("latin-1", "prefilter-wide") + b"\n"
+    folded = text.translate(_FOLD)
+    return (data,) if folded == text else (data, folded.encode("latin-1", "prefilter-wide") + b"\n")
+
+
+_END = operator.itemgetter(2)
 
 
 def _compile(triggers: Sequence[Trigger], som: bool, ids: Sequence[int] | None = None) -> Any:
