@@ -255,3 +255,59 @@ def test_custom_regexes_on_any_script_same_hits(atoms: list[str], quantifiers: l
     scanner = Scanner.compile([], [CustomRule("c", "regex", pattern=pattern)])
     v = "\n" + text.replace("a", "id ", 3)
     assert scanner._all_hits(v) == full(scanner, v)
+
+
+def _without_prefilter() -> Scanner:
+    scanner = Scanner.compile()
+    object.__setattr__(scanner, "_triggers", ((), False))  # the regex over whole texts
+    return scanner
+
+
+REGEX_ONLY = _without_prefilter()
+
+
+@pytest.mark.parametrize("pad", [0, 100, 255, 256, 1000, 2000])
+def test_corpus_at_every_padding_same_findings(pad: int) -> None:
+    """Every positive of the corpus (after normalization: full-width, other scripts' digits,
+    format characters, split strings) and the benign lines, after `pad` characters of prose
+    (short texts and long ones, windows near the text's start): the findings of the regex alone."""
+    scanner = SCANNERS["default"]
+    filler = " ".join(PROSE * 200)[:pad]
+    for strings in [c.strings for c in positives()] + [(line,) for line in benign()]:
+        padded = (filler + strings[0], *strings[1:-1], strings[-1] + (" " + filler if len(strings) > 1 else ""))
+        assert scanner.scan_strings(padded) == REGEX_ONLY.scan_strings(padded)
+
+
+_WS_RUN = st.text(alphabet=" \t\n\x1f", min_size=0, max_size=16)
+
+
+@st.composite
+def written_out_addresses(draw: st.DrawFn) -> str:
+    """An address in any written-out layout `detectors._AT_WORD`/`_DOT_WORD` accept."""
+    ws, ws1 = draw(_WS_RUN), draw(_WS_RUN.filter(bool))
+    at = draw(st.sampled_from(["@", f"{ws}(at){ws}", f"{ws}[ @ ]{ws}", f"{ws1}at{ws1}", f"{ws}'at'{ws}",
+                               f"{ws}@{ws1}", "&#64;", "&#x40;", "&commat;", f"{ws}-at-{ws}"]))
+    dot = draw(st.sampled_from([".", f"{ws}(dot){ws}", f"{ws}[.]{ws}", f"{ws1}dot{ws1}", f"{ws1}period{ws1}",
+                                f"{ws1}.{ws1}", "&#46;", "&period;", "-dot-", f"{ws}\"dot\"{ws}"]))
+    local = draw(st.sampled_from(["jane", "j.doe", "x" * 64, "a1_b"]))
+    label = draw(st.sampled_from(["example", "e" * 63, "my-co"]))
+    return f"{local}{at}{label}{dot}{draw(st.sampled_from(['com', 'io', 'co.uk']))}"
+
+
+@settings(max_examples=400, deadline=None)
+@given(written_out_addresses(), st.integers(0, 2000), st.sampled_from(["", " ", "\x1f", "(", "é", "日"]))
+def test_written_out_address_layouts_same_hits(address: str, pad: int, around: str) -> None:
+    scanner = SCANNERS["default"]
+    v = _padded(around + address + around, pad, 30)
+    assert scanner._all_hits(v) == full(scanner, v)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["zero", "oh", "One", "two", "three", "FOUR", "five", "six", "seven", "eight",
+                                           "nine"]),
+                          st.text(alphabet=" ,-\t\n\x1f", min_size=1, max_size=3)), min_size=9, max_size=20),
+       st.integers(0, 2000))
+def test_number_word_layouts_same_hits(words: list[tuple[str, str]], pad: int) -> None:
+    scanner = SCANNERS["default"]
+    v = _padded("SSN " + "".join(w + sep for w, sep in words).rstrip(" ,-\t\n\x1f"), pad, 30)
+    assert scanner._all_hits(v) == full(scanner, v)

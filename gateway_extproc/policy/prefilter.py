@@ -24,7 +24,6 @@ scans the whole text with the regex alone (same results, slower).
 
 from __future__ import annotations
 
-import codecs
 import functools
 import operator
 import re
@@ -44,10 +43,8 @@ except ImportError:  # pragma: no cover - a dependency; the regex alone still wo
 MAX_REACH = 100_000  # longer possible matches count as unbounded
 # Characters the regex's case-insensitive matching folds onto ASCII letters; mapped in a second
 # rendering of a text that has them (Hyperscan's caseless mode is ASCII only: `_renderings`).
-_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
-# Hyperscan reads the text as Latin-1 bytes: each character past Latin-1 is U+0080 to it (no
-# trigger but `_unicode_classes` and `_WS` takes it; `?` was a separator to the wide ones).
-codecs.register_error("prefilter-wide", lambda e: ("\x80" * (e.end - e.start), e.end))
+_FOLD = (("\u0130", "i"), ("\u0131", "i"), ("\u017f", "s"), ("\u212a", "k"))
+# Hyperscan reads the text as Latin-1 bytes: each character past Latin-1 is `?` to it.
 _MARKER = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>\)")
 _NAMED = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
 
@@ -75,10 +72,10 @@ def regex_trigger(source: str, boundary: str) -> Trigger:
 
 
 # Python's \w, \d and \s take characters of every script (`josé`, `١٢٣`, U+3000), Hyperscan's
-# are ASCII (and it sees U+0080 for every character past Latin-1): in a user's regex they become
+# are ASCII (and it sees `?` for every character past Latin-1): in a user's regex they become
 # classes that take those bytes too, \b and \B go (a superset either way), and a negated class
 # with \W, \D or \S (`[^\W\d_]`: a letter) also takes them.
-_CLASS_ESCAPES = {"w": r"\w\x80-\xff", "d": r"0-9\x80", "s": r"\s\x1c-\x1f\x80\x85\xa0"}
+_CLASS_ESCAPES = {"w": r"\w\x80-\xff?", "d": r"0-9?", "s": r"\s\x1c-\x1f\x85\xa0?"}
 
 
 def _unicode_classes(expression: str) -> str:
@@ -110,7 +107,7 @@ def _unicode_classes(expression: str) -> str:
         out.append(c)
         if start >= 0 and c == "]":
             if wide:
-                out[start:] = ["(?:", *out[start:], r"|[\x1c-\x1f\x80-\xff])"]
+                out[start:] = ["(?:", *out[start:], r"|[\x1c-\x1f\x80-\xff?])"]
             start, negated, wide = -1, False, False
         i += 1
     return "".join(out)
@@ -124,7 +121,7 @@ def phrase_trigger(phrase: str) -> Trigger:
 
 # What the regex's \s takes: the string boundary U+001F too, and Unicode spaces (not in a
 # normalized text: NBSP, U+3000...).
-_WS = r"[\s\x1c-\x1f\x80\x85\xa0]"
+_WS = r"[\s\x1c-\x1f\x85\xa0?]"
 # Nine digits with separators (a card or SSN in one string), or digits on both sides of a seam
 # between strings (one split over strings: it may start ~170 characters before the seam).
 _DIGIT_RUNS = (Trigger(r"[0-9](?:[ .\-/_\t\r\n]{0,3}[0-9]){8}", som=False, reach=34, tail=512),
@@ -327,9 +324,12 @@ def _renderings(text: str) -> tuple[bytes, ...]:
     (a boundary before a value, `[^A-Za-z0-9_]`) must see it as it is."""
     if text.isascii():
         return (text.encode("ascii") + b"\n",)
-    data = text.encode("latin-1", "prefilter-wide") + b"\n"
-    folded = text.translate(_FOLD)
-    return (data,) if folded == text else (data, folded.encode("latin-1", "prefilter-wide") + b"\n")
+    data = text.encode("latin-1", "replace") + b"\n"
+    if not any(c in text for c, _ in _FOLD):  # (str.translate costs ~50 ns a character)
+        return (data,)
+    for c, ascii_letter in _FOLD:
+        text = text.replace(c, ascii_letter)
+    return data, text.encode("latin-1", "replace") + b"\n"
 
 
 _END = operator.itemgetter(2)
