@@ -177,7 +177,9 @@ def test_written_out_addresses_same_hits(value: str) -> None:
     for before, after in ((0, 0), (300, 10), (1500, 1500)):
         v = _padded(value, before, after)
         assert scanner._all_hits(v) == full(scanner, v)
-        assert [f.detector for f in scanner.scan(v)] == ["email"]
+        # (`&#46;` is read as the `.` it renders as: `jane at example.com`, which no rule takes
+        # for an address, as its plain spelling)
+        assert [f.detector for f in scanner.scan(v)] == ([] if "&#46;" in value else ["email"])
 
 
 _LINES = "\n".join("  " + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0MTExMTExMTExMTExMTExMQ" for _ in range(12))

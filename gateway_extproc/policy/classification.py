@@ -239,17 +239,25 @@ def read_json(scanner: Scanner, obj: Any, skip_keys: frozenset[str] = BINARY_KEY
     whole = [*keyed, *apart]
     if whole:
         findings += [replace(f, index=f.index + len(strings)) for f in scanner.scan_strings(whole, apart=True)]
-    keys = [k for k in names if read_key(scanner, k)]
+    keys = read_keys(scanner, names)
     if keys:
         first = len(strings) + len(whole)
         findings += [replace(f, index=f.index + first) for f in scanner.scan_strings(keys)]
     return Read(strings, list(keyed), list(apart), keys, findings)
 
 
-def read_key(scanner: Scanner, key: str) -> bool:
-    """Whether an answer's object key is read: not a plain identifier (`role`, `finish_reason`)
-    unless the scanner has custom rules, the only ones that can match one."""
-    return not _IDENTIFIER.fullmatch(key) or _reads_every_key(scanner)
+def read_keys(scanner: Scanner, names: Iterable[str]) -> list[str]:
+    """The object keys of an answer that are read: not the plain identifiers (`role`,
+    `finish_reason`) unless the scanner has custom rules, the only ones that can match one."""
+    if _reads_every_key(scanner):
+        return list(names)
+    return [k for k in names if not _plain_identifier(k)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_identifier(key: str) -> bool:
+    """(Cached: every answer repeats the schema's ~25 keys.)"""
+    return _IDENTIFIER.fullmatch(key) is not None
 
 
 @functools.lru_cache(maxsize=8)

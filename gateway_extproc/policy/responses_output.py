@@ -34,7 +34,7 @@ import structlog
 from ..errors import GatewayError
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .classification import (CONTENT_LOG_CHARS, SEAM_HEAD, Policy, Seam, read_json, read_key, record, rewritten,
+from .classification import (CONTENT_LOG_CHARS, SEAM_HEAD, Policy, Seam, read_json, read_keys, record, rewritten,
                              scanned_error, seam_decision)
 from .scanner import (Decision, DecisionParams, LimitExceeded, PlaceholderMap, keyed_replacement, map_strings,
                       redact_strings, walk_strings)
@@ -352,7 +352,7 @@ class ResponsesGuard:
         unknown = [i for i, s in enumerate(strings) if s and s not in self.known]
         texts, numbers = [strings[i] for i in unknown], list(keyed)  # (numbers, keys: `read_json`)
         scanner = self.policy.scanner
-        keys = [k for k in names if read_key(scanner, k)]
+        keys = read_keys(scanner, names)
         findings = scanner.scan_strings(texts) if unknown else []
         if numbers:
             findings += [replace(f, index=f.index + len(texts)) for f in scanner.scan_strings(numbers, apart=True)]
