@@ -272,6 +272,39 @@ def test_a_value_written_with_a_character_reference_never_reaches_the_client(pie
     assert "111" not in text and "jane" not in text, text
 
 
+_MARKUP_CARDS = {
+    "tags": "card 4111<b></b>1111<i></i>1111<b></b>1111 ok",
+    "a tag with attributes": 'card 4111 <span class="x">1111</span> 1111 1111 ok',
+    "a comment": "card 4111<!-- -->1111<!-- x -->1111<!---->1111 ok",
+    "named references": "card 4111&nbsp;1111&thinsp;1111&ensp;1111 ok",
+    "ANSI escapes": "card 4111\x1b[0m1111\x1b[1;31m1111\x1b[0m1111 ok",
+}
+
+
+@pytest.mark.parametrize("text", list(_MARKUP_CARDS.values()), ids=list(_MARKUP_CARDS))
+@pytest.mark.parametrize("size", [0, 1, 3, 7])
+def test_a_value_written_around_markup_never_reaches_the_client(text: str, size: int) -> None:
+    """A client renders Markdown (HTML tags, comments and references inside it) or a
+    terminal renders ANSI escapes: `4111<b></b>1111…` shows a card the scanner read as four
+    groups apart by letters. Now read as shown, whole or in pieces of any size (markup cut
+    at a delta's end waits for the next one)."""
+    pieces = [text] if size == 0 else [text[i:i + size] for i in range(0, len(text), size)]
+    out = stream(*(chunk({"index": 0, "delta": {"content": p}}) for p in pieces),
+                 chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    shown = per_choice(out)[(0, "content")]
+    assert "[CREDIT_CARD_1]" in shown and "1111" not in shown, shown
+
+
+def test_markup_is_read_as_shown_in_requests_and_text_stays_as_sent() -> None:
+    findings = POLICY.scanner.scan_strings(list(_MARKUP_CARDS.values()))
+    assert [f.rule for f in findings] == ["credit_card"] * len(_MARKUP_CARDS)
+    for f, text in zip(findings, _MARKUP_CARDS.values()):
+        assert text[f.start:f.end].startswith("4111") and text[f.start:f.end].endswith("1111")
+    # Text that is not markup, or markup around nothing, finds nothing.
+    assert POLICY.scanner.scan_strings(["if a<b and c>d then 4 < 5", "Q&A: R&D &amp; more &bogus; <<>>",
+                                        "<b>bold</b> <!-- x --> \x1b[0m plain"]) == []
+
+
 def test_a_value_written_with_a_character_reference_never_reaches_the_provider() -> None:
     findings = POLICY.scanner.scan_strings(["pay with &#52;111 1111 1111 1111", "or &#x34;111-1111-1111-1111"])
     assert {f.rule for f in findings} == {"credit_card"} and len(findings) == 2

@@ -34,6 +34,7 @@ import unicodedata
 from decimal import Decimal, InvalidOperation
 from bisect import bisect_right
 from dataclasses import dataclass
+from html.entities import html5
 
 import orjson
 
@@ -205,39 +206,60 @@ class Normalized:
         return oe + (i - ne)
 
 
-# An HTML numeric character reference, as browsers and Markdown renderers decode it (the `;`
-# optional, as browsers read it).
-_REFERENCE = re.compile(r"&#(?:([0-9]{1,7})|[xX]([0-9A-Fa-f]{1,6}));?")
+# What a chat client's Markdown or HTML renderer, or a terminal, shows differently from the
+# text: an HTML character reference is the character it stands for (numeric: the `;`
+# optional, as browsers read it; named: HTML5's names, with their `;`), and a tag, a comment
+# or an ANSI escape sequence shows as nothing (but `<at>` and `<dot>`: an address written
+# out). `4111<b></b>1111 1111 1111`, `4111&nbsp;1111…` and `4111\x1b[0m1111…` show a card.
+_MARKUP = re.compile(r"&#(?:([0-9]{1,7})|[xX]([0-9A-Fa-f]{1,6}));?|&([A-Za-z][A-Za-z0-9]{1,31};)"
+                     r"|(<!--.{0,200}?-->"
+                     r"|</?(?![Aa][Tt]\b|[Dd][Oo][Tt]\b)[A-Za-z][A-Za-z0-9-]{0,15}(?:\s[^<>]{0,200})?/?>"
+                     r"|\x1b\[[0-9;?]{0,16}[ -/]{0,2}[@-~])", re.S)
+
+
+# Named references the e-mail rule reads as written-out forms of `@` and `.` (`jane at
+# example&period;com` is obfuscation; `jane at example.com` is not taken for an address).
+_WRITTEN_OUT = frozenset({"commat;", "period;"})
 
 
 def normalize(text: str) -> Normalized:
-    if "&#" in text:
-        return _with_references(text)
+    if "&" in text or "<" in text or "\x1b" in text:
+        return _with_markup(text)
     return _plain(text)
 
 
-def _with_references(text: str) -> Normalized:
-    """`text` normalized with each numeric character reference read as the character it
-    stands for (then normalized): a chat client renders Markdown, which decodes them, so
-    `&#52;111 1111 1111 1111` shows a card (runs of four or more were read as an encoded run
-    already, `detectors.ENCODED_PATTERN`; a single digit so written hid the value)."""
+def _with_markup(text: str) -> Normalized:
+    """`text` normalized as its renderer shows it (`_MARKUP`), then as any text: a reference
+    read as its character, markup as nothing (runs of four or more references were read as
+    an encoded run already, `detectors.ENCODED_PATTERN`; one digit so written, or a tag
+    between groups, hid the value). An unknown named reference stays as it is."""
     table = tables().translate
     parts: list[str] = []
     spans: list[tuple[int, int, int, int]] = []
     n = pos = 0
-    for m in _REFERENCE.finditer(text):
+    for m in _MARKUP.finditer(text):
+        number, hexa, name, markup = m.groups()
+        if name is not None:
+            ch = html5.get(name) if name not in _WRITTEN_OUT else None
+            if ch is None:
+                continue
+        elif markup is not None:
+            ch = ""
+        else:
+            code = int(number) if number is not None else int(hexa, 16)
+            ch = chr(code) if 0 < code < 0x110000 and not 0xD800 <= code <= 0xDFFF else "\ufffd"
         seg = _plain(text[pos:m.start()])
         parts.append(seg.text)
         spans += [(ns + n, ne + n, os_ + pos, oe + pos) for ns, ne, os_, oe in seg._spans]
         n += len(seg.text)
-        code = int(m.group(1)) if m.group(1) is not None else int(m.group(2), 16)
-        ch = chr(code) if 0 < code < 0x110000 and not 0xD800 <= code <= 0xDFFF else "\ufffd"
-        rep = table.get(ord(ch), ch) or ""
+        rep = "".join(table.get(ord(c), c) or "" for c in ch)
         spans.append((n, n + len(rep), m.start(), m.end()))
         parts.append(rep)
         n += len(rep)
         pos = m.end()
     seg = _plain(text[pos:])
+    if pos == 0:  # (nothing rendered differently: the common case of an `&` or `<` in text)
+        return seg
     parts.append(seg.text)
     spans += [(ns + n, ne + n, os_ + pos, oe + pos) for ns, ne, os_, oe in seg._spans]
     return Normalized("".join(parts), len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),

@@ -71,13 +71,21 @@ _PENDING_AT = re.compile(r"@|[(\[{<\"']\s{0,16}(?:[Aa][Tt]|@)\s{0,16}[)\]}>\"']|
 EMAIL_HOLD = 260  # (the prefilter's reach after an '@')
 
 
-_PARTIAL_REFERENCE = re.compile(r"&(?:#(?:[0-9]{0,7}|[xX][0-9A-Fa-f]{0,6}))?$")
+# The start of what `normalize` reads as rendered markup (`normalize._MARKUP`), cut off at
+# the end of a delta: a character reference (`&`, `&#5`, `&nbs`), a tag or comment not yet
+# closed (`<`, `</b`, `<span class="x"`, `<!-- …`), an ANSI escape sequence (`\x1b[0`).
+_PARTIAL_MARKUP = re.compile(r"&(?:#(?:[0-9]{0,7}|[xX][0-9A-Fa-f]{0,6})|[A-Za-z][A-Za-z0-9]{0,31})?$"
+                             r"|<(?:!(?:-(?:-.{0,200})?)?|/?(?:[A-Za-z][A-Za-z0-9-]{0,15}(?:\s[^<>]{0,200})?/?)?)?$"
+                             r"|\x1b(?:\[[0-9;?]{0,16}[ -/]{0,2})?$", re.S)
+_MARKUP_HOLD = 240  # (the longest partial markup above)
 
 
-def _reference_cut(text: str) -> int:
-    """Where a character reference that may go on in the next delta begins (`&`, `&#5`, `&#52`
-    without its `;`), else len(text)."""
-    m = _PARTIAL_REFERENCE.search(text, max(0, len(text) - 10))
+def _markup_cut(text: str) -> int:
+    """Where markup that may go on in the next delta begins, else len(text)."""
+    tail = max(0, len(text) - _MARKUP_HOLD)
+    if "&" not in text[tail:] and "<" not in text[tail:] and "\x1b" not in text[tail:]:
+        return len(text)
+    m = _PARTIAL_MARKUP.search(text, tail)
     return len(text) if m is None else m.start()
 
 
@@ -223,10 +231,10 @@ class StreamRedactor:
             if not delta:
                 return ""
         else:
-            # A character reference cut off at the end (`&#5` + `2;111 …`) is read whole, as
-            # the client's renderer reads it (`normalize`).
+            # Markup cut off at the end (`&#5` + `2;111 …`, `4111<` + `b>1111…`) is read whole,
+            # as the client's renderer reads it (`normalize`).
             delta = self._pending + delta
-            cut = len(delta) if final or "&" not in delta[-10:] else _reference_cut(delta)
+            cut = len(delta) if final else _markup_cut(delta)
             delta, self._pending = delta[:cut], delta[cut:]
             if not delta:
                 return ""
