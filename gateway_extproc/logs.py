@@ -66,6 +66,22 @@ def redact_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return {k: _mask(v) for k, v in event.items()}
 
 
+# Unicode line breaks orjson writes raw (valid inside a JSON string; it escapes the control
+# characters itself), as UTF-8: U+2028, U+2029, U+0085. A reader that splits lines on every
+# Unicode break (Python's str.splitlines, JavaScript, log viewers) would cut a line holding one
+# (a prompt under content logging) into pieces that are no JSON.
+_RAW_BREAKS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
+
+
+def render(event: dict[str, Any], **_: Any) -> bytes:
+    """One log line: the event as JSON, every line break in it escaped."""
+    line = orjson.dumps(event)
+    for raw, escaped in _RAW_BREAKS:
+        if raw in line:
+            line = line.replace(raw, escaped)
+    return line
+
+
 def configure(level: str = "info") -> None:
     structlog.configure(
         processors=[
@@ -75,7 +91,7 @@ def configure(level: str = "info") -> None:
             structlog.processors.format_exc_info,
             redact_secrets,
             # Bytes end to end: no decode of each line to str and encode back on write.
-            structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj)),
+            structlog.processors.JSONRenderer(serializer=render),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.BytesLoggerFactory(file=sys.stdout.buffer),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -111,3 +113,15 @@ def test_a_credential_file_that_is_not_text_is_a_missing_credential_not_a_traceb
     out = err.out + err.err
     assert "provider_credential_unavailable" in out and "not UTF-8 text" in out
     assert "S3cret" not in out
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab \"\\{}:\n\r\t\x00\x1b\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029—é")),
+               max_size=60))
+def test_a_logged_value_never_breaks_its_line(value: str) -> None:
+    """Each log line is one JSON object however a reader splits lines: on `\\n` (log shippers)
+    or on every Unicode line break (Python's `str.splitlines`, JavaScript, log viewers).
+    orjson writes U+2028, U+2029 and U+0085 raw, valid inside a JSON string: a prompt holding
+    one (content logging) cut the access line in two pieces neither of which was JSON."""
+    line = logs.render({"event": "access", "prompt": value, "status": 200})
+    assert line.count(b"\n") == 0 and len(line.decode().splitlines()) == 1
+    assert orjson.loads(line) == {"event": "access", "prompt": value, "status": 200}
