@@ -1,0 +1,168 @@
+"""Telemetry under hostile traffic, through real Envoy: thousands of distinct caller- and
+provider-chosen values (model names, paths, methods, header names and values, request and
+session ids, keys, users, tool names, provider error types, statuses, answer models and ids)
+add no /metrics series and no OTLP metric attribute value and do not grow the ext_proc's
+memory; and caller text built to break log lines (line breaks of every kind, ANSI escapes,
+JSON syntax, megabytes) leaves every log line one JSON object of bounded size."""
+
+from __future__ import annotations
+
+import base64
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import Gateway, running_gateway
+from .test_tracing import Collector, otlp_collector, wait_for
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[tuple[Gateway, Collector]]:
+    with otlp_collector() as (collector, _, env), running_gateway("gw-telemetry-", env=env) as gw:
+        yield gw, collector
+
+
+def chat(model: str, **extra: object) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8, **extra}
+
+
+def label_values(text: str) -> set[tuple[str, str]]:
+    """Every (label, value) pair on a Prometheus text page."""
+    return {pair for family in text_string_to_metric_families(text) for sample in family.samples
+            for pair in sample.labels.items() if pair[0] != "le"}
+
+
+def config_names(gw: Gateway) -> set[str]:
+    """The label values config may give: teams, models, providers, backends (`provider/model`)."""
+    v = gw.stack.values
+    return ({m["name"] for m in v["models"]} | {p["name"] for p in v["providers"]}
+            | {f"{b['provider']}/{b['model']}" for m in v["models"] for b in m["backends"]}
+            | {k.get("team", "") for k in v["keys"]} | set(v.get("teams", {})))
+
+
+def otlp_attribute_values(collector: Collector) -> set[tuple[str, str]]:
+    return {(kv.key, kv.value.string_value) for m in list(collector.metrics) for dp in m.histogram.data_points
+            for kv in dp.attributes}
+
+
+def worker_rss_kib(gw: Gateway) -> int:
+    """Resident memory of the ext_proc's `serve` process and its workers."""
+    parent = gw.stack.procs["extproc"].pid
+    pids = [parent] + [int(p) for task in Path(f"/proc/{parent}/task").iterdir()
+                       for p in (task / "children").read_text().split()]
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def provider_reply(rng: random.Random, word: str) -> dict[str, str]:
+    """Mock controls: an answer or an error whose provider-written strings are `word`s."""
+    if rng.random() < 0.5:
+        body = {"id": f"chatcmpl-{word}", "object": "chat.completion", "created": 1, "model": f"m-{word}",
+                "system_fingerprint": word,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": word}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+        return {"x-mock-raw-body": base64.b64encode(orjson.dumps(body)).decode()}
+    body = {"error": {"message": f"bad {word}", "type": word, "code": word, "param": word}}
+    return {"x-mock-raw-status": str(rng.choice([400, 401, 403, 404, 409, 418, 422, 429, 451, 500, 502, 503, 529])),
+            "x-mock-raw-body": base64.b64encode(orjson.dumps(body)).decode()}
+
+
+def hostile_request(gw: Gateway, client: httpx.Client, i: int) -> None:
+    rng = random.Random(i)
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-_.") for _ in range(20))
+    auth = {"authorization": f"Bearer {gw.key}"}
+    url = f"{gw.url}/v1/chat/completions"
+    kind = i % 9
+    if kind == 0:
+        client.post(url, json=chat(word), headers=auth)
+    elif kind == 1:
+        client.post(f"{gw.url}/v1/{word}/{i}", json=chat("default-chat"), headers=auth)
+    elif kind == 2:
+        client.post(url, json=chat("default-chat"), headers={**auth, "x-request-id": word, "x-session-id": word,
+                                                              f"x-{word}": word, "user-agent": word})
+    elif kind == 3:
+        client.post(url, json=chat("default-chat"), headers={"authorization": f"Bearer gwk_{word}_{word}"})
+    elif kind == 4:
+        client.post(url, json=chat("default-chat", user=word, tools=[{"type": "function", "function": {
+            "name": word.replace(".", "_"), "parameters": {"type": "object"}}}]), headers=auth)
+    elif kind == 5:
+        client.post(url, json=chat("default-chat"), headers={**auth, **provider_reply(rng, word)})
+    elif kind == 6:
+        client.post(f"{gw.url}/v1/messages", json={"model": word, "max_tokens": 8,
+                                                   "messages": [{"role": "user", "content": "hi"}]}, headers=auth)
+    elif kind == 7:
+        client.request("".join(c for c in word.upper() if c.isalpha()) or "X", url, json=chat("default-chat"),
+                       headers=auth)
+    else:
+        client.post(url, json=chat("claude-chat"), headers={**auth, **provider_reply(rng, word)})
+
+
+def test_thousands_of_hostile_values_add_no_series_and_no_memory(hostile: tuple[Gateway, Collector]) -> None:
+    gw, collector = hostile
+
+    def burst(start: int, count: int) -> None:
+        with ThreadPoolExecutor(8) as pool, httpx.Client(timeout=30) as client:
+            list(pool.map(lambda i: hostile_request(gw, client, i), range(start, start + count)))
+
+    burst(0, 900)  # every outcome, many times over: its series exist, the allocator is warm
+    time.sleep(1.0)
+    before, attrs, rss = label_values(httpx.get(gw.stack.metrics_url).text), otlp_attribute_values(collector), \
+        worker_rss_kib(gw)
+    burst(900, 2700)
+    time.sleep(1.0)
+    after = label_values(httpx.get(gw.stack.metrics_url).text)
+    # (a fallback to the backup backend may first happen in the second burst: a config name)
+    assert {(label, value) for label, value in after - before if value not in config_names(gw)} == set()
+    assert len(after) < 200
+    assert otlp_attribute_values(collector) - attrs == set()
+    # 2,700 more distinct values of each kind: a label set, span or cache entry kept per value
+    # would show; the allocator's own slack stays well under this.
+    assert worker_rss_kib(gw) - rss < 16 * 1024, (rss, worker_rss_kib(gw))
+
+
+BREAKERS = "\n\r\x00\x1b[2J\x1b[31m\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\"}{\\"
+
+
+def test_caller_text_built_to_break_log_lines_leaves_each_one_json(hostile: tuple[Gateway, Collector]) -> None:
+    """Content logging is on for `internal` and below (values-local): the prompt and the answer
+    are logged. Whatever they hold, each line, split on `\\n` or on any Unicode line break,
+    is one JSON object, and none is larger than the content-logging cap allows."""
+    gw, _ = hostile
+    mark = [gw.stack.log_path(n).stat().st_size for n in ("extproc", "envoy")]
+    forged = '{"event":"access","status":200,"key_id":"admin","forged":true}'
+    prompt = f"hello{BREAKERS}{forged}\n{forged}\u2028{forged}"
+    headers = {"authorization": f"Bearer {gw.key}"}
+    ids = []
+    for body in (chat("default-chat") | {"messages": [{"role": "user", "content": prompt}], "user": BREAKERS},
+                 chat("default-chat") | {"messages": [{"role": "user", "content": prompt * 20_000}]},
+                 chat(prompt), chat("default-chat", metadata={prompt: prompt}, store=True)):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert "x-request-id" in r.headers, (r.status_code, r.text[:300])
+        ids.append(r.headers["x-request-id"])
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": BREAKERS,
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": prompt}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=chat("default-chat"), timeout=30,
+                   headers={**headers, "x-session-id": '"}{\\' + "z" * 8000,
+                            "x-mock-raw-body": base64.b64encode(orjson.dumps(answer)).decode()})
+    ids.append(r.headers["x-request-id"])
+    wait_for(lambda: all(i in gw.logs() for i in ids))
+    for name, start in zip(("extproc", "envoy"), mark):
+        text = gw.stack.log_path(name).read_bytes()[start:].decode()
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert lines and len(lines) == len([line for line in text.split("\n") if line.strip()])
+        for line in lines:
+            event = orjson.loads(line)
+            assert isinstance(event, dict) and not event.get("forged"), line[:200]
+            assert len(line) < 64 * 1024, (name, event.get("event"), len(line))
