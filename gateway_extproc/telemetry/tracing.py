@@ -19,6 +19,11 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+# Span attribute values are cut to this many characters unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT
+# or OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise (the SDK's default is no limit). A
+# provider writes the answer's `id`, `model` and finish reasons as long as it likes; one span
+# over a collector's message limit (4 MiB by default) loses its whole batch.
+ATTRIBUTE_CHARS = 256
 _state: dict[str, Any] = {}
 # gen_ai.provider.name as the semantic conventions spell it, by chart provider kind.
 SEMCONV_PROVIDER = {"openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic",
@@ -42,11 +47,14 @@ def setup(service_name: str = "gateway-extproc") -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    tracer_provider = TracerProvider(resource=resource)
+    limited = os.environ.get("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT") or \
+        os.environ.get("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+    tracer_provider = TracerProvider(resource=resource, span_limits=SpanLimits() if limited else SpanLimits(
+        max_span_attribute_length=ATTRIBUTE_CHARS))
     tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     meter_provider = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
     meter = meter_provider.get_meter("gateway_extproc")

@@ -166,3 +166,27 @@ def test_caller_text_built_to_break_log_lines_leaves_each_one_json(hostile: tupl
             event = orjson.loads(line)
             assert isinstance(event, dict) and not event.get("forged"), line[:200]
             assert len(line) < 64 * 1024, (name, event.get("event"), len(line))
+
+
+def test_a_providers_huge_labels_reach_a_span_cut_short(hostile: tuple[Gateway, Collector]) -> None:
+    """The answer's `id`, `model` and finish reasons go on the span as the provider wrote them:
+    as long as it likes (the provider's choice, or an echo of the caller's request) made a
+    span whose batch an OTLP collector may refuse whole (4 MiB a message by default), losing
+    every other request's span with it. Each attribute value is cut to 256 characters."""
+    gw, collector = hostile
+    big = "".join(random.Random(5).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4_000))
+    answer = {"id": f"chatcmpl-{big}", "object": "chat.completion", "created": 1, "model": f"m-{big}",
+              "choices": [{"index": i, "message": {"role": "assistant", "content": "ok"}, "finish_reason": big[i:]}
+                          for i in range(2)],
+              "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=chat("default-chat"), timeout=30,
+                   headers={"authorization": f"Bearer {gw.key}",
+                            "x-mock-raw-body": base64.b64encode(orjson.dumps(answer)).decode()})
+    assert r.status_code == 200 and big in r.text  # the client gets the answer as it came
+    span = wait_for(lambda: next((s for s in list(collector.spans) for kv in s.attributes
+                                  if kv.key == "gen_ai.response.model"
+                                  and kv.value.string_value.startswith("m-" + big[:50])), None))
+    values = {kv.key: [kv.value.string_value] if kv.value.string_value else
+              [v.string_value for v in kv.value.array_value.values] for kv in span.attributes}
+    assert values["gen_ai.response.id"][0].startswith("chatcmpl-" + big[:50])
+    assert max(len(v) for vs in values.values() for v in vs) <= 256, {k: [len(v) for v in vs] for k, vs in values.items()}
