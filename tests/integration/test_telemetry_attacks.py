@@ -1,6 +1,7 @@
 """Telemetry under hostile traffic, through real Envoy: thousands of distinct caller- and
 provider-chosen values (model names, paths, methods, header names and values, request and
-session ids, keys, users, tool names, provider error types, statuses, answer models and ids)
+session ids, keys, users, tool names, provider error types, statuses, answer models and ids,
+streams left early)
 add no /metrics series and no OTLP metric attribute value and do not grow the ext_proc's
 memory; and caller text built to break log lines (line breaks of every kind, ANSI escapes,
 JSON syntax, megabytes) leaves every log line one JSON object of bounded size."""
@@ -83,7 +84,7 @@ def hostile_request(gw: Gateway, client: httpx.Client, i: int) -> None:
     word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-_.") for _ in range(20))
     auth = {"authorization": f"Bearer {gw.key}"}
     url = f"{gw.url}/v1/chat/completions"
-    kind = i % 9
+    kind = i % 10
     if kind == 0:
         client.post(url, json=chat(word), headers=auth)
     elif kind == 1:
@@ -104,8 +105,12 @@ def hostile_request(gw: Gateway, client: httpx.Client, i: int) -> None:
     elif kind == 7:
         client.request("".join(c for c in word.upper() if c.isalpha()) or "X", url, json=chat("default-chat"),
                        headers=auth)
-    else:
+    elif kind == 8:
         client.post(url, json=chat("claude-chat"), headers={**auth, **provider_reply(rng, word)})
+    else:  # a stream its client leaves after the first bytes
+        with client.stream("POST", url, json=chat(rng.choice(["default-chat", "claude-chat"]), stream=True),
+                           headers={**auth, "x-mock-chunk-delay-ms": "20"}) as r:
+            next(r.iter_raw(), None)
 
 
 def test_thousands_of_hostile_values_add_no_series_and_no_memory(hostile: tuple[Gateway, Collector]) -> None:
@@ -119,8 +124,11 @@ def test_thousands_of_hostile_values_add_no_series_and_no_memory(hostile: tuple[
     time.sleep(1.0)
     before, attrs, rss = label_values(httpx.get(gw.stack.metrics_url).text), otlp_attribute_values(collector), \
         worker_rss_kib(gw)
+    start = gw.stack.log_path("extproc").stat().st_size
     burst(900, 2700)
     time.sleep(1.0)
+    written = gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines()
+    assert all(isinstance(orjson.loads(line), dict) for line in written if line.strip())  # no library's text lines
     after = label_values(httpx.get(gw.stack.metrics_url).text)
     # (a fallback to the backup backend may first happen in the second burst: a config name)
     assert {(label, value) for label, value in after - before if value not in config_names(gw)} == set()
