@@ -305,15 +305,33 @@ def record(decision: Decision, team: str, mode: str, where: str) -> None:
         log.info("policy_allowlist_applied", rule=finding.rule, reason=entry.reason, where=where)
 
 
+class Unreadable:
+    """Stream events output scanning could not read, and so did not forward: the first is
+    logged when it comes, the count goes on the request's access line (`unreadable_events`).
+    A line per event let a provider's stream of thousands of tiny unreadable events write
+    thousands of lines for one request."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def drop(self, **fields: Any) -> None:
+        self.count += 1
+        if self.count == 1:
+            log.warning("stream_event_unreadable", **fields)
+
+
 class ResponseGuard:
     """Scans a response: a whole JSON body, or SSE events with a bounded hold-back window."""
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
                  "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue", "labels",
-                 "names", "mirrored", "assembled", "finished")
+                 "names", "mirrored", "assembled", "finished", "unreadable")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
+        self.unreadable = Unreadable()
         # Each choice's texts must reach the client one after the other (an Anthropic client's
         # content blocks): a window is flushed when its choice moves on to another text. Else
         # windows stay open across such moves, so a value split around one is still seen whole.
@@ -805,7 +823,7 @@ class ResponseGuard:
     def _unreadable(self, event: bytes) -> bytes:
         """An event whose data is no JSON object cannot be scanned: it is not forwarded (an
         SDK could not parse it either)."""
-        log.warning("stream_event_unreadable", event_bytes=len(event))
+        self.unreadable.drop(event_bytes=len(event))
         return b""
 
     def _keep(self, emitted: str) -> None:
@@ -842,10 +860,11 @@ class EmbeddingsGuard:
     redacted in place (a blocked one too); a body that is no JSON object with a
     `data` list is no answer and is not forwarded (`provider_error`)."""
 
-    __slots__ = ("policy", "params", "team")
+    __slots__ = ("policy", "params", "team", "unreadable")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str) -> None:
         self.policy, self.params, self.team = policy, params, team
+        self.unreadable = Unreadable()  # (never streamed: stays 0)
 
     def json_body(self, body: Any) -> bytes | None:
         if not (isinstance(body, dict) and isinstance(body.get("data"), list)):

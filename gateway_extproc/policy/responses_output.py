@@ -34,8 +34,8 @@ import structlog
 from ..errors import GatewayError
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS
-from .classification import (CONTENT_LOG_CHARS, SEAM_HEAD, Policy, Seam, read_json, read_keys, record, rewritten,
-                             scanned_error, seam_decision)
+from .classification import (CONTENT_LOG_CHARS, SEAM_HEAD, Policy, Seam, Unreadable, read_json, read_keys, record,
+                             rewritten, scanned_error, seam_decision)
 from .scanner import (Decision, DecisionParams, LimitExceeded, PlaceholderMap, keyed_replacement, map_strings,
                       redact_strings, walk_strings)
 from .stream import StreamRedactor
@@ -72,11 +72,12 @@ class ResponsesGuard:
     """Scans a Responses API answer: a whole JSON body, or its SSE events."""
 
     __slots__ = ("policy", "params", "team", "sent", "windows", "known", "head", "seq", "ended", "response_text",
-                 "clean", "seam", "deferred", "last", "tails", "resumed")
+                 "clean", "seam", "deferred", "last", "tails", "resumed", "unreadable")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, sent: dict[str, Any] | None = None) -> None:
         """`sent`: the request as forwarded (classified), whose echoes need no second scan."""
         self.policy, self.params, self.team = policy, params, team
+        self.unreadable = Unreadable()
         self.sent = {k: sent[k] for k in _ECHOES if k in sent} if sent else {}
         self.windows: dict[Key, _Window] = {}
         # The whole text of every closed window -> the text the client was sent for it: how a
@@ -185,7 +186,7 @@ class ResponsesGuard:
             obj = None
         kind = obj.get("type") if isinstance(obj, dict) else None
         if not isinstance(kind, str) or not kind.isprintable():  # no event, or one that would break the framing
-            log.warning("stream_event_unreadable", event_bytes=len(event))
+            self.unreadable.drop(event_bytes=len(event))
             return b""
         assert isinstance(obj, dict)
         if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
@@ -346,7 +347,7 @@ class ResponsesGuard:
         names: dict[str, None] = {}
         strings = walk_strings(values, keyed=keyed, names=names)
         if isinstance(strings, LimitExceeded):
-            log.warning("stream_event_unreadable", reason=strings.reason)
+            self.unreadable.drop(reason=strings.reason)
             return strings
         new = [self.known.get(s, s) for s in strings]
         unknown = [i for i, s in enumerate(strings) if s and s not in self.known]

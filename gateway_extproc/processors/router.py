@@ -692,8 +692,14 @@ class RouterProcessor:
             prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else self.prompt_tokens,
             prompt_tokens_local=self.prompt_tokens, completion_tokens=usage.completion_tokens,
             duration_ms=round(duration * 1000, 2), ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
-            tier=self.tier, **content)
+            tier=self.tier, **self.unreadable_events(), **content)
         audit.request(self, backend, outcome, spent, content)
+
+    def unreadable_events(self) -> dict[str, int]:
+        """How many stream events output scanning dropped unread, when any (logged once each
+        stream, `stream_event_unreadable`, not once each event)."""
+        count = self.guard.unreadable.count if self.guard is not None else 0
+        return {"unreadable_events": count} if count else {}
 
     def logged_content(self) -> dict[str, str]:
         """Prompt and response text, only for requests whose tier the content-logging policy allows."""

@@ -198,3 +198,36 @@ def test_a_providers_huge_labels_reach_a_span_cut_short(hostile: tuple[Gateway, 
               [v.string_value for v in kv.value.array_value.values] for kv in span.attributes}
     assert values["gen_ai.response.id"][0].startswith("chatcmpl-" + big[:50])
     assert max(len(v) for vs in values.values() for v in vs) <= 256, {k: [len(v) for v in vs] for k, vs in values.items()}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_stream_of_unreadable_events_writes_one_warning_not_one_per_event(hostile: tuple[Gateway, Collector],
+                                                                            path: str) -> None:
+    """Output scanning drops an event it cannot read (no JSON object) and logs it: it logged
+    every one, so a stream of thousands of tiny unreadable events (`data: 1`) wrote thousands
+    of lines for one request. Log volume per request is bounded: one warning per stream,
+    with the count."""
+    gw, _ = hostile
+    junk = b"data: 1\n\n" * 3000
+    if path == "/v1/responses":
+        done = {"type": "response.completed", "response": {"id": "resp_1", "object": "response", "status": "completed",
+                                                           "model": "m", "output": [], "usage": {
+                                                               "input_tokens": 5, "output_tokens": 1, "total_tokens": 6}}}
+        events = [junk, b"event: response.completed\ndata: " + orjson.dumps(done) + b"\n\n"]
+        body: dict = {"model": "default-chat", "input": "hi", "stream": True}
+    else:
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+        events = [junk, b"data: " + orjson.dumps(chunk) + b"\n\n", b"data: [DONE]\n\n"]
+        body = chat("default-chat", stream=True)
+    start = gw.stack.log_path("extproc").stat().st_size
+    r = httpx.post(gw.url + path, json=body, timeout=30, headers={
+        "authorization": f"Bearer {gw.key}",
+        "x-mock-raw-events": orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()})
+    assert r.status_code == 200
+    wait_for(lambda: r.headers["x-request-id"] in gw.stack.log_path("extproc").read_bytes()[start:].decode())
+    lines = gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines()
+    warnings = [orjson.loads(line) for line in lines if "stream_event_unreadable" in line]
+    assert 1 <= len(warnings) <= 2, len(warnings)
+    access = next(orjson.loads(line) for line in lines if '"access"' in line and r.headers["x-request-id"] in line)
+    assert access["unreadable_events"] == 3000
