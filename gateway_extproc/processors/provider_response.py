@@ -177,12 +177,15 @@ class CredentialCut:
     begin a credential waits for the next piece, so a value split over pieces is cut too;
     an SSE piece ends in a blank line, so normally nothing waits."""
 
-    __slots__ = ("_needles", "_carry", "found")
+    __slots__ = ("_needles", "_carry", "found", "reported")
 
     def __init__(self, needles: tuple[bytes, ...]) -> None:
         self._needles = needles
         self._carry = b""
-        self.found = False  # set when something was cut; the caller logs it and clears it
+        self.found = False  # set when something was cut
+        # Set by the caller once it logged the cut: once per answer, not once per piece (a
+        # stream echoing the credential in every chunk wrote a line each).
+        self.reported = False
 
     @classmethod
     def of(cls, secrets: Secrets) -> CredentialCut | None:

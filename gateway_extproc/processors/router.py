@@ -559,8 +559,9 @@ class RouterProcessor:
         return out, cut_now
 
     def log_echo(self) -> None:
-        if self.echo is not None and self.echo.found:
-            self.echo.found = False
+        """The provider's answer quoted a credential (cut): logged once per answer."""
+        if self.echo is not None and self.echo.found and not self.echo.reported:
+            self.echo.reported = True
             backend = self.answered_by()
             log.warning("provider_echoed_credential", backend=self.backend,
                         provider=backend.provider.name if backend else None, body=True)

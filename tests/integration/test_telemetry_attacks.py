@@ -231,3 +231,23 @@ def test_a_stream_of_unreadable_events_writes_one_warning_not_one_per_event(host
     assert 1 <= len(warnings) <= 2, len(warnings)
     access = next(orjson.loads(line) for line in lines if '"access"' in line and r.headers["x-request-id"] in line)
     assert access["unreadable_events"] == 3000
+
+
+def test_a_provider_echoing_the_credential_in_every_chunk_is_logged_once(hostile: tuple[Gateway, Collector]) -> None:
+    """The credential is cut from each chunk and the echo logged: it was logged once per chunk
+    that held it, so a stream echoing it in each of 150 chunks wrote 150 lines."""
+    gw, _ = hostile
+    chunks = [b"data: " + orjson.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                        "choices": [{"index": 0, "delta": {"content": f"{gw.primary_key} "},
+                                                     "finish_reason": None}]}) + b"\n\n" for _ in range(150)]
+    start = gw.stack.log_path("extproc").stat().st_size
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=chat("default-chat", stream=True, max_tokens=4000), timeout=30,
+                      headers={"authorization": f"Bearer {gw.key}", "x-mock-chunk-delay-ms": "3",
+                               "x-mock-raw-events": orjson.dumps([base64.b64encode(c).decode() for c in
+                                                                  [*chunks, b"data: [DONE]\n\n"]]).decode()}) as r:
+        text = r.read().decode()
+        request_id = r.headers["x-request-id"]
+    assert gw.primary_key not in text and text.count("[credential removed]") == 150
+    wait_for(lambda: request_id in gw.stack.log_path("extproc").read_bytes()[start:].decode())
+    lines = gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines()
+    assert len([line for line in lines if "provider_echoed_credential" in line]) == 1
