@@ -9,6 +9,7 @@ JSON syntax, megabytes) leaves every log line one JSON object of bounded size.""
 from __future__ import annotations
 
 import base64
+from collections import Counter
 import random
 import time
 from collections.abc import Iterator
@@ -251,3 +252,25 @@ def test_a_provider_echoing_the_credential_in_every_chunk_is_logged_once(hostile
     wait_for(lambda: request_id in gw.stack.log_path("extproc").read_bytes()[start:].decode())
     lines = gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines()
     assert len([line for line in lines if "provider_echoed_credential" in line]) == 1
+
+
+def test_a_stream_repeating_a_card_in_every_chunk_writes_bounded_policy_lines(hostile: tuple[Gateway, Collector]) -> None:
+    """A caller can ask a model to repeat a card number (or any value a rule finds) in every
+    chunk; output scanning redacts each. The log lines about it stay bounded per request."""
+    gw, _ = hostile
+    number = "4111 1111 1111 1111"
+    chunks = [b"data: " + orjson.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                        "choices": [{"index": 0, "delta": {"content": f"card {number}. "},
+                                                     "finish_reason": None}]}) + b"\n\n" for _ in range(150)]
+    start = gw.stack.log_path("extproc").stat().st_size
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30,
+                      json=chat("default-chat", stream=True, max_tokens=4000),
+                      headers={"authorization": f"Bearer {gw.key}", "x-mock-chunk-delay-ms": "3",
+                               "x-mock-raw-events": orjson.dumps([base64.b64encode(c).decode() for c in
+                                                                  [*chunks, b"data: [DONE]\n\n"]]).decode()}) as r:
+        text = r.read().decode()
+        request_id = r.headers["x-request-id"]
+    assert number not in text and "[CREDIT_CARD_1]" in text
+    wait_for(lambda: request_id in gw.stack.log_path("extproc").read_bytes()[start:].decode())
+    lines = [line for line in gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines() if line]
+    assert len(lines) <= 5, Counter(orjson.loads(line)["event"] for line in lines)
