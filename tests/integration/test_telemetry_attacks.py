@@ -125,11 +125,12 @@ def test_thousands_of_hostile_values_add_no_series_and_no_memory(hostile: tuple[
     time.sleep(1.0)
     before, attrs, rss = label_values(httpx.get(gw.stack.metrics_url).text), otlp_attribute_values(collector), \
         worker_rss_kib(gw)
-    start = gw.stack.log_path("extproc").stat().st_size
+    starts = {name: gw.stack.log_path(name).stat().st_size for name in ("extproc", "envoy")}
     burst(900, 2700)
     time.sleep(1.0)
-    written = gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines()
-    assert all(isinstance(orjson.loads(line), dict) for line in written if line.strip())  # no library's text lines
+    for name, start in starts.items():  # JSON lines only: no library's (or Envoy's) own text lines
+        written = gw.stack.log_path(name).read_bytes()[start:].decode().splitlines()
+        assert all(isinstance(orjson.loads(line), dict) for line in written if line.strip()), name
     after = label_values(httpx.get(gw.stack.metrics_url).text)
     # (a fallback to the backup backend may first happen in the second burst: a config name)
     assert {(label, value) for label, value in after - before if value not in config_names(gw)} == set()
