@@ -83,13 +83,12 @@ def render(event: dict[str, Any], **_: Any) -> bytes:
 
 
 def configure(level: str = "info") -> None:
+    masked = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
+              structlog.processors.format_exc_info, redact_secrets]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            redact_secrets,
+            *masked,
             # Bytes end to end: no decode of each line to str and encode back on write.
             structlog.processors.JSONRenderer(serializer=render),
         ],
@@ -97,3 +96,16 @@ def configure(level: str = "info") -> None:
         logger_factory=structlog.BytesLoggerFactory(file=sys.stdout.buffer),
         cache_logger_on_first_use=True,
     )
+    # Libraries log through the standard library (OpenTelemetry's exporters when the collector
+    # is down, gRPC, asyncio, redis): the same JSON lines, masked, with the logger's name, on
+    # the same stream. Plain text there broke the one-JSON-object-per-line stream and passed
+    # the mask. Warnings and above: a library's info is not the gateway's.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *masked,
+                    structlog.processors.JSONRenderer(serializer=lambda obj, **_: render(obj).decode())]))
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h.formatter, structlog.stdlib.ProcessorFormatter)]
+    root.addHandler(handler)
+    root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))

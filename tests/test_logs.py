@@ -125,3 +125,37 @@ def test_a_logged_value_never_breaks_its_line(value: str) -> None:
     line = logs.render({"event": "access", "prompt": value, "status": 200})
     assert line.count(b"\n") == 0 and len(line.decode().splitlines()) == 1
     assert orjson.loads(line) == {"event": "access", "prompt": value, "status": 200}
+
+
+def test_a_librarys_log_record_is_a_masked_json_line(capfd: Any) -> None:
+    """OpenTelemetry's exporters, gRPC, asyncio and redis log through the standard library: an
+    unreachable collector wrote plain-text lines (`Transient error StatusCode.UNAVAILABLE ...`)
+    into the JSON stream, past the secret mask. They are JSON lines like the gateway's own,
+    masked the same way, with the logger's name."""
+    import logging
+
+    import structlog
+
+    root = logging.getLogger()
+    handlers, level, config = list(root.handlers), root.level, structlog.get_config()
+    logs.configure()
+    logs.configure()  # (again: still one line per record)
+    try:
+        logging.getLogger("opentelemetry.exporter.otlp").warning(
+            "Failed to export to %s\nsecond line", "collector:4317 with Bearer abc.def")
+        logging.getLogger("some.library").debug("debug noise")
+        try:
+            raise ValueError("boom sk-abcdefgh12345678")
+        except ValueError:
+            logging.getLogger("asyncio").exception("Task exception was never retrieved")
+        out = capfd.readouterr().out
+    finally:
+        root.handlers, root.level = handlers, level
+        structlog.configure(**config)  # (its stdout was the capture's, closed after this test)
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    first, second = map(orjson.loads, lines)
+    assert first["event"] == "Failed to export to collector:4317 with [REDACTED]\nsecond line"
+    assert first["level"] == "warning" and first["logger"] == "opentelemetry.exporter.otlp"
+    assert second["level"] == "error" and "ValueError" in second["exception"]
+    assert "sk-abcdefgh" not in out

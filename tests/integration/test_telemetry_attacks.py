@@ -21,6 +21,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway_extproc.localstack import free_port
+
 from .conftest import Gateway, running_gateway
 from .test_tracing import Collector, otlp_collector, wait_for
 
@@ -275,3 +277,21 @@ def test_a_stream_repeating_a_card_in_every_chunk_writes_bounded_policy_lines(ho
     wait_for(lambda: request_id in gw.stack.log_path("extproc").read_bytes()[start:].decode())
     lines = [line for line in gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines() if line]
     assert len(lines) <= 5, Counter(orjson.loads(line)["event"] for line in lines)
+
+
+def test_an_unreachable_collector_leaves_the_log_json_lines() -> None:
+    """OpenTelemetry's exporters log their failures through the standard library; those lines
+    were plain text in the JSON stream (and passed the secret mask)."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_METRIC_EXPORT_INTERVAL": "300", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
+    with running_gateway("gw-telemetry-down-", env=env) as gw:
+        for _ in range(5):
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=chat("default-chat"), timeout=30,
+                           headers={"authorization": f"Bearer {gw.key}"})
+            assert r.status_code == 200
+        failed = lambda: [orjson.loads(line) for line in gw.stack.log_path("extproc").read_text().split("\n")  # noqa: E731
+                          if "export" in line and "UNAVAILABLE" in line]
+        wait_for(failed, 15)
+        lines = [line for line in gw.stack.log_path("extproc").read_text().split("\n") if line.strip()]
+        assert all(isinstance(orjson.loads(line), dict) for line in lines)
+        assert {e["logger"] for e in failed()} <= {"opentelemetry.exporter.otlp.proto.grpc.exporter"}
