@@ -9,8 +9,10 @@ JSON syntax, megabytes) leaves every log line one JSON object of bounded size.""
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections import Counter
 import random
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -295,3 +297,25 @@ def test_an_unreachable_collector_leaves_the_log_json_lines() -> None:
         lines = [line for line in gw.stack.log_path("extproc").read_text().split("\n") if line.strip()]
         assert all(isinstance(orjson.loads(line), dict) for line in lines)
         assert {e["logger"] for e in failed()} <= {"opentelemetry.exporter.otlp.proto.grpc.exporter"}
+
+
+@pytest.mark.parametrize("target", ["/v1/models#{s}", "/v1/chat/completions#x"])
+def test_a_callers_request_id_on_a_request_envoy_refuses_early_is_not_logged(hostile: tuple[Gateway, Collector],
+                                                                              target: str) -> None:
+    """Envoy replaces a caller's `x-request-id` with its own, but only once it has accepted
+    the request: one it refuses before that (a `#fragment` in the path:
+    path_normalization_failed) kept the caller's header, and the `envoy_error` line wrote it
+    whole as its `request_id` (a key, a card, 60 KiB of anything)."""
+    gw, _ = hostile
+    secret = "gwk_leak_" + hashlib.sha256(target.encode()).hexdigest()[:24]
+    start = gw.stack.log_path("envoy").stat().st_size
+    with socket.create_connection(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])), timeout=5) as conn:
+        conn.sendall(f"GET {target.format(s=secret)} HTTP/1.1\r\nHost: gateway\r\nx-request-id: {secret}\r\n"
+                     f"authorization: Bearer {gw.key}\r\nconnection: close\r\n\r\n".encode())
+        answer = conn.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 400") and "malformed_http" in answer
+    line = wait_for(lambda: next((line for line in gw.stack.log_path("envoy").read_bytes()[start:].decode().split("\n")
+                                  if '"envoy_error"' in line), None))
+    event = orjson.loads(line)
+    assert event["details"] == "path_normalization_failed" and event["request_id"] in (None, "-")
+    assert secret[9:] not in gw.stack.log_path("envoy").read_bytes()[start:].decode()

@@ -199,7 +199,7 @@ static_resources:
                 json_format:
                   event: envoy_error
                   outcome: error
-                  request_id: "%REQ(X-REQUEST-ID)%"
+                  request_id: {{ include "gateway-extproc.loggedRequestId" $ | quote }}
                   start_time: "%START_TIME%"
                   method: {{ include "gateway-extproc.loggedMethod" $ | quote }}
                   path: {{ include "gateway-extproc.loggedPath" $ | quote }}

@@ -91,6 +91,15 @@ path of its own making; neither is ever written.
 {{- end -}}
 
 {{/*
+The request id Envoy's envoy_error line names: Envoy's own (a UUID), else "-". Envoy replaces a
+caller's x-request-id only once it accepts the request; one it refuses before that (a
+`#fragment` in the path) still carries the caller's header, any text up to 60 KiB.
+*/}}
+{{- define "gateway-extproc.loggedRequestId" -}}
+%CEL(request.id.matches('^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$') ? request.id : '-')%
+{{- end -}}
+
+{{/*
 The method Envoy's logs and spans name a request by: one HTTP defines, or "other" as in the
 ext_proc's access line (processors/router.py KNOWN_METHODS). Over HTTP/2 a method is any
 token a caller makes up, up to the 60 KiB header limit: a key sent as one was written whole.
