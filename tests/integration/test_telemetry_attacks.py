@@ -1,10 +1,15 @@
-"""Telemetry under hostile traffic, through real Envoy: thousands of distinct caller- and
-provider-chosen values (model names, paths, methods, header names and values, request and
-session ids, keys, users, tool names, provider error types, statuses, answer models and ids,
-streams left early)
-add no /metrics series and no OTLP metric attribute value and do not grow the ext_proc's
-memory; and caller text built to break log lines (line breaks of every kind, ANSI escapes,
-JSON syntax, megabytes) leaves every log line one JSON object of bounded size."""
+"""Telemetry under hostile traffic, through real Envoy.
+
+- Thousands of distinct caller- and provider-chosen values (model names, paths, methods,
+  header names and values, request and session ids, keys, users, tool names, provider error
+  types, statuses, answer models and ids, streams left early) add no /metrics label value
+  beyond config and no OTLP metric attribute value, and do not grow the ext_proc's memory.
+- Caller text built to break log lines (line breaks of every kind, ANSI escapes, JSON syntax,
+  megabytes) leaves every line of both logs one JSON object of bounded size; libraries'
+  own log records are such lines too.
+- What one request writes is bounded: one warning per stream however many events it could
+  not read or cut a credential from; span attributes are cut to 256 characters.
+- A caller's own `x-request-id` is never logged, also on requests Envoy refuses early."""
 
 from __future__ import annotations
 
@@ -203,7 +208,8 @@ def test_a_providers_huge_labels_reach_a_span_cut_short(hostile: tuple[Gateway, 
     values = {kv.key: [kv.value.string_value] if kv.value.string_value else
               [v.string_value for v in kv.value.array_value.values] for kv in span.attributes}
     assert values["gen_ai.response.id"][0].startswith("chatcmpl-" + big[:50])
-    assert max(len(v) for vs in values.values() for v in vs) <= 256, {k: [len(v) for v in vs] for k, vs in values.items()}
+    lengths = {k: [len(v) for v in vs] for k, vs in values.items()}
+    assert max(n for ns in lengths.values() for n in ns) <= 256, lengths
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
@@ -216,9 +222,9 @@ def test_a_stream_of_unreadable_events_writes_one_warning_not_one_per_event(host
     gw, _ = hostile
     junk = b"data: 1\n\n" * 3000
     if path == "/v1/responses":
+        usage = {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
         done = {"type": "response.completed", "response": {"id": "resp_1", "object": "response", "status": "completed",
-                                                           "model": "m", "output": [], "usage": {
-                                                               "input_tokens": 5, "output_tokens": 1, "total_tokens": 6}}}
+                                                           "model": "m", "output": [], "usage": usage}}
         events = [junk, b"event: response.completed\ndata: " + orjson.dumps(done) + b"\n\n"]
         body: dict = {"model": "default-chat", "input": "hi", "stream": True}
     else:
@@ -247,7 +253,8 @@ def test_a_provider_echoing_the_credential_in_every_chunk_is_logged_once(hostile
                                         "choices": [{"index": 0, "delta": {"content": f"{gw.primary_key} "},
                                                      "finish_reason": None}]}) + b"\n\n" for _ in range(150)]
     start = gw.stack.log_path("extproc").stat().st_size
-    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=chat("default-chat", stream=True, max_tokens=4000), timeout=30,
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30,
+                      json=chat("default-chat", stream=True, max_tokens=4000),
                       headers={"authorization": f"Bearer {gw.key}", "x-mock-chunk-delay-ms": "3",
                                "x-mock-raw-events": orjson.dumps([base64.b64encode(c).decode() for c in
                                                                   [*chunks, b"data: [DONE]\n\n"]]).decode()}) as r:
@@ -259,7 +266,7 @@ def test_a_provider_echoing_the_credential_in_every_chunk_is_logged_once(hostile
     assert len([line for line in lines if "provider_echoed_credential" in line]) == 1
 
 
-def test_a_stream_repeating_a_card_in_every_chunk_writes_bounded_policy_lines(hostile: tuple[Gateway, Collector]) -> None:
+def test_a_stream_repeating_a_card_in_every_chunk_writes_bounded_log_lines(hostile: tuple[Gateway, Collector]) -> None:
     """A caller can ask a model to repeat a card number (or any value a rule finds) in every
     chunk; output scanning redacts each. The log lines about it stay bounded per request."""
     gw, _ = hostile
@@ -291,8 +298,9 @@ def test_an_unreachable_collector_leaves_the_log_json_lines() -> None:
             r = httpx.post(f"{gw.url}/v1/chat/completions", json=chat("default-chat"), timeout=30,
                            headers={"authorization": f"Bearer {gw.key}"})
             assert r.status_code == 200
-        failed = lambda: [orjson.loads(line) for line in gw.stack.log_path("extproc").read_text().split("\n")  # noqa: E731
-                          if "export" in line and "UNAVAILABLE" in line]
+        def failed() -> list[dict]:
+            return [orjson.loads(line) for line in gw.stack.log_path("extproc").read_text().split("\n")
+                    if "export" in line and "UNAVAILABLE" in line]
         wait_for(failed, 15)
         lines = [line for line in gw.stack.log_path("extproc").read_text().split("\n") if line.strip()]
         assert all(isinstance(orjson.loads(line), dict) for line in lines)
