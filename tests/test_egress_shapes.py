@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog.testing
 
 from gateway_extproc.policy.classification import EmbeddingsGuard, ResponseGuard
 
@@ -371,6 +372,14 @@ def test_text_after_a_choices_finish_never_completes_a_value(finish_with_text: b
     out = stream(*head, piece(" 1111 1111 ok"), chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
     assert not leaked(out), per_choice(out)
     assert "1111 ok" not in out
+
+
+def test_text_after_a_finish_is_logged_once_per_choice() -> None:
+    """A provider that goes on streaming after a finish, event after event, writes one line."""
+    late = [chunk({"index": 0, "delta": {"content": f" more {i}"}}) for i in range(300)]
+    with structlog.testing.capture_logs() as logs:
+        stream(chunk({"index": 0, "delta": {"content": "done"}, "finish_reason": "stop"}), *late)
+    assert [e["event"] for e in logs].count("stream_text_after_finish") == 1
 
 
 @pytest.mark.parametrize("extra", [

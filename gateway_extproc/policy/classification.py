@@ -327,7 +327,7 @@ class ResponseGuard:
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
                  "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue", "labels",
-                 "names", "mirrored", "assembled", "finished", "unreadable")
+                 "names", "mirrored", "assembled", "finished", "unreadable", "late")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -374,6 +374,7 @@ class ResponseGuard:
         self.assembled: dict[tuple[Any, ...], tuple[str, bool] | int | float] = {}
         # The choices that have finished (a `finish_reason` went by): their windows were flushed.
         self.finished: set[int] = set()
+        self.late: set[int] = set()  # the finished choices whose later text was logged
 
     def json_body(self, body: Any) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it) to send instead, or
@@ -585,7 +586,9 @@ class ResponseGuard:
             # Text after the choice's finish is not forwarded: its windows were flushed there,
             # so it would start new ones, and a value split around the finish (`card 4111
             # 1111`, finish, ` 1111 1111`) was read by neither, while clients join it whole.
-            log.warning("stream_text_after_finish", choice=index)
+            if index not in self.late:  # (once per choice: a provider may send thousands)
+                self.late.add(index)
+                log.warning("stream_text_after_finish", choice=index)
             for _, holder, name in slots:
                 del holder[name]
             mirrors, slots = [], []
