@@ -249,8 +249,16 @@ def test_a_provider_echoing_the_credential_in_every_chunk_is_logged_once(hostile
     """The credential is cut from each chunk and the echo logged: it was logged once per chunk
     that held it, so a stream echoing it in each of 150 chunks wrote 150 lines."""
     gw, _ = hostile
+    text, lines = _stream_150(gw, f"{gw.primary_key} ")
+    assert gw.primary_key not in text and text.count("[credential removed]") == 150
+    assert len([line for line in lines if "provider_echoed_credential" in line]) == 1
+
+
+def _stream_150(gw: Gateway, content: str) -> tuple[str, list[str]]:
+    """A provider stream of 150 chunks each with `content`: what the client read, and the
+    ext_proc's log lines written for the request."""
     chunks = [b"data: " + orjson.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                                        "choices": [{"index": 0, "delta": {"content": f"{gw.primary_key} "},
+                                        "choices": [{"index": 0, "delta": {"content": content},
                                                      "finish_reason": None}]}) + b"\n\n" for _ in range(150)]
     start = gw.stack.log_path("extproc").stat().st_size
     with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30,
@@ -260,10 +268,8 @@ def test_a_provider_echoing_the_credential_in_every_chunk_is_logged_once(hostile
                                                                   [*chunks, b"data: [DONE]\n\n"]]).decode()}) as r:
         text = r.read().decode()
         request_id = r.headers["x-request-id"]
-    assert gw.primary_key not in text and text.count("[credential removed]") == 150
     wait_for(lambda: request_id in gw.stack.log_path("extproc").read_bytes()[start:].decode())
-    lines = gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines()
-    assert len([line for line in lines if "provider_echoed_credential" in line]) == 1
+    return text, [line for line in gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines() if line]
 
 
 def test_a_stream_repeating_a_card_in_every_chunk_writes_bounded_log_lines(hostile: tuple[Gateway, Collector]) -> None:
@@ -271,20 +277,8 @@ def test_a_stream_repeating_a_card_in_every_chunk_writes_bounded_log_lines(hosti
     chunk; output scanning redacts each. The log lines about it stay bounded per request."""
     gw, _ = hostile
     number = "4111 1111 1111 1111"
-    chunks = [b"data: " + orjson.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                                        "choices": [{"index": 0, "delta": {"content": f"card {number}. "},
-                                                     "finish_reason": None}]}) + b"\n\n" for _ in range(150)]
-    start = gw.stack.log_path("extproc").stat().st_size
-    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30,
-                      json=chat("default-chat", stream=True, max_tokens=4000),
-                      headers={"authorization": f"Bearer {gw.key}", "x-mock-chunk-delay-ms": "3",
-                               "x-mock-raw-events": orjson.dumps([base64.b64encode(c).decode() for c in
-                                                                  [*chunks, b"data: [DONE]\n\n"]]).decode()}) as r:
-        text = r.read().decode()
-        request_id = r.headers["x-request-id"]
+    text, lines = _stream_150(gw, f"card {number}. ")
     assert number not in text and "[CREDIT_CARD_1]" in text
-    wait_for(lambda: request_id in gw.stack.log_path("extproc").read_bytes()[start:].decode())
-    lines = [line for line in gw.stack.log_path("extproc").read_bytes()[start:].decode().splitlines() if line]
     assert len(lines) <= 5, Counter(orjson.loads(line)["event"] for line in lines)
 
 
