@@ -132,3 +132,13 @@ def test_an_unknown_field_is_named_only_when_it_is_a_plain_word() -> None:
         to_chat({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
                  "metadata": {"user_id": "u", "sk-ant-api03-Secret": 1}})
     assert info.value.param == "metadata" and "sk-ant" not in info.value.message
+
+
+@pytest.mark.parametrize("name", ["reasoning_effort", "service_tier", "response_format", "n", "logprobs",
+                                  "parallel_tool_calls", "presence_penalty", "logit_bias", "top_logprobs"])
+@pytest.mark.parametrize("value", [[], {}, ["high"], {"a": 1}, 3.5, "x"])
+def test_a_field_of_any_json_type_is_refused_or_carried_never_raises(name: str, value: Any) -> None:
+    """`reasoning_effort: []` towards Claude raised TypeError (unhashable) in the check: a 500."""
+    for kind in ("anthropic", "bedrock", "gemini"):
+        error = refusal(backend(kind, "anthropic.claude-x" if kind == "bedrock" else "m"), {**CHAT, name: value})
+        assert error is None or f"`{name}`" in error.message

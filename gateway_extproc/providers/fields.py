@@ -66,10 +66,10 @@ def _carried_value(name: str, value: Any, kind: str) -> bool:
     if name == "response_format":
         return isinstance(value, dict) and (value.get("type") == "text" or (
             kind == "anthropic" and value.get("type") == "json_schema"))  # (output_config.format)
-    if name == "service_tier":
-        return kind == "anthropic" and value in ANTHROPIC_TIERS
+    if name == "service_tier":  # (a caller's value: of any JSON type, hashable or not)
+        return kind == "anthropic" and isinstance(value, str) and value in ANTHROPIC_TIERS
     if name == "reasoning_effort":
-        return kind == "anthropic" and value in _ANTHROPIC_EFFORTS
+        return kind == "anthropic" and isinstance(value, str) and value in _ANTHROPIC_EFFORTS
     if name == "thinking":  # (Gemini: a budget, its thoughts never shown; between_tools is Claude's own)
         return kind != "gemini" or value.get("type") in ("enabled", "disabled", "adaptive") and not value.get(
             "display")
