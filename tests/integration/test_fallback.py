@@ -3,6 +3,7 @@ latency threshold, outlier ejection, and every backend down."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -17,15 +18,21 @@ from .conftest import Gateway, running_gateway
 HELLO = [{"role": "user", "content": "hello"}]
 
 
+def unlimited(values: dict) -> None:
+    """No budgets or rate limits: a per-try timeout needs that (the render refuses it), and a
+    burst must not meet the demo team's 100 requests/s."""
+    values["budgets"].pop("orgLimit", None)
+    for principal in values["teams"] + values["keys"]:
+        principal.pop("budget", None)
+        principal.pop("rateLimits", None)
+
+
 @pytest.fixture(scope="module")
 def fb() -> Iterator[Gateway]:
-    def customize(values: dict) -> None:  # a per-try timeout: only without budgets (the render refuses it)
+    def customize(values: dict) -> None:
         values["envoy"]["retry"]["perTryTimeout"] = "0.5s"  # (a timed-out try is a 504: gateway-error)
         values["envoy"]["retry"]["retryOn"] = "gateway-error,reset,connect-failure,retriable-status-codes"
-        values["budgets"].pop("orgLimit", None)
-        for principal in values["teams"] + values["keys"]:
-            principal.pop("budget", None)
-            principal.pop("rateLimits", None)
+        unlimited(values)
     with running_gateway("gw-fallback-", customize=customize) as gw:
         yield gw
 
@@ -111,6 +118,26 @@ def test_every_backend_down_is_a_fast_503_in_openai_shape() -> None:
         assert time.monotonic() - started < 2.0
         assert resp.status_code == 503
         assert resp.json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_a_burst_during_a_primary_outage_falls_back_for_every_request() -> None:
+    """Envoy's default circuit breaker lets 3 retries per cluster be in flight: in a burst
+    while the primary fails, every request past the third got the primary's 500. The chart's
+    retry budget lets each active request fall back."""
+    with running_gateway("gw-fallback-burst-", customize=unlimited) as gw:
+        behave(gw, status=500, latency_ms=300)  # (slow enough that the whole burst overlaps)
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=300)) as client:
+                return await asyncio.gather(*(
+                    client.post(f"{gw.url}/v1/chat/completions", json={"model": "fallback-chat", "messages": HELLO},
+                                headers={"authorization": f"Bearer {gw.key}"}) for _ in range(300)))
+
+        responses = asyncio.run(burst())
+        assert [r.status_code for r in responses] == [200] * 300
+        assert {r.headers["x-gateway-backend"] for r in responses} == {"mock-backup/mock-secondary"}
+        stats = httpx.get(f"{gw.stack.admin_url}/stats", params={"filter": "retry_overflow"}).text
+        assert "model.fallback-chat.upstream_rq_retry_overflow: 0" in stats
 
 
 @pytest.fixture

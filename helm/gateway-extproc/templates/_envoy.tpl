@@ -340,6 +340,13 @@ static_resources:
     type: STATIC
     connect_timeout: 1s
     per_connection_buffer_limit_bytes: 4294967295
+    # Every client request holds one ext_proc stream for its whole life, two while an upstream
+    # attempt runs: Envoy's default of 1024 streams in flight would fail requests (503
+    # gateway_unavailable) far below the connections the listener admits.
+    circuit_breakers:
+      thresholds:
+      - max_requests: {{ mul 2 ($v.envoy.maxConnections | int64) }}
+        max_pending_requests: {{ mul 2 ($v.envoy.maxConnections | int64) }}
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -373,6 +380,14 @@ static_resources:
     dns_lookup_family: V4_PREFERRED
     connect_timeout: 5s
     per_connection_buffer_limit_bytes: {{ $bufferLimit }}
+    {{- with $v.envoy.circuitBreakers }}
+    circuit_breakers:
+      thresholds:
+      - max_requests: {{ .maxRequests | int64 }}
+        max_pending_requests: {{ .maxPendingRequests | int64 }}
+        max_connections: {{ .maxConnections | int64 }}
+        max_retries: {{ .maxRetries | int64 }}
+    {{- end }}
     {{- if $multi }}
     # A backend failing repeatedly is skipped for a while instead of paying its timeout.
     outlier_detection:
