@@ -71,6 +71,23 @@ def test_an_openai_error_keeps_its_fields() -> None:
     assert orjson.loads(client_error(400, raw, (KEY,), "p/m", None)) == orjson.loads(raw)
 
 
+@pytest.mark.parametrize("error", [
+    {"message": "Mock error", "type": "server_error", "code": None, "param": None},  # OpenAI's own 5xx
+    {"message": "Mock error", "type": "server_error"},
+    {"message": "busy", "code": 503},  # an OpenAI-compatible server's number
+    {"message": "busy", "code": ""},
+    {"type": "server_error", "code": None},
+    {"message": ["not", "text"], "type": 7, "code": None, "param": None},
+])
+def test_an_openai_error_without_a_code_of_its_own_gets_provider_error_and_every_field(error: dict) -> None:
+    """Every error a client reads has the four fields and a code: one the provider named (its
+    docs explain it) or `provider_error` (the runbook's)."""
+    out = orjson.loads(client_error(503, orjson.dumps({"error": error}), (KEY,), "p/m", None))["error"]
+    assert out["code"] == "provider_error" and out["param"] == error.get("param")
+    assert isinstance(out["message"], str) and out["message"] and isinstance(out["type"], str)
+    assert out["message"] == error["message"] if isinstance(error.get("message"), str) else "HTTP 503" in out["message"]
+
+
 def _escaped(text: str) -> bytes:
     """JSON as a careless encoder writes it: `/` escaped, every non-letter as \\uXXXX."""
     return ("".join(c if c.isalnum() else f"\\u{ord(c):04x}" for c in text)).encode()

@@ -77,6 +77,17 @@ def test_a_primary_slower_than_the_threshold_is_abandoned(gw: Gateway) -> None:
     assert time.monotonic() - started < 2.0  # 0.5 s per-try timeout, not the primary's 3 s
 
 
+def test_every_backend_failing_is_the_last_providers_error_with_a_code(gw: Gateway) -> None:
+    """OpenAI-schema providers write `"code": null` in a 5xx; the client still reads a code
+    docs/runbooks.md explains."""
+    behave(gw, status=500)
+    httpx.post(f"{gw.backup}/_mock/behaviour", json={"model": "mock-secondary", "status": 500}).raise_for_status()
+    resp = ask(gw)
+    assert resp.status_code == 500 and resp.headers["x-gateway-attempts"] == "2"
+    assert resp.json()["error"] == {"message": "Mock error configured for model 'mock-secondary'.",
+                                    "type": "server_error", "code": "provider_error", "param": None}
+
+
 def tokens_used(gw: Gateway) -> int:
     return httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {gw.key}"}).json()["tokens_used"]["daily"]
 
