@@ -1331,7 +1331,7 @@ def keyed_text(value: Any, key: Any, top: bool = True) -> str | None:
     of the body itself (`top`). Fractions are not read (the digits of a `temperature`
     are no value, and a random one is a valid card number one time in ten)."""
     if isinstance(value, str):
-        if isinstance(key, str) and len(value) <= 32 and sum(c.isdigit() for c in value) == 9 \
+        if 9 <= len(value) <= 32 and isinstance(key, str) and sum(c.isdigit() for c in value) == 9 \
                 and ssn_context_name(key):
             return f"{key.replace('_', ' ')}: {value}"  # (`user_ssn`: a word the context reads)
         return None
@@ -1380,12 +1380,19 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
             if names is not None and key is not None:
                 names[key] = None
             if isinstance(value, str):
-                text = _text(key, value, skip_keys)
-                if text is None or known is not None and key in known and value in known[key]:
+                if value.startswith("data:") or key in _BLOB_KEYS or key in skip_keys:  # (else: the text)
+                    text = _text(key, value, skip_keys)
+                    if text is None:
+                        continue
+                    text = text.text if isinstance(text, _DataText) else text
+                else:
+                    text = value
+                if known is not None and key in known and value in known[key]:
                     continue
-                out.append(text.text if isinstance(text, _DataText) else text)
+                out.append(text)
                 nodes += 1
-                if keyed is not None and key is not None and (named := keyed_text(value, key)) is not None:
+                if keyed is not None and key is not None and len(value) >= 9 and \
+                        (named := keyed_text(value, key)) is not None:
                     keyed[named] = None
             elif isinstance(value, (dict, list, tuple)):
                 nodes += 1
