@@ -178,3 +178,26 @@ def test_the_anthropic_client_translation_carries_the_redacted_head(policy: Poli
     out = b"".join(to_client.feed(g.sse_event(e), False) for e in [*events, b"data: [DONE]\n\n"])
     out += to_client.feed(g.flush(), True)
     assert b"message_start" in out and DIGITS.encode() not in out and b"4111 1111" not in out, out
+
+
+@pytest.mark.parametrize("field, value", [("id", int(DIGITS)), ("model", {"name": CARD}), ("model", [DIGITS]),
+                                          ("system_fingerprint", float(DIGITS))])
+def test_a_card_in_a_stream_chunks_head_of_another_type_never_reaches_the_client(policy: Policy, field: str,
+                                                                                  value: Any) -> None:
+    """A head label that is no string (an id written as a number, a model as an object) was
+    skipped as "no label the SDK accepts"; the openai SDK builds its chunks without validating
+    them, so the card reached the client in every chunk (until 2026-12-07). Such a value is
+    read like a field outside the schema: one holding a finding is dropped."""
+    events = [chunk("Hello", **{field: value}), chunk(None, "stop", **{field: value}),
+              b"data: " + orjson.dumps({"id": "chatcmpl-s", "model": "gpt-x", "choices": [], field: value,
+                                        "usage": {"prompt_tokens": 1, "completion_tokens": 2,
+                                                  "total_tokens": 3}}) + b"\n\n"]
+    got = stream(guard(policy), events)
+    sent = orjson.dumps(got).decode()
+    assert DIGITS not in sent.replace(" ", "") and "4.111" not in sent, sent
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in got if c.get("choices")) == "Hello"
+
+
+def test_a_clean_head_label_of_another_type_goes_out_as_sent(policy: Policy) -> None:
+    got = stream(guard(policy), [chunk("Hello", id_=7), chunk(None, "stop", id_=7)])  # type: ignore[arg-type]
+    assert [c["id"] for c in got] == [7, 7], got

@@ -520,7 +520,7 @@ class ResponseGuard:
         for name in _CHUNK_LABELS:
             value = chunk.get(name)
             if not isinstance(value, str) or not value:
-                continue  # (another type is no label: the client's SDK refuses the chunk)
+                continue  # (another type is read as a field outside the schema: `_odd_labels`)
             sent = self.labels.get((name, value))
             if sent is None:
                 if name in known and value in known[name]:
@@ -552,7 +552,8 @@ class ResponseGuard:
         the client (`usage` and any field beside it), so their strings are scanned as a chunk's
         extras are: the event as it came when they hold nothing (its labels as `_labels` left
         them); else without them, or the stream's end when a value blocks."""
-        fields = [k for k in chunk if k not in _HEAD and k != "choices"]
+        odd = _odd_labels(chunk)
+        fields = [k for k in chunk if k not in _HEAD and k != "choices"] + odd
         read = read_json(self.policy.scanner, [chunk[k] for k in fields])
         if isinstance(read, LimitExceeded):
             return self._unreadable(event)
@@ -563,7 +564,7 @@ class ResponseGuard:
         record(decision, self.team, self.params.mode, "response")
         if decision.block:
             return self.block(chunk)
-        kept = {k: v for k, v in chunk.items() if k in _HEAD or k == "choices"}
+        kept = {k: v for k, v in chunk.items() if k in _HEAD and k not in odd or k == "choices"}
         hit = {f.index for f in decision.replaced}
         if isinstance(chunk.get("usage"), dict) and max(hit) < len(read.strings):
             kept["usage"] = _counts(chunk["usage"])  # the counts stay (clients read them), its strings go
@@ -1036,7 +1037,7 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
     """(dict, key) of every field outside the chat stream schema, down to tool calls, and of
     the schema's labels holding a value it does not define and its annotations."""
     out = [] if chunk.keys() <= _CHUNK_KEYS else [(chunk, k) for k in chunk if k not in _CHUNK_KEYS]
-    out += _odd(chunk, ("service_tier", *_ANNOTATIONS))
+    out += _odd(chunk, ("service_tier", *_ANNOTATIONS)) + [(chunk, k) for k in _odd_labels(chunk)]
     if "created" in chunk and not _count(chunk["created"], _MAX_CREATED):
         out.append((chunk, "created"))
     if isinstance(chunk.get("usage"), dict) and not all(
@@ -1085,6 +1086,13 @@ def _count(value: Any, limit: int = _MAX_COUNT) -> bool:
     """A usage count or a timestamp as the schema gives it: a number (or null) too small to be
     a value (a card or an SSN a provider put there reached the client unread)."""
     return value is None or isinstance(value, (int, float)) and not isinstance(value, bool) and -limit < value < limit
+
+
+def _odd_labels(chunk: dict[str, Any]) -> list[str]:
+    """The head labels (`_CHUNK_LABELS`) a chunk holds as something other than a string (an id
+    written as a number, a model as an object): `_labels` reads strings only, and the openai SDK
+    builds its chunks without validating them, so the client gets these as sent."""
+    return [k for k in _CHUNK_LABELS if chunk.get(k) is not None and not isinstance(chunk[k], str)]
 
 
 def _odd(holder: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[dict[str, Any], str]]:
