@@ -360,3 +360,39 @@ def test_a_value_split_at_a_seam_is_still_caught_when_the_first_text_ends_last()
     out = chat([{"reasoning_content": "write to jane.doe"}, {"content": "@example.com and then a long sentence follows"
                                                                         " that lets the window move past its hold"}], False)
     assert '"finish_reason":"content_filter"' in out and "janedoe" not in received(out)
+
+
+@pytest.mark.parametrize("first, then, other", [
+    ("card 4111 1111", " 1111 1111 thanks", tool(0, "{}", True)),
+    ("write to jane.doe", "@example.com today", tool(0, "{}", True)),
+    ("card 4111 1111", " 1111 1111 thanks", {"reasoning_content": "let me think"}),
+], ids=["card around a tool call", "email around a tool call", "card around reasoning"])
+def test_a_value_split_around_another_text_never_reaches_an_anthropic_client(first: str, then: str,
+                                                                             other: dict[str, Any]) -> None:
+    """An Anthropic client's content blocks follow one another, so the content's window was
+    flushed when the choice moved on to a tool call (or reasoning), and the content that came
+    after it started a new window: `card 4111 1111`, a tool_use block, ` 1111 1111` went out,
+    and the anthropic SDK's `text_stream` and `get_final_text()` join every text block into
+    the whole card (until 2026-12-07; OpenAI clients' windows stay open over the move). The
+    text that goes on is now read with the tail its window had at the close (`resumed`)."""
+    from gateway_extproc import messages
+
+    out = chat([{"content": first}, other, {"content": then}], True)
+    text = "".join(orjson.loads(line.split("data: ", 1)[1])["delta"].get("text", "")
+                   for line in messages.ToMessagesStream().feed(out.encode(), True).decode().split("\n\n")
+                   if '"text_delta"' in line)
+    assert DIGITS not in re.sub(r"\D", "", text) and "jane.doe@example" not in text, text
+    assert '"finish_reason":"content_filter"' in out
+
+
+def test_text_that_goes_on_after_another_for_an_anthropic_client_goes_out_whole() -> None:
+    out = chat([{"content": "Saving it now. "}, tool(0, "{}", True), {"content": "Saved: 4111 is the last order."}], True)
+    assert "content_filter" not in out and "Savingitnow" in received(out) and "Saved4111" in received(out)
+
+
+def test_a_value_split_around_another_text_is_caught_when_the_stream_ends_without_a_finish() -> None:
+    g = ResponseGuard(POLICY, POLICY._params["enforce"], "t", True)
+    out = b"".join(g.sse_event(chunk(d)) for d in [{"content": "card 4111 1111"}, tool(0, "{}", True),
+                                                    {"content": " 1111 1111"}])
+    out += g.sse_event(b"data: [DONE]\n\n")
+    assert DIGITS not in re.sub(r"\D", "", received(out.decode())) and b"content_filter" in out, out

@@ -327,7 +327,7 @@ class ResponseGuard:
 
     __slots__ = ("policy", "params", "team", "in_order", "redactors", "blocked_by", "ended", "response_text",
                  "kept", "head", "clean", "last", "seams", "deferred", "seam_block", "queue", "labels",
-                 "names", "mirrored", "assembled", "finished", "unreadable", "late")
+                 "names", "mirrored", "assembled", "finished", "unreadable", "late", "tails", "resumed")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, in_order: bool = False) -> None:
         self.policy, self.params, self.team = policy, params, team
@@ -375,6 +375,12 @@ class ResponseGuard:
         # The choices that have finished (a `finish_reason` went by): their windows were flushed.
         self.finished: set[int] = set()
         self.late: set[int] = set()  # the finished choices whose later text was logged
+        # With `in_order`, a text flushed because its choice moved on (its held tail, as it went
+        # out) -> when it goes on after the other text, that tail and what follows are read
+        # together (`resumed`), as a client that joins a choice's text blocks (the anthropic
+        # SDK's `text_stream`, `get_final_text()`) reads them; decided before the new text goes out.
+        self.tails: dict[tuple[Any, ...], str] = {}
+        self.resumed: dict[tuple[Any, ...], Seam] = {}
 
     def json_body(self, body: Any) -> bytes | None:
         """The body (parsed by the caller, which also reads usage from it) to send instead, or
@@ -463,8 +469,10 @@ class ResponseGuard:
             # where a value split around the end is never seen whole.
             if self._seams_blocked(list(self.seams)):
                 return self.block(self.head or {})
-            out = b"".join(self.queue) + self._release() + \
-                scanned_error(self.policy, self.params, self.team, event)
+            released = self._release()
+            if self.seam_block is not None:  # (a value over a pause or a seam, read as its text went out)
+                return self.block(self.head or {})
+            out = b"".join(self.queue) + released + scanned_error(self.policy, self.params, self.team, event)
             self.queue = []
             self.ended = True
             return out
@@ -606,6 +614,8 @@ class ResponseGuard:
                     if seam is not None and key == seam.key:  # what follows the seam ends here
                         if not self._seam_passes(index):
                             return False
+                    if not finished and (tail := redactor.held()):
+                        self.tails[key] = tail
                     before.append(self._released(key, redactor))
                     if self.seam_block is not None:
                         return False
@@ -628,6 +638,8 @@ class ResponseGuard:
                 redactor = self.redactors[key] = StreamRedactor(self.policy.scanner, self.params,
                                                                  self.policy.cfg.holdback_chars,
                                                                  json=key[1] in _JSON_TEXTS)
+                if key in self.tails:  # the text goes on after another one: read across its pause
+                    self.resumed[key] = Seam([self.tails.pop(key), ""], [key, key])
             if text and key != self.last.get(index) and not self._moved(index, key):
                 return False
             seam = self.seams.get(index)
@@ -637,6 +649,10 @@ class ResponseGuard:
             if redactor.blocked:
                 self.blocked_by = redactor
                 return False
+            if key in self.resumed:
+                self.resumed[key].parts[-1] += text
+                if (out or redactor.done or len(self.resumed[key].parts[-1]) > SEAM_HEAD) and self._resume_blocked(key):
+                    return False
             if seam is not None and seam.key == key:
                 seam.parts[-1] += text
                 if (out or redactor.done or len(seam.parts[-1]) > SEAM_HEAD) and not self._seam_passes(index):
@@ -789,9 +805,20 @@ class ResponseGuard:
                     out.append((fn, "name"))
         return out
 
+    def _resume_blocked(self, key: tuple[Any, ...]) -> bool:
+        """Decides the pause in a text that went on after another one (`resumed`): True when a
+        value spans it (its first piece went out at the pause: the stream ends, `seam_block`)."""
+        seam = self.resumed.pop(key, None)
+        decision = seam_decision(self.policy, self.params, self.team, seam) if seam is not None else None
+        if decision is not None:
+            self.seam_block = replace(decision, block=True)
+        return decision is not None
+
     def _released(self, key: tuple[Any, ...], redactor: StreamRedactor) -> bytes:
         """The rest of one window, scanned, as a chunk of its own ("" if none or blocked, or
         when, read with what followed it in the next text, it makes a value: `seam_block`)."""
+        if self._resume_blocked(key):
+            return b""
         for pending in [d for d in self.deferred if d[1].keys[0] == key]:
             self.deferred.remove(pending)
             decision = seam_decision(self.policy, self.params, self.team, pending[1])
