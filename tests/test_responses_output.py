@@ -549,3 +549,52 @@ def test_streamed_function_call_arguments_are_read_with_their_escapes_decoded() 
     assert orjson.loads(args) == {"card": "[CREDIT_CARD_1]", "to": "[EMAIL_1]"}, args
     done = [e for _, e in got if e["type"] == "response.function_call_arguments.done"]
     assert [e["arguments"] for e in done] == [args]
+
+
+def _with_initial_text(where: str, kind: str, first: str, then: str) -> list[dict[str, Any]]:
+    """A provider stream whose text begins in an event that opens it (`where`: the response's
+    own `output`, the output item, or the content part), and goes on in deltas."""
+    events = provider_events([(kind, [then])])
+    if where == "response":
+        item = item_of(kind, first, 0)
+        events[0]["response"]["output"] = [item]
+        return [e for e in events if e["type"] not in ("response.output_item.added", "response.content_part.added")]
+    for e in events:
+        if where == "item" and e["type"] == "response.output_item.added":
+            e["item"] = item_of(kind, first, 0)
+        if where == "part" and e["type"] == "response.content_part.added":
+            e["part"]["text"] = first
+    return [e for e in events if not (where == "item" and e["type"] == "response.content_part.added")]
+
+
+@pytest.mark.parametrize("where, kind, first, then", [
+    ("part", "message", "card 4111 1111", " 1111 1111 thanks"),
+    ("item", "message", "card 4111 1111", " 1111 1111 thanks"),
+    ("item", "function_call", '{"n": "4111 1111', ' 1111 1111"}'),
+    ("response", "message", "write to jane.doe", "@example.com today"),
+])
+def test_a_value_begun_in_the_event_that_opens_a_text_never_reaches_the_stream_helper(
+        where: str, kind: str, first: str, then: str) -> None:
+    """The openai SDK's `responses.stream()` starts each text from what `response.created`,
+    `response.output_item.added` or `response.content_part.added` carries and appends the
+    deltas to it (`ResponseStreamState.accumulate_event`): each event was scanned alone, so
+    `card 4111 1111` there and ` 1111 1111` in a delta reached its snapshot whole (until
+    2026-12-07). That opening text is now read with the deltas that follow, as a seam."""
+    out, _ = run(wire(_with_initial_text(where, kind, first, then), None), [])
+    events = [orjson.loads(line.split(b"data: ", 1)[1]) for line in out.split(b"\n\n") if b"data: {" in line]
+    assert events[-1]["type"] == "response.incomplete", events[-1]
+    said = "".join(e.get("delta") or "" for e in events if e["type"].endswith(".delta"))
+    assert then.strip()[:9] not in said, events
+
+
+def test_text_in_the_event_that_opens_a_text_goes_out_as_sent_when_nothing_spans() -> None:
+    out, _ = run(wire(_with_initial_text("part", "message", "Hello ", "there, all good"), None), [])
+    assert b"response.completed" in out and b'"text":"Hello "' in out and b"there, all good" in out
+
+
+def test_an_opening_event_of_an_odd_shape_is_read_as_before() -> None:
+    events = provider_events([("message", ["all good"])])
+    events[1]["item"] = {"type": ["message"], "content": [{"type": {"x": 1}, "text": "a"}]}
+    events[2]["part"] = {"type": ["output_text"], "text": "b"}
+    out, _ = run(wire(events, None), [])
+    assert b"response.completed" in out and b"all good" in out

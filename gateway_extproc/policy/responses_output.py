@@ -201,6 +201,9 @@ class ResponsesGuard:
             before += self._close(None)
         if self.ended:  # a flushed window held a blocked value
             return before
+        for key, text in _opening_texts(obj):
+            if key not in self.windows:  # (the deltas that follow are read with it: `resumed`)
+                self.tails[key] = text[-SEAM_HEAD:]
         return before + self._whole(obj)
 
     def _delta(self, obj: dict[str, Any], kind: str) -> bytes:
@@ -412,6 +415,52 @@ class ResponsesGuard:
     def logged_response(self) -> str:
         """The response text a log line may hold: exactly what the client was sent."""
         return "".join(self.response_text)[:CONTENT_LOG_CHARS]
+
+
+# The texts an event that opens them may already hold: a part's (by its type), an output
+# item's own (by its type), and where an item keeps its parts (field, index name).
+_PART_TEXTS = {"output_text": ("response.output_text", "text"), "refusal": ("response.refusal", "refusal"),
+               "summary_text": ("response.reasoning_summary_text", "text")}
+_ITEM_TEXTS = {"function_call": ("response.function_call_arguments", "arguments"),
+               "custom_tool_call": ("response.custom_tool_call_input", "input")}
+_ITEM_PARTS = {"message": ("content", "content_index"), "reasoning": ("summary", "summary_index")}
+
+
+def _opening_texts(obj: dict[str, Any]) -> list[tuple[Key, str]]:
+    """(window key, text) of the texts an event that opens them already holds (`response.created`
+    and the like with an `output`, `response.output_item.added`, `response.content_part.added`,
+    `response.reasoning_summary_part.added`): the openai SDK's `responses.stream()` starts each
+    text from it and appends the deltas, so it is read with them (`ResponsesGuard.tails`)."""
+    kind, response = obj["type"], obj.get("response")
+    if kind.endswith("_part.added"):
+        name = next((n for n in _PART_INDEXES if n in obj), None)
+        return _part_text(obj.get("part"), obj.get("output_index"), name, obj.get(name) if name else None)
+    if kind == "response.output_item.added":
+        items = [(obj.get("output_index"), obj.get("item"))]
+    elif kind not in _TERMINAL and isinstance(response, dict) and isinstance(response.get("output"), list):
+        items = list(enumerate(response["output"]))
+    else:
+        return []
+    out: list[tuple[Key, str]] = []
+    for at, item in items:
+        if not (isinstance(item, dict) and isinstance(item.get("type"), str)):
+            continue  # (a type is a key here: one of another kind is no text's)
+        kind, field = _ITEM_TEXTS.get(item["type"], ("", ""))
+        if kind and isinstance(item.get(field), str) and item[field]:
+            out.append(((kind, _index(at), None, None), item[field]))
+        field, name = _ITEM_PARTS.get(item["type"], ("", ""))
+        parts = item.get(field) if field else None
+        for k, part in enumerate(parts if isinstance(parts, list) else ()):
+            out += _part_text(part, at, name, k)
+    return out
+
+
+def _part_text(part: Any, at: Any, name: str | None, k: Any) -> list[tuple[Key, str]]:
+    kind, field = _PART_TEXTS.get(part["type"], ("", "")) if isinstance(part, dict) \
+        and isinstance(part.get("type"), str) else ("", "")
+    if not (kind and isinstance(part.get(field), str) and part[field]):
+        return []
+    return [((kind, _index(at), name, _index(k) if name else None), part[field])]
 
 
 def _closes(obj: dict[str, Any], key: Key) -> bool:
