@@ -32,6 +32,7 @@ CODES: dict[str, int] = {
     "invalid_encoding": 400,
     "invalid_request": 400,
     "too_many_choices": 400,
+    "thinking_budget_too_large": 400,  # Claude's thinking budget not below the output cap sent
     "context_not_countable": 400,  # Responses state the provider keeps, under a budget
     "token_input_unreadable": 400,  # embeddings as token IDs for a model whose tokenizer is `estimate`
     "missing_api_key": 401,

@@ -72,3 +72,26 @@ def test_a_cap_field_sent_as_null_never_leaves_a_translated_request_uncapped(kin
     read = {"gemini": lambda b: gemini._generation_config(b)["maxOutputTokens"],
             "bedrock": lambda b: bedrock._body(b)["inferenceConfig"]["maxTokens"]}[kind]
     assert read(body) == 20
+
+
+@pytest.mark.parametrize(("body", "model_max", "budget", "says"), [
+    ({"max_tokens": 600}, 1024, 600, "`max_tokens` as sent"),
+    ({"max_tokens": 2000}, 1024, 1500, "the model's output limit of 1024 tokens"),
+    ({}, 1024, 1024, "the model's output limit of 1024 tokens"),
+    ({}, None, 5000, "the gateway's default output cap of 4096 tokens"),
+])
+def test_a_thinking_budget_not_below_the_cap_sent_is_refused(body, model_max, budget, says) -> None:
+    """Claude refuses budget_tokens >= max_tokens: the gateway refuses it first, naming the cap."""
+    from gateway_extproc.budgets.caps import check_thinking_room
+    from gateway_extproc.errors import GatewayError
+    with pytest.raises(GatewayError) as info:
+        check_thinking_room(output_cap(body, CHAT, model_max, 4096), budget, model_max)
+    assert (info.value.code, info.value.status, info.value.param) == (
+        "thinking_budget_too_large", 400, "thinking.budget_tokens")
+    assert says in info.value.message
+
+
+def test_a_thinking_budget_below_the_cap_sent_passes() -> None:
+    from gateway_extproc.budgets.caps import check_thinking_room
+    check_thinking_room(output_cap({"max_tokens": 2000}, CHAT, 1024, 4096), 1023, 1024)
+    check_thinking_room(output_cap({"max_tokens": 2000}, CHAT, 1024, 4096), None, 1024)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import GatewayError
+
 # A client cap above this on a model without `maxOutputTokens` is lowered to it: no model
 # writes a million tokens in one answer, and it keeps every worst case an exact integer
 # of nano-dollars (store.MAX_NANO) at any price up to $9,000 per 1M output tokens.
@@ -83,3 +85,21 @@ def clamped(cap: OutputCap, granted_total: int) -> int | None:
     per_choice = granted_total // cap.choices
     asked = cap.client if cap.client is not None else cap.per_choice
     return per_choice if per_choice < asked else None
+
+
+def check_thinking_room(cap: OutputCap, thinking_budget: int | None, model_max: int | None) -> None:
+    """Refuse a Claude thinking budget not below the output cap the gateway will send (Claude
+    refuses it: the caller got a 502 `provider_error` after the reservation). Checked before
+    anything is reserved; the reservation then grants at least `thinking_budget + 1` output
+    tokens or refuses (`BudgetGate.plan`'s `min_output`), so a budget clamp never causes it."""
+    if thinking_budget is None or cap.field is None or thinking_budget < cap.per_choice:
+        return
+    if cap.client is not None and cap.per_choice == cap.client:
+        sent = f"`{cap.field}` as sent"
+    elif cap.client is not None or model_max is not None:
+        sent = f"the model's output limit of {cap.per_choice} tokens, which the gateway sends"
+    else:
+        sent = f"the gateway's default output cap of {cap.per_choice} tokens (no `{cap.field}` was sent)"
+    raise GatewayError("thinking_budget_too_large", f"`thinking.budget_tokens` must be below the output cap "
+                       f"Claude gets: {sent}. Nothing was sent or charged; lower the budget or raise "
+                       f"`{cap.field}`.", "thinking.budget_tokens")

@@ -166,12 +166,14 @@ class BudgetGate:
         return tokens, requests, fail_open
 
     def plan(self, key: VirtualKey, model: Model, prompt_tokens: int, wanted_output: int, choices: int = 1,
-             billed_output: int = 0, cache_writes: str | None = None) -> Plan:
+             billed_output: int = 0, cache_writes: str | None = None, min_output: int = 0) -> Plan:
         """`wanted_output` covers all `choices`; each must get at least `minOutputTokens`.
         `billed_output`: tokens of the request billed at the output price whatever the cap
         (a chat `prediction`'s rejected tokens), reserved beside the prompt. `cache_writes`
         ("5m", "1h": api.cache_writes): the request carries prompt-cache markers, so a backend
-        that gets them may write the whole prompt to its cache, billed at its cache-write price."""
+        that gets them may write the whole prompt to its cache, billed at its cache-write price.
+        `min_output`: fewer output tokens than this would make the request fail at the provider
+        (Claude's thinking budget + 1), so the budget grants at least that many or refuses."""
         now = self.now()
         shape = self.shape(key, model, now)
         price = shape.price.for_prompt(prompt_tokens)
@@ -186,7 +188,7 @@ class BudgetGate:
             request_buckets=shape.request_buckets, prompt_tokens=prompt_tokens + billed_output,
             prompt_cost_nano=prompt_cost, output_price_nano=math.ceil(price.output),
             output_tokens_wanted=wanted_output,
-            min_output_tokens=min(self.settings.min_output_tokens * choices, wanted_output),
+            min_output_tokens=min(max(self.settings.min_output_tokens * choices, min_output), wanted_output),
             reservation_ttl_s=self.settings.reservation_ttl_s, now_ms=int(now.timestamp() * 1000),
             tallies=shape.tallies)
         return Plan(request, shape.levels, price, shape.fail_open)

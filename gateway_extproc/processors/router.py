@@ -30,6 +30,7 @@ from ..budgets.store import MAX_NANO
 from ..config import Backend, Limits, Model, VirtualKey, served_natively
 from ..errors import GatewayError, error_body
 from ..providers import SERVES, VERBATIM, fields
+from ..providers.anthropic import DEFAULT_MAX_TOKENS
 from ..providers.base import openai_error, sse
 from ..policy.classification import (EmbeddingsGuard, Policy, ResponseGuard, Verdict, content_for_log,
                                      scanned_error_object, withheld_headers)
@@ -212,8 +213,12 @@ class RouterProcessor:
             body = await self.read_body(raw)
         finally:
             BODY_WORK.release(share)
+        thinking = fields.claude_thinking_budget(self.eligible, body) if self.endpoint is api.CHAT else None
         if self.runtime.budget is not None:
-            await self.reserve(body)
+            await self.reserve(body, thinking)
+        elif thinking is not None:  # no budgets: the client's cap goes out as sent, else Claude's default
+            caps.check_thinking_room(caps.output_cap(body, api.CHAT.output_caps, None, DEFAULT_MAX_TOKENS),
+                                     thinking, None)
         return self.forward(body)
 
     async def read_body(self, raw: bytes) -> dict:
@@ -300,11 +305,12 @@ class RouterProcessor:
                 return edit.set["x-session-id"].decode("utf-8", "replace")
         return session
 
-    async def reserve(self, body: dict) -> None:
+    async def reserve(self, body: dict, thinking: int | None = None) -> None:
         """Reserve the worst case at every level, and send the provider the output cap that
         worst case assumed (budgets/caps.py): the client's cap lowered to the model's limit
         and to what the budget affords, or one set by the gateway when the client sent none.
-        A body with prompt-cache markers is reserved at the write price (BudgetGate.plan)."""
+        A body with prompt-cache markers is reserved at the write price (BudgetGate.plan).
+        `thinking`: a Claude thinking budget, which the cap sent must stay above."""
         gate, model, endpoint = self.runtime.budget, self.model, self.endpoint
         assert gate is not None and model is not None and endpoint is not None
         assert self.key is not None and self.prompt_tokens is not None
@@ -322,9 +328,10 @@ class RouterProcessor:
         choices = self.choices = (body.get("n") or 1) if endpoint is api.CHAT else 1
         cap = caps.output_cap(body, endpoint.output_caps, model.max_output_tokens,
                               gate.settings.default_output_tokens, choices)
+        caps.check_thinking_room(cap, thinking, model.max_output_tokens)
         predicted = tokens.prediction_tokens(body, tokens.counter(model.tokenizer)) if endpoint is api.CHAT else 0
         self.admission = await gate.admit(gate.plan(self.key, model, self.prompt_tokens, cap.wanted, choices, predicted,
-                                                    self.cache_writes),
+                                                    self.cache_writes, 0 if thinking is None else thinking + 1),
                                           self.runtime.labels.team(self.key.team))
         granted = self.admission.result.output_tokens
         self.body_changed = caps.apply_cap(body, endpoint.output_caps, cap, granted)

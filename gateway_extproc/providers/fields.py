@@ -92,7 +92,7 @@ def refusal(backend: Backend, body: JSON, client_paths: dict[str, str] | None = 
             found = next((k for k in EXTENSIONS if body.get(k) is not None), None) or _message_field(
                 body, frozenset())
     else:
-        claude = kind != "bedrock" or "anthropic.claude" in backend.model  # Converse's Claude-only fields
+        claude = kind != "bedrock" or _claude(backend)  # Converse's Claude-only fields
 
         def carried(name: str, value: Any) -> bool:
             if name in EXTENSIONS and not claude:
@@ -112,6 +112,25 @@ def refusal(backend: Backend, body: JSON, client_paths: dict[str, str] | None = 
     where = "Bedrock models other than Claude" if kind == "bedrock" and claude_only else f"{kind} backends"
     return GatewayError("invalid_request", f"`{param}` has no equivalent at {where}, which serve this model; "
                         "nothing was sent (leave it out, or use a model served by a provider that takes it).", param)
+
+
+def claude_thinking_budget(backends: tuple[Backend, ...] | list[Backend], body: JSON) -> int | None:
+    """The `thinking.budget_tokens` a Claude backend of the model would get (the Messages API or
+    Converse's Claude), or None. Claude refuses a budget not below the request's `max_tokens`,
+    so the router checks it against the cap it sends before reserving anything (budgets/caps.py)."""
+    thinking = body.get("thinking")
+    if not (isinstance(thinking, dict) and thinking.get("type") == "enabled"):
+        return None
+    budget = thinking.get("budget_tokens")
+    if type(budget) is not int or not any(_claude(b) for b in backends):
+        return None
+    return budget
+
+
+def _claude(backend: Backend) -> bool:
+    """Whether a backend is a Claude model (Converse carries Claude's own fields only there)."""
+    kind = backend.provider.kind
+    return kind == "anthropic" or kind == "bedrock" and "anthropic.claude" in backend.model
 
 
 def _message_field(body: JSON, carried: frozenset[str]) -> str | None:

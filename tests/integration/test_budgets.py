@@ -24,7 +24,7 @@ NANO = 1_000_000_000
 MSG = [{"role": "user", "content": "Please count the apples in the basket for me."}]
 KEYS = {name: keys.generate(name) for name in ("conc", "clamp", "settle", "cut", "closed", "open", "rpm", "soft",
                                                 "uncapped", "choices", "absurd", "huge", "burst", "refused", "cut-usage", "cut-anthropic",
-                                                "rpm-burst", "tpm-burst", "images", "predicted")}
+                                                "rpm-burst", "tpm-burst", "images", "predicted", "thinking")}
 
 
 def budget_keys(values: dict[str, Any], redis_url: str) -> None:
@@ -53,6 +53,7 @@ def budget_keys(values: dict[str, Any], redis_url: str) -> None:
         "tpm-burst": {"rateLimits": {"requestsPerMinute": 100_000, "tokensPerMinute": 2000}},
         "images": {"budget": {"daily": 0.01}},
         "predicted": {"budget": {"daily": 0.01}},
+        "thinking": {"budget": {"daily": 0.001}},
     }
     for name, spec in specs.items():
         team = "ops" if name == "open" else "demo"
@@ -299,6 +300,23 @@ def test_an_answer_over_the_size_limit_has_its_own_code_and_is_charged(gw: Gatew
     assert len(gw.received(gw.primary)) == 1  # it was sent
     prompt_cost = cost_nano(PRICE, chat(gw, "settle", max_tokens=8).json()["usage"]["prompt_tokens"], 0)
     assert spent(gw, "huge") - before == prompt_cost + 1024 * 20_000  # the reservation: prompt + the cap sent
+
+
+def test_a_budget_clamp_never_goes_below_a_claude_thinking_budget(gw: Gateway) -> None:
+    """$0.001 affords ~60 Claude output tokens. Before 2026-12-05 max_tokens was clamped to
+    that under a 500-token thinking budget, which Claude refuses: a 502 provider_error after
+    the reservation. Now the budget must afford the thinking budget + 1 or the request is
+    refused as over budget, before any provider call and with nothing charged."""
+    client = anthropic.Anthropic(base_url=gw.url, api_key=KEYS["thinking"], max_retries=0)
+    with pytest.raises(anthropic.RateLimitError) as info:
+        client.messages.create(model="claude-chat", max_tokens=1000, thinking={"type": "enabled", "budget_tokens": 500},
+                               messages=MSG)
+    assert info.value.body["error"]["code"] == "budget_exceeded"
+    assert gw.received(gw.primary) == [] and gw.received(gw.backup) == []
+    assert spent(gw, "thinking") == 0
+    # without thinking the same request is answered (clamped to what the budget affords)
+    answer = client.messages.create(model="claude-chat", max_tokens=1000, messages=MSG)
+    assert answer.content and 0 < spent(gw, "thinking") <= 1_000_000
 
 
 def test_refused_requests_count_no_tokens(gw: Gateway) -> None:

@@ -122,3 +122,39 @@ def test_openai_thinking_and_top_k_reach_claude(gw: Gateway) -> None:
     assert message["thinking_blocks"] == [{"type": "thinking", "thinking": MOCK_THINKING, "signature": MOCK_SIGNATURE}]
     [sent] = gw.received(gw.backup)
     assert sent["body"]["thinking"] == THINK and sent["body"]["top_k"] == 3
+
+
+def demo_spent(gw: Gateway) -> float:
+    """What the demo key has spent today (the memory store settles after the answer)."""
+    import time
+
+    import httpx
+    time.sleep(0.3)
+    levels = httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {gw.key}"}).json()["budgets"]
+    return next(b["spent_usd"] for b in levels if b["level"] == "key:demo" and b["window"] == "daily")
+
+
+@pytest.mark.parametrize(("client", "max_tokens", "budget"), [
+    ("anthropic", 600, 600),  # a budget equal to max_tokens
+    ("anthropic", 2000, 1500),  # under the client's max_tokens, over the model's 1024 the gateway sends
+    ("openai", None, 1024),  # no cap sent: the gateway sends the model's 1024
+])
+def test_a_thinking_budget_at_or_over_the_cap_sent_is_a_400_before_any_charge(
+        gw: Gateway, client: str, max_tokens: int | None, budget: int) -> None:
+    """Before 2026-12-05 Claude refused it after the reservation: a 502 provider_error."""
+    before = demo_spent(gw)
+    think = {"type": "enabled", "budget_tokens": budget}
+    hi = [{"role": "user", "content": "hi"}]
+    if client == "anthropic":
+        with pytest.raises(anthropic.BadRequestError) as info:
+            claude(gw).messages.create(model="claude-chat", max_tokens=max_tokens, thinking=think, messages=hi)
+        error = info.value.body["error"]
+    else:
+        with pytest.raises(openai.BadRequestError) as oinfo:
+            openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0).chat.completions.create(
+                model="claude-chat", messages=hi, extra_body={"thinking": think})
+        error = oinfo.value.body
+    assert (error["code"], error["param"], error["type"]) == (
+        "thinking_budget_too_large", "thinking.budget_tokens", "invalid_request_error")
+    assert gw.received(gw.primary) == [] and gw.received(gw.backup) == []
+    assert demo_spent(gw) == before
