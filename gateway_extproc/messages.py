@@ -17,7 +17,7 @@ import orjson
 
 from gateway_extproc import api
 from gateway_extproc.errors import GatewayError, plain_word, quoted
-from gateway_extproc.providers.base import SseReader, arguments_object
+from gateway_extproc.providers.base import NATIVE_STOPS, SseReader, arguments_object
 
 JSON = dict[str, Any]
 
@@ -383,8 +383,7 @@ def from_chat(raw: bytes) -> bytes | None:
                         "input": _arguments(function.get("arguments"))})
     return orjson.dumps({
         "id": _str(body.get("id")), "type": "message", "role": "assistant", "model": _str(body.get("model")),
-        "content": content, "stop_reason": _stop_reason(choice.get("finish_reason")),
-        "stop_sequence": None, "usage": _usage(body.get("usage"))})
+        "content": content, **_stop(choice), "usage": _usage(body.get("usage"))})
 
 
 def _thinking_block(block: JSON) -> JSON:
@@ -411,8 +410,22 @@ def _count(value: Any) -> int:
     return value if type(value) is int and value >= 0 else 0
 
 
-def _stop_reason(finish: Any) -> str:
-    return _STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
+def _stop(choice: JSON) -> JSON:
+    """A chat choice's end as Anthropic's `stop_reason` and `stop_sequence`: the provider's own
+    reason when the pivot carries it (`native_finish_reason`, providers/base.native_stop) and it
+    agrees with the finish_reason; else a "stop" with the stop string matched (vLLM's
+    `stop_reason`, Claude's `stop_sequence` on the pivot) is `stop_sequence`; else the
+    finish_reason's counterpart (an unknown one ends normally)."""
+    finish = choice.get("finish_reason")
+    native, matched = choice.get("native_finish_reason"), choice.get("stop_reason")
+    matched = matched if isinstance(matched, str) else None
+    if isinstance(native, str) and NATIVE_STOPS.get(native) == finish:
+        reason = native
+    elif finish == "stop" and matched is not None:
+        reason = "stop_sequence"
+    else:
+        reason = _STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
+    return {"stop_reason": reason, "stop_sequence": matched if reason == "stop_sequence" else None}
 
 
 def _arguments(arguments: Any) -> JSON:
@@ -452,7 +465,7 @@ class ToMessagesStream:
         self._open_kind: str | None = None  # "text", "thinking" or "tool" while a content block is open
         self._blocks = 0  # content blocks started so far; the open one is the last of them
         self._tools: dict[int, int] = {}  # OpenAI tool call index -> Anthropic block index
-        self._finish: str | None = None
+        self._finish: JSON | None = None  # the choice that carried the finish_reason
         self._usage: Any = None
         self._done = False
         self._signature: str | None = None  # of the thinking block open or about to open (`_thinking`)
@@ -504,7 +517,7 @@ class ToMessagesStream:
             for call in _list(delta.get("tool_calls")):
                 out.extend(self._tool_call(_dict(call)))
             if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
-                self._finish = choice["finish_reason"]
+                self._finish = choice
         return out
 
     def _tool_call(self, call: JSON) -> list[bytes]:
@@ -569,7 +582,7 @@ class ToMessagesStream:
     def _delta(self) -> list[bytes]:
         usage = _usage(self._usage) if self._usage else {"output_tokens": 0}
         return [_event("message_delta", {
-            "delta": {"stop_reason": _stop_reason(self._finish or "stop"), "stop_sequence": None}, "usage": usage})]
+            "delta": _stop(self._finish or {"finish_reason": "stop"}), "usage": usage})]
 
 
 def _error(error: JSON) -> JSON:

@@ -376,7 +376,10 @@ class Quirks:
     in pieces (`_words`). `x-mock-cache-write-tokens: N` and `x-mock-cache-write-1h-tokens: M`
     report N and M of the prompt's tokens as written to the prompt cache with a 5-minute and
     a 1-hour lifetime (`_cache_writes`), when the request marks something for caching, as a
-    provider writes only what is marked."""
+    provider writes only what is marked. `x-mock-stop-reason: R` ends a Claude answer with
+    stop reason R (`stop_sequence`: with the request's first stop sequence as the match) and
+    an OpenAI chat answer with finish_reason R, except `stop_sequence`: "stop" with vLLM's
+    `stop_reason` naming the request's first `stop` string (`_stop_fields`)."""
 
     reply_words: int | None = None
     ignore_cap: bool = False
@@ -386,6 +389,7 @@ class Quirks:
     token_chars: int | None = None
     cache_write: int = 0
     cache_write_1h: int = 0
+    stop_reason: str | None = None
 
 
 # What marks a prompt for caching, per API: Anthropic's `cache_control` (OpenRouter takes it on
@@ -417,6 +421,24 @@ def _cache_writes(prompt_tokens: int, marked: bool) -> tuple[int, int]:
         return 0, 0
     long = min(quirks.cache_write_1h, prompt_tokens)
     return min(quirks.cache_write, prompt_tokens - long), long
+
+
+# What `x-mock-stop-reason` may ask for: Anthropic's stop reasons and OpenAI's finish reasons.
+STOP_REASONS = ("end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal",
+                "model_context_window_exceeded", "stop", "length", "tool_calls", "content_filter")
+
+
+def _stop_fields(body: JSON, field: str, default: str, openai: bool) -> JSON:
+    """The stop reason (`field`) a reply ends with, `x-mock-stop-reason`'s when given, and the
+    stop string matched when that is `stop_sequence`: Claude's `stop_sequence`, vLLM's `stop_reason`."""
+    asked = _QUIRKS.get().stop_reason
+    if asked is None:
+        return {field: default} if openai else {field: default, "stop_sequence": None}
+    stops = body.get("stop" if openai else "stop_sequences")
+    first = stops if isinstance(stops, str) else next(iter(stops), None) if isinstance(stops, list) else None
+    if openai:
+        return {field: "stop", "stop_reason": first} if asked == "stop_sequence" else {field: asked}
+    return {field: asked, "stop_sequence": first if asked == "stop_sequence" else None}
 
 
 _QUIRKS: contextvars.ContextVar[Quirks] = contextvars.ContextVar("mock_quirks", default=Quirks())
@@ -647,16 +669,17 @@ def chat_completions(call: Call) -> Reply:
     completion = _complete(model, messages, limit, _openai_json_mode(body))
     tool = _openai_tool_call(body, messages)
     usage = _chat_usage(_chat_prompt_tokens(messages), marked, tool.tokens if tool else completion.tokens)
-    finish_reason = "tool_calls" if tool else "length" if completion.truncated else "stop"
+    finish = _stop_fields(body, "finish_reason", "tool_calls" if tool else "length" if completion.truncated
+                          else "stop", True)
     tool_id = f"call_mock_{serial}"
     if body.get("stream") is True:
-        return Reply(events=_chat_chunks(base, completion.text, finish_reason, usage if include_usage else None,
+        return Reply(events=_chat_chunks(base, completion.text, finish, usage if include_usage else None,
                                          (tool_id, tool) if tool else None))
     message: JSON = {"role": "assistant", "content": completion.text, "refusal": None}
     if tool:
         message.update(content=None, tool_calls=[{"id": tool_id, "type": "function",
                                                   "function": {"name": tool.name, "arguments": tool.text}}])
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "message": message, "logprobs": None, **finish}
     return Reply(body={**base, "choices": [choice], "usage": usage})
 
 
@@ -692,14 +715,15 @@ def _choice_chunks(base: JSON, texts: list[Completion], usage: JSON | None, merg
     return [_sse(c) for c in chunks] + [b"data: [DONE]\n\n"]
 
 
-def _chat_chunks(base: JSON, text: str, finish_reason: str, usage: JSON | None,
+def _chat_chunks(base: JSON, text: str, finish: JSON, usage: JSON | None,
                  tool: tuple[str, ToolCall] | None = None) -> list[bytes]:
     """OpenAI stream events; ``usage`` is given only when stream_options.include_usage is set.
-    A tool call streams as OpenAI does: id and name with empty arguments, then argument pieces."""
+    A tool call streams as OpenAI does: id and name with empty arguments, then argument pieces.
+    `finish`: the last chunk's choice fields (finish_reason, vLLM's stop_reason)."""
     base = {**base, "object": "chat.completion.chunk"}
 
-    def chunk(delta: JSON, finish: str | None = None) -> JSON:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(delta: JSON, ending: JSON | None = None) -> JSON:
+        choice = {"index": 0, "delta": delta, "logprobs": None, **(ending or {"finish_reason": None})}
         return {**base, "choices": [choice], **({"usage": None} if usage else {})}
 
     if tool:
@@ -710,7 +734,7 @@ def _chat_chunks(base: JSON, text: str, finish_reason: str, usage: JSON | None,
     else:
         chunks = [chunk({"role": "assistant", "content": ""})]
         chunks += [chunk({"content": word}) for word in _words(text)]
-    chunks.append(chunk({}, finish_reason))
+    chunks.append(chunk({}, finish))
     if usage:
         chunks.append({**base, "choices": [], "usage": usage})
     return [_sse(c) for c in chunks] + [b"data: [DONE]\n\n"]
@@ -840,8 +864,8 @@ def anthropic_messages(call: Call) -> Reply:
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": "tool_use" if tool else "max_tokens" if completion.truncated else "end_turn",
-        "stop_sequence": None,
+        **_stop_fields(body, "stop_reason", "tool_use" if tool else "max_tokens" if completion.truncated
+                       else "end_turn", False),
         "usage": {
             "input_tokens": input_tokens - short - long,
             "output_tokens": tool.tokens if tool else completion.tokens,
@@ -886,7 +910,7 @@ def _anthropic_events(message: JSON, text: str, tool: ToolCall | None = None) ->
         {"type": "content_block_stop", "index": at},
         {
             "type": "message_delta",
-            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
             "usage": {"output_tokens": usage["output_tokens"]},
         },
         {"type": "message_stop"},
@@ -1649,7 +1673,8 @@ class MockApp:
                            _header_int(h, "x-mock-usage-completion-tokens"), _choice_replies(h),
                            _header_flag(h, "x-mock-merge-choices"), _header_int(h, "x-mock-token-chars"),
                            _header_int(h, "x-mock-cache-write-tokens") or 0,
-                           _header_int(h, "x-mock-cache-write-1h-tokens") or 0))
+                           _header_int(h, "x-mock-cache-write-1h-tokens") or 0,
+                           _header_choice(h, "x-mock-stop-reason", STOP_REASONS)))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):

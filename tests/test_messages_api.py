@@ -254,6 +254,31 @@ def test_stop_reasons(finish: str, stop_reason: str) -> None:
     assert message(from_chat(orjson.dumps(raw)))["stop_reason"] == stop_reason
 
 
+@pytest.mark.parametrize(("choice", "stop"), [
+    ({"finish_reason": "stop", "native_finish_reason": "pause_turn"}, ("pause_turn", None)),
+    ({"finish_reason": "length", "native_finish_reason": "model_context_window_exceeded"},
+     ("model_context_window_exceeded", None)),
+    ({"finish_reason": "stop", "native_finish_reason": "stop_sequence", "stop_reason": "###"}, ("stop_sequence", "###")),
+    ({"finish_reason": "stop", "stop_reason": "###"}, ("stop_sequence", "###")),  # vLLM's matched stop string
+    ({"finish_reason": "stop", "stop_reason": 128009}, ("end_turn", None)),  # (vLLM: a stop token id)
+    # a native reason the finish_reason disagrees with (tool calls overrule it) is not believed
+    ({"finish_reason": "tool_calls", "native_finish_reason": "stop_sequence", "stop_reason": "#"}, ("tool_use", None)),
+    ({"finish_reason": "stop", "native_finish_reason": ["x"]}, ("end_turn", None)),
+])
+def test_stop_reasons_finish_reason_says_less_about(choice: dict[str, Any], stop: tuple[str, str | None]) -> None:
+    """Before 2026-12-05 an Anthropic client got end_turn for stop_sequence and pause_turn, and
+    max_tokens for model_context_window_exceeded; `stop_sequence` was always null. Same in streams."""
+    raw = {"id": "c", "model": "m", "choices": [{"message": {"content": "x"}, **choice}]}
+    answer = message(from_chat(orjson.dumps(raw)))
+    assert (answer["stop_reason"], answer["stop_sequence"]) == stop
+    events = ToMessagesStream().feed(data({"id": "c", "model": "m", "choices": [
+        {"index": 0, "delta": {"content": "x"}, "finish_reason": None}]},
+        {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {}, **choice}]}, b"[DONE]"), True)
+    [delta] = [orjson.loads(line[6:]) for line in events.split(b"\n") if line.startswith(b"data: ")
+               and b"message_delta" in line]
+    assert (delta["delta"]["stop_reason"], delta["delta"]["stop_sequence"]) == stop
+
+
 # --- ToMessagesStream --------------------------------------------------------------------
 
 def data(*objs: Any) -> bytes:

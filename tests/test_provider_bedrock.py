@@ -509,3 +509,18 @@ def test_claude_fields_reach_claude_on_bedrock_and_its_reasoning_comes_back() ->
     assert deltas == [{"role": "assistant", "content": ""}, {"reasoning_content": "hm"},
                       {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "c2ln"}]},
                       {"content": "42"}, {}]  # (the last: the finish reason's)
+
+
+@pytest.mark.parametrize(("extra", "fields"), [
+    ({"stopReason": "stop_sequence", "additionalModelResponseFields": {"stop_sequence": "###"}},
+     {"native_finish_reason": "stop_sequence", "stop_reason": "###"}),
+    ({"stopReason": "stop_sequence", "additionalModelResponseFields": "x"}, {"native_finish_reason": "stop_sequence"}),
+    ({"stopReason": "model_context_window_exceeded"}, {"native_finish_reason": "model_context_window_exceeded"}),
+    ({"stopReason": "end_turn"}, {})])
+def test_a_stop_reason_finish_reason_says_less_about_is_carried_beside_it(extra: dict[str, Any],
+                                                                         fields: dict[str, Any]) -> None:
+    """So an Anthropic client gets Converse's stop_sequence (and the string matched) back."""
+    raw = orjson.dumps({"output": {"message": {"role": "assistant", "content": [{"text": "x"}]}},
+                        "usage": {"inputTokens": 1, "outputTokens": 1}, **extra})
+    choice = orjson.loads(bedrock.response(200, raw, "m"))["choices"][0]
+    assert {k: choice[k] for k in ("native_finish_reason", "stop_reason") if k in choice} == fields

@@ -15,6 +15,7 @@ client gets from it (gateway_extproc.messages) must parse with the anthropic SDK
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from pydantic import TypeAdapter
 from gateway_extproc import messages
 from gateway_extproc.errors import error_type
 from gateway_extproc.providers import TRANSLATORS, eventstream
-from gateway_extproc.providers.base import GuardedStream, guarded_response, split_call_id
+from gateway_extproc.providers.base import NATIVE_STOPS, GuardedStream, guarded_response, split_call_id
 
 CORPUS = Path(__file__).parent / "provider_corpus"
 CASES = sorted(CORPUS.glob("*/*.json"))
@@ -195,7 +196,7 @@ def check_anthropic_client(summary: dict[str, Any], chat: bytes, stream: bool) -
         uses = [b for b in message.content if b.type == "tool_use"]
         assert [(u.name, u.input) for u in uses] == [(c["name"], orjson.loads(c["arguments"]))
                                                    for c in summary["tool_calls"]]
-        assert message.stop_reason == _STOP[summary["finish_reason"]]
+        assert message.stop_reason == _expected_stop(summary, chat)
         return
     out = messages.ToMessagesStream().feed(chat, True)
     inputs: dict[int, str] = {}
@@ -214,7 +215,16 @@ def check_anthropic_client(summary: dict[str, Any], chat: bytes, stream: bool) -
     if summary["finish_reason"] != "length":
         assert [(names[i], orjson.loads(inputs[i] or "{}")) for i in sorted(names)] == [
             (c["name"], orjson.loads(c["arguments"])) for c in summary["tool_calls"]]
-    assert stop == _STOP[summary["finish_reason"]]
+    assert stop == _expected_stop(summary, chat)
+
+
+def _expected_stop(summary: dict[str, Any], chat: bytes) -> str:
+    """The provider's own stop reason when the pivot carries it (a Claude answer's pause_turn,
+    stop_sequence...) and it goes with the finish_reason; else the finish_reason's counterpart."""
+    native = re.search(rb'"native_finish_reason":"([a-z_]+)"', chat)
+    if native is not None and NATIVE_STOPS.get(native[1].decode()) == summary["finish_reason"]:
+        return native[1].decode()
+    return _STOP[summary["finish_reason"]]
 
 
 def without_ids(summary: dict[str, Any]) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers.fields import ANTHROPIC_TIERS
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, SseReader, StreamBroken, Target, append_turn,
                                             arguments_object, arguments_text, chosen_function, completion_chunk,
-                                            delta_choice, error_event, finish_with_calls, openai_error, openai_usage,
-                                            output_cap, plain_call_id, token_count)
+                                            delta_choice, error_event, finish_with_calls, native_stop, openai_error,
+                                            openai_usage, output_cap, plain_call_id, token_count)
 
 TRANSLATES_RESPONSE = True
 
@@ -272,7 +272,7 @@ def response(status: int, raw: bytes, model: str) -> bytes:
         "id": body.get("id", ""), "object": "chat.completion", "created": int(time.time()),
         "model": body.get("model") or model,
         "choices": [{"index": 0, "message": message, "finish_reason": _finish(body.get("stop_reason"), bool(calls)),
-                     "logprobs": None}],
+                     "logprobs": None, **native_stop(body.get("stop_reason"), body.get("stop_sequence"))}],
         **_usage_field(body.get("usage"))})
 
 
@@ -354,6 +354,7 @@ class AnthropicStream:
         self.usage_unknown = False
         self._tools: dict[int, _Tool] = {}  # Anthropic content block index -> the call streamed from it
         self._stop_reason: Any = None
+        self._stop_sequence: Any = None  # the stop string matched (message_delta)
         self._finished = False  # the finish_reason chunk went out
         self._done = False  # after message_stop or an error nothing more is forwarded
 
@@ -409,7 +410,9 @@ class AnthropicStream:
         if kind == "message_delta":
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
             self._counted = self._counted or (event.get("usage") or {}).get("output_tokens") is not None
-            self._stop_reason = (event.get("delta") or {}).get("stop_reason") or self._stop_reason
+            delta = event.get("delta") or {}
+            self._stop_reason = delta.get("stop_reason") or self._stop_reason
+            self._stop_sequence = delta.get("stop_sequence") or self._stop_sequence
             return self._end()
         if kind == "message_stop":
             self._done = True
@@ -453,7 +456,9 @@ class AnthropicStream:
             return []
         self._finished = True
         out = [chunk for index in list(self._tools) for chunk in self._block_stop(index)]
-        return out + [self._chunk({}, _finish(self._stop_reason, bool(self._tools)))]
+        choice = {**delta_choice({}, _finish(self._stop_reason, bool(self._tools))),
+                  **native_stop(self._stop_reason, self._stop_sequence)}
+        return out + [completion_chunk(self._id, self._created, self._model, [choice])]
 
     def _arguments(self, tool: _Tool, text: str) -> bytes:
         return self._chunk({"tool_calls": [{"index": tool.index, "function": {"arguments": text}}]})

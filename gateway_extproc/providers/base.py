@@ -323,6 +323,22 @@ def chosen_function(choice: JSON, kind: str) -> str:
     return choice["function"]["name"]
 
 
+# Anthropic's (and Converse's) stop reasons that OpenAI's finish_reason says less about: carried
+# beside it as OpenRouter's `native_finish_reason`, and the stop string matched as vLLM's
+# `stop_reason`, so an Anthropic client gets them back (messages.py) and OpenAI clients may read them.
+# Each with the finish_reason it goes with.
+NATIVE_STOPS = {"stop_sequence": "stop", "pause_turn": "stop", "model_context_window_exceeded": "length"}
+
+
+def native_stop(stop_reason: Any, matched: Any) -> JSON:
+    """A choice's extension fields for a provider's `stop_reason` ({} when finish_reason says it all)."""
+    if stop_reason not in NATIVE_STOPS:
+        return {}
+    if stop_reason == "stop_sequence" and isinstance(matched, str):
+        return {"native_finish_reason": stop_reason, "stop_reason": matched}
+    return {"native_finish_reason": stop_reason}
+
+
 def finish_with_calls(finish: str, called: bool) -> str:
     """`finish_reason` is "tool_calls" exactly when the answer holds client tool calls
     (OpenAI clients run tools on it, and expect some), unless it was cut short

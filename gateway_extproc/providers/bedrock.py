@@ -25,7 +25,7 @@ from gateway_extproc.errors import GatewayError, quoted
 from gateway_extproc.providers import anthropic, eventstream, sigv4
 from gateway_extproc.providers.base import (DONE, JSON, Outbound, StreamBroken, StreamTranslator, Target, append_turn,
                                              arguments_text, chosen_function, completion_chunk, delta_choice,
-                                             error_event, finish_with_calls, openai_error, openai_usage, output_cap,
+                                             error_event, finish_with_calls, native_stop, openai_error, openai_usage, output_cap,
                                              plain_call_id, token_count)
 
 TRANSLATES_RESPONSE = True
@@ -317,7 +317,8 @@ def response(status: int, raw: bytes, model: str) -> bytes:
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": message,
-                     "finish_reason": _finish(parsed.get("stopReason"), bool(tool_calls))}],
+                     "finish_reason": _finish(parsed.get("stopReason"), bool(tool_calls)),
+                     **native_stop(parsed.get("stopReason"), _matched(parsed))}],
     }
     if (usage := _usage(parsed.get("usage"))) is not None:  # else left out: the router charges the reservation
         out["usage"] = usage
@@ -337,6 +338,12 @@ def _is_client_tool(tool: JSON) -> bool:
     """Converse marks tools Bedrock ran itself (system tools) `server_tool_use`; only the
     others are the client's to run."""
     return tool.get("type") != "server_tool_use"
+
+
+def _matched(holder: JSON) -> Any:
+    """The stop string Claude matched, which Converse returns among the model's own fields."""
+    extra = holder.get("additionalModelResponseFields")
+    return extra.get("stop_sequence") if isinstance(extra, dict) else None
 
 
 def _finish(stop_reason: Any, called: bool) -> str:
@@ -402,7 +409,9 @@ class _Stream:
         if kind == "messageStop":
             self._stopped = True
             owed = b"".join(self._owed(block) for block in sorted(self._unsent))
-            return owed + self._chunk({}, _finish(event.get("stopReason"), bool(self._tool_index)))
+            choice = {**delta_choice({}, _finish(event.get("stopReason"), bool(self._tool_index))),
+                      **native_stop(event.get("stopReason"), _matched(event))}
+            return owed + completion_chunk(self._id, self._created, self._model, [choice])
         if kind == "metadata":
             self._done = True
             return self._usage_chunk(_usage(event.get("usage"))) + DONE
