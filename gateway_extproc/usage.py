@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import structlog
 
-from .providers.base import error_event, event_data, event_field
+from .providers.base import MAX_TOKENS, error_event, event_data, event_field
 from .tokens import TokenCount
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -32,9 +32,6 @@ _GENERATED = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|argum
 _GENERATED_TEXT = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta)"\s*:\s*"((?:[^"\\]|\\.)+)"')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
-# The largest token count read from a provider's usage (2**53: exact as a double, as Redis's Lua
-# numbers are).
-MAX_TOKENS = 1 << 53
 # The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
 # and the gateway's are written either way).
 STREAM_ENDS = (b"data: [DONE]", b'data: {"error":{', b'data: {"error": {')

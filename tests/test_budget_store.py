@@ -45,8 +45,10 @@ def request(
     min_out: int = 1,
     ttl_s: int = 60,
     now_ms: int = T0,
+    tallies: tuple[Limit, ...] = (),
 ) -> ReserveRequest:
-    return ReserveRequest(rid, limits, tpm, rpm, prompt_tokens, prompt_cost, price, wanted, min_out, ttl_s, now_ms)
+    return ReserveRequest(rid, limits, tpm, rpm, prompt_tokens, prompt_cost, price, wanted, min_out, ttl_s, now_ms,
+                          tallies)
 
 
 @pytest.fixture(scope="module")
@@ -611,3 +613,18 @@ def test_no_program_of_reserves_settles_cancels_and_expiries_overspends_and_both
             await client.aclose()
 
     asyncio.run(run())
+
+
+async def test_a_token_tally_saturates_rather_than_overflowing(store):
+    """Before 2026-12-05, ~520 answers each billed 2**54 tokens (the largest usage then read)
+    overflowed the tally's INCRBY past 2**63: every later settle and `/v1/usage` failed on Redis.
+    Now a tally stops at MAX_NANO (exact as a double in the Lua scripts) and stays readable."""
+    tally = Limit("tokens:key:k:daily:2026-11-23", MAX_NANO, None, 3600)
+    for i in range(520):
+        assert (await store.reserve(request(f"t{i}", limits=(ORG,), tallies=(tally,)))).admitted
+        await store.settle(request(f"t{i}", limits=(ORG,), tallies=(tally,)), 0, 2**54, T0)
+    assert (await store.usage((tally,), (), T0)).used_nano[tally.key] == MAX_NANO
+    await store.settle(request("t0", limits=(ORG,), tallies=(tally,)), 0, 5, T0)  # (settled already: nothing)
+    assert (await store.reserve(request("late", limits=(ORG,), tallies=(tally,)))).admitted
+    await store.settle(request("late", limits=(ORG,), tallies=(tally,)), 0, 5, T0)
+    assert (await store.usage((tally,), (), T0)).used_nano[tally.key] == MAX_NANO

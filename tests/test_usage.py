@@ -408,3 +408,15 @@ def test_cache_writes_are_read_from_prompt_tokens_details(details: dict, writes:
 def test_a_later_usage_block_keeps_the_cache_writes_reported_before() -> None:
     first = Usage(200, None, 3, 40, 30)
     assert usage_mod.merged(first, Usage(None, 9)) == Usage(200, 9, 3, 40, 30)
+
+
+def test_a_count_no_provider_bills_is_unknown() -> None:
+    """Past 2**31 tokens a count is unknown (charged the reservation): 2**53 was believed and
+    overflowed the Redis token tally after ~500 answers (tests/test_budget_store.py)."""
+    from gateway_extproc.providers.base import MAX_TOKENS, token_count
+    from gateway_extproc.usage import usage_from_object
+    assert token_count((MAX_TOKENS,)) == MAX_TOKENS and token_count((MAX_TOKENS + 1,)) is None
+    assert token_count((MAX_TOKENS, 1)) is None  # the sum too
+    assert token_count((1,), (2**53,)) is None
+    read = usage_from_object({"usage": {"prompt_tokens": 2**53, "completion_tokens": 2**40}})
+    assert read is not None and (read.prompt_tokens, read.completion_tokens) == (None, None)

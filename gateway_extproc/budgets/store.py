@@ -317,8 +317,8 @@ class MemoryBudgetStore:
         if refund:
             for b in request.token_buckets:
                 self._put_bucket(b, max(0.0, self._level(b, now_ms) + refund), now_ms)
-        for tally in request.tallies:
-            self._charge(tally, actual_tokens, now_ms)
+        for tally in request.tallies:  # (saturating at MAX_NANO, as the Redis store's tallies do)
+            self._charge(tally, min(actual_tokens, MAX_NANO - self._counters.get(tally.key, 0)), now_ms)
         return outcome
 
     async def usage(self, limits: Sequence[Limit], buckets: Sequence[Bucket], now_ms: int) -> Usage:

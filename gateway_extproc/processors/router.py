@@ -788,7 +788,10 @@ class RouterProcessor:
             left = self.admission.result.remaining_nano.get(daily_team.limit.key, 0)
             metrics.child(metrics.TEAM_DAILY_REMAINING, team).set(
                 max(0, left - (charged - self.admission.result.reserved_nano)) / 1e9)
-        self.runtime.budget.settle(self.admission, spent.cost, spent.prompt + spent.completion, team)
+        # More output than the cap sent is a provider ignoring it or misreporting: charged at
+        # most the reservation (settle), and tallied at most the output tokens reserved.
+        tallied = spent.prompt + min(spent.completion, self.admission.result.output_tokens)
+        self.runtime.budget.settle(self.admission, spent.cost, tallied, team)
 
     def close(self) -> None:
         """The stream ended; if the response never completed, say so in the log."""

@@ -220,17 +220,26 @@ def output_cap(body: JSON) -> Any:
     return cap if cap is not None else body.get("max_tokens")
 
 
+# The largest token count read from a provider's usage: no answer bills 2**31 tokens (128
+# choices of a million each is 2**27). Past it a count is unknown and the request is charged
+# its reservation: 2**53 was believed, and ~500 such answers overflowed the Redis token tally
+# (and a bill of 2**53 output tokens failed the answer with a 500 while pricing it).
+MAX_TOKENS = 1 << 31
+
+
 def token_count(required: tuple[Any, ...], optional: tuple[Any, ...] = ()) -> int | None:
     """A provider's token count as the sum of its usage fields: None (the bill is unknown,
     and the router charges the reservation, docs/budgets.md) when a `required` field is
-    missing or any field present is no non-negative integer. Reading a missing count as 0
-    charged an answer with no usage block $0, and a negative part cancelled the others."""
+    missing or any field present is no non-negative integer (or is past `MAX_TOKENS`, as is
+    the sum). Reading a missing count as 0 charged an answer with no usage block $0, and a
+    negative part cancelled the others."""
     if any(v is None for v in required):
         return None
     values = (*required, *(v for v in optional if v is not None))
-    if any(type(v) is not int or v < 0 for v in values):
+    if any(type(v) is not int or not 0 <= v <= MAX_TOKENS for v in values):
         return None
-    return sum(values)
+    total = sum(values)
+    return total if total <= MAX_TOKENS else None
 
 
 def openai_usage(prompt: int | None, completion: int | None) -> JSON | None:

@@ -24,7 +24,7 @@ NANO = 1_000_000_000
 MSG = [{"role": "user", "content": "Please count the apples in the basket for me."}]
 KEYS = {name: keys.generate(name) for name in ("conc", "clamp", "settle", "cut", "closed", "open", "rpm", "soft",
                                                 "uncapped", "choices", "absurd", "huge", "burst", "refused", "cut-usage", "cut-anthropic",
-                                                "rpm-burst", "tpm-burst", "images", "predicted", "thinking")}
+                                                "rpm-burst", "tpm-burst", "images", "predicted", "thinking", "hostile")}
 
 
 def budget_keys(values: dict[str, Any], redis_url: str) -> None:
@@ -54,6 +54,7 @@ def budget_keys(values: dict[str, Any], redis_url: str) -> None:
         "images": {"budget": {"daily": 0.01}},
         "predicted": {"budget": {"daily": 0.01}},
         "thinking": {"budget": {"daily": 0.001}},
+        "hostile": {"budget": {"daily": 1}},
     }
     for name, spec in specs.items():
         team = "ops" if name == "open" else "demo"
@@ -317,6 +318,21 @@ def test_a_budget_clamp_never_goes_below_a_claude_thinking_budget(gw: Gateway) -
     # without thinking the same request is answered (clamped to what the budget affords)
     answer = client.messages.create(model="claude-chat", max_tokens=1000, messages=MSG)
     assert answer.content and 0 < spent(gw, "thinking") <= 1_000_000
+
+
+def test_a_provider_reporting_absurd_usage_cannot_inflate_the_token_tally(gw: Gateway) -> None:
+    """Before 2026-12-05 a count up to 2**53 was believed: ~500 such answers overflowed the Redis
+    tally and broke every settle and /v1/usage. Now a count past 2**31 is unknown (the request
+    is charged its reservation) and output past the cap sent is tallied at the cap."""
+    prompt = chat(gw, "settle", max_tokens=8).json()["usage"]["prompt_tokens"]
+    for lie in (2**53, 2**40, 5_000):
+        resp = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, headers={
+            "authorization": f"Bearer {KEYS['hostile']}", "x-mock-usage-completion-tokens": str(lie)},
+            json={"model": "default-chat", "messages": MSG, "max_tokens": 8})
+        assert resp.status_code == 200
+    tallied = usage(gw, "hostile")["tokens_used"]
+    assert tallied["daily"] == 3 * (prompt + 8), tallied
+    assert spent(gw, "hostile") == 3 * (cost_nano(PRICE, prompt, 0) + 8 * 20_000)  # each at most its reservation
 
 
 def test_refused_requests_count_no_tokens(gw: Gateway) -> None:

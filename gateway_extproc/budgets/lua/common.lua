@@ -15,6 +15,18 @@ local function charge(key, amount, ttl)
   if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
 end
 
+-- Add tokens to a tally, saturating at 2^53 - 1 (store.MAX_NANO): past it a Lua number is
+-- no longer exact, and INCRBY past 2^63 fails, which failed every later settle and read.
+local function tally(key, amount, ttl)
+  local max = 9007199254740991
+  if tonumber(redis.call('GET', key) or '0') + amount >= max then
+    redis.call('SET', key, int(max), 'KEEPTTL')
+  else
+    redis.call('INCRBY', key, int(amount))
+  end
+  if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+end
+
 -- A bucket's level after refilling to `now`, and the time its state was last written.
 -- No key means a full bucket.
 local function level(key, cap, rate, now)

@@ -1,5 +1,6 @@
 -- Settle a reservation to its actual cost, once: charge (actual - reserved) at every limit,
--- return unused tokens to the token buckets and add the actual tokens to the tallies. A
+-- return unused tokens to the token buckets and add the actual tokens to the tallies
+-- (saturating: common.lua, tally). A
 -- reservation that expired unsettled (charged at its worst case) is corrected the same
 -- way, without a token refund (its bucket has refilled since). Anything else (settled
 -- before, unknown, forgotten) is a no-op, so a retried settle never charges twice; the id
@@ -42,6 +43,6 @@ if refund ~= 0 then
 end
 local tally_arg = bkt_arg + 2 * n_bkt
 for k = 1, #KEYS - F - n_lim - n_bkt do
-  charge(KEYS[F + n_lim + n_bkt + k], tonumber(ARGV[3]), ARGV[tally_arg + k])
+  tally(KEYS[F + n_lim + n_bkt + k], tonumber(ARGV[3]), ARGV[tally_arg + k])
 end
 return outcome
