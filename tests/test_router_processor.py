@@ -953,3 +953,20 @@ async def test_an_answer_is_priced_at_its_models_backend_not_another_models_of_t
     await proc.handle(resp_body(orjson.dumps(answer)))
     spent = proc.consumed(proc.answered_by())
     assert spent.cost == 1000 * 5_000 + 50 * 20_000  # fallback-chat's primary: $5 / $20 per 1M tokens
+
+
+@pytest.mark.parametrize(("cap", "budget", "refused"), [
+    ({}, 4096, True),  # no cap sent: Claude gets the translator's default, 4,096
+    ({}, 4095, False),
+    ({"max_tokens": 3000}, 3000, True),
+    ({"max_completion_tokens": 3000, "max_tokens": 9000}, 5000, True),  # (max_completion_tokens goes out)
+    ({"max_tokens": 3000}, 2999, False),
+])
+async def test_without_budgets_a_thinking_budget_not_below_the_cap_sent_is_refused(
+        proc: RouterProcessor, cap: dict[str, int], budget: int, refused: bool) -> None:
+    """Claude refuses budget_tokens >= max_tokens; without budgets the cap sent is the client's."""
+    resp = await send_request(proc, {**CLAUDE, **cap, "thinking": {"type": "enabled", "budget_tokens": budget}})
+    if refused:
+        assert_error(resp, 400, "thinking_budget_too_large", "thinking.budget_tokens")
+    else:
+        assert resp.WhichOneof("response") == "request_body"
