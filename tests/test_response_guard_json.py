@@ -64,3 +64,13 @@ def test_an_answers_labels_are_read_once_per_value(policy: Policy, scans: Any) -
     assert seen[-2:] == [["ok"], ["chatcmpl-1"]]
     out = guard().json_body(answer(model=f"gpt {CARD}"))
     assert out is not None and "4111 1111" not in out.decode()
+
+
+def test_a_matched_stop_string_is_scanned_like_any_answer_text(policy: Policy) -> None:
+    """The pivot's `stop_reason` (the stop string matched, which an Anthropic client gets as
+    `stop_sequence`) is provider output: a provider could put anything there."""
+    body = answer()
+    body["choices"][0].update(native_finish_reason="stop_sequence", stop_reason=f"card {CARD}")
+    out = ResponseGuard(policy, policy._params["enforce"], "demo").json_body(body)
+    assert out is not None and "4111 1111" not in out.decode()
+    assert orjson.loads(out)["choices"][0]["native_finish_reason"] == "stop_sequence"
