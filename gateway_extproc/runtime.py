@@ -13,7 +13,7 @@ import structlog
 
 from . import config as config_mod
 from . import logs, tokens
-from .config import ConfigError, GatewayConfig, Provider
+from .config import Backend, ConfigError, GatewayConfig, Provider
 from .budgets.gate import BudgetGate
 from .budgets.store import BudgetStore, MemoryBudgetStore
 from .identity import KeyLookup
@@ -26,6 +26,19 @@ log = structlog.get_logger("gateway_extproc.runtime")
 
 
 @dataclass(frozen=True, slots=True)
+class Retired:
+    """The backends and credentials of the config a reload replaced. A request the router
+    admitted under that config may start an attempt (its first, or a fallback) after the
+    reload; if the new config dropped that backend (a model removed), the attempt is still
+    built from the config the request was admitted under instead of failing with a 500.
+    Only the one config before: no chain of old runtimes is kept alive."""
+
+    version: str  # that config's Runtime.version, as the router put it in `gw.config`
+    backends: dict[str, Backend]
+    credentials: dict[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
 class Runtime:
     config: GatewayConfig
     credentials: dict[str, str | None]  # provider name -> key; None when the source was empty
@@ -34,6 +47,20 @@ class Runtime:
     policy: Policy | None = None  # None: no classification section
     keys: KeyLookup | None = None  # keys created through the admin API; None: no key admin
     secrets: tuple[str, ...] = ()  # every credential's value, cut from every provider answer
+    retired: Retired | None = None  # the replaced config's backends, for attempts admitted under it
+    # A short name for this gateway.yaml (its SHA-256's first 16 hex digits; "" when the
+    # config came from no file), which the router passes to the attempts (`gw.config`).
+    version: str = ""
+
+    def backend(self, backend_id: str, version: str) -> tuple[Backend, str | None] | None:
+        """An attempt's backend and credential: from this config, else (a reload dropped it)
+        from the replaced one when the router admitted the request under that (`version`)."""
+        if (backend := self.config.backends.get(backend_id)) is not None:
+            return backend, self.credentials.get(backend.provider.name)
+        old = self.retired
+        if old is not None and version and version == old.version and (backend := old.backends.get(backend_id)):
+            return backend, old.credentials.get(backend.provider.name)
+        return None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], previous: "Runtime | None" = None) -> "Runtime":
@@ -59,7 +86,9 @@ class Runtime:
         credentials = {name: _read_credential(p) for name, p in cfg.providers.items()}
         secrets = tuple(sorted({c for c in credentials.values() if c}))
         logs.known_secrets(credential_parts(secrets))  # masked in every log line, whatever their shape
-        runtime = cls(cfg, credentials, labels, gate, policy, old_keys or _key_lookup(cfg), secrets)
+        retired = Retired(previous.version, previous.config.backends, previous.credentials) if previous else None
+        runtime = cls(cfg, credentials, labels, gate, policy, old_keys or _key_lookup(cfg), secrets, retired,
+                      cfg.digest[:16])
         # Only now, with the file accepted: a reload rejected above keeps the budgets in force
         # on the gauge too, and a team whose daily budget is gone loses its series.
         daily = {team: limits.budget.daily_nano / 1e9 for team, limits in cfg.teams.items()

@@ -375,7 +375,8 @@ class RouterProcessor:
         new_body = orjson.dumps(body) if changed else None
         if new_body is not None:
             set_headers["content-length"] = str(len(new_body))
-        metadata = {"model": self.model.name, "api": self.endpoint.name, "request_id": self.request_id}
+        metadata = {"model": self.model.name, "api": self.endpoint.name, "request_id": self.request_id,
+                    "config": self.runtime.version}
         if self.header_edit is not None:  # redacted in place (policy/headers.py)
             for k, v in self.header_edit.set.items():
                 set_headers.setdefault(k, v)  # (not a trace header the gateway writes anyway)

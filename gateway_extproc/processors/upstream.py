@@ -67,13 +67,14 @@ class UpstreamProcessor:
         gw = req.metadata_context.filter_metadata.get("gw")
         request_id = gw.fields["request_id"].string_value if gw and "request_id" in gw.fields else ""
         endpoint = api.BY_NAME.get(gw.fields["api"].string_value) if gw and "api" in gw.fields else None
-        backend = self.runtime.config.backends.get(backend_id)
-        if backend is None or endpoint is None:
+        version = gw.fields["config"].string_value if gw and "config" in gw.fields else ""
+        found = self.runtime.backend(backend_id, version)
+        if found is None or endpoint is None:
             log.error("upstream_config_mismatch", backend=backend_id, request_id=request_id)
             raise GatewayError("gateway_internal_error", "The gateway's Envoy and ext_proc configs disagree; "
                                "re-render both from the same values.")
+        backend, credential = found
         provider = backend.provider
-        credential = self.runtime.credentials.get(provider.name)
         if credential is None:
             raise GatewayError("provider_credential_missing",
                                f"No credential is configured for provider {provider.name!r}.")
