@@ -294,7 +294,7 @@ async def test_single_backend_body_renamed_path_set_and_metadata(proc: RouterPro
         "content-length": str(len(new_raw)),
     }
     assert common.clear_route_cache is True
-    assert metadata(resp) == {"gw": {"model": "default-chat", "api": "chat", "request_id": "req-123"}}
+    assert metadata(resp) == {"gw": {"model": "default-chat", "api": "chat", "request_id": "req-123", "config": ""}}
 
 
 async def test_path_with_query_string_gets_provider_path(proc: RouterProcessor) -> None:
@@ -345,7 +345,7 @@ async def test_multi_backend_keeps_logical_model_name(proc: RouterProcessor) -> 
     common = resp.request_body.response
     assert not common.HasField("body_mutation")  # the upstream processor renames per attempt
     assert set_headers(common) == {"x-gateway-model": "fallback-chat"}  # and sets :path per attempt
-    assert metadata(resp) == {"gw": {"model": "fallback-chat", "api": "chat", "request_id": "req-123"}}
+    assert metadata(resp) == {"gw": {"model": "fallback-chat", "api": "chat", "request_id": "req-123", "config": ""}}
 
 
 async def test_multi_backend_streaming_adds_usage_but_keeps_name(proc: RouterProcessor) -> None:

@@ -293,3 +293,21 @@ async def test_an_untranslatable_request_is_a_400_logged_in_one_line_without_its
     [line] = logs
     assert line["event"] == "request_untranslatable" and set(line) >= {"error", "at"}
     assert "exc_info" not in line and "4111" not in repr(line)
+
+
+def test_an_attempt_admitted_before_a_reload_that_dropped_its_backend_is_still_built(runtime: Runtime) -> None:
+    """A reload removed a backend of fallback-chat; a request the router admitted under the old config
+    (its `gw.config` names that config) still gets its attempts built. Any other request
+    naming that backend is a config mismatch, as before."""
+    import dataclasses
+
+    old = dataclasses.replace(runtime, version="old-config")
+    cfg = dataclasses.replace(old.config, backends={k: v for k, v in old.config.backends.items()
+                                                    if k != "backup/gpt-4o-backup"})
+    new = Runtime.from_config(cfg, old)
+    found = new.backend("backup/gpt-4o-backup", "old-config")
+    assert found is not None and found[0].model == "gpt-4o-backup" and found[1] == old.credentials["backup"]
+    assert new.backend("backup/gpt-4o-backup", "") is None
+    assert new.backend("backup/gpt-4o-backup", "another") is None
+    newer = Runtime.from_config(cfg, new)  # only the one config before is kept
+    assert newer.backend("backup/gpt-4o-backup", "old-config") is None
