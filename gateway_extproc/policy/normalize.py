@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from decimal import Decimal, InvalidOperation
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from html.entities import html5
 
@@ -339,7 +339,7 @@ _EXPONENT_TOKEN = re.compile(r'(?<![^\s{}\[\]:,])[-+0-9.]+[eE][-+]?[0-9]+(?![^\s
 _NUMBER_TAIL = "-+0123456789.eE"
 
 
-def normalize_json_piece(text: str, in_string: bool) -> tuple[Normalized, bool, int]:
+def normalize_json_piece(text: str, in_string: bool, quotes: list[int] | None = None) -> tuple[Normalized, bool, int]:
     """A piece of JSON text streamed in pieces (tool-call arguments), read as its parser reads
     it, its syntax kept: string escapes decoded (`\\n` is a line break, `\\u0040` an `@`) and
     normalized, where the pieces of a stream cannot be parsed one by one (the caller keeps an
@@ -348,7 +348,8 @@ def normalize_json_piece(text: str, in_string: bool) -> tuple[Normalized, bool, 
     `4.111111111111111e15` is 4111111111111111 to the tool). `in_string`: the piece begins
     inside a string. Returns the normalized piece, whether it ends inside a string, and where
     a number that may go on in the next piece begins (len(text) if none): the caller keeps it
-    for the next piece, since a number is converted only whole."""
+    for the next piece, since a number is converted only whole. `quotes` (if given) gets the
+    offsets of the quotes that open and close strings, for `json_placeholder`."""
     spans: list[tuple[int, int, int, int]] = []
     out: list[str] = []
     n = pos = 0
@@ -359,6 +360,8 @@ def normalize_json_piece(text: str, in_string: bool) -> tuple[Normalized, bool, 
             if "\\" in content or not content.isascii():
                 content = _unescaped(content, pos, n, spans)
             if end < len(text) and text[end] == '"':  # its closing quote
+                if quotes is not None:
+                    quotes.append(end)
                 content += '"'
                 end += 1
                 in_string = False
@@ -369,6 +372,8 @@ def normalize_json_piece(text: str, in_string: bool) -> tuple[Normalized, bool, 
             quote = text.find('"', pos)
             end = len(text) if quote < 0 else quote + 1
             in_string = quote >= 0
+            if in_string and quotes is not None:
+                quotes.append(quote)
             content = _with_exponents(text, pos, end, n, spans)
         out.append(content)
         n += len(content)
@@ -397,6 +402,48 @@ def _with_exponents(text: str, pos: int, end: int, n: int, spans: list[tuple[int
         at = m.end()
     parts.append(_unescaped(text[at:end], at, n, spans))
     return "".join(parts)
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def json_quotes(text: str) -> list[int] | None:
+    """The offsets of the quotes that open and close the strings of `text` when it is JSON (as
+    `normalize_json` reads it: a redaction there must leave it JSON), else None."""
+    bare = text.strip(" \t\r\n")
+    if bare[:1] not in ("{", "[") or bare[-1:] not in ("}", "]") or len(text) > MAX_JSON_TEXT:
+        return None
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return [q for m in _JSON_STRING.finditer(text) for q in (m.start(), m.end() - 1)]
+
+
+def in_json_string(quotes: list[int], at: int) -> bool:
+    """Whether what is at offset `at` of JSON text is inside a string (its closing quote
+    included), given the offsets of its strings' quotes up to there (`json_quotes`)."""
+    return bisect_left(quotes, at) % 2 == 1
+
+
+def json_placeholder(text: str, start: int, end: int, lo: int, quotes: list[int], placeholder: str,
+                     shift: int = 0) -> tuple[int, int, str]:
+    """The span of JSON `text` a placeholder replaces, and the placeholder, such that the text
+    stays JSON: a value outside a string (a card as a number) is replaced by a string, the
+    whole number with its sign (`-4111…` or `4111….5`; the sign only from `lo` on: what went
+    out before stays), and a span that begins or ends outside a string (over a string's quote)
+    is closed with a quote there. Inside a string the placeholder is as it is (until
+    2026-12-07 `{"a": 4111111111111111}` became `{"a": [CREDIT_CARD_1]}`, which no client's
+    JSON parser reads). `shift`: the offset of text[0] in the offsets of `quotes`."""
+    if not in_json_string(quotes, start + shift):
+        if start > lo and text[start - 1] == "-":
+            start -= 1
+        placeholder = '"' + placeholder
+    if not in_json_string(quotes, end + shift):
+        while end < len(text) and text[end] in _NUMBER_TAIL:
+            end += 1
+        placeholder += '"'
+    return start, end, placeholder
 
 
 _CUT_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\(?:u[0-9a-fA-F]{0,3})?)$")

@@ -76,7 +76,7 @@ from .detectors import (
     texty,
 )
 
-from .normalize import Normalized, normalize, normalize_json, tables
+from .normalize import Normalized, json_placeholder, json_quotes, normalize, normalize_json, tables
 from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGERS, SPACED_TRIGGERS, Trigger,
                         phrase_trigger, regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
@@ -1172,16 +1172,21 @@ def _as_map(mapping: Mapping[str, str] | None) -> PlaceholderMap:
     return PlaceholderMap(mapping)
 
 
+_JSON_FIRST = frozenset("{[ \t\r\n")  # (how JSON text may begin: `json_quotes` decides)
+
+
 def redact(text: str, findings: Iterable[Finding],
            mapping: Mapping[str, str] | None = None) -> tuple[str, PlaceholderMap]:
     """Replace each finding's span in `text` with its typed placeholder.
 
     Findings should come from one string (same `index`); overlapping spans are merged (the
     first one's type names the placeholder). A placeholder stands for the finding's value.
-    Returns the new text and the (updated) map.
+    Text that is JSON (tool-call arguments; scanned as JSON: `normalize_json`) stays JSON
+    (`json_placeholder`). Returns the new text and the (updated) map.
     """
     mapping = _as_map(mapping)
     spans = sorted({(f.start, f.end): (f.detector, f.value) for f in findings}.items())
+    quotes = json_quotes(text) if spans and text[:1] in _JSON_FIRST else None
     out: list[str] = []
     pos = 0
     i = 0
@@ -1196,10 +1201,13 @@ def redact(text: str, findings: Iterable[Finding],
         start = max(start, pos)
         if start >= end:
             continue
-        out.append(text[pos:start])
         # The finding's value names the placeholder: the same for every piece of a value split
         # over strings, and the decoded value for an encoded run.
-        out.append(mapping.placeholder(_label(detector), text[start:end] if merged or not value else value))
+        placeholder = mapping.placeholder(_label(detector), text[start:end] if merged or not value else value)
+        if quotes is not None:
+            start, end, placeholder = json_placeholder(text, start, end, pos, quotes, placeholder)
+        out.append(text[pos:start])
+        out.append(placeholder)
         pos = end
     if not out:
         return text, mapping

@@ -31,10 +31,10 @@ than MAX_WORD_HOLD, four scans of about MAX_WORD_HOLD characters per LONG_STEP r
 from __future__ import annotations
 
 import re
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 
 from .detectors import DIGIT_WORDS, LOCAL_CHARS, SEP_CHARS, SPACES, number_words_start
-from .normalize import Normalized, escape_cut, normalize, normalize_json_piece
+from .normalize import Normalized, escape_cut, json_placeholder, normalize, normalize_json_piece
 from .scanner import (
     Decision,
     DecisionParams,
@@ -168,7 +168,7 @@ class StreamRedactor:
     __slots__ = ("scanner", "params", "holdback", "mapping", "findings", "decisions", "blocked",
                  "block_decision", "_buf", "_base", "_emit", "_resume", "_open", "_inj_hits",
                  "_inj_reported", "_done", "_raw", "_rbase", "_remit", "_segs", "_seg_starts", "_long", "_long_at",
-                 "_swallow", "_json", "_pending", "_in_string")
+                 "_swallow", "_json", "_pending", "_in_string", "_quotes")
 
     def __init__(self, scanner: Scanner, decision_params: DecisionParams | None = None,
                  holdback_chars: int = 64, *, mapping: PlaceholderMap | None = None, json: bool = False) -> None:
@@ -210,6 +210,10 @@ class StreamRedactor:
         # the last delta, read with the next; (json) whether it is inside a string.
         self._pending = ""
         self._in_string = False
+        # (json) raw offsets of the quotes that open and close strings, from `_rbase` on (a -1
+        # first keeps the parity of those trimmed off): a placeholder outside a string is
+        # quoted (`json_placeholder`).
+        self._quotes: list[int] = []
 
     def feed(self, delta: str) -> str:
         if self._done:
@@ -222,14 +226,18 @@ class StreamRedactor:
         if self._json:
             delta = self._pending + delta
             cut = len(delta) if final else escape_cut(delta)
-            nz, in_string, tail = normalize_json_piece(delta[:cut], self._in_string)
+            quotes: list[int] = []
+            nz, in_string, tail = normalize_json_piece(delta[:cut], self._in_string, quotes)
             if not final and tail < cut and cut - tail < MAX_NUMBER_HOLD:
                 # A number ends the delta: written with an exponent, it is read as its digits
                 # only whole (`4.1111111` + `11111111e15` is a card).
-                nz, in_string, cut = *normalize_json_piece(delta[:tail], self._in_string)[:2], tail
+                quotes = []
+                nz, in_string, cut = *normalize_json_piece(delta[:tail], self._in_string, quotes)[:2], tail
             delta, self._pending, self._in_string = delta[:cut], delta[cut:], in_string
             if not delta:
                 return ""
+            r0 = self._rbase + len(self._raw)
+            self._quotes += [r0 + q for q in quotes]
         else:
             # Markup cut off at the end (`&#5` + `2;111 …`, `4111<` + `b>1111…`) is read whole,
             # as the client's renderer reads it (`normalize`).
@@ -357,10 +365,16 @@ class StreamRedactor:
             if detector is None:
                 continue
             rs, re_ = self._raw_start(s + base), self._raw_end(e + base)
-            out.append(self._raw_slice(remit, rs))
             label = _label(detector)
             placeholder = self.mapping.placeholder(label, self._raw_slice(rs, re_))
-            out.append(placeholder)
+            value = placeholder
+            if self._json:
+                rb = self._rbase
+                rs, re_, value = json_placeholder(self._raw, rs - rb, re_ - rb, remit - rb, self._quotes,
+                                                  placeholder, rb)
+                rs, re_ = rs + rb, re_ + rb
+            out.append(self._raw_slice(remit, rs))
+            out.append(value)
             emit, remit = e + base, re_
             if not final and emit >= n - GUARD_MARGIN:
                 opened = (s + base, emit, gi, placeholder, label)
@@ -560,6 +574,12 @@ class StreamRedactor:
             self._base = keep
             self._raw = self._raw[rkeep - self._rbase:]
             self._rbase = rkeep
+            if self._quotes:
+                q = bisect_left(self._quotes, rkeep)
+                if q:
+                    del self._quotes[:q]
+                    if q % 2:
+                        self._quotes.insert(0, -1)
             k = bisect_right(self._seg_starts, keep) - 1
             if k > 0:
                 del self._segs[:k]
