@@ -469,6 +469,7 @@ class ToMessagesStream:
         self._usage: Any = None
         self._done = False
         self._signature: str | None = None  # of the thinking block open or about to open (`_thinking`)
+        self._signed: Any = None  # its `thinking_blocks` entry's index
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
         out: list[bytes] = []
@@ -536,11 +537,15 @@ class ToMessagesStream:
     def _thinking(self, block: JSON) -> list[bytes]:
         """A redacted block comes whole. A signature (Claude streams it as its thinking block's
         last delta) is held until that block closes: output scanning holds the block's text
-        back in its window and lets the signature pass, so the signature may come first."""
+        back in its window and lets the signature pass, so the signature may come first. Pieces
+        of one block's signature (entries of one `index`) are joined, as the openai SDK joins them."""
         if block.get("type") == "redacted_thinking":
             return [*self._open("redacted", {"type": "redacted_thinking", "data": _str(block.get("data"))}),
                     *self._close()]
-        self._signature = _str(block.get("signature"))
+        index = block.get("index")
+        more = self._signature is not None and index is not None and index == self._signed
+        self._signature = (self._signature if more else "") + _str(block.get("signature"))
+        self._signed = index
         return []
 
     def _start(self, obj: JSON) -> list[bytes]:

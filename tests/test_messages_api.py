@@ -616,3 +616,18 @@ def test_a_signature_output_scanning_let_pass_first_still_ends_its_block() -> No
     final = sdk_final_message(ToMessagesStream().feed(omitted, True))
     assert [b.model_dump(exclude_none=True) for b in final.content] == [
         {"type": "thinking", "thinking": "", "signature": "c2ln"}, {"type": "text", "text": "42."}]
+
+
+def test_a_signature_in_pieces_of_one_thinking_block_is_joined() -> None:
+    """`thinking_blocks` entries of one `index` are one block's (its signature in pieces, as a
+    provider may stream it): the anthropic client gets the whole signature, not its last piece."""
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "c", "model": "m", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+    raw = b"".join([chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "Let me think."}),
+                    *(chunk({"thinking_blocks": [{"index": 0, "type": "thinking", "thinking": "", "signature": p}]})
+                      for p in ("c2ln", "LW9uZQ==")),
+                    chunk({"content": "42."}), chunk({}, "stop"), b"data: [DONE]\n\n"])
+    final = sdk_final_message(ToMessagesStream().feed(raw, True))
+    assert [b.model_dump(exclude_none=True) for b in final.content] == [
+        {"type": "thinking", "thinking": "Let me think.", "signature": "c2lnLW9uZQ=="}, {"type": "text", "text": "42."}]

@@ -413,9 +413,22 @@ def test_thinking_deltas_are_carried() -> None:
     out = chunks(anthropic.stream(MODEL).feed(raw, False))
     assert [c["choices"][0]["delta"] for c in out] == [
         {"role": "assistant", "content": ""}, {"reasoning_content": "Let me solve this step by step:"},
-        {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "EqQBCgIYAhIM"}]},
-        {"thinking_blocks": [{"type": "redacted_thinking", "data": "ZW5j"}]},
+        {"thinking_blocks": [{"index": 0, "type": "thinking", "thinking": "", "signature": "EqQBCgIYAhIM"}]},
+        {"thinking_blocks": [{"index": 1, "type": "redacted_thinking", "data": "ZW5j"}]},
         {"content": "27 * 453 = 12,231"}]
+
+
+def test_each_thinking_block_entry_has_its_blocks_index() -> None:
+    """The openai SDK's stream helper merges a delta's list entries by `index`: a block's
+    signature in pieces is one entry, two blocks are two (until 2026-12-07 the entries had no
+    index and the helper raised on the second)."""
+    events: list[dict] = [{"type": "message_start", "message": {"id": "msg_01", "model": MODEL, "usage": {}}}]
+    for block, pieces in ((0, ["c2ln", "LW9uZQ=="]), (3, ["c2lnLXR3bw=="])):
+        events += [{"type": "content_block_delta", "index": block, "delta": {"type": "signature_delta", "signature": p}}
+                   for p in pieces]
+    out = chunks(anthropic.stream(MODEL).feed(sse(*events), False))
+    assert [(e["index"], e["signature"]) for c in out for e in c["choices"][0]["delta"].get("thinking_blocks", [])] \
+        == [(0, "c2ln"), (0, "LW9uZQ=="), (1, "c2lnLXR3bw==")]
 
 
 def test_error_event_from_streaming_docs() -> None:

@@ -507,7 +507,7 @@ def test_claude_fields_reach_claude_on_bedrock_and_its_reasoning_comes_back() ->
     out = bedrock.stream("m").feed(b"".join(frames), False)
     deltas = [orjson.loads(e[6:])["choices"][0]["delta"] for e in out.split(b"\n\n") if e]
     assert deltas == [{"role": "assistant", "content": ""}, {"reasoning_content": "hm"},
-                      {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "c2ln"}]},
+                      {"thinking_blocks": [{"index": 0, "type": "thinking", "thinking": "", "signature": "c2ln"}]},
                       {"content": "42"}, {}]  # (the last: the finish reason's)
 
 

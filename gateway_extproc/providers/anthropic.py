@@ -333,6 +333,22 @@ class _Tool:
         self.sent = False
 
 
+class ThinkingBlocks:
+    """The `thinking_blocks` delta of a translated stream: each entry with the `index` of its
+    thinking block among the answer's, as every list entry of a chat delta has one. The openai
+    SDK's stream helper merges list entries by `index` (a block's signature sent in pieces is
+    one entry) and raised "Expected list delta entry to have an `index` key" on the second
+    entry without one (until 2026-12-07: two signed thinking blocks)."""
+
+    __slots__ = ("_at",)
+
+    def __init__(self) -> None:
+        self._at: dict[Any, int] = {}  # the provider's content block -> its entry's index
+
+    def delta(self, block: Any, entry: JSON) -> JSON:
+        return {"thinking_blocks": [{"index": self._at.setdefault(block, len(self._at)), **entry}]}
+
+
 class AnthropicStream:
     """Anthropic SSE in, OpenAI chat.completion.chunk SSE out, one `feed` at a time.
 
@@ -353,6 +369,7 @@ class AnthropicStream:
         self._counted = False
         self.usage_unknown = False
         self._tools: dict[int, _Tool] = {}  # Anthropic content block index -> the call streamed from it
+        self._thinking = ThinkingBlocks()
         self._stop_reason: Any = None
         self._stop_sequence: Any = None  # the stop string matched (message_delta)
         self._finished = False  # the finish_reason chunk went out
@@ -398,8 +415,8 @@ class AnthropicStream:
             if delta.get("type") == "thinking_delta" and delta.get("thinking"):
                 return [self._chunk({"reasoning_content": delta["thinking"]})]
             if delta.get("type") == "signature_delta":  # (the end of a thinking block)
-                return [self._chunk({"thinking_blocks": [{"type": "thinking", "thinking": "",
-                                                          "signature": str(delta.get("signature", ""))}]})]
+                return [self._chunk(self._thinking.delta(event.get("index", -1), {
+                    "type": "thinking", "thinking": "", "signature": str(delta.get("signature", ""))}))]
             tool = self._tools.get(event.get("index", -1))
             if delta.get("type") == "input_json_delta" and tool is not None and delta.get("partial_json"):
                 tool.sent = True
@@ -436,11 +453,12 @@ class AnthropicStream:
             return [self._chunk({"content": block["text"]})]
         if block.get("type") == "thinking" and block.get("thinking"):  # (given whole: message_start)
             return [self._chunk({"reasoning_content": block["thinking"]})] + (
-                [self._chunk({"thinking_blocks": [{"type": "thinking", "thinking": "",
-                                                   "signature": str(block["signature"])}]})]
+                [self._chunk(self._thinking.delta(index, {"type": "thinking", "thinking": "",
+                                                          "signature": str(block["signature"])}))]
                 if block.get("signature") else [])
         if block.get("type") == "redacted_thinking":
-            return [self._chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": str(block.get("data", ""))}]})]
+            return [self._chunk(self._thinking.delta(index, {"type": "redacted_thinking",
+                                                             "data": str(block.get("data", ""))}))]
         return []
 
     def _block_stop(self, index: int) -> list[bytes]:

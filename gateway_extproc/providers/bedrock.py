@@ -355,7 +355,7 @@ class _Stream:
     text and tool use; OpenAI numbers tool calls alone, hence `_tool_index`."""
 
     __slots__ = ("_decoder", "_model", "_id", "_created", "_tool_index", "_unsent", "_stopped", "_done",
-                 "usage_unknown")
+                 "usage_unknown", "_thinking")
 
     def __init__(self, model: str) -> None:
         self._decoder = eventstream.Decoder()
@@ -366,6 +366,7 @@ class _Stream:
         # Tool calls (by content block) with no argument text sent yet: a tool without
         # parameters streams no toolUse delta, and its arguments must still read "{}".
         self._unsent: set[int] = set()
+        self._thinking = anthropic.ThinkingBlocks()
         self._stopped = False  # messageStop seen
         self._done = False  # [DONE] or an error event sent; nothing more goes out
         self.usage_unknown = False
@@ -397,7 +398,7 @@ class _Stream:
                 return self._chunk({"content": delta["text"]})
             reasoning = delta.get("reasoningContent")
             if isinstance(reasoning, dict):
-                return self._reasoning(reasoning)
+                return self._reasoning(event.get("contentBlockIndex", 0), reasoning)
             block = event.get("contentBlockIndex", 0)
             text = (delta.get("toolUse") or {}).get("input")
             if block in self._tool_index and text:
@@ -417,16 +418,17 @@ class _Stream:
             return self._usage_chunk(_usage(event.get("usage"))) + DONE
         return b""  # events added later
 
-    def _reasoning(self, delta: JSON) -> bytes:
+    def _reasoning(self, block: Any, delta: JSON) -> bytes:
         """A reasoning delta as the pivot's (anthropic.AnthropicStream): text, its signature
         (the end of the block), or a redacted block whole."""
         if delta.get("text"):
             return self._chunk({"reasoning_content": delta["text"]})
         if delta.get("signature"):
-            return self._chunk({"thinking_blocks": [{"type": "thinking", "thinking": "",
-                                                     "signature": str(delta["signature"])}]})
+            return self._chunk(self._thinking.delta(block, {"type": "thinking", "thinking": "",
+                                                            "signature": str(delta["signature"])}))
         if delta.get("redactedContent"):
-            return self._chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": str(delta["redactedContent"])}]})
+            return self._chunk(self._thinking.delta(block, {"type": "redacted_thinking",
+                                                            "data": str(delta["redactedContent"])}))
         return b""
 
     def _usage_chunk(self, usage: JSON | None) -> bytes:
