@@ -113,3 +113,33 @@ def test_a_number_is_replaced_by_a_string_and_a_string_keeps_its_quotes() -> Non
         assert redact(text, PII.decide(PII.scan(text)).redact)[0] == want
         for deltas in splits(text):
             assert streamed(PII, deltas)[0] == want, deltas
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(VALUES), st.integers(40, 200), st.integers(0, 10_000), st.integers(1, 97))
+def test_compact_arguments_longer_than_the_word_hold_stay_json(value: tuple[Any, str, str], pad: int, cut: int,
+                                                               step: int) -> None:
+    """Compact JSON has no space: the whole arguments are one word, and one longer than the
+    word hold (1,024 characters) goes out in checked steps whose finding replaced the rest of
+    the word (until 2026-12-07 `{"pad[CREDIT_CARD_1]`, the rest of the arguments gone). A
+    string's quotes end a word in JSON, as spaces do in text."""
+    v, key, text = value
+    doc = json.dumps({"pad": ["abcdefghij"] * pad, key: v, "z": ["klmnopqrst"] * pad}, separators=(",", ":"))
+    cut %= len(doc)
+    deltas = [doc[:cut]] + [doc[i:i + step] for i in range(cut, len(doc), step)]
+    out, r = streamed(PII, deltas)
+    assert_redacted_json(out, text)
+    assert json.loads(out)["z"] == ["klmnopqrst"] * pad
+
+
+def test_a_value_in_a_string_longer_than_the_word_hold_ends_at_its_quote() -> None:
+    """A finding in a word longer than the word hold replaces the rest of the word: in JSON
+    the rest of its string, whose closing quote stays."""
+    doc = json.dumps({"blob": "x" * 1500 + "/4111111111111111/" + "y" * 1500, "z": 1}, separators=(",", ":"))
+    for step in (1, 7, 100, len(doc)):
+        out, _ = streamed(PII, [doc[i:i + step] for i in range(0, len(doc), step)])
+        parsed = json.loads(out)
+        assert parsed["z"] == 1 and DIGITS not in out and "[CREDIT_CARD_" in parsed["blob"], step
+
+
+DIGITS = "4111111111111111"

@@ -58,6 +58,8 @@ MAX_WORD_HOLD = 1024
 # with the MAX_WORD_HOLD characters after it (`_long_word`).
 LONG_STEP = 1024
 _SPACE = re.compile("[ \n\t\r]")
+# (json) A quote ends a word too: compact JSON has no space, and its values are in strings.
+_JSON_SPACE = re.compile('[ \n\t\r"]')
 _RUN_END = re.compile("\\S\\S|[\n\t\r]| {4}")
 _NUMBER_CHARS = frozenset("0123456789 ")  # a number, spelled out or not, a long word may cut
 
@@ -138,14 +140,15 @@ def _number_from(buf: str, at: int) -> tuple[str, bool]:
     return number, len(number) == len(rest)
 
 
-def _last_word(buf: str, base: int) -> tuple[int, bool]:
+def _last_word(buf: str, base: int, json: bool = False) -> tuple[int, bool]:
     """Where the last run of non-space characters of `buf` (at `base`) begins, as the position
     of its boundary character, at most MAX_WORD_HOLD back: no scan may decide on it yet; and
     whether the word is longer than that (it began before). A spelled-out run (`j a n e @ e
     x …`, `detectors.SPACED_PATTERN`) or a number read out in words (`four one one …`)
-    ending `buf` is one word."""
+    ending `buf` is one word. `json`: a quote ends a word (`_JSON_SPACE`)."""
     lo = max(0, len(buf) - MAX_WORD_HOLD)
-    space = max(buf.rfind(" ", lo), buf.rfind("\n", lo), buf.rfind("\t", lo), buf.rfind("\r", lo))
+    space = max(buf.rfind(" ", lo), buf.rfind("\n", lo), buf.rfind("\t", lo), buf.rfind("\r", lo),
+                buf.rfind('"', lo) if json else -1)
     if space < 0:
         return base + lo, True
     at = space
@@ -168,7 +171,7 @@ class StreamRedactor:
     __slots__ = ("scanner", "params", "holdback", "mapping", "findings", "decisions", "blocked",
                  "block_decision", "_buf", "_base", "_emit", "_resume", "_open", "_inj_hits",
                  "_inj_reported", "_done", "_raw", "_rbase", "_remit", "_segs", "_seg_starts", "_long", "_long_at",
-                 "_swallow", "_json", "_pending", "_in_string", "_quotes")
+                 "_swallow", "_json", "_pending", "_in_string", "_quotes", "_space")
 
     def __init__(self, scanner: Scanner, decision_params: DecisionParams | None = None,
                  holdback_chars: int = 64, *, mapping: PlaceholderMap | None = None, json: bool = False) -> None:
@@ -206,6 +209,7 @@ class StreamRedactor:
         self._long_at = 0  # its boundary character (normalized offset)
         self._swallow = False  # ... whose rest a placeholder replaces
         self._json = json
+        self._space = _JSON_SPACE if json else _SPACE  # what ends a word
         # An escape or a number (json), or a character reference (text), cut off at the end of
         # the last delta, read with the next; (json) whether it is inside a string.
         self._pending = ""
@@ -317,7 +321,7 @@ class StreamRedactor:
         if final or not self.holdback:
             limit = n
         else:
-            at, longer = _last_word(buf, base)
+            at, longer = _last_word(buf, base, self._json)
             limit = min(n - self.holdback, at)
             if (address := _pending_address(buf, base)) is not None:
                 limit = min(limit, address)
@@ -327,7 +331,7 @@ class StreamRedactor:
             if number is not None and number[1]:  # (the last word, or spelled-out run, is in it)
                 self._long, self._long_at = "number", number[0]
             elif longer:  # the scan reads its start with what has arrived; `_long_word` the rest
-                self._long = "word" if _SPACE.search(buf, at - base) is None else "run"
+                self._long = "word" if self._space.search(buf, at - base) is None else "run"
                 self._long_at = at
         rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
         resume += base
@@ -419,7 +423,8 @@ class StreamRedactor:
                 self._long = ""
                 return "", False
         lead = ""
-        if emit < n and buf[emit - base] in SPACES:  # the space before the word goes out as it is
+        if emit < n and (buf[emit - base] in SPACES or self._json and buf[emit - base] == '"'):
+            # the space (json: quote) before the word goes out as it is
             rnext = self._raw_start(emit + 1)
             lead = self._raw_slice(self._remit, rnext)
             emit = self._emit = self._resume = emit + 1
@@ -472,14 +477,14 @@ class StreamRedactor:
                 self._long = "word"  # digits glued to letters: a word (hex, base64) goes on
             else:
                 return emit + len(number.rstrip(SEP_CHARS)), True
-        m = (_SPACE if self._long == "word" else _RUN_END).search(buf, emit - base)
+        m = (self._space if self._long == "word" else _RUN_END).search(buf, emit - base)
         if m is None:
             return n, final
-        if m.group()[0].isspace():
+        if m.group()[0].isspace() or m.group() == '"':
             word, end = emit - base, m.start()
         else:  # a run's last word: it ends with it
             word = m.start()
-            m = _SPACE.search(buf, word)
+            m = self._space.search(buf, word)
             if m is None:
                 return n, final
             end = m.start()

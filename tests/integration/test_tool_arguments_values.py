@@ -30,6 +30,9 @@ CASES = {
     "split in the number": ('{"a": 4111111111111111}', [9, 15]),
     "nested, signed, compact": ('{"order":{"items":[{"card":-4111111111111111,"qty":2}]}}', [30, 33, 40]),
     "in a string too": ('{"note": "card 4111111111111111", "n": 4111111111111111}', [20, 45]),
+    "compact, longer than the word hold": (
+        '{"pad":[' + ",".join(['"abcdefghij"'] * 100) + '],"card":4111111111111111,"z":['
+        + ",".join(['"klmnopqrst"'] * 100) + "]}", [700, 1310, 1315, 2000]),
 }
 ANTHROPIC_TOOLS = [{"name": "pay", "description": "Pay.", "input_schema": {"type": "object"}}]
 PROMPT = "Pay the invoice."
