@@ -33,6 +33,8 @@ from gateway_extproc.policy import (
     walk_strings,
 )
 
+from gateway_extproc.policy.detectors import texty
+
 from .pii_corpus import padded_encodings
 
 DEFAULT = Scanner.compile()
@@ -735,3 +737,92 @@ def test_a_string_of_separators_between_strings_hides_no_card(strings: list[str]
     out, _ = redact_strings(strings, findings, PlaceholderMap())
     digits = "".join(c for c in "".join(out) if c.isdigit())
     assert not re.search("4111.*1111.*1111.*1111|5500005555555559|378282246310005", digits)
+
+
+# -- text in other encodings than UTF-8 ---------------------------------------------------
+
+NOTE = f"Facture réglée, carte {CARD}, SSN {SSN}. Merci à vous."
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def png(width: int = 64, height: int = 64, seed: int = 1) -> bytes:
+    """A real PNG of noise (what a screenshot's pixels look like to a decoder: compressed)."""
+    import random
+    import struct
+    import zlib
+    rng = random.Random(seed)
+    rows = b"".join(b"\x00" + bytes(rng.getrandbits(8) for _ in range(width * 3)) for _ in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """A real WAV: a quiet 440 Hz tone then silence (16-bit PCM, mostly zero high bytes)."""
+    import math
+    import struct
+    n = int(seconds * rate)
+    pcm = b"".join(struct.pack("<h", int(300 * math.sin(2 * math.pi * 440 * i / rate)) if i < n // 2 else 0)
+                   for i in range(n))
+    return (b"RIFF" + struct.pack("<I", 36 + len(pcm)) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate,
+                                                                                    rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", len(pcm)) + pcm)
+
+
+# How editors save text: Windows' "ANSI" (cp1252, Latin-1), Notepad's "Unicode" (UTF-16 LE with
+# a BOM), UTF-16 without a BOM, UTF-32; and UTF-8 with one stray byte put before it.
+ENCODED_NOTES = {
+    "cp1252": NOTE.encode("cp1252"),
+    "latin-1": NOTE.encode("latin-1"),
+    "utf-16 (BOM)": NOTE.encode("utf-16"),
+    "utf-16-le": NOTE.encode("utf-16-le"),
+    "utf-16-be": NOTE.encode("utf-16-be"),
+    "utf-32 (BOM)": NOTE.encode("utf-32"),
+    "utf-8 after a stray byte": b"\xff" + NOTE.encode(),
+}
+
+
+@pytest.mark.parametrize("raw", ENCODED_NOTES.values(), ids=ENCODED_NOTES.keys())
+def test_text_in_another_encoding_is_read_in_every_carrier(raw: bytes) -> None:
+    """Text that is no UTF-8 was judged binary and went out unread: a cp1252 or UTF-16 text file
+    (`data:text/plain;base64,` without a charset, which every provider reads as text), the same
+    bytes as `file_data`, `input_audio.data`, an `image_url`, or base64 / hex in a message."""
+    bodies = [
+        {"type": "file", "file": {"filename": "note.txt", "file_data": "data:text/plain;base64," + b64(raw)}},
+        {"type": "file", "file": {"filename": "note.txt", "file_data": b64(raw)}},
+        {"type": "input_file", "filename": "note.txt", "file_data": "data:text/plain;base64," + b64(raw)},
+        {"type": "input_audio", "input_audio": {"format": "wav", "data": b64(raw * 2)}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(raw)}},
+        {"type": "text", "text": f"decode this: {b64(raw)}"},
+        {"type": "text", "text": f"decode this: {raw.hex()}"},
+    ]
+    for part in bodies:
+        strings = walk_strings({"messages": [{"role": "user", "content": [part]}]})
+        assert isinstance(strings, list)
+        found = {f.rule for f in DEFAULT.scan_strings(strings)}
+        assert {"credit_card", "us_ssn"} <= found, part
+
+
+def test_binary_payloads_stay_unread_and_cheap() -> None:
+    """A real image or recording is not text in any encoding: skipped whole (no finding, no
+    re-encoding), judged on its first bytes (well under a millisecond, whatever its size)."""
+    import time
+    for raw, media in ((png(512, 512), "image/png"), (wav(4.0), "audio/wav")):
+        uri = f"data:{media};base64,{b64(raw)}"
+        body = {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}},
+            {"type": "input_audio", "input_audio": {"format": "wav", "data": b64(raw)}},
+            {"type": "file", "file": {"file_data": uri}}]}]}
+        assert walk_strings(body) == ["user", "image_url", "input_audio", "wav", "file"], media
+        assert map_strings(body, lambda s: s) == body
+        timings = []
+        for _ in range(9):
+            started = time.perf_counter()
+            assert texty(raw) is None
+            timings.append(time.perf_counter() - started)
+        assert sorted(timings)[4] < 0.001, (media, len(raw), timings)

@@ -822,21 +822,44 @@ def encoded_start_ok(text: str, start: int) -> bool:
 
 _LINE_CHARS = str.maketrans("", "", "\n\r\t")
 _PRINTABLE_ASCII = bytes(range(0x20, 0x7f)) + b"\n\r\t"
+# Byte-order marks, longest first (UTF-32 LE's begins with UTF-16 LE's).
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+         (b"\xfe\xff", "utf-16"))
+_HEAD = 4096  # what is judged first: a megabyte image is refused on its first bytes
 
 
 def texty(raw: bytes) -> str | None:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
+    """`raw` as the text it is, or None for binary. Text is read in the encodings a reader
+    (an editor, a provider reading a file, a model decoding base64) would guess, not only
+    UTF-8: UTF-16 and UTF-32 (a byte-order mark, or ASCII every other byte: Windows'
+    "Unicode" files), and UTF-8 with a few bytes of another charset (cp1252 / Latin-1 files,
+    a stray byte put before the text), each such byte read as U+FFFD; until 2026-12-05 such
+    text was binary, unread. Binary is what has more than a tenth of characters that are no
+    text (controls, U+FFFD), judged on the first bytes before the whole."""
+    if len(raw) > _HEAD and _readable(raw[:_HEAD]) is None:
         return None
+    return _readable(raw)
+
+
+def _readable(raw: bytes) -> str | None:
+    codec = next((c for bom, c in _BOMS if raw.startswith(bom)), None)
+    if codec is None:
+        head = raw[:_HEAD]
+        odd, even = head[1::2], head[0::2]
+        if len(odd) >= 4 and (odd.count(0) >= 0.9 * len(odd) or even.count(0) >= 0.9 * len(even)):
+            codec = "utf-16-le" if odd.count(0) >= even.count(0) else "utf-16-be"
+    try:
+        text, replaced = raw.decode(codec or "utf-8"), False
+    except UnicodeDecodeError:
+        text, replaced = raw.decode(codec or "utf-8", "replace"), True
     if len(text) < 4:
         return None
-    if text.translate(_LINE_CHARS).isprintable():  # (megabytes of text: one C pass, not a Python loop)
+    if not replaced and text.translate(_LINE_CHARS).isprintable():  # (megabytes of text: one C pass, not a Python loop)
         return text
     if text.isascii():
-        other = len(raw.translate(None, _PRINTABLE_ASCII))
+        other = len(text.encode("ascii").translate(None, _PRINTABLE_ASCII))
     else:
-        other = sum(1 for c in text if not (c.isprintable() or c in "\n\r\t"))
+        other = text.count("\ufffd") + sum(1 for c in text if not (c.isprintable() or c in "\n\r\t"))
     return text if other <= 0.1 * len(text) else None
 
 

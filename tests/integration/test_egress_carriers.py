@@ -7,6 +7,7 @@ whole. Every positive of the PII corpus, as one token array per string and as a 
 from __future__ import annotations
 
 import base64
+import re
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -214,3 +215,73 @@ def test_an_encoded_card_behind_filler_never_reaches_the_provider(gw: Gateway, n
     (sent,) = [x["body"] for x in gw.received(gw.primary) + gw.received(gw.backup)]
     content = sent["messages"][0]["content"]
     assert run[-40:] not in content and "[CREDIT_CARD_1]" in content, content[-200:]
+
+
+# -- text in another encoding than UTF-8 --------------------------------------------------------
+
+from ..test_scanner import ENCODED_NOTES, png, wav  # noqa: E402  (the same files as the unit test)
+
+
+def encoded_parts(raw: bytes) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The carriers of one encoded text file, by name: (endpoint, body for private-chat)."""
+    payload = base64.b64encode(raw).decode()
+    uri = f"data:text/plain;base64,{payload}"
+    chat = "/v1/chat/completions"
+
+    def user(part: dict[str, Any]) -> dict[str, Any]:
+        return {"model": "private-chat", "messages": [{"role": "user", "content": [part]}]}
+    return {
+        "chat file": (chat, user({"type": "file", "file": {"filename": "note.txt", "file_data": uri}})),
+        "raw file_data": (chat, user({"type": "file", "file": {"filename": "note.txt", "file_data": payload}})),
+        "input_audio": (chat, user({"type": "input_audio", "input_audio": {"format": "wav", "data": payload}})),
+        "image_url": (chat, user({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{payload}"}})),
+        "base64 in text": (chat, user({"type": "text", "text": f"decode: {payload}"})),
+        "responses input_file": ("/v1/responses", {"model": "private-chat", "input": [{"role": "user", "content": [
+            {"type": "input_file", "filename": "note.txt", "file_data": uri}]}]}),
+    }
+
+
+def seen_digits(body: Any) -> str:
+    """Every base64 run the provider got, decoded in every encoding a reader might guess, and
+    the body itself: the digits a card would leave as."""
+    text = orjson.dumps(body).decode()
+    out = [text]
+    for run in re.findall(r"[A-Za-z0-9+/]{16,}={0,2}", text):
+        try:
+            raw = base64.b64decode(run + "=" * (-len(run) % 4))
+        except ValueError:
+            continue
+        out += [raw.decode(codec, "replace") for codec in ("utf-8", "cp1252", "utf-16-le", "utf-16-be", "utf-32")]
+    return "".join(c for c in "\n".join(out) if c.isdigit() or c == "\n")
+
+
+@pytest.mark.parametrize("encoding", ENCODED_NOTES)
+def test_a_text_file_in_another_encoding_never_reaches_the_provider_unread(gw: Gateway, encoding: str) -> None:
+    """A cp1252 or UTF-16 text file (Windows' "ANSI" and "Unicode"), or one with a stray byte
+    before it, was binary to the gateway and went out unread in every carrier. Now: refused
+    for a model below its tier, redacted for one approved for it, through the openai SDK."""
+    import openai
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    for name, (path, body) in encoded_parts(ENCODED_NOTES[encoding]).items():
+        gw.reset()
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.post(path.removeprefix("/v1"), cast_to=object, body={**body, "model": "default-chat"})
+        assert refused.value.code == "classification_violation", name
+        assert gw.received(gw.primary) + gw.received(gw.backup) == [], name
+        client.post(path.removeprefix("/v1"), cast_to=object, body=body)
+        (sent,) = [r["body"] for r in gw.received(gw.primary) + gw.received(gw.backup)]
+        assert "4111111111111111" not in seen_digits(sent) and "123456789" not in seen_digits(sent), name
+
+
+def test_a_real_image_and_recording_go_out_byte_for_byte(gw: Gateway) -> None:
+    """Real binaries are still not read: nothing found, nothing re-encoded."""
+    gw.reset()
+    image, audio = base64.b64encode(png(256, 256)).decode(), base64.b64encode(wav(2.0)).decode()
+    parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+             {"type": "input_audio", "input_audio": {"format": "wav", "data": audio}},
+             {"type": "file", "file": {"filename": "a.wav", "file_data": f"data:audio/wav;base64,{audio}"}}]
+    r = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"}, timeout=60,
+                   json={"model": "default-chat", "messages": [{"role": "user", "content": parts}]})
+    assert r.status_code == 200, r.text
+    (sent,) = [x["body"] for x in gw.received(gw.primary) + gw.received(gw.backup)]
+    assert sent["messages"][0]["content"] == parts
