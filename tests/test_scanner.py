@@ -826,3 +826,48 @@ def test_binary_payloads_stay_unread_and_cheap() -> None:
             assert texty(raw) is None
             timings.append(time.perf_counter() - started)
         assert sorted(timings)[4] < 0.001, (media, len(raw), timings)
+
+
+QUERY_CARD = "4111%201111%201111%201111"
+B64_CARD = base64.b64encode(f"card {CARD}".encode()).decode()
+
+
+@pytest.mark.parametrize(("text", "rule"), [
+    (f"https://pay.example/search?q=card%20{QUERY_CARD}", "credit_card"),
+    (f"https://pay.example/?q={QUERY_CARD}&page=2", "credit_card"),
+    ("https://x.example/unsubscribe?to=john.doe%40example.com", "email"),
+    ("form body: name=John&email=john.doe%40example.com&ok=1", "email"),
+    ("Cookie: user=john.doe%40example.com; theme=dark", "email"),
+    ("ssn=123%2D45%2D6789", "us_ssn"),
+    (f"https://x.example/?state={B64_CARD}", "credit_card"),
+    (f"note={B64_CARD}", "credit_card"),
+])
+def test_an_encoded_value_after_a_key_and_equals_sign_is_read(text: str, rule: str) -> None:
+    """A run right after `name=` was taken for the tail of a base64 run (after its padding)
+    and never decoded: every URL-encoded or base64 value in a query string, a form body or a
+    cookie (`?q=card%204111%20…`, `?to=jane%40…`) went out unread."""
+    assert rule in {f.rule for f in DEFAULT.scan(text)}
+    for body in ({"messages": [{"role": "user", "content": text}]},
+                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": text}}]}]}):
+        strings = walk_strings(body)
+        assert isinstance(strings, list)
+        decision = DEFAULT.decide(DEFAULT.scan_strings(strings))
+        assert rule in {f.rule for f in decision.redact}
+
+
+def _surrogates(ch: str) -> str:
+    """`ch` as a JSON / JavaScript string writes a character past the BMP: two `\\u` escapes."""
+    code = ord(ch) - 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+@pytest.mark.parametrize("digits", [
+    "".join(_surrogates(chr(0x1D7CE + int(c))) if c.isdigit() else c for c in CARD),  # 𝟒𝟏𝟏𝟏 (bold)
+    "".join(_surrogates(chr(0x1D7CE + int(c))).replace("d", "D") if c.isdigit() else "-" for c in CARD),
+    "".join(_surrogates(chr(0x1D7F6 + int(c))) for c in CARD.replace(" ", "")),  # monospace digits
+])
+def test_digits_past_the_bmp_written_as_surrogate_escapes_are_read(digits: str) -> None:
+    """`\\ud835\\udfd2…` is how JSON and JavaScript write a mathematical digit: each half alone
+    is no character, so the run was left undecoded and the card went out; the pair is read."""
+    text = f"pay with {digits} today"
+    assert "credit_card" in {f.rule for f in DEFAULT.scan(text)}

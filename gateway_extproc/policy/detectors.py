@@ -703,8 +703,8 @@ def _after_no_escape() -> str:
 # scanner decodes a candidate, normalizes and scans the decoded text (at most
 # MAX_DECODE_DEPTH levels deep), and reports what it finds there over the whole run.
 # The look-behind keeps the scan linear: a run is tried from its start only, never again from
-# each `/`, `+`, `-` or `%` inside it.
-ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-=%.~])"
+# each `/`, `+`, `-` or `%` inside it (an `=` ends one: base64's padding, or `name=value`).
+ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-%.~])"
                    r"(?:[A-Za-z0-9._~+\-]*+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]*+)++"
                    r"|[A-Za-z0-9+/_\-]{12,}+={0,2}+"
                    # character references and escapes, a few separators apart (`&#52;&#49;…`, `\u0034…`)
@@ -712,7 +712,10 @@ ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-=%.~])"
                    r"|" + _after_no_escape() +
                    r"(?:(?:&#(?:[0-9]{1,7}+|[xX][0-9A-Fa-f]{1,6}+);?+|\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2}))"
                    r"[ .\-/_,:]{0,3}+){4,}+)")
-_ESCAPE = re.compile(r"&#([0-9]{1,7}|[xX][0-9A-Fa-f]{1,6});?|\\(?:u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2}))")
+# (a `\u` surrogate pair is one character past the BMP, as JSON and JavaScript write `𝟒`: each
+# half alone is none, and until 2026-12-05 a run of them was left undecoded)
+_ESCAPE = re.compile(r"&#([0-9]{1,7}|[xX][0-9A-Fa-f]{1,6});?|\\(?:u([dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F]"
+                     r"[0-9a-fA-F]{2}|[0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2}))")
 
 # Text spelled out a character at a time (`i g n o r e  p r e v i o u s`, `j a n e @ e x a m p l e
 # . c o m`, `A K I A …`): six or more single characters one to three spaces apart, and the rest
@@ -806,6 +809,8 @@ def _number_digits(run: str) -> str | None:
 
 def _unescape(m: re.Match[str]) -> str:
     ref, u, x = m.groups()
+    if u is not None and len(u) > 4:  # a surrogate pair (`d835\\udfd2`)
+        return chr(0x10000 + (int(u[:4], 16) - 0xD800 << 10) + int(u[6:], 16) - 0xDC00)
     code = int(ref[1:], 16) if ref and ref[0] in "xX" else int(ref or u or x, 10 if ref else 16)
     return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else m.group()
 
@@ -816,8 +821,10 @@ _HEX_RUN = re.compile(r"[0-9A-Fa-f]+")
 
 
 def encoded_start_ok(text: str, start: int) -> bool:
-    """Not the tail of a longer run (after a `/`, `+` or `%` inside it): runs are decoded whole."""
-    return not (start >= 2 and text[start - 1] in "+/%-_=" and text[start - 2] in _B64)
+    """Not the tail of a longer run (after a `/`, `+` or `%` inside it): runs are decoded whole.
+    A run after `name=` is a value of its own (a query string, a form body, a cookie: until
+    2026-12-05 `?q=card%204111%20…` was taken for a base64 run's tail, unread)."""
+    return not (start >= 2 and text[start - 1] in "+/%-_" and text[start - 2] in _B64)
 
 
 _LINE_CHARS = str.maketrans("", "", "\n\r\t")

@@ -285,3 +285,28 @@ def test_a_real_image_and_recording_go_out_byte_for_byte(gw: Gateway) -> None:
     assert r.status_code == 200, r.text
     (sent,) = [x["body"] for x in gw.received(gw.primary) + gw.received(gw.backup)]
     assert sent["messages"][0]["content"] == parts
+
+
+# -- encoded values in query strings -----------------------------------------------------------
+
+
+def test_a_url_encoded_value_in_a_query_string_never_reaches_the_provider(gw: Gateway) -> None:
+    """`?q=card%204111%20…` or `?to=jane%40…`: a run right after `name=` was never decoded, so
+    an image URL, a link in a message or a form body pasted into one carried it out. Now the
+    card holds the request to the model's tier and the address is redacted, through the SDK."""
+    import openai
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    card_url = "https://shop.example/search?q=card%204111%201111%201111%201111&page=2"
+    mail_url = "https://news.example/unsubscribe?to=jane.doe%40example.com&list=7"
+    gw.reset()
+    for content in ([{"type": "image_url", "image_url": {"url": card_url}}], f"open {card_url}"):
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": content}])
+        assert refused.value.code == "classification_violation"
+    assert gw.received(gw.primary) + gw.received(gw.backup) == []
+    for content in ([{"type": "image_url", "image_url": {"url": mail_url}}], f"open {mail_url}"):
+        client.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": content}])
+    client.chat.completions.create(model="private-chat", messages=[{"role": "user", "content": f"open {card_url}"}])
+    sent = orjson.dumps([r["body"] for r in gw.received(gw.primary) + gw.received(gw.backup)]).decode()
+    assert sent.count("[EMAIL_1]") == 2 and "[CREDIT_CARD_1]" in sent
+    assert "jane.doe" not in sent and "%204111" not in sent and "4111%20" not in sent
