@@ -871,3 +871,33 @@ def test_digits_past_the_bmp_written_as_surrogate_escapes_are_read(digits: str) 
     is no character, so the run was left undecoded and the card went out; the pair is read."""
     text = f"pay with {digits} today"
     assert "credit_card" in {f.rule for f in DEFAULT.scan(text)}
+
+
+def _wrapped(text: str, width: int, crlf: bool = False) -> str:
+    """`text` as `base64` (the coreutils tool: 76 columns), PEM (64) or MIME (76, CRLF) write it."""
+    run = base64.b64encode(text.encode()).decode()
+    return ("\r\n" if crlf else "\n").join(run[i:i + width] for i in range(0, len(run), width))
+
+
+LETTER = ("Dear team, please find the customer's details below. " * 3 + f"Card {CARD}, SSN {SSN}, "
+          f"mail {EMAIL}. " + "Thanks, and see you at the meeting next week. " * 3)
+
+
+@pytest.mark.parametrize(("width", "crlf"), [(76, False), (64, False), (76, True), (60, False)])
+@pytest.mark.parametrize("shift", range(0, 57, 7))
+@pytest.mark.parametrize("after", ["", "\nthanks", "\nThanks, J.", "\nabcde"])
+def test_a_value_in_wrapped_base64_is_read_across_its_line_breaks(width: int, crlf: bool, shift: int,
+                                                                  after: str) -> None:
+    """Base64 as `base64 notes.txt`, PEM and MIME write it, one line of 76 or 64 characters at
+    a time: each line was decoded on its own, so a value whose base64 crossed a line break
+    (most of them, at some offset) went out unread. The lines are one run, read whole (a word
+    on the next line, which may spoil its decoding, does not hide it)."""
+    text = "x" * shift + LETTER
+    block = _wrapped(text, width, crlf)
+    body = {"messages": [{"role": "user", "content": f"decode this:\n{block}{after}"}]}
+    strings = walk_strings(body)
+    assert isinstance(strings, list)
+    decision = DEFAULT.decide(DEFAULT.scan_strings(strings))
+    assert {"credit_card", "us_ssn", "email"} <= {f.rule for f in decision.redact}
+    redacted, _ = redact_strings(strings, decision.redact)
+    assert not any(line in redacted[1] for line in block.split()[:-1])  # the whole run

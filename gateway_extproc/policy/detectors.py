@@ -704,9 +704,14 @@ def _after_no_escape() -> str:
 # MAX_DECODE_DEPTH levels deep), and reports what it finds there over the whole run.
 # The look-behind keeps the scan linear: a run is tried from its start only, never again from
 # each `/`, `+`, `-` or `%` inside it (an `=` ends one: base64's padding, or `name=value`).
+# Base64 and hex wrapped over lines (`base64` and MIME write 76 columns, PEM 64, `xxd -p` 60)
+# are one run: a line of 12 or more goes on over each line break into the next line
+# (`WRAPPED_LINES`), and a run never starts on a line such a line ends before.
+WRAPPED_LINES = r"(?:\r?\n[A-Za-z0-9+/_\-]{4,}+)*+"
 ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-%.~])"
                    r"(?:[A-Za-z0-9._~+\-]*+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]*+)++"
-                   r"|[A-Za-z0-9+/_\-]{12,}+={0,2}+"
+                   r"|(?:(?<!\n)|(?<![A-Za-z0-9+/_\-]{12}\n)(?<![A-Za-z0-9+/_\-]{12}\r\n))"
+                   r"[A-Za-z0-9+/_\-]{12,}+" + WRAPPED_LINES + r"={0,2}+"
                    # character references and escapes, a few separators apart (`&#52;&#49;…`, `\u0034…`)
                    # (never from inside such a run: each start would decode the rest again)
                    r"|" + _after_no_escape() +
@@ -816,8 +821,28 @@ def _unescape(m: re.Match[str]) -> str:
 
 
 MAX_DECODE_DEPTH = 2
-_B64 = frozenset(string.ascii_letters + string.digits + "+/_-%")
+_RUN_CHARS = string.ascii_letters + string.digits + "+/_-"
+_B64 = frozenset(_RUN_CHARS + "%")
 _HEX_RUN = re.compile(r"[0-9A-Fa-f]+")
+
+
+_WRAPPED = re.compile(WRAPPED_LINES)
+_LINE_BREAK = str.maketrans("", "", "\r\n")
+
+
+def wrapped_end(text: str, end: int) -> int:
+    """The end of the base64 or hex run whose first line ends at `end`, over the lines it is
+    wrapped on (`end` itself when it is not wrapped)."""
+    return _WRAPPED.match(text, end).end()
+
+
+def wrapped_start(text: str, start: int) -> bool:
+    """Whether a run at `start` is a later line of a wrapped run (read from its first line):
+    the regex's look-behinds, for the prefilter."""
+    if start < 13 or text[start - 1] != "\n":
+        return False
+    end = start - 2 if text[start - 2] == "\r" else start - 1
+    return end >= 12 and not text[end - 12:end].strip(_RUN_CHARS)
 
 
 def encoded_start_ok(text: str, start: int) -> bool:
@@ -899,7 +924,7 @@ def decode_payload(run: str) -> str | None:
         except UnicodeDecodeError:
             return None
         return decoded if decoded != run else None
-    body = run.rstrip("=")
+    body = run.translate(_LINE_BREAK).rstrip("=")  # (a wrapped run: its lines joined)
     if len(body) >= 16 and len(body) % 2 == 0 and _HEX_RUN.fullmatch(body):
         text = texty(bytes.fromhex(body))
         if text is not None:

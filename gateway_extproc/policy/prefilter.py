@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import DIGIT_WORDS, MAX_KEY_BODY, WIDE_SEPC, phrase_char
+from .detectors import DIGIT_WORDS, MAX_KEY_BODY, WIDE_SEPC, phrase_char, wrapped_end, wrapped_start
 
 try:
     import hyperscan
@@ -54,7 +54,8 @@ class Trigger:
     expression: str
     som: bool  # reports the match start (else only its end)
     reach: int | None  # a value may start this many characters before the reported offset; None: anywhere;
-    # -1: the trigger ends a run of base64 characters, which starts where the run does;
+    # -1: the trigger ends a run of base64 characters, which starts where the run does (a run
+    # wrapped over lines: read from its first line to its last, `detectors.WRAPPED_LINES`);
     # -2: the trigger is an escape inside a URL-encoded run, which starts where the run does
     caseless: bool = False
     tail: int = 256  # how far past the trigger's end the regex reads (longer values: read again, whole)
@@ -286,6 +287,9 @@ class Prefilter:
             som, reach, tail, check = params[i]
             if reach == -1:  # a run ending at to - 1: walk back to its start
                 frm = _run_start(text, to - 1, _RUN)
+                if wrapped_start(text, frm):  # a later line of a wrapped run: read from its first
+                    continue
+                to = wrapped_end(text, to - 1) + 1
                 som, reach = True, 1
             elif reach == -2:  # an escape ending at `to` inside a URL-encoded run: its start
                 # (events come in order: an escape in the run already walked reuses its start,

@@ -67,6 +67,7 @@ from .detectors import (
     ssn_context_name,
     decode_payload,
     encoded_start_ok,
+    wrapped_end,
     expand_phrase,
     normalize_phrase,
     number_words_run,
@@ -675,6 +676,17 @@ def _gated(source: str) -> str:
     return f"{gate}(?<=(?={source}){gate})"
 
 
+def _wrapped_ends(v: str, start: int, end: int) -> tuple[int, ...]:
+    """Where a run v[start:end] may end: its end; for a run wrapped over lines that does not
+    decode whole (a word on the line after it, taken for one more line), before its last line,
+    and after its first."""
+    last = v.rfind("\n", start, end)
+    if last < 0:
+        return (end,)
+    first = v.find("\n", start, end)
+    return end, last - (v[last - 1] == "\r"), first - (v[first - 1] == "\r")
+
+
 def _label(detector: str) -> str:
     d = BUILTIN_DETECTORS.get(detector)
     if d is not None and d.label:
@@ -959,15 +971,19 @@ class Scanner:
         then does the regex look at it (the encoded region would reject it anyway)."""
         if _DEPTH.value >= MAX_DECODE_DEPTH:
             return False
+        end = wrapped_end(v, end)  # (base64 wrapped over lines: the whole run)
         tail = v[end:end + 2]
         end += len(tail) - len(tail.lstrip("="))  # padding is part of the run
         run = v[start:end]
-        return any(self._decoded(r, _DEPTH.value) for r in {run, run.lstrip("+/-_")} if len(r) >= 12)
+        return any(self._decoded(r, _DEPTH.value) for r in {run.lstrip("+/-_"), *(v[start:e] for e in
+                                                                      _wrapped_ends(v, start, end))} if len(r) >= 12)
 
     def _encoded_check(self, v: str, start: int, end: int) -> int:
+        """The run's end; for a wrapped run that does not decode whole (a word on the line after
+        it), its end before that line, or its first line's (`_wrapped_ends`)."""
         if _DEPTH.value >= MAX_DECODE_DEPTH or not encoded_start_ok(v, start):
             return 0
-        return end if self._decoded(v[start:end], _DEPTH.value) else 0
+        return next((e for e in _wrapped_ends(v, start, end) if self._decoded(v[start:e], _DEPTH.value)), 0)
 
     def _spaced_check(self, v: str, start: int, end: int) -> int:
         """The run's end, or the end of its last spelled-out character when what the run holds

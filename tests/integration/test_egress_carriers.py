@@ -310,3 +310,26 @@ def test_a_url_encoded_value_in_a_query_string_never_reaches_the_provider(gw: Ga
     sent = orjson.dumps([r["body"] for r in gw.received(gw.primary) + gw.received(gw.backup)]).decode()
     assert sent.count("[EMAIL_1]") == 2 and "[CREDIT_CARD_1]" in sent
     assert "jane.doe" not in sent and "%204111" not in sent and "4111%20" not in sent
+
+
+def test_a_value_in_wrapped_base64_never_reaches_the_provider(gw: Gateway) -> None:
+    """`base64 notes.txt` pasted into a prompt (76 columns; PEM 64, MIME with CRLF): each line
+    was decoded alone, so a card whose base64 crossed a line break went out. Now the lines are
+    one run: held to the model's tier, and redacted whole for a model approved for it."""
+    import anthropic
+    from ..test_scanner import _wrapped
+    client = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
+    gw.reset()
+    blocks = [_wrapped("x" * shift + "Please charge card 4111 1111 1111 1111 for the order, thanks a lot.", width, crlf)
+              for shift in range(0, 76, 4) for width, crlf in ((76, False), (64, False), (76, True))]
+    for block in blocks:
+        with pytest.raises(anthropic.PermissionDeniedError):
+            client.messages.create(model="default-chat", max_tokens=16,
+                                   messages=[{"role": "user", "content": f"decode:\n{block}\nthanks"}])
+    assert gw.received(gw.primary) + gw.received(gw.backup) == []
+    for block in blocks:
+        client.messages.create(model="private-chat", max_tokens=16,
+                               messages=[{"role": "user", "content": f"decode:\n{block}\nthanks"}])
+    sent = [r["body"]["messages"][0]["content"] for r in gw.received(gw.primary) + gw.received(gw.backup)]
+    assert len(sent) == len(blocks) and all("[CREDIT_CARD_1]" in content for content in sent)
+    assert not any(line in content for block, content in zip(blocks, sent) for line in block.split()[1:-1])
