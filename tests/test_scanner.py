@@ -901,3 +901,14 @@ def test_a_value_in_wrapped_base64_is_read_across_its_line_breaks(width: int, cr
     assert {"credit_card", "us_ssn", "email"} <= {f.rule for f in decision.redact}
     redacted, _ = redact_strings(strings, decision.redact)
     assert not any(line in redacted[1] for line in block.split()[:-1])  # the whole run
+
+
+@pytest.mark.parametrize("text", [
+    "https://shop.example/search?q=caf%E9%204111%201111%201111%201111",  # Latin-1 form encoding
+    "?to=jos%E9.doe%40example.com",
+    "%FF%20card%204111%201111%201111%201111",  # a stray byte first
+])
+def test_a_url_encoded_run_with_a_byte_that_is_no_utf8_is_read(text: str) -> None:
+    """One `%E9` (Latin-1 forms, old sites) or a stray `%FF` made the whole run undecodable,
+    and it went out unread; the run is read with that byte as U+FFFD, as a text file is."""
+    assert {f.rule for f in DEFAULT.scan(text)} & {"credit_card", "email"}

@@ -921,8 +921,8 @@ def decode_payload(run: str) -> str | None:
     if "%" in run:
         try:
             decoded = _unquote_plus(run)
-        except UnicodeDecodeError:
-            return None
+        except UnicodeDecodeError:  # a byte of another charset (`caf%E9`, Latin-1 forms): U+FFFD
+            decoded = urllib.parse.unquote_plus(run, errors="replace")  # (until 2026-12-05: unread)
         return decoded if decoded != run else None
     body = run.translate(_LINE_BREAK).rstrip("=")  # (a wrapped run: its lines joined)
     if len(body) >= 16 and len(body) % 2 == 0 and _HEX_RUN.fullmatch(body):

@@ -299,7 +299,8 @@ def test_a_url_encoded_value_in_a_query_string_never_reaches_the_provider(gw: Ga
     card_url = "https://shop.example/search?q=card%204111%201111%201111%201111&page=2"
     mail_url = "https://news.example/unsubscribe?to=jane.doe%40example.com&list=7"
     gw.reset()
-    for content in ([{"type": "image_url", "image_url": {"url": card_url}}], f"open {card_url}"):
+    stray = "https://shop.example/search?q=%FF%20card%204111%201111%201111%201111"  # a byte that is no UTF-8
+    for content in ([{"type": "image_url", "image_url": {"url": card_url}}], f"open {card_url}", f"open {stray}"):
         with pytest.raises(openai.PermissionDeniedError) as refused:
             client.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": content}])
         assert refused.value.code == "classification_violation"
