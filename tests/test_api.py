@@ -419,7 +419,7 @@ EXPECTED_TYPE = {
 
 EXPECTED_STATUS = {
     "invalid_json": 400, "invalid_encoding": 400, "invalid_request": 400, "too_many_choices": 400,
-    "context_not_countable": 400, "token_input_unreadable": 400,
+    "context_not_countable": 400, "token_input_unreadable": 400, "thinking_budget_too_large": 400,
     "missing_api_key": 401, "invalid_api_key": 401, "expired_api_key": 401,
     "identity_not_mapped": 403, "identity_conflict": 403, "key_store_unavailable": 503,
     "audit_not_enabled": 404,
