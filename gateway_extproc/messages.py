@@ -17,7 +17,8 @@ import orjson
 
 from gateway_extproc import api
 from gateway_extproc.errors import GatewayError, plain_word, quoted
-from gateway_extproc.providers.base import NATIVE_STOPS, SseReader, arguments_object
+from gateway_extproc.providers.base import (NATIVE_STOPS, UNREADABLE_STREAM, EventTooLarge, SseReader,
+                                            arguments_object)
 
 JSON = dict[str, Any]
 
@@ -473,7 +474,11 @@ class ToMessagesStream:
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
         out: list[bytes] = []
-        for data in self._reader.feed(chunk, end):
+        try:
+            events = self._reader.feed(chunk, end)
+        except EventTooLarge:  # (past the router's 1 MiB hold when no output scanning holds events)
+            return b"" if self._done else b"".join(self._chunk({"error": {"message": UNREADABLE_STREAM}}))
+        for data in events:
             if self._done:
                 break
             if data.strip() == b"[DONE]":

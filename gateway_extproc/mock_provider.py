@@ -1534,11 +1534,15 @@ class Controls:
         return reply
 
 
+MAX_RAW_REPEAT = 1 << 16
+
+
 def _raw_reply(reply: Reply, headers: dict[str, str]) -> Reply:
     """Raw replies for wire-shape tests, applied after every other control:
     `x-mock-raw-status: N` answers with status N (100-599, 2xx included: 204, 206...);
     `x-mock-raw-body: <base64>` sends exactly these bytes as a JSON-labelled body (empty allowed);
-    `x-mock-raw-events: <JSON array of base64 strings>` sends a stream, one HTTP chunk each."""
+    `x-mock-raw-events: <JSON array of base64 strings>` sends a stream, one HTTP chunk each
+    (`x-mock-raw-repeat: <JSON array of counts>`: event i that many times)."""
     status = _header_int(headers, "x-mock-raw-status")
     if status is not None:
         if not 100 <= status <= 599:
@@ -1550,6 +1554,13 @@ def _raw_reply(reply: Reply, headers: dict[str, str]) -> Reply:
     events = headers.get("x-mock-raw-events")
     if events is not None:
         reply.events = [base64.b64decode(e) for e in orjson.loads(events)]
+        repeats = orjson.loads(headers.get("x-mock-raw-repeat") or "[]")
+        if not isinstance(repeats, list) or not all(_is_int(n) and 0 <= n <= MAX_RAW_REPEAT for n in repeats):
+            raise HTTPError(400, f"x-mock-raw-repeat must be a JSON list of counts from 0 to {MAX_RAW_REPEAT}")
+        # Event i goes out repeats[i] times (1 past the list): a stream of megabytes (an event
+        # that never ends) from a few bytes of header.
+        counts = [*repeats, *[1] * (len(reply.events) - len(repeats))]
+        reply.events = [event for event, n in zip(reply.events, counts) for _ in range(n)]
     interim = headers.get("x-mock-interim")  # e.g. "103,100": 1xx answers first
     if interim:
         reply.interim = tuple(int(v) for v in interim.split(","))

@@ -352,6 +352,21 @@ def test_text_stream() -> None:
     assert (final.stop_reason, final.usage.output_tokens, final.usage.cache_read_input_tokens) == ("end_turn", 9, 32)
 
 
+def test_a_chunk_that_never_ends_ends_the_anthropic_stream_with_an_error_event() -> None:
+    """Without output scanning the router passes on a provider event past its 1 MiB hold in
+    pieces, and this reader held it whole without bound (quadratic, as providers.base.SseReader
+    did): past 16 MiB the Anthropic client's stream now ends with one error event."""
+    translator = ToMessagesStream()
+    out = translator.feed(data(delta({"role": "assistant", "content": "Hello"})) + b'data: {"choices": [', False)
+    filler = b" " * 65536
+    for _ in range((16 << 20) // len(filler) + 2):
+        out += translator.feed(filler, False)
+    out += translator.feed(filler, False) + translator.feed(b"]}\n\n", True)
+    kinds = [kind for kind, _ in events(out)]
+    assert kinds[:3] == ["message_start", "content_block_start", "content_block_delta"] and kinds[-1] == "error", kinds
+    assert kinds.count("error") == 1, kinds
+
+
 def test_tool_call_stream() -> None:
     out = ToMessagesStream().feed(TOOL_STREAM, True)
     json_delta = [("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": p}})

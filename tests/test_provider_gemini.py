@@ -567,3 +567,34 @@ def test_top_k_thinking_and_a_failed_tool_result_reach_gemini() -> None:
                                                                   "response": {"error": {"content": "boom"}}}}]
     off = _body(gemini.request(GEMINI_API, "/chat/completions", {**body, "thinking": {"type": "disabled"}}, False).body)
     assert off["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 0}
+
+
+def test_an_sse_event_that_never_ends_is_cut_at_its_bound_with_the_events_before_it() -> None:
+    """A provider sending one `data:` line without its blank line: the reader re-read all it
+    held on every chunk (32 MiB in 8 KiB chunks cost ~30 s of CPU, memory without bound). It
+    reads each byte once and stops past MAX_EVENT_BYTES; the events before it still go out."""
+    from gateway_extproc.providers.base import MAX_EVENT_BYTES, GuardedStream
+
+    translator = GuardedStream(gemini.stream("gemini-2.5-pro"))
+    first = b'data: {"candidates": [{"content": {"parts": [{"text": "Hello"}]}}]}\n\n'
+    out = translator.feed(first + b'data: {"candidates": [{"content": {"parts": [{"text": "', False)
+    filler = b"x" * 8192
+    for _ in range(MAX_EVENT_BYTES // len(filler) + 2):
+        out += translator.feed(filler, False)
+    out += translator.feed(filler, False) + translator.feed(b'"}]}}]}\n\n', True)
+    events = [orjson.loads(e[6:]) for e in out.split(b"\n\n") if e.startswith(b"data: ")]
+    assert events[0]["choices"][0]["delta"]["content"] == "Hello", events
+    assert [e["error"]["code"] for e in events[1:]] == ["provider_error"], events
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 7, 64])
+def test_sse_events_cut_anywhere_read_as_whole(cut: int) -> None:
+    """The reader's one-pass search for the blank line gives the events a whole read gives, with
+    LF, CRLF and CR line ends and blank lines between events."""
+    from gateway_extproc.providers.base import SseReader
+
+    raw = b'data: {"a": 1}\n\n\n\ndata: {"b":\r\ndata: 2}\r\n\r\n: c\r\rdata: 3\r\r\ndata: [DONE]\n\ndata: 4'
+    whole = SseReader().feed(raw, True)
+    reader = SseReader()
+    pieces = [d for i in range(0, len(raw), cut) for d in reader.feed(raw[i:i + cut], False)] + reader.feed(b"", True)
+    assert pieces == whole == [b'{"a": 1}', b'{"b":\n2}', b"3", b"[DONE]", b"4"], pieces

@@ -170,28 +170,50 @@ def guarded_response(translator: Translator, status: int, raw: bytes,
     return out, status, failure
 
 
+# The largest SSE event a provider stream may hold (as eventstream.MAX_MESSAGE_BYTES bounds a
+# Bedrock frame): a Gemini event with inline image bytes runs to megabytes, but an event past
+# this is a provider (or a proxy) sending without end, and holding it would grow without bound.
+MAX_EVENT_BYTES = 16 << 20
+
+
+class EventTooLarge(ValueError):
+    """A provider's SSE event went past MAX_EVENT_BYTES without ending."""
+
+
 class SseReader:
     """Reassembles SSE events across arbitrary chunk boundaries (LF, CRLF or CR line ends)
     and yields each event's `data` payload; event names and comments are not needed
-    because the Anthropic, Gemini and OpenAI payloads all say what they are."""
+    because the Anthropic, Gemini and OpenAI payloads all say what they are.
+
+    Each byte is searched for the blank line once, as it arrives: re-reading the whole held
+    event on every chunk made an event of 32 MiB, trickled in 8 KiB chunks, cost a worker
+    ~30 s of CPU (quadratic), and nothing bounded it."""
 
     __slots__ = ("_carry", "_text")
 
     def __init__(self) -> None:
         self._carry = b""  # a trailing b"\r" that may be the first half of b"\r\n"
-        self._text = b""  # normalised (LF-only) bytes of the incomplete event
+        self._text = bytearray()  # normalised (LF-only) bytes of the incomplete event
 
     def feed(self, chunk: bytes, end: bool) -> list[bytes]:
         """The data of every event completed by `chunk`; at `end` also of the unterminated
-        last event, which a caller that must tell it apart reads with `feed(b"", True)`."""
+        last event, which a caller that must tell it apart reads with `feed(b"", True)`.
+        Raises EventTooLarge once an event has gone past MAX_EVENT_BYTES (at the call after
+        the one that returned the events completed before it)."""
+        if len(self._text) > MAX_EVENT_BYTES:
+            raise EventTooLarge(f"an SSE event went past {MAX_EVENT_BYTES} bytes without ending")
         raw = self._carry + chunk
         cut = len(raw) - 1 if raw.endswith(b"\r") and not end else len(raw)
         self._carry = raw[cut:]
+        held = len(self._text)  # holds no blank line: only its last byte may start one
         self._text += raw[:cut].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *events, self._text = self._text.split(b"\n\n")
+        events: list[bytes] = []
+        if self._text.find(b"\n\n", max(held - 1, 0)) >= 0:
+            *events, rest = bytes(self._text).split(b"\n\n")
+            self._text = bytearray(rest)
         if end:
-            events.append(self._text)
-            self._text = b""
+            events.append(bytes(self._text))
+            self._text = bytearray()
         return [data for event in events if (data := event_data(event)) is not None]
 
 

@@ -1,0 +1,120 @@
+"""Hostile replies on the translated provider paths (Gemini `alt=sse`, Bedrock ConverseStream
+event-stream frames), through real Envoy and the ext_proc with values-local's output scanning
+on, read by openai-SDK and anthropic-SDK clients and by httpx.
+
+Each test reproduces a broken promise the egress-5 attack round found, or pins one that held:
+- a client gets a clean answer or an OpenAI-shaped error with a documented code, in bounded
+  time, and the other streams of the worker keep moving (never a hang, a 500
+  `gateway_internal_error` or an Envoy crash);
+- no restricted value leaves.
+
+Replies are scripted with the mock provider's raw controls (`x-mock-raw-events`, and
+`x-mock-raw-repeat` for megabytes of stream; docs/mock-provider.md), sealed by conftest.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway_extproc import keys
+from gateway_extproc.providers import eventstream
+
+from .conftest import Gateway, add_provider_models, running_gateway
+
+KEYS = {f"k{i}": keys.generate(f"wire5-k{i}") for i in range(20)}
+_next = iter(KEYS)
+
+
+@pytest.fixture(scope="module")
+def wgw() -> Iterator[Gateway]:
+    def customize(values: dict[str, Any]) -> None:
+        add_provider_models(values)
+        values["keys"] += [{"id": f"wire5-{name}", "sha256": keys.digest(key), "team": "demo",
+                            "budget": {"daily": 5}} for name, key in KEYS.items()]
+    with running_gateway("gw-wire5-", customize=customize) as gw:
+        yield gw
+
+
+@pytest.fixture
+def gw(wgw: Gateway) -> Iterator[Gateway]:
+    wgw.reset()
+    envoy = wgw.stack.procs["envoy"]
+    yield wgw
+    assert envoy.poll() is None, "Envoy died"
+    assert httpx.get(wgw.stack.admin_url + "/ready").status_code == 200
+
+
+def raw_events(*events: bytes) -> str:
+    return orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
+
+
+def frame(name: str, payload: dict[str, Any]) -> bytes:
+    return eventstream.encode({":event-type": name, ":content-type": "application/json", ":message-type": "event"},
+                              orjson.dumps(payload))
+
+
+def stream_events(gw: Gateway, model: str, controls: dict[str, str], key: str | None = None,
+                  timeout: float = 120) -> tuple[int, list[Any], float]:
+    """(status, the data payloads of a streamed chat answer, seconds it took)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    started = time.monotonic()
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=timeout,
+                      headers={"authorization": f"Bearer {key or gw.key}", **controls}) as r:
+        raw = r.read()
+    took = time.monotonic() - started
+    assert b"gateway_internal_error" not in raw, raw[-500:]
+    events = [e[6:] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+    return r.status_code, [e.decode() if e == b"[DONE]" else orjson.loads(e) for e in events], took
+
+
+def errors(events: list[Any]) -> list[dict[str, Any]]:
+    return [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+
+
+# -- 1. an SSE event larger than any buffer, or one that never ends -----------------------------
+
+
+GEMINI_OPEN = b'data: {"candidates": [{"content": {"role": "model", "parts": [{"text": "'
+FILLER = b"lorem ipsum " * 682  # 8,184 bytes
+
+
+def test_a_gemini_event_that_never_ends_is_a_provider_error_and_other_streams_keep_moving(gw: Gateway) -> None:
+    """32 MiB of one `data:` line without its blank line: the translator re-read everything it
+    held on every chunk (quadratic: ~30 s of a worker's event loop, every other stream on it
+    stalled, memory without bound). It now stops at 16 MiB with a provider_error event."""
+    controls = {"x-mock-raw-events": raw_events(GEMINI_OPEN, FILLER), "x-mock-raw-repeat": "[1, 4096]",
+                "x-mock-chunk-delay-ms": "1"}
+    slowest: list[float] = []
+    stop = threading.Event()
+
+    def others() -> None:  # small answers meanwhile, on every worker
+        while not stop.is_set():
+            started = time.monotonic()
+            r = httpx.post(gw.url + "/v1/chat/completions", timeout=120, headers={"authorization": f"Bearer {gw.key}"},
+                           json={"model": "default-chat", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+            slowest.append(time.monotonic() - started)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=others) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        status, events, took = stream_events(gw, "gemini-chat", controls)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert status == 200
+    assert [e["code"] for e in errors(events)] == ["provider_error"], events[-2:]
+    assert took < 15, took
+    assert max(slowest) < 3, sorted(slowest)[-5:]
+
