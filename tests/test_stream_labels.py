@@ -54,3 +54,25 @@ def test_a_value_in_a_tool_name_goes_and_the_call_goes_on() -> None:
 def test_clean_labels_are_read_once() -> None:
     _, g = run([chunk({"content": "a"}, "gpt-4o"), chunk({"content": "b"}, "gpt-4o")])
     assert g.labels[("model", "gpt-4o")] == "gpt-4o"
+
+
+def test_a_tool_calls_name_or_id_that_is_no_string_is_read() -> None:
+    """A streamed tool call's `function.name` or `id` written as a number (or a list of numbers)
+    went out unread: the guard read strings only there, the openai SDK builds chunks without
+    validating them, and the Bedrock translator carries Converse's `name` and `toolUseId` as
+    sent. Such a value is read as a field outside the schema: dropped when it holds a finding."""
+    for call in ({"index": 0, "id": "call_1", "type": "function", "function": {"name": int(CARD), "arguments": ""}},
+                 {"index": 0, "id": int(CARD), "type": "function", "function": {"name": "f", "arguments": ""}},
+                 {"index": 0, "id": "call_1", "type": "function", "function": {"name": [int(CARD)], "arguments": ""}},
+                 {"index": 0, "id": [float(CARD)], "type": "function", "function": {"name": "f", "arguments": ""}}):
+        out, _ = run([chunk({"role": "assistant", "tool_calls": [call]}),
+                      chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}),
+                      chunk({}, finish="tool_calls")])
+        assert CARD not in out and "4.111111111111111e15" not in out and "4111111111111111.0" not in out, out
+        args = "".join(c["function"].get("arguments", "") for line in out.split("\n\n") if line.startswith("data: {")
+                       for choice in orjson.loads(line[6:])["choices"]
+                       for c in choice["delta"].get("tool_calls") or [])
+        assert args == '{"a": 1}', out
+    clean, _ = run([chunk({"tool_calls": [{"index": 0, "id": 7, "type": "function", "function": {"name": 5}}]}),
+                    chunk({}, finish="tool_calls")])
+    assert '"id":7' in clean and '"name":5' in clean, clean

@@ -528,7 +528,7 @@ class ResponseGuard:
         for name in _CHUNK_LABELS:
             value = chunk.get(name)
             if not isinstance(value, str) or not value:
-                continue  # (another type is read as a field outside the schema: `_odd_labels`)
+                continue  # (another type is read as a field outside the schema: `_not_strings`)
             sent = self.labels.get((name, value))
             if sent is None:
                 if name in known and value in known[name]:
@@ -560,7 +560,7 @@ class ResponseGuard:
         the client (`usage` and any field beside it), so their strings are scanned as a chunk's
         extras are: the event as it came when they hold nothing (its labels as `_labels` left
         them); else without them, or the stream's end when a value blocks."""
-        odd = _odd_labels(chunk)
+        odd = _not_strings(chunk, _CHUNK_LABELS)
         fields = [k for k in chunk if k not in _HEAD and k != "choices"] + odd
         read = read_json(self.policy.scanner, [chunk[k] for k in fields])
         if isinstance(read, LimitExceeded):
@@ -1064,7 +1064,7 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
     """(dict, key) of every field outside the chat stream schema, down to tool calls, and of
     the schema's labels holding a value it does not define and its annotations."""
     out = [] if chunk.keys() <= _CHUNK_KEYS else [(chunk, k) for k in chunk if k not in _CHUNK_KEYS]
-    out += _odd(chunk, ("service_tier", *_ANNOTATIONS)) + [(chunk, k) for k in _odd_labels(chunk)]
+    out += _odd(chunk, ("service_tier", *_ANNOTATIONS)) + [(chunk, k) for k in _not_strings(chunk, _CHUNK_LABELS)]
     if "created" in chunk and not _count(chunk["created"], _MAX_CREATED):
         out.append((chunk, "created"))
     if isinstance(chunk.get("usage"), dict) and not all(
@@ -1095,10 +1095,11 @@ def _extras(chunk: dict[str, Any], choices: list[Any]) -> list[tuple[dict[str, A
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
                 out += [(call, k) for k in call if k not in _CALL_KEYS]
-                out += _odd(call, ("type",))
+                out += _odd(call, ("type",)) + [(call, k) for k in _not_strings(call, ("id",))]
                 for fn in (call.get("function"), call.get("custom")):
                     if isinstance(fn, dict):
-                        out += [(fn, k) for k in fn if k not in _FUNCTION_KEYS]
+                        out += [(fn, k) for k in fn if k not in _FUNCTION_KEYS or k == "name"
+                                and not isinstance(fn[k], str)]
                     elif fn is not None:
                         out.append((call, "function" if fn is call.get("function") else "custom"))
     return list({(id(holder), key): (holder, key) for holder, key in out}.values())
@@ -1115,11 +1116,12 @@ def _count(value: Any, limit: int = _MAX_COUNT) -> bool:
     return value is None or isinstance(value, (int, float)) and not isinstance(value, bool) and -limit < value < limit
 
 
-def _odd_labels(chunk: dict[str, Any]) -> list[str]:
-    """The head labels (`_CHUNK_LABELS`) a chunk holds as something other than a string (an id
-    written as a number, a model as an object): `_labels` reads strings only, and the openai SDK
+def _not_strings(holder: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """The fields among `keys`, which the schema gives a string, that `holder` holds as something
+    else (an id written as a number, a model as an object): the guard reads those fields'
+    strings only (`_labels`, `_tool_names`; a tool call's `id` not at all), and the openai SDK
     builds its chunks without validating them, so the client gets these as sent."""
-    return [k for k in _CHUNK_LABELS if chunk.get(k) is not None and not isinstance(chunk[k], str)]
+    return [k for k in keys if holder.get(k) is not None and not isinstance(holder[k], str)]
 
 
 def _odd(holder: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[dict[str, Any], str]]:

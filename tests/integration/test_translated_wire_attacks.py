@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import orjson
+import openai
 import pytest
 
 from gateway_extproc import keys
@@ -118,3 +119,38 @@ def test_a_gemini_event_that_never_ends_is_a_provider_error_and_other_streams_ke
     assert took < 15, took
     assert max(slowest) < 3, sorted(slowest)[-5:]
 
+
+# -- 2. a tool call's name or id that is no string ----------------------------------------------
+
+
+CARD = 4111111111111111
+
+
+def converse_tool_stream(name: Any, tool_id: Any) -> list[bytes]:
+    return [frame("messageStart", {"role": "assistant"}),
+            frame("contentBlockStart", {"contentBlockIndex": 0, "start": {"toolUse": {"toolUseId": tool_id,
+                                                                                     "name": name}}}),
+            frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"toolUse": {"input": '{"city": "Paris"}'}}}),
+            frame("contentBlockStop", {"contentBlockIndex": 0}), frame("messageStop", {"stopReason": "tool_use"}),
+            frame("metadata", {"usage": {"inputTokens": 5, "outputTokens": 7}, "metrics": {"latencyMs": 1}})]
+
+
+@pytest.mark.parametrize(("name", "tool_id"), [(CARD, "tooluse_1"), ("get_weather", CARD), ([CARD], "tooluse_1")],
+                         ids=["name", "id", "name-list"])
+def test_a_card_as_a_converse_tool_name_or_id_never_reaches_the_openai_sdk(gw: Gateway, name: Any,
+                                                                           tool_id: Any) -> None:
+    """Converse's `toolUse.name` and `toolUseId` are carried into the chunk as sent, and the
+    stream guard read a tool call's name only when a string (its id never): a number went out
+    unread, and the openai SDK builds chunks without validating them."""
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    raw = b""
+    with client.chat.completions.with_streaming_response.create(
+            model="bedrock-chat", messages=[{"role": "user", "content": "weather?"}], stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"x-mock-raw-events": raw_events(*converse_tool_stream(name, tool_id))}) as r:
+        raw = r.read()
+    assert r.status_code == 200 and b"4111111111111111" not in raw and b"4.111111111111111e" not in raw, raw
+    chunks = [orjson.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    args = "".join(c["function"].get("arguments") or "" for chunk in chunks for choice in chunk["choices"]
+                   for c in choice["delta"].get("tool_calls") or [])
+    assert args == '{"city": "Paris"}' and chunks[-1]["usage"]["completion_tokens"] == 7, raw
