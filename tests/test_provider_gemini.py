@@ -598,3 +598,15 @@ def test_sse_events_cut_anywhere_read_as_whole(cut: int) -> None:
     reader = SseReader()
     pieces = [d for i in range(0, len(raw), cut) for d in reader.feed(raw[i:i + cut], False)] + reader.feed(b"", True)
     assert pieces == whole == [b'{"a": 1}', b'{"b":\n2}', b"3", b"[DONE]", b"4"], pieces
+
+
+@pytest.mark.parametrize("message", [["quota", "exceeded"], {"text": "quota"}, 42, None, ""])
+def test_a_stream_error_whose_message_is_no_string_is_an_openai_error_with_a_string_message(message: object) -> None:
+    """Gemini's mid-stream `{"error": {...}}` was passed on with its `message` as sent: a list or
+    an object where OpenAI's error shape (and every SDK reading it) has a string."""
+    out = gemini.stream("gemini-2.5-pro").feed(
+        b"data: " + orjson.dumps({"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}}) + b"\n\n",
+        True)
+    error = orjson.loads(out.split(b"\n\n")[0][6:])["error"]
+    assert error == {"message": "Gemini stream error", "type": "rate_limit_error", "code": "provider_error",
+                     "param": None}, error

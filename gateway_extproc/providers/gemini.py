@@ -603,9 +603,11 @@ class GeminiStream:
         if "error" in doc:
             self._done = True
             error = doc["error"] if isinstance(doc["error"], dict) else {}
-            code = error.get("code")
+            code, message = error.get("code"), error.get("message")
+            # OpenAI's error `message` is a string (the SDKs raise with it): a list or an object
+            # there went out as sent.
             return error_event(code if isinstance(code, int) and 400 <= code < 600 else 500,
-                               error.get("message") or "Gemini stream error")
+                               message if isinstance(message, str) and message else "Gemini stream error")
         if not self._id:
             self._id = _completion_id(doc)
             self._model = doc.get("modelVersion") or self._model
