@@ -154,3 +154,92 @@ def test_a_card_as_a_converse_tool_name_or_id_never_reaches_the_openai_sdk(gw: G
     args = "".join(c["function"].get("arguments") or "" for chunk in chunks for choice in chunk["choices"]
                    for c in choice["delta"].get("tool_calls") or [])
     assert args == '{"city": "Paris"}' and chunks[-1]["usage"]["completion_tokens"] == 7, raw
+
+
+# -- 3. broken wire shapes: a clean answer or one documented error, never a 500 or a hang ---------
+
+
+def gemini_event(doc: Any) -> bytes:
+    return b"data: " + (doc if isinstance(doc, bytes) else orjson.dumps(doc)) + b"\n\n"
+
+
+def converse_text(text: str) -> bytes:
+    return frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": text}})
+
+
+def deep(depth: int) -> bytes:
+    return b'{"a": ' * depth + b"1" + b"}" * depth
+
+
+_CANDIDATE = {"content": {"role": "model", "parts": [{"text": "Hello there"}]}, "index": 0}
+_USAGE = {"promptTokenCount": 3, "candidatesTokenCount": 2}
+_GOOD_FRAME = converse_text("Hello there")
+_CRC_BROKEN = _GOOD_FRAME[:-1] + bytes([_GOOD_FRAME[-1] ^ 1])
+WIRE_CASES: dict[str, tuple[str, list[bytes], str | None]] = {
+    # model, raw chunks, the one error code expected (None: a clean end)
+    "gemini-no-finish-reason": ("gemini-chat", [gemini_event({"candidates": [_CANDIDATE], "usageMetadata": _USAGE})],
+                                "upstream_stream_interrupted"),
+    "gemini-1e400": ("gemini-chat", [gemini_event({"candidates": [_CANDIDATE]}), gemini_event(
+        b'{"candidates": [{"content": {"parts": [{"functionCall": {"name": "f", "args": {"x": 1e400}}}]},'
+        b' "finishReason": "STOP"}]}')], "provider_error"),
+    "gemini-minus-zero-duplicate-keys": ("gemini-chat", [gemini_event(
+        b'{"candidates": [{"content": {"parts": [{"functionCall": {"name": "f", "args": {"x": -0, "x": -0.0}}}]},'
+        b' "finishReason": "STOP", "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 3,'
+        b' "candidatesTokenCount": 2}}')], None),
+    "gemini-utf8-split-over-chunks": ("gemini-chat", [
+        b'data: {"candidates": [{"content": {"parts": [{"text": "caf\xc3', b'\xa9 ok"}], "role": "model"},'
+        b' "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2}}\n\n'], None),
+    "gemini-invalid-utf8": ("gemini-chat", [gemini_event({"candidates": [_CANDIDATE]}),
+                                            b'data: {"candidates": [{"content": {"parts": [{"text": "\xc3\x28"}]}}]}\n\n'],
+                            "provider_error"),
+    "gemini-args-past-max-depth": ("gemini-chat", [gemini_event(
+        b'{"candidates": [{"content": {"parts": [{"functionCall": {"name": "f", "args": ' + deep(300)
+        + b'}}]}, "finishReason": "STOP"}]}')], "provider_error"),
+    "gemini-args-deep": ("gemini-chat", [gemini_event(
+        b'{"candidates": [{"content": {"parts": [{"functionCall": {"name": "f", "args": ' + deep(200)
+        + b'}}]}, "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2}}')],
+                         None),
+    "bedrock-crc-corrupt": ("bedrock-chat", [frame("messageStart", {"role": "assistant"}), _CRC_BROKEN],
+                            "provider_error"),
+    "bedrock-truncated": ("bedrock-chat", [frame("messageStart", {"role": "assistant"}), _GOOD_FRAME[:-7]],
+                          "provider_error"),
+    "bedrock-length-past-bound": ("bedrock-chat", [frame("messageStart", {"role": "assistant"}),
+                                                   b"\x02\x00\x00\x00\x00\x00\x00\x10" + b"\x00" * 8], "provider_error"),
+    "bedrock-no-message-stop": ("bedrock-chat", [frame("messageStart", {"role": "assistant"}), _GOOD_FRAME],
+                                "provider_error"),
+    "bedrock-exception": ("bedrock-chat", [frame("messageStart", {"role": "assistant"}), _GOOD_FRAME,
+                                           eventstream.encode({":message-type": "exception",
+                                                               ":exception-type": "modelStreamErrorException"},
+                                                              b'{"message": "the model failed"}')],
+                          "provider_error"),
+}
+
+
+@pytest.mark.parametrize("case", list(WIRE_CASES))
+def test_a_broken_translated_stream_ends_in_one_documented_error(gw: Gateway, case: str) -> None:
+    model, chunks, code = WIRE_CASES[case]
+    status, events, took = stream_events(gw, model, {"x-mock-raw-events": raw_events(*chunks)})
+    assert status == 200 and took < 10, (status, took)
+    assert [e["code"] for e in errors(events)] == ([code] if code else []), events
+    assert events[-1] == ("[DONE]" if code is None else {"error": errors(events)[0]}), events
+
+
+def test_a_converse_frame_of_megabytes_trickled_in_arrives_scanned(gw: Gateway) -> None:
+    """One contentBlockDelta frame of 8 MiB (CRCs right) in 8 KiB pieces, more than any Envoy
+    buffer, with a card at its end: the answer arrives whole, the card redacted."""
+    filler = b"lorem ipsum " * 682
+    text = filler * 1024 + b" card 4111 1111 1111 1111"
+    whole = frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": text.decode()}})
+    at = whole.index(filler)
+    head, tail = whole[:at], whole[at + len(filler) * 1024:]
+    assert head + filler * 1024 + tail == whole
+    controls = {"x-mock-raw-events": raw_events(frame("messageStart", {"role": "assistant"}), head, filler, tail,
+                                                frame("contentBlockStop", {"contentBlockIndex": 0}),
+                                                frame("messageStop", {"stopReason": "end_turn"}),
+                                                frame("metadata", {"usage": {"inputTokens": 3, "outputTokens": 9}})),
+                "x-mock-raw-repeat": "[1, 1, 1024]", "x-mock-chunk-delay-ms": "1"}
+    status, events, took = stream_events(gw, "bedrock-chat", controls)
+    assert status == 200 and took < 20, (status, took)
+    assert errors(events) == [] and events[-1] == "[DONE]", events[-2:]
+    got = "".join(c["delta"].get("content") or "" for e in events if isinstance(e, dict) for c in e["choices"])
+    assert got == text.decode().replace("4111 1111 1111 1111", "[CREDIT_CARD_1]"), got[-80:]
