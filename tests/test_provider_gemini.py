@@ -610,3 +610,24 @@ def test_a_stream_error_whose_message_is_no_string_is_an_openai_error_with_a_str
     error = orjson.loads(out.split(b"\n\n")[0][6:])["error"]
     assert error == {"message": "Gemini stream error", "type": "rate_limit_error", "code": "provider_error",
                      "param": None}, error
+
+
+def test_a_stream_whose_usage_came_before_more_output_is_no_bill() -> None:
+    """Gemini's usageMetadata is cumulative: the last one is the bill only when no output came
+    after it. A stream with usage on its first event only was charged that running count (1
+    output token for 2,000 words); without a later usage the bill is unknown (the reservation)."""
+    def event(doc: JSON) -> bytes:
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+    early = {"promptTokenCount": 8, "candidatesTokenCount": 1}
+    for late in (None, {"promptTokenCount": 8, "candidatesTokenCount": 2002}):
+        s = gemini.stream("gemini-2.5-pro")
+        out = s.feed(event({"candidates": [{"content": {"parts": [{"text": "word "}]}}], "usageMetadata": early}), False)
+        out += s.feed(event({"candidates": [{"content": {"parts": [{"text": "word " * 2000}]}}]}), False)
+        last: JSON = {"candidates": [{"content": {"parts": [{"text": "end"}]}, "finishReason": "STOP"}]}
+        out += s.feed(event(last if late is None else {**last, "usageMetadata": late}), True)
+        usage = [orjson.loads(e[6:]).get("usage") for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+        if late is None:
+            assert s.usage_unknown and not any(usage), usage
+        else:
+            assert not s.usage_unknown and usage[-1]["completion_tokens"] == 2002, usage

@@ -617,7 +617,12 @@ class GeminiStream:
         if not candidates and (doc.get("promptFeedback") or {}).get("blockReason"):
             self._finished = True
             return self._chunk(0, {}, "content_filter")
-        return b"".join(self._candidate(c, c.get("index", i)) for i, c in enumerate(candidates))
+        out = b"".join(self._candidate(c, c.get("index", i)) for i, c in enumerate(candidates))
+        if out and "usageMetadata" not in doc:
+            # Output after the last usageMetadata: that was a count so far, not the bill (a stream
+            # with usage on its first event only was charged 1 output token for 2,000 words).
+            self._usage = None
+        return out
 
     def _candidate(self, candidate: JSON, index: int) -> bytes:
         calls = self._calls.setdefault(index, _Calls())

@@ -243,3 +243,33 @@ def test_a_converse_frame_of_megabytes_trickled_in_arrives_scanned(gw: Gateway) 
     assert errors(events) == [] and events[-1] == "[DONE]", events[-2:]
     got = "".join(c["delta"].get("content") or "" for e in events if isinstance(e, dict) for c in e["choices"])
     assert got == text.decode().replace("4111 1111 1111 1111", "[CREDIT_CARD_1]"), got[-80:]
+
+
+# -- 4. usage -----------------------------------------------------------------------------------
+
+
+def daily_tokens(gw: Gateway, key: str) -> int:
+    """The key's daily tokens once settled (settlement is asynchronous)."""
+    tokens = 0
+    for _ in range(50):
+        r = httpx.get(gw.url + "/v1/usage", headers={"authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        if tokens := r.json()["tokens_used"]["daily"]:
+            return tokens
+        time.sleep(0.1)
+    return tokens
+
+
+def test_a_gemini_stream_with_usage_before_more_text_is_charged_the_reservation(gw: Gateway) -> None:
+    """usageMetadata on the first event only (1 output token), then 2,000 words: the translator
+    took that running count as the bill, so the answer cost one output token. Now the reservation."""
+    key = KEYS[next(_next)]
+    chunks = [gemini_event({"candidates": [{"content": {"role": "model", "parts": [{"text": "word "}]}, "index": 0}],
+                            "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 1}}),
+              gemini_event({"candidates": [{"content": {"role": "model", "parts": [{"text": "word " * 2000}]},
+                                            "index": 0}]}),
+              gemini_event({"candidates": [{"content": {"role": "model", "parts": [{"text": "end"}]}, "index": 0,
+                                            "finishReason": "STOP"}]})]
+    status, events, _ = stream_events(gw, "gemini3-chat", {"x-mock-raw-events": raw_events(*chunks)}, key=key)
+    assert status == 200 and errors(events) == [] and events[-1] == "[DONE]", events[-2:]
+    assert daily_tokens(gw, key) >= 1000  # the prompt + the 1,024-token cap
