@@ -10,7 +10,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from gateway_extproc.errors import GatewayError
 from gateway_extproc.providers import gemini
-from gateway_extproc.providers.base import JSON, Target
+from gateway_extproc.providers.base import JSON, StreamBroken, Target
 
 GEMINI_API = Target(model="gemini-2.5-flash", base_url="https://generativelanguage.googleapis.com/v1beta",
                     base_path="/v1beta", host="generativelanguage.googleapis.com", credential="AIza-key")
@@ -631,3 +631,16 @@ def test_a_stream_whose_usage_came_before_more_output_is_no_bill() -> None:
             assert s.usage_unknown and not any(usage), usage
         else:
             assert not s.usage_unknown and usage[-1]["completion_tokens"] == 2002, usage
+
+
+@pytest.mark.parametrize("name", [4111111111111111, ["get_weather"], {"n": "x"}, True])
+def test_a_function_call_whose_name_is_no_string_is_unreadable_not_dropped(name: object) -> None:
+    """Gemini's `functionCall.name` is a string; another type was taken for a call's end
+    marker and dropped, so the answer ended `stop` without its tool call. It is an answer the
+    translator cannot read (a `provider_error`), as JSON and streamed."""
+    doc = {"candidates": [{"content": {"role": "model", "parts": [{"functionCall": {"name": name, "args": {}}}]},
+                           "finishReason": "STOP"}]}
+    with pytest.raises(ValueError):
+        gemini.response(200, orjson.dumps(doc), "gemini-2.5-flash")
+    with pytest.raises(StreamBroken):
+        gemini.stream("gemini-2.5-flash").feed(b"data: " + orjson.dumps(doc) + b"\n\n", True)

@@ -401,8 +401,9 @@ class _Calls:
     def part(self, part: JSON) -> list[JSON]:
         """Calls completed by one part holding a functionCall."""
         call = part["functionCall"] if isinstance(part["functionCall"], dict) else {}
-        if not isinstance(call.get("name"), str):
-            call = {k: v for k, v in call.items() if k != "name"}
+        if call.get("name") is not None and not isinstance(call["name"], str):
+            # (taken for an end marker, the call was dropped and the answer ended `stop`)
+            raise ValueError("a functionCall whose name is no string")
         out: list[JSON] = []
         if self._open is not None and not call.get("name"):
             self._extend(self._open, call, part)

@@ -199,6 +199,9 @@ WIRE_CASES: dict[str, tuple[str, list[bytes], str | None]] = {
         b'{"candidates": [{"content": {"parts": [{"functionCall": {"name": "f", "args": ' + deep(200)
         + b'}}]}, "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2}}')],
                          None),
+    "gemini-function-name-no-string": ("gemini-chat", [gemini_event({"candidates": [_CANDIDATE]}), gemini_event(
+        {"candidates": [{"content": {"parts": [{"functionCall": {"name": 4111111111111111, "args": {}}}]},
+                         "finishReason": "STOP"}]})], "provider_error"),
     "bedrock-crc-corrupt": ("bedrock-chat", [frame("messageStart", {"role": "assistant"}), _CRC_BROKEN],
                             "provider_error"),
     "bedrock-truncated": ("bedrock-chat", [frame("messageStart", {"role": "assistant"}), _GOOD_FRAME[:-7]],
