@@ -420,7 +420,7 @@ def test_thinking_deltas_are_carried() -> None:
 
 def test_each_thinking_block_entry_has_its_blocks_index() -> None:
     """The openai SDK's stream helper merges a delta's list entries by `index`: a block's
-    signature in pieces is one entry, two blocks are two (until 2026-12-07 the entries had no
+    signature in pieces is one entry, two blocks are two (until 2026-12-05 the entries had no
     index and the helper raised on the second)."""
     events: list[dict] = [{"type": "message_start", "message": {"id": "msg_01", "model": MODEL, "usage": {}}}]
     for block, pieces in ((0, ["c2ln", "LW9uZQ=="]), (3, ["c2lnLXR3bw=="])):

@@ -186,7 +186,7 @@ def test_a_card_in_a_stream_chunks_head_of_another_type_never_reaches_the_client
                                                                                   value: Any) -> None:
     """A head label that is no string (an id written as a number, a model as an object) was
     skipped as "no label the SDK accepts"; the openai SDK builds its chunks without validating
-    them, so the card reached the client in every chunk (until 2026-12-07). Such a value is
+    them, so the card reached the client in every chunk (until 2026-12-05). Such a value is
     read like a field outside the schema: one holding a finding is dropped."""
     events = [chunk("Hello", **{field: value}), chunk(None, "stop", **{field: value}),
               b"data: " + orjson.dumps({"id": "chatcmpl-s", "model": "gpt-x", "choices": [], field: value,

@@ -579,7 +579,7 @@ def test_a_value_begun_in_the_event_that_opens_a_text_never_reaches_the_stream_h
     `response.output_item.added` or `response.content_part.added` carries and appends the
     deltas to it (`ResponseStreamState.accumulate_event`): each event was scanned alone, so
     `card 4111 1111` there and ` 1111 1111` in a delta reached its snapshot whole (until
-    2026-12-07). That opening text is now read with the deltas that follow, as a seam."""
+    2026-12-05). That opening text is now read with the deltas that follow, as a seam."""
     out, _ = run(wire(_with_initial_text(where, kind, first, then), None), [])
     events = [orjson.loads(line.split(b"data: ", 1)[1]) for line in out.split(b"\n\n") if b"data: {" in line]
     assert events[-1]["type"] == "response.incomplete", events[-1]

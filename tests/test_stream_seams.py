@@ -4,7 +4,7 @@ output items of a Responses stream) was seen by neither text's hold-back window:
 half, and the client got both halves. The seam where the text moves on is now read with what
 follows it (`ResponseGuard._seams_blocked`, `ResponsesGuard`), numeric values bridging it as
 across a request's strings; a value there ends the stream (`content_filter`). Since
-2026-12-06 the texts are also read joined as they are (an e-mail's local part ending one text
+2026-12-05 the texts are also read joined as they are (an e-mail's local part ending one text
 and its `@domain` beginning the next), and a seam reads on over a next text that let nothing
 out (a card over three texts, the middle one shorter than the hold-back)."""
 
@@ -373,7 +373,7 @@ def test_a_value_split_around_another_text_never_reaches_an_anthropic_client(fir
     flushed when the choice moved on to a tool call (or reasoning), and the content that came
     after it started a new window: `card 4111 1111`, a tool_use block, ` 1111 1111` went out,
     and the anthropic SDK's `text_stream` and `get_final_text()` join every text block into
-    the whole card (until 2026-12-07; OpenAI clients' windows stay open over the move). The
+    the whole card (until 2026-12-05; OpenAI clients' windows stay open over the move). The
     text that goes on is now read with the tail its window had at the close (`resumed`)."""
     from gateway_extproc import messages
 

@@ -433,7 +433,7 @@ def json_placeholder(text: str, start: int, end: int, lo: int, quotes: list[int]
     whole number with its sign (`-4111…` or `4111….5`; the sign only from `lo` on: what went
     out before stays), and a span that begins or ends outside a string (over a string's quote)
     is closed with a quote there. Inside a string the placeholder is as it is (until
-    2026-12-07 `{"a": 4111111111111111}` became `{"a": [CREDIT_CARD_1]}`, which no client's
+    2026-12-05 `{"a": 4111111111111111}` became `{"a": [CREDIT_CARD_1]}`, which no client's
     JSON parser reads). `shift`: the offset of text[0] in the offsets of `quotes`."""
     if not in_json_string(quotes, start + shift):
         if start > lo and text[start - 1] == "-":

@@ -338,7 +338,7 @@ class ThinkingBlocks:
     thinking block among the answer's, as every list entry of a chat delta has one. The openai
     SDK's stream helper merges list entries by `index` (a block's signature sent in pieces is
     one entry) and raised "Expected list delta entry to have an `index` key" on the second
-    entry without one (until 2026-12-07: two signed thinking blocks)."""
+    entry without one (until 2026-12-05: two signed thinking blocks)."""
 
     __slots__ = ("_at",)
 

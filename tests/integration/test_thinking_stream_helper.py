@@ -1,6 +1,6 @@
 """A Claude answer with two signed thinking blocks, streamed to an OpenAI client through real
 Envoy and the ext_proc, read with the openai SDK's `chat.completions.stream()` helper. Its
-accumulator merges list entries of a delta by their `index`; until 2026-12-07 the translated
+accumulator merges list entries of a delta by their `index`; until 2026-12-05 the translated
 `thinking_blocks` entries carried none, and the second one raised `RuntimeError: Expected list
 delta entry to have an index key`. The provider's answer is scripted with the mock provider's
 `x-mock-raw-events` (sealed by conftest), docs/mock-provider.md.

@@ -1,6 +1,6 @@
 """A value sent as a JSON number in a tool call's arguments is redacted into valid JSON, through
 real Envoy and the ext_proc (values-local: output scanning on), read by the openai and
-anthropic SDKs the way tool loops read them. Until 2026-12-07 `{"a": 4111111111111111}`
+anthropic SDKs the way tool loops read them. Until 2026-12-05 `{"a": 4111111111111111}`
 reached the client as `{"a": [CREDIT_CARD_1]}`: the anthropic SDK's `messages.stream()` raised
 "Unable to parse tool parameter JSON" and an openai tool loop's `json.loads` failed.
 
