@@ -1,7 +1,7 @@
 """Redacted tool-call arguments stay JSON: a value a rule redacts is replaced, in streamed
 arguments (`StreamRedactor(json=True)`, split at every offset) and in a JSON answer's
 (`redact` on a string holding JSON), by a placeholder that the tool's parser still reads.
-Until 2026-12-07 a card sent as a JSON number, `{"a": 4111111111111111}`, became
+Until 2026-12-05 a card sent as a JSON number, `{"a": 4111111111111111}`, became
 `{"a": [CREDIT_CARD_1]}`: the anthropic SDK's `messages.stream()` raised "Unable to parse tool
 parameter JSON" and an openai tool loop's `json.loads` failed."""
 
@@ -121,7 +121,7 @@ def test_compact_arguments_longer_than_the_word_hold_stay_json(value: tuple[Any,
                                                                step: int) -> None:
     """Compact JSON has no space: the whole arguments are one word, and one longer than the
     word hold (1,024 characters) goes out in checked steps whose finding replaced the rest of
-    the word (until 2026-12-07 `{"pad[CREDIT_CARD_1]`, the rest of the arguments gone). A
+    the word (until 2026-12-05 `{"pad[CREDIT_CARD_1]`, the rest of the arguments gone). A
     string's quotes end a word in JSON, as spaces do in text."""
     v, key, text = value
     doc = json.dumps({"pad": ["abcdefghij"] * pad, key: v, "z": ["klmnopqrst"] * pad}, separators=(",", ":"))
