@@ -644,3 +644,12 @@ def test_a_function_call_whose_name_is_no_string_is_unreadable_not_dropped(name:
         gemini.response(200, orjson.dumps(doc), "gemini-2.5-flash")
     with pytest.raises(StreamBroken):
         gemini.stream("gemini-2.5-flash").feed(b"data: " + orjson.dumps(doc) + b"\n\n", True)
+
+
+@pytest.mark.parametrize("cached", [-5, 2.5, "3", 10**20, 9, None])
+def test_a_cached_count_that_is_no_share_of_the_prompt_is_not_passed_on(cached: object) -> None:
+    """`cachedContentTokenCount` went to the client as sent (-5, a string); only a count of at
+    most the prompt's is shown."""
+    meta = {"promptTokenCount": 8, "candidatesTokenCount": 2, "cachedContentTokenCount": cached}
+    assert "prompt_tokens_details" not in gemini.usage(meta)
+    assert gemini.usage({**meta, "cachedContentTokenCount": 6})["prompt_tokens_details"] == {"cached_tokens": 6}

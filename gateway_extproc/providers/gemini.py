@@ -534,8 +534,9 @@ def usage(meta: Any) -> JSON | None:
     out = openai_usage(prompt, completion)
     if out is None:
         return None
-    if "cachedContentTokenCount" in meta:
-        out["prompt_tokens_details"] = {"cached_tokens": meta["cachedContentTokenCount"]}
+    cached = token_count((meta.get("cachedContentTokenCount"),))
+    if cached is not None and cached <= out["prompt_tokens"]:  # (a share of the prompt; else not shown)
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
     if thoughts:
         out["completion_tokens_details"] = {"reasoning_tokens": thoughts}
     return out
