@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -20,6 +21,8 @@ from gateway_extproc import keys
 from gateway_extproc.localstack import LocalStack, StartError, free_port
 from gateway_extproc.mock_provider import SEALED, seal
 from gateway_extproc.render import chart_values
+
+from .local_cli import children
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_KEY = "gwk_demo_local-only-demo-key-not-for-production"
@@ -197,3 +200,34 @@ def add_provider_models(values: dict[str, Any]) -> None:
             {"provider": provider, "model": backend, "pricing": {"input": 1.0, "output": 1.0}, "maxTier": "internal"}]}
     values["models"] += [model("bedrock-chat", "mock-bedrock", "amazon.nova-mock-v1:0"),
                          model("gemini3-chat", "mock-gemini", "gemini-3-mock-pro")]
+
+
+def workers(gw: Gateway) -> list[int]:
+    """The live ext_proc workers of `serve` (a killed one stays a child, as a zombie, until
+    `serve` reaps it)."""
+    live = []
+    for pid in children(gw.stack.procs["extproc"].pid):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in "ZX":
+                live.append(pid)
+        except OSError:
+            pass
+    return sorted(live)
+
+
+def workers_healthy(gw: Gateway) -> bool:
+    """Every worker (`extproc.processes`) up and back in the rotation of Envoy's health checks."""
+    n = gw.stack.values["extproc"]["processes"]
+    clusters = httpx.get(f"{gw.stack.admin_url}/clusters", timeout=5).text
+    health = [line for line in clusters.splitlines() if line.startswith("gateway_extproc::") and "::health_flags::" in line]
+    return len(workers(gw)) == n and len(health) == n and all(line.endswith("::healthy") for line in health)
+
+
+def all_healthy(gw: Gateway, timeout: float = 20) -> None:
+    """Waits until `workers_healthy` (after a kill: the supervisor's restart)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if workers_healthy(gw):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"workers not back: {workers(gw)}")

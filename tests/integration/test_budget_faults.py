@@ -44,7 +44,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -54,8 +53,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ..redis_server import RedisServer
-from .conftest import Gateway, two_replicas
-from .local_cli import children
+from .conftest import Gateway, two_replicas, workers, workers_healthy
 from .test_budget_invariant import (KEYS, NAMES, PREFIX, Shape, invariant_values, report, send, shapes,
                                     within_limits)
 
@@ -109,18 +107,6 @@ def setup() -> Iterator[tuple[RedisServer, Gateway, Gateway]]:
         times.sort()
         print(f"\n503 budget_store_unavailable during {kind}: {len(times)}, median {times[len(times) // 2]:.3f} s, "
               f"max {times[-1]:.3f} s")
-
-
-def workers(gw: Gateway) -> list[int]:
-    """Live ext_proc workers (a killed one stays a child, as a zombie, until `serve` reaps it)."""
-    return [pid for pid in children(gw.stack.procs["extproc"].pid) if not _zombie(pid)]
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
-    except OSError:
-        return True
 
 
 def inject(fault: Fault, redis: RedisServer, gws: tuple[Gateway, Gateway]) -> None:
@@ -180,13 +166,6 @@ def fresh_day(redis: RedisServer, gw: Gateway) -> None:
     gw.reset()
 
 
-def extproc_healthy(gw: Gateway) -> bool:
-    """Both workers up and back in the rotation of Envoy's health checks."""
-    clusters = httpx.get(f"{gw.stack.admin_url}/clusters", timeout=5).text
-    health = [line for line in clusters.splitlines() if line.startswith("gateway_extproc::") and "::health_flags::" in line]
-    return len(workers(gw)) == 2 and len(health) == 2 and all(line.endswith("::healthy") for line in health)
-
-
 def usage_status(gw: Gateway, name: str) -> int:
     return httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {KEYS[name]}"}, timeout=10).status_code
 
@@ -204,7 +183,7 @@ def settle(redis: RedisServer, gws: tuple[Gateway, Gateway]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         answering = [usage_status(gw, name) for gw in gws for name in NAMES]
-        if (answering == [200] * len(answering) and all(extproc_healthy(gw) for gw in gws)
+        if (answering == [200] * len(answering) and all(workers_healthy(gw) for gw in gws)
                 and not any(settlements_pending(gw) for gw in gws) and held(redis) == 0):
             return
         time.sleep(0.2)

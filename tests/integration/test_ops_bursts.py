@@ -41,8 +41,7 @@ from gateway_extproc.localstack import free_port
 from gateway_extproc.render import render_values
 
 from ..redis_server import RedisServer
-from .conftest import REPO, Gateway, running_gateway
-from .local_cli import children
+from .conftest import REPO, Gateway, all_healthy, running_gateway, workers
 
 BURST = 300
 TTL_S = 2
@@ -158,29 +157,6 @@ def fresh(ogw: Gateway, redis: RedisServer) -> Gateway:
     client.close()
     ogw.reset()
     return ogw
-
-
-def workers(gw: Gateway) -> list[int]:
-    live = []
-    for pid in children(gw.stack.procs["extproc"].pid):
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in "ZX":
-                live.append(pid)
-        except OSError:
-            pass
-    return sorted(live)
-
-
-def all_healthy(gw: Gateway, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        clusters = httpx.get(f"{gw.stack.admin_url}/clusters", timeout=5).text
-        health = [line for line in clusters.splitlines()
-                  if line.startswith("gateway_extproc::") and "::health_flags::" in line]
-        if len(workers(gw)) == 2 and len(health) == 2 and all(h.endswith("::healthy") for h in health):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"workers not back: {workers(gw)}")
 
 
 def envoy_alive(gw: Gateway, pid: int) -> None:

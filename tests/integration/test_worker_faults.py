@@ -25,7 +25,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -37,8 +36,7 @@ from gateway_extproc import keys
 from gateway_extproc.budgets.pricing import Price, cost_nano
 
 from ..redis_server import RedisServer
-from .conftest import Gateway, add_provider_models, running_gateway
-from .local_cli import children
+from .conftest import Gateway, add_provider_models, all_healthy, running_gateway, workers
 
 WORKERS = 3
 TTL_S = 2  # budgets.reservationTTLSeconds: a dead worker's reservations expire quickly
@@ -67,30 +65,6 @@ def wgw() -> Iterator[Gateway]:
 
         with running_gateway("gw-wfault-", customize=customize) as gw:
             yield gw
-
-
-def workers(gw: Gateway) -> list[int]:
-    live = []
-    for pid in children(gw.stack.procs["extproc"].pid):
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in "ZX":
-                live.append(pid)
-        except OSError:
-            pass
-    return sorted(live)
-
-
-def all_healthy(gw: Gateway) -> None:
-    """Every worker up and back in Envoy's rotation (after a kill, the supervisor's restart)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        clusters = httpx.get(f"{gw.stack.admin_url}/clusters", timeout=5).text
-        health = [line for line in clusters.splitlines()
-                  if line.startswith("gateway_extproc::") and "::health_flags::" in line]
-        if len(workers(gw)) == WORKERS and len(health) == WORKERS and all(h.endswith("::healthy") for h in health):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"workers not back: {workers(gw)}")
 
 
 def test_a_mixed_burst_over_three_workers_is_answered_right(wgw: Gateway) -> None:
