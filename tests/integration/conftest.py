@@ -3,6 +3,7 @@ real Envoy, real ext_proc processes, and two mock providers with different keys.
 
 from __future__ import annotations
 
+import base64
 import copy
 from contextlib import contextmanager
 import tempfile
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import httpx2
+import orjson
 import pytest
 
 from gateway_extproc import keys
@@ -231,3 +233,19 @@ def all_healthy(gw: Gateway, timeout: float = 20) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"workers not back: {workers(gw)}")
+
+
+def raw_events(*events: bytes) -> str:
+    """The mock provider's `x-mock-raw-events` control: these bytes, chunk by chunk, as the
+    provider's answer (docs/mock-provider.md)."""
+    return orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
+
+
+@contextmanager
+def envoy_survives(gw: Gateway) -> Iterator[Gateway]:
+    """`gw` reset for a test, and after it Envoy still the same live, ready process."""
+    gw.reset()
+    envoy = gw.stack.procs["envoy"]
+    yield gw
+    assert envoy.poll() is None, "Envoy died"
+    assert httpx.get(gw.stack.admin_url + "/ready").status_code == 200

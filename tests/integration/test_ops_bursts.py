@@ -42,10 +42,10 @@ from gateway_extproc.render import render_values
 
 from ..redis_server import RedisServer
 from .conftest import REPO, Gateway, all_healthy, running_gateway, workers
+from .test_budget_faults import held
 
 BURST = 300
 TTL_S = 2
-PREFIX = "gw:{local}:"
 NAMES = ("ops-a", "ops-b", "ops-c", "ops-d")
 KEYS = {name: keys.generate(name) for name in NAMES}
 KEY_BUDGET_USD = {"ops-a": 1.0, "ops-b": 1.0, "ops-c": 0.02, "ops-d": 0.05}
@@ -192,14 +192,6 @@ def usage(gw: Gateway, name: str) -> dict[str, Any]:
     assert resp.status_code == 200, resp.text
     [daily] = [b for b in resp.json()["budgets"] if b["level"] == f"key:{name}" and b["window"] == "daily"]
     return daily
-
-
-def held(redis: RedisServer) -> int:
-    client = redis_py.Redis(host=redis.host, port=redis.port)
-    try:
-        return client.hlen(f"{PREFIX}reservations")
-    finally:
-        client.close()
 
 
 def settled(gw: Gateway, redis: RedisServer, timeout: float = 20, names: tuple[str, ...] = NAMES) -> None:

@@ -27,7 +27,7 @@ import pytest
 from gateway_extproc import keys
 from gateway_extproc.providers import eventstream
 
-from .conftest import Gateway, add_provider_models, running_gateway
+from .conftest import Gateway, add_provider_models, envoy_survives, raw_events, running_gateway
 
 EMAIL, PHONE = "jane.doe@example.com", "+1 415 555 0100"
 PII = f"write to {EMAIL} or call {PHONE}"
@@ -51,19 +51,12 @@ def agw() -> Iterator[Gateway]:
 
 @pytest.fixture
 def gw(agw: Gateway) -> Iterator[Gateway]:
-    agw.reset()
-    envoy = agw.stack.procs["envoy"]
-    yield agw
-    assert envoy.poll() is None, "Envoy died"
-    assert httpx.get(agw.stack.admin_url + "/ready").status_code == 200
+    with envoy_survives(agw) as gw:
+        yield gw
 
 
 def b64(data: bytes | str) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
-
-
-def raw_events(*events: bytes) -> str:
-    return orjson.dumps([b64(e) for e in events]).decode()
 
 
 def post(gw: Gateway, controls: dict[str, str], *, model: str = "default-chat", stream: bool = False,

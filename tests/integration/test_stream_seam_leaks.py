@@ -15,7 +15,6 @@ The provider's answers are scripted with the mock provider's `x-mock-raw-events`
 
 from __future__ import annotations
 
-import base64
 import re
 from typing import Any
 
@@ -25,15 +24,11 @@ import orjson
 import pytest
 
 from ..test_responses_output import provider_events
-from .conftest import Gateway
+from .conftest import Gateway, raw_events
 
 MODEL = "default-chat"
 DIGITS = "4111111111111111"
 LOCAL, DOMAIN = "jane.doe", "example.com"
-
-
-def raw_events(*events: bytes) -> str:
-    return orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
 
 
 def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:

@@ -14,7 +14,6 @@ Replies are scripted with the mock provider's raw controls (`x-mock-raw-events`,
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ import pytest
 from gateway_extproc import keys
 from gateway_extproc.providers import eventstream
 
-from .conftest import Gateway, add_provider_models, running_gateway
+from .conftest import Gateway, add_provider_models, envoy_survives, raw_events, running_gateway
 
 KEYS = {f"k{i}": keys.generate(f"wire5-k{i}") for i in range(20)}
 _next = iter(KEYS)
@@ -46,15 +45,8 @@ def wgw() -> Iterator[Gateway]:
 
 @pytest.fixture
 def gw(wgw: Gateway) -> Iterator[Gateway]:
-    wgw.reset()
-    envoy = wgw.stack.procs["envoy"]
-    yield wgw
-    assert envoy.poll() is None, "Envoy died"
-    assert httpx.get(wgw.stack.admin_url + "/ready").status_code == 200
-
-
-def raw_events(*events: bytes) -> str:
-    return orjson.dumps([base64.b64encode(e).decode() for e in events]).decode()
+    with envoy_survives(wgw) as gw:
+        yield gw
 
 
 def frame(name: str, payload: dict[str, Any]) -> bytes:
