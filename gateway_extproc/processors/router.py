@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from functools import partial
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -738,6 +739,10 @@ class RouterProcessor:
         the provider may have generated more than it sent); nothing when the provider was
         never reached, refused or failed. Without a reservation (no budget), the events."""
         usage = self.usage or Usage()
+        if self.endpoint is api.EMBEDDINGS and usage.completion_tokens is None and usage.prompt_tokens is not None:
+            # Embeddings produce no output, and their usage says so by leaving the count out:
+            # a readable `prompt_tokens` is the whole bill, not an unknown one (the reservation).
+            usage = replace(usage, completion_tokens=0)
         answered = self.answered or self.status
         if not (self.status == 0 or 200 <= answered < 300 or usage.completion_tokens is not None
                 or self.error_code in _MAY_HAVE_BILLED) or self.model is None:
