@@ -170,14 +170,19 @@ def prediction_tokens(body: dict[str, Any], count: TokenCount) -> int:
 
 def responses_input_tokens(body: dict[str, Any], count: TokenCount, image: int = IMAGE_TOKENS) -> int:
     """Responses API: `instructions` plus `input` (a string, or items with chat-like content,
-    function calls and their outputs), tools and the output format's schema."""
-    total = count(body["instructions"]) if isinstance(body.get("instructions"), str) else 0
+    function calls and their outputs), tools and the output format's schema. The provider
+    renders the items as chat messages and bills their framing: counted as chat counts it
+    (3 to prime the reply, 3 per item and for `instructions`; a string input is a user message)."""
+    total = 3
+    if isinstance(body.get("instructions"), str):
+        total += 3 + count("system") + count(body["instructions"])
     for key in _RESPONSES_EXTRA:
         total += _value_tokens(body.get(key), count)
     value = body["input"]
     if isinstance(value, str):
-        return total + count(value)
+        return total + 3 + count("user") + count(value)
     for item in value:
+        total += 3
         if isinstance(item, dict):
             for key, field in item.items():
                 if key == "content":

@@ -338,3 +338,24 @@ def test_a_predicted_outputs_tokens_are_counted() -> None:
     parts = {"prediction": {"type": "content", "content": [{"type": "text", "text": text}]}}
     assert tokens.prediction_tokens(parts, count) == count(text) > 0
     assert tokens.prediction_tokens({"prediction": "junk"}, count) == tokens.prediction_tokens({}, count) == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["user", "assistant", "system", "developer"]), st.text(max_size=20)),
+                min_size=1, max_size=30),
+       st.none() | st.text(max_size=20))
+def test_responses_input_counts_at_least_the_same_conversation_as_chat(turns: list[tuple[str, str]],
+                                                                       instructions: str | None) -> None:
+    """OpenAI runs a Responses request through the same message format as chat, framing and
+    all (about 3 tokens a message besides its role and text, 3 to prime the reply), and bills
+    it. Responses input was counted without any: 40,000 one-token items were reserved as
+    80,000 tokens and billed about 200,000, the excess above the reservation never charged to
+    a budget. The same conversation now counts at least what chat counts."""
+    count = tokens.counter("o200k_base")
+    items = [{"role": role, "content": text} for role, text in turns]
+    chat = [{"role": "system", "content": instructions}] if instructions is not None else []
+    body: dict[str, Any] = {"input": items} if instructions is None else {"input": items, "instructions": instructions}
+    assert tokens.responses_input_tokens(body, count) >= tokens.chat_prompt_tokens({"messages": chat + items}, count)
+    if len(items) == 1 and instructions is None and turns[0][0] == "user":
+        assert tokens.responses_input_tokens({"input": turns[0][1]}, count) >= tokens.chat_prompt_tokens(
+            {"messages": items}, count)

@@ -16,13 +16,15 @@ import httpx
 import pytest
 import redis as redis_py
 
-from gateway_extproc import keys
+from gateway_extproc import keys, tokens
 from gateway_extproc.budgets.pricing import Price, cost_nano
 
 from ..redis_server import RedisServer
 from .conftest import Gateway, two_replicas
 
 KEY = keys.generate("shapes")
+RL_KEY = keys.generate("shapes-rl")
+RPM, TPM = 40, 3000
 PREFIX = "gw:{local}:"
 # An embedding model whose backends differ in price: the first (cheaper) one answers.
 EMBED_CHEAP = Price.from_usd_per_million(20, 0)
@@ -36,6 +38,8 @@ def shapes_values(values: dict[str, Any], redis_url: str) -> None:
     values["teams"].append({"name": "shapes", "budget": {"daily": 1}})
     values["keys"].append({"id": "shapes", "sha256": keys.digest(KEY), "team": "shapes",
                            "budget": {"daily": BUDGET}})
+    values["keys"].append({"id": "shapes-rl", "sha256": keys.digest(RL_KEY), "team": "shapes",
+                           "rateLimits": {"requestsPerMinute": RPM, "models": {"default-chat": {"tokensPerMinute": TPM}}}})
     values["models"].append({"name": "embed-two", "tokenizer": "cl100k_base", "backends": [
         {"provider": "mock", "model": "mock-embedding", "priority": 0, "pricing": {"input": 20, "output": 0},
          "maxTier": "internal"},
@@ -80,10 +84,10 @@ def spent_nano(gw: Gateway) -> int:
 
 
 async def burst(gws: tuple[Gateway, Gateway], path: str, bodies: list[dict[str, Any]],
-                headers: dict[str, str] | None = None) -> list[httpx.Response]:
+                headers: dict[str, str] | None = None, key: str = KEY) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=300)) as c:
         return await asyncio.gather(*(c.post(gws[i % 2].url + path, json=body, headers={
-            "authorization": f"Bearer {KEY}", **(headers or {})}) for i, body in enumerate(bodies)))
+            "authorization": f"Bearer {key}", **(headers or {})}) for i, body in enumerate(bodies)))
 
 
 def test_embeddings_are_charged_their_usage_at_the_answering_backend(
@@ -112,3 +116,30 @@ def test_embeddings_are_charged_their_usage_at_the_answering_backend(
     assert sum(a.status_code == 200 for a in answers) > 0
     settled(redis)
     assert spent_nano(gws[0]) == owed
+
+
+@pytest.mark.parametrize("bucket", ["requests", "tokens"])
+def test_a_burst_at_two_replicas_admits_no_more_than_the_rate_limit(
+        setup: tuple[RedisServer, Gateway, Gateway], bucket: str) -> None:
+    """250 requests at once, split over two replicas: no more are admitted than the bucket
+    holds plus what it refilled while the burst ran (requests per minute; tokens per minute
+    per model, each request reserving its prompt and output cap)."""
+    redis, *gws = setup
+    fresh(redis)
+    cap = 50 if bucket == "requests" else 500
+    body = {"model": "default-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": cap}
+    prompt = tokens.chat_prompt_tokens(body, tokens.counter("o200k_base"))
+    started = time.monotonic()
+    answers = asyncio.run(burst((gws[0], gws[1]), "/v1/chat/completions", [body] * 250, key=RL_KEY))
+    elapsed = time.monotonic() - started
+    admitted = [a for a in answers if a.status_code == 200]
+    for a in answers:
+        assert a.status_code in (200, 429), a.text
+        if a.status_code == 429:
+            assert a.json()["error"]["code"] == "rate_limited" and int(a.headers["retry-after"]) >= 1
+    assert admitted
+    if bucket == "requests":  # (the token bucket, 3,000 at ~60 a request, does not bind)
+        assert RPM - 1 <= len(admitted) <= RPM + elapsed * RPM / 60 + 1
+    else:
+        reserved = sum(prompt + int(a.headers.get("x-gateway-max-tokens-clamped", cap)) for a in admitted)
+        assert reserved <= TPM + elapsed * TPM / 60 + 1
