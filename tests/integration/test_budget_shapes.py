@@ -123,7 +123,8 @@ def test_a_burst_at_two_replicas_admits_no_more_than_the_rate_limit(
         setup: tuple[RedisServer, Gateway, Gateway], bucket: str) -> None:
     """250 requests at once, split over two replicas: no more are admitted than the bucket
     holds plus what it refilled while the burst ran (requests per minute; tokens per minute
-    per model, each request reserving its prompt and output cap)."""
+    per model, each request reserving its prompt and output cap and giving back what it did
+    not use when it settles)."""
     redis, *gws = setup
     fresh(redis)
     cap = 50 if bucket == "requests" else 500
@@ -141,5 +142,80 @@ def test_a_burst_at_two_replicas_admits_no_more_than_the_rate_limit(
     if bucket == "requests":  # (the token bucket, 3,000 at ~60 a request, does not bind)
         assert RPM - 1 <= len(admitted) <= RPM + elapsed * RPM / 60 + 1
     else:
-        reserved = sum(prompt + int(a.headers.get("x-gateway-max-tokens-clamped", cap)) for a in admitted)
-        assert reserved <= TPM + elapsed * TPM / 60 + 1
+        # A settled request gives back the tokens it did not use: what the admitted requests
+        # used (prompt as counted plus output) stays within the bucket and its refill.
+        used = sum(prompt + a.json()["usage"]["completion_tokens"] for a in admitted)
+        assert used <= TPM + elapsed * TPM / 60 + 1
+
+
+CLAUDE = Price.from_usd_per_million(3, 15, 0.3, cache_write="3.75", cache_write_1h=6)
+
+
+def _claude_cost(usage: dict[str, Any]) -> int:
+    """What an Anthropic usage block costs at claude-chat's first backend (input excludes the
+    cache reads and writes, which Anthropic reports beside it)."""
+    split = usage.get("cache_creation") or {}
+    long = split.get("ephemeral_1h_input_tokens", 0)
+    writes = usage.get("cache_creation_input_tokens", 0)
+    reads = usage.get("cache_read_input_tokens", 0)
+    prompt = usage["input_tokens"] + writes + reads
+    return cost_nano(CLAUDE, prompt, usage["output_tokens"], reads, writes, long)
+
+
+async def _message(c: httpx.AsyncClient, gw: Gateway, body: dict[str, Any], headers: dict[str, str]) -> int | None:
+    """Send one Messages request; the cost of its answer's usage (None: refused)."""
+    h = {"x-api-key": KEY, "anthropic-version": "2023-06-01", **headers}
+    if not body.get("stream"):
+        r = await c.post(gw.url + "/v1/messages", json=body, headers=h)
+        if r.status_code != 200:
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error", r.text
+            return None
+        return _claude_cost(r.json()["usage"])
+    usage: dict[str, Any] = {}
+    async with c.stream("POST", gw.url + "/v1/messages", json=body, headers=h) as r:
+        if r.status_code != 200:
+            await r.aread()
+            assert r.status_code == 429, r.text
+            return None
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                event = httpx.Response(200, content=line[6:]).json()
+                if event["type"] == "message_start":
+                    usage.update(event["message"]["usage"])
+                elif event["type"] == "message_delta":
+                    usage.update({k: v for k, v in event["usage"].items() if v is not None})
+    return _claude_cost(usage)
+
+
+def test_anthropic_messages_with_cache_writes_thinking_and_streams_are_charged_their_bill(
+        setup: tuple[RedisServer, Gateway, Gateway]) -> None:
+    """A burst of 200 Messages requests (JSON and streamed, cache markers with 5-minute and
+    1-hour lifetimes, cache writes of part or all of the prompt, thinking budgets) against a
+    $0.05 key: no level above its limit, and the key charged exactly what each answer's usage
+    costs, cache writes at their dearer prices."""
+    redis, *gws = setup
+    fresh(redis)
+    text = "Please summarise the quarterly figures for the board. " * 20
+
+    def shape(i: int) -> tuple[dict[str, Any], dict[str, str]]:
+        block: dict[str, Any] = {"type": "text", "text": f"{i} {text}"}
+        headers = {"x-mock-reply-words": str(10 + i % 50)}
+        if i % 4:
+            block["cache_control"] = {"type": "ephemeral", **({"ttl": "1h"} if i % 4 == 3 else {})}
+            headers["x-mock-cache-write-tokens"] = str(50 * (i % 5))
+            if i % 4 == 3:
+                headers["x-mock-cache-write-1h-tokens"] = "10000"
+        body: dict[str, Any] = {"model": "claude-chat", "max_tokens": 200 + i, "stream": i % 2 == 0,
+                                "messages": [{"role": "user", "content": [block]}]}
+        if i % 7 == 0:
+            body["thinking"] = {"type": "enabled", "budget_tokens": 100}
+        return body, headers
+
+    async def run() -> list[int | None]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=300)) as c:
+            return await asyncio.gather(*(_message(c, gws[i % 2], *shape(i)) for i in range(200)))
+
+    costs = asyncio.run(run())
+    assert any(c is not None for c in costs) and any(c is None for c in costs)
+    settled(redis)
+    assert spent_nano(gws[0]) == sum(c for c in costs if c is not None)
