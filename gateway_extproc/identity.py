@@ -149,17 +149,32 @@ def certificate_sans(encoded: str) -> tuple[tuple[str, str], ...]:
                  + [("dns", d) for d in names.get_values_for_type(x509.DNSName)])
 
 
+def claim_name(value: Any) -> str | None:
+    """A claim value as a name: a non-empty string, or an integer as its digits.
+
+    Envoy hands the verified payload over as a protobuf Struct, whose numbers are doubles
+    (`"sub": 4711` arrives as 4711.0). Only a double below 2^53 is the integer the token held
+    (2^53 + 1 arrives as 2^53), so a larger one names nobody rather than a neighbour; booleans,
+    fractions, lists and objects name nobody either."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (value.is_integer() and abs(value) < 2 ** 53):
+        return None
+    return str(int(value))
+
+
 def token_principal(provider: OidcProvider, claims: dict[str, Any]) -> tuple[str | None, str | None]:
     """(user, team) from one issuer's verified claims; team None when nothing maps."""
-    user = claims.get(provider.user_claim)
-    user = str(user) if isinstance(user, (str, int)) and str(user) else None
+    user = claim_name(claims.get(provider.user_claim))
     team = None
     if provider.team_claim is not None:
         value = claims.get(provider.team_claim)
-        values = value if isinstance(value, list) else [value]
-        for v in values:
-            if isinstance(v, str) and v:
-                team = provider.teams.get(v) if provider.teams else v
+        for v in value if isinstance(value, list) else [value]:
+            name = claim_name(v)
+            if name is not None:
+                team = provider.teams.get(name) if provider.teams else name
                 if team is not None:
                     break
     return user, team or provider.default_team

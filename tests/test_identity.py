@@ -361,3 +361,24 @@ def test_a_verified_token_that_names_nobody_is_not_mapped_rather_than_missing() 
     with pytest.raises(GatewayError) as e:
         authenticate({}, _CFG, NOW, {"corp": {"iss": "https://i"}})
     assert e.value.code == "identity_not_mapped"
+
+
+# Envoy hands jwt_authn's payload over as a protobuf Struct, where every JSON number is a double:
+# `"sub": 4711` arrives as 4711.0 (router._jwt_claims). Before, a number was no name at all, so
+# a numeric user id lost its user budget and a numeric group fell to defaultTeam.
+@pytest.mark.parametrize(("claims", "user", "team"), [
+    ({"sub": 4711.0, "groups": [42.0]}, "4711", "payments"),
+    ({"sub": 4711, "groups": 42}, "4711", "payments"),
+    ({"sub": -3.0, "groups": ["grp-pay"]}, "-3", "payments"),
+    # Not exact in a double (2^53 + 1 arrives as 2^53): no name rather than someone else's.
+    ({"sub": float(2 ** 53), "groups": ["grp-pay"]}, None, "payments"),
+    ({"sub": 1.5, "groups": [True, 42.5, "grp-pay"]}, None, "payments"),
+    ({"sub": True, "groups": [{"grp-pay": 1}, ["grp-pay"]]}, None, None),
+    ({"sub": {"name": "alice"}, "groups": "grp-pay"}, None, "payments"),
+])
+def test_numeric_claims_name_a_user_and_team_as_their_digits(claims: dict[str, object], user: str | None,
+                                                              team: str | None) -> None:
+    import dataclasses
+
+    corp = dataclasses.replace(_CFG.identity.oidc["corp"], teams={"grp-pay": "payments", "42": "payments"})
+    assert identity.token_principal(corp, claims) == (user, team)
