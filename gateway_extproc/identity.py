@@ -51,12 +51,7 @@ def presented_key(headers: dict[str, str]) -> str | None:
     Two different values there are refused (`identity_conflict`) rather than one picked: the
     other would go unchecked, and which one wins must never decide what a caller may do.
     (A verified OIDC token is not here: Envoy removed it after verifying.)"""
-    auth = headers.get("authorization")
-    bearer = None
-    if auth:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            bearer = value.strip()
+    bearer = keys.bearer(headers.get("authorization"))
     api_key = headers.get("x-api-key") or None
     if bearer is not None and api_key is not None and not hmac.compare_digest(bearer.encode(), api_key.encode()):
         raise GatewayError("identity_conflict", "Two different API keys were sent (`Authorization` and "

@@ -266,8 +266,8 @@ class AdminApp:
 
     def authenticate(self, cfg: config_mod.GatewayConfig, headers: dict[str, str]) -> str:
         admin = cfg.identity.key_admin
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        digest = keys_mod.digest(token.strip()) if scheme.lower() == "bearer" and token.strip() else keys_mod.DUMMY
+        token = keys_mod.bearer(headers.get("authorization"))
+        digest = keys_mod.digest(token) if token is not None else keys_mod.DUMMY
         who = None
         for name, expected in (admin.admins.items() if admin else ()):
             if hmac.compare_digest(digest, expected) and who is None:  # every hash compared: constant time

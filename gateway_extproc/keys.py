@@ -21,6 +21,19 @@ ID = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: `$` also matched before a
 DUMMY = hashlib.sha256(b"gateway-extproc-dummy").hexdigest()
 
 
+# HTTP's whitespace (RFC 9110 OWS). str.strip() would also take Unicode spaces off a key.
+OWS = " \t"
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The credential of an `Authorization: Bearer <credential>` value (the scheme in any case,
+    then spaces or tabs), else None. Only SP and HTAB surround it: a NBSP or ideographic
+    space pasted with a key is part of what was sent, as it is in `x-api-key`."""
+    scheme, _, value = (authorization or "").partition(" ")
+    value = value.strip(OWS)
+    return value if scheme.lower() == "bearer" and value else None
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 

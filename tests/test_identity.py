@@ -205,6 +205,17 @@ def test_two_different_keys_are_a_conflict_not_a_pick(headers: dict[str, str]) -
     assert "gwk_a_one" not in info.value.message
 
 
+@pytest.mark.parametrize("around", ["\u00a0", "\u3000", "\u2003", "\u0085", "\u1680", "\u200b"])
+def test_only_spaces_and_tabs_surround_a_bearer_key(around: str) -> None:
+    """HTTP's whitespace is SP and HTAB (RFC 9110 OWS). Python's str.strip() also took Unicode
+    spaces off a bearer key (a NBSP or ideographic space pasted with it was the key), while the
+    same value in x-api-key, or with an OIDC issuer configured, was refused: one rule now."""
+    key = "gwk_demo_secret"
+    assert identity.presented_key({"authorization": f"Bearer \t{key} \t"}) == key
+    for value in (f"Bearer {key}{around}", f"Bearer {around}{key}"):
+        assert identity.presented_key({"authorization": value}) != key, repr(value)
+
+
 def test_the_same_key_in_both_headers_is_one_key() -> None:
     assert identity.presented_key({"authorization": "Bearer  gwk_a_one", "x-api-key": "gwk_a_one"}) == "gwk_a_one"
 

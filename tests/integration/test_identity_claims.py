@@ -22,7 +22,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .conftest import Gateway, build_gateway
+from .conftest import DEMO_KEY, Gateway, build_gateway
 
 ISSUER, AUDIENCE = "https://hr-idp.test", "gw-claims"
 SIGNING_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -125,3 +125,20 @@ def test_a_token_header_never_chooses_the_key_that_verifies_it(gw: Gateway) -> N
     assert gw.received(gw.primary) == []
     # The same token signed with the issuer's own key is served: the refusals were the key.
     assert _who(gw, _token()) == (200, ("token:hr", "demo", "e-1"))
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2003", "\u0085"])
+def test_a_key_with_unicode_space_around_it_is_no_key(gw: Gateway, space: str) -> None:
+    """Python's str.strip() took a NBSP or ideographic space pasted after a key off it in
+    `Authorization` (served as that key), while the same value in `x-api-key` was refused and
+    one before the key went to jwt_authn (invalid_token): now every form is refused."""
+    gw.reset()
+    for headers in ({"Authorization": f"Bearer {DEMO_KEY}{space}".encode()},
+                    {"x-api-key": f"{DEMO_KEY}{space}".encode()}):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+        assert r.status_code == 401 and _code(r) == "invalid_api_key", (headers, r.text)
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, timeout=10,
+                   headers={"Authorization": f"Bearer {space}{DEMO_KEY}".encode()})
+    assert r.status_code == 401 and _code(r) in ("invalid_api_key", "invalid_token"), r.text
+    assert gw.received(gw.primary) == [] and gw.received(gw.backup) == []
+    assert _who(gw, f" \t {DEMO_KEY}") == (200, ("demo", "demo", None))
