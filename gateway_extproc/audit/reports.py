@@ -153,6 +153,23 @@ def _monthly_budget(path: Path | None, team: str) -> str | None:
     return None
 
 
+# A cell starting with one of these is a formula to Excel and Sheets (CSV injection, OWASP).
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A CSV row whose text cells a spreadsheet shows as text: names come from token claims (a
+    user's own `name` or `email` at the IdP), keys and admins, so one starting with = + - @
+    (or a tab or CR) gets a leading apostrophe. A CR becomes LF: the writer (lines end in LF)
+    quotes a cell holding LF but not one holding a bare CR, which readers take as a row break,
+    the next row then starting with the caller's text. JSON reports keep values as recorded."""
+    return {k: _cell(v) if isinstance(v, str) else v for k, v in row.items()}
+
+
+def _cell(text: str) -> str:
+    return (f"'{text}" if text.startswith(_FORMULA) else text).replace("\r", "\n")
+
+
 CHARGEBACK_COLUMNS = ("scope", "team", "name", "requests", "refused", "input_tokens", "output_tokens",
                       "cached_tokens", "cost_usd", "monthly_budget_usd", "share_used")
 
@@ -163,10 +180,10 @@ def chargeback_csv(report: dict[str, Any]) -> str:
     w = csv.DictWriter(buf, CHARGEBACK_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for t in report["teams"]:
-        w.writerow({"scope": "team", "name": t["team"], **t})
+        w.writerow(_safe({"scope": "team", "name": t["team"], **t}))
         for dim in ("key", "user", "model", "provider"):
             for row in t[f"by_{dim}"]:
-                w.writerow({"scope": dim, "team": t["team"], "name": row[dim], **row})
+                w.writerow(_safe({"scope": dim, "team": t["team"], "name": row[dim], **row}))
     return buf.getvalue()
 
 
@@ -178,7 +195,7 @@ def inventory_csv(report: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, INVENTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    w.writerows(report["rows"])
+    w.writerows(_safe(row) for row in report["rows"])
     return buf.getvalue()
 
 
@@ -200,8 +217,8 @@ def admin_csv(report: dict[str, Any]) -> str:
     w.writeheader()
     for row in report["rows"]:
         extra = {k: v for k, v in row.items() if k not in ADMIN_COLUMNS}
-        w.writerow({**{k: row.get(k) for k in ADMIN_COLUMNS[:-1]},
-                    "details": orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else ""})
+        w.writerow(_safe({**{k: row.get(k) for k in ADMIN_COLUMNS[:-1]},
+                          "details": orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else ""}))
     return buf.getvalue()
 
 
