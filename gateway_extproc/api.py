@@ -412,7 +412,7 @@ def _validate_responses(body: dict[str, Any]) -> None:
 
 
 def _service_tier(body: dict[str, Any]) -> None:
-    # (read under a budget: `premium_tier`)
+    # (read under a budget: `billed_above_prices`)
     _require(_text(body.get("service_tier")), "service_tier", "`service_tier` must be a string.")
 
 
@@ -472,9 +472,16 @@ def provider_added_input(endpoint: Endpoint, body: dict[str, Any]) -> str | None
 _PREMIUM_TIERS = frozenset({"priority"})
 
 
-def premium_tier(endpoint: Endpoint, body: dict[str, Any]) -> bool:
-    """The request asks to be processed (and billed) at a premium tier (`service_tier`)."""
-    return endpoint is not EMBEDDINGS and body.get("service_tier") in _PREMIUM_TIERS
+def billed_above_prices(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
+    """The parameter that asks to be billed above the token prices a backend's `pricing`
+    holds, if any: a premium `service_tier`, or spoken output (chat `modalities` with
+    "audio", billed at the audio output price, ~8x text for gpt-4o-audio)."""
+    if endpoint is not EMBEDDINGS and body.get("service_tier") in _PREMIUM_TIERS:
+        return "service_tier"
+    modalities = body.get("modalities")
+    if endpoint is CHAT and isinstance(modalities, list) and "audio" in modalities:
+        return "modalities"
+    return None
 
 
 def _stored_item(item: Any, param: str) -> str | None:

@@ -544,7 +544,7 @@ def test_a_provider_side_fallback_list_is_refused(endpoint: api.Endpoint) -> Non
     assert (err.value.code, err.value.param) == ("invalid_request", "models")
 
 
-# -- fields the budget checks read (api.premium_tier, api.provider_added_input) ----------------
+# -- fields the budget checks read (api.billed_above_prices, api.provider_added_input) ----------------
 
 RESPONSES_OK = {"model": "m", "input": "hi"}
 RESPONSES_BAD = [  # (body fields, param)
@@ -590,7 +590,7 @@ def test_chat_service_tier_must_be_a_string(value: Any) -> None:
     assert (info.value.code, info.value.param) == ("invalid_request", "service_tier")
 
 
-@given(field=st.sampled_from(["service_tier", "tools", "input", "previous_response_id", "conversation", "prompt",
+@given(field=st.sampled_from(["service_tier", "modalities", "tools", "input", "previous_response_id", "conversation", "prompt",
                               "web_search_options"]), value=ANY_JSON, endpoint=st.sampled_from(["chat", "responses"]))
 def test_the_budget_checks_read_any_body_validation_passes(field: str, value: Any, endpoint: str) -> None:
     """Whatever the validator lets through, the checks run under a budget (priority tier,
@@ -600,7 +600,7 @@ def test_the_budget_checks_read_any_body_validation_passes(field: str, value: An
         api.BY_NAME[endpoint].validate(body)
     except GatewayError:
         return
-    api.premium_tier(api.BY_NAME[endpoint], body)
+    api.billed_above_prices(api.BY_NAME[endpoint], body)
     api.provider_added_input(api.BY_NAME[endpoint], body)
 
 
@@ -651,3 +651,13 @@ def test_a_body_nested_as_deep_as_the_gateway_writes_is_read_and_written(inner: 
 
 def test_the_depth_limit_leaves_room_for_a_translator_to_wrap_the_body() -> None:
     assert api.MAX_DEPTH + 16 <= 254  # orjson.dumps refuses a 255th level
+
+
+@pytest.mark.parametrize(("endpoint", "fields", "param"), [
+    ("chat", {"service_tier": "priority"}, "service_tier"), ("responses", {"service_tier": "priority"}, "service_tier"),
+    ("chat", {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+    ("chat", {"modalities": ["text"]}, None), ("chat", {"service_tier": "flex"}, None), ("chat", {}, None),
+])
+def test_what_is_billed_above_the_token_prices(endpoint: str, fields: dict[str, Any], param: str | None) -> None:
+    body = {**(chat() if endpoint == "chat" else RESPONSES_OK), **fields}
+    assert api.billed_above_prices(api.BY_NAME[endpoint], body) == param

@@ -74,6 +74,15 @@ class Consumed(NamedTuple):
     processed: bool  # a provider processed the request (its tokens count in metrics)
 
 
+# What a request billed above the backend's token prices is told (`api.billed_above_prices`).
+_ABOVE_PRICES = {
+    "service_tier": "`service_tier` \"priority\" is billed above the prices budgets are kept in, so no budget "
+                    "could hold its cost: leave it out, or send \"auto\", \"default\" or \"flex\".",
+    "modalities": "Spoken output (`modalities` with \"audio\") is billed at audio prices above the token prices "
+                  "budgets are kept in, so no budget could hold its cost: ask for text only.",
+}
+
+
 class RouterProcessor:
     __slots__ = ("runtime", "started", "request_id", "method", "path", "key", "endpoint", "model",
                  "stream", "prompt_tokens", "drop_usage", "status", "backend", "usage", "tap",
@@ -322,10 +331,8 @@ class RouterProcessor:
                                "the request leaves, so no budget could hold its cost: send the conversation in "
                                "`input` (`store: false`) and files inline (`file_data`), and use function tools.",
                                held)
-        if api.premium_tier(endpoint, body):
-            raise GatewayError("invalid_request", "`service_tier` \"priority\" is billed above the prices budgets "
-                               "are kept in, so no budget could hold its cost: leave it out, or send \"auto\", "
-                               "\"default\" or \"flex\".", "service_tier")
+        if (above := api.billed_above_prices(endpoint, body)) is not None:
+            raise GatewayError("invalid_request", _ABOVE_PRICES[above], above)
         choices = self.choices = (body.get("n") or 1) if endpoint is api.CHAT else 1
         cap = caps.output_cap(body, endpoint.output_caps, model.max_output_tokens,
                               gate.settings.default_output_tokens, choices)

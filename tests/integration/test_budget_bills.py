@@ -117,6 +117,22 @@ def envoy_ready(gw: Gateway) -> bool:
     return httpx.get(f"http://127.0.0.1:{admin}/ready").text.strip() == "LIVE"
 
 
+def test_spoken_output_is_refused_under_a_budget(gw: Gateway) -> None:
+    """Chat with `modalities: ["audio"]` was reserved and settled at the backend's one
+    `output` price, while the provider bills spoken output at its audio price (~8x text for
+    gpt-4o-audio): every such request spent several times what the budget counted. Nothing
+    leaves; text-only `modalities` pass."""
+    before = len(gw.received(gw.primary))
+    c = client(gw)
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": "hi"}],
+                                  modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    body = info.value.body
+    assert info.value.status_code == 400 and body["code"] == "invalid_request" and body["param"] == "modalities"
+    assert len(gw.received(gw.primary)) == before
+    c.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": "hi"}], modalities=["text"])
+
+
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_priority_processing_is_refused_under_a_budget(gw: Gateway, api: str) -> None:
     """`service_tier: "priority"` went to the provider as sent: OpenAI bills priority processing
