@@ -219,6 +219,6 @@ def _content_tokens(content: Any, count: TokenCount, image: int) -> int:
                 total += count(part["text"])
             elif part.get("type") in ("image_url", "input_image", "image"):
                 total += image
-            else:  # a refusal, a file, audio...: its JSON (a file's base64 counts long: failing closed)
+            else:  # a refusal, a file, audio...: its JSON (a PDF can bill more: docs/budgets.md)
                 total += count(orjson.dumps(part).decode())
     return total
