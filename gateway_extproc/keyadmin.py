@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import threading
@@ -193,16 +194,29 @@ class AdminApp:
     # workers on their last good config; the admin API stays on it too, so a leaked key can
     # still be revoked. Before, every call was a 500 quoting the config error, unauthenticated.
     last_good: config_mod.GatewayConfig | None = None
+    # The file's (inode, size, mtime) when it was last read: a call reads it again only when
+    # that changed. Reading it on every call cost ~30 ms of the `serve` parent's CPU before
+    # the token was checked, so a flood of unauthenticated calls could keep a core busy.
+    seen: tuple[int, int, int] | None = None
 
     def current(self) -> config_mod.GatewayConfig:
         try:
-            self.last_good = config_mod.load(self.config_path)  # admin calls are rare: always the current values
+            st = os.stat(self.config_path)
+        except OSError:
+            st = None
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else None
+        if self.last_good is not None and signature is not None and signature == self.seen:
+            return self.last_good
+        try:
+            self.last_good = config_mod.load(self.config_path)  # always the current values
+            self.seen = signature
         except config_mod.ConfigError as exc:
             if self.last_good is None:
                 log.error("admin_config_failed", path=self.config_path, error=str(exc))
                 raise GatewayError("gateway_internal_error", "The gateway config does not load (the log's "
                                    "admin_config_failed says why); nothing was changed.") from None
             log.error("admin_config_stale", path=self.config_path, error=str(exc))
+            self.seen = signature  # (this broken file is not read again on every call)
         return self.last_good
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes,

@@ -391,3 +391,19 @@ def test_with_no_config_that_ever_loaded_the_admin_api_says_so_without_quoting_i
     status, body = call(admin, "GET", "/admin/keys")
     assert status == 500 and body["error"]["code"] == "gateway_internal_error"
     assert "listen" not in body["error"]["message"] and str(path) not in body["error"]["message"]
+
+
+def test_the_config_is_read_again_only_when_the_file_changes(app: AdminApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every call, authenticated or not, read and validated gateway.yaml (~30 ms of the
+    `serve` parent's CPU): a flood of calls with no token kept a core busy. It is read when
+    the file changed (a new admin, a removed model) and not otherwise."""
+    reads: list[str] = []
+    real = config.load
+    monkeypatch.setattr(config, "load", lambda path: reads.append(path) or real(path))
+    for _ in range(50):
+        assert call(app, "GET", "/admin/keys", token="gwa_wrong")[0] == 401
+    assert call(app, "GET", "/admin/keys")[0] == 200 and len(reads) == 1
+    raw = yaml.safe_load(Path(app.config_path).read_text())
+    raw["identity"]["keyAdmin"]["admins"].append({"name": "second", "sha256": keys.digest("gwa_second-token")})
+    Path(app.config_path).write_text(yaml.safe_dump(raw))
+    assert call(app, "GET", "/admin/keys", token="gwa_second-token")[0] == 200 and len(reads) == 2
