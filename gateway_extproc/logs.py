@@ -73,13 +73,19 @@ def redact_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 _RAW_BREAKS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
 
 
-def render(event: dict[str, Any], **_: Any) -> bytes:
-    """One log line: the event as JSON, every line break in it escaped."""
-    line = orjson.dumps(event)
+def one_line(obj: Any) -> bytes:
+    """`obj` as JSON that every line reader sees as one line: its Unicode line breaks
+    escaped too. Log lines and audit records (a prompt in either) are written with it."""
+    line = orjson.dumps(obj)
     for raw, escaped in _RAW_BREAKS:
         if raw in line:
             line = line.replace(raw, escaped)
     return line
+
+
+def render(event: dict[str, Any], **_: Any) -> bytes:
+    """One log line: the event as JSON, every line break in it escaped."""
+    return one_line(event)
 
 
 def configure(level: str = "info") -> None:

@@ -435,6 +435,28 @@ def test_hostile_content_cannot_forge_structure(tmp_path: Path, keys) -> None:
     assert [x["prompt"] for x in recs if x["type"] == "request"] == nasty
 
 
+def test_a_prompt_with_unicode_line_breaks_forges_no_record_for_a_unicode_line_reader(tmp_path: Path, keys) -> None:
+    """A reader that splits on every Unicode line break (Python's str.splitlines, log viewers)
+    sees the same lines as verify: a prompt holding U+2028, U+2029 or U+0085 around a record
+    of its own making stays inside its record, not a line (a record) of its own."""
+    signer, public, _ = keys
+    clock = Clock()
+    sink = AuditSink(settings_for(tmp_path), signer, "h-w0", now=clock)
+    forged = '{"prev":"' + "0" * 64 + '","seq":7,"type":"request","team":"finance","cost_nano":999999999999}'
+    for i, brk in enumerate(("\u2028", "\u2029", "\x85")):
+        sink.put(event(clock, i, prompt=f"hi{brk}{forged}{brk}there", user=brk))
+    sink.cycle()
+    sink._close_all()
+    text = only_segment_of(tmp_path, "h-w0").read_text()
+    assert text.splitlines() == text.split("\n")[:-1]
+    assert all(orjson.loads(line)["type"] != "request" or orjson.loads(line)["team"] == "a"
+               for line in text.splitlines())
+    (r,) = verify_dir(tmp_path / "audit", public)
+    assert r.status == "ok", r.line()
+    prompts = [x["prompt"] for x in map(orjson.loads, text.split("\n")[:-1]) if x["type"] == "request"]
+    assert prompts == [f"hi{b}{forged}{b}there" for b in ("\u2028", "\u2029", "\x85")]
+
+
 def only_segment_of(tmp: Path, instance: str) -> Path:
     (seg,) = chain_mod.segments(tmp / "audit" / instance / "gateway")
     return seg

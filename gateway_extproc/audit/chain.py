@@ -24,8 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from ..logs import one_line
 from .signing import SIGNATURE_B64_LEN, Signer
 
 GENESIS = b"0" * 64
@@ -45,7 +44,7 @@ def digest(line: bytes) -> bytes:
 
 
 def encode(prev: bytes, seq: int, fields: dict[str, Any]) -> bytes:
-    body = orjson.dumps(fields)
+    body = one_line(fields)  # a prompt's U+2028 would be a line break to some readers
     return b"".join((HEAD, prev, SEQ, str(seq).encode(), b",", body[1:]))
 
 
