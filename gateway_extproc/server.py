@@ -297,6 +297,7 @@ def serve(config_path: str) -> int:
     workers_metrics = export.WorkerMetrics(metrics_dir, len(runtime.config.listen), own=(AUDIT_EVENTS.name,))
     if runtime.config.metrics_port:
         registry.register(workers_metrics)
+        workers_metrics.refresh_in_background()  # a worker's death loses ~1 s of counts, not a scrape's
         try:  # before any worker starts: a busy port is a start-up error, not a crash
             start_http_server(runtime.config.metrics_port, runtime.config.metrics_address, registry)
         except OSError as exc:
@@ -375,7 +376,7 @@ def _supervise(workers: list[_Worker], spawn: Callable[[int], subprocess.Popen[b
                 delay = min(_BACKOFF_FIRST_S * 2 ** w.deaths, _BACKOFF_MAX_S)
                 w.deaths += 1
                 w.restart_at = now + delay
-                retire(w.proc.pid)  # its last scraped counts stay in the totals
+                retire(w.proc.pid)  # its last reported counts stay in the totals
                 log.error("extproc_worker_died", worker=w.index, pid=w.proc.pid, reason=exit_reason(rc),
                           restart_in_s=round(delay, 2))
             elif now >= w.restart_at:

@@ -4,9 +4,9 @@ samples only when someone asks (a scrape, a snapshot for the `serve` parent, a t
 prometheus-client's multiprocess mode paid an mmap write, a lock and a pid check on every
 increment (0.75 µs per `inc`, 1.6 µs per `observe`, measured); a request makes about ten
 of them. Here an increment is one attribute add (~0.05 µs). The price: the numbers live in
-the worker's memory, so `serve` collects them from each worker on scrape
-(telemetry/export.py), and what a worker counted after the last scrape before it died is
-lost (its earlier counts stay in the totals: counters never go backwards).
+the worker's memory, so `serve` collects them from each worker (on scrape and every second,
+telemetry/export.py), and what a worker counted after its last reply before it died is lost
+(its earlier counts stay in the totals: counters never go backwards).
 
 The API is the subset of prometheus-client's the gateway uses (`labels`, `inc`, `dec`,
 `set`, `observe`, `time`), so call sites did not change. Updates happen on the event loop

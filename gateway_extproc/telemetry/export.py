@@ -7,11 +7,13 @@ connects to each worker in turn and merges: counters and histograms are summed, 
 merged as each declares (max, min, mostrecent, livesum). No file is written per increment and
 nothing crosses processes between scrapes.
 
-Restarts: the parent keeps each worker's last snapshot. When a worker dies the supervisor
-folds that snapshot into a `retired` total, so everything a scrape has already shown stays
-in the sums and no counter goes backwards (`rate()`/`increase()` see no reset). What the
-dead worker counted after the last scrape is lost: an undercount of at most one scrape
-interval of that worker's traffic, never a drop. A worker that does not answer within
+Restarts: the parent keeps each worker's last snapshot, read on every scrape and, between
+scrapes, every REFRESH_S by a thread of its own. When a worker dies the supervisor folds that
+snapshot into a `retired` total, so everything it had counted up to its last reply stays in
+the sums and no counter goes backwards (`rate()`/`increase()` see no reset). What the dead
+worker counted after its last reply is lost: about REFRESH_S of that worker's traffic, never
+a drop (without the thread it was a whole scrape interval: a worker killed 30 s after a
+scrape took 30 s of requests, tokens and cost with it). A worker that does not answer within
 REPLY_TIMEOUT_S (busy or restarting) contributes its last snapshot.
 
 Concurrent scrapes (two Prometheus servers, an HA pair, scraping one pod): each reply carries
@@ -27,6 +29,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +41,7 @@ from . import counters
 
 DIR_ENV = "GATEWAY_EXTPROC_METRICS_DIR"
 REPLY_TIMEOUT_S = 2.0
+REFRESH_S = 1.0  # between scrapes: what a worker's death can take with it
 _replies = 0  # this worker's answers so far: each reply's `seq`
 
 
@@ -125,7 +129,18 @@ class WorkerMetrics(Collector):
                     _add(self._retired, snap, ("counter", "histogram"))
                     del self._last[index]
 
-    def collect(self) -> Iterator[Metric]:
+    def refresh_in_background(self) -> threading.Thread:
+        """Read the workers every REFRESH_S between scrapes (a daemon thread of `serve`)."""
+        def loop() -> None:
+            while True:
+                time.sleep(REFRESH_S)
+                self.refresh()
+        thread = threading.Thread(target=loop, name="metrics-refresh", daemon=True)
+        thread.start()
+        return thread
+
+    def refresh(self) -> None:
+        """Ask every worker for its numbers now and keep the newest reply of each."""
         replies = [(i, _read(socket_path(self._directory, i))) for i in range(self._workers)]
         with self._lock:
             for index, reply in replies:
@@ -140,6 +155,10 @@ class WorkerMetrics(Collector):
                     _add(self._retired, previous[1], ("counter", "histogram"))  # a death not seen yet
                     self._gone.add(previous[0])
                 self._last[index] = (reply["pid"], reply["series"])
+
+    def collect(self) -> Iterator[Metric]:
+        self.refresh()
+        with self._lock:
             merged: dict[str, dict[tuple[str, ...], Any]] = {
                 name: dict(series) for name, series in self._retired.items()}
             for _pid, snap in self._last.values():
