@@ -75,3 +75,47 @@ def test_a_hung_worker_shows_in_envoys_health_stats_while_extproc_metrics_stay_u
 
 def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_caller_chosen_values_add_no_envoy_series(gateway: Gateway) -> None:
+    """Envoy names stats after some request values when it trusts the client: an
+    `x-envoy-upstream-alt-stat-name` of the caller's choosing would be a new stat prefix per
+    request, and Host, method, path and user agent feed others. Envoy 1.40 trusts no client
+    address by default (no `internal_address_config`: the x-envoy-* headers are removed at
+    the edge), so 600 requests with distinct values of each leave Envoy's series as they were."""
+    auth = {"authorization": f"Bearer {gateway.key}"}
+    body = {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    def send(client: httpx.Client, word: str, kind: int) -> None:
+        url = f"{gateway.url}/v1/chat/completions"
+        if kind == 0:
+            client.post(url, json=body, headers={**auth, "host": f"{word}.example"})
+        elif kind == 1:
+            client.post(url, json=body, headers={**auth, "x-envoy-upstream-alt-stat-name": word,
+                                                 "x-envoy-decorator-operation": word,
+                                                 "x-envoy-downstream-service-cluster": word})
+        elif kind == 2:
+            client.post(url, json=body, headers={**auth, "user-agent": word, "x-client-trace-id": word,
+                                                 "x-request-id": word})
+        elif kind == 3:
+            client.post(f"{gateway.url}/{word}", json=body, headers=auth)
+        elif kind == 4:
+            client.request(word.upper().replace("-", ""), url, json=body, headers=auth)
+        else:
+            client.post(url, json=body, headers={**auth, "x-envoy-retry-on": "5xx", "x-envoy-max-retries": "9",
+                                                 "x-envoy-upstream-rq-timeout-ms": "1", "x-forwarded-for": word})
+
+    def series() -> set[str]:
+        text = httpx.get(f"{stats_url(gateway)}/stats/prometheus", timeout=10).text
+        return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+    with httpx.Client(timeout=30) as client:
+        for i in range(12):  # every kind once: the series an ordinary request makes exist
+            send(client, f"warm-{i}", i % 6)
+        series()  # (the stats listener's own cluster, envoy_admin, counts its first scrape)
+        before = series()
+        for i in range(600):
+            send(client, f"zq-{i}-word", i % 6)
+    new = series() - before
+    assert not [s for s in new if "zq" in s], sorted(new)[:10]
+    assert len(new) < 30, sorted(new)
