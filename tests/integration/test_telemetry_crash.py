@@ -19,7 +19,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,8 +27,7 @@ import orjson
 import pytest
 
 from ..redis_server import RedisServer
-from .conftest import Gateway, running_gateway
-from .local_cli import children
+from .conftest import Gateway, all_healthy, running_gateway, workers
 
 WORKERS = 2
 
@@ -50,49 +48,35 @@ def requests_total(gw: Gateway) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("genai_requests_total{"))
 
 
-def live_workers(gw: Gateway) -> list[int]:
-    out = []
-    for pid in children(gw.stack.procs["extproc"].pid):
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in "ZX":
-                out.append(pid)
-        except OSError:
-            pass
-    return out
-
-
 def wait_back(gw: Gateway, killed: int) -> None:
     """The supervisor replaced the killed worker and both take requests again."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        alive = live_workers(gw)
-        if len(alive) == WORKERS and killed not in alive:
-            clusters = httpx.get(f"{gw.stack.admin_url}/clusters", timeout=5).text
-            health = [x for x in clusters.splitlines() if x.startswith("gateway_extproc::") and "::health_flags::" in x]
-            if len(health) == WORKERS and all(h.endswith("::healthy") for h in health):
-                return
-        time.sleep(0.1)
-    raise AssertionError("worker not restarted")
+    deadline = time.monotonic() + 5
+    while killed in workers(gw) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    all_healthy(gw)
 
 
-async def burst(gw: Gateway, n: int, prompt: str, kill_at: int | None = None) -> list[tuple[int, str | None]]:
-    """n chat completions, 16 at a time: (status, x-request-id) each; a worker is SIGKILLed
-    when request `kill_at` starts."""
+async def burst(gw: Gateway, n: int, prompt: str, kill_at: int | None = None,
+                killed_at: list[float] | None = None) -> list[tuple[int, str | None, float]]:
+    """n chat completions, 16 at a time: (status, x-request-id, when it was answered) each; a
+    worker is SIGKILLed when request `kill_at` starts (its time into `killed_at`)."""
     client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0, timeout=30)
     gate = asyncio.Semaphore(16)
 
-    async def one(i: int) -> tuple[int, str | None]:
+    async def one(i: int) -> tuple[int, str | None, float]:
         async with gate:
             if i == kill_at:
-                os.kill(live_workers(gw)[0], signal.SIGKILL)
+                os.kill(workers(gw)[0], signal.SIGKILL)
+                if killed_at is not None:
+                    killed_at.append(time.monotonic())
             try:
                 raw = await client.chat.completions.with_raw_response.create(
                     model="default-chat", max_tokens=8, messages=[{"role": "user", "content": f"{prompt} {i}"}])
-                return raw.status_code, raw.headers.get("x-request-id")
+                return raw.status_code, raw.headers.get("x-request-id"), time.monotonic()
             except openai.APIStatusError as err:
-                return err.status_code, err.response.headers.get("x-request-id")
+                return err.status_code, err.response.headers.get("x-request-id"), time.monotonic()
             except openai.APIConnectionError:
-                return 0, None
+                return 0, None, time.monotonic()
     try:
         return await asyncio.gather(*(one(i) for i in range(n)))
     finally:
@@ -104,9 +88,9 @@ def test_a_killed_workers_counts_from_before_the_last_second_stay(gw2: Gateway) 
     seconds after it: the pod's counter still has every request the burst made."""
     before = requests_total(gw2)
     statuses = asyncio.run(burst(gw2, 120, "count me"))
-    assert Counter(s for s, _ in statuses) == {200: 120}
+    assert Counter(s for s, _, _ in statuses) == {200: 120}
     time.sleep(2.0)
-    victim = live_workers(gw2)[0]
+    victim = workers(gw2)[0]
     os.kill(victim, signal.SIGKILL)
     wait_back(gw2, victim)
     assert requests_total(gw2) - before == 120
@@ -117,12 +101,13 @@ HOSTILE = ["a\nb", "\u2028{\"type\":\"request\",\"team\":\"finance\"}\u2029", "\
 
 
 def test_a_worker_killed_mid_burst_leaves_one_record_per_answer_and_valid_exposition(gw2: Gateway) -> None:
-    statuses = asyncio.run(burst(gw2, 300, "|".join(HOSTILE), kill_at=150))
+    killed_at: list[float] = []
+    statuses = asyncio.run(burst(gw2, 300, "|".join(HOSTILE), kill_at=150, killed_at=killed_at))
     wait_back(gw2, -1)
     # The gateway's own answers (the demo key's rate limit refuses part of the burst): a 503
     # is Envoy's for a request whose worker died under it, which no process could record.
-    answered = [rid for status, rid in statuses if status in (200, 429) and rid]
-    assert len(answered) >= 100, Counter(s for s, _ in statuses)
+    answered = {rid: at for status, rid, at in statuses if status in (200, 429) and rid}
+    assert len(answered) >= 100, Counter(s for s, _, _ in statuses)
     promtool = shutil.which("promtool")
     if promtool is not None:  # Debian's `prometheus` package (tests/test_alerts.py)
         check = subprocess.run([promtool, "check", "metrics"], input=httpx.get(gw2.stack.metrics_url).text,
@@ -143,5 +128,6 @@ def test_a_worker_killed_mid_burst_leaves_one_record_per_answer_and_valid_exposi
                 ids[rec["request_id"]] += 1
     # The killed worker's events still queued (the writer's last ~50 ms, docs/audit.md
     # "Durability") are lost with it: a request or two answered just before the kill.
-    assert len([rid for rid in answered if ids[rid] == 0]) <= 4
+    # (answered by then: a loaded machine may hold the answer back a while after the record was queued)
+    assert all(at >= killed_at[0] - 1.0 for rid, at in answered.items() if ids[rid] == 0), (killed_at, answered)
     assert [rid for rid, n in ids.items() if n > 1] == []
