@@ -129,8 +129,13 @@ static_resources:
           # streams (Envoy's own default is 2^31-1). (The guide's smaller flow-control windows
           # are left out: with them Envoy 1.40 sent a client that stopped reading a second
           # HEADERS frame without END_STREAM, which RFC 9113 forbids.)
+          # A malformed HTTP/2 request (a `connection` or `transfer-encoding` header, an
+          # upper-case name, CR/LF in a value) resets its own stream: by default Envoy closes
+          # the whole connection, cutting off every other caller's answer on it (a proxy in
+          # front multiplexes many callers on one connection).
           http2_protocol_options:
             max_concurrent_streams: 100
+            override_stream_error_on_invalid_http_message: true
           # Envoy's own error replies, in the OpenAI error shape with a code from
           # docs/runbooks.md (first match wins). The ext_proc's replies (code details gw_*)
           # keep their bodies. x-gateway-error-code tells the ext_proc's access line the

@@ -1,0 +1,91 @@
+"""Framing attacks through real Envoy, the ext_proc and the mock provider, beyond
+test_wire_attacks.py: HTTP/2 streams whose headers break the protocol, sent on a
+connection other callers' answers share.
+
+Invariants: Envoy and the ext_proc worker stay the same processes; a malformed request is
+refused for itself alone (never another caller's answer on the same connection); every
+answer the gateway makes is OpenAI-shaped with a documented code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import orjson
+import pytest
+
+from gateway_extproc import keys
+from gateway_extproc.mock_provider import seal
+
+from .conftest import running_gateway
+from .test_wire_attacks import ATTACK_BUDGET_USD, H2, Wire, body, no_stream_left
+
+KEY_IDS = ("h2-malformed",)
+
+
+@pytest.fixture(scope="module")
+def framing() -> Iterator[Wire]:
+    secrets = {k: keys.generate(k) for k in KEY_IDS}
+
+    def customize(values: dict[str, Any]) -> None:
+        values["keys"] += [{"id": k, "sha256": keys.digest(s), "team": "demo", "budget": {"daily": ATTACK_BUDGET_USD}}
+                           for k, s in secrets.items()]
+
+    with running_gateway("gw-framing-", customize=customize) as gw:
+        yield Wire(gw, secrets)
+
+
+class RawH2(H2):
+    """H2 whose outgoing headers are sent as written (h2 would refuse the malformed ones)."""
+
+    def __init__(self, wire: Wire) -> None:
+        super().__init__(wire)
+        self.conn.config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
+                                                     validate_outbound_headers=False,
+                                                     normalize_outbound_headers=False)
+
+
+# Headers RFC 9113 8.2 makes a request malformed (a stream error), each on an otherwise valid request.
+MALFORMED_H2 = {
+    "transfer-encoding": (("transfer-encoding", "chunked"),),
+    "connection": (("connection", "keep-alive"),),
+    "uppercase-name": (("X-Upper", "1"),),
+    "crlf-in-value": (("x-note", "a\r\nx-injected: 1"),),
+    "unknown-pseudo-header": ((":foo", "x"),),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_H2))
+def test_a_malformed_h2_request_spares_the_other_streams_of_its_connection(framing: Wire, case: str) -> None:
+    """Envoy's default on an HTTP/2 messaging error is to close the whole connection: one
+    malformed request (a `transfer-encoding` or `connection` header, an upper-case name, CR
+    LF in a value, an unknown pseudo-header) cut off every other stream on it, another
+    caller's answer mid-stream included (a proxy in front multiplexes many callers on one
+    connection); that answer was lost, its provider call billed. Now only the malformed
+    stream is refused."""
+    framing.gw.reset()
+    c = RawH2(framing)
+    try:
+        long = c.request(None, body(stream=True), extra=(
+            ("x-mock-sealed", seal({"x-mock-reply-words": "300", "x-mock-chunk-delay-ms": "10"})),))
+        c.pump(lambda: long in c.data)  # the neighbour's answer is under way
+        bad = c.request("h2-malformed", body(), extra=MALFORMED_H2[case])
+        c.pump(lambda: long in c.ended and (bad in c.ended or bad in c.reset), limit_s=30)
+        assert not c.closed, "the connection was closed under the other streams"
+        after = c.request(None, body())
+        c.pump(lambda: after in c.ended)
+    finally:
+        c.close()
+    assert c.status[long] == 200 and long not in c.reset
+    assert bytes(c.data[long]).rstrip().endswith(b"data: [DONE]")
+    assert bad not in c.status and c.reset[bad] == h2.errors.ErrorCodes.PROTOCOL_ERROR  # RFC 9113 8.1.1
+    assert c.status[after] == 200
+    assert not [r for r in framing.provider_requests() if "x-injected" in r["headers"]]
+    assert framing.settled("h2-malformed") == 0
+    no_stream_left(framing)
+    framing.watch.alive()
