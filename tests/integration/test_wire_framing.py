@@ -9,6 +9,7 @@ answer the gateway makes is OpenAI-shaped with a documented code.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.errors
+import hpack
+import hyperframe.frame as hf
 import orjson
 import pytest
 
@@ -23,7 +26,8 @@ from gateway_extproc import keys
 from gateway_extproc.mock_provider import seal
 
 from .conftest import running_gateway
-from .test_wire_attacks import ATTACK_BUDGET_USD, H2, Wire, body, no_stream_left
+from .test_wire_attacks import (ATTACK_BUDGET_USD, CHAT, H2, Wire, body, no_stream_left, openai_error,
+                                split_http1)
 
 KEY_IDS = ("h2-malformed",)
 
@@ -88,4 +92,61 @@ def test_a_malformed_h2_request_spares_the_other_streams_of_its_connection(frami
     assert not [r for r in framing.provider_requests() if "x-injected" in r["headers"]]
     assert framing.settled("h2-malformed") == 0
     no_stream_left(framing)
+    framing.watch.alive()
+
+
+HEADERS_TIMEOUT_S = 10
+
+
+def refused_h2(raw: bytes) -> bool:
+    """The server's frames hold an answer to stream 1, a reset of it, or a GOAWAY."""
+    while len(raw) >= 9:
+        length, kind, sid = int.from_bytes(raw[:3], "big"), raw[3], int.from_bytes(raw[5:9], "big") & 0x7FFFFFFF
+        if kind == 0x7 or (sid == 1 and kind in (0x1, 0x3)):  # GOAWAY; HEADERS or RST_STREAM on stream 1
+            return True
+        raw = raw[9 + length:]
+    return False
+
+
+@pytest.mark.parametrize("version", ["h1", "h2"])
+def test_headers_trickled_in_get_408_within_the_headers_timeout(framing: Wire, version: str) -> None:
+    """A client that sends its request headers a byte at a time (slowloris) held its
+    connection and stream for `envoy.upstreamTimeout` (300 s), every byte resetting nothing:
+    Envoy had no limit on the headers alone. The headers must now arrive within 10 s of
+    their first byte (Envoy's edge-proxy advice): 408 `request_timeout`, nothing reached the
+    ext_proc or a provider."""
+    framing.gw.reset()
+    sock = socket.create_connection((framing.host, framing.port), timeout=1)
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ".encode()
+    if version == "h2":  # HEADERS without END_HEADERS, then CONTINUATION frames a second apart
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        headers = hf.HeadersFrame(1, data=hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"),
+                                                                  (":path", CHAT), (":authority", "gw")]))
+        head = headers.serialize()
+        trickle = [hf.ContinuationFrame(1, data=hpack.Encoder().encode([(f"x-h{i}", "v")])).serialize()
+                   for i in range(60)]
+    else:
+        trickle = [b"a"] * 60
+    got, started = b"", time.monotonic()
+    sock.sendall(head)
+    for piece in trickle:  # a piece a second, until the gateway answers or hangs up
+        try:
+            sock.sendall(piece)
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        got += data
+        if not data or (refused_h2(got) if version == "h2" else b"\r\n\r\n" in got):
+            break
+    waited = time.monotonic() - started
+    sock.close()
+    assert waited < HEADERS_TIMEOUT_S + 5, (waited, got[:200])
+    if version == "h1":
+        status, _, answer = split_http1(got)
+        assert status == 408 and openai_error(answer)["code"] == "request_timeout", got[:300]
+    assert framing.provider_requests() == []
     framing.watch.alive()

@@ -124,6 +124,9 @@ static_resources:
           # would else hold its stream for ever); disarmed once the request went upstream,
           # so long replies are bounded by the route timeout alone.
           request_timeout: {{ $v.envoy.upstreamTimeout }}
+          # The headers alone must arrive within 10 s of their first byte (Envoy's edge-proxy
+          # advice): a client trickling them held its stream for the whole request_timeout.
+          request_headers_timeout: 10s
           stream_idle_timeout: {{ $v.envoy.upstreamTimeout }}
           # As Envoy's edge-proxy guide advises: one HTTP/2 connection may not open unbounded
           # streams (Envoy's own default is 2^31-1). (The guide's smaller flow-control windows
@@ -163,7 +166,7 @@ static_resources:
                 (list (printf "%s == 'request_payload_too_large' || response.code == 413" $d) 413 "request_too_large" "invalid_request_error" "Request body exceeds the gateway limit.")
                 (list (printf "%s.startsWith('ext_proc') || response.code == 500" $d) 503 "gateway_unavailable" "server_error" "The gateway's policy service is unavailable; retry shortly (if it failed while a provider worked on the request, the provider may have processed it).")
                 (list "response.code == 503" 503 "upstream_unavailable" "server_error" "No provider backend is available for this model right now.")
-                (list "response.code == 408" 408 "request_timeout" "invalid_request_error" "The request was not received in time: the client stopped sending before its body was complete (%RESPONSE_CODE_DETAILS%).")
+                (list "response.code == 408" 408 "request_timeout" "invalid_request_error" "The request was not received in time: the client stopped sending before its request was complete (%RESPONSE_CODE_DETAILS%).")
                 (list (printf "%s == 'upgrade_failed'" $d) 400 "upgrade_not_supported" "invalid_request_error" "The gateway does not accept protocol upgrades (WebSocket): send plain HTTP/1.1 or HTTP/2 requests.")
                 (list "response.code == 400" 400 "malformed_http" "invalid_request_error" "The request is not valid HTTP: %RESPONSE_CODE_DETAILS%")
                 (list (printf "response.code == 504 || %s.contains('timeout')" $d) 504 "upstream_timeout" "server_error" "The provider did not answer in time.")
