@@ -26,6 +26,7 @@ from gateway_extproc import keys
 from gateway_extproc.mock_provider import seal
 
 from .conftest import running_gateway
+from .test_mtls import MTLS, mtls  # noqa: F401 - the TLS listener's fixture
 from .test_wire_attacks import (ATTACK_BUDGET_USD, CHAT, H2, Wire, body, no_stream_left, openai_error,
                                 split_http1)
 
@@ -150,3 +151,31 @@ def test_headers_trickled_in_get_408_within_the_headers_timeout(framing: Wire, v
         assert status == 408 and openai_error(answer)["code"] == "request_timeout", got[:300]
     assert framing.provider_requests() == []
     framing.watch.alive()
+
+
+# -- the TLS listener (envoy.tls with clientCA, as docs/deploy-kubernetes.md sets it up) -------
+
+def test_a_tls_handshake_left_unfinished_is_closed(mtls: MTLS) -> None:
+    """A client that opens a TCP connection to the TLS listener and never finishes the
+    handshake (no ClientHello, or half of one) held that connection for Envoy's idle
+    timeout (1 h): enough of them fill `envoy.maxConnections` and nobody is served. The
+    handshake must now finish within 10 s (`transport_socket_connect_timeout`)."""
+    port = mtls.gw.stack.values["envoy"]["listener"]["port"]
+    half_hello = bytes.fromhex("160301020001")  # a TLS record header announcing 512 bytes, then nothing
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=1) for _ in range(2)]
+    socks[1].sendall(half_hello)
+    started, open_ = time.monotonic(), set(range(2))
+    while open_ and time.monotonic() - started < HEADERS_TIMEOUT_S + 10:
+        for i in sorted(open_):
+            try:
+                if socks[i].recv(4096) == b"":
+                    open_.discard(i)
+            except socket.timeout:
+                pass
+            except OSError:
+                open_.discard(i)
+    for s in socks:
+        s.close()
+    assert not open_, f"connections {sorted(open_)} still open after {time.monotonic() - started:.0f} s"
+    assert mtls.chat("client").status_code == 200
+    assert mtls.gw.stack.procs["envoy"].poll() is None

@@ -96,6 +96,9 @@ static_resources:
         {{- end }}
       {{- end }}
       {{- if $v.envoy.tls.enabled }}
+      # A connection that never finishes its TLS handshake is closed after 10 s; it was held
+      # for the idle timeout (1 h), and enough of them fill envoy.maxConnections.
+      transport_socket_connect_timeout: 10s
       transport_socket:
         {{- include "gateway-extproc.downstreamTls" $ | nindent 8 }}
       {{- end }}
