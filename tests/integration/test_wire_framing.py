@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import socket
 import asyncio
+import os
+import re
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -311,4 +314,77 @@ def test_pipelined_requests_after_a_refused_one_keep_their_own_identity(framing:
     assert [owner[answers[i][1]["x-request-id"]] for i in (1, 3, 4)] == ["mix-a", "mix-b", "mix-a"]
     refused = asyncio.run(_read_all(framing, post(framing, "Content-Length: 5\r\n", b"{nope") + ask(a, "never")))
     assert [(s, h.get("connection")) for s, h, _ in refused] == [(400, "close")]
+    framing.watch.alive()
+
+
+# -- HTTP/2: many callers on one connection, while the ext_proc worker stalls ----------------
+
+def _flood_continuation(wire: Wire) -> int:
+    """HEADERS without END_HEADERS, then CONTINUATION frames until Envoy hangs up."""
+    sock = socket.create_connection((wire.host, wire.port), timeout=10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    encoder = hpack.Encoder()
+    sock.sendall(hf.HeadersFrame(1, data=encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", CHAT),
+                                                          (":authority", "gw")])).serialize())
+    sent = 0
+    try:
+        for i in range(100_000):
+            sock.sendall(hf.ContinuationFrame(1, data=encoder.encode([(f"x-flood-{i % 50}", "v" * 100)])).serialize())
+            sent += 1
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return sent
+
+
+def test_a_hundred_mixed_callers_on_one_h2_connection_while_the_worker_stalls(framing: Wire) -> None:
+    """One HTTP/2 connection carrying 100 concurrent streams of two keys (a proxy in front
+    multiplexing callers), each asking the provider for a reply of its own; meanwhile the
+    ext_proc worker is stopped (SIGSTOP) for 3 s, another connection floods CONTINUATION
+    frames, and another resets streams right after their HEADERS. Every stream gets its
+    own reply under its own key; Envoy and the worker stay the same processes.
+    (Held, 2026-12-05.)"""
+    framing.gw.reset()
+    c = H2(framing)
+    tags: dict[int, tuple[str, str]] = {}
+    try:
+        c.pump(lambda: c.conn.remote_settings.max_concurrent_streams == 100, limit_s=10)
+        for i in range(100):
+            key_id, tag = ("mix-a", "mix-b")[i % 2], f"reply{i:03d}x"
+            stream = i % 3 == 0
+            sid = c.request(key_id, body(stream=stream, content=tag),
+                            extra=(("x-mock-sealed", seal({"x-mock-reply": tag})),))
+            tags[sid] = (key_id, tag)
+            if i == 30:
+                for pid in framing.watch.workers:
+                    os.kill(pid, signal.SIGSTOP)
+                stopped = time.monotonic()
+        assert _flood_continuation(framing) < 100_000  # Envoy hangs up on the flood
+        r = H2(framing)
+        for _ in range(50):
+            sid = r.request(None, None, end=False)
+            r.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            r.flush()
+        r.close()
+        time.sleep(max(0.0, 3 - (time.monotonic() - stopped)))
+        for pid in framing.watch.workers:
+            os.kill(pid, signal.SIGCONT)
+        c.pump(lambda: all(s in c.ended or s in c.reset for s in tags), limit_s=60)
+    finally:
+        for pid in framing.watch.workers:
+            os.kill(pid, signal.SIGCONT)
+        c.close()
+    assert {s: c.status.get(s) for s in tags} == dict.fromkeys(tags, 200) and not c.reset
+    for sid, (_, tag) in tags.items():
+        assert tag.encode() in bytes(c.data[sid]), (sid, bytes(c.data[sid])[:200])
+        assert len(re.findall(rb"reply\d{3}x", bytes(c.data[sid]))) == 1  # and no one else's
+    owner = {line["request_id"]: line["key_id"] for k in ("mix-a", "mix-b") for line in framing.access_lines(k, 50)}
+    asked = {r["headers"]["x-request-id"]: r["body"]["messages"][0]["content"] for r in framing.provider_requests()}
+    assert sorted(asked.values()) == sorted(tag for _, tag in tags.values())
+    key_of = {tag: key_id for key_id, tag in tags.values()}
+    assert all(owner[rid] == key_of[tag] for rid, tag in asked.items())  # each charged to its own caller
+    no_stream_left(framing)
     framing.watch.alive()
