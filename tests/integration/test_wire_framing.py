@@ -9,11 +9,11 @@ answer the gateway makes is OpenAI-shaped with a documented code.
 
 from __future__ import annotations
 
-import socket
 import asyncio
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +22,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import hpack
+import httpx
 import hyperframe.frame as hf
 import orjson
 import pytest
@@ -388,3 +389,50 @@ def test_a_hundred_mixed_callers_on_one_h2_connection_while_the_worker_stalls(fr
     assert all(owner[rid] == key_of[tag] for rid, tag in asked.items())  # each charged to its own caller
     no_stream_left(framing)
     framing.watch.alive()
+
+
+# -- the body limit, to the byte ----------------------------------------------------------------
+
+def exactly(size: int) -> bytes:
+    """A valid chat body of exactly `size` bytes (JSON whitespace pads it: few tokens, no budget)."""
+    base = orjson.dumps({"model": "default-chat", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    return base[:-1] + b" " * (size - len(base)) + b"}"
+
+
+@pytest.mark.parametrize("framing_kind", ["content-length", "chunked"])
+def test_a_body_of_exactly_the_limit_is_served_and_one_byte_more_is_413(framing: Wire, framing_kind: str) -> None:
+    """envoy.maxRequestBytes is inclusive, whether the body is announced with Content-Length
+    or arrives chunked; one byte more is 413 `request_too_large`, nothing sent to a
+    provider. (Held, 2026-12-05.)"""
+    framing.gw.reset()
+    limit = framing.gw.stack.values["envoy"]["maxRequestBytes"]
+    auth = {"authorization": f"Bearer {framing.gw.key}", "content-type": "application/json"}
+    got = {}
+    for size in (limit - 1, limit, limit + 1):
+        payload = exactly(size)
+        content = payload if framing_kind == "content-length" else \
+            iter([payload[i:i + 65536] for i in range(0, size, 65536)])
+        resp = httpx.post(f"{framing.gw.url}{CHAT}", content=content, headers=auth, timeout=60)
+        got[size - limit] = (resp.status_code, resp.json().get("error", {}).get("code"))
+    assert got == {-1: (200, None), 0: (200, None), 1: (413, "request_too_large")}
+    assert len(framing.provider_requests()) == 2
+    framing.watch.alive()
+
+
+def test_expect_continue_over_the_limit_is_413_without_the_body(framing: Wire) -> None:
+    """`Expect: 100-continue` announcing a body over the limit: the client gets 413
+    `request_too_large` without sending it (Envoy answers the 100 itself first, then the
+    ext_proc refuses from the Content-Length), and the connection is closed.
+    (Held, 2026-12-05.)"""
+    limit = framing.gw.stack.values["envoy"]["maxRequestBytes"]
+    raw = post(framing, f"Content-Length: {limit + 1}\r\n", b"", "Expect: 100-continue\r\n")
+    with socket.create_connection((framing.host, framing.port), timeout=10) as sock:
+        sock.sendall(raw)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    final = got[got.index(b"HTTP/1.1 4"):] if b"HTTP/1.1 4" in got else got
+    status, headers, answer = split_http1(final)
+    assert status == 413 and openai_error(answer)["code"] == "request_too_large", got[:300]
+    assert headers.get("connection") == "close"
+    assert framing.provider_requests() == []
