@@ -424,6 +424,7 @@ def test_expect_continue_over_the_limit_is_413_without_the_body(framing: Wire) -
     `request_too_large` without sending it (Envoy answers the 100 itself first, then the
     ext_proc refuses from the Content-Length), and the connection is closed.
     (Held, 2026-12-05.)"""
+    framing.gw.reset()
     limit = framing.gw.stack.values["envoy"]["maxRequestBytes"]
     raw = post(framing, f"Content-Length: {limit + 1}\r\n", b"", "Expect: 100-continue\r\n")
     with socket.create_connection((framing.host, framing.port), timeout=10) as sock:
