@@ -105,14 +105,20 @@ def test_a_malformed_h2_request_spares_the_other_streams_of_its_connection(frami
 HEADERS_TIMEOUT_S = 10
 
 
+def frame_kinds(raw: bytes, sid: int) -> set[int]:
+    """The kinds of the server's frames on stream `sid`, and of its connection-wide GOAWAY."""
+    kinds = set()
+    while len(raw) >= 9:
+        length, kind, on = int.from_bytes(raw[:3], "big"), raw[3], int.from_bytes(raw[5:9], "big") & 0x7FFFFFFF
+        if on == sid or kind == 0x7:
+            kinds.add(kind)
+        raw = raw[9 + length:]
+    return kinds
+
+
 def refused_h2(raw: bytes) -> bool:
     """The server's frames hold an answer to stream 1, a reset of it, or a GOAWAY."""
-    while len(raw) >= 9:
-        length, kind, sid = int.from_bytes(raw[:3], "big"), raw[3], int.from_bytes(raw[5:9], "big") & 0x7FFFFFFF
-        if kind == 0x7 or (sid == 1 and kind in (0x1, 0x3)):  # GOAWAY; HEADERS or RST_STREAM on stream 1
-            return True
-        raw = raw[9 + length:]
-    return False
+    return bool(frame_kinds(raw, 1) & {0x1, 0x3, 0x7})  # HEADERS, RST_STREAM, GOAWAY
 
 
 @pytest.mark.parametrize("version", ["h1", "h2"])
@@ -437,3 +443,30 @@ def test_expect_continue_over_the_limit_is_413_without_the_body(framing: Wire) -
     assert status == 413 and openai_error(answer)["code"] == "request_too_large", got[:300]
     assert headers.get("connection") == "close"
     assert framing.provider_requests() == []
+
+
+def test_an_hpack_bomb_resets_its_stream_and_spares_the_connection(framing: Wire) -> None:
+    """One 3 KB header put in the HPACK dynamic table and referenced 3,000 times (a 9 MB
+    header list from 6 KB on the wire): over Envoy's 60 KiB the stream is reset, the
+    connection goes on serving. (Held, 2026-12-05.)"""
+    framing.gw.reset()
+    c = H2(framing)
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        encoder = hpack.Encoder()
+        block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", CHAT), (":authority", "gw"),
+                                ("authorization", f"Bearer {framing.gw.key}"), ("x-bomb", "b" * 3000)])
+        block += bytes([0x80 | 62]) * 3000  # indexed field 62: the x-bomb entry, again and again
+        c.sock.sendall(hf.HeadersFrame(sid, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+        deadline, raw = time.monotonic() + 10, b""
+        while not refused_h2(raw) and time.monotonic() < deadline:
+            try:
+                raw += c.sock.recv(65536)
+            except socket.timeout:
+                pass
+        assert frame_kinds(raw, sid) & {0x3, 0x7} == {0x3}, raw[:200]  # RST_STREAM of it, no GOAWAY
+    finally:
+        c.sock.close()
+    assert framing.provider_requests() == []
+    assert framing.normal().status_code == 200
+    framing.watch.alive()
