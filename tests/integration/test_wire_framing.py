@@ -470,3 +470,13 @@ def test_an_hpack_bomb_resets_its_stream_and_spares_the_connection(framing: Wire
     assert framing.provider_requests() == []
     assert framing.normal().status_code == 200
     framing.watch.alive()
+
+
+def test_no_secret_is_in_a_log_at_the_end(framing: Wire) -> None:
+    """After every attack above: no caller key, no provider key in Envoy's or the ext_proc's
+    log, no `processing_failed`; Envoy and the worker are the processes the module started."""
+    framing.watch.clean_log(framing.watch.new_log())
+    logs = framing.gw.logs()
+    for secret in (*framing.secrets.values(), framing.gw.restricted_key, framing.gw.primary_key, framing.gw.backup_key):
+        assert secret.split("_", 2)[-1] not in logs
+    framing.watch.alive()
