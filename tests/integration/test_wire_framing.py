@@ -472,6 +472,36 @@ def test_an_hpack_bomb_resets_its_stream_and_spares_the_connection(framing: Wire
     framing.watch.alive()
 
 
+def test_http1_clients_that_stop_reading_long_streams_block_no_one(framing: Wire) -> None:
+    """Five HTTP/1 clients with a 4 KiB receive buffer that stop reading their long streamed
+    answers (back-pressure through TCP): twenty ordinary requests meanwhile are served, and
+    a stalled client that reads again later gets its whole stream, ending in `[DONE]`.
+    (Held, 2026-12-05.)"""
+    framing.gw.reset()
+    payload = body(stream=True, max_tokens=4000)
+    stalled = []
+    try:
+        for _ in range(5):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((framing.host, framing.port))
+            sock.sendall(post(framing, CL.format(n=len(payload)), payload,
+                              f"x-mock-sealed: {seal({'x-mock-reply-words': '20000'})}\r\n", framing.secrets["mix-a"]))
+            stalled.append(sock)
+        time.sleep(2)  # the answers fill the buffers on the way
+        assert [framing.normal().status_code for _ in range(20)] == [200] * 20
+        sock, got = stalled[0], b""
+        sock.settimeout(30)
+        while not got.endswith(b"0\r\n\r\n") and (chunk := sock.recv(1 << 20)):
+            got += chunk
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert got.startswith(b"HTTP/1.1 200 ") and b"data: [DONE]" in got, got[-300:]
+    no_stream_left(framing)
+    framing.watch.alive()
+
+
 def test_no_secret_is_in_a_log_at_the_end(framing: Wire) -> None:
     """After every attack above: no caller key, no provider key in Envoy's or the ext_proc's
     log, no `processing_failed`; Envoy and the worker are the processes the module started."""
