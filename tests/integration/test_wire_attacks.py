@@ -419,9 +419,10 @@ def test_a_body_trickled_byte_by_byte_holds_no_reservation_and_spares_others(wir
 class H2:
     """A raw HTTP/2 client on a blocking socket: frames exactly as a test wants them."""
 
-    def __init__(self, wire: Wire, settings: dict[int, int] | None = None) -> None:
+    def __init__(self, wire: Wire, settings: dict[int, int] | None = None, sock: socket.socket | None = None) -> None:
+        """`sock`: a connection already open (a TLS one); else a plain one to the gateway."""
         self.wire = wire
-        self.sock = socket.create_connection((wire.host, wire.port), timeout=30)
+        self.sock = sock or socket.create_connection((wire.host, wire.port), timeout=30)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.conn.initiate_connection()
         if settings:

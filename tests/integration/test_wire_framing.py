@@ -54,8 +54,8 @@ def framing() -> Iterator[Wire]:
 class RawH2(H2):
     """H2 whose outgoing headers are sent as written (h2 would refuse the malformed ones)."""
 
-    def __init__(self, wire: Wire) -> None:
-        super().__init__(wire)
+    def __init__(self, wire: Wire, sock: socket.socket | None = None) -> None:
+        super().__init__(wire, sock=sock)
         self.conn.config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
                                                      validate_outbound_headers=False,
                                                      normalize_outbound_headers=False)
@@ -192,6 +192,30 @@ def test_a_tls_handshake_left_unfinished_is_closed(mtls: MTLS) -> None:
     assert mtls.chat("client").status_code == 200
     assert mtls.gw.stack.procs["envoy"].poll() is None
 
+
+
+def test_on_the_tls_listener_a_malformed_h2_request_spares_the_other_streams(mtls: MTLS) -> None:
+    """The same attack over the mTLS listener (HTTP/2 by ALPN): the neighbour's stream
+    ends whole, the malformed one alone is reset."""
+    wire = Wire(mtls.gw, {})
+    wire.host, wire.port = "127.0.0.1", mtls.gw.stack.values["envoy"]["listener"]["port"]
+    context = mtls.context("client")
+    context.set_alpn_protocols(["h2"])
+    tls = context.wrap_socket(socket.create_connection((wire.host, wire.port), timeout=30), server_hostname="localhost")
+    assert tls.selected_alpn_protocol() == "h2"
+    c = RawH2(wire, sock=tls)
+    try:
+        long = c.request(None, body(stream=True), extra=(
+            ("x-mock-sealed", seal({"x-mock-reply-words": "300", "x-mock-chunk-delay-ms": "10"})),))
+        c.pump(lambda: long in c.data)
+        bad = c.request(None, body(), extra=(("transfer-encoding", "chunked"),))
+        c.pump(lambda: long in c.ended and (bad in c.ended or bad in c.reset), limit_s=30)
+        assert not c.closed
+    finally:
+        c.close()
+    assert c.status[long] == 200 and bytes(c.data[long]).rstrip().endswith(b"data: [DONE]")
+    assert c.reset[bad] == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    wire.watch.alive()
 
 # -- HTTP/1 framing: smuggling attempts and odd but valid framing -----------------------------
 
