@@ -47,8 +47,9 @@ def streamed(gw: Gateway, pieces: list[str]) -> tuple[str, list[str], set[str]]:
     events = [chunk({"id": "audio_1", "transcript": pieces[0], "data": AUDIO}),
               *(chunk({"transcript": p, "data": AUDIO}) for p in pieces[1:]),
               chunk({"id": "audio_1", "expires_at": 1}), chunk({}, "stop"), b"data: [DONE]\n\n"]
-    body = {"model": "default-chat", "stream": True, "modalities": ["text", "audio"],
-            "audio": {"voice": "alloy", "format": "pcm16"}, "messages": [{"role": "user", "content": "Read it out."}]}
+    # (text asked for: under the demo key's budget spoken output is refused, docs/budgets.md;
+    # output scanning reads what the provider sends, whatever was asked)
+    body = {"model": "default-chat", "stream": True, "messages": [{"role": "user", "content": "Read it out."}]}
     said, data, finishes = "", [], set()
     for choice in choices(gw, body, events):
         audio = (choice.get("delta") or {}).get("audio") or {}
