@@ -51,6 +51,12 @@ def request(
                           tallies)
 
 
+def _semantic_client(url: str) -> Redis:
+    """The store's own client with room for a loaded machine: these tests check what the
+    store decides, not its timeouts (a 0.5 s connect timeout failed CI once on a busy host)."""
+    return connect(url, timeout_s=10.0)
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
     with RedisServer() as s:
@@ -60,7 +66,7 @@ def server() -> Iterator[RedisServer]:
 @pytest.fixture
 async def clients(server: RedisServer) -> AsyncIterator[tuple[Redis, Redis]]:
     """Two independent clients: two gateway replicas."""
-    a, b = connect(server.url), connect(server.url)
+    a, b = _semantic_client(server.url), _semantic_client(server.url)
     await a.flushall()
     yield a, b
     await a.aclose()
@@ -574,7 +580,7 @@ def test_no_program_of_reserves_settles_cancels_and_expiries_overspends_and_both
     team, org = Limit("team:p", team_limit, None, 3600), Limit("org:p", org_limit, None, 3600)
 
     async def run() -> None:
-        client = connect(server.url)
+        client = _semantic_client(server.url)
         await client.flushall()
         stores = (MemoryBudgetStore(), RedisBudgetStore(client, PREFIX))
         now = T0
