@@ -979,6 +979,48 @@ def _on_deployment(handler: Handler) -> Handler:
     return answer
 
 
+# The first api-version whose chat completions take `stream_options` (stable 2024-10-21,
+# preview 2024-09-01-preview); older ones refuse the field.
+AZURE_STREAM_OPTIONS_SINCE = "2024-09-01"
+_DATED_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
+# What Azure's default content filter reports for a prompt and an answer it let through.
+AZURE_FILTER = {category: {"filtered": False, "severity": "safe"}
+                for category in ("hate", "self_harm", "sexual", "violence")}
+
+
+def _azure_chat(call: Call) -> Reply:
+    """Chat completions as an Azure deployment answers them: refused with `stream_options`
+    on an api-version older than AZURE_STREAM_OPTIONS_SINCE (as Azure does), and annotated
+    by its content filter: `prompt_filter_results` beside the choices of a JSON answer, and
+    in a stream as a first chunk of its own with empty `choices`, `id`, `model` and `object`
+    (`created` 0); `content_filter_results` on every choice, and on every chunk with text."""
+    version = call.query.get("api-version", "")
+    if "stream_options" in call.body and (dated := _DATED_VERSION.match(version)) \
+            and dated.group() < AZURE_STREAM_OPTIONS_SINCE:
+        raise HTTPError(400, "Unrecognized request argument supplied: stream_options")
+    reply = _on_deployment(chat_completions)(call)
+    prompt_filter = [{"prompt_index": 0, "content_filter_results": AZURE_FILTER}]
+    if isinstance(reply.body, dict):
+        for choice in reply.body.get("choices", []):
+            choice["content_filter_results"] = AZURE_FILTER
+        reply.body["prompt_filter_results"] = prompt_filter
+    elif reply.events is not None:
+        reply.events = [_sse({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                              "prompt_filter_results": prompt_filter}), *map(_azure_filtered, reply.events)]
+    return reply
+
+
+def _azure_filtered(event: bytes) -> bytes:
+    """A chat stream event with Azure's `content_filter_results` on each choice carrying text."""
+    if not event.startswith(b"data: {"):
+        return event
+    chunk = orjson.loads(event[len(b"data: "):])
+    for choice in chunk.get("choices", []):
+        delta = choice.get("delta") or {}
+        choice["content_filter_results"] = AZURE_FILTER if delta.get("content") else {}
+    return _sse(chunk)
+
+
 # --------------------------------------------------------------------------- AWS Bedrock Converse endpoints
 
 
@@ -1371,7 +1413,7 @@ def _pattern(template: str) -> re.Pattern[str]:
 
 # Tried in order after the exact ROUTES lookup misses, so the common routes stay a dict hit.
 PATTERN_ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
-    ("POST", _pattern("/openai/deployments/{model}/chat/completions"), Route(_on_deployment(chat_completions), AZURE)),
+    ("POST", _pattern("/openai/deployments/{model}/chat/completions"), Route(_azure_chat, AZURE)),
     ("POST", _pattern("/openai/deployments/{model}/embeddings"), Route(_on_deployment(embeddings), AZURE)),
     ("POST", _pattern("/model/{model}/converse"), Route(functools.partial(bedrock_converse, stream=False), BEDROCK)),
     ("POST", _pattern("/model/{model}/converse-stream"),

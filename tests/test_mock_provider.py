@@ -613,6 +613,39 @@ def test_azure_requires_api_version_then_api_key(base_url: str) -> None:
         ).chat.completions.create(model="d", messages=[{"role": "user", "content": "x"}])
 
 
+def test_azure_annotates_answers_with_its_content_filter(base_url: str, azure: openai.AzureOpenAI) -> None:
+    """As Azure's default content filter does: `prompt_filter_results` beside the choices, and
+    in a stream as a first chunk with empty `choices`, `id` and `model`; `content_filter_results`
+    on each choice and on each chunk with text. The openai SDK reads both."""
+    messages: Any = [{"role": "user", "content": "Hello, Azure!"}]
+    reply = httpx.post(f"{base_url}{azure_path('d')}", json=chat_body(), headers=AZURE_AUTH).json()
+    assert reply["prompt_filter_results"][0]["content_filter_results"]["hate"] == {"filtered": False, "severity": "safe"}
+    assert reply["choices"][0]["content_filter_results"]["violence"]["filtered"] is False
+    chunks = list(azure.chat.completions.create(model="d", messages=messages, stream=True))
+    first = chunks[0].model_dump()
+    assert first["choices"] == [] and first["id"] == "" and first["model"] == ""
+    assert first["prompt_filter_results"][0]["prompt_index"] == 0
+    texts = [c.model_dump()["choices"][0] for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert texts and all(t["content_filter_results"]["hate"]["severity"] == "safe" for t in texts)
+    assert "".join(t["delta"]["content"] for t in texts) == mock_reply("d", "Hello, Azure!")
+
+
+def test_azure_refuses_stream_options_before_api_version_2024_09_01(base_url: str) -> None:
+    """Azure api-versions before 2024-09-01(-preview) answer 400 to `stream_options`; later
+    dated ones, and undated ones (the v1 API's `preview`, `latest`), take it."""
+    body = {**chat_body(), "stream": True, "stream_options": {"include_usage": True}}
+    for version in ("2024-06-01", "2024-08-01-preview", "2023-05-15"):
+        refused = httpx.post(f"{base_url}{azure_path('d', version=version)}", json=body, headers=AZURE_AUTH)
+        assert refused.status_code == 400, version
+        assert refused.json()["error"]["message"] == "Unrecognized request argument supplied: stream_options"
+    for version in ("2024-09-01-preview", "2024-10-21", "2025-04-01-preview", "preview"):
+        served = httpx.post(f"{base_url}{azure_path('d', version=version)}", json=body, headers=AZURE_AUTH)
+        assert served.status_code == 200 and '"usage":{"prompt_tokens"' in served.text, version
+    plain = httpx.post(f"{base_url}{azure_path('d', version='2024-06-01')}", json={**chat_body(), "stream": True},
+                       headers=AZURE_AUTH)
+    assert plain.status_code == 200 and plain.text.endswith("data: [DONE]\n\n")
+
+
 def test_azure_errors_and_malformed_body(base_url: str, azure: openai.AzureOpenAI) -> None:
     throttled = httpx.post(
         f"{base_url}{azure_path('d')}", json=chat_body(), headers={**AZURE_AUTH, "x-mock-status": "429"}
