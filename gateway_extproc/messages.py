@@ -501,7 +501,9 @@ class ToMessagesStream:
             out = self._close() + self._delta() if self._finish is not None else []
             self._done = True
             return [*out, _event("error", {"error": _error(obj["error"])})]
-        out = self._start(obj)
+        # Azure's first chunk is its prompt filter's verdict, with no choices and an empty `id`
+        # and `model`: the message starts at a chunk with choices (or at the end, `_stop`).
+        out = self._start(obj) if _list(obj.get("choices")) else []
         if isinstance(obj.get("usage"), dict) and obj["usage"]:
             self._usage = obj["usage"]
         for choice in _list(obj.get("choices")):

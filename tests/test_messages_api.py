@@ -337,6 +337,20 @@ END_USAGE = {"input_tokens": 8, "output_tokens": 9, "cache_read_input_tokens": 3
              "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}
 
 
+# Azure's first chunk: its prompt filter's verdict, before any choice, with no id or model.
+AZURE_PROMPT_FILTER = {"choices": [], "created": 0, "id": "", "model": "", "object": "", "prompt_filter_results": [
+    {"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False, "severity": "safe"}}}]}
+
+
+def test_an_azure_stream_starts_the_message_at_its_first_choice() -> None:
+    """`message_start` (the message's id and model) was made from Azure's annotation chunk:
+    an Anthropic client got id "" and model ""."""
+    out = ToMessagesStream().feed(data(AZURE_PROMPT_FILTER) + TEXT_STREAM, True)
+    assert events(out)[0] == START
+    final = sdk_final_message(out)
+    assert final.id == "chatcmpl-123" and final.model == "gpt-4o-mini" and final.content[0].text == "Hello there!"
+
+
 def test_text_stream() -> None:
     out = ToMessagesStream().feed(TEXT_STREAM, True)
     assert events(out) == [
