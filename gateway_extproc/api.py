@@ -440,6 +440,9 @@ def _validate_embeddings(body: dict[str, Any]) -> None:
 # Responses fields that make the provider add input it stores (an earlier response's whole
 # conversation, a Conversations object, a stored prompt template).
 _PROVIDER_STATE = ("previous_response_id", "conversation", "prompt")
+# Chat fields that make the provider search for input of its own (a search model's web search,
+# Azure On Your Data's index) and add what it found to the prompt.
+_SEARCHED = ("web_search_options", "data_sources", "dataSources")
 # Tools the caller's code runs (the model only writes their arguments); any other Responses
 # tool (web_search, file_search, mcp, code_interpreter, image_generation...) the provider
 # runs itself, adding what it fetched as input and per-call fees.
@@ -460,8 +463,11 @@ def provider_added_input(endpoint: Endpoint, body: dict[str, Any]) -> str | None
             held = next((p for i, item in enumerate(value) if (p := _stored_item(item, f"input[{i}]"))), None)
         return held
     if endpoint is CHAT:
-        if body.get("web_search_options") is not None:  # (search models: fetched pages)
-            return "web_search_options"
+        # Search models' fetched pages; Azure On Your Data's retrieved documents (`dataSources`
+        # in its older extensions API), added to the prompt and billed as input.
+        held = next((f for f in _SEARCHED if body.get(f) is not None), None)
+        if held is not None:
+            return held
         return next((p for i, m in enumerate(body["messages"])
                      if (p := _stored_parts(m.get("content"), f"messages[{i}].content"))), None)
     return None

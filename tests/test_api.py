@@ -591,7 +591,7 @@ def test_chat_service_tier_must_be_a_string(value: Any) -> None:
 
 
 @given(field=st.sampled_from(["service_tier", "modalities", "tools", "input", "previous_response_id", "conversation", "prompt",
-                              "web_search_options"]), value=ANY_JSON, endpoint=st.sampled_from(["chat", "responses"]))
+                              "web_search_options", "data_sources"]), value=ANY_JSON, endpoint=st.sampled_from(["chat", "responses"]))
 def test_the_budget_checks_read_any_body_validation_passes(field: str, value: Any, endpoint: str) -> None:
     """Whatever the validator lets through, the checks run under a budget (priority tier,
     input the provider adds) answer, never raise."""

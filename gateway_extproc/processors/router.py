@@ -327,9 +327,10 @@ class RouterProcessor:
         if (held := api.provider_added_input(endpoint, body)) is not None:
             raise GatewayError("context_not_countable", f"`{held}` makes the provider add input of its own (an "
                                "earlier conversation, a stored item, file or prompt it keeps, a file it fetches, "
-                               "what a hosted tool fetches) whose tokens and fees the gateway cannot count before "
-                               "the request leaves, so no budget could hold its cost: send the conversation in "
-                               "`input` (`store: false`) and files inline (`file_data`), and use function tools.",
+                               "what a hosted tool fetches or a search finds) whose tokens and fees the gateway "
+                               "cannot count before the request leaves, so no budget could hold its cost: send the "
+                               "conversation in `input` (`store: false`) and files inline (`file_data`), and use "
+                               "function tools.",
                                held)
         if (above := api.billed_above_prices(endpoint, body)) is not None:
             raise GatewayError("invalid_request", _ABOVE_PRICES[above], above)
