@@ -142,3 +142,24 @@ def test_a_field_of_any_json_type_is_refused_or_carried_never_raises(name: str, 
     for kind in ("anthropic", "bedrock", "gemini"):
         error = refusal(backend(kind, "anthropic.claude-x" if kind == "bedrock" else "m"), {**CHAT, name: value})
         assert error is None or f"`{name}`" in error.message
+
+
+def _azure(api_version: str) -> Backend:
+    return Backend("p/d", Provider("p", "azure", "https://x", "", None, None, options={"apiVersion": api_version}),
+                   "d", 0, 1)
+
+
+@pytest.mark.parametrize("version", ["2024-06-01", "2024-08-01-preview", "2023-05-15"])
+def test_a_callers_stream_options_are_refused_for_an_azure_api_version_that_refuses_them(version: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "stream_options": {"include_usage": True}}
+    found = refusal(_azure(version), body)
+    assert found is not None and (found.code, found.param) == ("invalid_request", "stream_options")
+    assert refusal(_azure(version), {k: v for k, v in body.items() if k != "stream_options"}) is None
+
+
+@pytest.mark.parametrize("version", ["2024-09-01-preview", "2024-10-21", "2025-04-01-preview", "preview", "latest"])
+def test_stream_options_pass_to_azure_api_versions_that_take_them(version: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "stream_options": {"include_usage": True}}
+    assert refusal(_azure(version), body) is None

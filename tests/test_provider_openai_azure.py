@@ -83,3 +83,15 @@ def test_azure_refuses_the_responses_api() -> None:
     assert err.value.code == "unsupported_endpoint"
     assert err.value.status == 400
     assert "/v1/responses" in err.value.message
+
+
+@pytest.mark.parametrize(("version", "kept"), [("2024-06-01", False), ("2024-08-01-preview", False),
+                                               ("2024-09-01-preview", True), ("2024-10-21", True), ("preview", True)])
+def test_azure_sends_stream_options_only_to_api_versions_that_take_them(version: str, kept: bool) -> None:
+    """Azure api-versions before 2024-09-01 answer 400 to `stream_options`, which the router
+    adds to every chat stream (to read usage): those get the stream without it."""
+    target = _target("https://contoso.openai.azure.com", "", "contoso.openai.azure.com", "d", apiVersion=version)
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    sent = orjson.loads(azure.request(target, "/chat/completions", body, True).body)
+    assert ("stream_options" in sent) is kept
+    assert {k: v for k, v in sent.items() if k != "stream_options"} == {**CHAT, "stream": True, "model": "d"}

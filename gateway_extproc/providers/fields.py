@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import Backend
 from ..errors import GatewayError, plain_word
+from . import azure
 
 JSON = dict[str, Any]
 
@@ -91,6 +92,9 @@ def refusal(backend: Backend, body: JSON, client_paths: dict[str, str] | None = 
         if client_paths is not None:
             found = next((k for k in EXTENSIONS if body.get(k) is not None), None) or _message_field(
                 body, frozenset())
+        elif kind == "azure" and "stream_options" in body and \
+                not azure.takes_stream_options(backend.provider.options["apiVersion"]):
+            found = "stream_options"  # (the deployment's api-version refuses it: Azure's 400 after the reservation)
     else:
         claude = kind != "bedrock" or _claude(backend)  # Converse's Claude-only fields
 
