@@ -24,12 +24,16 @@ PRICE = {"input": 5.0, "output": 20.0}  # dollars per 1M tokens, as values-local
 
 
 def _legacy(values: dict[str, Any]) -> None:
-    """values-local plus an Azure provider pinned to an older api-version, and its model."""
+    """values-local plus an Azure provider pinned to an older api-version and its model, and an
+    Azure embedding model."""
     azure = next(p for p in values["providers"] if p["name"] == "mock-azure")
     values["providers"].append({**azure, "name": "mock-azure-legacy", "apiVersion": LEGACY_VERSION})
     values["models"].append({"name": "azure-legacy-chat", "tokenizer": "o200k_base", "maxOutputTokens": 1024,
                              "backends": [{"provider": "mock-azure-legacy", "model": "legacy-deployment",
                                            "pricing": PRICE, "maxTier": "internal"}]})
+    values["models"].append({"name": "azure-embedding", "tokenizer": "cl100k_base", "backends": [
+        {"provider": "mock-azure", "model": "embed-deployment", "pricing": {"input": 100.0, "output": 0},
+         "maxTier": "internal"}]})
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +156,18 @@ def test_azure_on_your_data_is_refused_under_a_budget(gw: Gateway, field: str) -
     body = info.value.body
     assert body["code"] == "context_not_countable" and body["param"] == field
     assert gw.received(gw.backup) == []
+
+
+def test_azure_embeddings_are_charged_their_usage_with_the_gateways_credential(gw: Gateway) -> None:
+    """Held: embeddings reach the deployment's path with the gateway's `api-key` (the caller's
+    `api-key` and Bearer never), and are charged the prompt tokens Azure reports."""
+    before = _spent(gw)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0,
+                           default_headers={"api-key": "caller-azure-secret"})
+    vectors = client.embeddings.create(model="azure-embedding", input=["alpha beta", "gamma"])
+    assert len(vectors.data) == 2 and vectors.usage.prompt_tokens > 0
+    sent = gw.received(gw.backup)[-1]
+    assert sent["path"] == "/openai/deployments/embed-deployment/embeddings?api-version=2024-10-21"
+    assert sent["headers"]["api-key"] == gw.backup_key and "authorization" not in sent["headers"]
+    assert _settled(gw, before) == pytest.approx(vectors.usage.prompt_tokens * 100.0 / 1e6, abs=2e-6)
+    assert "caller-azure-secret" not in gw.logs() and gw.backup_key not in gw.logs()
