@@ -12,6 +12,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 
 from gateway_extproc import tokens
@@ -171,3 +172,28 @@ def test_azure_embeddings_are_charged_their_usage_with_the_gateways_credential(g
     assert sent["headers"]["api-key"] == gw.backup_key and "authorization" not in sent["headers"]
     assert _settled(gw, before) == pytest.approx(vectors.usage.prompt_tokens * 100.0 / 1e6, abs=2e-6)
     assert "caller-azure-secret" not in gw.logs() and gw.backup_key not in gw.logs()
+
+
+# What OpenAI and Azure send on every answer about the calling account's own rate limits.
+PROVIDER_LIMITS = {"x-ratelimit-limit-requests": "7001", "x-ratelimit-remaining-requests": "7002",
+                   "x-ratelimit-reset-requests": "7003ms", "x-ratelimit-limit-tokens": "7004",
+                   "x-ratelimit-remaining-tokens": "7005", "x-ratelimit-reset-tokens": "7006ms"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", ["azure-chat", "default-chat"])
+def test_the_providers_rate_limit_headers_about_the_gateways_account_never_reach_the_caller(
+        gw: Gateway, model: str, stream: bool) -> None:
+    """OpenAI and Azure report the calling account's rate limits on every answer: the gateway's
+    account, shared by every team. Their `-requests` headers reached the caller beside the
+    gateway's own `-tokens` ones (which overwrote the provider's, where token buckets apply):
+    one caller read every team's load, and a client pacing itself on them paced on the wrong
+    numbers. The caller now gets only the gateway's own."""
+    headers = {"x-mock-response-headers": orjson.dumps(PROVIDER_LIMITS).decode()}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}", **headers},
+                      json={"model": model, "messages": HI, "stream": stream}, timeout=30) as r:
+        r.read()
+    assert r.status_code == 200
+    seen = {k: v for k, v in r.headers.items() if k.startswith("x-ratelimit-")}
+    assert not set(seen.values()) & set(PROVIDER_LIMITS.values()), seen
+    assert set(seen) == {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"}

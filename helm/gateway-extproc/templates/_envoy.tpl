@@ -242,10 +242,15 @@ static_resources:
                     string_match: {exact: {{ $model.route | quote }}}
                 # The route header is the gateway's own; providers never see it.
                 request_headers_to_remove: [x-gateway-model]
-                # What a provider says about the account that called it (the gateway's) and
-                # the cookies it sets for that account: never the caller's to see.
+                # What a provider says about the account that called it (the gateway's: its
+                # rate limits, shared by every team, too) and the cookies it sets for that
+                # account: never the caller's to see. (Removed before the ext_proc adds the
+                # gateway's own `x-ratelimit-*-tokens`.)
                 response_headers_to_remove: [set-cookie, openai-organization, openai-project,
-                                             anthropic-organization-id]
+                                             anthropic-organization-id,
+                                             x-ratelimit-limit-requests, x-ratelimit-remaining-requests,
+                                             x-ratelimit-reset-requests, x-ratelimit-limit-tokens,
+                                             x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens]
                 # Providers answer uncompressed: the gateway reads every answer (usage, output
                 # scanning, translation). A compressed one anyway is refused (provider_error).
                 request_headers_to_add:
