@@ -177,14 +177,19 @@ def test_azure_embeddings_are_charged_their_usage_with_the_gateways_credential(g
 # What OpenAI and Azure send on every answer about the calling account's own rate limits.
 PROVIDER_LIMITS = {"x-ratelimit-limit-requests": "7001", "x-ratelimit-remaining-requests": "7002",
                    "x-ratelimit-reset-requests": "7003ms", "x-ratelimit-limit-tokens": "7004",
-                   "x-ratelimit-remaining-tokens": "7005", "x-ratelimit-reset-tokens": "7006ms"}
+                   "x-ratelimit-remaining-tokens": "7005", "x-ratelimit-reset-tokens": "7006ms",
+                   # Anthropic's (priority tier included)
+                   **{f"anthropic-{kind}-{what}": f"71{i}{j}" for i, kind in enumerate(
+                       ("ratelimit-requests", "ratelimit-tokens", "ratelimit-input-tokens", "ratelimit-output-tokens",
+                        "priority-input-tokens", "priority-output-tokens"))
+                      for j, what in enumerate(("limit", "remaining", "reset"))}}
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("model", ["azure-chat", "default-chat"])
+@pytest.mark.parametrize("model", ["azure-chat", "default-chat", "claude-chat"])
 def test_the_providers_rate_limit_headers_about_the_gateways_account_never_reach_the_caller(
         gw: Gateway, model: str, stream: bool) -> None:
-    """OpenAI and Azure report the calling account's rate limits on every answer: the gateway's
+    """OpenAI, Azure and Anthropic report the calling account's rate limits on every answer: the gateway's
     account, shared by every team. Their `-requests` headers reached the caller beside the
     gateway's own `-tokens` ones (which overwrote the provider's, where token buckets apply):
     one caller read every team's load, and a client pacing itself on them paced on the wrong
@@ -194,6 +199,6 @@ def test_the_providers_rate_limit_headers_about_the_gateways_account_never_reach
                       json={"model": model, "messages": HI, "stream": stream}, timeout=30) as r:
         r.read()
     assert r.status_code == 200
-    seen = {k: v for k, v in r.headers.items() if k.startswith("x-ratelimit-")}
+    seen = {k: v for k, v in r.headers.items() if "ratelimit" in k or k.startswith("anthropic-priority")}
     assert not set(seen.values()) & set(PROVIDER_LIMITS.values()), seen
     assert set(seen) == {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"}

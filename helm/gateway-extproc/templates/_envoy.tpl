@@ -250,7 +250,13 @@ static_resources:
                                              anthropic-organization-id,
                                              x-ratelimit-limit-requests, x-ratelimit-remaining-requests,
                                              x-ratelimit-reset-requests, x-ratelimit-limit-tokens,
-                                             x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens]
+                                             x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens,
+                                             anthropic-ratelimit-requests-limit, anthropic-ratelimit-requests-remaining, anthropic-ratelimit-requests-reset,
+                                             anthropic-ratelimit-tokens-limit, anthropic-ratelimit-tokens-remaining, anthropic-ratelimit-tokens-reset,
+                                             anthropic-ratelimit-input-tokens-limit, anthropic-ratelimit-input-tokens-remaining, anthropic-ratelimit-input-tokens-reset,
+                                             anthropic-ratelimit-output-tokens-limit, anthropic-ratelimit-output-tokens-remaining, anthropic-ratelimit-output-tokens-reset,
+                                             anthropic-priority-input-tokens-limit, anthropic-priority-input-tokens-remaining, anthropic-priority-input-tokens-reset,
+                                             anthropic-priority-output-tokens-limit, anthropic-priority-output-tokens-remaining, anthropic-priority-output-tokens-reset]
                 # Providers answer uncompressed: the gateway reads every answer (usage, output
                 # scanning, translation). A compressed one anyway is refused (provider_error).
                 request_headers_to_add:
