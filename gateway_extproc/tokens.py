@@ -6,24 +6,38 @@
 - `estimate`: ceil(UTF-8 bytes / 4), OpenAI's rule of thumb, for models we cannot tokenize.
 Chat messages add OpenAI's per-message framing (3 tokens each, 3 to prime the reply);
 each image part counts as the model's `imageTokens` (IMAGE_TOKENS unless configured: the
-most a provider bills for one image, since the gateway does not decode images). Counts for
+most a provider bills for one image, since the gateway does not decode images), and a PDF
+sent inline as many pages as it may have (pdf.py), each an image plus its text. Counts for
 non-OpenAI tokenizers and images are estimates; provider-reported usage is what accounting
 finally uses, and the count only has to make the reservation cover the bill.
 """
 
 from __future__ import annotations
 
+import binascii
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
+
+from . import pdf
 
 TokenCount = Callable[[str], int]
 # One image at its most expensive: OpenAI gpt-4o high detail is at most 85 + 8 tiles x 170 =
 # 1,445, Claude about 1,600 (1.15 megapixels / 750). Counting the low-detail 85 let an
 # image-heavy prompt's bill run far past its reservation (docs/budgets.md).
 IMAGE_TOKENS = 1600
+# Text a PDF page bills beside its image: Anthropic documents 1,500-3,000 tokens of text per
+# page ("PDF support", estimating costs); the high end. Providers bill an inline PDF as its
+# extracted text plus an image of every page, so each page reserves `imageTokens` + this.
+PDF_PAGE_TEXT_TOKENS = 3000
+# The most pages any provider reads from a PDF: Gemini's 1,000 ("Document understanding");
+# Anthropic and OpenAI accept 100. A PDF whose page count cannot be told (encrypted, an
+# object stream under another filter, no page tree) reserves this many, so under a small
+# budget it is refused (budget_exceeded); a count above it is lowered to it.
+PDF_MAX_PAGES = 1000
 # Counts of recent strings, per tokenizer: system prompts and tool schemas repeat verbatim
 # across an application's calls, and a lookup (a hash of the string) costs ~1/50 of a BPE
 # pass. Bounded: at most _MEMO_ENTRIES strings of at most _MEMO_MAX_CHARS characters each.
@@ -185,7 +199,7 @@ def responses_input_tokens(body: dict[str, Any], count: TokenCount, image: int =
         total += 3
         if isinstance(item, dict):
             for key, field in item.items():
-                if key == "content":
+                if key == "content" or (key == "output" and isinstance(field, list)):  # (an output's files)
                     total += _content_tokens(field, count, image)
                 elif key not in _NOT_TEXT:
                     total += _value_tokens(field, count)
@@ -215,10 +229,46 @@ def _content_tokens(content: Any, count: TokenCount, image: int) -> int:
         for part in content:
             if not isinstance(part, dict):
                 continue
+            kind = part.get("type")
             if isinstance(part.get("text"), str):
                 total += count(part["text"])
-            elif part.get("type") in ("image_url", "input_image", "image"):
-                total += image
-            else:  # a refusal, a file, audio...: its JSON (a PDF can bill more: docs/budgets.md)
-                total += count(orjson.dumps(part).decode())
+            elif kind in ("image_url", "input_image", "image"):
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                total += max(image, _pdf_pages(url, None, sniff=False) * (image + PDF_PAGE_TEXT_TOKENS))
+            else:  # a refusal, a file, audio...: its JSON, or a PDF's pages if more
+                file = part.get("file") if kind == "file" else part if kind == "input_file" else None
+                pages = _pdf_pages(file.get("file_data"), file.get("filename"), sniff=True) if isinstance(
+                    file, dict) else 0
+                total += max(count(orjson.dumps(part).decode()), pages * (image + PDF_PAGE_TEXT_TOKENS))
     return total
+
+
+def _pdf_pages(value: Any, filename: Any, *, sniff: bool) -> int:
+    """The pages to reserve for a file or image sent as `value` (a data URL, or bare base64
+    for a file): 0 unless it is a PDF. An image is one by its media type (Gemini backends
+    send a `data:application/pdf` image, or a URL ending in .pdf, as a PDF); a file also by
+    its name or its bytes (`sniff`). A PDF whose pages cannot be told counts PDF_MAX_PAGES."""
+    if not isinstance(value, str):
+        return 0
+    declared = isinstance(filename, str) and filename.lower().endswith(".pdf")
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        declared = declared or header[5:].split(";")[0].strip().lower() == "application/pdf"
+        if ";base64" not in header.lower():
+            return PDF_MAX_PAGES if declared else 0
+    elif not sniff:  # an image by URL
+        return PDF_MAX_PAGES if urlsplit(value).path.lower().endswith(".pdf") else 0
+    if not (declared or sniff):
+        return 0
+    try:  # lenient, as providers are: missing padding, line breaks, the URL-safe alphabet
+        data = binascii.a2b_base64(value.translate(_URL_SAFE) + "==", strict_mode=False)
+    except (binascii.Error, ValueError):
+        return PDF_MAX_PAGES if declared else 0
+    if not declared and b"%PDF" not in data[:pdf.HEADER_WINDOW]:
+        return 0
+    pages = pdf.pages(data)
+    return PDF_MAX_PAGES if pages is None else min(pages, PDF_MAX_PAGES)
+
+
+_URL_SAFE = str.maketrans("-_", "+/")

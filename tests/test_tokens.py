@@ -359,3 +359,88 @@ def test_responses_input_counts_at_least_the_same_conversation_as_chat(turns: li
     if len(items) == 1 and instructions is None and turns[0][0] == "user":
         assert tokens.responses_input_tokens({"input": turns[0][1]}, count) >= tokens.chat_prompt_tokens(
             {"messages": items}, count)
+
+
+# -- inline PDFs: billed as extracted text plus an image of every page ---------------------
+
+from .pdf_files import build as build_pdf  # noqa: E402
+
+PER_PAGE = 1600 + tokens.PDF_PAGE_TEXT_TOKENS
+FAIL_CLOSED = tokens.PDF_MAX_PAGES * PER_PAGE
+
+
+def _b64(data: bytes) -> str:
+    import base64
+    return base64.b64encode(data).decode()
+
+
+def _pdf_parts(data: str) -> dict[str, dict[str, Any]]:
+    """The shapes an inline PDF arrives in, by where it is counted."""
+    uri = f"data:application/pdf;base64,{data}"
+    return {
+        "chat file": {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "summarize"}, {"type": "file", "file": {"filename": "a.pdf", "file_data": uri}}]}]},
+        "chat file, bare base64": {"messages": [{"role": "user", "content": [
+            {"type": "file", "file": {"filename": "report", "file_data": data}}]}]},
+        "chat image_url (Gemini reads it as a PDF)": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}}]}]},
+        "responses input_file": {"input": [{"role": "user", "content": [
+            {"type": "input_file", "filename": "a.pdf", "file_data": uri}]}]},
+        "responses function output": {"input": [{"type": "function_call_output", "call_id": "c1", "output": [
+            {"type": "input_file", "filename": "a.pdf", "file_data": uri}]}]},
+    }
+
+
+def _prompt(body: dict[str, Any]) -> int:
+    count = tokens.counter("o200k_base")
+    if "messages" in body:
+        return tokens.chat_prompt_tokens(body, count, 1600)
+    return tokens.responses_input_tokens(body, count, 1600)
+
+
+@pytest.mark.parametrize("shape", list(_pdf_parts("")))
+def test_an_inline_pdf_counts_every_page(shape: str) -> None:
+    """500 empty pages are 7 KB (a few thousand tokens of base64) and bill 500 page images
+    and their text: the count was the base64's, and the bill escaped the budget."""
+    body = _pdf_parts(_b64(build_pdf(500, object_stream=True)))[shape]
+    assert _prompt(body) >= 500 * PER_PAGE
+
+
+@pytest.mark.parametrize("shape", list(_pdf_parts("")))
+def test_a_one_page_pdf_counts_one_page_or_its_length(shape: str) -> None:
+    data = _b64(build_pdf(1, size=7000))
+    body = _pdf_parts(data)[shape]
+    as_json = 0 if "image_url" in shape else tokens.counter("o200k_base")(data)  # (an image counts no JSON)
+    assert max(PER_PAGE, as_json) <= _prompt(body) < 2 * PER_PAGE + len(data)
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(_b64(b"%PDF-1.7\n" + bytes(range(256)) * 20), id="no page tree"),
+    pytest.param(_b64(build_pdf(3).replace(b"/Root", b"/Encrypt 9 0 R /Root")), id="encrypted"),
+    pytest.param("!!not base64!!", id="not base64"),
+])
+def test_a_pdf_whose_pages_cannot_be_told_counts_the_most_pages_providers_accept(data: str) -> None:
+    """Fail closed: under a small budget it is refused (budget_exceeded); without budgets
+    a count changes nothing."""
+    for shape, body in _pdf_parts(data).items():
+        if shape != "chat file, bare base64" or data.startswith("JVBER"):  # (bare: a PDF only by its bytes)
+            assert _prompt(body) >= FAIL_CLOSED, shape
+
+
+def test_a_pdf_by_url_to_an_image_part_counts_the_most_pages() -> None:
+    """Gemini backends send an image_url ending in .pdf as a PDF (fileData): pages unknown."""
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "gs://bucket/Scan.PDF?x=1"}}]}]}
+    assert _prompt(body) >= FAIL_CLOSED
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "file", "file": {"filename": "a.txt", "file_data": "data:text/plain;base64," + _b64(b"hello " * 50)}},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _b64(b"\x89PNG" + bytes(60))}},
+    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+])
+def test_other_files_and_images_count_as_before(part: dict[str, Any]) -> None:
+    body = {"messages": [{"role": "user", "content": [part]}]}
+    count = tokens.counter("o200k_base")
+    alone = 1600 if part["type"] == "image_url" else count(orjson.dumps(part).decode())
+    assert _prompt(body) == tokens.chat_prompt_tokens({"messages": [{"role": "user", "content": []}]}, count) + alone

@@ -1,0 +1,135 @@
+"""How many pages a PDF sent inline may have, read from its bytes without a PDF library.
+
+Providers bill an inline PDF as its extracted text plus an image of every page, so a PDF of
+a few KB (500 empty pages compress to that) bills far more than its length: the budget
+reserves by its page count (tokens.py). The count must never be below the pages a
+provider's parser finds, and may be above (a reservation is settled down to the bill):
+
+- the largest `/Count` of a page-tree node (pdfium and pdf.js take the root's as the
+  page count), the number of `/Type /Page` dictionaries, and the number of references in
+  `/Kids` arrays (a page without `/Type` is still a page to pdfium and pdf.js, as a kid
+  without `/Kids`): whichever is largest;
+- read from the file's bytes and from its object streams (PDF 1.5 puts dictionaries in
+  compressed `ObjStm` streams), inflated with a hard bound so a decompression bomb costs
+  bounded CPU and memory;
+- names written with `#xx` escapes (`/P#61ge` is `/Page`) and comments between a key and
+  its value are read as a parser reads them.
+
+None when it cannot tell: not a PDF, encrypted (`/Encrypt`: its object streams are
+ciphertext), an object stream under another filter than Flate (or with a predictor, or
+one that does not inflate within the bound), a `/Count` or `/Kids` given by reference,
+or no page tree at all. Callers then assume the most pages a provider accepts.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+# Inflated object streams, at most, per PDF: 1 MiB plus 100x its size (a page dictionary
+# of ~70 bytes deflates to a few bytes when many repeat), and never above 64 MiB.
+INFLATE_FLOOR, INFLATE_RATIO, INFLATE_CEILING = 1 << 20, 100, 64 << 20
+_CHUNK = 64 << 10  # compressed bytes fed to zlib at a time (what it leaves over is copied)
+# A PDF's header may be anywhere in its first 1,024 bytes (pdfium and pdf.js look there).
+HEADER_WINDOW = 1024
+
+_WS = rb"(?:[\x00\t\n\x0c\r ]|%[^\r\n]*)*"  # white space and comments
+_REGULAR = rb"[^\x00\t\n\x0c\r ()<>\[\]{}/%]"  # a character that continues a name or number
+_ESCAPED_NAME = re.compile(rb"/" + _REGULAR + rb"*#[0-9A-Fa-f]{2}" + _REGULAR + rb"*")
+_HEX = re.compile(rb"#([0-9A-Fa-f]{2})")
+_REF = rb"\d+" + _WS + rb"\d+" + _WS + rb"R(?!" + _REGULAR + rb")"
+_TOKENS = re.compile(
+    rb"/Type" + _WS + rb"/Page(?!" + _REGULAR + rb")"
+    rb"|/Count" + _WS + rb"(?P<count>[+]?\d+)(?P<count_ref>" + _WS + rb"\d+" + _WS + rb"R(?!" + _REGULAR + rb"))?"
+    rb"|/Kids" + _WS + rb"(?:\[(?P<kids>[^\]]*)\]|(?P<kids_ref>" + _REF + rb"))"
+    rb"|(?P<encrypt>/Encrypt(?!" + _REGULAR + rb"))")
+_REFS = re.compile(_REF)
+_KEYWORD = re.compile(rb"(?<![A-Za-z])(?:obj|stream(?:\r\n|\n|\r))")
+_OBJECT_STREAM = re.compile(rb"/ObjStm(?!" + _REGULAR + rb")|/First(?!" + _REGULAR + rb")")
+_FILTER = re.compile(rb"/Filter" + _WS + rb"(?P<open>\[" + _WS + rb")?(?P<name>/" + _REGULAR + rb"*)?" + _WS
+                     + rb"(?P<close>\])?")
+_PARMS = re.compile(rb"/(?:DecodeParms|DP)(?!" + _REGULAR + rb")")
+_FLATE = (b"/FlateDecode", b"/Fl")
+
+
+class _Unknown(Exception):
+    """The page count cannot be told from these bytes."""
+
+
+def pages(data: bytes) -> int | None:
+    """The most pages a parser may find in `data`, or None when it cannot be told (see the
+    module docstring). A few passes over the bytes plus the bounded inflation."""
+    if b"%PDF" not in data[:HEADER_WINDOW]:
+        return None
+    budget = [min(INFLATE_CEILING, INFLATE_FLOOR + INFLATE_RATIO * len(data))]
+    try:
+        largest, typed, kids = _count(data)
+        for stream in _object_streams(data, budget):
+            more = _count(stream)
+            largest, typed, kids = max(largest, more[0]), typed + more[1], kids + more[2]
+    except _Unknown:
+        return None
+    return max(largest, typed, kids) or None
+
+
+def _names(text: bytes) -> bytes:
+    """`text` with `#xx` escapes in names decoded, as a parser reads them."""
+    if b"#" not in text:
+        return text
+    return _ESCAPED_NAME.sub(lambda m: _HEX.sub(lambda h: bytes.fromhex(h[1].decode()), m[0]), text)
+
+
+def _count(text: bytes) -> tuple[int, int, int]:
+    """(largest /Count, /Type /Page dictionaries, references in /Kids arrays) in `text`."""
+    largest = typed = kids = 0
+    for match in _TOKENS.finditer(_names(text)):
+        if match["encrypt"] is not None or match["count_ref"] is not None or match["kids_ref"] is not None:
+            raise _Unknown
+        if match["count"] is not None:
+            largest = max(largest, int(match["count"]))
+        elif match["kids"] is not None:
+            kids += len(_REFS.findall(match["kids"]))
+        else:
+            typed += 1
+    return largest, typed, kids
+
+
+def _object_streams(data: bytes, budget: list[int]) -> list[bytes]:
+    """The inflated contents of every object stream (a stream whose dictionary names
+    `/ObjStm` or has `/First`: pdf.js reads one without its `/Type`), within `budget` bytes
+    in all. A stream's dictionary is what lies between the `obj` keyword and `stream`: one
+    forward pass, each byte read once."""
+    out = []
+    view = memoryview(data)
+    head_at = 0
+    for match in _KEYWORD.finditer(data):
+        if match[0] == b"obj":
+            head_at = match.end()
+            continue
+        head, head_at = _names(data[head_at:match.start()]), match.end()
+        if _OBJECT_STREAM.search(head) is None:
+            continue
+        flt = _FILTER.search(head)
+        if flt is None:
+            continue  # not compressed: its bytes were read with the file's
+        if flt["name"] not in _FLATE or (flt["open"] is None) != (flt["close"] is None) or _PARMS.search(head):
+            raise _Unknown
+        out.append(_inflate(view, match.end(), budget))
+    return out
+
+
+def _inflate(view: memoryview, at: int, budget: list[int]) -> bytes:
+    """The zlib stream starting at `at`, inflated while `budget` lasts (raises past it)."""
+    inflater = zlib.decompressobj()
+    parts = []
+    try:
+        while not inflater.eof and at < len(view):
+            piece = inflater.decompress(view[at:at + _CHUNK], budget[0] + 1)
+            at += _CHUNK
+            budget[0] -= len(piece)
+            if budget[0] < 0 or inflater.unconsumed_tail:
+                raise _Unknown
+            parts.append(piece)
+    except zlib.error:
+        raise _Unknown from None
+    return b"".join(parts)
