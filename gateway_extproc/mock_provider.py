@@ -311,6 +311,41 @@ def _input_tokens(system: Any, messages: list[JSON]) -> int:
     return _count(_texts(system)) + sum(_count(_texts(message.get("content"))) for message in messages)
 
 
+# What the mock bills for each page of a PDF sent inline, as providers bill a page image plus
+# its text (Gemini 258 tokens a page and up; Claude an image and 1,500-3,000 tokens of text).
+PDF_PAGE_TOKENS = 1000
+_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+_STREAM_DATA = re.compile(rb"stream\r?\n")
+
+
+def _pdf_tokens(value: Any) -> int:
+    """What the inline PDFs anywhere in a request body bill (a data URL or bare base64: chat
+    `file_data`, Responses `input_file`, Gemini `inlineData`): PDF_PAGE_TOKENS for each page,
+    counted on its own terms: `/Type /Page` in the file and in every Flate stream it holds."""
+    if isinstance(value, dict):
+        return sum(_pdf_tokens(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_pdf_tokens(v) for v in value)
+    if not isinstance(value, str):
+        return 0
+    data = value.partition(";base64,")[2] if value.startswith("data:") else value
+    if not data.startswith("JVBER"):  # "%PDF" in base64
+        return 0
+    raw = base64.b64decode(data + "==")
+    pages, budget = len(_PAGE.findall(raw)), 64 << 20
+    for match in _STREAM_DATA.finditer(raw):
+        if budget <= 0:
+            break
+        inflater = zlib.decompressobj()
+        try:
+            inflated = inflater.decompress(raw[match.end():], budget)
+        except zlib.error:
+            continue
+        budget -= len(inflated)
+        pages += len(_PAGE.findall(inflated))
+    return pages * PDF_PAGE_TOKENS
+
+
 def _last_user_text(messages: list[JSON]) -> str:
     """The last user message with text (a turn of tool results only has none)."""
     for message in reversed(messages):
@@ -657,9 +692,10 @@ def chat_completions(call: Call) -> Reply:
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     quirks = _QUIRKS.get()
     marked = _holds_key(body, CACHE_MARKER)
+    prompt_tokens = _chat_prompt_tokens(messages) + _pdf_tokens(messages)
     if quirks.choice_replies is not None:
         texts = [_capped(text, None if quirks.ignore_cap else limit) for text in quirks.choice_replies]
-        usage = _chat_usage(_chat_prompt_tokens(messages), marked, sum(c.tokens for c in texts))
+        usage = _chat_usage(prompt_tokens, marked, sum(c.tokens for c in texts))
         if body.get("stream") is True:
             return Reply(events=_choice_chunks(base, texts, usage if include_usage else None, quirks.merge_choices))
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
@@ -668,7 +704,7 @@ def chat_completions(call: Call) -> Reply:
         return Reply(body={**base, "choices": choices, "usage": usage})
     completion = _complete(model, messages, limit, _openai_json_mode(body))
     tool = _openai_tool_call(body, messages)
-    usage = _chat_usage(_chat_prompt_tokens(messages), marked, tool.tokens if tool else completion.tokens)
+    usage = _chat_usage(prompt_tokens, marked, tool.tokens if tool else completion.tokens)
     finish = _stop_fields(body, "finish_reason", "tool_calls" if tool else "length" if completion.truncated
                           else "stop", True)
     tool_id = f"call_mock_{serial}"
@@ -938,7 +974,7 @@ def responses_api(call: Call) -> Reply:
     model = _model(body)
     messages = _response_input(body)
     completion = _complete(model, messages, _optional_int(body, "max_output_tokens"))
-    input_tokens = _input_tokens(body.get("instructions"), messages)
+    input_tokens = _input_tokens(body.get("instructions"), messages) + _pdf_tokens(body.get("input"))
     usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
              "output_tokens": completion.tokens, "output_tokens_details": {"reasoning_tokens": 0},
              "total_tokens": input_tokens + completion.tokens}
@@ -1175,7 +1211,7 @@ def gemini_generate(call: Call, *, stream: bool) -> Reply:
     limit = _optional_int(config, "maxOutputTokens", 1)
     completion = _complete(model, messages, limit, _gemini_json_mode(config))
     tool = _gemini_tool_call(body, body["contents"])
-    prompt_tokens = _input_tokens(system, messages)
+    prompt_tokens = _input_tokens(system, messages) + _pdf_tokens(body["contents"])
     output_tokens = tool.tokens if tool else completion.tokens
     usage = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": output_tokens,
              "totalTokenCount": prompt_tokens + output_tokens}

@@ -10,15 +10,21 @@ import zlib
 def build(pages: int, *, object_stream: bool = False, typed: bool = True, size: int = 0) -> bytes:
     """A PDF of `pages` empty US Letter pages. `typed=False` leaves `/Type` off the page
     dictionaries (pdfium takes a kid without `/Kids` as a page). `size`: padded with a
-    comment to at least this many bytes."""
+    comment after the header to at least this many bytes in all."""
+    if size:
+        return _build(pages, object_stream, typed, size - len(_build(pages, object_stream, typed, 0)))
+    return _build(pages, object_stream, typed, 0)
+
+
+def _build(pages: int, object_stream: bool, typed: bool, pad: int) -> bytes:
     kind = b"/Type /Page " if typed else b""
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
                b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % (3 + i) for i in range(pages))
                + b"] /Count %d /MediaBox [0 0 612 792] >>" % pages]
     objects += [b"<< " + kind + b"/Parent 2 0 R >>"] * pages
     out = bytearray(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
-    if size > len(out):
-        out += b"%" + b"x" * (size - len(out) - 2) + b"\n"
+    if pad > 0:
+        out += b"%" + b"x" * max(0, pad - 2) + b"\n"
     if not object_stream:
         offsets = []
         for number, body in enumerate(objects, 1):

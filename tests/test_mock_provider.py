@@ -1239,3 +1239,27 @@ def test_cache_writes_are_reported_as_each_api_does(base_url: str, claude: anthr
     assert usage["inputTokens"] + 2 == n_tokens("Be brief.") + n_tokens("Hi Bedrock")
     usage = post_bedrock(base_url, bedrock_body(), headers={"x-mock-cache-write-1h-tokens": "2"}).json()["usage"]
     assert "cacheWriteInputTokens" not in usage and usage["inputTokens"] == n_tokens("Hi Bedrock")
+
+
+def test_inline_pdfs_bill_every_page(http: httpx.Client, base_url: str) -> None:
+    """A PDF sent inline bills PDF_PAGE_TOKENS a page, as providers bill a page image and its
+    text, whatever its size: chat `file_data`, Responses `input_file`, Gemini `inlineData`."""
+    from gateway_extproc.mock_provider import PDF_PAGE_TOKENS
+
+    from .pdf_files import build
+
+    def billed(data: bytes) -> list[int]:
+        b64 = base64.b64encode(data).decode()
+        uri = f"data:application/pdf;base64,{b64}"
+        chat = http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "file", "file": {"filename": "a.pdf", "file_data": uri}}]}]}).json()["usage"]["prompt_tokens"]
+        responses = http.post("/v1/responses", json={"model": "m", "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "hi"},
+            {"type": "input_file", "filename": "a.pdf", "file_data": uri}]}]}).json()["usage"]["input_tokens"]
+        gemini = httpx.post(f"{base_url}{gemini_path()}", headers=GEMINI_AUTH, json={"contents": [{"parts": [
+            {"text": "hi"}, {"inlineData": {"mimeType": "application/pdf", "data": b64}}]}]}).json()
+        return [chat, responses, gemini["usageMetadata"]["promptTokenCount"]]
+
+    one, many = billed(build(1, object_stream=True)), billed(build(500, object_stream=True))
+    assert all(m - o == 499 * PDF_PAGE_TOKENS for o, m in zip(one, many))
+    assert billed(build(3)) == [o + 2 * PDF_PAGE_TOKENS for o in one]
