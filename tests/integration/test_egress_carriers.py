@@ -17,9 +17,12 @@ import httpx
 import orjson
 import pytest
 
+from ..pdf_files import build
 from ..pii_corpus import Case, padded_encodings, positives
 from .conftest import Gateway, running_gateway
 from .test_pii_egress import leaked
+
+PDF = base64.b64encode(build(1)).decode()  # a real one-page PDF (a stub of one counts 1,000 pages: docs/budgets.md)
 
 ENC = bpe_openai.get_encoding("o200k_base")
 CASES = positives()
@@ -188,7 +191,7 @@ def test_binary_files_and_clean_text_files_go_out_byte_for_byte(gw: Gateway) -> 
     """Images, PDFs and audio are not read (docs/classification.md); nothing is re-encoded."""
     gw.reset()
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg=="}},
-             {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}},
+             {"type": "file", "file": {"filename": "a.pdf", "file_data": f"data:application/pdf;base64,{PDF}"}},
              {"type": "file", "file": {"filename": "b.txt", "file_data": data_uri("quarterly numbers look fine")}}]
     r = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"}, timeout=30,
                    json={"model": "private-chat", "messages": [{"role": "user", "content": parts}]})

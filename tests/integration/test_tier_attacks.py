@@ -25,7 +25,10 @@ import pytest
 
 from gateway_extproc import keys
 
+from ..pdf_files import build
 from .conftest import Gateway, running_gateway
+
+PDF = base64.b64encode(build(1)).decode()  # a real one-page PDF (a stub of one counts 1,000 pages: docs/budgets.md)
 
 CARD = "4111 1111 1111 1111"  # restricted: default-chat (internal) must never receive it
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"  # a block rule
@@ -124,8 +127,8 @@ def test_real_images_audio_and_files_still_go_out_byte_for_byte(gw: Gateway) -> 
     wav = base64.b64encode(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256))).decode()
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg=="}},
              {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
-             {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}},
-             {"type": "file", "file": {"filename": "b.pdf", "file_data": "JVBERi0xLjQK"}}]
+             {"type": "file", "file": {"filename": "a.pdf", "file_data": f"data:application/pdf;base64,{PDF}"}},
+             {"type": "file", "file": {"filename": "b.pdf", "file_data": PDF}}]
     resp = post(gw, CHAT, {"model": "private-chat", "messages": [{"role": "user", "content": parts}]})
     assert resp.status_code == 200, resp.text[:300]
     (sent,) = [x["body"] for x in gw.received(gw.primary) + gw.received(gw.backup)]
