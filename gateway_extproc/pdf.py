@@ -5,10 +5,12 @@ a few KB (500 empty pages compress to that) bills far more than its length: the 
 reserves by its page count (tokens.py). The count must never be below the pages a
 provider's parser finds, and may be above (a reservation is settled down to the bill):
 
-- the largest `/Count` of a page-tree node (pdfium and pdf.js take the root's as the
-  page count), the number of `/Type /Page` dictionaries, and the number of references in
-  `/Kids` arrays (a page without `/Type` is still a page to pdfium and pdf.js, as a kid
-  without `/Kids`): whichever is largest;
+- the largest `/Count` (pdfium and pdf.js take the root's as the page count), the number
+  of `/Type /Page` dictionaries, and the number of references in `/Kids` arrays (a page
+  without `/Type` is still a page to pdfium and pdf.js, as a kid without `/Kids`):
+  whichever is largest. Name trees have `/Kids` too and outlines a `/Count`, so a PDF with
+  named destinations (LaTeX's hyperref) counts a few times its pages; telling those apart
+  needs a parser, and any key that set them apart could be added to a page tree;
 - read from the file's bytes and from its object streams (PDF 1.5 puts dictionaries in
   compressed `ObjStm` streams), inflated with a hard bound so a decompression bomb costs
   bounded CPU and memory;
@@ -17,8 +19,9 @@ provider's parser finds, and may be above (a reservation is settled down to the 
 
 None when it cannot tell: not a PDF, encrypted (`/Encrypt`: its object streams are
 ciphertext), an object stream under another filter than Flate (or with a predictor, or
-one that does not inflate within the bound), a `/Count` or `/Kids` given by reference,
-or no page tree at all. Callers then assume the most pages a provider accepts.
+one that does not inflate within the bound), a `/Count` or `/Kids` given by reference, a
+`/Kids` array of anything but references, or no page tree at all. Callers then assume
+the most pages a provider accepts.
 """
 
 from __future__ import annotations
@@ -50,12 +53,16 @@ _TOKENS = re.compile(  # (one literal first: re then skips to each `/` at C spee
     + rb"|Kids" + _WS + rb"(?:\[(?P<kids>[0-9R\x00\t\n\x0c\r ]*+)(?P<closed>\])?|(?P<kids_ref>" + _REF + rb"))"
     + rb"|(?P<encrypt>Encrypt" + _END + rb"))")
 _REFS = re.compile(_REF)
-_STREAM = re.compile(rb"stream(?:\r\n|\n|\r)")
+# The data starts after the end of the line (pdfium also takes spaces before it).
+_STREAM = re.compile(rb"stream[\x00\t\x0c ]*+(?:\r\n|\n|\r)?")
 _OBJECT_STREAM = re.compile(rb"/ObjStm" + _END + rb"|/First" + _END)
-_FILTER = re.compile(rb"/Filter" + _WS + rb"(?P<open>\[" + _WS + rb")?(?P<name>/" + _REGULAR + rb"*+)?" + _WS
-                     + rb"(?P<close>\])?")
-_PARMS = re.compile(rb"/(?:DecodeParms|DP)" + _END)
-_FLATE = (b"/FlateDecode", b"/Fl")
+# What makes an object stream's bytes unreadable here but not to a parser: a filter other
+# than Flate that parsers decode (image filters leave the bytes as they are, read with the
+# file's), or one given by reference, a predictor (a byte in every row), a Flate stream
+# that is not zlib data.
+_FLATE = re.compile(rb"/(?:FlateDecode|Fl)" + _END)
+_UNREAD = re.compile(rb"/(?:ASCIIHexDecode|AHx|ASCII85Decode|A85|LZWDecode|LZW|RunLengthDecode|RL|Crypt"
+                     rb"|DecodeParms|DP|Predictor)" + _END + rb"|/Filter" + _WS + _REF)
 
 
 class _Unknown(Exception):
@@ -102,32 +109,49 @@ def _count(text: bytes) -> tuple[int, int, int]:
 
 
 def _object_streams(data: bytes, budget: list[int]) -> list[bytes]:
-    """The inflated contents of every object stream (a stream whose dictionary names
-    `/ObjStm` or has `/First`: pdf.js reads one without its `/Type`), within `budget` bytes
-    in all. A stream's dictionary is what lies between the last `obj` keyword and `stream`:
-    one forward pass, each byte read once."""
+    """The inflated contents of every object stream, within `budget` bytes in all.
+
+    A stream is taken for one when the bytes since the last stream ended name `/ObjStm` or
+    `/First` (pdf.js reads one without its `/Type`). Not the bytes since its `obj` keyword:
+    `obj` or `stream` in a string or name inside the dictionary (`/X (obj)`) would cut the
+    marker off; and an `endstream` ends a stream only after one that was read (a string
+    `(stream) (endstream)` in the dictionary is no end). So a stream after an outline item
+    (`/First`) is tried too: inflated if it is zlib data, else passed over, unless it is
+    encoded in a way a parser decodes and this does not (another filter, a predictor),
+    or a filter given by reference, which is unknown. One pass; each byte is read once."""
     out = []
     view = memoryview(data)
-    done = 0
+    marked = flate = unread = inside = False
+    since = 0
     for match in _STREAM.finditer(data):
         start = match.start()
-        if data[start - 1:start].isalpha():  # `endstream`
+        if data[start - 1:start].isalpha():
+            if inside and data[start - 3:start] == b"end":  # its data was no dictionary
+                marked = flate = unread = inside = False
+                since = match.end()
             continue
-        at = data.rfind(b"obj", done, start)
-        head, done = _names(data[at + 3 if at >= 0 else done:start]), match.end()
-        if _OBJECT_STREAM.search(head) is None:
+        head, since = _names(data[since:start]), match.end()
+        marked = marked or _OBJECT_STREAM.search(head) is not None
+        flate = flate or _FLATE.search(head) is not None
+        unread = unread or _UNREAD.search(head) is not None
+        if not marked:
+            inside = True
             continue
-        flt = _FILTER.search(head)
-        if flt is None:
-            continue  # not compressed: its bytes were read with the file's
-        if flt["name"] not in _FLATE or (flt["open"] is None) != (flt["close"] is None) or _PARMS.search(head):
+        if unread:
             raise _Unknown
-        out.append(_inflate(view, match.end(), budget))
+        inflated = _inflate(view, match.end(), budget)
+        if inflated is None and flate:
+            raise _Unknown
+        if inflated is not None:
+            out.append(inflated)
+            inside = True
     return out
 
 
-def _inflate(view: memoryview, at: int, budget: list[int]) -> bytes:
-    """The zlib stream starting at `at`, inflated while `budget` lasts (raises past it)."""
+def _inflate(view: memoryview, at: int, budget: list[int]) -> bytes | None:
+    """The zlib stream starting at `at`, inflated while `budget` lasts (raises past it);
+    None when the bytes there are not zlib data. A stream damaged midway gives what came
+    before the damage, as parsers decode it."""
     inflater = zlib.decompressobj()
     parts = []
     try:
@@ -139,5 +163,6 @@ def _inflate(view: memoryview, at: int, budget: list[int]) -> bytes:
                 raise _Unknown
             parts.append(piece)
     except zlib.error:
-        raise _Unknown from None
+        if not parts:
+            return None
     return b"".join(parts)

@@ -7,16 +7,20 @@ from __future__ import annotations
 import zlib
 
 
-def build(pages: int, *, object_stream: bool = False, typed: bool = True, size: int = 0) -> bytes:
+def build(pages: int, *, object_stream: bool = False, typed: bool = True, size: int = 0, decoy: bool = False,
+          stream_dict: bytes = b"", eol: bytes = b"\n") -> bytes:
     """A PDF of `pages` empty US Letter pages. `typed=False` leaves `/Type` off the page
     dictionaries (pdfium takes a kid without `/Kids` as a page). `size`: padded with a
-    comment after the header to at least this many bytes in all."""
-    if size:
-        return _build(pages, object_stream, typed, size - len(_build(pages, object_stream, typed, 0)))
-    return _build(pages, object_stream, typed, 0)
+    comment after the header to at least this many bytes in all. `decoy`: a one-page tree
+    in the file's bytes that nothing points at. `stream_dict`: more of the object stream's
+    dictionary; `eol`: what follows its `stream` keyword."""
+    def made(pad: int) -> bytes:
+        return _build(pages, object_stream, typed, pad, decoy, stream_dict, eol)
+    return made(size - len(made(0)) if size else 0)
 
 
-def _build(pages: int, object_stream: bool, typed: bool, pad: int) -> bytes:
+def _build(pages: int, object_stream: bool, typed: bool, pad: int, decoy: bool, stream_dict: bytes,
+           eol: bytes) -> bytes:
     kind = b"/Type /Page " if typed else b""
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
                b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % (3 + i) for i in range(pages))
@@ -25,6 +29,9 @@ def _build(pages: int, object_stream: bool, typed: bool, pad: int) -> bytes:
     out = bytearray(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
     if pad > 0:
         out += b"%" + b"x" * max(0, pad - 2) + b"\n"
+    if decoy:  # objects numbered past the real ones, listed in no cross-reference
+        out += b"900 0 obj\n<< /Type /Pages /Kids [901 0 R] /Count 1 >>\nendobj\n"
+        out += b"901 0 obj\n<< /Type /Page /Parent 900 0 R >>\nendobj\n"
     if not object_stream:
         offsets = []
         for number, body in enumerate(objects, 1):
@@ -43,8 +50,9 @@ def _build(pages: int, object_stream: bool, typed: bool, pad: int) -> bytes:
     packed = zlib.compress(first + content, 9)
     stream_number, xref_number = len(objects) + 1, len(objects) + 2
     stream_at = len(out)
-    out += (b"%d 0 obj\n<< /Type /ObjStm /N %d /First %d /Filter /FlateDecode /Length %d >>\nstream\n"
-            % (stream_number, len(objects), len(first), len(packed)) + packed + b"\nendstream\nendobj\n")
+    out += (b"%d 0 obj\n<< /Type /ObjStm /N %d /First %d /Filter /FlateDecode /Length %d %s>>\nstream%s"
+            % (stream_number, len(objects), len(first), len(packed), stream_dict, eol)
+            + packed + b"\nendstream\nendobj\n")
     xref_at = len(out)
     rows = [b"\x00" + (0).to_bytes(4, "big") + b"\xff\xff"]
     rows += [b"\x02" + stream_number.to_bytes(4, "big") + i.to_bytes(2, "big") for i in range(len(objects))]
