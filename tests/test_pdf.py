@@ -182,10 +182,13 @@ def test_damaged_pdfs_never_count_fewer_pages_than_pdfium(data: bytes, edits: li
     pytest.param(b"/a#41" * 200_000, id="many escaped names"),
     pytest.param(b"1 0 obj << /First 1 /Filter /FlateDecode >> stream\n" * 20_000, id="empty object streams"),
     pytest.param(b"stream\n" * 150_000 + b"<< /ObjStm /Filter /FlateDecode >>", id="stream keywords"),
+    pytest.param(b"/First " + b"stream " * 1_500_000, id="10 MB of object streams to try"),
+    pytest.param(b"/First " + b"x stream endstream " * 500_000, id="10 MB of streams that end"),
 ])
 def test_hostile_bytes_cost_linear_time(data: bytes) -> None:
-    """About 1 MB each: a backtracking pattern took 7 s for 26 `%` and 68 s for 260 KB of
-    unclosed `/Kids [` before the patterns were made possessive."""
+    """1-10 MB each: a backtracking pattern took 7 s for 26 `%` and 68 s for 260 KB of
+    unclosed `/Kids [` before the patterns were made possessive, and 1.5 million `stream`
+    keywords to try 6 s before their number was bounded."""
     started = time.monotonic()
     pdf.pages(b"%PDF-1.7\n" + data)
     assert time.monotonic() - started < 2
