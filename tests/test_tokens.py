@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gateway_extproc import tokens
+
+from .pdf_files import build as build_pdf
 
 # -- counter(): bundled OpenAI encodings --------------------------------------------------
 
@@ -363,14 +366,11 @@ def test_responses_input_counts_at_least_the_same_conversation_as_chat(turns: li
 
 # -- inline PDFs: billed as extracted text plus an image of every page ---------------------
 
-from .pdf_files import build as build_pdf  # noqa: E402
-
 PER_PAGE = 1600 + tokens.PDF_PAGE_TEXT_TOKENS
 FAIL_CLOSED = tokens.PDF_MAX_PAGES * PER_PAGE
 
 
 def _b64(data: bytes) -> str:
-    import base64
     return base64.b64encode(data).decode()
 
 
@@ -379,7 +379,8 @@ def _pdf_parts(data: str) -> dict[str, dict[str, Any]]:
     uri = f"data:application/pdf;base64,{data}"
     return {
         "chat file": {"messages": [{"role": "user", "content": [
-            {"type": "text", "text": "summarize"}, {"type": "file", "file": {"filename": "a.pdf", "file_data": uri}}]}]},
+            {"type": "text", "text": "summarize"},
+            {"type": "file", "file": {"filename": "a.pdf", "file_data": uri}}]}]},
         "chat file, bare base64": {"messages": [{"role": "user", "content": [
             {"type": "file", "file": {"filename": "report", "file_data": data}}]}]},
         "chat image_url (Gemini reads it as a PDF)": {"messages": [{"role": "user", "content": [

@@ -83,9 +83,9 @@ def b64(data: bytes) -> str:
 
 
 def chat(c: openai.OpenAI, data: bytes) -> tuple[int, int]:
+    uri = f"data:application/pdf;base64,{b64(data)}"
     reply = c.chat.completions.create(model="default-chat", max_tokens=16, messages=[{"role": "user", "content": [
-        {"type": "text", "text": "Summarize."},
-        {"type": "file", "file": {"filename": "report.pdf", "file_data": f"data:application/pdf;base64,{b64(data)}"}}]}])
+        {"type": "text", "text": "Summarize."}, {"type": "file", "file": {"filename": "report.pdf", "file_data": uri}}]}])
     assert reply.usage is not None
     return reply.usage.prompt_tokens, reply.usage.completion_tokens
 
@@ -102,7 +102,8 @@ def messages(c: anthropic.Anthropic, data: bytes) -> tuple[int, int]:
     """An Anthropic client's PDF as an image block: a Gemini backend sends it as a PDF."""
     reply = c.messages.create(model="gemini-chat", max_tokens=16, messages=[{"role": "user", "content": [
         {"type": "text", "text": "Summarize."},
-        {"type": "image", "source": {"type": "base64", "media_type": "application/pdf", "data": b64(data)}}]}])  # type: ignore[typeddict-item]
+        {"type": "image", "source": {"type": "base64", "media_type": "application/pdf",  # type: ignore[typeddict-item]
+                                     "data": b64(data)}}]}])
     return reply.usage.input_tokens, reply.usage.output_tokens
 
 
