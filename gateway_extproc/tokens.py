@@ -18,7 +18,6 @@ import binascii
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -257,8 +256,8 @@ def _pdf_pages(value: Any, filename: Any, *, sniff: bool) -> int:
         declared = declared or header[5:].split(";")[0].strip().lower() == "application/pdf"
         if ";base64" not in header.lower():
             return PDF_MAX_PAGES if declared else 0
-    elif not sniff:  # an image by URL
-        return PDF_MAX_PAGES if urlsplit(value).path.lower().endswith(".pdf") else 0
+    elif not sniff:  # an image by URL (its path's end, read without a URL parser, which may raise)
+        return PDF_MAX_PAGES if value.partition("?")[0].partition("#")[0].lower().endswith(".pdf") else 0
     if not (declared or sniff):
         return 0
     try:  # lenient, as providers are: missing padding, line breaks, the URL-safe alphabet

@@ -437,6 +437,7 @@ def test_a_pdf_by_url_to_an_image_part_counts_the_most_pages() -> None:
 
 @pytest.mark.parametrize("part", [
     {"type": "file", "file": {"filename": "a.txt", "file_data": "data:text/plain;base64," + _b64(b"hello " * 50)}},
+    {"type": "image_url", "image_url": {"url": "http://[abc/cat.png"}},  # (no URL: a parser raised)
     {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _b64(b"\x89PNG" + bytes(60))}},
     {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
 ])
