@@ -101,6 +101,18 @@ def error_body(message: str, type_: str, code: str, param: str | None = None) ->
     return orjson.dumps(error_object(message, type_, code, param))
 
 
+def completed_error(error: dict[str, Any], type_: str, message: str) -> dict[str, Any]:
+    """A provider's OpenAI-schema error object with the four fields every client reads: its
+    own `code` when it names one (`context_length_exceeded`: the provider's docs explain it),
+    else `provider_error` (OpenAI sends `"code": null` with a 5xx, in a JSON answer and in a
+    stream's error event alike); `type_` and `message` fill in a missing type and message."""
+    msg, kind, code, param = (error.get(k) for k in ("message", "type", "code", "param"))
+    return {**error, "message": msg if isinstance(msg, str) and msg else message,
+            "type": kind if isinstance(kind, str) and kind else type_,
+            "code": code if isinstance(code, str) and code else "provider_error",
+            "param": param if isinstance(param, str) else None}
+
+
 _PLAIN_WORD = re.compile(r"[a-z][a-z_]{0,31}")
 
 

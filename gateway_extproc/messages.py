@@ -598,7 +598,15 @@ class ToMessagesStream:
 
 
 def _error(error: JSON) -> JSON:
+    """Anthropic's error type, and the `code` (and `param`) of the gateway's error shape: the
+    runbook code (`budget_exceeded`, `upstream_stream_interrupted`, `provider_error`) tells a
+    stream cut at its budget from a provider's failure, as in every JSON error the gateway
+    answers Anthropic clients with (extra fields the anthropic SDK keeps in the error's body)."""
     kind = str(error.get("type") or "")
+    code = error.get("code")
     if kind not in _SHARED_ERROR_TYPES:
-        kind = "overloaded_error" if "overload" in f"{kind} {error.get('code')}" else "api_error"
-    return {"type": kind, "message": str(error.get("message") or "upstream error")}
+        kind = "overloaded_error" if "overload" in f"{kind} {code}" else "api_error"
+    param = error.get("param")
+    return {"type": kind, "message": str(error.get("message") or "upstream error"),
+            "code": code if isinstance(code, str) and code else "provider_error",
+            "param": param if isinstance(param, str) else None}

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import structlog
 
+from .errors import completed_error
 from .providers.base import MAX_TOKENS, error_event, event_data, event_field
 from .tokens import TokenCount
 
@@ -39,6 +40,22 @@ UNSCANNABLE = ("The provider sent a stream event larger than output scanning can
                "ended by the gateway.")
 
 log = structlog.get_logger("gateway_extproc.usage")
+
+
+def _completed_error_event(event: bytes) -> bytes:
+    """A stream's error event with the four fields and a runbook `code` (`completed_error`):
+    an OpenAI-schema provider's own event says `"code": null`, which reached clients as sent.
+    The event itself when it needs nothing (the gateway's own, a translator's) or is no error
+    object (output scanning withholds it)."""
+    try:
+        obj = orjson.loads(event_data(event) or b"")
+    except orjson.JSONDecodeError:
+        return event
+    error = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(error, dict):
+        return event
+    done = completed_error(error, "server_error", "The provider reported an error mid-stream.")
+    return event if done == error else b"data: " + orjson.dumps({**obj, "error": done}) + b"\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +219,9 @@ class SseUsageTap:
                 self.over = self.over or (self.limit is not None and self.content_events > self.limit)
             elif event.startswith(STREAM_ENDS):
                 self.done = True
+                if not event.startswith(b"data: [DONE]"):
+                    event = _completed_error_event(event)
+                    changed = changed or event is not raw
             if b'"finish_reason":' in event and b'"finish_reason":null' not in event:
                 self.finish_reasons += [m.decode() for m in _FINISH_REASON.findall(event)]
             if self.over or self.refused:

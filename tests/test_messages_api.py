@@ -420,7 +420,8 @@ def test_error_event() -> None:
     error = {"error": {"message": "The server had an error", "type": "server_error", "code": "provider_error",
                        "param": None}}
     out = ToMessagesStream().feed(data(delta({"content": "Hi"}), error, b"[DONE]"), True)
-    assert events(out)[-1] == ("error", {"error": {"type": "api_error", "message": "The server had an error"}})
+    assert events(out)[-1] == ("error", {"error": {"type": "api_error", "message": "The server had an error",
+                                                   "code": "provider_error", "param": None}})
     assert b"message_stop" not in out
     with pytest.raises(anthropic.APIStatusError, match="The server had an error"):
         sdk_final_message(out)
@@ -430,10 +431,15 @@ def test_error_event() -> None:
     ({"message": "slow down", "type": "rate_limit_error", "code": "rate_limited"}, "rate_limit_error"),
     ({"message": "busy", "type": "server_error", "code": "overloaded"}, "overloaded_error"),
     ({"message": "bad", "type": "invalid_request_error", "code": "provider_error"}, "invalid_request_error"),
+    ({"message": "cut", "type": "rate_limit_error", "code": "budget_exceeded"}, "rate_limit_error"),
+    ({"message": "odd", "type": "server_error", "code": None}, "api_error"),
 ])
 def test_error_types(error: dict[str, Any], kind: str) -> None:
+    """Anthropic's error type, and the gateway's runbook code (until 2026-12-05 dropped: a stream
+    cut at its budget and a provider's failure looked alike to Anthropic clients)."""
     out = ToMessagesStream().feed(data({"error": error}), True)
-    assert events(out) == [("error", {"error": {"type": kind, "message": error["message"]}})]
+    assert events(out) == [("error", {"error": {"type": kind, "message": error["message"],
+                                                "code": error["code"] or "provider_error", "param": None}})]
 
 
 def test_end_without_done() -> None:

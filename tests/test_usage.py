@@ -420,3 +420,18 @@ def test_a_count_no_provider_bills_is_unknown() -> None:
     assert token_count((1,), (2**53,)) is None
     read = usage_from_object({"usage": {"prompt_tokens": 2**53, "completion_tokens": 2**40}})
     assert read is not None and (read.prompt_tokens, read.completion_tokens) == (None, None)
+
+
+@pytest.mark.parametrize(("drop", "limit"), [(True, None), (False, 10)])
+def test_a_providers_error_event_without_a_code_gets_provider_error(drop: bool, limit: int | None) -> None:
+    """OpenAI sends `"code": null` in a stream's error event as in a 5xx answer: the JSON answer
+    got `provider_error` (docs/runbooks.md), the event went to the client with no code."""
+    tap = SseUsageTap(drop_usage_chunk=drop, limit=limit)
+    chunk = (b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+             b'data: {"error":{"message":"boom","type":"server_error","code":null,"param":null}}\n\n')
+    out = tap.feed(chunk, True)
+    assert out is not None and tap.done
+    events = [orjson.loads(e[6:]) for e in out.split(b"\n\n") if e]
+    assert events[-1] == {"error": {"message": "boom", "type": "server_error", "code": "provider_error", "param": None}}
+    own = b'data: {"error":{"message":"cut","type":"rate_limit_error","code":"budget_exceeded","param":null}}\n\n'
+    assert SseUsageTap(drop_usage_chunk=drop, limit=limit).feed(own, True) in (None, own)

@@ -22,7 +22,7 @@ import orjson
 import structlog
 
 from ..config import Backend
-from ..errors import GatewayError, error_object, error_type
+from ..errors import GatewayError, completed_error, error_object, error_type
 from ..providers import TRANSLATORS
 from ..providers.base import GuardedStream, guarded_response
 
@@ -234,18 +234,6 @@ def echoed_headers(headers: dict[str, str], secrets: Secrets) -> tuple[str, ...]
                                                                    or any(p in k for p in lowered)))
 
 
-def _complete(error: dict[str, Any], status: int) -> dict[str, Any]:
-    """An OpenAI-schema provider's error object with the four fields every client reads: its
-    own `code` when it names one (`context_length_exceeded`: the provider's docs explain it),
-    else `provider_error` (OpenAI itself sends `"code": null` with a 5xx)."""
-    message, type_, code, param = (error.get(k) for k in ("message", "type", "code", "param"))
-    return {**error,
-            "message": message if isinstance(message, str) and message else f"The provider answered HTTP {status}.",
-            "type": type_ if isinstance(type_, str) and type_ else error_type(status),
-            "code": code if isinstance(code, str) and code else "provider_error",
-            "param": param if isinstance(param, str) else None}
-
-
 def client_error(status: int, raw: bytes, secrets: Secrets, backend: str,
                  scan: Callable[[dict[str, Any]], dict[str, Any]] | None) -> bytes:
     """A provider's error answer (status >= 400) as the client gets it, or `GatewayError`
@@ -257,7 +245,7 @@ def client_error(status: int, raw: bytes, secrets: Secrets, backend: str,
       characters, others all of it).
     - Any other status: an OpenAI error object goes on with every credential's value, and any
       run of 8 or more of its characters (a key quoted in part), cut wherever it appears, and
-      a missing field or code filled in (`_complete`);
+      a missing field or code filled in (`errors.completed_error`);
       anything else (an HTML page from a proxy, FastAPI's `{"detail": ...}`) becomes a
       `provider_error` carrying the provider's message, so every client reads one error shape.
     - `scan`: output scanning's check of the object (`classification.scanned_error_object`)."""
@@ -280,7 +268,7 @@ def client_error(status: int, raw: bytes, secrets: Secrets, backend: str,
         message = f"The provider answered HTTP {status}" + (f": {said}" if said else " with no OpenAI error object.")
         body = error_object(message, error_type(status), "provider_error")
     else:
-        body["error"] = _complete(body["error"], status)
+        body["error"] = completed_error(body["error"], error_type(status), f"The provider answered HTTP {status}.")
     if scan is not None:
         body = scan(body)
     return orjson.dumps(body)

@@ -100,7 +100,7 @@ class Shape:
     n: int
     embed_input: str  # string | strings | tokens | token_lists
     reply_words: int | None
-    behaviour: str  # none | slow | drop | end | status500 | status429 | ignore_cap | disconnect
+    behaviour: str  # none | slow | drop | end | error_event | status500 | status429 | ignore_cap | disconnect
     at: int  # which event a drop, an early end or a disconnect happens after
 
     @property
@@ -132,7 +132,7 @@ def shapes(draw: st.DrawFn) -> Shape:
     if kind == "embed":
         behaviours = ["none", "none", "slow", "status500", "status429"]
     elif stream:
-        behaviours += ["drop", "end", "disconnect"]
+        behaviours += ["drop", "end", "error_event", "disconnect"]
     return Shape(
         kind=kind, key=draw(st.sampled_from(["mix-a", "mix-b", "mix-b", "mix-c", "mix-c", "mix-broke"])),
         replica=draw(st.integers(0, 1)), model=model, stream=stream,
@@ -168,6 +168,8 @@ def mock_headers(s: Shape) -> dict[str, str]:
         h["x-mock-drop-after-chunks"] = str(s.at)
     elif b == "end":
         h["x-mock-end-after-chunks"] = str(s.at)
+    elif b == "error_event":  # the provider's own error event mid-stream (OpenAI sends "code": null)
+        h.update({"x-mock-garbage-after-chunks": str(s.at), "x-mock-garbage": "error"})
     elif b.startswith("status"):
         h["x-mock-status"] = b[6:]
     elif b == "ignore_cap":
@@ -292,6 +294,7 @@ async def send_messages(client: anthropic.AsyncAnthropic, gw: Gateway, s: Shape)
         return Outcome(200, rid, cost=usage_cost(s.model, usage), complete=True)
     except anthropic.APIStatusError as exc:
         if rid:  # an error event mid-stream (a stream cut at its budget, a provider's error)
+            check_error(s, 200, {"error": {k: v for k, v in exc.body["error"].items()}})
             return Outcome(200, rid)
         return Outcome(exc.status_code, exc.response.headers.get("x-request-id", ""), error_of(exc.response.content))
     except anthropic.APIError:  # a broken stream
@@ -416,3 +419,41 @@ def test_a_program_of_mixed_endpoints_keeps_every_budget_and_the_audit_in_step(
     for envoy, gw in zip(envoys, gws):
         assert envoy.poll() is None, "Envoy died"
         assert httpx.get(gw.stack.admin_url + "/ready", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("model", ["default-chat", "claude-chat"])
+@pytest.mark.parametrize("api", ["chat", "messages", "responses"])
+@pytest.mark.parametrize("behaviour", ["error_event", "ignore_cap", "end"])
+def test_every_error_event_mid_stream_carries_a_runbook_code(
+        setup: tuple[RedisServer, Gateway, Gateway], api: str, model: str, behaviour: str) -> None:
+    """A stream that ends in an error, for every client: the provider's own error event (OpenAI
+    sends `"code": null`; it went on so, where a provider's JSON error gets `provider_error`),
+    a stream cut at its budget, a stream the provider ended early. Anthropic clients got an
+    error event without any `code` at all: the runbook code of every gateway error was lost."""
+    if api == "responses" and (model != "default-chat" or behaviour != "error_event"):
+        pytest.skip("Responses streams: only a provider's error event is passed on (no cut, no interrupted event)")
+    redis, *gws = setup
+    client = redis_py.Redis(host=redis.host, port=redis.port)
+    client.flushall()
+    client.close()
+    s = Shape(kind=api, key="mix-c", replica=0, model=model, stream=True, cap=5, tools=False, n=1,
+              embed_input="string", reply_words=40, behaviour=behaviour, at=3)
+
+    async def run() -> Outcome:
+        async with httpx.AsyncClient(timeout=60) as c, \
+                anthropic.AsyncAnthropic(api_key="unused", max_retries=0, timeout=60) as ac:
+            return await (send_messages(ac, gws[0], s) if api == "messages" else send_openai(c, gws[0], s))
+
+    checked: list[dict[str, Any]] = []
+    original = check_error
+
+    def spy(shape: Shape, status: int, body: dict[str, Any] | None) -> None:
+        checked.append(body or {})
+        original(shape, status, body)
+
+    globals()["check_error"] = spy
+    try:
+        outcome = asyncio.run(run())
+    finally:
+        globals()["check_error"] = original
+    assert outcome.status == 200 and not outcome.complete and len(checked) == 1, (outcome, checked)
