@@ -227,11 +227,26 @@ class GatewayConfig:
     identity: Identity = field(default_factory=Identity)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where a float needs a dot: `5e-05`, which Helm (Go's YAML, 1.2)
+    writes for a budget of $0.00005, was read as a string and refused. Numbers in exponent
+    form without a dot are floats here, as in YAML 1.2 (the resolver list is this class's own)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """gateway.yaml's document, its numbers read as the chart writes them."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def load(path: str | os.PathLike[str]) -> GatewayConfig:
     source = str(path)
     try:
         text = Path(path).read_bytes()
-        raw = yaml.safe_load(text.decode("utf-8"))
+        raw = load_yaml(text.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found; render it with `gateway-extproc render`") from None
     except UnicodeDecodeError as exc:

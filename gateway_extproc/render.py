@@ -187,7 +187,7 @@ def render(values_files: list[Path], out: Path, chart: Path = CHART) -> list[Pat
     source = describe(values_files)
     files = render_values(load_values(values_files), chart, source)
     try:
-        config.parse(yaml.safe_load(files["gateway.yaml"]), source, local_files=False)
+        config.parse(config.load_yaml(files["gateway.yaml"]), source, local_files=False)
     except config.ConfigError as exc:
         raise RenderError(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)

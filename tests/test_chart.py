@@ -247,3 +247,18 @@ def test_a_render_over_a_running_gateways_config_replaces_each_file_whole(tmp_pa
     after = {p.name: p.stat().st_ino for p in tmp_path.iterdir()}
     assert after.keys() == before.keys() and "gateway.yaml" in after
     assert all(after[name] != before[name] for name in after)
+
+
+@pytest.mark.parametrize("daily", [0.00005, 0.0000001, 2.5e-7])
+def test_a_budget_below_a_ten_thousandth_of_a_dollar_renders_and_loads(tmp_path: Path, daily: float) -> None:
+    """Helm writes a float under 1e-4 as `5e-05`, which YAML 1.1 (PyYAML) reads as a string:
+    until 2026-12-05 the render refused a team's `daily: 0.00005` as "must be a dollar
+    amount". gateway.yaml is read as YAML 1.2 reads numbers, so it loads as the amount."""
+    from gateway_extproc.render import render
+
+    values = yaml.safe_load(LOCAL.read_text())
+    values["teams"][0]["budget"] = {"daily": daily}
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump(values))
+    render([tmp_path / "v.yaml"], tmp_path / "out")
+    loaded = config.load(tmp_path / "out" / "gateway.yaml")
+    assert loaded.teams[values["teams"][0]["name"]].budget.daily_nano == round(daily * 1e9)

@@ -27,8 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-import yaml
-
+from ..config import load_yaml
 from ..errors import quoted  # a caller's value (the admin API's query) may be a pasted key
 from .records import records
 from .writer import CONFIGS
@@ -145,7 +144,7 @@ def _configs(root: Path) -> dict[str, Path]:
 def _monthly_budget(path: Path | None, team: str) -> str | None:
     if path is None:
         return None
-    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    doc = load_yaml(path.read_text(encoding="utf-8")) or {}
     for t in doc.get("teams") or []:
         if t.get("name") == team:
             monthly = (t.get("budget") or {}).get("monthly")
