@@ -984,7 +984,8 @@ def responses_api(call: Call) -> Reply:
     done = {"id": f"resp_mock_{serial}", "object": "response", "created_at": int(time.time()), "model": model,
             "status": "incomplete" if completion.truncated else "completed", "output": [item], "usage": usage,
             "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "instructions": body.get("instructions"),
-            "max_output_tokens": body.get("max_output_tokens")}
+            "max_output_tokens": body.get("max_output_tokens"),
+            "incomplete_details": {"reason": "max_output_tokens"} if completion.truncated else None}
     if body.get("stream") is not True:
         return Reply(body=done)
     started = {**done, "status": "in_progress", "output": [], "usage": None}
@@ -998,7 +999,8 @@ def responses_api(call: Call) -> Reply:
         {"type": "response.output_text.done", **where, "text": completion.text},
         {"type": "response.content_part.done", **where, "part": text_part},
         {"type": "response.output_item.done", "output_index": 0, "item": item},
-        {"type": "response.completed", "response": done},
+        # (cut at `max_output_tokens`, OpenAI ends with `response.incomplete` instead)
+        {"type": "response.incomplete" if completion.truncated else "response.completed", "response": done},
     ]
     return Reply(events=[_sse({**e, "sequence_number": i}, e["type"]) for i, e in enumerate(events)])
 

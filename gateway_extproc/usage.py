@@ -31,6 +31,10 @@ _GENERATED = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|argum
 # a stream that ends without usage: one event may carry many tokens (a server that batches its
 # output, Azure's asynchronous content filter), so one token per event undercounts the bill.
 _GENERATED_TEXT = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta)"\s*:\s*"((?:[^"\\]|\\.)+)"')
+# A Responses stream's generated text comes in its `*.delta` events; its `.done` events, output
+# items and final response repeat it whole (a tool call's `arguments` too), so only the deltas
+# count as output (a type inside generated text is escaped: it cannot match).
+_DELTA_EVENT = re.compile(rb'"type"\s*:\s*"[^"\\]*\.delta"')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
 # The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
@@ -211,7 +215,7 @@ class SseUsageTap:
             changed = changed or event is not raw  # reframed, so the chunk cannot go out as it came
             start = match.end()
             self.events += 1
-            if _GENERATED.search(event) is not None:
+            if _GENERATED.search(event) is not None and (not self.named or _DELTA_EVENT.search(event) is not None):
                 self.content_events += 1
                 self.usage_final = False  # text after a usage block: that was a count so far
                 if self.count is not None:

@@ -365,13 +365,23 @@ def test_every_kind_of_generated_text_counts_toward_the_limit(delta: dict) -> No
     assert tap.over and got == event * 3
 
 
-def test_a_responses_text_delta_counts_and_an_empty_one_or_a_role_chunk_does_not() -> None:
+def test_a_responses_delta_counts_and_what_repeats_it_whole_does_not() -> None:
+    """A Responses stream's `.done` events, output items and final response repeat the text
+    and a tool call's arguments whole: counted, an honest stream at its cap looked past it
+    (and was cut by the budget backstop). Only non-empty deltas count."""
     tap = SseUsageTap(False, limit=100, named=True)
-    tap.feed(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
-             b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":""}\n\n'
-             b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
-             b'data: {"choices":[{"index":0,"delta":{"content":"say \\"content\\":\\"x"}}]}\n\n', False)
-    assert tap.content_events == 2
+    call = {"type": "function_call", "name": "f", "arguments": '{"q": 1}'}
+    events = [{"type": "response.output_text.delta", "delta": "Hi"},
+              {"type": "response.output_text.delta", "delta": ""},
+              {"type": "response.output_text.delta", "delta": 'say \"type\":\"x.delta\"'},
+              {"type": "response.function_call_arguments.delta", "delta": '{"q": 1}'},
+              {"type": "response.output_text.done", "text": "Hi"},
+              {"type": "response.function_call_arguments.done", "arguments": '{"q": 1}'},
+              {"type": "response.output_item.done", "item": call},
+              {"type": "response.completed", "response": {"output": [call], "reasoning": {"summary": "short"}}}]
+    tap.feed(b"".join(b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events),
+             False)
+    assert tap.content_events == 3
 
 
 def test_limit_not_reached_forwards_everything() -> None:

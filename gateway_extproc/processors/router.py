@@ -345,9 +345,9 @@ class RouterProcessor:
         granted = self.admission.result.output_tokens
         self.body_changed = caps.apply_cap(body, endpoint.output_caps, cap, granted)
         self.clamped = caps.clamped(cap, granted)
-        if endpoint is api.CHAT:
-            # Backstop for a provider that ignores the cap: its stream is ended for the client
-            # once the output (about one token per content event) passes what was reserved.
+        if endpoint is not api.EMBEDDINGS:
+            # Backstop for a provider that ignores the cap: its stream (chat, Messages or
+            # Responses) is ended for the client once the output passes what was reserved.
             self.cut_after = granted
 
     def only_backend(self) -> Backend | None:
@@ -563,7 +563,8 @@ class RouterProcessor:
             out = b""  # the client's stream already ended; keep reading usage only
         elif self.tap.over:
             self.cut = cut_now = True
-            out = (out or b"") + self.held_text() + _cut_events(self.cut_after or 0, self.cut_usage())
+            out = (out or b"") + self.held_text() + _cut_events(self.cut_after or 0, self.cut_usage(),
+                                                               self.endpoint is api.RESPONSES)
         elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
             out = self.tap.whole(data if out is None else out) + self.held_text() + _interrupted_event(self)
         elif msg.end_of_stream and self.endpoint is api.RESPONSES and self.guard is not None \
@@ -860,14 +861,18 @@ def _encoded(h: dict[str, str]) -> bool:
     return h.get("content-encoding", "identity").strip().lower() not in ("identity", "")
 
 
-def _cut_events(output_tokens: int, usage: dict[str, int] | None) -> bytes:
+def _cut_events(output_tokens: int, usage: dict[str, int] | None, responses: bool = False) -> bytes:
     """How a stream that outgrew its reservation ends (a provider that ignored the output
     cap): a `finish_reason: "length"` chunk, the usage chunk when the client gets one, an
-    OpenAI-shaped error event (the openai SDK raises it as APIError), then [DONE]."""
-    finish = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+    OpenAI-shaped error event (the openai SDK raises it as APIError), then [DONE]. A
+    Responses stream has no chunks nor [DONE]: it ends with the error event alone, as the
+    gateway ends it on any other error."""
     error = {"error": {"message": f"The provider went past the {output_tokens} output tokens your budget reserved "
                                   "for this request; the stream was ended by the gateway.",
                        "type": "rate_limit_error", "code": "budget_exceeded", "param": None}}
+    if responses:
+        return b"data: " + orjson.dumps(error) + b"\n\n"
+    finish = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
     counted = b"" if usage is None else b"data: " + orjson.dumps(
         {"object": "chat.completion.chunk", "choices": [], "usage": usage}) + b"\n\n"
     return b"data: " + orjson.dumps(finish) + b"\n\n" + counted + b"data: " + orjson.dumps(error) + \
