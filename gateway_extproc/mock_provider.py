@@ -359,10 +359,14 @@ def _words(text: str) -> list[str]:
     `x-mock-token-chars: N`, words longer than N characters in pieces of N, as providers
     stream a long word (a URL, a base64 blob) token by token."""
     words = _WORD_RE.findall(text)
-    size = _QUIRKS.get().token_chars
-    if not size or all(len(w) <= size for w in words):
-        return words
-    return [w[i:i + size] for w in words for i in range(0, len(w), size)]
+    quirks = _QUIRKS.get()
+    size = quirks.token_chars
+    if size and any(len(w) > size for w in words):
+        words = [w[i:i + size] for w in words for i in range(0, len(w), size)]
+    if quirks.event_words > 1:  # a server that batches its output: many tokens an event
+        n = quirks.event_words
+        words = ["".join(words[i:i + n]) for i in range(0, len(words), n)]
+    return words
 
 
 @dataclass(frozen=True)
@@ -408,7 +412,7 @@ class Quirks:
     usage block whatever was produced, `x-mock-choice-replies: ["a", "b"]` answers a chat
     request with one choice per text (whatever `n` says), `x-mock-merge-choices: 1`
     streams each step's choices in one chunk and `x-mock-token-chars: N` streams long words
-    in pieces (`_words`). `x-mock-cache-write-tokens: N` and `x-mock-cache-write-1h-tokens: M`
+    in pieces and `x-mock-event-words: N` streams N words an event (`_words`). `x-mock-cache-write-tokens: N` and `x-mock-cache-write-1h-tokens: M`
     report N and M of the prompt's tokens as written to the prompt cache with a 5-minute and
     a 1-hour lifetime (`_cache_writes`), when the request marks something for caching, as a
     provider writes only what is marked. `x-mock-stop-reason: R` ends a Claude answer with
@@ -425,6 +429,7 @@ class Quirks:
     cache_write: int = 0
     cache_write_1h: int = 0
     stop_reason: str | None = None
+    event_words: int = 1
 
 
 # What marks a prompt for caching, per API: Anthropic's `cache_control` (OpenRouter takes it on
@@ -1765,7 +1770,8 @@ class MockApp:
                            _header_flag(h, "x-mock-merge-choices"), _header_int(h, "x-mock-token-chars"),
                            _header_int(h, "x-mock-cache-write-tokens") or 0,
                            _header_int(h, "x-mock-cache-write-1h-tokens") or 0,
-                           _header_choice(h, "x-mock-stop-reason", STOP_REASONS)))
+                           _header_choice(h, "x-mock-stop-reason", STOP_REASONS),
+                           _header_int(h, "x-mock-event-words") or 1))
         body: JSON = {}
         if route.takes_body:
             if not isinstance(request.json, dict):

@@ -35,6 +35,12 @@ _GENERATED_TEXT = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|
 # items and final response repeat it whole (a tool call's `arguments` too), so only the deltas
 # count as output (a type inside generated text is escaped: it cannot match).
 _DELTA_EVENT = re.compile(rb'"type"\s*:\s*"[^"\\]*\.delta"')
+# The budget backstop also counts the generated text's tokens: a provider that ignores the cap
+# and batches its output (many tokens an event) stays below one token an event for ever. The
+# model's tokenizer, run on each event on its own, may count a provider's text longer than the
+# provider does (another vendor's tokenizer, a word split between events), so an honest stream
+# at its cap is only cut when its text passes this many times the limit.
+TEXT_LIMIT_FACTOR = 2
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
 # The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
@@ -167,9 +173,10 @@ class SseUsageTap:
                  choices: int = 1) -> None:
         self.drop_usage_chunk = drop_usage_chunk
         self.named = named  # events keep their `event:` name (Responses API streams)
-        # At most this many events of generated text are forwarded; from the one past it on, `over`
-        # is set and nothing more is forwarded (usage is still read). The budget backstop
-        # for a provider that ignores the output cap.
+        # At most this many events of generated text (and `TEXT_LIMIT_FACTOR` times this many tokens
+        # of it) are forwarded; from the one past it on, `over` is set and nothing more is
+        # forwarded (usage is still read). The budget backstop for a provider that ignores the
+        # output cap.
         self.limit = limit
         self.over = False
         # An event too large to hold went by while rewriting: it was not forwarded unread
@@ -220,7 +227,8 @@ class SseUsageTap:
                 self.usage_final = False  # text after a usage block: that was a count so far
                 if self.count is not None:
                     self.generated_tokens += self._text_tokens(event)
-                self.over = self.over or (self.limit is not None and self.content_events > self.limit)
+                self.over = self.over or (self.limit is not None and (
+                    self.content_events > self.limit or self.generated_tokens > TEXT_LIMIT_FACTOR * self.limit))
             elif event.startswith(STREAM_ENDS):
                 self.done = True
                 if not event.startswith(b"data: [DONE]"):

@@ -384,6 +384,20 @@ def test_a_responses_delta_counts_and_what_repeats_it_whole_does_not() -> None:
     assert tap.content_events == 3
 
 
+def test_a_provider_batching_many_tokens_an_event_is_cut_by_its_text() -> None:
+    """Counting events alone, a provider ignoring the cap with 25 tokens an event passed 400
+    tokens against a limit of 45 in 16 events: never cut. Its text's tokens count too, past
+    `TEXT_LIMIT_FACTOR` times the limit (room for a tokenizer counting longer than the provider)."""
+    from gateway_extproc import tokens
+    event = _content(" the" * 25)
+    tap = SseUsageTap(False, limit=45, count=tokens.counter("o200k_base"))
+    got = tap.feed(event * 16 + b"data: [DONE]\n\n", True)
+    assert tap.over and got == event * 3  # 75 tokens forwarded; the fourth event passed 90
+    honest = SseUsageTap(False, limit=45, count=tokens.counter("o200k_base"))
+    whole = _content(" the" * 45) + _content(" the" * 45) + b"data: [DONE]\n\n"  # 2x the limit, not past it
+    assert honest.feed(whole, True) in (None, whole) and not honest.over
+
+
 def test_limit_not_reached_forwards_everything() -> None:
     whole = _content(" a") + _content(" b") + b"data: [DONE]\n\n"
     tap = SseUsageTap(False, limit=2)

@@ -893,7 +893,7 @@ def _interrupted_event(p: RouterProcessor) -> bytes:
 def log_budget_cut(p: RouterProcessor) -> None:
     metrics.child(metrics.BUDGET_EVENTS, p.runtime.labels.team(p.key.team if p.key else None), "stream_cut").inc()
     access_log.warning("stream_cut_at_budget", request_id=p.request_id, key_id=p.key.id if p.key else None,
-                       output_tokens=p.tap.content_events if p.tap else None)
+                       output_tokens=max(p.tap.content_events, p.tap.generated_tokens) if p.tap else None)
 
 
 def _models_body(models: dict[str, Model], key: VirtualKey) -> bytes:

@@ -124,3 +124,50 @@ def test_a_responses_stream_of_a_provider_ignoring_the_cap_is_cut_at_the_reserva
         assert "response.incomplete" not in events and 0 < len("".join(deltas).split()) <= granted + 1
     settled(gw, redis)
     assert spent(gw, "cut-tiny") <= BUDGETS["cut-tiny"] * NANO
+
+
+def sent_cap(gw: Gateway) -> int:
+    """The output cap the provider was sent (the last request either mock got)."""
+    [body] = [r["body"] for mock in (gw.primary, gw.backup) for r in gw.received(mock)[-1:]]
+    return next(body[f] for f in ("max_completion_tokens", "max_tokens", "max_output_tokens") if f in body)
+
+
+def streamed_words(gw: Gateway, client: str, model: str, controls: dict[str, str]) -> tuple[int, str | None]:
+    """The words of generated text a client got, and the code of the error that ended the
+    stream (None: it ended cleanly)."""
+    texts: list[str] = []
+    try:
+        if client == "messages":
+            with claude(gw, "cut-tiny").messages.stream(model=model, max_tokens=4096, messages=MSG,
+                                                        extra_headers=controls) as stream:
+                texts += [e.delta.text for e in stream if e.type == "content_block_delta" and e.delta.type == "text_delta"]
+        elif client == "responses":
+            texts += [e.delta for e in oai(gw, "cut-tiny").responses.create(
+                model=model, input="Count the apples.", stream=True, extra_headers=controls)
+                if e.type == "response.output_text.delta"]
+        else:
+            for chunk in oai(gw, "cut-tiny").chat.completions.create(model=model, messages=MSG, stream=True,
+                                                                     extra_headers=controls):
+                texts += [c.delta.content for c in chunk.choices if c.delta.content]
+    except (openai.APIError, anthropic.APIError) as err:
+        body = err.body if isinstance(err.body, dict) else {}
+        return len("".join(texts).split()), str(body.get("code") or body.get("error", {}).get("code") or err)
+    return len("".join(texts).split()), None
+
+
+@pytest.mark.parametrize(("client", "model"), [("chat", "default-chat"), ("messages", "default-chat"),
+                                               ("messages", "claude-chat"), ("responses", "default-chat")])
+def test_a_provider_ignoring_the_cap_in_large_events_is_cut_near_the_reservation(
+        setup: tuple[RedisServer, Gateway, Gateway], gw: Gateway, client: str, model: str) -> None:
+    """The backstop counted events, about one token each: a provider that ignores the cap and
+    batches its output (25 tokens an event here; servers behind Azure's asynchronous content
+    filter send whole sentences) streamed 400 tokens against a grant of ~45 in 16 events, never
+    reaching the count, the whole answer to the client and billed. Now the text's tokens count
+    too (with room for a tokenizer that counts the provider's text longer than it does)."""
+    words, code = streamed_words(gw, client, model, {"x-mock-ignore-max-tokens": "1", "x-mock-reply-words": "400",
+                                                     "x-mock-event-words": "25"})
+    granted = sent_cap(gw)
+    assert granted < 100 and code is not None and "budget" in code, (words, code)
+    assert words <= 2 * granted + 25
+    settled(gw, setup[0])
+    assert spent(gw, "cut-tiny") <= BUDGETS["cut-tiny"] * NANO
