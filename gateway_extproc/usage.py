@@ -41,6 +41,9 @@ _DELTA_EVENT = re.compile(rb'"type"\s*:\s*"[^"\\]*\.delta"')
 # provider does (another vendor's tokenizer, a word split between events), so an honest stream
 # at its cap is only cut when its text passes this many times the limit.
 TEXT_LIMIT_FACTOR = 2
+# The events that end a Responses stream: only their usage is its bill. A server may report
+# usage so far on `response.created` or `.in_progress` (0 output tokens, before any text).
+_RESPONSES_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
 # The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
@@ -190,7 +193,7 @@ class SseUsageTap:
         # missing): the provider's bill is unknown, not absent (RouterProcessor.consumed).
         self.usage_unread = False
         # The last usage block is the provider's bill, not a running count: it came on a
-        # usage-only chunk (or a Responses `response.*` event), or once all `choices` of the
+        # usage-only chunk (or a Responses stream's last event), or once all `choices` of the
         # answer had finished, and no text came after it. Servers that report usage on every
         # chunk (vLLM's `continuous_usage_stats`) send counts so far: a stream cut after one
         # is no bill.
@@ -304,6 +307,7 @@ class SseUsageTap:
         if usage is None:
             return False
         self.usage_unread = self.usage_unread or usage.completion_tokens is None
-        self.usage_final = not obj.get("choices") or len(self.finish_reasons) >= self.choices
+        self.usage_final = obj.get("type") in _RESPONSES_ENDS if self.named else (
+            not obj.get("choices") or len(self.finish_reasons) >= self.choices)
         self.usage = replace(merged(self.usage, usage), finish_reasons=usage.finish_reasons or tuple(self.finish_reasons))
         return obj.get("choices") == []

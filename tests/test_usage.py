@@ -398,6 +398,21 @@ def test_a_provider_batching_many_tokens_an_event_is_cut_by_its_text() -> None:
     assert honest.feed(whole, True) in (None, whole) and not honest.over
 
 
+def test_a_responses_usage_is_final_only_on_the_event_that_ends_the_stream() -> None:
+    """A server reporting usage so far on `response.created` (0 output tokens): a stream cut
+    there was charged the prompt alone, while the provider may go on generating."""
+    def event(kind: str, usage: dict | None) -> bytes:
+        data = {"type": kind, "response": {"id": "resp_x", "usage": usage}}
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    tap = SseUsageTap(False, named=True)
+    tap.feed(event("response.created", {"input_tokens": 12, "output_tokens": 0}), False)
+    assert tap.usage == Usage(12, 0, response_id="resp_x") and not tap.usage_final
+    for kind in ("response.completed", "response.incomplete", "response.failed"):
+        tap = SseUsageTap(False, named=True)
+        tap.feed(event(kind, {"input_tokens": 12, "output_tokens": 7}), False)
+        assert tap.usage_final and tap.usage is not None and tap.usage.completion_tokens == 7
+
+
 def test_limit_not_reached_forwards_everything() -> None:
     whole = _content(" a") + _content(" b") + b"data: [DONE]\n\n"
     tap = SseUsageTap(False, limit=2)

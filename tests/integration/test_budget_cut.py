@@ -8,8 +8,10 @@ has left is its limit less what it spent, docs/budgets.md)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -19,9 +21,11 @@ import pytest
 import redis as redis_py
 
 from gateway_extproc import keys
+from gateway_extproc.audit.records import records as audit_records
+from gateway_extproc.budgets.pricing import Price, cost_nano
 
 from ..redis_server import RedisServer
-from .conftest import Gateway, two_replicas
+from .conftest import Gateway, raw_events, two_replicas
 
 PREFIX = "gw:{local}:"
 NANO = 1_000_000_000
@@ -171,3 +175,145 @@ def test_a_provider_ignoring_the_cap_in_large_events_is_cut_near_the_reservation
     assert words <= 2 * granted + 25
     settled(gw, setup[0])
     assert spent(gw, "cut-tiny") <= BUDGETS["cut-tiny"] * NANO
+
+
+TOOLS = [{"name": "count", "description": "Count things.",
+          "input_schema": {"type": "object", "properties": {"what": {"type": "string"}, "n": {"type": "integer"}},
+                           "required": ["what", "n"]}}]
+PRICES = {"default-chat": Price.from_usd_per_million(5, 20, 2.5), "claude-chat": Price.from_usd_per_million(3, 15, 0.3)}
+
+
+def audit_record(gw: Gateway, request_id: str) -> dict[str, Any]:
+    """The request's audit record (the writer thread lands it shortly after the access line)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [r for r in audit_records(Path(gw.stack.values["audit"]["dir"]), frozenset({"request"}))
+                 if r.get("request_id") == request_id]
+        if found:
+            return found[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no audit record for {request_id}")
+
+
+def abandon_messages(gw: Gateway, model: str, where: str) -> tuple[str, int]:
+    """A Messages stream the client closes at `where`; its request id and local prompt count."""
+    extra: dict[str, Any] = {}
+    if where == "tool":
+        extra["tools"] = TOOLS
+    if where == "thinking":
+        extra["thinking"] = {"type": "enabled", "budget_tokens": 200}
+    stream = claude(gw, "cut-roomy").messages.create(
+        model=model, max_tokens=800, messages=MSG, stream=True, **extra,
+        extra_headers={"x-mock-chunk-delay-ms": "100", "x-mock-reply-words": "30"})
+    headers = stream.response.headers
+    seen = 0
+    if where != "before-start":
+        for event in stream:
+            seen += 1
+            delta = getattr(event, "delta", None)
+            if where == "after-3" and seen == 3 or where == "tool" and getattr(delta, "type", "") == "input_json_delta" \
+                    or where == "thinking" and getattr(delta, "type", "") == "thinking_delta":
+                break
+        else:
+            raise AssertionError(f"the stream ended before {where}")
+    stream.close()
+    return headers["x-request-id"], int(headers["x-gateway-prompt-tokens"])
+
+
+def abandon_responses(gw: Gateway, where: str) -> tuple[str, int]:
+    stream = oai(gw, "cut-roomy").responses.create(
+        model="default-chat", input=MSG[0]["content"], max_output_tokens=800, stream=True,
+        extra_headers={"x-mock-chunk-delay-ms": "100", "x-mock-reply-words": "30"})
+    headers = stream.response.headers
+    seen = 0
+    if where != "before-start":
+        for event in stream:
+            seen += 1
+            if where == "after-3" and seen == 3 or where == "delta" and event.type == "response.output_text.delta":
+                break
+        else:
+            raise AssertionError(f"the stream ended before {where}")
+    stream.close()
+    return headers["x-request-id"], int(headers["x-gateway-prompt-tokens"])
+
+
+@pytest.mark.parametrize(("client", "model", "where"), [
+    ("messages", "default-chat", "before-start"), ("messages", "default-chat", "after-3"),
+    ("messages", "default-chat", "tool"), ("messages", "claude-chat", "before-start"),
+    ("messages", "claude-chat", "after-3"), ("messages", "claude-chat", "tool"),
+    ("messages", "claude-chat", "thinking"),
+    ("responses", "default-chat", "before-start"), ("responses", "default-chat", "after-3"),
+    ("responses", "default-chat", "delta")])
+def test_a_stream_the_client_abandons_is_settled_at_its_reservation_and_released(
+        setup: tuple[RedisServer, Gateway, Gateway], gw: Gateway, client: str, model: str, where: str) -> None:
+    """A client that closes a Messages or Responses stream part way (right after the headers,
+    after three events, mid tool input, mid thinking), before the provider's usage went by:
+    the request is settled at its reservation (the provider may have generated the whole cap),
+    nothing stays held, and the audit record says what was charged."""
+    if client == "messages":
+        request_id, prompt = abandon_messages(gw, model, where)
+    else:
+        request_id, prompt = abandon_responses(gw, where)
+    cap = sent_cap(gw)
+    assert cap == 800
+    settled(gw, setup[0])
+    reserved = cost_nano(PRICES[model], prompt, cap)
+    assert spent(gw, "cut-roomy") == reserved
+    record = audit_record(gw, request_id)
+    assert (record["outcome"], record["decision"], record["cost_nano"]) == ("incomplete", "admitted", reserved)
+    assert (record["input_tokens"], record["output_tokens"]) == (prompt, cap)
+
+
+def responses_events(usage_early: bool, deltas: int = 20) -> list[bytes]:
+    """A Responses stream as raw SSE; `usage_early`: `response.created` and `.in_progress`
+    carry the usage so far (no output yet), as some OpenAI-compatible servers send it."""
+    so_far = {"input_tokens": 12, "output_tokens": 0, "total_tokens": 12} if usage_early else None
+    final = {"input_tokens": 12, "output_tokens": deltas, "total_tokens": 12 + deltas}
+    head = {"id": "resp_x", "object": "response", "model": "m", "output": [], "usage": so_far}
+    where = {"item_id": "msg_x", "output_index": 0, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": {**head, "status": "in_progress"}},
+        {"type": "response.in_progress", "response": {**head, "status": "in_progress"}},
+        *({"type": "response.output_text.delta", **where, "delta": " the"} for _ in range(deltas)),
+        {"type": "response.completed", "response": {**head, "status": "completed", "usage": final}}]
+    return [f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': i})}\n\n".encode()
+            for i, e in enumerate(events)]
+
+
+@pytest.mark.parametrize("how", ["client closes", "provider drops"])
+def test_a_responses_stream_cut_after_a_usage_so_far_is_charged_its_reservation(
+        setup: tuple[RedisServer, Gateway, Gateway], gw: Gateway, how: str) -> None:
+    """A server that reports usage so far on `response.created` (0 output tokens) and a stream
+    cut before its first delta: charged that count (the prompt alone) while the provider,
+    allowed 800 output tokens, may have gone on generating. Only a terminal event
+    (`response.completed`, `.incomplete`, `.failed`) carries a Responses stream's bill."""
+    controls = {"x-mock-raw-events": raw_events(*responses_events(True)), "x-mock-chunk-delay-ms": "200"}
+    if how == "provider drops":
+        controls["x-mock-drop-after-chunks"] = "2"
+    stream = oai(gw, "cut-roomy").responses.create(model="default-chat", input=MSG[0]["content"],
+                                                  max_output_tokens=800, stream=True, extra_headers=controls)
+    prompt = int(stream.response.headers["x-gateway-prompt-tokens"])
+    seen = []
+    try:
+        for event in stream:
+            seen.append(event.type)
+            if len(seen) == 2 and how == "client closes":
+                break
+    except (openai.APIError, httpx.HTTPError):
+        pass
+    stream.close()
+    assert seen[0] == "response.created" and "response.output_text.delta" not in seen
+    settled(gw, setup[0])
+    assert spent(gw, "cut-roomy") == cost_nano(PRICES["default-chat"], prompt, 800)
+
+
+@pytest.mark.parametrize("usage_early", [False, True])
+def test_a_whole_responses_stream_is_charged_its_final_usage(
+        setup: tuple[RedisServer, Gateway, Gateway], gw: Gateway, usage_early: bool) -> None:
+    """The same streams read to their end: charged the usage of `response.completed`."""
+    events = list(oai(gw, "cut-roomy").responses.create(
+        model="default-chat", input=MSG[0]["content"], max_output_tokens=800, stream=True,
+        extra_headers={"x-mock-raw-events": raw_events(*responses_events(usage_early))}))
+    assert events[-1].type == "response.completed"
+    settled(gw, setup[0])
+    assert spent(gw, "cut-roomy") == cost_nano(PRICES["default-chat"], 12, 20)
