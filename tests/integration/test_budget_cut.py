@@ -8,6 +8,7 @@ has left is its limit less what it spent, docs/budgets.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -29,8 +30,8 @@ from .conftest import Gateway, raw_events, two_replicas
 
 PREFIX = "gw:{local}:"
 NANO = 1_000_000_000
-KEYS = {name: keys.generate(name) for name in ("cut-tiny", "cut-roomy")}
-BUDGETS = {"cut-tiny": 0.001, "cut-roomy": 1.0}
+KEYS = {name: keys.generate(name) for name in ("cut-tiny", "cut-roomy", "cut-burst")}
+BUDGETS = {"cut-tiny": 0.001, "cut-roomy": 1.0, "cut-burst": 0.05}
 MSG = [{"role": "user", "content": "Please count the apples in the basket for me."}]
 
 
@@ -317,3 +318,79 @@ def test_a_whole_responses_stream_is_charged_its_final_usage(
     assert events[-1].type == "response.completed"
     settled(gw, setup[0])
     assert spent(gw, "cut-roomy") == cost_nano(PRICES["default-chat"], 12, 20)
+
+
+BURST_BUDGET = 0.05
+
+
+async def one_stream(gws: tuple[Gateway, Gateway], i: int) -> str:
+    """One of eight stream shapes, by `i`, at replica i % 2; what became of it."""
+    gw = gws[i % 2]
+    shape = i % 8
+    words = {"x-mock-reply-words": str(20 + i % 40), "x-mock-chunk-delay-ms": "5"}
+    greedy = {**words, "x-mock-ignore-max-tokens": "1", "x-mock-reply-words": "3000", "x-mock-event-words": "7"}
+    sdk = anthropic.AsyncAnthropic(base_url=gw.url, api_key=KEYS["cut-burst"], max_retries=0, timeout=120)
+    oa = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["cut-burst"], max_retries=0, timeout=120)
+    try:
+        if shape in (0, 1, 2, 3):
+            model = "default-chat" if shape == 0 else "claude-chat"
+            extra: dict[str, Any] = {"thinking": {"type": "enabled", "budget_tokens": 100}} if shape == 3 else {}
+            stream = await sdk.messages.create(model=model, max_tokens=120 + i % 50, messages=MSG, stream=True,
+                                               extra_headers=greedy if shape == 0 else words, **extra)
+            n = 0
+            async for _ in stream:
+                n += 1
+                if shape == 2 and n == 3 + i % 5:
+                    break  # abandoned part way
+            await stream.close()
+        else:
+            cap: dict[str, Any] = {} if shape == 5 else {"max_output_tokens": 120 + i % 50}
+            headers = {4: greedy, 5: words, 6: {"x-mock-raw-events": raw_events(*responses_events(True)),
+                                                "x-mock-chunk-delay-ms": "20"},
+                       7: {**words, "x-mock-drop-after-chunks": str(2 + i % 6)}}[shape]
+            stream = await oa.responses.create(model="default-chat", input=MSG[0]["content"], stream=True,
+                                               extra_headers=headers, **cap)
+            async for event in stream:
+                if shape == 6 and event.type == "response.in_progress":
+                    break
+            await stream.close()
+        return "ok"
+    except (anthropic.RateLimitError, openai.RateLimitError):
+        return "refused"
+    except (anthropic.APIError, openai.APIError, httpx.HTTPError) as err:
+        body = getattr(err, "body", None)
+        text = str(body) if body is not None else type(err).__name__
+        return "cut" if "budget_exceeded" in text or "your budget reserved" in text else f"error: {text[:200]}"
+    finally:
+        await sdk.close()
+        await oa.close()
+
+
+def test_a_burst_of_mixed_streams_never_overspends_one_small_budget(setup: tuple[RedisServer, Gateway, Gateway],
+                                                                     gw: Gateway) -> None:
+    """240 streams at once at two replicas under one $0.05 key: Messages (OpenAI and Claude
+    backends, thinking, abandoned part way, a provider ignoring the cap in large events) and
+    Responses (no `max_output_tokens`, a provider ignoring the cap, usage so far on
+    `response.created` and abandoned there, a provider dropping the connection). No level ends
+    above its limit, nothing stays held, every request left with an output cap, and none
+    failed for a reason of the gateway's own."""
+    redis, first, second = setup
+    second.reset()
+
+    async def run() -> list[str]:
+        return await asyncio.gather(*(one_stream((first, second), i) for i in range(240)))
+
+    outcomes = asyncio.run(run())
+    assert {"refused", "ok", "cut"} <= set(outcomes), outcomes
+    # (the provider that drops the connection, shape 7: Envoy resets the client's stream)
+    odd = [(i, o) for i, o in enumerate(outcomes) if o.startswith("error") and not (i % 8 == 7 and (
+        "APIConnectionError" in o or "upstream_stream_interrupted" in o))]
+    assert not odd, odd
+    settled(gw, redis)
+    assert spent(gw, "cut-burst") <= BURST_BUDGET * NANO
+    for mock in (first.primary, first.backup):
+        for r in gw.received(mock):
+            body = r["body"] or {}
+            caps = [body.get(f) for f in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                    if body.get(f) is not None] or [body.get("inferenceConfig", {}).get("maxTokens")]
+            assert caps and all(isinstance(c, int) and 0 < c <= 1024 for c in caps), body
