@@ -394,3 +394,43 @@ def test_a_burst_of_mixed_streams_never_overspends_one_small_budget(setup: tuple
             caps = [body.get(f) for f in ("max_tokens", "max_completion_tokens", "max_output_tokens")
                     if body.get(f) is not None] or [body.get("inferenceConfig", {}).get("maxTokens")]
             assert caps and all(isinstance(c, int) and 0 < c <= 1024 for c in caps), body
+
+
+def claude_events(start_usage: bool, stop: bool) -> list[bytes]:
+    """A Claude stream as raw SSE: usage on `message_start` or only on `message_delta` (with
+    the input count, as the API now sends it there too), `message_stop` or not."""
+    message = {"id": "msg_x", "type": "message", "role": "assistant", "model": "m", "content": [],
+               "stop_reason": None, "stop_sequence": None,
+               **({"usage": {"input_tokens": 12, "output_tokens": 1}} if start_usage else {})}
+    events = [("message_start", {"type": "message_start", "message": message}),
+              ("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}),
+              *(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                         "delta": {"type": "text_delta", "text": " the"}}) for _ in range(20)),
+              ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+              ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                 "usage": {"input_tokens": 12, "output_tokens": 20}}),
+              *([("message_stop", {"type": "message_stop"})] if stop else [])]
+    return [f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events]
+
+
+@pytest.mark.parametrize(("start_usage", "stop"), [(True, True), (False, True), (True, False)],
+                         ids=["usual", "usage-in-message-delta-only", "no-message-stop"])
+def test_a_claude_stream_with_usage_in_odd_places_is_charged_its_usage_or_reservation(
+        setup: tuple[RedisServer, Gateway, Gateway], gw: Gateway, start_usage: bool, stop: bool) -> None:
+    """(Held) A Claude backend's stream read by an Anthropic client: usage only on
+    `message_delta` is the bill; a stream that ends without `message_stop` is charged its
+    reservation (its bill never came). Nothing stays held either way."""
+    stream = claude(gw, "cut-roomy").messages.create(
+        model="claude-chat", max_tokens=800, messages=MSG, stream=True,
+        extra_headers={"x-mock-raw-events": raw_events(*claude_events(start_usage, stop))})
+    prompt = int(stream.response.headers["x-gateway-prompt-tokens"])
+    try:
+        events = [e.type for e in stream]
+    except anthropic.APIError as err:
+        assert not stop and "ended the stream before it finished" in str(err)
+    else:
+        assert stop and events[-1] == "message_stop"
+    settled(gw, setup[0])
+    price = PRICES["claude-chat"]
+    assert spent(gw, "cut-roomy") == (cost_nano(price, 12, 20) if stop else cost_nano(price, prompt, 800))
