@@ -357,7 +357,8 @@ def _last_user_text(messages: list[JSON]) -> str:
 def _words(text: str) -> list[str]:
     """Split into words keeping leading whitespace, so ``"".join(_words(t)) == t``; with
     `x-mock-token-chars: N`, words longer than N characters in pieces of N, as providers
-    stream a long word (a URL, a base64 blob) token by token."""
+    stream a long word (a URL, a base64 blob) token by token; with `x-mock-event-words: N`,
+    N of them joined in each piece, as a server that batches its output streams them."""
     words = _WORD_RE.findall(text)
     quirks = _QUIRKS.get()
     size = quirks.token_chars
@@ -411,11 +412,12 @@ class Quirks:
     output cap, `x-mock-usage-completion-tokens: N` reports N completion tokens in a chat
     usage block whatever was produced, `x-mock-choice-replies: ["a", "b"]` answers a chat
     request with one choice per text (whatever `n` says), `x-mock-merge-choices: 1`
-    streams each step's choices in one chunk and `x-mock-token-chars: N` streams long words
-    in pieces and `x-mock-event-words: N` streams N words an event (`_words`). `x-mock-cache-write-tokens: N` and `x-mock-cache-write-1h-tokens: M`
-    report N and M of the prompt's tokens as written to the prompt cache with a 5-minute and
-    a 1-hour lifetime (`_cache_writes`), when the request marks something for caching, as a
-    provider writes only what is marked. `x-mock-stop-reason: R` ends a Claude answer with
+    streams each step's choices in one chunk, `x-mock-token-chars: N` streams long words
+    in pieces and `x-mock-event-words: N` streams N words an event (`_words`).
+    `x-mock-cache-write-tokens: N` and `x-mock-cache-write-1h-tokens: M` report N and M of
+    the prompt's tokens as written to the prompt cache with a 5-minute and a 1-hour lifetime
+    (`_cache_writes`), when the request marks something for caching, as a provider writes
+    only what is marked. `x-mock-stop-reason: R` ends a Claude answer with
     stop reason R (`stop_sequence`: with the request's first stop sequence as the match) and
     an OpenAI chat answer with finish_reason R, except `stop_sequence`: "stop" with vLLM's
     `stop_reason` naming the request's first `stop` string (`_stop_fields`)."""

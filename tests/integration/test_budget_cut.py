@@ -145,7 +145,8 @@ def streamed_words(gw: Gateway, client: str, model: str, controls: dict[str, str
         if client == "messages":
             with claude(gw, "cut-tiny").messages.stream(model=model, max_tokens=4096, messages=MSG,
                                                         extra_headers=controls) as stream:
-                texts += [e.delta.text for e in stream if e.type == "content_block_delta" and e.delta.type == "text_delta"]
+                texts += [e.delta.text for e in stream
+                          if e.type == "content_block_delta" and e.delta.type == "text_delta"]
         elif client == "responses":
             texts += [e.delta for e in oai(gw, "cut-tiny").responses.create(
                 model=model, input="Count the apples.", stream=True, extra_headers=controls)
@@ -211,9 +212,9 @@ def abandon_messages(gw: Gateway, model: str, where: str) -> tuple[str, int]:
     if where != "before-start":
         for event in stream:
             seen += 1
-            delta = getattr(event, "delta", None)
-            if where == "after-3" and seen == 3 or where == "tool" and getattr(delta, "type", "") == "input_json_delta" \
-                    or where == "thinking" and getattr(delta, "type", "") == "thinking_delta":
+            kind = getattr(getattr(event, "delta", None), "type", "")
+            if where == "after-3" and seen == 3 or where == "tool" and kind == "input_json_delta" \
+                    or where == "thinking" and kind == "thinking_delta":
                 break
         else:
             raise AssertionError(f"the stream ended before {where}")
