@@ -269,9 +269,11 @@ def test_a_stream_the_client_abandons_is_settled_at_its_reservation_and_released
     assert (record["input_tokens"], record["output_tokens"]) == (prompt, cap)
 
 
-def responses_events(usage_early: bool, deltas: int = 20) -> list[bytes]:
+def responses_events(usage_early: bool, deltas: int = 20, end: str | None = "response.completed",
+                     final_usage: bool = True) -> list[bytes]:
     """A Responses stream as raw SSE; `usage_early`: `response.created` and `.in_progress`
-    carry the usage so far (no output yet), as some OpenAI-compatible servers send it."""
+    carry the usage so far (no output yet), as some OpenAI-compatible servers send it; `end`:
+    its last event (None: none), with the final usage or `usage: null`."""
     so_far = {"input_tokens": 12, "output_tokens": 0, "total_tokens": 12} if usage_early else None
     final = {"input_tokens": 12, "output_tokens": deltas, "total_tokens": 12 + deltas}
     head = {"id": "resp_x", "object": "response", "model": "m", "output": [], "usage": so_far}
@@ -280,7 +282,8 @@ def responses_events(usage_early: bool, deltas: int = 20) -> list[bytes]:
         {"type": "response.created", "response": {**head, "status": "in_progress"}},
         {"type": "response.in_progress", "response": {**head, "status": "in_progress"}},
         *({"type": "response.output_text.delta", **where, "delta": " the"} for _ in range(deltas)),
-        {"type": "response.completed", "response": {**head, "status": "completed", "usage": final}}]
+        *([{"type": end, "response": {**head, "status": end.rpartition(".")[2],
+                                      "usage": final if final_usage else None}}] if end else [])]
     return [f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': i})}\n\n".encode()
             for i, e in enumerate(events)]
 
@@ -312,16 +315,25 @@ def test_a_responses_stream_cut_after_a_usage_so_far_is_charged_its_reservation(
     assert spent(gw, "cut-roomy") == cost_nano(PRICES["default-chat"], prompt, 800)
 
 
-@pytest.mark.parametrize("usage_early", [False, True])
-def test_a_whole_responses_stream_is_charged_its_final_usage(
-        setup: tuple[RedisServer, Gateway, Gateway], gw: Gateway, usage_early: bool) -> None:
-    """The same streams read to their end: charged the usage of `response.completed`."""
-    events = list(oai(gw, "cut-roomy").responses.create(
+@pytest.mark.parametrize(("usage_early", "end", "final_usage"), [
+    (False, "response.completed", True), (True, "response.completed", True), (True, "response.incomplete", True),
+    (False, "response.failed", True), (True, "response.failed", False), (True, None, False)])
+def test_a_whole_responses_stream_is_charged_its_final_usage_else_its_reservation(
+        setup: tuple[RedisServer, Gateway, Gateway], gw: Gateway, usage_early: bool, end: str | None,
+        final_usage: bool) -> None:
+    """(Held) The same streams read to their end: charged the usage of the event that ends
+    them (`response.completed`, `.incomplete`, `.failed`); one whose end carries no usage, or
+    that has no such end, its reservation. Nothing stays held."""
+    stream = oai(gw, "cut-roomy").responses.create(
         model="default-chat", input=MSG[0]["content"], max_output_tokens=800, stream=True,
-        extra_headers={"x-mock-raw-events": raw_events(*responses_events(usage_early))}))
-    assert events[-1].type == "response.completed"
+        extra_headers={"x-mock-raw-events": raw_events(*responses_events(usage_early, end=end,
+                                                                           final_usage=final_usage))})
+    prompt = int(stream.response.headers["x-gateway-prompt-tokens"])
+    events = [e.type for e in stream]
+    assert events[-1] == (end or "response.output_text.delta")
     settled(gw, setup[0])
-    assert spent(gw, "cut-roomy") == cost_nano(PRICES["default-chat"], 12, 20)
+    price = PRICES["default-chat"]
+    assert spent(gw, "cut-roomy") == (cost_nano(price, 12, 20) if final_usage else cost_nano(price, prompt, 800))
 
 
 BURST_BUDGET = 0.05
@@ -391,6 +403,7 @@ def test_a_burst_of_mixed_streams_never_overspends_one_small_budget(setup: tuple
     odd = [(i, o) for i, o in enumerate(outcomes) if o.startswith("error") and not (i % 8 == 7 and any(
         code in o for code in ("APIConnectionError", "upstream_stream_interrupted", "upstream_reset")))]
     assert not odd, odd
+    assert all(i % 8 in (0, 4) for i, o in enumerate(outcomes) if o == "cut")  # no honest stream was cut
     settled(gw, redis)
     assert spent(gw, "cut-burst") <= BURST_BUDGET * NANO
     for mock in (first.primary, first.backup):
