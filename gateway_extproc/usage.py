@@ -285,10 +285,12 @@ class SseUsageTap:
 
     def _text_tokens(self, event: bytes) -> int:
         """The tokens of the generated text one event carries (its escaped JSON strings decoded;
-        one left escaped if it cannot be, which counts it longer, never shorter)."""
+        one left escaped if it cannot be, which counts it longer, never shorter). A text the
+        event repeats under another name counts once: servers send reasoning as both
+        `reasoning` and `reasoning_content` (vLLM, OpenRouter)."""
         assert self.count is not None
         total = 0
-        for raw in _GENERATED_TEXT.findall(event):
+        for raw in dict.fromkeys(_GENERATED_TEXT.findall(event)):
             try:
                 text = orjson.loads(b'"' + raw + b'"')
             except orjson.JSONDecodeError:

@@ -413,6 +413,18 @@ def test_a_responses_usage_is_final_only_on_the_event_that_ends_the_stream() -> 
         assert tap.usage_final and tap.usage is not None and tap.usage.completion_tokens == 7
 
 
+def test_reasoning_sent_under_two_names_counts_once() -> None:
+    """Servers that send a delta's reasoning as both `reasoning` and `reasoning_content`
+    (vLLM, OpenRouter) had it counted twice, so an honest stream at its cap, all reasoning,
+    reached twice the limit and stood one token from being cut as a provider ignoring it."""
+    from gateway_extproc import tokens
+    event = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {
+        "reasoning": " the" * 10, "reasoning_content": " the" * 10}}]}) + b"\n\n"
+    tap = SseUsageTap(False, limit=30, count=tokens.counter("o200k_base"))
+    tap.feed(event * 3, False)
+    assert tap.generated_tokens == 30 and not tap.over
+
+
 def test_limit_not_reached_forwards_everything() -> None:
     whole = _content(" a") + _content(" b") + b"data: [DONE]\n\n"
     tap = SseUsageTap(False, limit=2)
