@@ -1,0 +1,135 @@
+"""Values an operator may get wrong, rendered with the real Helm engine: each either fails the
+render naming its key and the fix, or renders a config real Envoy accepts (`envoy --mode
+validate`) and the ext_proc's config check loads. Nothing renders that Envoy refuses at start,
+that breaks the YAML it is copied into, or that Envoy would silently read as something else."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway_extproc import config
+from gateway_extproc.localstack import envoy_binary
+from gateway_extproc.render import RenderError, chart_values, render_values
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def put(path: str, value: Any) -> Edit:
+    """An edit setting one value by its key path ("models.0.backends.0.priority")."""
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+
+    def edit(values: dict[str, Any]) -> None:
+        node: Any = values
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return edit
+
+
+def add_backend(**backend: Any) -> Edit:
+    return lambda v: v["models"][0]["backends"].append({"provider": "openai", "model": "gpt-4o-mini", **backend})
+
+
+def render(edit: Edit) -> dict[str, str]:
+    values = copy.deepcopy(chart_values([]))
+    edit(values)
+    return render_values(values)
+
+
+REFUSED = [
+    # numbers Envoy reads as uint32 (or the ext_proc cluster's doubled connection count)
+    ("circuit-breaker-over-uint32", put("envoy.circuitBreakers.maxRequests", 2**32), r"envoy\.circuitBreakers\.maxRequests"),
+    ("max-connections-doubled-over-uint32", put("envoy.maxConnections", 2**31), r"envoy\.maxConnections"),
+    ("max-request-bytes-plus-buffer-over-uint32", put("envoy.maxRequestBytes", 2**32 - 1), r"envoy\.maxRequestBytes"),
+    ("priority-over-uint32", put("models.0.backends.0.priority", 2**40), r"models\[0\]\.backends\[0\]\.priority"),
+    ("weight-over-uint32", put("models.0.backends.0.weight", 2**40), r"models\[0\]\.backends\[0\]\.weight"),
+    ("processes-crash-envoy", put("extproc.processes", 100000), r"extproc\.processes"),
+    # durations protobuf or the ext_proc filter cannot hold, and zeros Envoy reads as "no timeout"
+    ("timeout-over-protobuf", put("envoy.upstreamTimeout", "99999999999999s"), r"envoy\.upstreamTimeout"),
+    ("message-timeout-over-an-hour", put("extproc.messageTimeout", "3601s"), r"extproc\.messageTimeout .*3600s"),
+    ("message-timeout-zero", put("extproc.messageTimeout", "0s"), r"extproc\.messageTimeout"),
+    ("upstream-timeout-zero-is-no-timeout", put("envoy.upstreamTimeout", "0.0s"), r"envoy\.upstreamTimeout .*no timeout"),
+    ("outlier-interval-zero", put("envoy.outlierDetection.interval", "0s"), r"envoy\.outlierDetection\.interval"),
+    # Envoy ignores a retry condition it does not know: a typo silently turned fallback off
+    ("retry-on-typo", put("envoy.retry.retryOn", "conect-failure"), r"envoy\.retry\.retryOn: .*connect-failure"),
+    ("retry-on-newline", put("envoy.retry.retryOn", "connect-failure\n  x: y"), r"envoy\.retry\.retryOn"),
+    # addresses copied into YAML flow mappings unquoted
+    ("listener-address-not-an-ip", put("envoy.listener.address", "0.0.0.0, port_value: 1}"), r"envoy\.listener\.address"),
+    ("admin-address-hostname", put("envoy.admin.address", "localhost"), r"envoy\.admin\.address"),
+    ("extproc-metrics-address-newline", put("extproc.metrics.address", "0.0.0.0\nx: 1"), r"extproc\.metrics\.address"),
+    # Unix socket paths: sun_path holds 108 bytes; a newline broke gateway.yaml's listen list
+    ("socket-dir-too-long", put("extproc.socketDir", "/tmp/" + "a" * 100), r"extproc\.socketDir"),
+    ("socket-dir-newline", put("extproc.socketDir", "/tmp/a\nb"), r"extproc\.socketDir"),
+    # provider URLs Envoy refuses, cannot resolve, or whose part the gateway never sends
+    ("base-url-port-0", put("providers.0.baseURL", "http://vllm.internal:0/v1"), r"providers\[0\]\.baseURL .*port"),
+    ("base-url-port-65536", put("providers.0.baseURL", "http://vllm.internal:65536/v1"), r"providers\[0\]\.baseURL .*port"),
+    ("base-url-query-dropped", put("providers.0.baseURL", "https://api.openai.com/v1?org=1"), r"providers\[0\]\.baseURL .*query"),
+    ("base-url-fragment-dropped", put("providers.0.baseURL", "https://api.openai.com/v1#x"), r"providers\[0\]\.baseURL .*fragment"),
+    ("base-url-space-in-host", put("providers.0.baseURL", "http://vllm internal/v1"), r"providers\[0\]\.baseURL"),
+    ("base-url-quote-in-host", put("providers.0.baseURL", 'http://vl"lm/v1'), r"providers\[0\]\.baseURL .*host"),
+    ("base-url-unicode-host", put("providers.0.baseURL", "https://bücher.example/v1"), r"providers\[0\]\.baseURL .*xn--"),
+    ("base-url-space-in-path", put("providers.0.baseURL", "https://api.openai.com/v 1"), r"providers\[0\]\.baseURL .*path"),
+    ("base-url-ipv6", put("providers.0.baseURL", "http://[fd00::1]:8000/v1"), r"providers\[0\]\.baseURL: .*IPv6"),
+    # duplicates: Envoy refuses two clusters of one name; the ext_proc refuses two providers of
+    # one name at start (the pod crash-looped after `helm install` succeeded); two backends of one
+    # id in a model are one Envoy endpoint id, so the second's pricing was never used
+    ("duplicate-model", lambda v: v["models"][1].__setitem__("name", "default-chat"), r"models\[1\]\.name .*default-chat"),
+    ("duplicate-provider", lambda v: v["providers"].append({**v["providers"][0], "baseURL": "https://x.example/v1"}),
+     r"providers\[1\]\.name .*openai"),
+    ("duplicate-backend", add_backend(priority=1), r"models\[0\]\.backends\[1\] .*openai/gpt-4o-mini"),
+    # a provider's model name travels in Envoy metadata, response headers and request paths
+    ("backend-model-newline", put("models.0.backends.0.model", "gpt\nx"), r"models\[0\]\.backends\[0\]\.model"),
+    # Envoy's memory limit: "0" made a zero heap Envoy refuses; a limit below what one maximal
+    # request takes made Envoy refuse every request (503 gateway_busy)
+    ("memory-limit-below-one-request", put("deployment.envoy.resources.limits.memory", "16Mi"),
+     r"deployment\.envoy\.resources\.limits\.memory .*envoy\.maxRequestBytes"),
+]
+
+
+@pytest.mark.parametrize(("edit", "key"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_a_value_envoy_or_the_extproc_would_refuse_fails_the_render_naming_its_key(edit: Edit, key: str) -> None:
+    with pytest.raises(RenderError, match=key):
+        render(edit)
+
+
+ACCEPTED = [
+    ("listener-on-every-ipv6-address", put("envoy.listener.address", "::")),
+    ("admin-on-ipv6-loopback", put("envoy.admin.address", "::1")),
+    ("model-names-with-yaml-and-envoy-syntax", lambda v: [m.__setitem__("name", n) for m, n in
+                                                          zip(v["models"], ['a:b "c" %d', "gpt-ü-模型-" + "m" * 300])]),
+    ("provider-name-with-a-colon-and-slash", lambda v: [v["providers"][0].__setitem__("name", "p:a/b")] +
+     [b.__setitem__("provider", "p:a/b") for m in v["models"] for b in m["backends"]]),
+    ("backend-model-with-slash-and-percent", put("models.0.backends.0.model", "meta/llama-3%ENVIRONMENT(HOME)%")),
+    ("base-url-ip-port-trailing-slash", put("providers.0.baseURL", "http://10.0.0.7:65535/v1/")),
+    ("base-url-underscore-host", put("providers.0.baseURL", "https://my_vllm.internal/v1")),
+    ("largest-envoy-numbers", lambda v: (
+        v["envoy"].update(maxConnections=2**31 - 1, maxRequestBytes=2**32 - 1 - 2**20),
+        v["envoy"]["circuitBreakers"].update(maxRequests=2**32 - 1, maxRetries=2**32 - 1),
+        v["models"][0]["backends"][0].update(priority=0, weight=1000000))),
+    ("longest-socket-dir", put("extproc.socketDir", "/tmp/" + "s" * 85)),
+    ("fallback-to-the-same-model-at-another-provider", lambda v: (
+        v["providers"].append({"name": "azure", "kind": "openai", "baseURL": "https://x.example/v1",
+                               "credential": {"env": "AZURE_KEY"}}),
+        add_backend(provider="azure", priority=1)(v))),
+    ("circuit-breakers-unset", put("envoy.circuitBreakers", {})),
+    ("memory-limit-unset", lambda v: v["deployment"]["envoy"]["resources"].pop("limits")),
+    ("memory-limit-zero-is-no-limit", put("deployment.envoy.resources.limits.memory", "0")),
+]
+
+
+@pytest.mark.parametrize("edit", [c[1] for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])
+def test_an_edge_value_that_renders_passes_envoy_validate_and_the_config_check(edit: Edit, tmp_path: Path) -> None:
+    rendered = render(edit)
+    config.parse(yaml.safe_load(rendered["gateway.yaml"]), "gateway.yaml", local_files=False)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(rendered["envoy.yaml"])
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
