@@ -435,6 +435,13 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
                "give the key through credential")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         r.fail(f"{at}.baseURL", f"is {base_url!r}; use http(s)://host[:port][/path]")
+    # Each request's path is built from the path alone (base_path): anything after it was dropped.
+    if "?" in base_url or "#" in base_url:
+        r.fail(f"{at}.baseURL", "has a query or fragment, which the gateway never sends; remove it (kind azure "
+               "takes apiVersion)")
+    port = parts.netloc.rpartition(":")[2] if ":" in parts.netloc else ""
+    if port.isdigit() and not 0 < int(port) < 65536:
+        r.fail(f"{at}.baseURL", f"has port {port}; a port is 1-65535")
     cred = r.keys(r.mapping(p.get("credential"), f"{at}.credential"), f"{at}.credential", CREDENTIAL_KEYS)
     env, file = cred.get("env"), cred.get("file")
     if (env is None) == (file is None):
@@ -491,7 +498,7 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
         pname = r.string(b.get("provider"), f"{bat}.provider")
         if pname not in providers:
             r.fail(f"{bat}.provider", f"is {pname!r}, not in providers; add it or fix the name")
-        pmodel = r.string(b.get("model"), f"{bat}.model")
+        pmodel = r.name(b.get("model"), f"{bat}.model")  # travels in Envoy metadata, headers and paths
         priority, weight = b.get("priority", 0), b.get("weight", 1)
         if not _is_int(priority) or priority < 0:
             r.fail(f"{bat}.priority", "must be an integer >= 0")
@@ -503,7 +510,13 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
         if tiers and max_tier not in tiers:
             r.fail(f"{bat}.maxTier", f"is {max_tier!r}; with classification on, every backend names the highest "
                    f"tier it is approved for: one of {', '.join(tiers)}")
-        backends.append(Backend(f"{pname}/{pmodel}", providers[pname], pmodel, priority, weight, price, max_tier))
+        backend_id = f"{pname}/{pmodel}"
+        if (same := next((k for k, x in enumerate(backends) if x.id == backend_id), None)) is not None:
+            # Envoy's endpoint metadata and this config find a backend by this id: the
+            # second entry's pricing and tier would never be used.
+            r.fail(bat, f"is {backend_id!r} again (backends[{same}]); a backend is known by provider/model, so list "
+                   "each once")
+        backends.append(Backend(backend_id, providers[pname], pmodel, priority, weight, price, max_tier))
     if not backends:
         r.fail(f"{at}.backends", "is empty; list at least one {provider, model}")
     image = m.get("imageTokens", IMAGE_TOKENS)

@@ -78,6 +78,19 @@ def _check_references(values: dict[str, Any], source: str) -> None:
 
 
 _SCHEMA_LINE = re.compile(r"^- at '([^']*)': (.*)$")
+# Helm writes numbers in a schema message for reading aloud: 4.294967296×10⁰⁹, 100,000.
+_SCIENTIFIC = re.compile(r"(\d+(?:\.\d+)?)×10([⁰¹²³⁴⁵⁶⁷⁸⁹]+)")
+_GROUPED = re.compile(r"\b\d{1,3}(?:,\d{3})+\b")
+
+
+def _plain_numbers(text: str) -> str:
+    """4.294967296×10⁰⁹ -> 4294967296 and 100,000 -> 100000: the numbers as values files write them."""
+    def scientific(m: re.Match[str]) -> str:
+        from decimal import Decimal
+
+        exp = int(m.group(2).translate(str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")))
+        return format(Decimal(m.group(1)).scaleb(exp).normalize(), "f")
+    return _GROUPED.sub(lambda m: m.group(0).replace(",", ""), _SCIENTIFIC.sub(scientific, text))
 _QUOTED_VALUE = re.compile(r"^'.*' (?=does not match pattern )", re.S)
 _UNKNOWN_KEY = re.compile(r"additional properties? ((?:'[^']+'(?:, )?)+) not allowed")
 
@@ -98,7 +111,7 @@ def _helm_message(message: str, source: str, chart: Path) -> str:
                 hint = _schema_at(path, chart).get("description") if "does not match pattern" in problem else None
                 # Helm quotes the refused value; a secret pasted into the wrong field (a caller key
                 # as keys[].sha256, a provider key as credential.env) would be printed with it.
-                problem = _QUOTED_VALUE.sub("", problem)
+                problem = _plain_numbers(_QUOTED_VALUE.sub("", problem))
                 problems.append(f"{path or '<top level>'}: {problem}" + (f" ({hint})" if hint else ""))
     if problems:
         return f"{source}: " + "; ".join(problems)

@@ -183,7 +183,7 @@ def test_urls_without_credentials_still_render(chart: helm_python.Chart) -> None
                                                  "passwordSecret": {"name": "redis-auth", "key": "password"}}},
         "providers": [{"name": "openai", "kind": "azure",
                        "credential": {"env": "K", "secret": {"name": "k", "key": "k"}},
-                       "baseURL": "https://x.openai.azure.com/openai?api-version=2024-10-21"}]}))
+                       "baseURL": "https://x.openai.azure.com", "apiVersion": "2024-10-21"}]}))
     assert "REDIS_PASSWORD" in [e["name"] for e in container(docs, "extproc")["env"]]
 
 

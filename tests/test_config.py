@@ -282,6 +282,24 @@ ERRORS: list[tuple[str, Mutate, str, str]] = [
     ("provider-base-url-userinfo", _set("providers.0.baseURL", "https://user:S3cret@api.openai.com/v1"),
      "providers[0].baseURL", "carries user:password@, which Envoy would send and log as the host; remove it and give "
      "the key through credential"),
+    # the gateway builds each request's path from baseURL's path: a query or fragment was dropped
+    # without a word; a port out of range passed here and Envoy refused to start
+    ("provider-base-url-query", _set("providers.0.baseURL", "https://api.openai.com/v1?org=a"),
+     "providers[0].baseURL", "has a query or fragment, which the gateway never sends; remove it (kind azure takes "
+     "apiVersion)"),
+    ("provider-base-url-fragment", _set("providers.0.baseURL", "https://api.openai.com/v1#a"),
+     "providers[0].baseURL", "has a query or fragment, which the gateway never sends; remove it (kind azure takes "
+     "apiVersion)"),
+    ("provider-base-url-port", _set("providers.0.baseURL", "http://vllm.internal:65536/v1"),
+     "providers[0].baseURL", "has port 65536; a port is 1-65535"),
+    ("provider-base-url-port-0", _set("providers.0.baseURL", "http://vllm.internal:0/v1"),
+     "providers[0].baseURL", "has port 0; a port is 1-65535"),
+    ("backend-model-newline", _set("models.0.backends.0.model", "gpt\nx"), "models[0].backends[0].model",
+     "is 'gpt\\nx', which holds '\\n'; names may not hold control characters"),
+    # one provider/model twice in a model: one Envoy endpoint id, the second's pricing never used
+    ("backend-duplicate", lambda d: d["models"][1]["backends"].append({"provider": "openai", "model": "gpt-4o"}) or d,
+     "models[1].backends[2]", "is 'openai/gpt-4o' again (backends[0]); a backend is known by provider/model, so "
+     "list each once"),
     # a second entry of one name replaced the first, budget and all: a team left unlimited
     ("team-duplicate", _append("teams", {"name": "search"}), "teams[2].name",
      "duplicates 'search'; team names must be unique"),

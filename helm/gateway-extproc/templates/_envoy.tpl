@@ -39,14 +39,14 @@ node:
   cluster: gateway-extproc
 admin:
   address:
-    socket_address: {address: {{ $v.envoy.admin.address }}, port_value: {{ $v.envoy.admin.port }}}
+    socket_address: {{ include "gateway-extproc.socketAddress" $v.envoy.admin }}
 overload_manager:
   resource_monitors:
   - name: envoy.resource_monitors.global_downstream_max_connections
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
       max_active_downstream_connections: {{ $v.envoy.maxConnections | int64 }}
-  {{- with (($v.deployment.envoy.resources | default dict).limits | default dict).memory }}
+  {{- with (($v.deployment.envoy.resources | default dict).limits | default dict).memory }}{{ if include "gateway-extproc.bytes" . | int64 }}
   # Envoy buffers every request body (up to envoy.maxRequestBytes) and its copy to the
   # ext_proc: a burst of huge prompts would take it past its container's memory limit and
   # get it OOM-killed. Near the limit (90% of it, as heap) it stops taking new requests
@@ -65,12 +65,12 @@ overload_manager:
     triggers: [{name: envoy.resource_monitors.fixed_heap, scaled: {scaling_threshold: 0.90, saturation_threshold: 0.98}}]
   buffer_factory_config:
     minimum_account_to_track_power_of_two: 20  # streams holding 1 MiB or more
-  {{- end }}
+  {{- end }}{{ end }}
 static_resources:
   listeners:
   - name: gateway_http
     address:
-      socket_address: {address: {{ $v.envoy.listener.address }}, port_value: {{ $v.envoy.listener.port }}}
+      socket_address: {{ include "gateway-extproc.socketAddress" $v.envoy.listener }}
     per_connection_buffer_limit_bytes: {{ $bufferLimit }}
     filter_chains:
     {{- /* identity (docs/identity.md): one chain per trust level of XFCC. Everyone: Envoy
@@ -391,7 +391,7 @@ static_resources:
         {{- range $i := until (int $v.extproc.processes) }}
         - endpoint:
             address:
-              pipe: {path: {{ include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i) }}}
+              pipe: {path: {{ include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i) | quote }}}
         {{- end }}
   {{- range $model := fromJsonArray (include "gateway-extproc.targets" $) }}
   {{- $multi := gt (len $model.backends) 1 }}

@@ -9,7 +9,7 @@ Included by _envoy.tpl: one listener and one cluster, both only when envoy.metri
 {{- if ($m.port | int) }}
 - name: envoy_stats
   address:
-    socket_address: {address: {{ $m.address }}, port_value: {{ $m.port | int }}}
+    socket_address: {{ include "gateway-extproc.socketAddress" $m }}
   filter_chains:
   - filters:
     - name: envoy.filters.network.http_connection_manager
@@ -46,6 +46,6 @@ Included by _envoy.tpl: one listener and one cluster, both only when envoy.metri
     - lb_endpoints:
       - endpoint:
           address:
-            socket_address: {address: {{ include "gateway-extproc.adminHost" . }}, port_value: {{ $v.envoy.admin.port | int }}}
+            socket_address: {{ include "gateway-extproc.socketAddress" (dict "address" (include "gateway-extproc.adminHost" .) "port" $v.envoy.admin.port) }}
 {{- end }}
 {{- end -}}

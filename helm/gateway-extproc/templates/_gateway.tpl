@@ -4,10 +4,10 @@
 version: 1
 listen:
 {{- range $i := until (int $v.extproc.processes) }}
-- {{ printf "unix://%s" (include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i)) }}
+- {{ printf "unix://%s" (include "gateway-extproc.socket" (dict "dir" $v.extproc.socketDir "i" $i)) | quote }}
 {{- end }}
 metrics:
-  address: {{ $v.extproc.metrics.address }}
+  address: {{ $v.extproc.metrics.address | quote }}
   port: {{ $v.extproc.metrics.port | int }}
 maxRequestBytes: {{ $v.envoy.maxRequestBytes | int64 }}
 providers:

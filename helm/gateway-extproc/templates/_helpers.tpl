@@ -48,6 +48,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+Envoy socket_address {address, port} as a flow mapping, the address quoted (an IPv6 `::` is
+YAML syntax unquoted). `::` means every address, IPv4 included: Envoy would otherwise bind it
+IPv6-only, and an IPv4 Service would reach nothing.
+*/}}
+{{- define "gateway-extproc.socketAddress" -}}
+{address: {{ .address | quote }}, port_value: {{ .port | int }}{{ if eq .address "::" }}, ipv4_compat: true{{ end }}}
+{{- end -}}
+
 {{/* Unix socket of ext_proc process i. */}}
 {{- define "gateway-extproc.socket" -}}
 {{- printf "%s/extproc-%d.sock" .dir (int .i) -}}

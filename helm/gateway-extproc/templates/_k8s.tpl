@@ -109,6 +109,16 @@ advice goes to NOTES.txt).
 {{- if $q -}}
 {{- fail (printf "values: providers[%d].baseURL (%s) carries a credential in its query (%s), which would be copied into the ConfigMap; remove it and set providers[%d].credential: {env: VAR, secret: {name, key}} (the key is then sent the way the provider kind expects)" $i $p.name (trimPrefix "&" $q) $i) -}}
 {{- end -}}
+{{- include "gateway-extproc.checkBaseURL" (dict "i" $i "p" $p "u" $u) -}}
+{{- end -}}
+{{- include "gateway-extproc.checkUnique" $v -}}
+{{- include "gateway-extproc.checkDurations" $v -}}
+{{- with (($v.deployment.envoy.resources | default dict).limits | default dict).memory -}}
+{{- $limit := include "gateway-extproc.bytes" . | int64 -}}
+{{- $need := add (mul 2 ($v.envoy.maxRequestBytes | int64)) 67108864 -}}
+{{- if and $limit (lt $limit $need) -}}
+{{- fail (printf "values: deployment.envoy.resources.limits.memory (%v) is below what Envoy needs to hold one largest request, 2 x envoy.maxRequestBytes + 64Mi (%dMi): it would refuse every request (503 gateway_busy). Raise the limit, or lower envoy.maxRequestBytes" . (div $need 1048576)) -}}
+{{- end -}}
 {{- end -}}
 {{- $secretEnv := fromJsonArray (include "gateway-extproc.secretEnv" .) -}}
 {{- if $v.tracing.otlp.address -}}
@@ -143,6 +153,84 @@ advice goes to NOTES.txt).
 {{- range $m := fromJsonArray (include "gateway-extproc.secretMounts" .) -}}
 {{- if or (eq (clean $m.dir) $config) (hasPrefix (printf "%s/" $config) (clean $m.dir)) -}}
 {{- fail (printf "values: %s mounts a Secret at %s, inside configDir %s (a read-only ConfigMap volume); put it elsewhere, e.g. /etc/gateway-credentials/..." $m.from $m.dir $config) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A provider's baseURL as Envoy and the ext_proc use it: Envoy connects to its host and port
+(a DNS name or IPv4 address), the ext_proc builds each request's path from its path. A query
+or fragment would be dropped without a word, a port out of range or a host that is no DNS name
+refused by Envoy at start or never resolved.
+*/}}
+{{- define "gateway-extproc.checkBaseURL" -}}
+{{- $at := printf "values: providers[%d].baseURL (%s)" .i .p.name -}}
+{{- if contains "?" .p.baseURL -}}
+{{- fail (printf "%s has a query, which the gateway never sends (it builds each request's path itself); remove it (kind azure takes apiVersion)" $at) -}}
+{{- end -}}
+{{- if contains "#" .p.baseURL -}}
+{{- fail (printf "%s has a fragment, which the gateway never sends; remove it" $at) -}}
+{{- end -}}
+{{- $port := trimPrefix ":" (regexFind ":[0-9]+$" .u.host) -}}
+{{- if and $port (or (lt ($port | int) 1) (gt ($port | int) 65535)) -}}
+{{- fail (printf "%s has port %s; a port is 1-65535" $at $port) -}}
+{{- end -}}
+{{- $host := regexReplaceAll ":[0-9]+$" .u.host "" -}}
+{{- if not (regexMatch "^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$" $host) -}}
+{{- if regexMatch "[^\\x00-\\x7f]" $host -}}
+{{- fail (printf "%s has a host that is not ASCII; write an internationalised name in its punycode form (xn--...)" $at) -}}
+{{- end -}}
+{{- fail (printf "%s has host %q, which is not a DNS name or IPv4 address (letters, digits, '.', '-', '_')" $at $host) -}}
+{{- end -}}
+{{- if not (regexMatch "^[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$" (regexReplaceAll "^https?://[^/]*" .p.baseURL "")) -}}
+{{- fail (printf "%s has a path with characters a URL path cannot hold unescaped (a space, a quote...); percent-encode them" $at) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Names Envoy and the ext_proc key things by, each used once: two models of one name are two
+Envoy clusters of one name (Envoy refuses to start), two providers of one name stop the
+ext_proc at start, and two backends of one provider/model in a model are one endpoint id to
+Envoy and the ext_proc (the second's pricing and tier were never used).
+*/}}
+{{- define "gateway-extproc.checkUnique" -}}
+{{- range $list := list "providers" "models" -}}
+{{- $seen := dict -}}
+{{- range $i, $x := get $ $list -}}
+{{- if hasKey $seen $x.name -}}
+{{- fail (printf "values: %s[%d].name %q is also %s[%d].name; names must be unique" $list $i $x.name $list (get $seen $x.name)) -}}
+{{- end -}}
+{{- $_ := set $seen $x.name $i -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $m := .models -}}
+{{- $seen := dict -}}
+{{- range $j, $b := $m.backends -}}
+{{- $id := printf "%s/%s" $b.provider $b.model -}}
+{{- if hasKey $seen $id -}}
+{{- fail (printf "values: models[%d].backends[%d] is %q again (models[%d].backends[%d]); a backend is known by provider/model, so list each once" $i $j $id $i (get $seen $id)) -}}
+{{- end -}}
+{{- $_ := set $seen $id $j -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Durations the schema's pattern lets through but Envoy does not take as meant: 0s is "no
+timeout" to Envoy (a client could hold a request, a silent provider a stream, for ever) and an
+ext_proc message timeout may not exceed an hour.
+*/}}
+{{- define "gateway-extproc.checkDurations" -}}
+{{- if eq (trimSuffix "s" .envoy.upstreamTimeout | float64) 0.0 -}}
+{{- fail "values: envoy.upstreamTimeout is 0s, which Envoy reads as no timeout at all (requests, streams and slow clients held for ever); set a positive duration such as 300s" -}}
+{{- end -}}
+{{- $m := trimSuffix "s" .extproc.messageTimeout | float64 -}}
+{{- if or (eq $m 0.0) (gt $m 3600.0) -}}
+{{- fail (printf "values: extproc.messageTimeout is %s; Envoy's ext_proc filter takes more than 0s and at most 3600s (default 5s)" .extproc.messageTimeout) -}}
+{{- end -}}
+{{- with dig "outlierDetection" "interval" "" .envoy -}}
+{{- if eq (trimSuffix "s" . | float64) 0.0 -}}
+{{- fail "values: envoy.outlierDetection.interval is 0s; Envoy's ejection sweep needs a positive interval such as 10s" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
