@@ -159,11 +159,20 @@ def _schema_at(path: str, chart: Path) -> dict[str, Any]:
     return node
 
 
+class _HelmLoader(yaml.SafeLoader):
+    """YAML as Helm reads a values file: a timestamp (`expiresAt: 2027-06-30T00:00:00Z`, a bare
+    date) stays the string written, as Helm passes it on; a datetime stopped the Helm engine's
+    JSON encoding with a traceback."""
+
+
+_HelmLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_scalar)
+
+
 def load_values(paths: list[Path]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for p in paths:
         try:
-            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+            doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_HelmLoader)  # noqa: S506 (a SafeLoader)
         except FileNotFoundError:
             raise RenderError(f"{p}: values file not found; check the path") from None
         except IsADirectoryError:

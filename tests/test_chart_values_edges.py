@@ -148,3 +148,19 @@ def test_an_ipv6_any_address_takes_ipv4_connections_too() -> None:
     assert envoy["admin"]["address"]["socket_address"]["ipv4_compat"] is True
     default = yaml.safe_load(render(lambda v: None)["envoy.yaml"])
     assert "ipv4_compat" not in default["static_resources"]["listeners"][0]["address"]["socket_address"]
+
+
+def test_a_timestamp_written_unquoted_renders_as_helm_reads_it(tmp_path: Path) -> None:
+    """configuration.md writes `expiresAt: 2027-06-30T00:00:00Z` unquoted. Helm reads it as a
+    string; `gateway-extproc render` (and `make run`) read it as a Python datetime and stopped
+    with a TypeError traceback from the Helm engine's JSON encoding."""
+    from gateway_extproc.render import render as render_files
+
+    values = tmp_path / "my-values.yaml"
+    values.write_text("teams: [{name: payments}]\nkeys:\n- {id: payments-1, sha256: " + "a" * 64 +
+                      ", team: payments, expiresAt: 2027-06-30T00:00:00Z}\n- {id: payments-2, sha256: " + "b" * 64 +
+                      ", team: payments, expiresAt: 2027-07-01}\n")
+    render_files([values], tmp_path / "out")
+    cfg = config.load(tmp_path / "out" / "gateway.yaml")
+    assert [k.expires_at.isoformat() for k in cfg.keys.values()] == ["2027-06-30T00:00:00+00:00",
+                                                                   "2027-07-01T00:00:00+00:00"]
