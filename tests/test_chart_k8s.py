@@ -490,3 +490,22 @@ def test_an_internal_provider_ca_is_mounted_into_envoy_and_trusted(chart: helm_p
     values["envoy"]["upstreamCA"]["dir"] = ""
     with pytest.raises(helm_python.HelmError, match="envoy.upstreamCA.dir is empty"):
         render(chart, values)
+
+
+@pytest.mark.parametrize(("override", "warning"), [
+    ({"envoy": {"upstreamCA": {"secretName": "", "key": "ca.crt", "dir": "/etc/envoy/provider-ca"}}},
+     "envoy.upstreamCA.dir without envoy.upstreamCA.secretName: nothing is mounted at /etc/envoy/provider-ca"),
+    ({"envoy": {"listener": {"address": "::1", "port": 8080}}}, "envoy.listener.address is ::1, which the Service"),
+], ids=["provider-ca-not-mounted", "ipv6-loopback-listener"])
+def test_notes_warn_of_a_pod_that_renders_but_cannot_serve(chart: helm_python.Chart, override: dict[str, Any],
+                                                            warning: str) -> None:
+    """Envoy reads the provider CA bundle at start (every model cluster names it): with a
+    directory and no Secret behind it, the pod crash-looped ("Invalid path") after a clean
+    install. Outside Kubernetes the file is the operator's to place, so it is a warning."""
+    notes = render(chart, merge(chart_values([]), override))["gateway-extproc/templates/NOTES.txt"]
+    assert warning in notes
+    if "upstreamCA" in override["envoy"]:  # mounted by the operator's own volume: nothing to warn of
+        mounted = merge(chart_values([]), merge(override, {"deployment": {
+            "envoy": {"extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/envoy/provider-ca"}]},
+            "extraVolumes": [{"name": "ca", "configMap": {"name": "provider-ca"}}]}}))
+        assert "envoy.upstreamCA.dir" not in render(chart, mounted)["gateway-extproc/templates/NOTES.txt"]
