@@ -112,6 +112,8 @@ def _helm_message(message: str, source: str, chart: Path) -> str:
                 # Helm quotes the refused value; a secret pasted into the wrong field (a caller key
                 # as keys[].sha256, a provider key as credential.env) would be printed with it.
                 problem = _plain_numbers(_QUOTED_VALUE.sub("", problem))
+                if problem.startswith("missing propert"):
+                    problem += " (a null in a values file removes the chart's default; give a value or leave the key out)"
                 problems.append(f"{path or '<top level>'}: {problem}" + (f" ({hint})" if hint else ""))
     if problems:
         return f"{source}: " + "; ".join(problems)

@@ -164,3 +164,31 @@ def test_a_timestamp_written_unquoted_renders_as_helm_reads_it(tmp_path: Path) -
     cfg = config.load(tmp_path / "out" / "gateway.yaml")
     assert [k.expires_at.isoformat() for k in cfg.keys.values()] == ["2027-06-30T00:00:00+00:00",
                                                                    "2027-07-01T00:00:00+00:00"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    # fallback off without a word: max_retries 0, retry_on empty
+    ({"envoy": {"circuitBreakers": {"maxRetries": None}}}, r"envoy\.circuitBreakers: missing property 'maxRetries'"),
+    ({"envoy": {"retry": None}}, r"envoy: missing property 'retry'"),
+    # Envoy refused to start (max_active_downstream_connections 0), or took 1 MiB bodies
+    ({"envoy": {"maxConnections": None}}, r"envoy: missing property 'maxConnections'"),
+    ({"envoy": {"maxRequestBytes": None}}, r"envoy: missing property 'maxRequestBytes'"),
+    # a Go template nil-pointer error naming a template line, not the key
+    ({"tracing": None}, r"<top level>: missing property 'tracing'"),
+    ({"networkPolicy": {"egress": None}}, r"networkPolicy: missing property 'egress'"),
+    ({"deployment": {"containerSecurityContext": None}}, r"deployment: missing property 'containerSecurityContext'"),
+], ids=["max-retries", "retry", "max-connections", "max-request-bytes", "tracing", "egress", "security-context"])
+def test_a_null_that_removes_a_default_the_chart_needs_fails_naming_the_key(override: dict[str, Any],
+                                                                         message: str) -> None:
+    """In a values file `key: null` removes the chart's default (Helm's rule), so the templates
+    saw nothing there: fallback silently off, Envoy refusing to start, or a Go template error
+    naming a template line. Now the schema names the key, and the message says why it is missing."""
+    with pytest.raises(RenderError, match=message + r".*a null in a values file removes the chart's default"):
+        render_values(override)
+
+
+def test_a_null_the_chart_reads_as_absent_still_renders() -> None:
+    """No memory limit (no Envoy heap cap) and no key list are meanings of their own."""
+    envoy = render_values({"deployment": {"envoy": {"resources": {"limits": None}}}, "keys": None,
+                           "commonLabels": None})["envoy.yaml"]
+    assert "fixed_heap" not in envoy
