@@ -87,6 +87,14 @@ REFUSED = [
     ("duplicate-backend", add_backend(priority=1), r"models\[0\]\.backends\[1\] .*openai/gpt-4o-mini"),
     # a provider's model name travels in Envoy metadata, response headers and request paths
     ("backend-model-newline", put("models.0.backends.0.model", "gpt\nx"), r"models\[0\]\.backends\[0\]\.model"),
+    # one port twice in the pod (or on the host, outside Kubernetes): envoy --mode validate passed,
+    # then Envoy (or the ext_proc) exited at start, "Address already in use"
+    ("admin-on-the-listener-port", put("envoy.admin.port", 8080), r"envoy\.admin\.port and envoy\.listener\.port are both 8080"),
+    ("extproc-metrics-on-envoy-metrics", put("extproc.metrics.port", 9902),
+     r"envoy\.metrics\.port and extproc\.metrics\.port are both 9902"),
+    ("key-admin-on-extproc-metrics", put("identity.keyAdmin", {"enabled": True, "address": "127.0.0.1", "port": 9464,
+                                                              "admins": [], "file": ""}),
+     r"extproc\.metrics\.port and identity\.keyAdmin\.port are both 9464"),
     # Envoy's memory limit: "0" made a zero heap Envoy refuses; a limit below what one maximal
     # request takes made Envoy refuse every request (503 gateway_busy)
     ("memory-limit-below-one-request", put("deployment.envoy.resources.limits.memory", "16Mi"),
@@ -123,6 +131,7 @@ ACCEPTED = [
     ("circuit-breakers-unset", put("envoy.circuitBreakers", {})),
     ("memory-limit-unset", lambda v: v["deployment"]["envoy"]["resources"].pop("limits")),
     ("memory-limit-zero-is-no-limit", put("deployment.envoy.resources.limits.memory", "0")),
+    ("metrics-off-on-both-sides", lambda v: (put("envoy.metrics.port", 0)(v), put("extproc.metrics.port", 0)(v))),
 ]
 
 

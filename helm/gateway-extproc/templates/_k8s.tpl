@@ -112,6 +112,7 @@ advice goes to NOTES.txt).
 {{- include "gateway-extproc.checkBaseURL" (dict "i" $i "p" $p "u" $u) -}}
 {{- end -}}
 {{- include "gateway-extproc.checkUnique" $v -}}
+{{- include "gateway-extproc.checkPorts" $v -}}
 {{- include "gateway-extproc.checkDurations" $v -}}
 {{- with (($v.deployment.envoy.resources | default dict).limits | default dict).memory -}}
 {{- $limit := include "gateway-extproc.bytes" . | int64 -}}
@@ -211,6 +212,28 @@ Envoy and the ext_proc (the second's pricing and tier were never used).
 {{- fail (printf "values: models[%d].backends[%d] is %q again (models[%d].backends[%d]); a backend is known by provider/model, so list each once" $i $j $id $i (get $seen $id)) -}}
 {{- end -}}
 {{- $_ := set $seen $id $j -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Ports the pod listens on (in Kubernetes one network namespace; outside it, one host): Envoy's
+listener, admin and stats listener, the ext_proc's /metrics and key admin API. Two of one
+number passed `envoy --mode validate` and stopped Envoy or the ext_proc at start ("Address
+already in use"). 0 turns a metrics listener off.
+*/}}
+{{- define "gateway-extproc.checkPorts" -}}
+{{- $ports := dict "envoy.admin.port" .envoy.admin.port "envoy.listener.port" .envoy.listener.port "envoy.metrics.port" .envoy.metrics.port "extproc.metrics.port" .extproc.metrics.port -}}
+{{- $ka := (.identity | default dict).keyAdmin | default dict -}}
+{{- if $ka.enabled }}{{ $_ := set $ports "identity.keyAdmin.port" $ka.port }}{{ end -}}
+{{- $seen := dict -}}
+{{- range $key := keys $ports | sortAlpha -}}
+{{- $port := get $ports $key | int -}}
+{{- if $port -}}
+{{- with get $seen (toString $port) -}}
+{{- fail (printf "values: %s and %s are both %d; give each its own port (they listen side by side in the pod)" . $key $port) -}}
+{{- end -}}
+{{- $_ := set $seen (toString $port) $key -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
