@@ -259,3 +259,33 @@ def test_chart_metadata_names_what_the_chart_is_for() -> None:
     meta = yaml.safe_load((Path(__file__).parents[1] / "helm/gateway-extproc/Chart.yaml").read_text())
     assert meta["apiVersion"] == "v2" and meta["type"] == "application" and meta["kubeVersion"]
     assert {"ai-gateway", "envoy", "ext-proc"} <= set(meta["keywords"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"deployment": {"replicas": 3}, "podDisruptionBudget": {"maxUnavailable": 0}},
+     r"podDisruptionBudget\.maxUnavailable 0 lets no pod go: every node drain would hang"),
+    ({"deployment": {"replicas": 3}, "podDisruptionBudget": {"maxUnavailable": "0%"}},
+     r"podDisruptionBudget\.maxUnavailable 0% lets no pod go"),
+    ({"deployment": {"replicas": 3}, "podDisruptionBudget": {"minAvailable": 3}},
+     r"podDisruptionBudget\.minAvailable 3 keeps all 3 replicas up"),
+    ({"autoscaling": {"enabled": True, "minReplicas": 2}, "podDisruptionBudget": {"minAvailable": "100%"}},
+     r"podDisruptionBudget\.minAvailable 100% keeps all"),
+], ids=["max-unavailable-0", "max-unavailable-0-percent", "min-available-all", "min-available-100-percent"])
+def test_a_pdb_that_would_block_every_drain_fails_the_render(chart: helm_python.Chart, override: dict[str, Any],
+                                                             message: str) -> None:
+    """Kubernetes takes such a PDB, and then no voluntary eviction ever succeeds: node drains
+    and cluster upgrades hang on the gateway's pods (the chart skips the PDB at one replica for
+    the same reason)."""
+    with pytest.raises(helm_python.HelmError, match=message):
+        chart.render(merge(chart_values([]), override), name="gw", namespace="ai-platform")
+
+
+@pytest.mark.parametrize("container", ["envoy", "extproc"])
+def test_autoscaling_without_a_cpu_request_fails_the_render(chart: helm_python.Chart, container: str) -> None:
+    """The HPA's CPU utilization is usage over every container's CPU request; with one missing
+    it reports no metric and never scales, silently."""
+    values = merge(chart_values([]), {"autoscaling": {"enabled": True}})
+    values["deployment"][container]["resources"]["requests"] = {"cpu": None}  # (null removes the default)
+    with pytest.raises(helm_python.HelmError,
+                       match=rf"autoscaling\.enabled needs deployment\.{container}\.resources\.requests\.cpu"):
+        chart.render(values, name="gw", namespace="ai-platform")
