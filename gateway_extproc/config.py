@@ -730,8 +730,10 @@ def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, 
     url = redis.get("url")
     if store == "redis":
         url = r.string(url, "budgets.redis.url")
-        from .audit.settings import password_in_url
+        from .audit.settings import password_in_url, redis_url_problem
 
+        if problem := redis_url_problem(url):
+            r.fail("budgets.redis.url", problem)
         if password_in_url(url):
             r.fail("budgets.redis.url", "carries a password, which would be copied into the audit trail's copies of "
                    "each config version; keep redis://[user@]host:port/db and set budgets.redis.passwordEnv to the "

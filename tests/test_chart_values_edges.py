@@ -87,6 +87,14 @@ REFUSED = [
     ("duplicate-backend", add_backend(priority=1), r"models\[0\]\.backends\[1\] .*openai/gpt-4o-mini"),
     # a provider's model name travels in Envoy metadata, response headers and request paths
     ("backend-model-newline", put("models.0.backends.0.model", "gpt\nx"), r"models\[0\]\.backends\[0\]\.model"),
+    # Redis URLs the store's client refuses when the ext_proc starts (no scheme, a port out of
+    # range), reads as something else (a database that is no number became db 0), or that broke
+    # the NetworkPolicy template (a space in the host)
+    ("redis-url-no-scheme", put("budgets.redis.url", "redis-master:6379"), r"budgets\.redis\.url"),
+    ("redis-url-port", put("budgets.redis.url", "redis://redis:99999/0"), r"budgets\.redis\.url .*port 99999"),
+    ("redis-url-db-not-a-number", put("budgets.redis.url", "redis://redis:6379/budgets"), r"budgets\.redis\.url"),
+    ("redis-url-space", put("budgets.redis.url", "redis://red is:6379/0"), r"budgets\.redis\.url"),
+    ("audit-stream-url-no-scheme", put("audit.redisStream.url", "redis:6379"), r"audit\.redisStream\.url"),
     # one port twice in the pod (or on the host, outside Kubernetes): envoy --mode validate passed,
     # then Envoy (or the ext_proc) exited at start, "Address already in use"
     ("admin-on-the-listener-port", put("envoy.admin.port", 8080), r"envoy\.admin\.port and envoy\.listener\.port are both 8080"),
@@ -131,6 +139,8 @@ ACCEPTED = [
     ("circuit-breakers-unset", put("envoy.circuitBreakers", {})),
     ("memory-limit-unset", lambda v: v["deployment"]["envoy"]["resources"].pop("limits")),
     ("memory-limit-zero-is-no-limit", put("deployment.envoy.resources.limits.memory", "0")),
+    ("redis-urls", lambda v: (put("budgets.redis.url", "rediss://app@redis.internal:6380/2?ssl_cert_reqs=required")(v),
+                              put("audit.redisStream.url", "redis://[fd00::7]:6379")(v))),
     ("metrics-off-on-both-sides", lambda v: (put("envoy.metrics.port", 0)(v), put("extproc.metrics.port", 0)(v))),
 ]
 

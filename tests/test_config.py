@@ -296,6 +296,13 @@ ERRORS: list[tuple[str, Mutate, str, str]] = [
      "providers[0].baseURL", "has port 0; a port is 1-65535"),
     ("backend-model-newline", _set("models.0.backends.0.model", "gpt\nx"), "models[0].backends[0].model",
      "is 'gpt\\nx', which holds '\\n'; names may not hold control characters"),
+    # the Redis client refused these when the store was built at start, or read db 0 for "budgets"
+    ("redis-url-scheme", lambda d: d.update(budgets={"store": "redis", "redis": {"url": "redis-master:6379"}}) or d,
+     "budgets.redis.url", "is not a Redis URL; use redis://host:port/db, rediss://... or unix:///path"),
+    ("redis-url-port", lambda d: d.update(budgets={"store": "redis", "redis": {"url": "redis://r:99999/0"}}) or d,
+     "budgets.redis.url", "has port 99999; a port is 1-65535"),
+    ("redis-url-db", lambda d: d.update(budgets={"store": "redis", "redis": {"url": "redis://r:6379/budgets"}}) or d,
+     "budgets.redis.url", "names database 'budgets'; a Redis database is a number (redis://host:port/0)"),
     # one provider/model twice in a model: one Envoy endpoint id, the second's pricing never used
     ("backend-duplicate", lambda d: d["models"][1]["backends"].append({"provider": "openai", "model": "gpt-4o"}) or d,
      "models[1].backends[2]", "is 'openai/gpt-4o' again (backends[0]); a backend is known by provider/model, so "

@@ -110,6 +110,8 @@ def parse(raw: Any, reader: "_Reader", tiers: tuple[str, ...]) -> AuditSettings 
             fail("audit.redisStream.key", "must be a non-empty string")
         if type(max_len) is not int or max_len < 1:
             fail("audit.redisStream.maxLen", "must be a positive integer")
+        if problem := redis_url_problem(str(r["url"])):
+            fail("audit.redisStream.url", problem)
         if password_in_url(str(r["url"])):
             fail("audit.redisStream.url", "carries a password, which would be copied into the audit trail's own "
                  "copies of each config version; keep redis://[user@]host:port/db and set "
@@ -126,6 +128,24 @@ def parse(raw: Any, reader: "_Reader", tiers: tuple[str, ...]) -> AuditSettings 
         segment_bytes=number("segmentBytes", 64 * 1024 * 1024, 4096, integer=True),
         segment_seconds=number("segmentSeconds", 3600, 1), retention_days=days,
         tier_retention_days=dict(per_tier), redis=redis)
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What the Redis client would refuse when the store is built at start, or read as something
+    else (a database that is no number became db 0); None for a usable URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.scheme == "unix"):
+        return "is not a Redis URL; use redis://host:port/db, rediss://... or unix:///path"
+    try:
+        bad_port = parts.port is not None and not 0 < parts.port < 65536
+    except ValueError:  # not a number, or past 65535
+        bad_port = True
+    if bad_port:
+        return f"has port {parts.netloc.rpartition(':')[2]}; a port is 1-65535"
+    db = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if db and not db.isdigit():
+        return f"names database {db!r}; a Redis database is a number (redis://host:port/0)"
+    return None
 
 
 def password_in_url(url: str) -> bool:

@@ -93,12 +93,14 @@ advice goes to NOTES.txt).
 {{- if or (contains ":" ($u.userinfo | default "")) (regexMatch "(?i)(^|&)password=" ($u.query | default "")) -}}
 {{- fail "values: budgets.redis.url carries a password, which would be copied into the ConfigMap; keep redis://[user@]host:port/db and give the password through budgets.redis.passwordEnv (e.g. REDIS_PASSWORD) with budgets.redis.passwordSecret: {name, key}" -}}
 {{- end -}}
+{{- include "gateway-extproc.checkPort" (dict "key" "budgets.redis.url" "host" $u.host) -}}
 {{- end -}}
 {{- with (dig "redisStream" "url" "" $v.audit) -}}
 {{- $u := urlParse . -}}
 {{- if or (contains ":" ($u.userinfo | default "")) (regexMatch "(?i)(^|&)password=" ($u.query | default "")) -}}
 {{- fail "values: audit.redisStream.url carries a password, which would be copied into the ConfigMap and into the audit trail's own copies of the config; keep redis://[user@]host:port/db and give the password through audit.redisStream.passwordEnv with audit.redisStream.passwordSecret: {name, key}" -}}
 {{- end -}}
+{{- include "gateway-extproc.checkPort" (dict "key" "audit.redisStream.url" "host" $u.host) -}}
 {{- end -}}
 {{- range $i, $p := $v.providers -}}
 {{- $u := urlParse $p.baseURL -}}
@@ -172,10 +174,7 @@ refused by Envoy at start or never resolved.
 {{- if contains "#" .p.baseURL -}}
 {{- fail (printf "%s has a fragment, which the gateway never sends; remove it" $at) -}}
 {{- end -}}
-{{- $port := trimPrefix ":" (regexFind ":[0-9]+$" .u.host) -}}
-{{- if and $port (or (lt ($port | int) 1) (gt ($port | int) 65535)) -}}
-{{- fail (printf "%s has port %s; a port is 1-65535" $at $port) -}}
-{{- end -}}
+{{- include "gateway-extproc.checkPort" (dict "key" (printf "providers[%d].baseURL (%s)" .i .p.name) "host" .u.host) -}}
 {{- $host := regexReplaceAll ":[0-9]+$" .u.host "" -}}
 {{- if not (regexMatch "^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$" $host) -}}
 {{- if regexMatch "[^\\x00-\\x7f]" $host -}}
@@ -185,6 +184,14 @@ refused by Envoy at start or never resolved.
 {{- end -}}
 {{- if not (regexMatch "^[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$" (regexReplaceAll "^https?://[^/]*" .p.baseURL "")) -}}
 {{- fail (printf "%s has a path with characters a URL path cannot hold unescaped (a space, a quote...); percent-encode them" $at) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A URL's port (host:port), when it names one, is 1-65535: Envoy and the Redis client refuse others at start. */}}
+{{- define "gateway-extproc.checkPort" -}}
+{{- $port := trimPrefix ":" (regexFind ":[0-9]+$" .host) -}}
+{{- if and $port (or (lt ($port | int) 1) (gt ($port | int) 65535)) -}}
+{{- fail (printf "values: %s has port %s; a port is 1-65535" .key $port) -}}
 {{- end -}}
 {{- end -}}
 
@@ -360,8 +367,7 @@ only); TLS material is mounted into Envoy.
 {{- define "gateway-extproc.redisPort" -}}
 {{- $port := 6379 -}}
 {{- with .Values.budgets.redis.url -}}
-{{- $parts := splitList ":" (urlParse .).host -}}
-{{- if gt (len $parts) 1 }}{{ $port = index $parts 1 | int }}{{ end -}}
+{{- with regexFind ":[0-9]+$" (urlParse .).host }}{{ $port = trimPrefix ":" . | int }}{{ end -}}
 {{- end -}}
 {{- $port -}}
 {{- end -}}
