@@ -106,19 +106,33 @@ def _helm_message(message: str, source: str, chart: Path) -> str:
             if u := _UNKNOWN_KEY.search(problem):
                 for key in re.findall(r"'([^']+)'", u.group(1)):
                     problems.append(_unknown_key(path, key, chart))
-            else:
+            elif problem != "'allOf' failed":  # (the failing branch follows on its own line)
                 # A pattern says little to a reader: the key's description says what it takes.
                 hint = _schema_at(path, chart).get("description") if "does not match pattern" in problem else None
+                if missing := _MISSING.match(problem):
+                    hint = _missing_hint(path, missing.group(1), chart)
                 # Helm quotes the refused value; a secret pasted into the wrong field (a caller key
                 # as keys[].sha256, a provider key as credential.env) would be printed with it.
                 problem = _plain_numbers(_QUOTED_VALUE.sub("", problem))
-                if problem.startswith("missing propert"):
-                    problem += " (a null in a values file removes the chart's default; give a value or leave the key out)"
                 problems.append(f"{path or '<top level>'}: {problem}" + (f" ({hint})" if hint else ""))
     if problems:
         return f"{source}: " + "; ".join(problems)
     text = re.sub(r"^execution error at \([^)]*\): ", "", message.strip().splitlines()[0])
     return f"{source}: {text.removeprefix('values: ')}"
+
+
+_MISSING = re.compile(r"^missing property '([^']+)'$")
+
+
+def _missing_hint(path: str, key: str, chart: Path) -> str | None:
+    """Why a required key is missing: the chart has a default for it (a null in a values file
+    removed it, Helm's rule), or what the key is (its schema description)."""
+    node: Any = yaml.safe_load((chart / "values.yaml").read_text(encoding="utf-8"))
+    for part in re.findall(r"[^.\[\]]+", path):
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and key in node:
+        return "a null in a values file removes the chart's default; give a value or leave the key out"
+    return _schema_at(f"{path}.{key}" if path else key, chart).get("description")
 
 
 def _key_path(pointer: str) -> str:

@@ -89,7 +89,8 @@ def test_single_backends_needing_the_upstream_ext_proc_get_it(model: str) -> Non
     upstream-filter ext_proc exists: docs/architecture.md)."""
     values = copy.deepcopy(chart_values([LOCAL]))
     values["models"].append({"name": "m-file-credential", "backends": [{"provider": "mock-backup", "model": "x",
-                                                                        "maxTier": "internal"}]})
+                                                                        "maxTier": "internal",
+                                                                        "pricing": {"input": 1, "output": 2}}]})
     envoy = yaml.safe_load(render_values(values)["envoy.yaml"])
     opts = cluster(envoy, f"model.{model}")["typed_extension_protocol_options"]
     [ext] = [f for f in opts["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]

@@ -162,7 +162,7 @@ def test_a_pdb_exists_only_where_it_keeps_a_pod_up(chart: helm_python.Chart, sca
     ({"providers": [{"name": "openai", "kind": "gemini", "credential": {"env": "K"},
                      "baseURL": "https://generativelanguage.googleapis.com/v1beta?key=s3cret"}]},
      r"providers\[0\].baseURL \(openai\) carries a credential in its query \(key=\)"),
-    ({"providers": [{"name": "openai", "kind": "azure", "credential": {"env": "K"},
+    ({"providers": [{"name": "openai", "kind": "azure", "credential": {"env": "K"}, "apiVersion": "1",
                      "baseURL": "https://x.openai.azure.com/openai?api-version=1&api-key=s3cret"}]},
      r"carries a credential in its query \(api-key=\)"),
     ({"providers": [{"name": "openai", "kind": "openai", "credential": {"env": "K"},

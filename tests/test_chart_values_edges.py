@@ -87,6 +87,21 @@ REFUSED = [
     ("duplicate-backend", add_backend(priority=1), r"models\[0\]\.backends\[1\] .*openai/gpt-4o-mini"),
     # a provider's model name travels in Envoy metadata, response headers and request paths
     ("backend-model-newline", put("models.0.backends.0.model", "gpt\nx"), r"models\[0\]\.backends\[0\]\.model"),
+    # references and settings the ext_proc's config check refuses when it starts: `helm install`
+    # succeeded and the ext_proc crash-looped (a rollout stalled on its first new pod)
+    ("key-team-unknown", lambda v: v.update(teams=[{"name": "payments"}], keys=[{"id": "k1", "sha256": "a" * 64,
+                                                                             "team": "paymnets"}]),
+     r"keys\[0\]\.team is 'paymnets', not in teams; add it to teams or fix the name"),
+    ("key-model-unknown", lambda v: v.update(teams=[{"name": "t"}], keys=[{"id": "k1", "sha256": "a" * 64, "team": "t",
+                                                                        "models": ["*", "default-caht"]}]),
+     r"keys\[0\]\.models names 'default-caht', which is not in models"),
+    ("pricing-missing-with-budgets", lambda v: (v.update(teams=[{"name": "t", "budget": {"daily": 5}}]),
+                                                v["budgets"].update(devMemoryStore=True),
+                                                v["extproc"].update(processes=1)),
+     r"models\[0\]\.backends\[0\]\.pricing is required when budgets are configured"),
+    ("azure-without-api-version", put("providers.0.kind", "azure"), r"providers\[0\]: missing property 'apiVersion'"),
+    ("bedrock-without-region", put("providers.0.kind", "bedrock"), r"providers\[0\]: missing property 'region'"),
+    ("tokenizer-unknown", put("models.0.tokenizer", "gpt2"), r"models\[0\]\.tokenizer: .*o200k_base"),
     # Redis URLs the store's client refuses when the ext_proc starts (no scheme, a port out of
     # range), reads as something else (a database that is no number became db 0), or that broke
     # the NetworkPolicy template (a space in the host)
@@ -141,6 +156,10 @@ ACCEPTED = [
     ("memory-limit-zero-is-no-limit", put("deployment.envoy.resources.limits.memory", "0")),
     ("redis-urls", lambda v: (put("budgets.redis.url", "rediss://app@redis.internal:6380/2?ssl_cert_reqs=required")(v),
                               put("audit.redisStream.url", "redis://[fd00::7]:6379")(v))),
+    ("tokenizer-file-and-estimate", lambda v: (put("models.0.tokenizer", "/models/llama/tokenizer.json")(v),
+                                               put("models.1.tokenizer", "estimate")(v))),
+    ("key-for-every-model", lambda v: v.update(teams=[{"name": "t"}], keys=[{"id": "k1", "sha256": "a" * 64,
+                                                                          "team": "t", "models": ["*"]}])),
     ("metrics-off-on-both-sides", lambda v: (put("envoy.metrics.port", 0)(v), put("extproc.metrics.port", 0)(v))),
 ]
 

@@ -115,6 +115,7 @@ advice goes to NOTES.txt).
 {{- end -}}
 {{- include "gateway-extproc.checkUnique" $v -}}
 {{- include "gateway-extproc.checkPorts" $v -}}
+{{- include "gateway-extproc.checkReferences" . -}}
 {{- include "gateway-extproc.checkDurations" $v -}}
 {{- with (($v.deployment.envoy.resources | default dict).limits | default dict).memory -}}
 {{- $limit := include "gateway-extproc.bytes" . | int64 -}}
@@ -241,6 +242,36 @@ already in use"). 0 turns a metrics listener off.
 {{- fail (printf "values: %s and %s are both %d; give each its own port (they listen side by side in the pod)" . $key $port) -}}
 {{- end -}}
 {{- $_ := set $seen (toString $port) $key -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+What the ext_proc's config check refuses at start and Helm alone would let through (`helm
+install` succeeded, then the ext_proc crash-looped): a key's team or models that do not exist,
+and a backend without pricing once any budget or rate limit is set.
+*/}}
+{{- define "gateway-extproc.checkReferences" -}}
+{{- $v := .Values -}}
+{{- $teams := list }}{{ range $v.teams | default list }}{{ $teams = append $teams .name }}{{ end -}}
+{{- $models := list "*" }}{{ range $v.models }}{{ $models = append $models .name }}{{ end -}}
+{{- range $i, $k := $v.keys | default list -}}
+{{- if not (has $k.team $teams) -}}
+{{- fail (printf "values: keys[%d].team is %s, not in teams; add it to teams or fix the name" $i (squote $k.team)) -}}
+{{- end -}}
+{{- range $m := $k.models | default list -}}
+{{- if not (has $m $models) -}}
+{{- fail (printf "values: keys[%d].models names %s, which is not in models" $i (squote $m)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if include "gateway-extproc.budgetsEnabled" . -}}
+{{- range $i, $m := $v.models -}}
+{{- range $j, $b := $m.backends -}}
+{{- if not $b.pricing -}}
+{{- fail (printf "values: models[%d].backends[%d].pricing is required when budgets are configured: add {input, output} in USD per 1M tokens" $i $j) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
