@@ -120,7 +120,7 @@ def test_extra_env_env_from_and_volumes_go_to_the_container_named(chart: helm_py
 
 
 def test_extra_env_cannot_shadow_a_secret_the_chart_fills(chart: helm_python.Chart) -> None:
-    shadow = {"extraEnv": [{"name": "OPENAI_API_KEY", "value": "x"}]}
+    shadow = {"extraEnv": [{"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "other", "key": "k"}}}]}
     values = merge(chart_values([]), {"deployment": {"envoy": shadow}})
     with pytest.raises(helm_python.HelmError, match="deployment.envoy.extraEnv sets OPENAI_API_KEY, which the chart "
                                                     "already fills from Secret openai-api-key"):

@@ -509,3 +509,38 @@ def test_notes_warn_of_a_pod_that_renders_but_cannot_serve(chart: helm_python.Ch
             "envoy": {"extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/envoy/provider-ca"}]},
             "extraVolumes": [{"name": "ca", "configMap": {"name": "provider-ca"}}]}}))
         assert "envoy.upstreamCA.dir" not in render(chart, mounted)["gateway-extproc/templates/NOTES.txt"]
+
+
+PRIVATE = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIS3cretS3cretS3cretS3cretS3cretS3cretS3cr\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    # the private key pasted where the public one goes: published in a ConfigMap for auditors
+    ({"audit": {"enabled": True, "signingKey": {"secret": {"name": "audit-key"}}, "publicKey": PRIVATE}},
+     r"audit\.publicKey holds a private key"),
+    # a provider key as a literal extraEnv value: in the Deployment for anyone who can read it
+    ({"deployment": {"extproc": {"extraEnv": [{"name": "OPENAI_API_KEY", "value": "sk-proj-S3cret"}]}}},
+     r"deployment\.extproc\.extraEnv\[0\] \(OPENAI_API_KEY\) has a literal value"),
+    ({"deployment": {"envoy": {"extraEnv": [{"name": "TZ", "value": "UTC"}, {"name": "HF_TOKEN", "value": "hf_S3cret"}]}}},
+     r"deployment\.envoy\.extraEnv\[1\] \(HF_TOKEN\) has a literal value"),
+    ({"budgets": {"redis": {"passwordEnv": "REDIS_AUTH"}},
+      "deployment": {"extproc": {"extraEnv": [{"name": "REDIS_AUTH", "value": "S3cret"}]}}},
+     r"deployment\.extproc\.extraEnv\[0\] \(REDIS_AUTH\) has a literal value"),
+], ids=["private-key-as-public", "provider-key-literal", "token-literal", "redis-password-literal"])
+def test_a_secret_pasted_into_rendered_text_fails_without_echoing_it(chart: helm_python.Chart,
+                                                                   override: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm_python.HelmError, match=message) as err:
+        render(chart, merge(chart_values([]), override))
+    assert "S3cret" not in str(err.value)
+    assert "secretKeyRef" in str(err.value) or "through audit.signingKey.secret" in str(err.value)
+
+
+def test_literal_env_values_that_are_no_credentials_render(chart: helm_python.Chart) -> None:
+    env = [{"name": "TOKENIZERS_PARALLELISM", "value": "false"}, {"name": "KEY_FILE", "value": "/etc/x/key"},
+           {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai-api-key", "key": "api-key"}}}]
+    values = merge(chart_values([]), {"providers": [{"name": "openai", "kind": "openai",
+                                                     "baseURL": "https://api.openai.com/v1",
+                                                     "credential": {"env": "OPENAI_API_KEY"}}],
+                                      "deployment": {"extproc": {"extraEnv": env}}})
+    assert [e["name"] for e in container(manifests(render(chart, values)), "extproc")["env"]][-3:] == \
+        [e["name"] for e in env]

@@ -132,6 +132,7 @@ advice goes to NOTES.txt).
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- include "gateway-extproc.checkLiteralSecrets" . -}}
 {{- range $c := list "envoy" "extproc" -}}
 {{- range $e := (get $v.deployment $c).extraEnv | default list -}}
 {{- range $s := $secretEnv -}}
@@ -193,6 +194,30 @@ refused by Envoy at start or never resolved.
 {{- $port := trimPrefix ":" (regexFind ":[0-9]+$" .host) -}}
 {{- if and $port (or (lt ($port | int) 1) (gt ($port | int) 65535)) -}}
 {{- fail (printf "values: %s has port %s; a port is 1-65535" .key $port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Secrets pasted where the chart would render them as text (never echoed back): a private key
+as audit.publicKey (published in a ConfigMap), a credential as a literal extraEnv value (in
+the Deployment for anyone who may read it). A credential is a variable the config reads one
+from (credential.env, passwordEnv) or one named like one (…_KEY, …_TOKEN, …SECRET…,
+…PASSWORD…); a path (a value starting with /) is not one.
+*/}}
+{{- define "gateway-extproc.checkLiteralSecrets" -}}
+{{- $v := .Values -}}
+{{- if contains "PRIVATE KEY" ($v.audit.publicKey | default "") -}}
+{{- fail "values: audit.publicKey holds a private key, which the chart would publish in a ConfigMap; give the .pub file `gateway-extproc audit keygen` wrote (BEGIN PUBLIC KEY) and the private key through audit.signingKey.secret" -}}
+{{- end -}}
+{{- $named := list ($v.budgets.redis.passwordEnv | default "") (dig "redisStream" "passwordEnv" "" $v.audit) -}}
+{{- range $p := $v.providers }}{{ $named = append $named (($p.credential | default dict).env | default "") }}{{ end -}}
+{{- range $c := list "envoy" "extproc" -}}
+{{- range $i, $e := (get $v.deployment $c).extraEnv | default list -}}
+{{- $value := toString ($e.value | default "") -}}
+{{- if and $value (not (hasPrefix "/" $value)) (or (has $e.name $named) (regexMatch "(?i)(^|_)(API_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|PWD|CREDENTIALS?)($|_)" $e.name)) -}}
+{{- fail (printf "values: deployment.%s.extraEnv[%d] (%s) has a literal value, which would sit in the Deployment for anyone who can read it; take it from a Secret (valueFrom.secretKeyRef, or a provider's credential.secret)" $c $i $e.name) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
