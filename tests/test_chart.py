@@ -177,7 +177,6 @@ def test_a_value_the_schema_refuses_is_not_quoted_in_the_error(edit: Any, key: s
     with pytest.raises(RenderError, match=key) as info:
         render_values(values)
     assert secret not in str(info.value)
-    assert "does not match" in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["chat@restricted", "chat\n", "chat\x00"])

@@ -544,3 +544,33 @@ def test_literal_env_values_that_are_no_credentials_render(chart: helm_python.Ch
                                       "deployment": {"extproc": {"extraEnv": env}}})
     assert [e["name"] for e in container(manifests(render(chart, values)), "extproc")["env"]][-3:] == \
         [e["name"] for e in env]
+
+
+SECRET = "S3cretValue1234567890abcdef"
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ({"teams": [{"name": "t"}], "keys": [{"id": "k1", "sha256": f"gwk_k1_{SECRET}", "team": "t"}]}, r"keys\[0\]\.sha256"),
+    ({"teams": [{"name": "t"}], "keys": [{"id": f"gwk_{SECRET}", "sha256": "a" * 64, "team": "t"}]}, r"keys\[0\]\.id"),
+    ({"providers": [{"name": "openai", "kind": "openai", "baseURL": "https://api.openai.com/v1",
+                     "credential": {"env": f"sk-proj-{SECRET}"}}]}, r"providers\[0\]\.credential\.env"),
+    ({"identity": {"keyAdmin": {"enabled": True, "admins": [{"name": "ops", "sha256": f"gwa_{SECRET}"}]}}},
+     r"identity\.keyAdmin\.admins\[0\]\.sha256"),
+    ({"providers": [{"name": "openai", "kind": "openai", "baseURL": f"https://user:{SECRET}@llm.internal/v1",
+                     "credential": {"env": "K"}}]}, r"providers\[0\]\.baseURL"),
+    ({"budgets": {"store": "redis", "redis": {"url": f"redis://:{SECRET}@redis:6379/budgets"}}}, r"budgets\.redis\.url"),
+], ids=["key-as-sha256", "key-as-id", "provider-key-as-env", "admin-token-as-sha256", "password-in-base-url",
+        "redis-password-and-bad-db"])
+def test_helm_never_echoes_a_secret_pasted_into_the_wrong_field(chart: helm_python.Chart, override: dict[str, Any],
+                                                               key: str) -> None:
+    """The Helm CLI prints a schema pattern's refused value ('<value>' does not match pattern…):
+    `helm install` and `helm lint` put a key pasted as a hash, an id or a variable name, or a
+    password in a URL, on the terminal and in CI logs. These fields are checked by the chart's
+    templates instead, which name the key and the fix and never the value (`helm install` and
+    `helm template` stop on them; `helm lint` only logs a template's `fail`)."""
+    values = merge(chart_values([]), override)
+    with pytest.raises(helm_python.HelmError, match=key) as err:
+        render(chart, values)
+    assert SECRET not in str(err.value)
+    # (helm lint runs templates with `fail` logged, not raised: it reports nothing, and echoes nothing)
+    assert SECRET not in json.dumps(helm_python.lint(str(CHART), values, strict=True))

@@ -93,14 +93,14 @@ advice goes to NOTES.txt).
 {{- if or (contains ":" ($u.userinfo | default "")) (regexMatch "(?i)(^|&)password=" ($u.query | default "")) -}}
 {{- fail "values: budgets.redis.url carries a password, which would be copied into the ConfigMap; keep redis://[user@]host:port/db and give the password through budgets.redis.passwordEnv (e.g. REDIS_PASSWORD) with budgets.redis.passwordSecret: {name, key}" -}}
 {{- end -}}
-{{- include "gateway-extproc.checkPort" (dict "key" "budgets.redis.url" "host" $u.host) -}}
+{{- include "gateway-extproc.checkRedisURL" (dict "key" "budgets.redis.url" "u" $u) -}}
 {{- end -}}
 {{- with (dig "redisStream" "url" "" $v.audit) -}}
 {{- $u := urlParse . -}}
 {{- if or (contains ":" ($u.userinfo | default "")) (regexMatch "(?i)(^|&)password=" ($u.query | default "")) -}}
 {{- fail "values: audit.redisStream.url carries a password, which would be copied into the ConfigMap and into the audit trail's own copies of the config; keep redis://[user@]host:port/db and give the password through audit.redisStream.passwordEnv with audit.redisStream.passwordSecret: {name, key}" -}}
 {{- end -}}
-{{- include "gateway-extproc.checkPort" (dict "key" "audit.redisStream.url" "host" $u.host) -}}
+{{- include "gateway-extproc.checkRedisURL" (dict "key" "audit.redisStream.url" "u" $u) -}}
 {{- end -}}
 {{- range $i, $p := $v.providers -}}
 {{- $u := urlParse $p.baseURL -}}
@@ -178,6 +178,9 @@ refused by Envoy at start or never resolved.
 {{- end -}}
 {{- include "gateway-extproc.checkPort" (dict "key" (printf "providers[%d].baseURL (%s)" .i .p.name) "host" .u.host) -}}
 {{- $host := regexReplaceAll ":[0-9]+$" .u.host "" -}}
+{{- if hasPrefix "[" $host -}}
+{{- fail (printf "%s has an IPv6 literal host, which the chart cannot route to (Envoy's endpoint and the NetworkPolicy's port take a DNS name or IPv4 address); give the backend a DNS name" $at) -}}
+{{- end -}}
 {{- if not (regexMatch "^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$" $host) -}}
 {{- if regexMatch "[^\\x00-\\x7f]" $host -}}
 {{- fail (printf "%s has a host that is not ASCII; write an internationalised name in its punycode form (xn--...)" $at) -}}
@@ -206,6 +209,26 @@ from (credential.env, passwordEnv) or one named like one (…_KEY, …_TOKEN, �
 */}}
 {{- define "gateway-extproc.checkLiteralSecrets" -}}
 {{- $v := .Values -}}
+{{- /* Fields a key gets pasted into by mistake: checked here, as Helm's schema message quotes
+the value it refuses (on the terminal and in CI logs). */ -}}
+{{- range $i, $p := $v.providers -}}
+{{- if not (regexMatch "^[A-Za-z_][A-Za-z0-9_]*$" (($p.credential | default dict).env | default "X")) -}}
+{{- fail (printf "values: providers[%d].credential.env must name an environment variable (letters, digits and _, not starting with a digit), not hold the key; put the key in a Secret and name it in providers[%d].credential.secret" $i $i) -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $k := $v.keys | default list -}}
+{{- if not (regexMatch "^[a-z0-9][a-z0-9-]{0,62}$" (toString $k.id)) -}}
+{{- fail (printf "values: keys[%d].id must be 1-63 lowercase letters, digits and '-' (a key's id, never the key; `gateway-extproc keys create` prints the entry)" $i) -}}
+{{- end -}}
+{{- if not (regexMatch "^[0-9a-f]{64}$" (toString $k.sha256)) -}}
+{{- fail (printf "values: keys[%d].sha256 must be 64 lowercase hex digits, the key's SHA-256, never the key; `gateway-extproc keys create` prints it" $i) -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $a := dig "keyAdmin" "admins" list ($v.identity | default dict) -}}
+{{- if not (regexMatch "^[0-9a-f]{64}$" (toString $a.sha256)) -}}
+{{- fail (printf "values: identity.keyAdmin.admins[%d].sha256 must be 64 lowercase hex digits, the token's SHA-256, never the token; `gateway-extproc keys admin-token` prints it" $i) -}}
+{{- end -}}
+{{- end -}}
 {{- if contains "PRIVATE KEY" ($v.audit.publicKey | default "") -}}
 {{- fail "values: audit.publicKey holds a private key, which the chart would publish in a ConfigMap; give the .pub file `gateway-extproc audit keygen` wrote (BEGIN PUBLIC KEY) and the private key through audit.signingKey.secret" -}}
 {{- end -}}
@@ -218,6 +241,14 @@ from (credential.env, passwordEnv) or one named like one (…_KEY, …_TOKEN, �
 {{- fail (printf "values: deployment.%s.extraEnv[%d] (%s) has a literal value, which would sit in the Deployment for anyone who can read it; take it from a Secret (valueFrom.secretKeyRef, or a provider's credential.secret)" $c $i $e.name) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A Redis URL the client takes as written: its port 1-65535, its database a number. */}}
+{{- define "gateway-extproc.checkRedisURL" -}}
+{{- include "gateway-extproc.checkPort" (dict "key" .key "host" .u.host) -}}
+{{- if and (ne .u.scheme "unix") (not (regexMatch "^/?[0-9]*$" .u.path)) -}}
+{{- fail (printf "values: %s names a database that is no number (the Redis client would read it as database 0); use redis://host:port/0" .key) -}}
 {{- end -}}
 {{- end -}}
 
