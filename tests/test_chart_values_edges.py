@@ -102,6 +102,12 @@ REFUSED = [
     ("azure-without-api-version", put("providers.0.kind", "azure"), r"providers\[0\]: missing property 'apiVersion'"),
     ("bedrock-without-region", put("providers.0.kind", "bedrock"), r"providers\[0\]: missing property 'region'"),
     ("tokenizer-unknown", put("models.0.tokenizer", "gpt2"), r"models\[0\]\.tokenizer: .*o200k_base"),
+    # a collector URL where its host goes: Envoy looked up "http://collector:4317" as a DNS name
+    # and the ext_proc got http://http://collector:4317:4317; no trace left either, silently
+    ("otlp-address-a-url", put("tracing.otlp", {"address": "http://otel-collector.observability:4317", "port": 4317}),
+     r"tracing\.otlp\.address: .*no scheme, no port"),
+    ("otlp-address-host-port", put("tracing.otlp", {"address": "otel-collector:4317", "port": 4317}),
+     r"tracing\.otlp\.address"),
     # Redis URLs the store's client refuses when the ext_proc starts (no scheme, a port out of
     # range), reads as something else (a database that is no number became db 0), or that broke
     # the NetworkPolicy template (a space in the host)
@@ -160,6 +166,8 @@ ACCEPTED = [
                                                put("models.1.tokenizer", "estimate")(v))),
     ("key-for-every-model", lambda v: v.update(teams=[{"name": "t"}], keys=[{"id": "k1", "sha256": "a" * 64,
                                                                           "team": "t", "models": ["*"]}])),
+    ("otlp-collector-by-name-and-by-ip", lambda v: put("tracing.otlp", {"address": "otel-collector.observability.svc",
+                                                                      "port": 4317})(v)),
     ("metrics-off-on-both-sides", lambda v: (put("envoy.metrics.port", 0)(v), put("extproc.metrics.port", 0)(v))),
 ]
 
