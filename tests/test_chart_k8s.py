@@ -574,3 +574,23 @@ def test_helm_never_echoes_a_secret_pasted_into_the_wrong_field(chart: helm_pyth
     assert SECRET not in str(err.value)
     # (helm lint runs templates with `fail` logged, not raised: it reports nothing, and echoes nothing)
     assert SECRET not in json.dumps(helm_python.lint(str(CHART), values, strict=True))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"extproc": {"socketDir": "/tmp"}}, r"extproc\.socketDir and the ext_proc's /tmp are both mounted at /tmp"),
+    ({"extproc": {"socketDir": "/etc/gateway"}}, r"configDir and extproc\.socketDir are both mounted at /etc/gateway"),
+    ({"extproc": {"socketDir": "/etc/gateway/sockets"}}, r"extproc\.socketDir \(/etc/gateway/sockets\) is inside configDir"),
+    ({"audit": {"enabled": True, "dir": "/tmp", "signingKey": {"secret": {"name": "k"}}}},
+     r"the ext_proc's /tmp and audit\.dir are both mounted at /tmp"),
+    ({"deployment": {"envoy": {"extraVolumeMounts": [{"name": "x", "mountPath": "/etc/gateway/"}]},
+                     "extraVolumes": [{"name": "x", "emptyDir": {}}]}},
+     r"configDir and deployment\.envoy\.extraVolumeMounts are both mounted at /etc/gateway"),
+], ids=["socket-dir-is-tmp", "socket-dir-is-config-dir", "socket-dir-in-config-dir", "audit-dir-is-tmp",
+        "extra-mount-on-config-dir"])
+def test_two_volumes_at_one_path_or_inside_the_config_map_fail_the_render(chart: helm_python.Chart,
+                                                                         override: dict[str, Any], message: str) -> None:
+    """Kubernetes refuses a container whose mount paths repeat (the install failed half-way with
+    "must be unique"), and a volume inside the read-only ConfigMap mount cannot get its mount
+    point (the container never started)."""
+    with pytest.raises(helm_python.HelmError, match=message):
+        render(chart, merge(chart_values([]), override))

@@ -160,6 +160,7 @@ advice goes to NOTES.txt).
 {{- fail (printf "values: %s mounts a Secret at %s, inside configDir %s (a read-only ConfigMap volume); put it elsewhere, e.g. /etc/gateway-credentials/..." $m.from $m.dir $config) -}}
 {{- end -}}
 {{- end -}}
+{{- include "gateway-extproc.checkMounts" . -}}
 {{- end -}}
 
 {{/*
@@ -249,6 +250,39 @@ the value it refuses (on the terminal and in CI logs). */ -}}
 {{- include "gateway-extproc.checkPort" (dict "key" .key "host" .u.host) -}}
 {{- if and (ne .u.scheme "unix") (not (regexMatch "^/?[0-9]*$" .u.path)) -}}
 {{- fail (printf "values: %s names a database that is no number (the Redis client would read it as database 0); use redis://host:port/0" .key) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Each container's mount paths, as deployment.yaml makes them: one volume per path (Kubernetes
+refuses a repeat, and the install fails half-way), none inside configDir (a read-only
+ConfigMap volume, where no mount point can be made: the container never starts).
+*/}}
+{{- define "gateway-extproc.checkMounts" -}}
+{{- $v := .Values -}}
+{{- $config := clean $v.configDir -}}
+{{- $secrets := fromJsonArray (include "gateway-extproc.secretMounts" .) -}}
+{{- range $c := list "envoy" "extproc" -}}
+{{- $mounts := list (list "configDir" $v.configDir) (list "extproc.socketDir" $v.extproc.socketDir) -}}
+{{- if eq $c "extproc" -}}
+{{- $mounts = append $mounts (list "the ext_proc's /tmp" "/tmp") -}}
+{{- if $v.audit.enabled }}{{ $mounts = append $mounts (list "audit.dir" $v.audit.dir) }}{{ end -}}
+{{- end -}}
+{{- range $m := $secrets }}{{ if eq $m.container $c }}{{ $mounts = append $mounts (list $m.from $m.dir) }}{{ end }}{{ end -}}
+{{- range $m := (get $v.deployment $c).extraVolumeMounts | default list -}}
+{{- $mounts = append $mounts (list (printf "deployment.%s.extraVolumeMounts" $c) $m.mountPath) -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range $m := $mounts -}}
+{{- $path := clean (index $m 1) -}}
+{{- with get $seen $path -}}
+{{- fail (printf "values: %s and %s are both mounted at %s in the %s container; give each its own directory" . (index $m 0) $path $c) -}}
+{{- end -}}
+{{- if hasPrefix (printf "%s/" $config) $path -}}
+{{- fail (printf "values: %s (%s) is inside configDir %s, a read-only ConfigMap volume where no mount point can be made; put it elsewhere" (index $m 0) $path $config) -}}
+{{- end -}}
+{{- $_ := set $seen $path (index $m 0) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
