@@ -508,7 +508,8 @@ def _model(r: _Reader, i: int, raw: Any, providers: dict[str, Provider], tiers: 
                  if b.get("pricing") is not None else None)
         max_tier = b.get("maxTier")
         if tiers and max_tier not in tiers:
-            r.fail(f"{bat}.maxTier", f"is {max_tier!r}; with classification on, every backend names the highest "
+            r.fail(f"{bat}.maxTier", ("is missing" if max_tier is None else f"is {max_tier!r}") + "; with "
+                   "classification on, every backend names the highest "
                    f"tier it is approved for: one of {', '.join(tiers)}")
         backend_id = f"{pname}/{pmodel}"
         if (same := next((k for k, x in enumerate(backends) if x.id == backend_id), None)) is not None:

@@ -99,6 +99,14 @@ REFUSED = [
                                                 v["budgets"].update(devMemoryStore=True),
                                                 v["extproc"].update(processes=1)),
      r"models\[0\]\.backends\[0\]\.pricing is required when budgets are configured"),
+    # with classification on, the chart routed a backend without (or with an unknown) maxTier as
+    # approved for the last (or first) tier, and the ext_proc refused the config at start
+    ("max-tier-missing-with-classification", lambda v: v.update(classification={"tiers": ["public", "restricted"]}),
+     r"models\[0\]\.backends\[0\]\.maxTier is missing; with classification on, every backend names the highest tier "
+     r"it is approved for: one of public, restricted"),
+    ("max-tier-unknown", lambda v: (v.update(classification={"mode": "enforce"}),
+                                    put("models.0.backends.0.maxTier", "secret")(v)),
+     r"models\[0\]\.backends\[0\]\.maxTier is 'secret'; .*one of public, internal, confidential, restricted"),
     ("azure-without-api-version", put("providers.0.kind", "azure"), r"providers\[0\]: missing property 'apiVersion'"),
     ("bedrock-without-region", put("providers.0.kind", "bedrock"), r"providers\[0\]: missing property 'region'"),
     ("tokenizer-unknown", put("models.0.tokenizer", "gpt2"), r"models\[0\]\.tokenizer: .*o200k_base"),

@@ -355,6 +355,16 @@ and a backend without pricing once any budget or rate limit is set.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- with $v.classification -}}
+{{- $tiers := .tiers | default (list "public" "internal" "confidential" "restricted") -}}
+{{- range $i, $m := $v.models -}}
+{{- range $j, $b := $m.backends -}}
+{{- if not (has $b.maxTier $tiers) -}}
+{{- fail (printf "values: models[%d].backends[%d].maxTier %s; with classification on, every backend names the highest tier it is approved for: one of %s" $i $j (ternary "is missing" (printf "is %s" (squote $b.maxTier)) (kindIs "invalid" $b.maxTier)) (join ", " $tiers)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if include "gateway-extproc.budgetsEnabled" . -}}
 {{- range $i, $m := $v.models -}}
 {{- range $j, $b := $m.backends -}}
