@@ -80,7 +80,7 @@ def _check_references(values: dict[str, Any], source: str) -> None:
 _SCHEMA_LINE = re.compile(r"^- at '([^']*)': (.*)$")
 # Helm writes numbers in a schema message for reading aloud: 4.294967296×10⁰⁹, 100,000.
 _SCIENTIFIC = re.compile(r"(\d+(?:\.\d+)?)×10([⁰¹²³⁴⁵⁶⁷⁸⁹]+)")
-_GROUPED = re.compile(r"\b\d{1,3}(?:,\d{3})+\b")
+_GROUPED = re.compile(r"(?<=got |ant )\d{1,3}(?:,\d{3})+\b")  # after "got " / "want " only
 
 
 def _plain_numbers(text: str) -> str:
