@@ -52,6 +52,10 @@ REFUSED = [
     ("max-request-bytes-plus-buffer-over-uint32", put("envoy.maxRequestBytes", 2**32 - 1), r"envoy\.maxRequestBytes"),
     ("priority-over-uint32", put("models.0.backends.0.priority", 2**40), r"models\[0\]\.backends\[0\]\.priority"),
     ("weight-over-uint32", put("models.0.backends.0.weight", 2**40), r"models\[0\]\.backends\[0\]\.weight"),
+    # Envoy's --concurrency and outlier counts are uint32: past it Envoy refused its command line
+    ("concurrency-over-uint32", put("deployment.envoy.concurrency", 2**40), r"deployment\.envoy\.concurrency: maximum"),
+    ("outlier-count-over-uint32", put("envoy.outlierDetection.consecutive5xx", 2**32),
+     r"envoy\.outlierDetection\.consecutive5xx: maximum"),
     # durations protobuf or the ext_proc filter cannot hold, and zeros Envoy reads as "no timeout"
     ("timeout-over-protobuf", put("envoy.upstreamTimeout", "99999999999999s"), r"envoy\.upstreamTimeout"),
     ("message-timeout-over-an-hour", put("extproc.messageTimeout", "3601s"), r"extproc\.messageTimeout .*3600s"),
