@@ -250,3 +250,11 @@ def test_a_null_the_chart_reads_as_absent_still_renders() -> None:
     envoy = render_values({"deployment": {"envoy": {"resources": {"limits": None}}}, "keys": None,
                            "commonLabels": None})["envoy.yaml"]
     assert "fixed_heap" not in envoy
+
+
+def test_retry_conditions_reach_envoy_without_the_spaces_a_values_file_may_put_between_them() -> None:
+    """The schema takes `connect-failure, refused-stream`; Envoy gets the list without spaces,
+    whether or not its parser trims them (one it does not would silently drop the condition)."""
+    rendered = render(lambda v: (put("envoy.retry.retryOn", " connect-failure , refused-stream")(v),
+                                 add_backend(model="gpt-4o", priority=1)(v)))
+    assert "retry_on: connect-failure,refused-stream\n" in rendered["envoy.yaml"]

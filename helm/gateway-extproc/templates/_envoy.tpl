@@ -268,7 +268,7 @@ static_resources:
                   auto_host_rewrite: true
                   {{- if gt (len $model.backends) 1 }}
                   retry_policy:
-                    retry_on: {{ $v.envoy.retry.retryOn }}
+                    retry_on: {{ nospace $v.envoy.retry.retryOn }}
                     retriable_status_codes: {{ toJson $v.envoy.retry.retriableStatusCodes }}
                     num_retries: {{ sub (len $model.backends) 1 }}
                     {{- with $v.envoy.retry.perTryTimeout }}
