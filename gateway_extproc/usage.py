@@ -44,6 +44,10 @@ TEXT_LIMIT_FACTOR = 2
 # The events that end a Responses stream: only their usage is its bill. A server may report
 # usage so far on `response.created` or `.in_progress` (0 output tokens, before any text).
 _RESPONSES_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# An event that ends a Responses stream, by its `event:` line or its payload's `type`: those,
+# or OpenAI's own `error` event.
+_RESPONSES_END = re.compile(rb'^event: (?:response\.(?:completed|incomplete|failed)|error)\n'
+                            rb'|"type"\s*:\s*"(?:response\.(?:completed|incomplete|failed)|error)"')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
 # The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
@@ -207,7 +211,8 @@ class SseUsageTap:
         # its own), what a stream that ended without usage is charged when above `content_events`.
         self.count = count
         self.generated_tokens = 0
-        # `data: [DONE]` or an error event went by: the stream ended itself (not cut off).
+        # `data: [DONE]`, an error event or a Responses stream's last event (`_RESPONSES_ENDS`)
+        # went by: the stream ended itself (not cut off).
         self.done = False
         # Every choice's finish reason, in stream order (the usage chunk has none).
         self.finish_reasons: list[str] = []
@@ -237,6 +242,8 @@ class SseUsageTap:
                 if not event.startswith(b"data: [DONE]"):
                     event = _completed_error_event(event)
                     changed = changed or event is not raw
+            elif self.named and _RESPONSES_END.search(event) is not None:
+                self.done = True
             if b'"finish_reason":' in event and b'"finish_reason":null' not in event:
                 self.finish_reasons += [m.decode() for m in _FINISH_REASON.findall(event)]
             if self.over or self.refused:

@@ -486,3 +486,20 @@ def test_a_providers_error_event_without_a_code_gets_provider_error(drop: bool, 
     assert events[-1] == {"error": {"message": "boom", "type": "server_error", "code": "provider_error", "param": None}}
     own = b'data: {"error":{"message":"cut","type":"rate_limit_error","code":"budget_exceeded","param":null}}\n\n'
     assert SseUsageTap(drop_usage_chunk=drop, limit=limit).feed(own, True) in (None, own)
+
+
+@pytest.mark.parametrize(("event", "ends"), [
+    (b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n', True),
+    (b'event: response.incomplete\ndata: {"type":"response.incomplete","response":{}}\n\n', True),
+    (b'data: {"type": "response.failed", "response": {}}\n\n', True),  # (no event line)
+    (b'event: error\ndata: {"type":"error","code":"server_error","message":"m"}\n\n', True),
+    (b'event: response.in_progress\ndata: {"type":"response.in_progress"}\n\n', False),
+    (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"\\"type\\":\\"error\\""}\n\n',
+     False),  # (the words in the text are no event)
+])
+def test_a_responses_stream_is_done_at_its_last_event_only(event: bytes, ends: bool) -> None:
+    """A Responses stream has no [DONE]: its last event ends it; one that ends without it was
+    cut off (the router then appends `upstream_stream_interrupted`)."""
+    tap = SseUsageTap(False, named=True)
+    tap.feed(event, False)
+    assert tap.done is ends

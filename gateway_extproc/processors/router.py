@@ -565,10 +565,11 @@ class RouterProcessor:
             self.cut = cut_now = True
             out = (out or b"") + self.held_text() + _cut_events(self.cut_after or 0, self.cut_usage(),
                                                                self.endpoint is api.RESPONSES)
-        elif msg.end_of_stream and self.endpoint is api.CHAT and 200 <= self.status < 300 and not self.tap.done:
+        elif msg.end_of_stream and self.endpoint in _ENDED_BY_EVENTS and 200 <= self.status < 300 \
+                and not self.tap.done:
             out = self.tap.whole(data if out is None else out) + self.held_text() + _interrupted_event(self)
         elif msg.end_of_stream and self.endpoint is api.RESPONSES and self.guard is not None \
-                and 200 <= self.status < 300:  # text still held back when the stream was cut off
+                and 200 <= self.status < 300:  # text output scanning still holds back at the end
             out = self.tap.whole(data if out is None else out) + self.held_text()
         if self.to_client is not None:
             out = self.to_client.feed(data if out is None else out, msg.end_of_stream)
@@ -879,10 +880,16 @@ def _cut_events(output_tokens: int, usage: dict[str, int] | None, responses: boo
         b"\n\ndata: [DONE]\n\n"
 
 
+# The endpoints whose streams end with an event of their own ([DONE]; Responses:
+# `response.completed`, `.incomplete` or `.failed`), so a stream ending without it was cut off.
+_ENDED_BY_EVENTS = (api.CHAT, api.RESPONSES)
+
+
 def _interrupted_event(p: RouterProcessor) -> bytes:
-    """How a stream the provider ended without finishing (no [DONE]) ends for the client:
-    an OpenAI-shaped error event, so SDKs raise instead of returning half an answer as if
-    it were whole. Nothing is retried after the first byte, so nothing is repeated."""
+    """How a stream the provider ended without finishing (no [DONE]; a Responses stream
+    without its last event) ends for the client: an OpenAI-shaped error event, so SDKs raise
+    instead of returning half an answer as if it were whole. Nothing is retried after the
+    first byte, so nothing is repeated."""
     p.error_code = "upstream_stream_interrupted"
     access_log.warning("stream_interrupted", request_id=p.request_id, backend=p.backend,
                        events=p.tap.events if p.tap else None)
