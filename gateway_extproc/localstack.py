@@ -124,7 +124,7 @@ class LocalStack:
     def start_envoy(self) -> None:
         self._spawn("envoy", [envoy_binary(), "-c", str(self.workdir / "envoy.yaml"), "--log-level", "warn",
                               "--disable-hot-restart", "--file-flush-interval-msec", "200"])
-        self._wait("envoy", self._ready, "Envoy", timeout=30)
+        self._wait("envoy", self._ready, "Envoy")
 
     def restart_envoy(self) -> bool:
         """Start Envoy again after it died (a crash must not end a developer's session);
@@ -166,7 +166,7 @@ class LocalStack:
         self._spawn("envoy-mtls", [envoy_binary(), "-c", str(out / "envoy.yaml"), "--log-level", "warn",
                                    "--disable-hot-restart", "--file-flush-interval-msec", "200"])
         admin = f"http://127.0.0.1:{self.mtls_values['envoy']['admin']['port']}/ready"
-        self._wait("envoy-mtls", lambda: _status(admin, 1) == 200, "mTLS Envoy", timeout=30)
+        self._wait("envoy-mtls", lambda: _status(admin, 1) == 200, "mTLS Envoy")
 
     def start_extproc(self) -> None:
         self._spawn("extproc", [str(_BIN / "gateway-extproc"), "serve", "--config",
@@ -214,7 +214,10 @@ class LocalStack:
             tee.start()
             self._tees.append(tee)
 
-    def _wait(self, name: str, check: Any, what: str, timeout: float = 20) -> None:
+    def _wait(self, name: str, check: Any, what: str, timeout: float = 60) -> None:
+        """Until `check()` passes; a process that exits ends the wait at once. The timeout only
+        bounds a start that hangs: a loaded machine (CI, a laptop building something) took
+        over 20 s to start the ext_proc's workers, and the start failed though nothing was wrong."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if check():
