@@ -228,6 +228,12 @@ class Reply:
     # Informational (1xx) answers sent before this one (x-mock-interim), with these headers.
     interim: tuple[int, ...] = ()
     interim_headers: tuple[tuple[str, str], ...] = ()
+    # Trailers after a stream's last chunk (x-mock-trailers).
+    trailers: tuple[tuple[str, str], ...] = ()
+    # Hand-written framing h11 refuses to write (x-mock-wire): "chunk-ext" (chunk sizes with
+    # extensions), "body-despite-no-body" (a body after a 204/304/HEAD head); the
+    # connection closes after it, as nothing after such an answer could be framed.
+    wire: str | None = None
 
 
 SSE_FRAMINGS = ("crlf", "cr", "nospace", "multiline", "comments", "fields")
@@ -1654,7 +1660,27 @@ def _raw_reply(reply: Reply, headers: dict[str, str]) -> Reply:
         if not all(100 <= v <= 199 and v != 101 for v in reply.interim):
             raise HTTPError(400, "x-mock-interim must list 1xx statuses other than 101")
         reply.interim_headers = tuple(orjson.loads(headers.get("x-mock-interim-headers") or "{}").items())
+    reply.headers += _header_list(headers)
+    reply.trailers = tuple(orjson.loads(headers.get("x-mock-trailers") or "{}").items())
+    reply.wire = _header_choice(headers, "x-mock-wire", WIRE_SHAPES)
     return reply
+
+
+WIRE_SHAPES = ("chunk-ext", "body-despite-no-body")
+MAX_HEADER_COPIES = 1000
+
+
+def _header_list(headers: dict[str, str]) -> list[tuple[str, str]]:
+    """x-mock-response-header-list: `[[name, value, copies], ...]`, each header `copies` times
+    (duplicated headers), and x-mock-header-pad-bytes: N, one `x-mock-pad` header of N bytes
+    (a huge header from a short control)."""
+    listed = orjson.loads(headers.get("x-mock-response-header-list") or "[]")
+    if not isinstance(listed, list) or not all(
+            isinstance(h, list) and len(h) == 3 and isinstance(h[0], str) and isinstance(h[1], str)
+            and _is_int(h[2]) and 0 <= h[2] <= MAX_HEADER_COPIES for h in listed):
+        raise HTTPError(400, "x-mock-response-header-list must be [[name, value, copies], ...]")
+    pad = _header_int(headers, "x-mock-header-pad-bytes")
+    return [(n, v) for n, v, copies in listed for _ in range(copies)] + ([("x-mock-pad", "p" * pad)] if pad else [])
 
 
 @dataclass
@@ -1848,10 +1874,34 @@ async def _send_reply(
         return False
     for status in reply.interim:  # x-mock-interim: 1xx answers before the final one
         await _send(writer, conn, h11.InformationalResponse(status_code=status, headers=list(reply.interim_headers)))
+    if reply.wire is not None:
+        await _send_wire(writer, reply)
+        return False
     if reply.events is None:
         await _send_json(conn, writer, reply, head_only=request.method == "HEAD")
         return True
     return await _send_stream(conn, writer, reply, reply.events)
+
+
+async def _send_wire(writer: asyncio.StreamWriter, reply: Reply) -> None:
+    """x-mock-wire: the answer framed by hand, then the connection closed. `chunk-ext`: the
+    body (JSON or every event) chunked, each chunk size carrying extensions (`;a=1;b="x y"`),
+    trailers after the last; `body-despite-no-body`: the head says no body (its status, 204 or
+    304 by x-mock-raw-status, forbids one) and the body follows anyway."""
+    chunks = reply.events if reply.events is not None else [
+        reply.raw if reply.raw is not None else orjson.dumps(reply.body)]
+    ctype = reply.content_type or ("text/event-stream" if reply.events is not None else "application/json")
+    head = [f"HTTP/1.1 {reply.status} {responses.get(reply.status, '')}", f"content-type: {ctype}",
+            *(f"{n}: {v}" for n, v in reply.headers)]
+    if reply.wire == "chunk-ext":
+        head.append("transfer-encoding: chunked")
+        body = b"".join(b"%x;a=1;b=\"x y\";c\r\n%s\r\n" % (len(c), c) for c in chunks if c)
+        body += b"0;end=1\r\n" + b"".join(f"{n}: {v}\r\n".encode() for n, v in reply.trailers) + b"\r\n"
+    else:
+        body = b"".join(chunks)
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+    await writer.drain()
+    writer.close()
 
 
 def _compressor(encoding: str | None) -> Any:
@@ -1898,7 +1948,7 @@ async def _send_stream(conn: h11.Connection, writer: asyncio.StreamWriter, reply
     if reply.drop_after is not None:
         writer.transport.abort()
         return False
-    await _send(writer, conn, h11.EndOfMessage())
+    await _send(writer, conn, h11.EndOfMessage(headers=list(reply.trailers)))
     return True
 
 

@@ -1263,3 +1263,29 @@ def test_inline_pdfs_bill_every_page(http: httpx.Client, base_url: str) -> None:
     one, many = billed(build(1, object_stream=True)), billed(build(500, object_stream=True))
     assert all(m - o == 499 * PDF_PAGE_TOKENS for o, m in zip(one, many))
     assert billed(build(3)) == [o + 2 * PDF_PAGE_TOKENS for o in one]
+
+
+def _raw_exchange(base_url: str, headers: dict[str, str], stream: bool = False) -> bytes:
+    """The mock's answer bytes as they were written (the connection is closed after them)."""
+    host, port = base_url.split("//")[1].split(":")
+    body = orjson.dumps(chat_body(stream=stream))
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**AUTH, **headers}.items())
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: m\r\ncontent-type: application/json\r\n"
+                     f"content-length: {len(body)}\r\nconnection: close\r\n{head}\r\n".encode() + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_wire_shapes_for_chaos(base_url: str) -> None:
+    """x-mock-wire, x-mock-trailers, x-mock-response-header-list, x-mock-header-pad-bytes."""
+    ext = _raw_exchange(base_url, {"x-mock-wire": "chunk-ext", "x-mock-trailers": '{"x-t": "1"}'})
+    assert b"transfer-encoding: chunked" in ext and b';a=1;b="x y";c\r\n' in ext and ext.endswith(b"0;end=1\r\nx-t: 1\r\n\r\n")
+    no_body = _raw_exchange(base_url, {"x-mock-raw-status": "204", "x-mock-wire": "body-despite-no-body"})
+    assert no_body.startswith(b"HTTP/1.1 204 ") and no_body.endswith(b"}")
+    trailers = _raw_exchange(base_url, {"x-mock-trailers": '{"x-t": "2"}'}, stream=True)
+    assert trailers.endswith(b"0\r\nx-t: 2\r\n\r\n")
+    dup = _raw_exchange(base_url, {"x-mock-response-header-list": '[["x-dup", "a", 3]]', "x-mock-header-pad-bytes": "70000"})
+    assert dup.count(b"x-dup: a\r\n") == 3 and b"x-mock-pad: " + b"p" * 70000 + b"\r\n" in dup
