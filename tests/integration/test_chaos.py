@@ -41,9 +41,10 @@ from ..redis_server import RedisServer
 from .conftest import Gateway, add_provider_models, running_gateway, workers
 from .test_ops_bursts import verdict
 
-PROGRAM_SIZE = 220
-CONCURRENCY = 150
-CLIENT_TIMEOUT_S = 40.0  # above envoy.upstreamTimeout (20 s here): a request past it hung
+PROGRAM_SIZE = 300
+CONCURRENCY = 300
+UPSTREAM_TIMEOUT_S = 20
+CLIENT_TIMEOUT_S = 40.0  # above envoy.upstreamTimeout: a request past it hung
 CHAT_MODELS = ("default-chat", "claude-chat", "gemini-chat", "azure-chat", "fallback-chat", "private-chat",
                "bedrock-chat", "gemini3-chat")
 ENDPOINTS = ("chat", "chat", "messages", "responses", "embeddings")
@@ -72,7 +73,20 @@ FAULTS: tuple[tuple[dict[str, str], bool], ...] = (
     ({"x-mock-status": "503"}, False),
     ({"x-mock-status": "429"}, False),
     ({"x-mock-reply-words": "3000"}, False),
+    ({"x-mock-interim": "100,100,103,103,100", "x-mock-interim-headers": '{"link": "</a>; rel=preload"}'}, False),
+    ({"x-mock-response-header-list": '[["content-length", "5", 1]]'}, True),
+    ({"x-mock-response-header-list": '[["transfer-encoding", "chunked", 1]]'}, True),
+    ({"x-mock-response-header-list": '[["x-gateway-backend", "evil", 2], ["x-envoy-upstream-service-time", "x", 1]]'},
+     False),
+    ({"x-mock-response-header-list": '[["connection", "close", 1], ["keep-alive", "timeout=1", 1]]'}, False),
+    ({"x-mock-garbage-after-chunks": "1", "x-mock-garbage": "bytes"}, False),
+    ({"x-mock-content-encoding": "gzip"}, False),
+    # A 1xx Envoy's codec does not know: on upstream-processed models the attempt's ext_proc
+    # sees two response-header messages (docs/architecture.md, a known gap): some wait out
+    # messageTimeout and get 503 gateway_unavailable. Its counters are explained below.
+    ({"x-mock-interim": "150"}, False),
 )
+ODD_1XX = len(FAULTS) - 1
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,7 @@ class Op:
     model: str
     stream: bool
     pad: int  # bytes of filler in the prompt
-    fault: int  # index into FAULTS
+    faults: tuple[int, ...]  # indexes into FAULTS, merged in order
     leave: str | None
     chunked: bool
     write_sizes: int  # bytes per write of the body (h1)
@@ -116,7 +130,8 @@ def draw(seed: int, size: int = PROGRAM_SIZE) -> Program:
             (1_500_000, 4_000_000))
         program.ops.append(Op(seed, i, rnd.random() < 0.4, endpoint, model,
                               endpoint != "embeddings" and rnd.random() < 0.5, pad,
-                              rnd.randrange(len(FAULTS)), rnd.choice(LEAVES), rnd.random() < 0.5,
+                              tuple(rnd.randrange(len(FAULTS)) for _ in range(rnd.choice((1, 1, 2, 3)))),
+                              rnd.choice(LEAVES), rnd.random() < 0.5,
                               rnd.choice((1 << 20, 7, 1000, 65_536))))
     return program
 
@@ -132,18 +147,30 @@ def body_of(op: Op) -> bytes:
     return json.dumps(body).encode()
 
 
+def controls(op: Op) -> dict[str, str]:
+    return {k: v for i in op.faults for k, v in FAULTS[i][0].items()}
+
+
+def cuts(op: Op) -> bool:
+    """Whether the op's provider faults may cut the client's answer short."""
+    return any(FAULTS[i][1] for i in op.faults)
+
+
 def headers_of(gw: Gateway, op: Op) -> dict[str, str]:
     return {"authorization": f"Bearer {gw.key}", "content-type": "application/json",
-            "anthropic-version": "2023-06-01", SEALED: seal(FAULTS[op.fault][0])}
+            "anthropic-version": "2023-06-01", SEALED: seal(controls(op))}
 
 
 def judge(outcome: Outcome, raw: bytes, complete: bool) -> None:
     """An answer with headers: an error must be in the OpenAI shape with a runbook code (a
     provider's own error, x-mock-status, passes through with the provider's code)."""
-    if outcome.status is None or outcome.status == 200 or not complete:
+    if outcome.status is None or not complete:
+        return
+    if outcome.status == 200:
+        outcome.problem = answer_problem(outcome.op, raw)
         return
     try:
-        if "x-mock-status" in FAULTS[outcome.op.fault][0]:
+        if "x-mock-status" in controls(outcome.op):
             error = json.loads(raw)["error"]
             assert set(error) == {"message", "type", "code", "param"}, error
             outcome.code = f"provider:{error['code']}"
@@ -151,6 +178,30 @@ def judge(outcome: Outcome, raw: bytes, complete: bool) -> None:
             outcome.code = verdict(outcome.status, raw)
     except (AssertionError, ValueError, KeyError, TypeError) as err:
         outcome.problem = f"{type(err).__name__}: {err} {raw[:200]!r}"
+
+
+def answer_problem(op: Op, raw: bytes) -> str | None:
+    """A whole 200 answer: JSON, or SSE whose every data line is JSON (or `[DONE]`) and whose
+    error events carry a code (OpenAI's shape; Anthropic's `event: error` for /v1/messages)."""
+    if not op.stream:
+        try:
+            return None if isinstance(json.loads(raw), dict) else f"200 not a JSON object: {raw[:200]!r}"
+        except ValueError:
+            return f"200 not JSON: {raw[:200]!r}"
+    for line in raw.decode(errors="replace").splitlines():
+        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+            continue
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            return f"stream data line not JSON: {line[:200]!r}"
+        error = event.get("error") if isinstance(event, dict) else None
+        if error is None:
+            continue
+        want = {"type", "message", "code"} if op.endpoint == "messages" else {"message", "type", "code", "param"}
+        if not isinstance(error, dict) or not want <= set(error) or not error.get("code"):
+            return f"error event without the shape: {line[:300]!r}"
+    return None
 
 
 async def h1(gw: Gateway, op: Op, rnd: random.Random) -> Outcome:
@@ -165,7 +216,8 @@ async def h1(gw: Gateway, op: Op, rnd: random.Random) -> Outcome:
         headers.append(("transfer-encoding", "chunked"))
     else:
         headers.append(("content-length", str(len(body))))
-    if op.leave == "continue":
+    expect = op.leave == "continue" or (op.leave is None and rnd.random() < 0.2)
+    if expect:
         headers.append(("expect", "100-continue"))
     try:
         head = conn.send(h11.Request(method="POST", target=PATHS[op.endpoint], headers=headers)) or b""
@@ -178,7 +230,14 @@ async def h1(gw: Gateway, op: Op, rnd: random.Random) -> Outcome:
             await writer.drain()
             await asyncio.sleep(rnd.random() * 0.2)
             return out
-        cut = rnd.randrange(len(body)) if op.leave == "mid-upload" else None
+        if expect:  # wait for Envoy's 100 (or an early final answer) before the body
+            await writer.drain()
+            early = await asyncio.wait_for(reader.read(65_536), 5)
+            conn.receive_data(early)
+            if b" 100 " not in early.split(b"\r\n", 1)[0]:
+                writer.write(b"")  # answered without asking for the body: read it below
+                body = b""
+        cut = rnd.randrange(len(body)) if op.leave == "mid-upload" and body else None
         for i in range(0, len(body), op.write_sizes):
             piece = body[i:i + op.write_sizes]
             if cut is not None and i + len(piece) > cut:
@@ -310,7 +369,7 @@ def chaos_gw() -> Iterator[Gateway]:
     def customize(values: dict[str, Any]) -> None:
         add_provider_models(values)
         values["extproc"]["processes"] = 2
-        values["envoy"]["upstreamTimeout"] = "20s"
+        values["envoy"]["upstreamTimeout"] = f"{UPSTREAM_TIMEOUT_S}s"
         values["budgets"].update(store="redis", redis={"url": redis.url})
         values["budgets"].pop("devMemoryStore", None)
         values["budgets"]["orgLimit"] = {"daily": 1_000_000}
@@ -353,13 +412,19 @@ def test_chaos_program_leaves_envoy_and_workers_serving(chaos_gw: Gateway, seed:
     grown = ext_proc_errors(gw) - before
     problems = [o for o in outcomes if o.problem]
     # Transport errors nobody asked for: the client did not leave and the provider did not cut.
-    cut_short = [o for o in outcomes if o.error and o.op.leave is None and not FAULTS[o.op.fault][1]]
+    # (a slow provider's answer cut at envoy.upstreamTimeout is the timeout's doing).
+    cut_short = [o for o in outcomes if o.error and o.op.leave is None and not cuts(o.op)
+                 and o.took_s < UPSTREAM_TIMEOUT_S - 0.5]
     summary = Counter((o.status, o.code) for o in outcomes)
     print(f"seed {seed}: {sorted(summary.items(), key=str)}; ext_proc errors {dict(grown)}")
     if os.environ.get("CHAOS_VERBOSE"):
-        for key, n in sorted(Counter((o.op.fault, o.op.leave is None, o.op.endpoint, o.op.stream, o.status, o.code,
+        print(httpx.get(gw.stack.admin_url + "/stats?filter=ext_proc", timeout=5).text)
+        for key, n in sorted(Counter((o.op.faults, o.op.leave is None, o.op.endpoint, o.op.stream, o.status, o.code,
                                       (o.error or "")[:40]) for o in outcomes).items(), key=str):
             print(n, key)
     assert not problems, "\n".join(f"{o.op} -> {o.status} {o.problem}" for o in problems[:30])
     assert not cut_short, "\n".join(f"{o.op} -> {o.status} {o.error}" for o in cut_short[:30])
+    if any(ODD_1XX in o.op.faults for o in outcomes):  # the known gap's own counters
+        grown = Counter({k: n for k, n in grown.items() if not k.endswith(("message_timeouts", "spurious_msgs_received",
+                                                                            "streams_failed"))})
     assert not grown, f"seed {seed}: ext_proc stream errors {dict(grown)}"
