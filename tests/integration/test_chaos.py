@@ -15,8 +15,14 @@ request gets 200, Envoy's ext_proc counters show no failed stream, spurious mess
 timeout that the program's own provider faults do not explain, and every answer that got
 headers has a status and, when it is an error, the OpenAI shape with a runbook code.
 
+Explained, not failures: answers a provider fault cuts (drops, broken framing), a slow answer
+cut at envoy.upstreamTimeout, the known 1xx gap's 503s and ext_proc counters, and an HTTP/1 body
+over envoy.maxRequestBytes whose 413 is lost to a reset (docs/architecture.md, both gaps).
+
 CHAOS_SEEDS=1,2,3 replays given seeds; CHAOS_PROGRAMS=N runs N random ones (the default run
-is two programs, about a minute). A failing seed is printed; replay it with CHAOS_SEEDS.
+is two programs, about 30 s). CHAOS_BIG_SHARE (0.03) and CHAOS_H2_SHARE (0.4) tilt the mix;
+CHAOS_VERBOSE=1 prints the outcomes by fault and Envoy's ext_proc counters. A failing seed is
+printed; replay it with CHAOS_SEEDS.
 """
 
 from __future__ import annotations
