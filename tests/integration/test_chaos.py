@@ -89,6 +89,8 @@ FAULTS: tuple[tuple[dict[str, str], bool], ...] = (
     ({"x-mock-response-header-list": '[["connection", "close", 1], ["keep-alive", "timeout=1", 1]]'}, False),
     ({"x-mock-garbage-after-chunks": "1", "x-mock-garbage": "bytes"}, False),
     ({"x-mock-content-encoding": "gzip"}, False),
+    ({"x-mock-interim": ",".join(["100"] * 500 + ["103"] * 500)}, False),
+    ({"x-mock-interim": "103", "x-mock-interim-headers": '{"link": "%s"}' % ("x" * 30_000)}, False),
     # A 1xx Envoy's codec does not know: on upstream-processed models the attempt's ext_proc
     # sees two response-header messages (docs/architecture.md, a known gap): some wait out
     # messageTimeout and get 503 gateway_unavailable. Its counters are explained below.
@@ -447,6 +449,7 @@ def test_chaos_program_leaves_envoy_and_workers_serving(chaos_gw: Gateway, seed:
     print(f"chaos seed {seed} (replay: CHAOS_SEEDS={seed})")
     envoy_pid, worker_pids = gw.stack.procs["envoy"].pid, workers(gw)
     before = ext_proc_errors(gw)
+    log_start = gw.stack.log_path("envoy").stat().st_size
     try:
         outcomes = asyncio.run(run_program(gw, draw(seed)))
     finally:
@@ -456,6 +459,10 @@ def test_chaos_program_leaves_envoy_and_workers_serving(chaos_gw: Gateway, seed:
     assert workers(gw) == worker_pids, f"seed {seed}: a worker died"
     assert httpx.get(gw.stack.admin_url + "/ready", timeout=5).status_code == 200
     plain_request_ok(gw)
+    with gw.stack.log_path("envoy").open("rb") as log:
+        log.seek(log_start)
+        critical = [line for line in log.read().decode(errors="replace").splitlines() if "critical" in line or "Segmentation fault" in line]
+    assert not critical, f"seed {seed}: Envoy logged {critical[:3]}"
     grown = ext_proc_errors(gw) - before
     for o in outcomes:  # the gateway's own failures, unless the known 1xx gap explains them
         if o.code in GATEWAY_FAILURES and ODD_1XX not in o.op.faults and not o.problem:
