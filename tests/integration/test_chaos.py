@@ -461,7 +461,8 @@ def test_chaos_program_leaves_envoy_and_workers_serving(chaos_gw: Gateway, seed:
     plain_request_ok(gw)
     with gw.stack.log_path("envoy").open("rb") as log:
         log.seek(log_start)
-        critical = [line for line in log.read().decode(errors="replace").splitlines() if "critical" in line or "Segmentation fault" in line]
+        critical = [line for line in log.read().decode(errors="replace").splitlines()
+                    if "critical" in line or "Segmentation fault" in line]
     assert not critical, f"seed {seed}: Envoy logged {critical[:3]}"
     grown = ext_proc_errors(gw) - before
     for o in outcomes:  # the gateway's own failures, unless the known 1xx gap explains them
