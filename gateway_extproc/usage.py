@@ -59,9 +59,11 @@ UNSCANNABLE = ("The provider sent a stream event larger than output scanning can
 log = structlog.get_logger("gateway_extproc.usage")
 
 
-def _completed_error_event(event: bytes) -> bytes:
+def _completed_error_event(event: bytes, cut: Callable[[str], str] | None = None) -> bytes:
     """A stream's error event with the four fields and a runbook `code` (`completed_error`):
     an OpenAI-schema provider's own event says `"code": null`, which reached clients as sent.
+    `cut` takes the provider credentials' pieces out of the error's JSON text, as a JSON error
+    answer's are (`client_error`): a quota error mid-stream quoted "the key ending …" as sent.
     The event itself when it needs nothing (the gateway's own, a translator's) or is no error
     object (output scanning withholds it)."""
     try:
@@ -72,6 +74,10 @@ def _completed_error_event(event: bytes) -> bytes:
     if not isinstance(error, dict):
         return event
     done = completed_error(error, "server_error", "The provider reported an error mid-stream.")
+    if cut is not None:
+        text = orjson.dumps(done).decode()
+        if (kept := cut(text)) != text:
+            done = orjson.loads(kept)
     return event if done == error else b"data: " + orjson.dumps({**obj, "error": done}) + b"\n\n"
 
 
@@ -173,12 +179,13 @@ class SseUsageTap:
 
     __slots__ = ("drop_usage_chunk", "named", "usage", "_pending", "events", "content_events", "rewrite", "done",
                  "finish_reasons", "limit", "over", "refused", "usage_unread", "count", "generated_tokens", "choices",
-                 "usage_final")
+                 "usage_final", "cut")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
                  limit: int | None = None, named: bool = False, count: TokenCount | None = None,
-                 choices: int = 1) -> None:
+                 choices: int = 1, cut: Callable[[str], str] | None = None) -> None:
         self.drop_usage_chunk = drop_usage_chunk
+        self.cut = cut  # applied to provider error events' text (`_completed_error_event`)
         self.named = named  # events keep their `event:` name (Responses API streams)
         # At most this many events of generated text (and `TEXT_LIMIT_FACTOR` times this many tokens
         # of it) are forwarded; from the one past it on, `over` is set and nothing more is
@@ -240,7 +247,7 @@ class SseUsageTap:
             elif event.startswith(STREAM_ENDS):
                 self.done = True
                 if not event.startswith(b"data: [DONE]"):
-                    event = _completed_error_event(event)
+                    event = _completed_error_event(event, self.cut)
                     changed = changed or event is not raw
             elif self.named and _RESPONSES_END.search(event) is not None:
                 self.done = True

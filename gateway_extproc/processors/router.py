@@ -41,7 +41,7 @@ from ..runtime import Runtime
 from ..telemetry import metrics, tracing
 from ..usage import SseUsageTap, Usage, usage_from_object
 from . import responses as r
-from .provider_response import CredentialCut, ProviderResponse, client_error, echoed_headers
+from .provider_response import CredentialCut, ProviderResponse, client_error, cut_pieces, echoed_headers
 
 access_log = structlog.get_logger("gateway_extproc.access")
 log = structlog.get_logger("gateway_extproc.router")
@@ -472,9 +472,11 @@ class RouterProcessor:
                 self.stream and 200 <= self.status < 300 and content_type != "application/json"):
             if 200 <= self.status < 300 and content_type != "text/event-stream":
                 added["content-type"] = "text/event-stream"
+            secrets = self.runtime.secrets
             self.tap = SseUsageTap(self.drop_usage, self.guard.sse_event if self.guard and self.status < 300 else None,
                                    self.cut_after, named=self.endpoint is api.RESPONSES, choices=self.choices,
-                                   count=tokens.counter(self.model.tokenizer) if self.model is not None else None)
+                                   count=tokens.counter(self.model.tokenizer) if self.model is not None else None,
+                                   cut=partial(cut_pieces, secrets=secrets) if secrets else None)
             if self.prompt_tokens is not None:
                 added["x-gateway-prompt-tokens"] = str(self.prompt_tokens)
             # The stream may change length (translation, usage chunk dropped, redaction, budget cut): chunked.

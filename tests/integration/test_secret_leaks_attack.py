@@ -143,6 +143,53 @@ def test_a_provider_error_quoting_part_of_the_credential_passes_on_no_piece_of_i
     assert [p for p in pieces_of(secret) if p in answer] == [], (shape, answer[:300])
 
 
+
+def _stream_events(model: str, message: str) -> list[bytes]:
+    """Some text, then the provider's own mid-stream error event quoting `message`, in the
+    wire shape of the provider the model's backend speaks."""
+    import json
+
+    if model == "claude-chat":
+        start = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                       "model": "claude", "content": [],
+                                                       "usage": {"input_tokens": 3, "output_tokens": 0}}}
+        return [b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n",
+                b"event: error\ndata: " + json.dumps({"type": "error", "error": {
+                    "type": "overloaded_error", "message": message}}).encode() + b"\n\n"]
+    if model == "gemini-chat":
+        text = {"candidates": [{"content": {"role": "model", "parts": [{"text": "Hi"}]}}]}
+        return [b"data: " + json.dumps(text).encode() + b"\r\n\r\n", b"data: " + json.dumps({"error": {
+            "code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}}).encode() + b"\r\n\r\n"]
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": None}]}
+    return [b"data: " + json.dumps(chunk).encode() + b"\n\n", b"data: " + json.dumps({"error": {
+        "message": message, "type": "rate_limit_error", "code": "rate_limit_exceeded"}}).encode() + b"\n\n"]
+
+
+@pytest.mark.parametrize("model,which", [("default-chat", "primary"), ("private-chat", "primary"),
+                                         ("claude-chat", "backup"), ("gemini-chat", "backup")])
+def test_a_mid_stream_error_quoting_part_of_the_credential_passes_on_no_piece_of_it(
+        providers: Gateway, model: str, which: str) -> None:
+    """The same partial quotes as above, in the provider's error event after the stream began
+    (a quota hit mid-answer). A JSON error answer was cut of every piece; the stream's error
+    event reached the client with the key's last 12 characters, for every provider kind."""
+    import base64
+    import json
+
+    gw = providers
+    key = gw.primary_key if which == "primary" else gw.backup_key
+    secret = key.split("-", 2)[2]
+    message = f"Quota exceeded for the key ending ...{key[-12:]}; masked {key[:14]}*****{key[-10:]}"
+    events = [base64.b64encode(e).decode() for e in _stream_events(model, message)]
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30, headers={
+            "authorization": f"Bearer {gw.key}", "x-mock-raw-events": json.dumps(events)},
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                  "stream": True}) as resp:
+        body = resp.read().decode()
+    assert resp.status_code == 200 and "Quota exceeded for the key ending" in body, body[-400:]
+    assert [p for p in pieces_of(secret) if p in body] == [], body[-400:]
+
+
 # -- Envoy at debug or trace level --------------------------------------------------------
 
 def chart_envoy_log_args(level: str) -> list[str]:
