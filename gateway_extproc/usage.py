@@ -53,6 +53,9 @@ MAX_PENDING_BYTES = 1 << 20
 # The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
 # and the gateway's are written either way).
 STREAM_ENDS = (b"data: [DONE]", b'data: {"error":{', b'data: {"error": {')
+# A Responses API stream's failure events (named, or by their payload's `type` only): their
+# messages are the provider's words (`cut`).
+_NAMED_FAILURES = re.compile(rb'^(?:event: (?:error|response\.failed)\n|data: \{\s*"type"\s*:\s*"(?:error|response\.failed)")')
 UNSCANNABLE = ("The provider sent a stream event larger than output scanning can read (1 MiB); the stream was "
                "ended by the gateway.")
 
@@ -185,7 +188,7 @@ class SseUsageTap:
                  limit: int | None = None, named: bool = False, count: TokenCount | None = None,
                  choices: int = 1, cut: Callable[[str], str] | None = None) -> None:
         self.drop_usage_chunk = drop_usage_chunk
-        self.cut = cut  # applied to provider error events' text (`_completed_error_event`)
+        self.cut = cut  # applied to provider error events' text (`_completed_error_event`, _NAMED_FAILURES)
         self.named = named  # events keep their `event:` name (Responses API streams)
         # At most this many events of generated text (and `TEXT_LIMIT_FACTOR` times this many tokens
         # of it) are forwarded; from the one past it on, `over` is set and nothing more is
@@ -251,6 +254,10 @@ class SseUsageTap:
                     changed = changed or event is not raw
             elif self.named and _RESPONSES_END.search(event) is not None:
                 self.done = True
+                if self.cut is not None and _NAMED_FAILURES.match(event) is not None:
+                    text = event.decode("utf-8", "surrogateescape")
+                    if (kept := self.cut(text)) != text:
+                        event, changed = kept.encode("utf-8", "surrogateescape"), True
             if b'"finish_reason":' in event and b'"finish_reason":null' not in event:
                 self.finish_reasons += [m.decode() for m in _FINISH_REASON.findall(event)]
             if self.over or self.refused:

@@ -190,6 +190,41 @@ def test_a_mid_stream_error_quoting_part_of_the_credential_passes_on_no_piece_of
     assert [p for p in pieces_of(secret) if p in body] == [], body[-400:]
 
 
+
+@pytest.mark.parametrize("shape", ["error", "response.failed"])
+def test_a_responses_stream_failure_quoting_part_of_the_credential_passes_on_no_piece_of_it(
+        providers: Gateway, shape: str) -> None:
+    """The Responses API's own failure events (`error`, `response.failed` with `response.error`)
+    quoting "the key ending …" reached the OpenAI SDK's stream as sent."""
+    import base64
+    import json
+
+    from openai import OpenAI
+
+    gw = providers
+    key = gw.primary_key
+    message = f"Quota exceeded for the key ending ...{key[-12:]}"
+    response = {"id": "resp_1", "object": "response", "status": "in_progress", "model": "m", "output": []}
+    failure = ({"type": "error", "code": "rate_limit_exceeded", "message": message, "param": None}
+               if shape == "error" else
+               {"type": "response.failed", "response": {**response, "status": "failed", "error": {
+                   "code": "server_error", "message": message}}})
+    created = {"type": "response.created", "response": response}
+    events = [b"event: response.created\ndata: " + json.dumps(created).encode() + b"\n\n",
+              f"event: {shape}\ndata: ".encode() + json.dumps(failure).encode() + b"\n\n"]
+    client = OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0, default_headers={
+        "x-mock-raw-events": json.dumps([base64.b64encode(e).decode() for e in events])})
+    seen = []
+    try:
+        for event in client.responses.create(model="default-chat", input="hi", max_output_tokens=16, stream=True):
+            seen.append(event.model_dump_json())
+    except Exception as err:  # the SDK raises on an `error` event
+        seen.append(repr(err))
+    text = "\n".join(seen)
+    assert "Quota exceeded for the key ending" in text, text[-400:]
+    assert [p for p in pieces_of(key.split("-", 2)[2]) if p in text] == [], text[-400:]
+
+
 # -- Envoy at debug or trace level --------------------------------------------------------
 
 def chart_envoy_log_args(level: str) -> list[str]:
