@@ -15,10 +15,11 @@ from typing import Any
 import orjson
 import structlog
 
-# Gateway keys, OpenAI/Anthropic-style keys, bearer tokens, AWS access key ids, Google API keys.
-_SECRET = re.compile(r"gwk_[A-Za-z0-9-]+_[A-Za-z0-9_-]+|sk-[A-Za-z0-9_-]{8,}|(?i:bearer)\s+\S+"
-                     r"|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{35}")
-_MARKERS = ("gwk_", "sk-", "bearer", "akia", "aiza")  # each pattern's start, lower-cased
+# Gateway keys and admin tokens, OpenAI/Anthropic-style keys, bearer tokens, AWS access key ids,
+# Google API keys.
+_SECRET = re.compile(r"gwk_[A-Za-z0-9-]+_[A-Za-z0-9_-]+|gwa_[A-Za-z0-9_-]{16,}|sk-[A-Za-z0-9_-]{8,}"
+                     r"|(?i:bearer)\s+\S+|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{35}")
+_MARKERS = ("gwk_", "gwa_", "sk-", "bearer", "akia", "aiza")  # each pattern's start, lower-cased
 # The provider credentials this process loaded (`known_secrets`), whatever their shape
 # (an AWS secret key, a vLLM token): masked wherever they appear.
 _known: tuple[str, ...] = ()

@@ -565,8 +565,8 @@ CLASSIFICATION_ERRORS = [
     ("rule-action-null", _set("classification.rules.email.action", None), "classification.rules.email.action",
      "must be monitor, redact or block"),
     ("rule-misspelt", _set("classification.rules.emial", {"action": "block"}), "classification.rules.emial",
-     "is no built-in rule (private_key, jwt, anthropic_key, openai_key, gateway_key, github_token, "
-     "aws_access_key, credit_card, us_ssn, iban, email, phone, ipv4, ipv6, prompt_injection); a rule of your "
+     "is no built-in rule (private_key, jwt, anthropic_key, openai_key, gateway_key, gateway_admin_token, "
+     "github_token, aws_access_key, credit_card, us_ssn, iban, email, phone, ipv4, ipv6, prompt_injection); a rule of your "
      "own goes under classification.custom; did you mean email?"),
     ("rule-setting-misspelt", _set("classification.rules.email.min_tier", "restricted"),
      "classification.rules.email.min_tier", "is no setting here (action, minTier, critical); did you mean minTier?"),
@@ -620,8 +620,8 @@ def test_own_tier_names_need_a_tier_for_each_built_in_rule() -> None:
         _runtime(doc)
     assert str(info.value).startswith(f"{SOURCE}: classification.rules: the built-in rules private_key, jwt, ")
     assert "give each a minTier of yours (classification.rules.<name>.minTier)" in str(info.value)
-    builtin = ("private_key", "jwt", "anthropic_key", "openai_key", "gateway_key", "github_token", "aws_access_key",
-               "credit_card", "us_ssn", "iban", "email", "phone", "ipv4", "ipv6")
+    builtin = ("private_key", "jwt", "anthropic_key", "openai_key", "gateway_key", "gateway_admin_token", "github_token",
+               "aws_access_key", "credit_card", "us_ssn", "iban", "email", "phone", "ipv4", "ipv6")
     doc["classification"]["rules"] = {name: {"minTier": "secret"} for name in builtin}
     assert _runtime(doc).policy.rank == {"open": 0, "secret": 1}
 

@@ -938,6 +938,17 @@ def test_not_a_gateway_key(text: str) -> None:
     assert found("gateway_key", text) == []
 
 
+def test_a_gateway_admin_token_is_a_secret() -> None:
+    """The key admin API's token pasted into a prompt went to the provider, the content log and
+    the audit trail as text: no detector knew `gwa_`."""
+    from gateway_extproc.keyadmin import admin_token
+
+    token, _ = admin_token()
+    assert found_all(f"curl -H 'Authorization: Bearer {token}' gets 401") == [("gateway_admin_token", token)]
+    assert next(r for r in DEFAULT_RULES if r.name == "gateway_admin_token").action == "block"
+    assert found("gateway_admin_token", "the gwa_ prefix, gwa_short_name") == []
+
+
 
 @pytest.mark.parametrize(("text", "card"), [
     # after a number whose last group is not of four digits: a date, a ZIP code, an amount

@@ -15,7 +15,7 @@ from gateway_extproc.logs import _SECRET, known_secrets, redact_secrets
 
 SECRETS = st.sampled_from(["gwk_demo_a-secret_value", "sk-abcdefgh1234", "sk-proj_ABCDEFGHijkl-xyz", "Bearer tok.en",
                            "bEaReR\tabc", "BEARER  x", "authorization: bearer abc", "AKIAIOSFODNN7EXAMPLE",
-                           "AIzaSyA-1234567890abcdefghijklmnopqrstu"])
+                           "AIzaSyA-1234567890abcdefghijklmnopqrstu", "gwa_Qm9fXk2yqfT9v7S_3uJc1bXyA7w4pVmNw0HoZk2yq"])
 TEXT = st.text(alphabet=st.sampled_from(list("abcsk-_gwkBEARERbearer \t\n0123456789./:")), max_size=40)
 VALUES = st.one_of(TEXT, st.builds(lambda a, s, b: a + s + b, TEXT, SECRETS, TEXT), st.integers(), st.none(),
                    st.booleans(), st.floats(allow_nan=False))

@@ -616,6 +616,12 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "GATEWAY_KEY", "the gateway's own virtual key (gwk_<id>_<secret>)",
         ),
         Detector(
+            # The key admin API's token (keyadmin.admin_token: `gwa_` + 43 URL-safe characters):
+            # the gateway's most powerful credential, pasted into a question about the API.
+            "gateway_admin_token", rf"gwa_{_TOKEN}{{32,300}}+", None,
+            "GATEWAY_ADMIN_TOKEN", "the gateway's own key admin token (gwa_<secret>)",
+        ),
+        Detector(
             "github_token", rf"(?:gh[pousr]_[A-Za-z0-9]{{36,251}}+|github_pat_[A-Za-z0-9_]{{22,251}}+){_END}",
             None, "GITHUB_TOKEN", "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_)",
         ),

@@ -161,6 +161,7 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     "anthropic_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=300),),
     "openai_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=300),),
     "gateway_key": (Trigger(r"gwk_[a-z0-9]", som=False, reach=6, tail=370),),
+    "gateway_admin_token": (Trigger(r"gwa_[A-Za-z0-9_\-]{32}", som=False, reach=37, tail=300),),
     "github_token": (Trigger(r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}", som=False, reach=41,
                              tail=252),),
     "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}", som=False, reach=21, tail=4),),

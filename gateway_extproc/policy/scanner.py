@@ -222,6 +222,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("anthropic_key", "anthropic_key", "block", "restricted", critical=True),
     Rule("openai_key", "openai_key", "block", "restricted", critical=True),
     Rule("gateway_key", "gateway_key", "block", "restricted", critical=True),
+    Rule("gateway_admin_token", "gateway_admin_token", "block", "restricted", critical=True),
     Rule("github_token", "github_token", "block", "restricted", critical=True),
     Rule("aws_access_key", "aws_access_key", "block", "restricted", critical=True),
     # Financial / government identifiers: replaced by placeholders.

@@ -225,6 +225,35 @@ def test_a_responses_stream_failure_quoting_part_of_the_credential_passes_on_no_
     assert [p for p in pieces_of(key.split("-", 2)[2]) if p in text] == [], text[-400:]
 
 
+
+# -- the gateway's own admin token in a prompt ----------------------------------------------
+
+def test_an_admin_token_pasted_into_a_prompt_reaches_no_provider_log_or_audit_record(providers: Gateway) -> None:
+    """A platform engineer pastes the key admin API's token (`gwa_…`) into a question. Caller
+    keys (`gwk_…`) are refused there as credentials; the admin token was neither a credential
+    to classification nor to the log mask: it went to the provider, into the access line's
+    prompt (content logging) and into the audit record."""
+    from openai import OpenAI, PermissionDeniedError
+
+    from gateway_extproc.keyadmin import admin_token
+
+    from .test_output_leaks import audit_lines
+
+    gw = providers
+    gw.reset()
+    token, _ = admin_token()
+    before = len(gw.logs())
+    client = OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0)
+    with pytest.raises(PermissionDeniedError) as refused:
+        client.chat.completions.create(model="default-chat", max_tokens=5, messages=[
+            {"role": "user", "content": f"Why does curl with {token} get a 401 from the key admin API?"}])
+    assert refused.value.code == "content_blocked"
+    time.sleep(1.0)
+    received = "\n".join(str(r) for mock in (gw.primary, gw.backup) for r in gw.received(mock))
+    outputs = {"logs": gw.logs()[before:], "audit": "\n".join(audit_lines(gw)), "provider": received}
+    assert leaks(token, outputs) == []
+
+
 # -- Envoy at debug or trace level --------------------------------------------------------
 
 def chart_envoy_log_args(level: str) -> list[str]:
