@@ -409,6 +409,15 @@ class _Reader:
             self.fail(key, "must be a non-empty string")
         return value
 
+    def env_name(self, value: Any, key: str, holds: str) -> str:
+        """The name of the environment variable that holds a secret. Never quoted back: what
+        is here instead of a name is most likely the secret itself, which gateway.yaml (a
+        ConfigMap, the audit trail's copies of each config version) must not carry."""
+        if not ENV_NAME.match(self.string(value, key)):
+            self.fail(key, "must name an environment variable (letters, digits and _, not starting with a digit), "
+                      f"not hold the {holds}; put the {holds} in that variable")
+        return value
+
     def name(self, value: Any, key: str, reserved: str = "") -> str:
         """A name the gateway puts in headers, Envoy metadata and log lines: a control
         character would make Envoy refuse the header at run time (503 on every request), and
@@ -446,10 +455,8 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     env, file = cred.get("env"), cred.get("file")
     if (env is None) == (file is None):
         r.fail(f"{at}.credential", "must have exactly one of env: VAR or file: /path")
-    if env is not None and not ENV_NAME.match(r.string(env, f"{at}.credential.env")):
-        # Never quoted: what is here instead of a name is most likely the key itself.
-        r.fail(f"{at}.credential.env", "must name an environment variable (letters, digits and _, not starting "
-               "with a digit), not hold the key; put the key in that variable")
+    if env is not None:
+        r.env_name(env, f"{at}.credential.env", "key")
     if file is not None:
         r.string(file, f"{at}.credential.file")
     options = {}
@@ -747,7 +754,10 @@ def _budgets(r: _Reader, doc: dict[str, Any], fail_open: bool, teams: dict[str, 
         numbers[k] = v
     principals = [*teams.values(), *users.values(), *(k.limits for k in keys.values())]
     enabled = org_budget is not None or any(p.budget or p.rate or p.model_rates for p in principals)
-    return Budgets(org, org_budget, tz, store, url, redis.get("passwordEnv"), numbers["minOutputTokens"],
+    password_env = redis.get("passwordEnv") or None  # (the chart writes "" when unset)
+    if password_env is not None:
+        r.env_name(password_env, "budgets.redis.passwordEnv", "password")
+    return Budgets(org, org_budget, tz, store, url, password_env, numbers["minOutputTokens"],
                    numbers["defaultOutputTokens"], numbers["reservationTTLSeconds"], enabled)
 
 

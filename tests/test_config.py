@@ -416,6 +416,36 @@ def test_a_password_in_the_budget_store_url_is_refused_without_quoting_it(url: s
     assert config.parse(doc, SOURCE).budgets.redis_url == "redis://app@r:6379/0"
 
 
+@pytest.mark.parametrize("where", ["budgets.redis", "audit.redisStream"])
+def test_a_password_where_its_variables_name_goes_is_refused_without_quoting_it(where: str) -> None:
+    """The password itself pasted as `passwordEnv` (as a provider key as `credential.env`):
+    it was accepted, so it went into gateway.yaml (the chart's ConfigMap) and the audit trail's
+    copies of each config version, and the store was reached with no password at all."""
+    password = "Sup3r-S3cret:Redis/Passw0rd!"
+    doc = identity_audit_classification()
+    if where == "budgets.redis":
+        doc["budgets"] = {**(doc.get("budgets") or {}), "store": "redis",
+                          "redis": {"url": "redis://r:6379/0", "passwordEnv": password}}
+    else:
+        doc["audit"]["redisStream"]["passwordEnv"] = password
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, SOURCE)
+    assert str(info.value).startswith(f"{SOURCE}: {where}.passwordEnv must name an environment variable")
+    assert password not in str(info.value) and "S3cret" not in str(info.value)
+    # and the chart's render (values → the ConfigMap's gateway.yaml) refuses it, unquoted, too
+    from gateway_extproc.render import RenderError, chart_values, render_values
+
+    values = chart_values([REPO / "helm" / "values-local.yaml"])
+    if where == "budgets.redis":
+        values["budgets"] = {**values["budgets"], "devMemoryStore": False, "store": "redis",
+                             "redis": {"url": "redis://r:6379/0", "passwordEnv": password}}
+    else:
+        values["audit"]["redisStream"] = {"url": "redis://r:6379/0", "passwordEnv": password}
+    with pytest.raises(RenderError) as refused:
+        render_values(values)
+    assert f"{where}.passwordEnv" in str(refused.value) and "S3cret" not in str(refused.value)
+
+
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 

@@ -116,7 +116,10 @@ def parse(raw: Any, reader: "_Reader", tiers: tuple[str, ...]) -> AuditSettings 
             fail("audit.redisStream.url", "carries a password, which would be copied into the audit trail's own "
                  "copies of each config version; keep redis://[user@]host:port/db and set "
                  "audit.redisStream.passwordEnv to the environment variable that holds it")
-        redis = RedisStream(str(r["url"]), key, max_len, r.get("passwordEnv") or None)
+        password_env = r.get("passwordEnv") or None
+        if password_env is not None:
+            reader.env_name(password_env, "audit.redisStream.passwordEnv", "password")
+        redis = RedisStream(str(r["url"]), key, max_len, password_env)
     instance = raw.get("instance", "")
     if not isinstance(instance, str) or "/" in instance:
         fail("audit.instance", "must be a name without '/' (empty: the host name)")
