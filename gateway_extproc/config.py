@@ -81,6 +81,10 @@ REDIS_KEYS = ("url", "passwordEnv", "passwordSecret")
 KEY_ID = ID  # key ids, and other names of the same form
 SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")  # as values.schema.json's credential.env
+# A query parameter that carries a credential (`?key=` for Gemini, `?api-key=`): the chart's
+# render refuses these names (_k8s.tpl); a hand-written gateway.yaml is refused the same way.
+_QUERY_CREDENTIAL = re.compile(r"(?i)(^|&)(key|api[-_]?key|x-goog-api-key|access[-_]?token|token|sig|signature"
+                               r"|password|secret|code)=")
 
 
 class ConfigError(ValueError):
@@ -442,6 +446,9 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     if "@" in parts.netloc:  # (before quoting it: the part before @ is a password)
         r.fail(f"{at}.baseURL", "carries user:password@, which Envoy would send and log as the host; remove it and "
                "give the key through credential")
+    if q := _QUERY_CREDENTIAL.search(parts.query):  # (as the chart refuses it; before quoting the URL)
+        r.fail(f"{at}.baseURL", f"carries a credential in its query ({q.group(2)}=), which would be copied into "
+               "the audit trail's copies of each config version; remove it and give the key through credential")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         r.fail(f"{at}.baseURL", f"is {base_url!r}; use http(s)://host[:port][/path]")
     # Each request's path is built from the path alone (base_path): anything after it was dropped.

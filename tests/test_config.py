@@ -307,6 +307,15 @@ ERRORS: list[tuple[str, Mutate, str, str]] = [
     ("backend-duplicate", lambda d: d["models"][1]["backends"].append({"provider": "openai", "model": "gpt-4o"}) or d,
      "models[1].backends[2]", "is 'openai/gpt-4o' again (backends[0]); a backend is known by provider/model, so "
      "list each once"),
+    # a Gemini key in the query, as Google's docs show it: the query is never sent (the base path
+    # is), but the key was copied into the audit trail's config copies, and quoted back by the
+    # scheme error when the scheme was mistyped too
+    ("provider-base-url-query-key", _set("providers.0.baseURL", "https://gl.example/v1beta?key=AIzaS3cretS3cret"),
+     "providers[0].baseURL", "carries a credential in its query (key=), which would be copied into the audit "
+     "trail's copies of each config version; remove it and give the key through credential"),
+    ("provider-base-url-query-key-bad-scheme", _set("providers.0.baseURL", "htps://az.example/openai?api-key=S3cret"),
+     "providers[0].baseURL", "carries a credential in its query (api-key=), which would be copied into the audit "
+     "trail's copies of each config version; remove it and give the key through credential"),
     # a second entry of one name replaced the first, budget and all: a team left unlimited
     ("team-duplicate", _append("teams", {"name": "search"}), "teams[2].name",
      "duplicates 'search'; team names must be unique"),
