@@ -87,6 +87,12 @@ _QUERY_CREDENTIAL = re.compile(r"(?i)(^|&)(key|api[-_]?key|x-goog-api-key|access
                                r"|password|secret|code)=")
 
 
+def credential_in_query(query: str) -> str | None:
+    """The name of a query parameter that carries a credential (never its value), if any."""
+    m = _QUERY_CREDENTIAL.search(query)
+    return m.group(2) if m else None
+
+
 class ConfigError(ValueError):
     """A config problem: message names file, key and fix."""
 
@@ -446,8 +452,8 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     if "@" in parts.netloc:  # (before quoting it: the part before @ is a password)
         r.fail(f"{at}.baseURL", "carries user:password@, which Envoy would send and log as the host; remove it and "
                "give the key through credential")
-    if q := _QUERY_CREDENTIAL.search(parts.query):  # (as the chart refuses it; before quoting the URL)
-        r.fail(f"{at}.baseURL", f"carries a credential in its query ({q.group(2)}=), which would be copied into "
+    if q := credential_in_query(parts.query):  # (as the chart refuses it; before quoting the URL)
+        r.fail(f"{at}.baseURL", f"carries a credential in its query ({q}=), which would be copied into "
                "the audit trail's copies of each config version; remove it and give the key through credential")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         r.fail(f"{at}.baseURL", f"is {base_url!r}; use http(s)://host[:port][/path]")

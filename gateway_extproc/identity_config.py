@@ -137,7 +137,8 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
         if sum(k in jwks for k in ("file", "inline", "remote")) != 1:
             r.fail(f"{at}.jwks", "needs exactly one of file: /path, inline: '<JWKS JSON>' or remote: {url: https://...}")
         if "remote" in jwks:
-            r.keys(r.mapping(jwks["remote"], f"{at}.jwks.remote"), f"{at}.jwks.remote", REMOTE_JWKS_KEYS)
+            remote = r.keys(r.mapping(jwks["remote"], f"{at}.jwks.remote"), f"{at}.jwks.remote", REMOTE_JWKS_KEYS)
+            _credential_free(r, remote.get("url"), f"{at}.jwks.remote.url")
         team_map = r.mapping(p.get("teams") or {}, f"{at}.teams")
         for value, team in team_map.items():
             _team(r, team, f"{at}.teams.{value}", teams)
@@ -206,3 +207,19 @@ def _models(r: "_Reader", allowed: Any, at: str, models: dict[str, "Model"]) -> 
         if name != "*" and name not in models:
             r.fail(at, f"names {name!r}, which is not in models")
     return None if "*" in allowed else frozenset(allowed)
+
+
+def _credential_free(r: "_Reader", url: object, at: str) -> None:
+    """Refuse, without quoting, a URL carrying `user:password@` or a credential in its query:
+    gateway.yaml (and Envoy's config) is a ConfigMap and is copied into the audit trail. A
+    JWKS is public; Envoy would not send a URL's user:password anyway."""
+    from urllib.parse import urlsplit
+
+    from .config import credential_in_query  # config imports this module
+
+    if not isinstance(url, str):
+        return
+    parts = urlsplit(url)
+    if "@" in parts.netloc or credential_in_query(parts.query):
+        r.fail(at, "carries a credential (user:password@ or a token in its query), which would be copied into the "
+               "ConfigMap and the audit trail's copies of each config version; remove it (a JWKS is public)")

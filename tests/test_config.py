@@ -455,6 +455,28 @@ def test_a_password_where_its_variables_name_goes_is_refused_without_quoting_it(
     assert f"{where}.passwordEnv" in str(refused.value) and "S3cret" not in str(refused.value)
 
 
+@pytest.mark.parametrize("url", ["https://idp.example/keys?token=JwksS3cretT0ken99",
+                                 "https://svc:JwksS3cretT0ken99@idp.example/keys"])
+def test_a_credential_in_a_remote_jwks_url_is_refused_without_quoting_it(url: str) -> None:
+    """As for a provider's baseURL and the Redis URLs: a token or password in the remote JWKS
+    URL went into the ConfigMap (envoy.yaml and gateway.yaml) and the audit trail's copies of
+    each config version; Envoy does not even send a URL's user:password."""
+    from gateway_extproc.render import RenderError, chart_values, render_values
+
+    doc = identity_audit_classification()
+    doc["identity"]["oidc"]["providers"][0]["jwks"]["remote"]["url"] = url
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, SOURCE)
+    assert str(info.value).startswith(f"{SOURCE}: identity.oidc.providers[0].jwks.remote.url carries a credential")
+    assert "S3cret" not in str(info.value)
+    values = chart_values([REPO / "helm" / "values-local.yaml"])
+    values["identity"] = {"oidc": {"providers": [{"name": "corp", "issuer": "https://idp.example", "audiences": ["gw"],
+                                                  "jwks": {"remote": {"url": url}}, "defaultTeam": "demo"}]}}
+    with pytest.raises(RenderError) as refused:
+        render_values(values)
+    assert "identity.oidc.providers[0].jwks.remote.url" in str(refused.value) and "S3cret" not in str(refused.value)
+
+
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 

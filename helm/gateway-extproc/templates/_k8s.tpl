@@ -124,6 +124,14 @@ advice goes to NOTES.txt).
 {{- fail (printf "values: deployment.envoy.resources.limits.memory (%v) is below what Envoy needs to hold one largest request, 2 x envoy.maxRequestBytes + 64Mi (%dMi): it would refuse every request (503 gateway_busy). Raise the limit, or lower envoy.maxRequestBytes" . (div $need 1048576)) -}}
 {{- end -}}
 {{- end -}}
+{{- range $i, $p := (dig "oidc" "providers" list $v.identity) -}}
+{{- with (dig "jwks" "remote" "url" "" $p) -}}
+{{- $u := urlParse . -}}
+{{- if or $u.userinfo (regexMatch "(?i)(^|&)(key|api[-_]?key|x-goog-api-key|access[-_]?token|token|sig|signature|password|secret|code)=" ($u.query | default "")) -}}
+{{- fail (printf "values: identity.oidc.providers[%d].jwks.remote.url carries a credential (user:password@ or a token in its query), which would be copied into the ConfigMap; remove it (a JWKS is public)" $i) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $secretEnv := fromJsonArray (include "gateway-extproc.secretEnv" .) -}}
 {{- if $v.tracing.otlp.address -}}
 {{- range $e := $v.deployment.extproc.extraEnv | default list -}}
