@@ -31,9 +31,9 @@ from ..errors import GatewayError, error_object
 from ..telemetry import metrics
 from ..providers.base import event_data
 from ..usage import STREAM_ENDS, canonical_event
-from .scanner import (BINARY_KEYS, DEFAULT_RULES, MODES, AllowEntry, CustomRule, Decision, DecisionParams, Finding,
-                      InjectionConfig, LimitExceeded, PlaceholderMap, Scanner, map_strings, redact, redact_strings,
-                      MAX_DEPTH, keyed_replacement, keyed_text, walk_strings)
+from .scanner import (BINARY_KEYS, DEFAULT_RULES, DEFAULT_TIERS, MODES, AllowEntry, CustomRule, Decision,
+                      DecisionParams, Finding, InjectionConfig, LimitExceeded, PlaceholderMap, Scanner, map_strings,
+                      redact, redact_strings, MAX_DEPTH, Rule, keyed_replacement, keyed_text, walk_strings)
 from .detectors import DETECTOR_NAMES
 from .headers import Header, HeaderEdit, edit, joined, place, scanned_names, where
 from .stream import StreamRedactor
@@ -56,12 +56,22 @@ class Verdict:
     headers: HeaderEdit | None = None  # what the forwarded headers become, when one was redacted
 
 
+def _own_tier(rule: Rule, cfg: Classification) -> str | None:
+    """A built-in rule's tier under the operator's tier names: one at the top default tier
+    (credentials, cards, SSNs: only the most trusted backends) takes the top of theirs, which
+    means the same; any other is theirs to place (Policy refuses the config until they do).
+    So a rule added in an upgrade at the top tier does not stop a config that placed the rest."""
+    if rule.min_tier == DEFAULT_TIERS[-1] and DEFAULT_TIERS[-1] not in cfg.tiers:
+        return cfg.tiers[-1]
+    return rule.min_tier
+
+
 class Policy:
     def __init__(self, cfg: Classification) -> None:
         self.cfg = cfg
         self.rank = {t: i for i, t in enumerate(cfg.tiers)}
         self.known_labels: dict[str, set[str]] = {}  # `remember_labels`
-        rules = [replace(rule, action=o.get("action", rule.action), min_tier=o.get("minTier", rule.min_tier),
+        rules = [replace(rule, action=o.get("action", rule.action), min_tier=o.get("minTier", _own_tier(rule, cfg)),
                          critical=o.get("critical", rule.critical))
                  for rule in DEFAULT_RULES for o in [cfg.rules.get(rule.name, {})]]
         unplaced = [r.name for r in rules if r.min_tier is not None and r.min_tier not in self.rank]
