@@ -182,7 +182,7 @@ class SseUsageTap:
 
     __slots__ = ("drop_usage_chunk", "named", "usage", "_pending", "events", "content_events", "rewrite", "done",
                  "finish_reasons", "limit", "over", "refused", "usage_unread", "count", "generated_tokens", "choices",
-                 "usage_final", "cut")
+                 "usage_final", "cut", "ended")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
                  limit: int | None = None, named: bool = False, count: TokenCount | None = None,
@@ -221,9 +221,11 @@ class SseUsageTap:
         # its own), what a stream that ended without usage is charged when above `content_events`.
         self.count = count
         self.generated_tokens = 0
-        # `data: [DONE]`, an error event or a Responses stream's last event (`_RESPONSES_ENDS`)
-        # went by: the stream ended itself (not cut off).
+        # `data: [DONE]` or an error event went by: the stream ended itself (not cut off).
         self.done = False
+        # A Responses stream's last event (`_RESPONSES_END`) went by: it ended itself too, but
+        # not `done`, whose usage counts as the bill: only usage on that event is (`usage_final`).
+        self.ended = False
         # Every choice's finish reason, in stream order (the usage chunk has none).
         self.finish_reasons: list[str] = []
         self._pending = b""
@@ -253,7 +255,7 @@ class SseUsageTap:
                     event = _completed_error_event(event, self.cut)
                     changed = changed or event is not raw
             elif self.named and _RESPONSES_END.search(event) is not None:
-                self.done = True
+                self.ended = True
                 if self.cut is not None and _NAMED_FAILURES.match(event) is not None:
                     text = event.decode("utf-8", "surrogateescape")
                     if (kept := self.cut(text)) != text:

@@ -497,9 +497,10 @@ def test_a_providers_error_event_without_a_code_gets_provider_error(drop: bool, 
     (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"\\"type\\":\\"error\\""}\n\n',
      False),  # (the words in the text are no event)
 ])
-def test_a_responses_stream_is_done_at_its_last_event_only(event: bytes, ends: bool) -> None:
+def test_a_responses_stream_is_ended_at_its_last_event_only(event: bytes, ends: bool) -> None:
     """A Responses stream has no [DONE]: its last event ends it; one that ends without it was
-    cut off (the router then appends `upstream_stream_interrupted`)."""
+    cut off (the router then appends `upstream_stream_interrupted`). Not `done`: usage read
+    before that event is no bill (`usage_final`)."""
     tap = SseUsageTap(False, named=True)
     tap.feed(event, False)
-    assert tap.done is ends
+    assert (tap.ended, tap.done) == (ends, False)

@@ -568,7 +568,7 @@ class RouterProcessor:
             out = (out or b"") + self.held_text() + _cut_events(self.cut_after or 0, self.cut_usage(),
                                                                self.endpoint is api.RESPONSES)
         elif msg.end_of_stream and self.endpoint in _ENDED_BY_EVENTS and 200 <= self.status < 300 \
-                and not self.tap.done:
+                and not (self.tap.done or self.tap.ended):
             out = self.tap.whole(data if out is None else out) + self.held_text() + _interrupted_event(self)
         elif msg.end_of_stream and self.endpoint is api.RESPONSES and self.guard is not None \
                 and 200 <= self.status < 300:  # text output scanning still holds back at the end

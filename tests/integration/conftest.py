@@ -249,3 +249,21 @@ def envoy_survives(gw: Gateway) -> Iterator[Gateway]:
     yield gw
     assert envoy.poll() is None, "Envoy died"
     assert httpx.get(gw.stack.admin_url + "/ready").status_code == 200
+
+
+def nothing_held(redis: Any, prefix: str = "gw:{local}:") -> None:
+    """Waits until the budget store holds no reservation (settlements run after the response,
+    in the background), then checks none is held or expired unsettled: every request was
+    settled or released. `redis`: a tests.redis_server.RedisServer."""
+    import redis as redis_py
+
+    client = redis_py.Redis(host=redis.host, port=redis.port)
+    try:
+        deadline = time.monotonic() + 15
+        while client.hlen(f"{prefix}reservations") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        held = client.hlen(f"{prefix}reservations"), client.hlen(f"{prefix}reservations:expired")
+        assert held == (0, 0), f"reservations held, expired unsettled: {held}"
+    finally:
+        client.close()

@@ -26,11 +26,10 @@ from gateway_extproc.budgets.pricing import Price, cost_nano
 
 from ..pdf_files import build
 from ..redis_server import RedisServer
-from .conftest import Gateway, running_gateway
+from .conftest import Gateway, nothing_held, running_gateway
 
 KEY = keys.generate("pdf")
 BUDGET = 0.10  # USD a day: a one-page PDF's reservation fits, 500 pages' does not
-PREFIX = "gw:{local}:"
 MANY = build(500, object_stream=True)
 ONE = build(1, size=len(MANY))  # the same size: only the page count tells them apart
 ENCRYPTED = ONE.replace(b"/Root", b"/Encrypt 9 0 R /Root")
@@ -56,11 +55,8 @@ def gw(setup: tuple[RedisServer, Gateway]) -> Iterator[Gateway]:
     client.flushall()
     gw.reset()
     yield gw
-    deadline = time.monotonic() + 15  # settlements run in the background
-    while client.hlen(f"{PREFIX}reservations") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert (client.hlen(f"{PREFIX}reservations"), client.hlen(f"{PREFIX}reservations:expired")) == (0, 0)
     client.close()
+    nothing_held(redis)
 
 
 def spent_nano(gw: Gateway) -> int:

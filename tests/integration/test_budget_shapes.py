@@ -20,12 +20,11 @@ from gateway_extproc import keys, tokens
 from gateway_extproc.budgets.pricing import Price, cost_nano
 
 from ..redis_server import RedisServer
-from .conftest import Gateway, two_replicas
+from .conftest import Gateway, nothing_held, two_replicas
 
 KEY = keys.generate("shapes")
 RL_KEY = keys.generate("shapes-rl")
 RPM, TPM = 40, 3000
-PREFIX = "gw:{local}:"
 # An embedding model whose backends differ in price: the first (cheaper) one answers.
 EMBED_CHEAP = Price.from_usd_per_million(20, 0)
 EMBED_DEAR = Price.from_usd_per_million(130, 0)
@@ -58,18 +57,6 @@ def fresh(redis: RedisServer) -> None:
     client.flushall()
     client.close()
 
-
-def settled(redis: RedisServer) -> None:
-    """Wait until no reservation is held (settlements run in the background)."""
-    client = redis_py.Redis(host=redis.host, port=redis.port)
-    try:
-        deadline = time.monotonic() + 15
-        while client.hlen(f"{PREFIX}reservations") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.2)
-        assert (client.hlen(f"{PREFIX}reservations"), client.hlen(f"{PREFIX}reservations:expired")) == (0, 0)
-    finally:
-        client.close()
 
 
 def spent_nano(gw: Gateway) -> int:
@@ -114,7 +101,7 @@ def test_embeddings_are_charged_their_usage_at_the_answering_backend(
         else:
             assert a.status_code == 429 and a.json()["error"]["code"] == "budget_exceeded", a.text
     assert sum(a.status_code == 200 for a in answers) > 0
-    settled(redis)
+    nothing_held(redis)
     assert spent_nano(gws[0]) == owed
 
 
@@ -217,5 +204,5 @@ def test_anthropic_messages_with_cache_writes_thinking_and_streams_are_charged_t
 
     costs = asyncio.run(run())
     assert any(c is not None for c in costs) and any(c is None for c in costs)
-    settled(redis)
+    nothing_held(redis)
     assert spent_nano(gws[0]) == sum(c for c in costs if c is not None)
