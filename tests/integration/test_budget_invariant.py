@@ -43,6 +43,7 @@ NAMES = ("inv-a", "inv-b", "inv-c")
 KEYS = {name: keys.generate(name) for name in NAMES}
 KEY_BUDGETS = {"inv-a": 0.01, "inv-b": 0.03, "inv-c": 0.05}
 TEAM_BUDGET = 0.06
+PREFIX = "gw:{local}:"  # (the budget store's keys, as test_budget_faults reads them)
 # The gateway's own failures: none may happen on a healthy store.
 OWN_FAILURES = {"budget_store_unavailable", "gateway_internal_error", "gateway_unavailable"}
 
