@@ -267,3 +267,24 @@ def nothing_held(redis: Any, prefix: str = "gw:{local}:") -> None:
         assert held == (0, 0), f"reservations held, expired unsettled: {held}"
     finally:
         client.close()
+
+
+def config_dir_is(values: dict[str, Any], workdir: Path) -> None:
+    """Envoy and the ext_proc read their files from `workdir` (configDir; the SDS files beside
+    them, outside Kubernetes), and the directories the chart mounts go beside it: in a
+    Deployment configDir is a read-only ConfigMap volume with no mount point inside it, and
+    the chart refuses the values that would put one there."""
+    values["configDir"] = str(workdir)
+    values["extproc"]["socketDir"] = str(workdir.parent / f"{workdir.name}-sock")
+    values["audit"]["dir"] = str(workdir.parent / f"{workdir.name}-audit")
+
+
+def no_budgets(values: dict[str, Any]) -> None:
+    """values-local without any budget or token rate limit: nothing reserves, so no stream is
+    cut at a grant (a test's scripted provider writing far more tokens an event than a
+    request may be granted would be cut: docs/budgets.md)."""
+    values["budgets"].pop("orgLimit", None)
+    for team in values["teams"]:
+        team.pop("budget", None)
+        team.pop("rateLimits", None)
+    values["keys"] = [k for k in values["keys"] if "budget" not in k]

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 from gateway_extproc import keys
 
-from .conftest import REPO, Gateway, add_provider_models, running_gateway
+from .conftest import REPO, Gateway, add_provider_models, no_budgets, running_gateway
 from .local_cli import children
 
 DOCUMENTED = set(re.findall(r"^### `([a-z_]+)`$", (REPO / "docs" / "runbooks.md").read_text(), re.M))
@@ -748,14 +748,21 @@ def test_a_burst_of_huge_prompts_is_refused_cleanly_and_spares_small_requests(ho
     watch.clean_log(watch.new_log())
 
 
+@pytest.fixture(scope="module")
+def unbudgeted() -> Iterator[tuple[Gateway, Watch]]:
+    with running_gateway("gw-unbudgeted-", customize=no_budgets) as gw:
+        yield gw, Watch(gw)
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_huge_answer_is_scanned_off_the_event_loop(hostile: tuple[Gateway, Watch], stream: bool) -> None:
+def test_a_huge_answer_is_scanned_off_the_event_loop(unbudgeted: tuple[Gateway, Watch], stream: bool) -> None:
     """An 8 MB answer full of numbers takes output scanning seconds; it blocked the ext_proc's
     event loop, so every request meanwhile waited as long as the whole answer did. Now it is
     read in a thread, as a large request is, and so is each piece of a stream over 64 KiB (a
     provider writing megabytes at once): requests sent meanwhile are served in a fraction of
-    that time (a ratio to the big request's own time, not a fixed bound)."""
-    gw, watch = hostile
+    that time (a ratio to the big request's own time, not a fixed bound). Without budgets: under
+    one, a provider writing far more tokens an event than it was granted is cut (docs/budgets.md)."""
+    gw, watch = unbudgeted
     gw.reset()
     auth = {"authorization": f"Bearer {gw.key}"}
     chat = {"model": "private-chat", "messages": HI, "stream": stream, "max_tokens": 2000}

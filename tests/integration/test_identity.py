@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import conftest
-from .conftest import DEMO_KEY, Gateway, build_gateway
+from .conftest import DEMO_KEY, Gateway, build_gateway, config_dir_is
 from .test_mtls import config_files, tls_stack
 
 ISSUER = "https://idp.test.example"
@@ -134,7 +134,7 @@ def ident() -> Iterator[Identity]:
         workdir = root / "stack"
 
         def customize(values: dict[str, Any]) -> None:
-            values["configDir"] = str(workdir)
+            config_dir_is(values, workdir)
             values["envoy"]["tls"] = {
                 "enabled": True,
                 "certificate": {"secretName": "", "dir": str(root / "server-tls")},

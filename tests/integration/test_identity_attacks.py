@@ -45,7 +45,7 @@ from gateway_extproc.render import render_values
 
 from ..redis_server import RedisServer
 from . import conftest
-from .conftest import DEMO_KEY, Gateway, build_gateway, two_replicas
+from .conftest import DEMO_KEY, Gateway, build_gateway, config_dir_is, two_replicas
 from .test_identity import (AUDIENCE, FOREIGN, ISSUER, PAYMENTS_API, PAYMENTS_BATCH, PKI, UNMAPPED, Identity,
                             _ready_on)
 from .test_key_admin import ADMIN_TOKEN, admin, admin_values
@@ -560,7 +560,7 @@ def idp() -> Iterator[tuple[Identity, rsa.RSAPrivateKey]]:
         workdir = root / "stack"
 
         def customize(values: dict[str, Any]) -> None:
-            values["configDir"] = str(workdir)
+            config_dir_is(values, workdir)
             values["envoy"]["tls"] = {
                 "enabled": True, "certificate": {"secretName": "", "dir": str(root / "server-tls")},
                 "clientCA": {"enabled": True, "secretName": "", "key": "ca.crt", "dir": str(root / "client-ca")}}

@@ -30,7 +30,7 @@ from gateway_extproc.localstack import LocalStack
 from gateway_extproc.render import CHART
 
 from . import conftest
-from .conftest import DEMO_KEY, Gateway, build_gateway
+from .conftest import DEMO_KEY, Gateway, build_gateway, config_dir_is
 
 
 def make_pki() -> dict[str, bytes]:
@@ -159,7 +159,7 @@ def mtls() -> Iterator[MTLS]:
 
         def customize(values: dict[str, Any]) -> None:
             # Outside Kubernetes: no Secrets, the files sit in these directories.
-            values["configDir"] = str(workdir)
+            config_dir_is(values, workdir)
             values["envoy"]["tls"] = {
                 "enabled": True,
                 "certificate": {"secretName": "", "dir": str(root / "server-tls")},

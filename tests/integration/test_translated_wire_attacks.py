@@ -27,7 +27,7 @@ import pytest
 from gateway_extproc import keys
 from gateway_extproc.providers import eventstream
 
-from .conftest import Gateway, add_provider_models, envoy_survives, raw_events, running_gateway
+from .conftest import Gateway, add_provider_models, envoy_survives, no_budgets, raw_events, running_gateway
 
 KEYS = {f"k{i}": keys.generate(f"wire5-k{i}") for i in range(20)}
 _next = iter(KEYS)
@@ -219,9 +219,20 @@ def test_a_broken_translated_stream_ends_in_one_documented_error(gw: Gateway, ca
     assert events[-1] == ("[DONE]" if code is None else {"error": errors(events)[0]}), events
 
 
-def test_a_converse_frame_of_megabytes_trickled_in_arrives_scanned(gw: Gateway) -> None:
+@pytest.fixture(scope="module")
+def unbudgeted() -> Iterator[Gateway]:
+    def customize(values: dict[str, Any]) -> None:
+        add_provider_models(values)
+        no_budgets(values)
+    with running_gateway("gw-wire5-free-", customize=customize) as gw:
+        yield gw
+
+
+def test_a_converse_frame_of_megabytes_trickled_in_arrives_scanned(unbudgeted: Gateway) -> None:
     """One contentBlockDelta frame of 8 MiB (CRCs right) in 8 KiB pieces, more than any Envoy
-    buffer, with a card at its end: the answer arrives whole, the card redacted."""
+    buffer, with a card at its end: the answer arrives whole, the card redacted. Without
+    budgets: under one, 8 MiB of text in one event is cut at the grant (docs/budgets.md)."""
+    gw = unbudgeted
     filler = b"lorem ipsum " * 682
     text = filler * 1024 + b" card 4111 1111 1111 1111"
     whole = frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": text.decode()}})
