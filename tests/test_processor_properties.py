@@ -538,7 +538,9 @@ def check_anthropic_client(out: bytes) -> None:
         elif kind == "message_delta":
             assert open_block is None
         elif kind == "error":
-            assert set(obj["error"]) == {"type", "message"}
+            # Anthropic's error, with the gateway's runbook `code` and `param` (a budget cut, an
+            # interrupted stream and a provider's error are told apart)
+            assert set(obj["error"]) == {"type", "message", "code", "param"} and obj["error"]["code"], obj
         kinds.append(kind)
     assert kinds and kinds[-1] in ("message_stop", "error"), kinds[-3:]
 
@@ -648,7 +650,7 @@ def test_a_stream_cut_mid_event_still_ends_with_one_whole_error_event(local_runt
     _, out = asyncio.run(run_stream(local_runtime, client, dialect, False, raw, [len(raw) // 2], False))
     if client == "messages":
         check_anthropic_client(out)
-        assert out.count(b"event: error\n") == 1 and out.endswith(b'"}}\n\n')
+        assert out.count(b"event: error\n") == 1 and out.endswith(b'"param":null}}\n\n')
     else:
         check_openai_client(out)
         assert openai_events(out)[-1]["error"]["code"] in ("upstream_stream_interrupted", "provider_error")
