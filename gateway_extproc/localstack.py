@@ -38,10 +38,22 @@ def mock_ports(values: dict[str, Any]) -> list[int]:
     return sorted(ports)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never one this process handed out before: the kernel may
+    give the same free port twice in a row, and two of a stack's listeners on one port fail
+    its render (the chart refuses them)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            if len(_HANDED_OUT) >= 8192:  # (a fraction of the ephemeral range: never exhausted)
+                _HANDED_OUT.clear()
+            _HANDED_OUT.add(port)
+            return port
 
 
 def envoy_binary() -> str:

@@ -469,12 +469,15 @@ def test_json_an_answer_without_an_output_list_is_a_provider_error(body: Any) ->
 @pytest.mark.parametrize("end", [b"", b'data: {"type":"response.output_text.delta","output_index":0,"content_ind'])
 def test_text_held_back_reaches_the_client_when_the_stream_is_cut_off(local_runtime: Any, end: bytes) -> None:
     """The provider's connection ends after some deltas, without the events that close the
-    text: what the window still holds goes out, scanned (chat does the same)."""
+    text: what the window still holds goes out, scanned (chat does the same), then the
+    `upstream_stream_interrupted` error event (the answer above it is incomplete)."""
     events = provider_events([("message", ["Hello", " world, mail ", EMAIL, " now"])])
     raw = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events[:7]) + end
     _, out = asyncio.run(run_stream(local_runtime, "responses", "openai", False, raw, [len(raw) // 3], False))
     assert leaks(out.decode()) == []
-    assert texts_of([e for _, e in read(out)]) == {("response.output_text", 0): "Hello world, mail [EMAIL_1] now"}
+    *answer, last = [e for _, e in read(out)]
+    assert texts_of(answer) == {("response.output_text", 0): "Hello world, mail [EMAIL_1] now"}
+    assert last["error"]["code"] == "upstream_stream_interrupted", last
 
 
 def test_a_whole_stream_through_the_router(local_runtime: Any) -> None:
