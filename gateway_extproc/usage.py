@@ -44,10 +44,11 @@ TEXT_LIMIT_FACTOR = 2
 # The events that end a Responses stream: only their usage is its bill. A server may report
 # usage so far on `response.created` or `.in_progress` (0 output tokens, before any text).
 _RESPONSES_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_ENDS_ALTERNATIVES = b"|".join(re.escape(name.encode()) for name in sorted(_RESPONSES_ENDS | {"error"}))
 # An event that ends a Responses stream, by its `event:` line or its payload's `type`: those,
 # or OpenAI's own `error` event.
-_RESPONSES_END = re.compile(rb'^event: (?:response\.(?:completed|incomplete|failed)|error)\n'
-                            rb'|"type"\s*:\s*"(?:response\.(?:completed|incomplete|failed)|error)"')
+_RESPONSES_END = re.compile(rb'^event: (?:' + _ENDS_ALTERNATIVES + rb')\n'
+                            rb'|"type"\s*:\s*"(?:' + _ENDS_ALTERNATIVES + rb')"')
 # A stream whose events never end would otherwise grow the tail without bound.
 MAX_PENDING_BYTES = 1 << 20
 # The events that end a stream: [DONE], or an error event (an `error` object; OpenAI's own
@@ -55,7 +56,9 @@ MAX_PENDING_BYTES = 1 << 20
 STREAM_ENDS = (b"data: [DONE]", b'data: {"error":{', b'data: {"error": {')
 # A Responses API stream's failure events (named, or by their payload's `type` only): their
 # messages are the provider's words (`cut`).
-_NAMED_FAILURES = re.compile(rb'^(?:event: (?:error|response\.failed)\n|data: \{\s*"type"\s*:\s*"(?:error|response\.failed)")')
+_FAILURES = rb"error|response\.failed"
+_NAMED_FAILURES = re.compile(rb'^(?:event: (?:' + _FAILURES + rb')\n'
+                             rb'|data: \{\s*"type"\s*:\s*"(?:' + _FAILURES + rb')")')
 UNSCANNABLE = ("The provider sent a stream event larger than output scanning can read (1 MiB); the stream was "
                "ended by the gateway.")
 
