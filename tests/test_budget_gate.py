@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import datetime
 
 import pytest
@@ -121,6 +122,16 @@ def test_tokens_used_per_window_are_tallied_for_usage_reports() -> None:
     assert report["tokens_used"] == {"daily": 600, "monthly": 600}
     clock.set("2026-12-01T00:00:01+00:00")
     assert asyncio.run(gate.report(c.keys["k"]))["tokens_used"] == {"daily": 0, "monthly": 0}
+
+
+def test_tokens_used_keeps_its_windows_for_principals_whose_id_has_a_colon() -> None:
+    """OIDC callers are `token:<issuer>` and workloads `workload:<name>`: the colon in their id
+    once shifted the window out of the report (`{"dev": 0}` instead of daily and monthly)."""
+    c = cfg()
+    gate = BudgetGate(c, MemoryBudgetStore(), Clock("2026-11-30T10:00:00+00:00"))
+    for principal in ("token:dev", "workload:demo-app"):
+        key = dataclasses.replace(c.keys["k"], id=principal)
+        assert asyncio.run(gate.report(key))["tokens_used"] == {"daily": 0, "monthly": 0}
 
 
 def test_reservation_ids_are_unique_within_a_process_and_across_a_fork() -> None:

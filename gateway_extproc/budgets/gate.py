@@ -332,7 +332,8 @@ class BudgetGate:
                 "spent_usd": usage.used_nano[lv.limit.key] / NANO,
                 "remaining_usd": None if lv.limit.limit_nano >= MAX_NANO else usage.remaining_nano[lv.limit.key] / NANO,
                 "resets_at": lv.window.ends_at.isoformat()} for lv in levels],
-            "tokens_used": {t.key.split(":")[3]: usage.used_nano[t.key] for t in tallies},
+            # The window kind counted from the right: a principal's id may hold colons (`token:dev`).
+            "tokens_used": {t.key.rsplit(":", 2)[1]: usage.used_nano[t.key] for t in tallies},
             "rate_limits": [{"bucket": b.key, "limit_per_minute": b.capacity, "remaining": usage.tokens_remaining[b.key]}
                             for b in buckets],
         }
