@@ -4,19 +4,60 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from gateway_extproc.errors import CODES
 from gateway_extproc.render import chart_values, render_values
 
-RUNBOOKS = Path(__file__).resolve().parents[1] / "docs" / "runbooks.md"
+REPO = Path(__file__).resolve().parents[1]
+RUNBOOKS = REPO / "docs" / "runbooks.md"
+# Every values file the docs tell a user to render: each may switch on listeners and filters
+# (mTLS, OIDC, the admin API) whose error replies the chart defaults never render.
+DOCUMENTED_VALUES = [[REPO / "helm" / "values-local.yaml", REPO / "helm" / "values-local-identity.yaml"],
+                     *([p] for p in sorted((REPO / "helm" / "examples").glob("*.yaml")))]
 
 
 def envoy_codes() -> set[str]:
     envoy = yaml.safe_load(render_values(chart_values([]))["envoy.yaml"])
     hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     return {m["body_format_override"]["json_format"]["error"]["code"] for m in hcm["local_reply_config"]["mappers"]}
+
+
+def rendered_codes(node: Any) -> set[str]:
+    """Every `code` in a rendered config: a reply mapper's JSON, a direct response's body."""
+    if isinstance(node, dict):
+        own = {v for k, v in node.items() if k == "code" and isinstance(v, str) and not v.startswith("%")}
+        return own.union(*(rendered_codes(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(rendered_codes(v) for v in node))
+    if isinstance(node, str):
+        return set(re.findall(r'"code"\s*:\s*"([a-z_]+)"', node))
+    return set()
+
+
+def source_codes() -> set[str]:
+    """Codes the ext_proc writes without GatewayError (a stream's last event, the admin API's
+    catch-all): a literal passed to error_body/error_object or set as a `"code"`."""
+    found: set[str] = set()
+    for path in (REPO / "gateway_extproc").rglob("*.py"):
+        if path.name == "mock_provider.py" or "_proto" in path.parts:
+            continue  # the mock plays providers, whose codes are theirs
+        text = path.read_text(encoding="utf-8")
+        found |= set(re.findall(r'error_(?:body|object)\([^()]*?"[^"]*",\s*"[a-z_]+",\s*"([a-z_]+)"', text, re.S))
+        found |= set(re.findall(r'"code":\s*"([a-z_]+)"', text))
+    return found
+
+
+def test_codes_in_every_documented_render_and_in_the_source_have_runbook_entries() -> None:
+    documented = set(re.findall(r"^### `([a-z_]+)`$", RUNBOOKS.read_text(), re.M))
+    for values in DOCUMENTED_VALUES:
+        for name, text in render_values(chart_values(values)).items():
+            codes = set().union(*(rendered_codes(doc) for doc in yaml.safe_load_all(text)))
+            assert codes - documented == set(), f"{name} of {[v.name for v in values]}: add to docs/runbooks.md"
+    assert {"upstream_stream_interrupted", "key_store_unavailable", "budget_exceeded"} <= source_codes()
+    assert source_codes() - documented == set(), "add these to docs/runbooks.md"
 
 
 def test_every_code_has_a_runbook_entry() -> None:
