@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from gateway_extproc.errors import CODES
+from gateway_extproc.errors import _TYPE_BY_STATUS, CODES
 from gateway_extproc.render import chart_values, render_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +45,10 @@ def source_codes() -> set[str]:
         if path.name == "mock_provider.py" or "_proto" in path.parts:
             continue  # the mock plays providers, whose codes are theirs
         text = path.read_text(encoding="utf-8")
-        found |= set(re.findall(r'error_(?:body|object)\([^()]*?"[^"]*",\s*"[a-z_]+",\s*"([a-z_]+)"', text, re.S))
+        for call in re.finditer(r"\berror_(?:body|object)\(((?:[^()]|\([^()]*\))*)\)", text):
+            found |= set(re.findall(r'"([a-z_]+)"', call.group(1)))  # (a message has spaces)
         found |= set(re.findall(r'"code":\s*"([a-z_]+)"', text))
-    return found
+    return found - {*_TYPE_BY_STATUS.values(), "server_error"} - {"message", "type", "code", "param"}
 
 
 def test_codes_in_every_documented_render_and_in_the_source_have_runbook_entries() -> None:
@@ -56,7 +57,7 @@ def test_codes_in_every_documented_render_and_in_the_source_have_runbook_entries
         for name, text in render_values(chart_values(values)).items():
             codes = set().union(*(rendered_codes(doc) for doc in yaml.safe_load_all(text)))
             assert codes - documented == set(), f"{name} of {[v.name for v in values]}: add to docs/runbooks.md"
-    assert {"upstream_stream_interrupted", "key_store_unavailable", "budget_exceeded"} <= source_codes()
+    assert {"upstream_stream_interrupted", "key_store_unavailable", "budget_exceeded", "provider_error"} <= source_codes()
     assert source_codes() - documented == set(), "add these to docs/runbooks.md"
 
 
