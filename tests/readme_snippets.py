@@ -26,6 +26,35 @@ def snippets(readme: str) -> list[tuple[int, str]]:
     return [(readme.count("\n", 0, m.start()) + 1, m.group(1)) for m in _BLOCK.finditer(readme)]
 
 
+_ANY_BLOCK = re.compile(r"^```(python|sh|bash)\n(.*?)^```", re.S | re.M)
+# A whole-line comment that shows what a shell example prints (the rest are prose).
+_OUTPUT = re.compile(r"^# ((?:\{|x-|OK |BAD |public key |scope,| {2,}record ).*)$", re.M)
+# `command   # "team":"demo"`: a part of what that command prints.
+_INLINE = re.compile(r"\S\s+# (\"[^#\n]*)$", re.M)
+
+
+def blocks(readme: str) -> list[tuple[int, str, str]]:
+    """(line number, "python" or "sh", code) of every example, in reading order."""
+    return [(readme.count("\n", 0, m.start()) + 1, "python" if m.group(1) == "python" else "sh", m.group(2))
+            for m in _ANY_BLOCK.finditer(readme)]
+
+
+def printed(block: str) -> list[re.Pattern[str]]:
+    """What a shell example says it prints, one pattern per output line: `...` or `…` stands
+    for anything, `myhost` for the host name, and in a `public key` or `OK` line of `audit
+    verify` the key's id and the counts vary with the calls made before it."""
+    out = []
+    for line in _OUTPUT.findall(block):
+        varies = line.startswith(("OK ", "public key "))
+        token = r"\.\.\.|…|\s+|myhost" + (r"|[0-9a-f]{16}\b|\d+" if varies else "")
+        pattern = "".join(
+            ".*" if part in ("...", "…") else r"\s+" if part.isspace() else r"\S+" if part == "myhost"
+            else r"\w+" if varies and re.fullmatch(r"[0-9a-f]{16}|\d+", part) else re.escape(part)
+            for part in re.split(f"({token})", line) if part)
+        out.append(re.compile(pattern))
+    return out + [re.compile(".*" + re.escape(fragment.strip()) + ".*") for fragment in _INLINE.findall(block)]
+
+
 def run(readme_path: Path, base: str = _DEFAULT_BASE, python: str = sys.executable) -> int:
     text = readme_path.read_text(encoding="utf-8")
     found = snippets(text)

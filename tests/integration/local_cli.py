@@ -62,9 +62,11 @@ class Local:
         return self.proc.returncode, err
 
 
-def start_local(binary: Path, values: list[Path], workdir: Path, timeout: float = 90) -> Local:
-    """Run `local` with values-local.yaml and then `values`; return once it says it is up."""
-    argv = [str(binary), "local", "--workdir", str(workdir)]
+def start_local(binary: Path, values: list[Path], workdir: Path, timeout: float = 90,
+                args: tuple[str, ...] = ()) -> Local:
+    """Run `local` with values-local.yaml and then `values` (and `args`, e.g. `--mtls-port`);
+    return once it says it is up."""
+    argv = [str(binary), "local", "--workdir", str(workdir), *args]
     for v in [VALUES_LOCAL, *values]:
         argv += ["--values", str(v)]
     proc = subprocess.Popen(argv, cwd=workdir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
