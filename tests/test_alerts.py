@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import warnings
@@ -245,3 +246,32 @@ def test_unit_tests_cover_every_alert_firing_and_silent() -> None:
         mine = [case for case in cases if case["alertname"] == name]
         assert any(case.get("exp_alerts") for case in mine), f"{name}: no firing case"
         assert any(not case.get("exp_alerts") for case in mine), f"{name}: no silent case"
+
+
+# --- amtool: the Alertmanager example in docs/observability.md, run as written ------------------
+
+@pytest.fixture(scope="module")
+def amtool() -> str:
+    path = shutil.which("amtool")
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail("amtool is not on PATH: .ci/run must install Debian's `prometheus-alertmanager`",
+                    pytrace=False)
+    pytest.skip("amtool not found on PATH (apt-get install -y prometheus-alertmanager)")
+
+
+def test_the_documented_alertmanager_routing_checks_and_routes_as_its_comments_say(amtool: str,
+                                                                                   tmp_path: Path) -> None:
+    doc = OBSERVABILITY_DOC.read_text()
+    config = next(b for b in re.findall(r"^```yaml\n(.*?)^```", doc, re.S | re.M) if b.startswith("route:"))
+    (tmp_path / "alertmanager.yml").write_text(config)
+    commands = next(b for b in re.findall(r"^```sh\n(.*?)^```", doc, re.S | re.M) if "amtool" in b)
+    for line in commands.splitlines():
+        command, _, receiver = line.partition("#")
+        argv = shlex.split(command)
+        assert argv[0] == "amtool"
+        proc = subprocess.run([amtool, *argv[1:]], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 0, f"{line}\n{proc.stdout}{proc.stderr}"
+        if receiver.strip():
+            assert proc.stdout.strip() == receiver.strip(), line
