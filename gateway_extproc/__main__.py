@@ -179,7 +179,8 @@ def _local(args: argparse.Namespace) -> int:
 
     values = chart_values(args.values)
     provider_key = secrets.token_urlsafe(24)  # the mocks' key, handed to Envoy and the ext_proc
-    env = {}
+    env: dict[str, str] = {}
+    files: dict[Path, str] = {}
     for provider in values.get("providers") or []:
         cred = provider.get("credential") if isinstance(provider, dict) else None
         if not isinstance(cred, dict):
@@ -189,16 +190,25 @@ def _local(args: argparse.Namespace) -> int:
         if "env" in cred:
             env[cred["env"]] = value
         if "file" in cred:
-            Path(cred["file"]).parent.mkdir(parents=True, exist_ok=True)
-            Path(cred["file"]).write_text(value)
+            files[Path(cred["file"])] = value
     mocks = {port: provider_key for port in mock_ports(values)}
     stack = LocalStack(values, args.workdir, env, mocks, quiet=False, source=describe(args.values))
     if args.mtls_port:
         from .devidentity import prepare, tls_values
 
-        prepare(args.workdir / "certs")
         stack.mtls_values = tls_values(values, args.workdir / "certs", args.mtls_port,
                                        values["envoy"]["admin"]["port"] + 2, args.workdir / "mtls")  # +1: stats
+    try:
+        # Before writing what a running stack reads (its provider key files, certificates and
+        # dev JWKS, rendered config): a second `make run` must leave the first one working.
+        stack.check_free()
+    except StartError as exc:
+        raise UserError(str(exc)) from None
+    for path, value in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value)
+    if args.mtls_port:
+        prepare(args.workdir / "certs")
     stopped = False
 
     def stop(*_: object) -> None:

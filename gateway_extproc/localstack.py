@@ -103,6 +103,7 @@ class LocalStack:
     def start(self) -> "LocalStack":
         """Start mocks, ext_proc and Envoy; raise StartError within ~2 s of any of them
         failing (a busy port, a bad config, a child exiting), naming its log."""
+        self.check_free()  # before writing the config files a running stack reloads
         self.workdir.mkdir(parents=True, exist_ok=True)
         audit = self.values.get("audit") or {}
         if audit.get("enabled") and not Path(audit["signingKey"]["file"]).exists():
@@ -115,7 +116,6 @@ class LocalStack:
             config.load(self.workdir / "gateway.yaml")
         except config.ConfigError as exc:
             raise StartError(f"{exc} (rendered from {self.source}: fix it there)") from None
-        self.check_free()
         for old in self.workdir.glob("*.log"):  # this run's logs only: error messages quote them
             old.unlink()
         try:
@@ -158,6 +158,8 @@ class LocalStack:
                  *[(port, f"the mock provider for a providers[].baseURL on port {port}") for port in self.mocks]]
         if v["extproc"]["metrics"]["port"]:
             ports.append((v["extproc"]["metrics"]["port"], "extproc.metrics.port"))
+        if self.mtls_values is not None:
+            ports.append((self.mtls_values["envoy"]["listener"]["port"], "--mtls-port"))
         for port, key in ports:
             if connects(int(port)) or not _bindable(int(port)):
                 raise StartError(f"port {port} ({key}) is in use: another gateway (`make run`?) or another "
