@@ -1,5 +1,5 @@
-"""The values snippets and `gateway-extproc` command lines in docs/*.md, checked against the
-chart and the CLI as they are: a platform engineer pastes them literally.
+"""The values snippets and `gateway-extproc` command lines in docs/*.md and envoy/README.md,
+checked against the chart and the CLI as they are: a platform engineer pastes them literally.
 
 Every ```yaml block whose top-level keys are chart values renders with the chart (over a
 base that supplies what the snippet names but does not define: the providers, teams and
@@ -22,7 +22,7 @@ from gateway_extproc.__main__ import build_parser
 from gateway_extproc.render import _HelmLoader, chart_values, merge, render_values
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = sorted((REPO / "docs").glob("*.md"))
+DOCS = [*sorted((REPO / "docs").glob("*.md")), REPO / "envoy" / "README.md"]
 _YAML = re.compile(r"^```yaml\n(.*?)^```", re.S | re.M)
 _SH = re.compile(r"^```(?:sh|bash)\n(.*?)^```", re.S | re.M)
 _HASH = "0" * 64
@@ -52,7 +52,7 @@ def values_snippets() -> list[Any]:
             snippet = yaml.load(text_, Loader=_HelmLoader)  # noqa: S506 (a SafeLoader, as the CLI reads values)
             if isinstance(snippet, dict) and set(snippet) <= chart_keys:
                 line = text.count("\n", 0, m.start()) + 1
-                found.append(pytest.param(snippet, id=f"{doc.name}:{line}"))
+                found.append(pytest.param(snippet, id=f"{doc.relative_to(REPO)}:{line}"))
     return found
 
 
@@ -90,7 +90,7 @@ def cli_lines() -> list[Any]:
                     continue  # output shown, or a chart *named* gateway-extproc
                 for command in [*_SUBST.findall(line), _SUBST.sub("X", line)]:
                     if call := _CALL.search(command):
-                        found.append(pytest.param(call.group(1), id=f"{doc.name}:{start + i}"))
+                        found.append(pytest.param(call.group(1), id=f"{doc.relative_to(REPO)}:{start + i}"))
     return found
 
 
