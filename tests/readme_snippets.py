@@ -17,15 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _DEFAULT_BASE = "http://localhost:8080"
-
-
-def snippets(readme: str) -> list[tuple[int, str]]:
-    """(line number, code) of every ```python block."""
-    return [(readme.count("\n", 0, m.start()) + 1, m.group(1)) for m in _BLOCK.finditer(readme)]
-
-
 _ANY_BLOCK = re.compile(r"^```(python|sh|bash)\n(.*?)^```", re.S | re.M)
 # A whole-line comment that shows what a shell example prints (the rest are prose).
 _OUTPUT = re.compile(r"^# ((?:\{|x-|OK |BAD |public key |scope,| {2,}record ).*)$", re.M)
@@ -37,6 +29,11 @@ def blocks(readme: str) -> list[tuple[int, str, str]]:
     """(line number, "python" or "sh", code) of every example, in reading order."""
     return [(readme.count("\n", 0, m.start()) + 1, "python" if m.group(1) == "python" else "sh", m.group(2))
             for m in _ANY_BLOCK.finditer(readme)]
+
+
+def snippets(readme: str) -> list[tuple[int, str]]:
+    """(line number, code) of every ```python block."""
+    return [(line, code) for line, kind, code in blocks(readme) if kind == "python"]
 
 
 def printed(block: str) -> list[re.Pattern[str]]:
