@@ -102,3 +102,16 @@ def test_docs_command_line_parses(args: str) -> None:
         parser.parse_args(argv)
     except SystemExit as exit_:
         pytest.fail(f"gateway-extproc {args}: the CLI refuses it (exit {exit_.code})")
+
+
+def test_budgets_md_shows_the_end_of_a_cut_stream_as_the_gateway_writes_it() -> None:
+    """docs/budgets.md's example of a stream cut at its reservation, with P, R and N filled in,
+    is byte for byte what the gateway sends (it once quoted a message no code wrote)."""
+    from gateway_extproc.processors.router import _cut_events
+
+    text = (REPO / "docs" / "budgets.md").read_text(encoding="utf-8")
+    shown = next(b for lang, b in re.findall(r"^```([a-z]*)\n(.*?)^```$", text, re.S | re.M)
+                 if not lang and '"budget_exceeded"' in b)
+    filled = shown.replace("P+R", "18").replace(":P,", ":8,").replace(":R,", ":10,").replace("the N output", "the 10 output")
+    usage = {"prompt_tokens": 8, "completion_tokens": 10, "total_tokens": 18}
+    assert _cut_events(10, usage).decode() == filled + "\n"  # (an SSE event ends with a blank line)
