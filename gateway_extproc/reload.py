@@ -5,7 +5,8 @@ validates a changed file in a thread once it has stood still for a second (a fil
 in pieces, as `write_text` or an editor saving in place does, is never read half-written:
 a prefix can be valid YAML and a valid config), and swaps one reference. Streams keep the Runtime they
 started with (a snapshot per request, as envoyproxy/ratelimit does), so a request never sees
-half of two configs. A file that fails validation is logged and counted, and the old config
+half of two configs. SIGHUP (`kill -HUP`, as most daemons reload) makes a worker look now
+instead of at its next poll; a storm of them costs one stat each. A file that fails validation is logged and counted, and the old config
 stays; genai_gateway_config_last_reload_successful is 0 until a change loads again. Keys,
 teams, budgets, prices, classification rules and model-to-backend names reload this way;
 listeners, routes and clusters are Envoy's and need a re-render and an Envoy restart
@@ -34,17 +35,27 @@ SETTLE_SECONDS = 1.0  # a file changed more recently may still be being written
 class RuntimeRef:
     """The current Runtime; `current` is read once per stream."""
 
-    __slots__ = ("current", "path", "_stamp")
+    __slots__ = ("current", "path", "_stamp", "_nudged")
 
     def __init__(self, runtime: Runtime, path: str) -> None:
         self.current = runtime
         self.path = path
         self._stamp = _stat(path)[0]
+        self._nudged = asyncio.Event()
         _loaded()  # `runtime` is this file, loaded
+
+    def nudge(self) -> None:
+        """Look at the file now (SIGHUP), not at the next poll. Nudges during a check
+        coalesce into one more check."""
+        self._nudged.set()
 
     async def watch(self) -> None:
         while True:
-            await asyncio.sleep(POLL_SECONDS)
+            try:
+                await asyncio.wait_for(self._nudged.wait(), POLL_SECONDS)
+            except TimeoutError:
+                pass
+            self._nudged.clear()
             await self.check()
 
     async def check(self) -> None:

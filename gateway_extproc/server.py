@@ -190,6 +190,7 @@ async def serve_one(runtime: RuntimeRef, address: str, index: int = 0) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, runtime.nudge)
     await stop.wait()
     watcher.cancel()
     # Envoy's health checks see NOT_SERVING and stop opening streams here; open ones drain.
@@ -232,6 +233,7 @@ _SUPERVISOR_ENV = "GATEWAY_EXTPROC_SUPERVISOR"
 def run_one(config_path: str, index: int) -> int:
     """One worker, started by `serve`. It is killed with its supervisor: a worker nobody
     supervises would hold its socket with a config nobody reloads."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve_one reloads on it (it killed a worker)
     if parent := os.environ.get(_SUPERVISOR_ENV):
         die_with_parent(signal.SIGKILL, int(parent))
     try:
@@ -278,8 +280,11 @@ def serve(config_path: str) -> int:
     A worker that dies after it has served is restarted with backoff (logged, counted in
     genai_gateway_extproc_worker_restarts_total) while Envoy sends streams to the others.
     A worker that cannot start the first time (bad config, socket in use) stops serve with
-    its error: restarting it would only repeat it. SIGTERM/SIGINT drain and stop all.
+    its error: restarting it would only repeat it. SIGTERM/SIGINT drain and stop all; SIGHUP
+    is passed on to the workers that are up, which reload now (at its default, it killed
+    `serve` and so every worker: `kill -HUP`, a closed terminal).
     """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # also what the first workers inherit
     try:
         runtime = Runtime.load(config_path)  # validate before forking
         for address in runtime.config.listen:
@@ -341,8 +346,14 @@ def serve(config_path: str) -> int:
             if w.proc.poll() is None:
                 w.proc.send_signal(signum)
 
+    def reload(_signum: int, _frame: object) -> None:
+        for w in workers:  # one still starting reads the file as it is anyway
+            if w.up and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     try:
         return _supervise(workers, spawn, restarts, forward, lambda: stopping, workers_metrics.retire)
     finally:

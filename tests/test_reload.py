@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from gateway_extproc import reload
 from gateway_extproc.reload import RuntimeRef
 from gateway_extproc.runtime import Runtime
 
@@ -240,3 +241,40 @@ async def test_the_reload_gauges_say_whether_the_file_on_disk_is_the_config_in_f
     path.unlink()  # the file gone is no config in force either
     await ref.check()
     assert successful() == 0
+
+
+async def test_a_nudge_reads_the_file_now_not_at_the_next_poll(tmp_path: Path, monkeypatch) -> None:
+    """SIGHUP calls `nudge`: a changed file applies at once, and a storm of nudges while a
+    check runs costs one more check, not one each."""
+    monkeypatch.setattr(reload, "POLL_SECONDS", 3600.0)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(valid()))
+    os.utime(path, (1, 1))
+    ref = RuntimeRef(Runtime.load(path), str(path))
+    checks = 0
+    real_stat = reload._stat
+
+    def counted(p: str) -> tuple[tuple[int, int, int, int] | None, float]:
+        nonlocal checks
+        checks += 1
+        return real_stat(p)
+
+    monkeypatch.setattr(reload, "_stat", counted)
+    watcher = asyncio.create_task(ref.watch())
+    try:
+        await asyncio.sleep(0.05)
+        doc = valid()
+        doc["maxRequestBytes"] = 8192
+        path.write_text(yaml.safe_dump(doc))
+        os.utime(path, (2, 2))
+        for _ in range(50):
+            ref.nudge()
+        for _ in range(100):
+            if ref.current.config.max_request_bytes == 8192:
+                break
+            await asyncio.sleep(0.02)
+        assert ref.current.config.max_request_bytes == 8192
+        await asyncio.sleep(0.1)
+        assert checks <= 2
+    finally:
+        watcher.cancel()
