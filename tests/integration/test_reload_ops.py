@@ -181,3 +181,92 @@ def test_fifty_rewrites_a_second_bad_files_and_a_budget_cut_below_spend_mid_burs
         no_secrets(gw)
     finally:
         reload_to(gw, original)
+
+
+def codes(gw: Gateway, key: str, n: int = 6) -> set[tuple[int, str | None]]:
+    """The (status, error code) of `n` plain requests of `key`."""
+    out = set()
+    for _ in range(n):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=10,
+                       json={"model": "default-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5})
+        out.add((r.status_code, None if r.status_code == 200 else r.json()["error"]["code"]))
+    return out
+
+
+def test_a_reload_while_the_store_is_down_applies_and_fails_closed_until_it_is_back(
+        fresh: Gateway, redis: RedisServer) -> None:  # noqa: F811
+    """Valkey killed; gateway.yaml revokes ops-c and SIGHUP is sent. The reload applies
+    without the store (nothing at load needs it); meanwhile budgeted keys get 503
+    budget_store_unavailable and the revoked key is refused (an id not in values may be a
+    stored key, which cannot be looked up: 503 key_store_unavailable); once Valkey is back
+    the new config serves and the revoked key is 401."""
+    gw, envoy = fresh, fresh.stack.procs["envoy"].pid
+    original = copy.deepcopy(gw.stack.values)
+    redis.kill()
+    try:
+        n = reloads(gw)
+        written_long_ago(gw.stack.workdir / "gateway.yaml", render_values(without_key(original, "ops-c"))["gateway.yaml"])
+        os.kill(serve_pid(gw), signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while reloads(gw) < n + 2:
+            assert time.monotonic() < deadline, "no reload while the store is down"
+            time.sleep(0.05)
+        assert codes(gw, KEYS["ops-c"]) == {(503, "key_store_unavailable")}
+        assert codes(gw, KEYS["ops-a"]) == {(503, "budget_store_unavailable")}
+        redis.start()
+        deadline = time.monotonic() + 5
+        while codes(gw, KEYS["ops-a"], 2) != {(200, None)}:
+            assert time.monotonic() < deadline, "not serving after the store came back"
+            time.sleep(0.1)
+        assert codes(gw, KEYS["ops-c"]) == {(401, "invalid_api_key")}
+        envoy_alive(gw, envoy)
+    finally:
+        if not redis.running:
+            redis.start()
+        reload_to(gw, original)
+
+
+def test_a_worker_stopped_across_a_revocation_applies_it_once_continued(fresh: Gateway,
+                                                                        redis: RedisServer) -> None:  # noqa: F811
+    """One worker SIGSTOPped, ops-c revoked in gateway.yaml, the other worker applies it; 3 s
+    later the stopped one is continued. A burst of ops-c throughout: nothing it starts later
+    than 4 s after SIGCONT is served (the watcher's poll and a load, docs/configuration.md),
+    every answer a runbook code, and the continued worker serves again."""
+    gw, envoy = fresh, fresh.stack.procs["envoy"].pid
+    original = copy.deepcopy(gw.stack.values)
+    victim = workers(gw)[0]
+    marks: dict[str, float] = {}
+
+    async def burst() -> list[Any]:
+        t0 = time.monotonic()
+        async with client() as c:
+            async def one(i: int) -> Any:
+                await asyncio.sleep(10.0 * i / 300)
+                return await chat(c, gw, KEYS["ops-c"], t0, stream=i % 2 == 0, max_tokens=5)
+            answers = await asyncio.gather(*(one(i) for i in range(300)))
+        for name in marks:
+            marks[name] -= t0
+        return answers
+
+    def operate() -> None:
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGSTOP)
+        written_long_ago(gw.stack.workdir / "gateway.yaml", render_values(without_key(original, "ops-c"))["gateway.yaml"])
+        marks["revoked"] = time.monotonic()
+        time.sleep(3.0)
+        os.kill(victim, signal.SIGCONT)
+        marks["continued"] = time.monotonic()
+
+    try:
+        answers = during(burst, operate)
+        envoy_alive(gw, envoy)
+        print(tally(answers), marks)
+        assert set(tally(answers)) <= {(200, None), (429, "budget_exceeded"), (401, "invalid_api_key"),
+                                       (503, "gateway_unavailable")}, tally(answers)
+        late = [a for a in answers if a.started_s > marks["continued"] + 4.0]
+        assert late and {(a.status, a.code) for a in late} == {(401, "invalid_api_key")}, tally(late)
+        all_healthy(gw)
+        assert workers(gw)[0] == victim
+    finally:
+        os.kill(victim, signal.SIGCONT)
+        reload_to(gw, original)
