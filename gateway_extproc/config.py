@@ -419,6 +419,13 @@ class _Reader:
             self.fail(key, "must be a non-empty string")
         return value
 
+    def path(self, value: Any, key: str) -> str:
+        """A file's path: a NUL (or no string at all) raised from the file system call, a
+        traceback at start and a reload error naming no key."""
+        if "\x00" in self.string(value, key):
+            self.fail(key, "holds a NUL character; give the file's path")
+        return value
+
     def env_name(self, value: Any, key: str, holds: str) -> str:
         """The name of the environment variable that holds a secret. Never quoted back: what
         is here instead of a name is most likely the secret itself, which gateway.yaml (a
@@ -471,7 +478,7 @@ def _provider(r: _Reader, i: int, raw: Any) -> Provider:
     if env is not None:
         r.env_name(env, f"{at}.credential.env", "key")
     if file is not None:
-        r.string(file, f"{at}.credential.file")
+        r.path(file, f"{at}.credential.file")
     options = {}
     for key, required, allowed in _PROVIDER_OPTIONS[kind]:
         if key not in p:

@@ -168,7 +168,7 @@ def parse_identity(r: "_Reader", doc: dict[str, Any], teams: dict[str, "Limits"]
             admins[r.string(a.get("name"), f"identity.keyAdmin.admins[{i}].name")] = digest
         if not admins:
             r.fail("identity.keyAdmin.admins", "is empty; add {name, sha256} (`gateway-extproc keys admin-token`)")
-        file = ka.get("file") or None
+        file = r.path(ka["file"], "identity.keyAdmin.file") if ka.get("file") else None
         if budgets_store != "redis" and file is None:
             r.fail("identity.keyAdmin.file", "is required with budgets.store: memory (keys then live in this "
                    "file on one node); or use budgets.store: redis so every replica shares them")

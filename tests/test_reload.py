@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from pathlib import Path
 
+import pytest
 import yaml
+
+from gateway_extproc.config import ConfigError
 
 from gateway_extproc import reload
 from gateway_extproc.reload import RuntimeRef
@@ -278,3 +282,33 @@ async def test_a_nudge_reads_the_file_now_not_at_the_next_poll(tmp_path: Path, m
         assert checks <= 2
     finally:
         watcher.cancel()
+
+
+@pytest.mark.parametrize(("where", "value"), [
+    (("providers", 1, "credential", "file"), "/run/secrets/az\x00ure"),
+    (("identity", "keyAdmin", "file"), "/var/lib/keys\x00.json"),
+    (("identity", "keyAdmin", "file"), 5),
+    (("identity", "keyAdmin", "file"), ["/var/lib/keys.json"]),
+])
+async def test_a_file_path_no_file_can_have_is_a_config_error_naming_its_key(tmp_path: Path, where: tuple,
+                                                                            value: object) -> None:
+    """A NUL in a path (or a path that is no string) raised ValueError/TypeError from the
+    file system call: `serve` stopped with a traceback, a reload logged 'embedded null byte'
+    with no key, and a NUL in keyAdmin.file failed requests at run time."""
+    doc = valid()
+    doc["identity"] = {"keyAdmin": {"enabled": True, "file": str(tmp_path / "keys.json"),
+                                    "admins": [{"name": "root", "sha256": "0" * 64}]}}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    node = doc
+    for step in where[:-1]:
+        node = node[step]
+    node[where[-1]] = value
+    key = "providers[1].credential.file" if where[0] == "providers" else "identity.keyAdmin.file"
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        Runtime.load(_written(tmp_path / "bad.yaml", doc))
+
+
+def _written(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
