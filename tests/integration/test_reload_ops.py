@@ -169,9 +169,10 @@ def test_fifty_rewrites_a_second_bad_files_and_a_budget_cut_below_spend_mid_burs
             if (a.status, a.code) not in ok:
                 problems.append((name, a))
         assert problems == []
-        # the old config served between the rejection and the good file: ops-c was known
+        # the old config served after the rejection (the second storm keeps the file changing
+        # for 1 s, so nothing loads then): ops-c was still known
         assert any(a.status in (200, 429) for name, a in answers if name == "ops-c"
-                   and marks["rejected"] < a.started_s < marks["applied"] - 3.5)
+                   and marks["rejected"] < a.started_s < marks["rejected"] + 0.8)
         settled(gw, redis, names=("ops-a", "ops-b", "ops-d"))
         d = usage(gw, "ops-d")
         assert d["limit_usd"] == 0.000001 and d["remaining_usd"] == 0 and 0 < d["spent_usd"] <= 0.05, d
