@@ -198,6 +198,10 @@ async def authenticate(headers: dict[str, str], config: GatewayConfig, now: date
         if provider is None or not isinstance(payload, dict):
             continue
         token_user, team = token_principal(provider, payload)
+        if token_user is not None and len(ident.oidc) > 1:
+            # Each issuer names its own users: `sub` "alice" of two IdPs is two people, so with
+            # several issuers a user is `<provider>:<claim>` (a provider name holds no `:`).
+            token_user = f"{name}:{token_user}"
         # team "" when the claims map to no team of this gateway: then the token names a user only.
         token = VirtualKey(f"token:{name}", "", team if team in config.teams else "", provider.models, None,
                            token_user)
