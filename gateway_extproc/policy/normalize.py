@@ -466,6 +466,31 @@ def escape_cut(text: str) -> int:
 _JSON_TOKEN = re.compile(r'("(?:[^"\\\n]|\\.)*")|([{}\[\]:,\s]+)|([^"{}\[\]:,\s]+|")')
 MAX_JSON_TEXT = 1 << 20
 
+# A number sent as a JSON array of its digits or groups (`[4,1,1,1,…]`, `[4111, 1111, 1111,
+# 1111]`, `[4, 111, 111, 111, 111, 111]`, `[123, 45, 6789]`): read as the one number it spells.
+# Only these layouts of non-negative integers: single digits, a printed card's groups, an SSN's,
+# thousands; 9 to 19 digits in all (an SSN to the longest card). Other arrays of numbers
+# (sizes, scores, colours) are numbers each: their digits joined would pass IIN and Luhn now
+# and then.
+_ARRAY_LAYOUTS = frozenset({(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4), (3, 2, 4)})
+_DIGIT_ARRAY = re.compile(r"\[[ \t\r\n]*+([0-9]{1,6}(?:[ \t\r\n]*+,[ \t\r\n]*+[0-9]{1,6}){1,18})[ \t\r\n]*+\]")
+_DIGIT_RUN = re.compile(r"[0-9]+")
+
+
+def digit_array(groups: list[str]) -> str | None:
+    """The number an array of non-negative integers (as their decimal digits) spells, when it
+    is laid out as one (`_ARRAY_LAYOUTS`, single digits, thousands), else None."""
+    if not 2 <= len(groups) <= 19:
+        return None
+    widths = tuple(map(len, groups))
+    digits = "".join(groups)
+    if not 9 <= len(digits) <= 19:
+        return None
+    if widths in _ARRAY_LAYOUTS or all(w == 1 for w in widths) or \
+            (widths[0] <= 3 and all(w == 3 for w in widths[1:])):
+        return digits
+    return None
+
 
 def normalize_json(text: str) -> Normalized | None:
     """A string holding JSON (tool-call `arguments`), seen as its values: quotes dropped, each
@@ -474,7 +499,8 @@ def normalize_json(text: str) -> Normalized | None:
     followed by U+001E or U+001F), so a number split over the arguments of two tool calls is
     one value, while two values inside one string are never joined. A number written with
     an exponent that is an integer of nine digits or more (`4.111111111111111e15`, which a
-    parser reads as 4111111111111111) is read as that integer's digits. Valid JSON only (else
+    parser reads as 4111111111111111) is read as that integer's digits, and an array that spells
+    one number (`digit_array`: `[4111, 1111, 1111, 1111]`) as its digits. Valid JSON only (else
     None: the caller normalizes the string as text); text outside ASCII in it is normalized
     as any text (until 2026-12-05 such JSON was read as text, its escapes undecoded: one `é`
     anywhere let `jane\\u0040example.com` through)."""
@@ -487,8 +513,11 @@ def normalize_json(text: str) -> Normalized | None:
     out: list[str] = []
     spans: list[tuple[int, int, int, int]] = []
     n = 0  # normalized length so far
-    for m in _JSON_TOKEN.finditer(text):
-        o, oe = m.start(), m.end()
+    pos = 0
+    while pos < len(text):
+        m = _JSON_TOKEN.match(text, pos)
+        o, oe = m.start(), m.end()  # type: ignore[union-attr]
+        pos = oe
         if m.group(1) is not None:  # a string: its content, without the quotes
             spans.append((n, n, o, o + 1))
             content = text[o + 1:oe - 1]
@@ -502,8 +531,16 @@ def normalize_json(text: str) -> Normalized | None:
             out.append(rep)
             spans.append((n, n + len(rep), o, oe))
             n += len(rep)
+            bracket = m.group().rfind("[")  # type: ignore[union-attr]
+            if bracket >= 0 and (array := _DIGIT_ARRAY.match(text, o + bracket)) is not None and \
+                    (digits := digit_array(_DIGIT_RUN.findall(array.group(1)))) is not None:
+                # (one span from its first digit to its last: a finding is the whole array)
+                spans.append((n, n + len(digits), array.start(1), array.end(1)))
+                out.append(digits)
+                n += len(digits)
+                pos = array.end(1)
         else:  # numbers, literals: as they are; an integer written with an exponent, as its digits
-            token = m.group()
+            token = m.group()  # type: ignore[union-attr]
             digits = _exponent_integer(token) if "e" in token or "E" in token else None
             if digits is None:
                 out.append(token)

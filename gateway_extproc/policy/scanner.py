@@ -77,7 +77,7 @@ from .detectors import (
     texty,
 )
 
-from .normalize import Normalized, json_placeholder, json_quotes, normalize, normalize_json, tables
+from .normalize import Normalized, digit_array, json_placeholder, json_quotes, normalize, normalize_json, tables
 from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGERS, SPACED_TRIGGERS, Trigger,
                         phrase_trigger, regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
@@ -1368,7 +1368,35 @@ def keyed_text(value: Any, key: Any, top: bool = True) -> str | None:
         value = int(value)
     elif isinstance(value, bool) or not isinstance(value, int) or -10 ** 8 < value < 10 ** 8:
         return None
-    return f"{key.replace('_', ' ')}: {value}" if isinstance(key, str) else str(value)
+    return _named(key, str(value))
+
+
+def _named(key: Any, text: str) -> str:
+    return f"{key.replace('_', ' ')}: {text}" if isinstance(key, str) else text
+
+
+# Arrays of numbers that are no value: token ids, which an embeddings or completions request
+# sends as its top-level `input` / `prompt` (an array, or arrays of them; read as the text they
+# stand for, docs/classification.md), and a logprob's UTF-8 `bytes`.
+_TOKEN_MEMBERS = frozenset({"input", "prompt"})
+
+
+def array_text(value: list[Any], key: Any, depth: int, top_key: Any) -> str | None:
+    """The `keyed_text` of a JSON array that spells one number (`normalize.digit_array`:
+    `[4111, 1111, 1111, 1111]`, `[4,1,1,…]`, `"ssn": [123, 45, 6789]`), read as that number
+    under its member's name; else None. `depth`: the walk's depth at the array's member
+    (1: the body's own), `top_key`: the body member it is under. Costs one length check for a
+    long array (an 8k token-id `input`), a type check for an array of objects."""
+    if not 2 <= len(value) <= 19 or key == "bytes" or (depth == 1 and key in _TOKEN_MEMBERS) or \
+            (depth == 2 and key is None and top_key in _TOKEN_MEMBERS):
+        return None
+    groups = []
+    for x in value:
+        if type(x) is not int or not 0 <= x < 10 ** 6:
+            return None
+        groups.append(str(x))
+    digits = digit_array(groups)
+    return None if digits is None else _named(key, digits)
 
 
 def keyed_replacement(text: str, redacted: str) -> str:
@@ -1389,7 +1417,8 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
     `names`, when given, collects every object key once, in first-seen order, from the same
     pass: keys are caller text too (metadata, tool schemas, logit_bias), and classification
     scans them apart from the values (a key never bridges into a value). `keyed` collects
-    the `keyed_text` of every long number and SSN-named string the same way. `known`: per
+    the `keyed_text` of every long number and SSN-named string the same way, and the
+    `array_text` of every array that spells one number. `known`: per
     member name, values skipped as already read (a provider's labels, seen clean before);
     `map_strings` must be given the same."""
     if isinstance(obj, str):
@@ -1399,6 +1428,7 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
         return []
     out: list[str] = []
     nodes = 1
+    top_key: Any = None  # (the body's member being walked: `array_text`)
     stack = [_items(obj)]
     while stack:
         for key, value in stack[-1]:
@@ -1423,6 +1453,11 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                 nodes += 1
                 if len(stack) >= max_depth:
                     return LimitExceeded(f"JSON nested deeper than {max_depth}")
+                if keyed is not None and type(value) is list and \
+                        (named := array_text(value, key, len(stack), top_key)) is not None:
+                    keyed[named] = None
+                if len(stack) == 1:
+                    top_key = key
                 stack.append(_items(value))
                 break
             else:
@@ -1468,6 +1503,7 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
 
     root = new_container(obj)
     nodes = 1
+    top_key: Any = None
     stack: list[tuple[Iterator[tuple[Any, Any]], Any]] = [(_items(obj), root)]
     while stack:
         it, target = stack[-1]
@@ -1485,8 +1521,13 @@ def map_strings(obj: Any, fn: Callable[[str], str], *, skip_keys: frozenset[str]
                 nodes += 1
                 if len(stack) >= max_depth:
                     return LimitExceeded(f"JSON nested deeper than {max_depth}")
-                descend = value
-                value = new_container(value)
+                if len(stack) == 1:
+                    top_key = key
+                if keyed and type(value) is list and (named := array_text(value, key, len(stack), top_key)) in keyed:
+                    value = keyed[named]  # (a number spelled as an array: its placeholder, a string)
+                else:
+                    descend = value
+                    value = new_container(value)
             elif keyed and (named := keyed_text(value, key, top=len(stack) == 1)) is not None:
                 value = keyed.get(named, value)
             if nodes > max_nodes:

@@ -291,3 +291,28 @@ def test_a_gateway_key_pasted_into_a_prompt_never_leaves(gw: Gateway) -> None:
     assert gw.received(gw.primary) == [] and gw.received(gw.backup) == []
     time.sleep(0.2)
     assert gw.key not in gw.stack.log_path("extproc").read_text()
+
+
+def test_a_card_sent_as_an_array_of_numbers_never_reaches_a_provider(gw: Gateway) -> None:
+    """`[4111, 1111, 1111, 1111]` in metadata, a tool schema's `enum` and tool-call arguments:
+    until 2026-12-05 each number was read alone and the card went out as sent."""
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    groups = [4111, 1111, 1111, 1111]
+    ask: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "charge it"},
+                     {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                         "name": "charge", "arguments": json.dumps({"card": [4, *[1] * 15]})}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "done"}],
+        "metadata": {"card": json.dumps(groups)},
+        "extra_body": {"user_data": {"card": groups}},
+        "tools": [{"type": "function", "function": {"name": "charge", "parameters": {
+            "type": "object", "properties": {"card": {"type": "array", "enum": [groups]}}}}}]}
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.chat.completions.create(model="default-chat", **ask)
+    assert refused.value.body["code"] == "classification_violation"
+    assert gw.received(gw.primary) == [] and gw.received(gw.backup) == []
+    client.chat.completions.create(model="private-chat", **ask)
+    [sent] = gw.received(gw.primary)
+    raw = base64.b64decode(sent["raw_body_base64"]).decode()
+    digits = re.sub(r"[^0-9]", "", raw)
+    assert "4111111111111111" not in digits and raw.count("[CREDIT_CARD_") == 4, raw
