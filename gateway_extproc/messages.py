@@ -511,7 +511,7 @@ class ToMessagesStream:
                 continue
             delta = _dict(choice.get("delta"))
             if isinstance(delta.get("reasoning_content"), str) and delta["reasoning_content"]:
-                if self._open_kind != "thinking":
+                if self._open_kind != "thinking" or self._signature is not None:  # (a signed block has ended)
                     out.extend(self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
                 out.append(_event("content_block_delta", {
                     "index": self._blocks - 1, "delta": {"type": "thinking_delta", "thinking": delta["reasoning_content"]}}))
@@ -543,9 +543,12 @@ class ToMessagesStream:
 
     def _thinking(self, block: JSON) -> list[bytes]:
         """A redacted block comes whole. A signature (Claude streams it as its thinking block's
-        last delta) is held until that block closes: output scanning holds the block's text
-        back in its window and lets the signature pass, so the signature may come first. Pieces
-        of one block's signature (entries of one `index`) are joined, as the openai SDK joins them."""
+        last delta) is held until that block closes, which it does at the next block or text:
+        reasoning text after it is the next thinking block's (output scanning lets a block's
+        held text out before its signature for an anthropic client, `ResponseGuard` with
+        `in_order`; until 2026-12-05 it came after, and two signed blocks went out as one).
+        Pieces of one block's signature (entries of one `index`) are joined, as the openai SDK
+        joins them."""
         if block.get("type") == "redacted_thinking":
             return [*self._open("redacted", {"type": "redacted_thinking", "data": _str(block.get("data"))}),
                     *self._close()]
@@ -566,12 +569,14 @@ class ToMessagesStream:
 
     def _open(self, kind: str, block: JSON) -> list[bytes]:
         out = self._close()
-        if self._signature is not None and kind != "thinking":  # a signed block without text (display omitted)
-            out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}) + self._close()
+        if self._signature is not None:  # a signed block without text (display omitted)
+            out += self._start_block("thinking", {"type": "thinking", "thinking": "", "signature": ""}) + self._close()
+        return out + self._start_block(kind, block)
+
+    def _start_block(self, kind: str, block: JSON) -> list[bytes]:
         self._open_kind = kind
         self._blocks += 1
-        out.append(_event("content_block_start", {"index": self._blocks - 1, "content_block": block}))
-        return out
+        return [_event("content_block_start", {"index": self._blocks - 1, "content_block": block})]
 
     def _close(self) -> list[bytes]:
         if self._open_kind is None:
@@ -588,7 +593,7 @@ class ToMessagesStream:
         self._done = True
         out = [*self._start({}), *self._close()]
         if self._signature is not None:  # (a signed block without text, and nothing after it)
-            out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}) + self._close()
+            out += self._start_block("thinking", {"type": "thinking", "thinking": "", "signature": ""}) + self._close()
         return [*out, *self._delta(), _event("message_stop", {})]
 
     def _delta(self) -> list[bytes]:

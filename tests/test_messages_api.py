@@ -9,6 +9,8 @@ accepted by the anthropic SDK itself: `Message.model_validate` for JSON, and a r
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 import anthropic
@@ -633,24 +635,41 @@ def test_output_config_is_carried_as_openai_says_it() -> None:
     assert paths["response_format"] == "output_config.format" and paths["reasoning_effort"] == "output_config.effort"
 
 
-def test_a_signature_output_scanning_let_pass_first_still_ends_its_block() -> None:
-    """Output scanning holds reasoning text back in its window while the signature (no text)
-    passes: the signature arrives first, and still ends the thinking block it belongs to."""
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return b"data: " + orjson.dumps({"id": "c", "model": "m", "choices": [
-            {"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
-    raw = b"".join([chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "Let me "}),
-                    chunk({"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "c2ln"}]}),
-                    chunk({"reasoning_content": "think."}), chunk({"content": "42."}), chunk({}, "stop"),
-                    b"data: [DONE]\n\n"])
-    final = sdk_final_message(ToMessagesStream().feed(raw, True))
+@pytest.mark.parametrize("scanned", [True, False], ids=["output scanning", "none"])
+def test_two_signed_thinking_blocks_reach_an_anthropic_client_as_two(scanned: bool) -> None:
+    """Claude's two thinking blocks, each signed, streamed to an anthropic client: two blocks,
+    each with its text and signature. Output scanning holds reasoning text back in its window
+    while a signature (no text) passes; until 2026-12-05 the first block's held tail came after
+    its signature, the translation could not tell where the block ended, and the client got one
+    block with both texts and the second signature (which Claude refuses on the next turn). A
+    signed block without text (display omitted) is still a block of its own."""
+    from gateway_extproc.policy.classification import ResponseGuard
+    from gateway_extproc.providers import anthropic as claude
+
+    from .test_stream_seams import POLICY
+
+    texts = ("Step one: the user asks for six times seven, which is a product.",
+             "Step two: six sevens are forty-two, so answer 42.")
+    events = [CLAUDE_THINKING[0]]
+    for i, (text, signature) in enumerate(zip(("", *texts), ("c2ln", "c2lnLW9uZQ==", "c2lnLXR3bw=="))):
+        events += [{"type": "content_block_start", "index": i,
+                    "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+                   *({"type": "content_block_delta", "index": i, "delta": {"type": "thinking_delta", "thinking": w}}
+                     for w in re.findall(r"\S+\s*", text)),
+                   {"type": "content_block_delta", "index": i, "delta": {"type": "signature_delta", "signature": signature}},
+                   {"type": "content_block_stop", "index": i}]
+    events += CLAUDE_THINKING[-5:]
+    raw = b"".join(b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events)
+    pivot = claude.stream(MODEL).feed(raw, True)
+    if scanned:
+        guard = ResponseGuard(POLICY, POLICY._params["enforce"], "t", in_order=True)
+        pivot = b"".join(guard.sse_event(e + b"\n\n") for e in pivot.split(b"\n\n") if e)
+    final = sdk_final_message(ToMessagesStream().feed(pivot, True))
     assert [b.model_dump(exclude_none=True) for b in final.content] == [
-        {"type": "thinking", "thinking": "Let me think.", "signature": "c2ln"}, {"type": "text", "text": "42."}]
-    omitted = raw.replace(b'"reasoning_content":"Let me "', b'"content":""').replace(
-        b'"reasoning_content":"think."', b'"content":""')
-    final = sdk_final_message(ToMessagesStream().feed(omitted, True))
-    assert [b.model_dump(exclude_none=True) for b in final.content] == [
-        {"type": "thinking", "thinking": "", "signature": "c2ln"}, {"type": "text", "text": "42."}]
+        {"type": "thinking", "thinking": "", "signature": "c2ln"},
+        {"type": "thinking", "thinking": texts[0], "signature": "c2lnLW9uZQ=="},
+        {"type": "thinking", "thinking": texts[1], "signature": "c2lnLXR3bw=="},
+        {"type": "text", "text": "42."}]
 
 
 def test_a_signature_in_pieces_of_one_thinking_block_is_joined() -> None:

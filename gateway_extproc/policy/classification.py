@@ -617,7 +617,13 @@ class ResponseGuard:
         first = next((key for key, holder, name in slots if isinstance(holder[name], str) and holder[name]), None)
         if first is not None and not self._moved(index, first):
             return False
-        if active and self.in_order or finished:
+        # With `in_order`, a thinking block's signature (`thinking_blocks`) ends that block: its
+        # text still held goes out before it, so the Messages translation (messages.py) closes
+        # the block there and the next reasoning text opens the next one (until 2026-12-05 the
+        # held tail came after the signature, and two signed blocks reached an anthropic client
+        # as one, with the second signature). What follows is still read across the pause.
+        signed = self.in_order and bool(delta.get("thinking_blocks"))
+        if active and self.in_order or finished or signed:
             for key, redactor in self.redactors.items():
                 if key[0] == index and key not in active and not redactor.done:
                     seam = self.seams.get(index)
@@ -654,7 +660,9 @@ class ResponseGuard:
                 return False
             seam = self.seams.get(index)
             out = redactor.feed(text) if text else ""
-            if finished or self.in_order and key != last:
+            if signed and not finished and (tail := redactor.held()):
+                self.tails[key] = tail
+            if finished or signed or self.in_order and key != last:
                 out += redactor.flush()
             if redactor.blocked:
                 self.blocked_by = redactor

@@ -58,3 +58,23 @@ def test_the_openai_stream_helper_reads_two_signed_thinking_blocks(gw: Gateway, 
     assert message.content == "42"
     blocks = (message.model_extra or {}).get("thinking_blocks")
     assert [(b["type"], b["signature"]) for b in blocks] == [("thinking", s) for s in SIGNATURES], blocks
+
+
+@pytest.mark.parametrize("signature_pieces", [1, 2], ids=["one signature delta a block", "two"])
+def test_an_anthropic_client_gets_both_signed_thinking_blocks(gw: Gateway, signature_pieces: int) -> None:
+    """The same answer to the anthropic SDK: two thinking blocks, each with its own text and
+    signature (Claude checks them when the client sends them back on the next turn). Until
+    2026-12-05 a stream gave it one block with both texts and the second signature: output
+    scanning held the first block's text back while its signature passed, so the translator
+    could not tell where the first block ended."""
+    import anthropic
+
+    raw = orjson.dumps([base64.b64encode(e).decode() for e in claude_events(signature_pieces)]).decode()
+    client = anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0,
+                                 default_headers={"x-mock-raw-events": raw})
+    with client.messages.stream(model="claude-chat", max_tokens=2048,
+                                messages=[{"role": "user", "content": "Six times seven?"}]) as events:
+        final = events.get_final_message()
+    assert [b.model_dump(exclude_none=True) for b in final.content] == [
+        *({"type": "thinking", "thinking": f"Step {i + 1}: look it up.", "signature": s} for i, s in enumerate(SIGNATURES)),
+        {"type": "text", "text": "42"}]
