@@ -117,3 +117,21 @@ def test_an_array_spelling_a_card_in_an_answer_is_found() -> None:
     read = read_json(SCANNER, answer)
     assert not isinstance(read, type(None)) and [f.rule for f in read.findings] == ["credit_card"]
     assert rewritten(answer, read, read.findings)["content"][0]["input"] == {"card": "[CREDIT_CARD_1]"}
+
+
+@pytest.mark.parametrize("doc", ['{"card": [4111, 1111, 1111, 1111]}', '{"c": [4,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1], "d": 1}',
+                                 '{"c": [\n  4,\n  111,\n  111,\n  111,\n  111,\n  111\n]}'])
+def test_an_array_in_streamed_tool_call_arguments_is_redacted_at_every_split(doc: str) -> None:
+    """An answer's tool-call arguments arrive in pieces: an array still open at a piece's end
+    is read with the next piece (as a number is), so a split anywhere hides nothing, and the
+    redacted arguments stay JSON."""
+    from gateway_extproc.policy import DecisionParams, StreamRedactor
+    for i in range(len(doc)):
+        for j in range(i, len(doc), 3):
+            redactor = StreamRedactor(SCANNER, DecisionParams(), 64, json=True)
+            out = "".join(redactor.feed(p) for p in (doc[:i], doc[i:j], doc[j:]) if p) + redactor.flush()
+            assert "[CREDIT_CARD_1]" in out and "4111" not in "".join(c for c in out if c.isdigit()), (i, j, out)
+            orjson.loads(out)
+    redactor = StreamRedactor(SCANNER, DecisionParams(), 64, json=True)
+    assert redactor.feed('{"sizes": [1, 2, 3], "at": [2024, 12, 5]}') + redactor.flush() == \
+        '{"sizes": [1, 2, 3], "at": [2024, 12, 5]}'

@@ -381,13 +381,35 @@ def normalize_json_piece(text: str, in_string: bool, quotes: list[int] | None = 
     tail = len(text)
     if not in_string:
         tail = len(text.rstrip(_NUMBER_TAIL))
+        # (an array of numbers still open at the end is read whole too: `[4, 1, 1` + `, 1, …]`)
+        unfinished = _OPEN_ARRAY.search(text, max(text.rfind('"') + 1, len(text) - _OPEN_ARRAY_HOLD))
+        if unfinished is not None:
+            tail = min(tail, unfinished.start())
     return (Normalized("".join(out), len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),
                        tuple(spans)), in_string, tail)
 
 
 def _with_exponents(text: str, pos: int, end: int, n: int, spans: list[tuple[int, int, int, int]]) -> str:
-    """text[pos:end], outside strings (at `n` in the normalized text), normalized, each number
-    written with an exponent that is a long integer as its digits (a span each)."""
+    """text[pos:end], outside strings (at `n` in the normalized text), normalized, each array
+    that spells a number (`digit_array`) as its digits, and each number written with an
+    exponent that is a long integer as its digits (a span each)."""
+    parts: list[str] = []
+    at = pos
+    for m in _DIGIT_ARRAY.finditer(text, pos, end):
+        digits = digit_array(_DIGIT_RUN.findall(m.group(1)))
+        if digits is None:
+            continue
+        parts.append(_exponents(text, at, m.start(1), n, spans))
+        n += len(parts[-1])
+        spans.append((n, n + len(digits), m.start(1), m.end(1)))
+        parts.append(digits)
+        n += len(digits)
+        at = m.end(1)
+    parts.append(_exponents(text, at, end, n, spans))
+    return "".join(parts)
+
+
+def _exponents(text: str, pos: int, end: int, n: int, spans: list[tuple[int, int, int, int]]) -> str:
     parts: list[str] = []
     at = pos
     for m in _EXPONENT_TOKEN.finditer(text, pos, end):
@@ -475,6 +497,8 @@ MAX_JSON_TEXT = 1 << 20
 _ARRAY_LAYOUTS = frozenset({(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4), (3, 2, 4)})
 _DIGIT_ARRAY = re.compile(r"\[[ \t\r\n]*+([0-9]{1,6}(?:[ \t\r\n]*+,[ \t\r\n]*+[0-9]{1,6}){1,18})[ \t\r\n]*+\]")
 _DIGIT_RUN = re.compile(r"[0-9]+")
+_OPEN_ARRAY = re.compile(r"\[[ \t\r\n0-9,]*$")
+_OPEN_ARRAY_HOLD = 1024  # (19 numbers, pretty-printed, fit; a longer run spells no number)
 
 
 def digit_array(groups: list[str]) -> str | None:
