@@ -642,9 +642,10 @@ def test_a_valid_token_of_each_issuer_is_its_own_principal(idp: tuple[Identity, 
                           "iat": now, "exp": now + 300}, partner_key, algorithm="RS256", headers={"kid": "partner-1"})
     u = ident.get("/v1/usage", "unmapped", {"Authorization": f"Bearer {partner}"}).json()
     # The partner issuer maps no team claim: its defaultTeam, whatever `team` the token says.
-    assert (u["key_id"], u["team"], u["user"]) == ("token:partner", "batch", "pat"), u
+    # Two issuers: each names its own users (`<provider>:<claim>`, docs/identity.md).
+    assert (u["key_id"], u["team"], u["user"]) == ("token:partner", "batch", "partner:pat"), u
     u = ident.get("/v1/usage", "unmapped", {"Authorization": f"Bearer {ident.token(sub='carol')}"}).json()
-    assert (u["key_id"], u["team"], u["user"]) == ("token:corp", "demo", "carol"), u
+    assert (u["key_id"], u["team"], u["user"]) == ("token:corp", "demo", "corp:carol"), u
 
 
 def test_a_token_and_a_key_in_one_authorization_never_mix(idp: tuple[Identity, Any]) -> None:
