@@ -524,3 +524,58 @@ def test_random_deletes_inserts_swaps_and_duplicates_are_all_detected(tmp_path: 
         (r,) = verify_dir(tmp_path / "audit", public)
         cut_tail = op == "delete" and seg == segs[-1] and i == len(lines_of(seg))
         assert r.status == ("open" if cut_tail else "bad"), (trial, op, seg.name, i, r.line())
+
+
+def accounted(tmp: Path, instance: str = "h-w0") -> tuple[list[str], int]:
+    """(request ids on the record, events the record says were lost) over every chain of one process."""
+    recs = [orjson.loads(x) for d in sorted((tmp / "audit" / instance).iterdir()) if d.is_dir()
+            for s in chain_mod.segments(d) for x in lines_of(s)]
+    return ([r["request_id"] for r in recs if r["type"] == "request"],
+            sum(r["count"] for r in recs if r["type"] == "events_dropped"))
+
+
+def test_a_chain_directory_replaced_by_a_file_loses_no_event_off_the_record(tmp_path: Path, keys) -> None:
+    """Attack: the stream's directory becomes a file (or unwritable) before its chain opens.
+    Every event is then on the record or counted in an `events_dropped` record: the event
+    the writer was about to append was neither (popped, then lost uncounted, once a second)."""
+    signer, _, _ = keys
+    clock = Clock()
+    sink = AuditSink(settings_for(tmp_path), signer, "h-w0", now=clock)
+    sink.put(event(clock, 0))
+    assert sink.safe_cycle() is True
+    blocker = tmp_path / "audit" / "h-w0" / "public"
+    blocker.write_bytes(b"not a directory")
+    for i in range(1, 4):
+        sink.put(event(clock, i, tier="public"))
+    for _ in range(3):
+        assert sink.safe_cycle() is None  # the writer keeps failing, and keeps counting
+    blocker.unlink()
+    sink.put(event(clock, 4))
+    while sink.safe_cycle():
+        pass
+    sink._close_all()
+    ids, lost = accounted(tmp_path)
+    assert len(ids) + lost == 5 and {"r0", "r4"} <= set(ids), (ids, lost)
+
+
+def test_a_deleted_audit_directory_is_noticed_not_written_into_the_void(tmp_path: Path, keys) -> None:
+    """Attack: the audit directory is removed (or replaced) under a running writer. Its open
+    segment files were unlinked: writing on into them reported records as written that no
+    one can read. The writer now notices before it writes, counts the batch as lost, and
+    starts the chains again where the directory is, with the loss on the record."""
+    signer, _, _ = keys
+    clock = Clock()
+    sink = AuditSink(settings_for(tmp_path), signer, "h-w0", now=clock)
+    sink.put(event(clock, 0))
+    assert sink.safe_cycle() is True
+    shutil.rmtree(tmp_path / "audit")
+    for i in range(1, 4):
+        sink.put(event(clock, i))
+    sink.safe_cycle()
+    sink.put(event(clock, 4))
+    while sink.safe_cycle() is not False:
+        pass
+    sink._close_all()
+    ids, lost = accounted(tmp_path)
+    assert "r4" in ids and len(ids) + lost == 4, (ids, lost)  # r0 went with the deleted files
+

@@ -155,6 +155,7 @@ class Chain:
         """Write what is pending in one write; returns the lines written."""
         lines = self.pending
         if lines and self.fd is not None:
+            self._check_file()
             data = b"\n".join(lines) + b"\n"
             view = memoryview(data)
             while view:
@@ -164,6 +165,15 @@ class Chain:
         if sync and self.fd is not None:
             os.fsync(self.fd)
         return lines
+
+    def _check_file(self) -> None:
+        """Raise when the open segment is no longer the file at its path (deleted, or its
+        directory removed or replaced): writes would go to a file no one can read, counted
+        as written. One stat per batch, in the writer thread."""
+        assert self.fd is not None and self.segment is not None
+        mine, there = os.fstat(self.fd), os.stat(self.segment)  # FileNotFoundError when gone
+        if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
+            raise FileNotFoundError(f"audit segment {self.segment} was replaced")
 
     def rotate(self) -> list[bytes]:
         written = self.flush(sync=True)

@@ -132,9 +132,13 @@ class AuditSink:
         n = 0
         q = self.queue
         while q and n < BATCH:
-            ev = q.popleft()
+            ev = q[0]
+            # Opening the chain may fail (its directory unwritable, or a file): the event stays
+            # queued for the next try, never popped and lost off the record.
+            c = self.chain(ev.get("tier") or GATEWAY_STREAM)
+            q.popleft()
             n += 1
-            self._append(ev)
+            self._append(c, ev)
         gone = self.dropped + self._lost
         if gone > self._recorded_drops:
             delta, self._recorded_drops = gone - self._recorded_drops, gone
@@ -160,11 +164,11 @@ class AuditSink:
             _WRITTEN.inc(n)
         return n > 0
 
-    def _append(self, ev: dict[str, Any]) -> None:
+    def _append(self, c: Chain, ev: dict[str, Any]) -> None:
         ev["ts"] = iso(ev["ts"])
         if ev["type"] == "config":
             self._snapshot(ev)
-        self.chain(ev.get("tier") or GATEWAY_STREAM).append(ev)
+        c.append(ev)
 
     def chain(self, stream: str) -> Chain:
         c = self.chains.get(stream)
@@ -218,10 +222,13 @@ class AuditSink:
             return
         if hashlib.sha256(data).hexdigest() != digest:
             return  # changed again since it was loaded; the next reload records that version
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError as exc:  # the copy is lost, never the config event itself
+            log.error("audit_config_copy_failed", error=str(exc), config_sha256=digest)
 
     # -- shipping ----------------------------------------------------------------------
 
