@@ -579,3 +579,18 @@ def test_a_deleted_audit_directory_is_noticed_not_written_into_the_void(tmp_path
     ids, lost = accounted(tmp_path)
     assert "r4" in ids and len(ids) + lost == 4, (ids, lost)  # r0 went with the deleted files
 
+
+def test_a_chain_cut_right_after_a_checkpoint_is_not_reported_clean(tmp_path: Path, keys) -> None:
+    """Attack: cut a stopped chain's file just after one of its interval checkpoints (`head -n`).
+    Every line left verifies, and verify said OK although the records after that checkpoint
+    and the shutdown checkpoint were gone. Only a chain sealed by its shutdown checkpoint is
+    OK now; one that ends at any other checkpoint is OPEN (a live writer, a crash, or a cut)."""
+    signer, public, _ = keys
+    write_chain(tmp_path, signer, 120, every=50)
+    seg = only_segment(tmp_path)
+    ls = lines_of(seg)
+    assert status(tmp_path, public)[0] == "ok"
+    cut = max(i for i, x in enumerate(ls[:-1]) if chain_mod.CHECKPOINT in x)
+    seg.write_bytes(b"".join(x + b"\n" for x in ls[:cut + 1]))
+    st_, msg = status(tmp_path, public)
+    assert st_ == "open" and "checkpoint for 'interval', not 'shutdown'" in msg, msg

@@ -104,6 +104,7 @@ class SegmentScan:
     last_hash: bytes = b""
     since_checkpoint: int = 0  # records after its last checkpoint
     has_checkpoint: bool = False
+    sealed_by: str | None = None  # the reason of its last checkpoint (`shutdown`: the writer stopped)
     pruned: tuple[int, bytes] | None = None
     partial: int = 0  # bytes of a partial last line
     problem: str | None = None
@@ -139,7 +140,7 @@ def scan_segment(seg: Path, name: str, keys: dict[str, Ed25519PublicKey]) -> Seg
             return scan
         if is_cp:
             try:
-                _check_signature(line, seg, i, name, keys)
+                scan.sealed_by = _check_signature(line, seg, i, name, keys)
             except _Bad as exc:
                 scan.problem = str(exc)
                 return scan
@@ -172,6 +173,7 @@ def _link(scans: list[SegmentScan], bundle: bool, res: ChainResult) -> None:
     before = ""
     since = 0
     partial: tuple[str, int] | None = None
+    sealed_by: str | None = None
     pruned: tuple[int, bytes] | None = None
     anchor: tuple[int, bytes] | None = None
     for scan in scans:
@@ -211,6 +213,7 @@ def _link(scans: list[SegmentScan], bundle: bool, res: ChainResult) -> None:
         res.records += scan.records
         res.checkpoints += scan.checkpoints
         since = scan.since_checkpoint if scan.has_checkpoint else since + scan.records
+        sealed_by = scan.sealed_by or sealed_by
         pruned = scan.pruned or pruned
         expected_prev, expected_seq, before = scan.last_hash, scan.last_seq + 1, scan.name
         if scan.partial:
@@ -225,6 +228,14 @@ def _link(scans: list[SegmentScan], bundle: bool, res: ChainResult) -> None:
         res.status = "truncated"
         res.notes.append(f"{partial[0]} ends in a partial record of {partial[1]} bytes: a crash cut the last "
                          "write (what the fsync policy allows to lose), or the file was cut")
+    if not since and sealed_by != "shutdown" and res.records and not bundle:
+        # Every line up to a checkpoint verifies, so a file cut right after one looks whole:
+        # only the writer's shutdown checkpoint says nothing follows (a bundle ends at a
+        # checkpoint by design).
+        if res.status == "ok":
+            res.status = "open"
+        res.notes.append(f"the chain ends at a checkpoint for {sealed_by!r}, not 'shutdown': a live writer, a "
+                         "crash, or a tail cut at a checkpoint (records after it would be missing unseen)")
     if since:
         if res.status == "ok":
             res.status = "open"
@@ -232,7 +243,8 @@ def _link(scans: list[SegmentScan], bundle: bool, res: ChainResult) -> None:
                          "(a live writer, or a crash within the checkpoint interval; or a cut tail)")
 
 
-def _check_signature(line: bytes, seg: Path, i: int, name: str, keys: dict[str, Ed25519PublicKey]) -> None:
+def _check_signature(line: bytes, seg: Path, i: int, name: str, keys: dict[str, Ed25519PublicKey]) -> str:
+    """The checkpoint's reason, once its signature and chain check out."""
     parts = unsigned_part(line)
     where = f"{seg.name}:{i + 1}"
     if parts is None:
@@ -247,6 +259,7 @@ def _check_signature(line: bytes, seg: Path, i: int, name: str, keys: dict[str, 
                    "were modified and re-hashed)")
     if body.get("chain") != name:
         raise _Bad(f"{where}: checkpoint belongs to chain {body.get('chain')!r}, found in {name!r} (moved)")
+    return str(body.get("reason"))
 
 
 def _json(line: bytes) -> dict:
