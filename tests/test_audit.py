@@ -594,3 +594,23 @@ def test_a_chain_cut_right_after_a_checkpoint_is_not_reported_clean(tmp_path: Pa
     seg.write_bytes(b"".join(x + b"\n" for x in ls[:cut + 1]))
     st_, msg = status(tmp_path, public)
     assert st_ == "open" and "checkpoint for 'interval', not 'shutdown'" in msg, msg
+
+
+def test_a_segment_spliced_in_from_another_replica_is_named_as_such(tmp_path: Path, keys) -> None:
+    """Attack: a segment file of another replica's chain (same name, valid signatures) put in
+    place of one of ours. Verify failed it, but said our previous record was modified."""
+    signer, public, _ = keys
+    for inst in ("r1-w0", "r2-w0"):
+        clock = Clock()
+        sink = AuditSink(settings_for(tmp_path, checkpoint_seconds=10, segment_bytes=3000), signer, inst, now=clock)
+        for i in range(40):
+            sink.put(event(clock, i))
+            clock.t += 1
+            sink.cycle()
+        sink._close_all()
+    ours, theirs = (chain_mod.segments(tmp_path / "audit" / inst / "gateway") for inst in ("r1-w0", "r2-w0"))
+    shutil.copy(theirs[1], ours[1])
+    results = {r.name: r for r in verify_dir(tmp_path / "audit", public)}
+    bad = results["r1-w0/gateway"]
+    assert bad.status == "bad" and "belongs to chain 'r2-w0/gateway'" in (bad.problem or ""), bad.line()
+    assert results["r2-w0/gateway"].status == "ok"

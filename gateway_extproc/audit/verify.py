@@ -184,6 +184,8 @@ def _link(scans: list[SegmentScan], bundle: bool, res: ChainResult) -> None:
                 partial = (scan.name, scan.partial)
             continue
         seq, prev, is_cp, acknowledged = scan.first
+        if scan.problem and scan.problem.startswith(f"{scan.name}:1:"):
+            raise _Bad(scan.problem)  # its opening checkpoint names the cause (another chain's file, another key)
         if expected_prev is None:
             if not is_cp:
                 raise _Bad(f"{scan.name}:1: the chain does not start with a signed checkpoint")
