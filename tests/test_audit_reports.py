@@ -153,6 +153,12 @@ def processor(**kw) -> SimpleNamespace:
     ({"error_code": "invalid_api_key"}, "refused", ["invalid_api_key"]),
     ({"cut": True, "clamped": 10}, "cut", ["max_tokens_clamped", "budget_stream_cut"]),
     ({"error_code": "upstream_stream_interrupted"}, "admitted", ["upstream_stream_interrupted"]),
+    # The provider failed, not the gateway's policy: admitted (and charged what it may have billed).
+    ({"error_code": "upstream_reset"}, "admitted", ["upstream_reset"]),
+    ({"error_code": "upstream_timeout"}, "admitted", ["upstream_timeout"]),
+    ({"error_code": "upstream_unavailable"}, "admitted", ["upstream_unavailable"]),
+    ({"error_code": "upstream_overloaded"}, "admitted", ["upstream_overloaded"]),
+    ({"error_code": "upstream_response_too_large"}, "admitted", ["upstream_response_too_large"]),
 ])
 def test_decisions(kw: dict, decision: str, reasons: list[str]) -> None:
     p = processor(**kw)

@@ -19,8 +19,11 @@ if TYPE_CHECKING:
     from ..processors.router import Consumed, RouterProcessor
 
 BLOCKING_CODES = frozenset({"content_blocked", "classification_violation"})
-# Set by the router for a stream the provider broke off; the request was admitted.
-NOT_A_REFUSAL = frozenset({"upstream_stream_interrupted"})
+# The provider failed (Envoy's codes for its resets, timeouts and unavailability, and the
+# router's for a stream it broke off): the gateway admitted the request, and charges what the
+# provider may have billed, so a chargeback report must not count it as refused.
+NOT_A_REFUSAL = frozenset({"upstream_stream_interrupted", "upstream_reset", "upstream_timeout", "upstream_unavailable",
+                           "upstream_overloaded", "upstream_response_too_large"})
 
 
 def decision(p: "RouterProcessor") -> str:
