@@ -135,8 +135,9 @@ class Chain:
         self.checkpoint(reason, extra)
 
     def append(self, fields: dict[str, Any]) -> None:
+        """Raises TypeError (nothing changed) when JSON cannot hold a value."""
+        line = encode(self.head, self.seq + 1, fields)
         self.seq += 1
-        line = encode(self.head, self.seq, fields)
         self.head = digest(line)
         self.pending.append(line)
         self.unsealed += 1

@@ -168,7 +168,12 @@ class AuditSink:
         ev["ts"] = iso(ev["ts"])
         if ev["type"] == "config":
             self._snapshot(ev)
-        c.append(ev)
+        try:
+            c.append(ev)
+        except TypeError as exc:  # a value JSON cannot hold: this event is lost, not its batch
+            self._lost += 1
+            _DROPPED.inc()
+            log.error("audit_event_unwritable", error=str(exc), event_type=ev.get("type"))
 
     def chain(self, stream: str) -> Chain:
         c = self.chains.get(stream)
