@@ -14,7 +14,7 @@ import pytest
 
 from gateway_extproc import config
 from gateway_extproc.audit import events
-from gateway_extproc.audit.reports import chargeback, chargeback_csv, inventory, month_range
+from gateway_extproc.audit.reports import chargeback, chargeback_csv, inventory, month_range, render
 from gateway_extproc.audit.signing import Signer, generate
 from gateway_extproc.audit.writer import AuditSink
 
@@ -253,3 +253,27 @@ def test_report_cells_a_spreadsheet_would_run_are_text(name: str) -> None:
         cells = [c for r in read for c in r]
         assert len(read) == rows and name not in cells, text
         assert not any(c[:1] in ("=", "+", "-", "@", "\t", "\r") for c in cells if c), text
+
+
+def test_reports_and_export_on_odd_files(trail: Path, tmp_path: Path) -> None:
+    """Lines no writer wrote (valid JSON but not an object, or a request whose fields have the
+    wrong types: tampering, which verify names) crashed every report and the export with a
+    traceback; an empty segment, a wrong --dir gave an empty report that looked like a quiet month."""
+    before = chargeback(trail, "2026-11")
+    odd = trail / "h-w0" / "odd"
+    odd.mkdir()
+    (odd / "000000000000.jsonl").write_bytes(b"")
+    (odd / "000000000007.jsonl").write_bytes(
+        b'[1,2]\n"x"\n123\nnull\n{"type":"request","ts":5,"team":["t"],"cost_nano":"x"}\n'
+        b'{"type":"request","ts":"2026-11-02T00:00:00.000000Z","team":"search","cost_nano":"9"}\n'
+        b'{"type":"request","ts":"2026-11-02T00:00:00.000000Z","team":{"a":1}}\n')
+    assert chargeback(trail, "2026-11") == before
+    assert inventory(trail)["rows"] and orjson.loads(render("admin", trail, {"format": "json"})[1])["rows"] == []
+    cli = [sys.executable, "-m", "gateway_extproc"]
+    bundle = subprocess.run([*cli, "audit", "export", "--dir", str(trail), "--from", "2026-11-01", "--to",
+                             "2026-11-30", "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    assert bundle.returncode == 0, bundle.stderr
+    for args in (["report", "chargeback", "--month", "2026-11"], ["report", "inventory"],
+                 ["audit", "export", "--from", "2026-11-01", "--to", "2026-11-30", "--out", str(tmp_path / "c")]):
+        wrong = subprocess.run([*cli, *args, "--dir", str(tmp_path / "no-such-dir")], capture_output=True, text=True)
+        assert wrong.returncode == 2 and "no-such-dir is not a directory" in wrong.stderr, (args, wrong.stderr)

@@ -79,8 +79,7 @@ def _verify(args: argparse.Namespace) -> int:
     except SigningKeyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.dir.is_dir():
-        print(f"error: {args.dir} is not a directory", file=sys.stderr)
+    if _not_a_dir(args.dir):
         return 2
     results = verify_dir(args.dir, public)
     if args.format == "json":
@@ -99,6 +98,8 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export
     from .reports import ReportError, iso_param
 
+    if _not_a_dir(args.dir):
+        return 2
     try:
         manifest = export(args.dir, args.out, iso_param("from", args.start), iso_param("to", args.end, end=True))
     except ReportError as exc:
@@ -128,6 +129,8 @@ def _report(kind: str, args: argparse.Namespace, params: dict[str, str | None]) 
     """The same function the admin listener serves (reports.render)."""
     from .reports import ReportError, render
 
+    if _not_a_dir(args.dir):
+        return 2
     try:
         _, body = render(kind, args.dir, params)
     except ReportError as exc:
@@ -136,3 +139,11 @@ def _report(kind: str, args: argparse.Namespace, params: dict[str, str | None]) 
     sys.stdout.buffer.write(body)
     sys.stdout.flush()
     return 0
+
+
+def _not_a_dir(path: Path) -> bool:
+    """A mistyped --dir would read as an empty trail: a quiet month, an empty bundle."""
+    if path.is_dir():
+        return False
+    print(f"error: {path} is not a directory", file=sys.stderr)
+    return True

@@ -13,24 +13,28 @@ from .verify import chain_dirs
 
 
 def records(root: Path, types: frozenset[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Parsed records (partial lines skipped), optionally only of these types."""
+    """Parsed records, optionally only of these types. Lines no writer wrote (a partial last
+    line, or JSON that is not a record object with a `ts`: tampering) are skipped; reports read
+    without verifying, and `audit verify` names those lines."""
     for d in chain_dirs(root):
         for seg in segments(d):
             for line in seg.read_bytes().split(b"\n"):
-                if not line:
-                    continue
-                try:
-                    rec = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue  # a partial last line; verify reports it
-                if types is None or rec.get("type") in types:
+                rec = _record(line)
+                if rec is not None and (types is None or rec.get("type") in types):
                     yield rec
 
 
 def first_ts(seg: Path) -> str:
     with seg.open("rb") as f:
-        line = f.readline()
+        rec = _record(f.readline())
+    return rec["ts"] if rec is not None else ""
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    if not line:
+        return None
     try:
-        return str(orjson.loads(line).get("ts", ""))
+        rec = orjson.loads(line)
     except orjson.JSONDecodeError:
-        return ""
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("ts"), str) else None

@@ -86,9 +86,17 @@ def _usd(nano: int) -> str:
     return str((Decimal(nano) / Decimal(10**9)).quantize(Decimal("0.000001")))
 
 
+_COUNTS = ("input_tokens", "output_tokens", "cached_tokens", "cost_nano")
+_NAMES = ("team", "key_id", "user", "model", "provider", "config", "decision")
+
+
 def _requests(root: Path, start: str, end: str) -> Iterable[dict[str, Any]]:
+    """Request records of a team in [start, end), of the shape the writer writes (a field of
+    another type is tampering: skipped here, named by verify)."""
     for rec in records(root, frozenset({"request"})):
-        if start <= rec.get("ts", "") < end and rec.get("team"):
+        if start <= rec["ts"] < end and rec.get("team") and all(
+                type(rec.get(k)) in (int, type(None)) for k in _COUNTS) and all(
+                isinstance(rec.get(k), (str, type(None))) for k in _NAMES):
             yield rec
 
 
@@ -131,7 +139,7 @@ def admin_actions(root: Path, start: str = "", end: str = "~") -> dict[str, Any]
     """Key admin API calls on the record (serve's own chain): who changed which key, when,
     under which config version, and the credentials refused; oldest first."""
     rows = [{k: v for k, v in rec.items() if k not in ("prev", "seq", "type")}
-            for rec in records(root, frozenset({"admin"})) if start <= rec.get("ts", "") <= end]
+            for rec in records(root, frozenset({"admin"})) if start <= rec["ts"] <= end]
     rows.sort(key=lambda r: r["ts"])
     return {"from": start or None, "to": None if end == "~" else end, "rows": rows}
 
