@@ -634,3 +634,35 @@ def test_one_event_that_cannot_be_written_loses_only_itself(tmp_path: Path, keys
     ids, lost = accounted(tmp_path)
     assert (ids, lost) == (["r0", "r1", "r2", "r3", "r4", "r7", "r8", "r9"], 2)
     assert status(tmp_path, public)[0] == "ok"
+
+
+def test_a_deleted_or_cut_tier_chain_is_named_by_the_gateway_chain(tmp_path: Path, keys) -> None:
+    """Attack: delete a whole tier's chain directory (hide every `restricted` request), or cut
+    its newest segment. Every chain left verified OK: nothing in them knew the other existed.
+    The gateway chain's checkpoints now carry each sibling chain's last seq (signed), so
+    verify names the missing chain, or the missing records at its end."""
+    signer, public, _ = keys
+    clock = Clock()
+    sink = AuditSink(settings_for(tmp_path, checkpoint_seconds=5, segment_bytes=4000), signer, "h-w0", now=clock)
+    for i in range(60):
+        sink.put(event(clock, i, tier=("public", "restricted", None)[i % 3]))
+        clock.t += 1
+        sink.cycle()
+    sink._close_all()
+    inst = tmp_path / "audit" / "h-w0"
+    assert {r.status for r in verify_dir(tmp_path / "audit", public)} == {"ok"}
+    restricted = inst / "restricted"
+    segs = chain_mod.segments(restricted)
+    saved = {s: s.read_bytes() for s in segs}
+    segs[-1].unlink()  # its newest segment: the rest ends at a checkpoint, sealed by nothing
+    results = {r.name: r for r in verify_dir(tmp_path / "audit", public)}
+    cut = results["h-w0/restricted"]
+    assert cut.status == "bad" and "the gateway chain" in (cut.problem or ""), cut.line()
+    shutil.rmtree(restricted)
+    results = {r.name: r for r in verify_dir(tmp_path / "audit", public)}
+    gone = results.get("h-w0/restricted")
+    assert gone is not None and gone.status == "bad" and "missing" in (gone.problem or ""), results
+    restricted.mkdir()
+    for s, data in saved.items():
+        s.write_bytes(data)
+    assert {r.status for r in verify_dir(tmp_path / "audit", public)} == {"ok"}

@@ -182,8 +182,8 @@ class Chain:
         self._start_segment("rotate")
         return written
 
-    def close(self) -> list[bytes]:
-        self.checkpoint("shutdown")
+    def close(self, extra: dict[str, Any] | None = None) -> list[bytes]:
+        self.checkpoint("shutdown", extra)
         written = self.flush(sync=True)
         self.close_fd()
         return written

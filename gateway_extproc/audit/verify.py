@@ -84,7 +84,30 @@ def verify_dir(root: Path, public: Ed25519PublicKey | list[Ed25519PublicKey],
     else:
         scans = [scan_segment(seg, name, keys) for seg, name in jobs]
     by_path = {seg: scan for (seg, _), scan in zip(jobs, scans)}
-    return [link(name, [by_path[s] for s in segs], bundle) for _, name, segs in chains]
+    results = [link(name, [by_path[s] for s in segs], bundle) for _, name, segs in chains]
+    if not bundle:  # a bundle holds the chains and window asked for
+        for _, name, segs in chains:
+            heads = next((by_path[s].heads for s in reversed(segs) if by_path[s].heads), None)
+            if heads is not None:
+                results += _check_siblings(name, *heads, {r.name: r for r in results})
+    return results
+
+
+def _check_siblings(name: str, heads: dict, where: str, results: dict[str, ChainResult]) -> list[ChainResult]:
+    """A gateway chain's last signed checkpoint names how far each sibling chain (the same
+    process's tiers) had got: one missing, or ending before that, lost records at its end.
+    Returns the chains it names that are not there at all."""
+    missing = []
+    said = f"the gateway chain's signed checkpoint at {where} says it reached seq"
+    for stream, seq in sorted(heads.items()):
+        sibling = f"{name.rsplit('/', 1)[0]}/{stream}"
+        r = results.get(sibling)
+        if r is None:
+            missing.append(ChainResult(sibling, status="bad", problem=f"chain missing (deleted): {said} {seq}"))
+        elif r.status != "bad" and (r.last_seq is None or r.last_seq < seq):
+            first = 0 if r.last_seq is None else r.last_seq + 1
+            r.status, r.problem = "bad", f"records seq {first}..{seq} missing at its end (cut or deleted): {said} {seq}"
+    return missing
 
 
 def _keys(public: Ed25519PublicKey | list[Ed25519PublicKey]) -> dict[str, Ed25519PublicKey]:
@@ -105,6 +128,7 @@ class SegmentScan:
     since_checkpoint: int = 0  # records after its last checkpoint
     has_checkpoint: bool = False
     sealed_by: str | None = None  # the reason of its last checkpoint (`shutdown`: the writer stopped)
+    heads: tuple[dict, str] | None = None  # a gateway chain's last word on its siblings' seqs, and where
     pruned: tuple[int, bytes] | None = None
     partial: int = 0  # bytes of a partial last line
     problem: str | None = None
@@ -140,10 +164,13 @@ def scan_segment(seg: Path, name: str, keys: dict[str, Ed25519PublicKey]) -> Seg
             return scan
         if is_cp:
             try:
-                scan.sealed_by = _check_signature(line, seg, i, name, keys)
+                body = _check_signature(line, seg, i, name, keys)
             except _Bad as exc:
                 scan.problem = str(exc)
                 return scan
+            scan.sealed_by = str(body.get("reason"))
+            if isinstance(body.get("heads"), dict):
+                scan.heads = (body["heads"], f"{name}/{seg.name}:{i + 1}")
             scan.checkpoints += 1
             scan.has_checkpoint = True
             scan.since_checkpoint = 0
@@ -245,8 +272,8 @@ def _link(scans: list[SegmentScan], bundle: bool, res: ChainResult) -> None:
                          "(a live writer, or a crash within the checkpoint interval; or a cut tail)")
 
 
-def _check_signature(line: bytes, seg: Path, i: int, name: str, keys: dict[str, Ed25519PublicKey]) -> str:
-    """The checkpoint's reason, once its signature and chain check out."""
+def _check_signature(line: bytes, seg: Path, i: int, name: str, keys: dict[str, Ed25519PublicKey]) -> dict:
+    """The checkpoint's fields, once its signature and chain check out."""
     parts = unsigned_part(line)
     where = f"{seg.name}:{i + 1}"
     if parts is None:
@@ -261,7 +288,7 @@ def _check_signature(line: bytes, seg: Path, i: int, name: str, keys: dict[str, 
                    "were modified and re-hashed)")
     if body.get("chain") != name:
         raise _Bad(f"{where}: checkpoint belongs to chain {body.get('chain')!r}, found in {name!r} (moved)")
-    return str(body.get("reason"))
+    return body
 
 
 def _json(line: bytes) -> dict:

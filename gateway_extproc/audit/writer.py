@@ -145,14 +145,17 @@ class AuditSink:
             self.chain(GATEWAY_STREAM).append({"type": "events_dropped", "ts": iso(now), "count": delta})
         if now - self._last_checkpoint >= self.settings.checkpoint_seconds:
             self._last_checkpoint = now
-            for c in self.chains.values():
-                if c.unsealed:
-                    c.checkpoint("interval")
+            sealed = [c for c in self._siblings() if c.unsealed]
+            for c in sealed:
+                c.checkpoint("interval")
+            gateway = self.chains.get(GATEWAY_STREAM)
+            if sealed or (gateway is not None and gateway.unsealed):
+                self.chain(GATEWAY_STREAM).checkpoint("interval", self._heads())
         policy = self.settings.fsync
         sync = policy == "always" or (policy == "interval" and now - self._last_fsync >= self.settings.fsync_interval_seconds)
         if sync:
             self._last_fsync = now
-        for c in list(self.chains.values()):
+        for c in self._in_order():
             self._ship(c.name, c.flush(sync))
             if c.segment_bytes >= self.settings.segment_bytes or (
                     now - c.segment_started >= self.settings.segment_seconds and c.segment_records):
@@ -182,9 +185,25 @@ class AuditSink:
             c.open()
         return c
 
+    def _siblings(self) -> list[Chain]:
+        """The chains other than `gateway`, which vouches for them."""
+        return [c for stream, c in self.chains.items() if stream != GATEWAY_STREAM]
+
+    def _in_order(self) -> list[Chain]:
+        """Every chain, `gateway` last: its checkpoint names what the others wrote before it."""
+        gateway = self.chains.get(GATEWAY_STREAM)
+        return [*self._siblings(), *([gateway] if gateway is not None else [])]
+
+    def _heads(self) -> dict[str, Any]:
+        """Each sibling chain's last seq, for the gateway chain's checkpoint: signed, so verify can
+        tell a deleted tier chain, or one cut at a checkpoint, from one that never got further.
+        Taken after the siblings' own checkpoints, and the gateway chain is written after them."""
+        siblings = self._siblings()
+        return {"heads": {c.name.rsplit("/", 1)[1]: c.seq for c in siblings}} if siblings else {}
+
     def _close_all(self) -> None:
-        for c in self.chains.values():
-            self._ship(c.name, c.close())
+        for c in self._in_order():
+            self._ship(c.name, c.close(self._heads() if c.name.endswith(f"/{GATEWAY_STREAM}") else None))
 
     # -- retention ---------------------------------------------------------------------
 
