@@ -277,3 +277,23 @@ def test_reports_and_export_on_odd_files(trail: Path, tmp_path: Path) -> None:
                  ["audit", "export", "--from", "2026-11-01", "--to", "2026-11-30", "--out", str(tmp_path / "c")]):
         wrong = subprocess.run([*cli, *args, "--dir", str(tmp_path / "no-such-dir")], capture_output=True, text=True)
         assert wrong.returncode == 2 and "no-such-dir is not a directory" in wrong.stderr, (args, wrong.stderr)
+
+
+@pytest.mark.parametrize("name", ["\x1b]0;pwned\x07\x1b[2Jalice", "bob\x1b[1A\x1b[2K", "eve\x9b31m", "\u202eecila",
+                                  "nul\x00l", "del\x7f"])
+def test_report_cells_carry_no_terminal_control(name: str) -> None:
+    """A user claim is the user's own to set at the IdP: with ESC sequences in it, `report
+    chargeback` (CSV, the default) printed them raw to the auditor's terminal (clear the screen,
+    rewrite the lines above, set the title), or a bidi override reversed what it showed. Each
+    control character is now U+FFFD in a CSV cell; JSON escapes them (and keeps the value)."""
+    from gateway_extproc.audit.reports import admin_csv, inventory_csv
+
+    row = {"requests": 1, "refused": 0, "input_tokens": 1, "output_tokens": 1, "cached_tokens": 0,
+           "cost_usd": "0", "monthly_budget_usd": None, "share_used": None}
+    report = {"teams": [{"team": "t", **row, "by_key": [], "by_user": [{"user": name, **row}], "by_model": [],
+                         "by_provider": []}]}
+    for text in (chargeback_csv(report), inventory_csv({"rows": [{"team": "t", "model": name, **row}]}),
+                 admin_csv({"rows": [{"ts": "t", "actor": name, "action": "create", "key_id": "k", "team": "t",
+                                      "config": None}]})):
+        assert not any(c in text for c in "\x1b\x07\x9b\u202e\x00\x7f"), repr(text)
+        assert "\ufffd" in text

@@ -169,12 +169,18 @@ def _safe(row: Mapping[str, Any]) -> dict[str, Any]:
     user's own `name` or `email` at the IdP), keys and admins, so one starting with = + - @
     (or a tab or CR) gets a leading apostrophe. A CR becomes LF: the writer (lines end in LF)
     quotes a cell holding LF but not one holding a bare CR, which readers take as a row break,
-    the next row then starting with the caller's text. JSON reports keep values as recorded."""
+    the next row then starting with the caller's text. Control characters become U+FFFD (the
+    CSV is printed to terminals). JSON reports keep values as recorded (escaped)."""
     return {k: _cell(v) if isinstance(v, str) else v for k, v in row.items()}
 
 
+# What a terminal obeys rather than shows (ESC sequences, BEL, C1 controls as CSI) and what
+# reorders the text around it (bidi overrides): a user claim may hold any of it.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def _cell(text: str) -> str:
-    return (f"'{text}" if text.startswith(_FORMULA) else text).replace("\r", "\n")
+    return _CONTROL.sub("\ufffd", (f"'{text}" if text.startswith(_FORMULA) else text).replace("\r", "\n"))
 
 
 CHARGEBACK_COLUMNS = ("scope", "team", "name", "requests", "refused", "input_tokens", "output_tokens",
