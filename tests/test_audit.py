@@ -666,3 +666,23 @@ def test_a_deleted_or_cut_tier_chain_is_named_by_the_gateway_chain(tmp_path: Pat
     for s, data in saved.items():
         s.write_bytes(data)
     assert {r.status for r in verify_dir(tmp_path / "audit", public)} == {"ok"}
+
+
+def test_verify_prints_no_terminal_control_from_the_files(tmp_path: Path, keys) -> None:
+    """Attack on the auditor: a checkpoint's `key` (or a chain directory's name) holding ESC
+    sequences went raw into verify's text output, to clear or rewrite the auditor's screen
+    (a `BAD` line overwritten by an `OK` one). Control characters are printed as U+FFFD."""
+    import subprocess
+    import sys
+
+    signer, _, _ = keys
+    write_chain(tmp_path, signer, 20)
+    seg = only_segment(tmp_path)
+    data = seg.read_bytes()
+    seg.write_bytes(data.replace(f'"key":"{signer.key_id}"'.encode(), b'"key":"\\u001b[1A\\u001b[2KOK"', 1))
+    evil = tmp_path / "audit" / "h\x1b[2J-w0" / "gateway"
+    shutil.copytree(seg.parent, evil)
+    out = subprocess.run([sys.executable, "-m", "gateway_extproc", "audit", "verify", "--dir", str(tmp_path / "audit"),
+                          "--public-key", str(tmp_path / "k.pub")], capture_output=True, text=True)
+    assert out.returncode == 1 and "BAD" in out.stdout, out.stdout
+    assert "\x1b" not in out.stdout and "\ufffd[1A" in out.stdout, out.stdout

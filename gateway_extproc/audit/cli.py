@@ -71,6 +71,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .reports import printable
     from .signing import SigningKeyError, key_id, load_public
     from .verify import verify_dir
 
@@ -85,9 +86,10 @@ def _verify(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(orjson.dumps([r.__dict__ for r in results], option=orjson.OPT_INDENT_2).decode())
     else:
-        print(f"public key {', '.join(key_id(k) for k in public)}; {len(results)} chains in {args.dir}")
+        # Names and notes come from the files (directory names, a checkpoint's key): for a terminal.
+        print(printable(f"public key {', '.join(key_id(k) for k in public)}; {len(results)} chains in {args.dir}"))
         for r in results:
-            print(r.line())
+            print(printable(r.line()))
     bad = any(r.status == "bad" for r in results) or not results
     if args.strict:
         bad = bad or any(r.status != "ok" for r in results)

@@ -179,8 +179,13 @@ def _safe(row: Mapping[str, Any]) -> dict[str, Any]:
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
+def printable(text: str) -> str:
+    """Text for a terminal: control characters (but LF and tab) as U+FFFD."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 def _cell(text: str) -> str:
-    return _CONTROL.sub("\ufffd", (f"'{text}" if text.startswith(_FORMULA) else text).replace("\r", "\n"))
+    return printable((f"'{text}" if text.startswith(_FORMULA) else text).replace("\r", "\n"))
 
 
 CHARGEBACK_COLUMNS = ("scope", "team", "name", "requests", "refused", "input_tokens", "output_tokens",
