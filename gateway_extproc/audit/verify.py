@@ -8,9 +8,12 @@ line: a modified record, a deleted, inserted or reordered one, a checkpoint sign
 another key. A chain that starts after seq 0 must be explained by a signed retention record
 (or be an export bundle, which starts at a checkpoint by design).
 
-Ends of chains are reported, not failed: records after the last checkpoint are "open" (a
-live writer, or a crash within the checkpoint interval), and a partial last line is a write
-a crash cut short. Those are what the fsync policy allows to be lost (docs/audit.md).
+Ends of chains are reported, not failed: records after the last checkpoint, or a last
+checkpoint other than the writer's `shutdown`, are "open" (a live writer, or a crash within
+the checkpoint interval; a file cut at a checkpoint looks the same), and a partial last line
+is a write a crash cut short. Those are what the fsync policy allows to be lost
+(docs/audit.md). A process's `gateway` chain names in its checkpoints how far each of its
+other chains had got (`heads`): a chain missing, or ending before that, is bad.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ chain, so a gap is itself on the record (docs/audit.md). The thread serializes, 
 writes one batch per cycle with os.write (no user-space buffer), fsyncs by policy, writes a
 signed checkpoint every `checkpointSeconds`, rotates segments by size and age, prunes by
 retention, and optionally ships every line to a Redis Stream (best effort: the files are the
-record). Events go to one chain per tier (retention differs by tier), all of this process.
+record). Events go to one chain per tier (retention differs by tier), all of this process;
+the `gateway` chain is checkpointed and written after the others, naming how far each got.
 """
 
 from __future__ import annotations
