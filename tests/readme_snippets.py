@@ -20,7 +20,7 @@ from pathlib import Path
 _DEFAULT_BASE = "http://localhost:8080"
 _ANY_BLOCK = re.compile(r"^```(python|sh|bash)\n(.*?)^```", re.S | re.M)
 # A whole-line comment that shows what a shell example prints (the rest are prose).
-_OUTPUT = re.compile(r"^# ((?:\{|x-|OK |BAD |public key |scope,| {2,}record ).*)$", re.M)
+_OUTPUT = re.compile(r"^# ((?:\{|x-|OK |OPEN |BAD |public key |scope,| {2,}record ).*)$", re.M)
 # `command   # "team":"demo"`: a part of what that command prints.
 _INLINE = re.compile(r"\S\s+# (\"[^#\n]*)$", re.M)
 
@@ -38,11 +38,11 @@ def snippets(readme: str) -> list[tuple[int, str]]:
 
 def printed(block: str) -> list[re.Pattern[str]]:
     """What a shell example says it prints, one pattern per output line: `...` or `…` stands
-    for anything, `myhost` for the host name, and in a `public key` or `OK` line of `audit
-    verify` the key's id and the counts vary with the calls made before it."""
+    for anything, `myhost` for the host name, and in a `public key`, `OK` or `OPEN` line of
+    `audit verify` the key's id and the counts vary with the calls made before it."""
     out = []
     for line in _OUTPUT.findall(block):
-        varies = line.startswith(("OK ", "public key "))
+        varies = line.startswith(("OK ", "OPEN ", "public key "))
         token = r"\.\.\.|…|\s+|myhost" + (r"|[0-9a-f]{16}\b|\d+" if varies else "")
         pattern = "".join(
             ".*" if part in ("...", "…") else r"\s+" if part.isspace() else r"\S+" if part == "myhost"
