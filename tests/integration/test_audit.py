@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -424,3 +426,169 @@ def test_chargeback_tokens_reconcile_with_prometheus_beyond_the_happy_path(tmp_p
         assert demo[f"{kind}_tokens"] == metric_sum(after, "genai_tokens_total", team="demo", type=kind), kind
     assert float(demo["cost_usd"]) == pytest.approx(metric_sum(after, "genai_request_cost_dollars_total",
                                                                team="demo"), abs=2e-6)
+
+
+BAD_KEY = "gwk_demo_not-a-real-key-but-secret-0123"
+
+
+async def _one_of_each(client: httpx.AsyncClient, gw: Gateway, i: int) -> tuple[str, str | None, int]:
+    """(kind, Envoy's request id, status) of request i: a mix of every decision the router makes,
+    streams the client abandons and streams the provider resets."""
+    kinds = ["ok", "stream", "bad_key", "malformed", "unknown_model", "blocked", "not_allowed", "abandoned",
+             "reset"]
+    kind = kinds[i % len(kinds)]
+    key = {"bad_key": BAD_KEY, "not_allowed": gw.restricted_key}.get(kind, gw.key)
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    body: dict = {"model": "gemini-chat" if kind == "not_allowed" else "default-chat",
+                  "messages": [{"role": "user", "content": f"Charge {CARD}" if kind == "blocked" else f"n{i}"}]}
+    if kind == "unknown_model":
+        body["model"] = f"sk-not-a-model-{i}\n\x1b[2J"
+    if kind in ("stream", "abandoned", "reset"):
+        body["stream"] = True
+    if kind == "reset":
+        headers["x-mock-drop-after-chunks"] = "2"
+    content = b'{"model": "default-chat", "messages": [' if kind == "malformed" else orjson.dumps(body)
+    try:
+        async with client.stream("POST", f"{gw.url}/v1/chat/completions", headers=headers, content=content) as r:
+            async for _ in r.aiter_bytes():
+                if kind == "abandoned":
+                    break  # the client leaves after the first bytes
+            return kind, r.headers.get("x-request-id"), r.status_code
+    except httpx.HTTPError:
+        return kind, None, 0  # the provider's reset cut the stream: no request id to match
+
+
+def test_every_request_through_two_replicas_under_faults_has_exactly_one_record(tmp_path: Path) -> None:
+    """Invariant: each request that reaches an ext_proc has one audit record, never two, with
+    the status the client got: refusals of every kind, abandoned and reset streams, bursts on
+    two replicas, while one replica's ext_proc is frozen (SIGSTOP/SIGCONT) and the other's is
+    SIGKILLed mid-burst. Envoy's own 503 for a frozen or killed worker may have no record (docs:
+    Not yet), and records still queued in a killed process are lost (Durability), never doubled."""
+    import os
+    import signal
+
+    from .conftest import all_healthy, two_replicas, workers
+
+    def run(gw: Gateway, start: int, n: int, fault: Callable[[], Awaitable[None]] | None = None) -> list:
+        async def go() -> list:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+                sent = asyncio.gather(*(_one_of_each(client, gw, i) for i in range(start, start + n)))
+                if fault is not None:
+                    await fault()
+                return await sent
+        return asyncio.run(go())
+
+    with two_replicas("gw-audit-faults-", lambda values, _i: None) as (a, b):
+        def frozen() -> Callable[[], Awaitable[None]]:
+            async def fault() -> None:
+                await asyncio.sleep(0.2)
+                [pid] = workers(a)
+                os.kill(pid, signal.SIGSTOP)
+                await asyncio.sleep(6.0)  # past Envoy's 5 s message timeout
+                os.kill(pid, signal.SIGCONT)
+            return fault
+
+        def killed() -> Callable[[], Awaitable[None]]:
+            async def fault() -> None:
+                await asyncio.sleep(0.2)
+                [pid] = workers(b)
+                os.kill(pid, signal.SIGKILL)
+            return fault
+
+        steady = run(a, 0, 180) + run(b, 1000, 180)
+        time.sleep(1.0)  # the steady bursts' records are written before any fault
+        frozen_a = run(a, 2000, 180, frozen())
+        run(b, 3000, 180, killed())  # what B answered in its last ~50 ms may be lost with the process
+        for gw in (a, b):
+            all_healthy(gw)
+        after = run(a, 4000, 90) + run(b, 5000, 90)
+        time.sleep(1.0)
+        b.stack.stop()  # (b uses a's mock providers)
+        a.stack.stop()  # stopped: every chain sealed; kept past the replicas' temporary directory
+        for name, gw in (("a", a), ("b", b)):
+            shutil.copytree(gw.stack.workdir / "audit", tmp_path / name)
+            shutil.copy(gw.stack.workdir / "audit-signing.key.pub", tmp_path / f"{name}.pub")
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    pub = [tmp_path / "a.pub", tmp_path / "b.pub"]
+    recs = [r for d in dirs for r in records(d) if r["type"] == "request" and r["path"] == "/v1/chat/completions"]
+    seen: dict[str, list[dict]] = {}
+    for r in recs:
+        seen.setdefault(r["request_id"], []).append(r)
+    assert not {k: len(v) for k, v in seen.items() if len(v) > 1}, "a request recorded twice"
+    must = [(kind, rid, status) for kind, rid, status in steady + after if rid]
+    assert len(must) >= 0.8 * len(steady + after)  # (a reset stream has no id to match)
+    missing = [(kind, status) for kind, rid, status in must if rid not in seen]
+    assert not missing, f"{len(missing)} requests without a record: {missing[:10]}"
+    expect = {"ok": "admitted", "stream": "admitted", "bad_key": "refused", "malformed": "refused",
+              "unknown_model": "refused", "blocked": "blocked", "not_allowed": "refused", "abandoned": "admitted",
+              "reset": "admitted"}
+    for kind, rid, status in must:
+        [r] = seen[rid]
+        assert r["decision"] == expect[kind], (kind, r)
+        if kind == "reset" and (status, r["status"]) == (502, 200):
+            # Broken off after its headers: Envoy's own 502, which the ext_proc never sees (docs).
+            assert (r["outcome"], r["reasons"]) == ("incomplete", []), r
+        elif kind != "abandoned":
+            assert r["status"] == status, (kind, status, r)
+    # Frozen, not killed: whatever its ext_proc answered is on the record (Envoy's 503s may not be).
+    assert all(rid in seen for _, rid, status in frozen_a if rid and status not in (0, 503))
+    raw = b"".join(p.read_bytes() for d in dirs for p in d.rglob("*.jsonl"))
+    for secret in (BAD_KEY, a.key, a.restricted_key, a.primary_key, a.backup_key, "sk-not-a-model", CARD):
+        assert secret.encode() not in raw, secret
+    for d, key in zip(dirs, pub):
+        out = cli("audit", "verify", "--dir", str(d), "--public-key", str(key), "--strict")
+        assert out.returncode == 0, out.stdout
+
+
+def test_an_audit_directory_removed_or_replaced_fails_open_with_every_loss_on_the_record(tmp_path: Path) -> None:
+    """docs/audit.md promises an audit outage is not a traffic outage, and that what it loses
+    is counted and on the record. Attack: the audit directory is deleted under the running
+    gateway, then moved away and replaced by a file, then the file goes. Every request is
+    served; each one is on the record or counted in an `events_dropped` record."""
+    gw = build_gateway(tmp_path / "gw")
+    audit = gw.stack.workdir / "audit"
+    moved = tmp_path / "moved-audit"
+
+    def ids(n: int) -> list[str]:
+        async def go() -> list[str]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                async def one(i: int) -> str:
+                    r = await client.post(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {gw.key}"},
+                                          json={"model": "default-chat", "messages": [{"role": "user", "content": f"n{i}"}]})
+                    assert r.status_code == 200, r.text
+                    return r.headers["x-request-id"]
+                return await asyncio.gather(*(one(i) for i in range(n)))
+        return asyncio.run(go())
+
+    try:
+        ids(10)
+        time.sleep(0.5)
+        shutil.rmtree(audit)  # deleted: the open segments are unlinked files
+        sent = ids(15)
+        deadline = time.monotonic() + 10
+        while not audit.is_dir():  # the writer noticed, and started again (it retries every second)
+            assert time.monotonic() < deadline, "the writer never started its chains again"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        audit.rename(moved)  # moved away, and a file where the directory was: nothing can open
+        audit.write_bytes(b"")
+        sent += ids(15)
+        time.sleep(1.5)
+        audit.unlink()
+        time.sleep(1.5)  # the writer retries every second
+        last = ids(5)
+        sent += last
+        time.sleep(0.5)
+        metrics = httpx.get(gw.stack.metrics_url).text
+    finally:
+        gw.stack.stop()
+    recs = records(audit) + records(moved)
+    recorded = {r["request_id"] for r in recs if r["type"] == "request"}
+    lost = sum(r["count"] for r in recs if r["type"] == "events_dropped")
+    assert set(last) <= recorded
+    assert len(set(sent) & recorded) + lost == len(sent), (len(set(sent) & recorded), lost)
+    assert metric_sum(metrics, "genai_audit_events_total", result="dropped") == lost
+    pub = gw.stack.workdir / "audit-signing.key.pub"
+    for d in (audit, moved):
+        out = cli("audit", "verify", "--dir", str(d), "--public-key", str(pub))
+        assert out.returncode == 0 and "BAD" not in out.stdout, out.stdout
