@@ -297,3 +297,19 @@ def test_report_cells_carry_no_terminal_control(name: str) -> None:
                                       "config": None}]})):
         assert not any(c in text for c in "\x1b\x07\x9b\u202e\x00\x7f"), repr(text)
         assert "\ufffd" in text
+
+
+def test_export_of_a_tampered_chain_is_a_bundle_verify_fails_not_a_traceback(trail: Path, tmp_path: Path) -> None:
+    """A segment whose first or last line is JSON but no record (tampering) stopped `audit export`
+    with a traceback; the bundle now carries it, and verify on the bundle names it."""
+    from gateway_extproc.audit.export import export
+
+    from gateway_extproc.audit.signing import load_public
+    from gateway_extproc.audit.verify import verify_dir
+
+    seg = trail / "h-w0" / "public" / "000000000000.jsonl"
+    seg.write_bytes(b"[1]\n" + seg.read_bytes() + b"[2]\n")
+    manifest = export(trail, tmp_path / "b", "2026-11-01T00:00:00.000000Z", "2026-12-31T00:00:00.000000Z")
+    assert manifest["chains"]["h-w0/public"]["first_seq"] is None
+    results = {r.name: r for r in verify_dir(tmp_path / "b", load_public(trail.parent / "k.pub"))}
+    assert results["h-w0/public"].status == "bad" and results["h-w0/gateway"].status == "ok"

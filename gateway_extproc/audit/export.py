@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 
 from .chain import CHECKPOINT, seq_of, segments, tail
-from .records import first_ts
+from .records import first_ts, line_ts
 from .verify import MANIFEST, chain_dirs
 from .writer import CONFIGS
 
@@ -55,8 +55,7 @@ def export(root: Path, out: Path, start: str, end: str) -> dict:
         with copied[0].open("rb") as f:
             first_line = f.readline()
         last_line, _ = tail(copied[-1])
-        manifest["chains"][name] = {"first_seq": seq_of(first_line)[0] if first_line else None,
-                                    "last_seq": seq_of(last_line)[0] if last_line else None}
+        manifest["chains"][name] = {"first_seq": _seq(first_line), "last_seq": _seq(last_line)}
         for f in copied:
             for line in f.read_bytes().split(b"\n"):
                 if b'"config' in line:
@@ -77,14 +76,23 @@ def export(root: Path, out: Path, start: str, end: str) -> dict:
 
 def _overlaps(seg: Path, nxt: Path | None, start: str, end: str) -> bool:
     """Whether the segment's records may fall in [start, end]: it begins at its first record and
-    ends before the next segment begins (or at its last record)."""
+    ends before the next segment begins (or at its last record). An end no record dates (a
+    line no writer wrote) may be anywhere: the segment goes in, and verify names that line."""
     begin = first_ts(seg)
     if nxt is not None:
         finish = first_ts(nxt)
     else:
         line, _ = tail(seg)
-        finish = str(orjson.loads(line).get("ts", "")) if line else begin
-    return begin <= end and finish >= start
+        finish = line_ts(line) if line else begin
+    return begin <= end and (finish or "~") >= start
+
+
+def _seq(line: bytes | None) -> int | None:
+    """A record line's seq; None for none, or a line no writer wrote (verify names it)."""
+    try:
+        return seq_of(line)[0] if line else None
+    except ValueError:
+        return None
 
 
 def _after_last_checkpoint(data: bytes) -> int:

@@ -26,7 +26,12 @@ def records(root: Path, types: frozenset[str] | None = None) -> Iterator[dict[st
 
 def first_ts(seg: Path) -> str:
     with seg.open("rb") as f:
-        rec = _record(f.readline())
+        return line_ts(f.readline())
+
+
+def line_ts(line: bytes) -> str:
+    """A record line's `ts`; "" for a line no writer wrote."""
+    rec = _record(line)
     return rec["ts"] if rec is not None else ""
 
 
