@@ -297,7 +297,9 @@ def test_export_bundle_verifies_offline(tmp_path: Path, keys) -> None:
     assert min(ts) <= start and max(ts) >= end
     assert manifest["chains"]["host-w0/gateway"]["first_seq"] == r.first_seq
     shutil.rmtree(tmp_path / "bundle" / "host-w0" / "gateway")
-    assert verify_dir(tmp_path / "bundle", public) == []
+    (gone,) = verify_dir(tmp_path / "bundle", public)  # the manifest names what the bundle held
+    assert (gone.name, gone.status, gone.problem) == (
+        "host-w0/gateway", "bad", "listed in the bundle's manifest.json, missing (deleted)")
 
 
 def test_parallel_verify_links_segments_and_names_a_cut_at_a_boundary(tmp_path: Path, keys, monkeypatch) -> None:
@@ -686,3 +688,23 @@ def test_verify_prints_no_terminal_control_from_the_files(tmp_path: Path, keys) 
                           "--public-key", str(tmp_path / "k.pub")], capture_output=True, text=True)
     assert out.returncode == 1 and "BAD" in out.stdout, out.stdout
     assert "\x1b" not in out.stdout and "\ufffd[1A" in out.stdout, out.stdout
+
+
+def test_a_manifest_dropped_into_a_live_directory_does_not_excuse_deleted_segments(tmp_path: Path, keys) -> None:
+    """Attack: delete a chain's oldest segments (hide old records) and drop an empty
+    manifest.json beside them: verify took the directory for an export bundle, which may start
+    after seq 0, and said OK. A bundle's chains must now be the ones its manifest lists, from
+    and to the seqs it names."""
+    signer, public, _ = keys
+    write_chain(tmp_path, signer, 400, segment_bytes=8192)
+    segs = chain_mod.segments(tmp_path / "audit" / "host-w0" / "gateway")
+    for seg in segs[:2]:
+        seg.unlink()
+    (tmp_path / "audit" / "manifest.json").write_bytes(b"{}")
+    (r,) = verify_dir(tmp_path / "audit", public)
+    assert r.status == "bad" and "manifest" in (r.problem or ""), r.line()
+    first = chain_mod.seq_of(lines_of(segs[2])[0])[0]
+    (tmp_path / "audit" / "manifest.json").write_bytes(orjson.dumps(
+        {"chains": {"host-w0/gateway": {"first_seq": first - 5, "last_seq": None}}}))
+    (r,) = verify_dir(tmp_path / "audit", public)
+    assert r.status == "bad" and f"starts at seq {first}" in (r.problem or ""), r.line()

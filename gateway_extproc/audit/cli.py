@@ -73,7 +73,7 @@ def _keygen(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .reports import printable
     from .signing import SigningKeyError, key_id, load_public
-    from .verify import verify_dir
+    from .verify import MANIFEST, verify_dir
 
     try:
         public = [load_public(p) for p in args.public_key]
@@ -88,6 +88,8 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         # Names and notes come from the files (directory names, a checkpoint's key): for a terminal.
         print(printable(f"public key {', '.join(key_id(k) for k in public)}; {len(results)} chains in {args.dir}"))
+        if (args.dir / MANIFEST).exists():  # say so: in a live directory, it is a planted manifest
+            print("an export bundle (manifest.json): its chains may start and end where the export cut them")
         for r in results:
             print(printable(r.line()))
     bad = any(r.status == "bad" for r in results) or not results

@@ -73,7 +73,8 @@ def verify_dir(root: Path, public: Ed25519PublicKey | list[Ed25519PublicKey],
                workers: int | None = None) -> list[ChainResult]:
     """Segments are scanned in parallel (each on its own: hashes, seq, signatures), then each
     chain's segments are linked in order; hashing dominates, so this scales with cores."""
-    bundle = (root / MANIFEST).exists()
+    manifest = _manifest(root)
+    bundle = manifest is not None
     chains = [(d, d.relative_to(root).as_posix(), segments(d)) for d in chain_dirs(root)]
     jobs = [(seg, name) for _, name, segs in chains for seg in segs]
     keys = _keys(public)
@@ -88,12 +89,45 @@ def verify_dir(root: Path, public: Ed25519PublicKey | list[Ed25519PublicKey],
         scans = [scan_segment(seg, name, keys) for seg, name in jobs]
     by_path = {seg: scan for (seg, _), scan in zip(jobs, scans)}
     results = [link(name, [by_path[s] for s in segs], bundle) for _, name, segs in chains]
-    if not bundle:  # a bundle holds the chains and window asked for
+    if manifest is not None:
+        results += _check_manifest(manifest, {r.name: r for r in results})
+    else:  # a bundle holds the chains and window asked for
         for _, name, segs in chains:
             heads = next((by_path[s].heads for s in reversed(segs) if by_path[s].heads), None)
             if heads is not None:
                 results += _check_siblings(name, *heads, {r.name: r for r in results})
     return results
+
+
+def _manifest(root: Path) -> dict | None:
+    """An export bundle's manifest.json (chains may start and end where export cut them), if any."""
+    try:
+        doc = orjson.loads((root / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _check_manifest(manifest: dict, results: dict[str, ChainResult]) -> list[ChainResult]:
+    """A bundle is what export wrote: the chains its manifest lists, each from and to the seq it
+    names. Else a manifest.json put into a live directory would excuse a chain's deleted start.
+    Returns the listed chains that are not there."""
+    listed = manifest.get("chains") if isinstance(manifest.get("chains"), dict) else {}
+    for name, r in results.items():
+        want = listed.get(name)
+        if not isinstance(want, dict):
+            problem = "not in the bundle's manifest.json (a manifest makes verify accept chains that start " \
+                      "after seq 0: one put into an audit directory hides deleted segments)"
+        else:
+            problem = next((f"{end} at seq {got}, but the bundle's manifest.json says {want.get(key)}"
+                            for end, key, got in (("starts", "first_seq", r.first_seq), ("ends", "last_seq", r.last_seq))
+                            if isinstance(want.get(key), int) and want.get(key) != got), None)
+        if problem is not None and r.status != "bad":
+            r.status, r.problem = "bad", problem
+    return [ChainResult(name, status="bad", problem="listed in the bundle's manifest.json, missing (deleted)")
+            for name in sorted(set(listed) - set(results))]
 
 
 def _check_siblings(name: str, heads: dict, where: str, results: dict[str, ChainResult]) -> list[ChainResult]:
