@@ -501,6 +501,10 @@ def test_every_request_through_two_replicas_under_faults_has_exactly_one_record(
         run(b, 3000, 180, killed())  # what B answered in its last ~50 ms may be lost with the process
         for gw in (a, b):
             all_healthy(gw)
+            deadline = time.monotonic() + 30
+            while sum(chat(gw, "ping").status_code == 200 for _ in range(3)) < 3:  # the restarted worker serves
+                assert time.monotonic() < deadline, "a replica never served again"
+                time.sleep(0.5)
         after = run(a, 4000, 90) + run(b, 5000, 90)
         time.sleep(1.0)
         b.stack.stop()  # (b uses a's mock providers)
