@@ -714,10 +714,44 @@ def _after_no_escape() -> str:
 # are one run: a line of 12 or more goes on over each line break into the next line
 # (`WRAPPED_LINES`), and a run never starts on a line such a line ends before.
 WRAPPED_LINES = r"(?:\r?\n[A-Za-z0-9+/_\-]{4,}+)*+"
+
+
+# Hex bytes as a hex dump prints them (`34 31 31 31 20 …`, `0x34, 0x31`, `34:31:31`, `xxd`'s
+# `3431 3131`, wrapped over lines): six or more cells of two or four hex digits, each apart by
+# a space or two, a comma, colon or semicolon, or a line break. A MAC address (six cells) is one
+# too, but decodes to binary or to no finding. Never started after a cell and its separator
+# (each start inside a run would decode the rest again).
+_HEX_CELL = r"(?:0[xX])?+[0-9A-Fa-f]{2}(?:[0-9A-Fa-f]{2})?+(?![0-9A-Za-z_])"
+_HEX_SEP = r"(?:[,:;]?+[ \t]{1,2}+|[,:;]|,?+\r?\n)"
+HEX_DUMP = _HEX_CELL + rf"(?:{_HEX_SEP}{_HEX_CELL}){{5,}}+"
+
+
+def _after_no_hex_cell() -> str:
+    by_width: dict[int, list[str]] = {}
+    for cell in (r"[^0-9A-Za-z_][0-9A-Fa-f]{2}", r"[^0-9A-Za-z_][0-9A-Fa-f]{4}", r"0[xX][0-9A-Fa-f]{2}",
+                 r"0[xX][0-9A-Fa-f]{4}"):
+        for k in range(1, 4):
+            alt = f"{cell}[ \\t,:;\\r\\n]{{{k}}}"
+            by_width.setdefault(_sre_parse.parse(alt).getwidth()[0], []).append(alt)
+    return "".join(f"(?<!{'|'.join(alts)})" for _, alts in sorted(by_width.items()))
+
+
+# Quoted-printable (`=34=31=31=31=20…`, soft line breaks `=\n` anywhere): two or more `=XX`
+# escapes or soft breaks among characters a mail address or a number is written with. Never
+# started right after one of those (or a soft break): a run is decoded from its start only.
+_QP_CHARS = r"[A-Za-z0-9._~+\-@]"
+QUOTED_PRINTABLE = (rf"(?<![=.@~+\-])(?<!=\n)(?<!=\r\n){_QP_CHARS}*+"
+                    rf"(?:=(?:[0-9A-Fa-f]{{2}}|\r?\n){_QP_CHARS}*+){{2,}}+")
+_HEX_DUMP_RUN = re.compile(HEX_DUMP)
+_QP_RUN = re.compile(QUOTED_PRINTABLE)
+_NOT_HEX = re.compile(r"0[xX](?=[0-9A-Fa-f])|[^0-9A-Fa-f]")
+
 ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-%.~])"
                    r"(?:[A-Za-z0-9._~+\-]*+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]*+)++"
+                   r"|" + QUOTED_PRINTABLE + r"|" + _after_no_hex_cell() + HEX_DUMP +
                    r"|(?:(?<!\n)|(?<![A-Za-z0-9+/_\-]{12}\n)(?<![A-Za-z0-9+/_\-]{12}\r\n))"
-                   r"[A-Za-z0-9+/_\-]{12,}+" + WRAPPED_LINES + r"={0,2}+"
+                   # (up to six `=`: base32's padding)
+                   r"[A-Za-z0-9+/_\-]{12,}+" + WRAPPED_LINES + r"={0,6}+"
                    # character references and escapes, a few separators apart (`&#52;&#49;…`, `\u0034…`)
                    # (never from inside such a run: each start would decode the rest again)
                    r"|" + _after_no_escape() +
@@ -826,10 +860,11 @@ def _unescape(m: re.Match[str]) -> str:
     return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else m.group()
 
 
-MAX_DECODE_DEPTH = 2
+MAX_DECODE_DEPTH = 3  # (base64 of base64 of base64; until 2026-12-05 two levels)
 _RUN_CHARS = string.ascii_letters + string.digits + "+/_-"
 _B64 = frozenset(_RUN_CHARS + "%")
 _HEX_RUN = re.compile(r"[0-9A-Fa-f]+")
+_B32_RUN = re.compile(r"[A-Z2-7]+")
 
 
 _WRAPPED = re.compile(WRAPPED_LINES)
@@ -930,9 +965,18 @@ def decode_payload(run: str) -> str | None:
         except UnicodeDecodeError:  # a byte of another charset (`caf%E9`, Latin-1 forms): U+FFFD
             decoded = urllib.parse.unquote_plus(run, errors="replace")  # (until 2026-12-05: unread)
         return decoded if decoded != run else None
+    if "=" in run.rstrip("="):  # quoted-printable (base64 has `=` at its end only)
+        return texty(binascii.a2b_qp(run.encode("ascii"))) if _QP_RUN.fullmatch(run) else None
+    if _HEX_DUMP_RUN.fullmatch(run):  # hex bytes as a dump prints them (`34 31 31 …`, `0x34,0x31`)
+        return texty(bytes.fromhex(_NOT_HEX.sub("", run)))
     body = run.translate(_LINE_BREAK).rstrip("=")  # (a wrapped run: its lines joined)
     if len(body) >= 16 and len(body) % 2 == 0 and _HEX_RUN.fullmatch(body):
         text = texty(bytes.fromhex(body))
+        if text is not None:
+            return text
+    if len(body) >= 16 and len(body) % 8 in (0, 2, 4, 5, 7) and (body.isupper() or body.islower()) \
+            and _B32_RUN.fullmatch(body.upper()):  # base32 (RFC 4648; upper case, or all lower)
+        text = texty(base64.b32decode(body.upper() + "=" * (-len(body) % 8)))
         if text is not None:
             return text
     urlsafe = "-" in body or "_" in body

@@ -56,7 +56,8 @@ class Trigger:
     reach: int | None  # a value may start this many characters before the reported offset; None: anywhere;
     # -1: the trigger ends a run of base64 characters, which starts where the run does (a run
     # wrapped over lines: read from its first line to its last, `detectors.WRAPPED_LINES`);
-    # -2: the trigger is an escape inside a URL-encoded run, which starts where the run does
+    # -2: the trigger is an escape inside a URL-encoded run, which starts where the run does;
+    # -3: the same inside a quoted-printable run
     caseless: bool = False
     tail: int = 256  # how far past the trigger's end the regex reads (longer values: read again, whole)
     verify: bool = False  # ask the scanner first whether the matched run (start..end-1) is worth a window
@@ -199,12 +200,18 @@ _DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
 NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:(?:{_WS}|[,\-]){{1,3}}{_DIGIT_WORD}){{8}}", som=False,
                                  reach=9 * 8, tail=260, caseless=True),)
 
+_HEX_CELL = r"(?:0[xX])?[0-9A-Fa-f]{2}(?:[0-9A-Fa-f]{2})?"
+_HEX_DUMP_CELLS = rf"{_HEX_CELL}(?:(?:[,:;]?[ \t]{{1,2}}|[,:;]|,?\r?\n){_HEX_CELL}){{5}}"
 ENCODED_TRIGGERS = (
     # the end of every run of 12 or more: its start is found by walking back (`verify` runs)
     Trigger(r"[A-Za-z0-9+/_\-]{12}[^A-Za-z0-9+/_\-]", som=False, reach=-1, tail=4, verify=True),
     # every `%XX`: its run (plain characters and escapes, however long) starts where a walk back finds
     Trigger(r"%[0-9A-Fa-f]{2}", som=False, reach=-2, tail=260),
     Trigger(r"&#[xX]?[0-9A-Fa-f]{1,7}|\\[ux][0-9A-Fa-f]{2}", som=False, reach=261, tail=260),
+    # six hex cells of a hex dump (`detectors.HEX_DUMP`): its run starts at most that far back
+    Trigger(_HEX_DUMP_CELLS, som=False, reach=_longest(_HEX_DUMP_CELLS), tail=260),
+    # two quoted-printable escapes or soft breaks: its run starts where a walk back finds
+    Trigger(r"=(?:[0-9A-Fa-f]{2}|\r?\n)[A-Za-z0-9._~+\-@]*=(?:[0-9A-Fa-f]{2}|\r?\n)", som=False, reach=-3, tail=260),
 )
 
 
@@ -283,7 +290,7 @@ class Prefilter:
         params = self._params
         n = len(text)
         spans = []
-        url_run = (0, -1)  # (start, end) of the last URL-encoded run walked back over
+        runs = {-2: (0, -1), -3: (0, -1)}  # (start, end) of the last URL-encoded / QP run walked back over
         for i, frm, to in events:
             som, reach, tail, check = params[i]
             if reach == -1:  # a run ending at to - 1: walk back to its start
@@ -292,13 +299,14 @@ class Prefilter:
                     continue
                 to = wrapped_end(text, to - 1) + 1
                 som, reach = True, 1
-            elif reach == -2:  # an escape ending at `to` inside a URL-encoded run: its start
-                # (events come in order: an escape in the run already walked reuses its start,
-                # so a long run costs one walk, not one per escape)
-                start, end = url_run
-                if not (end >= 0 and not text[end:to].strip(_URL_RUN)):
-                    start = _run_start(text, to, _URL_RUN)
-                url_run = (start, to)
+            elif reach <= -2:  # an escape ending at `to` inside a URL-encoded (quoted-printable)
+                # run: its start (events come in order: an escape in the run already walked
+                # reuses its start, so a long run costs one walk, not one per escape)
+                chars = _URL_RUN if reach == -2 else _QP_RUN
+                start, end = runs[reach]
+                if not (end >= 0 and not text[end:to].strip(chars)):
+                    start = _run_start(text, to, chars)
+                runs[reach] = (start, to)
                 frm, som, reach = start, True, 1
             if check and verify is not None and not verify(text, frm, to - 1):
                 continue
@@ -353,6 +361,7 @@ def _compile(triggers: Sequence[Trigger], som: bool, ids: Sequence[int] | None =
 
 _RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
 _URL_RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+-%"
+_QP_RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+-@=\r\n"
 
 
 def _run_start(text: str, end: int, chars: str) -> int:

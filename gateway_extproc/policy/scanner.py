@@ -973,8 +973,8 @@ class Scanner:
         if _DEPTH.value >= MAX_DECODE_DEPTH:
             return False
         end = wrapped_end(v, end)  # (base64 wrapped over lines: the whole run)
-        tail = v[end:end + 2]
-        end += len(tail) - len(tail.lstrip("="))  # padding is part of the run
+        tail = v[end:end + 6]
+        end += len(tail) - len(tail.lstrip("="))  # padding is part of the run (base32's: up to six)
         run = v[start:end]
         return any(self._decoded(r, _DEPTH.value) for r in {run.lstrip("+/-_"), *(v[start:e] for e in
                                                                       _wrapped_ends(v, start, end))} if len(r) >= 12)
