@@ -83,11 +83,11 @@ def test_an_encoded_value_counts_like_the_plain_one(encoding: str, rule: str) ->
 @given(st.sampled_from(sorted(ENCODINGS)), st.sampled_from(sorted(VALUES)),
        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e, blacklist_characters="@"), max_size=12),
        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e, blacklist_characters="@"), max_size=12))
-def test_encoded_values_with_any_text_around_them_are_found(encoding: str, rule: str, before: str, after: str) -> None:
+def test_encoded_text_holds_what_the_plain_text_holds(encoding: str, rule: str, before: str, after: str) -> None:
     inner = f"{before} {VALUES[rule]} {after}"
     payload = ENCODINGS[encoding](inner)
-    findings = SCANNER.scan(f"see {payload} end")
-    assert rule in {f.rule for f in findings}, (encoding, inner, payload)
+    plain = {f.rule for f in SCANNER.scan(f"see {inner} end")}
+    assert {f.rule for f in SCANNER.scan(f"see {payload} end")} == plain, (encoding, inner, payload)
 
 
 @pytest.mark.parametrize("text", [
@@ -120,11 +120,13 @@ def test_depth_is_still_bounded() -> None:
     assert SCANNER.scan(f"x {b64(b64(b64(b64(f'card {CARD}'))))} y") == []  # four levels: not decoded
 
 
-@pytest.mark.parametrize("encoding", ["hex dump", "quoted-printable soft breaks", "base32"])
-def test_an_encoded_value_in_a_stream_is_redacted(encoding: str) -> None:
-    payload = ENCODINGS[encoding](f"card {CARD}")
+@pytest.mark.parametrize("value", [f"card {CARD}", "mail jane.doe@example.com please"])
+@pytest.mark.parametrize("encoding", ["hex dump", "hex 0x commas", "hex dump wrapped", "quoted-printable",
+                                      "quoted-printable soft breaks", "base32", "base64 x3"])
+def test_an_encoded_value_in_a_stream_is_redacted(encoding: str, value: str) -> None:
+    payload = ENCODINGS[encoding](value)
     text = f"Here it is: {payload} done."
     red = StreamRedactor(SCANNER, DecisionParams(), holdback_chars=64)
     out = "".join(red.feed(text[i:i + 7]) for i in range(0, len(text), 7)) + red.flush()
     assert CARD not in out and payload not in out
-    assert out == "Here it is: [CREDIT_CARD_1] done."
+    assert out in ("Here it is: [CREDIT_CARD_1] done.", "Here it is: [EMAIL_1] done.")

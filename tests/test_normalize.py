@@ -131,7 +131,7 @@ def test_encoded_values_count_like_plain_ones(payload: str) -> None:
 
 
 def test_encoding_depth_is_bounded_and_binary_is_left_alone() -> None:
-    assert SCANNER.scan(f"x {b64(b64(b64(f'card {CARD}')))} y") == []  # three levels: not decoded
+    assert SCANNER.scan(f"x {b64(b64(b64(b64(f'card {CARD}'))))} y") == []  # four levels: not decoded
     assert SCANNER.scan("x " + base64.b64encode(bytes(range(256))).decode() + " y") == []
     assert SCANNER.scan("plain identifiers like ConnectionResetError and OFFLOAD_TOKENIZE_BYTES") == []
 

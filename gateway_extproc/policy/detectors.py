@@ -838,6 +838,20 @@ def number_words_start(text: str, at: int, lo: int) -> int:
     return max(at, lo)
 
 
+_HEX_CELL_ENDING = re.compile(r"(?<![0-9A-Za-z_])(?:0[xX])?[0-9A-Fa-f]{2}(?:[0-9A-Fa-f]{2})?[ \t,:;\r\n]{1,3}$")
+
+
+def hex_dump_start(text: str, at: int, lo: int) -> int:
+    """Where the hex-dump cells (`HEX_DUMP`) before the separator at `at` begin, not before
+    `lo`: the position of the separator before the first of them (`at` itself when none)."""
+    while at > lo:
+        m = _HEX_CELL_ENDING.search(text, max(lo, at - 9), at + 1)
+        if m is None:
+            break
+        at = m.start() - 1
+    return max(at, lo)
+
+
 def number_words_run(text: str, start: int, end: int) -> str:
     """The number-words run text[start:end], after `SSN ` when an SSN context word precedes it."""
     context = _SSN_CONTEXT.search(text, max(0, start - SSN_CONTEXT_CHARS), start) is not None

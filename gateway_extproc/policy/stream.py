@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 
-from .detectors import DIGIT_WORDS, LOCAL_CHARS, SEP_CHARS, SPACES, number_words_start
+from .detectors import DIGIT_WORDS, LOCAL_CHARS, SEP_CHARS, SPACES, hex_dump_start, number_words_start
 from .normalize import Normalized, escape_cut, json_placeholder, normalize, normalize_json_piece
 from .scanner import (
     Decision,
@@ -147,8 +147,9 @@ def _last_word(buf: str, base: int, json: bool = False) -> tuple[int, bool]:
     x …`, `detectors.SPACED_PATTERN`) or a number read out in words (`four one one …`)
     ending `buf` is one word. `json`: a quote ends a word (`_JSON_SPACE`)."""
     lo = max(0, len(buf) - MAX_WORD_HOLD)
-    space = max(buf.rfind(" ", lo), buf.rfind("\n", lo), buf.rfind("\t", lo), buf.rfind("\r", lo),
-                buf.rfind('"', lo) if json else -1)
+    space = _word_break(buf, lo, len(buf), json)
+    while space > lo + 1 and buf[space] == "\n" and buf[space - 1 - (buf[space - 1] == "\r")] == "=":
+        space = _word_break(buf, lo, space - 1, json)  # a quoted-printable soft line break: one word
     if space < 0:
         return base + lo, True
     at = space
@@ -163,8 +164,15 @@ def _last_word(buf: str, base: int, json: bool = False) -> tuple[int, bool]:
         if buf[cell].isspace() or not buf[cell - 1].isspace():
             break
         at = cell - 1
-    # (Number words longer than the hold are one long number: they hide no value.)
-    return base + number_words_start(buf, at, lo), lo > 0 and at <= lo < space
+    # (Number words longer than the hold are one long number: they hide no value; hex-dump
+    # cells before the last word are one run with it, `detectors.HEX_DUMP`.)
+    return base + hex_dump_start(buf, number_words_start(buf, at, lo), lo), lo > 0 and at <= lo < space
+
+
+def _word_break(buf: str, lo: int, hi: int, json: bool) -> int:
+    """The last space (or line break, tab; a quote in JSON) in buf[lo:hi], or -1."""
+    return max(buf.rfind(" ", lo, hi), buf.rfind("\n", lo, hi), buf.rfind("\t", lo, hi), buf.rfind("\r", lo, hi),
+               buf.rfind('"', lo, hi) if json else -1)
 
 
 class StreamRedactor:
