@@ -299,7 +299,7 @@ class Prefilter:
                     continue
                 to = wrapped_end(text, to - 1) + 1
                 som, reach = True, 1
-            elif reach <= -2:  # an escape ending at `to` inside a URL-encoded (quoted-printable)
+            elif reach in (-2, -3):  # an escape ending at `to` inside a URL-encoded (quoted-printable)
                 # run: its start (events come in order: an escape in the run already walked
                 # reuses its start, so a long run costs one walk, not one per escape)
                 chars = _URL_RUN if reach == -2 else _QP_RUN
