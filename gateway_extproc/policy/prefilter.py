@@ -14,7 +14,8 @@ Triggers are supersets of what each scanner region matches:
   could end, so a window reaches back by the region's longest possible match;
 - keywords and injection phrases as literals (case-insensitive, any whitespace between words)
   with the exact start of each match;
-- encoded runs: one event per run of at least 12 base64 characters, and one per `%XX`.
+- encoded runs: one event per run of at least 12 base64 characters, one per `%XX`, one per six
+  hex-dump cells, one per two quoted-printable escapes (its run walked back to its start).
 
 A window for a region whose longest match is unbounded starts at the beginning of the text
 (still correct, just slower, and only when such a trigger fires: a PEM block, say).
