@@ -737,18 +737,26 @@ def _after_no_hex_cell() -> str:
 
 
 # Quoted-printable (`=34=31=31=31=20…`, soft line breaks `=\n` anywhere): two or more `=XX`
-# escapes or soft breaks among characters a mail address or a number is written with. Never
-# started right after one of those (or a soft break): a run is decoded from its start only.
+# escapes or soft breaks among the characters a mail address or a number is written with.
+# Never started right after one of those or a soft break: a run is decoded from its start only.
+# (Literal spaces beside them, `4111 1111 11=\n11 1111`, are not read: scanning a run over its
+# spaces cost every sentence of prose the regex looks at.)
 _QP_CHARS = r"[A-Za-z0-9._~+\-@]"
 QUOTED_PRINTABLE = (rf"(?<![=.@~+\-])(?<!=\n)(?<!=\r\n){_QP_CHARS}*+"
                     rf"(?:=(?:[0-9A-Fa-f]{{2}}|\r?\n){_QP_CHARS}*+){{2,}}+")
 _HEX_DUMP_RUN = re.compile(HEX_DUMP)
 _QP_RUN = re.compile(QUOTED_PRINTABLE)
 _NOT_HEX = re.compile(r"0[xX](?=[0-9A-Fa-f])|[^0-9A-Fa-f]")
+# Six cells of printable ASCII in a row (`prefilter`'s trigger, which finds them cheaply): a
+# hex dump without them (of binary, or of text wholly outside ASCII) is not decoded.
+_HEX_TEXT_CELL = r"(?:0[xX])?[2-7][0-9A-Fa-f](?:[2-7][0-9A-Fa-f])?"
+_HEX_TEXT_CELLS = re.compile(rf"{_HEX_TEXT_CELL}(?:{_HEX_SEP}{_HEX_TEXT_CELL}){{5}}(?![0-9A-Za-z_])")
 
 ENCODED_PATTERN = (r"(?<![A-Za-z0-9+/_\-=%.~][+/_\-%.~])"
                    r"(?:[A-Za-z0-9._~+\-]*+(?:%[0-9A-Fa-f]{2}[A-Za-z0-9._~+\-]*+)++"
-                   r"|" + QUOTED_PRINTABLE + r"|" + _after_no_hex_cell() + HEX_DUMP +
+                   r"|" + QUOTED_PRINTABLE +
+                   # (a cell and its separator first: cheaper than the look-behinds in prose)
+                   r"|(?=(?:0[xX])?[0-9A-Fa-f]{2}(?:[0-9A-Fa-f]{2})?[ \t,:;\r\n])" + _after_no_hex_cell() + HEX_DUMP +
                    r"|(?:(?<!\n)|(?<![A-Za-z0-9+/_\-]{12}\n)(?<![A-Za-z0-9+/_\-]{12}\r\n))"
                    # (up to six `=`: base32's padding)
                    r"[A-Za-z0-9+/_\-]{12,}+" + WRAPPED_LINES + r"={0,6}+"
@@ -982,7 +990,7 @@ def decode_payload(run: str) -> str | None:
     if "=" in run.rstrip("="):  # quoted-printable (base64 has `=` at its end only)
         return texty(binascii.a2b_qp(run.encode("ascii"))) if _QP_RUN.fullmatch(run) else None
     if _HEX_DUMP_RUN.fullmatch(run):  # hex bytes as a dump prints them (`34 31 31 …`, `0x34,0x31`)
-        return texty(bytes.fromhex(_NOT_HEX.sub("", run)))
+        return texty(bytes.fromhex(_NOT_HEX.sub("", run))) if _HEX_TEXT_CELLS.search(run) else None
     body = run.translate(_LINE_BREAK).rstrip("=")  # (a wrapped run: its lines joined)
     if len(body) >= 16 and len(body) % 2 == 0 and _HEX_RUN.fullmatch(body):
         text = texty(bytes.fromhex(body))

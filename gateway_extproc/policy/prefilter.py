@@ -58,7 +58,8 @@ class Trigger:
     # -1: the trigger ends a run of base64 characters, which starts where the run does (a run
     # wrapped over lines: read from its first line to its last, `detectors.WRAPPED_LINES`);
     # -2: the trigger is an escape inside a URL-encoded run, which starts where the run does;
-    # -3: the same inside a quoted-printable run
+    # -3: the same inside a quoted-printable run; -4: hex-dump cells, in a run that starts where
+    # a walk back over hex digits and separators ends
     caseless: bool = False
     tail: int = 256  # how far past the trigger's end the regex reads (longer values: read again, whole)
     verify: bool = False  # ask the scanner first whether the matched run (start..end-1) is worth a window
@@ -201,7 +202,9 @@ _DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
 NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:(?:{_WS}|[,\-]){{1,3}}{_DIGIT_WORD}){{8}}", som=False,
                                  reach=9 * 8, tail=260, caseless=True),)
 
-_HEX_CELL = r"(?:0[xX])?[0-9A-Fa-f]{2}(?:[0-9A-Fa-f]{2})?"
+# (cells of printable ASCII bytes, 0x20-0x7f: led by a digit, which Hyperscan skips to; a class
+# of letters first cost ~3 us on the bench's 2 KB of prose)
+_HEX_CELL = r"(?:0[xX])?[2-7][0-9A-Fa-f](?:[2-7][0-9A-Fa-f])?"
 _HEX_DUMP_CELLS = rf"{_HEX_CELL}(?:(?:[,:;]?[ \t]{{1,2}}|[,:;]|,?\r?\n){_HEX_CELL}){{5}}"
 ENCODED_TRIGGERS = (
     # the end of every run of 12 or more: its start is found by walking back (`verify` runs)
@@ -209,10 +212,18 @@ ENCODED_TRIGGERS = (
     # every `%XX`: its run (plain characters and escapes, however long) starts where a walk back finds
     Trigger(r"%[0-9A-Fa-f]{2}", som=False, reach=-2, tail=260),
     Trigger(r"&#[xX]?[0-9A-Fa-f]{1,7}|\\[ux][0-9A-Fa-f]{2}", som=False, reach=261, tail=260),
-    # six hex cells of a hex dump (`detectors.HEX_DUMP`): its run starts at most that far back
-    Trigger(_HEX_DUMP_CELLS, som=False, reach=_longest(_HEX_DUMP_CELLS), tail=260),
+)
+
+# Hex dumps and quoted-printable runs (`detectors.HEX_DUMP`, `QUOTED_PRINTABLE`): the scanner puts
+# these last among its triggers: inserted before others, the same database scanned the bench's
+# 2 KB of prose ~1.5-3 us slower (Hyperscan groups its engines by pattern order).
+ENCODED_RUN_TRIGGERS = (
+    # six hex cells of ASCII text in a hex dump (`detectors.HEX_DUMP`; a run without them is not
+    # decoded): its run starts where a walk back finds
+    Trigger(_HEX_DUMP_CELLS, som=False, reach=-4, tail=260),
     # two quoted-printable escapes or soft breaks: its run starts where a walk back finds
-    Trigger(r"=(?:[0-9A-Fa-f]{2}|\r?\n)[A-Za-z0-9._~+\-@]*=(?:[0-9A-Fa-f]{2}|\r?\n)", som=False, reach=-3, tail=260),
+    Trigger(r"=(?:[0-9A-Fa-f]{2}|\r?\n)[A-Za-z0-9._~+\-@]*=(?:[0-9A-Fa-f]{2}|\r?\n)", som=False, reach=-3,
+            tail=260),
 )
 
 
@@ -291,7 +302,7 @@ class Prefilter:
         params = self._params
         n = len(text)
         spans = []
-        runs = {-2: (0, -1), -3: (0, -1)}  # (start, end) of the last URL-encoded / QP run walked back over
+        runs = dict.fromkeys(_WALKS, (0, -1))  # (start, end) of the last run of each kind walked back over
         for i, frm, to in events:
             som, reach, tail, check = params[i]
             if reach == -1:  # a run ending at to - 1: walk back to its start
@@ -300,14 +311,17 @@ class Prefilter:
                     continue
                 to = wrapped_end(text, to - 1) + 1
                 som, reach = True, 1
-            elif reach in (-2, -3):  # an escape ending at `to` inside a URL-encoded (quoted-printable)
-                # run: its start (events come in order: an escape in the run already walked
-                # reuses its start, so a long run costs one walk, not one per escape)
-                chars = _URL_RUN if reach == -2 else _QP_RUN
+            elif reach in _WALKS:  # an escape ending at `to` inside a URL-encoded (quoted-printable)
+                # run, or hex-dump cells: the run's start (events come in order: an event in the
+                # run already walked reuses its start, so a long run costs one walk, not one each)
+                chars = _WALKS[reach]
                 start, end = runs[reach]
                 if not (end >= 0 and not text[end:to].strip(chars)):
                     start = _run_start(text, to, chars)
                 runs[reach] = (start, to)
+                if reach != -2:  # (the walk crosses line breaks or words a run may start after: up to `to`)
+                    spans.append((max(0, start - 2), min(to, n), min(to + tail, n)))
+                    continue
                 frm, som, reach = start, True, 1
             if check and verify is not None and not verify(text, frm, to - 1):
                 continue
@@ -363,6 +377,7 @@ def _compile(triggers: Sequence[Trigger], som: bool, ids: Sequence[int] | None =
 _RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-"
 _URL_RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+-%"
 _QP_RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+-@=\r\n"
+_WALKS = {-2: _URL_RUN, -3: _QP_RUN, -4: "0123456789abcdefABCDEFxX ,:;\t\r\n"}
 
 
 def _run_start(text: str, end: int, chars: str) -> int:

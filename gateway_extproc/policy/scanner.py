@@ -78,8 +78,8 @@ from .detectors import (
 )
 
 from .normalize import Normalized, digit_array, json_placeholder, json_quotes, normalize, normalize_json, tables
-from .prefilter import (BUILTIN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGERS, SPACED_TRIGGERS, Trigger,
-                        phrase_trigger, regex_trigger, template_trigger)
+from .prefilter import (BUILTIN_TRIGGERS, ENCODED_RUN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGERS,
+                        SPACED_TRIGGERS, Trigger, phrase_trigger, regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
 
 # A region's check on a candidate v[start:end]: the accepted end, or 0 to reject.
@@ -849,6 +849,8 @@ class Scanner:
             else:
                 triggers.append(regex_trigger(source, BOUNDARY))
                 ascii_only = ascii_only or not source.isascii()
+        if all_rules:
+            triggers += ENCODED_RUN_TRIGGERS  # (last: `prefilter.ENCODED_RUN_TRIGGERS`)
         specs = [(kind, _gated(source), v, mt) for kind, source, v, mt in specs]
         self = cls.__new__(cls)
         self._prefilter = None
