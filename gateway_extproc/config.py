@@ -440,11 +440,16 @@ class _Reader:
         character would make Envoy refuse the header at run time (503 on every request), and
         `reserved` characters have a meaning of their own there (`@` in route names)."""
         text = self.string(value, key)
-        bad = next((c for c in text if c < " " or c == "\x7f" or c in reserved), None)
+        bad = control_character(text, reserved)
         if bad is not None:
             self.fail(key, f"is {text!r}, which holds {bad!r}; names may not hold control characters"
                       + (f" or any of {' '.join(reserved)}" if reserved else ""))
         return text
+
+
+def control_character(text: str, reserved: str = "") -> str | None:
+    """The first control character (C0, DEL, C1) or `reserved` character of a name, if any."""
+    return next((c for c in text if c < " " or "\x7f" <= c <= "\x9f" or c in reserved), None)
 
 
 def _provider(r: _Reader, i: int, raw: Any) -> Provider:
@@ -815,6 +820,6 @@ def _key(r: _Reader, i: int, raw: Any, teams: dict[str, Limits], models: dict[st
             expires = expires.replace(tzinfo=timezone.utc)
     user = k.get("user")
     if user is not None:
-        r.string(user, f"{at}.user")
+        r.name(user, f"{at}.user")
     return VirtualKey(key_id, digest, team, None if "*" in allowed else frozenset(allowed), expires, user,
                       _limits(r, k, at, fail_open, models, tiers))

@@ -52,6 +52,7 @@ log = structlog.get_logger("gateway_extproc.audit")
 
 MAX_GRACE_SECONDS = 30 * 86400
 MAX_BODY_BYTES = 64 * 1024  # a key's fields are a few hundred bytes
+MAX_NAME = 256  # a user or owner: it names a budget level and rides on every audit record
 _PATH = re.compile(r"^/admin/keys(?:/([a-z0-9][a-z0-9-]{0,62})(/rotate)?)?/?$")
 _REPORT = re.compile(r"^/admin/reports/([a-z]{1,40})/?$")
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -326,8 +327,11 @@ class AdminApp:
         if id_ in cfg.keys:
             raise GatewayError("key_conflict", f"The key {id_!r} is defined in values.")
         for name in ("user", "owner"):
-            if data.get(name) is not None and (not isinstance(data[name], str) or not data[name]):
-                raise GatewayError("invalid_request", f"{name} must be a non-empty string.", name)
+            value = data.get(name)
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_NAME
+                                      or config_mod.control_character(value) is not None):
+                raise GatewayError("invalid_request", f"{name} must be a string of 1 to {MAX_NAME} characters "
+                                   "without control characters.", name)
         secret = keys_mod.generate(id_)
         record = dict.fromkeys(FIELDS, "")
         record.update(id=id_, sha256=keys_mod.digest(secret), team=team, user=data.get("user") or "",

@@ -76,3 +76,23 @@ def test_the_store_holds_hashes_only(app: AdminApp, server: RedisServer) -> None
         secret = key.split("_", 2)[2]
         assert secret.encode() not in dump and key.encode() not in dump
     assert keys.digest(rotated["key"]).encode() in dump and keys.digest(made["key"]).encode() in dump
+
+
+@pytest.mark.parametrize("name", ["user", "owner"])
+@pytest.mark.parametrize("value", ["alice\n", "a\x1b[2Jb", "a\x00b", "a\x7fb", "a\x85b", "x" * 257, "", 7, ["a"]])
+def test_a_user_or_owner_no_name_can_have_is_refused_unquoted_and_stores_nothing(
+        app: AdminApp, server: RedisServer, name: str, value: object) -> None:
+    """The user names a budget level and goes into store key names, audit records, reports and
+    `/v1/usage`; a control character there rewrites an auditor's terminal (the reports print it)
+    and 60 KB of it rides on every request's audit record. Config users follow the same rule."""
+    status, out = call(app, "POST", "/admin/keys", {"team": "search", "id": "svc", name: value})
+    assert (status, out["error"]["code"], out["error"]["param"]) == (400, "invalid_request", name), out
+    if isinstance(value, str) and len(value) > 3:
+        assert value not in json.dumps(out, ensure_ascii=False)
+    assert redis_py.Redis.from_url(server.url).dbsize() == 0
+
+
+def test_a_user_of_any_script_and_an_issuer_scoped_user_are_kept(app: AdminApp) -> None:
+    status, made = call(app, "POST", "/admin/keys", {"team": "search", "id": "svc", "user": "corp:José Müller",
+                                                     "owner": "ops@example.com"})
+    assert status == 201 and (made["user"], made["owner"]) == ("corp:José Müller", "ops@example.com"), made
