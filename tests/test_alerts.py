@@ -178,19 +178,24 @@ def test_every_alert_is_documented() -> None:
 
 # --- promtool -----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
+def debian_tool(name: str, package: str) -> str:
+    """`name`'s path; in CI its absence fails (`.ci/run` installs `package`), elsewhere it skips
+    the checks that need it, saying so."""
+    path = shutil.which(name)
     if path:
         return path
     if os.environ.get("CI"):
-        pytest.fail("promtool is not on PATH: .ci/run must install Debian's `prometheus` package "
-                    "(apt-get install -y prometheus, which provides /usr/bin/promtool)", pytrace=False)
-    reason = ("promtool not found on PATH; promtool checks (alert rules, dashboard PromQL) skipped. "
-              "Install it with `apt-get install -y prometheus` (Debian) to run them.")
+        pytest.fail(f"{name} is not on PATH: .ci/run must install Debian's `{package}` package "
+                    f"(apt-get install -y {package})", pytrace=False)
+    reason = f"{name} not found on PATH; its checks skipped. Install it with `apt-get install -y {package}` (Debian)."
     print(reason)
     warnings.warn(reason, stacklevel=1)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return debian_tool("promtool", "prometheus")
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -252,13 +257,7 @@ def test_unit_tests_cover_every_alert_firing_and_silent() -> None:
 
 @pytest.fixture(scope="module")
 def amtool() -> str:
-    path = shutil.which("amtool")
-    if path:
-        return path
-    if os.environ.get("CI"):
-        pytest.fail("amtool is not on PATH: .ci/run must install Debian's `prometheus-alertmanager`",
-                    pytrace=False)
-    pytest.skip("amtool not found on PATH (apt-get install -y prometheus-alertmanager)")
+    return debian_tool("amtool", "prometheus-alertmanager")
 
 
 def test_the_documented_alertmanager_routing_checks_and_routes_as_its_comments_say(amtool: str,

@@ -835,29 +835,29 @@ _SSN_WORD = "SSN "
 _WORD_ENDING = re.compile(rf"(?<![A-Za-z]){_DIGIT_WORD}[\s,\-]{{1,3}}$")
 
 
-def number_words_start(text: str, at: int, lo: int) -> int:
-    """Where the digit words before the separator at `at` begin, not before `lo`: the position
-    of the separator before the first of them (`at` itself when none)."""
+def _cells_start(text: str, at: int, lo: int, ending: re.Pattern[str], reach: int) -> int:
+    """Where the cells `ending` reads (each ending in its separator, at most `reach` characters
+    with it) before the separator at `at` begin, not before `lo`: the position of the separator
+    before the first of them (`at` itself when none)."""
     while at > lo:
-        m = _WORD_ENDING.search(text, max(lo, at - 7), at + 1)
+        m = ending.search(text, max(lo, at - reach), at + 1)
         if m is None:
             break
         at = m.start() - 1
     return max(at, lo)
+
+
+def number_words_start(text: str, at: int, lo: int) -> int:
+    """Where the digit words before the separator at `at` begin (`_cells_start`)."""
+    return _cells_start(text, at, lo, _WORD_ENDING, 7)
 
 
 _HEX_CELL_ENDING = re.compile(r"(?<![0-9A-Za-z_])(?:0[xX])?[0-9A-Fa-f]{2}(?:[0-9A-Fa-f]{2})?[ \t,:;\r\n]{1,3}$")
 
 
 def hex_dump_start(text: str, at: int, lo: int) -> int:
-    """Where the hex-dump cells (`HEX_DUMP`) before the separator at `at` begin, not before
-    `lo`: the position of the separator before the first of them (`at` itself when none)."""
-    while at > lo:
-        m = _HEX_CELL_ENDING.search(text, max(lo, at - 9), at + 1)
-        if m is None:
-            break
-        at = m.start() - 1
-    return max(at, lo)
+    """Where the hex-dump cells (`HEX_DUMP`) before the separator at `at` begin (`_cells_start`)."""
+    return _cells_start(text, at, lo, _HEX_CELL_ENDING, 9)
 
 
 def number_words_run(text: str, start: int, end: int) -> str:
