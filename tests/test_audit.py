@@ -582,6 +582,38 @@ def test_a_deleted_audit_directory_is_noticed_not_written_into_the_void(tmp_path
     assert "r4" in ids and len(ids) + lost == 4, (ids, lost)  # r0 went with the deleted files
 
 
+def test_a_loss_noted_while_nothing_can_open_stays_owed_and_counts_only_records(tmp_path: Path, keys) -> None:
+    """Attack (seen in CI): the audit directory is moved away and a file put where it was. The
+    batch in hand is lost and counted; then the writer, with nothing queued, tried to note the
+    loss in a chain it could not open, and marked it noted anyway: those events were neither on
+    the record nor counted in it. A checkpoint or the `events_dropped` record lost with a batch
+    was also counted as a lost event. Now the loss stays owed until a record of it is written,
+    and only records count."""
+    signer, _, _ = keys
+    clock = Clock()
+    sink = AuditSink(settings_for(tmp_path), signer, "h-w0", now=clock)
+    sink.put(event(clock, 0))
+    assert sink.safe_cycle() is True
+    audit, moved = tmp_path / "audit", tmp_path / "moved"
+    audit.rename(moved)
+    audit.write_bytes(b"")
+    for i in range(1, 4):
+        sink.put(event(clock, i))
+    clock.t += 60  # an interval checkpoint is due in the batch that fails
+    assert sink.safe_cycle() is None
+    for _ in range(3):
+        assert sink.safe_cycle() is None  # nothing queued, and the loss cannot be noted yet
+    audit.unlink()
+    sink.put(event(clock, 4))
+    while sink.safe_cycle() is not False:
+        pass
+    sink._close_all()
+    ids, lost = accounted(tmp_path)
+    moved_ids = [orjson.loads(x)["request_id"] for d in sorted((moved / "h-w0").iterdir()) if d.is_dir()
+                 for s in chain_mod.segments(d) for x in lines_of(s) if b'"type":"request"' in x]
+    assert moved_ids == ["r0"] and ids == ["r4"] and lost == 3, (moved_ids, ids, lost)
+
+
 def test_a_chain_cut_right_after_a_checkpoint_is_not_reported_clean(tmp_path: Path, keys) -> None:
     """Attack: cut a stopped chain's file just after one of its interval checkpoints (`head -n`).
     Every line left verifies, and verify said OK although the records after that checkpoint

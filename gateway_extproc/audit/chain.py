@@ -109,6 +109,7 @@ class Chain:
         self.segment_bytes = 0
         self.segment_started = 0.0
         self.pending: list[bytes] = []
+        self.pending_records = 0  # records (not checkpoints) in `pending`: what a failed write loses
         self.unsealed = 0  # records since the last checkpoint
         self.segment_records = 0  # records (not checkpoints) in the open segment
 
@@ -140,6 +141,7 @@ class Chain:
         self.seq += 1
         self.head = digest(line)
         self.pending.append(line)
+        self.pending_records += 1
         self.unsealed += 1
         self.segment_records += 1
 
@@ -162,7 +164,7 @@ class Chain:
             while view:
                 view = view[os.write(self.fd, view):]
             self.segment_bytes += len(data)
-        self.pending = []  # only once written: a failed write leaves them to be counted as lost
+        self.pending, self.pending_records = [], 0  # only once written: a failed write leaves them to be counted as lost
         if sync and self.fd is not None:
             os.fsync(self.fd)
         return lines

@@ -53,7 +53,8 @@ class AuditSink:
         self.max = settings.queue_size
         self.dropped = 0  # by the request path (queue full); only that thread writes it
         self._lost = 0  # by the writer (disk errors)
-        self._recorded_drops = 0
+        self._noted_drops = 0  # losses counted in `events_dropped` records appended so far
+        self._written_drops = 0  # ... and in those written to a file
         self.chains: dict[str, Chain] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -118,7 +119,11 @@ class AuditSink:
         try:
             return self.cycle()
         except Exception as exc:  # noqa: BLE001 - the writer must outlive any one failure
-            lost = sum(len(c.pending) for c in self.chains.values())
+            # Only records count (not checkpoints); an `events_dropped` record lost with them
+            # is not one, and the losses it noted are owed again.
+            owed = self._noted_drops > self._written_drops
+            lost = sum(c.pending_records for c in self.chains.values()) - owed
+            self._noted_drops = self._written_drops
             self._lost += lost
             _DROPPED.inc(lost)
             log.error("audit_write_failed", error=str(exc), lost=lost, exc_info=not isinstance(exc, OSError))
@@ -141,9 +146,9 @@ class AuditSink:
             n += 1
             self._append(c, ev)
         gone = self.dropped + self._lost
-        if gone > self._recorded_drops:
-            delta, self._recorded_drops = gone - self._recorded_drops, gone
-            self.chain(GATEWAY_STREAM).append({"type": "events_dropped", "ts": iso(now), "count": delta})
+        if gone > self._noted_drops:  # noted once appended: a chain that cannot open leaves it owed
+            self.chain(GATEWAY_STREAM).append({"type": "events_dropped", "ts": iso(now), "count": gone - self._noted_drops})
+            self._noted_drops = gone
         if now - self._last_checkpoint >= self.settings.checkpoint_seconds:
             self._last_checkpoint = now
             sealed = [c for c in self._siblings() if c.unsealed]
@@ -158,6 +163,8 @@ class AuditSink:
             self._last_fsync = now
         for c in self._in_order():
             self._ship(c.name, c.flush(sync))
+        self._written_drops = self._noted_drops  # `gateway` (which holds them) is flushed last
+        for c in self._in_order():
             if c.segment_bytes >= self.settings.segment_bytes or (
                     now - c.segment_started >= self.settings.segment_seconds and c.segment_records):
                 self._ship(c.name, c.rotate())
