@@ -231,8 +231,41 @@ def test_with_budgets_no_retry_abandons_an_attempt_a_provider_may_bill(retry: di
 
 def test_the_default_retry_policy_retries_a_reset_only_before_the_request_went_out() -> None:
     envoy = render_values(copy.deepcopy(chart_values([LOCAL])))["envoy.yaml"]
-    policies = re.findall(r"retry_on: (\S+)", envoy)
+    policies = re.findall(r"retry_policy:\n\s+retry_on: (\S+)\n\s+retriable_status_codes", envoy)
     assert policies and set(policies) == {"retriable-status-codes,reset-before-request,connect-failure,refused-stream"}
+
+
+def test_an_ext_proc_stream_is_retried_only_when_no_worker_had_it() -> None:
+    """A stream that drew a dead worker's socket goes to another worker (a request holds two
+    streams, so a dead worker would fail nearly every request until the health check noticed);
+    one a worker already had is never replayed (it may have reserved budget). Retries have
+    room beside the streams, and streams go only to healthy workers while one is healthy,
+    with health changes applied at once (test_worker_faults measures the bounds)."""
+    envoy = yaml.safe_load(render_values(copy.deepcopy(chart_values([LOCAL])))["envoy.yaml"])
+    services = [f["typed_config"]["grpc_service"] for f in _all_filters(envoy)
+                if f["name"] == "envoy.filters.http.ext_proc"]
+    assert len(services) > 1
+    for service in services:
+        assert service["envoy_grpc"] == {"cluster_name": "gateway_extproc"}
+        retry = service["retry_policy"]
+        assert retry["retry_on"] == "reset-before-request,connect-failure,refused-stream"
+        assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
+    extproc = cluster(envoy, "gateway_extproc")
+    [limits] = extproc["circuit_breakers"]["thresholds"]
+    assert limits["max_retries"] == limits["max_requests"]
+    assert extproc["common_lb_config"] == {"healthy_panic_threshold": {"value": 0.01}, "update_merge_window": "0s"}
+    [check] = extproc["health_checks"]
+    assert (check["timeout"], check["interval"], check["no_traffic_interval"]) == ("0.25s", "0.25s", "0.25s")
+
+
+def _all_filters(node: Any) -> list[dict[str, Any]]:
+    """Every HTTP filter anywhere in a config: the listener's and the clusters' upstream ones."""
+    if isinstance(node, list):
+        return [f for item in node for f in _all_filters(item)]
+    if not isinstance(node, dict):
+        return []
+    found = [f for f in node.get("http_filters") or [] if isinstance(f, dict) and "name" in f]
+    return found + [f for key, value in node.items() if key != "http_filters" for f in _all_filters(value)]
 
 
 def test_a_render_over_a_running_gateways_config_replaces_each_file_whole(tmp_path: Path) -> None:

@@ -297,6 +297,7 @@ static_resources:
               grpc_service:
                 envoy_grpc: {cluster_name: gateway_extproc}
                 timeout: {{ $v.extproc.messageTimeout }}
+                {{- include "gateway-extproc.extprocRetry" . | nindent 16 }}
               failure_mode_allow: false
               message_timeout: {{ $v.extproc.messageTimeout }}
               # A large request body gets 20 s (processors/responses.py LARGE_BODY_TIME).
@@ -365,24 +366,40 @@ static_resources:
     # Every client request holds one ext_proc stream for its whole life, two while an upstream
     # attempt runs: Envoy's default of 1024 streams in flight would fail requests (503
     # gateway_unavailable) far below the connections the listener admits.
+    # Retries (gateway-extproc.extprocRetry) too: at Envoy's default of 3 in flight, the burst
+    # of new streams that meets a just-killed worker overflowed it and failed anyway.
     circuit_breakers:
       thresholds:
       - max_requests: {{ mul 2 ($v.envoy.maxConnections | int64) }}
         max_pending_requests: {{ mul 2 ($v.envoy.maxConnections | int64) }}
+        max_retries: {{ mul 2 ($v.envoy.maxConnections | int64) }}
+    # Streams go to healthy workers whenever one is. Envoy's default panic threshold (50 %)
+    # spread them over all workers, frozen and dead ones included, as soon as half of them
+    # were out (two of three killed: 315 of 499 requests failed over the 4 s until both were
+    # back); only with none healthy is trying every worker better. A health change reaches
+    # the balancers at once: Envoy's default update_merge_window (1 s) held back every change
+    # after the first within a second, so a second frozen or dead worker, or a restarted one,
+    # stayed in (or out of) rotation a second longer.
+    common_lb_config:
+      healthy_panic_threshold: {value: 0.01}
+      update_merge_window: 0s
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config: {http2_protocol_options: {}}
-    # A worker that died (serve restarts it in ~1-2 s) leaves rotation at the next check.
-    # ext_proc streams do not count as traffic for health checking, so no_traffic_interval
-    # is the interval that applies: at 2 s every request that drew the dead socket for one
-    # of its streams failed until the restart; at 0.5 s, only those in the first half second.
+    # A worker that died (serve restarts it in ~1-4 s) or froze leaves rotation at the next
+    # check. ext_proc streams do not count as traffic for health checking, so
+    # no_traffic_interval is the interval that applies. With a request's two streams on two
+    # workers, every new request meets an undetected frozen worker (two workers): at a 1 s
+    # timeout and 0.5 s interval all requests of the first 1-1.5 s failed. A live worker
+    # answers a check in milliseconds; one it misses (a busy worker) only moves new streams
+    # to the others until its next check: no stream is cut.
     health_checks:
-    - timeout: 1s
-      interval: 0.5s
+    - timeout: 0.25s
+      interval: 0.25s
       unhealthy_threshold: 1
       healthy_threshold: 1
-      no_traffic_interval: 0.5s
+      no_traffic_interval: 0.25s
       grpc_health_check: {}
     load_assignment:
       cluster_name: gateway_extproc
@@ -488,6 +505,7 @@ static_resources:
             grpc_service:
               envoy_grpc: {cluster_name: gateway_extproc}
               timeout: {{ $v.extproc.messageTimeout }}
+              {{- include "gateway-extproc.extprocRetry" . | nindent 14 }}
             failure_mode_allow: false
             message_timeout: {{ $v.extproc.messageTimeout }}
             # Request headers and body: this attempt's request. Response headers: its status
@@ -717,4 +735,27 @@ resources:
   validation_context:
     trusted_ca: {filename: {{ printf "%s/%s" $c.dir $c.key | quote }}}
     watched_directory: {path: {{ $c.dir | quote }}}
+{{- end -}}
+
+
+{{/*
+Retry policy of the ext_proc gRPC streams (both filters). Each client request opens two
+streams (router and attempt) and Envoy balances each on its own, so with round robin over
+two workers every request holds one stream on each: a dead worker's socket failed every
+new request, not half, until the health check noticed (measured: all requests in the first
+0.2-0.5 s after a SIGKILL). A stream that could not connect (the socket's process is gone),
+was reset before it went out, or that the worker refused never reached a processor, so it
+goes again to another worker (previous_hosts) at once. Never on a reset after the worker has the stream: it may have
+reserved budget or be mid-answer, and a replay would charge twice.
+*/}}
+{{- define "gateway-extproc.extprocRetry" -}}
+retry_policy:
+  retry_on: reset-before-request,connect-failure,refused-stream
+  num_retries: 2
+  retry_back_off: {base_interval: 0.005s, max_interval: 0.05s}
+  retry_host_predicate:
+  - name: envoy.retry_host_predicates.previous_hosts
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+  host_selection_retry_max_attempts: 3
 {{- end -}}
