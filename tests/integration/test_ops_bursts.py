@@ -23,6 +23,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -211,6 +212,12 @@ def settled(gw: Gateway, redis: RedisServer, timeout: float = 20, names: tuple[s
     raise AssertionError(f"still held: {held(redis)}")
 
 
+def access_lines(gw: Gateway) -> list[dict[str, Any]]:
+    """The ext_proc's access log lines (one per request, with the gateway's own `duration_ms`)."""
+    return [json.loads(line) for line in gw.stack.log_path("extproc").read_text(errors="replace").splitlines()
+            if '"event":"access"' in line]
+
+
 def budgets_hold(gw: Gateway) -> None:
     """Each key: spent at most its limit, and remaining = limit − spent."""
     for name in NAMES:
@@ -237,14 +244,19 @@ def tally(answers: list[Answer]) -> Counter[tuple[int, str | None]]:
     return Counter((a.status, a.code) for a in answers)
 
 
-def staggered(gw: Gateway, n: int, spread_s: float, **kwargs: Any) -> Callable[[], Awaitable[list[Answer]]]:
-    """`n` requests of key ops-a..ops-b started over `spread_s` seconds, half streamed."""
+def staggered(gw: Gateway, n: int, spread_s: float, flowing: threading.Event | None = None,
+              **kwargs: Any) -> Callable[[], Awaitable[list[Answer]]]:
+    """`n` requests of key ops-a..ops-b started over `spread_s` seconds, half streamed;
+    `flowing` is set once the first is answered."""
     async def burst() -> list[Answer]:
         t0 = time.monotonic()
         async with client() as c:
             async def one(i: int) -> Answer:
                 await asyncio.sleep(spread_s * i / n)
-                return await chat(c, gw, KEYS[NAMES[i % 2]], t0, stream=i % 2 == 1, **kwargs)
+                answer = await chat(c, gw, KEYS[NAMES[i % 2]], t0, stream=i % 2 == 1, **kwargs)
+                if flowing is not None:
+                    flowing.set()
+                return answer
             return await asyncio.gather(*(one(i) for i in range(n)))
     return burst
 
@@ -258,20 +270,29 @@ REDIS_FAULTS = {"frozen": ("pause", 3.0, "resume"), "restarted": ("kill", 1.0, "
 def test_redis_faults_mid_burst_fail_closed_and_recover(fresh: Gateway, redis: RedisServer, fault_kind: str) -> None:
     gw, envoy = fresh, fresh.stack.procs["envoy"].pid
     stop, down_s, restart = REDIS_FAULTS[fault_kind]
+    flowing = threading.Event()
 
     def fault() -> None:
-        time.sleep(0.5)
+        # Mid-burst: once its first answer is back. A fixed half second in, a loaded machine (CI)
+        # could let the whole freeze pass before the burst reached the store (no request refused).
+        assert flowing.wait(60), "the burst was never answered"
         getattr(redis, stop)()
         time.sleep(down_s)
         getattr(redis, restart)()
 
-    answers = during(staggered(gw, BURST, 3.0), fault)
+    answers = during(staggered(gw, BURST, 3.0, flowing), fault)
     envoy_alive(gw, envoy)
     counts = tally(answers)
     assert set(counts) <= {(200, None), (503, "budget_store_unavailable")}, counts
     if fault_kind == "frozen":  # (a restart may fall between two requests)
         assert counts[(503, "budget_store_unavailable")] > 0, counts
-        assert max(a.took_s for a in answers if a.code == "budget_store_unavailable") < 2.5
+        # Refused within the store's deadlines (docs/budgets.md: 0.5 s, 1.5 s with every connection
+        # stuck), timed by the gateway itself: the client's time also holds its own event loop's
+        # 300 requests and Envoy's queue, which on a loaded machine added seconds (CI).
+        refused = {a.tag for a in answers if a.code == "budget_store_unavailable"}
+        took_ms = [line["duration_ms"] for line in access_lines(gw) if line.get("request_id") in refused]
+        assert len(took_ms) == len(refused) and max(took_ms) < 2500, (sorted(took_ms)[-5:], max(
+            a.took_s for a in answers if a.code == "budget_store_unavailable"))
     print(counts, f"serves again after {serves_again(gw, KEYS['ops-a']):.2f} s")
     settled(gw, redis)
     budgets_hold(gw)
