@@ -117,6 +117,7 @@ def test_fifty_rewrites_a_second_bad_files_and_a_budget_cut_below_spend_mid_burs
     bad = ["models: [\n  - {name: x", wrong_types, render_values(pricey)["gateway.yaml"],
            good.replace("classification:\n", "classification:\n  custom: [{name: acme, pattern: 'x**'}]\n", 1)]
     marks: dict[str, float] = {}
+    after_rejection: set[tuple[int, str | None]] = set()
 
     async def burst() -> list[Any]:
         t0 = time.monotonic()
@@ -144,6 +145,7 @@ def test_fifty_rewrites_a_second_bad_files_and_a_budget_cut_below_spend_mid_burs
             assert time.monotonic() < deadline, "the wrong-types file was not rejected by both workers"
             time.sleep(0.05)
         marks["rejected"] = time.monotonic()
+        after_rejection.update(codes(gw, KEYS["ops-c"], 2))
         n = reloads(gw)
         storm(render_values(final)["gateway.yaml"])
         while reloads(gw) < n + 2:
@@ -169,10 +171,9 @@ def test_fifty_rewrites_a_second_bad_files_and_a_budget_cut_below_spend_mid_burs
             if (a.status, a.code) not in ok:
                 problems.append((name, a))
         assert problems == []
-        # the old config served after the rejection (the second storm keeps the file changing
-        # for 1 s, so nothing loads then): ops-c was still known
-        assert any(a.status in (200, 429) for name, a in answers if name == "ops-c"
-                   and marks["rejected"] < a.started_s < marks["rejected"] + 0.8)
+        # the old config served after the rejection: ops-c was still known (asked right then, not
+        # looked for among the burst's requests, which a loaded machine (CI) may not have started then)
+        assert after_rejection and after_rejection <= {(200, None), (429, "budget_exceeded")}, after_rejection
         settled(gw, redis, names=("ops-a", "ops-b", "ops-d"))
         d = usage(gw, "ops-d")
         assert d["limit_usd"] == 0.000001 and d["remaining_usd"] == 0 and 0 < d["spent_usd"] <= 0.05, d
