@@ -385,20 +385,29 @@ def test_a_reload_mid_burst_changing_price_model_key_and_budget(fresh: Gateway, 
     plan = [(rng.choice(["ops-a", "ops-b", "ops-c"]), rng.choice(["default-chat", "claude-chat"]), rng.random() < 0.5,
              rng.randrange(0, 1500)) for _ in range(BURST)]
     applied: list[float] = []
+    flowing = threading.Event()
+    # ops-b has spent past the $0.001 the reload cuts its budget to, settled, whatever of the burst
+    # is served before the reload (on a loaded machine (CI) none was, and ops-b kept $0.001 left)
+    while usage(gw, "ops-b")["spent_usd"] <= 0.001:
+        assert httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "default-chat", "messages": HI},
+                          headers={"authorization": f"Bearer {KEYS['ops-b']}"}, timeout=30).status_code == 200
+        settled(gw, redis, names=("ops-b",))
 
     async def burst() -> list[Answer]:
         t0 = time.monotonic()
         async with client() as c:
             async def one(i: int, name: str, model: str, stream: bool, latency: int) -> Answer:
                 await asyncio.sleep(6.0 * i / BURST)
-                return await chat(c, gw, KEYS[name], t0, model=model, stream=stream,
-                                  headers={"x-mock-latency-ms": str(latency)})
+                answer = await chat(c, gw, KEYS[name], t0, model=model, stream=stream,
+                                    headers={"x-mock-latency-ms": str(latency)})
+                flowing.set()
+                return answer
             answers = await asyncio.gather(*(one(i, *p) for i, p in enumerate(plan)))
         applied[:] = [t - t0 for t in applied]
         return answers
 
     def fault() -> None:
-        time.sleep(0.5)
+        assert flowing.wait(60), "the burst was never answered"  # mid-burst, however late it starts
         applied.append(reload_to(gw, changed))
 
     try:
