@@ -225,14 +225,20 @@ async def _steady(gw: Gateway, fault: Callable[[], object], after_s: float) -> l
     return sorted(results, key=lambda r: r[0])
 
 
-def _failed_after(results: list[SENT], after_s: float) -> list[SENT]:
-    """The failures among requests sent `after_s` or more after the fault; and every failure
-    is the gateway's own OpenAI-shaped 503, never a reset or an Envoy crash."""
+def _bounded(wgw: Gateway, envoy: int, results: list[SENT], after_s: float, fault: str) -> None:
+    """No request sent `after_s` or more after the fault failed; every failure is the
+    gateway's own OpenAI-shaped 503, never a reset; Envoy is the same process."""
     for _, status, body in results:
         if status != 200:
             assert status == 503 and body["error"]["code"] == "gateway_unavailable", (status, body)
             assert body["error"]["type"] == "server_error" and body["error"]["message"], body
-    return [r for r in results if r[0] >= after_s and r[1] != 200]
+    late = [r for r in results if r[0] >= after_s and r[1] != 200]
+    failed = [r for r in results if r[1] != 200]
+    assert late == [], (f"{len(late)} requests sent {after_s} s or more after the {fault} failed, the last sent "
+                        f"{late[-1][0]:.2f} s after it; {len(failed)} of {len(results)} in all")
+    assert wgw.stack.procs["envoy"].poll() is None and wgw.stack.procs["envoy"].pid == envoy, "Envoy died"
+    print(f"{fault}: {len(failed)} of {len(results)} requests failed, the last sent "
+          f"{max((r[0] for r in failed), default=0):.2f} s after it")
 
 
 def test_two_of_three_workers_killed_at_once_cost_only_their_requests_in_flight(wgw: Gateway) -> None:
@@ -248,13 +254,7 @@ def test_two_of_three_workers_killed_at_once_cost_only_their_requests_in_flight(
     # its files) its socket still accepts, and a stream that lands then is cut when it closes:
     # such a stream had reached the worker, so it is not sent again. 0.1 s was seen here; the
     # bound leaves a loaded machine room (before the fix, failures went on to +3-4 s).
-    late = _failed_after(results, 1.0)
-    failed = [r for r in results if r[1] != 200]
-    assert late == [], (f"{len(late)} requests sent 1 s or more after the kill failed, the last sent "
-                        f"{late[-1][0]:.2f} s after it; {len(failed)} of {len(results)} in all")
-    assert wgw.stack.procs["envoy"].poll() is None and wgw.stack.procs["envoy"].pid == envoy, "Envoy died"
-    print(f"killed two of three workers: {len(failed)} of {len(results)} requests failed, the last sent "
-          f"{max((r[0] for r in failed), default=0):.2f} s after the kill")
+    _bounded(wgw, envoy, results, 1.0, "kill")
     all_healthy(wgw)  # both restarted and back in rotation
 
 
@@ -272,13 +272,7 @@ def test_a_frozen_worker_costs_only_the_requests_of_the_health_check_timeout(wgw
         os.kill(victim, signal.SIGCONT)
     # Out of rotation within 0.5 s (0.25-0.47 s seen); the bound leaves a loaded machine room
     # and is below what the 1 s check timeout cost before (failures sent up to +1.0-1.5 s).
-    late = _failed_after(results, 1.25)
-    failed = [r for r in results if r[1] != 200]
-    assert late == [], (f"{len(late)} requests sent 1.25 s or more after the freeze failed, the last sent "
-                        f"{late[-1][0]:.2f} s after it; {len(failed)} of {len(results)} in all")
-    assert wgw.stack.procs["envoy"].poll() is None and wgw.stack.procs["envoy"].pid == envoy, "Envoy died"
-    print(f"froze one of three workers: {len(failed)} of {len(results)} requests failed, the last sent "
-          f"{max((r[0] for r in failed), default=0):.2f} s after the freeze")
+    _bounded(wgw, envoy, results, 1.25, "freeze")
     all_healthy(wgw, timeout=5)  # resumed: back in rotation, not restarted
     assert victim in workers(wgw)
     with httpx.Client(timeout=10) as client:
