@@ -253,9 +253,11 @@ def test_an_ext_proc_stream_is_retried_only_when_no_worker_had_it() -> None:
     extproc = cluster(envoy, "gateway_extproc")
     [limits] = extproc["circuit_breakers"]["thresholds"]
     assert limits["max_retries"] == limits["max_requests"]
-    assert extproc["common_lb_config"] == {"healthy_panic_threshold": {"value": 0.01}, "update_merge_window": "0s"}
+    # Envoy rounds the panic threshold to a whole percent: below 0.5 it is no panic at all, and
+    # with every worker out of rotation (busy past a check) every request failed 503.
+    assert extproc["common_lb_config"] == {"healthy_panic_threshold": {"value": 1}, "update_merge_window": "0s"}
     [check] = extproc["health_checks"]
-    assert (check["timeout"], check["interval"], check["no_traffic_interval"]) == ("0.25s", "0.25s", "0.25s")
+    assert (check["timeout"], check["interval"], check["no_traffic_interval"]) == ("1s", "0.5s", "0.5s")
 
 
 def _all_filters(node: Any) -> list[dict[str, Any]]:

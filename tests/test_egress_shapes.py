@@ -306,6 +306,17 @@ def test_markup_is_read_as_shown_in_requests_and_text_stays_as_sent() -> None:
                                         "<b>bold</b> <!-- x --> \x1b[0m plain"]) == []
 
 
+def test_a_value_inside_a_tag_is_read_as_written() -> None:
+    """A renderer shows a tag as nothing, but the model reads its attributes: a card or an
+    address inside `<...>` (found by Hypothesis between two header lines `<A` and `>`) went
+    unseen. A tag whose attributes hold a digit or an `@` is now read as written."""
+    texts = ["<A is 4111 1111 1111 1111 ok >", "<A\nis 4111 1111 1111 1111 ok\n>", '<img alt="4111-1111-1111-1111">',
+             '<a href="mailto:jane.doe@example.com">write</a>', "<x 4111111111111111/>"]
+    findings = POLICY.scanner.scan_strings(texts, apart=True)
+    assert sorted(f.index for f in findings) == [0, 1, 2, 3, 4], findings
+    assert [f.rule for f in POLICY.scanner.scan_strings(["<A", "is 4111 1111 1111 1111 ok", ">"])] == ["credit_card"]
+
+
 def test_a_value_written_with_a_character_reference_never_reaches_the_provider() -> None:
     findings = POLICY.scanner.scan_strings(["pay with &#52;111 1111 1111 1111", "or &#x34;111-1111-1111-1111"])
     assert {f.rule for f in findings} == {"credit_card"} and len(findings) == 2

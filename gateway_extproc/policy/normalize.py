@@ -211,9 +211,11 @@ class Normalized:
 # optional, as browsers read it; named: HTML5's names, with their `;`), and a tag, a comment
 # or an ANSI escape sequence shows as nothing (but `<at>` and `<dot>`: an address written
 # out). `4111<b></b>1111 1111 1111`, `4111&nbsp;1111…` and `4111\x1b[0m1111…` show a card.
+# A tag whose attributes hold a digit or an `@` is read as written: the model reads them,
+# and `<a 4111 1111 1111 1111>` or `<img alt="jane@example.com">` showed nothing.
 _MARKUP = re.compile(r"&#(?:([0-9]{1,7})|[xX]([0-9A-Fa-f]{1,6}));?|&([A-Za-z][A-Za-z0-9]{1,31};)"
                      r"|(<!--.{0,200}?-->"
-                     r"|</?(?![Aa][Tt]\b|[Dd][Oo][Tt]\b)[A-Za-z][A-Za-z0-9-]{0,15}(?:\s[^<>]{0,200})?/?>"
+                     r"|</?(?![Aa][Tt]\b|[Dd][Oo][Tt]\b)[A-Za-z][A-Za-z0-9-]{0,15}(?:\s[^<>\d@＠]{0,200})?/?>"
                      r"|\x1b\[[0-9;?]{0,16}[ -/]{0,2}[@-~])", re.S)
 
 

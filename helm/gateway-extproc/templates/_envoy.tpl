@@ -376,12 +376,15 @@ static_resources:
     # Streams go to healthy workers whenever one is. Envoy's default panic threshold (50 %)
     # spread them over all workers, frozen and dead ones included, as soon as half of them
     # were out (two of three killed: 315 of 499 requests failed over the 4 s until both were
-    # back); only with none healthy is trying every worker better. A health change reaches
+    # back); only with none healthy is trying every worker better (1 %: Envoy rounds the
+    # percentage to an integer, and 0.01 became 0, no panic at all, so with every worker out
+    # of rotation, e.g. busy past a check with huge bodies, every request failed 503).
+    # A health change reaches
     # the balancers at once: Envoy's default update_merge_window (1 s) held back every change
     # after the first within a second, so a second frozen or dead worker, or a restarted one,
     # stayed in (or out of) rotation a second longer.
     common_lb_config:
-      healthy_panic_threshold: {value: 0.01}
+      healthy_panic_threshold: {value: 1}
       update_merge_window: 0s
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
@@ -390,16 +393,17 @@ static_resources:
     # A worker that died (serve restarts it in ~1-4 s) or froze leaves rotation at the next
     # check. ext_proc streams do not count as traffic for health checking, so
     # no_traffic_interval is the interval that applies. With a request's two streams on two
-    # workers, every new request meets an undetected frozen worker (two workers): at a 1 s
-    # timeout and 0.5 s interval all requests of the first 1-1.5 s failed. A live worker
-    # answers a check in milliseconds; one it misses (a busy worker) only moves new streams
-    # to the others until its next check: no stream is cut.
+    # workers, every new request meets an undetected frozen worker (two workers): the
+    # requests of its first 1-1.5 s fail. A 0.25 s timeout halved that but took busy workers
+    # out of rotation (64 prompts of 9 MB at once: small requests failed 503), so 1 s it is.
+    # One check a busy worker misses only moves new streams to the others until its next
+    # check: no stream is cut.
     health_checks:
-    - timeout: 0.25s
-      interval: 0.25s
+    - timeout: 1s
+      interval: 0.5s
       unhealthy_threshold: 1
       healthy_threshold: 1
-      no_traffic_interval: 0.25s
+      no_traffic_interval: 0.5s
       grpc_health_check: {}
     load_assignment:
       cluster_name: gateway_extproc
