@@ -10,9 +10,15 @@ its share within `WAIT_S` is refused with 503 `gateway_busy` (the SDKs retry it)
 before Envoy's message timeout. Small bodies never wait: they take microseconds.
 
 A request whose `content-length` announces a large body is refused at its headers already
-when the line of bodies waiting for work is longer than one budget, so Envoy neither sends
-nor keeps a body that would only wait and be refused. Nothing is reserved at the headers: a
-client uploading slowly must not hold a share it is not using.
+when the bodies ahead of it (waiting in line, or announced and still on their way) come to
+more than one budget with it, so Envoy neither sends nor keeps a body that would only wait
+and be refused. Counting the announced ones matters for a burst: 64 callers announce 9 MB
+each before any body has arrived, and with only the line counted every one was let through,
+so 576 MB crossed to the ext_proc to be refused there. Those bodies queued on the few HTTP/2
+connections Envoy keeps to a process, and small requests' messages waited behind them past
+the message timeout (503 `gateway_unavailable`). Nothing is reserved at the headers: an
+announcement counts for `WAIT_S` at most, so a client uploading slowly (or never) stops
+counting, and holds no share of the work it is not using.
 """
 
 from __future__ import annotations
@@ -38,18 +44,38 @@ class BodyWork:
 
     def __init__(self, budget: int = BUDGET_BYTES, wait_s: float = WAIT_S) -> None:
         self.budget, self.wait_s = budget, wait_s
-        self.used = self.queued = 0
+        self.used = self.queued = self.announced = 0
         self._line: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._announcements: dict[int, tuple[float, int]] = {}  # id -> (counts until, size), oldest first
+        self._ids = 0
 
-    def check_announced(self, size: int) -> None:
-        """At the request headers: refuse a large body that would only join a line already
-        longer than one budget."""
-        if size > LARGE_BYTES and self.queued + size > self.budget:
+    def announce(self, size: int, now: float) -> int:
+        """At the request headers: refuse a large body when the bodies ahead of it come to
+        more than one budget with it; else count it as on its way until `now + wait_s`. The
+        announcement's id (0 for a small body) goes to `acquire` with the body."""
+        if size <= LARGE_BYTES:
+            return 0
+        while self._announcements:  # oldest first: the first still counting ends the purge
+            first = next(iter(self._announcements))
+            until, old = self._announcements[first]
+            if until > now:
+                break
+            del self._announcements[first]
+            self.announced -= old
+        ahead = self.queued + self.announced
+        if ahead and ahead + size > self.budget:
             raise busy()
+        self._ids += 1
+        self._announcements[self._ids] = (now + self.wait_s, size)
+        self.announced += size
+        return self._ids
 
-    async def acquire(self, size: int) -> int:
+    async def acquire(self, size: int, announcement: int = 0) -> int:
         """Take `size` bytes of the budget (nothing for a small body); the bytes taken,
-        which `release` gives back. Raises `gateway_busy` after `wait_s` in line."""
+        which `release` gives back. Raises `gateway_busy` after `wait_s` in line.
+        `announcement`: what `announce` gave this body's headers; it stops counting here."""
+        if (announced := self._announcements.pop(announcement, None)) is not None:
+            self.announced -= announced[1]
         if size <= LARGE_BYTES:
             return 0
         if not self._line and self._fits(size):

@@ -90,7 +90,7 @@ class RouterProcessor:
                  "cut_after", "cut", "body_changed",
                  "declared", "tier", "eligible", "guard", "redacted", "content", "client", "to_client", "provider",
                  "requested", "answered", "headers", "header_edit", "echo", "forwarded", "cache_writes",
-                 "broken", "choices")
+                 "broken", "choices", "announcement")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -112,6 +112,7 @@ class RouterProcessor:
         # W3C trace context of the ext_proc stream itself (gRPC metadata), set by Envoy's tracer.
         self.trace_parent: dict[str, str] = {}
         self.admission: Admission | None = None
+        self.announcement = 0  # of a large body at the headers (BODY_WORK.announce)
         self.clamped: int | None = None  # the output cap sent, when below what the request asked for
         self.cut_after: int | None = None  # output tokens after which a stream is ended (backstop)
         self.cut = False
@@ -192,13 +193,13 @@ class RouterProcessor:
             # No decompressor in front: the body would be checked as sent but labelled for the provider.
             raise GatewayError("unsupported_media_type", "Send the body uncompressed (no `Content-Encoding`).")
         length = h.get("content-length")
-        if length is not None and length.isdigit():
-            if int(length) > cfg.max_request_bytes:
-                raise _too_large(cfg.max_request_bytes)
-            BODY_WORK.check_announced(int(length))
+        announced = int(length) if length is not None and length.isdigit() else 0
+        if announced > cfg.max_request_bytes:
+            raise _too_large(cfg.max_request_bytes)
         if msg.end_of_stream:
             raise GatewayError("invalid_request", "This endpoint needs a JSON request body.")
         api.check_header_room(*r.header_load(pairs))
+        self.announcement = BODY_WORK.announce(announced, time.monotonic())
         strip = [k for k in h if k in CALLER_CREDENTIAL_HEADERS or k.startswith(GATEWAY_HEADER_PREFIX)
                  or k == CLASSIFICATION_HEADER or k == identity.XFCC or k in NETWORK_PATH_HEADERS]
         if self.runtime.policy is not None:
@@ -218,7 +219,7 @@ class RouterProcessor:
         raw = msg.body
         if len(raw) > cfg.max_request_bytes:
             raise _too_large(cfg.max_request_bytes)
-        share = await BODY_WORK.acquire(len(raw))
+        share = await BODY_WORK.acquire(len(raw), self.announcement)
         try:
             body = await self.read_body(raw)
         finally:

@@ -713,8 +713,12 @@ def test_a_burst_of_huge_prompts_is_refused_cleanly_and_spares_small_requests(ho
     queued behind all the others in the ext_proc, waited past Envoy's message timeout and
     failed as 503 gateway_unavailable, and small requests sent meanwhile failed the same way
     or waited seconds. Now each process works on 16 MiB of large bodies at a time and refuses
-    the rest early (503 gateway_busy; at the headers when the line is long, where a client
-    still uploading may see the connection close instead); every small request is served."""
+    the rest early (503 gateway_busy; at the headers when the bodies ahead of it, in line or
+    announced and on their way, are more than that, where a client still uploading may see
+    the connection close instead); every small request is served. Counting the announced
+    bodies matters at once: with only the line counted, all 64 passed their headers, 576 MB
+    crossed to the ext_proc to be refused there, and small requests waited 4-5 s behind it
+    (some past the 5 s message timeout: 503 gateway_unavailable)."""
     gw, watch = hostile
     gw.reset()
     huge = b'{"model": "default-chat", "messages": [{"role": "user", "content": "' + b"hello world " * 750_000 + b'"}]}'
@@ -741,8 +745,7 @@ def test_a_burst_of_huge_prompts_is_refused_cleanly_and_spares_small_requests(ho
     outcomes = {(r.status_code, r.json()["error"]["code"] if r.status_code >= 400 else None) for r in answered}
     assert outcomes <= {(200, None), (429, "budget_exceeded"), (429, "rate_limited"), (503, "gateway_busy")}, outcomes
     assert all(r.headers.get("retry-after") == "1" for r in answered if r.status_code == 503)
-    if not pace:
-        assert len(answered) == count  # all sent their bodies before any refusal
+    assert any(r.status_code == 200 for r in answered)  # the first is always let through
     assert [r.status_code for r in smalls] == [200] * 20, [r.text[:200] for r in smalls if r.status_code != 200]
     watch.alive()
     watch.clean_log(watch.new_log())

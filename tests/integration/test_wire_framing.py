@@ -532,5 +532,5 @@ def test_no_secret_is_in_a_log_at_the_end(framing: Wire) -> None:
     framing.watch.clean_log(framing.watch.new_log())
     logs = framing.gw.logs()
     for secret in (*framing.secrets.values(), framing.gw.restricted_key, framing.gw.primary_key, framing.gw.backup_key):
-        assert secret.split("_", 2)[-1] not in logs
+        assert secret[-16:] not in logs  # random in every key (the provider keys' tails may hold "_")
     framing.watch.alive()
