@@ -12,8 +12,8 @@ from gateway_extproc.errors import GatewayError
 MB = 1 << 20
 
 
-async def hold(work: BodyWork, size: int, started: list[int], release: asyncio.Event) -> None:
-    share = await work.acquire(size)
+async def hold(work: BodyWork, size: int, started: list[int], release: asyncio.Event, announcement: int = 0) -> None:
+    share = await work.acquire(size, announcement)
     try:
         started.append(size)
         await release.wait()
@@ -94,7 +94,7 @@ async def test_a_large_announced_body_is_refused_at_the_headers_only_behind_a_lo
     tasks = [asyncio.create_task(hold(work, 4 * MB, started, release))]
     await asyncio.sleep(0.01)
     waits = work.announce(4 * MB, 0)  # nothing ahead of it: it may wait its turn
-    tasks.append(asyncio.create_task(hold_announced(work, 3 * MB, waits, started, release)))
+    tasks.append(asyncio.create_task(hold(work, 3 * MB, started, release, waits)))
     await asyncio.sleep(0.01)
     assert (work.queued, work.announced) == (3 * MB, 0)  # its body came: counted once, in line
     work.announce(MB, 0)  # 3 + 1 MB ahead: within one budget
@@ -103,16 +103,6 @@ async def test_a_large_announced_body_is_refused_at_the_headers_only_behind_a_lo
     assert work.announce(LARGE_BYTES, 0) == 0  # small bodies never
     release.set()
     await asyncio.gather(*tasks)
-
-
-async def hold_announced(work: BodyWork, size: int, announcement: int, started: list[int],
-                         release: asyncio.Event) -> None:
-    share = await work.acquire(size, announcement)
-    try:
-        started.append(size)
-        await release.wait()
-    finally:
-        work.release(share)
 
 
 def test_announced_bodies_count_before_they_arrive_and_only_for_the_wait() -> None:

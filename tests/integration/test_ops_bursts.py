@@ -165,13 +165,18 @@ def envoy_alive(gw: Gateway, pid: int) -> None:
     assert httpx.get(f"{gw.stack.admin_url}/ready", timeout=5).status_code == 200
 
 
+def plain(gw: Gateway, key: str, timeout: float = 30) -> httpx.Response:
+    """One small chat request of `key`."""
+    return httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "default-chat", "messages": HI},
+                      headers={"authorization": f"Bearer {key}"}, timeout=timeout)
+
+
 def serves_again(gw: Gateway, key: str, within_s: float = 5.0) -> float:
     """Seconds until a plain request is served again."""
     started = time.monotonic()
     while True:
         try:
-            status = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "default-chat", "messages": HI},
-                                headers={"authorization": f"Bearer {key}"}, timeout=5).status_code
+            status = plain(gw, key, timeout=5).status_code
         except httpx.TransportError:
             status = 0
         took = time.monotonic() - started
@@ -389,8 +394,7 @@ def test_a_reload_mid_burst_changing_price_model_key_and_budget(fresh: Gateway, 
     # ops-b has spent past the $0.001 the reload cuts its budget to, settled, whatever of the burst
     # is served before the reload (on a loaded machine (CI) none was, and ops-b kept $0.001 left)
     while usage(gw, "ops-b")["spent_usd"] <= 0.001:
-        assert httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "default-chat", "messages": HI},
-                          headers={"authorization": f"Bearer {KEYS['ops-b']}"}, timeout=30).status_code == 200
+        assert plain(gw, KEYS["ops-b"]).status_code == 200
         settled(gw, redis, names=("ops-b",))
 
     async def burst() -> list[Answer]:
@@ -431,8 +435,7 @@ def test_a_reload_mid_burst_changing_price_model_key_and_budget(fresh: Gateway, 
             assert (a.status, a.code) in ((200, None), (429, "budget_exceeded"), (401, "invalid_api_key"),
                                           (404, "model_not_found")), (name, model, a)
         # Served at once: the first request after the burst (not a time, which measured a loaded machine's latency)
-        first = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "default-chat", "messages": HI},
-                           headers={"authorization": f"Bearer {KEYS['ops-d']}"}, timeout=30)
+        first = plain(gw, KEYS["ops-d"])
         assert first.status_code == 200, first.text
         settled(gw, redis, names=("ops-b", "ops-c", "ops-d"))
         spent_b = usage(gw, "ops-b")

@@ -379,10 +379,9 @@ static_resources:
     # back); only with none healthy is trying every worker better (1 %: Envoy rounds the
     # percentage to an integer, and 0.01 became 0, no panic at all, so with every worker out
     # of rotation, e.g. busy past a check with huge bodies, every request failed 503).
-    # A health change reaches
-    # the balancers at once: Envoy's default update_merge_window (1 s) held back every change
-    # after the first within a second, so a second frozen or dead worker, or a restarted one,
-    # stayed in (or out of) rotation a second longer.
+    # A health change reaches the balancers at once: Envoy's default update_merge_window (1 s)
+    # held back every change after the first within a second, so a second frozen or dead
+    # worker, or a restarted one, stayed in (or out of) rotation a second longer.
     common_lb_config:
       healthy_panic_threshold: {value: 1}
       update_merge_window: 0s
@@ -749,8 +748,8 @@ two workers every request holds one stream on each: a dead worker's socket faile
 new request, not half, until the health check noticed (measured: all requests in the first
 0.2-0.5 s after a SIGKILL). A stream that could not connect (the socket's process is gone),
 was reset before it went out, or that the worker refused never reached a processor, so it
-goes again to another worker (previous_hosts) at once. Never on a reset after the worker has the stream: it may have
-reserved budget or be mid-answer, and a replay would charge twice.
+goes again to another worker (previous_hosts) at once. Never on a reset after the worker has
+the stream: it may have reserved budget or be mid-answer, and a replay would charge twice.
 */}}
 {{- define "gateway-extproc.extprocRetry" -}}
 retry_policy:
