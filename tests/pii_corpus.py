@@ -216,6 +216,11 @@ def positives() -> list[Case]:
         cases.append(Case("credit_card", (f"1 {grouped(d, card_groups(d), ' ')} 1",), d, "a digit either side"))
         cases.append(Case("credit_card", (f"0     {d}",), d, "a number five spaces before"))
         cases.append(Case("credit_card", ("".join(c + "\u0301\u0336" for c in d),), d, "combining marks on digits"))
+        joined = {15: [[10, 5], [4, 11]], 16: [[8, 4, 4], [4, 8, 4], [4, 4, 8], [12, 4]], 19: [[8, 4, 4, 3], [12, 4, 3]]}
+        for sizes in joined[len(d)]:  # a printed layout with separators left out
+            cases.append(Case("credit_card", (f"card {grouped(d, sizes, ' ')} ok",), d, f"groups {sizes}"))
+        shown = grouped(d, card_groups(d), " ").replace(" ", "<b></b>", 1)  # markup renders as nothing
+        cases.append(Case("credit_card", (f"card {shown} ok",), d, "a tag between two groups"))
     ssn_carriers = ["SSN {}", "my social security number is {}.", "ss# {} on file", "Taxpayer id: {}"]
     for _ in range(5):
         d = ssn(rng)

@@ -275,6 +275,8 @@ def test_a_value_written_with_a_character_reference_never_reaches_the_client(pie
 
 _MARKUP_CARDS = {
     "tags": "card 4111<b></b>1111<i></i>1111<b></b>1111 ok",
+    "one tag": "card 4111<b></b>1111 1111 1111 ok",
+    "a comment and a tag": "card 4111 1111<!-- -->1111<i></i>1111 ok",
     "a tag with attributes": 'card 4111 <span class="x">1111</span> 1111 1111 ok',
     "a comment": "card 4111<!-- -->1111<!-- x -->1111<!---->1111 ok",
     "named references": "card 4111&nbsp;1111&thinsp;1111&ensp;1111 ok",

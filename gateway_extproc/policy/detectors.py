@@ -18,7 +18,8 @@ Decisions worth knowing (the tests pin them):
   separators (NANP `415-555-0100`, `(415) 555-0100`; European trunk-prefixed
   `020 7946 0958`, `06-12345678`, 9–12 digits). Bare digit runs are never phones, and
   d.m.y-looking groups (`05.11.2023`) are rejected.
-- credit_card: 13–19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 / 4-6-4 with spaces
+- credit_card: 13–19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 / 4-6-4 (or one of
+  those with separators left out: 8-4-4, 4-12, 8-8...) with spaces
   or dashes (or, in those layouts only, up to 16 spaces and punctuation; or as a number with
   commas between thousands, `4,111,111,111,111,111`), known IIN prefix and
   length, Luhn. A grouped 19-digit candidate that fails
@@ -247,10 +248,25 @@ def ssn_start_ok(text: str, start: int) -> bool:
 # A string a number may be bridged over: a role, a part type, a tool name or call id, a
 # participant's `name` or a file's name (`a.b`, `notes.txt`).
 STRUCTURAL = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+
+
+def _coarsened(layout: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """`layout` with any of its separators left out (4-4-4-4: 8-4-4, 4-12, 8-8...): markup
+    between two groups renders as nothing (`4111<b></b>1111 1111 1111` shows 8-4-4), and a
+    writer may join groups on purpose."""
+    if len(layout) == 1:
+        return {layout}
+    head, rest = layout[0], layout[1:]
+    return {(head, *tail) for tail in _coarsened(rest)} | {(head + tail[0], *tail[1:]) for tail in _coarsened(rest)}
+
+
 # Printed card layouts (digits per group) a card may have inside a longer separated number.
 _CARD_LAYOUTS = {(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4)}
-
-
+# The same with separators left out, for a run that is the card alone (inside a longer
+# number, `order 479288287494 8412…`, a 12-4 pair passed Luhn by chance). The 19-digit
+# layout's last three digits stay apart: joined, they read as a 16-digit run.
+_JOINED_LAYOUTS = {c for layout in ((4, 4, 4, 4), (4, 6, 5), (4, 6, 4)) for c in _coarsened(layout) if len(c) > 1} \
+    | {(*c, 3) for c in _coarsened((4, 4, 4, 4))}
 _LAYOUT_GROUPS = sorted({len(layout) for layout in _CARD_LAYOUTS} | {1}, reverse=True)
 
 
@@ -295,8 +311,9 @@ def _hex_word(value: str) -> bool:
 
 def _card_run(value: str) -> bool:
     """The whole digit run is a valid card (separators anywhere, but no group over six digits
-    unless the run bridges two strings or is halved, 8 and 8: `302-2533872-5612675` is an
-    order number, `41111111 11111111` a card), or holds a card in a printed layout after at
+    unless the run bridges two strings or is a printed layout with separators left out,
+    `_JOINED_LAYOUTS`: `302-2533872-5612675` is an order number, `41111111 11111111` and
+    `41111111 1111 1111` cards), or holds a card in a printed layout after at
     most four other digits (`ref 1234 4111 1111 1111 1111`), or after another number whose
     last group is not of four digits, or is a year printed apart (a date, a ZIP code, an
     amount, an expiry: `2024-05-01 4111…`, `05/01/2024 4111…`, `12/2027 5555…`; in a list of
@@ -305,7 +322,7 @@ def _card_run(value: str) -> bool:
     groups = digit_groups(value)
     digits = "".join(groups)
     sizes = tuple(len(g) for g in groups)
-    if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or sizes == (8, 8) or BRIDGE in value) \
+    if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or sizes in _JOINED_LAYOUTS or BRIDGE in value) \
             and _card_ok(digits):
         return True
     before = 0  # digits before group i
