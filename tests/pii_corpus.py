@@ -221,6 +221,8 @@ def positives() -> list[Case]:
             cases.append(Case("credit_card", (f"card {grouped(d, sizes, ' ')} ok",), d, f"groups {sizes}"))
         shown = grouped(d, card_groups(d), " ").replace(" ", "<b></b>", 1)  # markup renders as nothing
         cases.append(Case("credit_card", (f"card {shown} ok",), d, "a tag between two groups"))
+        cells = grouped(d, card_groups(d), "</td><td width=40>")  # a tag the scanner also reads as written
+        cases.append(Case("credit_card", (f"<td width=40>{cells}</td>",), d, "table cells with attributes"))
     ssn_carriers = ["SSN {}", "my social security number is {}.", "ss# {} on file", "Taxpayer id: {}"]
     for _ in range(5):
         d = ssn(rng)
@@ -420,7 +422,7 @@ def decoded_forms(text: str) -> list[str]:
 
 def forms(text: str) -> list[str]:
     """Every form a seeded value could hide in within `text`: folded, without separators or
-    spaces, digits only (also of digits read out in words), with written-out `at`/`dot` resolved; of the text and of what it decodes to."""
+    spaces, digits only (also of digits read out in words), with written-out `at`/`dot` resolved, tags shown as nothing; of the text and of what it decodes to."""
     out = []
     for form in decoded_forms(text):
         f = fold(form)
@@ -429,8 +431,9 @@ def forms(text: str) -> list[str]:
         words = re.sub(r"\s*-\s*at\s*-\s*", "@", re.sub(r"\s*-\s*dot\s*-\s*", ".", words))
         spoken = re.sub(r"\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b",
                         lambda m: str(_WORDS.index(m.group()) if m.group() != "oh" else 0), f)
+        shown = re.sub(r"<[^<>]*>", "", f)  # as a renderer shows it: every tag as nothing
         out += [f, re.sub(r"[\s.\-/_]", "", f), re.sub(r"\s", "", f), words, "\x00" + re.sub(r"\D", "", f),
-                "\x00" + re.sub(r"\D", "", spoken)]
+                "\x00" + re.sub(r"\D", "", spoken), "\x00" + re.sub(r"\D", "", shown)]
     return out
 
 

@@ -319,6 +319,26 @@ def test_a_value_inside_a_tag_is_read_as_written() -> None:
     assert [f.rule for f in POLICY.scanner.scan_strings(["<A", "is 4111 1111 1111 1111 ok", ">"])] == ["credit_card"]
 
 
+_NUMBERED_TAGS = {
+    "table cells": "card <td width=40>4111</td><td width=40>1111</td><td width=40>1111</td><td width=40>1111</td>",
+    "a span": 'card 4111 1111 <span id="2">1111</span> 1111 ok',
+    "a font": "card 4111 1111 <font size=2>1111</font> 1111 ok",
+    "an address": "write to <b id=7>jane.doe</b>@example.com",
+}
+
+
+@pytest.mark.parametrize("text", list(_NUMBERED_TAGS.values()), ids=list(_NUMBERED_TAGS))
+def test_a_value_split_by_a_tag_with_a_digit_in_it_is_read_as_shown(text: str) -> None:
+    """A tag whose attributes hold a digit is read as written (a value may be inside it), so
+    a card split by `<td width=40>` cells went out: such text is now read as shown too."""
+    assert {f.rule for f in POLICY.scanner.scan_strings(["hello", text])} & {"credit_card", "email"}
+    chat = {"id": "c", "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+    shown = orjson.loads(ResponseGuard(POLICY, POLICY._params["enforce"], "t").json_body(chat) or b"{}")
+    content = shown["choices"][0]["message"]["content"]
+    assert "[CREDIT_CARD_1]" in content or "[EMAIL_1]" in content, content
+    assert "1111" not in content and "jane" not in content, content
+
+
 def test_a_value_written_with_a_character_reference_never_reaches_the_provider() -> None:
     findings = POLICY.scanner.scan_strings(["pay with &#52;111 1111 1111 1111", "or &#x34;111-1111-1111-1111"])
     assert {f.rule for f in findings} == {"credit_card"} and len(findings) == 2

@@ -212,11 +212,20 @@ class Normalized:
 # or an ANSI escape sequence shows as nothing (but `<at>` and `<dot>`: an address written
 # out). `4111<b></b>1111 1111 1111`, `4111&nbsp;1111…` and `4111\x1b[0m1111…` show a card.
 # A tag whose attributes hold a digit or an `@` is read as written: the model reads them,
-# and `<a 4111 1111 1111 1111>` or `<img alt="jane@example.com">` showed nothing.
-_MARKUP = re.compile(r"&#(?:([0-9]{1,7})|[xX]([0-9A-Fa-f]{1,6}));?|&([A-Za-z][A-Za-z0-9]{1,31};)"
-                     r"|(<!--.{0,200}?-->"
-                     r"|</?(?![Aa][Tt]\b|[Dd][Oo][Tt]\b)[A-Za-z][A-Za-z0-9-]{0,15}(?:\s[^<>\d@＠]{0,200})?/?>"
-                     r"|\x1b\[[0-9;?]{0,16}[ -/]{0,2}[@-~])", re.S)
+# and `<a 4111 1111 1111 1111>` or `<img alt="jane@example.com">` showed nothing. The
+# scanner reads such text shown as well (`rendered`): `<td width=40>` cells split a card.
+_TAG = r"</?(?![Aa][Tt]\b|[Dd][Oo][Tt]\b)[A-Za-z][A-Za-z0-9-]{0,15}"
+
+
+def _markup(attributes: str) -> re.Pattern[str]:
+    return re.compile(r"&#(?:([0-9]{1,7})|[xX]([0-9A-Fa-f]{1,6}));?|&([A-Za-z][A-Za-z0-9]{1,31};)"
+                      rf"|(<!--.{{0,200}}?-->|{_TAG}(?:\s{attributes}{{0,200}})?/?>"
+                      r"|\x1b\[[0-9;?]{0,16}[ -/]{0,2}[@-~])", re.S)
+
+
+_MARKUP = _markup(r"[^<>\d@＠]")
+_ANY_MARKUP = _markup(r"[^<>]")
+_TAG_HOLDING = re.compile(rf"{_TAG}\s[^<>]{{0,200}}?[\d@＠]")  # a tag whose attributes hold a digit or `@`
 
 
 # Named references the e-mail rule reads as written-out forms of `@` and `.` (`jane at
@@ -230,7 +239,17 @@ def normalize(text: str) -> Normalized:
     return _plain(text)
 
 
-def _with_markup(text: str) -> Normalized:
+def rendered(text: str) -> Normalized | None:
+    """`text` normalized with every tag shown as nothing, also one whose attributes hold a
+    digit or an `@` (which `normalize` reads as written), or None when it holds no such tag:
+    a card in table cells, `<td width=40>4111</td><td width=40>1111</td>…`, or split by
+    `<span id=1>`, is shown whole."""
+    if "<" not in text or _TAG_HOLDING.search(text) is None:
+        return None
+    return _with_markup(text, _ANY_MARKUP)
+
+
+def _with_markup(text: str, markup: re.Pattern[str] = _MARKUP) -> Normalized:
     """`text` normalized as its renderer shows it (`_MARKUP`), then as any text: a reference
     read as its character, markup as nothing (runs of four or more references were read as
     an encoded run already, `detectors.ENCODED_PATTERN`; one digit so written, or a tag
@@ -239,7 +258,7 @@ def _with_markup(text: str) -> Normalized:
     parts: list[str] = []
     spans: list[tuple[int, int, int, int]] = []
     n = pos = 0
-    for m in _MARKUP.finditer(text):
+    for m in markup.finditer(text):
         number, hexa, name, markup = m.groups()
         if name is not None:
             ch = html5.get(name) if name not in _WRITTEN_OUT else None

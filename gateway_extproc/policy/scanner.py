@@ -77,7 +77,8 @@ from .detectors import (
     texty,
 )
 
-from .normalize import Normalized, digit_array, json_placeholder, json_quotes, normalize, normalize_json, tables
+from .normalize import (Normalized, digit_array, json_placeholder, json_quotes, normalize, normalize_json, rendered,
+                        tables)
 from .prefilter import (BUILTIN_TRIGGERS, ENCODED_RUN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGERS,
                         SPACED_TRIGGERS, Trigger, phrase_trigger, regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
@@ -921,7 +922,8 @@ class Scanner:
             if not s or not isinstance(s, str):
                 continue
             bare = s.strip(" \t\r\n")  # (JSON may have whitespace around it)
-            nz = (normalize_json(s) if bare[:1] in "{[" and bare[-1:] in "}]" else None) or normalize(s)
+            arguments = normalize_json(s) if bare[:1] in "{[" and bare[-1:] in "}]" else None
+            nz = arguments or normalize(s)
             if not nz.text.strip(SEP_CHARS):
                 # Only separators (a message of one space or dash): nothing to find, and left
                 # in, a string no number bridges over: a card split around it went unseen.
@@ -932,6 +934,11 @@ class Scanner:
             parts.append(nz.text)
             segs.append((i, pos, pos + len(nz.text), nz, s))
             pos += len(nz.text)
+            shown = rendered(s) if arguments is None and "<" in s else None
+            if shown is not None:  # read as shown too, apart (no value spans the two readings)
+                parts += ("\x1d", shown.text)
+                segs.append((i, pos + 1, pos + 1 + len(shown.text), shown, s))
+                pos += 1 + len(shown.text)
         if not segs:
             return []
         v = "".join(parts)
@@ -947,6 +954,8 @@ class Scanner:
             return []
         starts = [seg[1] for seg in segs]
         findings = [piece for f in raw for piece in _pieces(f, v, segs, starts)]
+        if len(findings) > 1:  # (a string read twice finds its value twice: `rendered`)
+            findings = list(dict.fromkeys(findings))
         findings.sort(key=lambda f: (f.index, f.start))
         return findings
 
