@@ -216,7 +216,8 @@ def positives() -> list[Case]:
         cases.append(Case("credit_card", (f"1 {grouped(d, card_groups(d), ' ')} 1",), d, "a digit either side"))
         cases.append(Case("credit_card", (f"0     {d}",), d, "a number five spaces before"))
         cases.append(Case("credit_card", ("".join(c + "\u0301\u0336" for c in d),), d, "combining marks on digits"))
-        joined = {15: [[10, 5], [4, 11]], 16: [[8, 4, 4], [4, 8, 4], [4, 4, 8], [12, 4]], 19: [[8, 4, 4, 3], [12, 4, 3]]}
+        joined = {15: [[10, 5], [4, 11]], 16: [[8, 4, 4], [4, 8, 4], [4, 4, 8], [12, 4]],
+                  19: [[8, 4, 4, 3], [12, 4, 3]]}
         for sizes in joined[len(d)]:  # a printed layout with separators left out
             cases.append(Case("credit_card", (f"card {grouped(d, sizes, ' ')} ok",), d, f"groups {sizes}"))
         shown = grouped(d, card_groups(d), " ").replace(" ", "<b></b>", 1)  # markup renders as nothing
@@ -422,7 +423,8 @@ def decoded_forms(text: str) -> list[str]:
 
 def forms(text: str) -> list[str]:
     """Every form a seeded value could hide in within `text`: folded, without separators or
-    spaces, digits only (also of digits read out in words), with written-out `at`/`dot` resolved, tags shown as nothing; of the text and of what it decodes to."""
+    spaces, digits only (also of digits read out in words), with written-out `at`/`dot` resolved,
+    tags shown as nothing; of the text and of what it decodes to."""
     out = []
     for form in decoded_forms(text):
         f = fold(form)

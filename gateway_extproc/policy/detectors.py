@@ -322,8 +322,8 @@ def _card_run(value: str) -> bool:
     groups = digit_groups(value)
     digits = "".join(groups)
     sizes = tuple(len(g) for g in groups)
-    if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or sizes in _JOINED_LAYOUTS or BRIDGE in value) \
-            and _card_ok(digits):
+    if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or sizes in _JOINED_LAYOUTS
+                                    or BRIDGE in value) and _card_ok(digits):
         return True
     before = 0  # digits before group i
     seps: list[str] | None = None
