@@ -145,14 +145,15 @@ _NUM_START = (rf"(?:(?<![0-9]{_SEPC})|(?<=[A-Za-z_][0-9]{_SEPC})|(?<=[A-Za-z_][0
 
 # However else a card is printed between its groups: up to 16 of spaces, line breaks and
 # punctuation (`4111,1111,1111,1111`, `4111 | 1111`, `4111    1111`, `[4111] [1111]`,
-# `4111'1111`). Accepted only in a printed layout, and not inside a list of numbers (a CSV row of
-# amounts is not a card).
+# `4111'1111`). Accepted only in a printed layout, or one digit per group (`[4, 1, 1, …]`,
+# `'4','1',…`: a list of digits, as a JSON array of them is read, `normalize.digit_array`), and
+# not inside a longer list of numbers (a CSV row of amounts is not a card).
 WIDE_SEPC = r"[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]"
 _WIDE_SEP = rf"{WIDE_SEPC}{{1,16}}+"
 _WIDE_END = rf"(?![A-Za-z0-9_]|{WIDE_SEPC}{{1,2}}[0-9])"  # not followed by more of a list of numbers
 _WIDE_CARD = (rf"(?<![0-9]{WIDE_SEPC})(?<![0-9]{WIDE_SEPC}{{2}})"
               rf"(?:[0-9]{{4}}(?:{_WIDE_SEP}[0-9]{{4}}){{3}}(?:{_WIDE_SEP}[0-9]{{3}})?+"
-              rf"|[0-9]{{4}}{_WIDE_SEP}[0-9]{{6}}{_WIDE_SEP}[0-9]{{4,5}})"
+              rf"|[0-9]{{4}}{_WIDE_SEP}[0-9]{{6}}{_WIDE_SEP}[0-9]{{4,5}}|[0-9](?:{_WIDE_SEP}[0-9]){{12,18}})"
               rf"{_WIDE_END}")
 # A value the main form cannot have joined: other punctuation, or more than three separators.
 _WIDE_GAP = re.compile(r"[^0-9 .\-/_\t\r\n]|[ .\-/_\t\r\n]{4}")
