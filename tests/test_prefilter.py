@@ -93,6 +93,25 @@ def test_thousands_groups_same_hits(groups: list[int], head: int, pad: int, arou
     assert scanner._all_hits(v) == full(scanner, v)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=10, max_size=22), st.lists(st.sampled_from([", ", ",", "','", " | ", "; ",
+       "  ,  " * 3, "\n", "x", ", 12, "]), min_size=1, max_size=4), st.sampled_from([0, 70]),
+       st.sampled_from([" [", "'", "\x1f", "x", "1, "]))
+def test_a_list_of_digits_same_hits(digits: list[int], seps: list[str], pad: int, around: str) -> None:
+    """A card written one digit per group with any punctuation between (`[4, 1, 1, …]`), in
+    a text the prefilter reads: its trigger reads the first six digits, the tail the rest."""
+    scanner = SCANNERS["default"]
+    number = "".join(str(d) + seps[i % len(seps)] for i, d in enumerate(digits))[:-1]
+    v = "\n" + "pad " * pad + "card" + around + number + around + "ok"
+    assert scanner._all_hits(v) == full(scanner, v)
+
+
+def test_a_card_in_a_list_of_digits_is_found_in_a_long_text() -> None:
+    scanner = SCANNERS["default"]
+    for card in ("[4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]", ",".join(f"'{d}'" for d in "378282246310005")):
+        assert [f.rule for f in scanner.scan("word " * 60 + f"card {card} ok")] == ["credit_card"]
+
+
 def test_a_card_in_thousands_groups_is_found_in_a_long_text() -> None:
     scanner = SCANNERS["default"]
     for card in ("4,111,111,111,111,111", "378,282,246,310,005", "5,555,555,555,554,444"):

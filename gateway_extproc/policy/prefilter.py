@@ -181,8 +181,10 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
         # validate_email) and `-dot-` after an '@' or a written-out one (the '@' fires)
         (rf"-{_WS}{{0,2}}at{_WS}{{0,2}}-", True))),
     "credit_card": _DIGIT_RUNS + (Trigger(rf"[0-9]{{4}}{WIDE_SEPC}{{1,16}}[0-9]{{4}}", som=False, reach=26, tail=64),
-                                  # one digit per group (up to 19, 16 separators apart: the rest in the tail)
-                                  Trigger(rf"[0-9](?:{WIDE_SEPC}{{1,16}}[0-9]){{3}}", som=False, reach=54, tail=16 * 17),
+                                  # one digit per group: its first six, each alone (so no dotted quad or
+                                  # time fires it); up to 16 separators apart, the other 13 in the tail
+                                  Trigger(rf"[^0-9][0-9](?:{WIDE_SEPC}{{1,16}}[0-9]){{5}}{WIDE_SEPC}", som=False,
+                                          reach=88, tail=13 * 17),
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
