@@ -211,7 +211,8 @@ def positives() -> list[Case]:
         cases.append(Case("credit_card", (f"digits: [{', '.join(d)}]",), d, "a list of its digits"))
         cases.append(Case("credit_card", ("cc = [" + ",".join(f"'{c}'" for c in d) + "]",), d, "a list of quoted digits"))
         cases.append(Case("credit_card", ("card " + " ".join(_WORDS[int(c)] for c in d) + " ok",), d, "in words"))
-        for sep in (",", ", ", " | ", ";", ":", "+", "*", "~", "    ", "\n\n\n\n", " --- ", "'", "] [", ")(", "\\"):
+        for sep in (",", ", ", " | ", ";", ":", "+", "*", "~", "    ", "\n\n\n\n", " --- ", "'", "] [", ")(", "\\",
+                    "\\n", "\\r\\n", "\\t"):
             # printed layout, any other separators (up to 16 characters)
             cases.append(Case("credit_card", (f"card [{grouped(d, card_groups(d), sep)}] ok",), d,
                               f"separator {sep!r}"))

@@ -95,7 +95,7 @@ def test_thousands_groups_same_hits(groups: list[int], head: int, pad: int, arou
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 9), min_size=10, max_size=22), st.lists(st.sampled_from([", ", ",", "','", " | ", "; ",
-       "  ,  " * 3, "\n", "x", ", 12, "]), min_size=1, max_size=4), st.sampled_from([0, 70]),
+       "  ,  " * 3, "\n", "x", ", 12, ", "\\n", "\\r\\n" * 8]), min_size=1, max_size=4), st.sampled_from([0, 70]),
        st.sampled_from([" [", "'", "\x1f", "x", "1, "]))
 def test_a_list_of_digits_same_hits(digits: list[int], seps: list[str], pad: int, around: str) -> None:
     """A card written one digit per group with any punctuation between (`[4, 1, 1, …]`), in
@@ -104,6 +104,24 @@ def test_a_list_of_digits_same_hits(digits: list[int], seps: list[str], pad: int
     number = "".join(str(d) + seps[i % len(seps)] for i, d in enumerate(digits))[:-1]
     v = "\n" + "pad " * pad + "card" + around + number + around + "ok"
     assert scanner._all_hits(v) == full(scanner, v)
+
+
+_LAID_OUT = [("4111111111111111", (4, 4, 4, 4)), ("378282246310005", (4, 6, 5)),
+             ("5555555555554444", (1,) * 16), ("078051120", (3, 2, 4))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_LAID_OUT), st.lists(st.sampled_from([" ", "\\n", "\\r\\n", "\\t" * 16, ", ", "-",
+       "\\n\\n \\n"]), min_size=1, max_size=5), st.sampled_from([0, 70]))
+def test_groups_apart_by_escapes_same_hits(laid_out: tuple[str, tuple[int, ...]], seps: list[str], pad: int) -> None:
+    """A card or an SSN whose groups are apart by written-out line breaks or tabs
+    (`4111\\n1111…`), anywhere among other separators: the escape's own trigger."""
+    scanner = SCANNERS["default"]
+    digits, sizes = laid_out
+    groups = [digits[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+    v = "\n" + "pad " * pad + "ssn card " + "".join(g + seps[i % len(seps)] for i, g in enumerate(groups))[:-1] + " ok"
+    assert scanner._all_hits(v) == full(scanner, v)
+    assert scanner._all_hits(v), v
 
 
 def test_a_card_in_a_list_of_digits_is_found_in_a_long_text() -> None:

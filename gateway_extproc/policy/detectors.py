@@ -149,8 +149,11 @@ _NUM_START = (rf"(?:(?<![0-9]{_SEPC})|(?<=[A-Za-z_][0-9]{_SEPC})|(?<=[A-Za-z_][0
 # `'4','1',…`: a list of digits, as a JSON array of them is read, `normalize.digit_array`), and
 # not inside a longer list of numbers (a CSV row of amounts is not a card).
 WIDE_SEPC = r"[ \t\r\n.\-/_,;:|+*~'\"`()\[\]{}<>#=&^\\%$!?@]"
-_WIDE_SEP = rf"{WIDE_SEPC}{{1,16}}+"
-_WIDE_END = rf"(?![A-Za-z0-9_]|{WIDE_SEPC}{{1,2}}[0-9])"  # not followed by more of a list of numbers
+# One of them, or a line break or tab written as its escape (`4111\n1111\n…` in code or a log
+# line, which a model reads as lines; first: a backslash alone is a separator too).
+WIDE_SEP1 = rf"(?:\\[nrt]|{WIDE_SEPC})"
+_WIDE_SEP = rf"{WIDE_SEP1}{{1,16}}+"
+_WIDE_END = rf"(?![A-Za-z0-9_]|{WIDE_SEP1}{{1,2}}[0-9])"  # not followed by more of a list of numbers
 _WIDE_CARD = (rf"(?<![0-9]{WIDE_SEPC})(?<![0-9]{WIDE_SEPC}{{2}})"
               rf"(?:[0-9]{{4}}(?:{_WIDE_SEP}[0-9]{{4}}){{3}}(?:{_WIDE_SEP}[0-9]{{3}})?+"
               rf"|[0-9]{{4}}{_WIDE_SEP}[0-9]{{6}}{_WIDE_SEP}[0-9]{{4,5}}|[0-9](?:{_WIDE_SEP}[0-9]){{12,18}})"

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import DIGIT_WORDS, MAX_KEY_BODY, WIDE_SEPC, phrase_char, wrapped_end, wrapped_start
+from .detectors import DIGIT_WORDS, MAX_KEY_BODY, WIDE_SEP1, WIDE_SEPC, phrase_char, wrapped_end, wrapped_start
 
 try:
     import hyperscan
@@ -126,6 +126,12 @@ def phrase_trigger(phrase: str) -> Trigger:
 # What the regex's \s takes: the string boundary U+001F too, and Unicode spaces (not in a
 # normalized text: NBSP, U+3000...).
 _WS = r"[\s\x1c-\x1f\x85\xa0?]"
+# Digits either side of separators with an escape among them (`4111\n1111`, `078\t05`: an
+# escape is two characters, `detectors.WIDE_SEP1`); apart from the one-character triggers, which
+# fire on every date and time and would read wider windows for them. The escape may be between
+# any two of a value's groups: the window reaches over the longest (19 digits, 16 escapes apart).
+_ESCAPED_SEPARATORS = Trigger(rf"[0-9]{WIDE_SEP1}{{0,15}}\\[nrt]{WIDE_SEP1}{{0,15}}[0-9]", som=False,
+                              reach=19 + 18 * 32, tail=19 + 18 * 32)
 # Nine digits with separators (a card or SSN in one string), or digits on both sides of a seam
 # between strings (one split over strings: it may start ~170 characters before the seam).
 _DIGIT_RUNS = (Trigger(r"[0-9](?:[ .\-/_\t\r\n]{0,3}[0-9]){8}", som=False, reach=34, tail=512),
@@ -181,14 +187,15 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
         # validate_email) and `-dot-` after an '@' or a written-out one (the '@' fires)
         (rf"-{_WS}{{0,2}}at{_WS}{{0,2}}-", True))),
     "credit_card": _DIGIT_RUNS + (Trigger(rf"[0-9]{{4}}{WIDE_SEPC}{{1,16}}[0-9]{{4}}", som=False, reach=26, tail=64),
+                                  _ESCAPED_SEPARATORS,
                                   # one digit per group: its first six, each alone (so no dotted quad or
                                   # time fires it); up to 16 separators apart, the other 13 in the tail
-                                  Trigger(rf"[^0-9][0-9](?:{WIDE_SEPC}{{1,16}}[0-9]){{5}}{WIDE_SEPC}", som=False,
-                                          reach=88, tail=13 * 17),
+                                  Trigger(rf"[^0-9][0-9](?:{WIDE_SEP1}{{1,16}}[0-9]){{5}}{WIDE_SEP1}", som=False,
+                                          reach=200, tail=13 * 33),
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
-                                     reach=40, tail=8),),
+                                     reach=40, tail=8), _ESCAPED_SEPARATORS),
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
     "ipv4": (Trigger(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", som=False, reach=14, tail=8),),
