@@ -223,6 +223,8 @@ def positives() -> list[Case]:
                   19: [[8, 4, 4, 3], [12, 4, 3]]}
         for sizes in joined[len(d)]:  # a printed layout with separators left out
             cases.append(Case("credit_card", (f"card {grouped(d, sizes, ' ')} ok",), d, f"groups {sizes}"))
+        cases.append(Case("credit_card", (f"card \\u{ord(d[0]):04x}{grouped(d, card_groups(d), ' ')[1:]}",), d,
+                          "one digit as an escape"))
         shown = grouped(d, card_groups(d), " ").replace(" ", "<b></b>", 1)  # markup renders as nothing
         cases.append(Case("credit_card", (f"card {shown} ok",), d, "a tag between two groups"))
         cells = grouped(d, card_groups(d), "</td><td width=40>")  # a tag the scanner also reads as written
@@ -264,6 +266,7 @@ def positives() -> list[Case]:
             "defanged [.]": f"{local}@{domain.replace('.', '[.]')}",
             "defanged [@] and (.)": f"{local}[@]{domain.replace('.', '(.)')}",
             "HTML &#64;": f"{local}&#64;{domain}", "HTML &commat; and &#x2e;": f"{local}&commat;{domain.replace('.', '&#x2e;')}",
+            "escape \\u0040": f"{local}\\u0040{domain}", "escape \\x40": f"{local}\\x40{domain}",
             "spelled out": " ".join(v), "spelled out, after a word": "to " + " ".join(v),
             "Cyrillic look-alikes": v.replace("a", "\u0430").replace("e", "\u0435").replace("o", "\u043e"),
             "spaced @": f"{local} @ {domain}", "spaced @ and dots": f"{local} @ {domain.replace('.', ' . ')}",
@@ -407,7 +410,8 @@ _HEX_RUN = re.compile(r"(?:[0-9a-fA-F]{2}){6,}")
 
 
 def decoded_forms(text: str) -> list[str]:
-    out = [text, urllib.parse.unquote_plus(text), html.unescape(text)]
+    escapes = re.sub(r"\\(?:u([0-9a-fA-F]{4})|x([0-9a-fA-F]{2}))", lambda m: chr(int(m.group(1) or m.group(2), 16)), text)
+    out = [text, urllib.parse.unquote_plus(text), html.unescape(text), escapes]
     for level in range(2):
         more = []
         for t in out:

@@ -262,7 +262,12 @@ def test_pieces_the_sdk_joins_into_no_value_go_out() -> None:
     ["card &", "#x34;111 1111 1111 111&#4", "9 ok"],
     ["card 4111 1111 1111 111&#49", "; ok"],
     ["write to jane&#64;example&#46;com today"],
-], ids=["whole", "split in the reference", "hex, split twice", "split before its semicolon", "address"])
+    ["card \\u00", "34111 1111 1111 1111 ok"],
+    ["card \\", "x34111 1111 1111 111\\x3", "1 ok"],
+    ["write to jane\\u0040example.com today"],
+    ["card \\ud835", "\\udfd2111 1111 1111 1111 ok"],
+], ids=["whole", "split in the reference", "hex, split twice", "split before its semicolon", "address",
+        "an escape, split", "x-escapes, split twice", "an escaped @", "a surrogate pair, split"])
 def test_a_value_written_with_a_character_reference_never_reaches_the_client(pieces: list[str]) -> None:
     """A chat client renders Markdown, which decodes numeric character references: one digit
     written `&#52;` showed a card the scanner did not read."""

@@ -214,13 +214,17 @@ class Normalized:
 # A tag whose attributes hold a digit or an `@` is read as written: the model reads them,
 # and `<a 4111 1111 1111 1111>` or `<img alt="jane@example.com">` showed nothing. The
 # scanner reads such text shown as well (`rendered`): `<td width=40>` cells split a card.
+# A backslash escape (`\u0034`, `\x34`, `\U00000034`) is the character a model, or a program
+# printing the string, reads: one digit or an `@` so written hid a value, as a reference did.
 _TAG = r"</?(?![Aa][Tt]\b|[Dd][Oo][Tt]\b)[A-Za-z][A-Za-z0-9-]{0,15}"
 
 
 def _markup(attributes: str) -> re.Pattern[str]:
     return re.compile(r"&#(?:([0-9]{1,7})|[xX]([0-9A-Fa-f]{1,6}));?|&([A-Za-z][A-Za-z0-9]{1,31};)"
                       rf"|(<!--.{{0,200}}?-->|{_TAG}(?:\s{attributes}{{0,200}})?/?>"
-                      r"|\x1b\[[0-9;?]{0,16}[ -/]{0,2}[@-~])", re.S)
+                      r"|\x1b\[[0-9;?]{0,16}[ -/]{0,2}[@-~])"
+                      r"|\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"  # a surrogate pair
+                      r"|\\(?:u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2})|U([0-9A-Fa-f]{8}))", re.S)
 
 
 _MARKUP = _markup(r"[^<>\d@＠]")
@@ -234,7 +238,7 @@ _WRITTEN_OUT = frozenset({"commat;", "period;"})
 
 
 def normalize(text: str) -> Normalized:
-    if "&" in text or "<" in text or "\x1b" in text:
+    if "&" in text or "<" in text or "\x1b" in text or "\\" in text:
         return _with_markup(text)
     return _plain(text)
 
@@ -249,25 +253,27 @@ def rendered(text: str) -> Normalized | None:
     return _with_markup(text, _ANY_MARKUP)
 
 
-def _with_markup(text: str, markup: re.Pattern[str] = _MARKUP) -> Normalized:
+def _with_markup(text: str, pattern: re.Pattern[str] = _MARKUP) -> Normalized:
     """`text` normalized as its renderer shows it (`_MARKUP`), then as any text: a reference
-    read as its character, markup as nothing (runs of four or more references were read as
+    or an escape read as its character, markup as nothing (runs of four or more references were read as
     an encoded run already, `detectors.ENCODED_PATTERN`; one digit so written, or a tag
     between groups, hid the value). An unknown named reference stays as it is."""
     table = tables().translate
     parts: list[str] = []
     spans: list[tuple[int, int, int, int]] = []
     n = pos = 0
-    for m in markup.finditer(text):
-        number, hexa, name, markup = m.groups()
+    for m in pattern.finditer(text):
+        number, hexa, name, markup, high, low, *escaped = m.groups()
         if name is not None:
             ch = html5.get(name) if name not in _WRITTEN_OUT else None
             if ch is None:
                 continue
         elif markup is not None:
             ch = ""
+        elif high is not None:
+            ch = chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
         else:
-            code = int(number) if number is not None else int(hexa, 16)
+            code = int(number) if number is not None else int(hexa or next(e for e in escaped if e), 16)
             ch = chr(code) if 0 < code < 0x110000 and not 0xD800 <= code <= 0xDFFF else "\ufffd"
         seg = _plain(text[pos:m.start()])
         parts.append(seg.text)

@@ -75,17 +75,21 @@ EMAIL_HOLD = 260  # (the prefilter's reach after an '@')
 
 # The start of what `normalize` reads as rendered markup (`normalize._MARKUP`), cut off at
 # the end of a delta: a character reference (`&`, `&#5`, `&nbs`), a tag or comment not yet
-# closed (`<`, `</b`, `<span class="x"`, `<!-- …`), an ANSI escape sequence (`\x1b[0`).
+# closed (`<`, `</b`, `<span class="x"`, `<!-- …`), an ANSI escape sequence (`\x1b[0`), a
+# backslash escape (`\u00`).
 _PARTIAL_MARKUP = re.compile(r"&(?:#(?:[0-9]{0,7}|[xX][0-9A-Fa-f]{0,6})|[A-Za-z][A-Za-z0-9]{0,31})?$"
                              r"|<(?:!(?:-(?:-.{0,200})?)?|/?(?:[A-Za-z][A-Za-z0-9-]{0,15}(?:\s[^<>]{0,200})?/?)?)?$"
-                             r"|\x1b(?:\[[0-9;?]{0,16}[ -/]{0,2})?$", re.S)
+                             r"|\x1b(?:\[[0-9;?]{0,16}[ -/]{0,2})?$"
+                             r"|\\(?:u[0-9A-Fa-f]{0,3}|x[0-9A-Fa-f]?|U[0-9A-Fa-f]{0,7})?$"
+                             # (a surrogate pair's first half: the second may follow in the next delta)
+                             r"|\\u[dD][89abAB][0-9a-fA-F]{2}(?:\\(?:u[0-9A-Fa-f]{0,3})?)?$", re.S)
 _MARKUP_HOLD = 240  # (the longest partial markup above)
 
 
 def _markup_cut(text: str) -> int:
     """Where markup that may go on in the next delta begins, else len(text)."""
     tail = max(0, len(text) - _MARKUP_HOLD)
-    if "&" not in text[tail:] and "<" not in text[tail:] and "\x1b" not in text[tail:]:
+    if "&" not in text[tail:] and "<" not in text[tail:] and "\x1b" not in text[tail:] and "\\" not in text[tail:]:
         return len(text)
     m = _PARTIAL_MARKUP.search(text, tail)
     return len(text) if m is None else m.start()
