@@ -228,6 +228,7 @@ def _markup(attributes: str) -> re.Pattern[str]:
 
 
 _MARKUP = _markup(r"[^<>\d@＠]")
+_ESCAPE_START = re.compile(r"\\[uxU][0-9A-Fa-f]")  # (code with backslashes and no escape: the fast path)
 _ANY_MARKUP = _markup(r"[^<>]")
 _TAG_HOLDING = re.compile(rf"{_TAG}\s[^<>]{{0,200}}?[\d@＠]")  # a tag whose attributes hold a digit or `@`
 
@@ -238,7 +239,7 @@ _WRITTEN_OUT = frozenset({"commat;", "period;"})
 
 
 def normalize(text: str) -> Normalized:
-    if "&" in text or "<" in text or "\x1b" in text or "\\" in text:
+    if "&" in text or "<" in text or "\x1b" in text or ("\\" in text and _ESCAPE_START.search(text)):
         return _with_markup(text)
     return _plain(text)
 
