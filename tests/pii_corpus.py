@@ -225,6 +225,10 @@ def positives() -> list[Case]:
             cases.append(Case("credit_card", (f"card {grouped(d, sizes, ' ')} ok",), d, f"groups {sizes}"))
         cases.append(Case("credit_card", (f"card \\u{ord(d[0]):04x}{grouped(d, card_groups(d), ' ')[1:]}",), d,
                           "one digit as an escape"))
+        looks = d[0] + d[1:].replace("1", "l").replace("0", "O")  # letters that look like digits
+        if looks != d:
+            cases.append(Case("credit_card", (f"card {grouped(looks, card_groups(d), ' ')} ok",), d,
+                              "look-alike letters for digits"))
         shown = grouped(d, card_groups(d), " ").replace(" ", "<b></b>", 1)  # markup renders as nothing
         cases.append(Case("credit_card", (f"card {shown} ok",), d, "a tag between two groups"))
         cells = grouped(d, card_groups(d), "</td><td width=40>")  # a tag the scanner also reads as written
@@ -441,8 +445,10 @@ def forms(text: str) -> list[str]:
         spoken = re.sub(r"\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b",
                         lambda m: str(_WORDS.index(m.group()) if m.group() != "oh" else 0), f)
         shown = re.sub(r"<[^<>]*>", "", f)  # as a renderer shows it: every tag as nothing
+        looks = re.sub(r"(?<=[0-9oli|])[oli|]|[oli|](?=[0-9oli|])", lambda m: "0" if m.group() == "o" else "1", f)
         out += [f, re.sub(r"[\s.\-/_]", "", f), re.sub(r"\s", "", f), words, "\x00" + re.sub(r"\D", "", f),
-                "\x00" + re.sub(r"\D", "", spoken), "\x00" + re.sub(r"\D", "", shown)]
+                "\x00" + re.sub(r"\D", "", spoken), "\x00" + re.sub(r"\D", "", shown),
+                "\x00" + re.sub(r"\D", "", looks)]
     return out
 
 

@@ -124,6 +124,16 @@ def test_groups_apart_by_escapes_same_hits(laid_out: tuple[str, tuple[int, ...]]
     assert scanner._all_hits(v), v
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789OolI| -", min_size=12, max_size=30), st.sampled_from([0, 70]),
+       st.sampled_from([" ", "x", "1 ", " ok", "|"]))
+def test_look_alike_letters_among_digits_same_hits(run: str, pad: int, around: str) -> None:
+    """A card with letters that look like digits (`4lll llll …`): its own trigger."""
+    scanner = SCANNERS["default"]
+    v = "\n" + "pad " * pad + "card" + around + run + around + "ok"
+    assert scanner._all_hits(v) == full(scanner, v)
+
+
 def test_a_card_in_a_list_of_digits_is_found_in_a_long_text() -> None:
     scanner = SCANNERS["default"]
     for card in ("[4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]", ",".join(f"'{d}'" for d in "378282246310005")):

@@ -177,6 +177,33 @@ _GLUED_CARD = (r"(?:[A-Za-z]{1,16}+|_)[0-9]{13,19}+(?:[A-Za-z]{1,16}+)?+_?+(?![A
                r"|[0-9]{13,19}+(?:[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])")
 
 
+# A card with letters that look like digits among its digits (`4lll llll llll llll`,
+# `4111 1O11 …`: l, I and | for 1, O and o for 0), printed whole or in 4-4-4-4(-3) / 4-6-5
+# groups: a reader takes it for the number. At least one real digit and one such letter
+# (`_lookalike_card`); never inside a word.
+_LOOKALIKE = "OolI|"
+_LOOK = rf"[0-9{_LOOKALIKE}]"
+# (The whole run of such characters and single separators, a word after it apart (`… ok`),
+# which holds one such letter: a run that is all digits is the other forms' to read.)
+_LOOKALIKE_CARD = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,22}}[{_LOOKALIKE}])"
+                   rf"(?:{_LOOK}{{4}}(?:[ \-]?+{_LOOK}{{4}}){{3}}(?:[ \-]?+{_LOOK}{{3}})?+"
+                   rf"|{_LOOK}{{4}}[ \-]?+{_LOOK}{{6}}[ \-]?+{_LOOK}{{5}})(?![A-Za-z0-9_|]|[ \-]{_LOOK}(?![A-Za-z]))")
+_LOOKALIKE_RE = re.compile(_LOOKALIKE_CARD)
+_AS_DIGITS = str.maketrans({"O": "0", "o": "0", "l": "1", "I": "1", "|": "1", " ": None, "-": None})
+
+
+def _lookalike(value: str) -> bool:
+    """A candidate of `_LOOKALIKE_CARD`: only it reads letters among a number's digits."""
+    return any(c in _LOOKALIKE for c in value) and _LOOKALIKE_RE.fullmatch(value) is not None
+
+
+def _lookalike_card(value: str) -> bool:
+    if not any("0" <= c <= "9" for c in value):
+        return False
+    digits = value.translate(_AS_DIGITS)
+    return _card_ok(digits) or (len(digits) == 19 and _card_ok(digits[:16]))
+
+
 def _wide(value: str) -> bool:
     """A number printed with separators the main form (`_GAP`) does not join."""
     return BRIDGE not in value and _WIDE_GAP.search(value) is not None
@@ -282,7 +309,10 @@ def validate_credit_card(value: str) -> int:
     """A card in the run (`_card_run`), or, for a run over several strings, in the part from
     one string or a few adjacent ones (the same card pasted in two messages makes one run of
     32 digits): the finding is the whole run. A card printed otherwise: `validate_wide_card`.
-    A card glued to letters (`_GLUED_CARD`): the whole word."""
+    A card glued to letters (`_GLUED_CARD`): the whole word. One with look-alike letters
+    among its digits (`_LOOKALIKE_CARD`): the whole value."""
+    if _lookalike(value):
+        return _whole(_lookalike_card(value), value)
     if value[:1] in _WORD_CHARS or value[-1:] in _WORD_CHARS:
         return _whole(_card_ok(value.strip(_WORD_CHARS)) and not _hex_word(value), value)
     if _wide(value):
@@ -667,7 +697,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
         Detector(
             "credit_card",
-            rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_WIDE_CARD}|{_COMMA_CARD}|{_GLUED_CARD}",
+            rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_WIDE_CARD}|{_COMMA_CARD}|{_GLUED_CARD}"
+            rf"|{_LOOKALIKE_CARD}",
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(

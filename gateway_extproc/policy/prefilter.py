@@ -192,6 +192,9 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                                   # time fires it); up to 16 separators apart, the other 13 in the tail
                                   Trigger(rf"[^0-9][0-9](?:{WIDE_SEP1}{{1,16}}[0-9]){{5}}{WIDE_SEP1}", som=False,
                                           reach=200, tail=13 * 33),
+                                  # look-alike letters among the digits (`4lll llll …`: `_LOOKALIKE_CARD`)
+                                  Trigger(r"[OolI|][0-9OolI|]{0,2}[0-9]|[0-9][0-9OolI|]{0,2}[OolI|]", som=False,
+                                          reach=24, tail=24),
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
