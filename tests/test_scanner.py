@@ -649,6 +649,14 @@ def test_an_encoded_run_is_decoded_however_long(name: str) -> None:
         assert findings[0].start == len(before) and findings[0].end >= len(before) + len(run)  # redacted whole
 
 
+@pytest.mark.parametrize("text", ["key AKIA IOSF ODNN 7EXA MPLE ok", "key AKIA-IOSF-ODNN-7EXA-MPLE",
+                                  "(AKIA IOSF ODNN 7EXA MPLE)"])
+def test_an_access_key_id_in_groups_of_four_is_found(text: str) -> None:
+    """Printed in groups of four, as a card is, an AWS access key id went out."""
+    assert [f.rule for f in DEFAULT.scan(text)] == ["aws_access_key"]
+    assert DEFAULT.scan("AKIA THIS ISNT REAL DATA, AKIA-WORD-LIKE-THIS-TOOO") == []  # words, no digit
+
+
 # -- text spelled out a character at a time -------------------------------------------------
 
 @pytest.mark.parametrize(("text", "detector"), [

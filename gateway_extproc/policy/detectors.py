@@ -374,6 +374,12 @@ def _card_run(value: str) -> bool:
     return False
 
 
+def validate_aws_key(value: str) -> int:
+    """An access key id, whole or printed in groups of four (`AKIA IOSF ODNN 7EXA MPLE`): grouped,
+    only with a digit among them (`AKIA THIS IS MY NOTE` is words)."""
+    return _whole(len(value) == 20 or any(c.isdigit() for c in value), value)
+
+
 def validate_ssn(value: str) -> int:
     bare = value.strip(_WORD_CHARS)  # (glued to letters: the dashed layout inside)
     digits = "".join(_DIGITS.findall(bare) if _wide(bare) else digit_groups(bare))
@@ -677,7 +683,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             None, "GITHUB_TOKEN", "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_)",
         ),
         Detector(
-            "aws_access_key", rf"(?:AKIA|ASIA)[A-Z0-9]{{16}}{_END}", None,
+            "aws_access_key", rf"(?:AKIA|ASIA)(?:[A-Z0-9]{{16}}|(?:[ \-][A-Z0-9]{{4}}){{4}}){_END}", validate_aws_key,
             "AWS_ACCESS_KEY", "AWS access key id",
         ),
         Detector("iban", _iban_pattern(), validate_iban, "IBAN", "IBAN (length per country, mod-97)"),
