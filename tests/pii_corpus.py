@@ -271,6 +271,7 @@ def positives() -> list[Case]:
             "defanged [@] and (.)": f"{local}[@]{domain.replace('.', '(.)')}",
             "HTML &#64;": f"{local}&#64;{domain}", "HTML &commat; and &#x2e;": f"{local}&commat;{domain.replace('.', '&#x2e;')}",
             "escape \\u0040": f"{local}\\u0040{domain}", "escape \\x40": f"{local}\\x40{domain}",
+            "quoted local part": f'"{local}"@{domain}', "put together in code": f'"{local}" + "@" + "{domain}"',
             "spelled out": " ".join(v), "spelled out, after a word": "to " + " ".join(v),
             "Cyrillic look-alikes": v.replace("a", "\u0430").replace("e", "\u0435").replace("o", "\u043e"),
             "spaced @": f"{local} @ {domain}", "spaced @ and dots": f"{local} @ {domain.replace('.', ' . ')}",
@@ -446,7 +447,8 @@ def forms(text: str) -> list[str]:
                         lambda m: str(_WORDS.index(m.group()) if m.group() != "oh" else 0), f)
         shown = re.sub(r"<[^<>]*>", "", f)  # as a renderer shows it: every tag as nothing
         looks = re.sub(r"(?<=[0-9oli|])[oli|]|[oli|](?=[0-9oli|])", lambda m: "0" if m.group() == "o" else "1", f)
-        out += [f, re.sub(r"[\s.\-/_]", "", f), re.sub(r"\s", "", f), words, "\x00" + re.sub(r"\D", "", f),
+        out += [f, re.sub(r"[\s.\-/_]", "", f), re.sub(r"\s", "", f), re.sub(r"[\s\"'+]", "", f), words,
+                "\x00" + re.sub(r"\D", "", f),
                 "\x00" + re.sub(r"\D", "", spoken), "\x00" + re.sub(r"\D", "", shown),
                 "\x00" + re.sub(r"\D", "", looks)]
     return out

@@ -324,6 +324,18 @@ def test_a_value_inside_a_tag_is_read_as_written() -> None:
     assert [f.rule for f in POLICY.scanner.scan_strings(["<A", "is 4111 1111 1111 1111 ok", ">"])] == ["credit_card"]
 
 
+@pytest.mark.parametrize("text", ['write "jane.doe"@example.com now', 'x = "jane" + "@" + "example.com" ok'])
+@pytest.mark.parametrize("size", [0, 1, 3, 7])
+def test_an_address_quoted_or_put_together_in_code_never_reaches_the_client(text: str, size: int) -> None:
+    """`"jane.doe"@example.com` (a quoted local part) and `"jane" + "@" + "example.com"` are
+    addresses: both went out, whole or in pieces."""
+    pieces = [text] if size == 0 else [text[i:i + size] for i in range(0, len(text), size)]
+    out = stream(*(chunk({"index": 0, "delta": {"content": p}}) for p in pieces),
+                 chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    shown = per_choice(out)[(0, "content")]
+    assert "[EMAIL_1]" in shown and "jane" not in shown and "example" not in shown, shown
+
+
 _NUMBERED_TAGS = {
     "table cells": "card <td width=40>4111</td><td width=40>1111</td><td width=40>1111</td><td width=40>1111</td>",
     "a span": 'card 4111 1111 <span id="2">1111</span> 1111 ok',

@@ -475,6 +475,9 @@ LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")  # of an
 # `&#46;`, `&period;`.
 _AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+"
             r"|\s{0,16}+[\"'][Aa][Tt][\"']\s{0,16}+"
+            # a quoted local part, or an address put together in code (`"jane.doe"@example.com`,
+            # `jane"@"example.com`, `"jane" + "@" + "example.com"`)
+            r"|[\"'](?:\s{0,16}+\+\s{0,16}+[\"'])?+@(?:[\"']\s{0,16}+\+\s{0,16}+)?+[\"']?+"
             r"|\s{0,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
 _DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+"
              r"|\s{0,16}+[\"'][Dd][Oo][Tt][\"']\s{0,16}+|\s{1,16}+[Pp][Ee][Rr][Ii][Oo][Dd]\s{1,16}+"

@@ -177,7 +177,8 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                                tail=24),),
     "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=160),),  # 30 characters, 4 separators apart
     "email": tuple(_email_trigger(*args) for args in (
-        ("@", False, rf"[(\[{{<]{_WS}{{0,16}}"),  # (`jane { @ } example.com`)
+        # (`jane { @ } example.com`, `"jane" + "@" + …`: the longer)
+        ("@", False, rf"[\"']{_WS}{{0,16}}\+{_WS}{{0,16}}[\"']"),
         (rf"[(\[{{<]{_WS}{{0,16}}at{_WS}{{0,16}}[)\]}}>]", True),
         # a bare ` at `, a label and any written-out dot after it (`.`, ` dot `, ` period `,
         # ` . `, `(dot)`, `[.]`, `"dot"`, `-dot-`, `&#46;`, `&period;`)
