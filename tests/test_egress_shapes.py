@@ -356,6 +356,22 @@ def test_a_value_split_by_a_tag_with_a_digit_in_it_is_read_as_shown(text: str) -
     assert "1111" not in content and "jane" not in content, content
 
 
+@pytest.mark.parametrize("pad", [0, 5000])
+@pytest.mark.parametrize("text", [
+    'key = "sk-proj-abcdefghij" + "klmnopqrstuvwxyz0123456789ABCDEFGHIJ"',
+    "token = 'ghp_abcdefghijklmnop' +\n    'qrstuvwxyz0123456789'",
+    _NUMBERED_TAGS["table cells"],
+])
+def test_a_value_put_together_from_strings_or_cells_is_found_in_any_text(text: str, pad: int) -> None:
+    """A key put together from two strings in code went out as two harmless pieces; in a long
+    text the stretches around each join or tag are read as shown (not the whole text again)."""
+    filler = "lorem ipsum dolor sit amet " * (pad // 27)
+    padded = filler + text + " " + filler
+    findings = POLICY.scanner.scan_strings([padded])
+    assert {f.rule for f in findings} & {"openai_key", "github_token", "credit_card"}, findings
+    assert all(padded[f.start:f.end].strip() in text for f in findings)
+
+
 def test_a_value_written_with_a_character_reference_never_reaches_the_provider() -> None:
     findings = POLICY.scanner.scan_strings(["pay with &#52;111 1111 1111 1111", "or &#x34;111-1111-1111-1111"])
     assert {f.rule for f in findings} == {"credit_card"} and len(findings) == 2

@@ -219,9 +219,9 @@ class Normalized:
 _TAG = r"</?(?![Aa][Tt]\b|[Dd][Oo][Tt]\b)[A-Za-z][A-Za-z0-9-]{0,15}"
 
 
-def _markup(attributes: str) -> re.Pattern[str]:
+def _markup(attributes: str, joins: str = "") -> re.Pattern[str]:
     return re.compile(r"&#(?:([0-9]{1,7})|[xX]([0-9A-Fa-f]{1,6}));?|&([A-Za-z][A-Za-z0-9]{1,31};)"
-                      rf"|(<!--.{{0,200}}?-->|{_TAG}(?:\s{attributes}{{0,200}})?/?>"
+                      rf"|(<!--.{{0,200}}?-->|{_TAG}(?:\s{attributes}{{0,200}})?/?>{joins}"
                       r"|\x1b\[[0-9;?]{0,16}[ -/]{0,2}[@-~])"
                       r"|\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"  # a surrogate pair
                       r"|\\(?:u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2})|U([0-9A-Fa-f]{8}))", re.S)
@@ -229,7 +229,10 @@ def _markup(attributes: str) -> re.Pattern[str]:
 
 _MARKUP = _markup(r"[^<>\d@＠]")
 _ESCAPE_START = re.compile(r"\\[uxU][0-9A-Fa-f]")  # (code with backslashes and no escape: the fast path)
-_ANY_MARKUP = _markup(r"[^<>]")
+# Strings put together in code (`"sk-proj-abc" + "def…"`, `'4111' + '1111'`): one string as shown.
+_JOIN = r"[\"'`]\s{0,16}\+\s{0,16}[\"'`]"
+_SHOWN = _markup(r"[^<>]", "|" + _JOIN)
+_JOIN_RE = re.compile(_JOIN)
 _TAG_HOLDING = re.compile(rf"{_TAG}\s[^<>]{{0,200}}?[\d@＠]")  # a tag whose attributes hold a digit or `@`
 
 
@@ -244,14 +247,38 @@ def normalize(text: str) -> Normalized:
     return _plain(text)
 
 
-def rendered(text: str) -> Normalized | None:
-    """`text` normalized with every tag shown as nothing, also one whose attributes hold a
-    digit or an `@` (which `normalize` reads as written), or None when it holds no such tag:
-    a card in table cells, `<td width=40>4111</td><td width=40>1111</td>…`, or split by
-    `<span id=1>`, is shown whole."""
-    if "<" not in text or _TAG_HOLDING.search(text) is None:
-        return None
-    return _with_markup(text, _ANY_MARKUP)
+def rendered(text: str) -> list[Normalized]:
+    """`text` normalized as shown: every tag as nothing, also one whose attributes hold a
+    digit or an `@` (which `normalize` reads as written), and strings joined in code as one
+    (`"sk-proj-abc" + "def…"`); nothing when it holds neither. A card in table cells
+    (`<td width=40>4111</td><td width=40>1111</td>…`) or split by `<span id=1>`, and a key
+    put together from two strings, are shown whole. A long text: the stretches around those
+    (`SHOWN_REACH` either side), each mapped to its place in `text`, not all of it again."""
+    found = [m.span() for pattern, mark in ((_TAG_HOLDING, "<"), (_JOIN_RE, "+")) if mark in text
+             for m in pattern.finditer(text)]
+    if not found:
+        return []
+    if len(text) <= 4 * SHOWN_REACH:
+        return [_with_markup(text, _SHOWN)]
+    stretches: list[list[int]] = []
+    for start, end in sorted(found):
+        start, end = max(0, start - SHOWN_REACH), min(len(text), end + SHOWN_REACH)
+        before, after = text.rfind(" ", max(0, start - 64), start), text.find(" ", end, end + 64)
+        start, end = start if before == -1 else before + 1, end if after == -1 else after  # (whole words)
+        if stretches and start <= stretches[-1][1]:
+            stretches[-1][1] = max(stretches[-1][1], end)
+        else:
+            stretches.append([start, end])
+    return [_shifted(_with_markup(text[a:b], _SHOWN), a, len(text)) for a, b in stretches]
+
+
+SHOWN_REACH = 512  # (a value and its markup: a card over four table cells, a key over a few joins)
+
+
+def _shifted(nz: Normalized, at: int, source_len: int) -> Normalized:
+    """`nz` (of `text[at:…]`) mapped to offsets in `text` (an empty stretch at 0 moves them)."""
+    spans = ((0, 0, at, at), *((ns, ne, os_ + at, oe + at) for ns, ne, os_, oe in nz._spans))
+    return Normalized(nz.text, source_len, tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans), spans)
 
 
 def _with_markup(text: str, pattern: re.Pattern[str] = _MARKUP) -> Normalized:

@@ -934,9 +934,8 @@ class Scanner:
             parts.append(nz.text)
             segs.append((i, pos, pos + len(nz.text), nz, s))
             pos += len(nz.text)
-            shown = rendered(s) if arguments is None and "<" in s else None
-            if shown is not None:  # read as shown too, apart (no value spans the two readings)
-                parts += ("\x1d", shown.text)
+            for shown in rendered(s) if arguments is None else ():  # read as shown too, apart
+                parts += ("\x1d", shown.text)  # (no value spans the two readings)
                 segs.append((i, pos + 1, pos + 1 + len(shown.text), shown, s))
                 pos += 1 + len(shown.text)
         if not segs:
