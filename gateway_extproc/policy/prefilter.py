@@ -126,6 +126,7 @@ def phrase_trigger(phrase: str) -> Trigger:
 # What the regex's \s takes: the string boundary U+001F too, and Unicode spaces (not in a
 # normalized text: NBSP, U+3000...).
 _WS = r"[\s\x1c-\x1f\x85\xa0?]"
+_MIXED = r"(?:[0-9][ \-]?[OolI|]|[OolI|][ \-]?[0-9])"  # a digit beside a letter that looks like one
 # Digits either side of separators with an escape among them (`4111\n1111`, `078\t05`: an
 # escape is two characters, `detectors.WIDE_SEP1`); apart from the one-character triggers, which
 # fire on every date and time and would read wider windows for them. The escape may be between
@@ -195,8 +196,9 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                                   Trigger(rf"[^0-9][0-9](?:{WIDE_SEP1}{{1,16}}[0-9]){{5}}{WIDE_SEP1}", som=False,
                                           reach=200, tail=13 * 33),
                                   # look-alike letters among the digits (`4lll llll …`: `_LOOKALIKE_CARD`)
-                                  Trigger(r"[OolI|][0-9OolI|]{0,2}[0-9]|[0-9][0-9OolI|]{0,2}[OolI|]", som=False,
-                                          reach=24, tail=24),
+                                  # (a digit beside such a letter, three more either side: `gpt-4o` is none)
+                                  Trigger(rf"(?:[0-9OolI|][ \-]?){{3}}{_MIXED}|{_MIXED}(?:[ \-]?[0-9OolI|]){{3}}",
+                                          som=False, reach=24, tail=24),
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
