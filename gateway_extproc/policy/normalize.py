@@ -254,6 +254,8 @@ def rendered(text: str) -> list[Normalized]:
     (`<td width=40>4111</td><td width=40>1111</td>…`) or split by `<span id=1>`, and a key
     put together from two strings, are shown whole. A long text: the stretches around those
     (`SHOWN_REACH` either side), each mapped to its place in `text`, not all of it again."""
+    if "<" not in text and "+" not in text:  # (nearly every string: no list built)
+        return []
     found = [m.span() for pattern, mark in ((_TAG_HOLDING, "<"), (_JOIN_RE, "+")) if mark in text
              for m in pattern.finditer(text)]
     if not found:
