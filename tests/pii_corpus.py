@@ -209,7 +209,8 @@ def positives() -> list[Case]:
         cases.append(Case("credit_card", (f"ref 1234 {grouped(d, card_groups(d), ' ')}",), d, "after a number"))
         cases.append(Case("credit_card", (" ".join(d),), d, "one digit per group"))
         cases.append(Case("credit_card", (f"digits: [{', '.join(d)}]",), d, "a list of its digits"))
-        cases.append(Case("credit_card", ("cc = [" + ",".join(f"'{c}'" for c in d) + "]",), d, "a list of quoted digits"))
+        cases.append(Case("credit_card", ("cc = [" + ",".join(f"'{c}'" for c in d) + "]",), d,
+                          "a list of quoted digits"))
         cases.append(Case("credit_card", ("card " + " ".join(_WORDS[int(c)] for c in d) + " ok",), d, "in words"))
         for sep in (",", ", ", " | ", ";", ":", "+", "*", "~", "    ", "\n\n\n\n", " --- ", "'", "] [", ")(", "\\",
                     "\\n", "\\r\\n", "\\t"):

@@ -63,6 +63,15 @@ def per_choice(out: str) -> dict[Any, str]:
     return {k: "".join(v) for k, v in texts.items()}
 
 
+def streamed_content(text: str, size: int) -> str:
+    """`text` streamed as one choice's content in pieces of `size` characters (0: whole), as
+    the client receives it."""
+    pieces = [text] if size == 0 else [text[i:i + size] for i in range(0, len(text), size)]
+    out = stream(*(chunk({"index": 0, "delta": {"content": p}}) for p in pieces),
+                 chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    return per_choice(out)[(0, "content")]
+
+
 def leaked(out: str) -> bool:
     return any(DIGITS in re.sub(r"\D", "", text) for text in per_choice(out).values())
 
@@ -296,10 +305,7 @@ def test_a_value_written_around_markup_never_reaches_the_client(text: str, size:
     terminal renders ANSI escapes: `4111<b></b>1111…` shows a card the scanner read as four
     groups apart by letters. Now read as shown, whole or in pieces of any size (markup cut
     at a delta's end waits for the next one)."""
-    pieces = [text] if size == 0 else [text[i:i + size] for i in range(0, len(text), size)]
-    out = stream(*(chunk({"index": 0, "delta": {"content": p}}) for p in pieces),
-                 chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
-    shown = per_choice(out)[(0, "content")]
+    shown = streamed_content(text, size)
     assert "[CREDIT_CARD_1]" in shown and "1111" not in shown, shown
 
 
@@ -329,10 +335,7 @@ def test_a_value_inside_a_tag_is_read_as_written() -> None:
 def test_an_address_quoted_or_put_together_in_code_never_reaches_the_client(text: str, size: int) -> None:
     """`"jane.doe"@example.com` (a quoted local part) and `"jane" + "@" + "example.com"` are
     addresses: both went out, whole or in pieces."""
-    pieces = [text] if size == 0 else [text[i:i + size] for i in range(0, len(text), size)]
-    out = stream(*(chunk({"index": 0, "delta": {"content": p}}) for p in pieces),
-                 chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
-    shown = per_choice(out)[(0, "content")]
+    shown = streamed_content(text, size)
     assert "[EMAIL_1]" in shown and "jane" not in shown and "example" not in shown, shown
 
 
