@@ -27,6 +27,7 @@ from typing import Any
 
 from .config import Limits, VirtualKey
 from .errors import GatewayError
+from .redis_deadline import answered
 
 CACHE_SECONDS = 1.0
 _CACHE_MAX = 100_000
@@ -109,7 +110,7 @@ class RedisKeyLookup:
         args = [id_, datetime.now(timezone.utc).isoformat(timespec="seconds")]
         try:
             try:
-                flat = await self.script(keys=[self.record + id_, self.used], args=args)
+                flat = await answered(self.script(keys=[self.record + id_, self.used], args=args))
             except self.errors.ConnectionError as e:
                 if isinstance(e, self.errors.TimeoutError):
                     raise
@@ -117,7 +118,7 @@ class RedisKeyLookup:
                 # drop them and try once on a fresh connection, or each would cost a request
                 # a 503 after the store is back (as budgets/redis_store.py does).
                 await self.client.connection_pool.disconnect(inuse_connections=False)
-                flat = await self.script(keys=[self.record + id_, self.used], args=args)
+                flat = await answered(self.script(keys=[self.record + id_, self.used], args=args))
         except self.unavailable as e:
             raise GatewayError("key_store_unavailable", "The key store is unreachable; keys from values still "
                                "work. Retry shortly.") from e

@@ -27,8 +27,8 @@ def server() -> Iterator[RedisServer]:
 
 
 async def test_settlements_wait_out_an_outage_and_land_once(server: RedisServer) -> None:
-    client = connect(server.url, timeout_s=0.2)
-    store = RedisBudgetStore(client, "gw:{acme}:")
+    client = connect(server.url)
+    store = RedisBudgetStore(client, "gw:{acme}:", timeout_s=0.2)
     settlements = Settlements()
     try:
         for i in range(5):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,6 +265,49 @@ def test_redis_lookup_survives_a_store_restart_and_fails_closed_while_it_is_down
             server.stop()
             server.start()  # restarted while idle: the pooled socket is dead
             assert await get() is not None
+
+        asyncio.run(scenario())
+
+
+def test_redis_lookup_reads_a_reply_its_busy_loop_was_late_for_and_fails_closed_when_frozen() -> None:
+    """The lookup's deadline measures the store, not this process (budgets/redis_store.py
+    does the same): a reply that came in time while the loop was blocked past the deadline is
+    read; a frozen store is key_store_unavailable within about its timeout."""
+    import redis as redis_sync
+
+    from gateway_extproc.budgets.redis_store import connect
+    from gateway_extproc.errors import GatewayError
+    from gateway_extproc.keyadmin import RedisAdminStore
+    from gateway_extproc.keystore import RedisKeyLookup
+    from gateway_extproc.redis_deadline import TIMEOUT_S
+
+    from .redis_server import RedisServer
+
+    with RedisServer() as server:
+        record = dict.fromkeys(FIELDS, "")
+        record.update(id="svc", sha256="0" * 64, team="demo")
+        assert RedisAdminStore(redis_sync.Redis.from_url(server.url), "default").create(record)
+
+        async def scenario() -> None:
+            lookup = RedisKeyLookup(connect(server.url), "default")
+            assert await lookup.get("svc") is not None  # the connection is open
+            lookup.cache.clear()
+            server.pause()
+            pending = asyncio.ensure_future(lookup.get("svc"))
+            await asyncio.sleep(0.05)  # sent
+            server.resume()
+            time.sleep(TIMEOUT_S + 0.2)  # the loop is blocked while the store answers
+            assert await pending is not None
+            lookup.cache.clear()
+            server.pause()
+            started = time.monotonic()
+            try:
+                with pytest.raises(GatewayError) as info:
+                    await lookup.get("svc")
+            finally:
+                server.resume()
+            assert info.value.code == "key_store_unavailable"
+            assert time.monotonic() - started < TIMEOUT_S + 0.4
 
         asyncio.run(scenario())
 

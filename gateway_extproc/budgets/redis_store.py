@@ -12,12 +12,13 @@ settlement of every request the process is serving — go out as ONE pipeline, l
 ratelimit's pipeline window: a burst of 500 requests costs a handful of round trips, not
 500 connections racing for one server. At most `POOL_SIZE` pipelines are in flight (one
 connection each); calls arriving meanwhile wait for the next one. Busy is not down: a
-call that waited `QUEUE_DEADLINE_S` without being sent, a timeout, or a refused
-connection is `BudgetStoreUnavailable`; a connection that fails because the server closed
-it (a graceful restart left stale sockets in the pool) is retried once on a fresh one, after
-every idle pooled socket is dropped (they are all stale then). A call is refused as busy only
-when every connection stayed in use past its deadline; one delayed by this process's own busy
-event loop is still sent.
+call that waited `QUEUE_DEADLINE_S` without being sent, no answer within
+`redis_deadline.TIMEOUT_S`, or a refused connection is `BudgetStoreUnavailable`; a
+connection that fails because the server closed it (a graceful restart left stale sockets
+in the pool) is retried once on a fresh one, after every idle pooled socket is dropped
+(they are all stale then). A call is refused as busy only when every connection stayed in
+use past its deadline; one delayed by this process's own busy event loop is still sent,
+and a reply it was too busy to read in time is still read (`redis_deadline`).
 Retrying is safe because every script is idempotent per reservation id: reserving a held
 id answers with the held grant, settling twice is settling once, usage only reads and
 expires.
@@ -68,6 +69,7 @@ from gateway_extproc.budgets.store import (
     result,
     usage_of,
 )
+from gateway_extproc.redis_deadline import TIMEOUT_S, answered
 
 _UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError)
 # Redis hashes only the part between the first "{" and the next "}", if non-empty.
@@ -80,13 +82,13 @@ QUEUE_DEADLINE_S = 1.0
 _OUTCOMES = {0: NOTHING, 1: SETTLED, 2: LATE}
 
 
-def connect(url: str, timeout_s: float = 0.5) -> Redis:
-    """A client suited to the store: a bounded pool (POOL_SIZE, plus one for other callers),
-    short timeouts, and no retries of its own (redis-py retries by default; the store
-    retries once, where that is safe)."""
+def connect(url: str) -> Redis:
+    """A client suited to the store: a bounded pool (POOL_SIZE, plus one for other callers)
+    and no retries of its own (redis-py retries by default; the store retries once, where
+    that is safe). It has no socket timeouts: every call is made through
+    `redis_deadline.answered`, which a busy event loop does not trip."""
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=POOL_SIZE + 1, timeout=QUEUE_DEADLINE_S, socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+        url, max_connections=POOL_SIZE + 1, timeout=QUEUE_DEADLINE_S, retry=Retry(NoBackoff(), 0))
     return Redis(connection_pool=pool)
 
 
@@ -113,8 +115,9 @@ class _Call:
 class _Pipeliner:
     """Sends every call queued in one event-loop tick as one pipeline (see module doc)."""
 
-    def __init__(self, client: Redis, slots: int = POOL_SIZE) -> None:
+    def __init__(self, client: Redis, timeout_s: float, slots: int = POOL_SIZE) -> None:
         self._client = client
+        self._timeout_s = timeout_s
         self._free = slots
         self._waiting: list[_Call] = []
         self._scheduled = False
@@ -170,7 +173,7 @@ class _Pipeliner:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for c in batch:
                         pipe.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
-                    replies = await pipe.execute(raise_on_error=False)
+                    replies = await answered(pipe.execute(raise_on_error=False), self._timeout_s)
             except redis_errors.ConnectionError as e:
                 if stale_retry and not isinstance(e, redis_errors.TimeoutError):
                     # The server closed a pooled socket (it restarted): so it closed every idle
@@ -197,7 +200,7 @@ class _Pipeliner:
             if again:
                 try:
                     for script in {c.script.sha: c.script for c in again}.values():
-                        await self._client.script_load(script.text)
+                        await answered(self._client.script_load(script.text), self._timeout_s)
                 except _UNAVAILABLE as e:
                     return _fail(again, e)
             batch = again
@@ -212,13 +215,13 @@ def _fail(batch: list[_Call], error: Exception) -> None:
 class RedisBudgetStore:
     """`BudgetStore` for one tenant on Redis; cheap to create, so one per tenant prefix."""
 
-    def __init__(self, client: Redis, prefix: str) -> None:
+    def __init__(self, client: Redis, prefix: str, timeout_s: float = TIMEOUT_S) -> None:
         if not _HASH_TAG.match(prefix):
             raise ValueError(f"prefix {prefix!r} needs a non-empty hash tag, e.g. 'gw:{{acme}}:'")
         self._prefix = prefix
         held = f"{prefix}reservations"
         self._fixed = (held, f"{held}:expiry", f"{held}:expired", f"{held}:expired:at", f"{held}:cancelled")
-        self._pipeliner = _Pipeliner(client)
+        self._pipeliner = _Pipeliner(client, timeout_s)
 
     def _keys(self, limits: Sequence[Limit], buckets: Sequence[Bucket]) -> list[str]:
         return [
