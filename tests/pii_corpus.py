@@ -242,6 +242,12 @@ def positives() -> list[Case]:
         for sep in (",", "|", "    ", " : "):  # other punctuation or more space: the carriers name it
             cases.append(Case("us_ssn", (rng.choice(ssn_carriers).format(grouped(d, [3, 2, 4], sep)),), d,
                               f"separator {sep!r}"))
+        looks = d.replace("0", "O").replace("1", "l")  # letters that look like digits: dashed, or named
+        if looks != d and looks.strip("Ol"):
+            cases.append(Case("us_ssn", (f"call me on {grouped(looks, [3, 2, 4], '-')} ok",), d,
+                              "look-alike letters for digits"))
+            cases.append(Case("us_ssn", (rng.choice(ssn_carriers).format(grouped(looks, [3, 2, 4], " ")),), d,
+                              "look-alike letters, spaced"))
     iban_carriers = ["wire it to {} today", "IBAN: {}", "Konto {} bitte", "{}"]
     for _ in range(5):
         v = iban(rng)

@@ -273,6 +273,20 @@ def test_ssn_without_separators_needs_context(text: str, expected: list[str]) ->
     assert found("us_ssn", text) == expected
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    # letters that look like digits (l, I, | for 1; O, o for 0), as for cards: dashed, or
+    # spaced after a context word; one real digit at least
+    ("call me on O78-O5-ll2O ok", ["O78-O5-ll2O"]), ("SSN l8O 43 796l", ["l8O 43 796l"]),
+    ("tax id 12O-45-6789.", ["12O-45-6789"]), ("ref I23-45-6789 x", ["I23-45-6789"]),
+    ("lol 12 1234", []), ("O78 O5 1120", []),  # spaced: only after a context word
+    ("lOl-Ol-lOlO", []),  # no real digit: words
+    ("O00-12-3456", []), ("l23-OO-4567", []),  # read as digits, still an invalid SSN
+    ("x O78-O5-1120-5", []), ("ssn O78-O5-11205", []),  # part of a longer number
+])
+def test_an_ssn_with_look_alike_letters(text: str, expected: list[str]) -> None:
+    assert found("us_ssn", text) == expected
+
+
 # -- IBAN ------------------------------------------------------------------------------
 
 IBAN_FORMATS = {  # country: BBAN layout (n digit, a upper-case letter, c alphanumeric)

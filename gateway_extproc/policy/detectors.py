@@ -189,7 +189,13 @@ _LOOKALIKE_CARD = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,22}}[{_L
                    rf"(?:{_LOOK}{{4}}(?:[ \-]?+{_LOOK}{{4}}){{3}}(?:[ \-]?+{_LOOK}{{3}})?+"
                    rf"|{_LOOK}{{4}}[ \-]?+{_LOOK}{{6}}[ \-]?+{_LOOK}{{5}})(?![A-Za-z0-9_|]|[ \-]{_LOOK}(?![A-Za-z]))")
 _LOOKALIKE_RE = re.compile(_LOOKALIKE_CARD)
+_READ_AS_DIGITS = str.maketrans(_LOOKALIKE, "00111")
 _AS_DIGITS = str.maketrans({"O": "0", "o": "0", "l": "1", "I": "1", "|": "1", " ": None, "-": None})
+# An SSN so (`O78-O5-ll2O`): AAA-GG-SSSS, dashed; spaced only after a context word
+# (`ssn_context_ok`: `lol 12 1234` is no SSN). At least one real digit (`validate_ssn`).
+_LOOKALIKE_SSN = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,10}}[{_LOOKALIKE}])"
+                  rf"{_LOOK}{{3}}(?:-{_LOOK}{{2}}-| {_LOOK}{{2}} ){_LOOK}{{4}}(?![A-Za-z0-9_|]|[ \-]{_LOOK}(?![A-Za-z]))")
+_LOOKALIKE_SSN_RE = re.compile(_LOOKALIKE_SSN)
 
 
 def _lookalike(value: str) -> bool:
@@ -380,7 +386,13 @@ def validate_aws_key(value: str) -> int:
     return _whole(len(value) == 20 or any(c.isdigit() for c in value), value)
 
 
+def _lookalike_ssn(value: str) -> bool:
+    return any(c in _LOOKALIKE for c in value) and _LOOKALIKE_SSN_RE.fullmatch(value) is not None
+
+
 def validate_ssn(value: str) -> int:
+    if _lookalike_ssn(value):  # (its letters are no word to strip)
+        return validate_ssn(value.translate(_READ_AS_DIGITS)) if any("0" <= c <= "9" for c in value) else 0
     bare = value.strip(_WORD_CHARS)  # (glued to letters: the dashed layout inside)
     digits = "".join(_DIGITS.findall(bare) if _wide(bare) else digit_groups(bare))
     if len(digits) != 9:
@@ -397,14 +409,22 @@ _SSN_CONTEXT = re.compile(r"(?i)(?:\bssn|\bss#|\bsocial[ \-]*security|\bsoc\.?[ 
 def ssn_context_ok(text: str, start: int, end: int) -> bool:
     """Nine digits in the AAA-GG-SSSS layout (up to three separators) are an SSN; without
     separators (possibly split over two strings), or with other punctuation or more space
-    between the groups, only after a context word (within 48 characters)."""
-    value = text[start:end].strip(_WORD_CHARS)
+    between the groups, only after a context word (within 48 characters). With look-alike
+    letters among the digits: dashed, or spaced after a context word."""
+    value = text[start:end]
+    if _lookalike_ssn(value):
+        return "-" in value or _ssn_context_before(text, start)
+    value = value.strip(_WORD_CHARS)
     if _wide(value):  # AAA GG SSSS printed otherwise (`123,45,6789`): with a context word
-        return _SSN_CONTEXT.search(text, max(0, start - SSN_CONTEXT_CHARS), start) is not None
+        return _ssn_context_before(text, start)
     if tuple(map(len, digit_groups(value))) == (3, 2, 4):
         return True
     if not _GAP_RE.sub(lambda m: "" if BRIDGE in m.group() else m.group(), value).isdigit():
         return False  # separators only where two strings meet
+    return _ssn_context_before(text, start)
+
+
+def _ssn_context_before(text: str, start: int) -> bool:
     return _SSN_CONTEXT.search(text, max(0, start - SSN_CONTEXT_CHARS), start) is not None
 
 
@@ -719,7 +739,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                       rf"|(?:[A-Za-z]{{1,16}}+|_){_DASHED}(?:[A-Za-z]{{1,16}}+)?+_?+"
                       rf"(?![A-Za-z0-9_])|{_DASHED}(?:[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
                       rf"|(?<![0-9]{WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
-                      rf"{_WIDE_END}", validate_ssn,
+                      rf"{_WIDE_END}|{_LOOKALIKE_SSN}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
         ),
         Detector(
@@ -923,7 +943,7 @@ def hex_dump_start(text: str, at: int, lo: int) -> int:
 
 def number_words_run(text: str, start: int, end: int) -> str:
     """The number-words run text[start:end], after `SSN ` when an SSN context word precedes it."""
-    context = _SSN_CONTEXT.search(text, max(0, start - SSN_CONTEXT_CHARS), start) is not None
+    context = _ssn_context_before(text, start)
     return (_SSN_WORD if context else "") + text[start:end]
 
 

@@ -127,6 +127,10 @@ def phrase_trigger(phrase: str) -> Trigger:
 # normalized text: NBSP, U+3000...).
 _WS = r"[\s\x1c-\x1f\x85\xa0?]"
 _MIXED = r"(?:[0-9][ \-]?[OolI|]|[OolI|][ \-]?[0-9])"  # a digit beside a letter that looks like one
+# Look-alike letters among a number's digits (`4lll llll …`, `O78-O5-ll2O`: `_LOOKALIKE_CARD`,
+# `_LOOKALIKE_SSN`): a digit beside such a letter, three more either side (`gpt-4o` is none).
+_LOOKALIKE_DIGITS = Trigger(rf"(?:[0-9OolI|][ \-]?){{3}}{_MIXED}|{_MIXED}(?:[ \-]?[0-9OolI|]){{3}}",
+                            som=False, reach=24, tail=24)
 # Digits either side of separators with an escape among them (`4111\n1111`, `078\t05`: an
 # escape is two characters, `detectors.WIDE_SEP1`); apart from the one-character triggers, which
 # fire on every date and time and would read wider windows for them. The escape may be between
@@ -195,14 +199,11 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                                   # time fires it); up to 16 separators apart, the other 13 in the tail
                                   Trigger(rf"[^0-9][0-9](?:{WIDE_SEP1}{{1,16}}[0-9]){{5}}{WIDE_SEP1}", som=False,
                                           reach=200, tail=13 * 33),
-                                  # look-alike letters among the digits (`4lll llll …`: `_LOOKALIKE_CARD`)
-                                  # (a digit beside such a letter, three more either side: `gpt-4o` is none)
-                                  Trigger(rf"(?:[0-9OolI|][ \-]?){{3}}{_MIXED}|{_MIXED}(?:[ \-]?[0-9OolI|]){{3}}",
-                                          som=False, reach=24, tail=24),
+                                  _LOOKALIKE_DIGITS,
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
-                                     reach=40, tail=8), _ESCAPED_SEPARATORS),
+                                     reach=40, tail=8), _ESCAPED_SEPARATORS, _LOOKALIKE_DIGITS),
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
     "ipv4": (Trigger(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", som=False, reach=14, tail=8),),
