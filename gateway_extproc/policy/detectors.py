@@ -181,26 +181,26 @@ _GLUED_CARD = (r"(?:[A-Za-z]{1,16}+|_)[0-9]{13,19}+(?:[A-Za-z]{1,16}+)?+_?+(?![A
 # `4111 1O11 …`: l, I and | for 1, O and o for 0), printed whole or in 4-4-4-4(-3) / 4-6-5
 # groups: a reader takes it for the number. At least one real digit and one such letter
 # (`_lookalike_card`); never inside a word.
-_LOOKALIKE = "OolI|"
-_LOOK = rf"[0-9{_LOOKALIKE}]"
+LOOKALIKE = "OolI|"
+_LOOK = rf"[0-9{LOOKALIKE}]"
 # (The whole run of such characters and single separators, a word after it apart (`… ok`),
 # which holds one such letter: a run that is all digits is the other forms' to read.)
-_LOOKALIKE_CARD = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,22}}[{_LOOKALIKE}])"
+_LOOKALIKE_CARD = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,22}}[{LOOKALIKE}])"
                    rf"(?:{_LOOK}{{4}}(?:[ \-]?+{_LOOK}{{4}}){{3}}(?:[ \-]?+{_LOOK}{{3}})?+"
                    rf"|{_LOOK}{{4}}[ \-]?+{_LOOK}{{6}}[ \-]?+{_LOOK}{{5}})(?![A-Za-z0-9_|]|[ \-]{_LOOK}(?![A-Za-z]))")
 _LOOKALIKE_RE = re.compile(_LOOKALIKE_CARD)
-_READ_AS_DIGITS = str.maketrans(_LOOKALIKE, "00111")
-_AS_DIGITS = str.maketrans({"O": "0", "o": "0", "l": "1", "I": "1", "|": "1", " ": None, "-": None})
+_READ_AS_DIGITS = str.maketrans(LOOKALIKE, "00111")
+_AS_DIGITS = str.maketrans(LOOKALIKE, "00111", " -")
 # An SSN so (`O78-O5-ll2O`): AAA-GG-SSSS, dashed; spaced only after a context word
 # (`ssn_context_ok`: `lol 12 1234` is no SSN). At least one real digit (`validate_ssn`).
-_LOOKALIKE_SSN = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,10}}[{_LOOKALIKE}])"
+_LOOKALIKE_SSN = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,10}}[{LOOKALIKE}])"
                   rf"{_LOOK}{{3}}(?:-{_LOOK}{{2}}-| {_LOOK}{{2}} ){_LOOK}{{4}}(?![A-Za-z0-9_|]|[ \-]{_LOOK}(?![A-Za-z]))")
 _LOOKALIKE_SSN_RE = re.compile(_LOOKALIKE_SSN)
 
 
 def _lookalike(value: str) -> bool:
     """A candidate of `_LOOKALIKE_CARD`: only it reads letters among a number's digits."""
-    return any(c in _LOOKALIKE for c in value) and _LOOKALIKE_RE.fullmatch(value) is not None
+    return any(c in LOOKALIKE for c in value) and _LOOKALIKE_RE.fullmatch(value) is not None
 
 
 def _lookalike_card(value: str) -> bool:
@@ -387,7 +387,7 @@ def validate_aws_key(value: str) -> int:
 
 
 def _lookalike_ssn(value: str) -> bool:
-    return any(c in _LOOKALIKE for c in value) and _LOOKALIKE_SSN_RE.fullmatch(value) is not None
+    return any(c in LOOKALIKE for c in value) and _LOOKALIKE_SSN_RE.fullmatch(value) is not None
 
 
 def validate_ssn(value: str) -> int:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import DIGIT_WORDS, MAX_KEY_BODY, WIDE_SEP1, WIDE_SEPC, phrase_char, wrapped_end, wrapped_start
+from .detectors import DIGIT_WORDS, LOOKALIKE, MAX_KEY_BODY, WIDE_SEP1, WIDE_SEPC, phrase_char, wrapped_end, wrapped_start
 
 try:
     import hyperscan
@@ -126,10 +126,11 @@ def phrase_trigger(phrase: str) -> Trigger:
 # What the regex's \s takes: the string boundary U+001F too, and Unicode spaces (not in a
 # normalized text: NBSP, U+3000...).
 _WS = r"[\s\x1c-\x1f\x85\xa0?]"
-_MIXED = r"(?:[0-9][ \-]?[OolI|]|[OolI|][ \-]?[0-9])"  # a digit beside a letter that looks like one
+_LOOK = re.escape(LOOKALIKE)
+_MIXED = rf"(?:[0-9][ \-]?[{_LOOK}]|[{_LOOK}][ \-]?[0-9])"  # a digit beside a letter that looks like one
 # Look-alike letters among a number's digits (`4lll llll …`, `O78-O5-ll2O`: `_LOOKALIKE_CARD`,
 # `_LOOKALIKE_SSN`): a digit beside such a letter, three more either side (`gpt-4o` is none).
-_LOOKALIKE_DIGITS = Trigger(rf"(?:[0-9OolI|][ \-]?){{3}}{_MIXED}|{_MIXED}(?:[ \-]?[0-9OolI|]){{3}}",
+_LOOKALIKE_DIGITS = Trigger(rf"(?:[0-9{_LOOK}][ \-]?){{3}}{_MIXED}|{_MIXED}(?:[ \-]?[0-9{_LOOK}]){{3}}",
                             som=False, reach=24, tail=24)
 # Digits either side of separators with an escape among them (`4111\n1111`, `078\t05`: an
 # escape is two characters, `detectors.WIDE_SEP1`); apart from the one-character triggers, which

@@ -89,7 +89,8 @@ _MARKUP_HOLD = 240  # (the longest partial markup above)
 def _markup_cut(text: str) -> int:
     """Where markup that may go on in the next delta begins, else len(text)."""
     tail = max(0, len(text) - _MARKUP_HOLD)
-    if "&" not in text[tail:] and "<" not in text[tail:] and "\x1b" not in text[tail:] and "\\" not in text[tail:]:
+    end = text[tail:]
+    if "&" not in end and "<" not in end and "\x1b" not in end and "\\" not in end:
         return len(text)
     m = _PARTIAL_MARKUP.search(text, tail)
     return len(text) if m is None else m.start()
