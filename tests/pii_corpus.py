@@ -232,6 +232,10 @@ def positives() -> list[Case]:
                               "look-alike letters for digits"))
         shown = grouped(d, card_groups(d), " ").replace(" ", "<b></b>", 1)  # markup renders as nothing
         cases.append(Case("credit_card", (f"card {shown} ok",), d, "a tag between two groups"))
+        cases.append(Case("credit_card", (f'{{"note": "card {shown} ok"}}',), d,
+                          "a JSON object, a tag between two groups"))
+        nbsp = base64.b64encode(grouped(d, card_groups(d), "\u00a0").encode()).decode()
+        cases.append(Case("credit_card", (f"payload {nbsp} end",), d, "base64 of groups apart by NBSP"))
         cells = grouped(d, card_groups(d), "</td><td width=40>")  # a tag the scanner also reads as written
         cases.append(Case("credit_card", (f"<td width=40>{cells}</td>",), d, "table cells with attributes"))
     ssn_carriers = ["SSN {}", "my social security number is {}.", "ss# {} on file", "Taxpayer id: {}"]
@@ -242,6 +246,8 @@ def positives() -> list[Case]:
         for sep in (",", "|", "    ", " : "):  # other punctuation or more space: the carriers name it
             cases.append(Case("us_ssn", (rng.choice(ssn_carriers).format(grouped(d, [3, 2, 4], sep)),), d,
                               f"separator {sep!r}"))
+        tagged = grouped(d, [3, 2, 4], "<i></i>")
+        cases.append(Case("us_ssn", (f'{{"note": "SSN {tagged}"}}',), d, "a JSON object, tags between the groups"))
         looks = d.replace("0", "O").replace("1", "l")  # letters that look like digits: dashed, or named
         if looks != d and looks.strip("Ol"):
             cases.append(Case("us_ssn", (f"call me on {grouped(looks, [3, 2, 4], '-')} ok",), d,

@@ -139,3 +139,14 @@ def test_an_encoded_value_in_a_stream_is_redacted(encoding: str, value: str) -> 
     out = "".join(red.feed(text[i:i + 7]) for i in range(0, len(text), 7)) + red.flush()
     assert CARD not in out and payload not in out
     assert out in ("Here it is: [CREDIT_CARD_1] done.", "Here it is: [EMAIL_1] done.")
+
+
+@pytest.mark.parametrize("sep", ["\u00a0", "\u200b", "\u3000", "\u2009", "\ufeff", "\u00ad"])
+@pytest.mark.parametrize("encode", [lambda raw: base64.b64encode(raw).decode(), lambda raw: raw.hex()],
+                         ids=["base64", "hex"])
+def test_encoded_text_with_unicode_spaces_between_the_groups_is_text(sep: str, encode) -> None:
+    """Unicode spaces and format characters are text: three among thirty characters made the
+    decoded run binary, so a card so separated, then encoded, went out (until 2026-12-06)."""
+    text = f"card 4111{sep}1111{sep}1111{sep}1111 ok"
+    payload = encode(text.encode())
+    assert [f.rule for f in SCANNER.scan(f"x {payload} y")] == ["credit_card"]

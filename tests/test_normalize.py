@@ -234,3 +234,30 @@ def test_json_arguments_are_read_as_a_parser_reads_them(arguments: str, rule: st
 def test_exponent_numbers_that_are_no_long_integer_are_read_as_written(token: str) -> None:
     nz = normalize_json(f'{{"x": {token}}}')
     assert nz is not None and nz.text == f"x\x1e{token}"
+
+
+# Pieces of a JSON string's raw content: escapes the parser decodes, markup a renderer hides,
+# an escape the string itself holds (`\\u0040` parses as `\u0040`, read as `@`).
+_JSON_PIECES = ["word ", "\\n", '\\"', "\\\\", "\\u00e9", "<b>", "</i> ", "&amp;", "&#64;", "\\\\u0041", "caf\u00e9 ",
+                "\\u200b", "C:\\\\dir "]
+_CARD_FORMS = [
+    "4111<b></b>1111 1111 1111", "4111&nbsp;1111&nbsp;1111&nbsp;1111", "\\\\u0034111 1111 1111 1111",
+    "4111<i>1111</i>1111 1111", "\\u0034111 1111\\u00a01111 1111", "4111 1111<span>\\u0031111</span> 1111",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_JSON_PIECES), max_size=6), st.sampled_from(_CARD_FORMS),
+       st.lists(st.sampled_from(_JSON_PIECES), max_size=6))
+def test_markup_and_escapes_inside_a_json_string_are_read_and_mapped_back(before: list[str], card: str,
+                                                                          after: list[str]) -> None:
+    """Text sent as JSON (a message that is a JSON object, tool-call arguments) is read as any
+    text is once parsed: a card behind tags, references or an escape the string holds is
+    found (until 2026-12-06 it went out), and the finding is exactly its raw characters, so
+    the redacted arguments stay valid JSON."""
+    head = '{"n": 1, "note": "' + "".join(before) + " "
+    arguments = head + card + " " + "".join(after) + '"}'
+    findings = [f for f in SCANNER.scan_strings([arguments]) if f.detector == "credit_card"]
+    assert [(f.start, f.end) for f in findings] == [(len(head), len(head) + len(card))], arguments
+    out, _ = redact_strings([arguments], findings, PlaceholderMap())
+    assert orjson.loads(out[0])["note"].count("[CREDIT_CARD_1]") == 1

@@ -997,6 +997,11 @@ def encoded_start_ok(text: str, start: int) -> bool:
 
 
 _LINE_CHARS = str.maketrans("", "", "\n\r\t")
+# Text that Python does not call printable: line breaks, Unicode spaces and invisible format
+# characters (NBSP, U+3000, U+200B: a card so separated and then base64-encoded was binary, unread).
+_TEXT_SPACES = frozenset("\n\r\t\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+                         "\u202f\u205f\u3000\u00ad\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064"
+                         "\u202a\u202b\u202c\u202d\u202e\ufeff\ufe0f")
 _PRINTABLE_ASCII = bytes(range(0x20, 0x7f)) + b"\n\r\t"
 # Byte-order marks, longest first (UTF-32 LE's begins with UTF-16 LE's).
 _BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
@@ -1011,7 +1016,8 @@ def texty(raw: bytes) -> str | None:
     "Unicode" files), and UTF-8 with a few bytes of another charset (cp1252 / Latin-1 files,
     a stray byte put before the text), each such byte read as U+FFFD; until 2026-12-05 such
     text was binary, unread. Binary is what has more than a tenth of characters that are no
-    text (controls, U+FFFD), judged on the first bytes before the whole."""
+    text (controls, U+FFFD; not Unicode spaces or format characters), judged on the first
+    bytes before the whole."""
     if len(raw) > _HEAD and _readable(raw[:_HEAD]) is None:
         return None
     return _readable(raw)
@@ -1035,7 +1041,7 @@ def _readable(raw: bytes) -> str | None:
     if text.isascii():
         other = len(text.encode("ascii").translate(None, _PRINTABLE_ASCII))
     else:
-        other = text.count("\ufffd") + sum(1 for c in text if not (c.isprintable() or c in "\n\r\t"))
+        other = text.count("\ufffd") + sum(1 for c in text if not (c.isprintable() or c in _TEXT_SPACES))
     return text if other <= 0.1 * len(text) else None
 
 

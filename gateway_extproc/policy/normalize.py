@@ -277,6 +277,15 @@ def rendered(text: str) -> list[Normalized]:
 SHOWN_REACH = 512  # (a value and its markup: a card over four table cells, a key over a few joins)
 
 
+def json_rendered(text: str) -> list[Normalized]:
+    """`rendered` for each string of a JSON text (tool-call arguments, a message that is JSON),
+    mapped to its place in `text`."""
+    if "<" not in text and "+" not in text:
+        return []
+    return [_shifted(shown, m.start(1) + 1, len(text)) for m in _JSON_TOKEN.finditer(text)
+            if m.group(1) is not None for shown in rendered(m.group(1)[1:-1])]
+
+
 def _shifted(nz: Normalized, at: int, source_len: int) -> Normalized:
     """`nz` (of `text[at:…]`) mapped to offsets in `text` (an empty stretch at 0 moves them)."""
     spans = ((0, 0, at, at), *((ns, ne, os_ + at, oe + at) for ns, ne, os_, oe in nz._spans))
@@ -603,7 +612,16 @@ def normalize_json(text: str) -> Normalized | None:
             spans.append((n, n, o, o + 1))
             content = text[o + 1:oe - 1]
             if "\\" in content or not content.isascii():  # read as the JSON parser (and a model) reads it
-                content = _unescaped(content, o + 1, n, spans)
+                if "<" in content or "&" in content or "\\\\" in content:
+                    shown = _shown_string(content)
+                    spans.extend((n + ns, n + ne, o + 1 + os_, o + 1 + oe_) for ns, ne, os_, oe_ in shown._spans)
+                    content = shown.text
+                else:
+                    content = _unescaped(content, o + 1, n, spans)
+            elif "<" in content or "&" in content:
+                shown = _with_markup(content)
+                spans.extend((n + ns, n + ne, o + 1 + os_, o + 1 + oe_) for ns, ne, os_, oe_ in shown._spans)
+                content = shown.text
             out.append(content)
             n += len(content)
             spans.append((n, n, oe - 1, oe))
@@ -631,6 +649,33 @@ def normalize_json(text: str) -> Normalized | None:
                 out.append(digits)
                 n += len(digits)
     return Normalized("".join(out), len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),
+                      tuple(spans))
+
+
+def _shown_string(content: str) -> Normalized:
+    """A JSON string's content as parsed, then as any text is read: markup, references and
+    the escapes it holds (`\\u0040` parses as `\u0040`, which a model reads as `@`). A model
+    reads `4111<b></b>1111…` as a card whatever wraps it: until 2026-12-06, text sent as a
+    JSON object went out with them unread. The way back composes both steps' spans."""
+    parsed_spans: list[tuple[int, int, int, int]] = []
+    parsed = _unescaped(content, 0, 0, parsed_spans)
+    back = Normalized(parsed, len(content), tuple(sp[0] for sp in parsed_spans),
+                      tuple(sp[2] for sp in parsed_spans), tuple(parsed_spans))
+    shown = _with_markup(parsed)
+    if not parsed_spans:
+        return shown
+    spans = [(ns, ne, back.start(ps), back.end(pe) if pe > ps else back.start(ps)) for ns, ne, ps, pe in shown._spans]
+    # A parse span (an escape) outside every markup span, placed by the markup step's offsets.
+    marks, k = shown._spans, 0
+    for ps, pe, os_, oe in parsed_spans:
+        while k < len(marks) and marks[k][3] <= ps:
+            k += 1
+        if k < len(marks) and marks[k][2] < pe:
+            continue  # (inside markup: its span covers it)
+        ne_, pe_ = (marks[k - 1][1], marks[k - 1][3]) if k else (0, 0)
+        spans.append((ne_ + ps - pe_, ne_ + pe - pe_, os_, oe))
+    spans.sort()
+    return Normalized(shown.text, len(content), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),
                       tuple(spans))
 
 

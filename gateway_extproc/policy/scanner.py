@@ -77,8 +77,8 @@ from .detectors import (
     texty,
 )
 
-from .normalize import (Normalized, digit_array, json_placeholder, json_quotes, normalize, normalize_json, rendered,
-                        tables)
+from .normalize import (Normalized, digit_array, json_placeholder, json_quotes, json_rendered, normalize, normalize_json,
+                        rendered, tables)
 from .prefilter import (BUILTIN_TRIGGERS, ENCODED_RUN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGERS,
                         SPACED_TRIGGERS, Trigger, phrase_trigger, regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
@@ -934,7 +934,7 @@ class Scanner:
             parts.append(nz.text)
             segs.append((i, pos, pos + len(nz.text), nz, s))
             pos += len(nz.text)
-            for shown in rendered(s) if arguments is None else ():  # read as shown too, apart
+            for shown in rendered(s) if arguments is None else json_rendered(s):  # read as shown too, apart
                 parts += ("\x1d", shown.text)  # (no value spans the two readings)
                 segs.append((i, pos + 1, pos + 1 + len(shown.text), shown, s))
                 pos += 1 + len(shown.text)
