@@ -246,6 +246,7 @@ def positives() -> list[Case]:
         for sep in (",", "|", "    ", " : "):  # other punctuation or more space: the carriers name it
             cases.append(Case("us_ssn", (rng.choice(ssn_carriers).format(grouped(d, [3, 2, 4], sep)),), d,
                               f"separator {sep!r}"))
+        cases.append(Case("us_ssn", (f"SSN [{', '.join(d)}] ok",), d, "a list of its digits"))
         tagged = grouped(d, [3, 2, 4], "<i></i>")
         cases.append(Case("us_ssn", (f'{{"note": "SSN {tagged}"}}',), d, "a JSON object, tags between the groups"))
         looks = d.replace("0", "O").replace("1", "l")  # letters that look like digits: dashed, or named

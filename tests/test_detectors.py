@@ -287,6 +287,15 @@ def test_an_ssn_with_look_alike_letters(text: str, expected: list[str]) -> None:
     assert found("us_ssn", text) == expected
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("SSN [0, 7, 8, 0, 5, 1, 1, 2, 0] ok", ["0, 7, 8, 0, 5, 1, 1, 2, 0"]), ("ssn: 0,7,8,0,5,1,1,2,0", ["0,7,8,0,5,1,1,2,0"]),
+    ("[0, 7, 8, 0, 5, 1, 1, 2, 0]", []),  # a list of digits: an SSN only after a context word
+    ("SSN [0, 7, 8, 0, 5, 1, 1, 2, 0, 3]", []), ("ssn 9, 0, 7, 8, 0, 5, 1, 1, 2, 0", []),  # part of a longer list
+])
+def test_an_ssn_as_a_list_of_its_digits(text: str, expected: list[str]) -> None:
+    assert found("us_ssn", text) == expected
+
+
 # -- IBAN ------------------------------------------------------------------------------
 
 IBAN_FORMATS = {  # country: BBAN layout (n digit, a upper-case letter, c alphanumeric)

@@ -738,8 +738,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                       # and glued to letters as one word (`ssn123-45-6789`, `123-45-6789th`)
                       rf"|(?:[A-Za-z]{{1,16}}+|_){_DASHED}(?:[A-Za-z]{{1,16}}+)?+_?+"
                       rf"(?![A-Za-z0-9_])|{_DASHED}(?:[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
-                      rf"|(?<![0-9]{WIDE_SEPC})[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
-                      rf"{_WIDE_END}|{_LOOKALIKE_SSN}", validate_ssn,
+                      rf"|(?<![0-9]{WIDE_SEPC})(?<![0-9]{WIDE_SEPC}{{2}})(?:[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
+                      # (one digit per group, `[0, 7, 8, 0, 5, …]`: a list of its digits, as for cards)
+                      rf"|[0-9](?:{_WIDE_SEP}[0-9]){{8}}){_WIDE_END}|{_LOOKALIKE_SSN}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
         ),
         Detector(

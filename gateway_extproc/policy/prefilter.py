@@ -128,6 +128,11 @@ def phrase_trigger(phrase: str) -> Trigger:
 _WS = r"[\s\x1c-\x1f\x85\xa0?]"
 _LOOK = re.escape(LOOKALIKE)
 _MIXED = rf"(?:[0-9][ \-]?[{_LOOK}]|[{_LOOK}][ \-]?[0-9])"  # a digit beside a letter that looks like one
+# A number written one digit per group (`[4, 1, 1, …]`, a card's or an SSN's list of digits):
+# its first six, each alone (so no dotted quad or time fires it); up to 16 separators apart,
+# the other 13 in the tail.
+_DIGIT_LIST = Trigger(rf"[^0-9][0-9](?:{WIDE_SEP1}{{1,16}}[0-9]){{5}}{WIDE_SEP1}", som=False, reach=200,
+                      tail=13 * 33)
 # Look-alike letters among a number's digits (`4lll llll …`, `O78-O5-ll2O`: `_LOOKALIKE_CARD`,
 # `_LOOKALIKE_SSN`): a digit beside such a letter, three more either side (`gpt-4o` is none).
 _LOOKALIKE_DIGITS = Trigger(rf"(?:[0-9{_LOOK}][ \-]?){{3}}{_MIXED}|{_MIXED}(?:[ \-]?[0-9{_LOOK}]){{3}}",
@@ -196,15 +201,12 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
         (rf"-{_WS}{{0,2}}at{_WS}{{0,2}}-", True))),
     "credit_card": _DIGIT_RUNS + (Trigger(rf"[0-9]{{4}}{WIDE_SEPC}{{1,16}}[0-9]{{4}}", som=False, reach=26, tail=64),
                                   _ESCAPED_SEPARATORS,
-                                  # one digit per group: its first six, each alone (so no dotted quad or
-                                  # time fires it); up to 16 separators apart, the other 13 in the tail
-                                  Trigger(rf"[^0-9][0-9](?:{WIDE_SEP1}{{1,16}}[0-9]){{5}}{WIDE_SEP1}", som=False,
-                                          reach=200, tail=13 * 33),
+                                  _DIGIT_LIST,
                                   _LOOKALIKE_DIGITS,
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
-                                     reach=40, tail=8), _ESCAPED_SEPARATORS, _LOOKALIKE_DIGITS),
+                                     reach=40, tail=8), _ESCAPED_SEPARATORS, _LOOKALIKE_DIGITS, _DIGIT_LIST),
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
     "ipv4": (Trigger(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", som=False, reach=14, tail=8),),

@@ -855,7 +855,8 @@ class Scanner:
         specs = [(kind, _gated(source), v, mt) for kind, source, v, mt in specs]
         self = cls.__new__(cls)
         self._prefilter = None
-        self._triggers = (tuple(triggers), ascii_only)
+        # (once each: detectors share triggers, and a repeat is matched and collected again)
+        self._triggers = (tuple(dict.fromkeys(triggers)), ascii_only)
         combined = f"{BOUNDARY}(?:{'|'.join(s for _, s, _, _ in specs)})" if specs else f"{BOUNDARY}(?!)"
         self.pattern = re.compile(combined)
         self.rules = by_name
