@@ -230,6 +230,8 @@ def positives() -> list[Case]:
         if looks != d:
             cases.append(Case("credit_card", (f"card {grouped(looks, card_groups(d), ' ')} ok",), d,
                               "look-alike letters for digits"))
+            cases.append(Case("credit_card", (f"card {grouped(looks, card_groups(d), '.')} ok",), d,
+                              "look-alike letters, dots"))
         shown = grouped(d, card_groups(d), " ").replace(" ", "<b></b>", 1)  # markup renders as nothing
         cases.append(Case("credit_card", (f"card {shown} ok",), d, "a tag between two groups"))
         cases.append(Case("credit_card", (f'{{"note": "card {shown} ok"}}',), d,

@@ -179,18 +179,21 @@ _GLUED_CARD = (r"(?:[A-Za-z]{1,16}+|_)[0-9]{13,19}+(?:[A-Za-z]{1,16}+)?+_?+(?![A
 
 # A card with letters that look like digits among its digits (`4lll llll llll llll`,
 # `4111 1O11 …`: l, I and | for 1, O and o for 0), printed whole or in 4-4-4-4(-3) / 4-6-5
-# groups: a reader takes it for the number. At least one real digit and one such letter
-# (`_lookalike_card`); never inside a word.
+# groups (apart by a space, dash, dot, slash, tab or line break): a reader takes it for the
+# number. At least one real digit and one such letter (`_lookalike_card`); never inside a word.
 LOOKALIKE = "OolI|"
 _LOOK = rf"[0-9{LOOKALIKE}]"
+LOOKALIKE_SEPS = " -./\t\r\n"
+_LOOK_SEP = rf"[{re.escape(LOOKALIKE_SEPS)}]"
 # (The whole run of such characters and single separators, a word after it apart (`… ok`),
 # which holds one such letter: a run that is all digits is the other forms' to read.)
-_LOOKALIKE_CARD = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,22}}[{LOOKALIKE}])"
-                   rf"(?:{_LOOK}{{4}}(?:[ \-]?+{_LOOK}{{4}}){{3}}(?:[ \-]?+{_LOOK}{{3}})?+"
-                   rf"|{_LOOK}{{4}}[ \-]?+{_LOOK}{{6}}[ \-]?+{_LOOK}{{5}})(?![A-Za-z0-9_|]|[ \-]{_LOOK}(?![A-Za-z]))")
+_LOOKALIKE_CARD = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}{_LOOK_SEP})(?=[0-9{re.escape(LOOKALIKE_SEPS)}]{{0,22}}[{LOOKALIKE}])"
+                   rf"(?:{_LOOK}{{4}}(?:{_LOOK_SEP}?+{_LOOK}{{4}}){{3}}(?:{_LOOK_SEP}?+{_LOOK}{{3}})?+"
+                   rf"|{_LOOK}{{4}}{_LOOK_SEP}?+{_LOOK}{{6}}{_LOOK_SEP}?+{_LOOK}{{5}})"
+                   rf"(?![A-Za-z0-9_|]|{_LOOK_SEP}{_LOOK}(?![A-Za-z]))")
 _LOOKALIKE_RE = re.compile(_LOOKALIKE_CARD)
 _READ_AS_DIGITS = str.maketrans(LOOKALIKE, "00111")
-_AS_DIGITS = str.maketrans(LOOKALIKE, "00111", " -")
+_AS_DIGITS = str.maketrans(LOOKALIKE, "00111", LOOKALIKE_SEPS)
 # An SSN so (`O78-O5-ll2O`): AAA-GG-SSSS, dashed; spaced only after a context word
 # (`ssn_context_ok`: `lol 12 1234` is no SSN). At least one real digit (`validate_ssn`).
 _LOOKALIKE_SSN = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,10}}[{LOOKALIKE}])"

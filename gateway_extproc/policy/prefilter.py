@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import DIGIT_WORDS, LOOKALIKE, MAX_KEY_BODY, WIDE_SEP1, WIDE_SEPC, phrase_char, wrapped_end, wrapped_start
+from .detectors import DIGIT_WORDS, LOOKALIKE, LOOKALIKE_SEPS, MAX_KEY_BODY, WIDE_SEP1, WIDE_SEPC, phrase_char, wrapped_end, wrapped_start
 
 try:
     import hyperscan
@@ -126,17 +126,21 @@ def phrase_trigger(phrase: str) -> Trigger:
 # What the regex's \s takes: the string boundary U+001F too, and Unicode spaces (not in a
 # normalized text: NBSP, U+3000...).
 _WS = r"[\s\x1c-\x1f\x85\xa0?]"
-_LOOK = re.escape(LOOKALIKE)
-_MIXED = rf"(?:[0-9][ \-]?[{_LOOK}]|[{_LOOK}][ \-]?[0-9])"  # a digit beside a letter that looks like one
+_LOOK, _LOOK_SEP = re.escape(LOOKALIKE), f"[{re.escape(LOOKALIKE_SEPS)}]"
+_MIXED = rf"(?:[0-9]{_LOOK_SEP}?[{_LOOK}]|[{_LOOK}]{_LOOK_SEP}?[0-9])"  # a digit beside a letter that looks like one
 # A number written one digit per group (`[4, 1, 1, …]`, a card's or an SSN's list of digits):
 # its first six, each alone (so no dotted quad or time fires it); up to 16 separators apart,
 # the other 13 in the tail.
 _DIGIT_LIST = Trigger(rf"[^0-9][0-9](?:{WIDE_SEP1}{{1,16}}[0-9]){{5}}{WIDE_SEP1}", som=False, reach=200,
                       tail=13 * 33)
 # Look-alike letters among a number's digits (`4lll llll …`, `O78-O5-ll2O`: `_LOOKALIKE_CARD`,
-# `_LOOKALIKE_SSN`): a digit beside such a letter, three more either side (`gpt-4o` is none).
-_LOOKALIKE_DIGITS = Trigger(rf"(?:[0-9{_LOOK}][ \-]?){{3}}{_MIXED}|{_MIXED}(?:[ \-]?[0-9{_LOOK}]){{3}}",
-                            som=False, reach=24, tail=24)
+# `_LOOKALIKE_SSN`): a digit beside such a letter, three more either side (`gpt-4o` is none),
+# not in a word (such a run never is: the `o` of `to 3600` or of `4.12.3 of` fired on every
+# such phrase in mixed text, 1,284 windows a megabyte).
+_NOT_IN_WORD = rf"(?:[^A-Za-z_]|[{_LOOK}])"
+_LOOKALIKE_DIGITS = Trigger(rf"(?:^|{_NOT_IN_WORD})(?:(?:[0-9{_LOOK}]{_LOOK_SEP}?){{3}}{_MIXED}"
+                            rf"|{_MIXED}(?:{_LOOK_SEP}?[0-9{_LOOK}]){{3}})(?:{_NOT_IN_WORD}|$)",
+                            som=False, reach=25, tail=24)
 # Digits either side of separators with an escape among them (`4111\n1111`, `078\t05`: an
 # escape is two characters, `detectors.WIDE_SEP1`); apart from the one-character triggers, which
 # fire on every date and time and would read wider windows for them. The escape may be between
