@@ -281,14 +281,15 @@ def test_ssn_without_separators_needs_context(text: str, expected: list[str]) ->
     ("lol 12 1234", []), ("O78 O5 1120", []),  # spaced: only after a context word
     ("lOl-Ol-lOlO", []),  # no real digit: words
     ("O00-12-3456", []), ("l23-OO-4567", []),  # read as digits, still an invalid SSN
-    ("x O78-O5-1120-5", []), ("ssn O78-O5-11205", []),  # part of a longer number
+    ("x O78-O5-1120-5", []), ("ssn O78-O5-11205", []), ("4.O78-O5-1120", []),  # part of a longer number
 ])
 def test_an_ssn_with_look_alike_letters(text: str, expected: list[str]) -> None:
     assert found("us_ssn", text) == expected
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("SSN [0, 7, 8, 0, 5, 1, 1, 2, 0] ok", ["0, 7, 8, 0, 5, 1, 1, 2, 0"]), ("ssn: 0,7,8,0,5,1,1,2,0", ["0,7,8,0,5,1,1,2,0"]),
+    ("SSN [0, 7, 8, 0, 5, 1, 1, 2, 0] ok", ["0, 7, 8, 0, 5, 1, 1, 2, 0"]),
+    ("ssn: 0,7,8,0,5,1,1,2,0", ["0,7,8,0,5,1,1,2,0"]),
     ("[0, 7, 8, 0, 5, 1, 1, 2, 0]", []),  # a list of digits: an SSN only after a context word
     ("SSN [0, 7, 8, 0, 5, 1, 1, 2, 0, 3]", []), ("ssn 9, 0, 7, 8, 0, 5, 1, 1, 2, 0", []),  # part of a longer list
 ])

@@ -187,7 +187,8 @@ LOOKALIKE_SEPS = " -./\t\r\n"
 _LOOK_SEP = rf"[{re.escape(LOOKALIKE_SEPS)}]"
 # (The whole run of such characters and single separators, a word after it apart (`… ok`),
 # which holds one such letter: a run that is all digits is the other forms' to read.)
-_LOOKALIKE_CARD = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}{_LOOK_SEP})(?=[0-9{re.escape(LOOKALIKE_SEPS)}]{{0,22}}[{LOOKALIKE}])"
+_LOOKALIKE_CARD = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}{_LOOK_SEP})"
+                   rf"(?=[0-9{re.escape(LOOKALIKE_SEPS)}]{{0,22}}[{LOOKALIKE}])"
                    rf"(?:{_LOOK}{{4}}(?:{_LOOK_SEP}?+{_LOOK}{{4}}){{3}}(?:{_LOOK_SEP}?+{_LOOK}{{3}})?+"
                    rf"|{_LOOK}{{4}}{_LOOK_SEP}?+{_LOOK}{{6}}{_LOOK_SEP}?+{_LOOK}{{5}})"
                    rf"(?![A-Za-z0-9_|]|{_LOOK_SEP}{_LOOK}(?![A-Za-z]))")
@@ -196,8 +197,9 @@ _READ_AS_DIGITS = str.maketrans(LOOKALIKE, "00111")
 _AS_DIGITS = str.maketrans(LOOKALIKE, "00111", LOOKALIKE_SEPS)
 # An SSN so (`O78-O5-ll2O`): AAA-GG-SSSS, dashed; spaced only after a context word
 # (`ssn_context_ok`: `lol 12 1234` is no SSN). At least one real digit (`validate_ssn`).
-_LOOKALIKE_SSN = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}[ \-])(?=[0-9 \-]{{0,10}}[{LOOKALIKE}])"
-                  rf"{_LOOK}{{3}}(?:-{_LOOK}{{2}}-| {_LOOK}{{2}} ){_LOOK}{{4}}(?![A-Za-z0-9_|]|[ \-]{_LOOK}(?![A-Za-z]))")
+_LOOKALIKE_SSN = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}{_LOOK_SEP})(?=[0-9 \-]{{0,10}}[{LOOKALIKE}])"
+                  rf"{_LOOK}{{3}}(?:-{_LOOK}{{2}}-| {_LOOK}{{2}} ){_LOOK}{{4}}"
+                  rf"(?![A-Za-z0-9_|]|{_LOOK_SEP}{_LOOK}(?![A-Za-z]))")
 _LOOKALIKE_SSN_RE = re.compile(_LOOKALIKE_SSN)
 
 
@@ -741,7 +743,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                       # and glued to letters as one word (`ssn123-45-6789`, `123-45-6789th`)
                       rf"|(?:[A-Za-z]{{1,16}}+|_){_DASHED}(?:[A-Za-z]{{1,16}}+)?+_?+"
                       rf"(?![A-Za-z0-9_])|{_DASHED}(?:[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
-                      rf"|(?<![0-9]{WIDE_SEPC})(?<![0-9]{WIDE_SEPC}{{2}})(?:[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
+                      rf"|(?<![0-9]{WIDE_SEPC})(?<![0-9]{WIDE_SEPC}{{2}})"
+                      rf"(?:[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
                       # (one digit per group, `[0, 7, 8, 0, 5, …]`: a list of its digits, as for cards)
                       rf"|[0-9](?:{_WIDE_SEP}[0-9]){{8}}){_WIDE_END}|{_LOOKALIKE_SSN}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import DIGIT_WORDS, LOOKALIKE, LOOKALIKE_SEPS, MAX_KEY_BODY, WIDE_SEP1, WIDE_SEPC, phrase_char, wrapped_end, wrapped_start
+from .detectors import (DIGIT_WORDS, LOOKALIKE, LOOKALIKE_SEPS, MAX_KEY_BODY, WIDE_SEP1, WIDE_SEPC, phrase_char,
+                        wrapped_end, wrapped_start)
 
 try:
     import hyperscan

@@ -77,8 +77,8 @@ from .detectors import (
     texty,
 )
 
-from .normalize import (Normalized, digit_array, json_placeholder, json_quotes, json_rendered, normalize, normalize_json,
-                        rendered, tables)
+from .normalize import (Normalized, digit_array, json_placeholder, json_quotes, json_rendered, normalize,
+                        normalize_json, rendered, tables)
 from .prefilter import (BUILTIN_TRIGGERS, ENCODED_RUN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGERS,
                         SPACED_TRIGGERS, Trigger, phrase_trigger, regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
