@@ -16,6 +16,7 @@ import yaml
 from gateway_extproc import api, config
 from gateway_extproc.localstack import envoy_binary
 from gateway_extproc.processors.router import KNOWN_METHODS, UNKNOWN_PATH
+from gateway_extproc.processors import responses
 from gateway_extproc.render import CHART, RenderError, chart_values, render_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,22 @@ def test_envoy_dir_is_the_current_render_of_the_defaults() -> None:
     rendered = render_values(chart_values([]))
     for name, text in rendered.items():
         assert (REPO / "envoy" / name).read_text() == text, f"envoy/{name} is stale: run `make envoy-config`"
+
+
+def test_every_status_refused_after_the_body_has_its_route() -> None:
+    """processors/responses.refusal_after_body: a route per status that waits for the whole
+    body (the buffer filter, off on every other route) and answers with that status."""
+    envoy = yaml.safe_load(render_values(chart_values([LOCAL]))["envoy.yaml"])
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]][-2:] == ["envoy.filters.http.buffer", "envoy.filters.http.router"]
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    assert host["typed_per_filter_config"]["envoy.filters.http.buffer"]["disabled"] is True
+    refusals = {r["match"]["headers"][0]["string_match"]["exact"]: r for r in host["routes"]
+                if r["match"].get("headers", [{}])[0].get("name") == "x-gateway-refusal-status"}
+    assert set(refusals) == {str(s) for s in responses.REFUSED_AFTER_BODY}
+    for status, route in refusals.items():
+        assert route["direct_response"] == {"status": int(status)}
+        assert route["typed_per_filter_config"]["envoy.filters.http.buffer"]["buffer"]["max_request_bytes"] > 0
 
 
 def test_credentials_are_injected_natively_unless_an_attempt_needs_body_work() -> None:

@@ -24,7 +24,8 @@ from google.protobuf import json_format
 
 from gateway_extproc import config, keys
 from gateway_extproc.budgets import settlements
-from gateway_extproc.processors import router
+from gateway_extproc import admission
+from gateway_extproc.processors import responses, router
 from gateway_extproc.processors.router import RouterProcessor
 from gateway_extproc.render import chart_values, render_values
 from gateway_extproc.runtime import Runtime
@@ -148,6 +149,30 @@ def assert_error(resp: ep.ProcessingResponse, status: int, code: str, param: str
     assert set(body["error"]) == {"message", "type", "code", "param"}
 
 
+def refusal(resp: ep.ProcessingResponse) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """A refusal left to the chart's refusal route (responses.refusal_after_body): its
+    status, body and the request headers it set."""
+    assert resp.WhichOneof("response") == "request_headers"
+    mode = resp.mode_override
+    assert mode.request_body_mode == processing_mode_pb2.ProcessingMode.NONE  # the body never comes here
+    assert mode.response_header_mode == processing_mode_pb2.ProcessingMode.SKIP
+    common = resp.request_headers.response
+    assert common.clear_route_cache
+    sets = set_headers(common)
+    assert set(sets) <= {"x-gateway-refusal", "x-gateway-refusal-status", "x-gateway-refusal-retry-after"}
+    return int(sets["x-gateway-refusal-status"]), orjson.loads(sets["x-gateway-refusal"]), sets
+
+
+def assert_refused(resp: ep.ProcessingResponse, status: int, code: str, after_body: bool) -> None:
+    """An error in the OpenAI shape: at once, or (`after_body`) once the body is in."""
+    if not after_body:
+        assert_error(resp, status, code)
+        return
+    got_status, body, _ = refusal(resp)
+    assert got_status == status and body["error"]["code"] == code
+    assert set(body["error"]) == {"message", "type", "code", "param"}
+
+
 def sent_body(resp: ep.ProcessingResponse) -> dict[str, Any] | None:
     common = resp.request_body.response
     return orjson.loads(common.body_mutation.body) if common.HasField("body_mutation") else None
@@ -212,7 +237,30 @@ async def test_models_list_shows_only_allowed_models(proc: RouterProcessor, key:
         "no-content-type", "too-large", "no-body"])
 async def test_request_headers_rejections(proc: RouterProcessor, message: ep.ProcessingRequest, status: int,
                                           code: str) -> None:
-    assert_error(await proc.handle(message), status, code)
+    """A known caller's refusal with a body on its way goes out once the body is in (415
+    here); an unknown caller's, or one over the body limit, at once."""
+    after_body = status in responses.REFUSED_AFTER_BODY and not message.request_headers.end_of_stream
+    assert_refused(await proc.handle(message), status, code, after_body)
+
+
+async def test_a_refusal_after_the_body_keeps_retry_after_and_drops_the_callers_own(
+        proc: RouterProcessor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gateway_busy at the headers (the bodies announced ahead of this one fill the
+    process's share) keeps its `Retry-After: 1`; a caller's own x-gateway-refusal-retry-after
+    never becomes a refusal's retry-after; a body with no more to come is answered at once."""
+    monkeypatch.setattr(admission, "LARGE_BYTES", 100)
+    monkeypatch.setattr(router, "BODY_WORK", admission.BodyWork(budget=1000))
+    first = await proc.handle(req_headers(content_length="900"))
+    assert first.mode_override.request_body_mode == processing_mode_pb2.ProcessingMode.BUFFERED  # let in
+    status, body, sets = refusal(await RouterProcessor(proc.runtime).handle(
+        req_headers(content_length="900", x_gateway_refusal_retry_after="evil")))
+    assert (status, body["error"]["code"], sets["x-gateway-refusal-retry-after"]) == (503, "gateway_busy", "1")
+    plain = await RouterProcessor(proc.runtime).handle(
+        req_headers(content_type="text/plain", x_gateway_refusal_retry_after="evil"))
+    assert refusal(plain)[0] == 415
+    assert plain.request_headers.response.header_mutation.remove_headers == ["x-gateway-refusal-retry-after"]
+    assert_error(await RouterProcessor(proc.runtime).handle(req_headers(content_type="text/plain", end=True)),
+                 415, "unsupported_media_type")
 
 
 async def test_unknown_endpoint_message_lists_the_endpoints_and_never_quotes_the_path(proc: RouterProcessor) -> None:

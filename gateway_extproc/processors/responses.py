@@ -26,6 +26,16 @@ _PROCESS_RESPONSE = processing_mode_pb2.ProcessingMode(
     request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
     response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
 METADATA_NAMESPACE = "gw"  # the chart's metadata_options.receiving_namespaces
+# Statuses the chart has a refusal route for (`refusal_after_body`), and the request header
+# its route answers with as `retry-after`.
+REFUSED_AFTER_BODY = (415, 503)
+REFUSAL_RETRY_AFTER = "x-gateway-refusal-retry-after"
+# Neither the rest of a refused request nor its answer comes to the ext_proc.
+_NOTHING_MORE = processing_mode_pb2.ProcessingMode(
+    request_header_mode=SEND, request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    response_header_mode=processing_mode_pb2.ProcessingMode.SKIP, response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
 
 
 def header_pairs(msg: ep.HttpHeaders) -> list[tuple[str, bytes]]:
@@ -136,5 +146,22 @@ def immediate(status: int, body: bytes, details: str,
 
 def error(err: GatewayError) -> ep.ProcessingResponse:
     return immediate(err.status, err.body(), f"gw_{err.code}", (*_JSON, *err.headers.items()))
+
+
+def refusal_after_body(err: GatewayError) -> ep.ProcessingResponse:
+    """`err` (a status in REFUSED_AFTER_BODY) for a client still sending its body. Answered
+    at once, Envoy closes an HTTP/1 connection with the body unread (the kernel resets it) or
+    resets the HTTP/2 stream, and a client that writes its whole body before it reads (httpx,
+    the SDKs) sees the break, not the answer. The chart's refusal route for the status reads
+    the body to its end (the buffer filter; the body never comes here), then answers with
+    this error's body and `retry-after`."""
+    refusal = {"x-gateway-refusal": err.body(), "x-gateway-refusal-status": str(err.status)}
+    retry_after = err.headers.get("retry-after")
+    if retry_after is not None:
+        refusal[REFUSAL_RETRY_AFTER] = retry_after
+    # (a caller's own x-gateway-refusal-retry-after would else be its refusal's retry-after)
+    edit = mutation(refusal, remove=() if retry_after is not None else (REFUSAL_RETRY_AFTER,))
+    return ep.ProcessingResponse(request_headers=_reply(common(edit, clear_route_cache=True)),
+                                 mode_override=_NOTHING_MORE)
 
 

@@ -145,7 +145,14 @@ class RouterProcessor:
         kind = req.WhichOneof("request")
         try:
             if kind == "request_headers":
-                return await self.request_headers(req.request_headers, req.metadata_context)
+                try:
+                    return await self.request_headers(req.request_headers, req.metadata_context)
+                except GatewayError as err:
+                    # A known caller's body is on its way: refused once it is in.
+                    if self.key is not None and err.status in r.REFUSED_AFTER_BODY \
+                            and not req.request_headers.end_of_stream:
+                        return self.reject(err, r.refusal_after_body(err))
+                    raise
             if kind == "request_body":
                 return await self.request_body(req.request_body)
         except GatewayError as err:
@@ -648,12 +655,12 @@ class RouterProcessor:
 
     # -- outcomes ------------------------------------------------------------------------
 
-    def reject(self, err: GatewayError) -> ep.ProcessingResponse:
+    def reject(self, err: GatewayError, reply: ep.ProcessingResponse | None = None) -> ep.ProcessingResponse:
         self.status, self.error_code = err.status, err.code
         if self.trace is not None:
             self.trace.event("gateway.rejected", code=err.code, status=err.status)
         self.log()
-        return r.error(err)
+        return reply or r.error(err)
 
     def answer(self, status: int, body: bytes) -> ep.ProcessingResponse:
         self.status = status

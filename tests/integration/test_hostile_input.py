@@ -714,8 +714,8 @@ def test_a_burst_of_huge_prompts_is_refused_cleanly_and_spares_small_requests(ho
     failed as 503 gateway_unavailable, and small requests sent meanwhile failed the same way
     or waited seconds. Now each process works on 16 MiB of large bodies at a time and refuses
     the rest early (503 gateway_busy; at the headers when the bodies ahead of it, in line or
-    announced and on their way, are more than that, where a client still uploading may see
-    the connection close instead); every small request is served. Counting the announced
+    announced and on their way, are more than that: an HTTP/1 client gets that answer once
+    its body is in, never a reset); every small request is served. Counting the announced
     bodies matters at once: with only the line counted, all 64 passed their headers, 576 MB
     crossed to the ext_proc to be refused there, and small requests waited 4-5 s behind it
     (some past the 5 s message timeout: 503 gateway_unavailable)."""
@@ -740,8 +740,10 @@ def test_a_burst_of_huge_prompts_is_refused_cleanly_and_spares_small_requests(ho
             return bigs, await smalls
 
     bigs, smalls = asyncio.run(burst())
+    # Refused at the headers, each still got its answer: HTTP/1 refusals wait for the body's
+    # end (a connection reset before).
     answered = [r for r in bigs if isinstance(r, httpx.Response)]
-    assert all(isinstance(r, (httpx.Response, httpx.TransportError)) for r in bigs), bigs
+    assert len(answered) == count, [repr(r) for r in bigs if not isinstance(r, httpx.Response)][:5]
     outcomes = {(r.status_code, r.json()["error"]["code"] if r.status_code >= 400 else None) for r in answered}
     assert outcomes <= {(200, None), (429, "budget_exceeded"), (429, "rate_limited"), (503, "gateway_busy")}, outcomes
     assert all(r.headers.get("retry-after") == "1" for r in answered if r.status_code == 503)
@@ -749,6 +751,47 @@ def test_a_burst_of_huge_prompts_is_refused_cleanly_and_spares_small_requests(ho
     assert [r.status_code for r in smalls] == [200] * 20, [r.text[:200] for r in smalls if r.status_code != 200]
     watch.alive()
     watch.clean_log(watch.new_log())
+
+
+@pytest.mark.parametrize("http2", [False, True])
+def test_large_bodies_refused_at_their_headers_get_their_answers_not_resets(hostile: tuple[Gateway, Watch],
+                                                                            http2: bool) -> None:
+    """16 callers at once send a known key's 9 MB body that is refused at its headers (here
+    as `text/plain`). Answered at once, Envoy closed each HTTP/1 connection with the body
+    unread a second later and reset each HTTP/2 stream, and httpx (which writes the whole
+    body before it reads) saw the break, 15 of 16 times over HTTP/1, 16 of 16 over HTTP/2.
+    Now the answer waits for the body's end. The bodies never reach the ext_proc, and each
+    refusal is logged once, by the ext_proc, not again by Envoy."""
+    gw, watch = hostile
+    body = b'{"model": "default-chat", "messages": [{"role": "user", "content": "' + b"hello world " * 750_000 + b'"}]}'
+    auth = {"authorization": f"Bearer {gw.key}"}
+
+    async def burst() -> tuple[list[httpx.Response | BaseException], httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, http1=not http2, http2=http2,
+                                     limits=httpx.Limits(max_connections=32)) as http:
+            refused = await asyncio.gather(*[
+                http.post(f"{gw.url}/v1/chat/completions", content=body, headers={**auth, "content-type": "text/plain"})
+                for _ in range(16)], return_exceptions=True)
+            return refused, await http.post(f"{gw.url}/v1/chat/completions", headers=auth,
+                                            json={"model": "default-chat", "messages": HI})
+
+    refused, ok = asyncio.run(burst())
+    assert all(isinstance(r, httpx.Response) for r in refused), [repr(r) for r in refused][:5]
+    for resp in refused:
+        assert isinstance(resp, httpx.Response)
+        assert resp.status_code == 415, resp.text[:300]
+        assert resp.headers["content-type"] == "application/json"
+        assert "retry-after" not in resp.headers
+        error = resp.json()["error"]
+        assert (error["code"], error["type"], error["param"]) == ("unsupported_media_type", "invalid_request_error", None)
+        assert "Content-Type: application/json" in error["message"]
+    assert ok.status_code == 200, ok.text[:300]
+    time.sleep(0.3)
+    log = watch.new_log()
+    assert log.count('"error_code":"unsupported_media_type"') == 16, log[-2000:]
+    assert "envoy_error" not in log
+    watch.alive()
+    watch.clean_log(log)
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,15 @@ static_resources:
           # http.invalid_authority), before any filter: malformed_http, never an empty body.
           local_reply_config:
             mappers:
+            - filter:
+                extension_filter:
+                  name: envoy.access_loggers.extension_filters.cel
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
+                    expression: "response.code_details == 'direct_response' && 'x-gateway-refusal' in request.headers"
+              body_format_override:
+                text_format_source: {inline_string: "%REQ(X-GATEWAY-REFUSAL)%"}
+                content_type: application/json
             {{- $d := "response.code_details" }}
             {{- $reset := printf "%s.startsWith('upstream_reset_before_response_started')" $d }}
             {{- $codec := printf "%s.startsWith('http1.') || %s.startsWith('http2.')" $d $d }}
@@ -203,7 +212,7 @@ static_resources:
                 name: envoy.access_loggers.extension_filters.cel
                 typed_config:
                   "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
-                  expression: "response.code >= 400 && response.code_details != 'via_upstream' && !response.code_details.startsWith('gw_')"
+                  expression: "response.code >= 400 && response.code_details != 'via_upstream' && !response.code_details.startsWith('gw_') && !('x-gateway-refusal' in request.headers)"
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
               log_format:
@@ -233,7 +242,34 @@ static_resources:
               domains: ["*"]
               # x-envoy-attempt-count on responses; the ext_proc renames it x-gateway-attempts.
               include_attempt_count_in_response: true
+              # The buffer filter waits for a whole body on the refusal routes alone.
+              typed_per_filter_config:
+                envoy.filters.http.buffer:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute
+                  disabled: true
               routes:
+              # A refusal the ext_proc decided at the request headers of a client that is still
+              # sending its body (processors/responses.py `refusal_after_body`). Sent at once,
+              # an HTTP/1 connection was closed with the body unread (envoyproxy/envoy#13781) and
+              # an HTTP/2 stream reset, and clients that write their whole body before they read
+              # (httpx, the SDKs) saw the break, not the refusal. Here the body is read to its
+              # end (never sent to the ext_proc), then the refusal goes out, its body the
+              # ext_proc's own (the first local-reply mapper).
+              {{- range $status := list 415 503 }}
+              - match:
+                  prefix: /
+                  headers:
+                  - name: x-gateway-refusal-status
+                    string_match: {exact: {{ $status | quote }}}
+                direct_response: {status: {{ $status }}}
+                response_headers_to_add:
+                - header: {key: retry-after, value: "%REQ(X-GATEWAY-REFUSAL-RETRY-AFTER)%"}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                typed_per_filter_config:
+                  envoy.filters.http.buffer:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute
+                    buffer: {max_request_bytes: {{ $v.envoy.maxRequestBytes }}}
+              {{- end }}
               {{- range $model := fromJsonArray (include "gateway-extproc.targets" $) }}
               - match:
                   prefix: /
@@ -322,6 +358,11 @@ static_resources:
                 # the claims jwt_authn verified (payload_in_metadata), never a header
                 forwarding_namespaces: {untyped: [envoy.filters.http.jwt_authn]}
                 {{- end }}
+          # Holds a body refused at its headers until it is all in (the refusal routes only).
+          - name: envoy.filters.http.buffer
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+              max_request_bytes: {{ $v.envoy.maxRequestBytes }}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
