@@ -11,14 +11,16 @@ before Envoy's message timeout. Small bodies never wait: they take microseconds.
 
 A request whose `content-length` announces a large body is refused at its headers already
 when the bodies ahead of it (waiting in line, or announced and still on their way) come to
-more than one budget with it, so Envoy neither sends nor keeps a body that would only wait
-and be refused. Counting the announced ones matters for a burst: 64 callers announce 9 MB
+more than one budget with it, so Envoy never sends here a body that would only wait and be
+refused. Counting the announced ones matters for a burst: 64 callers announce 9 MB
 each before any body has arrived, and with only the line counted every one was let through,
 so 576 MB crossed to the ext_proc to be refused there. Those bodies queued on the few HTTP/2
 connections Envoy keeps to a process, and small requests' messages waited behind them past
 the message timeout (503 `gateway_unavailable`). Nothing is reserved at the headers: an
 announcement counts for `WAIT_S` at most, so a client uploading slowly (or never) stops
-counting, and holds no share of the work it is not using.
+counting, and holds no share of the work it is not using. (The refusal itself goes out once
+the body is in, from Envoy, which reads the body but does not send it here:
+processors/responses.py `refusal_after_body`.)
 """
 
 from __future__ import annotations
