@@ -203,8 +203,9 @@ static_resources:
                 json_format:
                   error: {message: {{ index $m 4 | quote }}, type: {{ index $m 3 }}, code: {{ index $m 2 }}, param: null}
             {{- end }}
-          # One JSON line per reply Envoy makes itself (not the ext_proc's, not a provider's):
-          # the outcome and code of errors the ext_proc may never see (it may be down).
+          # One JSON line per reply Envoy makes itself (not the ext_proc's, a refusal route's
+          # included, nor a provider's): the outcome and code of errors the ext_proc may never
+          # see (it may be down).
           access_log:
           - name: envoy.access_loggers.stdout
             filter:
@@ -212,7 +213,7 @@ static_resources:
                 name: envoy.access_loggers.extension_filters.cel
                 typed_config:
                   "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
-                  expression: "response.code >= 400 && response.code_details != 'via_upstream' && !response.code_details.startsWith('gw_') && !('x-gateway-refusal' in request.headers)"
+                  expression: "response.code >= 400 && response.code_details != 'via_upstream' && !response.code_details.startsWith('gw_') && !(response.code_details == 'direct_response' && 'x-gateway-refusal' in request.headers)"
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
               log_format:
