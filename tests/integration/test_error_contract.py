@@ -48,6 +48,8 @@ def _envoy_statuses() -> dict[str, set[int]]:
     hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     out: dict[str, set[int]] = {}
     for m in hcm["local_reply_config"]["mappers"]:
+        if "json_format" not in m["body_format_override"]:
+            continue  # (the refusal routes': the ext_proc's own error, its own status)
         out.setdefault(m["body_format_override"]["json_format"]["error"]["code"], set()).add(m["status_code"])
     return out
 
