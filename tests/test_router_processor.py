@@ -22,9 +22,8 @@ from gateway_extproc._proto.envoy.extensions.filters.http.ext_proc.v3 import pro
 from gateway_extproc._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
-from gateway_extproc import config, keys
+from gateway_extproc import admission, api, config, keys
 from gateway_extproc.budgets import settlements
-from gateway_extproc import admission
 from gateway_extproc.processors import responses, router
 from gateway_extproc.processors.router import RouterProcessor
 from gateway_extproc.render import chart_values, render_values
@@ -247,7 +246,8 @@ async def test_a_refusal_after_the_body_keeps_retry_after_and_drops_the_callers_
         proc: RouterProcessor, monkeypatch: pytest.MonkeyPatch) -> None:
     """gateway_busy at the headers (the bodies announced ahead of this one fill the
     process's share) keeps its `Retry-After: 1`; a caller's own x-gateway-refusal-retry-after
-    never becomes a refusal's retry-after; a body with no more to come is answered at once."""
+    never becomes a refusal's retry-after; a body with no more to come, or headers with no
+    room for the refusal's, are answered at once."""
     monkeypatch.setattr(admission, "LARGE_BYTES", 100)
     monkeypatch.setattr(router, "BODY_WORK", admission.BodyWork(budget=1000))
     first = await proc.handle(req_headers(content_length="900"))
@@ -260,6 +260,10 @@ async def test_a_refusal_after_the_body_keeps_retry_after_and_drops_the_callers_
     assert refusal(plain)[0] == 415
     assert plain.request_headers.response.header_mutation.remove_headers == ["x-gateway-refusal-retry-after"]
     assert_error(await RouterProcessor(proc.runtime).handle(req_headers(content_type="text/plain", end=True)),
+                 415, "unsupported_media_type")
+    # Headers that leave no room for the refusal's: Envoy would fail the mutation (a 503).
+    crowded = {f"x-h{i}": "v" for i in range(api.MAX_HEADER_COUNT)}
+    assert_error(await RouterProcessor(proc.runtime).handle(req_headers(content_type="text/plain", **crowded)),
                  415, "unsupported_media_type")
 
 

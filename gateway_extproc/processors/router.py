@@ -148,9 +148,11 @@ class RouterProcessor:
                 try:
                     return await self.request_headers(req.request_headers, req.metadata_context)
                 except GatewayError as err:
-                    # A known caller's body is on its way: refused once it is in.
+                    # A known caller's body is on its way: refused once it is in (when its
+                    # headers leave room for the refusal's: Envoy fails a mutation over its limits).
                     if self.key is not None and err.status in r.REFUSED_AFTER_BODY \
-                            and not req.request_headers.end_of_stream:
+                            and not req.request_headers.end_of_stream \
+                            and api.headers_fit(*r.header_load(r.header_pairs(req.request_headers))):
                         return self.reject(err, r.refusal_after_body(err))
                     raise
             if kind == "request_body":
@@ -660,7 +662,7 @@ class RouterProcessor:
         if self.trace is not None:
             self.trace.event("gateway.rejected", code=err.code, status=err.status)
         self.log()
-        return reply or r.error(err)
+        return reply if reply is not None else r.error(err)
 
     def answer(self, status: int, body: bytes) -> ep.ProcessingResponse:
         self.status = status
