@@ -15,8 +15,8 @@ import yaml
 
 from gateway_extproc import api, config
 from gateway_extproc.localstack import envoy_binary
-from gateway_extproc.processors.router import KNOWN_METHODS, UNKNOWN_PATH
 from gateway_extproc.processors import responses
+from gateway_extproc.processors.router import KNOWN_METHODS, UNKNOWN_PATH
 from gateway_extproc.render import CHART, RenderError, chart_values, render_values
 
 REPO = Path(__file__).resolve().parents[1]

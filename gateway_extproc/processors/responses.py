@@ -18,13 +18,14 @@ _JSON = (("content-type", "application/json"),)
 STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 SEND = processing_mode_pb2.ProcessingMode.SEND
+SKIP = processing_mode_pb2.ProcessingMode.SKIP
+NONE = processing_mode_pb2.ProcessingMode.NONE
 # The router filter's processing once its request headers are answered (the chart's filter
 # config skips the response until then): request and response bodies buffered, response
 # headers sent, no trailers.
 _PROCESS_RESPONSE = processing_mode_pb2.ProcessingMode(
     request_header_mode=SEND, request_body_mode=BUFFERED, response_header_mode=SEND, response_body_mode=BUFFERED,
-    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
-    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
+    request_trailer_mode=SKIP, response_trailer_mode=SKIP)
 METADATA_NAMESPACE = "gw"  # the chart's metadata_options.receiving_namespaces
 # Statuses the chart has a refusal route for (`refusal_after_body`), and the request header
 # its route answers with as `retry-after`.
@@ -32,10 +33,8 @@ REFUSED_AFTER_BODY = (415, 503)
 REFUSAL_RETRY_AFTER = "x-gateway-refusal-retry-after"
 # Neither the rest of a refused request nor its answer comes to the ext_proc.
 _NOTHING_MORE = processing_mode_pb2.ProcessingMode(
-    request_header_mode=SEND, request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
-    response_header_mode=processing_mode_pb2.ProcessingMode.SKIP, response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
-    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
-    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
+    request_header_mode=SEND, request_body_mode=NONE, response_header_mode=SKIP, response_body_mode=NONE,
+    request_trailer_mode=SKIP, response_trailer_mode=SKIP)
 
 
 def header_pairs(msg: ep.HttpHeaders) -> list[tuple[str, bytes]]:
