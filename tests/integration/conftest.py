@@ -31,6 +31,19 @@ DEMO_KEY = "gwk_demo_local-only-demo-key-not-for-production"
 BEDROCK_KEY_ID = "AKIDGATEWAYTEST"  # the Bedrock provider signs with BEDROCK_KEY_ID and the backup key
 
 
+def audit_records(audit: Path, crashed: bool = False) -> list[dict[str, Any]]:
+    """Every record line of an audit directory, strictly parsed. After a SIGKILL (`crashed`) a
+    segment may end in a line the kill cut short mid-write; the restarted writer names it in
+    its signed resume checkpoint, which `audit verify` checks (docs/audit.md, Durability)."""
+    out = []
+    for seg in sorted(audit.rglob("*.jsonl")):
+        lines = seg.read_bytes().split(b"\n")
+        if crashed:
+            lines.pop()  # b"" after a whole last line, else the cut one
+        out += [orjson.loads(x) for x in lines if x]
+    return out
+
+
 @dataclass
 class Gateway:
     stack: LocalStack

@@ -22,7 +22,7 @@ import pytest
 
 from gateway_extproc.audit import chain as chain_mod
 
-from .conftest import Gateway, build_gateway
+from .conftest import Gateway, audit_records as records, build_gateway
 
 EMAIL = "jane.doe@example.com"
 CARD = "4111 1111 1111 1111"
@@ -44,13 +44,6 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def records(audit: Path) -> list[dict]:
-    out = []
-    for seg in sorted(audit.rglob("*.jsonl")):
-        out += [orjson.loads(x) for x in seg.read_bytes().split(b"\n") if x]
-    return out
 
 
 async def burst(gw: Gateway, n: int) -> list[int]:
@@ -514,7 +507,8 @@ def test_every_request_through_two_replicas_under_faults_has_exactly_one_record(
             shutil.copy(gw.stack.workdir / "audit-signing.key.pub", tmp_path / f"{name}.pub")
     dirs = [tmp_path / "a", tmp_path / "b"]
     pub = [tmp_path / "a.pub", tmp_path / "b.pub"]
-    recs = [r for d in dirs for r in records(d) if r["type"] == "request" and r["path"] == "/v1/chat/completions"]
+    recs = [r for d in dirs for r in records(d, crashed=True)
+            if r["type"] == "request" and r["path"] == "/v1/chat/completions"]
     seen: dict[str, list[dict]] = {}
     for r in recs:
         seen.setdefault(r["request_id"], []).append(r)

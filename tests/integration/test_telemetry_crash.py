@@ -23,11 +23,10 @@ from typing import Any
 
 import httpx
 import openai
-import orjson
 import pytest
 
 from ..redis_server import RedisServer
-from .conftest import Gateway, all_healthy, running_gateway, workers
+from .conftest import Gateway, all_healthy, audit_records, running_gateway, workers
 
 WORKERS = 2
 
@@ -119,13 +118,10 @@ def test_a_worker_killed_mid_burst_leaves_one_record_per_answer_and_valid_exposi
                           "--public-key", str(pub)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "BAD" not in out.stdout, out.stdout
     ids: Counter[str] = Counter()
-    for seg in audit.rglob("*.jsonl"):
-        text = seg.read_text()
-        assert text.splitlines() == text.split("\n")[:-1] or text.splitlines() == text.split("\n")
-        for line in text.split("\n"):
-            if line and (rec := orjson.loads(line))["type"] == "request":
-                assert rec.get("team") != "finance"
-                ids[rec["request_id"]] += 1
+    for rec in audit_records(audit, crashed=True):
+        if rec["type"] == "request":
+            assert rec.get("team") != "finance"
+            ids[rec["request_id"]] += 1
     # The killed worker's events still queued (the writer's last ~50 ms, docs/audit.md
     # "Durability") are lost with it: a request or two answered just before the kill.
     # (answered by then: a loaded machine may hold the answer back a while after the record was queued)
