@@ -234,6 +234,9 @@ _JOIN = r"[\"'`]\s{0,16}\+\s{0,16}[\"'`]"
 _SHOWN = _markup(r"[^<>]", "|" + _JOIN)
 _JOIN_RE = re.compile(_JOIN)
 _TAG_HOLDING = re.compile(rf"{_TAG}\s[^<>]{{0,200}}?[\d@＠]")  # a tag whose attributes hold a digit or `@`
+_WHOLE_TAG = re.compile(rf"{_TAG}\s[^<>]{{0,200}}>")  # (as `_MARKUP` reads a tag with attributes)
+_HOLDS = re.compile("[\\d@＠]")
+_TAGS_SHOWN = _markup(r"[^<>]")  # (`_SHOWN` without the joins: a stream has no join cut at a delta's end)
 
 
 # Named references the e-mail rule reads as written-out forms of `@` and `.` (`jane at
@@ -275,6 +278,21 @@ def rendered(text: str) -> list[Normalized]:
 
 
 SHOWN_REACH = 512  # (a value and its markup: a card over four table cells, a key over a few joins)
+
+
+def tags_holding(text: str) -> list[tuple[int, int]]:
+    """The spans of the whole tags in `text` whose attributes hold a digit or an `@`: those
+    `normalize` reads as written."""
+    if "<" not in text:
+        return []
+    return [m.span() for m in _WHOLE_TAG.finditer(text) if _HOLDS.search(m.group())]
+
+
+def tags_shown(text: str) -> Normalized:
+    """`text` normalized with every tag as nothing, also one whose attributes hold a digit or
+    an `@`: how a stream reads text with such tags, each of which it reads apart as written
+    (`StreamRedactor`), where a whole text is read both ways (`rendered`)."""
+    return _with_markup(text, _TAGS_SHOWN)
 
 
 def json_rendered(text: str) -> list[Normalized]:

@@ -34,7 +34,15 @@ import re
 from bisect import bisect_left, bisect_right
 
 from .detectors import DIGIT_WORDS, LOCAL_CHARS, SEP_CHARS, SPACES, hex_dump_start, number_words_start
-from .normalize import Normalized, escape_cut, json_placeholder, normalize, normalize_json_piece
+from .normalize import (
+    Normalized,
+    escape_cut,
+    json_placeholder,
+    normalize,
+    normalize_json_piece,
+    tags_holding,
+    tags_shown,
+)
 from .scanner import (
     Decision,
     DecisionParams,
@@ -263,7 +271,12 @@ class StreamRedactor:
             delta, self._pending = delta[:cut], delta[cut:]
             if not delta:
                 return ""
-            nz = normalize(delta)
+            tags = tags_holding(delta)
+            if tags:
+                delta = self._tags_apart(delta, tags)
+                if self.blocked:
+                    return ""
+            nz = tags_shown(delta) if tags else normalize(delta)
         if nz.text:
             n0 = self._base + len(self._buf)
             self._segs.append((n0, n0 + len(nz.text), self._rbase + len(self._raw), nz))
@@ -273,6 +286,33 @@ class StreamRedactor:
         if not nz.text:
             return ""
         return self._advance(final=False)
+
+    def _tags_apart(self, delta: str, tags: list[tuple[int, int]]) -> str:
+        """`delta` with the values inside its tags whose attributes hold a digit or an `@`
+        redacted, each tag read apart as written (the model reads `<a 4111 1111 1111 1111>` or
+        `<img alt="jane@example.com">`). The text around them is read as shown, each such tag
+        as nothing (`tags_shown`): read as written, `<td width=40>4111</td><td width=40>1111…`
+        hid a card in table cells (a whole text reads both ways, `normalize.rendered`). A tag
+        is whole in one delta: one cut at its end waits for the next (`_markup_cut`)."""
+        r0 = self._rbase + len(self._raw) - 1  # (offsets in the whole text, as `_original`'s)
+        batch = [Finding(f.rule, f.detector, r0 + a + f.start, r0 + a + f.end, f.value, f.index, f.score)
+                 for a, b in tags for f in self.scanner.scan(delta[a:b])]
+        if not batch:
+            return delta
+        decision = self.scanner.decide(batch, self.params)
+        self.decisions.append(decision)
+        self.findings.extend(batch)
+        if decision.block:
+            self._block(decision, self._base + len(self._buf))
+            return ""
+        out, at = [], 0
+        for f in sorted(decision.redact, key=lambda f: f.start):
+            start, end = f.start - r0, f.end - r0
+            if start < at:  # (overlaps one already replaced)
+                continue
+            out += (delta[at:start], self.mapping.placeholder(_label(f.detector), f.value))
+            at = end
+        return "".join(out) + delta[at:]
 
     def _raw_start(self, n: int) -> int:
         """Raw offset of the character at normalized offset `n` (end of text: raw end)."""

@@ -110,13 +110,6 @@ def test_replies_reach_the_client_redacted_json(pii) -> None:
     assert missed == []
 
 
-# A stream reads each tag as written (a value may sit in its attributes) and not also as shown,
-# as a whole text does (`normalize.rendered`): cells whose attributes hold a digit split a card
-# (`<td width=40>4111</td><td width=40>1111</td>…`) that goes out in a streamed answer.
-# Known, in docs/classification.md; `test_a_card_in_table_cells_still_leaves_a_streamed_answer`.
-STREAM_GAP = "table cells with attributes"
-
-
 def streamed_reply(client: httpx.Client, gw: Gateway, case: Case) -> str:
     with client.stream("POST", f"{gw.url}/v1/chat/completions", headers={
             "authorization": f"Bearer {gw.key}",
@@ -134,14 +127,15 @@ def test_replies_reach_the_client_redacted_streamed(pii) -> None:
     gw, _ = pii
     with httpx.Client(timeout=30) as client:
         missed = [(case.detector, case.evasion) for case in OUTPUT_CASES
-                  if case.evasion != STREAM_GAP and leaks(streamed_reply(client, gw, case), case.canonical)]
+                  if leaks(streamed_reply(client, gw, case), case.canonical)]
     assert missed == []
 
 
-@pytest.mark.xfail(strict=True, reason="a stream does not read tags as shown (docs/classification.md)")
-def test_a_card_in_table_cells_still_leaves_a_streamed_answer(pii) -> None:
+def test_a_card_in_table_cells_leaves_a_streamed_answer_redacted(pii) -> None:
+    """Cells whose attributes hold a digit (`<td width=40>4111</td><td width=40>1111</td>…`)
+    split a card a stream read as written only: it went out until 2026-12-06."""
     gw, _ = pii
-    case = next(c for c in CASES if c.evasion == STREAM_GAP)
+    case = next(c for c in CASES if c.evasion == "table cells with attributes")
     with httpx.Client(timeout=30) as client:
         assert not leaks(streamed_reply(client, gw, case), case.canonical)
 
