@@ -294,9 +294,20 @@ class StreamRedactor:
         as nothing (`tags_shown`): read as written, `<td width=40>4111</td><td width=40>1111…`
         hid a card in table cells (a whole text reads both ways, `normalize.rendered`). A tag
         is whole in one delta: one cut at its end waits for the next (`_markup_cut`)."""
+        # One text for all of them, a line each (no value reads on past a tag's `>`): a delta
+        # of thousands of `<a 1>` is one scan, not thousands.
+        starts, at = [], 0
+        for a, b in tags:
+            starts.append(at)
+            at += b - a + 1
         r0 = self._rbase + len(self._raw) - 1  # (offsets in the whole text, as `_original`'s)
-        batch = [Finding(f.rule, f.detector, r0 + a + f.start, r0 + a + f.end, f.value, f.index, f.score)
-                 for a, b in tags for f in self.scanner.scan(delta[a:b])]
+
+        def where(i: int) -> int:  # an offset of the joined text, in the whole text
+            k = bisect_right(starts, i) - 1
+            return r0 + tags[k][0] + i - starts[k]
+
+        batch = [Finding(f.rule, f.detector, where(f.start), where(f.end - 1) + 1, f.value, f.index, f.score)
+                 for f in self.scanner.scan("\n".join(delta[a:b] for a, b in tags))]
         if not batch:
             return delta
         decision = self.scanner.decide(batch, self.params)
