@@ -427,7 +427,9 @@ def normalize_json_piece(text: str, in_string: bool, quotes: list[int] | None = 
     """A piece of JSON text streamed in pieces (tool-call arguments), read as its parser reads
     it, its syntax kept: string escapes decoded (`\\n` is a line break, `\\u0040` an `@`) and
     normalized, where the pieces of a stream cannot be parsed one by one (the caller keeps an
-    escape cut at the end of a piece for the next one: `escape_cut`); and a number outside
+    escape cut at the end of a piece for the next one: `escape_cut`); markup in a string read
+    as shown (`tags_shown`; the stream reads a tag that holds a digit or an `@` apart, as
+    written, and keeps markup cut at a piece's end for the next); and a number outside
     strings written with an exponent that is an integer of nine digits or more as its digits (as `normalize_json` reads a whole one:
     `4.111111111111111e15` is 4111111111111111 to the tool). `in_string`: the piece begins
     inside a string. Returns the normalized piece, whether it ends inside a string, and where
@@ -441,7 +443,11 @@ def normalize_json_piece(text: str, in_string: bool, quotes: list[int] | None = 
         if in_string:
             end = _STRING_REST.match(text, pos).end()  # type: ignore[union-attr]
             content = text[pos:end]
-            if "\\" in content or not content.isascii():
+            if "<" in content or "&" in content or "\\\\" in content:  # markup: read as shown
+                shown = _shown_string(content, _TAGS_SHOWN)
+                spans.extend((n + ns, n + ne, pos + os_, pos + oe_) for ns, ne, os_, oe_ in shown._spans)
+                content = shown.text
+            elif "\\" in content or not content.isascii():
                 content = _unescaped(content, pos, n, spans)
             if end < len(text) and text[end] == '"':  # its closing quote
                 if quotes is not None:
@@ -670,7 +676,7 @@ def normalize_json(text: str) -> Normalized | None:
                       tuple(spans))
 
 
-def _shown_string(content: str) -> Normalized:
+def _shown_string(content: str, pattern: re.Pattern[str] = _MARKUP) -> Normalized:
     """A JSON string's content as parsed, then as any text is read: markup, references and
     the escapes it holds (`\\u0040` parses as `\u0040`, which a model reads as `@`). A model
     reads `4111<b></b>1111…` as a card whatever wraps it: until 2026-12-06, text sent as a
@@ -679,7 +685,7 @@ def _shown_string(content: str) -> Normalized:
     parsed = _unescaped(content, 0, 0, parsed_spans)
     back = Normalized(parsed, len(content), tuple(sp[0] for sp in parsed_spans),
                       tuple(sp[2] for sp in parsed_spans), tuple(parsed_spans))
-    shown = _with_markup(parsed)
+    shown = _with_markup(parsed, pattern)
     if not parsed_spans:
         return shown
     spans = [(ns, ne, back.start(ps), back.end(pe) if pe > ps else back.start(ps)) for ns, ne, ps, pe in shown._spans]

@@ -250,7 +250,14 @@ class StreamRedactor:
             return ""
         if self._json:
             delta = self._pending + delta
-            cut = len(delta) if final else escape_cut(delta)
+            # Markup cut off at the end waits too (valid JSON has markup only inside strings).
+            cut = len(delta) if final else _markup_cut(delta[:escape_cut(delta)])
+            head = delta[:cut]
+            if tags := tags_holding(head):
+                head = self._tags_apart(head, tags)
+                if self.blocked:
+                    return ""
+            delta, cut = head + delta[cut:], len(head)
             quotes: list[int] = []
             nz, in_string, tail = normalize_json_piece(delta[:cut], self._in_string, quotes)
             if not final and tail < cut and cut - tail < MAX_NUMBER_HOLD:
