@@ -656,3 +656,18 @@ def test_markup_in_streamed_arguments_is_read_as_shown_however_it_is_cut(case: t
         return
     assert value is not None
     assert value not in tags_shown(got["html"]).text.replace(" ", "") and value not in got["html"], (text, out)
+
+
+@pytest.mark.parametrize("json", [False, True], ids=["text", "arguments"])
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_a_blocked_value_inside_a_numbered_tag_stops_the_stream(json: bool, step: int) -> None:
+    """A tag is read apart with the decision of its own: a card under a block rule stops the
+    stream, before anything of the tag goes out."""
+    scanner = Scanner.compile([Rule("credit_card", "credit_card", "block", "restricted"),
+                               Rule("email", "email", "redact", "confidential")])
+    text = 'hi <img alt="jane@example.com"> then <a title="4111 1111 1111 1111"> more'
+    text = orjson.dumps({"t": text}).decode() if json else text
+    r = StreamRedactor(scanner, None, 64, json=json)
+    out = "".join(r.feed(text[i:i + step]) for i in range(0, len(text), step)) + r.flush()
+    assert r.blocked and r.block_decision is not None and r.block_decision.block
+    assert "4111" not in out and "jane" not in out and "title" not in out, out

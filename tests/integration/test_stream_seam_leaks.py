@@ -7,7 +7,9 @@
 - a card over three texts, the middle one shorter than the hold-back (`card 4111 1111`, a
   tool call's `1111`, the next one's `1111`): each seam was read with its two neighbours only;
 - an address written with `-at-` / `-dot-` (`jane-at-example-dot-com`), in a request and in a
-  streamed answer: no detector read it.
+  streamed answer: no detector read it;
+- a card split by tags in tool-call arguments streamed in pieces: a stream of arguments
+  read no markup.
 
 The provider's answers are scripted with the mock provider's `x-mock-raw-events` and
 `x-mock-reply` (sealed by conftest), docs/mock-provider.md.
@@ -175,3 +177,19 @@ def test_an_email_written_with_hyphens_in_a_streamed_answer_reaches_the_client_r
     said = "".join(texts)
     assert "jane" not in said and "[EMAIL_1]" in said, said
     assert said.endswith("about the dot-com era, it is at-risk."), said
+
+
+MARKUP_ARGUMENTS = orjson.dumps({"html": "card 4111<b></b>1111 <td width=40>1111</td><td width=40>1111</td> ok"}).decode()
+
+
+@pytest.mark.parametrize("sdk", list(CLIENTS))
+def test_a_card_split_by_markup_in_streamed_arguments_reaches_the_client_redacted(gw: Gateway, sdk: str) -> None:
+    """Tool-call arguments streamed in pieces with a card split by tags (one holding a digit):
+    a stream of arguments read no markup until 2026-12-06, and the card went out."""
+    pieces = [MARKUP_ARGUMENTS[i:i + 7] for i in range(0, len(MARKUP_ARGUMENTS), 7)]
+    deltas = [call(0, pieces[0]), *({"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in pieces[1:])]
+    texts, _ = CLIENTS[sdk](gw, {"x-mock-raw-events": chat_stream(deltas)})
+    said = "".join(texts)
+    arguments = orjson.loads(said[said.index("{"):])
+    shown = re.sub(r"<[^>]*>", "", arguments["html"])
+    assert DIGITS not in re.sub(r"\D", "", shown) and "[CREDIT_CARD_1]" in shown, arguments
