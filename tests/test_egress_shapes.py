@@ -325,7 +325,7 @@ def test_a_value_inside_a_tag_is_read_as_written() -> None:
     unseen. A tag whose attributes hold a digit or an `@` is now read as written."""
     texts = ["<A is 4111 1111 1111 1111 ok >", "<A\nis 4111 1111 1111 1111 ok\n>", '<img alt="4111-1111-1111-1111">',
              '<a href="mailto:jane.doe@example.com">write</a>', "<x 4111111111111111/>"]
-    findings = POLICY.scanner.scan_strings(texts, apart_from=0)
+    findings = POLICY.scanner.scan_strings(texts, apart=True)
     assert sorted(f.index for f in findings) == [0, 1, 2, 3, 4], findings
     assert [f.rule for f in POLICY.scanner.scan_strings(["<A", "is 4111 1111 1111 1111 ok", ">"])] == ["credit_card"]
 

@@ -43,16 +43,13 @@ def policy(cfg: Any) -> Policy:
 
 @pytest.fixture
 def scans() -> Any:
-    """Every list of strings the scanner is asked to read, in order: those of one scan read
-    joined, then those it reads apart (`apart_from`), each list apart."""
+    """Every list of strings the scanner is asked to read, in order."""
     seen: list[list[str]] = []
     real = scanner.Scanner.scan_strings
 
-    def spy(self: scanner.Scanner, strings, apart_from=None):  # type: ignore[no-untyped-def]
-        strings = list(strings)
-        cut = len(strings) if apart_from is None else apart_from
-        seen.extend(part for part in (strings[:cut], strings[cut:]) if part)
-        return real(self, strings, apart_from)
+    def spy(self: scanner.Scanner, strings, apart=False):  # type: ignore[no-untyped-def]
+        seen.append(list(strings))
+        return real(self, strings, apart)
 
     scanner.Scanner.scan_strings = spy  # type: ignore[method-assign]
     try:

@@ -147,7 +147,7 @@ class Policy:
             replace(f, index=f.index + len(values)) for f in self.scanner.scan_strings(scanned_keys)]
         if keyed_texts:
             findings += [replace(f, index=f.index + first_keyed)
-                         for f in self.scanner.scan_strings(keyed_texts, apart_from=0)]
+                         for f in self.scanner.scan_strings(keyed_texts, apart=True)]
         decision = self.scanner.decide(findings, params)
         record(decision, team_label, mode, "request")
         if declared is not None and declared not in self.rank:
@@ -245,9 +245,10 @@ def read_json(scanner: Scanner, obj: Any, skip_keys: frozenset[str] = BINARY_KEY
     strings = walk_strings(obj, skip_keys=skip_keys, known=known, keyed=keyed, names=names)
     if isinstance(strings, LimitExceeded):
         return strings
+    findings = scanner.scan_strings(strings)
     whole = [*keyed, *apart]
-    findings = scanner.scan_strings([*strings, *whole], apart_from=len(strings)) if whole else \
-        scanner.scan_strings(strings)
+    if whole:
+        findings += [replace(f, index=f.index + len(strings)) for f in scanner.scan_strings(whole, apart=True)]
     keys = read_keys(scanner, names)
     if keys:
         first = len(strings) + len(whole)
@@ -549,7 +550,7 @@ class ResponseGuard:
         if not fresh:
             return False, relabelled
         values = [value for _, value in fresh]
-        findings = self.policy.scanner.scan_strings(values, apart_from=0)
+        findings = self.policy.scanner.scan_strings(values, apart=True)
         decision = self.policy.scanner.decide(findings, self.params) if findings else None
         if decision is None or not (decision.block or decision.redact):
             self.labels.update(((name, value), value) for name, value in fresh)
@@ -713,7 +714,7 @@ class ResponseGuard:
             elif isinstance(held, (int, float)) and isinstance(value, (int, float)):
                 self.assembled[key] = total = held + value
                 text = keyed_text(total, path[-1] if isinstance(path[-1], str) else None, top=False)
-                findings = scanner.scan_strings([text], apart_from=0) if text is not None else []
+                findings = scanner.scan_strings([text], apart=True) if text is not None else []
             else:
                 continue  # (the helper keeps what it has when the type changes)
             decision = scanner.decide(findings, self.params) if findings else None

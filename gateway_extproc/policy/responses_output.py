@@ -357,7 +357,9 @@ class ResponsesGuard:
         texts, numbers = [strings[i] for i in unknown], list(keyed)  # (numbers, keys: `read_json`)
         scanner = self.policy.scanner
         keys = read_keys(scanner, names)
-        findings = scanner.scan_strings([*texts, *numbers], apart_from=len(texts)) if texts or numbers else []
+        findings = scanner.scan_strings(texts) if unknown else []
+        if numbers:
+            findings += [replace(f, index=f.index + len(texts)) for f in scanner.scan_strings(numbers, apart=True)]
         if keys:
             findings += [replace(f, index=f.index + len(texts) + len(numbers)) for f in scanner.scan_strings(keys)]
         rekeyed: dict[str, str] = {}

@@ -905,7 +905,7 @@ class Scanner:
         """Findings in `text`, ordered by position (one regex pass)."""
         return self.scan_strings((text,))
 
-    def scan_strings(self, strings: Iterable[str], apart_from: int | None = None) -> list[Finding]:
+    def scan_strings(self, strings: Iterable[str], apart: bool = False) -> list[Finding]:
         """Findings over many strings (e.g. every string of a request body), `Finding.index`
         = position in `strings`, offsets in the original strings.
 
@@ -914,9 +914,8 @@ class Scanner:
         U+001F: numeric detectors may bridge that boundary (a card split over two messages,
         content parts or tool calls), so a finding may cover pieces of several strings; it is
         reported once per piece (same rule, the whole value). The injection score counts over
-        all. `apart_from`: the strings from that index on are joined by U+001D instead, which
-        no detector reads as a separator (values that are each whole, such as numbers; 0: all
-        of them), so one scan reads a text's strings and the values read apart from them."""
+        all. `apart`: joined by U+001D instead, which no detector reads as a separator (values
+        that are each whole, such as numbers)."""
         segs: list[tuple[int, int, int, Normalized, str]] = []  # (index, start, end, normalized, original)
         parts = ["\n"]  # the virtual boundary character before the text
         pos = 1
@@ -931,7 +930,7 @@ class Scanner:
                 # in, a string no number bridges over: a card split around it went unseen.
                 continue
             if segs:
-                parts.append("\x1d" if apart_from is not None and i >= apart_from else BRIDGE)
+                parts.append("\x1d" if apart else BRIDGE)
                 pos += 1
             parts.append(nz.text)
             segs.append((i, pos, pos + len(nz.text), nz, s))
