@@ -512,3 +512,21 @@ def test_strings_under_identifier_names_in_a_json_answer_are_read() -> None:
     assert sent["choices"][0]["message"]["x"]["id"] == "[CREDIT_CARD_1]" and sent["ext"]["object"] == "[EMAIL_1]"
     assert sent["choices"][0]["message"]["tool_calls"][0]["id"] == "call_1" and sent["id"] == "chatcmpl-1"
     assert sent["object"] == "chat.completion" and sent["choices"][0]["message"]["content"] == "ok"
+
+
+@pytest.mark.parametrize("text", ["write jane.doe@example. com now", "write jane.doe@example .com now",
+                                  "write jane.doe@example.\ncom now", "to jane.doe@example.  org/x"])
+@pytest.mark.parametrize("size", [0, 1, 3, 7])
+def test_an_address_with_a_space_on_one_side_of_its_last_dot_never_reaches_the_client(text: str, size: int) -> None:
+    """`jane.doe@example. com` (a space after the dot only, or before it only) went out: a
+    dot needed spaces on both sides. Now on one side too, before com, org, net, edu, gov or io."""
+    shown = streamed_content(text, size)
+    assert "[EMAIL_1]" in shown and "jane" not in shown, shown
+
+
+@pytest.mark.parametrize("text", ["reach me@work. it is late", "mail jane@example.com. Then we go"])
+def test_a_sentence_after_an_at_sign_is_no_top_level_domain(text: str) -> None:
+    """Not `me@work. it` (`it` begins a sentence more often than it ends an address), and an
+    address at the end of a sentence ends where its own top-level domain does."""
+    values = [text[f.start:f.end] for f in POLICY.scanner.scan_strings([text])]
+    assert values == ([] if "work" in text else ["jane@example.com"]), values

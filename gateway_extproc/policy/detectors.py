@@ -494,7 +494,8 @@ LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")  # of an
 # Written-out forms of '@' and '.': "(at)", "[at]", "{at}", "<at>", " at ", quoted ("at", 'at'),
 # and the same for dot (and " period ");
 # a bare '@' with spaces after it (`jane@ example.com`, a line wrapped after the '@') or on
-# both sides (`jane @ example . com`), a bare '.' with spaces on both sides (a space before
+# both sides (`jane @ example . com`), a bare '.' with spaces on both sides, or on one side
+# before `com`, `org`, `net`, `edu`, `gov` or `io` (`jane@example. com`; a space before
 # the '@' only, as in `to @example.com`, is a mention). (Whitespace runs up to 16 characters: the prefilter's
 # triggers are bounded the same way.) And as HTML writes them: `&#64;`, `&#x40;`, `&commat;`,
 # `&#46;`, `&period;`.
@@ -506,7 +507,11 @@ _AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}
             r"|\s{0,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
 _DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+"
              r"|\s{0,16}+[\"'][Dd][Oo][Tt][\"']\s{0,16}+|\s{1,16}+[Pp][Ee][Rr][Ii][Oo][Dd]\s{1,16}+"
-             r"|\s{1,16}+\.\s{1,16}+|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;)")
+             r"|\s{1,16}+\.\s{1,16}+|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;"
+             # spaces on one side only, before one of the top-level domains no sentence begins
+             # with (`jane@example. com`, `jane@example .com`; `me@home. it is` is no address)
+             r"|\s{1,16}+\.(?=(?:com|org|net|edu|gov|io)(?![A-Za-z0-9]))"
+             r"|\.\s{1,16}+(?=(?:com|org|net|edu|gov|io)(?![A-Za-z0-9])))")
 # With hyphens (`jane-at-example-dot-com`, `jane -at- example -dot- com`, `- at -`):
 # hyphenated English has these words too (`stay-at-home`, `dot-com`), so an address written
 # so needs a common top-level domain, and a written-out dot or a local part that is no plain
