@@ -671,3 +671,15 @@ def test_a_blocked_value_inside_a_numbered_tag_stops_the_stream(json: bool, step
     out = "".join(r.feed(text[i:i + step]) for i in range(0, len(text), step)) + r.flush()
     assert r.blocked and r.block_decision is not None and r.block_decision.block
     assert "4111" not in out and "jane" not in out and "title" not in out, out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_value_in_a_tag_in_streamed_arguments_is_read_as_parsed_and_redacted_in_place(seed: int) -> None:
+    """In JSON a tag is read as the tool's parser reads it: a card written down a column in
+    an attribute (`4111\\n1111\\n…`), an `@` as `\\u0040`. Each is replaced where it is, the
+    tag and the JSON kept."""
+    arguments = orjson.dumps({"a": "<a title=\"4111\n1111\n1111\n1111\"> ok",
+                              "b": "<img alt=\"jane\\u0040example.com\"> x"}).decode().replace("\\\\u0040", "\\u0040")
+    r = StreamRedactor(PII, None, 64, json=True)
+    out = "".join(r.feed(c) for c in random_chunks(arguments, random.Random(seed), 6)) + r.flush()
+    assert orjson.loads(out) == {"a": '<a title="[CREDIT_CARD_1]"> ok', "b": '<img alt="[EMAIL_1]"> x'}, out

@@ -676,15 +676,21 @@ def normalize_json(text: str) -> Normalized | None:
                       tuple(spans))
 
 
+def parsed_string(content: str) -> Normalized:
+    """A JSON string's content (without its quotes) as its parser reads it, escapes decoded
+    (normalized as `_unescaped` does), with the way back to the escapes."""
+    spans: list[tuple[int, int, int, int]] = []
+    parsed = _unescaped(content, 0, 0, spans) if "\\" in content or not content.isascii() else content
+    return Normalized(parsed, len(content), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans), tuple(spans))
+
+
 def _shown_string(content: str, pattern: re.Pattern[str] = _MARKUP) -> Normalized:
     """A JSON string's content as parsed, then as any text is read: markup, references and
     the escapes it holds (`\\u0040` parses as `\u0040`, which a model reads as `@`). A model
     reads `4111<b></b>1111…` as a card whatever wraps it: until 2026-12-06, text sent as a
     JSON object went out with them unread. The way back composes both steps' spans."""
-    parsed_spans: list[tuple[int, int, int, int]] = []
-    parsed = _unescaped(content, 0, 0, parsed_spans)
-    back = Normalized(parsed, len(content), tuple(sp[0] for sp in parsed_spans),
-                      tuple(sp[2] for sp in parsed_spans), tuple(parsed_spans))
+    back = parsed_string(content)
+    parsed, parsed_spans = back.text, back._spans
     shown = _with_markup(parsed, pattern)
     if not parsed_spans:
         return shown

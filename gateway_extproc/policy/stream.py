@@ -40,6 +40,7 @@ from .normalize import (
     json_placeholder,
     normalize,
     normalize_json_piece,
+    parsed_string,
     tags_holding,
     tags_shown,
 )
@@ -300,21 +301,25 @@ class StreamRedactor:
         `<img alt="jane@example.com">`). The text around them is read as shown, each such tag
         as nothing (`tags_shown`): read as written, `<td width=40>4111</td><td width=40>1111…`
         hid a card in table cells (a whole text reads both ways, `normalize.rendered`). A tag
-        is whole in one delta: one cut at its end waits for the next (`_markup_cut`)."""
+        is whole in one delta: one cut at its end waits for the next (`_markup_cut`). In JSON,
+        a tag is read as the tool's parser reads it, escapes decoded (`4111\\n1111\\n…` in an
+        attribute is a card down a column)."""
+        texts = [parsed_string(delta[a:b]) if self._json else Normalized(delta[a:b], b - a) for a, b in tags]
         # One text for all of them, a line each (no value reads on past a tag's `>`): a delta
         # of thousands of `<a 1>` is one scan, not thousands.
         starts, at = [], 0
-        for a, b in tags:
+        for t in texts:
             starts.append(at)
-            at += b - a + 1
+            at += len(t.text) + 1
         r0 = self._rbase + len(self._raw) - 1  # (offsets in the whole text, as `_original`'s)
 
-        def where(i: int) -> int:  # an offset of the joined text, in the whole text
-            k = bisect_right(starts, i) - 1
-            return r0 + tags[k][0] + i - starts[k]
+        def where(i: int, end: bool) -> int:  # an offset of the joined text, in the whole text
+            k = bisect_right(starts, i - end) - 1
+            local = i - starts[k]
+            return r0 + tags[k][0] + (texts[k].end(local) if end else texts[k].start(local))
 
-        batch = [Finding(f.rule, f.detector, where(f.start), where(f.end - 1) + 1, f.value, f.index, f.score)
-                 for f in self.scanner.scan("\n".join(delta[a:b] for a, b in tags))]
+        batch = [Finding(f.rule, f.detector, where(f.start, False), where(f.end, True), f.value, f.index, f.score)
+                 for f in self.scanner.scan("\n".join(t.text for t in texts))]
         if not batch:
             return delta
         decision = self.scanner.decide(batch, self.params)
