@@ -1,12 +1,14 @@
 """Instructions per request of the gateway's own logic (`bench/hot_path.py`), counted by
-valgrind, for each source tree given: a figure the machine's load does not move.
+valgrind, for each source tree given: a figure the machine's load moves less than time.
 
     .venv/bin/python bench/instructions.py [TREE ...]     (default: this checkout)
 
 Timed figures on a shared machine drift by ±30 % between runs (bench/README.md), so a
 change of a few percent in the router's logic is only seen in alternated runs, if at all.
 Valgrind's cachegrind counts the instructions the process executes instead: the same code
-counts the same within ~0.5 % whatever else the machine does. Each tree (this checkout, or a
+counted the same within ~0.5 % in one quiet run, but 11 % more on a quiet machine than while
+tests ran beside it (bench/README.md, 2026-12-06 evening): compare trees in one run, on a
+quiet machine. Each tree (this checkout, or a
 `git archive` export of another commit) runs hot_path.py twice under cachegrind, 200 and 1,200
 requests after the same warm-up; the difference over 1,000 is the figure, start-up excluded.
 Needs valgrind (`apt-get install -y valgrind`); about five minutes per tree.
