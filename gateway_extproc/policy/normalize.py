@@ -443,12 +443,7 @@ def normalize_json_piece(text: str, in_string: bool, quotes: list[int] | None = 
         if in_string:
             end = _STRING_REST.match(text, pos).end()  # type: ignore[union-attr]
             content = text[pos:end]
-            if "<" in content or "&" in content or "\\\\" in content:  # markup: read as shown
-                shown = _shown_string(content, _TAGS_SHOWN)
-                spans.extend((n + ns, n + ne, pos + os_, pos + oe_) for ns, ne, os_, oe_ in shown._spans)
-                content = shown.text
-            elif "\\" in content or not content.isascii():
-                content = _unescaped(content, pos, n, spans)
+            content = _string_text(content, pos, n, spans, _TAGS_SHOWN)
             if end < len(text) and text[end] == '"':  # its closing quote
                 if quotes is not None:
                     quotes.append(end)
@@ -634,18 +629,7 @@ def normalize_json(text: str) -> Normalized | None:
         pos = oe
         if m.group(1) is not None:  # a string: its content, without the quotes
             spans.append((n, n, o, o + 1))
-            content = text[o + 1:oe - 1]
-            if "\\" in content or not content.isascii():  # read as the JSON parser (and a model) reads it
-                if "<" in content or "&" in content or "\\\\" in content:
-                    shown = _shown_string(content)
-                    spans.extend((n + ns, n + ne, o + 1 + os_, o + 1 + oe_) for ns, ne, os_, oe_ in shown._spans)
-                    content = shown.text
-                else:
-                    content = _unescaped(content, o + 1, n, spans)
-            elif "<" in content or "&" in content:
-                shown = _with_markup(content)
-                spans.extend((n + ns, n + ne, o + 1 + os_, o + 1 + oe_) for ns, ne, os_, oe_ in shown._spans)
-                content = shown.text
+            content = _string_text(text[o + 1:oe - 1], o + 1, n, spans)
             out.append(content)
             n += len(content)
             spans.append((n, n, oe - 1, oe))
@@ -674,6 +658,20 @@ def normalize_json(text: str) -> Normalized | None:
                 n += len(digits)
     return Normalized("".join(out), len(text), tuple(sp[0] for sp in spans), tuple(sp[2] for sp in spans),
                       tuple(spans))
+
+
+def _string_text(content: str, base: int, n: int, spans: list[tuple[int, int, int, int]],
+                 pattern: re.Pattern[str] = _MARKUP) -> str:
+    """A JSON string's content (at `base` in the text, at `n` in the normalized text) as the
+    JSON parser, and then a model, reads it: escapes decoded, and markup, references and the
+    escapes it holds read as `pattern` shows them (`_shown_string`); its spans to `spans`."""
+    if "<" in content or "&" in content or "\\\\" in content:
+        shown = _shown_string(content, pattern)
+        spans.extend((n + ns, n + ne, base + os_, base + oe_) for ns, ne, os_, oe_ in shown._spans)
+        return shown.text
+    if "\\" in content or not content.isascii():
+        return _unescaped(content, base, n, spans)
+    return content
 
 
 def parsed_string(content: str) -> Normalized:
