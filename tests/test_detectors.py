@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway_extproc.policy import BUILTIN_DETECTORS, DEFAULT_RULES, CustomRule, InjectionConfig, Rule, Scanner
 from gateway_extproc.policy.detectors import expand_phrase, normalize_phrase
@@ -999,6 +1001,35 @@ def test_lists_and_order_numbers_are_not_cards(text: str) -> None:
 def test_a_card_glued_to_letters_is_found(text: str) -> None:
     """`card4111111111111111` reads as a card to a model: it went out as one word."""
     assert found("credit_card", f"pay with {text} today") == [text]
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("4111 1111 1111 1111th", "4111 1111 1111 1111th"), ("4111-1111-1111-1111_", "4111-1111-1111-1111_"),
+    ("4111 1111 1111 1111 2nd", "4111 1111 1111 1111 2nd"), ("4111 1111 1111 1111 5A", "4111 1111 1111 1111 5A"),
+    ("4111111111111111x1", "4111111111111111x1"), ("00 4111 1111 1111 1111 0A", "00 4111 1111 1111 1111 0A"),
+    ("4111 1111 1111 1111 0_a", "4111 1111 1111 1111 0"), ("4111 1111 1111 1111_final", "4111 1111 1111 1111"),
+])
+def test_a_separated_card_whose_last_group_runs_into_a_word_is_found(text: str, value: str) -> None:
+    """Until 2026-12-06 these went out whole: the run took the word's first digit, and a letter
+    after it ended no number."""
+    assert found("credit_card", f"pay with {text} today") == [value]
+
+
+CARDS_BY_LAYOUT = {(4, 4, 4, 4): "4111111111111111", (4, 4, 4, 4, 3): "4111111111111111123",
+                   (4, 6, 5): "378282246310005", (4, 6, 4): "30569309025904"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(CARDS_BY_LAYOUT)), st.sampled_from(" -./_\t\n"), st.sampled_from([" ", "-", "."]),
+       st.text("0123456789", max_size=3), st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True))
+def test_a_printed_card_never_hides_behind_a_word_glued_to_it(layout: tuple[int, ...], sep: str, gap: str,
+                                                            digits: str, word: str) -> None:
+    number, groups = CARDS_BY_LAYOUT[layout], []
+    for size in layout:
+        groups.append(number[sum(map(len, groups)):][:size])
+    printed = sep.join(groups)
+    text = f"pay {printed}{gap + digits if digits else ''}{word} ok"  # (`1111 0A`, `1111A`)
+    assert any(f.detector == "credit_card" and f.start <= 4 and f.end >= 4 + len(printed) for f in ALL.scan(text)), text
 
 
 @pytest.mark.parametrize("text", ["deadbeefcafe4111111111111111", "e3b04111111111111111c", "v1234567890123",

@@ -173,6 +173,17 @@ _COMMA_CARD = r"(?<![0-9,])[0-9]{1,3}(?:,[0-9]{3}){4,6}+(?![0-9]|,[0-9])"
 # `4111…th`), or between underscores (markdown's `_4111…_`): a model reads the number in it as
 # easily as with a space. Not after `word_` (`order_4348…`, `user_<id>`: a snake_case
 # identifier, whose digits are a valid card number about one time in thirty).
+# A separated number whose last group runs into a word (`4111 1111 1111 1111th`,
+# `… 1111 2nd`, `… 1111 0x1f`, `… 1111 0_a`): the candidate takes the word, and
+# `validate_credit_card` reads the number before it. Until 2026-12-06 such a card went out
+# whole: the run took the word's first digit, and a letter after it ended no number.
+_DIGIT_RUN = rf"[0-9](?:{_GAP}?+[0-9]){{12,}}+"
+_WORD_AFTER = r"[A-Za-z_][A-Za-z0-9_]*+"
+_DIGIT_RUN_RE = re.compile(rf"[0-9](?:{_GAP}?+[0-9])*+")
+# A word glued to a card, read as one with it (as `_GLUED_CARD`'s). A longer one, or one that
+# goes on after `_`, is an identifier: the whole number it begins is no card (`4111…_final.csv`);
+# a separated number's last group is, or begins it (`4111 1111 1111 1111_x`, `… 1111 0_a`).
+_GLUED_TAIL = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}_?|_")
 _GLUED_CARD = (r"(?:[A-Za-z]{1,16}+|_)[0-9]{13,19}+(?:[A-Za-z]{1,16}+)?+_?+(?![A-Za-z0-9_])"
                r"|[0-9]{13,19}+(?:[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])")
 
@@ -320,10 +331,17 @@ def validate_credit_card(value: str) -> int:
     """A card in the run (`_card_run`), or, for a run over several strings, in the part from
     one string or a few adjacent ones (the same card pasted in two messages makes one run of
     32 digits): the finding is the whole run. A card printed otherwise: `validate_wide_card`.
-    A card glued to letters (`_GLUED_CARD`): the whole word. One with look-alike letters
+    A card glued to letters (`_GLUED_CARD`, `_WORD_AFTER`): the whole word. One with look-alike letters
     among its digits (`_LOOKALIKE_CARD`): the whole value."""
     if _lookalike(value):
         return _whole(_lookalike_card(value), value)
+    if "0" <= value[:1] <= "9":
+        run = _DIGIT_RUN_RE.match(value).end()
+        if value[run:run + 1] in _WORD_SET:  # (`_WORD_AFTER`, `_GLUED_CARD`)
+            if _GLUED_TAIL.fullmatch(value, run):
+                return _whole(not _hex_word(value) and validate_credit_card(value[:run]) > 0, value)
+            gaps = [m.start() for m in _GAP_RE.finditer(value, 0, run)]
+            return (validate_credit_card(value[:run]) or validate_credit_card(value[:gaps[-1]])) if gaps else 0
     if value[:1] in _WORD_CHARS or value[-1:] in _WORD_CHARS:
         return _whole(_card_ok(value.strip(_WORD_CHARS)) and not _hex_word(value), value)
     if _wide(value):
@@ -346,6 +364,7 @@ def validate_credit_card(value: str) -> int:
 
 
 _WORD_CHARS = string.ascii_letters + "_"
+_WORD_SET = frozenset(_WORD_CHARS)
 
 
 def _hex_word(value: str) -> bool:
@@ -736,7 +755,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
         Detector(
             "credit_card",
-            rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{12,}}+{_NUM_END}|{_WIDE_CARD}|{_COMMA_CARD}|{_GLUED_CARD}"
+            rf"{_NUM_START}{_DIGIT_RUN}(?:{_NUM_END}|{_WORD_AFTER})|{_WIDE_CARD}|{_COMMA_CARD}|{_GLUED_CARD}"
             rf"|{_LOOKALIKE_CARD}",
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
