@@ -8,7 +8,8 @@ reads them (tests/test_egress_shapes.py has the guard's own cases):
 - a card written with an exponent (`4.111111111111111e15`) in streamed tool-call arguments,
   split over two deltas: the tool's JSON parser reads it as the card;
 - a custom tool's input streamed in pieces (`tool_calls[].custom.input`);
-- an embeddings answer with a card as a number beside the vectors.
+- an embeddings answer with a card as a number beside the vectors;
+- a card whose last group runs into a word (`4111 1111 1111 1111th`, `… 1111 5A`), asked or answered.
 
 The provider's answers are scripted with the mock provider's `x-mock-raw-events` and
 `x-mock-raw-body` (sealed by conftest), docs/mock-provider.md.
@@ -146,3 +147,23 @@ def test_a_card_with_a_digit_written_as_a_character_reference_reaches_the_client
         chunk({"index": 0, "delta": {"content": "2;111 1111 1111 1111, on file."}}),
         chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
     assert content == {0: "Your card: [CREDIT_CARD_1], on file."}, content
+
+
+def test_a_card_whose_last_group_runs_into_a_word_reaches_neither_provider_nor_client(gw: Gateway) -> None:
+    """`4111 1111 1111 1111th` and `… 1111 2nd` went out whole until 2026-12-06: the run took
+    the word's first digit, and a letter after it ended no number."""
+    gw.reset()
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    for text in ("Refund 4111 1111 1111 1111th copy.", "Refund 5555-5555-5555-4444 2nd copy."):
+        try:  # (a card is restricted data, above what this model is approved for)
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}])
+        except openai.PermissionDeniedError as e:
+            assert e.code == "classification_violation", e.body
+        else:
+            raise AssertionError(f"{text!r} reached the provider")
+    assert gw.received(gw.primary) + gw.received(gw.backup) == []
+    content, _, _ = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "content": "Your card: 4111 1111 1111 1111"}}),
+        chunk({"index": 0, "delta": {"content": " 5A, on file." + FILLER}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+    assert content == {0: "Your card: [CREDIT_CARD_1], on file." + FILLER}, content
