@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway_extproc.policy import BUILTIN_DETECTORS, DEFAULT_RULES, CustomRule, InjectionConfig, Rule, Scanner
@@ -1040,6 +1040,14 @@ def test_hashes_identifiers_and_invalid_numbers_glued_to_letters_are_not_cards(t
 
 
 
+@pytest.mark.parametrize("text", ["123 45 6789th", "123456789th", "123.45.6789_", "123 45 6789a"])
+def test_an_ssn_after_its_context_word_glued_to_letters_is_found(text: str) -> None:
+    """Until 2026-12-06 only the dashed layout was read so: `SSN 123 45 6789th` went out. (Nine
+    digits in the 3-2-4 layout need no context word, glued or not.)"""
+    assert found("us_ssn", f"SSN {text} ok") == [text]
+    assert found("us_ssn", f"order {text} ok") == ([] if text.startswith("123456789") else [text])
+
+
 @pytest.mark.parametrize("text", ["ssn123-45-6789", "123-45-6789th", "_123-45-6789_", "a123-45-6789", "123-45-6789a"])
 def test_a_dashed_ssn_glued_to_letters_is_found(text: str) -> None:
     assert found("us_ssn", f"it is {text} ok") == [text]
@@ -1099,3 +1107,17 @@ def test_an_email_written_with_hyphenated_at_and_dot(value: str) -> None:
 ])
 def test_hyphenated_english_is_no_email(text: str) -> None:
     assert found("email", text) == []
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["4111", "1111", "O411", "lll1", "1O11", "5555", "4444", "411", "41111", "I"])
+                | st.text("0123456789OolI|", min_size=1, max_size=6), min_size=1, max_size=6),
+       st.sampled_from([" ", "-", ".", "", "  ", "\n", "_", ", "]), st.sampled_from(["", "x", "th", "_a", "O", "9z", "A1"]),
+       st.sampled_from(["", "x", "cc", "_", "SSN "]))
+def test_any_number_with_look_alike_letters_and_words_around_it_is_scanned_without_error(
+        groups: list[str], sep: str, after: str, before: str) -> None:
+    """A validator reads a candidate's digits: a first version of the 2026-12-06 change to cards
+    glued to words let `O411 1111 1111 1111` reach `int()` with spaces inside, which raised."""
+    text = f"see {before}{sep.join(groups)}{after} ok"
+    for f in ALL.scan(text):
+        assert 0 <= f.start < f.end <= len(text)

@@ -333,15 +333,11 @@ def validate_credit_card(value: str) -> int:
     32 digits): the finding is the whole run. A card printed otherwise: `validate_wide_card`.
     A card glued to letters (`_GLUED_CARD`, `_WORD_AFTER`): the whole word. One with look-alike letters
     among its digits (`_LOOKALIKE_CARD`): the whole value."""
-    if _lookalike(value):
-        return _whole(_lookalike_card(value), value)
-    if "0" <= value[:1] <= "9":
-        run = _DIGIT_RUN_RE.match(value).end()
-        if value[run:run + 1] in _WORD_SET:  # (`_WORD_AFTER`, `_GLUED_CARD`)
-            if _GLUED_TAIL.fullmatch(value, run):
-                return _whole(not _hex_word(value) and validate_credit_card(value[:run]) > 0, value)
-            gaps = [m.start() for m in _GAP_RE.finditer(value, 0, run)]
-            return (validate_credit_card(value[:run]) or validate_credit_card(value[:gaps[-1]])) if gaps else 0
+    glued = _card_before_word(value)
+    if _lookalike(value):  # (or `3056 930902 5904O`: a card glued to a word)
+        return _whole(_lookalike_card(value), value) or glued or 0
+    if glued is not None:
+        return glued
     if value[:1] in _WORD_CHARS or value[-1:] in _WORD_CHARS:
         return _whole(_card_ok(value.strip(_WORD_CHARS)) and not _hex_word(value), value)
     if _wide(value):
@@ -361,6 +357,20 @@ def validate_credit_card(value: str) -> int:
             if j - i < len(parts) and _card_run(BRIDGE.join(parts[i:j])):
                 return len(value)
     return 0
+
+
+def _card_before_word(value: str) -> int | None:
+    """A number whose last group runs into a word (`_WORD_AFTER`, or `_GLUED_CARD` from a
+    digit): the finding (0 for none), or None when no word follows the number."""
+    if not "0" <= value[:1] <= "9":
+        return None
+    run = _DIGIT_RUN_RE.match(value).end()
+    if value[run:run + 1] not in _WORD_SET:
+        return None
+    if _GLUED_TAIL.fullmatch(value, run):
+        return _whole(not _hex_word(value) and validate_credit_card(value[:run]) > 0, value)
+    gaps = [m.start() for m in _GAP_RE.finditer(value, 0, run)]
+    return (validate_credit_card(value[:run]) or validate_credit_card(value[:gaps[-1]])) if gaps else 0
 
 
 _WORD_CHARS = string.ascii_letters + "_"
@@ -760,7 +770,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(
-            "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])"
+            "us_ssn", rf"{_NUM_START}[0-9](?:{_GAP}?+[0-9]){{8}}(?:(?![A-Za-z0-9_]|{_SEPC}{{1,3}}[0-9])"
+                      # (or glued to letters, `SSN 123 45 6789th`, as the dashed layout below)
+                      rf"|(?:[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_]))"
                       # the dashed layout ends an SSN before a space and a number (`123-45-6789 0`)
                       # and after a number and whitespace (`7 123-45-6789`: ssn_start_ok)
                       rf"|(?<![0-9])(?<![0-9][.\-/_]){_DASHED}(?![A-Za-z0-9_]|-[0-9])"
