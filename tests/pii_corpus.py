@@ -238,6 +238,11 @@ def positives() -> list[Case]:
                           "a JSON object, a tag between two groups"))
         nbsp = base64.b64encode(grouped(d, card_groups(d), "\u00a0").encode()).decode()
         cases.append(Case("credit_card", (f"payload {nbsp} end",), d, "base64 of groups apart by NBSP"))
+        cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), 'x')} ok",), d, "an x between groups"))
+        cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), ' ')}th ok",), d,
+                          "a word glued to the last group"))
+        cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), '-')} 2nd ok",), d,
+                          "a word with a digit after the last group"))
         cells = grouped(d, card_groups(d), "</td><td width=40>")  # a tag the scanner also reads as written
         cases.append(Case("credit_card", (f"<td width=40>{cells}</td>",), d, "table cells with attributes"))
     ssn_carriers = ["SSN {}", "my social security number is {}.", "ss# {} on file", "Taxpayer id: {}"]

@@ -1015,6 +1015,18 @@ def test_a_separated_card_whose_last_group_runs_into_a_word_is_found(text: str, 
     assert found("credit_card", f"pay with {text} today") == [value]
 
 
+@pytest.mark.parametrize("text", ["4111x1111x1111x1111", "4111a1111b1111c1111", "4111X1111X1111X1111x123",
+                                  "3782x822463x10005"])
+def test_a_card_with_letters_between_its_groups_is_found(text: str) -> None:
+    assert found("credit_card", f"card: {text} ok") == [text]
+
+
+@pytest.mark.parametrize("text", ["1920x1080", "4111x1111x1111x1112", "a4111x1111x1111x1111", "4111x1111x1111x1111b2",
+                                  "1234a5678b9012c3456", "4111x1111x1111"])
+def test_numbers_with_letters_between_groups_that_are_no_printed_card_are_not_cards(text: str) -> None:
+    assert found("credit_card", f"see {text} ok") == []
+
+
 CARDS_BY_LAYOUT = {(4, 4, 4, 4): "4111111111111111", (4, 4, 4, 4, 3): "4111111111111111123",
                    (4, 6, 5): "378282246310005", (4, 6, 4): "30569309025904"}
 

@@ -188,6 +188,14 @@ _GLUED_CARD = (r"(?:[A-Za-z]{1,16}+|_)[0-9]{13,19}+(?:[A-Za-z]{1,16}+)?+_?+(?![A
                r"|[0-9]{13,19}+(?:[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])")
 
 
+# A card printed with single letters between its groups (`4111x1111x1111x1111`,
+# `4111a1111b1111c1111`: "put an x between the groups"), in a printed layout, never inside a
+# word (`validate_wide_card` reads its digits). Until 2026-12-06 it went out.
+_LETTERED_CARD = (r"(?<![A-Za-z0-9_])(?:[0-9]{4}(?:[A-Za-z][0-9]{4}){3}(?:[A-Za-z][0-9]{3})?+"
+                  r"|[0-9]{4}[A-Za-z][0-9]{6}[A-Za-z][0-9]{4,5})(?![A-Za-z0-9_])")
+_LETTERED_RE = re.compile(_LETTERED_CARD)
+
+
 # A card with letters that look like digits among its digits (`4lll llll llll llll`,
 # `4111 1O11 …`: l, I and | for 1, O and o for 0), printed whole or in 4-4-4-4(-3) / 4-6-5
 # groups (apart by a space, dash, dot, slash, tab or line break): a reader takes it for the
@@ -331,8 +339,11 @@ def validate_credit_card(value: str) -> int:
     """A card in the run (`_card_run`), or, for a run over several strings, in the part from
     one string or a few adjacent ones (the same card pasted in two messages makes one run of
     32 digits): the finding is the whole run. A card printed otherwise: `validate_wide_card`.
-    A card glued to letters (`_GLUED_CARD`, `_WORD_AFTER`): the whole word. One with look-alike letters
+    A card glued to letters (`_GLUED_CARD`, `_WORD_AFTER`): the whole word; with letters
+    between its groups (`_LETTERED_CARD`): its digits. One with look-alike letters
     among its digits (`_LOOKALIKE_CARD`): the whole value."""
+    if _LETTERED_RE.fullmatch(value):
+        return validate_wide_card(value)
     glued = _card_before_word(value)
     if _lookalike(value):  # (or `3056 930902 5904O`: a card glued to a word)
         return _whole(_lookalike_card(value), value) or glued or 0
@@ -766,7 +777,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "credit_card",
             rf"{_NUM_START}{_DIGIT_RUN}(?:{_NUM_END}|{_WORD_AFTER})|{_WIDE_CARD}|{_COMMA_CARD}|{_GLUED_CARD}"
-            rf"|{_LOOKALIKE_CARD}",
+            rf"|{_LOOKALIKE_CARD}|{_LETTERED_CARD}",
             validate_credit_card, "CREDIT_CARD", "payment card number (IIN + Luhn)", digits_start_ok,
         ),
         Detector(

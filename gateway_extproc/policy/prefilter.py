@@ -208,6 +208,8 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                                   _ESCAPED_SEPARATORS,
                                   _DIGIT_LIST,
                                   _LOOKALIKE_DIGITS,
+                                  # single letters between groups (`4111x1111x…`: `_LETTERED_CARD`)
+                                  Trigger(r"[0-9]{4}[A-Za-z][0-9]{4}", som=False, reach=10, tail=16),
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
