@@ -1027,6 +1027,23 @@ def test_numbers_with_letters_between_groups_that_are_no_printed_card_are_not_ca
     assert found("credit_card", f"see {text} ok") == []
 
 
+@pytest.mark.parametrize("sep", [" ", "\n", "\r\n", "\t"])
+def test_a_github_token_in_pieces_is_found_whole_and_not_the_word_after_it(sep: str) -> None:
+    """Until 2026-12-06 `ghp_` and 36 characters with a space among them went out whole."""
+    token = GITHUB_VALID[0]
+    for cuts in ([24], [10, 30], list(range(8, 40, 4))):
+        pieces = [token[a:b] for a, b in zip([0, *cuts], [*cuts, len(token)])]
+        printed = sep.join(pieces)
+        assert found("github_token", f"token: {printed}{sep}thanks") == [printed]
+    assert found("github_token", f"ghp_{token[4:20]} {token[20:30]} ok") == []  # 26 characters: no token
+
+
+def test_an_aws_key_in_groups_apart_by_dots_slashes_or_underscores_is_found() -> None:
+    for sep in ".", "/", "_":
+        printed = sep.join(["AKIA", "IOSF", "ODNN", "7EXA", "MPLE"])
+        assert found("aws_access_key", f"key {printed} ok") == [printed]
+
+
 CARDS_BY_LAYOUT = {(4, 4, 4, 4): "4111111111111111", (4, 4, 4, 4, 3): "4111111111111111123",
                    (4, 6, 5): "378282246310005", (4, 6, 4): "30569309025904"}
 

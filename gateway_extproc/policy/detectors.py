@@ -671,6 +671,23 @@ def validate_api_key(value: str) -> int:
     return _whole(_has_digit_and_letter(value[3:]), value)
 
 
+_GITHUB_PIECE = re.compile(r"[A-Za-z0-9]+")
+
+
+def validate_github_token(value: str) -> int:
+    """A classic token (`ghp_` and 36 characters) written in pieces a space or a line break
+    apart (until 2026-12-06 such a token went out whole): the pieces up to the one that
+    completes its 36 characters, not a word after them."""
+    if not any(c in " \t\r\n" for c in value):
+        return len(value)
+    n = 0
+    for m in _GITHUB_PIECE.finditer(value, 4):
+        n += m.end() - m.start()
+        if n >= 36:
+            return m.end()
+    return 0
+
+
 def validate_jwt(value: str) -> int:
     header, dot, _ = value.partition(".")
     padded = header + "=" * (-len(header) % 4)
@@ -752,11 +769,13 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "GATEWAY_ADMIN_TOKEN", "the gateway's own key admin token (gwa_<secret>)",
         ),
         Detector(
-            "github_token", rf"(?:gh[pousr]_[A-Za-z0-9]{{36,251}}+|github_pat_[A-Za-z0-9_]{{22,251}}+){_END}",
-            None, "GITHUB_TOKEN", "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_)",
+            "github_token", rf"(?:gh[pousr]_[A-Za-z0-9]{{36,251}}+|github_pat_[A-Za-z0-9_]{{22,251}}+){_END}"
+                            # (or its 36 characters in pieces a space or a line break apart)
+                            rf"|gh[pousr]_[A-Za-z0-9]{{1,35}}+(?:(?:[ \t]|\r?\n)[A-Za-z0-9]{{1,35}}+){{1,8}}+",
+            validate_github_token, "GITHUB_TOKEN", "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_)",
         ),
         Detector(
-            "aws_access_key", rf"(?:AKIA|ASIA)(?:[A-Z0-9]{{16}}|(?:[ \-][A-Z0-9]{{4}}){{4}}){_END}", validate_aws_key,
+            "aws_access_key", rf"(?:AKIA|ASIA)(?:[A-Z0-9]{{16}}|(?:[ .\-_/][A-Z0-9]{{4}}){{4}}){_END}", validate_aws_key,
             "AWS_ACCESS_KEY", "AWS access key id",
         ),
         Detector("iban", _iban_pattern(), validate_iban, "IBAN", "IBAN (length per country, mod-97)"),

@@ -188,8 +188,9 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     "gateway_key": (Trigger(r"gwk_[a-z0-9]", som=False, reach=6, tail=370),),
     "gateway_admin_token": (Trigger(r"gwa_[A-Za-z0-9_\-]{32}", som=False, reach=37, tail=300),),
     "github_token": (Trigger(r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}", som=False, reach=41,
-                             tail=252),),
-    "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}|(?:AKIA|ASIA)[ \-][A-Z0-9]{4}", som=False, reach=21,
+                             tail=252),
+                     Trigger(r"gh[pousr]_[A-Za-z0-9]{1,35}[ \t\r\n]", som=False, reach=41, tail=300)),
+    "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}|(?:AKIA|ASIA)[ .\-_/][A-Z0-9]{4}", som=False, reach=21,
                                tail=24),),
     "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=160),),  # 30 characters, 4 separators apart
     "email": tuple(_email_trigger(*args) for args in (

@@ -9,7 +9,8 @@ reads them (tests/test_egress_shapes.py has the guard's own cases):
   split over two deltas: the tool's JSON parser reads it as the card;
 - a custom tool's input streamed in pieces (`tool_calls[].custom.input`);
 - an embeddings answer with a card as a number beside the vectors;
-- a card whose last group runs into a word (`4111 1111 1111 1111th`, `… 1111 5A`), asked or answered.
+- a card whose last group runs into a word (`4111 1111 1111 1111th`, `… 1111 5A`), asked or answered;
+- a GitHub token in pieces, an AWS key in groups apart by dots, asked.
 
 The provider's answers are scripted with the mock provider's `x-mock-raw-events` and
 `x-mock-raw-body` (sealed by conftest), docs/mock-provider.md.
@@ -167,3 +168,19 @@ def test_a_card_whose_last_group_runs_into_a_word_reaches_neither_provider_nor_c
         chunk({"index": 0, "delta": {"content": " 5A, on file." + FILLER}}),
         chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
     assert content == {0: "Your card: [CREDIT_CARD_1], on file." + FILLER}, content
+
+
+def test_a_github_token_in_pieces_or_an_aws_key_with_dots_reaches_no_provider(gw: Gateway) -> None:
+    """Both went out whole until 2026-12-06 (a credential rule blocks the request)."""
+    gw.reset()
+    token = "ghp_" + "a1B2c3D4e5F6g7H8i9J0" * 2  # (40 characters: real ones have 36)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    for text in (f"push with {token[:20]} {token[20:]} please", f"push with {token[:14]}\n{token[14:30]}\n{token[30:]}",
+                 "deploy with AKIA.IOSF.ODNN.7EXA.MPLE now"):
+        try:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}])
+        except openai.PermissionDeniedError as e:
+            assert e.code == "content_blocked", e.body
+        else:
+            raise AssertionError(f"{text!r} reached the provider")
+    assert gw.received(gw.primary) + gw.received(gw.backup) == []
