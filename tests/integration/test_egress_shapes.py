@@ -153,16 +153,9 @@ def test_a_card_with_a_digit_written_as_a_character_reference_reaches_the_client
 def test_a_card_whose_last_group_runs_into_a_word_reaches_neither_provider_nor_client(gw: Gateway) -> None:
     """`4111 1111 1111 1111th` and `… 1111 2nd` went out whole until 2026-12-06: the run took
     the word's first digit, and a letter after it ended no number."""
-    gw.reset()
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
-    for text in ("Refund 4111 1111 1111 1111th copy.", "Refund 5555-5555-5555-4444 2nd copy."):
-        try:  # (a card is restricted data, above what this model is approved for)
-            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}])
-        except openai.PermissionDeniedError as e:
-            assert e.code == "classification_violation", e.body
-        else:
-            raise AssertionError(f"{text!r} reached the provider")
-    assert gw.received(gw.primary) + gw.received(gw.backup) == []
+    # (a card is restricted data, above what this model is approved for)
+    refused(gw, ["Refund 4111 1111 1111 1111th copy.", "Refund 5555-5555-5555-4444 2nd copy."],
+            "classification_violation")
     content, _, _ = collected(gw, [
         chunk({"index": 0, "delta": {"role": "assistant", "content": "Your card: 4111 1111 1111 1111"}}),
         chunk({"index": 0, "delta": {"content": " 5A, on file." + FILLER}}),
@@ -172,15 +165,20 @@ def test_a_card_whose_last_group_runs_into_a_word_reaches_neither_provider_nor_c
 
 def test_a_github_token_in_pieces_or_an_aws_key_with_dots_reaches_no_provider(gw: Gateway) -> None:
     """Both went out whole until 2026-12-06 (a credential rule blocks the request)."""
-    gw.reset()
     token = "ghp_" + "a1B2c3D4e5F6g7H8i9J0" * 2  # (40 characters: real ones have 36)
+    refused(gw, [f"push with {token[:20]} {token[20:]} please", f"push with {token[:14]}\n{token[14:30]}\n{token[30:]}",
+                 "deploy with AKIA.IOSF.ODNN.7EXA.MPLE now"], "content_blocked")
+
+
+def refused(gw: Gateway, texts: list[str], code: str) -> None:
+    """Each text, asked with the openai SDK, is refused (403 with `code`), and no provider saw any."""
+    gw.reset()
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
-    for text in (f"push with {token[:20]} {token[20:]} please", f"push with {token[:14]}\n{token[14:30]}\n{token[30:]}",
-                 "deploy with AKIA.IOSF.ODNN.7EXA.MPLE now"):
+    for text in texts:
         try:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}])
         except openai.PermissionDeniedError as e:
-            assert e.code == "content_blocked", e.body
+            assert e.code == code, e.body
         else:
             raise AssertionError(f"{text!r} reached the provider")
     assert gw.received(gw.primary) + gw.received(gw.backup) == []
