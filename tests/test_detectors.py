@@ -1044,6 +1044,16 @@ def test_an_aws_key_in_groups_apart_by_dots_slashes_or_underscores_is_found() ->
         assert found("aws_access_key", f"key {printed} ok") == [printed]
 
 
+@pytest.mark.parametrize(("text", "value"), [
+    ("write to jane@exämple.com today", "jane@exämple.com"), ("メールはbob@例え.jp です", "bob@例え.jp"),
+    ("Bestellung: jane@müller-bäckerei.de.", "jane@müller-bäckerei.de"),
+    ("请联系jane@example.com谢谢", "jane@example.com"),  # (the top-level domain is ASCII: CJK after it is text)
+])
+def test_an_address_at_an_internationalized_domain_is_found(text: str, value: str) -> None:
+    """Until 2026-12-06 a domain label with a letter past ASCII ended the address short of it."""
+    assert found("email", text) == [value]
+
+
 CARDS_BY_LAYOUT = {(4, 4, 4, 4): "4111111111111111", (4, 4, 4, 4, 3): "4111111111111111123",
                    (4, 6, 5): "378282246310005", (4, 6, 4): "30569309025904"}
 

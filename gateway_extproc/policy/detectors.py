@@ -785,7 +785,11 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             # (ends where its top-level domain does: `jane@example.com-thanks`, `…com_`; not before
             # an identifier, `x@self.proj_in` is Python; a longer domain, `example.com-x.org`, is
             # tried first)
-            rf"(?:[A-Za-z0-9\-]{{1,63}}+(?:\.|{_DOT_WORD})){{1,10}}[A-Za-z]{{2,63}}+(?![A-Za-z0-9]|_[A-Za-z0-9])"
+            # (a label may hold letters past ASCII, an internationalized domain: `jane@exämple.com`,
+            # `jane@例え.jp`; the top-level domain is read in ASCII only, so CJK text right after
+            # an address is not taken for part of it)
+            rf"(?:(?:[A-Za-z0-9\-]|[^\W\x00-\x7f]){{1,63}}+(?:\.|{_DOT_WORD})){{1,10}}[A-Za-z]{{2,63}}+"
+            rf"(?![A-Za-z0-9]|_[A-Za-z0-9])"
             # With `-at-` or `-dot-` (`jane-at-example-dot-com`): the local part and the labels are
             # read up to them (possessive runs: no backtracking), one of them is required
             rf"|{_HYPHEN_LOCAL}(?:{_HYPHEN_AT}{_HYPHEN_LABELS}{{1,10}}"
