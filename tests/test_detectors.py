@@ -1050,7 +1050,7 @@ def test_an_aws_key_in_groups_apart_by_dots_slashes_or_underscores_is_found() ->
     ("请联系jane@example.com谢谢", "jane@example.com"),  # (the top-level domain is ASCII: CJK after it is text)
 ])
 def test_an_address_at_an_internationalized_domain_is_found(text: str, value: str) -> None:
-    """Until 2026-12-06 a domain label with a letter past ASCII ended the address short of it."""
+    """Until 2026-12-06 such an address went out whole: a label with a letter past ASCII ended no address."""
     assert found("email", text) == [value]
 
 

@@ -10,7 +10,8 @@ reads them (tests/test_egress_shapes.py has the guard's own cases):
 - a custom tool's input streamed in pieces (`tool_calls[].custom.input`);
 - an embeddings answer with a card as a number beside the vectors;
 - a card whose last group runs into a word (`4111 1111 1111 1111th`, `… 1111 5A`), asked or answered;
-- a GitHub token in pieces, an AWS key in groups apart by dots, asked.
+- a GitHub token in pieces, an AWS key in groups apart by dots, asked;
+- an address at an internationalized domain (`jane@exämple.com`), answered.
 
 The provider's answers are scripted with the mock provider's `x-mock-raw-events` and
 `x-mock-raw-body` (sealed by conftest), docs/mock-provider.md.
@@ -182,3 +183,11 @@ def refused(gw: Gateway, texts: list[str], code: str) -> None:
         else:
             raise AssertionError(f"{text!r} reached the provider")
     assert gw.received(gw.primary) + gw.received(gw.backup) == []
+
+
+def test_an_address_at_an_internationalized_domain_reaches_the_client_redacted(gw: Gateway) -> None:
+    content, _, _ = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "content": "Write to jane@exä"}}),
+        chunk({"index": 0, "delta": {"content": "mple.com or bob@例え.jp today." + FILLER}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+    assert content == {0: "Write to [EMAIL_1] or [EMAIL_2] today." + FILLER}, content
