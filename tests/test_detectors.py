@@ -1054,6 +1054,17 @@ def test_an_address_at_an_internationalized_domain_is_found(text: str, value: st
     assert found("email", text) == [value]
 
 
+@pytest.mark.parametrize("text", ["0049 30 12345678", "0044 20 7946 0958", "001 415 555 0100", "0033 (0)1 23 45 67 89"])
+def test_an_international_number_with_the_00_dialling_prefix_is_a_phone(text: str) -> None:
+    """Until 2026-12-06 only `+49 …` was read as international: `0049 30 12345678` went out."""
+    assert found("phone", f"call {text} now") == [text]
+
+
+@pytest.mark.parametrize("text", ["00123456789", "0012345678901", "0001 2345 6789", "00 12 34"])
+def test_zero_padded_ids_are_not_phones(text: str) -> None:
+    assert found("phone", f"id {text} ok") == []
+
+
 CARDS_BY_LAYOUT = {(4, 4, 4, 4): "4111111111111111", (4, 4, 4, 4, 3): "4111111111111111123",
                    (4, 6, 5): "378282246310005", (4, 6, 4): "30569309025904"}
 

@@ -14,7 +14,8 @@ Decisions worth knowing (the tests pin them):
   `user@[192.0.2.1]` and `user@host` are *not* emails here (too many false positives in
   code and logs); labels may not start/end with '-', the local part may not start/end
   with '.' or contain '..'.
-- phone: international numbers need a leading '+' (8–15 digits); national numbers need
+- phone: international numbers need a leading '+', or the dialling prefix `00` with a
+  separator in the number (`0049 30 12345678`) (8–15 digits); national numbers need
   separators (NANP `415-555-0100`, `(415) 555-0100`; European trunk-prefixed
   `020 7946 0958`, `06-12345678`, 9–12 digits). Bare digit runs are never phones, and
   d.m.y-looking groups (`05.11.2023`) are rejected.
@@ -622,8 +623,9 @@ def phone_start_ok(text: str, start: int) -> bool:
 
 def validate_phone(value: str) -> int:
     digits = len(value) - len(value.translate(_NOT_DIGITS))
-    if value[0] == "+":
-        ok = 8 <= digits <= 15 and value.count("(") == value.count(")")
+    if value[0] == "+" or value.startswith("00"):  # (`00…` in one run is a zero-padded id)
+        ok = 8 <= digits - 2 * (value[0] == "0") <= 15 and value.count("(") == value.count(")") \
+            and (value[0] == "+" or digits < len(value))
     elif value[0] == "0":
         ok = 9 <= digits <= 12 and not _DATE_LIKE.match(value)
     else:  # NANP: the layout is fixed by the pattern
@@ -832,7 +834,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
         Detector(
             "phone",
-            r"(?:\+[1-9](?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9]{1,5}+)){1,7}+"
+            # (international: `+49 30 1234567`, or with the dialling prefix `0049 30 1234567`)
+            r"(?:(?:\+|00)[1-9](?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9]{1,5}+)){1,7}+"
             r"|\([2-9][0-9]{2}\)[ .\-]?[2-9][0-9]{2}[ .\-][0-9]{4}"
             r"|(?:1[ .\-])?[2-9][0-9]{2}[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}"
             r"|0[1-9][0-9]{0,4}+(?:[ /.\-][0-9]{2,8}+){1,4}+)"

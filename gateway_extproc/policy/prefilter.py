@@ -219,7 +219,8 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
     "ipv4": (Trigger(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", som=False, reach=14, tail=8),),
     "phone": (Trigger(r"\+[1-9]|\([2-9][0-9]{2}\)|[^A-Za-z0-9_][2-9][0-9]{2}[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}"
-                      r"|[^A-Za-z0-9_]0[1-9][0-9]{0,4}[ /.\-][0-9]{2}", som=False, reach=18, tail=48),),
+                      r"|[^A-Za-z0-9_]0[1-9][0-9]{0,4}[ /.\-][0-9]{2}|[^A-Za-z0-9_]00[1-9][0-9]{0,4}[ .\-(]",
+                      som=False, reach=18, tail=48),),
 }
 
 # Six single characters in a row, spaced out (`SPACED_PATTERN`).
