@@ -514,7 +514,10 @@ def validate_iban(value: str) -> int:
     """Any single separators and either case (the format's checksum is strong: mod-97 over the
     country's exact length)."""
     compact = value.translate(_IBAN_SEPS).upper()
-    if IBAN_LENGTHS.get(compact[:2]) != len(compact):
+    length = IBAN_LENGTHS.get(compact[:2])
+    if length is not None and len(compact) > length and compact[length:].replace("_", "").isalpha():
+        compact = compact[:length]  # a word glued to its last group (`… 0130 00th`: `_iban_pattern`)
+    if length != len(compact):
         return 0
     if compact[2:4] in ("00", "01", "99"):
         return 0
@@ -720,7 +723,8 @@ def _iban_pattern() -> str:
     # any punctuation the wide forms of numbers allow: `DE89:3704:…`, `[DE89] [3704] …`;
     # mod-97 over the country's exact length keeps such runs from matching by chance)
     alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?:{WIDE_SEPC}{{0,4}}+[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
-    return f"(?i:{'|'.join(alts)}){_END}"
+    # (or glued to a word, `DE89 3704 0044 0532 0130 00th`, as cards are: `validate_iban`)
+    return f"(?i:{'|'.join(alts)})(?:[A-Za-z]{{1,16}}+_?+|_)?+{_END}"
 
 
 MAX_KEY_BODY = 16384  # characters between a private key's BEGIN and END lines
