@@ -578,9 +578,12 @@ def canonical_email(value: str) -> str:
     return _DOT_RE.sub(".", _AT_RE.sub("@", value))
 
 
+_SIGNS = re.compile("@{2,3}")  # (read as one: `jane@@example.com`)
+
+
 def validate_email(value: str) -> int:
     plain = "@" in value and value.isascii() and not any(c in value for c in " ([{<")
-    canon = value if plain else canonical_email(value)
+    canon = _SIGNS.sub("@", value if plain else canonical_email(value))
     if canon.count("@") != 1:
         return 0
     local, _, domain = canon.rpartition("@")
@@ -787,7 +790,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector("iban", _iban_pattern(), validate_iban, "IBAN", "IBAN (length per country, mod-97)"),
         Detector(
             "email",
-            rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+(?:@|{_AT_WORD})"
+            # (`@@`: a doubled sign reads as one, `jane@@example.com`)
+            rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+(?:@{{1,3}}+|{_AT_WORD})"
             # (ends where its top-level domain does: `jane@example.com-thanks`, `…com_`; not before
             # an identifier, `x@self.proj_in` is Python; a longer domain, `example.com-x.org`, is
             # tried first)
