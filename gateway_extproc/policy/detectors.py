@@ -174,6 +174,10 @@ _COMMA_CARD = r"(?<![0-9,])[0-9]{1,3}(?:,[0-9]{3}){4,6}+(?![0-9]|,[0-9])"
 # `4111…th`), or between underscores (markdown's `_4111…_`): a model reads the number in it as
 # easily as with a space. Not after `word_` (`order_4348…`, `user_<id>`: a snake_case
 # identifier, whose digits are a valid card number about one time in thirty).
+_GLUED_CARD = (r"(?:[A-Za-z]{1,16}+|_)[0-9]{13,19}+(?:[A-Za-z]{1,16}+)?+_?+(?![A-Za-z0-9_])"
+               r"|[0-9]{13,19}+(?:[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])")
+
+
 # A separated number whose last group runs into a word (`4111 1111 1111 1111th`,
 # `… 1111 2nd`, `… 1111 0x1f`, `… 1111 0_a`): the candidate takes the word, and
 # `validate_credit_card` reads the number before it. Until 2026-12-06 such a card went out
@@ -185,8 +189,6 @@ _DIGIT_RUN_RE = re.compile(rf"[0-9](?:{_GAP}?+[0-9])*+")
 # goes on after `_`, is an identifier: the whole number it begins is no card (`4111…_final.csv`);
 # a separated number's last group is, or begins it (`4111 1111 1111 1111_x`, `… 1111 0_a`).
 _GLUED_TAIL = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}_?|_")
-_GLUED_CARD = (r"(?:[A-Za-z]{1,16}+|_)[0-9]{13,19}+(?:[A-Za-z]{1,16}+)?+_?+(?![A-Za-z0-9_])"
-               r"|[0-9]{13,19}+(?:[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])")
 
 
 # A card printed with single letters between its groups (`4111x1111x1111x1111`,
@@ -515,7 +517,7 @@ def validate_iban(value: str) -> int:
     country's exact length)."""
     compact = value.translate(_IBAN_SEPS).upper()
     length = IBAN_LENGTHS.get(compact[:2])
-    if length is not None and len(compact) > length and compact[length:].replace("_", "").isalpha():
+    if length is not None and len(compact) > length and compact[length:].isalpha():
         compact = compact[:length]  # a word glued to its last group (`… 0130 00th`: `_iban_pattern`)
     if length != len(compact):
         return 0
