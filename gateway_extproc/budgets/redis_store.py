@@ -11,14 +11,17 @@ Batching (`_Pipeliner`). Calls made in the same event-loop tick — every admiss
 settlement of every request the process is serving — go out as ONE pipeline, like
 ratelimit's pipeline window: a burst of 500 requests costs a handful of round trips, not
 500 connections racing for one server. At most `POOL_SIZE` pipelines are in flight (one
-connection each); calls arriving meanwhile wait for the next one. Busy is not down: a
-call that waited `QUEUE_DEADLINE_S` without being sent, no answer within
-`redis_deadline.TIMEOUT_S`, or a refused connection is `BudgetStoreUnavailable`; a
-connection that fails because the server closed it (a graceful restart left stale sockets
-in the pool) is retried once on a fresh one, after every idle pooled socket is dropped
-(they are all stale then). A call is refused as busy only when every connection stayed in
-use past its deadline; one delayed by this process's own busy event loop is still sent,
-and a reply it was too busy to read in time is still read (`redis_deadline`).
+connection each); calls arriving meanwhile wait for the next one, and all of them go in
+it. Busy is not down: no answer within `redis_deadline.TIMEOUT_S`, or a refused
+connection, is `BudgetStoreUnavailable`; a connection that fails because the server
+closed it (a graceful restart left stale sockets in the pool) is retried once on a fresh
+one, after every idle pooled socket is dropped (they are all stale then). A queued call
+has no deadline of its own: every pipeline in flight ends within its own deadline, and
+the next one takes every queued call. (A queue deadline, checked whenever a call arrived,
+misfired after the event loop stalled: the next request's arrival was handled before
+the replies that freed a connection were read, and every queued call was refused as
+busy while Redis sat idle.) A reply this process's busy event loop was too late to read
+in time is still read (`redis_deadline`).
 Retrying is safe because every script is idempotent per reservation id: reserving a held
 id answers with the held grant, settling twice is settling once, usage only reads and
 expires.
@@ -77,8 +80,6 @@ _HASH_TAG = re.compile(r"^[^{]*\{[^}]+\}")
 # Pipelines in flight per process (one connection each). The server runs scripts one at a
 # time anyway; a few pipelines overlap network and parsing with its work.
 POOL_SIZE = 4
-# How long a call may wait for a pipeline slot before the store counts as busy-unavailable.
-QUEUE_DEADLINE_S = 1.0
 _OUTCOMES = {0: NOTHING, 1: SETTLED, 2: LATE}
 
 
@@ -88,7 +89,7 @@ def connect(url: str) -> Redis:
     that is safe). It has no socket timeouts: every call is made through
     `redis_deadline.answered`, which a busy event loop does not trip."""
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=POOL_SIZE + 1, timeout=QUEUE_DEADLINE_S, retry=Retry(NoBackoff(), 0))
+        url, max_connections=POOL_SIZE + 1, timeout=TIMEOUT_S, retry=Retry(NoBackoff(), 0))
     return Redis(connection_pool=pool)
 
 
@@ -108,7 +109,6 @@ class _Call:
     keys: Sequence[str]
     args: Sequence[int | float | str]
     future: asyncio.Future[Any]
-    deadline: float
     attempts: int = field(default=0)
 
 
@@ -125,7 +125,7 @@ class _Pipeliner:
 
     async def call(self, script: _Script, keys: Sequence[str], args: Sequence[int | float | str]) -> Any:
         loop = asyncio.get_running_loop()
-        call = _Call(script, keys, args, loop.create_future(), loop.time() + QUEUE_DEADLINE_S)
+        call = _Call(script, keys, args, loop.create_future())
         self._waiting.append(call)
         self._schedule(loop)
         return await call.future
@@ -137,23 +137,14 @@ class _Pipeliner:
 
     def _flush(self) -> None:
         self._scheduled = False
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        waiting = []
-        for call in self._waiting:
-            if call.future.done():  # the caller gave up (cancelled)
-                continue
-            # Only a call that found every connection busy past its deadline fails: one that
-            # waited because this process's event loop was busy (a burst) is sent now.
-            if self._free == 0 and now > call.deadline:
-                call.future.set_exception(BudgetStoreUnavailable("budget store busy: no free connection in time"))
-            else:
-                waiting.append(call)
-        self._waiting = waiting
-        if not waiting or self._free == 0:
+        if self._free == 0:
             return  # a pipeline in flight flushes again when it returns
+        waiting = [c for c in self._waiting if not c.future.done()]  # done: the caller gave up
         self._waiting = []
+        if not waiting:
+            return
         self._free -= 1
+        loop = asyncio.get_running_loop()
         task = loop.create_task(self._run(waiting))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
