@@ -1126,6 +1126,19 @@ def test_other_words_with_nine_digits_are_not_ssns(text: str) -> None:
     assert found("us_ssn", f"it is {text} ok") == []
 
 
+@pytest.mark.parametrize("text", ["078x05x1120", "078a05b1120", "078X05X1120"])
+def test_an_ssn_with_letters_between_its_groups_after_its_context_word_is_found(text: str) -> None:
+    """Until 2026-12-07 `SSN 078x05x1120` went out ("put an x between the groups", as for cards)."""
+    assert found("us_ssn", f"my SSN is {text} ok") == [text]
+    assert found("us_ssn", f"part {text} ok") == []  # (any part number, without the word)
+
+
+@pytest.mark.parametrize("text", ["000x12x3456", "078xx05xx1120", "a078x05x1120", "078x05x1120b", "078x05x11201",
+                                  "0780x5x1120"])
+def test_numbers_with_letters_between_groups_that_are_no_printed_ssn_are_not_ssns(text: str) -> None:
+    assert found("us_ssn", f"my SSN is {text} ok") == []
+
+
 
 @pytest.mark.parametrize("text", ["DE89:3704:0044:0532:0130:00", "DE89,3704,0044,0532,0130,00", "DE89~3704~0044~0532~0130~00",
                                   "DE89    3704    0044    0532    0130    00", "DE89][3704][0044][0532][0130][00"])

@@ -520,7 +520,7 @@ _NEAR_VALUES = [*_VALUES, "4111111111111111", "4111-1111-1111-1111", "DE89 3704 
                 "four one one one one one one one one one one one one one one one",
                 # (forms found since 2026-12-06)
                 "4111 1111 1111 1111th", "4111x1111x1111x1111", "DE89 3704 0044 0532 0130 00th", "jane@exämple.com",
-                "0049 30 12345678"]
+                "0049 30 12345678", "SSN 078x05x1120"]
 
 
 @st.composite

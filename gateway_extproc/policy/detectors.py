@@ -223,6 +223,11 @@ _LOOKALIKE_SSN = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}{_LOOK_SEP})(?=[0-9 \-]{{0,10}
                   rf"{_LOOK}{{3}}(?:-{_LOOK}{{2}}-| {_LOOK}{{2}} ){_LOOK}{{4}}"
                   rf"(?![A-Za-z0-9_|]|{_LOOK_SEP}{_LOOK}(?![A-Za-z]))")
 _LOOKALIKE_SSN_RE = re.compile(_LOOKALIKE_SSN)
+# An SSN with single letters between its groups (`078x05x1120`), as `_LETTERED_CARD`; only
+# after a context word (`ssn_context_ok`: `123a45b6789` alone is any part number). Until
+# 2026-12-07 it went out.
+_LETTERED_SSN = r"(?<![A-Za-z0-9_])[0-9]{3}[A-Za-z][0-9]{2}[A-Za-z][0-9]{4}(?![A-Za-z0-9_])"
+_LETTERED_SSN_RE = re.compile(_LETTERED_SSN)
 
 
 def _lookalike(value: str) -> bool:
@@ -441,6 +446,8 @@ def _lookalike_ssn(value: str) -> bool:
 def validate_ssn(value: str) -> int:
     if _lookalike_ssn(value):  # (its letters are no word to strip)
         return validate_ssn(value.translate(_READ_AS_DIGITS)) if any("0" <= c <= "9" for c in value) else 0
+    if _LETTERED_SSN_RE.fullmatch(value):
+        return _whole(validate_ssn(f"{value[:3]}-{value[4:6]}-{value[7:]}") > 0, value)
     bare = value.strip(_WORD_CHARS)  # (glued to letters: the dashed layout inside)
     digits = "".join(_DIGITS.findall(bare) if _wide(bare) else digit_groups(bare))
     if len(digits) != 9:
@@ -462,6 +469,8 @@ def ssn_context_ok(text: str, start: int, end: int) -> bool:
     value = text[start:end]
     if _lookalike_ssn(value):
         return "-" in value or _ssn_context_before(text, start)
+    if _LETTERED_SSN_RE.fullmatch(value):
+        return _ssn_context_before(text, start)
     value = value.strip(_WORD_CHARS)
     if _wide(value):  # AAA GG SSSS printed otherwise (`123,45,6789`): with a context word
         return _ssn_context_before(text, start)
@@ -828,7 +837,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                       rf"|(?<![0-9]{WIDE_SEPC})(?<![0-9]{WIDE_SEPC}{{2}})"
                       rf"(?:[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
                       # (one digit per group, `[0, 7, 8, 0, 5, …]`: a list of its digits, as for cards)
-                      rf"|[0-9](?:{_WIDE_SEP}[0-9]){{8}}){_WIDE_END}|{_LOOKALIKE_SSN}", validate_ssn,
+                      rf"|[0-9](?:{_WIDE_SEP}[0-9]){{8}}){_WIDE_END}|{_LOOKALIKE_SSN}|{_LETTERED_SSN}", validate_ssn,
             "US_SSN", "US social security number", ssn_start_ok, ssn_context_ok,
         ),
         Detector(

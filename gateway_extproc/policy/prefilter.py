@@ -214,7 +214,9 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
-                                     reach=40, tail=8), _ESCAPED_SEPARATORS, _LOOKALIKE_DIGITS, _DIGIT_LIST),
+                                     reach=40, tail=8), _ESCAPED_SEPARATORS, _LOOKALIKE_DIGITS, _DIGIT_LIST,
+                             # single letters between groups (`078x05x1120`: `_LETTERED_SSN`)
+                             Trigger(r"[0-9]{3}[A-Za-z][0-9]{2}[A-Za-z][0-9]{4}", som=False, reach=12, tail=2)),
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
     "ipv4": (Trigger(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", som=False, reach=14, tail=8),),

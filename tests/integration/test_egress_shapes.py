@@ -171,6 +171,16 @@ def test_a_github_token_in_pieces_or_an_aws_key_with_dots_reaches_no_provider(gw
                  "deploy with AKIA.IOSF.ODNN.7EXA.MPLE now"], "content_blocked")
 
 
+def test_an_ssn_with_letters_between_its_groups_reaches_neither_provider_nor_client(gw: Gateway) -> None:
+    """`SSN 078x05x1120` went out whole until 2026-12-07."""
+    refused(gw, ["My SSN is 078x05x1120, please file it."], "classification_violation")
+    content, _, _ = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "content": "Your SSN: 078x0"}}),
+        chunk({"index": 0, "delta": {"content": "5x1120, on file." + FILLER}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+    assert content == {0: "Your SSN: [US_SSN_1], on file." + FILLER}, content
+
+
 def refused(gw: Gateway, texts: list[str], code: str) -> None:
     """Each text, asked with the openai SDK, is refused (403 with `code`), and no provider saw any."""
     gw.reset()
