@@ -291,7 +291,7 @@ def test_redis_faults_mid_burst_fail_closed_and_recover(fresh: Gateway, redis: R
     assert set(counts) <= {(200, None), (503, "budget_store_unavailable")}, counts
     if fault_kind == "frozen":  # (a restart may fall between two requests)
         assert counts[(503, "budget_store_unavailable")] > 0, counts
-        # Refused within the store's deadlines (docs/budgets.md: 0.5 s, 1.5 s with every connection
+        # Refused within the store's deadlines (docs/budgets.md: 0.5 s, 1 s with every connection
         # stuck), timed by the gateway itself: the client's time also holds its own event loop's
         # 300 requests and Envoy's queue, which on a loaded machine added seconds (CI).
         refused = {a.tag for a in answers if a.code == "budget_store_unavailable"}
