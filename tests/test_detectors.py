@@ -1028,6 +1028,40 @@ def test_numbers_with_letters_between_groups_that_are_no_printed_card_are_not_ca
     assert found("credit_card", f"see {text} ok") == []
 
 
+@given(st.sampled_from(OPENAI_VALID + ANTHROPIC_VALID), st.lists(st.integers(3, 30), min_size=1, max_size=40),
+       st.sampled_from([" ", "\n", "\r\n", "\t", "  "]), st.sampled_from([" thanks", " -- keep it", "", ". Bye"]))
+@settings(max_examples=300, deadline=None)
+def test_an_api_key_in_pieces_is_found_up_to_its_last_piece(key: str, sizes: list[int], sep: str, after: str) -> None:
+    """Until 2026-12-07 an sk- key whose first piece was under 20 characters went out whole
+    (`sk-proj-Ab12cdEf34 GhIj56…`), and of a longer one only that piece was found. The
+    finding ends with the key, or before its last pieces when they read as words (no digit,
+    no capital after the first character; a credential rule blocks the request all the same)."""
+    pieces, at = [], 0
+    for size in sizes:
+        if at < len(key):
+            pieces.append(key[at:at + size])
+            at += size
+    if at < len(key):
+        pieces.append(key[at:])
+    printed = sep.join(pieces)
+    values = [(d, v) for d, v in found_all(f"key: {printed}{after}") if d in ("openai_key", "anthropic_key")]
+    assert len(values) == 1, (printed, values)
+    value = values[0][1]
+    assert printed.startswith(value) and printed[len(value):len(value) + len(sep)] in ("", sep), (printed, value)
+    for rest in printed[len(value):].split():  # (pieces left out read as words: `The`, `lcu`, `KLCP`)
+        assert re.fullmatch(r"[A-Z]?[a-z_\-]*|[A-Z_\-]*", rest), (printed, value)
+
+
+@pytest.mark.parametrize("text", [
+    "use sk-learn LogisticRegression RandomForestClassifier GridSearchCV now",
+    "sk-learn is great for machine learning in python and more and more and more",
+    "sk-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26",
+    "risk-based task-level desk-top sk-x A1 B2 C3 D4 E5 F6 G7 H8 I9 J0 K1 L2 M3 N4",
+])
+def test_words_after_a_short_sk_head_are_no_key(text: str) -> None:
+    assert [d for d, _ in found_all(text) if d in ("openai_key", "anthropic_key")] == []
+
+
 @pytest.mark.parametrize("sep", [" ", "\n", "\r\n", "\t"])
 def test_a_github_token_in_pieces_is_found_whole_and_not_the_word_after_it(sep: str) -> None:
     """Until 2026-12-06 `ghp_` and 36 characters with a space among them went out whole."""

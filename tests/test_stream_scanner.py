@@ -10,7 +10,7 @@ import string
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway_extproc.policy import (
@@ -179,6 +179,50 @@ def test_long_secret_every_split_equals_full_redaction(secret: str) -> None:
     assert streamed(SECRETS, list(text))[0] == expected
     for _ in range(20):
         assert streamed(SECRETS, random_chunks(text, RNG, 30))[0] == expected
+
+
+@pytest.mark.parametrize("size", [3, 4, 10, 17, 30])
+def test_an_api_key_in_pieces_streams_as_a_whole_text_redacts_it(size: int) -> None:
+    """A key in pieces (found since 2026-12-07): the words after it are no part of it, however
+    the stream is cut (the open finding was extended by the pattern alone, which reads on
+    over them, and `-- keep it safe` went nowhere)."""
+    printed = " ".join(OPENAI[i:i + size] for i in range(0, len(OPENAI), size))
+    text = f"the key: {printed} -- keep it safe"
+    expected, _ = full(SECRETS, text)
+    assert expected.startswith("the key: [OPENAI_KEY_1]") and expected.endswith(" -- keep it safe"), expected
+    for k in range(0, len(text) + 1, 7):
+        assert streamed(SECRETS, [text[:k], text[k:]])[0] == expected, k
+    assert streamed(SECRETS, list(text))[0] == expected
+    for _ in range(10):
+        assert streamed(SECRETS, random_chunks(text, RNG, 30))[0] == expected
+
+
+@given(st.integers(40, 160), st.lists(st.integers(2, 40), min_size=1, max_size=60),
+       st.sampled_from([" ", "\n", "  ", "\t"]), st.sampled_from(["sk-proj-", "sk-", "sk-ant-api03-"]),
+       st.sampled_from([" -- keep it safe", " thanks.", "", " ok 12 Ab"]), st.randoms(use_true_random=False))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.large_base_example])
+def test_no_piece_of_a_key_in_pieces_leaves_a_stream(length: int, sizes: list[int], sep: str, head: str,
+                                                      after: str, rng: random.Random) -> None:
+    """However a key in pieces is cut into pieces and the stream into deltas, the stream
+    redacts it as the whole text does, and no piece that does not read as a word goes out.
+    (`sk-` itself stays whole: `sk -proj-…` is not read.)"""
+    key = head + "".join(rng.choice(URLSAFE) for _ in range(length - 7)) + "x1Y2z3W"
+    sizes[0] = max(sizes[0], 3)
+    pieces, at = [], 0
+    for size in sizes:
+        if at < len(key):
+            pieces.append(key[at:at + size])
+            at += size
+    if at < len(key):
+        pieces.append(key[at:])
+    text = f"the key: {sep.join(pieces)}{after}"
+    expected, _ = full(SECRETS, text)
+    out, _ = streamed(SECRETS, random_chunks(text, rng, 40))
+    assert out == expected
+    shown = out.replace("the key: ", "", 1).split()
+    for piece in pieces[1:]:
+        if len(piece) >= 4 and not re.fullmatch(r"[A-Z]?[a-z_\-]*|[A-Z_\-]*", piece):
+            assert piece not in shown, (text, out)
 
 
 @pytest.mark.parametrize("block", [PEM, PGP, PEM.replace("\n", "\r\n")], ids=["pem", "pgp", "pem-crlf"])

@@ -686,8 +686,53 @@ def _has_digit_and_letter(s: str) -> bool:
 
 
 def validate_api_key(value: str) -> int:
-    """sk-… keys: the random part mixes letters and digits (rules out `sk-some-long-name`)."""
-    return _whole(_has_digit_and_letter(value[3:]), value)
+    """sk-… keys: the random part mixes letters and digits (rules out `sk-some-long-name`).
+    Written in pieces a space or a line break apart (`sk-proj-Ab12cdEf34 GhIj56KlMn …`, until
+    2026-12-07 such a key went out whole unless its first piece held 20 characters, and then
+    only that piece was found): `_key_in_pieces`, or else the first piece alone."""
+    head = _KEY_PIECE.match(value).end()
+    least = len("sk-ant-" if value.startswith("sk-ant-") else "sk-") + 20
+    whole = _whole(head >= least and _has_digit_and_letter(value[3:head]), value[:head])
+    return whole if head == len(value) else _key_in_pieces(value) or whole
+
+
+def _key_in_pieces(value: str) -> int:
+    """Once they hold 40 characters, the pieces up to one that reads as a word (`_key_like`:
+    `thanks`, `The`, `--`), unless it and up to two more such have 8 characters at most and
+    a key-like piece comes next (`… KLCP lcu pQW6…`: a random piece of 3 or
+    4 characters is one in six times such, of 8 one in a thousand); when digits, small and
+    capital letters are among them (`sk-learn LogisticRegression RandomForestClassifier` is
+    none)."""
+    found = list(_KEY_PIECE.finditer(value, 3))
+    pieces = [m.group() for m in found]
+    end = n = 0
+    for i, piece in enumerate(pieces):
+        if n >= KEY_PIECES_MIN and not _key_like(piece):
+            j = i
+            while j < min(i + 3, len(pieces)) and len(pieces[j]) <= 8 and not _key_like(pieces[j]):
+                j += 1
+            if j == len(pieces) or not _key_like(pieces[j]):
+                break
+        n += len(piece)
+        end = found[i].end()
+    key = value[3:end]
+    return end if n >= KEY_PIECES_MIN and sum(c.isdigit() for c in key) >= 3 and _mixed_case(key) else 0
+
+
+def _key_like(piece: str) -> bool:
+    """A digit, or a capital after the first character with small letters (`The`, `OK` are words)."""
+    return _WORD_PIECE.fullmatch(piece) is None
+
+
+_WORD_PIECE = re.compile(r"[A-Z]?[a-z_\-]*|[A-Z_\-]*")
+
+
+KEY_PIECES_MIN = 40
+_KEY_PIECE = re.compile(r"[^ \t\r\n]+")
+
+
+def _mixed_case(s: str) -> bool:
+    return any(c.islower() for c in s) and any(c.isupper() for c in s)
 
 
 _GITHUB_PIECE = re.compile(r"[A-Za-z0-9]+")
@@ -752,6 +797,9 @@ _PRIVATE_KEY = (
 )
 
 _TOKEN = r"[A-Za-z0-9_\-]"
+# An sk- key's pieces after its head, a space or a line break apart (`validate_api_key` reads
+# where they end).
+_KEY_PIECES = rf"(?:(?:[ \t]{{1,3}}+|\r?\n){_TOKEN}{{1,300}}+){{1,100}}+"
 # The end of a text: of the string, or of one string of a request joined with others.
 _EOT = r"(?=\x1f|\Z)"
 
@@ -769,11 +817,11 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             # (no end guard: a key with characters glued after it is still the key; the
             # finding is its first 300 characters)
-            "anthropic_key", rf"sk-ant-{_TOKEN}{{20,300}}+", validate_api_key,
+            "anthropic_key", rf"sk-ant-{_TOKEN}{{0,300}}+(?:{_KEY_PIECES})?+", validate_api_key,
             "ANTHROPIC_KEY", "Anthropic API key",
         ),
         Detector(
-            "openai_key", rf"sk-(?!ant-){_TOKEN}{{20,300}}+", validate_api_key,
+            "openai_key", rf"sk-(?!ant-){_TOKEN}{{0,300}}+(?:{_KEY_PIECES})?+", validate_api_key,
             "OPENAI_KEY", "OpenAI API key (sk-, sk-proj-, sk-svcacct-)",
         ),
         Detector(

@@ -456,7 +456,7 @@ class StreamRedactor:
             out.append(self._raw_slice(remit, rs))
             out.append(value)
             emit, remit = e + base, re_
-            if not final and emit >= n - GUARD_MARGIN:
+            if not final and (emit >= n - GUARD_MARGIN or self._reads_on(s + base, gi, n)):
                 opened = (s + base, emit, gi, placeholder, label)
         if opened is not None:
             self._open = opened
@@ -620,6 +620,16 @@ class StreamRedactor:
         value = self._raw_slice(rs, re_) if f.value == nval else f.value
         return Finding(f.rule, f.detector, rs - 1, re_ - 1, value, f.index, f.score)
 
+    def _reads_on(self, start: int, gi: int, n: int) -> bool:
+        """Whether the pattern of the value found at `start` reads on to the end of what has
+        arrived, though its check ended the value before (a key in pieces whose last pieces
+        so far read as words: the next may be more of the key)."""
+        region = self.scanner._region_at[gi]
+        if region is None or region.kind != "builtin" or region.check is None:
+            return False
+        m = region.solo.match(self._buf, start - 1 - self._base)
+        return m is not None and m.end(m.lastindex or 0) + self._base >= n - GUARD_MARGIN
+
     def _continue(self, n: int, final: bool) -> bool:
         """Extend the open finding with what arrived; True once it is closed."""
         assert self._open is not None
@@ -627,8 +637,20 @@ class StreamRedactor:
         buf, base = self._buf, self._base
         region = self.scanner._region_at[gi]
         m = region.solo.match(buf, start - 1 - base) if region is not None else None
-        new_end = max(end, m.end(m.lastindex or 0) + base) if m is not None else end
-        if new_end > end:
+        new_end = end
+        if m is not None:
+            # Where its check ends it, as a whole text's scan reads it, even short of where it
+            # ended so far (what it gives back goes out as text): a key in pieces ends before
+            # the words after it, which its pattern takes too.
+            # (An encoded, spelled-out or read-out run's check reads what it decodes to: the
+            # run goes on as its pattern says.)
+            e = m.end(m.lastindex or 0)
+            if region.kind == "builtin" and region.check is not None:
+                e = region.check(buf, start - base, e)
+                new_end = e + base if e else end
+            else:
+                new_end = max(end, e + base)
+        if new_end != end:
             rs, rold, rnew = self._raw_start(start), self._raw_end(end), self._raw_end(new_end)
             old, new = self._raw_slice(rs, rold), self._raw_slice(rs, rnew)
             self.mapping._extend(placeholder, label, old, new)
@@ -638,7 +660,9 @@ class StreamRedactor:
                     self.findings[i] = Finding(f.rule, f.detector, f.start, rnew - 1, new, f.index, f.score)
             self._remit = rnew
         self._emit = self._resume = new_end
-        if not final and new_end >= n - GUARD_MARGIN and new_end - start < MAX_OPEN:
+        # (open while the value, or its pattern, reads on to the end of what has arrived: `_reads_on`)
+        reads_on = m is not None and region.kind == "builtin" and m.end(m.lastindex or 0) + base >= n - GUARD_MARGIN
+        if not final and (new_end >= n - GUARD_MARGIN or reads_on) and new_end - start < MAX_OPEN:
             self._open = (start, new_end, gi, placeholder, label)
             return False
         self._open = None

@@ -171,6 +171,15 @@ def test_a_github_token_in_pieces_or_an_aws_key_with_dots_reaches_no_provider(gw
                  "deploy with AKIA.IOSF.ODNN.7EXA.MPLE now"], "content_blocked")
 
 
+def test_an_api_key_in_short_pieces_reaches_no_provider(gw: Gateway) -> None:
+    """Went out whole until 2026-12-07 unless its first piece held 20 characters."""
+    key = "sk-proj-" + "Ab12cdEf34GhIj56KlMn78OpQr90StUv12WxYz34" * 2
+    anthropic = "sk-ant-api03-" + "Ab12cdEf34GhIj56KlMn78OpQr90StUv12WxYz34-_" * 2
+    refused(gw, [f"use {' '.join(key[i:i + 10] for i in range(0, len(key), 10))} for the call",
+                 f"use {chr(10).join(anthropic[i:i + 6] for i in range(0, len(anthropic), 6))}\nplease",
+                 f"key: {key[:15]}  {key[15:40]}  {key[40:]} thanks"], "content_blocked")
+
+
 def test_an_ssn_with_letters_between_its_groups_reaches_neither_provider_nor_client(gw: Gateway) -> None:
     """`SSN 078x05x1120` went out whole until 2026-12-07."""
     refused(gw, ["My SSN is 078x05x1120, please file it."], "classification_violation")
