@@ -121,6 +121,12 @@ def grouped(digits: str, sizes: list[int], sep: str) -> str:
     return sep.join(p for p in out if p)
 
 
+def reads_as_word(piece: str) -> bool:
+    """A piece of a key in pieces that reads as a word (no digit, no capital after the first
+    character): the detector may leave it out where the key's pieces end."""
+    return re.fullmatch(r"[A-Z]?[a-z_\-]*|[A-Z_\-]*", piece) is not None
+
+
 def card_groups(d: str) -> list[int]:
     return [4, 6, 5] if len(d) == 15 else [4, 4, 4, 4, 3]
 
