@@ -180,6 +180,23 @@ def test_an_api_key_in_short_pieces_reaches_no_provider(gw: Gateway) -> None:
                  f"key: {key[:15]}  {key[15:40]}  {key[40:]} thanks"], "content_blocked")
 
 
+def test_an_api_key_in_short_pieces_in_a_streamed_answer_reaches_no_client(gw: Gateway) -> None:
+    """A credential in an answer ends the stream (a block rule): no piece of the key after
+    the text before it reaches the client, whichever chunks carry them."""
+    key = "sk-proj-" + "Ab12cdEf34GhIj56KlMn78OpQr90StUv12WxYz34" * 2
+    pieces = [key[i:i + 6] for i in range(0, len(key), 6)]
+    try:
+        content, _, _ = collected(gw, [
+            chunk({"index": 0, "delta": {"role": "assistant", "content": "Use " + " ".join(pieces[:3])}}),
+            chunk({"index": 0, "delta": {"content": " " + " ".join(pieces[3:]) + " for the call." + FILLER}}),
+            chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+    except openai.APIError as e:
+        shown = str(e.body)
+    else:
+        shown = " ".join(content.values())
+    assert not any(p in shown for p in pieces[1:]) and "for the call" not in shown, shown
+
+
 def test_an_ssn_with_letters_between_its_groups_reaches_neither_provider_nor_client(gw: Gateway) -> None:
     """`SSN 078x05x1120` went out whole until 2026-12-07."""
     refused(gw, ["My SSN is 078x05x1120, please file it."], "classification_violation")
