@@ -703,9 +703,9 @@ def _key_in_pieces(value: str) -> int:
     4 characters is one in six times such, of 8 one in a thousand); when digits, small and
     capital letters are among them (`sk-learn LogisticRegression RandomForestClassifier` is
     none)."""
-    found = list(_KEY_PIECE.finditer(value, 3))
-    pieces = [m.group() for m in found]
-    end = n = 0
+    pieces = [m.group() for m in _KEY_PIECE.finditer(value, 3)]
+    end = 3
+    n = 0
     for i, piece in enumerate(pieces):
         if n >= KEY_PIECES_MIN and not _key_like(piece):
             j = i
@@ -713,8 +713,8 @@ def _key_in_pieces(value: str) -> int:
                 j += 1
             if j == len(pieces) or not _key_like(pieces[j]):
                 break
+        end = value.index(piece, end) + len(piece)
         n += len(piece)
-        end = found[i].end()
     key = value[3:end]
     return end if n >= KEY_PIECES_MIN and sum(c.isdigit() for c in key) >= 3 and _mixed_case(key) else 0
 

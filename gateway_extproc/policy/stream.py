@@ -660,9 +660,7 @@ class StreamRedactor:
                     self.findings[i] = Finding(f.rule, f.detector, f.start, rnew - 1, new, f.index, f.score)
             self._remit = rnew
         self._emit = self._resume = new_end
-        # (open while the value, or its pattern, reads on to the end of what has arrived: `_reads_on`)
-        reads_on = m is not None and region.kind == "builtin" and m.end(m.lastindex or 0) + base >= n - GUARD_MARGIN
-        if not final and (new_end >= n - GUARD_MARGIN or reads_on) and new_end - start < MAX_OPEN:
+        if not final and (new_end >= n - GUARD_MARGIN or self._reads_on(start, gi, n)) and new_end - start < MAX_OPEN:
             self._open = (start, new_end, gi, placeholder, label)
             return False
         self._open = None
