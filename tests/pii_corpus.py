@@ -122,9 +122,10 @@ def grouped(digits: str, sizes: list[int], sep: str) -> str:
 
 
 def reads_as_word(piece: str) -> bool:
-    """A piece of a key in pieces that reads as a word (no digit, no capital after the first
-    character): the detector may leave it out where the key's pieces end."""
-    return re.fullmatch(r"[A-Z]?[a-z_\-]*|[A-Z_\-]*", piece) is not None
+    """A piece of a key in pieces that reads as a word, or words joined by `-` or `_` (no
+    digit, no capital after a small letter): the detector may leave it out where the key's
+    pieces end."""
+    return all(re.fullmatch(r"[A-Z]?[a-z]*|[A-Z]*", part) for part in re.split(r"[_\-]", piece))
 
 
 def card_groups(d: str) -> list[int]:

@@ -1029,14 +1029,16 @@ def test_numbers_with_letters_between_groups_that_are_no_printed_card_are_not_ca
     assert found("credit_card", f"see {text} ok") == []
 
 
-@given(st.sampled_from(OPENAI_VALID + ANTHROPIC_VALID), st.lists(st.integers(3, 30), min_size=1, max_size=40),
-       st.sampled_from([" ", "\n", "\r\n", "\t", "  "]), st.sampled_from([" thanks", " -- keep it", "", ". Bye"]))
+@given(st.sampled_from(OPENAI_VALID + ANTHROPIC_VALID), st.lists(st.integers(1, 30), min_size=1, max_size=40),
+       st.sampled_from([" ", "\n", "\r\n", "\t", "  "]),
+       st.sampled_from([" thanks", " -- keep it", "", ". Bye", " is my key", " for the EMEA region in Q3 2024"]))
 @settings(max_examples=300, deadline=None)
 def test_an_api_key_in_pieces_is_found_up_to_its_last_piece(key: str, sizes: list[int], sep: str, after: str) -> None:
     """Until 2026-12-07 an sk- key whose first piece was under 20 characters went out whole
-    (`sk-proj-Ab12cdEf34 GhIj56…`), and of a longer one only that piece was found. The
-    finding ends with the key, or before its last pieces when they read as words (no digit,
-    no capital after the first character; a credential rule blocks the request all the same)."""
+    (`sk-proj-Ab12cdEf34 GhIj56…`), and of a longer one only that piece was found; so did one
+    whose `sk-` was cut (`s k-proj…`, `sk -proj…`). The finding ends with the key, or before
+    its last pieces when they read as words (no digit, no capital after a small letter; a
+    credential rule blocks the request all the same)."""
     printed = grouped(key, sizes, sep)
     values = [(d, v) for d, v in found_all(f"key: {printed}{after}") if d in ("openai_key", "anthropic_key")]
     assert len(values) == 1, (printed, values)
@@ -1051,8 +1053,13 @@ def test_an_api_key_in_pieces_is_found_up_to_its_last_piece(key: str, sizes: lis
     "sk-learn is great for machine learning in python and more and more and more",
     "sk-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26",
     "risk-based task-level desk-top sk-x A1 B2 C3 D4 E5 F6 G7 H8 I9 J0 K1 L2 M3 N4",
+    "We used sk-learn models on Q3 2024 data from the EMEA region and more text here",
+    "sk-2003-2017 University of Illinois at Urbana-Champaign and the rest",
+    "it's k-means clustering on Q3 2024 data for the EMEA region and more",
+    "Slovak: sk - Slovak language pack 2024 Q3 Release Notes for the EMEA region",
 ])
 def test_words_after_a_short_sk_head_are_no_key(text: str) -> None:
+    """(Until 2026-12-07 the first two were keys: any pieces made the first 40 characters.)"""
     assert [d for d, _ in found_all(text) if d in ("openai_key", "anthropic_key")] == []
 
 

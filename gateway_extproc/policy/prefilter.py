@@ -176,10 +176,13 @@ _IBAN_CC = "AD|AE|AL|AT|AZ|BA|BE|BG|BH|BR|CH|CR|CY|CZ|DE|DK|DO|EE|ES|FI|FO|FR|GB
 
 # An sk- key's short head and its next piece (`detectors._KEY_PIECES`), at a word's start: inside
 # a word (`risk-based `, `task-level `) it would fire on prose.
-# (A key's 300 characters, then up to 100 pieces of 300 and their separators of up to 3.)
-_KEY_TAIL = 300 + 100 * 303
+# (A key's 300 characters, then up to 200 pieces of 300 and their separators of up to 3.)
+_KEY_TAIL = 300 + 200 * 303
 _KEY_HEAD = Trigger(r"(?:^|[^A-Za-z0-9_\-])sk-[A-Za-z0-9_\-]{0,19}(?:[ \t]{1,3}|\r?\n)[A-Za-z0-9_\-]", som=False,
                     reach=27, tail=_KEY_TAIL)
+# (and a head cut itself: `sk -proj-…`, `s k-…`)
+_KEY_CUT_HEAD = Trigger(r"(?:^|[^A-Za-z0-9_\-])s(?:(?:[ \t]{1,3}|\r?\n)k(?:[ \t]{1,3}|\r?\n)?|k(?:[ \t]{1,3}|\r?\n))-",
+                        som=False, reach=10, tail=_KEY_TAIL)
 
 # Hand-written triggers of the built-in detectors: each fires wherever the detector's regex
 # could match (on a prefix, or a part every match contains). Fixed-width triggers report their
@@ -190,8 +193,8 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     # it the regex takes the header and the base64 lines up to the first indented or blank one)
     "private_key": (Trigger("-----BEGIN", som=False, reach=11, tail=MAX_KEY_BODY + 2 * 80),),
     "jwt": (Trigger(r"eyJ[A-Za-z0-9_\-]{5}", som=False, reach=9),),
-    "anthropic_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=_KEY_TAIL), _KEY_HEAD),
-    "openai_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=_KEY_TAIL), _KEY_HEAD),
+    "anthropic_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=_KEY_TAIL), _KEY_HEAD, _KEY_CUT_HEAD),
+    "openai_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=_KEY_TAIL), _KEY_HEAD, _KEY_CUT_HEAD),
     "gateway_key": (Trigger(r"gwk_[a-z0-9]", som=False, reach=6, tail=370),),
     "gateway_admin_token": (Trigger(r"gwa_[A-Za-z0-9_\-]{32}", som=False, reach=37, tail=300),),
     "github_token": (Trigger(r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}", som=False, reach=41,

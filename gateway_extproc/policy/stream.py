@@ -33,7 +33,8 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 
-from .detectors import DIGIT_WORDS, LOCAL_CHARS, SEP_CHARS, SPACES, hex_dump_start, number_words_start
+from .detectors import (DIGIT_WORDS, KEY_ENDING, KEY_HEAD_ENDING, LOCAL_CHARS, SEP_CHARS, SPACES, hex_dump_start,
+                        number_words_start)
 from .normalize import (
     Normalized,
     escape_cut,
@@ -122,6 +123,22 @@ def _pending_address(buf: str, base: int) -> int | None:
     return base + max(0, i - 1)
 
 
+def _pending_key(buf: str, base: int) -> int | None:
+    """Where an sk- key (or its head) whose pattern reads on to the end of `buf` (at `base`)
+    begins, as the position of its boundary character, among the last MAX_WORD_HOLD
+    characters: in pieces, or cut after `s`, it is several words, and its check may take it
+    only once more has arrived (its head's rest, the pieces holding its digits)."""
+    if (m := KEY_HEAD_ENDING.search(buf, max(0, len(buf) - 8))) is not None:
+        return base + max(0, m.start() - 1)
+    lo = max(0, len(buf) - MAX_WORD_HOLD)
+    for k in _KEY_HEAD_K.finditer(buf, lo):  # (KEY_ENDING's `k`, then the `s` before it: cheaper)
+        for at in range(max(lo, k.start() - 4), k.start()):
+            if buf[at] == "s" and KEY_ENDING.match(buf, at):
+                return base + max(0, at - 1)
+    return None
+
+
+_KEY_HEAD_K = re.compile(r"k[ \t\r\n]{0,3}-")
 _NUMBER_RUN_CHARS = "0123456789" + SEP_CHARS
 _DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
 _DIGIT_WORD_END = re.compile(rf"(?i)(?<![a-z]){_DIGIT_WORD}$")
@@ -401,6 +418,8 @@ class StreamRedactor:
             limit = min(n - self.holdback, at)
             if (address := _pending_address(buf, base)) is not None:
                 limit = min(limit, address)
+            if (key := _pending_key(buf, base)) is not None:
+                limit = min(limit, key)
             number = _number_run(buf, base)
             if number is not None:
                 limit = min(limit, number[0])

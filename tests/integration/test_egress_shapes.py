@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import openai
 import orjson
+import pytest
 
 from .conftest import Gateway
 from .test_stream_seam_leaks import raw_events
@@ -172,29 +173,35 @@ def test_a_github_token_in_pieces_or_an_aws_key_with_dots_reaches_no_provider(gw
 
 
 def test_an_api_key_in_short_pieces_reaches_no_provider(gw: Gateway) -> None:
-    """Went out whole until 2026-12-07 unless its first piece held 20 characters."""
+    """Went out whole until 2026-12-07 unless its first piece held 20 characters; cut in
+    pieces of two, or after its `s`, until later that day."""
     key = "sk-proj-" + "Ab12cdEf34GhIj56KlMn78OpQr90StUv12WxYz34" * 2
     anthropic = "sk-ant-api03-" + "Ab12cdEf34GhIj56KlMn78OpQr90StUv12WxYz34-_" * 2
     refused(gw, [f"use {' '.join(key[i:i + 10] for i in range(0, len(key), 10))} for the call",
                  f"use {chr(10).join(anthropic[i:i + 6] for i in range(0, len(anthropic), 6))}\nplease",
-                 f"key: {key[:15]}  {key[15:40]}  {key[40:]} thanks"], "content_blocked")
+                 f"key: {key[:15]}  {key[15:40]}  {key[40:]} thanks",
+                 f"use {' '.join(key[i:i + 2] for i in range(0, len(key), 2))} for the EMEA region in Q3 2024",
+                 f"key: s k -{key[3:]} thanks", f"key: sk\t-{anthropic[3:]}"], "content_blocked")
 
 
-def test_an_api_key_in_short_pieces_in_a_streamed_answer_reaches_no_client(gw: Gateway) -> None:
+@pytest.mark.parametrize("size", [6, 1, 2])
+def test_an_api_key_in_short_pieces_in_a_streamed_answer_reaches_no_client(gw: Gateway, size: int) -> None:
     """A credential in an answer ends the stream (a block rule): no piece of the key after
-    the text before it reaches the client, whichever chunks carry them."""
+    the text before it reaches the client, whichever chunks carry them (of one character:
+    `s` alone in the first chunk, `k -proj…` in the next)."""
     key = "sk-proj-" + "Ab12cdEf34GhIj56KlMn78OpQr90StUv12WxYz34" * 2
-    pieces = [key[i:i + 6] for i in range(0, len(key), 6)]
+    pieces = [key[i:i + size] for i in range(0, len(key), size)]
     try:
         content, _, _ = collected(gw, [
-            chunk({"index": 0, "delta": {"role": "assistant", "content": "Use " + " ".join(pieces[:3])}}),
-            chunk({"index": 0, "delta": {"content": " " + " ".join(pieces[3:]) + " for the call." + FILLER}}),
+            chunk({"index": 0, "delta": {"role": "assistant", "content": "Use " + " ".join(pieces[:1])}}),
+            chunk({"index": 0, "delta": {"content": " " + " ".join(pieces[1:]) + " for the call." + FILLER}}),
             chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
     except openai.APIError as e:
         shown = str(e.body)
     else:
         shown = " ".join(content.values())
-    assert not any(p in shown for p in pieces[1:]) and "for the call" not in shown, shown
+    rest = " ".join(pieces[1:])
+    assert not any(rest[k:k + 8] in shown for k in range(len(rest) - 7)) and "for the call" not in shown, shown
 
 
 def test_an_ssn_with_letters_between_its_groups_reaches_neither_provider_nor_client(gw: Gateway) -> None:
