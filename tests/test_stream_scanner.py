@@ -200,14 +200,16 @@ def test_an_api_key_in_pieces_streams_as_a_whole_text_redacts_it(size: int) -> N
 
 @given(st.integers(40, 160), st.lists(st.integers(1, 40), min_size=1, max_size=60),
        st.sampled_from([" ", "\n", "  ", "\t"]), st.sampled_from(["sk-proj-", "sk-", "sk-ant-api03-"]),
-       st.sampled_from([" -- keep it safe", " thanks.", "", " ok 12 Ab"]), st.randoms(use_true_random=False))
+       st.sampled_from([" -- keep it safe", " thanks.", "", " ok 12 Ab"]), st.integers(0, 2**32),
+       st.randoms(use_true_random=False))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.large_base_example])
 def test_no_piece_of_a_key_in_pieces_leaves_a_stream(length: int, sizes: list[int], sep: str, head: str,
-                                                      after: str, rng: random.Random) -> None:
+                                                      after: str, seed: int, rng: random.Random) -> None:
     """However a key in pieces is cut into pieces and the stream into deltas, the stream
     redacts it as the whole text does, and no piece that does not read as a word goes out
-    (`sk-` cut too: `s k-proj…`)."""
-    key = head + "".join(rng.choice(URLSAFE) for _ in range(length - 7)) + "x1Y2z3W"
+    (`sk-` cut too: `s k-proj…`). The key is random as keys are (`seed`: Hypothesis shrinks
+    its own random draws towards `aaaa…`, which reads as words: prose, to the detector)."""
+    key = head + "".join(random.Random(seed).choices(URLSAFE, k=length - 7)) + "x1Y2z3W"
     printed = grouped(key, sizes, sep)
     text = f"the key: {printed}{after}"
     expected, _ = full(SECRETS, text)
