@@ -88,7 +88,7 @@ def test_scan_is_one_regex_pass() -> None:
 
 def test_only_used_detectors_are_compiled() -> None:
     scanner = Scanner.compile([Rule("email", "email", "redact")])
-    assert set(scanner.pattern.groupindex) == {"d_email", "e_encoded", "e_spaced", "e_words"}  # runs: decoded
+    assert set(scanner.pattern.groupindex) == {"d_email", "e_encoded", "e_spaced", "e_words", "e_mixed"}  # runs: decoded
     assert [f.detector for f in scanner.scan(PROMPT)] == ["email", "email", "email"]
     empty = Scanner.compile([])
     assert empty.scan(PROMPT) == []
@@ -721,6 +721,33 @@ def test_a_number_read_out_in_words_is_found(text: str, detector: str | None) ->
     if detector:
         redacted, _ = redact(text, findings, PlaceholderMap())
         assert "one one" not in redacted.lower() and "seven" not in redacted, redacted
+
+
+@pytest.mark.parametrize(("text", "detector"), [
+    ("card 4111 one one one one one one one one one one one one ok", "credit_card"),
+    ("card four one one one 1111 1111 1111 ok", "credit_card"),
+    ("card 4 one 1 one 1 one 1 one 1 one 1 one 1 one 1 one ok", "credit_card"),
+    ("my card: 4111 - 1111 - one one one one - 1111, thanks", "credit_card"),
+    ("card 4111 1111 1111 one one one one", "credit_card"),
+    ("SSN: zero seven eight 05 1120 ok", "us_ssn"),
+    ("card FOUR 111 1111 1111 1112", None),  # not a valid card
+])
+def test_a_number_read_out_partly_in_words_is_found(text: str, detector: str | None) -> None:
+    """Digits and digit words mixed went out whole until 2026-12-07."""
+    findings = DEFAULT.scan(text)
+    assert [f.detector for f in findings] == ([detector] if detector else [])
+    if detector:
+        redacted, _ = redact(text, findings, PlaceholderMap())
+        assert "one one" not in redacted.lower() and "1111" not in redacted and "05" not in redacted, redacted
+
+
+@pytest.mark.parametrize("text", [
+    "one,2,3,4,5,6,7,8,9,10", "ids: 1 2 3 4 5 6 7 8 9 one", "scores: 9, 8, 7, six, 5, 4, 3, 2, 1, zero",
+    "In 2024 one of 3 teams won 5 of 7 games, 2 one-offs", "version 1 one 2 two 3 three 4 four 5 five",
+    "Ticket 20240501 one 3 4 5",
+])
+def test_digits_and_digit_words_that_hold_nothing_are_no_finding(text: str) -> None:
+    assert DEFAULT.scan(text) == []
 
 
 @pytest.mark.parametrize("text", [

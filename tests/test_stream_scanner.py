@@ -338,6 +338,22 @@ def test_a_number_read_out_in_words_is_held_whole(step: int) -> None:
     assert out == redact(text, PII.decide(PII.scan(text)).redact)[0] and "four" not in out and "that is all" in out
 
 
+@pytest.mark.parametrize("value", ["4111 - one - one - one - one - one - one - one - one - one - one - one - one",
+                                   "4   one   1   one   1   one   1   one   1   one   1   one   1   one   1   one",
+                                   "four   one   one   one   1111   1111   1111", "zero seven eight, 05, 1120"])
+def test_a_number_read_out_partly_in_words_streams_as_the_whole_text_redacts_it(value: str) -> None:
+    """Digits and digit words mixed (found since 2026-12-07), longer than the hold-back: the
+    stream holds the digit groups before the last digit word as it holds digit words."""
+    text = f"the card is {value}, thanks a lot" if "zero" not in value else f"my SSN: {value}, thanks a lot"
+    expected, _ = full(PII, text)
+    assert "one" not in expected and "05" not in expected and expected.endswith(", thanks a lot"), expected
+    for k in range(len(text) + 1):
+        assert streamed(PII, [text[:k], text[k:]])[0] == expected, k
+    assert streamed(PII, list(text))[0] == expected
+    for _ in range(10):
+        assert streamed(PII, random_chunks(text, RNG, 20))[0] == expected
+
+
 def test_a_word_longer_than_the_word_hold_goes_out_bounded() -> None:
     r = StreamRedactor(PII, holdback_chars=64)
     emitted = sum(len(r.feed("x" * 100)) for _ in range(30))
@@ -541,7 +557,8 @@ def test_a_number_longer_than_the_word_hold_is_released_checked(text: str, size:
 
 @pytest.mark.parametrize("size", [1, 4, 64])
 @pytest.mark.parametrize("value", ["4111 1111 1111 1111", "four one one one one one one one one one one one one one one one",
-                                   "DE89 3704 0044 0532 0130 00"])
+                                   "DE89 3704 0044 0532 0130 00", "4111 one one one one one one one one one one one one",
+                                   "four one one one 1111 1111 1111"])
 @pytest.mark.parametrize("glue", ["/", "=", ":"])
 def test_a_value_glued_to_the_end_of_a_long_word_is_seen_whole(glue: str, value: str, size: int) -> None:
     """A long word (base64 over the word hold) with a number glued to its end (`…b2s=/4111 1111
@@ -560,7 +577,7 @@ _NEAR_VALUES = [*_VALUES, "4111111111111111", "4111-1111-1111-1111", "DE89 3704 
                 "four one one one one one one one one one one one one one one one",
                 # (forms found since 2026-12-06)
                 "4111 1111 1111 1111th", "4111x1111x1111x1111", "DE89 3704 0044 0532 0130 00th", "jane@exämple.com",
-                "0049 30 12345678", "SSN 078x05x1120"]
+                "0049 30 12345678", "SSN 078x05x1120", "4111 one one one one one one one one one one one one"]
 
 
 @st.composite

@@ -1091,12 +1091,25 @@ def _after_no_digit_word() -> str:
 
 
 NUMBER_WORDS_PATTERN = rf"{_after_no_digit_word()}{_DIGIT_WORD}(?:[\s,\-]{{1,3}}+{_DIGIT_WORD}){{8,}}+(?![A-Za-z])"
-_NUMBER_RUN = re.compile(NUMBER_WORDS_PATTERN)
-_NUMBER_WORD = re.compile(_DIGIT_WORD)
+# A number read out partly in digit words (`4111 one one one …`, `four one one one 1111 …`,
+# `4 one 1 one …`; until 2026-12-07 such went out whole): digit groups and digit words apart
+# the same way, a group next to a word among the first 24 cells, nine digits or more in all.
+_CELL_SEP = r"[\s,\-]{1,3}+"
+_DIGIT_GROUP = r"[0-9]{1,19}+(?![A-Za-z])"
+_WORD_CELL = rf"{_DIGIT_WORD}(?![A-Za-z])"
+MIXED_NUMBER_PATTERN = (
+    rf"(?:(?<![0-9][\s,\-])(?<![0-9][\s,\-]{{2}})(?<![0-9][\s,\-]{{3}}){_DIGIT_GROUP}"
+    rf"(?:{_CELL_SEP}{_DIGIT_GROUP}){{0,23}}+{_CELL_SEP}{_WORD_CELL}"
+    rf"|{_after_no_digit_word()}{_WORD_CELL}(?:{_CELL_SEP}{_WORD_CELL}){{0,23}}+{_CELL_SEP}{_DIGIT_GROUP})"
+    rf"(?:{_CELL_SEP}(?:{_WORD_CELL}|{_DIGIT_GROUP}))*+(?![A-Za-z0-9])"
+)
+_NUMBER_RUN = re.compile(f"{NUMBER_WORDS_PATTERN}|{MIXED_NUMBER_PATTERN}")
+_NUMBER_CELL = re.compile(rf"{_DIGIT_WORD}|[0-9]+")
 _SSN_WORD = "SSN "
 
 
-_WORD_ENDING = re.compile(rf"(?<![A-Za-z]){_DIGIT_WORD}[\s,\-]{{1,3}}$")
+# (a digit group too: `MIXED_NUMBER_PATTERN`)
+_WORD_ENDING = re.compile(rf"(?:(?<![A-Za-z]){_DIGIT_WORD}|(?<![0-9A-Za-z])[0-9]{{1,19}})[\s,\-]{{1,3}}$")
 
 
 def _cells_start(text: str, at: int, lo: int, ending: re.Pattern[str], reach: int) -> int:
@@ -1112,8 +1125,8 @@ def _cells_start(text: str, at: int, lo: int, ending: re.Pattern[str], reach: in
 
 
 def number_words_start(text: str, at: int, lo: int) -> int:
-    """Where the digit words before the separator at `at` begin (`_cells_start`)."""
-    return _cells_start(text, at, lo, _WORD_ENDING, 7)
+    """Where the digit words and digit groups before the separator at `at` begin (`_cells_start`)."""
+    return _cells_start(text, at, lo, _WORD_ENDING, 22)
 
 
 _HEX_CELL_ENDING = re.compile(r"(?<![0-9A-Za-z_])(?:0[xX])?[0-9A-Fa-f]{2}(?:[0-9A-Fa-f]{2})?[ \t,:;\r\n]{1,3}$")
@@ -1134,8 +1147,8 @@ def _number_digits(run: str) -> str | None:
     words = run.removeprefix(_SSN_WORD)
     if not _NUMBER_RUN.fullmatch(words):
         return None
-    digits = "".join(_DIGITS_BY_WORD[m.group().lower()] for m in _NUMBER_WORD.finditer(words))
-    return run[:len(run) - len(words)] + digits
+    digits = "".join(_DIGITS_BY_WORD.get(cell.lower(), cell) for cell in _NUMBER_CELL.findall(words))
+    return run[:len(run) - len(words)] + digits if len(digits) >= 9 else None
 
 
 def _unescape(m: re.Match[str]) -> str:
@@ -1246,7 +1259,7 @@ def decode_payload(run: str) -> str | None:
     none of these (or decodes to binary)."""
     if " " in run and _SPACED_RUN.fullmatch(run):
         return _unspaced_text(run)
-    if run[-1:].isalpha() and (digits := _number_digits(run)) is not None:
+    if run[-1:].isalnum() and (digits := _number_digits(run)) is not None:
         return digits
     if "&#" in run or "\\" in run:
         decoded = _ESCAPE.sub(_unescape, run)

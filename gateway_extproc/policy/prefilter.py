@@ -244,6 +244,10 @@ SPACED_TRIGGERS = (Trigger(r"(?:[^ \t\n\r\x0b\x0c\x1c-\x1f] {1,3}){5}[^ \t\n\r\x
 _DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
 NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:(?:{_WS}|[,\-]){{1,3}}{_DIGIT_WORD}){{8}}", som=False,
                                  reach=9 * 8, tail=260, caseless=True),)
+# A digit next to a digit word (`detectors.MIXED_NUMBER_PATTERN`), whose run may begin 24
+# cells of up to 19 digits and 3 separators before it.
+MIXED_NUMBER_TRIGGERS = (Trigger(rf"[0-9](?:{_WS}|[,\-]){{1,3}}{_DIGIT_WORD}|{_DIGIT_WORD}(?:{_WS}|[,\-]){{1,3}}[0-9]",
+                                 som=False, reach=24 * 22 + 8, tail=260, caseless=True),)
 
 # (cells of printable ASCII bytes, 0x20-0x7f: led by a digit, which Hyperscan skips to; a class
 # of letters first cost ~3 us on the bench's 2 KB of prose)

@@ -56,6 +56,7 @@ from .detectors import (
     BUILTIN_DETECTORS,
     ENCODED_PATTERN,
     MAX_DECODE_DEPTH,
+    MIXED_NUMBER_PATTERN,
     NUMBER_WORDS_PATTERN,
     SPACED_PATTERN,
     STRUCTURAL,
@@ -79,7 +80,8 @@ from .detectors import (
 
 from .normalize import (Normalized, digit_array, json_placeholder, json_quotes, json_rendered, normalize,
                         normalize_json, rendered, tables)
-from .prefilter import (BUILTIN_TRIGGERS, ENCODED_RUN_TRIGGERS, ENCODED_TRIGGERS, NUMBER_WORDS_TRIGGERS,
+from .prefilter import (BUILTIN_TRIGGERS, ENCODED_RUN_TRIGGERS, ENCODED_TRIGGERS, MIXED_NUMBER_TRIGGERS,
+                        NUMBER_WORDS_TRIGGERS,
                         SPACED_TRIGGERS, Trigger, phrase_trigger, regex_trigger, template_trigger)
 from .prefilter import build as build_prefilter
 
@@ -699,6 +701,7 @@ def _label(detector: str) -> str:
 _ENCODED = "e_encoded"
 _SPACED = "e_spaced"
 _WORDS = "e_words"
+_MIXED = "e_mixed"
 
 
 class _Depth(threading.local):
@@ -798,6 +801,9 @@ class Scanner:
             # (regions of their own: their gates differ from the other runs')
             specs.append(("spaced", f"(?:{SPACED_PATTERN})(?P<{_SPACED}>)", None, {_SPACED: []}))
             specs.append(("words", f"(?:{NUMBER_WORDS_PATTERN})(?P<{_WORDS}>)", None, {_WORDS: []}))
+            # (apart from the words: a region's gate is its first two characters, and a
+            # mixed run's takes every number, which the words' many look-behinds then cost)
+            specs.append(("mixed", f"(?:{MIXED_NUMBER_PATTERN})(?P<{_MIXED}>)", None, {_MIXED: []}))
         for i, c in enumerate(c for c in customs if c.kind == "regex"):
             source = _user_regex(c.pattern or "", f"custom rule {c.name!r}")
             if c.ignore_case:
@@ -842,6 +848,8 @@ class Scanner:
                 triggers += SPACED_TRIGGERS
             elif kind == "words":
                 triggers += NUMBER_WORDS_TRIGGERS
+            elif kind == "mixed":
+                triggers += MIXED_NUMBER_TRIGGERS
             elif kind == "phrases":
                 keywords = {normalize_phrase(kw) for c in customs if c.kind == "keywords" for kw in c.keywords}
                 triggers += [phrase_trigger(p) for p in sorted(keywords)]
@@ -872,10 +880,11 @@ class Scanner:
         self._decoded = functools.lru_cache(maxsize=256)(self._decode_and_scan)
         for prio, (kind, source, check, marker_targets) in enumerate(specs):
             solo = re.compile(f"{BOUNDARY}(?:{source})")
-            if kind in ("encoded", "spaced", "words"):
-                check = {"encoded": self._encoded_check, "spaced": self._spaced_check, "words": self._words_check}[kind]
+            if kind in ("encoded", "spaced", "words", "mixed"):
+                check = {"encoded": self._encoded_check, "spaced": self._spaced_check, "words": self._words_check,
+                         "mixed": self._words_check}[kind]
                 runs[base + solo.groupindex[next(iter(marker_targets))]] = {
-                    "encoded": None, "spaced": spaced_run, "words": number_words_run}[kind]
+                    "encoded": None, "spaced": spaced_run, "words": number_words_run, "mixed": number_words_run}[kind]
             region = _Region(prio, kind, solo, base, check, _first_chars(source))
             regions.append(region)
             for g in range(base + 1, base + solo.groups + 1):

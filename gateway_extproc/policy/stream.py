@@ -142,7 +142,7 @@ _KEY_HEAD_K = re.compile(r"k[ \t\r\n]{0,3}-")
 _NUMBER_RUN_CHARS = "0123456789" + SEP_CHARS
 _DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
 _DIGIT_WORD_END = re.compile(rf"(?i)(?<![a-z]){_DIGIT_WORD}$")
-_DIGIT_WORDS_ON = re.compile(rf"(?i)(?:[\s,\-]{{1,3}}{_DIGIT_WORD}(?![a-z]))+")
+_CELLS_ON = re.compile(rf"(?i)(?:[\s,\-]{{1,3}}(?:{_DIGIT_WORD}(?![a-z])|[0-9]+))+")
 _WORD_GOING_ON = re.compile(r"[\s,\-]*[A-Za-z]*")  # (what has arrived may be a digit word's start)
 
 
@@ -571,7 +571,8 @@ class StreamRedactor:
             if number[-1:] not in SEP_CHARS and (after.isalpha() or after == "_"):
                 self._long = "word"  # digits glued to letters: a word (hex, base64) goes on
             else:
-                return emit + len(number.rstrip(SEP_CHARS)), True
+                end = self._cells_after(emit - base + len(number.rstrip(SEP_CHARS)), final)
+                return (n, False) if end is None else (base + end, True)
         m = (self._space if self._long == "word" else _RUN_END).search(buf, emit - base)
         if m is None:
             return n, final
@@ -589,8 +590,9 @@ class StreamRedactor:
     def _number_after(self, word: int, end: int, final: bool) -> int | None:
         """The end of the word at buf[word:end] with the number its end begins, if it ends in
         digits (`…b2s=/4111 1111 1111 1111`, `… d o g 4111 …`, `DE89 3704 …`, `… 8 9. 4111 …`)
-        or a digit word (`…/four one one …`): released with the word, the number's first group
-        would make the rest read as its tail. None: the number may go on."""
+        or a digit word (`…/four one one …`), and the digit words and groups after it: released
+        with the word, the number's first group would make the rest read as its tail. None: the
+        number may go on."""
         buf = self._buf
         last = end
         while last > word and buf[last - 1] in SEP_CHARS:
@@ -599,14 +601,20 @@ class StreamRedactor:
             number, going_on = _number_from(buf, end)
             if going_on and not final:
                 return None
-            return end + len(number.rstrip(SEP_CHARS))
+            return self._cells_after(end + len(number.rstrip(SEP_CHARS)), final)
         if _DIGIT_WORD_END.search(buf, max(word, last - 5), last) is not None:
-            m = _DIGIT_WORDS_ON.match(buf, end)
-            stop = m.end() if m is not None else end
-            if not final and _WORD_GOING_ON.fullmatch(buf, stop) is not None:
-                return None
-            return stop
+            return self._cells_after(end, final)
         return end
+
+    def _cells_after(self, stop: int, final: bool) -> int | None:
+        """Where the digit words and digit groups after a number's end at `stop` end (`…/4111
+        one one …`, `…/four one 1111 …`: a number read out partly in words). None: they may
+        go on."""
+        m = _CELLS_ON.match(self._buf, stop)
+        stop = m.end() if m is not None else stop
+        if not final and _WORD_GOING_ON.fullmatch(self._buf, stop) is not None:
+            return None
+        return stop
 
     def _word_findings(self, start: int, end: int, complete: bool) -> list[Finding]:
         """Findings in buf[start:end] (normalized offsets) read from each of its first four

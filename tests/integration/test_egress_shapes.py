@@ -11,6 +11,7 @@ reads them (tests/test_egress_shapes.py has the guard's own cases):
 - an embeddings answer with a card as a number beside the vectors;
 - a card whose last group runs into a word (`4111 1111 1111 1111th`, `… 1111 5A`), asked or answered;
 - a GitHub token in pieces, an AWS key in groups apart by dots, asked;
+- a number read out partly in digit words, asked and answered;
 - an address at an internationalized domain (`jane@exämple.com`), answered.
 
 The provider's answers are scripted with the mock provider's `x-mock-raw-events` and
@@ -212,6 +213,19 @@ def test_an_ssn_with_letters_between_its_groups_reaches_neither_provider_nor_cli
         chunk({"index": 0, "delta": {"content": "5x1120, on file." + FILLER}}),
         chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
     assert content == {0: "Your SSN: [US_SSN_1], on file." + FILLER}, content
+
+
+def test_a_number_read_out_partly_in_words_reaches_neither_provider_nor_client(gw: Gateway) -> None:
+    """Digits and digit words mixed (`4111 one one …`) went out whole until 2026-12-07."""
+    refused(gw, ["card 4111 one one one one one one one one one one one one, thanks",
+                 "card four one one one 1111 1111 1111 please", "SSN: zero seven eight 05 1120"],
+                "classification_violation")
+    content, _, _ = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "content": "Your card: 4111 - one - one - one"}}),
+        chunk({"index": 0, "delta": {"content": " - one - one - one - one - one - one - one - one - one, on file."
+                                     + FILLER}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+    assert content == {0: "Your card: [CREDIT_CARD_1], on file." + FILLER}, content
 
 
 def refused(gw: Gateway, texts: list[str], code: str) -> None:
