@@ -714,16 +714,7 @@ def test_a_megabyte_spelled_out_or_in_words_is_read_in_linear_time() -> None:
     ("Card: Four, one, one, one - one one one one, one one one one, one one one one.", "credit_card"),
     ("my SSN is one two three, four five, six seven eight nine.", "us_ssn"),
     ("card FOUR ONE ONE ONE oh oh oh oh one one one one one one one one", None),  # not a valid card
-])
-def test_a_number_read_out_in_words_is_found(text: str, detector: str | None) -> None:
-    findings = DEFAULT.scan(text)
-    assert [f.detector for f in findings] == ([detector] if detector else [])
-    if detector:
-        redacted, _ = redact(text, findings, PlaceholderMap())
-        assert "one one" not in redacted.lower() and "seven" not in redacted, redacted
-
-
-@pytest.mark.parametrize(("text", "detector"), [
+    # partly in words (until 2026-12-07 these went out whole)
     ("card 4111 one one one one one one one one one one one one ok", "credit_card"),
     ("card four one one one 1111 1111 1111 ok", "credit_card"),
     ("card 4 one 1 one 1 one 1 one 1 one 1 one 1 one 1 one ok", "credit_card"),
@@ -732,13 +723,12 @@ def test_a_number_read_out_in_words_is_found(text: str, detector: str | None) ->
     ("SSN: zero seven eight 05 1120 ok", "us_ssn"),
     ("card FOUR 111 1111 1111 1112", None),  # not a valid card
 ])
-def test_a_number_read_out_partly_in_words_is_found(text: str, detector: str | None) -> None:
-    """Digits and digit words mixed went out whole until 2026-12-07."""
+def test_a_number_read_out_in_words_is_found(text: str, detector: str | None) -> None:
     findings = DEFAULT.scan(text)
     assert [f.detector for f in findings] == ([detector] if detector else [])
     if detector:
         redacted, _ = redact(text, findings, PlaceholderMap())
-        assert "one one" not in redacted.lower() and "1111" not in redacted and "05" not in redacted, redacted
+        assert not re.search(r"(?i)one one|seven|1111|05", redacted), redacted
 
 
 @pytest.mark.parametrize("text", [
