@@ -121,6 +121,12 @@ def grouped(digits: str, sizes: list[int], sep: str) -> str:
     return sep.join(p for p in out if p)
 
 
+def in_words(phone: str) -> str:
+    """A phone number read out digit by digit, its `+` and country code kept (`+44 two zero …`)."""
+    head = phone.split(" ")[0] if phone.startswith("+") else ""
+    return " ".join([head] * bool(head) + [_WORDS[int(c)] for c in phone[len(head):] if c.isdigit()])
+
+
 def reads_as_word(piece: str) -> bool:
     """A piece of a key in pieces that reads as a word, or words joined by `-` or `_` (no
     digit, no capital after a small letter): the detector may leave it out where the key's
@@ -246,6 +252,9 @@ def positives() -> list[Case]:
         nbsp = base64.b64encode(grouped(d, card_groups(d), "\u00a0").encode()).decode()
         cases.append(Case("credit_card", (f"payload {nbsp} end",), d, "base64 of groups apart by NBSP"))
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), 'x')} ok",), d, "an x between groups"))
+        for word in (" x ", "-and-"):
+            cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), word)} ok",), d,
+                              f"{word.strip(' -')!r} between groups"))
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), ' ')}th ok",), d,
                           "a word glued to the last group"))
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), '-')} 2nd ok",), d,
@@ -261,6 +270,9 @@ def positives() -> list[Case]:
             cases.append(Case("us_ssn", (rng.choice(ssn_carriers).format(grouped(d, [3, 2, 4], sep)),), d,
                               f"separator {sep!r}"))
         cases.append(Case("us_ssn", (f"SSN [{', '.join(d)}] ok",), d, "a list of its digits"))
+        for word in ("x", " x "):
+            cases.append(Case("us_ssn", (ssn_carriers[0].format(grouped(d, [3, 2, 4], word)),), d,
+                              f"{word!r} between groups"))
         tagged = grouped(d, [3, 2, 4], "<i></i>")
         cases.append(Case("us_ssn", (f'{{"note": "SSN {tagged}"}}',), d, "a JSON object, tags between the groups"))
         looks = d.replace("0", "O").replace("1", "l")  # letters that look like digits: dashed, or named
@@ -278,6 +290,8 @@ def positives() -> list[Case]:
         cases.append(Case("iban", (f"IBAN {v.lower()}",), v, "lower case"))
         cases.append(Case("iban", (f"IBAN {grouped(v.lower(), [4] * 8, ' ')}",), v, "lower case printed"))
         cases.append(Case("iban", (f"wire it to {' '.join(v)} today",), v, "spelled out"))
+        for word in ("x", " x ", " and "):
+            cases.append(Case("iban", (f"IBAN {grouped(v, [4] * 8, word)} ok",), v, f"{word!r} between groups"))
     for _ in range(8):
         v = email(rng)
         local, domain = v.split("@")
@@ -306,6 +320,7 @@ def positives() -> list[Case]:
             "-at- and -dot-": f"{local}-at-{domain.replace('.', '-dot-')}",
             "spaced -at- and -dot-": f"{local} -at- {domain.replace('.', ' -dot- ')}",
             "-at- and (dot)": f"{local}-at-{domain.replace('.', '(dot)')}",
+            "comment before @": f"{local}(work)@{domain}", "comment after @": f"{local}@(hq){domain}",
         }
         for name, enc in encodings(f"mail {v} now").items():
             forms[name] = f"blob {enc}"
@@ -318,8 +333,8 @@ def positives() -> list[Case]:
         v = phone(rng)
         for name, text in {"plain": v, "fullwidth": fullwidth(v),
                            "arabic-indic": digits_in(v, 0x0660), "zero-width": v.replace(" ", " \u200b"),
-                           "nbsp": v.replace(" ", "\u00a0"), "base64": base64.b64encode(f"call {v}".encode()).decode()
-                           }.items():
+                           "nbsp": v.replace(" ", "\u00a0"), "base64": base64.b64encode(f"call {v}".encode()).decode(),
+                           "in words": in_words(v)}.items():
             cases.append(Case("phone", (f"call me on {text} tomorrow",), re.sub(r"\D", "", v), name))
     return cases
 
@@ -463,14 +478,16 @@ def decoded_forms(text: str) -> list[str]:
 
 def forms(text: str) -> list[str]:
     """Every form a seeded value could hide in within `text`: folded, without separators or
-    spaces, digits only (also of digits read out in words), with written-out `at`/`dot` resolved,
-    tags shown as nothing; of the text and of what it decodes to."""
+    spaces, digits only (also of digits read out in words), with written-out `at`/`dot` resolved
+    and comments by the `@` dropped, tags shown as nothing; of the text and of what it decodes
+    to."""
     out = []
     for form in decoded_forms(text):
         f = fold(form)
         words = re.sub(r"\s*[(\[{<]\s*(at|dot|@|\.)\s*[)\]}>]\s*", lambda m: "@" if m.group(1) in ("at", "@") else ".", f)
         words = re.sub(r"\s+at\s+", "@", re.sub(r"\s+dot\s+", ".", words))
         words = re.sub(r"\s*-\s*at\s*-\s*", "@", re.sub(r"\s*-\s*dot\s*-\s*", ".", words))
+        words = re.sub(r"\([^()@]*\)(?=@)|(?<=@)\([^()@]*\)", "", words)  # a comment by the `@`
         spoken = re.sub(r"\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b",
                         lambda m: str(_WORDS.index(m.group()) if m.group() != "oh" else 0), f)
         shown = re.sub(r"<[^<>]*>", "", f)  # as a renderer shows it: every tag as nothing

@@ -1018,13 +1018,18 @@ def test_a_separated_card_whose_last_group_runs_into_a_word_is_found(text: str, 
 
 
 @pytest.mark.parametrize("text", ["4111x1111x1111x1111", "4111a1111b1111c1111", "4111X1111X1111X1111x123",
-                                  "3782x822463x10005"])
+                                  "3782x822463x10005",
+                                  # a word of up to three letters apart by spaces or dashes (until 2026-12-07)
+                                  "4111 x 1111 x 1111 x 1111", "4111 and 1111 and 1111 and 1111",
+                                  "4111-x-1111-x-1111-x-1111", "4111  a  1111 b 1111-c-1111", "3782 x 822463 x 10005"])
 def test_a_card_with_letters_between_its_groups_is_found(text: str) -> None:
     assert found("credit_card", f"card: {text} ok") == [text]
 
 
 @pytest.mark.parametrize("text", ["1920x1080", "4111x1111x1111x1112", "a4111x1111x1111x1111", "4111x1111x1111x1111b2",
-                                  "1234a5678b9012c3456", "4111x1111x1111"])
+                                  "1234a5678b9012c3456", "4111x1111x1111", "4111 x 1111 x 1111 x 1112",
+                                  "4111 four 1111 four 1111 four 1111", "4111   x   1111   x   1111   x   1111",
+                                  "from 2019 to 2020 to 2021 to 2022", "1920 x 1080 x 1200 x 1600"])
 def test_numbers_with_letters_between_groups_that_are_no_printed_card_are_not_cards(text: str) -> None:
     assert found("credit_card", f"see {text} ok") == []
 
@@ -1111,6 +1116,31 @@ def test_an_iban_glued_to_letters_and_digits_is_still_no_iban() -> None:
     assert found("iban", "pay DE89370400440532013000x1 now") == []
 
 
+@pytest.mark.parametrize("text", ["GB82xWESTx1234x5698x7654x32", "GB82 x WEST x 1234 x 5698 x 7654 x 32",
+                                  "DE89 and 3704 and 0044 and 0532 and 0130 and 00", "DE89-x-3704-x-0044-x-0532-x-0130-x-00",
+                                  # read as its own characters, the letters pass mod-97 (once in 97): the
+                                  # groups after them went out
+                                  "MT84  ab  MALT  ab  0110  ab  0001  ab  2345  ab  MTLC  ab  AST0  ab  01S"])
+def test_an_iban_with_letters_between_its_groups_is_found(text: str) -> None:
+    """Until 2026-12-07 these went out ("put an x between the groups", as for cards)."""
+    assert found("iban", f"pay {text} now") == [text]
+
+
+@pytest.mark.parametrize("text", ["GB82xWESTx1234x5698x7654x33", "GB82 x WEST x 1234 x 5698 x 7654", "xGB82xWESTx1234x5698x7654x32",
+                                  "NL91 ab CDEF ab 0417 ab 1643 ab 00"])
+def test_groups_with_letters_between_them_that_are_no_iban_are_not_ibans(text: str) -> None:
+    assert found("iban", f"pay {text} now") == []
+
+
+@pytest.mark.parametrize("text", ["jane(work)@example.com", "jane@(work)example.com", "jane.doe(my office)@(hq)example.org",
+                                  "jane()@example.com"])
+def test_an_address_with_a_comment_by_its_sign_is_found(text: str) -> None:
+    """Until 2026-12-07 these went out: mail ignores a comment (RFC 5322), so does a reader. A
+    call before the sign is Python's matrix product too: only before a common top-level domain."""
+    assert found("email", f"mail {text} ok") == [text]
+    assert found("email", "y = f(x)@self.weight and np.exp(x)@W.bias") == []
+
+
 @pytest.mark.parametrize("text", ["jane@@example.com", "jane@@@example.com"])
 def test_an_address_with_its_sign_doubled_is_found(text: str) -> None:
     """Until 2026-12-06 `jane@@example.com` went out: a reader takes it for jane@example.com."""
@@ -1161,7 +1191,7 @@ def test_other_words_with_nine_digits_are_not_ssns(text: str) -> None:
     assert found("us_ssn", f"it is {text} ok") == []
 
 
-@pytest.mark.parametrize("text", ["078x05x1120", "078a05b1120", "078X05X1120"])
+@pytest.mark.parametrize("text", ["078x05x1120", "078a05b1120", "078X05X1120", "078 x 05 x 1120", "078-and-05-and-1120"])
 def test_an_ssn_with_letters_between_its_groups_after_its_context_word_is_found(text: str) -> None:
     """Until 2026-12-07 `SSN 078x05x1120` went out ("put an x between the groups", as for cards)."""
     assert found("us_ssn", f"my SSN is {text} ok") == [text]

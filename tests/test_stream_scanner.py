@@ -577,7 +577,10 @@ _NEAR_VALUES = [*_VALUES, "4111111111111111", "4111-1111-1111-1111", "DE89 3704 
                 "four one one one one one one one one one one one one one one one",
                 # (forms found since 2026-12-06)
                 "4111 1111 1111 1111th", "4111x1111x1111x1111", "DE89 3704 0044 0532 0130 00th", "jane@exämple.com",
-                "0049 30 12345678", "SSN 078x05x1120", "4111 one one one one one one one one one one one one"]
+                "0049 30 12345678", "SSN 078x05x1120", "4111 one one one one one one one one one one one one",
+                # (since 2026-12-07)
+                "4111 x 1111 x 1111 x 1111", "GB82 x WEST x 1234 x 5698 x 7654 x 32", "jane(work)@example.com",
+                "four one five five five five zero one two three", "SSN 078 x 05 x 1120"]
 
 
 @st.composite

@@ -192,11 +192,15 @@ _DIGIT_RUN_RE = re.compile(rf"[0-9](?:{_GAP}?+[0-9])*+")
 _GLUED_TAIL = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}_?|_")
 
 
-# A card printed with single letters between its groups (`4111x1111x1111x1111`,
-# `4111a1111b1111c1111`: "put an x between the groups"), in a printed layout, never inside a
-# word (`validate_wide_card` reads its digits). Until 2026-12-06 it went out.
-_LETTERED_CARD = (r"(?<![A-Za-z0-9_])(?:[0-9]{4}(?:[A-Za-z][0-9]{4}){3}(?:[A-Za-z][0-9]{3})?+"
-                  r"|[0-9]{4}[A-Za-z][0-9]{6}[A-Za-z][0-9]{4,5})(?![A-Za-z0-9_])")
+# What a reader skips between a number's groups ("put an x between the groups"): one letter
+# glued to them (`4111x1111…`), or a word of up to three letters apart by one or two spaces or
+# dashes (`4111 x 1111 …`, `4111-and-1111-…`; until 2026-12-07 these went out).
+LETTER_GAP = r"(?:[A-Za-z]|[ \-]{1,2}[A-Za-z]{1,3}[ \-]{1,2})"
+# A card printed with letters between its groups (`4111x1111x1111x1111`, `4111a1111b1111c1111`,
+# `4111 x 1111 x 1111 x 1111`), in a printed layout, never inside a word (`validate_wide_card`
+# reads its digits). Until 2026-12-06 it went out.
+_LETTERED_CARD = (rf"(?<![A-Za-z0-9_])(?:[0-9]{{4}}(?:{LETTER_GAP}[0-9]{{4}}){{3}}(?:{LETTER_GAP}[0-9]{{3}})?+"
+                  rf"|[0-9]{{4}}{LETTER_GAP}[0-9]{{6}}{LETTER_GAP}[0-9]{{4,5}})(?![A-Za-z0-9_])")
 _LETTERED_RE = re.compile(_LETTERED_CARD)
 
 
@@ -224,10 +228,10 @@ _LOOKALIKE_SSN = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}{_LOOK_SEP})(?=[0-9 \-]{{0,10}
                   rf"{_LOOK}{{3}}(?:-{_LOOK}{{2}}-| {_LOOK}{{2}} ){_LOOK}{{4}}"
                   rf"(?![A-Za-z0-9_|]|{_LOOK_SEP}{_LOOK}(?![A-Za-z]))")
 _LOOKALIKE_SSN_RE = re.compile(_LOOKALIKE_SSN)
-# An SSN with single letters between its groups (`078x05x1120`), as `_LETTERED_CARD`; only
-# after a context word (`ssn_context_ok`: `123a45b6789` alone is any part number). Until
-# 2026-12-07 it went out.
-_LETTERED_SSN = r"(?<![A-Za-z0-9_])[0-9]{3}[A-Za-z][0-9]{2}[A-Za-z][0-9]{4}(?![A-Za-z0-9_])"
+# An SSN with letters between its groups (`078x05x1120`, `078 x 05 x 1120`), as
+# `_LETTERED_CARD`; only after a context word (`ssn_context_ok`: `123a45b6789` alone is any
+# part number). Until 2026-12-07 it went out.
+_LETTERED_SSN = rf"(?<![A-Za-z0-9_])[0-9]{{3}}{LETTER_GAP}[0-9]{{2}}{LETTER_GAP}[0-9]{{4}}(?![A-Za-z0-9_])"
 _LETTERED_SSN_RE = re.compile(_LETTERED_SSN)
 
 
@@ -448,7 +452,8 @@ def validate_ssn(value: str) -> int:
     if _lookalike_ssn(value):  # (its letters are no word to strip)
         return validate_ssn(value.translate(_READ_AS_DIGITS)) if any("0" <= c <= "9" for c in value) else 0
     if _LETTERED_SSN_RE.fullmatch(value):
-        return _whole(validate_ssn(f"{value[:3]}-{value[4:6]}-{value[7:]}") > 0, value)
+        area, group, serial = _DIGITS.findall(value)
+        return _whole(validate_ssn(f"{area}-{group}-{serial}") > 0, value)
     bare = value.strip(_WORD_CHARS)  # (glued to letters: the dashed layout inside)
     digits = "".join(_DIGITS.findall(bare) if _wide(bare) else digit_groups(bare))
     if len(digits) != 9:
@@ -524,11 +529,20 @@ _IBAN_SEPS = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if re
 
 def validate_iban(value: str) -> int:
     """Any single separators and either case (the format's checksum is strong: mod-97 over the
-    country's exact length)."""
+    country's exact length); or letters between its groups of four (`_LETTERED_IBAN`)."""
+    if _LETTERED_IBAN_RE.fullmatch(value):
+        if _iban_ok(value[:4] + "".join(_LETTERED_GROUP.findall(value, 4))):
+            return len(value)
+        plain = _PLAIN_IBAN_RE.match(value)  # (its letters read as its own: `MT84 ab MALT …`)
+        return 0 if plain is None else _iban_ok(plain.group())
+    return _iban_ok(value)
+
+
+def _iban_ok(value: str) -> int:
     compact = value.translate(_IBAN_SEPS).upper()
     length = IBAN_LENGTHS.get(compact[:2])
     if length is not None and len(compact) > length and compact[length:].isalpha():
-        compact = compact[:length]  # a word glued to its last group (`… 0130 00th`: `_iban_pattern`)
+        compact = compact[:length]  # a word glued to its last group (`… 0130 00th`: `_plain_iban_pattern`)
     if length != len(compact):
         return 0
     if compact[2:4] in ("00", "01", "99"):
@@ -574,6 +588,8 @@ _DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s
 # word (`validate_email`).
 _HYPHEN_AT = r"\s{0,16}+-\s{0,2}+[Aa][Tt]\s{0,2}+-\s{0,16}+"
 _HYPHEN_DOT = r"\s{0,16}+-\s{0,2}+[Dd][Oo][Tt]\s{0,2}+-\s{0,16}+"
+_COMMENT = r"(?:\([^()@\r\n]{0,32}+\))"
+_COMMENT_RE = re.compile(rf"{_COMMENT}(?=@)|(?<=@){_COMMENT}")
 _AT_RE = re.compile(f"{_AT_WORD}|{_HYPHEN_AT}")
 _DOT_RE = re.compile(f"{_DOT_WORD}|{_HYPHEN_DOT}")
 _HYPHEN_RE = re.compile(f"{_HYPHEN_AT}|{_HYPHEN_DOT}")
@@ -586,8 +602,8 @@ _COMMON_TLDS = frozenset(
 
 
 def canonical_email(value: str) -> str:
-    """`jane(at)example[dot]com` -> `jane@example.com`."""
-    return _DOT_RE.sub(".", _AT_RE.sub("@", value))
+    """`jane(at)example[dot]com`, `jane(work)@example.com` -> `jane@example.com`."""
+    return _DOT_RE.sub(".", _AT_RE.sub("@", _COMMENT_RE.sub("", value)))
 
 
 _SIGNS = re.compile("@{2,3}")  # (read as one: `jane@@example.com`)
@@ -618,7 +634,8 @@ def validate_email(value: str) -> int:
     for label in domain.split("."):
         if not label or label.startswith("-") or label.endswith("-"):
             return 0
-    if not plain and _SPACED_AT.search(value) and domain.rpartition(".")[2].lower() not in _COMMON_TLDS:
+    if not plain and (_SPACED_AT.search(value) or _COMMENT_RE.search(value)) and \
+            domain.rpartition(".")[2].lower() not in _COMMON_TLDS:  # (`f(x)@self.weight` is Python)
         return 0
     return len(value)
 
@@ -714,27 +731,25 @@ def _key_in_pieces(value: str, start: int) -> int:
     region`, `sk-2003-2017 University of Illinois`; the first piece may be a key's kind,
     `svcacct-`)."""
     found = list(_KEY_PIECE.finditer(value, start))
-    pieces = [m.group() for m in found]
-    taken: list[str] = []
-    i = n = 0
-    while i < len(pieces):
-        j = i + 1
-        if n >= KEY_PIECES_MIN and _wordish(pieces[i]):
-            while j < len(pieces) and _wordish(pieces[j]):
+    k = n = 0  # the pieces taken, their characters
+    while k < len(found):
+        j = k + 1
+        if n >= KEY_PIECES_MIN and _wordish(found[k][0]):
+            while j < len(found) and _wordish(found[j][0]):
                 j += 1
-            if j == len(pieces) or _reads_as_words(pieces[i:j]):
-                taken += itertools.takewhile(lambda p: len(p) == 1 and p.isalnum(), pieces[i:j])
+            if j == len(found) or _reads_as_words([m[0] for m in found[k:j]]):
+                k += sum(1 for _ in itertools.takewhile(lambda m: len(m[0]) == 1 and m[0].isalnum(), found[k:j]))
                 break
-        taken += pieces[i:j]
-        n += sum(map(len, pieces[i:j]))
-        i = j
-    if not taken:
+        n += sum(m.end() - m.start() for m in found[k:j])
+        k = j
+    if not k:
         return 0
+    taken = [m[0] for m in found[:k]]
     key = "".join(taken)
     words = [len(p) for p in taken[taken[0].endswith("-"):] if len(p) >= 4 and _wordish(p)]
     prose = len(words) >= 2 and 3 * sum(words) >= len(key)
     ok = len(key) >= KEY_PIECES_MIN and not prose and sum(c.isdigit() for c in key) >= 3
-    return found[len(taken) - 1].end() if ok and _mixed_case(key) else 0
+    return found[k - 1].end() if ok and _mixed_case(key) else 0
 
 
 def _wordish(piece: str) -> bool:
@@ -803,7 +818,7 @@ def validate_jwt(value: str) -> int:
 
 
 
-def _iban_pattern() -> str:
+def _plain_iban_pattern() -> str:
     by_len: dict[int, list[str]] = {}
     for cc, n in sorted(IBAN_LENGTHS.items()):
         by_len.setdefault(n - 4, []).append(cc)
@@ -813,6 +828,19 @@ def _iban_pattern() -> str:
     alts = [f"(?:{'|'.join(ccs)})[0-9]{{2}}(?:{WIDE_SEPC}{{0,4}}+[A-Z0-9]){{{n}}}" for n, ccs in sorted(by_len.items())]
     # (or glued to a word, `DE89 3704 0044 0532 0130 00th`, as cards are: `validate_iban`)
     return f"(?i:{'|'.join(alts)})(?:[A-Za-z]{{1,16}}+_?+|_)?+{_END}"
+
+
+# An IBAN with letters between its groups of four (`GB82xWESTx1234x…`, `DE89 x 3704 x 0044 …`),
+# as `_LETTERED_CARD` (until 2026-12-07 it went out): its country and check digits, the
+# groups read past what `LETTER_GAP` takes (`validate_iban`).
+_LETTERED_GROUP = re.compile(rf"{LETTER_GAP}([A-Za-z0-9]{{4}}|[A-Za-z0-9]{{1,3}}$)")
+_LETTERED_IBAN = (rf"(?<![A-Za-z0-9_])(?:{'|'.join(sorted(IBAN_LENGTHS))})[0-9]{{2}}"
+                  rf"(?:{LETTER_GAP}[A-Za-z0-9]{{4}}){{2,7}}+(?:{LETTER_GAP}[A-Za-z0-9]{{1,3}})?+{_END}")
+_LETTERED_IBAN_RE = re.compile(_LETTERED_IBAN)
+_PLAIN_IBAN_RE = re.compile(_plain_iban_pattern())
+# (the letters between groups read first: read as the IBAN's own, they may pass mod-97 by
+# chance, once in 97, and leave the groups after them out)
+_IBAN = f"{_LETTERED_IBAN}|{_PLAIN_IBAN_RE.pattern}"
 
 
 MAX_KEY_BODY = 16384  # characters between a private key's BEGIN and END lines
@@ -882,11 +910,12 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "aws_access_key", rf"(?:AKIA|ASIA)(?:[A-Z0-9]{{16}}|(?:[ .\-_/][A-Z0-9]{{4}}){{4}}){_END}", validate_aws_key,
             "AWS_ACCESS_KEY", "AWS access key id",
         ),
-        Detector("iban", _iban_pattern(), validate_iban, "IBAN", "IBAN (length per country, mod-97)"),
+        Detector("iban", _IBAN, validate_iban, "IBAN", "IBAN (length per country, mod-97)"),
         Detector(
             "email",
             # (`@@`: a doubled sign reads as one, `jane@@example.com`)
-            rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+(?:@{{1,3}}+|{_AT_WORD})"
+            # (a comment by the `@` (RFC 5322), which mail ignores: `jane(work)@example.com`)
+            rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+(?:{_COMMENT}?+@{{1,3}}+{_COMMENT}?+|{_AT_WORD})"
             # (ends where its top-level domain does: `jane@example.com-thanks`, `…com_`; not before
             # an identifier, `x@self.proj_in` is Python; a longer domain, `example.com-x.org`, is
             # tried first)
@@ -1076,7 +1105,7 @@ def _unspaced_text(run: str) -> str:
 _DIGITS_BY_WORD = {"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                    "six": "6", "seven": "7", "eight": "8", "nine": "9"}
 DIGIT_WORDS = tuple(_DIGITS_BY_WORD)
-_DIGIT_WORD = "(?:" + "|".join("".join(f"[{c.upper()}{c}]" for c in w) for w in _DIGITS_BY_WORD) + ")"
+DIGIT_WORD = "(?:" + "|".join("".join(f"[{c.upper()}{c}]" for c in w) for w in _DIGITS_BY_WORD) + ")"
 
 
 def _after_no_digit_word() -> str:
@@ -1090,26 +1119,27 @@ def _after_no_digit_word() -> str:
     return "".join(f"(?<!{'|'.join(alts)})" for _, alts in sorted(by_width.items()))
 
 
-NUMBER_WORDS_PATTERN = rf"{_after_no_digit_word()}{_DIGIT_WORD}(?:[\s,\-]{{1,3}}+{_DIGIT_WORD}){{8,}}+(?![A-Za-z])"
+# What parts the digit words and digit groups of a number read out (streams hold on it too).
+CELL_SEP = r"[\s,\-]{1,3}+"
+NUMBER_WORDS_PATTERN = rf"{_after_no_digit_word()}{DIGIT_WORD}(?:{CELL_SEP}{DIGIT_WORD}){{8,}}+(?![A-Za-z])"
 # A number read out partly in digit words (`4111 one one one …`, `four one one one 1111 …`,
 # `4 one 1 one …`; until 2026-12-07 such went out whole): digit groups and digit words apart
 # the same way, a group next to a word among the first 24 cells, nine digits or more in all.
-_CELL_SEP = r"[\s,\-]{1,3}+"
 _DIGIT_GROUP = r"[0-9]{1,19}+(?![A-Za-z])"
-_WORD_CELL = rf"{_DIGIT_WORD}(?![A-Za-z])"
+_WORD_CELL = rf"{DIGIT_WORD}(?![A-Za-z])"
 MIXED_NUMBER_PATTERN = (
     rf"(?:(?<![0-9][\s,\-])(?<![0-9][\s,\-]{{2}})(?<![0-9][\s,\-]{{3}}){_DIGIT_GROUP}"
-    rf"(?:{_CELL_SEP}{_DIGIT_GROUP}){{0,23}}+{_CELL_SEP}{_WORD_CELL}"
-    rf"|{_after_no_digit_word()}{_WORD_CELL}(?:{_CELL_SEP}{_WORD_CELL}){{0,23}}+{_CELL_SEP}{_DIGIT_GROUP})"
-    rf"(?:{_CELL_SEP}(?:{_WORD_CELL}|{_DIGIT_GROUP}))*+(?![A-Za-z0-9])"
+    rf"(?:{CELL_SEP}{_DIGIT_GROUP}){{0,23}}+{CELL_SEP}{_WORD_CELL}"
+    rf"|{_after_no_digit_word()}{_WORD_CELL}(?:{CELL_SEP}{_WORD_CELL}){{0,23}}+{CELL_SEP}{_DIGIT_GROUP})"
+    rf"(?:{CELL_SEP}(?:{_WORD_CELL}|{_DIGIT_GROUP}))*+(?![A-Za-z0-9])"
 )
 _NUMBER_RUN = re.compile(f"{NUMBER_WORDS_PATTERN}|{MIXED_NUMBER_PATTERN}")
-_NUMBER_CELL = re.compile(rf"{_DIGIT_WORD}|[0-9]+")
+_NUMBER_CELL = re.compile(rf"{DIGIT_WORD}|[0-9]+")
 _SSN_WORD = "SSN "
 
 
 # (a digit group too: `MIXED_NUMBER_PATTERN`)
-_WORD_ENDING = re.compile(rf"(?:(?<![A-Za-z]){_DIGIT_WORD}|(?<![0-9A-Za-z])[0-9]{{1,19}})[\s,\-]{{1,3}}$")
+_WORD_ENDING = re.compile(rf"(?:(?<![A-Za-z]){DIGIT_WORD}|(?<![0-9A-Za-z])[0-9]{{1,19}}){CELL_SEP}$")
 
 
 def _cells_start(text: str, at: int, lo: int, ending: re.Pattern[str], reach: int) -> int:
@@ -1138,17 +1168,47 @@ def hex_dump_start(text: str, at: int, lo: int) -> int:
 
 
 def number_words_run(text: str, start: int, end: int) -> str:
-    """The number-words run text[start:end], after `SSN ` when an SSN context word precedes it."""
-    context = _ssn_context_before(text, start)
-    return (_SSN_WORD if context else "") + text[start:end]
+    """The number-words run text[start:end], after `+` when one is right before it (`+1 four
+    one five …`, `+four nine …`: a phone number), else after `SSN ` when an SSN context word
+    precedes it."""
+    if start and text[start - 1] == "+":
+        return "+" + text[start:end]
+    return (_SSN_WORD if _ssn_context_before(text, start) else "") + text[start:end]
 
 
 def _number_digits(run: str) -> str | None:
-    words = run.removeprefix(_SSN_WORD)
+    """A number-words run's digits, after its prefix (`number_words_run`), and again laid out
+    as a phone number when they make one (`_phone_layout`; after ` ; `, which no number reads
+    on over): read out, a number has no layout, and the phone detector reads none without."""
+    words = run.removeprefix(_SSN_WORD).removeprefix("+")
     if not _NUMBER_RUN.fullmatch(words):
         return None
-    digits = "".join(_DIGITS_BY_WORD.get(cell.lower(), cell) for cell in _NUMBER_CELL.findall(words))
-    return run[:len(run) - len(words)] + digits if len(digits) >= 9 else None
+    cells = [_DIGITS_BY_WORD.get(cell.lower(), cell) for cell in _NUMBER_CELL.findall(words)]
+    digits = "".join(cells)
+    if len(digits) < 9:
+        return None
+    ssn = len(digits) == 9 and run.startswith(_SSN_WORD)  # (`SSN: zero seven eight …` is no phone)
+    phone = None if run[0] == "+" or ssn or _counting(cells) else _phone_layout(digits)
+    return run[:len(run) - len(words)] + digits + ("" if phone is None else " ; " + phone)
+
+
+def _counting(cells: list[str]) -> bool:
+    """Numbers counted up or down (`one, 2, 3, … 10`, `9, 8, 7, six, …`): no phone number."""
+    steps = {int(b) - int(a) for a, b in itertools.pairwise(cells)}
+    return steps == {1} or steps == {-1}
+
+
+def _phone_layout(d: str) -> str | None:
+    """The digits `d` in the layout of a phone number they make (`phone`'s pattern): NANP, ten
+    digits or 1 and ten (`415 555 0123`), national (nine to twelve digits after one 0) or
+    international after `00` (`0301 234567`, `0049 301234567`); else None."""
+    if len(d) == 11 and d[0] == "1" and "2" <= d[1] and "2" <= d[4]:
+        return f"1 {d[1:4]} {d[4:7]} {d[7:]}"
+    if len(d) == 10 and "2" <= d[0] and "2" <= d[3]:
+        return f"{d[:3]} {d[3:6]} {d[6:]}"
+    if d[0] == "0" and 9 <= len(d) <= (17 if d[1] == "0" else 12):
+        return f"{d[:4]} {d[4:]}"
+    return None
 
 
 def _unescape(m: re.Match[str]) -> str:

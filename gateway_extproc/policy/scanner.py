@@ -81,8 +81,8 @@ from .detectors import (
 from .normalize import (Normalized, digit_array, json_placeholder, json_quotes, json_rendered, normalize,
                         normalize_json, rendered, tables)
 from .prefilter import (BUILTIN_TRIGGERS, ENCODED_RUN_TRIGGERS, ENCODED_TRIGGERS, MIXED_NUMBER_TRIGGERS,
-                        NUMBER_WORDS_TRIGGERS,
-                        SPACED_TRIGGERS, Trigger, phrase_trigger, regex_trigger, template_trigger)
+                        NUMBER_WORDS_TRIGGERS, SPACED_TRIGGERS, Trigger, phrase_trigger, regex_trigger,
+                        template_trigger)
 from .prefilter import build as build_prefilter
 
 # A region's check on a candidate v[start:end]: the accepted end, or 0 to reject.
@@ -702,6 +702,14 @@ _ENCODED = "e_encoded"
 _SPACED = "e_spaced"
 _WORDS = "e_words"
 _MIXED = "e_mixed"
+# The run regions: kind -> (its Hyperscan triggers, the name of its check, the text to decode for
+# a run there (None: the run)).
+_RUN_KINDS: dict[str, tuple[tuple[Trigger, ...], str, Callable[[str, int, int], str] | None]] = {
+    "encoded": (ENCODED_TRIGGERS, "_encoded_check", None),
+    "spaced": (SPACED_TRIGGERS, "_spaced_check", spaced_run),
+    "words": (NUMBER_WORDS_TRIGGERS, "_words_check", number_words_run),
+    "mixed": (MIXED_NUMBER_TRIGGERS, "_words_check", number_words_run),
+}
 
 
 class _Depth(threading.local):
@@ -842,14 +850,8 @@ class Scanner:
         for kind, source, _, marker_targets in specs:
             if kind == "builtin":
                 triggers += BUILTIN_TRIGGERS[next(iter(marker_targets))[2:]]
-            elif kind == "encoded":
-                triggers += ENCODED_TRIGGERS
-            elif kind == "spaced":
-                triggers += SPACED_TRIGGERS
-            elif kind == "words":
-                triggers += NUMBER_WORDS_TRIGGERS
-            elif kind == "mixed":
-                triggers += MIXED_NUMBER_TRIGGERS
+            elif kind in _RUN_KINDS:
+                triggers += _RUN_KINDS[kind][0]
             elif kind == "phrases":
                 keywords = {normalize_phrase(kw) for c in customs if c.kind == "keywords" for kw in c.keywords}
                 triggers += [phrase_trigger(p) for p in sorted(keywords)]
@@ -880,11 +882,10 @@ class Scanner:
         self._decoded = functools.lru_cache(maxsize=256)(self._decode_and_scan)
         for prio, (kind, source, check, marker_targets) in enumerate(specs):
             solo = re.compile(f"{BOUNDARY}(?:{source})")
-            if kind in ("encoded", "spaced", "words", "mixed"):
-                check = {"encoded": self._encoded_check, "spaced": self._spaced_check, "words": self._words_check,
-                         "mixed": self._words_check}[kind]
-                runs[base + solo.groupindex[next(iter(marker_targets))]] = {
-                    "encoded": None, "spaced": spaced_run, "words": number_words_run, "mixed": number_words_run}[kind]
+            if kind in _RUN_KINDS:
+                _, check_name, run = _RUN_KINDS[kind]
+                check = getattr(self, check_name)
+                runs[base + solo.groupindex[next(iter(marker_targets))]] = run
             region = _Region(prio, kind, solo, base, check, _first_chars(source))
             regions.append(region)
             for g in range(base + 1, base + solo.groups + 1):

@@ -33,8 +33,8 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 
-from .detectors import (DIGIT_WORDS, KEY_ENDING, KEY_HEAD_ENDING, LOCAL_CHARS, SEP_CHARS, SPACES, hex_dump_start,
-                        number_words_start)
+from .detectors import (CELL_SEP, DIGIT_WORD, KEY_ENDING, KEY_HEAD_ENDING, LOCAL_CHARS, SEP_CHARS, SPACES,
+                        hex_dump_start, number_words_start)
 from .normalize import (
     Normalized,
     escape_cut,
@@ -140,9 +140,8 @@ def _pending_key(buf: str, base: int) -> int | None:
 
 _KEY_HEAD_K = re.compile(r"k[ \t\r\n]{0,3}-")
 _NUMBER_RUN_CHARS = "0123456789" + SEP_CHARS
-_DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
-_DIGIT_WORD_END = re.compile(rf"(?i)(?<![a-z]){_DIGIT_WORD}$")
-_CELLS_ON = re.compile(rf"(?i)(?:[\s,\-]{{1,3}}(?:{_DIGIT_WORD}(?![a-z])|[0-9]+))+")
+_DIGIT_WORD_END = re.compile(rf"(?<![A-Za-z]){DIGIT_WORD}$")
+_CELLS_ON = re.compile(rf"(?:{CELL_SEP}(?:{DIGIT_WORD}(?![A-Za-z])|[0-9]+))+")
 _WORD_GOING_ON = re.compile(r"[\s,\-]*[A-Za-z]*")  # (what has arrived may be a digit word's start)
 
 

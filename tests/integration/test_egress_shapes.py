@@ -12,6 +12,8 @@ reads them (tests/test_egress_shapes.py has the guard's own cases):
 - a card whose last group runs into a word (`4111 1111 1111 1111th`, `… 1111 5A`), asked or answered;
 - a GitHub token in pieces, an AWS key in groups apart by dots, asked;
 - a number read out partly in digit words, asked and answered;
+- letters between a card's, SSN's or IBAN's groups (`4111 x 1111 x …`), an address with a
+  comment by its sign, a phone number read out in words, asked or answered;
 - an address at an internationalized domain (`jane@exämple.com`), answered.
 
 The provider's answers are scripted with the mock provider's `x-mock-raw-events` and
@@ -226,6 +228,26 @@ def test_a_number_read_out_partly_in_words_reaches_neither_provider_nor_client(g
                                      + FILLER}}),
         chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
     assert content == {0: "Your card: [CREDIT_CARD_1], on file." + FILLER}, content
+
+
+def test_letters_between_groups_a_commented_address_and_a_phone_read_out_are_caught(gw: Gateway) -> None:
+    """Each went out whole until 2026-12-07: `4111 x 1111 x …`, an SSN or IBAN so, an address
+    with a comment by its sign (`jane(work)@example.com`), a phone number read out in words."""
+    refused(gw, ["card 4111 x 1111 x 1111 x 1111, thanks", "card 4111 and 1111 and 1111 and 1111",
+                 "My SSN is 078 x 05 x 1120.", "Pay GB82 x WEST x 1234 x 5698 x 7654 x 32 today."],
+            "classification_violation")
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": (
+        "Mail jane(work)@example.com or call +1 four one five 555 0123, or four one five five five five zero one two"
+        " three.")}])
+    [sent] = [m["content"] for r in gw.received(gw.primary) + gw.received(gw.backup) for m in r["body"]["messages"]]
+    assert sent == "Mail [EMAIL_1] or call +[PHONE_1], or [PHONE_2].", sent
+    content, _, _ = collected(gw, [
+        chunk({"index": 0, "delta": {"role": "assistant", "content": "Mail jane(wo"}}),
+        chunk({"index": 0, "delta": {"content": "rk)@example.com or call four one five"}}),
+        chunk({"index": 0, "delta": {"content": " five five five zero one two three." + FILLER}}),
+        chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+    assert content == {0: "Mail [EMAIL_1] or call [PHONE_1]." + FILLER}, content
 
 
 def refused(gw: Gateway, texts: list[str], code: str) -> None:
