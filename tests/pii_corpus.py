@@ -122,8 +122,9 @@ def grouped(digits: str, sizes: list[int], sep: str) -> str:
 
 
 def in_words(phone: str) -> str:
-    """A phone number read out digit by digit, its `+` and country code kept (`+44 two zero …`)."""
-    head = phone.split(" ")[0] if phone.startswith("+") else ""
+    """A phone number read out digit by digit, its `+` and country code or its area code in
+    parentheses kept (`+44 two zero …`, `(415) five five five …`)."""
+    head = phone.split(" ")[0] if phone.startswith(("+", "(")) else ""
     return " ".join([head] * bool(head) + [_WORDS[int(c)] for c in phone[len(head):] if c.isdigit()])
 
 
@@ -195,6 +196,8 @@ def _number_cases(rng: random.Random, detector: str, value: str, groups: list[in
         add(f"space U+{ord(sp):04X}", carrier.format(grouped(value, groups, sp)))
     for dash in rng.sample(DASHES, 2):
         add(f"dash U+{ord(dash):04X}", carrier.format(grouped(value, groups, dash)))
+    for name, symbol in (("emoji", "\U0001F642"), ("arrow", " \u2192 ")):
+        add(f"{name} between groups", carrier.format(grouped(value, groups, symbol)))
     add("fullwidth", carrier.format(fullwidth(grouped(value, groups, " "))))
     add("fullwidth hyphens", carrier.format(fullwidth(grouped(value, groups, "-"))))
     for zero in rng.sample(DIGIT_ZEROS, 4):
@@ -245,6 +248,10 @@ def positives() -> list[Case]:
                               "look-alike letters for digits"))
             cases.append(Case("credit_card", (f"card {grouped(looks, card_groups(d), '.')} ok",), d,
                               "look-alike letters, dots"))
+        looks = d[0] + d[1:].replace("5", "S").replace("8", "B")
+        if looks != d:
+            cases.append(Case("credit_card", (f"card {grouped(looks, card_groups(d), ' ')} ok",), d,
+                              "S and B for 5 and 8"))
         shown = grouped(d, card_groups(d), " ").replace(" ", "<b></b>", 1)  # markup renders as nothing
         cases.append(Case("credit_card", (f"card {shown} ok",), d, "a tag between two groups"))
         cases.append(Case("credit_card", (f'{{"note": "card {shown} ok"}}',), d,
@@ -491,7 +498,8 @@ def forms(text: str) -> list[str]:
         spoken = re.sub(r"\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b",
                         lambda m: str(_WORDS.index(m.group()) if m.group() != "oh" else 0), f)
         shown = re.sub(r"<[^<>]*>", "", f)  # as a renderer shows it: every tag as nothing
-        looks = re.sub(r"(?<=[0-9oli|])[oli|]|[oli|](?=[0-9oli|])", lambda m: "0" if m.group() == "o" else "1", f)
+        looks = re.sub(r"(?<=[0-9olisb|])[olisb|]|[olisb|](?=[0-9olisb|])",
+                       lambda m: {"o": "0", "s": "5", "b": "8"}.get(m.group(), "1"), f)
         out += [f, re.sub(r"[\s.\-/_]", "", f), re.sub(r"\s", "", f), re.sub(r"[\s\"'+]", "", f), words,
                 "\x00" + re.sub(r"\D", "", f),
                 "\x00" + re.sub(r"\D", "", spoken), "\x00" + re.sub(r"\D", "", shown),

@@ -290,6 +290,18 @@ def test_an_ssn_with_look_alike_letters(text: str, expected: list[str]) -> None:
     assert found("us_ssn", text) == expected
 
 
+@pytest.mark.parametrize(("detector", "text", "expected"), [
+    ("credit_card", "card 5S55 5555 5555 4444 ok", ["5S55 5555 5555 4444"]),
+    ("credit_card", "card 4111-1111-1111-111l ok", ["4111-1111-1111-111l"]),
+    ("credit_card", "card 5BS5 SSSS 5SS5 4444 ok", []),  # read as digits, no valid card
+    ("us_ssn", "call me on S36-22-l4B7 ok", ["S36-22-l4B7"]),
+    ("us_ssn", "the BOSS-SB-SBOS memo", []),  # no real digit: words
+])
+def test_s_and_b_read_as_5_and_8_among_digits(detector: str, text: str, expected: list[str]) -> None:
+    """Until 2026-12-07 `5S55 5555 5555 4444` went out: only l, I, | and O, o were read so."""
+    assert found(detector, text) == expected
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("SSN [0, 7, 8, 0, 5, 1, 1, 2, 0] ok", ["0, 7, 8, 0, 5, 1, 1, 2, 0"]),
     ("ssn: 0,7,8,0,5,1,1,2,0", ["0,7,8,0,5,1,1,2,0"]),
@@ -1024,6 +1036,28 @@ def test_a_separated_card_whose_last_group_runs_into_a_word_is_found(text: str, 
                                   "4111-x-1111-x-1111-x-1111", "4111  a  1111 b 1111-c-1111", "3782 x 822463 x 10005"])
 def test_a_card_with_letters_between_its_groups_is_found(text: str) -> None:
     assert found("credit_card", f"card: {text} ok") == [text]
+
+
+_GAP = st.one_of(st.text(string.ascii_letters, min_size=1, max_size=1),
+                 st.builds(lambda a, w, b: a + w + b, st.text(" -", min_size=1, max_size=2),
+                           st.text(string.ascii_letters, min_size=1, max_size=3), st.text(" -", min_size=1, max_size=2)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([("credit_card", "4111111111111111", [4, 4, 4, 4], "card"),
+                        ("credit_card", "378282246310005", [4, 6, 5], "card"),
+                        ("us_ssn", "078051120", [3, 2, 4], "my SSN is"),
+                        ("iban", "GB82WEST12345698765432", [4] * 6, "IBAN"),
+                        ("iban", "DE89370400440532013000", [4] * 6, "IBAN")]),
+       st.lists(_GAP, min_size=8, max_size=8))
+def test_any_letters_between_a_values_groups_are_read_past(value: tuple[str, str, list[int], str],
+                                                           gaps: list[str]) -> None:
+    """One letter glued between the groups, or a word of up to three letters with one or two
+    spaces or dashes either side, each gap its own (until 2026-12-07 only one letter glued)."""
+    detector, digits, sizes, before = value
+    groups = grouped(digits, sizes, " ").split(" ")
+    printed = groups[0] + "".join(g + p for g, p in zip(gaps, groups[1:]))
+    assert found(detector, f"{before} {printed} ok") == [printed]
 
 
 @pytest.mark.parametrize("text", ["1920x1080", "4111x1111x1111x1112", "a4111x1111x1111x1111", "4111x1111x1111x1111b2",

@@ -197,10 +197,22 @@ def test_more_scripts_letters_that_look_latin(text: str, read: str) -> None:
     ("jane.doe@example\u00b7com", "jane.doe@example.com"),  # a middle dot
     ("jane.doe@example\u30fbcom", "jane.doe@example.com"),  # the katakana one (Japanese input)
     ("4111\ufff01111\U000e00021111\u20651111", "4111111111111111"),  # unassigned default-ignorables
+    # symbols, emoji and arrows: a space (until 2026-12-07 these hid a card, an IBAN, an SSN)
+    ("4111\U0001f6421111\u27a11111\u00d71111", "4111 1111 1111 1111"),
+    ("DE89 \u2705 3704 \u2705 0044 \u2705 0532 \u2705 0130 \u2705 00", "DE89   3704   0044   0532   0130   00"),
+    ("SSN 078\u219205\u21921120", "SSN 078 05 1120"),
 ])
 def test_invisible_separators_and_other_dots(text: str, read: str) -> None:
     assert normalize(text).text == read
     assert SCANNER.scan(text)  # found, as written
+
+
+def test_symbols_nfkc_maps_are_still_read_as_it_maps_them() -> None:
+    """A symbol with a compatibility form is read as that, not as a space: circled letters
+    (`ⓙⓐⓝⓔ`, fancy text) stay letters."""
+    assert normalize("\u24d9\u24d0\u24dd\u24d4@\u24d4\u24e7\u24d0\u24dc\u24df\u24db\u24d4.\u24d2\u24de\u24dc").text \
+        == "jane@example.com"
+    assert normalize("\u2122 \u2121").text == "TM TEL"
 
 
 def test_tag_characters_are_read_as_the_ascii_they_mirror() -> None:

@@ -729,6 +729,8 @@ def test_a_megabyte_spelled_out_or_in_words_is_read_in_linear_time() -> None:
     ("ruf +49 three zero one two three four five six seven an", "phone"),
     ("call 0049 three zero one two three four five six seven", "phone"),
     ("ruf zero three zero one two three four five six seven an", "phone"),
+    ("call (415) five five five zero one two three", "phone"), ("call (415)-555-zero one two three", "phone"),
+    ("card (415) 4111 one one one one one one one one one one one one", "credit_card"),
 ])
 def test_a_number_read_out_in_words_is_found(text: str, detector: str | None) -> None:
     findings = DEFAULT.scan(text)
@@ -742,6 +744,7 @@ def test_a_number_read_out_in_words_is_found(text: str, detector: str | None) ->
     "one,2,3,4,5,6,7,8,9,10", "ids: 1 2 3 4 5 6 7 8 9 one", "scores: 9, 8, 7, six, 5, 4, 3, 2, 1, zero",
     "In 2024 one of 3 teams won 5 of 7 games, 2 one-offs", "version 1 one 2 two 3 three 4 four 5 five",
     "Ticket 20240501 one 3 4 5", "ten nine eight seven six five four three two one zero", "1, 2, 3, four, 5, 6, 7, 8, 9, 10",
+    "see (415) five of them", "f(415) five five five zero one two three", "(123) five five five zero one two three",
 ])
 def test_digits_and_digit_words_that_hold_nothing_are_no_finding(text: str) -> None:
     assert DEFAULT.scan(text) == []

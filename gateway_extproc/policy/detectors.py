@@ -205,10 +205,11 @@ _LETTERED_RE = re.compile(_LETTERED_CARD)
 
 
 # A card with letters that look like digits among its digits (`4lll llll llll llll`,
-# `4111 1O11 …`: l, I and | for 1, O and o for 0), printed whole or in 4-4-4-4(-3) / 4-6-5
-# groups (apart by a space, dash, dot, slash, tab or line break): a reader takes it for the
-# number. At least one real digit and one such letter (`_lookalike_card`); never inside a word.
-LOOKALIKE = "OolI|"
+# `4111 1O11 …`: l, I and | for 1, O and o for 0, and since 2026-12-07 S for 5 and B for 8,
+# `5S55 …`), printed whole or in 4-4-4-4(-3) / 4-6-5 groups (apart by a space, dash, dot,
+# slash, tab or line break): a reader takes it for the number. At least one real digit and one
+# such letter (`_lookalike_card`); never inside a word.
+LOOKALIKE = "OolI|SB"
 _LOOK = rf"[0-9{LOOKALIKE}]"
 LOOKALIKE_SEPS = " -./\t\r\n"
 _LOOK_SEP = rf"[{re.escape(LOOKALIKE_SEPS)}]"
@@ -220,8 +221,8 @@ _LOOKALIKE_CARD = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}{_LOOK_SEP})"
                    rf"|{_LOOK}{{4}}{_LOOK_SEP}?+{_LOOK}{{6}}{_LOOK_SEP}?+{_LOOK}{{5}})"
                    rf"(?![A-Za-z0-9_|]|{_LOOK_SEP}{_LOOK}(?![A-Za-z]))")
 _LOOKALIKE_RE = re.compile(_LOOKALIKE_CARD)
-_READ_AS_DIGITS = str.maketrans(LOOKALIKE, "00111")
-_AS_DIGITS = str.maketrans(LOOKALIKE, "00111", LOOKALIKE_SEPS)
+_READ_AS_DIGITS = str.maketrans(LOOKALIKE, "0011158")
+_AS_DIGITS = str.maketrans(LOOKALIKE, "0011158", LOOKALIKE_SEPS)
 # An SSN so (`O78-O5-ll2O`): AAA-GG-SSSS, dashed; spaced only after a context word
 # (`ssn_context_ok`: `lol 12 1234` is no SSN). At least one real digit (`validate_ssn`).
 _LOOKALIKE_SSN = (rf"(?<![A-Za-z0-9_|])(?<!{_LOOK}{_LOOK_SEP})(?=[0-9 \-]{{0,10}}[{LOOKALIKE}])"
@@ -1127,11 +1128,17 @@ NUMBER_WORDS_PATTERN = rf"{_after_no_digit_word()}{DIGIT_WORD}(?:{CELL_SEP}{DIGI
 # the same way, a group next to a word among the first 24 cells, nine digits or more in all.
 _DIGIT_GROUP = r"[0-9]{1,19}+(?![A-Za-z])"
 _WORD_CELL = rf"{DIGIT_WORD}(?![A-Za-z])"
+_AREA = "[2-9][0-9]{2}"
 MIXED_NUMBER_PATTERN = (
+    # (or a US area code in parentheses before digit words: `(415) five five five 0123`,
+    # `(415) 555 zero one two three`)
+    rf"(?:(?<![0-9A-Za-z])\({_AREA}\)[ .\-]?(?:{_DIGIT_GROUP}{CELL_SEP})?+{_WORD_CELL}"
+    rf"(?:{CELL_SEP}(?:{_WORD_CELL}|{_DIGIT_GROUP})){{2,}}+"
+    rf"(?![A-Za-z0-9])|"
     rf"(?:(?<![0-9][\s,\-])(?<![0-9][\s,\-]{{2}})(?<![0-9][\s,\-]{{3}}){_DIGIT_GROUP}"
     rf"(?:{CELL_SEP}{_DIGIT_GROUP}){{0,23}}+{CELL_SEP}{_WORD_CELL}"
     rf"|{_after_no_digit_word()}{_WORD_CELL}(?:{CELL_SEP}{_WORD_CELL}){{0,23}}+{CELL_SEP}{_DIGIT_GROUP})"
-    rf"(?:{CELL_SEP}(?:{_WORD_CELL}|{_DIGIT_GROUP}))*+(?![A-Za-z0-9])"
+    rf"(?:{CELL_SEP}(?:{_WORD_CELL}|{_DIGIT_GROUP}))*+(?![A-Za-z0-9]))"
 )
 _NUMBER_RUN = re.compile(f"{NUMBER_WORDS_PATTERN}|{MIXED_NUMBER_PATTERN}")
 _NUMBER_CELL = re.compile(rf"{DIGIT_WORD}|[0-9]+")
@@ -1174,6 +1181,8 @@ def number_words_run(text: str, start: int, end: int) -> str:
     if start and text[start - 1] == "+":
         return "+" + text[start:end]
     return (_SSN_WORD if _ssn_context_before(text, start) else "") + text[start:end]
+
+
 
 
 def _number_digits(run: str) -> str | None:

@@ -13,7 +13,8 @@ detectors therefore run on a normalized copy of each string:
 - every Unicode decimal digit (Nd: Arabic-Indic, Devanagari, Thai, mathematical…) mapped to
   its ASCII digit;
 - every space separator (Zs: NBSP, thin, ideographic…) and line/paragraph separator to a
-  plain space; every dash (Pd, minus sign) to `-`; ideographic and halfwidth full stops to `.`;
+  plain space, and so every symbol NFKC leaves as it is (So, Sm: emoji, arrows, `×`; since
+  2026-12-07); every dash (Pd, minus sign) to `-`; ideographic and halfwidth full stops to `.`;
 - Cyrillic and Greek letters that look like Latin ones (`а`, `е`, `о`, `і`, `ο`, …) to those.
 - Unicode tag characters (U+E0020–E007E), invisible yet read by some models as the ASCII they
   mirror ("ASCII smuggling": a hidden `ignore previous instructions`), to that ASCII.
@@ -109,8 +110,8 @@ def _mapped(ch: str) -> str | None:
     if cat == "Pd" or ch == "\u2212":
         return "-"
     norm = unicodedata.normalize("NFKC", ch)
-    if norm == ch:
-        return None
+    if norm == ch:  # (a symbol, emoji or arrow between groups hid a card: `4111🙂1111🙂…`)
+        return " " if cat in ("So", "Sm") else None
     out = []
     for c in norm:  # NFKC may give non-ASCII digits, spaces or dashes again
         m = _mapped(c) if ord(c) >= 0x80 else None

@@ -246,9 +246,12 @@ _DIGIT_WORD = "(?:" + "|".join(DIGIT_WORDS) + ")"
 NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:(?:{_WS}|[,\-]){{1,3}}{_DIGIT_WORD}){{8}}", som=False,
                                  reach=9 * 8, tail=260, caseless=True),)
 # A digit next to a digit word (`detectors.MIXED_NUMBER_PATTERN`), whose run may begin 24
-# cells of up to 19 digits and 3 separators before it.
+# cells of up to 19 digits and 3 separators before it; or an area code before one.
 MIXED_NUMBER_TRIGGERS = (Trigger(rf"[0-9](?:{_WS}|[,\-]){{1,3}}{_DIGIT_WORD}|{_DIGIT_WORD}(?:{_WS}|[,\-]){{1,3}}[0-9]",
-                                 som=False, reach=24 * 22 + 8, tail=260, caseless=True),)
+                                 som=False, reach=24 * 22 + 8, tail=260, caseless=True),
+                         # (an area code in parentheses before a digit word: `(415) five …`)
+                         Trigger(rf"\([2-9][0-9]{{2}}\)[ .\-]?(?:[0-9]{{1,19}}(?:{_WS}|[,\-]){{1,3}})?{_DIGIT_WORD}",
+                                 som=False, reach=34, tail=260, caseless=True))
 
 # (cells of printable ASCII bytes, 0x20-0x7f: led by a digit, which Hyperscan skips to; a class
 # of letters first cost ~3 us on the bench's 2 KB of prose)

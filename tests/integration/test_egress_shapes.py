@@ -12,8 +12,9 @@ reads them (tests/test_egress_shapes.py has the guard's own cases):
 - a card whose last group runs into a word (`4111 1111 1111 1111th`, `… 1111 5A`), asked or answered;
 - a GitHub token in pieces, an AWS key in groups apart by dots, asked;
 - a number read out partly in digit words, asked and answered;
-- letters between a card's, SSN's or IBAN's groups (`4111 x 1111 x …`), an address with a
-  comment by its sign, a phone number read out in words, asked or answered;
+- letters or an emoji between a card's, SSN's or IBAN's groups (`4111 x 1111 x …`), `S` for
+  5, an address with a comment by its sign, a phone number read out in words, asked or
+  answered;
 - an address at an internationalized domain (`jane@exämple.com`), answered.
 
 The provider's answers are scripted with the mock provider's `x-mock-raw-events` and
@@ -231,10 +232,12 @@ def test_a_number_read_out_partly_in_words_reaches_neither_provider_nor_client(g
 
 
 def test_letters_between_groups_a_commented_address_and_a_phone_read_out_are_caught(gw: Gateway) -> None:
-    """Each went out whole until 2026-12-07: `4111 x 1111 x …`, an SSN or IBAN so, an address
-    with a comment by its sign (`jane(work)@example.com`), a phone number read out in words."""
+    """Each went out whole until 2026-12-07: `4111 x 1111 x …`, an SSN or IBAN so, an emoji
+    between a card's groups, `S` for 5, an address with a comment by its sign
+    (`jane(work)@example.com`), a phone number read out in words."""
     refused(gw, ["card 4111 x 1111 x 1111 x 1111, thanks", "card 4111 and 1111 and 1111 and 1111",
-                 "My SSN is 078 x 05 x 1120.", "Pay GB82 x WEST x 1234 x 5698 x 7654 x 32 today."],
+                 "My SSN is 078 x 05 x 1120.", "Pay GB82 x WEST x 1234 x 5698 x 7654 x 32 today.",
+                 "card 4111\U0001f6421111\U0001f6421111\U0001f6421111", "card 5S55 5555 5555 4444"],
             "classification_violation")
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": (
