@@ -259,7 +259,7 @@ def positives() -> list[Case]:
         nbsp = base64.b64encode(grouped(d, card_groups(d), "\u00a0").encode()).decode()
         cases.append(Case("credit_card", (f"payload {nbsp} end",), d, "base64 of groups apart by NBSP"))
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), 'x')} ok",), d, "an x between groups"))
-        for word in (" x ", "-and-"):
+        for word in (" x ", "-and-", "\nx\n"):
             cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), word)} ok",), d,
                               f"{word.strip(' -')!r} between groups"))
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), ' ')}th ok",), d,

@@ -1038,9 +1038,10 @@ def test_a_card_with_letters_between_its_groups_is_found(text: str) -> None:
     assert found("credit_card", f"card: {text} ok") == [text]
 
 
+_GAP_SIDE = st.lists(st.sampled_from([" ", "-", "\t", "\n", "\r\n"]), min_size=1, max_size=2).map("".join)
 _GAP = st.one_of(st.text(string.ascii_letters, min_size=1, max_size=1),
-                 st.builds(lambda a, w, b: a + w + b, st.text(" -", min_size=1, max_size=2),
-                           st.text(string.ascii_letters, min_size=1, max_size=3), st.text(" -", min_size=1, max_size=2)))
+                 st.builds(lambda a, w, b: a + w + b, _GAP_SIDE, st.text(string.ascii_letters, min_size=1, max_size=3),
+                           _GAP_SIDE))
 
 
 @settings(max_examples=300, deadline=None)
@@ -1053,7 +1054,8 @@ _GAP = st.one_of(st.text(string.ascii_letters, min_size=1, max_size=1),
 def test_any_letters_between_a_values_groups_are_read_past(value: tuple[str, str, list[int], str],
                                                            gaps: list[str]) -> None:
     """One letter glued between the groups, or a word of up to three letters with one or two
-    spaces or dashes either side, each gap its own (until 2026-12-07 only one letter glued)."""
+    spaces, tabs, dashes or line breaks either side, each gap its own (until 2026-12-07 only
+    one letter glued)."""
     detector, digits, sizes, before = value
     groups = grouped(digits, sizes, " ").split(" ")
     printed = groups[0] + "".join(g + p for g, p in zip(gaps, groups[1:]))

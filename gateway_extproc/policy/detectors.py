@@ -193,9 +193,11 @@ _GLUED_TAIL = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}_?|_")
 
 
 # What a reader skips between a number's groups ("put an x between the groups"): one letter
-# glued to them (`4111x1111…`), or a word of up to three letters apart by one or two spaces or
-# dashes (`4111 x 1111 …`, `4111-and-1111-…`; until 2026-12-07 these went out).
-LETTER_GAP = r"(?:[A-Za-z]|[ \-]{1,2}[A-Za-z]{1,3}[ \-]{1,2})"
+# glued to them (`4111x1111…`), or a word of up to three letters apart by one or two spaces,
+# tabs, dashes or line breaks (`4111 x 1111 …`, `4111-and-1111-…`, one a line; until 2026-12-07
+# these went out).
+_GAP_SIDE = r"(?:[ \t\-]|\r?\n){1,2}"
+LETTER_GAP = rf"(?:[A-Za-z]|{_GAP_SIDE}[A-Za-z]{{1,3}}{_GAP_SIDE})"
 # A card printed with letters between its groups (`4111x1111x1111x1111`, `4111a1111b1111c1111`,
 # `4111 x 1111 x 1111 x 1111`), in a printed layout, never inside a word (`validate_wide_card`
 # reads its digits). Until 2026-12-06 it went out.
@@ -916,7 +918,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "email",
             # (`@@`: a doubled sign reads as one, `jane@@example.com`)
             # (a comment by the `@` (RFC 5322), which mail ignores: `jane(work)@example.com`)
-            rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+(?:{_COMMENT}?+@{{1,3}}+{_COMMENT}?+|{_AT_WORD})"
+            rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+"
+            rf"(?:{_COMMENT}?+@{{1,3}}+{_COMMENT}?+|{_AT_WORD})"
             # (ends where its top-level domain does: `jane@example.com-thanks`, `…com_`; not before
             # an identifier, `x@self.proj_in` is Python; a longer domain, `example.com-x.org`, is
             # tried first)

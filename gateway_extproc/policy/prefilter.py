@@ -219,14 +219,15 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                                   _ESCAPED_SEPARATORS,
                                   _DIGIT_LIST,
                                   _LOOKALIKE_DIGITS,
-                                  # letters between groups (`4111x1111x…`, `4111 x 1111 …`: `_LETTERED_CARD`)
-                                  Trigger(rf"[0-9]{{4}}{LETTER_GAP}[0-9]{{4}}", som=False, reach=16, tail=34),
+                                  # letters between groups (`4111x1111x…`, `4111 x 1111 …`: `_LETTERED_CARD`;
+                                  # a gap is 11 characters at most)
+                                  Trigger(rf"[0-9]{{4}}{LETTER_GAP}[0-9]{{4}}", som=False, reach=20, tail=46),
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
                                      reach=40, tail=8), _ESCAPED_SEPARATORS, _LOOKALIKE_DIGITS, _DIGIT_LIST,
                              # letters between groups (`078x05x1120`, `078 x 05 x 1120`: `_LETTERED_SSN`)
-                             Trigger(rf"[0-9]{{3}}{LETTER_GAP}[0-9]{{2}}{LETTER_GAP}[0-9]{{4}}", som=False, reach=24,
+                             Trigger(rf"[0-9]{{3}}{LETTER_GAP}[0-9]{{2}}{LETTER_GAP}[0-9]{{4}}", som=False, reach=32,
                                      tail=2)),
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),

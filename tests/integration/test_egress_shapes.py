@@ -237,7 +237,8 @@ def test_letters_between_groups_a_commented_address_and_a_phone_read_out_are_cau
     (`jane(work)@example.com`), a phone number read out in words."""
     refused(gw, ["card 4111 x 1111 x 1111 x 1111, thanks", "card 4111 and 1111 and 1111 and 1111",
                  "My SSN is 078 x 05 x 1120.", "Pay GB82 x WEST x 1234 x 5698 x 7654 x 32 today.",
-                 "card 4111\U0001f6421111\U0001f6421111\U0001f6421111", "card 5S55 5555 5555 4444"],
+                 "card 4111\U0001f6421111\U0001f6421111\U0001f6421111", "card 5S55 5555 5555 4444",
+                 "card 4111\nx\n1111\nx\n1111\nx\n1111"],
             "classification_violation")
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": (
