@@ -1,7 +1,7 @@
 """The gateway's own logic per request, without gRPC: CPU microseconds per private-chat request
 driven through `ExternalProcessor.Process` in-process (issue 16).
 
-    .venv/bin/python bench/hot_path.py [--requests 4000] [--rounds 3] [--concurrency 1] [--profile]
+    .venv/bin/python bench/hot_path.py [--requests 4000] [--rounds 3] [--concurrency 1] [--stream] [--profile]
 
 What `bench/run.py` measures through Envoy is this plus the gRPC transport (the no-op floor),
 and the transport's share grows as throughput falls (bench/transport_spike.py). This script
@@ -10,7 +10,10 @@ audit shows up here with little noise from the machine: the same Runtime `serve`
 values-local (rendered by the chart, limits lifted out of reach as bench/run.py does, audit
 on into a temp dir, log lines to /dev/null), and per request the four messages Envoy sends for
 the bench's chat completion (bench/run.py's CHAT_BODY and UPSTREAM_COMPLETION), each request
-with its own x-request-id. `--profile` prints cProfile's top functions instead.
+with its own x-request-id. `--stream`: the streamed request instead (`"stream": true`, the SSE
+answer bench/run.py's nginx writes, in one piece as Envoy hands it over: the path its TTFB row
+measures). `--profile` prints cProfile's top functions instead (`HOT_SORT=cumulative` sorts
+by cumulative time; `HOT_DUMP=file` keeps the stats for `pstats`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from gateway_extproc.server import ExternalProcessor, quiet_collector  # noqa: E
 
 BODY = orjson.dumps(bench.CHAT_BODY)
 REPLY = orjson.dumps(bench.UPSTREAM_COMPLETION)
+STREAM_BODY = orjson.dumps({**bench.CHAT_BODY, "stream": True})
+STREAM_REPLY = bench.sse_body().encode()
 
 
 def runtime(tmp: Path) -> RuntimeRef:
@@ -62,19 +67,21 @@ def _headers(pairs: dict[str, str]) -> ep.HttpHeaders:
                                                               for k, v in pairs.items()]))
 
 
-def messages(i: int) -> list[ep.ProcessingRequest]:
+def messages(i: int, stream: bool = False) -> list[ep.ProcessingRequest]:
     """What Envoy sends the router for one request (headers as Envoy 1.40 forwards them)."""
+    body, reply = (STREAM_BODY, STREAM_REPLY) if stream else (BODY, REPLY)
+    answered = {"content-type": "text/event-stream"} if stream else \
+        {"content-type": "application/json", "content-length": str(len(reply))}
     return [
         ep.ProcessingRequest(request_headers=_headers({
             ":authority": "127.0.0.1:8080", ":path": "/v1/chat/completions", ":method": "POST", ":scheme": "http",
             "user-agent": "wrk", "content-type": "application/json", "authorization": f"Bearer {bench.DEMO_KEY}",
-            "content-length": str(len(BODY)), "x-forwarded-proto": "http",
+            "content-length": str(len(body)), "x-forwarded-proto": "http",
             "x-request-id": f"0b6f0c1e-4b7a-4a8e-9a57-{i:012d}"})),
-        ep.ProcessingRequest(request_body=ep.HttpBody(body=BODY, end_of_stream=True)),
+        ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)),
         ep.ProcessingRequest(response_headers=_headers({
-            ":status": "200", "content-type": "application/json", "content-length": str(len(REPLY)),
-            "x-gateway-backend": "private-openai", "x-envoy-upstream-service-time": "1"})),
-        ep.ProcessingRequest(response_body=ep.HttpBody(body=REPLY, end_of_stream=True)),
+            ":status": "200", **answered, "x-gateway-backend": "private-openai", "x-envoy-upstream-service-time": "1"})),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=reply, end_of_stream=True)),
     ]
 
 
@@ -88,11 +95,12 @@ async def one(server: ExternalProcessor, request: list[ep.ProcessingRequest]) ->
         raise RuntimeError(f"a request was not admitted: {answers[-1]}")
 
 
-async def rounds(server: ExternalProcessor, requests: int, concurrency: int, first: int) -> float:
+async def rounds(server: ExternalProcessor, requests: int, concurrency: int, first: int,
+                 stream: bool = False) -> float:
     """CPU microseconds per request (the whole process: the audit writer thread included).
     Envoy's messages are built before the clock starts: only the gateway's work is timed."""
     per_worker = requests // concurrency
-    built = [[messages(first + w * requests + j) for j in range(per_worker)] for w in range(concurrency)]
+    built = [[messages(first + w * requests + j, stream) for j in range(per_worker)] for w in range(concurrency)]
 
     async def worker(w: int) -> None:
         for request in built[w]:
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--rounds", type=int, default=3, help="the figure is the best round (default 3)")
     p.add_argument("--concurrency", type=int, default=1, help="requests interleaved on the loop (default 1)")
+    p.add_argument("--stream", action="store_true", help="the streamed request (bench/run.py's TTFB path)")
     p.add_argument("--profile", action="store_true", help="cProfile one round; print the top 40 by own time")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gw-hot-path-"))
@@ -121,17 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     quiet_collector()  # as `serve` does before it serves
     try:
         async def run() -> list[float]:
-            await rounds(server, 300, 1, 10**9)  # warm-up: caches, first-use builds
+            await rounds(server, 300, 1, 10**9, args.stream)  # warm-up: caches, first-use builds
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
-                await rounds(server, args.requests, args.concurrency, 0)
+                await rounds(server, args.requests, args.concurrency, 0, args.stream)
                 prof.disable()
+                if os.environ.get("HOT_DUMP"):
+                    prof.dump_stats(os.environ["HOT_DUMP"])
                 out = io.StringIO()
-                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(40)
+                pstats.Stats(prof, stream=out).sort_stats(os.environ.get("HOT_SORT", "tottime")).print_stats(40)
                 print(out.getvalue(), file=report)
                 return []
-            return [await rounds(server, args.requests, args.concurrency, (r + 1) * 10**7) for r in range(args.rounds)]
+            return [await rounds(server, args.requests, args.concurrency, (r + 1) * 10**7, args.stream)
+                    for r in range(args.rounds)]
 
         figures = uvloop.run(run())
     finally:
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if figures:
         print(f"{min(figures):.1f} CPU-us per request in-process (best of {args.rounds}: "
               f"{', '.join(f'{f:.1f}' for f in figures)}), {args.requests} requests, "
-              f"concurrency {args.concurrency}", file=report)
+              f"concurrency {args.concurrency}{', streamed' if args.stream else ''}", file=report)
     report.flush()
     return 0
 

@@ -1131,11 +1131,11 @@ NUMBER_WORDS_PATTERN = rf"{_after_no_digit_word()}{DIGIT_WORD}(?:{CELL_SEP}{DIGI
 # the same way, a group next to a word among the first 24 cells, nine digits or more in all.
 _DIGIT_GROUP = r"[0-9]{1,19}+(?![A-Za-z])"
 _WORD_CELL = rf"{DIGIT_WORD}(?![A-Za-z])"
-_AREA = "[2-9][0-9]{2}"
+AREA_CODE = "[2-9][0-9]{2}"  # a US area code (NANP: no 0 or 1 first)
 MIXED_NUMBER_PATTERN = (
     # (or a US area code in parentheses before digit words: `(415) five five five 0123`,
     # `(415) 555 zero one two three`)
-    rf"(?:(?<![0-9A-Za-z])\({_AREA}\)[ .\-]?(?:{_DIGIT_GROUP}{CELL_SEP})?+{_WORD_CELL}"
+    rf"(?:(?<![0-9A-Za-z])\({AREA_CODE}\)[ .\-]?(?:{_DIGIT_GROUP}{CELL_SEP})?+{_WORD_CELL}"
     rf"(?:{CELL_SEP}(?:{_WORD_CELL}|{_DIGIT_GROUP})){{2,}}+"
     rf"(?![A-Za-z0-9])|"
     rf"(?:(?<![0-9][\s,\-])(?<![0-9][\s,\-]{{2}})(?<![0-9][\s,\-]{{3}}){_DIGIT_GROUP}"

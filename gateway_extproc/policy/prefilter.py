@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import (DIGIT_WORDS, LETTER_GAP, LOOKALIKE, LOOKALIKE_SEPS, MAX_KEY_BODY, WIDE_SEP1, WIDE_SEPC,
-                        phrase_char, wrapped_end, wrapped_start)
+from .detectors import (AREA_CODE, DIGIT_WORDS, LETTER_GAP, LOOKALIKE, LOOKALIKE_SEPS, MAX_KEY_BODY, WIDE_SEP1,
+                        WIDE_SEPC, phrase_char, wrapped_end, wrapped_start)
 
 try:
     import hyperscan
@@ -232,7 +232,8 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
     "ipv4": (Trigger(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", som=False, reach=14, tail=8),),
-    "phone": (Trigger(r"\+[1-9]|\([2-9][0-9]{2}\)|[^A-Za-z0-9_][2-9][0-9]{2}[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}"
+    "phone": (Trigger(rf"\+[1-9]|\({AREA_CODE}\)|"
+                      r"[^A-Za-z0-9_][2-9][0-9]{2}[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}"
                       r"|[^A-Za-z0-9_]0[1-9][0-9]{0,4}[ /.\-][0-9]{2}|[^A-Za-z0-9_]00[1-9][0-9]{0,4}[ .\-(]",
                       som=False, reach=18, tail=48),),
 }
@@ -251,7 +252,7 @@ NUMBER_WORDS_TRIGGERS = (Trigger(rf"{_DIGIT_WORD}(?:(?:{_WS}|[,\-]){{1,3}}{_DIGI
 MIXED_NUMBER_TRIGGERS = (Trigger(rf"[0-9](?:{_WS}|[,\-]){{1,3}}{_DIGIT_WORD}|{_DIGIT_WORD}(?:{_WS}|[,\-]){{1,3}}[0-9]",
                                  som=False, reach=24 * 22 + 8, tail=260, caseless=True),
                          # (an area code in parentheses before a digit word: `(415) five …`)
-                         Trigger(rf"\([2-9][0-9]{{2}}\)[ .\-]?(?:[0-9]{{1,19}}(?:{_WS}|[,\-]){{1,3}})?{_DIGIT_WORD}",
+                         Trigger(rf"\({AREA_CODE}\)[ .\-]?(?:[0-9]{{1,19}}(?:{_WS}|[,\-]){{1,3}})?{_DIGIT_WORD}",
                                  som=False, reach=34, tail=260, caseless=True))
 
 # (cells of printable ASCII bytes, 0x20-0x7f: led by a digit, which Hyperscan skips to; a class

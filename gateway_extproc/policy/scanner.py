@@ -1050,28 +1050,34 @@ class Scanner:
     def _all_hits(self, v: str) -> list[Hit]:
         """Every accepted candidate in `v`: the regex over the windows the prefilter points at
         (the same hits as over the whole text), or over the whole text."""
+        return self.hits_between(v, 0, len(v))[0]
+
+    def hits_between(self, v: str, pos: int, limit: int) -> tuple[list[Hit], int]:
+        """`_hits(v, pos, limit)`, with the regex only over the windows the prefilter points
+        at in `v` (a stream's window: policy/stream.py reads each piece of an answer with it;
+        the regex alone costs ~10 us a search, several searches a piece, where the prefilter
+        finds nothing in most prose)."""
         pf = self._prefilter
         if pf is None and self._triggers[0]:
             pf = self._prefilter = build_prefilter(*self._triggers)  # built on first use, cached
-        if pf is None or not pf.usable(v):
-            return self._hits(v, 0, len(v))[0]
-        hits: list[Hit] = []
-        pos = 0
-        n = len(v)
-        windows = pf.windows(v, self._worth_decoding)
+        windows = pf.windows(v, self._worth_decoding) if pf is not None and pf.usable(v) else None
         if windows is None:
-            return self._hits(v, 0, n)[0]
-        for ws, limit, endpos in windows:
-            start = max(ws, pos)
-            if start >= limit:
+            return self._hits(v, pos, limit)
+        hits: list[Hit] = []
+        n = len(v)
+        for ws, wl, endpos in windows:
+            if ws >= limit:
+                break  # (windows come sorted by start)
+            start, stop = max(ws, pos), min(wl, limit)
+            if start >= stop:
                 continue
-            found, _ = self._hits(v, start, limit, endpos)
+            found, _ = self._hits(v, start, stop, endpos)
             if found and endpos < n and found[-1][1] >= endpos - 2:
-                found, _ = self._hits(v, start, limit)  # cut by the bound: read it whole
+                found, _ = self._hits(v, start, stop)  # cut by the bound: read it whole
             hits += found
             if found:
                 pos = max(pos, found[-1][1])
-        return hits
+        return hits, max(pos, limit)
 
     def _hits(self, v: str, pos: int, limit: int, endpos: int | None = None) -> tuple[list[Hit], int]:
         """Accepted candidates whose boundary character is before `limit`, and the position

@@ -431,7 +431,7 @@ class StreamRedactor:
             elif longer:  # the scan reads its start with what has arrived; `_long_word` the rest
                 self._long = "word" if self._space.search(buf, at - base) is None else "run"
                 self._long_at = at
-        rel_hits, resume = scanner._hits(buf, self._resume - base, limit - base)
+        rel_hits, resume = scanner.hits_between(buf, self._resume - base, limit - base)
         resume += base
 
         found: list[Finding] = []  # normalized offsets and values
