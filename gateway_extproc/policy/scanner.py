@@ -1057,6 +1057,8 @@ class Scanner:
         at in `v` (a stream's window: policy/stream.py reads each piece of an answer with it;
         the regex alone costs ~10 us a search, several searches a piece, where the prefilter
         finds nothing in most prose)."""
+        if pos >= limit:
+            return [], pos  # (a stream's piece still held back whole)
         pf = self._prefilter
         if pf is None and self._triggers[0]:
             pf = self._prefilter = build_prefilter(*self._triggers)  # built on first use, cached
