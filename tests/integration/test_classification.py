@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import re
 import time
 from collections.abc import Iterator
@@ -129,6 +130,35 @@ def test_output_spelled_out_in_words_or_look_alikes_is_redacted(gw: Gateway, str
     assert "j a n e" not in text and "\u0430n" not in text and "four" not in text and "one, one" not in text, text
     assert "[EMAIL_1]" in text and "[EMAIL_2]" in text and "[CREDIT_CARD_1]" in text
     assert text.endswith("and that is all."), text
+
+
+_PROSE = ("the load balancer in front of the warehouse closes idle connections after forty minutes so "
+          "check its timeout then the write size of the largest partition and the pool settings").split()
+_STREAMED_VALUES = (CARD, EMAIL, "+1 415 555 0123", "078-05-1120", "DE89 3704 0044 0532 0130 00", "4111-1111-1111-1111",
+                    "jane at example dot com")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_long_stream_one_word_a_chunk_lets_no_value_out(gw: Gateway, seed: int) -> None:
+    """Each piece of a streamed answer is read through the Hyperscan prefilter (policy/stream.py,
+    `Scanner.hits_between`), as a whole text is: hundreds of words of prose, one a chunk, with
+    values split over chunks among them, reach the client with no digit or address of a value
+    left, and every word of the prose in its place."""
+    rng = random.Random(seed)
+    words = [rng.choice(_PROSE) for _ in range(400)]
+    for value in _STREAMED_VALUES:
+        words.insert(rng.randrange(len(words)), value)
+    reply = " ".join(words) + "."
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.key, max_retries=0, default_headers={
+        "x-mock-reply": reply, "x-mock-chunk-delay-ms": "1"})
+    chunks = list(client.chat.completions.create(model="private-chat", stream=True,
+                                                 messages=[{"role": "user", "content": "Where do I start?"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 300  # (a stream of many pieces, not one buffered answer)
+    outside = re.sub(r"\[[A-Z_]+_[0-9]+\]", " ", text)
+    assert not re.search(r"[0-9@]", outside), outside
+    assert " at example dot " not in outside
+    assert [w for w in outside.replace(".", " ").split() if w in _PROSE] == [w for w in words if w in _PROSE]
 
 
 @pytest.mark.parametrize("client", ["openai", "openai-json", "anthropic"])
