@@ -110,9 +110,7 @@ def answers(url: str) -> dict[str, object]:
 
 def measure_gateway(kind: str, tmp: Path, nginx_port: int, nginx_pids: Callable[[], list[int]], seconds: float,
                     warmup: float, tag: str, seen: dict[str, object]) -> list[bench.PathResult]:
-    s = stack(kind, tmp, nginx_port, tag)
-    s.start()
-    try:
+    with bench.running(stack(kind, tmp, nginx_port, tag)) as s:
         said = answers(s.url)
         if "answers" in seen and seen["answers"] != said:
             raise SystemExit(f"grpclib_spike: the two transports answer differently:\n{seen['answers']}\n{said}")
@@ -120,8 +118,6 @@ def measure_gateway(kind: str, tmp: Path, nginx_port: int, nginx_pids: Callable[
         cpu_of = {"extproc": extproc_pids(kind, s), "envoy": lambda p=s.procs["envoy"].pid: [p], "nginx": nginx_pids}
         return [bench.measure(bench.Target(f"gateway {model}, {kind}", "gateway", s.url, model, cpu_of, 1),
                               tmp, seconds, warmup) for model in MODELS]
-    finally:
-        s.stop()
 
 
 def targets(gw: dict[str, bench.PathResult], floor: dict[str, bench.PathResult], plain: bench.PathResult

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -484,15 +484,20 @@ def gateway_values(nginx_port: int, tmp: Path, processes: int, redis_url: str | 
 
 
 @contextmanager
-def gateway(tmp: Path, nginx_port: int, processes: int, redis_url: str | None, tag: str | None = None,
-            tweak: Callable[[dict], None] | None = None) -> Iterator[LocalStack]:
-    stack = LocalStack(gateway_values(nginx_port, tmp, processes, redis_url, tag, tweak),
-                       tmp / f"gateway-{tag or processes}", env={"MOCK_PROVIDER_API_KEY": PROVIDER_KEY}, mocks={})
+def running(stack: LocalStack) -> Iterator[LocalStack]:
+    """`stack` started, and stopped however the block ends."""
     try:
         stack.start()
         yield stack
     finally:
         stack.stop()
+
+
+def gateway(tmp: Path, nginx_port: int, processes: int, redis_url: str | None, tag: str | None = None,
+            tweak: Callable[[dict], None] | None = None) -> AbstractContextManager[LocalStack]:
+    return running(LocalStack(gateway_values(nginx_port, tmp, processes, redis_url, tag, tweak),
+                              tmp / f"gateway-{tag or processes}", env={"MOCK_PROVIDER_API_KEY": PROVIDER_KEY},
+                              mocks={}))
 
 
 @contextmanager

@@ -9,8 +9,8 @@ private-chat on values-local as bench/run.py runs it (1 ext_proc process, budget
 output scanning on), backed by the mock provider, which writes one word per chunk
 `--delay-ms` apart (apart enough that Envoy hands each chunk to the ext_proc on its own:
 the script counts the messages Envoy sent). `--concurrency` streams at a time (1: one
-after another) through the openai SDK; the figure is the CPU of the ext_proc's processes and of Envoy over those
-streams, divided by the chunks Envoy's ext_proc filter sent the router. `--transport
+after another) through the openai SDK; the figure is the CPU of the ext_proc's processes
+and of Envoy over those streams, divided by the chunks Envoy's ext_proc filter sent the router. `--transport
 grpclib`: the same gateway logic served over grpclib (bench/grpclib_gateway.py, the stack
 proposal's spike; needs the `bench` extra). For comparing trees, run it with
 `PYTHONPATH=<export>` as bench/README's Reproduce says, alternated.
@@ -19,12 +19,10 @@ proposal's spike; needs the `bench` extra). For comparing trees, run it with
 from __future__ import annotations
 
 import argparse
-from concurrent.futures import ThreadPoolExecutor
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -33,7 +31,6 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpclib_spike  # noqa: E402
 import run as bench  # noqa: E402
-from gateway_extproc.localstack import LocalStack  # noqa: E402
 
 WORDS = ("the load balancer in front of the warehouse closes idle connections after forty minutes so "
          "check its timeout then the write size of the largest partition and the pool settings").split()
@@ -44,17 +41,6 @@ def router_messages(admin: str) -> int:
     text = httpx.get(f"{admin}/stats", params={"filter": "ext_proc"}, timeout=5).text
     return sum(int(m.group(1)) for m in re.finditer(r"^http\.[^\n]*ext_proc[^\n]*\.stream_msgs_sent: (\d+)$",
                                                      text, re.M))
-
-
-@contextmanager
-def served(transport: str, tmp: Path, port: int) -> Iterator[LocalStack]:
-    """The gateway (one ext_proc process) in front of the mock provider on `port`."""
-    stack = grpclib_spike.stack("grpclib" if transport == "grpclib" else "grpcio", tmp, port, f"chunks-{transport}")
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     reply = " ".join(WORDS[i % len(WORDS)] for i in range(args.words))
     hdrs = {"x-mock-reply": reply, "x-mock-chunk-delay-ms": str(args.delay_ms)}
     with tempfile.TemporaryDirectory(prefix="gw-stream-chunks-") as d, bench.mock_provider(Path(d)) as port, \
-            served(args.transport, Path(d), port) as stack:
+            bench.running(grpclib_spike.stack(args.transport, Path(d), port, f"chunks-{args.transport}")) as stack:
         extproc, envoy = grpclib_spike.extproc_pids(args.transport, stack), stack.procs["envoy"].pid
         admin = stack.admin_url
         client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=bench.DEMO_KEY, max_retries=0)
@@ -89,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         ext = bench.cpu_seconds(extproc()) - ext0
         env = bench.cpu_seconds([envoy]) - env0
     chunks = sent - 3 * args.streams  # (request headers and body, response headers: the rest are chunks)
-    print(f"{args.transport}, {args.streams} streams of {args.words} words, {args.concurrency} at a time: {chunks / args.streams:.0f} chunks each reached the "
-          f"ext_proc; per chunk: ext_proc {ext / chunks * 1e6:.0f} us CPU, Envoy {env / chunks * 1e6:.0f} us CPU "
+    print(f"{args.transport}, {args.streams} streams of {args.words} words, {args.concurrency} at a time: "
+          f"{chunks / args.streams:.0f} chunks each reached the ext_proc; "
+          f"per chunk: ext_proc {ext / chunks * 1e6:.0f} us CPU, Envoy {env / chunks * 1e6:.0f} us CPU "
           f"(per stream: ext_proc {ext / args.streams * 1e3:.1f} ms, Envoy {env / args.streams * 1e3:.1f} ms)")
     return 0
 

@@ -1062,10 +1062,52 @@ def test_any_letters_between_a_values_groups_are_read_past(value: tuple[str, str
     assert found(detector, f"{before} {printed} ok") == [printed]
 
 
+@pytest.mark.parametrize("text", ["4111 1111 and 1111 1111", "4111 1111 and then 1111 1111",
+                                  "4111 then 1111 then 1111 then 1111", "4111 (then) 1111 [next] 1111 {x} 1111",
+                                  "4111 /x/ 1111 /x/ 1111 /x/ 1111", "4111\n(and)\n1111 1111 1111",
+                                  "3782 then 822463 then 10005", "4111-1111-from-1111-1111",
+                                  "4111\r\n[then]\r\n(abcd)\r\n1111 1111 1111x123"])
+def test_a_card_with_words_between_some_of_its_groups_is_found(text: str) -> None:
+    """Until 2026-12-07 these went out: only a word of up to three letters, between every two
+    groups, was read past."""
+    assert found("credit_card", f"card: {text} ok") == [text]
+    assert found("credit_card", f"{_PROSE * 3}{text} ok {_PROSE * 3}") == [text]  # (the prefilter's reach)
+
+
+_PROSE = "the load balancer idle timeout is the first thing to check, then the pool size. "
+_WORD = st.one_of(st.text(string.ascii_letters, min_size=1, max_size=4),
+                  st.builds(lambda o, w, c: o + w + c, st.sampled_from("([{/"),
+                            st.text(string.ascii_letters, min_size=1, max_size=4), st.sampled_from(")]}/"))
+                  ).filter(lambda w: w.strip("([{/)]}").lower() not in ("four", "five", "nine", "zero"))
+_CARD_GAP = st.one_of(_GAP, _GAP_SIDE,
+                      st.builds(lambda a, w, b, v, c: a + w + b + v + c, _GAP_SIDE, _WORD, _GAP_SIDE, _WORD, _GAP_SIDE),
+                      st.builds(lambda a, w, b: a + w + b, _GAP_SIDE, _WORD, _GAP_SIDE))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([("4111111111111111", [4, 4, 4, 4]), ("378282246310005", [4, 6, 5]),
+                        ("4111111111111111123", [4, 4, 4, 4, 3])]),
+       st.lists(_CARD_GAP, min_size=4, max_size=4), st.integers(0, 3))
+def test_any_words_between_a_cards_groups_are_read_past(card: tuple[str, list[int]], gaps: list[str],
+                                                        prose: int) -> None:
+    """A word of up to four letters, bare or in brackets or slashes, or two, in any gap, beside
+    plain gaps (since 2026-12-07), after prose of any length (the prefilter's trigger fires at
+    any gap with a word in it and reaches back to the card's start)."""
+    digits, sizes = card
+    groups = grouped(digits, sizes, " ").split(" ")
+    printed = groups[0] + "".join(g + p for g, p in zip(gaps, groups[1:]))
+    assert found("credit_card", f"{_PROSE * prose}card {printed} ok") == [printed]
+
+
 @pytest.mark.parametrize("text", ["1920x1080", "4111x1111x1111x1112", "a4111x1111x1111x1111", "4111x1111x1111x1111b2",
                                   "1234a5678b9012c3456", "4111x1111x1111", "4111 x 1111 x 1111 x 1112",
                                   "4111 four 1111 four 1111 four 1111", "4111   x   1111   x   1111   x   1111",
-                                  "from 2019 to 2020 to 2021 to 2022", "1920 x 1080 x 1200 x 1600"])
+                                  "from 2019 to 2020 to 2021 to 2022", "1920 x 1080 x 1200 x 1600",
+                                  # a digit word between groups is a digit (`4111 four …` is 19 digits)
+                                  "4111 1111 four 1111 1111", "4111 Five 1111 1111 1111",
+                                  # groups further apart than a printed card's (three words, long words)
+                                  "4111 and then also 1111 1111 1111", "4111 1111 before 1111 1111",
+                                  "4111 1111 (later) 1111 1111"])
 def test_numbers_with_letters_between_groups_that_are_no_printed_card_are_not_cards(text: str) -> None:
     assert found("credit_card", f"see {text} ok") == []
 

@@ -601,7 +601,8 @@ _NEAR_VALUES = [*_VALUES, "4111111111111111", "4111-1111-1111-1111", "DE89 3704 
                 "0049 30 12345678", "SSN 078x05x1120", "4111 one one one one one one one one one one one one",
                 # (since 2026-12-07)
                 "4111 x 1111 x 1111 x 1111", "GB82 x WEST x 1234 x 5698 x 7654 x 32", "jane(work)@example.com",
-                "four one five five five five zero one two three", "SSN 078 x 05 x 1120", "GB82 WEST 1234 5698 7654 32"]
+                "four one five five five five zero one two three", "SSN 078 x 05 x 1120", "GB82 WEST 1234 5698 7654 32",
+                "4111 1111 and then 1111 1111", "4111 (then) 1111 /x/ 1111 [next] 1111"]
 
 
 @st.composite
@@ -657,7 +658,10 @@ def test_a_value_after_a_long_run_never_shows_more_than_the_whole_text(text: str
 
 @pytest.mark.parametrize("value", ["4111 x 1111 x 1111 x 1111", "4111 and 1111 and 1111 and 1111",
                                    "4111\nx\n1111\nx\n1111\nx\n1111", "DE89 x 3704 x 0044 x 0532 x 0130 x 00",
-                                   "GB82 x WEST x 1234 x 5698 x 7654 x 32", "GB82 WEST 1234 5698 7654 32"])
+                                   "GB82 x WEST x 1234 x 5698 x 7654 x 32", "GB82 WEST 1234 5698 7654 32",
+                                   # (words between some groups, since 2026-12-07)
+                                   "4111 1111 and then 1111 1111", "4111 (then) 1111 (then) 1111 (then) 1111",
+                                   "4111 /x/ 1111 then 1111\n[and]\n1111"])
 @pytest.mark.parametrize("kind", ["base64", "spelled"])
 def test_a_value_whose_groups_are_no_number_after_a_long_word_never_shows(value: str, kind: str) -> None:
     """Found by the property above (2026-12-07): a base64 word of exactly the word hold, then

@@ -198,12 +198,23 @@ _GLUED_TAIL = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}_?|_")
 # these went out).
 _GAP_SIDE = r"(?:[ \t\-]|\r?\n){1,2}"
 LETTER_GAP = rf"(?:[A-Za-z]|{_GAP_SIDE}[A-Za-z]{{1,3}}{_GAP_SIDE})"
-# A card printed with letters between its groups (`4111x1111x1111x1111`, `4111a1111b1111c1111`,
-# `4111 x 1111 x 1111 x 1111`), in a printed layout, never inside a word (`validate_wide_card`
-# reads its digits). Until 2026-12-06 it went out.
-_LETTERED_CARD = (rf"(?<![A-Za-z0-9_])(?:[0-9]{{4}}(?:{LETTER_GAP}[0-9]{{4}}){{3}}(?:{LETTER_GAP}[0-9]{{3}})?+"
-                  rf"|[0-9]{{4}}{LETTER_GAP}[0-9]{{6}}{LETTER_GAP}[0-9]{{4,5}})(?![A-Za-z0-9_])")
+# Between a card's groups a reader also skips a word of four letters (not a digit word, checked
+# by `validate_credit_card`: `4111 four 1111 …` reads as digits), one in brackets or slashes
+# (`(then)`, `/x/`), two words (`and then`), and these beside plain gaps (`4111 1111 and 1111
+# 1111`); until 2026-12-07 these went out. A gap is 24 characters at most (`MAX_WORD_GAP`: the
+# prefilter's trigger reaches so far).
+WORD_GAP = rf"(?:[A-Za-z]|{_GAP_SIDE}(?:[(\[{{/]?[A-Za-z]{{1,4}}[)\]}}/]?{_GAP_SIDE}){{1,2}})"
+MAX_WORD_GAP = 24
+_CARD_GAP = rf"(?:{WORD_GAP}|{_GAP_SIDE})"
+_DIGIT_WORD_GAP = re.compile(r"(?<![A-Za-z])(?:four|five|nine|zero)(?![A-Za-z])", re.I)
+# A card printed with words between its groups (`4111x1111x1111x1111`, `4111a1111b1111c1111`,
+# `4111 x 1111 x 1111 x 1111`, `4111 1111 (then) 1111 1111`), in a printed layout, never inside
+# a word (`validate_wide_card` reads its digits; with no word between them at all, it is the
+# other forms' to read). Until 2026-12-06 it went out.
+_LETTERED_CARD = (rf"(?<![A-Za-z0-9_])(?:[0-9]{{4}}(?:{_CARD_GAP}[0-9]{{4}}){{3}}(?:{_CARD_GAP}[0-9]{{3}})?+"
+                  rf"|[0-9]{{4}}{_CARD_GAP}[0-9]{{6}}{_CARD_GAP}[0-9]{{4,5}})(?![A-Za-z0-9_])")
 _LETTERED_RE = re.compile(_LETTERED_CARD)
+_LETTER = re.compile("[A-Za-z]")
 
 
 # A card with letters that look like digits among its digits (`4lll llll llll llll`,
@@ -358,8 +369,8 @@ def validate_credit_card(value: str) -> int:
     A card glued to letters (`_GLUED_CARD`, `_WORD_AFTER`): the whole word; with letters
     between its groups (`_LETTERED_CARD`): its digits. One with look-alike letters
     among its digits (`_LOOKALIKE_CARD`): the whole value."""
-    if _LETTERED_RE.fullmatch(value):
-        return validate_wide_card(value)
+    if _LETTERED_RE.fullmatch(value) and _LETTER.search(value):
+        return 0 if _DIGIT_WORD_GAP.search(value) else validate_wide_card(value)
     glued = _card_before_word(value)
     if _lookalike(value):  # (or `3056 930902 5904O`: a card glued to a word)
         return _whole(_lookalike_card(value), value) or glued or 0

@@ -33,8 +33,8 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 
-from .detectors import (CELL_SEP, DIGIT_WORD, KEY_ENDING, KEY_HEAD_ENDING, LETTER_GAP, LOCAL_CHARS, SEP_CHARS,
-                        SPACES, hex_dump_start, number_words_start)
+from .detectors import (CELL_SEP, DIGIT_WORD, KEY_ENDING, KEY_HEAD_ENDING, LOCAL_CHARS, SEP_CHARS, SPACES, WORD_GAP,
+                        hex_dump_start, number_words_start)
 from .normalize import (
     Normalized,
     escape_cut,
@@ -144,9 +144,9 @@ _DIGIT_WORD_END = re.compile(rf"(?<![A-Za-z]){DIGIT_WORD}$")
 # (an IBAN's groups of capitals and digits too, `…/GB82 WEST 1234 …`, and groups after letters
 # between them, `…/4111 x 1111 x …`)
 _CELL = r"(?:[0-9]+|[A-Z0-9]{1,4}(?![A-Za-z0-9]))"
-_CELLS_ON = re.compile(rf"(?:{CELL_SEP}(?:{DIGIT_WORD}(?![A-Za-z])|{_CELL})|{LETTER_GAP}{_CELL})+")
-# (what has arrived may be a digit word's start, or such letters': `4111 x `)
-_WORD_GOING_ON = re.compile(r"[\s,\-]*[A-Za-z]*[ \t\r\n\-]*")
+_CELLS_ON = re.compile(rf"(?:{CELL_SEP}(?:{DIGIT_WORD}(?![A-Za-z])|{_CELL})|{WORD_GAP}{_CELL})+")
+# (what has arrived may be a digit word's start, or such words': `4111 x `, `4111 (then) `)
+_WORD_GOING_ON = re.compile(r"[\s,\-]*(?:[(\[{/]?[A-Za-z]*[)\]}/]?[ \t\r\n\-]*){0,2}")
 
 
 def _number_run(buf: str, base: int) -> tuple[int, bool] | None:
