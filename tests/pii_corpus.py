@@ -262,6 +262,10 @@ def positives() -> list[Case]:
         for word in (" x ", "-and-", "\nx\n"):
             cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), word)} ok",), d,
                               f"{word.strip(' -')!r} between groups"))
+        for word in (" then ", " (next) ", " and then ", " /x/ "):  # (in the second gap only, since 2026-12-07)
+            groups = grouped(d, card_groups(d), " ").split(" ")
+            printed = " ".join(groups[:2]) + word + " ".join(groups[2:])
+            cases.append(Case("credit_card", (f"card {printed} ok",), d, f"{word.strip()!r} between two groups"))
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), ' ')}th ok",), d,
                           "a word glued to the last group"))
         cases.append(Case("credit_card", (f"card {grouped(d, card_groups(d), '-')} 2nd ok",), d,
@@ -328,6 +332,8 @@ def positives() -> list[Case]:
             "spaced -at- and -dot-": f"{local} -at- {domain.replace('.', ' -dot- ')}",
             "-at- and (dot)": f"{local}-at-{domain.replace('.', '(dot)')}",
             "comment before @": f"{local}(work)@{domain}", "comment after @": f"{local}@(hq){domain}",
+            "arroba and punto": f"{local} arroba {domain.replace('.', ' punto ')}",
+            "(arroba)": f"{local} (arroba) {domain}",
         }
         for name, enc in encodings(f"mail {v} now").items():
             forms[name] = f"blob {enc}"
@@ -491,8 +497,9 @@ def forms(text: str) -> list[str]:
     out = []
     for form in decoded_forms(text):
         f = fold(form)
-        words = re.sub(r"\s*[(\[{<]\s*(at|dot|@|\.)\s*[)\]}>]\s*", lambda m: "@" if m.group(1) in ("at", "@") else ".", f)
-        words = re.sub(r"\s+at\s+", "@", re.sub(r"\s+dot\s+", ".", words))
+        words = re.sub(r"\s*[(\[{<]\s*(at|arroba|dot|punto|@|\.)\s*[)\]}>]\s*",
+                       lambda m: "@" if m.group(1) in ("at", "arroba", "@") else ".", f)
+        words = re.sub(r"\s+(?:at|arroba)\s+", "@", re.sub(r"\s+(?:dot|punto)\s+", ".", words))
         words = re.sub(r"\s*-\s*at\s*-\s*", "@", re.sub(r"\s*-\s*dot\s*-\s*", ".", words))
         words = re.sub(r"\([^()@]*\)(?=@)|(?<=@)\([^()@]*\)", "", words)  # a comment by the `@`
         spoken = re.sub(r"\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b",

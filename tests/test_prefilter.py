@@ -340,8 +340,10 @@ def written_out_addresses(draw: st.DrawFn) -> str:
     """An address in any written-out layout `detectors._AT_WORD`/`_DOT_WORD` accept."""
     ws, ws1 = draw(_WS_RUN), draw(_WS_RUN.filter(bool))
     at = draw(st.sampled_from(["@", f"{ws}(at){ws}", f"{ws}[ @ ]{ws}", f"{ws1}at{ws1}", f"{ws}'at'{ws}",
-                               f"{ws}@{ws1}", "&#64;", "&#x40;", "&commat;", f"{ws}-at-{ws}"]))
+                               f"{ws}@{ws1}", "&#64;", "&#x40;", "&commat;", f"{ws}-at-{ws}", f"{ws1}arroba{ws1}",
+                               f"{ws}(Arroba){ws}"]))
     dot = draw(st.sampled_from([".", f"{ws}(dot){ws}", f"{ws}[.]{ws}", f"{ws1}dot{ws1}", f"{ws1}period{ws1}",
+                                f"{ws1}punto{ws1}", f"{ws}[punto]{ws}",
                                 f"{ws1}.{ws1}", "&#46;", "&period;", "-dot-", f"{ws}\"dot\"{ws}"]))
     local = draw(st.sampled_from(["jane", "j.doe", "x" * 64, "a1_b"]))
     label = draw(st.sampled_from(["example", "e" * 63, "my-co"]))

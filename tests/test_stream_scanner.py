@@ -503,6 +503,10 @@ def test_a_stream_never_shows_a_value_the_whole_text_hides(text: str, step: int)
     "write to jane.doe          (at)          example          (dot)          com please",
     "write to jane.alexandra.doe-smith.finance [at] payments-eu-west-department [dot] example [dot] com please",
     "x " * 100 + "to jane.doe@payments-eu-west-department-of-something-long.example.com ok " + "y " * 100,
+    # a bare ` at ` (until 2026-12-07 an address so written went out when over the hold-back)
+    "write to jane.doe.research.division.emea.contractors.ops at example dot com please",
+    "x " * 100 + "to jane.doe.research.division.emea.contractors.ops at example . co . uk please",
+    "escribe a juan.perez.departamento.finanzas.europa.sur arroba ejemplo punto com por favor",
 ])
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 64])
 def test_an_address_longer_than_the_holdback_is_held_whole(text: str, size: int) -> None:
@@ -511,6 +515,18 @@ def test_an_address_longer_than_the_holdback_is_held_whole(text: str, size: int)
     expected, _ = full(PII, text)
     assert "[EMAIL_1]" in expected
     assert streamed(PII, [text[i:i + size] for i in range(0, len(text), size)])[0] == expected
+
+
+def test_a_bare_at_in_prose_holds_the_text_back_no_longer_than_the_holdback() -> None:
+    """` at ` is everyday English: the word before it is held only while what follows still
+    reads as a domain being written, so prose streams out as it did."""
+    text = "we meet at noon, then look at the door and at it again; " * 8
+    r = StreamRedactor(PII, None, 64)
+    sent = 0
+    for i, c in enumerate(text):
+        sent += len(r.feed(c))
+        assert sent >= i + 1 - 64 - len("again; "), (i, text[sent:i + 1])  # (the hold-back, the last word)
+    assert sent + len(r.flush()) == len(text)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7])

@@ -582,14 +582,19 @@ LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")  # of an
 # before `com`, `org`, `net`, `edu`, `gov` or `io` (`jane@example. com`; a space before
 # the '@' only, as in `to @example.com`, is a mention). (Whitespace runs up to 16 characters: the prefilter's
 # triggers are bounded the same way.) And as HTML writes them: `&#64;`, `&#x40;`, `&commat;`,
-# `&#46;`, `&period;`.
-_AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Aa][Tt]\s{1,16}+"
+# `&#46;`, `&period;`. And in Spanish, `arroba` and `punto` as `at` and `dot` (`juan arroba
+# ejemplo punto com`, `juan (arroba) ejemplo (punto) es`; until 2026-12-07 these went out).
+_ARROBA = "[Aa][Rr][Rr][Oo][Bb][Aa]"
+_PUNTO = "[Pp][Uu][Nn][Tt][Oo]"
+_AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@|" + _ARROBA + r")\s{0,16}+[)\]}>]\s{0,16}+"
+            r"|\s{1,16}+(?:[Aa][Tt]|" + _ARROBA + r")\s{1,16}+"
             r"|\s{0,16}+[\"'][Aa][Tt][\"']\s{0,16}+"
             # a quoted local part, or an address put together in code (`"jane.doe"@example.com`,
             # `jane"@"example.com`, `"jane" + "@" + "example.com"`)
             r"|[\"'](?:\s{0,16}+\+\s{0,16}+[\"'])?+@(?:[\"']\s{0,16}+\+\s{0,16}+)?+[\"']?+"
             r"|\s{0,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
-_DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.)\s{0,16}+[)\]}>]\s{0,16}+|\s{1,16}+[Dd][Oo][Tt]\s{1,16}+"
+_DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.|" + _PUNTO + r")\s{0,16}+[)\]}>]\s{0,16}+"
+             r"|\s{1,16}+(?:[Dd][Oo][Tt]|" + _PUNTO + r")\s{1,16}+"
              r"|\s{0,16}+[\"'][Dd][Oo][Tt][\"']\s{0,16}+|\s{1,16}+[Pp][Ee][Rr][Ii][Oo][Dd]\s{1,16}+"
              r"|\s{1,16}+\.\s{1,16}+|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;"
              # spaces on one side only, before one of the top-level domains no sentence begins
@@ -641,7 +646,8 @@ def validate_email(value: str) -> int:
         at = _AT_RE.search(value)
         bare = at is not None and at.group().strip().lower() == "at"
         # " at " alone is ordinary English ("meet at example.com"): only with a written-out
-        # dot too, or a local part that does not look like a plain word.
+        # dot too, or a local part that does not look like a plain word (` arroba ` is no
+        # English: `juan arroba ejemplo.es` is an address).
         if bare and _DOT_RE.search(value) is None and not (
                 any(c in local for c in "._%+-") or (not local.isalpha() and not local.isdigit())):
             return 0

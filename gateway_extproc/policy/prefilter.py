@@ -208,10 +208,11 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     "email": tuple(_email_trigger(*args) for args in (
         # (`jane { @ } example.com`, `"jane" + "@" + …`: the longer)
         ("@", False, rf"[\"']{_WS}{{0,16}}\+{_WS}{{0,16}}[\"']"),
-        (rf"[(\[{{<]{_WS}{{0,16}}at{_WS}{{0,16}}[)\]}}>]", True),
-        # a bare ` at `, a label and any written-out dot after it (`.`, ` dot `, ` period `,
-        # ` . `, `(dot)`, `[.]`, `"dot"`, `-dot-`, `&#46;`, `&period;`)
-        (rf"{_WS}at{_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}(?:{_WS}{{0,16}}(?:[.(\[{{<\"'\-]|dot|period)|&#|&period;)", True),
+        (rf"[(\[{{<]{_WS}{{0,16}}(?:at|arroba){_WS}{{0,16}}[)\]}}>]", True),
+        # a bare ` at ` (` arroba `), a label and any written-out dot after it (`.`, ` dot `,
+        # ` period `, ` punto `, ` . `, `(dot)`, `[.]`, `"dot"`, `-dot-`, `&#46;`, `&period;`)
+        (rf"{_WS}(?:at|arroba){_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}"
+         rf"(?:{_WS}{{0,16}}(?:[.(\[{{<\"'\-]|dot|period|punto)|&#|&period;)", True),
         (r"[\"']at[\"']", True),
         (r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", False),
         # `-at-` (`jane-at-example-dot-com`: a local part of up to 64 characters before it,

@@ -77,9 +77,16 @@ _NUMBER_CHARS = frozenset("0123456789 ")  # a number, spelled out or not, a long
 # An '@' or a written-out one (`(at)`, `[at]`, `"at"`, HTML's `&#64;`) with up to 16 spaces
 # around: the address it may belong to can be longer than the hold-back (`jane.doe   (at)
 # payments-eu-west-department [dot] example [dot] com`), so what may be its local part is held
-# back while the sign is among the last EMAIL_HOLD characters (bare ` at `, everyday English,
-# is not: its addresses need a written-out dot or a dotted name and fit the hold-back).
+# back while the sign is among the last EMAIL_HOLD characters. A bare ` at ` (or ` arroba `)
+# is everyday English: what may be the local part before it is held only while what follows
+# it to the end still reads as a domain being written (`example dot co`, `example.`, `ex`;
+# not `noon, we`): until 2026-12-07 an address written so went out when it was longer than
+# the hold-back (`jane.doe.research.emea.contractors.ops at example dot com`, in small pieces).
 _PENDING_AT = re.compile(r"@|[(\[{<\"']\s{0,16}(?:[Aa][Tt]|@)\s{0,16}[)\]}>\"']|&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;")
+_BARE_AT = re.compile(r"\s(?:at|arroba)\s", re.I)
+_DOMAIN_GOING_ON = re.compile(
+    r"\s{0,15}[A-Za-z0-9\-]{0,63}(?:(?:\s{1,16}(?:dot|punto|period)\s{1,16}|\s{0,16}\.\s{0,16})[A-Za-z0-9\-]{0,63}){0,9}"
+    r"(?:\s{1,16}(?:d(?:ot?)?|p(?:u(?:n(?:to?)?)?|e(?:r(?:i(?:od?)?)?)?)?))?\s{0,16}", re.I)
 EMAIL_HOLD = 260  # (the prefilter's reach after an '@')
 
 
@@ -112,7 +119,9 @@ def _pending_address(buf: str, base: int) -> int | None:
     lo = max(0, len(buf) - EMAIL_HOLD)
     m = _PENDING_AT.search(buf, lo)
     if m is None:
-        return None
+        m = _pending_bare_at(buf, lo)
+        if m is None:
+            return None
     i = m.start()
     stop = max(0, i - 16)
     while i > stop and buf[i - 1].isspace():
@@ -121,6 +130,17 @@ def _pending_address(buf: str, base: int) -> int | None:
     while i > stop and buf[i - 1] in LOCAL_CHARS:
         i -= 1
     return base + max(0, i - 1)
+
+
+def _pending_bare_at(buf: str, lo: int) -> re.Match[str] | None:
+    """The last bare ` at ` among buf[lo:] that what follows it to the end may still make an
+    address of (`_DOMAIN_GOING_ON`)."""
+    last = None
+    for m in _BARE_AT.finditer(buf, lo):
+        last = m
+    if last is None or _DOMAIN_GOING_ON.fullmatch(buf, last.end()) is None:
+        return None
+    return last
 
 
 def _pending_key(buf: str, base: int) -> int | None:
