@@ -206,6 +206,12 @@ LETTER_GAP = rf"(?:[A-Za-z]|{_GAP_SIDE}[A-Za-z]{{1,3}}{_GAP_SIDE})"
 WORD_GAP = rf"(?:[A-Za-z]|{_GAP_SIDE}(?:[(\[{{/]?[A-Za-z]{{1,4}}[)\]}}/]?{_GAP_SIDE}){{1,2}})"
 MAX_WORD_GAP = 24
 _CARD_GAP = rf"(?:{WORD_GAP}|{_GAP_SIDE})"
+# Such a card still arriving (a stream's end): its groups so far and any start of a gap, where
+# its first group does not begin a longer word. A card with long gaps is longer than a stream's
+# hold-back (`4111 (and) (then) 1111 …`: up to 19 + 4 * MAX_WORD_GAP characters).
+_PARTIAL_WORD = r"[(\[{/]?[A-Za-z]{0,4}[)\]}/]?"
+CARD_GOING_ON = re.compile(rf"(?<![A-Za-z0-9_])[0-9]{{4}}(?:{_CARD_GAP}[0-9]{{1,6}})*"
+                           rf"(?:[A-Za-z]|{_GAP_SIDE}(?:{_PARTIAL_WORD}(?:{_GAP_SIDE}{_PARTIAL_WORD})?(?:{_GAP_SIDE})?)?)?\r?\Z")
 _DIGIT_WORD_GAP = re.compile(r"(?<![A-Za-z])(?:four|five|nine|zero)(?![A-Za-z])", re.I)
 # A card printed with words between its groups (`4111x1111x1111x1111`, `4111a1111b1111c1111`,
 # `4111 x 1111 x 1111 x 1111`, `4111 1111 (then) 1111 1111`), in a printed layout, never inside

@@ -33,8 +33,8 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 
-from .detectors import (CELL_SEP, DIGIT_WORD, KEY_ENDING, KEY_HEAD_ENDING, LOCAL_CHARS, SEP_CHARS, SPACES, WORD_GAP,
-                        hex_dump_start, number_words_start)
+from .detectors import (CARD_GOING_ON, CELL_SEP, DIGIT_WORD, KEY_ENDING, KEY_HEAD_ENDING, LOCAL_CHARS, MAX_WORD_GAP,
+                        SEP_CHARS, SPACES, WORD_GAP, hex_dump_start, number_words_start)
 from .normalize import (
     Normalized,
     escape_cut,
@@ -184,6 +184,18 @@ def _number_run(buf: str, base: int) -> tuple[int, bool] | None:
         return None
     lo = max(len(buf) - MAX_WORD_HOLD, 0)
     return base + max(start - 1, lo), start - 1 < lo
+
+
+def _worded_card(buf: str, base: int) -> int | None:
+    """Where a card with words between its groups (`detectors.CARD_GOING_ON`) that is still
+    arriving at the end of `buf` (at `base`) begins, as the position of its boundary character:
+    with long gaps it is longer than the hold-back, and its first groups, released before its
+    last arrived, would go out in clear (until 2026-12-07)."""
+    m = CARD_GOING_ON.search(buf, max(0, len(buf) - _WORDED_CARD))
+    return None if m is None else base + max(0, m.start() - 1)
+
+
+_WORDED_CARD = 19 + 4 * MAX_WORD_GAP
 
 
 def _number_from(buf: str, at: int) -> tuple[str, bool]:
@@ -446,6 +458,8 @@ class StreamRedactor:
             number = _number_run(buf, base)
             if number is not None:
                 limit = min(limit, number[0])
+            if (card := _worded_card(buf, base)) is not None:
+                limit = min(limit, card)
             if number is not None and number[1]:  # (the last word, or spelled-out run, is in it)
                 self._long, self._long_at = "number", number[0]
             elif longer:  # the scan reads its start with what has arrived; `_long_word` the rest
