@@ -284,6 +284,10 @@ def positives() -> list[Case]:
         for word in ("x", " x "):
             cases.append(Case("us_ssn", (ssn_carriers[0].format(grouped(d, [3, 2, 4], word)),), d,
                               f"{word!r} between groups"))
+        for word in (" (then) ", " and then "):  # (in the second gap only, since 2026-12-07)
+            area, group, serial = grouped(d, [3, 2, 4], " ").split(" ")
+            cases.append(Case("us_ssn", (ssn_carriers[0].format(f"{area} {group}{word}{serial}"),), d,
+                              f"{word.strip()!r} between two groups"))
         tagged = grouped(d, [3, 2, 4], "<i></i>")
         cases.append(Case("us_ssn", (f'{{"note": "SSN {tagged}"}}',), d, "a JSON object, tags between the groups"))
         looks = d.replace("0", "O").replace("1", "l")  # letters that look like digits: dashed, or named

@@ -1074,6 +1074,17 @@ def test_a_card_with_words_between_some_of_its_groups_is_found(text: str) -> Non
     assert found("credit_card", f"{_PROSE * 3}{text} ok {_PROSE * 3}") == [text]  # (the prefilter's reach)
 
 
+@pytest.mark.parametrize("text", ["078 (then) 05 1120", "078 and then 05 and then 1120", "078 05 then 1120",
+                                  "078 [and] [then] 05 [and] [then] 1120", "078\n/x/\n05 1120"])
+def test_an_ssn_with_words_between_some_of_its_groups_is_found_after_a_context_word(text: str) -> None:
+    """As for cards (until 2026-12-07 only a word of up to three letters between both groups);
+    alone it is any part number, and a digit word is a digit."""
+    assert found("us_ssn", f"my SSN is {text} ok") == [text]
+    assert found("us_ssn", f"{_PROSE * 3}my SSN is {text} ok") == [text]  # (the prefilter's reach)
+    assert found("us_ssn", f"part {text} ok") == []
+    assert found("us_ssn", f"my SSN is {text.replace('05', 'four 05')} ok") == []
+
+
 _PROSE = "the load balancer idle timeout is the first thing to check, then the pool size. "
 _WORD = st.one_of(st.text(string.ascii_letters, min_size=1, max_size=4),
                   st.builds(lambda o, w, c: o + w + c, st.sampled_from("([{/"),
@@ -1092,11 +1103,15 @@ def test_any_words_between_a_cards_groups_are_read_past(card: tuple[str, list[in
                                                         prose: int) -> None:
     """A word of up to four letters, bare or in brackets or slashes, or two, in any gap, beside
     plain gaps (since 2026-12-07), after prose of any length (the prefilter's trigger fires at
-    any gap with a word in it and reaches back to the card's start)."""
+    any gap with a word in it and reaches back to the card's start). A 4-4-4-4 card in plain
+    gaps is the other forms' to read: a word or four separators before a last group of three
+    leave it out."""
     digits, sizes = card
     groups = grouped(digits, sizes, " ").split(" ")
     printed = groups[0] + "".join(g + p for g, p in zip(gaps, groups[1:]))
-    assert found("credit_card", f"{_PROSE * prose}card {printed} ok") == [printed]
+    values = found("credit_card", f"{_PROSE * prose}card {printed} ok")
+    plain = len(groups) == 5 and not any(c.isalpha() for c in "".join(gaps[:3]))
+    assert values == [printed] or plain and values == [printed[:printed.rindex(groups[3]) + 4]]
 
 
 @pytest.mark.parametrize("text", ["1920x1080", "4111x1111x1111x1112", "a4111x1111x1111x1111", "4111x1111x1111x1111b2",

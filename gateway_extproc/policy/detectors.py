@@ -251,7 +251,11 @@ _LOOKALIKE_SSN_RE = re.compile(_LOOKALIKE_SSN)
 # An SSN with letters between its groups (`078x05x1120`, `078 x 05 x 1120`), as
 # `_LETTERED_CARD`; only after a context word (`ssn_context_ok`: `123a45b6789` alone is any
 # part number). Until 2026-12-07 it went out.
-_LETTERED_SSN = rf"(?<![A-Za-z0-9_])[0-9]{{3}}{LETTER_GAP}[0-9]{{2}}{LETTER_GAP}[0-9]{{4}}(?![A-Za-z0-9_])"
+# Since later that day, words between them as between a card's (`WORD_GAP`: `SSN 078 (then) 05
+# 1120`, `SSN 078 and then 05 and then 1120`); one gap at least holds a word (the plain layouts
+# are the other forms').
+_LETTERED_SSN = (rf"(?<![A-Za-z0-9_])[0-9]{{3}}(?:{WORD_GAP}[0-9]{{2}}(?:{WORD_GAP}|{_GAP_SIDE})|{_GAP_SIDE}[0-9]{{2}}{WORD_GAP})"
+                 rf"[0-9]{{4}}(?![A-Za-z0-9_])")
 _LETTERED_SSN_RE = re.compile(_LETTERED_SSN)
 
 
@@ -473,7 +477,7 @@ def validate_ssn(value: str) -> int:
         return validate_ssn(value.translate(_READ_AS_DIGITS)) if any("0" <= c <= "9" for c in value) else 0
     if _LETTERED_SSN_RE.fullmatch(value):
         area, group, serial = _DIGITS.findall(value)
-        return _whole(validate_ssn(f"{area}-{group}-{serial}") > 0, value)
+        return _whole(not _DIGIT_WORD_GAP.search(value) and validate_ssn(f"{area}-{group}-{serial}") > 0, value)
     bare = value.strip(_WORD_CHARS)  # (glued to letters: the dashed layout inside)
     digits = "".join(_DIGITS.findall(bare) if _wide(bare) else digit_groups(bare))
     if len(digits) != 9:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-python)
 from typing import Any
 
-from .detectors import (AREA_CODE, DIGIT_WORDS, LETTER_GAP, LOOKALIKE, LOOKALIKE_SEPS, MAX_KEY_BODY, MAX_WORD_GAP,
+from .detectors import (AREA_CODE, DIGIT_WORDS, LOOKALIKE, LOOKALIKE_SEPS, MAX_KEY_BODY, MAX_WORD_GAP,
                         WIDE_SEP1, WIDE_SEPC, WORD_GAP, phrase_char, wrapped_end, wrapped_start)
 
 try:
@@ -231,9 +231,10 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,
                                      reach=40, tail=8), _ESCAPED_SEPARATORS, _LOOKALIKE_DIGITS, _DIGIT_LIST,
-                             # letters between groups (`078x05x1120`, `078 x 05 x 1120`: `_LETTERED_SSN`)
-                             Trigger(rf"[0-9]{{3}}{LETTER_GAP}[0-9]{{2}}{LETTER_GAP}[0-9]{{4}}", som=False, reach=32,
-                                     tail=2)),
+                             # words between groups (`078x05x1120`, `078 x 05 x 1120`, `078 05 (then) 1120`:
+                             # `_LETTERED_SSN`; plain gaps fire the triggers above too)
+                             Trigger(rf"[0-9]{{3}}{WORD_GAP}[0-9]{{2}}|[0-9]{{2}}{WORD_GAP}[0-9]{{4}}", som=False,
+                                     reach=10 + 2 * MAX_WORD_GAP, tail=6 + MAX_WORD_GAP)),
     # every IPv6 address has "::", or seven colons, or six groups before an IPv4 tail
     "ipv6": (Trigger(r"::|[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){5}:[0-9A-Fa-f]", som=False, reach=48, tail=48),),
     "ipv4": (Trigger(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", som=False, reach=14, tail=8),),
