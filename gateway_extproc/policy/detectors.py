@@ -215,12 +215,15 @@ CARD_GOING_ON = re.compile(rf"(?<![A-Za-z0-9_])[0-9]{{4}}(?:{_CARD_GAP}[0-9]{{1,
 _DIGIT_WORD_GAP = re.compile(r"(?<![A-Za-z])(?:four|five|nine|zero)(?![A-Za-z])", re.I)
 # A card printed with words between its groups (`4111x1111x1111x1111`, `4111a1111b1111c1111`,
 # `4111 x 1111 x 1111 x 1111`, `4111 1111 (then) 1111 1111`), in a printed layout, never inside
-# a word (`validate_wide_card` reads its digits; with no word between them at all, it is the
-# other forms' to read). Until 2026-12-06 it went out.
-_LETTERED_CARD = (rf"(?<![A-Za-z0-9_])(?:[0-9]{{4}}(?:{_CARD_GAP}[0-9]{{4}}){{3}}(?:{_CARD_GAP}[0-9]{{3}})?+"
-                  rf"|[0-9]{{4}}{_CARD_GAP}[0-9]{{6}}{_CARD_GAP}[0-9]{{4,5}})(?![A-Za-z0-9_])")
+# a word (`validate_wide_card` reads its digits). A word in one gap at least: with none it is
+# the other forms' to read (which read a longer number it is part of as such). Until 2026-12-06
+# it went out.
+_G4 = "[0-9]{4}"
+_LETTERED_CARD = (rf"(?<![A-Za-z0-9_])(?:{_G4}(?:{WORD_GAP}{_G4}(?:{_CARD_GAP}{_G4}){{2}}"
+                  rf"|{_GAP_SIDE}{_G4}{WORD_GAP}{_G4}{_CARD_GAP}{_G4}|(?:{_GAP_SIDE}{_G4}){{2}}{WORD_GAP}{_G4})"
+                  rf"(?:{_CARD_GAP}[0-9]{{3}})?+"
+                  rf"|{_G4}(?:{WORD_GAP}[0-9]{{6}}{_CARD_GAP}|{_GAP_SIDE}[0-9]{{6}}{WORD_GAP})[0-9]{{4,5}})(?![A-Za-z0-9_])")
 _LETTERED_RE = re.compile(_LETTERED_CARD)
-_LETTER = re.compile("[A-Za-z]")
 
 
 # A card with letters that look like digits among its digits (`4lll llll llll llll`,
@@ -379,7 +382,7 @@ def validate_credit_card(value: str) -> int:
     A card glued to letters (`_GLUED_CARD`, `_WORD_AFTER`): the whole word; with letters
     between its groups (`_LETTERED_CARD`): its digits. One with look-alike letters
     among its digits (`_LOOKALIKE_CARD`): the whole value."""
-    if _LETTERED_RE.fullmatch(value) and _LETTER.search(value):
+    if _LETTERED_RE.fullmatch(value):
         return 0 if _DIGIT_WORD_GAP.search(value) else validate_wide_card(value)
     glued = _card_before_word(value)
     if _lookalike(value):  # (or `3056 930902 5904O`: a card glued to a word)
