@@ -197,7 +197,7 @@ _GLUED_TAIL = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}_?|_")
 # tabs, dashes or line breaks (`4111 x 1111 …`, `4111-and-1111-…`, one a line; until 2026-12-07
 # these went out).
 _GAP_SIDE = r"(?:[ \t\-]|\r?\n){1,2}"
-LETTER_GAP = rf"(?:[A-Za-z]|{_GAP_SIDE}[A-Za-z]{{1,3}}{_GAP_SIDE})"
+_LETTER_GAP = rf"(?:[A-Za-z]|{_GAP_SIDE}[A-Za-z]{{1,3}}{_GAP_SIDE})"
 # Between a card's groups a reader also skips a word of four letters (not a digit word, checked
 # by `validate_credit_card`: `4111 four 1111 …` reads as digits), one in brackets or slashes
 # (`(then)`, `/x/`), two words (`and then`), and these beside plain gaps (`4111 1111 and 1111
@@ -205,10 +205,11 @@ LETTER_GAP = rf"(?:[A-Za-z]|{_GAP_SIDE}[A-Za-z]{{1,3}}{_GAP_SIDE})"
 # prefilter's trigger reaches so far).
 WORD_GAP = rf"(?:[A-Za-z]|{_GAP_SIDE}(?:[(\[{{/]?[A-Za-z]{{1,4}}[)\]}}/]?{_GAP_SIDE}){{1,2}})"
 MAX_WORD_GAP = 24
+MAX_WORDED_CARD = 19 + 4 * MAX_WORD_GAP  # (a 4-4-4-4-3 card with a word in each gap)
 _CARD_GAP = rf"(?:{WORD_GAP}|{_GAP_SIDE})"
 # Such a card still arriving (a stream's end): its groups so far and any start of a gap, where
 # its first group does not begin a longer word. A card with long gaps is longer than a stream's
-# hold-back (`4111 (and) (then) 1111 …`: up to 19 + 4 * MAX_WORD_GAP characters).
+# hold-back (`4111 (and) (then) 1111 …`: up to MAX_WORDED_CARD characters).
 _PARTIAL_WORD = r"[(\[{/]?[A-Za-z]{0,4}[)\]}/]?"
 CARD_GOING_ON = re.compile(rf"(?<![A-Za-z0-9_])[0-9]{{4}}(?:{_CARD_GAP}[0-9]{{1,6}})*"
                            rf"(?:[A-Za-z]|{_GAP_SIDE}(?:{_PARTIAL_WORD}(?:{_GAP_SIDE}{_PARTIAL_WORD})?(?:{_GAP_SIDE})?)?)?\r?\Z")
@@ -865,10 +866,10 @@ def _plain_iban_pattern() -> str:
 
 # An IBAN with letters between its groups of four (`GB82xWESTx1234x…`, `DE89 x 3704 x 0044 …`),
 # as `_LETTERED_CARD` (until 2026-12-07 it went out): its country and check digits, the
-# groups read past what `LETTER_GAP` takes (`validate_iban`).
-_LETTERED_GROUP = re.compile(rf"{LETTER_GAP}([A-Za-z0-9]{{4}}|[A-Za-z0-9]{{1,3}}$)")
+# groups read past what `_LETTER_GAP` takes (`validate_iban`).
+_LETTERED_GROUP = re.compile(rf"{_LETTER_GAP}([A-Za-z0-9]{{4}}|[A-Za-z0-9]{{1,3}}$)")
 _LETTERED_IBAN = (rf"(?<![A-Za-z0-9_])(?:{'|'.join(sorted(IBAN_LENGTHS))})[0-9]{{2}}"
-                  rf"(?:{LETTER_GAP}[A-Za-z0-9]{{4}}){{2,7}}+(?:{LETTER_GAP}[A-Za-z0-9]{{1,3}})?+{_END}")
+                  rf"(?:{_LETTER_GAP}[A-Za-z0-9]{{4}}){{2,7}}+(?:{_LETTER_GAP}[A-Za-z0-9]{{1,3}})?+{_END}")
 _LETTERED_IBAN_RE = re.compile(_LETTERED_IBAN)
 _PLAIN_IBAN_RE = re.compile(_plain_iban_pattern())
 # (the letters between groups read first: read as the IBAN's own, they may pass mod-97 by

@@ -35,7 +35,7 @@ from re import _parser as _sre_parse  # (Python >= 3.11, pyproject's requires-py
 from typing import Any
 
 from .detectors import (AREA_CODE, DIGIT_WORDS, LOOKALIKE, LOOKALIKE_SEPS, MAX_KEY_BODY, MAX_WORD_GAP,
-                        WIDE_SEP1, WIDE_SEPC, WORD_GAP, phrase_char, wrapped_end, wrapped_start)
+                        MAX_WORDED_CARD, WIDE_SEP1, WIDE_SEPC, WORD_GAP, phrase_char, wrapped_end, wrapped_start)
 
 try:
     import hyperscan
@@ -150,8 +150,6 @@ _ESCAPED_SEPARATORS = Trigger(rf"[0-9]{WIDE_SEP1}{{0,15}}\\[nrt]{WIDE_SEP1}{{0,1
                               reach=19 + 18 * 32, tail=19 + 18 * 32)
 # Nine digits with separators (a card or SSN in one string), or digits on both sides of a seam
 # between strings (one split over strings: it may start ~170 characters before the seam).
-# (a 4-4-4-4-3 card with a word in each gap: the longest `_LETTERED_CARD`)
-_WORDED_CARD = 19 + 4 * MAX_WORD_GAP
 _DIGIT_RUNS = (Trigger(r"[0-9](?:[ .\-/_\t\r\n]{0,3}[0-9]){8}", som=False, reach=34, tail=512),
                Trigger(r"[0-9][ .\-/_\t\r\n]{0,3}\x1f(?:[A-Za-z_][A-Za-z0-9_.\-]{0,63}[\x1e\x1f]){0,6}[ .\-/_\t\r\n]{0,3}[0-9]",
                        som=False, reach=600, tail=200))
@@ -225,8 +223,8 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                                   # words between groups (`4111x1111x…`, `4111 x 1111 …`, `4111 1111 (then)
                                   # 1111 …`: `_LETTERED_CARD`; a gap is MAX_WORD_GAP characters at most,
                                   # and any of a card's four or five gaps may be the one that fires)
-                                  Trigger(rf"[0-9]{{4}}{WORD_GAP}[0-9]{{4}}", som=False, reach=_WORDED_CARD,
-                                          tail=_WORDED_CARD),
+                                  Trigger(rf"[0-9]{{4}}{WORD_GAP}[0-9]{{4}}", som=False, reach=MAX_WORDED_CARD,
+                                          tail=MAX_WORDED_CARD),
                                   # thousands groups (`4,111,111,111,111,111`: `_COMMA_CARD`)
                                   Trigger(r"[0-9](?:,[0-9]{3}){4}", som=False, reach=21, tail=12)),
     "us_ssn": _DIGIT_RUNS + (Trigger(rf"[0-9]{{3}}{WIDE_SEPC}{{1,16}}[0-9]{{2}}{WIDE_SEPC}{{1,16}}[0-9]", som=False,

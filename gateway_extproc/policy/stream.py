@@ -33,8 +33,8 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 
-from .detectors import (CARD_GOING_ON, CELL_SEP, DIGIT_WORD, KEY_ENDING, KEY_HEAD_ENDING, LOCAL_CHARS, MAX_WORD_GAP,
-                        SEP_CHARS, SPACES, WORD_GAP, hex_dump_start, number_words_start)
+from .detectors import (CARD_GOING_ON, CELL_SEP, DIGIT_WORD, KEY_ENDING, KEY_HEAD_ENDING, LOCAL_CHARS,
+                        MAX_WORDED_CARD, SEP_CHARS, SPACES, WORD_GAP, hex_dump_start, number_words_start)
 from .normalize import (
     Normalized,
     escape_cut,
@@ -191,11 +191,8 @@ def _worded_card(buf: str, base: int) -> int | None:
     arriving at the end of `buf` (at `base`) begins, as the position of its boundary character:
     with long gaps it is longer than the hold-back, and its first groups, released before its
     last arrived, would go out in clear (until 2026-12-07)."""
-    m = CARD_GOING_ON.search(buf, max(0, len(buf) - _WORDED_CARD))
+    m = CARD_GOING_ON.search(buf, max(0, len(buf) - MAX_WORDED_CARD))
     return None if m is None else base + max(0, m.start() - 1)
-
-
-_WORDED_CARD = 19 + 4 * MAX_WORD_GAP
 
 
 def _number_from(buf: str, at: int) -> tuple[str, bool]:
