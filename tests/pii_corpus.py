@@ -25,6 +25,8 @@ import unicodedata
 import urllib.parse
 from dataclasses import dataclass
 
+from gateway_extproc.policy.detectors import GAP_DIGIT_WORDS
+
 SEED = 20261203
 
 
@@ -133,6 +135,12 @@ def reads_as_word(piece: str) -> bool:
     digit, no capital after a small letter): the detector may leave it out where the key's
     pieces end."""
     return all(re.fullmatch(r"[A-Z]?[a-z]*|[A-Z]*", part) for part in re.split(r"[_\-]", piece))
+
+
+def reads_as_digit(word: str) -> bool:
+    """A word in a value's gap, bare or in brackets or slashes, that the detectors read as a
+    digit rather than read past (`detectors.GAP_DIGIT_WORDS`)."""
+    return word.strip("([{/)]}").lower() in GAP_DIGIT_WORDS
 
 
 def card_groups(d: str) -> list[int]:

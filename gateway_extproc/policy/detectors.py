@@ -213,7 +213,6 @@ _CARD_GAP = rf"(?:{WORD_GAP}|{_GAP_SIDE})"
 _PARTIAL_WORD = r"[(\[{/]?[A-Za-z]{0,4}[)\]}/]?"
 CARD_GOING_ON = re.compile(rf"(?<![A-Za-z0-9_])[0-9]{{4}}(?:{_CARD_GAP}[0-9]{{1,6}})*"
                            rf"(?:[A-Za-z]|{_GAP_SIDE}(?:{_PARTIAL_WORD}(?:{_GAP_SIDE}{_PARTIAL_WORD})?(?:{_GAP_SIDE})?)?)?\r?\Z")
-_DIGIT_WORD_GAP = re.compile(r"(?<![A-Za-z])(?:four|five|nine|zero)(?![A-Za-z])", re.I)
 # A card printed with words between its groups (`4111x1111x1111x1111`, `4111a1111b1111c1111`,
 # `4111 x 1111 x 1111 x 1111`, `4111 1111 (then) 1111 1111`), in a printed layout, never inside
 # a word (`validate_wide_card` reads its digits). A word in one gap at least: with none it is
@@ -1140,6 +1139,11 @@ def _unspaced_text(run: str) -> str:
 _DIGITS_BY_WORD = {"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                    "six": "6", "seven": "7", "eight": "8", "nine": "9"}
 DIGIT_WORDS = tuple(_DIGITS_BY_WORD)
+# Digit words of four letters: in a card's or an SSN's gap they are read as digits (`4111 four
+# 1111 …` is no card), not read past as `WORD_GAP`'s other words are (shorter ones, `one`,
+# `six`, were read past before words of four letters were, and still are).
+GAP_DIGIT_WORDS = tuple(w for w in DIGIT_WORDS if len(w) == 4)
+_DIGIT_WORD_GAP = re.compile(rf"(?<![A-Za-z])(?:{'|'.join(GAP_DIGIT_WORDS)})(?![A-Za-z])", re.I)
 DIGIT_WORD = "(?:" + "|".join("".join(f"[{c.upper()}{c}]" for c in w) for w in _DIGITS_BY_WORD) + ")"
 
 
