@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 import yaml
 
 from gateway_extproc import __main__ as cli
+from gateway_extproc import server
 from gateway_extproc.render import load_values
 
 from .integration.local_cli import VALUES_LOCAL, free_ports_values
@@ -273,3 +277,39 @@ def test_serve_with_its_metrics_port_busy(tmp_path: Path, capsys: pytest.Capture
         assert cli.main(["serve", "--config", gateway_yaml]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {gateway_yaml}: metrics.port {port} on 127.0.0.1: ") and "extproc.metrics.port" in line
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_serve_with_a_pattern_only_the_scanner_rejects_is_one_error_and_leaves_no_worker(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], processes: int) -> None:
+    """`serve` starts its workers as soon as the file reads as a config, and builds the whole
+    Runtime to check it while they build theirs (one after the other took ~7 s instead of ~4).
+    A custom pattern that only the scanner rejects is still one error line, the workers' own
+    included (captured at the file descriptor), exit 1, and no worker outlives it."""
+    def edit(doc: dict) -> None:
+        doc["listen"] = [f"unix://{tmp_path}/extproc-{i}.sock" for i in range(processes)]
+        doc["metrics"] = {"address": "127.0.0.1", "port": 0}
+        doc["classification"]["custom"] = [{"name": "bad", "kind": "regex", "pattern": "a{2,1}"}]
+        if processes > 1:
+            doc["budgets"].update(store="redis", redis={"url": "redis://127.0.0.1:1/0", "passwordEnv": ""})
+    gateway_yaml = _rendered(tmp_path, edit)
+    capfd.readouterr()
+    assert cli.main(["serve", "--config", gateway_yaml]) == 1
+    [line] = capfd.readouterr().err.splitlines()
+    assert line == f"error: {gateway_yaml}: custom rule 'bad': invalid regex: min repeat greater than max repeat " \
+                   "at position 2", line
+    alive = [p for p in Path("/proc").glob("[0-9]*") if gateway_yaml.encode() in _cmdline(p)]
+    assert alive == []
+    # A first worker leaves that line to `serve` (had it been quicker); a restarted one prints it.
+    worker = [sys.executable, "-m", "gateway_extproc", "serve-one", gateway_yaml, "0"]
+    quiet = subprocess.run(worker, env={**os.environ, server._QUIET_ENV: "1"}, capture_output=True, text=True)
+    loud = subprocess.run(worker, capture_output=True, text=True)
+    assert (quiet.returncode, quiet.stderr) == (server.EXIT_CONFIG, "")
+    assert (loud.returncode, loud.stderr.splitlines()) == (server.EXIT_CONFIG, [line])
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
