@@ -346,6 +346,8 @@ def positives() -> list[Case]:
             "comment before @": f"{local}(work)@{domain}", "comment after @": f"{local}@(hq){domain}",
             "arroba and punto": f"{local} arroba {domain.replace('.', ' punto ')}",
             "(arroba)": f"{local} (arroba) {domain}",
+            "sign glued to @": f"{local}!@{domain}", "dot glued to @": f"{local}.@{domain}",
+            "signs glued to @": f"{local}**@{domain}", "currency sign glued to @": f"{local}\u20ac@{domain}",
         }
         for name, enc in encodings(f"mail {v} now").items():
             forms[name] = f"blob {enc}"
@@ -504,7 +506,7 @@ def decoded_forms(text: str) -> list[str]:
 def forms(text: str) -> list[str]:
     """Every form a seeded value could hide in within `text`: folded, without separators or
     spaces, digits only (also of digits read out in words), with written-out `at`/`dot` resolved
-    and comments by the `@` dropped, tags shown as nothing; of the text and of what it decodes
+    and comments and signs by the `@` dropped, tags shown as nothing; of the text and of what it decodes
     to."""
     out = []
     for form in decoded_forms(text):
@@ -514,6 +516,7 @@ def forms(text: str) -> list[str]:
         words = re.sub(r"\s+(?:at|arroba)\s+", "@", re.sub(r"\s+(?:dot|punto)\s+", ".", words))
         words = re.sub(r"\s*-\s*at\s*-\s*", "@", re.sub(r"\s*-\s*dot\s*-\s*", ".", words))
         words = re.sub(r"\([^()@]*\)(?=@)|(?<=@)\([^()@]*\)", "", words)  # a comment by the `@`
+        words = re.sub(r"[!#$&*,:;=?^`|~.\u20ac\u00a7\u00b6]+(?=@)", "", words)  # signs glued to it
         spoken = re.sub(r"\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b",
                         lambda m: str(_WORDS.index(m.group()) if m.group() != "oh" else 0), f)
         shown = re.sub(r"<[^<>]*>", "", f)  # as a renderer shows it: every tag as nothing

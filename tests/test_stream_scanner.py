@@ -507,6 +507,9 @@ def test_a_stream_never_shows_a_value_the_whole_text_hides(text: str, step: int)
     "write to jane.doe.research.division.emea.contractors.ops at example dot com please",
     "x " * 100 + "to jane.doe.research.division.emea.contractors.ops at example . co . uk please",
     "escribe a juan.perez.departamento.finanzas.europa.sur arroba ejemplo punto com por favor",
+    # signs glued to the `@` (until 2026-12-07 they hid the address)
+    "write to jane.doe.research.division.emea.contractors.ops!?!?!?@example.com please",
+    "write to jane.doe.research.division.emea.contractors.ops.\u20ac.@example.co.uk please",
 ])
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 64])
 def test_an_address_longer_than_the_holdback_is_held_whole(text: str, size: int) -> None:
