@@ -361,7 +361,7 @@ def positives() -> list[Case]:
         for name, text in {"plain": v, "fullwidth": fullwidth(v),
                            "arabic-indic": digits_in(v, 0x0660), "zero-width": v.replace(" ", " \u200b"),
                            "nbsp": v.replace(" ", "\u00a0"), "base64": base64.b64encode(f"call {v}".encode()).decode(),
-                           "in words": in_words(v)}.items():
+                           "in words": in_words(v), "no separators": re.sub(r"[^0-9+]", "", v)}.items():
             cases.append(Case("phone", (f"call me on {text} tomorrow",), re.sub(r"\D", "", v), name))
     return cases
 

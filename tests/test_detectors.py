@@ -482,8 +482,7 @@ VALID_PHONES = [
      f" {RNG.randint(100, 999)}" for _ in range(20)]
 
 INVALID_PHONES = [
-    "4155550100",  # bare digits: never a phone
-    "14155550100", "2024-01-15", "01.02.2024", "05.11.2023", "12/31/2024", "31-12-2024", "+1", "+12 34",
+    "2024-01-15", "01.02.2024", "05.11.2023", "12/31/2024", "31-12-2024", "+1", "+12 34",
     "+1234567", "+1234567890123456", "123-456-7890", "555-1234", "415-555-01000", "0800", "1.5", "+100%",
     "v1.2.3", "415-555-0100x", "x415-555-0100", "07.30 - 12.30", "0 8 15",
 ]
@@ -1192,6 +1191,27 @@ def test_an_address_at_an_internationalized_domain_is_found(text: str, value: st
 def test_an_international_number_with_the_00_dialling_prefix_is_a_phone(text: str) -> None:
     """Until 2026-12-06 only `+49 …` was read as international: `0049 30 12345678` went out."""
     assert found("phone", f"call {text} now") == [text]
+
+
+@pytest.mark.parametrize(("word", "value"), [
+    ("phone:", "4155550100"), ("call", "14155550100"), ("Tel.", "0123456789"), ("mobile:", "015112345678"),
+    ("call me at", "1 (415) 555 0100"), ("fax", "+1/415/555/0100"), ("phone", "(415) 555 - 0100"),
+    ("whatsapp", "415_555_0100"), ("my cell is", "415555 0100"), ("SMS", "4155550100")])
+def test_a_number_in_no_layout_after_a_phone_word_is_a_phone(word: str, value: str) -> None:
+    """Until 2026-12-07 these went out: only a number in a layout (`415-555-0100`, `+1 …`) was
+    read as a phone. Alone, a run of digits is any id."""
+    assert found("phone", f"{word} {value} ok") == [value]
+    assert found("phone", f"ref {value} ok") == []
+
+
+@pytest.mark.parametrize("text", ["order 4155550100", "id 0123456789 ok", "ts 1763900000", "phone 1763900000",
+                                  "invoice 2125551234", "call 123456789", "the hotel 4155550100",
+                                  "phone 41 55 55 01 00 1", "call 4111111111111111"])
+def test_a_run_of_digits_without_a_phone_word_or_a_phone_shape_is_no_phone(text: str) -> None:
+    """`hotel` holds no phone word (`tel` is a word of its own), a ten-digit number is a North
+    American one only with its area code and exchange from 2 to 9, and nine digits from 1
+    are no national number."""
+    assert found("phone", text) == []
 
 
 @pytest.mark.parametrize("text", ["00123456789", "0012345678901", "0001 2345 6789", "00 12 34"])

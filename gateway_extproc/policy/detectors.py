@@ -695,6 +695,31 @@ _NOT_DIGITS = str.maketrans("", "", "0123456789")
 _DATE_LIKE = re.compile(r"0[1-9]([./-])[01]?[0-9]\1(?:19|20)?[0-9]{2}(?![0-9])")
 
 
+# A phone number in no layout the patterns read alone (`4155550100`, `0123456789`, `1 (415)
+# 555 0100`, `415_555_0100`, `+1/415/555/0100`): after a word that says phone, within 32
+# characters before it (`phone_context_ok`); a bare run of digits is any id otherwise. Until
+# 2026-12-07 these went out.
+_STRICT_PHONE = (r"(?:\+|00)[1-9](?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9]{1,5}+)){1,7}+"
+                 r"|\([2-9][0-9]{2}\)[ .\-]?[2-9][0-9]{2}[ .\-][0-9]{4}"
+                 r"|(?:1[ .\-])?[2-9][0-9]{2}[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}"
+                 r"|0[1-9][0-9]{0,4}+(?:[ /.\-][0-9]{2,8}+){1,4}+")
+_STRICT_PHONE_RE = re.compile(_STRICT_PHONE)
+_LOOSE_SEP = r"[ .\-/_]{0,3}+"
+_LOOSE_PHONE = (rf"[0-9]{{9,15}}+|(?:\+?+1{_LOOSE_SEP})?+\(?[2-9][0-9]{{2}}\)?{_LOOSE_SEP}[2-9][0-9]{{2}}"
+                rf"{_LOOSE_SEP}[0-9]{{4}}")
+_PHONE_CONTEXT = re.compile(r"(?i)\b(?:phone|telephone|tel|mobile|cell|cellphone|fax|sms|whatsapp|ph|mob|landline|"
+                            r"call|text me|reach me)\b")
+PHONE_CONTEXT_CHARS = 32
+
+
+def phone_context_ok(text: str, start: int, end: int) -> bool:
+    """A number in a layout the patterns read alone needs nothing more; any other a phone word
+    before it."""
+    if _STRICT_PHONE_RE.fullmatch(text, start, end):
+        return True
+    return _PHONE_CONTEXT.search(text, max(0, start - PHONE_CONTEXT_CHARS), start) is not None
+
+
 def phone_start_ok(text: str, start: int) -> bool:
     """Not the tail of a longer grouped number (`DE89 3704 0044 0532 0130 01`, `12 020 7946 0958`)."""
     return not (start >= 2 and text[start - 1] in " -./" and "0" <= text[start - 2] <= "9")
@@ -707,9 +732,14 @@ def validate_phone(value: str) -> int:
             and (value[0] == "+" or digits < len(value))
     elif value[0] == "0":
         ok = 9 <= digits <= 12 and not _DATE_LIKE.match(value)
-    else:  # NANP: the layout is fixed by the pattern
-        ok = True
+    else:  # NANP: ten digits, or eleven after a 1 (a layout or, after a phone word, none)
+        nanp = value.translate(_NOT_NUMBER)
+        nanp = nanp[1:] if len(nanp) == 11 and nanp[0] == "1" else nanp
+        ok = len(nanp) == 10 and nanp[0] in "23456789" and nanp[3] in "23456789"
     return _whole(ok, value)
+
+
+_NOT_NUMBER = str.maketrans("", "", " .-/_()+")
 
 
 def validate_ipv4(value: str) -> int:
@@ -1012,12 +1042,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "phone",
             # (international: `+49 30 1234567`, or with the dialling prefix `0049 30 1234567`)
-            r"(?:(?:\+|00)[1-9](?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9]{1,5}+)){1,7}+"
-            r"|\([2-9][0-9]{2}\)[ .\-]?[2-9][0-9]{2}[ .\-][0-9]{4}"
-            r"|(?:1[ .\-])?[2-9][0-9]{2}[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}"
-            r"|0[1-9][0-9]{0,4}+(?:[ /.\-][0-9]{2,8}+){1,4}+)"
-            r"(?![A-Za-z0-9_]|[.\-/][0-9])",
+            rf"(?:{_STRICT_PHONE}|{_LOOSE_PHONE})(?![A-Za-z0-9_]|[.\-/][0-9])",
             validate_phone, "PHONE", "phone number (E.164, NANP, European national)", phone_start_ok,
+            phone_context_ok,
         ),
     )
 }

@@ -239,7 +239,10 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     "phone": (Trigger(rf"\+[1-9]|\({AREA_CODE}\)|"
                       r"[^A-Za-z0-9_][2-9][0-9]{2}[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}"
                       r"|[^A-Za-z0-9_]0[1-9][0-9]{0,4}[ /.\-][0-9]{2}|[^A-Za-z0-9_]00[1-9][0-9]{0,4}[ .\-(]",
-                      som=False, reach=18, tail=48),),
+                      som=False, reach=18, tail=48),
+              # (in no layout, after a phone word: `4155550100`, `415_555_0100`; nine digits at least:
+              # the cards' and SSNs' trigger, so one event, not two, where both rules are on)
+              _DIGIT_RUNS[0]),
 }
 
 # Six single characters in a row, spaced out (`SPACED_PATTERN`).
