@@ -28,9 +28,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, start_http_server
 
 from . import audit, sockets
+from . import config as config_mod
 from .admission import LARGE_BYTES
 from .budgets import settlements
-from . import config as config_mod
 from .config import ConfigError
 from .errors import GatewayError
 from .processors import responses

@@ -19,7 +19,7 @@ from gateway_extproc import __main__ as cli
 from gateway_extproc import server
 from gateway_extproc.render import load_values
 
-from .integration.local_cli import VALUES_LOCAL, free_ports_values
+from .integration.local_cli import VALUES_LOCAL, free_ports_values, processes_mentioning
 
 LOCAL = str(VALUES_LOCAL)
 
@@ -298,18 +298,10 @@ def test_serve_with_a_pattern_only_the_scanner_rejects_is_one_error_and_leaves_n
     [line] = capfd.readouterr().err.splitlines()
     assert line == f"error: {gateway_yaml}: custom rule 'bad': invalid regex: min repeat greater than max repeat " \
                    "at position 2", line
-    alive = [p for p in Path("/proc").glob("[0-9]*") if gateway_yaml.encode() in _cmdline(p)]
-    assert alive == []
+    assert processes_mentioning(gateway_yaml) == []
     # A first worker leaves that line to `serve` (had it been quicker); a restarted one prints it.
     worker = [sys.executable, "-m", "gateway_extproc", "serve-one", gateway_yaml, "0"]
     quiet = subprocess.run(worker, env={**os.environ, server._QUIET_ENV: "1"}, capture_output=True, text=True)
     loud = subprocess.run(worker, capture_output=True, text=True)
     assert (quiet.returncode, quiet.stderr) == (server.EXIT_CONFIG, "")
     assert (loud.returncode, loud.stderr.splitlines()) == (server.EXIT_CONFIG, [line])
-
-
-def _cmdline(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:
-        return b""

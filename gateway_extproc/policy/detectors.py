@@ -691,7 +691,7 @@ _HYPHEN_LABELS = rf"(?:{_HYPHEN_LABEL}(?:\.|{_DOT_WORD}|{_HYPHEN_DOT}))"
 _HYPHEN_TLD = r"[A-Za-z]{2,63}+(?![A-Za-z0-9]|[_\-][A-Za-z0-9])"
 
 
-_NOT_DIGITS = str.maketrans("", "", "0123456789")
+_NOT_A_DIGIT = re.compile(r"[^0-9]+")
 _DATE_LIKE = re.compile(r"0[1-9]([./-])[01]?[0-9]\1(?:19|20)?[0-9]{2}(?![0-9])")
 
 
@@ -726,20 +726,17 @@ def phone_start_ok(text: str, start: int) -> bool:
 
 
 def validate_phone(value: str) -> int:
-    digits = len(value) - len(value.translate(_NOT_DIGITS))
+    number = _NOT_A_DIGIT.sub("", value)
+    digits = len(number)
     if value[0] == "+" or value.startswith("00"):  # (`00…` in one run is a zero-padded id)
         ok = 8 <= digits - 2 * (value[0] == "0") <= 15 and value.count("(") == value.count(")") \
             and (value[0] == "+" or digits < len(value))
     elif value[0] == "0":
         ok = 9 <= digits <= 12 and not _DATE_LIKE.match(value)
     else:  # NANP: ten digits, or eleven after a 1 (a layout or, after a phone word, none)
-        nanp = value.translate(_NOT_NUMBER)
-        nanp = nanp[1:] if len(nanp) == 11 and nanp[0] == "1" else nanp
+        nanp = number[1:] if digits == 11 and number[0] == "1" else number
         ok = len(nanp) == 10 and nanp[0] in "23456789" and nanp[3] in "23456789"
     return _whole(ok, value)
-
-
-_NOT_NUMBER = str.maketrans("", "", " .-/_()+")
 
 
 def validate_ipv4(value: str) -> int:
