@@ -367,11 +367,19 @@ def serve(config_path: str) -> int:
             if w.up and w.proc.poll() is None:
                 w.proc.send_signal(signal.SIGHUP)
 
+    def config_error() -> None:
+        """A first worker stopped on the file without a word, as it leaves that to this process,
+        whose own check passed: the file changed in between, so its error is read again here."""
+        try:
+            Runtime.load(config_path)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, reload)
     try:
-        return _supervise(workers, spawn, restarts, forward, lambda: stopping, workers_metrics.retire)
+        return _supervise(workers, spawn, restarts, forward, lambda: stopping, workers_metrics.retire, config_error)
     finally:
         audit.stop()  # the admin chain's shutdown checkpoint
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -379,7 +387,7 @@ def serve(config_path: str) -> int:
 
 def _supervise(workers: list[_Worker], spawn: Callable[[int], subprocess.Popen[bytes]], restarts: Counter,
                forward: Callable[[int, object], None], stopping: Callable[[], bool],
-               retire: Callable[[int], None]) -> int:
+               retire: Callable[[int], None], config_error: Callable[[], None]) -> int:
     code = 0
     while True:
         now = time.monotonic()
@@ -395,6 +403,8 @@ def _supervise(workers: list[_Worker], spawn: Callable[[int], subprocess.Popen[b
             if w.restart_at is None:
                 if not w.up:  # never served: a start-up problem, not a crash
                     log.error("extproc_worker_failed_to_start", worker=w.index, pid=w.proc.pid, reason=exit_reason(rc))
+                    if rc == EXIT_CONFIG:
+                        config_error()
                     code = rc if rc > 0 else 1
                     forward(signal.SIGTERM, None)
                     break

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -305,3 +306,30 @@ def test_serve_with_a_pattern_only_the_scanner_rejects_is_one_error_and_leaves_n
     loud = subprocess.run(worker, capture_output=True, text=True)
     assert (quiet.returncode, quiet.stderr) == (server.EXIT_CONFIG, "")
     assert (loud.returncode, loud.stderr.splitlines()) == (server.EXIT_CONFIG, [line])
+
+
+def test_serve_prints_the_error_of_a_file_broken_while_its_first_worker_starts(tmp_path: Path) -> None:
+    """`serve` checks the file, then its first worker reads it again (and leaves a config
+    error to `serve`): a file broken in between still ends in its error line, not a silent
+    exit 78 (`serve` reads the file again when such a worker stops)."""
+    def edit(doc: dict) -> None:
+        doc["listen"] = [f"unix://{tmp_path}/extproc-0.sock"]
+        doc["metrics"] = {"address": "127.0.0.1", "port": 0}
+    gateway_yaml = _rendered(tmp_path, edit)
+    broken = yaml.safe_load(Path(gateway_yaml).read_text())
+    broken["classification"]["custom"] = [{"name": "bad", "kind": "regex", "pattern": "a{2,1}"}]
+    proc = subprocess.Popen([sys.executable, "-m", "gateway_extproc", "serve", "--config", gateway_yaml],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any("serve-one" in line for line in processes_mentioning(gateway_yaml)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        Path(gateway_yaml).write_text(yaml.safe_dump(broken))  # the worker is still importing (~1 s)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == server.EXIT_CONFIG
+    assert f"error: {gateway_yaml}: custom rule 'bad': invalid regex: min repeat greater than max repeat " \
+           "at position 2" in err.splitlines(), err
+    assert processes_mentioning(gateway_yaml) == []

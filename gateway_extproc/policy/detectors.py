@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import itertools
 import re
@@ -521,8 +522,10 @@ def _ssn_context_before(text: str, start: int) -> bool:
 SSN_CONTEXT_CHARS = 48
 
 
+@functools.lru_cache(maxsize=4096)
 def ssn_context_name(name: str) -> bool:
-    """A JSON member's name that says SSN (`ssn`, `user_ssn`, `social_security_number`)."""
+    """A JSON member's name that says SSN (`ssn`, `user_ssn`, `social_security_number`).
+    (Cached: asked of every short string's member name, and bodies repeat their schema's.)"""
     return _SSN_CONTEXT.search(name.replace("_", " ")) is not None
 _DASHED = "[0-9]{3}-[0-9]{2}-[0-9]{4}"  # the SSN's printed layout, AAA-GG-SSSS
 _DASHED_SSN = re.compile(rf"{_DASHED}(?![0-9]|-[0-9])")

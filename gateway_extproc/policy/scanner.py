@@ -1375,6 +1375,9 @@ _API_NUMBERS = frozenset({"seed", "max_tokens", "max_completion_tokens", "max_ou
                           "top_logprobs", "candidateCount", "maxOutputTokens", "topK"})
 
 
+_SMALL_NUMBER_TYPES = (int, float)  # (`keyed_text` reads neither below 1e8; a bool is its own type)
+
+
 def keyed_text(value: Any, key: Any, top: bool = True) -> str | None:
     """A value scanned with its member's name, apart from the other strings: a JSON integer
     long enough to be a value (nine digits or more: an SSN, a card, a phone number sent as a
@@ -1385,8 +1388,8 @@ def keyed_text(value: Any, key: Any, top: bool = True) -> str | None:
     of the body itself (`top`). Fractions are not read (the digits of a `temperature`
     are no value, and a random one is a valid card number one time in ten)."""
     if isinstance(value, str):
-        if 9 <= len(value) <= 32 and isinstance(key, str) and sum(c.isdigit() for c in value) == 9 \
-                and ssn_context_name(key):
+        if 9 <= len(value) <= 32 and isinstance(key, str) and ssn_context_name(key) \
+                and sum(c.isdigit() for c in value) == 9:
             return f"{key.replace('_', ' ')}: {value}"  # (`user_ssn`: a word the context reads)
         return None
     if key in _API_NUMBERS and top:  # (the API's parameters are the body's own members: a
@@ -1490,9 +1493,9 @@ def walk_strings(obj: Any, *, skip_keys: frozenset[str] = BINARY_KEYS, max_depth
                 stack.append(_items(value))
                 break
             else:
-                # (a number under 1e8 is never read: the vectors of an embeddings answer cost a
-                # comparison each, not a call)
-                if keyed is not None and not (type(value) is float and -1e8 < value < 1e8) and \
+                # (a number under 1e8 is never read: the vectors of an embeddings answer and an
+                # answer's token counts cost a comparison each, not a call)
+                if keyed is not None and not (type(value) in _SMALL_NUMBER_TYPES and -1e8 < value < 1e8) and \
                         (named := keyed_text(value, key, top=len(stack) == 1)) is not None:
                     keyed[named] = None
                 continue
