@@ -13,7 +13,9 @@ the bench's chat completion (bench/run.py's CHAT_BODY and UPSTREAM_COMPLETION), 
 with its own x-request-id. `--stream`: the streamed request instead (`"stream": true`, the SSE
 answer bench/run.py's nginx writes, in one piece as Envoy hands it over: the path its TTFB row
 measures). `--profile` prints cProfile's top functions instead (`HOT_SORT=cumulative` sorts
-by cumulative time; `HOT_DUMP=file` keeps the stats for `pstats`).
+by cumulative time; `HOT_DUMP=file` keeps the stats for `pstats`). `--cold 4` flushes 4 MB of
+cache before each message, as Envoy's and the kernel's turns between messages do through
+Envoy: the same logic then costs about what `bench/run.py` finds above the no-op floor.
 """
 
 from __future__ import annotations
@@ -85,9 +87,33 @@ def messages(i: int, stream: bool = False) -> list[ep.ProcessingRequest]:
     ]
 
 
-async def one(server: ExternalProcessor, request: list[ep.ProcessingRequest]) -> None:
+class Flush:
+    """Writes one byte in every cache line of `mb` megabytes: what Envoy, the gRPC core and the
+    kernel do to the caches between two of a stream's messages through Envoy."""
+
+    def __init__(self, mb: float) -> None:
+        self.buf = bytearray(int(mb * 2**20))
+        self.ones = b"\x01" * len(self.buf[::64])
+
+    def __call__(self) -> None:
+        self.buf[::64] = self.ones
+
+    def cost(self, times: int) -> float:
+        """CPU microseconds of one flush, the best of three batches of `times`."""
+        best = float("inf")
+        for _ in range(3):
+            started = time.process_time()
+            for _ in range(times):
+                self()
+            best = min(best, (time.process_time() - started) / times * 1e6)
+        return best
+
+
+async def one(server: ExternalProcessor, request: list[ep.ProcessingRequest], flush: Flush | None = None) -> None:
     async def stream():  # type: ignore[no-untyped-def]
         for m in request:
+            if flush is not None:
+                flush()
             yield m
 
     answers = [resp async for resp in server.Process(stream(), None)]  # type: ignore[arg-type]
@@ -96,19 +122,21 @@ async def one(server: ExternalProcessor, request: list[ep.ProcessingRequest]) ->
 
 
 async def rounds(server: ExternalProcessor, requests: int, concurrency: int, first: int,
-                 stream: bool = False) -> float:
+                 stream: bool = False, flush: Flush | None = None) -> float:
     """CPU microseconds per request (the whole process: the audit writer thread included).
-    Envoy's messages are built before the clock starts: only the gateway's work is timed."""
+    Envoy's messages are built before the clock starts: only the gateway's work is timed
+    (with `flush`, the flushes' own cost is taken off)."""
     per_worker = requests // concurrency
     built = [[messages(first + w * requests + j, stream) for j in range(per_worker)] for w in range(concurrency)]
 
     async def worker(w: int) -> None:
         for request in built[w]:
-            await one(server, request)
+            await one(server, request, flush)
 
     started = time.process_time()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return (time.process_time() - started) / (per_worker * concurrency) * 1e6
+    spent = (time.process_time() - started) / (per_worker * concurrency) * 1e6
+    return spent if flush is None else spent - 4 * flush.cost(200)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1, help="requests interleaved on the loop (default 1)")
     p.add_argument("--stream", action="store_true", help="the streamed request (bench/run.py's TTFB path)")
     p.add_argument("--profile", action="store_true", help="cProfile one round; print the top 40 by own time")
+    p.add_argument("--cold", type=float, metavar="MB", help="flush MB of cache before each message (e.g. 4), "
+                   "as Envoy's turns between messages do; the flushes' own cost is taken off")
     args = p.parse_args(argv)
+    flush = Flush(args.cold) if args.cold else None
     tmp = Path(tempfile.mkdtemp(prefix="gw-hot-path-"))
     report = os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -134,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
-                await rounds(server, args.requests, args.concurrency, 0, args.stream)
+                await rounds(server, args.requests, args.concurrency, 0, args.stream, flush)
                 prof.disable()
                 if os.environ.get("HOT_DUMP"):
                     prof.dump_stats(os.environ["HOT_DUMP"])
@@ -142,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 pstats.Stats(prof, stream=out).sort_stats(os.environ.get("HOT_SORT", "tottime")).print_stats(40)
                 print(out.getvalue(), file=report)
                 return []
-            return [await rounds(server, args.requests, args.concurrency, (r + 1) * 10**7, args.stream)
+            return [await rounds(server, args.requests, args.concurrency, (r + 1) * 10**7, args.stream, flush)
                     for r in range(args.rounds)]
 
         figures = uvloop.run(run())
@@ -152,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if figures:
         print(f"{min(figures):.1f} CPU-us per request in-process (best of {args.rounds}: "
               f"{', '.join(f'{f:.1f}' for f in figures)}), {args.requests} requests, "
-              f"concurrency {args.concurrency}{', streamed' if args.stream else ''}", file=report)
+              f"concurrency {args.concurrency}{', streamed' if args.stream else ''}"
+              f"{f', {args.cold:g} MB flushed before each message' if flush else ''}", file=report)
     report.flush()
     return 0
 
