@@ -631,7 +631,7 @@ CLASSIFICATION_ERRORS = [
      "must be monitor, redact or block"),
     ("rule-misspelt", _set("classification.rules.emial", {"action": "block"}), "classification.rules.emial",
      "is no built-in rule (private_key, jwt, anthropic_key, openai_key, gateway_key, gateway_admin_token, "
-     "github_token, aws_access_key, credit_card, us_ssn, iban, email, phone, ipv4, ipv6, prompt_injection); a rule of your "
+     "github_token, aws_access_key, service_token, credit_card, us_ssn, iban, email, phone, ipv4, ipv6, prompt_injection); a rule of your "
      "own goes under classification.custom; did you mean email?"),
     ("rule-setting-misspelt", _set("classification.rules.email.min_tier", "restricted"),
      "classification.rules.email.min_tier", "is no setting here (action, minTier, critical); did you mean minTier?"),

@@ -618,12 +618,35 @@ KEY_VALID = [pem(k) for k in ("RSA PRIVATE KEY", "PRIVATE KEY", "EC PRIVATE KEY"
 KEY_INVALID = [pem("PUBLIC KEY"), pem("CERTIFICATE"), pem("RSA PUBLIC KEY"), "-----BEGIN PRIVATE KEY",
                "BEGIN PRIVATE KEY-----"]
 
+def _slack() -> str:
+    return f"xoxb-{rand(string.digits, 12)}-{rand(string.digits, 13)}-{rand(ALNUM, 24)}"
+
+
+SERVICE_VALID = [
+    "sk_live_" + rand(ALNUM, 24), "rk_live_" + rand(ALNUM, 99), "sk_test_" + rand(ALNUM, 24), _slack(),
+    f"xapp-1-A{rand(string.ascii_uppercase + string.digits, 10)}-{rand(string.digits, 13)}-"
+    f"{rand(string.ascii_lowercase + string.digits, 64)}",
+    f"hooks.slack.com/services/T{rand(string.ascii_uppercase + string.digits, 8)}/"
+    f"B{rand(string.ascii_uppercase + string.digits, 10)}/{rand(ALNUM, 24)}",
+    "AIza" + rand(ALNUM + "_-", 35), "hf_" + rand(string.ascii_letters, 34), "api_org_" + rand(string.ascii_letters, 34),
+    "glpat-" + rand(ALNUM + "_-", 20), "npm_" + rand(ALNUM, 36), f"SG.{rand(ALNUM, 22)}.{rand(ALNUM + '_-', 43)}",
+    f"AccountKey={rand(ALNUM + '+/', 86)}==", "aws_secret_access_key=" + rand(ALNUM + "/+", 40),
+    f'AWS_SECRET_ACCESS_KEY = "{rand(ALNUM + "/+", 40)}', "Basic YWRtaW46UzNjcjN0IVBhc3N3MHJk",  # admin:S3cr3t!Passw0rd
+]
+SERVICE_INVALID = [
+    "sk_live_xxxxxxxxxxxxxxxxxxxxxxxx", "sk_live_XXXXXXXXXXXXXXXXXXXXXXXX", "AIza" + "X" * 35,
+    "Basic dXNlcm5hbWU6cGFzc3dvcmQ=",  # username:password, an example
+    "Basic information", "basic auth", "hf_hub_download", "npm_config_cache", "glpat-style tokens",
+    "secret_access_key = <your key>", "sk_live_" + rand(ALNUM, 12),
+]
+
 SECRET_VALID = ([("aws_access_key", v) for v in AWS_VALID] + [("openai_key", v) for v in OPENAI_VALID]
                 + [("anthropic_key", v) for v in ANTHROPIC_VALID] + [("github_token", v) for v in GITHUB_VALID]
-                + [("jwt", v) for v in JWT_VALID] + [("private_key", v) for v in KEY_VALID])
+                + [("jwt", v) for v in JWT_VALID] + [("private_key", v) for v in KEY_VALID]
+                + [("service_token", v) for v in SERVICE_VALID])
 SECRET_INVALID = ([("aws_access_key", v) for v in AWS_INVALID] + [("openai_key", v) for v in OPENAI_INVALID]
                   + [("github_token", v) for v in GITHUB_INVALID] + [("jwt", v) for v in JWT_INVALID]
-                  + [("private_key", v) for v in KEY_INVALID])
+                  + [("private_key", v) for v in KEY_INVALID] + [("service_token", v) for v in SERVICE_INVALID])
 
 
 @pytest.mark.parametrize(("detector", "value"), SECRET_VALID)
@@ -636,6 +659,48 @@ def test_secret_valid(detector: str, value: str) -> None:
 @pytest.mark.parametrize(("detector", "value"), SECRET_INVALID)
 def test_secret_invalid(detector: str, value: str) -> None:
     assert found(detector, f"here: {value} (do not share)") == []
+
+
+def _der_keys() -> list[bytes]:
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    plain = ser.NoEncryption()
+    rsa_key, ec_key = rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP256R1())
+    return [k.private_bytes(ser.Encoding.DER, f, plain) for k in (rsa_key, ec_key)
+            for f in (ser.PrivateFormat.PKCS8, ser.PrivateFormat.TraditionalOpenSSL)] + [
+        ed25519.Ed25519PrivateKey.generate().private_bytes(ser.Encoding.DER, ser.PrivateFormat.PKCS8, plain)]
+
+
+def test_a_private_key_in_bare_der_is_found_in_every_form() -> None:
+    """A private key's base64 DER without its BEGIN and END lines, the usual form in an
+    environment variable (PKCS#8, PKCS#1 RSA, SEC1 EC, Ed25519): whole, cut off, wrapped at 64
+    characters, as a JSON value; a public key's or random bytes' DER is no key."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    for der in _der_keys():
+        b64 = base64.b64encode(der).decode()
+        wrapped = "\n".join(b64[i:i + 64] for i in range(0, len(b64), 64))
+        for text, run in ((f"SNOWFLAKE_PRIVATE_KEY={b64}", b64), (f"key: {b64[:120]} (cut)", b64[:120]),
+                          (f'{{"key": "{b64}"}}', b64), (wrapped, wrapped)):
+            assert [(f.detector, text[f.start:f.end]) for f in ALL.scan(text)] == [("private_key", run)], text
+    public = rsa.generate_private_key(65537, 2048).public_key().public_bytes(
+        ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo)
+    for raw in [public, bytes(range(256)) * 4, b"\x30\x82\x04\xbd\x02\x01\x05\x30" + bytes(400)]:
+        assert found_all("data: " + base64.b64encode(raw).decode()) == []
+
+
+@pytest.mark.parametrize("text", [
+    '"private_key": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTU\\nt9Us8cKjMzEf',
+    "-----BEGIN RSA PRIVATE  KEY-----\n" + rand(ALNUM, 64) + "\n-----END RSA PRIVATE  KEY-----",
+    "----BEGIN PRIVATE KEY----\n" + rand(ALNUM, 64) + "\n----END PRIVATE KEY----",
+    "Key-Derivation: none\nPrivate-Lines: 1\n" + rand(ALNUM, 44) + "\nPrivate-MAC: " + rand("0123456789abcdef", 64),
+])
+def test_private_key_armor_as_readers_take_it(text: str) -> None:
+    """Four dashes, two spaces before KEY, line breaks escaped as in a JSON string with the END
+    line cut off, a PuTTY key file's private lines (until 2026-12-07 each went out)."""
+    assert [d for d, _ in found_all(text)] == ["private_key"], text
 
 
 def test_anthropic_key_is_not_an_openai_key() -> None:

@@ -171,7 +171,7 @@ def test_long_input_in_small_deltas() -> None:
 # -- secrets longer than the hold-back window ------------------------------------------
 
 SECRETS = Scanner.compile([Rule(d, d, "redact") for d in (
-    "openai_key", "anthropic_key", "github_token", "jwt", "private_key", "aws_access_key")])
+    "openai_key", "anthropic_key", "github_token", "jwt", "private_key", "aws_access_key", "service_token")])
 URLSAFE = string.ascii_letters + string.digits + "-_"
 
 
@@ -253,6 +253,25 @@ def test_private_key_block_never_leaks(block: str) -> None:
             assert line[:12] not in out
         assert out.startswith("The key is:\n[PRIVATE_KEY_1]") and out.endswith("Thanks!")
     assert streamed(SECRETS, list(text))[0] == expected
+
+
+STRIPE = "sk_live_" + "".join(RNG.choice(string.ascii_letters + string.digits) for _ in range(99))
+SLACK_HOOK = "https://hooks.slack.com/services/T0ABCDEF12/B0ABCDEF34/" + "".join(
+    RNG.choice(string.ascii_letters + string.digits) for _ in range(24))
+DER_KEY = base64.b64encode(b"\x30\x82\x01\x20\x02\x01\x00\x30" + RNG.randbytes(280)).decode()  # (PKCS#8's head)
+
+
+@pytest.mark.parametrize("secret", [STRIPE, SLACK_HOOK, DER_KEY], ids=["stripe", "slack-webhook", "der-key"])
+def test_a_service_token_or_a_bare_der_key_never_leaves_a_stream(secret: str) -> None:
+    """Since 2026-12-07: other services' tokens and a private key's bare DER in base64 (the
+    environment-variable form), longer than the hold-back, cut anywhere."""
+    text = f"set it to {secret} and restart"
+    expected, _ = full(SECRETS, text)
+    assert secret[-40:] not in expected and expected.endswith(" and restart"), expected
+    for k in range(0, len(text) + 1, 5):
+        assert streamed(SECRETS, [text[:k], text[k:]])[0] == expected, k
+    for _ in range(10):
+        assert streamed(SECRETS, random_chunks(text, RNG, 30))[0] == expected
 
 
 def test_stream_ending_mid_secret_is_redacted() -> None:

@@ -870,6 +870,44 @@ def validate_github_token(value: str) -> int:
     return 0
 
 
+# Other services' credentials, each in its documented form (as secret scanners such as
+# gitleaks read them): Stripe secret and restricted keys, Slack tokens and incoming-webhook
+# URLs, Google API keys, Hugging Face, GitLab and npm tokens, SendGrid keys, an Azure storage
+# account key, an AWS secret access key under its name, and HTTP Basic credentials.
+_SERVICE_END = r"(?![A-Za-z0-9_\-])"
+SERVICE_TOKEN = (
+    rf"(?:[sr]k_(?:live|test|prod)_[A-Za-z0-9]{{20,247}}+"
+    rf"|xox[abeoprs]-[0-9]{{6,13}}+-[A-Za-z0-9\-]{{10,250}}+"
+    rf"|xapp-[0-9]-[A-Z0-9]{{6,20}}+-[0-9]{{6,20}}+-[a-z0-9]{{20,100}}+"
+    rf"|hooks\.slack\.com/services/T[A-Z0-9]{{6,12}}+/B[A-Z0-9]{{6,12}}+/[A-Za-z0-9]{{20,32}}+"
+    rf"|AIza[0-9A-Za-z_\-]{{35}}|(?:hf|api_org)_[A-Za-z]{{34}}|npm_[A-Za-z0-9]{{36}}"
+    rf"|glpat-[0-9A-Za-z_\-]{{20,64}}+|SG\.[A-Za-z0-9_\-]{{22}}\.[A-Za-z0-9_\-]{{43}}){_SERVICE_END}"
+    r"|AccountKey=[A-Za-z0-9+/]{86}=="
+    r"|(?i:aws_?)?(?i:secret_?access_?key)[\"']?[ \t]*[:=][ \t]*[\"']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"
+    r"|(?i:basic)[ \t]{1,3}+[A-Za-z0-9+/]{4,300}+={0,2}+(?![A-Za-z0-9+/=])"
+)
+_SERVICE_HEAD = re.compile(r"[^_\-.=/]+[_\-.=]|.*[:=][ \t]*[\"']?|(?i:basic)[ \t]+|hooks\.slack\.com/services/")
+# Basic credentials a reader takes for an example, not a secret (`username:password`).
+_EXAMPLE_PASSWORDS = frozenset({"password", "pass", "passwd", "secret", "pwd", "changeme", "xxx", "***", "..."})
+
+
+def validate_service_token(value: str) -> int:
+    """A token's random part holds two of digits, small and capital letters (a placeholder,
+    `sk_live_xxxxxxxxxxxxxxxxxxxxxxxx`, holds one); HTTP Basic credentials decode to
+    `user:password`, a password that is no placeholder."""
+    if value[:5].lower() == "basic":
+        try:
+            user, colon, password = base64.b64decode(value[5:].strip(" \t"), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, ValueError):
+            return 0
+        return _whole(bool(colon and user and password) and (user + password).isprintable()
+                      and password.lower() not in _EXAMPLE_PASSWORDS, value)
+    head = _SERVICE_HEAD.match(value)
+    body = value[head.end() if head else 0:]
+    classes = any(c.isdigit() for c in body) + any(c.islower() for c in body) + any(c.isupper() for c in body)
+    return _whole(classes >= 2 and len(set(body)) >= 8, value)
+
+
 def validate_jwt(value: str) -> int:
     header, dot, _ = value.partition(".")
     padded = header + "=" * (-len(header) % 4)
@@ -918,13 +956,17 @@ _IBAN = f"{_LETTERED_IBAN}|{_PLAIN_IBAN_RE.pattern}"
 
 
 MAX_KEY_BODY = 16384  # characters between a private key's BEGIN and END lines
+# (Four dashes or five, and up to three spaces between PRIVATE and KEY: a reader takes either
+# for the armor, and a line break escaped as in a JSON string, `\n`, for one.)
 _PRIVATE_KEY = (
-    r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
-    rf"(?:[\s\S]{{0,{MAX_KEY_BODY}}}?-----END[A-Z0-9 ]{{0,40}}PRIVATE KEY(?: BLOCK)?-----"
+    r"-{4,5}+BEGIN[A-Z0-9 ]{0,40}PRIVATE {1,3}KEY(?: BLOCK)?-{4,5}+"
+    rf"(?:[\s\S]{{0,{MAX_KEY_BODY}}}?-{{4,5}}+END[A-Z0-9 ]{{0,40}}PRIVATE {{1,3}}KEY(?: BLOCK)?-{{4,5}}+"
     # cut off before END, at the end of the text: base64, armor header and partial END lines
     r"|(?:\r?\n(?:[A-Za-z0-9+/=]{0,100}+|[A-Za-z][A-Za-z0-9\-]{0,30}: [ -~]{0,100}+|-[A-Z \-]{0,45}+)"
     r"(?=[\r\n\x1f]|\Z))*+\r?(?=\x1f|\Z)"
-    r"|(?:\r?\n[A-Za-z0-9+/=]{1,100}+)++)"  # no END at all: the base64 lines that follow
+    r"|(?:(?:\r?\n|(?:\\r)?\\n)[A-Za-z0-9+/=]{1,100}+)++)"  # no END at all: the base64 lines that follow
+    # a PuTTY key file's private lines
+    r"|Private-Lines: {0,3}[0-9]{1,3}(?:\r?\n[A-Za-z0-9+/=]{1,100}+)++"
 )
 
 _TOKEN = r"[A-Za-z0-9_\-]"
@@ -945,7 +987,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
     d.name: d
     for d in (
         # Secrets first: on the same start they take priority over PII detectors.
-        Detector("private_key", _PRIVATE_KEY, None, "PRIVATE_KEY", "PEM/OpenSSH/PGP private key block"),
+        Detector("private_key", _PRIVATE_KEY, None, "PRIVATE_KEY",
+                 "PEM/OpenSSH/PGP private key block, PuTTY key file, bare DER key in base64"),
         Detector(
             "jwt",
             r"eyJ[A-Za-z0-9_\-]{5,2048}+(?:\.[A-Za-z0-9_\-]{0,8192}+"
@@ -983,6 +1026,11 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         Detector(
             "aws_access_key", rf"(?:AKIA|ASIA)(?:[A-Z0-9]{{16}}|(?:[ .\-_/][A-Z0-9]{{4}}){{4}}){_END}", validate_aws_key,
             "AWS_ACCESS_KEY", "AWS access key id",
+        ),
+        Detector(
+            "service_token", SERVICE_TOKEN, validate_service_token, "SERVICE_TOKEN",
+            "Stripe, Slack, Google API, Hugging Face, GitLab, npm, SendGrid, Azure storage and AWS secret "
+            "keys, HTTP Basic credentials",
         ),
         Detector("iban", _IBAN, validate_iban, "IBAN", "IBAN (length per country, mod-97)"),
         Detector(
@@ -1437,7 +1485,34 @@ def decode_payload(run: str) -> str | None:
         raw = base64.urlsafe_b64decode(padded) if urlsafe else base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError):
         return None
-    return texty(raw)
+    text = texty(raw)
+    return DER_KEY_TEXT if text is None and der_private_key(raw) else text
+
+
+# What a private key's bare DER stands for (`der_private_key`): the PEM block it is the body
+# of, which `private_key` finds (the base64 is not repeated in it: it would be decoded again).
+DER_KEY_TEXT = "-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----"
+
+
+def der_private_key(raw: bytes) -> bool:
+    """Whether `raw` begins as a private key in DER, the base64 body of a PEM block without its
+    BEGIN and END lines (`SNOWFLAKE_PRIVATE_KEY=MIIEvQIBADANBg…`, the usual form in an
+    environment variable; until 2026-12-07 binary, unread): a SEQUENCE of at least 40 bytes
+    holding version 0 or 1 and then an algorithm (PKCS#8), the RSA modulus (PKCS#1) or the
+    key's octets (SEC1, EC), whole or cut off. A random run of base64 begins so about once
+    in 2^40."""
+    if len(raw) < 12 or raw[0] != 0x30:
+        return False
+    if raw[1] < 0x80:
+        start, length = 2, raw[1]
+    elif raw[1] in (0x81, 0x82, 0x83):
+        start = 2 + raw[1] - 0x80
+        length = int.from_bytes(raw[2:start], "big")
+    else:
+        return False
+    version, tag = raw[start:start + 3], raw[start + 3]
+    return 40 <= length and len(raw) <= start + length + 2 and version in (b"\x02\x01\x00", b"\x02\x01\x01") \
+        and tag in (0x30, 0x02, 0x04)
 
 
 PROMPT_INJECTION = "prompt_injection"

@@ -191,7 +191,8 @@ _KEY_CUT_HEAD = Trigger(r"(?:^|[^A-Za-z0-9_\-])s(?:(?:[ \t]{1,3}|\r?\n)k(?:[ \t]
 BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     # (read on to where the END line may be, BEGIN and END lines under 80 characters: short of
     # it the regex takes the header and the base64 lines up to the first indented or blank one)
-    "private_key": (Trigger("-----BEGIN", som=False, reach=11, tail=MAX_KEY_BODY + 2 * 80),),
+    "private_key": (Trigger("----BEGIN", som=False, reach=11, tail=MAX_KEY_BODY + 2 * 80),
+                    Trigger("Private-Lines:", som=False, reach=15, tail=MAX_KEY_BODY)),
     "jwt": (Trigger(r"eyJ[A-Za-z0-9_\-]{5}", som=False, reach=9),),
     "anthropic_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=_KEY_TAIL), _KEY_HEAD, _KEY_CUT_HEAD),
     "openai_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=_KEY_TAIL), _KEY_HEAD, _KEY_CUT_HEAD),
@@ -202,6 +203,10 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                      Trigger(r"gh[pousr]_[A-Za-z0-9]{1,35}[ \t\r\n]", som=False, reach=41, tail=300)),
     "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}|(?:AKIA|ASIA)[ .\-_/][A-Z0-9]{4}", som=False, reach=21,
                                tail=24),),
+    # (a Basic credential's word fires on "basic " in prose too: a short window each)
+    "service_token": (Trigger(r"[sr]k_(?:live|test|prod)_|xox[abeoprs]-|xapp-|hooks\.slack\.com/services/|AIza"
+                              r"|hf_|api_org_|glpat-|npm_|SG\.|AccountKey=", som=False, reach=26, tail=330),
+                      Trigger(r"secret_?access_?key|basic[ \t]", som=False, reach=21, tail=320, caseless=True)),
     "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=160),),  # 30 characters, 4 separators apart
     "email": tuple(_email_trigger(*args) for args in (
         # (`jane { @ } example.com`, `"jane" + "@" + …`: the longer)

@@ -228,6 +228,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("gateway_admin_token", "gateway_admin_token", "block", "restricted", critical=True),
     Rule("github_token", "github_token", "block", "restricted", critical=True),
     Rule("aws_access_key", "aws_access_key", "block", "restricted", critical=True),
+    Rule("service_token", "service_token", "block", "restricted", critical=True),
     # Financial / government identifiers: replaced by placeholders.
     Rule("credit_card", "credit_card", "redact", "restricted"),
     Rule("us_ssn", "us_ssn", "redact", "restricted"),

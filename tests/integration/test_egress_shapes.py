@@ -11,6 +11,7 @@ reads them (tests/test_egress_shapes.py has the guard's own cases):
 - an embeddings answer with a card as a number beside the vectors;
 - a card whose last group runs into a word (`4111 1111 1111 1111th`, `… 1111 5A`), asked or answered;
 - a GitHub token in pieces, an AWS key in groups apart by dots, asked;
+- another service's token (Stripe, Slack) or a private key's bare DER in base64, asked or answered;
 - a number read out partly in digit words, asked and answered;
 - letters or an emoji between a card's, SSN's or IBAN's groups (`4111 x 1111 x …`), `S` for
   5, an address with a comment by its sign, a phone number read out in words, asked or
@@ -174,6 +175,31 @@ def test_a_github_token_in_pieces_or_an_aws_key_with_dots_reaches_no_provider(gw
     token = "ghp_" + "a1B2c3D4e5F6g7H8i9J0" * 2  # (40 characters: real ones have 36)
     refused(gw, [f"push with {token[:20]} {token[20:]} please", f"push with {token[:14]}\n{token[14:30]}\n{token[30:]}",
                  "deploy with AKIA.IOSF.ODNN.7EXA.MPLE now"], "content_blocked")
+
+
+# (random-looking, fixed: a Stripe live key, a Slack bot token, a private key's bare PKCS#8 DER)
+STRIPE = "sk_live_51Hq" + "Ab12cdEf34GhIj56KlMn78OpQr90StUv"
+SLACK = "xoxb-123456789012-1234567890123-" + "Ab12cdEf34GhIj56KlMn78Op"
+DER_KEY = base64.b64encode(b"\x30\x82\x01\x20\x02\x01\x00\x30\x0d\x06\x09" + bytes(range(7, 250))).decode()
+
+
+def test_other_services_tokens_and_a_bare_der_key_reach_no_provider_and_no_client(gw: Gateway) -> None:
+    """Went out until 2026-12-07: no detector read another service's token (Stripe, Slack,
+    Google, ...), HTTP Basic credentials, or a private key's base64 DER without its BEGIN and
+    END lines (`SNOWFLAKE_PRIVATE_KEY=MIIE…`). A credential rule blocks the request; in an
+    answer it ends the stream before any of it."""
+    refused(gw, [f"charge it with {STRIPE} now", f"post as {SLACK}", f"SNOWFLAKE_PRIVATE_KEY={DER_KEY}",
+                 "curl -H 'Authorization: Basic YWRtaW46UzNjcjN0IVBhc3N3MHJk' https://api.internal"],
+            "content_blocked")
+    for secret in (STRIPE, DER_KEY):
+        try:
+            content, _, _ = collected(gw, [
+                chunk({"index": 0, "delta": {"role": "assistant", "content": "Set it to " + secret[:20]}}),
+                chunk({"index": 0, "delta": {"content": secret[20:] + FILLER}}),
+                chunk({"index": 0, "delta": {}, "finish_reason": "stop"})])
+        except openai.APIError:
+            continue  # (the stream ended with the gateway's error event)
+        assert not any(secret[i:i + 12] in text for text in content.values() for i in range(len(secret) - 12)), content
 
 
 def test_an_api_key_in_short_pieces_reaches_no_provider(gw: Gateway) -> None:
