@@ -703,6 +703,25 @@ def test_private_key_armor_as_readers_take_it(text: str) -> None:
     assert [d for d, _ in found_all(text)] == ["private_key"], text
 
 
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("header", [b'{"alg":"HS256","typ":"JWT"}', b'{ "alg": "HS256" }', b'{\n  "alg": "RS256"\n}',
+                                    b'{\r\n "alg": "ES256"}', b'{\t"alg": "none"}'])
+@pytest.mark.parametrize("wrap", ["", "\n", "\r\n", "\\n"])
+def test_a_jwt_wrapped_over_lines_or_with_a_header_written_by_hand(header: bytes, wrap: str) -> None:
+    """Until 2026-12-07 a JWT whose header did not begin `{"` (`eyJ`) went out, and so did
+    one wrapped over lines (a terminal's width, or `\n` escaped in a JSON string) anywhere
+    but in its signature: the pattern wanted a second dot or the end of the text."""
+    token = ".".join((_b64url(header), _b64url(b'{"sub":"1234567890","name":"John Doe","iat":1516239022}'),
+                      _b64url(bytes(range(32)))))
+    for at in (20, len(token.split(".")[0]) + 10, token.index(".") + 1, token.rindex(".")):
+        text = token if not wrap else token[:at] + wrap + token[at:]
+        assert [d for d, _ in found_all(f"Authorization: Bearer {text} -- thanks")] == ["jwt"], text
+    assert found_all(f"the header {_b64url(header)} is base64.\nNext line") == []
+
+
 def test_anthropic_key_is_not_an_openai_key() -> None:
     key = ANTHROPIC_VALID[0]
     assert found("openai_key", f"key {key}") == []

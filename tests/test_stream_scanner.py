@@ -190,7 +190,8 @@ PGP = ("-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nVersion: Test 1.0\n\n" + "\n".j
        + "\n=ABCD\n-----END PGP PRIVATE KEY BLOCK-----")
 
 
-@pytest.mark.parametrize("secret", [OPENAI, GITHUB_PAT, JWT], ids=["openai", "github_pat", "jwt"])
+@pytest.mark.parametrize("secret", [OPENAI, GITHUB_PAT, JWT, JWT[:50] + "\n" + JWT[50:120] + "\\n" + JWT[120:]],
+                         ids=["openai", "github_pat", "jwt", "jwt-wrapped"])
 def test_long_secret_every_split_equals_full_redaction(secret: str) -> None:
     assert len(secret) > 64
     text = f"here is the credential: {secret} -- keep it safe"

@@ -908,22 +908,38 @@ def validate_service_token(value: str) -> int:
     return _whole(classes >= 2 and len(set(body)) >= 8, value)
 
 
+# A JWT's header is JSON, `{"` in base64url (`eyJ`), or `{` and a space or a line break
+# (`eyA`, `ewo`, `ew0K`, `ewk`: a header written by hand or pretty-printed). Its header and
+# payload may be wrapped over lines (a terminal's or an e-mail's width), or over line breaks
+# escaped as in a JSON string (`\n`); each break is dropped before the header is decoded.
+_JWT_HEAD = r"e(?:yJ|yA|wo|w0K|wk)"
+_JWT_CHAR = r"[A-Za-z0-9_\-]"
+_JWT_WRAP = r"(?:\r?\n|(?:\\r)?\\n)"
+# (a break cut off by the end of a stream's text so far: `\`, `\r`, `\r\`, CR)
+_JWT_SEG = rf"(?:{_JWT_CHAR}|{_JWT_WRAP}(?={_JWT_CHAR}|\Z)|(?:\r|\\(?:r\\?)?)\Z)"
+_JWT_BREAKS = re.compile(_JWT_WRAP)
+
+
 def validate_jwt(value: str) -> int:
+    return _whole(_jwt_header_ok(_JWT_BREAKS.sub("", value).rstrip("\\\r")), value)
+
+
+def _jwt_header_ok(value: str) -> bool:
     header, dot, _ = value.partition(".")
     padded = header + "=" * (-len(header) % 4)
     if dot:
         try:
             obj = orjson.loads(base64.urlsafe_b64decode(padded))
         except (binascii.Error, ValueError):
-            return 0
-        return _whole(isinstance(obj, dict) and "alg" in obj, value)
+            return False
+        return isinstance(obj, dict) and "alg" in obj
     # A header cut off by the end of the text: decode what is complete.
     usable = header[: len(header) - len(header) % 4]
     try:
         raw = base64.urlsafe_b64decode(usable)
     except (binascii.Error, ValueError):
-        return 0
-    return _whole(raw.startswith(b'{"') and b'"alg"' in raw, value)
+        return False
+    return raw[:1] == b"{" and raw[1:].lstrip()[:1] == b'"' and b'"alg"' in raw
 
 
 # -- patterns --------------------------------------------------------------------------
@@ -991,8 +1007,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                  "PEM/OpenSSH/PGP private key block, PuTTY key file, bare DER key in base64"),
         Detector(
             "jwt",
-            r"eyJ[A-Za-z0-9_\-]{5,2048}+(?:\.[A-Za-z0-9_\-]{0,8192}+"
-            r"(?:\.[A-Za-z0-9_\-]{0,2048}+(?![A-Za-z0-9_\-])|(?=\x1f|\Z))|(?=\x1f|\Z))",
+            rf"{_JWT_HEAD}{_JWT_SEG}{{5,2048}}+(?:{_JWT_WRAP}?\.{_JWT_WRAP}?{_JWT_SEG}{{0,8192}}+"
+            rf"(?:{_JWT_WRAP}?\.{_JWT_CHAR}{{0,2048}}+(?!{_JWT_CHAR})|(?=\x1f|\Z))|(?=\x1f|\Z))",
             validate_jwt, "JWT", "JSON Web Token (header decodes to JSON with alg)",
         ),
         Detector(
