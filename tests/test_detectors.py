@@ -1280,7 +1280,8 @@ def test_an_international_number_with_the_00_dialling_prefix_is_a_phone(text: st
 @pytest.mark.parametrize(("word", "value"), [
     ("phone:", "4155550100"), ("call", "14155550100"), ("Tel.", "0123456789"), ("mobile:", "015112345678"),
     ("call me at", "1 (415) 555 0100"), ("fax", "+1/415/555/0100"), ("phone", "(415) 555 - 0100"),
-    ("whatsapp", "415_555_0100"), ("my cell is", "415555 0100"), ("SMS", "4155550100")])
+    ("whatsapp", "415_555_0100"), ("my cell is", "415555 0100"), ("SMS", "4155550100"),
+    ("text us on:", "4155550100"), ("Call", "4155550100"), ("dial", "+1/415/555/0100")])
 def test_a_number_in_no_layout_after_a_phone_word_is_a_phone(word: str, value: str) -> None:
     """Until 2026-12-07 these went out: only a number in a layout (`415-555-0100`, `+1 …`) was
     read as a phone. Alone, a run of digits is any id."""
@@ -1290,11 +1291,13 @@ def test_a_number_in_no_layout_after_a_phone_word_is_a_phone(word: str, value: s
 
 @pytest.mark.parametrize("text", ["order 4155550100", "id 0123456789 ok", "ts 1763900000", "phone 1763900000",
                                   "invoice 2125551234", "call 123456789", "the hotel 4155550100",
-                                  "phone 41 55 55 01 00 1", "call 4111111111111111"])
+                                  "phone 41 55 55 01 00 1", "call 4111111111111111",
+                                  "the function call took 4823251123 ns", "API call count reached 4823251123",
+                                  "Call ID: 7042315566", "text field 4155550100"])
 def test_a_run_of_digits_without_a_phone_word_or_a_phone_shape_is_no_phone(text: str) -> None:
     """`hotel` holds no phone word (`tel` is a word of its own), a ten-digit number is a North
-    American one only with its area code and exchange from 2 to 9, and nine digits from 1
-    are no national number."""
+    American one only with its area code and exchange from 2 to 9, nine digits from 1
+    are no national number, and a verb says phone only right before the number."""
     assert found("phone", text) == []
 
 

@@ -710,17 +710,23 @@ _STRICT_PHONE_RE = re.compile(_STRICT_PHONE)
 _LOOSE_SEP = r"[ .\-/_]{0,3}+"
 _LOOSE_PHONE = (rf"[0-9]{{9,15}}+|(?:\+?+1{_LOOSE_SEP})?+\(?[2-9][0-9]{{2}}\)?{_LOOSE_SEP}[2-9][0-9]{{2}}"
                 rf"{_LOOSE_SEP}[0-9]{{4}}")
-_PHONE_CONTEXT = re.compile(r"(?i)\b(?:phone|telephone|tel|mobile|cell|cellphone|fax|sms|whatsapp|ph|mob|landline|"
-                            r"call|text me|reach me)\b")
+_PHONE_CONTEXT = re.compile(r"(?i)\b(?:phone|telephone|tel|mobile|cell|cellphone|fax|sms|whatsapp|ph|mob|landline)\b")
+# A verb says phone only right before the number (`call 4155550100`, `call me at …`, `text us
+# on: …`): anywhere before it, `the function call took 4823251123 ns` and `API call count
+# reached …` read as phone numbers (81 % of random ten-digit ones, 2026-12-07).
+_PHONE_VERB = re.compile(r"(?i)\b(?:call|text|reach|ring|dial)(?:\s+(?:me|us|him|her|them))?(?:\s+(?:at|on))?"
+                         r"[\s:\-]*\Z")
 PHONE_CONTEXT_CHARS = 32
 
 
 def phone_context_ok(text: str, start: int, end: int) -> bool:
     """A number in a layout the patterns read alone needs nothing more; any other a phone word
-    before it."""
+    before it, or a verb that says phone right before it."""
     if _STRICT_PHONE_RE.fullmatch(text, start, end):
         return True
-    return _PHONE_CONTEXT.search(text, max(0, start - PHONE_CONTEXT_CHARS), start) is not None
+    before = max(0, start - PHONE_CONTEXT_CHARS)
+    return _PHONE_CONTEXT.search(text, before, start) is not None or \
+        _PHONE_VERB.search(text[before:start]) is not None
 
 
 def phone_start_ok(text: str, start: int) -> bool:
