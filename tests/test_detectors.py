@@ -722,6 +722,23 @@ def test_a_jwt_wrapped_over_lines_or_with_a_header_written_by_hand(header: bytes
     assert found_all(f"the header {_b64url(header)} is base64.\nNext line") == []
 
 
+@pytest.mark.parametrize(("text", "value"), [
+    ('my $to = "jane.doe\\@example.com";', "jane.doe\\@example.com"),  # Perl
+    ("pandoc: jane.doe\\@example.com ok", "jane.doe\\@example.com"),
+    ("allowlist: ^jane\\.doe@example\\.com$", "jane\\.doe@example\\.com"),  # a regex
+    ("Kontakt: jane.doe(a)example.com", "jane.doe(a)example.com"), ("mail: jane.doe[A]example.de.", "jane.doe[A]example.de"),
+])
+def test_an_address_escaped_or_with_a_bracketed_a_is_an_email(text: str, value: str) -> None:
+    """Until 2026-12-07 these went out: only `\\u`/`\\x` escapes were read, and `(a)` was no `@`."""
+    assert found("email", text) == [value]
+
+
+@pytest.mark.parametrize("text", ["see option (a) example.com", "f(a)b.c and g(a)x", "item(a)note.txt",
+                                  "the regex \\.com$ matches", "price\\@home"])
+def test_a_bracketed_a_or_an_escape_alone_is_no_email(text: str) -> None:
+    assert found("email", text) == []
+
+
 def test_anthropic_key_is_not_an_openai_key() -> None:
     key = ANTHROPIC_VALID[0]
     assert found("openai_key", f"key {key}") == []

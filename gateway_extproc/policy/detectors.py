@@ -608,11 +608,15 @@ _AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@|" + _ARROBA + r")\s{0,16
             # a quoted local part, or an address put together in code (`"jane.doe"@example.com`,
             # `jane"@"example.com`, `"jane" + "@" + "example.com"`)
             r"|[\"'](?:\s{0,16}+\+\s{0,16}+[\"'])?+@(?:[\"']\s{0,16}+\+\s{0,16}+)?+[\"']?+"
-            r"|\s{0,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;)")
+            r"|\s{0,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;"
+            # escaped (`jane.doe\@example.com`: Perl's strings, Markdown), or `(a)` glued to both
+            # sides (`jane.doe(a)example.com`, a German site's imprint; before a common top-level
+            # domain only, `validate_email`)
+            r"|\\@|[(\[][Aa][)\]])")
 _DOT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Dd][Oo][Tt]|\.|" + _PUNTO + r")\s{0,16}+[)\]}>]\s{0,16}+"
              r"|\s{1,16}+(?:[Dd][Oo][Tt]|" + _PUNTO + r")\s{1,16}+"
              r"|\s{0,16}+[\"'][Dd][Oo][Tt][\"']\s{0,16}+|\s{1,16}+[Pp][Ee][Rr][Ii][Oo][Dd]\s{1,16}+"
-             r"|\s{1,16}+\.\s{1,16}+|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;"
+             r"|\s{1,16}+\.\s{1,16}+|&#0{0,4}+46;|&#[xX]0{0,4}+2[eE];|&period;|\\\."  # (`\.`: a regex's)
              # spaces on one side only, before one of the top-level domains no sentence begins
              # with (`jane@example. com`, `jane@example .com`; `me@home. it is` is no address)
              r"|\s{1,16}+\.(?=(?:com|org|net|edu|gov|io)(?![A-Za-z0-9]))"
@@ -631,6 +635,7 @@ _HYPHEN_RE = re.compile(f"{_HYPHEN_AT}|{_HYPHEN_DOT}")
 # A bare '@' before spaces is also code (`weights @ inputs.transpose`, `a@ b.T`: Python's
 # matrix product): an address written so must end in a common top-level domain.
 _SPACED_AT = re.compile(r"[^\s(\[{<]\s*@\s+[^\s)\]}>]")
+_BRACKETED_A = re.compile(r"[(\[][Aa][)\]]")
 _COMMON_TLDS = frozenset(
     "com org net edu gov mil int io co ai app dev info biz name mail email online site tech cloud us uk de fr es it "
     "nl be ch at se no dk fi pl ru cn jp kr in au ca br mx ie pt nz za il tr gr cz hu ro sg hk tw ar cl eu".split())
@@ -652,7 +657,7 @@ _GLUED_END = re.compile(rf"(?:{_GLUE}|\.)+\Z")
 
 
 def validate_email(value: str) -> int:
-    plain = "@" in value and value.isascii() and not any(c in value for c in " ([{<")
+    plain = "@" in value and value.isascii() and not any(c in value for c in " ([{<\\")
     canon = _SIGNS.sub("@", value if plain else canonical_email(value))
     if canon.count("@") != 1:
         return 0
@@ -681,7 +686,7 @@ def validate_email(value: str) -> int:
     for label in domain.split("."):
         if not label or label.startswith("-") or label.endswith("-"):
             return 0
-    if not plain and (_SPACED_AT.search(value) or _COMMENT_RE.search(value)) and \
+    if not plain and (_SPACED_AT.search(value) or _COMMENT_RE.search(value) or _BRACKETED_A.search(value)) and \
             domain.rpartition(".")[2].lower() not in _COMMON_TLDS:  # (`f(x)@self.weight` is Python)
         return 0
     return len(value)
@@ -1059,7 +1064,7 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             "email",
             # (`@@`: a doubled sign reads as one, `jane@@example.com`)
             # (a comment by the `@` (RFC 5322), which mail ignores: `jane(work)@example.com`)
-            rf"[A-Za-z0-9_%+\-][A-Za-z0-9._%+\-]{{0,63}}+"
+            rf"[A-Za-z0-9_%+\-](?:[A-Za-z0-9._%+\-]|\\\.){{0,63}}+"
             rf"(?:{_COMMENT}?+@{{1,3}}+{_COMMENT}?+|(?:{_GLUE})(?:{_GLUE}|\.){{0,15}}+@{{1,3}}+|{_AT_WORD})"
             # (ends where its top-level domain does: `jane@example.com-thanks`, `…com_`; not before
             # an identifier, `x@self.proj_in` is Python; a longer domain, `example.com-x.org`, is

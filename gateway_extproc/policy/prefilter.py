@@ -217,6 +217,7 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
         (rf"{_WS}(?:at|arroba){_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}"
          rf"(?:{_WS}{{0,16}}(?:[.(\[{{<\"'\-]|dot|period|punto)|&#|&period;)", True),
         (r"[\"']at[\"']", True),
+        (r"[(\[]a[)\]]", True),
         (r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", False),
         # `-at-` (`jane-at-example-dot-com`: a local part of up to 64 characters before it,
         # validate_email) and `-dot-` after an '@' or a written-out one (the '@' fires)
