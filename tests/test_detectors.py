@@ -739,6 +739,15 @@ def test_a_bracketed_a_or_an_escape_alone_is_no_email(text: str) -> None:
     assert found("email", text) == []
 
 
+@pytest.mark.parametrize("text", ["name\tssn\tzip\nJohn Smith\t123456789\t94105", "SSN 123456789 94105",
+                                  "SSN 123456789\n4155550123", "ssn 1980-01-01 123456789", "ssn,zip\n123456789,94105"])
+def test_an_ssn_in_one_run_beside_another_number_is_an_ssn(text: str) -> None:
+    """A table's columns (until 2026-12-07 the next column's number joined the SSN's digits, a
+    number of 14 that is none; the dashed layout already ended before it)."""
+    assert found("us_ssn", text) == ["123456789"]
+    assert found("us_ssn", text.replace("ssn", "ref").replace("SSN", "ref")) == []
+
+
 def test_anthropic_key_is_not_an_openai_key() -> None:
     key = ANTHROPIC_VALID[0]
     assert found("openai_key", f"key {key}") == []

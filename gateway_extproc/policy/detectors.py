@@ -334,10 +334,11 @@ def _identifier_digits(text: str, i: int) -> bool:
 def ssn_start_ok(text: str, start: int) -> bool:
     """Not the tail of a longer number in the same string (an SSN is exactly nine digits; one
     repeated in the next message is another SSN, not the tail of an 18-digit number), unless
-    the digits before belong to an identifier (`A1 123-45-6789`) or the SSN is dashed and only
-    whitespace parts it from them (`7 123-45-6789`: no other number is printed AAA-GG-SSSS,
-    and a digit put before one must not hide it)."""
-    if _DASHED_SSN.match(text, start) and (start == 0 or text[start - 1] in SPACES):
+    the digits before belong to an identifier (`A1 123-45-6789`) or the SSN is dashed, or
+    nine digits in one run, and only whitespace parts it from them (`7 123-45-6789`: no other
+    number is printed AAA-GG-SSSS, and a digit put before one must not hide it; `1980-01-01
+    123456789`, a table's columns)."""
+    if (_DASHED_SSN.match(text, start) or _NINE_DIGITS.match(text, start)) and (start == 0 or text[start - 1] in SPACES):
         return True
     i = start - 1
     while i >= max(0, start - 4) and text[i] in SEP_CHARS:
@@ -529,6 +530,7 @@ def ssn_context_name(name: str) -> bool:
     return _SSN_CONTEXT.search(name.replace("_", " ")) is not None
 _DASHED = "[0-9]{3}-[0-9]{2}-[0-9]{4}"  # the SSN's printed layout, AAA-GG-SSSS
 _DASHED_SSN = re.compile(rf"{_DASHED}(?![0-9]|-[0-9])")
+_NINE_DIGITS = re.compile(r"[0-9]{9}(?![0-9]|[.\-/][0-9])")
 SPACES = " \t\r\n"
 
 
@@ -1094,6 +1096,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                       # the dashed layout ends an SSN before a space and a number (`123-45-6789 0`)
                       # and after a number and whitespace (`7 123-45-6789`: ssn_start_ok)
                       rf"|(?<![0-9])(?<![0-9][.\-/_]){_DASHED}(?![A-Za-z0-9_]|-[0-9])"
+                      # so does a run of nine digits, a column of a pasted table (`123456789\t94105`,
+                      # `SSN 123456789 94105`; until 2026-12-07 the next column joined the number)
+                      rf"|(?<![0-9])(?<![0-9][.\-/_])[0-9]{{9}}(?![A-Za-z0-9_]|[.\-/][0-9])"
                       # and glued to letters as one word (`ssn123-45-6789`, `123-45-6789th`)
                       rf"|(?:[A-Za-z]{{1,16}}+|_){_DASHED}(?:[A-Za-z]{{1,16}}+)?+_?+"
                       rf"(?![A-Za-z0-9_])|{_DASHED}(?:[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
