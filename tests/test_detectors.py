@@ -748,6 +748,18 @@ def test_an_ssn_in_one_run_beside_another_number_is_an_ssn(text: str) -> None:
     assert found("us_ssn", text.replace("ssn", "ref").replace("SSN", "ref")) == []
 
 
+def test_a_github_token_over_two_messages_is_found_and_prose_after_a_token_head_is_not() -> None:
+    """Split over messages it went out until 2026-12-07 (strings are joined by U+001F, which
+    the pieces' pattern did not read past); a token's head and then words (`ghp_abc thanks
+    for the help`) was a token, and blocked the request, until the same day."""
+    token = GITHUB_VALID[0]
+    for strings in ([token[:20], token[20:]], [f"push with {token[:14]}", "user", f"{token[14:]} please"]):
+        assert {f.detector for f in ALL.scan_strings(strings)} == {"github_token"}, strings
+    for text in ("ghp_abc thanks for the help with this issue today", "my token begins ghp_abc\x1fThanks for the "
+                 "quick help with this"):
+        assert found("github_token", text) == []
+
+
 def test_anthropic_key_is_not_an_openai_key() -> None:
     key = ANTHROPIC_VALID[0]
     assert found("openai_key", f"key {key}") == []

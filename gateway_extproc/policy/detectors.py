@@ -871,15 +871,22 @@ _GITHUB_PIECE = re.compile(r"[A-Za-z0-9]+")
 
 def validate_github_token(value: str) -> int:
     """A classic token (`ghp_` and 36 characters) written in pieces a space or a line break
-    apart (until 2026-12-06 such a token went out whole): the pieces up to the one that
-    completes its 36 characters, not a word after them."""
-    if not any(c in " \t\r\n" for c in value):
+    apart (until 2026-12-06 such a token went out whole), or split over two messages (since
+    2026-12-07): the pieces up to the one that completes its 36 characters, not a word after
+    them; with a digit and a letter among them, and no prose (`ghp_abc thanks for the help
+    with this issue`: two words of four letters or more holding a third of them, as for sk-
+    keys, `_key_in_pieces`)."""
+    if not any(c in " \t\r\n\x1f" for c in value):
         return len(value)
     n = 0
+    pieces = []
     for m in _GITHUB_PIECE.finditer(value, 4):
+        pieces.append(m[0])
         n += m.end() - m.start()
         if n >= 36:
-            return m.end()
+            words = [len(p) for p in pieces if len(p) >= 4 and _wordish(p)]
+            prose = len(words) >= 2 and 3 * sum(words) >= n
+            return m.end() if _has_digit_and_letter("".join(pieces)) and not prose else 0
     return 0
 
 
@@ -1048,8 +1055,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
         Detector(
             "github_token", rf"(?:gh[pousr]_[A-Za-z0-9]{{36,251}}+|github_pat_[A-Za-z0-9_]{{22,251}}+){_END}"
-                            # (or its 36 characters in pieces a space or a line break apart)
-                            rf"|gh[pousr]_[A-Za-z0-9]{{1,35}}+(?:(?:[ \t]|\r?\n)[A-Za-z0-9]{{1,35}}+){{1,8}}+",
+                            # (or its 36 characters in pieces a space or a line break apart, or
+                            # over messages: U+001F joins a request's strings)
+                            rf"|gh[pousr]_[A-Za-z0-9]{{1,35}}+(?:(?:[ \t\x1f]|\r?\n)[A-Za-z0-9]{{1,35}}+){{1,8}}+",
             validate_github_token, "GITHUB_TOKEN", "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_)",
         ),
         Detector(
