@@ -449,6 +449,8 @@ def _card_run(value: str) -> bool:
     groups = digit_groups(value)
     digits = "".join(groups)
     sizes = tuple(len(g) for g in groups)
+    if len(sizes) == 2 and sizes[0] <= 3 and sizes[1] >= 12 and value[sizes[0]] in ".,":
+        return False  # a decimal number, `0.2462642446129336` (a float's digits: a valid card 3.6 % of the time)
     if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or sizes in _JOINED_LAYOUTS
                                     or BRIDGE in value) and _card_ok(digits):
         return True
