@@ -733,6 +733,14 @@ def test_an_address_escaped_or_with_a_bracketed_a_is_an_email(text: str, value: 
     assert found("email", text) == [value]
 
 
+@pytest.mark.parametrize("text", ["git clone git@github.com:acme/api.git", "hg@bitbucket.org", "svn@svn.example.com"])
+def test_a_version_control_service_user_is_no_address(text: str) -> None:
+    """An SSH remote's user (`git@github.com:…`) is no person's address: redacted until
+    2026-12-07, code help lost the remote's host."""
+    assert found("email", text) == []
+    assert found("email", text.replace("git@", "jane@").replace("hg@", "jane@").replace("svn@", "jane@")) != []
+
+
 @pytest.mark.parametrize("text", ["see option (a) example.com", "f(a)b.c and g(a)x", "item(a)note.txt",
                                   "the regex \\.com$ matches", "price\\@home"])
 def test_a_bracketed_a_or_an_escape_alone_is_no_email(text: str) -> None:

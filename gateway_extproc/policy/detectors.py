@@ -650,6 +650,7 @@ def canonical_email(value: str) -> str:
     return _DOT_RE.sub(".", _AT_RE.sub("@", _COMMENT_RE.sub("", value)))
 
 
+_VCS_USERS = frozenset({"git", "hg", "svn"})
 _SIGNS = re.compile("@{2,3}")  # (read as one: `jane@@example.com`)
 # A sign glued between a local part and its `@` (`jane!@example.com`, `jane.@example.com`,
 # `jane**@example.com`, `jane€@example.com`): read past, as a reader does (until 2026-12-07 it
@@ -671,6 +672,8 @@ def validate_email(value: str) -> int:
             return 0
         local = local[:glued.start()]
     if len(canon) > 254 or not local or local.startswith(".") or local.endswith(".") or ".." in local:
+        return 0
+    if local.lower() in _VCS_USERS:  # (`git@github.com:acme/api.git`: an SSH remote's service user, no person)
         return 0
     if not plain and _HYPHEN_RE.search(value):
         hyphen_at = "@" not in value and _AT_RE.search(value).group().strip()[:1] == "-"
