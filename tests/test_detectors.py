@@ -634,7 +634,8 @@ SERVICE_VALID = [
     f'AWS_SECRET_ACCESS_KEY = "{rand(ALNUM + "/+", 40)}', "Basic YWRtaW46UzNjcjN0IVBhc3N3MHJk",  # admin:S3cr3t!Passw0rd
 ]
 SERVICE_INVALID = [
-    "sk_live_xxxxxxxxxxxxxxxxxxxxxxxx", "sk_live_XXXXXXXXXXXXXXXXXXXXXXXX", "AIza" + "X" * 35,
+    "sk_live_xxxxxxxxxxxxxxxxxxxxxxxx", "sk_live_XXXXXXXXXXXXXXXXXXXXXXXX", "sk_live_XXXXXXXXXXXXXXXXXXXXX1234",
+    "AIza" + "X" * 35,
     "Basic dXNlcm5hbWU6cGFzc3dvcmQ=",  # username:password, an example
     "Basic information", "basic auth", "hf_hub_download", "npm_config_cache", "glpat-style tokens",
     "secret_access_key = <your key>", "sk_live_" + rand(ALNUM, 12),

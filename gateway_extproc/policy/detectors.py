@@ -436,6 +436,9 @@ def _hex_word(value: str) -> bool:
     return len(value) >= 24 and all(c in string.hexdigits for c in value)
 
 
+_DECIMAL = re.compile(r"[0-9]{1,3}[.,][0-9]{12,}")
+
+
 def _card_run(value: str) -> bool:
     """The whole digit run is a valid card (separators anywhere, but no group over six digits
     unless the run bridges two strings or is a printed layout with separators left out,
@@ -449,7 +452,7 @@ def _card_run(value: str) -> bool:
     groups = digit_groups(value)
     digits = "".join(groups)
     sizes = tuple(len(g) for g in groups)
-    if len(sizes) == 2 and sizes[0] <= 3 and sizes[1] >= 12 and value[sizes[0]] in ".,":
+    if _DECIMAL.fullmatch(value):
         return False  # a decimal number, `0.2462642446129336` (a float's digits: a valid card 3.6 % of the time)
     if 13 <= len(digits) <= 19 and (len(groups) == 1 or max(sizes) <= 6 or sizes in _JOINED_LAYOUTS
                                     or BRIDGE in value) and _card_ok(digits):
@@ -911,7 +914,8 @@ SERVICE_TOKEN = (
     r"|(?i:aws_?)?(?i:secret_?access_?key)[\"']?[ \t]*[:=][ \t]*[\"']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"
     r"|(?i:basic)[ \t]{1,3}+[A-Za-z0-9+/]{4,300}+={0,2}+(?![A-Za-z0-9+/=])"
 )
-_SERVICE_HEAD = re.compile(r"[^_\-.=/]+[_\-.=]|.*[:=][ \t]*[\"']?|(?i:basic)[ \t]+|hooks\.slack\.com/services/")
+_SERVICE_HEAD = re.compile(r"[sr]k_[a-z]+_|xox[a-z]-|xapp-|hooks\.slack\.com/services/|AIza|hf_|api_org_|glpat-|npm_"
+                           r"|SG\.|AccountKey=|.*[:=][ \t]*[\"']?")
 # Basic credentials a reader takes for an example, not a secret (`username:password`).
 _EXAMPLE_PASSWORDS = frozenset({"password", "pass", "passwd", "secret", "pwd", "changeme", "xxx", "***", "..."})
 
