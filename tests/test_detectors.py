@@ -727,10 +727,15 @@ def test_a_jwt_wrapped_over_lines_or_with_a_header_written_by_hand(header: bytes
     ('my $to = "jane.doe\\@example.com";', "jane.doe\\@example.com"),  # Perl
     ("pandoc: jane.doe\\@example.com ok", "jane.doe\\@example.com"),
     ("allowlist: ^jane\\.doe@example\\.com$", "jane\\.doe@example\\.com"),  # a regex
+    ("SELECT CONCAT('jane.doe', '@', 'example.com');", "jane.doe', '@', 'example.com"),
+    ("SELECT 'jane.doe' || '@' || 'example.com';", "jane.doe' || '@' || 'example.com"),
+    ("$to = 'jane.doe' . '@' . 'example.com';", "jane.doe' . '@' . 'example.com"),
+    ('="jane.doe"&"@"&"example.com"', 'jane.doe"&"@"&"example.com'),
     ("Kontakt: jane.doe(a)example.com", "jane.doe(a)example.com"), ("mail: jane.doe[A]example.de.", "jane.doe[A]example.de"),
 ])
 def test_an_address_escaped_or_with_a_bracketed_a_is_an_email(text: str, value: str) -> None:
-    """Until 2026-12-07 these went out: only `\\u`/`\\x` escapes were read, and `(a)` was no `@`."""
+    """Until 2026-12-07 these went out: only `\\u`/`\\x` escapes were read, `(a)` was no `@`, and
+    only `+` put an address together in code."""
     assert found("email", text) == [value]
 
 

@@ -613,8 +613,9 @@ _AT_WORD = (r"(?:\s{0,16}+[(\[{<]\s{0,16}+(?:[Aa][Tt]|@|" + _ARROBA + r")\s{0,16
             r"|\s{1,16}+(?:[Aa][Tt]|" + _ARROBA + r")\s{1,16}+"
             r"|\s{0,16}+[\"'][Aa][Tt][\"']\s{0,16}+"
             # a quoted local part, or an address put together in code (`"jane.doe"@example.com`,
-            # `jane"@"example.com`, `"jane" + "@" + "example.com"`)
-            r"|[\"'](?:\s{0,16}+\+\s{0,16}+[\"'])?+@(?:[\"']\s{0,16}+\+\s{0,16}+)?+[\"']?+"
+            # `jane"@"example.com`, `"jane" + "@" + "example.com"`; and since 2026-12-07 with SQL's
+            # `||` and CONCAT's commas, PHP's `.`, a spreadsheet's `&`)
+            r"|[\"'](?:\s{0,16}+(?:\+|\|\||[.&,])\s{0,16}+[\"'])?+@(?:[\"']\s{0,16}+(?:\+|\|\||[.&,])\s{0,16}+)?+[\"']?+"
             r"|\s{0,16}+@\s{1,16}+|&#0{0,4}+64;|&#[xX]0{0,4}+40;|&commat;"
             # escaped (`jane.doe\@example.com`: Perl's strings, Markdown), or `(a)` glued to both
             # sides (`jane.doe(a)example.com`, a German site's imprint; before a common top-level

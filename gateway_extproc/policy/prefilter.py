@@ -210,7 +210,7 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=160),),  # 30 characters, 4 separators apart
     "email": tuple(_email_trigger(*args) for args in (
         # (`jane { @ } example.com`, `"jane" + "@" + …`: the longer)
-        ("@", False, rf"[\"']{_WS}{{0,16}}\+{_WS}{{0,16}}[\"']"),
+        ("@", False, rf"[\"']{_WS}{{0,16}}(?:\+|\|\||[.&,]){_WS}{{0,16}}[\"']"),
         (rf"[(\[{{<]{_WS}{{0,16}}(?:at|arroba){_WS}{{0,16}}[)\]}}>]", True),
         # a bare ` at ` (` arroba `), a label and any written-out dot after it (`.`, ` dot `,
         # ` period `, ` punto `, ` . `, `(dot)`, `[.]`, `"dot"`, `-dot-`, `&#46;`, `&period;`)
