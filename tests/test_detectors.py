@@ -769,6 +769,8 @@ def test_a_github_token_over_two_messages_is_found_and_prose_after_a_token_head_
     token = GITHUB_VALID[0]
     for strings in ([token[:20], token[20:]], [f"push with {token[:14]}", "user", f"{token[14:]} please"]):
         assert {f.detector for f in ALL.scan_strings(strings)} == {"github_token"}, strings
+    for sep in "-.,_":  # (or cut by a sign: since the same day)
+        assert found("github_token", f"token {token[:20]}{sep}{token[20:]} ok") == [f"{token[:20]}{sep}{token[20:]}"]
     for text in ("ghp_abc thanks for the help with this issue today", "my token begins ghp_abc\x1fThanks for the "
                  "quick help with this"):
         assert found("github_token", text) == []

@@ -876,16 +876,19 @@ def _mixed_case(s: str) -> bool:
 
 
 _GITHUB_PIECE = re.compile(r"[A-Za-z0-9]+")
+# (a space, a tab, a line break, U+001F between strings, or one of `- . , _`: `ghp_Ab12-Cd34…`)
+_GITHUB_SEP = r"[ \t\x1f\-.,_]|\r?\n"
+_GITHUB_SEP_RE = re.compile(_GITHUB_SEP)
 
 
 def validate_github_token(value: str) -> int:
     """A classic token (`ghp_` and 36 characters) written in pieces a space or a line break
-    apart (until 2026-12-06 such a token went out whole), or split over two messages (since
-    2026-12-07): the pieces up to the one that completes its 36 characters, not a word after
+    apart (until 2026-12-06 such a token went out whole), or split over two messages or by
+    `- . , _` (since 2026-12-07): the pieces up to the one that completes its 36 characters, not a word after
     them; with a digit and a letter among them, and no prose (`ghp_abc thanks for the help
     with this issue`: two words of four letters or more holding a third of them, as for sk-
     keys, `_key_in_pieces`)."""
-    if not any(c in " \t\r\n\x1f" for c in value):
+    if _GITHUB_SEP_RE.search(value, 4) is None:
         return len(value)
     n = 0
     pieces = []
@@ -1065,9 +1068,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
         ),
         Detector(
             "github_token", rf"(?:gh[pousr]_[A-Za-z0-9]{{36,251}}+|github_pat_[A-Za-z0-9_]{{22,251}}+){_END}"
-                            # (or its 36 characters in pieces a space or a line break apart, or
-                            # over messages: U+001F joins a request's strings)
-                            rf"|gh[pousr]_[A-Za-z0-9]{{1,35}}+(?:(?:[ \t\x1f]|\r?\n)[A-Za-z0-9]{{1,35}}+){{1,8}}+",
+                            # (or its 36 characters in pieces a space, a line break or a sign
+                            # apart, or over messages: U+001F joins a request's strings)
+                            rf"|gh[pousr]_[A-Za-z0-9]{{1,35}}+(?:(?:{_GITHUB_SEP})[A-Za-z0-9]{{1,35}}+){{1,8}}+",
             validate_github_token, "GITHUB_TOKEN", "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_)",
         ),
         Detector(

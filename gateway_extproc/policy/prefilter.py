@@ -200,7 +200,7 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     "gateway_admin_token": (Trigger(r"gwa_[A-Za-z0-9_\-]{32}", som=False, reach=37, tail=300),),
     "github_token": (Trigger(r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}", som=False, reach=41,
                              tail=252),
-                     Trigger(r"gh[pousr]_[A-Za-z0-9]{1,35}[ \t\r\n\x1f]", som=False, reach=41, tail=300)),
+                     Trigger(r"gh[pousr]_[A-Za-z0-9]{1,35}[ \t\r\n\x1f\-.,_]", som=False, reach=41, tail=300)),
     "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}|(?:AKIA|ASIA)[ .\-_/][A-Z0-9]{4}", som=False, reach=21,
                                tail=24),),
     # (a Basic credential's word fires on "basic " in prose too: a short window each)
