@@ -785,6 +785,16 @@ def test_a_decimal_number_is_no_card(whole: int, fraction: int) -> None:
         assert found("credit_card", text) == []
 
 
+def test_a_key_with_a_line_break_escaped_in_plain_text_is_a_key() -> None:
+    """A config dump's string literal (`api_key='sk-proj-u8jz\\nPde0…'`): until 2026-12-07 the
+    escape ended the key before its 20th character, and it went out."""
+    key = OPENAI_VALID[0]
+    for cut in ("\\n", "\\r\\n", "\\t"):
+        text = f"config dump: api_key='{key[:12]}{cut}{key[12:]}'"
+        assert found_all(text) == [("openai_key", f"{key[:12]}{cut}{key[12:]}")], text
+    assert found_all("the sk-learn\\npackage is fine") == []
+
+
 def test_anthropic_key_is_not_an_openai_key() -> None:
     key = ANTHROPIC_VALID[0]
     assert found("openai_key", f"key {key}") == []

@@ -221,7 +221,7 @@ def test_an_api_key_in_pieces_streams_as_a_whole_text_redacts_it(size: int) -> N
 
 
 @given(st.integers(40, 160), st.lists(st.integers(1, 40), min_size=1, max_size=60),
-       st.sampled_from([" ", "\n", "  ", "\t"]), st.sampled_from(["sk-proj-", "sk-", "sk-ant-api03-"]),
+       st.sampled_from([" ", "\n", "  ", "\t", "\\n", "\\r\\n"]), st.sampled_from(["sk-proj-", "sk-", "sk-ant-api03-"]),
        st.sampled_from([" -- keep it safe", " thanks.", "", " ok 12 Ab"]), st.integers(0, 2**32),
        st.randoms(use_true_random=False))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.large_base_example])

@@ -1019,15 +1019,16 @@ _PRIVATE_KEY = (
 )
 
 _TOKEN = r"[A-Za-z0-9_\-]"
-# An sk- key's pieces after its head, a space or a line break apart (`validate_api_key` reads
-# where they end).
-_KEY_PIECES = rf"(?:(?:[ \t]{{1,3}}+|\r?\n){_TOKEN}{{1,300}}+){{1,200}}+"
+# An sk- key's pieces after its head, a space or a line break apart, or a line break escaped
+# as in a string literal, `\n` (a config dump: `api_key='sk-proj-u8jz\nPde0…'`; since
+# 2026-12-07) (`validate_api_key` reads where they end).
+_KEY_PIECES = rf"(?:(?:[ \t]{{1,3}}+|\r?\n|(?:\\[nrt]){{1,2}}+){_TOKEN}{{1,300}}+){{1,200}}+"
 # Its head, `sk-` or cut (`sk -`, `s k-`; `validate_api_key`).
 _KEY_CUT = r"(?:[ \t]{1,3}+|\r?\n)?+"
 _SK = rf"s{_KEY_CUT}k{_KEY_CUT}-"
 # An sk- key's pattern reading on to the end of a streamed text, or what has arrived of its
 # head (`stream._pending_key` holds it: its check may take it only once more has arrived).
-KEY_ENDING = re.compile(rf"(?<![A-Za-z0-9_]){_SK}{_TOKEN}{{0,300}}+(?:{_KEY_PIECES})?+[ \t\r\n]*+\Z")
+KEY_ENDING = re.compile(rf"(?<![A-Za-z0-9_]){_SK}{_TOKEN}{{0,300}}+(?:{_KEY_PIECES})?+(?:(?:\\[nrt])*+\\?+|[ \t\r\n]*+)\Z")
 KEY_HEAD_ENDING = re.compile(rf"(?<![A-Za-z0-9_])s{_KEY_CUT}(?:k{_KEY_CUT})?\Z")
 # The end of a text: of the string, or of one string of a request joined with others.
 _EOT = r"(?=\x1f|\Z)"

@@ -178,7 +178,7 @@ _IBAN_CC = "AD|AE|AL|AT|AZ|BA|BE|BG|BH|BR|CH|CR|CY|CZ|DE|DK|DO|EE|ES|FI|FO|FR|GB
 # a word (`risk-based `, `task-level `) it would fire on prose.
 # (A key's 300 characters, then up to 200 pieces of 300 and their separators of up to 3.)
 _KEY_TAIL = 300 + 200 * 303
-_KEY_HEAD = Trigger(r"(?:^|[^A-Za-z0-9_\-])sk-[A-Za-z0-9_\-]{0,19}(?:[ \t]{1,3}|\r?\n)[A-Za-z0-9_\-]", som=False,
+_KEY_HEAD = Trigger(r"(?:^|[^A-Za-z0-9_\-])sk-[A-Za-z0-9_\-]{0,19}(?:[ \t]{1,3}|\r?\n|(?:\\[nrt]){1,2})[A-Za-z0-9_\-]", som=False,
                     reach=27, tail=_KEY_TAIL)
 # (and a head cut itself: `sk -proj-…`, `s k-…`)
 _KEY_CUT_HEAD = Trigger(r"(?:^|[^A-Za-z0-9_\-])s(?:(?:[ \t]{1,3}|\r?\n)k(?:[ \t]{1,3}|\r?\n)?|k(?:[ \t]{1,3}|\r?\n))-",
