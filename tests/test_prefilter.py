@@ -367,3 +367,21 @@ def test_number_word_layouts_same_hits(words: list[tuple[str, str]], pad: int) -
     scanner = SCANNERS["default"]
     v = _padded("SSN " + "".join(w + sep for w, sep in words).rstrip(" ,-\t\n\x1f"), pad, 30)
     assert scanner._all_hits(v) == full(scanner, v)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=12),
+       st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!@#$%", min_size=2, max_size=24),
+       st.integers(0, 600), st.sampled_from(["Authorization: Basic ", "-H 'authorization: basic ", "BASIC\t"]))
+def test_basic_credentials_and_service_tokens_same_hits_in_a_long_text(user: str, password: str, pad: int,
+                                                                       head: str) -> None:
+    """The prefilter's triggers for `service_token` fire on no English word after "basic"
+    (`basic idea`), on no identifier that only begins like a token (`hf_hub_download`), and
+    on no `(a)` that opens a list: each such window cost the regex ~50 us. They still give
+    the regex every credential it finds alone."""
+    scanner = SCANNERS["default"]
+    credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+    v = "\n" + "The basic idea (a) is hf_hub_download. " * (pad // 40) + head + credentials + " ok"
+    assert scanner._all_hits(v) == full(scanner, v)
+    prose = "\n" + "The basic idea is simple: see (a) and [a], call hf_hub_download and npm_config_cache. " * 8
+    assert scanner._prefilter.windows(prose, scanner._worth_decoding) == []

@@ -204,9 +204,18 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}|(?:AKIA|ASIA)[ .\-_/][A-Z0-9]{4}", som=False, reach=21,
                                tail=24),),
     # (a Basic credential's word fires on "basic " in prose too: a short window each)
-    "service_token": (Trigger(r"[sr]k_(?:live|test|prod)_|xox[abeoprs]-|xapp-|hooks\.slack\.com/services/|AIza"
-                              r"|hf_|api_org_|glpat-|npm_|SG\.|AccountKey=", som=False, reach=26, tail=330),
-                      Trigger(r"secret_?access_?key|basic[ \t]", som=False, reach=21, tail=320, caseless=True)),
+    # (each service's prefix and as much of its token as every match holds: a prefix alone
+    # fires on identifiers, `hf_hub_download`, `npm_config_cache`, and each window costs the
+    # regex ~50 us; HTTP Basic credentials from the first capital, digit or sign past their
+    # base64's first character, which no word after "basic" in prose has ("basic" alone fired
+    # on every "basic idea"; `user:password` encodes so whenever the password has 2 characters)
+    "service_token": (Trigger(r"[sr]k_(?:live|test|prod)_[A-Za-z0-9]{20}|xox[abeoprs]-[0-9]{6}|xapp-[0-9]-"
+                              r"|hooks\.slack\.com/services/T|AIza[0-9A-Za-z_\-]{35}|(?:hf|api_org)_[A-Za-z]{34}"
+                              r"|glpat-[0-9A-Za-z_\-]{20}|npm_[A-Za-z0-9]{36}|SG\.[A-Za-z0-9_\-]{22}\."
+                              r"|AccountKey=[A-Za-z0-9+/]{86}", som=False, reach=99, tail=330),
+                      Trigger(r"secret_?access_?key", som=False, reach=21, tail=80, caseless=True),
+                      Trigger(r"[Bb][Aa][Ss][Ii][Cc][ \t]{1,3}[A-Za-z0-9+/][A-Za-z0-9+/]*[A-Z0-9+/=]", som=False,
+                              reach=312, tail=300)),
     "iban": (Trigger(r"[^A-Za-z0-9_][A-Za-z]{2}[0-9]{2}", som=False, reach=5, tail=160),),  # 30 characters, 4 separators apart
     "email": tuple(_email_trigger(*args) for args in (
         # (`jane { @ } example.com`, `"jane" + "@" + …`: the longer)
@@ -217,7 +226,7 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
         (rf"{_WS}(?:at|arroba){_WS}{{1,16}}[A-Za-z0-9\-]{{1,63}}"
          rf"(?:{_WS}{{0,16}}(?:[.(\[{{<\"'\-]|dot|period|punto)|&#|&period;)", True),
         (r"[\"']at[\"']", True),
-        (r"[(\[]a[)\]]", True),
+        (r"[A-Za-z0-9_%+\-][(\[]a[)\]][A-Za-z0-9]", True),  # (glued: `(a)` alone opens lists)
         (r"&#0{0,4}64;|&#[xX]0{0,4}40;|&commat;", False),
         # `-at-` (`jane-at-example-dot-com`: a local part of up to 64 characters before it,
         # validate_email) and `-dot-` after an '@' or a written-out one (the '@' fires)
