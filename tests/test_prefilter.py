@@ -377,11 +377,13 @@ def test_basic_credentials_and_service_tokens_same_hits_in_a_long_text(user: str
                                                                        head: str) -> None:
     """The prefilter's triggers for `service_token` fire on no English word after "basic"
     (`basic idea`), on no identifier that only begins like a token (`hf_hub_download`), and
-    on no `(a)` that opens a list: each such window cost the regex ~50 us. They still give
+    on no `(a)` that opens a list, on no word holding a hand-written JWT header's head
+    (`reworking`: `ewo`): each such window cost the regex ~50 us. They still give
     the regex every credential it finds alone."""
     scanner = SCANNERS["default"]
     credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
     v = "\n" + "The basic idea (a) is hf_hub_download. " * (pad // 40) + head + credentials + " ok"
     assert scanner._all_hits(v) == full(scanner, v)
-    prose = "\n" + "The basic idea is simple: see (a) and [a], call hf_hub_download and npm_config_cache. " * 8
+    prose = "\n" + "The basic idea is simple: see (a) and [a], call hf_hub_download and npm_config_cache, " \
+                   "reworking it. " * 8
     assert scanner._prefilter.windows(prose, scanner._worth_decoding) == []

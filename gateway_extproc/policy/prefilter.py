@@ -193,7 +193,9 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
     # it the regex takes the header and the base64 lines up to the first indented or blank one)
     "private_key": (Trigger("----BEGIN", som=False, reach=11, tail=MAX_KEY_BODY + 2 * 80),
                     Trigger("Private-Lines:", som=False, reach=15, tail=MAX_KEY_BODY)),
-    "jwt": (Trigger(r"e(?:yJ|yA|wo|w0K|wk)[A-Za-z0-9_\-]{5}", som=False, reach=10),),
+    # (a header written by hand, `eyA`, `ewo`…, after a boundary only: `reworking` holds `ewo`)
+    "jwt": (Trigger(r"eyJ[A-Za-z0-9_\-]{5}|(?:^|[^A-Za-z0-9_])e(?:yA|wo|w0K|wk)[A-Za-z0-9_\-]{5}", som=False,
+                    reach=11),),
     "anthropic_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=_KEY_TAIL), _KEY_HEAD, _KEY_CUT_HEAD),
     "openai_key": (Trigger(r"sk-[A-Za-z0-9_\-]{20}", som=False, reach=24, tail=_KEY_TAIL), _KEY_HEAD, _KEY_CUT_HEAD),
     "gateway_key": (Trigger(r"gwk_[a-z0-9]", som=False, reach=6, tail=370),),
