@@ -884,11 +884,11 @@ _GITHUB_SEP_RE = re.compile(_GITHUB_SEP)
 def validate_github_token(value: str) -> int:
     """A classic token (`ghp_` and 36 characters) written in pieces a space or a line break
     apart (until 2026-12-06 such a token went out whole), or split over two messages or by
-    `- . , _` (since 2026-12-07): the pieces up to the one that completes its 36 characters, not a word after
-    them; with a digit and a letter among them, and no prose (`ghp_abc thanks for the help
-    with this issue`: two words of four letters or more holding a third of them, as for sk-
-    keys, `_key_in_pieces`)."""
-    if _GITHUB_SEP_RE.search(value, 4) is None:
+    `- . , _` (since 2026-12-07): the pieces up to the one that completes its 36 characters,
+    not a word after them; with a digit and a letter among them, and no prose (`ghp_abc
+    thanks for the help with this issue`: two words of four letters or more holding a third
+    of them, as for sk- keys, `_key_in_pieces`). A `github_pat_` token is read whole."""
+    if value.startswith("github_pat_") or _GITHUB_SEP_RE.search(value, 4) is None:
         return len(value)
     n = 0
     pieces = []
