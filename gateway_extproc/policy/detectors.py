@@ -842,10 +842,16 @@ def _key_in_pieces(value: str, start: int) -> int:
         return 0
     taken = [m[0] for m in found[:k]]
     key = "".join(taken)
-    words = [len(p) for p in taken[taken[0].endswith("-"):] if len(p) >= 4 and _wordish(p)]
-    prose = len(words) >= 2 and 3 * sum(words) >= len(key)
+    prose = _reads_as_prose(taken[taken[0].endswith("-"):], len(key))
     ok = len(key) >= KEY_PIECES_MIN and not prose and sum(c.isdigit() for c in key) >= 3
     return found[k - 1].end() if ok and _mixed_case(key) else 0
+
+
+def _reads_as_prose(pieces: list[str], length: int) -> bool:
+    """Two words of four characters or more (`_wordish`) holding a third of a key's `length`
+    characters: prose after a key's head, not a key in pieces."""
+    words = [len(p) for p in pieces if len(p) >= 4 and _wordish(p)]
+    return len(words) >= 2 and 3 * sum(words) >= length
 
 
 def _wordish(piece: str) -> bool:
@@ -896,9 +902,7 @@ def validate_github_token(value: str) -> int:
         pieces.append(m[0])
         n += m.end() - m.start()
         if n >= 36:
-            words = [len(p) for p in pieces if len(p) >= 4 and _wordish(p)]
-            prose = len(words) >= 2 and 3 * sum(words) >= n
-            return m.end() if _has_digit_and_letter("".join(pieces)) and not prose else 0
+            return m.end() if _has_digit_and_letter("".join(pieces)) and not _reads_as_prose(pieces, n) else 0
     return 0
 
 
@@ -941,16 +945,20 @@ def validate_service_token(value: str) -> int:
     return _whole(classes >= 2 and len(set(body)) >= 8, value)
 
 
+# A line break, or one escaped as in a JSON string (`\n`, `\r\n`): a wrapped JWT's, a private
+# key's base64 lines.
+_BREAK_OR_ESCAPED = r"(?:\r?\n|(?:\\r)?\\n)"
+
+
 # A JWT's header is JSON, `{"` in base64url (`eyJ`), or `{` and a space or a line break
 # (`eyA`, `ewo`, `ew0K`, `ewk`: a header written by hand or pretty-printed). Its header and
 # payload may be wrapped over lines (a terminal's or an e-mail's width), or over line breaks
 # escaped as in a JSON string (`\n`); each break is dropped before the header is decoded.
 _JWT_HEAD = r"e(?:yJ|yA|wo|w0K|wk)"
 _JWT_CHAR = r"[A-Za-z0-9_\-]"
-_JWT_WRAP = r"(?:\r?\n|(?:\\r)?\\n)"
 # (a break cut off by the end of a stream's text so far: `\`, `\r`, `\r\`, CR)
-_JWT_SEG = rf"(?:{_JWT_CHAR}|{_JWT_WRAP}(?={_JWT_CHAR}|\Z)|(?:\r|\\(?:r\\?)?)\Z)"
-_JWT_BREAKS = re.compile(_JWT_WRAP)
+_JWT_SEG = rf"(?:{_JWT_CHAR}|{_BREAK_OR_ESCAPED}(?={_JWT_CHAR}|\Z)|(?:\r|\\(?:r\\?)?)\Z)"
+_JWT_BREAKS = re.compile(_BREAK_OR_ESCAPED)
 
 
 def validate_jwt(value: str) -> int:
@@ -1013,7 +1021,7 @@ _PRIVATE_KEY = (
     # cut off before END, at the end of the text: base64, armor header and partial END lines
     r"|(?:\r?\n(?:[A-Za-z0-9+/=]{0,100}+|[A-Za-z][A-Za-z0-9\-]{0,30}: [ -~]{0,100}+|-[A-Z \-]{0,45}+)"
     r"(?=[\r\n\x1f]|\Z))*+\r?(?=\x1f|\Z)"
-    r"|(?:(?:\r?\n|(?:\\r)?\\n)[A-Za-z0-9+/=]{1,100}+)++)"  # no END at all: the base64 lines that follow
+    rf"|(?:{_BREAK_OR_ESCAPED}[A-Za-z0-9+/=]{{1,100}}+)++)"  # no END at all: the base64 lines that follow
     # a PuTTY key file's private lines
     r"|Private-Lines: {0,3}[0-9]{1,3}(?:\r?\n[A-Za-z0-9+/=]{1,100}+)++"
 )
@@ -1041,8 +1049,8 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                  "PEM/OpenSSH/PGP private key block, PuTTY key file, bare DER key in base64"),
         Detector(
             "jwt",
-            rf"{_JWT_HEAD}{_JWT_SEG}{{5,2048}}+(?:{_JWT_WRAP}?\.{_JWT_WRAP}?{_JWT_SEG}{{0,8192}}+"
-            rf"(?:{_JWT_WRAP}?\.{_JWT_CHAR}{{0,2048}}+(?!{_JWT_CHAR})|(?=\x1f|\Z))|(?=\x1f|\Z))",
+            rf"{_JWT_HEAD}{_JWT_SEG}{{5,2048}}+(?:{_BREAK_OR_ESCAPED}?\.{_BREAK_OR_ESCAPED}?{_JWT_SEG}{{0,8192}}+"
+            rf"(?:{_BREAK_OR_ESCAPED}?\.{_JWT_CHAR}{{0,2048}}+(?!{_JWT_CHAR})|(?=\x1f|\Z))|(?=\x1f|\Z))",
             validate_jwt, "JWT", "JSON Web Token (header decodes to JSON with alg)",
         ),
         Detector(
