@@ -795,6 +795,26 @@ def test_a_key_with_a_line_break_escaped_in_plain_text_is_a_key() -> None:
     assert found_all("the sk-learn\\npackage is fine") == []
 
 
+def test_an_api_key_over_two_messages_is_found_whole_and_prose_after_a_key_is_not() -> None:
+    """Split over messages (strings are joined by U+001F) an sk- key went out until
+    2026-12-08: unseen when its first part held under 20 characters, else only that part was
+    found and the rest went out (a role string between the two is left out of the finding)."""
+    for key in OPENAI_VALID[10:13] + ANTHROPIC_VALID[:3]:
+        for cut in (3, 8, 15, 30):
+            for strings in ([key[:cut], key[cut:]], [f"my key is {key[:cut]} ", "user", f" {key[cut:]} thanks"],
+                            [f"key:\n{key[:cut]}\n", f"\n{key[cut:]}"]):
+                hits = ALL.scan_strings(strings)
+                # (`sk-` alone, then `ant-…`: found as an OpenAI key, blocked all the same)
+                assert {f.detector for f in hits} in ({"openai_key"}, {"anthropic_key"}), strings
+                assert "".join(strings[f.index][f.start:f.end] for f in hits).replace(" ", "").replace("\n", "") \
+                    == key, (strings, hits)
+    for strings in (["we use sk-learn", "Models trained in 2024 across the EMEA regions"],
+                    ["which is better, sk-", "learn or torch for this small tabular data set?"],
+                    [OPENAI_VALID[0], "Thanks for the help, what does this error mean?"]):
+        assert [strings[f.index][f.start:f.end] for f in ALL.scan_strings(strings)] == \
+            [s for s in strings if s.startswith("sk-") and len(s) > 30], strings
+
+
 def test_anthropic_key_is_not_an_openai_key() -> None:
     key = ANTHROPIC_VALID[0]
     assert found("openai_key", f"key {key}") == []

@@ -872,7 +872,7 @@ WORD_RUN_BITS = 12
 _WORD = re.compile(r"[A-Z]?[a-z]*|[A-Z]*")
 _WORD_JOINS = re.compile(r"[_\-]")
 KEY_PIECES_MIN = 40
-_KEY_PIECE = re.compile(r"[^ \t\r\n]+")
+_KEY_PIECE = re.compile(r"[^ \t\r\n\x1f]+")
 # How an sk- key's pattern begins (`sk-`, or cut: `s k -`): the validators read the rest.
 _SK_HEAD = re.compile(r"s[ \t\r\n]*k[ \t\r\n]*-")
 
@@ -1027,10 +1027,14 @@ _PRIVATE_KEY = (
 )
 
 _TOKEN = r"[A-Za-z0-9_\-]"
+# Where one of a request's strings ends and the next begins (`BRIDGE` joins them), spaces or
+# a line break around it: a key split over two messages.
+_JOINT = r"[ \t\r\n]{0,3}+\x1f[ \t\r\n]{0,3}+"
 # An sk- key's pieces after its head, a space or a line break apart, or a line break escaped
 # as in a string literal, `\n` (a config dump: `api_key='sk-proj-u8jz\nPde0…'`; since
-# 2026-12-07) (`validate_api_key` reads where they end).
-_KEY_PIECES = rf"(?:(?:[ \t]{{1,3}}+|\r?\n|(?:\\[nrt]){{1,2}}+){_TOKEN}{{1,300}}+){{1,200}}+"
+# 2026-12-07), or over two of a request's strings (`_JOINT`; since 2026-12-08)
+# (`validate_api_key` reads where they end).
+_KEY_PIECES = rf"(?:(?:[ \t]{{1,3}}+|\r?\n|(?:\\[nrt]){{1,2}}+|{_JOINT}){_TOKEN}{{1,300}}+){{1,200}}+"
 # Its head, `sk-` or cut (`sk -`, `s k-`; `validate_api_key`).
 _KEY_CUT = r"(?:[ \t]{1,3}+|\r?\n)?+"
 _SK = rf"s{_KEY_CUT}k{_KEY_CUT}-"

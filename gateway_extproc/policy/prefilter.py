@@ -174,12 +174,13 @@ def _email_trigger(expression: str, caseless: bool, before: str = "") -> Trigger
 _IBAN_CC = "AD|AE|AL|AT|AZ|BA|BE|BG|BH|BR|CH|CR|CY|CZ|DE|DK|DO|EE|ES|FI|FO|FR|GB|GE|GI|GL|GR|GT|HR|HU|IE|IL|IS|IT|JO|" \
            "KW|KZ|LB|LI|LT|LU|LV|MC|MD|ME|MK|MR|MT|MU|NL|NO|PK|PL|PS|PT|QA|RO|RS|SA|SE|SI|SK|SM|TN|TR|UA|VG|XK"
 
-# An sk- key's short head and its next piece (`detectors._KEY_PIECES`), at a word's start: inside
-# a word (`risk-based `, `task-level `) it would fire on prose.
+# An sk- key's short head and its next piece (`detectors._KEY_PIECES`: in the same string or the
+# next one), at a word's start: inside a word (`risk-based `, `task-level `) it would fire on prose.
 # (A key's 300 characters, then up to 200 pieces of 300 and their separators of up to 3.)
 _KEY_TAIL = 300 + 200 * 303
-_KEY_HEAD = Trigger(r"(?:^|[^A-Za-z0-9_\-])sk-[A-Za-z0-9_\-]{0,19}(?:[ \t]{1,3}|\r?\n|(?:\\[nrt]){1,2})[A-Za-z0-9_\-]", som=False,
-                    reach=27, tail=_KEY_TAIL)
+_KEY_HEAD = Trigger(r"(?:^|[^A-Za-z0-9_\-])sk-[A-Za-z0-9_\-]{0,19}"
+                    r"(?:[ \t]{1,3}|\r?\n|(?:\\[nrt]){1,2}|[ \t\r\n]{0,3}\x1f[ \t\r\n]{0,3})[A-Za-z0-9_\-]", som=False,
+                    reach=31, tail=_KEY_TAIL)
 # (and a head cut itself: `sk -proj-…`, `s k-…`)
 _KEY_CUT_HEAD = Trigger(r"(?:^|[^A-Za-z0-9_\-])s(?:(?:[ \t]{1,3}|\r?\n)k(?:[ \t]{1,3}|\r?\n)?|k(?:[ \t]{1,3}|\r?\n))-",
                         som=False, reach=10, tail=_KEY_TAIL)

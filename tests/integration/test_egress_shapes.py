@@ -210,7 +210,7 @@ def test_other_services_tokens_and_a_bare_der_key_reach_no_provider_and_no_clien
 
 def test_an_api_key_in_short_pieces_reaches_no_provider(gw: Gateway) -> None:
     """Went out whole until 2026-12-07 unless its first piece held 20 characters; cut in
-    pieces of two, or after its `s`, until later that day."""
+    pieces of two, or after its `s`, until later that day; over two messages until 2026-12-08."""
     key = "sk-proj-" + "Ab12cdEf34GhIj56KlMn78OpQr90StUv12WxYz34" * 2
     anthropic = "sk-ant-api03-" + "Ab12cdEf34GhIj56KlMn78OpQr90StUv12WxYz34-_" * 2
     refused(gw, [f"use {' '.join(key[i:i + 10] for i in range(0, len(key), 10))} for the call",
@@ -218,6 +218,13 @@ def test_an_api_key_in_short_pieces_reaches_no_provider(gw: Gateway) -> None:
                  f"key: {key[:15]}  {key[15:40]}  {key[40:]} thanks",
                  f"use {' '.join(key[i:i + 2] for i in range(0, len(key), 2))} for the EMEA region in Q3 2024",
                  f"key: s k -{key[3:]} thanks", f"key: sk\t-{anthropic[3:]}"], "content_blocked")
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    for cut in (8, 30):  # over two messages (until 2026-12-08: unseen, or its second part went out)
+        with pytest.raises(openai.PermissionDeniedError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"my key {key[:cut]}"},
+                                                                  {"role": "user", "content": key[cut:]}])
+        assert e.value.code == "content_blocked"
+    assert gw.received(gw.primary) + gw.received(gw.backup) == []
 
 
 @pytest.mark.parametrize("size", [6, 1, 2])
