@@ -945,11 +945,27 @@ class EmbeddingsGuard:
 # one (floats, or base64 of float32 bytes); text a provider writes there is read like any.
 _NOT_EMBEDDED_TEXT = BINARY_KEYS
 
-# Answer headers that only Envoy or the gateway write (or whose values are HTTP's own syntax):
-# not a provider's text. Every other answer header is.
-_OWN_HEADERS = frozenset({"content-type", "content-length", "date", "server", "transfer-encoding", "connection",
-                          "cache-control", "x-request-id", "x-envoy-upstream-service-time", "retry-after", "vary"})
-_OWN_PREFIXES = (":", "x-gateway-", "x-ratelimit-", "x-envoy-")
+# Answer headers whose value the client never gets from the provider: Envoy writes them
+# (`server`, the status, the framing; `x-gateway-backend` from the endpoint's metadata) or
+# checks them as numbers. Every other header is a provider's text, `cache-control`, `vary`,
+# `retry-after`, `x-ratelimit-*` and `x-gateway-*` names included (until 2026-12-08 those went
+# out unread); a content type or a `date` (Envoy passes the provider's on) only when it is one
+# of the forms that hold no value (`_ANSWER_TYPES`, `_HTTP_DATE`).
+_OWN_HEADERS = frozenset({":status", "content-length", "transfer-encoding", "connection", "server",
+                          "x-envoy-upstream-service-time", "x-gateway-backend"})
+_ANSWER_TYPES = frozenset({"application/json", "application/json; charset=utf-8", "text/event-stream",
+                           "text/event-stream; charset=utf-8", "application/vnd.amazon.eventstream"})
+_HTTP_DATE = re.compile(r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{2} (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+                        r"[0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT")
+
+
+def _provider_text(name: str, value: str) -> bool:
+    """Whether an answer header's value is a provider's text the client reads (`_OWN_HEADERS`)."""
+    if name == "content-type":
+        return value.lower() not in _ANSWER_TYPES
+    if name == "date":
+        return _HTTP_DATE.fullmatch(value) is None
+    return name not in _OWN_HEADERS
 
 
 def withheld_headers(policy: Policy, params: DecisionParams, team: str, headers: dict[str, str]) -> tuple[str, ...]:
@@ -957,7 +973,7 @@ def withheld_headers(policy: Policy, params: DecisionParams, team: str, headers:
     (a debug header echoing the prompt, a `www-authenticate` quoting an address): a header is
     text the client reads like the body. A value cannot be cut out of a header safely, so the
     header is not forwarded."""
-    named = [(k, v) for k, v in headers.items() if k not in _OWN_HEADERS and not k.startswith(_OWN_PREFIXES)]
+    named = [(k, v) for k, v in headers.items() if _provider_text(k, v)]
     if not named:
         return ()
     strings = [text for k, v in named for text in (k, v)]
