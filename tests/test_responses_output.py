@@ -415,6 +415,32 @@ def test_json_every_text_of_the_output_is_redacted_in_one_pass() -> None:
     assert g.logged_response() == "the card [CREDIT_CARD_1]"
 
 
+BETWEEN = {"function_call": orjson.dumps({"query": "look up the account " + "and its billing history " * 4}).decode(),
+           "reasoning": "Considering which account to use; the billing lookup comes first, then the reply.",
+           "refusal": "I can't share more than this about the account."}
+
+
+@pytest.mark.parametrize("kind", sorted(BETWEEN))
+def test_a_value_split_over_two_messages_with_another_item_between_them_never_leaves(kind: str) -> None:
+    """The openai SDK's `output_text` joins every message's text, skipping other items: a card
+    split over two messages with a tool call or a reasoning summary between them went out whole,
+    as JSON and streamed, until 2026-12-08 (without the item between, it was redacted)."""
+    first, second = "Your card number is 4111 1111", " 1111 1111, as requested."
+    items = [("message", first), (kind, BETWEEN[kind]), ("message", second)]
+    if kind != "refusal":  # (JSON: a refusal part between two texts still parts them, docs/classification.md)
+        out = guard().json_body(json_answer(items))
+        assert out is not None and leaks(out.decode()) == []
+        sent = orjson.loads(out)["output"]
+        assert [i["type"] for i in sent] == ["message", kind, "message"]
+        assert [item_text(i) for i in sent] == ["Your card number is [CREDIT_CARD_1]", BETWEEN[kind],
+                                                " [CREDIT_CARD_1], as requested."]
+    for framing in (None, *SSE_FRAMINGS):
+        streamed, _ = run(wire(provider_events([(k, [t[:9], t[9:]]) for k, t in items]), framing), [])
+        assert leaks(streamed.decode()) == [], framing
+        events = [e for _, e in read(streamed)]
+        assert events[-1]["type"] == "response.incomplete" and events[-1]["response"]["output"] == []
+
+
 def test_json_a_clean_answer_goes_out_unchanged() -> None:
     assert guard().json_body(json_answer([("message", "all fine here")])) is None
 

@@ -48,6 +48,8 @@ _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.fa
 # large): not scanned again while they hold what the request sent (`ResponsesGuard.sent`); a
 # provider that writes anything else there is scanned like any other field.
 _ECHOES = frozenset({"instructions", "tools", "tool_choice", "text", "reasoning", "prompt", "metadata", "input"})
+# The deltas of a message's text (`Key`'s kind).
+_MESSAGE_TEXT = "response.output_text"
 # The part index of a text, beside its output item's `output_index`.
 _PART_INDEXES = ("content_index", "summary_index", "command_index")
 FILTERED = {"reason": "content_filter"}
@@ -72,7 +74,7 @@ class ResponsesGuard:
     """Scans a Responses API answer: a whole JSON body, or its SSE events."""
 
     __slots__ = ("policy", "params", "team", "sent", "windows", "known", "head", "seq", "ended", "response_text",
-                 "clean", "seam", "deferred", "last", "tails", "resumed", "unreadable")
+                 "clean", "seam", "deferred", "last", "tails", "resumed", "unreadable", "text_tail")
 
     def __init__(self, policy: Policy, params: DecisionParams, team: str, sent: dict[str, Any] | None = None) -> None:
         """`sent`: the request as forwarded (classified), whose echoes need no second scan."""
@@ -104,6 +106,10 @@ class ResponsesGuard:
         # each item's text reads them; decided once the text has been seen past its hold-back.
         self.tails: dict[Key, str] = {}
         self.resumed: dict[Key, Seam] = {}
+        # The last message text closed and its held tail, as it went out: the openai SDK's
+        # `output_text` joins message texts whatever items come between them (a tool call, a
+        # reasoning summary), so the next message text is read on from it (`resumed`).
+        self.text_tail: tuple[Key, str] | None = None
 
     # -- JSON ----------------------------------------------------------------------------
 
@@ -118,7 +124,11 @@ class ResponsesGuard:
             raise GatewayError("provider_error", UNREADABLE)
         dropped = _drop_logprobs(output)
         fields = [f for f in body if not self._echo(body, f)]
-        values = [body[f] for f in fields]
+        # The message items first, in their order: the openai SDK's `output_text` joins their
+        # texts, so a value split over two of them is one even with a tool call or a reasoning
+        # item between them (until 2026-12-08 it went out whole then); put back in place after.
+        order = sorted(range(len(output)), key=lambda i: not _is_message(output[i]))
+        values = [[output[i] for i in order] if f == "output" else body[f] for f in fields]
         read = read_json(self.policy.scanner, values)
         if isinstance(read, LimitExceeded):
             log.warning("response_unreadable", reason=read.reason)
@@ -131,7 +141,10 @@ class ResponsesGuard:
         if decision is not None and (decision.block or decision.redact):
             # A block empties the output; a blocked value elsewhere (an error message) is
             # replaced by its placeholder, like redacted ones.
-            body.update(zip(fields, rewritten(values, read, decision.replaced)))
+            for f, value in zip(fields, rewritten(values, read, decision.replaced)):
+                if f == "output":
+                    value = [v for _, v in sorted(zip(order, value), key=lambda pair: pair[0])]
+                body[f] = value
             if decision.block:
                 body.update(output=[], status="incomplete", incomplete_details=dict(FILTERED))
                 if "output_text" in body:
@@ -223,6 +236,10 @@ class ResponsesGuard:
         fresh = window is None or window.redactor.done
         if fresh and key in self.tails:  # the text goes on after another one: read across its pause
             self.resumed[key] = Seam([self.tails.pop(key), ""], [key, key])
+        if fresh and kind == _MESSAGE_TEXT and self.text_tail is not None:
+            if self.text_tail[0] != key and key not in self.resumed:  # (the next message text)
+                self.resumed[key] = Seam([self.text_tail[1], ""], [key, key])
+            self.text_tail = None
         if fresh:  # a new text (or text after its close)
             # The event's other fields (ids, indexes) as every delta of this text will carry
             # them: scanned once.
@@ -265,7 +282,7 @@ class ResponsesGuard:
     def _sent(self, key: Key, window: _Window, text: str) -> bytes:
         """A delta event carrying `text` (scanned) of one window."""
         window.sent.append(text)
-        if key[0] == "response.output_text":
+        if key[0] == _MESSAGE_TEXT:
             self._keep(text)
         obj = {**window.template, "delta": text}
         if "logprobs" in obj:
@@ -304,6 +321,8 @@ class ResponsesGuard:
         if text:
             out.append(self._sent(key, window, text))
         self.known["".join(window.raw)] = "".join(window.sent)
+        if tail and key[0] == _MESSAGE_TEXT:
+            self.text_tail = (key, tail)
         if tail and not joined:  # the next text may go on with it: what goes out from here waits (`sse_event`)
             self.seam = Seam([tail, ""], [key, None])
         return b"".join(out)
@@ -494,6 +513,10 @@ def _drop_logprobs(values: list[Any]) -> bool:
                 if isinstance(value.get(field), (list, dict)):
                     stack.append(value[field])
     return dropped
+
+
+def _is_message(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("type") == "message"
 
 
 def _output_text(output: list[Any]) -> str:

@@ -486,3 +486,53 @@ def test_an_answer_with_headers_near_envoys_limit_is_a_provider_error_not_the_ga
     usd, _ = spent(gw, key)
     assert usd > 0  # the provider processed it: never charged $0
     assert post(gw, {}, model=model, stream=stream).status_code == 200
+
+
+def responses_items(first: str, between: dict[str, Any], second: str) -> list[dict[str, Any]]:
+    def message(i: int, text: str) -> dict[str, Any]:
+        return {"type": "message", "id": f"msg_{i}", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return [message(0, first), between, message(2, second)]
+
+
+def responses_events(items: list[dict[str, Any]]) -> list[bytes]:
+    """OpenAI's event sequence for these items (message texts and function-call arguments streamed)."""
+    head = {"id": "resp_1", "object": "response", "created_at": 1, "model": "m", "output": []}
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": {**head, "status": "in_progress"}}]
+    for i, item in enumerate(items):
+        at = {"item_id": item["id"], "output_index": i}
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            events += [{"type": "response.output_item.added", "output_index": i, "item": {**item, "content": []}},
+                       {"type": "response.output_text.delta", **at, "content_index": 0, "delta": text},
+                       {"type": "response.output_text.done", **at, "content_index": 0, "text": text}]
+        else:
+            events += [{"type": "response.output_item.added", "output_index": i, "item": {**item, "arguments": ""}},
+                       {"type": "response.function_call_arguments.delta", **at, "delta": item["arguments"]},
+                       {"type": "response.function_call_arguments.done", **at, "arguments": item["arguments"]}]
+        events.append({"type": "response.output_item.done", "output_index": i, "item": item})
+    events.append({"type": "response.completed", "response": {**head, "status": "completed", "output": items,
+                                                             "usage": {"input_tokens": 5, "output_tokens": 30,
+                                                                       "total_tokens": 35}}})
+    return [b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps({**e, "sequence_number": n}) + b"\n\n"
+            for n, e in enumerate(events)]
+
+
+def test_a_card_over_two_responses_messages_with_a_tool_call_between_never_leaves(gw: Gateway) -> None:
+    """The openai SDK's `output_text` joins every message's text: a card split over two of them
+    with a function call between went out whole, as JSON and streamed, until 2026-12-08."""
+    call = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "lookup", "status": "completed",
+            "arguments": orjson.dumps({"query": "the account and its billing history " * 3}).decode()}
+    items = responses_items("Your card number is 4111 1111", call, " 1111 1111, as requested.")
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+    body = {"id": "resp_1", "object": "response", "created_at": 1, "model": "m", "status": "completed",
+            "output": items, "usage": {"input_tokens": 5, "output_tokens": 30, "total_tokens": 35}}
+    answer = client.responses.create(model="default-chat", input="hi",
+                                     extra_headers={"x-mock-raw-body": b64(orjson.dumps(body))})
+    assert answer.output_text == "Your card number is [CREDIT_CARD_1] [CREDIT_CARD_1], as requested."
+    with client.responses.create(model="default-chat", input="hi", stream=True, extra_headers={
+            "x-mock-raw-events": raw_events(*responses_events(items))}) as stream:
+        events = list(stream)
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert "as requested" not in deltas and deltas.count("1111") <= 1, deltas  # (the second message never went out)
+    assert events[-1].type == "response.incomplete" and events[-1].response.output == []
