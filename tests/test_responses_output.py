@@ -441,6 +441,31 @@ def test_a_value_split_over_two_messages_with_another_item_between_them_never_le
         assert events[-1]["type"] == "response.incomplete" and events[-1]["response"]["output"] == []
 
 
+def test_a_value_split_between_a_streamed_text_and_one_never_streamed_never_leaves() -> None:
+    """A message text a provider puts only in a whole event (a second part in the item's
+    `output_item.done` and the final response, or a second item already whole in its
+    `output_item.added`) was scanned without the streamed text before it, and a card split
+    between them went out whole until 2026-12-08 (`output_text` joins them)."""
+    first, second = "Your card number is 4111 1111", " 1111 1111 thanks"
+    events = provider_events([("message", [first])])
+    done = next(e for e in events if e["type"] == "response.output_item.done")
+    both = {**done["item"], "content": [*done["item"]["content"], {**done["item"]["content"][0], "text": second}]}
+    done["item"] = both
+    events[-1]["response"]["output"] = [both]
+    later = [{"type": "response.output_item.added", "output_index": 1, "item": {**item_of("message", second, 1)}},
+             {"type": "response.output_item.done", "output_index": 1, "item": item_of("message", second, 1)}]
+    other = [*events[:-1], *later, {**events[-1], "response": {**events[-1]["response"], "output": [
+        item_of("message", first, 0), item_of("message", second, 1)]}}]
+    for sequence in (events, other):
+        out, _ = run(wire([{**e, "sequence_number": n} for n, e in enumerate(sequence)], None), [])
+        got = [e for _, e in read(out)]
+        assert leaks(out.decode()) == [] and "thanks" not in out.decode()
+        assert got[-1]["type"] == "response.incomplete"
+    clean = provider_events([("message", ["Your order number is 4111"]), ("message", [" and it ships today"])])
+    out, _ = run(wire(clean, None), [])
+    assert [e for _, e in read(out)][-1]["type"] == "response.completed"
+
+
 def test_json_a_clean_answer_goes_out_unchanged() -> None:
     assert guard().json_body(json_answer([("message", "all fine here")])) is None
 

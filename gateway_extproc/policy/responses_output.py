@@ -217,6 +217,8 @@ class ResponsesGuard:
         for key, text in _opening_texts(obj):
             if key not in self.windows:  # (the deltas that follow are read with it: `resumed`)
                 self.tails[key] = text[-SEAM_HEAD:]
+        if (decision := self._unstreamed_seam(obj)) is not None:
+            return before + self.block(decision)
         return before + self._whole(obj)
 
     def _delta(self, obj: dict[str, Any], kind: str) -> bytes:
@@ -326,6 +328,28 @@ class ResponsesGuard:
         if tail and not joined:  # the next text may go on with it: what goes out from here waits (`sse_event`)
             self.seam = Seam([tail, ""], [key, None])
         return b"".join(out)
+
+    def _unstreamed_seam(self, obj: dict[str, Any]) -> Decision | None:
+        """A message text that an event holds whole but was never streamed (a part or an item
+        only its `*.added`, `*.done` or the final response carries), read on from the text
+        before it as the openai SDK's `output_text` joins them: the streamed ones in the same
+        event as the client got them, else the last one closed (`text_tail`). The decision
+        that ends the stream when a value spans them (until 2026-12-08 a streamed text's
+        strings were left out of the scan of such an event, and the value went out whole)."""
+        texts = [text for key, text in _texts_in(obj) if key[0] == _MESSAGE_TEXT]
+        fresh = [text for text in texts if text not in self.known]
+        if not fresh:
+            return None
+        if len(fresh) < len(texts):
+            parts = [self.known.get(text, text) for text in texts]
+        elif self.text_tail is not None:
+            parts = [self.text_tail[1], *texts]
+        else:
+            parts = texts
+        decision = seam_decision(self.policy, self.params, self.team, Seam(parts, [None] * len(parts)))
+        if decision is None and obj["type"] == "response.output_item.added":
+            self.text_tail = (("", None, None, None), fresh[-1][-SEAM_HEAD:])  # (the next text reads on from it)
+        return decision
 
     def _resume_blocked(self, key: Key) -> bool:
         """Decides the pause in a text that went on after another one (`resumed`): True when a
@@ -455,11 +479,32 @@ def _opening_texts(obj: dict[str, Any]) -> list[tuple[Key, str]]:
         name = next((n for n in _PART_INDEXES if n in obj), None)
         return _part_text(obj.get("part"), obj.get("output_index"), name, obj.get(name) if name else None)
     if kind == "response.output_item.added":
-        items = [(obj.get("output_index"), obj.get("item"))]
-    elif kind not in _TERMINAL and isinstance(response, dict) and isinstance(response.get("output"), list):
-        items = list(enumerate(response["output"]))
-    else:
-        return []
+        return _item_texts([(obj.get("output_index"), obj.get("item"))])
+    if kind not in _TERMINAL and isinstance(response, dict) and isinstance(response.get("output"), list):
+        return _item_texts(list(enumerate(response["output"])))
+    return []
+
+
+def _texts_in(obj: dict[str, Any]) -> list[tuple[Key, str]]:
+    """(window key, text) of the texts any event holds whole, in their order: a part's, an
+    output item's, a response's `output`, or an `output_text.done`'s own."""
+    kind, response = obj["type"], obj.get("response")
+    if kind.endswith(("_part.added", "_part.done")):
+        name = next((n for n in _PART_INDEXES if n in obj), None)
+        return _part_text(obj.get("part"), obj.get("output_index"), name, obj.get(name) if name else None)
+    if kind == _MESSAGE_TEXT + ".done":
+        text = obj.get("text")
+        return [((_MESSAGE_TEXT, _index(obj.get("output_index")), "content_index", _index(obj.get("content_index"))),
+                 text)] if isinstance(text, str) and text else []
+    if kind in ("response.output_item.added", "response.output_item.done"):
+        return _item_texts([(obj.get("output_index"), obj.get("item"))])
+    if isinstance(response, dict) and isinstance(response.get("output"), list):
+        return _item_texts(list(enumerate(response["output"])))
+    return []
+
+
+def _item_texts(items: list[tuple[Any, Any]]) -> list[tuple[Key, str]]:
+    """(window key, text) of the texts of these (output_index, output item)."""
     out: list[tuple[Key, str]] = []
     for at, item in items:
         if not (isinstance(item, dict) and isinstance(item.get("type"), str)):
