@@ -815,6 +815,19 @@ def test_an_api_key_over_two_messages_is_found_whole_and_prose_after_a_key_is_no
             [s for s in strings if s.startswith("sk-") and len(s) > 30], strings
 
 
+def test_an_aws_key_id_over_two_messages_is_found() -> None:
+    """Went out until 2026-12-08 (the role between two messages is left out of the finding)."""
+    key = "AKIAIOSFODNN7EXAMPLE"
+    for cut in (4, 10, 19):
+        for strings in ([key[:cut], key[cut:]], [f"the id {key[:cut]}", "user", f"{key[cut:]} please"]):
+            hits = ALL.scan_strings(strings)
+            assert {f.detector for f in hits} == {"aws_access_key"}, strings
+            assert "".join(strings[f.index][f.start:f.end] for f in hits) == key, (strings, hits)
+    for strings in (["Sales in ASIA", "PACIFIC REGION grew in 2024"], ["ASIA", "user", "PACIFICREGIONALS"],
+                    ["AKIAIOSF", "ODNN7EXAMPLEXYZ1 is too long"], ["see ASIA", "NOTESFROMTHEDESK"]):
+        assert [f for f in ALL.scan_strings(strings) if f.detector == "aws_access_key"] == [], strings
+
+
 def test_anthropic_key_is_not_an_openai_key() -> None:
     key = ANTHROPIC_VALID[0]
     assert found("openai_key", f"key {key}") == []

@@ -474,7 +474,12 @@ def _card_run(value: str) -> bool:
 
 def validate_aws_key(value: str) -> int:
     """An access key id, whole or printed in groups of four (`AKIA IOSF ODNN 7EXA MPLE`): grouped,
-    only with a digit among them (`AKIA THIS IS MY NOTE` is words)."""
+    only with a digit among them (`AKIA THIS IS MY NOTE` is words); split over two messages
+    (since 2026-12-08), its 20 characters with a digit after the prefix, the role between left out."""
+    if BRIDGE in value:
+        pieces = value.split(BRIDGE)
+        key = pieces[0] + pieces[-1]
+        return _whole(len(key) == 20 and any(c.isdigit() for c in key[4:]), value)
     return _whole(len(value) == 20 or any(c.isdigit() for c in value), value)
 
 
@@ -1087,7 +1092,10 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
             validate_github_token, "GITHUB_TOKEN", "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_, github_pat_)",
         ),
         Detector(
-            "aws_access_key", rf"(?:AKIA|ASIA)(?:[A-Z0-9]{{16}}|(?:[ .\-_/][A-Z0-9]{{4}}){{4}}){_END}", validate_aws_key,
+            # (or over two messages: U+001F joins a request's strings, a role may be between)
+            "aws_access_key", rf"(?:AKIA|ASIA)(?:[A-Z0-9]{{16}}|(?:[ .\-_/][A-Z0-9]{{4}}){{4}}"
+                              rf"|[A-Z0-9]{{0,15}}+\x1f(?:{STRUCTURAL.pattern}\x1f)?[A-Z0-9]{{1,16}}+){_END}",
+            validate_aws_key,
             "AWS_ACCESS_KEY", "AWS access key id",
         ),
         Detector(

@@ -205,7 +205,9 @@ BUILTIN_TRIGGERS: dict[str, tuple[Trigger, ...]] = {
                              tail=252),
                      Trigger(r"gh[pousr]_[A-Za-z0-9]{1,35}[ \t\r\n\x1f\-.,_]", som=False, reach=41, tail=300)),
     "aws_access_key": (Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{16}|(?:AKIA|ASIA)[ .\-_/][A-Z0-9]{4}", som=False, reach=21,
-                               tail=24),),
+                               tail=24),
+                       # (its head ending one of a request's strings: the rest, past a role, in the next)
+                       Trigger(r"(?:AKIA|ASIA)[A-Z0-9]{0,15}\x1f", som=False, reach=21, tail=90)),
     # (each service's prefix and as much of its token as every match holds: a prefix alone
     # fires on identifiers, `hf_hub_download`, `npm_config_cache`, and each window costs the
     # regex ~50 us; HTTP Basic credentials from the first capital, digit or sign past their

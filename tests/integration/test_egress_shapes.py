@@ -176,10 +176,12 @@ def test_a_github_token_in_pieces_or_an_aws_key_with_dots_reaches_no_provider(gw
     refused(gw, [f"push with {token[:20]} {token[20:]} please", f"push with {token[:14]}\n{token[14:30]}\n{token[30:]}",
                  "deploy with AKIA.IOSF.ODNN.7EXA.MPLE now"], "content_blocked")
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
-    with pytest.raises(openai.PermissionDeniedError) as e:  # (over two messages: since 2026-12-07)
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"push with {token[:20]}"},
-                                                              {"role": "user", "content": token[20:]}])
-    assert e.value.code == "content_blocked"
+    # (over two messages: a GitHub token since 2026-12-07, an AWS key id since 2026-12-08)
+    for first, second in ((f"push with {token[:20]}", token[20:]), ("the id AKIAIOSF", "ODNN7EXAMPLE please")):
+        with pytest.raises(openai.PermissionDeniedError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": first},
+                                                                  {"role": "user", "content": second}])
+        assert e.value.code == "content_blocked"
     assert gw.received(gw.primary) + gw.received(gw.backup) == []
 
 
