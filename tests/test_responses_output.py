@@ -427,13 +427,12 @@ def test_a_value_split_over_two_messages_with_another_item_between_them_never_le
     as JSON and streamed, until 2026-12-08 (without the item between, it was redacted)."""
     first, second = "Your card number is 4111 1111", " 1111 1111, as requested."
     items = [("message", first), (kind, BETWEEN[kind]), ("message", second)]
-    if kind != "refusal":  # (JSON: a refusal part between two texts still parts them, docs/classification.md)
-        out = guard().json_body(json_answer(items))
-        assert out is not None and leaks(out.decode()) == []
-        sent = orjson.loads(out)["output"]
-        assert [i["type"] for i in sent] == ["message", kind, "message"]
-        assert [item_text(i) for i in sent] == ["Your card number is [CREDIT_CARD_1]", BETWEEN[kind],
-                                                " [CREDIT_CARD_1], as requested."]
+    out = guard().json_body(json_answer(items))
+    assert out is not None and leaks(out.decode()) == []
+    sent = orjson.loads(out)["output"]
+    assert [i["type"] for i in sent] == ["message", "message" if kind == "refusal" else kind, "message"]
+    assert [item_text(i) for i in sent] == ["Your card number is [CREDIT_CARD_1]", BETWEEN[kind],
+                                            " [CREDIT_CARD_1], as requested."]
     for framing in (None, *SSE_FRAMINGS):
         streamed, _ = run(wire(provider_events([(k, [t[:9], t[9:]]) for k, t in items]), framing), [])
         assert leaks(streamed.decode()) == [], framing

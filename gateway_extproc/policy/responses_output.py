@@ -124,10 +124,11 @@ class ResponsesGuard:
             raise GatewayError("provider_error", UNREADABLE)
         dropped = _drop_logprobs(output)
         fields = [f for f in body if not self._echo(body, f)]
-        # The message items first, in their order: the openai SDK's `output_text` joins their
-        # texts, so a value split over two of them is one even with a tool call or a reasoning
-        # item between them (until 2026-12-08 it went out whole then); put back in place after.
-        order = sorted(range(len(output)), key=lambda i: not _is_message(output[i]))
+        # The messages with text first, in their order: the openai SDK's `output_text` joins
+        # their texts, so a value split over two of them is one even with a tool call, a
+        # reasoning item or a refusal between them (until 2026-12-08 it went out whole then);
+        # put back in place after.
+        order = sorted(range(len(output)), key=lambda i: not _has_text(output[i]))
         values = [[output[i] for i in order] if f == "output" else body[f] for f in fields]
         read = read_json(self.policy.scanner, values)
         if isinstance(read, LimitExceeded):
@@ -560,8 +561,10 @@ def _drop_logprobs(values: list[Any]) -> bool:
     return dropped
 
 
-def _is_message(item: Any) -> bool:
-    return isinstance(item, dict) and item.get("type") == "message"
+def _has_text(item: Any) -> bool:
+    """A message item with an `output_text` part: one whose text `output_text` joins."""
+    return isinstance(item, dict) and item.get("type") == "message" and isinstance(item.get("content"), list) \
+        and any(isinstance(part, dict) and part.get("type") == "output_text" for part in item["content"])
 
 
 def _output_text(output: list[Any]) -> str:
