@@ -475,15 +475,7 @@ def _opening_texts(obj: dict[str, Any]) -> list[tuple[Key, str]]:
     and the like with an `output`, `response.output_item.added`, `response.content_part.added`,
     `response.reasoning_summary_part.added`): the openai SDK's `responses.stream()` starts each
     text from it and appends the deltas, so it is read with them (`ResponsesGuard.tails`)."""
-    kind, response = obj["type"], obj.get("response")
-    if kind.endswith("_part.added"):
-        name = next((n for n in _PART_INDEXES if n in obj), None)
-        return _part_text(obj.get("part"), obj.get("output_index"), name, obj.get(name) if name else None)
-    if kind == "response.output_item.added":
-        return _item_texts([(obj.get("output_index"), obj.get("item"))])
-    if kind not in _TERMINAL and isinstance(response, dict) and isinstance(response.get("output"), list):
-        return _item_texts(list(enumerate(response["output"])))
-    return []
+    return [] if obj["type"].endswith(".done") or obj["type"] in _TERMINAL else _texts_in(obj)
 
 
 def _texts_in(obj: dict[str, Any]) -> list[tuple[Key, str]]:
