@@ -23,14 +23,14 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # A choice's finish reason in an OpenAI stream chunk, read without parsing the event (inside
 # generated text the quotes are escaped, so text cannot match).
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
-# An event carrying generated text: a chat delta's content, refusal, reasoning or tool-call
-# arguments, or a Responses API text delta (non-empty; text inside a string is escaped, so
-# it never matches). JSON may put whitespace around the colon (Python's json.dumps does).
-_GENERATED = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta)"\s*:\s*"(?!")')
+# An event carrying generated text: a chat delta's content (a string, or a content part's
+# `text`: since 2026-12-08), refusal, reasoning or tool-call arguments, or a Responses API text
+# delta (non-empty; text inside a string is escaped, so it never matches). JSON may put whitespace around the colon (Python's json.dumps does).
+_GENERATED = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta|text)"\s*:\s*"(?!")')
 # The generated text itself (the JSON string after one of those keys, still escaped), counted for
 # a stream that ends without usage: one event may carry many tokens (a server that batches its
 # output, Azure's asynchronous content filter), so one token per event undercounts the bill.
-_GENERATED_TEXT = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta)"\s*:\s*"((?:[^"\\]|\\.)+)"')
+_GENERATED_TEXT = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta|text)"\s*:\s*"((?:[^"\\]|\\.)+)"')
 # A Responses stream's generated text comes in its `*.delta` events; its `.done` events, output
 # items and final response repeat it whole (a tool call's `arguments` too), so only the deltas
 # count as output (a type inside generated text is escaped: it cannot match).
@@ -117,12 +117,31 @@ def usage_from_object(obj: Any) -> Usage | None:
     model, response_id, choices = obj.get("model"), obj.get("id"), obj.get("choices")
     reasons = () if not isinstance(choices, list) else tuple(
         c["finish_reason"] for c in choices if isinstance(c, dict) and isinstance(c.get("finish_reason"), str))
-    return Usage(_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
-                 _int(usage.get("completion_tokens", usage.get("output_tokens"))), _int(details.get("cached_tokens")),
+    prompt, completion = _int(usage.get("prompt_tokens", usage.get("input_tokens"))), \
+        _int(usage.get("completion_tokens", usage.get("output_tokens")))
+    if completion is not None:
+        completion = _with_reasoning(usage, prompt, completion)
+    return Usage(prompt, completion, _int(details.get("cached_tokens")),
                  _int(details.get("cache_creation_tokens", details.get("cache_write_tokens"))),
                  _int(details.get("cache_creation_1h_tokens")),
                  model if isinstance(model, str) else None, response_id if isinstance(response_id, str) else None,
                  reasons)
+
+
+def _with_reasoning(usage: dict[str, Any], prompt: int | None, completion: int) -> int:
+    """The output to charge: OpenAI counts reasoning tokens inside `completion_tokens`, but
+    some compatible servers report them beside it (`completion_tokens` 20, `reasoning_tokens`
+    480, `total_tokens` prompt + 500): reasoning above the completion count is added to it,
+    and a `total_tokens` above prompt + completion is the bill (until 2026-12-08 those 480
+    tokens went uncharged)."""
+    details = usage.get("completion_tokens_details", usage.get("output_tokens_details"))
+    reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+    if reasoning is not None and reasoning > completion:
+        completion = min(completion + reasoning, MAX_TOKENS)
+    total = _int(usage.get("total_tokens"))
+    if total is not None and prompt is not None and total - prompt > completion:
+        completion = total - prompt
+    return completion
 
 
 def usage_from_json(raw: bytes) -> Usage | None:
@@ -185,7 +204,7 @@ class SseUsageTap:
 
     __slots__ = ("drop_usage_chunk", "named", "usage", "_pending", "events", "content_events", "rewrite", "done",
                  "finish_reasons", "limit", "over", "refused", "usage_unread", "count", "generated_tokens", "choices",
-                 "usage_final", "cut", "ended")
+                 "usage_final", "cut", "ended", "stale")
 
     def __init__(self, drop_usage_chunk: bool, rewrite: Callable[[bytes], bytes] | None = None,
                  limit: int | None = None, named: bool = False, count: TokenCount | None = None,
@@ -216,6 +235,10 @@ class SseUsageTap:
         # is no bill.
         self.choices = choices
         self.usage_final = False
+        # Text came after the last usage block: that block was a count so far, even once the
+        # stream ends itself (a count on its first chunk and 800 tokens after it was charged
+        # as the bill until 2026-12-08).
+        self.stale = False
         self.events = 0
         # Events carrying generated text (`_GENERATED`): about one token each, the running
         # output estimate used before (or without) the provider's usage chunk.
@@ -248,6 +271,7 @@ class SseUsageTap:
             if _GENERATED.search(event) is not None and (not self.named or _DELTA_EVENT.search(event) is not None):
                 self.content_events += 1
                 self.usage_final = False  # text after a usage block: that was a count so far
+                self.stale = self.usage is not None
                 if self.count is not None:
                     self.generated_tokens += self._text_tokens(event)
                 self.over = self.over or (self.limit is not None and (
@@ -335,6 +359,7 @@ class SseUsageTap:
         if usage is None:
             return False
         self.usage_unread = self.usage_unread or usage.completion_tokens is None
+        self.stale = False
         self.usage_final = obj.get("type") in _RESPONSES_ENDS if self.named else (
             not obj.get("choices") or len(self.finish_reasons) >= self.choices)
         self.usage = replace(merged(self.usage, usage), finish_reasons=usage.finish_reasons or tuple(self.finish_reasons))

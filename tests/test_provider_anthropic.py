@@ -361,6 +361,20 @@ def test_text_stream_from_streaming_docs() -> None:
         "[DONE]"]
 
 
+def test_an_output_count_before_more_output_is_no_bill() -> None:
+    """A `message_delta` whose count came before more text (Claude sends it last) was the
+    usage chunk's completion count until 2026-12-08 (1 token for the whole answer): the
+    count there is unknown, so the router charges the reservation."""
+    events = TEXT_STREAM.split(b"\n\n")
+    early = b"\n\n".join([events[0], events[6].replace(b'"output_tokens":15', b'"output_tokens":1'), *events[1:6],
+                           events[7], b""])
+    usage = [c for c in chunks(anthropic.stream("requested").feed(early, True)) if isinstance(c, dict) and "usage" in c]
+    assert usage == [] or usage[0]["usage"].get("completion_tokens") is None
+    whole = [c for c in chunks(anthropic.stream("requested").feed(TEXT_STREAM, True)) if isinstance(c, dict)
+             and "usage" in c]
+    assert whole[0]["usage"]["completion_tokens"] == 15
+
+
 def test_tool_use_stream_from_streaming_docs() -> None:
     mid = "msg_014p7gG3wDgGV9EUtLvnow3U"
     out = chunks(anthropic.stream("requested").feed(TOOL_STREAM, True))

@@ -633,6 +633,25 @@ def test_a_stream_whose_usage_came_before_more_output_is_no_bill() -> None:
             assert not s.usage_unknown and usage[-1]["completion_tokens"] == 2002, usage
 
 
+def test_a_usage_block_without_the_output_count_keeps_the_output() -> None:
+    """A block without `candidatesTokenCount` (Gemini leaves out a count that is 0) beside 480
+    tokens of text was charged 0 output until 2026-12-08: `totalTokenCount` holds them, and in
+    a stream the count reported before stays."""
+    assert gemini.usage({"promptTokenCount": 20, "totalTokenCount": 500})["completion_tokens"] == 480
+    assert gemini.usage({"promptTokenCount": 20, "candidatesTokenCount": 480, "totalTokenCount": 500}) == {
+        "prompt_tokens": 20, "completion_tokens": 480, "total_tokens": 500}
+
+    def event(doc: JSON) -> bytes:
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+    s = gemini.stream("gemini-2.5-pro")
+    out = s.feed(event({"candidates": [{"content": {"parts": [{"text": "word " * 480}]}, "finishReason": "STOP"}],
+                        "usageMetadata": {"promptTokenCount": 20, "candidatesTokenCount": 480}}), False)
+    out += s.feed(event({"usageMetadata": {"promptTokenCount": 20}}), True)
+    usage = [orjson.loads(e[6:]).get("usage") for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+    assert usage[-1]["completion_tokens"] == 480, usage
+
+
 @pytest.mark.parametrize("name", [4111111111111111, ["get_weather"], {"n": "x"}, True])
 def test_a_function_call_whose_name_is_no_string_is_unreadable_not_dropped(name: object) -> None:
     """Gemini's `functionCall.name` is a string; another type was taken for a call's end

@@ -952,8 +952,19 @@ def _running_usage(n: int, finish: str | None = None, content: str = " word") ->
                                                       "total_tokens": 8})), 
                                       sse(chunk([{"index": 0, "delta": {"content": " word"}, "finish_reason": None}]))],
      None, "reservation"),
+    # A stream that ends itself after text that followed its last count: that count was no
+    # bill either (until 2026-12-08 it was: 1 token charged for 800 of text).
+    ("text after the count, then [DONE]", [_running_usage(1), *[sse(chunk([{"index": 0, "delta": {
+        "content": " word"}, "finish_reason": None}]))] * 3, sse(chunk([{"index": 0, "delta": {},
+                                                                          "finish_reason": "stop"}])), DONE],
+     b"", "reservation"),
+    ("text after the count, then an error event", [_running_usage(1), sse(chunk([{"index": 0, "delta": {
+        "content": " word"}, "finish_reason": None}])), b'data: {"error": {"message": "overloaded"}}\n\n'],
+     b"", "reservation"),
     # The count on the chunk that finished the answer, or on the usage-only chunk, is the bill.
     ("whole stream", [_running_usage(1), _running_usage(2, "stop"), DONE], b"", 2),
+    ("count, then the finish without text, then [DONE]", [_running_usage(1), _running_usage(2), sse(chunk([{
+        "index": 0, "delta": {}, "finish_reason": "stop"}])), DONE], b"", 2),
     ("client gone after the finishing chunk", [_running_usage(1), _running_usage(2, "stop")], None, 2),
     ("client gone after the usage chunk", [_running_usage(1), _running_usage(2, "stop"),
                                            sse(chunk([], {"prompt_tokens": 8, "completion_tokens": 3,

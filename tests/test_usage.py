@@ -34,6 +34,15 @@ def counts(usage: Usage | None) -> tuple[int | None, int | None, int | None] | N
     (b'{"usage":{"prompt_tokens":-5,"completion_tokens":-1,"prompt_tokens_details":{"cached_tokens":-2}}}',
      Usage(None, None, None)),
     (b'{"usage":{}}', Usage(None, None, None)),
+    # reasoning counted beside the completion, not in it (some compatible servers): charged too
+    (b'{"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":510,'
+     b'"completion_tokens_details":{"reasoning_tokens":480}}}', Usage(10, 500, None)),
+    (b'{"usage":{"prompt_tokens":10,"completion_tokens":0,"completion_tokens_details":{"reasoning_tokens":480}}}',
+     Usage(10, 480, None)),
+    (b'{"usage":{"input_tokens":10,"output_tokens":20,"total_tokens":510}}', Usage(10, 500, None)),
+    # ... and inside it, as OpenAI counts them: the completion count is the bill
+    (b'{"usage":{"prompt_tokens":10,"completion_tokens":500,"total_tokens":510,'
+     b'"completion_tokens_details":{"reasoning_tokens":480}}}', Usage(10, 500, None)),
     # no usage at all
     (b'{"id":"x","choices":[]}', None),
     (b'{"usage":null}', None),
@@ -355,7 +364,7 @@ def test_limit_forwards_at_most_that_many_content_events_and_still_reads_usage(p
 
 @pytest.mark.parametrize("delta", [
     {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\": 1"}}]}, {"refusal": "no"},
-    {"reasoning_content": "hmm"}, {"reasoning": "hmm"}])
+    {"reasoning_content": "hmm"}, {"reasoning": "hmm"}, {"content": [{"type": "text", "text": "hmm"}]}])
 def test_every_kind_of_generated_text_counts_toward_the_limit(delta: dict) -> None:
     """A provider ignoring the cap while it streams tool-call arguments (or a refusal, or
     reasoning) is cut like one streaming content: the backstop counted `content` alone."""

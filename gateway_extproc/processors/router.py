@@ -772,15 +772,18 @@ class RouterProcessor:
         price = backend.price if backend and backend.price else (
             self.admission.plan.price if self.admission else None)
         prompt = usage.prompt_tokens if usage.prompt_tokens is not None else (self.prompt_tokens or 0)
-        # A running count on a stream cut short is not what the provider bills (SseUsageTap.usage_final).
-        running = self.tap is not None and not (self.tap.done or self.tap.usage_final)
+        # A running count is not what the provider bills (SseUsageTap.usage_final): on a stream
+        # cut short, or one that went on with text after it; a chat stream that ended itself
+        # with no text after its last count was billed that count.
+        tap = self.tap
+        running = tap is not None and not tap.usage_final and (tap.stale or tap.named or not tap.done)
         if usage.completion_tokens is not None and not (running and self.admission is not None):
             completion = usage.completion_tokens
-        elif self.tap is not None and (self.tap.done and not self.tap.over and not self.tap.usage_unread
-                                       and not self.unreadable_stream() or self.admission is None):
+        elif tap is not None and (tap.done and not running and not tap.over and not tap.usage_unread
+                                  and not self.unreadable_stream() or self.admission is None):
             # A whole stream without usage: the tokens of the text it generated, at least one per
             # event (an event may carry many tokens: a server batching its output).
-            completion = max(self.tap.content_events, self.tap.generated_tokens)
+            completion = max(tap.content_events, tap.generated_tokens)
         elif self.admission is not None:  # the provider's bill is unknown: at most the reservation
             r = self.admission.result
             return Consumed(r.reserved_nano, self.prompt_tokens or 0, r.output_tokens, True)

@@ -406,6 +406,10 @@ class AnthropicStream:
                 out += self._block_start(-1 - i, block)
                 out += self._block_stop(-1 - i)
             return out
+        if kind in ("content_block_start", "content_block_delta"):
+            # Output after a count: that count was the output so far, not the bill (a
+            # `message_delta` before the text was charged as the bill until 2026-12-08).
+            self._counted = False
         if kind == "content_block_start":
             return self._block_start(event.get("index", -1), event.get("content_block") or {})
         if kind == "content_block_delta":

@@ -531,6 +531,11 @@ def usage(meta: Any) -> JSON | None:
     thoughts = meta.get("thoughtsTokenCount")
     prompt = token_count((meta.get("promptTokenCount"),), (meta.get("toolUsePromptTokenCount"),))
     completion = None if prompt is None else token_count((), (meta.get("candidatesTokenCount"), thoughts))
+    total = token_count((meta.get("totalTokenCount"),))
+    if completion is not None and total is not None and total - prompt > completion:
+        # `totalTokenCount` holds more output than the counts name (a block without
+        # `candidatesTokenCount` beside 480 tokens of text was charged 0 output until 2026-12-08).
+        completion = total - prompt
     out = openai_usage(prompt, completion)
     if out is None:
         return None
@@ -614,7 +619,10 @@ class GeminiStream:
             self._id = _completion_id(doc)
             self._model = doc.get("modelVersion") or self._model
         if "usageMetadata" in doc:
-            self._usage = doc["usageMetadata"]
+            # Cumulative: a later block without a count (Gemini leaves out those that are 0) keeps
+            # the one before it.
+            meta = doc["usageMetadata"]
+            self._usage = {**(self._usage or {}), **meta} if isinstance(meta, dict) else meta
         candidates = doc.get("candidates") or []
         if not candidates and (doc.get("promptFeedback") or {}).get("blockReason"):
             self._finished = True

@@ -536,3 +536,20 @@ def test_a_card_over_two_responses_messages_with_a_tool_call_between_never_leave
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert "as requested" not in deltas and deltas.count("1111") <= 1, deltas  # (the second message never went out)
     assert events[-1].type == "response.incomplete" and events[-1].response.output == []
+
+
+@pytest.mark.parametrize("end", [b"data: [DONE]\n\n", b'data: {"error": {"message": "overloaded"}}\n\n'])
+def test_a_count_so_far_that_more_text_followed_is_no_bill_when_the_stream_ends_itself(gw: Gateway,
+                                                                                      end: bytes) -> None:
+    """Usage so far on the first chunk (1 token), then 300 chunks of text, then `[DONE]` or an
+    error event: charged as the bill, 1 output token, until 2026-12-08; the reservation now."""
+    key = KEYS[next(_next)]
+    events = [chunk({"role": "assistant", "content": "word"}, usage={"prompt_tokens": 8, "completion_tokens": 1,
+                                                                      "total_tokens": 9}),
+              chunk({"content": " word"}), chunk(finish="stop"), end]
+    body = {"model": "default-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "max_tokens": 400}
+    r = post(gw, {"x-mock-raw-events": raw_events(*events), "x-mock-raw-repeat": "[1, 300]"}, body=body, key=key)
+    assert r.status_code == 200
+    _, tokens = spent(gw, key)
+    assert tokens >= 400, tokens
