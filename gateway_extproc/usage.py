@@ -161,10 +161,16 @@ def _int(value: Any) -> int | None:
 
 def merged(old: Usage | None, new: Usage) -> Usage:
     """`new` with the counts it lacks (unreadable, or not sent) kept from `old`: a later usage
-    block missing a field (`"usage": {}`) must not erase what the provider reported before."""
+    block missing a field (`"usage": {}`) must not erase what the provider reported before;
+    nor may a smaller output count lower one (counts in a stream are so far: 480 output tokens
+    and then a block saying 2 were charged 2 until 2026-12-08)."""
     if old is None:
         return new
-    return replace(new, **{f: getattr(old, f) for f in _COUNTS if getattr(new, f) is None})
+    kept = {f: getattr(old, f) for f in _COUNTS if getattr(new, f) is None}
+    if new.completion_tokens is not None and old.completion_tokens is not None \
+            and old.completion_tokens > new.completion_tokens:
+        kept["completion_tokens"] = old.completion_tokens
+    return replace(new, **kept)
 
 
 _COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens")

@@ -373,6 +373,10 @@ def test_an_output_count_before_more_output_is_no_bill() -> None:
     whole = [c for c in chunks(anthropic.stream("requested").feed(TEXT_STREAM, True)) if isinstance(c, dict)
              and "usage" in c]
     assert whole[0]["usage"]["completion_tokens"] == 15
+    events.insert(7, events[6].replace(b'"output_tokens":15', b'"output_tokens":2'))  # (a later, smaller count)
+    again = [c for c in chunks(anthropic.stream("requested").feed(b"\n\n".join(events), True))
+             if isinstance(c, dict) and "usage" in c]
+    assert again[0]["usage"]["completion_tokens"] == 15
 
 
 def test_tool_use_stream_from_streaming_docs() -> None:

@@ -470,6 +470,15 @@ def test_a_later_usage_block_keeps_the_cache_writes_reported_before() -> None:
     assert usage_mod.merged(first, Usage(None, 9)) == Usage(200, 9, 3, 40, 30)
 
 
+def test_a_later_smaller_output_count_lowers_nothing() -> None:
+    """480 output tokens, then a usage block saying 2: charged 2 until 2026-12-08."""
+    tap = SseUsageTap(False)
+    for n in (480, 2):
+        tap.feed(b"data: " + orjson.dumps({"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": n}})
+                 + b"\n\n", False)
+    assert tap.usage is not None and tap.usage.completion_tokens == 480
+
+
 def test_a_count_no_provider_bills_is_unknown() -> None:
     """Past 2**31 tokens a count is unknown (charged the reservation): 2**53 was believed and
     overflowed the Redis token tally after ~500 answers (tests/test_budget_store.py)."""

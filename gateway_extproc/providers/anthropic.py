@@ -429,7 +429,11 @@ class AnthropicStream:
         if kind == "content_block_stop":
             return self._block_stop(event.get("index", -1))
         if kind == "message_delta":
+            counted = self._usage.get("output_tokens")
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            if type(counted) is int and type(self._usage.get("output_tokens")) is int:
+                # (a count so far: a later, smaller one lowers nothing, `usage.merged`)
+                self._usage["output_tokens"] = max(counted, self._usage["output_tokens"])
             self._counted = self._counted or (event.get("usage") or {}).get("output_tokens") is not None
             delta = event.get("delta") or {}
             self._stop_reason = delta.get("stop_reason") or self._stop_reason
