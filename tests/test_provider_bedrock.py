@@ -405,6 +405,7 @@ def test_stream_corrupt_framing_is_an_error_event() -> None:
     assert sse(out)[1] == {"error": {"message": "Bedrock sent a malformed event stream", "type": "server_error",
                                      "code": "provider_error", "param": None}}
     assert translator.feed(b"".join(TOOL_STREAM[2:]), True) == b""  # nothing after the error
+    assert translator.usage_unknown  # (the reservation: what came after the bad bytes is unknown)
 
 
 def test_stream_protocol_error_message_is_an_error_event() -> None:
@@ -417,9 +418,14 @@ def test_stream_protocol_error_message_is_an_error_event() -> None:
 
 @pytest.mark.parametrize("raw", [b"".join(TOOL_STREAM[:7]), b"".join(TOOL_STREAM)[:-3]])
 def test_stream_cut_short_is_an_error_event_without_done(raw: bytes) -> None:
-    events = sse(bedrock.stream("claude").feed(raw, True))
+    """... and its usage is unknown (the router charges the reservation: until 2026-12-08 ~one
+    token an event, as for a stream that ended itself without usage)."""
+    translator = bedrock.stream("claude")
+    events = sse(translator.feed(raw, True))
     assert "[DONE]" not in events
     assert events[-1]["error"]["message"] == "Bedrock stream ended before the message was complete"
+    assert translator.usage_unknown
+
 
 
 def test_stream_without_metadata_still_finishes_cleanly() -> None:

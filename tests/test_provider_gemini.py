@@ -633,6 +633,51 @@ def test_a_stream_whose_usage_came_before_more_output_is_no_bill() -> None:
             assert not s.usage_unknown and usage[-1]["completion_tokens"] == 2002, usage
 
 
+def _partial_call(*pieces: JSON, name: str | None = "save", more: bool = True) -> bytes:
+    call: JSON = {"partialArgs": list(pieces), "willContinue": more, **({"name": name} if name else {})}
+    return b"data: " + orjson.dumps({"candidates": [{"content": {"parts": [{"functionCall": call}]}}]}) + b"\n\n"
+
+
+def test_a_partial_args_index_past_the_end_of_its_array_is_unreadable_not_gigabytes() -> None:
+    """`$.a[1000000000]` in a 290-byte event padded a list to that length (a MemoryError, or a
+    worker's memory); pieces fill an array in order, so one past its end is unreadable."""
+    for index in (1, 10, 2_000_000, 1_000_000_000):
+        s = gemini.stream("gemini-2.5-pro")
+        with pytest.raises(StreamBroken) as broken:  # (the client gets a provider_error: GuardedStream)
+            s.feed(_partial_call({"jsonPath": f"$.a[{index}]", "stringValue": "x"}), True)
+        assert "past the end" in str(broken.value.__cause__)
+    s = gemini.stream("gemini-2.5-pro")
+    out = s.feed(_partial_call({"jsonPath": "$.a[0]", "stringValue": "x"}, {"jsonPath": "$.a[1]", "numberValue": 2})
+                 + _partial_call(name=None, more=False), True)
+    calls = [c for e in out.split(b"\n\n") if e.startswith(b"data: {")
+             for c in orjson.loads(e[6:])["choices"][0]["delta"].get("tool_calls") or []]
+    assert orjson.loads(calls[0]["function"]["arguments"]) == {"a": ["x", 2]}
+
+
+def test_a_string_streamed_in_many_pieces_is_joined_once() -> None:
+    """Each piece of a streamed string was joined to the string so far: 80,000 pieces in one
+    event cost 4 s (n² copies). The value is the same, joined once when the call closes."""
+    pieces = [{"jsonPath": "$.note", "stringValue": f"w{i} "} for i in range(20_000)]
+    s = gemini.stream("gemini-2.5-pro")
+    out = s.feed(_partial_call(*pieces) + _partial_call(name=None, more=False), True)
+    calls = [c for e in out.split(b"\n\n") if e.startswith(b"data: {")
+             for c in orjson.loads(e[6:])["choices"][0]["delta"].get("tool_calls") or []]
+    assert orjson.loads(calls[0]["function"]["arguments"]) == {"note": "".join(f"w{i} " for i in range(20_000))}
+
+
+def test_a_later_smaller_usage_count_lowers_nothing() -> None:
+    """usageMetadata counts so far: 480 and then a block saying 2 was charged 2 until 2026-12-08."""
+    def event(doc: JSON) -> bytes:
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+    s = gemini.stream("gemini-2.5-pro")
+    out = s.feed(event({"candidates": [{"content": {"parts": [{"text": "word " * 480}]}, "finishReason": "STOP"}],
+                        "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 480}}), False)
+    out += s.feed(event({"usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 2}}), True)
+    usage = [orjson.loads(e[6:]).get("usage") for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+    assert usage[-1]["completion_tokens"] == 480, usage
+
+
 def test_a_usage_block_without_the_output_count_keeps_the_output() -> None:
     """A block without `candidatesTokenCount` (Gemini leaves out a count that is 0) beside 480
     tokens of text was charged 0 output until 2026-12-08: `totalTokenCount` holds them, and in

@@ -467,9 +467,13 @@ class _Stream:
                 if self._done:
                     return bytes(out)
         except (eventstream.EventStreamError, orjson.JSONDecodeError, UnicodeDecodeError):
+            # What came after the bytes that could not be read, the usage included, is unknown:
+            # the reservation, as for a stream cut off (until 2026-12-08 ~one token an event).
+            self.usage_unknown = True
             return bytes(out + self._error("Bedrock sent a malformed event stream"))
         if end:
             if self._decoder.pending or not self._stopped:
+                self.usage_unknown = True  # (cut off: the same)
                 return bytes(out + self._error("Bedrock stream ended before the message was complete"))
             self._done = True
             # Converse ends with a `metadata` event holding the usage; without it the bill is

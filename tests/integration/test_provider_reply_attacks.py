@@ -553,3 +553,33 @@ def test_a_count_so_far_that_more_text_followed_is_no_bill_when_the_stream_ends_
     assert r.status_code == 200
     _, tokens = spent(gw, key)
     assert tokens >= 400, tokens
+
+
+def test_a_gemini_partial_args_index_far_past_its_array_is_unreadable_not_gigabytes(gw: Gateway) -> None:
+    """`$.a[1000000000]` in a 290-byte event padded a list to that length in the ext_proc
+    (gigabytes, or a MemoryError that dropped the stream) until 2026-12-08; now the stream is
+    one the gateway could not read: a provider_error, charged the reservation."""
+    key = KEYS[next(_next)]
+    call = {"name": "save", "willContinue": True,
+            "partialArgs": [{"jsonPath": "$.a[1000000000]", "stringValue": "x"}]}
+    event = b"data: " + orjson.dumps({"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": call}]}}]}) + b"\n\n"
+    body = {"model": "gemini-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "max_tokens": 300}
+    r = post(gw, {"x-mock-raw-events": raw_events(event)}, body=body, key=key)
+    assert r.status_code == 200 and b"provider_error" in r.content, r.content[:300]
+    _, tokens = spent(gw, key)
+    assert tokens >= 300, tokens
+
+
+def test_a_converse_stream_cut_off_is_charged_the_reservation(gw: Gateway) -> None:
+    """A Converse stream ended mid-way (or garbled) was charged about one token an event until
+    2026-12-08, where every other provider's is charged the reservation (docs/budgets.md)."""
+    for cut in ({"x-mock-end-after-chunks": "4"}, {"x-mock-garbage-after-chunks": "4", "x-mock-garbage": "json"}):
+        key = KEYS[next(_next)]
+        body = {"model": "bedrock-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "max_tokens": 300}
+        r = post(gw, {"x-mock-reply": "one two three four five six seven eight nine ten", **cut}, body=body, key=key)
+        assert r.status_code == 200
+        _, tokens = spent(gw, key)
+        assert tokens >= 300, (cut, tokens)

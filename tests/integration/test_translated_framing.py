@@ -189,9 +189,9 @@ def test_b_tokens_and_spend_are_the_same_whatever_the_framing(gw: Gateway, model
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_b_a_stream_cut_short_is_charged_the_same_whatever_the_slicing(gw: Gateway, model: str) -> None:
-    """No usage arrives from a stream the provider ends early (or garbles): the charge is the
-    local prompt count plus one token per content event the client got, which must not
-    depend on how the provider's bytes were sliced or framed."""
+    """No usage arrives from a stream the provider ends early (or garbles): the charge (the
+    reservation, docs/budgets.md; a Converse stream was charged about one token an event until
+    2026-12-08) must not depend on how the provider's bytes were sliced or framed."""
     for cut in ({"x-mock-end-after-chunks": "9"},
                 {"x-mock-garbage-after-chunks": "9", "x-mock-garbage": "json"}):
         headers = {"x-mock-reply": "one two three four five six seven eight nine ten eleven twelve", **cut}
