@@ -828,6 +828,19 @@ def test_an_aws_key_id_over_two_messages_is_found() -> None:
         assert [f for f in ALL.scan_strings(strings) if f.detector == "aws_access_key"] == [], strings
 
 
+def test_a_card_or_ssn_in_a_tool_names_shape_is_found() -> None:
+    """Gemini and Converse allow no space in a tool's name: `pay_4111_1111_1111_1111`,
+    `x4111-1111-1111-1111` and `ssn_078-05-1120` went out until 2026-12-08. A snake_case id's
+    digits after `word_` stay no card (`order_4111111111111111`), nor a dashed number after
+    another name (`x_123-45-6789`)."""
+    for text, detector in (("pay_4111_1111_1111_1111", "credit_card"), ("x4111-1111-1111-1111", "credit_card"),
+                           ("call pay_4111-1111-1111-1111 now", "credit_card"), ("ssn_078-05-1120", "us_ssn"),
+                           ("SSN_078-05-1120", "us_ssn")):
+        assert [f.detector for f in ALL.scan(text)] == [detector], text
+    for text in ("order_4111111111111111", "x_123-45-6789", "pay_4111_1111_1111_1112", "v1_2024_0101_1234_5678"):
+        assert [f.detector for f in ALL.scan(text) if f.detector in ("credit_card", "us_ssn")] == [], text
+
+
 def test_anthropic_key_is_not_an_openai_key() -> None:
     key = ANTHROPIC_VALID[0]
     assert found("openai_key", f"key {key}") == []

@@ -177,7 +177,11 @@ _COMMA_CARD = r"(?<![0-9,])[0-9]{1,3}(?:,[0-9]{3}){4,6}+(?![0-9]|,[0-9])"
 # easily as with a space. Not after `word_` (`order_4348…`, `user_<id>`: a snake_case
 # identifier, whose digits are a valid card number about one time in thirty).
 _GLUED_CARD = (r"(?:[A-Za-z]{1,16}+|_)[0-9]{13,19}+(?:[A-Za-z]{1,16}+)?+_?+(?![A-Za-z0-9_])"
-               r"|[0-9]{13,19}+(?:[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])")
+               r"|[0-9]{13,19}+(?:[A-Za-z]{1,16}+_?+|_)(?![A-Za-z0-9_])"
+               # or printed in its four groups, one `_` or `-` between them, after a word (`pay_4111_
+               # 1111_1111_1111`, `x4111-1111-1111-1111`: the shape of a tool's name, which Gemini
+               # and Converse allow no space in; until 2026-12-08 these went out)
+               r"|(?:[A-Za-z]{1,16}+_?+|_)[0-9]{4}(?:(?:_[0-9]{4}){3}|(?:-[0-9]{4}){3})(?![A-Za-z0-9_]|[_\-][0-9])")
 
 
 # A separated number whose last group runs into a word (`4111 1111 1111 1111th`,
@@ -373,6 +377,9 @@ _JOINED_LAYOUTS = {c for layout in ((4, 4, 4, 4), (4, 6, 5), (4, 6, 4)) for c in
 _LAYOUT_GROUPS = sorted({len(layout) for layout in _CARD_LAYOUTS} | {1}, reverse=True)
 
 
+_GROUPED = re.compile(r"[0-9]{4}(?:(?:_[0-9]{4}){3}|(?:-[0-9]{4}){3})")
+
+
 def _card_layout(sizes: tuple[int, ...]) -> bool:
     return sizes in _CARD_LAYOUTS or (len(sizes) == 1 and 13 <= sizes[0] <= 19)
 
@@ -392,7 +399,10 @@ def validate_credit_card(value: str) -> int:
     if glued is not None:
         return glued
     if value[:1] in _WORD_CHARS or value[-1:] in _WORD_CHARS:
-        return _whole(_card_ok(value.strip(_WORD_CHARS)) and not _hex_word(value), value)
+        digits = value.strip(_WORD_CHARS)
+        if _GROUPED.fullmatch(digits):  # (its four groups after a word: `pay_4111_1111_1111_1111`)
+            digits = digits.replace("_", "").replace("-", "")
+        return _whole(_card_ok(digits) and not _hex_word(value), value)
     if _wide(value):
         return validate_wide_card(value)
     if _card_run(value):
@@ -1142,7 +1152,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {
                       # `SSN 123456789 94105`; until 2026-12-07 the next column joined the number)
                       rf"|(?<![0-9])(?<![0-9][.\-/_])[0-9]{{9}}(?![A-Za-z0-9_]|[.\-/][0-9])"
                       # and glued to letters as one word (`ssn123-45-6789`, `123-45-6789th`)
-                      rf"|(?:[A-Za-z]{{1,16}}+|_){_DASHED}(?:[A-Za-z]{{1,16}}+)?+_?+"
+                      # (or after its own name and `_`, `ssn_078-05-1120`: a tool's name; since 2026-12-08)
+                      rf"|(?:[A-Za-z]{{1,16}}+|_|(?i:ssn|social_security(?:_number)?|tax_?id|itin)_){_DASHED}"
+                      rf"(?:[A-Za-z]{{1,16}}+)?+_?+"
                       rf"(?![A-Za-z0-9_])|{_DASHED}(?:[A-Za-z]{{1,16}}+_?+|_)(?![A-Za-z0-9_])"
                       rf"|(?<![0-9]{WIDE_SEPC})(?<![0-9]{WIDE_SEPC}{{2}})"
                       rf"(?:[0-9]{{3}}{_WIDE_SEP}[0-9]{{2}}{_WIDE_SEP}[0-9]{{4}}"
