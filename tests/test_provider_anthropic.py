@@ -377,6 +377,10 @@ def test_an_output_count_before_more_output_is_no_bill() -> None:
     again = [c for c in chunks(anthropic.stream("requested").feed(b"\n\n".join(events), True))
              if isinstance(c, dict) and "usage" in c]
     assert again[0]["usage"]["completion_tokens"] == 15
+    events[7] = events[6].replace(b'"output_tokens":15', b'"output_tokens":-3')  # (no count at all: no bill)
+    negative = [c for c in chunks(anthropic.stream("requested").feed(b"\n\n".join(events), True))
+                if isinstance(c, dict) and "usage" in c]
+    assert negative == [] or negative[0]["usage"].get("completion_tokens") is None, negative
 
 
 def test_tool_use_stream_from_streaming_docs() -> None:

@@ -676,6 +676,11 @@ def test_a_later_smaller_usage_count_lowers_nothing() -> None:
     out += s.feed(event({"usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 2}}), True)
     usage = [orjson.loads(e[6:]).get("usage") for e in out.split(b"\n\n") if e.startswith(b"data: {")]
     assert usage[-1]["completion_tokens"] == 480, usage
+    s = gemini.stream("gemini-2.5-pro")  # (a negative count is no count: no bill, not the one before)
+    out = s.feed(event({"candidates": [{"content": {"parts": [{"text": "word"}]}, "finishReason": "STOP"}],
+                        "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 480}}), False)
+    out += s.feed(event({"usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": -3}}), True)
+    assert s.usage_unknown
 
 
 def test_a_usage_block_without_the_output_count_keeps_the_output() -> None:

@@ -431,9 +431,10 @@ class AnthropicStream:
         if kind == "message_delta":
             counted = self._usage.get("output_tokens")
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-            if type(counted) is int and type(self._usage.get("output_tokens")) is int:
-                # (a count so far: a later, smaller one lowers nothing, `usage.merged`)
-                self._usage["output_tokens"] = max(counted, self._usage["output_tokens"])
+            if type(counted) is int and type(later := self._usage.get("output_tokens")) is int and 0 <= later < counted:
+                # (a count so far: a later, smaller one lowers nothing, `usage.merged`; a negative
+                # one stays what it is, no bill)
+                self._usage["output_tokens"] = counted
             self._counted = self._counted or (event.get("usage") or {}).get("output_tokens") is not None
             delta = event.get("delta") or {}
             self._stop_reason = delta.get("stop_reason") or self._stop_reason

@@ -700,7 +700,7 @@ def _cumulative(before: JSON | None, meta: Any) -> Any:
     out = {**before, **meta}
     for name in ("candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount"):
         old, new = before.get(name), meta.get(name)
-        if type(old) is int and type(new) is int and old > new:
+        if type(old) is int and type(new) is int and 0 <= new < old:  # (a negative stays: no bill)
             out[name] = old
     return out
 
