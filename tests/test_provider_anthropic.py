@@ -377,6 +377,9 @@ def test_an_output_count_before_more_output_is_no_bill() -> None:
     again = [c for c in chunks(anthropic.stream("requested").feed(b"\n\n".join(events), True))
              if isinstance(c, dict) and "usage" in c]
     assert again[0]["usage"]["completion_tokens"] == 15
+    final = b"\n\n".join([*events[:6], events[6].replace(b'"output_tokens":15', b'"output_tokens":0'), events[8], b""])
+    zero = [c for c in chunks(anthropic.stream("requested").feed(final, True)) if isinstance(c, dict) and "usage" in c]
+    assert zero[0]["usage"]["completion_tokens"] == 0  # (message_start's placeholder 1 is no count so far)
     events[7] = events[6].replace(b'"output_tokens":15', b'"output_tokens":-3')  # (no count at all: no bill)
     negative = [c for c in chunks(anthropic.stream("requested").feed(b"\n\n".join(events), True))
                 if isinstance(c, dict) and "usage" in c]

@@ -367,6 +367,9 @@ class AnthropicStream:
         # The output count is final: a message_delta carried it (message_start's is a
         # placeholder, 1), or message_start held the whole answer. Else it is unknown.
         self._counted = False
+        # The highest output count a message_delta reported (counts so far): a later, smaller
+        # one lowers nothing (`usage.merged`); message_start's placeholder is not one.
+        self._reported: int | None = None
         self.usage_unknown = False
         self._tools: dict[int, _Tool] = {}  # Anthropic content block index -> the call streamed from it
         self._thinking = ThinkingBlocks()
@@ -429,12 +432,13 @@ class AnthropicStream:
         if kind == "content_block_stop":
             return self._block_stop(event.get("index", -1))
         if kind == "message_delta":
-            counted = self._usage.get("output_tokens")
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-            if type(counted) is int and type(later := self._usage.get("output_tokens")) is int and 0 <= later < counted:
-                # (a count so far: a later, smaller one lowers nothing, `usage.merged`; a negative
-                # one stays what it is, no bill)
-                self._usage["output_tokens"] = counted
+            count = (event.get("usage") or {}).get("output_tokens")
+            if type(count) is int and count >= 0:  # (a negative one stays what it is: no bill)
+                if self._reported is not None and count < self._reported:
+                    self._usage["output_tokens"] = self._reported
+                else:
+                    self._reported = count
             self._counted = self._counted or (event.get("usage") or {}).get("output_tokens") is not None
             delta = event.get("delta") or {}
             self._stop_reason = delta.get("stop_reason") or self._stop_reason
