@@ -25,7 +25,8 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([^"\\]+)"')
 # An event carrying generated text: a chat delta's content (a string, or a content part's
 # `text`: since 2026-12-08), refusal, reasoning or tool-call arguments, or a Responses API text
-# delta (non-empty; text inside a string is escaped, so it never matches). JSON may put whitespace around the colon (Python's json.dumps does).
+# delta (non-empty; text inside a string is escaped, so it never matches). JSON may put
+# whitespace around the colon (Python's json.dumps does).
 _GENERATED = re.compile(rb'"(?:content|refusal|reasoning_content|reasoning|arguments|delta|text)"\s*:\s*"(?!")')
 # The generated text itself (the JSON string after one of those keys, still escaped), counted for
 # a stream that ends without usage: one event may carry many tokens (a server that batches its
